@@ -1,0 +1,76 @@
+//! `hcp.common.v1.CatalogService`: the read-only catalog any authenticated
+//! caller may read. Tenants do not see an image's provider-side `source`.
+
+use hcp_proto::common::catalog_service_server::CatalogService;
+use hcp_proto::common::{
+    Flavor, GetFlavorRequest, GetImageRequest, Image, ListFlavorsRequest, ListFlavorsResponse,
+    ListImagesRequest, ListImagesResponse, ListZonesRequest, ListZonesResponse,
+};
+
+use super::{ApiContext, ApiResult, handle};
+use crate::auth::{Access, principal};
+use crate::convert;
+use crate::error::from_store;
+
+/// Implements `CatalogService`.
+#[derive(Clone)]
+pub struct CatalogApi {
+    ctx: ApiContext,
+}
+
+impl CatalogApi {
+    /// Creates the service.
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+}
+
+#[tonic::async_trait]
+impl CatalogService for CatalogApi {
+    async fn list_flavors(&self, req: tonic::Request<ListFlavorsRequest>) -> ApiResult<ListFlavorsResponse> {
+        principal(&req)?;
+        handle(async {
+            let flavors = self.ctx.store.list_flavors().await.map_err(|e| from_store(e, "flavors"))?;
+            Ok(ListFlavorsResponse { flavors: flavors.iter().map(convert::flavor_to_proto).collect() })
+        })
+        .await
+    }
+
+    async fn get_flavor(&self, req: tonic::Request<GetFlavorRequest>) -> ApiResult<Flavor> {
+        principal(&req)?;
+        let name = req.into_inner().name;
+        handle(async {
+            let f = self.ctx.store.get_flavor(&name).await.map_err(|e| from_store(e, &format!("flavor {name}")))?;
+            Ok(convert::flavor_to_proto(&f))
+        })
+        .await
+    }
+
+    async fn list_images(&self, req: tonic::Request<ListImagesRequest>) -> ApiResult<ListImagesResponse> {
+        let for_ops = principal(&req)?.ops(Access::Read).is_ok();
+        handle(async {
+            let images = self.ctx.store.list_images().await.map_err(|e| from_store(e, "images"))?;
+            Ok(ListImagesResponse { images: images.iter().map(|i| convert::image_to_proto(i, for_ops)).collect() })
+        })
+        .await
+    }
+
+    async fn get_image(&self, req: tonic::Request<GetImageRequest>) -> ApiResult<Image> {
+        let for_ops = principal(&req)?.ops(Access::Read).is_ok();
+        let name = req.into_inner().name;
+        handle(async {
+            let i = self.ctx.store.get_image(&name).await.map_err(|e| from_store(e, &format!("image {name}")))?;
+            Ok(convert::image_to_proto(&i, for_ops))
+        })
+        .await
+    }
+
+    async fn list_zones(&self, req: tonic::Request<ListZonesRequest>) -> ApiResult<ListZonesResponse> {
+        principal(&req)?;
+        handle(async {
+            let zones = self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zones"))?;
+            Ok(ListZonesResponse { zones: zones.iter().map(convert::zone_to_proto).collect() })
+        })
+        .await
+    }
+}

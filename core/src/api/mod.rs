@@ -1,0 +1,77 @@
+//! The northbound gRPC services. Each handler authenticates (the principal
+//! comes from [`crate::auth::AuthInterceptor`]), checks its scope, validates
+//! input naming the offending field, and calls the store. Handlers build
+//! [`ApiError`]s; [`crate::error::status`] turns them into gRPC statuses.
+
+use std::sync::Arc;
+
+use hcp_proto::error::ApiError;
+use hcp_proto::ids::{EventId, JobId};
+
+use crate::auth::Principal;
+use crate::config::Config;
+use crate::jobs::JobQueue;
+use crate::model::{AuditEvent, now};
+use crate::providers::ProviderClients;
+use crate::store::Store;
+
+pub mod catalog;
+pub mod ops;
+pub mod tenant;
+pub mod validate;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiContext {
+    /// The store.
+    pub store: Store,
+    /// Provider channels.
+    pub clients: ProviderClients,
+    /// Where accepted jobs are announced.
+    pub queue: Arc<dyn JobQueue>,
+    /// Configuration.
+    pub config: Arc<Config>,
+}
+
+impl ApiContext {
+    /// Returns an audit event for an action of `principal`, stamped now with
+    /// the current trace.
+    pub fn audit(
+        &self,
+        principal: &Principal,
+        action: &str,
+        resource_type: &str,
+        resource_id: &str,
+        outcome: &str,
+    ) -> AuditEvent {
+        AuditEvent {
+            id: EventId::new(),
+            at: now(),
+            actor: principal.subject.clone(),
+            tenant_id: principal.tenant_id.clone().unwrap_or_default(),
+            project_id: String::new(),
+            action: action.to_owned(),
+            resource_type: resource_type.to_owned(),
+            resource_id: resource_id.to_owned(),
+            outcome: outcome.to_owned(),
+            job_id: String::new(),
+            trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
+            detail: String::new(),
+        }
+    }
+
+    /// Announces a committed job.
+    pub fn announce(&self, job: JobId) {
+        self.queue.job_accepted(job);
+    }
+}
+
+/// Short for handler results.
+pub type ApiResult<T> = Result<tonic::Response<T>, tonic::Status>;
+
+/// Wraps a handler body: maps its `ApiError` to a status.
+pub async fn handle<T>(
+    f: impl Future<Output = Result<T, ApiError>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    f.await.map(tonic::Response::new).map_err(crate::error::status)
+}

@@ -1,0 +1,281 @@
+//! `hcp.ops.v1`: provider registration, catalog management and the audit
+//! trail. Every call needs an ops role; writes need `ops.admin`.
+
+use hcp_proto::error::ApiError;
+use hcp_proto::ids::ProviderId;
+use hcp_proto::ops::audit_service_server::AuditService;
+use hcp_proto::ops::catalog_admin_service_server::CatalogAdminService;
+use hcp_proto::ops::provider_admin_service_server::ProviderAdminService;
+use hcp_proto::ops::{
+    CreateFlavorRequest, CreateImageRequest, CreateZoneRequest, DeleteFlavorRequest,
+    DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest,
+    DeleteZoneResponse, GetProviderRequest, ListAuditEventsRequest, ListAuditEventsResponse,
+    ListProvidersRequest, ListProvidersResponse, Provider, RegisterProviderRequest,
+    RemoveProviderRequest, RemoveProviderResponse,
+};
+use hcp_proto::common;
+
+use super::{ApiContext, ApiResult, handle, validate};
+use crate::auth::{Access, Principal, principal};
+use crate::convert;
+use crate::error::from_store;
+use crate::model::{self, now};
+use crate::store::{AuditQuery, StoreError};
+
+/// Implements the three ops services.
+#[derive(Clone)]
+pub struct OpsApi {
+    ctx: ApiContext,
+}
+
+impl OpsApi {
+    /// Creates the services.
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+
+    async fn register(&self, p: Principal, req: RegisterProviderRequest) -> Result<Provider, ApiError> {
+        validate::label("name", &req.name)?;
+        validate::label("zone", &req.zone)?;
+        validate::required("endpoint", &req.endpoint)?;
+        if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
+            return Err(ApiError::invalid_field(
+                "endpoint",
+                format!("endpoint must be an http:// or https:// URI, got {:?}", req.endpoint),
+            ));
+        }
+        let zones = self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zones"))?;
+        if !zones.iter().any(|z| z.name == req.zone) {
+            return Err(ApiError::invalid_field("zone", format!("unknown zone {:?}", req.zone)));
+        }
+        let hs = self.ctx.clients.handshake(&req.endpoint).await?;
+        let t = now();
+        let provider = model::Provider {
+            id: ProviderId::new(),
+            name: req.name.clone(),
+            zone: req.zone.clone(),
+            endpoint: req.endpoint.clone(),
+            plugin_name: hs.info.name.clone(),
+            plugin_version: hs.info.vendor_version.clone(),
+            hypervisor: hs.info.hypervisor.clone(),
+            protocol_version: hs.protocol_version.clone(),
+            capabilities: hs.capabilities.clone(),
+            healthy: hs.ready,
+            health_message: hs.message.clone(),
+            last_probe_at: Some(t),
+            created_at: t,
+        };
+        let mut audit = self.ctx.audit(&p, "provider.register", "provider", &provider.id.to_string(), "succeeded");
+        audit.detail = format!("{} at {} in zone {}", provider.plugin_name, provider.endpoint, provider.zone);
+        self.ctx.store.insert_provider(&provider, &audit).await.map_err(|e| from_store(e, "provider"))?;
+        tracing::info!(provider = %provider.name, plugin = %provider.plugin_name, "provider registered");
+        Ok(convert::provider_to_proto(&provider))
+    }
+
+    async fn remove(&self, p: Principal, req: RemoveProviderRequest) -> Result<RemoveProviderResponse, ApiError> {
+        let id: ProviderId = validate::id("provider_id", &req.provider_id)?;
+        let audit = self.ctx.audit(&p, "provider.remove", "provider", &id.to_string(), "succeeded");
+        self.ctx
+            .store
+            .remove_provider(id, &audit)
+            .await
+            .map_err(|e| from_store(e, &format!("provider {id}")))?;
+        self.ctx.clients.forget(id);
+        Ok(RemoveProviderResponse {})
+    }
+
+    async fn create_flavor(&self, p: Principal, req: CreateFlavorRequest) -> Result<common::Flavor, ApiError> {
+        let f = req.flavor.ok_or_else(|| ApiError::invalid_field("flavor", "flavor is required"))?;
+        validate::label("flavor.name", &f.name)?;
+        if !(1..=1024).contains(&f.vcpus) {
+            return Err(ApiError::invalid_field("flavor.vcpus", "flavor.vcpus must be 1 to 1024"));
+        }
+        if !(16..=16 * 1024 * 1024).contains(&f.memory_mib) {
+            return Err(ApiError::invalid_field("flavor.memory_mib", "flavor.memory_mib must be 16 to 16777216"));
+        }
+        if f.disk_gib > 65536 {
+            return Err(ApiError::invalid_field("flavor.disk_gib", "flavor.disk_gib must be at most 65536"));
+        }
+        let flavor = model::Flavor {
+            name: f.name.clone(),
+            vcpus: f.vcpus,
+            memory_mib: f.memory_mib,
+            disk_gib: f.disk_gib,
+            description: f.description.clone(),
+            created_at: now(),
+        };
+        let audit = self.ctx.audit(&p, "flavor.create", "flavor", &f.name, "succeeded");
+        self.ctx.store.create_flavor(&flavor, &audit).await.map_err(|e| from_store(e, "flavor"))?;
+        Ok(convert::flavor_to_proto(&flavor))
+    }
+
+    async fn create_image(&self, p: Principal, req: CreateImageRequest) -> Result<common::Image, ApiError> {
+        let i = req.image.ok_or_else(|| ApiError::invalid_field("image", "image is required"))?;
+        validate::label("image.name", &i.name)?;
+        if i.source.len() > 1024 {
+            return Err(ApiError::invalid_field("image.source", "image.source is longer than 1024 characters"));
+        }
+        let image = model::Image {
+            name: i.name.clone(),
+            os_type: if i.os_type.is_empty() { "linux".to_owned() } else { i.os_type.clone() },
+            source: if i.source.is_empty() { i.name.clone() } else { i.source.clone() },
+            min_disk_gib: i.min_disk_gib,
+            description: i.description.clone(),
+            created_at: now(),
+        };
+        let audit = self.ctx.audit(&p, "image.create", "image", &i.name, "succeeded");
+        self.ctx.store.create_image(&image, &audit).await.map_err(|e| from_store(e, "image"))?;
+        Ok(convert::image_to_proto(&image, true))
+    }
+
+    async fn create_zone(&self, p: Principal, req: CreateZoneRequest) -> Result<common::Zone, ApiError> {
+        let z = req.zone.ok_or_else(|| ApiError::invalid_field("zone", "zone is required"))?;
+        validate::label("zone.name", &z.name)?;
+        let zone = model::Zone { name: z.name.clone(), description: z.description.clone(), created_at: now() };
+        let audit = self.ctx.audit(&p, "zone.create", "zone", &z.name, "succeeded");
+        self.ctx.store.create_zone(&zone, &audit).await.map_err(|e| from_store(e, "zone"))?;
+        Ok(convert::zone_to_proto(&zone))
+    }
+
+    async fn delete_entry(&self, p: Principal, kind: &str, name: String) -> Result<(), ApiError> {
+        validate::required("name", &name)?;
+        let audit = self.ctx.audit(&p, &format!("{kind}.delete"), kind, &name, "succeeded");
+        let r = match kind {
+            "flavor" => self.ctx.store.delete_flavor(&name, &audit).await,
+            "image" => self.ctx.store.delete_image(&name, &audit).await,
+            _ => self.ctx.store.delete_zone(&name, &audit).await,
+        };
+        r.map_err(|e| match e {
+            // A zone still named by a provider is in use like one named by a VM.
+            StoreError::Conflict(m) => ApiError::conflict(m),
+            e => from_store(e, &format!("{kind} {name}")),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl ProviderAdminService for OpsApi {
+    async fn register_provider(&self, req: tonic::Request<RegisterProviderRequest>) -> ApiResult<Provider> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            self.register(p.clone(), req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn list_providers(&self, req: tonic::Request<ListProvidersRequest>) -> ApiResult<ListProvidersResponse> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Read)?;
+            let providers = self.ctx.store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
+            Ok(ListProvidersResponse { providers: providers.iter().map(convert::provider_to_proto).collect() })
+        })
+        .await
+    }
+
+    async fn get_provider(&self, req: tonic::Request<GetProviderRequest>) -> ApiResult<Provider> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Read)?;
+            let id: ProviderId = validate::id("provider_id", &req.get_ref().provider_id)?;
+            let provider = self.ctx.store.get_provider(id).await.map_err(|e| from_store(e, &format!("provider {id}")))?;
+            Ok(convert::provider_to_proto(&provider))
+        })
+        .await
+    }
+
+    async fn remove_provider(&self, req: tonic::Request<RemoveProviderRequest>) -> ApiResult<RemoveProviderResponse> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            self.remove(p.clone(), req.into_inner()).await
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl CatalogAdminService for OpsApi {
+    async fn create_flavor(&self, req: tonic::Request<CreateFlavorRequest>) -> ApiResult<common::Flavor> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            self.create_flavor(p.clone(), req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn delete_flavor(&self, req: tonic::Request<DeleteFlavorRequest>) -> ApiResult<DeleteFlavorResponse> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            self.delete_entry(p.clone(), "flavor", req.into_inner().name).await?;
+            Ok(DeleteFlavorResponse {})
+        })
+        .await
+    }
+
+    async fn create_image(&self, req: tonic::Request<CreateImageRequest>) -> ApiResult<common::Image> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            self.create_image(p.clone(), req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn delete_image(&self, req: tonic::Request<DeleteImageRequest>) -> ApiResult<DeleteImageResponse> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            self.delete_entry(p.clone(), "image", req.into_inner().name).await?;
+            Ok(DeleteImageResponse {})
+        })
+        .await
+    }
+
+    async fn create_zone(&self, req: tonic::Request<CreateZoneRequest>) -> ApiResult<common::Zone> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            self.create_zone(p.clone(), req.into_inner()).await
+        })
+        .await
+    }
+
+    async fn delete_zone(&self, req: tonic::Request<DeleteZoneRequest>) -> ApiResult<DeleteZoneResponse> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            self.delete_entry(p.clone(), "zone", req.into_inner().name).await?;
+            Ok(DeleteZoneResponse {})
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl AuditService for OpsApi {
+    async fn list_audit_events(&self, req: tonic::Request<ListAuditEventsRequest>) -> ApiResult<ListAuditEventsResponse> {
+        let p = principal(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            p.ops(Access::Read)?;
+            let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+            let query = AuditQuery {
+                resource_id: non_empty(&r.resource_id),
+                project_id: non_empty(&r.project_id),
+                action: non_empty(&r.action),
+                page_size: validate::page_size(r.page_size, 100)?,
+                page_token: validate::page_token(&r.page_token)?,
+            };
+            let (events, next) = self.ctx.store.list_audit_events(&query).await.map_err(|e| from_store(e, "audit events"))?;
+            Ok(ListAuditEventsResponse {
+                events: events.iter().map(convert::audit_to_proto).collect(),
+                next_page_token: next.unwrap_or_default(),
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,376 @@
+//! `hcp.tenant.v1`: VMs and jobs. Every read and write is scoped to the
+//! caller's tenant and the project in the request; another tenant's VM or job
+//! is NOT_FOUND, exactly like one that does not exist.
+
+use std::collections::BTreeMap;
+
+use hcp_proto::error::{ApiError, ErrorCode};
+use hcp_proto::ids::{JobId, VmId};
+use hcp_proto::tenant::job_service_server::JobService;
+use hcp_proto::tenant::vm_service_server::VmService;
+use hcp_proto::tenant::{
+    ConsoleSession, CreateConsoleRequest, CreateVmRequest, GetJobRequest, GetVmRequest, Job,
+    ListVmsRequest, ListVmsResponse, Vm, VmActionRequest, VmOperationAccepted,
+};
+
+use super::{ApiContext, ApiResult, handle, validate};
+use crate::auth::{Access, Principal, principal};
+use crate::convert;
+use crate::error::from_store;
+use crate::model::{self, JobKind, JobStatus, NetworkAttachment, VmStatus, now};
+use crate::placement;
+use crate::store::{AcceptOperation, ListVmsQuery};
+
+/// Implements `VmService` and `JobService`.
+#[derive(Clone)]
+pub struct TenantApi {
+    ctx: ApiContext,
+}
+
+impl TenantApi {
+    /// Creates the service.
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+
+    fn new_job(&self, p: &Principal, tenant: &str, project: &str, vm: VmId, kind: JobKind) -> model::Job {
+        let t = now();
+        model::Job {
+            id: JobId::new(),
+            tenant_id: tenant.to_owned(),
+            project_id: project.to_owned(),
+            kind,
+            vm_id: vm,
+            status: JobStatus::Queued,
+            attempts: 0,
+            max_attempts: self.ctx.config.jobs.max_attempts.max(1),
+            run_after: t,
+            lease_owner: None,
+            lease_expires_at: None,
+            error_code: None,
+            error_message: None,
+            actor: p.subject.clone(),
+            traceparent: hcp_telemetry::current_traceparent(),
+            created_at: t,
+            started_at: None,
+            finished_at: None,
+            updated_at: t,
+        }
+    }
+
+    async fn create_vm(&self, p: Principal, req: CreateVmRequest) -> Result<VmOperationAccepted, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
+        validate::label("name", &req.name)?;
+        validate::required("flavor", &req.flavor)?;
+        validate::required("image", &req.image)?;
+        for (i, n) in req.networks.iter().enumerate() {
+            validate::label(&format!("networks[{i}].network"), &n.network)?;
+        }
+        validate::metadata(req.metadata.iter())?;
+        if req.tags.len() > validate::MAX_TAGS {
+            return Err(ApiError::invalid_field("tags", format!("at most {} tags are allowed", validate::MAX_TAGS)));
+        }
+        for (i, t) in req.tags.iter().enumerate() {
+            validate::tag(&format!("tags[{i}]"), t)?;
+        }
+        if let Some(ud) = &req.user_data
+            && ud.len() > validate::MAX_USER_DATA
+        {
+            return Err(ApiError::invalid_field(
+                "user_data",
+                format!("user_data is {} bytes; at most {} are allowed", ud.len(), validate::MAX_USER_DATA),
+            ));
+        }
+        let hostname = if req.hostname.is_empty() { req.name.to_ascii_lowercase() } else { req.hostname.clone() };
+        validate::label("hostname", &hostname)?;
+
+        let flavor = self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
+            crate::store::StoreError::NotFound => {
+                ApiError::invalid_field("flavor", format!("unknown flavor {:?}", req.flavor))
+            }
+            e => from_store(e, "flavor"),
+        })?;
+        let image = self.ctx.store.get_image(&req.image).await.map_err(|e| match e {
+            crate::store::StoreError::NotFound => {
+                ApiError::invalid_field("image", format!("unknown image {:?}", req.image))
+            }
+            e => from_store(e, "image"),
+        })?;
+        if image.min_disk_gib > flavor.disk_gib {
+            return Err(ApiError::invalid_field(
+                "flavor",
+                format!(
+                    "image {} needs a {} GiB disk; flavor {} has {} GiB",
+                    image.name, image.min_disk_gib, flavor.name, flavor.disk_gib
+                ),
+            ));
+        }
+        let zone = if req.zone.is_empty() { None } else { Some(req.zone.as_str()) };
+        if let Some(z) = zone
+            && !self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zone"))?.iter().any(|x| x.name == z)
+        {
+            return Err(ApiError::invalid_field("zone", format!("unknown zone {z:?}")));
+        }
+        let mut needs = Vec::new();
+        if req.user_data.is_some() {
+            needs.push("supports_cloud_init");
+        }
+        let provider = placement::choose(&self.ctx.store, zone, &needs).await?;
+
+        let vm_id = VmId::new();
+        let job = self.new_job(&p, &tenant, &req.project_id, vm_id, JobKind::CreateVm);
+        let t = job.created_at;
+        let mut tags = req.tags.clone();
+        tags.sort();
+        tags.dedup();
+        let vm = model::Vm {
+            id: vm_id,
+            tenant_id: tenant.clone(),
+            project_id: req.project_id.clone(),
+            name: req.name.clone(),
+            flavor: flavor.name.clone(),
+            vcpus: flavor.vcpus,
+            memory_mib: flavor.memory_mib,
+            disk_gib: flavor.disk_gib,
+            image: image.name.clone(),
+            image_source: image.source.clone(),
+            zone: provider.zone.clone(),
+            provider_id: provider.id,
+            networks: req.networks.iter().map(|n| NetworkAttachment { network: n.network.clone() }).collect(),
+            metadata: req.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
+            tags,
+            user_data: req.user_data.clone(),
+            hostname,
+            status: VmStatus::Pending,
+            current_job_id: Some(job.id),
+            error_code: None,
+            error_message: None,
+            created_at: t,
+            updated_at: t,
+        };
+        let mut audit = self.ctx.audit(&p, "vm.create", "vm", &vm_id.to_string(), "accepted");
+        audit.project_id = req.project_id.clone();
+        audit.job_id = job.id.to_string();
+        self.ctx.store.accept_create(&vm, &job, &audit).await.map_err(|e| from_store(e, "vm"))?;
+        self.ctx.announce(job.id);
+        tracing::info!(vm_id = %vm_id, job_id = %job.id, provider = %provider.name, "vm create accepted");
+        Ok(VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() })
+    }
+
+    async fn operate(&self, p: Principal, req: VmActionRequest, kind: JobKind) -> Result<VmOperationAccepted, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
+        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let job = self.new_job(&p, &tenant, &req.project_id, vm_id, kind);
+        let mut audit = self.ctx.audit(&p, kind.as_str(), "vm", &vm_id.to_string(), "accepted");
+        audit.project_id = req.project_id.clone();
+        audit.job_id = job.id.to_string();
+        let op = AcceptOperation { tenant_id: tenant, project_id: req.project_id.clone(), vm_id, kind };
+        self.ctx
+            .store
+            .accept_operation(&op, &job, &audit)
+            .await
+            .map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
+        self.ctx.announce(job.id);
+        tracing::info!(vm_id = %vm_id, job_id = %job.id, kind = %kind, "vm operation accepted");
+        Ok(VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() })
+    }
+
+    async fn get_vm(&self, p: Principal, req: GetVmRequest) -> Result<Vm, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let tenant = p.tenant_project(&req.project_id, Access::Read)?;
+        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let vm = self
+            .ctx
+            .store
+            .get_vm(tenant, &req.project_id, vm_id)
+            .await
+            .map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
+        Ok(convert::vm_to_tenant(&vm))
+    }
+
+    async fn list_vms(&self, p: Principal, req: ListVmsRequest) -> Result<ListVmsResponse, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let tenant = p.tenant_project(&req.project_id, Access::Read)?;
+        let status = match hcp_proto::tenant::VmStatus::try_from(req.status) {
+            Ok(s) => convert::vm_status_from_proto(s),
+            Err(_) => return Err(ApiError::invalid_field("status", format!("unknown status {}", req.status))),
+        };
+        for (i, t) in req.tag.iter().enumerate() {
+            validate::tag(&format!("tag[{i}]"), t)?;
+        }
+        let query = ListVmsQuery {
+            page_size: validate::page_size(req.page_size, 100)?,
+            page_token: validate::page_token(&req.page_token)?,
+            status,
+            tags: req.tag.clone(),
+        };
+        let (vms, next) = self
+            .ctx
+            .store
+            .list_vms(tenant, &req.project_id, &query)
+            .await
+            .map_err(|e| from_store(e, "vms"))?;
+        Ok(ListVmsResponse {
+            vms: vms.iter().map(convert::vm_to_tenant).collect(),
+            next_page_token: next.unwrap_or_default(),
+        })
+    }
+
+    async fn create_console(&self, p: Principal, req: CreateConsoleRequest) -> Result<ConsoleSession, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
+        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let protocol = if req.r#type.is_empty() { "vnc".to_owned() } else { req.r#type.to_ascii_lowercase() };
+        let capability = match protocol.as_str() {
+            "vnc" => "supports_console_vnc",
+            "spice" => "supports_console_spice",
+            "rdp" => "supports_console_rdp",
+            "serial" => "supports_console_serial",
+            other => {
+                return Err(ApiError::invalid_field(
+                    "type",
+                    format!("console type must be vnc, spice, rdp or serial, got {other:?}"),
+                ));
+            }
+        };
+        let vm = self
+            .ctx
+            .store
+            .get_vm(&tenant, &req.project_id, vm_id)
+            .await
+            .map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
+        let provider = self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
+        if provider.capabilities.flag(capability) != Some(true) {
+            return Err(ApiError::feature_not_supported(
+                capability,
+                format!("the vm's provider does not offer {protocol} consoles ({capability})"),
+            ));
+        }
+        if vm.status != VmStatus::Active {
+            return Err(ApiError::conflict(format!("vm {vm_id} is {}; a console needs it ACTIVE", vm.status)));
+        }
+        // Ask the provider now, so a console that cannot work fails here
+        // rather than when the tenant connects. The endpoint itself is not
+        // stored: the console proxy asks again when the token is redeemed.
+        let mut compute = self.ctx.clients.compute(&provider)?;
+        let mut call = tonic::Request::new(hcp_proto::provider::GetConsoleRequest {
+            vm_id: vm_id.to_string(),
+            protocol: protocol.clone(),
+        });
+        hcp_telemetry::inject_request(&mut call);
+        compute.get_console(call).await.map_err(|s| {
+            let e = crate::providers::ProviderCallError::from_status(&s);
+            ApiError::new(e.code, format!("the provider cannot open a console: {}", e.message))
+        })?;
+
+        let token = random_token();
+        let t = now();
+        let expires_at = t + chrono::Duration::seconds(self.ctx.config.console.token_ttl_seconds.max(1) as i64);
+        let session = model::ConsoleSession {
+            token_hash: hash_token(&token),
+            tenant_id: tenant,
+            project_id: req.project_id.clone(),
+            vm_id,
+            protocol: protocol.clone(),
+            expires_at,
+            used_at: None,
+            revoked_at: None,
+            created_at: t,
+        };
+        let mut audit = self.ctx.audit(&p, "vm.console", "vm", &vm_id.to_string(), "issued");
+        audit.project_id = req.project_id.clone();
+        audit.detail = protocol.clone();
+        self.ctx.store.insert_console_session(&session, &audit).await.map_err(|e| from_store(e, "console"))?;
+        let base = self.ctx.config.console.public_base_url.trim_end_matches('/');
+        Ok(ConsoleSession {
+            r#type: protocol.clone(),
+            url: format!("{base}/console/{protocol}?token={token}"),
+            expires_at: Some(convert::ts(expires_at)),
+        })
+    }
+
+    async fn get_job(&self, p: Principal, req: GetJobRequest) -> Result<Job, ApiError> {
+        let tenant = p.tenant()?;
+        let job_id: JobId = validate::id("job_id", &req.job_id)?;
+        let job = self
+            .ctx
+            .store
+            .get_job(tenant, job_id)
+            .await
+            .map_err(|e| from_store(e, &format!("job {job_id}")))?;
+        // A job in a project the token does not grant is hidden like one of
+        // another tenant.
+        if !p.projects.iter().any(|pr| *pr == job.project_id) {
+            return Err(ApiError::new(ErrorCode::NotFound, format!("job {job_id} not found")));
+        }
+        Ok(convert::job_to_tenant(&job))
+    }
+}
+
+/// Returns 32 random bytes, base64url: the console token given to the tenant.
+pub fn random_token() -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Returns the stored form of a console token.
+pub fn hash_token(token: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(token.as_bytes()))
+}
+
+#[tonic::async_trait]
+impl VmService for TenantApi {
+    async fn create_vm(&self, req: tonic::Request<CreateVmRequest>) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        handle(self.create_vm(p, req.into_inner())).await
+    }
+
+    async fn list_vms(&self, req: tonic::Request<ListVmsRequest>) -> ApiResult<ListVmsResponse> {
+        let p = principal(&req)?;
+        handle(self.list_vms(p, req.into_inner())).await
+    }
+
+    async fn get_vm(&self, req: tonic::Request<GetVmRequest>) -> ApiResult<Vm> {
+        let p = principal(&req)?;
+        handle(self.get_vm(p, req.into_inner())).await
+    }
+
+    async fn start_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        handle(self.operate(p, req.into_inner(), JobKind::StartVm)).await
+    }
+
+    async fn stop_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        handle(self.operate(p, req.into_inner(), JobKind::StopVm)).await
+    }
+
+    async fn reboot_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        handle(self.operate(p, req.into_inner(), JobKind::RebootVm)).await
+    }
+
+    async fn delete_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        handle(self.operate(p, req.into_inner(), JobKind::DeleteVm)).await
+    }
+
+    async fn create_console(&self, req: tonic::Request<CreateConsoleRequest>) -> ApiResult<ConsoleSession> {
+        let p = principal(&req)?;
+        handle(self.create_console(p, req.into_inner())).await
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for TenantApi {
+    async fn get_job(&self, req: tonic::Request<GetJobRequest>) -> ApiResult<Job> {
+        let p = principal(&req)?;
+        handle(self.get_job(p, req.into_inner())).await
+    }
+}

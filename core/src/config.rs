@@ -1,0 +1,265 @@
+//! Core's configuration: one typed, strict struct (unknown keys are refused),
+//! read from a TOML file, with environment overrides applied in one place
+//! ([`Config::apply_env`]). Every field has a documented default, so an
+//! empty file is a valid quick-start configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variable overriding [`Config::database_url`].
+pub const ENV_DATABASE_URL: &str = "HCP_DATABASE_URL";
+/// Environment variable overriding [`Config::listen`].
+pub const ENV_LISTEN: &str = "HCP_CORE_LISTEN";
+/// Environment variable overriding [`AuthConfig::hs256_secret_file`].
+pub const ENV_JWT_SECRET_FILE: &str = "HCP_JWT_SECRET_FILE";
+
+/// Everything core needs to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// gRPC listen address. Default `127.0.0.1:50051`; port 0 picks one.
+    pub listen: SocketAddr,
+    /// `sqlite://PATH`, `sqlite::memory:` or `postgres://...`.
+    /// Default `sqlite://hcp.db`.
+    pub database_url: String,
+    /// PostgreSQL pool size. Default 16.
+    pub database_max_connections: u32,
+    /// Run migrations at start. Default true.
+    pub migrate: bool,
+    /// Which parts this process runs. Default both.
+    pub roles: Roles,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// The job engine.
+    pub jobs: JobsConfig,
+    /// Talking to providers.
+    pub providers: ProvidersConfig,
+    /// Console sessions.
+    pub console: ConsoleConfig,
+    /// Logs and traces.
+    pub telemetry: hcp_telemetry::TelemetryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database_url: "sqlite://hcp.db".to_owned(),
+            database_max_connections: 16,
+            migrate: true,
+            roles: Roles::default(),
+            auth: AuthConfig::default(),
+            jobs: JobsConfig::default(),
+            providers: ProvidersConfig::default(),
+            console: ConsoleConfig::default(),
+            telemetry: hcp_telemetry::TelemetryConfig::default(),
+        }
+    }
+}
+
+/// Which parts of core a process runs; API and worker processes scale apart.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Roles {
+    /// Serve the gRPC API.
+    pub api: bool,
+    /// Run jobs, health probes and (later) the reconciler.
+    pub worker: bool,
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Self { api: true, worker: true }
+    }
+}
+
+/// How bearer tokens are verified.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Required `iss` claim. Default `hcp-dev`.
+    pub issuer: String,
+    /// Required `aud` claim. Default `hcp`.
+    pub audience: String,
+    /// File holding the HS256 shared secret. Either this or
+    /// `public_key_pem_file` must be set.
+    pub hs256_secret_file: Option<PathBuf>,
+    /// File holding an RS256 / ES256 public key (PEM).
+    pub public_key_pem_file: Option<PathBuf>,
+    /// Algorithm for `public_key_pem_file`: `RS256` or `ES256`.
+    pub public_key_algorithm: Option<String>,
+    /// Clock skew tolerated on `exp`/`nbf`, seconds. Default 30.
+    pub leeway_seconds: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: "hcp-dev".to_owned(),
+            audience: "hcp".to_owned(),
+            hs256_secret_file: None,
+            public_key_pem_file: None,
+            public_key_algorithm: None,
+            leeway_seconds: 30,
+        }
+    }
+}
+
+/// The job engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs run at once by this process. Default 16.
+    pub concurrency: usize,
+    /// Attempts before a job fails for good. Default 5.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt, with jitter. Default 500 ms.
+    pub backoff_base_ms: u64,
+    /// Longest retry delay. Default 30 s.
+    pub backoff_max_ms: u64,
+    /// Lease length; renewed at a third of it. Default 30 s.
+    pub lease_seconds: u64,
+    /// How often idle workers look for runnable jobs. Default 1000 ms.
+    pub poll_interval_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_attempts: 5,
+            backoff_base_ms: 500,
+            backoff_max_ms: 30_000,
+            lease_seconds: 30,
+            poll_interval_ms: 1000,
+        }
+    }
+}
+
+/// Talking to provider processes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    /// Health probe period. Default 10 s.
+    pub probe_interval_seconds: u64,
+    /// Deadline of one provider call. Default 300 s (creating a VM can be slow).
+    pub call_timeout_seconds: u64,
+    /// Deadline of handshake and probe calls. Default 5 s.
+    pub probe_timeout_seconds: u64,
+}
+
+impl Default for ProvidersConfig {
+    fn default() -> Self {
+        Self { probe_interval_seconds: 10, call_timeout_seconds: 300, probe_timeout_seconds: 5 }
+    }
+}
+
+/// Console sessions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// Base URL of the console proxy as tenants reach it (the gateway).
+    /// Default `ws://127.0.0.1:8080`.
+    pub public_base_url: String,
+    /// Seconds a token stays redeemable. Default 60.
+    pub token_ttl_seconds: u64,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self { public_base_url: "ws://127.0.0.1:8080".to_owned(), token_ttl_seconds: 60 }
+    }
+}
+
+/// The configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid configuration.
+    #[error("invalid configuration in {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The TOML error, which names the key.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An environment override does not parse.
+    #[error("invalid value for {var}: {value:?}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Applies the `HCP_*` overrides from `env` (pass `std::env::vars()`).
+    pub fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (k, v) in env {
+            match k.as_str() {
+                ENV_DATABASE_URL => self.database_url = v,
+                ENV_LISTEN => {
+                    self.listen =
+                        v.parse().map_err(|_| ConfigError::Env { var: ENV_LISTEN, value: v })?
+                }
+                ENV_JWT_SECRET_FILE => self.auth.hs256_secret_file = Some(PathBuf::from(v)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.listen.port(), 50051);
+        assert_eq!(c.jobs.max_attempts, 5);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::from_toml("[jobs]\nmax_attempt = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_attempt"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = Config::default();
+        c.apply_env([(ENV_DATABASE_URL.to_owned(), "postgres://x".to_owned())]).unwrap();
+        assert_eq!(c.database_url, "postgres://x");
+        let err = c.apply_env([(ENV_LISTEN.to_owned(), "nope".to_owned())]).unwrap_err();
+        assert!(err.to_string().contains(ENV_LISTEN));
+    }
+}

@@ -1,0 +1,209 @@
+//! Conversions between core's domain types and the wire types. The tenant
+//! view is built here and only here, which is where "tenants never see
+//! providers, hosts or native ids" is enforced: `vm_to_tenant` has no field
+//! to put them in, and images lose their `source` for tenants.
+
+use chrono::{DateTime, Utc};
+use hcp_proto::{common, ops, provider, tenant};
+
+use crate::model::{
+    AuditEvent, Capabilities, Flavor, Image, Job, JobStatus, Provider, Vm, VmStatus, Zone,
+};
+
+/// Converts a time to a protobuf timestamp.
+pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+}
+
+/// Reads provider capability flags.
+pub fn capabilities_from_proto(c: &provider::Capabilities) -> Capabilities {
+    Capabilities {
+        supports_cloud_init: c.supports_cloud_init,
+        supports_snapshot: c.supports_snapshot,
+        supports_live_migration: c.supports_live_migration,
+        supports_console_vnc: c.supports_console_vnc,
+        supports_console_spice: c.supports_console_spice,
+        supports_console_rdp: c.supports_console_rdp,
+        supports_console_serial: c.supports_console_serial,
+        supports_gpu_passthrough: c.supports_gpu_passthrough,
+        supports_snapshot_running: c.supports_snapshot_running,
+        attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// Writes provider capability flags.
+pub fn capabilities_to_proto(c: &Capabilities) -> provider::Capabilities {
+    provider::Capabilities {
+        supports_cloud_init: c.supports_cloud_init,
+        supports_snapshot: c.supports_snapshot,
+        supports_live_migration: c.supports_live_migration,
+        supports_console_vnc: c.supports_console_vnc,
+        supports_console_spice: c.supports_console_spice,
+        supports_console_rdp: c.supports_console_rdp,
+        supports_console_serial: c.supports_console_serial,
+        supports_gpu_passthrough: c.supports_gpu_passthrough,
+        supports_snapshot_running: c.supports_snapshot_running,
+        attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// Maps a VM status to the wire enum.
+pub fn vm_status_to_proto(s: VmStatus) -> tenant::VmStatus {
+    match s {
+        VmStatus::Pending => tenant::VmStatus::Pending,
+        VmStatus::Active => tenant::VmStatus::Active,
+        VmStatus::Stopped => tenant::VmStatus::Stopped,
+        VmStatus::Error => tenant::VmStatus::Error,
+        VmStatus::Deleted => tenant::VmStatus::Deleted,
+        VmStatus::Starting => tenant::VmStatus::Starting,
+        VmStatus::Stopping => tenant::VmStatus::Stopping,
+        VmStatus::Rebooting => tenant::VmStatus::Rebooting,
+        VmStatus::Deleting => tenant::VmStatus::Deleting,
+    }
+}
+
+/// Maps a wire VM status to the domain (None for UNSPECIFIED).
+pub fn vm_status_from_proto(s: tenant::VmStatus) -> Option<VmStatus> {
+    Some(match s {
+        tenant::VmStatus::Unspecified => return None,
+        tenant::VmStatus::Pending => VmStatus::Pending,
+        tenant::VmStatus::Active => VmStatus::Active,
+        tenant::VmStatus::Stopped => VmStatus::Stopped,
+        tenant::VmStatus::Error => VmStatus::Error,
+        tenant::VmStatus::Deleted => VmStatus::Deleted,
+        tenant::VmStatus::Starting => VmStatus::Starting,
+        tenant::VmStatus::Stopping => VmStatus::Stopping,
+        tenant::VmStatus::Rebooting => VmStatus::Rebooting,
+        tenant::VmStatus::Deleting => VmStatus::Deleting,
+    })
+}
+
+/// The tenant's view of a VM.
+pub fn vm_to_tenant(vm: &Vm) -> tenant::Vm {
+    tenant::Vm {
+        vm_id: vm.id.to_string(),
+        project_id: vm.project_id.clone(),
+        name: vm.name.clone(),
+        flavor: vm.flavor.clone(),
+        image: vm.image.clone(),
+        zone: vm.zone.clone(),
+        networks: vm
+            .networks
+            .iter()
+            .map(|n| tenant::NetworkAttachment { network: n.network.clone() })
+            .collect(),
+        metadata: vm.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        tags: vm.tags.clone(),
+        status: vm_status_to_proto(vm.status) as i32,
+        job_id: vm.current_job_id.map(|j| j.to_string()).unwrap_or_default(),
+        error: vm.error_code.as_ref().map(|code| tenant::OperationError {
+            code: code.clone(),
+            message: vm.error_message.clone().unwrap_or_default(),
+        }),
+        has_user_data: vm.user_data.is_some(),
+        hostname: vm.hostname.clone(),
+        created_at: Some(ts(vm.created_at)),
+        updated_at: Some(ts(vm.updated_at)),
+    }
+}
+
+/// The tenant's view of a job.
+pub fn job_to_tenant(job: &Job) -> tenant::Job {
+    let status = match job.status {
+        JobStatus::Queued => tenant::JobStatus::Queued,
+        JobStatus::Running => tenant::JobStatus::Running,
+        JobStatus::Succeeded => tenant::JobStatus::Succeeded,
+        JobStatus::Failed => tenant::JobStatus::Failed,
+        JobStatus::Cancelled => tenant::JobStatus::Cancelled,
+    };
+    // The last attempt's error is shown while a retry is pending too, so a
+    // tenant can see why a job is taking long.
+    tenant::Job {
+        job_id: job.id.to_string(),
+        project_id: job.project_id.clone(),
+        kind: job.kind.as_str().to_owned(),
+        resource_id: job.vm_id.to_string(),
+        status: status as i32,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        error: job.error_code.as_ref().map(|code| tenant::OperationError {
+            code: code.clone(),
+            message: job.error_message.clone().unwrap_or_default(),
+        }),
+        created_at: Some(ts(job.created_at)),
+        started_at: job.started_at.map(ts),
+        finished_at: job.finished_at.map(ts),
+        updated_at: Some(ts(job.updated_at)),
+    }
+}
+
+/// A flavor on the wire.
+pub fn flavor_to_proto(f: &Flavor) -> common::Flavor {
+    common::Flavor {
+        name: f.name.clone(),
+        vcpus: f.vcpus,
+        memory_mib: f.memory_mib,
+        disk_gib: f.disk_gib,
+        description: f.description.clone(),
+        created_at: Some(ts(f.created_at)),
+    }
+}
+
+/// An image on the wire; `for_ops` decides whether `source` is shown.
+pub fn image_to_proto(i: &Image, for_ops: bool) -> common::Image {
+    common::Image {
+        name: i.name.clone(),
+        os_type: i.os_type.clone(),
+        source: if for_ops { i.source.clone() } else { String::new() },
+        min_disk_gib: i.min_disk_gib,
+        description: i.description.clone(),
+        created_at: Some(ts(i.created_at)),
+    }
+}
+
+/// A zone on the wire.
+pub fn zone_to_proto(z: &Zone) -> common::Zone {
+    common::Zone {
+        name: z.name.clone(),
+        description: z.description.clone(),
+        created_at: Some(ts(z.created_at)),
+    }
+}
+
+/// A provider as operators see it.
+pub fn provider_to_proto(p: &Provider) -> ops::Provider {
+    ops::Provider {
+        provider_id: p.id.to_string(),
+        name: p.name.clone(),
+        zone: p.zone.clone(),
+        endpoint: p.endpoint.clone(),
+        plugin_name: p.plugin_name.clone(),
+        plugin_version: p.plugin_version.clone(),
+        hypervisor: p.hypervisor.clone(),
+        protocol_version: p.protocol_version.clone(),
+        capabilities: Some(capabilities_to_proto(&p.capabilities)),
+        health: if p.healthy { ops::ProviderHealth::Healthy } else { ops::ProviderHealth::Unhealthy }
+            as i32,
+        health_message: p.health_message.clone(),
+        last_probe_at: p.last_probe_at.map(ts),
+        created_at: Some(ts(p.created_at)),
+    }
+}
+
+/// An audit event as operators see it.
+pub fn audit_to_proto(e: &AuditEvent) -> ops::AuditEvent {
+    ops::AuditEvent {
+        event_id: e.id.to_string(),
+        at: Some(ts(e.at)),
+        actor: e.actor.clone(),
+        tenant_id: e.tenant_id.clone(),
+        project_id: e.project_id.clone(),
+        action: e.action.clone(),
+        resource_type: e.resource_type.clone(),
+        resource_id: e.resource_id.clone(),
+        outcome: e.outcome.clone(),
+        job_id: e.job_id.clone(),
+        trace_id: e.trace_id.clone(),
+        detail: e.detail.clone(),
+    }
+}

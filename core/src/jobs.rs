@@ -1,0 +1,431 @@
+//! The job engine: workers lease jobs from the store, run each as a sequence
+//! of recorded steps against the VM's provider, and finish it together with
+//! the VM's new state and an audit event.
+//!
+//! Guarantees, and what gives them:
+//! - A job runs on one worker at a time: the lease on the job row, renewed by
+//!   a heartbeat; a worker that loses its lease stops and writes nothing.
+//! - A worker that dies is replaced: a lapsed lease makes the job claimable,
+//!   and the next worker skips steps recorded in `job_steps`.
+//! - Re-running a step never duplicates a VM: every provider call is keyed
+//!   by the HCP VM id and idempotent by contract.
+//! - Retryable provider failures are retried with exponential backoff and
+//!   jitter up to `max_attempts`; then the job fails and the VM is ERROR.
+//!
+//! How workers learn about new jobs is the [`JobQueue`]'s business: the
+//! in-process queue wakes local workers; every worker also polls the store,
+//! so a lost wake-up only delays a job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use hcp_proto::error::ErrorCode;
+use hcp_proto::ids::{EventId, JobId};
+use hcp_proto::provider;
+use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument;
+
+use crate::config::JobsConfig;
+use crate::model::{AuditEvent, Job, JobKind, Vm, now};
+use crate::providers::{ProviderCallError, ProviderClients};
+use crate::store::{JobOutcome, Store, StoreError};
+
+/// Tells workers that a job was committed and can run.
+pub trait JobQueue: Send + Sync + 'static {
+    /// Called after the transaction holding the job committed. Must not
+    /// block; a failure to deliver only delays the job until the next poll.
+    fn job_accepted(&self, job: JobId);
+}
+
+/// The embedded queue: wakes the workers of this process.
+#[derive(Debug, Default, Clone)]
+pub struct LocalQueue {
+    wake: Arc<Notify>,
+}
+
+impl LocalQueue {
+    /// Returns the notifier workers wait on.
+    pub fn notifier(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+}
+
+impl JobQueue for LocalQueue {
+    fn job_accepted(&self, _job: JobId) {
+        self.wake.notify_one();
+    }
+}
+
+/// Runs jobs.
+#[derive(Clone)]
+pub struct Engine {
+    store: Store,
+    clients: ProviderClients,
+    config: JobsConfig,
+    worker_id: String,
+    wake: Arc<Notify>,
+}
+
+/// Why a job attempt stopped short of an outcome.
+enum Abort {
+    /// Another worker holds the job now.
+    LeaseLost,
+    /// The store failed; the lease will lapse and the job run again.
+    Store(StoreError),
+}
+
+impl Engine {
+    /// Creates an engine; `wake` is signalled when jobs are accepted locally.
+    pub fn new(
+        store: Store,
+        clients: ProviderClients,
+        config: JobsConfig,
+        worker_id: String,
+        wake: Arc<Notify>,
+    ) -> Self {
+        Self { store, clients, config, worker_id, wake }
+    }
+
+    /// Runs until `shutdown` turns true, then waits for jobs in flight.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let poll = Duration::from_millis(self.config.poll_interval_ms.max(10));
+        let mut tasks = tokio::task::JoinSet::new();
+        tracing::info!(worker = %self.worker_id, concurrency = self.config.concurrency, "job engine started");
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.changed() => break,
+            };
+            let t = now();
+            match self.store.claim_next_job(&self.worker_id, t, self.lease_until(t)).await {
+                Ok(Some(job)) => {
+                    let engine = self.clone();
+                    tasks.spawn(async move {
+                        engine.execute(job).await;
+                        drop(permit);
+                    });
+                    // Reap finished tasks so the set does not grow.
+                    while tasks.try_join_next().is_some() {}
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot claim jobs"),
+            }
+            drop(permit);
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Jobs in flight finish (or lose their lease when the process is
+        // killed; another worker then takes over).
+        while tasks.join_next().await.is_some() {}
+        tracing::info!(worker = %self.worker_id, "job engine stopped");
+    }
+
+    fn lease_until(&self, from: DateTime<Utc>) -> DateTime<Utc> {
+        from + chrono::Duration::seconds(self.config.lease_seconds.max(1) as i64)
+    }
+
+    /// Runs one leased job to an outcome (or until the lease is lost).
+    pub async fn execute(&self, job: Job) {
+        let span = tracing::info_span!(
+            "job",
+            job_id = %job.id,
+            vm_id = %job.vm_id,
+            kind = %job.kind,
+            attempt = job.attempts,
+            trace_id = tracing::field::Empty,
+        );
+        hcp_telemetry::set_parent_from_traceparent(&span, job.traceparent.as_deref());
+        if let Some(t) = hcp_telemetry::trace_id_of(&span) {
+            span.record("trace_id", t);
+        }
+        self.execute_in_span(job).instrument(span).await
+    }
+
+    async fn execute_in_span(&self, job: Job) {
+        // Heartbeat: renew the lease at a third of its length; if it cannot
+        // be renewed, tell the attempt to stop.
+        let (lost_tx, mut lost_rx) = watch::channel(false);
+        let heartbeat = {
+            let store = self.store.clone();
+            let worker = self.worker_id.clone();
+            let every = Duration::from_secs(self.config.lease_seconds.max(3) / 3);
+            let lease = self.config.lease_seconds.max(1) as i64;
+            let id = job.id;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let until = now() + chrono::Duration::seconds(lease);
+                    match store.renew_lease(id, &worker, until).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            let _ = lost_tx.send(true);
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot renew lease"),
+                    }
+                }
+            })
+        };
+
+        let attempt = async {
+            if job.attempts > job.max_attempts {
+                // The previous holder died during the last allowed attempt.
+                return Ok(JobOutcome::Failed {
+                    code: ErrorCode::Internal.as_str().to_owned(),
+                    message: format!("gave up after {} attempts", job.max_attempts),
+                });
+            }
+            self.run_steps(&job).await
+        };
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = lost_rx.wait_for(|lost| *lost) => Err(Abort::LeaseLost),
+        };
+        heartbeat.abort();
+
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(Abort::LeaseLost) => {
+                tracing::warn!("lease lost; another worker owns the job now");
+                return;
+            }
+            Err(Abort::Store(e)) => {
+                tracing::warn!(error = %e, "store failed during the job; it will run again");
+                return;
+            }
+        };
+        self.finish(&job, outcome).await;
+    }
+
+    async fn finish(&self, job: &Job, outcome: JobOutcome) {
+        let t = now();
+        let audit = match &outcome {
+            JobOutcome::Retry { run_after, code, message } => {
+                tracing::info!(%code, %message, %run_after, "attempt failed; will retry");
+                None
+            }
+            JobOutcome::Succeeded { .. } => Some(self.audit(job, "succeeded", "")),
+            JobOutcome::Failed { code, message } => {
+                tracing::warn!(%code, %message, "job failed");
+                Some(self.audit(job, "failed", code))
+            }
+        };
+        match self.store.finish_job(job, &self.worker_id, &outcome, t, audit.as_ref()).await {
+            Ok(()) => {
+                if let JobOutcome::Retry { .. } = outcome {
+                    // Wake a local worker when the backoff is over.
+                    let wake = self.wake.clone();
+                    let delay = match &outcome {
+                        JobOutcome::Retry { run_after, .. } => {
+                            (*run_after - t).to_std().unwrap_or_default()
+                        }
+                        _ => Duration::ZERO,
+                    };
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        wake.notify_one();
+                    });
+                } else {
+                    tracing::info!(outcome = ?outcome, "job finished");
+                }
+            }
+            Err(StoreError::Conflict(msg)) => tracing::warn!(%msg, "job not finished"),
+            Err(e) => tracing::warn!(error = %e, "cannot finish job; it will run again"),
+        }
+    }
+
+    fn audit(&self, job: &Job, outcome: &str, detail: &str) -> AuditEvent {
+        AuditEvent {
+            id: EventId::new(),
+            at: now(),
+            actor: "system:worker".to_owned(),
+            tenant_id: job.tenant_id.clone(),
+            project_id: job.project_id.clone(),
+            action: job.kind.as_str().to_owned(),
+            resource_type: "vm".to_owned(),
+            resource_id: job.vm_id.to_string(),
+            outcome: outcome.to_owned(),
+            job_id: job.id.to_string(),
+            trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
+            detail: detail.to_owned(),
+        }
+    }
+
+    /// Returns the delay before attempt `attempts + 1`: exponential from
+    /// `backoff_base_ms`, capped, with "equal jitter" (half fixed, half
+    /// random) so retries of many jobs spread out.
+    pub fn backoff(config: &JobsConfig, attempts: u32) -> Duration {
+        use rand::Rng;
+        let exp = attempts.saturating_sub(1).min(20);
+        let full = config.backoff_base_ms.saturating_mul(1u64 << exp).min(config.backoff_max_ms);
+        let half = full / 2;
+        let jitter = if half > 0 { rand::thread_rng().gen_range(0..=half) } else { 0 };
+        Duration::from_millis(half + jitter)
+    }
+
+    async fn run_steps(&self, job: &Job) -> Result<JobOutcome, Abort> {
+        let vm = self.store.get_vm_internal(job.vm_id).await.map_err(Abort::Store)?;
+        let provider = self.store.get_provider(vm.provider_id).await.map_err(Abort::Store)?;
+        let mut compute = match self.clients.compute(&provider) {
+            Ok(c) => c,
+            Err(e) => {
+                return Ok(JobOutcome::Failed { code: e.code.as_str().to_owned(), message: e.message });
+            }
+        };
+        let done: Vec<String> = self
+            .store
+            .completed_steps(job.id)
+            .await
+            .map_err(Abort::Store)?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+
+        let steps: &[&str] = match job.kind {
+            JobKind::CreateVm => &["provider.create", "provider.start"],
+            JobKind::StartVm => &["provider.start"],
+            JobKind::StopVm => &["provider.stop"],
+            JobKind::RebootVm => &["provider.reboot"],
+            JobKind::DeleteVm => &["provider.delete"],
+        };
+        for &step in steps {
+            if done.iter().any(|d| d == step) {
+                tracing::debug!(step, "step already done");
+                continue;
+            }
+            let result = self.call_provider(&mut compute, &vm, step).await;
+            match result {
+                Ok(output) => {
+                    self.store
+                        .record_step(job.id, &self.worker_id, step, &output, now())
+                        .await
+                        .map_err(Abort::Store)?;
+                }
+                Err(e) => return Ok(self.failure_outcome(job, step, e)),
+            }
+        }
+        Ok(JobOutcome::Succeeded { vm_status: job.kind.success_status() })
+    }
+
+    fn failure_outcome(&self, job: &Job, step: &str, e: ProviderCallError) -> JobOutcome {
+        let message = format!("{step}: {}", e.message);
+        if e.retryable && job.attempts < job.max_attempts {
+            let delay = Self::backoff(&self.config, job.attempts);
+            JobOutcome::Retry {
+                run_after: now() + chrono::Duration::from_std(delay).unwrap_or_default(),
+                code: e.code.as_str().to_owned(),
+                message,
+            }
+        } else {
+            JobOutcome::Failed { code: e.code.as_str().to_owned(), message }
+        }
+    }
+
+    async fn call_provider(
+        &self,
+        compute: &mut provider::compute_client::ComputeClient<tonic::transport::Channel>,
+        vm: &Vm,
+        step: &str,
+    ) -> Result<String, ProviderCallError> {
+        fn req<T>(msg: T) -> tonic::Request<T> {
+            let mut r = tonic::Request::new(msg);
+            hcp_telemetry::inject_request(&mut r);
+            r
+        }
+        let vm_ref = provider::VmRef { vm_id: vm.id.to_string() };
+        let started = std::time::Instant::now();
+        let result = match step {
+            "provider.create" => compute
+                .create_vm(req(provider::CreateVmRequest {
+                    vm_id: vm.id.to_string(),
+                    spec: Some(vm_spec(vm)),
+                    start: false,
+                }))
+                .await
+                .map(|r| r.into_inner().native_id),
+            "provider.start" => compute.start_vm(req(vm_ref)).await.map(|_| String::new()),
+            "provider.stop" => compute
+                .stop_vm(req(provider::StopVmRequest {
+                    vm_id: vm.id.to_string(),
+                    force: false,
+                    timeout_seconds: 0,
+                }))
+                .await
+                .map(|_| String::new()),
+            "provider.reboot" => compute.reboot_vm(req(vm_ref)).await.map(|_| String::new()),
+            "provider.delete" => compute
+                .delete_vm(req(vm_ref))
+                .await
+                .map(|r| if r.into_inner().existed { "deleted" } else { "absent" }.to_owned()),
+            other => {
+                return Err(ProviderCallError {
+                    code: ErrorCode::Internal,
+                    retryable: false,
+                    message: format!("unknown step {other}"),
+                });
+            }
+        };
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match result {
+            Ok(out) => {
+                tracing::debug!(step, elapsed_ms, "provider call done");
+                Ok(out)
+            }
+            Err(status) => {
+                let e = ProviderCallError::from_status(&status);
+                tracing::info!(step, elapsed_ms, code = %e.code, retryable = e.retryable, message = %e.message, "provider call failed");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The provider's view of a VM: sizes and image resolved, no tenant data
+/// beyond what the guest needs.
+pub fn vm_spec(vm: &Vm) -> provider::VmSpec {
+    let mut labels = std::collections::HashMap::new();
+    labels.insert("hcp.vm_id".to_owned(), vm.id.to_string());
+    labels.insert("hcp.name".to_owned(), vm.name.clone());
+    provider::VmSpec {
+        name: vm.name.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
+        image: Some(provider::ImageRef { name: vm.image.clone(), source: vm.image_source.clone() }),
+        networks: vm
+            .networks
+            .iter()
+            .map(|n| provider::NetworkAttachment { network: n.network.clone() })
+            .collect(),
+        user_data: vm.user_data.clone(),
+        hostname: vm.hostname.clone(),
+        labels,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let c = JobsConfig { backoff_base_ms: 100, backoff_max_ms: 1000, ..JobsConfig::default() };
+        for _ in 0..50 {
+            let d1 = Engine::backoff(&c, 1).as_millis();
+            assert!((50..=100).contains(&d1), "{d1}");
+            let d3 = Engine::backoff(&c, 3).as_millis();
+            assert!((200..=400).contains(&d3), "{d3}");
+            let d10 = Engine::backoff(&c, 10).as_millis();
+            assert!((500..=1000).contains(&d10), "{d10}");
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! HCP core: the control plane. It serves the northbound gRPC API (tenant,
+//! ops, common), keeps desired state, jobs and the audit trail in the store,
+//! places VMs on providers, and runs jobs against provider processes over
+//! the `hcp.provider.v1` protocol.
+//!
+//! Layout: `api` (handlers) -> `store` (all SQL) and `jobs` (engine) ->
+//! `providers` (southbound client). `server::run` wires them together.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod jobs;
+pub mod model;
+pub mod placement;
+pub mod providers;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use server::run;

@@ -1,0 +1,421 @@
+//! Core's domain types: what the store persists and the API and job engine
+//! reason about. Conversions to the wire types live in `api::convert`, so this
+//! module does not depend on the proto's shape.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use hcp_proto::ids::{JobId, ProviderId, VmId};
+use serde::{Deserialize, Serialize};
+
+/// Returns the current time at the precision both store backends keep
+/// (microseconds), so a value read back equals the value written.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+macro_rules! string_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// The stored and wire spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Parses the stored spelling.
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// A VM's lifecycle state (see `hcp.tenant.v1.VmStatus`).
+    VmStatus {
+        /// Accepted; the create job has not finished.
+        Pending = "PENDING",
+        /// Running.
+        Active = "ACTIVE",
+        /// Defined but powered off.
+        Stopped = "STOPPED",
+        /// The last operation failed.
+        Error = "ERROR",
+        /// Gone from the hypervisor.
+        Deleted = "DELETED",
+        /// A start job is in flight.
+        Starting = "STARTING",
+        /// A stop job is in flight.
+        Stopping = "STOPPING",
+        /// A reboot job is in flight.
+        Rebooting = "REBOOTING",
+        /// A delete job is in flight.
+        Deleting = "DELETING",
+    }
+);
+
+string_enum!(
+    /// A job's state.
+    JobStatus {
+        /// Waiting for a worker (possibly until `run_after`).
+        Queued = "QUEUED",
+        /// Leased by a worker.
+        Running = "RUNNING",
+        /// Finished successfully.
+        Succeeded = "SUCCEEDED",
+        /// Finished with an error.
+        Failed = "FAILED",
+        /// Cancelled before it ran.
+        Cancelled = "CANCELLED",
+    }
+);
+
+string_enum!(
+    /// What a job does.
+    JobKind {
+        /// Create and start a VM.
+        CreateVm = "vm.create",
+        /// Start a stopped VM.
+        StartVm = "vm.start",
+        /// Stop a running VM.
+        StopVm = "vm.stop",
+        /// Reboot a running VM.
+        RebootVm = "vm.reboot",
+        /// Delete a VM.
+        DeleteVm = "vm.delete",
+    }
+);
+
+impl VmStatus {
+    /// True for the states in which a job is operating on the VM.
+    pub fn is_transitional(self) -> bool {
+        matches!(
+            self,
+            VmStatus::Pending
+                | VmStatus::Starting
+                | VmStatus::Stopping
+                | VmStatus::Rebooting
+                | VmStatus::Deleting
+        )
+    }
+}
+
+impl JobKind {
+    /// The VM states from which this operation may be requested.
+    pub fn allowed_from(self) -> &'static [VmStatus] {
+        match self {
+            JobKind::CreateVm => &[],
+            JobKind::StartVm => &[VmStatus::Stopped, VmStatus::Error],
+            JobKind::StopVm => &[VmStatus::Active, VmStatus::Error],
+            JobKind::RebootVm => &[VmStatus::Active],
+            JobKind::DeleteVm => &[VmStatus::Active, VmStatus::Stopped, VmStatus::Error],
+        }
+    }
+
+    /// The transitional state the VM is in while this job runs.
+    pub fn in_flight_status(self) -> VmStatus {
+        match self {
+            JobKind::CreateVm => VmStatus::Pending,
+            JobKind::StartVm => VmStatus::Starting,
+            JobKind::StopVm => VmStatus::Stopping,
+            JobKind::RebootVm => VmStatus::Rebooting,
+            JobKind::DeleteVm => VmStatus::Deleting,
+        }
+    }
+
+    /// The VM state after the job succeeds.
+    pub fn success_status(self) -> VmStatus {
+        match self {
+            JobKind::CreateVm | JobKind::StartVm | JobKind::RebootVm => VmStatus::Active,
+            JobKind::StopVm => VmStatus::Stopped,
+            JobKind::DeleteVm => VmStatus::Deleted,
+        }
+    }
+}
+
+/// A network attachment as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttachment {
+    /// Network name as the zone publishes it.
+    pub network: String,
+}
+
+/// A VM row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vm {
+    /// HCP id, also the key on the provider.
+    pub id: VmId,
+    /// Owning tenant (from the creator's token).
+    pub tenant_id: String,
+    /// Owning project.
+    pub project_id: String,
+    /// Tenant-chosen name.
+    pub name: String,
+    /// Flavor name, and the size it stood for at creation.
+    pub flavor: String,
+    /// vCPUs from the flavor.
+    pub vcpus: u32,
+    /// Memory from the flavor.
+    pub memory_mib: u32,
+    /// Disk from the flavor.
+    pub disk_gib: u32,
+    /// Image name.
+    pub image: String,
+    /// Image source as providers know it, resolved at creation.
+    pub image_source: String,
+    /// Zone the VM was placed in.
+    pub zone: String,
+    /// Provider the VM was placed on. Never shown to tenants.
+    pub provider_id: ProviderId,
+    /// Network attachments.
+    pub networks: Vec<NetworkAttachment>,
+    /// Tenant metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Tenant tags.
+    pub tags: Vec<String>,
+    /// cloud-init user data.
+    pub user_data: Option<String>,
+    /// Guest hostname.
+    pub hostname: String,
+    /// Lifecycle state.
+    pub status: VmStatus,
+    /// Job operating on the VM, if any.
+    pub current_job_id: Option<JobId>,
+    /// Error code of the last failure, while status is ERROR.
+    pub error_code: Option<String>,
+    /// Error message of the last failure.
+    pub error_message: Option<String>,
+    /// When accepted.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A job row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Job id.
+    pub id: JobId,
+    /// Tenant of the VM.
+    pub tenant_id: String,
+    /// Project of the VM.
+    pub project_id: String,
+    /// Operation.
+    pub kind: JobKind,
+    /// VM operated on.
+    pub vm_id: VmId,
+    /// State.
+    pub status: JobStatus,
+    /// Attempts started.
+    pub attempts: u32,
+    /// Most attempts allowed.
+    pub max_attempts: u32,
+    /// Not run before this time (retry backoff).
+    pub run_after: DateTime<Utc>,
+    /// Worker holding the lease.
+    pub lease_owner: Option<String>,
+    /// When the lease lapses unless renewed.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Error code when failed (or of the last failed attempt).
+    pub error_code: Option<String>,
+    /// Error message.
+    pub error_message: Option<String>,
+    /// Who asked for it (JWT subject).
+    pub actor: String,
+    /// W3C traceparent of the request that created it.
+    pub traceparent: Option<String>,
+    /// When accepted.
+    pub created_at: DateTime<Utc>,
+    /// First attempt start.
+    pub started_at: Option<DateTime<Utc>>,
+    /// Completion.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A flavor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flavor {
+    /// Unique name.
+    pub name: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory.
+    pub memory_mib: u32,
+    /// Root disk.
+    pub disk_gib: u32,
+    /// Free text.
+    pub description: String,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// Unique name.
+    pub name: String,
+    /// OS family.
+    pub os_type: String,
+    /// What providers resolve.
+    pub source: String,
+    /// Smallest disk.
+    pub min_disk_gib: u32,
+    /// Free text.
+    pub description: String,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A zone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Capability flags as stored (mirrors `hcp.provider.v1.Capabilities`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Capabilities {
+    /// cloud-init user data.
+    pub supports_cloud_init: bool,
+    /// Snapshots.
+    pub supports_snapshot: bool,
+    /// Live migration.
+    pub supports_live_migration: bool,
+    /// VNC console.
+    pub supports_console_vnc: bool,
+    /// SPICE console.
+    pub supports_console_spice: bool,
+    /// RDP console.
+    pub supports_console_rdp: bool,
+    /// Serial console.
+    pub supports_console_serial: bool,
+    /// GPU passthrough.
+    pub supports_gpu_passthrough: bool,
+    /// Snapshots of running VMs.
+    pub supports_snapshot_running: bool,
+    /// Free-form facts.
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl Capabilities {
+    /// Returns the flag named `name` (as in the proto), or `None` for an
+    /// unknown name.
+    pub fn flag(&self, name: &str) -> Option<bool> {
+        Some(match name {
+            "supports_cloud_init" => self.supports_cloud_init,
+            "supports_snapshot" => self.supports_snapshot,
+            "supports_live_migration" => self.supports_live_migration,
+            "supports_console_vnc" => self.supports_console_vnc,
+            "supports_console_spice" => self.supports_console_spice,
+            "supports_console_rdp" => self.supports_console_rdp,
+            "supports_console_serial" => self.supports_console_serial,
+            "supports_gpu_passthrough" => self.supports_gpu_passthrough,
+            "supports_snapshot_running" => self.supports_snapshot_running,
+            _ => return None,
+        })
+    }
+}
+
+/// A registered provider endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    /// Id.
+    pub id: ProviderId,
+    /// Operator's unique name.
+    pub name: String,
+    /// Zone served.
+    pub zone: String,
+    /// gRPC endpoint URI.
+    pub endpoint: String,
+    /// From the handshake.
+    pub plugin_name: String,
+    /// From the handshake.
+    pub plugin_version: String,
+    /// From the handshake.
+    pub hypervisor: String,
+    /// Negotiated protocol revision.
+    pub protocol_version: String,
+    /// Last reported capabilities.
+    pub capabilities: Capabilities,
+    /// Result of the last probe.
+    pub healthy: bool,
+    /// Why unhealthy, or the probe's message.
+    pub health_message: String,
+    /// When last probed.
+    pub last_probe_at: Option<DateTime<Utc>>,
+    /// When registered.
+    pub created_at: DateTime<Utc>,
+}
+
+/// An audit event to append (the store assigns nothing: ids and times are
+/// set by the caller so the event can be logged before it is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Event id.
+    pub id: hcp_proto::ids::EventId,
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// JWT subject or `system:<component>`.
+    pub actor: String,
+    /// Tenant concerned (empty for ops-wide actions).
+    pub tenant_id: String,
+    /// Project concerned.
+    pub project_id: String,
+    /// Dotted action name.
+    pub action: String,
+    /// Resource kind.
+    pub resource_type: String,
+    /// Resource id or name.
+    pub resource_id: String,
+    /// accepted / succeeded / failed / denied.
+    pub outcome: String,
+    /// Related job.
+    pub job_id: String,
+    /// Trace of the request or job.
+    pub trace_id: String,
+    /// Error code or short detail.
+    pub detail: String,
+}
+
+/// A console session (the token itself is never stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleSession {
+    /// SHA-256 of the token, hex.
+    pub token_hash: String,
+    /// Tenant bound to.
+    pub tenant_id: String,
+    /// Project bound to.
+    pub project_id: String,
+    /// VM bound to.
+    pub vm_id: VmId,
+    /// Console protocol.
+    pub protocol: String,
+    /// Unusable after this time.
+    pub expires_at: DateTime<Utc>,
+    /// Set when redeemed (single use).
+    pub used_at: Option<DateTime<Utc>>,
+    /// Set when revoked.
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// When issued.
+    pub created_at: DateTime<Utc>,
+}

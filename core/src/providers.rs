@@ -1,0 +1,222 @@
+//! Core's side of the provider plugin protocol: the handshake at
+//! registration (identity, protocol version, capabilities, readiness), one
+//! cached gRPC channel per provider, the classification of provider errors
+//! into the taxonomy (and whether a retry can help), and the periodic health
+//! probe that keeps `providers.healthy` and the capability flags current.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hcp_proto::error::{ApiError, ErrorCode};
+use hcp_proto::ids::ProviderId;
+use hcp_proto::provider::compute_client::ComputeClient;
+use hcp_proto::provider::identity_client::IdentityClient;
+use hcp_proto::provider::{
+    GetCapabilitiesRequest, GetPluginInfoRequest, PluginInfo, ProbeRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert;
+use crate::model::{Capabilities, Provider, now};
+use crate::store::Store;
+
+/// What the handshake learned from a provider.
+#[derive(Debug, Clone)]
+pub struct Handshake {
+    /// Identity.
+    pub info: PluginInfo,
+    /// Protocol revision chosen.
+    pub protocol_version: String,
+    /// Capabilities.
+    pub capabilities: Capabilities,
+    /// Readiness.
+    pub ready: bool,
+    /// Probe message.
+    pub message: String,
+}
+
+/// A failed provider call, classified.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ProviderCallError {
+    /// Taxonomy code.
+    pub code: ErrorCode,
+    /// Whether running the call again may succeed.
+    pub retryable: bool,
+    /// What the provider said.
+    pub message: String,
+}
+
+impl ProviderCallError {
+    /// Classifies a status returned by a provider (or by the transport).
+    pub fn from_status(status: &tonic::Status) -> Self {
+        use tonic::Code;
+        let (code, retryable) = match status.code() {
+            Code::NotFound => (ErrorCode::NotFound, false),
+            Code::FailedPrecondition => (ErrorCode::Conflict, false),
+            Code::AlreadyExists => (ErrorCode::Conflict, false),
+            Code::InvalidArgument | Code::OutOfRange => (ErrorCode::InvalidArgument, false),
+            Code::Unimplemented => (ErrorCode::FeatureNotSupported, false),
+            Code::Unavailable | Code::Cancelled => (ErrorCode::ProviderUnavailable, true),
+            Code::DeadlineExceeded => (ErrorCode::DeadlineExceeded, true),
+            Code::Aborted | Code::ResourceExhausted => (ErrorCode::ProviderError, true),
+            Code::Unauthenticated | Code::PermissionDenied => (ErrorCode::ProviderError, false),
+            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => {
+                (ErrorCode::ProviderError, false)
+            }
+        };
+        // The provider may override the default with ErrorInfo metadata.
+        use tonic_types::StatusExt;
+        let retryable = status
+            .get_error_details()
+            .error_info()
+            .and_then(|i| i.metadata.get("retryable").map(|v| v == "true"))
+            .unwrap_or(retryable);
+        Self { code, retryable, message: status.message().to_owned() }
+    }
+}
+
+/// Cached channels to providers.
+#[derive(Clone, Default)]
+pub struct ProviderClients {
+    channels: Arc<Mutex<HashMap<ProviderId, (String, Channel)>>>,
+    call_timeout: Duration,
+    probe_timeout: Duration,
+}
+
+impl ProviderClients {
+    /// Creates an empty cache.
+    pub fn new(call_timeout: Duration, probe_timeout: Duration) -> Self {
+        Self { channels: Arc::default(), call_timeout, probe_timeout }
+    }
+
+    fn endpoint(uri: &str, timeout: Duration) -> Result<Endpoint, ApiError> {
+        Endpoint::from_shared(uri.to_owned())
+            .map(|e| e.connect_timeout(Duration::from_secs(5)).timeout(timeout))
+            .map_err(|_| ApiError::invalid_field("endpoint", format!("{uri:?} is not a valid URI")))
+    }
+
+    /// Returns the compute client for a provider.
+    pub fn compute(&self, provider: &Provider) -> Result<ComputeClient<Channel>, ApiError> {
+        Ok(ComputeClient::new(self.channel(provider)?))
+    }
+
+    fn channel(&self, provider: &Provider) -> Result<Channel, ApiError> {
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((endpoint, ch)) = map.get(&provider.id)
+            && *endpoint == provider.endpoint
+        {
+            return Ok(ch.clone());
+        }
+        let ch = Self::endpoint(&provider.endpoint, self.call_timeout)?.connect_lazy();
+        map.insert(provider.id, (provider.endpoint.clone(), ch.clone()));
+        Ok(ch)
+    }
+
+    /// Forgets a provider's channel (after removal).
+    pub fn forget(&self, id: ProviderId) {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    /// Performs the handshake with an endpoint: it must answer, speak
+    /// protocol revision [`hcp_proto::PROVIDER_PROTOCOL_VERSION`] and report
+    /// its capabilities.
+    pub async fn handshake(&self, uri: &str) -> Result<Handshake, ApiError> {
+        let endpoint = Self::endpoint(uri, self.probe_timeout)?;
+        let channel = endpoint.connect().await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::ProviderUnavailable,
+                format!("cannot connect to provider at {uri}: {e}"),
+            )
+        })?;
+        let mut identity = IdentityClient::new(channel);
+        let unavailable = |what: &str, s: tonic::Status| {
+            ApiError::new(
+                ErrorCode::ProviderUnavailable,
+                format!("provider at {uri} failed {what}: {}", s.message()),
+            )
+        };
+        let info = identity
+            .get_plugin_info(GetPluginInfoRequest {})
+            .await
+            .map_err(|s| unavailable("GetPluginInfo", s))?
+            .into_inner();
+        if !info.protocol_versions.iter().any(|v| v == hcp_proto::PROVIDER_PROTOCOL_VERSION) {
+            return Err(ApiError::invalid_field(
+                "endpoint",
+                format!(
+                    "provider {} speaks protocol version(s) [{}]; this core speaks {}",
+                    info.name,
+                    info.protocol_versions.join(", "),
+                    hcp_proto::PROVIDER_PROTOCOL_VERSION
+                ),
+            ));
+        }
+        let caps = identity
+            .get_capabilities(GetCapabilitiesRequest {})
+            .await
+            .map_err(|s| unavailable("GetCapabilities", s))?
+            .into_inner();
+        let probe =
+            identity.probe(ProbeRequest {}).await.map_err(|s| unavailable("Probe", s))?.into_inner();
+        Ok(Handshake {
+            info,
+            protocol_version: hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned(),
+            capabilities: convert::capabilities_from_proto(&caps),
+            ready: probe.ready,
+            message: probe.message,
+        })
+    }
+
+    /// Probes one registered provider: readiness and current capabilities.
+    pub async fn probe(&self, provider: &Provider) -> (bool, String, Option<Capabilities>) {
+        let channel = match self.channel(provider) {
+            Ok(c) => c,
+            Err(e) => return (false, e.message, None),
+        };
+        let mut identity = IdentityClient::new(channel);
+        let probe = tokio::time::timeout(self.probe_timeout, identity.probe(ProbeRequest {})).await;
+        match probe {
+            Err(_) => (false, "probe timed out".to_owned(), None),
+            Ok(Err(s)) => (false, format!("probe failed: {}", s.message()), None),
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                let caps = tokio::time::timeout(
+                    self.probe_timeout,
+                    identity.get_capabilities(GetCapabilitiesRequest {}),
+                )
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|c| convert::capabilities_from_proto(&c.into_inner()));
+                (r.ready, r.message, caps)
+            }
+        }
+    }
+}
+
+/// Probes every provider once and stores the results. Logs health changes.
+pub async fn probe_all(store: &Store, clients: &ProviderClients) {
+    let providers = match store.list_providers().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list providers to probe");
+            return;
+        }
+    };
+    let probes = providers.iter().map(|p| async move {
+        let (healthy, message, caps) = clients.probe(p).await;
+        (p, healthy, message, caps)
+    });
+    for (p, healthy, message, caps) in futures::future::join_all(probes).await {
+        if healthy != p.healthy {
+            tracing::info!(provider = %p.name, healthy, %message, "provider health changed");
+        }
+        if let Err(e) =
+            store.update_provider_health(p.id, healthy, &message, caps.as_ref(), now()).await
+        {
+            tracing::warn!(provider = %p.name, error = %e, "cannot store probe result");
+        }
+    }
+}

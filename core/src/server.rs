@@ -1,0 +1,240 @@
+//! `run`: assembles core from its configuration and serves until shutdown.
+//!
+//! The gRPC stack, outermost first:
+//! 1. [`TraceLayer`]: one span per call, parented on the caller's W3C
+//!    `traceparent`, carrying `trace_id` for every log line beneath it.
+//! 2. Per service, [`AuthInterceptor`]: verifies the bearer token; health and
+//!    reflection are left open for load balancers and tooling.
+//! 3. The service handlers.
+//!
+//! Background tasks (worker role): the job engine and the provider health
+//! prober. On shutdown the server stops accepting, in-flight calls finish,
+//! and the engine waits for the jobs it is running.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hcp_proto::common::catalog_service_server::CatalogServiceServer;
+use hcp_proto::ops::audit_service_server::AuditServiceServer;
+use hcp_proto::ops::catalog_admin_service_server::CatalogAdminServiceServer;
+use hcp_proto::ops::provider_admin_service_server::ProviderAdminServiceServer;
+use hcp_proto::tenant::job_service_server::JobServiceServer;
+use hcp_proto::tenant::vm_service_server::VmServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::api::catalog::CatalogApi;
+use crate::api::ops::OpsApi;
+use crate::api::tenant::TenantApi;
+use crate::api::ApiContext;
+use crate::auth::{AuthInterceptor, Verifier};
+use crate::config::Config;
+use crate::jobs::{Engine, LocalQueue};
+use crate::providers::{ProviderClients, probe_all};
+use crate::store::Store;
+
+/// Core failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The database could not be opened or migrated.
+    #[error("cannot open the store at {url}")]
+    Store {
+        /// The database URL with credentials removed.
+        url: String,
+        /// Why.
+        #[source]
+        source: crate::store::StoreError,
+    },
+    /// Token verification keys could not be loaded.
+    #[error("cannot load token verification keys")]
+    Keys(#[source] crate::auth::KeyError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("grpc server failed")]
+    Serve(#[source] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Runs core until `shutdown` resolves. `ready` is called with the bound
+/// gRPC address once the store is migrated and the server is listening.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let store = Store::connect(&config.database_url, config.database_max_connections)
+        .await
+        .map_err(|source| StartError::Store { url: redact(&config.database_url), source })?;
+    if config.migrate {
+        store
+            .migrate()
+            .await
+            .map_err(|source| StartError::Store { url: redact(&config.database_url), source })?;
+    }
+    let verifier = Verifier::from_config(&config.auth).map_err(StartError::Keys)?;
+    let clients = ProviderClients::new(
+        Duration::from_secs(config.providers.call_timeout_seconds.max(1)),
+        Duration::from_secs(config.providers.probe_timeout_seconds.max(1)),
+    );
+    let queue = LocalQueue::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = tokio::task::JoinSet::new();
+
+    if config.roles.worker {
+        let worker_id = format!("worker-{}", uuid::Uuid::now_v7());
+        let engine = Engine::new(
+            store.clone(),
+            clients.clone(),
+            config.jobs.clone(),
+            worker_id,
+            queue.notifier(),
+        );
+        background.spawn(engine.run(stop_rx.clone()));
+        let (store, clients, mut stop) = (store.clone(), clients.clone(), stop_rx.clone());
+        let every = Duration::from_secs(config.providers.probe_interval_seconds.max(1));
+        background.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => probe_all(&store, &clients).await,
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+    }
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+
+    let result = if config.roles.api {
+        let ctx = ApiContext {
+            store: store.clone(),
+            clients: clients.clone(),
+            queue: Arc::new(queue.clone()),
+            config: config.clone(),
+        };
+        let auth = AuthInterceptor::new(verifier);
+        let tenant = TenantApi::new(ctx.clone());
+        let ops = OpsApi::new(ctx.clone());
+        let catalog = CatalogApi::new(ctx);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<VmServiceServer<TenantApi>>().await;
+        health.set_serving::<JobServiceServer<TenantApi>>().await;
+        health.set_serving::<CatalogServiceServer<CatalogApi>>().await;
+        health.set_serving::<ProviderAdminServiceServer<OpsApi>>().await;
+        health.set_serving::<CatalogAdminServiceServer<OpsApi>>().await;
+        health.set_serving::<AuditServiceServer<OpsApi>>().await;
+        let mut reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hcp_proto::FILE_DESCRIPTOR_SET);
+        for name in hcp_proto::NORTHBOUND_SERVICES {
+            reflection = reflection.with_service_name(*name);
+        }
+        let reflection = reflection
+            .with_service_name("grpc.health.v1.Health")
+            .build_v1()
+            .map_err(StartError::Reflection)?;
+
+        ready(addr);
+        tracing::info!(%addr, "core grpc listening");
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tonic::transport::Server::builder()
+            .layer(TraceLayer)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(VmServiceServer::with_interceptor(tenant.clone(), auth.clone()))
+            .add_service(JobServiceServer::with_interceptor(tenant, auth.clone()))
+            .add_service(CatalogServiceServer::with_interceptor(catalog, auth.clone()))
+            .add_service(ProviderAdminServiceServer::with_interceptor(ops.clone(), auth.clone()))
+            .add_service(CatalogAdminServiceServer::with_interceptor(ops.clone(), auth.clone()))
+            .add_service(AuditServiceServer::with_interceptor(ops, auth))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(StartError::Serve)
+    } else {
+        // A worker-only process still answers health checks.
+        let (_health, health_service) = tonic_health::server::health_reporter();
+        ready(addr);
+        tracing::info!(%addr, "core worker listening (health only)");
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(StartError::Serve)
+    };
+
+    let _ = stop_tx.send(true);
+    while background.join_next().await.is_some() {}
+    store.close().await;
+    tracing::info!("core stopped");
+    result
+}
+
+/// Opens a span per gRPC call, parented on the caller's trace context.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceLayer;
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = TraceService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TraceService { inner }
+    }
+}
+
+/// The service of [`TraceLayer`].
+#[derive(Clone, Debug)]
+pub struct TraceService<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for TraceService<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let span = tracing::info_span!(
+            "grpc",
+            method = %req.uri().path(),
+            trace_id = tracing::field::Empty,
+        );
+        hcp_telemetry::set_parent_from_headers(&span, req.headers());
+        if let Some(t) = hcp_telemetry::trace_id_of(&span) {
+            span.record("trace_id", t);
+        }
+        // Interceptors run inside `call`, so enter the span for it too.
+        let fut = span.in_scope(|| self.inner.call(req));
+        fut.instrument(span)
+    }
+}

@@ -1,0 +1,199 @@
+//! The catalog: flavors, images and zones. Written by ops, read by everyone.
+
+use super::{StoreError, StoreResult, col, on_pool, to_i32, to_u32};
+use crate::model::{AuditEvent, Flavor, Image, Zone};
+
+impl super::Store {
+    /// Inserts a flavor and its audit event.
+    pub async fn create_flavor(&self, f: &Flavor, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            sqlx::query(
+                "INSERT INTO flavors (name, vcpus, memory_mib, disk_gib, description, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&f.name)
+            .bind(to_i32(f.vcpus))
+            .bind(to_i32(f.memory_mib))
+            .bind(to_i32(f.disk_gib))
+            .bind(&f.description)
+            .bind(f.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, &format!("flavor {}", f.name)))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+        });
+        Ok(())
+    }
+
+    /// Returns every flavor, by name.
+    pub async fn list_flavors(&self) -> StoreResult<Vec<Flavor>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT name, vcpus, memory_mib, disk_gib, description, created_at FROM flavors \
+                 ORDER BY name",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "flavors"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(Flavor {
+                    name: col!(row, "name"),
+                    vcpus: to_u32(col!(row, "vcpus"), "vcpus")?,
+                    memory_mib: to_u32(col!(row, "memory_mib"), "memory_mib")?,
+                    disk_gib: to_u32(col!(row, "disk_gib"), "disk_gib")?,
+                    description: col!(row, "description"),
+                    created_at: col!(row, "created_at"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Returns one flavor.
+    pub async fn get_flavor(&self, name: &str) -> StoreResult<Flavor> {
+        self.list_flavors().await?.into_iter().find(|f| f.name == name).ok_or(StoreError::NotFound)
+    }
+
+    /// Deletes a flavor unless a VM that is not deleted uses it.
+    pub async fn delete_flavor(&self, name: &str, audit: &AuditEvent) -> StoreResult<()> {
+        self.delete_catalog_entry("flavors", "flavor", name, audit).await
+    }
+
+    /// Inserts an image and its audit event.
+    pub async fn create_image(&self, i: &Image, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            sqlx::query(
+                "INSERT INTO images (name, os_type, source, min_disk_gib, description, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&i.name)
+            .bind(&i.os_type)
+            .bind(&i.source)
+            .bind(to_i32(i.min_disk_gib))
+            .bind(&i.description)
+            .bind(i.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, &format!("image {}", i.name)))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+        });
+        Ok(())
+    }
+
+    /// Returns every image, by name.
+    pub async fn list_images(&self) -> StoreResult<Vec<Image>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT name, os_type, source, min_disk_gib, description, created_at FROM images \
+                 ORDER BY name",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "images"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(Image {
+                    name: col!(row, "name"),
+                    os_type: col!(row, "os_type"),
+                    source: col!(row, "source"),
+                    min_disk_gib: to_u32(col!(row, "min_disk_gib"), "min_disk_gib")?,
+                    description: col!(row, "description"),
+                    created_at: col!(row, "created_at"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Returns one image.
+    pub async fn get_image(&self, name: &str) -> StoreResult<Image> {
+        self.list_images().await?.into_iter().find(|i| i.name == name).ok_or(StoreError::NotFound)
+    }
+
+    /// Deletes an image unless a VM that is not deleted uses it.
+    pub async fn delete_image(&self, name: &str, audit: &AuditEvent) -> StoreResult<()> {
+        self.delete_catalog_entry("images", "image", name, audit).await
+    }
+
+    /// Inserts a zone and its audit event.
+    pub async fn create_zone(&self, z: &Zone, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            sqlx::query("INSERT INTO zones (name, description, created_at) VALUES ($1, $2, $3)")
+                .bind(&z.name)
+                .bind(&z.description)
+                .bind(z.created_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, &format!("zone {}", z.name)))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+        });
+        Ok(())
+    }
+
+    /// Returns every zone, by name.
+    pub async fn list_zones(&self) -> StoreResult<Vec<Zone>> {
+        on_pool!(self, |pool| {
+            let rows =
+                sqlx::query("SELECT name, description, created_at FROM zones ORDER BY name")
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "zones"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(Zone {
+                    name: col!(row, "name"),
+                    description: col!(row, "description"),
+                    created_at: col!(row, "created_at"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes a zone unless a provider or a VM that is not deleted is in it.
+    pub async fn delete_zone(&self, name: &str, audit: &AuditEvent) -> StoreResult<()> {
+        self.delete_catalog_entry("zones", "zone", name, audit).await
+    }
+
+    async fn delete_catalog_entry(
+        &self,
+        table: &'static str,
+        vm_column: &'static str,
+        name: &str,
+        audit: &AuditEvent,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let in_use: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT COUNT(*) FROM vms WHERE {vm_column} = $1 AND status <> 'DELETED'"
+            )))
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, table))?;
+            if in_use > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "{vm_column} {name} is used by {in_use} vm(s)"
+                )));
+            }
+            let done = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE name = $1")))
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, &format!("{vm_column} {name}")))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,222 @@
+//! The store owns all SQL. One [`Store`] with two backends, embedded SQLite
+//! (the quick-start default, a file or memory) and PostgreSQL (production);
+//! a module per resource holds its queries.
+//!
+//! Both backends run the same SQL text: placeholders are `$N` (SQLite accepts
+//! them), timestamps and ids are bound from Rust and never produced by the
+//! database, and the schemas in `migrations/{postgres,sqlite}` differ only in
+//! column types. The [`on_pool!`] macro expands a query body once per backend
+//! so that each arm is compiled against its concrete driver types.
+//!
+//! Database errors become [`StoreError`] here, never further out.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+use sqlx::{PgPool, SqlitePool};
+
+mod audit;
+mod catalog;
+mod consoles;
+mod jobs;
+mod providers;
+mod vms;
+
+pub use jobs::JobOutcome;
+pub use audit::AuditQuery;
+pub use vms::{AcceptOperation, ListVmsQuery, NewVm};
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The row does not exist (or is not visible to the caller).
+    #[error("not found")]
+    NotFound,
+    /// A unique key is taken.
+    #[error("{what} already exists")]
+    AlreadyExists {
+        /// What was being inserted.
+        what: String,
+    },
+    /// The change conflicts with the current state (a foreign key still in
+    /// use, a VM that changed state meanwhile).
+    #[error("{0}")]
+    Conflict(String),
+    /// The database cannot be reached.
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else: a bug, a corrupt row, an unexpected database error.
+    #[error("database error")]
+    Internal(#[source] sqlx::Error),
+    /// A stored value does not decode into the domain type.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Classifies a driver error.
+    pub(crate) fn from_sqlx(err: sqlx::Error, what: &str) -> Self {
+        match &err {
+            sqlx::Error::RowNotFound => StoreError::NotFound,
+            sqlx::Error::Database(db) => match db.kind() {
+                sqlx::error::ErrorKind::UniqueViolation => {
+                    StoreError::AlreadyExists { what: what.to_owned() }
+                }
+                sqlx::error::ErrorKind::ForeignKeyViolation => {
+                    StoreError::Conflict(format!("{what} is referenced by other resources"))
+                }
+                _ => StoreError::Internal(err),
+            },
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(err),
+            _ => StoreError::Internal(err),
+        }
+    }
+}
+
+/// Short for results of store calls.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Which database the store uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Embedded SQLite.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    backend: Backend,
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool of the store's
+/// backend. The body is compiled once per backend.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.backend {
+            $crate::store::Backend::Sqlite($pool) => $body,
+            $crate::store::Backend::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// Reads one column, mapping a decode failure to [`StoreError::Corrupt`].
+macro_rules! col {
+    ($row:expr, $name:literal) => {
+        sqlx::Row::try_get($row, $name)
+            .map_err(|e| $crate::store::StoreError::Corrupt(format!("{}: {e}", $name)))?
+    };
+}
+pub(crate) use col;
+
+impl Store {
+    /// Connects to `url` without migrating. Accepted forms:
+    /// `sqlite::memory:`, `sqlite://PATH` (created when missing),
+    /// `postgres://...`.
+    pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let backend = if url.starts_with("sqlite:") {
+            let memory = url.contains(":memory:") || url.contains("mode=memory");
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(|e| StoreError::Internal(e))?
+                .create_if_missing(true)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(10));
+            let opts =
+                if memory { opts } else { opts.journal_mode(SqliteJournalMode::Wal) };
+            // SQLite allows one writer at a time; a single connection
+            // serialises every statement in process, which removes
+            // SQLITE_BUSY upgrades and makes an in-memory database one
+            // database. The embedded store is for one core process.
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(opts)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "connection"))?;
+            Backend::Sqlite(pool)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections.max(1))
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(url)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "connection"))?;
+            Backend::Postgres(pool)
+        } else {
+            return Err(StoreError::Corrupt(format!(
+                "unsupported database url scheme in {:?} (use sqlite: or postgres:)",
+                url.split(':').next().unwrap_or_default()
+            )));
+        };
+        Ok(Self { backend })
+    }
+
+    /// Applies the embedded migrations of this backend.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        let result = match &self.backend {
+            Backend::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await,
+            Backend::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await,
+        };
+        result.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => StoreError::from_sqlx(e, "migration"),
+            other => StoreError::Corrupt(format!("migration failed: {other}")),
+        })
+    }
+
+    /// Which backend this is.
+    pub fn kind(&self) -> BackendKind {
+        match self.backend {
+            Backend::Sqlite(_) => BackendKind::Sqlite,
+            Backend::Postgres(_) => BackendKind::Postgres,
+        }
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query("SELECT 1").execute(pool).await.map_err(|e| StoreError::from_sqlx(e, "ping"))?;
+        });
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for checked-out connections.
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
+    }
+}
+
+/// Encodes a keyset page token (the last id of the previous page).
+pub(crate) fn encode_page_token(last: uuid::Uuid) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last.as_bytes())
+}
+
+/// Decodes a page token; `None` when it is not one of ours.
+pub(crate) fn decode_page_token(token: &str) -> Option<uuid::Uuid> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+    uuid::Uuid::from_slice(&bytes).ok()
+}
+
+fn to_u32(v: i32, column: &str) -> StoreResult<u32> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{column}: negative value {v}")))
+}
+
+fn to_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}

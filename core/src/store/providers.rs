@@ -1,0 +1,173 @@
+//! Registered provider endpoints: what the handshake learned, and the health
+//! and capabilities each probe refreshes.
+
+use hcp_proto::ids::ProviderId;
+use sqlx::types::Json;
+
+use super::{StoreError, StoreResult, col, on_pool};
+use crate::model::{AuditEvent, Capabilities, Provider};
+
+const PROVIDER_COLUMNS: &str = "id, name, zone, endpoint, plugin_name, plugin_version, \
+     hypervisor, protocol_version, capabilities, healthy, health_message, last_probe_at, created_at";
+
+macro_rules! provider_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        let id: uuid::Uuid = col!(row, "id");
+        let caps: Json<Capabilities> = col!(row, "capabilities");
+        Provider {
+            id: ProviderId(id),
+            name: col!(row, "name"),
+            zone: col!(row, "zone"),
+            endpoint: col!(row, "endpoint"),
+            plugin_name: col!(row, "plugin_name"),
+            plugin_version: col!(row, "plugin_version"),
+            hypervisor: col!(row, "hypervisor"),
+            protocol_version: col!(row, "protocol_version"),
+            capabilities: caps.0,
+            healthy: col!(row, "healthy"),
+            health_message: col!(row, "health_message"),
+            last_probe_at: col!(row, "last_probe_at"),
+            created_at: col!(row, "created_at"),
+        }
+    }};
+}
+
+impl super::Store {
+    /// Inserts a provider after a successful handshake.
+    pub async fn insert_provider(&self, p: &Provider, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            sqlx::query(
+                "INSERT INTO providers (id, name, zone, endpoint, plugin_name, plugin_version, \
+                 hypervisor, protocol_version, capabilities, healthy, health_message, \
+                 last_probe_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                 $12, $13)",
+            )
+            .bind(p.id.0)
+            .bind(&p.name)
+            .bind(&p.zone)
+            .bind(&p.endpoint)
+            .bind(&p.plugin_name)
+            .bind(&p.plugin_version)
+            .bind(&p.hypervisor)
+            .bind(&p.protocol_version)
+            .bind(Json(&p.capabilities))
+            .bind(p.healthy)
+            .bind(&p.health_message)
+            .bind(p.last_probe_at)
+            .bind(p.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, &format!("provider {}", p.name)))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+        });
+        Ok(())
+    }
+
+    /// Returns every provider, by name.
+    pub async fn list_providers(&self) -> StoreResult<Vec<Provider>> {
+        on_pool!(self, |pool| {
+            let rows =
+                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PROVIDER_COLUMNS} FROM providers ORDER BY name")))
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "providers"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(provider_from_row!(row));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Returns one provider.
+    pub async fn get_provider(&self, id: ProviderId) -> StoreResult<Provider> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PROVIDER_COLUMNS} FROM providers WHERE id = $1")))
+                .bind(id.0)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "provider"))?
+                .ok_or(StoreError::NotFound)?;
+            Ok(provider_from_row!(&row))
+        })
+    }
+
+    /// Stores the result of a health probe.
+    pub async fn update_provider_health(
+        &self,
+        id: ProviderId,
+        healthy: bool,
+        message: &str,
+        capabilities: Option<&Capabilities>,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let q = match capabilities {
+                Some(caps) => sqlx::query(
+                    "UPDATE providers SET healthy = $1, health_message = $2, last_probe_at = $3, \
+                     capabilities = $5 WHERE id = $4",
+                )
+                .bind(healthy)
+                .bind(message)
+                .bind(at)
+                .bind(id.0)
+                .bind(Json(caps)),
+                None => sqlx::query(
+                    "UPDATE providers SET healthy = $1, health_message = $2, last_probe_at = $3 \
+                     WHERE id = $4",
+                )
+                .bind(healthy)
+                .bind(message)
+                .bind(at)
+                .bind(id.0),
+            };
+            q.execute(pool).await.map_err(|e| StoreError::from_sqlx(e, "provider"))?;
+        });
+        Ok(())
+    }
+
+    /// Removes a provider unless VMs that are not deleted live on it.
+    pub async fn remove_provider(&self, id: ProviderId, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let live: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM vms WHERE provider_id = $1 AND status <> 'DELETED'",
+            )
+            .bind(id.0)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "provider"))?;
+            if live > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "provider {id} still hosts {live} vm(s); delete them first"
+                )));
+            }
+            let any: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE provider_id = $1")
+                .bind(id.0)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "provider"))?;
+            if any > 0 {
+                // Deleted VMs keep their history, which names the provider;
+                // the row stays, marked unreachable for placement.
+                return Err(StoreError::Conflict(format!(
+                    "provider {id} has vm history; it cannot be removed, only left unhealthy"
+                )));
+            }
+            let done = sqlx::query("DELETE FROM providers WHERE id = $1")
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "provider"))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,322 @@
+//! VMs: accepting a create or an operation together with its job and audit
+//! event in one transaction, and tenant-scoped reads with keyset pagination.
+
+use std::collections::BTreeMap;
+
+use hcp_proto::ids::{JobId, ProviderId, VmId};
+use sqlx::types::Json;
+
+use super::{StoreError, StoreResult, col, decode_page_token, encode_page_token, on_pool, to_i32};
+use crate::model::{AuditEvent, Job, JobKind, NetworkAttachment, Vm, VmStatus};
+
+/// A VM to insert (status PENDING, with its create job).
+pub type NewVm = Vm;
+
+/// Filters and page position for [`super::Store::list_vms`].
+#[derive(Debug, Clone, Default)]
+pub struct ListVmsQuery {
+    /// At most this many rows (1..=1000).
+    pub page_size: u32,
+    /// Opaque token from the previous page.
+    pub page_token: Option<String>,
+    /// Only this status; DELETED VMs are listed only when asked for.
+    pub status: Option<VmStatus>,
+    /// Only VMs carrying all of these tags.
+    pub tags: Vec<String>,
+}
+
+/// What [`super::Store::accept_operation`] needs besides the job.
+#[derive(Debug, Clone)]
+pub struct AcceptOperation {
+    /// Tenant of the caller.
+    pub tenant_id: String,
+    /// Project in the path.
+    pub project_id: String,
+    /// VM operated on.
+    pub vm_id: VmId,
+    /// Operation.
+    pub kind: JobKind,
+}
+
+const VM_COLUMNS: &str = "id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, \
+     image, image_source, zone, provider_id, networks, metadata, tags, user_data, hostname, \
+     status, current_job_id, error_code, error_message, created_at, updated_at";
+
+macro_rules! vm_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        let status: String = col!(row, "status");
+        let networks: Json<Vec<NetworkAttachment>> = col!(row, "networks");
+        let metadata: Json<BTreeMap<String, String>> = col!(row, "metadata");
+        let tags: Json<Vec<String>> = col!(row, "tags");
+        let current_job_id: Option<uuid::Uuid> = col!(row, "current_job_id");
+        let provider_id: uuid::Uuid = col!(row, "provider_id");
+        let id: uuid::Uuid = col!(row, "id");
+        Vm {
+            id: VmId(id),
+            tenant_id: col!(row, "tenant_id"),
+            project_id: col!(row, "project_id"),
+            name: col!(row, "name"),
+            flavor: col!(row, "flavor"),
+            vcpus: super::to_u32(col!(row, "vcpus"), "vcpus")?,
+            memory_mib: super::to_u32(col!(row, "memory_mib"), "memory_mib")?,
+            disk_gib: super::to_u32(col!(row, "disk_gib"), "disk_gib")?,
+            image: col!(row, "image"),
+            image_source: col!(row, "image_source"),
+            zone: col!(row, "zone"),
+            provider_id: ProviderId(provider_id),
+            networks: networks.0,
+            metadata: metadata.0,
+            tags: tags.0,
+            user_data: col!(row, "user_data"),
+            hostname: col!(row, "hostname"),
+            status: VmStatus::parse(&status)
+                .ok_or_else(|| StoreError::Corrupt(format!("vm status {status:?}")))?,
+            current_job_id: current_job_id.map(JobId),
+            error_code: col!(row, "error_code"),
+            error_message: col!(row, "error_message"),
+            created_at: col!(row, "created_at"),
+            updated_at: col!(row, "updated_at"),
+        }
+    }};
+}
+
+
+impl super::Store {
+    /// Inserts a new VM with its create job and the audit event of the
+    /// request, atomically: either all three exist or none.
+    pub async fn accept_create(&self, vm: &NewVm, job: &Job, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            sqlx::query(
+                "INSERT INTO vms (id, tenant_id, project_id, name, flavor, vcpus, memory_mib, \
+                 disk_gib, image, image_source, zone, provider_id, networks, metadata, tags, \
+                 user_data, hostname, status, current_job_id, error_code, error_message, \
+                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                 $12, $13, $14, $15, $16, $17, $18, $19, NULL, NULL, $20, $21)",
+            )
+            .bind(vm.id.0)
+            .bind(&vm.tenant_id)
+            .bind(&vm.project_id)
+            .bind(&vm.name)
+            .bind(&vm.flavor)
+            .bind(to_i32(vm.vcpus))
+            .bind(to_i32(vm.memory_mib))
+            .bind(to_i32(vm.disk_gib))
+            .bind(&vm.image)
+            .bind(&vm.image_source)
+            .bind(&vm.zone)
+            .bind(vm.provider_id.0)
+            .bind(Json(&vm.networks))
+            .bind(Json(&vm.metadata))
+            .bind(Json(&vm.tags))
+            .bind(&vm.user_data)
+            .bind(&vm.hostname)
+            .bind(vm.status.as_str())
+            .bind(vm.current_job_id.map(|j| j.0))
+            .bind(vm.created_at)
+            .bind(vm.updated_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            for tag in &vm.tags {
+                sqlx::query("INSERT INTO vm_tags (vm_id, tag) VALUES ($1, $2)")
+                    .bind(vm.id.0)
+                    .bind(tag)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm tag"))?;
+            }
+            super::jobs::insert_job!(&mut *tx, job);
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+        });
+        Ok(())
+    }
+
+    /// Moves a VM into the transitional state of `op.kind` and inserts the
+    /// job and audit event, atomically. Fails with NotFound when the VM is
+    /// not in the tenant's project, and with Conflict when its state does
+    /// not allow the operation or another job is operating on it.
+    pub async fn accept_operation(
+        &self,
+        op: &AcceptOperation,
+        job: &Job,
+        audit: &AuditEvent,
+    ) -> StoreResult<Vm> {
+        let allowed = op.kind.allowed_from();
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant_id = $2 AND project_id = $3"
+            )))
+            .bind(op.vm_id.0)
+            .bind(&op.tenant_id)
+            .bind(&op.project_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?
+            .ok_or(StoreError::NotFound)?;
+            let mut vm = vm_from_row!(&row);
+            if let Some(job_id) = vm.current_job_id {
+                return Err(StoreError::Conflict(format!(
+                    "vm {} is {}: job {job_id} is operating on it",
+                    vm.id, vm.status
+                )));
+            }
+            if !allowed.contains(&vm.status) {
+                let wanted: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
+                return Err(StoreError::Conflict(format!(
+                    "vm {} is {}; {} needs it to be {}",
+                    vm.id,
+                    vm.status,
+                    op.kind,
+                    wanted.join(" or ")
+                )));
+            }
+            // Compare-and-set on the state just read: a concurrent accept
+            // that won the race makes this update match no row.
+            let next = op.kind.in_flight_status();
+            let done = sqlx::query(
+                "UPDATE vms SET status = $1, current_job_id = $2, updated_at = $3 \
+                 WHERE id = $4 AND status = $5 AND current_job_id IS NULL",
+            )
+            .bind(next.as_str())
+            .bind(job.id.0)
+            .bind(job.created_at)
+            .bind(vm.id.0)
+            .bind(vm.status.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            if done.rows_affected() != 1 {
+                return Err(StoreError::Conflict(format!(
+                    "vm {} changed state concurrently; retry",
+                    vm.id
+                )));
+            }
+            super::jobs::insert_job!(&mut *tx, job);
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            vm.status = next;
+            vm.current_job_id = Some(job.id);
+            vm.updated_at = job.created_at;
+            Ok(vm)
+        })
+    }
+
+    /// Returns a VM if it belongs to the tenant's project.
+    pub async fn get_vm(&self, tenant_id: &str, project_id: &str, id: VmId) -> StoreResult<Vm> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant_id = $2 AND project_id = $3"
+            )))
+            .bind(id.0)
+            .bind(tenant_id)
+            .bind(project_id)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?
+            .ok_or(StoreError::NotFound)?;
+            Ok(vm_from_row!(&row))
+        })
+    }
+
+    /// Returns a VM by id alone, for HCP's own use (jobs, reconciler).
+    pub async fn get_vm_internal(&self, id: VmId) -> StoreResult<Vm> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {VM_COLUMNS} FROM vms WHERE id = $1")))
+                .bind(id.0)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "vm"))?
+                .ok_or(StoreError::NotFound)?;
+            Ok(vm_from_row!(&row))
+        })
+    }
+
+    /// Lists a project's VMs in id (creation) order, one page at a time.
+    /// Returns the page and the token of the next page, if any.
+    pub async fn list_vms(
+        &self,
+        tenant_id: &str,
+        project_id: &str,
+        query: &ListVmsQuery,
+    ) -> StoreResult<(Vec<Vm>, Option<String>)> {
+        let after = match &query.page_token {
+            Some(t) => Some(decode_page_token(t).ok_or(StoreError::Corrupt("page token".into()))?),
+            None => None,
+        };
+        let limit = i64::from(query.page_size.clamp(1, 1000));
+        let mut sql = format!("SELECT {VM_COLUMNS} FROM vms WHERE tenant_id = $1 AND project_id = $2");
+        let mut n = 2;
+        let mut next_param = || {
+            n += 1;
+            n
+        };
+        if after.is_some() {
+            sql.push_str(&format!(" AND id > ${}", next_param()));
+        }
+        match query.status {
+            Some(_) => sql.push_str(&format!(" AND status = ${}", next_param())),
+            None => sql.push_str(" AND status <> 'DELETED'"),
+        }
+        for _ in &query.tags {
+            sql.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM vm_tags t WHERE t.vm_id = vms.id AND t.tag = ${})",
+                next_param()
+            ));
+        }
+        // One row more than asked tells whether another page follows.
+        sql.push_str(&format!(" ORDER BY id LIMIT ${}", next_param()));
+        let mut vms = on_pool!(self, |pool| {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(tenant_id).bind(project_id);
+            if let Some(after) = after {
+                q = q.bind(after);
+            }
+            if let Some(status) = query.status {
+                q = q.bind(status.as_str());
+            }
+            for tag in &query.tags {
+                q = q.bind(tag);
+            }
+            let rows = q
+                .bind(limit + 1)
+                .fetch_all(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(vm_from_row!(row));
+            }
+            out
+        });
+        let next = if vms.len() as i64 > limit {
+            vms.truncate(limit as usize);
+            vms.last().map(|vm| encode_page_token(vm.id.0))
+        } else {
+            None
+        };
+        Ok((vms, next))
+    }
+
+    /// Counts VMs placed on each provider that are not deleted, for placement.
+    pub async fn count_live_vms_by_provider(&self) -> StoreResult<Vec<(ProviderId, i64)>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT provider_id, COUNT(*) AS n FROM vms WHERE status <> 'DELETED' \
+                 GROUP BY provider_id",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let id: uuid::Uuid = col!(row, "provider_id");
+                let n: i64 = col!(row, "n");
+                out.push((ProviderId(id), n));
+            }
+            Ok(out)
+        })
+    }
+}

@@ -1,0 +1,98 @@
+//! HCP's wire contract, shared by every process: the Rust types generated
+//! from `proto/`, the encoded descriptor set (for gRPC reflection and REST
+//! transcoding), typed ids, and the one error taxonomy with its single mapping
+//! to gRPC codes and HTTP statuses.
+//!
+//! This crate changes only when the contract changes; it knows nothing about
+//! storage, queues or any hypervisor.
+
+pub mod error;
+pub mod ids;
+
+/// Generated code, laid out by protobuf package so that the cross-package
+/// paths prost emits resolve.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+mod generated {
+    pub mod google {
+        pub mod api {
+            include!(concat!(env!("OUT_DIR"), "/google.api.rs"));
+        }
+    }
+    pub mod hcp {
+        pub mod common {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/hcp.common.v1.rs"));
+            }
+        }
+        pub mod tenant {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/hcp.tenant.v1.rs"));
+            }
+        }
+        pub mod ops {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/hcp.ops.v1.rs"));
+            }
+        }
+        pub mod provider {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/hcp.provider.v1.rs"));
+            }
+        }
+        pub mod sim {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/hcp.sim.v1.rs"));
+            }
+        }
+    }
+}
+
+pub use generated::google;
+/// `hcp.common.v1`: catalog reads and HTTP options.
+pub use generated::hcp::common::v1 as common;
+/// `hcp.ops.v1`: providers, catalog management, audit.
+pub use generated::hcp::ops::v1 as ops;
+/// `hcp.provider.v1`: the southbound provider plugin protocol.
+pub use generated::hcp::provider::v1 as provider;
+/// `hcp.sim.v1`: the simulated hypervisor's control surface.
+pub use generated::hcp::sim::v1 as sim;
+/// `hcp.tenant.v1`: VMs and jobs as tenants see them.
+pub use generated::hcp::tenant::v1 as tenant;
+
+/// The encoded `FileDescriptorSet` of every HCP proto file and its imports,
+/// with custom options (`google.api.http`, `hcp.common.v1.http_success_status`)
+/// preserved.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/hcp_descriptor.bin"));
+
+/// The provider protocol revision this build of HCP speaks.
+pub const PROVIDER_PROTOCOL_VERSION: &str = "1";
+
+/// Fully qualified names of the northbound services (those the gateway
+/// exposes over REST and gRPC-web).
+pub const NORTHBOUND_SERVICES: &[&str] = &[
+    "hcp.tenant.v1.VmService",
+    "hcp.tenant.v1.JobService",
+    "hcp.common.v1.CatalogService",
+    "hcp.ops.v1.ProviderAdminService",
+    "hcp.ops.v1.CatalogAdminService",
+    "hcp.ops.v1.AuditService",
+];
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    #[test]
+    fn descriptor_set_decodes_and_keeps_http_options() {
+        let set = prost_types::FileDescriptorSet::decode(super::FILE_DESCRIPTOR_SET)
+            .expect("descriptor set decodes");
+        let names: Vec<_> = set.file.iter().filter_map(|f| f.name.clone()).collect();
+        assert!(names.iter().any(|n| n == "hcp/tenant/v1/tenant.proto"));
+        // prost-types drops extension options when decoding, so look in the
+        // raw bytes for a path that only appears inside a google.api.http option.
+        let raw = super::FILE_DESCRIPTOR_SET;
+        let needle = b"/api/hcp/tenant/v1/projects/{project_id}/vms/{vm_id}:start";
+        assert!(raw.windows(needle.len()).any(|w| w == needle));
+    }
+}

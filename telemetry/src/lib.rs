@@ -1,0 +1,230 @@
+//! Tracing for every HCP process: one subscriber set-up (text or JSON logs,
+//! an OpenTelemetry layer so every span has a W3C trace id, OTLP export when
+//! an endpoint is configured) and the helpers that carry the trace context
+//! across process boundaries in gRPC metadata and HTTP headers.
+//!
+//! One trace follows a request from the gateway to core, into the job that
+//! core stores, to the worker that runs it and the provider call it makes.
+//! Nothing is exported unless `otlp_endpoint` is set.
+
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// The W3C trace-context header (and gRPC metadata key).
+pub const TRACEPARENT: &str = "traceparent";
+
+/// How a process logs and traces. Part of every process's config.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `tracing` filter directives; `RUST_LOG` wins when set. Default `info`.
+    pub log_filter: Option<String>,
+    /// Log one JSON object per line instead of text.
+    pub json_logs: bool,
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`. Nothing is
+    /// exported when unset.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Failed to set up telemetry.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The log filter did not parse.
+    #[error("invalid log filter {filter:?}")]
+    Filter {
+        /// The filter as given.
+        filter: String,
+        /// Why it did not parse.
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    /// The OTLP exporter could not be built.
+    #[error("cannot build the OTLP exporter for {endpoint}")]
+    Exporter {
+        /// The configured endpoint.
+        endpoint: String,
+        /// The exporter's error.
+        #[source]
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+}
+
+/// Keeps the tracer provider alive; flushes spans when dropped.
+#[must_use = "dropping the guard stops span export"]
+pub struct TelemetryGuard {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        // Shutdown blocks on the export of pending spans; it is bounded by
+        // the exporter's own timeout.
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Installs the global subscriber and propagator for `service`. Call once,
+/// inside the tokio runtime, at the start of `main`.
+pub fn init(service: &str, config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let resource =
+        opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    if let Some(endpoint) = &config.otlp_endpoint {
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint.clone())
+            .build()
+            .map_err(|source| TelemetryError::Exporter { endpoint: endpoint.clone(), source })?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer("hcp");
+
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => f,
+        _ => config.log_filter.clone().unwrap_or_else(|| "info".to_owned()),
+    };
+    let filter = EnvFilter::try_new(&filter)
+        .map_err(|source| TelemetryError::Filter { filter: filter.clone(), source })?;
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // `try_init` fails only when a subscriber is already set (tests that
+    // start several servers in one process); the first one stays.
+    if config.json_logs {
+        let fmt = tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr);
+        let _ = registry.with(fmt).try_init();
+    } else {
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let _ = registry.with(fmt).try_init();
+    }
+    Ok(TelemetryGuard { provider })
+}
+
+/// Returns the trace id of the current span as 32 lowercase hex digits, or
+/// `None` when there is no valid trace (telemetry not initialised).
+pub fn current_trace_id() -> Option<String> {
+    trace_id_of(&tracing::Span::current())
+}
+
+/// Returns the trace id of `span`.
+pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    sc.is_valid().then(|| sc.trace_id().to_string())
+}
+
+/// Returns the `traceparent` value for the current span, to store with a job
+/// or send to another process.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let mut carrier = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove(TRACEPARENT)
+}
+
+/// Makes the trace described by `traceparent` the parent of `span`. An absent
+/// or malformed value leaves `span` as the root of a new trace.
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(tp) = traceparent {
+        let mut carrier = std::collections::HashMap::new();
+        carrier.insert(TRACEPARENT.to_owned(), tp.to_owned());
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        if cx.span().span_context().is_valid() {
+            let _ = span.set_parent(cx);
+        }
+    }
+}
+
+/// Makes the trace context carried by `headers` the parent of `span`.
+pub fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
+}
+
+/// Writes the current span's trace context into outgoing HTTP headers (and
+/// so into gRPC metadata, which travels as HTTP/2 headers).
+pub fn inject_headers(headers: &mut http::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// Writes the current span's trace context into a tonic request.
+pub fn inject_request<T>(request: &mut tonic::Request<T>) {
+    if let Some(tp) = current_traceparent()
+        && let Ok(value) = tp.parse()
+    {
+        request.metadata_mut().insert(TRACEPARENT, value);
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) =
+            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
+        {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c: the shutdown trigger of every HCP binary.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// Prints the readiness line on stdout: one JSON object
+/// `{"hcp_ready":{"service":..,"addr":..}}`. Supervisors and tests read it to
+/// learn the bound address when the process was given port 0.
+#[allow(clippy::print_stdout)]
+pub fn announce_ready(service: &str, addr: std::net::SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{{\"hcp_ready\":{{\"service\":\"{service}\",\"addr\":\"{addr}\"}}}}");
+    let _ = out.flush();
+}
