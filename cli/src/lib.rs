@@ -1,1 +1,67 @@
-//! placeholder
+//! The `hcp` command: the one-command development stack (`hcp up`), dev
+//! tokens (`hcp token`), and every HCP process by name (`hcp core`,
+//! `hcp gateway`, `hcp provider-sim`), so a single build gives all of them.
+//!
+//! `hcp up` starts core, the gateway and a simulated provider as separate
+//! OS processes (this same binary, re-executed), waits for each to announce
+//! its address, seeds a zone, flavors and an image, registers the provider
+//! through the ops API, and prints tokens and a curl walkthrough.
+
+pub mod dev;
+
+use std::ffi::OsString;
+
+use clap::{Parser, Subcommand};
+
+/// HCP: the Hypervisor Control Plane.
+#[derive(Parser, Debug)]
+#[command(version, name = "hcp")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Start core, gateway and a simulated provider on the embedded store.
+    Up(dev::UpArgs),
+    /// Mint a development token signed with the dev key.
+    Token(dev::TokenArgs),
+    /// Run core (same flags as hcp-core).
+    #[command(disable_help_flag = true)]
+    Core {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the gateway (same flags as hcp-gateway).
+    #[command(disable_help_flag = true)]
+    Gateway {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the simulated provider (same flags as hcp-provider-sim).
+    #[command(name = "provider-sim", disable_help_flag = true)]
+    ProviderSim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+/// Runs the command line.
+pub fn main<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::parse_from(args);
+    let with_name = |name: &str, args: Vec<OsString>| {
+        std::iter::once(OsString::from(name)).chain(args).collect::<Vec<_>>()
+    };
+    match cli.command {
+        Command::Up(args) => dev::up(args),
+        Command::Token(args) => dev::token(args),
+        Command::Core { args } => hcp_core::cli::main(with_name("hcp-core", args)),
+        Command::Gateway { args } => hcp_gateway::cli::main(with_name("hcp-gateway", args)),
+        Command::ProviderSim { args } => hcp_provider_sim::cli::main(with_name("hcp-provider-sim", args)),
+    }
+}

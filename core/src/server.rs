@@ -1,7 +1,7 @@
 //! `run`: assembles core from its configuration and serves until shutdown.
 //!
 //! The gRPC stack, outermost first:
-//! 1. [`TraceLayer`]: one span per call, parented on the caller's W3C
+//! 1. [`hcp_telemetry::GrpcTraceLayer`]: one span per call, parented on the caller's W3C
 //!    `traceparent`, carrying `trace_id` for every log line beneath it.
 //! 2. Per service, [`AuthInterceptor`]: verifies the bearer token; health and
 //!    reflection are left open for load balancers and tooling.
@@ -13,7 +13,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hcp_proto::common::catalog_service_server::CatalogServiceServer;
@@ -24,7 +23,6 @@ use hcp_proto::tenant::job_service_server::JobServiceServer;
 use hcp_proto::tenant::vm_service_server::VmServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use crate::api::catalog::CatalogApi;
 use crate::api::ops::OpsApi;
@@ -161,7 +159,7 @@ pub async fn run(
         tracing::info!(%addr, "core grpc listening");
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         tonic::transport::Server::builder()
-            .layer(TraceLayer)
+            .layer(hcp_telemetry::GrpcTraceLayer::new("grpc"))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(VmServiceServer::with_interceptor(tenant.clone(), auth.clone()))
@@ -191,50 +189,4 @@ pub async fn run(
     store.close().await;
     tracing::info!("core stopped");
     result
-}
-
-/// Opens a span per gRPC call, parented on the caller's trace context.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TraceLayer;
-
-impl<S> tower::Layer<S> for TraceLayer {
-    type Service = TraceService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        TraceService { inner }
-    }
-}
-
-/// The service of [`TraceLayer`].
-#[derive(Clone, Debug)]
-pub struct TraceService<S> {
-    inner: S,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for TraceService<S>
-where
-    S: tower::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = tracing::instrument::Instrumented<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let span = tracing::info_span!(
-            "grpc",
-            method = %req.uri().path(),
-            trace_id = tracing::field::Empty,
-        );
-        hcp_telemetry::set_parent_from_headers(&span, req.headers());
-        if let Some(t) = hcp_telemetry::trace_id_of(&span) {
-            span.record("trace_id", t);
-        }
-        // Interceptors run inside `call`, so enter the span for it too.
-        let fut = span.in_scope(|| self.inner.call(req));
-        fut.instrument(span)
-    }
 }

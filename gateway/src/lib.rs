@@ -1,1 +1,236 @@
-//! placeholder
+//! HCP gateway: the HTTP edge in front of core. It holds no state.
+//!
+//! - REST: every northbound RPC is reachable at the path its
+//!   `google.api.http` annotation names; requests are transcoded to gRPC
+//!   calls on core ([`transcode`]) with the caller's `authorization` header,
+//!   a W3C `traceparent` for the gateway's span, and `idempotency-key`
+//!   forwarded as metadata. Errors come back as
+//!   `{"code","message","details","trace_id"}` with the HTTP status of the
+//!   code (the one mapping in `hcp_proto::error`).
+//! - gRPC-web: browser clients call `/hcp.<pkg>.<Service>/<Method>`;
+//!   tonic-web turns the call into gRPC and it is proxied to core as is.
+//! - `GET /healthz` for load balancers.
+//!
+//! The gateway checks no tokens itself: core is the one place that does.
+
+pub mod cli;
+pub mod routes;
+pub mod transcode;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use hcp_proto::error::ApiError;
+use http_body_util::BodyExt;
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+use crate::routes::Route;
+use crate::transcode::BytesCodec;
+
+/// Headers copied from the REST request to gRPC metadata.
+const FORWARDED_HEADERS: &[&str] = &["authorization", "idempotency-key", "x-request-id"];
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP listen address; port 0 picks one.
+    pub listen: SocketAddr,
+    /// Core's gRPC endpoint, e.g. `http://127.0.0.1:50051`.
+    pub core_endpoint: String,
+    /// Deadline for one call to core.
+    pub timeout: Duration,
+}
+
+/// The gateway failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The descriptors do not give a usable route table.
+    #[error("cannot build routes")]
+    Routes(#[source] routes::RouteError),
+    /// The core endpoint is not a valid URI.
+    #[error("invalid core endpoint {0:?}")]
+    Endpoint(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server failed.
+    #[error("http server failed")]
+    Serve(#[source] std::io::Error),
+}
+
+struct Gateway {
+    routes: Vec<Route>,
+    core: Channel,
+}
+
+/// Runs the gateway until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), StartError> {
+    let (_pool, routes) = routes::build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES)
+        .map_err(StartError::Routes)?;
+    // The channel connects lazily and reconnects by itself, so the gateway
+    // starts (and answers 503) while core is down.
+    let core = Endpoint::from_shared(config.core_endpoint.clone())
+        .map_err(|_| StartError::Endpoint(config.core_endpoint.clone()))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(config.timeout)
+        .connect_lazy();
+    let state = Arc::new(Gateway { routes, core: core.clone() });
+
+    let grpc_web = tower::ServiceBuilder::new()
+        .layer(tonic_web::GrpcWebLayer::new())
+        .service(GrpcProxy { core });
+    let mut app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+    for service in hcp_proto::NORTHBOUND_SERVICES {
+        app = app.route_service(&format!("/{service}/{{method}}"), grpc_web.clone());
+    }
+    let app = app.fallback(rest).with_state(state);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    ready(addr);
+    tracing::info!(%addr, core = %config.core_endpoint, "gateway listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(StartError::Serve)
+}
+
+/// The REST fallback: finds the route and transcodes.
+async fn rest(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let span = tracing::info_span!(
+        "rest",
+        method = %req.method(),
+        path = %req.uri().path(),
+        trace_id = tracing::field::Empty,
+    );
+    hcp_telemetry::set_parent_from_headers(&span, req.headers());
+    if let Some(t) = hcp_telemetry::trace_id_of(&span) {
+        span.record("trace_id", t);
+    }
+    async move {
+        match handle(&gw, req).await {
+            Ok(resp) => resp,
+            Err(e) => error_response(&e),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn error_response(err: &ApiError) -> Response {
+    let (status, body) = transcode::error_body(err, hcp_telemetry::current_trace_id());
+    (status, [(http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let mut matched = None;
+    let mut other_method = false;
+    for route in &gw.routes {
+        if let Some(vars) = route.template.matches(path) {
+            if route.method == parts.method {
+                matched = Some((route, vars));
+                break;
+            }
+            other_method = true;
+        }
+    }
+    let Some((route, vars)) = matched else {
+        if other_method {
+            return Err(ApiError::new(
+                hcp_proto::error::ErrorCode::InvalidArgument,
+                format!("method {} is not allowed on {path}", parts.method),
+            )
+            .with_detail("field", "method"));
+        }
+        return Err(transcode::no_route(&parts.method, path));
+    };
+    let body = http_body_util::Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::invalid_field("body", format!("the body is larger than {MAX_BODY} bytes")))?
+        .to_bytes();
+    let input = transcode::request_message(route, vars, parts.uri.query(), &body)?;
+
+    let mut request = tonic::Request::new(Bytes::from(prost::Message::encode_to_vec(&input)));
+    for name in FORWARDED_HEADERS {
+        if let Some(v) = parts.headers.get(*name)
+            && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+        {
+            request.metadata_mut().insert(*name, v);
+        }
+    }
+    hcp_telemetry::inject_request(&mut request);
+    let mut client = tonic::client::Grpc::new(gw.core.clone());
+    client.ready().await.map_err(|e| {
+        ApiError::new(hcp_proto::error::ErrorCode::Unavailable, format!("core is unavailable: {e}"))
+    })?;
+    let grpc_path = http::uri::PathAndQuery::try_from(route.grpc_path.as_str()).map_err(|_| ApiError::internal())?;
+    let reply = client
+        .unary(request, grpc_path, BytesCodec)
+        .await
+        .map_err(|status| ApiError::from_status(&status))?
+        .into_inner();
+    let message = prost_reflect::DynamicMessage::decode(route.output.clone(), reply).map_err(|e| {
+        tracing::error!(error = %e, "core sent an undecodable reply");
+        ApiError::internal()
+    })?;
+    let json = transcode::response_json(&message)?;
+    Ok((route.success_status, [(http::header::CONTENT_TYPE, "application/json")], json).into_response())
+}
+
+/// Forwards gRPC calls (already converted from gRPC-web) to core.
+#[derive(Clone)]
+struct GrpcProxy {
+    core: Channel,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for GrpcProxy {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let mut core = self.core.clone();
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            hcp_telemetry::inject_headers(&mut parts.headers);
+            // Re-target the request at core's authority.
+            let req = http::Request::from_parts(parts, body);
+            use tower::ServiceExt;
+            match core.ready().await {
+                Ok(ready) => match ready.call(req).await {
+                    Ok(resp) => Ok(resp.map(tonic::body::Body::new)),
+                    Err(e) => Ok(grpc_unavailable(&e.to_string())),
+                },
+                Err(e) => Ok(grpc_unavailable(&e.to_string())),
+            }
+        })
+    }
+}
+
+fn grpc_unavailable(why: &str) -> http::Response<tonic::body::Body> {
+    tonic::Status::unavailable(format!("core is unavailable: {why}")).into_http()
+}

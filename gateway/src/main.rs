@@ -1,1 +1,5 @@
-fn main() {}
+//! `hcp-gateway`: runs the REST / gRPC-web edge until SIGTERM/ctrl-c.
+
+fn main() -> anyhow::Result<()> {
+    hcp_gateway::cli::main(std::env::args_os())
+}

@@ -228,3 +228,66 @@ pub fn announce_ready(service: &str, addr: std::net::SocketAddr) {
     let _ = writeln!(out, "{{\"hcp_ready\":{{\"service\":\"{service}\",\"addr\":\"{addr}\"}}}}");
     let _ = out.flush();
 }
+
+/// A tower layer for gRPC servers: one span per call, named after the
+/// server's role, parented on the caller's W3C trace context and carrying
+/// `method` and `trace_id` for every log line beneath it.
+#[derive(Clone, Copy, Debug)]
+pub struct GrpcTraceLayer {
+    role: &'static str,
+}
+
+impl GrpcTraceLayer {
+    /// Creates the layer; `role` appears as the span's `role` field.
+    pub fn new(role: &'static str) -> Self {
+        Self { role }
+    }
+}
+
+impl<S> tower::Layer<S> for GrpcTraceLayer {
+    type Service = GrpcTraceService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcTraceService { inner, role: self.role }
+    }
+}
+
+/// The service of [`GrpcTraceLayer`].
+#[derive(Clone, Debug)]
+pub struct GrpcTraceService<S> {
+    inner: S,
+    role: &'static str,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for GrpcTraceService<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = tracing::instrument::Instrumented<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "grpc",
+            role = self.role,
+            method = %req.uri().path(),
+            trace_id = tracing::field::Empty,
+        );
+        set_parent_from_headers(&span, req.headers());
+        if let Some(t) = trace_id_of(&span) {
+            span.record("trace_id", t);
+        }
+        // Interceptors run inside `call`, so the span is entered for it too.
+        let fut = span.in_scope(|| self.inner.call(req));
+        fut.instrument(span)
+    }
+}

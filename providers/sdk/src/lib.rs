@@ -1,1 +1,384 @@
-//! placeholder
+//! # hcp-provider-sdk
+//!
+//! What a vendor writes to plug a hypervisor into HCP: implement
+//! [`Provider`] and call [`serve`]. The harness serves the
+//! `hcp.provider.v1` Identity and Compute services over gRPC, plus the
+//! standard health service and server reflection; it continues the caller's
+//! trace (W3C `traceparent`), maps [`ProviderError`] into the gRPC codes the
+//! protocol defines, prints the readiness line, and shuts down gracefully.
+//!
+//! ```no_run
+//! use hcp_provider_sdk::{Provider, ProviderError, ProviderInfo, pb, serve, ServeConfig};
+//!
+//! struct MyHypervisor;
+//!
+//! #[hcp_provider_sdk::async_trait]
+//! impl Provider for MyHypervisor {
+//!     fn info(&self) -> ProviderInfo {
+//!         ProviderInfo::new("my.vendor.example", "1.0.0", "myhv")
+//!     }
+//!     async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {
+//!         Ok(pb::Capabilities::default())
+//!     }
+//!     // ... create_vm, get_vm, list_vms, start_vm, stop_vm, reboot_vm,
+//!     // delete_vm, get_console
+//! #   async fn create_vm(&self, _: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> { todo!() }
+//! #   async fn get_vm(&self, _: &str) -> Result<pb::VmInfo, ProviderError> { todo!() }
+//! #   async fn list_vms(&self, _: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> { todo!() }
+//! #   async fn start_vm(&self, _: &str) -> Result<pb::VmInfo, ProviderError> { todo!() }
+//! #   async fn stop_vm(&self, _: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> { todo!() }
+//! #   async fn reboot_vm(&self, _: &str) -> Result<pb::VmInfo, ProviderError> { todo!() }
+//! #   async fn delete_vm(&self, _: &str) -> Result<bool, ProviderError> { todo!() }
+//! #   async fn get_console(&self, _: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> { todo!() }
+//! }
+//!
+//! # async fn example() -> Result<(), hcp_provider_sdk::ServeError> {
+//! serve(MyHypervisor, ServeConfig::default(), hcp_telemetry::shutdown_signal(), |_| {}).await
+//! # }
+//! ```
+//!
+//! The SDK depends on neither a database nor a message queue; CI checks it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use hcp_proto::provider as pb;
+use hcp_proto::provider::compute_server::{Compute, ComputeServer};
+use hcp_proto::provider::identity_server::{Identity, IdentityServer};
+pub use tonic::async_trait;
+
+/// Identity of a provider implementation.
+#[derive(Debug, Clone)]
+pub struct ProviderInfo {
+    /// DNS-style name, at most 63 characters.
+    pub name: String,
+    /// The implementation's version.
+    pub vendor_version: String,
+    /// Hypervisor family.
+    pub hypervisor: String,
+}
+
+impl ProviderInfo {
+    /// Builds an identity.
+    pub fn new(name: &str, vendor_version: &str, hypervisor: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            vendor_version: vendor_version.to_owned(),
+            hypervisor: hypervisor.to_owned(),
+        }
+    }
+}
+
+/// The kinds of failure the protocol distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No VM with that id.
+    NotFound,
+    /// Not possible in the VM's current state.
+    InvalidState,
+    /// The request is malformed.
+    InvalidArgument,
+    /// The provider does not offer this (never retried).
+    Unsupported,
+    /// The hypervisor is unreachable or busy (retried).
+    Unavailable,
+    /// Lock contention or a similar transient conflict (retried).
+    Busy,
+    /// Credentials were refused (not retried).
+    PermissionDenied,
+    /// Anything else.
+    Internal,
+}
+
+/// An error returned by a [`Provider`] method.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct ProviderError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// A message for operators and tenants; no secrets.
+    pub message: String,
+    /// Overrides whether core may retry (default follows `kind`).
+    pub retryable: Option<bool>,
+}
+
+impl ProviderError {
+    /// Builds an error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), retryable: None }
+    }
+
+    /// No such VM.
+    pub fn not_found(vm_id: &str) -> Self {
+        Self::new(ErrorKind::NotFound, format!("vm {vm_id} not found"))
+    }
+
+    /// Converts to the protocol's gRPC status.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Code;
+        let code = match self.kind {
+            ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::InvalidState => Code::FailedPrecondition,
+            ErrorKind::InvalidArgument => Code::InvalidArgument,
+            ErrorKind::Unsupported => Code::Unimplemented,
+            ErrorKind::Unavailable => Code::Unavailable,
+            ErrorKind::Busy => Code::Aborted,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
+            ErrorKind::Internal => Code::Internal,
+        };
+        match self.retryable {
+            None => tonic::Status::new(code, self.message.clone()),
+            Some(r) => {
+                let mut details = tonic_types::ErrorDetails::new();
+                let mut meta = std::collections::HashMap::new();
+                meta.insert("retryable".to_owned(), r.to_string());
+                details.set_error_info(format!("{:?}", self.kind), "hcp.provider", meta);
+                use tonic_types::StatusExt;
+                tonic::Status::with_error_details(code, self.message.clone(), details)
+            }
+        }
+    }
+}
+
+/// What a hypervisor adapter implements. Every method keyed by `vm_id` must
+/// be idempotent: repeating a call with the same id has the effect of one.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Who this provider is.
+    fn info(&self) -> ProviderInfo;
+    /// What it can do now (may depend on the hypervisor's configuration).
+    async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError>;
+    /// Whether it is ready to serve (can reach its hypervisor). The default
+    /// says ready.
+    async fn probe(&self) -> Result<(bool, String), ProviderError> {
+        Ok((true, "ready".to_owned()))
+    }
+    /// Creates the VM `req.vm_id`, or returns it if it exists.
+    async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError>;
+    /// Returns one VM.
+    async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError>;
+    /// Lists the VMs this provider manages for HCP.
+    async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError>;
+    /// Powers a VM on (success if already running).
+    async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError>;
+    /// Powers a VM off (success if already off).
+    async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError>;
+    /// Reboots a running VM.
+    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError>;
+    /// Deletes a VM; returns whether it existed.
+    async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError>;
+    /// Returns where a console for the VM can be reached.
+    async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError>;
+}
+
+/// Where and how to serve.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Listen address; port 0 picks one. Default `127.0.0.1:50061`.
+    pub listen: SocketAddr,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 50061)) }
+    }
+}
+
+/// The provider server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The server failed.
+    #[error("grpc server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// Serves `provider` until `shutdown` resolves. `ready` gets the bound
+/// address once the server is listening.
+pub async fn serve<P: Provider>(
+    provider: P,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), ServeError> {
+    serve_inner(provider, None::<IdentityServer<Adapter<P>>>, config, shutdown, ready).await
+}
+
+/// Serves a provider alongside one extra gRPC service (e.g. a simulator's
+/// control service) on the same port.
+pub async fn serve_with<P: Provider, S>(
+    provider: P,
+    extra: S,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), ServeError>
+where
+    S: tonic::server::NamedService
+        + tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    serve_inner(provider, Some(extra), config, shutdown, ready).await
+}
+
+async fn serve_inner<P: Provider, S>(
+    provider: P,
+    extra: Option<S>,
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), ServeError>
+where
+    S: tonic::server::NamedService
+        + tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let adapter = Adapter { inner: Arc::new(provider) };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<IdentityServer<Adapter<P>>>().await;
+    health.set_serving::<ComputeServer<Adapter<P>>>().await;
+    let mut reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hcp_proto::FILE_DESCRIPTOR_SET)
+        .with_service_name("hcp.provider.v1.Identity")
+        .with_service_name("hcp.provider.v1.Compute")
+        .with_service_name("grpc.health.v1.Health");
+    if extra.is_some() {
+        reflection = reflection.with_service_name(S::NAME);
+    }
+    let reflection = reflection.build_v1().map_err(ServeError::Reflection)?;
+    ready(addr);
+    tracing::info!(%addr, provider = %adapter.inner.info().name, "provider listening");
+    tonic::transport::Server::builder()
+        .layer(hcp_telemetry::GrpcTraceLayer::new("provider"))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(IdentityServer::new(adapter.clone()))
+        .add_service(ComputeServer::new(adapter))
+        .add_optional_service(extra)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
+        .await
+        .map_err(ServeError::Serve)
+}
+
+/// Bridges a [`Provider`] to the generated gRPC service traits.
+struct Adapter<P> {
+    inner: Arc<P>,
+}
+
+impl<P> Clone for Adapter<P> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
+
+fn reply<T>(r: Result<T, ProviderError>) -> Reply<T> {
+    r.map(tonic::Response::new).map_err(|e| e.to_status())
+}
+
+fn vm_id(id: &str) -> Result<&str, tonic::Status> {
+    if id.parse::<hcp_proto::ids::VmId>().is_ok() {
+        Ok(id)
+    } else {
+        Err(tonic::Status::invalid_argument(format!("vm_id must be a UUID, got {id:?}")))
+    }
+}
+
+#[async_trait]
+impl<P: Provider> Identity for Adapter<P> {
+    async fn get_plugin_info(&self, _: tonic::Request<pb::GetPluginInfoRequest>) -> Reply<pb::PluginInfo> {
+        let info = self.inner.info();
+        Ok(tonic::Response::new(pb::PluginInfo {
+            name: info.name,
+            vendor_version: info.vendor_version,
+            protocol_versions: vec![hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned()],
+            hypervisor: info.hypervisor,
+        }))
+    }
+
+    async fn get_capabilities(&self, _: tonic::Request<pb::GetCapabilitiesRequest>) -> Reply<pb::Capabilities> {
+        reply(self.inner.capabilities().await)
+    }
+
+    async fn probe(&self, _: tonic::Request<pb::ProbeRequest>) -> Reply<pb::ProbeResponse> {
+        reply(self.inner.probe().await.map(|(ready, message)| pb::ProbeResponse { ready, message }))
+    }
+}
+
+#[async_trait]
+impl<P: Provider> Compute for Adapter<P> {
+    async fn create_vm(&self, req: tonic::Request<pb::CreateVmRequest>) -> Reply<pb::VmInfo> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        if req.spec.is_none() {
+            return Err(tonic::Status::invalid_argument("spec is required"));
+        }
+        reply(self.inner.create_vm(req).await)
+    }
+
+    async fn get_vm(&self, req: tonic::Request<pb::VmRef>) -> Reply<pb::VmInfo> {
+        let id = req.into_inner().vm_id;
+        reply(self.inner.get_vm(vm_id(&id)?).await)
+    }
+
+    async fn list_vms(&self, req: tonic::Request<pb::ListVmsRequest>) -> Reply<pb::ListVmsResponse> {
+        reply(self.inner.list_vms(req.into_inner()).await)
+    }
+
+    async fn start_vm(&self, req: tonic::Request<pb::VmRef>) -> Reply<pb::VmInfo> {
+        let id = req.into_inner().vm_id;
+        reply(self.inner.start_vm(vm_id(&id)?).await)
+    }
+
+    async fn stop_vm(&self, req: tonic::Request<pb::StopVmRequest>) -> Reply<pb::VmInfo> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        reply(self.inner.stop_vm(req).await)
+    }
+
+    async fn reboot_vm(&self, req: tonic::Request<pb::VmRef>) -> Reply<pb::VmInfo> {
+        let id = req.into_inner().vm_id;
+        reply(self.inner.reboot_vm(vm_id(&id)?).await)
+    }
+
+    async fn delete_vm(&self, req: tonic::Request<pb::VmRef>) -> Reply<pb::DeleteVmResponse> {
+        let id = req.into_inner().vm_id;
+        reply(self.inner.delete_vm(vm_id(&id)?).await.map(|existed| pb::DeleteVmResponse { existed }))
+    }
+
+    async fn get_console(&self, req: tonic::Request<pb::GetConsoleRequest>) -> Reply<pb::ConsoleEndpoint> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        reply(self.inner.get_console(req).await)
+    }
+}

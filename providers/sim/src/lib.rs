@@ -1,1 +1,457 @@
-//! placeholder
+//! The simulated hypervisor: an in-memory provider that speaks
+//! `hcp.provider.v1` through the SDK, like a real adapter, plus the
+//! `hcp.sim.v1.SimControl` service for tests and demos: per-operation
+//! latency, injected failures (before or after the effect, to model a lost
+//! reply), out-of-band changes (power state, a VM removed behind HCP's back,
+//! an unknown VM), and call counters that prove exactly-once creation.
+//!
+//! It is a product part (the quick start runs it), never a stand-in for
+//! testing a real adapter.
+
+pub mod cli;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hcp_proto::sim;
+use hcp_proto::sim::sim_control_server::{SimControl, SimControlServer};
+use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, ServeConfig, pb};
+
+/// Simulator settings.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Capability flags to report.
+    pub capabilities: pb::Capabilities,
+    /// Latency added to every Compute call.
+    pub latency: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
+            capabilities: default_capabilities(),
+            latency: Duration::ZERO,
+        }
+    }
+}
+
+/// The flags the simulator reports unless told otherwise.
+pub fn default_capabilities() -> pb::Capabilities {
+    pb::Capabilities {
+        supports_cloud_init: true,
+        supports_snapshot: true,
+        supports_console_vnc: true,
+        supports_snapshot_running: true,
+        ..Default::default()
+    }
+}
+
+/// Parses a comma-separated list of capability names (`cloud_init,
+/// console_vnc, ...`, with or without the `supports_` prefix).
+pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, String> {
+    let mut c = pb::Capabilities::default();
+    for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let name = raw.strip_prefix("supports_").unwrap_or(raw);
+        let flag = match name {
+            "cloud_init" => &mut c.supports_cloud_init,
+            "snapshot" => &mut c.supports_snapshot,
+            "snapshot_running" => &mut c.supports_snapshot_running,
+            "live_migration" => &mut c.supports_live_migration,
+            "console_vnc" => &mut c.supports_console_vnc,
+            "console_spice" => &mut c.supports_console_spice,
+            "console_rdp" => &mut c.supports_console_rdp,
+            "console_serial" => &mut c.supports_console_serial,
+            "gpu_passthrough" => &mut c.supports_gpu_passthrough,
+            other => return Err(format!("unknown capability {other:?}")),
+        };
+        *flag = true;
+    }
+    Ok(c)
+}
+
+#[derive(Debug, Clone)]
+struct SimVm {
+    native_id: String,
+    power: pb::PowerState,
+    vcpus: u32,
+    memory_mib: u32,
+}
+
+#[derive(Debug, Clone)]
+struct ActiveFault {
+    fault: sim::Fault,
+    /// Failures left; None = until cleared.
+    left: Option<u32>,
+}
+
+#[derive(Default)]
+struct State {
+    vms: BTreeMap<String, SimVm>,
+    faults: Vec<ActiveFault>,
+    latency: HashMap<String, Duration>,
+    calls: HashMap<String, u64>,
+    creations: HashMap<String, u32>,
+    next_native: u64,
+}
+
+/// The simulator; clones share state.
+#[derive(Clone)]
+pub struct Sim {
+    state: Arc<Mutex<State>>,
+    capabilities: pb::Capabilities,
+    default_latency: Duration,
+}
+
+impl Sim {
+    /// Creates an empty simulator.
+    pub fn new(config: &SimConfig) -> Self {
+        Self {
+            state: Arc::default(),
+            capabilities: config.capabilities.clone(),
+            default_latency: config.latency,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts the call, sleeps the configured latency, and returns the
+    /// injected fault for `op`, if any, split by when it applies.
+    async fn enter(&self, op: &str) -> (Option<ProviderError>, Option<ProviderError>) {
+        let latency = {
+            let mut s = self.lock();
+            *s.calls.entry(op.to_owned()).or_default() += 1;
+            s.latency.get(op).copied().unwrap_or(self.default_latency)
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let mut s = self.lock();
+        let Some(i) = s.faults.iter().position(|f| f.fault.operation == op) else {
+            return (None, None);
+        };
+        let fault = s.faults[i].fault.clone();
+        if let Some(left) = &mut s.faults[i].left {
+            *left -= 1;
+            if *left == 0 {
+                s.faults.remove(i);
+            }
+        }
+        let err = fault_error(&fault);
+        if fault.after_effect { (None, Some(err)) } else { (Some(err), None) }
+    }
+
+    fn info_of(id: &str, vm: &SimVm) -> pb::VmInfo {
+        pb::VmInfo {
+            vm_id: id.to_owned(),
+            power_state: vm.power as i32,
+            native_id: vm.native_id.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+        }
+    }
+
+    fn with_vm(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SimVm) -> Result<(), ProviderError>,
+    ) -> Result<pb::VmInfo, ProviderError> {
+        let mut s = self.lock();
+        let vm = s.vms.get_mut(id).ok_or_else(|| ProviderError::not_found(id))?;
+        f(vm)?;
+        Ok(Self::info_of(id, vm))
+    }
+
+    /// Returns the control service for this simulator.
+    pub fn control(&self) -> SimControlServer<Control> {
+        SimControlServer::new(Control { sim: self.clone() })
+    }
+}
+
+fn fault_error(f: &sim::Fault) -> ProviderError {
+    let kind = match f.code.as_str() {
+        "NOT_FOUND" => ErrorKind::NotFound,
+        "FAILED_PRECONDITION" => ErrorKind::InvalidState,
+        "INVALID_ARGUMENT" => ErrorKind::InvalidArgument,
+        "UNIMPLEMENTED" => ErrorKind::Unsupported,
+        "ABORTED" => ErrorKind::Busy,
+        "PERMISSION_DENIED" => ErrorKind::PermissionDenied,
+        "INTERNAL" => ErrorKind::Internal,
+        _ => ErrorKind::Unavailable,
+    };
+    let msg = if f.message.is_empty() { format!("injected {} fault", f.code) } else { f.message.clone() };
+    ProviderError::new(kind, msg)
+}
+
+macro_rules! fault_gate {
+    ($self:ident, $op:literal, $effect:expr) => {{
+        let (before, after) = $self.enter($op).await;
+        if let Some(e) = before {
+            return Err(e);
+        }
+        let result = $effect;
+        if let Some(e) = after {
+            return Err(e);
+        }
+        result
+    }};
+}
+
+#[hcp_provider_sdk::async_trait]
+impl Provider for Sim {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo::new("sim.hcp.dev", env!("CARGO_PKG_VERSION"), "sim")
+    }
+
+    async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {
+        Ok(self.capabilities.clone())
+    }
+
+    async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        fault_gate!(self, "CreateVm", {
+            let spec = req.spec.unwrap_or_default();
+            if spec.user_data.is_some() && !self.capabilities.supports_cloud_init {
+                return Err(ProviderError::new(ErrorKind::Unsupported, "cloud-init is not supported"));
+            }
+            let mut s = self.lock();
+            if let Some(vm) = s.vms.get(&req.vm_id) {
+                Ok(Self::info_of(&req.vm_id, vm))
+            } else {
+                s.next_native += 1;
+                let vm = SimVm {
+                    native_id: format!("sim-{}", s.next_native),
+                    power: if req.start { pb::PowerState::Running } else { pb::PowerState::Shutoff },
+                    vcpus: spec.vcpus,
+                    memory_mib: spec.memory_mib,
+                };
+                *s.creations.entry(req.vm_id.clone()).or_default() += 1;
+                let info = Self::info_of(&req.vm_id, &vm);
+                s.vms.insert(req.vm_id.clone(), vm);
+                Ok(info)
+            }
+        })
+    }
+
+    async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        fault_gate!(self, "GetVm", self.with_vm(vm_id, |_| Ok(())))
+    }
+
+    async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
+        fault_gate!(self, "ListVms", {
+            let s = self.lock();
+            let size = if req.page_size == 0 { 1000 } else { req.page_size as usize };
+            let mut vms: Vec<pb::VmInfo> = s
+                .vms
+                .range::<String, _>((
+                    std::ops::Bound::Excluded(req.page_token.clone()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take(size + 1)
+                .map(|(id, vm)| Self::info_of(id, vm))
+                .collect();
+            let next = if vms.len() > size {
+                vms.truncate(size);
+                vms.last().map(|v| v.vm_id.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(pb::ListVmsResponse { vms, next_page_token: next })
+        })
+    }
+
+    async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        fault_gate!(self, "StartVm", self.with_vm(vm_id, |vm| {
+            vm.power = pb::PowerState::Running;
+            Ok(())
+        }))
+    }
+
+    async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        fault_gate!(self, "StopVm", self.with_vm(&req.vm_id, |vm| {
+            vm.power = pb::PowerState::Shutoff;
+            Ok(())
+        }))
+    }
+
+    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        fault_gate!(self, "RebootVm", self.with_vm(vm_id, |vm| {
+            if vm.power != pb::PowerState::Running {
+                return Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"));
+            }
+            Ok(())
+        }))
+    }
+
+    async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
+        fault_gate!(self, "DeleteVm", Ok(self.lock().vms.remove(vm_id).is_some()))
+    }
+
+    async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
+        fault_gate!(self, "GetConsole", {
+            if req.protocol != "vnc" || !self.capabilities.supports_console_vnc {
+                return Err(ProviderError::new(
+                    ErrorKind::Unsupported,
+                    format!("{} consoles are not supported", req.protocol),
+                ));
+            }
+            let running = self.with_vm(&req.vm_id, |vm| {
+                if vm.power == pb::PowerState::Running {
+                    Ok(())
+                } else {
+                    Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"))
+                }
+            });
+            running.map(|_| pb::ConsoleEndpoint {
+                protocol: "vnc".to_owned(),
+                host: "127.0.0.1".to_owned(),
+                port: 5900,
+                password: "sim-console".to_owned(),
+                tls: false,
+                path: String::new(),
+            })
+        })
+    }
+}
+
+/// The `SimControl` service.
+#[derive(Clone)]
+pub struct Control {
+    sim: Sim,
+}
+
+type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
+
+#[tonic::async_trait]
+impl SimControl for Control {
+    async fn inject_fault(&self, req: tonic::Request<sim::InjectFaultRequest>) -> Reply<sim::InjectFaultResponse> {
+        let fault = req
+            .into_inner()
+            .fault
+            .ok_or_else(|| tonic::Status::invalid_argument("fault is required"))?;
+        let left = if fault.count == 0 { None } else { Some(fault.count) };
+        self.sim.lock().faults.push(ActiveFault { fault, left });
+        Ok(tonic::Response::new(sim::InjectFaultResponse {}))
+    }
+
+    async fn set_latency(&self, req: tonic::Request<sim::SetLatencyRequest>) -> Reply<sim::SetLatencyResponse> {
+        let r = req.into_inner();
+        self.sim.lock().latency.insert(r.operation, Duration::from_millis(u64::from(r.latency_ms)));
+        Ok(tonic::Response::new(sim::SetLatencyResponse {}))
+    }
+
+    async fn clear(&self, _: tonic::Request<sim::ClearRequest>) -> Reply<sim::ClearResponse> {
+        let mut s = self.sim.lock();
+        s.faults.clear();
+        s.latency.clear();
+        Ok(tonic::Response::new(sim::ClearResponse {}))
+    }
+
+    async fn stats(&self, _: tonic::Request<sim::StatsRequest>) -> Reply<sim::StatsResponse> {
+        let s = self.sim.lock();
+        Ok(tonic::Response::new(sim::StatsResponse {
+            calls: s.calls.clone(),
+            creations: s.creations.clone(),
+            vm_count: s.vms.len() as u32,
+        }))
+    }
+
+    async fn set_power_state(&self, req: tonic::Request<sim::SetPowerStateRequest>) -> Reply<sim::SetPowerStateResponse> {
+        let r = req.into_inner();
+        let power = pb::PowerState::try_from(r.power_state)
+            .map_err(|_| tonic::Status::invalid_argument("unknown power_state"))?;
+        self.sim
+            .with_vm(&r.vm_id, |vm| {
+                vm.power = power;
+                Ok(())
+            })
+            .map_err(|e| e.to_status())?;
+        Ok(tonic::Response::new(sim::SetPowerStateResponse {}))
+    }
+
+    async fn remove_vm(&self, req: tonic::Request<sim::RemoveVmRequest>) -> Reply<sim::RemoveVmResponse> {
+        let id = req.into_inner().vm_id;
+        self.sim.lock().vms.remove(&id).ok_or_else(|| ProviderError::not_found(&id).to_status())?;
+        Ok(tonic::Response::new(sim::RemoveVmResponse {}))
+    }
+
+    async fn add_vm(&self, req: tonic::Request<sim::AddVmRequest>) -> Reply<sim::AddVmResponse> {
+        let r = req.into_inner();
+        let power = pb::PowerState::try_from(r.power_state).unwrap_or(pb::PowerState::Running);
+        let mut s = self.sim.lock();
+        s.next_native += 1;
+        let vm = SimVm { native_id: format!("sim-{}", s.next_native), power, vcpus: 1, memory_mib: 512 };
+        s.vms.insert(r.vm_id, vm);
+        Ok(tonic::Response::new(sim::AddVmResponse {}))
+    }
+}
+
+/// Runs the simulator until `shutdown` resolves.
+pub async fn run(
+    config: SimConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), hcp_provider_sdk::ServeError> {
+    let sim = Sim::new(&config);
+    let control = sim.control();
+    hcp_provider_sdk::serve_with(sim, control, ServeConfig { listen: config.listen }, shutdown, ready).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_lists() {
+        let c = parse_capabilities("cloud_init, supports_console_vnc").unwrap();
+        assert!(c.supports_cloud_init && c.supports_console_vnc && !c.supports_snapshot);
+        assert!(parse_capabilities("warp_drive").is_err());
+        assert_eq!(parse_capabilities("").unwrap(), pb::Capabilities::default());
+    }
+
+    #[tokio::test]
+    async fn create_is_idempotent_and_counts_creations() {
+        let sim = Sim::new(&SimConfig::default());
+        let req = pb::CreateVmRequest {
+            vm_id: "0190b5f2-0000-7000-8000-000000000001".into(),
+            spec: Some(pb::VmSpec::default()),
+            start: false,
+        };
+        let a = sim.create_vm(req.clone()).await.unwrap();
+        let b = sim.create_vm(req.clone()).await.unwrap();
+        assert_eq!(a.native_id, b.native_id);
+        assert_eq!(sim.lock().creations[&req.vm_id], 1);
+        assert!(sim.delete_vm(&req.vm_id).await.unwrap());
+        assert!(!sim.delete_vm(&req.vm_id).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn faults_after_effect_model_lost_replies() {
+        let sim = Sim::new(&SimConfig::default());
+        sim.lock().faults.push(ActiveFault {
+            fault: sim::Fault {
+                operation: "CreateVm".into(),
+                code: "UNAVAILABLE".into(),
+                count: 1,
+                message: String::new(),
+                after_effect: true,
+            },
+            left: Some(1),
+        });
+        let req = pb::CreateVmRequest {
+            vm_id: "0190b5f2-0000-7000-8000-000000000002".into(),
+            spec: Some(pb::VmSpec::default()),
+            start: false,
+        };
+        let err = sim.create_vm(req.clone()).await.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unavailable);
+        // The VM exists although the caller saw a failure; a retry finds it.
+        sim.create_vm(req.clone()).await.unwrap();
+        assert_eq!(sim.lock().creations[&req.vm_id], 1);
+    }
+}

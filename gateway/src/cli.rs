@@ -1,0 +1,57 @@
+//! Command line of this process, shared by its own binary and by `hcp`.
+
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// HCP gateway: REST and gRPC-web in front of core.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// HTTP listen address; port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:8080", env = "HCP_GATEWAY_LISTEN")]
+    listen: SocketAddr,
+    /// Core's gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051", env = "HCP_CORE_ENDPOINT")]
+    core: String,
+    /// Deadline of one call to core, seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_seconds: u64,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    json_logs: bool,
+    /// OTLP/gRPC collector for traces.
+    #[arg(long, env = "HCP_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+}
+
+/// Parses `args` (program name first) and runs the process until
+/// SIGTERM/ctrl-c.
+pub fn main<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = Args::parse_from(args);
+    let config = crate::Config {
+        listen: args.listen,
+        core_endpoint: args.core,
+        timeout: std::time::Duration::from_secs(args.timeout_seconds.max(1)),
+    };
+    let telemetry = hcp_telemetry::TelemetryConfig {
+        json_logs: args.json_logs,
+        otlp_endpoint: args.otlp_endpoint,
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let _t = hcp_telemetry::init("hcp-gateway", &telemetry)?;
+        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
+            hcp_telemetry::announce_ready("gateway", addr)
+        })
+        .await
+        .context("gateway failed")
+    })
+}

@@ -1,0 +1,54 @@
+//! Command line of this process, shared by its own binary and by `hcp`.
+
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// The simulated hypervisor, speaking hcp.provider.v1.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Listen address; port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:50061", env = "HCP_SIM_LISTEN")]
+    listen: SocketAddr,
+    /// Capabilities to report, comma-separated (cloud_init, snapshot,
+    /// snapshot_running, live_migration, console_vnc, console_spice,
+    /// console_rdp, console_serial, gpu_passthrough).
+    #[arg(long, default_value = "cloud_init,snapshot,snapshot_running,console_vnc")]
+    capabilities: String,
+    /// Latency added to every compute call, milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+/// Parses `args` (program name first) and runs the process until
+/// SIGTERM/ctrl-c.
+pub fn main<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = Args::parse_from(args);
+    let capabilities = crate::parse_capabilities(&args.capabilities)
+        .map_err(|e| anyhow::anyhow!("--capabilities: {e}"))?;
+    let config = crate::SimConfig {
+        listen: args.listen,
+        capabilities,
+        latency: std::time::Duration::from_millis(args.latency_ms),
+    };
+    let telemetry = hcp_telemetry::TelemetryConfig { json_logs: args.json_logs, ..Default::default() };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let _t = hcp_telemetry::init("hcp-provider-sim", &telemetry)?;
+        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
+            hcp_telemetry::announce_ready("provider-sim", addr)
+        })
+        .await
+        .context("simulator failed")
+    })
+}
