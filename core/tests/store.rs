@@ -1,0 +1,406 @@
+//! The store test suite. Every test runs twice, on SQLite and on
+//! PostgreSQL, each time against a fresh, freshly migrated database.
+
+use std::collections::BTreeMap;
+
+use chrono::Duration;
+use hcp_core::model::*;
+use hcp_core::store::{AcceptOperation, AuditQuery, JobOutcome, ListVmsQuery, Store, StoreError};
+use hcp_proto::ids::{EventId, JobId, ProviderId, VmId};
+use hcp_testkit::db::{Backend, TestDb};
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test] async fn $name() { super::$name(hcp_testkit::db::Backend::Sqlite).await }) *
+        }
+        mod postgres {
+            $(#[tokio::test] async fn $name() { super::$name(hcp_testkit::db::Backend::Postgres).await }) *
+        }
+    };
+}
+
+store_tests!(
+    migrations_create_the_schema,
+    create_is_atomic_and_tenant_scoped,
+    operations_follow_the_state_rules,
+    leases_are_exclusive_and_lapse,
+    steps_are_recorded_once,
+    list_paginates_and_filters,
+    catalog_rules,
+    audit_is_listed_in_order,
+    console_tokens_redeem_once,
+    providers_with_vms_cannot_be_removed,
+);
+
+async fn fresh(backend: Backend) -> (TestDb, Store) {
+    let db = TestDb::new(backend).await.expect("test database");
+    let store = db.store().await.expect("store");
+    (db, store)
+}
+
+fn audit(action: &str, resource: &str) -> AuditEvent {
+    AuditEvent {
+        id: EventId::new(),
+        at: now(),
+        actor: "tester".into(),
+        tenant_id: "acme".into(),
+        project_id: "p1".into(),
+        action: action.into(),
+        resource_type: "vm".into(),
+        resource_id: resource.into(),
+        outcome: "accepted".into(),
+        job_id: String::new(),
+        trace_id: String::new(),
+        detail: String::new(),
+    }
+}
+
+/// Seeds a zone, a flavor, an image and a provider; returns the provider.
+async fn seed(store: &Store) -> Provider {
+    store
+        .create_zone(&Zone { name: "z1".into(), description: String::new(), created_at: now() }, &audit("zone.create", "z1"))
+        .await
+        .unwrap();
+    store
+        .create_flavor(
+            &Flavor { name: "small".into(), vcpus: 1, memory_mib: 512, disk_gib: 10, description: String::new(), created_at: now() },
+            &audit("flavor.create", "small"),
+        )
+        .await
+        .unwrap();
+    store
+        .create_image(
+            &Image { name: "img".into(), os_type: "linux".into(), source: "img-src".into(), min_disk_gib: 1, description: String::new(), created_at: now() },
+            &audit("image.create", "img"),
+        )
+        .await
+        .unwrap();
+    let p = Provider {
+        id: ProviderId::new(),
+        name: "sim-1".into(),
+        zone: "z1".into(),
+        endpoint: "http://127.0.0.1:1".into(),
+        plugin_name: "sim.hcp.dev".into(),
+        plugin_version: "0".into(),
+        hypervisor: "sim".into(),
+        protocol_version: "1".into(),
+        capabilities: Capabilities { supports_cloud_init: true, ..Default::default() },
+        healthy: true,
+        health_message: "ready".into(),
+        last_probe_at: Some(now()),
+        created_at: now(),
+    };
+    store.insert_provider(&p, &audit("provider.register", "p")).await.unwrap();
+    p
+}
+
+fn new_job(tenant: &str, project: &str, vm: VmId, kind: JobKind) -> Job {
+    let t = now();
+    Job {
+        id: JobId::new(),
+        tenant_id: tenant.into(),
+        project_id: project.into(),
+        kind,
+        vm_id: vm,
+        status: JobStatus::Queued,
+        attempts: 0,
+        max_attempts: 3,
+        run_after: t,
+        lease_owner: None,
+        lease_expires_at: None,
+        error_code: None,
+        error_message: None,
+        actor: "tester".into(),
+        traceparent: None,
+        created_at: t,
+        started_at: None,
+        finished_at: None,
+        updated_at: t,
+    }
+}
+
+fn new_vm(provider: &Provider, tenant: &str, project: &str, name: &str, tags: &[&str]) -> Vm {
+    let t = now();
+    Vm {
+        id: VmId::new(),
+        tenant_id: tenant.into(),
+        project_id: project.into(),
+        name: name.into(),
+        flavor: "small".into(),
+        vcpus: 1,
+        memory_mib: 512,
+        disk_gib: 10,
+        image: "img".into(),
+        image_source: "img-src".into(),
+        zone: "z1".into(),
+        provider_id: provider.id,
+        networks: vec![NetworkAttachment { network: "default".into() }],
+        metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
+        tags: tags.iter().map(|s| s.to_string()).collect(),
+        user_data: Some("#cloud-config".into()),
+        hostname: name.into(),
+        status: VmStatus::Pending,
+        current_job_id: None,
+        error_code: None,
+        error_message: None,
+        created_at: t,
+        updated_at: t,
+    }
+}
+
+/// Inserts a VM with its create job; returns both.
+async fn create(store: &Store, p: &Provider, tenant: &str, project: &str, name: &str, tags: &[&str]) -> (Vm, Job) {
+    let mut vm = new_vm(p, tenant, project, name, tags);
+    let job = new_job(tenant, project, vm.id, JobKind::CreateVm);
+    vm.current_job_id = Some(job.id);
+    store.accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string())).await.unwrap();
+    (vm, job)
+}
+
+/// Claims and finishes a job successfully.
+async fn complete(store: &Store, job: &Job, status: VmStatus) {
+    let t = now();
+    let claimed = store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().expect("claimable");
+    store.finish_job(&claimed, "w", &JobOutcome::Succeeded { vm_status: status }, now(), None).await.unwrap();
+}
+
+async fn migrations_create_the_schema(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    // Migrating again is a no-op, and every table answers.
+    store.migrate().await.unwrap();
+    assert!(store.list_zones().await.unwrap().is_empty());
+    assert!(store.list_flavors().await.unwrap().is_empty());
+    assert!(store.list_images().await.unwrap().is_empty());
+    assert!(store.list_providers().await.unwrap().is_empty());
+    let (events, _) = store.list_audit_events(&AuditQuery { page_size: 10, ..Default::default() }).await.unwrap();
+    assert!(events.is_empty());
+    let (vms, next) = store.list_vms("t", "p", &ListVmsQuery { page_size: 10, ..Default::default() }).await.unwrap();
+    assert!(vms.is_empty() && next.is_none());
+    assert!(store.claim_next_job("w", now(), now()).await.unwrap().is_none());
+}
+
+async fn create_is_atomic_and_tenant_scoped(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &["a"]).await;
+    let got = store.get_vm("acme", "p1", vm.id).await.unwrap();
+    assert_eq!(got, vm, "a VM reads back exactly as written");
+    assert!(matches!(store.get_vm("other", "p1", vm.id).await, Err(StoreError::NotFound)));
+    assert!(matches!(store.get_vm("acme", "p2", vm.id).await, Err(StoreError::NotFound)));
+    assert_eq!(store.get_job("acme", job.id).await.unwrap().status, JobStatus::Queued);
+    assert!(matches!(store.get_job("other", job.id).await, Err(StoreError::NotFound)));
+
+    // A create whose job cannot be inserted (duplicate job id) leaves no VM.
+    let mut vm2 = new_vm(&p, "acme", "p1", "web-2", &[]);
+    let mut job2 = new_job("acme", "p1", vm2.id, JobKind::CreateVm);
+    job2.id = job.id;
+    vm2.current_job_id = Some(job2.id);
+    let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x")).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+    assert!(matches!(store.get_vm("acme", "p1", vm2.id).await, Err(StoreError::NotFound)));
+}
+
+async fn operations_follow_the_state_rules(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    let op = |kind| AcceptOperation { tenant_id: "acme".into(), project_id: "p1".into(), vm_id: vm.id, kind };
+    let stop = new_job("acme", "p1", vm.id, JobKind::StopVm);
+    // The create job is still operating on the VM.
+    let err = store.accept_operation(&op(JobKind::StopVm), &stop, &audit("vm.stop", "")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    complete(&store, &job, VmStatus::Active).await;
+    assert_eq!(store.get_vm("acme", "p1", vm.id).await.unwrap().status, VmStatus::Active);
+
+    // Start of an ACTIVE VM is refused; stop is accepted and moves to STOPPING.
+    let start = new_job("acme", "p1", vm.id, JobKind::StartVm);
+    assert!(matches!(
+        store.accept_operation(&op(JobKind::StartVm), &start, &audit("vm.start", "")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let after = store.accept_operation(&op(JobKind::StopVm), &stop, &audit("vm.stop", "")).await.unwrap();
+    assert_eq!(after.status, VmStatus::Stopping);
+    assert_eq!(after.current_job_id, Some(stop.id));
+    // A second operation while one is in flight is refused.
+    let reboot = new_job("acme", "p1", vm.id, JobKind::RebootVm);
+    assert!(matches!(
+        store.accept_operation(&op(JobKind::RebootVm), &reboot, &audit("vm.reboot", "")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Another tenant sees nothing.
+    let other = AcceptOperation { tenant_id: "evil".into(), ..op(JobKind::DeleteVm) };
+    let del = new_job("evil", "p1", vm.id, JobKind::DeleteVm);
+    assert!(matches!(store.accept_operation(&other, &del, &audit("vm.delete", "")).await, Err(StoreError::NotFound)));
+    complete(&store, &stop, VmStatus::Stopped).await;
+
+    // Delete, then nothing else is allowed.
+    let del = new_job("acme", "p1", vm.id, JobKind::DeleteVm);
+    store.accept_operation(&op(JobKind::DeleteVm), &del, &audit("vm.delete", "")).await.unwrap();
+    complete(&store, &del, VmStatus::Deleted).await;
+    let start = new_job("acme", "p1", vm.id, JobKind::StartVm);
+    let err = store.accept_operation(&op(JobKind::StartVm), &start, &audit("vm.start", "")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("DELETED")), "{err:?}");
+}
+
+async fn leases_are_exclusive_and_lapse(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (_vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    let t = now();
+    let a = store.claim_next_job("a", t, t + Duration::seconds(30)).await.unwrap().expect("job a");
+    assert_eq!((a.id, a.attempts, a.status), (job.id, 1, JobStatus::Running));
+    assert!(store.claim_next_job("b", t, t + Duration::seconds(30)).await.unwrap().is_none());
+    assert!(store.claim_job(job.id, "b", t, t + Duration::seconds(30)).await.unwrap().is_none());
+    assert!(store.renew_lease(job.id, "a", t + Duration::seconds(60)).await.unwrap());
+    assert!(!store.renew_lease(job.id, "b", t + Duration::seconds(60)).await.unwrap());
+
+    // After the lease lapses, b takes over; a can neither renew nor finish.
+    let later = t + Duration::seconds(61);
+    let b = store.claim_next_job("b", later, later + Duration::seconds(30)).await.unwrap().expect("job b");
+    assert_eq!(b.attempts, 2);
+    assert!(!store.renew_lease(job.id, "a", later + Duration::seconds(90)).await.unwrap());
+    let err = store.finish_job(&a, "a", &JobOutcome::Succeeded { vm_status: VmStatus::Active }, later, None).await;
+    assert!(matches!(err, Err(StoreError::Conflict(_))));
+
+    // A retry goes back to the queue with a due time.
+    let due = later + Duration::seconds(5);
+    store
+        .finish_job(&b, "b", &JobOutcome::Retry { run_after: due, code: "PROVIDER_UNAVAILABLE".into(), message: "x".into() }, later, None)
+        .await
+        .unwrap();
+    assert!(store.claim_next_job("c", later, later).await.unwrap().is_none(), "not before run_after");
+    let c = store.claim_next_job("c", due, due + Duration::seconds(30)).await.unwrap().expect("due");
+    assert_eq!(c.error_code.as_deref(), Some("PROVIDER_UNAVAILABLE"));
+    store
+        .finish_job(&c, "c", &JobOutcome::Failed { code: "PROVIDER_ERROR".into(), message: "boom".into() }, due, Some(&audit("vm.create", "")))
+        .await
+        .unwrap();
+    let vm = store.get_vm_internal(job.vm_id).await.unwrap();
+    assert_eq!((vm.status, vm.error_code.as_deref(), vm.current_job_id), (VmStatus::Error, Some("PROVIDER_ERROR"), None));
+    let j = store.get_job_internal(job.id).await.unwrap();
+    assert_eq!((j.status, j.attempts), (JobStatus::Failed, 3));
+    assert!(j.finished_at.is_some() && j.lease_owner.is_none());
+}
+
+async fn steps_are_recorded_once(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (_vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    let t = now();
+    // Without the lease nothing is recorded.
+    store.record_step(job.id, "w", "provider.create", "x", t).await.unwrap();
+    assert!(store.completed_steps(job.id).await.unwrap().is_empty());
+    store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().unwrap();
+    store.record_step(job.id, "w", "provider.create", "first", t).await.unwrap();
+    store.record_step(job.id, "w", "provider.create", "second", t).await.unwrap();
+    store.record_step(job.id, "w", "provider.start", "", t + Duration::milliseconds(1)).await.unwrap();
+    let steps = store.completed_steps(job.id).await.unwrap();
+    assert_eq!(steps, vec![("provider.create".to_owned(), "first".to_owned()), ("provider.start".to_owned(), String::new())]);
+}
+
+async fn list_paginates_and_filters(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let tags: &[&str] = if i % 2 == 0 { &["even", "all"] } else { &["all"] };
+        let (vm, job) = create(&store, &p, "acme", "p1", &format!("vm-{i}"), tags).await;
+        if i < 3 {
+            complete(&store, &job, VmStatus::Active).await;
+        }
+        ids.push(vm.id);
+    }
+    create(&store, &p, "acme", "p2", "elsewhere", &["all"]).await;
+    create(&store, &p, "other", "p1", "theirs", &["all"]).await;
+
+    let mut seen = Vec::new();
+    let mut token = None;
+    loop {
+        let q = ListVmsQuery { page_size: 3, page_token: token.clone(), ..Default::default() };
+        let (page, next) = store.list_vms("acme", "p1", &q).await.unwrap();
+        assert!(page.len() <= 3);
+        seen.extend(page.iter().map(|v| v.id));
+        match next {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids, "every VM once, in creation order");
+
+    let even = ListVmsQuery { page_size: 100, tags: vec!["even".into()], ..Default::default() };
+    assert_eq!(store.list_vms("acme", "p1", &even).await.unwrap().0.len(), 4);
+    let both = ListVmsQuery { page_size: 100, tags: vec!["even".into(), "all".into()], ..Default::default() };
+    assert_eq!(store.list_vms("acme", "p1", &both).await.unwrap().0.len(), 4);
+    let active = ListVmsQuery { page_size: 100, status: Some(VmStatus::Active), ..Default::default() };
+    assert_eq!(store.list_vms("acme", "p1", &active).await.unwrap().0.len(), 3);
+    let pending_even = ListVmsQuery { page_size: 100, status: Some(VmStatus::Pending), tags: vec!["even".into()], ..Default::default() };
+    assert_eq!(store.list_vms("acme", "p1", &pending_even).await.unwrap().0.len(), 2);
+}
+
+async fn catalog_rules(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let dup = Flavor { name: "small".into(), vcpus: 2, memory_mib: 1, disk_gib: 1, description: String::new(), created_at: now() };
+    assert!(matches!(store.create_flavor(&dup, &audit("flavor.create", "small")).await, Err(StoreError::AlreadyExists { .. })));
+    assert_eq!(store.get_flavor("small").await.unwrap().vcpus, 1);
+    let (_vm, _job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    assert!(matches!(store.delete_flavor("small", &audit("flavor.delete", "small")).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(store.delete_image("img", &audit("image.delete", "img")).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(store.delete_flavor("nope", &audit("flavor.delete", "nope")).await, Err(StoreError::NotFound)));
+    // The zone is named by a provider: the foreign key refuses the delete.
+    assert!(matches!(store.delete_zone("z1", &audit("zone.delete", "z1")).await, Err(StoreError::Conflict(_))));
+}
+
+async fn audit_is_listed_in_order(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    for i in 0..5 {
+        store.append_audit(&audit("vm.stop", &format!("r{}", i % 2))).await.unwrap();
+    }
+    let q = AuditQuery { resource_id: Some("r0".into()), page_size: 2, ..Default::default() };
+    let (first, next) = store.list_audit_events(&q).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let (rest, end) = store.list_audit_events(&AuditQuery { page_token: next, ..q }).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert!(end.is_none());
+    assert!(first[0].id < first[1].id && first[1].id < rest[0].id);
+}
+
+async fn console_tokens_redeem_once(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (vm, _) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    let t = now();
+    let session = ConsoleSession {
+        token_hash: "h1".into(),
+        tenant_id: "acme".into(),
+        project_id: "p1".into(),
+        vm_id: vm.id,
+        protocol: "vnc".into(),
+        expires_at: t + Duration::seconds(60),
+        used_at: None,
+        revoked_at: None,
+        created_at: t,
+    };
+    store.insert_console_session(&session, &audit("vm.console", "")).await.unwrap();
+    let expired = ConsoleSession { token_hash: "h2".into(), expires_at: t + Duration::seconds(1), ..session.clone() };
+    store.insert_console_session(&expired, &audit("vm.console", "")).await.unwrap();
+    let got = store.redeem_console_session("h1", t).await.unwrap();
+    assert_eq!(got.vm_id, vm.id);
+    assert!(matches!(store.redeem_console_session("h1", t).await, Err(StoreError::NotFound)), "single use");
+    assert!(matches!(store.redeem_console_session("h2", t + Duration::seconds(2)).await, Err(StoreError::NotFound)), "expired");
+    assert!(matches!(store.redeem_console_session("nope", t).await, Err(StoreError::NotFound)));
+}
+
+async fn providers_with_vms_cannot_be_removed(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (_vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    assert!(matches!(store.remove_provider(p.id, &audit("provider.remove", "")).await, Err(StoreError::Conflict(_))));
+    store.update_provider_health(p.id, false, "probe timed out", None, now()).await.unwrap();
+    let got = store.get_provider(p.id).await.unwrap();
+    assert!(!got.healthy && got.health_message == "probe timed out");
+    assert_eq!(got.capabilities, p.capabilities, "capabilities kept when the probe reports none");
+    complete(&store, &job, VmStatus::Active).await;
+    assert!(matches!(store.remove_provider(ProviderId::new(), &audit("provider.remove", "")).await, Err(StoreError::NotFound)));
+}

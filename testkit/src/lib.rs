@@ -1,0 +1,65 @@
+//! Test support for HCP's own tests, so that a system test reads like a
+//! user story:
+//! - [`db::TestDb`]: a fresh database per test, SQLite (a file in a
+//!   temporary directory) or PostgreSQL (a new database on the server named
+//!   by `HCP_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! - [`stack::TestStack`]: core, gateway and sim providers as separate OS
+//!   processes on ephemeral ports, with tokens signed by the stack's key.
+//! - [`rest::Rest`]: a small JSON-over-HTTP client for the gateway.
+//! - [`wait_until`]: waiting for a condition with a deadline, never a sleep.
+
+pub mod db;
+pub mod rest;
+pub mod stack;
+
+use std::time::Duration;
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after
+/// `timeout` with `what` in the message.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A directory under the system temp dir, removed on drop unless the test
+/// is panicking (so logs survive a failure).
+#[derive(Debug)]
+pub struct TempDir {
+    path: std::path::PathBuf,
+}
+
+impl TempDir {
+    /// Creates `hcp-test-<uuid>`.
+    pub fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("hcp-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test artifacts kept in {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}

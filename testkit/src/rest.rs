@@ -1,0 +1,85 @@
+//! A minimal JSON client for the gateway's REST API.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+/// A reply: status and JSON body (`Value::Null` when empty or not JSON).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Parsed body.
+    pub body: Value,
+}
+
+impl Reply {
+    /// `body[key]` as a string, or "".
+    pub fn str(&self, key: &str) -> String {
+        self.body.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_owned()
+    }
+}
+
+/// REST client bound to one base URL.
+#[derive(Clone, Debug)]
+pub struct Rest {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Rest {
+    /// A client for `http://addr`.
+    pub fn new(base: String) -> Self {
+        Self { base, client: Client::builder(TokioExecutor::new()).build_http() }
+    }
+
+    /// Sends a request; `body` is sent verbatim.
+    pub async fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> anyhow::Result<Reply> {
+        self.raw_with(method, path, token, body, &[]).await
+    }
+
+    /// Sends a request with extra headers.
+    pub async fn raw_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Reply> {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{}", self.base, path))
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))?;
+        let resp = self.client.request(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Reply { status, body })
+    }
+
+    /// GET.
+    pub async fn get(&self, path: &str, token: &str) -> anyhow::Result<Reply> {
+        self.raw("GET", path, Some(token), None).await
+    }
+
+    /// POST a JSON value.
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> anyhow::Result<Reply> {
+        self.raw("POST", path, Some(token), Some(&body.to_string())).await
+    }
+
+    /// DELETE.
+    pub async fn delete(&self, path: &str, token: &str) -> anyhow::Result<Reply> {
+        self.raw("DELETE", path, Some(token), None).await
+    }
+}
