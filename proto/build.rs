@@ -18,10 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut compiler = protox::Compiler::new([".", "third_party"])?;
     compiler.include_imports(true).include_source_info(true);
     compiler.open_files(FILES)?;
-    std::fs::write(
-        out_dir.join("hcp_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    std::fs::write(out_dir.join("hcp_descriptor.bin"), compiler.encode_file_descriptor_set())?;
     for file in compiler.files() {
         if let Some(path) = file.path() {
             println!("cargo:rerun-if-changed={}", path.display());

@@ -75,7 +75,8 @@ pub fn dev_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
         std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
         let mut bytes = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
-        std::fs::write(&path, hex::encode(bytes)).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, hex::encode(bytes))
+            .with_context(|| format!("cannot write {}", path.display()))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -145,7 +146,8 @@ pub async fn spawn(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
+    let mut child =
+        cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let addr = tokio::time::timeout(timeout, async {
@@ -167,7 +169,12 @@ pub async fn spawn(
 
 /// Seeds a stack through its ops API: a zone, flavors, an image and the
 /// provider at `provider_endpoint` (each skipped when it already exists).
-pub async fn bootstrap(core: &str, ops_token: &str, zone: &str, provider_endpoint: &str) -> anyhow::Result<()> {
+pub async fn bootstrap(
+    core: &str,
+    ops_token: &str,
+    zone: &str,
+    provider_endpoint: &str,
+) -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(core.to_owned())?.connect().await?;
     let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {ops_token}").parse()?;
     fn authed<T>(auth: &tonic::metadata::MetadataValue<tonic::metadata::Ascii>, m: T) -> tonic::Request<T> {
@@ -184,52 +191,70 @@ pub async fn bootstrap(core: &str, ops_token: &str, zone: &str, provider_endpoin
     };
     ok_or_exists(
         catalog
-            .create_zone(authed(&auth, ops::CreateZoneRequest {
-                zone: Some(common::Zone { name: zone.to_owned(), description: "development zone".into(), created_at: None }),
-            }))
+            .create_zone(authed(
+                &auth,
+                ops::CreateZoneRequest {
+                    zone: Some(common::Zone {
+                        name: zone.to_owned(),
+                        description: "development zone".into(),
+                        created_at: None,
+                    }),
+                },
+            ))
             .await
             .map(|_| ()),
     )?;
-    for (name, vcpus, memory_mib, disk_gib) in [("small", 1, 512, 10), ("medium", 2, 2048, 20), ("large", 4, 8192, 40)] {
+    for (name, vcpus, memory_mib, disk_gib) in
+        [("small", 1, 512, 10), ("medium", 2, 2048, 20), ("large", 4, 8192, 40)]
+    {
         ok_or_exists(
             catalog
-                .create_flavor(authed(&auth, ops::CreateFlavorRequest {
-                    flavor: Some(common::Flavor {
-                        name: name.into(),
-                        vcpus,
-                        memory_mib,
-                        disk_gib,
-                        description: format!("{vcpus} vCPU, {memory_mib} MiB"),
-                        created_at: None,
-                    }),
-                }))
+                .create_flavor(authed(
+                    &auth,
+                    ops::CreateFlavorRequest {
+                        flavor: Some(common::Flavor {
+                            name: name.into(),
+                            vcpus,
+                            memory_mib,
+                            disk_gib,
+                            description: format!("{vcpus} vCPU, {memory_mib} MiB"),
+                            created_at: None,
+                        }),
+                    },
+                ))
                 .await
                 .map(|_| ()),
         )?;
     }
     ok_or_exists(
         catalog
-            .create_image(authed(&auth, ops::CreateImageRequest {
-                image: Some(common::Image {
-                    name: "debian-12".into(),
-                    os_type: "linux".into(),
-                    source: "debian-12-genericcloud".into(),
-                    min_disk_gib: 2,
-                    description: "Debian 12".into(),
-                    created_at: None,
-                }),
-            }))
+            .create_image(authed(
+                &auth,
+                ops::CreateImageRequest {
+                    image: Some(common::Image {
+                        name: "debian-12".into(),
+                        os_type: "linux".into(),
+                        source: "debian-12-genericcloud".into(),
+                        min_disk_gib: 2,
+                        description: "Debian 12".into(),
+                        created_at: None,
+                    }),
+                },
+            ))
             .await
             .map(|_| ()),
     )?;
     let existing = providers.list_providers(authed(&auth, ops::ListProvidersRequest {})).await?.into_inner();
     if !existing.providers.iter().any(|p| p.endpoint == provider_endpoint) {
         providers
-            .register_provider(authed(&auth, ops::RegisterProviderRequest {
-                name: format!("sim-{}", existing.providers.len() + 1),
-                zone: zone.to_owned(),
-                endpoint: provider_endpoint.to_owned(),
-            }))
+            .register_provider(authed(
+                &auth,
+                ops::RegisterProviderRequest {
+                    name: format!("sim-{}", existing.providers.len() + 1),
+                    zone: zone.to_owned(),
+                    endpoint: provider_endpoint.to_owned(),
+                },
+            ))
             .await
             .map_err(|s| anyhow::anyhow!("cannot register the provider: {}", s.message()))?;
     }
@@ -264,7 +289,14 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     let wait = Duration::from_secs(60);
 
     println!("starting HCP (data in {})", data.display());
-    let sim = spawn(&exe, &["provider-sim".into(), "--listen".into(), args.sim.to_string()], &[], Stdio::inherit(), wait).await?;
+    let sim = spawn(
+        &exe,
+        &["provider-sim".into(), "--listen".into(), args.sim.to_string()],
+        &[],
+        Stdio::inherit(),
+        wait,
+    )
+    .await?;
     let core = spawn(
         &exe,
         &["core".into(), "--config".into(), core_config.display().to_string()],
@@ -275,7 +307,13 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     .await?;
     let gateway = spawn(
         &exe,
-        &["gateway".into(), "--listen".into(), args.gateway.to_string(), "--core".into(), format!("http://{}", core.addr)],
+        &[
+            "gateway".into(),
+            "--listen".into(),
+            args.gateway.to_string(),
+            "--core".into(),
+            format!("http://{}", core.addr),
+        ],
         &[],
         Stdio::inherit(),
         wait,
@@ -283,7 +321,8 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     .await?;
 
     let ops_token = mint(&secret, "dev-operator", None, &[], &[ROLE_OPS_ADMIN], 24 * 3600)?;
-    bootstrap(&format!("http://{}", core.addr), &ops_token, "zone-1", &format!("http://{}", sim.addr)).await?;
+    bootstrap(&format!("http://{}", core.addr), &ops_token, "zone-1", &format!("http://{}", sim.addr))
+        .await?;
     let tenant_token = mint(&secret, "dev-user", Some("acme"), &["demo"], &[ROLE_TENANT_MEMBER], 24 * 3600)?;
     let gw = gateway.addr;
     println!(

@@ -47,8 +47,12 @@ async fn operate(rest: &Rest, token: &str, vm_id: &str, action: &str, expect: &s
         "delete" => format!("{}/{vm_id}", vms("demo")),
         _ => format!("{}/{vm_id}:{action}", vms("demo")),
     };
-    let r = if action == "delete" { rest.delete(&path, token).await } else { rest.post(&path, token, &json!({})).await }
-        .unwrap();
+    let r = if action == "delete" {
+        rest.delete(&path, token).await
+    } else {
+        rest.post(&path, token, &json!({})).await
+    }
+    .unwrap();
     assert_eq!(r.status, 202, "{action}: {}", r.body);
     assert_eq!(r.str("vm_id"), vm_id);
     let job_id = r.str("job_id");
@@ -106,7 +110,11 @@ async fn lifecycle(backend: Backend) {
     // Every action left an audit trail: accepted by the API, then finished
     // by the worker, with the job and a trace id.
     let ops = s.ops_token();
-    let audit = s.rest.get(&format!("/api/hcp/ops/v1/audit-events?resource_id={vm_id}&page_size=100"), &ops).await.unwrap();
+    let audit = s
+        .rest
+        .get(&format!("/api/hcp/ops/v1/audit-events?resource_id={vm_id}&page_size=100"), &ops)
+        .await
+        .unwrap();
     assert_eq!(audit.status, 200, "{}", audit.body);
     let events = audit.body["events"].as_array().unwrap().clone();
     for (action, job) in [
@@ -118,7 +126,10 @@ async fn lifecycle(backend: Backend) {
     ] {
         for outcome in ["accepted", "succeeded"] {
             let found = events.iter().any(|e| {
-                e["action"] == action && e["outcome"] == outcome && e["job_id"] == job.as_str() && e["trace_id"].as_str().is_some_and(|t| t.len() == 32)
+                e["action"] == action
+                    && e["outcome"] == outcome
+                    && e["job_id"] == job.as_str()
+                    && e["trace_id"].as_str().is_some_and(|t| t.len() == 32)
             });
             assert!(found, "no {action} {outcome} audit event for job {job}: {events:#?}");
         }
@@ -141,7 +152,10 @@ async fn lifecycle(backend: Backend) {
     // create's trace id appears in core's log on the worker's job span.
     let trace = accepted["trace_id"].as_str().unwrap();
     let core_log = s.log("core");
-    assert!(core_log.lines().any(|l| l.contains(trace) && l.contains("job")), "trace {trace} not in core log");
+    assert!(
+        core_log.lines().any(|l| l.contains(trace) && l.contains("job")),
+        "trace {trace} not in core log"
+    );
 }
 
 #[tokio::test]
@@ -158,7 +172,11 @@ async fn lifecycle_on_postgres() {
 async fn tokens_roles_and_tenancy() {
     let s = stack(StackOptions::default()).await;
     let acme = s.tenant_token("acme", &["demo"]);
-    let r = s.rest.post(&vms("demo"), &acme, &json!({"name": "a", "flavor": "small", "image": "debian-12"})).await.unwrap();
+    let r = s
+        .rest
+        .post(&vms("demo"), &acme, &json!({"name": "a", "flavor": "small", "image": "debian-12"}))
+        .await
+        .unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
     let (vm_id, job_id) = (r.str("vm_id"), r.str("job_id"));
 
@@ -203,7 +221,11 @@ async fn tokens_roles_and_tenancy() {
 
     // A tenant token on the ops namespace.
     check(s.rest.get("/api/hcp/ops/v1/providers", &acme).await.unwrap(), 403, "PERMISSION_DENIED");
-    check(s.rest.post("/api/hcp/ops/v1/zones", &acme, &json!({"name": "z9"})).await.unwrap(), 403, "PERMISSION_DENIED");
+    check(
+        s.rest.post("/api/hcp/ops/v1/zones", &acme, &json!({"name": "z9"})).await.unwrap(),
+        403,
+        "PERMISSION_DENIED",
+    );
     // A viewer cannot change anything.
     let viewer = s.token(Some("acme"), &["demo"], &["tenant.viewer"], 600);
     assert_eq!(s.rest.get(&path, &viewer).await.unwrap().status, 200);
@@ -220,7 +242,11 @@ async fn tokens_roles_and_tenancy() {
     check(s.rest.get(&vms("other"), &acme).await.unwrap(), 403, "PERMISSION_DENIED");
     // A job of another project of the same tenant is hidden too.
     let other_project = s.tenant_token("acme", &["other"]);
-    check(s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), &other_project).await.unwrap(), 404, "NOT_FOUND");
+    check(
+        s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), &other_project).await.unwrap(),
+        404,
+        "NOT_FOUND",
+    );
 }
 
 #[tokio::test]
@@ -232,16 +258,40 @@ async fn bad_input_names_the_field() {
         assert_eq!(r.str("code"), "INVALID_ARGUMENT", "{}", r.body);
         r.body["details"]["field"].as_str().unwrap_or_default().to_owned()
     };
-    let post = |body: &'static str| s.rest.raw("POST", "/api/hcp/tenant/v1/projects/demo/vms", Some(&t), Some(body));
+    let post =
+        |body: &'static str| s.rest.raw("POST", "/api/hcp/tenant/v1/projects/demo/vms", Some(&t), Some(body));
     assert_eq!(field(post(r#"{"name": "a", "#).await.unwrap()), "body");
-    assert_eq!(field(post(r#"{"name":"a","flavor":"small","image":"debian-12","colour":"red"}"#).await.unwrap()), "colour");
+    assert_eq!(
+        field(post(r#"{"name":"a","flavor":"small","image":"debian-12","colour":"red"}"#).await.unwrap()),
+        "colour"
+    );
     assert_eq!(field(post(r#"{"name":"a","image":"debian-12"}"#).await.unwrap()), "flavor");
     assert_eq!(field(post(r#"{"name":"a","flavor":"huge","image":"debian-12"}"#).await.unwrap()), "flavor");
     assert_eq!(field(post(r#"{"name":"a","flavor":"small"}"#).await.unwrap()), "image");
-    assert_eq!(field(post(r#"{"name":"-bad-","flavor":"small","image":"debian-12"}"#).await.unwrap()), "name");
-    assert_eq!(field(post(r#"{"name":"a","flavor":"small","image":"debian-12","zone":"mars"}"#).await.unwrap()), "zone");
-    assert_eq!(field(post(r#"{"name":"a","flavor":"small","image":"debian-12","networks":[{"network":7}]}"#).await.unwrap()), "networks[0].network");
-    assert_eq!(field(post(r#"{"name":"a","flavor":"small","image":"debian-12","metadata":{"hcp.x":"y"}}"#).await.unwrap()), "metadata");
+    assert_eq!(
+        field(post(r#"{"name":"-bad-","flavor":"small","image":"debian-12"}"#).await.unwrap()),
+        "name"
+    );
+    assert_eq!(
+        field(post(r#"{"name":"a","flavor":"small","image":"debian-12","zone":"mars"}"#).await.unwrap()),
+        "zone"
+    );
+    assert_eq!(
+        field(
+            post(r#"{"name":"a","flavor":"small","image":"debian-12","networks":[{"network":7}]}"#)
+                .await
+                .unwrap()
+        ),
+        "networks[0].network"
+    );
+    assert_eq!(
+        field(
+            post(r#"{"name":"a","flavor":"small","image":"debian-12","metadata":{"hcp.x":"y"}}"#)
+                .await
+                .unwrap()
+        ),
+        "metadata"
+    );
     let get = |p: String| {
         let s = &s;
         let t = t.clone();
@@ -280,15 +330,24 @@ async fn missing_capability_is_refused_before_any_job() {
     let audit = s.rest.get("/api/hcp/ops/v1/audit-events?action=vm.create", &s.ops_token()).await.unwrap();
     assert_eq!(audit.body["events"], json!([]));
     // Without user_data the same request is accepted.
-    let ok = s.rest.post(&vms("demo"), &t, &json!({"name": "a", "flavor": "small", "image": "debian-12"})).await.unwrap();
+    let ok = s
+        .rest
+        .post(&vms("demo"), &t, &json!({"name": "a", "flavor": "small", "image": "debian-12"}))
+        .await
+        .unwrap();
     assert_eq!(ok.status, 202, "{}", ok.body);
     // Console on a provider without VNC support... this one has VNC; a
     // SPICE console is not offered.
     finished_job(&s.rest, &t, &ok.str("job_id")).await;
-    let c = s.rest.post(&format!("{}/{}:console", vms("demo"), ok.str("vm_id")), &t, &json!({"type": "spice"})).await.unwrap();
+    let c = s
+        .rest
+        .post(&format!("{}/{}:console", vms("demo"), ok.str("vm_id")), &t, &json!({"type": "spice"}))
+        .await
+        .unwrap();
     assert_eq!((c.status, c.str("code").as_str()), (409, "FEATURE_NOT_SUPPORTED"), "{}", c.body);
     assert_eq!(c.body["details"]["capability"], "supports_console_spice");
-    let c = s.rest.post(&format!("{}/{}:console", vms("demo"), ok.str("vm_id")), &t, &json!({})).await.unwrap();
+    let c =
+        s.rest.post(&format!("{}/{}:console", vms("demo"), ok.str("vm_id")), &t, &json!({})).await.unwrap();
     assert_eq!(c.status, 200, "{}", c.body);
     assert_eq!(c.str("type"), "vnc");
     assert!(c.str("url").contains("token=") && !c.str("url").contains(&s.sim.to_string()), "{}", c.body);
@@ -298,19 +357,25 @@ async fn missing_capability_is_refused_before_any_job() {
 #[tokio::test]
 async fn reflection_lists_the_services() {
     use hcp_proto::tenant::vm_service_client::VmServiceClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let s = stack(StackOptions::default()).await;
     let list = |channel| async move {
         let mut client = ServerReflectionClient::new(channel);
-        let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-        let mut stream = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream =
+            client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
         let resp = stream.message().await.unwrap().unwrap();
         match resp.message_response {
-            Some(MessageResponse::ListServicesResponse(l)) => l.service.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+            }
             other => panic!("unexpected reflection answer {other:?}"),
         }
     };
@@ -319,14 +384,23 @@ async fn reflection_lists_the_services() {
         assert!(core.iter().any(|s| s == name), "{name} missing from {core:?}");
     }
     let provider = list(s.sim_channel().await.unwrap()).await;
-    for name in ["hcp.provider.v1.Identity", "hcp.provider.v1.Compute", "hcp.sim.v1.SimControl", "grpc.health.v1.Health"] {
+    for name in [
+        "hcp.provider.v1.Identity",
+        "hcp.provider.v1.Compute",
+        "hcp.sim.v1.SimControl",
+        "grpc.health.v1.Health",
+    ] {
         assert!(provider.iter().any(|s| s == name), "{name} missing from {provider:?}");
     }
 
     // The same API answers over gRPC directly, with the same error model.
     let mut vm = VmServiceClient::new(s.core_channel().await.unwrap());
-    let mut req = tonic::Request::new(hcp_proto::tenant::GetVmRequest { project_id: "demo".into(), vm_id: "nope".into() });
-    req.metadata_mut().insert("authorization", format!("Bearer {}", s.tenant_token("acme", &["demo"])).parse().unwrap());
+    let mut req = tonic::Request::new(hcp_proto::tenant::GetVmRequest {
+        project_id: "demo".into(),
+        vm_id: "nope".into(),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {}", s.tenant_token("acme", &["demo"])).parse().unwrap());
     let status = vm.get_vm(req).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     let err = hcp_proto::error::ApiError::from_status(&status);
@@ -343,7 +417,8 @@ async fn grpc_web_reaches_core_through_the_gateway() {
     frame.extend_from_slice(&msg);
     let body = String::from_utf8(frame).unwrap();
     let token = format!("Bearer {}", s.tenant_token("acme", &["demo"]));
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let req = http::Request::post(format!("http://{}/hcp.common.v1.CatalogService/ListZones", s.gateway))
         .header("content-type", "application/grpc-web+proto")
         .header("authorization", token)

@@ -89,10 +89,13 @@ impl Principal {
         if !role_ok {
             return Err(ApiError::new(
                 ErrorCode::PermissionDenied,
-                format!("role {} is required", match access {
-                    Access::Read => "tenant.viewer or tenant.member",
-                    Access::Write => ROLE_TENANT_MEMBER,
-                }),
+                format!(
+                    "role {} is required",
+                    match access {
+                        Access::Read => "tenant.viewer or tenant.member",
+                        Access::Write => ROLE_TENANT_MEMBER,
+                    }
+                ),
             ));
         }
         if !self.projects.iter().any(|p| p == project_id) {
@@ -123,10 +126,13 @@ impl Principal {
         } else {
             Err(ApiError::new(
                 ErrorCode::PermissionDenied,
-                format!("role {} is required", match access {
-                    Access::Read => "ops.viewer or ops.admin",
-                    Access::Write => ROLE_OPS_ADMIN,
-                }),
+                format!(
+                    "role {} is required",
+                    match access {
+                        Access::Read => "ops.viewer or ops.admin",
+                        Access::Write => ROLE_OPS_ADMIN,
+                    }
+                ),
             ))
         }
     }
@@ -181,8 +187,7 @@ impl std::fmt::Debug for Verifier {
 }
 
 fn read_key(path: &Path) -> Result<Vec<u8>, KeyError> {
-    std::fs::read(path)
-        .map_err(|source| KeyError::Read { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })
 }
 
 /// Reads an HS256 secret file, trimming a trailing newline.
@@ -204,8 +209,7 @@ impl Verifier {
             (DecodingKey::from_secret(&read_hs256_secret(path)?), Algorithm::HS256)
         } else if let Some(path) = &config.public_key_pem_file {
             let pem = read_key(path)?;
-            let parse_err =
-                |source| KeyError::Parse { path: path.display().to_string(), source };
+            let parse_err = |source| KeyError::Parse { path: path.display().to_string(), source };
             match config.public_key_algorithm.as_deref().unwrap_or("RS256") {
                 "RS256" => (DecodingKey::from_rsa_pem(&pem).map_err(parse_err)?, Algorithm::RS256),
                 "ES256" => (DecodingKey::from_ec_pem(&pem).map_err(parse_err)?, Algorithm::ES256),
@@ -254,13 +258,10 @@ impl Verifier {
 
     /// Verifies the `authorization` header value (`Bearer <token>`).
     pub fn verify_header(&self, value: Option<&str>) -> Result<Principal, ApiError> {
-        let value = value.ok_or_else(|| {
-            ApiError::new(ErrorCode::Unauthenticated, "missing authorization bearer token")
-        })?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or_else(|| {
+        let value = value
+            .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "missing authorization bearer token"))?;
+        let token =
+            value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or_else(|| {
                 ApiError::new(ErrorCode::Unauthenticated, "authorization must be a bearer token")
             })?;
         self.verify(token.trim())
@@ -301,9 +302,10 @@ impl tonic::service::Interceptor for AuthInterceptor {
 
 /// Returns the principal the interceptor stored.
 pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
-    req.extensions().get::<Principal>().cloned().ok_or_else(|| {
-        crate::error::status(ApiError::new(ErrorCode::Unauthenticated, "not authenticated"))
-    })
+    req.extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| crate::error::status(ApiError::new(ErrorCode::Unauthenticated, "not authenticated")))
 }
 
 #[cfg(test)]
@@ -354,10 +356,7 @@ mod tests {
         );
         let mut c = claims(60);
         c.iss = "evil".into();
-        assert_eq!(
-            check(&sign_hs256(SECRET, &c).unwrap()).unwrap_err(),
-            "the token issuer is not accepted"
-        );
+        assert_eq!(check(&sign_hs256(SECRET, &c).unwrap()).unwrap_err(), "the token issuer is not accepted");
         assert_eq!(check("garbage").unwrap_err(), "the token is malformed");
     }
 
@@ -370,9 +369,6 @@ mod tests {
             roles: vec![ROLE_TENANT_VIEWER.into()],
         };
         assert!(p.tenant_project("p1", Access::Read).is_ok());
-        assert_eq!(
-            p.tenant_project("p1", Access::Write).unwrap_err().code,
-            ErrorCode::PermissionDenied
-        );
+        assert_eq!(p.tenant_project("p1", Access::Write).unwrap_err().code, ErrorCode::PermissionDenied);
     }
 }

@@ -1,6 +1,5 @@
 //! Command line of this process, shared by its own binary and by `hcp`.
 
-
 use std::path::PathBuf;
 
 use anyhow::Context;

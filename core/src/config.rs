@@ -218,16 +218,12 @@ impl Config {
     }
 
     /// Applies the `HCP_*` overrides from `env` (pass `std::env::vars()`).
-    pub fn apply_env(
-        &mut self,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<(), ConfigError> {
+    pub fn apply_env(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
         for (k, v) in env {
             match k.as_str() {
                 ENV_DATABASE_URL => self.database_url = v,
                 ENV_LISTEN => {
-                    self.listen =
-                        v.parse().map_err(|_| ConfigError::Env { var: ENV_LISTEN, value: v })?
+                    self.listen = v.parse().map_err(|_| ConfigError::Env { var: ENV_LISTEN, value: v })?
                 }
                 ENV_JWT_SECRET_FILE => self.auth.hs256_secret_file = Some(PathBuf::from(v)),
                 _ => {}

@@ -6,9 +6,7 @@
 use chrono::{DateTime, Utc};
 use hcp_proto::{common, ops, provider, tenant};
 
-use crate::model::{
-    AuditEvent, Capabilities, Flavor, Image, Job, JobStatus, Provider, Vm, VmStatus, Zone,
-};
+use crate::model::{AuditEvent, Capabilities, Flavor, Image, Job, JobStatus, Provider, Vm, VmStatus, Zone};
 
 /// Converts a time to a protobuf timestamp.
 pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -182,8 +180,7 @@ pub fn provider_to_proto(p: &Provider) -> ops::Provider {
         hypervisor: p.hypervisor.clone(),
         protocol_version: p.protocol_version.clone(),
         capabilities: Some(capabilities_to_proto(&p.capabilities)),
-        health: if p.healthy { ops::ProviderHealth::Healthy } else { ops::ProviderHealth::Unhealthy }
-            as i32,
+        health: if p.healthy { ops::ProviderHealth::Healthy } else { ops::ProviderHealth::Unhealthy } as i32,
         health_message: p.health_message.clone(),
         last_probe_at: p.last_probe_at.map(ts),
         created_at: Some(ts(p.created_at)),

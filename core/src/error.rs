@@ -9,9 +9,7 @@ use crate::store::StoreError;
 /// Encodes an API error as a gRPC status, adding the current trace id.
 pub fn status(err: ApiError) -> tonic::Status {
     let err = match hcp_telemetry::current_trace_id() {
-        Some(trace) if !err.details.contains_key(DETAIL_TRACE_ID) => {
-            err.with_detail(DETAIL_TRACE_ID, trace)
-        }
+        Some(trace) if !err.details.contains_key(DETAIL_TRACE_ID) => err.with_detail(DETAIL_TRACE_ID, trace),
         _ => err,
     };
     if err.code == ErrorCode::Internal || err.code == ErrorCode::Unavailable {

@@ -225,9 +225,7 @@ impl Engine {
                     // Wake a local worker when the backoff is over.
                     let wake = self.wake.clone();
                     let delay = match &outcome {
-                        JobOutcome::Retry { run_after, .. } => {
-                            (*run_after - t).to_std().unwrap_or_default()
-                        }
+                        JobOutcome::Retry { run_after, .. } => (*run_after - t).to_std().unwrap_or_default(),
                         _ => Duration::ZERO,
                     };
                     tokio::spawn(async move {

@@ -6,9 +6,9 @@
 //! Layout: `api` (handlers) -> `store` (all SQL) and `jobs` (engine) ->
 //! `providers` (southbound client). `server::run` wires them together.
 
-pub mod cli;
 pub mod api;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod error;

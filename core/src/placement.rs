@@ -18,8 +18,7 @@ use crate::store::Store;
 /// Picks a provider for a VM in `zone` needing the capability flags `needs`.
 pub async fn choose(store: &Store, zone: Option<&str>, needs: &[&str]) -> Result<Provider, ApiError> {
     let providers = store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
-    let in_zone: Vec<&Provider> =
-        providers.iter().filter(|p| zone.is_none_or(|z| p.zone == z)).collect();
+    let in_zone: Vec<&Provider> = providers.iter().filter(|p| zone.is_none_or(|z| p.zone == z)).collect();
     let healthy: Vec<&Provider> = in_zone.iter().copied().filter(|p| p.healthy).collect();
     if healthy.is_empty() {
         let where_ = zone.map(|z| format!("zone {z}")).unwrap_or_else(|| "any zone".to_owned());

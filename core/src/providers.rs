@@ -12,9 +12,7 @@ use hcp_proto::error::{ApiError, ErrorCode};
 use hcp_proto::ids::ProviderId;
 use hcp_proto::provider::compute_client::ComputeClient;
 use hcp_proto::provider::identity_client::IdentityClient;
-use hcp_proto::provider::{
-    GetCapabilitiesRequest, GetPluginInfoRequest, PluginInfo, ProbeRequest,
-};
+use hcp_proto::provider::{GetCapabilitiesRequest, GetPluginInfoRequest, PluginInfo, ProbeRequest};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::convert;
@@ -62,9 +60,7 @@ impl ProviderCallError {
             Code::DeadlineExceeded => (ErrorCode::DeadlineExceeded, true),
             Code::Aborted | Code::ResourceExhausted => (ErrorCode::ProviderError, true),
             Code::Unauthenticated | Code::PermissionDenied => (ErrorCode::ProviderError, false),
-            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => {
-                (ErrorCode::ProviderError, false)
-            }
+            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => (ErrorCode::ProviderError, false),
         };
         // The provider may override the default with ErrorInfo metadata.
         use tonic_types::StatusExt;
@@ -125,10 +121,7 @@ impl ProviderClients {
     pub async fn handshake(&self, uri: &str) -> Result<Handshake, ApiError> {
         let endpoint = Self::endpoint(uri, self.probe_timeout)?;
         let channel = endpoint.connect().await.map_err(|e| {
-            ApiError::new(
-                ErrorCode::ProviderUnavailable,
-                format!("cannot connect to provider at {uri}: {e}"),
-            )
+            ApiError::new(ErrorCode::ProviderUnavailable, format!("cannot connect to provider at {uri}: {e}"))
         })?;
         let mut identity = IdentityClient::new(channel);
         let unavailable = |what: &str, s: tonic::Status| {
@@ -158,8 +151,7 @@ impl ProviderClients {
             .await
             .map_err(|s| unavailable("GetCapabilities", s))?
             .into_inner();
-        let probe =
-            identity.probe(ProbeRequest {}).await.map_err(|s| unavailable("Probe", s))?.into_inner();
+        let probe = identity.probe(ProbeRequest {}).await.map_err(|s| unavailable("Probe", s))?.into_inner();
         Ok(Handshake {
             info,
             protocol_version: hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned(),
@@ -213,9 +205,7 @@ pub async fn probe_all(store: &Store, clients: &ProviderClients) {
         if healthy != p.healthy {
             tracing::info!(provider = %p.name, healthy, %message, "provider health changed");
         }
-        if let Err(e) =
-            store.update_provider_health(p.id, healthy, &message, caps.as_ref(), now()).await
-        {
+        if let Err(e) = store.update_provider_health(p.id, healthy, &message, caps.as_ref(), now()).await {
             tracing::warn!(provider = %p.name, error = %e, "cannot store probe result");
         }
     }

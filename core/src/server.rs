@@ -24,10 +24,10 @@ use hcp_proto::tenant::vm_service_server::VmServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::ApiContext;
 use crate::api::catalog::CatalogApi;
 use crate::api::ops::OpsApi;
 use crate::api::tenant::TenantApi;
-use crate::api::ApiContext;
 use crate::auth::{AuthInterceptor, Verifier};
 use crate::config::Config;
 use crate::jobs::{Engine, LocalQueue};
@@ -101,13 +101,8 @@ pub async fn run(
 
     if config.roles.worker {
         let worker_id = format!("worker-{}", uuid::Uuid::now_v7());
-        let engine = Engine::new(
-            store.clone(),
-            clients.clone(),
-            config.jobs.clone(),
-            worker_id,
-            queue.notifier(),
-        );
+        let engine =
+            Engine::new(store.clone(), clients.clone(), config.jobs.clone(), worker_id, queue.notifier());
         background.spawn(engine.run(stop_rx.clone()));
         let (store, clients, mut stop) = (store.clone(), clients.clone(), stop_rx.clone());
         let every = Duration::from_secs(config.providers.probe_interval_seconds.max(1));

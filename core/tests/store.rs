@@ -59,19 +59,36 @@ fn audit(action: &str, resource: &str) -> AuditEvent {
 /// Seeds a zone, a flavor, an image and a provider; returns the provider.
 async fn seed(store: &Store) -> Provider {
     store
-        .create_zone(&Zone { name: "z1".into(), description: String::new(), created_at: now() }, &audit("zone.create", "z1"))
+        .create_zone(
+            &Zone { name: "z1".into(), description: String::new(), created_at: now() },
+            &audit("zone.create", "z1"),
+        )
         .await
         .unwrap();
     store
         .create_flavor(
-            &Flavor { name: "small".into(), vcpus: 1, memory_mib: 512, disk_gib: 10, description: String::new(), created_at: now() },
+            &Flavor {
+                name: "small".into(),
+                vcpus: 1,
+                memory_mib: 512,
+                disk_gib: 10,
+                description: String::new(),
+                created_at: now(),
+            },
             &audit("flavor.create", "small"),
         )
         .await
         .unwrap();
     store
         .create_image(
-            &Image { name: "img".into(), os_type: "linux".into(), source: "img-src".into(), min_disk_gib: 1, description: String::new(), created_at: now() },
+            &Image {
+                name: "img".into(),
+                os_type: "linux".into(),
+                source: "img-src".into(),
+                min_disk_gib: 1,
+                description: String::new(),
+                created_at: now(),
+            },
             &audit("image.create", "img"),
         )
         .await
@@ -150,7 +167,14 @@ fn new_vm(provider: &Provider, tenant: &str, project: &str, name: &str, tags: &[
 }
 
 /// Inserts a VM with its create job; returns both.
-async fn create(store: &Store, p: &Provider, tenant: &str, project: &str, name: &str, tags: &[&str]) -> (Vm, Job) {
+async fn create(
+    store: &Store,
+    p: &Provider,
+    tenant: &str,
+    project: &str,
+    name: &str,
+    tags: &[&str],
+) -> (Vm, Job) {
     let mut vm = new_vm(p, tenant, project, name, tags);
     let job = new_job(tenant, project, vm.id, JobKind::CreateVm);
     vm.current_job_id = Some(job.id);
@@ -161,7 +185,8 @@ async fn create(store: &Store, p: &Provider, tenant: &str, project: &str, name: 
 /// Claims and finishes a job successfully.
 async fn complete(store: &Store, job: &Job, status: VmStatus) {
     let t = now();
-    let claimed = store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().expect("claimable");
+    let claimed =
+        store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().expect("claimable");
     store.finish_job(&claimed, "w", &JobOutcome::Succeeded { vm_status: status }, now(), None).await.unwrap();
 }
 
@@ -173,9 +198,11 @@ async fn migrations_create_the_schema(backend: Backend) {
     assert!(store.list_flavors().await.unwrap().is_empty());
     assert!(store.list_images().await.unwrap().is_empty());
     assert!(store.list_providers().await.unwrap().is_empty());
-    let (events, _) = store.list_audit_events(&AuditQuery { page_size: 10, ..Default::default() }).await.unwrap();
+    let (events, _) =
+        store.list_audit_events(&AuditQuery { page_size: 10, ..Default::default() }).await.unwrap();
     assert!(events.is_empty());
-    let (vms, next) = store.list_vms("t", "p", &ListVmsQuery { page_size: 10, ..Default::default() }).await.unwrap();
+    let (vms, next) =
+        store.list_vms("t", "p", &ListVmsQuery { page_size: 10, ..Default::default() }).await.unwrap();
     assert!(vms.is_empty() && next.is_none());
     assert!(store.claim_next_job("w", now(), now()).await.unwrap().is_none());
 }
@@ -231,7 +258,10 @@ async fn operations_follow_the_state_rules(backend: Backend) {
     // Another tenant sees nothing.
     let other = AcceptOperation { tenant_id: "evil".into(), ..op(JobKind::DeleteVm) };
     let del = new_job("evil", "p1", vm.id, JobKind::DeleteVm);
-    assert!(matches!(store.accept_operation(&other, &del, &audit("vm.delete", "")).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.accept_operation(&other, &del, &audit("vm.delete", "")).await,
+        Err(StoreError::NotFound)
+    ));
     complete(&store, &stop, VmStatus::Stopped).await;
 
     // Delete, then nothing else is allowed.
@@ -239,7 +269,8 @@ async fn operations_follow_the_state_rules(backend: Backend) {
     store.accept_operation(&op(JobKind::DeleteVm), &del, &audit("vm.delete", "")).await.unwrap();
     complete(&store, &del, VmStatus::Deleted).await;
     let start = new_job("acme", "p1", vm.id, JobKind::StartVm);
-    let err = store.accept_operation(&op(JobKind::StartVm), &start, &audit("vm.start", "")).await.unwrap_err();
+    let err =
+        store.accept_operation(&op(JobKind::StartVm), &start, &audit("vm.start", "")).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("DELETED")), "{err:?}");
 }
 
@@ -260,24 +291,40 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
     let b = store.claim_next_job("b", later, later + Duration::seconds(30)).await.unwrap().expect("job b");
     assert_eq!(b.attempts, 2);
     assert!(!store.renew_lease(job.id, "a", later + Duration::seconds(90)).await.unwrap());
-    let err = store.finish_job(&a, "a", &JobOutcome::Succeeded { vm_status: VmStatus::Active }, later, None).await;
+    let err =
+        store.finish_job(&a, "a", &JobOutcome::Succeeded { vm_status: VmStatus::Active }, later, None).await;
     assert!(matches!(err, Err(StoreError::Conflict(_))));
 
     // A retry goes back to the queue with a due time.
     let due = later + Duration::seconds(5);
     store
-        .finish_job(&b, "b", &JobOutcome::Retry { run_after: due, code: "PROVIDER_UNAVAILABLE".into(), message: "x".into() }, later, None)
+        .finish_job(
+            &b,
+            "b",
+            &JobOutcome::Retry { run_after: due, code: "PROVIDER_UNAVAILABLE".into(), message: "x".into() },
+            later,
+            None,
+        )
         .await
         .unwrap();
     assert!(store.claim_next_job("c", later, later).await.unwrap().is_none(), "not before run_after");
     let c = store.claim_next_job("c", due, due + Duration::seconds(30)).await.unwrap().expect("due");
     assert_eq!(c.error_code.as_deref(), Some("PROVIDER_UNAVAILABLE"));
     store
-        .finish_job(&c, "c", &JobOutcome::Failed { code: "PROVIDER_ERROR".into(), message: "boom".into() }, due, Some(&audit("vm.create", "")))
+        .finish_job(
+            &c,
+            "c",
+            &JobOutcome::Failed { code: "PROVIDER_ERROR".into(), message: "boom".into() },
+            due,
+            Some(&audit("vm.create", "")),
+        )
         .await
         .unwrap();
     let vm = store.get_vm_internal(job.vm_id).await.unwrap();
-    assert_eq!((vm.status, vm.error_code.as_deref(), vm.current_job_id), (VmStatus::Error, Some("PROVIDER_ERROR"), None));
+    assert_eq!(
+        (vm.status, vm.error_code.as_deref(), vm.current_job_id),
+        (VmStatus::Error, Some("PROVIDER_ERROR"), None)
+    );
     let j = store.get_job_internal(job.id).await.unwrap();
     assert_eq!((j.status, j.attempts), (JobStatus::Failed, 3));
     assert!(j.finished_at.is_some() && j.lease_owner.is_none());
@@ -296,7 +343,13 @@ async fn steps_are_recorded_once(backend: Backend) {
     store.record_step(job.id, "w", "provider.create", "second", t).await.unwrap();
     store.record_step(job.id, "w", "provider.start", "", t + Duration::milliseconds(1)).await.unwrap();
     let steps = store.completed_steps(job.id).await.unwrap();
-    assert_eq!(steps, vec![("provider.create".to_owned(), "first".to_owned()), ("provider.start".to_owned(), String::new())]);
+    assert_eq!(
+        steps,
+        vec![
+            ("provider.create".to_owned(), "first".to_owned()),
+            ("provider.start".to_owned(), String::new())
+        ]
+    );
 }
 
 async fn list_paginates_and_filters(backend: Backend) {
@@ -334,22 +387,49 @@ async fn list_paginates_and_filters(backend: Backend) {
     assert_eq!(store.list_vms("acme", "p1", &both).await.unwrap().0.len(), 4);
     let active = ListVmsQuery { page_size: 100, status: Some(VmStatus::Active), ..Default::default() };
     assert_eq!(store.list_vms("acme", "p1", &active).await.unwrap().0.len(), 3);
-    let pending_even = ListVmsQuery { page_size: 100, status: Some(VmStatus::Pending), tags: vec!["even".into()], ..Default::default() };
+    let pending_even = ListVmsQuery {
+        page_size: 100,
+        status: Some(VmStatus::Pending),
+        tags: vec!["even".into()],
+        ..Default::default()
+    };
     assert_eq!(store.list_vms("acme", "p1", &pending_even).await.unwrap().0.len(), 2);
 }
 
 async fn catalog_rules(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
-    let dup = Flavor { name: "small".into(), vcpus: 2, memory_mib: 1, disk_gib: 1, description: String::new(), created_at: now() };
-    assert!(matches!(store.create_flavor(&dup, &audit("flavor.create", "small")).await, Err(StoreError::AlreadyExists { .. })));
+    let dup = Flavor {
+        name: "small".into(),
+        vcpus: 2,
+        memory_mib: 1,
+        disk_gib: 1,
+        description: String::new(),
+        created_at: now(),
+    };
+    assert!(matches!(
+        store.create_flavor(&dup, &audit("flavor.create", "small")).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
     assert_eq!(store.get_flavor("small").await.unwrap().vcpus, 1);
     let (_vm, _job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
-    assert!(matches!(store.delete_flavor("small", &audit("flavor.delete", "small")).await, Err(StoreError::Conflict(_))));
-    assert!(matches!(store.delete_image("img", &audit("image.delete", "img")).await, Err(StoreError::Conflict(_))));
-    assert!(matches!(store.delete_flavor("nope", &audit("flavor.delete", "nope")).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.delete_flavor("small", &audit("flavor.delete", "small")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.delete_image("img", &audit("image.delete", "img")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.delete_flavor("nope", &audit("flavor.delete", "nope")).await,
+        Err(StoreError::NotFound)
+    ));
     // The zone is named by a provider: the foreign key refuses the delete.
-    assert!(matches!(store.delete_zone("z1", &audit("zone.delete", "z1")).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.delete_zone("z1", &audit("zone.delete", "z1")).await,
+        Err(StoreError::Conflict(_))
+    ));
 }
 
 async fn audit_is_listed_in_order(backend: Backend) {
@@ -383,12 +463,19 @@ async fn console_tokens_redeem_once(backend: Backend) {
         created_at: t,
     };
     store.insert_console_session(&session, &audit("vm.console", "")).await.unwrap();
-    let expired = ConsoleSession { token_hash: "h2".into(), expires_at: t + Duration::seconds(1), ..session.clone() };
+    let expired =
+        ConsoleSession { token_hash: "h2".into(), expires_at: t + Duration::seconds(1), ..session.clone() };
     store.insert_console_session(&expired, &audit("vm.console", "")).await.unwrap();
     let got = store.redeem_console_session("h1", t).await.unwrap();
     assert_eq!(got.vm_id, vm.id);
     assert!(matches!(store.redeem_console_session("h1", t).await, Err(StoreError::NotFound)), "single use");
-    assert!(matches!(store.redeem_console_session("h2", t + Duration::seconds(2)).await, Err(StoreError::NotFound)), "expired");
+    assert!(
+        matches!(
+            store.redeem_console_session("h2", t + Duration::seconds(2)).await,
+            Err(StoreError::NotFound)
+        ),
+        "expired"
+    );
     assert!(matches!(store.redeem_console_session("nope", t).await, Err(StoreError::NotFound)));
 }
 
@@ -396,11 +483,17 @@ async fn providers_with_vms_cannot_be_removed(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
     let (_vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
-    assert!(matches!(store.remove_provider(p.id, &audit("provider.remove", "")).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.remove_provider(p.id, &audit("provider.remove", "")).await,
+        Err(StoreError::Conflict(_))
+    ));
     store.update_provider_health(p.id, false, "probe timed out", None, now()).await.unwrap();
     let got = store.get_provider(p.id).await.unwrap();
     assert!(!got.healthy && got.health_message == "probe timed out");
     assert_eq!(got.capabilities, p.capabilities, "capabilities kept when the probe reports none");
     complete(&store, &job, VmStatus::Active).await;
-    assert!(matches!(store.remove_provider(ProviderId::new(), &audit("provider.remove", "")).await, Err(StoreError::NotFound)));
+    assert!(matches!(
+        store.remove_provider(ProviderId::new(), &audit("provider.remove", "")).await,
+        Err(StoreError::NotFound)
+    ));
 }

@@ -94,9 +94,8 @@ pub async fn run(
         .connect_lazy();
     let state = Arc::new(Gateway { routes, core: core.clone() });
 
-    let grpc_web = tower::ServiceBuilder::new()
-        .layer(tonic_web::GrpcWebLayer::new())
-        .service(GrpcProxy { core });
+    let grpc_web =
+        tower::ServiceBuilder::new().layer(tonic_web::GrpcWebLayer::new()).service(GrpcProxy { core });
     let mut app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
     for service in hcp_proto::NORTHBOUND_SERVICES {
         app = app.route_service(&format!("/{service}/{{method}}"), grpc_web.clone());
@@ -183,7 +182,8 @@ async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
     client.ready().await.map_err(|e| {
         ApiError::new(hcp_proto::error::ErrorCode::Unavailable, format!("core is unavailable: {e}"))
     })?;
-    let grpc_path = http::uri::PathAndQuery::try_from(route.grpc_path.as_str()).map_err(|_| ApiError::internal())?;
+    let grpc_path =
+        http::uri::PathAndQuery::try_from(route.grpc_path.as_str()).map_err(|_| ApiError::internal())?;
     let reply = client
         .unary(request, grpc_path, BytesCodec)
         .await

@@ -160,9 +160,8 @@ pub fn build(descriptor_set: &[u8], services: &[&str]) -> Result<(DescriptorPool
     let status_ext = pool.get_extension_by_name("hcp.common.v1.http_success_status");
     let mut routes: Vec<Route> = Vec::new();
     for name in services {
-        let service = pool
-            .get_service_by_name(name)
-            .ok_or_else(|| RouteError::MissingService((*name).to_owned()))?;
+        let service =
+            pool.get_service_by_name(name).ok_or_else(|| RouteError::MissingService((*name).to_owned()))?;
         for method in service.methods() {
             let options = method.options();
             let Some(rule) = http_ext.as_ref().and_then(|e| extension_message(&options, e)) else {
@@ -250,9 +249,17 @@ mod tests {
     fn templates_match_paths() {
         check("/v1/p/{project_id}/vms", "/v1/p/a/vms", Some(&[("project_id", "a")]));
         check("/v1/p/{project_id}/vms", "/v1/p/a/vms/", None);
-        check("/v1/p/{project_id}/vms/{vm_id}", "/v1/p/a/vms/b", Some(&[("project_id", "a"), ("vm_id", "b")]));
+        check(
+            "/v1/p/{project_id}/vms/{vm_id}",
+            "/v1/p/a/vms/b",
+            Some(&[("project_id", "a"), ("vm_id", "b")]),
+        );
         check("/v1/p/{project_id}/vms/{vm_id}", "/v1/p/a/vms/b:start", None);
-        check("/v1/p/{project_id}/vms/{vm_id}:start", "/v1/p/a/vms/b:start", Some(&[("project_id", "a"), ("vm_id", "b")]));
+        check(
+            "/v1/p/{project_id}/vms/{vm_id}:start",
+            "/v1/p/a/vms/b:start",
+            Some(&[("project_id", "a"), ("vm_id", "b")]),
+        );
         check("/v1/p/{project_id}/vms/{vm_id}:start", "/v1/p/a/vms/b:stop", None);
         check("/v1/p/{project_id}/vms/{vm_id}:start", "/v1/p/a/vms/:start", None);
         check("/v1/flavors/{name}", "/v1/flavors/a%20b", Some(&[("name", "a b")]));

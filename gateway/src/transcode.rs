@@ -31,9 +31,8 @@ pub fn request_message(
             let value: Value = if body_is_blank {
                 Value::Object(Map::new())
             } else {
-                serde_json::from_slice(body).map_err(|e| {
-                    ApiError::invalid_field("body", format!("malformed JSON: {e}"))
-                })?
+                serde_json::from_slice(body)
+                    .map_err(|e| ApiError::invalid_field("body", format!("malformed JSON: {e}")))?
             };
             if field == "*" {
                 match value {
@@ -120,7 +119,11 @@ fn scalar_from_text(field: &FieldDescriptor, name: &str, raw: &str) -> Result<Va
         },
         Kind::Enum(e) => {
             if e.get_value_by_name(raw).is_none() {
-                let names: Vec<_> = e.values().map(|v| v.name().to_owned()).filter(|n| !n.ends_with("_UNSPECIFIED")).collect();
+                let names: Vec<_> = e
+                    .values()
+                    .map(|v| v.name().to_owned())
+                    .filter(|n| !n.ends_with("_UNSPECIFIED"))
+                    .collect();
                 return Err(bad(&format!("one of {}", names.join(", "))));
             }
             Value::String(raw.to_owned())
@@ -137,7 +140,9 @@ fn scalar_from_text(field: &FieldDescriptor, name: &str, raw: &str) -> Result<Va
             raw.parse::<f64>().map_err(|_| bad("a number"))?;
             Value::String(raw.to_owned())
         }
-        Kind::Message(_) => return Err(ApiError::invalid_field(name, format!("{name} cannot be set from the URL"))),
+        Kind::Message(_) => {
+            return Err(ApiError::invalid_field(name, format!("{name} cannot be set from the URL")));
+        }
     })
 }
 
@@ -184,7 +189,11 @@ fn check_value(field: &FieldDescriptor, value: &Value, path: &str) -> Result<(),
             Value::String(s) if e.get_value_by_name(s).is_some() => Ok(()),
             Value::Number(n) if n.as_i64().is_some_and(|n| e.get_value(n as i32).is_some()) => Ok(()),
             _ => {
-                let names: Vec<_> = e.values().map(|v| v.name().to_owned()).filter(|n| !n.ends_with("_UNSPECIFIED")).collect();
+                let names: Vec<_> = e
+                    .values()
+                    .map(|v| v.name().to_owned())
+                    .filter(|n| !n.ends_with("_UNSPECIFIED"))
+                    .collect();
                 Err(wrong(&format!("one of {}", names.join(", "))))
             }
         },
@@ -285,13 +294,15 @@ mod tests {
     use super::*;
 
     fn create_route() -> Route {
-        let (_, routes) = crate::routes::build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES).unwrap();
+        let (_, routes) =
+            crate::routes::build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES).unwrap();
         routes.into_iter().find(|r| r.grpc_path.ends_with("/CreateVm")).unwrap()
     }
 
     fn field_of(body: &str) -> String {
         let r = create_route();
-        let e = request_message(&r, vec![("project_id".into(), "p1".into())], None, body.as_bytes()).unwrap_err();
+        let e =
+            request_message(&r, vec![("project_id".into(), "p1".into())], None, body.as_bytes()).unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidArgument, "{e}");
         e.details.get("field").cloned().unwrap_or_default()
     }
@@ -310,8 +321,13 @@ mod tests {
     #[test]
     fn path_fields_override_the_body() {
         let r = create_route();
-        let m = request_message(&r, vec![("project_id".into(), "p1".into())], None, br#"{"projectId":"evil","name":"a"}"#)
-            .unwrap();
+        let m = request_message(
+            &r,
+            vec![("project_id".into(), "p1".into())],
+            None,
+            br#"{"projectId":"evil","name":"a"}"#,
+        )
+        .unwrap();
         let v = m.get_field_by_name("project_id").unwrap();
         assert_eq!(v.as_str(), Some("p1"));
     }

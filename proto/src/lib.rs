@@ -62,8 +62,7 @@ pub use generated::hcp::tenant::v1 as tenant;
 /// The encoded `FileDescriptorSet` of every HCP proto file and its imports,
 /// with custom options (`google.api.http`, `hcp.common.v1.http_success_status`)
 /// preserved.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/hcp_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hcp_descriptor.bin"));
 
 /// The provider protocol revision this build of HCP speaks.
 pub const PROVIDER_PROTOCOL_VERSION: &str = "1";

@@ -74,8 +74,7 @@ impl Drop for TelemetryGuard {
 pub fn init(service: &str, config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
-    let resource =
-        opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build();
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     if let Some(endpoint) = &config.otlp_endpoint {
         use opentelemetry_otlp::WithExportConfig;
@@ -267,10 +266,7 @@ where
     type Error = S::Error;
     type Future = tracing::instrument::Instrumented<S::Future>;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 

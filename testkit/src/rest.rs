@@ -37,7 +37,13 @@ impl Rest {
     }
 
     /// Sends a request; `body` is sent verbatim.
-    pub async fn raw(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> anyhow::Result<Reply> {
+    pub async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> anyhow::Result<Reply> {
         self.raw_with(method, path, token, body, &[]).await
     }
 

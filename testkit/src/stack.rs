@@ -97,12 +97,19 @@ impl TestStack {
         let gateway = stack
             .spawn_logged(
                 "gateway",
-                &["gateway".into(), "--listen".into(), "127.0.0.1:0".into(), "--core".into(), format!("http://{core}")],
+                &[
+                    "gateway".into(),
+                    "--listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--core".into(),
+                    format!("http://{core}"),
+                ],
             )
             .await?;
         stack.gateway = gateway;
         stack.rest = Rest::new(format!("http://{gateway}"));
-        bootstrap(&format!("http://{core}"), &stack.ops_token(), "zone-1", &format!("http://{}", stack.sim)).await?;
+        bootstrap(&format!("http://{core}"), &stack.ops_token(), "zone-1", &format!("http://{}", stack.sim))
+            .await?;
         Ok(stack)
     }
 

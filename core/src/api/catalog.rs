@@ -40,7 +40,12 @@ impl CatalogService for CatalogApi {
         principal(&req)?;
         let name = req.into_inner().name;
         handle(async {
-            let f = self.ctx.store.get_flavor(&name).await.map_err(|e| from_store(e, &format!("flavor {name}")))?;
+            let f = self
+                .ctx
+                .store
+                .get_flavor(&name)
+                .await
+                .map_err(|e| from_store(e, &format!("flavor {name}")))?;
             Ok(convert::flavor_to_proto(&f))
         })
         .await
@@ -50,7 +55,9 @@ impl CatalogService for CatalogApi {
         let for_ops = principal(&req)?.ops(Access::Read).is_ok();
         handle(async {
             let images = self.ctx.store.list_images().await.map_err(|e| from_store(e, "images"))?;
-            Ok(ListImagesResponse { images: images.iter().map(|i| convert::image_to_proto(i, for_ops)).collect() })
+            Ok(ListImagesResponse {
+                images: images.iter().map(|i| convert::image_to_proto(i, for_ops)).collect(),
+            })
         })
         .await
     }
@@ -59,7 +66,8 @@ impl CatalogService for CatalogApi {
         let for_ops = principal(&req)?.ops(Access::Read).is_ok();
         let name = req.into_inner().name;
         handle(async {
-            let i = self.ctx.store.get_image(&name).await.map_err(|e| from_store(e, &format!("image {name}")))?;
+            let i =
+                self.ctx.store.get_image(&name).await.map_err(|e| from_store(e, &format!("image {name}")))?;
             Ok(convert::image_to_proto(&i, for_ops))
         })
         .await

@@ -1,19 +1,18 @@
 //! `hcp.ops.v1`: provider registration, catalog management and the audit
 //! trail. Every call needs an ops role; writes need `ops.admin`.
 
+use hcp_proto::common;
 use hcp_proto::error::ApiError;
 use hcp_proto::ids::ProviderId;
 use hcp_proto::ops::audit_service_server::AuditService;
 use hcp_proto::ops::catalog_admin_service_server::CatalogAdminService;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminService;
 use hcp_proto::ops::{
-    CreateFlavorRequest, CreateImageRequest, CreateZoneRequest, DeleteFlavorRequest,
-    DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest,
-    DeleteZoneResponse, GetProviderRequest, ListAuditEventsRequest, ListAuditEventsResponse,
-    ListProvidersRequest, ListProvidersResponse, Provider, RegisterProviderRequest,
-    RemoveProviderRequest, RemoveProviderResponse,
+    CreateFlavorRequest, CreateImageRequest, CreateZoneRequest, DeleteFlavorRequest, DeleteFlavorResponse,
+    DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest, DeleteZoneResponse, GetProviderRequest,
+    ListAuditEventsRequest, ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, Provider,
+    RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
 };
-use hcp_proto::common;
 
 use super::{ApiContext, ApiResult, handle, validate};
 use crate::auth::{Access, Principal, principal};
@@ -65,14 +64,19 @@ impl OpsApi {
             last_probe_at: Some(t),
             created_at: t,
         };
-        let mut audit = self.ctx.audit(&p, "provider.register", "provider", &provider.id.to_string(), "succeeded");
+        let mut audit =
+            self.ctx.audit(&p, "provider.register", "provider", &provider.id.to_string(), "succeeded");
         audit.detail = format!("{} at {} in zone {}", provider.plugin_name, provider.endpoint, provider.zone);
         self.ctx.store.insert_provider(&provider, &audit).await.map_err(|e| from_store(e, "provider"))?;
         tracing::info!(provider = %provider.name, plugin = %provider.plugin_name, "provider registered");
         Ok(convert::provider_to_proto(&provider))
     }
 
-    async fn remove(&self, p: Principal, req: RemoveProviderRequest) -> Result<RemoveProviderResponse, ApiError> {
+    async fn remove(
+        &self,
+        p: Principal,
+        req: RemoveProviderRequest,
+    ) -> Result<RemoveProviderResponse, ApiError> {
         let id: ProviderId = validate::id("provider_id", &req.provider_id)?;
         let audit = self.ctx.audit(&p, "provider.remove", "provider", &id.to_string(), "succeeded");
         self.ctx
@@ -84,14 +88,21 @@ impl OpsApi {
         Ok(RemoveProviderResponse {})
     }
 
-    async fn create_flavor(&self, p: Principal, req: CreateFlavorRequest) -> Result<common::Flavor, ApiError> {
+    async fn create_flavor(
+        &self,
+        p: Principal,
+        req: CreateFlavorRequest,
+    ) -> Result<common::Flavor, ApiError> {
         let f = req.flavor.ok_or_else(|| ApiError::invalid_field("flavor", "flavor is required"))?;
         validate::label("flavor.name", &f.name)?;
         if !(1..=1024).contains(&f.vcpus) {
             return Err(ApiError::invalid_field("flavor.vcpus", "flavor.vcpus must be 1 to 1024"));
         }
         if !(16..=16 * 1024 * 1024).contains(&f.memory_mib) {
-            return Err(ApiError::invalid_field("flavor.memory_mib", "flavor.memory_mib must be 16 to 16777216"));
+            return Err(ApiError::invalid_field(
+                "flavor.memory_mib",
+                "flavor.memory_mib must be 16 to 16777216",
+            ));
         }
         if f.disk_gib > 65536 {
             return Err(ApiError::invalid_field("flavor.disk_gib", "flavor.disk_gib must be at most 65536"));
@@ -113,7 +124,10 @@ impl OpsApi {
         let i = req.image.ok_or_else(|| ApiError::invalid_field("image", "image is required"))?;
         validate::label("image.name", &i.name)?;
         if i.source.len() > 1024 {
-            return Err(ApiError::invalid_field("image.source", "image.source is longer than 1024 characters"));
+            return Err(ApiError::invalid_field(
+                "image.source",
+                "image.source is longer than 1024 characters",
+            ));
         }
         let image = model::Image {
             name: i.name.clone(),
@@ -131,7 +145,8 @@ impl OpsApi {
     async fn create_zone(&self, p: Principal, req: CreateZoneRequest) -> Result<common::Zone, ApiError> {
         let z = req.zone.ok_or_else(|| ApiError::invalid_field("zone", "zone is required"))?;
         validate::label("zone.name", &z.name)?;
-        let zone = model::Zone { name: z.name.clone(), description: z.description.clone(), created_at: now() };
+        let zone =
+            model::Zone { name: z.name.clone(), description: z.description.clone(), created_at: now() };
         let audit = self.ctx.audit(&p, "zone.create", "zone", &z.name, "succeeded");
         self.ctx.store.create_zone(&zone, &audit).await.map_err(|e| from_store(e, "zone"))?;
         Ok(convert::zone_to_proto(&zone))
@@ -164,12 +179,17 @@ impl ProviderAdminService for OpsApi {
         .await
     }
 
-    async fn list_providers(&self, req: tonic::Request<ListProvidersRequest>) -> ApiResult<ListProvidersResponse> {
+    async fn list_providers(
+        &self,
+        req: tonic::Request<ListProvidersRequest>,
+    ) -> ApiResult<ListProvidersResponse> {
         let p = principal(&req)?;
         handle(async {
             p.ops(Access::Read)?;
             let providers = self.ctx.store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
-            Ok(ListProvidersResponse { providers: providers.iter().map(convert::provider_to_proto).collect() })
+            Ok(ListProvidersResponse {
+                providers: providers.iter().map(convert::provider_to_proto).collect(),
+            })
         })
         .await
     }
@@ -179,13 +199,21 @@ impl ProviderAdminService for OpsApi {
         handle(async {
             p.ops(Access::Read)?;
             let id: ProviderId = validate::id("provider_id", &req.get_ref().provider_id)?;
-            let provider = self.ctx.store.get_provider(id).await.map_err(|e| from_store(e, &format!("provider {id}")))?;
+            let provider = self
+                .ctx
+                .store
+                .get_provider(id)
+                .await
+                .map_err(|e| from_store(e, &format!("provider {id}")))?;
             Ok(convert::provider_to_proto(&provider))
         })
         .await
     }
 
-    async fn remove_provider(&self, req: tonic::Request<RemoveProviderRequest>) -> ApiResult<RemoveProviderResponse> {
+    async fn remove_provider(
+        &self,
+        req: tonic::Request<RemoveProviderRequest>,
+    ) -> ApiResult<RemoveProviderResponse> {
         let p = principal(&req)?;
         handle(async {
             p.ops(Access::Write)?;
@@ -206,7 +234,10 @@ impl CatalogAdminService for OpsApi {
         .await
     }
 
-    async fn delete_flavor(&self, req: tonic::Request<DeleteFlavorRequest>) -> ApiResult<DeleteFlavorResponse> {
+    async fn delete_flavor(
+        &self,
+        req: tonic::Request<DeleteFlavorRequest>,
+    ) -> ApiResult<DeleteFlavorResponse> {
         let p = principal(&req)?;
         handle(async {
             p.ops(Access::Write)?;
@@ -257,7 +288,10 @@ impl CatalogAdminService for OpsApi {
 
 #[tonic::async_trait]
 impl AuditService for OpsApi {
-    async fn list_audit_events(&self, req: tonic::Request<ListAuditEventsRequest>) -> ApiResult<ListAuditEventsResponse> {
+    async fn list_audit_events(
+        &self,
+        req: tonic::Request<ListAuditEventsRequest>,
+    ) -> ApiResult<ListAuditEventsResponse> {
         let p = principal(&req)?;
         let r = req.into_inner();
         handle(async {
@@ -270,7 +304,8 @@ impl AuditService for OpsApi {
                 page_size: validate::page_size(r.page_size, 100)?,
                 page_token: validate::page_token(&r.page_token)?,
             };
-            let (events, next) = self.ctx.store.list_audit_events(&query).await.map_err(|e| from_store(e, "audit events"))?;
+            let (events, next) =
+                self.ctx.store.list_audit_events(&query).await.map_err(|e| from_store(e, "audit events"))?;
             Ok(ListAuditEventsResponse {
                 events: events.iter().map(convert::audit_to_proto).collect(),
                 next_page_token: next.unwrap_or_default(),

@@ -9,8 +9,8 @@ use hcp_proto::ids::{JobId, VmId};
 use hcp_proto::tenant::job_service_server::JobService;
 use hcp_proto::tenant::vm_service_server::VmService;
 use hcp_proto::tenant::{
-    ConsoleSession, CreateConsoleRequest, CreateVmRequest, GetJobRequest, GetVmRequest, Job,
-    ListVmsRequest, ListVmsResponse, Vm, VmActionRequest, VmOperationAccepted,
+    ConsoleSession, CreateConsoleRequest, CreateVmRequest, GetJobRequest, GetVmRequest, Job, ListVmsRequest,
+    ListVmsResponse, Vm, VmActionRequest, VmOperationAccepted,
 };
 
 use super::{ApiContext, ApiResult, handle, validate};
@@ -69,7 +69,10 @@ impl TenantApi {
         }
         validate::metadata(req.metadata.iter())?;
         if req.tags.len() > validate::MAX_TAGS {
-            return Err(ApiError::invalid_field("tags", format!("at most {} tags are allowed", validate::MAX_TAGS)));
+            return Err(ApiError::invalid_field(
+                "tags",
+                format!("at most {} tags are allowed", validate::MAX_TAGS),
+            ));
         }
         for (i, t) in req.tags.iter().enumerate() {
             validate::tag(&format!("tags[{i}]"), t)?;
@@ -82,7 +85,8 @@ impl TenantApi {
                 format!("user_data is {} bytes; at most {} are allowed", ud.len(), validate::MAX_USER_DATA),
             ));
         }
-        let hostname = if req.hostname.is_empty() { req.name.to_ascii_lowercase() } else { req.hostname.clone() };
+        let hostname =
+            if req.hostname.is_empty() { req.name.to_ascii_lowercase() } else { req.hostname.clone() };
         validate::label("hostname", &hostname)?;
 
         let flavor = self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
@@ -108,7 +112,14 @@ impl TenantApi {
         }
         let zone = if req.zone.is_empty() { None } else { Some(req.zone.as_str()) };
         if let Some(z) = zone
-            && !self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zone"))?.iter().any(|x| x.name == z)
+            && !self
+                .ctx
+                .store
+                .list_zones()
+                .await
+                .map_err(|e| from_store(e, "zone"))?
+                .iter()
+                .any(|x| x.name == z)
         {
             return Err(ApiError::invalid_field("zone", format!("unknown zone {z:?}")));
         }
@@ -158,7 +169,12 @@ impl TenantApi {
         Ok(VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() })
     }
 
-    async fn operate(&self, p: Principal, req: VmActionRequest, kind: JobKind) -> Result<VmOperationAccepted, ApiError> {
+    async fn operate(
+        &self,
+        p: Principal,
+        req: VmActionRequest,
+        kind: JobKind,
+    ) -> Result<VmOperationAccepted, ApiError> {
         validate::project_id(&req.project_id)?;
         let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
         let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
@@ -195,7 +211,9 @@ impl TenantApi {
         let tenant = p.tenant_project(&req.project_id, Access::Read)?;
         let status = match hcp_proto::tenant::VmStatus::try_from(req.status) {
             Ok(s) => convert::vm_status_from_proto(s),
-            Err(_) => return Err(ApiError::invalid_field("status", format!("unknown status {}", req.status))),
+            Err(_) => {
+                return Err(ApiError::invalid_field("status", format!("unknown status {}", req.status)));
+            }
         };
         for (i, t) in req.tag.iter().enumerate() {
             validate::tag(&format!("tag[{i}]"), t)?;
@@ -218,7 +236,11 @@ impl TenantApi {
         })
     }
 
-    async fn create_console(&self, p: Principal, req: CreateConsoleRequest) -> Result<ConsoleSession, ApiError> {
+    async fn create_console(
+        &self,
+        p: Principal,
+        req: CreateConsoleRequest,
+    ) -> Result<ConsoleSession, ApiError> {
         validate::project_id(&req.project_id)?;
         let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
         let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
@@ -241,7 +263,8 @@ impl TenantApi {
             .get_vm(&tenant, &req.project_id, vm_id)
             .await
             .map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
-        let provider = self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
+        let provider =
+            self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
         if provider.capabilities.flag(capability) != Some(true) {
             return Err(ApiError::feature_not_supported(
                 capability,
@@ -249,7 +272,10 @@ impl TenantApi {
             ));
         }
         if vm.status != VmStatus::Active {
-            return Err(ApiError::conflict(format!("vm {vm_id} is {}; a console needs it ACTIVE", vm.status)));
+            return Err(ApiError::conflict(format!(
+                "vm {vm_id} is {}; a console needs it ACTIVE",
+                vm.status
+            )));
         }
         // Ask the provider now, so a console that cannot work fails here
         // rather than when the tenant connects. The endpoint itself is not
@@ -267,7 +293,8 @@ impl TenantApi {
 
         let token = random_token();
         let t = now();
-        let expires_at = t + chrono::Duration::seconds(self.ctx.config.console.token_ttl_seconds.max(1) as i64);
+        let expires_at =
+            t + chrono::Duration::seconds(self.ctx.config.console.token_ttl_seconds.max(1) as i64);
         let session = model::ConsoleSession {
             token_hash: hash_token(&token),
             tenant_id: tenant,
@@ -282,7 +309,11 @@ impl TenantApi {
         let mut audit = self.ctx.audit(&p, "vm.console", "vm", &vm_id.to_string(), "issued");
         audit.project_id = req.project_id.clone();
         audit.detail = protocol.clone();
-        self.ctx.store.insert_console_session(&session, &audit).await.map_err(|e| from_store(e, "console"))?;
+        self.ctx
+            .store
+            .insert_console_session(&session, &audit)
+            .await
+            .map_err(|e| from_store(e, "console"))?;
         let base = self.ctx.config.console.public_base_url.trim_end_matches('/');
         Ok(ConsoleSession {
             r#type: protocol.clone(),
@@ -302,7 +333,7 @@ impl TenantApi {
             .map_err(|e| from_store(e, &format!("job {job_id}")))?;
         // A job in a project the token does not grant is hidden like one of
         // another tenant.
-        if !p.projects.iter().any(|pr| *pr == job.project_id) {
+        if !p.projects.contains(&job.project_id) {
             return Err(ApiError::new(ErrorCode::NotFound, format!("job {job_id} not found")));
         }
         Ok(convert::job_to_tenant(&job))

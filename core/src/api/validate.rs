@@ -55,9 +55,7 @@ pub fn label(field: &str, value: &str) -> Result<(), ApiError> {
 /// A project id: 1 to 64 of `[A-Za-z0-9._-]`.
 pub fn project_id(value: &str) -> Result<(), ApiError> {
     required("project_id", value)?;
-    if value.len() <= 64
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
+    if value.len() <= 64 && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
         Ok(())
     } else {
         Err(ApiError::invalid_field(
@@ -69,9 +67,8 @@ pub fn project_id(value: &str) -> Result<(), ApiError> {
 
 /// A tag: 1 to 64 printable characters without spaces or commas.
 pub fn tag(field: &str, value: &str) -> Result<(), ApiError> {
-    let ok = !value.is_empty()
-        && value.len() <= 64
-        && value.chars().all(|c| c.is_ascii_graphic() && c != ',');
+    let ok =
+        !value.is_empty() && value.len() <= 64 && value.chars().all(|c| c.is_ascii_graphic() && c != ',');
     if ok {
         Ok(())
     } else {
@@ -146,7 +143,8 @@ mod tests {
 
     #[test]
     fn labels() {
-        let cases = [("web-1", true), ("a", true), ("1web", false), ("web-", false), ("", false), ("wé", false)];
+        let cases =
+            [("web-1", true), ("a", true), ("1web", false), ("web-", false), ("", false), ("wé", false)];
         for (input, ok) in cases {
             assert_eq!(label("name", input).is_ok(), ok, "{input:?}");
         }

@@ -140,11 +140,10 @@ impl super::Store {
     /// Returns every zone, by name.
     pub async fn list_zones(&self) -> StoreResult<Vec<Zone>> {
         on_pool!(self, |pool| {
-            let rows =
-                sqlx::query("SELECT name, description, created_at FROM zones ORDER BY name")
-                    .fetch_all(pool)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "zones"))?;
+            let rows = sqlx::query("SELECT name, description, created_at FROM zones ORDER BY name")
+                .fetch_all(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "zones"))?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
                 out.push(Zone {
@@ -179,9 +178,7 @@ impl super::Store {
             .await
             .map_err(|e| StoreError::from_sqlx(e, table))?;
             if in_use > 0 {
-                return Err(StoreError::Conflict(format!(
-                    "{vm_column} {name} is used by {in_use} vm(s)"
-                )));
+                return Err(StoreError::Conflict(format!("{vm_column} {name} is used by {in_use} vm(s)")));
             }
             let done = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE name = $1")))
                 .bind(name)

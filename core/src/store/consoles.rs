@@ -9,11 +9,7 @@ use crate::model::{AuditEvent, ConsoleSession};
 
 impl super::Store {
     /// Stores a new session and the audit event of its issue.
-    pub async fn insert_console_session(
-        &self,
-        s: &ConsoleSession,
-        audit: &AuditEvent,
-    ) -> StoreResult<()> {
+    pub async fn insert_console_session(&self, s: &ConsoleSession, audit: &AuditEvent) -> StoreResult<()> {
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             sqlx::query(

@@ -83,8 +83,7 @@ macro_rules! job_from_row {
             id: JobId(id),
             tenant_id: col!(row, "tenant_id"),
             project_id: col!(row, "project_id"),
-            kind: JobKind::parse(&kind)
-                .ok_or_else(|| StoreError::Corrupt(format!("job kind {kind:?}")))?,
+            kind: JobKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("job kind {kind:?}")))?,
             vm_id: VmId(vm_id),
             status: JobStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?,
@@ -125,12 +124,13 @@ impl super::Store {
     /// Returns a job by id alone, for HCP's own use.
     pub async fn get_job_internal(&self, id: JobId) -> StoreResult<Job> {
         on_pool!(self, |pool| {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")))
-                .bind(id.0)
-                .fetch_optional(pool)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "job"))?
-                .ok_or(StoreError::NotFound)?;
+            let row =
+                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1")))
+                    .bind(id.0)
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "job"))?
+                    .ok_or(StoreError::NotFound)?;
             Ok(job_from_row!(&row))
         })
     }

@@ -24,8 +24,8 @@ mod jobs;
 mod providers;
 mod vms;
 
-pub use jobs::JobOutcome;
 pub use audit::AuditQuery;
+pub use jobs::JobOutcome;
 pub use vms::{AcceptOperation, ListVmsQuery, NewVm};
 
 /// Why a store call failed.
@@ -132,12 +132,11 @@ impl Store {
         let backend = if url.starts_with("sqlite:") {
             let memory = url.contains(":memory:") || url.contains("mode=memory");
             let opts = SqliteConnectOptions::from_str(url)
-                .map_err(|e| StoreError::Internal(e))?
+                .map_err(StoreError::Internal)?
                 .create_if_missing(true)
                 .foreign_keys(true)
                 .busy_timeout(Duration::from_secs(10));
-            let opts =
-                if memory { opts } else { opts.journal_mode(SqliteJournalMode::Wal) };
+            let opts = if memory { opts } else { opts.journal_mode(SqliteJournalMode::Wal) };
             // SQLite allows one writer at a time; a single connection
             // serialises every statement in process, which removes
             // SQLITE_BUSY upgrades and makes an in-memory database one

@@ -69,11 +69,12 @@ impl super::Store {
     /// Returns every provider, by name.
     pub async fn list_providers(&self) -> StoreResult<Vec<Provider>> {
         on_pool!(self, |pool| {
-            let rows =
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PROVIDER_COLUMNS} FROM providers ORDER BY name")))
-                    .fetch_all(pool)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "providers"))?;
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PROVIDER_COLUMNS} FROM providers ORDER BY name"
+            )))
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "providers"))?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
                 out.push(provider_from_row!(row));
@@ -85,12 +86,14 @@ impl super::Store {
     /// Returns one provider.
     pub async fn get_provider(&self, id: ProviderId) -> StoreResult<Provider> {
         on_pool!(self, |pool| {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {PROVIDER_COLUMNS} FROM providers WHERE id = $1")))
-                .bind(id.0)
-                .fetch_optional(pool)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "provider"))?
-                .ok_or(StoreError::NotFound)?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {PROVIDER_COLUMNS} FROM providers WHERE id = $1"
+            )))
+            .bind(id.0)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "provider"))?
+            .ok_or(StoreError::NotFound)?;
             Ok(provider_from_row!(&row))
         })
     }
@@ -133,13 +136,12 @@ impl super::Store {
     pub async fn remove_provider(&self, id: ProviderId, audit: &AuditEvent) -> StoreResult<()> {
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
-            let live: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM vms WHERE provider_id = $1 AND status <> 'DELETED'",
-            )
-            .bind(id.0)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "provider"))?;
+            let live: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE provider_id = $1 AND status <> 'DELETED'")
+                    .bind(id.0)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "provider"))?;
             if live > 0 {
                 return Err(StoreError::Conflict(format!(
                     "provider {id} still hosts {live} vm(s); delete them first"

@@ -81,7 +81,6 @@ macro_rules! vm_from_row {
     }};
 }
 
-
 impl super::Store {
     /// Inserts a new VM with its create job and the audit event of the
     /// request, atomically: either all three exist or none.
@@ -190,10 +189,7 @@ impl super::Store {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
             if done.rows_affected() != 1 {
-                return Err(StoreError::Conflict(format!(
-                    "vm {} changed state concurrently; retry",
-                    vm.id
-                )));
+                return Err(StoreError::Conflict(format!("vm {} changed state concurrently; retry", vm.id)));
             }
             super::jobs::insert_job!(&mut *tx, job);
             super::audit::insert_audit!(&mut *tx, audit);
@@ -280,11 +276,8 @@ impl super::Store {
             for tag in &query.tags {
                 q = q.bind(tag);
             }
-            let rows = q
-                .bind(limit + 1)
-                .fetch_all(pool)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
+            let rows =
+                q.bind(limit + 1).fetch_all(pool).await.map_err(|e| StoreError::from_sqlx(e, "vms"))?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
                 out.push(vm_from_row!(row));

@@ -326,7 +326,10 @@ impl<P: Provider> Identity for Adapter<P> {
         }))
     }
 
-    async fn get_capabilities(&self, _: tonic::Request<pb::GetCapabilitiesRequest>) -> Reply<pb::Capabilities> {
+    async fn get_capabilities(
+        &self,
+        _: tonic::Request<pb::GetCapabilitiesRequest>,
+    ) -> Reply<pb::Capabilities> {
         reply(self.inner.capabilities().await)
     }
 

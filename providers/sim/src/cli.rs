@@ -1,6 +1,5 @@
 //! Command line of this process, shared by its own binary and by `hcp`.
 
-
 use std::net::SocketAddr;
 
 use anyhow::Context;
@@ -34,8 +33,8 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let args = Args::parse_from(args);
-    let capabilities = crate::parse_capabilities(&args.capabilities)
-        .map_err(|e| anyhow::anyhow!("--capabilities: {e}"))?;
+    let capabilities =
+        crate::parse_capabilities(&args.capabilities).map_err(|e| anyhow::anyhow!("--capabilities: {e}"))?;
     let config = crate::SimConfig {
         listen: args.listen,
         capabilities,

@@ -266,26 +266,38 @@ impl Provider for Sim {
     }
 
     async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(self, "StartVm", self.with_vm(vm_id, |vm| {
-            vm.power = pb::PowerState::Running;
-            Ok(())
-        }))
+        fault_gate!(
+            self,
+            "StartVm",
+            self.with_vm(vm_id, |vm| {
+                vm.power = pb::PowerState::Running;
+                Ok(())
+            })
+        )
     }
 
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(self, "StopVm", self.with_vm(&req.vm_id, |vm| {
-            vm.power = pb::PowerState::Shutoff;
-            Ok(())
-        }))
+        fault_gate!(
+            self,
+            "StopVm",
+            self.with_vm(&req.vm_id, |vm| {
+                vm.power = pb::PowerState::Shutoff;
+                Ok(())
+            })
+        )
     }
 
     async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(self, "RebootVm", self.with_vm(vm_id, |vm| {
-            if vm.power != pb::PowerState::Running {
-                return Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"));
-            }
-            Ok(())
-        }))
+        fault_gate!(
+            self,
+            "RebootVm",
+            self.with_vm(vm_id, |vm| {
+                if vm.power != pb::PowerState::Running {
+                    return Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"));
+                }
+                Ok(())
+            })
+        )
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
@@ -329,17 +341,21 @@ type Reply<T> = Result<tonic::Response<T>, tonic::Status>;
 
 #[tonic::async_trait]
 impl SimControl for Control {
-    async fn inject_fault(&self, req: tonic::Request<sim::InjectFaultRequest>) -> Reply<sim::InjectFaultResponse> {
-        let fault = req
-            .into_inner()
-            .fault
-            .ok_or_else(|| tonic::Status::invalid_argument("fault is required"))?;
+    async fn inject_fault(
+        &self,
+        req: tonic::Request<sim::InjectFaultRequest>,
+    ) -> Reply<sim::InjectFaultResponse> {
+        let fault =
+            req.into_inner().fault.ok_or_else(|| tonic::Status::invalid_argument("fault is required"))?;
         let left = if fault.count == 0 { None } else { Some(fault.count) };
         self.sim.lock().faults.push(ActiveFault { fault, left });
         Ok(tonic::Response::new(sim::InjectFaultResponse {}))
     }
 
-    async fn set_latency(&self, req: tonic::Request<sim::SetLatencyRequest>) -> Reply<sim::SetLatencyResponse> {
+    async fn set_latency(
+        &self,
+        req: tonic::Request<sim::SetLatencyRequest>,
+    ) -> Reply<sim::SetLatencyResponse> {
         let r = req.into_inner();
         self.sim.lock().latency.insert(r.operation, Duration::from_millis(u64::from(r.latency_ms)));
         Ok(tonic::Response::new(sim::SetLatencyResponse {}))
@@ -361,7 +377,10 @@ impl SimControl for Control {
         }))
     }
 
-    async fn set_power_state(&self, req: tonic::Request<sim::SetPowerStateRequest>) -> Reply<sim::SetPowerStateResponse> {
+    async fn set_power_state(
+        &self,
+        req: tonic::Request<sim::SetPowerStateRequest>,
+    ) -> Reply<sim::SetPowerStateResponse> {
         let r = req.into_inner();
         let power = pb::PowerState::try_from(r.power_state)
             .map_err(|_| tonic::Status::invalid_argument("unknown power_state"))?;

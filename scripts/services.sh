@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Makes sure the services HCP's tests use are running on this machine:
+# PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) and NATS with
+# JetStream on 127.0.0.1:4222. Starts them when installed but stopped, and
+# installs them from Debian packages when missing (needs root).
+# Source this file, then call ensure_postgres / ensure_nats.
+
+log() { echo "[services] $*" >&2; }
+
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    log "need root to install $*"; return 1
+  fi
+  if [ -z "${HCP_APT_UPDATED:-}" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || return 1
+    export HCP_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.1; done
+  return 1
+}
+
+ensure_postgres() {
+  if port_open 5432; then return 0; fi
+  if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
+    log "installing PostgreSQL"
+    apt_install postgresql || return 1
+  fi
+  local version; version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  local hba="/etc/postgresql/$version/main/pg_hba.conf"
+  # Tests connect as postgres over TCP without a password, as on CI.
+  if ! grep -q "^host all all 127.0.0.1/32 trust" "$hba"; then
+    sed -i '1i host all all 127.0.0.1/32 trust' "$hba"
+  fi
+  log "starting PostgreSQL $version"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2 || true
+  wait_port 5432 || { log "PostgreSQL did not come up"; return 1; }
+}
+
+ensure_nats() {
+  if port_open 4222; then return 0; fi
+  if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    log "installing nats-server"
+    apt_install nats-server || return 1
+  fi
+  local bin; bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  mkdir -p /var/lib/nats-server
+  log "starting NATS with JetStream"
+  start-stop-daemon --start --oknodo --background --exec "$bin" -- \
+    -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log >&2
+  wait_port 4222 || { log "NATS did not come up"; return 1; }
+}

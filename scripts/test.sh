@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every HCP test: formatting, lints, dependency boundaries, and the
+# unit, store (SQLite and PostgreSQL) and system tests. PostgreSQL and NATS
+# are started (or installed) first when they are not running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/services.sh
+
+ensure_postgres
+ensure_nats
+
+echo "== format"
+cargo fmt --all -- --check
+
+echo "== lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== dependency boundaries"
+# The provider SDK is a public product for vendors: it must not drag in a
+# database driver or a message queue client.
+for dep in sqlx async-nats; do
+  if cargo tree --locked -p hcp-provider-sdk -e normal -i "$dep" >/dev/null 2>&1; then
+    echo "hcp-provider-sdk depends on $dep" >&2
+    exit 1
+  fi
+done
+echo "hcp-provider-sdk depends on neither sqlx nor async-nats"
+
+echo "== tests"
+cargo test --workspace --locked --no-fail-fast
