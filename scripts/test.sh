@@ -26,5 +26,13 @@ for dep in sqlx async-nats; do
 done
 echo "hcp-provider-sdk depends on neither sqlx nor async-nats"
 
+echo "== doc tests"
+cargo test --workspace --locked --doc
+
 echo "== tests"
-cargo test --workspace --locked --no-fail-fast
+if cargo nextest --version >/dev/null 2>&1; then
+  # One process per test; the summary line closes the run.
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
