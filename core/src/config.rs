@@ -38,6 +38,9 @@ pub struct Config {
     pub providers: ProvidersConfig,
     /// Console sessions.
     pub console: ConsoleConfig,
+    /// How long an Idempotency-Key keeps its answer, seconds. Default 86400
+    /// (24 h); after that the key may be used for a new request.
+    pub idempotency_key_ttl_seconds: u64,
     /// Logs and traces.
     pub telemetry: hcp_telemetry::TelemetryConfig,
 }
@@ -54,6 +57,7 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             providers: ProvidersConfig::default(),
             console: ConsoleConfig::default(),
+            idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),
         }
     }

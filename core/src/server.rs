@@ -19,6 +19,7 @@ use hcp_proto::common::catalog_service_server::CatalogServiceServer;
 use hcp_proto::ops::audit_service_server::AuditServiceServer;
 use hcp_proto::ops::catalog_admin_service_server::CatalogAdminServiceServer;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminServiceServer;
+use hcp_proto::ops::quota_admin_service_server::QuotaAdminServiceServer;
 use hcp_proto::tenant::job_service_server::JobServiceServer;
 use hcp_proto::tenant::vm_service_server::VmServiceServer;
 use tokio::net::TcpListener;
@@ -140,6 +141,7 @@ pub async fn run(
         health.set_serving::<ProviderAdminServiceServer<OpsApi>>().await;
         health.set_serving::<CatalogAdminServiceServer<OpsApi>>().await;
         health.set_serving::<AuditServiceServer<OpsApi>>().await;
+        health.set_serving::<QuotaAdminServiceServer<OpsApi>>().await;
         let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(hcp_proto::FILE_DESCRIPTOR_SET);
         for name in hcp_proto::NORTHBOUND_SERVICES {
@@ -162,7 +164,8 @@ pub async fn run(
             .add_service(CatalogServiceServer::with_interceptor(catalog, auth.clone()))
             .add_service(ProviderAdminServiceServer::with_interceptor(ops.clone(), auth.clone()))
             .add_service(CatalogAdminServiceServer::with_interceptor(ops.clone(), auth.clone()))
-            .add_service(AuditServiceServer::with_interceptor(ops, auth))
+            .add_service(AuditServiceServer::with_interceptor(ops.clone(), auth.clone()))
+            .add_service(QuotaAdminServiceServer::with_interceptor(ops, auth))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(StartError::Serve)

@@ -5,7 +5,10 @@ use std::collections::BTreeMap;
 
 use chrono::Duration;
 use hcp_core::model::*;
-use hcp_core::store::{AcceptOperation, AuditQuery, JobOutcome, ListVmsQuery, Store, StoreError};
+use hcp_core::store::{
+    AcceptOperation, AuditQuery, IdempotencyRecord, JobOutcome, ListVmsQuery, Quota, SUBJECT_JOBS,
+    SUBJECT_USAGE_PREFIX, Store, StoreError,
+};
 use hcp_proto::ids::{EventId, JobId, ProviderId, VmId};
 use hcp_testkit::db::{Backend, TestDb};
 
@@ -31,6 +34,10 @@ store_tests!(
     audit_is_listed_in_order,
     console_tokens_redeem_once,
     providers_with_vms_cannot_be_removed,
+    idempotency_keys_admit_one_request,
+    quotas_hold_under_concurrency,
+    usage_events_follow_transitions,
+    outbox_rows_commit_with_the_change,
 );
 
 async fn fresh(backend: Backend) -> (TestDb, Store) {
@@ -178,7 +185,7 @@ async fn create(
     let mut vm = new_vm(p, tenant, project, name, tags);
     let job = new_job(tenant, project, vm.id, JobKind::CreateVm);
     vm.current_job_id = Some(job.id);
-    store.accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string())).await.unwrap();
+    store.accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string()), None).await.unwrap();
     (vm, job)
 }
 
@@ -223,7 +230,7 @@ async fn create_is_atomic_and_tenant_scoped(backend: Backend) {
     let mut job2 = new_job("acme", "p1", vm2.id, JobKind::CreateVm);
     job2.id = job.id;
     vm2.current_job_id = Some(job2.id);
-    let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x")).await.unwrap_err();
+    let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x"), None).await.unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
     assert!(matches!(store.get_vm("acme", "p1", vm2.id).await, Err(StoreError::NotFound)));
 }
@@ -235,7 +242,8 @@ async fn operations_follow_the_state_rules(backend: Backend) {
     let op = |kind| AcceptOperation { tenant_id: "acme".into(), project_id: "p1".into(), vm_id: vm.id, kind };
     let stop = new_job("acme", "p1", vm.id, JobKind::StopVm);
     // The create job is still operating on the VM.
-    let err = store.accept_operation(&op(JobKind::StopVm), &stop, &audit("vm.stop", "")).await.unwrap_err();
+    let err =
+        store.accept_operation(&op(JobKind::StopVm), &stop, &audit("vm.stop", ""), None).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     complete(&store, &job, VmStatus::Active).await;
     assert_eq!(store.get_vm("acme", "p1", vm.id).await.unwrap().status, VmStatus::Active);
@@ -243,34 +251,37 @@ async fn operations_follow_the_state_rules(backend: Backend) {
     // Start of an ACTIVE VM is refused; stop is accepted and moves to STOPPING.
     let start = new_job("acme", "p1", vm.id, JobKind::StartVm);
     assert!(matches!(
-        store.accept_operation(&op(JobKind::StartVm), &start, &audit("vm.start", "")).await,
+        store.accept_operation(&op(JobKind::StartVm), &start, &audit("vm.start", ""), None).await,
         Err(StoreError::Conflict(_))
     ));
-    let after = store.accept_operation(&op(JobKind::StopVm), &stop, &audit("vm.stop", "")).await.unwrap();
+    let after =
+        store.accept_operation(&op(JobKind::StopVm), &stop, &audit("vm.stop", ""), None).await.unwrap();
     assert_eq!(after.status, VmStatus::Stopping);
     assert_eq!(after.current_job_id, Some(stop.id));
     // A second operation while one is in flight is refused.
     let reboot = new_job("acme", "p1", vm.id, JobKind::RebootVm);
     assert!(matches!(
-        store.accept_operation(&op(JobKind::RebootVm), &reboot, &audit("vm.reboot", "")).await,
+        store.accept_operation(&op(JobKind::RebootVm), &reboot, &audit("vm.reboot", ""), None).await,
         Err(StoreError::Conflict(_))
     ));
     // Another tenant sees nothing.
     let other = AcceptOperation { tenant_id: "evil".into(), ..op(JobKind::DeleteVm) };
     let del = new_job("evil", "p1", vm.id, JobKind::DeleteVm);
     assert!(matches!(
-        store.accept_operation(&other, &del, &audit("vm.delete", "")).await,
+        store.accept_operation(&other, &del, &audit("vm.delete", ""), None).await,
         Err(StoreError::NotFound)
     ));
     complete(&store, &stop, VmStatus::Stopped).await;
 
     // Delete, then nothing else is allowed.
     let del = new_job("acme", "p1", vm.id, JobKind::DeleteVm);
-    store.accept_operation(&op(JobKind::DeleteVm), &del, &audit("vm.delete", "")).await.unwrap();
+    store.accept_operation(&op(JobKind::DeleteVm), &del, &audit("vm.delete", ""), None).await.unwrap();
     complete(&store, &del, VmStatus::Deleted).await;
     let start = new_job("acme", "p1", vm.id, JobKind::StartVm);
-    let err =
-        store.accept_operation(&op(JobKind::StartVm), &start, &audit("vm.start", "")).await.unwrap_err();
+    let err = store
+        .accept_operation(&op(JobKind::StartVm), &start, &audit("vm.start", ""), None)
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("DELETED")), "{err:?}");
 }
 
@@ -496,4 +507,135 @@ async fn providers_with_vms_cannot_be_removed(backend: Backend) {
         store.remove_provider(ProviderId::new(), &audit("provider.remove", "")).await,
         Err(StoreError::NotFound)
     ));
+}
+
+fn idem(key: &str, hash: &str, response: &str) -> IdempotencyRecord {
+    let t = now();
+    IdempotencyRecord {
+        tenant_id: "acme".into(),
+        key: key.into(),
+        request_hash: hash.into(),
+        response: response.into(),
+        created_at: t,
+        expires_at: t + Duration::hours(24),
+    }
+}
+
+async fn idempotency_keys_admit_one_request(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    // 20 concurrent accepts with one key: one wins, the rest lose the race
+    // and nothing of theirs is left behind.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (store, p) = (store.clone(), p.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut vm = new_vm(&p, "acme", "p1", &format!("vm-{i}"), &[]);
+            let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
+            vm.current_job_id = Some(job.id);
+            let rec = idem("k1", "h", &format!("{{\"vm_id\":\"{}\"}}", vm.id));
+            store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&rec)).await
+        }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => won += 1,
+            Err(StoreError::IdempotencyRace) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(won, 1);
+    let (vms, _) =
+        store.list_vms("acme", "p1", &ListVmsQuery { page_size: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(vms.len(), 1);
+    let rec = store.get_idempotency("acme", "k1", now()).await.unwrap().expect("recorded");
+    assert!(rec.response.contains(&vms[0].id.to_string()));
+    // The key is per tenant, and an expired key is free again.
+    assert!(store.get_idempotency("other", "k1", now()).await.unwrap().is_none());
+    assert!(store.get_idempotency("acme", "k1", now() + Duration::hours(25)).await.unwrap().is_none());
+    assert_eq!(store.purge_idempotency(now() + Duration::hours(25)).await.unwrap(), 1);
+}
+
+async fn quotas_hold_under_concurrency(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let quota = Quota { max_instances: Some(5), max_vcpus: None, max_memory_mib: None };
+    store.set_quota("acme", "p1", &quota, now()).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (store, p) = (store.clone(), p.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut vm = new_vm(&p, "acme", "p1", &format!("vm-{i}"), &[]);
+            let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
+            vm.current_job_id = Some(job.id);
+            store.accept_create(&vm, &job, &audit("vm.create", ""), None).await
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => accepted += 1,
+            Err(StoreError::QuotaExceeded(_)) => {}
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!(accepted, 5);
+    let (q, u) = store.get_quota("acme", "p1").await.unwrap();
+    assert_eq!((q, u.instances, u.vcpus, u.memory_mib), (quota, 5, 5, 2560));
+    // Other projects are not limited; memory limits count too.
+    create(&store, &p, "acme", "p2", "free", &[]).await;
+    store
+        .set_quota("acme", "p3", &Quota { max_memory_mib: Some(1000), ..Default::default() }, now())
+        .await
+        .unwrap();
+    create(&store, &p, "acme", "p3", "fits", &[]).await;
+    let mut vm = new_vm(&p, "acme", "p3", "too-big", &[]);
+    let job = new_job("acme", "p3", vm.id, JobKind::CreateVm);
+    vm.current_job_id = Some(job.id);
+    let err = store.accept_create(&vm, &job, &audit("vm.create", ""), None).await.unwrap_err();
+    assert!(matches!(err, StoreError::QuotaExceeded(ref m) if m.contains("memory_mib")), "{err:?}");
+}
+
+async fn usage_events_follow_transitions(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    complete(&store, &job, VmStatus::Active).await;
+    let op = |kind| AcceptOperation { tenant_id: "acme".into(), project_id: "p1".into(), vm_id: vm.id, kind };
+    for (kind, status) in [
+        (JobKind::RebootVm, VmStatus::Active),
+        (JobKind::StopVm, VmStatus::Stopped),
+        (JobKind::DeleteVm, VmStatus::Deleted),
+    ] {
+        let j = new_job("acme", "p1", vm.id, kind);
+        store.accept_operation(&op(kind), &j, &audit(kind.as_str(), ""), None).await.unwrap();
+        complete(&store, &j, status).await;
+    }
+    let events = store.list_usage_events("acme", "p1").await.unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(kinds, vec!["started", "stopped", "deleted"]);
+    assert!(
+        events.iter().all(|e| e.vm_id == vm.id && e.flavor == "small" && e.vcpus == 1 && e.job_id.is_some())
+    );
+}
+
+async fn outbox_rows_commit_with_the_change(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let plain = store.clone();
+    let store = store.with_outbox(true);
+    let p = seed(&store).await;
+    let (_vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    let pending = store.pending_outbox(10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!((pending[0].subject.as_str(), pending[0].payload.clone()), (SUBJECT_JOBS, job.id.to_string()));
+    complete(&store, &job, VmStatus::Active).await;
+    let pending = store.pending_outbox(10).await.unwrap();
+    assert_eq!(pending.len(), 2);
+    assert_eq!(pending[1].subject, format!("{SUBJECT_USAGE_PREFIX}started"));
+    store.mark_outbox_published(&[pending[0].id, pending[1].id], now()).await.unwrap();
+    assert_eq!(store.count_pending_outbox().await.unwrap(), 0);
+    // Without the outbox (embedded mode) nothing is queued.
+    create(&plain, &p, "acme", "p1", "web-2", &[]).await;
+    assert_eq!(store.count_pending_outbox().await.unwrap(), 0);
 }

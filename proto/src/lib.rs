@@ -76,6 +76,7 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.ops.v1.ProviderAdminService",
     "hcp.ops.v1.CatalogAdminService",
     "hcp.ops.v1.AuditService",
+    "hcp.ops.v1.QuotaAdminService",
 ];
 
 #[cfg(test)]

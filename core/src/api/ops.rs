@@ -1,5 +1,5 @@
-//! `hcp.ops.v1`: provider registration, catalog management and the audit
-//! trail. Every call needs an ops role; writes need `ops.admin`.
+//! `hcp.ops.v1`: provider registration, catalog management, project quotas
+//! and the audit trail. Every call needs an ops role; writes need `ops.admin`.
 
 use hcp_proto::common;
 use hcp_proto::error::ApiError;
@@ -7,11 +7,13 @@ use hcp_proto::ids::ProviderId;
 use hcp_proto::ops::audit_service_server::AuditService;
 use hcp_proto::ops::catalog_admin_service_server::CatalogAdminService;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminService;
+use hcp_proto::ops::quota_admin_service_server::QuotaAdminService;
 use hcp_proto::ops::{
     CreateFlavorRequest, CreateImageRequest, CreateZoneRequest, DeleteFlavorRequest, DeleteFlavorResponse,
-    DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest, DeleteZoneResponse, GetProviderRequest,
-    ListAuditEventsRequest, ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, Provider,
-    RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
+    DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest, DeleteZoneResponse, GetProjectQuotaRequest,
+    GetProviderRequest, ListAuditEventsRequest, ListAuditEventsResponse, ListProvidersRequest,
+    ListProvidersResponse, ProjectQuota, Provider, QuotaUsage, RegisterProviderRequest,
+    RemoveProviderRequest, RemoveProviderResponse, SetProjectQuotaRequest,
 };
 
 use super::{ApiContext, ApiResult, handle, validate};
@@ -19,7 +21,7 @@ use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
 use crate::model::{self, now};
-use crate::store::{AuditQuery, StoreError};
+use crate::store::{AuditQuery, Quota, StoreError, Usage};
 
 /// Implements the three ops services.
 #[derive(Clone)]
@@ -310,6 +312,77 @@ impl AuditService for OpsApi {
                 events: events.iter().map(convert::audit_to_proto).collect(),
                 next_page_token: next.unwrap_or_default(),
             })
+        })
+        .await
+    }
+}
+
+fn quota_to_proto(tenant: &str, project: &str, q: &Quota, u: &Usage) -> ProjectQuota {
+    ProjectQuota {
+        tenant_id: tenant.to_owned(),
+        project_id: project.to_owned(),
+        max_instances: q.max_instances,
+        max_vcpus: q.max_vcpus,
+        max_memory_mib: q.max_memory_mib,
+        usage: Some(QuotaUsage { instances: u.instances, vcpus: u.vcpus, memory_mib: u.memory_mib }),
+    }
+}
+
+#[tonic::async_trait]
+impl QuotaAdminService for OpsApi {
+    async fn set_project_quota(
+        &self,
+        req: tonic::Request<SetProjectQuotaRequest>,
+    ) -> ApiResult<ProjectQuota> {
+        let p = principal(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            p.ops(Access::Write)?;
+            validate::required("tenant_id", &r.tenant_id)?;
+            validate::project_id(&r.project_id)?;
+            let quota = Quota {
+                max_instances: r.max_instances,
+                max_vcpus: r.max_vcpus,
+                max_memory_mib: r.max_memory_mib,
+            };
+            self.ctx
+                .store
+                .set_quota(&r.tenant_id, &r.project_id, &quota, now())
+                .await
+                .map_err(|e| from_store(e, "quota"))?;
+            let mut audit = self.ctx.audit(&p, "quota.set", "project", &r.project_id, "succeeded");
+            audit.tenant_id = r.tenant_id.clone();
+            audit.project_id = r.project_id.clone();
+            audit.detail = format!("{quota:?}");
+            self.ctx.store.append_audit(&audit).await.map_err(|e| from_store(e, "audit"))?;
+            let (q, u) = self
+                .ctx
+                .store
+                .get_quota(&r.tenant_id, &r.project_id)
+                .await
+                .map_err(|e| from_store(e, "quota"))?;
+            Ok(quota_to_proto(&r.tenant_id, &r.project_id, &q, &u))
+        })
+        .await
+    }
+
+    async fn get_project_quota(
+        &self,
+        req: tonic::Request<GetProjectQuotaRequest>,
+    ) -> ApiResult<ProjectQuota> {
+        let p = principal(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            p.ops(Access::Read)?;
+            validate::required("tenant_id", &r.tenant_id)?;
+            validate::project_id(&r.project_id)?;
+            let (q, u) = self
+                .ctx
+                .store
+                .get_quota(&r.tenant_id, &r.project_id)
+                .await
+                .map_err(|e| from_store(e, "quota"))?;
+            Ok(quota_to_proto(&r.tenant_id, &r.project_id, &q, &u))
         })
         .await
     }

@@ -19,7 +19,7 @@ use crate::convert;
 use crate::error::from_store;
 use crate::model::{self, JobKind, JobStatus, NetworkAttachment, VmStatus, now};
 use crate::placement;
-use crate::store::{AcceptOperation, ListVmsQuery};
+use crate::store::{AcceptOperation, IdempotencyRecord, ListVmsQuery, StoreError};
 
 /// Implements `VmService` and `JobService`.
 #[derive(Clone)]
@@ -58,9 +58,18 @@ impl TenantApi {
         }
     }
 
-    async fn create_vm(&self, p: Principal, req: CreateVmRequest) -> Result<VmOperationAccepted, ApiError> {
+    async fn create_vm(
+        &self,
+        p: Principal,
+        key: Option<String>,
+        req: CreateVmRequest,
+    ) -> Result<VmOperationAccepted, ApiError> {
         validate::project_id(&req.project_id)?;
         let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
+        let idem = key.map(|k| (k, fingerprint_create(&req)));
+        if let Some(answer) = self.replay(&tenant, idem.as_ref()).await? {
+            return Ok(answer);
+        }
         validate::label("name", &req.name)?;
         validate::required("flavor", &req.flavor)?;
         validate::required("image", &req.image)?;
@@ -90,7 +99,7 @@ impl TenantApi {
         validate::label("hostname", &hostname)?;
 
         let flavor = self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
-            crate::store::StoreError::NotFound => {
+            StoreError::NotFound => {
                 ApiError::invalid_field("flavor", format!("unknown flavor {:?}", req.flavor))
             }
             e => from_store(e, "flavor"),
@@ -163,34 +172,119 @@ impl TenantApi {
         let mut audit = self.ctx.audit(&p, "vm.create", "vm", &vm_id.to_string(), "accepted");
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
-        self.ctx.store.accept_create(&vm, &job, &audit).await.map_err(|e| from_store(e, "vm"))?;
+        let answer = VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() };
+        let record = self.record(&tenant, idem.as_ref(), &answer);
+        match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref()).await {
+            Ok(()) => {}
+            Err(StoreError::IdempotencyRace) => return self.replay_after_race(&tenant, idem.as_ref()).await,
+            Err(StoreError::QuotaExceeded(msg)) => return Err(ApiError::new(ErrorCode::QuotaExceeded, msg)),
+            Err(e) => return Err(from_store(e, "vm")),
+        }
         self.ctx.announce(job.id);
         tracing::info!(vm_id = %vm_id, job_id = %job.id, provider = %provider.name, "vm create accepted");
-        Ok(VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() })
+        Ok(answer)
     }
 
     async fn operate(
         &self,
         p: Principal,
+        key: Option<String>,
         req: VmActionRequest,
         kind: JobKind,
     ) -> Result<VmOperationAccepted, ApiError> {
         validate::project_id(&req.project_id)?;
         let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
         let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let idem = key.map(|k| {
+            let h = fingerprint(&serde_json::json!({
+                "method": kind.as_str(),
+                "project_id": req.project_id,
+                "vm_id": vm_id.to_string(),
+            }));
+            (k, h)
+        });
+        if let Some(answer) = self.replay(&tenant, idem.as_ref()).await? {
+            return Ok(answer);
+        }
         let job = self.new_job(&p, &tenant, &req.project_id, vm_id, kind);
         let mut audit = self.ctx.audit(&p, kind.as_str(), "vm", &vm_id.to_string(), "accepted");
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
-        let op = AcceptOperation { tenant_id: tenant, project_id: req.project_id.clone(), vm_id, kind };
-        self.ctx
-            .store
-            .accept_operation(&op, &job, &audit)
-            .await
-            .map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
+        let op =
+            AcceptOperation { tenant_id: tenant.clone(), project_id: req.project_id.clone(), vm_id, kind };
+        let answer = VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() };
+        let record = self.record(&tenant, idem.as_ref(), &answer);
+        match self.ctx.store.accept_operation(&op, &job, &audit, record.as_ref()).await {
+            Ok(_) => {}
+            Err(StoreError::IdempotencyRace) => return self.replay_after_race(&tenant, idem.as_ref()).await,
+            Err(e) => return Err(from_store(e, &format!("vm {vm_id}"))),
+        }
         self.ctx.announce(job.id);
         tracing::info!(vm_id = %vm_id, job_id = %job.id, kind = %kind, "vm operation accepted");
-        Ok(VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() })
+        Ok(answer)
+    }
+
+    /// Returns the recorded answer for an idempotency key, if the key is
+    /// live: the original answer for the same request, 422 for another.
+    async fn replay(
+        &self,
+        tenant: &str,
+        idem: Option<&(String, String)>,
+    ) -> Result<Option<VmOperationAccepted>, ApiError> {
+        let Some((key, hash)) = idem else { return Ok(None) };
+        let record = self
+            .ctx
+            .store
+            .get_idempotency(tenant, key, now())
+            .await
+            .map_err(|e| from_store(e, "idempotency key"))?;
+        let Some(record) = record else { return Ok(None) };
+        if record.request_hash != *hash {
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyKeyReused,
+                "this Idempotency-Key was used for a different request",
+            )
+            .with_detail("field", "Idempotency-Key"));
+        }
+        let answer: serde_json::Value =
+            serde_json::from_str(&record.response).map_err(|_| ApiError::internal())?;
+        let field = |k: &str| answer.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        tracing::info!(key = %key, "idempotent replay");
+        Ok(Some(VmOperationAccepted { vm_id: field("vm_id"), job_id: field("job_id") }))
+    }
+
+    /// A concurrent request with the same key committed first: answer as it did.
+    async fn replay_after_race(
+        &self,
+        tenant: &str,
+        idem: Option<&(String, String)>,
+    ) -> Result<VmOperationAccepted, ApiError> {
+        self.replay(tenant, idem).await?.ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Conflict,
+                "a concurrent request with this Idempotency-Key is in progress; retry",
+            )
+        })
+    }
+
+    fn record(
+        &self,
+        tenant: &str,
+        idem: Option<&(String, String)>,
+        answer: &VmOperationAccepted,
+    ) -> Option<IdempotencyRecord> {
+        let (key, hash) = idem?;
+        let t = now();
+        Some(IdempotencyRecord {
+            tenant_id: tenant.to_owned(),
+            key: key.clone(),
+            request_hash: hash.clone(),
+            response: serde_json::json!({"vm_id": answer.vm_id, "job_id": answer.job_id}).to_string(),
+            created_at: t,
+            expires_at: t + chrono::Duration::seconds(
+                self.ctx.config.idempotency_key_ttl_seconds.max(1) as i64
+            ),
+        })
     }
 
     async fn get_vm(&self, p: Principal, req: GetVmRequest) -> Result<Vm, ApiError> {
@@ -340,6 +434,43 @@ impl TenantApi {
     }
 }
 
+/// Reads the `idempotency-key` metadata (the REST `Idempotency-Key`
+/// header): 1 to 255 visible ASCII characters.
+pub fn idempotency_key<T>(req: &tonic::Request<T>) -> Result<Option<String>, ApiError> {
+    let Some(value) = req.metadata().get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().unwrap_or_default();
+    if key.is_empty() || key.len() > 255 || !key.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ApiError::invalid_field(
+            "Idempotency-Key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// SHA-256 of a canonical JSON value (serde_json maps are sorted).
+fn fingerprint(v: &serde_json::Value) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(v.to_string().as_bytes()))
+}
+
+fn fingerprint_create(req: &CreateVmRequest) -> String {
+    let metadata: BTreeMap<_, _> = req.metadata.iter().collect();
+    fingerprint(&serde_json::json!({
+        "method": "vm.create",
+        "project_id": req.project_id,
+        "name": req.name,
+        "flavor": req.flavor,
+        "image": req.image,
+        "zone": req.zone,
+        "networks": req.networks.iter().map(|n| n.network.clone()).collect::<Vec<_>>(),
+        "metadata": metadata,
+        "tags": req.tags,
+        "user_data": req.user_data,
+        "hostname": req.hostname,
+    }))
+}
+
 /// Returns 32 random bytes, base64url: the console token given to the tenant.
 pub fn random_token() -> String {
     use base64::Engine;
@@ -359,7 +490,8 @@ pub fn hash_token(token: &str) -> String {
 impl VmService for TenantApi {
     async fn create_vm(&self, req: tonic::Request<CreateVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        handle(self.create_vm(p, req.into_inner())).await
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        handle(self.create_vm(p, key, req.into_inner())).await
     }
 
     async fn list_vms(&self, req: tonic::Request<ListVmsRequest>) -> ApiResult<ListVmsResponse> {
@@ -374,22 +506,26 @@ impl VmService for TenantApi {
 
     async fn start_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        handle(self.operate(p, req.into_inner(), JobKind::StartVm)).await
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        handle(self.operate(p, key, req.into_inner(), JobKind::StartVm)).await
     }
 
     async fn stop_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        handle(self.operate(p, req.into_inner(), JobKind::StopVm)).await
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        handle(self.operate(p, key, req.into_inner(), JobKind::StopVm)).await
     }
 
     async fn reboot_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        handle(self.operate(p, req.into_inner(), JobKind::RebootVm)).await
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        handle(self.operate(p, key, req.into_inner(), JobKind::RebootVm)).await
     }
 
     async fn delete_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        handle(self.operate(p, req.into_inner(), JobKind::DeleteVm)).await
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        handle(self.operate(p, key, req.into_inner(), JobKind::DeleteVm)).await
     }
 
     async fn create_console(&self, req: tonic::Request<CreateConsoleRequest>) -> ApiResult<ConsoleSession> {

@@ -9,7 +9,8 @@
 use chrono::{DateTime, Utc};
 use hcp_proto::ids::{JobId, VmId};
 
-use super::{BackendKind, StoreError, StoreResult, col, on_pool, to_u32};
+use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_usage};
+use super::{BackendKind, StoreError, StoreResult, UsageEvent, col, on_pool, to_u32};
 use crate::model::{AuditEvent, Job, JobKind, JobStatus, VmStatus};
 
 /// How a job attempt ended.
@@ -286,6 +287,7 @@ impl super::Store {
         now: DateTime<Utc>,
         audit: Option<&AuditEvent>,
     ) -> StoreResult<()> {
+        let outbox = self.outbox;
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             let updated = match outcome {
@@ -353,7 +355,42 @@ impl super::Store {
                     .await
                     .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
                 }
-                JobOutcome::Retry { .. } => {}
+                JobOutcome::Retry { .. } => {
+                    // Announce the job again; a consumer that gets it before
+                    // `run_after` puts it back with a delay.
+                    if outbox {
+                        insert_outbox!(tx, SUBJECT_JOBS, job.id.to_string(), now);
+                    }
+                }
+            }
+            // Metering follows the power transitions the job made.
+            let usage = match (outcome, job.kind) {
+                (JobOutcome::Succeeded { .. }, JobKind::CreateVm | JobKind::StartVm) => Some("started"),
+                (JobOutcome::Succeeded { .. }, JobKind::StopVm) => Some("stopped"),
+                (JobOutcome::Succeeded { .. }, JobKind::DeleteVm) => Some("deleted"),
+                _ => None,
+            };
+            if let Some(event) = usage {
+                let row = sqlx::query("SELECT flavor, vcpus, memory_mib FROM vms WHERE id = $1")
+                    .bind(job.vm_id.0)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+                let vcpus: i32 = col!(&row, "vcpus");
+                let memory: i32 = col!(&row, "memory_mib");
+                let ev = UsageEvent {
+                    id: hcp_proto::ids::EventId::new(),
+                    at: now,
+                    tenant_id: job.tenant_id.clone(),
+                    project_id: job.project_id.clone(),
+                    vm_id: job.vm_id,
+                    event: event.to_owned(),
+                    flavor: col!(&row, "flavor"),
+                    vcpus: vcpus.max(0) as u32,
+                    memory_mib: memory.max(0) as u32,
+                    job_id: Some(job.id),
+                };
+                insert_usage!(tx, &ev, outbox);
             }
             if matches!(outcome, JobOutcome::Succeeded { .. } | JobOutcome::Failed { .. }) {
                 // A finished job's console tokens for a VM that stopped or

@@ -20,12 +20,16 @@ use sqlx::{PgPool, SqlitePool};
 mod audit;
 mod catalog;
 mod consoles;
+mod guards;
 mod jobs;
+pub(crate) mod outbox;
 mod providers;
 mod vms;
 
 pub use audit::AuditQuery;
+pub use guards::{IdempotencyRecord, Quota, Usage};
 pub use jobs::JobOutcome;
+pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use vms::{AcceptOperation, ListVmsQuery, NewVm};
 
 /// Why a store call failed.
@@ -53,6 +57,12 @@ pub enum StoreError {
     /// A stored value does not decode into the domain type.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// Another request holds the idempotency key (it committed first).
+    #[error("idempotency key taken by a concurrent request")]
+    IdempotencyRace,
+    /// The project's quota does not allow the request.
+    #[error("{0}")]
+    QuotaExceeded(String),
 }
 
 impl StoreError {
@@ -101,6 +111,8 @@ enum Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     backend: Backend,
+    /// Whether changes also write outbox rows for a message queue.
+    outbox: bool,
 }
 
 /// Runs `$body` with `$pool` bound to the concrete pool of the store's
@@ -162,7 +174,7 @@ impl Store {
                 url.split(':').next().unwrap_or_default()
             )));
         };
-        Ok(Self { backend })
+        Ok(Self { backend, outbox: false })
     }
 
     /// Applies the embedded migrations of this backend.
@@ -175,6 +187,18 @@ impl Store {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from_sqlx(e, "migration"),
             other => StoreError::Corrupt(format!("migration failed: {other}")),
         })
+    }
+
+    /// Makes accepted jobs and usage events also write outbox rows, for a
+    /// publisher to send to the message queue. Off for the embedded mode.
+    pub fn with_outbox(mut self, on: bool) -> Self {
+        self.outbox = on;
+        self
+    }
+
+    /// Whether outbox rows are written.
+    pub fn outbox_enabled(&self) -> bool {
+        self.outbox
     }
 
     /// Which backend this is.

@@ -6,7 +6,11 @@ use std::collections::BTreeMap;
 use hcp_proto::ids::{JobId, ProviderId, VmId};
 use sqlx::types::Json;
 
-use super::{StoreError, StoreResult, col, decode_page_token, encode_page_token, on_pool, to_i32};
+use super::guards::{check_quota, insert_idempotency};
+use super::outbox::{SUBJECT_JOBS, insert_outbox};
+use super::{
+    IdempotencyRecord, StoreError, StoreResult, col, decode_page_token, encode_page_token, on_pool, to_i32,
+};
 use crate::model::{AuditEvent, Job, JobKind, NetworkAttachment, Vm, VmStatus};
 
 /// A VM to insert (status PENDING, with its create job).
@@ -84,9 +88,26 @@ macro_rules! vm_from_row {
 impl super::Store {
     /// Inserts a new VM with its create job and the audit event of the
     /// request, atomically: either all three exist or none.
-    pub async fn accept_create(&self, vm: &NewVm, job: &Job, audit: &AuditEvent) -> StoreResult<()> {
+    ///
+    /// With `idem`, the idempotency key is recorded first (a concurrent
+    /// request holding the key fails this one with IdempotencyRace), then the
+    /// project's quota is checked (QuotaExceeded), all in the same
+    /// transaction as the inserts.
+    pub async fn accept_create(
+        &self,
+        vm: &NewVm,
+        job: &Job,
+        audit: &AuditEvent,
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()> {
+        let kind = self.kind();
+        let outbox = self.outbox;
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            if let Some(rec) = idem {
+                insert_idempotency!(tx, rec);
+            }
+            check_quota!(tx, kind, &vm.tenant_id, &vm.project_id, to_i32(vm.vcpus), to_i32(vm.memory_mib));
             sqlx::query(
                 "INSERT INTO vms (id, tenant_id, project_id, name, flavor, vcpus, memory_mib, \
                  disk_gib, image, image_source, zone, provider_id, networks, metadata, tags, \
@@ -127,6 +148,9 @@ impl super::Store {
                     .map_err(|e| StoreError::from_sqlx(e, "vm tag"))?;
             }
             super::jobs::insert_job!(&mut *tx, job);
+            if outbox {
+                insert_outbox!(tx, SUBJECT_JOBS, job.id.to_string(), job.created_at);
+            }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
         });
@@ -142,10 +166,15 @@ impl super::Store {
         op: &AcceptOperation,
         job: &Job,
         audit: &AuditEvent,
+        idem: Option<&IdempotencyRecord>,
     ) -> StoreResult<Vm> {
         let allowed = op.kind.allowed_from();
+        let outbox = self.outbox;
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            if let Some(rec) = idem {
+                insert_idempotency!(tx, rec);
+            }
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant_id = $2 AND project_id = $3"
             )))
@@ -192,6 +221,9 @@ impl super::Store {
                 return Err(StoreError::Conflict(format!("vm {} changed state concurrently; retry", vm.id)));
             }
             super::jobs::insert_job!(&mut *tx, job);
+            if outbox {
+                insert_outbox!(tx, SUBJECT_JOBS, job.id.to_string(), job.created_at);
+            }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             vm.status = next;

@@ -1,0 +1,249 @@
+//! Checks that run inside the transaction that accepts a request, so that
+//! no concurrent request can slip between the check and the write:
+//! idempotency keys (the first successful answer per tenant and key) and
+//! project quotas (instances, vCPUs, memory).
+
+use chrono::{DateTime, Utc};
+
+use super::{StoreError, StoreResult, col, on_pool};
+
+/// An idempotency key to record with an accepted request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// Tenant the key belongs to.
+    pub tenant_id: String,
+    /// The client's key.
+    pub key: String,
+    /// Fingerprint of the request (method and canonical fields).
+    pub request_hash: String,
+    /// The answer given, as JSON.
+    pub response: String,
+    /// When recorded.
+    pub created_at: DateTime<Utc>,
+    /// When the key may be reused for another request.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Limits of one project; `None` means unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// VMs that are not deleted.
+    pub max_instances: Option<u32>,
+    /// Sum of their vCPUs.
+    pub max_vcpus: Option<u32>,
+    /// Sum of their memory.
+    pub max_memory_mib: Option<u64>,
+}
+
+/// Current use of a project.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// VMs that are not deleted.
+    pub instances: u64,
+    /// Their vCPUs.
+    pub vcpus: u64,
+    /// Their memory.
+    pub memory_mib: u64,
+}
+
+/// Records an idempotency key inside a transaction. An expired record for
+/// the same key is replaced; a live one makes this fail with
+/// [`StoreError::IdempotencyRace`] (another request holds the key).
+macro_rules! insert_idempotency {
+    ($conn:expr, $rec:expr) => {{
+        let rec: &$crate::store::IdempotencyRecord = $rec;
+        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND expires_at <= $3")
+            .bind(&rec.tenant_id)
+            .bind(&rec.key)
+            .bind(rec.created_at)
+            .execute(&mut *$conn)
+            .await
+            .map_err(|e| $crate::store::StoreError::from_sqlx(e, "idempotency key"))?;
+        sqlx::query(
+            "INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&rec.tenant_id)
+        .bind(&rec.key)
+        .bind(&rec.request_hash)
+        .bind(&rec.response)
+        .bind(rec.created_at)
+        .bind(rec.expires_at)
+        .execute(&mut *$conn)
+        .await
+        .map_err(|e| match $crate::store::StoreError::from_sqlx(e, "idempotency key") {
+            $crate::store::StoreError::AlreadyExists { .. } => $crate::store::StoreError::IdempotencyRace,
+            other => other,
+        })?;
+    }};
+}
+pub(crate) use insert_idempotency;
+
+/// Checks a project's quota for one more VM of the given size, inside the
+/// accepting transaction. On PostgreSQL the quota row is locked, which
+/// orders concurrent creates of the project; SQLite has one writer.
+macro_rules! check_quota {
+    ($conn:expr, $kind:expr, $tenant:expr, $project:expr, $vcpus:expr, $memory:expr) => {{
+        let lock = match $kind {
+            $crate::store::BackendKind::Postgres => " FOR UPDATE",
+            $crate::store::BackendKind::Sqlite => "",
+        };
+        let quota = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT max_instances, max_vcpus, max_memory_mib FROM project_quotas \
+             WHERE tenant_id = $1 AND project_id = $2{lock}"
+        )))
+        .bind($tenant)
+        .bind($project)
+        .fetch_optional(&mut *$conn)
+        .await
+        .map_err(|e| $crate::store::StoreError::from_sqlx(e, "quota"))?;
+        if let Some(row) = quota {
+            let max_instances: Option<i32> = col!(&row, "max_instances");
+            let max_vcpus: Option<i32> = col!(&row, "max_vcpus");
+            let max_memory: Option<i64> = col!(&row, "max_memory_mib");
+            let used = sqlx::query(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(vcpus), 0) AS vcpus, \
+                 COALESCE(SUM(memory_mib), 0) AS memory FROM vms \
+                 WHERE tenant_id = $1 AND project_id = $2 AND status <> 'DELETED'",
+            )
+            .bind($tenant)
+            .bind($project)
+            .fetch_one(&mut *$conn)
+            .await
+            .map_err(|e| $crate::store::StoreError::from_sqlx(e, "quota"))?;
+            let n: i64 = col!(&used, "n");
+            let vcpus: i64 = col!(&used, "vcpus");
+            let memory: i64 = col!(&used, "memory");
+            let checks = [
+                ("instances", max_instances.map(i64::from), n, 1i64),
+                ("vcpus", max_vcpus.map(i64::from), vcpus, i64::from($vcpus)),
+                ("memory_mib", max_memory, memory, i64::from($memory)),
+            ];
+            for (what, max, used, more) in checks {
+                if let Some(max) = max
+                    && used + more > max
+                {
+                    return Err($crate::store::StoreError::QuotaExceeded(format!(
+                        "project quota of {max} {what} reached ({used} in use, {more} requested)"
+                    )));
+                }
+            }
+        }
+    }};
+}
+pub(crate) use check_quota;
+
+impl super::Store {
+    /// Returns the live record of an idempotency key, if any.
+    pub async fn get_idempotency(
+        &self,
+        tenant_id: &str,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<IdempotencyRecord>> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT tenant_id, key, request_hash, response, created_at, expires_at FROM idempotency_keys \
+                 WHERE tenant_id = $1 AND key = $2 AND expires_at > $3",
+            )
+            .bind(tenant_id)
+            .bind(key)
+            .bind(now)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "idempotency key"))?;
+            match row {
+                None => Ok(None),
+                Some(row) => Ok(Some(IdempotencyRecord {
+                    tenant_id: col!(&row, "tenant_id"),
+                    key: col!(&row, "key"),
+                    request_hash: col!(&row, "request_hash"),
+                    response: col!(&row, "response"),
+                    created_at: col!(&row, "created_at"),
+                    expires_at: col!(&row, "expires_at"),
+                })),
+            }
+        })
+    }
+
+    /// Deletes expired idempotency records; returns how many.
+    pub async fn purge_idempotency(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_pool!(self, |pool| {
+            let done = sqlx::query("DELETE FROM idempotency_keys WHERE expires_at <= $1")
+                .bind(now)
+                .execute(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "idempotency key"))?;
+            Ok(done.rows_affected())
+        })
+    }
+
+    /// Sets (or with all limits `None`, removes) a project's quota.
+    pub async fn set_quota(
+        &self,
+        tenant_id: &str,
+        project_id: &str,
+        quota: &Quota,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO project_quotas (tenant_id, project_id, max_instances, max_vcpus, max_memory_mib, \
+                 updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, project_id) DO UPDATE \
+                 SET max_instances = $3, max_vcpus = $4, max_memory_mib = $5, updated_at = $6",
+            )
+            .bind(tenant_id)
+            .bind(project_id)
+            .bind(quota.max_instances.map(|v| v as i32))
+            .bind(quota.max_vcpus.map(|v| v as i32))
+            .bind(quota.max_memory_mib.map(|v| v as i64))
+            .bind(at)
+            .execute(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
+        });
+        Ok(())
+    }
+
+    /// Returns a project's quota (all `None` when unset) and usage.
+    pub async fn get_quota(&self, tenant_id: &str, project_id: &str) -> StoreResult<(Quota, Usage)> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT max_instances, max_vcpus, max_memory_mib FROM project_quotas \
+                 WHERE tenant_id = $1 AND project_id = $2",
+            )
+            .bind(tenant_id)
+            .bind(project_id)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
+            let quota = match row {
+                None => Quota::default(),
+                Some(row) => {
+                    let i: Option<i32> = col!(&row, "max_instances");
+                    let v: Option<i32> = col!(&row, "max_vcpus");
+                    let m: Option<i64> = col!(&row, "max_memory_mib");
+                    Quota {
+                        max_instances: i.map(|x| x.max(0) as u32),
+                        max_vcpus: v.map(|x| x.max(0) as u32),
+                        max_memory_mib: m.map(|x| x.max(0) as u64),
+                    }
+                }
+            };
+            let used = sqlx::query(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(vcpus), 0) AS vcpus, \
+                 COALESCE(SUM(memory_mib), 0) AS memory FROM vms \
+                 WHERE tenant_id = $1 AND project_id = $2 AND status <> 'DELETED'",
+            )
+            .bind(tenant_id)
+            .bind(project_id)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
+            let n: i64 = col!(&used, "n");
+            let v: i64 = col!(&used, "vcpus");
+            let m: i64 = col!(&used, "memory");
+            Ok((quota, Usage { instances: n as u64, vcpus: v as u64, memory_mib: m as u64 }))
+        })
+    }
+}
