@@ -151,7 +151,7 @@ async fn lifecycle(backend: Backend) {
     // One trace runs from the gateway through core into the worker: the
     // create's trace id appears in core's log on the worker's job span.
     let trace = accepted["trace_id"].as_str().unwrap();
-    let core_log = s.log("core");
+    let core_log = s.log("core-api-0");
     assert!(
         core_log.lines().any(|l| l.contains(trace) && l.contains("job")),
         "trace {trace} not in core log"

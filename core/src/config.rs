@@ -14,6 +14,8 @@ pub const ENV_DATABASE_URL: &str = "HCP_DATABASE_URL";
 pub const ENV_LISTEN: &str = "HCP_CORE_LISTEN";
 /// Environment variable overriding [`AuthConfig::hs256_secret_file`].
 pub const ENV_JWT_SECRET_FILE: &str = "HCP_JWT_SECRET_FILE";
+/// Environment variable overriding [`QueueConfig::nats_url`].
+pub const ENV_NATS_URL: &str = "HCP_NATS_URL";
 
 /// Everything core needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -38,6 +40,8 @@ pub struct Config {
     pub providers: ProvidersConfig,
     /// Console sessions.
     pub console: ConsoleConfig,
+    /// The message queue; none means the embedded in-process queue.
+    pub queue: QueueConfig,
     /// How long an Idempotency-Key keeps its answer, seconds. Default 86400
     /// (24 h); after that the key may be used for a new request.
     pub idempotency_key_ttl_seconds: u64,
@@ -57,6 +61,7 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             providers: ProvidersConfig::default(),
             console: ConsoleConfig::default(),
+            queue: QueueConfig::default(),
             idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),
         }
@@ -125,8 +130,12 @@ pub struct JobsConfig {
     pub backoff_max_ms: u64,
     /// Lease length; renewed at a third of it. Default 30 s.
     pub lease_seconds: u64,
-    /// How often idle workers look for runnable jobs. Default 1000 ms.
+    /// How often idle workers look for runnable jobs in the store (the
+    /// safety net under the queue). Default 1000 ms.
     pub poll_interval_ms: u64,
+    /// TEST ONLY: leases lapse at once, so several workers may run one job.
+    /// Exists so tests can prove they catch the duplicates this allows.
+    pub unsafe_disable_leases: bool,
 }
 
 impl Default for JobsConfig {
@@ -138,6 +147,7 @@ impl Default for JobsConfig {
             backoff_max_ms: 30_000,
             lease_seconds: 30,
             poll_interval_ms: 1000,
+            unsafe_disable_leases: false,
         }
     }
 }
@@ -157,6 +167,23 @@ pub struct ProvidersConfig {
 impl Default for ProvidersConfig {
     fn default() -> Self {
         Self { probe_interval_seconds: 10, call_timeout_seconds: 300, probe_timeout_seconds: 5 }
+    }
+}
+
+/// The message queue (NATS JetStream) for production deployments.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// `nats://host:4222`; unset means the embedded queue (one process).
+    pub nats_url: Option<String>,
+    /// Prefix of the JetStream stream names (`<prefix>_JOBS`,
+    /// `<prefix>_USAGE`). Default `HCP`.
+    pub stream_prefix: String,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { nats_url: None, stream_prefix: "HCP".to_owned() }
     }
 }
 
@@ -230,6 +257,7 @@ impl Config {
                     self.listen = v.parse().map_err(|_| ConfigError::Env { var: ENV_LISTEN, value: v })?
                 }
                 ENV_JWT_SECRET_FILE => self.auth.hs256_secret_file = Some(PathBuf::from(v)),
+                ENV_NATS_URL => self.queue.nats_url = Some(v),
                 _ => {}
             }
         }

@@ -65,6 +65,19 @@ pub struct Engine {
     config: JobsConfig,
     worker_id: String,
     wake: Arc<Notify>,
+    /// One permit per job this process may run at once.
+    permits: Arc<Semaphore>,
+}
+
+/// What happened to a job offered by the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// This worker leased it and is running it.
+    Started,
+    /// It is waiting for its retry time; offer it again after the delay.
+    NotDue(Duration),
+    /// It is finished, or another worker holds it.
+    Gone,
 }
 
 /// Why a job attempt stopped short of an outcome.
@@ -84,12 +97,43 @@ impl Engine {
         worker_id: String,
         wake: Arc<Notify>,
     ) -> Self {
-        Self { store, clients, config, worker_id, wake }
+        let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        Self { store, clients, config, worker_id, wake, permits }
+    }
+
+    /// Offers one job (named by a queue message) to this worker: waits for a
+    /// free slot, then leases and runs the job if it is runnable.
+    pub async fn offer(&self, id: JobId) -> Result<Offer, StoreError> {
+        let Ok(permit) = self.permits.clone().acquire_owned().await else { return Ok(Offer::Gone) };
+        let t = now();
+        match self.store.claim_job(id, &self.worker_id, t, self.lease_until(t)).await? {
+            Some(job) => {
+                let engine = self.clone();
+                tokio::spawn(async move {
+                    engine.execute(job).await;
+                    drop(permit);
+                });
+                Ok(Offer::Started)
+            }
+            None => {
+                drop(permit);
+                let job = match self.store.get_job_internal(id).await {
+                    Ok(job) => job,
+                    Err(StoreError::NotFound) => return Ok(Offer::Gone),
+                    Err(e) => return Err(e),
+                };
+                if job.status == crate::model::JobStatus::Queued && job.run_after > t {
+                    Ok(Offer::NotDue((job.run_after - t).to_std().unwrap_or_default()))
+                } else {
+                    Ok(Offer::Gone)
+                }
+            }
+        }
     }
 
     /// Runs until `shutdown` turns true, then waits for jobs in flight.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let permits = Arc::new(Semaphore::new(self.config.concurrency.max(1)));
+        let permits = self.permits.clone();
         let poll = Duration::from_millis(self.config.poll_interval_ms.max(10));
         let mut tasks = tokio::task::JoinSet::new();
         tracing::info!(worker = %self.worker_id, concurrency = self.config.concurrency, "job engine started");
@@ -124,12 +168,19 @@ impl Engine {
             }
         }
         // Jobs in flight finish (or lose their lease when the process is
-        // killed; another worker then takes over).
+        // killed; another worker then takes over). Jobs started from queue
+        // messages hold permits too: all permits back means all done.
         while tasks.join_next().await.is_some() {}
+        let _ = permits.acquire_many(self.config.concurrency.max(1) as u32).await;
         tracing::info!(worker = %self.worker_id, "job engine stopped");
     }
 
     fn lease_until(&self, from: DateTime<Utc>) -> DateTime<Utc> {
+        if self.config.unsafe_disable_leases {
+            // Test-only: a lease that has already lapsed lets any worker
+            // take the job while this one runs it.
+            return from;
+        }
         from + chrono::Duration::seconds(self.config.lease_seconds.max(1) as i64)
     }
 
@@ -160,7 +211,11 @@ impl Engine {
             let every = Duration::from_secs(self.config.lease_seconds.max(3) / 3);
             let lease = self.config.lease_seconds.max(1) as i64;
             let id = job.id;
+            let disabled = self.config.unsafe_disable_leases;
             tokio::spawn(async move {
+                if disabled {
+                    return;
+                }
                 loop {
                     tokio::time::sleep(every).await;
                     let until = now() + chrono::Duration::seconds(lease);
@@ -188,7 +243,13 @@ impl Engine {
         };
         let result = tokio::select! {
             r = attempt => r,
-            _ = lost_rx.wait_for(|lost| *lost) => Err(Abort::LeaseLost),
+            _ = async {
+                // A heartbeat that ends without reporting a loss (leases
+                // switched off) must not end the attempt.
+                if lost_rx.wait_for(|lost| *lost).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => Err(Abort::LeaseLost),
         };
         heartbeat.abort();
 

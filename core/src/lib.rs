@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod model;
 pub mod placement;
 pub mod providers;
+pub mod queue;
 pub mod server;
 pub mod store;
 

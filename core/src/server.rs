@@ -65,6 +65,9 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// The NATS URL is unusable.
+    #[error("cannot set up the NATS connection")]
+    Queue(#[source] async_nats::ConnectError),
 }
 
 fn redact(url: &str) -> String {
@@ -96,15 +99,59 @@ pub async fn run(
         Duration::from_secs(config.providers.call_timeout_seconds.max(1)),
         Duration::from_secs(config.providers.probe_timeout_seconds.max(1)),
     );
-    let queue = LocalQueue::default();
+    let local = LocalQueue::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut background = tokio::task::JoinSet::new();
+
+    // Production dispatch: outbox rows published to JetStream. Embedded:
+    // the in-process queue wakes this process's workers.
+    let nats = match &config.queue.nats_url {
+        Some(url) => Some(crate::queue::connect(url).await.map_err(StartError::Queue)?),
+        None => None,
+    };
+    let store = store.with_outbox(nats.is_some());
+    let prefix = config.queue.stream_prefix.clone();
+    let queue: Arc<dyn crate::jobs::JobQueue> = match &nats {
+        Some(client) => {
+            let q = crate::queue::NatsQueue::new(local.notifier());
+            background.spawn(crate::queue::run_publisher(
+                store.clone(),
+                client.clone(),
+                prefix.clone(),
+                q.publisher_wake(),
+                stop_rx.clone(),
+            ));
+            Arc::new(q)
+        }
+        None => Arc::new(local.clone()),
+    };
 
     if config.roles.worker {
         let worker_id = format!("worker-{}", uuid::Uuid::now_v7());
         let engine =
-            Engine::new(store.clone(), clients.clone(), config.jobs.clone(), worker_id, queue.notifier());
+            Engine::new(store.clone(), clients.clone(), config.jobs.clone(), worker_id, local.notifier());
+        if let Some(client) = &nats {
+            background.spawn(crate::queue::run_consumer(
+                client.clone(),
+                prefix.clone(),
+                engine.clone(),
+                stop_rx.clone(),
+            ));
+        }
         background.spawn(engine.run(stop_rx.clone()));
+        // Expired idempotency keys are removed by workers, hourly.
+        let (store_p, mut stop_p) = (store.clone(), stop_rx.clone());
+        background.spawn(async move {
+            loop {
+                if let Err(e) = store_p.purge_idempotency(crate::model::now()).await {
+                    tracing::warn!(error = %e, "cannot purge idempotency keys");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    _ = stop_p.changed() => return,
+                }
+            }
+        });
         let (store, clients, mut stop) = (store.clone(), clients.clone(), stop_rx.clone());
         let every = Duration::from_secs(config.providers.probe_interval_seconds.max(1));
         background.spawn(async move {
@@ -126,7 +173,7 @@ pub async fn run(
         let ctx = ApiContext {
             store: store.clone(),
             clients: clients.clone(),
-            queue: Arc::new(queue.clone()),
+            queue: queue.clone(),
             config: config.clone(),
         };
         let auth = AuthInterceptor::new(verifier);

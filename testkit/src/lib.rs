@@ -5,10 +5,12 @@
 //!   by `HCP_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
 //! - [`stack::TestStack`]: core, gateway and sim providers as separate OS
 //!   processes on ephemeral ports, with tokens signed by the stack's key.
+//! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped.
 //! - [`rest::Rest`]: a small JSON-over-HTTP client for the gateway.
 //! - [`wait_until`]: waiting for a condition with a deadline, never a sleep.
 
 pub mod db;
+pub mod nats;
 pub mod rest;
 pub mod stack;
 

@@ -1,8 +1,11 @@
-//! The whole system as OS processes: core, the gateway and simulated
-//! providers, each started from the `hcp` binary on an ephemeral port.
-//! Process logs go to files in the stack's temporary directory, which is
-//! kept when the test fails.
+//! The whole system as OS processes: core (one combined process, or API and
+//! worker processes apart), one gateway per API process, and simulated
+//! providers, each started from the `hcp` binary on an ephemeral port;
+//! optionally a NATS JetStream server of the test's own. Process logs go to
+//! files in the stack's temporary directory, which is kept when the test
+//! fails.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,6 +17,7 @@ use tokio::process::Child;
 
 use crate::TempDir;
 use crate::db::{Backend, TestDb};
+use crate::nats::NatsServer;
 use crate::rest::Rest;
 
 /// How to start a stack.
@@ -23,8 +27,18 @@ pub struct StackOptions {
     pub backend: Backend,
     /// Capabilities of the first sim provider.
     pub sim_capabilities: String,
-    /// Extra TOML appended to core's configuration.
+    /// Extra flags for the first sim provider (e.g. `--latency-ms 100`).
+    pub sim_args: Vec<String>,
+    /// Extra top-level TOML for core (before any table).
     pub core_toml: String,
+    /// Extra keys of core's `[jobs]` table.
+    pub jobs_toml: String,
+    /// Run NATS JetStream (a server of the test's own) for dispatch.
+    pub nats: bool,
+    /// API processes (each with a gateway).
+    pub api_processes: usize,
+    /// Worker processes; 0 means API processes also run jobs.
+    pub worker_processes: usize,
 }
 
 impl Default for StackOptions {
@@ -32,107 +46,172 @@ impl Default for StackOptions {
         Self {
             backend: Backend::Sqlite,
             sim_capabilities: "cloud_init,snapshot,snapshot_running,console_vnc".to_owned(),
+            sim_args: Vec::new(),
             core_toml: String::new(),
+            jobs_toml: String::new(),
+            nats: false,
+            api_processes: 1,
+            worker_processes: 0,
         }
     }
 }
 
 /// A running stack.
 pub struct TestStack {
-    /// Gateway address.
+    /// First gateway's address.
     pub gateway: SocketAddr,
-    /// Core gRPC address.
+    /// First API process's gRPC address.
     pub core: SocketAddr,
-    /// First sim provider address.
+    /// First sim provider's address.
     pub sim: SocketAddr,
-    /// REST client for the gateway.
+    /// REST client for the first gateway.
     pub rest: Rest,
-    secret: Vec<u8>,
-    exe: PathBuf,
-    children: Vec<Child>,
+    /// REST clients, one per gateway (one per API process).
+    pub rests: Vec<Rest>,
+    /// The NATS server, when the stack uses one.
+    pub nats: Option<NatsServer>,
     /// The database (kept alive as long as the stack).
     pub db: TestDb,
+    secret: Vec<u8>,
+    exe: PathBuf,
+    opts: StackOptions,
+    children: HashMap<String, Child>,
+    next_worker: usize,
     dir: TempDir,
 }
 
 const READY: Duration = Duration::from_secs(60);
 
 impl TestStack {
-    /// Starts sim, core and gateway, and seeds zone `zone-1`, flavors
-    /// small/medium/large, image `debian-12` and the sim provider.
+    /// Starts the stack and seeds zone `zone-1`, flavors small/medium/large,
+    /// image `debian-12` and the sim provider.
     pub async fn start(exe: &Path, opts: StackOptions) -> anyhow::Result<Self> {
         let dir = TempDir::new()?;
         let db = TestDb::new(opts.backend).await?;
-        let secret_hex = hex_secret();
-        let secret_file = dir.path().join("jwt-secret");
-        std::fs::write(&secret_file, &secret_hex)?;
-        let secret = secret_hex.into_bytes();
-        let core_toml = format!(
-            "listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[auth]\nhs256_secret_file = \"{secret}\"\n\n\
-             [jobs]\npoll_interval_ms = 100\nbackoff_base_ms = 50\nbackoff_max_ms = 200\n\n\
-             [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n",
-            db = db.url,
-            secret = secret_file.display(),
-            extra = opts.core_toml,
-        );
-        let core_config = dir.path().join("core.toml");
-        std::fs::write(&core_config, core_toml)?;
-
+        let nats = if opts.nats { Some(NatsServer::start().await?) } else { None };
+        let secret_hex = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        std::fs::write(dir.path().join("jwt-secret"), &secret_hex)?;
         let mut stack = Self {
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
             core: SocketAddr::from(([127, 0, 0, 1], 0)),
             sim: SocketAddr::from(([127, 0, 0, 1], 0)),
             rest: Rest::new(String::new()),
-            secret,
-            exe: exe.to_owned(),
-            children: Vec::new(),
+            rests: Vec::new(),
+            nats,
             db,
+            secret: secret_hex.into_bytes(),
+            exe: exe.to_owned(),
+            opts: opts.clone(),
+            children: HashMap::new(),
+            next_worker: 0,
             dir,
         };
-        stack.sim = stack.start_sim("sim", &opts.sim_capabilities).await?;
-        let core = stack
-            .spawn_logged("core", &["core".into(), "--config".into(), core_config.display().to_string()])
-            .await?;
-        stack.core = core;
-        let gateway = stack
-            .spawn_logged(
-                "gateway",
-                &[
-                    "gateway".into(),
-                    "--listen".into(),
-                    "127.0.0.1:0".into(),
-                    "--core".into(),
-                    format!("http://{core}"),
-                ],
-            )
-            .await?;
-        stack.gateway = gateway;
-        stack.rest = Rest::new(format!("http://{gateway}"));
-        bootstrap(&format!("http://{core}"), &stack.ops_token(), "zone-1", &format!("http://{}", stack.sim))
-            .await?;
+        let mut sim_args = vec!["--capabilities".to_owned(), opts.sim_capabilities.clone()];
+        sim_args.extend(opts.sim_args.iter().cloned());
+        stack.sim = stack.start_sim_with("sim", &sim_args).await?;
+
+        let combined = opts.worker_processes == 0;
+        for i in 0..opts.api_processes.max(1) {
+            let name = format!("core-api-{i}");
+            let config = stack.write_core_config(&name, true, combined)?;
+            let core = stack
+                .spawn_logged(&name, &["core".into(), "--config".into(), config.display().to_string()])
+                .await?;
+            let gateway = stack
+                .spawn_logged(
+                    &format!("gateway-{i}"),
+                    &[
+                        "gateway".into(),
+                        "--listen".into(),
+                        "127.0.0.1:0".into(),
+                        "--core".into(),
+                        format!("http://{core}"),
+                    ],
+                )
+                .await?;
+            if i == 0 {
+                stack.core = core;
+                stack.gateway = gateway;
+            }
+            stack.rests.push(Rest::new(format!("http://{gateway}")));
+        }
+        stack.rest = stack.rests[0].clone();
+        for _ in 0..opts.worker_processes {
+            stack.start_worker().await?;
+        }
+        bootstrap(
+            &format!("http://{}", stack.core),
+            &stack.ops_token(),
+            "zone-1",
+            &format!("http://{}", stack.sim),
+        )
+        .await?;
         Ok(stack)
     }
 
+    fn write_core_config(&self, name: &str, api: bool, worker: bool) -> anyhow::Result<PathBuf> {
+        let queue = match &self.nats {
+            Some(n) => format!("\n[queue]\nnats_url = \"{}\"\n", n.url()),
+            None => String::new(),
+        };
+        let toml = format!(
+            "listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[roles]\napi = {api}\nworker = {worker}\n\n\
+             [auth]\nhs256_secret_file = \"{secret}\"\n\n\
+             [jobs]\n{jobs}\n\n\
+             [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n{queue}",
+            db = self.db.url,
+            extra = self.opts.core_toml,
+            secret = self.dir.path().join("jwt-secret").display(),
+            jobs = jobs_table(&self.opts.jobs_toml),
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml)?;
+        Ok(path)
+    }
+
     async fn spawn_logged(&mut self, name: &str, args: &[String]) -> anyhow::Result<SocketAddr> {
-        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))?;
         let Spawned { child, addr } = spawn(&self.exe, args, &[], Stdio::from(log), READY).await?;
-        self.children.push(child);
+        self.children.insert(name.to_owned(), child);
         Ok(addr)
+    }
+
+    /// Starts another worker-only core process; returns its name.
+    pub async fn start_worker(&mut self) -> anyhow::Result<String> {
+        let name = format!("core-worker-{}", self.next_worker);
+        self.next_worker += 1;
+        let config = self.write_core_config(&name, false, true)?;
+        self.spawn_logged(&name, &["core".into(), "--config".into(), config.display().to_string()]).await?;
+        Ok(name)
+    }
+
+    /// Names of the running worker processes.
+    pub fn workers(&self) -> Vec<String> {
+        let mut w: Vec<String> =
+            self.children.keys().filter(|k| k.starts_with("core-worker-")).cloned().collect();
+        w.sort();
+        w
+    }
+
+    /// Kills a process with SIGKILL and forgets it.
+    pub async fn kill(&mut self, name: &str) {
+        if let Some(mut c) = self.children.remove(name) {
+            let _ = c.kill().await;
+        }
     }
 
     /// Starts another sim provider process (not registered).
     pub async fn start_sim(&mut self, name: &str, capabilities: &str) -> anyhow::Result<SocketAddr> {
-        self.spawn_logged(
-            name,
-            &[
-                "provider-sim".into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--capabilities".into(),
-                capabilities.into(),
-            ],
-        )
-        .await
+        self.start_sim_with(name, &["--capabilities".to_owned(), capabilities.to_owned()]).await
+    }
+
+    async fn start_sim_with(&mut self, name: &str, extra: &[String]) -> anyhow::Result<SocketAddr> {
+        let mut args = vec!["provider-sim".to_owned(), "--listen".to_owned(), "127.0.0.1:0".to_owned()];
+        args.extend(extra.iter().cloned());
+        self.spawn_logged(name, &args).await
     }
 
     /// A tenant token for `tenant` granting `projects` as tenant.member.
@@ -160,7 +239,7 @@ impl TestStack {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// A gRPC channel to core.
+    /// A gRPC channel to the first API process.
     pub async fn core_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
         Ok(tonic::transport::Endpoint::from_shared(format!("http://{}", self.core))?.connect().await?)
     }
@@ -169,8 +248,22 @@ impl TestStack {
     pub async fn sim_channel(&self) -> anyhow::Result<tonic::transport::Channel> {
         Ok(tonic::transport::Endpoint::from_shared(format!("http://{}", self.sim))?.connect().await?)
     }
+
+    /// The simulator's counters.
+    pub async fn sim_stats(&self) -> anyhow::Result<hcp_proto::sim::StatsResponse> {
+        let mut sim = hcp_proto::sim::sim_control_client::SimControlClient::new(self.sim_channel().await?);
+        Ok(sim.stats(hcp_proto::sim::StatsRequest {}).await?.into_inner())
+    }
 }
 
-fn hex_secret() -> String {
-    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+/// Core's `[jobs]` keys for tests: quick polling and short backoff, unless
+/// the test sets a key itself.
+fn jobs_table(extra: &str) -> String {
+    let mut out = extra.to_owned();
+    for (key, value) in [("poll_interval_ms", "100"), ("backoff_base_ms", "50"), ("backoff_max_ms", "200")] {
+        if !extra.lines().any(|l| l.trim_start().starts_with(key)) {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    out
 }

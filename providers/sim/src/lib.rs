@@ -97,6 +97,26 @@ struct State {
     calls: HashMap<String, u64>,
     creations: HashMap<String, u32>,
     next_native: u64,
+    in_flight: HashMap<String, u32>,
+    overlapping_calls: u64,
+}
+
+/// Marks a call for one VM as in flight until dropped.
+struct InFlight {
+    state: Arc<Mutex<State>>,
+    vm_id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = s.in_flight.get_mut(&self.vm_id) {
+            *n -= 1;
+            if *n == 0 {
+                s.in_flight.remove(&self.vm_id);
+            }
+        }
+    }
 }
 
 /// The simulator; clones share state.
@@ -123,18 +143,24 @@ impl Sim {
 
     /// Counts the call, sleeps the configured latency, and returns the
     /// injected fault for `op`, if any, split by when it applies.
-    async fn enter(&self, op: &str) -> (Option<ProviderError>, Option<ProviderError>) {
-        let latency = {
+    async fn enter(&self, op: &str, vm_id: &str) -> (InFlight, Option<ProviderError>, Option<ProviderError>) {
+        let (latency, guard) = {
             let mut s = self.lock();
             *s.calls.entry(op.to_owned()).or_default() += 1;
-            s.latency.get(op).copied().unwrap_or(self.default_latency)
+            let n = s.in_flight.entry(vm_id.to_owned()).or_default();
+            *n += 1;
+            if *n > 1 && !vm_id.is_empty() {
+                s.overlapping_calls += 1;
+            }
+            let guard = InFlight { state: self.state.clone(), vm_id: vm_id.to_owned() };
+            (s.latency.get(op).copied().unwrap_or(self.default_latency), guard)
         };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
         }
         let mut s = self.lock();
         let Some(i) = s.faults.iter().position(|f| f.fault.operation == op) else {
-            return (None, None);
+            return (guard, None, None);
         };
         let fault = s.faults[i].fault.clone();
         if let Some(left) = &mut s.faults[i].left {
@@ -144,7 +170,7 @@ impl Sim {
             }
         }
         let err = fault_error(&fault);
-        if fault.after_effect { (None, Some(err)) } else { (Some(err), None) }
+        if fault.after_effect { (guard, None, Some(err)) } else { (guard, Some(err), None) }
     }
 
     fn info_of(id: &str, vm: &SimVm) -> pb::VmInfo {
@@ -190,8 +216,8 @@ fn fault_error(f: &sim::Fault) -> ProviderError {
 }
 
 macro_rules! fault_gate {
-    ($self:ident, $op:literal, $effect:expr) => {{
-        let (before, after) = $self.enter($op).await;
+    ($self:ident, $op:literal, $vm:expr, $effect:expr) => {{
+        let (_in_flight, before, after) = $self.enter($op, $vm).await;
         if let Some(e) = before {
             return Err(e);
         }
@@ -214,7 +240,7 @@ impl Provider for Sim {
     }
 
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(self, "CreateVm", {
+        fault_gate!(self, "CreateVm", &req.vm_id.clone(), {
             let spec = req.spec.unwrap_or_default();
             if spec.user_data.is_some() && !self.capabilities.supports_cloud_init {
                 return Err(ProviderError::new(ErrorKind::Unsupported, "cloud-init is not supported"));
@@ -239,11 +265,11 @@ impl Provider for Sim {
     }
 
     async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(self, "GetVm", self.with_vm(vm_id, |_| Ok(())))
+        fault_gate!(self, "GetVm", vm_id, self.with_vm(vm_id, |_| Ok(())))
     }
 
     async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
-        fault_gate!(self, "ListVms", {
+        fault_gate!(self, "ListVms", "", {
             let s = self.lock();
             let size = if req.page_size == 0 { 1000 } else { req.page_size as usize };
             let mut vms: Vec<pb::VmInfo> = s
@@ -269,6 +295,7 @@ impl Provider for Sim {
         fault_gate!(
             self,
             "StartVm",
+            vm_id,
             self.with_vm(vm_id, |vm| {
                 vm.power = pb::PowerState::Running;
                 Ok(())
@@ -280,6 +307,7 @@ impl Provider for Sim {
         fault_gate!(
             self,
             "StopVm",
+            &req.vm_id.clone(),
             self.with_vm(&req.vm_id, |vm| {
                 vm.power = pb::PowerState::Shutoff;
                 Ok(())
@@ -291,6 +319,7 @@ impl Provider for Sim {
         fault_gate!(
             self,
             "RebootVm",
+            vm_id,
             self.with_vm(vm_id, |vm| {
                 if vm.power != pb::PowerState::Running {
                     return Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"));
@@ -301,11 +330,11 @@ impl Provider for Sim {
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
-        fault_gate!(self, "DeleteVm", Ok(self.lock().vms.remove(vm_id).is_some()))
+        fault_gate!(self, "DeleteVm", vm_id, Ok(self.lock().vms.remove(vm_id).is_some()))
     }
 
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
-        fault_gate!(self, "GetConsole", {
+        fault_gate!(self, "GetConsole", &req.vm_id.clone(), {
             if req.protocol != "vnc" || !self.capabilities.supports_console_vnc {
                 return Err(ProviderError::new(
                     ErrorKind::Unsupported,
@@ -374,6 +403,7 @@ impl SimControl for Control {
             calls: s.calls.clone(),
             creations: s.creations.clone(),
             vm_count: s.vms.len() as u32,
+            overlapping_calls: s.overlapping_calls,
         }))
     }
 
