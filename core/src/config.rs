@@ -42,6 +42,8 @@ pub struct Config {
     pub console: ConsoleConfig,
     /// The message queue; none means the embedded in-process queue.
     pub queue: QueueConfig,
+    /// Drift detection and its policies.
+    pub reconciler: crate::reconciler::ReconcilerConfig,
     /// How long an Idempotency-Key keeps its answer, seconds. Default 86400
     /// (24 h); after that the key may be used for a new request.
     pub idempotency_key_ttl_seconds: u64,
@@ -62,6 +64,7 @@ impl Default for Config {
             providers: ProvidersConfig::default(),
             console: ConsoleConfig::default(),
             queue: QueueConfig::default(),
+            reconciler: crate::reconciler::ReconcilerConfig::default(),
             idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),
         }

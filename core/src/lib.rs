@@ -17,6 +17,7 @@ pub mod model;
 pub mod placement;
 pub mod providers;
 pub mod queue;
+pub mod reconciler;
 pub mod server;
 pub mod store;
 

@@ -139,6 +139,13 @@ pub async fn run(
             ));
         }
         background.spawn(engine.run(stop_rx.clone()));
+        let reconciler = crate::reconciler::Reconciler::new(
+            store.clone(),
+            clients.clone(),
+            config.reconciler.clone(),
+            format!("reconciler-{}", uuid::Uuid::now_v7()),
+        );
+        background.spawn(reconciler.run(stop_rx.clone()));
         // Expired idempotency keys are removed by workers, hourly.
         let (store_p, mut stop_p) = (store.clone(), stop_rx.clone());
         background.spawn(async move {

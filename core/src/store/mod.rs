@@ -24,12 +24,14 @@ mod guards;
 mod jobs;
 pub(crate) mod outbox;
 mod providers;
+mod reconcile;
 mod vms;
 
 pub use audit::AuditQuery;
 pub use guards::{IdempotencyRecord, Quota, Usage};
 pub use jobs::JobOutcome;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
+pub use reconcile::KnownVm;
 pub use vms::{AcceptOperation, ListVmsQuery, NewVm};
 
 /// Why a store call failed.

@@ -1,0 +1,375 @@
+//! The reconciler: periodically compares each provider's inventory with the
+//! desired state in the store and handles three kinds of drift, each by a
+//! configured policy, recording every decision as an audit event:
+//!
+//! | drift | report | repair | reap / adopt |
+//! |---|---|---|---|
+//! | VM missing on the hypervisor | audit only | VM becomes ERROR (NOT_FOUND) | VM becomes DELETED |
+//! | power changed out of band | audit only | the hypervisor is driven back to the desired state | `adopt`: the store takes the observed state |
+//! | orphan: an HCP-tagged VM HCP does not know (or deleted) | audit only | — | `reap`: deleted on the hypervisor |
+//!
+//! Races with jobs are ruled out: a VM with a job operating on it, in a
+//! transitional state, or changed after the inventory was taken is skipped
+//! (its next period decides), and corrections are compare-and-set on the
+//! status. One reconciler runs at a time across all worker processes (a
+//! named lease in the store).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hcp_proto::ids::{EventId, VmId};
+use hcp_proto::provider;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::model::{AuditEvent, Provider, VmStatus, now};
+use crate::providers::ProviderClients;
+use crate::store::{KnownVm, Store};
+
+/// What to do about a VM the hypervisor no longer has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingPolicy {
+    /// Record it.
+    #[default]
+    Report,
+    /// Mark the VM ERROR (NOT_FOUND) so the tenant sees it and can delete it.
+    Repair,
+    /// Mark the VM DELETED.
+    Reap,
+}
+
+/// What to do about a power state changed behind HCP's back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerPolicy {
+    /// Record it.
+    #[default]
+    Report,
+    /// Start or stop the VM on the hypervisor to match the desired state.
+    Repair,
+    /// Make the desired state follow the hypervisor.
+    Adopt,
+}
+
+/// What to do about HCP-tagged VMs HCP does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OrphanPolicy {
+    /// Record it.
+    #[default]
+    Report,
+    /// Delete it on the hypervisor.
+    Reap,
+}
+
+/// Reconciler settings (`[reconciler]` in core's configuration).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcilerConfig {
+    /// Period between passes. Default 60 s.
+    pub interval_seconds: u64,
+    /// Policy for VMs missing on the hypervisor. Default report.
+    pub missing: MissingPolicy,
+    /// Policy for power drift. Default report.
+    pub power: PowerPolicy,
+    /// Policy for orphans. Default report.
+    pub orphan: OrphanPolicy,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        Self {
+            interval_seconds: 60,
+            missing: MissingPolicy::default(),
+            power: PowerPolicy::default(),
+            orphan: OrphanPolicy::default(),
+        }
+    }
+}
+
+/// What one pass over one provider found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// VMs the provider listed.
+    pub listed: usize,
+    /// VMs the store has on the provider.
+    pub known: usize,
+    /// Missing on the hypervisor.
+    pub missing: usize,
+    /// Power drift.
+    pub power: usize,
+    /// Orphans.
+    pub orphans: usize,
+    /// Skipped because a job operates on them or they changed meanwhile.
+    pub skipped: usize,
+}
+
+/// Runs reconciliation passes.
+#[derive(Clone)]
+pub struct Reconciler {
+    store: Store,
+    clients: ProviderClients,
+    config: ReconcilerConfig,
+    owner: String,
+}
+
+/// Name of the singleton lease.
+const LEASE: &str = "reconciler";
+
+impl Reconciler {
+    /// Creates a reconciler; `owner` identifies this process.
+    pub fn new(store: Store, clients: ProviderClients, config: ReconcilerConfig, owner: String) -> Self {
+        Self { store, clients, config, owner }
+    }
+
+    /// Runs a pass every period while this process holds the lease.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let every = Duration::from_secs(self.config.interval_seconds.max(1));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            let t = now();
+            let until = t + chrono::Duration::from_std(every * 3).unwrap_or_default();
+            match self.store.acquire_singleton(LEASE, &self.owner, t, until).await {
+                Ok(true) => {
+                    self.pass().await;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot take the reconciler lease"),
+            }
+        }
+    }
+
+    /// One pass over every provider.
+    pub async fn pass(&self) -> Report {
+        let mut total = Report::default();
+        let providers = match self.store.list_providers().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "reconciler cannot list providers");
+                return total;
+            }
+        };
+        for p in providers.iter().filter(|p| p.healthy) {
+            match self.reconcile(p).await {
+                Ok(r) => {
+                    if r.missing + r.power + r.orphans > 0 {
+                        tracing::info!(provider = %p.name, ?r, "drift handled");
+                    }
+                    total.listed += r.listed;
+                    total.known += r.known;
+                    total.missing += r.missing;
+                    total.power += r.power;
+                    total.orphans += r.orphans;
+                    total.skipped += r.skipped;
+                }
+                Err(e) => tracing::warn!(provider = %p.name, error = %e, "reconcile failed"),
+            }
+        }
+        total
+    }
+
+    /// Lists a provider's whole inventory.
+    async fn inventory(&self, p: &Provider) -> Result<Vec<provider::VmInfo>, String> {
+        let mut compute = self.clients.compute(p).map_err(|e| e.message)?;
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = compute
+                .list_vms(provider::ListVmsRequest { page_size: 1000, page_token: token.clone() })
+                .await
+                .map_err(|s| format!("ListVms failed: {}", s.message()))?
+                .into_inner();
+            out.extend(page.vms);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    /// One provider: compare, decide, act, audit.
+    pub async fn reconcile(&self, p: &Provider) -> Result<Report, String> {
+        // Taken before listing: a VM the store changed after this moment may
+        // not be reflected in the inventory, so it is left for next time.
+        let observed_at = now();
+        let inventory = self.inventory(p).await?;
+        let known = self.store.vms_on_provider(p.id).await.map_err(|e| e.to_string())?;
+        let by_id: HashMap<VmId, &KnownVm> = known.iter().map(|k| (k.id, k)).collect();
+        let mut report = Report { listed: inventory.len(), known: known.len(), ..Report::default() };
+        let mut seen = std::collections::HashSet::with_capacity(inventory.len());
+
+        for vm in &inventory {
+            let Ok(id) = vm.vm_id.parse::<VmId>() else {
+                tracing::debug!(vm_id = %vm.vm_id, "provider listed a vm without an HCP id");
+                continue;
+            };
+            seen.insert(id);
+            let power =
+                provider::PowerState::try_from(vm.power_state).unwrap_or(provider::PowerState::Unspecified);
+            match by_id.get(&id) {
+                None => {
+                    report.orphans += 1;
+                    self.orphan(p, id, "unknown to HCP").await;
+                }
+                Some(k)
+                    if k.current_job_id.is_some()
+                        || k.status.is_transitional()
+                        || k.updated_at > observed_at =>
+                {
+                    report.skipped += 1;
+                }
+                Some(k) if k.status == VmStatus::Deleted => {
+                    report.orphans += 1;
+                    self.orphan(p, id, "deleted in HCP").await;
+                }
+                Some(k) => {
+                    let drift = match (k.status, power) {
+                        (VmStatus::Active, provider::PowerState::Shutoff | provider::PowerState::Crashed) => {
+                            true
+                        }
+                        (VmStatus::Stopped, provider::PowerState::Running) => true,
+                        _ => false,
+                    };
+                    if drift {
+                        report.power += 1;
+                        self.power_drift(p, k, power, observed_at).await;
+                    }
+                }
+            }
+        }
+        for k in &known {
+            let expected_present = matches!(k.status, VmStatus::Active | VmStatus::Stopped);
+            if expected_present && !seen.contains(&k.id) {
+                if k.current_job_id.is_some() || k.updated_at > observed_at {
+                    report.skipped += 1;
+                    continue;
+                }
+                report.missing += 1;
+                self.missing(k, observed_at).await;
+            }
+        }
+        Ok(report)
+    }
+
+    fn audit(&self, action: &str, vm: VmId, outcome: &str, detail: String) -> AuditEvent {
+        AuditEvent {
+            id: EventId::new(),
+            at: now(),
+            actor: "system:reconciler".to_owned(),
+            tenant_id: String::new(),
+            project_id: String::new(),
+            action: action.to_owned(),
+            resource_type: "vm".to_owned(),
+            resource_id: vm.to_string(),
+            outcome: outcome.to_owned(),
+            job_id: String::new(),
+            trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
+            detail,
+        }
+    }
+
+    async fn record(&self, audit: AuditEvent) {
+        if let Err(e) = self.store.append_audit(&audit).await {
+            tracing::warn!(error = %e, "cannot record a reconciler decision");
+        }
+    }
+
+    async fn missing(&self, k: &KnownVm, observed_at: chrono::DateTime<chrono::Utc>) {
+        let detail = format!("desired {}, absent on the hypervisor", k.status);
+        let (outcome, new, usage) = match self.config.missing {
+            MissingPolicy::Report => {
+                return self.record(self.audit("reconcile.missing", k.id, "reported", detail)).await;
+            }
+            MissingPolicy::Repair => {
+                ("repaired", VmStatus::Error, (k.status == VmStatus::Active).then_some("stopped"))
+            }
+            MissingPolicy::Reap => ("reaped", VmStatus::Deleted, Some("deleted")),
+        };
+        let audit = self.audit("reconcile.missing", k.id, outcome, detail);
+        let error =
+            (new == VmStatus::Error).then_some(("NOT_FOUND", "the vm disappeared from its hypervisor"));
+        match self.store.correct_vm_status(k.id, k.status, observed_at, new, error, &audit, usage).await {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(vm_id = %k.id, "vm changed meanwhile; left for the next pass"),
+            Err(e) => tracing::warn!(vm_id = %k.id, error = %e, "cannot correct a missing vm"),
+        }
+    }
+
+    async fn power_drift(
+        &self,
+        p: &Provider,
+        k: &KnownVm,
+        observed: provider::PowerState,
+        observed_at: chrono::DateTime<chrono::Utc>,
+    ) {
+        let detail = format!("desired {}, observed {}", k.status, observed.as_str_name());
+        match self.config.power {
+            PowerPolicy::Report => self.record(self.audit("reconcile.power", k.id, "reported", detail)).await,
+            PowerPolicy::Repair => {
+                let result = match self.clients.compute(p) {
+                    Ok(mut c) => {
+                        let r = if k.status == VmStatus::Active {
+                            c.start_vm(provider::VmRef { vm_id: k.id.to_string() }).await.map(|_| ())
+                        } else {
+                            c.stop_vm(provider::StopVmRequest {
+                                vm_id: k.id.to_string(),
+                                force: false,
+                                timeout_seconds: 0,
+                            })
+                            .await
+                            .map(|_| ())
+                        };
+                        r.map_err(|s| s.message().to_owned())
+                    }
+                    Err(e) => Err(e.message),
+                };
+                let (outcome, detail) = match result {
+                    Ok(()) => ("repaired", detail),
+                    Err(e) => ("failed", format!("{detail}; repair failed: {e}")),
+                };
+                self.record(self.audit("reconcile.power", k.id, outcome, detail)).await;
+            }
+            PowerPolicy::Adopt => {
+                let (new, usage) = if k.status == VmStatus::Active {
+                    (VmStatus::Stopped, "stopped")
+                } else {
+                    (VmStatus::Active, "started")
+                };
+                let audit = self.audit("reconcile.power", k.id, "adopted", detail);
+                if let Err(e) = self
+                    .store
+                    .correct_vm_status(k.id, k.status, observed_at, new, None, &audit, Some(usage))
+                    .await
+                {
+                    tracing::warn!(vm_id = %k.id, error = %e, "cannot adopt a power state");
+                }
+            }
+        }
+    }
+
+    async fn orphan(&self, p: &Provider, id: VmId, why: &str) {
+        let detail = format!("{why}; on provider {}", p.name);
+        match self.config.orphan {
+            OrphanPolicy::Report => self.record(self.audit("reconcile.orphan", id, "reported", detail)).await,
+            OrphanPolicy::Reap => {
+                let result = match self.clients.compute(p) {
+                    Ok(mut c) => c
+                        .delete_vm(provider::VmRef { vm_id: id.to_string() })
+                        .await
+                        .map(|_| ())
+                        .map_err(|s| s.message().to_owned()),
+                    Err(e) => Err(e.message),
+                };
+                let (outcome, detail) = match result {
+                    Ok(()) => ("reaped", detail),
+                    Err(e) => ("failed", format!("{detail}; delete failed: {e}")),
+                };
+                self.record(self.audit("reconcile.orphan", id, outcome, detail)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! What the reconciler reads and writes: a provider's VMs as HCP knows
+//! them, guarded status corrections (only when no job is operating on the
+//! VM and it has not changed since the inventory was taken), and the named
+//! lease that keeps one reconciler running at a time.
+
+use chrono::{DateTime, Utc};
+use hcp_proto::ids::{JobId, ProviderId, VmId};
+
+use super::outbox::insert_usage;
+use super::{StoreError, StoreResult, UsageEvent, col, on_pool};
+use crate::model::{AuditEvent, VmStatus};
+
+/// A VM as the reconciler needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownVm {
+    /// Id.
+    pub id: VmId,
+    /// Status.
+    pub status: VmStatus,
+    /// Job operating on it.
+    pub current_job_id: Option<JobId>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl super::Store {
+    /// Returns every VM placed on a provider, deleted ones included.
+    pub async fn vms_on_provider(&self, provider: ProviderId) -> StoreResult<Vec<KnownVm>> {
+        on_pool!(self, |pool| {
+            let rows =
+                sqlx::query("SELECT id, status, current_job_id, updated_at FROM vms WHERE provider_id = $1")
+                    .bind(provider.0)
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let id: uuid::Uuid = col!(row, "id");
+                let status: String = col!(row, "status");
+                let job: Option<uuid::Uuid> = col!(row, "current_job_id");
+                out.push(KnownVm {
+                    id: VmId(id),
+                    status: VmStatus::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("vm status {status:?}")))?,
+                    current_job_id: job.map(JobId),
+                    updated_at: col!(row, "updated_at"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Sets a VM's status if it is still `expected` with no job and
+    /// unchanged since `observed_before`; appends the audit event and, when
+    /// given, a usage event, in the same transaction. Returns false when the
+    /// VM changed meanwhile (nothing is written then).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn correct_vm_status(
+        &self,
+        vm: VmId,
+        expected: VmStatus,
+        observed_before: DateTime<Utc>,
+        new: VmStatus,
+        error: Option<(&str, &str)>,
+        audit: &AuditEvent,
+        usage: Option<&str>,
+    ) -> StoreResult<bool> {
+        let outbox = self.outbox;
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let done = sqlx::query(
+                "UPDATE vms SET status = $1, error_code = $2, error_message = $3, updated_at = $4 \
+                 WHERE id = $5 AND status = $6 AND current_job_id IS NULL AND updated_at <= $7",
+            )
+            .bind(new.as_str())
+            .bind(error.map(|e| e.0))
+            .bind(error.map(|e| e.1))
+            .bind(audit.at)
+            .bind(vm.0)
+            .bind(expected.as_str())
+            .bind(observed_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            if done.rows_affected() != 1 {
+                return Ok(false);
+            }
+            if let Some(event) = usage {
+                let row = sqlx::query(
+                    "SELECT tenant_id, project_id, flavor, vcpus, memory_mib FROM vms WHERE id = $1",
+                )
+                .bind(vm.0)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+                let vcpus: i32 = col!(&row, "vcpus");
+                let memory: i32 = col!(&row, "memory_mib");
+                let ev = UsageEvent {
+                    id: hcp_proto::ids::EventId::new(),
+                    at: audit.at,
+                    tenant_id: col!(&row, "tenant_id"),
+                    project_id: col!(&row, "project_id"),
+                    vm_id: vm,
+                    event: event.to_owned(),
+                    flavor: col!(&row, "flavor"),
+                    vcpus: vcpus.max(0) as u32,
+                    memory_mib: memory.max(0) as u32,
+                    job_id: None,
+                };
+                insert_usage!(tx, &ev, outbox);
+            }
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(true)
+        })
+    }
+
+    /// Takes or renews the named lease for `owner` until `until`. Returns
+    /// whether `owner` holds it.
+    pub async fn acquire_singleton(
+        &self,
+        name: &str,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO singleton_leases (name, owner, expires_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET owner = $2, expires_at = $3 \
+                 WHERE singleton_leases.owner = $2 OR singleton_leases.expires_at < $4",
+            )
+            .bind(name)
+            .bind(owner)
+            .bind(until)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "singleton lease"))?;
+            let holder: String = sqlx::query_scalar("SELECT owner FROM singleton_leases WHERE name = $1")
+                .bind(name)
+                .fetch_one(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "singleton lease"))?;
+            Ok(holder == owner)
+        })
+    }
+}
