@@ -338,3 +338,150 @@ async fn quota_admits_exactly_its_limit_under_concurrency() {
     let got = s.rest.get("/api/hcp/ops/v1/tenants/acme/projects/demo/quota", &ops).await.unwrap();
     assert_eq!(got.body["usage"]["instances"], "10", "{}", got.body);
 }
+
+#[tokio::test]
+async fn a_job_can_be_watched_to_its_end() {
+    use http_body_util::BodyExt;
+    let opts = StackOptions { sim_args: vec!["--latency-ms".into(), "300".into()], ..Default::default() };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let r = s.rest.post(&vms("demo"), &token, &body("watched")).await.unwrap();
+    let job = r.str("job_id");
+
+    // REST: server-sent events until the job ends, then the stream closes.
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let req = http::Request::get(format!("http://{}/api/hcp/tenant/v1/jobs/{job}:watch", s.gateway))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req)).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let text = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    let statuses: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .map(|j| j["status"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(statuses.len() >= 2, "saw {statuses:?}");
+    assert_eq!(statuses.last().map(String::as_str), Some("SUCCEEDED"));
+    assert!(statuses.iter().any(|s| s == "RUNNING" || s == "QUEUED"), "{statuses:?}");
+
+    // gRPC: the same watch as a server stream; a finished job gives one message.
+    let mut jobs =
+        hcp_proto::tenant::job_service_client::JobServiceClient::new(s.core_channel().await.unwrap());
+    let mut req = tonic::Request::new(hcp_proto::tenant::GetJobRequest { job_id: job.clone() });
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut stream = jobs.watch_job(req).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.status, hcp_proto::tenant::JobStatus::Succeeded as i32);
+    assert!(stream.message().await.unwrap().is_none());
+
+    // Another tenant cannot watch it.
+    let evil = s.tenant_token("evil", &["demo"]);
+    let r = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job}:watch"), &evil).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_queued_job_can_be_cancelled() {
+    use hcp_proto::sim::sim_control_client::SimControlClient;
+    // A long backoff keeps a failed attempt's job QUEUED for its retry.
+    let opts = StackOptions {
+        jobs_toml: "backoff_base_ms = 60000\nbackoff_max_ms = 60000\n".into(),
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let r = s.rest.post(&vms("demo"), &token, &body("c")).await.unwrap();
+    let vm = r.str("vm_id");
+    all_succeed(&s.rest, &token, &[r.str("job_id")], Duration::from_secs(20)).await;
+
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    sim.inject_fault(hcp_proto::sim::InjectFaultRequest {
+        fault: Some(hcp_proto::sim::Fault {
+            operation: "StopVm".into(),
+            code: "UNAVAILABLE".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let stop = s.rest.post(&format!("{}/{vm}:stop", vms("demo")), &token, &json!({})).await.unwrap();
+    let job = stop.str("job_id");
+    let waiting = wait_until(Duration::from_secs(20), "the stop to wait for its retry", || async {
+        let r = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job}"), &token).await?;
+        Ok((r.str("status") == "QUEUED" && r.body["attempts"] == 1).then_some(r.body))
+    })
+    .await
+    .unwrap();
+    assert_eq!(waiting["error"]["code"], "PROVIDER_UNAVAILABLE", "the last attempt's error is shown");
+
+    let evil = s.tenant_token("evil", &["demo"]);
+    let r = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &evil, &json!({})).await.unwrap();
+    assert_eq!(r.status, 404);
+    let r = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.str("status"), "CANCELLED");
+    let vm_now = s.rest.get(&format!("{}/{vm}", vms("demo")), &token).await.unwrap();
+    assert_eq!(vm_now.str("status"), "ACTIVE", "the vm is back where it was");
+    assert_eq!(vm_now.str("job_id"), "");
+    let again =
+        s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    assert_eq!((again.status, again.str("code").as_str()), (409, "CONFLICT"));
+    // The VM accepts operations again.
+    let r = s.rest.post(&format!("{}/{vm}:reboot", vms("demo")), &token, &json!({})).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+}
+
+#[tokio::test]
+async fn retries_back_off_then_fail_with_the_providers_code() {
+    use hcp_proto::sim::sim_control_client::SimControlClient;
+    let opts = StackOptions { jobs_toml: "max_attempts = 3\n".into(), ..Default::default() };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    let fault = |op: &str, code: &str| hcp_proto::sim::InjectFaultRequest {
+        fault: Some(hcp_proto::sim::Fault { operation: op.into(), code: code.into(), ..Default::default() }),
+    };
+    // Retryable: three attempts, then FAILED and the VM ERROR with the code.
+    sim.inject_fault(fault("StartVm", "UNAVAILABLE")).await.unwrap();
+    let r = s.rest.post(&vms("demo"), &token, &body("flaky")).await.unwrap();
+    let job = wait_until(Duration::from_secs(30), "the job to fail", || async {
+        let j = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id")), &token).await?;
+        Ok((j.str("status") == "FAILED").then_some(j.body))
+    })
+    .await
+    .unwrap();
+    assert_eq!(job["attempts"], 3);
+    assert_eq!(job["error"]["code"], "PROVIDER_UNAVAILABLE");
+    let vm = s.rest.get(&format!("{}/{}", vms("demo"), r.str("vm_id")), &token).await.unwrap();
+    assert_eq!(vm.str("status"), "ERROR");
+    assert_eq!(vm.body["error"]["code"], "PROVIDER_UNAVAILABLE");
+    // The create step ran once: retries skip recorded steps.
+    let stats = s.sim_stats().await.unwrap();
+    assert_eq!(stats.calls.get("CreateVm"), Some(&1));
+    assert_eq!(stats.calls.get("StartVm"), Some(&3));
+
+    // Not retryable: one attempt.
+    sim.clear(hcp_proto::sim::ClearRequest {}).await.unwrap();
+    sim.inject_fault(fault("CreateVm", "INVALID_ARGUMENT")).await.unwrap();
+    let r = s.rest.post(&vms("demo"), &token, &body("refused")).await.unwrap();
+    let job = wait_until(Duration::from_secs(30), "the job to fail", || async {
+        let j = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id")), &token).await?;
+        Ok((j.str("status") == "FAILED").then_some(j.body))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (job["attempts"].as_u64(), job["error"]["code"].as_str()),
+        (Some(1), Some("INVALID_ARGUMENT"))
+    );
+}

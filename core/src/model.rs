@@ -244,6 +244,8 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// The VM's status when the operation was accepted (None for creates).
+    pub prior_status: Option<VmStatus>,
 }
 
 /// A flavor.

@@ -227,13 +227,11 @@ impl Reconciler {
                     self.orphan(p, id, "deleted in HCP").await;
                 }
                 Some(k) => {
-                    let drift = match (k.status, power) {
-                        (VmStatus::Active, provider::PowerState::Shutoff | provider::PowerState::Crashed) => {
-                            true
-                        }
-                        (VmStatus::Stopped, provider::PowerState::Running) => true,
-                        _ => false,
-                    };
+                    let drift = matches!(
+                        (k.status, power),
+                        (VmStatus::Active, provider::PowerState::Shutoff | provider::PowerState::Crashed)
+                            | (VmStatus::Stopped, provider::PowerState::Running)
+                    );
                     if drift {
                         report.power += 1;
                         self.power_drift(p, k, power, observed_at).await;

@@ -141,6 +141,7 @@ fn new_job(tenant: &str, project: &str, vm: VmId, kind: JobKind) -> Job {
         started_at: None,
         finished_at: None,
         updated_at: t,
+        prior_status: None,
     }
 }
 

@@ -184,6 +184,9 @@ async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
     })?;
     let grpc_path =
         http::uri::PathAndQuery::try_from(route.grpc_path.as_str()).map_err(|_| ApiError::internal())?;
+    if route.server_streaming {
+        return stream_events(client, request, grpc_path, route.output.clone()).await;
+    }
     let reply = client
         .unary(request, grpc_path, BytesCodec)
         .await
@@ -195,6 +198,48 @@ async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
     })?;
     let json = transcode::response_json(&message)?;
     Ok((route.success_status, [(http::header::CONTENT_TYPE, "application/json")], json).into_response())
+}
+
+/// Serves a server-streaming RPC as server-sent events: each reply is an
+/// event `message` with the JSON message as data; a failure mid-stream is
+/// an event `error` with the usual error body, and ends the stream.
+async fn stream_events(
+    mut client: tonic::client::Grpc<Channel>,
+    request: tonic::Request<Bytes>,
+    path: http::uri::PathAndQuery,
+    output: prost_reflect::MessageDescriptor,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    // An error before the first message (not found, unauthenticated) is an
+    // ordinary error response.
+    let stream = client
+        .server_streaming(request, path, BytesCodec)
+        .await
+        .map_err(|status| ApiError::from_status(&status))?
+        .into_inner();
+    let trace = hcp_telemetry::current_trace_id();
+    let events = stream
+        .map(move |item| {
+            let event = match item {
+                Ok(bytes) => match prost_reflect::DynamicMessage::decode(output.clone(), bytes)
+                    .map_err(|_| ApiError::internal())
+                    .and_then(|m| transcode::response_json(&m))
+                {
+                    Ok(json) => Event::default().event("message").data(String::from_utf8_lossy(&json)),
+                    Err(e) => error_event(&e, trace.clone()),
+                },
+                Err(status) => error_event(&ApiError::from_status(&status), trace.clone()),
+            };
+            Ok::<_, std::convert::Infallible>(event)
+        })
+        .boxed();
+    Ok(Sse::new(events).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn error_event(err: &ApiError, trace: Option<String>) -> axum::response::sse::Event {
+    let (_, body) = transcode::error_body(err, trace);
+    axum::response::sse::Event::default().event("error").data(String::from_utf8_lossy(&body))
 }
 
 /// Forwards gRPC calls (already converted from gRPC-web) to core.

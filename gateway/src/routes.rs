@@ -22,6 +22,8 @@ pub struct Route {
     pub input: MessageDescriptor,
     /// Response message.
     pub output: MessageDescriptor,
+    /// The method streams replies: served as server-sent events.
+    pub server_streaming: bool,
 }
 
 /// A parsed path template such as `/v1/projects/{project_id}/vms/{vm_id}:start`.
@@ -202,6 +204,7 @@ pub fn build(descriptor_set: &[u8], services: &[&str]) -> Result<(DescriptorPool
                     grpc_path: grpc_path.clone(),
                     input: method.input(),
                     output: method.output(),
+                    server_streaming: method.is_server_streaming(),
                 });
             }
         }

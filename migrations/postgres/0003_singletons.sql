@@ -6,3 +6,7 @@ CREATE TABLE singleton_leases (
     owner      TEXT NOT NULL,
     expires_at TIMESTAMPTZ NOT NULL
 );
+
+-- The VM status an operation started from, so a cancelled job can put the
+-- VM back where it was.
+ALTER TABLE jobs ADD COLUMN prior_status TEXT;

@@ -9,8 +9,8 @@ use hcp_proto::ids::{JobId, VmId};
 use hcp_proto::tenant::job_service_server::JobService;
 use hcp_proto::tenant::vm_service_server::VmService;
 use hcp_proto::tenant::{
-    ConsoleSession, CreateConsoleRequest, CreateVmRequest, GetJobRequest, GetVmRequest, Job, ListVmsRequest,
-    ListVmsResponse, Vm, VmActionRequest, VmOperationAccepted,
+    CancelJobRequest, ConsoleSession, CreateConsoleRequest, CreateVmRequest, GetJobRequest, GetVmRequest,
+    Job, ListVmsRequest, ListVmsResponse, Vm, VmActionRequest, VmOperationAccepted,
 };
 
 use super::{ApiContext, ApiResult, handle, validate};
@@ -55,6 +55,7 @@ impl TenantApi {
             started_at: None,
             finished_at: None,
             updated_at: t,
+            prior_status: None,
         }
     }
 
@@ -534,10 +535,86 @@ impl VmService for TenantApi {
     }
 }
 
+/// How often a job watch re-reads the job; the store is the only source that
+/// sees changes made by every worker process.
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// Longest a single watch stays open; clients reconnect after it.
+const WATCH_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[tonic::async_trait]
 impl JobService for TenantApi {
     async fn get_job(&self, req: tonic::Request<GetJobRequest>) -> ApiResult<Job> {
         let p = principal(&req)?;
         handle(self.get_job(p, req.into_inner())).await
+    }
+
+    type WatchJobStream = tokio_stream::wrappers::ReceiverStream<Result<Job, tonic::Status>>;
+
+    async fn watch_job(&self, req: tonic::Request<GetJobRequest>) -> ApiResult<Self::WatchJobStream> {
+        let p = principal(&req)?;
+        let req = req.into_inner();
+        // The first read checks access and existence before the stream opens.
+        let first = self.get_job(p.clone(), req.clone()).await.map_err(crate::error::status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let store = self.ctx.store.clone();
+        let tenant = p.tenant().map_err(crate::error::status)?.to_owned();
+        let id: JobId = validate::id("job_id", &req.job_id).map_err(crate::error::status)?;
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + WATCH_MAX;
+            let mut last = first.updated_at;
+            let terminal = |j: &Job| {
+                j.status == hcp_proto::tenant::JobStatus::Succeeded as i32
+                    || j.status == hcp_proto::tenant::JobStatus::Failed as i32
+                    || j.status == hcp_proto::tenant::JobStatus::Cancelled as i32
+            };
+            let done = terminal(&first);
+            if tx.send(Ok(first)).await.is_err() || done {
+                return;
+            }
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(WATCH_POLL).await;
+                let job = match store.get_job(&tenant, id).await {
+                    Ok(j) => convert::job_to_tenant(&j),
+                    Err(e) => {
+                        let _ = tx.send(Err(crate::error::status(from_store(e, &format!("job {id}"))))).await;
+                        return;
+                    }
+                };
+                if job.updated_at != last {
+                    last = job.updated_at;
+                    let done = terminal(&job);
+                    if tx.send(Ok(job)).await.is_err() || done {
+                        return;
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_job(&self, req: tonic::Request<CancelJobRequest>) -> ApiResult<Job> {
+        let p = principal(&req)?;
+        let req = req.into_inner();
+        handle(async {
+            let id: JobId = validate::id("job_id", &req.job_id)?;
+            // Access as for reading, plus the write role in the job's project.
+            let job = self.get_job(p.clone(), GetJobRequest { job_id: req.job_id.clone() }).await?;
+            let tenant = p.tenant_project(&job.project_id, Access::Write)?.to_owned();
+            let mut audit = self.ctx.audit(&p, "job.cancel", "job", &id.to_string(), "succeeded");
+            audit.project_id = job.project_id.clone();
+            audit.job_id = id.to_string();
+            self.ctx
+                .store
+                .cancel_job(&tenant, id, &audit)
+                .await
+                .map_err(|e| from_store(e, &format!("job {id}")))?;
+            let job =
+                self.ctx.store.get_job(&tenant, id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            Ok(convert::job_to_tenant(&job))
+        })
+        .await
     }
 }

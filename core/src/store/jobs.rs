@@ -41,7 +41,7 @@ pub enum JobOutcome {
 
 const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attempts, \
      max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, actor, \
-     traceparent, created_at, started_at, finished_at, updated_at";
+     traceparent, created_at, started_at, finished_at, updated_at, prior_status";
 
 macro_rules! insert_job {
     ($conn:expr, $job:expr) => {{
@@ -49,9 +49,9 @@ macro_rules! insert_job {
         sqlx::query(
             "INSERT INTO jobs (id, tenant_id, project_id, kind, vm_id, status, attempts, \
              max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, \
-             actor, traceparent, created_at, started_at, finished_at, updated_at) VALUES ($1, \
+             actor, traceparent, created_at, started_at, finished_at, updated_at, prior_status) VALUES ($1, \
              $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, NULL, NULL, $10, $11, $12, NULL, NULL, \
-             $13)",
+             $13, $14)",
         )
         .bind(job.id.0)
         .bind(&job.tenant_id)
@@ -66,6 +66,7 @@ macro_rules! insert_job {
         .bind(&job.traceparent)
         .bind(job.created_at)
         .bind(job.updated_at)
+        .bind(job.prior_status.map(|s| s.as_str()))
         .execute($conn)
         .await
         .map_err(|e| $crate::store::StoreError::from_sqlx(e, "job"))?;
@@ -101,11 +102,73 @@ macro_rules! job_from_row {
             started_at: col!(row, "started_at"),
             finished_at: col!(row, "finished_at"),
             updated_at: col!(row, "updated_at"),
+            prior_status: {
+                let p: Option<String> = col!(row, "prior_status");
+                p.as_deref().and_then(VmStatus::parse)
+            },
         }
     }};
 }
 
 impl super::Store {
+    /// Cancels a QUEUED job of the tenant: the job ends CANCELLED, the VM
+    /// returns to the job's prior status (ERROR for a create), and the audit
+    /// event is appended, atomically. Conflict when the job is not QUEUED.
+    pub async fn cancel_job(&self, tenant_id: &str, id: JobId, audit: &AuditEvent) -> StoreResult<Job> {
+        let t = audit.at;
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET status = 'CANCELLED', finished_at = $1, updated_at = $1 \
+                 WHERE id = $2 AND tenant_id = $3 AND status = 'QUEUED' RETURNING {JOB_COLUMNS}"
+            )))
+            .bind(t)
+            .bind(id.0)
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+            let Some(row) = row else {
+                let status: Option<String> =
+                    sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND tenant_id = $2")
+                        .bind(id.0)
+                        .bind(tenant_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+                return match status {
+                    None => Err(StoreError::NotFound),
+                    Some(s) => Err(StoreError::Conflict(format!(
+                        "job {id} is {s}; only a QUEUED job can be cancelled"
+                    ))),
+                };
+            };
+            let job = job_from_row!(&row);
+            let (status, error) = match (job.kind, job.prior_status) {
+                (JobKind::CreateVm, _) | (_, None) => {
+                    (VmStatus::Error, Some(("CANCELLED", "the operation was cancelled")))
+                }
+                (_, Some(prior)) => (prior, None),
+            };
+            sqlx::query(
+                "UPDATE vms SET status = $1, current_job_id = NULL, error_code = $2, error_message = $3, \
+                 updated_at = $4 WHERE id = $5 AND current_job_id = $6",
+            )
+            .bind(status.as_str())
+            .bind(error.map(|e| e.0))
+            .bind(error.map(|e| e.1))
+            .bind(t)
+            .bind(job.vm_id.0)
+            .bind(job.id.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(job)
+        })
+    }
+
     /// Returns a job if it belongs to the tenant.
     pub async fn get_job(&self, tenant_id: &str, id: JobId) -> StoreResult<Job> {
         on_pool!(self, |pool| {

@@ -202,6 +202,9 @@ impl super::Store {
                     wanted.join(" or ")
                 )));
             }
+            let mut job = job.clone();
+            job.prior_status = Some(vm.status);
+            let job = &job;
             // Compare-and-set on the state just read: a concurrent accept
             // that won the race makes this update match no row.
             let next = op.kind.in_flight_status();
