@@ -1,0 +1,513 @@
+//! # hcp-provider-conformance
+//!
+//! Checks any provider endpoint against the `hcp.provider.v1` contract, the
+//! way csi-sanity checks CSI drivers: identity and capabilities, every
+//! mutating call repeated to prove idempotency, the lifecycle state
+//! machine, the error codes for missing VMs, invalid states and
+//! unsupported features. A check that needs a capability the provider does
+//! not declare is skipped with the reason printed, never silently passed.
+//! Every VM the kit creates is deleted at the end, whatever happened.
+//!
+//! Use it as a library ([`run`]) or as the `hcp-provider-conformance`
+//! command.
+
+use std::fmt;
+use std::time::Duration;
+
+use hcp_proto::provider::compute_client::ComputeClient;
+use hcp_proto::provider::identity_client::IdentityClient;
+use hcp_proto::provider::{
+    Capabilities, CreateVmRequest, GetCapabilitiesRequest, GetConsoleRequest, GetPluginInfoRequest, ImageRef,
+    ListVmsRequest, NetworkAttachment, PowerState, ProbeRequest, StopVmRequest, VmInfo, VmRef, VmSpec,
+};
+use tonic::transport::Channel;
+
+/// What to create VMs from on the provider under test.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The provider's endpoint, e.g. `http://127.0.0.1:50061`.
+    pub endpoint: String,
+    /// Image source the provider can boot (template, base file).
+    pub image_source: String,
+    /// Network to attach, empty for none.
+    pub network: String,
+    /// vCPUs and memory of test VMs.
+    pub vcpus: u32,
+    /// Memory of test VMs.
+    pub memory_mib: u32,
+    /// Deadline of one call (real hypervisors are slow).
+    pub call_timeout: Duration,
+}
+
+impl Options {
+    /// Defaults for `endpoint`: a tiny VM from image source `test`.
+    pub fn new(endpoint: &str) -> Self {
+        Self {
+            endpoint: endpoint.to_owned(),
+            image_source: "test".to_owned(),
+            network: String::new(),
+            vcpus: 1,
+            memory_mib: 128,
+            call_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The result of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The provider behaved as the contract says.
+    Pass,
+    /// It did not; the message says how.
+    Fail(String),
+    /// Not applicable; the message says why.
+    Skip(String),
+}
+
+/// All checks, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// (check name, outcome).
+    pub checks: Vec<(String, Outcome)>,
+}
+
+impl Report {
+    /// Number of checks with this kind of outcome.
+    pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
+        self.checks.iter().filter(|(_, o)| f(o)).count()
+    }
+
+    /// True when no check failed.
+    pub fn passed(&self) -> bool {
+        self.count(|o| matches!(o, Outcome::Fail(_))) == 0
+    }
+
+    /// The failures, as `(check, message)`.
+    pub fn failures(&self) -> Vec<(&str, &str)> {
+        self.checks
+            .iter()
+            .filter_map(|(n, o)| match o {
+                Outcome::Fail(m) => Some((n.as_str(), m.as_str())),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, outcome) in &self.checks {
+            match outcome {
+                Outcome::Pass => writeln!(f, "PASS {name}")?,
+                Outcome::Fail(m) => writeln!(f, "FAIL {name}: {m}")?,
+                Outcome::Skip(m) => writeln!(f, "SKIP {name}: {m}")?,
+            }
+        }
+        write!(
+            f,
+            "conformance: {} passed, {} failed, {} skipped",
+            self.count(|o| *o == Outcome::Pass),
+            self.count(|o| matches!(o, Outcome::Fail(_))),
+            self.count(|o| matches!(o, Outcome::Skip(_))),
+        )
+    }
+}
+
+type CheckResult = Result<(), String>;
+
+struct Kit {
+    options: Options,
+    identity: IdentityClient<Channel>,
+    compute: ComputeClient<Channel>,
+    caps: Capabilities,
+    created: Vec<String>,
+    report: Report,
+}
+
+fn ensure(cond: bool, msg: impl FnOnce() -> String) -> CheckResult {
+    if cond { Ok(()) } else { Err(msg()) }
+}
+
+fn expect_code<T: fmt::Debug>(r: Result<T, tonic::Status>, code: tonic::Code, what: &str) -> CheckResult {
+    match r {
+        Err(s) if s.code() == code => Ok(()),
+        Err(s) => Err(format!("{what}: expected {code:?}, got {:?} ({})", s.code(), s.message())),
+        Ok(v) => Err(format!("{what}: expected {code:?}, got success {v:?}")),
+    }
+}
+
+fn power(vm: &VmInfo) -> PowerState {
+    PowerState::try_from(vm.power_state).unwrap_or(PowerState::Unspecified)
+}
+
+impl Kit {
+    fn record(&mut self, name: &str, r: CheckResult) {
+        let outcome = match r {
+            Ok(()) => Outcome::Pass,
+            Err(m) => Outcome::Fail(m),
+        };
+        self.report.checks.push((name.to_owned(), outcome));
+    }
+
+    fn skip(&mut self, name: &str, why: &str) {
+        self.report.checks.push((name.to_owned(), Outcome::Skip(why.to_owned())));
+    }
+
+    fn spec(&self, name: &str, user_data: Option<String>) -> VmSpec {
+        VmSpec {
+            name: name.to_owned(),
+            vcpus: self.options.vcpus,
+            memory_mib: self.options.memory_mib,
+            disk_gib: 1,
+            image: Some(ImageRef {
+                name: "conformance".to_owned(),
+                source: self.options.image_source.clone(),
+            }),
+            networks: if self.options.network.is_empty() {
+                Vec::new()
+            } else {
+                vec![NetworkAttachment { network: self.options.network.clone() }]
+            },
+            user_data,
+            hostname: name.to_owned(),
+            labels: [("hcp.conformance".to_owned(), "true".to_owned())].into_iter().collect(),
+        }
+    }
+
+    async fn create(&mut self, name: &str, user_data: Option<String>) -> Result<(String, VmInfo), String> {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.created.push(id.clone());
+        let vm = self
+            .compute
+            .create_vm(CreateVmRequest {
+                vm_id: id.clone(),
+                spec: Some(self.spec(name, user_data)),
+                start: false,
+            })
+            .await
+            .map_err(|s| format!("CreateVm failed: {:?} {}", s.code(), s.message()))?
+            .into_inner();
+        Ok((id, vm))
+    }
+
+    async fn get(&mut self, id: &str) -> Result<VmInfo, String> {
+        self.compute
+            .get_vm(VmRef { vm_id: id.to_owned() })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| format!("GetVm failed: {:?} {}", s.code(), s.message()))
+    }
+
+    async fn list_ids(&mut self) -> Result<Vec<String>, String> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self
+                .compute
+                .list_vms(ListVmsRequest { page_size: 500, page_token: token.clone() })
+                .await
+                .map_err(|s| format!("ListVms failed: {:?} {}", s.code(), s.message()))?
+                .into_inner();
+            out.extend(page.vms.into_iter().map(|v| v.vm_id));
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    async fn identity(&mut self) -> CheckResult {
+        let info = self
+            .identity
+            .get_plugin_info(GetPluginInfoRequest {})
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        ensure(!info.name.is_empty() && info.name.len() <= 63, || {
+            format!("name {:?} must be 1 to 63 characters", info.name)
+        })?;
+        ensure(info.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'), || {
+            format!("name {:?} must be DNS-like", info.name)
+        })?;
+        ensure(!info.vendor_version.is_empty(), || "vendor_version is empty".to_owned())?;
+        ensure(info.protocol_versions.iter().any(|v| v == hcp_proto::PROVIDER_PROTOCOL_VERSION), || {
+            format!(
+                "protocol_versions {:?} lack {}",
+                info.protocol_versions,
+                hcp_proto::PROVIDER_PROTOCOL_VERSION
+            )
+        })
+    }
+
+    async fn capabilities(&mut self) -> CheckResult {
+        let caps = self
+            .identity
+            .get_capabilities(GetCapabilitiesRequest {})
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        let again = self
+            .identity
+            .get_capabilities(GetCapabilitiesRequest {})
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        ensure(caps == again, || "capabilities changed between two calls".to_owned())?;
+        self.caps = caps;
+        let probe = self.identity.probe(ProbeRequest {}).await.map_err(|s| s.to_string())?.into_inner();
+        ensure(probe.ready, || format!("Probe says not ready: {}", probe.message))
+    }
+
+    async fn create_is_idempotent(&mut self) -> CheckResult {
+        let (id, first) = self.create("conf-idem", None).await?;
+        ensure(first.vm_id == id, || format!("CreateVm answered vm_id {:?} for {id}", first.vm_id))?;
+        let second = self
+            .compute
+            .create_vm(CreateVmRequest {
+                vm_id: id.clone(),
+                spec: Some(self.spec("conf-idem", None)),
+                start: false,
+            })
+            .await
+            .map_err(|s| format!("repeated CreateVm failed: {:?} {}", s.code(), s.message()))?
+            .into_inner();
+        ensure(second.native_id == first.native_id, || {
+            format!(
+                "repeated CreateVm made another VM (native id {:?}, then {:?}): create is not idempotent",
+                first.native_id, second.native_id
+            )
+        })?;
+        let listed = self.list_ids().await?;
+        let n = listed.iter().filter(|v| **v == id).count();
+        ensure(n == 1, || format!("ListVms shows {n} VMs with id {id} after two creates; expected 1"))?;
+        let got = self.get(&id).await?;
+        ensure(power(&got) == PowerState::Shutoff, || {
+            format!("created with start=false but power is {:?}", power(&got))
+        })
+    }
+
+    async fn lifecycle(&mut self) -> CheckResult {
+        let (id, _) = self.create("conf-life", None).await?;
+        let vm = VmRef { vm_id: id.clone() };
+        for round in 0..2 {
+            let r = self
+                .compute
+                .start_vm(vm.clone())
+                .await
+                .map_err(|s| format!("StartVm #{round}: {}", s.message()))?;
+            ensure(power(r.get_ref()) == PowerState::Running, || {
+                format!("after StartVm #{round} power is {:?}", power(r.get_ref()))
+            })?;
+        }
+        let r = self.compute.reboot_vm(vm.clone()).await.map_err(|s| format!("RebootVm: {}", s.message()))?;
+        ensure(power(r.get_ref()) == PowerState::Running, || {
+            "after RebootVm the VM is not running".to_owned()
+        })?;
+        let stop = StopVmRequest { vm_id: id.clone(), force: false, timeout_seconds: 0 };
+        for round in 0..2 {
+            let r = self
+                .compute
+                .stop_vm(stop.clone())
+                .await
+                .map_err(|s| format!("StopVm #{round}: {}", s.message()))?;
+            ensure(power(r.get_ref()) == PowerState::Shutoff, || {
+                format!("after StopVm #{round} power is {:?}", power(r.get_ref()))
+            })?;
+        }
+        expect_code(
+            self.compute.reboot_vm(vm.clone()).await,
+            tonic::Code::FailedPrecondition,
+            "RebootVm of a stopped VM",
+        )?;
+        let forced = StopVmRequest { vm_id: id.clone(), force: true, timeout_seconds: 0 };
+        self.compute.start_vm(vm.clone()).await.map_err(|s| format!("StartVm: {}", s.message()))?;
+        let r = self.compute.stop_vm(forced).await.map_err(|s| format!("forced StopVm: {}", s.message()))?;
+        ensure(power(r.get_ref()) == PowerState::Shutoff, || {
+            "after a forced StopVm the VM is not off".to_owned()
+        })
+    }
+
+    async fn delete_is_idempotent(&mut self) -> CheckResult {
+        let (id, _) = self.create("conf-del", None).await?;
+        let vm = VmRef { vm_id: id.clone() };
+        let first =
+            self.compute.delete_vm(vm.clone()).await.map_err(|s| format!("DeleteVm: {}", s.message()))?;
+        ensure(first.get_ref().existed, || "DeleteVm of an existing VM says it did not exist".to_owned())?;
+        let second = self
+            .compute
+            .delete_vm(vm.clone())
+            .await
+            .map_err(|s| format!("repeated DeleteVm failed: {}", s.message()))?;
+        ensure(!second.get_ref().existed, || "repeated DeleteVm says the VM still existed".to_owned())?;
+        expect_code(self.compute.get_vm(vm).await, tonic::Code::NotFound, "GetVm after DeleteVm")?;
+        ensure(!self.list_ids().await?.contains(&id), || "ListVms still shows a deleted VM".to_owned())
+    }
+
+    async fn missing_vms(&mut self) -> CheckResult {
+        let ghost = VmRef { vm_id: uuid::Uuid::now_v7().to_string() };
+        expect_code(
+            self.compute.get_vm(ghost.clone()).await,
+            tonic::Code::NotFound,
+            "GetVm of an unknown VM",
+        )?;
+        expect_code(
+            self.compute.start_vm(ghost.clone()).await,
+            tonic::Code::NotFound,
+            "StartVm of an unknown VM",
+        )?;
+        expect_code(
+            self.compute
+                .stop_vm(StopVmRequest { vm_id: ghost.vm_id.clone(), force: false, timeout_seconds: 0 })
+                .await,
+            tonic::Code::NotFound,
+            "StopVm of an unknown VM",
+        )?;
+        expect_code(
+            self.compute.reboot_vm(ghost.clone()).await,
+            tonic::Code::NotFound,
+            "RebootVm of an unknown VM",
+        )?;
+        let deleted = self
+            .compute
+            .delete_vm(ghost)
+            .await
+            .map_err(|s| format!("DeleteVm of an unknown VM must succeed: {}", s.message()))?;
+        ensure(!deleted.get_ref().existed, || "DeleteVm of an unknown VM says it existed".to_owned())
+    }
+
+    async fn invalid_arguments(&mut self) -> CheckResult {
+        let bad = CreateVmRequest {
+            vm_id: "not-a-uuid".to_owned(),
+            spec: Some(self.spec("conf-bad", None)),
+            start: false,
+        };
+        expect_code(
+            self.compute.create_vm(bad).await,
+            tonic::Code::InvalidArgument,
+            "CreateVm with a malformed vm_id",
+        )?;
+        let no_spec = CreateVmRequest { vm_id: uuid::Uuid::now_v7().to_string(), spec: None, start: false };
+        expect_code(
+            self.compute.create_vm(no_spec).await,
+            tonic::Code::InvalidArgument,
+            "CreateVm without a spec",
+        )
+    }
+
+    async fn console(&mut self, protocol: &str, declared: bool) -> CheckResult {
+        let (id, _) = self.create("conf-console", None).await?;
+        self.compute
+            .start_vm(VmRef { vm_id: id.clone() })
+            .await
+            .map_err(|s| format!("StartVm: {}", s.message()))?;
+        let r = self
+            .compute
+            .get_console(GetConsoleRequest { vm_id: id.clone(), protocol: protocol.to_owned() })
+            .await;
+        if declared {
+            let ep =
+                r.map_err(|s| format!("GetConsole {protocol}: {:?} {}", s.code(), s.message()))?.into_inner();
+            ensure(!ep.host.is_empty() && ep.port > 0, || {
+                format!("GetConsole {protocol} gave no endpoint: {ep:?}")
+            })?;
+            ensure(ep.protocol == protocol, || format!("asked for {protocol}, got {:?}", ep.protocol))
+        } else {
+            expect_code(
+                r,
+                tonic::Code::Unimplemented,
+                &format!("GetConsole {protocol} without the capability"),
+            )
+        }
+    }
+
+    async fn cloud_init(&mut self, declared: bool) -> CheckResult {
+        let ud = Some("#cloud-config\nhostname: conf\n".to_owned());
+        if declared {
+            self.create("conf-ci", ud).await.map(|_| ())
+        } else {
+            let id = uuid::Uuid::now_v7().to_string();
+            self.created.push(id.clone());
+            let r = self
+                .compute
+                .create_vm(CreateVmRequest { vm_id: id, spec: Some(self.spec("conf-ci", ud)), start: false })
+                .await;
+            expect_code(r, tonic::Code::Unimplemented, "CreateVm with user_data without supports_cloud_init")
+        }
+    }
+
+    async fn cleanup(&mut self) -> CheckResult {
+        let mut left = Vec::new();
+        for id in std::mem::take(&mut self.created) {
+            let vm = VmRef { vm_id: id.clone() };
+            let _ = self
+                .compute
+                .stop_vm(StopVmRequest { vm_id: id.clone(), force: true, timeout_seconds: 0 })
+                .await;
+            if let Err(s) = self.compute.delete_vm(vm).await {
+                left.push(format!("{id} ({})", s.message()));
+            }
+        }
+        ensure(left.is_empty(), || format!("could not delete: {}", left.join(", ")))
+    }
+}
+
+/// Runs every check against `options.endpoint`.
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    let channel = tonic::transport::Endpoint::from_shared(options.endpoint.clone())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(options.call_timeout)
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", options.endpoint))?;
+    let mut kit = Kit {
+        options,
+        identity: IdentityClient::new(channel.clone()),
+        compute: ComputeClient::new(channel),
+        caps: Capabilities::default(),
+        created: Vec::new(),
+        report: Report::default(),
+    };
+    let r = kit.identity().await;
+    kit.record("identity", r);
+    let r = kit.capabilities().await;
+    kit.record("capabilities and readiness", r);
+    let r = kit.create_is_idempotent().await;
+    kit.record("create is idempotent", r);
+    let r = kit.lifecycle().await;
+    kit.record("lifecycle: start, reboot, stop (each repeated)", r);
+    let r = kit.delete_is_idempotent().await;
+    kit.record("delete is idempotent", r);
+    let r = kit.missing_vms().await;
+    kit.record("missing VMs are NOT_FOUND", r);
+    let r = kit.invalid_arguments().await;
+    kit.record("invalid arguments are INVALID_ARGUMENT", r);
+    let caps = kit.caps.clone();
+    let r = kit.cloud_init(caps.supports_cloud_init).await;
+    kit.record(
+        if caps.supports_cloud_init {
+            "cloud-init user data"
+        } else {
+            "user data refused without supports_cloud_init"
+        },
+        r,
+    );
+    for (protocol, declared) in [
+        ("vnc", caps.supports_console_vnc),
+        ("spice", caps.supports_console_spice),
+        ("rdp", caps.supports_console_rdp),
+        ("serial", caps.supports_console_serial),
+    ] {
+        let name = format!("{protocol} console");
+        if declared {
+            let r = kit.console(protocol, true).await;
+            kit.record(&name, r);
+        } else {
+            kit.skip(&name, &format!("the provider does not declare supports_console_{protocol}"));
+            let r = kit.console(protocol, false).await;
+            kit.record(&format!("{protocol} console refused as UNIMPLEMENTED"), r);
+        }
+    }
+    let r = kit.cleanup().await;
+    kit.record("cleanup of created VMs", r);
+    Ok(kit.report)
+}

@@ -1,0 +1,172 @@
+//! The conformance kit against the simulator (all capabilities, and none),
+//! and against a deliberately broken provider it must reject.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use hcp_provider_conformance::{Options, Outcome, run};
+use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, ServeConfig, pb};
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Starts the simulator in this process with `caps`; returns its endpoint.
+async fn sim(caps: &str) -> String {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let config = hcp_provider_sim::SimConfig {
+        listen: any_port(),
+        capabilities: hcp_provider_sim::parse_capabilities(caps).unwrap(),
+        latency: std::time::Duration::ZERO,
+    };
+    tokio::spawn(hcp_provider_sim::run(config, std::future::pending(), move |addr| {
+        let _ = tx.send(addr);
+    }));
+    format!("http://{}", rx.await.unwrap())
+}
+
+#[tokio::test]
+async fn the_simulator_conforms() {
+    let report = run(Options::new(&sim("cloud_init,snapshot,console_vnc").await)).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    assert!(report.count(|o| *o == Outcome::Pass) >= 10);
+    // Consoles it does not declare are skipped, visibly, and must be refused.
+    let skipped: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Skip(_)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(skipped, vec!["spice console", "rdp console", "serial console"]);
+}
+
+#[tokio::test]
+async fn a_provider_without_capabilities_conforms_with_skips() {
+    let report = run(Options::new(&sim("").await)).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 4);
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|(n, o)| n == "user data refused without supports_cloud_init" && *o == Outcome::Pass)
+    );
+}
+
+/// Makes a new VM on every CreateVm, even for a known id.
+#[derive(Default, Clone)]
+struct Broken {
+    vms: Arc<Mutex<Vec<(String, String, pb::PowerState)>>>,
+}
+
+impl Broken {
+    fn find(&self, id: &str) -> Result<pb::VmInfo, ProviderError> {
+        let vms = self.vms.lock().unwrap();
+        vms.iter()
+            .rev()
+            .find(|(v, _, _)| v == id)
+            .map(|(v, n, p)| pb::VmInfo {
+                vm_id: v.clone(),
+                native_id: n.clone(),
+                power_state: *p as i32,
+                ..Default::default()
+            })
+            .ok_or_else(|| ProviderError::not_found(id))
+    }
+
+    fn set(&self, id: &str, power: pb::PowerState) -> Result<pb::VmInfo, ProviderError> {
+        let mut vms = self.vms.lock().unwrap();
+        let mut found = false;
+        for vm in vms.iter_mut().filter(|(v, _, _)| v == id) {
+            vm.2 = power;
+            found = true;
+        }
+        drop(vms);
+        if !found {
+            return Err(ProviderError::not_found(id));
+        }
+        self.find(id)
+    }
+}
+
+#[hcp_provider_sdk::async_trait]
+impl Provider for Broken {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo::new("broken.example", "0.0.1", "broken")
+    }
+    async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {
+        Ok(pb::Capabilities::default())
+    }
+    async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        if req.spec.as_ref().is_some_and(|s| s.user_data.is_some()) {
+            return Err(ProviderError::new(ErrorKind::Unsupported, "no cloud-init"));
+        }
+        let native = uuid::Uuid::new_v4().to_string();
+        self.vms.lock().unwrap().push((req.vm_id.clone(), native, pb::PowerState::Shutoff));
+        self.find(&req.vm_id)
+    }
+    async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        self.find(vm_id)
+    }
+    async fn list_vms(&self, _: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
+        let vms = self.vms.lock().unwrap();
+        let vms = vms
+            .iter()
+            .map(|(v, n, p)| pb::VmInfo {
+                vm_id: v.clone(),
+                native_id: n.clone(),
+                power_state: *p as i32,
+                ..Default::default()
+            })
+            .collect();
+        Ok(pb::ListVmsResponse { vms, next_page_token: String::new() })
+    }
+    async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        self.set(vm_id, pb::PowerState::Running)
+    }
+    async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        self.set(&req.vm_id, pb::PowerState::Shutoff)
+    }
+    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        let vm = self.find(vm_id)?;
+        if vm.power_state != pb::PowerState::Running as i32 {
+            return Err(ProviderError::new(ErrorKind::InvalidState, "not running"));
+        }
+        Ok(vm)
+    }
+    async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
+        let mut vms = self.vms.lock().unwrap();
+        let before = vms.len();
+        vms.retain(|(v, _, _)| v != vm_id);
+        Ok(vms.len() != before)
+    }
+    async fn get_console(&self, _: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
+        Err(ProviderError::new(ErrorKind::Unsupported, "no consoles"))
+    }
+}
+
+#[tokio::test]
+async fn a_provider_whose_create_is_not_idempotent_fails_clearly() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let broken = Broken::default();
+    tokio::spawn(hcp_provider_sdk::serve(
+        broken.clone(),
+        ServeConfig { listen: any_port() },
+        std::future::pending(),
+        move |a| {
+            let _ = tx.send(a);
+        },
+    ));
+    let endpoint = format!("http://{}", rx.await.unwrap());
+    let report = run(Options::new(&endpoint)).await.unwrap();
+    println!("{report}");
+    assert!(!report.passed());
+    let failures: HashMap<&str, &str> = report.failures().into_iter().collect();
+    let msg = failures.get("create is idempotent").expect("the idempotency check fails");
+    assert!(msg.contains("not idempotent"), "{msg}");
+    // The kit cleaned up after itself even so.
+    assert!(broken.vms.lock().unwrap().is_empty(), "left behind: {:?}", broken.vms.lock().unwrap());
+}
