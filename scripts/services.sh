@@ -55,3 +55,15 @@ ensure_nats() {
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log >&2
   wait_port 4222 || { log "NATS did not come up"; return 1; }
 }
+
+# The example Python provider needs grpcio and grpcio-tools.
+ensure_python_grpc() {
+  if python3 -c "import grpc, grpc_tools" 2>/dev/null; then return 0; fi
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+    log "installing python3 and pip"
+    apt_install python3 python3-pip || return 1
+  fi
+  log "installing grpcio for the Python example provider"
+  python3 -m pip install -q --disable-pip-version-check -r providers/python-example/requirements.txt >&2 ||
+    python3 -m pip install -q --break-system-packages -r providers/python-example/requirements.txt >&2
+}

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 ensure_postgres
 ensure_nats
+ensure_python_grpc
 
 echo "== format"
 cargo fmt --all -- --check

@@ -209,9 +209,32 @@ impl TestStack {
     }
 
     async fn start_sim_with(&mut self, name: &str, extra: &[String]) -> anyhow::Result<SocketAddr> {
-        let mut args = vec!["provider-sim".to_owned(), "--listen".to_owned(), "127.0.0.1:0".to_owned()];
+        self.start_sim_at(name, "127.0.0.1:0", extra).await
+    }
+
+    /// Starts a sim provider process listening on `listen` with extra flags.
+    pub async fn start_sim_at(
+        &mut self,
+        name: &str,
+        listen: &str,
+        extra: &[String],
+    ) -> anyhow::Result<SocketAddr> {
+        let mut args = vec!["provider-sim".to_owned(), "--listen".to_owned(), listen.to_owned()];
         args.extend(extra.iter().cloned());
         self.spawn_logged(name, &args).await
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `TERM`, ...) to a process of the stack.
+    pub fn signal(&self, name: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .children
+            .get(name)
+            .and_then(|c| c.id())
+            .ok_or_else(|| anyhow::anyhow!("no process {name}"))?;
+        let status =
+            std::process::Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} {pid} failed");
+        Ok(())
     }
 
     /// A tenant token for `tenant` granting `projects` as tenant.member.

@@ -18,7 +18,7 @@ async fn sim(caps: &str) -> String {
     let config = hcp_provider_sim::SimConfig {
         listen: any_port(),
         capabilities: hcp_provider_sim::parse_capabilities(caps).unwrap(),
-        latency: std::time::Duration::ZERO,
+        ..Default::default()
     };
     tokio::spawn(hcp_provider_sim::run(config, std::future::pending(), move |addr| {
         let _ = tx.send(addr);

@@ -56,15 +56,18 @@ pub struct ProviderInfo {
     pub vendor_version: String,
     /// Hypervisor family.
     pub hypervisor: String,
+    /// Protocol revisions spoken; defaults to the one this SDK implements.
+    pub protocol_versions: Vec<String>,
 }
 
 impl ProviderInfo {
-    /// Builds an identity.
+    /// Builds an identity speaking this SDK's protocol revision.
     pub fn new(name: &str, vendor_version: &str, hypervisor: &str) -> Self {
         Self {
             name: name.to_owned(),
             vendor_version: vendor_version.to_owned(),
             hypervisor: hypervisor.to_owned(),
+            protocol_versions: vec![hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned()],
         }
     }
 }
@@ -321,7 +324,7 @@ impl<P: Provider> Identity for Adapter<P> {
         Ok(tonic::Response::new(pb::PluginInfo {
             name: info.name,
             vendor_version: info.vendor_version,
-            protocol_versions: vec![hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned()],
+            protocol_versions: info.protocol_versions,
             hypervisor: info.hypervisor,
         }))
     }

@@ -20,6 +20,10 @@ struct Args {
     /// Latency added to every compute call, milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Protocol revisions to announce, comma-separated (for tests of
+    /// version negotiation).
+    #[arg(long, default_value = "1")]
+    protocol_versions: String,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -39,6 +43,7 @@ where
         listen: args.listen,
         capabilities,
         latency: std::time::Duration::from_millis(args.latency_ms),
+        protocol_versions: args.protocol_versions.split(',').map(|v| v.trim().to_owned()).collect(),
     };
     let telemetry = hcp_telemetry::TelemetryConfig { json_logs: args.json_logs, ..Default::default() };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;

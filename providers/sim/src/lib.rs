@@ -28,6 +28,8 @@ pub struct SimConfig {
     pub capabilities: pb::Capabilities,
     /// Latency added to every Compute call.
     pub latency: Duration,
+    /// Protocol revisions to announce (tests of version negotiation).
+    pub protocol_versions: Vec<String>,
 }
 
 impl Default for SimConfig {
@@ -36,6 +38,7 @@ impl Default for SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
             capabilities: default_capabilities(),
             latency: Duration::ZERO,
+            protocol_versions: vec![hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned()],
         }
     }
 }
@@ -125,6 +128,7 @@ pub struct Sim {
     state: Arc<Mutex<State>>,
     capabilities: pb::Capabilities,
     default_latency: Duration,
+    protocol_versions: Vec<String>,
 }
 
 impl Sim {
@@ -134,6 +138,7 @@ impl Sim {
             state: Arc::default(),
             capabilities: config.capabilities.clone(),
             default_latency: config.latency,
+            protocol_versions: config.protocol_versions.clone(),
         }
     }
 
@@ -232,7 +237,9 @@ macro_rules! fault_gate {
 #[hcp_provider_sdk::async_trait]
 impl Provider for Sim {
     fn info(&self) -> ProviderInfo {
-        ProviderInfo::new("sim.hcp.dev", env!("CARGO_PKG_VERSION"), "sim")
+        let mut info = ProviderInfo::new("sim.hcp.dev", env!("CARGO_PKG_VERSION"), "sim");
+        info.protocol_versions = self.protocol_versions.clone();
+        info
     }
 
     async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {

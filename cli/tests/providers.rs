@@ -1,0 +1,151 @@
+//! Provider registration and lifecycle in core: the handshake refuses an
+//! incompatible protocol version, health probes take a provider that stops
+//! answering out of placement and bring it back when it recovers, and
+//! changed capabilities are picked up.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hcp_testkit::stack::{StackOptions, TestStack};
+use hcp_testkit::wait_until;
+use serde_json::{Value, json};
+
+const HCP: &str = env!("CARGO_BIN_EXE_hcp");
+
+async fn providers(s: &TestStack) -> Vec<Value> {
+    let r = s.rest.get("/api/hcp/ops/v1/providers", &s.ops_token()).await.unwrap();
+    r.body["providers"].as_array().cloned().unwrap_or_default()
+}
+
+async fn health_of(s: &TestStack, name: &str) -> String {
+    providers(s)
+        .await
+        .iter()
+        .find(|p| p["name"] == name)
+        .map(|p| p["health"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+async fn sim_creations(addr: std::net::SocketAddr) -> usize {
+    let ch =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut c = hcp_proto::sim::sim_control_client::SimControlClient::new(ch);
+    c.stats(hcp_proto::sim::StatsRequest {}).await.unwrap().into_inner().creations.len()
+}
+
+async fn create_active(s: &TestStack, token: &str, name: &str) {
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/tenant/v1/projects/demo/vms",
+            token,
+            &json!({"name": name, "flavor": "small", "image": "debian-12"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let path = format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id"));
+    wait_until(Duration::from_secs(20), "create to succeed", || async {
+        Ok((s.rest.get(&path, token).await?.str("status") == "SUCCEEDED").then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_incompatible_protocol_version_is_refused() {
+    let mut s = TestStack::start(Path::new(HCP), StackOptions::default()).await.unwrap();
+    let future =
+        s.start_sim_at("sim-v2", "127.0.0.1:0", &["--protocol-versions".into(), "2,3".into()]).await.unwrap();
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/providers",
+            &s.ops_token(),
+            &json!({"name": "future", "zone": "zone-1", "endpoint": format!("http://{future}")}),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.str("code").as_str()), (400, "INVALID_ARGUMENT"), "{}", r.body);
+    assert_eq!(r.body["details"]["field"], "endpoint");
+    let msg = r.str("message");
+    assert!(msg.contains("[2, 3]") && msg.contains("speaks 1"), "{msg}");
+    assert_eq!(providers(&s).await.len(), 1, "nothing was registered");
+
+    // An endpoint that does not answer is refused as unavailable.
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/providers",
+            &s.ops_token(),
+            &json!({"name": "ghost", "zone": "zone-1", "endpoint": "http://127.0.0.1:9"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.str("code").as_str()), (503, "PROVIDER_UNAVAILABLE"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_provider_that_stops_answering_gets_no_placements_until_it_recovers() {
+    let mut s = TestStack::start(Path::new(HCP), StackOptions::default()).await.unwrap();
+    let second = s.start_sim("sim-2", "cloud_init,console_vnc").await.unwrap();
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/providers",
+            &s.ops_token(),
+            &json!({"name": "sim-2", "zone": "zone-1", "endpoint": format!("http://{second}")}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let token = s.tenant_token("acme", &["demo"]);
+
+    // The first provider freezes: its probes time out.
+    s.signal("sim", "STOP").unwrap();
+    wait_until(Duration::from_secs(15), "sim-1 to be unhealthy", || async {
+        Ok((health_of(&s, "sim-1").await == "UNHEALTHY").then_some(()))
+    })
+    .await
+    .unwrap();
+    for i in 0..4 {
+        create_active(&s, &token, &format!("while-down-{i}")).await;
+    }
+    assert_eq!(sim_creations(second).await, 4, "every create went to the healthy provider");
+
+    // It recovers and, having the fewest VMs, gets the next one.
+    s.signal("sim", "CONT").unwrap();
+    wait_until(Duration::from_secs(15), "sim-1 to be healthy", || async {
+        Ok((health_of(&s, "sim-1").await == "HEALTHY").then_some(()))
+    })
+    .await
+    .unwrap();
+    create_active(&s, &token, "after-recovery").await;
+    assert_eq!(sim_creations(s.sim).await, 1);
+    assert_eq!(sim_creations(second).await, 4);
+}
+
+#[tokio::test]
+async fn changed_capabilities_are_picked_up() {
+    let mut s = TestStack::start(Path::new(HCP), StackOptions::default()).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let with_ud =
+        json!({"name": "ud", "flavor": "small", "image": "debian-12", "user_data": "#cloud-config\n"});
+    let r = s.rest.post("/api/hcp/tenant/v1/projects/demo/vms", &token, &with_ud).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+
+    // The provider is redeployed at the same address without cloud-init.
+    let addr = s.sim.to_string();
+    s.kill("sim").await;
+    s.start_sim_at("sim", &addr, &["--capabilities".into(), "console_vnc".into()]).await.unwrap();
+    wait_until(Duration::from_secs(15), "capabilities to be refreshed", || async {
+        let p = providers(&s).await;
+        Ok((p[0]["capabilities"]["supports_cloud_init"] == false && p[0]["health"] == "HEALTHY")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    let r = s.rest.post("/api/hcp/tenant/v1/projects/demo/vms", &token, &with_ud).await.unwrap();
+    assert_eq!((r.status, r.str("code").as_str()), (409, "FEATURE_NOT_SUPPORTED"), "{}", r.body);
+    assert_eq!(r.body["details"]["capability"], "supports_cloud_init");
+}

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""An out-of-tree HCP provider in Python: an in-memory hypervisor speaking
+hcp.provider.v1 over gRPC (grpcio), generated at start from the same
+provider.proto HCP uses. It is an example for vendors, small on purpose,
+and it passes HCP's conformance kit.
+
+Run:  python3 provider.py --listen 127.0.0.1:50071
+It prints {"hcp_ready":{"service":"provider-python","addr":"HOST:PORT"}}
+on stdout when it serves, like every HCP process.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import uuid
+from concurrent import futures
+
+import grpc
+from grpc_tools import protoc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTO_ROOT = os.path.normpath(os.path.join(HERE, "..", "..", "proto"))
+PROTO = "hcp/provider/v1/provider.proto"
+
+
+def load_stubs():
+    """Generates the Python stubs for provider.proto into a temp dir."""
+    out = tempfile.mkdtemp(prefix="hcp-provider-py-")
+    include = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    rc = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out}",
+                      f"--grpc_python_out={out}", PROTO])
+    if rc != 0:
+        sys.exit(f"cannot compile {PROTO} (protoc exit {rc})")
+    sys.path.insert(0, out)
+    from hcp.provider.v1 import provider_pb2, provider_pb2_grpc  # noqa: E402
+    return provider_pb2, provider_pb2_grpc
+
+
+pb, rpc = load_stubs()
+
+
+def valid_id(vm_id):
+    try:
+        return str(uuid.UUID(vm_id)) == vm_id
+    except ValueError:
+        return False
+
+
+class Hypervisor:
+    """The VMs, keyed by HCP VM id; every method is idempotent by id."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.vms = {}
+        self.next_native = 0
+
+    def info(self, vm_id):
+        vm = self.vms[vm_id]
+        return pb.VmInfo(vm_id=vm_id, power_state=vm["power"], native_id=vm["native"],
+                         vcpus=vm["vcpus"], memory_mib=vm["memory"])
+
+
+class Identity(rpc.IdentityServicer):
+    def GetPluginInfo(self, request, context):
+        return pb.PluginInfo(name="python-example.hcp.dev", vendor_version="0.1.0",
+                             protocol_versions=["1"], hypervisor="python-example")
+
+    def GetCapabilities(self, request, context):
+        return pb.Capabilities(supports_cloud_init=True, attributes={"language": "python"})
+
+    def Probe(self, request, context):
+        return pb.ProbeResponse(ready=True, message="ready")
+
+
+class Compute(rpc.ComputeServicer):
+    def __init__(self, hv):
+        self.hv = hv
+
+    def _known(self, vm_id, context):
+        if not valid_id(vm_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"vm_id must be a UUID, got {vm_id!r}")
+        if vm_id not in self.hv.vms:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"vm {vm_id} not found")
+
+    def CreateVm(self, request, context):
+        if not valid_id(request.vm_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"vm_id must be a UUID, got {request.vm_id!r}")
+        if not request.HasField("spec"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec is required")
+        with self.hv.lock:
+            if request.vm_id not in self.hv.vms:
+                self.hv.next_native += 1
+                self.hv.vms[request.vm_id] = {
+                    "native": f"py-{self.hv.next_native}",
+                    "power": pb.RUNNING if request.start else pb.SHUTOFF,
+                    "vcpus": request.spec.vcpus,
+                    "memory": request.spec.memory_mib,
+                }
+            return self.hv.info(request.vm_id)
+
+    def GetVm(self, request, context):
+        with self.hv.lock:
+            self._known(request.vm_id, context)
+            return self.hv.info(request.vm_id)
+
+    def ListVms(self, request, context):
+        with self.hv.lock:
+            ids = sorted(i for i in self.hv.vms if i > request.page_token)
+            size = request.page_size or 1000
+            page, rest = ids[:size], ids[size:]
+            return pb.ListVmsResponse(vms=[self.hv.info(i) for i in page],
+                                      next_page_token=page[-1] if rest else "")
+
+    def _power(self, vm_id, context, power):
+        with self.hv.lock:
+            self._known(vm_id, context)
+            self.hv.vms[vm_id]["power"] = power
+            return self.hv.info(vm_id)
+
+    def StartVm(self, request, context):
+        return self._power(request.vm_id, context, pb.RUNNING)
+
+    def StopVm(self, request, context):
+        return self._power(request.vm_id, context, pb.SHUTOFF)
+
+    def RebootVm(self, request, context):
+        with self.hv.lock:
+            self._known(request.vm_id, context)
+            if self.hv.vms[request.vm_id]["power"] != pb.RUNNING:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "vm is not running")
+            return self.hv.info(request.vm_id)
+
+    def DeleteVm(self, request, context):
+        if not valid_id(request.vm_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "vm_id must be a UUID")
+        with self.hv.lock:
+            existed = self.hv.vms.pop(request.vm_id, None) is not None
+        return pb.DeleteVmResponse(existed=existed)
+
+    def GetConsole(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{request.protocol} consoles are not supported")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", default="127.0.0.1:50071")
+    args = parser.parse_args()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    rpc.add_IdentityServicer_to_server(Identity(), server)
+    rpc.add_ComputeServicer_to_server(Compute(Hypervisor()), server)
+    host = args.listen.rsplit(":", 1)[0]
+    port = server.add_insecure_port(args.listen)
+    server.start()
+    print(json.dumps({"hcp_ready": {"service": "provider-python", "addr": f"{host}:{port}"}}), flush=True)
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()
