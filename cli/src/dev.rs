@@ -253,6 +253,7 @@ pub async fn bootstrap(
                     name: format!("sim-{}", existing.providers.len() + 1),
                     zone: zone.to_owned(),
                     endpoint: provider_endpoint.to_owned(),
+                    credentials: Default::default(),
                 },
             ))
             .await
@@ -276,12 +277,23 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None => format!("sqlite://{}", std::fs::canonicalize(data)?.join("hcp.db").display()),
     };
+    let key_file = data.join("secrets.key");
+    if !key_file.exists() {
+        std::fs::write(&key_file, hcp_core::secrets::SecretBox::generate_key_hex())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
     let core_toml = format!(
         "listen = \"{core}\"\ndatabase_url = \"{db}\"\n\n[auth]\nhs256_secret_file = \"{secret}\"\n\n\
-         [console]\npublic_base_url = \"ws://{gw}\"\n\n[providers]\nprobe_interval_seconds = 5\n",
+         [console]\npublic_base_url = \"ws://{gw}\"\n\n[providers]\nprobe_interval_seconds = 5\n\n\
+         [secrets]\nkey_file = \"{key}\"\n",
         core = args.core,
         secret = secret_file.display(),
         gw = args.gateway,
+        key = std::fs::canonicalize(&key_file)?.display(),
     );
     let core_config = data.join("core.toml");
     std::fs::write(&core_config, core_toml)?;

@@ -149,3 +149,72 @@ async fn changed_capabilities_are_picked_up() {
     assert_eq!((r.status, r.str("code").as_str()), (409, "FEATURE_NOT_SUPPORTED"), "{}", r.body);
     assert_eq!(r.body["details"]["capability"], "supports_cloud_init");
 }
+
+#[tokio::test]
+async fn credentials_are_sealed_and_never_shown() {
+    let opts = StackOptions {
+        backend: hcp_testkit::db::Backend::Postgres,
+        core_toml: "[telemetry]\nlog_filter = \"debug\"\n".into(),
+        ..Default::default()
+    };
+    let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let secret = format!("pve-token-{}", uuid::Uuid::new_v4().simple());
+    let vault = s.start_sim("vault", "cloud_init").await.unwrap();
+    // The provider is not usable until it has its credentials.
+    s.kill("vault").await;
+    let vault = s.start_sim_at("vault", &vault.to_string(), &["--require-credentials".into()]).await.unwrap();
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/providers",
+            &s.ops_token(),
+            &json!({"name": "vault", "zone": "zone-1", "endpoint": format!("http://{vault}"),
+                    "credentials": {"token": secret, "user": "root@pam"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["has_credentials"], true);
+    assert_eq!(r.body["health"], "HEALTHY", "configured before the first probe");
+    let stats = |addr: std::net::SocketAddr| async move {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = hcp_proto::sim::sim_control_client::SimControlClient::new(ch);
+        c.stats(hcp_proto::sim::StatsRequest {}).await.unwrap().into_inner()
+    };
+    assert_eq!(stats(vault).await.credential_keys, vec!["token", "user"]);
+
+    // A restarted provider has forgotten them; the health probe sends them again.
+    s.kill("vault").await;
+    s.start_sim_at("vault", &vault.to_string(), &["--require-credentials".into()]).await.unwrap();
+    wait_until(Duration::from_secs(15), "credentials to be sent again", || async {
+        let keys = stats(vault).await.credential_keys;
+        Ok((keys == vec!["token", "user"] && health_of(&s, "vault").await == "HEALTHY").then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // No API answer, no database byte and no log line holds the secret.
+    let listed = s.rest.get("/api/hcp/ops/v1/providers", &s.ops_token()).await.unwrap();
+    assert!(!listed.body.to_string().contains(&secret));
+    let dump = std::process::Command::new("pg_dump").arg("--dbname").arg(&s.db.url).output().unwrap();
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("vault"), "the dump holds the provider row");
+    assert!(
+        !dump.contains(&secret) && !dump.contains("root@pam"),
+        "plaintext credential in the database dump"
+    );
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(s.dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            logs.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+    assert!(logs.contains("DEBUG"), "core logged at debug level");
+    assert!(!logs.contains(&secret), "a log holds the secret");
+}

@@ -14,6 +14,8 @@ pub const ENV_DATABASE_URL: &str = "HCP_DATABASE_URL";
 pub const ENV_LISTEN: &str = "HCP_CORE_LISTEN";
 /// Environment variable overriding [`AuthConfig::hs256_secret_file`].
 pub const ENV_JWT_SECRET_FILE: &str = "HCP_JWT_SECRET_FILE";
+/// Environment variable overriding [`SecretsConfig::key_file`].
+pub const ENV_SECRETS_KEY_FILE: &str = "HCP_SECRETS_KEY_FILE";
 /// Environment variable overriding [`QueueConfig::nats_url`].
 pub const ENV_NATS_URL: &str = "HCP_NATS_URL";
 
@@ -42,6 +44,8 @@ pub struct Config {
     pub console: ConsoleConfig,
     /// The message queue; none means the embedded in-process queue.
     pub queue: QueueConfig,
+    /// Where the key that seals provider credentials comes from.
+    pub secrets: SecretsConfig,
     /// Drift detection and its policies.
     pub reconciler: crate::reconciler::ReconcilerConfig,
     /// How long an Idempotency-Key keeps its answer, seconds. Default 86400
@@ -65,6 +69,7 @@ impl Default for Config {
             console: ConsoleConfig::default(),
             queue: QueueConfig::default(),
             reconciler: crate::reconciler::ReconcilerConfig::default(),
+            secrets: SecretsConfig::default(),
             idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),
         }
@@ -173,6 +178,15 @@ impl Default for ProvidersConfig {
     }
 }
 
+/// The secrets key (never stored in the database).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecretsConfig {
+    /// File holding 64 hex digits (32 bytes). Without it, providers cannot
+    /// be registered with credentials.
+    pub key_file: Option<PathBuf>,
+}
+
 /// The message queue (NATS JetStream) for production deployments.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -261,6 +275,7 @@ impl Config {
                 }
                 ENV_JWT_SECRET_FILE => self.auth.hs256_secret_file = Some(PathBuf::from(v)),
                 ENV_NATS_URL => self.queue.nats_url = Some(v),
+                ENV_SECRETS_KEY_FILE => self.secrets.key_file = Some(PathBuf::from(v)),
                 _ => {}
             }
         }

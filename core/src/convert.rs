@@ -184,6 +184,7 @@ pub fn provider_to_proto(p: &Provider) -> ops::Provider {
         health_message: p.health_message.clone(),
         last_probe_at: p.last_probe_at.map(ts),
         created_at: Some(ts(p.created_at)),
+        has_credentials: p.has_credentials,
     }
 }
 

@@ -18,6 +18,7 @@ pub mod placement;
 pub mod providers;
 pub mod queue;
 pub mod reconciler;
+pub mod secrets;
 pub mod server;
 pub mod store;
 

@@ -367,6 +367,8 @@ pub struct Provider {
     pub last_probe_at: Option<DateTime<Utc>>,
     /// When registered.
     pub created_at: DateTime<Utc>,
+    /// Whether sealed credentials are stored for it.
+    pub has_credentials: bool,
 }
 
 /// An audit event to append (the store assigns nothing: ids and times are

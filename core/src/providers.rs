@@ -12,7 +12,9 @@ use hcp_proto::error::{ApiError, ErrorCode};
 use hcp_proto::ids::ProviderId;
 use hcp_proto::provider::compute_client::ComputeClient;
 use hcp_proto::provider::identity_client::IdentityClient;
-use hcp_proto::provider::{GetCapabilitiesRequest, GetPluginInfoRequest, PluginInfo, ProbeRequest};
+use hcp_proto::provider::{
+    ConfigureRequest, GetCapabilitiesRequest, GetPluginInfoRequest, PluginInfo, ProbeRequest,
+};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::convert;
@@ -118,7 +120,13 @@ impl ProviderClients {
     /// Performs the handshake with an endpoint: it must answer, speak
     /// protocol revision [`hcp_proto::PROVIDER_PROTOCOL_VERSION`] and report
     /// its capabilities.
-    pub async fn handshake(&self, uri: &str) -> Result<Handshake, ApiError> {
+    /// With `credentials`, the provider is configured before its
+    /// capabilities and readiness are read.
+    pub async fn handshake(
+        &self,
+        uri: &str,
+        credentials: Option<&std::collections::HashMap<String, String>>,
+    ) -> Result<Handshake, ApiError> {
         let endpoint = Self::endpoint(uri, self.probe_timeout)?;
         let channel = endpoint.connect().await.map_err(|e| {
             ApiError::new(ErrorCode::ProviderUnavailable, format!("cannot connect to provider at {uri}: {e}"))
@@ -146,6 +154,14 @@ impl ProviderClients {
                 ),
             ));
         }
+        if let Some(creds) = credentials {
+            identity.configure(ConfigureRequest { credentials: creds.clone() }).await.map_err(|s| {
+                ApiError::invalid_field(
+                    "credentials",
+                    format!("the provider refused its credentials: {}", s.message()),
+                )
+            })?;
+        }
         let caps = identity
             .get_capabilities(GetCapabilitiesRequest {})
             .await
@@ -161,6 +177,20 @@ impl ProviderClients {
         })
     }
 
+    /// Sends a registered provider its credentials again.
+    pub async fn configure(
+        &self,
+        provider: &Provider,
+        credentials: std::collections::HashMap<String, String>,
+    ) -> Result<(), String> {
+        let mut identity = IdentityClient::new(self.channel(provider).map_err(|e| e.message)?);
+        tokio::time::timeout(self.probe_timeout, identity.configure(ConfigureRequest { credentials }))
+            .await
+            .map_err(|_| "Configure timed out".to_owned())?
+            .map(|_| ())
+            .map_err(|s| s.message().to_owned())
+    }
+
     /// Probes one registered provider: readiness and current capabilities.
     pub async fn probe(&self, provider: &Provider) -> (bool, String, Option<Capabilities>) {
         let channel = match self.channel(provider) {
@@ -174,6 +204,9 @@ impl ProviderClients {
             Ok(Err(s)) => (false, format!("probe failed: {}", s.message()), None),
             Ok(Ok(r)) => {
                 let r = r.into_inner();
+                if r.needs_configuration {
+                    return (false, format!("needs configuration: {}", r.message), None);
+                }
                 let caps = tokio::time::timeout(
                     self.probe_timeout,
                     identity.get_capabilities(GetCapabilitiesRequest {}),
@@ -189,7 +222,13 @@ impl ProviderClients {
 }
 
 /// Probes every provider once and stores the results. Logs health changes.
-pub async fn probe_all(store: &Store, clients: &ProviderClients) {
+/// A provider that lost its credentials (it says it needs configuration) is
+/// sent them again, and counts as healthy once it is ready.
+pub async fn probe_all(
+    store: &Store,
+    clients: &ProviderClients,
+    secrets: Option<&crate::secrets::SecretBox>,
+) {
     let providers = match store.list_providers().await {
         Ok(p) => p,
         Err(e) => {
@@ -198,7 +237,13 @@ pub async fn probe_all(store: &Store, clients: &ProviderClients) {
         }
     };
     let probes = providers.iter().map(|p| async move {
-        let (healthy, message, caps) = clients.probe(p).await;
+        let (mut healthy, mut message, mut caps) = clients.probe(p).await;
+        if !healthy && message.starts_with("needs configuration") && p.has_credentials {
+            match reconfigure(store, clients, secrets, p).await {
+                Ok(()) => (healthy, message, caps) = clients.probe(p).await,
+                Err(e) => message = format!("cannot configure: {e}"),
+            }
+        }
         (p, healthy, message, caps)
     });
     for (p, healthy, message, caps) in futures::future::join_all(probes).await {
@@ -209,4 +254,19 @@ pub async fn probe_all(store: &Store, clients: &ProviderClients) {
             tracing::warn!(provider = %p.name, error = %e, "cannot store probe result");
         }
     }
+}
+
+async fn reconfigure(
+    store: &Store,
+    clients: &ProviderClients,
+    secrets: Option<&crate::secrets::SecretBox>,
+    p: &Provider,
+) -> Result<(), String> {
+    let secrets = secrets.ok_or("no secrets key configured")?;
+    let sealed =
+        store.provider_credentials(p.id).await.map_err(|e| e.to_string())?.ok_or("no stored credentials")?;
+    let creds = secrets.open(p.id.0.as_bytes(), &sealed).map_err(|e| e.to_string())?;
+    clients.configure(p, creds).await?;
+    tracing::info!(provider = %p.name, "credentials sent again");
+    Ok(())
 }

@@ -65,6 +65,9 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// The secrets key could not be loaded.
+    #[error("cannot load the secrets key")]
+    Secrets(#[source] crate::secrets::SecretsError),
     /// The NATS URL is unusable.
     #[error("cannot set up the NATS connection")]
     Queue(#[source] async_nats::ConnectError),
@@ -95,6 +98,10 @@ pub async fn run(
             .map_err(|source| StartError::Store { url: redact(&config.database_url), source })?;
     }
     let verifier = Verifier::from_config(&config.auth).map_err(StartError::Keys)?;
+    let secrets = match &config.secrets.key_file {
+        Some(path) => Some(crate::secrets::SecretBox::from_file(path).map_err(StartError::Secrets)?),
+        None => None,
+    };
     let clients = ProviderClients::new(
         Duration::from_secs(config.providers.call_timeout_seconds.max(1)),
         Duration::from_secs(config.providers.probe_timeout_seconds.max(1)),
@@ -159,12 +166,13 @@ pub async fn run(
                 }
             }
         });
-        let (store, clients, mut stop) = (store.clone(), clients.clone(), stop_rx.clone());
+        let (store, clients, mut stop, secrets) =
+            (store.clone(), clients.clone(), stop_rx.clone(), secrets.clone());
         let every = Duration::from_secs(config.providers.probe_interval_seconds.max(1));
         background.spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => probe_all(&store, &clients).await,
+                    _ = tokio::time::sleep(every) => probe_all(&store, &clients, secrets.as_ref()).await,
                     _ = stop.changed() => return,
                 }
             }
@@ -182,6 +190,7 @@ pub async fn run(
             clients: clients.clone(),
             queue: queue.clone(),
             config: config.clone(),
+            secrets: secrets.clone(),
         };
         let auth = AuthInterceptor::new(verifier);
         let tenant = TenantApi::new(ctx.clone());

@@ -114,8 +114,9 @@ async fn seed(store: &Store) -> Provider {
         health_message: "ready".into(),
         last_probe_at: Some(now()),
         created_at: now(),
+        has_credentials: false,
     };
-    store.insert_provider(&p, &audit("provider.register", "p")).await.unwrap();
+    store.insert_provider(&p, None, &audit("provider.register", "p")).await.unwrap();
     p
 }
 

@@ -79,9 +79,49 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.ops.v1.QuotaAdminService",
 ];
 
+/// Shows credential keys, never their values.
+struct RedactedCredentials<'a>(&'a std::collections::HashMap<String, String>);
+
+impl std::fmt::Debug for RedactedCredentials<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut keys: Vec<&String> = self.0.keys().collect();
+        keys.sort();
+        f.debug_map().entries(keys.into_iter().map(|k| (k, "<redacted>"))).finish()
+    }
+}
+
+impl std::fmt::Debug for ops::RegisterProviderRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisterProviderRequest")
+            .field("name", &self.name)
+            .field("zone", &self.zone)
+            .field("endpoint", &self.endpoint)
+            .field("credentials", &RedactedCredentials(&self.credentials))
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for provider::ConfigureRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigureRequest")
+            .field("credentials", &RedactedCredentials(&self.credentials))
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
+
+    #[test]
+    fn debug_output_redacts_credentials() {
+        let mut r = super::ops::RegisterProviderRequest::default();
+        r.credentials.insert("token".into(), "hunter2".into());
+        let shown = format!("{r:?}");
+        assert!(shown.contains("token") && !shown.contains("hunter2"), "{shown}");
+        let c = super::provider::ConfigureRequest { credentials: r.credentials.clone() };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
 
     #[test]
     fn descriptor_set_decodes_and_keeps_http_options() {

@@ -91,6 +91,7 @@ impl TestStack {
         let nats = if opts.nats { Some(NatsServer::start().await?) } else { None };
         let secret_hex = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
         std::fs::write(dir.path().join("jwt-secret"), &secret_hex)?;
+        std::fs::write(dir.path().join("secrets.key"), hcp_core::secrets::SecretBox::generate_key_hex())?;
         let mut stack = Self {
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
             core: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -158,11 +159,13 @@ impl TestStack {
             "listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[roles]\napi = {api}\nworker = {worker}\n\n\
              [auth]\nhs256_secret_file = \"{secret}\"\n\n\
              [jobs]\n{jobs}\n\n\
-             [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n{queue}",
+             [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n\n\
+             [secrets]\nkey_file = \"{key}\"\n{queue}",
             db = self.db.url,
             extra = self.opts.core_toml,
             secret = self.dir.path().join("jwt-secret").display(),
             jobs = jobs_table(&self.opts.jobs_toml),
+            key = self.dir.path().join("secrets.key").display(),
         );
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, toml)?;

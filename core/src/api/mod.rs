@@ -31,6 +31,8 @@ pub struct ApiContext {
     pub queue: Arc<dyn JobQueue>,
     /// Configuration.
     pub config: Arc<Config>,
+    /// Seals provider credentials; None when no secrets key is configured.
+    pub secrets: Option<crate::secrets::SecretBox>,
 }
 
 impl ApiContext {

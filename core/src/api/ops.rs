@@ -49,10 +49,33 @@ impl OpsApi {
         if !zones.iter().any(|z| z.name == req.zone) {
             return Err(ApiError::invalid_field("zone", format!("unknown zone {:?}", req.zone)));
         }
-        let hs = self.ctx.clients.handshake(&req.endpoint).await?;
+        for (k, v) in &req.credentials {
+            if k.is_empty() || k.len() > 128 || v.len() > 16 * 1024 {
+                return Err(ApiError::invalid_field(
+                    "credentials",
+                    "credential names must be 1 to 128 characters and values at most 16 KiB",
+                ));
+            }
+        }
+        let creds = (!req.credentials.is_empty()).then_some(&req.credentials);
+        let secrets = match (creds, &self.ctx.secrets) {
+            (Some(_), None) => {
+                return Err(ApiError::invalid_field(
+                    "credentials",
+                    "this core has no secrets key (secrets.key_file), so it cannot store credentials",
+                ));
+            }
+            (_, s) => s.clone(),
+        };
+        let hs = self.ctx.clients.handshake(&req.endpoint, creds).await?;
         let t = now();
+        let id = ProviderId::new();
+        let sealed = match (creds, secrets) {
+            (Some(c), Some(b)) => Some(b.seal(id.0.as_bytes(), c)),
+            _ => None,
+        };
         let provider = model::Provider {
-            id: ProviderId::new(),
+            id,
             name: req.name.clone(),
             zone: req.zone.clone(),
             endpoint: req.endpoint.clone(),
@@ -65,11 +88,16 @@ impl OpsApi {
             health_message: hs.message.clone(),
             last_probe_at: Some(t),
             created_at: t,
+            has_credentials: sealed.is_some(),
         };
         let mut audit =
             self.ctx.audit(&p, "provider.register", "provider", &provider.id.to_string(), "succeeded");
         audit.detail = format!("{} at {} in zone {}", provider.plugin_name, provider.endpoint, provider.zone);
-        self.ctx.store.insert_provider(&provider, &audit).await.map_err(|e| from_store(e, "provider"))?;
+        self.ctx
+            .store
+            .insert_provider(&provider, sealed.as_deref(), &audit)
+            .await
+            .map_err(|e| from_store(e, "provider"))?;
         tracing::info!(provider = %provider.name, plugin = %provider.plugin_name, "provider registered");
         Ok(convert::provider_to_proto(&provider))
     }

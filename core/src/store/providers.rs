@@ -8,7 +8,8 @@ use super::{StoreError, StoreResult, col, on_pool};
 use crate::model::{AuditEvent, Capabilities, Provider};
 
 const PROVIDER_COLUMNS: &str = "id, name, zone, endpoint, plugin_name, plugin_version, \
-     hypervisor, protocol_version, capabilities, healthy, health_message, last_probe_at, created_at";
+     hypervisor, protocol_version, capabilities, healthy, health_message, last_probe_at, created_at, \
+     (credentials IS NOT NULL) AS has_credentials";
 
 macro_rules! provider_from_row {
     ($row:expr) => {{
@@ -29,20 +30,27 @@ macro_rules! provider_from_row {
             health_message: col!(row, "health_message"),
             last_probe_at: col!(row, "last_probe_at"),
             created_at: col!(row, "created_at"),
+            has_credentials: col!(row, "has_credentials"),
         }
     }};
 }
 
 impl super::Store {
-    /// Inserts a provider after a successful handshake.
-    pub async fn insert_provider(&self, p: &Provider, audit: &AuditEvent) -> StoreResult<()> {
+    /// Inserts a provider after a successful handshake, with its sealed
+    /// credentials if it has any.
+    pub async fn insert_provider(
+        &self,
+        p: &Provider,
+        sealed_credentials: Option<&[u8]>,
+        audit: &AuditEvent,
+    ) -> StoreResult<()> {
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             sqlx::query(
                 "INSERT INTO providers (id, name, zone, endpoint, plugin_name, plugin_version, \
                  hypervisor, protocol_version, capabilities, healthy, health_message, \
-                 last_probe_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                 $12, $13)",
+                 last_probe_at, created_at, credentials) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                 $12, $13, $14)",
             )
             .bind(p.id.0)
             .bind(&p.name)
@@ -57,6 +65,7 @@ impl super::Store {
             .bind(&p.health_message)
             .bind(p.last_probe_at)
             .bind(p.created_at)
+            .bind(sealed_credentials)
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, &format!("provider {}", p.name)))?;
@@ -95,6 +104,19 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, "provider"))?
             .ok_or(StoreError::NotFound)?;
             Ok(provider_from_row!(&row))
+        })
+    }
+
+    /// Returns a provider's sealed credentials, if any.
+    pub async fn provider_credentials(&self, id: ProviderId) -> StoreResult<Option<Vec<u8>>> {
+        on_pool!(self, |pool| {
+            let v: Option<Option<Vec<u8>>> =
+                sqlx::query_scalar("SELECT credentials FROM providers WHERE id = $1")
+                    .bind(id.0)
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "provider"))?;
+            v.ok_or(StoreError::NotFound)
         })
     }
 

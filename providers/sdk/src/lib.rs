@@ -156,6 +156,22 @@ pub trait Provider: Send + Sync + 'static {
     async fn probe(&self) -> Result<(bool, String), ProviderError> {
         Ok((true, "ready".to_owned()))
     }
+    /// Receives the credentials the operator registered for this provider
+    /// (at registration, and again after [`Provider::needs_configuration`]
+    /// says so). Keep them in memory; never log them. The default refuses:
+    /// a provider that needs no credentials answers UNIMPLEMENTED.
+    async fn configure(
+        &self,
+        credentials: std::collections::HashMap<String, String>,
+    ) -> Result<(), ProviderError> {
+        let _ = credentials;
+        Err(ProviderError::new(ErrorKind::Unsupported, "this provider takes no credentials"))
+    }
+    /// True while the provider waits for credentials (e.g. after a restart);
+    /// core then calls [`Provider::configure`] again. Default false.
+    fn needs_configuration(&self) -> bool {
+        false
+    }
     /// Creates the VM `req.vm_id`, or returns it if it exists.
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError>;
     /// Returns one VM.
@@ -337,7 +353,16 @@ impl<P: Provider> Identity for Adapter<P> {
     }
 
     async fn probe(&self, _: tonic::Request<pb::ProbeRequest>) -> Reply<pb::ProbeResponse> {
-        reply(self.inner.probe().await.map(|(ready, message)| pb::ProbeResponse { ready, message }))
+        let needs_configuration = self.inner.needs_configuration();
+        reply(self.inner.probe().await.map(|(ready, message)| pb::ProbeResponse {
+            ready: ready && !needs_configuration,
+            message,
+            needs_configuration,
+        }))
+    }
+
+    async fn configure(&self, req: tonic::Request<pb::ConfigureRequest>) -> Reply<pb::ConfigureResponse> {
+        reply(self.inner.configure(req.into_inner().credentials).await.map(|()| pb::ConfigureResponse {}))
     }
 }
 

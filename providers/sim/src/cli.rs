@@ -24,6 +24,9 @@ struct Args {
     /// version negotiation).
     #[arg(long, default_value = "1")]
     protocol_versions: String,
+    /// Say "needs configuration" until core sends credentials.
+    #[arg(long)]
+    require_credentials: bool,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -44,6 +47,7 @@ where
         capabilities,
         latency: std::time::Duration::from_millis(args.latency_ms),
         protocol_versions: args.protocol_versions.split(',').map(|v| v.trim().to_owned()).collect(),
+        require_credentials: args.require_credentials,
     };
     let telemetry = hcp_telemetry::TelemetryConfig { json_logs: args.json_logs, ..Default::default() };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;

@@ -30,6 +30,8 @@ pub struct SimConfig {
     pub latency: Duration,
     /// Protocol revisions to announce (tests of version negotiation).
     pub protocol_versions: Vec<String>,
+    /// Report "needs configuration" until credentials are configured.
+    pub require_credentials: bool,
 }
 
 impl Default for SimConfig {
@@ -39,6 +41,7 @@ impl Default for SimConfig {
             capabilities: default_capabilities(),
             latency: Duration::ZERO,
             protocol_versions: vec![hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned()],
+            require_credentials: false,
         }
     }
 }
@@ -102,6 +105,7 @@ struct State {
     next_native: u64,
     in_flight: HashMap<String, u32>,
     overlapping_calls: u64,
+    credentials: Option<HashMap<String, String>>,
 }
 
 /// Marks a call for one VM as in flight until dropped.
@@ -129,6 +133,7 @@ pub struct Sim {
     capabilities: pb::Capabilities,
     default_latency: Duration,
     protocol_versions: Vec<String>,
+    require_credentials: bool,
 }
 
 impl Sim {
@@ -139,6 +144,7 @@ impl Sim {
             capabilities: config.capabilities.clone(),
             default_latency: config.latency,
             protocol_versions: config.protocol_versions.clone(),
+            require_credentials: config.require_credentials,
         }
     }
 
@@ -244,6 +250,18 @@ impl Provider for Sim {
 
     async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {
         Ok(self.capabilities.clone())
+    }
+
+    async fn configure(&self, credentials: HashMap<String, String>) -> Result<(), ProviderError> {
+        if credentials.values().any(|v| v.is_empty()) {
+            return Err(ProviderError::new(ErrorKind::InvalidArgument, "empty credential value"));
+        }
+        self.lock().credentials = Some(credentials);
+        Ok(())
+    }
+
+    fn needs_configuration(&self) -> bool {
+        self.require_credentials && self.lock().credentials.is_none()
     }
 
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
@@ -411,6 +429,11 @@ impl SimControl for Control {
             creations: s.creations.clone(),
             vm_count: s.vms.len() as u32,
             overlapping_calls: s.overlapping_calls,
+            credential_keys: {
+                let mut keys: Vec<String> = s.credentials.iter().flat_map(|c| c.keys().cloned()).collect();
+                keys.sort();
+                keys
+            },
         }))
     }
 

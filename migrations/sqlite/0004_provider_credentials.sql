@@ -1,0 +1,2 @@
+-- Provider credentials, sealed with core's secrets key (never plaintext).
+ALTER TABLE providers ADD COLUMN credentials BLOB;
