@@ -127,8 +127,11 @@ pub fn token(args: TokenArgs) -> anyhow::Result<()> {
 pub struct Spawned {
     /// The process.
     pub child: Child,
-    /// The address from its readiness line.
+    /// The address from its readiness line (unspecified when it announced
+    /// something else, such as a unix socket path).
     pub addr: SocketAddr,
+    /// The readiness line's address as announced.
+    pub announced: String,
 }
 
 /// Starts `exe args...`, waits up to `timeout` for its readiness line
@@ -150,12 +153,12 @@ pub async fn spawn(
         cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(timeout, async {
+    let announced = tokio::time::timeout(timeout, async {
         while let Some(line) = lines.next_line().await? {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
                 && let Some(addr) = v.pointer("/hcp_ready/addr").and_then(|a| a.as_str())
             {
-                return Ok::<_, anyhow::Error>(addr.parse::<SocketAddr>()?);
+                return Ok::<_, anyhow::Error>(addr.to_owned());
             }
         }
         bail!("{} exited before it was ready", args.first().map(String::as_str).unwrap_or("process"))
@@ -164,7 +167,8 @@ pub async fn spawn(
     .with_context(|| format!("{} did not become ready in {timeout:?}", args.join(" ")))??;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(Spawned { child, addr })
+    let addr = announced.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    Ok(Spawned { child, addr, announced })
 }
 
 /// Seeds a stack through its ops API: a zone, flavors, an image and the

@@ -218,3 +218,125 @@ async fn credentials_are_sealed_and_never_shown() {
     assert!(logs.contains("DEBUG"), "core logged at debug level");
     assert!(!logs.contains(&secret), "a log holds the secret");
 }
+
+/// Writes a CA, a server certificate for 127.0.0.1 and a client
+/// certificate into `dir`; returns the CA's path.
+fn write_pki(dir: &Path) -> std::path::PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>, stem: &str| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names).unwrap().signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+    };
+    leaf(vec!["127.0.0.1".into(), "localhost".into()], "server");
+    leaf(vec!["hcp-core".into()], "client");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    dir.join("ca.pem")
+}
+
+#[tokio::test]
+async fn providers_over_mutual_tls_and_unix_sockets() {
+    let pki = hcp_testkit::TempDir::new().unwrap();
+    let ca = write_pki(pki.path());
+    let file = |n: &str| pki.path().join(n).display().to_string();
+    let opts = StackOptions {
+        providers_toml: format!(
+            "tls_ca_file = \"{}\"\ntls_client_cert_file = \"{}\"\ntls_client_key_file = \"{}\"\n",
+            ca.display(),
+            file("client.pem"),
+            file("client.key")
+        ),
+        ..Default::default()
+    };
+    let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let ops = s.ops_token();
+    let token = s.tenant_token("acme", &["demo"]);
+    for zone in ["secure", "local"] {
+        let r = s.rest.post("/api/hcp/ops/v1/zones", &ops, &json!({"name": zone})).await.unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // A provider that only speaks TLS and requires a client certificate.
+    let tls = s
+        .start_sim_args(
+            "sim-tls",
+            &[
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--tls-cert".into(),
+                file("server.pem"),
+                "--tls-key".into(),
+                file("server.key"),
+                "--tls-client-ca".into(),
+                ca.display().to_string(),
+            ],
+        )
+        .await
+        .unwrap();
+    let plain = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/providers",
+            &ops,
+            &json!({"name": "tls-plain", "zone": "secure", "endpoint": format!("http://{tls}")}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(plain.status, 503, "plain HTTP/2 to a TLS port fails: {}", plain.body);
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/providers",
+            &ops,
+            &json!({"name": "tls", "zone": "secure", "endpoint": format!("https://{tls}")}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // A provider on a unix socket.
+    let socket = s.dir().join("sim.sock");
+    let announced =
+        s.start_sim_args("sim-unix", &["--unix-socket".into(), socket.display().to_string()]).await.unwrap();
+    assert_eq!(announced, socket.display().to_string());
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/providers",
+            &ops,
+            &json!({"name": "unix", "zone": "local", "endpoint": format!("unix://{}", socket.display())}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // VMs placed on each run their whole job through that transport.
+    for zone in ["secure", "local"] {
+        let r = s
+            .rest
+            .post(
+                "/api/hcp/tenant/v1/projects/demo/vms",
+                &token,
+                &json!({"name": zone, "flavor": "small", "image": "debian-12", "zone": zone}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 202, "{}", r.body);
+        let path = format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id"));
+        wait_until(Duration::from_secs(20), "create over the transport", || async {
+            Ok((s.rest.get(&path, &token).await?.str("status") == "SUCCEEDED").then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+    wait_until(Duration::from_secs(10), "both providers healthy after probes", || async {
+        let p = providers(&s).await;
+        let healthy = |n: &str| p.iter().any(|x| x["name"] == n && x["health"] == "HEALTHY");
+        Ok((healthy("tls") && healthy("unix")).then_some(()))
+    })
+    .await
+    .unwrap();
+}

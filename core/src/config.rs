@@ -170,11 +170,25 @@ pub struct ProvidersConfig {
     pub call_timeout_seconds: u64,
     /// Deadline of handshake and probe calls. Default 5 s.
     pub probe_timeout_seconds: u64,
+    /// CA (PEM) that signs the certificates of `https://` providers; the
+    /// system roots are not used.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Core's client certificate (PEM) for providers that require one.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// Key of `tls_client_cert_file` (PEM).
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 impl Default for ProvidersConfig {
     fn default() -> Self {
-        Self { probe_interval_seconds: 10, call_timeout_seconds: 300, probe_timeout_seconds: 5 }
+        Self {
+            probe_interval_seconds: 10,
+            call_timeout_seconds: 300,
+            probe_timeout_seconds: 5,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
+        }
     }
 }
 

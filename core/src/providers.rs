@@ -81,18 +81,74 @@ pub struct ProviderClients {
     channels: Arc<Mutex<HashMap<ProviderId, (String, Channel)>>>,
     call_timeout: Duration,
     probe_timeout: Duration,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ProviderClients {
-    /// Creates an empty cache.
-    pub fn new(call_timeout: Duration, probe_timeout: Duration) -> Self {
-        Self { channels: Arc::default(), call_timeout, probe_timeout }
+    /// Creates an empty cache. `tls` is used for `https://` endpoints (the
+    /// CA that signs provider certificates, and core's client certificate).
+    pub fn new(
+        call_timeout: Duration,
+        probe_timeout: Duration,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self {
+        Self { channels: Arc::default(), call_timeout, probe_timeout, tls }
     }
 
-    fn endpoint(uri: &str, timeout: Duration) -> Result<Endpoint, ApiError> {
-        Endpoint::from_shared(uri.to_owned())
-            .map(|e| e.connect_timeout(Duration::from_secs(5)).timeout(timeout))
-            .map_err(|_| ApiError::invalid_field("endpoint", format!("{uri:?} is not a valid URI")))
+    fn endpoint(&self, uri: &str, timeout: Duration) -> Result<Endpoint, ApiError> {
+        let bad = || ApiError::invalid_field("endpoint", format!("{uri:?} is not a valid URI"));
+        // A unix socket is reached through a connector; the URI here only
+        // names the authority HTTP/2 needs.
+        let target = if uri.starts_with("unix://") { "http://provider.local" } else { uri };
+        let mut e = Endpoint::from_shared(target.to_owned())
+            .map_err(|_| bad())?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(timeout);
+        if uri.starts_with("https://") {
+            e = e.tls_config(self.tls.clone().unwrap_or_default()).map_err(|err| {
+                ApiError::invalid_field("endpoint", format!("cannot use TLS for {uri}: {err}"))
+            })?;
+        }
+        Ok(e)
+    }
+
+    /// A connector for `unix:///path` endpoints, or None for TCP ones.
+    fn unix_connector(
+        uri: &str,
+    ) -> Option<
+        impl tower::Service<
+            http::Uri,
+            Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+            Error = std::io::Error,
+            Future = impl Send,
+        > + Clone
+        + Send
+        + 'static,
+    > {
+        let path = uri.strip_prefix("unix://")?.to_owned();
+        Some(tower::service_fn(move |_: http::Uri| {
+            let path = path.clone();
+            async move { Ok(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+    }
+
+    /// A channel to `uri` that connects on first use.
+    fn connect_lazy(&self, uri: &str) -> Result<Channel, ApiError> {
+        let endpoint = self.endpoint(uri, self.call_timeout)?;
+        Ok(match Self::unix_connector(uri) {
+            Some(c) => endpoint.connect_with_connector_lazy(c),
+            None => endpoint.connect_lazy(),
+        })
+    }
+
+    /// A channel to `uri`, connected now (for the handshake).
+    async fn connect_now(&self, uri: &str) -> Result<Channel, ApiError> {
+        let endpoint = self.endpoint(uri, self.probe_timeout)?;
+        match Self::unix_connector(uri) {
+            Some(c) => endpoint.connect_with_connector(c).await,
+            None => endpoint.connect().await,
+        }
+        .map_err(|e| unreachable(uri, &e))
     }
 
     /// Returns the compute client for a provider.
@@ -107,7 +163,7 @@ impl ProviderClients {
         {
             return Ok(ch.clone());
         }
-        let ch = Self::endpoint(&provider.endpoint, self.call_timeout)?.connect_lazy();
+        let ch = self.connect_lazy(&provider.endpoint)?;
         map.insert(provider.id, (provider.endpoint.clone(), ch.clone()));
         Ok(ch)
     }
@@ -127,10 +183,7 @@ impl ProviderClients {
         uri: &str,
         credentials: Option<&std::collections::HashMap<String, String>>,
     ) -> Result<Handshake, ApiError> {
-        let endpoint = Self::endpoint(uri, self.probe_timeout)?;
-        let channel = endpoint.connect().await.map_err(|e| {
-            ApiError::new(ErrorCode::ProviderUnavailable, format!("cannot connect to provider at {uri}: {e}"))
-        })?;
+        let channel = self.connect_now(uri).await?;
         let mut identity = IdentityClient::new(channel);
         let unavailable = |what: &str, s: tonic::Status| {
             ApiError::new(
@@ -219,6 +272,12 @@ impl ProviderClients {
             }
         }
     }
+}
+
+fn unreachable(uri: &str, e: &tonic::transport::Error) -> ApiError {
+    use std::error::Error;
+    let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
+    ApiError::new(ErrorCode::ProviderUnavailable, format!("cannot connect to provider at {uri}: {e}{cause}"))
 }
 
 /// Probes every provider once and stores the results. Logs health changes.

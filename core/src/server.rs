@@ -65,6 +65,15 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
+    /// A TLS file for providers could not be read.
+    #[error("cannot read {path}")]
+    TlsFile {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The secrets key could not be loaded.
     #[error("cannot load the secrets key")]
     Secrets(#[source] crate::secrets::SecretsError),
@@ -78,6 +87,25 @@ fn redact(url: &str) -> String {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
         _ => url.to_owned(),
     }
+}
+
+fn provider_tls(
+    c: &crate::config::ProvidersConfig,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, StartError> {
+    let read = |p: &std::path::PathBuf| {
+        std::fs::read(p).map_err(|source| StartError::TlsFile { path: p.display().to_string(), source })
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    let mut any = false;
+    if let Some(ca) = &c.tls_ca_file {
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        any = true;
+    }
+    if let (Some(cert), Some(key)) = (&c.tls_client_cert_file, &c.tls_client_key_file) {
+        tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
+        any = true;
+    }
+    Ok(any.then_some(tls))
 }
 
 /// Runs core until `shutdown` resolves. `ready` is called with the bound
@@ -105,6 +133,7 @@ pub async fn run(
     let clients = ProviderClients::new(
         Duration::from_secs(config.providers.call_timeout_seconds.max(1)),
         Duration::from_secs(config.providers.probe_timeout_seconds.max(1)),
+        provider_tls(&config.providers)?,
     );
     let local = LocalQueue::default();
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -221,7 +221,7 @@ pub async fn shutdown_signal() {
 /// `{"hcp_ready":{"service":..,"addr":..}}`. Supervisors and tests read it to
 /// learn the bound address when the process was given port 0.
 #[allow(clippy::print_stdout)]
-pub fn announce_ready(service: &str, addr: std::net::SocketAddr) {
+pub fn announce_ready(service: &str, addr: impl std::fmt::Display) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{{\"hcp_ready\":{{\"service\":\"{service}\",\"addr\":\"{addr}\"}}}}");

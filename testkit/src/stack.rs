@@ -33,6 +33,8 @@ pub struct StackOptions {
     pub core_toml: String,
     /// Extra keys of core's `[jobs]` table.
     pub jobs_toml: String,
+    /// Extra keys of core's `[providers]` table.
+    pub providers_toml: String,
     /// Run NATS JetStream (a server of the test's own) for dispatch.
     pub nats: bool,
     /// API processes (each with a gateway).
@@ -49,6 +51,7 @@ impl Default for StackOptions {
             sim_args: Vec::new(),
             core_toml: String::new(),
             jobs_toml: String::new(),
+            providers_toml: String::new(),
             nats: false,
             api_processes: 1,
             worker_processes: 0,
@@ -159,13 +162,14 @@ impl TestStack {
             "listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[roles]\napi = {api}\nworker = {worker}\n\n\
              [auth]\nhs256_secret_file = \"{secret}\"\n\n\
              [jobs]\n{jobs}\n\n\
-             [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n\n\
+             [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n{providers}\n\n\
              [secrets]\nkey_file = \"{key}\"\n{queue}",
             db = self.db.url,
             extra = self.opts.core_toml,
             secret = self.dir.path().join("jwt-secret").display(),
             jobs = jobs_table(&self.opts.jobs_toml),
             key = self.dir.path().join("secrets.key").display(),
+            providers = self.opts.providers_toml,
         );
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, toml)?;
@@ -173,13 +177,25 @@ impl TestStack {
     }
 
     async fn spawn_logged(&mut self, name: &str, args: &[String]) -> anyhow::Result<SocketAddr> {
+        Ok(self.spawn_announced(name, args).await?.0)
+    }
+
+    async fn spawn_announced(&mut self, name: &str, args: &[String]) -> anyhow::Result<(SocketAddr, String)> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))?;
-        let Spawned { child, addr } = spawn(&self.exe, args, &[], Stdio::from(log), READY).await?;
+        let Spawned { child, addr, announced } = spawn(&self.exe, args, &[], Stdio::from(log), READY).await?;
         self.children.insert(name.to_owned(), child);
-        Ok(addr)
+        Ok((addr, announced))
+    }
+
+    /// Starts a sim provider process with `args` (after `provider-sim`);
+    /// returns the address it announced (`host:port` or a socket path).
+    pub async fn start_sim_args(&mut self, name: &str, args: &[String]) -> anyhow::Result<String> {
+        let mut all = vec!["provider-sim".to_owned()];
+        all.extend(args.iter().cloned());
+        Ok(self.spawn_announced(name, &all).await?.1)
     }
 
     /// Starts another worker-only core process; returns its name.

@@ -39,10 +39,11 @@ impl OpsApi {
         validate::label("name", &req.name)?;
         validate::label("zone", &req.zone)?;
         validate::required("endpoint", &req.endpoint)?;
-        if !(req.endpoint.starts_with("http://") || req.endpoint.starts_with("https://")) {
+        let scheme_ok = ["http://", "https://", "unix:///"].iter().any(|s| req.endpoint.starts_with(s));
+        if !scheme_ok {
             return Err(ApiError::invalid_field(
                 "endpoint",
-                format!("endpoint must be an http:// or https:// URI, got {:?}", req.endpoint),
+                format!("endpoint must be http://, https:// or unix:///path, got {:?}", req.endpoint),
             ));
         }
         let zones = self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zones"))?;

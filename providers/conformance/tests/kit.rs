@@ -20,7 +20,7 @@ async fn sim(caps: &str) -> String {
         capabilities: hcp_provider_sim::parse_capabilities(caps).unwrap(),
         ..Default::default()
     };
-    tokio::spawn(hcp_provider_sim::run(config, std::future::pending(), move |addr| {
+    tokio::spawn(hcp_provider_sim::run(config, std::future::pending(), move |addr: String| {
         let _ = tx.send(addr);
     }));
     format!("http://{}", rx.await.unwrap())
@@ -154,7 +154,7 @@ async fn a_provider_whose_create_is_not_idempotent_fails_clearly() {
     let broken = Broken::default();
     tokio::spawn(hcp_provider_sdk::serve(
         broken.clone(),
-        ServeConfig { listen: any_port() },
+        ServeConfig { listen: any_port(), ..Default::default() },
         std::future::pending(),
         move |a| {
             let _ = tx.send(a);

@@ -16,7 +16,12 @@ impl Memory {
     fn info(&self, id: &str) -> Result<pb::VmInfo, ProviderError> {
         let vms = self.vms.lock().map_err(|_| ProviderError::new(ErrorKind::Internal, "lock poisoned"))?;
         let power = vms.get(id).ok_or_else(|| ProviderError::not_found(id))?;
-        Ok(pb::VmInfo { vm_id: id.to_owned(), power_state: *power as i32, native_id: id.to_owned(), ..Default::default() })
+        Ok(pb::VmInfo {
+            vm_id: id.to_owned(),
+            power_state: *power as i32,
+            native_id: id.to_owned(),
+            ..Default::default()
+        })
     }
 
     fn set(&self, id: &str, power: pb::PowerState) -> Result<pb::VmInfo, ProviderError> {
@@ -86,6 +91,7 @@ impl Provider for Memory {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = ServeConfig { listen: "127.0.0.1:50081".parse()?, ..Default::default() };
-    serve(Memory::default(), config, hcp_telemetry::shutdown_signal(), |addr| println!("serving on {addr}")).await?;
+    serve(Memory::default(), config, hcp_telemetry::shutdown_signal(), |addr| println!("serving on {addr}"))
+        .await?;
     Ok(())
 }

@@ -193,13 +193,37 @@ pub trait Provider: Send + Sync + 'static {
 /// Where and how to serve.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Listen address; port 0 picks one. Default `127.0.0.1:50061`.
+    /// TCP listen address; port 0 picks one. Default `127.0.0.1:50061`.
     pub listen: SocketAddr,
+    /// Serve on this unix socket instead of TCP (core registers it as
+    /// `unix:///path`).
+    pub unix_socket: Option<std::path::PathBuf>,
+    /// Serve TLS (TCP only), optionally requiring client certificates.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServeConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 50061)) }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 50061)), unix_socket: None, tls: None }
+    }
+}
+
+/// TLS for the provider's server, PEM-encoded.
+#[derive(Clone)]
+pub struct TlsConfig {
+    /// Server certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// Server private key.
+    pub key_pem: Vec<u8>,
+    /// CA whose client certificates are required; None accepts any client.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("client_auth", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -221,15 +245,18 @@ pub enum ServeError {
     /// The server failed.
     #[error("grpc server failed")]
     Serve(#[source] tonic::transport::Error),
+    /// The TLS configuration was refused.
+    #[error("invalid TLS configuration")]
+    Tls(#[source] tonic::transport::Error),
 }
 
 /// Serves `provider` until `shutdown` resolves. `ready` gets the bound
-/// address once the server is listening.
+/// address (`host:port`, or the unix socket path) once the server listens.
 pub async fn serve<P: Provider>(
     provider: P,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: impl FnOnce(SocketAddr) + Send,
+    ready: impl FnOnce(String) + Send,
 ) -> Result<(), ServeError> {
     serve_inner(provider, None::<IdentityServer<Adapter<P>>>, config, shutdown, ready).await
 }
@@ -241,7 +268,7 @@ pub async fn serve_with<P: Provider, S>(
     extra: S,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: impl FnOnce(SocketAddr) + Send,
+    ready: impl FnOnce(String) + Send,
 ) -> Result<(), ServeError>
 where
     S: tonic::server::NamedService
@@ -263,7 +290,7 @@ async fn serve_inner<P: Provider, S>(
     extra: Option<S>,
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: impl FnOnce(SocketAddr) + Send,
+    ready: impl FnOnce(String) + Send,
 ) -> Result<(), ServeError>
 where
     S: tonic::server::NamedService
@@ -277,10 +304,6 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
     let adapter = Adapter { inner: Arc::new(provider) };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<IdentityServer<Adapter<P>>>().await;
@@ -294,18 +317,52 @@ where
         reflection = reflection.with_service_name(S::NAME);
     }
     let reflection = reflection.build_v1().map_err(ServeError::Reflection)?;
-    ready(addr);
-    tracing::info!(%addr, provider = %adapter.inner.info().name, "provider listening");
-    tonic::transport::Server::builder()
+    let name = adapter.inner.info().name;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut server_tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+        if let Some(ca) = &tls.client_ca_pem {
+            server_tls = server_tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(server_tls).map_err(ServeError::Tls)?;
+    }
+    let router = builder
         .layer(hcp_telemetry::GrpcTraceLayer::new("provider"))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IdentityServer::new(adapter.clone()))
         .add_service(ComputeServer::new(adapter))
-        .add_optional_service(extra)
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
-        .await
-        .map_err(ServeError::Serve)
+        .add_optional_service(extra);
+    match &config.unix_socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            let listener = tokio::net::UnixListener::bind(path)
+                .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+            ready(path.display().to_string());
+            tracing::info!(socket = %path.display(), provider = %name, "provider listening");
+            router
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    shutdown,
+                )
+                .await
+                .map_err(ServeError::Serve)
+        }
+        None => {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+            let addr =
+                listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+            ready(addr.to_string());
+            tracing::info!(%addr, provider = %name, tls = config.tls.is_some(), "provider listening");
+            router
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown)
+                .await
+                .map_err(ServeError::Serve)
+        }
+    }
 }
 
 /// Bridges a [`Provider`] to the generated gRPC service traits.

@@ -24,6 +24,18 @@ struct Args {
     /// version negotiation).
     #[arg(long, default_value = "1")]
     protocol_versions: String,
+    /// Serve on this unix socket instead of TCP.
+    #[arg(long)]
+    unix_socket: Option<std::path::PathBuf>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key for --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
     /// Say "needs configuration" until core sends credentials.
     #[arg(long)]
     require_credentials: bool,
@@ -48,6 +60,20 @@ where
         latency: std::time::Duration::from_millis(args.latency_ms),
         protocol_versions: args.protocol_versions.split(',').map(|v| v.trim().to_owned()).collect(),
         require_credentials: args.require_credentials,
+        unix_socket: args.unix_socket,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(hcp_provider_sdk::TlsConfig {
+                cert_pem: std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?,
+                key_pem: std::fs::read(key).with_context(|| format!("--tls-key {}", key.display()))?,
+                client_ca_pem: match &args.tls_client_ca {
+                    Some(ca) => {
+                        Some(std::fs::read(ca).with_context(|| format!("--tls-client-ca {}", ca.display()))?)
+                    }
+                    None => None,
+                },
+            }),
+            _ => None,
+        },
     };
     let telemetry = hcp_telemetry::TelemetryConfig { json_logs: args.json_logs, ..Default::default() };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;

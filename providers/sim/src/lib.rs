@@ -32,6 +32,10 @@ pub struct SimConfig {
     pub protocol_versions: Vec<String>,
     /// Report "needs configuration" until credentials are configured.
     pub require_credentials: bool,
+    /// Serve on a unix socket instead of TCP.
+    pub unix_socket: Option<std::path::PathBuf>,
+    /// Serve TLS.
+    pub tls: Option<hcp_provider_sdk::TlsConfig>,
 }
 
 impl Default for SimConfig {
@@ -42,6 +46,8 @@ impl Default for SimConfig {
             latency: Duration::ZERO,
             protocol_versions: vec![hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned()],
             require_credentials: false,
+            unix_socket: None,
+            tls: None,
         }
     }
 }
@@ -474,11 +480,16 @@ impl SimControl for Control {
 pub async fn run(
     config: SimConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: impl FnOnce(SocketAddr) + Send,
+    ready: impl FnOnce(String) + Send,
 ) -> Result<(), hcp_provider_sdk::ServeError> {
     let sim = Sim::new(&config);
     let control = sim.control();
-    hcp_provider_sdk::serve_with(sim, control, ServeConfig { listen: config.listen }, shutdown, ready).await
+    let serve = ServeConfig {
+        listen: config.listen,
+        unix_socket: config.unix_socket.clone(),
+        tls: config.tls.clone(),
+    };
+    hcp_provider_sdk::serve_with(sim, control, serve, shutdown, ready).await
 }
 
 #[cfg(test)]
