@@ -205,3 +205,23 @@ pub fn audit_to_proto(e: &AuditEvent) -> ops::AuditEvent {
         detail: e.detail.clone(),
     }
 }
+
+/// A snapshot as tenants see it.
+pub fn snapshot_to_proto(s: &crate::model::Snapshot) -> tenant::Snapshot {
+    use crate::model::SnapshotStatus as S;
+    let status = match s.status {
+        S::Creating => tenant::SnapshotStatus::Creating,
+        S::Available => tenant::SnapshotStatus::Available,
+        S::Error => tenant::SnapshotStatus::SnapshotError,
+        S::Removing => tenant::SnapshotStatus::Removing,
+        S::Removed => tenant::SnapshotStatus::Removed,
+    };
+    tenant::Snapshot {
+        snapshot_id: s.id.to_string(),
+        vm_id: s.vm_id.to_string(),
+        name: s.name.clone(),
+        status: status as i32,
+        created_at: Some(ts(s.created_at)),
+        updated_at: Some(ts(s.updated_at)),
+    }
+}

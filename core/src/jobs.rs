@@ -340,14 +340,7 @@ impl Engine {
                 return Ok(JobOutcome::Failed { code: e.code.as_str().to_owned(), message: e.message });
             }
         };
-        let done: Vec<String> = self
-            .store
-            .completed_steps(job.id)
-            .await
-            .map_err(Abort::Store)?
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let done: Vec<(String, String)> = self.store.completed_steps(job.id).await.map_err(Abort::Store)?;
 
         let steps: &[&str] = match job.kind {
             JobKind::CreateVm => &["provider.create", "provider.start"],
@@ -355,24 +348,40 @@ impl Engine {
             JobKind::StopVm => &["provider.stop"],
             JobKind::RebootVm => &["provider.reboot"],
             JobKind::DeleteVm => &["provider.delete"],
+            JobKind::SnapshotCreate => &["provider.snapshot_create"],
+            JobKind::SnapshotRevert => &["provider.snapshot_revert"],
+            JobKind::SnapshotDelete => &["provider.snapshot_delete"],
         };
+        let snapshot = match job.snapshot_id {
+            Some(id) => Some(self.store.get_snapshot_internal(id).await.map_err(Abort::Store)?),
+            None => None,
+        };
+        let mut last_output = done.iter().rev().map(|(_, o)| o.clone()).next().unwrap_or_default();
         for &step in steps {
-            if done.iter().any(|d| d == step) {
+            if done.iter().any(|(d, _)| d == step) {
                 tracing::debug!(step, "step already done");
                 continue;
             }
-            let result = self.call_provider(&mut compute, &vm, step).await;
+            let result = self.call_provider(&mut compute, &vm, snapshot.as_ref(), step).await;
             match result {
                 Ok(output) => {
                     self.store
                         .record_step(job.id, &self.worker_id, step, &output, now())
                         .await
                         .map_err(Abort::Store)?;
+                    last_output = output;
                 }
                 Err(e) => return Ok(self.failure_outcome(job, step, e)),
             }
         }
-        Ok(JobOutcome::Succeeded { vm_status: job.kind.success_status() })
+        let vm_status = match (job.kind.success_status(), job.kind) {
+            (Some(s), _) => s,
+            // A revert leaves the VM in the power state the snapshot had.
+            (None, JobKind::SnapshotRevert) if last_output == "RUNNING" => crate::model::VmStatus::Active,
+            (None, JobKind::SnapshotRevert) => crate::model::VmStatus::Stopped,
+            (None, _) => job.prior_status.unwrap_or(crate::model::VmStatus::Active),
+        };
+        Ok(JobOutcome::Succeeded { vm_status })
     }
 
     fn failure_outcome(&self, job: &Job, step: &str, e: ProviderCallError) -> JobOutcome {
@@ -393,6 +402,7 @@ impl Engine {
         &self,
         compute: &mut provider::compute_client::ComputeClient<tonic::transport::Channel>,
         vm: &Vm,
+        snapshot: Option<&crate::model::Snapshot>,
         step: &str,
     ) -> Result<String, ProviderCallError> {
         fn req<T>(msg: T) -> tonic::Request<T> {
@@ -425,6 +435,37 @@ impl Engine {
                 .delete_vm(req(vm_ref))
                 .await
                 .map(|r| if r.into_inner().existed { "deleted" } else { "absent" }.to_owned()),
+            "provider.snapshot_create" | "provider.snapshot_revert" | "provider.snapshot_delete" => {
+                let Some(snap) = snapshot else {
+                    return Err(ProviderCallError {
+                        code: ErrorCode::Internal,
+                        retryable: false,
+                        message: "snapshot job without a snapshot".to_owned(),
+                    });
+                };
+                let sref =
+                    provider::SnapshotRef { vm_id: vm.id.to_string(), snapshot_id: snap.id.to_string() };
+                match step {
+                    "provider.snapshot_create" => compute
+                        .create_snapshot(req(provider::CreateSnapshotRequest {
+                            vm_id: vm.id.to_string(),
+                            snapshot_id: snap.id.to_string(),
+                            name: snap.name.clone(),
+                        }))
+                        .await
+                        .map(|r| r.into_inner().native_id),
+                    "provider.snapshot_revert" => compute.revert_snapshot(req(sref)).await.map(|r| {
+                        provider::PowerState::try_from(r.into_inner().power_state)
+                            .unwrap_or(provider::PowerState::Unspecified)
+                            .as_str_name()
+                            .to_owned()
+                    }),
+                    _ => compute
+                        .delete_snapshot(req(sref))
+                        .await
+                        .map(|r| if r.into_inner().existed { "deleted" } else { "absent" }.to_owned()),
+                }
+            }
             other => {
                 return Err(ProviderCallError {
                     code: ErrorCode::Internal,

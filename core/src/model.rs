@@ -95,6 +95,28 @@ string_enum!(
         RebootVm = "vm.reboot",
         /// Delete a VM.
         DeleteVm = "vm.delete",
+        /// Snapshot a VM.
+        SnapshotCreate = "snapshot.create",
+        /// Return a VM to a snapshot.
+        SnapshotRevert = "snapshot.revert",
+        /// Delete a snapshot.
+        SnapshotDelete = "snapshot.delete",
+    }
+);
+
+string_enum!(
+    /// A snapshot's state.
+    SnapshotStatus {
+        /// Its create job has not finished.
+        Creating = "CREATING",
+        /// Usable.
+        Available = "AVAILABLE",
+        /// The last operation on it failed.
+        Error = "ERROR",
+        /// Its delete job has not finished.
+        Removing = "REMOVING",
+        /// Deleted.
+        Removed = "REMOVED",
     }
 );
 
@@ -121,27 +143,39 @@ impl JobKind {
             JobKind::StopVm => &[VmStatus::Active, VmStatus::Error],
             JobKind::RebootVm => &[VmStatus::Active],
             JobKind::DeleteVm => &[VmStatus::Active, VmStatus::Stopped, VmStatus::Error],
+            JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => {
+                &[VmStatus::Active, VmStatus::Stopped]
+            }
         }
     }
 
-    /// The transitional state the VM is in while this job runs.
-    pub fn in_flight_status(self) -> VmStatus {
+    /// The transitional state the VM is in while this job runs; `None`
+    /// keeps its status (snapshot jobs; the job still holds the VM).
+    pub fn in_flight_status(self) -> Option<VmStatus> {
         match self {
-            JobKind::CreateVm => VmStatus::Pending,
-            JobKind::StartVm => VmStatus::Starting,
-            JobKind::StopVm => VmStatus::Stopping,
-            JobKind::RebootVm => VmStatus::Rebooting,
-            JobKind::DeleteVm => VmStatus::Deleting,
+            JobKind::CreateVm => Some(VmStatus::Pending),
+            JobKind::StartVm => Some(VmStatus::Starting),
+            JobKind::StopVm => Some(VmStatus::Stopping),
+            JobKind::RebootVm => Some(VmStatus::Rebooting),
+            JobKind::DeleteVm => Some(VmStatus::Deleting),
+            JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => None,
         }
     }
 
-    /// The VM state after the job succeeds.
-    pub fn success_status(self) -> VmStatus {
+    /// The VM state after the job succeeds; `None` when it depends on the
+    /// VM (snapshot jobs keep it, a revert takes the snapshot's).
+    pub fn success_status(self) -> Option<VmStatus> {
         match self {
-            JobKind::CreateVm | JobKind::StartVm | JobKind::RebootVm => VmStatus::Active,
-            JobKind::StopVm => VmStatus::Stopped,
-            JobKind::DeleteVm => VmStatus::Deleted,
+            JobKind::CreateVm | JobKind::StartVm | JobKind::RebootVm => Some(VmStatus::Active),
+            JobKind::StopVm => Some(VmStatus::Stopped),
+            JobKind::DeleteVm => Some(VmStatus::Deleted),
+            JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => None,
         }
+    }
+
+    /// True for the snapshot operations.
+    pub fn is_snapshot(self) -> bool {
+        matches!(self, JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete)
     }
 }
 
@@ -246,6 +280,25 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
     /// The VM's status when the operation was accepted (None for creates).
     pub prior_status: Option<VmStatus>,
+    /// The snapshot a snapshot job operates on.
+    pub snapshot_id: Option<hcp_proto::ids::SnapshotId>,
+}
+
+/// A snapshot row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Id, also the key on the provider.
+    pub id: hcp_proto::ids::SnapshotId,
+    /// The VM.
+    pub vm_id: VmId,
+    /// Tenant-chosen name.
+    pub name: String,
+    /// State.
+    pub status: SnapshotStatus,
+    /// When accepted.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
 }
 
 /// A flavor.

@@ -143,6 +143,7 @@ fn new_job(tenant: &str, project: &str, vm: VmId, kind: JobKind) -> Job {
         finished_at: None,
         updated_at: t,
         prior_status: None,
+        snapshot_id: None,
     }
 }
 
@@ -241,7 +242,14 @@ async fn operations_follow_the_state_rules(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
     let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
-    let op = |kind| AcceptOperation { tenant_id: "acme".into(), project_id: "p1".into(), vm_id: vm.id, kind };
+    let op = |kind| AcceptOperation {
+        tenant_id: "acme".into(),
+        project_id: "p1".into(),
+        vm_id: vm.id,
+        kind,
+        require_status: None,
+        snapshot: None,
+    };
     let stop = new_job("acme", "p1", vm.id, JobKind::StopVm);
     // The create job is still operating on the VM.
     let err =
@@ -604,7 +612,14 @@ async fn usage_events_follow_transitions(backend: Backend) {
     let p = seed(&store).await;
     let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
     complete(&store, &job, VmStatus::Active).await;
-    let op = |kind| AcceptOperation { tenant_id: "acme".into(), project_id: "p1".into(), vm_id: vm.id, kind };
+    let op = |kind| AcceptOperation {
+        tenant_id: "acme".into(),
+        project_id: "p1".into(),
+        vm_id: vm.id,
+        kind,
+        require_status: None,
+        snapshot: None,
+    };
     for (kind, status) in [
         (JobKind::RebootVm, VmStatus::Active),
         (JobKind::StopVm, VmStatus::Stopped),

@@ -87,6 +87,10 @@ typed_id!(
     /// An audit event.
     EventId
 );
+typed_id!(
+    /// A VM snapshot.
+    SnapshotId
+);
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use hcp_proto::error::{ApiError, ErrorCode};
-use hcp_proto::ids::{JobId, VmId};
+use hcp_proto::ids::{JobId, SnapshotId, VmId};
 use hcp_proto::tenant::job_service_server::JobService;
 use hcp_proto::tenant::vm_service_server::VmService;
 use hcp_proto::tenant::{
@@ -19,7 +19,7 @@ use crate::convert;
 use crate::error::from_store;
 use crate::model::{self, JobKind, JobStatus, NetworkAttachment, VmStatus, now};
 use crate::placement;
-use crate::store::{AcceptOperation, IdempotencyRecord, ListVmsQuery, StoreError};
+use crate::store::{AcceptOperation, IdempotencyRecord, ListVmsQuery, SnapshotAccept, StoreError};
 
 /// Implements `VmService` and `JobService`.
 #[derive(Clone)]
@@ -56,6 +56,7 @@ impl TenantApi {
             finished_at: None,
             updated_at: t,
             prior_status: None,
+            snapshot_id: None,
         }
     }
 
@@ -173,7 +174,11 @@ impl TenantApi {
         let mut audit = self.ctx.audit(&p, "vm.create", "vm", &vm_id.to_string(), "accepted");
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
-        let answer = VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() };
+        let answer = VmOperationAccepted {
+            vm_id: vm_id.to_string(),
+            job_id: job.id.to_string(),
+            snapshot_id: String::new(),
+        };
         let record = self.record(&tenant, idem.as_ref(), &answer);
         match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref()).await {
             Ok(()) => {}
@@ -193,6 +198,17 @@ impl TenantApi {
         req: VmActionRequest,
         kind: JobKind,
     ) -> Result<VmOperationAccepted, ApiError> {
+        self.operate_with(p, key, req, kind, Extra::default()).await
+    }
+
+    async fn operate_with(
+        &self,
+        p: Principal,
+        key: Option<String>,
+        req: VmActionRequest,
+        kind: JobKind,
+        extra: Extra,
+    ) -> Result<VmOperationAccepted, ApiError> {
         validate::project_id(&req.project_id)?;
         let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
         let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
@@ -201,28 +217,86 @@ impl TenantApi {
                 "method": kind.as_str(),
                 "project_id": req.project_id,
                 "vm_id": vm_id.to_string(),
+                "extra": extra.fingerprint,
             }));
             (k, h)
         });
         if let Some(answer) = self.replay(&tenant, idem.as_ref()).await? {
             return Ok(answer);
         }
-        let job = self.new_job(&p, &tenant, &req.project_id, vm_id, kind);
+        let mut job = self.new_job(&p, &tenant, &req.project_id, vm_id, kind);
+        job.snapshot_id = extra.snapshot_id;
         let mut audit = self.ctx.audit(&p, kind.as_str(), "vm", &vm_id.to_string(), "accepted");
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
-        let op =
-            AcceptOperation { tenant_id: tenant.clone(), project_id: req.project_id.clone(), vm_id, kind };
-        let answer = VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string() };
+        if let Some(s) = extra.snapshot_id {
+            audit.detail = format!("snapshot {s}");
+        }
+        let op = AcceptOperation {
+            tenant_id: tenant.clone(),
+            project_id: req.project_id.clone(),
+            vm_id,
+            kind,
+            require_status: extra.require_status,
+            snapshot: extra.snapshot,
+        };
+        let answer = VmOperationAccepted {
+            vm_id: vm_id.to_string(),
+            job_id: job.id.to_string(),
+            snapshot_id: extra.snapshot_id.map(|s| s.to_string()).unwrap_or_default(),
+        };
         let record = self.record(&tenant, idem.as_ref(), &answer);
         match self.ctx.store.accept_operation(&op, &job, &audit, record.as_ref()).await {
             Ok(_) => {}
             Err(StoreError::IdempotencyRace) => return self.replay_after_race(&tenant, idem.as_ref()).await,
+            Err(StoreError::NotFound) if extra.snapshot_id.is_some() => {
+                return Err(ApiError::not_found("vm or snapshot", format!("{vm_id}/{}", answer.snapshot_id)));
+            }
             Err(e) => return Err(from_store(e, &format!("vm {vm_id}"))),
         }
         self.ctx.announce(job.id);
         tracing::info!(vm_id = %vm_id, job_id = %job.id, kind = %kind, "vm operation accepted");
         Ok(answer)
+    }
+
+    /// Checks the VM-dependent snapshot capabilities and accepts a snapshot
+    /// operation.
+    async fn snapshot_op(
+        &self,
+        p: Principal,
+        key: Option<String>,
+        target: VmActionRequest,
+        kind: JobKind,
+        mut extra: Extra,
+    ) -> Result<VmOperationAccepted, ApiError> {
+        let VmActionRequest { project_id, vm_id } = target;
+        validate::project_id(&project_id)?;
+        let tenant = p.tenant_project(&project_id, Access::Write)?.to_owned();
+        let id: VmId = validate::id("vm_id", &vm_id)?;
+        let vm = self
+            .ctx
+            .store
+            .get_vm(&tenant, &project_id, id)
+            .await
+            .map_err(|e| from_store(e, &format!("vm {id}")))?;
+        let provider =
+            self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
+        let caps = &provider.capabilities;
+        if !caps.supports_snapshot {
+            return Err(ApiError::feature_not_supported(
+                "supports_snapshot",
+                "the vm's provider does not support snapshots (supports_snapshot)",
+            ));
+        }
+        if kind == JobKind::SnapshotCreate && vm.status == VmStatus::Active && !caps.supports_snapshot_running
+        {
+            return Err(ApiError::feature_not_supported(
+                "supports_snapshot_running",
+                "the vm's provider snapshots only stopped vms (supports_snapshot_running); stop the vm first",
+            ));
+        }
+        extra.require_status = Some(vm.status);
+        self.operate_with(p, key, VmActionRequest { project_id, vm_id }, kind, extra).await
     }
 
     /// Returns the recorded answer for an idempotency key, if the key is
@@ -251,7 +325,11 @@ impl TenantApi {
             serde_json::from_str(&record.response).map_err(|_| ApiError::internal())?;
         let field = |k: &str| answer.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
         tracing::info!(key = %key, "idempotent replay");
-        Ok(Some(VmOperationAccepted { vm_id: field("vm_id"), job_id: field("job_id") }))
+        Ok(Some(VmOperationAccepted {
+            vm_id: field("vm_id"),
+            job_id: field("job_id"),
+            snapshot_id: field("snapshot_id"),
+        }))
     }
 
     /// A concurrent request with the same key committed first: answer as it did.
@@ -280,7 +358,12 @@ impl TenantApi {
             tenant_id: tenant.to_owned(),
             key: key.clone(),
             request_hash: hash.clone(),
-            response: serde_json::json!({"vm_id": answer.vm_id, "job_id": answer.job_id}).to_string(),
+            response: serde_json::json!({
+                "vm_id": answer.vm_id,
+                "job_id": answer.job_id,
+                "snapshot_id": answer.snapshot_id,
+            })
+            .to_string(),
             created_at: t,
             expires_at: t + chrono::Duration::seconds(
                 self.ctx.config.idempotency_key_ttl_seconds.max(1) as i64
@@ -472,6 +555,15 @@ fn fingerprint_create(req: &CreateVmRequest) -> String {
     }))
 }
 
+/// What a snapshot operation adds to a VM operation.
+#[derive(Default)]
+struct Extra {
+    snapshot: Option<SnapshotAccept>,
+    snapshot_id: Option<SnapshotId>,
+    require_status: Option<VmStatus>,
+    fingerprint: serde_json::Value,
+}
+
 /// Returns 32 random bytes, base64url: the console token given to the tenant.
 pub fn random_token() -> String {
     use base64::Engine;
@@ -527,6 +619,101 @@ impl VmService for TenantApi {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
         handle(self.operate(p, key, req.into_inner(), JobKind::DeleteVm)).await
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::CreateSnapshotRequest>,
+    ) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let r = req.into_inner();
+        handle(async {
+            validate::label("name", &r.name)?;
+            let id = SnapshotId::new();
+            let snap = model::Snapshot {
+                id,
+                vm_id: validate::id("vm_id", &r.vm_id)?,
+                name: r.name.clone(),
+                status: model::SnapshotStatus::Creating,
+                created_at: now(),
+                updated_at: now(),
+            };
+            let extra = Extra {
+                snapshot: Some(SnapshotAccept::Create(snap)),
+                snapshot_id: Some(id),
+                require_status: None,
+                fingerprint: serde_json::json!({"name": r.name}),
+            };
+            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
+            self.snapshot_op(p, key, target, JobKind::SnapshotCreate, extra).await
+        })
+        .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::ListSnapshotsRequest>,
+    ) -> ApiResult<hcp_proto::tenant::ListSnapshotsResponse> {
+        let p = principal(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            validate::project_id(&r.project_id)?;
+            let tenant = p.tenant_project(&r.project_id, Access::Read)?;
+            let vm: VmId = validate::id("vm_id", &r.vm_id)?;
+            let snaps = self
+                .ctx
+                .store
+                .list_snapshots(tenant, &r.project_id, vm)
+                .await
+                .map_err(|e| from_store(e, &format!("vm {vm}")))?;
+            Ok(hcp_proto::tenant::ListSnapshotsResponse {
+                snapshots: snaps.iter().map(convert::snapshot_to_proto).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn revert_snapshot(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::SnapshotActionRequest>,
+    ) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let r = req.into_inner();
+        handle(async {
+            let id: SnapshotId = validate::id("snapshot_id", &r.snapshot_id)?;
+            let extra = Extra {
+                snapshot: Some(SnapshotAccept::Revert(id)),
+                snapshot_id: Some(id),
+                require_status: None,
+                fingerprint: serde_json::json!({"snapshot_id": r.snapshot_id}),
+            };
+            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
+            self.snapshot_op(p, key, target, JobKind::SnapshotRevert, extra).await
+        })
+        .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::SnapshotActionRequest>,
+    ) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let r = req.into_inner();
+        handle(async {
+            let id: SnapshotId = validate::id("snapshot_id", &r.snapshot_id)?;
+            let extra = Extra {
+                snapshot: Some(SnapshotAccept::Delete(id)),
+                snapshot_id: Some(id),
+                require_status: None,
+                fingerprint: serde_json::json!({"snapshot_id": r.snapshot_id}),
+            };
+            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
+            self.snapshot_op(p, key, target, JobKind::SnapshotDelete, extra).await
+        })
+        .await
     }
 
     async fn create_console(&self, req: tonic::Request<CreateConsoleRequest>) -> ApiResult<ConsoleSession> {

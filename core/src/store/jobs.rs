@@ -41,7 +41,7 @@ pub enum JobOutcome {
 
 const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attempts, \
      max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, actor, \
-     traceparent, created_at, started_at, finished_at, updated_at, prior_status";
+     traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id";
 
 macro_rules! insert_job {
     ($conn:expr, $job:expr) => {{
@@ -49,9 +49,9 @@ macro_rules! insert_job {
         sqlx::query(
             "INSERT INTO jobs (id, tenant_id, project_id, kind, vm_id, status, attempts, \
              max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, \
-             actor, traceparent, created_at, started_at, finished_at, updated_at, prior_status) VALUES ($1, \
-             $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, NULL, NULL, $10, $11, $12, NULL, NULL, \
-             $13, $14)",
+             actor, traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, NULL, NULL, $10, $11, $12, NULL, NULL, \
+             $13, $14, $15)",
         )
         .bind(job.id.0)
         .bind(&job.tenant_id)
@@ -67,6 +67,7 @@ macro_rules! insert_job {
         .bind(job.created_at)
         .bind(job.updated_at)
         .bind(job.prior_status.map(|s| s.as_str()))
+        .bind(job.snapshot_id.map(|s| s.0))
         .execute($conn)
         .await
         .map_err(|e| $crate::store::StoreError::from_sqlx(e, "job"))?;
@@ -105,6 +106,10 @@ macro_rules! job_from_row {
             prior_status: {
                 let p: Option<String> = col!(row, "prior_status");
                 p.as_deref().and_then(VmStatus::parse)
+            },
+            snapshot_id: {
+                let s: Option<uuid::Uuid> = col!(row, "snapshot_id");
+                s.map(hcp_proto::ids::SnapshotId)
             },
         }
     }};
@@ -426,11 +431,36 @@ impl super::Store {
                     }
                 }
             }
+            // A snapshot job moves its snapshot along.
+            if let Some(snapshot) = job.snapshot_id {
+                let next = match (outcome, job.kind) {
+                    (JobOutcome::Succeeded { .. }, JobKind::SnapshotCreate) => Some("AVAILABLE"),
+                    (JobOutcome::Succeeded { .. }, JobKind::SnapshotDelete) => Some("REMOVED"),
+                    (JobOutcome::Failed { .. }, JobKind::SnapshotCreate | JobKind::SnapshotDelete) => {
+                        Some("ERROR")
+                    }
+                    _ => None,
+                };
+                if let Some(status) = next {
+                    sqlx::query("UPDATE snapshots SET status = $1, updated_at = $2 WHERE id = $3")
+                        .bind(status)
+                        .bind(now)
+                        .bind(snapshot.0)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
+                }
+            }
             // Metering follows the power transitions the job made.
             let usage = match (outcome, job.kind) {
                 (JobOutcome::Succeeded { .. }, JobKind::CreateVm | JobKind::StartVm) => Some("started"),
                 (JobOutcome::Succeeded { .. }, JobKind::StopVm) => Some("stopped"),
                 (JobOutcome::Succeeded { .. }, JobKind::DeleteVm) => Some("deleted"),
+                (JobOutcome::Succeeded { vm_status }, JobKind::SnapshotRevert)
+                    if Some(*vm_status) != job.prior_status =>
+                {
+                    Some(if *vm_status == VmStatus::Active { "started" } else { "stopped" })
+                }
                 _ => None,
             };
             if let Some(event) = usage {

@@ -32,7 +32,7 @@ pub use guards::{IdempotencyRecord, Quota, Usage};
 pub use jobs::JobOutcome;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use reconcile::KnownVm;
-pub use vms::{AcceptOperation, ListVmsQuery, NewVm};
+pub use vms::{AcceptOperation, ListVmsQuery, NewVm, SnapshotAccept};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]

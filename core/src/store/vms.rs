@@ -11,7 +11,9 @@ use super::outbox::{SUBJECT_JOBS, insert_outbox};
 use super::{
     IdempotencyRecord, StoreError, StoreResult, col, decode_page_token, encode_page_token, on_pool, to_i32,
 };
-use crate::model::{AuditEvent, Job, JobKind, NetworkAttachment, Vm, VmStatus};
+use hcp_proto::ids::SnapshotId;
+
+use crate::model::{AuditEvent, Job, JobKind, NetworkAttachment, Snapshot, Vm, VmStatus};
 
 /// A VM to insert (status PENDING, with its create job).
 pub type NewVm = Vm;
@@ -40,6 +42,21 @@ pub struct AcceptOperation {
     pub vm_id: VmId,
     /// Operation.
     pub kind: JobKind,
+    /// Accept only if the VM is in this status (a decision was made on it).
+    pub require_status: Option<VmStatus>,
+    /// The snapshot change a snapshot operation makes.
+    pub snapshot: Option<SnapshotAccept>,
+}
+
+/// What a snapshot operation does to its snapshot at accept time.
+#[derive(Debug, Clone)]
+pub enum SnapshotAccept {
+    /// Insert it as CREATING.
+    Create(Snapshot),
+    /// It must be AVAILABLE.
+    Revert(SnapshotId),
+    /// It must be AVAILABLE or ERROR; it becomes REMOVING.
+    Delete(SnapshotId),
 }
 
 const VM_COLUMNS: &str = "id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, \
@@ -192,6 +209,9 @@ impl super::Store {
                     vm.id, vm.status
                 )));
             }
+            if op.require_status.is_some_and(|s| s != vm.status) {
+                return Err(StoreError::Conflict(format!("vm {} changed state concurrently; retry", vm.id)));
+            }
             if !allowed.contains(&vm.status) {
                 let wanted: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
                 return Err(StoreError::Conflict(format!(
@@ -207,7 +227,7 @@ impl super::Store {
             let job = &job;
             // Compare-and-set on the state just read: a concurrent accept
             // that won the race makes this update match no row.
-            let next = op.kind.in_flight_status();
+            let next = op.kind.in_flight_status().unwrap_or(vm.status);
             let done = sqlx::query(
                 "UPDATE vms SET status = $1, current_job_id = $2, updated_at = $3 \
                  WHERE id = $4 AND status = $5 AND current_job_id IS NULL",
@@ -222,6 +242,52 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
             if done.rows_affected() != 1 {
                 return Err(StoreError::Conflict(format!("vm {} changed state concurrently; retry", vm.id)));
+            }
+            match &op.snapshot {
+                None => {}
+                Some(SnapshotAccept::Create(snap)) => {
+                    sqlx::query(
+                        "INSERT INTO snapshots (id, vm_id, tenant_id, project_id, name, status, created_at, \
+                         updated_at) VALUES ($1, $2, $3, $4, $5, 'CREATING', $6, $6)",
+                    )
+                    .bind(snap.id.0)
+                    .bind(vm.id.0)
+                    .bind(&op.tenant_id)
+                    .bind(&op.project_id)
+                    .bind(&snap.name)
+                    .bind(snap.created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
+                }
+                Some(SnapshotAccept::Revert(id) | SnapshotAccept::Delete(id)) => {
+                    let status: Option<String> =
+                        sqlx::query_scalar("SELECT status FROM snapshots WHERE id = $1 AND vm_id = $2")
+                            .bind(id.0)
+                            .bind(vm.id.0)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
+                    let status = status.ok_or(StoreError::NotFound)?;
+                    let deleting = matches!(op.snapshot, Some(SnapshotAccept::Delete(_)));
+                    let ok = status == "AVAILABLE" || (deleting && status == "ERROR");
+                    if status == "REMOVED" {
+                        return Err(StoreError::NotFound);
+                    }
+                    if !ok {
+                        return Err(StoreError::Conflict(format!("snapshot {id} is {status}")));
+                    }
+                    if deleting {
+                        sqlx::query(
+                            "UPDATE snapshots SET status = 'REMOVING', updated_at = $1 WHERE id = $2",
+                        )
+                        .bind(job.created_at)
+                        .bind(id.0)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
+                    }
+                }
             }
             super::jobs::insert_job!(&mut *tx, job);
             if outbox {
@@ -347,4 +413,67 @@ impl super::Store {
             Ok(out)
         })
     }
+}
+
+impl super::Store {
+    /// Lists a VM's snapshots (not removed) if the VM is in the tenant's project.
+    pub async fn list_snapshots(
+        &self,
+        tenant_id: &str,
+        project_id: &str,
+        vm: VmId,
+    ) -> StoreResult<Vec<Snapshot>> {
+        self.get_vm(tenant_id, project_id, vm).await?;
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT id, vm_id, name, status, created_at, updated_at FROM snapshots \
+                 WHERE vm_id = $1 AND status <> 'REMOVED' ORDER BY id",
+            )
+            .bind(vm.0)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "snapshots"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(snapshot_from_row(row)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Returns a snapshot by id, for HCP's own use.
+    pub async fn get_snapshot_internal(&self, id: SnapshotId) -> StoreResult<Snapshot> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT id, vm_id, name, status, created_at, updated_at FROM snapshots WHERE id = $1",
+            )
+            .bind(id.0)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?
+            .ok_or(StoreError::NotFound)?;
+            snapshot_from_row(&row)
+        })
+    }
+}
+
+fn snapshot_from_row<R: sqlx::Row>(row: &R) -> StoreResult<Snapshot>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    uuid::Uuid: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+    String: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+    chrono::DateTime<chrono::Utc>: sqlx::Type<R::Database> + for<'r> sqlx::Decode<'r, R::Database>,
+{
+    let id: uuid::Uuid = col!(row, "id");
+    let vm: uuid::Uuid = col!(row, "vm_id");
+    let status: String = col!(row, "status");
+    Ok(Snapshot {
+        id: SnapshotId(id),
+        vm_id: VmId(vm),
+        name: col!(row, "name"),
+        status: crate::model::SnapshotStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("snapshot status {status:?}")))?,
+        created_at: col!(row, "created_at"),
+        updated_at: col!(row, "updated_at"),
+    })
 }

@@ -17,8 +17,9 @@ use std::time::Duration;
 use hcp_proto::provider::compute_client::ComputeClient;
 use hcp_proto::provider::identity_client::IdentityClient;
 use hcp_proto::provider::{
-    Capabilities, CreateVmRequest, GetCapabilitiesRequest, GetConsoleRequest, GetPluginInfoRequest, ImageRef,
-    ListVmsRequest, NetworkAttachment, PowerState, ProbeRequest, StopVmRequest, VmInfo, VmRef, VmSpec,
+    Capabilities, CreateSnapshotRequest, CreateVmRequest, GetCapabilitiesRequest, GetConsoleRequest,
+    GetPluginInfoRequest, ImageRef, ListVmsRequest, NetworkAttachment, PowerState, ProbeRequest, SnapshotRef,
+    StopVmRequest, VmInfo, VmRef, VmSpec,
 };
 use tonic::transport::Channel;
 
@@ -435,6 +436,82 @@ impl Kit {
         }
     }
 
+    async fn snapshots(&mut self, running_too: bool) -> CheckResult {
+        let (id, _) = self.create("conf-snap", None).await?;
+        let snap = uuid::Uuid::now_v7().to_string();
+        let req =
+            CreateSnapshotRequest { vm_id: id.clone(), snapshot_id: snap.clone(), name: "conf".to_owned() };
+        let first = self
+            .compute
+            .create_snapshot(req.clone())
+            .await
+            .map_err(|s| format!("CreateSnapshot: {}", s.message()))?;
+        let second = self
+            .compute
+            .create_snapshot(req)
+            .await
+            .map_err(|s| format!("repeated CreateSnapshot failed: {}", s.message()))?;
+        ensure(first.get_ref().native_id == second.get_ref().native_id, || {
+            "repeated CreateSnapshot made another snapshot: not idempotent".to_owned()
+        })?;
+        let listed = self
+            .compute
+            .list_snapshots(VmRef { vm_id: id.clone() })
+            .await
+            .map_err(|s| format!("ListSnapshots: {}", s.message()))?
+            .into_inner();
+        let n = listed.snapshots.iter().filter(|s| s.snapshot_id == snap).count();
+        ensure(n == 1, || format!("ListSnapshots shows the snapshot {n} times"))?;
+        self.compute
+            .start_vm(VmRef { vm_id: id.clone() })
+            .await
+            .map_err(|s| format!("StartVm: {}", s.message()))?;
+        let live = CreateSnapshotRequest {
+            vm_id: id.clone(),
+            snapshot_id: uuid::Uuid::now_v7().to_string(),
+            name: "live".into(),
+        };
+        let r = self.compute.create_snapshot(live).await;
+        if running_too {
+            r.map_err(|s| format!("CreateSnapshot of a running VM: {}", s.message()))?;
+        } else {
+            expect_code(
+                r,
+                tonic::Code::FailedPrecondition,
+                "CreateSnapshot of a running VM without supports_snapshot_running",
+            )?;
+        }
+        // The first snapshot recorded a stopped VM: reverting stops it.
+        let sref = SnapshotRef { vm_id: id.clone(), snapshot_id: snap.clone() };
+        let reverted = self
+            .compute
+            .revert_snapshot(sref.clone())
+            .await
+            .map_err(|s| format!("RevertSnapshot: {}", s.message()))?;
+        ensure(power(reverted.get_ref()) == PowerState::Shutoff, || {
+            format!("after reverting to a stopped snapshot the VM is {:?}", power(reverted.get_ref()))
+        })?;
+        let ghost = SnapshotRef { vm_id: id.clone(), snapshot_id: uuid::Uuid::now_v7().to_string() };
+        expect_code(
+            self.compute.revert_snapshot(ghost).await,
+            tonic::Code::NotFound,
+            "RevertSnapshot of an unknown snapshot",
+        )?;
+        let d1 = self
+            .compute
+            .delete_snapshot(sref.clone())
+            .await
+            .map_err(|s| format!("DeleteSnapshot: {}", s.message()))?;
+        let d2 = self
+            .compute
+            .delete_snapshot(sref)
+            .await
+            .map_err(|s| format!("repeated DeleteSnapshot failed: {}", s.message()))?;
+        ensure(d1.get_ref().existed && !d2.get_ref().existed, || {
+            "DeleteSnapshot is not idempotent".to_owned()
+        })
+    }
+
     async fn cleanup(&mut self) -> CheckResult {
         let mut left = Vec::new();
         for id in std::mem::take(&mut self.created) {
@@ -506,6 +583,20 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             let r = kit.console(protocol, false).await;
             kit.record(&format!("{protocol} console refused as UNIMPLEMENTED"), r);
         }
+    }
+    if caps.supports_snapshot {
+        let r = kit.snapshots(caps.supports_snapshot_running).await;
+        kit.record("snapshots: idempotent create and delete, list, revert", r);
+    } else {
+        kit.skip("snapshots", "the provider does not declare supports_snapshot");
+        let id = uuid::Uuid::now_v7().to_string();
+        let req = CreateSnapshotRequest { vm_id: id.clone(), snapshot_id: id, name: "x".into() };
+        let r = expect_code(
+            kit.compute.create_snapshot(req).await,
+            tonic::Code::Unimplemented,
+            "CreateSnapshot without the capability",
+        );
+        kit.record("snapshots refused as UNIMPLEMENTED", r);
     }
     let r = kit.cleanup().await;
     kit.record("cleanup of created VMs", r);

@@ -40,6 +40,7 @@ async fn the_simulator_conforms() {
         .map(|(n, _)| n.as_str())
         .collect();
     assert_eq!(skipped, vec!["spice console", "rdp console", "serial console"]);
+    assert!(report.checks.iter().any(|(n, o)| n.starts_with("snapshots:") && *o == Outcome::Pass));
 }
 
 #[tokio::test]
@@ -47,7 +48,7 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
     let report = run(Options::new(&sim("").await)).await.unwrap();
     println!("{report}");
     assert!(report.passed(), "{report}");
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 4);
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 5);
     assert!(
         report
             .checks

@@ -188,6 +188,30 @@ pub trait Provider: Send + Sync + 'static {
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError>;
     /// Returns where a console for the VM can be reached.
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError>;
+    /// Snapshots a VM under `req.snapshot_id` (idempotent). Default: not
+    /// supported; declare `supports_snapshot` when implementing these.
+    async fn create_snapshot(
+        &self,
+        req: pb::CreateSnapshotRequest,
+    ) -> Result<pb::SnapshotInfo, ProviderError> {
+        let _ = req;
+        Err(ProviderError::new(ErrorKind::Unsupported, "snapshots are not supported"))
+    }
+    /// Lists a VM's snapshots.
+    async fn list_snapshots(&self, vm_id: &str) -> Result<Vec<pb::SnapshotInfo>, ProviderError> {
+        let _ = vm_id;
+        Err(ProviderError::new(ErrorKind::Unsupported, "snapshots are not supported"))
+    }
+    /// Returns a VM to a snapshot.
+    async fn revert_snapshot(&self, req: pb::SnapshotRef) -> Result<pb::VmInfo, ProviderError> {
+        let _ = req;
+        Err(ProviderError::new(ErrorKind::Unsupported, "snapshots are not supported"))
+    }
+    /// Deletes a snapshot; returns whether it existed (idempotent).
+    async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
+        let _ = req;
+        Err(ProviderError::new(ErrorKind::Unsupported, "snapshots are not supported"))
+    }
 }
 
 /// Where and how to serve.
@@ -390,6 +414,14 @@ fn vm_id(id: &str) -> Result<&str, tonic::Status> {
     }
 }
 
+fn snapshot_id(id: &str) -> Result<&str, tonic::Status> {
+    if id.parse::<uuid::Uuid>().is_ok() && id.len() == 36 {
+        Ok(id)
+    } else {
+        Err(tonic::Status::invalid_argument(format!("snapshot_id must be a UUID, got {id:?}")))
+    }
+}
+
 #[async_trait]
 impl<P: Provider> Identity for Adapter<P> {
     async fn get_plugin_info(&self, _: tonic::Request<pb::GetPluginInfoRequest>) -> Reply<pb::PluginInfo> {
@@ -468,5 +500,42 @@ impl<P: Provider> Compute for Adapter<P> {
         let req = req.into_inner();
         vm_id(&req.vm_id)?;
         reply(self.inner.get_console(req).await)
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: tonic::Request<pb::CreateSnapshotRequest>,
+    ) -> Reply<pb::SnapshotInfo> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        snapshot_id(&req.snapshot_id)?;
+        reply(self.inner.create_snapshot(req).await)
+    }
+
+    async fn list_snapshots(&self, req: tonic::Request<pb::VmRef>) -> Reply<pb::ListSnapshotsResponse> {
+        let id = req.into_inner().vm_id;
+        reply(
+            self.inner
+                .list_snapshots(vm_id(&id)?)
+                .await
+                .map(|snapshots| pb::ListSnapshotsResponse { snapshots }),
+        )
+    }
+
+    async fn revert_snapshot(&self, req: tonic::Request<pb::SnapshotRef>) -> Reply<pb::VmInfo> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        snapshot_id(&req.snapshot_id)?;
+        reply(self.inner.revert_snapshot(req).await)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: tonic::Request<pb::SnapshotRef>,
+    ) -> Reply<pb::DeleteSnapshotResponse> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        snapshot_id(&req.snapshot_id)?;
+        reply(self.inner.delete_snapshot(req).await.map(|existed| pb::DeleteSnapshotResponse { existed }))
     }
 }

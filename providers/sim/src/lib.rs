@@ -112,6 +112,8 @@ struct State {
     in_flight: HashMap<String, u32>,
     overlapping_calls: u64,
     credentials: Option<HashMap<String, String>>,
+    /// Per VM: snapshot id -> (name, native id, power state recorded).
+    snapshots: HashMap<String, BTreeMap<String, (String, String, pb::PowerState)>>,
 }
 
 /// Marks a call for one VM as in flight until dropped.
@@ -361,7 +363,96 @@ impl Provider for Sim {
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
-        fault_gate!(self, "DeleteVm", vm_id, Ok(self.lock().vms.remove(vm_id).is_some()))
+        fault_gate!(self, "DeleteVm", vm_id, {
+            let mut s = self.lock();
+            s.snapshots.remove(vm_id);
+            Ok(s.vms.remove(vm_id).is_some())
+        })
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: pb::CreateSnapshotRequest,
+    ) -> Result<pb::SnapshotInfo, ProviderError> {
+        fault_gate!(self, "CreateSnapshot", &req.vm_id.clone(), {
+            if !self.capabilities.supports_snapshot {
+                return Err(ProviderError::new(ErrorKind::Unsupported, "snapshots are not supported"));
+            }
+            let mut s = self.lock();
+            let power =
+                s.vms.get(&req.vm_id).map(|v| v.power).ok_or_else(|| ProviderError::not_found(&req.vm_id))?;
+            let existing = s.snapshots.get(&req.vm_id).and_then(|m| m.get(&req.snapshot_id)).cloned();
+            let (name, native) = match existing {
+                Some((name, native, _)) => (name, native),
+                None => {
+                    if power == pb::PowerState::Running && !self.capabilities.supports_snapshot_running {
+                        return Err(ProviderError::new(
+                            ErrorKind::InvalidState,
+                            "snapshots of running vms are not supported",
+                        ));
+                    }
+                    s.next_native += 1;
+                    let native = format!("snap-{}", s.next_native);
+                    s.snapshots
+                        .entry(req.vm_id.clone())
+                        .or_default()
+                        .insert(req.snapshot_id.clone(), (req.name.clone(), native.clone(), power));
+                    (req.name.clone(), native)
+                }
+            };
+            Ok(pb::SnapshotInfo {
+                snapshot_id: req.snapshot_id.clone(),
+                vm_id: req.vm_id.clone(),
+                name,
+                native_id: native,
+            })
+        })
+    }
+
+    async fn list_snapshots(&self, vm_id: &str) -> Result<Vec<pb::SnapshotInfo>, ProviderError> {
+        fault_gate!(self, "ListSnapshots", vm_id, {
+            let s = self.lock();
+            if !s.vms.contains_key(vm_id) {
+                return Err(ProviderError::not_found(vm_id));
+            }
+            Ok(s.snapshots
+                .get(vm_id)
+                .map(|m| {
+                    m.iter()
+                        .map(|(id, (name, native, _))| pb::SnapshotInfo {
+                            snapshot_id: id.clone(),
+                            vm_id: vm_id.to_owned(),
+                            name: name.clone(),
+                            native_id: native.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default())
+        })
+    }
+
+    async fn revert_snapshot(&self, req: pb::SnapshotRef) -> Result<pb::VmInfo, ProviderError> {
+        fault_gate!(self, "RevertSnapshot", &req.vm_id.clone(), {
+            let mut s = self.lock();
+            let power = s
+                .snapshots
+                .get(&req.vm_id)
+                .and_then(|m| m.get(&req.snapshot_id))
+                .map(|(_, _, p)| *p)
+                .ok_or_else(|| {
+                    ProviderError::new(ErrorKind::NotFound, format!("snapshot {} not found", req.snapshot_id))
+                })?;
+            let vm = s.vms.get_mut(&req.vm_id).ok_or_else(|| ProviderError::not_found(&req.vm_id))?;
+            vm.power = power;
+            Ok(Self::info_of(&req.vm_id, vm))
+        })
+    }
+
+    async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
+        fault_gate!(self, "DeleteSnapshot", &req.vm_id.clone(), {
+            let mut s = self.lock();
+            Ok(s.snapshots.get_mut(&req.vm_id).and_then(|m| m.remove(&req.snapshot_id)).is_some())
+        })
     }
 
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
