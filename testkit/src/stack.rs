@@ -215,6 +215,11 @@ impl TestStack {
         w
     }
 
+    /// The OS process id of a process of the stack.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.get(name).and_then(|c| c.id())
+    }
+
     /// Kills a process with SIGKILL and forgets it.
     pub async fn kill(&mut self, name: &str) {
         if let Some(mut c) = self.children.remove(name) {

@@ -111,20 +111,24 @@ struct State {
     next_native: u64,
     in_flight: HashMap<String, u32>,
     overlapping_calls: u64,
+    busy_micros: u64,
     credentials: Option<HashMap<String, String>>,
     /// Per VM: snapshot id -> (name, native id, power state recorded).
     snapshots: HashMap<String, BTreeMap<String, (String, String, pb::PowerState)>>,
 }
 
-/// Marks a call for one VM as in flight until dropped.
+/// Marks a call for one VM as in flight until dropped, and adds its
+/// duration to the busy time.
 struct InFlight {
     state: Arc<Mutex<State>>,
     vm_id: String,
+    started: std::time::Instant,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.busy_micros += self.started.elapsed().as_micros() as u64;
         if let Some(n) = s.in_flight.get_mut(&self.vm_id) {
             *n -= 1;
             if *n == 0 {
@@ -171,7 +175,11 @@ impl Sim {
             if *n > 1 && !vm_id.is_empty() {
                 s.overlapping_calls += 1;
             }
-            let guard = InFlight { state: self.state.clone(), vm_id: vm_id.to_owned() };
+            let guard = InFlight {
+                state: self.state.clone(),
+                vm_id: vm_id.to_owned(),
+                started: std::time::Instant::now(),
+            };
             (s.latency.get(op).copied().unwrap_or(self.default_latency), guard)
         };
         if !latency.is_zero() {
@@ -526,6 +534,7 @@ impl SimControl for Control {
             creations: s.creations.clone(),
             vm_count: s.vms.len() as u32,
             overlapping_calls: s.overlapping_calls,
+            busy_micros: s.busy_micros,
             credential_keys: {
                 let mut keys: Vec<String> = s.credentials.iter().flat_map(|c| c.keys().cloned()).collect();
                 keys.sort();
@@ -554,6 +563,18 @@ impl SimControl for Control {
         let id = req.into_inner().vm_id;
         self.sim.lock().vms.remove(&id).ok_or_else(|| ProviderError::not_found(&id).to_status())?;
         Ok(tonic::Response::new(sim::RemoveVmResponse {}))
+    }
+
+    async fn add_vms(&self, req: tonic::Request<sim::AddVmsRequest>) -> Reply<sim::AddVmResponse> {
+        let r = req.into_inner();
+        let power = pb::PowerState::try_from(r.power_state).unwrap_or(pb::PowerState::Running);
+        let mut s = self.sim.lock();
+        for id in r.vm_ids {
+            s.next_native += 1;
+            let vm = SimVm { native_id: format!("sim-{}", s.next_native), power, vcpus: 1, memory_mib: 512 };
+            s.vms.insert(id, vm);
+        }
+        Ok(tonic::Response::new(sim::AddVmResponse {}))
     }
 
     async fn add_vm(&self, req: tonic::Request<sim::AddVmRequest>) -> Reply<sim::AddVmResponse> {

@@ -1,0 +1,534 @@
+//! `hcp-bench`: measures how close HCP runs to the limits of the machine,
+//! each figure as a ratio against a limit measured in the same run (see
+//! issue "Benchmarks"), on real PostgreSQL and NATS JetStream. Prints a
+//! table and writes JSON (`--out`, default `bench-results.json`).
+//!
+//! The binary doubles as the `hcp` command (`hcp-bench core ...`), so the
+//! stack it starts runs the same release build as the benchmark.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hcp_testkit::db::Backend;
+use hcp_testkit::stack::{StackOptions, TestStack};
+use serde_json::{Value, json};
+
+/// One figure of the report.
+struct Figure {
+    id: &'static str,
+    what: String,
+    value: f64,
+    unit: &'static str,
+    target: String,
+    met: Option<bool>,
+    detail: Value,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    // Re-executed by the stack as the `hcp` command.
+    if let Some(cmd) = args.get(1)
+        && ["core", "gateway", "provider-sim", "up", "token"].contains(&cmd.as_str())
+    {
+        return hcp_cli::main(args);
+    }
+    let which = args.get(1).map(String::as_str).unwrap_or("all").to_owned();
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("bench-results.json"));
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run(&which, &out))
+}
+
+async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let exe = std::env::current_exe()?;
+    let mut figures = Vec::new();
+    let all = which == "all";
+    if all || ["p1", "p2", "p3", "rss"].contains(&which) {
+        let opts = StackOptions {
+            backend: Backend::Postgres,
+            nats: true,
+            core_toml: "database_max_connections = 32\n[telemetry]\nlog_filter = \"warn\"\n".into(),
+            jobs_toml: "concurrency = 32\n".into(),
+            ..Default::default()
+        };
+        let s = TestStack::start(&exe, opts).await?;
+        let idle = rss_all(&s);
+        if all || which == "p1" {
+            figures.push(p1(&s).await?);
+        }
+        if all || which == "p2" {
+            figures.push(p2(&s).await?);
+        }
+        if all || which == "p3" {
+            figures.extend(p3(&s).await?);
+        }
+        let loaded = rss_all(&s);
+        figures.push(Figure {
+            id: "RSS",
+            what: "resident memory, idle and after the load above (VmHWM)".into(),
+            value: loaded.get("core").copied().unwrap_or_default() as f64 / 1024.0,
+            unit: "MiB core peak",
+            target: "report".into(),
+            met: None,
+            detail: json!({"idle_kib": idle, "peak_kib": loaded}),
+        });
+    }
+    if all || which == "p5" {
+        figures.push(p5(&exe).await?);
+    }
+    if all || which == "p6" {
+        figures.push(p6(&exe).await?);
+    }
+    let elapsed = started.elapsed();
+    report(&figures, elapsed, out).await
+}
+
+/// Reads VmHWM (peak resident set) of a process, KiB.
+fn hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_all(s: &TestStack) -> BTreeMap<&'static str, u64> {
+    let mut m = BTreeMap::new();
+    for (key, name) in [("core", "core-api-0"), ("gateway", "gateway-0"), ("sim", "sim")] {
+        if let Some(pid) = s.pid(name) {
+            m.insert(key, hwm_kib(pid));
+        }
+    }
+    m
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs `total` requests with `concurrency` workers; returns requests/s and
+/// per-request latencies in ms (sorted).
+async fn load<F, Fut>(total: usize, concurrency: usize, f: F) -> anyhow::Result<(f64, Vec<f64>)>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (f, next) = (f.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, anyhow::Error>(lat);
+                }
+                let t = Instant::now();
+                f(i).await?;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    Ok((rate, all))
+}
+
+fn create_body(i: usize) -> String {
+    json!({"name": format!("b{i}"), "flavor": "small", "image": "debian-12"}).to_string()
+}
+
+async fn p1(s: &TestStack) -> anyhow::Result<Figure> {
+    const N: usize = 4000;
+    const C: usize = 64;
+    let token = s.tenant_token("acme", &["p1"]);
+    let rest = s.rest.clone();
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let (accept_rate, lat) = load(N, C, move |i| {
+        let (rest, token, key) = (rest.clone(), token.clone(), format!("{run_id}-{i}"));
+        async move {
+            let r = rest
+                .raw_with(
+                    "POST",
+                    "/api/hcp/tenant/v1/projects/p1/vms",
+                    Some(&token),
+                    Some(&create_body(i)),
+                    &[("idempotency-key", &key)],
+                )
+                .await?;
+            anyhow::ensure!(r.status == 202, "create answered {}: {}", r.status, r.body);
+            Ok(())
+        }
+    })
+    .await?;
+
+    // The limit: pgbench's single-row insert transactions on the same server
+    // and concurrency.
+    let db = &s.db.url;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_insert (id UUID PRIMARY KEY, payload TEXT NOT NULL)")
+        .execute(&mut conn)
+        .await?;
+    let script = std::env::temp_dir().join(format!("hcp-pgbench-{}.sql", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&script, "INSERT INTO bench_insert (id, payload) VALUES (gen_random_uuid(), 'x');\n")?;
+    let output = tokio::process::Command::new("pgbench")
+        .args(["-n", "-c", &C.to_string(), "-j", "2", "-T", "10", "-f"])
+        .arg(&script)
+        .arg(db)
+        .output()
+        .await
+        .context("pgbench")?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let tps: f64 = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| {
+            format!("no tps in pgbench output: {text} {}", String::from_utf8_lossy(&output.stderr))
+        })?;
+    let ratio = accept_rate / tps;
+    Ok(Figure {
+        id: "P1",
+        what: format!("REST creates accepted/s ({C} clients, idempotency keys) / pgbench 1-row inserts/s"),
+        value: ratio,
+        unit: "ratio",
+        target: ">= 0.5".into(),
+        met: Some(ratio >= 0.5),
+        detail: json!({"accepted_per_s": accept_rate, "pgbench_tps": tps, "p50_ms": percentile(&lat, 0.5),
+                       "p99_ms": percentile(&lat, 0.99), "requests": N}),
+    })
+}
+
+async fn p2(s: &TestStack) -> anyhow::Result<Figure> {
+    // Waves of C concurrent creates; each wave waits until its jobs are
+    // done (watched with one SQL count, so watching adds no API load). The
+    // jobs' own timestamps (accept, finish) give the times.
+    const C: usize = 64;
+    const WAVES: usize = 8;
+    let token = s.tenant_token("acme", &["p2"]);
+    let before = s.sim_stats().await?;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&s.db.url).await?;
+    let mut all_jobs: Vec<uuid::Uuid> = Vec::new();
+    for wave in 0..WAVES {
+        let mut tasks = Vec::new();
+        for i in 0..C {
+            let (rest, token) = (s.rest.clone(), token.clone());
+            tasks.push(tokio::spawn(async move {
+                rest.raw(
+                    "POST",
+                    "/api/hcp/tenant/v1/projects/p2/vms",
+                    Some(&token),
+                    Some(&create_body(wave * C + i)),
+                )
+                .await
+            }));
+        }
+        let mut jobs = Vec::new();
+        for t in tasks {
+            let r = t.await??;
+            anyhow::ensure!(r.status == 202, "create answered {}", r.status);
+            jobs.push(r.str("job_id").parse::<uuid::Uuid>()?);
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let done: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM jobs WHERE id = ANY($1) AND status IN ('SUCCEEDED', 'FAILED')",
+            )
+            .bind(&jobs)
+            .fetch_one(&mut conn)
+            .await?;
+            if done as usize == jobs.len() {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "wave {wave} did not finish");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        all_jobs.extend(jobs);
+    }
+    let rows: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT status, EXTRACT(EPOCH FROM (finished_at - created_at))::float8 * 1000 FROM jobs WHERE id = ANY($1)",
+    )
+    .bind(&all_jobs)
+    .fetch_all(&mut conn)
+    .await?;
+    anyhow::ensure!(rows.iter().all(|(st, _)| st == "SUCCEEDED"), "some jobs failed");
+    let after = s.sim_stats().await?;
+    let provider_ms_per_job = (after.busy_micros - before.busy_micros) as f64 / 1000.0 / rows.len() as f64;
+    let mut overhead: Vec<f64> = rows.iter().map(|(_, t)| (t - provider_ms_per_job).max(0.0)).collect();
+    overhead.sort_by(|a, b| a.total_cmp(b));
+    let (p50, p99) = (percentile(&overhead, 0.5), percentile(&overhead, 0.99));
+    Ok(Figure {
+        id: "P2",
+        what: format!(
+            "accept -> SUCCEEDED minus provider time, waves of {C} concurrent creates, sim at zero latency"
+        ),
+        value: p50,
+        unit: "ms p50",
+        target: "p50 <= 5 ms, p99 <= 25 ms".into(),
+        met: Some(p50 <= 5.0 && p99 <= 25.0),
+        detail: json!({"p50_ms": p50, "p99_ms": p99, "jobs": rows.len(), "provider_ms_per_job": provider_ms_per_job}),
+    })
+}
+
+async fn p3(s: &TestStack) -> anyhow::Result<Vec<Figure>> {
+    use hcp_proto::tenant::vm_service_client::VmServiceClient;
+    const N: usize = 4000;
+    const C: usize = 64;
+    let token = s.tenant_token("acme", &["p3"]);
+    let r =
+        s.rest.raw("POST", "/api/hcp/tenant/v1/projects/p3/vms", Some(&token), Some(&create_body(0))).await?;
+    let vm = r.str("vm_id");
+    let channel = s.core_channel().await?;
+    let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse()?;
+
+    let grpc_get = {
+        let (channel, auth, vm) = (channel.clone(), auth.clone(), vm.clone());
+        move |_| {
+            let (mut c, auth, vm) = (VmServiceClient::new(channel.clone()), auth.clone(), vm.clone());
+            async move {
+                let mut req = tonic::Request::new(hcp_proto::tenant::GetVmRequest {
+                    project_id: "p3".into(),
+                    vm_id: vm,
+                });
+                req.metadata_mut().insert("authorization", auth);
+                c.get_vm(req).await?;
+                Ok(())
+            }
+        }
+    };
+    let rest_get = {
+        let (rest, token, vm) = (s.rest.clone(), token.clone(), vm.clone());
+        move |_| {
+            let (rest, token, vm) = (rest.clone(), token.clone(), vm.clone());
+            async move {
+                let r = rest.get(&format!("/api/hcp/tenant/v1/projects/p3/vms/{vm}"), &token).await?;
+                anyhow::ensure!(r.status == 200, "get answered {}", r.status);
+                Ok(())
+            }
+        }
+    };
+    let (grpc_rate, _) = load(N, C, grpc_get).await?;
+    let (rest_rate, _) = load(N, C, rest_get).await?;
+
+    let grpc_create = {
+        let (channel, auth) = (channel.clone(), auth.clone());
+        move |i: usize| {
+            let (mut c, auth) = (VmServiceClient::new(channel.clone()), auth.clone());
+            async move {
+                let mut req = tonic::Request::new(hcp_proto::tenant::CreateVmRequest {
+                    project_id: "p3".into(),
+                    name: format!("g{i}"),
+                    flavor: "small".into(),
+                    image: "debian-12".into(),
+                    ..Default::default()
+                });
+                req.metadata_mut().insert("authorization", auth);
+                c.create_vm(req).await?;
+                Ok(())
+            }
+        }
+    };
+    let rest_create = {
+        let (rest, token) = (s.rest.clone(), token.clone());
+        move |i: usize| {
+            let (rest, token) = (rest.clone(), token.clone());
+            async move {
+                let r = rest
+                    .raw("POST", "/api/hcp/tenant/v1/projects/p3/vms", Some(&token), Some(&create_body(i)))
+                    .await?;
+                anyhow::ensure!(r.status == 202, "create answered {}", r.status);
+                Ok(())
+            }
+        }
+    };
+    let (grpc_c, _) = load(N / 2, C, grpc_create).await?;
+    let (rest_c, _) = load(N / 2, C, rest_create).await?;
+    Ok(vec![
+        Figure {
+            id: "P3-get",
+            what: "GET vm: REST via gateway / direct gRPC throughput".into(),
+            value: rest_rate / grpc_rate,
+            unit: "ratio",
+            target: ">= 0.85".into(),
+            met: Some(rest_rate / grpc_rate >= 0.85),
+            detail: json!({"rest_per_s": rest_rate, "grpc_per_s": grpc_rate}),
+        },
+        Figure {
+            id: "P3-create",
+            what: "create VM: REST via gateway / direct gRPC throughput".into(),
+            value: rest_c / grpc_c,
+            unit: "ratio",
+            target: ">= 0.85".into(),
+            met: Some(rest_c / grpc_c >= 0.85),
+            detail: json!({"rest_per_s": rest_c, "grpc_per_s": grpc_c}),
+        },
+    ])
+}
+
+/// Inserts `n` ACTIVE VMs of tenant `bench` / `project` on `provider` with SQL.
+async fn bulk_vms(db: &str, provider: &str, project: &str, n: u64) -> anyhow::Result<Vec<uuid::Uuid>> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db).await?;
+    let sql = "INSERT INTO vms (id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, image, \
+               image_source, zone, provider_id, networks, metadata, tags, user_data, hostname, status, \
+               current_job_id, error_code, error_message, created_at, updated_at) \
+               SELECT gen_random_uuid(), 'bench', $1, 'vm-' || g, 'small', 1, 512, 10, 'debian-12', 'x', \
+               'zone-1', $2::uuid, '[]', '{}', '[]', NULL, 'vm-' || g, 'ACTIVE', NULL, NULL, NULL, \
+               now() - interval '1 hour', now() - interval '1 hour' FROM generate_series(1, $3) g RETURNING id";
+    let ids: Vec<uuid::Uuid> =
+        sqlx::query_scalar(sql).bind(project).bind(provider).bind(n as i64).fetch_all(&mut conn).await?;
+    sqlx::query("ANALYZE vms").execute(&mut conn).await?;
+    Ok(ids)
+}
+
+async fn provider_id(s: &TestStack) -> anyhow::Result<String> {
+    let r = s.rest.get("/api/hcp/ops/v1/providers", &s.ops_token()).await?;
+    Ok(r.body["providers"][0]["provider_id"].as_str().unwrap_or_default().to_owned())
+}
+
+async fn p5(exe: &Path) -> anyhow::Result<Figure> {
+    const N: u64 = 100_000;
+    let s = TestStack::start(exe, StackOptions { backend: Backend::Postgres, ..Default::default() }).await?;
+    let provider = provider_id(&s).await?;
+    let ids = bulk_vms(&s.db.url, &provider, "p5", N).await?;
+    let mut sim = hcp_proto::sim::sim_control_client::SimControlClient::new(s.sim_channel().await?);
+    for chunk in ids.chunks(10_000) {
+        sim.add_vms(hcp_proto::sim::AddVmsRequest {
+            vm_ids: chunk.iter().map(|u| u.to_string()).collect(),
+            power_state: hcp_proto::provider::PowerState::Running as i32,
+        })
+        .await?;
+    }
+    // The reconciler runs in this process against the same store and
+    // provider, so its time and memory are measured alone.
+    let store = hcp_core::store::Store::connect(&s.db.url, 4).await?;
+    let clients =
+        hcp_core::providers::ProviderClients::new(Duration::from_secs(120), Duration::from_secs(5), None);
+    let reconciler = hcp_core::reconciler::Reconciler::new(
+        store.clone(),
+        clients,
+        hcp_core::reconciler::ReconcilerConfig::default(),
+        "bench".into(),
+    );
+    let p = store.list_providers().await?.into_iter().next().context("no provider")?;
+    let rss_before = hwm_kib(std::process::id());
+    let t = Instant::now();
+    let report = reconciler.reconcile(&p).await.map_err(|e| anyhow::anyhow!(e))?;
+    let secs = t.elapsed().as_secs_f64();
+    let rss_after = hwm_kib(std::process::id());
+    anyhow::ensure!(report.listed as u64 >= N && report.known as u64 >= N, "reconciled {report:?}");
+    let mib = rss_after as f64 / 1024.0;
+    Ok(Figure {
+        id: "P5",
+        what: format!("reconcile one provider with {N} VMs: list + diff"),
+        value: secs,
+        unit: "s",
+        target: "<= 2 s and <= 200 MB".into(),
+        met: Some(secs <= 2.0 && mib <= 200.0),
+        detail: json!({"seconds": secs, "peak_rss_mib": mib, "rss_before_mib": rss_before as f64 / 1024.0,
+                       "listed": report.listed, "known": report.known, "drift": report.missing + report.power + report.orphans}),
+    })
+}
+
+async fn p6(exe: &Path) -> anyhow::Result<Figure> {
+    const N: u64 = 1_000_000;
+    const PAGES: usize = 500;
+    let s = TestStack::start(exe, StackOptions { backend: Backend::Postgres, ..Default::default() }).await?;
+    let provider = provider_id(&s).await?;
+    bulk_vms(&s.db.url, &provider, "big", N).await?;
+    let token = s.token(Some("bench"), &["big"], &["tenant.member"], 3600);
+    // Walk pages from the start, then from random positions.
+    let mut lat = Vec::with_capacity(PAGES);
+    let mut next = String::new();
+    for i in 0..PAGES {
+        let page_token = if i % 2 == 0 {
+            next.clone()
+        } else {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes())
+        };
+        let path = if page_token.is_empty() {
+            "/api/hcp/tenant/v1/projects/big/vms?page_size=100".to_owned()
+        } else {
+            format!("/api/hcp/tenant/v1/projects/big/vms?page_size=100&page_token={page_token}")
+        };
+        let t = Instant::now();
+        let r = s.rest.get(&path, &token).await?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        anyhow::ensure!(r.status == 200, "list answered {}: {}", r.status, r.body);
+        if i % 2 == 0 {
+            next = r.str("next_page_token");
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let p99 = percentile(&lat, 0.99);
+    Ok(Figure {
+        id: "P6",
+        what: format!("list VMs through REST, keyset pages of 100, {N} VMs in PostgreSQL"),
+        value: p99,
+        unit: "ms p99",
+        target: "<= 10 ms".into(),
+        met: Some(p99 <= 10.0),
+        detail: json!({"p50_ms": percentile(&lat, 0.5), "p99_ms": p99, "pages": PAGES}),
+    })
+}
+
+#[allow(clippy::print_stdout)]
+async fn report(figures: &[Figure], elapsed: Duration, out: &Path) -> anyhow::Result<()> {
+    let version = |cmd: &str, arg: &str| {
+        std::process::Command::new(cmd)
+            .arg(arg)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().trim().to_owned())
+            .unwrap_or_default()
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!("{:<10} {:>12} {:<14} {:<28} {:<4} what", "figure", "value", "unit", "target", "met");
+    for f in figures {
+        let met = match f.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        println!("{:<10} {:>12.3} {:<14} {:<28} {:<4} {}", f.id, f.value, f.unit, f.target, met, f.what);
+    }
+    println!("({} cores, {:.0} s)", cores, elapsed.as_secs_f64());
+    let json = json!({
+        "machine": {"cores": cores},
+        "versions": {
+            "hcp": env!("CARGO_PKG_VERSION"),
+            "rustc": version("rustc", "--version"),
+            "postgres": version("psql", "--version"),
+            "nats_server": version("nats-server", "--version"),
+            "pgbench": version("pgbench", "--version"),
+        },
+        "elapsed_seconds": elapsed.as_secs_f64(),
+        "figures": figures.iter().map(|f| json!({
+            "id": f.id, "what": f.what, "value": f.value, "unit": f.unit, "target": f.target,
+            "met": f.met, "detail": f.detail,
+        })).collect::<Vec<_>>(),
+    });
+    std::fs::write(out, serde_json::to_string_pretty(&json)?)?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
