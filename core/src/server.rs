@@ -246,7 +246,7 @@ pub async fn run(
 
         ready(addr);
         tracing::info!(%addr, "core grpc listening");
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .layer(hcp_telemetry::GrpcTraceLayer::new("grpc"))
             .add_service(health_service)
@@ -266,7 +266,7 @@ pub async fn run(
         let (_health, health_service) = tonic_health::server::health_reporter();
         ready(addr);
         tracing::info!(%addr, "core worker listening (health only)");
-        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .add_service(health_service)
             .serve_with_incoming_shutdown(incoming, shutdown)

@@ -33,7 +33,9 @@ pub struct Rest {
 impl Rest {
     /// A client for `http://addr`.
     pub fn new(base: String) -> Self {
-        Self { base, client: Client::builder(TokioExecutor::new()).build_http() }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Self { base, client: Client::builder(TokioExecutor::new()).build(connector) }
     }
 
     /// Sends a request; `body` is sent verbatim.
