@@ -382,7 +382,10 @@ where
             ready(addr.to_string());
             tracing::info!(%addr, provider = %name, tls = config.tls.is_some(), "provider listening");
             router
-                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
                 .await
                 .map_err(ServeError::Serve)
         }
