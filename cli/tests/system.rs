@@ -434,3 +434,13 @@ async fn grpc_web_reaches_core_through_the_gateway() {
     let trailers = String::from_utf8_lossy(&bytes[5 + len..]);
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
 }
+
+#[tokio::test]
+async fn accepted_answers_carry_exactly_vm_id_and_job_id() {
+    let s = stack(StackOptions::default()).await;
+    let t = s.tenant_token("acme", &["demo"]);
+    let r = s.rest.post(&vms("demo"), &t, &json!({"name": "a", "flavor": "small", "image": "debian-12"})).await.unwrap();
+    assert_eq!(r.status, 202);
+    let keys: Vec<&String> = r.body.as_object().unwrap().keys().collect();
+    assert_eq!(keys, vec!["job_id", "vm_id"], "{}", r.body);
+}

@@ -174,11 +174,8 @@ impl TenantApi {
         let mut audit = self.ctx.audit(&p, "vm.create", "vm", &vm_id.to_string(), "accepted");
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
-        let answer = VmOperationAccepted {
-            vm_id: vm_id.to_string(),
-            job_id: job.id.to_string(),
-            snapshot_id: String::new(),
-        };
+        let answer =
+            VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string(), snapshot_id: None };
         let record = self.record(&tenant, idem.as_ref(), &answer);
         match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref()).await {
             Ok(()) => {}
@@ -243,14 +240,17 @@ impl TenantApi {
         let answer = VmOperationAccepted {
             vm_id: vm_id.to_string(),
             job_id: job.id.to_string(),
-            snapshot_id: extra.snapshot_id.map(|s| s.to_string()).unwrap_or_default(),
+            snapshot_id: extra.snapshot_id.map(|s| s.to_string()),
         };
         let record = self.record(&tenant, idem.as_ref(), &answer);
         match self.ctx.store.accept_operation(&op, &job, &audit, record.as_ref()).await {
             Ok(_) => {}
             Err(StoreError::IdempotencyRace) => return self.replay_after_race(&tenant, idem.as_ref()).await,
             Err(StoreError::NotFound) if extra.snapshot_id.is_some() => {
-                return Err(ApiError::not_found("vm or snapshot", format!("{vm_id}/{}", answer.snapshot_id)));
+                return Err(ApiError::not_found(
+                    "vm or snapshot",
+                    format!("{vm_id}/{}", answer.snapshot_id.clone().unwrap_or_default()),
+                ));
             }
             Err(e) => return Err(from_store(e, &format!("vm {vm_id}"))),
         }
@@ -328,7 +328,7 @@ impl TenantApi {
         Ok(Some(VmOperationAccepted {
             vm_id: field("vm_id"),
             job_id: field("job_id"),
-            snapshot_id: field("snapshot_id"),
+            snapshot_id: Some(field("snapshot_id")).filter(|s| !s.is_empty()),
         }))
     }
 
