@@ -62,6 +62,9 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
         let idle = rss_all(&s);
         if all || which == "p1" {
             figures.push(p1(&s).await?);
+            // P1 accepts faster than the workers finish; P2 must not start
+            // behind that backlog.
+            drain(&s).await?;
         }
         if all || which == "p2" {
             figures.push(p2(&s).await?);
@@ -88,6 +91,22 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     report(&figures, elapsed, out).await
+}
+
+/// Waits until no job is queued or running.
+async fn drain(s: &TestStack) -> anyhow::Result<()> {
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&s.db.url).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let open: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status IN ('QUEUED', 'RUNNING')")
+            .fetch_one(&mut conn)
+            .await?;
+        if open == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{open} jobs still open");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Reads VmHWM (peak resident set) of a process, KiB.

@@ -439,7 +439,11 @@ async fn grpc_web_reaches_core_through_the_gateway() {
 async fn accepted_answers_carry_exactly_vm_id_and_job_id() {
     let s = stack(StackOptions::default()).await;
     let t = s.tenant_token("acme", &["demo"]);
-    let r = s.rest.post(&vms("demo"), &t, &json!({"name": "a", "flavor": "small", "image": "debian-12"})).await.unwrap();
+    let r = s
+        .rest
+        .post(&vms("demo"), &t, &json!({"name": "a", "flavor": "small", "image": "debian-12"}))
+        .await
+        .unwrap();
     assert_eq!(r.status, 202);
     let keys: Vec<&String> = r.body.as_object().unwrap().keys().collect();
     assert_eq!(keys, vec!["job_id", "vm_id"], "{}", r.body);

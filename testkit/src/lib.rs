@@ -36,7 +36,7 @@ where
 }
 
 /// A directory under the system temp dir, removed on drop unless the test
-/// is panicking (so logs survive a failure).
+/// is panicking (so logs survive a failure) or `HCP_KEEP_TEST_DIRS` is set.
 #[derive(Debug)]
 pub struct TempDir {
     path: std::path::PathBuf,
@@ -58,7 +58,7 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("HCP_KEEP_TEST_DIRS").is_some() {
             eprintln!("test artifacts kept in {}", self.path.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.path);
