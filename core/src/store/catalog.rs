@@ -54,7 +54,24 @@ impl super::Store {
 
     /// Returns one flavor.
     pub async fn get_flavor(&self, name: &str) -> StoreResult<Flavor> {
-        self.list_flavors().await?.into_iter().find(|f| f.name == name).ok_or(StoreError::NotFound)
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT name, vcpus, memory_mib, disk_gib, description, created_at FROM flavors WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "flavor"))?
+            .ok_or(StoreError::NotFound)?;
+            Ok(Flavor {
+                name: col!(&row, "name"),
+                vcpus: to_u32(col!(&row, "vcpus"), "vcpus")?,
+                memory_mib: to_u32(col!(&row, "memory_mib"), "memory_mib")?,
+                disk_gib: to_u32(col!(&row, "disk_gib"), "disk_gib")?,
+                description: col!(&row, "description"),
+                created_at: col!(&row, "created_at"),
+            })
+        })
     }
 
     /// Deletes a flavor unless a VM that is not deleted uses it.
@@ -112,7 +129,24 @@ impl super::Store {
 
     /// Returns one image.
     pub async fn get_image(&self, name: &str) -> StoreResult<Image> {
-        self.list_images().await?.into_iter().find(|i| i.name == name).ok_or(StoreError::NotFound)
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT name, os_type, source, min_disk_gib, description, created_at FROM images WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "image"))?
+            .ok_or(StoreError::NotFound)?;
+            Ok(Image {
+                name: col!(&row, "name"),
+                os_type: col!(&row, "os_type"),
+                source: col!(&row, "source"),
+                min_disk_gib: to_u32(col!(&row, "min_disk_gib"), "min_disk_gib")?,
+                description: col!(&row, "description"),
+                created_at: col!(&row, "created_at"),
+            })
+        })
     }
 
     /// Deletes an image unless a VM that is not deleted uses it.
