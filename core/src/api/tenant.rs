@@ -299,6 +299,34 @@ impl TenantApi {
         self.operate_with(p, key, VmActionRequest { project_id, vm_id }, kind, extra).await
     }
 
+    /// Revert or delete of an existing snapshot.
+    async fn snapshot_action(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::SnapshotActionRequest>,
+        kind: JobKind,
+    ) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let r = req.into_inner();
+        handle(async {
+            let id: SnapshotId = validate::id("snapshot_id", &r.snapshot_id)?;
+            let change = if kind == JobKind::SnapshotRevert {
+                SnapshotAccept::Revert(id)
+            } else {
+                SnapshotAccept::Delete(id)
+            };
+            let extra = Extra {
+                snapshot: Some(change),
+                snapshot_id: Some(id),
+                require_status: None,
+                fingerprint: serde_json::json!({"snapshot_id": r.snapshot_id}),
+            };
+            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
+            self.snapshot_op(p, key, target, kind, extra).await
+        })
+        .await
+    }
+
     /// Returns the recorded answer for an idempotency key, if the key is
     /// live: the original answer for the same request, 422 for another.
     async fn replay(
@@ -678,42 +706,14 @@ impl VmService for TenantApi {
         &self,
         req: tonic::Request<hcp_proto::tenant::SnapshotActionRequest>,
     ) -> ApiResult<VmOperationAccepted> {
-        let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
-        let r = req.into_inner();
-        handle(async {
-            let id: SnapshotId = validate::id("snapshot_id", &r.snapshot_id)?;
-            let extra = Extra {
-                snapshot: Some(SnapshotAccept::Revert(id)),
-                snapshot_id: Some(id),
-                require_status: None,
-                fingerprint: serde_json::json!({"snapshot_id": r.snapshot_id}),
-            };
-            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
-            self.snapshot_op(p, key, target, JobKind::SnapshotRevert, extra).await
-        })
-        .await
+        self.snapshot_action(req, JobKind::SnapshotRevert).await
     }
 
     async fn delete_snapshot(
         &self,
         req: tonic::Request<hcp_proto::tenant::SnapshotActionRequest>,
     ) -> ApiResult<VmOperationAccepted> {
-        let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
-        let r = req.into_inner();
-        handle(async {
-            let id: SnapshotId = validate::id("snapshot_id", &r.snapshot_id)?;
-            let extra = Extra {
-                snapshot: Some(SnapshotAccept::Delete(id)),
-                snapshot_id: Some(id),
-                require_status: None,
-                fingerprint: serde_json::json!({"snapshot_id": r.snapshot_id}),
-            };
-            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
-            self.snapshot_op(p, key, target, JobKind::SnapshotDelete, extra).await
-        })
-        .await
+        self.snapshot_action(req, JobKind::SnapshotDelete).await
     }
 
     async fn create_console(&self, req: tonic::Request<CreateConsoleRequest>) -> ApiResult<ConsoleSession> {
