@@ -571,7 +571,7 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
     let quota = Quota { max_instances: Some(5), max_vcpus: None, max_memory_mib: None };
-    store.set_quota("acme", "p1", &quota, now()).await.unwrap();
+    store.set_quota("acme", "p1", &quota, &audit("quota.set", "p1")).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..20 {
         let (store, p) = (store.clone(), p.clone());
@@ -596,7 +596,12 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
     // Other projects are not limited; memory limits count too.
     create(&store, &p, "acme", "p2", "free", &[]).await;
     store
-        .set_quota("acme", "p3", &Quota { max_memory_mib: Some(1000), ..Default::default() }, now())
+        .set_quota(
+            "acme",
+            "p3",
+            &Quota { max_memory_mib: Some(1000), ..Default::default() },
+            &audit("quota.set", "p3"),
+        )
         .await
         .unwrap();
     create(&store, &p, "acme", "p3", "fits", &[]).await;

@@ -21,7 +21,7 @@ use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
 use crate::model::{self, now};
-use crate::store::{AuditQuery, Quota, StoreError, Usage};
+use crate::store::{AuditQuery, Quota};
 
 /// Implements the three ops services.
 #[derive(Clone)]
@@ -191,11 +191,8 @@ impl OpsApi {
             "image" => self.ctx.store.delete_image(&name, &audit).await,
             _ => self.ctx.store.delete_zone(&name, &audit).await,
         };
-        r.map_err(|e| match e {
-            // A zone still named by a provider is in use like one named by a VM.
-            StoreError::Conflict(m) => ApiError::conflict(m),
-            e => from_store(e, &format!("{kind} {name}")),
-        })
+        // A zone still named by a provider is a Conflict, like one named by a VM.
+        r.map_err(|e| from_store(e, &format!("{kind} {name}")))
     }
 }
 
@@ -346,14 +343,18 @@ impl AuditService for OpsApi {
     }
 }
 
-fn quota_to_proto(tenant: &str, project: &str, q: &Quota, u: &Usage) -> ProjectQuota {
-    ProjectQuota {
-        tenant_id: tenant.to_owned(),
-        project_id: project.to_owned(),
-        max_instances: q.max_instances,
-        max_vcpus: q.max_vcpus,
-        max_memory_mib: q.max_memory_mib,
-        usage: Some(QuotaUsage { instances: u.instances, vcpus: u.vcpus, memory_mib: u.memory_mib }),
+impl OpsApi {
+    /// A project's quota and usage as the API answers them.
+    async fn quota_answer(&self, tenant: &str, project: &str) -> Result<ProjectQuota, ApiError> {
+        let (q, u) = self.ctx.store.get_quota(tenant, project).await.map_err(|e| from_store(e, "quota"))?;
+        Ok(ProjectQuota {
+            tenant_id: tenant.to_owned(),
+            project_id: project.to_owned(),
+            max_instances: q.max_instances,
+            max_vcpus: q.max_vcpus,
+            max_memory_mib: q.max_memory_mib,
+            usage: Some(QuotaUsage { instances: u.instances, vcpus: u.vcpus, memory_mib: u.memory_mib }),
+        })
     }
 }
 
@@ -374,23 +375,16 @@ impl QuotaAdminService for OpsApi {
                 max_vcpus: r.max_vcpus,
                 max_memory_mib: r.max_memory_mib,
             };
-            self.ctx
-                .store
-                .set_quota(&r.tenant_id, &r.project_id, &quota, now())
-                .await
-                .map_err(|e| from_store(e, "quota"))?;
             let mut audit = self.ctx.audit(&p, "quota.set", "project", &r.project_id, "succeeded");
             audit.tenant_id = r.tenant_id.clone();
             audit.project_id = r.project_id.clone();
             audit.detail = format!("{quota:?}");
-            self.ctx.store.append_audit(&audit).await.map_err(|e| from_store(e, "audit"))?;
-            let (q, u) = self
-                .ctx
+            self.ctx
                 .store
-                .get_quota(&r.tenant_id, &r.project_id)
+                .set_quota(&r.tenant_id, &r.project_id, &quota, &audit)
                 .await
                 .map_err(|e| from_store(e, "quota"))?;
-            Ok(quota_to_proto(&r.tenant_id, &r.project_id, &q, &u))
+            self.quota_answer(&r.tenant_id, &r.project_id).await
         })
         .await
     }
@@ -405,13 +399,7 @@ impl QuotaAdminService for OpsApi {
             p.ops(Access::Read)?;
             validate::required("tenant_id", &r.tenant_id)?;
             validate::project_id(&r.project_id)?;
-            let (q, u) = self
-                .ctx
-                .store
-                .get_quota(&r.tenant_id, &r.project_id)
-                .await
-                .map_err(|e| from_store(e, "quota"))?;
-            Ok(quota_to_proto(&r.tenant_id, &r.project_id, &q, &u))
+            self.quota_answer(&r.tenant_id, &r.project_id).await
         })
         .await
     }

@@ -178,15 +178,17 @@ impl super::Store {
         })
     }
 
-    /// Sets (or with all limits `None`, removes) a project's quota.
+    /// Sets a project's quota (all limits `None` means unlimited) and
+    /// appends its audit event, in one transaction.
     pub async fn set_quota(
         &self,
         tenant_id: &str,
         project_id: &str,
         quota: &Quota,
-        at: DateTime<Utc>,
+        audit: &crate::model::AuditEvent,
     ) -> StoreResult<()> {
         on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             sqlx::query(
                 "INSERT INTO project_quotas (tenant_id, project_id, max_instances, max_vcpus, max_memory_mib, \
                  updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, project_id) DO UPDATE \
@@ -197,10 +199,12 @@ impl super::Store {
             .bind(quota.max_instances.map(|v| v as i32))
             .bind(quota.max_vcpus.map(|v| v as i32))
             .bind(quota.max_memory_mib.map(|v| v as i64))
-            .bind(at)
-            .execute(pool)
+            .bind(audit.at)
+            .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
         });
         Ok(())
     }
