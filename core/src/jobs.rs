@@ -282,13 +282,10 @@ impl Engine {
         };
         match self.store.finish_job(job, &self.worker_id, &outcome, t, audit.as_ref()).await {
             Ok(()) => {
-                if let JobOutcome::Retry { .. } = outcome {
+                if let JobOutcome::Retry { run_after, .. } = &outcome {
                     // Wake a local worker when the backoff is over.
                     let wake = self.wake.clone();
-                    let delay = match &outcome {
-                        JobOutcome::Retry { run_after, .. } => (*run_after - t).to_std().unwrap_or_default(),
-                        _ => Duration::ZERO,
-                    };
+                    let delay = (*run_after - t).to_std().unwrap_or_default();
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
                         wake.notify_one();
