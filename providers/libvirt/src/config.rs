@@ -1,0 +1,288 @@
+//! The provider's configuration file: which libvirt to drive, where images
+//! and per-VM files live, how HCP network names map to libvirt networks,
+//! and how consoles are reached. Parsed strictly: an unknown key or a bad
+//! value is an error naming the key, at start, not at the first create.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Which accelerator domains use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// KVM when the host offers it, otherwise TCG.
+    Auto,
+    /// Hardware virtualization (`<domain type='kvm'>`).
+    Kvm,
+    /// QEMU's software emulation (`<domain type='qemu'>`).
+    Tcg,
+}
+
+/// One bootable image, keyed in the file by the catalog image's `source`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// The base disk (qcow2); each VM gets a copy-on-write overlay on it.
+    pub disk: PathBuf,
+    /// Direct kernel boot: the kernel, when the image is not self-booting.
+    pub kernel: Option<PathBuf>,
+    /// Direct kernel boot: the initrd.
+    pub initrd: Option<PathBuf>,
+    /// Direct kernel boot: the kernel command line.
+    pub cmdline: Option<String>,
+}
+
+/// What an HCP network attachment becomes on this host; exactly one key.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// A libvirt virtual network (`<interface type='network'>`).
+    pub network: Option<String>,
+    /// A host bridge (`<interface type='bridge'>`).
+    pub bridge: Option<String>,
+    /// QEMU user-mode networking, no host setup (`<interface type='user'>`).
+    #[serde(default)]
+    pub user: bool,
+}
+
+/// The NIC a network attachment resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Nic {
+    /// libvirt network.
+    Network(String),
+    /// Host bridge.
+    Bridge(String),
+    /// User-mode.
+    User,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address; port 0 picks one.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// libvirt connection URI (`qemu:///system`, `test:///default`, ...).
+    #[serde(default = "default_uri")]
+    pub uri: String,
+    /// Domain accelerator; `auto` picks KVM when the host has it.
+    #[serde(default = "default_accelerator")]
+    pub accelerator: Accelerator,
+    /// Per-VM files (overlay disk, cloud-init seed, serial log). The QEMU
+    /// user (libvirt-qemu on Debian) must be able to reach it.
+    pub state_dir: PathBuf,
+    /// Images by catalog `source`.
+    #[serde(default)]
+    pub images: BTreeMap<String, ImageConfig>,
+    /// Fallback: `<image_dir>/<source>.qcow2` for sources not listed above.
+    pub image_dir: Option<PathBuf>,
+    /// HCP network name -> NIC.
+    #[serde(default)]
+    pub networks: BTreeMap<String, NetworkConfig>,
+    /// Address VNC servers listen on (the hypervisor side).
+    #[serde(default = "default_vnc_listen")]
+    pub vnc_listen: IpAddr,
+    /// Address core's console proxy uses to reach VNC servers; defaults to
+    /// `vnc_listen`.
+    pub console_host: Option<String>,
+    /// Seconds a graceful stop waits for the guest before powering it off,
+    /// when the request gives none.
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_seconds: u64,
+    /// A peer libvirt host for live migration; without one the provider
+    /// does not claim live migration.
+    pub migration_peer: Option<String>,
+    /// Log JSON lines.
+    #[serde(default)]
+    pub json_logs: bool,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50071))
+}
+fn default_uri() -> String {
+    "qemu:///system".to_owned()
+}
+fn default_accelerator() -> Accelerator {
+    Accelerator::Auto
+}
+fn default_vnc_listen() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_stop_timeout() -> u64 {
+    60
+}
+
+/// The configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// Which file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("{0}")]
+    Parse(String),
+    /// A value is wrong.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The key, e.g. `networks.default`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and checks TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: &str| ConfigError::Invalid { field, message: message.into() };
+        if self.uri.trim().is_empty() {
+            return Err(invalid("uri".into(), "must not be empty"));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir".into(), "must be an absolute path"));
+        }
+        for (name, image) in &self.images {
+            if !image.disk.is_absolute() {
+                return Err(invalid(format!("images.{name}.disk"), "must be an absolute path"));
+            }
+            if image.initrd.is_some() && image.kernel.is_none() {
+                return Err(invalid(format!("images.{name}.initrd"), "needs images.{name}.kernel"));
+            }
+            if image.cmdline.is_some() && image.kernel.is_none() {
+                return Err(invalid(format!("images.{name}.cmdline"), "needs images.{name}.kernel"));
+            }
+        }
+        for (name, net) in &self.networks {
+            let set = usize::from(net.network.is_some())
+                + usize::from(net.bridge.is_some())
+                + usize::from(net.user);
+            if set != 1 {
+                return Err(invalid(
+                    format!("networks.{name}"),
+                    "needs exactly one of network = \"...\", bridge = \"...\" or user = true",
+                ));
+            }
+        }
+        if self.stop_timeout_seconds == 0 {
+            return Err(invalid("stop_timeout_seconds".into(), "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The image for a catalog source, if this host has it.
+    pub fn image(&self, source: &str) -> Option<ImageConfig> {
+        if let Some(image) = self.images.get(source) {
+            return Some(image.clone());
+        }
+        let dir = self.image_dir.as_ref()?;
+        let ok = !source.is_empty()
+            && source.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !source.starts_with('.');
+        let disk = dir.join(format!("{source}.qcow2"));
+        (ok && disk.is_file()).then_some(ImageConfig { disk, kernel: None, initrd: None, cmdline: None })
+    }
+
+    /// The NIC for an HCP network name, if configured.
+    pub fn nic(&self, network: &str) -> Option<Nic> {
+        let net = self.networks.get(network)?;
+        Some(match (&net.network, &net.bridge) {
+            (Some(n), _) => Nic::Network(n.clone()),
+            (None, Some(b)) => Nic::Bridge(b.clone()),
+            (None, None) => Nic::User,
+        })
+    }
+
+    /// Where core connects for consoles.
+    pub fn console_host(&self) -> String {
+        self.console_host.clone().unwrap_or_else(|| self.vnc_listen.to_string())
+    }
+
+    /// The default graceful-stop timeout.
+    pub fn stop_timeout(&self) -> Duration {
+        Duration::from_secs(self.stop_timeout_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Result<Config, String> {
+        Config::parse(text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn minimal_file_takes_defaults() {
+        let c = check("state_dir = \"/var/lib/hcp\"").unwrap();
+        assert_eq!(c.uri, "qemu:///system");
+        assert_eq!(c.accelerator, Accelerator::Auto);
+        assert_eq!(c.console_host(), "127.0.0.1");
+        assert_eq!(c.stop_timeout(), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        for (text, want) in [
+            ("state_dir = \"rel\"", "state_dir: must be an absolute path"),
+            ("state_dir = \"/s\"\nbogus = 1", "unknown field `bogus`"),
+            (
+                "state_dir = \"/s\"\n[networks.a]\nuser = true\nbridge = \"br0\"",
+                "networks.a: needs exactly one",
+            ),
+            ("state_dir = \"/s\"\n[networks.a]\n", "networks.a: needs exactly one"),
+            ("state_dir = \"/s\"\n[images.x]\ndisk = \"/d\"\ninitrd = \"/i\"", "images.x.initrd: needs"),
+            ("state_dir = \"/s\"\n[images.x]\ndisk = \"d\"", "images.x.disk: must be an absolute path"),
+            ("state_dir = \"/s\"\naccelerator = \"hvf\"", "unknown variant `hvf`"),
+            ("state_dir = \"/s\"\nstop_timeout_seconds = 0", "stop_timeout_seconds: must be at least 1"),
+        ] {
+            let err = check(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn networks_resolve_to_nics() {
+        let c = check(
+            "state_dir = \"/s\"\n[networks.a]\nnetwork = \"default\"\n[networks.b]\nbridge = \"br0\"\n\
+             [networks.c]\nuser = true",
+        )
+        .unwrap();
+        assert_eq!(c.nic("a"), Some(Nic::Network("default".into())));
+        assert_eq!(c.nic("b"), Some(Nic::Bridge("br0".into())));
+        assert_eq!(c.nic("c"), Some(Nic::User));
+        assert_eq!(c.nic("d"), None);
+    }
+
+    #[test]
+    fn image_dir_never_escapes() {
+        let c = check("state_dir = \"/s\"\nimage_dir = \"/etc\"").unwrap();
+        assert_eq!(c.image("../etc/passwd"), None);
+        assert_eq!(c.image(".hidden"), None);
+        assert_eq!(c.image(""), None);
+    }
+}

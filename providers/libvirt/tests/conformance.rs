@@ -1,0 +1,51 @@
+//! The conformance kit against the libvirt provider: on libvirt's built-in
+//! test driver (`test:///default`, no daemon, no guests) and on
+//! `qemu:///system` with real TCG guests of the tiny test image that
+//! `scripts/testbed.sh` builds.
+
+mod common;
+
+use hcp_provider_conformance::{Options, Outcome, run};
+
+async fn conformance(uri: &str) {
+    let bed = common::Testbed::new();
+    let provider = bed.start_in_process(uri).await;
+    let mut options = Options::new(&provider.endpoint);
+    options.image_source = "tiny".into();
+    options.network = "default".into();
+    options.memory_mib = 192;
+    let report = run(options).await.expect("kit runs");
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    let skipped: Vec<_> = report
+        .checks
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Skip(_)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    // The test driver runs no VNC servers, so it does not claim consoles.
+    let mut expected = vec!["spice console", "rdp console", "serial console"];
+    if uri.starts_with("test:") {
+        expected.insert(0, "vnc console");
+    }
+    assert_eq!(skipped, expected);
+    assert!(
+        report.checks.iter().any(|(n, o)| n.starts_with("snapshots:") && *o == Outcome::Pass),
+        "{report}"
+    );
+    // Nothing of the kit's VMs is left: no domain, no files.
+    let left = common::hcp_domains(uri, &bed);
+    assert!(left.is_empty(), "domains left behind: {left:?}");
+    let files: Vec<_> = std::fs::read_dir(&bed.state_dir).unwrap().flatten().map(|e| e.path()).collect();
+    assert!(files.is_empty(), "files left behind: {files:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conforms_on_the_test_driver() {
+    conformance("test:///default").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn conforms_on_qemu_with_real_guests() {
+    conformance("qemu:///system").await;
+}

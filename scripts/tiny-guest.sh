@@ -1,0 +1,118 @@
+#!/bin/sh
+# Builds HCP's tiny test guest from Debian packages only, without installing
+# anything: Debian's kernel (as an uncompressed ELF vmlinux, which QEMU boots
+# through its PVH entry point and so skips the slow xz decompressor under TCG)
+# and a busybox initramfs whose init
+#   - loads the virtio, cdrom and ACPI button modules,
+#   - powers the guest off when the ACPI power button is pressed,
+#   - reads a NoCloud seed (an ISO labelled `cidata`): hostname from
+#     meta-data `local-hostname` or user-data `hostname:`, runs user-data
+#     that starts with `#!`,
+#   - prints `HCP-GUEST-READY hostname=<name>` on the serial port and the screen,
+#   - leaves a root shell on ttyS0.
+# Also writes an empty 1 GiB qcow2 base disk for overlays.
+# Environment: OUT (results), WORKDIR (scratch).
+set -eu
+OUT=${OUT:?}
+WORKDIR=${WORKDIR:?}
+mkdir -p "$OUT" "$WORKDIR/debs"
+
+kpkg=$(apt-cache depends linux-image-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*\)$/\1/p' | head -n 1)
+[ -n "$kpkg" ] || { echo "cannot tell which kernel linux-image-amd64 depends on" >&2; exit 1; }
+kver=${kpkg#linux-image-}
+cd "$WORKDIR/debs"
+ls "${kpkg}"_*.deb >/dev/null 2>&1 || apt-get download "$kpkg"
+ls busybox-static_*.deb >/dev/null 2>&1 || apt-get download busybox-static
+
+rm -rf "$WORKDIR/kernel" "$WORKDIR/busybox" "$WORKDIR/root"
+dpkg-deb -x "${kpkg}"_*.deb "$WORKDIR/kernel"
+dpkg-deb -x busybox-static_*.deb "$WORKDIR/busybox"
+bb="$WORKDIR/busybox/bin/busybox"
+moddir="$WORKDIR/kernel/lib/modules/$kver"
+"$bb" depmod -b "$WORKDIR/kernel" "$kver"
+
+root="$WORKDIR/root"
+for d in bin proc sys dev run tmp seed etc/acpi/PWRF "lib/modules/$kver"; do mkdir -p "$root/$d"; done
+cp "$bb" "$root/bin/busybox"
+for applet in $("$bb" --list); do
+  [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
+done
+
+# The wanted modules and everything they depend on, with a matching modules.dep.
+deps="$root/lib/modules/$kver/modules.dep"
+: > "$deps"
+copy_module() {
+  entry=$(grep -E "(^|/)$1\.ko(\.xz)?:" "$moddir/modules.dep" | head -n 1)
+  [ -n "$entry" ] || { echo "kernel $kver has no module $1" >&2; exit 1; }
+  for file in ${entry%%:*} ${entry#*:}; do
+    grep -q "^$file:" "$deps" && continue
+    mkdir -p "$root/lib/modules/$kver/${file%/*}"
+    cp "$moddir/$file" "$root/lib/modules/$kver/$file"
+    grep "^$file:" "$moddir/modules.dep" >> "$deps"
+  done
+}
+modules="virtio_pci virtio_blk virtio_net button evdev isofs sr_mod ata_piix"
+for m in $modules; do copy_module "$m"; done
+
+cat > "$root/init" <<'INIT'
+#!/bin/sh
+export PATH=/bin
+exec /bin/init
+INIT
+chmod 755 "$root/init"
+
+cat > "$root/etc/inittab" <<'TAB'
+::sysinit:/etc/boot.sh
+ttyS0::respawn:-/bin/sh
+::shutdown:/bin/sync
+TAB
+
+cat > "$root/etc/acpi/PWRF/00000080" <<'PWR'
+#!/bin/sh
+echo "HCP-GUEST: power button, powering off" > /dev/ttyS0
+poweroff -f
+PWR
+chmod 755 "$root/etc/acpi/PWRF/00000080"
+
+cat > "$root/etc/boot.sh" <<BOOT
+#!/bin/sh
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in $modules; do modprobe \$m 2>/dev/null; done
+# Started before the banner so that a power button pressed right after it is seen.
+acpid -c /etc/acpi -l /dev/null
+hostname guest
+seed=""
+for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  seed=\$(findfs LABEL=cidata 2>/dev/null) && break
+  usleep 100000
+done
+if [ -n "\$seed" ] && mount -t iso9660 -o ro "\$seed" /seed; then
+  name=\$(sed -n 's/^local-hostname:[[:space:]]*//p' /seed/meta-data 2>/dev/null | head -n 1)
+  from_user=\$(sed -n 's/^hostname:[[:space:]]*//p' /seed/user-data 2>/dev/null | head -n 1)
+  [ -n "\$from_user" ] && name=\$from_user
+  [ -n "\$name" ] && hostname "\$name"
+  echo "HCP-GUEST: seed \$seed instance-id=\$(sed -n 's/^instance-id:[[:space:]]*//p' /seed/meta-data)"
+  case \$(head -c 2 /seed/user-data 2>/dev/null) in '#!') sh /seed/user-data ;; esac
+else
+  echo "HCP-GUEST: no seed"
+fi
+banner="HCP-GUEST-READY hostname=\$(hostname) kernel=\$(uname -r)"
+echo "\$banner"
+echo "\$banner" > /dev/tty0 2>/dev/null
+BOOT
+chmod 755 "$root/etc/boot.sh"
+echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
+
+(cd "$root" && find . | "$bb" cpio -o -H newc 2>/dev/null) | gzip -1 > "$OUT/initrd.gz"
+vmlinuz="$WORKDIR/kernel/boot/vmlinuz-$kver"
+offset=$(LC_ALL=C grep -obUaP '\xfd7zXZ\x00' "$vmlinuz" | head -n 1 | cut -d: -f1)
+[ -n "$offset" ] || { echo "no xz payload in $vmlinuz" >&2; exit 1; }
+tail -c +$((offset + 1)) "$vmlinuz" | xz -dc > "$OUT/vmlinux" 2>/dev/null || true
+[ -s "$OUT/vmlinux" ] || { echo "could not extract vmlinux" >&2; exit 1; }
+rm -f "$OUT/base.qcow2"
+qemu-img create -q -f qcow2 "$OUT/base.qcow2" 1G
+chmod 644 "$OUT"/*
+echo "tiny guest for kernel $kver in $OUT" >&2
