@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Runs every HCP test: formatting, lints, dependency boundaries, and the
-# unit, store (SQLite and PostgreSQL) and system tests. PostgreSQL and NATS
-# are started (or installed) first when they are not running.
+# unit, store (SQLite and PostgreSQL), system and real-VM tests. PostgreSQL,
+# NATS and libvirt are started (or installed) first when they are not
+# running, and the tiny test guest is built when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
+. scripts/testbed.sh
 
 ensure_postgres
 ensure_nats
 ensure_python_grpc
+# Before the build: the virt crate links libvirt through pkg-config.
+ensure_libvirt
+ensure_tiny_guest
 
 echo "== format"
 cargo fmt --all -- --check

@@ -15,6 +15,8 @@ use hcp_testkit::db::Backend;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use serde_json::{Value, json};
 
+mod p4;
+
 /// One figure of the report.
 struct Figure {
     id: &'static str,
@@ -33,6 +35,9 @@ fn main() -> anyhow::Result<()> {
         && ["core", "gateway", "provider-sim", "up", "token"].contains(&cmd.as_str())
     {
         return hcp_cli::main(args);
+    }
+    if args.get(1).map(String::as_str) == Some("provider-libvirt") {
+        return hcp_provider_libvirt::cli::main(args[1..].iter().cloned());
     }
     let which = args.get(1).map(String::as_str).unwrap_or("all").to_owned();
     let out = args
@@ -82,6 +87,9 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
             met: None,
             detail: json!({"idle_kib": idle, "peak_kib": loaded}),
         });
+    }
+    if all || which == "p4" {
+        figures.push(p4::p4(&exe).await?);
     }
     if all || which == "p5" {
         figures.push(p5(&exe).await?);

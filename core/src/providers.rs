@@ -62,6 +62,14 @@ impl ProviderCallError {
             Code::DeadlineExceeded => (ErrorCode::DeadlineExceeded, true),
             Code::Aborted | Code::ResourceExhausted => (ErrorCode::ProviderError, true),
             Code::Unauthenticated | Code::PermissionDenied => (ErrorCode::ProviderError, false),
+            // A status that carries a source was made on this side from a
+            // transport failure (the provider died or reset the connection
+            // mid-call), not sent by the provider: the call may not have
+            // happened or may have half happened, which the protocol's
+            // idempotency makes safe to repeat.
+            Code::Unknown | Code::Internal if std::error::Error::source(status).is_some() => {
+                (ErrorCode::ProviderUnavailable, true)
+            }
             Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => (ErrorCode::ProviderError, false),
         };
         // The provider may override the default with ErrorInfo metadata.
@@ -328,4 +336,37 @@ async fn reconfigure(
     clients.configure(p, creds).await?;
     tracing::info!(provider = %p.name, "credentials sent again");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(status: tonic::Status) -> (ErrorCode, bool) {
+        let e = ProviderCallError::from_status(&status);
+        (e.code, e.retryable)
+    }
+
+    #[test]
+    fn provider_statuses_are_classified() {
+        use tonic::Code;
+        for (status, want) in [
+            (tonic::Status::not_found("x"), (ErrorCode::NotFound, false)),
+            (tonic::Status::unavailable("x"), (ErrorCode::ProviderUnavailable, true)),
+            (tonic::Status::aborted("locked"), (ErrorCode::ProviderError, true)),
+            // Sent by the provider: its own failure, not retried.
+            (tonic::Status::new(Code::Unknown, "boom"), (ErrorCode::ProviderError, false)),
+            (tonic::Status::internal("boom"), (ErrorCode::ProviderError, false)),
+            // Made here from a dead connection: retried.
+            (
+                tonic::Status::from_error(Box::new(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                ))),
+                (ErrorCode::ProviderUnavailable, true),
+            ),
+        ] {
+            let shown = format!("{status:?}");
+            assert_eq!(check(status), want, "{shown}");
+        }
+    }
 }

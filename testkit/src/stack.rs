@@ -198,6 +198,40 @@ impl TestStack {
         Ok(self.spawn_announced(name, &all).await?.1)
     }
 
+    /// Starts another program as part of the stack (e.g. a provider built by
+    /// another crate) with extra environment; returns the address it
+    /// announced. Its log is `<name>.log` in the stack's directory.
+    pub async fn start_program(
+        &mut self,
+        name: &str,
+        exe: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))?;
+        let Spawned { child, announced, .. } = spawn(exe, args, env, Stdio::from(log), READY).await?;
+        self.children.insert(name.to_owned(), child);
+        Ok(announced)
+    }
+
+    /// Waits until a process of the stack exits by itself (e.g. at a
+    /// failpoint); returns its exit status and forgets it.
+    pub async fn wait_exit(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let child = self.children.get_mut(name).ok_or_else(|| anyhow::anyhow!("no process {name}"))?;
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .map_err(|_| anyhow::anyhow!("{name} still running after {timeout:?}"))??;
+        self.children.remove(name);
+        Ok(status)
+    }
+
     /// Starts another worker-only core process; returns its name.
     pub async fn start_worker(&mut self) -> anyhow::Result<String> {
         let name = format!("core-worker-{}", self.next_worker);
