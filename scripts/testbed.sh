@@ -14,16 +14,8 @@ testbed_log() { echo "[testbed] $*" >&2; }
 # Where the tiny guest is built; reused across runs when its inputs match.
 HCP_TESTBED_DIR=${HCP_TESTBED_DIR:-/var/tmp/hcp-testbed}
 
-testbed_apt() {
-  if [ "$(id -u)" != 0 ]; then
-    testbed_log "need root to install $*"; return 1
-  fi
-  if [ -z "${HCP_APT_UPDATED:-}" ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || return 1
-    export HCP_APT_UPDATED=1
-  fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
-}
+# apt_install and the log helpers.
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/services.sh"
 
 ensure_libvirt_packages() {
   local missing=()
@@ -33,7 +25,7 @@ ensure_libvirt_packages() {
   command -v xz >/dev/null 2>&1 || missing+=(xz-utils)
   if [ ${#missing[@]} -gt 0 ]; then
     testbed_log "installing ${missing[*]}"
-    testbed_apt "${missing[@]}" || return 1
+    apt_install "${missing[@]}" || return 1
   fi
   if ! command -v qemu-system-x86_64 >/dev/null 2>&1 || ! command -v qemu-img >/dev/null 2>&1; then
     # qemu-system-x86 pins qemu-utils/qemu-block-extra to its own version;
@@ -42,7 +34,7 @@ ensure_libvirt_packages() {
     local version
     version=$(apt-cache policy qemu-system-x86 | sed -n 's/^ *Candidate: //p')
     testbed_log "installing qemu-system-x86 $version"
-    testbed_apt --allow-downgrades "qemu-utils=$version" "qemu-block-extra=$version" \
+    apt_install --allow-downgrades "qemu-utils=$version" "qemu-block-extra=$version" \
       "qemu-system-x86=$version" || return 1
   fi
 }

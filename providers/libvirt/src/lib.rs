@@ -509,7 +509,7 @@ impl Libvirt {
 
 impl Libvirt {
     async fn list(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
-        let mut vms = self
+        let vms = self
             .call("list vms", |c| {
                 let mut out = Vec::new();
                 for d in c.list_all_domains(0)? {
@@ -530,16 +530,7 @@ impl Libvirt {
                 Ok(out)
             })
             .await?;
-        vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
-        vms.retain(|v| v.vm_id > req.page_token);
-        let size = if req.page_size == 0 { 1000 } else { req.page_size as usize };
-        let next = if vms.len() > size {
-            vms.truncate(size);
-            vms.last().map(|v| v.vm_id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
-        Ok(pb::ListVmsResponse { vms, next_page_token: next })
+        Ok(hcp_provider_sdk::page_of(vms, &req))
     }
 
     async fn snapshot_create(

@@ -214,6 +214,23 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
+/// One page of `vms` for a ListVms request: VMs ordered by id, those after
+/// `page_token`, at most `page_size` (default 1000), and the token of the
+/// next page (the last id given) when more remain. For providers that list
+/// their whole inventory and page it themselves.
+pub fn page_of(mut vms: Vec<pb::VmInfo>, req: &pb::ListVmsRequest) -> pb::ListVmsResponse {
+    vms.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+    vms.retain(|v| v.vm_id > req.page_token);
+    let size = if req.page_size == 0 { 1000 } else { req.page_size as usize };
+    let next_page_token = if vms.len() > size {
+        vms.truncate(size);
+        vms.last().map(|v| v.vm_id.clone()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    pb::ListVmsResponse { vms, next_page_token }
+}
+
 /// Where and how to serve.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -540,5 +557,35 @@ impl<P: Provider> Compute for Adapter<P> {
         vm_id(&req.vm_id)?;
         snapshot_id(&req.snapshot_id)?;
         reply(self.inner.delete_snapshot(req).await.map(|existed| pb::DeleteSnapshotResponse { existed }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_walk_the_inventory_in_id_order() {
+        let vms: Vec<pb::VmInfo> = ["c", "a", "e", "b", "d"]
+            .iter()
+            .map(|id| pb::VmInfo { vm_id: (*id).into(), ..Default::default() })
+            .collect();
+        let mut token = String::new();
+        let mut seen = Vec::new();
+        loop {
+            let page = page_of(vms.clone(), &pb::ListVmsRequest { page_size: 2, page_token: token });
+            assert!(page.vms.len() <= 2);
+            seen.extend(page.vms.into_iter().map(|v| v.vm_id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(seen, ["a", "b", "c", "d", "e"]);
+        assert_eq!(
+            page_of(vms, &pb::ListVmsRequest::default()).vms.len(),
+            5,
+            "page_size 0 means the default"
+        );
     }
 }
