@@ -8,6 +8,8 @@
 //! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped.
 //! - [`rest::Rest`]: a small JSON-over-HTTP client for the gateway.
 //! - [`wait_until`]: waiting for a condition with a deadline, never a sleep.
+//! - [`workspace_bin`]: another workspace binary (a provider process outside
+//!   `hcp`), built if needed, for [`stack::TestStack::start_process`].
 
 pub mod db;
 pub mod nats;
@@ -33,6 +35,28 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Returns the path of binary `bin` of workspace package `package`, next to
+/// `hcp_exe` (the test's `CARGO_BIN_EXE_hcp`), after `cargo build` made sure
+/// it is current (a no-op when it is; the test runner builds only the
+/// tested package's binaries).
+pub fn workspace_bin(
+    hcp_exe: &std::path::Path,
+    package: &str,
+    bin: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    let dir = hcp_exe.parent().ok_or_else(|| anyhow::anyhow!("{} has no directory", hcp_exe.display()))?;
+    let target = dir.parent().ok_or_else(|| anyhow::anyhow!("{} has no target dir", dir.display()))?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--quiet", "-p", package, "--bin", bin, "--target-dir"])
+        .arg(target)
+        .status()?;
+    anyhow::ensure!(status.success(), "cargo build -p {package} --bin {bin} failed");
+    Ok(dir.join(bin))
 }
 
 /// A directory under the system temp dir, removed on drop unless the test

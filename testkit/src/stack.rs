@@ -181,11 +181,28 @@ impl TestStack {
     }
 
     async fn spawn_announced(&mut self, name: &str, args: &[String]) -> anyhow::Result<(SocketAddr, String)> {
+        let exe = self.exe.clone();
+        self.spawn_exe(name, &exe, args).await
+    }
+
+    /// Starts a process from another executable (a provider outside the
+    /// `hcp` binary, a hypervisor simulator) with its log in the stack's
+    /// directory; returns the address it announced on its readiness line.
+    pub async fn start_process(&mut self, name: &str, exe: &Path, args: &[String]) -> anyhow::Result<String> {
+        Ok(self.spawn_exe(name, exe, args).await?.1)
+    }
+
+    async fn spawn_exe(
+        &mut self,
+        name: &str,
+        exe: &Path,
+        args: &[String],
+    ) -> anyhow::Result<(SocketAddr, String)> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))?;
-        let Spawned { child, addr, announced } = spawn(&self.exe, args, &[], Stdio::from(log), READY).await?;
+        let Spawned { child, addr, announced } = spawn(exe, args, &[], Stdio::from(log), READY).await?;
         self.children.insert(name.to_owned(), child);
         Ok((addr, announced))
     }

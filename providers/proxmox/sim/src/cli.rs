@@ -34,6 +34,10 @@ struct Args {
     /// How long each task runs, milliseconds.
     #[arg(long, default_value_t = 40)]
     task_ms: u64,
+    /// Also serve the control API (`/_sim/...`) over plain HTTP here, for
+    /// tests without a TLS client.
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
     /// Delay before a 401, milliseconds (PVE: 3000).
     #[arg(long, default_value_t = 300)]
     auth_failure_delay_ms: u64,
@@ -80,6 +84,21 @@ where
         if let Some(out) = &args.cert_out {
             std::fs::write(out, &running.cert_pem)
                 .with_context(|| format!("--cert-out {}", out.display()))?;
+        }
+        if let Some(addr) = args.control_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--control-listen {addr}"))?;
+            let bound = listener.local_addr()?;
+            std::fs::write(
+                args.cert_out
+                    .as_ref()
+                    .map(|c| c.with_extension("control"))
+                    .unwrap_or_else(|| "sim.control".into()),
+                bound.to_string(),
+            )?;
+            let app = crate::control_router(running.sim.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await });
         }
         hcp_telemetry::announce_ready("proxmox-sim", running.addr);
         hcp_telemetry::shutdown_signal().await;

@@ -403,6 +403,11 @@ pub async fn start(config: SimConfig) -> Result<Running, StartError> {
     Ok(Running { addr, cert_pem, fingerprint, sim, shutdown: Some(tx) })
 }
 
+/// The control API alone (`/_sim/...`), for a plain HTTP listener.
+pub fn control_router(sim: Sim) -> axum::Router {
+    api::router(sim)
+}
+
 /// SHA-256 of a DER certificate as `AA:BB:...`.
 pub fn fingerprint_of(der: &[u8]) -> String {
     use sha2::Digest;
