@@ -8,6 +8,8 @@
 //! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped.
 //! - [`rest::Rest`]: a small JSON-over-HTTP client for the gateway.
 //! - [`wait_until`]: waiting for a condition with a deadline, never a sleep.
+//! - [`workspace_bin`]: another workspace binary (a provider process outside
+//!   `hcp`) for [`stack::TestStack::start_program`].
 
 pub mod db;
 pub mod nats;
@@ -33,6 +35,20 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The binary `bin` of another workspace package, found beside `exe` (a
+/// binary of the running test's own package, e.g. `CARGO_BIN_EXE_hcp`).
+/// A workspace build (`cargo build --workspace`, or `cargo nextest run
+/// --workspace`) puts it there; when it is missing the error says so.
+pub fn workspace_bin(exe: &std::path::Path, bin: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = exe.with_file_name(bin);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// A directory under the system temp dir, removed on drop unless the test

@@ -181,11 +181,22 @@ impl TestStack {
     }
 
     async fn spawn_announced(&mut self, name: &str, args: &[String]) -> anyhow::Result<(SocketAddr, String)> {
+        let exe = self.exe.clone();
+        self.spawn_exe(name, &exe, args, &[]).await
+    }
+
+    async fn spawn_exe(
+        &mut self,
+        name: &str,
+        exe: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<(SocketAddr, String)> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))?;
-        let Spawned { child, addr, announced } = spawn(&self.exe, args, &[], Stdio::from(log), READY).await?;
+        let Spawned { child, addr, announced } = spawn(exe, args, env, Stdio::from(log), READY).await?;
         self.children.insert(name.to_owned(), child);
         Ok((addr, announced))
     }
@@ -198,9 +209,10 @@ impl TestStack {
         Ok(self.spawn_announced(name, &all).await?.1)
     }
 
-    /// Starts another program as part of the stack (e.g. a provider built by
-    /// another crate) with extra environment; returns the address it
-    /// announced. Its log is `<name>.log` in the stack's directory.
+    /// Starts another program as part of the stack (a provider built by
+    /// another crate, a hypervisor simulator) with extra environment;
+    /// returns the address it announced on its readiness line. Its log is
+    /// `<name>.log` in the stack's directory.
     pub async fn start_program(
         &mut self,
         name: &str,
@@ -208,13 +220,7 @@ impl TestStack {
         args: &[String],
         env: &[(&str, String)],
     ) -> anyhow::Result<String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{name}.log")))?;
-        let Spawned { child, announced, .. } = spawn(exe, args, env, Stdio::from(log), READY).await?;
-        self.children.insert(name.to_owned(), child);
-        Ok(announced)
+        Ok(self.spawn_exe(name, exe, args, env).await?.1)
     }
 
     /// Waits until a process of the stack exits by itself (e.g. at a

@@ -1,0 +1,913 @@
+//! The simulated PVE handlers: authentication, schema validation and
+//! recording, fault injection, then the behaviour of each path the QEMU
+//! lifecycle uses. Everything a real node would refuse is refused with the
+//! same status and message shape; paths the schema knows but the simulator
+//! does not model answer 501.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State as AxState;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::{Effect, Faults, RequestRecord, Sim, State, Task, Ticket, Violations, Vm};
+
+/// The router: one fallback handler sees every request.
+pub(crate) fn router(sim: Sim) -> axum::Router {
+    axum::Router::new().fallback(handle).with_state(sim)
+}
+
+/// An answer before enveloping.
+enum Answer {
+    Data(Value),
+    Error(u16, String, Option<Violations>),
+    /// A 401 without the JSON envelope, sent after the configured delay.
+    Unauthorized(String),
+}
+
+fn fail(status: u16, msg: impl Into<String>) -> Answer {
+    Answer::Error(status, msg.into(), None)
+}
+
+fn reply(answer: Answer, numbers_as_strings: bool) -> Response {
+    match answer {
+        Answer::Data(mut data) => {
+            if numbers_as_strings {
+                stringify_numbers(&mut data);
+            }
+            axum::Json(json!({ "data": data })).into_response()
+        }
+        Answer::Error(status, msg, errors) => {
+            let mut body = json!({"data": null, "message": format!("{msg}\n")});
+            if let Some(e) = errors {
+                body["errors"] = json!(e);
+            }
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            with_reason((code, axum::Json(body)).into_response(), &msg)
+        }
+        Answer::Unauthorized(msg) => with_reason(StatusCode::UNAUTHORIZED.into_response(), &msg),
+    }
+}
+
+/// PVE puts the message in the HTTP reason phrase.
+fn with_reason(mut resp: Response, msg: &str) -> Response {
+    let clean: String = msg.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').take(200).collect();
+    if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(clean.into_bytes()) {
+        resp.extensions_mut().insert(reason);
+    }
+    resp
+}
+
+/// Integer fields PVE is known to send as strings.
+fn stringify_numbers(v: &mut Value) {
+    const KEYS: &[&str] =
+        &["vmid", "maxmem", "maxcpu", "cpus", "mem", "maxdisk", "uptime", "port", "template"];
+    match v {
+        Value::Object(map) => {
+            for (k, val) in map.iter_mut() {
+                if KEYS.contains(&k.as_str()) && val.is_number() {
+                    *val = Value::String(val.to_string());
+                } else {
+                    stringify_numbers(val);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(stringify_numbers),
+        _ => {}
+    }
+}
+
+fn parse_params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String, String> {
+    let mut params: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(q) = uri.query() {
+        params.extend(form_urlencoded::parse(q.as_bytes()).into_owned());
+    }
+    let json = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
+            for (k, v) in map {
+                let s = match v {
+                    Value::String(s) => s,
+                    Value::Bool(b) => if b { "1" } else { "0" }.to_owned(),
+                    other => other.to_string(),
+                };
+                params.insert(k, s);
+            }
+        }
+    } else if !body.is_empty() {
+        params.extend(form_urlencoded::parse(body).into_owned());
+    }
+    params
+}
+
+enum Auth {
+    Ok(String),
+    Denied(String),
+}
+
+fn authenticate(s: &mut State, method: &Method, headers: &HeaderMap) -> Auth {
+    if let Some(h) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        let Some(token) = h.strip_prefix("PVEAPIToken=") else {
+            return Auth::Denied("authentication failure".to_owned());
+        };
+        let Some((id, secret)) = token.split_once('=') else {
+            return Auth::Denied("authentication failure".to_owned());
+        };
+        return if s.config.tokens.iter().any(|(i, sec)| i == id && sec == secret) {
+            Auth::Ok(id.to_owned())
+        } else {
+            Auth::Denied("authentication failure".to_owned())
+        };
+    }
+    let cookie = headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("PVEAuthCookie=").map(str::to_owned));
+    let Some(ticket) = cookie else {
+        return Auth::Denied("no ticket".to_owned());
+    };
+    let ticket = percent_encoding::percent_decode_str(&ticket).decode_utf8_lossy().into_owned();
+    let lifetime = s.config.ticket_lifetime;
+    let Some(t) = s.tickets.get(&ticket).filter(|t| t.issued.elapsed() < lifetime) else {
+        return Auth::Denied("authentication failure".to_owned());
+    };
+    if *method != Method::GET {
+        let csrf = headers.get("csrfpreventiontoken").and_then(|v| v.to_str().ok());
+        if csrf != Some(t.csrf.as_str()) {
+            return Auth::Denied("Permission denied - invalid csrf token".to_owned());
+        }
+    }
+    Auth::Ok(t.user.clone())
+}
+
+async fn handle(
+    AxState(sim): AxState<Sim>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_owned();
+    if let Some(ctl) = path.strip_prefix("/_sim/") {
+        return control(&sim, &method, ctl, &body);
+    }
+    let Some(api_path) = path.strip_prefix("/api2/json") else {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    };
+    let api_path = api_path.to_owned();
+    let params = parse_params(&uri, &headers, &body);
+    let route = sim.schema.route(&api_path);
+    let mut record = RequestRecord {
+        method: method.to_string(),
+        path: api_path.clone(),
+        template: route.as_ref().map(|r| r.template.clone()),
+        params: params.clone(),
+        violations: Violations::new(),
+        status: 200,
+    };
+    // Validation: path variables count as parameters, as in PVE.
+    if let Some(r) = &route {
+        let mut all = params.clone();
+        all.extend(r.vars.clone());
+        if let Err(v) = sim.schema.validate(&r.template, method.as_str(), &all) {
+            record.violations = v;
+        }
+    }
+    let (answer, numbers_as_strings, delay) = {
+        let mut s = sim.lock();
+        let numbers = s.config.numbers_as_strings;
+        let delay = s.config.auth_failure_delay;
+        let answer = dispatch(&sim, &mut s, &method, &api_path, route, &headers, &params, &record.violations);
+        (answer, numbers, delay)
+    };
+    // Lock waits happen outside the state lock.
+    let answer = match answer {
+        Step::Done(a) => a,
+        Step::WaitLock(vmid) => wait_for_lock(&sim, vmid, &method, &api_path, &headers, &params).await,
+    };
+    record.status = match &answer {
+        Answer::Data(_) => 200,
+        Answer::Error(s, _, _) => *s,
+        Answer::Unauthorized(_) => 401,
+    };
+    sim.lock().requests.push(record);
+    if matches!(answer, Answer::Unauthorized(_)) {
+        tokio::time::sleep(delay).await;
+    }
+    reply(answer, numbers_as_strings)
+}
+
+/// Retries a request whose VM config lock was held by a running task until
+/// the lock is free or the wait runs out (then PVE's "got timeout").
+async fn wait_for_lock(
+    sim: &Sim,
+    vmid: u32,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    params: &BTreeMap<String, String>,
+) -> Answer {
+    let wait = sim.lock().config.lock_wait;
+    let deadline = Instant::now() + wait;
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut s = sim.lock();
+        advance(&mut s);
+        if !holds_lock(&s, vmid) {
+            let route = sim.schema.route(path);
+            return match dispatch(sim, &mut s, method, path, route, headers, params, &Violations::new()) {
+                Step::Done(a) => a,
+                Step::WaitLock(_) => lock_timeout(vmid),
+            };
+        }
+        if Instant::now() >= deadline {
+            return lock_timeout(vmid);
+        }
+    }
+}
+
+fn lock_timeout(vmid: u32) -> Answer {
+    fail(500, format!("can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout"))
+}
+
+enum Step {
+    Done(Answer),
+    WaitLock(u32),
+}
+
+fn holds_lock(s: &State, vmid: u32) -> bool {
+    s.tasks.values().any(|t| t.exit.is_none() && t.vmid == Some(vmid) && t.kind != "vncproxy")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
+    sim: &Sim,
+    s: &mut State,
+    method: &Method,
+    path: &str,
+    route: Option<crate::schema::Route>,
+    headers: &HeaderMap,
+    params: &BTreeMap<String, String>,
+    violations: &Violations,
+) -> Step {
+    advance(s);
+    if s.faults.expire_tickets {
+        s.faults.expire_tickets = false;
+        s.tickets.clear();
+    }
+    let Some(route) = route else {
+        return Step::Done(fail(501, format!("Method '{method} {path}' not implemented")));
+    };
+    let template = route.template.as_str();
+    if sim.schema.method(template, method.as_str()).is_none() {
+        return Step::Done(fail(501, format!("Method '{method} {path}' not implemented")));
+    }
+    let public = template == "/access/ticket";
+    let user = if public {
+        String::new()
+    } else {
+        match authenticate(s, method, headers) {
+            Auth::Ok(u) => u,
+            Auth::Denied(m) => return Step::Done(Answer::Unauthorized(m)),
+        }
+    };
+    if !violations.is_empty() {
+        return Step::Done(Answer::Error(
+            400,
+            "Parameter verification failed.".to_owned(),
+            Some(violations.clone()),
+        ));
+    }
+    if !public && s.faults.proxy_errors > 0 {
+        s.faults.proxy_errors -= 1;
+        return Step::Done(fail(595, "Connection timed out"));
+    }
+    let p = |k: &str| params.get(k).map(String::as_str);
+    let var = |k: &str| route.vars.get(k).cloned().unwrap_or_default();
+    let vmid: u32 = var("vmid").parse().unwrap_or(0);
+    let node = var("node");
+    let mutating = *method != Method::GET && template.starts_with("/nodes/{node}/qemu/{vmid}");
+    if mutating && template != "/nodes/{node}/qemu/{vmid}/vncproxy" {
+        if s.faults.lock_timeouts > 0 {
+            s.faults.lock_timeouts -= 1;
+            return Step::Done(lock_timeout(vmid));
+        }
+        if holds_lock(s, vmid) {
+            return Step::WaitLock(vmid);
+        }
+    }
+    if template.starts_with("/nodes/{node}") && !s.config.nodes.contains(&node) {
+        return Step::Done(fail(
+            500,
+            format!("hostname lookup '{node}' failed - failed to get address info"),
+        ));
+    }
+    if template.starts_with("/nodes/{node}/qemu/{vmid}") {
+        match s.vms.get(&vmid) {
+            Some(vm) if vm.node == node => {}
+            _ => {
+                return Step::Done(fail(
+                    500,
+                    format!("Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"),
+                ));
+            }
+        }
+    }
+    let answer = match (method.as_str(), template) {
+        ("POST", "/access/ticket") => ticket(s, p("username").unwrap_or(""), p("password").unwrap_or("")),
+        ("GET", "/version") => Answer::Data(json!({
+            "version": s.config.version, "release": s.config.version.rsplit_once('.').map(|x| x.0).unwrap_or("9.1"),
+            "repoid": "deadbeef", "console": "html5"
+        })),
+        ("GET", "/cluster/nextid") => nextid(s, p("vmid")),
+        ("GET", "/cluster/resources") => Answer::Data(resources(s, p("type"))),
+        ("GET", "/nodes/{node}/qemu") => {
+            Answer::Data(Value::Array(s.vms.values().filter(|v| v.node == node).map(vm_summary).collect()))
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/clone") => clone(s, &node, vmid, &user, params),
+        ("GET", "/nodes/{node}/qemu/{vmid}/config") => {
+            let vm = &s.vms[&vmid];
+            let mut cfg: serde_json::Map<String, Value> =
+                vm.config.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            cfg.insert("digest".into(), json!(format!("{:040x}", vm.config.len())));
+            if let Some(l) = &vm.lock {
+                cfg.insert("lock".into(), json!(l));
+            }
+            Answer::Data(Value::Object(cfg))
+        }
+        ("PUT", "/nodes/{node}/qemu/{vmid}/config") => match set_config(s, vmid, params) {
+            Ok(()) => Answer::Data(Value::Null),
+            Err(a) => a,
+        },
+        ("POST", "/nodes/{node}/qemu/{vmid}/config") => match set_config(s, vmid, params) {
+            Ok(()) => Answer::Data(json!(spawn_task(s, &node, "qmconfig", vmid, &user, Effect::None))),
+            Err(a) => a,
+        },
+        ("GET", "/nodes/{node}/qemu/{vmid}/status/current") => {
+            let vm = &s.vms[&vmid];
+            let mut st = json!({
+                "status": vm.status, "vmid": vm.vmid, "ha": {"managed": 0},
+                "name": vm.config.get("name").cloned().unwrap_or_default(),
+                "qmpstatus": vm.status, "cpus": cores(vm), "maxmem": memory_mib(vm) * 1024 * 1024,
+            });
+            if let Some(l) = &vm.lock {
+                st["lock"] = json!(l);
+            }
+            if let Some(t) = vm.config.get("tags") {
+                st["tags"] = json!(t);
+            }
+            if vm.template {
+                st["template"] = json!(1);
+            }
+            Answer::Data(st)
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/start") => {
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if vm.template {
+                fail(500, format!("VM {vmid} is a template"))
+            } else if vm.status == "running" {
+                fail(500, format!("VM {vmid} already running"))
+            } else {
+                Answer::Data(json!(spawn_task(
+                    s,
+                    &node,
+                    "qmstart",
+                    vmid,
+                    &user,
+                    Effect::Power(vmid, "running")
+                )))
+            }
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/stop") => match locked(&s.vms[&vmid]) {
+            Some(a) => a,
+            None => Answer::Data(json!(spawn_task(
+                s,
+                &node,
+                "qmstop",
+                vmid,
+                &user,
+                Effect::Power(vmid, "stopped")
+            ))),
+        },
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/shutdown") => {
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if vm.status != "running" {
+                fail(500, format!("VM {vmid} not running"))
+            } else {
+                let force = p("forceStop").is_some_and(truthy);
+                Answer::Data(json!(spawn_task(
+                    s,
+                    &node,
+                    "qmshutdown",
+                    vmid,
+                    &user,
+                    Effect::Shutdown(vmid, force)
+                )))
+            }
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/reboot") => {
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if vm.status != "running" {
+                fail(500, format!("VM {vmid} not running"))
+            } else {
+                Answer::Data(json!(spawn_task(s, &node, "qmreboot", vmid, &user, Effect::Reboot(vmid))))
+            }
+        }
+        ("DELETE", "/nodes/{node}/qemu/{vmid}") => {
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if vm.status == "running" {
+                fail(500, format!("VM {vmid} is running - destroy failed"))
+            } else {
+                Answer::Data(json!(spawn_task(s, &node, "qmdestroy", vmid, &user, Effect::Destroy(vmid))))
+            }
+        }
+        ("GET", "/nodes/{node}/qemu/{vmid}/snapshot") => {
+            let vm = &s.vms[&vmid];
+            let mut list: Vec<Value> = vm
+                .snapshots
+                .iter()
+                .map(|(name, (desc, vmstate, time))| {
+                    json!({"name": name, "description": desc, "vmstate": u8::from(*vmstate), "snaptime": time})
+                })
+                .collect();
+            list.push(json!({"name": "current", "description": "You are here!", "running": u8::from(vm.status == "running")}));
+            Answer::Data(Value::Array(list))
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/snapshot") => {
+            let name = p("snapname").unwrap_or_default().to_owned();
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if vm.snapshots.contains_key(&name) || name == "current" {
+                fail(500, format!("snapshot name '{name}' already used"))
+            } else {
+                let vmstate = p("vmstate").is_some_and(truthy) && vm.status == "running";
+                let desc = p("description").unwrap_or_default().to_owned();
+                if let Some(v) = s.vms.get_mut(&vmid) {
+                    v.lock = Some("snapshot".to_owned());
+                }
+                Answer::Data(json!(spawn_task(
+                    s,
+                    &node,
+                    "qmsnapshot",
+                    vmid,
+                    &user,
+                    Effect::Snapshot(vmid, name, desc, vmstate)
+                )))
+            }
+        }
+        ("DELETE", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}") => {
+            let name = var("snapname");
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if !vm.snapshots.contains_key(&name) {
+                fail(500, format!("snapshot '{name}' does not exist"))
+            } else {
+                if let Some(v) = s.vms.get_mut(&vmid) {
+                    v.lock = Some("snapshot-delete".to_owned());
+                }
+                Answer::Data(json!(spawn_task(
+                    s,
+                    &node,
+                    "qmdelsnapshot",
+                    vmid,
+                    &user,
+                    Effect::DeleteSnapshot(vmid, name)
+                )))
+            }
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/snapshot/{snapname}/rollback") => {
+            let name = var("snapname");
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if !vm.snapshots.contains_key(&name) {
+                fail(500, format!("snapshot '{name}' does not exist"))
+            } else {
+                let start = p("start").is_some_and(truthy);
+                if let Some(v) = s.vms.get_mut(&vmid) {
+                    v.lock = Some("rollback".to_owned());
+                }
+                Answer::Data(json!(spawn_task(
+                    s,
+                    &node,
+                    "qmrollback",
+                    vmid,
+                    &user,
+                    Effect::Rollback(vmid, name, start)
+                )))
+            }
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/vncproxy") => {
+            if s.vms[&vmid].status != "running" {
+                fail(500, format!("VM {vmid} not running"))
+            } else {
+                let port = 5900 + (s.vnc_tickets.len() % 100) as u16;
+                let ticket = format!(
+                    "PVEVNC:{:08X}::{}",
+                    rand::random::<u32>(),
+                    hex::encode(rand::random::<[u8; 16]>())
+                );
+                s.vnc_tickets.insert(ticket.clone(), (vmid, port, Instant::now()));
+                let upid = spawn_task(s, &node, "vncproxy", vmid, &user, Effect::None);
+                let mut data = json!({"user": user, "ticket": ticket, "port": port, "upid": upid, "cert": "-----BEGIN CERTIFICATE-----\nsim\n-----END CERTIFICATE-----\n"});
+                if p("generate-password").is_some_and(truthy) {
+                    data["password"] = json!(format!("{:08x}", rand::random::<u32>()));
+                }
+                Answer::Data(data)
+            }
+        }
+        ("GET", "/nodes/{node}/qemu/{vmid}/vncwebsocket") => {
+            let ticket = p("vncticket").unwrap_or_default();
+            let port: u16 = p("port").and_then(|x| x.parse().ok()).unwrap_or(0);
+            match s.vnc_tickets.get(ticket) {
+                Some((v, pt, at)) if *v == vmid && *pt == port && at.elapsed() < Duration::from_secs(40) => {
+                    Answer::Data(json!({"port": port}))
+                }
+                _ => Answer::Unauthorized("authentication failure".to_owned()),
+            }
+        }
+        ("GET", "/nodes/{node}/tasks/{upid}/status") => match s.tasks.get(&var("upid")) {
+            Some(t) if t.node == node => {
+                let mut st = json!({
+                    "upid": t.upid, "node": t.node, "pid": t.pid, "pstart": t.pstart, "starttime": t.starttime,
+                    "type": t.kind, "id": t.id, "user": t.user,
+                    "status": if t.exit.is_some() { "stopped" } else { "running" },
+                });
+                if let Some(e) = &t.exit {
+                    st["exitstatus"] = json!(e);
+                }
+                if let Some((_, tokenid)) = t.user.split_once('!') {
+                    st["tokenid"] = json!(tokenid);
+                }
+                Answer::Data(st)
+            }
+            _ => fail(500, format!("no such task '{}'", var("upid"))),
+        },
+        ("GET", "/nodes/{node}/tasks/{upid}/log") => match s.tasks.get(&var("upid")) {
+            Some(t) => {
+                let mut lines = vec![json!({"n": 1, "t": format!("task {} started", t.kind)})];
+                if let Some(e) = &t.exit {
+                    lines.push(json!({"n": 2, "t": if e == "OK" { "TASK OK".to_owned() } else { format!("TASK ERROR: {e}") }}));
+                }
+                Answer::Data(Value::Array(lines))
+            }
+            None => fail(500, format!("no such task '{}'", var("upid"))),
+        },
+        _ => fail(501, format!("Method '{method} {template}' not implemented by the simulator")),
+    };
+    Step::Done(answer)
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+}
+
+fn locked(vm: &Vm) -> Option<Answer> {
+    vm.lock.as_ref().map(|l| fail(500, format!("VM is locked ({l})")))
+}
+
+fn cores(vm: &Vm) -> u32 {
+    vm.config.get("cores").and_then(|c| c.parse().ok()).unwrap_or(1)
+}
+
+fn memory_mib(vm: &Vm) -> u64 {
+    vm.config
+        .get("memory")
+        .and_then(|m| m.split(',').next())
+        .map(|m| m.trim_start_matches("current="))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(512)
+}
+
+fn vm_summary(vm: &Vm) -> Value {
+    let mut v = json!({
+        "id": format!("qemu/{}", vm.vmid), "type": "qemu", "vmid": vm.vmid, "node": vm.node,
+        "name": vm.config.get("name").cloned().unwrap_or_default(), "status": vm.status,
+        "template": u8::from(vm.template), "maxcpu": cores(vm), "maxmem": memory_mib(vm) * 1024 * 1024,
+        "tags": vm.config.get("tags").cloned().unwrap_or_default(),
+    });
+    if let Some(l) = &vm.lock {
+        v["lock"] = json!(l);
+    }
+    v
+}
+
+fn resources(s: &State, kind: Option<&str>) -> Value {
+    let mut out = Vec::new();
+    if matches!(kind, None | Some("vm")) {
+        out.extend(s.vms.values().map(vm_summary));
+    }
+    if matches!(kind, None | Some("storage")) {
+        for node in &s.config.nodes {
+            for (name, shared, content) in &s.config.storages {
+                out.push(json!({
+                    "id": format!("storage/{node}/{name}"), "type": "storage", "node": node, "storage": name,
+                    "shared": u8::from(*shared), "content": content, "status": "available",
+                    "plugintype": if name.contains("lvm") { "lvmthin" } else { "dir" },
+                }));
+            }
+        }
+    }
+    if matches!(kind, None | Some("node")) {
+        for node in &s.config.nodes {
+            out.push(json!({"id": format!("node/{node}"), "type": "node", "node": node, "status": "online", "maxcpu": 8}));
+        }
+    }
+    Value::Array(out)
+}
+
+fn ticket(s: &mut State, username: &str, password: &str) -> Answer {
+    let lifetime = s.config.ticket_lifetime;
+    let renewing = s.tickets.get(password).filter(|t| t.user == username && t.issued.elapsed() < lifetime);
+    let valid = renewing.is_some() || s.config.users.iter().any(|(u, p)| u == username && p == password);
+    if !valid {
+        return Answer::Unauthorized("authentication failure".to_owned());
+    }
+    let ticket =
+        format!("PVE:{username}:{:08X}::{}", rand::random::<u32>(), hex::encode(rand::random::<[u8; 24]>()));
+    let csrf = format!("{:08X}:{}", rand::random::<u32>(), hex::encode(rand::random::<[u8; 12]>()));
+    s.tickets.insert(
+        ticket.clone(),
+        Ticket { user: username.to_owned(), csrf: csrf.clone(), issued: Instant::now() },
+    );
+    Answer::Data(json!({"ticket": ticket, "CSRFPreventionToken": csrf, "username": username}))
+}
+
+fn nextid(s: &State, wanted: Option<&str>) -> Answer {
+    if let Some(w) = wanted {
+        let id: u32 = w.parse().unwrap_or(0);
+        if s.vms.contains_key(&id) {
+            return Answer::Error(
+                400,
+                "Parameter verification failed.".to_owned(),
+                Some([("vmid".to_owned(), format!("VM {id} already exists"))].into()),
+            );
+        }
+        // PVE answers the id as a string.
+        return Answer::Data(json!(id.to_string()));
+    }
+    let free = (100u32..).find(|id| !s.vms.contains_key(id)).unwrap_or(100);
+    Answer::Data(json!(free.to_string()))
+}
+
+fn clone(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<String, String>) -> Answer {
+    let newid: u32 = params.get("newid").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if let Some(target) = params.get("target")
+        && target != node
+    {
+        return fail(500, "clone to another node needs shared storage");
+    }
+    if s.faults.collisions > 0 && !s.vms.contains_key(&newid) {
+        // Someone else took the id between nextid and this clone.
+        s.faults.collisions -= 1;
+        let mut other = s.vms[&vmid].clone();
+        other.vmid = newid;
+        other.template = false;
+        other.config.remove("template");
+        other.config.insert("name".into(), "someone-else".into());
+        s.vms.insert(newid, other);
+    }
+    if s.vms.contains_key(&newid) {
+        return fail(
+            500,
+            format!("unable to create VM {newid} - VM {newid} already exists on node '{node}'"),
+        );
+    }
+    let source = &s.vms[&vmid];
+    if !source.template && source.status == "running" && !params.get("full").is_some_and(|f| truthy(f)) {
+        return fail(500, "linked clone of a running VM is not possible");
+    }
+    let mut config = source.config.clone();
+    config.remove("template");
+    config.remove("tags");
+    if let Some(name) = params.get("name") {
+        config.insert("name".into(), name.clone());
+    }
+    if let Some(d) = params.get("description") {
+        config.insert("description".into(), d.clone());
+    }
+    if let Some(disk) = config.get_mut("scsi0") {
+        *disk = format!("local-lvm:vm-{newid}-disk-0,size=2G");
+    }
+    let vm = Vm {
+        vmid: newid,
+        node: node.to_owned(),
+        status: "stopped".to_owned(),
+        template: false,
+        lock: Some("clone".to_owned()),
+        config,
+        snapshots: BTreeMap::new(),
+        starts: 0,
+        stops: 0,
+        shutdowns: 0,
+        reboots: 0,
+    };
+    s.vms.insert(newid, vm);
+    // The task's lock is on the new VM's config.
+    Answer::Data(json!(spawn_task(s, node, "qmclone", newid, user, Effect::Cloned(newid))))
+}
+
+fn set_config(s: &mut State, vmid: u32, params: &BTreeMap<String, String>) -> Result<(), Answer> {
+    if let Some(a) = locked(&s.vms[&vmid]) {
+        return Err(a);
+    }
+    if s.faults.config_failures > 0 {
+        s.faults.config_failures -= 1;
+        return Err(fail(
+            500,
+            "update VM {vmid}: unable to write the config (injected)".replace("{vmid}", &vmid.to_string()),
+        ));
+    }
+    if let Some(custom) = params.get("cicustom") {
+        for part in custom.split(',') {
+            let Some((_, volume)) = part.split_once('=') else { continue };
+            let file = volume.split_once(":snippets/").map(|(_, f)| f);
+            let exists = match (file, &s.config.snippets_dir) {
+                (Some(f), Some(dir)) => !f.contains('/') && dir.join(f).is_file(),
+                _ => false,
+            };
+            if !exists {
+                return Err(fail(500, format!("volume '{volume}' does not exist")));
+            }
+        }
+    }
+    let Some(vm) = s.vms.get_mut(&vmid) else {
+        return Err(fail(
+            500,
+            format!("Configuration file 'nodes/pve/qemu-server/{vmid}.conf' does not exist"),
+        ));
+    };
+    for (k, v) in params {
+        match k.as_str() {
+            "digest" | "skiplock" | "force" | "background_delay" => {}
+            "delete" => {
+                for key in v.split([',', ';', ' ']).filter(|x| !x.is_empty()) {
+                    vm.config.remove(key);
+                }
+            }
+            "sshkeys" => {
+                // PVE stores the keys URL-encoded, as sent.
+                vm.config.insert(k.clone(), v.clone());
+            }
+            _ => {
+                vm.config.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn spawn_task(s: &mut State, node: &str, kind: &str, vmid: u32, user: &str, effect: Effect) -> String {
+    s.next_pid += 1;
+    let pid = s.next_pid;
+    let starttime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let pstart = 4_000_000 + pid;
+    let upid = format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{vmid}:{user}:");
+    let planned_exit = if let Some(exit) = s.faults.task_exits.remove(kind) {
+        exit
+    } else if s.faults.task_lock_timeouts > 0 && kind != "vncproxy" {
+        s.faults.task_lock_timeouts -= 1;
+        format!("can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout")
+    } else {
+        "OK".to_owned()
+    };
+    let task = Task {
+        upid: upid.clone(),
+        node: node.to_owned(),
+        kind: kind.to_owned(),
+        id: vmid.to_string(),
+        user: user.to_owned(),
+        pid,
+        pstart,
+        starttime,
+        ends_at: Instant::now() + s.config.task_duration,
+        exit: None,
+        planned_exit,
+        effect,
+        vmid: Some(vmid),
+    };
+    s.tasks.insert(upid.clone(), task);
+    upid
+}
+
+/// Finishes tasks whose time is up and applies their effects.
+fn advance(s: &mut State) {
+    let now = Instant::now();
+    let due: Vec<String> =
+        s.tasks.values().filter(|t| t.exit.is_none() && t.ends_at <= now).map(|t| t.upid.clone()).collect();
+    for upid in due {
+        let Some(task) = s.tasks.get(&upid).cloned() else { continue };
+        let mut exit = task.planned_exit.clone();
+        let ok = exit == "OK" || exit.starts_with("WARNINGS");
+        match task.effect {
+            Effect::None => {}
+            Effect::Cloned(id) => {
+                if ok {
+                    if let Some(vm) = s.vms.get_mut(&id) {
+                        vm.lock = None;
+                    }
+                } else {
+                    s.vms.remove(&id);
+                }
+            }
+            Effect::Power(id, status) if ok => {
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    if status == "running" {
+                        vm.starts += 1;
+                    } else if vm.status == "running" {
+                        vm.stops += 1;
+                    }
+                    vm.status = status.to_owned();
+                }
+            }
+            Effect::Shutdown(id, force) if ok => {
+                let ignored = s.faults.acpi_ignored;
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    if ignored && !force {
+                        exit = "VM quit/powerdown failed - got timeout".to_owned();
+                    } else {
+                        vm.shutdowns += 1;
+                        vm.status = "stopped".to_owned();
+                    }
+                }
+            }
+            Effect::Reboot(id) if ok => {
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    vm.reboots += 1;
+                }
+            }
+            Effect::Destroy(id) if ok => {
+                s.vms.remove(&id);
+            }
+            Effect::Snapshot(id, name, desc, vmstate) => {
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    vm.lock = None;
+                    if ok {
+                        let t = task.starttime;
+                        vm.snapshots.insert(name, (desc, vmstate, t));
+                    }
+                }
+            }
+            Effect::Rollback(id, name, start) => {
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    vm.lock = None;
+                    if ok {
+                        let vmstate = vm.snapshots.get(&name).is_some_and(|s| s.1);
+                        vm.status = if vmstate || start { "running" } else { "stopped" }.to_owned();
+                    }
+                }
+            }
+            Effect::DeleteSnapshot(id, name) => {
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    vm.lock = None;
+                    if ok {
+                        vm.snapshots.remove(&name);
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some(t) = s.tasks.get_mut(&upid) {
+            t.exit = Some(exit);
+        }
+    }
+}
+
+/// The control API of the binary: `GET /_sim/requests`, `GET /_sim/vms`,
+/// `GET|POST /_sim/faults`.
+fn control(sim: &Sim, method: &Method, path: &str, body: &[u8]) -> Response {
+    match (method.as_str(), path) {
+        ("GET", "requests") => axum::Json(sim.requests()).into_response(),
+        ("GET", "vms") => axum::Json(sim.vms()).into_response(),
+        ("GET", "faults") => axum::Json(sim.faults()).into_response(),
+        ("POST", "faults") => match serde_json::from_slice::<Faults>(body) {
+            Ok(f) => {
+                sim.set_faults(f);
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Err(e) => (StatusCode::BAD_REQUEST, format!("faults: {e}")).into_response(),
+        },
+        _ => (StatusCode::NOT_FOUND, "unknown control path").into_response(),
+    }
+}

@@ -1,0 +1,108 @@
+//! Command line of the simulator binary: where to listen, what the cluster
+//! holds, and where to write the certificate so the provider can trust it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// A Proxmox VE API simulator validating every request against the schema.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Listen address; port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// The PVE API schema (JSON); default `HCP_PROXMOX_SCHEMA` or the copy
+    /// beside the repository.
+    #[arg(long)]
+    schema: Option<PathBuf>,
+    /// Write the self-signed certificate (PEM) here.
+    #[arg(long)]
+    cert_out: Option<PathBuf>,
+    /// Accepted API token, `USER@REALM!TOKENID=SECRET`.
+    #[arg(long)]
+    token: Vec<String>,
+    /// Accepted user for tickets, `USER@REALM=PASSWORD`.
+    #[arg(long)]
+    user: Vec<String>,
+    /// Directory standing for the snippets storage `local`.
+    #[arg(long)]
+    snippets_dir: Option<PathBuf>,
+    /// How long each task runs, milliseconds.
+    #[arg(long, default_value_t = 40)]
+    task_ms: u64,
+    /// Also serve the control API (`/_sim/...`) over plain HTTP here, for
+    /// tests without a TLS client.
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
+    /// Delay before a 401, milliseconds (PVE: 3000).
+    #[arg(long, default_value_t = 300)]
+    auth_failure_delay_ms: u64,
+}
+
+/// Parses `args` and serves until SIGTERM/ctrl-c.
+pub fn main<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = Args::parse_from(args);
+    let mut config = crate::SimConfig {
+        listen: args.listen,
+        snippets_dir: args.snippets_dir,
+        task_duration: Duration::from_millis(args.task_ms),
+        auth_failure_delay: Duration::from_millis(args.auth_failure_delay_ms),
+        ..Default::default()
+    };
+    if let Some(s) = args.schema {
+        config.schema_path = s;
+    }
+    if !args.token.is_empty() {
+        config.tokens = args
+            .token
+            .iter()
+            .map(|t| t.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())))
+            .collect::<Option<_>>()
+            .context("--token must be USER@REALM!TOKENID=SECRET")?;
+    }
+    if !args.user.is_empty() {
+        config.users = args
+            .user
+            .iter()
+            .map(|t| t.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())))
+            .collect::<Option<_>>()
+            .context("--user must be USER@REALM=PASSWORD")?;
+    }
+    let telemetry = hcp_telemetry::TelemetryConfig::default();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let _t = hcp_telemetry::init("hcp-proxmox-sim", &telemetry)?;
+        let running = crate::start(config).await.context("cannot start the simulator")?;
+        if let Some(out) = &args.cert_out {
+            std::fs::write(out, &running.cert_pem)
+                .with_context(|| format!("--cert-out {}", out.display()))?;
+        }
+        if let Some(addr) = args.control_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--control-listen {addr}"))?;
+            let bound = listener.local_addr()?;
+            std::fs::write(
+                args.cert_out
+                    .as_ref()
+                    .map(|c| c.with_extension("control"))
+                    .unwrap_or_else(|| "sim.control".into()),
+                bound.to_string(),
+            )?;
+            let app = crate::control_router(running.sim.clone());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        hcp_telemetry::announce_ready("proxmox-sim", running.addr);
+        hcp_telemetry::shutdown_signal().await;
+        drop(running);
+        Ok(())
+    })
+}

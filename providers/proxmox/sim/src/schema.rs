@@ -1,0 +1,463 @@
+//! The official Proxmox VE API schema (`apidata.js` of pve-docs, as JSON:
+//! path -> method -> info) and the parameter checks PVE's JSONSchema code
+//! applies to every request: unknown parameters are refused when the method
+//! says `additionalProperties: 0`, required ones must be present, and each
+//! value must fit its type (integer, number, boolean, string with
+//! pattern/format/enum/length, property strings key by key).
+//!
+//! The schema is AGPL data that stays outside the repository; it is read at
+//! runtime from the path [`default_path`] names.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// Where the schema is read from: `HCP_PROXMOX_SCHEMA`, else
+/// `../shared/reference/proxmox/pve-api-schema-9.1.3.json` beside the
+/// repository.
+pub fn default_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("HCP_PROXMOX_SCHEMA") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../../shared/reference/proxmox/pve-api-schema-9.1.3.json")
+}
+
+/// The schema could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The file could not be read.
+    #[error("cannot read the proxmox schema {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not the expected JSON.
+    #[error("the proxmox schema {path} is not path -> method -> info JSON")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug)]
+enum Segment {
+    Literal(String),
+    Variable(String),
+}
+
+#[derive(Debug)]
+struct Entry {
+    template: String,
+    segments: Vec<Segment>,
+    methods: serde_json::Map<String, Value>,
+}
+
+/// The loaded schema.
+#[derive(Debug)]
+pub struct Schema {
+    entries: Vec<Entry>,
+}
+
+/// A request path matched to its schema template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The template, e.g. `/nodes/{node}/qemu/{vmid}/status/start`.
+    pub template: String,
+    /// Values of the template's variables, percent-decoded.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// Parameter errors as PVE reports them: parameter name -> message.
+pub type Violations = BTreeMap<String, String>;
+
+impl Schema {
+    /// Reads the schema from `path`.
+    pub fn load(path: &Path) -> Result<Self, SchemaError> {
+        let text =
+            std::fs::read(path).map_err(|source| SchemaError::Read { path: path.to_owned(), source })?;
+        let root: serde_json::Map<String, Value> = serde_json::from_slice(&text)
+            .map_err(|source| SchemaError::Parse { path: path.to_owned(), source })?;
+        let mut entries: Vec<Entry> = root
+            .into_iter()
+            .map(|(template, methods)| {
+                let segments = template
+                    .split('/')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                        Some(v) => Segment::Variable(v.to_owned()),
+                        None => Segment::Literal(s.to_owned()),
+                    })
+                    .collect();
+                let methods = match methods {
+                    Value::Object(m) => m,
+                    _ => serde_json::Map::new(),
+                };
+                Entry { template, segments, methods }
+            })
+            .collect();
+        // Literal segments win over variables (`/nodes/{node}/qemu` before
+        // a `{x}` at the same place), as in PVE's router.
+        entries.sort_by_key(|e| {
+            e.segments.iter().map(|s| matches!(s, Segment::Variable(_))).collect::<Vec<_>>()
+        });
+        Ok(Self { entries })
+    }
+
+    /// Number of paths in the schema.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when the schema has no paths.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Finds the template for `path` (without the `/api2/json` prefix).
+    pub fn route(&self, path: &str) -> Option<Route> {
+        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        'entries: for e in &self.entries {
+            if e.segments.len() != parts.len() {
+                continue;
+            }
+            let mut vars = BTreeMap::new();
+            for (seg, part) in e.segments.iter().zip(&parts) {
+                match seg {
+                    Segment::Literal(l) if l == part => {}
+                    Segment::Literal(_) => continue 'entries,
+                    Segment::Variable(v) => {
+                        let decoded = percent_encoding::percent_decode_str(part).decode_utf8_lossy();
+                        vars.insert(v.clone(), decoded.into_owned());
+                    }
+                }
+            }
+            return Some(Route { template: e.template.clone(), vars });
+        }
+        None
+    }
+
+    /// The method's schema info, if the path has that method.
+    pub fn method(&self, template: &str, method: &str) -> Option<&Value> {
+        self.entries.iter().find(|e| e.template == template).and_then(|e| e.methods.get(method))
+    }
+
+    /// Checks `params` (path variables included) against the method's
+    /// parameter schema, the way PVE does before calling a handler.
+    pub fn validate(
+        &self,
+        template: &str,
+        method: &str,
+        params: &BTreeMap<String, String>,
+    ) -> Result<(), Violations> {
+        let Some(info) = self.method(template, method) else {
+            return Err([("method".to_owned(), format!("{method} {template} is not in the schema"))].into());
+        };
+        validate_params(&info["parameters"], params)
+    }
+}
+
+/// Checks `params` against one method's `parameters` object.
+pub fn validate_params(schema: &Value, params: &BTreeMap<String, String>) -> Result<(), Violations> {
+    let empty = serde_json::Map::new();
+    let props = schema["properties"].as_object().unwrap_or(&empty);
+    let additional = truthy(&schema["additionalProperties"]).unwrap_or(true);
+    let mut errors = Violations::new();
+    for (name, value) in params {
+        match lookup(props, name) {
+            Some(prop) => {
+                if let Err(msg) = check_value(prop, value) {
+                    errors.insert(name.clone(), msg);
+                }
+            }
+            None if !additional => {
+                errors.insert(
+                    name.clone(),
+                    "property is not defined in schema and the schema does not allow additional properties"
+                        .to_owned(),
+                );
+            }
+            None => {}
+        }
+    }
+    for (name, prop) in props {
+        if name.ends_with("[n]") || truthy(&prop["optional"]).unwrap_or(false) {
+            continue;
+        }
+        if !params.contains_key(name) {
+            errors.insert(name.clone(), "property is missing and it is not optional".to_owned());
+        }
+    }
+    for name in params.keys() {
+        if let Some(req) = lookup(props, name).and_then(|p| p["requires"].as_str())
+            && !params.contains_key(req)
+        {
+            errors.insert(req.to_owned(), format!("property is missing and it is required by {name}"));
+        }
+    }
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
+}
+
+/// Finds a property, including indexed ones (`net0` -> `net[n]`).
+fn lookup<'a>(props: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
+    if let Some(p) = props.get(name) {
+        return Some(p);
+    }
+    let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    if digits == 0 || digits == name.len() {
+        return None;
+    }
+    props.get(&format!("{}[n]", &name[..name.len() - digits]))
+}
+
+/// PVE's 0/1 flags in the schema, which may also be JSON booleans.
+fn truthy(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => Some(n.as_i64() != Some(0)),
+        Value::String(s) => Some(s != "0" && !s.is_empty()),
+        _ => None,
+    }
+}
+
+fn num(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+/// Checks one value against one property schema.
+fn check_value(prop: &Value, value: &str) -> Result<(), String> {
+    let ty = prop["type"].as_str().unwrap_or("string");
+    match ty {
+        "integer" => {
+            let n: i64 = value
+                .strip_prefix('+')
+                .unwrap_or(value)
+                .parse()
+                .map_err(|_| format!("type check ('integer') failed - got '{value}'"))?;
+            range(prop, n as f64, value)
+        }
+        "number" => {
+            let n: f64 =
+                value.parse().map_err(|_| format!("type check ('number') failed - got '{value}'"))?;
+            range(prop, n, value)
+        }
+        "boolean" => match value.to_ascii_lowercase().as_str() {
+            "0" | "1" | "true" | "false" | "yes" | "no" | "on" | "off" => Ok(()),
+            _ => Err(format!("type check ('boolean') failed - got '{value}'")),
+        },
+        "array" => Ok(()),
+        _ => check_string(prop, value),
+    }
+}
+
+fn range(prop: &Value, n: f64, value: &str) -> Result<(), String> {
+    if let Some(min) = num(&prop["minimum"])
+        && n < min
+    {
+        return Err(format!("value must have a minimum value of {min}"));
+    }
+    if let Some(max) = num(&prop["maximum"])
+        && n > max
+    {
+        return Err(format!("value must have a maximum value of {max}"));
+    }
+    let _ = value;
+    Ok(())
+}
+
+fn check_string(prop: &Value, value: &str) -> Result<(), String> {
+    if let Some(max) = num(&prop["maxLength"])
+        && value.chars().count() as f64 > max
+    {
+        return Err(format!("value may only be {max} characters long"));
+    }
+    if let Some(min) = num(&prop["minLength"])
+        && (value.chars().count() as f64) < min
+    {
+        return Err(format!("value must be at least {min} characters long"));
+    }
+    if let Some(values) = prop["enum"].as_array()
+        && !values.iter().any(|v| v.as_str() == Some(value))
+    {
+        return Err(format!("value '{value}' does not have a value in the enumeration"));
+    }
+    if let Some(pattern) = prop["pattern"].as_str() {
+        // Perl's `(?^:...)` wrapper means "default flags"; Rust's regex
+        // spells that as a plain group.
+        let pattern = pattern.replace("(?^:", "(?:").replace("{,", "{0,");
+        match regex::Regex::new(&format!("^(?:{pattern})$")) {
+            Ok(re) if !re.is_match(value) => return Err("value does not match the regex pattern".to_owned()),
+            _ => {}
+        }
+    }
+    match &prop["format"] {
+        Value::String(f) => check_format(f, value),
+        Value::Object(keys) => check_property_string(keys, value),
+        _ => Ok(()),
+    }
+}
+
+/// The named string formats the QEMU lifecycle paths use.
+fn check_format(format: &str, value: &str) -> Result<(), String> {
+    let ok = |re: &str| regex::Regex::new(re).map(|r| r.is_match(value)).unwrap_or(true);
+    let valid = match format {
+        "pve-node" => ok(r"^(?i)[a-z0-9]([a-z0-9\-]*[a-z0-9])?$"),
+        "pve-vmid" => ok(r"^[1-9][0-9]{2,8}$"),
+        "pve-configid" => ok(r"^(?i)[a-z][a-z0-9_\-]+$"),
+        "pve-storage-id" | "pve-poolid" => ok(r"^(?i)[a-z][a-z0-9\-_.]*[a-z0-9]$"),
+        "dns-name" => ok(r"^(?i)([a-z0-9]([a-z0-9\-]*[a-z0-9])?\.)*[a-z0-9]([a-z0-9\-]*[a-z0-9])?$"),
+        "urlencoded" => ok(r"^[-%a-zA-Z0-9_.!~*'()]*$"),
+        "pve-tag-list" => value.split([';', ',', ' ']).filter(|t| !t.is_empty()).all(|t| {
+            regex::Regex::new(r"^(?i)[a-z0-9_][a-z0-9_\-+.]*$").map(|r| r.is_match(t)).unwrap_or(true)
+        }),
+        "pve-configid-list" => value
+            .split([',', ';', ' '])
+            .filter(|t| !t.is_empty())
+            .all(|t| regex::Regex::new(r"^(?i)[a-z][a-z0-9_\-]+$").map(|r| r.is_match(t)).unwrap_or(true)),
+        "pve-qm-ipconfig" => {
+            return check_keys(value, &["ip", "gw", "ip6", "gw6"]);
+        }
+        "pve-qm-cicustom" => {
+            return check_keys(value, &["meta", "network", "user", "vendor"]);
+        }
+        _ => true,
+    };
+    if valid { Ok(()) } else { Err(format!("value does not match the format '{format}'")) }
+}
+
+fn check_keys(value: &str, keys: &[&str]) -> Result<(), String> {
+    for part in value.split(',').filter(|p| !p.is_empty()) {
+        let Some((k, _)) = part.split_once('=') else {
+            return Err(format!("invalid format - missing key in '{part}'"));
+        };
+        if !keys.contains(&k) {
+            return Err(format!("invalid format - unknown key '{k}'"));
+        }
+    }
+    Ok(())
+}
+
+/// A property string (`virtio,bridge=vmbr0,firewall=1`): each key must be in
+/// the format, each value must fit the key's schema.
+fn check_property_string(keys: &serde_json::Map<String, Value>, value: &str) -> Result<(), String> {
+    let default_key = keys.iter().find(|(_, p)| truthy(&p["default_key"]).unwrap_or(false)).map(|(k, _)| k);
+    let mut seen = std::collections::BTreeSet::new();
+    for part in value.split(',').filter(|p| !p.is_empty()) {
+        let (key, val) = match part.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => match keys.get(part) {
+                // `virtio` alone names the model key.
+                Some(p) if p["keyAlias"].is_string() => {
+                    (p["keyAlias"].as_str().unwrap_or_default().to_owned(), part.to_owned())
+                }
+                _ => match default_key {
+                    Some(k) => (k.clone(), part.to_owned()),
+                    None => return Err(format!("invalid format - value without key '{part}'")),
+                },
+            },
+        };
+        let Some(prop) = keys.get(&key) else {
+            return Err(format!("invalid format - unknown key '{key}'"));
+        };
+        let (key, prop) = match (&prop["keyAlias"], &prop["alias"]) {
+            // `virtio=MAC`: model virtio, macaddr MAC.
+            (Value::String(model), Value::String(alias)) => {
+                if let Some(model_prop) = keys.get(model) {
+                    check_value(model_prop, &key).map_err(|e| format!("invalid format - {model}: {e}"))?;
+                }
+                if !seen.insert(model.clone()) {
+                    return Err(format!("invalid format - duplicate key '{model}'"));
+                }
+                (alias.clone(), keys.get(alias).unwrap_or(prop))
+            }
+            (_, Value::String(alias)) => (alias.clone(), keys.get(alias).unwrap_or(prop)),
+            _ => (key, prop),
+        };
+        if !seen.insert(key.clone()) {
+            return Err(format!("invalid format - duplicate key '{key}'"));
+        }
+        check_value(prop, &val).map_err(|e| format!("invalid format - {key}: {e}"))?;
+    }
+    for (key, prop) in keys {
+        let optional = truthy(&prop["optional"]).unwrap_or(false);
+        let aliasish = prop["alias"].is_string() || prop["keyAlias"].is_string();
+        if !optional && !aliasish && !seen.contains(key) && prop["default"].is_null() {
+            return Err(format!("invalid format - missing value for '{key}'"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn check(schema: &Value, pairs: &[(&str, &str)]) -> Result<(), Vec<String>> {
+        validate_params(schema, &params(pairs)).map_err(|e| e.into_keys().collect())
+    }
+
+    #[test]
+    fn parameters_are_checked_like_pve() {
+        let schema = json!({
+            "additionalProperties": 0,
+            "properties": {
+                "vmid": {"type": "integer", "minimum": 100, "maximum": 999999999, "format": "pve-vmid"},
+                "full": {"type": "boolean", "optional": 1},
+                "sshkeys": {"type": "string", "format": "urlencoded", "optional": 1},
+                "net[n]": {"type": "string", "optional": 1, "format": {
+                    "model": {"type": "string", "default_key": 1, "enum": ["virtio", "e1000"]},
+                    "virtio": {"alias": "macaddr", "keyAlias": "model"},
+                    "macaddr": {"type": "string", "optional": 1},
+                    "bridge": {"type": "string", "optional": 1},
+                    "firewall": {"type": "boolean", "optional": 1}
+                }}
+            }
+        });
+        type Case<'a> = (&'a [(&'a str, &'a str)], Result<(), Vec<String>>);
+        let cases: &[Case<'_>] = &[
+            (&[("vmid", "100"), ("full", "1")], Ok(())),
+            (&[("vmid", "100"), ("net0", "virtio,bridge=vmbr0,firewall=1")], Ok(())),
+            (&[("vmid", "100"), ("net1", "virtio=AA:BB:CC:DD:EE:FF,bridge=vmbr0")], Ok(())),
+            (&[("vmid", "100"), ("sshkeys", "ssh-ed25519%20AAAA%20me")], Ok(())),
+            (&[("vmid", "100"), ("sshkeys", "ssh-ed25519 AAAA me")], Err(vec!["sshkeys".into()])),
+            (&[("vmid", "99")], Err(vec!["vmid".into()])),
+            (&[("vmid", "abc")], Err(vec!["vmid".into()])),
+            (&[], Err(vec!["vmid".into()])),
+            (&[("vmid", "100"), ("full", "maybe")], Err(vec!["full".into()])),
+            (&[("vmid", "100"), ("overrule", "1")], Err(vec!["overrule".into()])),
+            (&[("vmid", "100"), ("net0", "virtio,bridge=vmbr0,speed=9")], Err(vec!["net0".into()])),
+            (&[("vmid", "100"), ("net0", "rtl,bridge=vmbr0")], Err(vec!["net0".into()])),
+            (&[("vmid", "100"), ("netx", "virtio")], Err(vec!["netx".into()])),
+        ];
+        for (input, want) in cases {
+            assert_eq!(&check(&schema, input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn indexed_names_need_digits() {
+        let props = json!({"net[n]": {}, "name": {}});
+        let props = props.as_object().unwrap();
+        assert!(lookup(props, "net0").is_some());
+        assert!(lookup(props, "net12").is_some());
+        assert!(lookup(props, "net").is_none());
+        assert!(lookup(props, "0").is_none());
+        assert!(lookup(props, "name").is_some());
+    }
+}

@@ -1,0 +1,36 @@
+//! The simulator itself against the real 9.1.3 schema: it refuses what PVE
+//! refuses (unknown or mistyped parameters) with PVE's shapes.
+
+use hcp_proxmox_sim::{SimConfig, schema};
+
+#[test]
+fn the_real_schema_refuses_unknown_and_mistyped_parameters() {
+    let s = schema::Schema::load(&schema::default_path()).expect("schema beside the repository");
+    assert!(s.len() > 400, "{} paths", s.len());
+    let r = s.route("/nodes/pve1/qemu/100/status/stop").expect("route");
+    assert_eq!(r.template, "/nodes/{node}/qemu/{vmid}/status/stop");
+    let mut p = r.vars.clone();
+    assert!(s.validate(&r.template, "POST", &p).is_ok());
+    p.insert("overrule".into(), "1".into());
+    p.insert("timeout".into(), "soon".into());
+    let errors = s.validate(&r.template, "POST", &p).unwrap_err();
+    assert_eq!(errors.keys().collect::<Vec<_>>(), ["overrule", "timeout"]);
+    assert!(errors["overrule"].contains("not defined in schema"));
+    let cfg = s.route("/nodes/pve1/qemu/100/config").unwrap();
+    let mut p = cfg.vars.clone();
+    p.insert("net0".into(), "virtio=AA:BB:CC:DD:EE:FF,bridge=vmbr0".into());
+    p.insert("memory".into(), "1024".into());
+    p.insert("sshkeys".into(), "ssh-ed25519%20AAAA".into());
+    assert!(s.validate(&cfg.template, "PUT", &p).is_ok());
+    p.insert("sshkeys".into(), "ssh-ed25519 AAAA".into());
+    assert!(s.validate(&cfg.template, "PUT", &p).unwrap_err().contains_key("sshkeys"));
+    assert!(s.validate(&cfg.template, "PATCH", &p).is_err());
+}
+
+#[tokio::test]
+async fn the_simulator_starts_empty_but_for_the_template() {
+    let sim = hcp_proxmox_sim::start(SimConfig::default()).await.unwrap();
+    assert_eq!(sim.fingerprint.len(), 95);
+    assert!(sim.sim.requests().is_empty());
+    assert_eq!(sim.sim.vms().len(), 1, "the template");
+}

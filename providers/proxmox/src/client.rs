@@ -1,0 +1,713 @@
+//! The Proxmox VE API client: HTTPS (rustls, a CA file or a pinned
+//! SHA-256 fingerprint), API-token or ticket + CSRF authentication (tickets
+//! renewed before their 2 h expiry, and once more on a 401), the
+//! `{"data": ...}` envelope and PVE's error shapes, retries with backoff for
+//! what PVE says is transient (config lock timeouts, 595/596 node-proxy
+//! failures), and UPID tasks polled until they stop.
+//!
+//! It knows nothing of HCP: `lib.rs` maps HCP operations onto it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+use serde_json::Value;
+
+use crate::config::TimingConfig;
+
+/// Characters kept as they are in a path segment.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// PVE's `urlencoded` format (`sshkeys`): everything but
+/// `-_.!~*'()` and alphanumerics is percent-encoded, spaces as `%20`.
+const URLENCODED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'!')
+    .remove(b'~')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+
+/// Encodes a value for a path segment (UPIDs, snapshot names).
+pub fn encode_segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
+}
+
+/// Encodes text in PVE's `urlencoded` format.
+pub fn urlencode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, URLENCODED).to_string()
+}
+
+/// Parses `AA:BB:...` (or plain hex) into 32 bytes.
+pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(hex).ok()?;
+    bytes.try_into().ok()
+}
+
+/// How the provider authenticates.
+#[derive(Clone)]
+pub enum Credentials {
+    /// `Authorization: PVEAPIToken=ID=SECRET`.
+    Token {
+        /// `USER@REALM!TOKENID`.
+        id: String,
+        /// The secret.
+        secret: String,
+    },
+    /// Tickets from `POST /access/ticket`.
+    Password {
+        /// `USER@REALM`.
+        username: String,
+        /// The password.
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Token { id, .. } => write!(f, "Token({id})"),
+            Self::Password { username, .. } => write!(f, "Password({username})"),
+        }
+    }
+}
+
+/// A failure talking to PVE.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PveError {
+    /// No credentials yet.
+    #[error("no credentials configured")]
+    NoCredentials,
+    /// Connection, TLS or HTTP failure.
+    #[error("cannot reach proxmox: {0}")]
+    Transport(String),
+    /// PVE refused the credentials (401).
+    #[error("proxmox refused the credentials: {0}")]
+    Auth(String),
+    /// PVE answered an error status.
+    #[error("proxmox answered {status}: {message}{}", fmt_errors(.errors))]
+    Status {
+        /// HTTP status.
+        status: u16,
+        /// The message (body `message`, else the reason phrase).
+        message: String,
+        /// Parameter errors.
+        errors: BTreeMap<String, String>,
+    },
+    /// A task ended in error.
+    #[error("proxmox task {kind} failed: {message}")]
+    Task {
+        /// Task type (`qmclone`, ...).
+        kind: String,
+        /// Its exit status.
+        message: String,
+    },
+    /// An answer could not be understood.
+    #[error("unexpected answer from proxmox: {0}")]
+    Decode(String),
+    /// A task or request ran out of time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+fn fmt_errors(errors: &BTreeMap<String, String>) -> String {
+    if errors.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(" ({})", parts.join("; "))
+}
+
+impl PveError {
+    /// The message PVE gave, whatever the shape.
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Status { message, .. } | Self::Task { message, .. } => message,
+            Self::Auth(m) | Self::Transport(m) | Self::Decode(m) | Self::Timeout(m) => m,
+            Self::NoCredentials => "no credentials configured",
+        }
+    }
+
+    /// A config lock held by someone else.
+    pub fn is_lock(&self) -> bool {
+        let m = self.message();
+        (m.contains("can't lock file") && m.contains("got timeout")) || m.contains("VM is locked")
+    }
+
+    /// Worth repeating the request after a pause.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Transport(_) => true,
+            Self::Status { status, .. } => matches!(status, 502 | 503 | 595 | 596) || self.is_lock(),
+            Self::Task { .. } => self.is_lock(),
+            _ => false,
+        }
+    }
+
+    /// The vmid is taken (a clone or create collided).
+    pub fn already_exists(&self) -> bool {
+        self.message().contains("already exists")
+    }
+
+    /// The VM or its config is gone.
+    pub fn is_not_found(&self) -> bool {
+        let m = self.message();
+        matches!(self, Self::Status { status: 500, .. })
+            && (m.contains("does not exist") || m.contains("no such VM"))
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// HTTPS to one API endpoint, with a small pool of kept-alive connections.
+struct Http {
+    connector: tokio_rustls::TlsConnector,
+    host: String,
+    port: u16,
+    server_name: rustls::pki_types::ServerName<'static>,
+    idle: std::sync::Mutex<Vec<Sender>>,
+    timeout: Duration,
+}
+
+struct Answer {
+    status: u16,
+    reason: Option<String>,
+    body: Bytes,
+}
+
+impl Http {
+    async fn connect(&self) -> Result<Sender, PveError> {
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| PveError::Transport(format!("connect {}:{}: {e}", self.host, self.port)))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| PveError::Transport(format!("tls: {e}")))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| PveError::Transport(format!("http: {e}")))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    async fn send(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, PveError> {
+        let pooled = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            std::iter::from_fn(|| idle.pop()).find(|s| !s.is_closed())
+        };
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => self.connect().await?,
+        };
+        let work = async {
+            sender.ready().await.map_err(|e| PveError::Transport(format!("http: {e}")))?;
+            let resp =
+                sender.send_request(req).await.map_err(|e| PveError::Transport(format!("http: {e}")))?;
+            let status = resp.status().as_u16();
+            let reason = resp
+                .extensions()
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| PveError::Transport(format!("body: {e}")))?
+                .to_bytes();
+            Ok::<_, PveError>(Answer { status, reason, body })
+        };
+        let answer = tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| PveError::Timeout("http request".to_owned()))??;
+        if !sender.is_closed() {
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(sender);
+        }
+        Ok(answer)
+    }
+}
+
+/// Accepts exactly the certificate with the pinned SHA-256 fingerprint
+/// (signatures are still verified), as PVE's own tools pin node
+/// certificates.
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: [u8; 32],
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use sha2::Digest;
+        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
+        if got == self.fingerprint {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "certificate fingerprint {} does not match the pinned one",
+                hex::encode_upper(got)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// How to trust the server.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// CA certificates (PEM).
+    Ca(Vec<u8>),
+    /// A pinned certificate fingerprint.
+    Fingerprint([u8; 32]),
+}
+
+struct Session {
+    ticket: String,
+    csrf: String,
+    obtained: Instant,
+}
+
+/// The PVE API client; share it behind an `Arc`.
+pub struct Pve {
+    http: Http,
+    credentials: std::sync::RwLock<Option<Credentials>>,
+    session: tokio::sync::Mutex<Option<Session>>,
+    timing: TimingConfig,
+    /// Requests sent (tests read it to prove there was no retry storm).
+    pub requests_sent: std::sync::atomic::AtomicU64,
+}
+
+/// The HTTP method of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// GET.
+    Get,
+    /// POST.
+    Post,
+    /// PUT.
+    Put,
+    /// DELETE.
+    Delete,
+}
+
+impl Method {
+    fn as_http(self) -> http::Method {
+        match self {
+            Self::Get => http::Method::GET,
+            Self::Post => http::Method::POST,
+            Self::Put => http::Method::PUT,
+            Self::Delete => http::Method::DELETE,
+        }
+    }
+}
+
+/// Request parameters, already in PVE's text form.
+pub type Params = Vec<(&'static str, String)>;
+
+impl Pve {
+    /// A client for `api_url` (`https://HOST:PORT`).
+    pub fn new(api_url: &str, trust: Trust, timing: TimingConfig) -> Result<Self, String> {
+        let rest = api_url.strip_prefix("https://").ok_or("api_url must start with https://")?;
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h.trim_matches(['[', ']']).to_owned(),
+                p.parse().map_err(|_| format!("bad port in {api_url}"))?,
+            ),
+            _ => (authority.to_owned(), 8006),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let tls = match trust {
+            Trust::Ca(pem) => {
+                use rustls::pki_types::pem::PemObject;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                    roots
+                        .add(cert.map_err(|e| format!("tls.ca_file: {e}"))?)
+                        .map_err(|e| format!("tls.ca_file: {e}"))?;
+                }
+                if roots.is_empty() {
+                    return Err("tls.ca_file holds no certificate".to_owned());
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            Trust::Fingerprint(fingerprint) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Pinned {
+                    fingerprint,
+                    algorithms: provider.signature_verification_algorithms,
+                }))
+                .with_no_client_auth(),
+        };
+        let server_name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        Ok(Self {
+            http: Http {
+                connector: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+                host,
+                port,
+                server_name,
+                idle: std::sync::Mutex::new(Vec::new()),
+                timeout: Duration::from_secs(timing.request_timeout_seconds.max(1)),
+            },
+            credentials: std::sync::RwLock::new(None),
+            session: tokio::sync::Mutex::new(None),
+            timing,
+            requests_sent: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// `host:port` of the API.
+    pub fn endpoint(&self) -> (&str, u16) {
+        (&self.http.host, self.http.port)
+    }
+
+    /// Installs credentials (and drops any ticket).
+    pub async fn set_credentials(&self, c: Credentials) {
+        *self.credentials.write().unwrap_or_else(|e| e.into_inner()) = Some(c);
+        *self.session.lock().await = None;
+    }
+
+    /// True once credentials are installed.
+    pub fn has_credentials(&self) -> bool {
+        self.credentials.read().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    fn creds(&self) -> Option<Credentials> {
+        self.credentials.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Auth headers for one request; logs in or renews the ticket first
+    /// when needed.
+    async fn auth_headers(&self, force_login: bool) -> Result<Vec<(&'static str, String)>, PveError> {
+        match self.creds().ok_or(PveError::NoCredentials)? {
+            Credentials::Token { id, secret } => {
+                Ok(vec![("authorization", format!("PVEAPIToken={id}={secret}"))])
+            }
+            Credentials::Password { username, password } => {
+                let mut session = self.session.lock().await;
+                let renew_after = Duration::from_secs(self.timing.ticket_renew_seconds);
+                let stale = session.as_ref().is_none_or(|s| s.obtained.elapsed() >= renew_after);
+                if force_login || stale {
+                    // Renew with the ticket as password while it is valid;
+                    // log in with the password otherwise.
+                    let renewing = session.as_ref().filter(|_| !force_login).map(|s| s.ticket.clone());
+                    let secret = renewing.clone().unwrap_or(password.clone());
+                    let fresh = match self.login(&username, &secret).await {
+                        Err(PveError::Auth(_)) if renewing.is_some() => {
+                            self.login(&username, &password).await?
+                        }
+                        other => other?,
+                    };
+                    *session = Some(fresh);
+                }
+                let s = session.as_ref().ok_or(PveError::NoCredentials)?;
+                Ok(vec![
+                    ("cookie", format!("PVEAuthCookie={}", encode_segment(&s.ticket))),
+                    ("csrfpreventiontoken", s.csrf.clone()),
+                ])
+            }
+        }
+    }
+
+    async fn login(&self, username: &str, password: &str) -> Result<Session, PveError> {
+        let params: Params = vec![("username", username.to_owned()), ("password", password.to_owned())];
+        let data = self.once(Method::Post, "/access/ticket", &params, &[]).await?;
+        let ticket =
+            data["ticket"].as_str().ok_or_else(|| PveError::Decode("ticket without ticket".into()))?;
+        let csrf = data["CSRFPreventionToken"]
+            .as_str()
+            .ok_or_else(|| PveError::Decode("ticket without CSRFPreventionToken".into()))?;
+        tracing::info!(user = username, "proxmox ticket obtained");
+        Ok(Session { ticket: ticket.to_owned(), csrf: csrf.to_owned(), obtained: Instant::now() })
+    }
+
+    /// One HTTP exchange, no retries.
+    async fn once(
+        &self,
+        method: Method,
+        path: &str,
+        params: &Params,
+        headers: &[(&'static str, String)],
+    ) -> Result<Value, PveError> {
+        let encoded = {
+            let mut form = form_urlencoded::Serializer::new(String::new());
+            for (k, v) in params {
+                form.append_pair(k, v);
+            }
+            form.finish()
+        };
+        let mut uri = format!("/api2/json{path}");
+        let body = if matches!(method, Method::Get | Method::Delete) {
+            if !encoded.is_empty() {
+                uri = format!("{uri}?{encoded}");
+            }
+            Bytes::new()
+        } else {
+            Bytes::from(encoded)
+        };
+        let mut req = http::Request::builder()
+            .method(method.as_http())
+            .uri(&uri)
+            .header("host", format!("{}:{}", self.http.host, self.http.port))
+            .header("accept", "application/json");
+        if !body.is_empty() {
+            req = req.header("content-type", "application/x-www-form-urlencoded");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        let req = req.body(Full::new(body)).map_err(|e| PveError::Transport(e.to_string()))?;
+        self.requests_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let answer = self.http.send(req).await?;
+        decode(answer.status, answer.reason.as_deref(), &answer.body)
+    }
+
+    /// Calls the API: authenticates, retries what PVE says is transient
+    /// with exponential backoff and jitter, re-logs in once on a 401 with
+    /// tickets, and returns the envelope's `data`.
+    pub async fn call(&self, method: Method, path: &str, params: Params) -> Result<Value, PveError> {
+        let mut attempt = 0;
+        let mut relogged = false;
+        let mut force_login = false;
+        loop {
+            let headers = self.auth_headers(force_login).await?;
+            force_login = false;
+            match self.once(method, path, &params, &headers).await {
+                Ok(v) => return Ok(v),
+                Err(PveError::Auth(m)) => {
+                    let tickets = matches!(self.creds(), Some(Credentials::Password { .. }));
+                    if tickets && !relogged {
+                        tracing::info!("proxmox ticket refused; logging in again");
+                        relogged = true;
+                        force_login = true;
+                        continue;
+                    }
+                    return Err(PveError::Auth(m));
+                }
+                Err(e) if e.is_retryable() && attempt + 1 < self.timing.retry_attempts => {
+                    tracing::warn!(error = %e, attempt, path, "retrying proxmox call");
+                    self.backoff(attempt).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn backoff(&self, attempt: u32) {
+        let base = self.timing.retry_base_ms.max(1) << attempt.min(6);
+        let jitter = rand::random::<u64>() % (base / 2 + 1);
+        tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+    }
+
+    /// Calls an asynchronous method and waits for its task; a task that
+    /// ends in a lock timeout is retried like a refused request.
+    pub async fn task(&self, method: Method, path: &str, params: Params) -> Result<String, PveError> {
+        let mut attempt = 0;
+        loop {
+            let data = self.call(method, path, params.clone()).await?;
+            let Some(upid) = data.as_str() else {
+                // Some async methods answer null when nothing had to run.
+                return Ok("OK".to_owned());
+            };
+            match self.wait(upid).await {
+                Err(e) if e.is_retryable() && attempt + 1 < self.timing.retry_attempts => {
+                    tracing::warn!(error = %e, attempt, path, "retrying proxmox task");
+                    self.backoff(attempt).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Polls a task until it stops: `OK` and `WARNINGS: n` are success,
+    /// any other exit status is the failure's message.
+    pub async fn wait(&self, upid: &str) -> Result<String, PveError> {
+        let node = upid
+            .split(':')
+            .nth(1)
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| PveError::Decode(format!("malformed UPID {upid:?}")))?;
+        let kind = upid.split(':').nth(5).unwrap_or("task").to_owned();
+        let path = format!("/nodes/{}/tasks/{}/status", encode_segment(node), encode_segment(upid));
+        let deadline = Instant::now() + Duration::from_secs(self.timing.task_timeout_seconds);
+        loop {
+            let st = self.call(Method::Get, &path, Vec::new()).await?;
+            if st["status"].as_str() == Some("stopped") {
+                let exit = st["exitstatus"].as_str().unwrap_or("unknown").to_owned();
+                return if exit == "OK" || exit.starts_with("WARNINGS") {
+                    if exit != "OK" {
+                        tracing::warn!(upid, exit = %exit, "proxmox task finished with warnings");
+                    }
+                    Ok(exit)
+                } else {
+                    Err(PveError::Task { kind, message: exit })
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(PveError::Timeout(format!("task {upid} still running")));
+            }
+            tokio::time::sleep(self.timing.poll()).await;
+        }
+    }
+}
+
+/// Decodes PVE's envelope or error.
+fn decode(status: u16, reason: Option<&str>, body: &[u8]) -> Result<Value, PveError> {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    if status == 401 {
+        return Err(PveError::Auth(reason.unwrap_or("authentication failure").to_owned()));
+    }
+    if (200..300).contains(&status) {
+        return match parsed {
+            Some(v) => Ok(v.get("data").cloned().unwrap_or(Value::Null)),
+            None => Err(PveError::Decode(format!("status {status} without a JSON body"))),
+        };
+    }
+    // The body's `message` exists only on newer PVE; the reason phrase
+    // carries it on every version.
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v["message"].as_str())
+        .map(|m| m.trim_end().to_owned())
+        .or_else(|| reason.map(str::to_owned))
+        .unwrap_or_else(|| format!("http status {status}"));
+    let errors = parsed
+        .as_ref()
+        .and_then(|v| v["errors"].as_object())
+        .map(|m| {
+            m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().trim_end().to_owned())).collect()
+        })
+        .unwrap_or_default();
+    Err(PveError::Status { status, message, errors })
+}
+
+/// Lenient readers for numbers and flags PVE sends as JSON numbers or as
+/// strings, depending on version and path.
+pub mod lenient {
+    use serde_json::Value;
+
+    /// An unsigned integer from a number or a numeric string.
+    pub fn u64(v: &Value) -> Option<u64> {
+        match v {
+            Value::Number(n) => n.as_u64().or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// A 0/1 flag from a number, a string or a boolean.
+    pub fn flag(v: &Value) -> bool {
+        match v {
+            Value::Bool(b) => *b,
+            other => u64(other).is_some_and(|n| n != 0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn numbers_are_read_from_strings_too() {
+        for (v, want) in [
+            (json!(5), Some(5)),
+            (json!("5"), Some(5)),
+            (json!(" 7 "), Some(7)),
+            (json!("x"), None),
+            (json!(2.0), Some(2)),
+        ] {
+            assert_eq!(lenient::u64(&v), want, "{v}");
+        }
+        assert!(lenient::flag(&json!("1")) && lenient::flag(&json!(true)) && !lenient::flag(&json!(0)));
+    }
+
+    #[test]
+    fn errors_are_decoded_from_body_or_reason() {
+        let e = decode(500, Some("VM 1 is locked"), b"{\"data\":null}").unwrap_err();
+        assert_eq!(e.message(), "VM 1 is locked");
+        let e = decode(400, Some("Parameter verification failed."), br#"{"data":null,"message":"Parameter verification failed.\n","errors":{"x":"property is not defined"}}"#).unwrap_err();
+        assert!(
+            matches!(&e, PveError::Status { status: 400, errors, .. } if errors["x"] == "property is not defined")
+        );
+        assert!(matches!(decode(401, None, b""), Err(PveError::Auth(_))));
+        assert_eq!(decode(200, None, br#"{"data":"UPID:x"}"#).unwrap(), json!("UPID:x"));
+    }
+
+    #[test]
+    fn transient_failures_are_recognised() {
+        let status = |status, message: &str| PveError::Status {
+            status,
+            message: message.into(),
+            errors: Default::default(),
+        };
+        assert!(
+            status(500, "can't lock file '/var/lock/qemu-server/lock-100.conf' - got timeout").is_retryable()
+        );
+        assert!(status(595, "Connection timed out").is_retryable());
+        assert!(!status(500, "VM 100 is running - destroy failed").is_retryable());
+        assert!(!PveError::Auth("x".into()).is_retryable());
+        assert!(
+            status(500, "Configuration file 'nodes/pve/qemu-server/999.conf' does not exist").is_not_found()
+        );
+        assert!(
+            status(500, "unable to create VM 108 - VM 108 already exists on node 'pve'").already_exists()
+        );
+    }
+
+    #[test]
+    fn sshkeys_are_urlencoded_the_pve_way() {
+        assert_eq!(urlencode("ssh-ed25519 AAAA+/= me@x\n"), "ssh-ed25519%20AAAA%2B%2F%3D%20me%40x%0A");
+        assert_eq!(
+            encode_segment("UPID:pve:1:a:b:qmstart:100:root@pam:"),
+            "UPID%3Apve%3A1%3Aa%3Ab%3Aqmstart%3A100%3Aroot%40pam%3A"
+        );
+        assert_eq!(parse_fingerprint(&["0a"; 32].join(":")), Some([10u8; 32]));
+        assert_eq!(parse_fingerprint("0a:0b"), None);
+    }
+}

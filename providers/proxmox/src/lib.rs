@@ -1,0 +1,811 @@
+//! # hcp-provider-proxmox
+//!
+//! The Proxmox VE provider: HCP's `hcp.provider.v1` served through the SDK,
+//! mapped onto a PVE cluster's API (`client.rs`).
+//!
+//! - A VM is a **full clone** of the template for its image, with cores and
+//!   memory from the flavor, `net0` on the bridge for its network, and
+//!   cloud-init (`ciuser`, URL-encoded `sshkeys`, `ipconfig0`, user data as
+//!   a `cicustom` snippet).
+//! - Its HCP id travels in the description (`hcp-vm-id=<uuid>`, set by the
+//!   clone itself) and in tags (`hcp` and `hcp-<uuid>`), so a create that is
+//!   retried after any failure finds the VM instead of making a second one,
+//!   and the reconciler can list every HCP VM from `/cluster/resources`.
+//! - vmids come from `nextid` (which reserves nothing): a collision is
+//!   answered by re-checking for our VM and trying another id.
+//! - Calls for one VM are serialized; PVE's transient failures are retried
+//!   in the client; everything else is mapped once, in [`map_error`].
+
+pub mod cli;
+pub mod client;
+pub mod config;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
+use serde_json::Value;
+
+use crate::client::{Credentials, Method, Params, Pve, PveError, Trust, encode_segment, lenient};
+use crate::config::Config;
+
+/// The provider.
+pub struct Proxmox {
+    pve: Arc<Pve>,
+    config: Arc<Config>,
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    version: tokio::sync::Mutex<Option<(u32, u32, String)>>,
+}
+
+/// A VM of ours as `/cluster/resources` shows it.
+#[derive(Debug, Clone)]
+struct Found {
+    node: String,
+    vmid: u64,
+    status: String,
+    vcpus: u32,
+    memory_mib: u32,
+    configured: bool,
+}
+
+impl Found {
+    fn info(&self, vm_id: &str) -> pb::VmInfo {
+        let power = match self.status.as_str() {
+            "running" => pb::PowerState::Running,
+            "paused" => pb::PowerState::Paused,
+            "stopped" => pb::PowerState::Shutoff,
+            _ => pb::PowerState::Unspecified,
+        };
+        pb::VmInfo {
+            vm_id: vm_id.to_owned(),
+            power_state: power as i32,
+            native_id: format!("{}/{}", self.node, self.vmid),
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+        }
+    }
+
+    fn path(&self) -> String {
+        format!("/nodes/{}/qemu/{}", encode_segment(&self.node), self.vmid)
+    }
+}
+
+/// The tag naming one HCP VM.
+fn id_tag(vm_id: &str) -> String {
+    format!("hcp-{vm_id}")
+}
+
+/// The description line naming one HCP VM.
+fn id_line(vm_id: &str) -> String {
+    format!("hcp-vm-id={vm_id}")
+}
+
+/// PVE snapshot names are config ids (letter first, at most 40): `hcp` and
+/// the UUID's 32 hex digits.
+fn snapname(snapshot_id: &str) -> String {
+    format!("hcp{}", snapshot_id.replace('-', ""))
+}
+
+fn snapshot_id_of(snapname: &str) -> Option<String> {
+    let hex = snapname.strip_prefix("hcp")?;
+    if hex.len() != 32 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]))
+}
+
+/// A VM name PVE accepts (dns-name): letters, digits and dashes.
+fn dns_name(spec: &pb::VmSpec, vm_id: &str) -> String {
+    let raw = if spec.hostname.is_empty() { &spec.name } else { &spec.hostname };
+    let cleaned: String =
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+    let trimmed = cleaned.trim_matches('-');
+    if trimmed.is_empty() { format!("hcp-{}", &vm_id[..8]) } else { trimmed.chars().take(63).collect() }
+}
+
+fn tags_of(item: &Value) -> Vec<String> {
+    item["tags"].as_str().unwrap_or_default().split([';', ',', ' ']).map(str::to_owned).collect()
+}
+
+/// Maps a PVE failure onto the protocol's error kinds (the only place).
+pub fn map_error(e: PveError) -> ProviderError {
+    let message = e.to_string();
+    let (kind, retryable) = match &e {
+        PveError::NoCredentials => (ErrorKind::Unavailable, None),
+        PveError::Auth(_) => (ErrorKind::PermissionDenied, Some(false)),
+        PveError::Transport(_) | PveError::Timeout(_) => (ErrorKind::Unavailable, None),
+        PveError::Decode(_) => (ErrorKind::Internal, None),
+        PveError::Task { .. } if e.is_lock() => (ErrorKind::Busy, None),
+        PveError::Task { .. } => (ErrorKind::Internal, Some(false)),
+        PveError::Status { status, .. } => match status {
+            400 => (ErrorKind::InvalidArgument, None),
+            403 => (ErrorKind::PermissionDenied, Some(false)),
+            501 => (ErrorKind::Unsupported, None),
+            502 | 503 | 595 | 596 => (ErrorKind::Unavailable, None),
+            _ if e.is_not_found() => (ErrorKind::NotFound, None),
+            _ if e.is_lock() => (ErrorKind::Busy, None),
+            _ if e.already_exists() => (ErrorKind::Busy, None),
+            _ if e.message().contains("not running") || e.message().contains("is running") => {
+                (ErrorKind::InvalidState, None)
+            }
+            _ => (ErrorKind::Internal, None),
+        },
+    };
+    let mut err = ProviderError::new(kind, message);
+    err.retryable = retryable;
+    err
+}
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> ProviderError {
+    ProviderError::new(ErrorKind::InvalidArgument, format!("{field}: {message}"))
+}
+
+impl Proxmox {
+    /// Builds the provider from its configuration (credentials from the
+    /// config file, if any, are installed at once).
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let trust = match (&config.tls.ca_file, &config.tls.fingerprint) {
+            (Some(ca), _) => Trust::Ca(
+                std::fs::read(ca).map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", ca.display()))?,
+            ),
+            (None, Some(f)) => Trust::Fingerprint(
+                client::parse_fingerprint(f)
+                    .ok_or_else(|| anyhow::anyhow!("tls.fingerprint is not 32 hex bytes"))?,
+            ),
+            (None, None) => anyhow::bail!("tls: set ca_file or fingerprint"),
+        };
+        let pve = Pve::new(&config.api_url, trust, config.timing.clone()).map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(auth) = &config.auth {
+            let read = |v: &Option<String>,
+                        f: &Option<std::path::PathBuf>,
+                        field: &str|
+             -> anyhow::Result<Option<String>> {
+                match (v, f) {
+                    (Some(v), _) => Ok(Some(v.clone())),
+                    (None, Some(f)) => Ok(Some(
+                        std::fs::read_to_string(f)
+                            .map_err(|e| anyhow::anyhow!("auth.{field} {}: {e}", f.display()))?
+                            .trim()
+                            .to_owned(),
+                    )),
+                    (None, None) => Ok(None),
+                }
+            };
+            let creds = match (&auth.token_id, &auth.username) {
+                (Some(id), _) => Credentials::Token {
+                    id: id.clone(),
+                    secret: read(&auth.token_secret, &auth.token_secret_file, "token_secret_file")?
+                        .ok_or_else(|| anyhow::anyhow!("auth.token_secret: required with auth.token_id"))?,
+                },
+                (None, Some(user)) => Credentials::Password {
+                    username: user.clone(),
+                    password: read(&auth.password, &auth.password_file, "password_file")?
+                        .ok_or_else(|| anyhow::anyhow!("auth.password: required with auth.username"))?,
+                },
+                (None, None) => anyhow::bail!("auth: set token_id or username"),
+            };
+            pve.set_credentials(creds).await;
+        }
+        Ok(Self {
+            pve: Arc::new(pve),
+            config: Arc::new(config),
+            locks: std::sync::Mutex::new(HashMap::new()),
+            version: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The API client (tests read its request counter).
+    pub fn client(&self) -> &Pve {
+        &self.pve
+    }
+
+    /// Serializes calls for one VM.
+    async fn serialize(&self, vm_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(vm_id.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    /// The server's version, probed once: `(major, minor, text)`.
+    async fn version(&self) -> Result<(u32, u32, String), PveError> {
+        let mut cached = self.version.lock().await;
+        if let Some(v) = cached.as_ref() {
+            return Ok(v.clone());
+        }
+        let data = self.pve.call(Method::Get, "/version", Vec::new()).await?;
+        let text = data["version"].as_str().unwrap_or_default().to_owned();
+        let mut parts = text.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+        let v = (parts.next().unwrap_or(0), parts.next().unwrap_or(0), text);
+        tracing::info!(version = %v.2, "proxmox VE version");
+        *cached = Some(v.clone());
+        Ok(v)
+    }
+
+    async fn resources(&self, kind: &str) -> Result<Vec<Value>, ProviderError> {
+        let data = self
+            .pve
+            .call(Method::Get, "/cluster/resources", vec![("type", kind.to_owned())])
+            .await
+            .map_err(map_error)?;
+        Ok(data.as_array().cloned().unwrap_or_default())
+    }
+
+    fn found(item: &Value, configured: bool) -> Found {
+        Found {
+            node: item["node"].as_str().unwrap_or_default().to_owned(),
+            vmid: lenient::u64(&item["vmid"]).unwrap_or_default(),
+            status: item["status"].as_str().unwrap_or_default().to_owned(),
+            vcpus: lenient::u64(&item["maxcpu"]).unwrap_or_default() as u32,
+            memory_mib: (lenient::u64(&item["maxmem"]).unwrap_or_default() / (1024 * 1024)) as u32,
+            configured,
+        }
+    }
+
+    /// Finds our VM by its tag; with `name`, also a clone whose
+    /// configuration never finished (the description names it).
+    async fn find(&self, vm_id: &str, name: Option<&str>) -> Result<Option<Found>, ProviderError> {
+        let items = self.resources("vm").await?;
+        let tag = id_tag(vm_id);
+        let qemu =
+            items.iter().filter(|i| i["type"].as_str() == Some("qemu") && !lenient::flag(&i["template"]));
+        if let Some(item) = qemu.clone().find(|i| tags_of(i).contains(&tag)) {
+            return Ok(Some(Self::found(item, true)));
+        }
+        let Some(name) = name else { return Ok(None) };
+        for item in qemu.filter(|i| i["name"].as_str() == Some(name)) {
+            let f = Self::found(item, false);
+            let config = match self.pve.call(Method::Get, &format!("{}/config", f.path()), Vec::new()).await {
+                Ok(c) => c,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(map_error(e)),
+            };
+            let description = config["description"].as_str().unwrap_or_default();
+            if description.lines().any(|l| l.trim() == id_line(vm_id)) {
+                return Ok(Some(f));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn require(&self, vm_id: &str) -> Result<Found, ProviderError> {
+        self.find(vm_id, None).await?.ok_or_else(|| ProviderError::not_found(vm_id))
+    }
+
+    /// Resolves an image source to a template `(node, vmid)`.
+    async fn template(&self, source: &str) -> Result<(String, u64), ProviderError> {
+        let items = self.resources("vm").await?;
+        let wanted = self.config.templates.get(source).map(|v| u64::from(*v)).or_else(|| source.parse().ok());
+        let hit = items.iter().find(|i| {
+            lenient::flag(&i["template"])
+                && match wanted {
+                    Some(id) => lenient::u64(&i["vmid"]) == Some(id),
+                    None => i["name"].as_str() == Some(source),
+                }
+        });
+        match hit {
+            Some(i) => {
+                Ok((i["node"].as_str().unwrap_or_default().to_owned(), lenient::u64(&i["vmid"]).unwrap_or(0)))
+            }
+            None => {
+                Err(invalid("spec.image.source", format!("no proxmox template for image source {source:?}")))
+            }
+        }
+    }
+
+    async fn next_vmid(&self) -> Result<u64, ProviderError> {
+        let params: Params = match self.config.vmid_range {
+            Some((lo, hi)) => {
+                vec![("vmid", (u64::from(lo) + rand::random::<u64>() % u64::from(hi - lo + 1)).to_string())]
+            }
+            None => Vec::new(),
+        };
+        match self.pve.call(Method::Get, "/cluster/nextid", params.clone()).await {
+            Ok(v) => {
+                lenient::u64(&v).ok_or_else(|| map_error(PveError::Decode(format!("nextid answered {v}"))))
+            }
+            // A random pick that is taken: the caller tries another.
+            Err(PveError::Status { status: 400, .. }) if !params.is_empty() => Ok(0),
+            Err(e) => Err(map_error(e)),
+        }
+    }
+
+    fn snippet_name(vm_id: &str) -> String {
+        format!("hcp-{vm_id}-user.yaml")
+    }
+
+    /// Cores, memory, network, cloud-init and the identifying tags, in one
+    /// config update (the tags last to land mark the VM configured).
+    async fn configure_vm(&self, f: &Found, vm_id: &str, spec: &pb::VmSpec) -> Result<(), ProviderError> {
+        let ci = &self.config.cloud_init;
+        let bridge = match spec.networks.first() {
+            Some(n) => {
+                self.config.networks.get(&n.network).cloned().unwrap_or_else(|| self.config.bridge.clone())
+            }
+            None => self.config.bridge.clone(),
+        };
+        let mut params: Params = vec![
+            ("cores", spec.vcpus.to_string()),
+            ("memory", spec.memory_mib.to_string()),
+            ("net0", format!("virtio,bridge={bridge}")),
+            ("ipconfig0", ci.ipconfig0.clone().unwrap_or_else(|| "ip=dhcp".to_owned())),
+            ("tags", format!("hcp;{}", id_tag(vm_id))),
+        ];
+        if let Some(user) = &ci.user {
+            params.push(("ciuser", user.clone()));
+        }
+        if !ci.ssh_keys.is_empty() {
+            params.push(("sshkeys", client::urlencode(&ci.ssh_keys.join("\n"))));
+        }
+        if let (Some(user_data), Some(storage), Some(dir)) =
+            (&spec.user_data, &ci.snippets_storage, &ci.snippets_dir)
+        {
+            let name = Self::snippet_name(vm_id);
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, user_data).and_then(|()| std::fs::rename(&tmp, dir.join(&name))).map_err(
+                |e| {
+                    ProviderError::new(
+                        ErrorKind::Unavailable,
+                        format!("cannot write the user data snippet: {e}"),
+                    )
+                },
+            )?;
+            params.push(("cicustom", format!("user={storage}:snippets/{name}")));
+        }
+        self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn start(&self, f: &Found) -> Result<(), ProviderError> {
+        match self.pve.task(Method::Post, &format!("{}/status/start", f.path()), Vec::new()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.message().contains("already running") => Ok(()),
+            Err(e) => Err(map_error(e)),
+        }
+    }
+
+    async fn hard_stop(&self, f: &Found) -> Result<(), ProviderError> {
+        let mut params: Params = Vec::new();
+        // `overrule-shutdown` (abort a pending shutdown task) is in the 9.x
+        // schema; older servers refuse unknown parameters.
+        if self.version().await.map_err(map_error)?.0 >= 9 {
+            params.push(("overrule-shutdown", "1".to_owned()));
+        }
+        self.pve.task(Method::Post, &format!("{}/status/stop", f.path()), params).await.map_err(map_error)?;
+        Ok(())
+    }
+
+    async fn refreshed(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        Ok(self.require(vm_id).await?.info(vm_id))
+    }
+
+    async fn snapshots_of(&self, f: &Found) -> Result<Vec<(String, String)>, ProviderError> {
+        let list = self
+            .pve
+            .call(Method::Get, &format!("{}/snapshot", f.path()), Vec::new())
+            .await
+            .map_err(map_error)?;
+        Ok(list
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| {
+                let name = s["name"].as_str()?;
+                Some((name.to_owned(), s["description"].as_str().unwrap_or_default().trim().to_owned()))
+            })
+            .collect())
+    }
+}
+
+#[hcp_provider_sdk::async_trait]
+impl Provider for Proxmox {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo::new("proxmox.hcp.dev", env!("CARGO_PKG_VERSION"), "proxmox")
+    }
+
+    async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {
+        let version = self.version().await.map_err(map_error)?;
+        let storages = self.resources("storage").await?;
+        let nodes = self.resources("node").await?;
+        let ci = &self.config.cloud_init;
+        let snippets = match &ci.snippets_storage {
+            Some(name) => storages.iter().any(|s| {
+                s["storage"].as_str() == Some(name)
+                    && s["content"].as_str().unwrap_or_default().split(',').any(|c| c == "snippets")
+            }),
+            None => false,
+        };
+        let online = nodes.iter().filter(|n| n["status"].as_str() == Some("online")).count();
+        let shared = storages.iter().any(|s| {
+            lenient::flag(&s["shared"])
+                && self.config.storage.as_deref().is_none_or(|want| s["storage"].as_str() == Some(want))
+        });
+        let mut attributes = HashMap::new();
+        attributes.insert("pve_version".to_owned(), version.2.clone());
+        attributes.insert("node".to_owned(), self.config.node.clone());
+        Ok(pb::Capabilities {
+            supports_cloud_init: snippets,
+            supports_snapshot: true,
+            supports_snapshot_running: true,
+            supports_live_migration: shared && online > 1,
+            supports_console_vnc: true,
+            attributes,
+            ..Default::default()
+        })
+    }
+
+    async fn probe(&self) -> Result<(bool, String), ProviderError> {
+        if !self.pve.has_credentials() {
+            return Ok((false, "waiting for credentials".to_owned()));
+        }
+        match self.version().await {
+            Ok(v) => Ok((true, format!("proxmox VE {}", v.2))),
+            Err(e) => Ok((false, e.to_string())),
+        }
+    }
+
+    async fn configure(&self, credentials: HashMap<String, String>) -> Result<(), ProviderError> {
+        let get = |k: &str| credentials.get(k).filter(|v| !v.is_empty()).cloned();
+        let creds = match (get("token_id"), get("token_secret"), get("username"), get("password")) {
+            (Some(id), Some(secret), _, _) => Credentials::Token { id, secret },
+            (_, _, Some(username), Some(password)) => Credentials::Password { username, password },
+            _ => {
+                return Err(invalid(
+                    "credentials",
+                    "give token_id and token_secret, or username and password",
+                ));
+            }
+        };
+        self.pve.set_credentials(creds).await;
+        Ok(())
+    }
+
+    fn needs_configuration(&self) -> bool {
+        !self.pve.has_credentials()
+    }
+
+    async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let vm_id = req.vm_id.clone();
+        let spec = req.spec.unwrap_or_default();
+        if spec.vcpus == 0 {
+            return Err(invalid("spec.vcpus", "must be at least 1"));
+        }
+        if spec.memory_mib < 16 {
+            return Err(invalid("spec.memory_mib", "must be at least 16"));
+        }
+        let source = spec.image.as_ref().map(|i| i.source.clone()).unwrap_or_default();
+        if source.is_empty() {
+            return Err(invalid("spec.image.source", "is required"));
+        }
+        if spec.user_data.is_some() && self.config.cloud_init.snippets_dir.is_none() {
+            return Err(ProviderError::new(
+                ErrorKind::Unsupported,
+                "user data needs cloud_init.snippets_storage and snippets_dir",
+            ));
+        }
+        let _serial = self.serialize(&vm_id).await;
+        let name = dns_name(&spec, &vm_id);
+        let mut found = self.find(&vm_id, Some(&name)).await?;
+        if found.is_none() {
+            let (tnode, tvmid) = self.template(&source).await?;
+            for attempt in 0..10u32 {
+                let newid = self.next_vmid().await?;
+                if newid == 0 {
+                    continue;
+                }
+                let mut params: Params = vec![
+                    ("newid", newid.to_string()),
+                    ("name", name.clone()),
+                    ("full", "1".to_owned()),
+                    ("description", format!("{}\nmanaged by HCP; do not edit this line", id_line(&vm_id))),
+                ];
+                if let Some(storage) = &self.config.storage {
+                    params.push(("storage", storage.clone()));
+                }
+                let path = format!("/nodes/{}/qemu/{tvmid}/clone", encode_segment(&tnode));
+                match self.pve.task(Method::Post, &path, params).await {
+                    Ok(_) => {}
+                    Err(e) if e.already_exists() => {
+                        tracing::info!(vm_id, newid, attempt, "vmid collision; trying another");
+                        tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 50)).await;
+                    }
+                    Err(e) => return Err(map_error(e)),
+                }
+                found = self.find(&vm_id, Some(&name)).await?;
+                if found.is_some() {
+                    break;
+                }
+            }
+        }
+        let f = found.ok_or_else(|| {
+            ProviderError::new(ErrorKind::Busy, "no free vmid after 10 attempts (collisions)")
+        })?;
+        if !f.configured {
+            self.configure_vm(&f, &vm_id, &spec).await?;
+        }
+        if req.start && f.status != "running" {
+            self.start(&f).await?;
+        }
+        self.refreshed(&vm_id).await
+    }
+
+    async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        self.refreshed(vm_id).await
+    }
+
+    async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
+        let items = self.resources("vm").await?;
+        let vms: Vec<pb::VmInfo> = items
+            .iter()
+            .filter(|i| i["type"].as_str() == Some("qemu") && tags_of(i).iter().any(|t| t == "hcp"))
+            .filter_map(|i| {
+                let id = tags_of(i).into_iter().find_map(|t| t.strip_prefix("hcp-").map(str::to_owned))?;
+                Some(Self::found(i, true).info(&id))
+            })
+            .collect();
+        Ok(hcp_provider_sdk::page_of(vms, &req))
+    }
+
+    async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        let _serial = self.serialize(vm_id).await;
+        let f = self.require(vm_id).await?;
+        if f.status != "running" {
+            self.start(&f).await?;
+        }
+        self.refreshed(vm_id).await
+    }
+
+    async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let _serial = self.serialize(&req.vm_id).await;
+        let f = self.require(&req.vm_id).await?;
+        if f.status == "stopped" {
+            return Ok(f.info(&req.vm_id));
+        }
+        if req.force {
+            self.hard_stop(&f).await?;
+        } else {
+            let timeout = if req.timeout_seconds == 0 {
+                self.config.timing.shutdown_timeout_seconds
+            } else {
+                u64::from(req.timeout_seconds)
+            };
+            let path = format!("{}/status/shutdown", f.path());
+            match self.pve.task(Method::Post, &path, vec![("timeout", timeout.to_string())]).await {
+                Ok(_) => {}
+                Err(PveError::Task { message, .. }) => {
+                    tracing::info!(vm_id = %req.vm_id, %message, "ACPI shutdown failed; stopping hard");
+                    self.hard_stop(&f).await?;
+                }
+                Err(e) if e.message().contains("not running") => {}
+                Err(e) => return Err(map_error(e)),
+            }
+        }
+        self.refreshed(&req.vm_id).await
+    }
+
+    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        let _serial = self.serialize(vm_id).await;
+        let f = self.require(vm_id).await?;
+        if f.status != "running" {
+            return Err(ProviderError::new(ErrorKind::InvalidState, format!("vm {vm_id} is not running")));
+        }
+        self.pve
+            .task(Method::Post, &format!("{}/status/reboot", f.path()), Vec::new())
+            .await
+            .map_err(map_error)?;
+        self.refreshed(vm_id).await
+    }
+
+    async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
+        let _serial = self.serialize(vm_id).await;
+        let Some(f) = self.find(vm_id, None).await? else {
+            return Ok(false);
+        };
+        if f.status == "running" {
+            self.hard_stop(&f).await?;
+        }
+        let params: Params = vec![("purge", "1".to_owned()), ("destroy-unreferenced-disks", "1".to_owned())];
+        match self.pve.task(Method::Delete, &f.path(), params).await {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => return Ok(false),
+            Err(e) => return Err(map_error(e)),
+        }
+        if let Some(dir) = &self.config.cloud_init.snippets_dir {
+            let _ = std::fs::remove_file(dir.join(Self::snippet_name(vm_id)));
+        }
+        Ok(true)
+    }
+
+    async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
+        if req.protocol != "vnc" {
+            return Err(ProviderError::new(
+                ErrorKind::Unsupported,
+                format!("{} consoles are not supported", req.protocol),
+            ));
+        }
+        let f = self.require(&req.vm_id).await?;
+        if f.status != "running" {
+            return Err(ProviderError::new(
+                ErrorKind::InvalidState,
+                format!("vm {} is not running", req.vm_id),
+            ));
+        }
+        let params: Params = vec![("websocket", "1".to_owned()), ("generate-password", "1".to_owned())];
+        let data = self
+            .pve
+            .call(Method::Post, &format!("{}/vncproxy", f.path()), params)
+            .await
+            .map_err(map_error)?;
+        let port = lenient::u64(&data["port"])
+            .ok_or_else(|| map_error(PveError::Decode("vncproxy without port".into())))?;
+        let ticket = data["ticket"]
+            .as_str()
+            .ok_or_else(|| map_error(PveError::Decode("vncproxy without ticket".into())))?;
+        let (host, api_port) = self.pve.endpoint();
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("port", &port.to_string())
+            .append_pair("vncticket", ticket)
+            .finish();
+        Ok(pb::ConsoleEndpoint {
+            protocol: "vnc".to_owned(),
+            host: host.to_owned(),
+            port: u32::from(api_port),
+            password: data["password"].as_str().unwrap_or(ticket).to_owned(),
+            tls: true,
+            path: format!("/api2/json{}/vncwebsocket?{query}", f.path()),
+        })
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: pb::CreateSnapshotRequest,
+    ) -> Result<pb::SnapshotInfo, ProviderError> {
+        let _serial = self.serialize(&req.vm_id).await;
+        let f = self.require(&req.vm_id).await?;
+        let name = snapname(&req.snapshot_id);
+        let existing = self.snapshots_of(&f).await?.into_iter().find(|(n, _)| *n == name);
+        let description = match existing {
+            Some((_, d)) => d,
+            None => {
+                let mut params: Params = vec![("snapname", name.clone()), ("description", req.name.clone())];
+                if f.status == "running" {
+                    params.push(("vmstate", "1".to_owned()));
+                }
+                self.pve
+                    .task(Method::Post, &format!("{}/snapshot", f.path()), params)
+                    .await
+                    .map_err(map_error)?;
+                req.name.clone()
+            }
+        };
+        Ok(pb::SnapshotInfo {
+            snapshot_id: req.snapshot_id,
+            vm_id: req.vm_id,
+            name: description,
+            native_id: name,
+        })
+    }
+
+    async fn list_snapshots(&self, vm_id: &str) -> Result<Vec<pb::SnapshotInfo>, ProviderError> {
+        let f = self.require(vm_id).await?;
+        Ok(self
+            .snapshots_of(&f)
+            .await?
+            .into_iter()
+            .filter_map(|(n, d)| {
+                Some(pb::SnapshotInfo {
+                    snapshot_id: snapshot_id_of(&n)?,
+                    vm_id: vm_id.to_owned(),
+                    name: d,
+                    native_id: n,
+                })
+            })
+            .collect())
+    }
+
+    async fn revert_snapshot(&self, req: pb::SnapshotRef) -> Result<pb::VmInfo, ProviderError> {
+        let _serial = self.serialize(&req.vm_id).await;
+        let f = self.require(&req.vm_id).await?;
+        let name = snapname(&req.snapshot_id);
+        if !self.snapshots_of(&f).await?.iter().any(|(n, _)| *n == name) {
+            return Err(ProviderError::new(
+                ErrorKind::NotFound,
+                format!("snapshot {} not found", req.snapshot_id),
+            ));
+        }
+        let path = format!("{}/snapshot/{}/rollback", f.path(), encode_segment(&name));
+        self.pve.task(Method::Post, &path, Vec::new()).await.map_err(map_error)?;
+        self.refreshed(&req.vm_id).await
+    }
+
+    async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
+        let _serial = self.serialize(&req.vm_id).await;
+        let Some(f) = self.find(&req.vm_id, None).await? else {
+            return Ok(false);
+        };
+        let name = snapname(&req.snapshot_id);
+        if !self.snapshots_of(&f).await?.iter().any(|(n, _)| *n == name) {
+            return Ok(false);
+        }
+        let path = format!("{}/snapshot/{}", f.path(), encode_segment(&name));
+        self.pve.task(Method::Delete, &path, Vec::new()).await.map_err(map_error)?;
+        Ok(true)
+    }
+}
+
+/// Runs the provider until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(String) + Send,
+) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let provider = Proxmox::new(config).await?;
+    let serve = hcp_provider_sdk::ServeConfig { listen, ..Default::default() };
+    hcp_provider_sdk::serve(provider, serve, shutdown, ready).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_round_trip() {
+        let id = "0190b5f2-0000-7000-8000-000000000001";
+        let name = snapname(id);
+        assert!(name.len() <= 40 && name.starts_with("hcp"));
+        assert_eq!(snapshot_id_of(&name).as_deref(), Some(id));
+        assert_eq!(snapshot_id_of("before-upgrade"), None);
+    }
+
+    #[test]
+    fn vm_names_are_dns_names() {
+        let id = "0190b5f2-0000-7000-8000-000000000001";
+        let spec = |name: &str, host: &str| pb::VmSpec {
+            name: name.into(),
+            hostname: host.into(),
+            ..Default::default()
+        };
+        for (s, want) in [
+            (spec("web-1", ""), "web-1"),
+            (spec("Web_1", "db.prod"), "db-prod"),
+            (spec("__", ""), "hcp-0190b5f2"),
+        ] {
+            assert_eq!(dns_name(&s, id), want);
+        }
+    }
+
+    #[test]
+    fn errors_map_to_the_protocol() {
+        let status = |status, message: &str| PveError::Status {
+            status,
+            message: message.into(),
+            errors: Default::default(),
+        };
+        let cases = [
+            (status(400, "Parameter verification failed."), ErrorKind::InvalidArgument),
+            (status(403, "Permission check failed"), ErrorKind::PermissionDenied),
+            (
+                status(500, "Configuration file 'nodes/pve/qemu-server/9.conf' does not exist"),
+                ErrorKind::NotFound,
+            ),
+            (
+                status(500, "can't lock file '/var/lock/qemu-server/lock-9.conf' - got timeout"),
+                ErrorKind::Busy,
+            ),
+            (status(500, "VM 9 not running"), ErrorKind::InvalidState),
+            (status(595, "Connection timed out"), ErrorKind::Unavailable),
+            (status(501, "Method not implemented"), ErrorKind::Unsupported),
+            (PveError::Auth("authentication failure".into()), ErrorKind::PermissionDenied),
+            (PveError::Task { kind: "qmclone".into(), message: "storage full".into() }, ErrorKind::Internal),
+        ];
+        for (e, want) in cases {
+            assert_eq!(map_error(e.clone()).kind, want, "{e}");
+        }
+        assert_eq!(map_error(PveError::Auth("x".into())).retryable, Some(false));
+    }
+}

@@ -1,0 +1,394 @@
+//! The Proxmox provider against the Proxmox VE simulator (built from the
+//! official 9.1.3 schema): the conformance kit, and the failures a real
+//! cluster produces — vmid collisions under parallel creates, config lock
+//! timeouts, tasks ending in error or with warnings, expired tickets, bad
+//! tokens, node-proxy errors, guests ignoring ACPI, a wrong certificate.
+//! Every test ends by checking that every request the provider sent was
+//! valid against the schema.
+
+use std::sync::Arc;
+
+use hcp_provider_proxmox::Proxmox;
+use hcp_provider_proxmox::config::Config;
+use hcp_provider_sdk::{ErrorKind, Provider, pb};
+use hcp_proxmox_sim::{Faults, Running, SimConfig};
+
+const TOKEN_ID: &str = "hcp@pve!provider";
+const TOKEN_SECRET: &str = "0b1d4c4e-7d9a-4a39-9c55-5d4f3c0e2a11";
+
+struct Env {
+    sim: Running,
+    snippets: std::path::PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.snippets);
+    }
+}
+
+async fn env() -> Env {
+    let snippets = std::env::temp_dir().join(format!("hcp-pve-snippets-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&snippets).unwrap();
+    let sim =
+        hcp_proxmox_sim::start(SimConfig { snippets_dir: Some(snippets.clone()), ..Default::default() })
+            .await
+            .expect("the simulator starts (is ../shared/reference/proxmox beside the repository?)");
+    Env { sim, snippets }
+}
+
+/// The provider's TOML for this simulator; `auth` is a `[auth]` table.
+fn toml(env: &Env, auth: &str, extra_timing: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:0\"\napi_url = \"{url}\"\nnode = \"pve1\"\nbridge = \"vmbr0\"\n\
+         [networks]\ndefault = \"vmbr1\"\n\
+         [templates]\n\"debian-12\" = 9000\n\
+         [tls]\nfingerprint = \"{fp}\"\n\
+         [cloud_init]\nuser = \"debian\"\nssh_keys = [\"ssh-ed25519 AAAAC3Nza+/x= ops@example\"]\n\
+         snippets_storage = \"local\"\nsnippets_dir = \"{dir}\"\n\
+         [timing]\ntask_poll_ms = 10\nretry_base_ms = 10\n{extra_timing}\n{auth}\n",
+        url = env.sim.url(),
+        fp = env.sim.fingerprint,
+        dir = env.snippets.display(),
+    )
+}
+
+fn token_auth() -> String {
+    format!("[auth]\ntoken_id = \"{TOKEN_ID}\"\ntoken_secret = \"{TOKEN_SECRET}\"\n")
+}
+
+async fn provider(env: &Env, auth: &str, extra_timing: &str) -> Arc<Proxmox> {
+    let config = Config::from_toml(&toml(env, auth, extra_timing)).expect("valid config");
+    Arc::new(Proxmox::new(config).await.expect("provider builds"))
+}
+
+fn spec(name: &str) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.to_owned(),
+        vcpus: 2,
+        memory_mib: 1024,
+        disk_gib: 10,
+        image: Some(pb::ImageRef { name: "debian-12".into(), source: "debian-12".into() }),
+        networks: vec![pb::NetworkAttachment { network: "default".into() }],
+        user_data: Some("#cloud-config\nhostname: web\n".into()),
+        hostname: name.to_owned(),
+        labels: Default::default(),
+    }
+}
+
+fn create(vm_id: &str, name: &str, start: bool) -> pb::CreateVmRequest {
+    pb::CreateVmRequest { vm_id: vm_id.to_owned(), spec: Some(spec(name)), start }
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Fails on any request the provider sent that the schema refuses; returns
+/// how many requests were checked.
+fn assert_schema_clean(env: &Env) -> usize {
+    let violations = env.sim.sim.violations();
+    assert!(violations.is_empty(), "requests that break the PVE 9.1.3 schema: {violations:#?}");
+    let checked = env.sim.sim.requests().iter().filter(|r| r.template.is_some()).count();
+    println!("{checked} requests validated against the PVE 9.1.3 schema, 0 violations");
+    checked
+}
+
+/// VMs that are not templates.
+fn guests(env: &Env) -> Vec<hcp_proxmox_sim::Vm> {
+    env.sim.sim.vms().into_iter().filter(|v| !v.template).collect()
+}
+
+#[tokio::test]
+async fn the_provider_passes_the_conformance_kit() {
+    let env = env().await;
+    let p = provider(&env, &token_auth(), "").await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let served = Proxmox::new(Config::from_toml(&toml(&env, &token_auth(), "")).unwrap()).await.unwrap();
+    tokio::spawn(hcp_provider_sdk::serve(
+        served,
+        hcp_provider_sdk::ServeConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() },
+        std::future::pending(),
+        move |a| {
+            let _ = tx.send(a);
+        },
+    ));
+    let endpoint = format!("http://{}", rx.await.unwrap());
+    let mut options = hcp_provider_conformance::Options::new(&endpoint);
+    options.image_source = "debian-12-genericcloud".into();
+    options.network = "default".into();
+    let report = hcp_provider_conformance::run(options).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|(n, o)| n.starts_with("snapshots:") && *o == hcp_provider_conformance::Outcome::Pass)
+    );
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|(n, o)| n == "cloud-init user data" && *o == hcp_provider_conformance::Outcome::Pass)
+    );
+    // The kit cleaned up: only the template is left.
+    assert!(guests(&env).is_empty(), "{:#?}", guests(&env));
+    let caps = p.capabilities().await.unwrap();
+    assert!(caps.supports_cloud_init && caps.supports_snapshot && caps.supports_console_vnc);
+    assert!(!caps.supports_live_migration, "one node and no shared storage");
+    assert_eq!(caps.attributes["pve_version"], "9.1.3");
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_vm_is_a_configured_full_clone_marked_with_its_hcp_id() {
+    let env = env().await;
+    let p = provider(&env, &token_auth(), "").await;
+    let id = new_id();
+    let vm = p.create_vm(create(&id, "web-1", true)).await.unwrap();
+    assert_eq!(vm.power_state, pb::PowerState::Running as i32);
+    assert_eq!((vm.vcpus, vm.memory_mib), (2, 1024), "numbers sent as strings are read");
+    let g = guests(&env);
+    assert_eq!(g.len(), 1);
+    let c = &g[0].config;
+    assert_eq!(vm.native_id, format!("pve1/{}", g[0].vmid));
+    assert_eq!(c["name"], "web-1");
+    assert_eq!(c["cores"], "2");
+    assert_eq!(c["memory"], "1024");
+    assert_eq!(c["net0"], "virtio,bridge=vmbr1");
+    assert_eq!(c["ipconfig0"], "ip=dhcp");
+    assert_eq!(c["ciuser"], "debian");
+    assert_eq!(c["sshkeys"], "ssh-ed25519%20AAAAC3Nza%2B%2Fx%3D%20ops%40example");
+    assert_eq!(c["tags"], format!("hcp;hcp-{id}"));
+    assert!(c["description"].contains(&format!("hcp-vm-id={id}")));
+    assert_eq!(c["cicustom"], format!("user=local:snippets/hcp-{id}-user.yaml"));
+    let snippet = std::fs::read_to_string(env.snippets.join(format!("hcp-{id}-user.yaml"))).unwrap();
+    assert_eq!(snippet, "#cloud-config\nhostname: web\n");
+    // A repeated create returns the same VM.
+    let again = p.create_vm(create(&id, "web-1", true)).await.unwrap();
+    assert_eq!(again.native_id, vm.native_id);
+    assert_eq!(guests(&env).len(), 1);
+    // Console: a vncwebsocket path with a fresh ticket on the API port.
+    let console =
+        p.get_console(pb::GetConsoleRequest { vm_id: id.clone(), protocol: "vnc".into() }).await.unwrap();
+    assert_eq!((console.port, console.tls), (u32::from(env.sim.addr.port()), true));
+    assert!(
+        console.path.contains("/vncwebsocket?port=59") && console.path.contains("vncticket=PVEVNC"),
+        "{console:?}"
+    );
+    assert!(!console.password.is_empty());
+    assert!(p.delete_vm(&id).await.unwrap());
+    assert!(guests(&env).is_empty());
+    assert!(!env.snippets.join(format!("hcp-{id}-user.yaml")).exists(), "the snippet is removed too");
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn parallel_creates_with_colliding_vmids_all_succeed_once() {
+    let env = env().await;
+    let p = provider(&env, &token_auth(), "").await;
+    // nextid reserves nothing, so parallel creates collide on their own;
+    // three more collisions come from "someone else" taking the id.
+    env.sim.sim.set_faults(Faults { collisions: 3, ..Default::default() });
+    let ids: Vec<String> = (0..6).map(|_| new_id()).collect();
+    let tasks: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let p = p.clone();
+            let req = create(id, &format!("par-{i}"), false);
+            tokio::spawn(async move { p.create_vm(req).await })
+        })
+        .collect();
+    let mut natives = std::collections::BTreeSet::new();
+    for t in tasks {
+        let vm = t.await.unwrap().expect("every create succeeds");
+        natives.insert(vm.native_id);
+    }
+    assert_eq!(natives.len(), 6, "six distinct vmids");
+    let ours: Vec<_> = guests(&env)
+        .into_iter()
+        .filter(|v| v.config.get("name").map(String::as_str) != Some("someone-else"))
+        .collect();
+    assert_eq!(ours.len(), 6, "no duplicate VM");
+    for id in &ids {
+        let n = ours.iter().filter(|v| v.config.get("tags").is_some_and(|t| t.contains(id.as_str()))).count();
+        assert_eq!(n, 1, "vm {id} exists exactly once");
+    }
+    let collisions =
+        env.sim.sim.requests().iter().filter(|r| r.status == 500 && r.path.ends_with("/clone")).count();
+    assert!(collisions >= 3, "the provider met collisions ({collisions}) and retried");
+    assert_eq!(env.sim.sim.faults().collisions, 0);
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn lock_timeouts_and_proxy_errors_are_retried() {
+    let env = env().await;
+    let p = provider(&env, &token_auth(), "").await;
+    let id = new_id();
+    p.create_vm(create(&id, "locky", false)).await.unwrap();
+    env.sim.sim.set_faults(Faults {
+        lock_timeouts: 2,
+        task_lock_timeouts: 1,
+        proxy_errors: 2,
+        ..Default::default()
+    });
+    let vm = p.start_vm(&id).await.expect("start succeeds after the retries");
+    assert_eq!(vm.power_state, pb::PowerState::Running as i32);
+    let reqs = env.sim.sim.requests();
+    let locks = reqs.iter().filter(|r| r.status == 500 && r.path.ends_with("/status/start")).count();
+    assert_eq!(locks, 2, "two refused starts");
+    assert_eq!(reqs.iter().filter(|r| r.status == 595).count(), 2);
+    assert_eq!(env.sim.sim.faults(), Faults::default(), "every injected fault was met");
+    assert_eq!(guests(&env)[0].starts, 1, "started once despite the retries");
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_task_ending_in_error_fails_with_the_proxmox_message_and_warnings_succeed() {
+    let env = env().await;
+    let p = provider(&env, &token_auth(), "").await;
+    let msg = "storage 'local-lvm' does not have enough free space";
+    env.sim.sim.set_faults(Faults {
+        task_exits: [("qmclone".to_owned(), msg.to_owned())].into(),
+        ..Default::default()
+    });
+    let err = p.create_vm(create(&new_id(), "doomed", false)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Internal);
+    assert_eq!(err.retryable, Some(false));
+    assert!(err.message.contains(msg), "{}", err.message);
+    assert!(guests(&env).is_empty(), "the failed clone left nothing");
+
+    let id = new_id();
+    p.create_vm(create(&id, "warned", false)).await.unwrap();
+    env.sim.sim.set_faults(Faults {
+        task_exits: [("qmstart".to_owned(), "WARNINGS: 2".to_owned())].into(),
+        ..Default::default()
+    });
+    let vm = p.start_vm(&id).await.expect("WARNINGS is a success");
+    assert_eq!(vm.power_state, pb::PowerState::Running as i32);
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_bad_token_is_a_credential_error_without_retries() {
+    let env = env().await;
+    let p =
+        provider(&env, &format!("[auth]\ntoken_id = \"{TOKEN_ID}\"\ntoken_secret = \"wrong\"\n"), "").await;
+    let err = p.create_vm(create(&new_id(), "nope", false)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::PermissionDenied, "{}", err.message);
+    assert_eq!(err.retryable, Some(false));
+    assert!(err.message.contains("refused the credentials"), "{}", err.message);
+    assert_eq!(env.sim.sim.requests().len(), 1, "one request, no retry storm");
+    assert_eq!(p.client().requests_sent.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(!p.probe().await.unwrap().0, "not ready with refused credentials");
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn tickets_are_renewed_and_an_expired_ticket_is_replaced() {
+    let env = env().await;
+    let auth = "[auth]\nusername = \"hcp@pve\"\npassword = \"s3cret\"\n";
+    let p = provider(&env, auth, "").await;
+    let id = new_id();
+    p.create_vm(create(&id, "ticketed", true)).await.unwrap();
+    let logins = |env: &Env| env.sim.sim.requests().iter().filter(|r| r.path == "/access/ticket").count();
+    assert_eq!(logins(&env), 1, "one ticket serves many calls");
+    // The server forgets every ticket: the next call logs in again.
+    env.sim.sim.set_faults(Faults { expire_tickets: true, ..Default::default() });
+    p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: true, timeout_seconds: 0 }).await.unwrap();
+    assert_eq!(logins(&env), 2);
+    // Renewal before expiry sends the ticket itself as the password.
+    let renewing = provider(&env, auth, "ticket_renew_seconds = 0").await;
+    renewing.get_vm(&id).await.unwrap();
+    renewing.get_vm(&id).await.unwrap();
+    let renewals = env
+        .sim
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.path == "/access/ticket" && r.params.get("password").is_some_and(|p| p.starts_with("PVE:"))
+        })
+        .count();
+    assert!(renewals >= 1, "tickets were renewed with the ticket as password");
+    // A wrong password: one login attempt, a clear error.
+    let before = env.sim.sim.requests().len();
+    let bad = provider(&env, "[auth]\nusername = \"hcp@pve\"\npassword = \"nope\"\n", "").await;
+    let err = bad.get_vm(&id).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::PermissionDenied);
+    assert_eq!(env.sim.sim.requests().len() - before, 1, "no retry storm");
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn shutdown_falls_back_to_a_hard_stop_and_delete_stops_first() {
+    let env = env().await;
+    let p = provider(&env, &token_auth(), "").await;
+    let id = new_id();
+    p.create_vm(create(&id, "stubborn", true)).await.unwrap();
+    env.sim.sim.set_faults(Faults { acpi_ignored: true, ..Default::default() });
+    let vm =
+        p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: false, timeout_seconds: 5 }).await.unwrap();
+    assert_eq!(vm.power_state, pb::PowerState::Shutoff as i32);
+    let g = &guests(&env)[0];
+    assert_eq!((g.shutdowns, g.stops), (0, 1), "the ACPI request failed, the hard stop worked");
+    p.start_vm(&id).await.unwrap();
+    assert!(p.delete_vm(&id).await.unwrap(), "a running VM is stopped, then purged");
+    assert!(guests(&env).is_empty());
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_retried_create_adopts_a_clone_whose_configuration_failed() {
+    let env = env().await;
+    let p = provider(&env, &token_auth(), "").await;
+    let id = new_id();
+    env.sim.sim.set_faults(Faults { config_failures: 1, ..Default::default() });
+    let err = p.create_vm(create(&id, "half", false)).await.unwrap_err();
+    assert!(err.message.contains("unable to write the config"), "{}", err.message);
+    assert_eq!(guests(&env).len(), 1, "the clone exists, untagged");
+    assert_eq!(p.get_vm(&id).await.unwrap_err().kind, ErrorKind::NotFound);
+    let vm = p.create_vm(create(&id, "half", false)).await.unwrap();
+    let g = guests(&env);
+    assert_eq!(g.len(), 1, "the retry adopted the clone instead of making another");
+    assert_eq!(vm.native_id, format!("pve1/{}", g[0].vmid));
+    assert_eq!(g[0].config["tags"], format!("hcp;hcp-{id}"));
+    assert_eq!(p.list_vms(pb::ListVmsRequest::default()).await.unwrap().vms.len(), 1);
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn bad_input_and_wrong_certificates_get_clear_errors() {
+    let env = env().await;
+    let p = provider(&env, &token_auth(), "").await;
+    let mut s = spec("x");
+    s.image = Some(pb::ImageRef { name: "nope".into(), source: "no-such-template".into() });
+    let err =
+        p.create_vm(pb::CreateVmRequest { vm_id: new_id(), spec: Some(s), start: false }).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidArgument);
+    assert!(err.message.starts_with("spec.image.source:"), "{}", err.message);
+    let mut s = spec("x");
+    s.vcpus = 0;
+    let err =
+        p.create_vm(pb::CreateVmRequest { vm_id: new_id(), spec: Some(s), start: false }).await.unwrap_err();
+    assert!(err.message.starts_with("spec.vcpus:"), "{}", err.message);
+
+    let wrong_pin = toml(&env, &token_auth(), "").replace(&env.sim.fingerprint, &["00"; 32].join(":"));
+    let pinned = Proxmox::new(Config::from_toml(&wrong_pin).unwrap()).await.unwrap();
+    let err = pinned.get_vm(&new_id()).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable);
+    assert!(err.message.contains("fingerprint"), "{}", err.message);
+    // The simulator's own certificate as CA works as well as the pin.
+    let ca = env.snippets.join("ca.pem");
+    std::fs::write(&ca, &env.sim.cert_pem).unwrap();
+    let with_ca = toml(&env, &token_auth(), "").replace(
+        &format!("fingerprint = \"{}\"", env.sim.fingerprint),
+        &format!("ca_file = \"{}\"", ca.display()),
+    );
+    let trusted = Proxmox::new(Config::from_toml(&with_ca).unwrap()).await.unwrap();
+    assert_eq!(trusted.get_vm(&new_id()).await.unwrap_err().kind, ErrorKind::NotFound);
+    assert_schema_clean(&env);
+}
