@@ -11,6 +11,7 @@ const FILES: &[&str] = &[
     "hcp/ops/v1/ops.proto",
     "hcp/provider/v1/provider.proto",
     "hcp/sim/v1/sim.proto",
+    "hcp/console/v1/console.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,7 +27,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     tonic_prost_build::configure()
         // Messages that carry secrets get a hand-written, redacting Debug.
-        .skip_debug(["hcp.ops.v1.RegisterProviderRequest", "hcp.provider.v1.ConfigureRequest"])
+        .skip_debug([
+            "hcp.ops.v1.RegisterProviderRequest",
+            "hcp.provider.v1.ConfigureRequest",
+            "hcp.provider.v1.ConsoleEndpoint",
+            "hcp.console.v1.RedeemConsoleRequest",
+        ])
         .build_server(true)
         .build_client(true)
         .compile_fds(compiler.file_descriptor_set())?;

@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
 . scripts/testbed.sh
+. scripts/console-assets.sh
 
 ensure_postgres
 ensure_nats
@@ -14,6 +15,8 @@ ensure_python_grpc
 # Before the build: the virt crate links libvirt through pkg-config.
 ensure_libvirt
 ensure_tiny_guest
+# noVNC for the console page, and Chromium + playwright-core for its test.
+ensure_console_assets
 
 echo "== format"
 cargo fmt --all -- --check

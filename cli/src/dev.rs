@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use hcp_core::auth::{Claims, ROLE_OPS_ADMIN, ROLE_TENANT_MEMBER, sign_hs256};
+use hcp_core::auth::{Claims, ROLE_CONSOLE_PROXY, ROLE_OPS_ADMIN, ROLE_TENANT_MEMBER, sign_hs256};
 use hcp_proto::common;
 use hcp_proto::ops;
 use hcp_proto::ops::catalog_admin_service_client::CatalogAdminServiceClient;
@@ -321,6 +321,17 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
         wait,
     )
     .await?;
+    // The gateway's service account for the console proxy.
+    let proxy_token_file = data.join("console-proxy.jwt");
+    std::fs::write(
+        &proxy_token_file,
+        mint(&secret, "console-proxy", None, &[], &[ROLE_CONSOLE_PROXY], 30 * 86400)?,
+    )?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&proxy_token_file, std::fs::Permissions::from_mode(0o600))?;
+    }
     let gateway = spawn(
         &exe,
         &[
@@ -329,6 +340,8 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
             args.gateway.to_string(),
             "--core".into(),
             format!("http://{}", core.addr),
+            "--service-token-file".into(),
+            proxy_token_file.display().to_string(),
         ],
         &[],
         Stdio::inherit(),

@@ -25,6 +25,10 @@ pub const ROLE_TENANT_VIEWER: &str = "tenant.viewer";
 pub const ROLE_OPS_ADMIN: &str = "ops.admin";
 /// Operator role that may only read the ops namespace.
 pub const ROLE_OPS_VIEWER: &str = "ops.viewer";
+/// HCP's own console proxy (the gateway's service account): may redeem
+/// console tokens and learn hypervisor console endpoints. Never give it to
+/// a person.
+pub const ROLE_CONSOLE_PROXY: &str = "console.proxy";
 
 /// The claims HCP reads from a token.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,6 +80,15 @@ pub enum Access {
 impl Principal {
     fn has(&self, role: &str) -> bool {
         self.roles.iter().any(|r| r == role)
+    }
+
+    /// Checks that this is HCP's console proxy.
+    pub fn console_proxy(&self) -> Result<(), ApiError> {
+        if self.has(ROLE_CONSOLE_PROXY) {
+            Ok(())
+        } else {
+            Err(ApiError::new(ErrorCode::PermissionDenied, format!("needs role {ROLE_CONSOLE_PROXY}")))
+        }
     }
 
     /// Returns the tenant id if the principal may act on `project_id` with

@@ -222,16 +222,34 @@ impl Default for QueueConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConsoleConfig {
-    /// Base URL of the console proxy as tenants reach it (the gateway).
-    /// Default `ws://127.0.0.1:8080`.
+    /// Base URL of the console proxy as tenants reach it (the gateway),
+    /// `ws://` or `wss://`. Default `ws://127.0.0.1:8080`.
+    #[serde(deserialize_with = "websocket_base")]
     pub public_base_url: String,
     /// Seconds a token stays redeemable. Default 60.
     pub token_ttl_seconds: u64,
+    /// Longest a console session stays open once connected, seconds; the
+    /// proxy closes it then. Default 3600.
+    pub max_session_seconds: u32,
+}
+
+fn websocket_base<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let url = String::deserialize(d)?;
+    if !(url.starts_with("ws://") || url.starts_with("wss://")) || url.len() <= "wss://".len() {
+        return Err(serde::de::Error::custom(format!(
+            "must be a websocket base URL (ws://host:port or wss://host), got {url:?}"
+        )));
+    }
+    Ok(url)
 }
 
 impl Default for ConsoleConfig {
     fn default() -> Self {
-        Self { public_base_url: "ws://127.0.0.1:8080".to_owned(), token_ttl_seconds: 60 }
+        Self {
+            public_base_url: "ws://127.0.0.1:8080".to_owned(),
+            token_ttl_seconds: 60,
+            max_session_seconds: 3600,
+        }
     }
 }
 
@@ -312,6 +330,14 @@ mod tests {
     fn unknown_keys_are_refused_with_their_name() {
         let err = Config::from_toml("[jobs]\nmax_attempt = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_attempt"), "{err}");
+    }
+
+    #[test]
+    fn console_urls_must_be_websockets() {
+        let err = Config::from_toml("[console]\npublic_base_url = \"http://gw:8080\"\n").unwrap_err();
+        assert!(err.to_string().contains("public_base_url") && err.to_string().contains("ws://"), "{err}");
+        let c = Config::from_toml("[console]\npublic_base_url = \"wss://cloud.example.com\"\n").unwrap();
+        assert_eq!(c.console.max_session_seconds, 3600);
     }
 
     #[test]

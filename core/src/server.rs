@@ -224,7 +224,8 @@ pub async fn run(
         let auth = AuthInterceptor::new(verifier);
         let tenant = TenantApi::new(ctx.clone());
         let ops = OpsApi::new(ctx.clone());
-        let catalog = CatalogApi::new(ctx);
+        let catalog = CatalogApi::new(ctx.clone());
+        let console = crate::api::console::ConsoleApi::new(ctx);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<VmServiceServer<TenantApi>>().await;
@@ -257,7 +258,13 @@ pub async fn run(
             .add_service(ProviderAdminServiceServer::with_interceptor(ops.clone(), auth.clone()))
             .add_service(CatalogAdminServiceServer::with_interceptor(ops.clone(), auth.clone()))
             .add_service(AuditServiceServer::with_interceptor(ops.clone(), auth.clone()))
-            .add_service(QuotaAdminServiceServer::with_interceptor(ops, auth))
+            .add_service(QuotaAdminServiceServer::with_interceptor(ops, auth.clone()))
+            // Not northbound: only HCP's console proxy (role console.proxy).
+            .add_service(
+                hcp_proto::console::console_broker_service_server::ConsoleBrokerServiceServer::with_interceptor(
+                    console, auth,
+                ),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(StartError::Serve)

@@ -18,6 +18,17 @@ struct Args {
     /// Deadline of one call to core, seconds.
     #[arg(long, default_value_t = 30)]
     timeout_seconds: u64,
+    /// JWT of the gateway's service account (role console.proxy), for the
+    /// console proxy; without it consoles are refused.
+    #[arg(long, env = "HCP_GATEWAY_SERVICE_TOKEN_FILE")]
+    service_token_file: Option<std::path::PathBuf>,
+    /// An origin allowed to open consoles (repeatable); none means the
+    /// gateway's own origin only.
+    #[arg(long = "console-allowed-origin")]
+    console_allowed_origins: Vec<String>,
+    /// Directory of the console page (www/) and noVNC (node_modules/).
+    #[arg(long, default_value = "gateway/console", env = "HCP_CONSOLE_ASSETS_DIR")]
+    console_assets_dir: std::path::PathBuf,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -38,6 +49,11 @@ where
         listen: args.listen,
         core_endpoint: args.core,
         timeout: std::time::Duration::from_secs(args.timeout_seconds.max(1)),
+        console: crate::console::ConsoleConfig {
+            service_token_file: args.service_token_file,
+            allowed_origins: args.console_allowed_origins,
+            assets_dir: args.console_assets_dir,
+        },
     };
     let telemetry = hcp_telemetry::TelemetryConfig {
         json_logs: args.json_logs,

@@ -9,11 +9,14 @@
 //!   code (the one mapping in `hcp_proto::error`).
 //! - gRPC-web: browser clients call `/hcp.<pkg>.<Service>/<Method>`;
 //!   tonic-web turns the call into gRPC and it is proxied to core as is.
+//! - Consoles: `/console/vnc?token=…` is the websocket console proxy and
+//!   `/console/vnc.html?token=…` the noVNC page ([`console`]).
 //! - `GET /healthz` for load balancers.
 //!
 //! The gateway checks no tokens itself: core is the one place that does.
 
 pub mod cli;
+pub mod console;
 pub mod routes;
 pub mod transcode;
 
@@ -47,6 +50,8 @@ pub struct Config {
     pub core_endpoint: String,
     /// Deadline for one call to core.
     pub timeout: Duration,
+    /// The console proxy.
+    pub console: console::ConsoleConfig,
 }
 
 /// The gateway failed to start.
@@ -94,13 +99,19 @@ pub async fn run(
         .connect_lazy();
     let state = Arc::new(Gateway { routes, core: core.clone() });
 
-    let grpc_web =
-        tower::ServiceBuilder::new().layer(tonic_web::GrpcWebLayer::new()).service(GrpcProxy { core });
+    let grpc_web = tower::ServiceBuilder::new()
+        .layer(tonic_web::GrpcWebLayer::new())
+        .service(GrpcProxy { core: core.clone() });
+    let consoles = Arc::new(console::Console { config: config.console.clone(), core: core.clone() });
+    let console_routes = axum::Router::new()
+        .route("/console/novnc/{*path}", axum::routing::get(console::novnc))
+        .route("/console/{name}", axum::routing::get(console::entry))
+        .with_state(consoles);
     let mut app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
     for service in hcp_proto::NORTHBOUND_SERVICES {
         app = app.route_service(&format!("/{service}/{{method}}"), grpc_web.clone());
     }
-    let app = app.fallback(rest).with_state(state);
+    let app = app.fallback(rest).with_state(state).merge(console_routes);
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -44,12 +44,19 @@ mod generated {
                 include!(concat!(env!("OUT_DIR"), "/hcp.sim.v1.rs"));
             }
         }
+        pub mod console {
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/hcp.console.v1.rs"));
+            }
+        }
     }
 }
 
 pub use generated::google;
 /// `hcp.common.v1`: catalog reads and HTTP options.
 pub use generated::hcp::common::v1 as common;
+/// `hcp.console.v1`: the console proxy's calls to core (not northbound).
+pub use generated::hcp::console::v1 as console;
 /// `hcp.ops.v1`: providers, catalog management, audit.
 pub use generated::hcp::ops::v1 as ops;
 /// `hcp.provider.v1`: the southbound provider plugin protocol.
@@ -90,6 +97,28 @@ impl std::fmt::Debug for RedactedCredentials<'_> {
     }
 }
 
+impl std::fmt::Debug for provider::ConsoleEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleEndpoint")
+            .field("protocol", &self.protocol)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
+            .field("tls", &self.tls)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for console::RedeemConsoleRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedeemConsoleRequest")
+            .field("token", &"<redacted>")
+            .field("protocol", &self.protocol)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for ops::RegisterProviderRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegisterProviderRequest")
@@ -121,6 +150,14 @@ mod tests {
         assert!(shown.contains("token") && !shown.contains("hunter2"), "{shown}");
         let c = super::provider::ConfigureRequest { credentials: r.credentials.clone() };
         assert!(!format!("{c:?}").contains("hunter2"));
+        let e =
+            super::provider::ConsoleEndpoint { password: "hunter2".into(), port: 5900, ..Default::default() };
+        let shown = format!("{e:?}");
+        assert!(shown.contains("5900") && !shown.contains("hunter2"), "{shown}");
+        let redeemed = super::console::RedeemedConsole { endpoint: Some(e), ..Default::default() };
+        assert!(!format!("{redeemed:?}").contains("hunter2"));
+        let t = super::console::RedeemConsoleRequest { token: "hunter2".into(), protocol: "vnc".into() };
+        assert!(!format!("{t:?}").contains("hunter2"));
     }
 
     #[test]

@@ -95,6 +95,15 @@ impl TestStack {
         let secret_hex = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
         std::fs::write(dir.path().join("jwt-secret"), &secret_hex)?;
         std::fs::write(dir.path().join("secrets.key"), hcp_core::secrets::SecretBox::generate_key_hex())?;
+        let proxy_token = mint(
+            secret_hex.as_bytes(),
+            "console-proxy",
+            None,
+            &[],
+            &[hcp_core::auth::ROLE_CONSOLE_PROXY],
+            86400,
+        )?;
+        std::fs::write(dir.path().join("console-proxy.jwt"), proxy_token)?;
         let mut stack = Self {
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
             core: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -115,6 +124,7 @@ impl TestStack {
         stack.sim = stack.start_sim_with("sim", &sim_args).await?;
 
         let combined = opts.worker_processes == 0;
+        let stack_dir = stack.dir.path().to_owned();
         for i in 0..opts.api_processes.max(1) {
             let name = format!("core-api-{i}");
             let config = stack.write_core_config(&name, true, combined)?;
@@ -130,6 +140,10 @@ impl TestStack {
                         "127.0.0.1:0".into(),
                         "--core".into(),
                         format!("http://{core}"),
+                        "--service-token-file".into(),
+                        stack_dir.join("console-proxy.jwt").display().to_string(),
+                        "--console-assets-dir".into(),
+                        console_assets_dir().display().to_string(),
                     ],
                 )
                 .await?;
@@ -341,6 +355,12 @@ impl TestStack {
         let mut sim = hcp_proto::sim::sim_control_client::SimControlClient::new(self.sim_channel().await?);
         Ok(sim.stats(hcp_proto::sim::StatsRequest {}).await?.into_inner())
     }
+}
+
+/// The console page and noVNC of this checkout (`scripts/console-assets.sh`
+/// installs noVNC there).
+pub fn console_assets_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/console")
 }
 
 /// Core's `[jobs]` keys for tests: quick polling and short backoff, unless

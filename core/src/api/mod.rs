@@ -16,6 +16,7 @@ use crate::providers::ProviderClients;
 use crate::store::Store;
 
 pub mod catalog;
+pub mod console;
 pub mod ops;
 pub mod tenant;
 pub mod validate;

@@ -521,10 +521,16 @@ impl TenantApi {
             .await
             .map_err(|e| from_store(e, "console"))?;
         let base = self.ctx.config.console.public_base_url.trim_end_matches('/');
+        let web_base = match base.split_once("://") {
+            Some(("wss", rest)) => format!("https://{rest}"),
+            Some(("ws", rest)) => format!("http://{rest}"),
+            _ => base.to_owned(),
+        };
         Ok(ConsoleSession {
             r#type: protocol.clone(),
             url: format!("{base}/console/{protocol}?token={token}"),
             expires_at: Some(convert::ts(expires_at)),
+            web_url: format!("{web_base}/console/{protocol}.html?token={token}"),
         })
     }
 

@@ -7,6 +7,25 @@ use chrono::{DateTime, Utc};
 use super::{StoreError, StoreResult, col, on_pool};
 use crate::model::{AuditEvent, ConsoleSession};
 
+/// A console session from a row of either backend.
+macro_rules! session_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        let vm_id: uuid::Uuid = col!(&row, "vm_id");
+        ConsoleSession {
+            token_hash: col!(&row, "token_hash"),
+            tenant_id: col!(&row, "tenant_id"),
+            project_id: col!(&row, "project_id"),
+            vm_id: hcp_proto::ids::VmId(vm_id),
+            protocol: col!(&row, "protocol"),
+            expires_at: col!(&row, "expires_at"),
+            used_at: col!(&row, "used_at"),
+            revoked_at: col!(&row, "revoked_at"),
+            created_at: col!(&row, "created_at"),
+        }
+    }};
+}
+
 impl super::Store {
     /// Stores a new session and the audit event of its issue.
     pub async fn insert_console_session(&self, s: &ConsoleSession, audit: &AuditEvent) -> StoreResult<()> {
@@ -53,18 +72,26 @@ impl super::Store {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "console session"))?
             .ok_or(StoreError::NotFound)?;
-            let vm_id: uuid::Uuid = col!(&row, "vm_id");
-            Ok(ConsoleSession {
-                token_hash: col!(&row, "token_hash"),
-                tenant_id: col!(&row, "tenant_id"),
-                project_id: col!(&row, "project_id"),
-                vm_id: hcp_proto::ids::VmId(vm_id),
-                protocol: col!(&row, "protocol"),
-                expires_at: col!(&row, "expires_at"),
-                used_at: col!(&row, "used_at"),
-                revoked_at: col!(&row, "revoked_at"),
-                created_at: col!(&row, "created_at"),
-            })
+            Ok(session_from_row!(row))
+        })
+    }
+
+    /// What became of a session that could not be redeemed: `None` when
+    /// the token is unknown.
+    pub async fn console_session(&self, token_hash: &str) -> StoreResult<Option<ConsoleSession>> {
+        on_pool!(self, |pool| {
+            let Some(row) = sqlx::query(
+                "SELECT token_hash, tenant_id, project_id, vm_id, protocol, expires_at, used_at, revoked_at, \
+                 created_at FROM console_sessions WHERE token_hash = $1",
+            )
+            .bind(token_hash)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "console session"))?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(session_from_row!(row)))
         })
     }
 }

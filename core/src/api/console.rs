@@ -1,0 +1,174 @@
+//! The console broker: what HCP's console proxy asks core when a tenant
+//! connects with a console URL. Core redeems the single-use token (once,
+//! ever), checks that the VM is still the tenant's and still running, asks
+//! the provider for the live endpoint (ports change when a VM restarts, so
+//! it is never stored) and hands it, password included, to the proxy alone:
+//! only callers with the `console.proxy` role get an answer. Every redeem,
+//! refusal and session end is audited.
+
+use hcp_proto::console::console_broker_service_server::ConsoleBrokerService;
+use hcp_proto::console::{EndConsoleRequest, EndConsoleResponse, RedeemConsoleRequest, RedeemedConsole};
+use hcp_proto::error::{ApiError, ErrorCode};
+
+use super::tenant::hash_token;
+use super::{ApiContext, ApiResult, handle};
+use crate::auth::{Principal, principal};
+use crate::error::from_store;
+use crate::model::{AuditEvent, VmStatus, now};
+use crate::store::StoreError;
+
+/// The console broker service.
+#[derive(Clone)]
+pub struct ConsoleApi {
+    ctx: ApiContext,
+}
+
+impl ConsoleApi {
+    /// Builds the service.
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+
+    fn audit(&self, p: &Principal, vm: &str, tenant: &str, project: &str, outcome: &str) -> AuditEvent {
+        let mut a = self.ctx.audit(p, "vm.console", "vm", vm, outcome);
+        a.tenant_id = tenant.to_owned();
+        a.project_id = project.to_owned();
+        a
+    }
+
+    async fn redeem(&self, p: Principal, req: RedeemConsoleRequest) -> Result<RedeemedConsole, ApiError> {
+        p.console_proxy()?;
+        if req.token.is_empty() {
+            return Err(ApiError::invalid_field("token", "the console token is missing"));
+        }
+        let hash = hash_token(&req.token);
+        let t = now();
+        let session = match self.ctx.store.redeem_console_session(&hash, t).await {
+            Ok(s) => s,
+            Err(StoreError::NotFound) => return Err(self.refusal(&p, &hash, t).await),
+            Err(e) => return Err(from_store(e, "console session")),
+        };
+        let vm_id = session.vm_id;
+        let (tenant, project) = (session.tenant_id.clone(), session.project_id.clone());
+        let refuse = |outcome: &str, err: ApiError| {
+            let a = self.audit(&p, &vm_id.to_string(), &tenant, &project, outcome);
+            async move {
+                let _ = self.ctx.store.append_audit(&a).await;
+                err
+            }
+        };
+        if req.protocol != session.protocol {
+            return Err(refuse(
+                "refused: protocol mismatch",
+                ApiError::invalid_field(
+                    "protocol",
+                    format!("the token is for a {} console, not {}", session.protocol, req.protocol),
+                ),
+            )
+            .await);
+        }
+        let vm = match self.ctx.store.get_vm(&tenant, &project, vm_id).await {
+            Ok(vm) => vm,
+            Err(StoreError::NotFound) => {
+                return Err(refuse("refused: vm gone", ApiError::conflict("the vm no longer exists")).await);
+            }
+            Err(e) => return Err(from_store(e, "vm")),
+        };
+        if vm.status != VmStatus::Active {
+            let msg = format!("the vm is {}; a console needs it ACTIVE", vm.status);
+            return Err(refuse("refused: vm not active", ApiError::conflict(msg)).await);
+        }
+        let provider =
+            self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
+        let mut compute = self.ctx.clients.compute(&provider)?;
+        let mut call = tonic::Request::new(hcp_proto::provider::GetConsoleRequest {
+            vm_id: vm_id.to_string(),
+            protocol: session.protocol.clone(),
+        });
+        hcp_telemetry::inject_request(&mut call);
+        let endpoint = match compute.get_console(call).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                let e = crate::providers::ProviderCallError::from_status(&s);
+                let err = ApiError::new(e.code, format!("the provider cannot open a console: {}", e.message));
+                return Err(refuse("refused: provider", err).await);
+            }
+        };
+        let a = self.audit(&p, &vm_id.to_string(), &tenant, &project, "opened");
+        self.ctx.store.append_audit(&a).await.map_err(|e| from_store(e, "audit"))?;
+        tracing::info!(%vm_id, protocol = %session.protocol, "console session opened");
+        Ok(RedeemedConsole {
+            session_id: hash,
+            vm_id: vm_id.to_string(),
+            tenant_id: tenant,
+            project_id: project,
+            endpoint: Some(endpoint),
+            max_session_seconds: self.ctx.config.console.max_session_seconds.max(1),
+        })
+    }
+
+    /// Why a token could not be redeemed, audited when it names a session.
+    async fn refusal(&self, p: &Principal, hash: &str, t: chrono::DateTime<chrono::Utc>) -> ApiError {
+        let session = match self.ctx.store.console_session(hash).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return ApiError::new(ErrorCode::NotFound, "unknown console token"),
+            Err(e) => return from_store(e, "console session"),
+        };
+        let why = if session.used_at.is_some() {
+            "console token already used"
+        } else if session.revoked_at.is_some() {
+            "console token revoked: the vm was stopped or deleted"
+        } else if session.expires_at <= t {
+            "console token expired"
+        } else {
+            "console token not redeemable"
+        };
+        let a = self.audit(
+            p,
+            &session.vm_id.to_string(),
+            &session.tenant_id,
+            &session.project_id,
+            &format!("refused: {why}"),
+        );
+        let _ = self.ctx.store.append_audit(&a).await;
+        ApiError::conflict(why)
+    }
+
+    async fn end(&self, p: Principal, req: EndConsoleRequest) -> Result<EndConsoleResponse, ApiError> {
+        p.console_proxy()?;
+        let session = self
+            .ctx
+            .store
+            .console_session(&req.session_id)
+            .await
+            .map_err(|e| from_store(e, "console session"))?
+            .ok_or_else(|| ApiError::not_found("console session", &req.session_id))?;
+        let reason: String = req.reason.chars().take(200).collect();
+        let mut a = self.audit(
+            &p,
+            &session.vm_id.to_string(),
+            &session.tenant_id,
+            &session.project_id,
+            &format!("closed: {reason}"),
+        );
+        a.detail = format!(
+            "duration_ms={} bytes_to_client={} bytes_to_server={}",
+            req.duration_ms, req.bytes_to_client, req.bytes_to_server
+        );
+        self.ctx.store.append_audit(&a).await.map_err(|e| from_store(e, "audit"))?;
+        Ok(EndConsoleResponse {})
+    }
+}
+
+#[tonic::async_trait]
+impl ConsoleBrokerService for ConsoleApi {
+    async fn redeem_console(&self, req: tonic::Request<RedeemConsoleRequest>) -> ApiResult<RedeemedConsole> {
+        let p = principal(&req)?;
+        handle(self.redeem(p, req.into_inner())).await
+    }
+
+    async fn end_console(&self, req: tonic::Request<EndConsoleRequest>) -> ApiResult<EndConsoleResponse> {
+        let p = principal(&req)?;
+        handle(self.end(p, req.into_inner())).await
+    }
+}

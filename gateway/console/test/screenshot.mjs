@@ -1,0 +1,225 @@
+#!/usr/bin/env node
+// Opens the HCP console page in headless Chromium and checks what it shows.
+//
+//   node gateway/console/test/screenshot.mjs --url URL --out PNG
+//        [--timeout-ms 30000] [--expect connected|refused]
+//        [--chromium /usr/bin/chromium]
+//
+// --expect connected (the default): waits for body[data-state=connected], for
+// noVNC's canvas to have a size and for it to show something (pixels other
+// than the most common colour, the same count on consecutive reads), then
+// saves a screenshot of the canvas to --out.
+// --expect refused: waits for body[data-state] to become refused or
+// disconnected; succeeds on refused. --out, if given, gets the whole page.
+//
+// Prints one JSON line on stdout:
+//   {"state", "canvas": {"width","height"} | null, "non_background_pixels",
+//    "distinct_colours", "reason", "stable", "error"}
+// "reason" is the page's data-reason (the server's close reason, if any);
+// "error" is null on success and says what went wrong otherwise.
+// Exits 0 when it saw what it waited for, 1 otherwise. Diagnostics go to
+// stderr.
+
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { chromium } from 'playwright-core';
+
+const CHROMIUM_ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--no-first-run',
+];
+const POLL_MS = 400;
+const STABLE_READS = 3;     // non-background counts read in a row that must agree
+const STABLE_WOBBLE_PX = 64; // ... to within this many pixels or 1%
+const FINISH_TIMEOUT_MS = 15000; // for the screenshot itself, after the wait
+
+function log(msg) {
+  process.stderr.write(`[console-screenshot] ${msg}\n`);
+}
+
+function usage(msg) {
+  process.stderr.write(`${msg}\nusage: node screenshot.mjs --url URL --out PNG ` +
+    '[--timeout-ms 30000] [--expect connected|refused] [--chromium PATH]\n');
+  process.exit(2);
+}
+
+let opts;
+try {
+  opts = parseArgs({
+    options: {
+      url: { type: 'string' },
+      out: { type: 'string' },
+      'timeout-ms': { type: 'string', default: '30000' },
+      expect: { type: 'string', default: 'connected' },
+      chromium: { type: 'string', default: '/usr/bin/chromium' },
+    },
+    strict: true,
+  }).values;
+} catch (err) {
+  usage(err.message);
+}
+const timeoutMs = Number(opts['timeout-ms']);
+if (!opts.url) usage('--url is required');
+if (!['connected', 'refused'].includes(opts.expect)) usage('--expect must be connected or refused');
+if (opts.expect === 'connected' && !opts.out) usage('--out is required');
+if (!Number.isFinite(timeoutMs) || timeoutMs <= 0) usage('--timeout-ms must be a positive number');
+
+const deadline = Date.now() + timeoutMs;
+const remaining = () => Math.max(1, deadline - Date.now());
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+const result = {
+  state: null,
+  canvas: null,
+  non_background_pixels: 0,
+  distinct_colours: 0,
+  reason: '',
+  stable: false,
+  error: null,
+};
+
+// Runs in the page: counts the canvas's colours. The most common colour is
+// taken as the background.
+function canvasStats() {
+  const canvas = document.querySelector('#screen canvas');
+  if (!canvas || canvas.width === 0 || canvas.height === 0) return null;
+  const ctx = canvas.getContext('2d');
+  const { data } = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  const pixels = new Uint32Array(data.buffer);
+  const counts = new Map();
+  for (const p of pixels) counts.set(p, (counts.get(p) || 0) + 1);
+  let top = 0;
+  for (const n of counts.values()) if (n > top) top = n;
+  return {
+    width: canvas.width,
+    height: canvas.height,
+    non_background_pixels: pixels.length - top,
+    distinct_colours: counts.size,
+  };
+}
+
+async function pageState(page) {
+  return page.evaluate(() => ({
+    state: document.body ? document.body.dataset.state || null : null,
+    reason: document.body ? document.body.dataset.reason || '' : '',
+  }));
+}
+
+async function expectConnected(page) {
+  await page.waitForFunction(
+    () => ['connected', 'refused', 'disconnected'].includes(document.body && document.body.dataset.state),
+    null, { timeout: remaining(), polling: 100 });
+  Object.assign(result, await pageState(page));
+  if (result.state !== 'connected') {
+    throw new Error(`page state is ${result.state}, expected connected`);
+  }
+
+  await page.waitForFunction(() => {
+    const c = document.querySelector('#screen canvas');
+    if (!c || c.width === 0 || c.height === 0) return false;
+    const box = c.getBoundingClientRect();
+    return box.width > 0 && box.height > 0;
+  }, null, { timeout: remaining(), polling: 100 });
+
+  // Wait for the canvas to show something and settle. A blinking text cursor
+  // changes a few pixels all the time, so "settled" allows a small wobble.
+  const reads = [];
+  for (;;) {
+    const { state, reason } = await pageState(page);
+    if (state !== 'connected') {
+      Object.assign(result, { state, reason });
+      throw new Error(`page state became ${state} while waiting for the screen`);
+    }
+    const stats = await page.evaluate(canvasStats);
+    if (stats) {
+      result.canvas = { width: stats.width, height: stats.height };
+      result.non_background_pixels = stats.non_background_pixels;
+      result.distinct_colours = stats.distinct_colours;
+      reads.push(stats.non_background_pixels);
+      const recent = reads.slice(-STABLE_READS);
+      const lo = Math.min(...recent);
+      const hi = Math.max(...recent);
+      if (recent.length === STABLE_READS && lo > 0 && hi - lo <= Math.max(STABLE_WOBBLE_PX, hi * 0.01)) {
+        result.stable = true;
+        break;
+      }
+    }
+    if (Date.now() + POLL_MS >= deadline) {
+      if (result.non_background_pixels > 0) {
+        log('screen still changing at the timeout; taking the screenshot anyway');
+        break;
+      }
+      throw new Error('the console canvas stayed blank');
+    }
+    await sleep(POLL_MS);
+  }
+
+  await page.locator('#screen canvas').screenshot({ path: opts.out, timeout: FINISH_TIMEOUT_MS });
+}
+
+async function expectRefused(page) {
+  await page.waitForFunction(
+    () => ['refused', 'disconnected'].includes(document.body && document.body.dataset.state),
+    null, { timeout: remaining(), polling: 100 });
+  Object.assign(result, await pageState(page));
+  if (opts.out) {
+    await page.screenshot({ path: opts.out, timeout: FINISH_TIMEOUT_MS });
+  }
+  if (result.state !== 'refused') {
+    throw new Error(`page state is ${result.state}, expected refused`);
+  }
+}
+
+async function main() {
+  const userDataDir = await mkdtemp(join(tmpdir(), 'hcp-console-chromium-'));
+  let context = null;
+  let page = null;
+  try {
+    context = await chromium.launchPersistentContext(userDataDir, {
+      executablePath: opts.chromium,
+      headless: true,
+      args: CHROMIUM_ARGS,
+      viewport: { width: 1280, height: 800 },
+      deviceScaleFactor: 1,
+      timeout: remaining(),
+    });
+    page = context.pages()[0] || await context.newPage();
+    page.on('pageerror', (err) => log(`page error: ${err.message}`));
+    page.on('console', (msg) => {
+      // (Our own getImageData polling draws a hint about willReadFrequently.)
+      if ((msg.type() === 'error' || msg.type() === 'warning') && !msg.text().includes('willReadFrequently')) {
+        log(`page ${msg.type()}: ${msg.text()}`);
+      }
+    });
+    await page.goto(opts.url, { waitUntil: 'load', timeout: remaining() });
+    if (opts.expect === 'refused') {
+      await expectRefused(page);
+    } else {
+      await expectConnected(page);
+    }
+    return 0;
+  } catch (err) {
+    if (page && !result.state) {
+      try { Object.assign(result, await pageState(page)); } catch { /* page gone */ }
+    }
+    result.error = (err && err.message ? err.message : String(err)).split('\n')[0];
+    return 1;
+  } finally {
+    if (context) {
+      try { await context.close(); } catch (err) { log(`closing the browser: ${err.message}`); }
+    }
+    await rm(userDataDir, { recursive: true, force: true });
+  }
+}
+
+const code = await main();
+process.stdout.write(`${JSON.stringify(result)}\n`);
+process.exit(code);

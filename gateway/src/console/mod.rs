@@ -1,0 +1,344 @@
+//! The console proxy: how a tenant's browser reaches a VM's screen without
+//! ever learning where the hypervisor is or what its VNC password is.
+//!
+//! `GET /console/vnc?token=…` upgrades to a websocket (subprotocol
+//! `binary`, as noVNC asks). The proxy checks the Origin against the allow
+//! list (a CSRF defence: browsers always send it), asks core to redeem the
+//! single-use token (core answers only the gateway's service account, role
+//! `console.proxy`), connects to the endpoint core returns, authenticates to
+//! the VNC server with the password on the tenant's behalf ([`rfb`]),
+//! offers the browser an RFB handshake without authentication, and then
+//! relays bytes both ways until either side closes or the maximum session
+//! time core gave passes. Refusals accept the websocket and close it with a
+//! 4xxx code and a reason the page shows. Every end is reported to core for
+//! the audit trail.
+//!
+//! `GET /console/vnc.html?token=…` and the files beside it are the console
+//! page (`gateway/console/www`) and noVNC (installed from npm into
+//! `gateway/console/node_modules` by `scripts/console-assets.sh`).
+
+pub mod rfb;
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use hcp_proto::console::console_broker_service_client::ConsoleBrokerServiceClient;
+use hcp_proto::console::{EndConsoleRequest, RedeemConsoleRequest, RedeemedConsole};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+/// Console proxy settings.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleConfig {
+    /// File holding the JWT of the gateway's service account (role
+    /// `console.proxy`); read at each connection, so it can be rotated.
+    /// Without it the proxy refuses every connection.
+    pub service_token_file: Option<PathBuf>,
+    /// Origins allowed to open consoles (e.g. `https://cloud.example.com`);
+    /// empty means same origin as the request's Host.
+    pub allowed_origins: Vec<String>,
+    /// Directory with `www/` (the console page) and `node_modules/` (noVNC).
+    pub assets_dir: PathBuf,
+}
+
+/// What the console routes need.
+pub(crate) struct Console {
+    pub(crate) config: ConsoleConfig,
+    pub(crate) core: Channel,
+}
+
+/// Close codes (4000-4999 are the application's).
+mod close {
+    pub(super) const BAD_REQUEST: u16 = 4400;
+    pub(super) const REFUSED: u16 = 4403;
+    pub(super) const MAX_TIME: u16 = 4408;
+    pub(super) const UPSTREAM: u16 = 4502;
+    pub(super) const UNAVAILABLE: u16 = 4503;
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct TokenQuery {
+    #[serde(default)]
+    token: String,
+}
+
+/// `GET /console/{name}`: `vnc` (and other protocols) upgrade to the proxy;
+/// names with a dot are files of the console page.
+pub(crate) async fn entry(
+    State(console): State<Arc<Console>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> Response {
+    if name.contains('.') {
+        return serve_file(&console.config.assets_dir.join("www"), &name).await;
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("{name}: a websocket upgrade is needed ({e})"))
+                .into_response();
+        }
+    };
+    if let Err(why) = origin_allowed(&console.config.allowed_origins, &headers) {
+        tracing::warn!(origin = ?headers.get(header::ORIGIN), "console refused: {why}");
+        return (StatusCode::FORBIDDEN, why).into_response();
+    }
+    let protocol = name;
+    ws.protocols(["binary"]).on_upgrade(move |socket| async move {
+        session(console, protocol, q.token, socket).await;
+    })
+}
+
+/// `GET /console/novnc/{*path}`: noVNC's modules.
+pub(crate) async fn novnc(
+    State(console): State<Arc<Console>>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+) -> Response {
+    serve_file(&console.config.assets_dir.join("node_modules/@novnc/novnc"), &path).await
+}
+
+/// Same origin (Origin's host is the request's Host) or listed; a request
+/// without Origin comes from a non-browser client and is let through.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> Result<(), String> {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return Ok(());
+    };
+    if allowed.iter().any(|a| a.trim_end_matches('/') == origin) {
+        return Ok(());
+    }
+    if allowed.is_empty() {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+        let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or_default();
+        if !host.is_empty() && origin_host == host {
+            return Ok(());
+        }
+    }
+    Err(format!("origin {origin} may not open consoles"))
+}
+
+async fn serve_file(root: &Path, rel: &str) -> Response {
+    let rel = Path::new(rel);
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    }
+    let path = root.join(rel);
+    let content_type = match path.extension().and_then(|e| e.to_str()) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("json" | "map") => "application/json",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("ico") => "image/x-icon",
+        _ => "application/octet-stream",
+    };
+    match tokio::fs::read(&path).await {
+        Ok(body) => ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body)
+            .into_response(),
+        Err(_) if !root.exists() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the console page is not installed ({} is missing): run scripts/console-assets.sh",
+                root.display()
+            ),
+        )
+            .into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "not found").into_response(),
+    }
+}
+
+/// Why a session ended: a close code and a reason for the tenant.
+struct End {
+    code: u16,
+    reason: String,
+}
+
+impl End {
+    fn new(code: u16, reason: impl Into<String>) -> Self {
+        Self { code, reason: reason.into() }
+    }
+}
+
+async fn session(console: Arc<Console>, protocol: String, token: String, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+    let started = Instant::now();
+    let to_client = Arc::new(AtomicU64::new(0));
+    let to_server = Arc::new(AtomicU64::new(0));
+    let mut redeemed = None;
+    let end = async {
+        if token.is_empty() {
+            return End::new(close::BAD_REQUEST, "the console URL has no token");
+        }
+        let r = match redeem(&console, &protocol, &token).await {
+            Ok(r) => r,
+            Err(end) => return end,
+        };
+        let max = Duration::from_secs(u64::from(r.max_session_seconds.max(1)));
+        let Some(endpoint) = r.endpoint.clone() else {
+            return End::new(close::UPSTREAM, "core gave no console endpoint");
+        };
+        redeemed = Some(r);
+        if protocol != "vnc" || endpoint.tls || !endpoint.path.is_empty() {
+            return End::new(close::BAD_REQUEST, format!("{protocol} consoles of this kind are not supported yet"));
+        }
+        let addr = (endpoint.host.clone(), endpoint.port as u16);
+        let mut server = match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return End::new(close::UPSTREAM, format!("cannot reach the console server: {e}")),
+            Err(_) => return End::new(close::UPSTREAM, "cannot reach the console server: timed out"),
+        };
+        let _ = server.set_nodelay(true);
+        if let Err(e) = rfb::connect_server(&mut server, &endpoint.password).await {
+            return End::new(close::UPSTREAM, e.to_string());
+        }
+        // The browser side is a byte stream: a pipe whose far end the
+        // bridge below feeds from and into websocket messages.
+        let (mut client, bridge_end) = tokio::io::duplex(256 * 1024);
+        let (mut from_pipe, mut into_pipe) = tokio::io::split(bridge_end);
+        let proxy = async {
+            if let Err(e) = rfb::accept_client(&mut client).await {
+                return End::new(close::BAD_REQUEST, e.to_string());
+            }
+            match tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                Ok(_) => End::new(1000, "the console server closed the session"),
+                Err(e) => End::new(close::UPSTREAM, format!("console connection failed: {e}")),
+            }
+        };
+        let bridge = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                tokio::select! {
+                    msg = stream.next() => match msg {
+                        Some(Ok(Message::Binary(b))) => {
+                            to_server.fetch_add(b.len() as u64, Ordering::Relaxed);
+                            if into_pipe.write_all(&b).await.is_err() {
+                                return End::new(1000, "the console server closed the session");
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) | None => return End::new(1000, "client closed"),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return End::new(1000, format!("client connection failed: {e}")),
+                    },
+                    n = from_pipe.read(&mut buf) => match n {
+                        Ok(0) | Err(_) => return End::new(1000, "the console server closed the session"),
+                        Ok(n) => {
+                            to_client.fetch_add(n as u64, Ordering::Relaxed);
+                            if sink.send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                                return End::new(1000, "client connection failed");
+                            }
+                        }
+                    },
+                }
+            }
+        };
+        tokio::select! {
+            end = proxy => end,
+            end = bridge => end,
+            () = tokio::time::sleep(max) => End::new(close::MAX_TIME, "maximum console session time reached"),
+        }
+    }
+    .await;
+    tracing::info!(code = end.code, reason = %end.reason, "console session ended");
+    // Close reasons are at most 123 bytes.
+    let mut reason = end.reason.clone();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    let _ = sink.send(Message::Close(Some(CloseFrame { code: end.code, reason: reason.into() }))).await;
+    let _ = sink.close().await;
+    if let Some(r) = redeemed {
+        let req = EndConsoleRequest {
+            session_id: r.session_id,
+            reason: end.reason,
+            duration_ms: started.elapsed().as_millis() as u64,
+            bytes_to_client: to_client.load(Ordering::Relaxed),
+            bytes_to_server: to_server.load(Ordering::Relaxed),
+        };
+        if let Err(e) = broker_call(&console, req, |mut c, r| async move { c.end_console(r).await }).await {
+            tracing::warn!(error = %e.message(), "could not record the end of a console session");
+        }
+    }
+}
+
+/// Calls the broker with the service account's token.
+async fn broker_call<T, R, F, Fut>(console: &Console, msg: T, f: F) -> Result<R, tonic::Status>
+where
+    F: FnOnce(ConsoleBrokerServiceClient<Channel>, tonic::Request<T>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<R>, tonic::Status>>,
+{
+    let Some(file) = &console.config.service_token_file else {
+        return Err(tonic::Status::unavailable(
+            "the console proxy has no service token (--service-token-file)",
+        ));
+    };
+    let token = tokio::fs::read_to_string(file)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("cannot read the service token: {e}")))?;
+    let mut req = tonic::Request::new(msg);
+    let value = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| tonic::Status::unavailable("the service token is not a valid header value"))?;
+    req.metadata_mut().insert("authorization", value);
+    hcp_telemetry::inject_request(&mut req);
+    f(ConsoleBrokerServiceClient::new(console.core.clone()), req).await.map(tonic::Response::into_inner)
+}
+
+async fn redeem(console: &Console, protocol: &str, token: &str) -> Result<RedeemedConsole, End> {
+    let req = RedeemConsoleRequest { token: token.to_owned(), protocol: protocol.to_owned() };
+    broker_call(console, req, |mut c, r| async move { c.redeem_console(r).await }).await.map_err(|s| {
+        use tonic::Code;
+        let code = match s.code() {
+            Code::NotFound | Code::FailedPrecondition | Code::InvalidArgument | Code::Aborted => {
+                close::REFUSED
+            }
+            Code::PermissionDenied | Code::Unauthenticated => {
+                tracing::error!(error = %s.message(), "core refused the console proxy's service token");
+                return End::new(close::UNAVAILABLE, "the console proxy is misconfigured");
+            }
+            _ => close::UNAVAILABLE,
+        };
+        End::new(code, s.message().to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, host.parse().unwrap());
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, o.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn origins_are_checked() {
+        let none: Vec<String> = vec![];
+        let listed = vec!["https://cloud.example.com".to_owned()];
+        for (allowed, origin, host, ok) in [
+            (&none, Some("http://127.0.0.1:8080"), "127.0.0.1:8080", true),
+            (&none, Some("http://evil.example"), "127.0.0.1:8080", false),
+            (&none, None, "127.0.0.1:8080", true),
+            (&listed, Some("https://cloud.example.com"), "gw.internal:443", true),
+            (&listed, Some("http://127.0.0.1:8080"), "127.0.0.1:8080", false),
+        ] {
+            assert_eq!(
+                origin_allowed(allowed, &headers(origin, host)).is_ok(),
+                ok,
+                "{allowed:?} {origin:?} {host}"
+            );
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Tenant consoles end to end with a real guest: the API issues a
+//! single-use token, the gateway's console proxy redeems it, authenticates
+//! to the guest's VNC server with the password the tenant never sees, and
+//! relays RFB to headless Chromium running noVNC (the console page), whose
+//! screenshot must show the guest's screen. Then every way a token must be
+//! refused, and the maximum session time.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Kvm, VMS, provider_console};
+use futures::{SinkExt, StreamExt};
+use hcp_testkit::stack::StackOptions;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// An ACTIVE tiny VM whose guest has booted (its banner is on the screen).
+async fn booted_vm(kvm: &Kvm, name: &str) -> String {
+    let (vm, job) = kvm.create(name, json!({"hostname": name})).await;
+    kvm.succeed(&job).await;
+    kvm.serial_shows(&vm, "HCP-GUEST-READY", 1).await;
+    vm
+}
+
+/// Asks for a console as `token`'s tenant; returns the reply body, with the
+/// URLs pointed at the test's gateway.
+async fn console(kvm: &Kvm, token: &str, vm: &str) -> Value {
+    let r =
+        kvm.stack.rest.post(&format!("{VMS}/{vm}:console"), token, &json!({"type": "vnc"})).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let gw = kvm.stack.gateway.to_string();
+    let mut body = r.body;
+    for key in ["url", "web_url"] {
+        let url = body[key].as_str().unwrap().to_owned();
+        // Core's public_base_url is the default; the test gateway has its own port.
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let path = &rest[rest.find('/').unwrap()..];
+        body[key] = json!(format!("{scheme}://{gw}{path}"));
+    }
+    body
+}
+
+/// What the proxy said when it closed the websocket.
+#[derive(Debug)]
+struct Closed {
+    code: u16,
+    reason: String,
+    rfb: bool,
+}
+
+/// Opens the console websocket like noVNC (subprotocol `binary`), with an
+/// optional Origin; if the proxy greets with RFB, completes the handshake
+/// as a client and keeps reading until the proxy closes.
+async fn connect(url: &str, origin: Option<&str>) -> Result<Closed, String> {
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", "binary".parse().unwrap());
+    if let Some(o) = origin {
+        req.headers_mut().insert("origin", o.parse().unwrap());
+    }
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
+    assert_eq!(resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap()), Some("binary"));
+    let mut got = Vec::new();
+    let mut rfb = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let msg =
+            tokio::time::timeout_at(deadline, ws.next()).await.map_err(|_| "no close in time".to_string())?;
+        match msg {
+            Some(Ok(Message::Binary(b))) => {
+                got.extend_from_slice(&b);
+                if !rfb && got.len() >= 12 {
+                    assert_eq!(&got[..12], b"RFB 003.008\n");
+                    rfb = true;
+                    ws.send(Message::Binary(b"RFB 003.008\n".to_vec().into())).await.unwrap();
+                    got.drain(..12);
+                } else if rfb && got.len() >= 2 && got[..2] == [1, 1] {
+                    // One security type, None: choose it, then ClientInit.
+                    got.drain(..2);
+                    ws.send(Message::Binary(vec![1].into())).await.unwrap();
+                    ws.send(Message::Binary(vec![1].into())).await.unwrap();
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) =
+                    frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                return Ok(Closed { code, reason, rfb });
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("closed without a close frame".into()),
+        }
+    }
+}
+
+fn artifacts() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs the console page in headless Chromium; returns its JSON line.
+fn browser(url: &str, out: &Path, expect: &str) -> Value {
+    let script = hcp_testkit::stack::console_assets_dir().join("test/screenshot.mjs");
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .args([
+            "--url",
+            url,
+            "--out",
+            &out.display().to_string(),
+            "--timeout-ms",
+            "60000",
+            "--expect",
+            expect,
+        ])
+        .output()
+        .expect("node runs (scripts/console-assets.sh installs what it needs)");
+    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned();
+    serde_json::from_str(&line).unwrap_or_else(|_| {
+        panic!("no JSON from the browser ({}): {line}\n{}", out.status, String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_page_shows_the_guest_screen_in_chromium() {
+    let kvm = Kvm::start("").await;
+    let vm = booted_vm(&kvm, "console-1").await;
+    let session = console(&kvm, &kvm.tenant, &vm).await;
+    assert_eq!(session["type"], "vnc");
+    let page = session["web_url"].as_str().unwrap().to_owned();
+
+    let shot = artifacts().join("console-vnc.png");
+    let seen = browser(&page, &shot, "connected");
+    assert_eq!(seen["state"], "connected", "{seen}");
+    assert!(seen["canvas"]["width"].as_u64().unwrap_or(0) >= 640, "{seen}");
+    // Text on the guest's screen: thousands of pixels off the background.
+    assert!(seen["non_background_pixels"].as_u64().unwrap_or(0) > 1000, "{seen}");
+    assert!(
+        std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 0,
+        "no screenshot at {}",
+        shot.display()
+    );
+
+    // The same page again: the token was used, and the page says so.
+    let again = browser(&page, &artifacts().join("console-vnc-reused.png"), "refused");
+    assert_eq!(
+        (again["state"].as_str(), again["reason"].as_str()),
+        (Some("refused"), Some("console token already used")),
+        "{again}"
+    );
+
+    // Audited: issued, opened, refused, closed.
+    let audit = kvm
+        .stack
+        .rest
+        .get(&format!("/api/hcp/ops/v1/audit-events?resource_id={vm}"), &kvm.ops)
+        .await
+        .unwrap()
+        .body;
+    let outcomes: Vec<&str> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "vm.console")
+        .filter_map(|e| e["outcome"].as_str())
+        .collect();
+    for want in ["issued", "opened", "refused: console token already used"] {
+        assert!(outcomes.contains(&want), "no {want:?} in {outcomes:?}");
+    }
+    common::wait_until_audit(&kvm, &vm, "closed: ").await;
+
+    // The VNC password appears in no API answer and in no log.
+    let password = provider_console(&kvm, &vm).await.password;
+    assert_eq!(password.len(), 8);
+    let answers = format!("{session}{audit}");
+    assert!(!answers.contains(&password), "the password leaked into an API answer");
+    for entry in std::fs::read_dir(kvm.stack.dir()).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(!text.contains(&password), "the password is in {}", entry.path().display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn console_tokens_are_refused_when_they_must_be() {
+    let opts = StackOptions {
+        core_toml: "[console]\nmax_session_seconds = 3\ntoken_ttl_seconds = 5\n".into(),
+        ..Default::default()
+    };
+    let kvm = Kvm::start_with(opts).await;
+    let vm = booted_vm(&kvm, "console-2").await;
+
+    // A good token opens an RFB session without a password prompt, which
+    // the proxy closes at the maximum session time.
+    let url = console(&kvm, &kvm.tenant, &vm).await["url"].as_str().unwrap().to_owned();
+    let closed = connect(&url, None).await.unwrap();
+    assert!(closed.rfb, "{closed:?}");
+    assert_eq!((closed.code, closed.reason.as_str()), (4408, "maximum console session time reached"));
+    // Once is once.
+    let closed = connect(&url, None).await.unwrap();
+    assert_eq!(
+        (closed.code, closed.reason.as_str(), closed.rfb),
+        (4403, "console token already used", false)
+    );
+
+    // Unknown tokens, and a browser on another site.
+    let bogus = format!("ws://{}/console/vnc?token=bogus", kvm.stack.gateway);
+    let closed = connect(&bogus, None).await.unwrap();
+    assert_eq!((closed.code, closed.reason.as_str()), (4403, "unknown console token"));
+    let url = console(&kvm, &kvm.tenant, &vm).await["url"].as_str().unwrap().to_owned();
+    let err = connect(&url, Some("http://evil.example")).await.unwrap_err();
+    assert!(err.contains("403"), "{err}");
+    // The refused origin did not spend the token.
+    assert!(connect(&url, Some(&format!("http://{}", kvm.stack.gateway))).await.unwrap().rfb);
+
+    // Past expires_at.
+    let expiring = console(&kvm, &kvm.tenant, &vm).await;
+    let expires: chrono::DateTime<chrono::Utc> = expiring["expires_at"].as_str().unwrap().parse().unwrap();
+    hcp_testkit::wait_until(Duration::from_secs(120), "the token to expire", || async {
+        Ok((chrono::Utc::now() > expires).then_some(()))
+    })
+    .await
+    .unwrap();
+    let closed = connect(expiring["url"].as_str().unwrap(), None).await.unwrap();
+    assert_eq!((closed.code, closed.reason.as_str()), (4403, "console token expired"));
+
+    // Another tenant cannot get a console of this VM at all.
+    let evil = kvm.stack.tenant_token("evil", &["demo"]);
+    let r = kvm.stack.rest.post(&format!("{VMS}/{vm}:console"), &evil, &json!({})).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+
+    // Deleting the VM revokes its unused tokens.
+    let pending = console(&kvm, &kvm.tenant, &vm).await["url"].as_str().unwrap().to_owned();
+    let r = kvm.stack.rest.delete(&format!("{VMS}/{vm}"), &kvm.tenant).await.unwrap();
+    kvm.succeed(&r.str("job_id")).await;
+    let closed = connect(&pending, None).await.unwrap();
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (4403, "console token revoked: the vm was stopped or deleted")
+    );
+}
