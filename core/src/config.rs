@@ -28,7 +28,8 @@ pub struct Config {
     /// `sqlite://PATH`, `sqlite::memory:` or `postgres://...`.
     /// Default `sqlite://hcp.db`.
     pub database_url: String,
-    /// PostgreSQL pool size. Default 16.
+    /// PostgreSQL connections in all (a quarter of them, at least one, for
+    /// the job engine's bookkeeping). Default 16.
     pub database_max_connections: u32,
     /// Run migrations at start. Default true.
     pub migrate: bool,

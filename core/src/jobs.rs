@@ -141,26 +141,34 @@ impl Engine {
             if *shutdown.borrow() {
                 break;
             }
-            let permit = tokio::select! {
+            let first = tokio::select! {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
                 _ = shutdown.changed() => break,
             };
+            // Every free slot at once: a burst is claimed in one statement.
+            let mut slots = vec![first];
+            while let Ok(p) = permits.clone().try_acquire_owned() {
+                slots.push(p);
+            }
             let t = now();
-            match self.store.claim_next_job(&self.worker_id, t, self.lease_until(t)).await {
-                Ok(Some(job)) => {
-                    let engine = self.clone();
-                    tasks.spawn(async move {
-                        engine.execute(job).await;
-                        drop(permit);
-                    });
+            match self.store.claim_next_jobs(&self.worker_id, t, self.lease_until(t), slots.len()).await {
+                Ok(jobs) if !jobs.is_empty() => {
+                    for job in jobs {
+                        let Some(permit) = slots.pop() else { break };
+                        let engine = self.clone();
+                        tasks.spawn(async move {
+                            engine.execute(job).await;
+                            drop(permit);
+                        });
+                    }
                     // Reap finished tasks so the set does not grow.
                     while tasks.try_join_next().is_some() {}
                     continue;
                 }
-                Ok(None) => {}
+                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot claim jobs"),
             }
-            drop(permit);
+            drop(slots);
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(poll) => {}

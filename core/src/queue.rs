@@ -233,16 +233,24 @@ async fn consume(
             let _ = msg.ack().await;
             continue;
         };
-        let ack = match engine.offer(id).await {
-            Ok(Offer::Started) | Ok(Offer::Gone) => jetstream::AckKind::Ack,
-            Ok(Offer::NotDue(delay)) => jetstream::AckKind::Nak(Some(delay.max(Duration::from_millis(10)))),
-            Err(e) => {
-                tracing::warn!(job_id = %id, error = %e, "cannot offer job; redelivering");
-                jetstream::AckKind::Nak(Some(Duration::from_secs(1)))
+        // Offered concurrently: an offer waits for a free slot and then for
+        // the claiming transaction, and a burst of jobs must not queue behind
+        // each other's claims (the engine's permits bound the work).
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let ack = match engine.offer(id).await {
+                Ok(Offer::Started) | Ok(Offer::Gone) => jetstream::AckKind::Ack,
+                Ok(Offer::NotDue(delay)) => {
+                    jetstream::AckKind::Nak(Some(delay.max(Duration::from_millis(10))))
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "cannot offer job; redelivering");
+                    jetstream::AckKind::Nak(Some(Duration::from_secs(1)))
+                }
+            };
+            if let Err(e) = msg.ack_with(ack).await {
+                tracing::debug!(error = %e, "ack failed; the message will be redelivered");
             }
-        };
-        if let Err(e) = msg.ack_with(ack).await {
-            tracing::debug!(error = %e, "ack failed; the message will be redelivered");
-        }
+        });
     }
 }

@@ -28,6 +28,7 @@ store_tests!(
     create_is_atomic_and_tenant_scoped,
     operations_follow_the_state_rules,
     leases_are_exclusive_and_lapse,
+    bursts_are_claimed_in_one_statement,
     steps_are_recorded_once,
     list_paginates_and_filters,
     catalog_rules,
@@ -351,6 +352,24 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
     assert!(j.finished_at.is_some() && j.lease_owner.is_none());
 }
 
+async fn bursts_are_claimed_in_one_statement(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (_vm, job) = create(&store, &p, "acme", "p1", &format!("web-{i}"), &[]).await;
+        ids.push(job.id);
+    }
+    let t = now();
+    let lease = t + Duration::seconds(30);
+    let first = store.claim_next_jobs("a", t, lease, 3).await.unwrap();
+    assert_eq!(first.iter().map(|j| j.id).collect::<Vec<_>>(), ids[..3], "the three oldest, in order");
+    assert!(first.iter().all(|j| j.status == JobStatus::Running && j.lease_owner.as_deref() == Some("a")));
+    let rest = store.claim_next_jobs("b", t, lease, 10).await.unwrap();
+    assert_eq!(rest.iter().map(|j| j.id).collect::<Vec<_>>(), ids[3..], "only what is left");
+    assert!(store.claim_next_jobs("c", t, lease, 10).await.unwrap().is_empty());
+}
+
 async fn steps_are_recorded_once(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
@@ -564,7 +583,21 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
     // The key is per tenant, and an expired key is free again.
     assert!(store.get_idempotency("other", "k1", now()).await.unwrap().is_none());
     assert!(store.get_idempotency("acme", "k1", now() + Duration::hours(25)).await.unwrap().is_none());
-    assert_eq!(store.purge_idempotency(now() + Duration::hours(25)).await.unwrap(), 1);
+    // An accept after expiry takes the key over (before any purge), in place.
+    let mut vm = new_vm(&p, "acme", "p1", "late", &[]);
+    let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
+    vm.current_job_id = Some(job.id);
+    let mut late = idem("k1", "h2", &format!("{{\"vm_id\":\"{}\"}}", vm.id));
+    late.created_at = now() + Duration::hours(25);
+    late.expires_at = late.created_at + Duration::hours(24);
+    store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&late)).await.unwrap();
+    let rec = store.get_idempotency("acme", "k1", late.created_at).await.unwrap().expect("taken over");
+    assert_eq!(rec.request_hash, "h2");
+    assert_eq!(
+        store.purge_idempotency(now() + Duration::hours(25)).await.unwrap(),
+        0,
+        "nothing expired is left"
+    );
 }
 
 async fn quotas_hold_under_concurrency(backend: Backend) {

@@ -46,22 +46,19 @@ pub struct Usage {
     pub memory_mib: u64,
 }
 
-/// Records an idempotency key inside a transaction. An expired record for
-/// the same key is replaced; a live one makes this fail with
-/// [`StoreError::IdempotencyRace`] (another request holds the key).
+/// Records an idempotency key inside a transaction, in one statement: a new
+/// key is inserted, an expired record for the same key is replaced, and a
+/// live one makes this fail with [`StoreError::IdempotencyRace`] (another
+/// request holds the key).
 macro_rules! insert_idempotency {
     ($conn:expr, $rec:expr) => {{
         let rec: &$crate::store::IdempotencyRecord = $rec;
-        sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND expires_at <= $3")
-            .bind(&rec.tenant_id)
-            .bind(&rec.key)
-            .bind(rec.created_at)
-            .execute(&mut *$conn)
-            .await
-            .map_err(|e| $crate::store::StoreError::from_sqlx(e, "idempotency key"))?;
-        sqlx::query(
+        let done = sqlx::query(
             "INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, key) DO UPDATE SET \
+             request_hash = excluded.request_hash, response = excluded.response, \
+             created_at = excluded.created_at, expires_at = excluded.expires_at \
+             WHERE idempotency_keys.expires_at <= excluded.created_at",
         )
         .bind(&rec.tenant_id)
         .bind(&rec.key)
@@ -75,6 +72,9 @@ macro_rules! insert_idempotency {
             $crate::store::StoreError::AlreadyExists { .. } => $crate::store::StoreError::IdempotencyRace,
             other => other,
         })?;
+        if done.rows_affected() == 0 {
+            return Err($crate::store::StoreError::IdempotencyRace);
+        }
     }};
 }
 pub(crate) use insert_idempotency;

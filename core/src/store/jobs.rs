@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use hcp_proto::ids::{JobId, VmId};
 
 use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_usage};
-use super::{BackendKind, StoreError, StoreResult, UsageEvent, col, on_pool, to_u32};
+use super::{BackendKind, StoreError, StoreResult, UsageEvent, col, on_engine_pool, on_pool, to_u32};
 use crate::model::{AuditEvent, Job, JobKind, JobStatus, VmStatus};
 
 /// How a job attempt ended.
@@ -213,32 +213,54 @@ impl super::Store {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<Option<Job>> {
+        Ok(self.claim_next_jobs(worker, now, lease_until, 1).await?.into_iter().next())
+    }
+
+    /// Leases up to `limit` runnable jobs (queued and due, or with a lapsed
+    /// lease), oldest first, in one statement: a burst of jobs costs one
+    /// round trip, not one each.
+    pub async fn claim_next_jobs(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> StoreResult<Vec<Job>> {
         // PostgreSQL: concurrent claimers skip rows another claimer holds,
         // instead of queueing behind it. SQLite has one writer at a time.
         let lock = match self.kind() {
             BackendKind::Postgres => " FOR UPDATE SKIP LOCKED",
             BackendKind::Sqlite => "",
         };
+        // The picked ids are materialized once: as a plain `IN (SELECT ...
+        // LIMIT n)` PostgreSQL may run the subquery again and take more
+        // than n rows.
         let sql = format!(
-            "UPDATE jobs SET status = 'RUNNING', lease_owner = $1, lease_expires_at = $2, \
+            "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE (status = 'QUEUED' AND run_after <= $3) \
+             OR (status = 'RUNNING' AND lease_expires_at < $3) ORDER BY run_after, id LIMIT $4{lock}) \
+             UPDATE jobs SET status = 'RUNNING', lease_owner = $1, lease_expires_at = $2, \
              attempts = attempts + 1, started_at = COALESCE(started_at, $3), updated_at = $3 \
-             WHERE id = (SELECT id FROM jobs WHERE (status = 'QUEUED' AND run_after <= $3) \
-             OR (status = 'RUNNING' AND lease_expires_at < $3) ORDER BY run_after, id LIMIT 1{lock}) \
+             WHERE id IN (SELECT id FROM picked) \
              AND ((status = 'QUEUED' AND run_after <= $3) OR (status = 'RUNNING' AND lease_expires_at < $3)) \
              RETURNING {JOB_COLUMNS}"
         );
-        on_pool!(self, |pool| {
-            let row = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        on_engine_pool!(self, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                 .bind(worker)
                 .bind(lease_until)
                 .bind(now)
-                .fetch_optional(pool)
+                .bind(limit)
+                .fetch_all(pool)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "job"))?;
-            match row {
-                Some(row) => Ok(Some(job_from_row!(&row))),
-                None => Ok(None),
+            let mut jobs: Vec<Job> = Vec::with_capacity(rows.len());
+            for row in &rows {
+                jobs.push(job_from_row!(row));
             }
+            // RETURNING gives no order; run the oldest first.
+            jobs.sort_by_key(|j| (j.run_after, j.id.0));
+            Ok(jobs)
         })
     }
 
@@ -257,7 +279,7 @@ impl super::Store {
              WHERE id = $4 AND ((status = 'QUEUED' AND run_after <= $3) \
              OR (status = 'RUNNING' AND lease_expires_at < $3)) RETURNING {JOB_COLUMNS}"
         );
-        on_pool!(self, |pool| {
+        on_engine_pool!(self, |pool| {
             let row = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                 .bind(worker)
                 .bind(lease_until)
@@ -281,7 +303,7 @@ impl super::Store {
         worker: &str,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        on_pool!(self, |pool| {
+        on_engine_pool!(self, |pool| {
             let done = sqlx::query(
                 "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
                  AND status = 'RUNNING'",
@@ -324,7 +346,7 @@ impl super::Store {
         output: &str,
         at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
+        on_engine_pool!(self, |pool| {
             let done = sqlx::query(
                 "INSERT INTO job_steps (job_id, step, output, finished_at) \
                  SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 \
@@ -356,7 +378,7 @@ impl super::Store {
         audit: Option<&AuditEvent>,
     ) -> StoreResult<()> {
         let outbox = self.outbox;
-        on_pool!(self, |pool| {
+        on_engine_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             let updated = match outcome {
                 JobOutcome::Succeeded { .. } => sqlx::query(

@@ -13,7 +13,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
 
@@ -113,6 +113,16 @@ enum Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     backend: Backend,
+    /// Connections for the job engine's own bookkeeping (claims, leases,
+    /// steps, finishing, outbox marks). On PostgreSQL their commits do not
+    /// wait for the WAL flush (`synchronous_commit = off`): a server crash
+    /// can lose the last fraction of a second of them, which leaves a job
+    /// RUNNING with a lease that lapses, and it runs again, which every
+    /// provider call allows (they are idempotent). What HCP promised a client
+    /// (an accepted request, a created record) is committed on `backend`,
+    /// durably; since WAL is flushed in order, a durable commit also makes
+    /// every engine commit before it durable. On SQLite: the same pool.
+    engine: Backend,
     /// Whether changes also write outbox rows for a message queue.
     outbox: bool,
 }
@@ -129,6 +139,17 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// [`on_pool!`] on the job engine's connections (see [`Store::engine`]).
+macro_rules! on_engine_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.engine {
+            $crate::store::Backend::Sqlite($pool) => $body,
+            $crate::store::Backend::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_engine_pool;
+
 /// Reads one column, mapping a decode failure to [`StoreError::Corrupt`].
 macro_rules! col {
     ($row:expr, $name:literal) => {
@@ -143,7 +164,7 @@ impl Store {
     /// `sqlite::memory:`, `sqlite://PATH` (created when missing),
     /// `postgres://...`.
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
-        let backend = if url.starts_with("sqlite:") {
+        let (backend, engine) = if url.starts_with("sqlite:") {
             let memory = url.contains(":memory:") || url.contains("mode=memory");
             let opts = SqliteConnectOptions::from_str(url)
                 .map_err(StoreError::Internal)?
@@ -161,22 +182,29 @@ impl Store {
                 .connect_with(opts)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "connection"))?;
-            Backend::Sqlite(pool)
+            (Backend::Sqlite(pool.clone()), Backend::Sqlite(pool))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::from_sqlx(e, "connection"))?;
+            // `max_connections` is the total: a quarter for the engine.
+            let engine_connections = (max_connections / 4).max(1);
             let pool = PgPoolOptions::new()
-                .max_connections(max_connections.max(1))
+                .max_connections(max_connections.saturating_sub(engine_connections).max(1))
                 .acquire_timeout(Duration::from_secs(5))
-                .connect(url)
+                .connect_with(opts.clone())
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "connection"))?;
-            Backend::Postgres(pool)
+            let engine = PgPoolOptions::new()
+                .max_connections(engine_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(opts.options([("synchronous_commit", "off")]));
+            (Backend::Postgres(pool), Backend::Postgres(engine))
         } else {
             return Err(StoreError::Corrupt(format!(
                 "unsupported database url scheme in {:?} (use sqlite: or postgres:)",
                 url.split(':').next().unwrap_or_default()
             )));
         };
-        Ok(Self { backend, outbox: false })
+        Ok(Self { backend, engine, outbox: false })
     }
 
     /// Applies the embedded migrations of this backend.
