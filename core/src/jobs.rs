@@ -6,7 +6,8 @@
 //! - A job runs on one worker at a time: the lease on the job row, renewed by
 //!   a heartbeat; a worker that loses its lease stops and writes nothing.
 //! - A worker that dies is replaced: a lapsed lease makes the job claimable,
-//!   and the next worker skips steps recorded in `job_steps`.
+//!   and the next worker skips steps recorded in `job_steps` (every step but
+//!   the last, whose record is the job's finish).
 //! - Re-running a step never duplicates a VM: every provider call is keyed
 //!   by the HCP VM id and idempotent by contract.
 //! - Retryable provider failures are retried with exponential backoff and
@@ -345,8 +346,6 @@ impl Engine {
                 return Ok(JobOutcome::Failed { code: e.code.as_str().to_owned(), message: e.message });
             }
         };
-        let done: Vec<(String, String)> = self.store.completed_steps(job.id).await.map_err(Abort::Store)?;
-
         let steps: &[&str] = match job.kind {
             JobKind::CreateVm => &["provider.create", "provider.start"],
             JobKind::StartVm => &["provider.start"],
@@ -357,12 +356,21 @@ impl Engine {
             JobKind::SnapshotRevert => &["provider.snapshot_revert"],
             JobKind::SnapshotDelete => &["provider.snapshot_delete"],
         };
+        // The last step is never recorded: finishing the job records that it
+        // happened, and a crash between the two re-runs it, which the
+        // provider's idempotency allows (just as a crash between the call and
+        // its record would). So only multi-step jobs have steps to skip.
+        let done: Vec<(String, String)> = if steps.len() > 1 {
+            self.store.completed_steps(job.id).await.map_err(Abort::Store)?
+        } else {
+            Vec::new()
+        };
         let snapshot = match job.snapshot_id {
             Some(id) => Some(self.store.get_snapshot_internal(id).await.map_err(Abort::Store)?),
             None => None,
         };
         let mut last_output = done.iter().rev().map(|(_, o)| o.clone()).next().unwrap_or_default();
-        for &step in steps {
+        for (i, &step) in steps.iter().enumerate() {
             if done.iter().any(|(d, _)| d == step) {
                 tracing::debug!(step, "step already done");
                 continue;
@@ -370,10 +378,12 @@ impl Engine {
             let result = self.call_provider(&mut compute, &vm, snapshot.as_ref(), step).await;
             match result {
                 Ok(output) => {
-                    self.store
-                        .record_step(job.id, &self.worker_id, step, &output, now())
-                        .await
-                        .map_err(Abort::Store)?;
+                    if i + 1 < steps.len() {
+                        self.store
+                            .record_step(job.id, &self.worker_id, step, &output, now())
+                            .await
+                            .map_err(Abort::Store)?;
+                    }
                     last_output = output;
                 }
                 Err(e) => return Ok(self.failure_outcome(job, step, e)),
