@@ -8,7 +8,8 @@
 #   - reads a NoCloud seed (an ISO labelled `cidata`): hostname from
 #     meta-data `local-hostname` or user-data `hostname:`, runs user-data
 #     that starts with `#!`,
-#   - prints `HCP-GUEST-READY hostname=<name>` on the serial port and the screen,
+#   - prints `HCP-GUEST-READY hostname=<name>` on the serial port and writes it
+#     into the VGA text buffer (the kernel has no VGA console under PVH boot),
 #   - leaves a root shell on ttyS0.
 # Also writes an empty 1 GiB qcow2 base disk for overlays.
 # Environment: OUT (results), WORKDIR (scratch).
@@ -101,7 +102,14 @@ else
 fi
 banner="HCP-GUEST-READY hostname=\$(hostname) kernel=\$(uname -r)"
 echo "\$banner"
-echo "\$banner" > /dev/tty0 2>/dev/null
+# Booted through PVH the kernel has no VGA console, so the banner is also
+# written into the VGA text buffer (row 12, white on blue) for the console.
+addr=\$((0xB8000 + 12 * 160))
+printf '%s' "\$banner" | od -An -tu1 -v | tr -s ' ' '\\n' | while read -r c; do
+  [ -n "\$c" ] || continue
+  devmem \$addr 16 \$((0x1F00 + c)) 2>/dev/null
+  addr=\$((addr + 2))
+done
 BOOT
 chmod 755 "$root/etc/boot.sh"
 echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"

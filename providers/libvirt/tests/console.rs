@@ -136,8 +136,11 @@ async fn the_console_page_shows_the_guest_screen_in_chromium() {
     let seen = browser(&page, &shot, "connected");
     assert_eq!(seen["state"], "connected", "{seen}");
     assert!(seen["canvas"]["width"].as_u64().unwrap_or(0) >= 640, "{seen}");
-    // Text on the guest's screen: thousands of pixels off the background.
+    // Text on the guest's screen: thousands of pixels off the background,
+    // and the guest's own banner (white on blue, written into the VGA text
+    // buffer after it booted) besides the firmware's grey text on black.
     assert!(seen["non_background_pixels"].as_u64().unwrap_or(0) > 1000, "{seen}");
+    assert!(seen["distinct_colours"].as_u64().unwrap_or(0) >= 3, "no guest banner on the screen: {seen}");
     assert!(
         std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 0,
         "no screenshot at {}",
