@@ -215,7 +215,7 @@ async fn migrations_create_the_schema(backend: Backend) {
     let (vms, next) =
         store.list_vms("t", "p", &ListVmsQuery { page_size: 10, ..Default::default() }).await.unwrap();
     assert!(vms.is_empty() && next.is_none());
-    assert!(store.claim_next_job("w", now(), now()).await.unwrap().is_none());
+    assert!(store.claim_next_jobs("w", now(), now(), 1).await.unwrap().pop().is_none());
 }
 
 async fn create_is_atomic_and_tenant_scoped(backend: Backend) {
@@ -301,16 +301,21 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
     let p = seed(&store).await;
     let (_vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
     let t = now();
-    let a = store.claim_next_job("a", t, t + Duration::seconds(30)).await.unwrap().expect("job a");
+    let a = store.claim_next_jobs("a", t, t + Duration::seconds(30), 1).await.unwrap().pop().expect("job a");
     assert_eq!((a.id, a.attempts, a.status), (job.id, 1, JobStatus::Running));
-    assert!(store.claim_next_job("b", t, t + Duration::seconds(30)).await.unwrap().is_none());
+    assert!(store.claim_next_jobs("b", t, t + Duration::seconds(30), 1).await.unwrap().pop().is_none());
     assert!(store.claim_job(job.id, "b", t, t + Duration::seconds(30)).await.unwrap().is_none());
     assert!(store.renew_lease(job.id, "a", t + Duration::seconds(60)).await.unwrap());
     assert!(!store.renew_lease(job.id, "b", t + Duration::seconds(60)).await.unwrap());
 
     // After the lease lapses, b takes over; a can neither renew nor finish.
     let later = t + Duration::seconds(61);
-    let b = store.claim_next_job("b", later, later + Duration::seconds(30)).await.unwrap().expect("job b");
+    let b = store
+        .claim_next_jobs("b", later, later + Duration::seconds(30), 1)
+        .await
+        .unwrap()
+        .pop()
+        .expect("job b");
     assert_eq!(b.attempts, 2);
     assert!(!store.renew_lease(job.id, "a", later + Duration::seconds(90)).await.unwrap());
     let err =
@@ -329,8 +334,12 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
         )
         .await
         .unwrap();
-    assert!(store.claim_next_job("c", later, later).await.unwrap().is_none(), "not before run_after");
-    let c = store.claim_next_job("c", due, due + Duration::seconds(30)).await.unwrap().expect("due");
+    assert!(
+        store.claim_next_jobs("c", later, later, 1).await.unwrap().pop().is_none(),
+        "not before run_after"
+    );
+    let c =
+        store.claim_next_jobs("c", due, due + Duration::seconds(30), 1).await.unwrap().pop().expect("due");
     assert_eq!(c.error_code.as_deref(), Some("PROVIDER_UNAVAILABLE"));
     store
         .finish_job(

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use hcp_proto::ids::{JobId, VmId};
 
 use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_usage};
-use super::{BackendKind, StoreError, StoreResult, UsageEvent, col, on_engine_pool, on_pool, to_u32};
+use super::{BackendKind, StoreError, StoreResult, UsageEvent, col, on_pool, to_u32};
 use crate::model::{AuditEvent, Job, JobKind, JobStatus, VmStatus};
 
 /// How a job attempt ended.
@@ -204,18 +204,6 @@ impl super::Store {
         })
     }
 
-    /// Leases the next runnable job (queued and due, or running with a lapsed
-    /// lease) to `worker` until `lease_until`, counting an attempt. Returns
-    /// `None` when nothing is runnable.
-    pub async fn claim_next_job(
-        &self,
-        worker: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
-    ) -> StoreResult<Option<Job>> {
-        Ok(self.claim_next_jobs(worker, now, lease_until, 1).await?.into_iter().next())
-    }
-
     /// Leases up to `limit` runnable jobs (queued and due, or with a lapsed
     /// lease), oldest first, in one statement: a burst of jobs costs one
     /// round trip, not one each.
@@ -245,7 +233,7 @@ impl super::Store {
              RETURNING {JOB_COLUMNS}"
         );
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
-        on_engine_pool!(self, |pool| {
+        on_pool!(engine self, |pool| {
             let rows = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                 .bind(worker)
                 .bind(lease_until)
@@ -279,7 +267,7 @@ impl super::Store {
              WHERE id = $4 AND ((status = 'QUEUED' AND run_after <= $3) \
              OR (status = 'RUNNING' AND lease_expires_at < $3)) RETURNING {JOB_COLUMNS}"
         );
-        on_engine_pool!(self, |pool| {
+        on_pool!(engine self, |pool| {
             let row = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                 .bind(worker)
                 .bind(lease_until)
@@ -303,7 +291,7 @@ impl super::Store {
         worker: &str,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        on_engine_pool!(self, |pool| {
+        on_pool!(engine self, |pool| {
             let done = sqlx::query(
                 "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
                  AND status = 'RUNNING'",
@@ -346,7 +334,7 @@ impl super::Store {
         output: &str,
         at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        on_engine_pool!(self, |pool| {
+        on_pool!(engine self, |pool| {
             let done = sqlx::query(
                 "INSERT INTO job_steps (job_id, step, output, finished_at) \
                  SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 \
@@ -378,7 +366,7 @@ impl super::Store {
         audit: Option<&AuditEvent>,
     ) -> StoreResult<()> {
         let outbox = self.outbox;
-        on_engine_pool!(self, |pool| {
+        on_pool!(engine self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             let updated = match outcome {
                 JobOutcome::Succeeded { .. } => sqlx::query(

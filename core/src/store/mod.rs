@@ -128,27 +128,23 @@ pub struct Store {
 }
 
 /// Runs `$body` with `$pool` bound to the concrete pool of the store's
-/// backend. The body is compiled once per backend.
+/// backend (or, with `engine`, of its job engine connections, see
+/// [`Store::engine`]). The body is compiled once per backend.
 macro_rules! on_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
-        match &$store.backend {
+        $crate::store::on_pool!(@match &$store.backend, |$pool| $body)
+    };
+    (engine $store:expr, |$pool:ident| $body:expr) => {
+        $crate::store::on_pool!(@match &$store.engine, |$pool| $body)
+    };
+    (@match $backend:expr, |$pool:ident| $body:expr) => {
+        match $backend {
             $crate::store::Backend::Sqlite($pool) => $body,
             $crate::store::Backend::Postgres($pool) => $body,
         }
     };
 }
 pub(crate) use on_pool;
-
-/// [`on_pool!`] on the job engine's connections (see [`Store::engine`]).
-macro_rules! on_engine_pool {
-    ($store:expr, |$pool:ident| $body:expr) => {
-        match &$store.engine {
-            $crate::store::Backend::Sqlite($pool) => $body,
-            $crate::store::Backend::Postgres($pool) => $body,
-        }
-    };
-}
-pub(crate) use on_engine_pool;
 
 /// Reads one column, mapping a decode failure to [`StoreError::Corrupt`].
 macro_rules! col {
@@ -247,9 +243,10 @@ impl Store {
         Ok(())
     }
 
-    /// Closes the pool, waiting for checked-out connections.
+    /// Closes the pools, waiting for checked-out connections.
     pub async fn close(&self) {
-        on_pool!(self, |pool| pool.close().await)
+        on_pool!(self, |pool| pool.close().await);
+        on_pool!(engine self, |pool| pool.close().await)
     }
 }
 

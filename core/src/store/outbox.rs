@@ -12,7 +12,7 @@
 use chrono::{DateTime, Utc};
 use hcp_proto::ids::{EventId, JobId, VmId};
 
-use super::{StoreError, StoreResult, col, on_engine_pool, on_pool};
+use super::{StoreError, StoreResult, col, on_pool};
 
 /// Subject of "a job is ready to run" messages (payload: the job id).
 pub const SUBJECT_JOBS: &str = "hcp.jobs.dispatch";
@@ -128,7 +128,7 @@ impl super::Store {
 
     /// Marks outbox rows sent.
     pub async fn mark_outbox_published(&self, ids: &[i64], at: DateTime<Utc>) -> StoreResult<()> {
-        on_engine_pool!(self, |pool| {
+        on_pool!(engine self, |pool| {
             for id in ids {
                 sqlx::query("UPDATE outbox SET published_at = $1 WHERE id = $2")
                     .bind(at)
