@@ -9,8 +9,8 @@
 use chrono::{DateTime, Utc};
 use hcp_proto::ids::{JobId, VmId};
 
-use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_usage};
-use super::{BackendKind, StoreError, StoreResult, UsageEvent, col, on_pool, to_u32};
+use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_vm_usage};
+use super::{BackendKind, StoreError, StoreResult, col, on_pool, to_u32};
 use crate::model::{AuditEvent, Job, JobKind, JobStatus, VmStatus};
 
 /// How a job attempt ended.
@@ -474,26 +474,7 @@ impl super::Store {
                 _ => None,
             };
             if let Some(event) = usage {
-                let row = sqlx::query("SELECT flavor, vcpus, memory_mib FROM vms WHERE id = $1")
-                    .bind(job.vm_id.0)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
-                let vcpus: i32 = col!(&row, "vcpus");
-                let memory: i32 = col!(&row, "memory_mib");
-                let ev = UsageEvent {
-                    id: hcp_proto::ids::EventId::new(),
-                    at: now,
-                    tenant_id: job.tenant_id.clone(),
-                    project_id: job.project_id.clone(),
-                    vm_id: job.vm_id,
-                    event: event.to_owned(),
-                    flavor: col!(&row, "flavor"),
-                    vcpus: vcpus.max(0) as u32,
-                    memory_mib: memory.max(0) as u32,
-                    job_id: Some(job.id),
-                };
-                insert_usage!(tx, &ev, outbox);
+                insert_vm_usage!(tx, job.vm_id, event, now, Some(job.id), outbox);
             }
             if matches!(outcome, JobOutcome::Succeeded { .. } | JobOutcome::Failed { .. }) {
                 // A finished job's console tokens for a VM that stopped or

@@ -103,6 +103,36 @@ macro_rules! insert_usage {
 }
 pub(crate) use insert_usage;
 
+/// Records usage event `$event` (`"created"`, `"stopped"`, ...) for a VM
+/// inside a transaction, sized from the VM's row as it is now.
+macro_rules! insert_vm_usage {
+    ($conn:expr, $vm:expr, $event:expr, $at:expr, $job:expr, $outbox:expr) => {{
+        let vm: hcp_proto::ids::VmId = $vm;
+        let row =
+            sqlx::query("SELECT tenant_id, project_id, flavor, vcpus, memory_mib FROM vms WHERE id = $1")
+                .bind(vm.0)
+                .fetch_one(&mut *$conn)
+                .await
+                .map_err(|e| $crate::store::StoreError::from_sqlx(e, "vm"))?;
+        let vcpus: i32 = $crate::store::col!(&row, "vcpus");
+        let memory: i32 = $crate::store::col!(&row, "memory_mib");
+        let ev = $crate::store::UsageEvent {
+            id: hcp_proto::ids::EventId::new(),
+            at: $at,
+            tenant_id: $crate::store::col!(&row, "tenant_id"),
+            project_id: $crate::store::col!(&row, "project_id"),
+            vm_id: vm,
+            event: $event.to_owned(),
+            flavor: $crate::store::col!(&row, "flavor"),
+            vcpus: vcpus.max(0) as u32,
+            memory_mib: memory.max(0) as u32,
+            job_id: $job,
+        };
+        $crate::store::outbox::insert_usage!($conn, &ev, $outbox);
+    }};
+}
+pub(crate) use insert_vm_usage;
+
 impl super::Store {
     /// Returns up to `limit` unsent outbox rows, oldest first.
     pub async fn pending_outbox(&self, limit: u32) -> StoreResult<Vec<OutboxMessage>> {

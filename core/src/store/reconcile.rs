@@ -6,8 +6,8 @@
 use chrono::{DateTime, Utc};
 use hcp_proto::ids::{JobId, ProviderId, VmId};
 
-use super::outbox::insert_usage;
-use super::{StoreError, StoreResult, UsageEvent, col, on_pool};
+use super::outbox::insert_vm_usage;
+use super::{StoreError, StoreResult, col, on_pool};
 use crate::model::{AuditEvent, VmStatus};
 
 /// A VM as the reconciler needs it.
@@ -86,28 +86,7 @@ impl super::Store {
                 return Ok(false);
             }
             if let Some(event) = usage {
-                let row = sqlx::query(
-                    "SELECT tenant_id, project_id, flavor, vcpus, memory_mib FROM vms WHERE id = $1",
-                )
-                .bind(vm.0)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
-                let vcpus: i32 = col!(&row, "vcpus");
-                let memory: i32 = col!(&row, "memory_mib");
-                let ev = UsageEvent {
-                    id: hcp_proto::ids::EventId::new(),
-                    at: audit.at,
-                    tenant_id: col!(&row, "tenant_id"),
-                    project_id: col!(&row, "project_id"),
-                    vm_id: vm,
-                    event: event.to_owned(),
-                    flavor: col!(&row, "flavor"),
-                    vcpus: vcpus.max(0) as u32,
-                    memory_mib: memory.max(0) as u32,
-                    job_id: None,
-                };
-                insert_usage!(tx, &ev, outbox);
+                insert_vm_usage!(tx, vm, event, audit.at, None, outbox);
             }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
