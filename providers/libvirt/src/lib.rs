@@ -772,12 +772,10 @@ async fn make_overlay(base: &Path, dest: &Path, disk_gib: u32) -> Result<(), Pro
     if !info.status.success() {
         return Err(tool(String::from_utf8_lossy(&info.stderr).trim().to_owned()));
     }
-    let base_size = String::from_utf8_lossy(&info.stdout)
-        .split("\"virtual-size\":")
-        .nth(1)
-        .and_then(|rest| rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().map(str::to_owned))
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or(0);
+    let base_size = serde_json::from_slice::<serde_json::Value>(&info.stdout)
+        .ok()
+        .and_then(|v| v["virtual-size"].as_u64())
+        .ok_or_else(|| tool(format!("no virtual-size in the info of {}", base.display())))?;
     let size = base_size.max(u64::from(disk_gib) << 30);
     let tmp = dest.with_extension("qcow2.tmp");
     let out = tokio::process::Command::new("qemu-img")
