@@ -266,6 +266,27 @@ impl Verifier {
             ApiError::new(ErrorCode::Unauthenticated, why)
         })?;
         let c = data.claims;
+        // The claims name a scope; one HCP could not store or compare as an
+        // id (an empty or `..` tenant, a subject of control characters)
+        // makes the token unusable, not a scope of its own.
+        let refuse = |why: &str| ApiError::new(ErrorCode::Unauthenticated, why);
+        if c.sub.trim().is_empty()
+            || c.sub.len() > 256
+            || crate::api::validate::text("sub", &c.sub, 256).is_err()
+        {
+            return Err(refuse("the token's subject must be 1 to 256 characters of text"));
+        }
+        if let Some(t) = &c.tenant
+            && crate::api::validate::scope_id("tenant", t).is_err()
+        {
+            return Err(refuse("the token's tenant claim is not a valid tenant id"));
+        }
+        if c.projects.len() > 256 || c.projects.iter().any(|p| crate::api::validate::project_id(p).is_err()) {
+            return Err(refuse("the token's projects claim holds an invalid project id"));
+        }
+        if c.roles.len() > 64 || c.roles.iter().any(|r| r.is_empty() || r.len() > 64) {
+            return Err(refuse("the token's roles claim is malformed"));
+        }
         Ok(Principal { subject: c.sub, tenant_id: c.tenant, projects: c.projects, roles: c.roles })
     }
 
@@ -371,6 +392,24 @@ mod tests {
         c.iss = "evil".into();
         assert_eq!(check(&sign_hs256(SECRET, &c).unwrap()).unwrap_err(), "the token issuer is not accepted");
         assert_eq!(check("garbage").unwrap_err(), "the token is malformed");
+    }
+
+    #[test]
+    fn rejects_claims_that_name_no_usable_scope() {
+        let with = |f: &dyn Fn(&mut Claims)| {
+            let mut c = claims(60);
+            f(&mut c);
+            check(&sign_hs256(SECRET, &c).unwrap())
+        };
+        assert!(with(&|c| c.tenant = Some(String::new())).unwrap_err().contains("tenant"));
+        assert!(with(&|c| c.tenant = Some("..".into())).unwrap_err().contains("tenant"));
+        assert!(with(&|c| c.tenant = Some("a".repeat(65))).unwrap_err().contains("tenant"));
+        assert!(with(&|c| c.sub = String::new()).unwrap_err().contains("subject"));
+        assert!(with(&|c| c.sub = "a\0b".into()).unwrap_err().contains("subject"));
+        assert!(with(&|c| c.projects = vec![String::new()]).unwrap_err().contains("project"));
+        assert!(with(&|c| c.projects = vec!["../x".into()]).unwrap_err().contains("project"));
+        // Operators carry no tenant at all, which stays valid.
+        assert!(with(&|c| c.tenant = None).is_ok());
     }
 
     #[test]

@@ -214,12 +214,17 @@ pub async fn run(
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
 
     let result = if config.roles.api {
+        let page_key = store
+            .shared_key("page-tokens", rand::random())
+            .await
+            .map_err(|source| StartError::Store { url: redact(&config.database_url), source })?;
         let ctx = ApiContext {
             store: store.clone(),
             clients: clients.clone(),
             queue: queue.clone(),
             config: config.clone(),
             secrets: secrets.clone(),
+            pages: crate::api::page::PageTokens::new(page_key),
         };
         let auth = AuthInterceptor::new(verifier);
         let tenant = TenantApi::new(ctx.clone());

@@ -39,6 +39,7 @@ store_tests!(
     quotas_hold_under_concurrency,
     usage_events_follow_transitions,
     outbox_rows_commit_with_the_change,
+    shared_keys_are_made_once,
 );
 
 async fn fresh(backend: Backend) -> (TestDb, Store) {
@@ -419,7 +420,7 @@ async fn list_paginates_and_filters(backend: Backend) {
     let mut seen = Vec::new();
     let mut token = None;
     loop {
-        let q = ListVmsQuery { page_size: 3, page_token: token.clone(), ..Default::default() };
+        let q = ListVmsQuery { page_size: 3, after: token, ..Default::default() };
         let (page, next) = store.list_vms("acme", "p1", &q).await.unwrap();
         assert!(page.len() <= 3);
         seen.extend(page.iter().map(|v| v.id));
@@ -489,7 +490,7 @@ async fn audit_is_listed_in_order(backend: Backend) {
     let q = AuditQuery { resource_id: Some("r0".into()), page_size: 2, ..Default::default() };
     let (first, next) = store.list_audit_events(&q).await.unwrap();
     assert_eq!(first.len(), 2);
-    let (rest, end) = store.list_audit_events(&AuditQuery { page_token: next, ..q }).await.unwrap();
+    let (rest, end) = store.list_audit_events(&AuditQuery { after: next, ..q }).await.unwrap();
     assert_eq!(rest.len(), 1);
     assert!(end.is_none());
     assert!(first[0].id < first[1].id && first[1].id < rest[0].id);
@@ -702,4 +703,16 @@ async fn outbox_rows_commit_with_the_change(backend: Backend) {
     // Without the outbox (embedded mode) nothing is queued.
     create(&plain, &p, "acme", "p1", "web-2", &[]).await;
     assert_eq!(store.count_pending_outbox().await.unwrap(), 0);
+}
+
+async fn shared_keys_are_made_once(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    // Two processes asking at once agree on the first key stored.
+    let (a, b) =
+        tokio::join!(store.shared_key("page-tokens", [1; 32]), store.shared_key("page-tokens", [2; 32]));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a, b);
+    assert!(a == [1; 32] || a == [2; 32]);
+    assert_eq!(store.shared_key("page-tokens", [3; 32]).await.unwrap(), a);
+    assert_eq!(store.shared_key("other", [4; 32]).await.unwrap(), [4; 32]);
 }

@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod console;
+pub mod edge;
 pub mod routes;
 pub mod transcode;
 
@@ -38,8 +39,18 @@ use crate::transcode::BytesCodec;
 /// Headers copied from the REST request to gRPC metadata.
 const FORWARDED_HEADERS: &[&str] = &["authorization", "idempotency-key", "x-request-id"];
 
-/// Largest request body accepted.
-const MAX_BODY: usize = 1024 * 1024;
+/// Largest request body accepted, bytes (413 beyond).
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Longest request path, bytes (414 beyond).
+pub const MAX_PATH: usize = 2048;
+/// Longest query string, bytes (414 beyond).
+pub const MAX_QUERY: usize = 4096;
+/// Largest `authorization` header, bytes (401 beyond: no token is that long).
+pub const MAX_AUTHORIZATION: usize = 8192;
+/// Largest `idempotency-key` or `x-request-id` header, bytes (400 beyond).
+pub const MAX_KEY_HEADER: usize = 255;
+/// Largest sum of all header names and values, bytes (431 beyond).
+pub const MAX_HEADERS: usize = 16 * 1024;
 
 /// Gateway configuration.
 #[derive(Debug, Clone)]
@@ -119,13 +130,7 @@ pub async fn run(
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
     ready(addr);
     tracing::info!(%addr, core = %config.core_endpoint, "gateway listening");
-    // Replies leave in several writes; without TCP_NODELAY, Nagle's
-    // algorithm meets the client's delayed ACK and stalls each reply ~40 ms
-    // (measured with hcp-bench P6 before this: p50 48 ms for a 0.3 ms query).
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let listener = edge::EdgeListener::new(listener);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(StartError::Serve)
 }
 
@@ -153,11 +158,72 @@ async fn rest(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 
 fn error_response(err: &ApiError) -> Response {
     let (status, body) = transcode::error_body(err, hcp_telemetry::current_trace_id());
-    (status, [(http::header::CONTENT_TYPE, "application/json")], body).into_response()
+    let mut resp = (status, [(http::header::CONTENT_TYPE, "application/json")], body).into_response();
+    if err.code == hcp_proto::error::ErrorCode::PayloadTooLarge {
+        // The rest of the body was never read: the connection cannot carry
+        // another request, and the client must not reuse it.
+        resp.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Checks the request's size before anything else reads it: every limit
+/// here is lower than what the HTTP server itself refuses (hyper answers a
+/// path over 64 KiB with a bare 414, which [`edge`] gives the error body),
+/// and lower than what core's HTTP/2 server accepts in headers, so a
+/// request either fails here with an error naming the part, or reaches core
+/// in a shape that cannot break the connection other tenants' requests share.
+fn check_limits(parts: &http::request::Parts) -> Result<(), ApiError> {
+    use hcp_proto::error::ErrorCode;
+    let path = parts.uri.path();
+    if path.len() > MAX_PATH {
+        return Err(ApiError::new(
+            ErrorCode::UriTooLong,
+            format!("the path is {} bytes; at most {MAX_PATH} are allowed", path.len()),
+        )
+        .with_detail("field", "path"));
+    }
+    if let Some(q) = parts.uri.query()
+        && q.len() > MAX_QUERY
+    {
+        return Err(ApiError::new(
+            ErrorCode::UriTooLong,
+            format!("the query is {} bytes; at most {MAX_QUERY} are allowed", q.len()),
+        )
+        .with_detail("field", "query"));
+    }
+    if let Some(v) = parts.headers.get(http::header::AUTHORIZATION)
+        && v.len() > MAX_AUTHORIZATION
+    {
+        return Err(ApiError::new(
+            ErrorCode::Unauthenticated,
+            format!("the authorization header is {} bytes; no valid token is that long", v.len()),
+        )
+        .with_detail("field", "authorization"));
+    }
+    let total: usize = parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if total > MAX_HEADERS {
+        return Err(ApiError::new(
+            ErrorCode::HeadersTooLarge,
+            format!("the headers are {total} bytes; at most {MAX_HEADERS} are allowed"),
+        ));
+    }
+    for name in ["idempotency-key", "x-request-id"] {
+        if let Some(v) = parts.headers.get(name)
+            && v.len() > MAX_KEY_HEADER
+        {
+            return Err(ApiError::invalid_field(
+                name,
+                format!("{name} is {} bytes; at most {MAX_KEY_HEADER} are allowed", v.len()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
+    check_limits(&parts)?;
     let path = parts.uri.path();
     let mut matched = None;
     let mut other_method = false;
@@ -183,7 +249,13 @@ async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
     let body = http_body_util::Limited::new(body, MAX_BODY)
         .collect()
         .await
-        .map_err(|_| ApiError::invalid_field("body", format!("the body is larger than {MAX_BODY} bytes")))?
+        .map_err(|_| {
+            ApiError::new(
+                hcp_proto::error::ErrorCode::PayloadTooLarge,
+                format!("the body is larger than {MAX_BODY} bytes"),
+            )
+            .with_detail("field", "body")
+        })?
         .to_bytes();
     let input = transcode::request_message(route, vars, parts.uri.query(), &body)?;
 
@@ -198,7 +270,8 @@ async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
     hcp_telemetry::inject_request(&mut request);
     let mut client = tonic::client::Grpc::new(gw.core.clone());
     client.ready().await.map_err(|e| {
-        ApiError::new(hcp_proto::error::ErrorCode::Unavailable, format!("core is unavailable: {e}"))
+        tracing::warn!(error = %e, "core is unavailable");
+        ApiError::new(hcp_proto::error::ErrorCode::Unavailable, "core is unavailable; retry later")
     })?;
     let grpc_path =
         http::uri::PathAndQuery::try_from(route.grpc_path.as_str()).map_err(|_| ApiError::internal())?;

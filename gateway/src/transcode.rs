@@ -4,7 +4,7 @@
 //! mapping, field names as in the proto). Errors name the offending field.
 
 use bytes::{Buf, BufMut, Bytes};
-use hcp_proto::error::{ApiError, ErrorCode};
+use hcp_proto::error::{ApiError, ErrorCode, excerpt};
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -31,8 +31,11 @@ pub fn request_message(
             let value: Value = if body_is_blank {
                 Value::Object(Map::new())
             } else {
-                serde_json::from_slice(body)
-                    .map_err(|e| ApiError::invalid_field("body", format!("malformed JSON: {e}")))?
+                serde_json::from_slice(body).map_err(|e| {
+                    // serde_json's message quotes no input, only a
+                    // position and what it expected.
+                    ApiError::invalid_field("body", format!("malformed JSON: {e}"))
+                })?
             };
             if field == "*" {
                 match value {
@@ -51,8 +54,9 @@ pub fn request_message(
                 .ok_or_else(|| ApiError::invalid_field("query", "malformed query string"))?;
             let v = crate::routes::percent_decode(v)
                 .ok_or_else(|| ApiError::invalid_field(&k, "malformed query string"))?;
-            let field = find_field(input, &k)
-                .ok_or_else(|| ApiError::invalid_field(&k, format!("unknown query parameter {k:?}")))?;
+            let field = find_field(input, &k).ok_or_else(|| {
+                ApiError::invalid_field(&k, format!("unknown query parameter {}", excerpt(&k)))
+            })?;
             let value = scalar_from_text(&field, &k, &v)?;
             let name = field.name().to_owned();
             if field.is_list() {
@@ -70,8 +74,9 @@ pub fn request_message(
     }
     // Path variables win over the same field in the body or query.
     for (name, raw) in path_vars {
-        let field = find_field(input, &name)
-            .ok_or_else(|| ApiError::invalid_field(&name, format!("unknown path field {name:?}")))?;
+        let field = find_field(input, &name).ok_or_else(|| {
+            ApiError::invalid_field(&name, format!("unknown path field {}", excerpt(&name)))
+        })?;
         let value = scalar_from_text(&field, &name, &raw)?;
         object.remove(field.json_name());
         object.insert(field.name().to_owned(), value);
@@ -109,7 +114,8 @@ fn find_field(desc: &MessageDescriptor, name: &str) -> Option<FieldDescriptor> {
 
 /// Converts a path or query value to the JSON the field expects.
 fn scalar_from_text(field: &FieldDescriptor, name: &str, raw: &str) -> Result<Value, ApiError> {
-    let bad = |what: &str| ApiError::invalid_field(name, format!("{name} must be {what}, got {raw:?}"));
+    let bad =
+        |what: &str| ApiError::invalid_field(name, format!("{name} must be {what}, got {}", excerpt(raw)));
     Ok(match field.kind() {
         Kind::String | Kind::Bytes => Value::String(raw.to_owned()),
         Kind::Bool => match raw {
@@ -152,7 +158,7 @@ fn check_object(desc: &MessageDescriptor, object: &Map<String, Value>, prefix: &
     for (key, value) in object {
         let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
         let field = find_field(desc, key)
-            .ok_or_else(|| ApiError::invalid_field(&path, format!("unknown field {path:?}")))?;
+            .ok_or_else(|| ApiError::invalid_field(&path, format!("unknown field {}", excerpt(&path))))?;
         if value.is_null() {
             continue;
         }
@@ -246,7 +252,7 @@ pub fn error_body(err: &ApiError, trace_id: Option<String>) -> (http::StatusCode
 
 /// Returns NOT_FOUND for a path no route serves.
 pub fn no_route(method: &http::Method, path: &str) -> ApiError {
-    ApiError::new(ErrorCode::NotFound, format!("no API route for {method} {path}"))
+    ApiError::new(ErrorCode::NotFound, format!("no API route for {method} {}", excerpt(path)))
 }
 
 /// A codec that passes encoded messages through as bytes, so the gateway

@@ -24,6 +24,53 @@ pub const DETAIL_CAPABILITY: &str = "capability";
 /// Detail key carrying the trace id of the request that failed.
 pub const DETAIL_TRACE_ID: &str = "trace_id";
 
+/// Longest error message, in bytes. Longer messages are cut at a character
+/// boundary and end with `…`. An error travels in HTTP/2 headers
+/// (`grpc-message`, percent-encoded, and `grpc-status-details-bin`), so an
+/// unbounded message built from a caller's input could exceed what the peer
+/// accepts and break the connection every other request shares.
+pub const MAX_MESSAGE_BYTES: usize = 512;
+/// Longest detail key or value, in bytes; cut like messages.
+pub const MAX_DETAIL_BYTES: usize = 256;
+/// Most details on one error.
+pub const MAX_DETAILS: usize = 8;
+/// How much of a caller's value an error message quotes, in characters.
+pub const EXCERPT_CHARS: usize = 40;
+
+/// Quotes a caller's value for an error message: the whole value when it is
+/// short, else its first [`EXCERPT_CHARS`] characters and its length, so an
+/// error never echoes a long input back.
+///
+/// ```
+/// use hcp_proto::error::excerpt;
+/// assert_eq!(excerpt("web-1"), r#""web-1""#);
+/// assert_eq!(excerpt(&"a".repeat(5000)), format!("\"{}…\" (5000 bytes)", "a".repeat(40)));
+/// ```
+pub fn excerpt(value: &str) -> String {
+    match value.char_indices().nth(EXCERPT_CHARS) {
+        None => format!("{value:?}"),
+        Some((cut, _)) => {
+            let quoted = format!("{:?}", &value[..cut]);
+            format!("{}…\" ({} bytes)", &quoted[..quoted.len() - 1], value.len())
+        }
+    }
+}
+
+/// Cuts `text` to at most `max` bytes at a character boundary, marking a cut
+/// with `…`.
+fn bounded(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut cut = max - '…'.len_utf8();
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push('…');
+    text
+}
+
 /// What went wrong, from the caller's point of view. A deliberately small set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
@@ -44,6 +91,18 @@ pub enum ErrorCode {
     FeatureNotSupported,
     /// The project's quota does not allow the request.
     QuotaExceeded,
+    /// The caller sent too many requests in a short time; retry after the
+    /// time the answer names. Not a quota: nothing was used up.
+    RateLimited,
+    /// The request body is larger than HCP accepts; `details.field` names
+    /// the part (`body`).
+    PayloadTooLarge,
+    /// The request's path or query is longer than HCP accepts;
+    /// `details.field` names the part (`path` or `query`).
+    UriTooLong,
+    /// The request's headers are larger than HCP accepts; `details.field`
+    /// names the header when one is to blame.
+    HeadersTooLarge,
     /// The idempotency key was used before with a different request.
     IdempotencyKeyReused,
     /// The hypervisor provider could not be reached or is not ready.
@@ -69,6 +128,10 @@ impl ErrorCode {
         ErrorCode::AlreadyExists,
         ErrorCode::FeatureNotSupported,
         ErrorCode::QuotaExceeded,
+        ErrorCode::RateLimited,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UriTooLong,
+        ErrorCode::HeadersTooLarge,
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::ProviderUnavailable,
         ErrorCode::ProviderError,
@@ -88,6 +151,10 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => "ALREADY_EXISTS",
             ErrorCode::FeatureNotSupported => "FEATURE_NOT_SUPPORTED",
             ErrorCode::QuotaExceeded => "QUOTA_EXCEEDED",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            ErrorCode::UriTooLong => "URI_TOO_LONG",
+            ErrorCode::HeadersTooLarge => "HEADERS_TOO_LARGE",
             ErrorCode::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             ErrorCode::ProviderUnavailable => "PROVIDER_UNAVAILABLE",
             ErrorCode::ProviderError => "PROVIDER_ERROR",
@@ -114,6 +181,10 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => Code::AlreadyExists,
             ErrorCode::FeatureNotSupported => Code::FailedPrecondition,
             ErrorCode::QuotaExceeded => Code::ResourceExhausted,
+            ErrorCode::RateLimited => Code::ResourceExhausted,
+            ErrorCode::PayloadTooLarge => Code::InvalidArgument,
+            ErrorCode::UriTooLong => Code::InvalidArgument,
+            ErrorCode::HeadersTooLarge => Code::InvalidArgument,
             ErrorCode::IdempotencyKeyReused => Code::FailedPrecondition,
             ErrorCode::ProviderUnavailable => Code::Unavailable,
             ErrorCode::ProviderError => Code::Internal,
@@ -135,6 +206,10 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => StatusCode::CONFLICT,
             ErrorCode::FeatureNotSupported => StatusCode::CONFLICT,
             ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::UriTooLong => StatusCode::URI_TOO_LONG,
+            ErrorCode::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::ProviderUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::ProviderError => StatusCode::BAD_GATEWAY,
@@ -144,22 +219,17 @@ impl ErrorCode {
         }
     }
 
-    /// The code a gRPC status maps to when it carries no HCP detail (a
-    /// failure of the transport, or of a peer that is not HCP).
-    pub fn from_grpc_code(code: tonic::Code) -> Self {
+    /// The code a gRPC status maps to when it carries no HCP `ErrorInfo`.
+    /// Core puts one on every error it answers, so such a status was made
+    /// by the transport (a broken connection, a refused stream, a header
+    /// the peer would not take) or by a peer that is not HCP: the caller's
+    /// request was not judged, so the answer is "retry later", never a
+    /// verdict such as QUOTA_EXCEEDED or INTERNAL.
+    pub fn for_foreign_status(code: tonic::Code) -> Self {
         use tonic::Code;
         match code {
-            Code::InvalidArgument | Code::OutOfRange => ErrorCode::InvalidArgument,
-            Code::Unauthenticated => ErrorCode::Unauthenticated,
-            Code::PermissionDenied => ErrorCode::PermissionDenied,
-            Code::NotFound => ErrorCode::NotFound,
-            Code::AlreadyExists => ErrorCode::AlreadyExists,
-            Code::FailedPrecondition | Code::Aborted => ErrorCode::Conflict,
-            Code::Unimplemented => ErrorCode::FeatureNotSupported,
-            Code::ResourceExhausted => ErrorCode::QuotaExceeded,
-            Code::Unavailable => ErrorCode::Unavailable,
             Code::DeadlineExceeded | Code::Cancelled => ErrorCode::DeadlineExceeded,
-            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => ErrorCode::Internal,
+            _ => ErrorCode::Unavailable,
         }
     }
 }
@@ -183,9 +253,10 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// Returns an error with no details.
+    /// Returns an error with no details. The message is cut to
+    /// [`MAX_MESSAGE_BYTES`].
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), details: BTreeMap::new() }
+        Self { code, message: bounded(message.into(), MAX_MESSAGE_BYTES), details: BTreeMap::new() }
     }
 
     /// Returns an INVALID_ARGUMENT naming `field`.
@@ -214,27 +285,44 @@ impl ApiError {
         Self::new(ErrorCode::Internal, "internal error")
     }
 
-    /// Adds one detail.
+    /// Adds one detail, cut to [`MAX_DETAIL_BYTES`]; past [`MAX_DETAILS`]
+    /// details, new keys are dropped.
     pub fn with_detail(mut self, key: &str, value: impl Into<String>) -> Self {
-        self.details.insert(key.to_owned(), value.into());
+        let key = bounded(key.to_owned(), MAX_DETAIL_BYTES);
+        if self.details.len() < MAX_DETAILS || self.details.contains_key(&key) {
+            self.details.insert(key, bounded(value.into(), MAX_DETAIL_BYTES));
+        }
         self
+    }
+
+    /// The same error with every part within its bound (the fields are
+    /// public, so an error built by hand may exceed them).
+    pub fn bounded(self) -> Self {
+        let mut out = Self::new(self.code, self.message);
+        for (k, v) in self.details {
+            out = out.with_detail(&k, v);
+        }
+        out
     }
 
     /// Encodes the error as a gRPC status with an `ErrorInfo` detail (and a
     /// `BadRequest` field violation for INVALID_ARGUMENT).
     pub fn to_status(&self) -> tonic::Status {
+        let this = self.clone().bounded();
         let mut details = ErrorDetails::new();
         let metadata: HashMap<String, String> =
-            self.details.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        details.set_error_info(self.code.as_str(), ERROR_DOMAIN, metadata);
-        if let Some(field) = self.details.get(DETAIL_FIELD) {
-            details.add_bad_request_violation(field.clone(), self.message.clone());
+            this.details.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        details.set_error_info(this.code.as_str(), ERROR_DOMAIN, metadata);
+        if let Some(field) = this.details.get(DETAIL_FIELD) {
+            details.add_bad_request_violation(field.clone(), this.message.clone());
         }
-        tonic::Status::with_error_details(self.code.grpc_code(), self.message.clone(), details)
+        tonic::Status::with_error_details(this.code.grpc_code(), this.message.clone(), details)
     }
 
-    /// Decodes a gRPC status. A status without an HCP `ErrorInfo` (from the
-    /// transport or a foreign peer) is classified by its gRPC code.
+    /// Decodes a gRPC status, within the bounds. A status without an HCP
+    /// `ErrorInfo` (from the transport or a foreign peer) becomes
+    /// [`ErrorCode::for_foreign_status`], with a message that says so and
+    /// does not repeat the transport's text.
     pub fn from_status(status: &tonic::Status) -> Self {
         let parsed = status.get_error_details();
         if let Some(info) = parsed.error_info()
@@ -245,9 +333,15 @@ impl ApiError {
                 code,
                 message: status.message().to_owned(),
                 details: info.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            };
+            }
+            .bounded();
         }
-        Self::new(ErrorCode::from_grpc_code(status.code()), status.message().to_owned())
+        let code = ErrorCode::for_foreign_status(status.code());
+        let message = match code {
+            ErrorCode::DeadlineExceeded => "the request did not finish in time; retry later",
+            _ => "the service is unavailable; retry later",
+        };
+        Self::new(code, message)
     }
 }
 
@@ -297,10 +391,47 @@ mod tests {
     }
 
     #[test]
-    fn foreign_status_is_classified_by_code() {
-        let s = tonic::Status::unavailable("connection refused");
-        assert_eq!(ApiError::from_status(&s).code, ErrorCode::Unavailable);
-        let s = tonic::Status::unknown("x");
-        assert_eq!(ApiError::from_status(&s).code, ErrorCode::Internal);
+    fn a_foreign_status_is_never_a_verdict() {
+        // What the transport makes of a broken HTTP/2 connection or an
+        // oversized header: never QUOTA_EXCEEDED or INTERNAL to a tenant.
+        for code in [
+            tonic::Code::Unavailable,
+            tonic::Code::Unknown,
+            tonic::Code::Internal,
+            tonic::Code::ResourceExhausted,
+            tonic::Code::FailedPrecondition,
+        ] {
+            let e = ApiError::from_status(&tonic::Status::new(code, "h2 protocol error: http2 error"));
+            assert_eq!(e.code, ErrorCode::Unavailable, "{code:?}");
+            assert!(!e.message.contains("h2"), "{}", e.message);
+        }
+        let e = ApiError::from_status(&tonic::Status::deadline_exceeded("timeout"));
+        assert_eq!(e.code, ErrorCode::DeadlineExceeded);
+    }
+
+    #[test]
+    fn errors_stay_within_their_bounds() {
+        let long = "é".repeat(10_000);
+        let e = ApiError::invalid_field(&long, format!("bad {long}")).with_detail("x", long.clone());
+        assert!(e.message.len() <= MAX_MESSAGE_BYTES && e.message.ends_with('…'));
+        assert!(e.details.iter().all(|(k, v)| k.len() <= MAX_DETAIL_BYTES && v.len() <= MAX_DETAIL_BYTES));
+        let mut many = ApiError::new(ErrorCode::Conflict, "c");
+        for i in 0..100 {
+            many = many.with_detail(&format!("k{i}"), "v");
+        }
+        assert_eq!(many.details.len(), MAX_DETAILS);
+        // Built by hand past the bounds, it is still cut on the wire.
+        let raw = ApiError { code: ErrorCode::Conflict, message: long.clone(), details: BTreeMap::new() };
+        let status = raw.to_status();
+        assert!(status.message().len() <= MAX_MESSAGE_BYTES);
+        assert!(status.details().len() < 2 * (MAX_MESSAGE_BYTES + MAX_DETAILS * 2 * MAX_DETAIL_BYTES));
+    }
+
+    #[test]
+    fn excerpts_quote_a_bounded_prefix() {
+        assert_eq!(excerpt(""), "\"\"");
+        assert_eq!(excerpt("a\0b"), r#""a\0b""#);
+        let e = excerpt(&"\u{0}".repeat(10_000));
+        assert!(e.len() < 300 && e.ends_with("(10000 bytes)"), "{e}");
     }
 }

@@ -7,7 +7,7 @@ use hcp_proto::common::{
     ListImagesRequest, ListImagesResponse, ListZonesRequest, ListZonesResponse,
 };
 
-use super::{ApiContext, ApiResult, handle};
+use super::{ApiContext, ApiResult, handle, validate};
 use crate::auth::{Access, principal};
 use crate::convert;
 use crate::error::from_store;
@@ -40,6 +40,7 @@ impl CatalogService for CatalogApi {
         principal(&req)?;
         let name = req.into_inner().name;
         handle(async {
+            validate::label("name", &name)?;
             let f = self
                 .ctx
                 .store
@@ -66,6 +67,7 @@ impl CatalogService for CatalogApi {
         let for_ops = principal(&req)?.ops(Access::Read).is_ok();
         let name = req.into_inner().name;
         handle(async {
+            validate::label("name", &name)?;
             let i =
                 self.ctx.store.get_image(&name).await.map_err(|e| from_store(e, &format!("image {name}")))?;
             Ok(convert::image_to_proto(&i, for_ops))

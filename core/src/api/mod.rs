@@ -18,6 +18,7 @@ use crate::store::Store;
 pub mod catalog;
 pub mod console;
 pub mod ops;
+pub mod page;
 pub mod tenant;
 pub mod validate;
 
@@ -34,6 +35,8 @@ pub struct ApiContext {
     pub config: Arc<Config>,
     /// Seals provider credentials; None when no secrets key is configured.
     pub secrets: Option<crate::secrets::SecretBox>,
+    /// Signs and checks page tokens.
+    pub pages: page::PageTokens,
 }
 
 impl ApiContext {

@@ -2,7 +2,7 @@
 //! and the audit trail. Every call needs an ops role; writes need `ops.admin`.
 
 use hcp_proto::common;
-use hcp_proto::error::ApiError;
+use hcp_proto::error::{ApiError, excerpt};
 use hcp_proto::ids::ProviderId;
 use hcp_proto::ops::audit_service_server::AuditService;
 use hcp_proto::ops::catalog_admin_service_server::CatalogAdminService;
@@ -16,6 +16,7 @@ use hcp_proto::ops::{
     RemoveProviderRequest, RemoveProviderResponse, SetProjectQuotaRequest,
 };
 
+use super::page::Binding;
 use super::{ApiContext, ApiResult, handle, validate};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
@@ -39,17 +40,19 @@ impl OpsApi {
         validate::label("name", &req.name)?;
         validate::label("zone", &req.zone)?;
         validate::required("endpoint", &req.endpoint)?;
+        validate::text("endpoint", &req.endpoint, validate::MAX_LOCATOR)?;
         let scheme_ok = ["http://", "https://", "unix:///"].iter().any(|s| req.endpoint.starts_with(s));
         if !scheme_ok {
             return Err(ApiError::invalid_field(
                 "endpoint",
-                format!("endpoint must be http://, https:// or unix:///path, got {:?}", req.endpoint),
+                format!("endpoint must be http://, https:// or unix:///path, got {}", excerpt(&req.endpoint)),
             ));
         }
         let zones = self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zones"))?;
         if !zones.iter().any(|z| z.name == req.zone) {
-            return Err(ApiError::invalid_field("zone", format!("unknown zone {:?}", req.zone)));
+            return Err(ApiError::invalid_field("zone", format!("unknown zone {}", excerpt(&req.zone))));
         }
+        validate::count("credentials", req.credentials.len(), validate::MAX_CREDENTIALS)?;
         for (k, v) in &req.credentials {
             if k.is_empty() || k.len() > 128 || v.len() > 16 * 1024 {
                 return Err(ApiError::invalid_field(
@@ -126,6 +129,7 @@ impl OpsApi {
     ) -> Result<common::Flavor, ApiError> {
         let f = req.flavor.ok_or_else(|| ApiError::invalid_field("flavor", "flavor is required"))?;
         validate::label("flavor.name", &f.name)?;
+        validate::text("flavor.description", &f.description, validate::MAX_DESCRIPTION)?;
         if !(1..=1024).contains(&f.vcpus) {
             return Err(ApiError::invalid_field("flavor.vcpus", "flavor.vcpus must be 1 to 1024"));
         }
@@ -154,11 +158,10 @@ impl OpsApi {
     async fn create_image(&self, p: Principal, req: CreateImageRequest) -> Result<common::Image, ApiError> {
         let i = req.image.ok_or_else(|| ApiError::invalid_field("image", "image is required"))?;
         validate::label("image.name", &i.name)?;
-        if i.source.len() > 1024 {
-            return Err(ApiError::invalid_field(
-                "image.source",
-                "image.source is longer than 1024 characters",
-            ));
+        validate::text("image.source", &i.source, validate::MAX_LOCATOR)?;
+        validate::text("image.description", &i.description, validate::MAX_DESCRIPTION)?;
+        if !i.os_type.is_empty() {
+            validate::label("image.os_type", &i.os_type)?;
         }
         let image = model::Image {
             name: i.name.clone(),
@@ -176,6 +179,7 @@ impl OpsApi {
     async fn create_zone(&self, p: Principal, req: CreateZoneRequest) -> Result<common::Zone, ApiError> {
         let z = req.zone.ok_or_else(|| ApiError::invalid_field("zone", "zone is required"))?;
         validate::label("zone.name", &z.name)?;
+        validate::text("zone.description", &z.description, validate::MAX_DESCRIPTION)?;
         let zone =
             model::Zone { name: z.name.clone(), description: z.description.clone(), created_at: now() };
         let audit = self.ctx.audit(&p, "zone.create", "zone", &z.name, "succeeded");
@@ -184,7 +188,7 @@ impl OpsApi {
     }
 
     async fn delete_entry(&self, p: Principal, kind: &str, name: String) -> Result<(), ApiError> {
-        validate::required("name", &name)?;
+        validate::label("name", &name)?;
         let audit = self.ctx.audit(&p, &format!("{kind}.delete"), kind, &name, "succeeded");
         let r = match kind {
             "flavor" => self.ctx.store.delete_flavor(&name, &audit).await,
@@ -325,18 +329,25 @@ impl AuditService for OpsApi {
         handle(async {
             p.ops(Access::Read)?;
             let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+            validate::text("resource_id", &r.resource_id, 256)?;
+            if !r.project_id.is_empty() {
+                validate::project_id(&r.project_id)?;
+            }
+            validate::text("action", &r.action, 64)?;
+            let mut binding = Binding::new("audit");
+            binding.push(&r.resource_id).push(&r.project_id).push(&r.action);
             let query = AuditQuery {
                 resource_id: non_empty(&r.resource_id),
                 project_id: non_empty(&r.project_id),
                 action: non_empty(&r.action),
                 page_size: validate::page_size(r.page_size, 100)?,
-                page_token: validate::page_token(&r.page_token)?,
+                after: self.ctx.pages.open(&binding, &r.page_token)?,
             };
             let (events, next) =
                 self.ctx.store.list_audit_events(&query).await.map_err(|e| from_store(e, "audit events"))?;
             Ok(ListAuditEventsResponse {
                 events: events.iter().map(convert::audit_to_proto).collect(),
-                next_page_token: next.unwrap_or_default(),
+                next_page_token: next.map(|last| self.ctx.pages.seal(&binding, last)).unwrap_or_default(),
             })
         })
         .await
@@ -368,7 +379,7 @@ impl QuotaAdminService for OpsApi {
         let r = req.into_inner();
         handle(async {
             p.ops(Access::Write)?;
-            validate::required("tenant_id", &r.tenant_id)?;
+            validate::scope_id("tenant_id", &r.tenant_id)?;
             validate::project_id(&r.project_id)?;
             let quota = Quota {
                 max_instances: r.max_instances,
@@ -397,7 +408,7 @@ impl QuotaAdminService for OpsApi {
         let r = req.into_inner();
         handle(async {
             p.ops(Access::Read)?;
-            validate::required("tenant_id", &r.tenant_id)?;
+            validate::scope_id("tenant_id", &r.tenant_id)?;
             validate::project_id(&r.project_id)?;
             self.quota_answer(&r.tenant_id, &r.project_id).await
         })

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use hcp_proto::error::{ApiError, ErrorCode};
+use hcp_proto::error::{ApiError, ErrorCode, excerpt};
 use hcp_proto::ids::{JobId, SnapshotId, VmId};
 use hcp_proto::tenant::job_service_server::JobService;
 use hcp_proto::tenant::vm_service_server::VmService;
@@ -13,6 +13,7 @@ use hcp_proto::tenant::{
     Job, ListVmsRequest, ListVmsResponse, Vm, VmActionRequest, VmOperationAccepted,
 };
 
+use super::page::Binding;
 use super::{ApiContext, ApiResult, handle, validate};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
@@ -73,28 +74,19 @@ impl TenantApi {
             return Ok(answer);
         }
         validate::label("name", &req.name)?;
-        validate::required("flavor", &req.flavor)?;
-        validate::required("image", &req.image)?;
+        validate::label("flavor", &req.flavor)?;
+        validate::label("image", &req.image)?;
+        if !req.zone.is_empty() {
+            validate::label("zone", &req.zone)?;
+        }
+        validate::count("networks", req.networks.len(), validate::MAX_NETWORKS)?;
         for (i, n) in req.networks.iter().enumerate() {
             validate::label(&format!("networks[{i}].network"), &n.network)?;
         }
         validate::metadata(req.metadata.iter())?;
-        if req.tags.len() > validate::MAX_TAGS {
-            return Err(ApiError::invalid_field(
-                "tags",
-                format!("at most {} tags are allowed", validate::MAX_TAGS),
-            ));
-        }
-        for (i, t) in req.tags.iter().enumerate() {
-            validate::tag(&format!("tags[{i}]"), t)?;
-        }
-        if let Some(ud) = &req.user_data
-            && ud.len() > validate::MAX_USER_DATA
-        {
-            return Err(ApiError::invalid_field(
-                "user_data",
-                format!("user_data is {} bytes; at most {} are allowed", ud.len(), validate::MAX_USER_DATA),
-            ));
+        validate::tags("tags", &req.tags)?;
+        if let Some(ud) = &req.user_data {
+            validate::text("user_data", ud, validate::MAX_USER_DATA)?;
         }
         let hostname =
             if req.hostname.is_empty() { req.name.to_ascii_lowercase() } else { req.hostname.clone() };
@@ -102,13 +94,13 @@ impl TenantApi {
 
         let flavor = self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
             StoreError::NotFound => {
-                ApiError::invalid_field("flavor", format!("unknown flavor {:?}", req.flavor))
+                ApiError::invalid_field("flavor", format!("unknown flavor {}", excerpt(&req.flavor)))
             }
             e => from_store(e, "flavor"),
         })?;
         let image = self.ctx.store.get_image(&req.image).await.map_err(|e| match e {
             crate::store::StoreError::NotFound => {
-                ApiError::invalid_field("image", format!("unknown image {:?}", req.image))
+                ApiError::invalid_field("image", format!("unknown image {}", excerpt(&req.image)))
             }
             e => from_store(e, "image"),
         })?;
@@ -132,7 +124,7 @@ impl TenantApi {
                 .iter()
                 .any(|x| x.name == z)
         {
-            return Err(ApiError::invalid_field("zone", format!("unknown zone {z:?}")));
+            return Err(ApiError::invalid_field("zone", format!("unknown zone {}", excerpt(z))));
         }
         let mut needs = Vec::new();
         if req.user_data.is_some() {
@@ -421,14 +413,20 @@ impl TenantApi {
                 return Err(ApiError::invalid_field("status", format!("unknown status {}", req.status)));
             }
         };
-        for (i, t) in req.tag.iter().enumerate() {
-            validate::tag(&format!("tag[{i}]"), t)?;
-        }
+        validate::tags("tag", &req.tag)?;
+        let mut tags = req.tag.clone();
+        tags.sort();
+        tags.dedup();
+        let mut binding = Binding::new("vms");
+        binding.push(tenant).push(&req.project_id).push(status.map(|s| s.as_str()).unwrap_or(""));
+        tags.iter().for_each(|t| {
+            binding.push(t);
+        });
         let query = ListVmsQuery {
             page_size: validate::page_size(req.page_size, 100)?,
-            page_token: validate::page_token(&req.page_token)?,
+            after: self.ctx.pages.open(&binding, &req.page_token)?,
             status,
-            tags: req.tag.clone(),
+            tags,
         };
         let (vms, next) = self
             .ctx
@@ -438,7 +436,7 @@ impl TenantApi {
             .map_err(|e| from_store(e, "vms"))?;
         Ok(ListVmsResponse {
             vms: vms.iter().map(convert::vm_to_tenant).collect(),
-            next_page_token: next.unwrap_or_default(),
+            next_page_token: next.map(|last| self.ctx.pages.seal(&binding, last)).unwrap_or_default(),
         })
     }
 
@@ -459,7 +457,7 @@ impl TenantApi {
             other => {
                 return Err(ApiError::invalid_field(
                     "type",
-                    format!("console type must be vnc, spice, rdp or serial, got {other:?}"),
+                    format!("console type must be vnc, spice, rdp or serial, got {}", excerpt(other)),
                 ));
             }
         };

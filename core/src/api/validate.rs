@@ -1,25 +1,56 @@
-//! Input validation shared by the services. Every check names the field it
-//! is about, with the field's name as it appears in the request.
+//! Input validation shared by the services: every limit of the API lives
+//! here, and every check names the field it is about, with the field's name
+//! as it appears in the request. Messages quote at most a short excerpt of
+//! the caller's value ([`excerpt`]), so an error never echoes a long input.
+//!
+//! The limits (also in the README's "Limits" table):
+//!
+//! | input | rule |
+//! |---|---|
+//! | names (VM, snapshot, hostname, flavor, image, zone, network, provider) | [`label`]: 1–63 of `[A-Za-z0-9-]`, a letter first, not ending in `-` |
+//! | tenant and project ids | [`scope_id`]: 1–64 of `[A-Za-z0-9._-]`, a letter or digit first |
+//! | ids (VM, job, snapshot, provider) | canonical UUID |
+//! | tags | at most [`MAX_TAGS`], each 1–64 visible ASCII characters, no `,` |
+//! | metadata | at most [`MAX_METADATA`] entries; keys 1–128 of `[A-Za-z0-9._:/-]`, not `hcp.`; values ≤ 1024 bytes of text |
+//! | network attachments | at most [`MAX_NETWORKS`] |
+//! | user data | at most [`MAX_USER_DATA`] bytes |
+//! | descriptions | at most [`MAX_DESCRIPTION`] bytes of text |
+//! | page size | 1–1000 (0: the default) |
+//!
+//! "Text" is UTF-8 without control characters other than tab, line feed
+//! and carriage return (so no NUL, which PostgreSQL cannot store either).
 
 use std::str::FromStr;
 
-use hcp_proto::error::ApiError;
+use hcp_proto::error::{ApiError, excerpt};
 
 /// Most metadata entries on a VM.
 pub const MAX_METADATA: usize = 64;
+/// Longest metadata key, bytes.
+pub const MAX_METADATA_KEY: usize = 128;
+/// Longest metadata value, bytes.
+pub const MAX_METADATA_VALUE: usize = 1024;
 /// Most tags on a VM.
 pub const MAX_TAGS: usize = 32;
+/// Most network attachments on a VM.
+pub const MAX_NETWORKS: usize = 8;
 /// Largest user data, bytes.
 pub const MAX_USER_DATA: usize = 64 * 1024;
+/// Longest catalog description, bytes.
+pub const MAX_DESCRIPTION: usize = 1024;
+/// Longest provider endpoint or image source, bytes.
+pub const MAX_LOCATOR: usize = 1024;
+/// Most provider credentials.
+pub const MAX_CREDENTIALS: usize = 32;
 
 /// Parses a typed id, naming `field` on failure.
 pub fn id<T: FromStr>(field: &str, value: &str) -> Result<T, ApiError> {
     if value.is_empty() {
         return Err(ApiError::invalid_field(field, format!("{field} is required")));
     }
-    value
-        .parse()
-        .map_err(|_| ApiError::invalid_field(field, format!("{field} must be a UUID, got {value:?}")))
+    value.parse().map_err(|_| {
+        ApiError::invalid_field(field, format!("{field} must be a UUID, got {}", excerpt(value)))
+    })
 }
 
 /// A required non-empty string.
@@ -46,23 +77,37 @@ pub fn label(field: &str, value: &str) -> Result<(), ApiError> {
             field,
             format!(
                 "{field} must be 1 to 63 letters, digits or '-', start with a letter and not end \
-                 with '-', got {value:?}"
+                 with '-', got {}",
+                excerpt(value)
             ),
         ))
     }
 }
 
-/// A project id: 1 to 64 of `[A-Za-z0-9._-]`.
-pub fn project_id(value: &str) -> Result<(), ApiError> {
-    required("project_id", value)?;
-    if value.len() <= 64 && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+/// A tenant or project id: 1 to 64 of `[A-Za-z0-9._-]`, starting with a
+/// letter or digit (so never `.` or `..`).
+pub fn scope_id(field: &str, value: &str) -> Result<(), ApiError> {
+    required(field, value)?;
+    let ok = value.len() <= 64
+        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
         Ok(())
     } else {
         Err(ApiError::invalid_field(
-            "project_id",
-            format!("project_id must be 1 to 64 letters, digits, '.', '_' or '-', got {value:?}"),
+            field,
+            format!(
+                "{field} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or \
+                 digit, got {}",
+                excerpt(value)
+            ),
         ))
     }
+}
+
+/// A project id ([`scope_id`] naming `project_id`).
+pub fn project_id(value: &str) -> Result<(), ApiError> {
+    scope_id("project_id", value)
 }
 
 /// A tag: 1 to 64 printable characters without spaces or commas.
@@ -74,41 +119,75 @@ pub fn tag(field: &str, value: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::invalid_field(
             field,
-            format!("{field} must be 1 to 64 printable characters without spaces or commas, got {value:?}"),
+            format!(
+                "{field} must be 1 to 64 printable characters without spaces or commas, got {}",
+                excerpt(value)
+            ),
         ))
     }
 }
 
-/// Metadata: at most [`MAX_METADATA`] entries, keys 1 to 128 characters and
-/// not in the reserved `hcp.` namespace, values at most 1024 characters.
-pub fn metadata<'a>(entries: impl Iterator<Item = (&'a String, &'a String)>) -> Result<(), ApiError> {
-    let mut n = 0;
+/// Tags: at most [`MAX_TAGS`], each a [`tag`]; `field` names the list.
+pub fn tags(field: &str, values: &[String]) -> Result<(), ApiError> {
+    count(field, values.len(), MAX_TAGS)?;
+    values.iter().enumerate().try_for_each(|(i, t)| tag(&format!("{field}[{i}]"), t))
+}
+
+/// At most `max` items in the list `field`.
+pub fn count(field: &str, n: usize, max: usize) -> Result<(), ApiError> {
+    if n > max {
+        Err(ApiError::invalid_field(field, format!("at most {max} {field} are allowed, got {n}")))
+    } else {
+        Ok(())
+    }
+}
+
+/// Free text of at most `max` bytes: no control characters but tab, line
+/// feed and carriage return.
+pub fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.len() > max {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} is {} bytes; at most {max} are allowed", value.len()),
+        ));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
+        return Err(ApiError::invalid_field(
+            field,
+            format!("{field} must not contain control characters, found {c:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Metadata: at most [`MAX_METADATA`] entries; keys 1 to
+/// [`MAX_METADATA_KEY`] of `[A-Za-z0-9._:/-]` and not in the reserved `hcp.`
+/// namespace; values [`text`] of at most [`MAX_METADATA_VALUE`] bytes.
+pub fn metadata<'a>(
+    entries: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), ApiError> {
+    count("metadata", entries.len(), MAX_METADATA)?;
     for (k, v) in entries {
-        n += 1;
-        if k.is_empty() || k.len() > 128 {
+        let key_ok = !k.is_empty()
+            && k.len() <= MAX_METADATA_KEY
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-'));
+        if !key_ok {
             return Err(ApiError::invalid_field(
                 "metadata",
-                format!("metadata keys must be 1 to 128 characters, got {k:?}"),
+                format!(
+                    "metadata keys must be 1 to {MAX_METADATA_KEY} letters, digits, '.', '_', ':', '/' \
+                     or '-', got {}",
+                    excerpt(k)
+                ),
             ));
         }
         if k.starts_with("hcp.") {
             return Err(ApiError::invalid_field(
                 "metadata",
-                format!("metadata key {k:?} is in the reserved hcp. namespace"),
+                format!("metadata key {} is in the reserved hcp. namespace", excerpt(k)),
             ));
         }
-        if v.len() > 1024 {
-            return Err(ApiError::invalid_field(
-                "metadata",
-                format!("metadata value of {k:?} is longer than 1024 characters"),
-            ));
-        }
-    }
-    if n > MAX_METADATA {
-        return Err(ApiError::invalid_field(
-            "metadata",
-            format!("at most {MAX_METADATA} metadata entries are allowed, got {n}"),
-        ));
+        text(&format!("metadata.{k}"), v, MAX_METADATA_VALUE)?;
     }
     Ok(())
 }
@@ -122,19 +201,13 @@ pub fn page_size(value: u32, default: u32) -> Result<u32, ApiError> {
     }
 }
 
-/// A page token, which must be one HCP issued.
-pub fn page_token(value: &str) -> Result<Option<String>, ApiError> {
-    if value.is_empty() {
-        return Ok(None);
-    }
-    match crate::store::decode_page_token(value) {
-        Some(_) => Ok(Some(value.to_owned())),
-        None => Err(ApiError::invalid_field("page_token", "page_token is not a token HCP issued")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use hcp_proto::error::{MAX_DETAIL_BYTES, MAX_MESSAGE_BYTES};
+    use proptest::prelude::*;
+
     use super::*;
 
     fn field_of(r: Result<(), ApiError>) -> Option<String> {
@@ -153,6 +226,16 @@ mod tests {
     }
 
     #[test]
+    fn scope_ids() {
+        let cases =
+            [("demo", true), ("p1", true), ("a.b_c-d", true), ("..", false), (".x", false), ("", false)];
+        for (input, ok) in cases {
+            assert_eq!(scope_id("tenant_id", input).is_ok(), ok, "{input:?}");
+        }
+        assert!(scope_id("tenant_id", &"a".repeat(65)).is_err());
+    }
+
+    #[test]
     fn ids_name_the_field() {
         let e = id::<hcp_proto::ids::VmId>("vm_id", "nope").unwrap_err();
         assert_eq!(e.details.get("field").map(String::as_str), Some("vm_id"));
@@ -160,9 +243,77 @@ mod tests {
     }
 
     #[test]
-    fn reserved_metadata() {
-        let k = "hcp.vm_id".to_owned();
-        let v = "x".to_owned();
-        assert!(metadata([(&k, &v)].into_iter()).is_err());
+    fn metadata_rules() {
+        let check = |k: &str, v: &str| {
+            let m = BTreeMap::from([(k.to_owned(), v.to_owned())]);
+            metadata(m.iter())
+        };
+        assert!(check("owner", "team-a").is_ok());
+        assert!(check("app.kubernetes.io/name", "line 1\nline 2").is_ok());
+        assert!(check("hcp.vm_id", "x").is_err());
+        assert!(check("nul\0key", "x").is_err());
+        assert!(check("k", "nul\0value").is_err());
+        assert_eq!(field_of(check("k", "nul\0value")).as_deref(), Some("metadata.k"));
+        assert!(check("k", &"v".repeat(MAX_METADATA_VALUE + 1)).is_err());
+        let many: BTreeMap<String, String> =
+            (0..=MAX_METADATA).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert!(metadata(many.iter()).is_err());
+    }
+
+    /// Every check on any input: no panic, a bounded error that names a
+    /// field, and acceptance only of what the documented grammar allows.
+    fn assert_bounded(r: &Result<(), ApiError>) {
+        if let Err(e) = r {
+            assert!(e.message.len() <= MAX_MESSAGE_BYTES);
+            let field = e.details.get("field").expect("the error names a field");
+            assert!(!field.is_empty() && field.len() <= MAX_DETAIL_BYTES);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn label_accepts_exactly_its_grammar(s in "\\PC{0,80}|[a-zA-Z][a-zA-Z0-9-]{0,70}") {
+            let r = label("name", &s);
+            assert_bounded(&r);
+            let grammar = regex_lite_label(&s);
+            prop_assert_eq!(r.is_ok(), grammar);
+        }
+
+        #[test]
+        fn scope_ids_never_accept_dots_first(s in "[.a-z0-9_-]{0,70}") {
+            let r = scope_id("project_id", &s);
+            assert_bounded(&r);
+            if r.is_ok() {
+                prop_assert!(!s.starts_with('.') && !s.is_empty() && s.len() <= 64);
+            }
+        }
+
+        #[test]
+        fn any_input_gets_a_bounded_error(s in "\\PC{0,3000}|\\p{Cc}{0,50}|.{5000,6000}") {
+            assert_bounded(&label("name", &s));
+            assert_bounded(&scope_id("tenant_id", &s));
+            assert_bounded(&tag("tags[0]", &s));
+            assert_bounded(&text("description", &s, MAX_DESCRIPTION));
+            assert_bounded(&id::<hcp_proto::ids::VmId>("vm_id", &s).map(|_| ()));
+            let m = BTreeMap::from([(s.clone(), s.clone())]);
+            assert_bounded(&metadata(m.iter()));
+        }
+
+        #[test]
+        fn accepted_text_has_no_control_characters(s in "\\PC{0,40}|[\\x00-\\x1f]{1,4}") {
+            if text("description", &s, MAX_DESCRIPTION).is_ok() {
+                prop_assert!(s.chars().all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r')));
+            }
+        }
+    }
+
+    /// The label grammar, written independently of [`label`].
+    fn regex_lite_label(s: &str) -> bool {
+        let b = s.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphabetic()
+            && *b.last().unwrap() != b'-'
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
     }
 }

@@ -3,7 +3,7 @@
 
 use hcp_proto::ids::EventId;
 
-use super::{StoreError, StoreResult, col, decode_page_token, encode_page_token, on_pool};
+use super::{StoreError, StoreResult, col, on_pool};
 use crate::model::AuditEvent;
 
 macro_rules! insert_audit {
@@ -44,8 +44,8 @@ pub struct AuditQuery {
     pub action: Option<String>,
     /// Page size (1..=1000).
     pub page_size: u32,
-    /// Token from the previous page.
-    pub page_token: Option<String>,
+    /// The last id of the previous page (keyset pagination).
+    pub after: Option<uuid::Uuid>,
 }
 
 impl super::Store {
@@ -62,11 +62,8 @@ impl super::Store {
     pub async fn list_audit_events(
         &self,
         query: &AuditQuery,
-    ) -> StoreResult<(Vec<AuditEvent>, Option<String>)> {
-        let after = match &query.page_token {
-            Some(t) => Some(decode_page_token(t).ok_or(StoreError::Corrupt("page token".into()))?),
-            None => None,
-        };
+    ) -> StoreResult<(Vec<AuditEvent>, Option<uuid::Uuid>)> {
+        let after = query.after;
         let limit = i64::from(query.page_size.clamp(1, 1000));
         let mut sql = String::from(
             "SELECT id, at, actor, tenant_id, project_id, action, resource_type, resource_id, \
@@ -131,7 +128,7 @@ impl super::Store {
         });
         let next = if events.len() as i64 > limit {
             events.truncate(limit as usize);
-            events.last().map(|e| encode_page_token(e.id.0))
+            events.last().map(|e| e.id.0)
         } else {
             None
         };

@@ -22,6 +22,7 @@ mod catalog;
 mod consoles;
 mod guards;
 mod jobs;
+mod keys;
 pub(crate) mod outbox;
 mod providers;
 mod reconcile;
@@ -79,6 +80,7 @@ impl StoreError {
                 sqlx::error::ErrorKind::ForeignKeyViolation => {
                     StoreError::Conflict(format!("{what} is referenced by other resources"))
                 }
+                _ if db.code().as_deref().is_some_and(means_unavailable) => StoreError::Unavailable(err),
                 _ => StoreError::Internal(err),
             },
             sqlx::Error::Io(_)
@@ -89,6 +91,15 @@ impl StoreError {
             _ => StoreError::Internal(err),
         }
     }
+}
+
+/// Whether a SQLSTATE says the database cannot serve now, though nothing
+/// is wrong with the request: class 08 (connection exceptions), 53 (out of
+/// resources, e.g. 53300 too many connections), 57P01-57P03 (the server is
+/// shutting down, crashed, or starting). The client is told 503 and to
+/// retry.
+fn means_unavailable(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || matches!(code, "57P01" | "57P02" | "57P03")
 }
 
 /// Short for results of store calls.
@@ -248,19 +259,6 @@ impl Store {
         on_pool!(self, |pool| pool.close().await);
         on_pool!(engine self, |pool| pool.close().await)
     }
-}
-
-/// Encodes a keyset page token (the last id of the previous page).
-pub(crate) fn encode_page_token(last: uuid::Uuid) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(last.as_bytes())
-}
-
-/// Decodes a page token; `None` when it is not one of ours.
-pub(crate) fn decode_page_token(token: &str) -> Option<uuid::Uuid> {
-    use base64::Engine;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
-    uuid::Uuid::from_slice(&bytes).ok()
 }
 
 fn to_u32(v: i32, column: &str) -> StoreResult<u32> {

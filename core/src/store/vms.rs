@@ -8,9 +8,7 @@ use sqlx::types::Json;
 
 use super::guards::{check_quota, insert_idempotency};
 use super::outbox::{SUBJECT_JOBS, insert_outbox};
-use super::{
-    IdempotencyRecord, StoreError, StoreResult, col, decode_page_token, encode_page_token, on_pool, to_i32,
-};
+use super::{IdempotencyRecord, StoreError, StoreResult, col, on_pool, to_i32};
 use hcp_proto::ids::SnapshotId;
 
 use crate::model::{AuditEvent, Job, JobKind, NetworkAttachment, Snapshot, Vm, VmStatus};
@@ -23,8 +21,8 @@ pub type NewVm = Vm;
 pub struct ListVmsQuery {
     /// At most this many rows (1..=1000).
     pub page_size: u32,
-    /// Opaque token from the previous page.
-    pub page_token: Option<String>,
+    /// The last id of the previous page (keyset pagination).
+    pub after: Option<uuid::Uuid>,
     /// Only this status; DELETED VMs are listed only when asked for.
     pub status: Option<VmStatus>,
     /// Only VMs carrying all of these tags.
@@ -333,17 +331,14 @@ impl super::Store {
     }
 
     /// Lists a project's VMs in id (creation) order, one page at a time.
-    /// Returns the page and the token of the next page, if any.
+    /// Returns the page and, when another follows, the last id of this one.
     pub async fn list_vms(
         &self,
         tenant_id: &str,
         project_id: &str,
         query: &ListVmsQuery,
-    ) -> StoreResult<(Vec<Vm>, Option<String>)> {
-        let after = match &query.page_token {
-            Some(t) => Some(decode_page_token(t).ok_or(StoreError::Corrupt("page token".into()))?),
-            None => None,
-        };
+    ) -> StoreResult<(Vec<Vm>, Option<uuid::Uuid>)> {
+        let after = query.after;
         let limit = i64::from(query.page_size.clamp(1, 1000));
         let mut sql = format!("SELECT {VM_COLUMNS} FROM vms WHERE tenant_id = $1 AND project_id = $2");
         let mut n = 2;
@@ -387,7 +382,7 @@ impl super::Store {
         });
         let next = if vms.len() as i64 > limit {
             vms.truncate(limit as usize);
-            vms.last().map(|vm| encode_page_token(vm.id.0))
+            vms.last().map(|vm| vm.id.0)
         } else {
             None
         };

@@ -1,0 +1,277 @@
+//! Bad input from the outside, through the REST gateway: every malformed
+//! request gets a bounded 4xx naming what is wrong, and none of them
+//! disturbs another tenant's requests, which share the gateway's one
+//! HTTP/2 connection to core.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hcp_testkit::rest::Reply;
+use hcp_testkit::stack::{StackOptions, TestStack};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const HCP: &str = env!("CARGO_BIN_EXE_hcp");
+
+/// The most an error body may weigh: the message and details are bounded
+/// (512 and 8 × 256 bytes), plus the JSON around them.
+const MAX_ERROR_BODY: usize = 4096;
+
+async fn stack() -> TestStack {
+    TestStack::start(Path::new(HCP), StackOptions::default()).await.expect("stack starts")
+}
+
+/// One malformed request and what it must get.
+struct Case {
+    what: &'static str,
+    method: &'static str,
+    path: String,
+    token: Option<String>,
+    body: Option<String>,
+    headers: Vec<(&'static str, String)>,
+    status: u16,
+    field: Option<&'static str>,
+}
+
+fn case(what: &'static str, method: &'static str, path: String, body: Option<Value>, status: u16) -> Case {
+    Case {
+        what,
+        method,
+        path,
+        token: None,
+        body: body.map(|b| b.to_string()),
+        headers: Vec::new(),
+        status,
+        field: None,
+    }
+}
+
+impl Case {
+    fn field(mut self, f: &'static str) -> Self {
+        self.field = Some(f);
+        self
+    }
+    fn token(mut self, t: &str) -> Self {
+        self.token = Some(t.to_owned());
+        self
+    }
+}
+
+/// Checks a reply to a malformed request: the expected status, an error
+/// body of bounded size naming the field, and no echo of the long input.
+fn check_reply(c: &Case, r: &Reply, raw_len: usize) {
+    assert_eq!(r.status, c.status, "{}: {}", c.what, r.body);
+    assert!(r.body["code"].is_string(), "{}: no error body: {}", c.what, r.body);
+    assert!(raw_len <= MAX_ERROR_BODY, "{}: error body of {raw_len} bytes", c.what);
+    assert!(r.str("message").len() <= 512, "{}", c.what);
+    if let Some(f) = c.field {
+        assert_eq!(r.body["details"]["field"], f, "{}: {}", c.what, r.body);
+    }
+}
+
+fn long(n: usize) -> String {
+    "a".repeat(n)
+}
+
+fn cases(tenant: &str, ops: &str) -> Vec<Case> {
+    let vms = "/api/hcp/tenant/v1/projects/demo/vms".to_owned();
+    let vm = format!("{vms}/{}", uuid::Uuid::now_v7());
+    let create = |patch: Value| {
+        let mut body = json!({"name": "web-1", "flavor": "small", "image": "debian-12"});
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        Some(body)
+    };
+    let five_k = long(5000);
+    let networks: Vec<Value> = (0..1000).map(|_| json!({"network": "default"})).collect();
+    let mut meta_nul = serde_json::Map::new();
+    meta_nul.insert("k\u{0}ey".into(), json!("v"));
+    vec![
+        case("long name", "POST", vms.clone(), create(json!({"name": five_k})), 400).field("name").token(tenant),
+        case("long flavor", "POST", vms.clone(), create(json!({"flavor": five_k})), 400).field("flavor").token(tenant),
+        case("long image", "POST", vms.clone(), create(json!({"image": long(70_000)})), 400).field("image").token(tenant),
+        case("long tag", "POST", vms.clone(), create(json!({"tags": [five_k]})), 400).field("tags[0]").token(tenant),
+        case("long metadata key", "POST", vms.clone(), create(json!({"metadata": {five_k.clone(): "v"}})), 400)
+            .field("metadata")
+            .token(tenant),
+        case("long metadata value", "POST", vms.clone(), create(json!({"metadata": {"k": long(70_000)}})), 400)
+            .field("metadata.k")
+            .token(tenant),
+        case("NUL in a metadata key", "POST", vms.clone(), create(json!({"metadata": meta_nul})), 400)
+            .field("metadata")
+            .token(tenant),
+        case("NUL in a metadata value", "POST", vms.clone(), create(json!({"metadata": {"k": "a\u{0}b"}})), 400)
+            .field("metadata.k")
+            .token(tenant),
+        case("long hostname", "POST", vms.clone(), create(json!({"hostname": five_k})), 400)
+            .field("hostname")
+            .token(tenant),
+        case("long network", "POST", vms.clone(), create(json!({"networks": [{"network": five_k}]})), 400)
+            .field("networks[0].network")
+            .token(tenant),
+        case("1000 networks", "POST", vms.clone(), create(json!({"networks": networks})), 400)
+            .field("networks")
+            .token(tenant),
+        case("long zone", "POST", vms.clone(), create(json!({"zone": five_k})), 400).field("zone").token(tenant),
+        case("unknown long field", "POST", vms.clone(), create(json!({long(10_000): 1})), 400).token(tenant),
+        case("long snapshot name", "POST", format!("{vm}/snapshots"), Some(json!({"name": five_k})), 400)
+            .field("name")
+            .token(tenant),
+        case("long vm id", "GET", format!("{vms}/{}", long(1500)), None, 400).field("vm_id").token(tenant),
+        case("long catalog name", "GET", format!("/api/hcp/common/v1/flavors/{}", long(1500)), None, 400)
+            .field("name")
+            .token(tenant),
+        case("long ?tag=", "GET", format!("{vms}?tag={}", long(10_000)), None, 414).field("query").token(tenant),
+        case("long tag within the query limit", "GET", format!("{vms}?tag={}", long(3000)), None, 400)
+            .field("tag[0]")
+            .token(tenant),
+        case("long unknown query parameter", "GET", format!("{vms}?{}=1", long(3000)), None, 400).token(tenant),
+        case("long path", "GET", format!("{vms}/{}", long(20_000)), None, 414).field("path").token(tenant),
+        case("tampered page token", "GET", format!("{vms}?page_token={}", long(43)), None, 400)
+            .field("page_token")
+            .token(tenant),
+        case("body over 1 MiB", "POST", vms.clone(), Some(json!({"name": long(2 << 20)})), 413)
+            .field("body")
+            .token(tenant),
+        case("quota for tenant ..", "PUT", "/api/hcp/ops/v1/tenants/../projects/p1/quota".into(), Some(json!({})), 400)
+            .token(ops),
+        case("quota for tenant .x", "PUT", "/api/hcp/ops/v1/tenants/.x/projects/p1/quota".into(), Some(json!({})), 400)
+            .field("tenant_id")
+            .token(ops),
+        case(
+            "100 KB flavor description",
+            "POST",
+            "/api/hcp/ops/v1/flavors".into(),
+            Some(json!({"name": "f1", "vcpus": 1, "memory_mib": 512, "disk_gib": 1, "description": long(100_000)})),
+            400,
+        )
+        .field("flavor.description")
+        .token(ops),
+        Case {
+            headers: vec![("authorization", format!("Bearer {}", long(64 * 1024)))],
+            ..case("64 KB garbage authorization", "GET", "/api/hcp/common/v1/flavors".into(), None, 401)
+        },
+        Case {
+            headers: vec![("idempotency-key", long(5000))],
+            ..case("long idempotency key", "POST", vms.clone(), create(json!({})), 400)
+                .field("idempotency-key")
+                .token(tenant)
+        },
+    ]
+}
+
+/// Sends a raw HTTP/1.1 request line of `path` and returns the status and
+/// the body: for requests no HTTP client library will build.
+async fn raw_get(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: hcp\r\n\r\n");
+    // The server may answer and close before it has read everything.
+    let _ = tcp.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.as_bytes().to_vec()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn malformed_requests_get_bounded_errors_and_spare_other_tenants() {
+    let s = stack().await;
+    let tenant = s.tenant_token("acme", &["demo"]);
+    let ops = s.ops_token();
+    let victim = s.tenant_token("victim", &["v1"]);
+
+    // Another tenant reads a flavor every 20 ms while the flood runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (rest, stop) = (s.rest.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let r = rest.get("/api/hcp/common/v1/flavors/small", &victim).await;
+                statuses.push(r.map(|r| r.status).unwrap_or(0));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+
+    // Three rounds of every case, four at a time.
+    let cases = Arc::new(cases(&tenant, &ops));
+    for _round in 0..3 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for lane in 0..4 {
+            let (rest, cases) = (s.rest.clone(), cases.clone());
+            tasks.spawn(async move {
+                for c in cases.iter().skip(lane).step_by(4) {
+                    let headers: Vec<(&str, &str)> =
+                        c.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                    let r = rest
+                        .raw_with(c.method, &c.path, c.token.as_deref(), c.body.as_deref(), &headers)
+                        .await
+                        .unwrap_or_else(|e| panic!("{}: {e}", c.what));
+                    let raw_len = r.body.to_string().len();
+                    check_reply(c, &r, raw_len);
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("a case failed");
+        }
+        // A request line longer than the HTTP server reads (64 KiB): hyper
+        // refuses it itself, and the answer still carries the error body.
+        let (status, body) = raw_get(&s.gateway.to_string(), &format!("/{}", long(100_000))).await;
+        assert_eq!(status, 414);
+        let body: Value = serde_json::from_slice(&body).expect("a JSON error body");
+        assert_eq!(body["code"], "URI_TOO_LONG");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let statuses = reader.await.unwrap();
+    let failed: Vec<_> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(statuses.len() >= 5, "the reader ran {} times", statuses.len());
+    assert!(failed.is_empty(), "the other tenant saw {failed:?} of {} reads", statuses.len());
+}
+
+#[tokio::test]
+async fn page_tokens_are_bound_to_their_query_and_tenant() {
+    let s = stack().await;
+    let acme = s.tenant_token("acme", &["demo"]);
+    let other = s.tenant_token("other", &["demo"]);
+    let vms = "/api/hcp/tenant/v1/projects/demo/vms";
+    for i in 0..3 {
+        let body =
+            json!({"name": format!("web-{i}"), "flavor": "small", "image": "debian-12", "tags": ["t"]});
+        let r = s.rest.post(vms, &acme, &body).await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+    let first = s.rest.get(&format!("{vms}?page_size=2&tag=t"), &acme).await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.body);
+    let token = first.str("next_page_token");
+    assert!(!token.is_empty());
+    let next = s.rest.get(&format!("{vms}?page_size=2&tag=t&page_token={token}"), &acme).await.unwrap();
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert_eq!(next.body["vms"].as_array().unwrap().len(), 1);
+    // The same token with another filter, or for another tenant, is refused.
+    for (path, token_of) in [
+        (format!("{vms}?page_size=2&page_token={token}"), &acme),
+        (format!("{vms}?page_size=2&tag=t&page_token={token}"), &other),
+    ] {
+        let r = s.rest.get(&path, token_of).await.unwrap();
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.body["details"]["field"], "page_token");
+    }
+}
+
+#[tokio::test]
+async fn tokens_naming_no_usable_tenant_are_refused() {
+    let s = stack().await;
+    for tenant in ["", "..", "a/b"] {
+        let t = s.token(Some(tenant), &["demo"], &["tenant.member"], 300);
+        let r = s.rest.get("/api/hcp/tenant/v1/projects/demo/vms", &t).await.unwrap();
+        assert_eq!(r.status, 401, "tenant {tenant:?}: {}", r.body);
+    }
+}
