@@ -38,10 +38,26 @@ echo "hcp-provider-sdk depends on neither sqlx nor async-nats"
 echo "== doc tests"
 cargo test --workspace --locked --doc
 
+echo "== fuzzing"
+# Coverage-guided (cargo fuzz, libFuzzer), bounded in time; before the
+# tests so that nextest's summary line closes the run.
+bash scripts/fuzz.sh "${HCP_FUZZ_SECONDS:-30}"
+
 echo "== tests"
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
   # One process per test; the summary line closes the run.
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --locked --no-fail-fast || status=$?
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast || status=$?
 fi
+
+# Every test deletes what it made, also when it fails: nothing of HCP's may
+# be left on the hypervisor or in the test bed.
+left="$(virsh -c qemu:///system list --all --name 2>/dev/null | grep '^hcp-' || true)"
+files="$(find "${HCP_TESTBED_DIR:-/var/tmp/hcp-testbed}/state" -mindepth 1 -maxdepth 1 2>/dev/null || true)"
+if [ -n "$left" ] || [ -n "$files" ]; then
+  echo "tests left behind: ${left:+domains: $left }${files:+state: $files}" >&2
+  status=1
+fi
+exit "$status"

@@ -224,28 +224,7 @@ fn check_limits(parts: &http::request::Parts) -> Result<(), ApiError> {
 async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     check_limits(&parts)?;
-    let path = parts.uri.path();
-    let mut matched = None;
-    let mut other_method = false;
-    for route in &gw.routes {
-        if let Some(vars) = route.template.matches(path) {
-            if route.method == parts.method {
-                matched = Some((route, vars));
-                break;
-            }
-            other_method = true;
-        }
-    }
-    let Some((route, vars)) = matched else {
-        if other_method {
-            return Err(ApiError::new(
-                hcp_proto::error::ErrorCode::InvalidArgument,
-                format!("method {} is not allowed on {path}", parts.method),
-            )
-            .with_detail("field", "method"));
-        }
-        return Err(transcode::no_route(&parts.method, path));
-    };
+    let (route, vars) = routes::find(&gw.routes, &parts.method, parts.uri.path())?;
     let body = http_body_util::Limited::new(body, MAX_BODY)
         .collect()
         .await

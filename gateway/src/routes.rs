@@ -155,6 +155,37 @@ pub fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// The `{field}` variables of a matched path, in template order.
+pub type PathVars = Vec<(String, String)>;
+
+/// Finds the route serving `method` on `path` and reads its path variables;
+/// NOT_FOUND when no route has the path, INVALID_ARGUMENT naming `method`
+/// when routes have it for other methods.
+pub fn find<'r>(
+    routes: &'r [Route],
+    method: &http::Method,
+    path: &str,
+) -> Result<(&'r Route, PathVars), hcp_proto::error::ApiError> {
+    use hcp_proto::error::{ApiError, ErrorCode, excerpt};
+    let mut other_method = false;
+    for route in routes {
+        if let Some(vars) = route.template.matches(path) {
+            if route.method == method {
+                return Ok((route, vars));
+            }
+            other_method = true;
+        }
+    }
+    if other_method {
+        return Err(ApiError::new(
+            ErrorCode::InvalidArgument,
+            format!("method {method} is not allowed on {}", excerpt(path)),
+        )
+        .with_detail("field", "method"));
+    }
+    Err(crate::transcode::no_route(method, path))
+}
+
 /// Builds the routing table for `services` from the encoded descriptor set.
 pub fn build(descriptor_set: &[u8], services: &[&str]) -> Result<(DescriptorPool, Vec<Route>), RouteError> {
     let pool = DescriptorPool::decode(descriptor_set).map_err(RouteError::Descriptors)?;

@@ -76,9 +76,20 @@ impl Testbed {
 }
 
 impl Drop for Testbed {
+    /// Every test cleans up what it made, also when it fails: each domain
+    /// whose files live in this test's state directory is destroyed and
+    /// undefined (a guest left running holds a core under TCG), then the
+    /// directory goes with its overlays, seeds and logs. A failed test's
+    /// assertions print the serial log they needed.
     fn drop(&mut self) {
-        // Only an empty directory goes: what a failed test left is evidence.
-        let _ = std::fs::remove_dir(&self.state_dir);
+        for domain in hcp_domains("qemu:///system", self) {
+            virsh(&["destroy", &domain]);
+            virsh(&["undefine", &domain, "--snapshots-metadata"]);
+            if std::thread::panicking() {
+                eprintln!("cleanup: removed domain {domain}, left by a failed test");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
