@@ -99,7 +99,7 @@ pub fn mint(
     let claims = Claims {
         sub: subject.to_owned(),
         iss: DEV_ISSUER.to_owned(),
-        aud: DEV_AUDIENCE.to_owned(),
+        aud: DEV_AUDIENCE.into(),
         exp: now + ttl,
         iat: now,
         tenant: tenant.map(str::to_owned),

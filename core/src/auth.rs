@@ -37,8 +37,9 @@ pub struct Claims {
     pub sub: String,
     /// Issuer; must equal the configured issuer.
     pub iss: String,
-    /// Audience; must contain the configured audience.
-    pub aud: String,
+    /// Audience: one string or an array (RFC 7519 4.1.3); must contain
+    /// the configured audience.
+    pub aud: Audience,
     /// Expiry, seconds since the epoch.
     pub exp: u64,
     /// Issued at.
@@ -53,6 +54,28 @@ pub struct Claims {
     /// Roles.
     #[serde(default)]
     pub roles: Vec<String>,
+}
+
+/// A token's `aud`: identity providers issue both forms.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Audience {
+    /// `"aud": "hcp"`.
+    One(String),
+    /// `"aud": ["hcp", "other"]`.
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(a: &str) -> Self {
+        Audience::One(a.to_owned())
+    }
+}
+
+impl From<String> for Audience {
+    fn from(a: String) -> Self {
+        Audience::One(a)
+    }
 }
 
 /// An authenticated caller.
@@ -154,9 +177,15 @@ impl Principal {
 /// Key material could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    /// Neither a secret nor a public key is configured.
-    #[error("auth needs hs256_secret_file or public_key_pem_file")]
+    /// No key source is configured.
+    #[error("auth needs one of hs256_secret_file, public_key_pem_file and jwks_url")]
     Missing,
+    /// More than one key source is configured; HCP would have to pick one
+    /// silently.
+    #[error(
+        "auth names more than one of hs256_secret_file, public_key_pem_file and jwks_url: set exactly one"
+    )]
+    Conflicting,
     /// A key file could not be read.
     #[error("cannot read key file {path}")]
     Read {
@@ -182,20 +211,40 @@ pub enum KeyError {
         path: String,
     },
     /// An unsupported algorithm name.
-    #[error("unsupported public key algorithm {0:?} (use RS256 or ES256)")]
+    #[error(
+        "unsupported algorithm {0:?} (use HS256 with a secret; RS256, RS384, RS512, PS256, ES256, ES384 or EdDSA with a public key)"
+    )]
     Algorithm(String),
+    /// An algorithm that does not fit the key source (HMAC with a public
+    /// key or JWKS, or a public-key algorithm with a shared secret).
+    #[error("algorithm {0} cannot be used with this key source")]
+    Mismatch(String),
+    /// The JWKS endpoint is unusable.
+    #[error("cannot use the JWKS endpoint")]
+    Jwks(#[source] crate::jwks::JwksError),
+}
+
+/// Where verification keys come from.
+#[derive(Clone)]
+enum KeySource {
+    /// One key: a shared secret or a public key from a PEM file.
+    Static(Arc<DecodingKey>),
+    /// An identity provider's key set, by `kid`.
+    Jwks(Arc<crate::jwks::JwksCache>),
 }
 
 /// Verifies bearer tokens.
 #[derive(Clone)]
 pub struct Verifier {
-    key: Arc<DecodingKey>,
+    source: KeySource,
+    /// The `alg` values accepted.
+    algorithms: Arc<Vec<Algorithm>>,
     validation: Arc<Validation>,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").finish_non_exhaustive()
+        f.debug_struct("Verifier").field("algorithms", &self.algorithms).finish_non_exhaustive()
     }
 }
 
@@ -215,44 +264,148 @@ pub fn read_hs256_secret(path: &Path) -> Result<Vec<u8>, KeyError> {
     Ok(secret)
 }
 
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// The configured allow-list, or `default` when none is configured;
+/// refuses algorithms that do not fit the key source.
+fn allowed(
+    config: &AuthConfig,
+    default: &[Algorithm],
+    hmac_source: bool,
+) -> Result<Vec<Algorithm>, KeyError> {
+    let algorithms = if config.algorithms.is_empty() {
+        default.to_vec()
+    } else {
+        config
+            .algorithms
+            .iter()
+            .map(|a| a.parse::<Algorithm>().map_err(|_| KeyError::Algorithm(a.clone())))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    if let Some(bad) = algorithms.iter().find(|a| is_hmac(**a) != hmac_source) {
+        return Err(KeyError::Mismatch(format!("{bad:?}")));
+    }
+    Ok(algorithms)
+}
+
 impl Verifier {
-    /// Builds a verifier from configuration.
+    /// Builds a verifier from configuration: exactly one key source, and
+    /// an algorithm allow-list that fits it.
     pub fn from_config(config: &AuthConfig) -> Result<Self, KeyError> {
-        let (key, alg) = if let Some(path) = &config.hs256_secret_file {
-            (DecodingKey::from_secret(&read_hs256_secret(path)?), Algorithm::HS256)
-        } else if let Some(path) = &config.public_key_pem_file {
+        let sources = [
+            config.hs256_secret_file.is_some(),
+            config.public_key_pem_file.is_some(),
+            config.jwks_url.is_some(),
+        ];
+        match sources.iter().filter(|s| **s).count() {
+            0 => return Err(KeyError::Missing),
+            1 => {}
+            _ => return Err(KeyError::Conflicting),
+        }
+        if let Some(path) = &config.hs256_secret_file {
+            let algorithms = allowed(config, &[Algorithm::HS256], true)?;
+            let key = DecodingKey::from_secret(&read_hs256_secret(path)?);
+            return Ok(Self::new(KeySource::Static(Arc::new(key)), algorithms, config));
+        }
+        if let Some(path) = &config.public_key_pem_file {
             let pem = read_key(path)?;
             let parse_err = |source| KeyError::Parse { path: path.display().to_string(), source };
-            match config.public_key_algorithm.as_deref().unwrap_or("RS256") {
-                "RS256" => (DecodingKey::from_rsa_pem(&pem).map_err(parse_err)?, Algorithm::RS256),
-                "ES256" => (DecodingKey::from_ec_pem(&pem).map_err(parse_err)?, Algorithm::ES256),
-                other => return Err(KeyError::Algorithm(other.to_owned())),
-            }
-        } else {
-            return Err(KeyError::Missing);
-        };
-        Ok(Self::new(key, alg, config))
+            let named = config.public_key_algorithm.as_deref().unwrap_or("RS256");
+            let alg: Algorithm = named.parse().map_err(|_| KeyError::Algorithm(named.to_owned()))?;
+            let key = match alg {
+                Algorithm::RS256
+                | Algorithm::RS384
+                | Algorithm::RS512
+                | Algorithm::PS256
+                | Algorithm::PS384
+                | Algorithm::PS512 => DecodingKey::from_rsa_pem(&pem).map_err(parse_err)?,
+                Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem).map_err(parse_err)?,
+                Algorithm::EdDSA => DecodingKey::from_ed_pem(&pem).map_err(parse_err)?,
+                other => return Err(KeyError::Mismatch(format!("{other:?}"))),
+            };
+            let algorithms = allowed(config, &[alg], false)?;
+            return Ok(Self::new(KeySource::Static(Arc::new(key)), algorithms, config));
+        }
+        let url = config.jwks_url.as_deref().unwrap_or_default();
+        let algorithms = allowed(config, &[Algorithm::RS256, Algorithm::ES256], false)?;
+        let cache = crate::jwks::JwksCache::new(
+            url,
+            std::time::Duration::from_secs(config.jwks_min_refresh_seconds.max(1)),
+        )
+        .map_err(KeyError::Jwks)?;
+        Ok(Self::new(KeySource::Jwks(Arc::new(cache)), algorithms, config))
     }
 
     /// Builds a verifier for an HS256 secret held in memory.
     pub fn hs256(secret: &[u8], config: &AuthConfig) -> Self {
-        Self::new(DecodingKey::from_secret(secret), Algorithm::HS256, config)
+        Self::new(
+            KeySource::Static(Arc::new(DecodingKey::from_secret(secret))),
+            vec![Algorithm::HS256],
+            config,
+        )
     }
 
-    fn new(key: DecodingKey, alg: Algorithm, config: &AuthConfig) -> Self {
-        let mut validation = Validation::new(alg);
+    fn new(source: KeySource, algorithms: Vec<Algorithm>, config: &AuthConfig) -> Self {
+        let mut validation = Validation::new(algorithms[0]);
         validation.set_issuer(&[&config.issuer]);
         validation.set_audience(&[&config.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = config.leeway_seconds;
-        Self { key: Arc::new(key), validation: Arc::new(validation) }
+        Self { source, algorithms: Arc::new(algorithms), validation: Arc::new(validation) }
+    }
+
+    /// How many times the JWKS endpoint was fetched (0 without one).
+    pub fn jwks_fetches(&self) -> u64 {
+        match &self.source {
+            KeySource::Jwks(c) => c.fetches(),
+            KeySource::Static(_) => 0,
+        }
     }
 
     /// Verifies a token and returns its principal. Every failure is
-    /// UNAUTHENTICATED with a message saying which check failed.
-    pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+    /// UNAUTHENTICATED with a message saying which check failed, except
+    /// that an identity provider whose keys cannot be fetched is
+    /// UNAVAILABLE.
+    pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+        let refuse = |why: &str| ApiError::new(ErrorCode::Unauthenticated, why);
+        // The header first: which algorithm and key the token claims, and
+        // whether it asks for extensions HCP does not understand (RFC 7515
+        // 4.1.11: a recipient must refuse unknown `crit` names; HCP knows
+        // none).
+        let header = jsonwebtoken::decode_header(token).map_err(|_| refuse("the token is malformed"))?;
+        if header.crit.is_some() {
+            return Err(refuse("the token has critical header parameters HCP does not understand"));
+        }
+        if !self.algorithms.contains(&header.alg) {
+            return Err(refuse("the token algorithm is not accepted"));
+        }
+        let key = match &self.source {
+            KeySource::Static(key) => key.clone(),
+            KeySource::Jwks(cache) => {
+                let kid = header.kid.as_deref().ok_or_else(|| refuse("the token has no key id (kid)"))?;
+                if kid.is_empty() || kid.len() > 256 {
+                    return Err(refuse("the token's key id is malformed"));
+                }
+                let found = cache.key(kid).await.map_err(|e| match e {
+                    crate::jwks::LookupError::UnknownKid => refuse("the token's key id is unknown"),
+                    crate::jwks::LookupError::Unavailable => ApiError::new(
+                        ErrorCode::Unavailable,
+                        "the identity provider's signing keys cannot be fetched; retry later",
+                    ),
+                })?;
+                if found.algorithm.is_some_and(|a| a != header.alg) {
+                    return Err(refuse("the token algorithm does not match its key"));
+                }
+                found.key
+            }
+        };
+        let mut validation = (*self.validation).clone();
+        validation.algorithms = vec![header.alg];
+        let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
             let why = match e.kind() {
                 ErrorKind::ExpiredSignature => "the token has expired",
                 ErrorKind::InvalidSignature => "the token signature is invalid",
@@ -263,17 +416,13 @@ impl Verifier {
                 ErrorKind::MissingRequiredClaim(_) => "the token lacks a required claim",
                 _ => "the token is malformed",
             };
-            ApiError::new(ErrorCode::Unauthenticated, why)
+            refuse(why)
         })?;
         let c = data.claims;
         // The claims name a scope; one HCP could not store or compare as an
         // id (an empty or `..` tenant, a subject of control characters)
         // makes the token unusable, not a scope of its own.
-        let refuse = |why: &str| ApiError::new(ErrorCode::Unauthenticated, why);
-        if c.sub.trim().is_empty()
-            || c.sub.len() > 256
-            || crate::api::validate::text("sub", &c.sub, 256).is_err()
-        {
+        if c.sub.trim().is_empty() || crate::api::validate::text("sub", &c.sub, 256).is_err() {
             return Err(refuse("the token's subject must be 1 to 256 characters of text"));
         }
         if let Some(t) = &c.tenant
@@ -291,14 +440,14 @@ impl Verifier {
     }
 
     /// Verifies the `authorization` header value (`Bearer <token>`).
-    pub fn verify_header(&self, value: Option<&str>) -> Result<Principal, ApiError> {
+    pub async fn verify_header(&self, value: Option<&str>) -> Result<Principal, ApiError> {
         let value = value
             .ok_or_else(|| ApiError::new(ErrorCode::Unauthenticated, "missing authorization bearer token"))?;
         let token =
             value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or_else(|| {
                 ApiError::new(ErrorCode::Unauthenticated, "authorization must be a bearer token")
             })?;
-        self.verify(token.trim())
+        self.verify(token.trim()).await
     }
 }
 
@@ -307,34 +456,81 @@ pub fn sign_hs256(secret: &[u8], claims: &Claims) -> Result<String, jsonwebtoken
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret))
 }
 
-/// A tonic interceptor that verifies the bearer token and stores the
-/// [`Principal`] in the request extensions.
+/// Paths served without a token: health checks for load balancers and
+/// server reflection for tooling.
+const OPEN_PATHS: &[&str] = &["/grpc.health.v1.Health/", "/grpc.reflection."];
+
+/// The tower layer that verifies the bearer token of every call but the
+/// open ones and stores the [`Principal`] in the request's extensions,
+/// where handlers find it ([`principal`]). Verification may fetch an
+/// identity provider's keys, so it is asynchronous, unlike tonic's
+/// interceptors.
 #[derive(Clone, Debug)]
-pub struct AuthInterceptor {
-    verifier: Verifier,
+pub struct AuthLayer {
+    verifier: Arc<Verifier>,
 }
 
-impl AuthInterceptor {
+impl AuthLayer {
     /// Wraps a verifier.
     pub fn new(verifier: Verifier) -> Self {
-        Self { verifier }
+        Self { verifier: Arc::new(verifier) }
     }
 }
 
-impl tonic::service::Interceptor for AuthInterceptor {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let header = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        match self.verifier.verify_header(header) {
-            Ok(principal) => {
-                req.extensions_mut().insert(principal);
-                Ok(req)
-            }
-            Err(e) => Err(crate::error::status(e)),
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService { inner, verifier: self.verifier.clone() }
+    }
+}
+
+/// The service [`AuthLayer`] makes.
+#[derive(Clone, Debug)]
+pub struct AuthService<S> {
+    inner: S,
+    verifier: Arc<Verifier>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The clone is not ready; the one that was polled ready serves.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if OPEN_PATHS.iter().any(|p| req.uri().path().starts_with(p)) {
+            return Box::pin(inner.call(req));
         }
+        let verifier = self.verifier.clone();
+        Box::pin(async move {
+            let header = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            match verifier.verify_header(header).await {
+                Ok(principal) => {
+                    req.extensions_mut().insert(principal);
+                    inner.call(req).await
+                }
+                Err(e) => Ok(crate::error::status(e).into_http()),
+            }
+        })
     }
 }
 
-/// Returns the principal the interceptor stored.
+/// Returns the principal [`AuthLayer`] stored.
 pub fn principal<T>(req: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
     req.extensions()
         .get::<Principal>()
@@ -364,7 +560,7 @@ mod tests {
 
     fn check(token: &str) -> Result<Principal, String> {
         let v = Verifier::hs256(SECRET, &AuthConfig::default());
-        v.verify(token).map_err(|e| e.message)
+        futures::executor::block_on(v.verify(token)).map_err(|e| e.message)
     }
 
     #[test]
@@ -384,6 +580,13 @@ mod tests {
         assert_eq!(check(&forged).unwrap_err(), "the token signature is invalid");
         let mut c = claims(60);
         c.aud = "other".into();
+        assert_eq!(
+            check(&sign_hs256(SECRET, &c).unwrap()).unwrap_err(),
+            "the token audience is not accepted"
+        );
+        c.aud = Audience::Many(vec!["other".into(), "hcp".into()]);
+        assert!(check(&sign_hs256(SECRET, &c).unwrap()).is_ok(), "an array holding hcp is accepted");
+        c.aud = Audience::Many(vec!["other".into()]);
         assert_eq!(
             check(&sign_hs256(SECRET, &c).unwrap()).unwrap_err(),
             "the token audience is not accepted"

@@ -108,6 +108,19 @@ pub struct AuthConfig {
     pub public_key_pem_file: Option<PathBuf>,
     /// Algorithm for `public_key_pem_file`: `RS256` or `ES256`.
     pub public_key_algorithm: Option<String>,
+    /// An identity provider's JWKS endpoint (`https://…/jwks.json`): keys
+    /// are chosen by the token's `kid`, cached per the endpoint's
+    /// `Cache-Control`, and fetched again for an unknown `kid`. Exactly one
+    /// of `hs256_secret_file`, `public_key_pem_file` and `jwks_url` is set.
+    pub jwks_url: Option<String>,
+    /// A token's `kid` unknown to the cache fetches the key set again at
+    /// most this often, seconds. Default 10.
+    pub jwks_min_refresh_seconds: u64,
+    /// The `alg` values accepted. Default: the key's own (`HS256` for a
+    /// secret, `public_key_algorithm` for a PEM key, `RS256` and `ES256`
+    /// for a JWKS). `none` is never accepted, nor an HMAC algorithm with a
+    /// public key or a JWKS (the key confusion attack).
+    pub algorithms: Vec<String>,
     /// Clock skew tolerated on `exp`/`nbf`, seconds. Default 30.
     pub leeway_seconds: u64,
 }
@@ -120,6 +133,9 @@ impl Default for AuthConfig {
             hs256_secret_file: None,
             public_key_pem_file: None,
             public_key_algorithm: None,
+            jwks_url: None,
+            jwks_min_refresh_seconds: 10,
+            algorithms: Vec::new(),
             leeway_seconds: 30,
         }
     }

@@ -13,6 +13,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod jobs;
+pub mod jwks;
 pub mod model;
 pub mod placement;
 pub mod providers;

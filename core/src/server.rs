@@ -3,7 +3,8 @@
 //! The gRPC stack, outermost first:
 //! 1. [`hcp_telemetry::GrpcTraceLayer`]: one span per call, parented on the caller's W3C
 //!    `traceparent`, carrying `trace_id` for every log line beneath it.
-//! 2. Per service, [`AuthInterceptor`]: verifies the bearer token; health and
+//! 2. [`AuthLayer`]: verifies the bearer token (fetching an identity
+//!    provider's keys when configured) and stores the principal; health and
 //!    reflection are left open for load balancers and tooling.
 //! 3. The service handlers.
 //!
@@ -29,7 +30,7 @@ use crate::api::ApiContext;
 use crate::api::catalog::CatalogApi;
 use crate::api::ops::OpsApi;
 use crate::api::tenant::TenantApi;
-use crate::auth::{AuthInterceptor, Verifier};
+use crate::auth::{AuthLayer, Verifier};
 use crate::config::Config;
 use crate::jobs::{Engine, LocalQueue};
 use crate::providers::{ProviderClients, probe_all};
@@ -226,7 +227,6 @@ pub async fn run(
             secrets: secrets.clone(),
             pages: crate::api::page::PageTokens::new(page_key),
         };
-        let auth = AuthInterceptor::new(verifier);
         let tenant = TenantApi::new(ctx.clone());
         let ops = OpsApi::new(ctx.clone());
         let catalog = CatalogApi::new(ctx.clone());
@@ -255,21 +255,20 @@ pub async fn run(
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
             .layer(hcp_telemetry::GrpcTraceLayer::new("grpc"))
+            .layer(AuthLayer::new(verifier))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(VmServiceServer::with_interceptor(tenant.clone(), auth.clone()))
-            .add_service(JobServiceServer::with_interceptor(tenant, auth.clone()))
-            .add_service(CatalogServiceServer::with_interceptor(catalog, auth.clone()))
-            .add_service(ProviderAdminServiceServer::with_interceptor(ops.clone(), auth.clone()))
-            .add_service(CatalogAdminServiceServer::with_interceptor(ops.clone(), auth.clone()))
-            .add_service(AuditServiceServer::with_interceptor(ops.clone(), auth.clone()))
-            .add_service(QuotaAdminServiceServer::with_interceptor(ops, auth.clone()))
+            .add_service(VmServiceServer::new(tenant.clone()))
+            .add_service(JobServiceServer::new(tenant))
+            .add_service(CatalogServiceServer::new(catalog))
+            .add_service(ProviderAdminServiceServer::new(ops.clone()))
+            .add_service(CatalogAdminServiceServer::new(ops.clone()))
+            .add_service(AuditServiceServer::new(ops.clone()))
+            .add_service(QuotaAdminServiceServer::new(ops))
             // Not northbound: only HCP's console proxy (role console.proxy).
-            .add_service(
-                hcp_proto::console::console_broker_service_server::ConsoleBrokerServiceServer::with_interceptor(
-                    console, auth,
-                ),
-            )
+            .add_service(hcp_proto::console::console_broker_service_server::ConsoleBrokerServiceServer::new(
+                console,
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(StartError::Serve)

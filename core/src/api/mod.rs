@@ -1,5 +1,5 @@
 //! The northbound gRPC services. Each handler authenticates (the principal
-//! comes from [`crate::auth::AuthInterceptor`]), checks its scope, validates
+//! comes from [`crate::auth::AuthLayer`]), checks its scope, validates
 //! input naming the offending field, and calls the store. Handlers build
 //! [`ApiError`]s; [`crate::error::status`] turns them into gRPC statuses.
 
