@@ -59,7 +59,10 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
         let opts = StackOptions {
             backend: Backend::Postgres,
             nats: true,
-            core_toml: "database_max_connections = 32\n[telemetry]\nlog_filter = \"warn\"\n".into(),
+            // The benchmark is one tenant at full speed: no rate limit.
+            core_toml: "database_max_connections = 32\n[telemetry]\nlog_filter = \"warn\"\n\
+                        [limits]\nrate_per_second = 1e9\nburst = 1e9\n"
+                .into(),
             jobs_toml: "concurrency = 32\n".into(),
             ..Default::default()
         };

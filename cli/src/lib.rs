@@ -1,12 +1,14 @@
 //! The `hcp` command: the one-command development stack (`hcp up`), dev
 //! tokens (`hcp token`), and every HCP process by name (`hcp core`,
-//! `hcp gateway`, `hcp provider-sim`), so a single build gives all of them.
+//! `hcp gateway`, `hcp provider-sim`), so a single build gives all of them,
+//! and `hcp audit verify`, which checks the audit trail's hash chain.
 //!
 //! `hcp up` starts core, the gateway and a simulated provider as separate
 //! OS processes (this same binary, re-executed), waits for each to announce
 //! its address, seeds a zone, flavors and an image, registers the provider
 //! through the ops API, and prints tokens and a curl walkthrough.
 
+pub mod audit;
 pub mod dev;
 
 use std::ffi::OsString;
@@ -27,6 +29,8 @@ enum Command {
     Up(dev::UpArgs),
     /// Mint a development token signed with the dev key.
     Token(dev::TokenArgs),
+    /// The audit trail: `hcp audit verify` checks its hash chain.
+    Audit(audit::AuditArgs),
     /// Run core (same flags as hcp-core).
     #[command(disable_help_flag = true)]
     Core {
@@ -60,6 +64,12 @@ where
     match cli.command {
         Command::Up(args) => dev::up(args),
         Command::Token(args) => dev::token(args),
+        Command::Audit(args) => {
+            if !audit::run(args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Core { args } => hcp_core::cli::main(with_name("hcp-core", args)),
         Command::Gateway { args } => hcp_gateway::cli::main(with_name("hcp-gateway", args)),
         Command::ProviderSim { args } => hcp_provider_sim::cli::main(with_name("hcp-provider-sim", args)),

@@ -275,3 +275,202 @@ async fn tokens_naming_no_usable_tenant_are_refused() {
         assert_eq!(r.status, 401, "tenant {tenant:?}: {}", r.body);
     }
 }
+
+#[tokio::test]
+async fn the_audit_trail_is_chained_and_a_tampered_event_is_named() {
+    let s = stack().await;
+    let tenant = s.tenant_token("acme", &["demo"]);
+    let ops = s.ops_token();
+    let body = json!({"name": "web-1", "flavor": "small", "image": "debian-12"});
+    let r = s.rest.post("/api/hcp/tenant/v1/projects/demo/vms", &tenant, &body).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+
+    // The sealer runs every second; wait until everything is sealed.
+    let verify = "/api/hcp/ops/v1/audit-events:verify";
+    let sealed = hcp_testkit::wait_until(Duration::from_secs(30), "the audit trail to be sealed", || async {
+        let r = s.rest.get(verify, &ops).await?;
+        anyhow::ensure!(r.status == 200, "{}", r.body);
+        let done = r.body["unsealed"] == "0" || r.body["unsealed"] == 0;
+        Ok((done && r.body["intact"] == true).then_some(r.body))
+    })
+    .await
+    .unwrap();
+    assert!(sealed["head_hash"].as_str().unwrap().len() == 64, "{sealed}");
+
+    // A tenant may not ask.
+    assert_eq!(s.rest.get(verify, &tenant).await.unwrap().status, 403);
+
+    // `hcp audit verify` agrees, and exits 0.
+    let cli = |token: &str| {
+        std::process::Command::new(HCP)
+            .args(["audit", "verify", "--core", &format!("http://{}", s.core), "--token", token])
+            .output()
+            .unwrap()
+    };
+    let out = cli(&ops);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success() && text.contains("intact"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Someone with access to the database edits an event.
+    let pool = sqlx::SqlitePool::connect(&s.db.url).await.unwrap();
+    let id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM audit_events WHERE seq = 1").fetch_one(&pool).await.unwrap();
+    sqlx::query("UPDATE audit_events SET actor = 'nobody' WHERE seq = 1").execute(&pool).await.unwrap();
+    pool.close().await;
+
+    let r = s.rest.get(verify, &ops).await.unwrap();
+    assert_eq!(r.body["intact"], false, "{}", r.body);
+    assert_eq!(r.body["problems"][0]["seq"], "1", "{}", r.body);
+    let out = cli(&ops);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("BROKEN at 1") && text.contains("changed"), "{text}");
+    assert!(text.contains(&id.to_string()), "the event is named: {text}");
+}
+
+#[tokio::test]
+async fn a_flooding_tenant_is_rate_limited_alone() {
+    let s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            core_toml: "[limits]\nrate_per_second = 2.0\nburst = 5.0\n".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("stack starts");
+    let flooder = s.tenant_token("flooder", &["demo"]);
+    let other = s.tenant_token("other", &["demo"]);
+    let vms = "/api/hcp/tenant/v1/projects/demo/vms";
+    let mut limited = 0;
+    for _ in 0..20 {
+        let r = s.rest.get(vms, &flooder).await.unwrap();
+        match r.status {
+            200 => {}
+            429 => {
+                limited += 1;
+                assert_eq!(r.body["code"], "RATE_LIMITED", "{}", r.body);
+                let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!((1..=5).contains(&after), "Retry-After: {after}");
+            }
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    assert!(limited >= 10, "only {limited} of 20 were limited");
+    // Another tenant's bucket is its own.
+    for _ in 0..5 {
+        assert_eq!(s.rest.get(vms, &other).await.unwrap().status, 200);
+    }
+}
+
+#[tokio::test]
+async fn core_sheds_load_past_its_concurrency_limit() {
+    let s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            core_toml: "[limits]\nmax_concurrent_requests = 1\n".into(),
+            sim_args: vec!["--latency-ms".into(), "400".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("stack starts");
+    let t = s.tenant_token("acme", &["demo"]);
+    let vms = "/api/hcp/tenant/v1/projects/demo/vms";
+    let r = s
+        .rest
+        .post(vms, &t, &json!({"name": "web-1", "flavor": "small", "image": "debian-12"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let vm = r.str("vm_id");
+    hcp_testkit::wait_until(Duration::from_secs(30), "the vm to be active", || async {
+        let r = s.rest.get(&format!("{vms}/{vm}"), &t).await?;
+        Ok((r.str("status") == "ACTIVE").then_some(()))
+    })
+    .await
+    .unwrap();
+    // A console asks the provider (400 ms here) while holding core's only
+    // slot; requests meanwhile are refused at once, not queued.
+    let console = format!("{vms}/{vm}:console");
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (rest, t, console) = (s.rest.clone(), t.clone(), console.clone());
+        tasks.spawn(async move { rest.post(&console, &t, &json!({"type": "vnc"})).await.unwrap() });
+    }
+    let mut shed = 0;
+    let mut served = 0;
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap();
+        match r.status {
+            200 => served += 1,
+            503 => {
+                shed += 1;
+                assert_eq!(r.body["code"], "UNAVAILABLE", "{}", r.body);
+                assert_eq!(r.headers["retry-after"], "1");
+            }
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    assert!(served >= 1 && shed >= 1, "served {served}, shed {shed}");
+}
+
+#[tokio::test]
+async fn job_watchers_are_bounded_and_end_at_shutdown() {
+    let mut s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            core_toml: "[limits]\nmax_job_watchers = 2\n".into(),
+            // Jobs that stay RUNNING for the whole test.
+            sim_args: vec!["--latency-ms".into(), "120000".into()],
+            jobs_toml: "shutdown_grace_seconds = 1\n".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("stack starts");
+    let t = s.tenant_token("acme", &["demo"]);
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/tenant/v1/projects/demo/vms",
+            &t,
+            &json!({"name": "w", "flavor": "small", "image": "debian-12"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let watch = format!("/api/hcp/tenant/v1/jobs/{}:watch", r.str("job_id"));
+
+    // Watchers are opened one at a time: an admitted one stays open (its
+    // stream has no end while the job runs); the first refusal comes back
+    // at once. Exactly two are admitted.
+    let mut open = Vec::new();
+    let third = loop {
+        assert!(open.len() <= 2, "more than two watchers were admitted");
+        let (rest, t, watch) = (s.rest.clone(), t.clone(), watch.clone());
+        let mut w = tokio::spawn(async move { rest.get(&watch, &t).await });
+        match tokio::time::timeout(Duration::from_secs(3), &mut w).await {
+            Ok(done) => break done.unwrap().unwrap(),
+            Err(_) => open.push(w),
+        }
+    };
+    assert_eq!(open.len(), 2);
+    assert_eq!(third.status, 503, "{}", third.body);
+    assert_eq!(third.body["code"], "UNAVAILABLE", "{}", third.body);
+    assert_eq!(third.headers["retry-after"], "1");
+
+    // SIGTERM: the watchers' streams end, and core exits within its grace
+    // period instead of waiting an hour for them.
+    s.signal("core-api-0", "TERM").unwrap();
+    let status = s.wait_exit("core-api-0", Duration::from_secs(30)).await.expect("core exits");
+    assert!(status.success(), "core exited with {status}");
+    for w in open {
+        let r = tokio::time::timeout(Duration::from_secs(10), w).await.expect("the stream ended").unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+}

@@ -148,8 +148,9 @@ async fn a_vm_lives_and_dies_on_proxmox() {
     let vms = sim.get("/_sim/vms", "").await.unwrap().body;
     assert_eq!(vms.as_array().unwrap().len(), 1, "only the template is left: {vms}");
 
-    // A clone task that ends in error fails the tenant's job with
-    // Proxmox's own text, and leaves no VM behind.
+    // A clone task that ends in error fails the tenant's job, and leaves no
+    // VM behind. The tenant is told the code, never Proxmox's own text
+    // (storage and node names); the operator's job view has it.
     let msg = "storage 'local-lvm' does not have enough free space";
     let f = sim.post("/_sim/faults", "", &json!({"task_exits": {"qmclone": msg}})).await.unwrap();
     assert_eq!(f.status, 204, "{}", f.body);
@@ -161,7 +162,16 @@ async fn a_vm_lives_and_dies_on_proxmox() {
     assert_eq!(r.status, 202, "{}", r.body);
     let job = finished(&s.rest, &t, &r.str("job_id")).await;
     assert_eq!(job["status"], "FAILED", "{job}");
-    assert!(job["error"]["message"].as_str().unwrap_or_default().contains(msg), "{job}");
+    assert_eq!(job["error"]["code"], "PROVIDER_ERROR", "{job}");
+    let told = job["error"]["message"].as_str().unwrap_or_default();
+    assert!(!told.contains("local-lvm") && !told.contains("pve"), "internals leaked to the tenant: {job}");
+    let ops_job =
+        s.rest.get(&format!("/api/hcp/ops/v1/jobs/{}", r.str("job_id")), &s.ops_token()).await.unwrap();
+    assert_eq!(ops_job.status, 200, "{}", ops_job.body);
+    assert!(ops_job.str("error_message").contains(msg), "{}", ops_job.body);
+    assert_eq!(ops_job.str("tenant_id"), "acme");
+    let denied = s.rest.get(&format!("/api/hcp/ops/v1/jobs/{}", r.str("job_id")), &t).await.unwrap();
+    assert_eq!(denied.status, 403, "{}", denied.body);
     assert_eq!(job["attempts"], 1, "a task error is not retried: {job}");
     let vms = sim.get("/_sim/vms", "").await.unwrap().body;
     assert_eq!(vms.as_array().unwrap().len(), 1, "only the template is left: {vms}");

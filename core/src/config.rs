@@ -54,6 +54,38 @@ pub struct Config {
     pub idempotency_key_ttl_seconds: u64,
     /// Logs and traces.
     pub telemetry: hcp_telemetry::TelemetryConfig,
+    /// Admission control: load shedding, rate limits, timeouts.
+    pub limits: LimitsConfig,
+}
+
+/// Admission control for the gRPC API ([`crate::admission`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Calls run at once by this process; more are refused with 503 at
+    /// once. Default 512.
+    pub max_concurrent_requests: usize,
+    /// Calls per second one tenant (or one tenantless subject) may make to
+    /// this process, on average. Default 200.
+    pub rate_per_second: f64,
+    /// How many calls a caller may save up for a burst. Default 400.
+    pub burst: f64,
+    /// A call answers within this many seconds or gets 504. Default 30.
+    pub request_timeout_seconds: u64,
+    /// Job watchers (`WatchJob`) open at once; more get 503. Default 1024.
+    pub max_job_watchers: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_requests: 512,
+            rate_per_second: 200.0,
+            burst: 400.0,
+            request_timeout_seconds: 30,
+            max_job_watchers: 1024,
+        }
+    }
 }
 
 impl Default for Config {
@@ -73,6 +105,7 @@ impl Default for Config {
             secrets: SecretsConfig::default(),
             idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -153,8 +186,18 @@ pub struct JobsConfig {
     pub backoff_base_ms: u64,
     /// Longest retry delay. Default 30 s.
     pub backoff_max_ms: u64,
-    /// Lease length; renewed at a third of it. Default 30 s.
+    /// Lease length; renewed at a third of it. Default 6 s: a job whose
+    /// worker died is taken over within about that long.
     pub lease_seconds: u64,
+    /// On SIGTERM, how long jobs in flight may run to their end before
+    /// their leases are handed back for another worker to take at once.
+    /// Default 20 s.
+    pub shutdown_grace_seconds: u64,
+    /// A stable name for this worker (unique among live workers, e.g. the
+    /// pod or host name). When set, a restarted worker hands back at start
+    /// the leases its previous run held, so its jobs resume at once instead
+    /// of after the lease. Default: a fresh random name per start.
+    pub worker_id: Option<String>,
     /// How often idle workers look for runnable jobs in the store (the
     /// safety net under the queue). Default 1000 ms.
     pub poll_interval_ms: u64,
@@ -170,7 +213,9 @@ impl Default for JobsConfig {
             max_attempts: 5,
             backoff_base_ms: 500,
             backoff_max_ms: 30_000,
-            lease_seconds: 30,
+            lease_seconds: 6,
+            shutdown_grace_seconds: 20,
+            worker_id: None,
             poll_interval_ms: 1000,
             unsafe_disable_leases: false,
         }

@@ -94,14 +94,53 @@ pub fn vm_to_tenant(vm: &Vm) -> tenant::Vm {
         tags: vm.tags.clone(),
         status: vm_status_to_proto(vm.status) as i32,
         job_id: vm.current_job_id.map(|j| j.to_string()).unwrap_or_default(),
-        error: vm.error_code.as_ref().map(|code| tenant::OperationError {
-            code: code.clone(),
-            message: vm.error_message.clone().unwrap_or_default(),
-        }),
+        error: vm.error_code.as_ref().map(|code| tenant_error(code)),
         has_user_data: vm.user_data.is_some(),
         hostname: vm.hostname.clone(),
         created_at: Some(ts(vm.created_at)),
         updated_at: Some(ts(vm.updated_at)),
+    }
+}
+
+/// What a tenant is told of a failed operation: the code and a sentence
+/// made from it. The stored message is the provider's own text, which can
+/// name nodes, hosts, storage or native ids; operators read it in the ops
+/// job view (`GET /api/hcp/ops/v1/jobs/{id}`) and the logs.
+pub fn tenant_error(code: &str) -> tenant::OperationError {
+    use hcp_proto::error::ErrorCode;
+    let message = match ErrorCode::from_name(code) {
+        Some(ErrorCode::ProviderError) => "the hypervisor refused or failed the operation",
+        Some(ErrorCode::ProviderUnavailable) => "the hypervisor could not be reached",
+        Some(ErrorCode::DeadlineExceeded) => "the hypervisor did not finish the operation in time",
+        Some(ErrorCode::InvalidArgument) => "the hypervisor refused the request as invalid",
+        Some(ErrorCode::NotFound) => "the hypervisor no longer has this resource",
+        Some(ErrorCode::Conflict) => "the hypervisor's state did not allow the operation",
+        Some(ErrorCode::FeatureNotSupported) => "the hypervisor does not support the operation",
+        Some(ErrorCode::QuotaExceeded) => "the hypervisor is out of capacity",
+        _ => "the operation failed inside HCP",
+    };
+    tenant::OperationError {
+        code: code.to_owned(),
+        message: format!("{message}; an operator can see the details of this job"),
+    }
+}
+
+/// The operator's view of a job, with the full error.
+pub fn job_to_ops(job: &Job) -> hcp_proto::ops::OpsJob {
+    hcp_proto::ops::OpsJob {
+        job_id: job.id.to_string(),
+        tenant_id: job.tenant_id.clone(),
+        project_id: job.project_id.clone(),
+        kind: job.kind.as_str().to_owned(),
+        vm_id: job.vm_id.to_string(),
+        status: job.status.as_str().to_owned(),
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        actor: job.actor.clone(),
+        error_code: job.error_code.clone().unwrap_or_default(),
+        error_message: job.error_message.clone().unwrap_or_default(),
+        created_at: Some(ts(job.created_at)),
+        finished_at: job.finished_at.map(ts),
     }
 }
 
@@ -124,10 +163,7 @@ pub fn job_to_tenant(job: &Job) -> tenant::Job {
         status: status as i32,
         attempts: job.attempts,
         max_attempts: job.max_attempts,
-        error: job.error_code.as_ref().map(|code| tenant::OperationError {
-            code: code.clone(),
-            message: job.error_message.clone().unwrap_or_default(),
-        }),
+        error: job.error_code.as_ref().map(|code| tenant_error(code)),
         created_at: Some(ts(job.created_at)),
         started_at: job.started_at.map(ts),
         finished_at: job.finished_at.map(ts),

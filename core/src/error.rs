@@ -12,8 +12,11 @@ pub fn status(err: ApiError) -> tonic::Status {
         Some(trace) if !err.details.contains_key(DETAIL_TRACE_ID) => err.with_detail(DETAIL_TRACE_ID, trace),
         _ => err,
     };
-    if err.code == ErrorCode::Internal || err.code == ErrorCode::Unavailable {
-        tracing::warn!(code = %err.code, message = %err.message, "request failed");
+    match err.code {
+        ErrorCode::Internal => tracing::warn!(code = %err.code, message = %err.message, "request failed"),
+        // Its cause is logged where it is found, once per outage.
+        ErrorCode::Unavailable => tracing::debug!(code = %err.code, message = %err.message, "request failed"),
+        _ => {}
     }
     err.to_status()
 }
@@ -28,8 +31,15 @@ pub fn from_store(err: StoreError, what: &str) -> ApiError {
         }
         StoreError::Conflict(msg) => ApiError::new(ErrorCode::Conflict, msg),
         StoreError::Unavailable(source) => {
-            tracing::error!(error = %source, "database unavailable");
+            // An outage fails every request: one WARN per period says so
+            // without burying the log; the rest are at DEBUG.
+            if outage_log_due() {
+                tracing::warn!(error = %source, "database unavailable; requests get 503 until it is back");
+            } else {
+                tracing::debug!(error = %source, "database unavailable");
+            }
             ApiError::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
+                .with_detail(crate::admission::DETAIL_RETRY_AFTER, "1")
         }
         other => {
             tracing::error!(error = ?other, "store failure");
@@ -37,3 +47,17 @@ pub fn from_store(err: StoreError, what: &str) -> ApiError {
         }
     }
 }
+
+/// Whether a database outage should be logged at WARN now: at most once
+/// per [`OUTAGE_LOG_PERIOD_SECS`] per process.
+fn outage_log_due() -> bool {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = chrono::Utc::now().timestamp();
+    let last = LAST.load(Ordering::Relaxed);
+    now - last >= OUTAGE_LOG_PERIOD_SECS
+        && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+}
+
+/// Seconds between WARN lines about one database outage.
+const OUTAGE_LOG_PERIOD_SECS: i64 = 10;

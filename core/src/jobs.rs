@@ -68,6 +68,11 @@ pub struct Engine {
     wake: Arc<Notify>,
     /// One permit per job this process may run at once.
     permits: Arc<Semaphore>,
+    /// Set at the end of the shutdown grace period: attempts in flight stop
+    /// where they are, writing nothing.
+    abandon: Arc<watch::Sender<bool>>,
+    /// Where job changes are announced to watchers.
+    events: crate::events::JobEvents,
 }
 
 /// What happened to a job offered by the queue.
@@ -87,6 +92,8 @@ enum Abort {
     LeaseLost,
     /// The store failed; the lease will lapse and the job run again.
     Store(StoreError),
+    /// The process is shutting down past its grace period.
+    Abandoned,
 }
 
 impl Engine {
@@ -97,9 +104,11 @@ impl Engine {
         config: JobsConfig,
         worker_id: String,
         wake: Arc<Notify>,
+        events: crate::events::JobEvents,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
-        Self { store, clients, config, worker_id, wake, permits }
+        let abandon = Arc::new(watch::channel(false).0);
+        Self { store, clients, config, worker_id, wake, permits, abandon, events }
     }
 
     /// Offers one job (named by a queue message) to this worker: waits for a
@@ -109,6 +118,7 @@ impl Engine {
         let t = now();
         match self.store.claim_job(id, &self.worker_id, t, self.lease_until(t)).await? {
             Some(job) => {
+                self.events.changed(job.id);
                 let engine = self.clone();
                 tokio::spawn(async move {
                     engine.execute(job).await;
@@ -138,6 +148,15 @@ impl Engine {
         let poll = Duration::from_millis(self.config.poll_interval_ms.max(10));
         let mut tasks = tokio::task::JoinSet::new();
         tracing::info!(worker = %self.worker_id, concurrency = self.config.concurrency, "job engine started");
+        if self.config.worker_id.is_some() {
+            // A previous run under this name died holding leases: its jobs
+            // need not wait for them to lapse.
+            match self.store.release_leases(&self.worker_id, now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "took back the leases of this worker's previous run"),
+                Err(e) => tracing::warn!(error = %e, "cannot take back this worker's previous leases"),
+            }
+        }
         loop {
             if *shutdown.borrow() {
                 break;
@@ -156,6 +175,7 @@ impl Engine {
                 Ok(jobs) if !jobs.is_empty() => {
                     for job in jobs {
                         let Some(permit) = slots.pop() else { break };
+                        self.events.changed(job.id);
                         let engine = self.clone();
                         tasks.spawn(async move {
                             engine.execute(job).await;
@@ -176,11 +196,28 @@ impl Engine {
                 _ = shutdown.changed() => break,
             }
         }
-        // Jobs in flight finish (or lose their lease when the process is
-        // killed; another worker then takes over). Jobs started from queue
-        // messages hold permits too: all permits back means all done.
-        while tasks.join_next().await.is_some() {}
-        let _ = permits.acquire_many(self.config.concurrency.max(1) as u32).await;
+        // Jobs in flight may finish within the grace period. Jobs started
+        // from queue messages hold permits too: all permits back means all
+        // done. Past the grace period the rest are abandoned where they are
+        // and their leases handed back, so another worker resumes them at
+        // once from their recorded steps (each step is idempotent).
+        let grace = Duration::from_secs(self.config.shutdown_grace_seconds);
+        let all = self.config.concurrency.max(1) as u32;
+        let drained = tokio::time::timeout(grace, async {
+            while tasks.join_next().await.is_some() {}
+            let _ = permits.acquire_many(all).await;
+        })
+        .await;
+        if drained.is_err() {
+            let _ = self.abandon.send(true);
+            while tasks.join_next().await.is_some() {}
+            let _ = permits.acquire_many(all).await;
+        }
+        match self.store.release_leases(&self.worker_id, now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "handed back the leases of unfinished jobs"),
+            Err(e) => tracing::warn!(error = %e, "cannot hand back leases; they lapse by themselves"),
+        }
         tracing::info!(worker = %self.worker_id, "job engine stopped");
     }
 
@@ -250,8 +287,10 @@ impl Engine {
             }
             self.run_steps(&job).await
         };
+        let mut abandon = self.abandon.subscribe();
         let result = tokio::select! {
             r = attempt => r,
+            _ = abandon.wait_for(|a| *a) => Err(Abort::Abandoned),
             _ = async {
                 // A heartbeat that ends without reporting a loss (leases
                 // switched off) must not end the attempt.
@@ -266,6 +305,10 @@ impl Engine {
             Ok(outcome) => outcome,
             Err(Abort::LeaseLost) => {
                 tracing::warn!("lease lost; another worker owns the job now");
+                return;
+            }
+            Err(Abort::Abandoned) => {
+                tracing::info!("shutting down: the job is handed back unfinished");
                 return;
             }
             Err(Abort::Store(e)) => {
@@ -291,6 +334,7 @@ impl Engine {
         };
         match self.store.finish_job(job, &self.worker_id, &outcome, t, audit.as_ref()).await {
             Ok(()) => {
+                self.events.changed(job.id);
                 if let JobOutcome::Retry { run_after, .. } = &outcome {
                     // Wake a local worker when the backoff is over.
                     let wake = self.wake.clone();

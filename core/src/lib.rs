@@ -6,12 +6,15 @@
 //! Layout: `api` (handlers) -> `store` (all SQL) and `jobs` (engine) ->
 //! `providers` (southbound client). `server::run` wires them together.
 
+pub mod admission;
 pub mod api;
+pub mod audit_chain;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod events;
 pub mod jobs;
 pub mod jwks;
 pub mod model;

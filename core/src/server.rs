@@ -6,11 +6,15 @@
 //! 2. [`AuthLayer`]: verifies the bearer token (fetching an identity
 //!    provider's keys when configured) and stores the principal; health and
 //!    reflection are left open for load balancers and tooling.
-//! 3. The service handlers.
+//! 3. [`crate::admission::AdmissionLayer`]: per-caller rate limit (429),
+//!    load shedding past the concurrency limit (503 with a retry time),
+//!    and the request timeout (504).
+//! 4. The service handlers.
 //!
 //! Background tasks (worker role): the job engine and the provider health
 //! prober. On shutdown the server stops accepting, in-flight calls finish,
-//! and the engine waits for the jobs it is running.
+//! job watchers end, and the engine lets its jobs finish for
+//! `jobs.shutdown_grace_seconds`, then hands the rest back.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use std::time::Duration;
 use hcp_proto::common::catalog_service_server::CatalogServiceServer;
 use hcp_proto::ops::audit_service_server::AuditServiceServer;
 use hcp_proto::ops::catalog_admin_service_server::CatalogAdminServiceServer;
+use hcp_proto::ops::job_admin_service_server::JobAdminServiceServer;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminServiceServer;
 use hcp_proto::ops::quota_admin_service_server::QuotaAdminServiceServer;
 use hcp_proto::tenant::job_service_server::JobServiceServer;
@@ -138,6 +143,17 @@ pub async fn run(
     );
     let local = LocalQueue::default();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    // Background work and open job watchers stop as soon as shutdown
+    // begins: the server's graceful stop waits for open streams, so a
+    // watcher that waited for the server would hold it for an hour.
+    let shutdown = {
+        let stop_tx = stop_tx.clone();
+        async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        }
+    };
     let mut background = tokio::task::JoinSet::new();
 
     // Production dispatch: outbox rows published to JetStream. Embedded:
@@ -147,6 +163,10 @@ pub async fn run(
         None => None,
     };
     let store = store.with_outbox(nats.is_some());
+    let events = crate::events::JobEvents::new(config.limits.max_job_watchers, stop_rx.clone(), nats.clone());
+    if let Some(client) = &nats {
+        background.spawn(events.clone().relay(client.clone()));
+    }
     let prefix = config.queue.stream_prefix.clone();
     let queue: Arc<dyn crate::jobs::JobQueue> = match &nats {
         Some(client) => {
@@ -164,9 +184,16 @@ pub async fn run(
     };
 
     if config.roles.worker {
-        let worker_id = format!("worker-{}", uuid::Uuid::now_v7());
-        let engine =
-            Engine::new(store.clone(), clients.clone(), config.jobs.clone(), worker_id, local.notifier());
+        let worker_id =
+            config.jobs.worker_id.clone().unwrap_or_else(|| format!("worker-{}", uuid::Uuid::now_v7()));
+        let engine = Engine::new(
+            store.clone(),
+            clients.clone(),
+            config.jobs.clone(),
+            worker_id,
+            local.notifier(),
+            events.clone(),
+        );
         if let Some(client) = &nats {
             background.spawn(crate::queue::run_consumer(
                 client.clone(),
@@ -183,6 +210,13 @@ pub async fn run(
             format!("reconciler-{}", uuid::Uuid::now_v7()),
         );
         background.spawn(reconciler.run(stop_rx.clone()));
+        // The audit trail's hash chain, extended by one process at a time.
+        background.spawn(crate::audit_chain::run_sealer(
+            store.clone(),
+            format!("audit-sealer-{}", uuid::Uuid::now_v7()),
+            Duration::from_secs(1),
+            stop_rx.clone(),
+        ));
         // Expired idempotency keys are removed by workers, hourly.
         let (store_p, mut stop_p) = (store.clone(), stop_rx.clone());
         background.spawn(async move {
@@ -226,6 +260,7 @@ pub async fn run(
             config: config.clone(),
             secrets: secrets.clone(),
             pages: crate::api::page::PageTokens::new(page_key),
+            events: events.clone(),
         };
         let tenant = TenantApi::new(ctx.clone());
         let ops = OpsApi::new(ctx.clone());
@@ -240,6 +275,7 @@ pub async fn run(
         health.set_serving::<CatalogAdminServiceServer<OpsApi>>().await;
         health.set_serving::<AuditServiceServer<OpsApi>>().await;
         health.set_serving::<QuotaAdminServiceServer<OpsApi>>().await;
+        health.set_serving::<JobAdminServiceServer<OpsApi>>().await;
         let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(hcp_proto::FILE_DESCRIPTOR_SET);
         for name in hcp_proto::NORTHBOUND_SERVICES {
@@ -256,6 +292,7 @@ pub async fn run(
         tonic::transport::Server::builder()
             .layer(hcp_telemetry::GrpcTraceLayer::new("grpc"))
             .layer(AuthLayer::new(verifier))
+            .layer(crate::admission::AdmissionLayer::new(&config.limits))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(VmServiceServer::new(tenant.clone()))
@@ -264,7 +301,8 @@ pub async fn run(
             .add_service(ProviderAdminServiceServer::new(ops.clone()))
             .add_service(CatalogAdminServiceServer::new(ops.clone()))
             .add_service(AuditServiceServer::new(ops.clone()))
-            .add_service(QuotaAdminServiceServer::new(ops))
+            .add_service(QuotaAdminServiceServer::new(ops.clone()))
+            .add_service(JobAdminServiceServer::new(ops))
             // Not northbound: only HCP's console proxy (role console.proxy).
             .add_service(hcp_proto::console::console_broker_service_server::ConsoleBrokerServiceServer::new(
                 console,

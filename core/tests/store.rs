@@ -40,6 +40,7 @@ store_tests!(
     usage_events_follow_transitions,
     outbox_rows_commit_with_the_change,
     shared_keys_are_made_once,
+    the_audit_chain_names_what_was_changed,
 );
 
 async fn fresh(backend: Backend) -> (TestDb, Store) {
@@ -715,4 +716,66 @@ async fn shared_keys_are_made_once(backend: Backend) {
     assert!(a == [1; 32] || a == [2; 32]);
     assert_eq!(store.shared_key("page-tokens", [3; 32]).await.unwrap(), a);
     assert_eq!(store.shared_key("other", [4; 32]).await.unwrap(), [4; 32]);
+}
+
+/// Runs raw SQL against the test database, as someone with database access
+/// (and no business editing the audit trail) would.
+async fn tamper(db: &TestDb, sql: &str) {
+    match db.backend() {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&pool).await.unwrap();
+            pool.close().await;
+        }
+    }
+}
+
+async fn the_audit_chain_names_what_was_changed(backend: Backend) {
+    use hcp_core::audit_chain::{link_hash, verify};
+    let (db, store) = fresh(backend).await;
+    for i in 0..6 {
+        store.append_audit(&audit("vm.stop", &format!("r{i}"))).await.unwrap();
+    }
+    assert_eq!(store.seal_audit_events(500, link_hash).await.unwrap(), 6);
+    let r = verify(&store).await.unwrap();
+    assert!(r.problems.is_empty(), "{r:?}");
+    assert_eq!((r.sealed, r.unsealed, r.head_seq), (6, 0, 6));
+    // New events wait for the sealer, then extend the chain.
+    store.append_audit(&audit("vm.start", "r6")).await.unwrap();
+    store.append_audit(&audit("vm.start", "r7")).await.unwrap();
+    assert_eq!(verify(&store).await.unwrap().unsealed, 2);
+    assert_eq!(store.seal_audit_events(1, link_hash).await.unwrap(), 1);
+    assert_eq!(store.seal_audit_events(500, link_hash).await.unwrap(), 1);
+    let intact = verify(&store).await.unwrap();
+    assert!(intact.problems.is_empty() && intact.head_seq == 8, "{intact:?}");
+
+    // An edited event.
+    tamper(&db, "UPDATE audit_events SET outcome = 'denied' WHERE seq = 3").await;
+    let r = verify(&store).await.unwrap();
+    assert_eq!(r.problems.len(), 1, "{r:?}");
+    assert_eq!(r.problems[0].seq, 3);
+    assert!(r.problems[0].what.contains("changed"), "{r:?}");
+    tamper(&db, "UPDATE audit_events SET outcome = 'accepted' WHERE seq = 3").await;
+    assert!(verify(&store).await.unwrap().problems.is_empty());
+
+    // Two events swapped.
+    tamper(&db, "UPDATE audit_events SET seq = -1 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = 5; UPDATE audit_events SET seq = 5 WHERE seq = -1").await;
+    let r = verify(&store).await.unwrap();
+    assert_eq!(r.problems[0].seq, 4, "{r:?}");
+    assert!(r.problems[0].what.contains("moved"), "{r:?}");
+    tamper(&db, "UPDATE audit_events SET seq = -1 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = 5; UPDATE audit_events SET seq = 5 WHERE seq = -1").await;
+    assert!(verify(&store).await.unwrap().problems.is_empty());
+
+    // A deleted event.
+    tamper(&db, "DELETE FROM audit_events WHERE seq = 2").await;
+    let r = verify(&store).await.unwrap();
+    assert_eq!(r.problems[0].seq, 3, "{r:?}");
+    assert!(r.problems[0].what.contains("deleted"), "{r:?}");
+    // The head still names the last event: recorded elsewhere, it anchors.
+    assert_eq!(r.head_hash, intact.head_hash);
 }

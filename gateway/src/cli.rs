@@ -18,6 +18,10 @@ struct Args {
     /// Deadline of one call to core, seconds.
     #[arg(long, default_value_t = 30)]
     timeout_seconds: u64,
+    /// Requests handled at once; more are answered 503 with Retry-After at
+    /// once instead of queueing.
+    #[arg(long, default_value_t = 1024)]
+    max_concurrent_requests: usize,
     /// JWT of the gateway's service account (role console.proxy), for the
     /// console proxy; without it consoles are refused.
     #[arg(long, env = "HCP_GATEWAY_SERVICE_TOKEN_FILE")]
@@ -49,6 +53,7 @@ where
         listen: args.listen,
         core_endpoint: args.core,
         timeout: std::time::Duration::from_secs(args.timeout_seconds.max(1)),
+        max_concurrent_requests: args.max_concurrent_requests.max(1),
         console: crate::console::ConsoleConfig {
             service_token_file: args.service_token_file,
             allowed_origins: args.console_allowed_origins,

@@ -59,8 +59,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Core's gRPC endpoint, e.g. `http://127.0.0.1:50051`.
     pub core_endpoint: String,
-    /// Deadline for one call to core.
+    /// Deadline for one call to core (504 past it).
     pub timeout: Duration,
+    /// Requests handled at once; past it, 503 with `Retry-After`.
+    pub max_concurrent_requests: usize,
     /// The console proxy.
     pub console: console::ConsoleConfig,
 }
@@ -123,6 +125,16 @@ pub async fn run(
         app = app.route_service(&format!("/{service}/{{method}}"), grpc_web.clone());
     }
     let app = app.fallback(rest).with_state(state).merge(console_routes);
+    // Read top to bottom: the first layer sees a request first.
+    let app = app.layer(
+        tower::ServiceBuilder::new()
+            // 1. Turn a shed request into the error body (503, Retry-After).
+            .layer(axum::error_handling::HandleErrorLayer::new(overloaded))
+            // 2. Refuse at once when no slot is free, rather than queue.
+            .layer(tower::load_shed::LoadShedLayer::new())
+            // 3. At most this many requests at once.
+            .layer(tower::limit::ConcurrencyLimitLayer::new(config.max_concurrent_requests)),
+    );
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -156,9 +168,24 @@ async fn rest(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     .await
 }
 
+/// The answer to a request shed at the concurrency limit.
+async fn overloaded(err: tower::BoxError) -> Response {
+    tracing::warn!(error = %err, "gateway at its concurrency limit; shedding a request");
+    error_response(
+        &ApiError::new(hcp_proto::error::ErrorCode::Unavailable, "the gateway is overloaded; retry later")
+            .with_detail("retry_after_seconds", "1"),
+    )
+}
+
 fn error_response(err: &ApiError) -> Response {
     let (status, body) = transcode::error_body(err, hcp_telemetry::current_trace_id());
     let mut resp = (status, [(http::header::CONTENT_TYPE, "application/json")], body).into_response();
+    // 503 and 429 say when to come back (RFC 9110 10.2.3).
+    use hcp_proto::error::ErrorCode;
+    if matches!(err.code, ErrorCode::Unavailable | ErrorCode::ProviderUnavailable | ErrorCode::RateLimited) {
+        let secs = err.details.get("retry_after_seconds").and_then(|s| s.parse::<u64>().ok()).unwrap_or(1);
+        resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+    }
     if err.code == hcp_proto::error::ErrorCode::PayloadTooLarge {
         // The rest of the body was never read: the connection cannot carry
         // another request, and the client must not reuse it.

@@ -84,6 +84,7 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.ops.v1.CatalogAdminService",
     "hcp.ops.v1.AuditService",
     "hcp.ops.v1.QuotaAdminService",
+    "hcp.ops.v1.JobAdminService",
 ];
 
 /// Shows credential keys, never their values.

@@ -14,6 +14,8 @@ pub struct Reply {
     pub status: u16,
     /// Parsed body.
     pub body: Value,
+    /// Response headers.
+    pub headers: http::HeaderMap,
 }
 
 impl Reply {
@@ -71,9 +73,10 @@ impl Rest {
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))?;
         let resp = self.client.request(req).await?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await?.to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok(Reply { status, body })
+        Ok(Reply { status, body, headers })
     }
 
     /// GET.

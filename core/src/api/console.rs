@@ -52,10 +52,7 @@ impl ConsoleApi {
         let (tenant, project) = (session.tenant_id.clone(), session.project_id.clone());
         let refuse = |outcome: &str, err: ApiError| {
             let a = self.audit(&p, &vm_id.to_string(), &tenant, &project, outcome);
-            async move {
-                let _ = self.ctx.store.append_audit(&a).await;
-                err
-            }
+            async move { self.ctx.append_audit(&a).await.err().unwrap_or(err) }
         };
         if req.protocol != session.protocol {
             return Err(refuse(
@@ -130,8 +127,7 @@ impl ConsoleApi {
             &session.project_id,
             &format!("refused: {why}"),
         );
-        let _ = self.ctx.store.append_audit(&a).await;
-        ApiError::conflict(why)
+        self.ctx.append_audit(&a).await.err().unwrap_or_else(|| ApiError::conflict(why))
     }
 
     async fn end(&self, p: Principal, req: EndConsoleRequest) -> Result<EndConsoleResponse, ApiError> {

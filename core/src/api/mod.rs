@@ -37,6 +37,8 @@ pub struct ApiContext {
     pub secrets: Option<crate::secrets::SecretBox>,
     /// Signs and checks page tokens.
     pub pages: page::PageTokens,
+    /// Job change notifications for watchers.
+    pub events: crate::events::JobEvents,
 }
 
 impl ApiContext {
@@ -64,6 +66,25 @@ impl ApiContext {
             trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
             detail: String::new(),
         }
+    }
+
+    /// Appends an audit event that has no other write to commit with (a
+    /// refusal). If it cannot be written, the event goes to the log in full
+    /// at ERROR and the request fails UNAVAILABLE: an audit record is never
+    /// dropped silently.
+    pub async fn append_audit(&self, event: &AuditEvent) -> Result<(), ApiError> {
+        self.store.append_audit(event).await.map_err(|e| {
+            tracing::error!(
+                error = %e,
+                cause = ?std::error::Error::source(&e),
+                audit_event = ?event,
+                "cannot write an audit event; the request is refused"
+            );
+            ApiError::new(
+                hcp_proto::error::ErrorCode::Unavailable,
+                "the audit trail cannot be written; retry later",
+            )
+        })
     }
 
     /// Announces a committed job.

@@ -6,14 +6,16 @@ use hcp_proto::error::{ApiError, excerpt};
 use hcp_proto::ids::ProviderId;
 use hcp_proto::ops::audit_service_server::AuditService;
 use hcp_proto::ops::catalog_admin_service_server::CatalogAdminService;
+use hcp_proto::ops::job_admin_service_server::JobAdminService;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminService;
 use hcp_proto::ops::quota_admin_service_server::QuotaAdminService;
 use hcp_proto::ops::{
-    CreateFlavorRequest, CreateImageRequest, CreateZoneRequest, DeleteFlavorRequest, DeleteFlavorResponse,
-    DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest, DeleteZoneResponse, GetProjectQuotaRequest,
-    GetProviderRequest, ListAuditEventsRequest, ListAuditEventsResponse, ListProvidersRequest,
-    ListProvidersResponse, ProjectQuota, Provider, QuotaUsage, RegisterProviderRequest,
-    RemoveProviderRequest, RemoveProviderResponse, SetProjectQuotaRequest,
+    AuditChainProblem, CreateFlavorRequest, CreateImageRequest, CreateZoneRequest, DeleteFlavorRequest,
+    DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest, DeleteZoneResponse,
+    GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
+    ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
+    QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
+    SetProjectQuotaRequest, VerifyAuditChainRequest, VerifyAuditChainResponse,
 };
 
 use super::page::Binding;
@@ -319,7 +321,48 @@ impl CatalogAdminService for OpsApi {
 }
 
 #[tonic::async_trait]
+impl JobAdminService for OpsApi {
+    async fn get_job(&self, req: tonic::Request<GetOpsJobRequest>) -> ApiResult<OpsJob> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Read)?;
+            let id: hcp_proto::ids::JobId = validate::id("job_id", &req.get_ref().job_id)?;
+            let job =
+                self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            Ok(convert::job_to_ops(&job))
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
 impl AuditService for OpsApi {
+    async fn verify_audit_chain(
+        &self,
+        req: tonic::Request<VerifyAuditChainRequest>,
+    ) -> ApiResult<VerifyAuditChainResponse> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Read)?;
+            let r = crate::audit_chain::verify(&self.ctx.store)
+                .await
+                .map_err(|e| from_store(e, "audit chain"))?;
+            Ok(VerifyAuditChainResponse {
+                intact: r.problems.is_empty(),
+                sealed: r.sealed,
+                unsealed: r.unsealed,
+                head_seq: r.head_seq,
+                head_hash: r.head_hash,
+                problems: r
+                    .problems
+                    .into_iter()
+                    .map(|p| AuditChainProblem { seq: p.seq, event_id: p.event_id, problem: p.what })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
     async fn list_audit_events(
         &self,
         req: tonic::Request<ListAuditEventsRequest>,

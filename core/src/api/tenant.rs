@@ -726,9 +726,6 @@ impl VmService for TenantApi {
     }
 }
 
-/// How often a job watch re-reads the job; the store is the only source that
-/// sees changes made by every worker process.
-const WATCH_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 /// Longest a single watch stays open; clients reconnect after it.
 const WATCH_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -744,13 +741,24 @@ impl JobService for TenantApi {
     async fn watch_job(&self, req: tonic::Request<GetJobRequest>) -> ApiResult<Self::WatchJobStream> {
         let p = principal(&req)?;
         let req = req.into_inner();
+        let events = self.ctx.events.clone();
+        let slot = events.admit().ok_or_else(|| {
+            crate::error::status(
+                ApiError::new(ErrorCode::Unavailable, "too many job watchers are open; retry later")
+                    .with_detail(crate::admission::DETAIL_RETRY_AFTER, "1"),
+            )
+        })?;
+        // Subscribed before the first read, so no change falls in between.
+        let mut changes = events.subscribe();
         // The first read checks access and existence before the stream opens.
         let first = self.get_job(p.clone(), req.clone()).await.map_err(crate::error::status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = self.ctx.store.clone();
         let tenant = p.tenant().map_err(crate::error::status)?.to_owned();
         let id: JobId = validate::id("job_id", &req.job_id).map_err(crate::error::status)?;
+        let mut shutdown = events.shutdown();
         tokio::spawn(async move {
+            let _slot = slot;
             let deadline = tokio::time::Instant::now() + WATCH_MAX;
             let mut last = first.updated_at;
             let terminal = |j: &Job| {
@@ -762,8 +770,21 @@ impl JobService for TenantApi {
             if tx.send(Ok(first)).await.is_err() || done {
                 return;
             }
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(WATCH_POLL).await;
+            loop {
+                // Woken by a notification about this job (or a lost one),
+                // or by the fallback timer; ended by shutdown, the deadline
+                // or a caller who went away.
+                tokio::select! {
+                    change = changes.recv() => match change {
+                        Ok(changed) if changed != id => continue,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = tokio::time::sleep(crate::events::FALLBACK) => {}
+                    _ = tokio::time::sleep_until(deadline) => return,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tx.closed() => return,
+                }
                 let job = match store.get_job(&tenant, id).await {
                     Ok(j) => convert::job_to_tenant(&j),
                     Err(e) => {
@@ -777,9 +798,6 @@ impl JobService for TenantApi {
                     if tx.send(Ok(job)).await.is_err() || done {
                         return;
                     }
-                }
-                if tx.is_closed() {
-                    return;
                 }
             }
         });
@@ -802,6 +820,7 @@ impl JobService for TenantApi {
                 .cancel_job(&tenant, id, &audit)
                 .await
                 .map_err(|e| from_store(e, &format!("job {id}")))?;
+            self.ctx.events.changed(id);
             let job =
                 self.ctx.store.get_job(&tenant, id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
             Ok(convert::job_to_tenant(&job))

@@ -33,6 +33,44 @@ macro_rules! insert_audit {
 }
 pub(crate) use insert_audit;
 
+/// The event columns, in [`audit_from_row`]'s order.
+const AUDIT_COLUMNS: &str = "id, at, actor, tenant_id, project_id, action, resource_type, resource_id, \
+     outcome, job_id, trace_id, detail";
+
+macro_rules! audit_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        let id: uuid::Uuid = col!(row, "id");
+        AuditEvent {
+            id: EventId(id),
+            at: col!(row, "at"),
+            actor: col!(row, "actor"),
+            tenant_id: col!(row, "tenant_id"),
+            project_id: col!(row, "project_id"),
+            action: col!(row, "action"),
+            resource_type: col!(row, "resource_type"),
+            resource_id: col!(row, "resource_id"),
+            outcome: col!(row, "outcome"),
+            job_id: col!(row, "job_id"),
+            trace_id: col!(row, "trace_id"),
+            detail: col!(row, "detail"),
+        }
+    }};
+}
+
+/// A sealed event as stored: its place in the chain and the hashes.
+#[derive(Debug, Clone)]
+pub struct ChainedEvent {
+    /// The event.
+    pub event: AuditEvent,
+    /// Its sequence number.
+    pub seq: i64,
+    /// The hash of the event before it ("" for the first).
+    pub prev_hash: String,
+    /// Its own hash.
+    pub hash: String,
+}
+
 /// Filters for [`super::Store::list_audit_events`].
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -65,10 +103,7 @@ impl super::Store {
     ) -> StoreResult<(Vec<AuditEvent>, Option<uuid::Uuid>)> {
         let after = query.after;
         let limit = i64::from(query.page_size.clamp(1, 1000));
-        let mut sql = String::from(
-            "SELECT id, at, actor, tenant_id, project_id, action, resource_type, resource_id, \
-             outcome, job_id, trace_id, detail FROM audit_events WHERE 1 = 1",
-        );
+        let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM audit_events WHERE 1 = 1");
         let mut n = 0;
         let mut p = || {
             n += 1;
@@ -108,21 +143,7 @@ impl super::Store {
                 .map_err(|e| StoreError::from_sqlx(e, "audit events"))?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
-                let id: uuid::Uuid = col!(row, "id");
-                out.push(AuditEvent {
-                    id: EventId(id),
-                    at: col!(row, "at"),
-                    actor: col!(row, "actor"),
-                    tenant_id: col!(row, "tenant_id"),
-                    project_id: col!(row, "project_id"),
-                    action: col!(row, "action"),
-                    resource_type: col!(row, "resource_type"),
-                    resource_id: col!(row, "resource_id"),
-                    outcome: col!(row, "outcome"),
-                    job_id: col!(row, "job_id"),
-                    trace_id: col!(row, "trace_id"),
-                    detail: col!(row, "detail"),
-                });
+                out.push(audit_from_row!(row));
             }
             out
         });
@@ -133,5 +154,95 @@ impl super::Store {
             None
         };
         Ok((events, next))
+    }
+
+    /// Seals up to `limit` unsealed events, oldest first, in one
+    /// transaction: each gets the next sequence number after the chain's
+    /// head, the head's hash as `prev_hash`, and `hash(prev_hash, seq,
+    /// event)` as computed by the caller. Returns how many were sealed. Two
+    /// sealers at once cannot both extend the chain: sequence numbers are
+    /// unique, so the second one's transaction fails.
+    pub async fn seal_audit_events(
+        &self,
+        limit: u32,
+        hash: impl Fn(&str, i64, &AuditEvent) -> String,
+    ) -> StoreResult<usize> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let head = sqlx::query(
+                "SELECT seq, hash FROM audit_events WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            )
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+            let (mut seq, mut prev): (i64, String) = match &head {
+                Some(row) => (col!(row, "seq"), col!(row, "hash")),
+                None => (0, String::new()),
+            };
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE seq IS NULL ORDER BY at, id LIMIT $1"
+            )))
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+            for row in &rows {
+                let event = audit_from_row!(row);
+                seq += 1;
+                let h = hash(&prev, seq, &event);
+                sqlx::query("UPDATE audit_events SET seq = $1, prev_hash = $2, hash = $3 WHERE id = $4 AND seq IS NULL")
+                    .bind(seq)
+                    .bind(&prev)
+                    .bind(&h)
+                    .bind(event.id.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+                prev = h;
+            }
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+            Ok(rows.len())
+        })
+    }
+
+    /// Sealed events in chain order, after sequence number `after`.
+    pub async fn chained_audit_events(&self, after: i64, limit: u32) -> StoreResult<Vec<ChainedEvent>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {AUDIT_COLUMNS}, seq, prev_hash, hash FROM audit_events \
+                 WHERE seq > $1 ORDER BY seq LIMIT $2"
+            )))
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(ChainedEvent {
+                    event: audit_from_row!(row),
+                    seq: col!(row, "seq"),
+                    prev_hash: col!(row, "prev_hash"),
+                    hash: col!(row, "hash"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// How many events are not sealed yet, and the oldest one's time.
+    pub async fn unsealed_audit_events(&self) -> StoreResult<(i64, Option<chrono::DateTime<chrono::Utc>>)> {
+        on_pool!(self, |pool| {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_events WHERE seq IS NULL")
+                .fetch_one(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+            let oldest: Option<chrono::DateTime<chrono::Utc>> =
+                sqlx::query_scalar("SELECT MIN(at) FROM audit_events WHERE seq IS NULL")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+            Ok((n, oldest))
+        })
     }
 }

@@ -306,6 +306,23 @@ impl super::Store {
         })
     }
 
+    /// Hands back every lease `worker` holds: the jobs become claimable by
+    /// any worker at once (their recorded steps are kept). Returns how many.
+    pub async fn release_leases(&self, worker: &str, now: DateTime<Utc>) -> StoreResult<u64> {
+        on_pool!(engine self, |pool| {
+            let done = sqlx::query(
+                "UPDATE jobs SET lease_expires_at = $2 WHERE lease_owner = $1 AND status = 'RUNNING' \
+                 AND lease_expires_at > $2",
+            )
+            .bind(worker)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+            Ok(done.rows_affected())
+        })
+    }
+
     /// Returns the steps of a job already completed, with their outputs.
     pub async fn completed_steps(&self, id: JobId) -> StoreResult<Vec<(String, String)>> {
         on_pool!(self, |pool| {

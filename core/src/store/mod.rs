@@ -28,7 +28,7 @@ mod providers;
 mod reconcile;
 mod vms;
 
-pub use audit::AuditQuery;
+pub use audit::{AuditQuery, ChainedEvent};
 pub use guards::{IdempotencyRecord, Quota, Usage};
 pub use jobs::JobOutcome;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
