@@ -485,3 +485,257 @@ async fn retries_back_off_then_fail_with_the_providers_code() {
         (Some(1), Some("INVALID_ARGUMENT"))
     );
 }
+
+/// What a client does under restarts and outages: every create carries an
+/// Idempotency-Key and is retried with it on 503/504 or a refused
+/// connection until it gets 202. Returns (vm, job) ids and the count of
+/// each answer seen.
+async fn create_until_accepted(
+    rest: &Rest,
+    token: &str,
+    name: &str,
+    seen: &std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+) -> (String, String) {
+    let key = uuid::Uuid::new_v4().to_string();
+    let payload = body(name).to_string();
+    for _ in 0..600 {
+        let r = rest
+            .raw_with("POST", &vms("demo"), Some(token), Some(&payload), &[("idempotency-key", &key)])
+            .await;
+        let label = match &r {
+            Ok(r) => r.status.to_string(),
+            Err(_) => "connection refused".to_owned(),
+        };
+        *seen.lock().unwrap().entry(label).or_default() += 1;
+        match r {
+            Ok(r) if r.status == 202 => return (r.str("vm_id"), r.str("job_id")),
+            Ok(r) if r.status == 503 || r.status == 504 => {
+                assert!(r.headers.contains_key("retry-after") || r.status == 504, "503 without Retry-After");
+            }
+            Ok(r) => panic!("create {name}: {} {}", r.status, r.body),
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("create {name} never accepted");
+}
+
+/// Checks that every accepted create made exactly one ACTIVE VM and that no
+/// other VM exists: nothing lost, nothing duplicated.
+async fn exactly_once(s: &TestStack, token: &str, accepted: &[(String, String)]) -> (usize, usize) {
+    let jobs: Vec<String> = accepted.iter().map(|(_, j)| j.clone()).collect();
+    all_succeed(&s.rest, token, &jobs, Duration::from_secs(180)).await;
+    let stats = s.sim_stats().await.unwrap();
+    let lost = accepted.iter().filter(|(vm, _)| !stats.creations.contains_key(vm)).count();
+    let duplicated = stats.creations.values().filter(|n| **n > 1).count()
+        + (stats.vm_count as usize).saturating_sub(accepted.len());
+    assert_eq!(stats.overlapping_calls, 0, "two workers ran one job at once");
+    (lost, duplicated)
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        nats: true,
+        api_processes: 2,
+        worker_processes: 2,
+        sim_args: vec!["--latency-ms".into(), "100".into()],
+        jobs_toml: "concurrency = 8\nshutdown_grace_seconds = 2\n".into(),
+        ..Default::default()
+    };
+    let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // Two clients, one per gateway, create VMs until told to stop.
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..2 {
+        let (rest, token, seen, stop) = (s.rests[c].clone(), token.clone(), seen.clone(), stop.clone());
+        clients.spawn(async move {
+            let mut accepted = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 200 {
+                accepted.push(create_until_accepted(&rest, &token, &format!("c{c}-{i}"), &seen).await);
+                i += 1;
+            }
+            accepted
+        });
+    }
+
+    // Restart every process, one at a time, each with SIGTERM.
+    for w in s.workers() {
+        let status = s.stop(&w, Duration::from_secs(30)).await.unwrap();
+        assert!(status.success(), "{w} exited with {status}");
+        s.start_worker().await.unwrap();
+    }
+    for i in 0..2 {
+        s.restart_api(i, Duration::from_secs(30)).await.unwrap();
+    }
+    // Load continues a moment on the restarted processes, then stops.
+    wait_until(Duration::from_secs(30), "creates on the restarted processes", || async {
+        Ok((seen.lock().unwrap().get("202").copied().unwrap_or(0) >= 40).then_some(()))
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut accepted = Vec::new();
+    while let Some(r) = clients.join_next().await {
+        accepted.extend(r.unwrap());
+    }
+    let (lost, duplicated) = exactly_once(&s, &token, &accepted).await;
+    eprintln!(
+        "rolling restart of 2 API and 2 worker processes: {} creates accepted, answers {:?}, lost {lost}, duplicated {duplicated}",
+        accepted.len(),
+        seen.lock().unwrap()
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+}
+
+#[tokio::test]
+async fn a_database_outage_is_503_and_service_returns_without_a_restart() {
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        nats: true,
+        api_processes: 2,
+        worker_processes: 2,
+        db_proxy: true,
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let during = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<u16, usize>::new()));
+    let outage = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    // Readers and writers on both gateways, all through the outage.
+    let mut load = tokio::task::JoinSet::new();
+    for c in 0..4 {
+        let rest = s.rests[c % 2].clone();
+        let (token, stop, during, outage) = (token.clone(), stop.clone(), during.clone(), outage.clone());
+        let seen = seen.clone();
+        load.spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = if c < 2 {
+                    rest.get(&vms("demo"), &token).await
+                } else {
+                    rest.post(&vms("demo"), &token, &body(&format!("o{c}-{i}"))).await
+                };
+                let status = r.map(|r| r.status).unwrap_or(0);
+                *seen.lock().unwrap().entry(status.to_string()).or_default() += 1;
+                if outage.load(std::sync::atomic::Ordering::Relaxed) {
+                    *during.lock().unwrap().entry(status).or_default() += 1;
+                }
+                assert!(status != 500 && status != 0, "a request got {status}");
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+    }
+    wait_until(Duration::from_secs(30), "load to run", || async {
+        Ok((seen.lock().unwrap().get("202").copied().unwrap_or(0) >= 10).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // The outage: transactions in flight are terminated by the server
+    // (57P01), then the database cannot be reached at all.
+    outage.store(true, std::sync::atomic::Ordering::Relaxed);
+    let admin = sqlx::PgPool::connect(&s.db.url).await.unwrap();
+    let name = s.db.url.rsplit('/').next().unwrap().to_owned();
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
+        .bind(&name)
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    s.db_proxy.as_ref().unwrap().set_up(false);
+    wait_until(Duration::from_secs(30), "requests to meet the outage", || async {
+        Ok((during.lock().unwrap().get(&503).copied().unwrap_or(0) >= 20).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Back: service returns by itself.
+    s.db_proxy.as_ref().unwrap().set_up(true);
+    outage.store(false, std::sync::atomic::Ordering::Relaxed);
+    let t0 = std::time::Instant::now();
+    wait_until(Duration::from_secs(60), "service to return", || async {
+        let r = s.rests[1].post(&vms("demo"), &token, &body("after")).await?;
+        Ok((r.status == 202).then_some(()))
+    })
+    .await
+    .unwrap();
+    let back = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(r) = load.join_next().await {
+        r.expect("no request got a 500");
+    }
+    let during = during.lock().unwrap().clone();
+    eprintln!(
+        "database outage: answers during it by status {during:?}; service back {back:?} after the database"
+    );
+    assert!(during.keys().all(|s| matches!(s, 200 | 202 | 503)), "{during:?}");
+    for log in ["core-api-0", "core-api-1"] {
+        let text = s.log(log);
+        let warns = text.lines().filter(|l| l.contains("database unavailable")).count();
+        let errors = text.lines().filter(|l| l.contains("ERROR") && l.contains("database")).count();
+        assert_eq!(errors, 0, "{log} logged database ERRORs:\n{text}");
+        assert!(warns <= 10, "{log}: {warns} database warnings for one outage");
+    }
+}
+
+#[tokio::test]
+async fn a_crashed_workers_jobs_resume_within_seconds() {
+    crashed_worker("").await;
+}
+
+#[tokio::test]
+async fn a_restarted_worker_takes_back_its_jobs_at_once() {
+    // A stable name: the restarted worker hands back its previous run's
+    // leases at start instead of waiting for them to lapse.
+    crashed_worker("worker_id = \"worker-a\"\n").await;
+}
+
+async fn crashed_worker(jobs_toml: &str) {
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        nats: true,
+        api_processes: 1,
+        worker_processes: 1,
+        sim_args: vec!["--latency-ms".into(), "1500".into()],
+        jobs_toml: jobs_toml.to_owned(),
+        ..Default::default()
+    };
+    let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let accepted = create_many(&s, &token, 4, "crash").await;
+    // All four are RUNNING on the one worker, which then dies.
+    wait_until(Duration::from_secs(30), "the jobs to be running", || async {
+        let mut running = 0;
+        for (_, j) in &accepted {
+            running += usize::from(job_status(&s.rest, &token, j).await == "RUNNING");
+        }
+        Ok((running == accepted.len()).then_some(()))
+    })
+    .await
+    .unwrap();
+    let victim = s.workers()[0].clone();
+    s.kill(&victim).await;
+    let killed = std::time::Instant::now();
+    s.start_worker().await.unwrap();
+    let jobs: Vec<String> = accepted.iter().map(|(_, j)| j.clone()).collect();
+    all_succeed(&s.rest, &token, &jobs, Duration::from_secs(60)).await;
+    let resumed = killed.elapsed();
+    eprintln!(
+        "jobs of a SIGKILLed worker ({}) finished {resumed:?} after the kill (lease 6 s, two provider calls of 1.5 s)",
+        if jobs_toml.is_empty() { "random name" } else { "stable name" }
+    );
+    let stats = s.sim_stats().await.unwrap();
+    for (vm, _) in &accepted {
+        assert_eq!(stats.creations.get(vm), Some(&1), "vm {vm}");
+    }
+}

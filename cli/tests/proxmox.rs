@@ -40,12 +40,23 @@ async fn operate(s: &TestStack, token: &str, vm: &str, action: &str, expect: &st
     assert_eq!(vm.str("status"), expect, "after {action}: {}", vm.body);
 }
 
-#[tokio::test]
-async fn a_vm_lives_and_dies_on_proxmox() {
-    if !hcp_proxmox_sim::schema::present_or_skip("a_vm_lives_and_dies_on_proxmox") {
-        return;
-    }
-    let mut s = TestStack::start(Path::new(HCP), StackOptions::default()).await.expect("stack starts");
+/// Core, gateway, the PVE simulator (tasks running `task_ms`) and the
+/// Proxmox provider process, registered in zone `pve`.
+struct Pve {
+    s: TestStack,
+    /// The simulated cluster's API address.
+    pve: String,
+    /// The simulator's control API.
+    control: String,
+    /// The provider's address, its config file and executable.
+    provider: String,
+    config: std::path::PathBuf,
+    provider_exe: std::path::PathBuf,
+}
+
+async fn pve_stack(task_ms: u64, jobs_toml: &str) -> Pve {
+    let opts = StackOptions { jobs_toml: jobs_toml.to_owned(), ..Default::default() };
+    let mut s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
     let sim_exe = workspace_bin(Path::new(HCP), "hcp-proxmox-sim").unwrap();
     let provider_exe = workspace_bin(Path::new(HCP), "hcp-provider-proxmox").unwrap();
     let dir = s.dir().to_owned();
@@ -66,6 +77,8 @@ async fn a_vm_lives_and_dies_on_proxmox() {
                 snippets.display().to_string(),
                 "--token".into(),
                 format!("hcp@pve!provider={token_secret}"),
+                "--task-ms".into(),
+                task_ms.to_string(),
             ],
             &[],
         )
@@ -117,6 +130,15 @@ async fn a_vm_lives_and_dies_on_proxmox() {
     assert!(r.status == 200 || r.status == 201, "{}", r.body);
     assert_eq!(r.body["capabilities"]["supports_cloud_init"], true, "{}", r.body);
 
+    Pve { s, pve, control, provider, config, provider_exe }
+}
+
+#[tokio::test]
+async fn a_vm_lives_and_dies_on_proxmox() {
+    if !hcp_proxmox_sim::schema::present_or_skip("a_vm_lives_and_dies_on_proxmox") {
+        return;
+    }
+    let Pve { s, pve, control, .. } = pve_stack(20, "").await;
     let t = s.tenant_token("acme", &["demo"]);
     let body = json!({"name": "web-1", "flavor": "medium", "image": "debian-12", "zone": "pve",
                       "networks": [{"network": "default"}], "user_data": "#cloud-config\nhostname: web-1\n"});
@@ -185,4 +207,52 @@ async fn a_vm_lives_and_dies_on_proxmox() {
         assert!(requests.iter().any(|r| r["path"].as_str().unwrap().ends_with(path)), "no {path} request");
     }
     println!("{} requests validated against the PVE 9.1.3 schema, 0 violations", requests.len());
+}
+
+#[tokio::test]
+async fn a_provider_killed_mid_create_is_retried_without_a_second_vm() {
+    if !hcp_proxmox_sim::schema::present_or_skip(
+        "a_provider_killed_mid_create_is_retried_without_a_second_vm",
+    ) {
+        return;
+    }
+    // Clone tasks take a second and a half: long enough to kill the
+    // provider while it waits on one.
+    // Retries back off long enough to outlast the provider's restart.
+    let retries = "max_attempts = 10\nbackoff_base_ms = 250\nbackoff_max_ms = 2000\n";
+    let Pve { mut s, control, provider, config, provider_exe, .. } = pve_stack(1500, retries).await;
+    let sim = Rest::new(format!("http://{control}"));
+    let t = s.tenant_token("acme", &["demo"]);
+    let body = json!({"name": "web-2", "flavor": "small", "image": "debian-12", "zone": "pve"});
+    let r = s.rest.post(VMS, &t, &body).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let vm = r.str("vm_id");
+    wait_until(WAIT, "the clone to start", || async {
+        let guests = sim.get("/_sim/vms", "").await?.body;
+        Ok(guests.as_array().into_iter().flatten().any(|v| v["template"] == false).then_some(()))
+    })
+    .await
+    .unwrap();
+    s.kill("provider-proxmox").await;
+    s.start_program(
+        "provider-proxmox",
+        &provider_exe,
+        &["--config".into(), config.display().to_string(), "--listen".into(), provider.clone()],
+        &[],
+    )
+    .await
+    .unwrap();
+    let job = finished(&s.rest, &t, &r.str("job_id")).await;
+    assert_eq!(job["status"], "SUCCEEDED", "{job}");
+    let vms = sim.get("/_sim/vms", "").await.unwrap().body;
+    let mine: Vec<&Value> = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["config"]["tags"].as_str().is_some_and(|t| t.contains(&vm)))
+        .collect();
+    assert_eq!(mine.len(), 1, "exactly one VM for the create: {vms}");
+    assert_eq!(mine[0]["status"], "running");
+    let guests = vms.as_array().unwrap().iter().filter(|v| v["template"] == false).count();
+    assert_eq!(guests, 1, "no half-made clone left: {vms}");
 }

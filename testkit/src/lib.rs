@@ -13,6 +13,7 @@
 
 pub mod db;
 pub mod nats;
+pub mod proxy;
 pub mod rest;
 pub mod stack;
 

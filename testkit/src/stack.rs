@@ -41,6 +41,10 @@ pub struct StackOptions {
     pub api_processes: usize,
     /// Worker processes; 0 means API processes also run jobs.
     pub worker_processes: usize,
+    /// Core reaches PostgreSQL through a proxy the test can take down
+    /// ([`TestStack::db_proxy`]), to cut the database off without stopping
+    /// the server other tests share.
+    pub db_proxy: bool,
 }
 
 impl Default for StackOptions {
@@ -55,6 +59,7 @@ impl Default for StackOptions {
             nats: false,
             api_processes: 1,
             worker_processes: 0,
+            db_proxy: false,
         }
     }
 }
@@ -75,6 +80,12 @@ pub struct TestStack {
     pub nats: Option<NatsServer>,
     /// The database (kept alive as long as the stack).
     pub db: TestDb,
+    /// The proxy between core and PostgreSQL, with `db_proxy`.
+    pub db_proxy: Option<crate::proxy::TcpProxy>,
+    /// The database URL core is given (through the proxy, if any).
+    core_db_url: String,
+    /// Each API process's gRPC address.
+    api_addrs: Vec<SocketAddr>,
     secret: Vec<u8>,
     exe: PathBuf,
     opts: StackOptions,
@@ -91,6 +102,22 @@ impl TestStack {
     pub async fn start(exe: &Path, opts: StackOptions) -> anyhow::Result<Self> {
         let dir = TempDir::new()?;
         let db = TestDb::new(opts.backend).await?;
+        let (db_proxy, core_db_url) = if opts.db_proxy {
+            // postgres://user@host:port/name -> the same through the proxy.
+            let (scheme_user, rest) =
+                db.url.split_once('@').ok_or_else(|| anyhow::anyhow!("no host in {}", db.url))?;
+            let (host, name) =
+                rest.split_once('/').ok_or_else(|| anyhow::anyhow!("no database in {}", db.url))?;
+            let target = tokio::net::lookup_host(host)
+                .await?
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("cannot resolve {host}"))?;
+            let proxy = crate::proxy::TcpProxy::start(target).await?;
+            let url = format!("{scheme_user}@{}/{name}", proxy.addr);
+            (Some(proxy), url)
+        } else {
+            (None, db.url.clone())
+        };
         let nats = if opts.nats { Some(NatsServer::start().await?) } else { None };
         let secret_hex = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
         std::fs::write(dir.path().join("jwt-secret"), &secret_hex)?;
@@ -112,6 +139,9 @@ impl TestStack {
             rests: Vec::new(),
             nats,
             db,
+            db_proxy,
+            core_db_url,
+            api_addrs: Vec::new(),
             secret: secret_hex.into_bytes(),
             exe: exe.to_owned(),
             opts: opts.clone(),
@@ -151,6 +181,7 @@ impl TestStack {
                 stack.core = core;
                 stack.gateway = gateway;
             }
+            stack.api_addrs.push(core);
             stack.rests.push(Rest::new(format!("http://{gateway}")));
         }
         stack.rest = stack.rests[0].clone();
@@ -178,7 +209,7 @@ impl TestStack {
              [jobs]\n{jobs}\n\n\
              [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n{providers}\n\n\
              [secrets]\nkey_file = \"{key}\"\n{queue}",
-            db = self.db.url,
+            db = self.core_db_url,
             extra = self.opts.core_toml,
             secret = self.dir.path().join("jwt-secret").display(),
             jobs = jobs_table(&self.opts.jobs_toml),
@@ -272,6 +303,27 @@ impl TestStack {
     /// The OS process id of a process of the stack.
     pub fn pid(&self, name: &str) -> Option<u32> {
         self.children.get(name).and_then(|c| c.id())
+    }
+
+    /// Stops a process with SIGTERM and waits up to `timeout` for it to
+    /// exit; returns its exit status.
+    pub async fn stop(&mut self, name: &str, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(name, "TERM")?;
+        self.wait_exit(name, timeout).await
+    }
+
+    /// Restarts API process `i` (SIGTERM, then the same configuration on
+    /// the same address, so its gateway reconnects to it).
+    pub async fn restart_api(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let name = format!("core-api-{i}");
+        let status = self.stop(&name, timeout).await?;
+        anyhow::ensure!(status.success(), "{name} exited with {status}");
+        let config = self.dir.path().join(format!("{name}.toml"));
+        let exe = self.exe.clone();
+        let env = [(hcp_core::config::ENV_LISTEN, self.api_addrs[i].to_string())];
+        self.spawn_exe(&name, &exe, &["core".into(), "--config".into(), config.display().to_string()], &env)
+            .await?;
+        Ok(())
     }
 
     /// Kills a process with SIGKILL and forgets it.
