@@ -474,3 +474,37 @@ async fn job_watchers_are_bounded_and_end_at_shutdown() {
         assert!(r.is_ok(), "{r:?}");
     }
 }
+
+#[tokio::test]
+async fn core_bounds_what_one_grpc_call_may_send() {
+    use hcp_proto::tenant::vm_service_client::VmServiceClient;
+    let s = stack().await;
+    let token = s.tenant_token("acme", &["demo"]);
+    let call = |user_data: String, extra_header: Option<String>| {
+        let (token, channel) = (token.clone(), s.core_channel());
+        async move {
+            let mut client = VmServiceClient::new(channel.await.unwrap());
+            let mut req = tonic::Request::new(hcp_proto::tenant::CreateVmRequest {
+                project_id: "demo".into(),
+                name: "big".into(),
+                flavor: "small".into(),
+                image: "debian-12".into(),
+                user_data: Some(user_data),
+                ..Default::default()
+            });
+            req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            if let Some(h) = extra_header {
+                req.metadata_mut().insert("x-padding", h.parse().unwrap());
+            }
+            client.create_vm(req).await
+        }
+    };
+    // A 3 MiB message is refused before it is decoded.
+    let err = call("a".repeat(3 << 20), None).await.unwrap_err();
+    assert!(matches!(err.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{err:?}");
+    // A 64 KiB header is refused.
+    assert!(call("#cloud-config\n".into(), Some("a".repeat(64 * 1024))).await.is_err());
+    // Core still serves: a normal create is accepted.
+    let ok = call("#cloud-config\n".into(), None).await.expect("core still serves");
+    assert!(!ok.into_inner().vm_id.is_empty());
+}

@@ -41,6 +41,12 @@ use crate::jobs::{Engine, LocalQueue};
 use crate::providers::{ProviderClients, probe_all};
 use crate::store::Store;
 
+/// Largest request message core decodes (the gateway accepts JSON bodies
+/// of at most 1 MiB, which encode smaller).
+const MAX_MESSAGE: usize = 2 * 1024 * 1024;
+/// Largest header list core accepts on a call, bytes.
+const MAX_HEADER_LIST: u32 = 32 * 1024;
+
 /// Core failed to start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -290,19 +296,22 @@ pub async fn run(
         tracing::info!(%addr, "core grpc listening");
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
+            // Bounds on what one call may send: headers (the gateway sends at
+            // most 16 KiB) and, per service below, the message.
+            .http2_max_header_list_size(MAX_HEADER_LIST)
             .layer(hcp_telemetry::GrpcTraceLayer::new("grpc"))
             .layer(AuthLayer::new(verifier))
             .layer(crate::admission::AdmissionLayer::new(&config.limits))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(VmServiceServer::new(tenant.clone()))
-            .add_service(JobServiceServer::new(tenant))
-            .add_service(CatalogServiceServer::new(catalog))
-            .add_service(ProviderAdminServiceServer::new(ops.clone()))
-            .add_service(CatalogAdminServiceServer::new(ops.clone()))
-            .add_service(AuditServiceServer::new(ops.clone()))
-            .add_service(QuotaAdminServiceServer::new(ops.clone()))
-            .add_service(JobAdminServiceServer::new(ops))
+            .add_service(VmServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(JobServiceServer::new(tenant).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(CatalogServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(ProviderAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(CatalogAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(AuditServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(QuotaAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(JobAdminServiceServer::new(ops).max_decoding_message_size(MAX_MESSAGE))
             // Not northbound: only HCP's console proxy (role console.proxy).
             .add_service(hcp_proto::console::console_broker_service_server::ConsoleBrokerServiceServer::new(
                 console,
