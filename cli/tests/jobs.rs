@@ -739,3 +739,31 @@ async fn crashed_worker(jobs_toml: &str) {
         assert_eq!(stats.creations.get(vm), Some(&1), "vm {vm}");
     }
 }
+
+#[tokio::test]
+async fn a_watcher_is_woken_when_another_process_finishes_its_job() {
+    // The watchers' fallback re-read is an hour away: only a notification
+    // (from the worker process, over NATS, to the other API process) can
+    // end the watch within the test's deadline.
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        nats: true,
+        api_processes: 2,
+        worker_processes: 2,
+        core_toml: "[limits]\njob_watch_fallback_seconds = 3600\n".into(),
+        sim_args: vec!["--latency-ms".into(), "1000".into()],
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let r = s.rests[0].post(&vms("demo"), &token, &body("watched")).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = r.str("job_id");
+    let path = format!("/api/hcp/tenant/v1/jobs/{job}:watch");
+    let r = tokio::time::timeout(Duration::from_secs(60), s.rests[1].get(&path, &token))
+        .await
+        .expect("the watch ends")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(job_status(&s.rest, &token, &job).await, "SUCCEEDED");
+}

@@ -256,3 +256,54 @@ async fn a_provider_killed_mid_create_is_retried_without_a_second_vm() {
     let guests = vms.as_array().unwrap().iter().filter(|v| v["template"] == false).count();
     assert_eq!(guests, 1, "no half-made clone left: {vms}");
 }
+
+#[tokio::test]
+async fn quorum_loss_is_retried_and_a_revoked_token_makes_the_provider_unhealthy() {
+    if !hcp_proxmox_sim::schema::present_or_skip(
+        "quorum_loss_is_retried_and_a_revoked_token_makes_the_provider_unhealthy",
+    ) {
+        return;
+    }
+    let Pve { s, control, .. } = pve_stack(20, "").await;
+    let sim = Rest::new(format!("http://{control}"));
+    let t = s.tenant_token("acme", &["demo"]);
+
+    // The cluster loses quorum for three writes: the create is retried by
+    // core with backoff and succeeds once quorum is back, with one VM.
+    let f = sim.post("/_sim/faults", "", &json!({"quorum_loss": 3})).await.unwrap();
+    assert_eq!(f.status, 204, "{}", f.body);
+    let r = s
+        .rest
+        .post(VMS, &t, &json!({"name": "q", "flavor": "small", "image": "debian-12", "zone": "pve"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = finished(&s.rest, &t, &r.str("job_id")).await;
+    assert_eq!(job["status"], "SUCCEEDED", "{job}");
+    assert!(job["attempts"].as_u64().unwrap() >= 2, "the quorum loss was retried: {job}");
+    let vms = sim.get("/_sim/vms", "").await.unwrap().body;
+    assert_eq!(vms.as_array().unwrap().iter().filter(|v| v["template"] == false).count(), 1, "{vms}");
+
+    // The token is revoked on the cluster: core sees the provider unhealthy
+    // at the next probe and places nothing there.
+    let f = sim.post("/_sim/faults", "", &json!({"revoke_tokens": true})).await.unwrap();
+    assert_eq!(f.status, 204, "{}", f.body);
+    let ops = s.ops_token();
+    wait_until(WAIT, "the provider to be unhealthy", || async {
+        let r = s.rest.get("/api/hcp/ops/v1/providers", &ops).await?;
+        let unhealthy = r.body["providers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == "pve-1" && p["health"] == "UNHEALTHY");
+        Ok(unhealthy.then_some(()))
+    })
+    .await
+    .unwrap();
+    let r = s
+        .rest
+        .post(VMS, &t, &json!({"name": "r", "flavor": "small", "image": "debian-12", "zone": "pve"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "no healthy provider in the zone: {}", r.body);
+}

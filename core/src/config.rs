@@ -74,6 +74,9 @@ pub struct LimitsConfig {
     pub request_timeout_seconds: u64,
     /// Job watchers (`WatchJob`) open at once; more get 503. Default 1024.
     pub max_job_watchers: usize,
+    /// A watcher is woken by job change notifications, and re-reads its
+    /// job at least this often in case one was lost, seconds. Default 5.
+    pub job_watch_fallback_seconds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -84,6 +87,7 @@ impl Default for LimitsConfig {
             burst: 400.0,
             request_timeout_seconds: 30,
             max_job_watchers: 1024,
+            job_watch_fallback_seconds: 5,
         }
     }
 }

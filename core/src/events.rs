@@ -8,8 +8,8 @@
 //! `hcp.events.jobs` and every process rebroadcasts what it hears, so a
 //! watcher on one API process learns of a job a worker process finished.
 //! Notifications are hints: a watcher reads the job itself from the store
-//! when woken, and also every [`FALLBACK`] in case one was lost (NATS down,
-//! a lagging receiver).
+//! when woken, and also every `limits.job_watch_fallback_seconds` (5) in
+//! case one was lost (NATS down, a lagging receiver).
 //!
 //! Watchers are bounded ([`JobEvents::admit`]) and end at shutdown.
 
@@ -20,8 +20,6 @@ use futures::StreamExt;
 use hcp_proto::ids::JobId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 
-/// A watcher re-reads its job at least this often.
-pub const FALLBACK: Duration = Duration::from_secs(5);
 /// The NATS subject of job change notifications.
 pub const SUBJECT: &str = "hcp.events.jobs";
 
@@ -29,21 +27,29 @@ pub const SUBJECT: &str = "hcp.events.jobs";
 #[derive(Clone, Debug)]
 pub struct JobEvents {
     tx: broadcast::Sender<JobId>,
+    fallback: Duration,
     watchers: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
     nats: Option<async_nats::Client>,
 }
 
 impl JobEvents {
-    /// A hub admitting at most `max_watchers` watchers, ending them when
-    /// `shutdown` turns true.
+    /// A hub admitting at most `max_watchers` watchers, which re-read
+    /// their job at least every `fallback`, ending them when `shutdown`
+    /// turns true.
     pub fn new(
         max_watchers: usize,
+        fallback: Duration,
         shutdown: watch::Receiver<bool>,
         nats: Option<async_nats::Client>,
     ) -> Self {
         let (tx, _) = broadcast::channel(4096);
-        Self { tx, watchers: Arc::new(Semaphore::new(max_watchers.max(1))), shutdown, nats }
+        Self { tx, fallback, watchers: Arc::new(Semaphore::new(max_watchers.max(1))), shutdown, nats }
+    }
+
+    /// How often a watcher re-reads its job without a notification.
+    pub fn fallback(&self) -> Duration {
+        self.fallback
     }
 
     /// Announces that a job changed (after the change committed).

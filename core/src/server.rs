@@ -169,7 +169,12 @@ pub async fn run(
         None => None,
     };
     let store = store.with_outbox(nats.is_some());
-    let events = crate::events::JobEvents::new(config.limits.max_job_watchers, stop_rx.clone(), nats.clone());
+    let events = crate::events::JobEvents::new(
+        config.limits.max_job_watchers,
+        Duration::from_secs(config.limits.job_watch_fallback_seconds.max(1)),
+        stop_rx.clone(),
+        nats.clone(),
+    );
     if let Some(client) = &nats {
         background.spawn(events.clone().relay(client.clone()));
     }

@@ -757,6 +757,7 @@ impl JobService for TenantApi {
         let tenant = p.tenant().map_err(crate::error::status)?.to_owned();
         let id: JobId = validate::id("job_id", &req.job_id).map_err(crate::error::status)?;
         let mut shutdown = events.shutdown();
+        let fallback = events.fallback();
         tokio::spawn(async move {
             let _slot = slot;
             let deadline = tokio::time::Instant::now() + WATCH_MAX;
@@ -780,7 +781,7 @@ impl JobService for TenantApi {
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     },
-                    _ = tokio::time::sleep(crate::events::FALLBACK) => {}
+                    _ = tokio::time::sleep(fallback) => {}
                     _ = tokio::time::sleep_until(deadline) => return,
                     _ = shutdown.wait_for(|s| *s) => return,
                     _ = tx.closed() => return,

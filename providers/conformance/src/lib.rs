@@ -6,12 +6,20 @@
 //! machine, the error codes for missing VMs, invalid states and
 //! unsupported features. A check that needs a capability the provider does
 //! not declare is skipped with the reason printed, never silently passed.
-//! Every VM the kit creates is deleted at the end, whatever happened.
+//! Every VM the kit creates is deleted at the end, whatever happened, and
+//! the kit then proves nothing is left: the provider's own inventory
+//! (`ListVms`), and the hypervisor's when the kit is given a way to look
+//! ([`Hooks`]), hold none of its VMs. With [`Hooks`] that can drive the
+//! provider into a create that fails after its first effect, the kit also
+//! checks that `DeleteVm` then removes the half-made VM.
 //!
 //! Use it as a library ([`run`]) or as the `hcp-provider-conformance`
 //! command.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hcp_proto::provider::compute_client::ComputeClient;
@@ -23,8 +31,35 @@ use hcp_proto::provider::{
 };
 use tonic::transport::Channel;
 
+/// A boxed future, for [`Hooks`] without an async-trait dependency.
+pub type HookFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// What the kit may ask of the test bed around the provider, beyond the
+/// provider protocol. Every method is optional: the defaults say "cannot",
+/// and the checks that need them are skipped visibly.
+pub trait Hooks: Send + Sync {
+    /// The HCP VM ids the hypervisor itself holds, found the way the
+    /// provider marks its VMs (a tag, a name, a metadata key), without
+    /// asking the provider. `None`: the kit cannot look.
+    fn hypervisor_vm_ids(&self) -> Option<HookFuture<'_, Vec<String>>> {
+        None
+    }
+
+    /// Arranges that the provider's next `CreateVm` fails after its first
+    /// effect on the hypervisor (e.g. the clone exists, its configuration
+    /// is refused). `None`: this test bed cannot.
+    fn fail_next_create_after_first_effect(&self) -> Option<HookFuture<'_, ()>> {
+        None
+    }
+
+    /// Undoes [`Hooks::fail_next_create_after_first_effect`].
+    fn clear_faults(&self) -> HookFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 /// What to create VMs from on the provider under test.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// The provider's endpoint, e.g. `http://127.0.0.1:50061`.
     pub endpoint: String,
@@ -38,6 +73,20 @@ pub struct Options {
     pub memory_mib: u32,
     /// Deadline of one call (real hypervisors are slow).
     pub call_timeout: Duration,
+    /// A look at the hypervisor and a way to inject faults, if the test bed
+    /// offers them.
+    pub hooks: Option<Arc<dyn Hooks>>,
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("endpoint", &self.endpoint)
+            .field("image_source", &self.image_source)
+            .field("network", &self.network)
+            .field("hooks", &self.hooks.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Options {
@@ -50,6 +99,7 @@ impl Options {
             vcpus: 1,
             memory_mib: 128,
             call_timeout: Duration::from_secs(300),
+            hooks: None,
         }
     }
 }
@@ -514,7 +564,8 @@ impl Kit {
 
     async fn cleanup(&mut self) -> CheckResult {
         let mut left = Vec::new();
-        for id in std::mem::take(&mut self.created) {
+        let ids = std::mem::take(&mut self.created);
+        for id in ids.clone() {
             let vm = VmRef { vm_id: id.clone() };
             let _ = self
                 .compute
@@ -524,7 +575,50 @@ impl Kit {
                 left.push(format!("{id} ({})", s.message()));
             }
         }
-        ensure(left.is_empty(), || format!("could not delete: {}", left.join(", ")))
+        if !left.is_empty() {
+            return Err(format!("could not delete: {}", left.join(", ")));
+        }
+        self.nothing_left(&ids, "after cleanup").await
+    }
+
+    /// Fails when the provider's inventory, or the hypervisor's if the kit
+    /// can look, still holds any of `ids`.
+    async fn nothing_left(&mut self, ids: &[String], when: &str) -> CheckResult {
+        let listed = self.list_ids().await?;
+        let mut left: Vec<&String> = ids.iter().filter(|id| listed.contains(id)).collect();
+        if !left.is_empty() {
+            return Err(format!("{when}, the provider still lists {left:?}"));
+        }
+        if let Some(look) = self.options.hooks.as_ref().and_then(|h| h.hypervisor_vm_ids()) {
+            let on_hypervisor = look.await.map_err(|e| format!("cannot look at the hypervisor: {e}"))?;
+            left = ids.iter().filter(|id| on_hypervisor.contains(id)).collect();
+            if !left.is_empty() {
+                return Err(format!(
+                    "{when}, the hypervisor still holds {left:?} (the provider no longer lists them)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A create that fails after its first effect, then DeleteVm: nothing
+    /// may be left. `Ok(None)` when the test bed cannot arrange the fault.
+    async fn half_made_create(&mut self) -> Result<Option<()>, String> {
+        let Some(hooks) = self.options.hooks.clone() else { return Ok(None) };
+        let Some(arm) = hooks.fail_next_create_after_first_effect() else { return Ok(None) };
+        arm.await.map_err(|e| format!("cannot arm the fault: {e}"))?;
+        let result = self.create("conformance-half", None).await;
+        hooks.clear_faults().await.map_err(|e| format!("cannot clear the fault: {e}"))?;
+        let id = self.created.last().cloned().unwrap_or_default();
+        if result.is_ok() {
+            return Err("CreateVm succeeded although the test bed made it fail after its first effect".into());
+        }
+        self.compute
+            .delete_vm(VmRef { vm_id: id.clone() })
+            .await
+            .map_err(|s| format!("DeleteVm after a failed create: {:?} {}", s.code(), s.message()))?;
+        self.nothing_left(std::slice::from_ref(&id), "after a failed create and DeleteVm").await?;
+        Ok(Some(()))
     }
 }
 
@@ -598,7 +692,17 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         );
         kit.record("snapshots refused as UNIMPLEMENTED", r);
     }
+    match kit.half_made_create().await {
+        Ok(Some(())) => {
+            kit.record("a create failed after its first effect, then DeleteVm: nothing left", Ok(()))
+        }
+        Ok(None) => kit.skip(
+            "a create failed after its first effect, then DeleteVm: nothing left",
+            "the test bed gave no Hooks::fail_next_create_after_first_effect (see providers/GUIDE.md)",
+        ),
+        Err(e) => kit.record("a create failed after its first effect, then DeleteVm: nothing left", Err(e)),
+    }
     let r = kit.cleanup().await;
-    kit.record("cleanup of created VMs", r);
+    kit.record("cleanup: nothing left in the inventory or on the hypervisor", r);
     Ok(kit.report)
 }

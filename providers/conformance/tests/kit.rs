@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use hcp_provider_conformance::{Options, Outcome, run};
+use hcp_proto::sim::sim_control_client::SimControlClient;
+use hcp_provider_conformance::{HookFuture, Hooks, Options, Outcome, run};
 use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, ServeConfig, pb};
 
 fn any_port() -> SocketAddr {
@@ -26,9 +27,36 @@ async fn sim(caps: &str) -> String {
     format!("http://{}", rx.await.unwrap())
 }
 
+/// The simulator's control service drives a create into failing after its
+/// effect (a lost reply), which is how the kit's half-made create check
+/// runs against it.
+struct SimHooks(String);
+
+impl Hooks for SimHooks {
+    fn fail_next_create_after_first_effect(&self) -> Option<HookFuture<'_, ()>> {
+        Some(Box::pin(async move {
+            let mut c = SimControlClient::connect(self.0.clone()).await.map_err(|e| e.to_string())?;
+            let fault = hcp_proto::sim::Fault {
+                operation: "CreateVm".into(),
+                code: "UNAVAILABLE".into(),
+                count: 1,
+                message: "the reply was lost".into(),
+                after_effect: true,
+            };
+            c.inject_fault(hcp_proto::sim::InjectFaultRequest { fault: Some(fault) })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        }))
+    }
+}
+
 #[tokio::test]
 async fn the_simulator_conforms() {
-    let report = run(Options::new(&sim("cloud_init,snapshot,console_vnc").await)).await.unwrap();
+    let endpoint = sim("cloud_init,snapshot,console_vnc").await;
+    let mut options = Options::new(&endpoint);
+    options.hooks = Some(Arc::new(SimHooks(endpoint.clone())));
+    let report = run(options).await.unwrap();
     println!("{report}");
     assert!(report.passed(), "{report}");
     assert!(report.count(|o| *o == Outcome::Pass) >= 10);
@@ -41,6 +69,13 @@ async fn the_simulator_conforms() {
         .collect();
     assert_eq!(skipped, vec!["spice console", "rdp console", "serial console"]);
     assert!(report.checks.iter().any(|(n, o)| n.starts_with("snapshots:") && *o == Outcome::Pass));
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|(n, o)| n.starts_with("a create failed after its first effect") && *o == Outcome::Pass),
+        "{report}"
+    );
 }
 
 #[tokio::test]
@@ -48,7 +83,8 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
     let report = run(Options::new(&sim("").await)).await.unwrap();
     println!("{report}");
     assert!(report.passed(), "{report}");
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 5);
+    // The five absent capabilities, and the half-made create (no hooks).
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 6);
     assert!(
         report
             .checks
@@ -57,10 +93,12 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
     );
 }
 
-/// Makes a new VM on every CreateVm, even for a known id.
+/// Makes a new VM on every CreateVm, even for a known id; with `leaky`,
+/// DeleteVm also answers that it deleted without deleting.
 #[derive(Default, Clone)]
 struct Broken {
     vms: Arc<Mutex<Vec<(String, String, pb::PowerState)>>>,
+    leaky: bool,
 }
 
 impl Broken {
@@ -139,6 +177,9 @@ impl Provider for Broken {
         Ok(vm)
     }
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
+        if self.leaky {
+            return Ok(self.find(vm_id).is_ok());
+        }
         let mut vms = self.vms.lock().unwrap();
         let before = vms.len();
         vms.retain(|(v, _, _)| v != vm_id);
@@ -170,4 +211,26 @@ async fn a_provider_whose_create_is_not_idempotent_fails_clearly() {
     assert!(msg.contains("not idempotent"), "{msg}");
     // The kit cleaned up after itself even so.
     assert!(broken.vms.lock().unwrap().is_empty(), "left behind: {:?}", broken.vms.lock().unwrap());
+}
+
+#[tokio::test]
+async fn a_provider_that_leaks_vms_fails_the_cleanup_check() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let leaky = Broken { leaky: true, ..Default::default() };
+    tokio::spawn(hcp_provider_sdk::serve(
+        leaky.clone(),
+        ServeConfig { listen: any_port(), ..Default::default() },
+        std::future::pending(),
+        move |a| {
+            let _ = tx.send(a);
+        },
+    ));
+    let report = run(Options::new(&format!("http://{}", rx.await.unwrap()))).await.unwrap();
+    println!("{report}");
+    let failures: HashMap<&str, &str> = report.failures().into_iter().collect();
+    let msg = failures
+        .get("cleanup: nothing left in the inventory or on the hypervisor")
+        .expect("the cleanup check fails");
+    assert!(msg.contains("still lists"), "{msg}");
+    assert!(!leaky.vms.lock().unwrap().is_empty(), "the provider did leak");
 }

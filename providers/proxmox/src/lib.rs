@@ -76,6 +76,16 @@ fn id_tag(vm_id: &str) -> String {
     format!("hcp-{vm_id}")
 }
 
+/// The tag a clone carries from the moment it exists until its
+/// configuration is complete: HCP's inventory, delete and a retried create
+/// all see it, so a create that fails half-way leaks nothing.
+const PENDING_TAG: &str = "hcp-pending";
+
+/// The tags of a clone whose configuration is not complete.
+fn pending_tags(vm_id: &str) -> String {
+    format!("hcp;{};{PENDING_TAG}", id_tag(vm_id))
+}
+
 /// The description line naming one HCP VM.
 fn id_line(vm_id: &str) -> String {
     format!("hcp-vm-id={vm_id}")
@@ -104,6 +114,28 @@ fn dns_name(spec: &pb::VmSpec, vm_id: &str) -> String {
     if trimmed.is_empty() { format!("hcp-{}", &vm_id[..8]) } else { trimmed.chars().take(63).collect() }
 }
 
+/// GiB in a PVE size (`32G`, `512M`, `1T`).
+fn gib_of(size: &str) -> Option<f64> {
+    let (num, unit) = size.split_at(size.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(size.len()));
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "T" => n * 1024.0,
+        "G" => n,
+        "M" => n / 1024.0,
+        "K" => n / (1024.0 * 1024.0),
+        "" => n / (1024.0 * 1024.0 * 1024.0),
+        _ => return None,
+    })
+}
+
+/// Whether `s` has the shape of a canonical UUID (HCP VM ids always do;
+/// other `hcp-` tags, such as [`PENDING_TAG`], never do).
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices()
+            .all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() })
+}
+
 fn tags_of(item: &Value) -> Vec<String> {
     item["tags"].as_str().unwrap_or_default().split([';', ',', ' ']).map(str::to_owned).collect()
 }
@@ -116,6 +148,11 @@ pub fn map_error(e: PveError) -> ProviderError {
         PveError::Auth(_) => (ErrorKind::PermissionDenied, Some(false)),
         PveError::Transport(_) | PveError::Timeout(_) => (ErrorKind::Unavailable, None),
         PveError::Decode(_) => (ErrorKind::Internal, None),
+        // A cluster that lost quorum refuses writes until it has it back:
+        // a passing condition, retried with backoff like 595.
+        _ if e.message().contains("no quorum") || e.message().contains("cluster not ready") => {
+            (ErrorKind::Unavailable, None)
+        }
         PveError::Task { .. } if e.is_lock() => (ErrorKind::Busy, None),
         PveError::Task { .. } => (ErrorKind::Internal, Some(false)),
         PveError::Status { status, .. } => match status {
@@ -244,15 +281,17 @@ impl Proxmox {
         }
     }
 
-    /// Finds our VM by its tag; with `name`, also a clone whose
-    /// configuration never finished (the description names it).
+    /// Finds our VM by its tag (a clone still being configured carries
+    /// [`PENDING_TAG`] too); with `name`, also a clone the tags never
+    /// reached (the description names it).
     async fn find(&self, vm_id: &str, name: Option<&str>) -> Result<Option<Found>, ProviderError> {
         let items = self.resources("vm").await?;
         let tag = id_tag(vm_id);
         let qemu =
             items.iter().filter(|i| i["type"].as_str() == Some("qemu") && !lenient::flag(&i["template"]));
         if let Some(item) = qemu.clone().find(|i| tags_of(i).contains(&tag)) {
-            return Ok(Some(Self::found(item, true)));
+            let configured = !tags_of(item).iter().any(|t| t == PENDING_TAG);
+            return Ok(Some(Self::found(item, configured)));
         }
         let Some(name) = name else { return Ok(None) };
         for item in qemu.filter(|i| i["name"].as_str() == Some(name)) {
@@ -331,7 +370,7 @@ impl Proxmox {
             ("memory", spec.memory_mib.to_string()),
             ("net0", format!("virtio,bridge={bridge}")),
             ("ipconfig0", ci.ipconfig0.clone().unwrap_or_else(|| "ip=dhcp".to_owned())),
-            ("tags", format!("hcp;{}", id_tag(vm_id))),
+            ("tags", pending_tags(vm_id)),
         ];
         if let Some(user) = &ci.user {
             params.push(("ciuser", user.clone()));
@@ -355,6 +394,45 @@ impl Proxmox {
             params.push(("cicustom", format!("user={storage}:snippets/{name}")));
         }
         self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
+        self.grow_disk(f, spec.disk_gib).await?;
+        // Last: the clone is complete, and is no longer pending.
+        let tags: Params = vec![("tags", format!("hcp;{}", id_tag(vm_id)))];
+        self.pve.call(Method::Put, &format!("{}/config", f.path()), tags).await.map_err(map_error)?;
+        Ok(())
+    }
+
+    /// Grows the boot disk to `gib` (never shrinks it; a template disk that
+    /// is already larger stays as it is).
+    async fn grow_disk(&self, f: &Found, gib: u32) -> Result<(), ProviderError> {
+        if gib == 0 {
+            return Ok(());
+        }
+        let config = self
+            .pve
+            .call(Method::Get, &format!("{}/config", f.path()), Vec::new())
+            .await
+            .map_err(map_error)?;
+        let boot_order = config["boot"].as_str().and_then(|b| b.strip_prefix("order=")).unwrap_or_default();
+        let disk = boot_order
+            .split(';')
+            .chain(["scsi0", "virtio0", "sata0", "ide0"])
+            .find(|d| config[*d].as_str().is_some_and(|v| !v.contains("media=cdrom")))
+            .map(str::to_owned);
+        let Some(disk) = disk else {
+            return Err(ProviderError::new(ErrorKind::Internal, "the clone has no disk to grow"));
+        };
+        let current = config[disk.as_str()]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .find_map(|p| p.strip_prefix("size="))
+            .and_then(gib_of)
+            .unwrap_or(0.0);
+        if current >= f64::from(gib) {
+            return Ok(());
+        }
+        let params: Params = vec![("disk", disk), ("size", format!("{gib}G"))];
+        self.pve.task(Method::Put, &format!("{}/resize", f.path()), params).await.map_err(map_error)?;
         Ok(())
     }
 
@@ -441,8 +519,11 @@ impl Provider for Proxmox {
         if !self.pve.has_credentials() {
             return Ok((false, "waiting for credentials".to_owned()));
         }
-        match self.version().await {
-            Ok(v) => Ok((true, format!("proxmox VE {}", v.2))),
+        // Every probe asks the cluster with the credentials in use, so a
+        // revoked or expired token (or an unreachable cluster) makes the
+        // provider not ready at the next probe, not never.
+        match self.pve.call(Method::Get, "/version", Vec::new()).await {
+            Ok(data) => Ok((true, format!("proxmox VE {}", data["version"].as_str().unwrap_or("?")))),
             Err(e) => Ok((false, e.to_string())),
         }
     }
@@ -507,7 +588,17 @@ impl Provider for Proxmox {
                 }
                 let path = format!("/nodes/{}/qemu/{tvmid}/clone", encode_segment(&tnode));
                 match self.pve.task(Method::Post, &path, params).await {
-                    Ok(_) => {}
+                    Ok(_) => {
+                        // Ours from now on, whatever happens next.
+                        let tagged = self.find(&vm_id, Some(&name)).await?;
+                        if let Some(f) = &tagged {
+                            let tags: Params = vec![("tags", pending_tags(&vm_id))];
+                            self.pve
+                                .call(Method::Put, &format!("{}/config", f.path()), tags)
+                                .await
+                                .map_err(map_error)?;
+                        }
+                    }
                     Err(e) if e.already_exists() => {
                         tracing::info!(vm_id, newid, attempt, "vmid collision; trying another");
                         tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 50)).await;
@@ -542,7 +633,9 @@ impl Provider for Proxmox {
             .iter()
             .filter(|i| i["type"].as_str() == Some("qemu") && tags_of(i).iter().any(|t| t == "hcp"))
             .filter_map(|i| {
-                let id = tags_of(i).into_iter().find_map(|t| t.strip_prefix("hcp-").map(str::to_owned))?;
+                let id = tags_of(i)
+                    .into_iter()
+                    .find_map(|t| t.strip_prefix("hcp-").filter(|id| is_uuid(id)).map(str::to_owned))?;
                 Some(Self::found(i, true).info(&id))
             })
             .collect();

@@ -99,6 +99,46 @@ fn assert_schema_clean(env: &Env) -> usize {
     checked
 }
 
+/// The kit's look at the simulated cluster, and its way to make a create
+/// fail after the clone (the token may not set cloud-init options).
+struct PveHooks(hcp_proxmox_sim::Sim);
+
+impl hcp_provider_conformance::Hooks for PveHooks {
+    fn hypervisor_vm_ids(&self) -> Option<hcp_provider_conformance::HookFuture<'_, Vec<String>>> {
+        // Every VM but the templates, by the id in its tag or description:
+        // a clone HCP lost track of still shows here.
+        let ids = self
+            .0
+            .vms()
+            .into_iter()
+            .filter(|v| !v.template)
+            .map(|v| {
+                let text = format!(
+                    "{} {}",
+                    v.config.get("tags").cloned().unwrap_or_default(),
+                    v.config.get("description").cloned().unwrap_or_default()
+                );
+                text.split([';', ' ', '\n', '='])
+                    .filter_map(|t| t.strip_prefix("hcp-").or(Some(t)))
+                    .find(|t| uuid::Uuid::parse_str(t).is_ok())
+                    .unwrap_or("untraceable")
+                    .to_owned()
+            })
+            .collect();
+        Some(Box::pin(async move { Ok(ids) }))
+    }
+
+    fn fail_next_create_after_first_effect(&self) -> Option<hcp_provider_conformance::HookFuture<'_, ()>> {
+        self.0.set_faults(Faults { cloudinit_denied: true, ..Default::default() });
+        Some(Box::pin(async { Ok(()) }))
+    }
+
+    fn clear_faults(&self) -> hcp_provider_conformance::HookFuture<'_, ()> {
+        self.0.set_faults(Faults::default());
+        Box::pin(async { Ok(()) })
+    }
+}
+
 /// VMs that are not templates.
 fn guests(env: &Env) -> Vec<hcp_proxmox_sim::Vm> {
     env.sim.sim.vms().into_iter().filter(|v| !v.template).collect()
@@ -122,6 +162,7 @@ async fn the_provider_passes_the_conformance_kit() {
     let mut options = hcp_provider_conformance::Options::new(&endpoint);
     options.image_source = "debian-12-genericcloud".into();
     options.network = "default".into();
+    options.hooks = Some(Arc::new(PveHooks(env.sim.sim.clone())));
     let report = hcp_provider_conformance::run(options).await.unwrap();
     println!("{report}");
     assert!(report.passed(), "{report}");
@@ -395,5 +436,77 @@ async fn bad_input_and_wrong_certificates_get_clear_errors() {
     );
     let trusted = Proxmox::new(Config::from_toml(&with_ca).unwrap()).await.unwrap();
     assert_eq!(trusted.get_vm(&new_id()).await.unwrap_err().kind, ErrorKind::NotFound);
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_quorum_loss_is_unavailable_and_the_retry_makes_one_vm() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    env.sim.sim.set_faults(Faults { quorum_loss: 1, ..Default::default() });
+    let id = new_id();
+    let err = p.create_vm(create(&id, "quorum", false)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{}", err.message);
+    assert_ne!(err.retryable, Some(false), "core must retry it");
+    assert!(err.message.contains("no quorum"), "{}", err.message);
+    // Quorum is back: the retry makes the VM, once.
+    p.create_vm(create(&id, "quorum", false)).await.unwrap();
+    p.create_vm(create(&id, "quorum", false)).await.unwrap();
+    assert_eq!(guests(&env).len(), 1);
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_revoked_token_makes_the_probe_not_ready() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    assert!(p.probe().await.unwrap().0, "ready with a valid token");
+    env.sim.sim.set_faults(Faults { revoke_tokens: true, ..Default::default() });
+    let (ready, message) = p.probe().await.unwrap();
+    assert!(!ready, "a revoked token must not be ready: {message}");
+    assert!(message.contains("credentials") || message.contains("401"), "{message}");
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_create_whose_configuration_fails_for_good_leaves_nothing_after_delete() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    // The token may clone but not set cloud-init options: the create fails
+    // after its first effect (the clone), for good.
+    env.sim.sim.set_faults(Faults { cloudinit_denied: true, ..Default::default() });
+    let id = new_id();
+    let err = p.create_vm(create(&id, "half", false)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::PermissionDenied, "{}", err.message);
+    // Meanwhile the half-made clone is in HCP's inventory, so the
+    // reconciler and an operator can see it.
+    let listed = p.list_vms(pb::ListVmsRequest { page_size: 100, page_token: String::new() }).await.unwrap();
+    assert!(listed.vms.iter().any(|v| v.vm_id == id), "the half-made VM is listed: {listed:?}");
+    // Delete finds it and leaves nothing: no VM, no snippet.
+    assert!(p.delete_vm(&id).await.unwrap(), "delete found the half-made VM");
+    assert!(guests(&env).is_empty(), "{:?}", guests(&env));
+    let snippets: Vec<_> =
+        std::fs::read_dir(&env.snippets).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(snippets.is_empty(), "snippets left: {snippets:?}");
+    assert!(!p.delete_vm(&id).await.unwrap(), "a second delete finds nothing");
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn the_disk_is_grown_to_the_flavor_and_never_shrunk() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    let id = new_id();
+    p.create_vm(create(&id, "big-disk", false)).await.unwrap();
+    let vm = guests(&env).into_iter().next().unwrap();
+    assert!(vm.config["scsi0"].contains("size=10G"), "{:?}", vm.config);
+    assert!(!vm.config["tags"].contains("pending"), "{:?}", vm.config);
+    // A flavor smaller than the template's disk leaves the disk as it is.
+    let small = new_id();
+    let mut req = create(&small, "small-disk", false);
+    req.spec.as_mut().unwrap().disk_gib = 1;
+    p.create_vm(req).await.unwrap();
+    let vm = guests(&env).into_iter().find(|v| v.config["tags"].contains(&small)).unwrap();
+    assert!(vm.config["scsi0"].contains("size=2G"), "{:?}", vm.config);
     assert_schema_clean(&env);
 }

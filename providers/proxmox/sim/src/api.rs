@@ -263,6 +263,10 @@ fn dispatch(
         s.faults.expire_tickets = false;
         s.tickets.clear();
     }
+    if s.faults.revoke_tokens {
+        s.faults.revoke_tokens = false;
+        s.config.tokens.clear();
+    }
     let Some(route) = route else {
         return Step::Done(fail(501, format!("Method '{method} {path}' not implemented")));
     };
@@ -289,6 +293,10 @@ fn dispatch(
     if !public && s.faults.proxy_errors > 0 {
         s.faults.proxy_errors -= 1;
         return Step::Done(fail(595, "Connection timed out"));
+    }
+    if !public && *method != Method::GET && s.faults.quorum_loss > 0 {
+        s.faults.quorum_loss -= 1;
+        return Step::Done(fail(500, "cluster not ready - no quorum?"));
     }
     let p = |k: &str| params.get(k).map(String::as_str);
     let var = |k: &str| route.vars.get(k).cloned().unwrap_or_default();
@@ -349,6 +357,10 @@ fn dispatch(
         },
         ("POST", "/nodes/{node}/qemu/{vmid}/config") => match set_config(s, vmid, params) {
             Ok(()) => Answer::Data(json!(spawn_task(s, &node, "qmconfig", vmid, &user, Effect::None))),
+            Err(a) => a,
+        },
+        ("PUT", "/nodes/{node}/qemu/{vmid}/resize") => match resize(s, vmid, p("disk"), p("size")) {
+            Ok(()) => Answer::Data(json!(spawn_task(s, &node, "resize", vmid, &user, Effect::None))),
             Err(a) => a,
         },
         ("GET", "/nodes/{node}/qemu/{vmid}/status/current") => {
@@ -725,6 +737,54 @@ fn clone(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<Str
     Answer::Data(json!(spawn_task(s, node, "qmclone", newid, user, Effect::Cloned(newid))))
 }
 
+/// Bytes in a PVE size (`2G`, `512M`, `10.5G`; bytes without a unit).
+fn size_bytes(text: &str) -> Option<f64> {
+    let (num, unit) = match text.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 'B'),
+    };
+    let n: f64 = num.parse().ok()?;
+    let scale = match unit {
+        'B' => 1.0,
+        'K' => 1024.0,
+        'M' => 1024.0 * 1024.0,
+        'G' => 1024.0 * 1024.0 * 1024.0,
+        'T' => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some(n * scale)
+}
+
+/// `PUT .../resize`: grows a disk the VM has (absolute or `+` relative);
+/// refuses to shrink, as PVE does.
+fn resize(s: &mut State, vmid: u32, disk: Option<&str>, size: Option<&str>) -> Result<(), Answer> {
+    if let Some(a) = locked(&s.vms[&vmid]) {
+        return Err(a);
+    }
+    let (Some(disk), Some(size)) = (disk, size) else {
+        return Err(fail(400, "disk and size are required"));
+    };
+    let vm = s.vms.get_mut(&vmid).expect("routed to an existing vm");
+    let Some(value) = vm.config.get(disk).cloned() else {
+        return Err(fail(500, format!("disk '{disk}' does not exist")));
+    };
+    let current = value.split(',').find_map(|p| p.strip_prefix("size=")).and_then(size_bytes).unwrap_or(0.0);
+    let wanted = match size.strip_prefix('+') {
+        Some(add) => current + size_bytes(add).unwrap_or(0.0),
+        None => size_bytes(size).unwrap_or(0.0),
+    };
+    if wanted < current {
+        return Err(fail(500, "shrinking disks is not supported"));
+    }
+    let gib = (wanted / (1024.0 * 1024.0 * 1024.0)).ceil() as u64;
+    let parts: Vec<String> = value
+        .split(',')
+        .map(|p| if p.starts_with("size=") { format!("size={gib}G") } else { p.to_owned() })
+        .collect();
+    vm.config.insert(disk.to_owned(), parts.join(","));
+    Ok(())
+}
+
 fn set_config(s: &mut State, vmid: u32, params: &BTreeMap<String, String>) -> Result<(), Answer> {
     if let Some(a) = locked(&s.vms[&vmid]) {
         return Err(a);
@@ -735,6 +795,13 @@ fn set_config(s: &mut State, vmid: u32, params: &BTreeMap<String, String>) -> Re
             500,
             "update VM {vmid}: unable to write the config (injected)".replace("{vmid}", &vmid.to_string()),
         ));
+    }
+    if s.faults.cloudinit_denied
+        && ["cicustom", "sshkeys", "ciuser", "cipassword", "ipconfig0"]
+            .iter()
+            .any(|k| params.contains_key(*k))
+    {
+        return Err(fail(403, format!("Permission check failed (/vms/{vmid}, VM.Config.Cloudinit)")));
     }
     if let Some(custom) = params.get("cicustom") {
         for part in custom.split(',') {

@@ -114,6 +114,17 @@ pub struct Faults {
     pub acpi_ignored: bool,
     /// The next N config updates fail with a 500 (not a lock).
     pub config_failures: u32,
+    /// The cluster loses quorum for the next N writes: each answers PVE's
+    /// 500 "cluster not ready - no quorum?" (reads still work, as on a node
+    /// cut off from the others).
+    pub quorum_loss: u32,
+    /// Revoke every API token (one shot): token requests get 401 from then
+    /// on, as after `pveum user token remove`.
+    pub revoke_tokens: bool,
+    /// The caller lacks VM.Config.Cloudinit: config updates that set
+    /// cloud-init options (`cicustom`, `sshkeys`, `ciuser`, `ipconfig0`)
+    /// get PVE's 403; others (tags, cores, memory) pass.
+    pub cloudinit_denied: bool,
 }
 
 /// One request the simulator received.
