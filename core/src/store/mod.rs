@@ -83,7 +83,11 @@ impl StoreError {
                 _ if db.code().as_deref().is_some_and(means_unavailable) => StoreError::Unavailable(err),
                 _ => StoreError::Internal(err),
             },
+            // A broken or half-made connection (seen when the database goes
+            // away during the connection's TLS or startup exchange) is an
+            // outage, not a bug: the pool drops the connection.
             sqlx::Error::Io(_)
+            | sqlx::Error::Protocol(_)
             | sqlx::Error::Tls(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
