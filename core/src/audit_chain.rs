@@ -138,7 +138,7 @@ pub async fn verify(store: &Store) -> Result<Report, StoreError> {
         after = last.seq;
         page.iter().for_each(|c| check.push(c));
     }
-    let (unsealed, _) = store.unsealed_audit_events().await?;
+    let unsealed = store.unsealed_audit_events().await?;
     Ok(check.finish(unsealed))
 }
 

@@ -27,6 +27,9 @@ pub const SUBJECT: &str = "hcp.events.jobs";
 #[derive(Clone, Debug)]
 pub struct JobEvents {
     tx: broadcast::Sender<JobId>,
+    /// This process's name on the NATS subject: what it published itself
+    /// was already broadcast locally, so the relay skips it.
+    origin: Arc<str>,
     fallback: Duration,
     watchers: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
@@ -44,7 +47,8 @@ impl JobEvents {
         nats: Option<async_nats::Client>,
     ) -> Self {
         let (tx, _) = broadcast::channel(4096);
-        Self { tx, fallback, watchers: Arc::new(Semaphore::new(max_watchers.max(1))), shutdown, nats }
+        let origin: Arc<str> = uuid::Uuid::now_v7().simple().to_string().into();
+        Self { tx, origin, fallback, watchers: Arc::new(Semaphore::new(max_watchers.max(1))), shutdown, nats }
     }
 
     /// How often a watcher re-reads its job without a notification.
@@ -57,9 +61,10 @@ impl JobEvents {
         let _ = self.tx.send(job);
         if let Some(nats) = &self.nats {
             let nats = nats.clone();
+            let payload = format!("{} {job}", self.origin);
             tokio::spawn(async move {
                 // Best effort: watchers also re-read on their own.
-                let _ = nats.publish(SUBJECT, job.to_string().into()).await;
+                let _ = nats.publish(SUBJECT, payload.into()).await;
             });
         }
     }
@@ -93,7 +98,13 @@ impl JobEvents {
             tokio::select! {
                 msg = sub.next() => match msg {
                     Some(m) => {
-                        if let Ok(id) = std::str::from_utf8(&m.payload).unwrap_or_default().parse::<JobId>() {
+                        // `<origin> <job id>`; this process's own were sent
+                        // locally already.
+                        let text = std::str::from_utf8(&m.payload).unwrap_or_default();
+                        if let Some((origin, id)) = text.split_once(' ')
+                            && origin != &*self.origin
+                            && let Ok(id) = id.parse::<JobId>()
+                        {
                             let _ = self.tx.send(id);
                         }
                     }

@@ -230,19 +230,13 @@ impl super::Store {
         })
     }
 
-    /// How many events are not sealed yet, and the oldest one's time.
-    pub async fn unsealed_audit_events(&self) -> StoreResult<(i64, Option<chrono::DateTime<chrono::Utc>>)> {
+    /// How many events are not sealed yet.
+    pub async fn unsealed_audit_events(&self) -> StoreResult<i64> {
         on_pool!(self, |pool| {
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_events WHERE seq IS NULL")
+            sqlx::query_scalar("SELECT COUNT(*) FROM audit_events WHERE seq IS NULL")
                 .fetch_one(pool)
                 .await
-                .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
-            let oldest: Option<chrono::DateTime<chrono::Utc>> =
-                sqlx::query_scalar("SELECT MIN(at) FROM audit_events WHERE seq IS NULL")
-                    .fetch_one(pool)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
-            Ok((n, oldest))
+                .map_err(|e| StoreError::from_sqlx(e, "audit chain"))
         })
     }
 }

@@ -370,7 +370,8 @@ impl Proxmox {
             ("memory", spec.memory_mib.to_string()),
             ("net0", format!("virtio,bridge={bridge}")),
             ("ipconfig0", ci.ipconfig0.clone().unwrap_or_else(|| "ip=dhcp".to_owned())),
-            ("tags", pending_tags(vm_id)),
+            // Last of all, the clone is no longer pending.
+            ("tags", format!("hcp;{}", id_tag(vm_id))),
         ];
         if let Some(user) = &ci.user {
             params.push(("ciuser", user.clone()));
@@ -393,11 +394,10 @@ impl Proxmox {
             )?;
             params.push(("cicustom", format!("user={storage}:snippets/{name}")));
         }
-        self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
+        // The disk first: the configuration update that follows drops the
+        // pending tag, so it must be the last step.
         self.grow_disk(f, spec.disk_gib).await?;
-        // Last: the clone is complete, and is no longer pending.
-        let tags: Params = vec![("tags", format!("hcp;{}", id_tag(vm_id)))];
-        self.pve.call(Method::Put, &format!("{}/config", f.path()), tags).await.map_err(map_error)?;
+        self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
         Ok(())
     }
 
@@ -588,17 +588,7 @@ impl Provider for Proxmox {
                 }
                 let path = format!("/nodes/{}/qemu/{tvmid}/clone", encode_segment(&tnode));
                 match self.pve.task(Method::Post, &path, params).await {
-                    Ok(_) => {
-                        // Ours from now on, whatever happens next.
-                        let tagged = self.find(&vm_id, Some(&name)).await?;
-                        if let Some(f) = &tagged {
-                            let tags: Params = vec![("tags", pending_tags(&vm_id))];
-                            self.pve
-                                .call(Method::Put, &format!("{}/config", f.path()), tags)
-                                .await
-                                .map_err(map_error)?;
-                        }
-                    }
+                    Ok(_) => {}
                     Err(e) if e.already_exists() => {
                         tracing::info!(vm_id, newid, attempt, "vmid collision; trying another");
                         tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % 50)).await;
@@ -606,7 +596,15 @@ impl Provider for Proxmox {
                     Err(e) => return Err(map_error(e)),
                 }
                 found = self.find(&vm_id, Some(&name)).await?;
-                if found.is_some() {
+                if let Some(f) = &found {
+                    if !f.configured {
+                        // Ours from now on, whatever happens next.
+                        let tags: Params = vec![("tags", pending_tags(&vm_id))];
+                        self.pve
+                            .call(Method::Put, &format!("{}/config", f.path()), tags)
+                            .await
+                            .map_err(map_error)?;
+                    }
                     break;
                 }
             }
