@@ -171,7 +171,7 @@ pub async fn spawn(
     Ok(Spawned { child, addr, announced })
 }
 
-/// Seeds a stack through its ops API: a zone, flavors, an image and the
+/// Seeds a stack through its ops API: a zone and its "default" network, flavors, an image and the
 /// provider at `provider_endpoint` (each skipped when it already exists).
 pub async fn bootstrap(
     core: &str,
@@ -248,6 +248,23 @@ pub async fn bootstrap(
             .await
             .map(|_| ()),
     )?;
+    // One network in the zone, "default", which every provider resolves
+    // under its own name (no backing set).
+    catalog
+        .create_network(authed(
+            &auth,
+            ops::CreateNetworkRequest {
+                network: Some(ops::NetworkDefinition {
+                    name: "default".into(),
+                    zone: zone.to_owned(),
+                    description: "the zone's default network".into(),
+                    backings: Default::default(),
+                    created_at: None,
+                }),
+            },
+        ))
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
     let existing = providers.list_providers(authed(&auth, ops::ListProvidersRequest {})).await?.into_inner();
     if !existing.providers.iter().any(|p| p.endpoint == provider_endpoint) {
         providers

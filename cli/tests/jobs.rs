@@ -113,7 +113,10 @@ async fn killed_workers_lose_nothing_and_duplicate_nothing() {
     assert_eq!(stats.overlapping_calls, 0, "two workers ran one job at once");
     let store = s.db.store().await.unwrap();
     let (list, _) = store
-        .list_vms("acme", "demo", &hcp_core::store::ListVmsQuery { page_size: 1000, ..Default::default() })
+        .list_vms(
+            &hcp_core::model::Scope::new("acme", "demo"),
+            &hcp_core::store::ListVmsQuery { page_size: 1000, ..Default::default() },
+        )
         .await
         .unwrap();
     assert!(list.iter().all(|v| v.status == hcp_core::model::VmStatus::Active && v.current_job_id.is_none()));

@@ -143,6 +143,13 @@ impl Principal {
         Ok(tenant)
     }
 
+    /// Returns the scope (tenant, `project_id`) if the principal may act on
+    /// the project with `access`; PERMISSION_DENIED otherwise.
+    pub fn scope(&self, project_id: &str, access: Access) -> Result<crate::model::Scope, ApiError> {
+        let tenant = self.tenant_project(project_id, access)?;
+        Ok(crate::model::Scope::new(tenant, project_id))
+    }
+
     /// Returns the tenant id of a tenant principal with any tenant role.
     pub fn tenant(&self) -> Result<&str, ApiError> {
         match &self.tenant_id {

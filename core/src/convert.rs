@@ -25,6 +25,8 @@ pub fn capabilities_from_proto(c: &provider::Capabilities) -> Capabilities {
         supports_console_serial: c.supports_console_serial,
         supports_gpu_passthrough: c.supports_gpu_passthrough,
         supports_snapshot_running: c.supports_snapshot_running,
+        supports_resize: c.supports_resize,
+        supports_hot_resize: c.supports_hot_resize,
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
@@ -41,6 +43,8 @@ pub fn capabilities_to_proto(c: &Capabilities) -> provider::Capabilities {
         supports_console_serial: c.supports_console_serial,
         supports_gpu_passthrough: c.supports_gpu_passthrough,
         supports_snapshot_running: c.supports_snapshot_running,
+        supports_resize: c.supports_resize,
+        supports_hot_resize: c.supports_hot_resize,
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
@@ -56,6 +60,7 @@ pub fn vm_status_to_proto(s: VmStatus) -> tenant::VmStatus {
         VmStatus::Starting => tenant::VmStatus::Starting,
         VmStatus::Stopping => tenant::VmStatus::Stopping,
         VmStatus::Rebooting => tenant::VmStatus::Rebooting,
+        VmStatus::Resizing => tenant::VmStatus::Resizing,
         VmStatus::Deleting => tenant::VmStatus::Deleting,
     }
 }
@@ -72,12 +77,28 @@ pub fn vm_status_from_proto(s: tenant::VmStatus) -> Option<VmStatus> {
         tenant::VmStatus::Starting => VmStatus::Starting,
         tenant::VmStatus::Stopping => VmStatus::Stopping,
         tenant::VmStatus::Rebooting => VmStatus::Rebooting,
+        tenant::VmStatus::Resizing => VmStatus::Resizing,
         tenant::VmStatus::Deleting => VmStatus::Deleting,
     })
 }
 
-/// The tenant's view of a VM.
-pub fn vm_to_tenant(vm: &Vm) -> tenant::Vm {
+/// Maps a wire job status to the domain (None for UNSPECIFIED).
+pub fn job_status_from_proto(s: tenant::JobStatus) -> Option<JobStatus> {
+    Some(match s {
+        tenant::JobStatus::Unspecified => return None,
+        tenant::JobStatus::Queued => JobStatus::Queued,
+        tenant::JobStatus::Running => JobStatus::Running,
+        tenant::JobStatus::Succeeded => JobStatus::Succeeded,
+        tenant::JobStatus::Failed => JobStatus::Failed,
+        tenant::JobStatus::Cancelled => JobStatus::Cancelled,
+    })
+}
+
+/// The tenant's view of a VM; `caps` are its provider's capabilities
+/// (for `allowed_actions`; `None` when the provider is gone).
+pub fn vm_to_tenant(vm: &Vm, caps: Option<&Capabilities>) -> tenant::Vm {
+    let none = Capabilities::default();
+    let allowed = crate::lifecycle::allowed_actions(vm.status, vm.current_job_id, caps.unwrap_or(&none));
     tenant::Vm {
         vm_id: vm.id.to_string(),
         project_id: vm.project_id.clone(),
@@ -88,17 +109,26 @@ pub fn vm_to_tenant(vm: &Vm) -> tenant::Vm {
         networks: vm
             .networks
             .iter()
-            .map(|n| tenant::NetworkAttachment { network: n.network.clone() })
+            .map(|n| tenant::NetworkAttachment {
+                network: n.network.clone(),
+                mac: n.mac.clone(),
+                ipv4: n.ipv4.clone(),
+                ipv6: n.ipv6.clone(),
+            })
             .collect(),
         metadata: vm.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         tags: vm.tags.clone(),
         status: vm_status_to_proto(vm.status) as i32,
         job_id: vm.current_job_id.map(|j| j.to_string()).unwrap_or_default(),
-        error: vm.error_code.as_ref().map(|code| tenant_error(code)),
+        error: vm.error_code.map(tenant_error),
         has_user_data: vm.user_data.is_some(),
         hostname: vm.hostname.clone(),
         created_at: Some(ts(vm.created_at)),
         updated_at: Some(ts(vm.updated_at)),
+        allowed_actions: allowed.iter().map(|a| a.as_str().to_owned()).collect(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
     }
 }
 
@@ -106,21 +136,22 @@ pub fn vm_to_tenant(vm: &Vm) -> tenant::Vm {
 /// made from it. The stored message is the provider's own text, which can
 /// name nodes, hosts, storage or native ids; operators read it in the ops
 /// job view (`GET /api/hcp/ops/v1/jobs/{id}`) and the logs.
-pub fn tenant_error(code: &str) -> tenant::OperationError {
+pub fn tenant_error(code: hcp_proto::error::ErrorCode) -> tenant::OperationError {
     use hcp_proto::error::ErrorCode;
-    let message = match ErrorCode::from_name(code) {
-        Some(ErrorCode::ProviderError) => "the hypervisor refused or failed the operation",
-        Some(ErrorCode::ProviderUnavailable) => "the hypervisor could not be reached",
-        Some(ErrorCode::DeadlineExceeded) => "the hypervisor did not finish the operation in time",
-        Some(ErrorCode::InvalidArgument) => "the hypervisor refused the request as invalid",
-        Some(ErrorCode::NotFound) => "the hypervisor no longer has this resource",
-        Some(ErrorCode::Conflict) => "the hypervisor's state did not allow the operation",
-        Some(ErrorCode::FeatureNotSupported) => "the hypervisor does not support the operation",
-        Some(ErrorCode::QuotaExceeded) => "the hypervisor is out of capacity",
+    let message = match code {
+        ErrorCode::ProviderError => "the hypervisor refused or failed the operation",
+        ErrorCode::ProviderUnavailable => "the hypervisor could not be reached",
+        ErrorCode::DeadlineExceeded => "the hypervisor did not finish the operation in time",
+        ErrorCode::InvalidArgument => "the hypervisor refused the request as invalid",
+        ErrorCode::NotFound => "the hypervisor no longer has this resource",
+        ErrorCode::Conflict => "the hypervisor's state did not allow the operation",
+        ErrorCode::FeatureNotSupported => "the hypervisor does not support the operation",
+        ErrorCode::QuotaExceeded => "the hypervisor is out of capacity",
+        ErrorCode::Cancelled => "the operation was cancelled",
         _ => "the operation failed inside HCP",
     };
     tenant::OperationError {
-        code: code.to_owned(),
+        code: code.as_str().to_owned(),
         message: format!("{message}; an operator can see the details of this job"),
     }
 }
@@ -137,7 +168,7 @@ pub fn job_to_ops(job: &Job) -> hcp_proto::ops::OpsJob {
         attempts: job.attempts,
         max_attempts: job.max_attempts,
         actor: job.actor.clone(),
-        error_code: job.error_code.clone().unwrap_or_default(),
+        error_code: job.error_code.map(|c| c.as_str().to_owned()).unwrap_or_default(),
         error_message: job.error_message.clone().unwrap_or_default(),
         created_at: Some(ts(job.created_at)),
         finished_at: job.finished_at.map(ts),
@@ -163,11 +194,15 @@ pub fn job_to_tenant(job: &Job) -> tenant::Job {
         status: status as i32,
         attempts: job.attempts,
         max_attempts: job.max_attempts,
-        error: job.error_code.as_ref().map(|code| tenant_error(code)),
+        error: job.error_code.map(tenant_error),
         created_at: Some(ts(job.created_at)),
         started_at: job.started_at.map(ts),
         finished_at: job.finished_at.map(ts),
         updated_at: Some(ts(job.updated_at)),
+        vm_id: job.vm_id.to_string(),
+        actor: job.actor.clone(),
+        request_id: job.request_id.clone(),
+        snapshot_id: job.snapshot_id.map(|s| s.to_string()).unwrap_or_default(),
     }
 }
 
@@ -192,6 +227,27 @@ pub fn image_to_proto(i: &Image, for_ops: bool) -> common::Image {
         min_disk_gib: i.min_disk_gib,
         description: i.description.clone(),
         created_at: Some(ts(i.created_at)),
+    }
+}
+
+/// A network as tenants see it (no backings).
+pub fn network_to_proto(n: &crate::model::Network) -> common::Network {
+    common::Network {
+        name: n.name.clone(),
+        zone: n.zone.clone(),
+        description: n.description.clone(),
+        created_at: Some(ts(n.created_at)),
+    }
+}
+
+/// A network as operators see it.
+pub fn network_to_ops(n: &crate::model::Network) -> ops::NetworkDefinition {
+    ops::NetworkDefinition {
+        name: n.name.clone(),
+        zone: n.zone.clone(),
+        description: n.description.clone(),
+        backings: n.backings.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        created_at: Some(ts(n.created_at)),
     }
 }
 

@@ -30,6 +30,10 @@ pub fn from_store(err: StoreError, what: &str) -> ApiError {
             ApiError::new(ErrorCode::AlreadyExists, format!("{what} already exists"))
         }
         StoreError::Conflict(msg) => ApiError::new(ErrorCode::Conflict, msg),
+        // The job in flight is named, so a client can wait on it and retry.
+        StoreError::Busy { job, message } => {
+            ApiError::new(ErrorCode::Conflict, message).with_detail("job_id", job.to_string())
+        }
         StoreError::Unavailable(source) => {
             // An outage fails every request: one WARN per period says so
             // without burying the log; the rest are at DEBUG.

@@ -28,9 +28,28 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tracing::Instrument;
 
 use crate::config::JobsConfig;
-use crate::model::{AuditEvent, Job, JobKind, Vm, now};
+use crate::lifecycle::{self, JobParams, Outcome, Power, Step};
+use crate::model::{AuditEvent, Job, NetworkAttachment, Vm, now};
 use crate::providers::{ProviderCallError, ProviderClients};
-use crate::store::{JobOutcome, Store, StoreError};
+use crate::store::{Finish, Store, StoreError};
+
+/// How an attempt ended: the lifecycle outcome and what goes with it.
+#[derive(Debug)]
+struct Attempt {
+    outcome: Outcome,
+    /// The failure's message (for the job row and the ops view).
+    message: String,
+    /// When a retry may run.
+    run_after: Option<chrono::DateTime<chrono::Utc>>,
+    /// Addresses reported after a successful job.
+    networks: Option<Vec<NetworkAttachment>>,
+}
+
+impl Attempt {
+    fn failed(code: ErrorCode, message: String) -> Self {
+        Attempt { outcome: Outcome::Failed(code), message, run_after: None, networks: None }
+    }
+}
 
 /// Tells workers that a job was committed and can run.
 pub trait JobQueue: Send + Sync + 'static {
@@ -280,10 +299,10 @@ impl Engine {
         let attempt = async {
             if job.attempts > job.max_attempts {
                 // The previous holder died during the last allowed attempt.
-                return Ok(JobOutcome::Failed {
-                    code: ErrorCode::Internal.as_str().to_owned(),
-                    message: format!("gave up after {} attempts", job.max_attempts),
-                });
+                return Ok(Attempt::failed(
+                    ErrorCode::Internal,
+                    format!("gave up after {} attempts", job.max_attempts),
+                ));
             }
             self.run_steps(&job).await
         };
@@ -319,32 +338,42 @@ impl Engine {
         self.finish(&job, outcome).await;
     }
 
-    async fn finish(&self, job: &Job, outcome: JobOutcome) {
+    async fn finish(&self, job: &Job, attempt: Attempt) {
         let t = now();
-        let audit = match &outcome {
-            JobOutcome::Retry { run_after, code, message } => {
-                tracing::info!(%code, %message, %run_after, "attempt failed; will retry");
+        let audit = match attempt.outcome {
+            Outcome::Retry(code) => {
+                tracing::info!(%code, message = %attempt.message, run_after = ?attempt.run_after, "attempt failed; will retry");
                 None
             }
-            JobOutcome::Succeeded { .. } => Some(self.audit(job, "succeeded", "")),
-            JobOutcome::Failed { code, message } => {
-                tracing::warn!(%code, %message, "job failed");
-                Some(self.audit(job, "failed", code))
+            Outcome::Succeeded { .. } => Some(self.audit(job, "succeeded", "")),
+            Outcome::Failed(code) => {
+                tracing::warn!(%code, message = %attempt.message, "job failed");
+                Some(self.audit(job, "failed", code.as_str()))
             }
+            Outcome::Cancelled => None,
         };
-        match self.store.finish_job(job, &self.worker_id, &outcome, t, audit.as_ref()).await {
+        let finish = Finish {
+            transition: lifecycle::transition(job.kind, attempt.outcome, job.prior_status, &job.params),
+            error: match attempt.outcome {
+                Outcome::Failed(code) | Outcome::Retry(code) => Some((code, attempt.message.clone())),
+                Outcome::Succeeded { .. } | Outcome::Cancelled => None,
+            },
+            run_after: attempt.run_after,
+            networks: attempt.networks,
+        };
+        match self.store.finish_job(job, &self.worker_id, &finish, t, audit.as_ref()).await {
             Ok(()) => {
                 self.events.changed(job.id);
-                if let JobOutcome::Retry { run_after, .. } = &outcome {
+                if let Some(run_after) = attempt.run_after {
                     // Wake a local worker when the backoff is over.
                     let wake = self.wake.clone();
-                    let delay = (*run_after - t).to_std().unwrap_or_default();
+                    let delay = (run_after - t).to_std().unwrap_or_default();
                     tokio::spawn(async move {
                         tokio::time::sleep(delay).await;
                         wake.notify_one();
                     });
                 } else {
-                    tracing::info!(outcome = ?outcome, "job finished");
+                    tracing::info!(outcome = ?attempt.outcome, "job finished");
                 }
             }
             Err(StoreError::Conflict(msg)) => tracing::warn!(%msg, "job not finished"),
@@ -381,25 +410,14 @@ impl Engine {
         Duration::from_millis(half + jitter)
     }
 
-    async fn run_steps(&self, job: &Job) -> Result<JobOutcome, Abort> {
+    async fn run_steps(&self, job: &Job) -> Result<Attempt, Abort> {
         let vm = self.store.get_vm_internal(job.vm_id).await.map_err(Abort::Store)?;
         let provider = self.store.get_provider(vm.provider_id).await.map_err(Abort::Store)?;
         let mut compute = match self.clients.compute(&provider) {
             Ok(c) => c,
-            Err(e) => {
-                return Ok(JobOutcome::Failed { code: e.code.as_str().to_owned(), message: e.message });
-            }
+            Err(e) => return Ok(Attempt::failed(e.code, e.message)),
         };
-        let steps: &[&str] = match job.kind {
-            JobKind::CreateVm => &["provider.create", "provider.start"],
-            JobKind::StartVm => &["provider.start"],
-            JobKind::StopVm => &["provider.stop"],
-            JobKind::RebootVm => &["provider.reboot"],
-            JobKind::DeleteVm => &["provider.delete"],
-            JobKind::SnapshotCreate => &["provider.snapshot_create"],
-            JobKind::SnapshotRevert => &["provider.snapshot_revert"],
-            JobKind::SnapshotDelete => &["provider.snapshot_delete"],
-        };
+        let steps = job.kind.steps();
         // The last step is never recorded: finishing the job records that it
         // happened, and a crash between the two re-runs it, which the
         // provider's idempotency allows (just as a crash between the call and
@@ -413,139 +431,251 @@ impl Engine {
             Some(id) => Some(self.store.get_snapshot_internal(id).await.map_err(Abort::Store)?),
             None => None,
         };
-        let mut last_output = done.iter().rev().map(|(_, o)| o.clone()).next().unwrap_or_default();
+        let networks = if job.kind == crate::model::JobKind::CreateVm {
+            self.backings(&vm, &provider.name).await.map_err(Abort::Store)?
+        } else {
+            Vec::new()
+        };
+        let call = Call { vm: &vm, snapshot: snapshot.as_ref(), params: &job.params, networks: &networks };
+        let mut power = None;
         for (i, &step) in steps.iter().enumerate() {
-            if done.iter().any(|(d, _)| d == step) {
-                tracing::debug!(step, "step already done");
+            if done.iter().any(|(d, _)| d == step.as_str()) {
+                tracing::debug!(%step, "step already done");
                 continue;
             }
-            let result = self.call_provider(&mut compute, &vm, snapshot.as_ref(), step).await;
-            match result {
+            match self.call_provider(&mut compute, &call, step).await {
                 Ok(output) => {
                     if i + 1 < steps.len() {
                         self.store
-                            .record_step(job.id, &self.worker_id, step, &output, now())
+                            .record_step(job.id, &self.worker_id, step, &output.native, now())
                             .await
                             .map_err(Abort::Store)?;
                     }
-                    last_output = output;
+                    power = output.power.or(power);
                 }
                 Err(e) => return Ok(self.failure_outcome(job, step, e)),
             }
         }
-        let vm_status = match (job.kind.success_status(), job.kind) {
-            (Some(s), _) => s,
-            // A revert leaves the VM in the power state the snapshot had.
-            (None, JobKind::SnapshotRevert) if last_output == "RUNNING" => crate::model::VmStatus::Active,
-            (None, JobKind::SnapshotRevert) => crate::model::VmStatus::Stopped,
-            (None, _) => job.prior_status.unwrap_or(crate::model::VmStatus::Active),
+        // Addresses as the provider sees them now; a provider that cannot
+        // tell (or a call that fails) leaves the stored ones as they are.
+        let networks = if job.kind == crate::model::JobKind::DeleteVm {
+            None
+        } else {
+            observe_networks(&mut compute, &vm).await
         };
-        Ok(JobOutcome::Succeeded { vm_status })
+        Ok(Attempt {
+            outcome: Outcome::Succeeded { power },
+            message: String::new(),
+            run_after: None,
+            networks,
+        })
     }
 
-    fn failure_outcome(&self, job: &Job, step: &str, e: ProviderCallError) -> JobOutcome {
+    /// The VM's attachments with what each network is on `provider`.
+    async fn backings(
+        &self,
+        vm: &Vm,
+        provider: &str,
+    ) -> Result<Vec<provider::NetworkAttachment>, StoreError> {
+        if vm.networks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let catalog = self.store.list_networks(Some(&vm.zone)).await?;
+        Ok(vm
+            .networks
+            .iter()
+            .map(|n| provider::NetworkAttachment {
+                network: n.network.clone(),
+                backing: catalog
+                    .iter()
+                    .find(|c| c.name == n.network)
+                    .map(|c| c.backing_on(provider).to_owned())
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    fn failure_outcome(&self, job: &Job, step: Step, e: ProviderCallError) -> Attempt {
         let message = format!("{step}: {}", e.message);
         if e.retryable && job.attempts < job.max_attempts {
             let delay = Self::backoff(&self.config, job.attempts);
-            JobOutcome::Retry {
-                run_after: now() + chrono::Duration::from_std(delay).unwrap_or_default(),
-                code: e.code.as_str().to_owned(),
+            Attempt {
+                outcome: Outcome::Retry(e.code),
                 message,
+                run_after: Some(now() + chrono::Duration::from_std(delay).unwrap_or_default()),
+                networks: None,
             }
         } else {
-            JobOutcome::Failed { code: e.code.as_str().to_owned(), message }
+            Attempt::failed(e.code, message)
         }
     }
 
     async fn call_provider(
         &self,
         compute: &mut provider::compute_client::ComputeClient<tonic::transport::Channel>,
-        vm: &Vm,
-        snapshot: Option<&crate::model::Snapshot>,
-        step: &str,
-    ) -> Result<String, ProviderCallError> {
-        fn req<T>(msg: T) -> tonic::Request<T> {
-            let mut r = tonic::Request::new(msg);
-            hcp_telemetry::inject_request(&mut r);
-            r
-        }
-        let vm_ref = provider::VmRef { vm_id: vm.id.to_string() };
+        call: &Call<'_>,
+        step: Step,
+    ) -> Result<StepOutput, ProviderCallError> {
+        let vm = call.vm;
+        let vm_id = vm.id.to_string();
         let started = std::time::Instant::now();
+        let snapshot = || {
+            call.snapshot.map(|s| (s.id.to_string(), s.name.clone())).ok_or_else(|| ProviderCallError {
+                code: ErrorCode::Internal,
+                retryable: false,
+                message: "snapshot job without a snapshot".to_owned(),
+            })
+        };
+        let info = |r: tonic::Response<provider::VmInfo>| StepOutput::native(r.into_inner().native_id);
         let result = match step {
-            "provider.create" => compute
-                .create_vm(req(provider::CreateVmRequest {
-                    vm_id: vm.id.to_string(),
-                    spec: Some(vm_spec(vm)),
-                    start: false,
-                }))
-                .await
-                .map(|r| r.into_inner().native_id),
-            "provider.start" => compute.start_vm(req(vm_ref)).await.map(|_| String::new()),
-            "provider.stop" => compute
-                .stop_vm(req(provider::StopVmRequest {
-                    vm_id: vm.id.to_string(),
-                    force: false,
-                    timeout_seconds: 0,
-                }))
-                .await
-                .map(|_| String::new()),
-            "provider.reboot" => compute.reboot_vm(req(vm_ref)).await.map(|_| String::new()),
-            "provider.delete" => compute
-                .delete_vm(req(vm_ref))
-                .await
-                .map(|r| if r.into_inner().existed { "deleted" } else { "absent" }.to_owned()),
-            "provider.snapshot_create" | "provider.snapshot_revert" | "provider.snapshot_delete" => {
-                let Some(snap) = snapshot else {
-                    return Err(ProviderCallError {
-                        code: ErrorCode::Internal,
-                        retryable: false,
-                        message: "snapshot job without a snapshot".to_owned(),
-                    });
-                };
-                let sref =
-                    provider::SnapshotRef { vm_id: vm.id.to_string(), snapshot_id: snap.id.to_string() };
-                match step {
-                    "provider.snapshot_create" => compute
-                        .create_snapshot(req(provider::CreateSnapshotRequest {
-                            vm_id: vm.id.to_string(),
-                            snapshot_id: snap.id.to_string(),
-                            name: snap.name.clone(),
-                        }))
-                        .await
-                        .map(|r| r.into_inner().native_id),
-                    "provider.snapshot_revert" => compute.revert_snapshot(req(sref)).await.map(|r| {
-                        provider::PowerState::try_from(r.into_inner().power_state)
-                            .unwrap_or(provider::PowerState::Unspecified)
-                            .as_str_name()
-                            .to_owned()
-                    }),
-                    _ => compute
-                        .delete_snapshot(req(sref))
-                        .await
-                        .map(|r| if r.into_inner().existed { "deleted" } else { "absent" }.to_owned()),
-                }
+            Step::Create => {
+                let mut spec = vm_spec(vm);
+                spec.networks = call.networks.to_vec();
+                compute
+                    .create_vm(req(provider::CreateVmRequest { vm_id, spec: Some(spec), start: false }))
+                    .await
+                    .map(info)
             }
-            other => {
-                return Err(ProviderCallError {
-                    code: ErrorCode::Internal,
-                    retryable: false,
-                    message: format!("unknown step {other}"),
-                });
+            Step::Start => compute.start_vm(req(provider::VmRef { vm_id })).await.map(info),
+            Step::Stop => {
+                let (force, timeout_seconds) = match call.params {
+                    JobParams::Stop { force, timeout_seconds } => (*force, *timeout_seconds),
+                    _ => (false, 0),
+                };
+                compute
+                    .stop_vm(req(provider::StopVmRequest { vm_id, force, timeout_seconds }))
+                    .await
+                    .map(info)
+            }
+            Step::Reboot => {
+                let hard = matches!(call.params, JobParams::Reboot { hard: true });
+                compute.reboot_vm(req(provider::RebootVmRequest { vm_id, hard })).await.map(info)
+            }
+            Step::Resize => {
+                // The VM row already carries the new size (applied at accept).
+                compute
+                    .resize_vm(req(provider::ResizeVmRequest {
+                        vm_id,
+                        vcpus: vm.vcpus,
+                        memory_mib: vm.memory_mib,
+                        disk_gib: vm.disk_gib,
+                    }))
+                    .await
+                    .map(info)
+            }
+            Step::Delete => compute
+                .delete_vm(req(provider::VmRef { vm_id }))
+                .await
+                .map(|r| StepOutput::native(if r.into_inner().existed { "deleted" } else { "absent" })),
+            Step::SnapshotCreate => {
+                let (snapshot_id, name) = snapshot()?;
+                compute
+                    .create_snapshot(req(provider::CreateSnapshotRequest { vm_id, snapshot_id, name }))
+                    .await
+                    .map(|r| StepOutput::native(r.into_inner().native_id))
+            }
+            Step::SnapshotRevert => {
+                let (snapshot_id, _) = snapshot()?;
+                compute.revert_snapshot(req(provider::SnapshotRef { vm_id, snapshot_id })).await.map(|r| {
+                    let state = provider::PowerState::try_from(r.into_inner().power_state)
+                        .unwrap_or(provider::PowerState::Unspecified);
+                    StepOutput {
+                        native: state.as_str_name().to_owned(),
+                        power: Some(if state == provider::PowerState::Running {
+                            Power::Running
+                        } else {
+                            Power::Off
+                        }),
+                    }
+                })
+            }
+            Step::SnapshotDelete => {
+                let (snapshot_id, _) = snapshot()?;
+                compute
+                    .delete_snapshot(req(provider::SnapshotRef { vm_id, snapshot_id }))
+                    .await
+                    .map(|r| StepOutput::native(if r.into_inner().existed { "deleted" } else { "absent" }))
             }
         };
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         match result {
             Ok(out) => {
-                tracing::debug!(step, elapsed_ms, "provider call done");
+                tracing::debug!(%step, elapsed_ms, "provider call done");
                 Ok(out)
             }
             Err(status) => {
                 let e = ProviderCallError::from_status(&status);
-                tracing::info!(step, elapsed_ms, code = %e.code, retryable = e.retryable, message = %e.message, "provider call failed");
+                tracing::info!(%step, elapsed_ms, code = %e.code, retryable = e.retryable, message = %e.message, "provider call failed");
                 Err(e)
             }
         }
     }
+}
+
+/// What one job's provider calls need besides the client.
+struct Call<'a> {
+    vm: &'a Vm,
+    snapshot: Option<&'a crate::model::Snapshot>,
+    params: &'a JobParams,
+    /// The create's attachments with their backings on this provider.
+    networks: &'a [provider::NetworkAttachment],
+}
+
+/// What a step returns: the recorded output, and the power state a revert
+/// left the VM in.
+struct StepOutput {
+    native: String,
+    power: Option<Power>,
+}
+
+impl StepOutput {
+    fn native(s: impl Into<String>) -> Self {
+        StepOutput { native: s.into(), power: None }
+    }
+}
+
+fn req<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    hcp_telemetry::inject_request(&mut r);
+    r
+}
+
+/// Asks the provider for the VM's NICs and merges them into its
+/// attachments; `None` when it cannot tell.
+async fn observe_networks(
+    compute: &mut provider::compute_client::ComputeClient<tonic::transport::Channel>,
+    vm: &Vm,
+) -> Option<Vec<NetworkAttachment>> {
+    let info = compute.get_vm(req(provider::VmRef { vm_id: vm.id.to_string() })).await.ok()?.into_inner();
+    merge_interfaces(&vm.networks, &info.interfaces)
+}
+
+/// Puts reported interfaces on attachments by position (interface i is the
+/// NIC of attachment i); interfaces beyond the attachments are kept with the
+/// network the provider named. `None` when nothing was reported.
+pub fn merge_interfaces(
+    attachments: &[NetworkAttachment],
+    interfaces: &[provider::InterfaceInfo],
+) -> Option<Vec<NetworkAttachment>> {
+    if interfaces.is_empty() {
+        return None;
+    }
+    let n = attachments.len().max(interfaces.len());
+    let merged: Vec<NetworkAttachment> = (0..n)
+        .map(|i| {
+            let mut a = attachments.get(i).cloned().unwrap_or_default();
+            if let Some(nic) = interfaces.get(i) {
+                if a.network.is_empty() {
+                    a.network = nic.network.clone();
+                }
+                a.mac = nic.mac.to_ascii_lowercase();
+                a.ipv4 = nic.ipv4.clone();
+                a.ipv6 = nic.ipv6.clone();
+            }
+            a
+        })
+        .collect();
+    (merged != attachments).then_some(merged)
 }
 
 /// The provider's view of a VM: sizes and image resolved, no tenant data
@@ -563,7 +693,7 @@ pub fn vm_spec(vm: &Vm) -> provider::VmSpec {
         networks: vm
             .networks
             .iter()
-            .map(|n| provider::NetworkAttachment { network: n.network.clone() })
+            .map(|n| provider::NetworkAttachment { network: n.network.clone(), backing: String::new() })
             .collect(),
         user_data: vm.user_data.clone(),
         hostname: vm.hostname.clone(),

@@ -17,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod jwks;
+pub mod lifecycle;
 pub mod model;
 pub mod placement;
 pub mod providers;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, SubsecRound, Utc};
+use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{JobId, ProviderId, VmId};
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +62,8 @@ string_enum!(
         Stopping = "STOPPING",
         /// A reboot job is in flight.
         Rebooting = "REBOOTING",
+        /// A resize job is in flight.
+        Resizing = "RESIZING",
         /// A delete job is in flight.
         Deleting = "DELETING",
     }
@@ -93,6 +96,8 @@ string_enum!(
         StopVm = "vm.stop",
         /// Reboot a running VM.
         RebootVm = "vm.reboot",
+        /// Give a VM another flavor.
+        ResizeVm = "vm.resize",
         /// Delete a VM.
         DeleteVm = "vm.delete",
         /// Snapshot a VM.
@@ -120,70 +125,38 @@ string_enum!(
     }
 );
 
-impl VmStatus {
-    /// True for the states in which a job is operating on the VM.
-    pub fn is_transitional(self) -> bool {
-        matches!(
-            self,
-            VmStatus::Pending
-                | VmStatus::Starting
-                | VmStatus::Stopping
-                | VmStatus::Rebooting
-                | VmStatus::Deleting
-        )
-    }
-}
-
-impl JobKind {
-    /// The VM states from which this operation may be requested.
-    pub fn allowed_from(self) -> &'static [VmStatus] {
-        match self {
-            JobKind::CreateVm => &[],
-            JobKind::StartVm => &[VmStatus::Stopped, VmStatus::Error],
-            JobKind::StopVm => &[VmStatus::Active, VmStatus::Error],
-            JobKind::RebootVm => &[VmStatus::Active],
-            JobKind::DeleteVm => &[VmStatus::Active, VmStatus::Stopped, VmStatus::Error],
-            JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => {
-                &[VmStatus::Active, VmStatus::Stopped]
-            }
-        }
-    }
-
-    /// The transitional state the VM is in while this job runs; `None`
-    /// keeps its status (snapshot jobs; the job still holds the VM).
-    pub fn in_flight_status(self) -> Option<VmStatus> {
-        match self {
-            JobKind::CreateVm => Some(VmStatus::Pending),
-            JobKind::StartVm => Some(VmStatus::Starting),
-            JobKind::StopVm => Some(VmStatus::Stopping),
-            JobKind::RebootVm => Some(VmStatus::Rebooting),
-            JobKind::DeleteVm => Some(VmStatus::Deleting),
-            JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => None,
-        }
-    }
-
-    /// The VM state after the job succeeds; `None` when it depends on the
-    /// VM (snapshot jobs keep it, a revert takes the snapshot's).
-    pub fn success_status(self) -> Option<VmStatus> {
-        match self {
-            JobKind::CreateVm | JobKind::StartVm | JobKind::RebootVm => Some(VmStatus::Active),
-            JobKind::StopVm => Some(VmStatus::Stopped),
-            JobKind::DeleteVm => Some(VmStatus::Deleted),
-            JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => None,
-        }
-    }
-
-    /// True for the snapshot operations.
-    pub fn is_snapshot(self) -> bool {
-        matches!(self, JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete)
-    }
-}
-
-/// A network attachment as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A network attachment as stored, with what the hypervisor last reported
+/// of its NIC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkAttachment {
     /// Network name as the zone publishes it.
     pub network: String,
+    /// The NIC's MAC, once reported.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+    /// IPv4 addresses last reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipv4: Vec<String>,
+    /// IPv6 addresses last reported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipv6: Vec<String>,
+}
+
+/// Where a tenant-facing call operates: a tenant and one of its projects.
+/// Store calls take it whole, so the two cannot be swapped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    /// The tenant (from the token).
+    pub tenant: String,
+    /// The project (from the request, granted by the token).
+    pub project: String,
+}
+
+impl Scope {
+    /// Makes a scope from ids already checked against the caller's grants.
+    pub fn new(tenant: impl Into<String>, project: impl Into<String>) -> Self {
+        Self { tenant: tenant.into(), project: project.into() }
+    }
 }
 
 /// A VM row.
@@ -228,7 +201,7 @@ pub struct Vm {
     /// Job operating on the VM, if any.
     pub current_job_id: Option<JobId>,
     /// Error code of the last failure, while status is ERROR.
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     /// Error message of the last failure.
     pub error_message: Option<String>,
     /// When accepted.
@@ -263,7 +236,7 @@ pub struct Job {
     /// When the lease lapses unless renewed.
     pub lease_expires_at: Option<DateTime<Utc>>,
     /// Error code when failed (or of the last failed attempt).
-    pub error_code: Option<String>,
+    pub error_code: Option<ErrorCode>,
     /// Error message.
     pub error_message: Option<String>,
     /// Who asked for it (JWT subject).
@@ -282,6 +255,10 @@ pub struct Job {
     pub prior_status: Option<VmStatus>,
     /// The snapshot a snapshot job operates on.
     pub snapshot_id: Option<hcp_proto::ids::SnapshotId>,
+    /// What the job was asked to do beyond its kind.
+    pub params: crate::lifecycle::JobParams,
+    /// The request's X-Request-Id, or its trace id.
+    pub request_id: String,
 }
 
 /// A snapshot row.
@@ -346,6 +323,28 @@ pub struct Zone {
     pub created_at: DateTime<Utc>,
 }
 
+/// A network of a zone, with its mapping onto each provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// Name, unique within the zone.
+    pub name: String,
+    /// Zone.
+    pub zone: String,
+    /// Free text.
+    pub description: String,
+    /// Provider name -> what the network is on that provider.
+    pub backings: BTreeMap<String, String>,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Network {
+    /// What the network is on `provider` (its name when not mapped).
+    pub fn backing_on(&self, provider: &str) -> &str {
+        self.backings.get(provider).map(String::as_str).unwrap_or(&self.name)
+    }
+}
+
 /// Capability flags as stored (mirrors `hcp.provider.v1.Capabilities`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -368,27 +367,12 @@ pub struct Capabilities {
     pub supports_gpu_passthrough: bool,
     /// Snapshots of running VMs.
     pub supports_snapshot_running: bool,
+    /// Resize of stopped VMs.
+    pub supports_resize: bool,
+    /// Resize of running VMs.
+    pub supports_hot_resize: bool,
     /// Free-form facts.
     pub attributes: BTreeMap<String, String>,
-}
-
-impl Capabilities {
-    /// Returns the flag named `name` (as in the proto), or `None` for an
-    /// unknown name.
-    pub fn flag(&self, name: &str) -> Option<bool> {
-        Some(match name {
-            "supports_cloud_init" => self.supports_cloud_init,
-            "supports_snapshot" => self.supports_snapshot,
-            "supports_live_migration" => self.supports_live_migration,
-            "supports_console_vnc" => self.supports_console_vnc,
-            "supports_console_spice" => self.supports_console_spice,
-            "supports_console_rdp" => self.supports_console_rdp,
-            "supports_console_serial" => self.supports_console_serial,
-            "supports_gpu_passthrough" => self.supports_gpu_passthrough,
-            "supports_snapshot_running" => self.supports_snapshot_running,
-            _ => return None,
-        })
-    }
 }
 
 /// A registered provider endpoint.

@@ -12,13 +12,24 @@ use std::collections::HashMap;
 use hcp_proto::error::{ApiError, ErrorCode};
 
 use crate::error::from_store;
+use crate::lifecycle::Capability;
 use crate::model::Provider;
 use crate::store::Store;
 
-/// Picks a provider for a VM in `zone` needing the capability flags `needs`.
-pub async fn choose(store: &Store, zone: Option<&str>, needs: &[&str]) -> Result<Provider, ApiError> {
+/// Picks a provider for a VM in `zone` (any of `zones` when none is given)
+/// needing the capability flags `needs`.
+pub async fn choose(
+    store: &Store,
+    zone: Option<&str>,
+    zones: Option<&[String]>,
+    needs: &[Capability],
+) -> Result<Provider, ApiError> {
     let providers = store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
-    let in_zone: Vec<&Provider> = providers.iter().filter(|p| zone.is_none_or(|z| p.zone == z)).collect();
+    let in_zone: Vec<&Provider> = providers
+        .iter()
+        .filter(|p| zone.is_none_or(|z| p.zone == z))
+        .filter(|p| zones.is_none_or(|zs| zs.contains(&p.zone)))
+        .collect();
     let healthy: Vec<&Provider> = in_zone.iter().copied().filter(|p| p.healthy).collect();
     if healthy.is_empty() {
         let where_ = zone.map(|z| format!("zone {z}")).unwrap_or_else(|| "any zone".to_owned());
@@ -28,11 +39,11 @@ pub async fn choose(store: &Store, zone: Option<&str>, needs: &[&str]) -> Result
         ));
     }
     let mut capable = healthy.clone();
-    for need in needs {
-        capable.retain(|p| p.capabilities.flag(need) == Some(true));
+    for &need in needs {
+        capable.retain(|p| need.of(&p.capabilities));
         if capable.is_empty() {
             return Err(ApiError::feature_not_supported(
-                need,
+                need.flag(),
                 format!("no provider for this request supports {need}"),
             ));
         }

@@ -103,6 +103,8 @@ pub struct Report {
     pub orphans: usize,
     /// Skipped because a job operates on them or they changed meanwhile.
     pub skipped: usize,
+    /// VMs whose reported addresses changed and were recorded.
+    pub addresses: usize,
 }
 
 /// Runs reconciliation passes.
@@ -165,6 +167,7 @@ impl Reconciler {
                     total.power += r.power;
                     total.orphans += r.orphans;
                     total.skipped += r.skipped;
+                    total.addresses += r.addresses;
                 }
                 Err(e) => tracing::warn!(provider = %p.name, error = %e, "reconcile failed"),
             }
@@ -235,6 +238,15 @@ impl Reconciler {
                     if drift {
                         report.power += 1;
                         self.power_drift(p, k, power, observed_at).await;
+                    } else if let Some(networks) = crate::jobs::merge_interfaces(&k.networks, &vm.interfaces)
+                    {
+                        // Addresses change without HCP (DHCP, the guest):
+                        // record what the hypervisor reports now.
+                        match self.store.set_vm_networks(id, &networks).await {
+                            Ok(true) => report.addresses += 1,
+                            Ok(false) => report.skipped += 1,
+                            Err(e) => tracing::warn!(vm_id = %id, error = %e, "cannot record addresses"),
+                        }
                     }
                 }
             }

@@ -27,6 +27,7 @@ use hcp_proto::ops::job_admin_service_server::JobAdminServiceServer;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminServiceServer;
 use hcp_proto::ops::quota_admin_service_server::QuotaAdminServiceServer;
 use hcp_proto::tenant::job_service_server::JobServiceServer;
+use hcp_proto::tenant::quota_service_server::QuotaServiceServer;
 use hcp_proto::tenant::vm_service_server::VmServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -281,6 +282,7 @@ pub async fn run(
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<VmServiceServer<TenantApi>>().await;
         health.set_serving::<JobServiceServer<TenantApi>>().await;
+        health.set_serving::<QuotaServiceServer<TenantApi>>().await;
         health.set_serving::<CatalogServiceServer<CatalogApi>>().await;
         health.set_serving::<ProviderAdminServiceServer<OpsApi>>().await;
         health.set_serving::<CatalogAdminServiceServer<OpsApi>>().await;
@@ -310,7 +312,8 @@ pub async fn run(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(VmServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
-            .add_service(JobServiceServer::new(tenant).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(JobServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(QuotaServiceServer::new(tenant).max_decoding_message_size(MAX_MESSAGE))
             .add_service(CatalogServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE))
             .add_service(ProviderAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(CatalogAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))

@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 
 use chrono::Duration;
+use hcp_core::lifecycle::{self, JobParams, Outcome};
 use hcp_core::model::*;
 use hcp_core::store::{
-    AcceptOperation, AuditQuery, IdempotencyRecord, JobOutcome, ListVmsQuery, Quota, SUBJECT_JOBS,
+    AcceptOperation, AuditQuery, Finish, IdempotencyRecord, ListVmsQuery, Quota, SUBJECT_JOBS,
     SUBJECT_USAGE_PREFIX, Store, StoreError,
 };
+use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{EventId, JobId, ProviderId, VmId};
 use hcp_testkit::db::{Backend, TestDb};
 
@@ -41,6 +43,9 @@ store_tests!(
     outbox_rows_commit_with_the_change,
     shared_keys_are_made_once,
     the_audit_chain_names_what_was_changed,
+    a_resize_holds_its_quota_and_a_failure_gives_the_size_back,
+    jobs_are_listed_newest_first_with_filters,
+    networks_are_per_zone_and_in_use_ones_stay,
 );
 
 async fn fresh(backend: Backend) -> (TestDb, Store) {
@@ -147,6 +152,26 @@ fn new_job(tenant: &str, project: &str, vm: VmId, kind: JobKind) -> Job {
         updated_at: t,
         prior_status: None,
         snapshot_id: None,
+        params: JobParams::None,
+        request_id: "req-1".into(),
+    }
+}
+
+/// What the engine hands the store when `job` ends with `outcome`.
+fn finish(
+    job: &Job,
+    outcome: Outcome,
+    message: &str,
+    run_after: Option<chrono::DateTime<chrono::Utc>>,
+) -> Finish {
+    Finish {
+        transition: lifecycle::transition(job.kind, outcome, job.prior_status, &job.params),
+        error: match outcome {
+            Outcome::Failed(c) | Outcome::Retry(c) => Some((c, message.to_owned())),
+            _ => None,
+        },
+        run_after,
+        networks: None,
     }
 }
 
@@ -165,7 +190,7 @@ fn new_vm(provider: &Provider, tenant: &str, project: &str, name: &str, tags: &[
         image_source: "img-src".into(),
         zone: "z1".into(),
         provider_id: provider.id,
-        networks: vec![NetworkAttachment { network: "default".into() }],
+        networks: vec![NetworkAttachment { network: "default".into(), ..Default::default() }],
         metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
         tags: tags.iter().map(|s| s.to_string()).collect(),
         user_data: Some("#cloud-config".into()),
@@ -200,7 +225,9 @@ async fn complete(store: &Store, job: &Job, status: VmStatus) {
     let t = now();
     let claimed =
         store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().expect("claimable");
-    store.finish_job(&claimed, "w", &JobOutcome::Succeeded { vm_status: status }, now(), None).await.unwrap();
+    let done = finish(&claimed, Outcome::Succeeded { power: None }, "", None);
+    assert_eq!(done.transition.vm, Some(status), "{} ends {status}", job.kind);
+    store.finish_job(&claimed, "w", &done, now(), None).await.unwrap();
 }
 
 async fn migrations_create_the_schema(backend: Backend) {
@@ -214,8 +241,10 @@ async fn migrations_create_the_schema(backend: Backend) {
     let (events, _) =
         store.list_audit_events(&AuditQuery { page_size: 10, ..Default::default() }).await.unwrap();
     assert!(events.is_empty());
-    let (vms, next) =
-        store.list_vms("t", "p", &ListVmsQuery { page_size: 10, ..Default::default() }).await.unwrap();
+    let (vms, next) = store
+        .list_vms(&Scope::new("t", "p"), &ListVmsQuery { page_size: 10, ..Default::default() })
+        .await
+        .unwrap();
     assert!(vms.is_empty() && next.is_none());
     assert!(store.claim_next_jobs("w", now(), now(), 1).await.unwrap().pop().is_none());
 }
@@ -224,10 +253,10 @@ async fn create_is_atomic_and_tenant_scoped(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
     let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &["a"]).await;
-    let got = store.get_vm("acme", "p1", vm.id).await.unwrap();
+    let got = store.get_vm(&Scope::new("acme", "p1"), vm.id).await.unwrap();
     assert_eq!(got, vm, "a VM reads back exactly as written");
-    assert!(matches!(store.get_vm("other", "p1", vm.id).await, Err(StoreError::NotFound)));
-    assert!(matches!(store.get_vm("acme", "p2", vm.id).await, Err(StoreError::NotFound)));
+    assert!(matches!(store.get_vm(&Scope::new("other", "p1"), vm.id).await, Err(StoreError::NotFound)));
+    assert!(matches!(store.get_vm(&Scope::new("acme", "p2"), vm.id).await, Err(StoreError::NotFound)));
     assert_eq!(store.get_job("acme", job.id).await.unwrap().status, JobStatus::Queued);
     assert!(matches!(store.get_job("other", job.id).await, Err(StoreError::NotFound)));
 
@@ -238,7 +267,7 @@ async fn create_is_atomic_and_tenant_scoped(backend: Backend) {
     vm2.current_job_id = Some(job2.id);
     let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x"), None).await.unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
-    assert!(matches!(store.get_vm("acme", "p1", vm2.id).await, Err(StoreError::NotFound)));
+    assert!(matches!(store.get_vm(&Scope::new("acme", "p1"), vm2.id).await, Err(StoreError::NotFound)));
 }
 
 async fn operations_follow_the_state_rules(backend: Backend) {
@@ -246,20 +275,21 @@ async fn operations_follow_the_state_rules(backend: Backend) {
     let p = seed(&store).await;
     let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
     let op = |kind| AcceptOperation {
-        tenant_id: "acme".into(),
-        project_id: "p1".into(),
+        scope: Scope::new("acme", "p1"),
         vm_id: vm.id,
         kind,
         require_status: None,
         snapshot: None,
+        resize: None,
     };
     let stop = new_job("acme", "p1", vm.id, JobKind::StopVm);
     // The create job is still operating on the VM.
     let err =
         store.accept_operation(&op(JobKind::StopVm), &stop, &audit("vm.stop", ""), None).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    // ... and the refusal names it, so a client can wait on it.
+    assert!(matches!(err, StoreError::Busy { job: j, .. } if j == job.id), "{err:?}");
     complete(&store, &job, VmStatus::Active).await;
-    assert_eq!(store.get_vm("acme", "p1", vm.id).await.unwrap().status, VmStatus::Active);
+    assert_eq!(store.get_vm(&Scope::new("acme", "p1"), vm.id).await.unwrap().status, VmStatus::Active);
 
     // Start of an ACTIVE VM is refused; stop is accepted and moves to STOPPING.
     let start = new_job("acme", "p1", vm.id, JobKind::StartVm);
@@ -275,10 +305,10 @@ async fn operations_follow_the_state_rules(backend: Backend) {
     let reboot = new_job("acme", "p1", vm.id, JobKind::RebootVm);
     assert!(matches!(
         store.accept_operation(&op(JobKind::RebootVm), &reboot, &audit("vm.reboot", ""), None).await,
-        Err(StoreError::Conflict(_))
+        Err(StoreError::Busy { job, .. }) if job == stop.id
     ));
     // Another tenant sees nothing.
-    let other = AcceptOperation { tenant_id: "evil".into(), ..op(JobKind::DeleteVm) };
+    let other = AcceptOperation { scope: Scope::new("evil", "p1"), ..op(JobKind::DeleteVm) };
     let del = new_job("evil", "p1", vm.id, JobKind::DeleteVm);
     assert!(matches!(
         store.accept_operation(&other, &del, &audit("vm.delete", ""), None).await,
@@ -320,8 +350,9 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
         .expect("job b");
     assert_eq!(b.attempts, 2);
     assert!(!store.renew_lease(job.id, "a", later + Duration::seconds(90)).await.unwrap());
-    let err =
-        store.finish_job(&a, "a", &JobOutcome::Succeeded { vm_status: VmStatus::Active }, later, None).await;
+    let err = store
+        .finish_job(&a, "a", &finish(&a, Outcome::Succeeded { power: None }, "", None), later, None)
+        .await;
     assert!(matches!(err, Err(StoreError::Conflict(_))));
 
     // A retry goes back to the queue with a due time.
@@ -330,7 +361,7 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
         .finish_job(
             &b,
             "b",
-            &JobOutcome::Retry { run_after: due, code: "PROVIDER_UNAVAILABLE".into(), message: "x".into() },
+            &finish(&b, Outcome::Retry(ErrorCode::ProviderUnavailable), "x", Some(due)),
             later,
             None,
         )
@@ -342,12 +373,12 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
     );
     let c =
         store.claim_next_jobs("c", due, due + Duration::seconds(30), 1).await.unwrap().pop().expect("due");
-    assert_eq!(c.error_code.as_deref(), Some("PROVIDER_UNAVAILABLE"));
+    assert_eq!(c.error_code, Some(ErrorCode::ProviderUnavailable));
     store
         .finish_job(
             &c,
             "c",
-            &JobOutcome::Failed { code: "PROVIDER_ERROR".into(), message: "boom".into() },
+            &finish(&c, Outcome::Failed(ErrorCode::ProviderError), "boom", None),
             due,
             Some(&audit("vm.create", "")),
         )
@@ -355,8 +386,8 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
         .unwrap();
     let vm = store.get_vm_internal(job.vm_id).await.unwrap();
     assert_eq!(
-        (vm.status, vm.error_code.as_deref(), vm.current_job_id),
-        (VmStatus::Error, Some("PROVIDER_ERROR"), None)
+        (vm.status, vm.error_code, vm.current_job_id),
+        (VmStatus::Error, Some(ErrorCode::ProviderError), None)
     );
     let j = store.get_job_internal(job.id).await.unwrap();
     assert_eq!((j.status, j.attempts), (JobStatus::Failed, 3));
@@ -387,12 +418,12 @@ async fn steps_are_recorded_once(backend: Backend) {
     let (_vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
     let t = now();
     // Without the lease nothing is recorded.
-    store.record_step(job.id, "w", "provider.create", "x", t).await.unwrap();
+    store.record_step(job.id, "w", lifecycle::Step::Create, "x", t).await.unwrap();
     assert!(store.completed_steps(job.id).await.unwrap().is_empty());
     store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().unwrap();
-    store.record_step(job.id, "w", "provider.create", "first", t).await.unwrap();
-    store.record_step(job.id, "w", "provider.create", "second", t).await.unwrap();
-    store.record_step(job.id, "w", "provider.start", "", t + Duration::milliseconds(1)).await.unwrap();
+    store.record_step(job.id, "w", lifecycle::Step::Create, "first", t).await.unwrap();
+    store.record_step(job.id, "w", lifecycle::Step::Create, "second", t).await.unwrap();
+    store.record_step(job.id, "w", lifecycle::Step::Start, "", t + Duration::milliseconds(1)).await.unwrap();
     let steps = store.completed_steps(job.id).await.unwrap();
     assert_eq!(
         steps,
@@ -422,7 +453,7 @@ async fn list_paginates_and_filters(backend: Backend) {
     let mut token = None;
     loop {
         let q = ListVmsQuery { page_size: 3, after: token, ..Default::default() };
-        let (page, next) = store.list_vms("acme", "p1", &q).await.unwrap();
+        let (page, next) = store.list_vms(&Scope::new("acme", "p1"), &q).await.unwrap();
         assert!(page.len() <= 3);
         seen.extend(page.iter().map(|v| v.id));
         match next {
@@ -433,18 +464,18 @@ async fn list_paginates_and_filters(backend: Backend) {
     assert_eq!(seen, ids, "every VM once, in creation order");
 
     let even = ListVmsQuery { page_size: 100, tags: vec!["even".into()], ..Default::default() };
-    assert_eq!(store.list_vms("acme", "p1", &even).await.unwrap().0.len(), 4);
+    assert_eq!(store.list_vms(&Scope::new("acme", "p1"), &even).await.unwrap().0.len(), 4);
     let both = ListVmsQuery { page_size: 100, tags: vec!["even".into(), "all".into()], ..Default::default() };
-    assert_eq!(store.list_vms("acme", "p1", &both).await.unwrap().0.len(), 4);
+    assert_eq!(store.list_vms(&Scope::new("acme", "p1"), &both).await.unwrap().0.len(), 4);
     let active = ListVmsQuery { page_size: 100, status: Some(VmStatus::Active), ..Default::default() };
-    assert_eq!(store.list_vms("acme", "p1", &active).await.unwrap().0.len(), 3);
+    assert_eq!(store.list_vms(&Scope::new("acme", "p1"), &active).await.unwrap().0.len(), 3);
     let pending_even = ListVmsQuery {
         page_size: 100,
         status: Some(VmStatus::Pending),
         tags: vec!["even".into()],
         ..Default::default()
     };
-    assert_eq!(store.list_vms("acme", "p1", &pending_even).await.unwrap().0.len(), 2);
+    assert_eq!(store.list_vms(&Scope::new("acme", "p1"), &pending_even).await.unwrap().0.len(), 2);
 }
 
 async fn catalog_rules(backend: Backend) {
@@ -586,8 +617,10 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
         }
     }
     assert_eq!(won, 1);
-    let (vms, _) =
-        store.list_vms("acme", "p1", &ListVmsQuery { page_size: 100, ..Default::default() }).await.unwrap();
+    let (vms, _) = store
+        .list_vms(&Scope::new("acme", "p1"), &ListVmsQuery { page_size: 100, ..Default::default() })
+        .await
+        .unwrap();
     assert_eq!(vms.len(), 1);
     let rec = store.get_idempotency("acme", "k1", now()).await.unwrap().expect("recorded");
     assert!(rec.response.contains(&vms[0].id.to_string()));
@@ -615,7 +648,7 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
     let quota = Quota { max_instances: Some(5), max_vcpus: None, max_memory_mib: None };
-    store.set_quota("acme", "p1", &quota, &audit("quota.set", "p1")).await.unwrap();
+    store.set_quota(&Scope::new("acme", "p1"), &quota, &audit("quota.set", "p1")).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..20 {
         let (store, p) = (store.clone(), p.clone());
@@ -635,14 +668,13 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
         }
     }
     assert_eq!(accepted, 5);
-    let (q, u) = store.get_quota("acme", "p1").await.unwrap();
+    let (q, u) = store.get_quota(&Scope::new("acme", "p1")).await.unwrap();
     assert_eq!((q, u.instances, u.vcpus, u.memory_mib), (quota, 5, 5, 2560));
     // Other projects are not limited; memory limits count too.
     create(&store, &p, "acme", "p2", "free", &[]).await;
     store
         .set_quota(
-            "acme",
-            "p3",
+            &Scope::new("acme", "p3"),
             &Quota { max_memory_mib: Some(1000), ..Default::default() },
             &audit("quota.set", "p3"),
         )
@@ -662,12 +694,12 @@ async fn usage_events_follow_transitions(backend: Backend) {
     let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
     complete(&store, &job, VmStatus::Active).await;
     let op = |kind| AcceptOperation {
-        tenant_id: "acme".into(),
-        project_id: "p1".into(),
+        scope: Scope::new("acme", "p1"),
         vm_id: vm.id,
         kind,
         require_status: None,
         snapshot: None,
+        resize: None,
     };
     for (kind, status) in [
         (JobKind::RebootVm, VmStatus::Active),
@@ -778,4 +810,152 @@ async fn the_audit_chain_names_what_was_changed(backend: Backend) {
     assert!(r.problems[0].what.contains("deleted"), "{r:?}");
     // The head still names the last event: recorded elsewhere, it anchors.
     assert_eq!(r.head_hash, intact.head_hash);
+}
+
+async fn a_resize_holds_its_quota_and_a_failure_gives_the_size_back(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    complete(&store, &job, VmStatus::Active).await;
+    let scope = Scope::new("acme", "p1");
+    store
+        .set_quota(&scope, &Quota { max_vcpus: Some(3), ..Default::default() }, &audit("quota.set", "p1"))
+        .await
+        .unwrap();
+    let size = |flavor: &str, vcpus: u32, disk_gib: u32| lifecycle::Size {
+        flavor: flavor.into(),
+        vcpus,
+        memory_mib: 512 * vcpus,
+        disk_gib,
+    };
+    let op = |to: lifecycle::Size| AcceptOperation {
+        scope: scope.clone(),
+        vm_id: vm.id,
+        kind: JobKind::ResizeVm,
+        require_status: None,
+        snapshot: None,
+        resize: Some(to),
+    };
+    // Past the quota by the difference (1 in use, 3 more asked, 3 allowed).
+    let j = new_job("acme", "p1", vm.id, JobKind::ResizeVm);
+    let err = store.accept_operation(&op(size("xl", 4, 10)), &j, &audit("vm.resize", ""), None).await;
+    assert!(matches!(err, Err(StoreError::QuotaExceeded(ref m)) if m.contains("vcpus")), "{err:?}");
+    // A smaller disk is refused: disks only grow.
+    let err = store.accept_operation(&op(size("tiny", 1, 5)), &j, &audit("vm.resize", ""), None).await;
+    assert!(matches!(err, Err(StoreError::Conflict(ref m)) if m.contains("only grow")), "{err:?}");
+    // Within the quota: the size is the VM's at once and counts as used.
+    let after =
+        store.accept_operation(&op(size("large", 3, 20)), &j, &audit("vm.resize", ""), None).await.unwrap();
+    assert_eq!((after.status, after.flavor.as_str(), after.vcpus), (VmStatus::Resizing, "large", 3));
+    let (_, usage) = store.get_quota(&scope).await.unwrap();
+    assert_eq!(usage.vcpus, 3);
+    // The job fails: the VM is ERROR and back at its old size.
+    let t = now();
+    let claimed = store.claim_job(j.id, "w", t, t + Duration::seconds(30)).await.unwrap().expect("claimable");
+    assert!(matches!(&claimed.params, JobParams::Resize { from, .. } if from.flavor == "small"));
+    store
+        .finish_job(
+            &claimed,
+            "w",
+            &finish(&claimed, Outcome::Failed(ErrorCode::ProviderError), "no", None),
+            t,
+            None,
+        )
+        .await
+        .unwrap();
+    let vm = store.get_vm(&scope, vm.id).await.unwrap();
+    assert_eq!((vm.status, vm.flavor.as_str(), vm.vcpus, vm.disk_gib), (VmStatus::Error, "small", 1, 10));
+    assert_eq!(store.get_quota(&scope).await.unwrap().1.vcpus, 1);
+}
+
+async fn jobs_are_listed_newest_first_with_filters(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let scope = Scope::new("acme", "p1");
+    let (a, ja) = create(&store, &p, "acme", "p1", "a", &[]).await;
+    let (_b, jb) = create(&store, &p, "acme", "p1", "b", &[]).await;
+    create(&store, &p, "acme", "p2", "elsewhere", &[]).await;
+    complete(&store, &ja, VmStatus::Active).await;
+    let op = AcceptOperation {
+        scope: scope.clone(),
+        vm_id: a.id,
+        kind: JobKind::StopVm,
+        require_status: None,
+        snapshot: None,
+        resize: None,
+    };
+    let stop = new_job("acme", "p1", a.id, JobKind::StopVm);
+    store.accept_operation(&op, &stop, &audit("vm.stop", ""), None).await.unwrap();
+    let q = |f: &dyn Fn(&mut hcp_core::store::ListJobsQuery)| {
+        let mut q = hcp_core::store::ListJobsQuery { page_size: 10, ..Default::default() };
+        f(&mut q);
+        q
+    };
+    let ids = |jobs: Vec<Job>| jobs.into_iter().map(|j| j.id).collect::<Vec<_>>();
+    let (all, next) = store.list_jobs(&scope, &q(&|_| {})).await.unwrap();
+    assert_eq!((ids(all), next), (vec![stop.id, jb.id, ja.id], None));
+    let (of_a, _) = store.list_jobs(&scope, &q(&|q| q.vm_id = Some(a.id))).await.unwrap();
+    assert_eq!(ids(of_a), vec![stop.id, ja.id]);
+    let (stops, _) = store.list_jobs(&scope, &q(&|q| q.kind = Some(JobKind::StopVm))).await.unwrap();
+    assert_eq!(stops[0].request_id, "req-1");
+    assert_eq!(ids(stops), vec![stop.id]);
+    let (done, _) = store.list_jobs(&scope, &q(&|q| q.status = Some(JobStatus::Succeeded))).await.unwrap();
+    assert_eq!(ids(done), vec![ja.id]);
+    // Pages follow one another without gaps or repeats.
+    let (first, next) = store.list_jobs(&scope, &q(&|q| q.page_size = 2)).await.unwrap();
+    assert_eq!(ids(first), vec![stop.id, jb.id]);
+    let (rest, end) = store
+        .list_jobs(
+            &scope,
+            &q(&|q| {
+                q.page_size = 2;
+                q.before = next;
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!((ids(rest), end), (vec![ja.id], None));
+}
+
+async fn networks_are_per_zone_and_in_use_ones_stay(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let net = |zone: &str, name: &str, backings: &[(&str, &str)]| Network {
+        name: name.into(),
+        zone: zone.into(),
+        description: String::new(),
+        backings: backings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        created_at: now(),
+    };
+    store.put_network(&net("z1", "default", &[]), &audit("network.create", "default")).await.unwrap();
+    store
+        .put_network(&net("z1", "prod", &[("pve-1", "vmbr1")]), &audit("network.create", "prod"))
+        .await
+        .unwrap();
+    // A zone that does not exist has no networks.
+    assert!(matches!(
+        store.put_network(&net("nowhere", "x", &[]), &audit("network.create", "x")).await,
+        Err(StoreError::NotFound)
+    ));
+    // Replacing keeps one row.
+    store
+        .put_network(&net("z1", "prod", &[("pve-1", "vmbr2")]), &audit("network.create", "prod"))
+        .await
+        .unwrap();
+    let all = store.list_networks(Some("z1")).await.unwrap();
+    assert_eq!(all.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["default", "prod"]);
+    assert_eq!(all[1].backing_on("pve-1"), "vmbr2");
+    assert_eq!(all[1].backing_on("other"), "prod");
+    assert!(store.list_networks(Some("z2")).await.unwrap().is_empty());
+    // The VM made by `create` is attached to "default".
+    create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    assert!(matches!(
+        store.delete_network("z1", "default", &audit("network.delete", "default")).await,
+        Err(StoreError::Conflict(ref m)) if m.contains("1 vm")
+    ));
+    store.delete_network("z1", "prod", &audit("network.delete", "prod")).await.unwrap();
+    assert!(matches!(
+        store.delete_network("z1", "prod", &audit("network.delete", "prod")).await,
+        Err(StoreError::NotFound)
+    ));
 }

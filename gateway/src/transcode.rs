@@ -146,6 +146,8 @@ fn scalar_from_text(field: &FieldDescriptor, name: &str, raw: &str) -> Result<Va
             raw.parse::<f64>().map_err(|_| bad("a number"))?;
             Value::String(raw.to_owned())
         }
+        // A field mask is a comma-separated list in JSON and in a URL alike.
+        Kind::Message(m) if m.full_name() == "google.protobuf.FieldMask" => Value::String(raw.to_owned()),
         Kind::Message(_) => {
             return Err(ApiError::invalid_field(name, format!("{name} cannot be set from the URL")));
         }
@@ -205,6 +207,9 @@ fn check_value(field: &FieldDescriptor, value: &Value, path: &str) -> Result<(),
         },
         Kind::Message(m) if m.full_name() == "google.protobuf.Timestamp" => {
             value.is_string().then_some(()).ok_or_else(|| wrong("an RFC 3339 timestamp"))
+        }
+        Kind::Message(m) if m.full_name() == "google.protobuf.FieldMask" => {
+            value.is_string().then_some(()).ok_or_else(|| wrong("a comma-separated list of field names"))
         }
         Kind::Message(m) => match value {
             Value::Object(o) => check_object(&m, o, path),
@@ -322,6 +327,27 @@ mod tests {
         assert_eq!(field_of(r#"{"networks":[{"network":1}]}"#), "networks[0].network");
         assert_eq!(field_of(r#"{"networks":[{"nope":"x"}]}"#), "networks[0].nope");
         assert_eq!(field_of(r#"{"metadata":{"k":1}}"#), "metadata.k");
+    }
+
+    #[test]
+    fn field_masks_are_comma_separated_in_the_body_and_the_query() {
+        let (_, routes) =
+            crate::routes::build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES).unwrap();
+        let r = routes.into_iter().find(|r| r.grpc_path.ends_with("/UpdateVm")).unwrap();
+        let vars = || vec![("project_id".to_owned(), "p1".to_owned()), ("vm_id".to_owned(), "v".to_owned())];
+        for (query, body) in [
+            (None, br#"{"name":"a","update_mask":"name,tags"}"#.as_slice()),
+            (Some("update_mask=name,tags"), br#"{"name":"a"}"#.as_slice()),
+        ] {
+            let m = request_message(&r, vars(), query, body).unwrap();
+            let mask = m.get_field_by_name("update_mask").unwrap();
+            let paths = mask.as_message().unwrap().get_field_by_name("paths").unwrap();
+            let paths: Vec<_> =
+                paths.as_list().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+            assert_eq!(paths, ["name", "tags"]);
+        }
+        let e = request_message(&r, vars(), None, br#"{"update_mask":{"paths":1}}"#).unwrap_err();
+        assert_eq!(e.details.get("field").map(String::as_str), Some("update_mask"));
     }
 
     #[test]

@@ -113,6 +113,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The operation did not finish in time.
     DeadlineExceeded,
+    /// The operation was cancelled before it finished (a job's outcome,
+    /// never the answer to a request).
+    Cancelled,
     /// A bug or an unexpected failure inside HCP.
     Internal,
 }
@@ -137,6 +140,7 @@ impl ErrorCode {
         ErrorCode::ProviderError,
         ErrorCode::Unavailable,
         ErrorCode::DeadlineExceeded,
+        ErrorCode::Cancelled,
         ErrorCode::Internal,
     ];
 
@@ -160,6 +164,7 @@ impl ErrorCode {
             ErrorCode::ProviderError => "PROVIDER_ERROR",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            ErrorCode::Cancelled => "CANCELLED",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -190,6 +195,7 @@ impl ErrorCode {
             ErrorCode::ProviderError => Code::Internal,
             ErrorCode::Unavailable => Code::Unavailable,
             ErrorCode::DeadlineExceeded => Code::DeadlineExceeded,
+            ErrorCode::Cancelled => Code::Cancelled,
             ErrorCode::Internal => Code::Internal,
         }
     }
@@ -215,6 +221,7 @@ impl ErrorCode {
             ErrorCode::ProviderError => StatusCode::BAD_GATEWAY,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::Cancelled => StatusCode::CONFLICT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -83,4 +83,23 @@ impl CatalogService for CatalogApi {
         })
         .await
     }
+
+    async fn list_networks(
+        &self,
+        req: tonic::Request<hcp_proto::common::ListNetworksRequest>,
+    ) -> ApiResult<hcp_proto::common::ListNetworksResponse> {
+        principal(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            if !r.zone.is_empty() {
+                super::validate::label("zone", &r.zone)?;
+            }
+            let zone = Some(r.zone.as_str()).filter(|z| !z.is_empty());
+            let networks = self.ctx.store.list_networks(zone).await.map_err(|e| from_store(e, "networks"))?;
+            Ok(hcp_proto::common::ListNetworksResponse {
+                networks: networks.iter().map(convert::network_to_proto).collect(),
+            })
+        })
+        .await
+    }
 }

@@ -64,7 +64,7 @@ impl ConsoleApi {
             )
             .await);
         }
-        let vm = match self.ctx.store.get_vm(&tenant, &project, vm_id).await {
+        let vm = match self.ctx.store.get_vm(&crate::model::Scope::new(&tenant, &project), vm_id).await {
             Ok(vm) => vm,
             Err(StoreError::NotFound) => {
                 return Err(refuse("refused: vm gone", ApiError::conflict("the vm no longer exists")).await);

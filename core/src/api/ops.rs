@@ -24,7 +24,7 @@ use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
 use crate::model::{self, now};
-use crate::store::{AuditQuery, Quota};
+use crate::store::{AuditQuery, Quota, StoreError};
 
 /// Implements the three ops services.
 #[derive(Clone)]
@@ -318,7 +318,111 @@ impl CatalogAdminService for OpsApi {
         })
         .await
     }
+
+    async fn create_network(
+        &self,
+        req: tonic::Request<hcp_proto::ops::CreateNetworkRequest>,
+    ) -> ApiResult<hcp_proto::ops::NetworkDefinition> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            let n = req
+                .into_inner()
+                .network
+                .ok_or_else(|| ApiError::invalid_field("network", "network is required"))?;
+            validate::label("network.name", &n.name)?;
+            validate::label("network.zone", &n.zone)?;
+            validate::text("network.description", &n.description, validate::MAX_DESCRIPTION)?;
+            validate::count("network.backings", n.backings.len(), MAX_BACKINGS)?;
+            for (provider, backing) in &n.backings {
+                validate::label(&format!("network.backings[{}]", excerpt(provider)), provider)?;
+                validate::text(&format!("network.backings.{provider}"), backing, MAX_BACKING)?;
+                if backing.is_empty() {
+                    return Err(ApiError::invalid_field(
+                        &format!("network.backings.{provider}"),
+                        "a backing must name something on the provider",
+                    ));
+                }
+            }
+            let network = model::Network {
+                name: n.name.clone(),
+                zone: n.zone.clone(),
+                description: n.description.clone(),
+                backings: n.backings.into_iter().collect(),
+                created_at: now(),
+            };
+            let mut audit = self.ctx.audit(
+                &p,
+                "network.create",
+                "network",
+                &format!("{}/{}", n.zone, n.name),
+                "succeeded",
+            );
+            audit.detail = format!("{:?}", network.backings);
+            self.ctx.store.put_network(&network, &audit).await.map_err(|e| match e {
+                StoreError::NotFound => {
+                    ApiError::invalid_field("network.zone", format!("unknown zone {}", excerpt(&n.zone)))
+                }
+                e => from_store(e, "network"),
+            })?;
+            Ok(convert::network_to_ops(&network))
+        })
+        .await
+    }
+
+    async fn list_network_definitions(
+        &self,
+        req: tonic::Request<hcp_proto::ops::ListNetworkDefinitionsRequest>,
+    ) -> ApiResult<hcp_proto::ops::ListNetworkDefinitionsResponse> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Read)?;
+            let zone = req.into_inner().zone;
+            if !zone.is_empty() {
+                validate::label("zone", &zone)?;
+            }
+            let zone = Some(zone.as_str()).filter(|z| !z.is_empty());
+            let networks = self.ctx.store.list_networks(zone).await.map_err(|e| from_store(e, "networks"))?;
+            Ok(hcp_proto::ops::ListNetworkDefinitionsResponse {
+                networks: networks.iter().map(convert::network_to_ops).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn delete_network(
+        &self,
+        req: tonic::Request<hcp_proto::ops::DeleteNetworkRequest>,
+    ) -> ApiResult<hcp_proto::ops::DeleteNetworkResponse> {
+        let p = principal(&req)?;
+        handle(async {
+            p.ops(Access::Write)?;
+            let r = req.into_inner();
+            validate::label("zone", &r.zone)?;
+            validate::label("name", &r.name)?;
+            let what = format!("network {}/{}", r.zone, r.name);
+            let audit = self.ctx.audit(
+                &p,
+                "network.delete",
+                "network",
+                &format!("{}/{}", r.zone, r.name),
+                "succeeded",
+            );
+            self.ctx
+                .store
+                .delete_network(&r.zone, &r.name, &audit)
+                .await
+                .map_err(|e| from_store(e, &what))?;
+            Ok(hcp_proto::ops::DeleteNetworkResponse {})
+        })
+        .await
+    }
 }
+
+/// Most provider mappings one network may have.
+const MAX_BACKINGS: usize = 64;
+/// Longest backing name (a port group path can be long).
+const MAX_BACKING: usize = 255;
 
 #[tonic::async_trait]
 impl JobAdminService for OpsApi {
@@ -400,7 +504,8 @@ impl AuditService for OpsApi {
 impl OpsApi {
     /// A project's quota and usage as the API answers them.
     async fn quota_answer(&self, tenant: &str, project: &str) -> Result<ProjectQuota, ApiError> {
-        let (q, u) = self.ctx.store.get_quota(tenant, project).await.map_err(|e| from_store(e, "quota"))?;
+        let scope = crate::model::Scope::new(tenant, project);
+        let (q, u) = self.ctx.store.get_quota(&scope).await.map_err(|e| from_store(e, "quota"))?;
         Ok(ProjectQuota {
             tenant_id: tenant.to_owned(),
             project_id: project.to_owned(),
@@ -435,7 +540,7 @@ impl QuotaAdminService for OpsApi {
             audit.detail = format!("{quota:?}");
             self.ctx
                 .store
-                .set_quota(&r.tenant_id, &r.project_id, &quota, &audit)
+                .set_quota(&crate::model::Scope::new(&r.tenant_id, &r.project_id), &quota, &audit)
                 .await
                 .map_err(|e| from_store(e, "quota"))?;
             self.quota_answer(&r.tenant_id, &r.project_id).await

@@ -7,10 +7,12 @@ use std::collections::BTreeMap;
 use hcp_proto::error::{ApiError, ErrorCode, excerpt};
 use hcp_proto::ids::{JobId, SnapshotId, VmId};
 use hcp_proto::tenant::job_service_server::JobService;
+use hcp_proto::tenant::quota_service_server::QuotaService;
 use hcp_proto::tenant::vm_service_server::VmService;
 use hcp_proto::tenant::{
-    CancelJobRequest, ConsoleSession, CreateConsoleRequest, CreateVmRequest, GetJobRequest, GetVmRequest,
-    Job, ListVmsRequest, ListVmsResponse, Vm, VmActionRequest, VmOperationAccepted,
+    CancelJobRequest, ConsoleSession, CreateConsoleRequest, CreateVmRequest, GetJobRequest, GetVmByIdRequest,
+    GetVmRequest, Job, ListJobsRequest, ListJobsResponse, ListVmsRequest, ListVmsResponse, RebootVmRequest,
+    ResizeVmRequest, StopVmRequest, UpdateVmRequest, Vm, VmActionRequest, VmOperationAccepted,
 };
 
 use super::page::Binding;
@@ -18,9 +20,12 @@ use super::{ApiContext, ApiResult, handle, validate};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
-use crate::model::{self, JobKind, JobStatus, NetworkAttachment, VmStatus, now};
+use crate::lifecycle::{Capability, ConsoleProtocol, JobParams, Size, missing, required_capabilities};
+use crate::model::{self, JobKind, JobStatus, NetworkAttachment, Scope, VmStatus, now};
 use crate::placement;
-use crate::store::{AcceptOperation, IdempotencyRecord, ListVmsQuery, SnapshotAccept, StoreError};
+use crate::store::{
+    AcceptOperation, IdempotencyRecord, ListJobsQuery, ListVmsQuery, SnapshotAccept, StoreError,
+};
 
 /// Implements `VmService` and `JobService`.
 #[derive(Clone)]
@@ -34,12 +39,12 @@ impl TenantApi {
         Self { ctx }
     }
 
-    fn new_job(&self, p: &Principal, tenant: &str, project: &str, vm: VmId, kind: JobKind) -> model::Job {
+    fn new_job(&self, p: &Principal, scope: &Scope, vm: VmId, kind: JobKind, request_id: &str) -> model::Job {
         let t = now();
         model::Job {
             id: JobId::new(),
-            tenant_id: tenant.to_owned(),
-            project_id: project.to_owned(),
+            tenant_id: scope.tenant.clone(),
+            project_id: scope.project.clone(),
             kind,
             vm_id: vm,
             status: JobStatus::Queued,
@@ -58,17 +63,39 @@ impl TenantApi {
             updated_at: t,
             prior_status: None,
             snapshot_id: None,
+            params: JobParams::None,
+            request_id: request_id.to_owned(),
         }
+    }
+
+    /// The capabilities of every provider, by id, for `allowed_actions`.
+    async fn capabilities(
+        &self,
+    ) -> Result<std::collections::HashMap<hcp_proto::ids::ProviderId, model::Capabilities>, ApiError> {
+        let providers = self.ctx.store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
+        Ok(providers.into_iter().map(|p| (p.id, p.capabilities)).collect())
+    }
+
+    /// The tenant view of one VM.
+    async fn view(&self, vm: &model::Vm) -> Result<Vm, ApiError> {
+        let caps = match self.ctx.store.get_provider(vm.provider_id).await {
+            Ok(p) => Some(p.capabilities),
+            Err(StoreError::NotFound) => None,
+            Err(e) => return Err(from_store(e, "provider")),
+        };
+        Ok(convert::vm_to_tenant(vm, caps.as_ref()))
     }
 
     async fn create_vm(
         &self,
         p: Principal,
         key: Option<String>,
+        request_id: String,
         req: CreateVmRequest,
     ) -> Result<VmOperationAccepted, ApiError> {
         validate::project_id(&req.project_id)?;
-        let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
+        let scope = p.scope(&req.project_id, Access::Write)?;
+        let tenant = scope.tenant.clone();
         let idem = key.map(|k| (k, fingerprint_create(&req)));
         if let Some(answer) = self.replay(&tenant, idem.as_ref()).await? {
             return Ok(answer);
@@ -82,6 +109,16 @@ impl TenantApi {
         validate::count("networks", req.networks.len(), validate::MAX_NETWORKS)?;
         for (i, n) in req.networks.iter().enumerate() {
             validate::label(&format!("networks[{i}].network"), &n.network)?;
+            for (field, set) in
+                [("mac", !n.mac.is_empty()), ("ipv4", !n.ipv4.is_empty()), ("ipv6", !n.ipv6.is_empty())]
+            {
+                if set {
+                    return Err(ApiError::invalid_field(
+                        &format!("networks[{i}].{field}"),
+                        format!("networks[{i}].{field} is reported by HCP and cannot be set"),
+                    ));
+                }
+            }
         }
         validate::metadata(req.metadata.iter())?;
         validate::tags("tags", &req.tags)?;
@@ -126,14 +163,42 @@ impl TenantApi {
         {
             return Err(ApiError::invalid_field("zone", format!("unknown zone {}", excerpt(z))));
         }
+        // Every network must exist in the zone the VM lands in: in the
+        // requested zone, or placement keeps to zones that have them all.
+        let zones = if req.networks.is_empty() {
+            None
+        } else {
+            let catalog = self.ctx.store.list_networks(zone).await.map_err(|e| from_store(e, "networks"))?;
+            let mut zones: Option<Vec<String>> = None;
+            for (i, n) in req.networks.iter().enumerate() {
+                let here: Vec<String> =
+                    catalog.iter().filter(|c| c.name == n.network).map(|c| c.zone.clone()).collect();
+                let both: Vec<String> = match &zones {
+                    None => here,
+                    Some(z) => here.into_iter().filter(|x| z.contains(x)).collect(),
+                };
+                if both.is_empty() {
+                    let where_ = zone.map(|z| format!("zone {z}")).unwrap_or_else(|| "any zone".to_owned());
+                    return Err(ApiError::invalid_field(
+                        &format!("networks[{i}].network"),
+                        format!(
+                            "unknown network {} in {where_} (GET /api/hcp/common/v1/networks lists them)",
+                            excerpt(&n.network)
+                        ),
+                    ));
+                }
+                zones = Some(both);
+            }
+            zones
+        };
         let mut needs = Vec::new();
         if req.user_data.is_some() {
-            needs.push("supports_cloud_init");
+            needs.push(Capability::CloudInit);
         }
-        let provider = placement::choose(&self.ctx.store, zone, &needs).await?;
+        let provider = placement::choose(&self.ctx.store, zone, zones.as_deref(), &needs).await?;
 
         let vm_id = VmId::new();
-        let job = self.new_job(&p, &tenant, &req.project_id, vm_id, JobKind::CreateVm);
+        let job = self.new_job(&p, &scope, vm_id, JobKind::CreateVm, &request_id);
         let t = job.created_at;
         let mut tags = req.tags.clone();
         tags.sort();
@@ -151,7 +216,11 @@ impl TenantApi {
             image_source: image.source.clone(),
             zone: provider.zone.clone(),
             provider_id: provider.id,
-            networks: req.networks.iter().map(|n| NetworkAttachment { network: n.network.clone() }).collect(),
+            networks: req
+                .networks
+                .iter()
+                .map(|n| NetworkAttachment { network: n.network.clone(), ..Default::default() })
+                .collect(),
             metadata: req.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
             tags,
             user_data: req.user_data.clone(),
@@ -186,8 +255,9 @@ impl TenantApi {
         key: Option<String>,
         req: VmActionRequest,
         kind: JobKind,
+        extra: Extra,
     ) -> Result<VmOperationAccepted, ApiError> {
-        self.operate_with(p, key, req, kind, Extra::default()).await
+        self.operate_with(p, key, req, kind, extra).await
     }
 
     async fn operate_with(
@@ -199,7 +269,8 @@ impl TenantApi {
         extra: Extra,
     ) -> Result<VmOperationAccepted, ApiError> {
         validate::project_id(&req.project_id)?;
-        let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
+        let scope = p.scope(&req.project_id, Access::Write)?;
+        let tenant = scope.tenant.clone();
         let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
         let idem = key.map(|k| {
             let h = fingerprint(&serde_json::json!({
@@ -213,21 +284,25 @@ impl TenantApi {
         if let Some(answer) = self.replay(&tenant, idem.as_ref()).await? {
             return Ok(answer);
         }
-        let mut job = self.new_job(&p, &tenant, &req.project_id, vm_id, kind);
+        let mut job = self.new_job(&p, &scope, vm_id, kind, &extra.request_id);
         job.snapshot_id = extra.snapshot_id;
+        job.params = extra.params.clone();
         let mut audit = self.ctx.audit(&p, kind.as_str(), "vm", &vm_id.to_string(), "accepted");
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
         if let Some(s) = extra.snapshot_id {
             audit.detail = format!("snapshot {s}");
         }
+        if let Some(size) = &extra.resize {
+            audit.detail = format!("flavor {}", size.flavor);
+        }
         let op = AcceptOperation {
-            tenant_id: tenant.clone(),
-            project_id: req.project_id.clone(),
+            scope,
             vm_id,
             kind,
             require_status: extra.require_status,
             snapshot: extra.snapshot,
+            resize: extra.resize,
         };
         let answer = VmOperationAccepted {
             vm_id: vm_id.to_string(),
@@ -244,6 +319,7 @@ impl TenantApi {
                     format!("{vm_id}/{}", answer.snapshot_id.clone().unwrap_or_default()),
                 ));
             }
+            Err(StoreError::QuotaExceeded(msg)) => return Err(ApiError::new(ErrorCode::QuotaExceeded, msg)),
             Err(e) => return Err(from_store(e, &format!("vm {vm_id}"))),
         }
         self.ctx.announce(job.id);
@@ -251,42 +327,39 @@ impl TenantApi {
         Ok(answer)
     }
 
-    /// Checks the VM-dependent snapshot capabilities and accepts a snapshot
-    /// operation.
-    async fn snapshot_op(
+    /// Checks the capabilities `kind` needs on the VM as it is now (a 409
+    /// names the first one missing), then accepts the operation on the
+    /// condition that the VM is still in the state the check was made on.
+    /// `prepare` adds what depends on the VM (a resize's sizes).
+    async fn capability_op(
         &self,
         p: Principal,
         key: Option<String>,
         target: VmActionRequest,
         kind: JobKind,
         mut extra: Extra,
+        prepare: impl FnOnce(&model::Vm, &mut Extra) -> Result<(), ApiError>,
     ) -> Result<VmOperationAccepted, ApiError> {
         let VmActionRequest { project_id, vm_id } = target;
         validate::project_id(&project_id)?;
-        let tenant = p.tenant_project(&project_id, Access::Write)?.to_owned();
+        let scope = p.scope(&project_id, Access::Write)?;
         let id: VmId = validate::id("vm_id", &vm_id)?;
-        let vm = self
-            .ctx
-            .store
-            .get_vm(&tenant, &project_id, id)
-            .await
-            .map_err(|e| from_store(e, &format!("vm {id}")))?;
+        let vm = self.ctx.store.get_vm(&scope, id).await.map_err(|e| from_store(e, &format!("vm {id}")))?;
         let provider =
             self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
-        let caps = &provider.capabilities;
-        if !caps.supports_snapshot {
+        if let Some(cap) = missing(required_capabilities(kind, vm.status), &provider.capabilities) {
+            let hint = match (cap, vm.status) {
+                (Capability::SnapshotRunning | Capability::HotResize, VmStatus::Active) => {
+                    "; stop the vm first"
+                }
+                _ => "",
+            };
             return Err(ApiError::feature_not_supported(
-                "supports_snapshot",
-                "the vm's provider does not support snapshots (supports_snapshot)",
+                cap.flag(),
+                format!("the vm's provider does not support {kind} of a {} vm ({cap}){hint}", vm.status),
             ));
         }
-        if kind == JobKind::SnapshotCreate && vm.status == VmStatus::Active && !caps.supports_snapshot_running
-        {
-            return Err(ApiError::feature_not_supported(
-                "supports_snapshot_running",
-                "the vm's provider snapshots only stopped vms (supports_snapshot_running); stop the vm first",
-            ));
-        }
+        prepare(&vm, &mut extra)?;
         extra.require_status = Some(vm.status);
         self.operate_with(p, key, VmActionRequest { project_id, vm_id }, kind, extra).await
     }
@@ -299,6 +372,7 @@ impl TenantApi {
     ) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let request_id = request_id(&req);
         let r = req.into_inner();
         handle(async {
             let id: SnapshotId = validate::id("snapshot_id", &r.snapshot_id)?;
@@ -310,11 +384,12 @@ impl TenantApi {
             let extra = Extra {
                 snapshot: Some(change),
                 snapshot_id: Some(id),
-                require_status: None,
                 fingerprint: serde_json::json!({"snapshot_id": r.snapshot_id}),
+                request_id,
+                ..Extra::default()
             };
             let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
-            self.snapshot_op(p, key, target, kind, extra).await
+            self.capability_op(p, key, target, kind, extra, |_, _| Ok(())).await
         })
         .await
     }
@@ -393,20 +468,175 @@ impl TenantApi {
 
     async fn get_vm(&self, p: Principal, req: GetVmRequest) -> Result<Vm, ApiError> {
         validate::project_id(&req.project_id)?;
-        let tenant = p.tenant_project(&req.project_id, Access::Read)?;
+        let scope = p.scope(&req.project_id, Access::Read)?;
         let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let vm =
+            self.ctx.store.get_vm(&scope, vm_id).await.map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
+        self.view(&vm).await
+    }
+
+    /// A VM by id alone: found in the tenant, then shown only if the token
+    /// may read its project (NOT_FOUND otherwise, like another tenant's).
+    async fn get_vm_by_id(&self, p: Principal, req: GetVmByIdRequest) -> Result<Vm, ApiError> {
+        let tenant = p.tenant()?;
+        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let not_found = || ApiError::new(ErrorCode::NotFound, format!("vm {vm_id} not found"));
+        let vm = match self.ctx.store.get_vm_of_tenant(tenant, vm_id).await {
+            Ok(vm) => vm,
+            Err(StoreError::NotFound) => return Err(not_found()),
+            Err(e) => return Err(from_store(e, &format!("vm {vm_id}"))),
+        };
+        if p.scope(&vm.project_id, Access::Read).is_err() {
+            return Err(not_found());
+        }
+        self.view(&vm).await
+    }
+
+    /// Sets name, metadata or tags, as the mask says. No job.
+    async fn update_vm(&self, p: Principal, req: UpdateVmRequest) -> Result<Vm, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let scope = p.scope(&req.project_id, Access::Write)?;
+        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let paths = req.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        if paths.is_empty() {
+            return Err(ApiError::invalid_field(
+                "update_mask",
+                "update_mask must name what to change: name, metadata and/or tags",
+            ));
+        }
+        let mut update = crate::store::VmUpdate::default();
+        for path in &paths {
+            match path.as_str() {
+                "name" => {
+                    validate::label("name", &req.name)?;
+                    update.name = Some(req.name.clone());
+                }
+                "metadata" => {
+                    validate::metadata(req.metadata.iter())?;
+                    update.metadata =
+                        Some(req.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+                }
+                "tags" => {
+                    validate::tags("tags", &req.tags)?;
+                    let mut tags = req.tags.clone();
+                    tags.sort();
+                    tags.dedup();
+                    update.tags = Some(tags);
+                }
+                other => {
+                    return Err(ApiError::invalid_field(
+                        "update_mask",
+                        format!("update_mask may name name, metadata and tags, not {}", excerpt(other)),
+                    ));
+                }
+            }
+        }
+        let mut audit = self.ctx.audit(&p, "vm.update", "vm", &vm_id.to_string(), "succeeded");
+        audit.project_id = scope.project.clone();
+        audit.detail = paths.join(",");
         let vm = self
             .ctx
             .store
-            .get_vm(tenant, &req.project_id, vm_id)
+            .update_vm(&scope, vm_id, &update, &audit)
             .await
             .map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
-        Ok(convert::vm_to_tenant(&vm))
+        self.view(&vm).await
+    }
+
+    /// Accepts a resize to another flavor.
+    async fn resize_vm(
+        &self,
+        p: Principal,
+        key: Option<String>,
+        request_id: String,
+        req: ResizeVmRequest,
+    ) -> Result<VmOperationAccepted, ApiError> {
+        validate::label("flavor", &req.flavor)?;
+        let flavor = self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
+            StoreError::NotFound => {
+                ApiError::invalid_field("flavor", format!("unknown flavor {}", excerpt(&req.flavor)))
+            }
+            e => from_store(e, "flavor"),
+        })?;
+        let extra =
+            Extra { fingerprint: serde_json::json!({"flavor": req.flavor}), request_id, ..Extra::default() };
+        let target = VmActionRequest { project_id: req.project_id, vm_id: req.vm_id };
+        self.capability_op(p, key, target, JobKind::ResizeVm, extra, |vm, extra| {
+            if vm.flavor == flavor.name {
+                return Err(ApiError::conflict(format!("vm {} already has flavor {}", vm.id, flavor.name)));
+            }
+            if flavor.disk_gib < vm.disk_gib {
+                return Err(ApiError::invalid_field(
+                    "flavor",
+                    format!(
+                        "flavor {} has a {} GiB disk; the vm has {} GiB and disks only grow",
+                        flavor.name, flavor.disk_gib, vm.disk_gib
+                    ),
+                ));
+            }
+            extra.resize = Some(Size {
+                flavor: flavor.name.clone(),
+                vcpus: flavor.vcpus,
+                memory_mib: flavor.memory_mib,
+                disk_gib: flavor.disk_gib,
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_jobs(&self, p: Principal, req: ListJobsRequest) -> Result<ListJobsResponse, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let scope = p.scope(&req.project_id, Access::Read)?;
+        let vm_id: Option<VmId> =
+            if req.vm_id.is_empty() { None } else { Some(validate::id("vm_id", &req.vm_id)?) };
+        let status = match hcp_proto::tenant::JobStatus::try_from(req.status) {
+            Ok(s) => convert::job_status_from_proto(s),
+            Err(_) => {
+                return Err(ApiError::invalid_field("status", format!("unknown status {}", req.status)));
+            }
+        };
+        let kind = if req.kind.is_empty() {
+            None
+        } else {
+            Some(JobKind::parse(&req.kind).ok_or_else(|| {
+                let kinds: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
+                ApiError::invalid_field(
+                    "kind",
+                    format!("unknown kind {}; one of {}", excerpt(&req.kind), kinds.join(", ")),
+                )
+            })?)
+        };
+        if let Some(vm) = vm_id {
+            // A VM outside the project is NOT_FOUND, not an empty history.
+            self.ctx.store.get_vm(&scope, vm).await.map_err(|e| from_store(e, &format!("vm {vm}")))?;
+        }
+        let mut binding = Binding::new("jobs");
+        binding
+            .push(&scope.tenant)
+            .push(&scope.project)
+            .push(&req.vm_id)
+            .push(status.map(|s| s.as_str()).unwrap_or(""))
+            .push(kind.map(|k| k.as_str()).unwrap_or(""));
+        let query = ListJobsQuery {
+            page_size: validate::page_size(req.page_size, 100)?,
+            before: self.ctx.pages.open(&binding, &req.page_token)?,
+            vm_id,
+            status,
+            kind,
+        };
+        let (jobs, next) =
+            self.ctx.store.list_jobs(&scope, &query).await.map_err(|e| from_store(e, "jobs"))?;
+        Ok(ListJobsResponse {
+            jobs: jobs.iter().map(convert::job_to_tenant).collect(),
+            next_page_token: next.map(|last| self.ctx.pages.seal(&binding, last)).unwrap_or_default(),
+        })
     }
 
     async fn list_vms(&self, p: Principal, req: ListVmsRequest) -> Result<ListVmsResponse, ApiError> {
         validate::project_id(&req.project_id)?;
-        let tenant = p.tenant_project(&req.project_id, Access::Read)?;
+        let scope = p.scope(&req.project_id, Access::Read)?;
+        let tenant = &scope.tenant;
         let status = match hcp_proto::tenant::VmStatus::try_from(req.status) {
             Ok(s) => convert::vm_status_from_proto(s),
             Err(_) => {
@@ -428,14 +658,10 @@ impl TenantApi {
             status,
             tags,
         };
-        let (vms, next) = self
-            .ctx
-            .store
-            .list_vms(tenant, &req.project_id, &query)
-            .await
-            .map_err(|e| from_store(e, "vms"))?;
+        let (vms, next) = self.ctx.store.list_vms(&scope, &query).await.map_err(|e| from_store(e, "vms"))?;
+        let caps = self.capabilities().await?;
         Ok(ListVmsResponse {
-            vms: vms.iter().map(convert::vm_to_tenant).collect(),
+            vms: vms.iter().map(|vm| convert::vm_to_tenant(vm, caps.get(&vm.provider_id))).collect(),
             next_page_token: next.map(|last| self.ctx.pages.seal(&binding, last)).unwrap_or_default(),
         })
     }
@@ -446,32 +672,27 @@ impl TenantApi {
         req: CreateConsoleRequest,
     ) -> Result<ConsoleSession, ApiError> {
         validate::project_id(&req.project_id)?;
-        let tenant = p.tenant_project(&req.project_id, Access::Write)?.to_owned();
+        let scope = p.scope(&req.project_id, Access::Write)?;
         let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
-        let protocol = if req.r#type.is_empty() { "vnc".to_owned() } else { req.r#type.to_ascii_lowercase() };
-        let capability = match protocol.as_str() {
-            "vnc" => "supports_console_vnc",
-            "spice" => "supports_console_spice",
-            "rdp" => "supports_console_rdp",
-            "serial" => "supports_console_serial",
-            other => {
-                return Err(ApiError::invalid_field(
+        let kind = if req.r#type.is_empty() {
+            ConsoleProtocol::Vnc
+        } else {
+            ConsoleProtocol::parse(&req.r#type).ok_or_else(|| {
+                ApiError::invalid_field(
                     "type",
-                    format!("console type must be vnc, spice, rdp or serial, got {}", excerpt(other)),
-                ));
-            }
+                    format!("console type must be vnc, spice, rdp or serial, got {}", excerpt(&req.r#type)),
+                )
+            })?
         };
-        let vm = self
-            .ctx
-            .store
-            .get_vm(&tenant, &req.project_id, vm_id)
-            .await
-            .map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
+        let protocol = kind.as_str().to_owned();
+        let vm =
+            self.ctx.store.get_vm(&scope, vm_id).await.map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
         let provider =
             self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
-        if provider.capabilities.flag(capability) != Some(true) {
+        let capability = kind.capability();
+        if !capability.of(&provider.capabilities) {
             return Err(ApiError::feature_not_supported(
-                capability,
+                capability.flag(),
                 format!("the vm's provider does not offer {protocol} consoles ({capability})"),
             ));
         }
@@ -501,7 +722,7 @@ impl TenantApi {
             t + chrono::Duration::seconds(self.ctx.config.console.token_ttl_seconds.max(1) as i64);
         let session = model::ConsoleSession {
             token_hash: hash_token(&token),
-            tenant_id: tenant,
+            tenant_id: scope.tenant.clone(),
             project_id: req.project_id.clone(),
             vm_id,
             protocol: protocol.clone(),
@@ -587,13 +808,32 @@ fn fingerprint_create(req: &CreateVmRequest) -> String {
     }))
 }
 
-/// What a snapshot operation adds to a VM operation.
+/// What an operation adds to the VM and job it names.
 #[derive(Default)]
 struct Extra {
     snapshot: Option<SnapshotAccept>,
     snapshot_id: Option<SnapshotId>,
     require_status: Option<VmStatus>,
+    /// The request's parameters, for the idempotency fingerprint.
     fingerprint: serde_json::Value,
+    params: JobParams,
+    resize: Option<Size>,
+    request_id: String,
+}
+
+/// Longest X-Request-Id kept with a job.
+const MAX_REQUEST_ID: usize = 255;
+
+/// The request's `x-request-id` (visible ASCII, at most 255 bytes), or the
+/// id of the trace it belongs to.
+pub fn request_id<T>(req: &tonic::Request<T>) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_owned)
+        .or_else(hcp_telemetry::current_trace_id)
+        .unwrap_or_default()
 }
 
 /// Returns 32 random bytes, base64url: the console token given to the tenant.
@@ -616,7 +856,25 @@ impl VmService for TenantApi {
     async fn create_vm(&self, req: tonic::Request<CreateVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
-        handle(self.create_vm(p, key, req.into_inner())).await
+        let rid = request_id(&req);
+        handle(self.create_vm(p, key, rid, req.into_inner())).await
+    }
+
+    async fn get_vm_by_id(&self, req: tonic::Request<GetVmByIdRequest>) -> ApiResult<Vm> {
+        let p = principal(&req)?;
+        handle(self.get_vm_by_id(p, req.into_inner())).await
+    }
+
+    async fn update_vm(&self, req: tonic::Request<UpdateVmRequest>) -> ApiResult<Vm> {
+        let p = principal(&req)?;
+        handle(self.update_vm(p, req.into_inner())).await
+    }
+
+    async fn resize_vm(&self, req: tonic::Request<ResizeVmRequest>) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let rid = request_id(&req);
+        handle(self.resize_vm(p, key, rid, req.into_inner())).await
     }
 
     async fn list_vms(&self, req: tonic::Request<ListVmsRequest>) -> ApiResult<ListVmsResponse> {
@@ -632,25 +890,65 @@ impl VmService for TenantApi {
     async fn start_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
-        handle(self.operate(p, key, req.into_inner(), JobKind::StartVm)).await
+        let extra = Extra { request_id: request_id(&req), ..Extra::default() };
+        handle(self.operate(p, key, req.into_inner(), JobKind::StartVm, extra)).await
     }
 
-    async fn stop_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
+    async fn stop_vm(&self, req: tonic::Request<StopVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
-        handle(self.operate(p, key, req.into_inner(), JobKind::StopVm)).await
+        let request_id = request_id(&req);
+        let r = req.into_inner();
+        handle(async {
+            if r.timeout_seconds > MAX_STOP_TIMEOUT {
+                return Err(ApiError::invalid_field(
+                    "timeout_seconds",
+                    format!("timeout_seconds is at most {MAX_STOP_TIMEOUT}"),
+                ));
+            }
+            let extra = Extra {
+                fingerprint: serde_json::json!({"force": r.force, "timeout_seconds": r.timeout_seconds}),
+                params: JobParams::Stop { force: r.force, timeout_seconds: r.timeout_seconds },
+                request_id,
+                ..Extra::default()
+            };
+            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
+            self.operate(p, key, target, JobKind::StopVm, extra).await
+        })
+        .await
     }
 
-    async fn reboot_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
+    async fn reboot_vm(&self, req: tonic::Request<RebootVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
-        handle(self.operate(p, key, req.into_inner(), JobKind::RebootVm)).await
+        let request_id = request_id(&req);
+        let r = req.into_inner();
+        handle(async {
+            use hcp_proto::tenant::RebootType;
+            let hard = match RebootType::try_from(r.r#type) {
+                Ok(RebootType::Hard) => true,
+                Ok(RebootType::Soft | RebootType::Unspecified) => false,
+                Err(_) => {
+                    return Err(ApiError::invalid_field("type", format!("unknown reboot type {}", r.r#type)));
+                }
+            };
+            let extra = Extra {
+                fingerprint: serde_json::json!({"hard": hard}),
+                params: JobParams::Reboot { hard },
+                request_id,
+                ..Extra::default()
+            };
+            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
+            self.operate(p, key, target, JobKind::RebootVm, extra).await
+        })
+        .await
     }
 
     async fn delete_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
-        handle(self.operate(p, key, req.into_inner(), JobKind::DeleteVm)).await
+        let extra = Extra { request_id: request_id(&req), ..Extra::default() };
+        handle(self.operate(p, key, req.into_inner(), JobKind::DeleteVm, extra)).await
     }
 
     async fn create_snapshot(
@@ -659,6 +957,7 @@ impl VmService for TenantApi {
     ) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let request_id = request_id(&req);
         let r = req.into_inner();
         handle(async {
             validate::label("name", &r.name)?;
@@ -674,11 +973,12 @@ impl VmService for TenantApi {
             let extra = Extra {
                 snapshot: Some(SnapshotAccept::Create(snap)),
                 snapshot_id: Some(id),
-                require_status: None,
                 fingerprint: serde_json::json!({"name": r.name}),
+                request_id,
+                ..Extra::default()
             };
             let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
-            self.snapshot_op(p, key, target, JobKind::SnapshotCreate, extra).await
+            self.capability_op(p, key, target, JobKind::SnapshotCreate, extra, |_, _| Ok(())).await
         })
         .await
     }
@@ -691,12 +991,12 @@ impl VmService for TenantApi {
         let r = req.into_inner();
         handle(async {
             validate::project_id(&r.project_id)?;
-            let tenant = p.tenant_project(&r.project_id, Access::Read)?;
+            let scope = p.scope(&r.project_id, Access::Read)?;
             let vm: VmId = validate::id("vm_id", &r.vm_id)?;
             let snaps = self
                 .ctx
                 .store
-                .list_snapshots(tenant, &r.project_id, vm)
+                .list_snapshots(&scope, vm)
                 .await
                 .map_err(|e| from_store(e, &format!("vm {vm}")))?;
             Ok(hcp_proto::tenant::ListSnapshotsResponse {
@@ -734,6 +1034,11 @@ impl JobService for TenantApi {
     async fn get_job(&self, req: tonic::Request<GetJobRequest>) -> ApiResult<Job> {
         let p = principal(&req)?;
         handle(self.get_job(p, req.into_inner())).await
+    }
+
+    async fn list_jobs(&self, req: tonic::Request<ListJobsRequest>) -> ApiResult<ListJobsResponse> {
+        let p = principal(&req)?;
+        handle(self.list_jobs(p, req.into_inner())).await
     }
 
     type WatchJobStream = tokio_stream::wrappers::ReceiverStream<Result<Job, tonic::Status>>;
@@ -825,6 +1130,36 @@ impl JobService for TenantApi {
             let job =
                 self.ctx.store.get_job(&tenant, id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
             Ok(convert::job_to_tenant(&job))
+        })
+        .await
+    }
+}
+
+/// Longest graceful stop a tenant may ask for.
+const MAX_STOP_TIMEOUT: u32 = 3600;
+
+#[tonic::async_trait]
+impl QuotaService for TenantApi {
+    async fn get_project_quota(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::GetProjectQuotaRequest>,
+    ) -> ApiResult<hcp_proto::tenant::ProjectQuota> {
+        let p = principal(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            validate::project_id(&r.project_id)?;
+            let scope = p.scope(&r.project_id, Access::Read)?;
+            let (quota, usage) =
+                self.ctx.store.get_quota(&scope).await.map_err(|e| from_store(e, "quota"))?;
+            Ok(hcp_proto::tenant::ProjectQuota {
+                project_id: scope.project.clone(),
+                max_instances: quota.max_instances,
+                max_vcpus: quota.max_vcpus,
+                max_memory_mib: quota.max_memory_mib,
+                instances: u32::try_from(usage.instances).unwrap_or(u32::MAX),
+                vcpus: u32::try_from(usage.vcpus).unwrap_or(u32::MAX),
+                memory_mib: usage.memory_mib,
+            })
         })
         .await
     }

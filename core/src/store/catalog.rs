@@ -1,7 +1,12 @@
-//! The catalog: flavors, images and zones. Written by ops, read by everyone.
+//! The catalog: flavors, images, zones and their networks. Written by ops,
+//! read by everyone.
+
+use std::collections::BTreeMap;
+
+use sqlx::types::Json;
 
 use super::{StoreError, StoreResult, col, on_pool, to_i32, to_u32};
-use crate::model::{AuditEvent, Flavor, Image, Zone};
+use crate::model::{AuditEvent, Flavor, Image, Network, Zone};
 
 impl super::Store {
     /// Inserts a flavor and its audit event.
@@ -214,11 +219,114 @@ impl super::Store {
             if in_use > 0 {
                 return Err(StoreError::Conflict(format!("{vm_column} {name} is used by {in_use} vm(s)")));
             }
+            if table == "zones" {
+                // A zone without VMs takes its networks with it.
+                sqlx::query("DELETE FROM networks WHERE zone = $1")
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "networks"))?;
+            }
             let done = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE name = $1")))
                 .bind(name)
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, &format!("{vm_column} {name}")))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(())
+        })
+    }
+}
+
+impl super::Store {
+    /// Creates or replaces a network of a zone (backings included) with its
+    /// audit event. NotFound when the zone does not exist.
+    pub async fn put_network(&self, n: &Network, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let zone: Option<String> = sqlx::query_scalar("SELECT name FROM zones WHERE name = $1")
+                .bind(&n.zone)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "zone"))?;
+            if zone.is_none() {
+                return Err(StoreError::NotFound);
+            }
+            sqlx::query(
+                "INSERT INTO networks (zone, name, description, backings, created_at) \
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (zone, name) \
+                 DO UPDATE SET description = excluded.description, backings = excluded.backings",
+            )
+            .bind(&n.zone)
+            .bind(&n.name)
+            .bind(&n.description)
+            .bind(Json(&n.backings))
+            .bind(n.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, &format!("network {}", n.name)))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(())
+        })
+    }
+
+    /// Lists networks by zone and name, of one zone when given.
+    pub async fn list_networks(&self, zone: Option<&str>) -> StoreResult<Vec<Network>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT zone, name, description, backings, created_at FROM networks \
+                 WHERE ($1 IS NULL OR zone = $1) ORDER BY zone, name",
+            )
+            .bind(zone)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "networks"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let backings: Json<BTreeMap<String, String>> = col!(row, "backings");
+                out.push(Network {
+                    zone: col!(row, "zone"),
+                    name: col!(row, "name"),
+                    description: col!(row, "description"),
+                    backings: backings.0,
+                    created_at: col!(row, "created_at"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes a network unless a VM that is not deleted in its zone is
+    /// attached to it.
+    pub async fn delete_network(&self, zone: &str, name: &str, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let rows = sqlx::query("SELECT networks FROM vms WHERE zone = $1 AND status <> 'DELETED'")
+                .bind(zone)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
+            let mut in_use = 0;
+            for row in &rows {
+                let nets: Json<Vec<crate::model::NetworkAttachment>> = col!(row, "networks");
+                if nets.0.iter().any(|n| n.network == name) {
+                    in_use += 1;
+                }
+            }
+            if in_use > 0 {
+                return Err(StoreError::Conflict(format!("network {name} is used by {in_use} vm(s)")));
+            }
+            let done = sqlx::query("DELETE FROM networks WHERE zone = $1 AND name = $2")
+                .bind(zone)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, &format!("network {name}")))?;
             if done.rows_affected() == 0 {
                 return Err(StoreError::NotFound);
             }

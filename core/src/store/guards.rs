@@ -79,11 +79,12 @@ macro_rules! insert_idempotency {
 }
 pub(crate) use insert_idempotency;
 
-/// Checks a project's quota for one more VM of the given size, inside the
+/// Checks a project's quota for `instances` more VMs and `vcpus` / `memory`
+/// more (a create: 1 and its size; a resize: 0 and the difference), inside the
 /// accepting transaction. On PostgreSQL the quota row is locked, which
 /// orders concurrent creates of the project; SQLite has one writer.
 macro_rules! check_quota {
-    ($conn:expr, $kind:expr, $tenant:expr, $project:expr, $vcpus:expr, $memory:expr) => {{
+    ($conn:expr, $kind:expr, $tenant:expr, $project:expr, $instances:expr, $vcpus:expr, $memory:expr) => {{
         let lock = match $kind {
             $crate::store::BackendKind::Postgres => " FOR UPDATE",
             $crate::store::BackendKind::Sqlite => "",
@@ -115,12 +116,15 @@ macro_rules! check_quota {
             let vcpus: i64 = col!(&used, "vcpus");
             let memory: i64 = col!(&used, "memory");
             let checks = [
-                ("instances", max_instances.map(i64::from), n, 1i64),
+                ("instances", max_instances.map(i64::from), n, i64::from($instances)),
                 ("vcpus", max_vcpus.map(i64::from), vcpus, i64::from($vcpus)),
                 ("memory_mib", max_memory, memory, i64::from($memory)),
             ];
             for (what, max, used, more) in checks {
+                // Only a growth is checked: shrinking is always allowed,
+                // even in a project already over a lowered limit.
                 if let Some(max) = max
+                    && more > 0
                     && used + more > max
                 {
                     return Err($crate::store::StoreError::QuotaExceeded(format!(
@@ -182,8 +186,7 @@ impl super::Store {
     /// appends its audit event, in one transaction.
     pub async fn set_quota(
         &self,
-        tenant_id: &str,
-        project_id: &str,
+        scope: &crate::model::Scope,
         quota: &Quota,
         audit: &crate::model::AuditEvent,
     ) -> StoreResult<()> {
@@ -194,8 +197,8 @@ impl super::Store {
                  updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, project_id) DO UPDATE \
                  SET max_instances = $3, max_vcpus = $4, max_memory_mib = $5, updated_at = $6",
             )
-            .bind(tenant_id)
-            .bind(project_id)
+            .bind(&scope.tenant)
+            .bind(&scope.project)
             .bind(quota.max_instances.map(|v| v as i32))
             .bind(quota.max_vcpus.map(|v| v as i32))
             .bind(quota.max_memory_mib.map(|v| v as i64))
@@ -210,7 +213,8 @@ impl super::Store {
     }
 
     /// Returns a project's quota (all `None` when unset) and usage.
-    pub async fn get_quota(&self, tenant_id: &str, project_id: &str) -> StoreResult<(Quota, Usage)> {
+    pub async fn get_quota(&self, scope: &crate::model::Scope) -> StoreResult<(Quota, Usage)> {
+        let (tenant_id, project_id) = (&scope.tenant, &scope.project);
         on_pool!(self, |pool| {
             let row = sqlx::query(
                 "SELECT max_instances, max_vcpus, max_memory_mib FROM project_quotas \

@@ -9,39 +9,48 @@
 use chrono::{DateTime, Utc};
 use hcp_proto::ids::{JobId, VmId};
 
-use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_vm_usage};
-use super::{BackendKind, StoreError, StoreResult, col, on_pool, to_u32};
-use crate::model::{AuditEvent, Job, JobKind, JobStatus, VmStatus};
+use hcp_proto::error::ErrorCode;
+use sqlx::types::Json;
 
-/// How a job attempt ended.
+use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_vm_usage};
+use super::{BackendKind, StoreError, StoreResult, col, on_pool, to_i32, to_u32};
+use crate::lifecycle::{JobParams, Outcome, Step, Transition};
+use crate::model::{AuditEvent, Job, JobKind, JobStatus, NetworkAttachment, Scope, VmStatus};
+
+/// How a job attempt ended, as the store writes it: the lifecycle's
+/// transition plus the data that goes with it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum JobOutcome {
-    /// Done; the VM moves to `vm_status`.
-    Succeeded {
-        /// The VM's state after the job.
-        vm_status: VmStatus,
-    },
-    /// Failed for good; the VM moves to ERROR with the error.
-    Failed {
-        /// Taxonomy code.
-        code: String,
-        /// Message for the tenant.
-        message: String,
-    },
-    /// Failed in a way a later attempt may fix; queued again.
-    Retry {
-        /// Not before this time.
-        run_after: DateTime<Utc>,
-        /// Code of this attempt's failure.
-        code: String,
-        /// Message of this attempt's failure.
-        message: String,
-    },
+pub struct Finish {
+    /// What changes (from [`crate::lifecycle::transition`]).
+    pub transition: Transition,
+    /// The attempt's error (a failure, or the failure a retry follows).
+    pub error: Option<(ErrorCode, String)>,
+    /// When a requeued job may run again.
+    pub run_after: Option<DateTime<Utc>>,
+    /// The VM's attachments with the addresses the provider reported after
+    /// the job, when it could tell.
+    pub networks: Option<Vec<NetworkAttachment>>,
+}
+
+/// Filters and page position for [`super::Store::list_jobs`].
+#[derive(Debug, Clone, Default)]
+pub struct ListJobsQuery {
+    /// At most this many rows (1..=1000).
+    pub page_size: u32,
+    /// The last id of the previous page (jobs come newest first).
+    pub before: Option<uuid::Uuid>,
+    /// Only this VM's jobs.
+    pub vm_id: Option<VmId>,
+    /// Only jobs in this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs of this kind.
+    pub kind: Option<JobKind>,
 }
 
 const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attempts, \
      max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, actor, \
-     traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id";
+     traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, \
+     params, request_id";
 
 macro_rules! insert_job {
     ($conn:expr, $job:expr) => {{
@@ -49,9 +58,10 @@ macro_rules! insert_job {
         sqlx::query(
             "INSERT INTO jobs (id, tenant_id, project_id, kind, vm_id, status, attempts, \
              max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, \
-             actor, traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id) \
+             actor, traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, \
+             params, request_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, NULL, NULL, $10, $11, $12, NULL, NULL, \
-             $13, $14, $15)",
+             $13, $14, $15, $16, $17)",
         )
         .bind(job.id.0)
         .bind(&job.tenant_id)
@@ -68,6 +78,8 @@ macro_rules! insert_job {
         .bind(job.updated_at)
         .bind(job.prior_status.map(|s| s.as_str()))
         .bind(job.snapshot_id.map(|s| s.0))
+        .bind(sqlx::types::Json(&job.params))
+        .bind(&job.request_id)
         .execute($conn)
         .await
         .map_err(|e| $crate::store::StoreError::from_sqlx(e, "job"))?;
@@ -95,7 +107,11 @@ macro_rules! job_from_row {
             run_after: col!(row, "run_after"),
             lease_owner: col!(row, "lease_owner"),
             lease_expires_at: col!(row, "lease_expires_at"),
-            error_code: col!(row, "error_code"),
+            error_code: {
+                let c: Option<String> = col!(row, "error_code");
+                // A code this build does not know is shown as INTERNAL.
+                c.map(|c| ErrorCode::from_name(&c).unwrap_or(ErrorCode::Internal))
+            },
             error_message: col!(row, "error_message"),
             actor: col!(row, "actor"),
             traceparent: col!(row, "traceparent"),
@@ -111,6 +127,90 @@ macro_rules! job_from_row {
                 let s: Option<uuid::Uuid> = col!(row, "snapshot_id");
                 s.map(hcp_proto::ids::SnapshotId)
             },
+            params: {
+                let p: Json<JobParams> = col!(row, "params");
+                p.0
+            },
+            request_id: col!(row, "request_id"),
+        }
+    }};
+}
+
+/// Writes what a transition does besides the job row: the VM's state,
+/// error, restored size and reported addresses, the snapshot's state, the
+/// usage event, console revocation and the announcement of a requeued job.
+macro_rules! apply_transition {
+    ($tx:expr, $job:expr, $t:expr, $message:expr, $networks:expr, $now:expr, $outbox:expr) => {{
+        let job: &Job = $job;
+        let t: &Transition = $t;
+        let now: DateTime<Utc> = $now;
+        if let Some(status) = t.vm {
+            let error_message: Option<&str> = t.vm_error.map(|_| $message.unwrap_or_default());
+            sqlx::query(
+                "UPDATE vms SET status = $1, current_job_id = NULL, error_code = $2, \
+                 error_message = $3, updated_at = $4 WHERE id = $5 AND current_job_id = $6",
+            )
+            .bind(status.as_str())
+            .bind(t.vm_error.map(|c| c.as_str()))
+            .bind(error_message)
+            .bind(now)
+            .bind(job.vm_id.0)
+            .bind(job.id.0)
+            .execute(&mut *$tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+        }
+        if let Some(size) = &t.vm_size {
+            sqlx::query(
+                "UPDATE vms SET flavor = $1, vcpus = $2, memory_mib = $3, disk_gib = $4 WHERE id = $5",
+            )
+            .bind(&size.flavor)
+            .bind(to_i32(size.vcpus))
+            .bind(to_i32(size.memory_mib))
+            .bind(to_i32(size.disk_gib))
+            .bind(job.vm_id.0)
+            .execute(&mut *$tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+        }
+        let networks: Option<&Vec<NetworkAttachment>> = $networks;
+        if let Some(networks) = networks {
+            sqlx::query("UPDATE vms SET networks = $1 WHERE id = $2")
+                .bind(Json(networks))
+                .bind(job.vm_id.0)
+                .execute(&mut *$tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+        }
+        if let (Some(snapshot), Some(status)) = (job.snapshot_id, t.snapshot) {
+            sqlx::query("UPDATE snapshots SET status = $1, updated_at = $2 WHERE id = $3")
+                .bind(status.as_str())
+                .bind(now)
+                .bind(snapshot.0)
+                .execute(&mut *$tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
+        }
+        if let Some(event) = t.metering {
+            insert_vm_usage!($tx, job.vm_id, event.as_str(), now, Some(job.id), $outbox);
+        }
+        if t.revoke_consoles {
+            // Console tokens for a VM that stopped or went away must not
+            // open anything any more.
+            sqlx::query(
+                "UPDATE console_sessions SET revoked_at = $1 WHERE vm_id = $2 \
+                 AND revoked_at IS NULL AND used_at IS NULL",
+            )
+            .bind(now)
+            .bind(job.vm_id.0)
+            .execute(&mut *$tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
+        }
+        // A requeued job is announced again; a consumer that gets it before
+        // `run_after` puts it back with a delay.
+        if t.requeue && $outbox {
+            insert_outbox!($tx, SUBJECT_JOBS, job.id.to_string(), now);
         }
     }};
 }
@@ -121,6 +221,8 @@ impl super::Store {
     /// event is appended, atomically. Conflict when the job is not QUEUED.
     pub async fn cancel_job(&self, tenant_id: &str, id: JobId, audit: &AuditEvent) -> StoreResult<Job> {
         let t = audit.at;
+        let t_now = t;
+        let outbox = self.outbox;
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -149,25 +251,8 @@ impl super::Store {
                 };
             };
             let job = job_from_row!(&row);
-            let (status, error) = match (job.kind, job.prior_status) {
-                (JobKind::CreateVm, _) | (_, None) => {
-                    (VmStatus::Error, Some(("CANCELLED", "the operation was cancelled")))
-                }
-                (_, Some(prior)) => (prior, None),
-            };
-            sqlx::query(
-                "UPDATE vms SET status = $1, current_job_id = NULL, error_code = $2, error_message = $3, \
-                 updated_at = $4 WHERE id = $5 AND current_job_id = $6",
-            )
-            .bind(status.as_str())
-            .bind(error.map(|e| e.0))
-            .bind(error.map(|e| e.1))
-            .bind(t)
-            .bind(job.vm_id.0)
-            .bind(job.id.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            let t = crate::lifecycle::transition(job.kind, Outcome::Cancelled, job.prior_status, &job.params);
+            apply_transition!(tx, &job, &t, Some("the operation was cancelled"), None, t_now, outbox);
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             Ok(job)
@@ -325,6 +410,7 @@ impl super::Store {
 
     /// Returns the steps of a job already completed, with their outputs.
     pub async fn completed_steps(&self, id: JobId) -> StoreResult<Vec<(String, String)>> {
+        // Step names are parsed by the engine against the job's kind.
         on_pool!(self, |pool| {
             let rows = sqlx::query(
                 "SELECT step, output FROM job_steps WHERE job_id = $1 ORDER BY finished_at, step",
@@ -347,7 +433,7 @@ impl super::Store {
         &self,
         id: JobId,
         worker: &str,
-        step: &str,
+        step: Step,
         output: &str,
         at: DateTime<Utc>,
     ) -> StoreResult<()> {
@@ -359,7 +445,7 @@ impl super::Store {
                  ON CONFLICT (job_id, step) DO NOTHING",
             )
             .bind(id.0)
-            .bind(step)
+            .bind(step.as_str())
             .bind(output)
             .bind(at)
             .bind(worker)
@@ -371,147 +457,112 @@ impl super::Store {
         })
     }
 
-    /// Ends an attempt: updates the job, the VM and appends the audit event
-    /// (when given) in one transaction. Fails with Conflict when `worker` no
-    /// longer holds the lease, in which case nothing changes.
+    /// Ends an attempt: writes the job's, the VM's and the snapshot's new
+    /// states as `finish` says, and appends the audit event (when given),
+    /// in one transaction. Fails with Conflict when `worker` no longer holds
+    /// the lease, in which case nothing changes.
     pub async fn finish_job(
         &self,
         job: &Job,
         worker: &str,
-        outcome: &JobOutcome,
+        finish: &Finish,
         now: DateTime<Utc>,
         audit: Option<&AuditEvent>,
     ) -> StoreResult<()> {
         let outbox = self.outbox;
+        let t = &finish.transition;
+        let (code, message) = match &finish.error {
+            Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
+            None => (None, None),
+        };
+        let finished_at = (t.job != JobStatus::Queued).then_some(now);
+        let run_after = finish.run_after.unwrap_or(job.run_after);
         on_pool!(engine self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
-            let updated = match outcome {
-                JobOutcome::Succeeded { .. } => sqlx::query(
-                    "UPDATE jobs SET status = 'SUCCEEDED', finished_at = $1, updated_at = $1, \
-                     lease_owner = NULL, lease_expires_at = NULL, error_code = NULL, \
-                     error_message = NULL WHERE id = $2 AND lease_owner = $3 AND status = 'RUNNING'",
-                )
-                .bind(now)
-                .bind(job.id.0)
-                .bind(worker),
-                JobOutcome::Failed { code, message } => sqlx::query(
-                    "UPDATE jobs SET status = 'FAILED', finished_at = $1, updated_at = $1, \
-                     lease_owner = NULL, lease_expires_at = NULL, error_code = $4, \
-                     error_message = $5 WHERE id = $2 AND lease_owner = $3 AND status = 'RUNNING'",
-                )
-                .bind(now)
-                .bind(job.id.0)
-                .bind(worker)
-                .bind(code)
-                .bind(message),
-                JobOutcome::Retry { run_after, code, message } => sqlx::query(
-                    "UPDATE jobs SET status = 'QUEUED', run_after = $6, updated_at = $1, \
-                     lease_owner = NULL, lease_expires_at = NULL, error_code = $4, \
-                     error_message = $5 WHERE id = $2 AND lease_owner = $3 AND status = 'RUNNING'",
-                )
-                .bind(now)
-                .bind(job.id.0)
-                .bind(worker)
-                .bind(code)
-                .bind(message)
-                .bind(*run_after),
-            }
+            let updated = sqlx::query(
+                "UPDATE jobs SET status = $4, finished_at = $1, updated_at = $5, run_after = $6, \
+                 lease_owner = NULL, lease_expires_at = NULL, error_code = $7, error_message = $8 \
+                 WHERE id = $2 AND lease_owner = $3 AND status = 'RUNNING'",
+            )
+            .bind(finished_at)
+            .bind(job.id.0)
+            .bind(worker)
+            .bind(t.job.as_str())
+            .bind(now)
+            .bind(run_after)
+            .bind(code)
+            .bind(message)
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "job"))?;
             if updated.rows_affected() != 1 {
                 return Err(StoreError::Conflict(format!("lease on job {} lost", job.id)));
             }
-            match outcome {
-                JobOutcome::Succeeded { vm_status } => {
-                    sqlx::query(
-                        "UPDATE vms SET status = $1, current_job_id = NULL, error_code = NULL, \
-                         error_message = NULL, updated_at = $2 WHERE id = $3 AND current_job_id = $4",
-                    )
-                    .bind(vm_status.as_str())
-                    .bind(now)
-                    .bind(job.vm_id.0)
-                    .bind(job.id.0)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
-                }
-                JobOutcome::Failed { code, message } => {
-                    sqlx::query(
-                        "UPDATE vms SET status = 'ERROR', current_job_id = NULL, error_code = $1, \
-                         error_message = $2, updated_at = $3 WHERE id = $4 AND current_job_id = $5",
-                    )
-                    .bind(code)
-                    .bind(message)
-                    .bind(now)
-                    .bind(job.vm_id.0)
-                    .bind(job.id.0)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
-                }
-                JobOutcome::Retry { .. } => {
-                    // Announce the job again; a consumer that gets it before
-                    // `run_after` puts it back with a delay.
-                    if outbox {
-                        insert_outbox!(tx, SUBJECT_JOBS, job.id.to_string(), now);
-                    }
-                }
-            }
-            // A snapshot job moves its snapshot along.
-            if let Some(snapshot) = job.snapshot_id {
-                let next = match (outcome, job.kind) {
-                    (JobOutcome::Succeeded { .. }, JobKind::SnapshotCreate) => Some("AVAILABLE"),
-                    (JobOutcome::Succeeded { .. }, JobKind::SnapshotDelete) => Some("REMOVED"),
-                    (JobOutcome::Failed { .. }, JobKind::SnapshotCreate | JobKind::SnapshotDelete) => {
-                        Some("ERROR")
-                    }
-                    _ => None,
-                };
-                if let Some(status) = next {
-                    sqlx::query("UPDATE snapshots SET status = $1, updated_at = $2 WHERE id = $3")
-                        .bind(status)
-                        .bind(now)
-                        .bind(snapshot.0)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
-                }
-            }
-            // Metering follows the power transitions the job made.
-            let usage = match (outcome, job.kind) {
-                (JobOutcome::Succeeded { .. }, JobKind::CreateVm | JobKind::StartVm) => Some("started"),
-                (JobOutcome::Succeeded { .. }, JobKind::StopVm) => Some("stopped"),
-                (JobOutcome::Succeeded { .. }, JobKind::DeleteVm) => Some("deleted"),
-                (JobOutcome::Succeeded { vm_status }, JobKind::SnapshotRevert)
-                    if Some(*vm_status) != job.prior_status =>
-                {
-                    Some(if *vm_status == VmStatus::Active { "started" } else { "stopped" })
-                }
-                _ => None,
-            };
-            if let Some(event) = usage {
-                insert_vm_usage!(tx, job.vm_id, event, now, Some(job.id), outbox);
-            }
-            if matches!(outcome, JobOutcome::Succeeded { .. } | JobOutcome::Failed { .. }) {
-                // A finished job's console tokens for a VM that stopped or
-                // went away must not open anything any more.
-                sqlx::query(
-                    "UPDATE console_sessions SET revoked_at = $1 WHERE vm_id = $2 \
-                     AND revoked_at IS NULL AND used_at IS NULL AND $3 IN ('vm.stop', 'vm.delete')",
-                )
-                .bind(now)
-                .bind(job.vm_id.0)
-                .bind(job.kind.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
-            }
+            apply_transition!(tx, job, t, message, finish.networks.as_ref(), now, outbox);
             if let Some(audit) = audit {
                 super::audit::insert_audit!(&mut *tx, audit);
             }
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             Ok(())
         })
+    }
+
+    /// Lists a project's jobs, newest first, one page at a time. Returns the
+    /// page and, when another follows, the last id of this one.
+    pub async fn list_jobs(
+        &self,
+        scope: &Scope,
+        query: &ListJobsQuery,
+    ) -> StoreResult<(Vec<Job>, Option<uuid::Uuid>)> {
+        let limit = i64::from(query.page_size.clamp(1, 1000));
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 AND project_id = $2");
+        let mut n = 2;
+        let mut next_param = || {
+            n += 1;
+            n
+        };
+        if query.before.is_some() {
+            sql.push_str(&format!(" AND id < ${}", next_param()));
+        }
+        if query.vm_id.is_some() {
+            sql.push_str(&format!(" AND vm_id = ${}", next_param()));
+        }
+        if query.status.is_some() {
+            sql.push_str(&format!(" AND status = ${}", next_param()));
+        }
+        if query.kind.is_some() {
+            sql.push_str(&format!(" AND kind = ${}", next_param()));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", next_param()));
+        let mut jobs = on_pool!(self, |pool| {
+            let mut q =
+                sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(&scope.tenant).bind(&scope.project);
+            if let Some(before) = query.before {
+                q = q.bind(before);
+            }
+            if let Some(vm) = query.vm_id {
+                q = q.bind(vm.0);
+            }
+            if let Some(status) = query.status {
+                q = q.bind(status.as_str());
+            }
+            if let Some(kind) = query.kind {
+                q = q.bind(kind.as_str());
+            }
+            let rows =
+                q.bind(limit + 1).fetch_all(pool).await.map_err(|e| StoreError::from_sqlx(e, "jobs"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(job_from_row!(row));
+            }
+            out
+        });
+        let next = if jobs.len() as i64 > limit {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|j| j.id.0)
+        } else {
+            None
+        };
+        Ok((jobs, next))
     }
 }

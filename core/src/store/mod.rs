@@ -30,10 +30,10 @@ mod vms;
 
 pub use audit::{AuditQuery, ChainedEvent};
 pub use guards::{IdempotencyRecord, Quota, Usage};
-pub use jobs::JobOutcome;
+pub use jobs::{Finish, ListJobsQuery};
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use reconcile::KnownVm;
-pub use vms::{AcceptOperation, ListVmsQuery, NewVm, SnapshotAccept};
+pub use vms::{AcceptOperation, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,14 @@ pub enum StoreError {
     /// Another request holds the idempotency key (it committed first).
     #[error("idempotency key taken by a concurrent request")]
     IdempotencyRace,
+    /// A job is operating on the VM; the caller may wait for it and retry.
+    #[error("{message}")]
+    Busy {
+        /// The job in flight.
+        job: hcp_proto::ids::JobId,
+        /// What to tell the caller.
+        message: String,
+    },
     /// The project's quota does not allow the request.
     #[error("{0}")]
     QuotaExceeded(String),

@@ -21,29 +21,34 @@ pub struct KnownVm {
     pub current_job_id: Option<JobId>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// Attachments with the addresses last recorded.
+    pub networks: Vec<crate::model::NetworkAttachment>,
 }
 
 impl super::Store {
     /// Returns every VM placed on a provider, deleted ones included.
     pub async fn vms_on_provider(&self, provider: ProviderId) -> StoreResult<Vec<KnownVm>> {
         on_pool!(self, |pool| {
-            let rows =
-                sqlx::query("SELECT id, status, current_job_id, updated_at FROM vms WHERE provider_id = $1")
-                    .bind(provider.0)
-                    .fetch_all(pool)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
+            let rows = sqlx::query(
+                "SELECT id, status, current_job_id, updated_at, networks FROM vms WHERE provider_id = $1",
+            )
+            .bind(provider.0)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
                 let id: uuid::Uuid = col!(row, "id");
                 let status: String = col!(row, "status");
                 let job: Option<uuid::Uuid> = col!(row, "current_job_id");
+                let networks: sqlx::types::Json<Vec<crate::model::NetworkAttachment>> = col!(row, "networks");
                 out.push(KnownVm {
                     id: VmId(id),
                     status: VmStatus::parse(&status)
                         .ok_or_else(|| StoreError::Corrupt(format!("vm status {status:?}")))?,
                     current_job_id: job.map(JobId),
                     updated_at: col!(row, "updated_at"),
+                    networks: networks.0,
                 });
             }
             Ok(out)

@@ -11,7 +11,10 @@ use super::outbox::{SUBJECT_JOBS, insert_outbox};
 use super::{IdempotencyRecord, StoreError, StoreResult, col, on_pool, to_i32};
 use hcp_proto::ids::SnapshotId;
 
-use crate::model::{AuditEvent, Job, JobKind, NetworkAttachment, Snapshot, Vm, VmStatus};
+use crate::lifecycle::{Refusal, Size};
+use crate::model::{
+    AuditEvent, Job, JobKind, NetworkAttachment, Scope, Snapshot, SnapshotStatus, Vm, VmStatus,
+};
 
 /// A VM to insert (status PENDING, with its create job).
 pub type NewVm = Vm;
@@ -32,10 +35,8 @@ pub struct ListVmsQuery {
 /// What [`super::Store::accept_operation`] needs besides the job.
 #[derive(Debug, Clone)]
 pub struct AcceptOperation {
-    /// Tenant of the caller.
-    pub tenant_id: String,
-    /// Project in the path.
-    pub project_id: String,
+    /// Where the caller operates.
+    pub scope: Scope,
     /// VM operated on.
     pub vm_id: VmId,
     /// Operation.
@@ -44,6 +45,21 @@ pub struct AcceptOperation {
     pub require_status: Option<VmStatus>,
     /// The snapshot change a snapshot operation makes.
     pub snapshot: Option<SnapshotAccept>,
+    /// The size a resize gives the VM: applied now, so the quota (checked
+    /// for the difference) holds it while the job runs.
+    pub resize: Option<Size>,
+}
+
+/// The tenant-owned fields [`super::Store::update_vm`] sets; `None` keeps
+/// a field.
+#[derive(Debug, Clone, Default)]
+pub struct VmUpdate {
+    /// New name.
+    pub name: Option<String>,
+    /// New metadata, replacing the old.
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// New tags (sorted, without duplicates), replacing the old.
+    pub tags: Option<Vec<String>>,
 }
 
 /// What a snapshot operation does to its snapshot at accept time.
@@ -92,7 +108,13 @@ macro_rules! vm_from_row {
             status: VmStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("vm status {status:?}")))?,
             current_job_id: current_job_id.map(JobId),
-            error_code: col!(row, "error_code"),
+            error_code: {
+                let c: Option<String> = col!(row, "error_code");
+                c.map(|c| {
+                    hcp_proto::error::ErrorCode::from_name(&c)
+                        .unwrap_or(hcp_proto::error::ErrorCode::Internal)
+                })
+            },
             error_message: col!(row, "error_message"),
             created_at: col!(row, "created_at"),
             updated_at: col!(row, "updated_at"),
@@ -122,7 +144,7 @@ impl super::Store {
             if let Some(rec) = idem {
                 insert_idempotency!(tx, rec);
             }
-            check_quota!(tx, kind, &vm.tenant_id, &vm.project_id, to_i32(vm.vcpus), to_i32(vm.memory_mib));
+            check_quota!(tx, kind, &vm.tenant_id, &vm.project_id, 1, to_i32(vm.vcpus), to_i32(vm.memory_mib));
             sqlx::query(
                 "INSERT INTO vms (id, tenant_id, project_id, name, flavor, vcpus, memory_mib, \
                  disk_gib, image, image_source, zone, provider_id, networks, metadata, tags, \
@@ -183,8 +205,8 @@ impl super::Store {
         audit: &AuditEvent,
         idem: Option<&IdempotencyRecord>,
     ) -> StoreResult<Vm> {
-        let allowed = op.kind.allowed_from();
         let outbox = self.outbox;
+        let backend = self.kind();
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             if let Some(rec) = idem {
@@ -194,38 +216,73 @@ impl super::Store {
                 "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant_id = $2 AND project_id = $3"
             )))
             .bind(op.vm_id.0)
-            .bind(&op.tenant_id)
-            .bind(&op.project_id)
+            .bind(&op.scope.tenant)
+            .bind(&op.scope.project)
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?
             .ok_or(StoreError::NotFound)?;
             let mut vm = vm_from_row!(&row);
-            if let Some(job_id) = vm.current_job_id {
-                return Err(StoreError::Conflict(format!(
-                    "vm {} is {}: job {job_id} is operating on it",
-                    vm.id, vm.status
-                )));
-            }
-            if op.require_status.is_some_and(|s| s != vm.status) {
+            if op.require_status.is_some_and(|s| s != vm.status) && vm.current_job_id.is_none() {
                 return Err(StoreError::Conflict(format!("vm {} changed state concurrently; retry", vm.id)));
             }
-            if !allowed.contains(&vm.status) {
-                let wanted: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
-                return Err(StoreError::Conflict(format!(
-                    "vm {} is {}; {} needs it to be {}",
-                    vm.id,
-                    vm.status,
-                    op.kind,
-                    wanted.join(" or ")
-                )));
-            }
+            let next = match crate::lifecycle::accept(op.kind, vm.status, vm.current_job_id) {
+                Ok(next) => next,
+                Err(Refusal::Busy(job)) => {
+                    return Err(StoreError::Busy {
+                        job,
+                        message: format!("vm {} is {}: job {job} is operating on it", vm.id, vm.status),
+                    });
+                }
+                Err(Refusal::WrongState { allowed }) => {
+                    let wanted: Vec<&str> = allowed.iter().map(|s| s.as_str()).collect();
+                    return Err(StoreError::Conflict(format!(
+                        "vm {} is {}; {} needs it to be {}",
+                        vm.id,
+                        vm.status,
+                        op.kind,
+                        wanted.join(" or ")
+                    )));
+                }
+            };
             let mut job = job.clone();
             job.prior_status = Some(vm.status);
+            if let Some(to) = &op.resize {
+                let from = Size {
+                    flavor: vm.flavor.clone(),
+                    vcpus: vm.vcpus,
+                    memory_mib: vm.memory_mib,
+                    disk_gib: vm.disk_gib,
+                };
+                if to.disk_gib < from.disk_gib {
+                    return Err(StoreError::Conflict(format!(
+                        "flavor {} has a {} GiB disk; vm {} has {} GiB and disks only grow",
+                        to.flavor, to.disk_gib, vm.id, from.disk_gib
+                    )));
+                }
+                let dv = i64::from(to.vcpus) - i64::from(from.vcpus);
+                let dm = i64::from(to.memory_mib) - i64::from(from.memory_mib);
+                check_quota!(tx, backend, &op.scope.tenant, &op.scope.project, 0, dv, dm);
+                sqlx::query(
+                    "UPDATE vms SET flavor = $1, vcpus = $2, memory_mib = $3, disk_gib = $4 WHERE id = $5",
+                )
+                .bind(&to.flavor)
+                .bind(to_i32(to.vcpus))
+                .bind(to_i32(to.memory_mib))
+                .bind(to_i32(to.disk_gib))
+                .bind(vm.id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+                job.params = crate::lifecycle::JobParams::Resize { from, to: to.clone() };
+                vm.flavor = to.flavor.clone();
+                vm.vcpus = to.vcpus;
+                vm.memory_mib = to.memory_mib;
+                vm.disk_gib = to.disk_gib;
+            }
             let job = &job;
             // Compare-and-set on the state just read: a concurrent accept
             // that won the race makes this update match no row.
-            let next = op.kind.in_flight_status().unwrap_or(vm.status);
             let done = sqlx::query(
                 "UPDATE vms SET status = $1, current_job_id = $2, updated_at = $3 \
                  WHERE id = $4 AND status = $5 AND current_job_id IS NULL",
@@ -250,8 +307,8 @@ impl super::Store {
                     )
                     .bind(snap.id.0)
                     .bind(vm.id.0)
-                    .bind(&op.tenant_id)
-                    .bind(&op.project_id)
+                    .bind(&op.scope.tenant)
+                    .bind(&op.scope.project)
                     .bind(&snap.name)
                     .bind(snap.created_at)
                     .execute(&mut *tx)
@@ -267,23 +324,25 @@ impl super::Store {
                             .await
                             .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
                     let status = status.ok_or(StoreError::NotFound)?;
+                    let status = SnapshotStatus::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("snapshot status {status:?}")))?;
                     let deleting = matches!(op.snapshot, Some(SnapshotAccept::Delete(_)));
-                    let ok = status == "AVAILABLE" || (deleting && status == "ERROR");
-                    if status == "REMOVED" {
+                    let ok =
+                        status == SnapshotStatus::Available || (deleting && status == SnapshotStatus::Error);
+                    if status == SnapshotStatus::Removed {
                         return Err(StoreError::NotFound);
                     }
                     if !ok {
                         return Err(StoreError::Conflict(format!("snapshot {id} is {status}")));
                     }
                     if deleting {
-                        sqlx::query(
-                            "UPDATE snapshots SET status = 'REMOVING', updated_at = $1 WHERE id = $2",
-                        )
-                        .bind(job.created_at)
-                        .bind(id.0)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
+                        sqlx::query("UPDATE snapshots SET status = $2, updated_at = $1 WHERE id = $3")
+                            .bind(job.created_at)
+                            .bind(SnapshotStatus::Removing.as_str())
+                            .bind(id.0)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
                     }
                 }
             }
@@ -300,20 +359,119 @@ impl super::Store {
         })
     }
 
-    /// Returns a VM if it belongs to the tenant's project.
-    pub async fn get_vm(&self, tenant_id: &str, project_id: &str, id: VmId) -> StoreResult<Vm> {
+    /// Returns a VM if it belongs to the scope's project.
+    pub async fn get_vm(&self, scope: &Scope, id: VmId) -> StoreResult<Vm> {
         on_pool!(self, |pool| {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant_id = $2 AND project_id = $3"
             )))
             .bind(id.0)
-            .bind(tenant_id)
-            .bind(project_id)
+            .bind(&scope.tenant)
+            .bind(&scope.project)
             .fetch_optional(pool)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?
             .ok_or(StoreError::NotFound)?;
             Ok(vm_from_row!(&row))
+        })
+    }
+
+    /// Returns a VM of the tenant by its id alone (any project; the caller
+    /// checks the project against the token's grants).
+    pub async fn get_vm_of_tenant(&self, tenant_id: &str, id: VmId) -> StoreResult<Vm> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant_id = $2"
+            )))
+            .bind(id.0)
+            .bind(tenant_id)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?
+            .ok_or(StoreError::NotFound)?;
+            Ok(vm_from_row!(&row))
+        })
+    }
+
+    /// Sets a VM's tenant-owned fields (no job: nothing on the hypervisor
+    /// changes) with the audit event; returns the VM as it is now. NotFound
+    /// outside the scope; Conflict for a deleted VM.
+    pub async fn update_vm(
+        &self,
+        scope: &Scope,
+        id: VmId,
+        update: &VmUpdate,
+        audit: &AuditEvent,
+    ) -> StoreResult<Vm> {
+        let now = audit.at;
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant_id = $2 AND project_id = $3"
+            )))
+            .bind(id.0)
+            .bind(&scope.tenant)
+            .bind(&scope.project)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?
+            .ok_or(StoreError::NotFound)?;
+            let mut vm = vm_from_row!(&row);
+            if vm.status == VmStatus::Deleted {
+                return Err(StoreError::Conflict(format!("vm {id} is DELETED")));
+            }
+            if let Some(name) = &update.name {
+                vm.name = name.clone();
+            }
+            if let Some(metadata) = &update.metadata {
+                vm.metadata = metadata.clone();
+            }
+            if let Some(tags) = &update.tags {
+                vm.tags = tags.clone();
+                sqlx::query("DELETE FROM vm_tags WHERE vm_id = $1")
+                    .bind(id.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm tag"))?;
+                for tag in tags {
+                    sqlx::query("INSERT INTO vm_tags (vm_id, tag) VALUES ($1, $2)")
+                        .bind(id.0)
+                        .bind(tag)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| StoreError::from_sqlx(e, "vm tag"))?;
+                }
+            }
+            vm.updated_at = now;
+            sqlx::query("UPDATE vms SET name = $1, metadata = $2, tags = $3, updated_at = $4 WHERE id = $5")
+                .bind(&vm.name)
+                .bind(Json(&vm.metadata))
+                .bind(Json(&vm.tags))
+                .bind(now)
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(vm)
+        })
+    }
+
+    /// Records the addresses a provider reported for a VM no job holds
+    /// (the reconciler's refresh). Returns false when a job took the VM
+    /// meanwhile (the job refreshes them itself when it ends).
+    pub async fn set_vm_networks(&self, id: VmId, networks: &[NetworkAttachment]) -> StoreResult<bool> {
+        on_pool!(self, |pool| {
+            let done = sqlx::query(
+                "UPDATE vms SET networks = $1 WHERE id = $2 AND current_job_id IS NULL AND status <> 'DELETED'",
+            )
+            .bind(Json(networks))
+            .bind(id.0)
+            .execute(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            Ok(done.rows_affected() == 1)
         })
     }
 
@@ -334,8 +492,7 @@ impl super::Store {
     /// Returns the page and, when another follows, the last id of this one.
     pub async fn list_vms(
         &self,
-        tenant_id: &str,
-        project_id: &str,
+        scope: &Scope,
         query: &ListVmsQuery,
     ) -> StoreResult<(Vec<Vm>, Option<uuid::Uuid>)> {
         let after = query.after;
@@ -362,7 +519,8 @@ impl super::Store {
         // One row more than asked tells whether another page follows.
         sql.push_str(&format!(" ORDER BY id LIMIT ${}", next_param()));
         let mut vms = on_pool!(self, |pool| {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(tenant_id).bind(project_id);
+            let mut q =
+                sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(&scope.tenant).bind(&scope.project);
             if let Some(after) = after {
                 q = q.bind(after);
             }
@@ -412,13 +570,8 @@ impl super::Store {
 
 impl super::Store {
     /// Lists a VM's snapshots (not removed) if the VM is in the tenant's project.
-    pub async fn list_snapshots(
-        &self,
-        tenant_id: &str,
-        project_id: &str,
-        vm: VmId,
-    ) -> StoreResult<Vec<Snapshot>> {
-        self.get_vm(tenant_id, project_id, vm).await?;
+    pub async fn list_snapshots(&self, scope: &Scope, vm: VmId) -> StoreResult<Vec<Snapshot>> {
+        self.get_vm(scope, vm).await?;
         on_pool!(self, |pool| {
             let rows = sqlx::query(
                 "SELECT id, vm_id, name, status, created_at, updated_at FROM snapshots \

@@ -27,7 +27,7 @@
 //! #   async fn list_vms(&self, _: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> { todo!() }
 //! #   async fn start_vm(&self, _: &str) -> Result<pb::VmInfo, ProviderError> { todo!() }
 //! #   async fn stop_vm(&self, _: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> { todo!() }
-//! #   async fn reboot_vm(&self, _: &str) -> Result<pb::VmInfo, ProviderError> { todo!() }
+//! #   async fn reboot_vm(&self, _: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> { todo!() }
 //! #   async fn delete_vm(&self, _: &str) -> Result<bool, ProviderError> { todo!() }
 //! #   async fn get_console(&self, _: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> { todo!() }
 //! }
@@ -182,8 +182,15 @@ pub trait Provider: Send + Sync + 'static {
     async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError>;
     /// Powers a VM off (success if already off).
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError>;
-    /// Reboots a running VM.
-    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError>;
+    /// Reboots a running VM: through the guest, or with `req.hard` a reset.
+    async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError>;
+    /// Sets a VM's vCPUs, memory and (growing only) disk. Default: not
+    /// supported; declare `supports_resize` (stopped VMs) and
+    /// `supports_hot_resize` (running VMs) when implementing it.
+    async fn resize_vm(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let _ = req;
+        Err(ProviderError::new(ErrorKind::Unsupported, "resize is not supported"))
+    }
     /// Deletes a VM; returns whether it existed.
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError>;
     /// Returns where a console for the VM can be reached.
@@ -506,9 +513,19 @@ impl<P: Provider> Compute for Adapter<P> {
         reply(self.inner.stop_vm(req).await)
     }
 
-    async fn reboot_vm(&self, req: tonic::Request<pb::VmRef>) -> Reply<pb::VmInfo> {
-        let id = req.into_inner().vm_id;
-        reply(self.inner.reboot_vm(vm_id(&id)?).await)
+    async fn reboot_vm(&self, req: tonic::Request<pb::RebootVmRequest>) -> Reply<pb::VmInfo> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        reply(self.inner.reboot_vm(req).await)
+    }
+
+    async fn resize_vm(&self, req: tonic::Request<pb::ResizeVmRequest>) -> Reply<pb::VmInfo> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        if req.vcpus == 0 || req.memory_mib == 0 {
+            return Err(tonic::Status::invalid_argument("vcpus and memory_mib must be positive"));
+        }
+        reply(self.inner.resize_vm(req).await)
     }
 
     async fn delete_vm(&self, req: tonic::Request<pb::VmRef>) -> Reply<pb::DeleteVmResponse> {

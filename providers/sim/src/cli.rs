@@ -15,7 +15,7 @@ struct Args {
     /// Capabilities to report, comma-separated (cloud_init, snapshot,
     /// snapshot_running, live_migration, console_vnc, console_spice,
     /// console_rdp, console_serial, gpu_passthrough).
-    #[arg(long, default_value = "cloud_init,snapshot,snapshot_running,console_vnc")]
+    #[arg(long, default_value = "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize")]
     capabilities: String,
     /// Latency added to every compute call, milliseconds.
     #[arg(long, default_value_t = 0)]

@@ -59,6 +59,8 @@ pub fn default_capabilities() -> pb::Capabilities {
         supports_snapshot: true,
         supports_console_vnc: true,
         supports_snapshot_running: true,
+        supports_resize: true,
+        supports_hot_resize: true,
         ..Default::default()
     }
 }
@@ -79,6 +81,8 @@ pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, String> {
             "console_rdp" => &mut c.supports_console_rdp,
             "console_serial" => &mut c.supports_console_serial,
             "gpu_passthrough" => &mut c.supports_gpu_passthrough,
+            "resize" => &mut c.supports_resize,
+            "hot_resize" => &mut c.supports_hot_resize,
             other => return Err(format!("unknown capability {other:?}")),
         };
         *flag = true;
@@ -92,6 +96,10 @@ struct SimVm {
     power: pb::PowerState,
     vcpus: u32,
     memory_mib: u32,
+    disk_gib: u32,
+    /// Per NIC: what the network is here (the backing core sent, or the
+    /// network name when it sent none).
+    nics: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +123,10 @@ struct State {
     credentials: Option<HashMap<String, String>>,
     /// Per VM: snapshot id -> (name, native id, power state recorded).
     snapshots: HashMap<String, BTreeMap<String, (String, String, pb::PowerState)>>,
+    hard_reboots: u64,
+    soft_reboots: u64,
+    forced_stops: u64,
+    graceful_stops: u64,
 }
 
 /// Marks a call for one VM as in flight until dropped, and adds its
@@ -207,6 +219,13 @@ impl Sim {
             native_id: vm.native_id.clone(),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
+            disk_gib: vm.disk_gib,
+            interfaces: vm
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, network)| synthetic_nic(id, i, network, vm.power == pb::PowerState::Running))
+                .collect(),
         }
     }
 
@@ -225,6 +244,24 @@ impl Sim {
     pub fn control(&self) -> SimControlServer<Control> {
         SimControlServer::new(Control { sim: self.clone() })
     }
+}
+
+/// A NIC with a MAC derived from the VM id and the NIC's position, and,
+/// while the VM runs, addresses derived from them (as if from DHCP and
+/// SLAAC): stable across calls and restarts, distinct per VM.
+fn synthetic_nic(vm_id: &str, index: usize, network: &str, running: bool) -> pb::InterfaceInfo {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("{vm_id}/{index}").as_bytes());
+    let mac = format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2]);
+    let (ipv4, ipv6) = if running {
+        (
+            vec![format!("10.{}.{}.{}", index, h[3], h[4].max(2))],
+            vec![format!("fd00:{index:x}::{:02x}{:02x}:{:02x}{:02x}", h[0], h[1], h[2], h[5])],
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    pb::InterfaceInfo { network: network.to_owned(), mac, ipv4, ipv6 }
 }
 
 fn fault_error(f: &sim::Fault) -> ProviderError {
@@ -296,6 +333,12 @@ impl Provider for Sim {
                     power: if req.start { pb::PowerState::Running } else { pb::PowerState::Shutoff },
                     vcpus: spec.vcpus,
                     memory_mib: spec.memory_mib,
+                    disk_gib: spec.disk_gib,
+                    nics: spec
+                        .networks
+                        .iter()
+                        .map(|n| if n.backing.is_empty() { n.network.clone() } else { n.backing.clone() })
+                        .collect(),
                 };
                 *s.creations.entry(req.vm_id.clone()).or_default() += 1;
                 let info = Self::info_of(&req.vm_id, &vm);
@@ -345,29 +388,73 @@ impl Provider for Sim {
     }
 
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(
-            self,
-            "StopVm",
-            &req.vm_id.clone(),
-            self.with_vm(&req.vm_id, |vm| {
+        fault_gate!(self, "StopVm", &req.vm_id.clone(), {
+            let force = req.force;
+            let info = self.with_vm(&req.vm_id, |vm| {
                 vm.power = pb::PowerState::Shutoff;
                 Ok(())
-            })
-        )
+            });
+            if info.is_ok() {
+                let mut s = self.lock();
+                if force { s.forced_stops += 1 } else { s.graceful_stops += 1 }
+            }
+            info
+        })
     }
 
-    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(
-            self,
-            "RebootVm",
-            vm_id,
-            self.with_vm(vm_id, |vm| {
+    async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        fault_gate!(self, "RebootVm", &req.vm_id.clone(), {
+            let info = self.with_vm(&req.vm_id, |vm| {
                 if vm.power != pb::PowerState::Running {
                     return Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"));
                 }
                 Ok(())
+            });
+            if info.is_ok() {
+                let mut s = self.lock();
+                if req.hard { s.hard_reboots += 1 } else { s.soft_reboots += 1 }
+            }
+            info
+        })
+    }
+
+    async fn resize_vm(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let caps = self.capabilities.clone();
+        fault_gate!(self, "ResizeVm", &req.vm_id.clone(), {
+            if !caps.supports_resize && !caps.supports_hot_resize {
+                return Err(ProviderError::new(ErrorKind::Unsupported, "resize is not supported"));
+            }
+            self.with_vm(&req.vm_id, |vm| {
+                let running = vm.power == pb::PowerState::Running;
+                if running && !caps.supports_hot_resize {
+                    return Err(ProviderError::new(
+                        ErrorKind::InvalidState,
+                        "a running vm cannot be resized here",
+                    ));
+                }
+                if !running && !caps.supports_resize {
+                    return Err(ProviderError::new(
+                        ErrorKind::InvalidState,
+                        "a stopped vm cannot be resized here",
+                    ));
+                }
+                if req.disk_gib != 0 && req.disk_gib < vm.disk_gib {
+                    return Err(ProviderError::new(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "disk_gib {} is below the disk's {} GiB; disks only grow",
+                            req.disk_gib, vm.disk_gib
+                        ),
+                    ));
+                }
+                vm.vcpus = req.vcpus;
+                vm.memory_mib = req.memory_mib;
+                if req.disk_gib != 0 {
+                    vm.disk_gib = req.disk_gib;
+                }
+                Ok(())
             })
-        )
+        })
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
@@ -535,6 +622,10 @@ impl SimControl for Control {
             vm_count: s.vms.len() as u32,
             overlapping_calls: s.overlapping_calls,
             busy_micros: s.busy_micros,
+            hard_reboots: s.hard_reboots,
+            soft_reboots: s.soft_reboots,
+            forced_stops: s.forced_stops,
+            graceful_stops: s.graceful_stops,
             credential_keys: {
                 let mut keys: Vec<String> = s.credentials.iter().flat_map(|c| c.keys().cloned()).collect();
                 keys.sort();
@@ -571,7 +662,14 @@ impl SimControl for Control {
         let mut s = self.sim.lock();
         for id in r.vm_ids {
             s.next_native += 1;
-            let vm = SimVm { native_id: format!("sim-{}", s.next_native), power, vcpus: 1, memory_mib: 512 };
+            let vm = SimVm {
+                native_id: format!("sim-{}", s.next_native),
+                power,
+                vcpus: 1,
+                memory_mib: 512,
+                disk_gib: 10,
+                nics: Vec::new(),
+            };
             s.vms.insert(id, vm);
         }
         Ok(tonic::Response::new(sim::AddVmResponse {}))
@@ -582,7 +680,14 @@ impl SimControl for Control {
         let power = pb::PowerState::try_from(r.power_state).unwrap_or(pb::PowerState::Running);
         let mut s = self.sim.lock();
         s.next_native += 1;
-        let vm = SimVm { native_id: format!("sim-{}", s.next_native), power, vcpus: 1, memory_mib: 512 };
+        let vm = SimVm {
+            native_id: format!("sim-{}", s.next_native),
+            power,
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib: 10,
+            nics: Vec::new(),
+        };
         s.vms.insert(r.vm_id, vm);
         Ok(tonic::Response::new(sim::AddVmResponse {}))
     }

@@ -1,0 +1,867 @@
+//! The lifecycle of VMs, jobs and snapshots: one table, no I/O.
+//!
+//! Everything core decides about states is here: which operation a VM
+//! accepts in which state and with which provider capabilities, the state
+//! it is in while the job runs, the steps each kind of job runs, what a
+//! job's outcome does to the job, the VM and its snapshot (with the usage
+//! event and console revocation), and which actions a tenant may ask for
+//! now. The API asks [`accept`] and [`required_capabilities`]; the engine
+//! runs [`JobKind::steps`]; the store persists the [`Transition`] that
+//! [`transition`] returns and decides nothing itself.
+
+use hcp_proto::error::ErrorCode;
+use hcp_proto::ids::JobId;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Capabilities, JobKind, JobStatus, SnapshotStatus, VmStatus};
+
+/// A provider capability flag (a field of `hcp.provider.v1.Capabilities`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Capability {
+    /// cloud-init user data.
+    CloudInit,
+    /// Snapshots.
+    Snapshot,
+    /// Snapshots of running VMs.
+    SnapshotRunning,
+    /// Live migration.
+    LiveMigration,
+    /// VNC consoles.
+    ConsoleVnc,
+    /// SPICE consoles.
+    ConsoleSpice,
+    /// RDP consoles.
+    ConsoleRdp,
+    /// Serial consoles.
+    ConsoleSerial,
+    /// GPU passthrough.
+    GpuPassthrough,
+    /// Resize of a stopped VM.
+    Resize,
+    /// Resize of a running VM.
+    HotResize,
+}
+
+impl Capability {
+    /// Every flag.
+    pub const ALL: &'static [Capability] = &[
+        Capability::CloudInit,
+        Capability::Snapshot,
+        Capability::SnapshotRunning,
+        Capability::LiveMigration,
+        Capability::ConsoleVnc,
+        Capability::ConsoleSpice,
+        Capability::ConsoleRdp,
+        Capability::ConsoleSerial,
+        Capability::GpuPassthrough,
+        Capability::Resize,
+        Capability::HotResize,
+    ];
+
+    /// The flag's name in the protocol, as a 409 FEATURE_NOT_SUPPORTED
+    /// names it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Capability::CloudInit => "supports_cloud_init",
+            Capability::Snapshot => "supports_snapshot",
+            Capability::SnapshotRunning => "supports_snapshot_running",
+            Capability::LiveMigration => "supports_live_migration",
+            Capability::ConsoleVnc => "supports_console_vnc",
+            Capability::ConsoleSpice => "supports_console_spice",
+            Capability::ConsoleRdp => "supports_console_rdp",
+            Capability::ConsoleSerial => "supports_console_serial",
+            Capability::GpuPassthrough => "supports_gpu_passthrough",
+            Capability::Resize => "supports_resize",
+            Capability::HotResize => "supports_hot_resize",
+        }
+    }
+
+    /// Whether `caps` has this flag.
+    pub fn of(self, caps: &Capabilities) -> bool {
+        match self {
+            Capability::CloudInit => caps.supports_cloud_init,
+            Capability::Snapshot => caps.supports_snapshot,
+            Capability::SnapshotRunning => caps.supports_snapshot_running,
+            Capability::LiveMigration => caps.supports_live_migration,
+            Capability::ConsoleVnc => caps.supports_console_vnc,
+            Capability::ConsoleSpice => caps.supports_console_spice,
+            Capability::ConsoleRdp => caps.supports_console_rdp,
+            Capability::ConsoleSerial => caps.supports_console_serial,
+            Capability::GpuPassthrough => caps.supports_gpu_passthrough,
+            Capability::Resize => caps.supports_resize,
+            Capability::HotResize => caps.supports_hot_resize,
+        }
+    }
+}
+
+impl std::fmt::Display for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.flag())
+    }
+}
+
+/// A console protocol a tenant may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleProtocol {
+    /// RFB.
+    Vnc,
+    /// SPICE.
+    Spice,
+    /// RDP.
+    Rdp,
+    /// A serial line.
+    Serial,
+}
+
+impl ConsoleProtocol {
+    /// Every protocol.
+    pub const ALL: &'static [ConsoleProtocol] =
+        &[ConsoleProtocol::Vnc, ConsoleProtocol::Spice, ConsoleProtocol::Rdp, ConsoleProtocol::Serial];
+
+    /// Parses the request's spelling (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|p| p.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// The wire spelling ("vnc").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleProtocol::Vnc => "vnc",
+            ConsoleProtocol::Spice => "spice",
+            ConsoleProtocol::Rdp => "rdp",
+            ConsoleProtocol::Serial => "serial",
+        }
+    }
+
+    /// The flag a provider needs to offer it.
+    pub fn capability(self) -> Capability {
+        match self {
+            ConsoleProtocol::Vnc => Capability::ConsoleVnc,
+            ConsoleProtocol::Spice => Capability::ConsoleSpice,
+            ConsoleProtocol::Rdp => Capability::ConsoleRdp,
+            ConsoleProtocol::Serial => Capability::ConsoleSerial,
+        }
+    }
+}
+
+/// One provider call of a job, as recorded in `job_steps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// CreateVm (not started).
+    Create,
+    /// StartVm.
+    Start,
+    /// StopVm.
+    Stop,
+    /// RebootVm.
+    Reboot,
+    /// ResizeVm.
+    Resize,
+    /// DeleteVm.
+    Delete,
+    /// CreateSnapshot.
+    SnapshotCreate,
+    /// RevertSnapshot.
+    SnapshotRevert,
+    /// DeleteSnapshot.
+    SnapshotDelete,
+}
+
+impl Step {
+    /// The recorded spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Create => "provider.create",
+            Step::Start => "provider.start",
+            Step::Stop => "provider.stop",
+            Step::Reboot => "provider.reboot",
+            Step::Resize => "provider.resize",
+            Step::Delete => "provider.delete",
+            Step::SnapshotCreate => "provider.snapshot_create",
+            Step::SnapshotRevert => "provider.snapshot_revert",
+            Step::SnapshotDelete => "provider.snapshot_delete",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl JobKind {
+    /// Every kind.
+    pub const ALL: &'static [JobKind] = &[
+        JobKind::CreateVm,
+        JobKind::StartVm,
+        JobKind::StopVm,
+        JobKind::RebootVm,
+        JobKind::ResizeVm,
+        JobKind::DeleteVm,
+        JobKind::SnapshotCreate,
+        JobKind::SnapshotRevert,
+        JobKind::SnapshotDelete,
+    ];
+
+    /// The provider calls the job makes, in order.
+    pub fn steps(self) -> &'static [Step] {
+        match self {
+            JobKind::CreateVm => &[Step::Create, Step::Start],
+            JobKind::StartVm => &[Step::Start],
+            JobKind::StopVm => &[Step::Stop],
+            JobKind::RebootVm => &[Step::Reboot],
+            JobKind::ResizeVm => &[Step::Resize],
+            JobKind::DeleteVm => &[Step::Delete],
+            JobKind::SnapshotCreate => &[Step::SnapshotCreate],
+            JobKind::SnapshotRevert => &[Step::SnapshotRevert],
+            JobKind::SnapshotDelete => &[Step::SnapshotDelete],
+        }
+    }
+
+    /// The VM states from which this operation may be requested.
+    pub fn allowed_from(self) -> &'static [VmStatus] {
+        match self {
+            JobKind::CreateVm => &[],
+            JobKind::StartVm => &[VmStatus::Stopped, VmStatus::Error],
+            JobKind::StopVm => &[VmStatus::Active, VmStatus::Error],
+            JobKind::RebootVm => &[VmStatus::Active],
+            JobKind::ResizeVm => &[VmStatus::Active, VmStatus::Stopped],
+            JobKind::DeleteVm => &[VmStatus::Active, VmStatus::Stopped, VmStatus::Error],
+            JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => {
+                &[VmStatus::Active, VmStatus::Stopped]
+            }
+        }
+    }
+
+    /// The state the VM is in while the job runs; `None` keeps its state
+    /// (snapshot jobs; the job still holds the VM).
+    pub fn in_flight_status(self) -> Option<VmStatus> {
+        match self {
+            JobKind::CreateVm => Some(VmStatus::Pending),
+            JobKind::StartVm => Some(VmStatus::Starting),
+            JobKind::StopVm => Some(VmStatus::Stopping),
+            JobKind::RebootVm => Some(VmStatus::Rebooting),
+            JobKind::ResizeVm => Some(VmStatus::Resizing),
+            JobKind::DeleteVm => Some(VmStatus::Deleting),
+            JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => None,
+        }
+    }
+
+    /// True for the snapshot operations.
+    pub fn is_snapshot(self) -> bool {
+        matches!(self, JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete)
+    }
+}
+
+impl VmStatus {
+    /// Every status.
+    pub const ALL: &'static [VmStatus] = &[
+        VmStatus::Pending,
+        VmStatus::Active,
+        VmStatus::Stopped,
+        VmStatus::Error,
+        VmStatus::Deleted,
+        VmStatus::Starting,
+        VmStatus::Stopping,
+        VmStatus::Rebooting,
+        VmStatus::Resizing,
+        VmStatus::Deleting,
+    ];
+
+    /// True for the states in which a job is operating on the VM.
+    pub fn is_transitional(self) -> bool {
+        JobKind::ALL.iter().any(|k| k.in_flight_status() == Some(self))
+    }
+}
+
+/// A VM's size: a flavor and what it stood for when applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Size {
+    /// Flavor name.
+    pub flavor: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory.
+    pub memory_mib: u32,
+    /// Root disk.
+    pub disk_gib: u32,
+}
+
+/// What a job was asked to do beyond its kind, stored with the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum JobParams {
+    /// Nothing beyond the kind.
+    #[default]
+    None,
+    /// How to stop.
+    Stop {
+        /// Power off at once.
+        force: bool,
+        /// Graceful shutdown time before powering off; 0: the provider's.
+        timeout_seconds: u32,
+    },
+    /// How to reboot.
+    Reboot {
+        /// Reset instead of asking the guest.
+        hard: bool,
+    },
+    /// A resize: the size is applied to the VM row at accept time (so the
+    /// quota holds it), and `from` restores it if the job fails or is
+    /// cancelled.
+    Resize {
+        /// The size before.
+        from: Size,
+        /// The size asked for.
+        to: Size,
+    },
+}
+
+/// The power state a provider reported after a snapshot revert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Power {
+    /// Running.
+    Running,
+    /// Not running.
+    Off,
+}
+
+/// How a job attempt ended, as far as states are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done. `power` is the state after a snapshot revert.
+    Succeeded {
+        /// Power state after a revert; `None` for other jobs.
+        power: Option<Power>,
+    },
+    /// Failed for good.
+    Failed(ErrorCode),
+    /// Failed in a way a later attempt may fix.
+    Retry(ErrorCode),
+    /// Cancelled by the tenant while queued.
+    Cancelled,
+}
+
+/// A metered power or size change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metering {
+    /// The VM started running (billable from now).
+    Started,
+    /// It stopped running.
+    Stopped,
+    /// It is gone.
+    Deleted,
+    /// Its size changed (billable at the new size from now).
+    Resized,
+}
+
+impl Metering {
+    /// The usage event's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Metering::Started => "started",
+            Metering::Stopped => "stopped",
+            Metering::Deleted => "deleted",
+            Metering::Resized => "resized",
+        }
+    }
+}
+
+/// What finishing (or cancelling) a job changes. The store writes exactly
+/// this, in one transaction with the audit event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// The job's new state.
+    pub job: JobStatus,
+    /// The VM's new state; `None` leaves the VM as it is (and held by the
+    /// job). `Some` releases the VM from the job.
+    pub vm: Option<VmStatus>,
+    /// The error recorded on the VM (only with a VM state of ERROR).
+    pub vm_error: Option<ErrorCode>,
+    /// A size to put back on the VM (a failed or cancelled resize).
+    pub vm_size: Option<Size>,
+    /// The snapshot's new state, for snapshot jobs.
+    pub snapshot: Option<SnapshotStatus>,
+    /// The usage event to append.
+    pub metering: Option<Metering>,
+    /// Whether unused console tokens of the VM stop working.
+    pub revoke_consoles: bool,
+    /// Whether the job is announced to workers again (a retry).
+    pub requeue: bool,
+}
+
+/// What `outcome` does, for a job of `kind` accepted when the VM was
+/// `prior` (`None` for a create).
+pub fn transition(
+    kind: JobKind,
+    outcome: Outcome,
+    prior: Option<VmStatus>,
+    params: &JobParams,
+) -> Transition {
+    let restore_size = match params {
+        JobParams::Resize { from, .. } => Some(from.clone()),
+        _ => None,
+    };
+    let nothing = Transition {
+        job: JobStatus::Queued,
+        vm: None,
+        vm_error: None,
+        vm_size: None,
+        snapshot: None,
+        metering: None,
+        revoke_consoles: false,
+        requeue: false,
+    };
+    match outcome {
+        Outcome::Retry(_) => Transition { job: JobStatus::Queued, requeue: true, ..nothing },
+        Outcome::Succeeded { power } => {
+            let vm = match kind {
+                JobKind::CreateVm | JobKind::StartVm | JobKind::RebootVm => VmStatus::Active,
+                JobKind::StopVm => VmStatus::Stopped,
+                JobKind::DeleteVm => VmStatus::Deleted,
+                JobKind::SnapshotRevert => match power {
+                    Some(Power::Running) => VmStatus::Active,
+                    Some(Power::Off) | None => VmStatus::Stopped,
+                },
+                // Back where it was: the job changed no power state.
+                JobKind::ResizeVm | JobKind::SnapshotCreate | JobKind::SnapshotDelete => {
+                    prior.unwrap_or(VmStatus::Error)
+                }
+            };
+            let metering = match kind {
+                JobKind::CreateVm | JobKind::StartVm => Some(Metering::Started),
+                JobKind::StopVm => Some(Metering::Stopped),
+                JobKind::DeleteVm => Some(Metering::Deleted),
+                JobKind::ResizeVm => Some(Metering::Resized),
+                JobKind::SnapshotRevert if Some(vm) != prior => {
+                    Some(if vm == VmStatus::Active { Metering::Started } else { Metering::Stopped })
+                }
+                JobKind::SnapshotRevert
+                | JobKind::RebootVm
+                | JobKind::SnapshotCreate
+                | JobKind::SnapshotDelete => None,
+            };
+            let snapshot = match kind {
+                JobKind::SnapshotCreate => Some(SnapshotStatus::Available),
+                JobKind::SnapshotDelete => Some(SnapshotStatus::Removed),
+                _ => None,
+            };
+            Transition {
+                job: JobStatus::Succeeded,
+                vm: Some(vm),
+                snapshot,
+                metering,
+                revoke_consoles: revokes_consoles(kind),
+                ..nothing
+            }
+        }
+        Outcome::Failed(code) => Transition {
+            job: JobStatus::Failed,
+            vm: Some(VmStatus::Error),
+            vm_error: Some(code),
+            vm_size: restore_size,
+            snapshot: match kind {
+                JobKind::SnapshotCreate | JobKind::SnapshotDelete => Some(SnapshotStatus::Error),
+                _ => None,
+            },
+            revoke_consoles: revokes_consoles(kind),
+            ..nothing
+        },
+        Outcome::Cancelled => {
+            // A cancelled create leaves a VM that may half exist: ERROR, to
+            // be deleted. Other operations return the VM to where it was.
+            let vm = match (kind, prior) {
+                (JobKind::CreateVm, _) | (_, None) => VmStatus::Error,
+                (_, Some(prior)) => prior,
+            };
+            // A VM left in ERROR says why.
+            let vm_error = (vm == VmStatus::Error).then_some(ErrorCode::Cancelled);
+            Transition {
+                job: JobStatus::Cancelled,
+                vm: Some(vm),
+                vm_error,
+                vm_size: restore_size,
+                // An earlier attempt may have gone part of the way.
+                snapshot: match kind {
+                    JobKind::SnapshotCreate | JobKind::SnapshotDelete => Some(SnapshotStatus::Error),
+                    _ => None,
+                },
+                ..nothing
+            }
+        }
+    }
+}
+
+/// Whether a finished job of `kind` makes unused console tokens useless
+/// (the VM stopped or went away).
+fn revokes_consoles(kind: JobKind) -> bool {
+    matches!(kind, JobKind::StopVm | JobKind::DeleteVm)
+}
+
+/// Why an operation cannot be accepted now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A job is operating on the VM.
+    Busy(JobId),
+    /// The VM's state does not allow it.
+    WrongState {
+        /// The states that would.
+        allowed: &'static [VmStatus],
+    },
+}
+
+/// Decides whether `kind` may start on a VM in `status` with `job` in
+/// flight; returns the state the VM takes while the job runs.
+pub fn accept(kind: JobKind, status: VmStatus, job: Option<JobId>) -> Result<VmStatus, Refusal> {
+    if let Some(job) = job {
+        return Err(Refusal::Busy(job));
+    }
+    let allowed = kind.allowed_from();
+    if !allowed.contains(&status) {
+        return Err(Refusal::WrongState { allowed });
+    }
+    Ok(kind.in_flight_status().unwrap_or(status))
+}
+
+/// The capabilities a provider needs for `kind` on a VM in `status`, most
+/// general first (a refusal names the first one missing).
+pub fn required_capabilities(kind: JobKind, status: VmStatus) -> &'static [Capability] {
+    match (kind, status) {
+        (JobKind::ResizeVm, VmStatus::Active) => &[Capability::HotResize],
+        (JobKind::ResizeVm, _) => &[Capability::Resize],
+        (JobKind::SnapshotCreate, VmStatus::Active) => &[Capability::Snapshot, Capability::SnapshotRunning],
+        (JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete, _) => {
+            &[Capability::Snapshot]
+        }
+        (
+            JobKind::CreateVm | JobKind::StartVm | JobKind::StopVm | JobKind::RebootVm | JobKind::DeleteVm,
+            _,
+        ) => &[],
+    }
+}
+
+/// Returns the first of `needs` that `caps` lacks.
+pub fn missing(needs: &[Capability], caps: &Capabilities) -> Option<Capability> {
+    needs.iter().copied().find(|c| !c.of(caps))
+}
+
+/// Something a tenant may ask of a VM, as `allowed_actions` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmAction {
+    /// Change name, metadata or tags.
+    Update,
+    /// Start.
+    Start,
+    /// Stop gracefully.
+    Stop,
+    /// Power off.
+    ForceStop,
+    /// Reboot through the guest.
+    Reboot,
+    /// Reset.
+    HardReboot,
+    /// Change the flavor.
+    Resize,
+    /// Take a snapshot.
+    Snapshot,
+    /// Open a console.
+    Console,
+    /// Delete.
+    Delete,
+}
+
+impl VmAction {
+    /// Every action, in the order reads list them.
+    pub const ALL: &'static [VmAction] = &[
+        VmAction::Update,
+        VmAction::Start,
+        VmAction::Stop,
+        VmAction::ForceStop,
+        VmAction::Reboot,
+        VmAction::HardReboot,
+        VmAction::Resize,
+        VmAction::Snapshot,
+        VmAction::Console,
+        VmAction::Delete,
+    ];
+
+    /// The spelling in `allowed_actions`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmAction::Update => "update",
+            VmAction::Start => "start",
+            VmAction::Stop => "stop",
+            VmAction::ForceStop => "force_stop",
+            VmAction::Reboot => "reboot",
+            VmAction::HardReboot => "hard_reboot",
+            VmAction::Resize => "resize",
+            VmAction::Snapshot => "snapshot",
+            VmAction::Console => "console",
+            VmAction::Delete => "delete",
+        }
+    }
+
+    /// The job the action starts; `None` for those that start none.
+    fn job_kind(self) -> Option<JobKind> {
+        match self {
+            VmAction::Update | VmAction::Console => None,
+            VmAction::Start => Some(JobKind::StartVm),
+            VmAction::Stop | VmAction::ForceStop => Some(JobKind::StopVm),
+            VmAction::Reboot | VmAction::HardReboot => Some(JobKind::RebootVm),
+            VmAction::Resize => Some(JobKind::ResizeVm),
+            VmAction::Snapshot => Some(JobKind::SnapshotCreate),
+            VmAction::Delete => Some(JobKind::DeleteVm),
+        }
+    }
+}
+
+/// What may be asked of a VM in `status`, with `job` in flight, on a
+/// provider with `caps`: exactly what [`accept`] and
+/// [`required_capabilities`] would let through now.
+pub fn allowed_actions(status: VmStatus, job: Option<JobId>, caps: &Capabilities) -> Vec<VmAction> {
+    VmAction::ALL
+        .iter()
+        .copied()
+        .filter(|action| match action.job_kind() {
+            None if status == VmStatus::Deleted => false,
+            None if *action == VmAction::Update => true,
+            None => {
+                job.is_none()
+                    && status == VmStatus::Active
+                    && ConsoleProtocol::ALL.iter().any(|p| p.capability().of(caps))
+            }
+            Some(kind) => {
+                accept(kind, status, job).is_ok()
+                    && missing(required_capabilities(kind, status), caps).is_none()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUTCOMES: &[Outcome] = &[
+        Outcome::Succeeded { power: None },
+        Outcome::Succeeded { power: Some(Power::Running) },
+        Outcome::Succeeded { power: Some(Power::Off) },
+        Outcome::Failed(ErrorCode::ProviderError),
+        Outcome::Retry(ErrorCode::ProviderUnavailable),
+        Outcome::Cancelled,
+    ];
+
+    fn size(flavor: &str, n: u32) -> Size {
+        Size { flavor: flavor.to_owned(), vcpus: n, memory_mib: 512 * n, disk_gib: 10 * n }
+    }
+
+    fn params(kind: JobKind) -> JobParams {
+        match kind {
+            JobKind::StopVm => JobParams::Stop { force: false, timeout_seconds: 0 },
+            JobKind::RebootVm => JobParams::Reboot { hard: true },
+            JobKind::ResizeVm => JobParams::Resize { from: size("small", 1), to: size("large", 2) },
+            _ => JobParams::None,
+        }
+    }
+
+    /// The expected transition, written out row by row for every kind x
+    /// outcome x prior state the job could have been accepted from.
+    fn expected(kind: JobKind, outcome: Outcome, prior: Option<VmStatus>) -> Transition {
+        use JobKind as K;
+        use VmStatus as V;
+        let base = Transition {
+            job: JobStatus::Queued,
+            vm: None,
+            vm_error: None,
+            vm_size: None,
+            snapshot: None,
+            metering: None,
+            revoke_consoles: false,
+            requeue: false,
+        };
+        let resize_from = (kind == K::ResizeVm).then(|| size("small", 1));
+        match outcome {
+            Outcome::Retry(_) => Transition { requeue: true, ..base },
+            Outcome::Succeeded { power } => {
+                let (vm, metering) = match kind {
+                    K::CreateVm => (V::Active, Some(Metering::Started)),
+                    K::StartVm => (V::Active, Some(Metering::Started)),
+                    K::RebootVm => (V::Active, None),
+                    K::StopVm => (V::Stopped, Some(Metering::Stopped)),
+                    K::DeleteVm => (V::Deleted, Some(Metering::Deleted)),
+                    K::ResizeVm => (prior.unwrap(), Some(Metering::Resized)),
+                    K::SnapshotCreate | K::SnapshotDelete => (prior.unwrap(), None),
+                    K::SnapshotRevert => {
+                        let after = if power == Some(Power::Running) { V::Active } else { V::Stopped };
+                        let m = match (prior, after) {
+                            (p, a) if p == Some(a) => None,
+                            (_, V::Active) => Some(Metering::Started),
+                            _ => Some(Metering::Stopped),
+                        };
+                        (after, m)
+                    }
+                };
+                Transition {
+                    job: JobStatus::Succeeded,
+                    vm: Some(vm),
+                    metering,
+                    snapshot: match kind {
+                        K::SnapshotCreate => Some(SnapshotStatus::Available),
+                        K::SnapshotDelete => Some(SnapshotStatus::Removed),
+                        _ => None,
+                    },
+                    revoke_consoles: matches!(kind, K::StopVm | K::DeleteVm),
+                    ..base
+                }
+            }
+            Outcome::Failed(code) => Transition {
+                job: JobStatus::Failed,
+                vm: Some(V::Error),
+                vm_error: Some(code),
+                vm_size: resize_from,
+                snapshot: matches!(kind, K::SnapshotCreate | K::SnapshotDelete)
+                    .then_some(SnapshotStatus::Error),
+                revoke_consoles: matches!(kind, K::StopVm | K::DeleteVm),
+                ..base
+            },
+            Outcome::Cancelled => Transition {
+                job: JobStatus::Cancelled,
+                vm: Some(if kind == K::CreateVm { V::Error } else { prior.unwrap() }),
+                vm_error: (kind == K::CreateVm || prior == Some(V::Error)).then_some(ErrorCode::Cancelled),
+                vm_size: resize_from,
+                snapshot: matches!(kind, K::SnapshotCreate | K::SnapshotDelete)
+                    .then_some(SnapshotStatus::Error),
+                ..base
+            },
+        }
+    }
+
+    #[test]
+    fn every_kind_outcome_and_prior_state() {
+        let mut rows = 0;
+        for &kind in JobKind::ALL {
+            let priors: Vec<Option<VmStatus>> = if kind == JobKind::CreateVm {
+                vec![None]
+            } else {
+                kind.allowed_from().iter().copied().map(Some).collect()
+            };
+            assert!(!priors.is_empty(), "{kind} can be accepted from some state");
+            for prior in priors {
+                for &outcome in OUTCOMES {
+                    let got = transition(kind, outcome, prior, &params(kind));
+                    assert_eq!(got, expected(kind, outcome, prior), "{kind} {outcome:?} from {prior:?}");
+                    // Invariants every row keeps: an error is recorded
+                    // exactly when the VM ends in ERROR.
+                    assert_eq!(got.vm_error.is_some(), got.vm == Some(VmStatus::Error), "{kind} {outcome:?}");
+                    assert_eq!(got.requeue, got.vm.is_none(), "only a retry keeps the vm held");
+                    assert!(got.vm.is_none_or(|s| !s.is_transitional()), "a finished job releases the vm");
+                    rows += 1;
+                }
+            }
+        }
+        assert_eq!(rows, 6 * (1 + 2 + 2 + 1 + 2 + 3 + 2 + 2 + 2));
+    }
+
+    #[test]
+    fn accept_follows_the_table_and_names_the_job_in_flight() {
+        let job = JobId::new();
+        for &kind in JobKind::ALL {
+            for &status in VmStatus::ALL {
+                let got = accept(kind, status, None);
+                if kind.allowed_from().contains(&status) {
+                    let next = got.unwrap();
+                    assert_eq!(next, kind.in_flight_status().unwrap_or(status));
+                } else {
+                    assert_eq!(got, Err(Refusal::WrongState { allowed: kind.allowed_from() }));
+                }
+                assert_eq!(accept(kind, status, Some(job)), Err(Refusal::Busy(job)));
+            }
+        }
+        // A transitional state accepts nothing.
+        for &status in VmStatus::ALL.iter().filter(|s| s.is_transitional()) {
+            assert!(JobKind::ALL.iter().all(|k| accept(*k, status, None).is_err()), "{status}");
+        }
+    }
+
+    #[test]
+    fn resize_needs_the_flag_for_the_vms_power_state() {
+        let mut caps = Capabilities { supports_resize: true, ..Default::default() };
+        assert_eq!(missing(required_capabilities(JobKind::ResizeVm, VmStatus::Stopped), &caps), None);
+        assert_eq!(
+            missing(required_capabilities(JobKind::ResizeVm, VmStatus::Active), &caps),
+            Some(Capability::HotResize)
+        );
+        caps.supports_snapshot = true;
+        assert_eq!(
+            missing(required_capabilities(JobKind::SnapshotCreate, VmStatus::Active), &caps),
+            Some(Capability::SnapshotRunning)
+        );
+        assert_eq!(missing(required_capabilities(JobKind::SnapshotCreate, VmStatus::Stopped), &caps), None);
+    }
+
+    #[test]
+    fn allowed_actions_agree_with_accept() {
+        let all = Capabilities {
+            supports_snapshot: true,
+            supports_snapshot_running: true,
+            supports_resize: true,
+            supports_hot_resize: true,
+            supports_console_vnc: true,
+            ..Default::default()
+        };
+        let names = |v: Vec<VmAction>| v.into_iter().map(VmAction::as_str).collect::<Vec<_>>();
+        assert_eq!(
+            names(allowed_actions(VmStatus::Active, None, &all)),
+            [
+                "update",
+                "stop",
+                "force_stop",
+                "reboot",
+                "hard_reboot",
+                "resize",
+                "snapshot",
+                "console",
+                "delete"
+            ]
+        );
+        assert_eq!(
+            names(allowed_actions(VmStatus::Stopped, None, &Capabilities::default())),
+            ["update", "start", "delete"]
+        );
+        assert_eq!(names(allowed_actions(VmStatus::Active, Some(JobId::new()), &all)), ["update"]);
+        assert!(allowed_actions(VmStatus::Deleted, None, &all).is_empty());
+        // An action is listed exactly when its operation would be accepted.
+        for &status in VmStatus::ALL {
+            for caps in [Capabilities::default(), all.clone()] {
+                let listed = allowed_actions(status, None, &caps);
+                for &action in VmAction::ALL {
+                    let Some(kind) = action.job_kind() else { continue };
+                    let ok = accept(kind, status, None).is_ok()
+                        && missing(required_capabilities(kind, status), &caps).is_none();
+                    assert_eq!(listed.contains(&action), ok, "{action:?} on {status}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for &c in Capability::ALL {
+            assert!(c.flag().starts_with("supports_"));
+        }
+        for &p in ConsoleProtocol::ALL {
+            assert_eq!(ConsoleProtocol::parse(&p.as_str().to_uppercase()), Some(p));
+        }
+        assert_eq!(ConsoleProtocol::parse("telnet"), None);
+        for &k in JobKind::ALL {
+            assert_eq!(JobKind::parse(k.as_str()), Some(k));
+            for s in k.steps() {
+                assert!(s.as_str().starts_with("provider."));
+            }
+        }
+        let p = JobParams::Resize { from: size("a", 1), to: size("b", 2) };
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<JobParams>(&text).unwrap(), p);
+    }
+}
