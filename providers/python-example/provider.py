@@ -10,6 +10,7 @@ on stdout when it serves, like every HCP process.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -59,8 +60,15 @@ class Hypervisor:
 
     def info(self, vm_id):
         vm = self.vms[vm_id]
+        # One NIC per network of the spec, in order, with a MAC derived from
+        # the VM id and the NIC's position (this hypervisor has no DHCP, so
+        # no addresses).
+        nics = [pb.InterfaceInfo(network=net, mac="52:54:00:" + ":".join(
+                    hashlib.sha256(f"{vm_id}/{i}".encode()).hexdigest()[j:j + 2] for j in (0, 2, 4)))
+                for i, net in enumerate(vm["networks"])]
         return pb.VmInfo(vm_id=vm_id, power_state=vm["power"], native_id=vm["native"],
-                         vcpus=vm["vcpus"], memory_mib=vm["memory"])
+                         vcpus=vm["vcpus"], memory_mib=vm["memory"], disk_gib=vm["disk"],
+                         interfaces=nics)
 
 
 class Identity(rpc.IdentityServicer):
@@ -69,7 +77,8 @@ class Identity(rpc.IdentityServicer):
                              protocol_versions=["1"], hypervisor="python-example")
 
     def GetCapabilities(self, request, context):
-        return pb.Capabilities(supports_cloud_init=True, attributes={"language": "python"})
+        return pb.Capabilities(supports_cloud_init=True, supports_resize=True,
+                               attributes={"language": "python"})
 
     def Probe(self, request, context):
         return pb.ProbeResponse(ready=True, message="ready")
@@ -98,6 +107,10 @@ class Compute(rpc.ComputeServicer):
                     "power": pb.RUNNING if request.start else pb.SHUTOFF,
                     "vcpus": request.spec.vcpus,
                     "memory": request.spec.memory_mib,
+                    "disk": request.spec.disk_gib,
+                    # What each network is here: the operator's mapping if
+                    # core sent one, else the network's own name.
+                    "networks": [n.backing or n.network for n in request.spec.networks],
                 }
             return self.hv.info(request.vm_id)
 
@@ -131,6 +144,20 @@ class Compute(rpc.ComputeServicer):
             self._known(request.vm_id, context)
             if self.hv.vms[request.vm_id]["power"] != pb.RUNNING:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "vm is not running")
+            return self.hv.info(request.vm_id)
+
+    def ResizeVm(self, request, context):
+        """Stopped VMs only (supports_hot_resize is not declared); disks grow."""
+        with self.hv.lock:
+            self._known(request.vm_id, context)
+            vm = self.hv.vms[request.vm_id]
+            if vm["power"] == pb.RUNNING:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "stop the vm to resize it")
+            if request.disk_gib and request.disk_gib < vm["disk"]:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"disk_gib {request.disk_gib} is below the disk's {vm['disk']}; disks only grow")
+            vm["vcpus"], vm["memory"] = request.vcpus, request.memory_mib
+            vm["disk"] = request.disk_gib or vm["disk"]
             return self.hv.info(request.vm_id)
 
     def DeleteVm(self, request, context):

@@ -26,8 +26,8 @@ use hcp_proto::provider::compute_client::ComputeClient;
 use hcp_proto::provider::identity_client::IdentityClient;
 use hcp_proto::provider::{
     Capabilities, CreateSnapshotRequest, CreateVmRequest, GetCapabilitiesRequest, GetConsoleRequest,
-    GetPluginInfoRequest, ImageRef, ListVmsRequest, NetworkAttachment, PowerState, ProbeRequest, SnapshotRef,
-    StopVmRequest, VmInfo, VmRef, VmSpec,
+    GetPluginInfoRequest, ImageRef, ListVmsRequest, NetworkAttachment, PowerState, ProbeRequest,
+    RebootVmRequest, ResizeVmRequest, SnapshotRef, StopVmRequest, VmInfo, VmRef, VmSpec,
 };
 use tonic::transport::Channel;
 
@@ -217,7 +217,7 @@ impl Kit {
             networks: if self.options.network.is_empty() {
                 Vec::new()
             } else {
-                vec![NetworkAttachment { network: self.options.network.clone() }]
+                vec![NetworkAttachment { network: self.options.network.clone(), backing: String::new() }]
             },
             user_data,
             hostname: name.to_owned(),
@@ -350,23 +350,32 @@ impl Kit {
                 format!("after StartVm #{round} power is {:?}", power(r.get_ref()))
             })?;
         }
-        let r = self.compute.reboot_vm(vm.clone()).await.map_err(|s| format!("RebootVm: {}", s.message()))?;
-        ensure(power(r.get_ref()) == PowerState::Running, || {
-            "after RebootVm the VM is not running".to_owned()
-        })?;
-        let stop = StopVmRequest { vm_id: id.clone(), force: false, timeout_seconds: 0 };
-        for round in 0..2 {
+        for hard in [false, true] {
+            let kind = if hard { "hard" } else { "soft" };
             let r = self
                 .compute
-                .stop_vm(stop.clone())
+                .reboot_vm(RebootVmRequest { vm_id: id.clone(), hard })
                 .await
-                .map_err(|s| format!("StopVm #{round}: {}", s.message()))?;
+                .map_err(|s| format!("{kind} RebootVm: {}", s.message()))?;
+            ensure(power(r.get_ref()) == PowerState::Running, || {
+                format!("after a {kind} RebootVm the VM is not running")
+            })?;
+        }
+        // A graceful stop with a timeout, then the default one (repeated:
+        // stopping a stopped VM succeeds).
+        for (round, timeout_seconds) in [(0, 60), (1, 0)] {
+            let stop = StopVmRequest { vm_id: id.clone(), force: false, timeout_seconds };
+            let r = self
+                .compute
+                .stop_vm(stop)
+                .await
+                .map_err(|s| format!("StopVm #{round} (timeout {timeout_seconds} s): {}", s.message()))?;
             ensure(power(r.get_ref()) == PowerState::Shutoff, || {
                 format!("after StopVm #{round} power is {:?}", power(r.get_ref()))
             })?;
         }
         expect_code(
-            self.compute.reboot_vm(vm.clone()).await,
+            self.compute.reboot_vm(RebootVmRequest { vm_id: id.clone(), hard: false }).await,
             tonic::Code::FailedPrecondition,
             "RebootVm of a stopped VM",
         )?;
@@ -376,6 +385,84 @@ impl Kit {
         ensure(power(r.get_ref()) == PowerState::Shutoff, || {
             "after a forced StopVm the VM is not off".to_owned()
         })
+    }
+
+    /// GetVm reports one well-formed NIC per requested network (or none,
+    /// when the provider cannot tell).
+    async fn interfaces(&mut self) -> CheckResult {
+        let (id, _) = self.create("conf-nics", None).await?;
+        let vm = self.get(&id).await?;
+        ensure(vm.interfaces.is_empty() || vm.interfaces.len() == 1, || {
+            format!("one network was requested, GetVm reports {} interfaces", vm.interfaces.len())
+        })?;
+        for nic in &vm.interfaces {
+            let octets: Vec<&str> = nic.mac.split(':').collect();
+            let well_formed = octets.len() == 6
+                && octets.iter().all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+                && nic.mac == nic.mac.to_ascii_lowercase();
+            ensure(well_formed, || format!("MAC {:?} is not lower-case aa:bb:cc:dd:ee:ff", nic.mac))?;
+            for a in &nic.ipv4 {
+                ensure(a.parse::<std::net::Ipv4Addr>().is_ok(), || {
+                    format!("ipv4 {a:?} is not an IPv4 address")
+                })?;
+            }
+            for a in &nic.ipv6 {
+                ensure(a.parse::<std::net::Ipv6Addr>().is_ok(), || {
+                    format!("ipv6 {a:?} is not an IPv6 address")
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ResizeVm of a stopped VM (idempotent, disks only grow), and of a
+    /// running one as the capabilities say.
+    async fn resize(&mut self, hot: bool) -> CheckResult {
+        let (id, created) = self.create("conf-resize", None).await?;
+        let (vcpus, memory_mib) = (created.vcpus.max(self.options.vcpus) + 1, self.options.memory_mib + 128);
+        let grow = ResizeVmRequest { vm_id: id.clone(), vcpus, memory_mib, disk_gib: 2 };
+        for round in 0..2 {
+            let r =
+                self.compute.resize_vm(grow.clone()).await.map_err(|s| {
+                    format!("ResizeVm #{round} of a stopped VM: {:?} {}", s.code(), s.message())
+                })?;
+            ensure(power(r.get_ref()) == PowerState::Shutoff, || "ResizeVm started the VM".to_owned())?;
+        }
+        let got = self.get(&id).await?;
+        ensure(got.vcpus == vcpus && got.memory_mib == memory_mib, || {
+            format!(
+                "after ResizeVm to {vcpus} vCPUs / {memory_mib} MiB GetVm says {} / {}",
+                got.vcpus, got.memory_mib
+            )
+        })?;
+        ensure(got.disk_gib == 0 || got.disk_gib == 2, || {
+            format!("after growing to 2 GiB the disk is {}", got.disk_gib)
+        })?;
+        expect_code(
+            self.compute.resize_vm(ResizeVmRequest { disk_gib: 1, ..grow.clone() }).await,
+            tonic::Code::InvalidArgument,
+            "ResizeVm shrinking the disk",
+        )?;
+        self.compute
+            .start_vm(VmRef { vm_id: id.clone() })
+            .await
+            .map_err(|s| format!("StartVm: {}", s.message()))?;
+        let running = ResizeVmRequest { vm_id: id.clone(), vcpus: vcpus + 1, memory_mib, disk_gib: 0 };
+        if hot {
+            let r =
+                self.compute.resize_vm(running).await.map_err(|s| {
+                    format!("ResizeVm of a running VM (supports_hot_resize): {}", s.message())
+                })?;
+            ensure(power(r.get_ref()) == PowerState::Running && r.get_ref().vcpus == vcpus + 1, || {
+                "a hot resize stopped the VM or did not take".to_owned()
+            })
+        } else {
+            expect_code(
+                self.compute.resize_vm(running).await,
+                tonic::Code::FailedPrecondition,
+                "ResizeVm of a running VM without supports_hot_resize",
+            )
+        }
     }
 
     async fn delete_is_idempotent(&mut self) -> CheckResult {
@@ -414,7 +501,7 @@ impl Kit {
             "StopVm of an unknown VM",
         )?;
         expect_code(
-            self.compute.reboot_vm(ghost.clone()).await,
+            self.compute.reboot_vm(RebootVmRequest { vm_id: ghost.vm_id.clone(), hard: false }).await,
             tonic::Code::NotFound,
             "RebootVm of an unknown VM",
         )?;
@@ -677,6 +764,40 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             let r = kit.console(protocol, false).await;
             kit.record(&format!("{protocol} console refused as UNIMPLEMENTED"), r);
         }
+    }
+    if kit.options.network.is_empty() {
+        kit.skip("interfaces: one well-formed NIC per network", "the kit was given no network to attach");
+    } else {
+        let r = kit.interfaces().await;
+        kit.record("interfaces: one well-formed NIC per network", r);
+    }
+    if caps.supports_resize {
+        let r = kit.resize(caps.supports_hot_resize).await;
+        kit.record(
+            if caps.supports_hot_resize {
+                "resize: stopped and running, idempotent, disks only grow"
+            } else {
+                "resize: stopped, idempotent, disks only grow; running refused"
+            },
+            r,
+        );
+        if !caps.supports_hot_resize {
+            kit.skip("hot resize", "the provider does not declare supports_hot_resize");
+        }
+    } else {
+        kit.skip("resize", "the provider does not declare supports_resize");
+        let req = ResizeVmRequest {
+            vm_id: uuid::Uuid::now_v7().to_string(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib: 0,
+        };
+        let r = expect_code(
+            kit.compute.resize_vm(req).await,
+            tonic::Code::Unimplemented,
+            "ResizeVm without the capability",
+        );
+        kit.record("resize refused as UNIMPLEMENTED", r);
     }
     if caps.supports_snapshot {
         let r = kit.snapshots(caps.supports_snapshot_running).await;

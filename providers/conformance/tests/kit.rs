@@ -53,8 +53,9 @@ impl Hooks for SimHooks {
 
 #[tokio::test]
 async fn the_simulator_conforms() {
-    let endpoint = sim("cloud_init,snapshot,console_vnc").await;
+    let endpoint = sim("cloud_init,snapshot,console_vnc,resize,hot_resize").await;
     let mut options = Options::new(&endpoint);
+    options.network = "default".into();
     options.hooks = Some(Arc::new(SimHooks(endpoint.clone())));
     let report = run(options).await.unwrap();
     println!("{report}");
@@ -68,7 +69,9 @@ async fn the_simulator_conforms() {
         .map(|(n, _)| n.as_str())
         .collect();
     assert_eq!(skipped, vec!["spice console", "rdp console", "serial console"]);
-    assert!(report.checks.iter().any(|(n, o)| n.starts_with("snapshots:") && *o == Outcome::Pass));
+    for check in ["snapshots:", "resize: stopped and running", "interfaces:"] {
+        assert!(report.checks.iter().any(|(n, o)| n.starts_with(check) && *o == Outcome::Pass), "{check}");
+    }
     assert!(
         report
             .checks
@@ -83,8 +86,10 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
     let report = run(Options::new(&sim("").await)).await.unwrap();
     println!("{report}");
     assert!(report.passed(), "{report}");
-    // The five absent capabilities, and the half-made create (no hooks).
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 6);
+    // The four consoles, snapshots and resize it lacks, the half-made create
+    // (no hooks) and the NICs (no network given).
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 8);
+    assert!(report.checks.iter().any(|(n, o)| n == "resize refused as UNIMPLEMENTED" && *o == Outcome::Pass));
     assert!(
         report
             .checks
@@ -169,8 +174,8 @@ impl Provider for Broken {
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
         self.set(&req.vm_id, pb::PowerState::Shutoff)
     }
-    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        let vm = self.find(vm_id)?;
+    async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let vm = self.find(&req.vm_id)?;
         if vm.power_state != pb::PowerState::Running as i32 {
             return Err(ProviderError::new(ErrorKind::InvalidState, "not running"));
         }

@@ -236,6 +236,25 @@ pub fn snapshot_xml(snapshot_id: &str, name: &str) -> String {
     )
 }
 
+/// The NICs of a domain's XML, in order: MAC (lower case) and what they
+/// are attached to (network or bridge name, or "user"), without addresses.
+pub fn interfaces_of_xml(xml: &str) -> Vec<hcp_proto::provider::InterfaceInfo> {
+    let Ok(doc) = roxmltree::Document::parse(xml) else { return Vec::new() };
+    doc.descendants()
+        .filter(|n| n.has_tag_name("interface") && n.parent().is_some_and(|p| p.has_tag_name("devices")))
+        .map(|n| {
+            let child = |tag: &str| n.children().find(|c| c.has_tag_name(tag));
+            let mac =
+                child("mac").and_then(|m| m.attribute("address")).unwrap_or_default().to_ascii_lowercase();
+            let network = child("source")
+                .and_then(|s| s.attribute("network").or_else(|| s.attribute("bridge")))
+                .unwrap_or_else(|| n.attribute("type").unwrap_or_default())
+                .to_owned();
+            hcp_proto::provider::InterfaceInfo { network, mac, ipv4: Vec::new(), ipv6: Vec::new() }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -165,6 +165,12 @@ impl Libvirt {
             supports_console_rdp: false,
             supports_console_serial: false,
             supports_gpu_passthrough: false,
+            // vCPUs, memory and disk of a stopped domain. Not of a running
+            // one: hotplug needs domains defined with spare vCPU and memory
+            // slots (and a guest that onlines them), which HCP's domains
+            // are not.
+            supports_resize: true,
+            supports_hot_resize: false,
             attributes,
         };
         tracing::info!(%uri, domain_type, accelerator, cloud_init, "connected to libvirt");
@@ -284,11 +290,12 @@ impl Libvirt {
         }
         let mut nics = Vec::new();
         for (i, n) in spec.networks.iter().enumerate() {
-            nics.push(config.nic(&n.network).ok_or_else(|| {
-                invalid(format!(
-                    "networks[{i}].network: network {:?} is not available on this host",
-                    n.network
-                ))
+            // The operator's mapping names a key of this host's [networks]
+            // table; without one the HCP name is the key.
+            let (field, key) =
+                if n.backing.is_empty() { ("network", &n.network) } else { ("backing", &n.backing) };
+            nics.push(config.nic(key).ok_or_else(|| {
+                invalid(format!("networks[{i}].{field}: network {key:?} is not available on this host"))
             })?);
         }
         if !image.disk.is_file() {
@@ -428,17 +435,72 @@ impl Libvirt {
         .await
     }
 
-    async fn reboot(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        let id = vm_id.to_owned();
-        self.call(&format!("reboot vm {vm_id}"), move |c| {
+    async fn reboot(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let id = req.vm_id.clone();
+        self.call(&format!("reboot vm {}", req.vm_id), move |c| {
             let d = c.lookup_domain_by_uuid_string(&id)?;
             if !d.is_active()? {
                 return Err(not_running());
             }
-            d.reboot(0)?;
+            if req.hard {
+                // The reset button: the guest is not asked.
+                d.reset()?;
+            } else {
+                d.reboot(0)?;
+            }
             Ok(info_of(&id, &d)?)
         })
         .await
+    }
+
+    /// Sets vCPUs and memory of a stopped domain's definition, and grows its
+    /// overlay disk. Each part is idempotent, so a retry after a partial
+    /// resize completes it.
+    async fn resize(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        if req.memory_mib < 32 {
+            return Err(invalid("memory_mib: must be at least 32"));
+        }
+        let vm_id = req.vm_id.clone();
+        let disk = self.vm_dir(&vm_id).join("disk.qcow2");
+        let id = vm_id.clone();
+        let (vcpus, memory_mib) = (req.vcpus, req.memory_mib);
+        let has_snapshots = self
+            .call(&format!("resize vm {vm_id}"), move |c| {
+                let d = c.lookup_domain_by_uuid_string(&id)?;
+                if d.is_active()? {
+                    return Err(CallError::Hcp(ProviderError::new(
+                        ErrorKind::InvalidState,
+                        "a running domain cannot be resized on this host (no hot resize); stop it first",
+                    )));
+                }
+                let config = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+                let now = d.info()?;
+                // The maximum and the current value move in an order that
+                // never puts the current above the maximum.
+                let max_vcpus = config | virt::sys::VIR_DOMAIN_VCPU_MAXIMUM;
+                if vcpus >= now.nr_virt_cpu {
+                    d.set_vcpus_flags(vcpus, max_vcpus)?;
+                    d.set_vcpus_flags(vcpus, config)?;
+                } else {
+                    d.set_vcpus_flags(vcpus, config)?;
+                    d.set_vcpus_flags(vcpus, max_vcpus)?;
+                }
+                let kib = u64::from(memory_mib) * 1024;
+                let max_mem = config | virt::sys::VIR_DOMAIN_MEM_MAXIMUM;
+                if kib >= now.max_mem {
+                    d.set_memory_flags(kib, max_mem)?;
+                    d.set_memory_flags(kib, config)?;
+                } else {
+                    d.set_memory_flags(kib, config)?;
+                    d.set_memory_flags(kib, max_mem)?;
+                }
+                Ok(d.num_snapshots(0)? > 0)
+            })
+            .await?;
+        if req.disk_gib > 0 && disk.is_file() {
+            grow_disk(&disk, req.disk_gib, has_snapshots).await?;
+        }
+        self.info(&vm_id).await
     }
 
     async fn delete(&self, vm_id: &str) -> Result<bool, ProviderError> {
@@ -656,11 +718,18 @@ impl Provider for Libvirt {
         self.stop(req).await
     }
 
-    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        check_uuid("vm_id", vm_id)?;
-        let lock = self.lock(vm_id);
+    async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        check_uuid("vm_id", &req.vm_id)?;
+        let lock = self.lock(&req.vm_id);
         let _held = lock.lock().await;
-        self.reboot(vm_id).await
+        self.reboot(req).await
+    }
+
+    async fn resize_vm(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        check_uuid("vm_id", &req.vm_id)?;
+        let lock = self.lock(&req.vm_id);
+        let _held = lock.lock().await;
+        self.resize(req).await
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
@@ -803,11 +872,94 @@ fn power_of(state: DomainState) -> pb::PowerState {
 
 fn info_of(vm_id: &str, d: &Domain) -> Result<pb::VmInfo, virt::error::Error> {
     let info = d.info()?;
+    let power = power_of(info.state.unwrap_or(DomainState::NoState));
     Ok(pb::VmInfo {
         vm_id: vm_id.to_owned(),
-        power_state: power_of(info.state.unwrap_or(DomainState::NoState)) as i32,
+        power_state: power as i32,
         native_id: d.name()?,
         vcpus: info.nr_virt_cpu,
         memory_mib: u32::try_from(info.max_mem / 1024).unwrap_or(u32::MAX),
+        interfaces: interfaces_of(d, power == pb::PowerState::Running),
+        disk_gib: 0,
     })
+}
+
+/// The domain's NICs in definition order (the order of the spec's
+/// networks), with the addresses libvirt can tell for a running domain:
+/// from its network's DHCP leases, else from the guest agent. Addresses are
+/// best effort: a NIC whose address is unknown is listed without one.
+fn interfaces_of(d: &Domain, running: bool) -> Vec<pb::InterfaceInfo> {
+    let Ok(xml) = d.xml_desc(0) else { return Vec::new() };
+    let mut nics = domain::interfaces_of_xml(&xml);
+    if running && !nics.is_empty() {
+        for source in [
+            virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
+            virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT,
+        ] {
+            let Ok(found) = d.interface_addresses(source, 0) else { continue };
+            let mut any = false;
+            for iface in found {
+                let Some(mac) = iface.hwaddr.map(|m| m.to_ascii_lowercase()) else { continue };
+                let Some(nic) = nics.iter_mut().find(|n| n.mac == mac) else { continue };
+                for a in iface.addrs {
+                    any = true;
+                    if a.typed == i64::from(virt::sys::VIR_IP_ADDR_TYPE_IPV6) {
+                        nic.ipv6.push(a.addr);
+                    } else {
+                        nic.ipv4.push(a.addr);
+                    }
+                }
+            }
+            if any {
+                break;
+            }
+        }
+    }
+    nics
+}
+
+/// Grows a stopped domain's overlay to `disk_gib` (never shrinks it).
+async fn grow_disk(disk: &Path, disk_gib: u32, has_snapshots: bool) -> Result<(), ProviderError> {
+    let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
+    let info = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(disk)
+        .output()
+        .await
+        .map_err(|e| tool(e.to_string()))?;
+    if !info.status.success() {
+        return Err(tool(String::from_utf8_lossy(&info.stderr).trim().to_owned()));
+    }
+    let size = serde_json::from_slice::<serde_json::Value>(&info.stdout)
+        .ok()
+        .and_then(|v| v["virtual-size"].as_u64())
+        .ok_or_else(|| tool(format!("no virtual-size in the info of {}", disk.display())))?;
+    let want = u64::from(disk_gib) << 30;
+    if want < size {
+        return Err(invalid(format!(
+            "disk_gib: {disk_gib} GiB is below the disk's {} GiB; disks only grow",
+            size.div_ceil(1 << 30)
+        )));
+    }
+    if want == size {
+        return Ok(());
+    }
+    if has_snapshots {
+        // qcow2 cannot resize an image that holds internal snapshots.
+        return Err(ProviderError::new(
+            ErrorKind::InvalidState,
+            "the disk holds snapshots and cannot grow; delete them first",
+        ));
+    }
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["resize", "-q"])
+        .arg(disk)
+        .arg(want.to_string())
+        .output()
+        .await
+        .map_err(|e| tool(e.to_string()))?;
+    if !out.status.success() {
+        return Err(tool(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    Ok(())
 }

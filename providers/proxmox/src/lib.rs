@@ -63,12 +63,33 @@ impl Found {
             native_id: format!("{}/{}", self.node, self.vmid),
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
+            // NICs need the VM's config: GetVm adds them (`described`).
+            ..Default::default()
         }
     }
 
     fn path(&self) -> String {
         format!("/nodes/{}/qemu/{}", encode_segment(&self.node), self.vmid)
     }
+}
+
+/// The NIC keys a VM of ours may have, in order.
+const NICS: [&str; 8] = ["net0", "net1", "net2", "net3", "net4", "net5", "net6", "net7"];
+
+/// One `key=value` option of a `netN` value.
+fn net_option<'a>(net: &'a str, key: &str) -> Option<&'a str> {
+    net.split(',').find_map(|p| p.split_once('=').filter(|(k, _)| *k == key).map(|(_, v)| v))
+}
+
+/// The MAC of a `netN` value (`virtio=BC:24:11:AA:BB:CC,bridge=vmbr0`, or
+/// `macaddr=` in the long form), lower case; empty when PVE assigned none.
+fn mac_of(net: &str) -> String {
+    let is_mac = |v: &str| v.len() == 17 && v.split(':').count() == 6;
+    net.split(',')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, v)| *k != "bridge" && is_mac(v))
+        .map(|(_, v)| v.to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 /// The tag naming one HCP VM.
@@ -359,20 +380,42 @@ impl Proxmox {
     /// config update (the tags last to land mark the VM configured).
     async fn configure_vm(&self, f: &Found, vm_id: &str, spec: &pb::VmSpec) -> Result<(), ProviderError> {
         let ci = &self.config.cloud_init;
-        let bridge = match spec.networks.first() {
-            Some(n) => {
-                self.config.networks.get(&n.network).cloned().unwrap_or_else(|| self.config.bridge.clone())
-            }
-            None => self.config.bridge.clone(),
+        // One NIC per network, in order: the operator's mapping (backing)
+        // names the bridge; else this provider's own table; else its
+        // default bridge. No network: one NIC on the default bridge.
+        let bridges: Vec<String> = if spec.networks.is_empty() {
+            vec![self.config.bridge.clone()]
+        } else {
+            spec.networks
+                .iter()
+                .map(|n| {
+                    if n.backing.is_empty() {
+                        self.config
+                            .networks
+                            .get(&n.network)
+                            .cloned()
+                            .unwrap_or_else(|| self.config.bridge.clone())
+                    } else {
+                        n.backing.clone()
+                    }
+                })
+                .collect()
         };
+        if bridges.len() > NICS.len() {
+            return Err(invalid("spec.networks", format!("at most {} networks", NICS.len())));
+        }
         let mut params: Params = vec![
             ("cores", spec.vcpus.to_string()),
             ("memory", spec.memory_mib.to_string()),
-            ("net0", format!("virtio,bridge={bridge}")),
             ("ipconfig0", ci.ipconfig0.clone().unwrap_or_else(|| "ip=dhcp".to_owned())),
+            // Addresses come from the guest agent.
+            ("agent", "1".to_owned()),
             // Last of all, the clone is no longer pending.
             ("tags", format!("hcp;{}", id_tag(vm_id))),
         ];
+        for (key, bridge) in NICS.iter().zip(&bridges) {
+            params.push((key, format!("virtio,bridge={bridge}")));
+        }
         if let Some(user) = &ci.user {
             params.push(("ciuser", user.clone()));
         }
@@ -401,12 +444,59 @@ impl Proxmox {
         Ok(())
     }
 
-    /// Grows the boot disk to `gib` (never shrinks it; a template disk that
-    /// is already larger stays as it is).
-    async fn grow_disk(&self, f: &Found, gib: u32) -> Result<(), ProviderError> {
-        if gib == 0 {
-            return Ok(());
+    /// The NICs in order (MAC and bridge from `netN`), with the addresses
+    /// the guest agent reports for a running VM. No agent, or one that
+    /// does not answer: NICs without addresses.
+    async fn interfaces(&self, f: &Found) -> Result<Vec<pb::InterfaceInfo>, ProviderError> {
+        let config = self
+            .pve
+            .call(Method::Get, &format!("{}/config", f.path()), Vec::new())
+            .await
+            .map_err(map_error)?;
+        let mut nics: Vec<pb::InterfaceInfo> = NICS
+            .iter()
+            .filter_map(|key| config[*key].as_str())
+            .map(|net| pb::InterfaceInfo {
+                network: net_option(net, "bridge").unwrap_or_default().to_owned(),
+                mac: mac_of(net),
+                ..Default::default()
+            })
+            .collect();
+        if f.status != "running" || nics.is_empty() {
+            return Ok(nics);
         }
+        let path = format!("{}/agent/network-get-interfaces", f.path());
+        let reported = match self.pve.call(Method::Get, &path, Vec::new()).await {
+            Ok(v) => v,
+            // No agent configured, or not running (yet): no addresses.
+            Err(PveError::Status { status: 500, .. }) => return Ok(nics),
+            Err(e) => return Err(map_error(e)),
+        };
+        for iface in reported["result"].as_array().into_iter().flatten() {
+            let mac = iface["hardware-address"].as_str().unwrap_or_default().to_ascii_lowercase();
+            let Some(nic) = nics.iter_mut().find(|n| !mac.is_empty() && n.mac == mac) else { continue };
+            for a in iface["ip-addresses"].as_array().into_iter().flatten() {
+                let Some(addr) = a["ip-address"].as_str() else { continue };
+                match a["ip-address-type"].as_str() {
+                    Some("ipv4") => nic.ipv4.push(addr.to_owned()),
+                    Some("ipv6") => nic.ipv6.push(addr.to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        Ok(nics)
+    }
+
+    /// The VM as GetVm answers it: power and size, NICs and addresses.
+    async fn described(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        let f = self.require(vm_id).await?;
+        let mut info = f.info(vm_id);
+        info.interfaces = self.interfaces(&f).await?;
+        Ok(info)
+    }
+
+    /// The boot disk's key and its size in GiB.
+    async fn boot_disk(&self, f: &Found) -> Result<(String, f64), ProviderError> {
         let config = self
             .pve
             .call(Method::Get, &format!("{}/config", f.path()), Vec::new())
@@ -417,17 +507,25 @@ impl Proxmox {
             .split(';')
             .chain(["scsi0", "virtio0", "sata0", "ide0"])
             .find(|d| config[*d].as_str().is_some_and(|v| !v.contains("media=cdrom")))
-            .map(str::to_owned);
-        let Some(disk) = disk else {
-            return Err(ProviderError::new(ErrorKind::Internal, "the clone has no disk to grow"));
-        };
-        let current = config[disk.as_str()]
+            .map(str::to_owned)
+            .ok_or_else(|| ProviderError::new(ErrorKind::Internal, "the vm has no boot disk"))?;
+        let size = config[disk.as_str()]
             .as_str()
             .unwrap_or_default()
             .split(',')
             .find_map(|p| p.strip_prefix("size="))
             .and_then(gib_of)
             .unwrap_or(0.0);
+        Ok((disk, size))
+    }
+
+    /// Grows the boot disk to `gib` (never shrinks it; a template disk that
+    /// is already larger stays as it is).
+    async fn grow_disk(&self, f: &Found, gib: u32) -> Result<(), ProviderError> {
+        if gib == 0 {
+            return Ok(());
+        }
+        let (disk, current) = self.boot_disk(f).await?;
         if current >= f64::from(gib) {
             return Ok(());
         }
@@ -510,6 +608,11 @@ impl Provider for Proxmox {
             supports_snapshot_running: true,
             supports_live_migration: shared && online > 1,
             supports_console_vnc: true,
+            // Cores, memory and disk of a stopped VM. Not of a running one:
+            // PVE hot-plugs CPUs and memory only with `hotplug` including
+            // them and NUMA enabled, which HCP's clones do not set up.
+            supports_resize: true,
+            supports_hot_resize: false,
             attributes,
             ..Default::default()
         })
@@ -622,7 +725,7 @@ impl Provider for Proxmox {
     }
 
     async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        self.refreshed(vm_id).await
+        self.described(vm_id).await
     }
 
     async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
@@ -677,16 +780,45 @@ impl Provider for Proxmox {
         self.refreshed(&req.vm_id).await
     }
 
-    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+    async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let vm_id = req.vm_id.as_str();
         let _serial = self.serialize(vm_id).await;
         let f = self.require(vm_id).await?;
         if f.status != "running" {
             return Err(ProviderError::new(ErrorKind::InvalidState, format!("vm {vm_id} is not running")));
         }
+        // `reset` is the reset button; `reboot` asks the guest (ACPI).
+        let action = if req.hard { "reset" } else { "reboot" };
         self.pve
-            .task(Method::Post, &format!("{}/status/reboot", f.path()), Vec::new())
+            .task(Method::Post, &format!("{}/status/{action}", f.path()), Vec::new())
             .await
             .map_err(map_error)?;
+        self.refreshed(vm_id).await
+    }
+
+    async fn resize_vm(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let vm_id = req.vm_id.as_str();
+        let _serial = self.serialize(vm_id).await;
+        let f = self.require(vm_id).await?;
+        if f.status != "stopped" {
+            return Err(ProviderError::new(
+                ErrorKind::InvalidState,
+                format!("vm {vm_id} is {}; it is resized only when stopped", f.status),
+            ));
+        }
+        if req.disk_gib > 0 {
+            let (_, current) = self.boot_disk(&f).await?;
+            if f64::from(req.disk_gib) < current {
+                return Err(invalid(
+                    "disk_gib",
+                    format!("{} GiB is below the disk's {current} GiB; disks only grow", req.disk_gib),
+                ));
+            }
+        }
+        // Setting what is already set is a no-op, so a retry is safe.
+        let params: Params = vec![("cores", req.vcpus.to_string()), ("memory", req.memory_mib.to_string())];
+        self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
+        self.grow_disk(&f, req.disk_gib).await?;
         self.refreshed(vm_id).await
     }
 

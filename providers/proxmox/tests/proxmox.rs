@@ -74,7 +74,7 @@ fn spec(name: &str) -> pb::VmSpec {
         memory_mib: 1024,
         disk_gib: 10,
         image: Some(pb::ImageRef { name: "debian-12".into(), source: "debian-12".into() }),
-        networks: vec![pb::NetworkAttachment { network: "default".into() }],
+        networks: vec![pb::NetworkAttachment { network: "default".into(), backing: String::new() }],
         user_data: Some("#cloud-config\nhostname: web\n".into()),
         hostname: name.to_owned(),
         labels: Default::default(),
@@ -202,7 +202,8 @@ async fn a_vm_is_a_configured_full_clone_marked_with_its_hcp_id() {
     assert_eq!(c["name"], "web-1");
     assert_eq!(c["cores"], "2");
     assert_eq!(c["memory"], "1024");
-    assert_eq!(c["net0"], "virtio,bridge=vmbr1");
+    // PVE gave the NIC a MAC of its own.
+    assert!(c["net0"].starts_with("virtio=BC:24:11:") && c["net0"].ends_with(",bridge=vmbr1"), "{c:?}");
     assert_eq!(c["ipconfig0"], "ip=dhcp");
     assert_eq!(c["ciuser"], "debian");
     assert_eq!(c["sshkeys"], "ssh-ed25519%20AAAAC3Nza%2B%2Fx%3D%20ops%40example");
@@ -508,5 +509,65 @@ async fn the_disk_is_grown_to_the_flavor_and_never_shrunk() {
     p.create_vm(req).await.unwrap();
     let vm = guests(&env).into_iter().find(|v| v.config["tags"].contains(&small)).unwrap();
     assert!(vm.config["scsi0"].contains("size=2G"), "{:?}", vm.config);
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn resize_hard_reboot_and_addresses_from_the_guest_agent() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    let id = new_id();
+    // Two NICs: the first on the bridge HCP's network catalog maps it to,
+    // the second on this provider's own mapping of "default".
+    let mut req = create(&id, "day-two", false);
+    req.spec.as_mut().unwrap().networks = vec![
+        pb::NetworkAttachment { network: "prod".into(), backing: "vmbr7".into() },
+        pb::NetworkAttachment { network: "default".into(), backing: String::new() },
+    ];
+    p.create_vm(req).await.unwrap();
+    let vm = guests(&env).into_iter().next().unwrap();
+    assert!(vm.config["net0"].ends_with(",bridge=vmbr7"), "{:?}", vm.config);
+    assert!(vm.config["net1"].ends_with(",bridge=vmbr1"), "{:?}", vm.config);
+    assert_eq!(vm.config.get("agent").map(String::as_str), Some("1"));
+
+    // Stopped: MACs from the config, no addresses (no agent to ask).
+    let info = p.get_vm(&id).await.unwrap();
+    assert_eq!(info.interfaces.len(), 2, "{info:?}");
+    let mac0 = vm.config["net0"].split(['=', ',']).nth(1).unwrap().to_ascii_lowercase();
+    assert_eq!(info.interfaces[0].mac, mac0);
+    assert_eq!(info.interfaces[0].network, "vmbr7");
+    assert!(info.interfaces.iter().all(|n| n.ipv4.is_empty()));
+
+    // Resize while stopped: cores and memory in the config, the disk grown;
+    // a smaller disk is refused; running, it is refused as the capability says.
+    let resize = pb::ResizeVmRequest { vm_id: id.clone(), vcpus: 4, memory_mib: 4096, disk_gib: 20 };
+    p.resize_vm(resize.clone()).await.unwrap();
+    p.resize_vm(resize.clone()).await.unwrap();
+    let vm = guests(&env).into_iter().next().unwrap();
+    assert_eq!((vm.config["cores"].as_str(), vm.config["memory"].as_str()), ("4", "4096"));
+    assert!(vm.config["scsi0"].contains("size=20G"), "{:?}", vm.config);
+    let shrink = p.resize_vm(pb::ResizeVmRequest { disk_gib: 10, ..resize.clone() }).await.unwrap_err();
+    assert_eq!(shrink.kind, ErrorKind::InvalidArgument, "{shrink:?}");
+    let caps = p.capabilities().await.unwrap();
+    assert!(caps.supports_resize && !caps.supports_hot_resize);
+
+    p.start_vm(&id).await.unwrap();
+    let running = p.resize_vm(resize).await.unwrap_err();
+    assert_eq!(running.kind, ErrorKind::InvalidState, "{running:?}");
+    // Running: the guest agent reports the addresses, matched by MAC.
+    let info = p.get_vm(&id).await.unwrap();
+    assert_eq!((info.vcpus, info.memory_mib), (4, 4096));
+    assert_eq!(info.interfaces.len(), 2);
+    for nic in &info.interfaces {
+        assert_eq!(nic.ipv4.len(), 1, "{nic:?}");
+        assert!(nic.ipv4[0].parse::<std::net::Ipv4Addr>().is_ok() && nic.ipv6.len() == 1, "{nic:?}");
+    }
+    assert_ne!(info.interfaces[0].ipv4, info.interfaces[1].ipv4);
+
+    // Hard reboot is a reset, soft a reboot.
+    p.reboot_vm(pb::RebootVmRequest { vm_id: id.clone(), hard: true }).await.unwrap();
+    p.reboot_vm(pb::RebootVmRequest { vm_id: id.clone(), hard: false }).await.unwrap();
+    let vm = guests(&env).into_iter().next().unwrap();
+    assert_eq!((vm.resets, vm.reboots), (1, 1));
     assert_schema_clean(&env);
 }

@@ -71,8 +71,8 @@ impl Provider for Memory {
         self.set(&req.vm_id, pb::PowerState::Shutoff)
     }
 
-    async fn reboot_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        let vm = self.info(vm_id)?;
+    async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let vm = self.info(&req.vm_id)?;
         if vm.power_state != pb::PowerState::Running as i32 {
             return Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"));
         }

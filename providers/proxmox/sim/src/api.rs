@@ -439,6 +439,17 @@ fn dispatch(
                 Answer::Data(json!(spawn_task(s, &node, "qmreboot", vmid, &user, Effect::Reboot(vmid))))
             }
         }
+        ("POST", "/nodes/{node}/qemu/{vmid}/status/reset") => {
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if vm.status != "running" {
+                fail(500, format!("VM {vmid} not running"))
+            } else {
+                Answer::Data(json!(spawn_task(s, &node, "qmreset", vmid, &user, Effect::Reset(vmid))))
+            }
+        }
+        ("GET", "/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces") => agent_interfaces(&s.vms[&vmid]),
         ("DELETE", "/nodes/{node}/qemu/{vmid}") => {
             let vm = &s.vms[&vmid];
             if let Some(a) = locked(vm) {
@@ -731,6 +742,7 @@ fn clone(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<Str
         stops: 0,
         shutdowns: 0,
         reboots: 0,
+        resets: 0,
     };
     s.vms.insert(newid, vm);
     // The task's lock is on the new VM's config.
@@ -834,12 +846,70 @@ fn set_config(s: &mut State, vmid: u32, params: &BTreeMap<String, String>) -> Re
                 // PVE stores the keys URL-encoded, as sent.
                 vm.config.insert(k.clone(), v.clone());
             }
+            key if is_nic(key) => {
+                // PVE gives a NIC without a MAC one of its own (BC:24:11
+                // prefix), written back as `model=MAC`.
+                let value = match v.split(',').next() {
+                    Some(model) if !model.contains('=') => {
+                        let mac = format!(
+                            "BC:24:11:{:02X}:{:02X}:{:02X}",
+                            rand::random::<u8>(),
+                            rand::random::<u8>(),
+                            rand::random::<u8>()
+                        );
+                        format!("{model}={mac}{}", &v[model.len()..])
+                    }
+                    _ => v.clone(),
+                };
+                vm.config.insert(k.clone(), value);
+            }
             _ => {
                 vm.config.insert(k.clone(), v.clone());
             }
         }
     }
     Ok(())
+}
+
+fn is_nic(key: &str) -> bool {
+    key.strip_prefix("net").is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// What the guest agent says of the NICs: a loopback and one interface per
+/// `netN`, with an address derived from the MAC. Like PVE, a VM whose
+/// `agent` option is off, or that is not running, has no agent to ask.
+fn agent_interfaces(vm: &Vm) -> Answer {
+    let enabled = vm.config.get("agent").is_some_and(|a| a.split(',').any(|p| p == "1" || p == "enabled=1"));
+    if !enabled {
+        return fail(500, "No QEMU guest agent configured");
+    }
+    if vm.status != "running" {
+        return fail(500, format!("VM {} is not running", vm.vmid));
+    }
+    let mut out = vec![json!({"name": "lo", "hardware-address": "00:00:00:00:00:00",
+        "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]})];
+    let mut nics: Vec<(&String, &String)> = vm.config.iter().filter(|(k, _)| is_nic(k)).collect();
+    nics.sort_by_key(|(k, _)| k[3..].parse::<u32>().unwrap_or(u32::MAX));
+    for (i, (_, value)) in nics.into_iter().enumerate() {
+        let Some(mac) =
+            value.split(',').find_map(|p| p.split_once('=').map(|(_, m)| m).filter(|m| m.len() == 17))
+        else {
+            continue;
+        };
+        let b: Vec<u8> = mac.split(':').filter_map(|h| u8::from_str_radix(h, 16).ok()).collect();
+        if b.len() != 6 {
+            continue;
+        }
+        out.push(json!({
+            "name": format!("eth{i}"),
+            "hardware-address": mac.to_ascii_lowercase(),
+            "ip-addresses": [
+                {"ip-address-type": "ipv4", "ip-address": format!("10.{}.{}.{}", i, b[4], b[5].max(2)), "prefix": 24},
+                {"ip-address-type": "ipv6", "ip-address": format!("fe80::be24:11ff:fe{:02x}:{:02x}{:02x}", b[3], b[4], b[5]), "prefix": 64},
+            ],
+        }));
+    }
+    Answer::Data(json!({"result": out}))
 }
 
 fn spawn_task(s: &mut State, node: &str, kind: &str, vmid: u32, user: &str, effect: Effect) -> String {
@@ -922,6 +992,11 @@ fn advance(s: &mut State) {
             Effect::Reboot(id) if ok => {
                 if let Some(vm) = s.vms.get_mut(&id) {
                     vm.reboots += 1;
+                }
+            }
+            Effect::Reset(id) if ok => {
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    vm.resets += 1;
                 }
             }
             Effect::Destroy(id) if ok => {

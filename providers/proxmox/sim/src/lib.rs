@@ -169,6 +169,8 @@ pub struct Vm {
     pub shutdowns: u32,
     /// Reboots.
     pub reboots: u32,
+    /// Resets (hard reboots).
+    pub resets: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -178,6 +180,7 @@ enum Effect {
     Cloned(u32),
     Power(u32, &'static str),
     Reboot(u32),
+    Reset(u32),
     Shutdown(u32, bool),
     Destroy(u32),
     Snapshot(u32, String, String, bool),
@@ -260,6 +263,7 @@ impl Sim {
                     stops: 0,
                     shutdowns: 0,
                     reboots: 0,
+                    resets: 0,
                 },
             );
         }
