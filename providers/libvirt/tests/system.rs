@@ -115,3 +115,86 @@ async fn a_crash_at_every_create_step_leaves_exactly_one_domain() {
     }
     assert!(common::hcp_domains("qemu:///system", &kvm.bed).is_empty());
 }
+
+/// Day-2 operations on a real guest through REST: a guest that ignores the
+/// power button (its user data kills acpid) is stopped at the timeout the
+/// tenant asked for; a HARD reboot is a reset (a new boot banner, no
+/// shutdown); a resize changes vCPUs, memory and disk in the domain; and,
+/// where libvirt's NAT network runs, the address the guest took by DHCP
+/// shows in the VM read.
+#[tokio::test(flavor = "multi_thread")]
+async fn day_two_on_a_real_guest() {
+    let kvm = Kvm::start("").await;
+    let nat = common::nat_network_active();
+    let user_data = "#!/bin/sh\nkillall acpid\necho HCP-GUEST: acpid stopped > /dev/ttyS0\n\
+                     ip link set eth0 up\n\
+                     udhcpc -i eth0 -n -q -t 5 -T 2 -s /bin/true >/dev/null 2>&1 && \
+                     echo HCP-GUEST: dhcp ok > /dev/ttyS0\n";
+    let networks = if nat { json!([{"network": "lan"}]) } else { json!([{"network": "default"}]) };
+    let (vm, job) = kvm.create("day-two", json!({"user_data": user_data, "networks": networks})).await;
+    kvm.succeed(&job).await;
+    kvm.serial_shows(&vm, "HCP-GUEST-READY", 1).await;
+    assert!(kvm.serial(&vm).contains("HCP-GUEST: acpid stopped"), "{}", kvm.serial(&vm));
+    if nat {
+        assert!(kvm.serial(&vm).contains("HCP-GUEST: dhcp ok"), "{}", kvm.serial(&vm));
+    }
+
+    // HARD: the reset button. The guest boots again without being asked.
+    kvm.op("POST", &format!("{VMS}/{vm}:reboot"), r#"{"type":"HARD"}"#).await;
+    kvm.serial_shows(&vm, "HCP-GUEST-READY", 2).await;
+    assert_eq!(domstate(&vm), "running");
+
+    // The NIC as the tenant sees it: the domain's MAC; with DHCP, the
+    // leased address (refreshed when the reboot job ended).
+    let read = kvm.stack.rest.get(&format!("{VMS}/{vm}"), &kvm.tenant).await.unwrap().body;
+    let nic = &read["networks"][0];
+    let xml = common::virsh(&["dumpxml", &vm]);
+    let mac = nic["mac"].as_str().unwrap();
+    assert!(mac.len() == 17 && xml.contains(&format!("<mac address='{mac}'/>")), "{read}\n{xml}");
+    if nat {
+        let ipv4 = nic["ipv4"][0].as_str().unwrap_or_default();
+        assert!(ipv4.starts_with("192.168.122."), "the DHCP lease shows in the read: {read}");
+        assert!(common::virsh(&["net-dhcp-leases", "default"]).contains(ipv4));
+    }
+
+    // A graceful stop the guest ignores ends at the tenant's timeout (3 s),
+    // not at the provider's default (30 s), with the guest powered off.
+    let started = std::time::Instant::now();
+    kvm.op("POST", &format!("{VMS}/{vm}:stop"), r#"{"timeout_seconds":3}"#).await;
+    let took = started.elapsed();
+    assert_eq!(domstate(&vm), "shut off");
+    assert!(!kvm.serial(&vm).contains("power button"), "acpid was dead: {}", kvm.serial(&vm));
+    assert!(took < Duration::from_secs(30), "the stop waited {took:?}: the provider's default, not 3 s");
+    let jobs = kvm.stack.rest.get(&format!("{VMS}/{vm}/jobs?kind=vm.stop"), &kvm.tenant).await.unwrap();
+    assert_eq!(jobs.body["jobs"][0]["status"], "SUCCEEDED", "{}", jobs.body);
+
+    // Resize the stopped domain: small (1 vCPU, 512 MiB, 10 GiB) to medium
+    // (2 vCPUs, 2048 MiB, 20 GiB), read back from libvirt and the disk.
+    kvm.op("POST", &format!("{VMS}/{vm}:resize"), r#"{"flavor":"medium"}"#).await;
+    let info = common::virsh(&["dominfo", &vm]);
+    let field = |name: &str| {
+        info.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_owned()).unwrap_or_default()
+    };
+    assert_eq!(field("CPU(s):"), "2", "{info}");
+    assert_eq!(field("Max memory:"), "2097152 KiB", "{info}");
+    let disk = kvm.bed.state_dir.join(&vm).join("disk.qcow2");
+    let img = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let size = serde_json::from_slice::<serde_json::Value>(&img.stdout).unwrap()["virtual-size"].as_u64();
+    assert_eq!(size, Some(20 << 30));
+    let read = kvm.stack.rest.get(&format!("{VMS}/{vm}"), &kvm.tenant).await.unwrap().body;
+    assert_eq!((read["flavor"].as_str(), read["vcpus"].as_u64()), (Some("medium"), Some(2)));
+    // libvirt has no hot resize here: a running VM's resize is refused first.
+    kvm.op("POST", &format!("{VMS}/{vm}:start"), "{}").await;
+    let r =
+        kvm.stack.rest.post(&format!("{VMS}/{vm}:resize"), &kvm.tenant, &json!({"flavor": "large"})).await;
+    let r = r.unwrap();
+    assert_eq!((r.status, r.body["details"]["capability"].as_str()), (409, Some("supports_hot_resize")));
+
+    let r = kvm.stack.rest.delete(&format!("{VMS}/{vm}"), &kvm.tenant).await.unwrap();
+    kvm.succeed(&r.str("job_id")).await;
+    assert!(common::hcp_domains("qemu:///system", &kvm.bed).is_empty());
+}
