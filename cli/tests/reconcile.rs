@@ -147,3 +147,45 @@ async fn drift_is_reaped_adopted_or_reported() {
         .unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
 }
+
+#[tokio::test]
+async fn addresses_the_hypervisor_reports_are_recorded_between_jobs() {
+    let s = stack("").await;
+    let token = s.tenant_token("acme", &["demo"]);
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/tenant/v1/projects/demo/vms",
+            &token,
+            &json!({"name": "net", "flavor": "small", "image": "debian-12", "networks": [{"network": "default"}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.str("vm_id");
+    let read = || async {
+        s.rest.get(&format!("/api/hcp/tenant/v1/projects/demo/vms/{id}"), &token).await.unwrap().body
+    };
+    let vm = wait_until(Duration::from_secs(20), "vm ACTIVE with an address", || async {
+        let vm = read().await;
+        Ok((vm["status"] == "ACTIVE" && vm["networks"][0]["ipv4"][0].is_string()).then_some(vm))
+    })
+    .await
+    .unwrap();
+    // The address changes behind HCP's back (here: HCP forgets it, as if the
+    // guest renewed a lease with a new one): the reconciler records what
+    // the hypervisor reports, with no job.
+    let store = s.db.store().await.unwrap();
+    let vm_id: hcp_proto::ids::VmId = id.parse().unwrap();
+    let bare = vec![hcp_core::model::NetworkAttachment { network: "default".into(), ..Default::default() }];
+    assert!(store.set_vm_networks(vm_id, &bare).await.unwrap());
+    assert!(read().await["networks"][0]["ipv4"].as_array().unwrap().is_empty());
+    let back = wait_until(PERIOD_BOUND, "the reconciler to record the address", || async {
+        let now = read().await;
+        Ok(now["networks"][0]["ipv4"][0].is_string().then_some(now))
+    })
+    .await
+    .unwrap();
+    assert_eq!(back["networks"], vm["networks"]);
+    assert_eq!(back["job_id"], "");
+}
