@@ -129,6 +129,17 @@ async fn pve_stack(task_ms: u64, jobs_toml: &str) -> Pve {
         .unwrap();
     assert!(r.status == 200 || r.status == 201, "{}", r.body);
     assert_eq!(r.body["capabilities"]["supports_cloud_init"], true, "{}", r.body);
+    // The zone's network, mapped onto a bridge of this cluster.
+    let n = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/networks",
+            &ops,
+            &json!({"name": "default", "zone": "pve", "backings": {"pve-1": "vmbr9"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n.status, 201, "{}", n.body);
 
     Pve { s, pve, control, provider, config, provider_exe }
 }
@@ -158,8 +169,29 @@ async fn a_vm_lives_and_dies_on_proxmox() {
     assert_eq!(guests[0]["config"]["cores"], "2");
     assert_eq!(guests[0]["config"]["memory"], "2048");
     assert_eq!(guests[0]["config"]["tags"], format!("hcp;hcp-{vm}"));
+    let net0 = guests[0]["config"]["net0"].as_str().unwrap();
+    assert!(net0.ends_with(",bridge=vmbr9"), "the catalog's mapping reached Proxmox: {net0}");
+    // The VM read shows the NIC's MAC and the address the guest agent reports.
+    let read = s.rest.get(&format!("{VMS}/{vm}"), &t).await.unwrap().body;
+    let mac = read["networks"][0]["mac"].as_str().unwrap();
+    assert!(net0.to_ascii_lowercase().contains(mac) && mac.len() == 17, "{read}");
+    assert!(read["networks"][0]["ipv4"][0].is_string(), "{read}");
+
+    // Resize: Proxmox does it only stopped, so a running VM gets the 409.
+    let r = s.rest.post(&format!("{VMS}/{vm}:resize"), &t, &json!({"flavor": "large"})).await.unwrap();
+    assert_eq!((r.status, r.body["details"]["capability"].as_str()), (409, Some("supports_hot_resize")));
 
     operate(&s, &t, &vm, "stop", "STOPPED").await;
+    let r = s.rest.post(&format!("{VMS}/{vm}:resize"), &t, &json!({"flavor": "large"})).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(finished(&s.rest, &t, &r.str("job_id")).await["status"], "SUCCEEDED");
+    let vms = sim.get("/_sim/vms", "").await.unwrap().body;
+    let guest = vms.as_array().unwrap().iter().find(|v| v["template"] == false).unwrap().clone();
+    assert_eq!(
+        (guest["config"]["cores"].as_str(), guest["config"]["memory"].as_str()),
+        (Some("4"), Some("8192"))
+    );
+    assert!(guest["config"]["scsi0"].as_str().unwrap().contains("size=40G"), "{guest}");
     operate(&s, &t, &vm, "start", "ACTIVE").await;
     operate(&s, &t, &vm, "reboot", "ACTIVE").await;
     let c = s.rest.post(&format!("{VMS}/{vm}:console"), &t, &json!({})).await.unwrap();
