@@ -438,6 +438,7 @@ impl Engine {
         };
         let call = Call { vm: &vm, snapshot: snapshot.as_ref(), params: &job.params, networks: &networks };
         let mut power = None;
+        let mut nics = Vec::new();
         for (i, &step) in steps.iter().enumerate() {
             if done.iter().any(|(d, _)| d == step.as_str()) {
                 tracing::debug!(%step, "step already done");
@@ -452,16 +453,22 @@ impl Engine {
                             .map_err(Abort::Store)?;
                     }
                     power = output.power.or(power);
+                    nics = output.interfaces;
                 }
                 Err(e) => return Ok(self.failure_outcome(job, step, e)),
             }
         }
-        // Addresses as the provider sees them now; a provider that cannot
-        // tell (or a call that fails) leaves the stored ones as they are.
+        // Addresses as the provider sees them now: from the last call's
+        // answer, else (for a VM with networks) from GetVm. A provider that
+        // cannot tell, or a call that fails, leaves the stored ones as they are.
         let networks = if job.kind == crate::model::JobKind::DeleteVm {
             None
-        } else {
+        } else if !nics.is_empty() {
+            merge_interfaces(&vm.networks, &nics)
+        } else if !vm.networks.is_empty() {
             observe_networks(&mut compute, &vm).await
+        } else {
+            None
         };
         Ok(Attempt {
             outcome: Outcome::Succeeded { power },
@@ -526,7 +533,10 @@ impl Engine {
                 message: "snapshot job without a snapshot".to_owned(),
             })
         };
-        let info = |r: tonic::Response<provider::VmInfo>| StepOutput::native(r.into_inner().native_id);
+        let info = |r: tonic::Response<provider::VmInfo>| {
+            let info = r.into_inner();
+            StepOutput { native: info.native_id, power: None, interfaces: info.interfaces }
+        };
         let result = match step {
             Step::Create => {
                 let mut spec = vm_spec(vm);
@@ -577,15 +587,14 @@ impl Engine {
             Step::SnapshotRevert => {
                 let (snapshot_id, _) = snapshot()?;
                 compute.revert_snapshot(req(provider::SnapshotRef { vm_id, snapshot_id })).await.map(|r| {
-                    let state = provider::PowerState::try_from(r.into_inner().power_state)
+                    let info = r.into_inner();
+                    let state = provider::PowerState::try_from(info.power_state)
                         .unwrap_or(provider::PowerState::Unspecified);
+                    let running = state == provider::PowerState::Running;
                     StepOutput {
                         native: state.as_str_name().to_owned(),
-                        power: Some(if state == provider::PowerState::Running {
-                            Power::Running
-                        } else {
-                            Power::Off
-                        }),
+                        power: Some(if running { Power::Running } else { Power::Off }),
+                        interfaces: info.interfaces,
                     }
                 })
             }
@@ -621,16 +630,17 @@ struct Call<'a> {
     networks: &'a [provider::NetworkAttachment],
 }
 
-/// What a step returns: the recorded output, and the power state a revert
-/// left the VM in.
+/// What a step returns: the recorded output, the power state a revert left
+/// the VM in, and the NICs the provider's answer carried.
 struct StepOutput {
     native: String,
     power: Option<Power>,
+    interfaces: Vec<provider::InterfaceInfo>,
 }
 
 impl StepOutput {
     fn native(s: impl Into<String>) -> Self {
-        StepOutput { native: s.into(), power: None }
+        StepOutput { native: s.into(), power: None, interfaces: Vec::new() }
     }
 }
 
