@@ -43,6 +43,15 @@ def load_stubs():
 pb, rpc = load_stubs()
 
 
+# Seconds a graceful stop would wait for the guest when the request says 0.
+DEFAULT_STOP_TIMEOUT = 60
+
+
+def log(message):
+    """Operator log on stderr (stdout carries the readiness line)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def valid_id(vm_id):
     try:
         return str(uuid.UUID(vm_id)) == vm_id
@@ -137,18 +146,34 @@ class Compute(rpc.ComputeServicer):
         return self._power(request.vm_id, context, pb.RUNNING)
 
     def StopVm(self, request, context):
-        return self._power(request.vm_id, context, pb.SHUTOFF)
+        """force: power off at once. Otherwise ask the guest, and power off
+        when it has not stopped after timeout_seconds (0: our default). The
+        guests here always obey, so both end the same way; a real provider
+        waits for the guest between the two steps."""
+        with self.hv.lock:
+            self._known(request.vm_id, context)
+            vm = self.hv.vms[request.vm_id]
+            if vm["power"] != pb.SHUTOFF:
+                how = "power off" if request.force else \
+                    f"ask the guest, power off after {request.timeout_seconds or DEFAULT_STOP_TIMEOUT} s"
+                log(f"vm {request.vm_id}: stop ({how})")
+                vm["power"] = pb.SHUTOFF
+            return self.hv.info(request.vm_id)
 
     def RebootVm(self, request, context):
+        """hard: the reset button; otherwise ask the guest to restart."""
         with self.hv.lock:
             self._known(request.vm_id, context)
             if self.hv.vms[request.vm_id]["power"] != pb.RUNNING:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "vm is not running")
+            log(f"vm {request.vm_id}: reboot ({'reset' if request.hard else 'ask the guest'})")
             return self.hv.info(request.vm_id)
 
     def ResizeVm(self, request, context):
         """Stopped VMs only (supports_hot_resize is not declared); disks grow."""
         with self.hv.lock:
+            if not request.vcpus or not request.memory_mib:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "vcpus and memory_mib must be positive")
             self._known(request.vm_id, context)
             vm = self.hv.vms[request.vm_id]
             if vm["power"] == pb.RUNNING:

@@ -3,7 +3,9 @@
 //! Checks any provider endpoint against the `hcp.provider.v1` contract, the
 //! way csi-sanity checks CSI drivers: identity and capabilities, every
 //! mutating call repeated to prove idempotency, the lifecycle state
-//! machine, the error codes for missing VMs, invalid states and
+//! machine (soft and hard reboots, a graceful stop with a timeout, a
+//! forced stop), resize (stopped, and running as the flags say), the NICs
+//! `GetVm` reports, the error codes for missing VMs, invalid states and
 //! unsupported features. A check that needs a capability the provider does
 //! not declare is skipped with the reason printed, never silently passed.
 //! Every VM the kit creates is deleted at the end, whatever happened, and
@@ -191,6 +193,27 @@ fn power(vm: &VmInfo) -> PowerState {
     PowerState::try_from(vm.power_state).unwrap_or(PowerState::Unspecified)
 }
 
+/// `vm` reports no NICs (unknown) or exactly `want`, each with a
+/// lower-case colon-separated MAC and well-formed addresses.
+fn check_nics(vm: &VmInfo, want: usize) -> CheckResult {
+    let n = vm.interfaces.len();
+    ensure(n == 0 || n == want, || format!("{want} networks were requested, GetVm reports {n} interfaces"))?;
+    for nic in &vm.interfaces {
+        let octets: Vec<&str> = nic.mac.split(':').collect();
+        let well_formed = octets.len() == 6
+            && octets.iter().all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+            && nic.mac == nic.mac.to_ascii_lowercase();
+        ensure(well_formed, || format!("MAC {:?} is not lower-case aa:bb:cc:dd:ee:ff", nic.mac))?;
+        for a in &nic.ipv4 {
+            ensure(a.parse::<std::net::Ipv4Addr>().is_ok(), || format!("ipv4 {a:?} is not an IPv4 address"))?;
+        }
+        for a in &nic.ipv6 {
+            ensure(a.parse::<std::net::Ipv6Addr>().is_ok(), || format!("ipv6 {a:?} is not an IPv6 address"))?;
+        }
+    }
+    Ok(())
+}
+
 impl Kit {
     fn record(&mut self, name: &str, r: CheckResult) {
         let outcome = match r {
@@ -337,90 +360,185 @@ impl Kit {
         })
     }
 
-    async fn lifecycle(&mut self) -> CheckResult {
-        let (id, _) = self.create("conf-life", None).await?;
-        let vm = VmRef { vm_id: id.clone() };
+    /// Start (twice), reboot (soft and hard), stop (graceful with a timeout,
+    /// then with the default timeout, repeated) and a forced stop, on one VM
+    /// and recorded as four checks. A step that cannot run because an
+    /// earlier one failed fails naming it.
+    async fn lifecycle(&mut self) {
+        const CHECKS: [&str; 4] = [
+            "lifecycle: start (repeated)",
+            "reboot: soft and hard (RebootVm.hard), refused when stopped",
+            "stop: graceful with a timeout, then the default timeout (repeated)",
+            "stop: forced (StopVm.force), repeated",
+        ];
+        let id = match self.create("conf-life", None).await {
+            Ok((id, _)) => id,
+            Err(e) => {
+                for name in CHECKS {
+                    self.record(name, Err(format!("no VM to work on: {e}")));
+                }
+                return;
+            }
+        };
+        let r = self.start_twice(&id).await;
+        let started = r.is_ok();
+        self.record(CHECKS[0], r);
+        if !started {
+            for name in &CHECKS[1..] {
+                self.record(name, Err("StartVm failed (see above)".to_owned()));
+            }
+            return;
+        }
+        // The reboots run while the VM runs; their refusal once it is
+        // stopped is part of the same check.
+        let reboots = self.reboots(&id).await;
+        let stops = self.graceful_stops(&id).await;
+        let reboots = match reboots {
+            Ok(()) if stops.is_ok() => self.reboots_refused_when_stopped(&id).await,
+            other => other,
+        };
+        self.record(CHECKS[1], reboots);
+        self.record(CHECKS[2], stops);
+        let r = self.forced_stops(&id).await;
+        self.record(CHECKS[3], r);
+    }
+
+    async fn start_twice(&mut self, id: &str) -> CheckResult {
         for round in 0..2 {
             let r = self
                 .compute
-                .start_vm(vm.clone())
+                .start_vm(VmRef { vm_id: id.to_owned() })
                 .await
-                .map_err(|s| format!("StartVm #{round}: {}", s.message()))?;
+                .map_err(|s| format!("StartVm #{round}: {:?} {}", s.code(), s.message()))?;
             ensure(power(r.get_ref()) == PowerState::Running, || {
                 format!("after StartVm #{round} power is {:?}", power(r.get_ref()))
             })?;
         }
+        Ok(())
+    }
+
+    /// A soft and a hard reboot of the running VM leave it running.
+    async fn reboots(&mut self, id: &str) -> CheckResult {
         for hard in [false, true] {
             let kind = if hard { "hard" } else { "soft" };
             let r = self
                 .compute
-                .reboot_vm(RebootVmRequest { vm_id: id.clone(), hard })
+                .reboot_vm(RebootVmRequest { vm_id: id.to_owned(), hard })
                 .await
-                .map_err(|s| format!("{kind} RebootVm: {}", s.message()))?;
+                .map_err(|s| format!("{kind} RebootVm: {:?} {}", s.code(), s.message()))?;
             ensure(power(r.get_ref()) == PowerState::Running, || {
-                format!("after a {kind} RebootVm the VM is not running")
+                format!("after a {kind} RebootVm the VM is {:?}, not running", power(r.get_ref()))
             })?;
-        }
-        // A graceful stop with a timeout, then the default one (repeated:
-        // stopping a stopped VM succeeds).
-        for (round, timeout_seconds) in [(0, 60), (1, 0)] {
-            let stop = StopVmRequest { vm_id: id.clone(), force: false, timeout_seconds };
-            let r = self
-                .compute
-                .stop_vm(stop)
-                .await
-                .map_err(|s| format!("StopVm #{round} (timeout {timeout_seconds} s): {}", s.message()))?;
-            ensure(power(r.get_ref()) == PowerState::Shutoff, || {
-                format!("after StopVm #{round} power is {:?}", power(r.get_ref()))
-            })?;
-        }
-        expect_code(
-            self.compute.reboot_vm(RebootVmRequest { vm_id: id.clone(), hard: false }).await,
-            tonic::Code::FailedPrecondition,
-            "RebootVm of a stopped VM",
-        )?;
-        let forced = StopVmRequest { vm_id: id.clone(), force: true, timeout_seconds: 0 };
-        self.compute.start_vm(vm.clone()).await.map_err(|s| format!("StartVm: {}", s.message()))?;
-        let r = self.compute.stop_vm(forced).await.map_err(|s| format!("forced StopVm: {}", s.message()))?;
-        ensure(power(r.get_ref()) == PowerState::Shutoff, || {
-            "after a forced StopVm the VM is not off".to_owned()
-        })
-    }
-
-    /// GetVm reports one well-formed NIC per requested network (or none,
-    /// when the provider cannot tell).
-    async fn interfaces(&mut self) -> CheckResult {
-        let (id, _) = self.create("conf-nics", None).await?;
-        let vm = self.get(&id).await?;
-        ensure(vm.interfaces.is_empty() || vm.interfaces.len() == 1, || {
-            format!("one network was requested, GetVm reports {} interfaces", vm.interfaces.len())
-        })?;
-        for nic in &vm.interfaces {
-            let octets: Vec<&str> = nic.mac.split(':').collect();
-            let well_formed = octets.len() == 6
-                && octets.iter().all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
-                && nic.mac == nic.mac.to_ascii_lowercase();
-            ensure(well_formed, || format!("MAC {:?} is not lower-case aa:bb:cc:dd:ee:ff", nic.mac))?;
-            for a in &nic.ipv4 {
-                ensure(a.parse::<std::net::Ipv4Addr>().is_ok(), || {
-                    format!("ipv4 {a:?} is not an IPv4 address")
-                })?;
-            }
-            for a in &nic.ipv6 {
-                ensure(a.parse::<std::net::Ipv6Addr>().is_ok(), || {
-                    format!("ipv6 {a:?} is not an IPv6 address")
-                })?;
-            }
         }
         Ok(())
     }
 
-    /// ResizeVm of a stopped VM (idempotent, disks only grow), and of a
-    /// running one as the capabilities say.
+    /// A graceful stop with a timeout, then one with the provider's default
+    /// (repeated on a stopped VM: it succeeds).
+    async fn graceful_stops(&mut self, id: &str) -> CheckResult {
+        for (round, timeout_seconds) in [(0, 60), (1, 0)] {
+            let stop = StopVmRequest { vm_id: id.to_owned(), force: false, timeout_seconds };
+            let r = self.compute.stop_vm(stop).await.map_err(|s| {
+                format!("StopVm #{round} (timeout {timeout_seconds} s): {:?} {}", s.code(), s.message())
+            })?;
+            ensure(power(r.get_ref()) == PowerState::Shutoff, || {
+                format!(
+                    "after StopVm #{round} (timeout {timeout_seconds} s) power is {:?}",
+                    power(r.get_ref())
+                )
+            })?;
+        }
+        let got = self.get(id).await?;
+        ensure(power(&got) == PowerState::Shutoff, || {
+            format!("StopVm answered SHUTOFF but GetVm says {:?}", power(&got))
+        })
+    }
+
+    /// Neither a soft nor a hard reboot of a stopped VM: FAILED_PRECONDITION.
+    async fn reboots_refused_when_stopped(&mut self, id: &str) -> CheckResult {
+        for hard in [false, true] {
+            expect_code(
+                self.compute.reboot_vm(RebootVmRequest { vm_id: id.to_owned(), hard }).await,
+                tonic::Code::FailedPrecondition,
+                &format!("{} RebootVm of a stopped VM", if hard { "hard" } else { "soft" }),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A forced stop of a running VM (with a long timeout the provider must
+    /// not wait for), repeated on the stopped VM.
+    async fn forced_stops(&mut self, id: &str) -> CheckResult {
+        self.compute
+            .start_vm(VmRef { vm_id: id.to_owned() })
+            .await
+            .map_err(|s| format!("StartVm: {:?} {}", s.code(), s.message()))?;
+        for round in 0..2 {
+            let forced = StopVmRequest { vm_id: id.to_owned(), force: true, timeout_seconds: 3600 };
+            let r = self
+                .compute
+                .stop_vm(forced)
+                .await
+                .map_err(|s| format!("forced StopVm #{round}: {:?} {}", s.code(), s.message()))?;
+            ensure(power(r.get_ref()) == PowerState::Shutoff, || {
+                format!("after forced StopVm #{round} power is {:?}", power(r.get_ref()))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// GetVm reports one well-formed NIC per requested network (the kit
+    /// attaches its network twice), in order, or none when the provider
+    /// cannot tell; the MACs are distinct and do not change when the VM
+    /// starts; the addresses of the running VM are well-formed.
+    async fn interfaces(&mut self) -> CheckResult {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.created.push(id.clone());
+        let mut spec = self.spec("conf-nics", None);
+        spec.networks
+            .push(NetworkAttachment { network: self.options.network.clone(), backing: String::new() });
+        self.compute
+            .create_vm(CreateVmRequest { vm_id: id.clone(), spec: Some(spec), start: false })
+            .await
+            .map_err(|s| format!("CreateVm with two NICs: {:?} {}", s.code(), s.message()))?;
+        let stopped = self.get(&id).await?;
+        check_nics(&stopped, 2)?;
+        if let [a, b] = &stopped.interfaces[..] {
+            ensure(a.mac != b.mac, || format!("both NICs have MAC {}", a.mac))?;
+        }
+        self.compute
+            .start_vm(VmRef { vm_id: id.clone() })
+            .await
+            .map_err(|s| format!("StartVm: {:?} {}", s.code(), s.message()))?;
+        let running = self.get(&id).await?;
+        check_nics(&running, 2)?;
+        if !stopped.interfaces.is_empty() && !running.interfaces.is_empty() {
+            let macs = |vm: &VmInfo| vm.interfaces.iter().map(|n| n.mac.clone()).collect::<Vec<_>>();
+            ensure(macs(&stopped) == macs(&running), || {
+                format!(
+                    "the MACs changed when the VM started: {:?}, then {:?}",
+                    macs(&stopped),
+                    macs(&running)
+                )
+            })?;
+        }
+        self.compute
+            .stop_vm(StopVmRequest { vm_id: id.clone(), force: true, timeout_seconds: 0 })
+            .await
+            .map_err(|s| format!("forced StopVm: {:?} {}", s.code(), s.message()))?;
+        Ok(())
+    }
+
+    /// ResizeVm of a stopped VM (idempotent, disks only grow, a refused
+    /// request changes nothing), and of a running one as the capabilities
+    /// say.
     async fn resize(&mut self, hot: bool) -> CheckResult {
         let (id, created) = self.create("conf-resize", None).await?;
         let (vcpus, memory_mib) = (created.vcpus.max(self.options.vcpus) + 1, self.options.memory_mib + 128);
-        let grow = ResizeVmRequest { vm_id: id.clone(), vcpus, memory_mib, disk_gib: 2 };
+        // One GiB more than the disk the provider made (at least the 1 GiB
+        // asked for; a template may have made it larger).
+        let disk_gib = self.get(&id).await?.disk_gib.max(1) + 1;
+        let grow = ResizeVmRequest { vm_id: id.clone(), vcpus, memory_mib, disk_gib };
         for round in 0..2 {
             let r =
                 self.compute.resize_vm(grow.clone()).await.map_err(|s| {
@@ -435,14 +553,20 @@ impl Kit {
                 got.vcpus, got.memory_mib
             )
         })?;
-        ensure(got.disk_gib == 0 || got.disk_gib == 2, || {
-            format!("after growing to 2 GiB the disk is {}", got.disk_gib)
+        ensure(got.disk_gib == 0 || got.disk_gib == disk_gib, || {
+            format!("after growing to {disk_gib} GiB GetVm says the disk is {} GiB", got.disk_gib)
         })?;
         expect_code(
-            self.compute.resize_vm(ResizeVmRequest { disk_gib: 1, ..grow.clone() }).await,
+            self.compute
+                .resize_vm(ResizeVmRequest { vcpus: vcpus + 1, disk_gib: disk_gib - 1, ..grow.clone() })
+                .await,
             tonic::Code::InvalidArgument,
             "ResizeVm shrinking the disk",
         )?;
+        let got = self.get(&id).await?;
+        ensure(got.vcpus == vcpus, || {
+            format!("a ResizeVm refused for its disk still changed the vCPUs to {}", got.vcpus)
+        })?;
         self.compute
             .start_vm(VmRef { vm_id: id.clone() })
             .await
@@ -455,7 +579,9 @@ impl Kit {
                 })?;
             ensure(power(r.get_ref()) == PowerState::Running && r.get_ref().vcpus == vcpus + 1, || {
                 "a hot resize stopped the VM or did not take".to_owned()
-            })
+            })?;
+            let got = self.get(&id).await?;
+            ensure(got.vcpus == vcpus + 1, || format!("after a hot resize GetVm says {} vCPUs", got.vcpus))
         } else {
             expect_code(
                 self.compute.resize_vm(running).await,
@@ -500,11 +626,29 @@ impl Kit {
             tonic::Code::NotFound,
             "StopVm of an unknown VM",
         )?;
+        for hard in [false, true] {
+            expect_code(
+                self.compute.reboot_vm(RebootVmRequest { vm_id: ghost.vm_id.clone(), hard }).await,
+                tonic::Code::NotFound,
+                "RebootVm of an unknown VM",
+            )?;
+        }
         expect_code(
-            self.compute.reboot_vm(RebootVmRequest { vm_id: ghost.vm_id.clone(), hard: false }).await,
+            self.compute
+                .stop_vm(StopVmRequest { vm_id: ghost.vm_id.clone(), force: true, timeout_seconds: 0 })
+                .await,
             tonic::Code::NotFound,
-            "RebootVm of an unknown VM",
+            "forced StopVm of an unknown VM",
         )?;
+        if self.caps.supports_resize || self.caps.supports_hot_resize {
+            let resize =
+                ResizeVmRequest { vm_id: ghost.vm_id.clone(), vcpus: 1, memory_mib: 512, disk_gib: 0 };
+            expect_code(
+                self.compute.resize_vm(resize).await,
+                tonic::Code::NotFound,
+                "ResizeVm of an unknown VM",
+            )?;
+        }
         let deleted = self
             .compute
             .delete_vm(ghost)
@@ -731,8 +875,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     kit.record("capabilities and readiness", r);
     let r = kit.create_is_idempotent().await;
     kit.record("create is idempotent", r);
-    let r = kit.lifecycle().await;
-    kit.record("lifecycle: start, reboot, stop (each repeated)", r);
+    kit.lifecycle().await;
     let r = kit.delete_is_idempotent().await;
     kit.record("delete is idempotent", r);
     let r = kit.missing_vms().await;
@@ -765,11 +908,12 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
             kit.record(&format!("{protocol} console refused as UNIMPLEMENTED"), r);
         }
     }
+    const NICS: &str = "interfaces: one well-formed NIC per network, stable MACs";
     if kit.options.network.is_empty() {
-        kit.skip("interfaces: one well-formed NIC per network", "the kit was given no network to attach");
+        kit.skip(NICS, "the kit was given no network to attach");
     } else {
         let r = kit.interfaces().await;
-        kit.record("interfaces: one well-formed NIC per network", r);
+        kit.record(NICS, r);
     }
     if caps.supports_resize {
         let r = kit.resize(caps.supports_hot_resize).await;

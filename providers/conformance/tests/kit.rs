@@ -1,5 +1,7 @@
-//! The conformance kit against the simulator (all capabilities, and none),
-//! and against a deliberately broken provider it must reject.
+//! The conformance kit against the simulator (all capabilities, none, and
+//! resize without hot resize), and against deliberately broken providers it
+//! must reject: a create that is not idempotent, a delete that leaks, a
+//! resize half applied before it is refused, MACs in upper case.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -79,6 +81,29 @@ async fn the_simulator_conforms() {
             .any(|(n, o)| n.starts_with("a create failed after its first effect") && *o == Outcome::Pass),
         "{report}"
     );
+    // The day-2 checks each show in the report, and the simulator saw the
+    // flags they send: hard and soft reboots, forced and graceful stops.
+    for check in
+        ["lifecycle: start", "reboot: soft and hard", "stop: graceful with a timeout", "stop: forced"]
+    {
+        assert!(report.checks.iter().any(|(n, o)| n.starts_with(check) && *o == Outcome::Pass), "{check}");
+    }
+    let mut control = SimControlClient::connect(endpoint).await.unwrap();
+    let stats = control.stats(hcp_proto::sim::StatsRequest {}).await.unwrap().into_inner();
+    assert!(stats.hard_reboots >= 1 && stats.soft_reboots >= 1, "{stats:?}");
+    assert!(stats.forced_stops >= 2 && stats.graceful_stops >= 2, "{stats:?}");
+}
+
+#[tokio::test]
+async fn without_hot_resize_a_running_resize_must_be_refused_and_the_skip_says_why() {
+    let report = run(Options::new(&sim("resize").await)).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    assert!(report.checks.iter().any(|(n, o)| {
+        n == "resize: stopped, idempotent, disks only grow; running refused" && *o == Outcome::Pass
+    }));
+    let hot = report.checks.iter().find(|(n, _)| n == "hot resize").map(|(_, o)| o.clone());
+    assert_eq!(hot, Some(Outcome::Skip("the provider does not declare supports_hot_resize".into())));
 }
 
 #[tokio::test]
@@ -238,4 +263,81 @@ async fn a_provider_that_leaks_vms_fails_the_cleanup_check() {
         .expect("the cleanup check fails");
     assert!(msg.contains("still lists"), "{msg}");
     assert!(!leaky.vms.lock().unwrap().is_empty(), "the provider did leak");
+}
+
+/// The simulator with two day-2 mistakes: a resize refused for its disk
+/// has already changed the vCPUs, and MACs are reported in upper case.
+struct Sloppy(hcp_provider_sim::Sim);
+
+#[hcp_provider_sdk::async_trait]
+impl Provider for Sloppy {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo::new("sloppy.example", "0.0.1", "sloppy")
+    }
+    async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {
+        self.0.capabilities().await
+    }
+    async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        self.0.create_vm(req).await
+    }
+    async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        let mut vm = self.0.get_vm(vm_id).await?;
+        for nic in &mut vm.interfaces {
+            nic.mac = nic.mac.to_ascii_uppercase();
+        }
+        Ok(vm)
+    }
+    async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
+        self.0.list_vms(req).await
+    }
+    async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        self.0.start_vm(vm_id).await
+    }
+    async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        self.0.stop_vm(req).await
+    }
+    async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        self.0.reboot_vm(req).await
+    }
+    async fn resize_vm(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        self.0.resize_vm(pb::ResizeVmRequest { disk_gib: 0, ..req.clone() }).await?;
+        self.0.resize_vm(req).await
+    }
+    async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
+        self.0.delete_vm(vm_id).await
+    }
+    async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
+        self.0.get_console(req).await
+    }
+}
+
+#[tokio::test]
+async fn half_applied_resizes_and_upper_case_macs_fail_by_name() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let config = hcp_provider_sim::SimConfig {
+        capabilities: hcp_provider_sim::parse_capabilities("resize").unwrap(),
+        ..Default::default()
+    };
+    tokio::spawn(hcp_provider_sdk::serve(
+        Sloppy(hcp_provider_sim::Sim::new(&config)),
+        ServeConfig { listen: any_port(), ..Default::default() },
+        std::future::pending(),
+        move |a| {
+            let _ = tx.send(a);
+        },
+    ));
+    let mut options = Options::new(&format!("http://{}", rx.await.unwrap()));
+    options.network = "default".into();
+    let report = run(options).await.unwrap();
+    println!("{report}");
+    let failures: HashMap<&str, &str> = report.failures().into_iter().collect();
+    let resize = failures
+        .get("resize: stopped, idempotent, disks only grow; running refused")
+        .expect("the resize check fails");
+    assert!(resize.contains("refused for its disk still changed the vCPUs"), "{resize}");
+    let nics = failures
+        .get("interfaces: one well-formed NIC per network, stable MACs")
+        .expect("the NIC check fails");
+    assert!(nics.contains("is not lower-case"), "{nics}");
+    assert_eq!(failures.len(), 2, "{report}");
 }

@@ -203,6 +203,12 @@ pub fn vm_id_of_metadata(xml: &str) -> Option<String> {
     id.text().map(|t| t.trim().to_owned())
 }
 
+/// The `type` of a domain XML (`kvm`, `qemu`, `test`).
+pub fn type_of(xml: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    doc.root_element().attribute("type").map(str::to_owned)
+}
+
 /// The files of a domain's disks (overlay and seed), to check where they are.
 pub fn disk_files_of(xml: &str) -> Vec<PathBuf> {
     let Ok(doc) = roxmltree::Document::parse(xml) else { return Vec::new() };
@@ -306,6 +312,7 @@ mod tests {
         assert_eq!(ifaces, ["network", "user"]);
         assert_eq!(vnc_of(&xml), Some(Vnc { port: None, password: "pw'<x>".into() }));
         assert_eq!(vm_id_of_metadata(&xml).as_deref(), Some("0190b3c6-0000-7000-8000-000000000001"));
+        assert_eq!(type_of(&xml).as_deref(), Some("qemu"));
         let label = doc.descendants().find(|n| n.tag_name().name() == "label").unwrap();
         assert_eq!((label.attribute("key"), label.text()), (Some("team"), Some("a&b")));
     }
@@ -342,6 +349,27 @@ mod tests {
             vm_id_of_metadata("<x:instance xmlns:x='urn:other'><x:vm-id>1</x:vm-id></x:instance>"),
             None
         );
+    }
+
+    #[test]
+    fn nics_are_read_back_in_order_with_lower_case_macs() {
+        let live = "<domain type='qemu'><devices>\
+                    <interface type='network'><mac address='52:54:00:AB:cd:01'/>\
+                    <source network='default' bridge='virbr0'/></interface>\
+                    <interface type='bridge'><mac address='52:54:00:00:00:02'/><source bridge='br0'/></interface>\
+                    <interface type='user'><mac address='52:54:00:00:00:03'/></interface>\
+                    </devices></domain>";
+        let nics: Vec<(String, String)> =
+            interfaces_of_xml(live).into_iter().map(|n| (n.network, n.mac)).collect();
+        assert_eq!(
+            nics,
+            [
+                ("default".to_owned(), "52:54:00:ab:cd:01".to_owned()),
+                ("br0".to_owned(), "52:54:00:00:00:02".to_owned()),
+                ("user".to_owned(), "52:54:00:00:00:03".to_owned()),
+            ]
+        );
+        assert!(interfaces_of_xml("not xml").is_empty());
     }
 
     #[test]

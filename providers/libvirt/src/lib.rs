@@ -454,8 +454,10 @@ impl Libvirt {
     }
 
     /// Sets vCPUs and memory of a stopped domain's definition, and grows its
-    /// overlay disk. Each part is idempotent, so a retry after a partial
-    /// resize completes it.
+    /// overlay disk. Everything that can refuse the request (the state, the
+    /// sizes, a disk that would shrink or holds snapshots) is checked before
+    /// anything changes; each change is idempotent, so a retry after a
+    /// partial resize completes it.
     async fn resize(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
         if req.memory_mib < 32 {
             return Err(invalid("memory_mib: must be at least 32"));
@@ -463,7 +465,6 @@ impl Libvirt {
         let vm_id = req.vm_id.clone();
         let disk = self.vm_dir(&vm_id).join("disk.qcow2");
         let id = vm_id.clone();
-        let (vcpus, memory_mib) = (req.vcpus, req.memory_mib);
         let has_snapshots = self
             .call(&format!("resize vm {vm_id}"), move |c| {
                 let d = c.lookup_domain_by_uuid_string(&id)?;
@@ -473,32 +474,44 @@ impl Libvirt {
                         "a running domain cannot be resized on this host (no hot resize); stop it first",
                     )));
                 }
-                let config = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
-                let now = d.info()?;
-                // The maximum and the current value move in an order that
-                // never puts the current above the maximum.
-                let max_vcpus = config | virt::sys::VIR_DOMAIN_VCPU_MAXIMUM;
-                if vcpus >= now.nr_virt_cpu {
-                    d.set_vcpus_flags(vcpus, max_vcpus)?;
-                    d.set_vcpus_flags(vcpus, config)?;
-                } else {
-                    d.set_vcpus_flags(vcpus, config)?;
-                    d.set_vcpus_flags(vcpus, max_vcpus)?;
-                }
-                let kib = u64::from(memory_mib) * 1024;
-                let max_mem = config | virt::sys::VIR_DOMAIN_MEM_MAXIMUM;
-                if kib >= now.max_mem {
-                    d.set_memory_flags(kib, max_mem)?;
-                    d.set_memory_flags(kib, config)?;
-                } else {
-                    d.set_memory_flags(kib, config)?;
-                    d.set_memory_flags(kib, max_mem)?;
-                }
                 Ok(d.num_snapshots(0)? > 0)
             })
             .await?;
-        if req.disk_gib > 0 && disk.is_file() {
-            grow_disk(&disk, req.disk_gib, has_snapshots).await?;
+        let grow_to = if req.disk_gib > 0 && disk.is_file() {
+            disk_growth(&disk, req.disk_gib, has_snapshots).await?
+        } else {
+            None
+        };
+        let id = vm_id.clone();
+        let (vcpus, memory_mib) = (req.vcpus, req.memory_mib);
+        self.call(&format!("resize vm {vm_id}"), move |c| {
+            let d = c.lookup_domain_by_uuid_string(&id)?;
+            let config = virt::sys::VIR_DOMAIN_AFFECT_CONFIG;
+            let now = d.info()?;
+            // The maximum and the current value move in an order that
+            // never puts the current above the maximum.
+            let max_vcpus = config | virt::sys::VIR_DOMAIN_VCPU_MAXIMUM;
+            if vcpus >= now.nr_virt_cpu {
+                d.set_vcpus_flags(vcpus, max_vcpus)?;
+                d.set_vcpus_flags(vcpus, config)?;
+            } else {
+                d.set_vcpus_flags(vcpus, config)?;
+                d.set_vcpus_flags(vcpus, max_vcpus)?;
+            }
+            let kib = u64::from(memory_mib) * 1024;
+            let max_mem = config | virt::sys::VIR_DOMAIN_MEM_MAXIMUM;
+            if kib >= now.max_mem {
+                d.set_memory_flags(kib, max_mem)?;
+                d.set_memory_flags(kib, config)?;
+            } else {
+                d.set_memory_flags(kib, config)?;
+                d.set_memory_flags(kib, max_mem)?;
+            }
+            Ok(())
+        })
+        .await?;
+        if let Some(bytes) = grow_to {
+            resize_image(&disk, bytes).await?;
         }
         self.info(&vm_id).await
     }
@@ -832,20 +845,7 @@ fn vnc_password() -> String {
 /// Creates `dest` as a qcow2 overlay on `base`, at least `disk_gib` large.
 async fn make_overlay(base: &Path, dest: &Path, disk_gib: u32) -> Result<(), ProviderError> {
     let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
-    let info = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-U"])
-        .arg(base)
-        .output()
-        .await
-        .map_err(|e| tool(e.to_string()))?;
-    if !info.status.success() {
-        return Err(tool(String::from_utf8_lossy(&info.stderr).trim().to_owned()));
-    }
-    let base_size = serde_json::from_slice::<serde_json::Value>(&info.stdout)
-        .ok()
-        .and_then(|v| v["virtual-size"].as_u64())
-        .ok_or_else(|| tool(format!("no virtual-size in the info of {}", base.display())))?;
-    let size = base_size.max(u64::from(disk_gib) << 30);
+    let size = image_size(base).await?.max(u64::from(disk_gib) << 30);
     let tmp = dest.with_extension("qcow2.tmp");
     let out = tokio::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
@@ -873,24 +873,33 @@ fn power_of(state: DomainState) -> pb::PowerState {
 fn info_of(vm_id: &str, d: &Domain) -> Result<pb::VmInfo, virt::error::Error> {
     let info = d.info()?;
     let power = power_of(info.state.unwrap_or(DomainState::NoState));
+    let xml = d.xml_desc(0)?;
     Ok(pb::VmInfo {
         vm_id: vm_id.to_owned(),
         power_state: power as i32,
         native_id: d.name()?,
         vcpus: info.nr_virt_cpu,
         memory_mib: u32::try_from(info.max_mem / 1024).unwrap_or(u32::MAX),
-        interfaces: interfaces_of(d, power == pb::PowerState::Running),
-        disk_gib: 0,
+        interfaces: interfaces_of(d, &xml, power == pb::PowerState::Running),
+        disk_gib: if domain::type_of(&xml).as_deref() == Some("test") { 0 } else { disk_gib_of(d) },
     })
+}
+
+/// The size of the root disk (`vda`) in whole GiB, rounded up; 0 when
+/// libvirt cannot tell. (The test driver answers a made-up terabyte, so it
+/// is not asked.)
+fn disk_gib_of(d: &Domain) -> u32 {
+    d.block_info("vda", 0)
+        .map(|b| u32::try_from(b.capacity.div_ceil(1 << 30)).unwrap_or(u32::MAX))
+        .unwrap_or(0)
 }
 
 /// The domain's NICs in definition order (the order of the spec's
 /// networks), with the addresses libvirt can tell for a running domain:
 /// from its network's DHCP leases, else from the guest agent. Addresses are
 /// best effort: a NIC whose address is unknown is listed without one.
-fn interfaces_of(d: &Domain, running: bool) -> Vec<pb::InterfaceInfo> {
-    let Ok(xml) = d.xml_desc(0) else { return Vec::new() };
-    let mut nics = domain::interfaces_of_xml(&xml);
+fn interfaces_of(d: &Domain, xml: &str, running: bool) -> Vec<pb::InterfaceInfo> {
+    let mut nics = domain::interfaces_of_xml(xml);
     if running && !nics.is_empty() {
         for source in [
             virt::sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
@@ -918,8 +927,8 @@ fn interfaces_of(d: &Domain, running: bool) -> Vec<pb::InterfaceInfo> {
     nics
 }
 
-/// Grows a stopped domain's overlay to `disk_gib` (never shrinks it).
-async fn grow_disk(disk: &Path, disk_gib: u32, has_snapshots: bool) -> Result<(), ProviderError> {
+/// The virtual size, in bytes, of a disk image.
+async fn image_size(disk: &Path) -> Result<u64, ProviderError> {
     let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
     let info = tokio::process::Command::new("qemu-img")
         .args(["info", "--output=json", "-U"])
@@ -930,10 +939,18 @@ async fn grow_disk(disk: &Path, disk_gib: u32, has_snapshots: bool) -> Result<()
     if !info.status.success() {
         return Err(tool(String::from_utf8_lossy(&info.stderr).trim().to_owned()));
     }
-    let size = serde_json::from_slice::<serde_json::Value>(&info.stdout)
+    serde_json::from_slice::<serde_json::Value>(&info.stdout)
         .ok()
         .and_then(|v| v["virtual-size"].as_u64())
-        .ok_or_else(|| tool(format!("no virtual-size in the info of {}", disk.display())))?;
+        .ok_or_else(|| tool(format!("no virtual-size in the info of {}", disk.display())))
+}
+
+/// What growing a stopped domain's overlay to `disk_gib` takes: `None`
+/// when it has that size already, else the new size in bytes. Refuses a
+/// smaller size (disks only grow), and a disk holding internal snapshots
+/// (qcow2 cannot resize those). Changes nothing.
+async fn disk_growth(disk: &Path, disk_gib: u32, has_snapshots: bool) -> Result<Option<u64>, ProviderError> {
+    let size = image_size(disk).await?;
     let want = u64::from(disk_gib) << 30;
     if want < size {
         return Err(invalid(format!(
@@ -942,19 +959,24 @@ async fn grow_disk(disk: &Path, disk_gib: u32, has_snapshots: bool) -> Result<()
         )));
     }
     if want == size {
-        return Ok(());
+        return Ok(None);
     }
     if has_snapshots {
-        // qcow2 cannot resize an image that holds internal snapshots.
         return Err(ProviderError::new(
             ErrorKind::InvalidState,
             "the disk holds snapshots and cannot grow; delete them first",
         ));
     }
+    Ok(Some(want))
+}
+
+/// Sets a (stopped domain's) disk image to `bytes`, with `qemu-img resize`.
+async fn resize_image(disk: &Path, bytes: u64) -> Result<(), ProviderError> {
+    let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
     let out = tokio::process::Command::new("qemu-img")
         .args(["resize", "-q"])
         .arg(disk)
-        .arg(want.to_string())
+        .arg(bytes.to_string())
         .output()
         .await
         .map_err(|e| tool(e.to_string()))?;

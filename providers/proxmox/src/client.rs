@@ -545,6 +545,19 @@ impl Pve {
     /// Calls an asynchronous method and waits for its task; a task that
     /// ends in a lock timeout is retried like a refused request.
     pub async fn task(&self, method: Method, path: &str, params: Params) -> Result<String, PveError> {
+        self.task_within(method, path, params, Duration::ZERO).await
+    }
+
+    /// [`Pve::task`] for a task that may legitimately run for `runs_up_to`
+    /// (a shutdown waiting for its guest): it is waited for that long plus
+    /// the configured task timeout.
+    pub async fn task_within(
+        &self,
+        method: Method,
+        path: &str,
+        params: Params,
+        runs_up_to: Duration,
+    ) -> Result<String, PveError> {
         let mut attempt = 0;
         loop {
             let data = self.call(method, path, params.clone()).await?;
@@ -552,7 +565,7 @@ impl Pve {
                 // Some async methods answer null when nothing had to run.
                 return Ok("OK".to_owned());
             };
-            match self.wait(upid).await {
+            match self.wait_for(upid, runs_up_to).await {
                 Err(e) if e.is_retryable() && attempt + 1 < self.timing.retry_attempts => {
                     tracing::warn!(error = %e, attempt, path, "retrying proxmox task");
                     self.backoff(attempt).await;
@@ -566,6 +579,12 @@ impl Pve {
     /// Polls a task until it stops: `OK` and `WARNINGS: n` are success,
     /// any other exit status is the failure's message.
     pub async fn wait(&self, upid: &str) -> Result<String, PveError> {
+        self.wait_for(upid, Duration::ZERO).await
+    }
+
+    /// [`Pve::wait`], allowing the task `extra` time beyond the configured
+    /// task timeout.
+    async fn wait_for(&self, upid: &str, extra: Duration) -> Result<String, PveError> {
         let node = upid
             .split(':')
             .nth(1)
@@ -573,7 +592,7 @@ impl Pve {
             .ok_or_else(|| PveError::Decode(format!("malformed UPID {upid:?}")))?;
         let kind = upid.split(':').nth(5).unwrap_or("task").to_owned();
         let path = format!("/nodes/{}/tasks/{}/status", encode_segment(node), encode_segment(upid));
-        let deadline = Instant::now() + Duration::from_secs(self.timing.task_timeout_seconds);
+        let deadline = Instant::now() + Duration::from_secs(self.timing.task_timeout_seconds) + extra;
         loop {
             let st = self.call(Method::Get, &path, Vec::new()).await?;
             if st["status"].as_str() == Some("stopped") {

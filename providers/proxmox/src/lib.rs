@@ -46,6 +46,8 @@ struct Found {
     status: String,
     vcpus: u32,
     memory_mib: u32,
+    /// The root image's size (`maxdisk`), whole GiB rounded up; 0 unknown.
+    disk_gib: u32,
     configured: bool,
 }
 
@@ -63,6 +65,7 @@ impl Found {
             native_id: format!("{}/{}", self.node, self.vmid),
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
             // NICs need the VM's config: GetVm adds them (`described`).
             ..Default::default()
         }
@@ -298,6 +301,8 @@ impl Proxmox {
             status: item["status"].as_str().unwrap_or_default().to_owned(),
             vcpus: lenient::u64(&item["maxcpu"]).unwrap_or_default() as u32,
             memory_mib: (lenient::u64(&item["maxmem"]).unwrap_or_default() / (1024 * 1024)) as u32,
+            disk_gib: u32::try_from(lenient::u64(&item["maxdisk"]).unwrap_or_default().div_ceil(1 << 30))
+                .unwrap_or(u32::MAX),
             configured,
         }
     }
@@ -767,7 +772,10 @@ impl Provider for Proxmox {
                 u64::from(req.timeout_seconds)
             };
             let path = format!("{}/status/shutdown", f.path());
-            match self.pve.task(Method::Post, &path, vec![("timeout", timeout.to_string())]).await {
+            let params = vec![("timeout", timeout.to_string())];
+            // The task runs as long as the guest takes, up to the timeout.
+            let runs_up_to = Duration::from_secs(timeout);
+            match self.pve.task_within(Method::Post, &path, params, runs_up_to).await {
                 Ok(_) => {}
                 Err(PveError::Task { message, .. }) => {
                     tracing::info!(vm_id = %req.vm_id, %message, "ACPI shutdown failed; stopping hard");

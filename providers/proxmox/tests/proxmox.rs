@@ -178,6 +178,25 @@ async fn the_provider_passes_the_conformance_kit() {
             .iter()
             .any(|(n, o)| n == "cloud-init user data" && *o == hcp_provider_conformance::Outcome::Pass)
     );
+    // The day-2 checks ran and passed; what Proxmox does not offer here is
+    // skipped, visibly.
+    for check in ["reboot: soft and hard", "stop: graceful", "stop: forced", "resize: stopped", "interfaces:"]
+    {
+        assert!(
+            report
+                .checks
+                .iter()
+                .any(|(n, o)| n.starts_with(check) && *o == hcp_provider_conformance::Outcome::Pass),
+            "{check}"
+        );
+    }
+    let skipped: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|(_, o)| matches!(o, hcp_provider_conformance::Outcome::Skip(_)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(skipped, ["spice console", "rdp console", "serial console", "hot resize"]);
     // The kit cleaned up: only the template is left.
     assert!(guests(&env).is_empty(), "{:#?}", guests(&env));
     let caps = p.capabilities().await.unwrap();
@@ -388,6 +407,49 @@ async fn shutdown_falls_back_to_a_hard_stop_and_delete_stops_first() {
     assert_schema_clean(&env);
 }
 
+/// A forced stop is `status/stop` at once, never a shutdown; a graceful
+/// one is `status/shutdown` with the request's timeout, or the configured
+/// default for 0.
+#[tokio::test]
+async fn stops_honour_force_and_the_requested_timeout() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "shutdown_timeout_seconds = 45\n").await;
+    let id = new_id();
+    p.create_vm(create(&id, "stops", true)).await.unwrap();
+    let vmid = guests(&env)[0].vmid;
+    let sent = |action: &str| {
+        let path = format!("/nodes/pve1/qemu/{vmid}/status/{action}");
+        env.sim
+            .sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == path && r.method == "POST")
+            .collect::<Vec<_>>()
+    };
+
+    let stop = |force, timeout_seconds| pb::StopVmRequest { vm_id: id.clone(), force, timeout_seconds };
+    let vm = p.stop_vm(stop(true, 600)).await.unwrap();
+    assert_eq!(vm.power_state, pb::PowerState::Shutoff as i32);
+    assert!(sent("shutdown").is_empty(), "a forced stop asked the guest");
+    assert_eq!(sent("stop").len(), 1);
+    assert_eq!((guests(&env)[0].shutdowns, guests(&env)[0].stops), (0, 1));
+
+    for (timeout_seconds, want) in [(7, "7"), (0, "45")] {
+        p.start_vm(&id).await.unwrap();
+        let vm = p.stop_vm(stop(false, timeout_seconds)).await.unwrap();
+        assert_eq!(vm.power_state, pb::PowerState::Shutoff as i32);
+        let shutdown = sent("shutdown").pop().expect("a graceful stop asks the guest");
+        assert_eq!(shutdown.params.get("timeout").map(String::as_str), Some(want), "{shutdown:?}");
+        assert!(!shutdown.params.contains_key("forceStop"), "{shutdown:?}");
+    }
+    assert_eq!((guests(&env)[0].shutdowns, guests(&env)[0].stops), (2, 1));
+    // Stopping a stopped VM asks nothing of PVE.
+    p.stop_vm(stop(false, 0)).await.unwrap();
+    p.stop_vm(stop(true, 0)).await.unwrap();
+    assert_eq!((sent("shutdown").len(), sent("stop").len()), (2, 1));
+    assert_schema_clean(&env);
+}
+
 #[tokio::test]
 async fn a_retried_create_adopts_a_clone_whose_configuration_failed() {
     let Some(env) = env().await else { return };
@@ -563,6 +625,18 @@ async fn resize_hard_reboot_and_addresses_from_the_guest_agent() {
         assert!(nic.ipv4[0].parse::<std::net::Ipv4Addr>().is_ok() && nic.ipv6.len() == 1, "{nic:?}");
     }
     assert_ne!(info.interfaces[0].ipv4, info.interfaces[1].ipv4);
+    // The root disk's size, from `maxdisk`, in the VM read and the inventory.
+    assert_eq!(info.disk_gib, 20);
+    let listed = p.list_vms(pb::ListVmsRequest::default()).await.unwrap();
+    assert_eq!(listed.vms.iter().find(|v| v.vm_id == id).map(|v| v.disk_gib), Some(20));
+    // An agent that does not answer ("QEMU guest agent is not running"):
+    // the NICs without addresses, not an error.
+    env.sim.sim.set_faults(Faults { agent_down: true, ..Default::default() });
+    let quiet = p.get_vm(&id).await.unwrap();
+    let macs = |vm: &pb::VmInfo| vm.interfaces.iter().map(|n| n.mac.clone()).collect::<Vec<_>>();
+    assert_eq!(macs(&quiet), macs(&info));
+    assert!(quiet.interfaces.iter().all(|n| n.ipv4.is_empty() && n.ipv6.is_empty()), "{quiet:?}");
+    env.sim.sim.set_faults(Faults::default());
 
     // Hard reboot is a reset, soft a reboot.
     p.reboot_vm(pb::RebootVmRequest { vm_id: id.clone(), hard: true }).await.unwrap();

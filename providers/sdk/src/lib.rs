@@ -605,4 +605,63 @@ mod tests {
             "page_size 0 means the default"
         );
     }
+
+    /// A provider that implements only what the trait requires.
+    struct Bare;
+
+    #[async_trait]
+    impl Provider for Bare {
+        fn info(&self) -> ProviderInfo {
+            ProviderInfo::new("bare.example", "0", "bare")
+        }
+        async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {
+            Ok(pb::Capabilities::default())
+        }
+        async fn create_vm(&self, _: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+            unreachable!()
+        }
+        async fn get_vm(&self, _: &str) -> Result<pb::VmInfo, ProviderError> {
+            unreachable!()
+        }
+        async fn list_vms(&self, _: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
+            unreachable!()
+        }
+        async fn start_vm(&self, _: &str) -> Result<pb::VmInfo, ProviderError> {
+            unreachable!()
+        }
+        async fn stop_vm(&self, _: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
+            unreachable!()
+        }
+        async fn reboot_vm(&self, _: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+            unreachable!()
+        }
+        async fn delete_vm(&self, _: &str) -> Result<bool, ProviderError> {
+            unreachable!()
+        }
+        async fn get_console(&self, _: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
+            unreachable!()
+        }
+    }
+
+    /// A provider written before ResizeVm existed still compiles, and
+    /// answers UNIMPLEMENTED (never retried by core); malformed requests are
+    /// refused before the provider sees them.
+    #[tokio::test]
+    async fn resize_defaults_to_unimplemented_and_is_validated_first() {
+        let adapter = Adapter { inner: Arc::new(Bare) };
+        let call = |vm_id: &str, vcpus, memory_mib| {
+            let req = pb::ResizeVmRequest { vm_id: vm_id.to_owned(), vcpus, memory_mib, disk_gib: 0 };
+            let adapter = adapter.clone();
+            async move { adapter.resize_vm(tonic::Request::new(req)).await.unwrap_err().code() }
+        };
+        let id = "0190b5f2-0000-7000-8000-000000000001";
+        for (vm_id, vcpus, memory_mib, want) in [
+            (id, 2, 1024, tonic::Code::Unimplemented),
+            ("not-a-uuid", 2, 1024, tonic::Code::InvalidArgument),
+            (id, 0, 1024, tonic::Code::InvalidArgument),
+            (id, 2, 0, tonic::Code::InvalidArgument),
+        ] {
+            assert_eq!(call(vm_id, vcpus, memory_mib).await, want, "{vm_id} {vcpus} {memory_mib}");
+        }
+    }
 }

@@ -14,9 +14,14 @@ struct Args {
     listen: SocketAddr,
     /// Capabilities to report, comma-separated (cloud_init, snapshot,
     /// snapshot_running, live_migration, console_vnc, console_spice,
-    /// console_rdp, console_serial, gpu_passthrough).
+    /// console_rdp, console_serial, gpu_passthrough, resize, hot_resize).
     #[arg(long, default_value = "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize")]
     capabilities: String,
+    /// Do not report hot resize, whatever --capabilities says: ResizeVm of
+    /// a running VM then answers FAILED_PRECONDITION (and core refuses it
+    /// first, with 409 naming supports_hot_resize).
+    #[arg(long)]
+    no_hot_resize: bool,
     /// Latency added to every compute call, milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -52,15 +57,33 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     let args = Args::parse_from(args);
-    let capabilities =
+    let config = config_of(&args)?;
+    let telemetry = hcp_telemetry::TelemetryConfig { json_logs: args.json_logs, ..Default::default() };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    runtime.block_on(async move {
+        let _t = hcp_telemetry::init("hcp-provider-sim", &telemetry)?;
+        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
+            hcp_telemetry::announce_ready("provider-sim", addr)
+        })
+        .await
+        .context("simulator failed")
+    })
+}
+
+/// The simulator's settings from its command line.
+fn config_of(args: &Args) -> anyhow::Result<crate::SimConfig> {
+    let mut capabilities =
         crate::parse_capabilities(&args.capabilities).map_err(|e| anyhow::anyhow!("--capabilities: {e}"))?;
-    let config = crate::SimConfig {
+    if args.no_hot_resize {
+        capabilities.supports_hot_resize = false;
+    }
+    Ok(crate::SimConfig {
         listen: args.listen,
         capabilities,
         latency: std::time::Duration::from_millis(args.latency_ms),
         protocol_versions: args.protocol_versions.split(',').map(|v| v.trim().to_owned()).collect(),
         require_credentials: args.require_credentials,
-        unix_socket: args.unix_socket,
+        unix_socket: args.unix_socket.clone(),
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(hcp_provider_sdk::TlsConfig {
                 cert_pem: std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?,
@@ -74,15 +97,26 @@ where
             }),
             _ => None,
         },
-    };
-    let telemetry = hcp_telemetry::TelemetryConfig { json_logs: args.json_logs, ..Default::default() };
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
-        let _t = hcp_telemetry::init("hcp-provider-sim", &telemetry)?;
-        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
-            hcp_telemetry::announce_ready("provider-sim", addr)
-        })
-        .await
-        .context("simulator failed")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> crate::SimConfig {
+        let argv = std::iter::once("hcp-provider-sim").chain(args.iter().copied());
+        config_of(&Args::parse_from(argv)).unwrap()
+    }
+
+    #[test]
+    fn hot_resize_is_on_by_default_and_switched_off_by_a_flag() {
+        let default = config(&[]).capabilities;
+        assert!(default.supports_resize && default.supports_hot_resize);
+        let cold = config(&["--no-hot-resize"]).capabilities;
+        assert!(cold.supports_resize && !cold.supports_hot_resize);
+        // The flag wins over a capability list that names hot_resize.
+        let listed = config(&["--capabilities", "resize,hot_resize", "--no-hot-resize"]).capabilities;
+        assert!(listed.supports_resize && !listed.supports_hot_resize);
+    }
 }

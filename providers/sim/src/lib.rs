@@ -255,7 +255,8 @@ fn synthetic_nic(vm_id: &str, index: usize, network: &str, running: bool) -> pb:
     let mac = format!("52:54:00:{:02x}:{:02x}:{:02x}", h[0], h[1], h[2]);
     let (ipv4, ipv6) = if running {
         (
-            vec![format!("10.{}.{}.{}", index, h[3], h[4].max(2))],
+            // Host part 2..=251: never the network, gateway or broadcast.
+            vec![format!("10.{}.{}.{}", index, h[3], 2 + h[4] % 250)],
             vec![format!("fd00:{index:x}::{:02x}{:02x}:{:02x}{:02x}", h[0], h[1], h[2], h[5])],
         )
     } else {
@@ -760,5 +761,110 @@ mod tests {
         // The VM exists although the caller saw a failure; a retry finds it.
         sim.create_vm(req.clone()).await.unwrap();
         assert_eq!(sim.lock().creations[&req.vm_id], 1);
+    }
+
+    const VM: &str = "0190b5f2-0000-7000-8000-000000000003";
+
+    fn create(networks: &[(&str, &str)]) -> pb::CreateVmRequest {
+        pb::CreateVmRequest {
+            vm_id: VM.into(),
+            spec: Some(pb::VmSpec {
+                vcpus: 1,
+                memory_mib: 512,
+                disk_gib: 10,
+                networks: networks
+                    .iter()
+                    .map(|(n, b)| pb::NetworkAttachment { network: (*n).into(), backing: (*b).into() })
+                    .collect(),
+                ..Default::default()
+            }),
+            start: false,
+        }
+    }
+
+    fn resize(vcpus: u32, memory_mib: u32, disk_gib: u32) -> pb::ResizeVmRequest {
+        pb::ResizeVmRequest { vm_id: VM.into(), vcpus, memory_mib, disk_gib }
+    }
+
+    fn sim_with(caps: &str) -> Sim {
+        Sim::new(&SimConfig { capabilities: parse_capabilities(caps).unwrap(), ..Default::default() })
+    }
+
+    #[tokio::test]
+    async fn resize_sets_the_sizes_grows_the_disk_only_and_follows_the_flags() {
+        let sim = sim_with("resize,hot_resize");
+        sim.create_vm(create(&[])).await.unwrap();
+        for _ in 0..2 {
+            let vm = sim.resize_vm(resize(2, 2048, 20)).await.unwrap();
+            assert_eq!((vm.vcpus, vm.memory_mib, vm.disk_gib), (2, 2048, 20));
+        }
+        // 0 leaves the disk; below the current size is refused, untouched.
+        let vm = sim.resize_vm(resize(4, 4096, 0)).await.unwrap();
+        assert_eq!((vm.vcpus, vm.memory_mib, vm.disk_gib), (4, 4096, 20));
+        assert_eq!(sim.resize_vm(resize(1, 512, 10)).await.unwrap_err().kind, ErrorKind::InvalidArgument);
+        assert_eq!(sim.get_vm(VM).await.unwrap().vcpus, 4);
+        // Running: resized with hot resize ...
+        sim.start_vm(VM).await.unwrap();
+        let vm = sim.resize_vm(resize(1, 512, 0)).await.unwrap();
+        assert_eq!((vm.power_state, vm.vcpus), (pb::PowerState::Running as i32, 1));
+
+        // ... refused without it (stopped still works) ...
+        let cold = sim_with("resize");
+        cold.create_vm(create(&[])).await.unwrap();
+        cold.resize_vm(resize(2, 1024, 0)).await.unwrap();
+        cold.start_vm(VM).await.unwrap();
+        assert_eq!(cold.resize_vm(resize(4, 1024, 0)).await.unwrap_err().kind, ErrorKind::InvalidState);
+        assert_eq!(cold.get_vm(VM).await.unwrap().vcpus, 2);
+
+        // ... and unsupported without either flag.
+        let none = sim_with("");
+        none.create_vm(create(&[])).await.unwrap();
+        assert_eq!(none.resize_vm(resize(2, 1024, 0)).await.unwrap_err().kind, ErrorKind::Unsupported);
+    }
+
+    #[tokio::test]
+    async fn hard_and_soft_reboots_and_forced_and_graceful_stops_are_counted_apart() {
+        let sim = Sim::new(&SimConfig::default());
+        sim.create_vm(create(&[])).await.unwrap();
+        sim.start_vm(VM).await.unwrap();
+        for hard in [true, false, false] {
+            sim.reboot_vm(pb::RebootVmRequest { vm_id: VM.into(), hard }).await.unwrap();
+        }
+        let stop = |force| pb::StopVmRequest { vm_id: VM.into(), force, timeout_seconds: 30 };
+        sim.stop_vm(stop(false)).await.unwrap();
+        sim.start_vm(VM).await.unwrap();
+        sim.stop_vm(stop(true)).await.unwrap();
+        sim.stop_vm(stop(true)).await.unwrap();
+        let s = sim.lock();
+        assert_eq!((s.hard_reboots, s.soft_reboots), (1, 2));
+        assert_eq!((s.forced_stops, s.graceful_stops), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn nics_follow_the_networks_with_stable_macs_and_addresses_while_running() {
+        let sim = Sim::new(&SimConfig::default());
+        let vm = sim.create_vm(create(&[("default", ""), ("lan", "br-lan")])).await.unwrap();
+        let nics = vm.interfaces;
+        assert_eq!(nics.len(), 2);
+        // The backing core sent names what the NIC is on; else the network.
+        assert_eq!((nics[0].network.as_str(), nics[1].network.as_str()), ("default", "br-lan"));
+        assert_ne!(nics[0].mac, nics[1].mac);
+        for nic in &nics {
+            let octets: Vec<&str> = nic.mac.split(':').collect();
+            assert!(octets.len() == 6 && nic.mac == nic.mac.to_ascii_lowercase(), "{}", nic.mac);
+            assert!(nic.ipv4.is_empty() && nic.ipv6.is_empty(), "stopped: no addresses yet");
+        }
+        let running = sim.start_vm(VM).await.unwrap().interfaces;
+        for (i, nic) in running.iter().enumerate() {
+            assert_eq!(nic.mac, nics[i].mac, "the MAC does not change when the VM starts");
+            let v4: std::net::Ipv4Addr = nic.ipv4[0].parse().unwrap();
+            assert_eq!(v4.octets()[..2], [10, i as u8]);
+            assert!((2..=251).contains(&v4.octets()[3]), "{v4}");
+            nic.ipv6[0].parse::<std::net::Ipv6Addr>().unwrap();
+        }
+        // Deterministic: another simulator gives the same VM the same NICs.
+        let again = Sim::new(&SimConfig::default());
+        again.create_vm(create(&[("default", ""), ("lan", "br-lan")])).await.unwrap();
+        assert_eq!(again.start_vm(VM).await.unwrap().interfaces, running);
     }
 }

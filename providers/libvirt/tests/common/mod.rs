@@ -54,6 +54,23 @@ impl Testbed {
         )
     }
 
+    /// What the VM's guest wrote on its serial port, every boot of it
+    /// (the log is appended to).
+    pub fn serial(&self, vm: &str) -> String {
+        let raw = std::fs::read(self.state_dir.join(vm).join("serial.log")).unwrap_or_default();
+        String::from_utf8_lossy(&raw).into_owned()
+    }
+
+    /// Waits until the serial log holds `pattern` at least `n` times.
+    pub async fn serial_shows(&self, vm: &str, pattern: &str, n: usize) {
+        let what = format!("{pattern:?} x{n} on the serial port");
+        let r = wait_until(SLOW, &what, || async {
+            Ok((self.serial(vm).matches(pattern).count() >= n).then_some(()))
+        })
+        .await;
+        assert!(r.is_ok(), "{what}; serial log:\n{}", self.serial(vm));
+    }
+
     /// Starts the provider in this process.
     pub async fn start_in_process(&self, uri: &str) -> InProcess {
         let mut config = hcp_provider_libvirt::Config::parse(&self.config_toml(uri)).unwrap();
@@ -253,18 +270,12 @@ impl Kvm {
     }
 
     pub fn serial(&self, vm: &str) -> String {
-        let raw = std::fs::read(self.bed.state_dir.join(vm).join("serial.log")).unwrap_or_default();
-        String::from_utf8_lossy(&raw).into_owned()
+        self.bed.serial(vm)
     }
 
     /// Waits until the serial log holds `pattern` at least `n` times.
     pub async fn serial_shows(&self, vm: &str, pattern: &str, n: usize) {
-        let what = format!("{pattern:?} x{n} on the serial port");
-        let r = wait_until(SLOW, &what, || async {
-            Ok((self.serial(vm).matches(pattern).count() >= n).then_some(()))
-        })
-        .await;
-        assert!(r.is_ok(), "{what}; serial log:\n{}", self.serial(vm));
+        self.bed.serial_shows(vm, pattern, n).await;
     }
 }
 

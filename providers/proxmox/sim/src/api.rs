@@ -369,6 +369,7 @@ fn dispatch(
                 "status": vm.status, "vmid": vm.vmid, "ha": {"managed": 0},
                 "name": vm.config.get("name").cloned().unwrap_or_default(),
                 "qmpstatus": vm.status, "cpus": cores(vm), "maxmem": memory_mib(vm) * 1024 * 1024,
+                "maxdisk": root_disk_bytes(vm),
             });
             if let Some(l) = &vm.lock {
                 st["lock"] = json!(l);
@@ -449,7 +450,9 @@ fn dispatch(
                 Answer::Data(json!(spawn_task(s, &node, "qmreset", vmid, &user, Effect::Reset(vmid))))
             }
         }
-        ("GET", "/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces") => agent_interfaces(&s.vms[&vmid]),
+        ("GET", "/nodes/{node}/qemu/{vmid}/agent/network-get-interfaces") => {
+            agent_interfaces(&s.vms[&vmid], s.faults.agent_down)
+        }
         ("DELETE", "/nodes/{node}/qemu/{vmid}") => {
             let vm = &s.vms[&vmid];
             if let Some(a) = locked(vm) {
@@ -620,11 +623,27 @@ fn memory_mib(vm: &Vm) -> u64 {
         .unwrap_or(512)
 }
 
+/// The size of the root image in bytes, as PVE reports it in `maxdisk`:
+/// the first disk of the `boot` order (else the first of scsi0, virtio0,
+/// sata0, ide0) that is not a cdrom.
+fn root_disk_bytes(vm: &Vm) -> u64 {
+    let order = vm.config.get("boot").and_then(|b| b.strip_prefix("order=")).unwrap_or_default();
+    order
+        .split(';')
+        .chain(["scsi0", "virtio0", "sata0", "ide0"])
+        .filter_map(|d| vm.config.get(d))
+        .find(|v| !v.contains("media=cdrom"))
+        .and_then(|v| v.split(',').find_map(|p| p.strip_prefix("size=")))
+        .and_then(size_bytes)
+        .map_or(0, |b| b as u64)
+}
+
 fn vm_summary(vm: &Vm) -> Value {
     let mut v = json!({
         "id": format!("qemu/{}", vm.vmid), "type": "qemu", "vmid": vm.vmid, "node": vm.node,
         "name": vm.config.get("name").cloned().unwrap_or_default(), "status": vm.status,
         "template": u8::from(vm.template), "maxcpu": cores(vm), "maxmem": memory_mib(vm) * 1024 * 1024,
+        "maxdisk": root_disk_bytes(vm),
         "tags": vm.config.get("tags").cloned().unwrap_or_default(),
     });
     if let Some(l) = &vm.lock {
@@ -877,14 +896,19 @@ fn is_nic(key: &str) -> bool {
 
 /// What the guest agent says of the NICs: a loopback and one interface per
 /// `netN`, with an address derived from the MAC. Like PVE, a VM whose
-/// `agent` option is off, or that is not running, has no agent to ask.
-fn agent_interfaces(vm: &Vm) -> Answer {
+/// `agent` option is off, or that is not running, has no agent to ask; and
+/// with `agent_down` the agent inside the running guest does not answer
+/// (not installed, or not started yet).
+fn agent_interfaces(vm: &Vm, agent_down: bool) -> Answer {
     let enabled = vm.config.get("agent").is_some_and(|a| a.split(',').any(|p| p == "1" || p == "enabled=1"));
     if !enabled {
         return fail(500, "No QEMU guest agent configured");
     }
     if vm.status != "running" {
         return fail(500, format!("VM {} is not running", vm.vmid));
+    }
+    if agent_down {
+        return fail(500, "QEMU guest agent is not running");
     }
     let mut out = vec![json!({"name": "lo", "hardware-address": "00:00:00:00:00:00",
         "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]})];

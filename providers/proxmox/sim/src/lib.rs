@@ -125,6 +125,10 @@ pub struct Faults {
     /// cloud-init options (`cicustom`, `sshkeys`, `ciuser`, `ipconfig0`)
     /// get PVE's 403; others (tags, cores, memory) pass.
     pub cloudinit_denied: bool,
+    /// The guest agent of running VMs does not answer: agent requests get
+    /// PVE's 500 "QEMU guest agent is not running" (an agent not installed
+    /// in the image, or not started yet).
+    pub agent_down: bool,
 }
 
 /// One request the simulator received.
