@@ -325,3 +325,33 @@ async fn quotas_networks_and_hot_resize() {
     let r = s.rest.get("/api/hcp/tenant/v1/projects/demo/quota", &other).await.unwrap();
     assert_eq!(r.status, 403);
 }
+
+#[tokio::test]
+async fn a_graceful_stop_may_take_longer_than_the_usual_provider_call() {
+    // Provider calls time out after 2 s; this guest takes 3 s to shut down.
+    let opts = StackOptions { providers_toml: "call_timeout_seconds = 2\n".into(), ..Default::default() };
+    let s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
+    let token = s.tenant_token("acme", &["demo"]);
+    let vm_id = create(&s.rest, &token, "slow", "small").await;
+    let mut sim = hcp_proto::sim::sim_control_client::SimControlClient::new(s.sim_channel().await.unwrap());
+    sim.set_latency(hcp_proto::sim::SetLatencyRequest { operation: "StopVm".into(), latency_ms: 3000 })
+        .await
+        .unwrap();
+    // The tenant allows 10 s: the call may last that long, and succeeds at once.
+    let job =
+        run(&s.rest, &token, &format!("{}/{vm_id}:stop", vms("demo")), json!({"timeout_seconds": 10})).await;
+    assert_eq!(job["attempts"], 1, "{job}");
+    // A forced stop is held to the usual 2 s, so the same slowness times out.
+    run(&s.rest, &token, &format!("{}/{vm_id}:start", vms("demo")), json!({})).await;
+    let r =
+        s.rest.post(&format!("{}/{vm_id}:stop", vms("demo")), &token, &json!({"force": true})).await.unwrap();
+    let job = wait_until(WAIT, "the forced stop to be retried", || async {
+        let j = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id")), &token).await?.body;
+        Ok((j["attempts"].as_u64() >= Some(2) || j["status"] == "FAILED").then_some(j))
+    })
+    .await
+    .unwrap();
+    // The call timed out on the client side: a retryable outage.
+    assert!(job["attempts"].as_u64() >= Some(2), "{job}");
+    assert_eq!(job["error"]["code"], "PROVIDER_UNAVAILABLE", "{job}");
+}

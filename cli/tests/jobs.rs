@@ -187,7 +187,7 @@ async fn a_nats_outage_delays_jobs_and_loses_none() {
     .unwrap();
 
     // Metering: one "started" usage event per VM, in the table and on NATS.
-    let events = store.list_usage_events("acme", "demo").await.unwrap();
+    let events = store.list_usage_events(&hcp_core::model::Scope::new("acme", "demo")).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.event == "started").count(), 10);
     let client = async_nats::connect(s.nats.as_ref().unwrap().url()).await.unwrap();
     let js = async_nats::jetstream::new(client);

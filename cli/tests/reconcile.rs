@@ -133,7 +133,7 @@ async fn drift_is_reaped_adopted_or_reported() {
     assert_eq!(audit_outcome(&s, "reconcile.power", &ids[1]).await.as_deref(), Some("adopted"));
     // Metering follows the adopted and reaped states.
     let store = s.db.store().await.unwrap();
-    let usage = store.list_usage_events("acme", "demo").await.unwrap();
+    let usage = store.list_usage_events(&hcp_core::model::Scope::new("acme", "demo")).await.unwrap();
     let of = |id: &str| {
         usage.iter().filter(|e| e.vm_id.to_string() == id).map(|e| e.event.clone()).collect::<Vec<_>>()
     };

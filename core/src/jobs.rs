@@ -413,7 +413,15 @@ impl Engine {
     async fn run_steps(&self, job: &Job) -> Result<Attempt, Abort> {
         let vm = self.store.get_vm_internal(job.vm_id).await.map_err(Abort::Store)?;
         let provider = self.store.get_provider(vm.provider_id).await.map_err(Abort::Store)?;
-        let mut compute = match self.clients.compute(&provider) {
+        // A graceful stop may wait for the guest as long as the tenant asked,
+        // and the call must outlive that wait.
+        let longest = match job.params {
+            JobParams::Stop { force: false, timeout_seconds } => {
+                Duration::from_secs(u64::from(timeout_seconds) + STOP_CALL_MARGIN_SECS)
+            }
+            _ => Duration::ZERO,
+        };
+        let mut compute = match self.clients.compute_for(&provider, longest) {
             Ok(c) => c,
             Err(e) => return Ok(Attempt::failed(e.code, e.message)),
         };
@@ -562,13 +570,19 @@ impl Engine {
                 compute.reboot_vm(req(provider::RebootVmRequest { vm_id, hard })).await.map(info)
             }
             Step::Resize => {
-                // The VM row already carries the new size (applied at accept).
+                // The VM row already carries the new size (applied at
+                // accept). The disk is named only when it grows: an image
+                // larger than the old flavor's disk must not be "shrunk".
+                let grows = match call.params {
+                    JobParams::Resize { from, to } => to.disk_gib > from.disk_gib,
+                    _ => false,
+                };
                 compute
                     .resize_vm(req(provider::ResizeVmRequest {
                         vm_id,
                         vcpus: vm.vcpus,
                         memory_mib: vm.memory_mib,
-                        disk_gib: vm.disk_gib,
+                        disk_gib: if grows { vm.disk_gib } else { 0 },
                     }))
                     .await
                     .map(info)
@@ -620,6 +634,10 @@ impl Engine {
         }
     }
 }
+
+/// How much longer than the guest's shutdown time a stop call may take
+/// (the hard power-off after it, and the answer).
+const STOP_CALL_MARGIN_SECS: u64 = 60;
 
 /// What one job's provider calls need besides the client.
 struct Call<'a> {

@@ -164,6 +164,24 @@ impl ProviderClients {
         Ok(ComputeClient::new(self.channel(provider)?))
     }
 
+    /// A client whose calls may take `at_least` (a stop that waits for the
+    /// guest as long as the tenant asked): the shared channel when its call
+    /// timeout allows that, else a channel of its own for this job.
+    pub fn compute_for(
+        &self,
+        provider: &Provider,
+        at_least: Duration,
+    ) -> Result<ComputeClient<Channel>, ApiError> {
+        if at_least <= self.call_timeout {
+            return self.compute(provider);
+        }
+        let endpoint = self.endpoint(&provider.endpoint, at_least)?;
+        Ok(ComputeClient::new(match Self::unix_connector(&provider.endpoint) {
+            Some(c) => endpoint.connect_with_connector_lazy(c),
+            None => endpoint.connect_lazy(),
+        }))
+    }
+
     fn channel(&self, provider: &Provider) -> Result<Channel, ApiError> {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((endpoint, ch)) = map.get(&provider.id)

@@ -710,7 +710,7 @@ async fn usage_events_follow_transitions(backend: Backend) {
         store.accept_operation(&op(kind), &j, &audit(kind.as_str(), ""), None).await.unwrap();
         complete(&store, &j, status).await;
     }
-    let events = store.list_usage_events("acme", "p1").await.unwrap();
+    let events = store.list_usage_events(&Scope::new("acme", "p1")).await.unwrap();
     let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(kinds, vec!["started", "stopped", "deleted"]);
     assert!(

@@ -182,14 +182,14 @@ impl super::Store {
     }
 
     /// Returns a project's usage events, oldest first.
-    pub async fn list_usage_events(&self, tenant_id: &str, project_id: &str) -> StoreResult<Vec<UsageEvent>> {
+    pub async fn list_usage_events(&self, scope: &crate::model::Scope) -> StoreResult<Vec<UsageEvent>> {
         on_pool!(self, |pool| {
             let rows = sqlx::query(
                 "SELECT id, at, tenant_id, project_id, vm_id, event, flavor, vcpus, memory_mib, job_id \
                  FROM usage_events WHERE tenant_id = $1 AND project_id = $2 ORDER BY at, id",
             )
-            .bind(tenant_id)
-            .bind(project_id)
+            .bind(&scope.tenant)
+            .bind(&scope.project)
             .fetch_all(pool)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "usage events"))?;
