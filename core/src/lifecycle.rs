@@ -247,11 +247,6 @@ impl JobKind {
             JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => None,
         }
     }
-
-    /// True for the snapshot operations.
-    pub fn is_snapshot(self) -> bool {
-        matches!(self, JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete)
-    }
 }
 
 impl VmStatus {

@@ -249,18 +249,9 @@ impl TenantApi {
         Ok(answer)
     }
 
+    /// Accepts an operation on a VM: its job, the VM's in-flight state and
+    /// the audit event, in one transaction.
     async fn operate(
-        &self,
-        p: Principal,
-        key: Option<String>,
-        req: VmActionRequest,
-        kind: JobKind,
-        extra: Extra,
-    ) -> Result<VmOperationAccepted, ApiError> {
-        self.operate_with(p, key, req, kind, extra).await
-    }
-
-    async fn operate_with(
         &self,
         p: Principal,
         key: Option<String>,
@@ -361,7 +352,7 @@ impl TenantApi {
         }
         prepare(&vm, &mut extra)?;
         extra.require_status = Some(vm.status);
-        self.operate_with(p, key, VmActionRequest { project_id, vm_id }, kind, extra).await
+        self.operate(p, key, VmActionRequest { project_id, vm_id }, kind, extra).await
     }
 
     /// Revert or delete of an existing snapshot.
