@@ -30,14 +30,7 @@ async fn stack(capabilities: &str) -> TestStack {
 }
 
 async fn finished(rest: &Rest, token: &str, job_id: &str) -> Value {
-    wait_until(WAIT, &format!("job {job_id} to finish"), || async {
-        let r = rest.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), token).await?;
-        anyhow::ensure!(r.status == 200, "GET job: {} {}", r.status, r.body);
-        let status = r.str("status");
-        Ok((status == "SUCCEEDED" || status == "FAILED").then_some(r.body))
-    })
-    .await
-    .expect("job finishes")
+    rest.finished_job(token, job_id, WAIT).await.expect("job finishes")
 }
 
 /// Posts an operation, expects 202, waits for the job to succeed; returns it.

@@ -17,13 +17,7 @@ const VMS: &str = "/api/hcp/tenant/v1/projects/demo/vms";
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn finished(rest: &Rest, token: &str, job: &str) -> Value {
-    wait_until(WAIT, &format!("job {job} to finish"), || async {
-        let r = rest.get(&format!("/api/hcp/tenant/v1/jobs/{job}"), token).await?;
-        let st = r.str("status");
-        Ok((st == "SUCCEEDED" || st == "FAILED").then_some(r.body))
-    })
-    .await
-    .expect("job finishes")
+    rest.finished_job(token, job, WAIT).await.expect("job finishes")
 }
 
 async fn operate(s: &TestStack, token: &str, vm: &str, action: &str, expect: &str) {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use hcp_testkit::db::Backend;
 use hcp_testkit::rest::{Reply, Rest};
 use hcp_testkit::stack::{StackOptions, TestStack};
-use hcp_testkit::wait_until;
 use serde_json::{Value, json};
 
 const HCP: &str = env!("CARGO_BIN_EXE_hcp");
@@ -24,14 +23,7 @@ fn vms(project: &str) -> String {
 
 /// Waits until the job is finished and returns it.
 async fn finished_job(rest: &Rest, token: &str, job_id: &str) -> Value {
-    wait_until(WAIT, &format!("job {job_id} to finish"), || async {
-        let r = rest.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), token).await?;
-        anyhow::ensure!(r.status == 200, "GET job: {} {}", r.status, r.body);
-        let status = r.str("status");
-        Ok((status == "SUCCEEDED" || status == "FAILED").then_some(r.body))
-    })
-    .await
-    .expect("job finishes")
+    rest.finished_job(token, job_id, WAIT).await.expect("job finishes")
 }
 
 async fn vm_status(rest: &Rest, token: &str, project: &str, vm_id: &str) -> String {

@@ -93,4 +93,21 @@ impl Rest {
     pub async fn delete(&self, path: &str, token: &str) -> anyhow::Result<Reply> {
         self.raw("DELETE", path, Some(token), None).await
     }
+
+    /// Waits up to `timeout` for a job to end (SUCCEEDED, FAILED or
+    /// CANCELLED) and returns it as the tenant reads it.
+    pub async fn finished_job(
+        &self,
+        token: &str,
+        job_id: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Value> {
+        crate::wait_until(timeout, &format!("job {job_id} to finish"), || async {
+            let r = self.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), token).await?;
+            anyhow::ensure!(r.status == 200, "GET job {job_id}: {} {}", r.status, r.body);
+            let ended = ["SUCCEEDED", "FAILED", "CANCELLED"].contains(&r.str("status").as_str());
+            Ok(ended.then_some(r.body))
+        })
+        .await
+    }
 }

@@ -244,13 +244,7 @@ impl Kvm {
     }
 
     pub async fn job(&self, job: &str) -> Value {
-        wait_until(SLOW, "job to finish", || async {
-            let r = self.stack.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job}"), &self.tenant).await?;
-            let st = r.str("status");
-            Ok((st == "SUCCEEDED" || st == "FAILED").then_some(r.body))
-        })
-        .await
-        .unwrap()
+        self.stack.rest.finished_job(&self.tenant, job, SLOW).await.unwrap()
     }
 
     pub async fn succeed(&self, job: &str) {
