@@ -107,7 +107,13 @@ impl std::fmt::Debug for provider::ConsoleEndpoint {
             .field("port", &self.port)
             .field("password", &if self.password.is_empty() { "" } else { "<redacted>" })
             .field("tls", &self.tls)
-            .field("path", &self.path)
+            // A query may hold a ticket (Proxmox's vncticket).
+            .field("path", &self.path.split_once('?').map_or(self.path.as_str(), |(p, _)| p))
+            .field("transport", &self.transport())
+            .field("headers", &self.headers.iter().map(|h| h.name.as_str()).collect::<Vec<_>>())
+            .field("tls_ca_pem", &!self.tls_ca_pem.is_empty())
+            .field("tls_fingerprint_sha256", &self.tls_fingerprint_sha256)
+            .field("websocket_subprotocol", &self.websocket_subprotocol)
             .finish()
     }
 }
@@ -152,10 +158,21 @@ mod tests {
         assert!(shown.contains("token") && !shown.contains("hunter2"), "{shown}");
         let c = super::provider::ConfigureRequest { credentials: r.credentials.clone() };
         assert!(!format!("{c:?}").contains("hunter2"));
-        let e =
-            super::provider::ConsoleEndpoint { password: "hunter2".into(), port: 5900, ..Default::default() };
+        let e = super::provider::ConsoleEndpoint {
+            password: "hunter2".into(),
+            port: 5900,
+            path: "/api2/json/nodes/n/qemu/100/vncwebsocket?port=5900&vncticket=hunter2".into(),
+            headers: vec![super::provider::ConsoleHeader {
+                name: "authorization".into(),
+                value: "PVEAPIToken=root@pam!hcp=hunter2".into(),
+            }],
+            ..Default::default()
+        };
         let shown = format!("{e:?}");
-        assert!(shown.contains("5900") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("5900") && shown.contains("authorization") && !shown.contains("hunter2"),
+            "{shown}"
+        );
         let redeemed = super::console::RedeemedConsole { endpoint: Some(e), ..Default::default() };
         assert!(!format!("{redeemed:?}").contains("hunter2"));
         let t = super::console::RedeemConsoleRequest { token: "hunter2".into(), protocol: "vnc".into() };

@@ -578,6 +578,7 @@ impl Libvirt {
             password,
             tls: false,
             path: String::new(),
+            ..Default::default()
         })
     }
 }

@@ -8,11 +8,10 @@
 //! It knows nothing of HCP: `lib.rs` maps HCP operations onto it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;
 
@@ -44,12 +43,7 @@ pub fn urlencode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, URLENCODED).to_string()
 }
 
-/// Parses `AA:BB:...` (or plain hex) into 32 bytes.
-pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
-    let hex: String = s.chars().filter(|c| *c != ':').collect();
-    let bytes = hex::decode(hex).ok()?;
-    bytes.try_into().ok()
-}
+pub use hcp_tls::{Trust, parse_fingerprint};
 
 /// How the provider authenticates.
 #[derive(Clone)]
@@ -164,142 +158,6 @@ impl PveError {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-/// HTTPS to one API endpoint, with a small pool of kept-alive connections.
-struct Http {
-    connector: tokio_rustls::TlsConnector,
-    host: String,
-    port: u16,
-    server_name: rustls::pki_types::ServerName<'static>,
-    idle: std::sync::Mutex<Vec<Sender>>,
-    timeout: Duration,
-}
-
-struct Answer {
-    status: u16,
-    reason: Option<String>,
-    body: Bytes,
-}
-
-impl Http {
-    async fn connect(&self) -> Result<Sender, PveError> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| PveError::Transport(format!("connect {}:{}: {e}", self.host, self.port)))?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| PveError::Transport(format!("tls: {e}")))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| PveError::Transport(format!("http: {e}")))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
-    }
-
-    async fn send(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, PveError> {
-        let pooled = {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            std::iter::from_fn(|| idle.pop()).find(|s| !s.is_closed())
-        };
-        let mut sender = match pooled {
-            Some(s) => s,
-            None => self.connect().await?,
-        };
-        let work = async {
-            sender.ready().await.map_err(|e| PveError::Transport(format!("http: {e}")))?;
-            let resp =
-                sender.send_request(req).await.map_err(|e| PveError::Transport(format!("http: {e}")))?;
-            let status = resp.status().as_u16();
-            let reason = resp
-                .extensions()
-                .get::<hyper::ext::ReasonPhrase>()
-                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| PveError::Transport(format!("body: {e}")))?
-                .to_bytes();
-            Ok::<_, PveError>(Answer { status, reason, body })
-        };
-        let answer = tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| PveError::Timeout("http request".to_owned()))??;
-        if !sender.is_closed() {
-            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(sender);
-        }
-        Ok(answer)
-    }
-}
-
-/// Accepts exactly the certificate with the pinned SHA-256 fingerprint
-/// (signatures are still verified), as PVE's own tools pin node
-/// certificates.
-#[derive(Debug)]
-struct Pinned {
-    fingerprint: [u8; 32],
-    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl rustls::client::danger::ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        use sha2::Digest;
-        let got: [u8; 32] = sha2::Sha256::digest(end_entity.as_ref()).into();
-        if got == self.fingerprint {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "certificate fingerprint {} does not match the pinned one",
-                hex::encode_upper(got)
-            )))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// How to trust the server.
-#[derive(Debug, Clone)]
-pub enum Trust {
-    /// CA certificates (PEM).
-    Ca(Vec<u8>),
-    /// A pinned certificate fingerprint.
-    Fingerprint([u8; 32]),
-}
-
 struct Session {
     ticket: String,
     csrf: String,
@@ -308,7 +166,7 @@ struct Session {
 
 /// The PVE API client; share it behind an `Arc`.
 pub struct Pve {
-    http: Http,
+    http: hcp_tls::Https,
     credentials: std::sync::RwLock<Option<Credentials>>,
     session: tokio::sync::Mutex<Option<Session>>,
     timing: TimingConfig,
@@ -355,42 +213,14 @@ impl Pve {
             ),
             _ => (authority.to_owned(), 8006),
         };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
-        let tls = match trust {
-            Trust::Ca(pem) => {
-                use rustls::pki_types::pem::PemObject;
-                let mut roots = rustls::RootCertStore::empty();
-                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-                    roots
-                        .add(cert.map_err(|e| format!("tls.ca_file: {e}"))?)
-                        .map_err(|e| format!("tls.ca_file: {e}"))?;
-                }
-                if roots.is_empty() {
-                    return Err("tls.ca_file holds no certificate".to_owned());
-                }
-                builder.with_root_certificates(roots).with_no_client_auth()
-            }
-            Trust::Fingerprint(fingerprint) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Pinned {
-                    fingerprint,
-                    algorithms: provider.signature_verification_algorithms,
-                }))
-                .with_no_client_auth(),
-        };
-        let server_name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
+        let timeout = Duration::from_secs(timing.request_timeout_seconds.max(1));
+        let http = hcp_tls::Https::new(&host, port, &trust, timeout).map_err(|e| match e {
+            hcp_tls::TrustError::NoCa => "tls.ca_file holds no certificate".to_owned(),
+            hcp_tls::TrustError::BadCa(e) => format!("tls.ca_file: {e}"),
+            e => e.to_string(),
+        })?;
         Ok(Self {
-            http: Http {
-                connector: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-                host,
-                port,
-                server_name,
-                idle: std::sync::Mutex::new(Vec::new()),
-                timeout: Duration::from_secs(timing.request_timeout_seconds.max(1)),
-            },
+            http,
             credentials: std::sync::RwLock::new(None),
             session: tokio::sync::Mutex::new(None),
             timing,
@@ -400,7 +230,7 @@ impl Pve {
 
     /// `host:port` of the API.
     pub fn endpoint(&self) -> (&str, u16) {
-        (&self.http.host, self.http.port)
+        (self.http.host(), self.http.port())
     }
 
     /// Installs credentials (and drops any ticket).
@@ -490,7 +320,7 @@ impl Pve {
         let mut req = http::Request::builder()
             .method(method.as_http())
             .uri(&uri)
-            .header("host", format!("{}:{}", self.http.host, self.http.port))
+            .header("host", self.http.authority())
             .header("accept", "application/json");
         if !body.is_empty() {
             req = req.header("content-type", "application/x-www-form-urlencoded");
@@ -500,7 +330,10 @@ impl Pve {
         }
         let req = req.body(Full::new(body)).map_err(|e| PveError::Transport(e.to_string()))?;
         self.requests_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let answer = self.http.send(req).await?;
+        let answer = self.http.send(req).await.map_err(|e| match e {
+            hcp_tls::HttpError::Transport(m) => PveError::Transport(m),
+            hcp_tls::HttpError::Timeout(_) => PveError::Timeout("http request".to_owned()),
+        })?;
         decode(answer.status, answer.reason.as_deref(), &answer.body)
     }
 

@@ -887,6 +887,7 @@ impl Provider for Proxmox {
             password: data["password"].as_str().unwrap_or(ticket).to_owned(),
             tls: true,
             path: format!("/api2/json{}/vncwebsocket?{query}", f.path()),
+            ..Default::default()
         })
     }
 

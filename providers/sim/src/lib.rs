@@ -573,6 +573,7 @@ impl Provider for Sim {
                 password: "sim-console".to_owned(),
                 tls: false,
                 path: String::new(),
+                ..Default::default()
             })
         })
     }

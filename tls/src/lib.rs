@@ -1,0 +1,306 @@
+//! HTTPS towards hypervisor APIs and console servers, shared by the
+//! providers that speak HTTP (Proxmox, vSphere) and by the gateway's
+//! console proxy when it opens a websocket upstream.
+//!
+//! - [`Trust`]: how the peer's certificate is trusted: CA certificates
+//!   (PEM), or one pinned SHA-256 fingerprint of the leaf certificate, as
+//!   operators pin Proxmox nodes and ESXi hosts whose certificates are
+//!   self-signed. Never "accept anything".
+//! - [`Https`]: HTTP/1.1 over rustls to one `host:port`, with a small pool
+//!   of kept-alive connections and a per-request timeout.
+//!
+//! rustls (with ring) because every TLS connection HCP makes uses it: one
+//! TLS stack to audit, no OpenSSL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
+/// How to trust a server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// CA certificates (PEM).
+    Ca(Vec<u8>),
+    /// The SHA-256 fingerprint of the server's own certificate.
+    Fingerprint([u8; 32]),
+}
+
+/// Parses `AA:BB:...` (or plain hex) into 32 bytes.
+pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
+    let hex: String = s.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(hex).ok()?;
+    bytes.try_into().ok()
+}
+
+/// `AA:BB:...`, the form operators copy from `openssl x509 -fingerprint`.
+pub fn format_fingerprint(f: &[u8; 32]) -> String {
+    f.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// The SHA-256 fingerprint of a DER certificate.
+pub fn fingerprint_of(der: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(der).into()
+}
+
+/// Why a [`Trust`] cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// The CA PEM holds something unreadable.
+    #[error("the CA certificates cannot be read: {0}")]
+    BadCa(String),
+    /// The CA PEM holds no certificate.
+    #[error("the CA file holds no certificate")]
+    NoCa,
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A rustls client configuration that trusts exactly what `trust` says.
+pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, TrustError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    Ok(match trust {
+        Trust::Ca(pem) => {
+            use rustls::pki_types::pem::PemObject;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+                roots
+                    .add(cert.map_err(|e| TrustError::BadCa(e.to_string()))?)
+                    .map_err(|e| TrustError::BadCa(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(TrustError::NoCa);
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Fingerprint(fingerprint) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Pinned {
+                fingerprint: *fingerprint,
+                algorithms: provider.signature_verification_algorithms,
+            }))
+            .with_no_client_auth(),
+    })
+}
+
+/// Accepts exactly the certificate with the pinned SHA-256 fingerprint;
+/// handshake signatures are still verified.
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: [u8; 32],
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let got = fingerprint_of(end_entity.as_ref());
+        if got == self.fingerprint {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "certificate fingerprint {} does not match the pinned one",
+                format_fingerprint(&got)
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A failed HTTP exchange (no answer at all; an answer with any status is
+/// an [`Answer`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// Connecting, TLS, or the exchange itself failed.
+    #[error("{0}")]
+    Transport(String),
+    /// No answer within the request timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// An HTTP answer, whatever its status.
+#[derive(Debug)]
+pub struct Answer {
+    /// The status code.
+    pub status: u16,
+    /// The reason phrase, when the server sent a non-standard one (PVE puts
+    /// its error text there).
+    pub reason: Option<String>,
+    /// Response headers.
+    pub headers: http::HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// HTTPS/1.1 to one `host:port`, with a small pool of kept-alive
+/// connections.
+pub struct Https {
+    connector: tokio_rustls::TlsConnector,
+    host: String,
+    port: u16,
+    server_name: rustls::pki_types::ServerName<'static>,
+    idle: std::sync::Mutex<Vec<Sender>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Https {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Https").field("host", &self.host).field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+impl Https {
+    /// A client for `host:port` trusting `trust`; each request gets at most
+    /// `timeout`.
+    pub fn new(host: &str, port: u16, trust: &Trust, timeout: Duration) -> Result<Self, TrustError> {
+        let server_name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| TrustError::Tls(rustls::Error::General(format!("server name {host}: {e}"))))?;
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client_config(trust)?)),
+            host: host.to_owned(),
+            port,
+            server_name,
+            idle: std::sync::Mutex::new(Vec::new()),
+            timeout,
+        })
+    }
+
+    /// The host this client talks to.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port this client talks to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `host:port`, for the `Host` header.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The TLS connector (for a websocket to the same server).
+    pub fn connector(&self) -> &tokio_rustls::TlsConnector {
+        &self.connector
+    }
+
+    async fn connect(&self) -> Result<Sender, HttpError> {
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| HttpError::Transport(format!("connect {}:{}: {e}", self.host, self.port)))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| HttpError::Transport(format!("tls: {e}")))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| HttpError::Transport(format!("http: {e}")))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Sends one request and reads the whole answer, on a pooled connection
+    /// when one is idle.
+    pub async fn send(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, HttpError> {
+        let pooled = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            std::iter::from_fn(|| idle.pop()).find(|s| !s.is_closed())
+        };
+        let mut sender = match pooled {
+            Some(s) => s,
+            None => self.connect().await?,
+        };
+        let work = async {
+            sender.ready().await.map_err(|e| HttpError::Transport(format!("http: {e}")))?;
+            let resp =
+                sender.send_request(req).await.map_err(|e| HttpError::Transport(format!("http: {e}")))?;
+            let status = resp.status().as_u16();
+            let reason = resp
+                .extensions()
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
+            let headers = resp.headers().clone();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| HttpError::Transport(format!("body: {e}")))?
+                .to_bytes();
+            Ok::<_, HttpError>(Answer { status, reason, headers, body })
+        };
+        let answer = tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| HttpError::Timeout(self.timeout))??;
+        if !sender.is_closed() {
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(sender);
+        }
+        Ok(answer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_parse_with_or_without_colons_and_print_with_them() {
+        let f = [0xabu8; 32];
+        let text = format_fingerprint(&f);
+        assert_eq!(text.len(), 32 * 3 - 1);
+        assert_eq!(parse_fingerprint(&text), Some(f));
+        assert_eq!(parse_fingerprint(&text.replace(':', "")), Some(f));
+        assert_eq!(parse_fingerprint("AB:CD"), None);
+        assert_eq!(parse_fingerprint("not hex"), None);
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused() {
+        assert!(matches!(client_config(&Trust::Ca(b"nothing here".to_vec())), Err(TrustError::NoCa)));
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        assert!(client_config(&Trust::Ca(ca.cert.pem().into_bytes())).is_ok());
+    }
+}
