@@ -2,12 +2,13 @@
 # Runs every HCP test: formatting, lints, dependency boundaries, and the
 # unit, store (SQLite and PostgreSQL), system and real-VM tests. PostgreSQL,
 # NATS and libvirt are started (or installed) first when they are not
-# running, and the tiny test guest is built when missing.
+# running, the tiny test guest and vcsim are built when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/services.sh
 . scripts/testbed.sh
 . scripts/console-assets.sh
+. scripts/vcsim.sh
 
 ensure_postgres
 ensure_nats
@@ -15,6 +16,9 @@ ensure_python_grpc
 # Before the build: the virt crate links libvirt through pkg-config.
 ensure_libvirt
 ensure_tiny_guest
+# VMware's vCenter simulator for the vSphere provider (Go + govmomi from
+# Debian); exports HCP_VCSIM.
+ensure_vcsim
 # noVNC for the console page, and Chromium + playwright-core for its test.
 ensure_console_assets
 

@@ -16,6 +16,7 @@ pub mod nats;
 pub mod proxy;
 pub mod rest;
 pub mod stack;
+pub mod vcsim;
 
 use std::time::Duration;
 

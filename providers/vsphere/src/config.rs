@@ -1,0 +1,257 @@
+//! The provider's typed, strict configuration (a TOML file): where vCenter
+//! or ESXi is, how to trust it, where new VMs go (datacenter, resource
+//! pool, datastore, folder), how HCP's images and networks map onto
+//! templates and port groups, and cloud-init. Unknown keys are refused.
+//! Credentials come from `Identity.Configure` (core keeps them sealed), or
+//! from `[auth]` for standalone use.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address of the provider. Default `127.0.0.1:50081`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The SDK endpoint, `https://vcenter.example.com/sdk`.
+    pub sdk_url: String,
+    /// The datacenter's name; inventory paths below are relative to it.
+    pub datacenter: String,
+    /// Resource pool of new VMs, as an inventory path below the datacenter
+    /// (`host/Cluster1/Resources`, `host/esx1/Resources/hcp`).
+    pub resource_pool: String,
+    /// Datastore of new VMs (`LocalDS_0`); the template's when unset.
+    #[serde(default)]
+    pub datastore: Option<String>,
+    /// VM folder of new VMs, below the datacenter's `vm` folder; the
+    /// folder itself when unset.
+    #[serde(default)]
+    pub folder: Option<String>,
+    /// HCP image source -> template (a VM or template name, or an
+    /// inventory path below the datacenter's `vm` folder). A source not
+    /// listed is used as such a name.
+    #[serde(default)]
+    pub templates: BTreeMap<String, String>,
+    /// HCP network -> port group name (standard or distributed), for
+    /// attachments without a backing in HCP's network catalog.
+    #[serde(default)]
+    pub networks: BTreeMap<String, String>,
+    /// Port group for a VM created without networks.
+    #[serde(default = "default_port_group")]
+    pub default_port_group: String,
+    /// Let new VMs take CPUs and memory while running (sets
+    /// `cpuHotAddEnabled` and `memoryHotAddEnabled` at create, which the
+    /// guest OS must support); the provider then declares hot resize.
+    #[serde(default)]
+    pub hot_add: bool,
+    /// User data through `guestinfo.userdata` for cloud-init's VMware
+    /// datasource (the templates must have cloud-init with it).
+    #[serde(default)]
+    pub cloud_init: bool,
+    /// Credentials; when absent they arrive through `Identity.Configure`.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// How to trust the SDK endpoint's certificate (and the console's, when
+    /// `[console_tls]` is absent).
+    pub tls: TlsConfig,
+    /// How to trust WebMKS console endpoints (ESXi hosts), when they are
+    /// not the SDK endpoint.
+    #[serde(default)]
+    pub console_tls: Option<TlsConfig>,
+    /// Timing and retries.
+    #[serde(default)]
+    pub timing: TimingConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50081))
+}
+
+fn default_port_group() -> String {
+    "VM Network".to_owned()
+}
+
+/// User and password (vSphere SSO or a local ESXi account).
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// e.g. `hcp@vsphere.local`.
+    pub username: String,
+    /// Its password.
+    pub password: Option<String>,
+    /// Read the password from this file instead.
+    pub password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// Exactly one of a CA file or a certificate fingerprint.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificates (vCenter's VMCA root).
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the endpoint's certificate, `AA:BB:...`.
+    pub fingerprint: Option<String>,
+}
+
+impl TlsConfig {
+    fn check(&self, name: &'static str) -> Result<(), ConfigError> {
+        let field = |message: &str| Err(ConfigError::Field { field: name, message: message.to_owned() });
+        match (&self.ca_file, &self.fingerprint) {
+            (Some(_), Some(_)) => field("set ca_file or fingerprint, not both"),
+            (None, None) => field("set ca_file or fingerprint"),
+            (None, Some(f)) if hcp_tls::parse_fingerprint(f).is_none() => {
+                field("fingerprint must be 32 hex bytes, e.g. AA:BB:...")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the trust it names.
+    pub fn trust(&self) -> anyhow::Result<hcp_tls::Trust> {
+        Ok(match (&self.ca_file, &self.fingerprint) {
+            (Some(ca), _) => hcp_tls::Trust::Ca(
+                std::fs::read(ca).map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", ca.display()))?,
+            ),
+            (None, Some(f)) => hcp_tls::Trust::Fingerprint(
+                hcp_tls::parse_fingerprint(f)
+                    .ok_or_else(|| anyhow::anyhow!("tls.fingerprint is not 32 hex bytes"))?,
+            ),
+            (None, None) => anyhow::bail!("tls: set ca_file or fingerprint"),
+        })
+    }
+}
+
+/// Timing and retries; defaults suit a real vCenter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimingConfig {
+    /// Longest wait for one task (clones are slow). Default 1800 s.
+    pub task_timeout_seconds: u64,
+    /// Guest shutdown wait before a power-off. Default 60 s.
+    pub shutdown_timeout_seconds: u64,
+    /// Attempts for retryable failures. Default 6.
+    pub retry_attempts: u32,
+    /// First backoff; doubles per attempt, with jitter. Default 250 ms.
+    pub retry_base_ms: u64,
+    /// Deadline of one SOAP request. Default 60 s.
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for TimingConfig {
+    fn default() -> Self {
+        Self {
+            task_timeout_seconds: 1800,
+            shutdown_timeout_seconds: 60,
+            retry_attempts: 6,
+            retry_base_ms: 250,
+            request_timeout_seconds: 60,
+        }
+    }
+}
+
+/// The configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("invalid configuration")]
+    Parse(#[source] toml::de::Error),
+    /// A field is wrong.
+    #[error("{field}: {message}")]
+    Field {
+        /// The field, e.g. `tls.fingerprint`.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Parses and checks a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(ConfigError::Parse)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads and checks a file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let field = |field, message: &str| Err(ConfigError::Field { field, message: message.to_owned() });
+        if let Err(m) = crate::soap::split_url(&self.sdk_url) {
+            return field("sdk_url", &m);
+        }
+        if self.datacenter.is_empty() || self.datacenter.contains('/') {
+            return field("datacenter", "a datacenter name, without slashes");
+        }
+        if self.resource_pool.is_empty() {
+            return field("resource_pool", "must not be empty");
+        }
+        self.tls.check("tls")?;
+        if let Some(c) = &self.console_tls {
+            c.check("console_tls")?;
+        }
+        if self.timing.retry_attempts == 0 {
+            return field("timing.retry_attempts", "at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "sdk_url = \"https://vc/sdk\"\ndatacenter = \"DC0\"\nresource_pool = \"host/C0/Resources\"\n";
+
+    fn check(text: &str) -> Result<(), String> {
+        Config::from_toml(text).map(|_| ()).map_err(|e| match e {
+            ConfigError::Field { field, .. } => field.to_owned(),
+            other => other.to_string(),
+        })
+    }
+
+    #[test]
+    fn configs_are_checked_field_by_field() {
+        let fp = ["AB"; 32].join(":");
+        let tls = format!("[tls]\nfingerprint = \"{fp}\"\n");
+        let cases: Vec<(String, Result<(), String>)> = vec![
+            (format!("{BASE}{tls}"), Ok(())),
+            (format!("{BASE}[tls]\nca_file = \"/ca.pem\"\n"), Ok(())),
+            (format!("{BASE}[tls]\n"), Err("tls".into())),
+            (format!("{BASE}[tls]\nfingerprint = \"AB\"\n"), Err("tls".into())),
+            (format!("{BASE}{tls}[console_tls]\n"), Err("console_tls".into())),
+            (format!("{}{tls}", BASE.replace("https://vc", "http://vc")), Err("sdk_url".into())),
+            (format!("{}{tls}", BASE.replace("DC0", "a/b")), Err("datacenter".into())),
+            (format!("colour = 1\n{BASE}{tls}"), Err("invalid configuration".into())),
+        ];
+        for (text, want) in cases {
+            assert_eq!(check(&text), want, "{text}");
+        }
+    }
+}

@@ -1,0 +1,245 @@
+package simulator
+
+// HCP's additions to govmomi 0.24.2's simulator, compiled into the
+// package with `go build -overlay` (scripts/vcsim.sh); nothing of the
+// library is changed.
+//
+//   - VirtualMachine.AcquireTicket: mks, webmks and device tickets (0.24.2
+//     has none). A webmks ticket's URL is wss://<vcsim>/ticket/<ticket>.
+//   - VirtualMachine.RebootGuest (0.24.2 answers MethodNotFound): like
+//     ShutdownGuest, it needs a powered-on VM; the VM stays on.
+//   - HcpTicketHandler: a stand-in for the WebMKS server behind the ticket
+//     URL (vcsim has nothing there). It accepts each ticket once, within
+//     its lifetime, upgrades to a websocket (subprotocol "binary") and
+//     speaks RFB 3.8 with no authentication (the ticket in the URL is the
+//     credential), sending a ServerInit named "vcsim <vm name>".
+
+import (
+	"bufio"
+	"crypto/sha1"
+	"encoding/base64"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+type hcpTicket struct {
+	vm      string
+	expires time.Time
+}
+
+var hcpTickets = struct {
+	sync.Mutex
+	m map[string]hcpTicket
+}{m: map[string]hcpTicket{}}
+
+func (vm *VirtualMachine) AcquireTicket(ctx *Context, req *types.AcquireTicket) soap.HasFault {
+	body := &methods.AcquireTicketBody{}
+	switch req.TicketType {
+	case string(types.VirtualMachineTicketTypeMks), string(types.VirtualMachineTicketTypeWebmks), string(types.VirtualMachineTicketTypeDevice):
+	default:
+		body.Fault_ = Fault("", &types.InvalidArgument{InvalidProperty: "ticketType"})
+		return body
+	}
+	if vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
+		body.Fault_ = Fault("", &types.InvalidPowerState{
+			RequestedState: types.VirtualMachinePowerStatePoweredOn,
+			ExistingState:  vm.Runtime.PowerState,
+		})
+		return body
+	}
+	host, port := "127.0.0.1", int32(443)
+	if ctx != nil && ctx.req != nil {
+		if h, p, err := net.SplitHostPort(ctx.req.Host); err == nil {
+			host = h
+			fmt.Sscanf(p, "%d", &port)
+		}
+	}
+	t := uuid.New().String()
+	hcpTickets.Lock()
+	hcpTickets.m[t] = hcpTicket{vm: vm.Name, expires: time.Now().Add(30 * time.Second)}
+	hcpTickets.Unlock()
+	res := types.VirtualMachineTicket{Ticket: t, CfgFile: vm.Config.Files.VmPathName, Host: host, Port: port}
+	if req.TicketType == string(types.VirtualMachineTicketTypeWebmks) {
+		res.Url = fmt.Sprintf("wss://%s/ticket/%s", net.JoinHostPort(host, fmt.Sprint(port)), t)
+	}
+	body.Res = &types.AcquireTicketResponse{Returnval: res}
+	return body
+}
+
+func (vm *VirtualMachine) RebootGuest(ctx *Context, req *types.RebootGuest) soap.HasFault {
+	body := &methods.RebootGuestBody{}
+	if vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn {
+		body.Fault_ = Fault("", &types.InvalidPowerState{
+			RequestedState: types.VirtualMachinePowerStatePoweredOn,
+			ExistingState:  vm.Runtime.PowerState,
+		})
+		return body
+	}
+	ctx.postEvent(&types.VmGuestRebootEvent{VmEvent: vm.event()})
+	body.Res = new(types.RebootGuestResponse)
+	return body
+}
+
+// HcpTicketHandler serves /ticket/<ticket>.
+func HcpTicketHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t := strings.TrimPrefix(r.URL.Path, "/ticket/")
+		hcpTickets.Lock()
+		ticket, ok := hcpTickets.m[t]
+		delete(hcpTickets.m, t)
+		hcpTickets.Unlock()
+		if !ok || time.Now().After(ticket.expires) {
+			http.Error(w, "unknown or used ticket", http.StatusForbidden)
+			return
+		}
+		key := r.Header.Get("Sec-WebSocket-Key")
+		if !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") || key == "" {
+			http.Error(w, "a websocket upgrade is needed", http.StatusBadRequest)
+			return
+		}
+		hj, ok := w.(http.Hijacker)
+		if !ok {
+			http.Error(w, "cannot hijack", http.StatusInternalServerError)
+			return
+		}
+		conn, rw, err := hj.Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		sum := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+		fmt.Fprintf(rw, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n", base64.StdEncoding.EncodeToString(sum[:]))
+		for _, p := range strings.Split(r.Header.Get("Sec-WebSocket-Protocol"), ",") {
+			if strings.TrimSpace(p) == "binary" {
+				fmt.Fprint(rw, "Sec-WebSocket-Protocol: binary\r\n")
+				break
+			}
+		}
+		fmt.Fprint(rw, "\r\n")
+		rw.Flush()
+		ws := &hcpWebsocket{r: rw.Reader, w: conn}
+		hcpServeRFB(ws, "vcsim "+ticket.vm)
+	})
+}
+
+// hcpWebsocket is the server side of a websocket as a byte stream: reads
+// unmask and join the client's binary frames, each write is one binary
+// frame.
+type hcpWebsocket struct {
+	r       *bufio.Reader
+	w       io.Writer
+	pending []byte
+}
+
+func (c *hcpWebsocket) Read(p []byte) (int, error) {
+	for len(c.pending) == 0 {
+		var h [2]byte
+		if _, err := io.ReadFull(c.r, h[:]); err != nil {
+			return 0, err
+		}
+		opcode, masked, n := h[0]&0x0f, h[1]&0x80 != 0, uint64(h[1]&0x7f)
+		switch n {
+		case 126:
+			var b [2]byte
+			if _, err := io.ReadFull(c.r, b[:]); err != nil {
+				return 0, err
+			}
+			n = uint64(binary.BigEndian.Uint16(b[:]))
+		case 127:
+			var b [8]byte
+			if _, err := io.ReadFull(c.r, b[:]); err != nil {
+				return 0, err
+			}
+			n = binary.BigEndian.Uint64(b[:])
+		}
+		if n > 1<<20 {
+			return 0, fmt.Errorf("frame of %d bytes", n)
+		}
+		var mask [4]byte
+		if masked {
+			if _, err := io.ReadFull(c.r, mask[:]); err != nil {
+				return 0, err
+			}
+		}
+		payload := make([]byte, n)
+		if _, err := io.ReadFull(c.r, payload); err != nil {
+			return 0, err
+		}
+		for i := range payload {
+			payload[i] ^= mask[i%4]
+		}
+		switch opcode {
+		case 0x8:
+			return 0, io.EOF
+		case 0x0, 0x2:
+			c.pending = payload
+		}
+	}
+	n := copy(p, c.pending)
+	c.pending = c.pending[n:]
+	return n, nil
+}
+
+func (c *hcpWebsocket) Write(p []byte) (int, error) {
+	frame := []byte{0x82}
+	switch {
+	case len(p) < 126:
+		frame = append(frame, byte(len(p)))
+	case len(p) < 1<<16:
+		frame = append(frame, 126, byte(len(p)>>8), byte(len(p)))
+	default:
+		var b [8]byte
+		binary.BigEndian.PutUint64(b[:], uint64(len(p)))
+		frame = append(append(frame, 127), b[:]...)
+	}
+	if _, err := c.w.Write(append(frame, p...)); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// hcpServeRFB is an RFB 3.8 server without authentication and with a
+// 64x48 screen, enough for a client to complete its handshake.
+func hcpServeRFB(c io.ReadWriter, name string) {
+	if _, err := io.WriteString(c, "RFB 003.008\n"); err != nil {
+		return
+	}
+	version := make([]byte, 12)
+	if _, err := io.ReadFull(c, version); err != nil || !strings.HasPrefix(string(version), "RFB 003.") {
+		return
+	}
+	if _, err := c.Write([]byte{1, 1}); err != nil { // one security type: None
+		return
+	}
+	choice := make([]byte, 1)
+	if _, err := io.ReadFull(c, choice); err != nil || choice[0] != 1 {
+		return
+	}
+	if _, err := c.Write([]byte{0, 0, 0, 0}); err != nil { // SecurityResult OK
+		return
+	}
+	if _, err := io.ReadFull(c, choice); err != nil { // ClientInit
+		return
+	}
+	init := make([]byte, 24, 24+len(name))
+	binary.BigEndian.PutUint16(init[0:], 64)
+	binary.BigEndian.PutUint16(init[2:], 48)
+	// 32 bpp, depth 24, little endian, true colour, 255/255/255, shifts 16/8/0.
+	copy(init[4:], []byte{32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0})
+	binary.BigEndian.PutUint32(init[20:], uint32(len(name)))
+	if _, err := c.Write(append(init, name...)); err != nil {
+		return
+	}
+	io.Copy(io.Discard, c)
+}
