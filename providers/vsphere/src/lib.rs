@@ -38,8 +38,9 @@ use crate::vim::{Device, MoRef, ObjectContent, OptionValue};
 
 /// Environment variable naming failpoints, for crash tests only: a comma
 /// separated list of `create:after-clone-submit`, `create:after-clone`,
-/// `create:after-reconfigure`, `create:after-power-on`; the process aborts
-/// there.
+/// `create:after-reconfigure`, `create:after-power-on` (a create with
+/// `start`) and `start:after-power-on` (core's start step after a create);
+/// the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_VSPHERE_FAILPOINTS";
 
 /// The `extraConfig` key naming the HCP VM.
@@ -883,6 +884,7 @@ impl Provider for Vsphere {
             return Ok(vm.info(vm_id));
         }
         self.power_on(&vm).await?;
+        self.failpoint("start:after-power-on");
         Ok(self.reread(&vm).await?.info(vm_id))
     }
 

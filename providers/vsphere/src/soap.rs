@@ -271,6 +271,7 @@ impl Soap {
         body: &B,
         read_only: bool,
     ) -> Result<String, VimError> {
+        tracing::debug!(method, "vSphere call");
         let mut attempt = 0;
         let mut relogged = false;
         let mut stale: Option<String> = None;

@@ -1,0 +1,219 @@
+//! System tests of the vSphere provider: core, gateway, the
+//! `hcp-provider-vsphere` process and vcsim (VMware's vCenter simulator,
+//! built by `scripts/vcsim.sh`) run side by side; a tenant drives VMs
+//! through REST, and the provider is killed at every step of a create.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hcp_testkit::stack::{StackOptions, TestStack};
+use hcp_testkit::vcsim::{Vcsim, VcsimOptions, present_or_skip};
+use hcp_testkit::{wait_until, workspace_bin};
+use serde_json::{Value, json};
+
+const HCP: &str = env!("CARGO_BIN_EXE_hcp");
+const VMS: &str = "/api/hcp/tenant/v1/projects/demo/vms";
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Core, gateway, vcsim and the vSphere provider, registered in zone `vc`
+/// with the credentials vcsim expects.
+struct Vc {
+    s: TestStack,
+    sim: Vcsim,
+    ops: String,
+    tenant: String,
+    config: PathBuf,
+    exe: PathBuf,
+    port: u16,
+}
+
+impl Vc {
+    async fn start(jobs_toml: &str) -> Option<Self> {
+        if !present_or_skip("vsphere system test") {
+            return None;
+        }
+        let login = VcsimOptions { login: Some(("hcp@vsphere.local".into(), "s3cret".into())), ..Default::default() };
+        let sim = Vcsim::start(login).await.expect("vcsim starts");
+        let opts = StackOptions { jobs_toml: jobs_toml.to_owned(), ..Default::default() };
+        let mut s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
+        let exe = workspace_bin(Path::new(HCP), "hcp-provider-vsphere").unwrap();
+        let config = s.dir().join("vsphere.toml");
+        // No [auth]: the credentials come from HCP at registration. The
+        // stack's image source maps onto vcsim's VM as template.
+        std::fs::write(
+            &config,
+            sim.provider_toml("[timing]\nretry_base_ms = 20\n").replace(
+                "[templates]\n",
+                "[templates]\n\"debian-12-genericcloud\" = \"DC0_C0_RP0_VM0\"\n",
+            ),
+        )
+        .unwrap();
+        let addr = s.start_program("vsphere", &exe, &args(&config, "127.0.0.1:0"), &[]).await.unwrap();
+        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let ops = s.ops_token();
+        let tenant = s.tenant_token("acme", &["demo"]);
+        for (path, body) in [
+            ("/api/hcp/ops/v1/zones", json!({"name": "vc", "description": "vCenter (vcsim)"})),
+            (
+                "/api/hcp/ops/v1/providers",
+                json!({"name": "vc-1", "zone": "vc", "endpoint": format!("http://{addr}"),
+                       "credentials": {"username": "hcp@vsphere.local", "password": "s3cret"}}),
+            ),
+            // The zone's network, mapped onto a port group.
+            ("/api/hcp/ops/v1/networks", json!({"name": "default", "zone": "vc", "backings": {"vc-1": "VM Network"}})),
+        ] {
+            let r = s.rest.post(path, &ops, &body).await.unwrap();
+            assert!(r.status == 200 || r.status == 201, "{path}: {}", r.body);
+        }
+        Some(Self { s, sim, ops, tenant, config, exe, port })
+    }
+
+    async fn create(&self, name: &str) -> (String, String) {
+        let body = json!({"name": name, "flavor": "small", "image": "debian-12", "zone": "vc",
+                          "networks": [{"network": "default"}]});
+        let r = self.s.rest.post(VMS, &self.tenant, &body).await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.body);
+        (r.str("vm_id"), r.str("job_id"))
+    }
+
+    async fn succeed(&self, job: &str) {
+        let j: Value = self.s.rest.finished_job(&self.tenant, job, WAIT).await.unwrap();
+        assert_eq!(j["status"], "SUCCEEDED", "{j}\nprovider log:\n{}", self.s.log("vsphere"));
+    }
+
+    async fn operate(&self, vm: &str, action: &str, body: Value, expect: &str) -> Value {
+        let r = if action == "delete" {
+            self.s.rest.delete(&format!("{VMS}/{vm}"), &self.tenant).await
+        } else {
+            self.s.rest.post(&format!("{VMS}/{vm}:{action}"), &self.tenant, &body).await
+        }
+        .unwrap();
+        assert_eq!(r.status, 202, "{action}: {}", r.body);
+        self.succeed(&r.str("job_id")).await;
+        let read = self.s.rest.get(&format!("{VMS}/{vm}"), &self.tenant).await.unwrap();
+        assert_eq!(read.str("status"), expect, "after {action}: {}", read.body);
+        r.body
+    }
+
+    /// HCP's VMs on vCenter, by name (read with a provider of the test's
+    /// own, not the process under test).
+    async fn on_vcenter(&self) -> Vec<String> {
+        let p = hcp_provider_vsphere::Vsphere::new(
+            hcp_provider_vsphere::config::Config::from_toml(&std::fs::read_to_string(&self.config).unwrap()).unwrap(),
+        )
+        .await
+        .unwrap();
+        use hcp_provider_sdk::Provider as _;
+        p.configure([("username".into(), "hcp@vsphere.local".into()), ("password".into(), "s3cret".into())].into())
+            .await
+            .unwrap();
+        let mut ids: Vec<String> = p
+            .list_vms(Default::default())
+            .await
+            .unwrap()
+            .vms
+            .into_iter()
+            .map(|v| format!("hcp-{}", v.vm_id))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Restarts the provider on its port, with `failpoints`.
+    async fn restart_provider(&mut self, failpoints: Option<&str>) {
+        self.s.kill("vsphere").await;
+        let mut env: Vec<(&str, String)> =
+            failpoints.map(|f| vec![(hcp_provider_vsphere::FAILPOINTS_ENV, f.to_owned())]).unwrap_or_default();
+        env.push(("RUST_LOG", "info,hcp_provider_vsphere=debug".to_owned()));
+        let listen = format!("127.0.0.1:{}", self.port);
+        self.s.start_program("vsphere", &self.exe, &args(&self.config, &listen), &env).await.unwrap();
+        wait_until(Duration::from_secs(30), "the provider to be healthy", || async {
+            let r = self.s.rest.get("/api/hcp/ops/v1/providers", &self.ops).await?;
+            let healthy = r.body["providers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p["name"] == "vc-1" && p["health"] == "HEALTHY");
+            Ok(healthy.then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+}
+
+fn args(config: &Path, listen: &str) -> Vec<String> {
+    vec!["--config".into(), config.display().to_string(), "--listen".into(), listen.into()]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_lives_and_dies_on_vsphere() {
+    let Some(vc) = Vc::start("").await else { return };
+    let (vm, job) = vc.create("web-1").await;
+    vc.succeed(&job).await;
+    let read = vc.s.rest.get(&format!("{VMS}/{vm}"), &vc.tenant).await.unwrap().body;
+    assert_eq!(read["status"], "ACTIVE", "{read}");
+    let mac = read["networks"][0]["mac"].as_str().unwrap_or_default();
+    assert_eq!(mac.len(), 17, "the NIC vCenter made shows in the VM read: {read}");
+    assert!(!read.to_string().contains("vm-"), "no moref reaches the tenant: {read}");
+    assert_eq!(vc.on_vcenter().await, [format!("hcp-{vm}")]);
+
+    vc.operate(&vm, "stop", json!({}), "STOPPED").await;
+    vc.operate(&vm, "start", json!({}), "ACTIVE").await;
+    vc.operate(&vm, "reboot", json!({}), "ACTIVE").await;
+    vc.operate(&vm, "reboot", json!({"type": "HARD"}), "ACTIVE").await;
+    // Hot-add is on: a running VM grows.
+    vc.operate(&vm, "resize", json!({"flavor": "medium"}), "ACTIVE").await;
+    let read = vc.s.rest.get(&format!("{VMS}/{vm}"), &vc.tenant).await.unwrap().body;
+    assert_eq!(read["flavor"], "medium", "{read}");
+
+    // A snapshot of the running VM; stopped, then reverted: running again.
+    let snaps = format!("{VMS}/{vm}/snapshots");
+    let r = vc.s.rest.post(&snaps, &vc.tenant, &json!({"name": "booted"})).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let snap = r.str("snapshot_id");
+    vc.succeed(&r.str("job_id")).await;
+    vc.operate(&vm, "stop", json!({}), "STOPPED").await;
+    let r = vc.s.rest.post(&format!("{snaps}/{snap}:revert"), &vc.tenant, &json!({})).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    vc.succeed(&r.str("job_id")).await;
+    let read = vc.s.rest.get(&format!("{VMS}/{vm}"), &vc.tenant).await.unwrap();
+    assert_eq!(read.str("status"), "ACTIVE", "{}", read.body);
+
+    // The console: the tenant gets HCP's URL, never vCenter's ticket.
+    let c = vc.s.rest.post(&format!("{VMS}/{vm}:console"), &vc.tenant, &json!({})).await.unwrap();
+    assert_eq!(c.status, 200, "{}", c.body);
+    assert!(!c.body.to_string().contains(&vc.sim.port.to_string()), "{}", c.body);
+    assert!(!c.body.to_string().contains("/ticket/"), "{}", c.body);
+
+    vc.operate(&vm, "delete", json!({}), "DELETED").await;
+    assert!(vc.on_vcenter().await.is_empty());
+}
+
+/// The provider process dies at each step of a create; core retries the
+/// job against the restarted provider; every VM ends ACTIVE on exactly one
+/// vCenter VM, and nothing else is left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_every_create_step_leaves_exactly_one_vm() {
+    let Some(mut vc) = Vc::start("max_attempts = 100\nbackoff_max_ms = 500\n").await else { return };
+    let mut vms = Vec::new();
+    // Core creates, then starts: the power-on is its own step.
+    for step in ["create:after-clone-submit", "create:after-clone", "create:after-reconfigure", "start:after-power-on"] {
+        vc.restart_provider(Some(step)).await;
+        let (vm, job) = vc.create(&format!("crash-{}", step.replace(':', "-"))).await;
+        let exit = vc.s.wait_exit("vsphere", WAIT).await.unwrap();
+        assert!(!exit.success(), "the provider should have died {step}: {exit}");
+        vc.restart_provider(None).await;
+        vc.succeed(&job).await;
+        let read = vc.s.rest.get(&format!("{VMS}/{vm}"), &vc.tenant).await.unwrap();
+        assert_eq!(read.str("status"), "ACTIVE", "{step}: {}", read.body);
+        vms.push(vm);
+        let mut want: Vec<String> = vms.iter().map(|v| format!("hcp-{v}")).collect();
+        want.sort();
+        assert_eq!(vc.on_vcenter().await, want, "after a crash {step}: one VM per HCP VM, nothing else");
+    }
+    for vm in &vms {
+        let r = vc.s.rest.delete(&format!("{VMS}/{vm}"), &vc.tenant).await.unwrap();
+        vc.succeed(&r.str("job_id")).await;
+    }
+    assert!(vc.on_vcenter().await.is_empty());
+}
