@@ -195,7 +195,7 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
         }
         let mut server = match upstream::connect(&endpoint).await {
             Ok(s) => s,
-            Err(e) if e.is_unsupported() => return End::new(close::BAD_REQUEST, e.to_string()),
+            Err(e) if e.is_unsupported() => return End::new(close::BAD_REQUEST, format!("{protocol} {e}")),
             Err(e) => {
                 // The chain names no host, path or header either: the
                 // endpoint itself is never logged.
@@ -203,8 +203,14 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
                 return End::new(close::UPSTREAM, e.to_string());
             }
         };
-        if let Err(e) = rfb::connect_server(&mut server, &endpoint.password).await {
-            return End::new(close::UPSTREAM, e.to_string());
+        // A server that accepts and then says nothing must not hold the
+        // session (and its audit report) forever.
+        match tokio::time::timeout(upstream::CONNECT_TIMEOUT, rfb::connect_server(&mut server, &endpoint.password))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return End::new(close::UPSTREAM, e.to_string()),
+            Err(_) => return End::new(close::UPSTREAM, "the console server did not complete the VNC handshake in time"),
         }
         // The browser side is a byte stream: a pipe whose far end the
         // bridge below feeds from and into websocket messages.

@@ -49,9 +49,10 @@ pub type Upstream = Box<dyn Io>;
 /// the tenant's close reason; sources carry the detail for the log.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// The endpoint asks for something the proxy does not do.
-    #[error("{0} consoles of this kind are not supported yet")]
-    Unsupported(String),
+    /// The endpoint asks for something the proxy does not do (a transport
+    /// it does not know, TLS or a path on plain TCP).
+    #[error("consoles of this kind are not supported yet")]
+    Unsupported,
     /// The endpoint cannot be used as given (a provider's mistake).
     #[error("the console endpoint is not usable: {0}")]
     Invalid(&'static str),
@@ -83,16 +84,17 @@ impl UpstreamError {
     /// Whether the tenant asked for something unsupported (close code
     /// 4400) rather than the upstream failing (4502).
     pub fn is_unsupported(&self) -> bool {
-        matches!(self, Self::Unsupported(_))
+        matches!(self, Self::Unsupported)
     }
 }
 
 /// Connects to the console server `endpoint` describes.
 pub async fn connect(endpoint: &ConsoleEndpoint) -> Result<Upstream, UpstreamError> {
-    match endpoint.transport() {
+    // `transport()` would read an unknown value as TCP.
+    match ConsoleTransport::try_from(endpoint.transport).map_err(|_| UpstreamError::Unsupported)? {
         ConsoleTransport::Tcp => {
             if endpoint.tls || !endpoint.path.is_empty() {
-                return Err(UpstreamError::Unsupported(endpoint.protocol.clone()));
+                return Err(UpstreamError::Unsupported);
             }
             let tcp = within(tcp(endpoint)).await?;
             Ok(Box::new(tcp))
@@ -347,7 +349,7 @@ mod tests {
     fn tenant_reasons_name_nothing_of_the_upstream() {
         let e = endpoint();
         let errors = [
-            UpstreamError::Unsupported("vnc".into()),
+            UpstreamError::Unsupported,
             UpstreamError::Invalid("a header value is malformed"),
             UpstreamError::NoTrust,
             UpstreamError::Timeout,
