@@ -1,8 +1,9 @@
 //! System test of the Proxmox provider: core, gateway, the
 //! `hcp-provider-proxmox` process and the Proxmox VE simulator process
 //! (built from the official 9.1.3 schema) run side by side; a tenant drives
-//! a VM through REST from create to delete, and every request the provider
-//! sent to "Proxmox" must be valid against the schema.
+//! a VM through REST from create to delete, opens its console through the
+//! gateway, and every request the provider and the gateway sent to
+//! "Proxmox" must be valid against the schema.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,6 +16,8 @@ use serde_json::{Value, json};
 const HCP: &str = env!("CARGO_BIN_EXE_hcp");
 const VMS: &str = "/api/hcp/tenant/v1/projects/demo/vms";
 const WAIT: Duration = Duration::from_secs(60);
+/// The simulated cluster's API token secret.
+const TOKEN_SECRET: &str = "5f0c8a52-3b1e-4c7d-9a8e-2d6f4b1c9e07";
 
 async fn finished(rest: &Rest, token: &str, job: &str) -> Value {
     rest.finished_job(token, job, WAIT).await.expect("job finishes")
@@ -57,7 +60,7 @@ async fn pve_stack(task_ms: u64, jobs_toml: &str) -> Pve {
     let snippets = dir.join("snippets");
     std::fs::create_dir_all(&snippets).unwrap();
     let cert = dir.join("pve.pem");
-    let token_secret = "5f0c8a52-3b1e-4c7d-9a8e-2d6f4b1c9e07";
+    let token_secret = TOKEN_SECRET;
     let pve = s
         .start_program(
             "proxmox-sim",
@@ -188,10 +191,45 @@ async fn a_vm_lives_and_dies_on_proxmox() {
     assert!(guest["config"]["scsi0"].as_str().unwrap().contains("size=40G"), "{guest}");
     operate(&s, &t, &vm, "start", "ACTIVE").await;
     operate(&s, &t, &vm, "reboot", "ACTIVE").await;
-    let c = s.rest.post(&format!("{VMS}/{vm}:console"), &t, &json!({})).await.unwrap();
-    assert_eq!(c.status, 200, "{}", c.body);
-    assert_eq!(c.str("type"), "vnc");
-    assert!(!c.body.to_string().contains(&pve), "the tenant never sees the cluster: {}", c.body);
+    // The console: the gateway redeems the token, asks the provider for
+    // the endpoint (vncproxy), opens the simulator's vncwebsocket over TLS
+    // with the provider's token, answers the VNC challenge, and offers the
+    // tenant RFB without authentication; the ServerInit is the VM's.
+    let c = s.console(&format!("{VMS}/{vm}"), &t, &json!({})).await.unwrap();
+    assert_eq!(c["type"], "vnc");
+    assert!(!c.to_string().contains(&pve), "the tenant never sees the cluster: {c}");
+    let url = c["url"].as_str().unwrap();
+    let mut console = hcp_testkit::console::open(url, None).await.unwrap();
+    let init = console.handshake().await.unwrap().expect("the proxy relays the VM's screen");
+    let vmid = guests[0]["vmid"].as_u64().unwrap() as u32;
+    assert_eq!(init.name, hcp_proxmox_sim::vnc::server_name(vmid));
+    assert_eq!((init.width, init.height), (hcp_proxmox_sim::vnc::WIDTH, hcp_proxmox_sim::vnc::HEIGHT));
+    let closed = console.close().await.unwrap();
+    assert!(closed.rfb, "{closed:?}");
+    // Once is once.
+    let again = hcp_testkit::console::session(url, None).await.unwrap();
+    assert_eq!((again.code, again.reason.as_str(), again.rfb), (4403, "console token already used", false));
+    // Neither the vncproxy ticket nor the API token the gateway sent is in
+    // any log or file of HCP's processes (the simulator's own log aside).
+    let requests = sim.get("/_sim/requests", "").await.unwrap().body;
+    let upgrade = requests
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["template"].as_str().is_some_and(|t| t.ends_with("/vncwebsocket")));
+    let ticket = upgrade.expect("the gateway opened the vncwebsocket")["params"]["vncticket"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for entry in std::fs::read_dir(s.dir()).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("proxmox-sim") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for secret in [ticket.as_str(), TOKEN_SECRET] {
+            assert!(!text.contains(secret), "{} holds a console secret", entry.path().display());
+        }
+    }
     operate(&s, &t, &vm, "delete", "DELETED").await;
     let vms = sim.get("/_sim/vms", "").await.unwrap().body;
     assert_eq!(vms.as_array().unwrap().len(), 1, "only the template is left: {vms}");
@@ -229,7 +267,7 @@ async fn a_vm_lives_and_dies_on_proxmox() {
     let requests = requests.as_array().unwrap();
     let bad: Vec<&Value> = requests.iter().filter(|r| r["violations"] != json!({})).collect();
     assert!(bad.is_empty(), "schema violations: {bad:#?}");
-    for path in ["/clone", "/status/stop", "/status/start", "/status/reboot", "/vncproxy"] {
+    for path in ["/clone", "/status/stop", "/status/start", "/status/reboot", "/vncproxy", "/vncwebsocket"] {
         assert!(requests.iter().any(|r| r["path"].as_str().unwrap().ends_with(path)), "no {path} request");
     }
     println!("{} requests validated against the PVE 9.1.3 schema, 0 violations", requests.len());

@@ -7,10 +7,13 @@
 //!   processes on ephemeral ports, with tokens signed by the stack's key.
 //! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped.
 //! - [`rest::Rest`]: a small JSON-over-HTTP client for the gateway.
+//! - [`console`]: a tenant's console client (the websocket and the RFB
+//!   handshake the gateway's console proxy offers).
 //! - [`wait_until`]: waiting for a condition with a deadline, never a sleep.
 //! - [`workspace_bin`]: another workspace binary (a provider process outside
 //!   `hcp`) for [`stack::TestStack::start_program`].
 
+pub mod console;
 pub mod db;
 pub mod nats;
 pub mod proxy;

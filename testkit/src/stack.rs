@@ -382,6 +382,28 @@ impl TestStack {
         mint(&self.secret, "test-user", tenant, projects, roles, ttl).unwrap_or_default()
     }
 
+    /// Asks for a console of the VM at `vm_path` (`…/vms/{id}`) as
+    /// `token`'s tenant with `body` (e.g. `{"type": "vnc"}`); returns the
+    /// answer with `url` and `web_url` pointed at this stack's gateway
+    /// (core's `public_base_url` is left at its default).
+    pub async fn console(
+        &self,
+        vm_path: &str,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let r = self.rest.post(&format!("{vm_path}:console"), token, body).await?;
+        anyhow::ensure!(r.status == 200, "console: {} {}", r.status, r.body);
+        let mut answer = r.body;
+        for key in ["url", "web_url"] {
+            let url = answer[key].as_str().ok_or_else(|| anyhow::anyhow!("no {key} in {answer}"))?.to_owned();
+            let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow::anyhow!("{key} {url}"))?;
+            let path = &rest[rest.find('/').unwrap_or(rest.len())..];
+            answer[key] = serde_json::json!(format!("{scheme}://{}{path}", self.gateway));
+        }
+        Ok(answer)
+    }
+
     /// The stack's directory (configs and logs).
     pub fn dir(&self) -> &Path {
         self.dir.path()

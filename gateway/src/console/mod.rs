@@ -5,8 +5,10 @@
 //! `binary`, as noVNC asks). The proxy checks the Origin against the allow
 //! list (a CSRF defence: browsers always send it), asks core to redeem the
 //! single-use token (core answers only the gateway's service account, role
-//! `console.proxy`), connects to the endpoint core returns, authenticates to
-//! the VNC server with the password on the tenant's behalf ([`rfb`]),
+//! `console.proxy`), connects to the endpoint core returns (plain TCP, or a
+//! websocket with TLS trusted as the endpoint says: [`upstream`]),
+//! authenticates to the VNC server with the password on the tenant's behalf
+//! ([`rfb`]),
 //! offers the browser an RFB handshake without authentication, and then
 //! relays bytes both ways until either side closes or the maximum session
 //! time core gave passes. Refusals accept the websocket and close it with a
@@ -18,6 +20,7 @@
 //! `gateway/console/node_modules` by `scripts/console-assets.sh`).
 
 pub mod rfb;
+pub mod upstream;
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -187,18 +190,27 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
             return End::new(close::UPSTREAM, "core gave no console endpoint");
         };
         redeemed = Some(r);
-        if protocol != "vnc" || endpoint.tls || !endpoint.path.is_empty() {
+        if protocol != "vnc" {
             return End::new(close::BAD_REQUEST, format!("{protocol} consoles of this kind are not supported yet"));
         }
-        let addr = (endpoint.host.clone(), endpoint.port as u16);
-        let mut server = match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return End::new(close::UPSTREAM, format!("cannot reach the console server: {e}")),
-            Err(_) => return End::new(close::UPSTREAM, "cannot reach the console server: timed out"),
+        let mut server = match upstream::connect(&endpoint).await {
+            Ok(s) => s,
+            Err(e) if e.is_unsupported() => return End::new(close::BAD_REQUEST, format!("{protocol} {e}")),
+            Err(e) => {
+                // The chain names no host, path or header either: the
+                // endpoint itself is never logged.
+                tracing::warn!(transport = ?endpoint.transport(), error = %chain(&e), "console server unreachable");
+                return End::new(close::UPSTREAM, e.to_string());
+            }
         };
-        let _ = server.set_nodelay(true);
-        if let Err(e) = rfb::connect_server(&mut server, &endpoint.password).await {
-            return End::new(close::UPSTREAM, e.to_string());
+        // A server that accepts and then says nothing must not hold the
+        // session (and its audit report) forever.
+        match tokio::time::timeout(upstream::CONNECT_TIMEOUT, rfb::connect_server(&mut server, &endpoint.password))
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return End::new(close::UPSTREAM, e.to_string()),
+            Err(_) => return End::new(close::UPSTREAM, "the console server did not complete the VNC handshake in time"),
         }
         // The browser side is a byte stream: a pipe whose far end the
         // bridge below feeds from and into websocket messages.
@@ -267,6 +279,18 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
             tracing::warn!(error = %e.message(), "could not record the end of a console session");
         }
     }
+}
+
+/// An error and its sources, for the log.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Calls the broker with the service account's token.

@@ -11,11 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{Kvm, VMS, provider_console};
-use futures::{SinkExt, StreamExt};
+use hcp_testkit::console::session;
 use hcp_testkit::stack::StackOptions;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// An ACTIVE tiny VM whose guest has booted (its banner is on the screen).
 async fn booted_vm(kvm: &Kvm, name: &str) -> String {
@@ -28,71 +26,7 @@ async fn booted_vm(kvm: &Kvm, name: &str) -> String {
 /// Asks for a console as `token`'s tenant; returns the reply body, with the
 /// URLs pointed at the test's gateway.
 async fn console(kvm: &Kvm, token: &str, vm: &str) -> Value {
-    let r =
-        kvm.stack.rest.post(&format!("{VMS}/{vm}:console"), token, &json!({"type": "vnc"})).await.unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    let gw = kvm.stack.gateway.to_string();
-    let mut body = r.body;
-    for key in ["url", "web_url"] {
-        let url = body[key].as_str().unwrap().to_owned();
-        // Core's public_base_url is the default; the test gateway has its own port.
-        let (scheme, rest) = url.split_once("://").unwrap();
-        let path = &rest[rest.find('/').unwrap()..];
-        body[key] = json!(format!("{scheme}://{gw}{path}"));
-    }
-    body
-}
-
-/// What the proxy said when it closed the websocket.
-#[derive(Debug)]
-struct Closed {
-    code: u16,
-    reason: String,
-    rfb: bool,
-}
-
-/// Opens the console websocket like noVNC (subprotocol `binary`), with an
-/// optional Origin; if the proxy greets with RFB, completes the handshake
-/// as a client and keeps reading until the proxy closes.
-async fn connect(url: &str, origin: Option<&str>) -> Result<Closed, String> {
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert("sec-websocket-protocol", "binary".parse().unwrap());
-    if let Some(o) = origin {
-        req.headers_mut().insert("origin", o.parse().unwrap());
-    }
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.map_err(|e| e.to_string())?;
-    assert_eq!(resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap()), Some("binary"));
-    let mut got = Vec::new();
-    let mut rfb = false;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let msg =
-            tokio::time::timeout_at(deadline, ws.next()).await.map_err(|_| "no close in time".to_string())?;
-        match msg {
-            Some(Ok(Message::Binary(b))) => {
-                got.extend_from_slice(&b);
-                if !rfb && got.len() >= 12 {
-                    assert_eq!(&got[..12], b"RFB 003.008\n");
-                    rfb = true;
-                    ws.send(Message::Binary(b"RFB 003.008\n".to_vec().into())).await.unwrap();
-                    got.drain(..12);
-                } else if rfb && got.len() >= 2 && got[..2] == [1, 1] {
-                    // One security type, None: choose it, then ClientInit.
-                    got.drain(..2);
-                    ws.send(Message::Binary(vec![1].into())).await.unwrap();
-                    ws.send(Message::Binary(vec![1].into())).await.unwrap();
-                }
-            }
-            Some(Ok(Message::Close(frame))) => {
-                let (code, reason) =
-                    frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                return Ok(Closed { code, reason, rfb });
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("closed without a close frame".into()),
-        }
-    }
+    kvm.stack.console(&format!("{VMS}/{vm}"), token, &json!({"type": "vnc"})).await.unwrap()
 }
 
 fn artifacts() -> PathBuf {
@@ -198,11 +132,11 @@ async fn console_tokens_are_refused_when_they_must_be() {
     // A good token opens an RFB session without a password prompt, which
     // the proxy closes at the maximum session time.
     let url = console(&kvm, &kvm.tenant, &vm).await["url"].as_str().unwrap().to_owned();
-    let closed = connect(&url, None).await.unwrap();
+    let closed = session(&url, None).await.unwrap();
     assert!(closed.rfb, "{closed:?}");
     assert_eq!((closed.code, closed.reason.as_str()), (4408, "maximum console session time reached"));
     // Once is once.
-    let closed = connect(&url, None).await.unwrap();
+    let closed = session(&url, None).await.unwrap();
     assert_eq!(
         (closed.code, closed.reason.as_str(), closed.rfb),
         (4403, "console token already used", false)
@@ -210,13 +144,13 @@ async fn console_tokens_are_refused_when_they_must_be() {
 
     // Unknown tokens, and a browser on another site.
     let bogus = format!("ws://{}/console/vnc?token=bogus", kvm.stack.gateway);
-    let closed = connect(&bogus, None).await.unwrap();
+    let closed = session(&bogus, None).await.unwrap();
     assert_eq!((closed.code, closed.reason.as_str()), (4403, "unknown console token"));
     let url = console(&kvm, &kvm.tenant, &vm).await["url"].as_str().unwrap().to_owned();
-    let err = connect(&url, Some("http://evil.example")).await.unwrap_err();
+    let err = session(&url, Some("http://evil.example")).await.unwrap_err();
     assert!(err.contains("403"), "{err}");
     // The refused origin did not spend the token.
-    assert!(connect(&url, Some(&format!("http://{}", kvm.stack.gateway))).await.unwrap().rfb);
+    assert!(session(&url, Some(&format!("http://{}", kvm.stack.gateway))).await.unwrap().rfb);
 
     // Past expires_at.
     let expiring = console(&kvm, &kvm.tenant, &vm).await;
@@ -226,7 +160,7 @@ async fn console_tokens_are_refused_when_they_must_be() {
     })
     .await
     .unwrap();
-    let closed = connect(expiring["url"].as_str().unwrap(), None).await.unwrap();
+    let closed = session(expiring["url"].as_str().unwrap(), None).await.unwrap();
     assert_eq!((closed.code, closed.reason.as_str()), (4403, "console token expired"));
 
     // Another tenant cannot get a console of this VM at all.
@@ -238,7 +172,7 @@ async fn console_tokens_are_refused_when_they_must_be() {
     let pending = console(&kvm, &kvm.tenant, &vm).await["url"].as_str().unwrap().to_owned();
     let r = kvm.stack.rest.delete(&format!("{VMS}/{vm}"), &kvm.tenant).await.unwrap();
     kvm.succeed(&r.str("job_id")).await;
-    let closed = connect(&pending, None).await.unwrap();
+    let closed = session(&pending, None).await.unwrap();
     assert_eq!(
         (closed.code, closed.reason.as_str()),
         (4403, "console token revoked: the vm was stopped or deleted")

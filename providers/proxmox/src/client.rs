@@ -167,6 +167,7 @@ struct Session {
 /// The PVE API client; share it behind an `Arc`.
 pub struct Pve {
     http: hcp_tls::Https,
+    trust: Trust,
     credentials: std::sync::RwLock<Option<Credentials>>,
     session: tokio::sync::Mutex<Option<Session>>,
     timing: TimingConfig,
@@ -221,6 +222,7 @@ impl Pve {
         })?;
         Ok(Self {
             http,
+            trust,
             credentials: std::sync::RwLock::new(None),
             session: tokio::sync::Mutex::new(None),
             timing,
@@ -231,6 +233,23 @@ impl Pve {
     /// `host:port` of the API.
     pub fn endpoint(&self) -> (&str, u16) {
         (self.http.host(), self.http.port())
+    }
+
+    /// How the API's certificate is trusted (the console proxy trusts the
+    /// same server the same way).
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// The headers that authenticate a GET made on this client's behalf by
+    /// someone else: the console proxy's `vncwebsocket` upgrade. The API
+    /// token, or the session cookie (logging in or renewing first when
+    /// needed); no CSRF token, which only writes need. Secrets: never log
+    /// them.
+    pub async fn delegated_auth_headers(&self) -> Result<Vec<(&'static str, String)>, PveError> {
+        let mut headers = self.auth_headers(false).await?;
+        headers.retain(|(name, _)| *name != "csrfpreventiontoken");
+        Ok(headers)
     }
 
     /// Installs credentials (and drops any ticket).

@@ -880,14 +880,34 @@ impl Provider for Proxmox {
             .append_pair("port", &port.to_string())
             .append_pair("vncticket", ticket)
             .finish();
+        // The websocket is opened by the console proxy, as this provider:
+        // same credentials, same trust in the API's certificate.
+        let headers = self
+            .pve
+            .delegated_auth_headers()
+            .await
+            .map_err(map_error)?
+            .into_iter()
+            .map(|(name, value)| pb::ConsoleHeader { name: name.to_owned(), value })
+            .collect();
+        let (tls_ca_pem, tls_fingerprint_sha256) = match self.pve.trust() {
+            Trust::Ca(pem) => (String::from_utf8_lossy(pem).into_owned(), String::new()),
+            Trust::Fingerprint(f) => (String::new(), hcp_tls::format_fingerprint(f)),
+        };
         Ok(pb::ConsoleEndpoint {
             protocol: "vnc".to_owned(),
             host: host.to_owned(),
             port: u32::from(api_port),
+            // PVE's VNC authentication takes the password vncproxy
+            // generated, or the ticket when it generated none.
             password: data["password"].as_str().unwrap_or(ticket).to_owned(),
             tls: true,
             path: format!("/api2/json{}/vncwebsocket?{query}", f.path()),
-            ..Default::default()
+            transport: pb::ConsoleTransport::Websocket.into(),
+            headers,
+            tls_ca_pem,
+            tls_fingerprint_sha256,
+            websocket_subprotocol: "binary".to_owned(),
         })
     }
 

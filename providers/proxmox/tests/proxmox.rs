@@ -235,18 +235,107 @@ async fn a_vm_is_a_configured_full_clone_marked_with_its_hcp_id() {
     let again = p.create_vm(create(&id, "web-1", true)).await.unwrap();
     assert_eq!(again.native_id, vm.native_id);
     assert_eq!(guests(&env).len(), 1);
-    // Console: a vncwebsocket path with a fresh ticket on the API port.
+    // Console: a vncwebsocket on the API port with a fresh ticket, the
+    // provider's token and its trust in the API's certificate.
     let console =
         p.get_console(pb::GetConsoleRequest { vm_id: id.clone(), protocol: "vnc".into() }).await.unwrap();
     assert_eq!((console.port, console.tls), (u32::from(env.sim.addr.port()), true));
+    assert_eq!(console.transport(), pb::ConsoleTransport::Websocket);
     assert!(
-        console.path.contains("/vncwebsocket?port=59") && console.path.contains("vncticket=PVEVNC"),
+        console.path.starts_with(&format!("/api2/json/nodes/pve1/qemu/{}/vncwebsocket?port=59", g[0].vmid))
+            && console.path.contains("&vncticket=PVEVNC"),
         "{console:?}"
     );
+    assert_eq!(console.websocket_subprotocol, "binary");
+    assert_eq!(console.tls_fingerprint_sha256, env.sim.fingerprint);
+    assert!(console.tls_ca_pem.is_empty());
+    let headers: Vec<(&str, &str)> =
+        console.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())).collect();
+    assert_eq!(headers, [("authorization", format!("PVEAPIToken={TOKEN_ID}={TOKEN_SECRET}").as_str())]);
     assert!(!console.password.is_empty());
     assert!(p.delete_vm(&id).await.unwrap());
     assert!(guests(&env).is_empty());
     assert!(!env.snippets.join(format!("hcp-{id}-user.yaml")).exists(), "the snippet is removed too");
+    assert_schema_clean(&env);
+}
+
+/// Opens `endpoint` as the gateway's console proxy does; returns the
+/// ServerInit's desktop name.
+async fn open_console(endpoint: &pb::ConsoleEndpoint) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut up = hcp_gateway::console::upstream::connect(endpoint).await.map_err(|e| e.to_string())?;
+    hcp_gateway::console::rfb::connect_server(&mut up, &endpoint.password)
+        .await
+        .map_err(|e| e.to_string())?;
+    up.write_all(&[1]).await.map_err(|e| e.to_string())?; // ClientInit
+    let mut head = [0u8; 24];
+    up.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    let mut name = vec![0u8; u32::from_be_bytes([head[20], head[21], head[22], head[23]]) as usize];
+    up.read_exact(&mut name).await.map_err(|e| e.to_string())?;
+    // The whole screen, raw, in the server's format (32 bits per pixel).
+    let (w, h) = (u16::from_be_bytes([head[0], head[1]]), u16::from_be_bytes([head[2], head[3]]));
+    let mut request = vec![3, 0, 0, 0, 0, 0];
+    request.extend_from_slice(&head[..4]);
+    up.write_all(&request).await.map_err(|e| e.to_string())?;
+    let mut update = [0u8; 16];
+    up.read_exact(&mut update).await.map_err(|e| e.to_string())?;
+    assert_eq!(update[..4], [0, 0, 0, 1], "one rectangle");
+    assert_eq!(update[8..16], [head[0], head[1], head[2], head[3], 0, 0, 0, 0], "the whole screen, raw");
+    let mut pixels = vec![0u8; usize::from(w) * usize::from(h) * 4];
+    up.read_exact(&mut pixels).await.map_err(|e| e.to_string())?;
+    assert!(pixels.iter().any(|b| *b != 0), "something is on the screen");
+    Ok(String::from_utf8_lossy(&name).into_owned())
+}
+
+#[tokio::test]
+async fn the_console_endpoint_opens_the_vms_screen_with_a_token_or_a_ticket() {
+    let Some(env) = env().await else { return };
+    let ca = env.snippets.join("pve.pem");
+    std::fs::write(&ca, &env.sim.cert_pem).unwrap();
+    let tickets = "[auth]\nusername = \"hcp@pve\"\npassword = \"s3cret\"\n";
+    for (auth, trust_by_ca) in [(token_auth(), false), (tickets.to_owned(), true)] {
+        let mut text = toml(&env, &auth, "");
+        if trust_by_ca {
+            let pin = format!("fingerprint = \"{}\"", env.sim.fingerprint);
+            text = text.replace(&pin, &format!("ca_file = \"{}\"", ca.display()));
+        }
+        let p = Proxmox::new(Config::from_toml(&text).unwrap()).await.unwrap();
+        let id = new_id();
+        p.create_vm(create(&id, "screen", true)).await.unwrap();
+        let vmid = guests(&env).iter().find(|g| g.config["tags"].contains(&id)).unwrap().vmid;
+        let console =
+            p.get_console(pb::GetConsoleRequest { vm_id: id.clone(), protocol: "vnc".into() }).await.unwrap();
+        if trust_by_ca {
+            assert_eq!(
+                (console.tls_ca_pem.as_str(), console.tls_fingerprint_sha256.as_str()),
+                (env.sim.cert_pem.as_str(), "")
+            );
+            assert_eq!(console.headers.len(), 1, "a cookie, and no CSRF token for a GET");
+            assert_eq!(console.headers[0].name, "cookie");
+            assert!(console.headers[0].value.starts_with("PVEAuthCookie=PVE"), "the provider's own ticket");
+        }
+        // The proxy's way in: websocket, VNC authentication, the VM's screen.
+        assert_eq!(open_console(&console).await.unwrap(), hcp_proxmox_sim::vnc::server_name(vmid));
+        // The listener took its one connection.
+        let again = open_console(&console).await.unwrap_err();
+        assert!(again.contains("HTTP 500"), "{again}");
+        // A ticket vncproxy never issued is refused.
+        let fresh =
+            p.get_console(pb::GetConsoleRequest { vm_id: id.clone(), protocol: "vnc".into() }).await.unwrap();
+        let forged = pb::ConsoleEndpoint {
+            path: fresh.path.replace("vncticket=PVEVNC", "vncticket=PVEVNX"),
+            ..fresh.clone()
+        };
+        let refused = open_console(&forged).await.unwrap_err();
+        assert!(refused.contains("HTTP 401"), "{refused}");
+        // So is a VNC password that is not the one issued.
+        let wrong = pb::ConsoleEndpoint { password: "not-it".into(), ..fresh };
+        let refused = open_console(&wrong).await.unwrap_err();
+        assert!(refused.contains("Authentication failed"), "{refused}");
+        assert!(p.delete_vm(&id).await.unwrap());
+    }
+    let upgrades = env.sim.sim.requests().iter().filter(|r| r.path.ends_with("/vncwebsocket")).count();
+    assert_eq!(upgrades, 8, "each attempt reached the simulator");
     assert_schema_clean(&env);
 }
 

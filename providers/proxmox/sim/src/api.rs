@@ -9,11 +9,16 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State as AxState;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::{Effect, Faults, RequestRecord, Sim, State, Task, Ticket, Violations, Vm};
+use crate::{
+    Effect, Faults, RequestRecord, Sim, State, Task, Ticket, VNC_LISTEN_WAIT, VNC_TICKET_LIFETIME,
+    Violations, Vm, VncProxy,
+};
 
 /// The router: one fallback handler sees every request.
 pub(crate) fn router(sim: Sim) -> axum::Router {
@@ -26,6 +31,12 @@ enum Answer {
     Error(u16, String, Option<Violations>),
     /// A 401 without the JSON envelope, sent after the configured delay.
     Unauthorized(String),
+    /// A `vncwebsocket` upgrade accepted: serve VNC with this password and
+    /// desktop name.
+    Vnc {
+        password: String,
+        name: String,
+    },
 }
 
 fn fail(status: u16, msg: impl Into<String>) -> Answer {
@@ -49,7 +60,13 @@ fn reply(answer: Answer, numbers_as_strings: bool) -> Response {
             with_reason((code, axum::Json(body)).into_response(), &msg)
         }
         Answer::Unauthorized(msg) => with_reason(StatusCode::UNAUTHORIZED.into_response(), &msg),
+        // `handle` upgrades; without an upgrade there is nothing to serve.
+        Answer::Vnc { .. } => fail_response(400, "websocket upgrade expected"),
     }
+}
+
+fn fail_response(status: u16, msg: &str) -> Response {
+    reply(fail(status, msg), false)
 }
 
 /// PVE puts the message in the HTTP reason phrase.
@@ -153,6 +170,7 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
@@ -197,8 +215,18 @@ async fn handle(
         Answer::Data(_) => 200,
         Answer::Error(s, _, _) => *s,
         Answer::Unauthorized(_) => 401,
+        Answer::Vnc { .. } => 101,
     };
     sim.lock().requests.push(record);
+    if let Answer::Vnc { password, name } = answer {
+        return match ws {
+            Ok(ws) => ws
+                .protocols(["binary"])
+                .on_upgrade(move |socket| crate::vnc::serve(socket, password, name))
+                .into_response(),
+            Err(e) => fail_response(400, &format!("websocket upgrade failed: {e}")),
+        };
+    }
     if matches!(answer, Answer::Unauthorized(_)) {
         tokio::time::sleep(delay).await;
     }
@@ -545,27 +573,65 @@ fn dispatch(
             if s.vms[&vmid].status != "running" {
                 fail(500, format!("VM {vmid} not running"))
             } else {
-                let port = 5900 + (s.vnc_tickets.len() % 100) as u16;
+                s.vnc_tickets.retain(|_, v| v.issued.elapsed() < VNC_TICKET_LIFETIME);
+                let taken: Vec<u16> = s.vnc_tickets.values().map(|v| v.port).collect();
+                let port = (5900..6000).find(|p| !taken.contains(p)).unwrap_or(5900);
                 let ticket = format!(
                     "PVEVNC:{:08X}::{}",
                     rand::random::<u32>(),
                     hex::encode(rand::random::<[u8; 16]>())
                 );
-                s.vnc_tickets.insert(ticket.clone(), (vmid, port, Instant::now()));
                 let upid = spawn_task(s, &node, "vncproxy", vmid, &user, Effect::None);
                 let mut data = json!({"user": user, "ticket": ticket, "port": port, "upid": upid, "cert": "-----BEGIN CERTIFICATE-----\nsim\n-----END CERTIFICATE-----\n"});
-                if p("generate-password").is_some_and(truthy) {
-                    data["password"] = json!(format!("{:08x}", rand::random::<u32>()));
-                }
+                // VNC authentication uses the generated password when one
+                // is asked for, else the ticket itself.
+                let password = if p("generate-password").is_some_and(truthy) {
+                    let generated = format!("{:08x}", rand::random::<u32>());
+                    data["password"] = json!(generated);
+                    generated
+                } else {
+                    ticket.clone()
+                };
+                s.vnc_tickets.insert(
+                    ticket,
+                    VncProxy {
+                        vmid,
+                        port,
+                        user: user.clone(),
+                        password,
+                        issued: Instant::now(),
+                        connected: false,
+                    },
+                );
                 Answer::Data(data)
             }
         }
+        // The ticket must be one vncproxy issued for this VM, port and
+        // user, within its lifetime; the upgrade must come within the
+        // listener's wait, and only once (the listener takes one
+        // connection). A plain GET only checks the ticket.
         ("GET", "/nodes/{node}/qemu/{vmid}/vncwebsocket") => {
             let ticket = p("vncticket").unwrap_or_default();
             let port: u16 = p("port").and_then(|x| x.parse().ok()).unwrap_or(0);
-            match s.vnc_tickets.get(ticket) {
-                Some((v, pt, at)) if *v == vmid && *pt == port && at.elapsed() < Duration::from_secs(40) => {
-                    Answer::Data(json!({"port": port}))
+            let upgrade = headers
+                .get("upgrade")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+            match s.vnc_tickets.get_mut(ticket) {
+                Some(v)
+                    if v.vmid == vmid
+                        && v.port == port
+                        && v.user == user
+                        && v.issued.elapsed() < VNC_TICKET_LIFETIME =>
+                {
+                    if !upgrade {
+                        Answer::Data(json!({"port": port}))
+                    } else if v.connected || v.issued.elapsed() >= VNC_LISTEN_WAIT {
+                        fail(500, format!("unable to connect to VNC port {port} - connection refused"))
+                    } else {
+                        v.connected = true;
+                        Answer::Vnc { password: v.password.clone(), name: crate::vnc::server_name(vmid) }
+                    }
                 }
                 _ => Answer::Unauthorized("authentication failure".to_owned()),
             }

@@ -13,8 +13,10 @@
 //! token authentication with delayed 401s, UPID tasks that run for a while
 //! and end `OK`, `WARNINGS: n` or with an error, config locks held by
 //! running tasks and lock timeouts, vmid collisions (`nextid` reserves
-//! nothing), numbers sent as strings, snapshots, VNC proxy tickets, and
-//! fault injection for all of these ([`Faults`]).
+//! nothing), numbers sent as strings, snapshots, VNC proxy tickets and the
+//! `vncwebsocket` they open (a websocket upgrade to an RFB server with VNC
+//! authentication, [`vnc`]), and fault injection for all of these
+//! ([`Faults`]).
 //!
 //! Tests run it in-process ([`start`]); the `hcp-proxmox-sim` binary serves
 //! it for system tests with a small control API under `/_sim/`.
@@ -22,6 +24,7 @@
 mod api;
 pub mod cli;
 pub mod schema;
+pub mod vnc;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -209,6 +212,25 @@ struct Task {
     vmid: Option<u32>,
 }
 
+/// How long a `vncproxy` listener waits for its one connection (PVE: 10 s).
+pub const VNC_LISTEN_WAIT: Duration = Duration::from_secs(10);
+/// How long a `PVEVNC` ticket verifies (PVE: about 40 s).
+pub const VNC_TICKET_LIFETIME: Duration = Duration::from_secs(40);
+
+/// A `vncproxy` call's listener, waiting for its `vncwebsocket`.
+#[derive(Debug, Clone)]
+struct VncProxy {
+    vmid: u32,
+    port: u16,
+    /// Who asked: the ticket is bound to this user (or token).
+    user: String,
+    /// The VNC password: the one vncproxy returned, else the ticket.
+    password: String,
+    issued: Instant,
+    /// The listener took its one connection.
+    connected: bool,
+}
+
 #[derive(Debug, Clone)]
 struct Ticket {
     user: String,
@@ -221,7 +243,7 @@ struct State {
     vms: BTreeMap<u32, Vm>,
     tasks: HashMap<String, Task>,
     tickets: HashMap<String, Ticket>,
-    vnc_tickets: HashMap<String, (u32, u16, Instant)>,
+    vnc_tickets: HashMap<String, VncProxy>,
     faults: Faults,
     requests: Vec<RequestRecord>,
     next_pid: u32,
@@ -413,8 +435,10 @@ pub async fn start(config: SimConfig) -> Result<Running, StartError> {
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let service = hyper_util::service::TowerToHyperService::new(app);
+                // Upgrades: vncwebsocket becomes a websocket.
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .with_upgrades()
                     .await;
             });
         }
