@@ -32,7 +32,8 @@ impl Vc {
         if !present_or_skip("vsphere system test") {
             return None;
         }
-        let login = VcsimOptions { login: Some(("hcp@vsphere.local".into(), "s3cret".into())), ..Default::default() };
+        let login =
+            VcsimOptions { login: Some(("hcp@vsphere.local".into(), "s3cret".into())), ..Default::default() };
         let sim = Vcsim::start(login).await.expect("vcsim starts");
         let opts = StackOptions { jobs_toml: jobs_toml.to_owned(), ..Default::default() };
         let mut s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
@@ -42,10 +43,8 @@ impl Vc {
         // stack's image source maps onto vcsim's VM as template.
         std::fs::write(
             &config,
-            sim.provider_toml("[timing]\nretry_base_ms = 20\n").replace(
-                "[templates]\n",
-                "[templates]\n\"debian-12-genericcloud\" = \"DC0_C0_RP0_VM0\"\n",
-            ),
+            sim.provider_toml("[timing]\nretry_base_ms = 20\n")
+                .replace("[templates]\n", "[templates]\n\"debian-12-genericcloud\" = \"DC0_C0_RP0_VM0\"\n"),
         )
         .unwrap();
         let addr = s.start_program("vsphere", &exe, &args(&config, "127.0.0.1:0"), &[]).await.unwrap();
@@ -60,7 +59,10 @@ impl Vc {
                        "credentials": {"username": "hcp@vsphere.local", "password": "s3cret"}}),
             ),
             // The zone's network, mapped onto a port group.
-            ("/api/hcp/ops/v1/networks", json!({"name": "default", "zone": "vc", "backings": {"vc-1": "VM Network"}})),
+            (
+                "/api/hcp/ops/v1/networks",
+                json!({"name": "default", "zone": "vc", "backings": {"vc-1": "VM Network"}}),
+            ),
         ] {
             let r = s.rest.post(path, &ops, &body).await.unwrap();
             assert!(r.status == 200 || r.status == 201, "{path}: {}", r.body);
@@ -99,14 +101,17 @@ impl Vc {
     /// own, not the process under test).
     async fn on_vcenter(&self) -> Vec<String> {
         let p = hcp_provider_vsphere::Vsphere::new(
-            hcp_provider_vsphere::config::Config::from_toml(&std::fs::read_to_string(&self.config).unwrap()).unwrap(),
+            hcp_provider_vsphere::config::Config::from_toml(&std::fs::read_to_string(&self.config).unwrap())
+                .unwrap(),
         )
         .await
         .unwrap();
         use hcp_provider_sdk::Provider as _;
-        p.configure([("username".into(), "hcp@vsphere.local".into()), ("password".into(), "s3cret".into())].into())
-            .await
-            .unwrap();
+        p.configure(
+            [("username".into(), "hcp@vsphere.local".into()), ("password".into(), "s3cret".into())].into(),
+        )
+        .await
+        .unwrap();
         let mut ids: Vec<String> = p
             .list_vms(Default::default())
             .await
@@ -122,8 +127,9 @@ impl Vc {
     /// Restarts the provider on its port, with `failpoints`.
     async fn restart_provider(&mut self, failpoints: Option<&str>) {
         self.s.kill("vsphere").await;
-        let mut env: Vec<(&str, String)> =
-            failpoints.map(|f| vec![(hcp_provider_vsphere::FAILPOINTS_ENV, f.to_owned())]).unwrap_or_default();
+        let mut env: Vec<(&str, String)> = failpoints
+            .map(|f| vec![(hcp_provider_vsphere::FAILPOINTS_ENV, f.to_owned())])
+            .unwrap_or_default();
         env.push(("RUST_LOG", "info,hcp_provider_vsphere=debug".to_owned()));
         let listen = format!("127.0.0.1:{}", self.port);
         self.s.start_program("vsphere", &self.exe, &args(&self.config, &listen), &env).await.unwrap();
@@ -179,11 +185,26 @@ async fn a_vm_lives_and_dies_on_vsphere() {
     let read = vc.s.rest.get(&format!("{VMS}/{vm}"), &vc.tenant).await.unwrap();
     assert_eq!(read.str("status"), "ACTIVE", "{}", read.body);
 
-    // The console: the tenant gets HCP's URL, never vCenter's ticket.
-    let c = vc.s.rest.post(&format!("{VMS}/{vm}:console"), &vc.tenant, &json!({})).await.unwrap();
-    assert_eq!(c.status, 200, "{}", c.body);
-    assert!(!c.body.to_string().contains(&vc.sim.port.to_string()), "{}", c.body);
-    assert!(!c.body.to_string().contains("/ticket/"), "{}", c.body);
+    // The console: the tenant gets HCP's URL, never vCenter's ticket. The
+    // gateway redeems the token, asks the provider (AcquireTicket webmks),
+    // opens wss://vcenter/ticket/<ticket> trusting vCenter's certificate
+    // by its pinned fingerprint, and relays the RFB of the test bed's
+    // WebMKS stand-in, whose ServerInit names the VM.
+    let c = vc.s.console(&format!("{VMS}/{vm}"), &vc.tenant, &json!({})).await.unwrap();
+    assert_eq!(c["type"], "vnc");
+    assert!(
+        !c.to_string().contains(&format!(":{}", vc.sim.port)) && !c.to_string().contains("/ticket/"),
+        "{c}"
+    );
+    let url = c["url"].as_str().unwrap();
+    let mut console = hcp_testkit::console::open(url, None).await.unwrap();
+    let init = console.handshake().await.unwrap().expect("the proxy relays the VM's screen");
+    assert_eq!(init.name, format!("vcsim hcp-{vm}"));
+    assert_eq!((init.width, init.height), (64, 48));
+    assert!(console.close().await.unwrap().rfb);
+    // Once is once.
+    let again = hcp_testkit::console::session(url, None).await.unwrap();
+    assert_eq!((again.code, again.reason.as_str(), again.rfb), (4403, "console token already used", false));
 
     vc.operate(&vm, "delete", json!({}), "DELETED").await;
     assert!(vc.on_vcenter().await.is_empty());
@@ -197,7 +218,12 @@ async fn a_crash_at_every_create_step_leaves_exactly_one_vm() {
     let Some(mut vc) = Vc::start("max_attempts = 100\nbackoff_max_ms = 500\n").await else { return };
     let mut vms = Vec::new();
     // Core creates, then starts: the power-on is its own step.
-    for step in ["create:after-clone-submit", "create:after-clone", "create:after-reconfigure", "start:after-power-on"] {
+    for step in [
+        "create:after-clone-submit",
+        "create:after-clone",
+        "create:after-reconfigure",
+        "start:after-power-on",
+    ] {
         vc.restart_provider(Some(step)).await;
         let (vm, job) = vc.create(&format!("crash-{}", step.replace(':', "-"))).await;
         let exit = vc.s.wait_exit("vsphere", WAIT).await.unwrap();
