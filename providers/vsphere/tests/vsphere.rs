@@ -273,8 +273,12 @@ async fn an_expired_session_is_renewed_and_wrong_credentials_are_clear() {
 
 #[tokio::test]
 async fn a_slow_or_dead_vcenter_gives_retries_clear_errors_and_no_duplicates() {
-    // CloneVM_Task answers after 3 s; the provider gives a request 1 s.
-    let slow = VcsimOptions { method_delays: vec![("CloneVM_Task".into(), 3000)], ..Default::default() };
+    // CloneVM_Task answers after 3 s, PowerOffVM_Task after 0.8 s; the
+    // provider gives a request 1 s.
+    let slow = VcsimOptions {
+        method_delays: vec![("CloneVM_Task".into(), 3000), ("PowerOffVM_Task".into(), 800)],
+        ..Default::default()
+    };
     let Some(mut sim) = vcsim(slow.clone()).await else { return };
     let timing = "[timing]\nretry_base_ms = 10\nretry_attempts = 3\nrequest_timeout_seconds = 1\ntask_timeout_seconds = 30\n";
     let p = provider(&sim, timing).await;
@@ -302,8 +306,19 @@ async fn a_slow_or_dead_vcenter_gives_retries_clear_errors_and_no_duplicates() {
     assert_eq!(vm.power_state, pb::PowerState::Running as i32);
     assert_eq!(hcp_vms(&soap).await, [format!("hcp-{id}")], "exactly one VM");
 
-    // vCenter dies: reads are retried with backoff, then a clear error.
-    sim.kill().await;
+    // vCenter dies in the middle of a power-off (its answer takes 800 ms):
+    // the stop fails with a clear, retryable error.
+    let (stopped, ()) = tokio::join!(
+        p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: true, timeout_seconds: 0 }),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            sim.kill().await;
+        }
+    );
+    let e = stopped.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unavailable, "{e:?}");
+    assert!(e.message.contains("vSphere unreachable"), "{e:?}");
+    // Down: reads are retried with backoff, then a clear error.
     let sent = p.client().requests_sent.load(std::sync::atomic::Ordering::Relaxed);
     let e = p.get_vm(&id).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Unavailable, "{e:?}");
