@@ -1,0 +1,237 @@
+//! The provider's typed, strict configuration (a TOML file): where the
+//! Hyper-V host's WinRM listener is, how to trust it, where VM disks and
+//! seed ISOs go on the host, and how HCP's images and networks map onto
+//! parent VHDX files and virtual switches. Unknown keys are refused.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address of the provider. Default `127.0.0.1:50091`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The WinRM HTTPS listener, `https://hv1.example.com:5986/wsman`.
+    pub url: String,
+    /// The host's computer name, for WMI object paths; the name the host
+    /// reports when unset.
+    #[serde(default)]
+    pub host_name: Option<String>,
+    /// Directory on the host for VM disks (`C:\Hyper-V\hcp`).
+    pub vm_dir: String,
+    /// HCP image source -> parent VHDX on the host
+    /// (`C:\Hyper-V\images\debian-12.vhdx`); a source not listed is a file
+    /// name in `image_dir`.
+    #[serde(default)]
+    pub images: BTreeMap<String, String>,
+    /// Directory on the host holding parent VHDX files.
+    #[serde(default)]
+    pub image_dir: Option<String>,
+    /// HCP network -> virtual switch, for attachments without a backing in
+    /// HCP's network catalog.
+    #[serde(default)]
+    pub networks: BTreeMap<String, String>,
+    /// Switch for a VM created without networks.
+    #[serde(default = "default_switch")]
+    pub default_switch: String,
+    /// Cloud-init NoCloud seeds: written by the provider into `local_dir`,
+    /// which is `host_dir` on the host (an SMB share, say).
+    #[serde(default)]
+    pub cloud_init: Option<CloudInitConfig>,
+    /// Credentials; when absent they arrive through `Identity.Configure`.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// How to trust the listener's certificate.
+    pub tls: TlsConfig,
+    /// Timing and retries.
+    #[serde(default)]
+    pub timing: TimingConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 50091))
+}
+
+fn default_switch() -> String {
+    "Default Switch".to_owned()
+}
+
+/// Where seed ISOs go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitConfig {
+    /// Where the provider writes (`/mnt/hyperv-seeds`).
+    pub local_dir: PathBuf,
+    /// The same directory as the host sees it (`\\fs\seeds` or `C:\seeds`).
+    pub host_dir: String,
+}
+
+/// A local account or `DOMAIN\user` with its password (Basic over HTTPS).
+#[derive(Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The user.
+    pub username: String,
+    /// Its password.
+    pub password: Option<String>,
+    /// Read the password from this file instead.
+    pub password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig").field("username", &self.username).finish_non_exhaustive()
+    }
+}
+
+/// Exactly one of a CA file or a certificate fingerprint.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificates.
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the listener's certificate, `AA:BB:...`.
+    pub fingerprint: Option<String>,
+}
+
+impl TlsConfig {
+    /// Reads the trust it names.
+    pub fn trust(&self) -> anyhow::Result<hcp_tls::Trust> {
+        Ok(match (&self.ca_file, &self.fingerprint) {
+            (Some(ca), _) => hcp_tls::Trust::Ca(
+                std::fs::read(ca).map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", ca.display()))?,
+            ),
+            (None, Some(f)) => hcp_tls::Trust::Fingerprint(
+                hcp_tls::parse_fingerprint(f)
+                    .ok_or_else(|| anyhow::anyhow!("tls.fingerprint is not 32 hex bytes"))?,
+            ),
+            (None, None) => anyhow::bail!("tls: set ca_file or fingerprint"),
+        })
+    }
+}
+
+/// Timing and retries; defaults suit a real host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimingConfig {
+    /// Job polling interval. Default 250 ms.
+    pub job_poll_ms: u64,
+    /// Longest wait for one job. Default 900 s.
+    pub job_timeout_seconds: u64,
+    /// Guest shutdown wait before turning the VM off. Default 60 s.
+    pub shutdown_timeout_seconds: u64,
+    /// Attempts for "in use" (32774) and transport failures. Default 6.
+    pub retry_attempts: u32,
+    /// First backoff; doubles per attempt, with jitter. Default 250 ms.
+    pub retry_base_ms: u64,
+    /// Deadline of one request. Default 60 s.
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for TimingConfig {
+    fn default() -> Self {
+        Self {
+            job_poll_ms: 250,
+            job_timeout_seconds: 900,
+            shutdown_timeout_seconds: 60,
+            retry_attempts: 6,
+            retry_base_ms: 250,
+            request_timeout_seconds: 60,
+        }
+    }
+}
+
+/// The configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("invalid configuration")]
+    Parse(#[source] toml::de::Error),
+    /// A field is wrong.
+    #[error("{field}: {message}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Parses and checks a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(ConfigError::Parse)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads and checks a file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let field = |field, message: &str| Err(ConfigError::Field { field, message: message.to_owned() });
+        if let Err(m) = crate::wsman::split_url(&self.url) {
+            return field("url", &m);
+        }
+        if self.vm_dir.is_empty() {
+            return field("vm_dir", "must not be empty");
+        }
+        match (&self.tls.ca_file, &self.tls.fingerprint) {
+            (Some(_), Some(_)) => return field("tls", "set ca_file or fingerprint, not both"),
+            (None, None) => return field("tls", "set ca_file or fingerprint"),
+            (None, Some(f)) if hcp_tls::parse_fingerprint(f).is_none() => {
+                return field("tls.fingerprint", "must be 32 hex bytes, e.g. AA:BB:...");
+            }
+            _ => {}
+        }
+        if self.timing.retry_attempts == 0 {
+            return field("timing.retry_attempts", "at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_are_checked_field_by_field() {
+        let fp = ["AB"; 32].join(":");
+        let base = "url = \"https://hv1:5986/wsman\"\nvm_dir = 'C:\\Hyper-V\\hcp'\n";
+        let check = |t: &str| {
+            Config::from_toml(t).map(|_| ()).map_err(|e| match e {
+                ConfigError::Field { field, .. } => field.to_owned(),
+                other => other.to_string(),
+            })
+        };
+        assert_eq!(check(&format!("{base}[tls]\nfingerprint = \"{fp}\"\n")), Ok(()));
+        assert_eq!(check(&format!("{base}[tls]\n")), Err("tls".into()));
+        assert_eq!(
+            check(&format!("{}[tls]\nfingerprint = \"{fp}\"\n", base.replace("https", "http"))),
+            Err("url".into())
+        );
+        assert_eq!(
+            check(&format!("x = 1\n{base}[tls]\nfingerprint = \"{fp}\"\n")),
+            Err("invalid configuration".into())
+        );
+    }
+}
