@@ -24,6 +24,11 @@ pub struct Config {
     pub host_name: Option<String>,
     /// Directory on the host for VM disks (`C:\Hyper-V\hcp`).
     pub vm_dir: String,
+    /// The same directory as the provider sees it (an SMB mount of the
+    /// host's share); when set, DeleteVm removes the VM's VHDX too, which
+    /// WMI's `DestroySystem` keeps.
+    #[serde(default)]
+    pub vm_dir_local: Option<PathBuf>,
     /// HCP image source -> parent VHDX on the host
     /// (`C:\Hyper-V\images\debian-12.vhdx`); a source not listed is a file
     /// name in `image_dir`.

@@ -37,6 +37,7 @@ use crate::wsman::{Credentials, Epr, Param, Wsman, WsmanError};
 /// Environment variable naming failpoints, for crash tests only: a comma
 /// separated list of `create:after-define`, `create:after-controller`,
 /// `create:after-drive`, `create:after-vhd`, `create:after-disk`,
+/// `create:after-dvd`, `create:after-seed`,
 /// `create:after-nic`, `create:after-connection`, `start:after-start`; the
 /// process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_HYPERV_FAILPOINTS";
@@ -47,6 +48,8 @@ const VSSS: &str = "Msvm_VirtualSystemSnapshotService";
 const SCSI: &str = "Microsoft:Hyper-V:Synthetic SCSI Controller";
 const DISK_DRIVE: &str = "Microsoft:Hyper-V:Synthetic Disk Drive";
 const VHD: &str = "Microsoft:Hyper-V:Virtual Hard Disk";
+const DVD_DRIVE: &str = "Microsoft:Hyper-V:Synthetic DVD Drive";
+const ISO: &str = "Microsoft:Hyper-V:Virtual CD/DVD Disk";
 const NIC: &str = "Microsoft:Hyper-V:Synthetic Ethernet Port";
 const CONNECTION: &str = "Microsoft:Hyper-V:Ethernet Connection";
 
@@ -651,6 +654,58 @@ impl Hyperv {
             self.add(&vssd, sasd).await.map_err(err)?;
             self.failpoint("create:after-disk");
         }
+        // User data: a NoCloud seed ISO on DVD drive 1 of the controller.
+        if let (Some(user_data), Some(ci)) = (&spec.user_data, &self.config.cloud_init) {
+            let iso_name = format!("{}-seed.iso", vm_name(vm_id));
+            let host_iso = format!("{}\\{iso_name}", ci.host_dir.trim_end_matches('\\'));
+            let d = self.devices(&vssd).await.map_err(err)?;
+            if !d
+                .storage
+                .iter()
+                .any(|s| s.all("HostResource").iter().any(|h| h.eq_ignore_ascii_case(&host_iso)))
+            {
+                let hostname = if spec.hostname.is_empty() { &spec.name } else { &spec.hostname };
+                hcp_nocloud::build(&ci.local_dir.join(&iso_name), vm_id, hostname, user_data)
+                    .await
+                    .map_err(|e| ProviderError::new(ErrorKind::Internal, format!("the seed ISO: {e}")))?;
+                let controller = d
+                    .controller()
+                    .cloned()
+                    .ok_or_else(|| err(HvError::Unexpected("no SCSI controller for the seed".into())))?;
+                let controller_path = self.path_of(&controller).await.map_err(err)?;
+                let dvd_of = |d: &Devices| {
+                    d.rasds
+                        .iter()
+                        .find(|r| {
+                            r.get("ResourceSubType") == Some(DVD_DRIVE)
+                                && r.get("Parent").is_some_and(|p| p.eq_ignore_ascii_case(&controller_path))
+                        })
+                        .cloned()
+                };
+                let drive = match dvd_of(&d) {
+                    Some(dr) => dr,
+                    None => {
+                        let mut dr = Instance::new("Msvm_ResourceAllocationSettingData");
+                        dr.set("ResourceType", "uint16", "16")
+                            .set("ResourceSubType", "string", DVD_DRIVE)
+                            .set("Parent", "string", controller_path.clone())
+                            .set("AddressOnParent", "string", "1");
+                        self.add(&vssd, dr).await.map_err(err)?;
+                        self.failpoint("create:after-dvd");
+                        dvd_of(&self.devices(&vssd).await.map_err(err)?).ok_or_else(|| {
+                            err(HvError::Unexpected("the DVD drive is missing after its add".into()))
+                        })?
+                    }
+                };
+                let mut sasd = Instance::new("Msvm_StorageAllocationSettingData");
+                sasd.set("ResourceType", "uint16", "31")
+                    .set("ResourceSubType", "string", ISO)
+                    .set("Parent", "string", self.path_of(&drive).await.map_err(err)?)
+                    .set_array("HostResource", "string", vec![host_iso]);
+                self.add(&vssd, sasd).await.map_err(err)?;
+                self.failpoint("create:after-seed");
+            }
+        }
         // NICs: port i named hcp-nic-i, connected to switch i.
         let switches = self.switches(spec).await?;
         for (i, switch) in switches.iter().enumerate() {
@@ -764,6 +819,7 @@ impl Provider for Hyperv {
         let mut attributes = HashMap::new();
         attributes.insert("host".to_owned(), self.host_name().await.map_err(map_error)?.to_owned());
         Ok(pb::Capabilities {
+            supports_cloud_init: self.config.cloud_init.is_some() && hcp_nocloud::tool_available(),
             supports_snapshot: true,
             supports_snapshot_running: true,
             // CPUs, memory and the VHDX of a stopped VM.
@@ -813,10 +869,10 @@ impl Provider for Hyperv {
         if spec.vcpus == 0 || spec.memory_mib == 0 {
             return Err(invalid("spec", "vcpus and memory_mib must be positive"));
         }
-        if spec.user_data.is_some() {
+        if spec.user_data.is_some() && self.config.cloud_init.is_none() {
             return Err(ProviderError::new(
                 ErrorKind::Unsupported,
-                "user data is not supported by this provider yet",
+                "user data needs [cloud_init] in the Hyper-V provider's configuration",
             ));
         }
         let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "required"))?;
@@ -1007,10 +1063,27 @@ impl Provider for Hyperv {
             .call(&Self::service(VSMS), "DestroySystem", &[("AffectedSystem", Param::Ref(vm.epr()))])
             .await
         {
-            Ok(_) => Ok(true),
-            Err(HvError::Wsman(e)) if e.is_not_found() => Ok(true),
-            Err(e) => Err(map_error(e)),
+            Ok(_) => {}
+            Err(HvError::Wsman(e)) if e.is_not_found() => {}
+            Err(e) => return Err(map_error(e)),
         }
+        // DestroySystem keeps disks and ISOs: remove ours where the
+        // provider can reach them.
+        let name = vm_name(vm_id);
+        let files = [
+            self.config.vm_dir_local.as_ref().map(|d| d.join(format!("{name}.vhdx"))),
+            self.config.cloud_init.as_ref().map(|c| c.local_dir.join(format!("{name}-seed.iso"))),
+        ];
+        for f in files.into_iter().flatten() {
+            match tokio::fs::remove_file(&f).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), error = %e, "cannot remove a file of a deleted VM")
+                }
+            }
+        }
+        Ok(true)
     }
 
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {

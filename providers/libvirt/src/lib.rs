@@ -16,7 +16,8 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod errors;
-pub mod seed;
+/// The NoCloud seed, shared with the Hyper-V provider.
+pub use hcp_nocloud as seed;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
