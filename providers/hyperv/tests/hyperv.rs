@@ -1,0 +1,361 @@
+//! The Hyper-V provider against `hcp-hyperv-sim`, a WS-Management server
+//! simulating the documented part of `root/virtualization/v2` that
+//! refuses and records every request off the contract: the conformance
+//! kit, what a VM looks like on the host, jobs that fail, objects in use,
+//! bad credentials, and the provider process killed at every step of a
+//! create. Every test ends by checking that the simulator saw no violation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hcp_hyperv_sim::{Faults, Running, SimConfig};
+use hcp_provider_hyperv::Hyperv;
+use hcp_provider_hyperv::config::Config;
+use hcp_provider_sdk::{ErrorKind, Provider, pb};
+
+const USER: &str = "hcp";
+const PASSWORD: &str = "s3cret";
+
+async fn sim() -> Running {
+    let config = SimConfig {
+        switches: vec!["Default Switch".into(), "LAN".into()],
+        users: vec![(USER.into(), PASSWORD.into())],
+        ..Default::default()
+    };
+    let running = hcp_hyperv_sim::start(config).await.expect("the simulator starts");
+    // The image: a parent VHDX on the host.
+    std::fs::write(running.sim.disk_dir().join("debian-12.vhdx"), vec![0u8; 4096]).unwrap();
+    running
+}
+
+fn toml(sim: &Running, extra: &str) -> String {
+    let dir = sim.sim.disk_dir();
+    format!(
+        "listen = \"127.0.0.1:0\"\nurl = \"{url}\"\nvm_dir = 'C:\\Hyper-V\\hcp'\nvm_dir_local = \"{dir}\"\n\
+         image_dir = 'C:\\Hyper-V\\hcp'\n\
+         [networks]\ndefault = \"Default Switch\"\nlan = \"LAN\"\n\
+         [cloud_init]\nlocal_dir = \"{dir}\"\nhost_dir = 'C:\\Hyper-V\\hcp'\n\
+         [tls]\nfingerprint = \"{fp}\"\n\
+         [timing]\njob_poll_ms = 10\nretry_base_ms = 10\nretry_attempts = 4\nshutdown_timeout_seconds = 5\n{extra}",
+        url = sim.endpoint(),
+        dir = dir.display(),
+        fp = sim.fingerprint,
+    )
+}
+
+async fn provider(sim: &Running, extra: &str) -> Hyperv {
+    let p = Hyperv::new(Config::from_toml(&toml(sim, extra)).unwrap()).await.unwrap();
+    p.configure([("username".to_owned(), USER.to_owned()), ("password".to_owned(), PASSWORD.to_owned())].into())
+        .await
+        .unwrap();
+    p
+}
+
+fn assert_no_violations(sim: &Running) {
+    let v = sim.sim.violations();
+    assert!(v.is_empty(), "requests off the contract: {v:#?}");
+}
+
+fn spec(name: &str, networks: &[&str], user_data: Option<&str>) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 2,
+        memory_mib: 1024,
+        disk_gib: 2,
+        image: Some(pb::ImageRef { name: "debian-12".into(), source: "debian-12".into() }),
+        networks: networks.iter().map(|n| pb::NetworkAttachment { network: (*n).into(), backing: String::new() }).collect(),
+        user_data: user_data.map(str::to_owned),
+        hostname: "web".into(),
+        labels: Default::default(),
+    }
+}
+
+fn hcp_vms(sim: &Running) -> Vec<String> {
+    let mut names: Vec<String> = sim.sim.vms().into_iter().map(|v| v.name).filter(|n| n.starts_with("hcp-")).collect();
+    names.sort();
+    names
+}
+
+struct Hooks(hcp_hyperv_sim::Sim);
+
+impl hcp_provider_conformance::Hooks for Hooks {
+    fn hypervisor_vm_ids(&self) -> Option<hcp_provider_conformance::HookFuture<'_, Vec<String>>> {
+        Some(Box::pin(async move {
+            Ok(self.0.vms().into_iter().filter_map(|v| v.name.strip_prefix("hcp-").map(str::to_owned)).collect())
+        }))
+    }
+
+    fn fail_next_create_after_first_effect(&self) -> Option<hcp_provider_conformance::HookFuture<'_, ()>> {
+        // The VM is defined, then its first added resource's job fails.
+        Some(Box::pin(async move {
+            let mut f = self.0.faults();
+            f.job_failures.insert("AddResourceSettings".into(), "The operation failed (simulated).".into());
+            self.0.set_faults(f);
+            Ok(())
+        }))
+    }
+
+    fn clear_faults(&self) -> hcp_provider_conformance::HookFuture<'_, ()> {
+        Box::pin(async move {
+            self.0.set_faults(Faults::default());
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_provider_passes_the_conformance_kit() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(hcp_provider_sdk::serve(
+        p,
+        hcp_provider_sdk::ServeConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() },
+        std::future::pending(),
+        move |a| {
+            let _ = tx.send(a);
+        },
+    ));
+    let endpoint = format!("http://{}", rx.await.unwrap());
+    let mut options = hcp_provider_conformance::Options::new(&endpoint);
+    options.image_source = "debian-12".into();
+    options.network = "default".into();
+    options.call_timeout = Duration::from_secs(60);
+    options.hooks = Some(Arc::new(Hooks(sim.sim.clone())));
+    let report = hcp_provider_conformance::run(options).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    let skipped: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|(_, o)| matches!(o, hcp_provider_conformance::Outcome::Skip(_)))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(skipped, ["vnc console", "spice console", "rdp console", "serial console", "hot resize"], "{report}");
+    assert!(hcp_vms(&sim).is_empty(), "the kit cleaned up: {:?}", hcp_vms(&sim));
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
+async fn a_vm_is_defined_with_its_disk_seed_and_nics_and_marked_with_its_hcp_id() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let req = pb::CreateVmRequest {
+        vm_id: id.clone(),
+        spec: Some(spec("web-1", &["default", "lan"], Some("#cloud-config\nhostname: web\n"))),
+        start: true,
+    };
+    let vm = p.create_vm(req.clone()).await.unwrap();
+    assert_eq!(vm.power_state, pb::PowerState::Running as i32);
+    assert_eq!((vm.vcpus, vm.memory_mib), (2, 1024));
+    assert_eq!(vm.interfaces.len(), 2);
+    assert!(vm.interfaces.iter().all(|i| i.mac.len() == 17), "{vm:?}");
+    let v = sim.sim.vm(&format!("hcp-{id}")).expect("the VM is on the host");
+    assert_eq!(vm.native_id, v.guid);
+    assert!(v.notes.contains(&format!("hcp-vm-id={id}")), "{:?}", v.notes);
+    assert_eq!((v.cpus, v.memory_mb), (2, 1024));
+    let subtypes: Vec<&str> = v.devices.iter().map(|d| d.subtype.as_str()).collect();
+    for want in [
+        "Microsoft:Hyper-V:Synthetic SCSI Controller",
+        "Microsoft:Hyper-V:Synthetic Disk Drive",
+        "Microsoft:Hyper-V:Virtual Hard Disk",
+        "Microsoft:Hyper-V:Synthetic DVD Drive",
+        "Microsoft:Hyper-V:Virtual CD/DVD Disk",
+    ] {
+        assert_eq!(subtypes.iter().filter(|s| **s == want).count(), 1, "{want}: {subtypes:?}");
+    }
+    assert_eq!(subtypes.iter().filter(|s| **s == "Microsoft:Hyper-V:Synthetic Ethernet Port").count(), 2);
+    assert_eq!(subtypes.iter().filter(|s| **s == "Microsoft:Hyper-V:Ethernet Connection").count(), 2);
+    // The disk: a differencing VHDX on the image, grown to the flavor.
+    let vhd = format!("C:\\Hyper-V\\hcp\\hcp-{id}.vhdx");
+    let file = sim.sim.files().into_iter().find(|f| f.path.eq_ignore_ascii_case(&vhd)).expect("the VHDX exists");
+    assert_eq!((file.kind, file.size), (4, 2 << 30));
+    assert!(file.parent.as_deref().is_some_and(|p| p.ends_with("debian-12.vhdx")), "{file:?}");
+    // The seed: a NoCloud ISO the provider wrote where the host sees it.
+    assert!(sim.sim.disk_dir().join(format!("hcp-{id}-seed.iso")).is_file());
+
+    // A repeated create finds the VM and adds nothing.
+    let again = p.create_vm(req).await.unwrap();
+    assert_eq!(again.native_id, vm.native_id);
+    assert_eq!(sim.sim.vm(&format!("hcp-{id}")).unwrap().devices.len(), v.devices.len());
+    assert_eq!(hcp_vms(&sim), [format!("hcp-{id}")]);
+
+    // Unknown images and switches are refused before anything is made.
+    let other = uuid::Uuid::new_v4().to_string();
+    let mut bad = spec("x", &["default"], None);
+    bad.image.as_mut().unwrap().source = "no-such-image".into();
+    let e = p.create_vm(pb::CreateVmRequest { vm_id: other.clone(), spec: Some(bad), start: true }).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
+    let e = p
+        .create_vm(pb::CreateVmRequest { vm_id: other, spec: Some(spec("x", &["nowhere"], None)), start: true })
+        .await
+        .unwrap_err();
+    assert!(e.kind == ErrorKind::InvalidArgument && e.message.contains("spec.networks"), "{e:?}");
+    assert_eq!(hcp_vms(&sim).len(), 1);
+
+    // Delete: the VM, its VHDX and its seed are gone.
+    assert!(p.delete_vm(&id).await.unwrap());
+    assert!(!p.delete_vm(&id).await.unwrap());
+    assert!(hcp_vms(&sim).is_empty());
+    assert!(!sim.sim.disk_dir().join(format!("hcp-{id}.vhdx")).exists());
+    assert!(!sim.sim.disk_dir().join(format!("hcp-{id}-seed.iso")).exists());
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
+async fn failed_jobs_objects_in_use_and_bad_credentials_are_told_apart() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let req = pb::CreateVmRequest { vm_id: id.clone(), spec: Some(spec("jobs", &["default"], None)), start: false };
+    p.create_vm(req).await.unwrap();
+
+    // A job ending in state 10: not retryable, with Hyper-V's message.
+    sim.sim.set_faults(Faults {
+        job_failures: [("RequestStateChange".to_owned(), "The virtual machine could not be started (simulated).".to_owned())]
+            .into(),
+        ..Default::default()
+    });
+    let e = p.start_vm(&id).await.unwrap_err();
+    assert_eq!(e.retryable, Some(false), "{e:?}");
+    assert!(e.message.contains("could not be started (simulated)"), "{e:?}");
+
+    // 32774 (in use) twice: retried, and the start goes through.
+    sim.sim.set_faults(Faults { in_use: [("RequestStateChange".to_owned(), 2)].into(), ..Default::default() });
+    let vm = p.start_vm(&id).await.unwrap();
+    assert_eq!(vm.power_state, pb::PowerState::Running as i32);
+
+    // A graceful stop of a guest that ignores it ends in a turn-off at the
+    // timeout; a VM without integration services is turned off at once.
+    sim.sim.set_faults(Faults { guest_ignores_shutdown: true, ..Default::default() });
+    let vm = p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: false, timeout_seconds: 1 }).await.unwrap();
+    assert_eq!(vm.power_state, pb::PowerState::Shutoff as i32);
+    sim.sim.set_faults(Faults::default());
+
+    // Wrong credentials: a credential error after one request.
+    let wrong = Hyperv::new(Config::from_toml(&toml(&sim, "")).unwrap()).await.unwrap();
+    wrong
+        .configure([("username".to_owned(), USER.to_owned()), ("password".to_owned(), "wrong".to_owned())].into())
+        .await
+        .unwrap();
+    let before = sim.sim.stats();
+    let e = wrong.get_vm(&id).await.unwrap_err();
+    assert_eq!((e.kind, e.retryable), (ErrorKind::PermissionDenied, Some(false)), "{e:?}");
+    let after = sim.sim.stats();
+    assert_eq!((after.requests - before.requests, after.unauthorized - before.unauthorized), (1, 1));
+
+    assert!(p.delete_vm(&id).await.unwrap());
+    assert_no_violations(&sim);
+}
+
+/// The provider process is killed at every step of a create (after the
+/// define, after each added resource, after the start); a restarted
+/// provider given the same request finishes it, and the host holds
+/// exactly one VM with one of each device.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_at_every_create_step_leaves_exactly_one_vm() {
+    use hcp_proto::provider::compute_client::ComputeClient;
+    use hcp_proto::provider::identity_client::IdentityClient;
+    let sim = sim().await;
+    let dir = sim.sim.disk_dir();
+    let config = dir.join("provider.toml");
+    std::fs::write(&config, toml(&sim, "")).unwrap();
+    let exe = env!("CARGO_BIN_EXE_hcp-provider-hyperv");
+    let start = |failpoint: Option<&str>| {
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("--config").arg(&config).arg("--listen").arg("127.0.0.1:0").kill_on_drop(true);
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        if let Some(f) = failpoint {
+            cmd.env(hcp_provider_hyperv::FAILPOINTS_ENV, f);
+        }
+        cmd.spawn().unwrap()
+    };
+    // The provider announces its address on stdout.
+    async fn address(child: &mut tokio::process::Child) -> String {
+        use tokio::io::AsyncBufReadExt;
+        let out = child.stdout.take().unwrap();
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if let Some(addr) = l.split_whitespace().find_map(|w| w.strip_prefix("addr=")) {
+                return addr.trim_matches('"').to_owned();
+            }
+            if let Some(i) = l.find("127.0.0.1:") {
+                return l[i..].split(|c: char| c.is_whitespace() || c == '"').next().unwrap().to_owned();
+            }
+        }
+        panic!("the provider printed no address");
+    }
+    let mut made = Vec::new();
+    for step in [
+        "create:after-define",
+        "create:after-controller",
+        "create:after-drive",
+        "create:after-vhd",
+        "create:after-disk",
+        "create:after-dvd",
+        "create:after-seed",
+        "create:after-nic",
+        "create:after-connection",
+        "start:after-start",
+    ] {
+        let id = uuid::Uuid::new_v4().to_string();
+        let req = pb::CreateVmRequest {
+            vm_id: id.clone(),
+            spec: Some(spec(step, &["default"], Some("#cloud-config\n"))),
+            start: false,
+        };
+        let mut child = start(Some(step));
+        let addr = address(&mut child).await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        IdentityClient::new(channel.clone())
+            .configure(pb::ConfigureRequest {
+                credentials: [("username".to_owned(), USER.to_owned()), ("password".to_owned(), PASSWORD.to_owned())]
+                    .into(),
+            })
+            .await
+            .unwrap();
+        let mut compute = ComputeClient::new(channel);
+        let r = if step.starts_with("start:") {
+            compute.create_vm(req.clone()).await.unwrap();
+            compute.start_vm(pb::VmRef { vm_id: id.clone() }).await.map(|_| ())
+        } else {
+            compute.create_vm(req.clone()).await.map(|_| ())
+        };
+        assert!(r.is_err(), "{step}: the provider should have died");
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+        assert!(!status.success(), "{step}: {status}");
+        // Restarted, it finishes what core asks again.
+        let mut child = start(None);
+        let addr = address(&mut child).await;
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        IdentityClient::new(channel.clone())
+            .configure(pb::ConfigureRequest {
+                credentials: [("username".to_owned(), USER.to_owned()), ("password".to_owned(), PASSWORD.to_owned())]
+                    .into(),
+            })
+            .await
+            .unwrap();
+        let mut compute = ComputeClient::new(channel);
+        compute.create_vm(req).await.unwrap_or_else(|s| panic!("{step}: the retried create: {s:?}"));
+        let vm = compute.start_vm(pb::VmRef { vm_id: id.clone() }).await.unwrap().into_inner();
+        assert_eq!(vm.power_state, pb::PowerState::Running as i32, "{step}");
+        made.push(format!("hcp-{id}"));
+        made.sort();
+        assert_eq!(hcp_vms(&sim), made, "after a crash {step}: one VM per HCP VM");
+        let v = sim.sim.vm(&format!("hcp-{id}")).unwrap();
+        let mut subtypes: Vec<String> = v.devices.iter().map(|d| d.subtype.clone()).collect();
+        subtypes.sort();
+        let before = subtypes.len();
+        subtypes.dedup();
+        assert_eq!(subtypes.len(), before, "after a crash {step}: a device was added twice: {subtypes:?}");
+        drop(child);
+    }
+    // Clean up through a provider of the test's own.
+    let p = provider(&sim, "").await;
+    for name in &made {
+        assert!(p.delete_vm(name.trim_start_matches("hcp-")).await.unwrap());
+    }
+    assert!(hcp_vms(&sim).is_empty());
+    assert_no_violations(&sim);
+}
