@@ -1,0 +1,1051 @@
+//! The class catalogue: the part of `root/virtualization/v2` the simulator
+//! serves, written as simplified MOF (the syntax blocks of Microsoft's
+//! `hyperv_v2` class pages, with keys, the class hierarchy and the methods'
+//! signatures). Everything the simulator checks about names and types (
+//! selectors, WQL properties, method parameters, embedded instances) is
+//! looked up here, so a class or a parameter the catalogue does not know is
+//! refused the way a host refuses it.
+//!
+//! The hierarchy follows the MOF `class X : Parent` lines of the docs, not
+//! the names: `Msvm_ProcessorSettingData` and `Msvm_MemorySettingData`
+//! derive from `CIM_ResourceAllocationSettingData` directly, so a query for
+//! `Msvm_ResourceAllocationSettingData` does not return them;
+//! `Msvm_SyntheticEthernetPortSettingData` derives from
+//! `CIM_EthernetPortAllocationSettingData`, a sibling of
+//! `Msvm_EthernetPortAllocationSettingData`, not a subclass of it.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+/// A CIM type of a property or a method parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CimType {
+    String,
+    Boolean,
+    Uint8,
+    Sint8,
+    Uint16,
+    Uint32,
+    Uint64,
+    Datetime,
+    /// A reference to an instance of the class (or a subclass).
+    Ref(String),
+}
+
+impl CimType {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "string" => Self::String,
+            "boolean" => Self::Boolean,
+            "uint8" => Self::Uint8,
+            "sint8" => Self::Sint8,
+            "uint16" => Self::Uint16,
+            "uint32" => Self::Uint32,
+            "uint64" => Self::Uint64,
+            "datetime" => Self::Datetime,
+            _ => return None,
+        })
+    }
+
+    /// The name CIM-XML uses in `TYPE="..."`.
+    pub(crate) fn cim_name(&self) -> &str {
+        match self {
+            Self::String => "string",
+            Self::Boolean => "boolean",
+            Self::Uint8 => "uint8",
+            Self::Sint8 => "sint8",
+            Self::Uint16 => "uint16",
+            Self::Uint32 => "uint32",
+            Self::Uint64 => "uint64",
+            Self::Datetime => "datetime",
+            Self::Ref(_) => "reference",
+        }
+    }
+
+    /// Checks a scalar's lexical form (XML Schema / CIM), for method
+    /// parameters and embedded properties.
+    pub(crate) fn check_lexical(&self, text: &str) -> Result<(), String> {
+        let t = text.trim();
+        let range = |max: u64| -> Result<(), String> {
+            if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("'{text}' is not an unsigned integer"));
+            }
+            match t.parse::<u64>() {
+                Ok(v) if v <= max => Ok(()),
+                _ => Err(format!("'{text}' is out of range for {}", self.cim_name())),
+            }
+        };
+        match self {
+            Self::String | Self::Ref(_) => Ok(()),
+            Self::Boolean => match t {
+                "true" | "false" | "1" | "0" => Ok(()),
+                _ => Err(format!("'{text}' is not an xs:boolean (true, false, 1, 0)")),
+            },
+            Self::Uint8 => range(u8::MAX.into()),
+            Self::Uint16 => range(u16::MAX.into()),
+            Self::Uint32 => range(u32::MAX.into()),
+            Self::Uint64 => range(u64::MAX),
+            Self::Sint8 => t.parse::<i8>().map(|_| ()).map_err(|_| format!("'{text}' is not a sint8")),
+            Self::Datetime => {
+                if crate::model::parse_cim_datetime(t) {
+                    Ok(())
+                } else {
+                    Err(format!("'{text}' is not a CIM datetime (yyyymmddHHMMSS.mmmmmm+UUU or an interval)"))
+                }
+            }
+        }
+    }
+}
+
+/// A property of a class.
+#[derive(Debug, Clone)]
+pub(crate) struct PropDef {
+    pub(crate) name: String,
+    pub(crate) ty: CimType,
+    pub(crate) array: bool,
+}
+
+/// A method parameter.
+#[derive(Debug, Clone)]
+pub(crate) struct ParamDef {
+    pub(crate) name: String,
+    pub(crate) ty: CimType,
+    pub(crate) array: bool,
+    pub(crate) input: bool,
+    pub(crate) output: bool,
+    /// The host refuses a call without it.
+    pub(crate) required: bool,
+    /// The string carries an embedded instance of this class (or a
+    /// subclass).
+    pub(crate) embedded: Option<String>,
+}
+
+/// A method of a class.
+#[derive(Debug, Clone)]
+pub(crate) struct MethodDef {
+    pub(crate) name: String,
+    pub(crate) params: Vec<ParamDef>,
+}
+
+/// A class.
+#[derive(Debug, Clone)]
+pub(crate) struct ClassDef {
+    pub(crate) name: String,
+    pub(crate) parent: Option<String>,
+    pub(crate) keys: Vec<String>,
+    pub(crate) props: Vec<PropDef>,
+    pub(crate) methods: Vec<MethodDef>,
+    /// An association (its properties are references).
+    pub(crate) association: bool,
+    /// Only ever seen embedded in strings (`[AMENDMENT]` classes without a
+    /// provider): no instances, no resource URI of its own.
+    pub(crate) embedded_only: bool,
+}
+
+impl ClassDef {
+    pub(crate) fn prop(&self, name: &str) -> Option<&PropDef> {
+        self.props.iter().find(|p| p.name == name)
+    }
+
+    pub(crate) fn method(&self, name: &str) -> Option<&MethodDef> {
+        self.methods.iter().find(|m| m.name == name)
+    }
+}
+
+/// All classes by name.
+#[derive(Debug)]
+pub(crate) struct Catalog {
+    classes: BTreeMap<String, ClassDef>,
+}
+
+impl Catalog {
+    /// The catalogue (parsed once).
+    pub(crate) fn get() -> &'static Catalog {
+        static CATALOG: OnceLock<Catalog> = OnceLock::new();
+        CATALOG.get_or_init(|| parse(MOF).expect("the built-in catalogue parses"))
+    }
+
+    /// A class by exact name.
+    pub(crate) fn class(&self, name: &str) -> Option<&ClassDef> {
+        self.classes.get(name)
+    }
+
+    /// A class by name, ignoring case (WQL and resource URIs are not case
+    /// sensitive; XML element names are).
+    pub(crate) fn class_nocase(&self, name: &str) -> Option<&ClassDef> {
+        self.classes.get(name).or_else(|| self.classes.values().find(|c| c.name.eq_ignore_ascii_case(name)))
+    }
+
+    /// Whether `class` is `ancestor` or derives from it.
+    pub(crate) fn is_a(&self, class: &str, ancestor: &str) -> bool {
+        let mut cur = Some(class.to_owned());
+        while let Some(c) = cur {
+            if c.eq_ignore_ascii_case(ancestor) {
+                return true;
+            }
+            cur = self.classes.get(&c).and_then(|d| d.parent.clone());
+        }
+        false
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("catalogue line {line}: {msg}")]
+pub(crate) struct CatalogError {
+    line: usize,
+    msg: String,
+}
+
+fn parse(text: &str) -> Result<Catalog, CatalogError> {
+    let mut classes: BTreeMap<String, ClassDef> = BTreeMap::new();
+    let mut current: Option<ClassDef> = None;
+    let err = |line: usize, msg: &str| CatalogError { line, msg: msg.to_owned() };
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let l = raw.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let words: Vec<&str> = l.split_whitespace().collect();
+        match words[0] {
+            "class" => {
+                if let Some(c) = current.take() {
+                    classes.insert(c.name.clone(), c);
+                }
+                let name = words.get(1).ok_or_else(|| err(line, "class without a name"))?;
+                let mut c = ClassDef {
+                    name: (*name).to_owned(),
+                    parent: None,
+                    keys: Vec::new(),
+                    props: Vec::new(),
+                    methods: Vec::new(),
+                    association: false,
+                    embedded_only: false,
+                };
+                let mut rest = words[2..].iter();
+                while let Some(w) = rest.next() {
+                    match *w {
+                        ":" => c.parent = rest.next().map(|s| (*s).to_owned()),
+                        "key" => {
+                            c.keys.extend(rest.by_ref().take_while(|w| **w != ";").map(|s| (*s).to_owned()))
+                        }
+                        "association" => c.association = true,
+                        "embedded" => c.embedded_only = true,
+                        other => return Err(err(line, &format!("unexpected '{other}'"))),
+                    }
+                }
+                current = Some(c);
+            }
+            "method" => {
+                let c = current.as_mut().ok_or_else(|| err(line, "method outside a class"))?;
+                let name = words.get(1).ok_or_else(|| err(line, "method without a name"))?;
+                c.methods.push(MethodDef { name: (*name).to_owned(), params: Vec::new() });
+            }
+            "in" | "out" | "inout" => {
+                let c = current.as_mut().ok_or_else(|| err(line, "parameter outside a class"))?;
+                let m = c.methods.last_mut().ok_or_else(|| err(line, "parameter outside a method"))?;
+                let (ty, name, rest) =
+                    type_and_name(&words[1..]).ok_or_else(|| err(line, "bad parameter"))?;
+                let (name, array) = array_name(name);
+                let mut p = ParamDef {
+                    name,
+                    ty,
+                    array,
+                    input: words[0] != "out",
+                    output: words[0] != "in",
+                    required: false,
+                    embedded: None,
+                };
+                let mut rest = rest.iter();
+                while let Some(w) = rest.next() {
+                    match *w {
+                        "required" => p.required = true,
+                        "embedded" => p.embedded = rest.next().map(|s| (*s).to_owned()),
+                        other => return Err(err(line, &format!("unexpected '{other}'"))),
+                    }
+                }
+                m.params.push(p);
+            }
+            _ => {
+                let c = current.as_mut().ok_or_else(|| err(line, "property outside a class"))?;
+                let (ty, name, rest) = type_and_name(&words).ok_or_else(|| err(line, "bad property"))?;
+                if !rest.is_empty() {
+                    return Err(err(line, "trailing words after a property"));
+                }
+                let (name, array) = array_name(name);
+                c.props.push(PropDef { name, ty, array });
+            }
+        }
+    }
+    if let Some(c) = current.take() {
+        classes.insert(c.name.clone(), c);
+    }
+    for c in classes.values() {
+        for k in &c.keys {
+            if c.prop(k).is_none() {
+                return Err(err(0, &format!("{}: key {k} is not a property", c.name)));
+            }
+        }
+    }
+    Ok(Catalog { classes })
+}
+
+fn type_and_name<'a>(words: &'a [&'a str]) -> Option<(CimType, &'a str, &'a [&'a str])> {
+    if words.first() == Some(&"ref") {
+        let class = words.get(1)?;
+        let name = words.get(2)?;
+        return Some((CimType::Ref((*class).to_owned()), name, &words[3..]));
+    }
+    let ty = CimType::parse(words.first()?)?;
+    Some((ty, words.get(1)?, &words[2..]))
+}
+
+fn array_name(name: &str) -> (String, bool) {
+    match name.strip_suffix("[]") {
+        Some(n) => (n.to_owned(), true),
+        None => (name.to_owned(), false),
+    }
+}
+
+/// The classes. Property lists and method signatures are those of the
+/// `hyperv_v2` pages (MicrosoftDocs/win32, `desktop-src/HyperV_v2`); CIM
+/// superclasses appear only to give the hierarchy.
+const MOF: &str = r#"
+# CIM superclasses (hierarchy only)
+class CIM_ManagedElement
+class CIM_ManagedSystemElement : CIM_ManagedElement
+class CIM_LogicalElement : CIM_ManagedSystemElement
+class CIM_EnabledLogicalElement : CIM_LogicalElement
+class CIM_System : CIM_EnabledLogicalElement
+class CIM_ComputerSystem : CIM_System
+class CIM_LogicalDevice : CIM_EnabledLogicalElement
+class CIM_Service : CIM_EnabledLogicalElement
+class CIM_VirtualSystemManagementService : CIM_Service
+class CIM_VirtualSystemSnapshotService : CIM_Service
+class CIM_Job : CIM_LogicalElement
+class CIM_ConcreteJob : CIM_Job
+class CIM_SettingData : CIM_ManagedElement
+class CIM_VirtualSystemSettingData : CIM_SettingData
+class CIM_ResourceAllocationSettingData : CIM_SettingData
+class CIM_StorageAllocationSettingData : CIM_ResourceAllocationSettingData
+class CIM_EthernetPortAllocationSettingData : CIM_ResourceAllocationSettingData
+class CIM_Dependency
+class CIM_Component
+class CIM_SettingsDefineState : CIM_Dependency
+class CIM_VirtualSystemSettingDataComponent : CIM_Component
+class CIM_SystemComponent : CIM_Component
+class CIM_SystemDevice : CIM_SystemComponent
+class CIM_SnapshotOfVirtualSystem : CIM_Dependency
+
+class Msvm_ComputerSystem : CIM_ComputerSystem key CreationClassName Name ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  datetime InstallDate
+  uint16 OperationalStatus[]
+  string StatusDescriptions[]
+  string Status
+  uint16 HealthState
+  uint16 CommunicationStatus
+  uint16 DetailedStatus
+  uint16 OperatingStatus
+  uint16 PrimaryStatus
+  uint16 EnabledState
+  string OtherEnabledState
+  uint16 RequestedState
+  uint16 EnabledDefault
+  datetime TimeOfLastStateChange
+  uint16 AvailableRequestedStates[]
+  uint16 TransitioningToState
+  string CreationClassName
+  string Name
+  string PrimaryOwnerName
+  string PrimaryOwnerContact
+  string Roles[]
+  string NameFormat
+  string OtherIdentifyingInfo[]
+  string IdentifyingDescriptions[]
+  uint16 Dedicated[]
+  string OtherDedicatedDescriptions[]
+  uint16 ResetCapability
+  uint16 PowerManagementCapabilities[]
+  uint64 OnTimeInMilliseconds
+  uint32 ProcessID
+  datetime TimeOfLastConfigurationChange
+  uint16 NumberOfNumaNodes
+  uint16 ReplicationState
+  uint16 ReplicationHealth
+  uint16 ReplicationMode
+  uint16 FailedOverReplicationType
+  uint16 LastReplicationType
+  datetime LastApplicationConsistentReplicationTime
+  datetime LastReplicationTime
+  datetime LastSuccessfulBackupTime
+  uint16 EnhancedSessionModeState
+  method RequestStateChange
+    in uint16 RequestedState required
+    out ref CIM_ConcreteJob Job
+    in datetime TimeoutPeriod
+
+class Msvm_VirtualSystemSettingData : CIM_VirtualSystemSettingData key InstanceID ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  string VirtualSystemIdentifier
+  string VirtualSystemType
+  string Notes[]
+  datetime CreationTime
+  string ConfigurationID
+  string ConfigurationDataRoot
+  string ConfigurationFile
+  string SnapshotDataRoot
+  string SuspendDataRoot
+  string SwapFileDataRoot
+  string LogDataRoot
+  uint16 AutomaticStartupAction
+  datetime AutomaticStartupActionDelay
+  uint16 AutomaticStartupActionSequenceNumber
+  uint16 AutomaticShutdownAction
+  uint16 AutomaticRecoveryAction
+  string RecoveryFile
+  string BIOSGUID
+  string BIOSSerialNumber
+  string BaseBoardSerialNumber
+  string ChassisSerialNumber
+  string Architecture
+  string ChassisAssetTag
+  boolean BIOSNumLock
+  uint16 BootOrder[]
+  string Parent
+  uint16 UserSnapshotType
+  boolean IsSaved
+  string AdditionalRecoveryInformation
+  boolean AllowFullSCSICommandSet
+  uint32 DebugChannelId
+  uint16 DebugPortEnabled
+  uint32 DebugPort
+  string Version
+  boolean IncrementalBackupEnabled
+  boolean VirtualNumaEnabled
+  boolean AllowReducedFcRedundancy
+  string VirtualSystemSubType
+  string BootSourceOrder[]
+  boolean PauseAfterBootFailure
+  uint16 NetworkBootPreferredProtocol
+  boolean GuestControlledCacheTypes
+  boolean AutomaticSnapshotsEnabled
+  boolean IsAutomaticSnapshot
+  string GuestStateFile
+  string GuestStateDataRoot
+  boolean LockOnDisconnect
+  string ParentPackage
+  datetime AutomaticCriticalErrorActionTimeout
+  uint16 AutomaticCriticalErrorAction
+  uint16 ConsoleMode
+  boolean SecureBootEnabled
+  string SecureBootTemplateId
+  uint64 LowMmioGapSize
+  uint64 HighMmioGapSize
+  uint16 EnhancedSessionTransportType
+
+class Msvm_ResourceAllocationSettingData : CIM_ResourceAllocationSettingData key InstanceID ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint16 ResourceType
+  string OtherResourceType
+  string ResourceSubType
+  string PoolID
+  uint16 ConsumerVisibility
+  string HostResource[]
+  string AllocationUnits
+  uint64 VirtualQuantity
+  uint64 Reservation
+  uint64 Limit
+  uint32 Weight
+  boolean AutomaticAllocation
+  boolean AutomaticDeallocation
+  string Parent
+  string Connection[]
+  string Address
+  uint16 MappingBehavior
+  string AddressOnParent
+  string VirtualQuantityUnits
+  string VirtualSystemIdentifiers[]
+
+class Msvm_ProcessorSettingData : CIM_ResourceAllocationSettingData key InstanceID ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint16 ResourceType
+  string OtherResourceType
+  string ResourceSubType
+  string PoolID
+  uint16 ConsumerVisibility
+  string HostResource[]
+  string AllocationUnits
+  uint64 VirtualQuantity
+  uint64 Reservation
+  uint64 Limit
+  uint32 Weight
+  boolean AutomaticAllocation
+  boolean AutomaticDeallocation
+  string Parent
+  string Connection[]
+  string Address
+  uint16 MappingBehavior
+  string AddressOnParent
+  string VirtualQuantityUnits
+  boolean LimitCPUID
+  uint64 HwThreadsPerCore
+  boolean LimitProcessorFeatures
+  uint64 MaxProcessorsPerNumaNode
+  uint64 MaxNumaNodesPerSocket
+  boolean EnableHostResourceProtection
+  string CpuGroupId
+  boolean HideHypervisorPresent
+  boolean ExposeVirtualizationExtensions
+
+class Msvm_MemorySettingData : CIM_ResourceAllocationSettingData key InstanceID ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint16 ResourceType
+  string OtherResourceType
+  string ResourceSubType
+  string PoolID
+  uint16 ConsumerVisibility
+  string HostResource[]
+  boolean HugePagesEnabled
+  string AllocationUnits
+  uint64 VirtualQuantity
+  uint64 Reservation
+  uint64 Limit
+  uint32 Weight
+  boolean AutomaticAllocation
+  boolean AutomaticDeallocation
+  string Parent
+  string Connection[]
+  string Address
+  uint16 MappingBehavior
+  string AddressOnParent
+  string VirtualQuantityUnits
+  boolean DynamicMemoryEnabled
+  uint32 TargetMemoryBuffer
+  boolean IsVirtualized
+  boolean SwapFilesInUse
+  uint64 MaxMemoryBlocksPerNumaNode
+  uint64 SgxSize
+  boolean SgxEnabled
+
+class Msvm_StorageAllocationSettingData : CIM_StorageAllocationSettingData key InstanceID ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint16 ResourceType
+  string OtherResourceType
+  string ResourceSubType
+  string PoolID
+  uint16 ConsumerVisibility
+  string HostResource[]
+  string AllocationUnits
+  uint64 VirtualQuantity
+  uint64 Limit
+  uint32 Weight
+  string StorageQoSPolicyID
+  boolean AutomaticAllocation
+  boolean AutomaticDeallocation
+  string Parent
+  string Connection[]
+  string Address
+  uint16 MappingBehavior
+  string AddressOnParent
+  uint64 VirtualResourceBlockSize
+  string VirtualQuantityUnits
+  uint16 Access
+  uint64 HostResourceBlockSize
+  uint64 Reservation
+  uint64 HostExtentStartingAddress
+  string HostExtentName
+  uint16 HostExtentNameFormat
+  string OtherHostExtentNameFormat
+  uint16 HostExtentNameNamespace
+  string OtherHostExtentNameNamespace
+  uint64 IOPSLimit
+  uint64 IOPSReservation
+  string IOPSAllocationUnits
+  boolean PersistentReservationsSupported
+  uint16 CachingMode
+  string SnapshotId
+  boolean IgnoreFlushes
+  uint16 WriteHardeningMethod
+
+class Msvm_SyntheticEthernetPortSettingData : CIM_EthernetPortAllocationSettingData key InstanceID ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint16 ResourceType
+  string OtherResourceType
+  string ResourceSubType
+  string PoolID
+  uint16 ConsumerVisibility
+  string HostResource[]
+  string AllocationUnits
+  uint64 VirtualQuantity
+  uint64 Reservation
+  uint64 Limit
+  uint32 Weight
+  boolean AutomaticAllocation
+  boolean AutomaticDeallocation
+  string Parent
+  string Connection[]
+  string Address
+  uint16 MappingBehavior
+  string AddressOnParent
+  string VirtualQuantityUnits
+  uint16 DesiredVLANEndpointMode
+  string OtherEndpointMode
+  string VirtualSystemIdentifiers[]
+  boolean DeviceNamingEnabled
+  boolean AllowPacketDirect
+  boolean StaticMacAddress
+  boolean ClusterMonitored
+
+class Msvm_EthernetPortAllocationSettingData : CIM_EthernetPortAllocationSettingData key InstanceID ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint16 ResourceType
+  string OtherResourceType
+  string ResourceSubType
+  string PoolID
+  uint16 ConsumerVisibility
+  string HostResource[]
+  string AllocationUnits
+  uint64 VirtualQuantity
+  uint64 Reservation
+  uint64 Limit
+  uint32 Weight
+  boolean AutomaticAllocation
+  boolean AutomaticDeallocation
+  string Parent
+  string Connection[]
+  string Address
+  uint16 MappingBehavior
+  string AddressOnParent
+  string VirtualQuantityUnits
+  uint16 DesiredVLANEndpointMode
+  string OtherEndpointMode
+  uint16 EnabledState
+  string LastKnownSwitchName
+  string RequiredFeatures[]
+  string RequiredFeatureHints[]
+  string TestReplicaPoolID
+  string TestReplicaSwitchName
+  string CompartmentGuid
+
+class Msvm_VirtualEthernetSwitch : CIM_ComputerSystem key CreationClassName Name ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  datetime InstallDate
+  uint16 OperationalStatus[]
+  string StatusDescriptions[]
+  string Status
+  uint16 HealthState
+  uint16 CommunicationStatus
+  uint16 DetailedStatus
+  uint16 OperatingStatus
+  uint16 PrimaryStatus
+  uint16 EnabledState
+  string OtherEnabledState
+  uint16 RequestedState
+  uint16 EnabledDefault
+  datetime TimeOfLastStateChange
+  uint16 AvailableRequestedStates[]
+  uint16 TransitioningToState
+  string CreationClassName
+  string Name
+  string PrimaryOwnerName
+  string PrimaryOwnerContact
+  string Roles[]
+  string NameFormat
+  string OtherIdentifyingInfo[]
+  string IdentifyingDescriptions[]
+  uint16 Dedicated[]
+  string OtherDedicatedDescriptions[]
+  uint16 ResetCapability
+  uint16 PowerManagementCapabilities[]
+  uint32 MaxVMQOffloads
+  uint32 MaxIOVOffloads
+
+class Msvm_ShutdownComponent : CIM_LogicalDevice key CreationClassName DeviceID SystemCreationClassName SystemName ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  datetime InstallDate
+  string Name
+  uint16 OperationalStatus[]
+  string StatusDescriptions[]
+  string Status
+  uint16 HealthState
+  uint16 CommunicationStatus
+  uint16 DetailedStatus
+  uint16 OperatingStatus
+  uint16 PrimaryStatus
+  uint16 EnabledState
+  string OtherEnabledState
+  uint16 RequestedState
+  uint16 EnabledDefault
+  datetime TimeOfLastStateChange
+  uint16 AvailableRequestedStates[]
+  uint16 TransitioningToState
+  string SystemCreationClassName
+  string SystemName
+  string CreationClassName
+  string DeviceID
+  boolean PowerManagementSupported
+  uint16 PowerManagementCapabilities[]
+  uint16 Availability
+  uint16 StatusInfo
+  uint32 LastErrorCode
+  string ErrorDescription
+  boolean ErrorCleared
+  string OtherIdentifyingInfo[]
+  uint64 PowerOnHours
+  uint64 TotalPowerOnHours
+  string IdentifyingDescriptions[]
+  uint16 AdditionalAvailability[]
+  uint64 MaxQuiesceTime
+  method InitiateShutdown
+    in boolean Force required
+    in string Reason required
+
+class Msvm_KvpExchangeComponent : CIM_LogicalDevice key CreationClassName DeviceID SystemCreationClassName SystemName ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  datetime InstallDate
+  string Name
+  uint16 OperationalStatus[]
+  string StatusDescriptions[]
+  string Status
+  uint16 HealthState
+  uint16 CommunicationStatus
+  uint16 DetailedStatus
+  uint16 OperatingStatus
+  uint16 PrimaryStatus
+  uint16 EnabledState
+  string OtherEnabledState
+  uint16 RequestedState
+  uint16 EnabledDefault
+  datetime TimeOfLastStateChange
+  uint16 AvailableRequestedStates[]
+  uint16 TransitioningToState
+  string SystemCreationClassName
+  string SystemName
+  string CreationClassName
+  string DeviceID
+  boolean PowerManagementSupported
+  uint16 PowerManagementCapabilities[]
+  uint16 Availability
+  uint16 StatusInfo
+  uint32 LastErrorCode
+  string ErrorDescription
+  boolean ErrorCleared
+  string OtherIdentifyingInfo[]
+  uint64 PowerOnHours
+  uint64 TotalPowerOnHours
+  string IdentifyingDescriptions[]
+  uint16 AdditionalAvailability[]
+  uint64 MaxQuiesceTime
+  string GuestExchangeItems[]
+  string GuestIntrinsicExchangeItems[]
+
+class Msvm_ConcreteJob : CIM_ConcreteJob key InstanceID ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  datetime InstallDate
+  string Name
+  uint16 OperationalStatus[]
+  string StatusDescriptions[]
+  string Status
+  uint16 HealthState
+  uint16 CommunicationStatus
+  uint16 DetailedStatus
+  uint16 OperatingStatus
+  uint16 PrimaryStatus
+  string JobStatus
+  datetime TimeSubmitted
+  datetime ScheduledStartTime
+  datetime StartTime
+  datetime ElapsedTime
+  uint32 JobRunTimes
+  uint8 RunMonth
+  sint8 RunDay
+  sint8 RunDayOfWeek
+  datetime RunStartInterval
+  uint16 LocalOrUtcTime
+  datetime UntilTime
+  string Notify
+  string Owner
+  uint32 Priority
+  uint16 PercentComplete
+  boolean DeleteOnCompletion
+  uint16 ErrorCode
+  string ErrorDescription
+  string ErrorSummaryDescription
+  uint16 RecoveryAction
+  string OtherRecoveryAction
+  uint16 JobState
+  datetime TimeOfLastStateChange
+  datetime TimeBeforeRemoval
+  boolean Cancellable
+  uint16 JobType
+
+class Msvm_VirtualSystemManagementService : CIM_VirtualSystemManagementService key SystemCreationClassName SystemName CreationClassName Name ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  datetime InstallDate
+  string Name
+  uint16 OperationalStatus[]
+  string StatusDescriptions[]
+  string Status
+  uint16 HealthState
+  uint16 CommunicationStatus
+  uint16 DetailedStatus
+  uint16 OperatingStatus
+  uint16 PrimaryStatus
+  uint16 EnabledState
+  string OtherEnabledState
+  uint16 RequestedState
+  uint16 EnabledDefault
+  datetime TimeOfLastStateChange
+  uint16 AvailableRequestedStates[]
+  uint16 TransitioningToState
+  string SystemCreationClassName
+  string SystemName
+  string CreationClassName
+  string PrimaryOwnerName
+  string PrimaryOwnerContact
+  string StartMode
+  boolean Started
+  method DefineSystem
+    in string SystemSettings required embedded Msvm_VirtualSystemSettingData
+    in string ResourceSettings[] embedded CIM_ResourceAllocationSettingData
+    in ref CIM_VirtualSystemSettingData ReferenceConfiguration
+    out ref CIM_ComputerSystem ResultingSystem
+    out ref CIM_ConcreteJob Job
+  method DestroySystem
+    in ref CIM_ComputerSystem AffectedSystem required
+    out ref CIM_ConcreteJob Job
+  method ModifySystemSettings
+    in string SystemSettings required embedded Msvm_VirtualSystemSettingData
+    out ref CIM_ConcreteJob Job
+  method AddResourceSettings
+    in ref CIM_VirtualSystemSettingData AffectedConfiguration required
+    in string ResourceSettings[] required embedded CIM_ResourceAllocationSettingData
+    out ref CIM_ResourceAllocationSettingData ResultingResourceSettings[]
+    out ref CIM_ConcreteJob Job
+  method ModifyResourceSettings
+    in string ResourceSettings[] required embedded CIM_ResourceAllocationSettingData
+    out ref CIM_ResourceAllocationSettingData ResultingResourceSettings[]
+    out ref CIM_ConcreteJob Job
+  method RemoveResourceSettings
+    in ref CIM_ResourceAllocationSettingData ResourceSettings[] required
+    out ref CIM_ConcreteJob Job
+
+class Msvm_ImageManagementService : CIM_Service key SystemCreationClassName SystemName CreationClassName Name ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  datetime InstallDate
+  uint16 OperationalStatus[]
+  string StatusDescriptions[]
+  string Status
+  uint16 HealthState
+  uint16 CommunicationStatus
+  uint16 DetailedStatus
+  uint16 OperatingStatus
+  uint16 PrimaryStatus
+  uint16 EnabledState
+  string OtherEnabledState
+  uint16 RequestedState
+  uint16 EnabledDefault
+  datetime TimeOfLastStateChange
+  uint16 AvailableRequestedStates[]
+  uint16 TransitioningToState
+  string SystemCreationClassName
+  string SystemName
+  string CreationClassName
+  string Name
+  string PrimaryOwnerName
+  string PrimaryOwnerContact
+  string StartMode
+  boolean Started
+  method CreateVirtualHardDisk
+    in string VirtualDiskSettingData required embedded Msvm_VirtualHardDiskSettingData
+    out ref CIM_ConcreteJob Job
+  method ResizeVirtualHardDisk
+    in string Path required
+    in uint64 MaxInternalSize required
+    out ref CIM_ConcreteJob Job
+
+class Msvm_VirtualSystemSnapshotService : CIM_VirtualSystemSnapshotService key SystemCreationClassName SystemName CreationClassName Name ;
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  datetime InstallDate
+  string Name
+  uint16 OperationalStatus[]
+  string StatusDescriptions[]
+  string Status
+  uint16 HealthState
+  uint16 CommunicationStatus
+  uint16 DetailedStatus
+  uint16 OperatingStatus
+  uint16 PrimaryStatus
+  uint16 EnabledState
+  string OtherEnabledState
+  uint16 RequestedState
+  uint16 EnabledDefault
+  datetime TimeOfLastStateChange
+  uint16 AvailableRequestedStates[]
+  uint16 TransitioningToState
+  string SystemCreationClassName
+  string SystemName
+  string CreationClassName
+  string PrimaryOwnerName
+  string PrimaryOwnerContact
+  string StartMode
+  boolean Started
+  method CreateSnapshot
+    in ref CIM_ComputerSystem AffectedSystem required
+    in string SnapshotSettings embedded Msvm_VirtualSystemSnapshotSettingData
+    in uint16 SnapshotType required
+    inout ref CIM_VirtualSystemSettingData ResultingSnapshot
+    out ref CIM_ConcreteJob Job
+  method ApplySnapshot
+    in ref CIM_VirtualSystemSettingData Snapshot required
+    out ref CIM_ConcreteJob Job
+  method DestroySnapshot
+    in ref CIM_VirtualSystemSettingData AffectedSnapshot required
+    out ref CIM_ConcreteJob Job
+
+class Msvm_SettingsDefineState : CIM_SettingsDefineState key ManagedElement SettingData ; association
+  ref Msvm_ComputerSystem ManagedElement
+  ref Msvm_VirtualSystemSettingData SettingData
+
+class Msvm_VirtualSystemSettingDataComponent : CIM_VirtualSystemSettingDataComponent key GroupComponent PartComponent ; association
+  ref CIM_VirtualSystemSettingData GroupComponent
+  ref CIM_ResourceAllocationSettingData PartComponent
+
+class Msvm_SystemDevice : CIM_SystemDevice key GroupComponent PartComponent ; association
+  ref CIM_System GroupComponent
+  ref CIM_LogicalDevice PartComponent
+
+class Msvm_SnapshotOfVirtualSystem : CIM_SnapshotOfVirtualSystem key Antecedent Dependent ; association
+  ref Msvm_ComputerSystem Antecedent
+  ref Msvm_VirtualSystemSettingData Dependent
+
+# Embedded-only classes (parameters and results).
+class Msvm_VirtualHardDiskSettingData : CIM_SettingData embedded
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint16 Type
+  uint16 Format
+  string Path
+  string ParentPath
+  datetime ParentTimestamp
+  string ParentIdentifier
+  uint64 MaxInternalSize
+  uint32 BlockSize
+  uint32 LogicalSectorSize
+  uint32 PhysicalSectorSize
+  string VirtualDiskId
+  uint64 DataAlignment
+  uint16 PmemAddressAbstractionType
+  boolean IsPmemCompatible
+
+class Msvm_VirtualSystemSnapshotSettingData : CIM_SettingData embedded
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint8 ConsistencyLevel
+  boolean IgnoreNonSnapshottableDisks
+  uint8 GuestBackupType
+
+class Msvm_KvpExchangeDataItem : CIM_ManagedElement embedded
+  string InstanceID
+  string Caption
+  string Description
+  string ElementName
+  uint16 Source
+  string Name
+  string Data
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hierarchy_follows_the_mof_lines_not_the_names() {
+        let c = Catalog::get();
+        let check = |class: &str, ancestor: &str, expected: bool| {
+            assert_eq!(c.is_a(class, ancestor), expected, "{class} is a {ancestor}");
+        };
+        check("Msvm_ProcessorSettingData", "CIM_ResourceAllocationSettingData", true);
+        check("Msvm_ProcessorSettingData", "Msvm_ResourceAllocationSettingData", false);
+        check("Msvm_MemorySettingData", "Msvm_ResourceAllocationSettingData", false);
+        check("Msvm_StorageAllocationSettingData", "CIM_ResourceAllocationSettingData", true);
+        check("Msvm_SyntheticEthernetPortSettingData", "Msvm_EthernetPortAllocationSettingData", false);
+        check("Msvm_SyntheticEthernetPortSettingData", "CIM_EthernetPortAllocationSettingData", true);
+        check("Msvm_ComputerSystem", "CIM_System", true);
+        check("Msvm_VirtualEthernetSwitch", "Msvm_ComputerSystem", false);
+    }
+
+    #[test]
+    fn keys_and_methods_are_known() {
+        let c = Catalog::get();
+        assert_eq!(c.class("Msvm_ShutdownComponent").unwrap().keys.len(), 4);
+        let m =
+            c.class("Msvm_VirtualSystemManagementService").unwrap().method("AddResourceSettings").unwrap();
+        let rs = m.params.iter().find(|p| p.name == "ResourceSettings").unwrap();
+        assert!(rs.array && rs.input && rs.required);
+        assert_eq!(rs.embedded.as_deref(), Some("CIM_ResourceAllocationSettingData"));
+        assert!(c.class_nocase("msvm_computersystem").is_some());
+    }
+
+    #[test]
+    fn lexical_forms() {
+        assert!(CimType::Uint16.check_lexical("65535").is_ok());
+        assert!(CimType::Uint16.check_lexical("65536").is_err());
+        assert!(CimType::Uint16.check_lexical("-1").is_err());
+        assert!(CimType::Boolean.check_lexical("false").is_ok());
+        assert!(CimType::Boolean.check_lexical("False").is_err());
+        assert!(CimType::Uint64.check_lexical("12a").is_err());
+        assert!(CimType::Datetime.check_lexical("20240102030405.000000+000").is_ok());
+        assert!(CimType::Datetime.check_lexical("2024-01-02T03:04:05Z").is_err());
+    }
+}
