@@ -72,6 +72,7 @@ mod rv {
     pub(super) const INVALID_PARAMETER: u32 = 32773;
     pub(super) const IN_USE: u32 = 32774;
     pub(super) const INVALID_STATE: u32 = 32775;
+    pub(super) const FILE_NOT_FOUND: u32 = 32779;
 }
 
 /// A VM's name on Hyper-V.
@@ -567,6 +568,52 @@ impl Hyperv {
         .map(|_| ())
     }
 
+    /// The VM's differencing VHDX on `parent`, grown to `disk_gib`: made,
+    /// or found made by an attempt that died before attaching it.
+    async fn ensure_vhd(&self, vhd: &str, parent: &str, disk_gib: u32) -> Result<(), ProviderError> {
+        let mut settings = Instance::new("Msvm_VirtualHardDiskSettingData");
+        settings
+            .set("Type", "uint16", "4")
+            .set("Format", "uint16", "3")
+            .set("Path", "string", vhd.to_owned())
+            .set("ParentPath", "string", parent.to_owned());
+        let made = self
+            .call(
+                &Self::service(IMS),
+                "CreateVirtualHardDisk",
+                &[("VirtualDiskSettingData", Param::Instance(settings))],
+            )
+            .await;
+        let refused = match made {
+            Ok(_) => {
+                self.failpoint("create:after-vhd");
+                None
+            }
+            // Made by an attempt that died before attaching it (the resize
+            // below tells), or not makeable (the parent is missing).
+            Err(e @ (HvError::Job { .. } | HvError::Method { .. })) => {
+                tracing::info!(error = %e, vhd, "the VHDX was not made now; it may exist from an earlier attempt");
+                Some(e)
+            }
+            Err(e) => return Err(map_error(e)),
+        };
+        // The resize is also the check that the VHDX exists.
+        match self.resize_vhd(vhd, disk_gib.max(1)).await {
+            Ok(()) => {}
+            // The image is larger than the flavor: keep its size.
+            Err(HvError::Method { code: rv::INVALID_PARAMETER, .. }) => {}
+            Err(HvError::Method { code: rv::FILE_NOT_FOUND, .. }) if refused.is_some() => {
+                let why = refused.map(|e| e.to_string()).unwrap_or_default();
+                return Err(invalid(
+                    "spec.image.source",
+                    format!("no disk could be made on the image's parent VHDX {parent}: {why}"),
+                ));
+            }
+            Err(e) => return Err(map_error(e)),
+        }
+        Ok(())
+    }
+
     /// Everything after the define, each step skipped when done.
     async fn build(
         &self,
@@ -574,6 +621,7 @@ impl Hyperv {
         vm_id: &str,
         spec: &pb::VmSpec,
         parent: &str,
+        vhd_ready: bool,
     ) -> Result<(), ProviderError> {
         let err = |e: HvError| map_error(e);
         let vssd = self.settings(vm).await.map_err(err)?;
@@ -616,35 +664,8 @@ impl Hyperv {
                     })?
                 }
             };
-            let mut vhd_settings = Instance::new("Msvm_VirtualHardDiskSettingData");
-            vhd_settings
-                .set("Type", "uint16", "4")
-                .set("Format", "uint16", "3")
-                .set("Path", "string", vhd.clone())
-                .set("ParentPath", "string", parent.to_owned());
-            match self
-                .call(
-                    &Self::service(IMS),
-                    "CreateVirtualHardDisk",
-                    &[("VirtualDiskSettingData", Param::Instance(vhd_settings))],
-                )
-                .await
-            {
-                Ok(_) => self.failpoint("create:after-vhd"),
-                // Made by an attempt that died before attaching it: the
-                // resize below proves it is there.
-                Err(e @ (HvError::Job { .. } | HvError::Method { .. })) => {
-                    tracing::info!(error = %e, vhd, "the VHDX may exist from an earlier attempt");
-                }
-                Err(e) => return Err(err(e)),
-            }
-            if spec.disk_gib > 0 {
-                match self.resize_vhd(&vhd, spec.disk_gib).await {
-                    Ok(()) => {}
-                    // The image is larger than the flavor: keep its size.
-                    Err(HvError::Method { code: rv::INVALID_PARAMETER, .. }) => {}
-                    Err(e) => return Err(err(e)),
-                }
+            if !vhd_ready {
+                self.ensure_vhd(&vhd, parent, spec.disk_gib).await?;
             }
             let mut sasd = Instance::new("Msvm_StorageAllocationSettingData");
             sasd.set("ResourceType", "uint16", "31")
@@ -780,6 +801,25 @@ impl Hyperv {
         }
     }
 
+    /// DestroySystem keeps disks and ISOs: removes ours where the provider
+    /// can reach them.
+    async fn remove_files(&self, vm_id: &str) {
+        let name = vm_name(vm_id);
+        let files = [
+            self.config.vm_dir_local.as_ref().map(|d| d.join(format!("{name}.vhdx"))),
+            self.config.cloud_init.as_ref().map(|c| c.local_dir.join(format!("{name}-seed.iso"))),
+        ];
+        for f in files.into_iter().flatten() {
+            match tokio::fs::remove_file(&f).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), error = %e, "cannot remove a file of a deleted VM")
+                }
+            }
+        }
+    }
+
     async fn snapshots(&self, vm: &Vm) -> Result<Vec<Instance>, HvError> {
         let wql = format!(
             "SELECT * FROM Msvm_VirtualSystemSettingData WHERE VirtualSystemIdentifier = {} \
@@ -878,11 +918,15 @@ impl Provider for Hyperv {
         let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "required"))?;
         let parent = self.parent_vhd(&image.source)?;
         let _serial = self.serialize(&vm_id).await;
+        let mut vhd_ready = false;
         let vm = match self.find(&vm_id).await.map_err(map_error)? {
             Some(vm) => vm,
             None => {
-                // Checked before anything is made.
+                // Checked before the VM is defined: the switches, and the
+                // image (its differencing disk is made first).
                 self.switches(&spec).await?;
+                self.ensure_vhd(&self.vhd_path(&vm_id), &parent, spec.disk_gib).await?;
+                vhd_ready = true;
                 let mut vssd = Instance::new("Msvm_VirtualSystemSettingData");
                 vssd.set("ElementName", "string", vm_name(&vm_id))
                     .set_array("Notes", "string", vec![format!("hcp-vm-id={vm_id}"), spec.name.clone()])
@@ -899,7 +943,7 @@ impl Provider for Hyperv {
                 })?
             }
         };
-        self.build(&vm, &vm_id, &spec, &parent).await?;
+        self.build(&vm, &vm_id, &spec, &parent, vhd_ready).await?;
         let mut vm = self.reread(&vm).await.map_err(map_error)?;
         if req.start && !vm.running() {
             self.request_state(&vm, state::RUNNING).await.map_err(map_error)?;
@@ -1055,7 +1099,11 @@ impl Provider for Hyperv {
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
         let _serial = self.serialize(vm_id).await;
-        let Some(vm) = self.find(vm_id).await.map_err(map_error)? else { return Ok(false) };
+        let Some(vm) = self.find(vm_id).await.map_err(map_error)? else {
+            // A create that failed before its define may have left its disk.
+            self.remove_files(vm_id).await;
+            return Ok(false);
+        };
         if !vm.off() {
             self.request_state(&vm, state::OFF).await.map_err(map_error)?;
         }
@@ -1067,22 +1115,7 @@ impl Provider for Hyperv {
             Err(HvError::Wsman(e)) if e.is_not_found() => {}
             Err(e) => return Err(map_error(e)),
         }
-        // DestroySystem keeps disks and ISOs: remove ours where the
-        // provider can reach them.
-        let name = vm_name(vm_id);
-        let files = [
-            self.config.vm_dir_local.as_ref().map(|d| d.join(format!("{name}.vhdx"))),
-            self.config.cloud_init.as_ref().map(|c| c.local_dir.join(format!("{name}-seed.iso"))),
-        ];
-        for f in files.into_iter().flatten() {
-            match tokio::fs::remove_file(&f).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(file = %f.display(), error = %e, "cannot remove a file of a deleted VM")
-                }
-            }
-        }
+        self.remove_files(vm_id).await;
         Ok(true)
     }
 

@@ -45,9 +45,11 @@ fn toml(sim: &Running, extra: &str) -> String {
 
 async fn provider(sim: &Running, extra: &str) -> Hyperv {
     let p = Hyperv::new(Config::from_toml(&toml(sim, extra)).unwrap()).await.unwrap();
-    p.configure([("username".to_owned(), USER.to_owned()), ("password".to_owned(), PASSWORD.to_owned())].into())
-        .await
-        .unwrap();
+    p.configure(
+        [("username".to_owned(), USER.to_owned()), ("password".to_owned(), PASSWORD.to_owned())].into(),
+    )
+    .await
+    .unwrap();
     p
 }
 
@@ -63,7 +65,10 @@ fn spec(name: &str, networks: &[&str], user_data: Option<&str>) -> pb::VmSpec {
         memory_mib: 1024,
         disk_gib: 2,
         image: Some(pb::ImageRef { name: "debian-12".into(), source: "debian-12".into() }),
-        networks: networks.iter().map(|n| pb::NetworkAttachment { network: (*n).into(), backing: String::new() }).collect(),
+        networks: networks
+            .iter()
+            .map(|n| pb::NetworkAttachment { network: (*n).into(), backing: String::new() })
+            .collect(),
         user_data: user_data.map(str::to_owned),
         hostname: "web".into(),
         labels: Default::default(),
@@ -71,7 +76,8 @@ fn spec(name: &str, networks: &[&str], user_data: Option<&str>) -> pb::VmSpec {
 }
 
 fn hcp_vms(sim: &Running) -> Vec<String> {
-    let mut names: Vec<String> = sim.sim.vms().into_iter().map(|v| v.name).filter(|n| n.starts_with("hcp-")).collect();
+    let mut names: Vec<String> =
+        sim.sim.vms().into_iter().map(|v| v.name).filter(|n| n.starts_with("hcp-")).collect();
     names.sort();
     names
 }
@@ -81,7 +87,12 @@ struct Hooks(hcp_hyperv_sim::Sim);
 impl hcp_provider_conformance::Hooks for Hooks {
     fn hypervisor_vm_ids(&self) -> Option<hcp_provider_conformance::HookFuture<'_, Vec<String>>> {
         Some(Box::pin(async move {
-            Ok(self.0.vms().into_iter().filter_map(|v| v.name.strip_prefix("hcp-").map(str::to_owned)).collect())
+            Ok(self
+                .0
+                .vms()
+                .into_iter()
+                .filter_map(|v| v.name.strip_prefix("hcp-").map(str::to_owned))
+                .collect())
         }))
     }
 
@@ -131,7 +142,11 @@ async fn the_provider_passes_the_conformance_kit() {
         .filter(|(_, o)| matches!(o, hcp_provider_conformance::Outcome::Skip(_)))
         .map(|(n, _)| n.as_str())
         .collect();
-    assert_eq!(skipped, ["vnc console", "spice console", "rdp console", "serial console", "hot resize"], "{report}");
+    assert_eq!(
+        skipped,
+        ["vnc console", "spice console", "rdp console", "serial console", "hot resize"],
+        "{report}"
+    );
     assert!(hcp_vms(&sim).is_empty(), "the kit cleaned up: {:?}", hcp_vms(&sim));
     assert_no_violations(&sim);
 }
@@ -169,7 +184,8 @@ async fn a_vm_is_defined_with_its_disk_seed_and_nics_and_marked_with_its_hcp_id(
     assert_eq!(subtypes.iter().filter(|s| **s == "Microsoft:Hyper-V:Ethernet Connection").count(), 2);
     // The disk: a differencing VHDX on the image, grown to the flavor.
     let vhd = format!("C:\\Hyper-V\\hcp\\hcp-{id}.vhdx");
-    let file = sim.sim.files().into_iter().find(|f| f.path.eq_ignore_ascii_case(&vhd)).expect("the VHDX exists");
+    let file =
+        sim.sim.files().into_iter().find(|f| f.path.eq_ignore_ascii_case(&vhd)).expect("the VHDX exists");
     assert_eq!((file.kind, file.size), (4, 2 << 30));
     assert!(file.parent.as_deref().is_some_and(|p| p.ends_with("debian-12.vhdx")), "{file:?}");
     // The seed: a NoCloud ISO the provider wrote where the host sees it.
@@ -185,10 +201,17 @@ async fn a_vm_is_defined_with_its_disk_seed_and_nics_and_marked_with_its_hcp_id(
     let other = uuid::Uuid::new_v4().to_string();
     let mut bad = spec("x", &["default"], None);
     bad.image.as_mut().unwrap().source = "no-such-image".into();
-    let e = p.create_vm(pb::CreateVmRequest { vm_id: other.clone(), spec: Some(bad), start: true }).await.unwrap_err();
+    let e = p
+        .create_vm(pb::CreateVmRequest { vm_id: other.clone(), spec: Some(bad), start: true })
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e:?}");
     let e = p
-        .create_vm(pb::CreateVmRequest { vm_id: other, spec: Some(spec("x", &["nowhere"], None)), start: true })
+        .create_vm(pb::CreateVmRequest {
+            vm_id: other,
+            spec: Some(spec("x", &["nowhere"], None)),
+            start: true,
+        })
         .await
         .unwrap_err();
     assert!(e.kind == ErrorKind::InvalidArgument && e.message.contains("spec.networks"), "{e:?}");
@@ -208,13 +231,17 @@ async fn failed_jobs_objects_in_use_and_bad_credentials_are_told_apart() {
     let sim = sim().await;
     let p = provider(&sim, "").await;
     let id = uuid::Uuid::new_v4().to_string();
-    let req = pb::CreateVmRequest { vm_id: id.clone(), spec: Some(spec("jobs", &["default"], None)), start: false };
+    let req =
+        pb::CreateVmRequest { vm_id: id.clone(), spec: Some(spec("jobs", &["default"], None)), start: false };
     p.create_vm(req).await.unwrap();
 
     // A job ending in state 10: not retryable, with Hyper-V's message.
     sim.sim.set_faults(Faults {
-        job_failures: [("RequestStateChange".to_owned(), "The virtual machine could not be started (simulated).".to_owned())]
-            .into(),
+        job_failures: [(
+            "RequestStateChange".to_owned(),
+            "The virtual machine could not be started (simulated).".to_owned(),
+        )]
+        .into(),
         ..Default::default()
     });
     let e = p.start_vm(&id).await.unwrap_err();
@@ -222,21 +249,25 @@ async fn failed_jobs_objects_in_use_and_bad_credentials_are_told_apart() {
     assert!(e.message.contains("could not be started (simulated)"), "{e:?}");
 
     // 32774 (in use) twice: retried, and the start goes through.
-    sim.sim.set_faults(Faults { in_use: [("RequestStateChange".to_owned(), 2)].into(), ..Default::default() });
+    sim.sim
+        .set_faults(Faults { in_use: [("RequestStateChange".to_owned(), 2)].into(), ..Default::default() });
     let vm = p.start_vm(&id).await.unwrap();
     assert_eq!(vm.power_state, pb::PowerState::Running as i32);
 
     // A graceful stop of a guest that ignores it ends in a turn-off at the
     // timeout; a VM without integration services is turned off at once.
     sim.sim.set_faults(Faults { guest_ignores_shutdown: true, ..Default::default() });
-    let vm = p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: false, timeout_seconds: 1 }).await.unwrap();
+    let vm =
+        p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: false, timeout_seconds: 1 }).await.unwrap();
     assert_eq!(vm.power_state, pb::PowerState::Shutoff as i32);
     sim.sim.set_faults(Faults::default());
 
     // Wrong credentials: a credential error after one request.
     let wrong = Hyperv::new(Config::from_toml(&toml(&sim, "")).unwrap()).await.unwrap();
     wrong
-        .configure([("username".to_owned(), USER.to_owned()), ("password".to_owned(), "wrong".to_owned())].into())
+        .configure(
+            [("username".to_owned(), USER.to_owned()), ("password".to_owned(), "wrong".to_owned())].into(),
+        )
         .await
         .unwrap();
     let before = sim.sim.stats();
@@ -307,11 +338,18 @@ async fn a_crash_at_every_create_step_leaves_exactly_one_vm() {
         };
         let mut child = start(Some(step));
         let addr = address(&mut child).await;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         IdentityClient::new(channel.clone())
             .configure(pb::ConfigureRequest {
-                credentials: [("username".to_owned(), USER.to_owned()), ("password".to_owned(), PASSWORD.to_owned())]
-                    .into(),
+                credentials: [
+                    ("username".to_owned(), USER.to_owned()),
+                    ("password".to_owned(), PASSWORD.to_owned()),
+                ]
+                .into(),
             })
             .await
             .unwrap();
@@ -328,11 +366,18 @@ async fn a_crash_at_every_create_step_leaves_exactly_one_vm() {
         // Restarted, it finishes what core asks again.
         let mut child = start(None);
         let addr = address(&mut child).await;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         IdentityClient::new(channel.clone())
             .configure(pb::ConfigureRequest {
-                credentials: [("username".to_owned(), USER.to_owned()), ("password".to_owned(), PASSWORD.to_owned())]
-                    .into(),
+                credentials: [
+                    ("username".to_owned(), USER.to_owned()),
+                    ("password".to_owned(), PASSWORD.to_owned()),
+                ]
+                .into(),
             })
             .await
             .unwrap();
