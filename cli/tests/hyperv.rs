@@ -145,6 +145,8 @@ async fn a_vm_lives_and_dies_on_hyperv() {
     assert_eq!(read["networks"][0]["mac"].as_str().map(str::len), Some(17), "{read}");
     let host = hv.host_vm(&vm).await.expect("the VM is on the host");
     assert_eq!((host["cpus"].as_u64(), host["memory_mb"].as_u64()), (Some(1), Some(512)), "{host}");
+    // The address the guest reports through KVP shows in the VM read.
+    assert_eq!(read["networks"][0]["ipv4"][0], host["guest_ip"], "{read}");
 
     // Stop is graceful: the guest shuts down through its shutdown
     // component, no turn-off.

@@ -165,6 +165,50 @@ impl Instance {
     }
 }
 
+impl Instance {
+    /// Reads CIM-XML `INSTANCE` text (Hyper-V's embedded results, e.g.
+    /// KVP items); None when it is not an instance.
+    pub fn from_cim_xml(text: &str) -> Option<Self> {
+        let doc = roxmltree::Document::parse(text).ok()?;
+        let root = doc.root_element();
+        if root.tag_name().name() != "INSTANCE" {
+            return None;
+        }
+        let mut me = Self::new(root.attribute("CLASSNAME")?);
+        for p in root.children().filter(|c| c.is_element()) {
+            let name = p.attribute("NAME").unwrap_or_default();
+            let cim_type = p.attribute("TYPE").unwrap_or_default();
+            match p.tag_name().name() {
+                "PROPERTY" => {
+                    let value =
+                        p.children().find(|v| v.has_tag_name("VALUE")).map(|v| v.text().unwrap_or_default());
+                    me.properties.push(Property {
+                        name: name.to_owned(),
+                        cim_type: cim_type.to_owned(),
+                        values: value.map(|v| vec![v.to_owned()]).unwrap_or_default(),
+                        array: false,
+                    });
+                }
+                "PROPERTY.ARRAY" => {
+                    let values = p
+                        .descendants()
+                        .filter(|v| v.has_tag_name("VALUE"))
+                        .map(|v| v.text().unwrap_or_default().to_owned())
+                        .collect();
+                    me.properties.push(Property {
+                        name: name.to_owned(),
+                        cim_type: cim_type.to_owned(),
+                        values,
+                        array: true,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Some(me)
+    }
+}
+
 /// A WMI object path for an embedded instance's `Parent` or
 /// `HostResource`: `\\HOST\root\virtualization\v2:Class.Key="value"`, with
 /// backslashes in the value doubled.
@@ -208,6 +252,16 @@ mod tests {
         assert_eq!(i.all("OperationalStatus"), ["2", "32768"]);
         assert_eq!(i.get("InstallDate"), Some("2026-11-26T10:00:00Z"));
         assert_eq!(i.get("OtherEnabledState"), None);
+    }
+
+    #[test]
+    fn embedded_results_read_back() {
+        let mut i = Instance::new("Msvm_KvpExchangeDataItem");
+        i.set("Name", "string", "NetworkAddressIPv4").set("Data", "string", "10.0.0.5;10.0.0.6");
+        let back = Instance::from_cim_xml(&i.to_cim_xml()).unwrap();
+        assert_eq!(back.get("Name"), Some("NetworkAddressIPv4"));
+        assert_eq!(back.get("Data"), Some("10.0.0.5;10.0.0.6"));
+        assert!(Instance::from_cim_xml("<p:Msvm_X xmlns:p=\"u\"/>").is_none());
     }
 
     #[test]

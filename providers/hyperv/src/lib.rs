@@ -429,7 +429,7 @@ impl Hyperv {
     async fn info(&self, vm_id: &str, vm: &Vm) -> Result<pb::VmInfo, HvError> {
         let vssd = self.settings(vm).await?;
         let d = self.devices(&vssd).await?;
-        let interfaces = d
+        let mut interfaces: Vec<pb::InterfaceInfo> = d
             .ports
             .iter()
             .map(|p| pb::InterfaceInfo {
@@ -439,6 +439,13 @@ impl Hyperv {
                 ipv6: Vec::new(),
             })
             .collect();
+        // The guest's addresses (KVP, reported by its integration
+        // services) are per VM, not per adapter: shown when it has one NIC.
+        if interfaces.len() == 1 && vm.running() {
+            let (v4, v6) = self.guest_addresses(vm).await?;
+            interfaces[0].ipv4 = v4;
+            interfaces[0].ipv6 = v6;
+        }
         Ok(pb::VmInfo {
             vm_id: vm_id.to_owned(),
             power_state: vm.power() as i32,
@@ -450,6 +457,34 @@ impl Hyperv {
             // is not used yet): unknown.
             disk_gib: 0,
         })
+    }
+
+    /// `NetworkAddressIPv4` and `NetworkAddressIPv6` from the VM's KVP
+    /// exchange (empty without integration services).
+    async fn guest_addresses(&self, vm: &Vm) -> Result<(Vec<String>, Vec<String>), HvError> {
+        let wql =
+            format!("SELECT * FROM Msvm_KvpExchangeComponent WHERE SystemName = {}", wql_literal(&vm.guid));
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for kvp in self.host.query(&wql).await? {
+            for item in
+                kvp.all("GuestIntrinsicExchangeItems").iter().filter_map(|t| Instance::from_cim_xml(t))
+            {
+                let list = match item.get("Name") {
+                    Some("NetworkAddressIPv4") => &mut v4,
+                    Some("NetworkAddressIPv6") => &mut v6,
+                    _ => continue,
+                };
+                list.extend(
+                    item.get("Data")
+                        .unwrap_or_default()
+                        .split(';')
+                        .map(str::trim)
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_owned),
+                );
+            }
+        }
+        Ok((v4, v6))
     }
 
     fn vhd_path(&self, vm_id: &str) -> String {
