@@ -254,6 +254,33 @@ impl Https {
             Some(s) => s,
             None => self.connect().await?,
         };
+        let answer = self.exchange(&mut sender, req).await?;
+        if !sender.is_closed() {
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(sender);
+        }
+        Ok(answer)
+    }
+
+    /// A connection of its own, outside the pool, for schemes that
+    /// authenticate a connection rather than a request (NTLM).
+    pub async fn connection(&self) -> Result<Connection, HttpError> {
+        Ok(Connection { sender: self.connect().await? })
+    }
+
+    /// Sends one request on `conn`.
+    pub async fn send_on(
+        &self,
+        conn: &mut Connection,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<Answer, HttpError> {
+        self.exchange(&mut conn.sender, req).await
+    }
+
+    async fn exchange(
+        &self,
+        sender: &mut Sender,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<Answer, HttpError> {
         let work = async {
             sender.ready().await.map_err(|e| HttpError::Transport(format!("http: {e}")))?;
             let resp =
@@ -272,13 +299,25 @@ impl Https {
                 .to_bytes();
             Ok::<_, HttpError>(Answer { status, reason, headers, body })
         };
-        let answer = tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| HttpError::Timeout(self.timeout))??;
-        if !sender.is_closed() {
-            self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(sender);
-        }
-        Ok(answer)
+        tokio::time::timeout(self.timeout, work).await.map_err(|_| HttpError::Timeout(self.timeout))?
+    }
+}
+
+/// One HTTP/1.1 connection held by its user (see [`Https::connection`]).
+pub struct Connection {
+    sender: Sender,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("closed", &self.sender.is_closed()).finish()
+    }
+}
+
+impl Connection {
+    /// True once the peer or an error closed it.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
     }
 }
 

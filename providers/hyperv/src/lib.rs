@@ -22,6 +22,7 @@
 pub mod cim;
 pub mod cli;
 pub mod config;
+pub mod ntlm;
 pub mod wsman;
 
 use std::collections::HashMap;
