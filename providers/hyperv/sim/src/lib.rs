@@ -421,6 +421,12 @@ impl Sim {
         true
     }
 
+    /// Changes how long the jobs started from now on run (to watch
+    /// transitional states without racing them).
+    pub fn set_job_duration(&self, d: Duration) {
+        self.lock().config.job_duration = d;
+    }
+
     /// Turns a VM's integration services on or off.
     pub fn set_integration_services(&self, guid: &str, on: bool) -> bool {
         let mut s = self.lock();
