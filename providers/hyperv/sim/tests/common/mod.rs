@@ -119,10 +119,13 @@ pub struct Client {
 
 impl Client {
     pub fn new(running: &hcp_hyperv_sim::Running) -> Self {
+        Self::from_parts(running.addr, running.cert_der.clone())
+    }
+
+    /// A client of a simulator at `addr` whose certificate is `cert_der`.
+    pub fn from_parts(addr: std::net::SocketAddr, cert_der: Vec<u8>) -> Self {
         let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls::pki_types::CertificateDer::from(running.cert_der.clone()))
-            .expect("the simulator's certificate");
+        roots.add(rustls::pki_types::CertificateDer::from(cert_der)).expect("the simulator's certificate");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -130,7 +133,7 @@ impl Client {
             .with_root_certificates(roots)
             .with_no_client_auth();
         Self {
-            addr: running.addr,
+            addr,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
             user: "hcp".into(),
             password: "s3cret".into(),
