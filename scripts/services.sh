@@ -56,6 +56,24 @@ ensure_nats() {
   wait_port 4222 || { log "NATS did not come up"; return 1; }
 }
 
+# The Hyper-V simulator's independent client check needs pywinrm, kept in
+# its own venv (PyPI) so the system Python stays as it is. Exports
+# HCP_WINRM_PYTHON for the test (providers/hyperv/sim/tests/winrm.rs).
+ensure_python_winrm() {
+  local venv="${HCP_WINRM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hcp/winrm-venv}"
+  if "$venv/bin/python" -c "import winrm, xmltodict" 2>/dev/null; then
+    export HCP_WINRM_PYTHON="$venv/bin/python"; return 0
+  fi
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv, ensurepip" 2>/dev/null; then
+    log "installing python3 with venv"
+    apt_install python3 python3-venv || return 1
+  fi
+  log "installing pywinrm in $venv"
+  python3 -m venv "$venv" >&2 || return 1
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check pywinrm >&2 || return 1
+  export HCP_WINRM_PYTHON="$venv/bin/python"
+}
+
 # The example Python provider needs grpcio and grpcio-tools.
 ensure_python_grpc() {
   if python3 -c "import grpc, grpc_tools" 2>/dev/null; then return 0; fi

@@ -8,14 +8,14 @@
 //! each behaviour rests on is in the README.
 //!
 //! Every request is checked against that contract before anything else:
-//! the SOAP envelope and its headers ([`wsman`]), resource URIs and
-//! selectors against the class catalogue ([`catalog`]), WQL queries
-//! ([`wql`]), method parameters by name and CIM type, embedded CIM-XML
-//! instances ([`cimxml`]) and references. What does not match is refused the
+//! the SOAP envelope and its headers (`wsman.rs`), resource URIs and
+//! selectors against the class catalogue (`catalog.rs`), WQL queries
+//! (`wql.rs`), method parameters by name and CIM type, embedded CIM-XML
+//! instances (`cimxml.rs`) and references. What does not match is refused the
 //! way WinRM or the WMI provider refuses it, and recorded as a violation so
 //! a test can assert that a whole suite sent none ([`Sim::violations`]).
 //!
-//! Behaviour modelled ([`state`], [`methods`]): VMs with their settings,
+//! Behaviour modelled (`state.rs`, `methods.rs`): VMs with their settings,
 //! processor, memory, controllers, drives, disk images, network adapters
 //! and switch connections; power transitions through jobs with transitional
 //! states; guest shutdown through the shutdown component; KVP guest
@@ -419,6 +419,12 @@ impl Sim {
         vm.started = (state == state::power::RUNNING).then(std::time::Instant::now);
         vm.state_changed = chrono::Utc::now();
         true
+    }
+
+    /// Changes how long the jobs started from now on run (to watch
+    /// transitional states without racing them).
+    pub fn set_job_duration(&self, d: Duration) {
+        self.lock().config.job_duration = d;
     }
 
     /// Turns a VM's integration services on or off.

@@ -195,10 +195,10 @@ impl Call<'_> {
             Ok(p) => p,
             Err(e) => return Err(self.bad(format!("'{path}' is not a WMI object path: {e}"))),
         };
-        if let Some(ns) = &p.namespace {
-            if !ns.replace('/', "\\").eq_ignore_ascii_case("root\\virtualization\\v2") {
-                return Err(self.bad(format!("'{path}' is not in root\\virtualization\\v2")));
-            }
+        if let Some(ns) = &p.namespace
+            && !ns.replace('/', "\\").eq_ignore_ascii_case("root\\virtualization\\v2")
+        {
+            return Err(self.bad(format!("'{path}' is not in root\\virtualization\\v2")));
         }
         if !p.class.eq_ignore_ascii_case(class) {
             return Err(self.bad(format!("'{path}' names a {}, not a {class}", p.class)));
@@ -287,7 +287,7 @@ fn is_hex_mac(s: &str) -> bool {
 }
 
 fn check_memory(c: &mut Call<'_>, mb: u64) -> R<()> {
-    if mb % 2 != 0 {
+    if !mb.is_multiple_of(2) {
         return Err(c.bad(format!("memory must be an even number of MB, not {mb}")));
     }
     let (min, max) = (c.s.config.memory_min_mb, c.s.config.memory_max_mb);
@@ -317,10 +317,10 @@ fn define_system(c: &mut Call<'_>, p: &Params) -> R<Output> {
     if subtype != "Microsoft:Hyper-V:SubType:1" && subtype != "Microsoft:Hyper-V:SubType:2" {
         return Err(c.bad(format!("VirtualSystemSubType '{subtype}' is neither generation 1 nor 2")));
     }
-    if let Some(t) = e.scalar("VirtualSystemType") {
-        if t != "Microsoft:Hyper-V:System:Realized" {
-            return Err(c.bad(format!("VirtualSystemType '{t}' cannot be defined")));
-        }
+    if let Some(t) = e.scalar("VirtualSystemType")
+        && t != "Microsoft:Hyper-V:System:Realized"
+    {
+        return Err(c.bad(format!("VirtualSystemType '{t}' cannot be defined")));
     }
     if p.given("ReferenceConfiguration") {
         return Err(c.bad("ReferenceConfiguration is not simulated"));

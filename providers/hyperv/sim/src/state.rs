@@ -239,10 +239,10 @@ const DISK_MAGIC: &str = "hcp-hyperv-sim virtual disk\n";
 /// Reads a disk's metadata.
 pub(crate) fn read_disk(path: &Path) -> Option<DiskMeta> {
     let bytes = std::fs::read(path).ok()?;
-    if let Some(rest) = bytes.strip_prefix(DISK_MAGIC.as_bytes()) {
-        if let Ok(meta) = serde_json::from_slice(rest) {
-            return Some(meta);
-        }
+    if let Some(rest) = bytes.strip_prefix(DISK_MAGIC.as_bytes())
+        && let Ok(meta) = serde_json::from_slice(rest)
+    {
+        return Some(meta);
     }
     Some(DiskMeta { kind: 2, format: 3, size: bytes.len() as u64, parent: None })
 }
@@ -253,6 +253,10 @@ pub(crate) fn write_disk(path: &Path, meta: &DiskMeta) -> std::io::Result<()> {
     bytes.extend(serde_json::to_vec(meta).map_err(std::io::Error::other)?);
     std::fs::write(path, bytes)
 }
+
+/// An association instance: its class and its two (role, reference)
+/// ends.
+pub(crate) type Association = (&'static str, (&'static str, Epr), (&'static str, Epr));
 
 /// The host state.
 pub(crate) struct State {
@@ -439,24 +443,20 @@ impl State {
                 }
             }
             Effect::Undo(before) => {
-                if !ok {
-                    if let Some(vm) = self.vms.get_mut(&before.guid) {
-                        let (state, requested, started, busy) =
-                            (vm.state, vm.requested, vm.started, vm.busy.clone());
-                        *vm = (**before).clone();
-                        vm.state = state;
-                        vm.requested = requested;
-                        vm.started = started;
-                        vm.busy = busy;
-                    }
+                if !ok && let Some(vm) = self.vms.get_mut(&before.guid) {
+                    let (state, requested, started, busy) =
+                        (vm.state, vm.requested, vm.started, vm.busy.clone());
+                    *vm = (**before).clone();
+                    vm.state = state;
+                    vm.requested = requested;
+                    vm.started = started;
+                    vm.busy = busy;
                 }
             }
             Effect::CreateSnapshot(guid, snap) => {
-                if ok {
-                    if let Some(vm) = self.vms.get_mut(guid) {
-                        vm.current_snapshot = Some(snap.guid.clone());
-                        vm.snapshots.push((**snap).clone());
-                    }
+                if ok && let Some(vm) = self.vms.get_mut(guid) {
+                    vm.current_snapshot = Some(snap.guid.clone());
+                    vm.snapshots.push((**snap).clone());
                 }
             }
             Effect::ApplySnapshot(guid, snap_guid) => {
@@ -494,19 +494,17 @@ impl State {
                 }
             }
             Effect::DestroySnapshot(guid, snap_guid) => {
-                if ok {
-                    if let Some(vm) = self.vms.get_mut(guid) {
-                        let parent =
-                            vm.snapshots.iter().find(|s| &s.guid == snap_guid).and_then(|s| s.parent.clone());
-                        vm.snapshots.retain(|s| &s.guid != snap_guid);
-                        for s in &mut vm.snapshots {
-                            if s.parent.as_deref() == Some(snap_guid) {
-                                s.parent = parent.clone();
-                            }
+                if ok && let Some(vm) = self.vms.get_mut(guid) {
+                    let parent =
+                        vm.snapshots.iter().find(|s| &s.guid == snap_guid).and_then(|s| s.parent.clone());
+                    vm.snapshots.retain(|s| &s.guid != snap_guid);
+                    for s in &mut vm.snapshots {
+                        if s.parent.as_deref() == Some(snap_guid) {
+                            s.parent = parent.clone();
                         }
-                        if vm.current_snapshot.as_deref() == Some(snap_guid) {
-                            vm.current_snapshot = parent;
-                        }
+                    }
+                    if vm.current_snapshot.as_deref() == Some(snap_guid) {
+                        vm.current_snapshot = parent;
                     }
                 }
             }
@@ -515,10 +513,10 @@ impl State {
                     if path.exists() {
                         return Err((32768, format!("the file {} already exists", path.display())));
                     }
-                    if let Some(parent) = &meta.parent {
-                        if self.host_path(parent).is_none_or(|p| !p.is_file()) {
-                            return Err((32779, format!("the parent disk {parent} was not found")));
-                        }
+                    if let Some(parent) = &meta.parent
+                        && self.host_path(parent).is_none_or(|p| !p.is_file())
+                    {
+                        return Err((32779, format!("the parent disk {parent} was not found")));
                     }
                     if let Err(e) = write_disk(path, meta) {
                         return Err((32768, format!("cannot create the disk: {e}")));
@@ -566,7 +564,7 @@ impl State {
     }
 
     /// The association instances: (class, (role, end), (role, end)).
-    pub(crate) fn associations(&self) -> Vec<(&'static str, (&'static str, Epr), (&'static str, Epr))> {
+    pub(crate) fn associations(&self) -> Vec<Association> {
         let mut out = Vec::new();
         for vm in self.vms.values() {
             let cs = vm.epr();

@@ -71,7 +71,7 @@ pub(crate) struct Fault {
     pub(crate) detail: Option<&'static str>,
     pub(crate) wsman_code: u32,
     /// The header not understood (namespace, local name).
-    pub(crate) not_understood: Option<(String, String)>,
+    pub(crate) not_understood: Option<Box<(String, String)>>,
 }
 
 impl Fault {
@@ -123,7 +123,7 @@ impl Fault {
         if let Some(r) = relates_to {
             header.push_str(&format!("<a:RelatesTo>{}</a:RelatesTo>", esc(r)));
         }
-        if let Some((ns, local)) = &self.not_understood {
+        if let Some((ns, local)) = self.not_understood.as_deref() {
             header.push_str(&format!(
                 "<s:NotUnderstood qname=\"q:{}\" xmlns:q=\"{}\"/>",
                 esc(local),
@@ -273,7 +273,10 @@ pub(crate) fn handle(s: &mut State, body: &str) -> Reply {
                     ),
                     detail: None,
                     wsman_code: code::MUST_UNDERSTAND,
-                    not_understood: Some((tag.namespace().unwrap_or("").to_owned(), tag.name().to_owned())),
+                    not_understood: Some(Box::new((
+                        tag.namespace().unwrap_or("").to_owned(),
+                        tag.name().to_owned(),
+                    ))),
                 };
                 let relates = hn.children().find(|c| is(c, NS_A, "MessageID")).map(text);
                 return fault_reply(s, reply, f, relates.as_deref(), &host, true);
@@ -437,16 +440,16 @@ pub(crate) fn handle(s: &mut State, body: &str) -> Reply {
                 esc(relates.as_deref().unwrap_or(""))
             );
             let text = envelope(&header, &body);
-            if let Some(max) = h.max_envelope {
-                if text.len() > max {
-                    let f = Fault::sender(
-                        "w:EncodingLimit",
-                        code::MAX_ENVELOPE_SIZE_EXCEEDED,
-                        format!("The response ({} bytes) exceeds w:MaxEnvelopeSize ({max}).", text.len()),
-                    )
-                    .detail("MaxEnvelopeSize");
-                    return fault_reply(s, reply, f, relates.as_deref(), &host, false);
-                }
+            if let Some(max) = h.max_envelope
+                && text.len() > max
+            {
+                let f = Fault::sender(
+                    "w:EncodingLimit",
+                    code::MAX_ENVELOPE_SIZE_EXCEEDED,
+                    format!("The response ({} bytes) exceeds w:MaxEnvelopeSize ({max}).", text.len()),
+                )
+                .detail("MaxEnvelopeSize");
+                return fault_reply(s, reply, f, relates.as_deref(), &host, false);
             }
             reply.body = text;
             reply.outcome = outcome;
@@ -740,10 +743,10 @@ fn run_query(s: &State, q: &str) -> Result<Vec<Instance>, (Fault, bool)> {
             .filter(|i| filter.as_ref().is_none_or(|f| wql::matches(f, i)))
             .collect()),
         Query::Associators(a) => {
-            if let Some(ns) = &a.source.namespace {
-                if !ns.replace('/', "\\").eq_ignore_ascii_case("root\\virtualization\\v2") {
-                    return Err(filter_fault(format!("the object path is in namespace {ns}")));
-                }
+            if let Some(ns) = &a.source.namespace
+                && !ns.replace('/', "\\").eq_ignore_ascii_case("root\\virtualization\\v2")
+            {
+                return Err(filter_fault(format!("the object path is in namespace {ns}")));
             }
             let def = catalog
                 .class_nocase(&a.source.class)
