@@ -48,6 +48,9 @@ pub struct Config {
     /// which is `host_dir` on the host (an SMB share, say).
     #[serde(default)]
     pub cloud_init: Option<CloudInitConfig>,
+    /// `negotiate` (NTLM; WinRM's default) or `basic`.
+    #[serde(default)]
+    pub auth_scheme: crate::wsman::Scheme,
     /// Credentials; when absent they arrive through `Identity.Configure`.
     #[serde(default)]
     pub auth: Option<AuthConfig>,

@@ -238,7 +238,8 @@ impl Hyperv {
     pub async fn new(config: Config) -> anyhow::Result<Self> {
         let trust = config.tls.trust()?;
         let timeout = Duration::from_secs(config.timing.request_timeout_seconds.max(1));
-        let host = Wsman::new(&config.url, &trust, timeout).map_err(|e| anyhow::anyhow!(e))?;
+        let host =
+            Wsman::new(&config.url, &trust, timeout, config.auth_scheme).map_err(|e| anyhow::anyhow!(e))?;
         if let Some(auth) = &config.auth {
             let password = match (&auth.password, &auth.password_file) {
                 (Some(p), _) => p.clone(),

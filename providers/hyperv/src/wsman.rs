@@ -365,11 +365,25 @@ pub struct Credentials {
     pub password: String,
 }
 
+/// How the provider authenticates to WinRM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    /// NTLM under `Negotiate` (WinRM's default; Basic is off by default).
+    #[default]
+    Negotiate,
+    /// `Authorization: Basic` on every request.
+    Basic,
+}
+
 /// A WS-Management endpoint.
 pub struct Wsman {
     http: hcp_tls::Https,
     url: String,
     path: String,
+    scheme: Scheme,
+    /// The connection NTLM authenticated; requests take turns on it.
+    ntlm: tokio::sync::Mutex<Option<hcp_tls::Connection>>,
     credentials: std::sync::RwLock<Option<Credentials>>,
     /// Requests sent (tests read it).
     pub requests_sent: AtomicU64,
@@ -402,13 +416,15 @@ pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
 
 impl Wsman {
     /// A client for `url`, trusting `trust`, with `timeout` per request.
-    pub fn new(url: &str, trust: &hcp_tls::Trust, timeout: Duration) -> Result<Self, String> {
+    pub fn new(url: &str, trust: &hcp_tls::Trust, timeout: Duration, scheme: Scheme) -> Result<Self, String> {
         let (host, port, path) = split_url(url)?;
         let http = hcp_tls::Https::new(&host, port, trust, timeout).map_err(|e| e.to_string())?;
         Ok(Self {
             http,
             url: url.to_owned(),
             path,
+            scheme,
+            ntlm: tokio::sync::Mutex::new(None),
             credentials: std::sync::RwLock::new(None),
             requests_sent: AtomicU64::new(0),
         })
@@ -459,21 +475,17 @@ impl Wsman {
         };
         let xml = quick_xml::se::to_string_with_root("s:Envelope", &envelope)
             .map_err(|e| WsmanError::Decode(format!("rendering {action}: {e}")))?;
-        let basic = base64::engine::general_purpose::STANDARD
-            .encode(format!("{}:{}", creds.username, creds.password));
-        let req = http::Request::builder()
-            .method(http::Method::POST)
-            .uri(&self.path)
-            .header("host", self.http.authority())
-            .header("content-type", "application/soap+xml;charset=UTF-8")
-            .header("authorization", format!("Basic {basic}"))
-            .body(Full::new(Bytes::from(xml)))
-            .map_err(|e| WsmanError::Transport(e.to_string()))?;
-        self.requests_sent.fetch_add(1, Ordering::Relaxed);
-        let answer = self.http.send(req).await.map_err(|e| match e {
-            hcp_tls::HttpError::Transport(m) => WsmanError::Transport(m),
-            hcp_tls::HttpError::Timeout(d) => WsmanError::Timeout(format!("no answer within {d:?}")),
-        })?;
+        let answer = match self.scheme {
+            Scheme::Basic => {
+                let basic = base64::engine::general_purpose::STANDARD
+                    .encode(format!("{}:{}", creds.username, creds.password));
+                self.http
+                    .send(self.request(Some(format!("Basic {basic}")), xml)?)
+                    .await
+                    .map_err(http_error)?
+            }
+            Scheme::Negotiate => self.negotiated(&creds, xml).await?,
+        };
         if answer.status == 401 {
             return Err(WsmanError::Unauthorized);
         }
@@ -484,6 +496,74 @@ impl Wsman {
         }
         check(&text, &message_id)?;
         Ok(text)
+    }
+
+    fn request(
+        &self,
+        authorization: Option<String>,
+        body: String,
+    ) -> Result<http::Request<Full<Bytes>>, WsmanError> {
+        let mut req = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(&self.path)
+            .header("host", self.http.authority())
+            .header("content-type", "application/soap+xml;charset=UTF-8");
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        self.requests_sent.fetch_add(1, Ordering::Relaxed);
+        req.body(Full::new(Bytes::from(body))).map_err(|e| WsmanError::Transport(e.to_string()))
+    }
+
+    /// Sends on the NTLM-authenticated connection, authenticating one
+    /// first (NEGOTIATE, the host's CHALLENGE, AUTHENTICATE with the
+    /// request itself) when there is none or the host asks again.
+    async fn negotiated(&self, creds: &Credentials, xml: String) -> Result<hcp_tls::Answer, WsmanError> {
+        let mut held = self.ntlm.lock().await;
+        if let Some(conn) = held.as_mut().filter(|c| !c.is_closed()) {
+            match self.http.send_on(conn, self.request(None, xml.clone())?).await {
+                Ok(a) if a.status != 401 => return Ok(a),
+                // The host forgot the connection's authentication.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "the authenticated connection failed; negotiating a new one")
+                }
+            }
+        }
+        *held = None;
+        let mut conn = self.http.connection().await.map_err(http_error)?;
+        let (mut handshake, negotiate) =
+            crate::ntlm::Handshake::start(&creds.username, &creds.password).map_err(WsmanError::Decode)?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let first = self
+            .http
+            .send_on(
+                &mut conn,
+                self.request(Some(format!("Negotiate {}", b64.encode(negotiate))), String::new())?,
+            )
+            .await
+            .map_err(http_error)?;
+        let challenge = first
+            .headers
+            .get_all(http::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|v| v.strip_prefix("Negotiate "))
+            .and_then(|t| b64.decode(t.trim()).ok());
+        let Some(challenge) = challenge.filter(|_| first.status == 401) else {
+            // No NTLM challenge: Negotiate is off, or the host refuses us.
+            return Err(WsmanError::Unauthorized);
+        };
+        let authenticate = handshake.answer(&challenge).map_err(WsmanError::Decode)?;
+        let answer = self
+            .http
+            .send_on(&mut conn, self.request(Some(format!("Negotiate {}", b64.encode(authenticate))), xml)?)
+            .await
+            .map_err(http_error)?;
+        if answer.status != 401 {
+            *held = Some(conn);
+        }
+        Ok(answer)
     }
 
     /// `Get` of one instance.
@@ -560,6 +640,13 @@ impl Wsman {
             }
         }
         Ok(output)
+    }
+}
+
+fn http_error(e: hcp_tls::HttpError) -> WsmanError {
+    match e {
+        hcp_tls::HttpError::Transport(m) => WsmanError::Transport(m),
+        hcp_tls::HttpError::Timeout(d) => WsmanError::Timeout(format!("no answer within {d:?}")),
     }
 }
 

@@ -31,12 +31,12 @@ async fn sim() -> Running {
 fn toml(sim: &Running, extra: &str) -> String {
     let dir = sim.sim.disk_dir();
     format!(
-        "listen = \"127.0.0.1:0\"\nurl = \"{url}\"\nvm_dir = 'C:\\Hyper-V\\hcp'\nvm_dir_local = \"{dir}\"\n\
+        "{extra}listen = \"127.0.0.1:0\"\nurl = \"{url}\"\nvm_dir = 'C:\\Hyper-V\\hcp'\nvm_dir_local = \"{dir}\"\n\
          image_dir = 'C:\\Hyper-V\\hcp'\n\
          [networks]\ndefault = \"Default Switch\"\nlan = \"LAN\"\n\
          [cloud_init]\nlocal_dir = \"{dir}\"\nhost_dir = 'C:\\Hyper-V\\hcp'\n\
          [tls]\nfingerprint = \"{fp}\"\n\
-         [timing]\njob_poll_ms = 10\nretry_base_ms = 10\nretry_attempts = 4\nshutdown_timeout_seconds = 5\n{extra}",
+         [timing]\njob_poll_ms = 10\nretry_base_ms = 10\nretry_attempts = 4\nshutdown_timeout_seconds = 5\n",
         url = sim.endpoint(),
         dir = dir.display(),
         fp = sim.fingerprint,
@@ -262,19 +262,35 @@ async fn failed_jobs_objects_in_use_and_bad_credentials_are_told_apart() {
     assert_eq!(vm.power_state, pb::PowerState::Shutoff as i32);
     sim.sim.set_faults(Faults::default());
 
-    // Wrong credentials: a credential error after one request.
-    let wrong = Hyperv::new(Config::from_toml(&toml(&sim, "")).unwrap()).await.unwrap();
-    wrong
-        .configure(
-            [("username".to_owned(), USER.to_owned()), ("password".to_owned(), "wrong".to_owned())].into(),
-        )
-        .await
-        .unwrap();
-    let before = sim.sim.stats();
-    let e = wrong.get_vm(&id).await.unwrap_err();
-    assert_eq!((e.kind, e.retryable), (ErrorKind::PermissionDenied, Some(false)), "{e:?}");
-    let after = sim.sim.stats();
-    assert_eq!((after.requests - before.requests, after.unauthorized - before.unauthorized), (1, 1));
+    // Wrong credentials: a credential error, not retried. With Basic after
+    // one request; under Negotiate after one handshake (NEGOTIATE, then
+    // AUTHENTICATE refused).
+    for (scheme, requests) in [("basic", 1), ("negotiate", 2)] {
+        let wrong =
+            Hyperv::new(Config::from_toml(&toml(&sim, &format!("auth_scheme = \"{scheme}\"\n"))).unwrap())
+                .await
+                .unwrap();
+        wrong
+            .configure(
+                [("username".to_owned(), USER.to_owned()), ("password".to_owned(), "wrong".to_owned())]
+                    .into(),
+            )
+            .await
+            .unwrap();
+        let before = sim.sim.stats();
+        let e = wrong.get_vm(&id).await.unwrap_err();
+        assert_eq!((e.kind, e.retryable), (ErrorKind::PermissionDenied, Some(false)), "{scheme}: {e:?}");
+        let after = sim.sim.stats();
+        assert_eq!(
+            (after.requests - before.requests, after.unauthorized - before.unauthorized),
+            (requests, 1),
+            "{scheme}"
+        );
+    }
+    // The right ones under Basic work too (the rest of this file uses
+    // NTLM, the default).
+    let basic = provider(&sim, "auth_scheme = \"basic\"\n").await;
+    assert_eq!(basic.get_vm(&id).await.unwrap().vm_id, id);
 
     assert!(p.delete_vm(&id).await.unwrap());
     assert_no_violations(&sim);

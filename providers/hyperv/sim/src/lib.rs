@@ -33,6 +33,7 @@ mod cimxml;
 pub mod cli;
 mod methods;
 mod model;
+mod ntlm;
 mod server;
 mod state;
 mod wql;
@@ -589,7 +590,8 @@ pub async fn start(config: SimConfig) -> Result<Running, StartError> {
             };
             let Ok((tcp, _)) = accepted else { continue };
             let acceptor = acceptor.clone();
-            let app = app.clone();
+            // Each connection proves itself once under NTLM.
+            let app = app.clone().layer(axum::Extension(ntlm::ConnAuth::default()));
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let service = hyper_util::service::TowerToHyperService::new(app);

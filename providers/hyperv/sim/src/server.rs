@@ -31,6 +31,38 @@ fn record(sim: &Sim, status: u16, outcome: &str, violation: Option<String>) {
     }
 }
 
+enum Auth {
+    Ok,
+    Challenge(Vec<u8>),
+    Denied,
+}
+
+/// Basic on every request, or NTLM under `Negotiate` once per connection.
+fn authenticate(sim: &Sim, headers: &HeaderMap, conn: &crate::ntlm::ConnAuth) -> Auth {
+    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match value.and_then(|v| v.split_once(' ')) {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("Negotiate") => {
+            let Ok(token) = base64::engine::general_purpose::STANDARD.decode(token.trim()) else {
+                return Auth::Denied;
+            };
+            let Some((user, password)) = sim.lock().config.users.first().cloned() else {
+                return Auth::Denied;
+            };
+            match conn.step(&token, &user, &password) {
+                crate::ntlm::Step::Challenge(t) => Auth::Challenge(t),
+                crate::ntlm::Step::Done => Auth::Ok,
+                crate::ntlm::Step::Denied(why) => {
+                    tracing::info!(why, "NTLM refused");
+                    Auth::Denied
+                }
+            }
+        }
+        Some(_) if authorized(sim, headers) => Auth::Ok,
+        None if conn.authenticated() => Auth::Ok,
+        _ => Auth::Denied,
+    }
+}
+
 fn authorized(sim: &Sim, headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
     let Some((scheme, token)) = value.split_once(' ') else { return false };
@@ -61,6 +93,7 @@ fn soap_content_type(headers: &HeaderMap) -> bool {
 
 async fn handle(
     AxState(sim): AxState<Sim>,
+    axum::Extension(conn): axum::Extension<crate::ntlm::ConnAuth>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -82,12 +115,23 @@ async fn handle(
         record(&sim, 405, "method not allowed", Some(format!("{method} /wsman: only POST is served")));
         return (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "POST")]).into_response();
     }
-    if !authorized(&sim, &headers) {
-        sim.lock().stats.unauthorized += 1;
-        record(&sim, 401, "unauthorized", None);
-        // WinRM lists the schemes it has enabled; here only Basic.
-        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"WSMAN\"")])
-            .into_response();
+    match authenticate(&sim, &headers, &conn) {
+        Auth::Ok => {}
+        Auth::Challenge(token) => {
+            record(&sim, 401, "negotiate challenge", None);
+            let value = format!("Negotiate {}", base64::engine::general_purpose::STANDARD.encode(token));
+            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, value)]).into_response();
+        }
+        Auth::Denied => {
+            sim.lock().stats.unauthorized += 1;
+            record(&sim, 401, "unauthorized", None);
+            // WinRM lists the schemes it has enabled: Negotiate and Basic.
+            let mut resp = StatusCode::UNAUTHORIZED.into_response();
+            resp.headers_mut().append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Negotiate"));
+            resp.headers_mut()
+                .append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"WSMAN\""));
+            return resp;
+        }
     }
     if !soap_content_type(&headers) {
         let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("none").to_owned();

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Talks to the Hyper-V simulator with pywinrm, a WS-Management client that
 is not ours: pywinrm builds the envelope headers (Protocol.build_wsman_header)
-and frames the HTTP exchange (Basic over HTTPS); this script adds the
+and frames the HTTP exchange (Basic over HTTPS, and NTLM under Negotiate);
+this script adds the
 selectors and bodies WIRE.md uses, and checks that every reply parses, echoes
 the MessageID, and that faults and a bad password come back the way pywinrm
 understands them.
@@ -149,6 +150,34 @@ def main():
     try:
         send(bad, GET, V2 + VSMS, [("CreationClassName", VSMS)])
         fail("a wrong password was accepted")
+    except InvalidCredentialsError:
+        pass
+
+    # NTLM under Negotiate (pywinrm's "ntlm" transport: requests_ntlm and
+    # pyspnego, over HTTPS without message encryption): a Get, then a
+    # wrong password.
+    ntlm = Protocol(
+        endpoint,
+        transport="ntlm",
+        username=user,
+        password=password,
+        server_cert_validation="ignore",
+        message_encryption="never",
+    )
+    root = send(ntlm, GET, V2 + VSMS, [("CreationClassName", VSMS)])
+    if root.find("s:Body/{%s}%s" % (V2 + VSMS, VSMS), NS) is None:
+        fail("no service instance in the Get reply under NTLM")
+    bad = Protocol(
+        endpoint,
+        transport="ntlm",
+        username=user,
+        password=password + "x",
+        server_cert_validation="ignore",
+        message_encryption="never",
+    )
+    try:
+        send(bad, GET, V2 + VSMS, [("CreationClassName", VSMS)])
+        fail("a wrong password was accepted under NTLM")
     except InvalidCredentialsError:
         pass
 
