@@ -45,6 +45,57 @@ pub fn fingerprint_of(der: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(der).into()
 }
 
+/// The `[tls]` table of a provider's configuration: exactly one of a CA
+/// file or a certificate fingerprint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// PEM file with the CA certificates.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// SHA-256 fingerprint of the server's certificate, `AA:BB:...`.
+    pub fingerprint: Option<String>,
+}
+
+/// What is wrong with a [`TrustConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TrustConfigError {
+    /// Both are set.
+    #[error("set ca_file or fingerprint, not both")]
+    Both,
+    /// Neither is set.
+    #[error("set ca_file or fingerprint")]
+    Neither,
+    /// The fingerprint does not parse.
+    #[error("the fingerprint must be 32 hex bytes, e.g. AA:BB:...")]
+    BadFingerprint,
+}
+
+impl TrustConfig {
+    /// Checks the table without reading files.
+    pub fn check(&self) -> Result<(), TrustConfigError> {
+        match (&self.ca_file, &self.fingerprint) {
+            (Some(_), Some(_)) => Err(TrustConfigError::Both),
+            (None, None) => Err(TrustConfigError::Neither),
+            (None, Some(f)) if parse_fingerprint(f).is_none() => Err(TrustConfigError::BadFingerprint),
+            _ => Ok(()),
+        }
+    }
+
+    /// The trust it names (reads the CA file).
+    pub fn load(&self) -> Result<Trust, String> {
+        self.check().map_err(|e| format!("tls: {e}"))?;
+        match (&self.ca_file, &self.fingerprint) {
+            (Some(ca), _) => {
+                std::fs::read(ca).map(Trust::Ca).map_err(|e| format!("tls.ca_file {}: {e}", ca.display()))
+            }
+            (None, Some(f)) => parse_fingerprint(f)
+                .map(Trust::Fingerprint)
+                .ok_or_else(|| "tls.fingerprint is not 32 hex bytes".into()),
+            (None, None) => Err("tls: set ca_file or fingerprint".into()),
+        }
+    }
+}
+
 /// Why a [`Trust`] cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {

@@ -97,31 +97,8 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
-/// Exactly one of a CA file or a certificate fingerprint.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file with the CA certificates.
-    pub ca_file: Option<PathBuf>,
-    /// SHA-256 fingerprint of the listener's certificate, `AA:BB:...`.
-    pub fingerprint: Option<String>,
-}
-
-impl TlsConfig {
-    /// Reads the trust it names.
-    pub fn trust(&self) -> anyhow::Result<hcp_tls::Trust> {
-        Ok(match (&self.ca_file, &self.fingerprint) {
-            (Some(ca), _) => hcp_tls::Trust::Ca(
-                std::fs::read(ca).map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", ca.display()))?,
-            ),
-            (None, Some(f)) => hcp_tls::Trust::Fingerprint(
-                hcp_tls::parse_fingerprint(f)
-                    .ok_or_else(|| anyhow::anyhow!("tls.fingerprint is not 32 hex bytes"))?,
-            ),
-            (None, None) => anyhow::bail!("tls: set ca_file or fingerprint"),
-        })
-    }
-}
+/// Exactly one of a CA file or the listener certificate's fingerprint.
+pub type TlsConfig = hcp_tls::TrustConfig;
 
 /// Timing and retries; defaults suit a real host.
 #[derive(Debug, Clone, Deserialize)]
@@ -202,13 +179,12 @@ impl Config {
         if self.vm_dir.is_empty() {
             return field("vm_dir", "must not be empty");
         }
-        match (&self.tls.ca_file, &self.tls.fingerprint) {
-            (Some(_), Some(_)) => return field("tls", "set ca_file or fingerprint, not both"),
-            (None, None) => return field("tls", "set ca_file or fingerprint"),
-            (None, Some(f)) if hcp_tls::parse_fingerprint(f).is_none() => {
-                return field("tls.fingerprint", "must be 32 hex bytes, e.g. AA:BB:...");
+        match self.tls.check() {
+            Ok(()) => {}
+            Err(e @ hcp_tls::TrustConfigError::BadFingerprint) => {
+                return field("tls.fingerprint", &e.to_string());
             }
-            _ => {}
+            Err(e) => return field("tls", &e.to_string()),
         }
         if self.timing.retry_attempts == 0 {
             return field("timing.retry_attempts", "at least 1");

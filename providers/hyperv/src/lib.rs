@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hcp_provider_sdk::support::{Failpoints, VmLocks, is_uuid};
 use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
 
 use crate::cim::{Instance, object_path, wql_literal};
@@ -83,12 +84,6 @@ pub fn vm_name(vm_id: &str) -> String {
 
 fn snapshot_name(snapshot_id: &str) -> String {
     format!("hcp-{snapshot_id}")
-}
-
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices()
-            .all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() })
 }
 
 /// A failure below the protocol.
@@ -229,14 +224,14 @@ pub struct Hyperv {
     host: Arc<Wsman>,
     config: Arc<Config>,
     host_name: tokio::sync::OnceCell<String>,
-    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    failpoints: Vec<String>,
+    locks: VmLocks,
+    failpoints: Failpoints,
 }
 
 impl Hyperv {
     /// Builds the provider from its configuration.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let trust = config.tls.trust()?;
+        let trust = config.tls.load().map_err(|e| anyhow::anyhow!(e))?;
         let timeout = Duration::from_secs(config.timing.request_timeout_seconds.max(1));
         let host =
             Wsman::new(&config.url, &trust, timeout, config.auth_scheme).map_err(|e| anyhow::anyhow!(e))?;
@@ -251,14 +246,12 @@ impl Hyperv {
             };
             host.set_credentials(Credentials { username: auth.username.clone(), password });
         }
-        let failpoints = std::env::var(FAILPOINTS_ENV)
-            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
-            .unwrap_or_default();
+        let failpoints = Failpoints::from_env(FAILPOINTS_ENV);
         Ok(Self {
             host: Arc::new(host),
             config: Arc::new(config),
             host_name: tokio::sync::OnceCell::new(),
-            locks: std::sync::Mutex::new(HashMap::new()),
+            locks: VmLocks::new(),
             failpoints,
         })
     }
@@ -266,21 +259,6 @@ impl Hyperv {
     /// The WS-Management client (tests read its counters).
     pub fn client(&self) -> &Wsman {
         &self.host
-    }
-
-    fn failpoint(&self, name: &str) {
-        if self.failpoints.iter().any(|f| f == name) {
-            tracing::error!(failpoint = name, "failpoint reached: aborting");
-            std::process::abort();
-        }
-    }
-
-    async fn serialize(&self, vm_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-            locks.entry(vm_id.to_owned()).or_default().clone()
-        };
-        lock.lock_owned().await
     }
 
     async fn backoff(&self, attempt: u32) {
@@ -623,7 +601,7 @@ impl Hyperv {
             .await;
         let refused = match made {
             Ok(_) => {
-                self.failpoint("create:after-vhd");
+                self.failpoints.hit("create:after-vhd");
                 None
             }
             // Made by an attempt that died before attaching it (the resize
@@ -676,7 +654,7 @@ impl Hyperv {
                     let mut c = Instance::new("Msvm_ResourceAllocationSettingData");
                     c.set("ResourceType", "uint16", "6").set("ResourceSubType", "string", SCSI);
                     self.add(&vssd, c).await.map_err(err)?;
-                    self.failpoint("create:after-controller");
+                    self.failpoints.hit("create:after-controller");
                     let d = self.devices(&vssd).await.map_err(err)?;
                     d.controller().cloned().ok_or_else(|| {
                         err(HvError::Unexpected("the SCSI controller is missing after its add".into()))
@@ -694,7 +672,7 @@ impl Hyperv {
                         .set("Parent", "string", controller_path.clone())
                         .set("AddressOnParent", "string", "0");
                     self.add(&vssd, dr).await.map_err(err)?;
-                    self.failpoint("create:after-drive");
+                    self.failpoints.hit("create:after-drive");
                     let d = self.devices(&vssd).await.map_err(err)?;
                     d.drive_on(&controller_path).cloned().ok_or_else(|| {
                         err(HvError::Unexpected("the disk drive is missing after its add".into()))
@@ -710,7 +688,7 @@ impl Hyperv {
                 .set("Parent", "string", self.path_of(&drive).await.map_err(err)?)
                 .set_array("HostResource", "string", vec![vhd.clone()]);
             self.add(&vssd, sasd).await.map_err(err)?;
-            self.failpoint("create:after-disk");
+            self.failpoints.hit("create:after-disk");
         }
         // User data: a NoCloud seed ISO on DVD drive 1 of the controller.
         if let (Some(user_data), Some(ci)) = (&spec.user_data, &self.config.cloud_init) {
@@ -749,7 +727,7 @@ impl Hyperv {
                             .set("Parent", "string", controller_path.clone())
                             .set("AddressOnParent", "string", "1");
                         self.add(&vssd, dr).await.map_err(err)?;
-                        self.failpoint("create:after-dvd");
+                        self.failpoints.hit("create:after-dvd");
                         dvd_of(&self.devices(&vssd).await.map_err(err)?).ok_or_else(|| {
                             err(HvError::Unexpected("the DVD drive is missing after its add".into()))
                         })?
@@ -761,7 +739,7 @@ impl Hyperv {
                     .set("Parent", "string", self.path_of(&drive).await.map_err(err)?)
                     .set_array("HostResource", "string", vec![host_iso]);
                 self.add(&vssd, sasd).await.map_err(err)?;
-                self.failpoint("create:after-seed");
+                self.failpoints.hit("create:after-seed");
             }
         }
         // NICs: port i named hcp-nic-i, connected to switch i.
@@ -782,7 +760,7 @@ impl Hyperv {
                             vec![format!("{{{}}}", uuid::Uuid::new_v4())],
                         );
                     self.add(&vssd, p).await.map_err(err)?;
-                    self.failpoint("create:after-nic");
+                    self.failpoints.hit("create:after-nic");
                     let d = self.devices(&vssd).await.map_err(err)?;
                     d.ports
                         .iter()
@@ -803,7 +781,7 @@ impl Hyperv {
                     .set("Parent", "string", port_path)
                     .set_array("HostResource", "string", vec![switch.clone()]);
                 self.add(&vssd, c).await.map_err(err)?;
-                self.failpoint("create:after-connection");
+                self.failpoints.hit("create:after-connection");
             }
         }
         Ok(())
@@ -954,7 +932,7 @@ impl Provider for Hyperv {
         }
         let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "required"))?;
         let parent = self.parent_vhd(&image.source)?;
-        let _serial = self.serialize(&vm_id).await;
+        let _serial = self.locks.lock(&vm_id).await;
         let mut vhd_ready = false;
         let vm = match self.find(&vm_id).await.map_err(map_error)? {
             Some(vm) => vm,
@@ -971,7 +949,7 @@ impl Provider for Hyperv {
                 self.call(&Self::service(VSMS), "DefineSystem", &[("SystemSettings", Param::Instance(vssd))])
                     .await
                     .map_err(map_error)?;
-                self.failpoint("create:after-define");
+                self.failpoints.hit("create:after-define");
                 self.find(&vm_id).await.map_err(map_error)?.ok_or_else(|| {
                     ProviderError::new(
                         ErrorKind::Internal,
@@ -1019,18 +997,18 @@ impl Provider for Hyperv {
     }
 
     async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(vm_id).await;
+        let _serial = self.locks.lock(vm_id).await;
         let vm = self.require(vm_id).await?;
         if !vm.running() {
             self.request_state(&vm, state::RUNNING).await.map_err(map_error)?;
-            self.failpoint("start:after-start");
+            self.failpoints.hit("start:after-start");
         }
         let vm = self.reread(&vm).await.map_err(map_error)?;
         self.info(vm_id, &vm).await.map_err(map_error)
     }
 
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         if !vm.off() {
             let wql =
@@ -1089,7 +1067,7 @@ impl Provider for Hyperv {
     }
 
     async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         if !vm.running() {
             return Err(ProviderError::new(
@@ -1109,7 +1087,7 @@ impl Provider for Hyperv {
         if req.vcpus == 0 || req.memory_mib == 0 {
             return Err(invalid("vcpus", "vcpus and memory_mib must be positive"));
         }
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         if !vm.off() {
             return Err(ProviderError::new(
@@ -1135,7 +1113,7 @@ impl Provider for Hyperv {
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
-        let _serial = self.serialize(vm_id).await;
+        let _serial = self.locks.lock(vm_id).await;
         let Some(vm) = self.find(vm_id).await.map_err(map_error)? else {
             // A create that failed before its define may have left its disk.
             self.remove_files(vm_id).await;
@@ -1167,7 +1145,7 @@ impl Provider for Hyperv {
         &self,
         req: pb::CreateSnapshotRequest,
     ) -> Result<pb::SnapshotInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         let info = |s: &Instance| pb::SnapshotInfo {
             snapshot_id: req.snapshot_id.clone(),
@@ -1249,7 +1227,7 @@ impl Provider for Hyperv {
     }
 
     async fn revert_snapshot(&self, req: pb::SnapshotRef) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         let snap = self.snapshot(&vm, &req.snapshot_id).await.map_err(map_error)?.ok_or_else(|| {
             ProviderError::new(ErrorKind::NotFound, format!("snapshot {} not found", req.snapshot_id))
@@ -1276,7 +1254,7 @@ impl Provider for Hyperv {
     }
 
     async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let Some(vm) = self.find(&req.vm_id).await.map_err(map_error)? else { return Ok(false) };
         let Some(snap) = self.snapshot(&vm, &req.snapshot_id).await.map_err(map_error)? else {
             return Ok(false);

@@ -49,7 +49,7 @@ struct Inner {
     domain_type: &'static str,
     capabilities: pb::Capabilities,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    failpoints: Vec<String>,
+    failpoints: hcp_provider_sdk::support::Failpoints,
 }
 
 /// Why the provider could not start.
@@ -175,9 +175,7 @@ impl Libvirt {
             attributes,
         };
         tracing::info!(%uri, domain_type, accelerator, cloud_init, "connected to libvirt");
-        let failpoints = std::env::var(FAILPOINTS_ENV)
-            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
-            .unwrap_or_default();
+        let failpoints = hcp_provider_sdk::support::Failpoints::from_env(FAILPOINTS_ENV);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -196,10 +194,7 @@ impl Libvirt {
     }
 
     fn failpoint(&self, name: &str) {
-        if self.inner.failpoints.iter().any(|f| f == name) {
-            tracing::error!(failpoint = name, "failpoint reached: aborting");
-            std::process::abort();
-        }
+        self.inner.failpoints.hit(name);
     }
 
     /// Runs `f` with the connection on the blocking pool, reconnecting

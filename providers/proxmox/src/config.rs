@@ -87,17 +87,10 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
-/// Exactly one of a CA file or a certificate fingerprint.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file of the CA that signed the node certificates (e.g.
-    /// `/etc/pve/pve-root-ca.pem`, or the system bundle for public CAs).
-    pub ca_file: Option<PathBuf>,
-    /// SHA-256 fingerprint of the node certificate, `AA:BB:...` (as shown
-    /// by `pvenode cert info`).
-    pub fingerprint: Option<String>,
-}
+/// Exactly one of a CA file (the CA that signed the node certificates,
+/// e.g. `/etc/pve/pve-root-ca.pem`) or the node certificate's SHA-256
+/// fingerprint (as `pvenode cert info` shows it).
+pub type TlsConfig = hcp_tls::TrustConfig;
 
 /// Cloud-init mapping.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -206,13 +199,12 @@ impl Config {
         if self.node.is_empty() {
             return field("node", "must not be empty");
         }
-        match (&self.tls.ca_file, &self.tls.fingerprint) {
-            (Some(_), Some(_)) => return field("tls", "set ca_file or fingerprint, not both"),
-            (None, None) => return field("tls", "set ca_file or fingerprint"),
-            (None, Some(f)) if crate::client::parse_fingerprint(f).is_none() => {
-                return field("tls.fingerprint", "must be 32 hex bytes, e.g. AA:BB:...");
+        match self.tls.check() {
+            Ok(()) => {}
+            Err(e @ hcp_tls::TrustConfigError::BadFingerprint) => {
+                return field("tls.fingerprint", &e.to_string());
             }
-            _ => {}
+            Err(e) => return field("tls", &e.to_string()),
         }
         if let Some((lo, hi)) = self.vmid_range
             && (lo < 100 || hi < lo || hi > 999_999_999)

@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hcp_provider_sdk::support::{VmLocks, is_uuid};
 use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
 use serde_json::Value;
 
@@ -34,7 +35,7 @@ use crate::config::Config;
 pub struct Proxmox {
     pve: Arc<Pve>,
     config: Arc<Config>,
-    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: VmLocks,
     version: tokio::sync::Mutex<Option<(u32, u32, String)>>,
 }
 
@@ -152,14 +153,6 @@ fn gib_of(size: &str) -> Option<f64> {
     })
 }
 
-/// Whether `s` has the shape of a canonical UUID (HCP VM ids always do;
-/// other `hcp-` tags, such as [`PENDING_TAG`], never do).
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices()
-            .all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() })
-}
-
 fn tags_of(item: &Value) -> Vec<String> {
     item["tags"].as_str().unwrap_or_default().split([';', ',', ' ']).map(str::to_owned).collect()
 }
@@ -206,16 +199,7 @@ impl Proxmox {
     /// Builds the provider from its configuration (credentials from the
     /// config file, if any, are installed at once).
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let trust = match (&config.tls.ca_file, &config.tls.fingerprint) {
-            (Some(ca), _) => Trust::Ca(
-                std::fs::read(ca).map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", ca.display()))?,
-            ),
-            (None, Some(f)) => Trust::Fingerprint(
-                client::parse_fingerprint(f)
-                    .ok_or_else(|| anyhow::anyhow!("tls.fingerprint is not 32 hex bytes"))?,
-            ),
-            (None, None) => anyhow::bail!("tls: set ca_file or fingerprint"),
-        };
+        let trust = config.tls.load().map_err(|e| anyhow::anyhow!(e))?;
         let pve = Pve::new(&config.api_url, trust, config.timing.clone()).map_err(|e| anyhow::anyhow!(e))?;
         if let Some(auth) = &config.auth {
             let read = |v: &Option<String>,
@@ -251,7 +235,7 @@ impl Proxmox {
         Ok(Self {
             pve: Arc::new(pve),
             config: Arc::new(config),
-            locks: std::sync::Mutex::new(HashMap::new()),
+            locks: VmLocks::new(),
             version: tokio::sync::Mutex::new(None),
         })
     }
@@ -259,15 +243,6 @@ impl Proxmox {
     /// The API client (tests read its request counter).
     pub fn client(&self) -> &Pve {
         &self.pve
-    }
-
-    /// Serializes calls for one VM.
-    async fn serialize(&self, vm_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-            locks.entry(vm_id.to_owned()).or_default().clone()
-        };
-        lock.lock_owned().await
     }
 
     /// The server's version, probed once: `(major, minor, text)`.
@@ -675,7 +650,7 @@ impl Provider for Proxmox {
                 "user data needs cloud_init.snippets_storage and snippets_dir",
             ));
         }
-        let _serial = self.serialize(&vm_id).await;
+        let _serial = self.locks.lock(&vm_id).await;
         let name = dns_name(&spec, &vm_id);
         let mut found = self.find(&vm_id, Some(&name)).await?;
         if found.is_none() {
@@ -749,7 +724,7 @@ impl Provider for Proxmox {
     }
 
     async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(vm_id).await;
+        let _serial = self.locks.lock(vm_id).await;
         let f = self.require(vm_id).await?;
         if f.status != "running" {
             self.start(&f).await?;
@@ -758,7 +733,7 @@ impl Provider for Proxmox {
     }
 
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let f = self.require(&req.vm_id).await?;
         if f.status == "stopped" {
             return Ok(f.info(&req.vm_id));
@@ -790,7 +765,7 @@ impl Provider for Proxmox {
 
     async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
         let vm_id = req.vm_id.as_str();
-        let _serial = self.serialize(vm_id).await;
+        let _serial = self.locks.lock(vm_id).await;
         let f = self.require(vm_id).await?;
         if f.status != "running" {
             return Err(ProviderError::new(ErrorKind::InvalidState, format!("vm {vm_id} is not running")));
@@ -806,7 +781,7 @@ impl Provider for Proxmox {
 
     async fn resize_vm(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
         let vm_id = req.vm_id.as_str();
-        let _serial = self.serialize(vm_id).await;
+        let _serial = self.locks.lock(vm_id).await;
         let f = self.require(vm_id).await?;
         if f.status != "stopped" {
             return Err(ProviderError::new(
@@ -831,7 +806,7 @@ impl Provider for Proxmox {
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
-        let _serial = self.serialize(vm_id).await;
+        let _serial = self.locks.lock(vm_id).await;
         let Some(f) = self.find(vm_id, None).await? else {
             return Ok(false);
         };
@@ -915,7 +890,7 @@ impl Provider for Proxmox {
         &self,
         req: pb::CreateSnapshotRequest,
     ) -> Result<pb::SnapshotInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let f = self.require(&req.vm_id).await?;
         let name = snapname(&req.snapshot_id);
         let existing = self.snapshots_of(&f).await?.into_iter().find(|(n, _)| *n == name);
@@ -959,7 +934,7 @@ impl Provider for Proxmox {
     }
 
     async fn revert_snapshot(&self, req: pb::SnapshotRef) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let f = self.require(&req.vm_id).await?;
         let name = snapname(&req.snapshot_id);
         if !self.snapshots_of(&f).await?.iter().any(|(n, _)| *n == name) {
@@ -974,7 +949,7 @@ impl Provider for Proxmox {
     }
 
     async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let Some(f) = self.find(&req.vm_id, None).await? else {
             return Ok(false);
         };

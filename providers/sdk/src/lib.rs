@@ -43,6 +43,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use hcp_proto::provider as pb;
+
+pub mod support;
 use hcp_proto::provider::compute_server::{Compute, ComputeServer};
 use hcp_proto::provider::identity_server::{Identity, IdentityServer};
 pub use tonic::async_trait;

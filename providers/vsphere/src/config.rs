@@ -94,42 +94,12 @@ impl std::fmt::Debug for AuthConfig {
     }
 }
 
-/// Exactly one of a CA file or a certificate fingerprint.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file with the CA certificates (vCenter's VMCA root).
-    pub ca_file: Option<PathBuf>,
-    /// SHA-256 fingerprint of the endpoint's certificate, `AA:BB:...`.
-    pub fingerprint: Option<String>,
-}
+/// Exactly one of a CA file (vCenter's VMCA root) or the endpoint
+/// certificate's fingerprint.
+pub type TlsConfig = hcp_tls::TrustConfig;
 
-impl TlsConfig {
-    fn check(&self, name: &'static str) -> Result<(), ConfigError> {
-        let field = |message: &str| Err(ConfigError::Field { field: name, message: message.to_owned() });
-        match (&self.ca_file, &self.fingerprint) {
-            (Some(_), Some(_)) => field("set ca_file or fingerprint, not both"),
-            (None, None) => field("set ca_file or fingerprint"),
-            (None, Some(f)) if hcp_tls::parse_fingerprint(f).is_none() => {
-                field("fingerprint must be 32 hex bytes, e.g. AA:BB:...")
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Reads the trust it names.
-    pub fn trust(&self) -> anyhow::Result<hcp_tls::Trust> {
-        Ok(match (&self.ca_file, &self.fingerprint) {
-            (Some(ca), _) => hcp_tls::Trust::Ca(
-                std::fs::read(ca).map_err(|e| anyhow::anyhow!("tls.ca_file {}: {e}", ca.display()))?,
-            ),
-            (None, Some(f)) => hcp_tls::Trust::Fingerprint(
-                hcp_tls::parse_fingerprint(f)
-                    .ok_or_else(|| anyhow::anyhow!("tls.fingerprint is not 32 hex bytes"))?,
-            ),
-            (None, None) => anyhow::bail!("tls: set ca_file or fingerprint"),
-        })
-    }
+fn check_trust(t: &TlsConfig, name: &'static str) -> Result<(), ConfigError> {
+    t.check().map_err(|e| ConfigError::Field { field: name, message: e.to_string() })
 }
 
 /// Timing and retries; defaults suit a real vCenter.
@@ -211,9 +181,9 @@ impl Config {
         if self.resource_pool.is_empty() {
             return field("resource_pool", "must not be empty");
         }
-        self.tls.check("tls")?;
+        check_trust(&self.tls, "tls")?;
         if let Some(c) = &self.console_tls {
-            c.check("console_tls")?;
+            check_trust(c, "console_tls")?;
         }
         if self.timing.retry_attempts == 0 {
             return field("timing.retry_attempts", "at least 1");

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use hcp_provider_sdk::support::{Failpoints, VmLocks, is_uuid};
 use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
 
 use crate::config::Config;
@@ -67,13 +68,6 @@ pub fn vm_name(vm_id: &str) -> String {
 /// A snapshot's name on vSphere.
 fn snapshot_name(snapshot_id: &str) -> String {
     format!("hcp-{snapshot_id}")
-}
-
-/// Whether `s` has the shape of a canonical UUID.
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices()
-            .all(|(i, c)| if matches!(i, 8 | 13 | 18 | 23) { c == '-' } else { c.is_ascii_hexdigit() })
 }
 
 /// A VM of ours as vSphere describes it.
@@ -190,12 +184,12 @@ pub struct Vsphere {
     config: Arc<Config>,
     console_trust: hcp_tls::Trust,
     places: tokio::sync::OnceCell<Places>,
-    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: VmLocks,
     /// Clones sent whose answer never came (by HCP VM id): vCenter may
     /// still be making them, invisibly until they end, so a retried create
     /// waits for them instead of cloning again.
     lost_clones: std::sync::Mutex<HashMap<String, std::time::Instant>>,
-    failpoints: Vec<String>,
+    failpoints: Failpoints,
 }
 
 /// Maps a vSphere failure onto the protocol's error kinds (the only place).
@@ -250,9 +244,9 @@ impl Vsphere {
     /// Builds the provider from its configuration (credentials from the
     /// config file, if any, are installed at once).
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let trust = config.tls.trust()?;
+        let trust = config.tls.load().map_err(|e| anyhow::anyhow!(e))?;
         let console_trust = match &config.console_tls {
-            Some(t) => t.trust()?,
+            Some(t) => t.load().map_err(|e| anyhow::anyhow!("console_{e}"))?,
             None => trust.clone(),
         };
         let soap =
@@ -268,15 +262,13 @@ impl Vsphere {
             };
             soap.set_credentials(auth.username.clone(), password).await;
         }
-        let failpoints = std::env::var(FAILPOINTS_ENV)
-            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
-            .unwrap_or_default();
+        let failpoints = Failpoints::from_env(FAILPOINTS_ENV);
         Ok(Self {
             soap: Arc::new(soap),
             config: Arc::new(config),
             console_trust,
             places: tokio::sync::OnceCell::new(),
-            locks: std::sync::Mutex::new(HashMap::new()),
+            locks: VmLocks::new(),
             lost_clones: std::sync::Mutex::new(HashMap::new()),
             failpoints,
         })
@@ -285,22 +277,6 @@ impl Vsphere {
     /// The SOAP client (tests read its counters).
     pub fn client(&self) -> &Soap {
         &self.soap
-    }
-
-    fn failpoint(&self, name: &str) {
-        if self.failpoints.iter().any(|f| f == name) {
-            tracing::error!(failpoint = name, "failpoint reached: aborting");
-            std::process::abort();
-        }
-    }
-
-    /// Serializes calls for one VM.
-    async fn serialize(&self, vm_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-            locks.entry(vm_id.to_owned()).or_default().clone()
-        };
-        lock.lock_owned().await
     }
 
     async fn find_path(&self, path: &str) -> Result<Option<MoRef>, VimError> {
@@ -772,7 +748,7 @@ impl Provider for Vsphere {
             return Err(invalid("spec", "vcpus and memory_mib must be positive"));
         }
         let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "required"))?;
-        let _serial = self.serialize(&vm_id).await;
+        let _serial = self.locks.lock(&vm_id).await;
         let places = self.places().await?.clone();
         let vm = match self.find(&vm_id, &["config.extraConfig"]).await? {
             Some(vm) => {
@@ -827,9 +803,9 @@ impl Provider for Vsphere {
                     Err(e) => return Err(map_error(e)),
                 };
                 self.lost_clones.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm_id);
-                self.failpoint("create:after-clone-submit");
+                self.failpoints.hit("create:after-clone-submit");
                 self.soap.wait(&task, Duration::ZERO).await.map_err(map_error)?;
-                self.failpoint("create:after-clone");
+                self.failpoints.hit("create:after-clone");
                 tracing::info!(vm_id, "cloned");
                 self.find(&vm_id, &["config.extraConfig"]).await?.ok_or_else(|| {
                     ProviderError::new(ErrorKind::Internal, "the clone finished but its VM cannot be found")
@@ -849,12 +825,12 @@ impl Provider for Vsphere {
                 ));
             }
             self.reconfigure(&vm, change).await?;
-            self.failpoint("create:after-reconfigure");
+            self.failpoints.hit("create:after-reconfigure");
             vm = self.reread(&vm).await?;
         }
         if req.start && !vm.running() {
             self.power_on(&vm).await?;
-            self.failpoint("create:after-power-on");
+            self.failpoints.hit("create:after-power-on");
             vm = self.reread(&vm).await?;
         }
         Ok(vm.info(&vm_id))
@@ -878,18 +854,18 @@ impl Provider for Vsphere {
     }
 
     async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(vm_id).await;
+        let _serial = self.locks.lock(vm_id).await;
         let vm = self.require(vm_id).await?;
         if vm.running() {
             return Ok(vm.info(vm_id));
         }
         self.power_on(&vm).await?;
-        self.failpoint("start:after-power-on");
+        self.failpoints.hit("start:after-power-on");
         Ok(self.reread(&vm).await?.info(vm_id))
     }
 
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         if vm.power == "poweredOff" {
             return Ok(vm.info(&req.vm_id));
@@ -927,7 +903,7 @@ impl Provider for Vsphere {
     }
 
     async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         if !vm.running() {
             return Err(ProviderError::new(
@@ -950,7 +926,7 @@ impl Provider for Vsphere {
         if req.vcpus == 0 || req.memory_mib == 0 {
             return Err(invalid("vcpus", "vcpus and memory_mib must be positive"));
         }
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         let mut change = vim::ConfigSpec::default();
         if vm.vcpus != req.vcpus {
@@ -983,7 +959,7 @@ impl Provider for Vsphere {
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
-        let _serial = self.serialize(vm_id).await;
+        let _serial = self.locks.lock(vm_id).await;
         let Some(vm) = self.find(vm_id, &[]).await? else { return Ok(false) };
         if vm.power != "poweredOff" {
             self.power_off(&vm).await?;
@@ -1051,7 +1027,7 @@ impl Provider for Vsphere {
         &self,
         req: pb::CreateSnapshotRequest,
     ) -> Result<pb::SnapshotInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         let info = |s: &vim::SnapshotNode| pb::SnapshotInfo {
             snapshot_id: req.snapshot_id.clone(),
@@ -1104,7 +1080,7 @@ impl Provider for Vsphere {
     }
 
     async fn revert_snapshot(&self, req: pb::SnapshotRef) -> Result<pb::VmInfo, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         let snap = self.snapshot(&vm, &req.snapshot_id).await?.ok_or_else(|| {
             ProviderError::new(ErrorKind::NotFound, format!("snapshot {} not found", req.snapshot_id))
@@ -1123,7 +1099,7 @@ impl Provider for Vsphere {
     }
 
     async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
-        let _serial = self.serialize(&req.vm_id).await;
+        let _serial = self.locks.lock(&req.vm_id).await;
         let Some(vm) = self.find(&req.vm_id, &[]).await? else { return Ok(false) };
         let Some(snap) = self.snapshot(&vm, &req.snapshot_id).await? else { return Ok(false) };
         let remove = vim::RemoveSnapshot { xmlns: VIM25, this: &snap.snapshot, remove_children: false };
