@@ -33,6 +33,10 @@ pub struct UpArgs {
     /// Gateway (REST) address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     gateway: SocketAddr,
+    /// The gateway's RDP relay for native RDP clients (consoles of type
+    /// rdp).
+    #[arg(long, default_value = "127.0.0.1:3390")]
+    rdp: SocketAddr,
     /// Core (gRPC) address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     core: SocketAddr,
@@ -132,6 +136,9 @@ pub struct Spawned {
     pub addr: SocketAddr,
     /// The readiness line's address as announced.
     pub announced: String,
+    /// The whole readiness object (`hcp_ready`), with any other addresses
+    /// the process announced (the gateway's `rdp_addr`).
+    pub ready: serde_json::Value,
 }
 
 /// Starts `exe args...`, waits up to `timeout` for its readiness line
@@ -153,12 +160,12 @@ pub async fn spawn(
         cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let announced = tokio::time::timeout(timeout, async {
+    let ready = tokio::time::timeout(timeout, async {
         while let Some(line) = lines.next_line().await? {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && let Some(addr) = v.pointer("/hcp_ready/addr").and_then(|a| a.as_str())
+                && v.pointer("/hcp_ready/addr").is_some_and(serde_json::Value::is_string)
             {
-                return Ok::<_, anyhow::Error>(addr.to_owned());
+                return Ok::<_, anyhow::Error>(v["hcp_ready"].clone());
             }
         }
         bail!("{} exited before it was ready", args.first().map(String::as_str).unwrap_or("process"))
@@ -167,8 +174,9 @@ pub async fn spawn(
     .with_context(|| format!("{} did not become ready in {timeout:?}", args.join(" ")))??;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let announced = ready["addr"].as_str().unwrap_or_default().to_owned();
     let addr = announced.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
-    Ok(Spawned { child, addr, announced })
+    Ok(Spawned { child, addr, announced, ready })
 }
 
 /// Seeds a stack through its ops API: a zone and its "default" network, flavors, an image and the
@@ -309,11 +317,12 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     }
     let core_toml = format!(
         "listen = \"{core}\"\ndatabase_url = \"{db}\"\n\n[auth]\nhs256_secret_file = \"{secret}\"\n\n\
-         [console]\npublic_base_url = \"ws://{gw}\"\n\n[providers]\nprobe_interval_seconds = 5\n\n\
+         [console]\npublic_base_url = \"ws://{gw}\"\nrdp_address = \"{rdp}\"\n\n[providers]\nprobe_interval_seconds = 5\n\n\
          [secrets]\nkey_file = \"{key}\"\n",
         core = args.core,
         secret = secret_file.display(),
         gw = args.gateway,
+        rdp = args.rdp,
         key = std::fs::canonicalize(&key_file)?.display(),
     );
     let core_config = data.join("core.toml");
@@ -359,6 +368,8 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
             format!("http://{}", core.addr),
             "--service-token-file".into(),
             proxy_token_file.display().to_string(),
+            "--console-rdp-listen".into(),
+            args.rdp.to_string(),
         ],
         &[],
         Stdio::inherit(),
@@ -372,7 +383,7 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     let tenant_token = mint(&secret, "dev-user", Some("acme"), &["demo"], &[ROLE_TENANT_MEMBER], 24 * 3600)?;
     let gw = gateway.addr;
     println!(
-        "\nHCP is up.\n  REST gateway  http://{gw}\n  core gRPC     {core}\n  sim provider  {sim}\n\n\
+        "\nHCP is up.\n  REST gateway  http://{gw}\n  RDP relay     {rdp}\n  core gRPC     {core}\n  sim provider  {sim}\n\n\
          DEV KEY: tokens below are signed with the development key in {data}/dev-jwt-secret.\n\
          It is for local use only.\n\n\
          export TOKEN={tenant_token}\nexport OPS_TOKEN={ops_token}\n\n\
@@ -381,6 +392,7 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
          http://{gw}/api/hcp/tenant/v1/projects/demo/vms\n\nPress ctrl-c to stop.",
         core = core.addr,
         sim = sim.addr,
+        rdp = args.rdp,
         data = data.display(),
     );
 

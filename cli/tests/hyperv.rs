@@ -7,10 +7,12 @@
 use std::path::Path;
 use std::time::Duration;
 
+use hcp_testkit::rdp;
 use hcp_testkit::rest::Rest;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use hcp_testkit::workspace_bin;
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const HCP: &str = env!("CARGO_BIN_EXE_hcp");
 const VMS: &str = "/api/hcp/tenant/v1/projects/demo/vms";
@@ -53,6 +55,8 @@ impl Hv {
             .await
             .unwrap();
         let control = std::fs::read_to_string(cert.with_extension("control")).unwrap();
+        let vmconnect: std::net::SocketAddr =
+            std::fs::read_to_string(cert.with_extension("vmconnect")).unwrap().parse().unwrap();
         let config = dir.join("hyperv.toml");
         std::fs::write(
             &config,
@@ -61,7 +65,9 @@ impl Hv {
                  [images]\n\"debian-12-genericcloud\" = 'C:\\Hyper-V\\hcp\\debian-12.vhdx'\n\
                  [cloud_init]\nlocal_dir = \"{disks}\"\nhost_dir = 'C:\\Hyper-V\\hcp'\n\
                  [tls]\nca_file = \"{cert}\"\n\
-                 [timing]\njob_poll_ms = 10\nretry_base_ms = 10\nshutdown_timeout_seconds = 5\n",
+                 [timing]\njob_poll_ms = 10\nretry_base_ms = 10\nshutdown_timeout_seconds = 5\n\
+                 [vmconnect]\nport = {port}\n",
+                port = vmconnect.port(),
                 disks = disks.display(),
                 cert = cert.display(),
             ),
@@ -176,15 +182,62 @@ async fn a_vm_lives_and_dies_on_hyperv() {
     let read = hv.s.rest.get(&format!("{VMS}/{vm}"), &hv.tenant).await.unwrap();
     assert_eq!(read.str("status"), "ACTIVE", "{}", read.body);
 
-    // Consoles: VMConnect (RDP) is not offered yet; the tenant is told so
-    // before any job exists.
-    let c =
-        hv.s.rest.post(&format!("{VMS}/{vm}:console"), &hv.tenant, &json!({"type": "rdp"})).await.unwrap();
+    // Console: VMConnect, RDP to the host's port 2179, reached through the
+    // gateway's relay. A native client sends the single-use token as its
+    // preconnection blob (FreeRDP: /pcb:<token>); the relay names the VM to
+    // VMConnect by its GUID, and VMConnect's answer (CredSSP) comes back.
+    let c = hv.s.console(&format!("{VMS}/{vm}"), &hv.tenant, &json!({"type": "rdp"})).await.unwrap();
+    assert_eq!(c["type"], "rdp", "{c}");
+    assert!(c.get("web_url").is_none_or(|w| w == ""), "no browser page for RDP: {c}");
+    let token = c["token"].as_str().unwrap().to_owned();
+    assert!(c["url"].as_str().unwrap().ends_with(&format!("/console/rdp?token={token}")), "{c}");
+    let address = c["address"].as_str().unwrap().to_owned();
+    // Hostile clients do not hold the relay up: garbage where the
+    // preconnection PDU should be is closed at once, and a silent client
+    // waits alone.
+    let mut junk = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let _ = junk.write_all(&[0xff; 4096]).await;
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(WAIT, junk.read(&mut byte)).await.expect("garbage is closed");
+    assert_eq!(n.unwrap_or(0), 0, "the relay answered garbage");
+    let _silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (negotiation, mut conn) = rdp::connect(&address, &token).await.unwrap();
+    assert_eq!(negotiation, rdp::Negotiation::Selected(rdp::CREDSSP));
+    // What follows (the client's TLS hello, here a stand-in) reaches the
+    // host untouched.
+    let hello = b"\x16\x03\x01\x00\x05hello";
+    conn.write_all(hello).await.unwrap();
+    conn.shutdown().await.unwrap();
+    drop(conn);
+    let guid = host["guid"].as_str().unwrap().to_owned();
+    let session = hcp_testkit::wait_until(WAIT, "the VMConnect session ends", || async {
+        let all = hv.control.get("/_sim/vmconnect", "").await?.body;
+        Ok(all.as_array().and_then(|a| a.last()).filter(|s| s["bytes_after"] == hello.len()).cloned())
+    })
+    .await
+    .unwrap();
+    assert_eq!(session["blob"], guid, "the relay named the VM by its GUID: {session}");
+    assert_eq!(session["vm_name"], format!("hcp-{vm}"), "{session}");
+    assert_eq!(session["outcome"], "confirmed CredSSP", "{session}");
+    assert_eq!(session["requested_protocols"], 3, "TLS and CredSSP offered: {session}");
+    // The token works once: the relay closes the second connection
+    // without reaching the host.
+    let again = rdp::connect(&address, &token).await;
+    assert!(again.is_err(), "a used token was relayed: {again:?}");
+    // The same session over the websocket route, with a new token.
+    let c = hv.s.console(&format!("{VMS}/{vm}"), &hv.tenant, &json!({"type": "rdp"})).await.unwrap();
+    let ws = rdp::over_websocket(c["url"].as_str().unwrap()).await.unwrap();
+    assert_eq!(ws, Ok(rdp::Negotiation::Selected(rdp::CREDSSP)));
+    let sessions = hv.control.get("/_sim/vmconnect", "").await.unwrap().body;
+    assert_eq!(sessions.as_array().map(Vec::len), Some(2), "one host session per token: {sessions}");
+    // A VNC console is not Hyper-V's: refused before any token exists.
+    let r =
+        hv.s.rest.post(&format!("{VMS}/{vm}:console"), &hv.tenant, &json!({"type": "vnc"})).await.unwrap();
     assert_eq!(
-        (c.status, c.body["details"]["capability"].as_str()),
-        (409, Some("supports_console_rdp")),
+        (r.status, r.body["details"]["capability"].as_str()),
+        (409, Some("supports_console_vnc")),
         "{}",
-        c.body
+        r.body
     );
 
     hv.operate(&vm, "delete", json!({}), "DELETED").await;

@@ -297,6 +297,25 @@ pub struct ConsoleConfig {
     /// Longest a console session stays open once connected, seconds; the
     /// proxy closes it then. Default 3600.
     pub max_session_seconds: u32,
+    /// `host:port` of the gateway's RDP relay as tenants reach it (the
+    /// gateway's `--console-rdp-listen`), given to RDP consoles as their
+    /// `address`. Default empty: no relay is announced.
+    #[serde(deserialize_with = "host_port_or_empty")]
+    pub rdp_address: String,
+}
+
+fn host_port_or_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let address = String::deserialize(d)?;
+    let valid = address.is_empty()
+        || address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+    if !valid {
+        return Err(serde::de::Error::custom(format!(
+            "must be host:port (e.g. rdp.example.com:3390), got {address:?}"
+        )));
+    }
+    Ok(address)
 }
 
 fn websocket_base<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -315,6 +334,7 @@ impl Default for ConsoleConfig {
             public_base_url: "ws://127.0.0.1:8080".to_owned(),
             token_ttl_seconds: 60,
             max_session_seconds: 3600,
+            rdp_address: String::new(),
         }
     }
 }
@@ -402,6 +422,10 @@ mod tests {
     fn console_urls_must_be_websockets() {
         let err = Config::from_toml("[console]\npublic_base_url = \"http://gw:8080\"\n").unwrap_err();
         assert!(err.to_string().contains("public_base_url") && err.to_string().contains("ws://"), "{err}");
+        let err = Config::from_toml("[console]\nrdp_address = \"rdp.example.com\"\n").unwrap_err();
+        assert!(err.to_string().contains("rdp_address") && err.to_string().contains("host:port"), "{err}");
+        let c = Config::from_toml("[console]\nrdp_address = \"rdp.example.com:3390\"\n").unwrap();
+        assert_eq!(c.console.rdp_address, "rdp.example.com:3390");
         let c = Config::from_toml("[console]\npublic_base_url = \"wss://cloud.example.com\"\n").unwrap();
         assert_eq!(c.console.max_session_seconds, 3600);
     }

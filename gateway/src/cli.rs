@@ -33,6 +33,11 @@ struct Args {
     /// Directory of the console page (www/) and noVNC (node_modules/).
     #[arg(long, default_value = "gateway/console", env = "HCP_CONSOLE_ASSETS_DIR")]
     console_assets_dir: std::path::PathBuf,
+    /// Where the RDP relay for native clients listens (e.g.
+    /// `0.0.0.0:3390`); none without it. Core's `console.rdp_address` is
+    /// this address as tenants reach it.
+    #[arg(long, env = "HCP_CONSOLE_RDP_LISTEN")]
+    console_rdp_listen: Option<SocketAddr>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -58,6 +63,7 @@ where
             service_token_file: args.service_token_file,
             allowed_origins: args.console_allowed_origins,
             assets_dir: args.console_assets_dir,
+            rdp_listen: args.console_rdp_listen,
         },
     };
     let telemetry = hcp_telemetry::TelemetryConfig {
@@ -68,8 +74,9 @@ where
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
         let _t = hcp_telemetry::init("hcp-gateway", &telemetry)?;
-        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
-            hcp_telemetry::announce_ready("gateway", addr)
+        crate::run(config, hcp_telemetry::shutdown_signal(), |at| {
+            let more: Vec<_> = at.rdp.map(|a| ("rdp_addr", a.to_string())).into_iter().collect();
+            hcp_telemetry::announce_ready_with("gateway", at.http, &more)
         })
         .await
         .context("gateway failed")

@@ -10,7 +10,9 @@
 //! - gRPC-web: browser clients call `/hcp.<pkg>.<Service>/<Method>`;
 //!   tonic-web turns the call into gRPC and it is proxied to core as is.
 //! - Consoles: `/console/vnc?token=…` is the websocket console proxy and
-//!   `/console/vnc.html?token=…` the noVNC page ([`console`]).
+//!   `/console/vnc.html?token=…` the noVNC page; `/console/rdp?token=…`
+//!   carries RDP, and `--console-rdp-listen` a relay for native RDP clients
+//!   ([`console`]).
 //! - `GET /healthz` for load balancers.
 //!
 //! The gateway checks no tokens itself: core is the one place that does.
@@ -95,11 +97,20 @@ struct Gateway {
     core: Channel,
 }
 
+/// Where a running gateway listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    /// REST, gRPC-web and the websocket consoles.
+    pub http: SocketAddr,
+    /// The RDP relay, when configured.
+    pub rdp: Option<SocketAddr>,
+}
+
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: impl FnOnce(SocketAddr) + Send,
+    ready: impl FnOnce(Listening) + Send,
 ) -> Result<(), StartError> {
     let (_pool, routes) = routes::build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES)
         .map_err(StartError::Routes)?;
@@ -119,7 +130,7 @@ pub async fn run(
     let console_routes = axum::Router::new()
         .route("/console/novnc/{*path}", axum::routing::get(console::novnc))
         .route("/console/{name}", axum::routing::get(console::entry))
-        .with_state(consoles);
+        .with_state(consoles.clone());
     let mut app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
     for service in hcp_proto::NORTHBOUND_SERVICES {
         app = app.route_service(&format!("/{service}/{{method}}"), grpc_web.clone());
@@ -136,14 +147,35 @@ pub async fn run(
             .layer(tower::limit::ConcurrencyLimitLayer::new(config.max_concurrent_requests)),
     );
 
+    let rdp = match config.console.rdp_listen {
+        Some(at) => {
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|source| StartError::Bind { addr: at, source })?;
+            let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: at, source })?;
+            Some((addr, listener))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    ready(addr);
-    tracing::info!(%addr, core = %config.core_endpoint, "gateway listening");
+    ready(Listening { http: addr, rdp: rdp.as_ref().map(|(a, _)| *a) });
+    tracing::info!(%addr, rdp = ?rdp.as_ref().map(|(a, _)| a), core = %config.core_endpoint, "gateway listening");
+    // The relay lives as long as the HTTP server.
+    let _relay = rdp.map(|(_, l)| AbortOnDrop(tokio::spawn(console::rdp::serve(l, consoles))));
     let listener = edge::EdgeListener::new(listener);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(StartError::Serve)
+}
+
+/// Stops a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The REST fallback: finds the route and transcodes.

@@ -220,11 +220,22 @@ pub async fn shutdown_signal() {
 /// Prints the readiness line on stdout: one JSON object
 /// `{"hcp_ready":{"service":..,"addr":..}}`. Supervisors and tests read it to
 /// learn the bound address when the process was given port 0.
-#[allow(clippy::print_stdout)]
 pub fn announce_ready(service: &str, addr: impl std::fmt::Display) {
+    announce_ready_with(service, addr, &[]);
+}
+
+/// [`announce_ready`] with more addresses beside `addr` (e.g. the
+/// gateway's `rdp_addr`), each a string field of the same object.
+#[allow(clippy::print_stdout)]
+pub fn announce_ready_with(service: &str, addr: impl std::fmt::Display, more: &[(&str, String)]) {
     use std::io::Write;
+    let mut line = format!("{{\"hcp_ready\":{{\"service\":{service:?},\"addr\":\"{addr}\"");
+    for (key, value) in more {
+        line.push_str(&format!(",{key:?}:{value:?}"));
+    }
+    line.push_str("}}");
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{{\"hcp_ready\":{{\"service\":\"{service}\",\"addr\":\"{addr}\"}}}}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 

@@ -135,12 +135,13 @@ impl Console {
         self.closed().await
     }
 
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
+    /// Sends `bytes` in one binary message.
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
         self.ws.send(Message::Binary(bytes.to_vec().into())).await.map_err(|e| e.to_string())
     }
 
     /// The next `n` bytes, or how the proxy closed before they came.
-    async fn take(&mut self, n: usize) -> Result<Result<Vec<u8>, Closed>, String> {
+    pub async fn take(&mut self, n: usize) -> Result<Result<Vec<u8>, Closed>, String> {
         let deadline = tokio::time::Instant::now() + WAIT;
         while self.got.len() < n {
             let msg = tokio::time::timeout_at(deadline, self.ws.next())

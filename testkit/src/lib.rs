@@ -8,7 +8,8 @@
 //! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped.
 //! - [`rest::Rest`]: a small JSON-over-HTTP client for the gateway.
 //! - [`console`]: a tenant's console client (the websocket and the RFB
-//!   handshake the gateway's console proxy offers).
+//!   handshake the gateway's console proxy offers); [`rdp`]: a native RDP
+//!   client's first steps, for RDP consoles.
 //! - [`wait_until`]: waiting for a condition with a deadline, never a sleep.
 //! - [`workspace_bin`]: another workspace binary (a provider process outside
 //!   `hcp`) for [`stack::TestStack::start_program`].
@@ -17,6 +18,7 @@ pub mod console;
 pub mod db;
 pub mod nats;
 pub mod proxy;
+pub mod rdp;
 pub mod rest;
 pub mod stack;
 pub mod vcsim;

@@ -68,6 +68,8 @@ impl Default for StackOptions {
 pub struct TestStack {
     /// First gateway's address.
     pub gateway: SocketAddr,
+    /// First gateway's RDP relay (`--console-rdp-listen`).
+    pub gateway_rdp: SocketAddr,
     /// First API process's gRPC address.
     pub core: SocketAddr,
     /// First sim provider's address.
@@ -90,6 +92,8 @@ pub struct TestStack {
     exe: PathBuf,
     opts: StackOptions,
     children: HashMap<String, Child>,
+    /// Each process's readiness object, by name.
+    ready: HashMap<String, serde_json::Value>,
     next_worker: usize,
     dir: TempDir,
 }
@@ -133,6 +137,7 @@ impl TestStack {
         std::fs::write(dir.path().join("console-proxy.jwt"), proxy_token)?;
         let mut stack = Self {
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
+            gateway_rdp: SocketAddr::from(([127, 0, 0, 1], 0)),
             core: SocketAddr::from(([127, 0, 0, 1], 0)),
             sim: SocketAddr::from(([127, 0, 0, 1], 0)),
             rest: Rest::new(String::new()),
@@ -146,6 +151,7 @@ impl TestStack {
             exe: exe.to_owned(),
             opts: opts.clone(),
             children: HashMap::new(),
+            ready: HashMap::new(),
             next_worker: 0,
             dir,
         };
@@ -174,12 +180,18 @@ impl TestStack {
                         stack_dir.join("console-proxy.jwt").display().to_string(),
                         "--console-assets-dir".into(),
                         console_assets_dir().display().to_string(),
+                        "--console-rdp-listen".into(),
+                        "127.0.0.1:0".into(),
                     ],
                 )
                 .await?;
             if i == 0 {
                 stack.core = core;
                 stack.gateway = gateway;
+                stack.gateway_rdp = stack.ready[&format!("gateway-{i}")]["rdp_addr"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| anyhow::anyhow!("the gateway announced no rdp_addr"))?;
             }
             stack.api_addrs.push(core);
             stack.rests.push(Rest::new(format!("http://{gateway}")));
@@ -208,7 +220,8 @@ impl TestStack {
              [auth]\nhs256_secret_file = \"{secret}\"\n\n\
              [jobs]\n{jobs}\n\n\
              [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n{providers}\n\n\
-             [secrets]\nkey_file = \"{key}\"\n{queue}",
+             [secrets]\nkey_file = \"{key}\"\n{queue}\n\
+             [console]\nrdp_address = \"rdp.invalid:3390\"\n",
             db = self.core_db_url,
             extra = self.opts.core_toml,
             secret = self.dir.path().join("jwt-secret").display(),
@@ -241,8 +254,10 @@ impl TestStack {
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))?;
-        let Spawned { child, addr, announced } = spawn(exe, args, env, Stdio::from(log), READY).await?;
+        let Spawned { child, addr, announced, ready } =
+            spawn(exe, args, env, Stdio::from(log), READY).await?;
         self.children.insert(name.to_owned(), child);
+        self.ready.insert(name.to_owned(), ready);
         Ok((addr, announced))
     }
 
@@ -385,7 +400,8 @@ impl TestStack {
     /// Asks for a console of the VM at `vm_path` (`…/vms/{id}`) as
     /// `token`'s tenant with `body` (e.g. `{"type": "vnc"}`); returns the
     /// answer with `url` and `web_url` pointed at this stack's gateway
-    /// (core's `public_base_url` is left at its default).
+    /// (core's `public_base_url` is left at its default) and an RDP
+    /// `address` at its relay (core announces `rdp.invalid:3390`).
     pub async fn console(
         &self,
         vm_path: &str,
@@ -395,8 +411,18 @@ impl TestStack {
         let r = self.rest.post(&format!("{vm_path}:console"), token, body).await?;
         anyhow::ensure!(r.status == 200, "console: {} {}", r.status, r.body);
         let mut answer = r.body;
+        if answer["address"].as_str().is_some_and(|a| !a.is_empty()) {
+            anyhow::ensure!(answer["address"] == "rdp.invalid:3390", "address: {answer}");
+            answer["address"] = serde_json::json!(self.gateway_rdp.to_string());
+        }
         for key in ["url", "web_url"] {
-            let url = answer[key].as_str().ok_or_else(|| anyhow::anyhow!("no {key} in {answer}"))?.to_owned();
+            let url = answer[key].as_str().unwrap_or_default().to_owned();
+            if url.is_empty() {
+                // Only VNC has a web page.
+                let vnc = matches!(body["type"].as_str(), None | Some("" | "vnc"));
+                anyhow::ensure!(key == "web_url" && !vnc, "no {key} in {answer}");
+                continue;
+            }
             let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow::anyhow!("{key} {url}"))?;
             let path = &rest[rest.find('/').unwrap_or(rest.len())..];
             answer[key] = serde_json::json!(format!("{scheme}://{}{path}", self.gateway));

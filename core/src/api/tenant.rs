@@ -736,11 +736,23 @@ impl TenantApi {
             Some(("ws", rest)) => format!("http://{rest}"),
             _ => base.to_owned(),
         };
+        // Only VNC has a page in the browser; RDP has a relay for native
+        // clients when the operator runs one.
+        let web_url = match kind {
+            ConsoleProtocol::Vnc => format!("{web_base}/console/{protocol}.html?token={token}"),
+            _ => String::new(),
+        };
+        let address = match kind {
+            ConsoleProtocol::Rdp => self.ctx.config.console.rdp_address.clone(),
+            _ => String::new(),
+        };
         Ok(ConsoleSession {
             r#type: protocol.clone(),
             url: format!("{base}/console/{protocol}?token={token}"),
             expires_at: Some(convert::ts(expires_at)),
-            web_url: format!("{web_base}/console/{protocol}.html?token={token}"),
+            web_url,
+            address,
+            token,
         })
     }
 

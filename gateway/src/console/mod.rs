@@ -15,10 +15,18 @@
 //! 4xxx code and a reason the page shows. Every end is reported to core for
 //! the audit trail.
 //!
+//! `GET /console/rdp?token=…` is the same for RDP, without the VNC step:
+//! the proxy sends the endpoint's preconnection PDU (Hyper-V's VMConnect
+//! needs the VM's GUID) and relays the client's RDP as it is. Native RDP
+//! clients reach the TCP relay of [`rdp`] instead, with the token as their
+//! preconnection blob. Both share the redeem, connect, relay and report
+//! steps ([`Session`], [`relay`]).
+//!
 //! `GET /console/vnc.html?token=…` and the files beside it are the console
 //! page (`gateway/console/www`) and noVNC (installed from npm into
 //! `gateway/console/node_modules` by `scripts/console-assets.sh`).
 
+pub mod rdp;
 pub mod rfb;
 pub mod upstream;
 
@@ -34,7 +42,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use hcp_proto::console::console_broker_service_client::ConsoleBrokerServiceClient;
 use hcp_proto::console::{EndConsoleRequest, RedeemConsoleRequest, RedeemedConsole};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tonic::transport::Channel;
 
 /// Console proxy settings.
@@ -49,6 +57,9 @@ pub struct ConsoleConfig {
     pub allowed_origins: Vec<String>,
     /// Directory with `www/` (the console page) and `node_modules/` (noVNC).
     pub assets_dir: PathBuf,
+    /// Where the RDP relay for native clients listens ([`rdp`]); none
+    /// without it.
+    pub rdp_listen: Option<std::net::SocketAddr>,
 }
 
 /// What the console routes need.
@@ -58,7 +69,7 @@ pub(crate) struct Console {
 }
 
 /// Close codes (4000-4999 are the application's).
-mod close {
+pub(crate) mod close {
     pub(super) const BAD_REQUEST: u16 = 4400;
     pub(super) const REFUSED: u16 = 4403;
     pub(super) const MAX_TIME: u16 = 4408;
@@ -160,70 +171,168 @@ async fn serve_file(root: &Path, rel: &str) -> Response {
 }
 
 /// Why a session ended: a close code and a reason for the tenant.
-struct End {
+pub(crate) struct End {
     code: u16,
     reason: String,
 }
 
 impl End {
-    fn new(code: u16, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(code: u16, reason: impl Into<String>) -> Self {
         Self { code, reason: reason.into() }
+    }
+}
+
+/// Byte counters of a session, for the audit trail.
+#[derive(Default)]
+pub(crate) struct Counters {
+    to_client: AtomicU64,
+    to_server: AtomicU64,
+}
+
+/// One console session's bookkeeping, whatever carries it: when it began,
+/// what it moved, and the redeemed token whose end core must hear about.
+pub(crate) struct Session {
+    started: Instant,
+    counters: Counters,
+    redeemed: Option<RedeemedConsole>,
+}
+
+impl Session {
+    pub(crate) fn new() -> Self {
+        Self { started: Instant::now(), counters: Counters::default(), redeemed: None }
+    }
+
+    /// Redeems `token` for `protocol`, connects to the console server and
+    /// does the server side of the protocol's opening (VNC authentication
+    /// with the endpoint's password; RDP's preconnection PDU). Returns the
+    /// connection and the session's maximum time.
+    pub(crate) async fn open(
+        &mut self,
+        console: &Console,
+        protocol: &str,
+        token: &str,
+    ) -> Result<(upstream::Upstream, Duration), End> {
+        if token.is_empty() {
+            return Err(End::new(close::BAD_REQUEST, "the console URL has no token"));
+        }
+        if !matches!(protocol, "vnc" | "rdp") {
+            return Err(End::new(close::BAD_REQUEST, format!("{protocol} consoles are not supported yet")));
+        }
+        let r = redeem(console, protocol, token).await?;
+        let max = Duration::from_secs(u64::from(r.max_session_seconds.max(1)));
+        let endpoint = r.endpoint.clone();
+        // From here on the session's end is reported, whatever happens.
+        self.redeemed = Some(r);
+        let Some(endpoint) = endpoint else {
+            return Err(End::new(close::UPSTREAM, "core gave no console endpoint"));
+        };
+        let mut server = match upstream::connect(&endpoint).await {
+            Ok(s) => s,
+            Err(e) if e.is_unsupported() => {
+                return Err(End::new(close::BAD_REQUEST, format!("{protocol} {e}")));
+            }
+            Err(e) => {
+                // The chain names no host, path or header either: the
+                // endpoint itself is never logged.
+                tracing::warn!(transport = ?endpoint.transport(), error = %chain(&e), "console server unreachable");
+                return Err(End::new(close::UPSTREAM, e.to_string()));
+            }
+        };
+        // A server that accepts and then says nothing must not hold the
+        // session (and its audit report) forever.
+        let opening = async {
+            if protocol == "rdp" {
+                rdp::send_blob(&mut server, &endpoint.preconnection_blob)
+                    .await
+                    .map_err(|e| format!("cannot reach the console server: {e}"))
+            } else {
+                rfb::connect_server(&mut server, &endpoint.password).await.map_err(|e| e.to_string())
+            }
+        };
+        match tokio::time::timeout(upstream::CONNECT_TIMEOUT, opening).await {
+            Ok(Ok(())) => Ok((server, max)),
+            Ok(Err(e)) => Err(End::new(close::UPSTREAM, e)),
+            Err(_) => {
+                Err(End::new(close::UPSTREAM, "the console server did not complete its handshake in time"))
+            }
+        }
+    }
+
+    /// Tells core how the session ended (for the audit trail), if a token
+    /// was redeemed.
+    pub(crate) async fn report(self, console: &Console, end: End) {
+        let Some(r) = self.redeemed else { return };
+        let req = EndConsoleRequest {
+            session_id: r.session_id,
+            reason: end.reason,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            bytes_to_client: self.counters.to_client.load(Ordering::Relaxed),
+            bytes_to_server: self.counters.to_server.load(Ordering::Relaxed),
+        };
+        if let Err(e) = broker_call(console, req, |mut c, r| async move { c.end_console(r).await }).await {
+            tracing::warn!(error = %e.message(), "could not record the end of a console session");
+        }
+    }
+}
+
+/// Copies bytes both ways between a client and a console server, counting
+/// them, until either side closes or fails.
+pub(crate) async fn relay(
+    client: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    server: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    counters: &Counters,
+) -> End {
+    async fn pump(
+        from: &mut (impl AsyncRead + Unpin),
+        to: &mut (impl AsyncWrite + Unpin),
+        counter: &AtomicU64,
+    ) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            to.write_all(&buf[..n]).await?;
+            to.flush().await?;
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut server_rx, mut server_tx) = tokio::io::split(server);
+    tokio::select! {
+        r = pump(&mut client_rx, &mut server_tx, &counters.to_server) => match r {
+            Ok(()) => End::new(1000, "client closed"),
+            Err(e) => End::new(close::UPSTREAM, format!("console connection failed: {e}")),
+        },
+        r = pump(&mut server_rx, &mut client_tx, &counters.to_client) => match r {
+            Ok(()) => End::new(1000, "the console server closed the session"),
+            Err(e) => End::new(close::UPSTREAM, format!("console connection failed: {e}")),
+        },
     }
 }
 
 async fn session(console: Arc<Console>, protocol: String, token: String, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    let started = Instant::now();
-    let to_client = Arc::new(AtomicU64::new(0));
-    let to_server = Arc::new(AtomicU64::new(0));
-    let mut redeemed = None;
+    let mut s = Session::new();
     let end = async {
-        if token.is_empty() {
-            return End::new(close::BAD_REQUEST, "the console URL has no token");
-        }
-        let r = match redeem(&console, &protocol, &token).await {
-            Ok(r) => r,
+        let (mut server, max) = match s.open(&console, &protocol, &token).await {
+            Ok(o) => o,
             Err(end) => return end,
         };
-        let max = Duration::from_secs(u64::from(r.max_session_seconds.max(1)));
-        let Some(endpoint) = r.endpoint.clone() else {
-            return End::new(close::UPSTREAM, "core gave no console endpoint");
-        };
-        redeemed = Some(r);
-        if protocol != "vnc" {
-            return End::new(close::BAD_REQUEST, format!("{protocol} consoles of this kind are not supported yet"));
-        }
-        let mut server = match upstream::connect(&endpoint).await {
-            Ok(s) => s,
-            Err(e) if e.is_unsupported() => return End::new(close::BAD_REQUEST, format!("{protocol} {e}")),
-            Err(e) => {
-                // The chain names no host, path or header either: the
-                // endpoint itself is never logged.
-                tracing::warn!(transport = ?endpoint.transport(), error = %chain(&e), "console server unreachable");
-                return End::new(close::UPSTREAM, e.to_string());
-            }
-        };
-        // A server that accepts and then says nothing must not hold the
-        // session (and its audit report) forever.
-        match tokio::time::timeout(upstream::CONNECT_TIMEOUT, rfb::connect_server(&mut server, &endpoint.password))
-            .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return End::new(close::UPSTREAM, e.to_string()),
-            Err(_) => return End::new(close::UPSTREAM, "the console server did not complete the VNC handshake in time"),
-        }
         // The browser side is a byte stream: a pipe whose far end the
         // bridge below feeds from and into websocket messages.
         let (mut client, bridge_end) = tokio::io::duplex(256 * 1024);
         let (mut from_pipe, mut into_pipe) = tokio::io::split(bridge_end);
         let proxy = async {
-            if let Err(e) = rfb::accept_client(&mut client).await {
+            // VNC: the proxy answered the server's authentication, so it
+            // offers the browser RFB without any. RDP passes through as is.
+            if protocol == "vnc"
+                && let Err(e) = rfb::accept_client(&mut client).await
+            {
                 return End::new(close::BAD_REQUEST, e.to_string());
             }
-            match tokio::io::copy_bidirectional(&mut client, &mut server).await {
-                Ok(_) => End::new(1000, "the console server closed the session"),
-                Err(e) => End::new(close::UPSTREAM, format!("console connection failed: {e}")),
-            }
+            relay(&mut client, &mut server, &s.counters).await
         };
         let bridge = async {
             let mut buf = vec![0u8; 64 * 1024];
@@ -231,7 +340,6 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
                 tokio::select! {
                     msg = stream.next() => match msg {
                         Some(Ok(Message::Binary(b))) => {
-                            to_server.fetch_add(b.len() as u64, Ordering::Relaxed);
                             if into_pipe.write_all(&b).await.is_err() {
                                 return End::new(1000, "the console server closed the session");
                             }
@@ -243,7 +351,6 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
                     n = from_pipe.read(&mut buf) => match n {
                         Ok(0) | Err(_) => return End::new(1000, "the console server closed the session"),
                         Ok(n) => {
-                            to_client.fetch_add(n as u64, Ordering::Relaxed);
                             if sink.send(Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
                                 return End::new(1000, "client connection failed");
                             }
@@ -267,18 +374,7 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
     }
     let _ = sink.send(Message::Close(Some(CloseFrame { code: end.code, reason: reason.into() }))).await;
     let _ = sink.close().await;
-    if let Some(r) = redeemed {
-        let req = EndConsoleRequest {
-            session_id: r.session_id,
-            reason: end.reason,
-            duration_ms: started.elapsed().as_millis() as u64,
-            bytes_to_client: to_client.load(Ordering::Relaxed),
-            bytes_to_server: to_server.load(Ordering::Relaxed),
-        };
-        if let Err(e) = broker_call(&console, req, |mut c, r| async move { c.end_console(r).await }).await {
-            tracing::warn!(error = %e.message(), "could not record the end of a console session");
-        }
-    }
+    s.report(&console, end).await;
 }
 
 /// An error and its sources, for the log.

@@ -56,6 +56,10 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// How to trust the listener's certificate.
     pub tls: TlsConfig,
+    /// The host's VMConnect listener, where the gateway's console proxy
+    /// relays RDP consoles.
+    #[serde(default)]
+    pub vmconnect: VmConnectConfig,
     /// Timing and retries.
     #[serde(default)]
     pub timing: TimingConfig,
@@ -67,6 +71,28 @@ fn default_listen() -> SocketAddr {
 
 fn default_switch() -> String {
     "Default Switch".to_owned()
+}
+
+/// The VMConnect listener (RDP with a preconnection PDU naming the VM).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConnectConfig {
+    /// The host name as the gateway reaches it; `url`'s host when unset.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The port. Default 2179, Hyper-V's.
+    #[serde(default = "default_vmconnect_port")]
+    pub port: u16,
+}
+
+impl Default for VmConnectConfig {
+    fn default() -> Self {
+        Self { host: None, port: default_vmconnect_port() }
+    }
+}
+
+fn default_vmconnect_port() -> u16 {
+    2179
 }
 
 /// Where seed ISOs go.
@@ -176,6 +202,12 @@ impl Config {
         if let Err(m) = crate::wsman::split_url(&self.url) {
             return field("url", &m);
         }
+        if self.vmconnect.port == 0 {
+            return field("vmconnect.port", "must not be 0");
+        }
+        if self.vmconnect.host.as_deref().is_some_and(|h| h.is_empty() || h.contains(['/', ' '])) {
+            return field("vmconnect.host", "must be a host name or address");
+        }
         if self.vm_dir.is_empty() {
             return field("vm_dir", "must not be empty");
         }
@@ -209,6 +241,14 @@ mod tests {
         };
         assert_eq!(check(&format!("{base}[tls]\nfingerprint = \"{fp}\"\n")), Ok(()));
         assert_eq!(check(&format!("{base}[tls]\n")), Err("tls".into()));
+        assert_eq!(
+            check(&format!("{base}[tls]\nfingerprint = \"{fp}\"\n[vmconnect]\nport = 0\n")),
+            Err("vmconnect.port".into())
+        );
+        assert_eq!(
+            check(&format!("{base}[tls]\nfingerprint = \"{fp}\"\n[vmconnect]\nhost = \"a/b\"\n")),
+            Err("vmconnect.host".into())
+        );
         assert_eq!(
             check(&format!("{}[tls]\nfingerprint = \"{fp}\"\n", base.replace("https", "http"))),
             Err("url".into())

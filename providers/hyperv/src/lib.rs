@@ -879,6 +879,8 @@ impl Provider for Hyperv {
             supports_snapshot_running: true,
             // CPUs, memory and the VHDX of a stopped VM.
             supports_resize: true,
+            // VMConnect, relayed by the gateway.
+            supports_console_rdp: true,
             attributes,
             ..Default::default()
         })
@@ -1135,10 +1137,30 @@ impl Provider for Hyperv {
     }
 
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
-        Err(ProviderError::new(
-            ErrorKind::Unsupported,
-            format!("{} consoles are not supported by the Hyper-V provider yet", req.protocol),
-        ))
+        if req.protocol != "rdp" {
+            return Err(ProviderError::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} consoles are not offered by Hyper-V; its console is VMConnect (rdp)",
+                    req.protocol
+                ),
+            ));
+        }
+        let vm = self.require(&req.vm_id).await?;
+        let host = match &self.config.vmconnect.host {
+            Some(h) => h.clone(),
+            None => crate::wsman::split_url(&self.config.url).map(|(h, _, _)| h).unwrap_or_default(),
+        };
+        // VMConnect does its own TLS and CredSSP with the client: the proxy
+        // only names the VM (its GUID) in the preconnection PDU.
+        Ok(pb::ConsoleEndpoint {
+            protocol: "rdp".to_owned(),
+            host,
+            port: u32::from(self.config.vmconnect.port),
+            transport: pb::ConsoleTransport::Tcp.into(),
+            preconnection_blob: vm.guid,
+            ..Default::default()
+        })
     }
 
     async fn create_snapshot(

@@ -36,7 +36,9 @@ fn toml(sim: &Running, extra: &str) -> String {
          [networks]\ndefault = \"Default Switch\"\nlan = \"LAN\"\n\
          [cloud_init]\nlocal_dir = \"{dir}\"\nhost_dir = 'C:\\Hyper-V\\hcp'\n\
          [tls]\nfingerprint = \"{fp}\"\n\
-         [timing]\njob_poll_ms = 10\nretry_base_ms = 10\nretry_attempts = 4\nshutdown_timeout_seconds = 5\n",
+         [timing]\njob_poll_ms = 10\nretry_base_ms = 10\nretry_attempts = 4\nshutdown_timeout_seconds = 5\n\
+         [vmconnect]\nport = {vmconnect}\n",
+        vmconnect = sim.vmconnect_addr.expect("the simulator runs VMConnect").port(),
         url = sim.endpoint(),
         dir = dir.display(),
         fp = sim.fingerprint,
@@ -142,11 +144,7 @@ async fn the_provider_passes_the_conformance_kit() {
         .filter(|(_, o)| matches!(o, hcp_provider_conformance::Outcome::Skip(_)))
         .map(|(n, _)| n.as_str())
         .collect();
-    assert_eq!(
-        skipped,
-        ["vnc console", "spice console", "rdp console", "serial console", "hot resize"],
-        "{report}"
-    );
+    assert_eq!(skipped, ["vnc console", "spice console", "serial console", "hot resize"], "{report}");
     assert!(hcp_vms(&sim).is_empty(), "the kit cleaned up: {:?}", hcp_vms(&sim));
     assert_no_violations(&sim);
 }
@@ -224,6 +222,65 @@ async fn a_vm_is_defined_with_its_disk_seed_and_nics_and_marked_with_its_hcp_id(
     assert!(!sim.sim.disk_dir().join(format!("hcp-{id}.vhdx")).exists());
     assert!(!sim.sim.disk_dir().join(format!("hcp-{id}-seed.iso")).exists());
     assert_no_violations(&sim);
+}
+
+#[tokio::test]
+async fn the_rdp_console_endpoint_names_the_vm_to_vmconnect() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let req =
+        pb::CreateVmRequest { vm_id: id.clone(), spec: Some(spec("con-1", &["default"], None)), start: true };
+    let vm = p.create_vm(req).await.unwrap();
+    let ep =
+        p.get_console(pb::GetConsoleRequest { vm_id: id.clone(), protocol: "rdp".into() }).await.unwrap();
+    let vmconnect = sim.vmconnect_addr.unwrap();
+    assert_eq!(
+        (ep.protocol.as_str(), ep.host.as_str(), ep.port),
+        ("rdp", "127.0.0.1", u32::from(vmconnect.port()))
+    );
+    assert_eq!(ep.transport(), pb::ConsoleTransport::Tcp);
+    assert!(!ep.tls && ep.password.is_empty(), "VMConnect does its own TLS and CredSSP: {ep:?}");
+    assert_eq!(ep.preconnection_blob, vm.native_id, "the blob is the VM's GUID");
+    // Opened as the gateway opens it: the blob in a preconnection PDU, then
+    // the client's RDP.
+    let (negotiation, conn) =
+        hcp_testkit::rdp::connect(&format!("{}:{}", ep.host, ep.port), &ep.preconnection_blob).await.unwrap();
+    assert_eq!(negotiation, hcp_testkit::rdp::Negotiation::Selected(hcp_testkit::rdp::CREDSSP));
+    drop(conn);
+    let sessions = sim.sim.vmconnect_sessions();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    assert_eq!(sessions[0].vm_name.as_deref(), Some(format!("hcp-{id}").as_str()));
+    // Other console types are not Hyper-V's; an unknown VM is not found.
+    let e =
+        p.get_console(pb::GetConsoleRequest { vm_id: id.clone(), protocol: "vnc".into() }).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
+    let other = uuid::Uuid::new_v4().to_string();
+    let e = p.get_console(pb::GetConsoleRequest { vm_id: other, protocol: "rdp".into() }).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e:?}");
+    assert!(p.delete_vm(&id).await.unwrap());
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
+async fn vmconnect_refuses_and_records_what_names_no_vm() {
+    let sim = sim().await;
+    let addr = sim.vmconnect_addr.unwrap().to_string();
+    // A GUID of no VM on the host.
+    let unknown = uuid::Uuid::new_v4().to_string().to_uppercase();
+    assert!(hcp_testkit::rdp::connect(&addr, &unknown).await.is_err(), "an unknown VM was connected");
+    // A client that sends no preconnection PDU (RDP straight away).
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    assert!(hcp_testkit::rdp::handshake(&mut tcp, None).await.is_err());
+    let v = hcp_testkit::wait_until(Duration::from_secs(10), "both refusals are recorded", || async {
+        let v = sim.sim.violations();
+        Ok((v.len() == 2).then_some(v))
+    })
+    .await
+    .unwrap();
+    assert!(v.iter().all(|l| l.starts_with("vmconnect:")), "{v:?}");
+    assert!(v.iter().any(|l| l.contains(&unknown) && l.contains("no VM")), "{v:?}");
+    assert!(v.iter().any(|l| l.contains("not a preconnection PDU")), "{v:?}");
 }
 
 #[tokio::test]

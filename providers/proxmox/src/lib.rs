@@ -883,6 +883,7 @@ impl Provider for Proxmox {
             tls_ca_pem,
             tls_fingerprint_sha256,
             websocket_subprotocol: "binary".to_owned(),
+            preconnection_blob: String::new(),
         })
     }
 

@@ -1020,6 +1020,7 @@ impl Provider for Vsphere {
             tls_ca_pem,
             tls_fingerprint_sha256,
             websocket_subprotocol: "binary".to_owned(),
+            preconnection_blob: String::new(),
         })
     }
 

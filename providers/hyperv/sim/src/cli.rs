@@ -45,6 +45,10 @@ struct Args {
     /// How long a guest takes to shut down, milliseconds.
     #[arg(long, default_value_t = 50)]
     shutdown_ms: u64,
+    /// Where the VMConnect stand-in listens (Hyper-V: 2179); its address
+    /// goes beside `--cert-out` with the extension `.vmconnect`.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    vmconnect_listen: SocketAddr,
     /// Also serve the control API (`/_sim/...`, JSON) over plain HTTP here.
     #[arg(long)]
     control_listen: Option<SocketAddr>,
@@ -65,6 +69,7 @@ where
         job_duration: Duration::from_millis(args.job_ms),
         job_retention: Duration::from_secs(args.job_retention_s),
         shutdown_delay: Duration::from_millis(args.shutdown_ms),
+        vmconnect_listen: Some(args.vmconnect_listen),
         ..Default::default()
     };
     if !args.user.is_empty() {
@@ -86,6 +91,9 @@ where
         if let Some(out) = &args.cert_out {
             std::fs::write(out, &running.cert_pem)
                 .with_context(|| format!("--cert-out {}", out.display()))?;
+            if let Some(vmconnect) = running.vmconnect_addr {
+                std::fs::write(out.with_extension("vmconnect"), vmconnect.to_string())?;
+            }
         }
         if let Some(addr) = args.control_listen {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -22,7 +22,9 @@
 //! addresses; checkpoints; VHD files in a directory standing for
 //! `C:\Hyper-V\hcp\`; jobs that end after [`SimConfig::job_duration`] and
 //! vanish [`SimConfig::job_retention`] later; and faults injected through
-//! [`Sim::set_faults`].
+//! [`Sim::set_faults`]. Beside it, a stand-in for the VMConnect console
+//! listener (TCP 2179) checks the preconnection PDU naming the VM
+//! (`vmconnect.rs`).
 //!
 //! Tests run it in-process ([`start`]); the `hcp-hyperv-sim` binary serves
 //! it for system tests, with a small JSON control API on a separate plain
@@ -36,6 +38,7 @@ mod model;
 mod ntlm;
 mod server;
 mod state;
+mod vmconnect;
 mod wql;
 mod wsman;
 
@@ -48,6 +51,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::state::State;
+pub use crate::vmconnect::VmConnectSession;
 
 /// Simulator settings.
 #[derive(Debug, Clone)]
@@ -84,6 +88,9 @@ pub struct SimConfig {
     pub memory_min_mb: u64,
     /// The most memory a VM may have, MB.
     pub memory_max_mb: u64,
+    /// Where the VMConnect stand-in listens (Hyper-V: TCP 2179); `None`
+    /// runs none.
+    pub vmconnect_listen: Option<SocketAddr>,
 }
 
 impl Default for SimConfig {
@@ -102,6 +109,7 @@ impl Default for SimConfig {
             max_vcpus: 16,
             memory_min_mb: 32,
             memory_max_mb: 1_048_576,
+            vmconnect_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         }
     }
 }
@@ -324,6 +332,11 @@ impl Sim {
         self.lock().log.clone()
     }
 
+    /// Every connection to the VMConnect stand-in, first first.
+    pub fn vmconnect_sessions(&self) -> Vec<VmConnectSession> {
+        self.lock().vmconnect.clone()
+    }
+
     /// Request counters.
     pub fn stats(&self) -> Stats {
         self.lock().stats
@@ -517,9 +530,12 @@ pub struct Running {
     pub cert_der: Vec<u8>,
     /// SHA-256 fingerprint of the certificate, `AA:BB:...`.
     pub fingerprint: String,
+    /// The VMConnect stand-in's address.
+    pub vmconnect_addr: Option<SocketAddr>,
     /// The state.
     pub sim: Sim,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    vmconnect: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -533,6 +549,9 @@ impl Drop for Running {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        if let Some(task) = self.vmconnect.take() {
+            task.abort();
         }
     }
 }
@@ -580,6 +599,17 @@ pub async fn start(config: SimConfig) -> Result<Running, StartError> {
         .await
         .map_err(|source| StartError::Bind { addr: listen, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: listen, source })?;
+    let vmconnect_listen = sim.lock().config.vmconnect_listen;
+    let (vmconnect_addr, vmconnect) = match vmconnect_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|source| StartError::Bind { addr: at, source })?;
+            let bound = l.local_addr().map_err(|source| StartError::Bind { addr: at, source })?;
+            (Some(bound), Some(tokio::spawn(vmconnect::serve(l, sim.clone()))))
+        }
+        None => (None, None),
+    };
     let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
     let app = server::router(sim.clone());
     tokio::spawn(async move {
@@ -601,11 +631,20 @@ pub async fn start(config: SimConfig) -> Result<Running, StartError> {
             });
         }
     });
-    Ok(Running { addr, cert_pem, cert_der: der, fingerprint, sim, shutdown: Some(tx) })
+    Ok(Running {
+        addr,
+        cert_pem,
+        cert_der: der,
+        fingerprint,
+        vmconnect_addr,
+        sim,
+        shutdown: Some(tx),
+        vmconnect,
+    })
 }
 
 /// The control API (`/_sim/...`, JSON) for a plain HTTP listener: `GET
-/// vms`, `jobs`, `files`, `violations`, `requests`, `stats`, `faults`;
+/// vms`, `jobs`, `files`, `violations`, `requests`, `stats`, `faults`, `vmconnect`;
 /// `POST faults` (a [`Faults`] object); `POST vms/<guid>/state` (`{"state":
 /// 3}`).
 pub fn control_router(sim: Sim) -> axum::Router {

@@ -183,6 +183,7 @@ async fn control(AxState(sim): AxState<Sim>, method: Method, uri: Uri, body: Byt
         ("GET", ["requests"]) => axum::Json(sim.requests()).into_response(),
         ("GET", ["stats"]) => axum::Json(sim.stats()).into_response(),
         ("GET", ["faults"]) => axum::Json(sim.faults()).into_response(),
+        ("GET", ["vmconnect"]) => axum::Json(sim.vmconnect_sessions()).into_response(),
         ("POST", ["faults"]) => match serde_json::from_slice::<Faults>(&body) {
             Ok(f) => {
                 sim.set_faults(f);

@@ -270,6 +270,7 @@ pub(crate) struct State {
     pub(crate) violations: Vec<String>,
     pub(crate) log: Vec<RequestRecord>,
     pub(crate) stats: Stats,
+    pub(crate) vmconnect: Vec<crate::VmConnectSession>,
     pub(crate) counter: u32,
     pub(crate) booted: DateTime<Utc>,
 }
@@ -292,6 +293,7 @@ impl State {
             violations: Vec::new(),
             log: Vec::new(),
             stats: Stats::default(),
+            vmconnect: Vec::new(),
             counter: 0,
             booted: Utc::now(),
         }
