@@ -85,3 +85,16 @@ ensure_python_grpc() {
   python3 -m pip install -q --disable-pip-version-check -r providers/python-example/requirements.txt >&2 ||
     python3 -m pip install -q --break-system-packages -r providers/python-example/requirements.txt >&2
 }
+
+# A real Prometheus server (Debian's package) for the metrics test; it is
+# run by the test on a port of its own, never as the package's service.
+ensure_prometheus() {
+  if command -v prometheus >/dev/null 2>&1; then
+    export HCP_PROMETHEUS="$(command -v prometheus)"; return 0
+  fi
+  log "installing prometheus"
+  apt_install prometheus || return 1
+  # The package starts its own service where it can; the tests do not use it.
+  if command -v service >/dev/null 2>&1; then service prometheus stop >/dev/null 2>&1 || true; fi
+  export HCP_PROMETHEUS="$(command -v prometheus)"
+}

@@ -21,6 +21,14 @@ if ! ensure_python_winrm; then
   fi
   echo "SKIP the Hyper-V simulator's pywinrm check: pywinrm could not be installed"
 fi
+# A real Prometheus server scrapes a running stack in the metrics test.
+if ! ensure_prometheus; then
+  if [ "${CI:-}" = "true" ]; then
+    echo "prometheus could not be installed; CI must run the metrics test" >&2
+    exit 1
+  fi
+  echo "SKIP the Prometheus scrape test: prometheus could not be installed"
+fi
 # Before the build: the virt crate links libvirt through pkg-config.
 ensure_libvirt
 ensure_tiny_guest

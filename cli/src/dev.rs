@@ -37,6 +37,10 @@ pub struct UpArgs {
     /// rdp).
     #[arg(long, default_value = "127.0.0.1:3390")]
     rdp: SocketAddr,
+    /// Prometheus `/metrics` of core, the gateway and the sim provider:
+    /// this port and the next two.
+    #[arg(long, default_value_t = 9464)]
+    metrics_port: u16,
     /// Core (gRPC) address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     core: SocketAddr,
@@ -316,13 +320,14 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let core_toml = format!(
-        "listen = \"{core}\"\ndatabase_url = \"{db}\"\n\n[auth]\nhs256_secret_file = \"{secret}\"\n\n\
+        "listen = \"{core}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\ndatabase_url = \"{db}\"\n\n[auth]\nhs256_secret_file = \"{secret}\"\n\n\
          [console]\npublic_base_url = \"ws://{gw}\"\nrdp_address = \"{rdp}\"\n\n[providers]\nprobe_interval_seconds = 5\n\n\
          [secrets]\nkey_file = \"{key}\"\n",
         core = args.core,
         secret = secret_file.display(),
         gw = args.gateway,
         rdp = args.rdp,
+        metrics = args.metrics_port,
         key = std::fs::canonicalize(&key_file)?.display(),
     );
     let core_config = data.join("core.toml");
@@ -334,7 +339,7 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     let sim = spawn(
         &exe,
         &["provider-sim".into(), "--listen".into(), args.sim.to_string()],
-        &[],
+        &[("HCP_PROVIDER_METRICS_LISTEN", format!("127.0.0.1:{}", args.metrics_port.saturating_add(2)))],
         Stdio::inherit(),
         wait,
     )
@@ -370,6 +375,8 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
             proxy_token_file.display().to_string(),
             "--console-rdp-listen".into(),
             args.rdp.to_string(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", args.metrics_port.saturating_add(1)),
         ],
         &[],
         Stdio::inherit(),
@@ -383,7 +390,7 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     let tenant_token = mint(&secret, "dev-user", Some("acme"), &["demo"], &[ROLE_TENANT_MEMBER], 24 * 3600)?;
     let gw = gateway.addr;
     println!(
-        "\nHCP is up.\n  REST gateway  http://{gw}\n  RDP relay     {rdp}\n  core gRPC     {core}\n  sim provider  {sim}\n\n\
+        "\nHCP is up.\n  REST gateway  http://{gw}\n  RDP relay     {rdp}\n  metrics       http://127.0.0.1:{m0}/metrics (core), :{m1} (gateway), :{m2} (sim)\n  core gRPC     {core}\n  sim provider  {sim}\n\n\
          DEV KEY: tokens below are signed with the development key in {data}/dev-jwt-secret.\n\
          It is for local use only.\n\n\
          export TOKEN={tenant_token}\nexport OPS_TOKEN={ops_token}\n\n\
@@ -393,6 +400,9 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
         core = core.addr,
         sim = sim.addr,
         rdp = args.rdp,
+        m0 = args.metrics_port,
+        m1 = args.metrics_port.saturating_add(1),
+        m2 = args.metrics_port.saturating_add(2),
         data = data.display(),
     );
 

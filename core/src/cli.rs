@@ -30,8 +30,9 @@ where
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(async move {
         let _telemetry = hcp_telemetry::init("hcp-core", &config.telemetry)?;
-        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
-            hcp_telemetry::announce_ready("core", addr)
+        crate::run(config, hcp_telemetry::shutdown_signal(), |at| {
+            let more: Vec<_> = at.metrics.map(|a| ("metrics_addr", a.to_string())).into_iter().collect();
+            hcp_telemetry::announce_ready_with("core", at.grpc, &more)
         })
         .await
         .context("core failed")

@@ -25,6 +25,8 @@ pub const ENV_NATS_URL: &str = "HCP_NATS_URL";
 pub struct Config {
     /// gRPC listen address. Default `127.0.0.1:50051`; port 0 picks one.
     pub listen: SocketAddr,
+    /// Where `/metrics` (Prometheus) is served; none by default.
+    pub metrics_listen: Option<SocketAddr>,
     /// `sqlite://PATH`, `sqlite::memory:` or `postgres://...`.
     /// Default `sqlite://hcp.db`.
     pub database_url: String,
@@ -96,6 +98,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: None,
             database_url: "sqlite://hcp.db".to_owned(),
             database_max_connections: 16,
             migrate: true,

@@ -364,6 +364,20 @@ impl Engine {
         match self.store.finish_job(job, &self.worker_id, &finish, t, audit.as_ref()).await {
             Ok(()) => {
                 self.events.changed(job.id);
+                let outcome = match attempt.outcome {
+                    Outcome::Succeeded { .. } => "succeeded",
+                    Outcome::Failed(_) => "failed",
+                    Outcome::Retry(_) => "retried",
+                    Outcome::Cancelled => "cancelled",
+                };
+                metrics::counter!("hcp_jobs_finished_total", "kind" => job.kind.as_str(), "outcome" => outcome)
+                    .increment(1);
+                if outcome != "retried" {
+                    // From acceptance to the end: what the tenant waited.
+                    let waited = (t - job.created_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                    metrics::histogram!("hcp_job_duration_seconds", "kind" => job.kind.as_str(), "outcome" => outcome)
+                        .record(waited);
+                }
                 if let Some(run_after) = attempt.run_after {
                     // Wake a local worker when the backoff is over.
                     let wake = self.wake.clone();
@@ -527,7 +541,7 @@ impl Engine {
 
     async fn call_provider(
         &self,
-        compute: &mut provider::compute_client::ComputeClient<tonic::transport::Channel>,
+        compute: &mut crate::providers::Compute,
         call: &Call<'_>,
         step: Step,
     ) -> Result<StepOutput, ProviderCallError> {
@@ -671,7 +685,7 @@ fn req<T>(msg: T) -> tonic::Request<T> {
 /// Asks the provider for the VM's NICs and merges them into its
 /// attachments; `None` when it cannot tell.
 async fn observe_networks(
-    compute: &mut provider::compute_client::ComputeClient<tonic::transport::Channel>,
+    compute: &mut crate::providers::Compute,
     vm: &Vm,
 ) -> Option<Vec<NetworkAttachment>> {
     let info = compute.get_vm(req(provider::VmRef { vm_id: vm.id.to_string() })).await.ok()?.into_inner();

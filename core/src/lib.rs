@@ -18,6 +18,7 @@ pub mod events;
 pub mod jobs;
 pub mod jwks;
 pub mod lifecycle;
+pub mod metrics;
 pub mod model;
 pub mod placement;
 pub mod providers;
@@ -28,4 +29,4 @@ pub mod server;
 pub mod store;
 
 pub use config::Config;
-pub use server::run;
+pub use server::{Listening, run};

@@ -160,26 +160,22 @@ impl ProviderClients {
     }
 
     /// Returns the compute client for a provider.
-    pub fn compute(&self, provider: &Provider) -> Result<ComputeClient<Channel>, ApiError> {
-        Ok(ComputeClient::new(self.channel(provider)?))
+    pub fn compute(&self, provider: &Provider) -> Result<Compute, ApiError> {
+        Ok(ComputeClient::new(Metered(self.channel(provider)?)))
     }
 
     /// A client whose calls may take `at_least` (a stop that waits for the
     /// guest as long as the tenant asked): the shared channel when its call
     /// timeout allows that, else a channel of its own for this job.
-    pub fn compute_for(
-        &self,
-        provider: &Provider,
-        at_least: Duration,
-    ) -> Result<ComputeClient<Channel>, ApiError> {
+    pub fn compute_for(&self, provider: &Provider, at_least: Duration) -> Result<Compute, ApiError> {
         if at_least <= self.call_timeout {
             return self.compute(provider);
         }
         let endpoint = self.endpoint(&provider.endpoint, at_least)?;
-        Ok(ComputeClient::new(match Self::unix_connector(&provider.endpoint) {
+        Ok(ComputeClient::new(Metered(match Self::unix_connector(&provider.endpoint) {
             Some(c) => endpoint.connect_with_connector_lazy(c),
             None => endpoint.connect_lazy(),
-        }))
+        })))
     }
 
     fn channel(&self, provider: &Provider) -> Result<Channel, ApiError> {
@@ -386,5 +382,44 @@ mod tests {
             let shown = format!("{status:?}");
             assert_eq!(check(status), want, "{shown}");
         }
+    }
+}
+
+/// A provider's compute client, its calls counted.
+pub type Compute = ComputeClient<Metered>;
+
+/// A channel to a provider that counts its calls:
+/// `hcp_provider_calls_total{method,code}` and
+/// `hcp_provider_call_duration_seconds{method}` (method as
+/// `/hcp.provider.v1.Compute/StartVm`).
+#[derive(Clone, Debug)]
+pub struct Metered(Channel);
+
+impl tower::Service<http::Request<tonic::body::Body>> for Metered {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.0, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let path = req.uri().path();
+        let method = if hcp_proto::is_method(path) { path.to_owned() } else { "other".to_owned() };
+        let started = std::time::Instant::now();
+        let call = tower::Service::call(&mut self.0, req);
+        Box::pin(async move {
+            let result = call.await;
+            let code = match &result {
+                Ok(resp) => hcp_telemetry::metrics::grpc_code_label(resp.headers().get("grpc-status")),
+                Err(_) => "Unavailable",
+            };
+            metrics::counter!("hcp_provider_calls_total", "method" => method.clone(), "code" => code)
+                .increment(1);
+            metrics::histogram!("hcp_provider_call_duration_seconds", "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            result
+        })
     }
 }

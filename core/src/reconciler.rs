@@ -265,7 +265,12 @@ impl Reconciler {
         Ok(report)
     }
 
+    /// The audit event of a decision (every decision makes exactly one),
+    /// counted as `hcp_reconciler_drift_total{kind,action}`.
     fn audit(&self, action: &str, vm: VmId, outcome: &str, detail: String) -> AuditEvent {
+        let kind = action.strip_prefix("reconcile.").unwrap_or(action).to_owned();
+        metrics::counter!("hcp_reconciler_drift_total", "kind" => kind, "action" => outcome.to_owned())
+            .increment(1);
         AuditEvent {
             id: EventId::new(),
             at: now(),

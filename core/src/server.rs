@@ -51,6 +51,9 @@ const MAX_HEADER_LIST: u32 = 32 * 1024;
 /// Core failed to start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The metrics listener could not start.
+    #[error(transparent)]
+    Metrics(#[from] hcp_telemetry::metrics::MetricsListenError),
     /// The database could not be opened or migrated.
     #[error("cannot open the store at {url}")]
     Store {
@@ -121,12 +124,21 @@ fn provider_tls(
     Ok(any.then_some(tls))
 }
 
+/// Where a running core listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    /// gRPC.
+    pub grpc: SocketAddr,
+    /// `/metrics`, when configured.
+    pub metrics: Option<SocketAddr>,
+}
+
 /// Runs core until `shutdown` resolves. `ready` is called with the bound
-/// gRPC address once the store is migrated and the server is listening.
+/// addresses once the store is migrated and the server is listening.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    ready: impl FnOnce(SocketAddr) + Send,
+    ready: impl FnOnce(Listening) + Send,
 ) -> Result<(), StartError> {
     let config = Arc::new(config);
     let store = Store::connect(&config.database_url, config.database_max_connections)
@@ -255,10 +267,19 @@ pub async fn run(
         });
     }
 
+    let (metrics, _metrics_task) = match config.metrics_listen {
+        Some(at) => {
+            let (addr, serving) =
+                hcp_telemetry::metrics::serve(at, Some(crate::metrics::refresher(store.clone()))).await?;
+            (Some(addr), Some(serving))
+        }
+        None => (None, None),
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let ready = move |grpc| ready(Listening { grpc, metrics });
 
     let result = if config.roles.api {
         let page_key = store
@@ -306,7 +327,7 @@ pub async fn run(
             // Bounds on what one call may send: headers (the gateway sends at
             // most 16 KiB) and, per service below, the message.
             .http2_max_header_list_size(MAX_HEADER_LIST)
-            .layer(hcp_telemetry::GrpcTraceLayer::new("grpc"))
+            .layer(hcp_telemetry::GrpcTraceLayer::new("grpc").with_methods(hcp_proto::is_method))
             .layer(AuthLayer::new(verifier))
             .layer(crate::admission::AdmissionLayer::new(&config.limits))
             .add_service(health_service)

@@ -38,6 +38,9 @@ struct Args {
     /// this address as tenants reach it.
     #[arg(long, env = "HCP_CONSOLE_RDP_LISTEN")]
     console_rdp_listen: Option<SocketAddr>,
+    /// Where `/metrics` (Prometheus) is served; none without it.
+    #[arg(long, env = "HCP_GATEWAY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -65,6 +68,7 @@ where
             assets_dir: args.console_assets_dir,
             rdp_listen: args.console_rdp_listen,
         },
+        metrics_listen: args.metrics_listen,
     };
     let telemetry = hcp_telemetry::TelemetryConfig {
         json_logs: args.json_logs,
@@ -75,7 +79,10 @@ where
     runtime.block_on(async move {
         let _t = hcp_telemetry::init("hcp-gateway", &telemetry)?;
         crate::run(config, hcp_telemetry::shutdown_signal(), |at| {
-            let more: Vec<_> = at.rdp.map(|a| ("rdp_addr", a.to_string())).into_iter().collect();
+            let more: Vec<_> = [("rdp_addr", at.rdp), ("metrics_addr", at.metrics)]
+                .into_iter()
+                .filter_map(|(k, a)| a.map(|a| (k, a.to_string())))
+                .collect();
             hcp_telemetry::announce_ready_with("gateway", at.http, &more)
         })
         .await

@@ -67,6 +67,9 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// The console proxy.
     pub console: console::ConsoleConfig,
+    /// Where `/metrics` (Prometheus) is served, on a listener of its own
+    /// (never the tenants' port); none without it.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The gateway failed to start.
@@ -87,6 +90,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics listener could not start.
+    #[error(transparent)]
+    Metrics(#[from] hcp_telemetry::metrics::MetricsListenError),
     /// The server failed.
     #[error("http server failed")]
     Serve(#[source] std::io::Error),
@@ -104,6 +110,8 @@ pub struct Listening {
     pub http: SocketAddr,
     /// The RDP relay, when configured.
     pub rdp: Option<SocketAddr>,
+    /// `/metrics`, when configured.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Runs the gateway until `shutdown` resolves.
@@ -157,11 +165,18 @@ pub async fn run(
         }
         None => None,
     };
+    let (metrics, _metrics_task) = match config.metrics_listen {
+        Some(at) => {
+            let (addr, serving) = hcp_telemetry::metrics::serve(at, None).await?;
+            (Some(addr), Some(serving))
+        }
+        None => (None, None),
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    ready(Listening { http: addr, rdp: rdp.as_ref().map(|(a, _)| *a) });
+    ready(Listening { http: addr, rdp: rdp.as_ref().map(|(a, _)| *a), metrics });
     tracing::info!(%addr, rdp = ?rdp.as_ref().map(|(a, _)| a), core = %config.core_endpoint, "gateway listening");
     // The relay lives as long as the HTTP server.
     let _relay = rdp.map(|(_, l)| AbortOnDrop(tokio::spawn(console::rdp::serve(l, consoles))));
@@ -190,14 +205,31 @@ async fn rest(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     if let Some(t) = hcp_telemetry::trace_id_of(&span) {
         span.record("trace_id", t);
     }
-    async move {
-        match handle(&gw, req).await {
+    let method = match *req.method() {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PATCH => "PATCH",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        _ => "other",
+    };
+    let started = std::time::Instant::now();
+    let mut route = "unmatched";
+    let resp = async {
+        match handle(&gw, req, &mut route).await {
             Ok(resp) => resp,
             Err(e) => error_response(&e),
         }
     }
     .instrument(span)
-    .await
+    .await;
+    // Streams (the SSE job watch) count to their headers.
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("hcp_http_requests_total", "route" => route, "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!("hcp_http_request_duration_seconds", "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    resp
 }
 
 /// The answer to a request shed at the concurrency limit.
@@ -280,10 +312,11 @@ fn check_limits(parts: &http::request::Parts) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn handle(gw: &Gateway, req: Request) -> Result<Response, ApiError> {
+async fn handle(gw: &Gateway, req: Request, matched: &mut &'static str) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     check_limits(&parts)?;
     let (route, vars) = routes::find(&gw.routes, &parts.method, parts.uri.path())?;
+    *matched = route.label;
     let body = http_body_util::Limited::new(body, MAX_BODY)
         .collect()
         .await

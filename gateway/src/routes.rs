@@ -24,6 +24,9 @@ pub struct Route {
     pub output: MessageDescriptor,
     /// The method streams replies: served as server-sent events.
     pub server_streaming: bool,
+    /// The path template's text, for metrics labels (built once per
+    /// process, so it lives as long).
+    pub label: &'static str,
 }
 
 /// A parsed path template such as `/v1/projects/{project_id}/vms/{vm_id}:start`.
@@ -227,7 +230,9 @@ pub fn build(descriptor_set: &[u8], services: &[&str]) -> Result<(DescriptorPool
                 if routes.iter().any(|r| r.method == verb && r.template == template) {
                     return Err(RouteError::Duplicate(format!("{verb} {}", template.as_str())));
                 }
+                let label: &'static str = Box::leak(template.text.clone().into_boxed_str());
                 routes.push(Route {
+                    label,
                     method: verb,
                     template,
                     body,

@@ -88,6 +88,38 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.ops.v1.JobAdminService",
 ];
 
+/// Whether `path` (`/package.Service/Method`) names a method of HCP's
+/// protocol, or of the gRPC health and reflection services every HCP
+/// server runs: a bounded set, so metrics can label calls by method and
+/// put everything else under one label.
+pub fn is_method(path: &str) -> bool {
+    use prost::Message;
+    static METHODS: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    let methods = METHODS.get_or_init(|| {
+        let mut out = std::collections::HashSet::new();
+        if let Ok(set) = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET) {
+            for file in &set.file {
+                let package = file.package();
+                for service in &file.service {
+                    for method in &service.method {
+                        out.insert(format!("/{package}.{}/{}", service.name(), method.name()));
+                    }
+                }
+            }
+        }
+        for m in [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            out.insert(m.to_owned());
+        }
+        out
+    });
+    methods.contains(path)
+}
+
 /// Shows credential keys, never their values.
 struct RedactedCredentials<'a>(&'a std::collections::HashMap<String, String>);
 
@@ -177,6 +209,15 @@ mod tests {
         assert!(!format!("{redeemed:?}").contains("hunter2"));
         let t = super::console::RedeemConsoleRequest { token: "hunter2".into(), protocol: "vnc".into() };
         assert!(!format!("{t:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn methods_are_known_by_their_path() {
+        assert!(super::is_method("/hcp.tenant.v1.VmService/CreateVm"));
+        assert!(super::is_method("/hcp.provider.v1.Compute/CreateVm"));
+        assert!(super::is_method("/grpc.health.v1.Health/Check"));
+        assert!(!super::is_method("/hcp.tenant.v1.VmService/NoSuchMethod"));
+        assert!(!super::is_method("/x"));
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! One trace follows a request from the gateway to core, into the job that
 //! core stores, to the worker that runs it and the provider call it makes.
 //! Nothing is exported unless `otlp_endpoint` is set.
+//!
+//! [`metrics`] is the other half of observability: Prometheus metrics and
+//! their `/metrics` listener.
+
+pub mod metrics;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -241,16 +246,28 @@ pub fn announce_ready_with(service: &str, addr: impl std::fmt::Display, more: &[
 
 /// A tower layer for gRPC servers: one span per call, named after the
 /// server's role, parented on the caller's W3C trace context and carrying
-/// `method` and `trace_id` for every log line beneath it.
+/// `method` and `trace_id` for every log line beneath it; and per call
+/// `hcp_grpc_server_requests_total{role,method,code}` and
+/// `hcp_grpc_server_request_duration_seconds{role,method}` (to the response
+/// headers, for streams). Methods the layer was not told of
+/// ([`GrpcTraceLayer::with_methods`]) are labelled `other`, so a client
+/// cannot make up label values.
 #[derive(Clone, Copy, Debug)]
 pub struct GrpcTraceLayer {
     role: &'static str,
+    known: fn(&str) -> bool,
 }
 
 impl GrpcTraceLayer {
-    /// Creates the layer; `role` appears as the span's `role` field.
+    /// Creates the layer; `role` appears as the span's `role` field and the
+    /// metrics' `role` label.
     pub fn new(role: &'static str) -> Self {
-        Self { role }
+        Self { role, known: |_| false }
+    }
+
+    /// Labels calls whose path `known` accepts by their method.
+    pub fn with_methods(self, known: fn(&str) -> bool) -> Self {
+        Self { known, ..self }
     }
 }
 
@@ -258,7 +275,7 @@ impl<S> tower::Layer<S> for GrpcTraceLayer {
     type Service = GrpcTraceService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcTraceService { inner, role: self.role }
+        GrpcTraceService { inner, role: self.role, known: self.known }
     }
 }
 
@@ -267,15 +284,19 @@ impl<S> tower::Layer<S> for GrpcTraceLayer {
 pub struct GrpcTraceService<S> {
     inner: S,
     role: &'static str,
+    known: fn(&str) -> bool,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for GrpcTraceService<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for GrpcTraceService<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = tracing::instrument::Instrumented<S::Future>;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -283,10 +304,12 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         use tracing::Instrument;
+        let path = req.uri().path();
+        let method = if (self.known)(path) { path.to_owned() } else { "other".to_owned() };
         let span = tracing::info_span!(
             "grpc",
             role = self.role,
-            method = %req.uri().path(),
+            method = %path,
             trace_id = tracing::field::Empty,
         );
         set_parent_from_headers(&span, req.headers());
@@ -294,7 +317,20 @@ where
             span.record("trace_id", t);
         }
         // Interceptors run inside `call`, so the span is entered for it too.
-        let fut = span.in_scope(|| self.inner.call(req));
-        fut.instrument(span)
+        let fut = span.in_scope(|| self.inner.call(req)).instrument(span);
+        let role = self.role;
+        let started = std::time::Instant::now();
+        Box::pin(async move {
+            let result = fut.await;
+            let code = match &result {
+                Ok(resp) => metrics::grpc_code_label(resp.headers().get("grpc-status")),
+                Err(_) => "transport",
+            };
+            ::metrics::counter!("hcp_grpc_server_requests_total", "role" => role, "method" => method.clone(), "code" => code)
+                .increment(1);
+            ::metrics::histogram!("hcp_grpc_server_request_duration_seconds", "role" => role, "method" => method)
+                .record(started.elapsed().as_secs_f64());
+            result
+        })
     }
 }

@@ -45,6 +45,9 @@ pub struct StackOptions {
     /// ([`TestStack::db_proxy`]), to cut the database off without stopping
     /// the server other tests share.
     pub db_proxy: bool,
+    /// The first sim provider serves `/metrics` (on a free port picked for
+    /// it: providers announce only their gRPC address).
+    pub sim_metrics: bool,
 }
 
 impl Default for StackOptions {
@@ -60,6 +63,7 @@ impl Default for StackOptions {
             api_processes: 1,
             worker_processes: 0,
             db_proxy: false,
+            sim_metrics: false,
         }
     }
 }
@@ -70,6 +74,9 @@ pub struct TestStack {
     pub gateway: SocketAddr,
     /// First gateway's RDP relay (`--console-rdp-listen`).
     pub gateway_rdp: SocketAddr,
+    /// `/metrics` of the first API process, the first gateway and (with
+    /// [`StackOptions::sim_metrics`]) the first sim, by job name.
+    pub metrics: Vec<(&'static str, SocketAddr)>,
     /// First API process's gRPC address.
     pub core: SocketAddr,
     /// First sim provider's address.
@@ -138,6 +145,7 @@ impl TestStack {
         let mut stack = Self {
             gateway: SocketAddr::from(([127, 0, 0, 1], 0)),
             gateway_rdp: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics: Vec::new(),
             core: SocketAddr::from(([127, 0, 0, 1], 0)),
             sim: SocketAddr::from(([127, 0, 0, 1], 0)),
             rest: Rest::new(String::new()),
@@ -157,7 +165,17 @@ impl TestStack {
         };
         let mut sim_args = vec!["--capabilities".to_owned(), opts.sim_capabilities.clone()];
         sim_args.extend(opts.sim_args.iter().cloned());
-        stack.sim = stack.start_sim_with("sim", &sim_args).await?;
+        if opts.sim_metrics {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            let mut args = vec!["provider-sim".to_owned(), "--listen".to_owned(), "127.0.0.1:0".to_owned()];
+            args.extend(sim_args);
+            let exe = stack.exe.clone();
+            let env = [("HCP_PROVIDER_METRICS_LISTEN", port.to_string())];
+            stack.sim = stack.spawn_exe("sim", &exe, &args, &env).await?.0;
+            stack.metrics.push(("sim", port));
+        } else {
+            stack.sim = stack.start_sim_with("sim", &sim_args).await?;
+        }
 
         let combined = opts.worker_processes == 0;
         let stack_dir = stack.dir.path().to_owned();
@@ -182,16 +200,29 @@ impl TestStack {
                         console_assets_dir().display().to_string(),
                         "--console-rdp-listen".into(),
                         "127.0.0.1:0".into(),
+                        "--metrics-listen".into(),
+                        "127.0.0.1:0".into(),
                     ],
                 )
                 .await?;
             if i == 0 {
                 stack.core = core;
                 stack.gateway = gateway;
-                stack.gateway_rdp = stack.ready[&format!("gateway-{i}")]["rdp_addr"]
-                    .as_str()
-                    .and_then(|a| a.parse().ok())
-                    .ok_or_else(|| anyhow::anyhow!("the gateway announced no rdp_addr"))?;
+                let announced = |name: &str, key: &str| -> anyhow::Result<SocketAddr> {
+                    stack.ready[name][key]
+                        .as_str()
+                        .and_then(|a| a.parse().ok())
+                        .ok_or_else(|| anyhow::anyhow!("{name} announced no {key}"))
+                };
+                let gw = format!("gateway-{i}");
+                let (rdp, gw_metrics, core_metrics) = (
+                    announced(&gw, "rdp_addr")?,
+                    announced(&gw, "metrics_addr")?,
+                    announced(&name, "metrics_addr")?,
+                );
+                stack.gateway_rdp = rdp;
+                stack.metrics.push(("core", core_metrics));
+                stack.metrics.push(("gateway", gw_metrics));
             }
             stack.api_addrs.push(core);
             stack.rests.push(Rest::new(format!("http://{gateway}")));
@@ -216,7 +247,7 @@ impl TestStack {
             None => String::new(),
         };
         let toml = format!(
-            "listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[roles]\napi = {api}\nworker = {worker}\n\n\
+            "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[roles]\napi = {api}\nworker = {worker}\n\n\
              [auth]\nhs256_secret_file = \"{secret}\"\n\n\
              [jobs]\n{jobs}\n\n\
              [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n{providers}\n\n\

@@ -38,6 +38,23 @@ impl ConsoleApi {
 
     async fn redeem(&self, p: Principal, req: RedeemConsoleRequest) -> Result<RedeemedConsole, ApiError> {
         p.console_proxy()?;
+        // The label is one of the known protocols: the proxy passes on what
+        // the client's URL named.
+        let protocol =
+            crate::lifecycle::ConsoleProtocol::parse(&req.protocol).map_or("other", |c| c.as_str());
+        let result = self.redeem_token(&p, &req).await;
+        let outcome = if result.is_ok() { "opened" } else { "refused" };
+        metrics::counter!("hcp_console_sessions_total", "protocol" => protocol, "outcome" => outcome)
+            .increment(1);
+        result
+    }
+
+    async fn redeem_token(
+        &self,
+        p: &Principal,
+        req: &RedeemConsoleRequest,
+    ) -> Result<RedeemedConsole, ApiError> {
+        let p = p.clone();
         if req.token.is_empty() {
             return Err(ApiError::invalid_field("token", "the console token is missing"));
         }
@@ -151,6 +168,10 @@ impl ConsoleApi {
             "duration_ms={} bytes_to_client={} bytes_to_server={}",
             req.duration_ms, req.bytes_to_client, req.bytes_to_server
         );
+        let protocol =
+            crate::lifecycle::ConsoleProtocol::parse(&session.protocol).map_or("other", |c| c.as_str());
+        metrics::histogram!("hcp_console_session_duration_seconds", "protocol" => protocol)
+            .record(req.duration_ms as f64 / 1000.0);
         self.ctx.store.append_audit(&a).await.map_err(|e| from_store(e, "audit"))?;
         Ok(EndConsoleResponse {})
     }

@@ -195,11 +195,14 @@ pub(crate) struct Session {
     started: Instant,
     counters: Counters,
     redeemed: Option<RedeemedConsole>,
+    /// The protocol, while the session counts in
+    /// `hcp_console_sessions_active`.
+    active: Option<&'static str>,
 }
 
 impl Session {
     pub(crate) fn new() -> Self {
-        Self { started: Instant::now(), counters: Counters::default(), redeemed: None }
+        Self { started: Instant::now(), counters: Counters::default(), redeemed: None, active: None }
     }
 
     /// Redeems `token` for `protocol`, connects to the console server and
@@ -250,7 +253,12 @@ impl Session {
             }
         };
         match tokio::time::timeout(upstream::CONNECT_TIMEOUT, opening).await {
-            Ok(Ok(())) => Ok((server, max)),
+            Ok(Ok(())) => {
+                let label = if protocol == "rdp" { "rdp" } else { "vnc" };
+                metrics::gauge!("hcp_console_sessions_active", "protocol" => label).increment(1.0);
+                self.active = Some(label);
+                Ok((server, max))
+            }
             Ok(Err(e)) => Err(End::new(close::UPSTREAM, e)),
             Err(_) => {
                 Err(End::new(close::UPSTREAM, "the console server did not complete its handshake in time"))
@@ -261,6 +269,9 @@ impl Session {
     /// Tells core how the session ended (for the audit trail), if a token
     /// was redeemed.
     pub(crate) async fn report(self, console: &Console, end: End) {
+        if let Some(label) = self.active {
+            metrics::gauge!("hcp_console_sessions_active", "protocol" => label).decrement(1.0);
+        }
         let Some(r) = self.redeemed else { return };
         let req = EndConsoleRequest {
             session_id: r.session_id,

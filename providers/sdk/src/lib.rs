@@ -250,11 +250,25 @@ pub struct ServeConfig {
     pub unix_socket: Option<std::path::PathBuf>,
     /// Serve TLS (TCP only), optionally requiring client certificates.
     pub tls: Option<TlsConfig>,
+    /// Serve Prometheus `/metrics` (gRPC calls by method and code, and
+    /// whatever the provider records with the `metrics` crate) here.
+    /// Default: the address in `HCP_PROVIDER_METRICS_LISTEN`, if any, so a
+    /// provider gets its metrics without code.
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// The environment variable [`ServeConfig::default`] reads
+/// `metrics_listen` from.
+pub const ENV_METRICS_LISTEN: &str = "HCP_PROVIDER_METRICS_LISTEN";
 
 impl Default for ServeConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 50061)), unix_socket: None, tls: None }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
+            unix_socket: None,
+            tls: None,
+            metrics_listen: std::env::var(ENV_METRICS_LISTEN).ok().and_then(|v| v.parse().ok()),
+        }
     }
 }
 
@@ -298,6 +312,9 @@ pub enum ServeError {
     /// The TLS configuration was refused.
     #[error("invalid TLS configuration")]
     Tls(#[source] tonic::transport::Error),
+    /// The metrics listener could not start.
+    #[error(transparent)]
+    Metrics(hcp_telemetry::metrics::MetricsListenError),
 }
 
 /// Serves `provider` until `shutdown` resolves. `ready` gets the bound
@@ -368,6 +385,10 @@ where
     }
     let reflection = reflection.build_v1().map_err(ServeError::Reflection)?;
     let name = adapter.inner.info().name;
+    let _metrics = match config.metrics_listen {
+        Some(at) => Some(hcp_telemetry::metrics::serve(at, None).await.map_err(ServeError::Metrics)?.1),
+        None => None,
+    };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         let mut server_tls = tonic::transport::ServerTlsConfig::new()
@@ -378,7 +399,7 @@ where
         builder = builder.tls_config(server_tls).map_err(ServeError::Tls)?;
     }
     let router = builder
-        .layer(hcp_telemetry::GrpcTraceLayer::new("provider"))
+        .layer(hcp_telemetry::GrpcTraceLayer::new("provider").with_methods(hcp_proto::is_method))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IdentityServer::new(adapter.clone()))

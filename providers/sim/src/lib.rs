@@ -707,6 +707,7 @@ pub async fn run(
         listen: config.listen,
         unix_socket: config.unix_socket.clone(),
         tls: config.tls.clone(),
+        ..ServeConfig::default()
     };
     hcp_provider_sdk::serve_with(sim, control, serve, shutdown, ready).await
 }
