@@ -24,6 +24,9 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// The W3C trace-context header (and gRPC metadata key).
 pub const TRACEPARENT: &str = "traceparent";
 
+/// OpenTelemetry's environment variable for the OTLP endpoint.
+pub const ENV_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
 /// How a process logs and traces. Part of every process's config.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,8 +35,10 @@ pub struct TelemetryConfig {
     pub log_filter: Option<String>,
     /// Log one JSON object per line instead of text.
     pub json_logs: bool,
-    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`. Nothing is
-    /// exported when unset.
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`. When unset,
+    /// OpenTelemetry's standard `OTEL_EXPORTER_OTLP_ENDPOINT` is used, so
+    /// every process (providers included) exports without code; nothing is
+    /// exported when neither is set.
     pub otlp_endpoint: Option<String>,
 }
 
@@ -81,7 +86,11 @@ pub fn init(service: &str, config: &TelemetryConfig) -> Result<TelemetryGuard, T
 
     let resource = opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
-    if let Some(endpoint) = &config.otlp_endpoint {
+    let endpoint = config
+        .otlp_endpoint
+        .clone()
+        .or_else(|| std::env::var(ENV_OTLP_ENDPOINT).ok().filter(|e| !e.is_empty()));
+    if let Some(endpoint) = &endpoint {
         use opentelemetry_otlp::WithExportConfig;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()

@@ -35,6 +35,8 @@ pub struct StackOptions {
     pub jobs_toml: String,
     /// Extra keys of core's `[providers]` table.
     pub providers_toml: String,
+    /// Extra keys of core's `[console]` table.
+    pub console_toml: String,
     /// Run NATS JetStream (a server of the test's own) for dispatch.
     pub nats: bool,
     /// API processes (each with a gateway).
@@ -48,6 +50,9 @@ pub struct StackOptions {
     /// The first sim provider serves `/metrics` (on a free port picked for
     /// it: providers announce only their gRPC address).
     pub sim_metrics: bool,
+    /// Environment for every process of the stack (e.g.
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -59,11 +64,13 @@ impl Default for StackOptions {
             core_toml: String::new(),
             jobs_toml: String::new(),
             providers_toml: String::new(),
+            console_toml: String::new(),
             nats: false,
             api_processes: 1,
             worker_processes: 0,
             db_proxy: false,
             sim_metrics: false,
+            env: Vec::new(),
         }
     }
 }
@@ -252,13 +259,14 @@ impl TestStack {
              [jobs]\n{jobs}\n\n\
              [providers]\nprobe_interval_seconds = 1\nprobe_timeout_seconds = 1\n{providers}\n\n\
              [secrets]\nkey_file = \"{key}\"\n{queue}\n\
-             [console]\nrdp_address = \"rdp.invalid:3390\"\n",
+             [console]\nrdp_address = \"rdp.invalid:3390\"\n{console}",
             db = self.core_db_url,
             extra = self.opts.core_toml,
             secret = self.dir.path().join("jwt-secret").display(),
             jobs = jobs_table(&self.opts.jobs_toml),
             key = self.dir.path().join("secrets.key").display(),
             providers = self.opts.providers_toml,
+            console = self.opts.console_toml,
         );
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, toml)?;
@@ -285,8 +293,10 @@ impl TestStack {
             .create(true)
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))?;
+        let mut env = env.to_vec();
+        env.extend(self.opts.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
         let Spawned { child, addr, announced, ready } =
-            spawn(exe, args, env, Stdio::from(log), READY).await?;
+            spawn(exe, args, &env, Stdio::from(log), READY).await?;
         self.children.insert(name.to_owned(), child);
         self.ready.insert(name.to_owned(), ready);
         Ok((addr, announced))

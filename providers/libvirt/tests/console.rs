@@ -123,7 +123,7 @@ async fn the_console_page_shows_the_guest_screen_in_chromium() {
 #[tokio::test(flavor = "multi_thread")]
 async fn console_tokens_are_refused_when_they_must_be() {
     let opts = StackOptions {
-        core_toml: "[console]\nmax_session_seconds = 3\ntoken_ttl_seconds = 5\n".into(),
+        console_toml: "max_session_seconds = 3\ntoken_ttl_seconds = 5\n".into(),
         ..Default::default()
     };
     let kvm = Kvm::start_with(opts).await;
