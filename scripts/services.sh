@@ -98,3 +98,19 @@ ensure_prometheus() {
   if command -v service >/dev/null 2>&1; then service prometheus stop >/dev/null 2>&1 || true; fi
   export HCP_PROMETHEUS="$(command -v prometheus)"
 }
+
+# schemathesis (PyPI) in a venv of its own, for the OpenAPI conformance test.
+ensure_schemathesis() {
+  local venv="${HCP_SCHEMATHESIS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hcp/schemathesis-venv}"
+  if [ -x "$venv/bin/schemathesis" ]; then
+    export HCP_SCHEMATHESIS="$venv/bin/schemathesis"; return 0
+  fi
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv, ensurepip" 2>/dev/null; then
+    log "installing python3 with venv"
+    apt_install python3 python3-venv || return 1
+  fi
+  log "installing schemathesis in $venv"
+  python3 -m venv "$venv" >&2 || return 1
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "schemathesis>=4,<5" >&2 || return 1
+  export HCP_SCHEMATHESIS="$venv/bin/schemathesis"
+}

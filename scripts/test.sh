@@ -29,6 +29,14 @@ if ! ensure_prometheus; then
   fi
   echo "SKIP the Prometheus scrape test: prometheus could not be installed"
 fi
+# schemathesis checks the served OpenAPI document against the running API.
+if ! ensure_schemathesis; then
+  if [ "${CI:-}" = "true" ]; then
+    echo "schemathesis could not be installed; CI must run the OpenAPI conformance test" >&2
+    exit 1
+  fi
+  echo "SKIP the schemathesis run: schemathesis could not be installed"
+fi
 # Before the build: the virt crate links libvirt through pkg-config.
 ensure_libvirt
 ensure_tiny_guest

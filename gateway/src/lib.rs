@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod console;
 pub mod edge;
+pub mod openapi;
 pub mod routes;
 pub mod transcode;
 
@@ -114,6 +115,16 @@ pub struct Listening {
     pub metrics: Option<SocketAddr>,
 }
 
+/// The OpenAPI document of the REST API this build serves, as the gateway
+/// serves it at `/api/hcp/openapi.json` (pretty-printed, ending in a
+/// newline).
+pub fn openapi_json() -> Result<String, routes::RouteError> {
+    let (_pool, routes) = routes::build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES)?;
+    let mut text = serde_json::to_string_pretty(&openapi::document(&routes)).unwrap_or_default();
+    text.push('\n');
+    Ok(text)
+}
+
 /// Runs the gateway until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -129,6 +140,11 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(3))
         .timeout(config.timeout)
         .connect_lazy();
+    let openapi = {
+        let mut text = serde_json::to_string_pretty(&openapi::document(&routes)).unwrap_or_default();
+        text.push('\n');
+        bytes::Bytes::from(text)
+    };
     let state = Arc::new(Gateway { routes, core: core.clone() });
 
     let grpc_web = tower::ServiceBuilder::new()
@@ -139,7 +155,13 @@ pub async fn run(
         .route("/console/novnc/{*path}", axum::routing::get(console::novnc))
         .route("/console/{name}", axum::routing::get(console::entry))
         .with_state(consoles.clone());
-    let mut app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+    let mut app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
+        "/api/hcp/openapi.json",
+        axum::routing::get(move || {
+            let body = openapi.clone();
+            async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+        }),
+    );
     for service in hcp_proto::NORTHBOUND_SERVICES {
         app = app.route_service(&format!("/{service}/{{method}}"), grpc_web.clone());
     }

@@ -135,6 +135,14 @@ impl PathTemplate {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    /// The names of its `{field}` variables, in order.
+    pub fn variables(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Variable(v) => Some(v.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
 }
 
 /// Decodes `%XX` escapes; `None` on a malformed escape or invalid UTF-8.
