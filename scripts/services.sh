@@ -61,17 +61,23 @@ ensure_nats() {
 # HCP_WINRM_PYTHON for the test (providers/hyperv/sim/tests/winrm.rs).
 ensure_python_winrm() {
   local venv="${HCP_WINRM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hcp/winrm-venv}"
-  if "$venv/bin/python" -c "import winrm, xmltodict" 2>/dev/null; then
-    export HCP_WINRM_PYTHON="$venv/bin/python"; return 0
-  fi
+  ensure_venv "$venv" "import winrm, xmltodict" pywinrm || return 1
+  export HCP_WINRM_PYTHON="$venv/bin/python"
+}
+
+# A venv at $1 in which the Python statement $2 runs, made (once) by
+# installing the pip requirements after it.
+ensure_venv() {
+  local venv="$1" check="$2"; shift 2
+  if "$venv/bin/python" -c "$check" 2>/dev/null; then return 0; fi
   if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv, ensurepip" 2>/dev/null; then
     log "installing python3 with venv"
     apt_install python3 python3-venv || return 1
   fi
-  log "installing pywinrm in $venv"
+  log "installing $* in $venv"
   python3 -m venv "$venv" >&2 || return 1
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check pywinrm >&2 || return 1
-  export HCP_WINRM_PYTHON="$venv/bin/python"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" >&2 || return 1
+  "$venv/bin/python" -c "$check"
 }
 
 # The example Python provider needs grpcio and grpcio-tools.
@@ -102,15 +108,6 @@ ensure_prometheus() {
 # schemathesis (PyPI) in a venv of its own, for the OpenAPI conformance test.
 ensure_schemathesis() {
   local venv="${HCP_SCHEMATHESIS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hcp/schemathesis-venv}"
-  if [ -x "$venv/bin/schemathesis" ]; then
-    export HCP_SCHEMATHESIS="$venv/bin/schemathesis"; return 0
-  fi
-  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c "import venv, ensurepip" 2>/dev/null; then
-    log "installing python3 with venv"
-    apt_install python3 python3-venv || return 1
-  fi
-  log "installing schemathesis in $venv"
-  python3 -m venv "$venv" >&2 || return 1
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check "schemathesis>=4,<5" >&2 || return 1
+  ensure_venv "$venv" "import schemathesis" "schemathesis>=4,<5" || return 1
   export HCP_SCHEMATHESIS="$venv/bin/schemathesis"
 }
