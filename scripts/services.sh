@@ -111,3 +111,10 @@ ensure_schemathesis() {
   ensure_venv "$venv" "import schemathesis" "schemathesis>=4,<5" || return 1
   export HCP_SCHEMATHESIS="$venv/bin/schemathesis"
 }
+
+# tmux, for the test of the CLI's interactive terminal output.
+ensure_tmux() {
+  command -v tmux >/dev/null 2>&1 && return 0
+  log "installing tmux"
+  apt_install tmux
+}

@@ -37,6 +37,14 @@ if ! ensure_schemathesis; then
   fi
   echo "SKIP the schemathesis run: schemathesis could not be installed"
 fi
+# tmux drives the CLI's interactive session test.
+if ! ensure_tmux; then
+  if [ "${CI:-}" = "true" ]; then
+    echo "tmux could not be installed; CI must run the CLI's terminal test" >&2
+    exit 1
+  fi
+  echo "SKIP the CLI's terminal test: tmux could not be installed"
+fi
 # Before the build: the virt crate links libvirt through pkg-config.
 ensure_libvirt
 ensure_tiny_guest

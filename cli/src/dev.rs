@@ -394,6 +394,8 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
          DEV KEY: tokens below are signed with the development key in {data}/dev-jwt-secret.\n\
          It is for local use only.\n\n\
          export TOKEN={tenant_token}\nexport OPS_TOKEN={ops_token}\n\n\
+         For the hcp command:\n  export HCP_ENDPOINT=http://{gw} HCP_PROJECT=demo HCP_TOKEN=$TOKEN\n  \
+         hcp vm create web-1 --flavor small --image debian-12 --wait\n\n\
          Try:\n  curl -s -X POST -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n    \
          -d '{{\"name\":\"web-1\",\"flavor\":\"small\",\"image\":\"debian-12\"}}' \\\n    \
          http://{gw}/api/hcp/tenant/v1/projects/demo/vms\n\nPress ctrl-c to stop.",

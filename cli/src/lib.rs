@@ -1,5 +1,6 @@
-//! The `hcp` command: the one-command development stack (`hcp up`), dev
-//! tokens (`hcp token`), and every HCP process by name (`hcp core`,
+//! The `hcp` command: what people drive HCP with (`hcp vm`, `hcp job`,
+//! `hcp catalog`, `hcp ops`, over the REST API: [`human`]), the
+//! one-command development stack (`hcp up`), dev tokens (`hcp token`), and every HCP process by name (`hcp core`,
 //! `hcp gateway`, `hcp provider-sim`), so a single build gives all of them,
 //! and `hcp audit verify`, which checks the audit trail's hash chain.
 //!
@@ -9,7 +10,10 @@
 //! through the ops API, and prints tokens and a curl walkthrough.
 
 pub mod audit;
+pub mod client;
 pub mod dev;
+pub mod human;
+pub mod output;
 
 use std::ffi::OsString;
 
@@ -25,6 +29,37 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// VMs of a project: list, show, create, update, start, stop, reboot,
+    /// resize, delete, console, snapshot.
+    Vm {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: human::Vm,
+    },
+    /// Jobs: list, show, watch, cancel.
+    Job {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: human::Job,
+    },
+    /// What tenants may pick: flavors, images, zones, networks.
+    Catalog {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: human::Catalog,
+    },
+    /// Operator commands: providers, quotas, the audit trail, any job.
+    Ops {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: human::Ops,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Start core, gateway and a simulated provider on the embedded store.
     Up(dev::UpArgs),
     /// Mint a development token signed with the dev key.
@@ -62,6 +97,15 @@ where
         std::iter::once(OsString::from(name)).chain(args).collect::<Vec<_>>()
     };
     match cli.command {
+        Command::Vm { common, cmd } => human::run(|| human::vm(common, cmd)),
+        Command::Job { common, cmd } => human::run(|| human::job(common, cmd)),
+        Command::Catalog { common, cmd } => human::run(|| human::catalog(common, cmd)),
+        Command::Ops { common, cmd } => human::run(|| human::ops(common, cmd)),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "hcp", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Up(args) => dev::up(args),
         Command::Token(args) => dev::token(args),
         Command::Audit(args) => {

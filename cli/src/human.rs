@@ -1,0 +1,639 @@
+//! The commands people use every day: `hcp vm`, `hcp job`, `hcp catalog`
+//! and `hcp ops`, over the REST API as any client would use it. Every
+//! asynchronous command takes `--wait`: it follows the job to its end, with
+//! a live line on a terminal and plain lines otherwise (both on stderr, so
+//! stdout carries only the result), and a failed job exits non-zero with
+//! the job's error.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::{Map, Value, json};
+
+use crate::client::{Client, ConnectArgs};
+use crate::output::{self, Format};
+
+const T: &str = "/api/hcp/tenant/v1";
+const VM_COLUMNS: &[&str] = &["vm_id", "name", "status", "flavor", "image", "zone", "networks.0.ipv4"];
+const JOB_COLUMNS: &[&str] = &["job_id", "kind", "status", "vm_id", "attempts", "created_at", "error.code"];
+
+/// Flags every API command shares.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table, env = "HCP_OUTPUT")]
+    pub output: Format,
+}
+
+/// `--wait`.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Wait {
+    /// Follow the job to its end; a failed job exits non-zero.
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this many seconds (the job goes on).
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
+}
+
+/// `hcp vm`.
+#[derive(Subcommand, Debug)]
+pub enum Vm {
+    /// The project's VMs.
+    List {
+        /// Only VMs in this status (ACTIVE, STOPPED, ...).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only VMs carrying this tag (repeatable).
+        #[arg(long)]
+        tag: Vec<String>,
+    },
+    /// One VM (by id, or by name: the one VM of that name).
+    Show { vm: String },
+    /// Create a VM.
+    Create {
+        name: String,
+        #[arg(long)]
+        flavor: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        zone: Option<String>,
+        /// A network to attach (repeatable).
+        #[arg(long = "network")]
+        networks: Vec<String>,
+        /// A tag (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Metadata `KEY=VALUE` (repeatable).
+        #[arg(long = "meta")]
+        metadata: Vec<String>,
+        /// cloud-init user data from this file.
+        #[arg(long)]
+        user_data_file: Option<PathBuf>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Rename, retag or set metadata (no job).
+    Update {
+        vm: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace the tags with these (repeatable).
+        #[arg(long = "tag")]
+        tags: Option<Vec<String>>,
+        /// Replace the metadata with these `KEY=VALUE` (repeatable).
+        #[arg(long = "meta")]
+        metadata: Option<Vec<String>>,
+    },
+    /// Start a stopped VM.
+    Start {
+        vm: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Stop a VM (graceful unless --force).
+    Stop {
+        vm: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Reboot a VM (soft unless --hard).
+    Reboot {
+        vm: String,
+        #[arg(long)]
+        hard: bool,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Give a VM another flavor.
+    Resize {
+        vm: String,
+        #[arg(long)]
+        flavor: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Delete a VM.
+    Delete {
+        vm: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// A single-use console session.
+    Console {
+        vm: String,
+        /// vnc (default) or rdp.
+        #[arg(long = "type", default_value = "vnc")]
+        kind: String,
+    },
+    /// Snapshots of a VM.
+    #[command(subcommand)]
+    Snapshot(Snapshot),
+}
+
+/// `hcp vm snapshot`.
+#[derive(Subcommand, Debug)]
+pub enum Snapshot {
+    /// A VM's snapshots.
+    List { vm: String },
+    /// Take a snapshot.
+    Create {
+        vm: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Revert a VM to a snapshot.
+    Revert {
+        vm: String,
+        snapshot: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Delete a snapshot.
+    Delete {
+        vm: String,
+        snapshot: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+}
+
+/// `hcp job`.
+#[derive(Subcommand, Debug)]
+pub enum Job {
+    /// The project's jobs, newest first.
+    List {
+        /// Only this VM's jobs.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// One job.
+    Show { job: String },
+    /// Follow a job to its end.
+    Watch {
+        job: String,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Cancel a queued job.
+    Cancel { job: String },
+}
+
+/// `hcp catalog`.
+#[derive(Subcommand, Debug)]
+pub enum Catalog {
+    /// Flavors.
+    Flavors,
+    /// Images.
+    Images,
+    /// Zones.
+    Zones,
+    /// Networks.
+    Networks,
+}
+
+/// `hcp ops` (operator tokens).
+#[derive(Subcommand, Debug)]
+pub enum Ops {
+    /// Providers.
+    #[command(subcommand)]
+    Provider(OpsProvider),
+    /// A project's quota.
+    #[command(subcommand)]
+    Quota(OpsQuota),
+    /// The audit trail, newest first.
+    Audit {
+        /// Only events about this resource (a VM id, ...).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Only events of this action (vm.create, ...).
+        #[arg(long)]
+        action: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Any job, of any tenant.
+    Job { job: String },
+}
+
+/// `hcp ops provider`.
+#[derive(Subcommand, Debug)]
+pub enum OpsProvider {
+    /// Registered providers and their health.
+    List,
+    /// One provider, with its capabilities.
+    Show { provider: String },
+}
+
+/// `hcp ops quota`.
+#[derive(Subcommand, Debug)]
+pub enum OpsQuota {
+    /// A project's limits and use.
+    Show { tenant: String, project: String },
+    /// Set a project's limits (omitted ones are unlimited).
+    Set {
+        tenant: String,
+        project: String,
+        #[arg(long)]
+        max_instances: Option<u32>,
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        #[arg(long)]
+        max_memory_mib: Option<u64>,
+    },
+}
+
+fn pairs(items: &[String], flag: &str) -> anyhow::Result<Map<String, Value>> {
+    items
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), json!(v)))
+                .with_context(|| format!("{flag} wants KEY=VALUE, got {kv:?}"))
+        })
+        .collect()
+}
+
+/// Runs `f` on a fresh runtime and turns its error into the exit status:
+/// the API's code, message and field on stderr, exit 1.
+#[allow(clippy::print_stderr)]
+pub fn run<F: Future<Output = anyhow::Result<()>>>(f: impl FnOnce() -> F) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    if let Err(e) = runtime.block_on(f()) {
+        let mut text = format!("error: {e}");
+        for cause in e.chain().skip(1) {
+            text.push_str(&format!(": {cause}"));
+        }
+        eprintln!("{text}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `hcp vm ...`.
+pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
+    let c = Client::new(&common.connect)?;
+    let out = common.output;
+    let vms = format!("{T}/projects/{}/vms", c.project()?);
+    let accepted = |v: Value, wait: Wait, vm_path: Option<String>| {
+        let c = &c;
+        async move { finish(c, out, v, wait, vm_path).await }
+    };
+    let cmd = match cmd {
+        Vm::Show { vm } => Vm::Show { vm: resolve(&c, &vms, &vm).await? },
+        Vm::Update { vm, name, tags, metadata } => {
+            Vm::Update { vm: resolve(&c, &vms, &vm).await?, name, tags, metadata }
+        }
+        Vm::Start { vm, wait } => Vm::Start { vm: resolve(&c, &vms, &vm).await?, wait },
+        Vm::Stop { vm, force, wait } => Vm::Stop { vm: resolve(&c, &vms, &vm).await?, force, wait },
+        Vm::Reboot { vm, hard, wait } => Vm::Reboot { vm: resolve(&c, &vms, &vm).await?, hard, wait },
+        Vm::Resize { vm, flavor, wait } => Vm::Resize { vm: resolve(&c, &vms, &vm).await?, flavor, wait },
+        Vm::Delete { vm, wait } => Vm::Delete { vm: resolve(&c, &vms, &vm).await?, wait },
+        Vm::Console { vm, kind } => Vm::Console { vm: resolve(&c, &vms, &vm).await?, kind },
+        Vm::Snapshot(Snapshot::List { vm }) => {
+            Vm::Snapshot(Snapshot::List { vm: resolve(&c, &vms, &vm).await? })
+        }
+        Vm::Snapshot(Snapshot::Create { vm, name, wait }) => {
+            Vm::Snapshot(Snapshot::Create { vm: resolve(&c, &vms, &vm).await?, name, wait })
+        }
+        Vm::Snapshot(Snapshot::Revert { vm, snapshot, wait }) => {
+            Vm::Snapshot(Snapshot::Revert { vm: resolve(&c, &vms, &vm).await?, snapshot, wait })
+        }
+        Vm::Snapshot(Snapshot::Delete { vm, snapshot, wait }) => {
+            Vm::Snapshot(Snapshot::Delete { vm: resolve(&c, &vms, &vm).await?, snapshot, wait })
+        }
+        other => other,
+    };
+    match cmd {
+        Vm::List { status, tag } => {
+            let mut query: Vec<String> = status.map(|s| format!("status={s}")).into_iter().collect();
+            query.extend(tag.iter().map(|t| format!("tag={t}")));
+            let mut all: Vec<Value> = Vec::new();
+            let mut page = String::new();
+            loop {
+                let mut q = query.clone();
+                if !page.is_empty() {
+                    q.push(format!("page_token={page}"));
+                }
+                let path = if q.is_empty() { vms.clone() } else { format!("{vms}?{}", q.join("&")) };
+                let v = c.call("GET", &path, None).await?;
+                all.extend(v["vms"].as_array().cloned().unwrap_or_default());
+                page = v["next_page_token"].as_str().unwrap_or_default().to_owned();
+                if page.is_empty() {
+                    break;
+                }
+            }
+            output::print(out, &json!({"vms": all}), Some("vms"), VM_COLUMNS);
+        }
+        Vm::Show { vm } => {
+            output::print(out, &c.call("GET", &format!("{vms}/{vm}"), None).await?, None, VM_COLUMNS)
+        }
+        Vm::Create { name, flavor, image, zone, networks, tags, metadata, user_data_file, wait } => {
+            let mut body = json!({"name": name, "flavor": flavor, "image": image, "tags": tags,
+                                  "metadata": pairs(&metadata, "--meta")?});
+            if let Some(z) = zone {
+                body["zone"] = json!(z);
+            }
+            if !networks.is_empty() {
+                body["networks"] = json!(networks.iter().map(|n| json!({"network": n})).collect::<Vec<_>>());
+            }
+            if let Some(f) = user_data_file {
+                body["user_data"] = json!(
+                    std::fs::read_to_string(&f).with_context(|| format!("cannot read {}", f.display()))?
+                );
+            }
+            let v = c.call("POST", &vms, Some(&body)).await?;
+            let path = v["vm_id"].as_str().map(|id| format!("{vms}/{id}"));
+            accepted(v, wait, path).await?;
+        }
+        Vm::Update { vm, name, tags, metadata } => {
+            let mut body = Map::new();
+            let mut mask = Vec::new();
+            if let Some(n) = name {
+                body.insert("name".into(), json!(n));
+                mask.push("name");
+            }
+            if let Some(t) = tags {
+                body.insert("tags".into(), json!(t));
+                mask.push("tags");
+            }
+            if let Some(m) = metadata {
+                body.insert("metadata".into(), Value::Object(pairs(&m, "--meta")?));
+                mask.push("metadata");
+            }
+            anyhow::ensure!(!mask.is_empty(), "nothing to update: give --name, --tag or --meta");
+            body.insert("update_mask".into(), json!(mask.join(",")));
+            let v = c.call("PATCH", &format!("{vms}/{vm}"), Some(&Value::Object(body))).await?;
+            output::print(out, &v, None, VM_COLUMNS);
+        }
+        Vm::Start { vm, wait } => {
+            let v = c.call("POST", &format!("{vms}/{vm}:start"), Some(&json!({}))).await?;
+            accepted(v, wait, Some(format!("{vms}/{vm}"))).await?;
+        }
+        Vm::Stop { vm, force, wait } => {
+            let v = c.call("POST", &format!("{vms}/{vm}:stop"), Some(&json!({"force": force}))).await?;
+            accepted(v, wait, Some(format!("{vms}/{vm}"))).await?;
+        }
+        Vm::Reboot { vm, hard, wait } => {
+            let kind = if hard { "HARD" } else { "SOFT" };
+            let v = c.call("POST", &format!("{vms}/{vm}:reboot"), Some(&json!({"type": kind}))).await?;
+            accepted(v, wait, Some(format!("{vms}/{vm}"))).await?;
+        }
+        Vm::Resize { vm, flavor, wait } => {
+            let v = c.call("POST", &format!("{vms}/{vm}:resize"), Some(&json!({"flavor": flavor}))).await?;
+            accepted(v, wait, Some(format!("{vms}/{vm}"))).await?;
+        }
+        Vm::Delete { vm, wait } => {
+            let v = c.call("DELETE", &format!("{vms}/{vm}"), None).await?;
+            accepted(v, wait, None).await?;
+        }
+        Vm::Console { vm, kind } => {
+            let v = c.call("POST", &format!("{vms}/{vm}:console"), Some(&json!({"type": kind}))).await?;
+            output::print(out, &v, None, &["type", "expires_at", "web_url", "address", "url"]);
+        }
+        Vm::Snapshot(s) => {
+            let cols = &["snapshot_id", "name", "status", "created_at"];
+            match s {
+                Snapshot::List { vm } => {
+                    let v = c.call("GET", &format!("{vms}/{vm}/snapshots"), None).await?;
+                    output::print(out, &v, Some("snapshots"), cols);
+                }
+                Snapshot::Create { vm, name, wait } => {
+                    let v = c
+                        .call("POST", &format!("{vms}/{vm}/snapshots"), Some(&json!({"name": name})))
+                        .await?;
+                    accepted(v, wait, Some(format!("{vms}/{vm}"))).await?;
+                }
+                Snapshot::Revert { vm, snapshot, wait } => {
+                    let path = format!("{vms}/{vm}/snapshots/{snapshot}:revert");
+                    let v = c.call("POST", &path, Some(&json!({}))).await?;
+                    accepted(v, wait, Some(format!("{vms}/{vm}"))).await?;
+                }
+                Snapshot::Delete { vm, snapshot, wait } => {
+                    let v = c.call("DELETE", &format!("{vms}/{vm}/snapshots/{snapshot}"), None).await?;
+                    accepted(v, wait, Some(format!("{vms}/{vm}"))).await?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A VM by id, or by name when the argument is not a UUID (the one VM of
+/// that name in the project that is not deleted).
+async fn resolve(c: &Client, vms: &str, vm: &str) -> anyhow::Result<String> {
+    if uuid::Uuid::parse_str(vm).is_ok() {
+        return Ok(vm.to_owned());
+    }
+    let mut found = Vec::new();
+    let mut page = String::new();
+    loop {
+        let path = if page.is_empty() { vms.to_owned() } else { format!("{vms}?page_token={page}") };
+        let v = c.call("GET", &path, None).await?;
+        for item in v["vms"].as_array().into_iter().flatten() {
+            if item["name"] == vm && item["status"] != "DELETED" {
+                found.push(item["vm_id"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        page = v["next_page_token"].as_str().unwrap_or_default().to_owned();
+        if page.is_empty() {
+            break;
+        }
+    }
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!("no VM named {vm:?} in project {}", c.project),
+        many => anyhow::bail!("{} VMs are named {vm:?}; use an id: {}", many.len(), many.join(", ")),
+    }
+}
+
+/// After an accepted operation: print what was accepted, or follow the job
+/// and print the VM as it ended.
+async fn finish(
+    c: &Client,
+    out: Format,
+    accepted: Value,
+    wait: Wait,
+    vm_path: Option<String>,
+) -> anyhow::Result<()> {
+    if !wait.wait {
+        output::print(out, &accepted, None, &["vm_id", "job_id", "snapshot_id"]);
+        return Ok(());
+    }
+    let job = accepted["job_id"].as_str().context("the answer names no job")?.to_owned();
+    let done = follow(c, &job, Duration::from_secs(wait.timeout)).await?;
+    match vm_path {
+        Some(path) => output::print(out, &c.call("GET", &path, None).await?, None, VM_COLUMNS),
+        None => output::print(out, &done, None, JOB_COLUMNS),
+    }
+    Ok(())
+}
+
+/// Follows a job to its end; an error when it failed or was cancelled.
+async fn follow(c: &Client, job: &str, timeout: Duration) -> anyhow::Result<Value> {
+    let tty = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+    let mut last = String::new();
+    let mut tick = 0usize;
+    loop {
+        let j = c.call("GET", &format!("{T}/jobs/{job}"), None).await?;
+        let status = j["status"].as_str().unwrap_or("?").to_owned();
+        let kind = j["kind"].as_str().unwrap_or("job");
+        let attempts = format!("attempt {}/{}", j["attempts"], j["max_attempts"]);
+        let elapsed = started.elapsed().as_secs_f64();
+        let finished = matches!(status.as_str(), "SUCCEEDED" | "FAILED" | "CANCELLED");
+        let mut err = std::io::stderr().lock();
+        if tty {
+            if finished {
+                let mark = if status == "SUCCEEDED" { '✓' } else { '✗' };
+                let _ = writeln!(err, "\r\x1b[2K{mark} {kind} {status} in {elapsed:.1}s");
+            } else {
+                tick += 1;
+                let _ = write!(
+                    err,
+                    "\r\x1b[2K{} {kind} {status} {attempts} {elapsed:.1}s",
+                    spinner[tick % spinner.len()]
+                );
+            }
+            let _ = err.flush();
+        } else if status != last || finished {
+            let _ = writeln!(
+                err,
+                "job {job} {kind} {status}{}",
+                if finished { format!(" ({elapsed:.1}s)") } else { String::new() }
+            );
+        }
+        drop(err);
+        last = status.clone();
+        match status.as_str() {
+            "SUCCEEDED" => return Ok(j),
+            "FAILED" | "CANCELLED" => {
+                anyhow::bail!(
+                    "job {job} {status}: {}: {}",
+                    j["error"]["code"].as_str().unwrap_or("-"),
+                    j["error"]["message"].as_str().unwrap_or("-")
+                )
+            }
+            _ => {}
+        }
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "job {job} is still {status} after {timeout:?}; it goes on"
+        );
+        tokio::time::sleep(Duration::from_millis(if tty { 100 } else { 250 })).await;
+    }
+}
+
+/// `hcp job ...`.
+pub async fn job(common: Common, cmd: Job) -> anyhow::Result<()> {
+    let c = Client::new(&common.connect)?;
+    let out = common.output;
+    match cmd {
+        Job::List { vm } => {
+            let p = c.project()?;
+            let path = match vm {
+                Some(vm) => format!("{T}/projects/{p}/vms/{vm}/jobs"),
+                None => format!("{T}/projects/{p}/jobs"),
+            };
+            output::print(out, &c.call("GET", &path, None).await?, Some("jobs"), JOB_COLUMNS);
+        }
+        Job::Show { job } => {
+            output::print(out, &c.call("GET", &format!("{T}/jobs/{job}"), None).await?, None, JOB_COLUMNS)
+        }
+        Job::Watch { job, timeout } => {
+            let j = follow(&c, &job, Duration::from_secs(timeout)).await?;
+            output::print(out, &j, None, JOB_COLUMNS);
+        }
+        Job::Cancel { job } => output::print(
+            out,
+            &c.call("POST", &format!("{T}/jobs/{job}:cancel"), Some(&json!({}))).await?,
+            None,
+            JOB_COLUMNS,
+        ),
+    }
+    Ok(())
+}
+
+/// `hcp catalog ...`.
+pub async fn catalog(common: Common, cmd: Catalog) -> anyhow::Result<()> {
+    let c = Client::new(&common.connect)?;
+    let (what, cols): (&str, &[&str]) = match cmd {
+        Catalog::Flavors => ("flavors", &["name", "vcpus", "memory_mib", "disk_gib", "description"]),
+        Catalog::Images => ("images", &["name", "os_type", "description"]),
+        Catalog::Zones => ("zones", &["name", "description"]),
+        Catalog::Networks => ("networks", &["name", "zone", "description"]),
+    };
+    let v = c.call("GET", &format!("/api/hcp/common/v1/{what}"), None).await?;
+    output::print(common.output, &v, Some(what), cols);
+    Ok(())
+}
+
+/// `hcp ops ...`.
+pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
+    let c = Client::new(&common.connect)?;
+    let out = common.output;
+    const O: &str = "/api/hcp/ops/v1";
+    let provider_cols: &[&str] = &["provider_id", "name", "zone", "hypervisor", "health", "health_message"];
+    let quota_cols: &[&str] =
+        &["project_id", "instances", "max_instances", "vcpus", "max_vcpus", "memory_mib", "max_memory_mib"];
+    match cmd {
+        Ops::Provider(OpsProvider::List) => output::print(
+            out,
+            &c.call("GET", &format!("{O}/providers"), None).await?,
+            Some("providers"),
+            provider_cols,
+        ),
+        Ops::Provider(OpsProvider::Show { provider }) => output::print(
+            out,
+            &c.call("GET", &format!("{O}/providers/{provider}"), None).await?,
+            None,
+            provider_cols,
+        ),
+        Ops::Quota(OpsQuota::Show { tenant, project }) => {
+            let v = c.call("GET", &format!("{O}/tenants/{tenant}/projects/{project}/quota"), None).await?;
+            output::print(out, &v, None, quota_cols);
+        }
+        Ops::Quota(OpsQuota::Set { tenant, project, max_instances, max_vcpus, max_memory_mib }) => {
+            let mut body = Map::new();
+            if let Some(n) = max_instances {
+                body.insert("max_instances".into(), json!(n));
+            }
+            if let Some(n) = max_vcpus {
+                body.insert("max_vcpus".into(), json!(n));
+            }
+            if let Some(n) = max_memory_mib {
+                body.insert("max_memory_mib".into(), json!(n));
+            }
+            let path = format!("{O}/tenants/{tenant}/projects/{project}/quota");
+            output::print(out, &c.call("PUT", &path, Some(&Value::Object(body))).await?, None, quota_cols);
+        }
+        Ops::Audit { resource, action, limit } => {
+            let mut q = vec![format!("page_size={limit}")];
+            q.extend(resource.map(|r| format!("resource_id={r}")));
+            q.extend(action.map(|a| format!("action={a}")));
+            let v = c.call("GET", &format!("{O}/audit-events?{}", q.join("&")), None).await?;
+            output::print(
+                out,
+                &v,
+                Some("events"),
+                &["at", "actor", "tenant_id", "action", "resource_id", "outcome"],
+            );
+        }
+        Ops::Job { job } => {
+            output::print(out, &c.call("GET", &format!("{O}/jobs/{job}"), None).await?, None, JOB_COLUMNS)
+        }
+    }
+    Ok(())
+}

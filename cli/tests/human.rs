@@ -1,0 +1,241 @@
+//! The `hcp` command as people drive it, against a running stack: VMs
+//! created, listed, stopped and shown in every output format with `--wait`;
+//! jobs listed; errors that show the API's code and name the field; a failed
+//! job exiting non-zero with its error; a profile whose token comes from a
+//! command; shell completions; and one interactive session under tmux whose
+//! screen shows the live progress line and its end.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use hcp_proto::sim::sim_control_client::SimControlClient;
+use hcp_testkit::stack::{StackOptions, TestStack};
+use serde_json::Value;
+
+const HCP: &str = env!("CARGO_BIN_EXE_hcp");
+
+struct Cli {
+    env: Vec<(String, String)>,
+}
+
+impl Cli {
+    fn for_stack(s: &TestStack, token: &str) -> Self {
+        Self {
+            env: vec![
+                ("HCP_ENDPOINT".into(), format!("http://{}", s.gateway)),
+                ("HCP_TOKEN".into(), token.into()),
+                ("HCP_PROJECT".into(), "demo".into()),
+                // Never the config file of whoever runs the tests.
+                ("HCP_CONFIG".into(), s.dir().join("no-config.toml").display().to_string()),
+            ],
+        }
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = tokio::process::Command::new(HCP);
+        cmd.args(args).env_remove("HCP_PROFILE").env_remove("HCP_OUTPUT");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .expect("hcp finishes")
+            .expect("hcp runs")
+    }
+
+    /// Runs and expects success; returns stdout.
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.status.success(),
+            "hcp {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let text = self.ok(&all).await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("hcp {args:?}: not JSON ({e}): {text}"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn people_drive_vms_and_jobs_with_the_hcp_command() {
+    let s = TestStack::start(Path::new(HCP), StackOptions::default()).await.expect("stack starts");
+    let token = s.tenant_token("acme", &["demo"]);
+    let cli = Cli::for_stack(&s, &token);
+
+    // Create and wait: stdout is the VM as it ended; the progress is on stderr.
+    let out = cli
+        .run(&["vm", "create", "web-1", "--flavor", "small", "--image", "debian-12", "--wait", "-o", "json"])
+        .await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vm: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((vm["name"].as_str(), vm["status"].as_str()), (Some("web-1"), Some("ACTIVE")), "{vm}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("vm.create SUCCEEDED"), "{stderr}");
+    let id = vm["vm_id"].as_str().unwrap().to_owned();
+
+    // A table for people, by name or id.
+    let table = cli.ok(&["vm", "list"]).await;
+    let mut lines = table.lines();
+    assert!(lines.next().unwrap().starts_with("VM_ID"), "{table}");
+    let row = lines.next().unwrap();
+    assert!(row.starts_with(&id) && row.contains("web-1") && row.contains("ACTIVE"), "{table}");
+    assert_eq!(cli.json(&["vm", "show", "web-1"]).await["vm_id"], id.as_str());
+
+    // Stop by name, waiting; YAML out.
+    let yaml = cli.ok(&["vm", "stop", "web-1", "--wait", "-o", "yaml"]).await;
+    assert!(yaml.lines().any(|l| l == "status: \"STOPPED\""), "{yaml}");
+    let jobs = cli.json(&["job", "list"]).await;
+    let kinds: Vec<&str> =
+        jobs["jobs"].as_array().unwrap().iter().filter_map(|j| j["kind"].as_str()).collect();
+    assert_eq!(kinds, ["vm.stop", "vm.create"], "{jobs}");
+    // Without --wait: what was accepted, at once.
+    let accepted = cli.json(&["vm", "start", &id]).await;
+    let job = accepted["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(cli.json(&["job", "watch", &job]).await["status"], "SUCCEEDED");
+
+    // Errors show the API's code and name the field; exit 1.
+    let out = cli.run(&["vm", "create", "bad", "--flavor", "nope", "--image", "debian-12"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INVALID_ARGUMENT") && err.contains("(field: flavor)"), "{err}");
+    let out = cli.run(&["vm", "show", "nobody"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM named \"nobody\""));
+
+    // A job that fails: --wait exits non-zero with the job's error.
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    sim.inject_fault(hcp_proto::sim::InjectFaultRequest {
+        fault: Some(hcp_proto::sim::Fault {
+            operation: "RebootVm".into(),
+            code: "FAILED_PRECONDITION".into(),
+            message: "the guest said no".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let out = cli.run(&["vm", "reboot", "web-1", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // Tenants get the job's code and a message without the hypervisor's
+    // detail (operators see it with `hcp ops job`).
+    assert!(err.contains("FAILED: CONFLICT:"), "{err}");
+    let failed_job = err.split_whitespace().skip_while(|w| *w != "job").nth(1).unwrap().to_owned();
+    let ops_view = Cli::for_stack(&s, &s.ops_token()).json(&["ops", "job", &failed_job]).await;
+    assert!(ops_view.to_string().contains("the guest said no"), "{ops_view}");
+    sim.clear(hcp_proto::sim::ClearRequest::default()).await.unwrap();
+
+    // A profile whose token comes from a command; the environment does not
+    // name the endpoint, token or project.
+    let config = s.dir().join("hcp-config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "default_profile = \"lab\"\n[profiles.lab]\nendpoint = \"http://{}\"\nproject = \"demo\"\ntoken_command = \"printf %s {token}\"\n",
+            s.gateway
+        ),
+    )
+    .unwrap();
+    let profiled = Cli { env: vec![("HCP_CONFIG".into(), config.display().to_string())] };
+    assert_eq!(profiled.json(&["vm", "show", "web-1"]).await["vm_id"], id.as_str());
+    let catalog = profiled.ok(&["catalog", "flavors"]).await;
+    assert!(catalog.lines().any(|l| l.starts_with("small ")), "{catalog}");
+
+    // Operators: providers and their health.
+    let ops = Cli::for_stack(&s, &s.ops_token());
+    let providers = ops.ok(&["ops", "provider", "list"]).await;
+    assert!(providers.contains("sim-1") && providers.contains("HEALTHY"), "{providers}");
+
+    // Completions for the shells.
+    let bash = cli.ok(&["completions", "bash"]).await;
+    assert!(bash.contains("_hcp()") && bash.contains("vm"), "bash completions");
+    cli.ok(&["vm", "delete", "web-1", "--wait"]).await;
+}
+
+/// Kills a tmux session when dropped.
+struct Tmux(String);
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux").args(["kill-session", "-t", &self.0]).status();
+    }
+}
+
+fn tmux_available() -> bool {
+    std::process::Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interactive_terminal_shows_the_live_progress_and_the_result() {
+    if !tmux_available() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run the tmux session");
+        eprintln!("SKIP: no tmux");
+        return;
+    }
+    // A slow create, so the live line is on the screen for a while.
+    let opts = StackOptions { sim_args: vec!["--latency-ms".into(), "1500".into()], ..Default::default() };
+    let s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
+    let token = s.tenant_token("acme", &["demo"]);
+    let session = Tmux(format!("hcp-test-{}", uuid::Uuid::new_v4().simple()));
+    let script: PathBuf = s.dir().join("session.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "export HCP_ENDPOINT=http://{} HCP_TOKEN={token} HCP_PROJECT=demo HCP_CONFIG=/nonexistent\n\
+             {HCP} vm create tty-1 --flavor small --image debian-12 --wait\necho \"exit=$?\"\nsleep 600\n",
+            s.gateway
+        ),
+    )
+    .unwrap();
+    let status = std::process::Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &session.0,
+            "-x",
+            "160",
+            "-y",
+            "20",
+            "sh",
+            &script.display().to_string(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let screen = || {
+        let out = std::process::Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &session.0])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // While the job runs: the live line, redrawn in place.
+    let live = hcp_testkit::wait_until(Duration::from_secs(60), "the live progress line", || async {
+        let text = screen();
+        Ok(text.lines().find(|l| l.contains("vm.create") && l.contains("attempt 1/")).map(str::to_owned))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", screen()));
+    assert!(live.contains("RUNNING") || live.contains("QUEUED"), "{live}");
+    // Then the end: a check mark line, the VM's row, exit 0; the live line
+    // is gone (it was redrawn, not appended).
+    let end = hcp_testkit::wait_until(Duration::from_secs(60), "the end of the create", || async {
+        let text = screen();
+        Ok(text.contains("exit=").then_some(text))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", screen()));
+    assert!(end.lines().any(|l| l.starts_with("✓ vm.create SUCCEEDED in ")), "{end}");
+    assert!(end.lines().any(|l| l.contains("tty-1") && l.contains("ACTIVE")), "{end}");
+    assert!(end.contains("exit=0"), "{end}");
+    assert!(!end.lines().any(|l| l.contains("attempt 1/")), "the live line stays on screen:\n{end}");
+}
