@@ -211,6 +211,15 @@ pub enum Ops {
     /// A project's quota.
     #[command(subcommand)]
     Quota(OpsQuota),
+    /// Flavors (list with `hcp catalog flavors`).
+    #[command(subcommand)]
+    Flavor(OpsFlavor),
+    /// Images (list with `hcp catalog images`, which hides their source from tenants).
+    #[command(subcommand)]
+    Image(OpsImage),
+    /// Zones.
+    #[command(subcommand)]
+    Zone(OpsZone),
     /// The audit trail, newest first.
     Audit {
         /// Only events about this resource (a VM id, ...).
@@ -234,6 +243,58 @@ pub enum OpsProvider {
     List,
     /// One provider, with its capabilities.
     Show { provider: String },
+}
+
+/// `hcp ops flavor`.
+#[derive(Subcommand, Debug)]
+pub enum OpsFlavor {
+    /// Add a flavor.
+    Create {
+        name: String,
+        #[arg(long)]
+        vcpus: u32,
+        #[arg(long)]
+        memory_mib: u32,
+        #[arg(long)]
+        disk_gib: u32,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Remove a flavor no VM uses.
+    Delete { name: String },
+}
+
+/// `hcp ops image`.
+#[derive(Subcommand, Debug)]
+pub enum OpsImage {
+    /// Add an image.
+    Create {
+        name: String,
+        /// The image as providers know it (a template, a base file).
+        #[arg(long)]
+        source: String,
+        #[arg(long, default_value = "linux")]
+        os_type: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Remove an image.
+    Delete { name: String },
+    /// Images with their sources (the operator's view).
+    List,
+}
+
+/// `hcp ops zone`.
+#[derive(Subcommand, Debug)]
+pub enum OpsZone {
+    /// Add a zone.
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Remove an empty zone.
+    Delete { name: String },
 }
 
 /// `hcp ops quota`.
@@ -630,6 +691,37 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
                 Some("events"),
                 &["at", "actor", "tenant_id", "action", "resource_id", "outcome"],
             );
+        }
+        Ops::Flavor(OpsFlavor::Create { name, vcpus, memory_mib, disk_gib, description }) => {
+            let body = json!({"name": name, "vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib,
+                              "description": description});
+            let v = c.call("POST", &format!("{O}/flavors"), Some(&body)).await?;
+            output::print(out, &v, None, &["name", "vcpus", "memory_mib", "disk_gib", "description"]);
+        }
+        Ops::Flavor(OpsFlavor::Delete { name }) => {
+            c.call("DELETE", &format!("{O}/flavors/{name}"), None).await?;
+        }
+        Ops::Image(OpsImage::Create { name, source, os_type, description }) => {
+            let body =
+                json!({"name": name, "source": source, "os_type": os_type, "description": description});
+            let v = c.call("POST", &format!("{O}/images"), Some(&body)).await?;
+            output::print(out, &v, None, &["name", "os_type", "source", "description"]);
+        }
+        Ops::Image(OpsImage::Delete { name }) => {
+            c.call("DELETE", &format!("{O}/images/{name}"), None).await?;
+        }
+        Ops::Image(OpsImage::List) => {
+            let v = c.call("GET", "/api/hcp/common/v1/images", None).await?;
+            output::print(out, &v, Some("images"), &["name", "os_type", "source", "description"]);
+        }
+        Ops::Zone(OpsZone::Create { name, description }) => {
+            let v = c
+                .call("POST", &format!("{O}/zones"), Some(&json!({"name": name, "description": description})))
+                .await?;
+            output::print(out, &v, None, &["name", "description"]);
+        }
+        Ops::Zone(OpsZone::Delete { name }) => {
+            c.call("DELETE", &format!("{O}/zones/{name}"), None).await?;
         }
         Ops::Job { job } => {
             output::print(out, &c.call("GET", &format!("{O}/jobs/{job}"), None).await?, None, JOB_COLUMNS)

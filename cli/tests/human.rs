@@ -153,6 +153,24 @@ async fn people_drive_vms_and_jobs_with_the_hcp_command() {
     let ops = Cli::for_stack(&s, &s.ops_token());
     let providers = ops.ok(&["ops", "provider", "list"]).await;
     assert!(providers.contains("sim-1") && providers.contains("HEALTHY"), "{providers}");
+    let flavor = ops
+        .json(&["ops", "flavor", "create", "tiny", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "5"])
+        .await;
+    assert_eq!(flavor["memory_mib"], 256, "{flavor}");
+    assert!(cli.ok(&["catalog", "flavors"]).await.lines().any(|l| l.starts_with("tiny ")));
+    ops.ok(&["ops", "flavor", "delete", "tiny"]).await;
+    let images = ops.ok(&["ops", "image", "list"]).await;
+    assert!(images.lines().any(|l| l.starts_with("debian-12 ")), "{images}");
+    // A tenant token cannot do what operators do.
+    let out = cli
+        .run(&["ops", "flavor", "create", "x", "--vcpus", "1", "--memory-mib", "256", "--disk-gib", "5"])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Completions for the shells.
     let bash = cli.ok(&["completions", "bash"]).await;
