@@ -67,8 +67,9 @@ pub struct LimitsConfig {
     /// Calls run at once by this process; more are refused with 503 at
     /// once. Default 512.
     pub max_concurrent_requests: usize,
-    /// Calls per second one tenant (or one tenantless subject) may make to
-    /// this process, on average. Default 200.
+    /// Calls per second one tenant may make to this process, on average.
+    /// Callers without a tenant (operators, services) are not rate-limited.
+    /// Default 200.
     pub rate_per_second: f64,
     /// How many calls a caller may save up for a burst. Default 400.
     pub burst: f64,
@@ -123,7 +124,7 @@ impl Default for Config {
 pub struct Roles {
     /// Serve the gRPC API.
     pub api: bool,
-    /// Run jobs, health probes and (later) the reconciler.
+    /// Run jobs, health probes, the reconciler and the audit sealer.
     pub worker: bool,
 }
 
@@ -146,7 +147,8 @@ pub struct AuthConfig {
     pub hs256_secret_file: Option<PathBuf>,
     /// File holding an RS256 / ES256 public key (PEM).
     pub public_key_pem_file: Option<PathBuf>,
-    /// Algorithm for `public_key_pem_file`: `RS256` or `ES256`.
+    /// Algorithm for `public_key_pem_file`: `RS256`, `RS384`, `RS512`,
+    /// `PS256`, `ES256`, `ES384` or `EdDSA`.
     pub public_key_algorithm: Option<String>,
     /// An identity provider's JWKS endpoint (`https://…/jwks.json`): keys
     /// are chosen by the token's `kid`, cached per the endpoint's
