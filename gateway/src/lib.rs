@@ -160,6 +160,10 @@ pub async fn run(
         axum::routing::get(move || {
             let body = openapi.clone();
             async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+        })
+        // Other methods get the same error body as any path without a route.
+        .fallback(|method: http::Method, uri: http::Uri| async move {
+            error_response(&transcode::no_route(&method, uri.path()))
         }),
     );
     for service in hcp_proto::NORTHBOUND_SERVICES {
