@@ -647,8 +647,16 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
     let out = common.output;
     const O: &str = "/api/hcp/ops/v1";
     let provider_cols: &[&str] = &["provider_id", "name", "zone", "hypervisor", "health", "health_message"];
-    let quota_cols: &[&str] =
-        &["project_id", "instances", "max_instances", "vcpus", "max_vcpus", "memory_mib", "max_memory_mib"];
+    let quota_cols: &[&str] = &[
+        "tenant_id",
+        "project_id",
+        "max_instances",
+        "usage.instances",
+        "max_vcpus",
+        "usage.vcpus",
+        "max_memory_mib",
+        "usage.memory_mib",
+    ];
     match cmd {
         Ops::Provider(OpsProvider::List) => output::print(
             out,

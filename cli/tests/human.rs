@@ -172,10 +172,45 @@ async fn people_drive_vms_and_jobs_with_the_hcp_command() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    let quota = ops.json(&["ops", "quota", "set", "acme", "demo", "--max-instances", "5"]).await;
+    assert_eq!(quota["max_instances"], 5, "{quota}");
+    let quota = ops.json(&["ops", "quota", "show", "acme", "demo"]).await;
+    assert_eq!(
+        (quota["max_instances"].as_u64(), quota["usage"]["instances"].as_str()),
+        (Some(5), Some("1")),
+        "{quota}"
+    );
+    let table = ops.ok(&["ops", "quota", "show", "acme", "demo"]).await;
+    assert!(table.lines().nth(1).is_some_and(|l| l.starts_with("acme ") && l.contains(" 5 ")), "{table}");
+    ops.ok(&["ops", "zone", "create", "zone-9", "--description", "spare"]).await;
+    assert!(cli.ok(&["catalog", "zones"]).await.lines().any(|l| l.starts_with("zone-9 ")));
+    ops.ok(&["ops", "zone", "delete", "zone-9"]).await;
+    let audit = ops.json(&["ops", "audit", "--resource", &id]).await;
+    let actions: Vec<&str> =
+        audit["events"].as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    assert!(actions.contains(&"vm.create") && actions.contains(&"vm.stop"), "{audit}");
+
+    // Jobs: one shown; a finished one cannot be cancelled (the API says why).
+    assert_eq!(cli.json(&["job", "show", &job]).await["kind"], "vm.start");
+    let out = cli.run(&["job", "cancel", &job]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("error: CONFLICT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Rename and retag (no job), then refer to the new name.
+    let updated = cli.json(&["vm", "update", "web-1", "--name", "web-2", "--tag", "blue"]).await;
+    assert_eq!(
+        (updated["name"].as_str(), updated["tags"][0].as_str()),
+        (Some("web-2"), Some("blue")),
+        "{updated}"
+    );
+
     // Completions for the shells.
     let bash = cli.ok(&["completions", "bash"]).await;
     assert!(bash.contains("_hcp()") && bash.contains("vm"), "bash completions");
-    cli.ok(&["vm", "delete", "web-1", "--wait"]).await;
+    cli.ok(&["vm", "delete", "web-2", "--wait"]).await;
 }
 
 /// Kills a tmux session when dropped.
