@@ -326,8 +326,14 @@ fn pairs(items: &[String], flag: &str) -> anyhow::Result<Map<String, Value>> {
         .collect()
 }
 
+/// `--wait` gave up; the job goes on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WaitTimeout(String);
+
 /// Runs `f` on a fresh runtime and turns its error into the exit status:
-/// the API's code, message and field on stderr, exit 1.
+/// the API's code, message and field on stderr, exit 1 (3 when `--wait`
+/// gave up while the job goes on).
 #[allow(clippy::print_stderr)]
 pub fn run<F: Future<Output = anyhow::Result<()>>>(f: impl FnOnce() -> F) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -337,7 +343,7 @@ pub fn run<F: Future<Output = anyhow::Result<()>>>(f: impl FnOnce() -> F) -> any
             text.push_str(&format!(": {cause}"));
         }
         eprintln!("{text}");
-        std::process::exit(1);
+        std::process::exit(if e.downcast_ref::<WaitTimeout>().is_some() { EXIT_WAIT_TIMEOUT } else { 1 });
     }
     Ok(())
 }
@@ -378,14 +384,14 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
     };
     match cmd {
         Vm::List { status, tag } => {
-            let mut query: Vec<String> = status.map(|s| format!("status={s}")).into_iter().collect();
-            query.extend(tag.iter().map(|t| format!("tag={t}")));
+            let mut query: Vec<String> = status.map(|s| format!("status={}", enc(&s))).into_iter().collect();
+            query.extend(tag.iter().map(|t| format!("tag={}", enc(t))));
             let mut all: Vec<Value> = Vec::new();
             let mut page = String::new();
             loop {
                 let mut q = query.clone();
                 if !page.is_empty() {
-                    q.push(format!("page_token={page}"));
+                    q.push(format!("page_token={}", enc(&page)));
                 }
                 let path = if q.is_empty() { vms.clone() } else { format!("{vms}?{}", q.join("&")) };
                 let v = c.call("GET", &path, None).await?;
@@ -491,6 +497,28 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Percent-encodes a query value.
+fn enc(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Whether an error is worth another try while following a job: the
+/// gateway or core is busy or briefly unreachable.
+fn transient(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<crate::client::ApiFailure>() {
+        Some(f) => matches!(f.status, 429 | 502 | 503 | 504),
+        None => true,
+    }
+}
+
+/// Exit status of a `--wait` that gave up while the job goes on.
+pub const EXIT_WAIT_TIMEOUT: i32 = 3;
+
 /// A VM by id, or by name when the argument is not a UUID (the one VM of
 /// that name in the project that is not deleted).
 async fn resolve(c: &Client, vms: &str, vm: &str) -> anyhow::Result<String> {
@@ -500,7 +528,7 @@ async fn resolve(c: &Client, vms: &str, vm: &str) -> anyhow::Result<String> {
     let mut found = Vec::new();
     let mut page = String::new();
     loop {
-        let path = if page.is_empty() { vms.to_owned() } else { format!("{vms}?page_token={page}") };
+        let path = if page.is_empty() { vms.to_owned() } else { format!("{vms}?page_token={}", enc(&page)) };
         let v = c.call("GET", &path, None).await?;
         for item in v["vms"].as_array().into_iter().flatten() {
             if item["name"] == vm && item["status"] != "DELETED" {
@@ -549,7 +577,15 @@ async fn follow(c: &Client, job: &str, timeout: Duration) -> anyhow::Result<Valu
     let mut last = String::new();
     let mut tick = 0usize;
     loop {
-        let j = c.call("GET", &format!("{T}/jobs/{job}"), None).await?;
+        let j = match c.call("GET", &format!("{T}/jobs/{job}"), None).await {
+            Ok(j) => j,
+            Err(e) if transient(&e) && started.elapsed() < timeout => {
+                tracing::debug!(error = %e, "following the job: retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let status = j["status"].as_str().unwrap_or("?").to_owned();
         let kind = j["kind"].as_str().unwrap_or("job");
         let attempts = format!("attempt {}/{}", j["attempts"], j["max_attempts"]);
@@ -589,10 +625,11 @@ async fn follow(c: &Client, job: &str, timeout: Duration) -> anyhow::Result<Valu
             }
             _ => {}
         }
-        anyhow::ensure!(
-            started.elapsed() < timeout,
-            "job {job} is still {status} after {timeout:?}; it goes on"
-        );
+        if started.elapsed() >= timeout {
+            return Err(
+                WaitTimeout(format!("job {job} is still {status} after {timeout:?}; it goes on")).into()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(if tty { 100 } else { 250 })).await;
     }
 }
@@ -605,7 +642,10 @@ pub async fn job(common: Common, cmd: Job) -> anyhow::Result<()> {
         Job::List { vm } => {
             let p = c.project()?;
             let path = match vm {
-                Some(vm) => format!("{T}/projects/{p}/vms/{vm}/jobs"),
+                Some(vm) => {
+                    let vm = resolve(&c, &format!("{T}/projects/{p}/vms"), &vm).await?;
+                    format!("{T}/projects/{p}/vms/{vm}/jobs")
+                }
                 None => format!("{T}/projects/{p}/jobs"),
             };
             output::print(out, &c.call("GET", &path, None).await?, Some("jobs"), JOB_COLUMNS);
@@ -690,8 +730,8 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
         }
         Ops::Audit { resource, action, limit } => {
             let mut q = vec![format!("page_size={limit}")];
-            q.extend(resource.map(|r| format!("resource_id={r}")));
-            q.extend(action.map(|a| format!("action={a}")));
+            q.extend(resource.map(|r| format!("resource_id={}", enc(&r))));
+            q.extend(action.map(|a| format!("action={}", enc(&a))));
             let v = c.call("GET", &format!("{O}/audit-events?{}", q.join("&")), None).await?;
             output::print(
                 out,
@@ -732,7 +772,18 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
             c.call("DELETE", &format!("{O}/zones/{name}"), None).await?;
         }
         Ops::Job { job } => {
-            output::print(out, &c.call("GET", &format!("{O}/jobs/{job}"), None).await?, None, JOB_COLUMNS)
+            let v = c.call("GET", &format!("{O}/jobs/{job}"), None).await?;
+            let cols = &[
+                "job_id",
+                "tenant_id",
+                "kind",
+                "status",
+                "vm_id",
+                "attempts",
+                "error_code",
+                "error_message",
+            ];
+            output::print(out, &v, None, cols);
         }
     }
     Ok(())

@@ -100,7 +100,12 @@ fn write_yaml(v: &Value, indent: usize, out: &mut String) {
     match v {
         Value::Object(o) if !o.is_empty() => {
             for (k, item) in o {
-                let plain = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                // Words YAML reads as booleans or null are quoted.
+                let reserved = ["true", "false", "null", "yes", "no", "on", "off", "y", "n"]
+                    .iter()
+                    .any(|w| k.eq_ignore_ascii_case(w));
+                let plain = !reserved
+                    && k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                     && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                 let key = if plain { k.clone() } else { serde_json::to_string(k).unwrap_or_default() };
                 if is_block(item) {
@@ -140,7 +145,10 @@ mod tests {
 
     #[test]
     fn yaml_is_block_style_and_quotes_strings() {
-        let v = json!({"a": "x: y", "b": 2, "c": ["x"], "d": [], "e": {"k": null, "a b": true}});
-        assert_eq!(yaml(&v), "a: \"x: y\"\nb: 2\nc:\n  - \"x\"\nd: []\ne:\n  \"a b\": true\n  k: null\n");
+        let v = json!({"a": "x: y", "b": 2, "c": ["x"], "d": [], "e": {"k": null, "a b": true, "on": 1}});
+        assert_eq!(
+            yaml(&v),
+            "a: \"x: y\"\nb: 2\nc:\n  - \"x\"\nd: []\ne:\n  \"a b\": true\n  k: null\n  \"on\": 1\n"
+        );
     }
 }

@@ -230,6 +230,32 @@ async fn a_vm_lives_and_dies_on_hyperv() {
     assert_eq!(ws, Ok(rdp::Negotiation::Selected(rdp::CREDSSP)));
     let sessions = hv.control.get("/_sim/vmconnect", "").await.unwrap().body;
     assert_eq!(sessions.as_array().map(Vec::len), Some(2), "one host session per token: {sessions}");
+    // Both sessions' ends are in the audit trail, with what they moved.
+    let ops = hv.s.ops_token();
+    let closed = hcp_testkit::wait_until(WAIT, "both console ends audited", || async {
+        let r =
+            hv.s.rest
+                .get(&format!("/api/hcp/ops/v1/audit-events?resource_id={vm}&action=vm.console"), &ops)
+                .await?;
+        let ends: Vec<Value> = r.body["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["outcome"].as_str().is_some_and(|o| o.starts_with("closed:")))
+            .cloned()
+            .collect();
+        Ok((ends.len() == 2).then_some(ends))
+    })
+    .await
+    .unwrap();
+    for end in &closed {
+        let detail = end["detail"].as_str().unwrap_or_default();
+        let moved = |key: &str| {
+            detail.split_whitespace().find_map(|kv| kv.strip_prefix(key)).and_then(|n| n.parse::<u64>().ok())
+        };
+        assert!(moved("bytes_to_server=").is_some_and(|n| n > 0), "{end}");
+        assert!(moved("bytes_to_client=").is_some_and(|n| n > 0), "{end}");
+    }
     // A VNC console is not Hyper-V's: refused before any token exists.
     let r =
         hv.s.rest.post(&format!("{VMS}/{vm}:console"), &hv.tenant, &json!({"type": "vnc"})).await.unwrap();

@@ -121,7 +121,7 @@ async fn prometheus_scrapes_the_stack_and_answers_for_the_load_it_saw() {
         ("sum(hcp_job_duration_seconds_count{job=\"core\",kind=\"vm.create\"})".to_owned(), 5.0),
         ("hcp_vms{job=\"core\",status=\"ACTIVE\"}".to_owned(), 5.0),
         ("sum(hcp_jobs_open{job=\"core\"})".to_owned(), 0.0),
-        ("hcp_quota_used{job=\"core\",tenant=\"acme\",resource=\"vms\"}".to_owned(), 5.0),
+        ("hcp_quota_used{job=\"core\",tenant=\"acme\",project=\"demo\",resource=\"vms\"}".to_owned(), 5.0),
         ("hcp_provider_up{job=\"core\",provider=\"sim-1\"}".to_owned(), 1.0),
         ("sum(hcp_provider_calls_total{job=\"core\",method=\"/hcp.provider.v1.Compute/CreateVm\",code=\"OK\"})".to_owned(), 5.0),
         ("sum(hcp_grpc_server_requests_total{job=\"sim\",method=\"/hcp.provider.v1.Compute/CreateVm\",code=\"OK\"})".to_owned(), 5.0),

@@ -7,6 +7,7 @@
 //! is read from the store at each scrape ([`refresh`]), so every core
 //! process reports the same numbers for it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::model::{JobKind, VmStatus};
@@ -42,16 +43,42 @@ pub async fn refresh(store: &Store) {
     let lag =
         g.outbox_oldest.map_or(0.0, |t| (crate::model::now() - t).num_milliseconds().max(0) as f64 / 1000.0);
     metrics::gauge!("hcp_outbox_lag_seconds").set(lag);
+    // Label sets seen before but gone now (a removed provider, a project
+    // whose last VM was deleted) read 0 rather than their last value.
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let providers: HashSet<String> = g.providers.iter().map(|(n, _)| n.clone()).collect();
+    for gone in seen.providers.difference(&providers) {
+        metrics::gauge!("hcp_provider_up", "provider" => gone.clone()).set(0.0);
+    }
     for (name, healthy) in g.providers {
         metrics::gauge!("hcp_provider_up", "provider" => name).set(if healthy { 1.0 } else { 0.0 });
     }
-    for (tenant, vms, vcpus, memory) in g.tenant_use {
-        metrics::gauge!("hcp_quota_used", "tenant" => tenant.clone(), "resource" => "vms").set(vms as f64);
-        metrics::gauge!("hcp_quota_used", "tenant" => tenant.clone(), "resource" => "vcpus")
-            .set(vcpus as f64);
-        metrics::gauge!("hcp_quota_used", "tenant" => tenant, "resource" => "memory_mib").set(memory as f64);
+    let projects: HashSet<(String, String)> =
+        g.project_use.iter().map(|(t, p, ..)| (t.clone(), p.clone())).collect();
+    let quota = |tenant: &str, project: &str, vms: i64, vcpus: i64, memory: i64| {
+        for (resource, n) in [("vms", vms), ("vcpus", vcpus), ("memory_mib", memory)] {
+            metrics::gauge!("hcp_quota_used", "tenant" => tenant.to_owned(), "project" => project.to_owned(), "resource" => resource)
+                .set(n as f64);
+        }
+    };
+    for (tenant, project) in seen.projects.difference(&projects) {
+        quota(tenant, project, 0, 0, 0);
     }
+    for (tenant, project, vms, vcpus, memory) in &g.project_use {
+        quota(tenant, project, *vms, *vcpus, *memory);
+    }
+    seen.providers.extend(providers);
+    seen.projects.extend(projects);
 }
+
+/// Label sets of the state gauges reported so far.
+#[derive(Default)]
+struct Seen {
+    providers: HashSet<String>,
+    projects: HashSet<(String, String)>,
+}
+
+static SEEN: std::sync::LazyLock<std::sync::Mutex<Seen>> = std::sync::LazyLock::new(Default::default);
 
 /// The refresh hook for [`hcp_telemetry::metrics::serve`].
 pub fn refresher(store: Store) -> hcp_telemetry::metrics::Refresh {

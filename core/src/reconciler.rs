@@ -265,12 +265,8 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// The audit event of a decision (every decision makes exactly one),
-    /// counted as `hcp_reconciler_drift_total{kind,action}`.
+    /// The audit event of a decision (every decision makes exactly one).
     fn audit(&self, action: &str, vm: VmId, outcome: &str, detail: String) -> AuditEvent {
-        let kind = action.strip_prefix("reconcile.").unwrap_or(action).to_owned();
-        metrics::counter!("hcp_reconciler_drift_total", "kind" => kind, "action" => outcome.to_owned())
-            .increment(1);
         AuditEvent {
             id: EventId::new(),
             at: now(),
@@ -288,8 +284,9 @@ impl Reconciler {
     }
 
     async fn record(&self, audit: AuditEvent) {
-        if let Err(e) = self.store.append_audit(&audit).await {
-            tracing::warn!(error = %e, "cannot record a reconciler decision");
+        match self.store.append_audit(&audit).await {
+            Ok(()) => counted(&audit),
+            Err(e) => tracing::warn!(error = %e, "cannot record a reconciler decision"),
         }
     }
 
@@ -308,7 +305,7 @@ impl Reconciler {
         let error =
             (new == VmStatus::Error).then_some(("NOT_FOUND", "the vm disappeared from its hypervisor"));
         match self.store.correct_vm_status(k.id, k.status, observed_at, new, error, &audit, usage).await {
-            Ok(true) => {}
+            Ok(true) => counted(&audit),
             Ok(false) => tracing::debug!(vm_id = %k.id, "vm changed meanwhile; left for the next pass"),
             Err(e) => tracing::warn!(vm_id = %k.id, error = %e, "cannot correct a missing vm"),
         }
@@ -355,12 +352,16 @@ impl Reconciler {
                     (VmStatus::Active, "started")
                 };
                 let audit = self.audit("reconcile.power", k.id, "adopted", detail);
-                if let Err(e) = self
+                match self
                     .store
                     .correct_vm_status(k.id, k.status, observed_at, new, None, &audit, Some(usage))
                     .await
                 {
-                    tracing::warn!(vm_id = %k.id, error = %e, "cannot adopt a power state");
+                    Ok(true) => counted(&audit),
+                    Ok(false) => {
+                        tracing::debug!(vm_id = %k.id, "vm changed meanwhile; left for the next pass")
+                    }
+                    Err(e) => tracing::warn!(vm_id = %k.id, error = %e, "cannot adopt a power state"),
                 }
             }
         }
@@ -387,4 +388,11 @@ impl Reconciler {
             }
         }
     }
+}
+/// Counts a decision that was recorded, as
+/// `hcp_reconciler_drift_total{kind,action}`.
+fn counted(audit: &AuditEvent) {
+    let kind = audit.action.strip_prefix("reconcile.").unwrap_or(&audit.action).to_owned();
+    metrics::counter!("hcp_reconciler_drift_total", "kind" => kind, "action" => audit.outcome.clone())
+        .increment(1);
 }

@@ -5,10 +5,14 @@
 //! fails when the two differ.
 //!
 //! Schemas follow what the transcoder does: the proto3 JSON mapping with
-//! field names as in the proto; every field present in replies (messages
-//! not set are `null`), 64-bit integers as strings in replies and either in
+//! field names as in the proto; replies carry every field except messages
+//! and `optional` fields that are not set (which may be absent; a `null`
+//! is allowed too), 64-bit integers as strings in replies and either in
 //! requests, enums by name; unknown request fields refused (so request
-//! objects allow no other properties). Errors share one schema.
+//! objects allow no other properties). Errors share one schema. The
+//! transcoder also accepts what proto3 JSON parsers accept beyond this
+//! (lowerCamelCase names, numbers as strings, enum numbers); the document
+//! describes the canonical form.
 
 use std::collections::BTreeMap;
 

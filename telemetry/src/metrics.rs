@@ -21,6 +21,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// How long a scrape waits for its refresh.
+pub const REFRESH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs before each scrape renders (e.g. to set gauges from a database).
 pub type Refresh = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -84,16 +87,32 @@ pub async fn serve(
         axum::routing::get(move || {
             let refresh = refresh.clone();
             async move {
-                if let Some(r) = refresh {
-                    r().await;
+                // A database that does not answer must not hang the scrape:
+                // what is in memory is rendered anyway.
+                if let Some(r) = refresh
+                    && tokio::time::timeout(REFRESH_TIMEOUT, r()).await.is_err()
+                {
+                    tracing::warn!("the metrics refresh timed out; rendering what is in memory");
+                    metrics::counter!("hcp_metrics_refresh_errors_total").increment(1);
                 }
                 ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], render())
             }
         }),
     );
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!(error = %e, "the metrics listener failed");
+        // Histograms keep their samples until upkeep drains them: run it
+        // whether or not anyone scrapes.
+        let upkeep = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                recorder().run_upkeep();
+            }
+        };
+        tokio::select! {
+            r = axum::serve(listener, app) => if let Err(e) = r {
+                tracing::warn!(error = %e, "the metrics listener failed");
+            },
+            () = upkeep => {}
         }
     });
     tracing::info!(%addr, "metrics at /metrics");

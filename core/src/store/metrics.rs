@@ -18,9 +18,9 @@ pub struct Gauges {
     pub outbox_oldest: Option<DateTime<Utc>>,
     /// Providers by name, with whether the last probe found them healthy.
     pub providers: Vec<(String, bool)>,
-    /// Use by tenant of what quotas limit: (tenant, vms, vcpus, memory
-    /// MiB), of VMs not deleted.
-    pub tenant_use: Vec<(String, i64, i64, i64)>,
+    /// Use by project of what quotas limit: (tenant, project, vms, vcpus,
+    /// memory MiB), of VMs not deleted.
+    pub project_use: Vec<(String, String, i64, i64, i64)>,
 }
 
 impl super::Store {
@@ -62,8 +62,8 @@ impl super::Store {
                 g.providers.push((col!(row, "name"), col!(row, "healthy")));
             }
             for row in &sqlx::query(
-                "SELECT tenant_id, COUNT(*) AS n, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory \
-                 FROM vms WHERE status <> 'DELETED' GROUP BY tenant_id",
+                "SELECT tenant_id, project_id, COUNT(*) AS n, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory \
+                 FROM vms WHERE status <> 'DELETED' GROUP BY tenant_id, project_id",
             )
             .fetch_all(pool)
             .await
@@ -71,8 +71,9 @@ impl super::Store {
             {
                 let vcpus: Option<i64> = col!(row, "vcpus");
                 let memory: Option<i64> = col!(row, "memory");
-                g.tenant_use.push((
+                g.project_use.push((
                     col!(row, "tenant_id"),
+                    col!(row, "project_id"),
                     col!(row, "n"),
                     vcpus.unwrap_or(0),
                     memory.unwrap_or(0),

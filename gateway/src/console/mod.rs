@@ -383,8 +383,12 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
     while reason.len() > 123 {
         reason.pop();
     }
-    let _ = sink.send(Message::Close(Some(CloseFrame { code: end.code, reason: reason.into() }))).await;
-    let _ = sink.close().await;
+    // A client that reads nothing must not keep the end from being reported.
+    let closing = async {
+        let _ = sink.send(Message::Close(Some(CloseFrame { code: end.code, reason: reason.into() }))).await;
+        let _ = sink.close().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
     s.report(&console, end).await;
 }
 

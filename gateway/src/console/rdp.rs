@@ -39,6 +39,13 @@ pub const PCB_TIMEOUT: Duration = Duration::from_secs(10);
 /// closed at once, so silent connections cannot pile up.
 pub const MAX_PENDING: usize = 256;
 
+/// Of those, from one peer address: one client cannot take every slot.
+pub const MAX_PENDING_PER_PEER: usize = 8;
+
+/// Connections past their preconnection PDU (redeeming or relaying) at
+/// once; more are closed before core is asked.
+pub const MAX_SESSIONS: usize = 1024;
+
 /// Why a client's preconnection PDU was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PcbError {
@@ -109,6 +116,8 @@ pub async fn send_blob(server: &mut (impl AsyncWrite + Unpin), blob: &str) -> st
 /// per connection.
 pub(crate) async fn serve(listener: TcpListener, console: Arc<Console>) {
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING));
+    let sessions = Arc::new(tokio::sync::Semaphore::new(MAX_SESSIONS));
+    let per_peer: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -123,22 +132,65 @@ pub(crate) async fn serve(listener: TcpListener, console: Arc<Console>) {
             tracing::warn!(%peer, "RDP relay: {MAX_PENDING} connections are still silent; closing a new one");
             continue;
         };
+        let Some(peer_slot) = PeerSlot::take(&per_peer, peer.ip()) else {
+            tracing::warn!(%peer, "RDP relay: {MAX_PENDING_PER_PEER} silent connections from this peer; closing a new one");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
-        let console = console.clone();
+        let (console, sessions) = (console.clone(), sessions.clone());
         tokio::spawn(async move {
-            session(console, tcp, permit).await;
+            session(console, tcp, (permit, peer_slot), sessions).await;
             tracing::debug!(%peer, "RDP relay connection closed");
         });
+    }
+}
+
+/// One of a peer's silent-connection slots, given back when dropped.
+struct PeerSlot {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    fn take(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PENDING_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Self { map: map.clone(), ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
 async fn session(
     console: Arc<Console>,
     mut client: tokio::net::TcpStream,
-    pending: tokio::sync::OwnedSemaphorePermit,
+    pending: (tokio::sync::OwnedSemaphorePermit, PeerSlot),
+    sessions: Arc<tokio::sync::Semaphore>,
 ) {
     let token = read_token(&mut client).await;
     drop(pending);
+    // Held through redeem and relay: bounds what the relay asks of core.
+    let Ok(_session) = sessions.try_acquire_owned() else {
+        tracing::warn!("RDP relay: {MAX_SESSIONS} sessions open; closing a new one");
+        return;
+    };
     let token = match token {
         Ok(t) => t,
         Err(e) => {

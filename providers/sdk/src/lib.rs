@@ -252,8 +252,9 @@ pub struct ServeConfig {
     pub tls: Option<TlsConfig>,
     /// Serve Prometheus `/metrics` (gRPC calls by method and code, and
     /// whatever the provider records with the `metrics` crate) here.
-    /// Default: the address in `HCP_PROVIDER_METRICS_LISTEN`, if any, so a
-    /// provider gets its metrics without code.
+    /// When `None`, the address in `HCP_PROVIDER_METRICS_LISTEN`, if any,
+    /// so a provider gets its metrics without code (a malformed address
+    /// refuses to start).
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -267,7 +268,7 @@ impl Default for ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
             unix_socket: None,
             tls: None,
-            metrics_listen: std::env::var(ENV_METRICS_LISTEN).ok().and_then(|v| v.parse().ok()),
+            metrics_listen: None,
         }
     }
 }
@@ -315,6 +316,9 @@ pub enum ServeError {
     /// The metrics listener could not start.
     #[error(transparent)]
     Metrics(hcp_telemetry::metrics::MetricsListenError),
+    /// `HCP_PROVIDER_METRICS_LISTEN` is not an address.
+    #[error("{ENV_METRICS_LISTEN} must be host:port, got {0:?}")]
+    MetricsAddress(String),
 }
 
 /// Serves `provider` until `shutdown` resolves. `ready` gets the bound
@@ -385,7 +389,12 @@ where
     }
     let reflection = reflection.build_v1().map_err(ServeError::Reflection)?;
     let name = adapter.inner.info().name;
-    let _metrics = match config.metrics_listen {
+    let metrics_listen = match (config.metrics_listen, std::env::var(ENV_METRICS_LISTEN)) {
+        (Some(at), _) => Some(at),
+        (None, Ok(v)) if !v.is_empty() => Some(v.parse().map_err(|_| ServeError::MetricsAddress(v))?),
+        (None, _) => None,
+    };
+    let _metrics = match metrics_listen {
         Some(at) => Some(hcp_telemetry::metrics::serve(at, None).await.map_err(ServeError::Metrics)?.1),
         None => None,
     };

@@ -49,7 +49,10 @@ pub struct VmConnectSession {
 /// Serves connections until the task is dropped.
 pub(crate) async fn serve(listener: TcpListener, sim: Sim) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let Ok((tcp, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
         let sim = sim.clone();
         tokio::spawn(async move {
             let mut record = VmConnectSession {
@@ -59,8 +62,11 @@ pub(crate) async fn serve(listener: TcpListener, sim: Sim) {
                 outcome: String::new(),
                 bytes_after: 0,
             };
-            let index = sim.lock().vmconnect.len();
-            sim.lock().vmconnect.push(record.clone());
+            let index = {
+                let mut s = sim.lock();
+                s.vmconnect.push(record.clone());
+                s.vmconnect.len() - 1
+            };
             let outcome = session(&sim, tcp, &mut record, index).await;
             let mut s = sim.lock();
             record.outcome = match outcome {
