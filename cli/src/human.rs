@@ -498,7 +498,7 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
 }
 
 /// Percent-encodes a query value.
-fn enc(v: &str) -> String {
+pub fn enc(v: &str) -> String {
     v.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),

@@ -27,12 +27,7 @@ fn prometheus_binary() -> Option<PathBuf> {
 
 /// Percent-encodes a PromQL query for a URL's query string.
 fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    hcp_cli::human::enc(q)
 }
 
 /// The single value of an instant query, when it has exactly one.
