@@ -13,38 +13,25 @@ cd "$(dirname "$0")/.."
 ensure_postgres
 ensure_nats
 ensure_python_grpc
+# A test tool that CI must have; elsewhere its tests are skipped, and said so.
+# Usage: need_tool ENSURE_FUNCTION "what it is for"
+need_tool() {
+  if ! "$1"; then
+    if [ "${CI:-}" = "true" ]; then
+      echo "$1 failed; CI must run $2" >&2
+      exit 1
+    fi
+    echo "SKIP $2: $1 failed"
+  fi
+}
 # pywinrm, the independent client of the Hyper-V simulator's check.
-if ! ensure_python_winrm; then
-  if [ "${CI:-}" = "true" ]; then
-    echo "pywinrm could not be installed; CI must run the Hyper-V simulator's pywinrm check" >&2
-    exit 1
-  fi
-  echo "SKIP the Hyper-V simulator's pywinrm check: pywinrm could not be installed"
-fi
+need_tool ensure_python_winrm "the Hyper-V simulator's pywinrm check"
 # A real Prometheus server scrapes a running stack in the metrics test.
-if ! ensure_prometheus; then
-  if [ "${CI:-}" = "true" ]; then
-    echo "prometheus could not be installed; CI must run the metrics test" >&2
-    exit 1
-  fi
-  echo "SKIP the Prometheus scrape test: prometheus could not be installed"
-fi
+need_tool ensure_prometheus "the Prometheus scrape test"
 # schemathesis checks the served OpenAPI document against the running API.
-if ! ensure_schemathesis; then
-  if [ "${CI:-}" = "true" ]; then
-    echo "schemathesis could not be installed; CI must run the OpenAPI conformance test" >&2
-    exit 1
-  fi
-  echo "SKIP the schemathesis run: schemathesis could not be installed"
-fi
+need_tool ensure_schemathesis "the OpenAPI conformance test (schemathesis)"
 # tmux drives the CLI's interactive session test.
-if ! ensure_tmux; then
-  if [ "${CI:-}" = "true" ]; then
-    echo "tmux could not be installed; CI must run the CLI's terminal test" >&2
-    exit 1
-  fi
-  echo "SKIP the CLI's terminal test: tmux could not be installed"
-fi
+need_tool ensure_tmux "the CLI's terminal test (tmux)"
 # Before the build: the virt crate links libvirt through pkg-config.
 ensure_libvirt
 ensure_tiny_guest
