@@ -82,22 +82,8 @@ impl Hv {
             )
             .await
             .unwrap();
-        let ops = s.ops_token();
-        for (path, body) in [
-            ("/api/hcp/ops/v1/zones", json!({"name": "hv", "description": "Hyper-V (simulated)"})),
-            (
-                "/api/hcp/ops/v1/providers",
-                json!({"name": "hv-1", "zone": "hv", "endpoint": format!("http://{provider}"),
-                       "credentials": {"username": "hcp", "password": "s3cret"}}),
-            ),
-            (
-                "/api/hcp/ops/v1/networks",
-                json!({"name": "default", "zone": "hv", "backings": {"hv-1": "External"}}),
-            ),
-        ] {
-            let r = s.rest.post(path, &ops, &body).await.unwrap();
-            assert!(r.status == 200 || r.status == 201, "{path}: {}", r.body);
-        }
+        let creds = json!({"username": "hcp", "password": "s3cret"});
+        s.register_provider("hv", "hv-1", &format!("http://{provider}"), creds, "External").await.unwrap();
         let tenant = s.tenant_token("acme", &["demo"]);
         Self { s, control: Rest::new(format!("http://{control}")), tenant }
     }

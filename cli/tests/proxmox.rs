@@ -107,36 +107,11 @@ async fn pve_stack(task_ms: u64, jobs_toml: &str) -> Pve {
         .unwrap();
 
     // The operator registers it in a zone of its own, with the token.
-    let ops = s.ops_token();
-    let z = s
-        .rest
-        .post("/api/hcp/ops/v1/zones", &ops, &json!({"name": "pve", "description": "proxmox"}))
-        .await
-        .unwrap();
-    assert_eq!(z.status, 201, "{}", z.body);
-    let r = s
-        .rest
-        .post(
-            "/api/hcp/ops/v1/providers",
-            &ops,
-            &json!({"name": "pve-1", "zone": "pve", "endpoint": format!("http://{provider}"),
-                    "credentials": {"token_id": "hcp@pve!provider", "token_secret": token_secret}}),
-        )
-        .await
-        .unwrap();
-    assert!(r.status == 200 || r.status == 201, "{}", r.body);
-    assert_eq!(r.body["capabilities"]["supports_cloud_init"], true, "{}", r.body);
-    // The zone's network, mapped onto a bridge of this cluster.
-    let n = s
-        .rest
-        .post(
-            "/api/hcp/ops/v1/networks",
-            &ops,
-            &json!({"name": "default", "zone": "pve", "backings": {"pve-1": "vmbr9"}}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(n.status, 201, "{}", n.body);
+    // The zone's network is mapped onto a bridge of this cluster.
+    let creds = json!({"token_id": "hcp@pve!provider", "token_secret": token_secret});
+    let registered =
+        s.register_provider("pve", "pve-1", &format!("http://{provider}"), creds, "vmbr9").await.unwrap();
+    assert_eq!(registered["capabilities"]["supports_cloud_init"], true, "{registered}");
 
     Pve { s, pve, control, provider, config, provider_exe }
 }

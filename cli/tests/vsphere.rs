@@ -51,22 +51,9 @@ impl Vc {
         let port = addr.rsplit(':').next().unwrap().parse().unwrap();
         let ops = s.ops_token();
         let tenant = s.tenant_token("acme", &["demo"]);
-        for (path, body) in [
-            ("/api/hcp/ops/v1/zones", json!({"name": "vc", "description": "vCenter (vcsim)"})),
-            (
-                "/api/hcp/ops/v1/providers",
-                json!({"name": "vc-1", "zone": "vc", "endpoint": format!("http://{addr}"),
-                       "credentials": {"username": "hcp@vsphere.local", "password": "s3cret"}}),
-            ),
-            // The zone's network, mapped onto a port group.
-            (
-                "/api/hcp/ops/v1/networks",
-                json!({"name": "default", "zone": "vc", "backings": {"vc-1": "VM Network"}}),
-            ),
-        ] {
-            let r = s.rest.post(path, &ops, &body).await.unwrap();
-            assert!(r.status == 200 || r.status == 201, "{path}: {}", r.body);
-        }
+        let creds = json!({"username": "hcp@vsphere.local", "password": "s3cret"});
+        // The zone's network, mapped onto a port group.
+        s.register_provider("vc", "vc-1", &format!("http://{addr}"), creds, "VM Network").await.unwrap();
         Some(Self { s, sim, ops, tenant, config, exe, port })
     }
 

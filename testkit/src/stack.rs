@@ -433,6 +433,43 @@ impl TestStack {
         self.token(None, &[], &[ROLE_OPS_ADMIN], 3600)
     }
 
+    /// Registers a provider process as an operator does, over REST: zone
+    /// `zone`, the provider `name` at `endpoint` (with `credentials`), and
+    /// the zone's network `default` backed by `network_backing` on it.
+    /// Returns the provider as registered (with its capabilities).
+    pub async fn register_provider(
+        &self,
+        zone: &str,
+        name: &str,
+        endpoint: &str,
+        credentials: serde_json::Value,
+        network_backing: &str,
+    ) -> anyhow::Result<serde_json::Value> {
+        let ops = self.ops_token();
+        let mut provider = serde_json::Value::Null;
+        for (path, body) in [
+            (
+                "/api/hcp/ops/v1/zones",
+                serde_json::json!({"name": zone, "description": format!("{name}'s zone")}),
+            ),
+            (
+                "/api/hcp/ops/v1/providers",
+                serde_json::json!({"name": name, "zone": zone, "endpoint": endpoint, "credentials": credentials}),
+            ),
+            (
+                "/api/hcp/ops/v1/networks",
+                serde_json::json!({"name": "default", "zone": zone, "backings": {name: network_backing}}),
+            ),
+        ] {
+            let r = self.rest.post(path, &ops, &body).await?;
+            anyhow::ensure!(r.status == 201, "{path}: {} {}", r.status, r.body);
+            if path.ends_with("providers") {
+                provider = r.body;
+            }
+        }
+        Ok(provider)
+    }
+
     /// Any token signed with the stack's key.
     pub fn token(&self, tenant: Option<&str>, projects: &[&str], roles: &[&str], ttl: u64) -> String {
         mint(&self.secret, "test-user", tenant, projects, roles, ttl).unwrap_or_default()
