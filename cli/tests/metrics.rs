@@ -193,8 +193,9 @@ async fn the_grafana_dashboard_queries_metrics_that_exist() {
     }
 
     // Valid PromQL, as Prometheus parses it.
-    let guard = TempDir::new();
-    let dir = guard.0.clone();
+    // Test support's directory: removed at the end, kept when the test fails.
+    let guard = hcp_testkit::TempDir::new().unwrap();
+    let dir = guard.path().to_owned();
     std::fs::write(dir.join("prometheus.yml"), "global:\n  scrape_interval: 1s\nscrape_configs: []\n")
         .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -243,21 +244,4 @@ fn metric_names(expr: &str) -> Vec<String> {
         rest = &tail[end..];
     }
     names
-}
-
-/// A directory removed when the test ends, also when it fails.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        let d = std::env::temp_dir().join(format!("hcp-prom-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
