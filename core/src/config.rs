@@ -51,6 +51,8 @@ pub struct Config {
     pub secrets: SecretsConfig,
     /// Drift detection and its policies.
     pub reconciler: crate::reconciler::ReconcilerConfig,
+    /// Host drains.
+    pub drain: crate::drain::DrainConfig,
     /// How long an Idempotency-Key keeps its answer, seconds. Default 86400
     /// (24 h); after that the key may be used for a new request.
     pub idempotency_key_ttl_seconds: u64,
@@ -110,6 +112,7 @@ impl Default for Config {
             console: ConsoleConfig::default(),
             queue: QueueConfig::default(),
             reconciler: crate::reconciler::ReconcilerConfig::default(),
+            drain: crate::drain::DrainConfig::default(),
             secrets: SecretsConfig::default(),
             idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),

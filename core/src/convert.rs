@@ -27,6 +27,7 @@ pub fn capabilities_from_proto(c: &provider::Capabilities) -> Capabilities {
         supports_snapshot_running: c.supports_snapshot_running,
         supports_resize: c.supports_resize,
         supports_hot_resize: c.supports_hot_resize,
+        supports_cold_migration: c.supports_cold_migration,
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
@@ -45,6 +46,7 @@ pub fn capabilities_to_proto(c: &Capabilities) -> provider::Capabilities {
         supports_snapshot_running: c.supports_snapshot_running,
         supports_resize: c.supports_resize,
         supports_hot_resize: c.supports_hot_resize,
+        supports_cold_migration: c.supports_cold_migration,
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
@@ -126,6 +128,8 @@ pub fn vm_to_tenant(vm: &Vm, caps: Option<&Capabilities>) -> tenant::Vm {
         created_at: Some(ts(vm.created_at)),
         updated_at: Some(ts(vm.updated_at)),
         allowed_actions: allowed.iter().map(|a| a.as_str().to_owned()).collect(),
+        placement_group_id: vm.placement_group_id.map(|g| g.to_string()).unwrap_or_default(),
+        restart_policy: restart_policy_to_proto(vm.restart_policy) as i32,
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
         disk_gib: vm.disk_gib,
@@ -315,5 +319,84 @@ pub fn snapshot_to_proto(s: &crate::model::Snapshot) -> tenant::Snapshot {
         status: status as i32,
         created_at: Some(ts(s.created_at)),
         updated_at: Some(ts(s.updated_at)),
+    }
+}
+
+/// A restart policy on the wire (UNSPECIFIED reads as NEVER).
+pub fn restart_policy_from_proto(p: tenant::RestartPolicy) -> crate::model::RestartPolicy {
+    match p {
+        tenant::RestartPolicy::Unspecified | tenant::RestartPolicy::Never => {
+            crate::model::RestartPolicy::Never
+        }
+        tenant::RestartPolicy::OnFailure => crate::model::RestartPolicy::OnFailure,
+        tenant::RestartPolicy::Always => crate::model::RestartPolicy::Always,
+    }
+}
+
+/// A restart policy for the wire.
+pub fn restart_policy_to_proto(p: crate::model::RestartPolicy) -> tenant::RestartPolicy {
+    match p {
+        crate::model::RestartPolicy::Never => tenant::RestartPolicy::Never,
+        crate::model::RestartPolicy::OnFailure => tenant::RestartPolicy::OnFailure,
+        crate::model::RestartPolicy::Always => tenant::RestartPolicy::Always,
+    }
+}
+
+/// The tenant's view of a placement group and its members.
+pub fn placement_group_to_tenant(
+    g: &crate::model::PlacementGroup,
+    members: &[crate::store::Member],
+) -> tenant::PlacementGroup {
+    tenant::PlacementGroup {
+        placement_group_id: g.id.to_string(),
+        project_id: g.project_id.clone(),
+        name: g.name.clone(),
+        policy: match g.policy {
+            crate::model::GroupPolicy::Affinity => tenant::PlacementPolicy::Affinity,
+            crate::model::GroupPolicy::AntiAffinity => tenant::PlacementPolicy::AntiAffinity,
+        } as i32,
+        strict: g.strict,
+        vm_ids: members.iter().map(|m| m.vm_id.to_string()).collect(),
+        created_at: Some(ts(g.created_at)),
+    }
+}
+
+/// The operators' view of a VM.
+pub fn vm_to_ops(vm: &Vm) -> hcp_proto::ops::OpsVm {
+    hcp_proto::ops::OpsVm {
+        vm_id: vm.id.to_string(),
+        tenant_id: vm.tenant_id.clone(),
+        project_id: vm.project_id.clone(),
+        name: vm.name.clone(),
+        status: vm.status.as_str().to_owned(),
+        zone: vm.zone.clone(),
+        provider_id: vm.provider_id.to_string(),
+        host: vm.host.clone(),
+        job_id: vm.current_job_id.map(|j| j.to_string()).unwrap_or_default(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        restart_policy: vm.restart_policy.as_str().to_owned(),
+        placement_group_id: vm.placement_group_id.map(|g| g.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The operators' view of a host, with what is placed on it.
+pub fn host_to_ops(
+    h: &crate::model::Host,
+    load: crate::model::HostLoad,
+    stuck: &[hcp_proto::ids::VmId],
+) -> hcp_proto::ops::Host {
+    hcp_proto::ops::Host {
+        provider_id: h.provider_id.to_string(),
+        name: h.name.clone(),
+        vcpus: h.vcpus,
+        memory_mib: h.memory_mib,
+        state: h.state.as_str().to_owned(),
+        drain: h.drain.as_str().to_owned(),
+        vms: load.vms,
+        used_vcpus: u32::try_from(load.vcpus).unwrap_or(u32::MAX),
+        used_memory_mib: load.memory_mib,
+        stuck_vm_ids: stuck.iter().map(|v| v.to_string()).collect(),
+        updated_at: Some(ts(h.updated_at)),
     }
 }

@@ -43,11 +43,13 @@ struct Attempt {
     run_after: Option<chrono::DateTime<chrono::Utc>>,
     /// Addresses reported after a successful job.
     networks: Option<Vec<NetworkAttachment>>,
+    /// The host the provider reported the VM on after a successful job.
+    host: Option<String>,
 }
 
 impl Attempt {
     fn failed(code: ErrorCode, message: String) -> Self {
-        Attempt { outcome: Outcome::Failed(code), message, run_after: None, networks: None }
+        Attempt { outcome: Outcome::Failed(code), message, run_after: None, networks: None, host: None }
     }
 }
 
@@ -360,6 +362,7 @@ impl Engine {
             },
             run_after: attempt.run_after,
             networks: attempt.networks,
+            host: attempt.host,
         };
         match self.store.finish_job(job, &self.worker_id, &finish, t, audit.as_ref()).await {
             Ok(()) => {
@@ -461,6 +464,7 @@ impl Engine {
         let call = Call { vm: &vm, snapshot: snapshot.as_ref(), params: &job.params, networks: &networks };
         let mut power = None;
         let mut nics = Vec::new();
+        let mut host = None;
         for (i, &step) in steps.iter().enumerate() {
             if done.iter().any(|(d, _)| d == step.as_str()) {
                 tracing::debug!(%step, "step already done");
@@ -476,6 +480,7 @@ impl Engine {
                     }
                     power = output.power.or(power);
                     nics = output.interfaces;
+                    host = output.host.or(host);
                 }
                 Err(e) => return Ok(self.failure_outcome(job, step, e)),
             }
@@ -497,6 +502,7 @@ impl Engine {
             message: String::new(),
             run_after: None,
             networks,
+            host,
         })
     }
 
@@ -533,6 +539,7 @@ impl Engine {
                 message,
                 run_after: Some(now() + chrono::Duration::from_std(delay).unwrap_or_default()),
                 networks: None,
+                host: None,
             }
         } else {
             Attempt::failed(e.code, message)
@@ -557,7 +564,8 @@ impl Engine {
         };
         let info = |r: tonic::Response<provider::VmInfo>| {
             let info = r.into_inner();
-            StepOutput { native: info.native_id, power: None, interfaces: info.interfaces }
+            let host = Some(info.host).filter(|h| !h.is_empty());
+            StepOutput { native: info.native_id, power: None, interfaces: info.interfaces, host }
         };
         let result = match step {
             Step::Create => {
@@ -623,9 +631,32 @@ impl Engine {
                         native: state.as_str_name().to_owned(),
                         power: Some(if running { Power::Running } else { Power::Off }),
                         interfaces: info.interfaces,
+                        host: None,
                     }
                 })
             }
+            Step::Migrate => match call.params {
+                JobParams::Migrate { to, live, .. } => compute
+                    .migrate_vm(req(provider::MigrateVmRequest {
+                        vm_id,
+                        target_host: to.clone(),
+                        live: *live,
+                    }))
+                    .await
+                    .map(info),
+                // A host that is down: rebuild the VM on `to` from storage
+                // both reach (a cold move; the VM is not running).
+                JobParams::Recover { to: Some(to), .. } => compute
+                    .migrate_vm(req(provider::MigrateVmRequest {
+                        vm_id,
+                        target_host: to.clone(),
+                        live: false,
+                    }))
+                    .await
+                    .map(info),
+                // Recovered where it is: nothing to move.
+                _ => Ok(StepOutput::native("in place")),
+            },
             Step::SnapshotDelete => {
                 let (snapshot_id, _) = snapshot()?;
                 compute
@@ -663,16 +694,17 @@ struct Call<'a> {
 }
 
 /// What a step returns: the recorded output, the power state a revert left
-/// the VM in, and the NICs the provider's answer carried.
+/// the VM in, the NICs and the host the provider's answer carried.
 struct StepOutput {
     native: String,
     power: Option<Power>,
     interfaces: Vec<provider::InterfaceInfo>,
+    host: Option<String>,
 }
 
 impl StepOutput {
     fn native(s: impl Into<String>) -> Self {
-        StepOutput { native: s.into(), power: None, interfaces: Vec::new() }
+        StepOutput { native: s.into(), power: None, interfaces: Vec::new(), host: None }
     }
 }
 
@@ -740,6 +772,7 @@ pub fn vm_spec(vm: &Vm) -> provider::VmSpec {
         user_data: vm.user_data.clone(),
         hostname: vm.hostname.clone(),
         labels,
+        host: vm.host.clone(),
     }
 }
 

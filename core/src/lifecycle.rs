@@ -40,6 +40,8 @@ pub enum Capability {
     Resize,
     /// Resize of a running VM.
     HotResize,
+    /// Migration of a stopped VM (and evacuation from a host that is down).
+    ColdMigration,
 }
 
 impl Capability {
@@ -56,6 +58,7 @@ impl Capability {
         Capability::GpuPassthrough,
         Capability::Resize,
         Capability::HotResize,
+        Capability::ColdMigration,
     ];
 
     /// The flag's name in the protocol, as a 409 FEATURE_NOT_SUPPORTED
@@ -73,6 +76,7 @@ impl Capability {
             Capability::GpuPassthrough => "supports_gpu_passthrough",
             Capability::Resize => "supports_resize",
             Capability::HotResize => "supports_hot_resize",
+            Capability::ColdMigration => "supports_cold_migration",
         }
     }
 
@@ -90,6 +94,7 @@ impl Capability {
             Capability::GpuPassthrough => caps.supports_gpu_passthrough,
             Capability::Resize => caps.supports_resize,
             Capability::HotResize => caps.supports_hot_resize,
+            Capability::ColdMigration => caps.supports_cold_migration,
         }
     }
 }
@@ -165,6 +170,8 @@ pub enum Step {
     SnapshotRevert,
     /// DeleteSnapshot.
     SnapshotDelete,
+    /// MigrateVm (skipped by a recovery that keeps the VM's host).
+    Migrate,
 }
 
 impl Step {
@@ -180,6 +187,7 @@ impl Step {
             Step::SnapshotCreate => "provider.snapshot_create",
             Step::SnapshotRevert => "provider.snapshot_revert",
             Step::SnapshotDelete => "provider.snapshot_delete",
+            Step::Migrate => "provider.migrate",
         }
     }
 }
@@ -202,6 +210,8 @@ impl JobKind {
         JobKind::SnapshotCreate,
         JobKind::SnapshotRevert,
         JobKind::SnapshotDelete,
+        JobKind::MigrateVm,
+        JobKind::RecoverVm,
     ];
 
     /// The provider calls the job makes, in order.
@@ -216,6 +226,8 @@ impl JobKind {
             JobKind::SnapshotCreate => &[Step::SnapshotCreate],
             JobKind::SnapshotRevert => &[Step::SnapshotRevert],
             JobKind::SnapshotDelete => &[Step::SnapshotDelete],
+            JobKind::MigrateVm => &[Step::Migrate],
+            JobKind::RecoverVm => &[Step::Migrate, Step::Start],
         }
     }
 
@@ -231,6 +243,10 @@ impl JobKind {
             JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => {
                 &[VmStatus::Active, VmStatus::Stopped]
             }
+            JobKind::MigrateVm => &[VmStatus::Active, VmStatus::Stopped],
+            // A VM that should run: ACTIVE in HCP, or put in ERROR by the
+            // reconciler after its host vanished.
+            JobKind::RecoverVm => &[VmStatus::Active, VmStatus::Error],
         }
     }
 
@@ -245,6 +261,9 @@ impl JobKind {
             JobKind::ResizeVm => Some(VmStatus::Resizing),
             JobKind::DeleteVm => Some(VmStatus::Deleting),
             JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete => None,
+            // Tenants see a moving VM as it was (hosts are not theirs).
+            JobKind::MigrateVm => None,
+            JobKind::RecoverVm => Some(VmStatus::Starting),
         }
     }
 }
@@ -311,6 +330,36 @@ pub enum JobParams {
         /// The size asked for.
         to: Size,
     },
+    /// A move to another host: the VM row names `to` from accept time (so
+    /// placement counts it there), and `from` is put back if the job fails
+    /// or is cancelled.
+    Migrate {
+        /// The host before.
+        from: String,
+        /// The host asked for.
+        to: String,
+        /// Without stopping the VM.
+        live: bool,
+    },
+    /// A restart of a VM found down, on host `to` when its own host is
+    /// down (a cold move from storage both reach), else where it is.
+    Recover {
+        /// The host before.
+        from: String,
+        /// The host to rebuild it on; `None` keeps it where it is.
+        to: Option<String>,
+    },
+}
+
+impl JobParams {
+    /// The host to put back on the VM when the job fails or is cancelled.
+    fn host_before(&self) -> Option<String> {
+        match self {
+            JobParams::Migrate { from, .. } => Some(from.clone()),
+            JobParams::Recover { from, to: Some(_) } => Some(from.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// The power state a provider reported after a snapshot revert.
@@ -376,6 +425,8 @@ pub struct Transition {
     pub vm_error: Option<ErrorCode>,
     /// A size to put back on the VM (a failed or cancelled resize).
     pub vm_size: Option<Size>,
+    /// A host to put back on the VM (a failed or cancelled move).
+    pub vm_host: Option<String>,
     /// The snapshot's new state, for snapshot jobs.
     pub snapshot: Option<SnapshotStatus>,
     /// The usage event to append.
@@ -403,11 +454,13 @@ pub fn transition(
         vm: None,
         vm_error: None,
         vm_size: None,
+        vm_host: None,
         snapshot: None,
         metering: None,
         revoke_consoles: false,
         requeue: false,
     };
+    let restore_host = params.host_before();
     match outcome {
         Outcome::Retry(_) => Transition { job: JobStatus::Queued, requeue: true, ..nothing },
         Outcome::Succeeded { power } => {
@@ -419,10 +472,12 @@ pub fn transition(
                     Some(Power::Running) => VmStatus::Active,
                     Some(Power::Off) | None => VmStatus::Stopped,
                 },
+                JobKind::RecoverVm => VmStatus::Active,
                 // Back where it was: the job changed no power state.
-                JobKind::ResizeVm | JobKind::SnapshotCreate | JobKind::SnapshotDelete => {
-                    prior.unwrap_or(VmStatus::Error)
-                }
+                JobKind::ResizeVm
+                | JobKind::SnapshotCreate
+                | JobKind::SnapshotDelete
+                | JobKind::MigrateVm => prior.unwrap_or(VmStatus::Error),
             };
             let metering = match kind {
                 JobKind::CreateVm | JobKind::StartVm => Some(Metering::Started),
@@ -432,10 +487,15 @@ pub fn transition(
                 JobKind::SnapshotRevert if Some(vm) != prior => {
                     Some(if vm == VmStatus::Active { Metering::Started } else { Metering::Stopped })
                 }
+                // A recovered VM was billed as running unless HCP had
+                // marked it ERROR.
+                JobKind::RecoverVm if prior != Some(VmStatus::Active) => Some(Metering::Started),
                 JobKind::SnapshotRevert
                 | JobKind::RebootVm
                 | JobKind::SnapshotCreate
-                | JobKind::SnapshotDelete => None,
+                | JobKind::SnapshotDelete
+                | JobKind::MigrateVm
+                | JobKind::RecoverVm => None,
             };
             let snapshot = match kind {
                 JobKind::SnapshotCreate => Some(SnapshotStatus::Available),
@@ -447,15 +507,25 @@ pub fn transition(
                 vm: Some(vm),
                 snapshot,
                 metering,
-                revoke_consoles: revokes_consoles(kind),
+                revoke_consoles: revokes_consoles_on_success(kind),
                 ..nothing
             }
         }
+        // A move that failed leaves the VM where it was, as it was: the
+        // provider keeps the source until the target is complete.
+        Outcome::Failed(_) if kind == JobKind::MigrateVm => Transition {
+            job: JobStatus::Failed,
+            vm: Some(prior.unwrap_or(VmStatus::Error)),
+            vm_error: prior.is_none().then_some(ErrorCode::Internal),
+            vm_host: restore_host,
+            ..nothing
+        },
         Outcome::Failed(code) => Transition {
             job: JobStatus::Failed,
             vm: Some(VmStatus::Error),
             vm_error: Some(code),
             vm_size: restore_size,
+            vm_host: restore_host,
             snapshot: match kind {
                 JobKind::SnapshotCreate | JobKind::SnapshotDelete => Some(SnapshotStatus::Error),
                 _ => None,
@@ -477,6 +547,7 @@ pub fn transition(
                 vm: Some(vm),
                 vm_error,
                 vm_size: restore_size,
+                vm_host: restore_host,
                 // An earlier attempt may have gone part of the way.
                 snapshot: match kind {
                     JobKind::SnapshotCreate | JobKind::SnapshotDelete => Some(SnapshotStatus::Error),
@@ -492,6 +563,13 @@ pub fn transition(
 /// (the VM stopped or went away).
 fn revokes_consoles(kind: JobKind) -> bool {
     matches!(kind, JobKind::StopVm | JobKind::DeleteVm)
+}
+
+/// Whether a job of `kind` that succeeded makes unused console tokens
+/// useless: the VM stopped, went away or moved (a token names the console
+/// of the host it was issued for).
+fn revokes_consoles_on_success(kind: JobKind) -> bool {
+    revokes_consoles(kind) || matches!(kind, JobKind::MigrateVm | JobKind::RecoverVm)
 }
 
 /// Why an operation cannot be accepted now.
@@ -525,12 +603,20 @@ pub fn required_capabilities(kind: JobKind, status: VmStatus) -> &'static [Capab
     match (kind, status) {
         (JobKind::ResizeVm, VmStatus::Active) => &[Capability::HotResize],
         (JobKind::ResizeVm, _) => &[Capability::Resize],
+        (JobKind::MigrateVm, VmStatus::Active) => &[Capability::LiveMigration],
+        (JobKind::MigrateVm, _) => &[Capability::ColdMigration],
         (JobKind::SnapshotCreate, VmStatus::Active) => &[Capability::Snapshot, Capability::SnapshotRunning],
         (JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete, _) => {
             &[Capability::Snapshot]
         }
         (
-            JobKind::CreateVm | JobKind::StartVm | JobKind::StopVm | JobKind::RebootVm | JobKind::DeleteVm,
+            JobKind::CreateVm
+            | JobKind::StartVm
+            | JobKind::StopVm
+            | JobKind::RebootVm
+            | JobKind::DeleteVm
+            // Whether it moves is decided when the host is known to be down.
+            | JobKind::RecoverVm,
             _,
         ) => &[],
     }
@@ -656,6 +742,8 @@ mod tests {
             JobKind::StopVm => JobParams::Stop { force: false, timeout_seconds: 0 },
             JobKind::RebootVm => JobParams::Reboot { hard: true },
             JobKind::ResizeVm => JobParams::Resize { from: size("small", 1), to: size("large", 2) },
+            JobKind::MigrateVm => JobParams::Migrate { from: "h1".into(), to: "h2".into(), live: true },
+            JobKind::RecoverVm => JobParams::Recover { from: "h1".into(), to: Some("h2".into()) },
             _ => JobParams::None,
         }
     }
@@ -670,11 +758,13 @@ mod tests {
             vm: None,
             vm_error: None,
             vm_size: None,
+            vm_host: None,
             snapshot: None,
             metering: None,
             revoke_consoles: false,
             requeue: false,
         };
+        let host_from = matches!(kind, K::MigrateVm | K::RecoverVm).then(|| "h1".to_owned());
         let resize_from = (kind == K::ResizeVm).then(|| size("small", 1));
         match outcome {
             Outcome::Retry(_) => Transition { requeue: true, ..base },
@@ -686,6 +776,8 @@ mod tests {
                     K::StopVm => (V::Stopped, Some(Metering::Stopped)),
                     K::DeleteVm => (V::Deleted, Some(Metering::Deleted)),
                     K::ResizeVm => (prior.unwrap(), Some(Metering::Resized)),
+                    K::MigrateVm => (prior.unwrap(), None),
+                    K::RecoverVm => (V::Active, (prior != Some(V::Active)).then_some(Metering::Started)),
                     K::SnapshotCreate | K::SnapshotDelete => (prior.unwrap(), None),
                     K::SnapshotRevert => {
                         let after = if power == Some(Power::Running) { V::Active } else { V::Stopped };
@@ -706,15 +798,19 @@ mod tests {
                         K::SnapshotDelete => Some(SnapshotStatus::Removed),
                         _ => None,
                     },
-                    revoke_consoles: matches!(kind, K::StopVm | K::DeleteVm),
+                    revoke_consoles: matches!(kind, K::StopVm | K::DeleteVm | K::MigrateVm | K::RecoverVm),
                     ..base
                 }
+            }
+            Outcome::Failed(_) if kind == K::MigrateVm => {
+                Transition { job: JobStatus::Failed, vm: prior, vm_host: host_from, ..base }
             }
             Outcome::Failed(code) => Transition {
                 job: JobStatus::Failed,
                 vm: Some(V::Error),
                 vm_error: Some(code),
                 vm_size: resize_from,
+                vm_host: host_from,
                 snapshot: matches!(kind, K::SnapshotCreate | K::SnapshotDelete)
                     .then_some(SnapshotStatus::Error),
                 revoke_consoles: matches!(kind, K::StopVm | K::DeleteVm),
@@ -725,6 +821,7 @@ mod tests {
                 vm: Some(if kind == K::CreateVm { V::Error } else { prior.unwrap() }),
                 vm_error: (kind == K::CreateVm || prior == Some(V::Error)).then_some(ErrorCode::Cancelled),
                 vm_size: resize_from,
+                vm_host: host_from,
                 snapshot: matches!(kind, K::SnapshotCreate | K::SnapshotDelete)
                     .then_some(SnapshotStatus::Error),
                 ..base
@@ -755,7 +852,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(rows, 6 * (1 + 2 + 2 + 1 + 2 + 3 + 2 + 2 + 2));
+        assert_eq!(rows, 6 * (1 + 2 + 2 + 1 + 2 + 3 + 2 + 2 + 2 + 2 + 2));
     }
 
     #[test]

@@ -106,8 +106,133 @@ string_enum!(
         SnapshotRevert = "snapshot.revert",
         /// Delete a snapshot.
         SnapshotDelete = "snapshot.delete",
+        /// Move a VM to another host of its provider (operators).
+        MigrateVm = "vm.migrate",
+        /// Start a VM found down that should run, on another host when its
+        /// own is down (the reconciler, by the VM's restart policy).
+        RecoverVm = "vm.recover",
     }
 );
+
+string_enum!(
+    /// What HCP does about a VM found down while it should run.
+    RestartPolicy {
+        /// Nothing (the reconciler's power policy applies).
+        Never = "never",
+        /// Start it when it crashed or its host was lost.
+        OnFailure = "on-failure",
+        /// Start it whenever it is found down.
+        Always = "always",
+    }
+);
+
+string_enum!(
+    /// A placement group's rule.
+    GroupPolicy {
+        /// Members on one host.
+        Affinity = "affinity",
+        /// Members on different hosts.
+        AntiAffinity = "anti-affinity",
+    }
+);
+
+string_enum!(
+    /// A host's state as its provider reports it.
+    HostState {
+        /// Accepting VMs.
+        Up = "UP",
+        /// Failed or unreachable.
+        Down = "DOWN",
+        /// In the hypervisor's own maintenance mode.
+        Maintenance = "MAINTENANCE",
+    }
+);
+
+string_enum!(
+    /// HCP's maintenance of a host.
+    Drain {
+        /// In service.
+        InService = "",
+        /// No new placements; its VMs are being moved off.
+        Draining = "DRAINING",
+        /// No new placements; nothing of HCP's left on it.
+        Drained = "DRAINED",
+    }
+);
+
+string_enum!(
+    /// How a zone chooses among hosts that fit.
+    PlacementPolicy {
+        /// The least-loaded host first.
+        Spread = "spread",
+        /// The fullest host that fits first.
+        Pack = "pack",
+    }
+);
+
+/// A host of a provider, as last reported, with HCP's drain state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Host {
+    /// The provider.
+    pub provider_id: ProviderId,
+    /// Unique within the provider.
+    pub name: String,
+    /// Physical vCPUs.
+    pub vcpus: u32,
+    /// Physical memory.
+    pub memory_mib: u64,
+    /// As reported.
+    pub state: HostState,
+    /// HCP's maintenance.
+    pub drain: Drain,
+    /// When the current drain began.
+    pub drain_started_at: Option<DateTime<Utc>>,
+    /// Last report.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What is placed on a host: VMs that are not deleted, and their size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostLoad {
+    /// VMs.
+    pub vms: u32,
+    /// Their vCPUs.
+    pub vcpus: u64,
+    /// Their memory.
+    pub memory_mib: u64,
+}
+
+/// A zone's placement settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZonePlacement {
+    /// The zone.
+    pub zone: String,
+    /// Spread or pack.
+    pub policy: PlacementPolicy,
+    /// vCPU overcommit ratio.
+    pub cpu_overcommit: f64,
+    /// Memory overcommit ratio.
+    pub memory_overcommit: f64,
+}
+
+/// A tenant's placement group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementGroup {
+    /// Id.
+    pub id: hcp_proto::ids::PlacementGroupId,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Owning project.
+    pub project_id: String,
+    /// Unique in the project.
+    pub name: String,
+    /// Together or apart.
+    pub policy: GroupPolicy,
+    /// Refuse what cannot be satisfied (else a preference).
+    pub strict: bool,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
 
 string_enum!(
     /// A snapshot's state.
@@ -186,6 +311,13 @@ pub struct Vm {
     pub zone: String,
     /// Provider the VM was placed on. Never shown to tenants.
     pub provider_id: ProviderId,
+    /// Host of the provider it is on (or moving to); empty when the
+    /// provider reports no hosts. Never shown to tenants.
+    pub host: String,
+    /// What to do when it is found down while it should run.
+    pub restart_policy: RestartPolicy,
+    /// Its placement group.
+    pub placement_group_id: Option<hcp_proto::ids::PlacementGroupId>,
     /// Network attachments.
     pub networks: Vec<NetworkAttachment>,
     /// Tenant metadata.
@@ -259,6 +391,46 @@ pub struct Job {
     pub params: crate::lifecycle::JobParams,
     /// The request's X-Request-Id, or its trace id.
     pub request_id: String,
+}
+
+impl Job {
+    /// A job for `kind` on `vm`, queued now.
+    pub fn queued(
+        kind: JobKind,
+        scope: &Scope,
+        vm: VmId,
+        actor: &str,
+        max_attempts: u32,
+        traceparent: Option<String>,
+        request_id: &str,
+    ) -> Self {
+        let t = now();
+        Job {
+            id: JobId::new(),
+            tenant_id: scope.tenant.clone(),
+            project_id: scope.project.clone(),
+            kind,
+            vm_id: vm,
+            status: JobStatus::Queued,
+            attempts: 0,
+            max_attempts: max_attempts.max(1),
+            run_after: t,
+            lease_owner: None,
+            lease_expires_at: None,
+            error_code: None,
+            error_message: None,
+            actor: actor.to_owned(),
+            traceparent,
+            created_at: t,
+            started_at: None,
+            finished_at: None,
+            updated_at: t,
+            prior_status: None,
+            snapshot_id: None,
+            params: crate::lifecycle::JobParams::None,
+            request_id: request_id.to_owned(),
+        }
+    }
 }
 
 /// A snapshot row.
@@ -371,6 +543,8 @@ pub struct Capabilities {
     pub supports_resize: bool,
     /// Resize of running VMs.
     pub supports_hot_resize: bool,
+    /// Migration of stopped VMs (and evacuation from a host that is down).
+    pub supports_cold_migration: bool,
     /// Free-form facts.
     pub attributes: BTreeMap<String, String>,
 }

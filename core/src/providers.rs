@@ -296,6 +296,47 @@ impl ProviderClients {
     }
 }
 
+impl ProviderClients {
+    /// Asks a provider for its hosts and records them. A provider that
+    /// does not implement ListHosts has none to tell about (Ok).
+    pub async fn refresh_hosts(&self, store: &Store, provider: &Provider) -> Result<(), String> {
+        let mut compute = self.compute(provider).map_err(|e| e.message)?;
+        let answer = tokio::time::timeout(
+            self.probe_timeout,
+            compute.list_hosts(hcp_proto::provider::ListHostsRequest {}),
+        )
+        .await
+        .map_err(|_| "ListHosts timed out".to_owned())?;
+        let hosts = match answer {
+            Ok(r) => r.into_inner().hosts,
+            Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(()),
+            Err(s) => return Err(format!("ListHosts failed: {}", s.message())),
+        };
+        let mut reports = Vec::with_capacity(hosts.len().min(MAX_HOSTS));
+        for h in hosts.into_iter().take(MAX_HOSTS) {
+            if h.name.is_empty() || h.name.len() > 255 {
+                tracing::warn!(provider = %provider.name, "ignoring a host with an empty or overlong name");
+                continue;
+            }
+            let state = match hcp_proto::provider::HostState::try_from(h.state) {
+                Ok(hcp_proto::provider::HostState::HostUp) => crate::model::HostState::Up,
+                Ok(hcp_proto::provider::HostState::HostMaintenance) => crate::model::HostState::Maintenance,
+                _ => crate::model::HostState::Down,
+            };
+            reports.push(crate::store::HostReport {
+                name: h.name,
+                vcpus: h.vcpus,
+                memory_mib: h.memory_mib,
+                state,
+            });
+        }
+        store.record_hosts(provider.id, &reports, now()).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Most hosts recorded per provider.
+const MAX_HOSTS: usize = 4096;
+
 fn unreachable(uri: &str, e: &tonic::transport::Error) -> ApiError {
     use std::error::Error;
     let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
@@ -333,6 +374,9 @@ pub async fn probe_all(
         }
         if let Err(e) = store.update_provider_health(p.id, healthy, &message, caps.as_ref(), now()).await {
             tracing::warn!(provider = %p.name, error = %e, "cannot store probe result");
+        }
+        if healthy && let Err(e) = clients.refresh_hosts(store, p).await {
+            tracing::warn!(provider = %p.name, error = %e, "cannot refresh hosts");
         }
     }
 }

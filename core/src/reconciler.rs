@@ -8,6 +8,12 @@
 //! | power changed out of band | audit only | the hypervisor is driven back to the desired state | `adopt`: the store takes the observed state |
 //! | orphan: an HCP-tagged VM HCP does not know (or deleted) | audit only | — | `reap`: deleted on the hypervisor |
 //!
+//! A VM's restart policy comes before the power policy: a VM that should
+//! run and is found down (`always`: shut off or crashed; `on-failure`:
+//! crashed, or its host is down) gets a `vm.recover` job, which starts it
+//! where it is or, its host being down, rebuilds it on another host. The
+//! host a provider reports a VM on is recorded (a move HCP did not make).
+//!
 //! Races with jobs are ruled out: a VM with a job operating on it, in a
 //! transitional state, or changed after the inventory was taken is skipped
 //! (its next period decides), and corrections are compare-and-set on the
@@ -22,7 +28,8 @@ use hcp_proto::provider;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::model::{AuditEvent, Provider, VmStatus, now};
+use crate::model::{AuditEvent, HostState, Provider, RestartPolicy, VmStatus, now};
+use crate::moves::{Asker, Moves};
 use crate::providers::ProviderClients;
 use crate::store::{KnownVm, Store};
 
@@ -105,6 +112,10 @@ pub struct Report {
     pub skipped: usize,
     /// VMs whose reported addresses changed and were recorded.
     pub addresses: usize,
+    /// VMs found down whose restart policy started a recovery.
+    pub restarts: usize,
+    /// VMs whose host changed without HCP, recorded.
+    pub hosts: usize,
 }
 
 /// Runs reconciliation passes.
@@ -114,6 +125,7 @@ pub struct Reconciler {
     clients: ProviderClients,
     config: ReconcilerConfig,
     owner: String,
+    moves: Moves,
 }
 
 /// Name of the singleton lease.
@@ -121,8 +133,14 @@ const LEASE: &str = "reconciler";
 
 impl Reconciler {
     /// Creates a reconciler; `owner` identifies this process.
-    pub fn new(store: Store, clients: ProviderClients, config: ReconcilerConfig, owner: String) -> Self {
-        Self { store, clients, config, owner }
+    pub fn new(
+        store: Store,
+        clients: ProviderClients,
+        config: ReconcilerConfig,
+        owner: String,
+        moves: Moves,
+    ) -> Self {
+        Self { store, clients, config, owner, moves }
     }
 
     /// Runs a pass every period while this process holds the lease.
@@ -168,6 +186,8 @@ impl Reconciler {
                     total.orphans += r.orphans;
                     total.skipped += r.skipped;
                     total.addresses += r.addresses;
+                    total.restarts += r.restarts;
+                    total.hosts += r.hosts;
                 }
                 Err(e) => tracing::warn!(provider = %p.name, error = %e, "reconcile failed"),
             }
@@ -202,6 +222,15 @@ impl Reconciler {
         let inventory = self.inventory(p).await?;
         let known = self.store.vms_on_provider(p.id).await.map_err(|e| e.to_string())?;
         let by_id: HashMap<VmId, &KnownVm> = known.iter().map(|k| (k.id, k)).collect();
+        let down: std::collections::HashSet<String> = self
+            .store
+            .list_hosts(Some(p.id))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|h| h.state == HostState::Down)
+            .map(|h| h.name)
+            .collect();
         let mut report = Report { listed: inventory.len(), known: known.len(), ..Report::default() };
         let mut seen = std::collections::HashSet::with_capacity(inventory.len());
 
@@ -230,6 +259,23 @@ impl Reconciler {
                     self.orphan(p, id, "deleted in HCP").await;
                 }
                 Some(k) => {
+                    let host_down = down.contains(&k.host);
+                    if restart_applies(k, power, host_down) {
+                        report.restarts += 1;
+                        self.restart(k, power, host_down).await;
+                        continue;
+                    }
+                    if !vm.host.is_empty() && vm.host != k.host {
+                        match self.store.set_vm_host(id, &vm.host).await {
+                            Ok(true) => {
+                                report.hosts += 1;
+                                let detail = format!("host {} -> {}", k.host, vm.host);
+                                self.record(self.audit("reconcile.host", id, "recorded", detail)).await;
+                            }
+                            Ok(false) => report.skipped += 1,
+                            Err(e) => tracing::warn!(vm_id = %id, error = %e, "cannot record a host"),
+                        }
+                    }
                     let drift = matches!(
                         (k.status, power),
                         (VmStatus::Active, provider::PowerState::Shutoff | provider::PowerState::Crashed)
@@ -256,6 +302,16 @@ impl Reconciler {
             if expected_present && !seen.contains(&k.id) {
                 if k.current_job_id.is_some() || k.updated_at > observed_at {
                     report.skipped += 1;
+                    continue;
+                }
+                if k.status == VmStatus::Active
+                    && k.restart_policy != RestartPolicy::Never
+                    && down.contains(&k.host)
+                {
+                    // Its host is down and took the VM out of the
+                    // provider's view: rebuild it elsewhere.
+                    report.restarts += 1;
+                    self.restart(k, provider::PowerState::Unspecified, true).await;
                     continue;
                 }
                 report.missing += 1;
@@ -367,6 +423,38 @@ impl Reconciler {
         }
     }
 
+    /// Starts a recovery of a VM found down (its restart policy said so).
+    async fn restart(&self, k: &KnownVm, observed: provider::PowerState, host_down: bool) {
+        let why = if host_down {
+            format!("host {} is down", k.host)
+        } else {
+            format!("desired {}, observed {}", k.status, observed.as_str_name())
+        };
+        let why = format!("restart policy {}: {why}", k.restart_policy);
+        let vm = match self.store.get_vm_internal(k.id).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                tracing::warn!(vm_id = %k.id, error = %e, "cannot read a vm to restart");
+                return;
+            }
+        };
+        let request_id = format!("reconcile-{}", self.owner);
+        let asker = Asker { actor: "system:reconciler", request_id: &request_id };
+        match self.moves.recover(&asker, &vm, host_down, &why).await {
+            Ok(job) => {
+                tracing::info!(vm_id = %k.id, job_id = %job.id, %why, "restart accepted");
+                metrics::counter!("hcp_reconciler_drift_total", "kind" => "restart", "action" => "accepted")
+                    .increment(1);
+            }
+            // A job took the VM meanwhile: the next pass looks again.
+            Err(e) if e.details.contains_key("job_id") => {}
+            Err(e) => {
+                let detail = format!("{why}; cannot restart: {}", e.message);
+                self.record(self.audit("reconcile.restart", k.id, "refused", detail)).await;
+            }
+        }
+    }
+
     async fn orphan(&self, p: &Provider, id: VmId, why: &str) {
         let detail = format!("{why}; on provider {}", p.name);
         match self.config.orphan {
@@ -389,6 +477,23 @@ impl Reconciler {
         }
     }
 }
+/// Whether a VM found in `power` (its host down or not) should be started
+/// again by its restart policy: it should run (ACTIVE in HCP), and it is
+/// down in a way the policy covers.
+fn restart_applies(k: &KnownVm, power: provider::PowerState, host_down: bool) -> bool {
+    use provider::PowerState as P;
+    if k.status != VmStatus::Active {
+        return false;
+    }
+    match k.restart_policy {
+        RestartPolicy::Never => false,
+        RestartPolicy::OnFailure => power == P::Crashed || (host_down && power != P::Running),
+        RestartPolicy::Always => {
+            matches!(power, P::Crashed | P::Shutoff) || (host_down && power != P::Running)
+        }
+    }
+}
+
 /// Counts a decision that was recorded, as
 /// `hcp_reconciler_drift_total{kind,action}`.
 fn counted(audit: &AuditEvent) {

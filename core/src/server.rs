@@ -232,8 +232,16 @@ pub async fn run(
             clients.clone(),
             config.reconciler.clone(),
             format!("reconciler-{}", uuid::Uuid::now_v7()),
+            crate::moves::Moves::new(store.clone(), queue.clone(), config.jobs.max_attempts),
         );
         background.spawn(reconciler.run(stop_rx.clone()));
+        let drainer = crate::drain::Drainer::new(
+            store.clone(),
+            crate::moves::Moves::new(store.clone(), queue.clone(), config.jobs.max_attempts),
+            config.drain.clone(),
+            format!("drainer-{}", uuid::Uuid::now_v7()),
+        );
+        background.spawn(drainer.run(stop_rx.clone()));
         // The audit trail's hash chain, extended by one process at a time.
         background.spawn(crate::audit_chain::run_sealer(
             store.clone(),
@@ -310,6 +318,7 @@ pub async fn run(
         health.set_serving::<AuditServiceServer<OpsApi>>().await;
         health.set_serving::<QuotaAdminServiceServer<OpsApi>>().await;
         health.set_serving::<JobAdminServiceServer<OpsApi>>().await;
+        health.set_serving::<hcp_proto::ops::vm_admin_service_server::VmAdminServiceServer<OpsApi>>().await;
         let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(hcp_proto::FILE_DESCRIPTOR_SET);
         for name in hcp_proto::NORTHBOUND_SERVICES {
@@ -340,7 +349,11 @@ pub async fn run(
             .add_service(CatalogAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(AuditServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(QuotaAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
-            .add_service(JobAdminServiceServer::new(ops).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(JobAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(
+                hcp_proto::ops::vm_admin_service_server::VmAdminServiceServer::new(ops)
+                    .max_decoding_message_size(MAX_MESSAGE),
+            )
             // Not northbound: only HCP's console proxy (role console.proxy).
             .add_service(hcp_proto::console::console_broker_service_server::ConsoleBrokerServiceServer::new(
                 console,

@@ -172,6 +172,7 @@ fn finish(
         },
         run_after,
         networks: None,
+        host: None,
     }
 }
 
@@ -190,6 +191,9 @@ fn new_vm(provider: &Provider, tenant: &str, project: &str, name: &str, tags: &[
         image_source: "img-src".into(),
         zone: "z1".into(),
         provider_id: provider.id,
+        host: String::new(),
+        restart_policy: hcp_core::model::RestartPolicy::Never,
+        placement_group_id: None,
         networks: vec![NetworkAttachment { network: "default".into(), ..Default::default() }],
         metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
         tags: tags.iter().map(|s| s.to_string()).collect(),
@@ -216,7 +220,7 @@ async fn create(
     let mut vm = new_vm(p, tenant, project, name, tags);
     let job = new_job(tenant, project, vm.id, JobKind::CreateVm);
     vm.current_job_id = Some(job.id);
-    store.accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string()), None).await.unwrap();
+    store.accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string()), None, None).await.unwrap();
     (vm, job)
 }
 
@@ -265,7 +269,7 @@ async fn create_is_atomic_and_tenant_scoped(backend: Backend) {
     let mut job2 = new_job("acme", "p1", vm2.id, JobKind::CreateVm);
     job2.id = job.id;
     vm2.current_job_id = Some(job2.id);
-    let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x"), None).await.unwrap_err();
+    let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x"), None, None).await.unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
     assert!(matches!(store.get_vm(&Scope::new("acme", "p1"), vm2.id).await, Err(StoreError::NotFound)));
 }
@@ -281,6 +285,7 @@ async fn operations_follow_the_state_rules(backend: Backend) {
         require_status: None,
         snapshot: None,
         resize: None,
+        host_change: None,
     };
     let stop = new_job("acme", "p1", vm.id, JobKind::StopVm);
     // The create job is still operating on the VM.
@@ -605,7 +610,7 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
             let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
             vm.current_job_id = Some(job.id);
             let rec = idem("k1", "h", &format!("{{\"vm_id\":\"{}\"}}", vm.id));
-            store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&rec)).await
+            store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&rec), None).await
         }));
     }
     let mut won = 0;
@@ -634,7 +639,7 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
     let mut late = idem("k1", "h2", &format!("{{\"vm_id\":\"{}\"}}", vm.id));
     late.created_at = now() + Duration::hours(25);
     late.expires_at = late.created_at + Duration::hours(24);
-    store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&late)).await.unwrap();
+    store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&late), None).await.unwrap();
     let rec = store.get_idempotency("acme", "k1", late.created_at).await.unwrap().expect("taken over");
     assert_eq!(rec.request_hash, "h2");
     assert_eq!(
@@ -656,7 +661,7 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
             let mut vm = new_vm(&p, "acme", "p1", &format!("vm-{i}"), &[]);
             let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
             vm.current_job_id = Some(job.id);
-            store.accept_create(&vm, &job, &audit("vm.create", ""), None).await
+            store.accept_create(&vm, &job, &audit("vm.create", ""), None, None).await
         }));
     }
     let mut accepted = 0;
@@ -684,7 +689,7 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
     let mut vm = new_vm(&p, "acme", "p3", "too-big", &[]);
     let job = new_job("acme", "p3", vm.id, JobKind::CreateVm);
     vm.current_job_id = Some(job.id);
-    let err = store.accept_create(&vm, &job, &audit("vm.create", ""), None).await.unwrap_err();
+    let err = store.accept_create(&vm, &job, &audit("vm.create", ""), None, None).await.unwrap_err();
     assert!(matches!(err, StoreError::QuotaExceeded(ref m) if m.contains("memory_mib")), "{err:?}");
 }
 
@@ -700,6 +705,7 @@ async fn usage_events_follow_transitions(backend: Backend) {
         require_status: None,
         snapshot: None,
         resize: None,
+        host_change: None,
     };
     for (kind, status) in [
         (JobKind::RebootVm, VmStatus::Active),
@@ -835,6 +841,7 @@ async fn a_resize_holds_its_quota_and_a_failure_gives_the_size_back(backend: Bac
         require_status: None,
         snapshot: None,
         resize: Some(to),
+        host_change: None,
     };
     // Past the quota by the difference (1 in use, 3 more asked, 3 allowed).
     let j = new_job("acme", "p1", vm.id, JobKind::ResizeVm);
@@ -883,6 +890,7 @@ async fn jobs_are_listed_newest_first_with_filters(backend: Backend) {
         require_status: None,
         snapshot: None,
         resize: None,
+        host_change: None,
     };
     let stop = new_job("acme", "p1", a.id, JobKind::StopVm);
     store.accept_operation(&op, &stop, &audit("vm.stop", ""), None).await.unwrap();

@@ -91,6 +91,10 @@ typed_id!(
     /// A VM snapshot.
     SnapshotId
 );
+typed_id!(
+    /// A tenant's placement group.
+    PlacementGroupId
+);
 
 #[cfg(test)]
 mod tests {

@@ -86,6 +86,7 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.ops.v1.AuditService",
     "hcp.ops.v1.QuotaAdminService",
     "hcp.ops.v1.JobAdminService",
+    "hcp.ops.v1.VmAdminService",
 ];
 
 /// Whether `path` (`/package.Service/Method`) names a method of HCP's

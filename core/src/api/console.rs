@@ -131,7 +131,7 @@ impl ConsoleApi {
         let why = if session.used_at.is_some() {
             "console token already used"
         } else if session.revoked_at.is_some() {
-            "console token revoked: the vm was stopped or deleted"
+            "console token revoked: the vm was stopped, moved or deleted"
         } else if session.expires_at <= t {
             "console token expired"
         } else {

@@ -17,6 +17,8 @@ use crate::store::Store;
 
 pub mod catalog;
 pub mod console;
+pub mod groups;
+pub mod hosts;
 pub mod ops;
 pub mod page;
 pub mod tenant;

@@ -104,6 +104,9 @@ impl OpsApi {
             .insert_provider(&provider, sealed.as_deref(), &audit)
             .await
             .map_err(|e| from_store(e, "provider"))?;
+        if let Err(e) = self.ctx.clients.refresh_hosts(&self.ctx.store, &provider).await {
+            tracing::warn!(provider = %provider.name, error = %e, "cannot read the new provider's hosts yet");
+        }
         tracing::info!(provider = %provider.name, plugin = %provider.plugin_name, "provider registered");
         Ok(convert::provider_to_proto(&provider))
     }
@@ -204,6 +207,30 @@ impl OpsApi {
 
 #[tonic::async_trait]
 impl ProviderAdminService for OpsApi {
+    async fn list_hosts(
+        &self,
+        req: tonic::Request<hcp_proto::ops::ListHostsRequest>,
+    ) -> ApiResult<hcp_proto::ops::ListHostsResponse> {
+        let p = principal(&req)?;
+        handle(super::hosts::list(&self.ctx, &p, &req.get_ref().provider_id)).await
+    }
+
+    async fn drain_host(
+        &self,
+        req: tonic::Request<hcp_proto::ops::HostRequest>,
+    ) -> ApiResult<hcp_proto::ops::Host> {
+        let p = principal(&req)?;
+        handle(super::hosts::set_drain(&self.ctx, &p, req.into_inner(), true)).await
+    }
+
+    async fn undrain_host(
+        &self,
+        req: tonic::Request<hcp_proto::ops::HostRequest>,
+    ) -> ApiResult<hcp_proto::ops::Host> {
+        let p = principal(&req)?;
+        handle(super::hosts::set_drain(&self.ctx, &p, req.into_inner(), false)).await
+    }
+
     async fn register_provider(&self, req: tonic::Request<RegisterProviderRequest>) -> ApiResult<Provider> {
         let p = principal(&req)?;
         handle(async {
@@ -259,6 +286,22 @@ impl ProviderAdminService for OpsApi {
 
 #[tonic::async_trait]
 impl CatalogAdminService for OpsApi {
+    async fn get_zone_placement(
+        &self,
+        req: tonic::Request<hcp_proto::ops::GetZonePlacementRequest>,
+    ) -> ApiResult<hcp_proto::ops::ZonePlacement> {
+        let p = principal(&req)?;
+        handle(super::hosts::get_zone_placement(&self.ctx, &p, &req.get_ref().zone)).await
+    }
+
+    async fn set_zone_placement(
+        &self,
+        req: tonic::Request<hcp_proto::ops::SetZonePlacementRequest>,
+    ) -> ApiResult<hcp_proto::ops::ZonePlacement> {
+        let p = principal(&req)?;
+        handle(super::hosts::set_zone_placement(&self.ctx, &p, req.into_inner())).await
+    }
+
     async fn create_flavor(&self, req: tonic::Request<CreateFlavorRequest>) -> ApiResult<common::Flavor> {
         let p = principal(&req)?;
         handle(async {
@@ -423,6 +466,26 @@ impl CatalogAdminService for OpsApi {
 const MAX_BACKINGS: usize = 64;
 /// Longest backing name (a port group path can be long).
 const MAX_BACKING: usize = 255;
+
+#[tonic::async_trait]
+impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
+    async fn get_vm(
+        &self,
+        req: tonic::Request<hcp_proto::ops::GetOpsVmRequest>,
+    ) -> ApiResult<hcp_proto::ops::OpsVm> {
+        let p = principal(&req)?;
+        handle(super::hosts::get_vm(&self.ctx, &p, &req.get_ref().vm_id)).await
+    }
+
+    async fn migrate_vm(
+        &self,
+        req: tonic::Request<hcp_proto::ops::MigrateVmRequest>,
+    ) -> ApiResult<hcp_proto::tenant::VmOperationAccepted> {
+        let p = principal(&req)?;
+        let request_id = super::tenant::request_id(&req);
+        handle(super::hosts::migrate(&self.ctx, &p, &request_id, req.into_inner())).await
+    }
+}
 
 #[tonic::async_trait]
 impl JobAdminService for OpsApi {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use hcp_proto::error::{ApiError, ErrorCode, excerpt};
-use hcp_proto::ids::{JobId, SnapshotId, VmId};
+use hcp_proto::ids::{JobId, PlacementGroupId, SnapshotId, VmId};
 use hcp_proto::tenant::job_service_server::JobService;
 use hcp_proto::tenant::quota_service_server::QuotaService;
 use hcp_proto::tenant::vm_service_server::VmService;
@@ -21,7 +21,7 @@ use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
 use crate::lifecycle::{Capability, ConsoleProtocol, JobParams, Size, missing, required_capabilities};
-use crate::model::{self, JobKind, JobStatus, NetworkAttachment, Scope, VmStatus, now};
+use crate::model::{self, JobKind, NetworkAttachment, Scope, VmStatus, now};
 use crate::placement;
 use crate::store::{
     AcceptOperation, IdempotencyRecord, ListJobsQuery, ListVmsQuery, SnapshotAccept, StoreError,
@@ -40,32 +40,15 @@ impl TenantApi {
     }
 
     fn new_job(&self, p: &Principal, scope: &Scope, vm: VmId, kind: JobKind, request_id: &str) -> model::Job {
-        let t = now();
-        model::Job {
-            id: JobId::new(),
-            tenant_id: scope.tenant.clone(),
-            project_id: scope.project.clone(),
+        model::Job::queued(
             kind,
-            vm_id: vm,
-            status: JobStatus::Queued,
-            attempts: 0,
-            max_attempts: self.ctx.config.jobs.max_attempts.max(1),
-            run_after: t,
-            lease_owner: None,
-            lease_expires_at: None,
-            error_code: None,
-            error_message: None,
-            actor: p.subject.clone(),
-            traceparent: hcp_telemetry::current_traceparent(),
-            created_at: t,
-            started_at: None,
-            finished_at: None,
-            updated_at: t,
-            prior_status: None,
-            snapshot_id: None,
-            params: JobParams::None,
-            request_id: request_id.to_owned(),
-        }
+            scope,
+            vm,
+            &p.subject,
+            self.ctx.config.jobs.max_attempts,
+            hcp_telemetry::current_traceparent(),
+            request_id,
+        )
     }
 
     /// The capabilities of every provider, by id, for `allowed_actions`.
@@ -128,6 +111,29 @@ impl TenantApi {
         let hostname =
             if req.hostname.is_empty() { req.name.to_ascii_lowercase() } else { req.hostname.clone() };
         validate::label("hostname", &hostname)?;
+        let restart_policy = hcp_proto::tenant::RestartPolicy::try_from(req.restart_policy)
+            .map(convert::restart_policy_from_proto)
+            .map_err(|_| {
+                ApiError::invalid_field(
+                    "restart_policy",
+                    format!("restart_policy {} is not NEVER, ON_FAILURE or ALWAYS", req.restart_policy),
+                )
+            })?;
+        let group = if req.placement_group_id.is_empty() {
+            None
+        } else {
+            let id: PlacementGroupId = validate::id("placement_group_id", &req.placement_group_id)?;
+            let g = self.ctx.store.get_placement_group(&scope, id).await.map_err(|e| match e {
+                StoreError::NotFound => ApiError::invalid_field(
+                    "placement_group_id",
+                    format!("unknown placement group {id} in project {}", req.project_id),
+                ),
+                e => from_store(e, "placement group"),
+            })?;
+            let members =
+                self.ctx.store.group_members(id).await.map_err(|e| from_store(e, "placement group"))?;
+            Some((g, members))
+        };
 
         let flavor = self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
             StoreError::NotFound => {
@@ -195,7 +201,17 @@ impl TenantApi {
         if req.user_data.is_some() {
             needs.push(Capability::CloudInit);
         }
-        let provider = placement::choose(&self.ctx.store, zone, zones.as_deref(), &needs).await?;
+        let request = placement::Request {
+            zone,
+            zones: zones.as_deref(),
+            needs: &needs,
+            vcpus: flavor.vcpus,
+            memory_mib: flavor.memory_mib,
+            group: group.as_ref().map(|(g, m)| (g, m.as_slice())),
+            ..placement::Request::default()
+        };
+        let candidates = placement::candidates(&self.ctx.store, &request).await?;
+        let guard = request.guard();
 
         let vm_id = VmId::new();
         let job = self.new_job(&p, &scope, vm_id, JobKind::CreateVm, &request_id);
@@ -214,8 +230,11 @@ impl TenantApi {
             disk_gib: flavor.disk_gib,
             image: image.name.clone(),
             image_source: image.source.clone(),
-            zone: provider.zone.clone(),
-            provider_id: provider.id,
+            zone: String::new(),
+            provider_id: hcp_proto::ids::ProviderId(uuid::Uuid::nil()),
+            host: String::new(),
+            restart_policy,
+            placement_group_id: group.as_ref().map(|(g, _)| g.id),
             networks: req
                 .networks
                 .iter()
@@ -238,15 +257,43 @@ impl TenantApi {
         let answer =
             VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string(), snapshot_id: None };
         let record = self.record(&tenant, idem.as_ref(), &answer);
-        match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref()).await {
-            Ok(()) => {}
-            Err(StoreError::IdempotencyRace) => return self.replay_after_race(&tenant, idem.as_ref()).await,
-            Err(StoreError::QuotaExceeded(msg)) => return Err(ApiError::new(ErrorCode::QuotaExceeded, msg)),
-            Err(e) => return Err(from_store(e, "vm")),
+        // A strict group's rule is checked again in the transaction: a
+        // concurrent create that took a host first sends this one on to the
+        // next candidate.
+        let mut vm = vm;
+        let mut refused = None;
+        for choice in candidates.iter().take(MAX_PLACEMENT_TRIES) {
+            vm.zone = choice.provider.zone.clone();
+            vm.provider_id = choice.provider.id;
+            vm.host = choice.host.clone();
+            match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref(), guard.as_ref()).await {
+                Ok(()) => {
+                    self.ctx.announce(job.id);
+                    tracing::info!(vm_id = %vm_id, job_id = %job.id, provider = %choice.provider.name,
+                        host = %choice.host, "vm create accepted");
+                    return Ok(answer);
+                }
+                Err(StoreError::Conflict(msg)) if guard.is_some() => refused = Some(msg),
+                Err(StoreError::IdempotencyRace) => {
+                    return self.replay_after_race(&tenant, idem.as_ref()).await;
+                }
+                Err(StoreError::QuotaExceeded(msg)) => {
+                    return Err(ApiError::new(ErrorCode::QuotaExceeded, msg));
+                }
+                Err(e) => return Err(from_store(e, "vm")),
+            }
         }
-        self.ctx.announce(job.id);
-        tracing::info!(vm_id = %vm_id, job_id = %job.id, provider = %provider.name, "vm create accepted");
-        Ok(answer)
+        let (g, _) = group.as_ref().ok_or_else(ApiError::internal)?;
+        tracing::info!(reason = ?refused, group = %g.id, "create refused by its placement group");
+        Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "placement group {} (strict {}) cannot take another member: every host that could take the vm is ruled out",
+                g.name, g.policy
+            ),
+        )
+        .with_detail("reason", "placement_group")
+        .with_detail("field", "placement_group_id"))
     }
 
     /// Accepts an operation on a VM: its job, the VM's in-flight state and
@@ -294,6 +341,7 @@ impl TenantApi {
             require_status: extra.require_status,
             snapshot: extra.snapshot,
             resize: extra.resize,
+            host_change: None,
         };
         let answer = VmOperationAccepted {
             vm_id: vm_id.to_string(),
@@ -808,6 +856,8 @@ fn fingerprint_create(req: &CreateVmRequest) -> String {
         "tags": req.tags,
         "user_data": req.user_data,
         "hostname": req.hostname,
+        "placement_group_id": req.placement_group_id,
+        "restart_policy": req.restart_policy,
     }))
 }
 
@@ -823,6 +873,9 @@ struct Extra {
     resize: Option<Size>,
     request_id: String,
 }
+
+/// Candidates a create tries when a strict group's rule refuses the first.
+const MAX_PLACEMENT_TRIES: usize = 32;
 
 /// Longest X-Request-Id kept with a job.
 const MAX_REQUEST_ID: usize = 255;
@@ -856,6 +909,44 @@ pub fn hash_token(token: &str) -> String {
 
 #[tonic::async_trait]
 impl VmService for TenantApi {
+    async fn create_placement_group(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::CreatePlacementGroupRequest>,
+    ) -> ApiResult<hcp_proto::tenant::PlacementGroup> {
+        let p = principal(&req)?;
+        handle(super::groups::create(&self.ctx, &p, req.into_inner())).await
+    }
+
+    async fn list_placement_groups(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::ListPlacementGroupsRequest>,
+    ) -> ApiResult<hcp_proto::tenant::ListPlacementGroupsResponse> {
+        let p = principal(&req)?;
+        handle(super::groups::list(&self.ctx, &p, &req.get_ref().project_id)).await
+    }
+
+    async fn get_placement_group(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::PlacementGroupRequest>,
+    ) -> ApiResult<hcp_proto::tenant::PlacementGroup> {
+        let p = principal(&req)?;
+        let r = req.get_ref();
+        handle(super::groups::get(&self.ctx, &p, &r.project_id, &r.placement_group_id)).await
+    }
+
+    async fn delete_placement_group(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::PlacementGroupRequest>,
+    ) -> ApiResult<hcp_proto::tenant::DeletePlacementGroupResponse> {
+        let p = principal(&req)?;
+        let r = req.get_ref();
+        handle(async {
+            super::groups::delete(&self.ctx, &p, &r.project_id, &r.placement_group_id).await?;
+            Ok(hcp_proto::tenant::DeletePlacementGroupResponse {})
+        })
+        .await
+    }
+
     async fn create_vm(&self, req: tonic::Request<CreateVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;

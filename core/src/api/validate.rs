@@ -42,6 +42,8 @@ pub const MAX_DESCRIPTION: usize = 1024;
 pub const MAX_LOCATOR: usize = 1024;
 /// Most provider credentials.
 pub const MAX_CREDENTIALS: usize = 32;
+/// Longest host name (providers promise at most 255 characters).
+pub const MAX_HOST: usize = 255;
 
 /// Parses a typed id, naming `field` on failure.
 pub fn id<T: FromStr>(field: &str, value: &str) -> Result<T, ApiError> {

@@ -30,6 +30,9 @@ pub struct Finish {
     /// The VM's attachments with the addresses the provider reported after
     /// the job, when it could tell.
     pub networks: Option<Vec<NetworkAttachment>>,
+    /// The host the provider reported the VM on after a successful job,
+    /// when it names one.
+    pub host: Option<String>,
 }
 
 /// Filters and page position for [`super::Store::list_jobs`].
@@ -172,6 +175,14 @@ macro_rules! apply_transition {
             .execute(&mut *$tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+        }
+        if let Some(host) = &t.vm_host {
+            sqlx::query("UPDATE vms SET host = $1 WHERE id = $2")
+                .bind(host)
+                .bind(job.vm_id.0)
+                .execute(&mut *$tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
         }
         let networks: Option<&Vec<NetworkAttachment>> = $networks;
         if let Some(networks) = networks {
@@ -499,6 +510,14 @@ impl super::Store {
                 return Err(StoreError::Conflict(format!("lease on job {} lost", job.id)));
             }
             apply_transition!(tx, job, t, message, finish.networks.as_ref(), now, outbox);
+            if let Some(host) = finish.host.as_deref().filter(|h| !h.is_empty()) {
+                sqlx::query("UPDATE vms SET host = $1 WHERE id = $2 AND status <> 'DELETED'")
+                    .bind(host)
+                    .bind(job.vm_id.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            }
             if let Some(audit) = audit {
                 super::audit::insert_audit!(&mut *tx, audit);
             }

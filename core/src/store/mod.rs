@@ -21,6 +21,7 @@ mod audit;
 mod catalog;
 mod consoles;
 mod guards;
+mod hosts;
 mod jobs;
 mod keys;
 mod metrics;
@@ -31,11 +32,12 @@ mod vms;
 
 pub use audit::{AuditQuery, ChainedEvent};
 pub use guards::{IdempotencyRecord, Quota, Usage};
+pub use hosts::{GroupGuard, HostReport, Member};
 pub use jobs::{Finish, ListJobsQuery};
 pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use reconcile::KnownVm;
-pub use vms::{AcceptOperation, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
+pub use vms::{AcceptOperation, HostChange, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,10 @@ pub struct KnownVm {
     pub updated_at: DateTime<Utc>,
     /// Attachments with the addresses last recorded.
     pub networks: Vec<crate::model::NetworkAttachment>,
+    /// The host HCP has it on.
+    pub host: String,
+    /// What to do when it is found down.
+    pub restart_policy: crate::model::RestartPolicy,
 }
 
 impl super::Store {
@@ -30,7 +34,8 @@ impl super::Store {
     pub async fn vms_on_provider(&self, provider: ProviderId) -> StoreResult<Vec<KnownVm>> {
         on_pool!(self, |pool| {
             let rows = sqlx::query(
-                "SELECT id, status, current_job_id, updated_at, networks FROM vms WHERE provider_id = $1",
+                "SELECT id, status, current_job_id, updated_at, networks, host, restart_policy FROM vms \
+                 WHERE provider_id = $1",
             )
             .bind(provider.0)
             .fetch_all(pool)
@@ -42,6 +47,7 @@ impl super::Store {
                 let status: String = col!(row, "status");
                 let job: Option<uuid::Uuid> = col!(row, "current_job_id");
                 let networks: sqlx::types::Json<Vec<crate::model::NetworkAttachment>> = col!(row, "networks");
+                let policy: String = col!(row, "restart_policy");
                 out.push(KnownVm {
                     id: VmId(id),
                     status: VmStatus::parse(&status)
@@ -49,6 +55,9 @@ impl super::Store {
                     current_job_id: job.map(JobId),
                     updated_at: col!(row, "updated_at"),
                     networks: networks.0,
+                    host: col!(row, "host"),
+                    restart_policy: crate::model::RestartPolicy::parse(&policy)
+                        .ok_or_else(|| StoreError::Corrupt(format!("restart policy {policy:?}")))?,
                 });
             }
             Ok(out)

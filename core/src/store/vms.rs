@@ -48,6 +48,20 @@ pub struct AcceptOperation {
     /// The size a resize gives the VM: applied now, so the quota (checked
     /// for the difference) holds it while the job runs.
     pub resize: Option<Size>,
+    /// The host a move (a migration, a recovery elsewhere) gives the VM:
+    /// applied now, so placement counts the VM there while the job runs.
+    pub host_change: Option<HostChange>,
+}
+
+/// What a move does to the VM's host at accept time.
+#[derive(Debug, Clone)]
+pub struct HostChange {
+    /// The host it moves to; `None` for a recovery where it is.
+    pub to: Option<String>,
+    /// A live move (migrations only).
+    pub live: bool,
+    /// The strict group rule the target must keep.
+    pub group: Option<super::GroupGuard>,
 }
 
 /// The tenant-owned fields [`super::Store::update_vm`] sets; `None` keeps
@@ -75,7 +89,8 @@ pub enum SnapshotAccept {
 
 const VM_COLUMNS: &str = "id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, \
      image, image_source, zone, provider_id, networks, metadata, tags, user_data, hostname, \
-     status, current_job_id, error_code, error_message, created_at, updated_at";
+     status, current_job_id, error_code, error_message, created_at, updated_at, host, \
+     restart_policy, placement_group_id";
 
 macro_rules! vm_from_row {
     ($row:expr) => {{
@@ -100,6 +115,16 @@ macro_rules! vm_from_row {
             image_source: col!(row, "image_source"),
             zone: col!(row, "zone"),
             provider_id: ProviderId(provider_id),
+            host: col!(row, "host"),
+            restart_policy: {
+                let p: String = col!(row, "restart_policy");
+                crate::model::RestartPolicy::parse(&p)
+                    .ok_or_else(|| StoreError::Corrupt(format!("restart policy {p:?}")))?
+            },
+            placement_group_id: {
+                let g: Option<uuid::Uuid> = col!(row, "placement_group_id");
+                g.map(hcp_proto::ids::PlacementGroupId)
+            },
             networks: networks.0,
             metadata: metadata.0,
             tags: tags.0,
@@ -129,13 +154,16 @@ impl super::Store {
     /// With `idem`, the idempotency key is recorded first (a concurrent
     /// request holding the key fails this one with IdempotencyRace), then the
     /// project's quota is checked (QuotaExceeded), all in the same
-    /// transaction as the inserts.
+    /// transaction as the inserts. With `group`, the strict placement
+    /// group's rule is checked against where its members are now
+    /// (Conflict when the VM's host breaks it).
     pub async fn accept_create(
         &self,
         vm: &NewVm,
         job: &Job,
         audit: &AuditEvent,
         idem: Option<&IdempotencyRecord>,
+        group: Option<&super::GroupGuard>,
     ) -> StoreResult<()> {
         let kind = self.kind();
         let outbox = self.outbox;
@@ -145,12 +173,16 @@ impl super::Store {
                 insert_idempotency!(tx, rec);
             }
             check_quota!(tx, kind, &vm.tenant_id, &vm.project_id, 1, to_i32(vm.vcpus), to_i32(vm.memory_mib));
+            if let Some(guard) = group {
+                super::hosts::check_group!(tx, guard, vm.id, vm.provider_id, &vm.host);
+            }
             sqlx::query(
                 "INSERT INTO vms (id, tenant_id, project_id, name, flavor, vcpus, memory_mib, \
                  disk_gib, image, image_source, zone, provider_id, networks, metadata, tags, \
                  user_data, hostname, status, current_job_id, error_code, error_message, \
-                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                 $12, $13, $14, $15, $16, $17, $18, $19, NULL, NULL, $20, $21)",
+                 created_at, updated_at, host, restart_policy, placement_group_id) VALUES ($1, $2, \
+                 $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, NULL, \
+                 NULL, $20, $21, $22, $23, $24)",
             )
             .bind(vm.id.0)
             .bind(&vm.tenant_id)
@@ -173,6 +205,9 @@ impl super::Store {
             .bind(vm.current_job_id.map(|j| j.0))
             .bind(vm.created_at)
             .bind(vm.updated_at)
+            .bind(&vm.host)
+            .bind(vm.restart_policy.as_str())
+            .bind(vm.placement_group_id.map(|g| g.0))
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
@@ -279,6 +314,29 @@ impl super::Store {
                 vm.vcpus = to.vcpus;
                 vm.memory_mib = to.memory_mib;
                 vm.disk_gib = to.disk_gib;
+            }
+            if let Some(change) = &op.host_change {
+                let from = vm.host.clone();
+                if let Some(to) = &change.to {
+                    if let Some(guard) = &change.group {
+                        super::hosts::check_group!(tx, guard, vm.id, vm.provider_id, to);
+                    }
+                    sqlx::query("UPDATE vms SET host = $1 WHERE id = $2")
+                        .bind(to)
+                        .bind(vm.id.0)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+                    vm.host = to.clone();
+                }
+                job.params = match op.kind {
+                    JobKind::MigrateVm => crate::lifecycle::JobParams::Migrate {
+                        from,
+                        to: change.to.clone().unwrap_or_default(),
+                        live: change.live,
+                    },
+                    _ => crate::lifecycle::JobParams::Recover { from, to: change.to.clone() },
+                };
             }
             let job = &job;
             // Compare-and-set on the state just read: a concurrent accept
@@ -472,6 +530,42 @@ impl super::Store {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
             Ok(done.rows_affected() == 1)
+        })
+    }
+
+    /// Records the host a provider reports for a VM no job holds (a move
+    /// HCP did not make). Returns false when a job took the VM meanwhile.
+    pub async fn set_vm_host(&self, id: VmId, host: &str) -> StoreResult<bool> {
+        on_pool!(self, |pool| {
+            let done = sqlx::query(
+                "UPDATE vms SET host = $1 WHERE id = $2 AND current_job_id IS NULL AND status <> 'DELETED'",
+            )
+            .bind(host)
+            .bind(id.0)
+            .execute(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    /// The VMs on a host that are not deleted, oldest first.
+    pub(super) async fn vms_where_host(&self, provider: ProviderId, host: &str) -> StoreResult<Vec<Vm>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {VM_COLUMNS} FROM vms WHERE provider_id = $1 AND host = $2 \
+                 AND status <> 'DELETED' ORDER BY id"
+            )))
+            .bind(provider.0)
+            .bind(host)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(vm_from_row!(row));
+            }
+            Ok(out)
         })
     }
 

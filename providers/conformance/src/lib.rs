@@ -245,6 +245,7 @@ impl Kit {
             user_data,
             hostname: name.to_owned(),
             labels: [("hcp.conformance".to_owned(), "true".to_owned())].into_iter().collect(),
+            host: String::new(),
         }
     }
 

@@ -221,6 +221,20 @@ pub trait Provider: Send + Sync + 'static {
         let _ = req;
         Err(ProviderError::new(ErrorKind::Unsupported, "snapshots are not supported"))
     }
+    /// The hosts VMs can be placed on, with capacity and state. Default:
+    /// none to tell about (UNIMPLEMENTED; core treats the provider as one
+    /// host of unknown size and places nothing by host).
+    async fn list_hosts(&self) -> Result<Vec<pb::HostInfo>, ProviderError> {
+        Err(ProviderError::new(ErrorKind::Unsupported, "the provider reports no hosts"))
+    }
+    /// Moves a VM to `req.target_host` (idempotent: a VM already there
+    /// succeeds). Default: not supported; declare
+    /// `supports_live_migration` / `supports_cold_migration` when
+    /// implementing it.
+    async fn migrate_vm(&self, req: pb::MigrateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let _ = req;
+        Err(ProviderError::new(ErrorKind::Unsupported, "migration is not supported"))
+    }
 }
 
 /// One page of `vms` for a ListVms request: VMs ordered by id, those after
@@ -606,6 +620,21 @@ impl<P: Provider> Compute for Adapter<P> {
         vm_id(&req.vm_id)?;
         snapshot_id(&req.snapshot_id)?;
         reply(self.inner.delete_snapshot(req).await.map(|existed| pb::DeleteSnapshotResponse { existed }))
+    }
+
+    async fn list_hosts(&self, _: tonic::Request<pb::ListHostsRequest>) -> Reply<pb::ListHostsResponse> {
+        reply(self.inner.list_hosts().await.map(|hosts| pb::ListHostsResponse { hosts }))
+    }
+
+    async fn migrate_vm(&self, req: tonic::Request<pb::MigrateVmRequest>) -> Reply<pb::VmInfo> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        if req.target_host.is_empty() || req.target_host.len() > 255 {
+            return Err(tonic::Status::invalid_argument(
+                "target_host must name a host (1 to 255 characters)",
+            ));
+        }
+        reply(self.inner.migrate_vm(req).await)
     }
 }
 

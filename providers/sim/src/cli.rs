@@ -14,9 +14,22 @@ struct Args {
     listen: SocketAddr,
     /// Capabilities to report, comma-separated (cloud_init, snapshot,
     /// snapshot_running, live_migration, console_vnc, console_spice,
-    /// console_rdp, console_serial, gpu_passthrough, resize, hot_resize).
-    #[arg(long, default_value = "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize")]
+    /// console_rdp, console_serial, gpu_passthrough, resize, hot_resize,
+    /// cold_migration).
+    #[arg(
+        long,
+        default_value = "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize,live_migration,cold_migration"
+    )]
     capabilities: String,
+    /// Simulated hosts (sim-host-1..N); 0 reports none.
+    #[arg(long, default_value_t = 3)]
+    hosts: u32,
+    /// vCPUs of each host.
+    #[arg(long, default_value_t = 4096)]
+    host_vcpus: u32,
+    /// Memory of each host, MiB.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    host_memory_mib: u64,
     /// Do not report hot resize, whatever --capabilities says: ResizeVm of
     /// a running VM then answers FAILED_PRECONDITION (and core refuses it
     /// first, with 409 naming supports_hot_resize).
@@ -84,6 +97,7 @@ fn config_of(args: &Args) -> anyhow::Result<crate::SimConfig> {
         protocol_versions: args.protocol_versions.split(',').map(|v| v.trim().to_owned()).collect(),
         require_credentials: args.require_credentials,
         unix_socket: args.unix_socket.clone(),
+        hosts: crate::hosts(args.hosts, args.host_vcpus, args.host_memory_mib),
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(hcp_provider_sdk::TlsConfig {
                 cert_pem: std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?,

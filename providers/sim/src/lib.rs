@@ -3,7 +3,8 @@
 //! `hcp.sim.v1.SimControl` service for tests and demos: per-operation
 //! latency, injected failures (before or after the effect, to model a lost
 //! reply), out-of-band changes (power state, a VM removed behind HCP's back,
-//! an unknown VM), and call counters that prove exactly-once creation.
+//! an unknown VM), call counters that prove exactly-once creation, and
+//! several hosts (with migration between them, and hosts that fail).
 //!
 //! It is a product part (the quick start runs it), never a stand-in for
 //! testing a real adapter.
@@ -36,6 +37,30 @@ pub struct SimConfig {
     pub unix_socket: Option<std::path::PathBuf>,
     /// Serve TLS.
     pub tls: Option<hcp_provider_sdk::TlsConfig>,
+    /// The simulated hosts.
+    pub hosts: Vec<SimHost>,
+}
+
+/// A simulated host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimHost {
+    /// Name.
+    pub name: String,
+    /// Physical vCPUs.
+    pub vcpus: u32,
+    /// Physical memory.
+    pub memory_mib: u64,
+}
+
+/// `n` hosts named `sim-host-1..n` of the given size.
+pub fn hosts(n: u32, vcpus: u32, memory_mib: u64) -> Vec<SimHost> {
+    (1..=n).map(|i| SimHost { name: format!("sim-host-{i}"), vcpus, memory_mib }).collect()
+}
+
+/// Hosts the simulator has unless told otherwise: three, large enough for
+/// benchmarks of tens of thousands of small VMs.
+pub fn default_hosts() -> Vec<SimHost> {
+    hosts(3, 4096, 16 * 1024 * 1024)
 }
 
 impl Default for SimConfig {
@@ -48,6 +73,7 @@ impl Default for SimConfig {
             require_credentials: false,
             unix_socket: None,
             tls: None,
+            hosts: default_hosts(),
         }
     }
 }
@@ -61,6 +87,8 @@ pub fn default_capabilities() -> pb::Capabilities {
         supports_snapshot_running: true,
         supports_resize: true,
         supports_hot_resize: true,
+        supports_live_migration: true,
+        supports_cold_migration: true,
         ..Default::default()
     }
 }
@@ -83,6 +111,7 @@ pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, String> {
             "gpu_passthrough" => &mut c.supports_gpu_passthrough,
             "resize" => &mut c.supports_resize,
             "hot_resize" => &mut c.supports_hot_resize,
+            "cold_migration" => &mut c.supports_cold_migration,
             other => return Err(format!("unknown capability {other:?}")),
         };
         *flag = true;
@@ -100,6 +129,8 @@ struct SimVm {
     /// Per NIC: what the network is here (the backing core sent, or the
     /// network name when it sent none).
     nics: Vec<String>,
+    /// The host it is on.
+    host: String,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +158,42 @@ struct State {
     soft_reboots: u64,
     forced_stops: u64,
     graceful_stops: u64,
+    /// Host name -> (spec, up).
+    hosts: BTreeMap<String, (SimHost, bool)>,
+}
+
+impl State {
+    /// The host a new VM goes to: the one asked for (known and up), else
+    /// the up host with the fewest VMs.
+    fn host_for(&self, asked: &str) -> Result<String, ProviderError> {
+        if self.hosts.is_empty() {
+            return Ok(String::new());
+        }
+        if !asked.is_empty() {
+            return match self.hosts.get(asked) {
+                None => Err(ProviderError::new(ErrorKind::InvalidArgument, format!("no host {asked}"))),
+                Some((_, false)) => {
+                    Err(ProviderError::new(ErrorKind::InvalidState, format!("host {asked} is down")))
+                }
+                Some(_) => Ok(asked.to_owned()),
+            };
+        }
+        self.hosts
+            .iter()
+            .filter(|(_, (_, up))| *up)
+            .min_by_key(|(name, _)| self.vms.values().filter(|v| &v.host == *name).count())
+            .map(|(name, _)| name.clone())
+            .ok_or_else(|| ProviderError::new(ErrorKind::Unavailable, "every host is down"))
+    }
+
+    fn host_up(&self, name: &str) -> bool {
+        self.hosts.get(name).is_none_or(|(_, up)| *up)
+    }
+
+    /// A VM added out of band goes to the first host.
+    fn first_host(&self) -> String {
+        self.hosts.keys().next().cloned().unwrap_or_default()
+    }
 }
 
 /// Marks a call for one VM as in flight until dropped, and adds its
@@ -163,8 +230,12 @@ pub struct Sim {
 impl Sim {
     /// Creates an empty simulator.
     pub fn new(config: &SimConfig) -> Self {
+        let state = State {
+            hosts: config.hosts.iter().map(|h| (h.name.clone(), (h.clone(), true))).collect(),
+            ..State::default()
+        };
         Self {
-            state: Arc::default(),
+            state: Arc::new(Mutex::new(state)),
             capabilities: config.capabilities.clone(),
             default_latency: config.latency,
             protocol_versions: config.protocol_versions.clone(),
@@ -220,6 +291,7 @@ impl Sim {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disk_gib: vm.disk_gib,
+            host: vm.host.clone(),
             interfaces: vm
                 .nics
                 .iter()
@@ -328,6 +400,7 @@ impl Provider for Sim {
             if let Some(vm) = s.vms.get(&req.vm_id) {
                 Ok(Self::info_of(&req.vm_id, vm))
             } else {
+                let host = s.host_for(&spec.host)?;
                 s.next_native += 1;
                 let vm = SimVm {
                     native_id: format!("sim-{}", s.next_native),
@@ -340,6 +413,7 @@ impl Provider for Sim {
                         .iter()
                         .map(|n| if n.backing.is_empty() { n.network.clone() } else { n.backing.clone() })
                         .collect(),
+                    host,
                 };
                 *s.creations.entry(req.vm_id.clone()).or_default() += 1;
                 let info = Self::info_of(&req.vm_id, &vm);
@@ -377,15 +451,100 @@ impl Provider for Sim {
     }
 
     async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(
-            self,
-            "StartVm",
-            vm_id,
-            self.with_vm(vm_id, |vm| {
-                vm.power = pb::PowerState::Running;
-                Ok(())
-            })
-        )
+        fault_gate!(self, "StartVm", vm_id, {
+            let mut s = self.lock();
+            let host =
+                s.vms.get(vm_id).map(|v| v.host.clone()).ok_or_else(|| ProviderError::not_found(vm_id))?;
+            if !s.host_up(&host) {
+                return Err(ProviderError::new(ErrorKind::InvalidState, format!("host {host} is down")));
+            }
+            let vm = s.vms.get_mut(vm_id).ok_or_else(|| ProviderError::not_found(vm_id))?;
+            vm.power = pb::PowerState::Running;
+            Ok(Self::info_of(vm_id, vm))
+        })
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<pb::HostInfo>, ProviderError> {
+        if self.lock().hosts.is_empty() {
+            return Err(ProviderError::new(ErrorKind::Unsupported, "the simulator has no hosts"));
+        }
+        fault_gate!(self, "ListHosts", "", {
+            let s = self.lock();
+            Ok(s.hosts
+                .values()
+                .map(|(h, up)| pb::HostInfo {
+                    name: h.name.clone(),
+                    vcpus: h.vcpus,
+                    memory_mib: h.memory_mib,
+                    state: if *up { pb::HostState::HostUp } else { pb::HostState::HostDown } as i32,
+                })
+                .collect())
+        })
+    }
+
+    async fn migrate_vm(&self, req: pb::MigrateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let caps = self.capabilities.clone();
+        fault_gate!(self, "MigrateVm", &req.vm_id.clone(), {
+            let mut s = self.lock();
+            let (from, power) = s
+                .vms
+                .get(&req.vm_id)
+                .map(|v| (v.host.clone(), v.power))
+                .ok_or_else(|| ProviderError::not_found(&req.vm_id))?;
+            if from == req.target_host {
+                return Ok(Self::info_of(&req.vm_id, &s.vms[&req.vm_id]));
+            }
+            match s.hosts.get(&req.target_host) {
+                None => {
+                    return Err(ProviderError::new(
+                        ErrorKind::InvalidArgument,
+                        format!("no host {}", req.target_host),
+                    ));
+                }
+                Some((_, false)) => {
+                    return Err(ProviderError::new(
+                        ErrorKind::InvalidState,
+                        format!("host {} is down", req.target_host),
+                    ));
+                }
+                Some(_) => {}
+            }
+            let running = power == pb::PowerState::Running;
+            if req.live {
+                if !caps.supports_live_migration {
+                    return Err(ProviderError::new(
+                        ErrorKind::Unsupported,
+                        "live migration is not supported",
+                    ));
+                }
+                if !running {
+                    return Err(ProviderError::new(
+                        ErrorKind::InvalidState,
+                        "a live migration needs a running vm",
+                    ));
+                }
+            } else {
+                if !caps.supports_cold_migration {
+                    return Err(ProviderError::new(
+                        ErrorKind::Unsupported,
+                        "cold migration is not supported",
+                    ));
+                }
+                if running {
+                    return Err(ProviderError::new(
+                        ErrorKind::InvalidState,
+                        "the vm is running; migrate it live",
+                    ));
+                }
+            }
+            let vm = s.vms.get_mut(&req.vm_id).ok_or_else(|| ProviderError::not_found(&req.vm_id))?;
+            vm.host = req.target_host.clone();
+            // Rebuilt from shared storage: not running on the new host.
+            if vm.power == pb::PowerState::Crashed {
+                vm.power = pb::PowerState::Shutoff;
+            }
+            Ok(Self::info_of(&req.vm_id, vm))
+        })
     }
 
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
@@ -671,10 +830,38 @@ impl SimControl for Control {
                 memory_mib: 512,
                 disk_gib: 10,
                 nics: Vec::new(),
+                host: s.first_host(),
             };
             s.vms.insert(id, vm);
         }
         Ok(tonic::Response::new(sim::AddVmResponse {}))
+    }
+
+    async fn set_host_state(
+        &self,
+        req: tonic::Request<sim::SetHostStateRequest>,
+    ) -> Reply<sim::SetHostStateResponse> {
+        let r = req.into_inner();
+        let up = match pb::HostState::try_from(r.state) {
+            Ok(pb::HostState::HostUp) => true,
+            Ok(pb::HostState::HostDown) => false,
+            _ => return Err(tonic::Status::invalid_argument("state must be HOST_UP or HOST_DOWN")),
+        };
+        let mut s = self.sim.lock();
+        let entry = s
+            .hosts
+            .get_mut(&r.host)
+            .ok_or_else(|| tonic::Status::not_found(format!("no host {}", r.host)))?;
+        entry.1 = up;
+        if !up {
+            // A host that fails takes its running guests down with it.
+            for vm in s.vms.values_mut().filter(|v| v.host == r.host) {
+                if vm.power == pb::PowerState::Running {
+                    vm.power = pb::PowerState::Crashed;
+                }
+            }
+        }
+        Ok(tonic::Response::new(sim::SetHostStateResponse {}))
     }
 
     async fn add_vm(&self, req: tonic::Request<sim::AddVmRequest>) -> Reply<sim::AddVmResponse> {
@@ -689,6 +876,7 @@ impl SimControl for Control {
             memory_mib: 512,
             disk_gib: 10,
             nics: Vec::new(),
+            host: s.first_host(),
         };
         s.vms.insert(r.vm_id, vm);
         Ok(tonic::Response::new(sim::AddVmResponse {}))

@@ -165,6 +165,7 @@ impl Vm {
             memory_mib: self.memory_mib,
             interfaces,
             disk_gib,
+            host: String::new(),
         }
     }
 }

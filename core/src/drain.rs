@@ -1,0 +1,146 @@
+//! Host drains: a host an operator drains takes no new VMs (placement skips
+//! it), and its VMs are moved off as migration jobs, at most `concurrency`
+//! at a time per host. A VM whose move fails or cannot be made (no live
+//! migration for a running VM, a strict affinity group) stays and is named
+//! in the host's view; every refusal is audited once per drain. The host
+//! is DRAINED once nothing of HCP's is left on it. One drainer runs at a
+//! time across worker processes (a named lease); the state lives in the
+//! store (the host's drain state and the jobs), so another process takes
+//! over where this one stopped.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use hcp_proto::ids::{EventId, ProviderId, VmId};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::model::{AuditEvent, Drain, Host, VmStatus, now};
+use crate::moves::{Asker, Moves};
+use crate::store::Store;
+
+/// Drain settings (`[drain]` in core's configuration).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Moves in flight per draining host. Default 4.
+    pub concurrency: u32,
+    /// Period between passes, milliseconds. Default 500.
+    pub interval_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { concurrency: 4, interval_ms: 500 }
+    }
+}
+
+/// Runs drains.
+pub struct Drainer {
+    store: Store,
+    moves: Moves,
+    config: DrainConfig,
+    owner: String,
+    /// Moves refused in the current drains (audited once each).
+    refused: HashSet<(ProviderId, String, VmId)>,
+}
+
+const LEASE: &str = "drainer";
+const ACTOR: &str = "system:drain";
+
+impl Drainer {
+    /// Creates a drainer; `owner` identifies this process.
+    pub fn new(store: Store, moves: Moves, config: DrainConfig, owner: String) -> Self {
+        Self { store, moves, config, owner, refused: HashSet::new() }
+    }
+
+    /// Runs a pass every period while this process holds the lease.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let every = Duration::from_millis(self.config.interval_ms.max(50));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            let t = now();
+            let until = t + chrono::Duration::seconds(10);
+            match self.store.acquire_singleton(LEASE, &self.owner, t, until).await {
+                Ok(true) => {
+                    if let Err(e) = self.pass().await {
+                        tracing::warn!(error = %e, "drain pass failed");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot take the drainer lease"),
+            }
+        }
+    }
+
+    /// One pass over every draining host.
+    pub async fn pass(&mut self) -> Result<(), crate::store::StoreError> {
+        let hosts = self.store.list_hosts(None).await?;
+        let draining: Vec<&Host> = hosts.iter().filter(|h| h.drain == Drain::Draining).collect();
+        self.refused.retain(|(p, h, _)| draining.iter().any(|d| d.provider_id == *p && d.name == *h));
+        for host in draining {
+            self.drain(host).await?;
+        }
+        Ok(())
+    }
+
+    async fn drain(&mut self, host: &Host) -> Result<(), crate::store::StoreError> {
+        let vms = self.store.vms_on_host(host.provider_id, &host.name).await?;
+        if vms.is_empty() {
+            self.store.set_drain(host.provider_id, &host.name, Drain::Drained, now()).await?;
+            tracing::info!(provider = %host.provider_id, host = %host.name, "host drained");
+            return Ok(());
+        }
+        let since = host.drain_started_at.unwrap_or(host.updated_at);
+        let failed: HashSet<VmId> =
+            self.store.failed_moves(host.provider_id, &host.name, since).await?.into_iter().collect();
+        let in_flight = self.store.moves_in_flight(host.provider_id, &host.name).await?;
+        let mut room = self.config.concurrency.max(1).saturating_sub(in_flight);
+        let request_id = format!("drain-{}-{}", host.provider_id, host.name);
+        for vm in vms {
+            if room == 0 {
+                break;
+            }
+            let key = (host.provider_id, host.name.clone(), vm.id);
+            let movable =
+                vm.current_job_id.is_none() && matches!(vm.status, VmStatus::Active | VmStatus::Stopped);
+            if !movable || failed.contains(&vm.id) || self.refused.contains(&key) {
+                continue;
+            }
+            let asker = Asker { actor: ACTOR, request_id: &request_id };
+            match self.moves.migrate(&asker, vm.id, None, None).await {
+                Ok((_, job)) => {
+                    room -= 1;
+                    tracing::info!(vm_id = %vm.id, job_id = %job.id, host = %host.name, "drain: move accepted");
+                }
+                // Taken by a job meanwhile: the next pass looks again.
+                Err(e) if e.details.contains_key("job_id") => {}
+                Err(e) => {
+                    tracing::info!(vm_id = %vm.id, host = %host.name, error = %e.message, "drain: vm cannot move");
+                    self.refused.insert(key);
+                    let audit = AuditEvent {
+                        id: EventId::new(),
+                        at: now(),
+                        actor: ACTOR.to_owned(),
+                        tenant_id: vm.tenant_id.clone(),
+                        project_id: vm.project_id.clone(),
+                        action: "host.drain".to_owned(),
+                        resource_type: "vm".to_owned(),
+                        resource_id: vm.id.to_string(),
+                        outcome: "refused".to_owned(),
+                        job_id: String::new(),
+                        trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
+                        detail: format!("host {}: {}", host.name, e.message),
+                    };
+                    if let Err(e) = self.store.append_audit(&audit).await {
+                        tracing::warn!(error = %e, "cannot record a drain refusal");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,503 @@
+//! Hosts and placement: the hosts each provider reports (with HCP's drain
+//! state), what is placed on them, zones' placement settings and tenants'
+//! placement groups.
+
+use chrono::{DateTime, Utc};
+use hcp_proto::ids::{PlacementGroupId, ProviderId, VmId};
+
+use super::{StoreError, StoreResult, col, on_pool};
+use crate::model::{
+    AuditEvent, Drain, GroupPolicy, Host, HostLoad, HostState, PlacementGroup, PlacementPolicy, Scope,
+    ZonePlacement,
+};
+
+/// A host as a provider reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostReport {
+    /// Name.
+    pub name: String,
+    /// Physical vCPUs.
+    pub vcpus: u32,
+    /// Physical memory.
+    pub memory_mib: u64,
+    /// State.
+    pub state: HostState,
+}
+
+/// Where a member of a placement group is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The VM.
+    pub vm_id: VmId,
+    /// Its provider.
+    pub provider_id: ProviderId,
+    /// Its host.
+    pub host: String,
+}
+
+/// A strict placement group's rule, checked inside the transaction that
+/// places a VM (see [`check_group!`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupGuard {
+    /// The group.
+    pub group_id: PlacementGroupId,
+    /// Together or apart.
+    pub policy: GroupPolicy,
+}
+
+macro_rules! host_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        let provider: uuid::Uuid = col!(row, "provider_id");
+        let state: String = col!(row, "state");
+        let drain: String = col!(row, "drain");
+        let vcpus: i64 = col!(row, "vcpus");
+        let memory: i64 = col!(row, "memory_mib");
+        Host {
+            provider_id: ProviderId(provider),
+            name: col!(row, "name"),
+            vcpus: u32::try_from(vcpus).map_err(|_| StoreError::Corrupt(format!("host vcpus {vcpus}")))?,
+            memory_mib: u64::try_from(memory)
+                .map_err(|_| StoreError::Corrupt(format!("host memory {memory}")))?,
+            state: HostState::parse(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("host state {state:?}")))?,
+            drain: Drain::parse(&drain)
+                .ok_or_else(|| StoreError::Corrupt(format!("host drain {drain:?}")))?,
+            drain_started_at: col!(row, "drain_started_at"),
+            updated_at: col!(row, "updated_at"),
+        }
+    }};
+}
+
+macro_rules! group_from_row {
+    ($row:expr) => {{
+        let row = $row;
+        let id: uuid::Uuid = col!(row, "id");
+        let policy: String = col!(row, "policy");
+        PlacementGroup {
+            id: PlacementGroupId(id),
+            tenant_id: col!(row, "tenant_id"),
+            project_id: col!(row, "project_id"),
+            name: col!(row, "name"),
+            policy: GroupPolicy::parse(&policy)
+                .ok_or_else(|| StoreError::Corrupt(format!("group policy {policy:?}")))?,
+            strict: col!(row, "strict"),
+            created_at: col!(row, "created_at"),
+        }
+    }};
+}
+
+/// Inside a transaction that puts `$vm` on (`$provider`, `$host`): locks
+/// the strict group's row, so members are placed one at a time, then
+/// refuses with [`StoreError::Conflict`] a host the group's rule forbids
+/// given where the other members are now.
+macro_rules! check_group {
+    ($tx:expr, $guard:expr, $vm:expr, $provider:expr, $host:expr) => {{
+        let guard: &$crate::store::GroupGuard = $guard;
+        let vm: hcp_proto::ids::VmId = $vm;
+        let provider: hcp_proto::ids::ProviderId = $provider;
+        let host: &str = $host;
+        let locked = sqlx::query("UPDATE placement_groups SET name = name WHERE id = $1")
+            .bind(guard.group_id.0)
+            .execute(&mut *$tx)
+            .await
+            .map_err(|e| $crate::store::StoreError::from_sqlx(e, "placement group"))?;
+        if locked.rows_affected() != 1 {
+            return Err($crate::store::StoreError::Conflict(format!(
+                "placement group {} was deleted",
+                guard.group_id
+            )));
+        }
+        let rows = sqlx::query(
+            "SELECT provider_id, host FROM vms WHERE placement_group_id = $1 AND status <> 'DELETED' \
+             AND id <> $2",
+        )
+        .bind(guard.group_id.0)
+        .bind(vm.0)
+        .fetch_all(&mut *$tx)
+        .await
+        .map_err(|e| $crate::store::StoreError::from_sqlx(e, "placement group"))?;
+        for row in &rows {
+            let p: uuid::Uuid = $crate::store::col!(row, "provider_id");
+            let h: String = $crate::store::col!(row, "host");
+            let same = p == provider.0 && h == host;
+            match guard.policy {
+                $crate::model::GroupPolicy::AntiAffinity if same => {
+                    return Err($crate::store::StoreError::Conflict(format!(
+                        "placement group {} (strict anti-affinity) already has a member on that host",
+                        guard.group_id
+                    )));
+                }
+                $crate::model::GroupPolicy::Affinity if !same => {
+                    return Err($crate::store::StoreError::Conflict(format!(
+                        "placement group {} (strict affinity) has its members on another host",
+                        guard.group_id
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }};
+}
+pub(crate) use check_group;
+
+impl super::Store {
+    /// Records what a provider reports: hosts are inserted or updated
+    /// (keeping HCP's drain state); hosts it no longer reports become DOWN.
+    pub async fn record_hosts(
+        &self,
+        provider: ProviderId,
+        hosts: &[HostReport],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            for h in hosts {
+                sqlx::query(
+                    "INSERT INTO hosts (provider_id, name, vcpus, memory_mib, state, drain, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, '', $6) ON CONFLICT (provider_id, name) DO UPDATE SET \
+                     vcpus = excluded.vcpus, memory_mib = excluded.memory_mib, state = excluded.state, \
+                     updated_at = excluded.updated_at",
+                )
+                .bind(provider.0)
+                .bind(&h.name)
+                .bind(i64::from(h.vcpus))
+                .bind(i64::try_from(h.memory_mib).unwrap_or(i64::MAX))
+                .bind(h.state.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "host"))?;
+            }
+            // Hosts not in this report are gone from the provider's view.
+            sqlx::query(
+                "UPDATE hosts SET state = 'DOWN', updated_at = $2 WHERE provider_id = $1 \
+                 AND updated_at < $2 AND state <> 'DOWN'",
+            )
+            .bind(provider.0)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "host"))?;
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+        });
+        Ok(())
+    }
+
+    /// Every host, of one provider or of all.
+    pub async fn list_hosts(&self, provider: Option<ProviderId>) -> StoreResult<Vec<Host>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT provider_id, name, vcpus, memory_mib, state, drain, drain_started_at, updated_at \
+                 FROM hosts WHERE ($1 IS NULL OR provider_id = $1) ORDER BY provider_id, name",
+            )
+            .bind(provider.map(|p| p.0))
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "hosts"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(host_from_row!(row));
+            }
+            Ok(out)
+        })
+    }
+
+    /// What HCP has placed on each host (VMs not deleted), keyed by
+    /// provider and host.
+    pub async fn host_loads(&self) -> StoreResult<Vec<((ProviderId, String), HostLoad)>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT provider_id, host, CAST(COUNT(*) AS BIGINT) AS n, \
+                 CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
+                 CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib \
+                 FROM vms WHERE status <> 'DELETED' GROUP BY provider_id, host",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "hosts"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let p: uuid::Uuid = col!(row, "provider_id");
+                let n: i64 = col!(row, "n");
+                let v: i64 = col!(row, "vcpus");
+                let m: i64 = col!(row, "memory_mib");
+                out.push((
+                    (ProviderId(p), col!(row, "host")),
+                    HostLoad {
+                        vms: u32::try_from(n).unwrap_or(u32::MAX),
+                        vcpus: u64::try_from(v).unwrap_or(0),
+                        memory_mib: u64::try_from(m).unwrap_or(0),
+                    },
+                ));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Sets HCP's drain state of a host; a new drain records when it began.
+    pub async fn set_drain(
+        &self,
+        provider: ProviderId,
+        host: &str,
+        drain: Drain,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let done = sqlx::query(
+                "UPDATE hosts SET drain = $3, drain_started_at = CASE \
+                 WHEN $3 = '' THEN NULL WHEN drain = '' THEN $4 ELSE drain_started_at END \
+                 WHERE provider_id = $1 AND name = $2",
+            )
+            .bind(provider.0)
+            .bind(host)
+            .bind(drain.as_str())
+            .bind(now)
+            .execute(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "host"))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+        });
+        Ok(())
+    }
+
+    /// The VMs on a host that are not deleted, oldest first.
+    pub async fn vms_on_host(&self, provider: ProviderId, host: &str) -> StoreResult<Vec<crate::model::Vm>> {
+        self.vms_where_host(provider, host).await
+    }
+
+    /// Moves of VMs off `host` that have not finished.
+    pub async fn moves_in_flight(&self, provider: ProviderId, host: &str) -> StoreResult<u32> {
+        on_pool!(self, |pool| {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs j JOIN vms v ON v.id = j.vm_id \
+                 WHERE j.kind = 'vm.migrate' AND j.status IN ('QUEUED', 'RUNNING') \
+                 AND v.provider_id = $1 AND j.params ->> 'from' = $2",
+            )
+            .bind(provider.0)
+            .bind(host)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "jobs"))?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+    }
+
+    /// VMs still on `host` whose move off it failed since `since`.
+    pub async fn failed_moves(
+        &self,
+        provider: ProviderId,
+        host: &str,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<VmId>> {
+        on_pool!(self, |pool| {
+            let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+                "SELECT DISTINCT j.vm_id FROM jobs j JOIN vms v ON v.id = j.vm_id \
+                 WHERE j.kind = 'vm.migrate' AND j.status IN ('FAILED', 'CANCELLED') \
+                 AND j.created_at >= $3 AND v.provider_id = $1 AND v.host = $2 \
+                 AND j.params ->> 'from' = $2",
+            )
+            .bind(provider.0)
+            .bind(host)
+            .bind(since)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "jobs"))?;
+            Ok(ids.into_iter().map(VmId).collect())
+        })
+    }
+
+    /// A zone's placement settings (defaults for a zone never set).
+    pub async fn zone_placement(&self, zone: &str) -> StoreResult<ZonePlacement> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT name, placement_policy, cpu_overcommit, memory_overcommit FROM zones WHERE name = $1",
+            )
+            .bind(zone)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "zone"))?
+            .ok_or(StoreError::NotFound)?;
+            let policy: String = col!(&row, "placement_policy");
+            Ok(ZonePlacement {
+                zone: col!(&row, "name"),
+                policy: PlacementPolicy::parse(&policy)
+                    .ok_or_else(|| StoreError::Corrupt(format!("placement policy {policy:?}")))?,
+                cpu_overcommit: col!(&row, "cpu_overcommit"),
+                memory_overcommit: col!(&row, "memory_overcommit"),
+            })
+        })
+    }
+
+    /// Sets a zone's placement settings.
+    pub async fn set_zone_placement(&self, p: &ZonePlacement) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let done = sqlx::query(
+                "UPDATE zones SET placement_policy = $2, cpu_overcommit = $3, memory_overcommit = $4 \
+                 WHERE name = $1",
+            )
+            .bind(&p.zone)
+            .bind(p.policy.as_str())
+            .bind(p.cpu_overcommit)
+            .bind(p.memory_overcommit)
+            .execute(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "zone"))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+        });
+        Ok(())
+    }
+
+    /// Inserts a placement group (AlreadyExists for a taken name) with its
+    /// audit event.
+    pub async fn create_placement_group(&self, g: &PlacementGroup, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            sqlx::query(
+                "INSERT INTO placement_groups (id, tenant_id, project_id, name, policy, strict, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(g.id.0)
+            .bind(&g.tenant_id)
+            .bind(&g.project_id)
+            .bind(&g.name)
+            .bind(g.policy.as_str())
+            .bind(g.strict)
+            .bind(g.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, &format!("placement group {}", g.name)))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+        });
+        Ok(())
+    }
+
+    /// The project's placement groups, by name.
+    pub async fn list_placement_groups(&self, scope: &Scope) -> StoreResult<Vec<PlacementGroup>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT id, tenant_id, project_id, name, policy, strict, created_at FROM placement_groups \
+                 WHERE tenant_id = $1 AND project_id = $2 ORDER BY name",
+            )
+            .bind(&scope.tenant)
+            .bind(&scope.project)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "placement groups"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(group_from_row!(row));
+            }
+            Ok(out)
+        })
+    }
+
+    /// One placement group of the project.
+    pub async fn get_placement_group(
+        &self,
+        scope: &Scope,
+        id: PlacementGroupId,
+    ) -> StoreResult<PlacementGroup> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT id, tenant_id, project_id, name, policy, strict, created_at FROM placement_groups \
+                 WHERE id = $1 AND tenant_id = $2 AND project_id = $3",
+            )
+            .bind(id.0)
+            .bind(&scope.tenant)
+            .bind(&scope.project)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "placement group"))?
+            .ok_or(StoreError::NotFound)?;
+            Ok(group_from_row!(&row))
+        })
+    }
+
+    /// A placement group by id alone (for operators' moves).
+    pub async fn get_placement_group_internal(&self, id: PlacementGroupId) -> StoreResult<PlacementGroup> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT id, tenant_id, project_id, name, policy, strict, created_at FROM placement_groups \
+                 WHERE id = $1",
+            )
+            .bind(id.0)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "placement group"))?
+            .ok_or(StoreError::NotFound)?;
+            Ok(group_from_row!(&row))
+        })
+    }
+
+    /// Where the group's members that are not deleted are.
+    pub async fn group_members(&self, id: PlacementGroupId) -> StoreResult<Vec<Member>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT id, provider_id, host FROM vms WHERE placement_group_id = $1 \
+                 AND status <> 'DELETED' ORDER BY id",
+            )
+            .bind(id.0)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "placement group"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let vm: uuid::Uuid = col!(row, "id");
+                let p: uuid::Uuid = col!(row, "provider_id");
+                out.push(Member { vm_id: VmId(vm), provider_id: ProviderId(p), host: col!(row, "host") });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Deletes an empty placement group with its audit event; Conflict
+    /// while it has members.
+    pub async fn delete_placement_group(
+        &self,
+        scope: &Scope,
+        id: PlacementGroupId,
+        audit: &AuditEvent,
+    ) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+            let done = sqlx::query(
+                "UPDATE placement_groups SET name = name WHERE id = $1 AND tenant_id = $2 AND project_id = $3",
+            )
+            .bind(id.0)
+            .bind(&scope.tenant)
+            .bind(&scope.project)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "placement group"))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            let members: i64 = sqlx::query_scalar(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM vms WHERE placement_group_id = $1 AND status <> 'DELETED'",
+            )
+            .bind(id.0)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "placement group"))?;
+            if members > 0 {
+                return Err(StoreError::Conflict(format!(
+                    "placement group {id} has {members} members; delete them first"
+                )));
+            }
+            sqlx::query("DELETE FROM placement_groups WHERE id = $1")
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "placement group"))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+        });
+        Ok(())
+    }
+}
