@@ -52,6 +52,12 @@ struct Pve {
 }
 
 async fn pve_stack(task_ms: u64, jobs_toml: &str) -> Pve {
+    pve_stack_with(task_ms, jobs_toml, &[], "").await
+}
+
+/// As [`pve_stack`], with more flags for the simulator and more keys for
+/// the provider's configuration.
+async fn pve_stack_with(task_ms: u64, jobs_toml: &str, sim_args: &[&str], provider_toml: &str) -> Pve {
     let opts = StackOptions { jobs_toml: jobs_toml.to_owned(), ..Default::default() };
     let mut s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
     let sim_exe = workspace_bin(Path::new(HCP), "hcp-proxmox-sim").unwrap();
@@ -76,7 +82,10 @@ async fn pve_stack(task_ms: u64, jobs_toml: &str) -> Pve {
                 format!("hcp@pve!provider={token_secret}"),
                 "--task-ms".into(),
                 task_ms.to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(sim_args.iter().map(|a| a.to_string()))
+            .collect::<Vec<String>>(),
             &[],
         )
         .await
@@ -87,7 +96,7 @@ async fn pve_stack(task_ms: u64, jobs_toml: &str) -> Pve {
     std::fs::write(
         &config,
         format!(
-            "api_url = \"https://{pve}\"\nnode = \"pve1\"\n\
+            "api_url = \"https://{pve}\"\nnode = \"pve1\"\n{provider_toml}\
              [tls]\nca_file = \"{cert}\"\n\
              [cloud_init]\nuser = \"debian\"\nsnippets_storage = \"local\"\nsnippets_dir = \"{snippets}\"\n\
              [timing]\ntask_poll_ms = 20\nretry_base_ms = 20\n",
@@ -345,4 +354,102 @@ async fn quorum_loss_is_retried_and_a_revoked_token_makes_the_provider_unhealthy
         .await
         .unwrap();
     assert_eq!(r.status, 503, "no healthy provider in the zone: {}", r.body);
+}
+
+#[tokio::test]
+async fn a_running_vm_moves_between_proxmox_nodes_and_keeps_running() {
+    if !hcp_proxmox_sim::schema::present_or_skip("a_running_vm_moves_between_proxmox_nodes_and_keeps_running")
+    {
+        return;
+    }
+    // Two nodes and a storage both reach: PVE migrates running VMs there.
+    let Pve { s, control, .. } =
+        pve_stack_with(20, "", &["--nodes", "pve1,pve2", "--shared-storage", "ceph"], "storage = \"ceph\"\n")
+            .await;
+    let ops = s.ops_token();
+    let providers = s.rest.get("/api/hcp/ops/v1/providers", &ops).await.unwrap().body;
+    let provider =
+        providers["providers"].as_array().unwrap().iter().find(|p| p["zone"] == "pve").unwrap().clone();
+    let caps = &provider["capabilities"];
+    assert_eq!(
+        (caps["supports_live_migration"].as_bool(), caps["supports_cold_migration"].as_bool()),
+        (Some(true), Some(true)),
+        "{provider}"
+    );
+    let id = provider["provider_id"].as_str().unwrap();
+    let hosts = s.rest.get(&format!("/api/hcp/ops/v1/providers/{id}/hosts"), &ops).await.unwrap().body;
+    let names: Vec<&str> =
+        hosts["hosts"].as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["pve1", "pve2"], "{hosts}");
+    assert!(
+        hosts["hosts"].as_array().unwrap().iter().all(|h| h["state"] == "UP" && h["vcpus"] == 8),
+        "{hosts}"
+    );
+
+    let t = s.tenant_token("acme", &["demo"]);
+    let mut vms = Vec::new();
+    for name in ["a", "b"] {
+        let body = json!({"name": name, "flavor": "small", "image": "debian-12", "zone": "pve"});
+        let r = s.rest.post(VMS, &t, &body).await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(finished(&s.rest, &t, &r.str("job_id")).await["status"], "SUCCEEDED");
+        vms.push(r.str("vm_id"));
+    }
+    let host = |vm: String| {
+        let s = &s;
+        let ops = &ops;
+        async move { s.rest.get(&format!("/api/hcp/ops/v1/vms/{vm}"), ops).await.unwrap().str("host") }
+    };
+    // Spread: one per node (the second was cloned on pve1 and moved to
+    // pve2 before its first start).
+    assert_eq!(
+        (host(vms[0].clone()).await, host(vms[1].clone()).await),
+        ("pve1".to_owned(), "pve2".to_owned())
+    );
+
+    let vm = &vms[0];
+    let console = s.console(&format!("{VMS}/{vm}"), &t, &json!({})).await.unwrap();
+    let r = s.rest.post(&format!("/api/hcp/ops/v1/vms/{vm}:migrate"), &ops, &json!({})).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(s.rest.get(&format!("{VMS}/{vm}"), &t).await.unwrap().str("status"), "ACTIVE");
+    let job = finished(&s.rest, &t, &r.str("job_id")).await;
+    assert_eq!(job["status"], "SUCCEEDED", "{job}");
+    assert_eq!(host(vm.clone()).await, "pve2");
+    assert_eq!(s.rest.get(&format!("{VMS}/{vm}"), &t).await.unwrap().str("status"), "ACTIVE");
+    let sim = Rest::new(format!("http://{control}"));
+    let guests = sim.get("/_sim/vms", "").await.unwrap().body;
+    let guest = guests
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["config"]["tags"].as_str().is_some_and(|t| t.contains(vm.as_str())))
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (guest["node"].as_str(), guest["status"].as_str()),
+        (Some("pve2"), Some("running")),
+        "{guest}"
+    );
+    assert_eq!(guest["migrations"], 1, "{guest}");
+    // The console token issued before the move is revoked.
+    let proxy = s.token(None, &[], &["console.proxy"], 300);
+    let mut broker = hcp_proto::console::console_broker_service_client::ConsoleBrokerServiceClient::new(
+        s.core_channel().await.unwrap(),
+    );
+    let mut req = tonic::Request::new(hcp_proto::console::RedeemConsoleRequest {
+        token: console["token"].as_str().unwrap().to_owned(),
+        protocol: "vnc".into(),
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {proxy}").parse().unwrap());
+    let err = broker.redeem_console(req).await.unwrap_err();
+    assert!(err.message().contains("revoked"), "{err:?}");
+
+    // Every request to "Proxmox" was valid against the schema, and the
+    // moves were `migrate` calls: one offline (placement), one online.
+    let requests = sim.get("/_sim/requests", "").await.unwrap().body;
+    let requests = requests.as_array().unwrap();
+    let bad: Vec<&Value> = requests.iter().filter(|r| r["violations"] != json!({})).collect();
+    assert!(bad.is_empty(), "schema violations: {bad:#?}");
+    let moves = requests.iter().filter(|r| r["path"].as_str().unwrap().ends_with("/migrate")).count();
+    assert_eq!(moves, 2, "one move at create, one live");
 }

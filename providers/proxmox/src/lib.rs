@@ -64,6 +64,7 @@ impl Found {
             vm_id: vm_id.to_owned(),
             power_state: power as i32,
             native_id: format!("{}/{}", self.node, self.vmid),
+            host: self.node.clone(),
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             disk_gib: self.disk_gib,
@@ -312,6 +313,19 @@ impl Proxmox {
 
     async fn require(&self, vm_id: &str) -> Result<Found, ProviderError> {
         self.find(vm_id, None).await?.ok_or_else(|| ProviderError::not_found(vm_id))
+    }
+
+    /// Moves a VM to another node (`online` for a running VM) and waits
+    /// for the `qmigrate` task.
+    async fn migrate(&self, f: &Found, target: &str, online: bool) -> Result<(), ProviderError> {
+        let mut params: Params = vec![("target", target.to_owned())];
+        if online {
+            params.push(("online", "1".to_owned()));
+        }
+        let path = format!("{}/migrate", f.path());
+        self.pve.task(Method::Post, &path, params).await.map_err(map_error)?;
+        tracing::info!(vmid = f.vmid, from = %f.node, to = target, online, "migrated");
+        Ok(())
     }
 
     /// Resolves an image source to a template `(node, vmid)`.
@@ -587,6 +601,8 @@ impl Provider for Proxmox {
             supports_snapshot: true,
             supports_snapshot_running: true,
             supports_live_migration: shared && online > 1,
+            // Offline migration copies local disks too.
+            supports_cold_migration: online > 1,
             supports_console_vnc: true,
             // Cores, memory and disk of a stopped VM. Not of a running one:
             // PVE hot-plugs CPUs and memory only with `hotplug` including
@@ -692,9 +708,16 @@ impl Provider for Proxmox {
                 }
             }
         }
-        let f = found.ok_or_else(|| {
+        let mut f = found.ok_or_else(|| {
             ProviderError::new(ErrorKind::Busy, "no free vmid after 10 attempts (collisions)")
         })?;
+        // Clones start on the template's node; a VM placed on another node
+        // moves there before its first start (an offline migration, which
+        // PVE makes with local disks as well as shared ones).
+        if !spec.host.is_empty() && f.node != spec.host && f.status != "running" {
+            self.migrate(&f, &spec.host, false).await?;
+            f = self.require(&vm_id).await?;
+        }
         if !f.configured {
             self.configure_vm(&f, &vm_id, &spec).await?;
         }
@@ -706,6 +729,65 @@ impl Provider for Proxmox {
 
     async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
         self.described(vm_id).await
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<pb::HostInfo>, ProviderError> {
+        let nodes = self.resources("node").await?;
+        Ok(nodes
+            .iter()
+            .filter_map(|n| {
+                let name = n["node"].as_str()?.to_owned();
+                let state = match n["status"].as_str() {
+                    Some("online") => pb::HostState::HostUp,
+                    _ => pb::HostState::HostDown,
+                };
+                Some(pb::HostInfo {
+                    name,
+                    vcpus: u32::try_from(lenient::u64(&n["maxcpu"]).unwrap_or_default()).unwrap_or(u32::MAX),
+                    memory_mib: lenient::u64(&n["maxmem"]).unwrap_or_default() / (1024 * 1024),
+                    state: state as i32,
+                })
+            })
+            .collect())
+    }
+
+    async fn migrate_vm(&self, req: pb::MigrateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let _serial = self.locks.lock(&req.vm_id).await;
+        let f = self.require(&req.vm_id).await?;
+        if f.node == req.target_host {
+            return self.described(&req.vm_id).await;
+        }
+        let running = f.status == "running";
+        if req.live != running {
+            let why = if running {
+                "the vm is running; migrate it live"
+            } else {
+                "a live migration needs a running vm"
+            };
+            return Err(ProviderError::new(ErrorKind::InvalidState, why));
+        }
+        let nodes = self.resources("node").await?;
+        let online = |name: &str| {
+            nodes.iter().any(|n| n["node"].as_str() == Some(name) && n["status"].as_str() == Some("online"))
+        };
+        if !nodes.iter().any(|n| n["node"].as_str() == Some(req.target_host.as_str())) {
+            return Err(invalid("target_host", format!("the cluster has no node {}", req.target_host)));
+        }
+        if !online(&req.target_host) {
+            return Err(ProviderError::new(
+                ErrorKind::InvalidState,
+                format!("node {} is offline", req.target_host),
+            ));
+        }
+        if !online(&f.node) {
+            // PVE moves a dead node's VMs only through its HA manager.
+            return Err(ProviderError::new(
+                ErrorKind::InvalidState,
+                format!("node {} is offline; its VMs are recovered by the cluster's HA manager", f.node),
+            ));
+        }
+        self.migrate(&f, &req.target_host, req.live).await?;
+        self.described(&req.vm_id).await
     }
 
     async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {

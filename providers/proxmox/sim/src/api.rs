@@ -369,6 +369,7 @@ fn dispatch(
             Answer::Data(Value::Array(s.vms.values().filter(|v| v.node == node).map(vm_summary).collect()))
         }
         ("POST", "/nodes/{node}/qemu/{vmid}/clone") => clone(s, &node, vmid, &user, params),
+        ("POST", "/nodes/{node}/qemu/{vmid}/migrate") => migrate(s, &node, vmid, &user, params),
         ("GET", "/nodes/{node}/qemu/{vmid}/config") => {
             let vm = &s.vms[&vmid];
             let mut cfg: serde_json::Map<String, Value> =
@@ -736,7 +737,9 @@ fn resources(s: &State, kind: Option<&str>) -> Value {
     }
     if matches!(kind, None | Some("node")) {
         for node in &s.config.nodes {
-            out.push(json!({"id": format!("node/{node}"), "type": "node", "node": node, "status": "online", "maxcpu": 8}));
+            let status = if s.offline_nodes.contains(node) { "offline" } else { "online" };
+            out.push(json!({"id": format!("node/{node}"), "type": "node", "node": node, "status": status,
+                "maxcpu": 8, "maxmem": 32u64 << 30}));
         }
     }
     Value::Array(out)
@@ -812,8 +815,9 @@ fn clone(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<Str
     if let Some(d) = params.get("description") {
         config.insert("description".into(), d.clone());
     }
+    let storage = params.get("storage").cloned().unwrap_or_else(|| "local-lvm".to_owned());
     if let Some(disk) = config.get_mut("scsi0") {
-        *disk = format!("local-lvm:vm-{newid}-disk-0,size=2G");
+        *disk = format!("{storage}:vm-{newid}-disk-0,size=2G");
     }
     let vm = Vm {
         vmid: newid,
@@ -828,10 +832,60 @@ fn clone(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<Str
         shutdowns: 0,
         reboots: 0,
         resets: 0,
+        migrations: 0,
     };
     s.vms.insert(newid, vm);
     // The task's lock is on the new VM's config.
     Answer::Data(json!(spawn_task(s, node, "qmclone", newid, user, Effect::Cloned(newid))))
+}
+
+/// `POST /nodes/{node}/qemu/{vmid}/migrate`: checks what PVE checks before
+/// it starts the task (a running VM needs `online`; a live move of disks on
+/// storage that is not shared needs `with-local-disks`), then moves the VM
+/// to `target` when the `qmigrate` task ends, locked `migrate` meanwhile.
+fn migrate(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<String, String>) -> Answer {
+    let target = params.get("target").cloned().unwrap_or_default();
+    if target == node {
+        return fail(400, "target is local node.");
+    }
+    if !s.config.nodes.contains(&target) {
+        return fail(500, format!("no such cluster node '{target}'"));
+    }
+    if s.offline_nodes.contains(&target) {
+        return fail(500, format!("target node '{target}' is not online"));
+    }
+    let vm = &s.vms[&vmid];
+    if let Some(a) = locked(vm) {
+        return a;
+    }
+    if vm.template {
+        return fail(500, "can't migrate a template with this API");
+    }
+    let online = params.get("online").is_some_and(|v| truthy(v));
+    if vm.status == "running" && !online {
+        return fail(500, "can't migrate running VM without --online");
+    }
+    let local_disks = params.get("with-local-disks").is_some_and(|v| truthy(v));
+    if vm.status == "running" && !local_disks {
+        for (key, value) in &vm.config {
+            let disk = ["scsi", "virtio", "sata"].iter().any(|p| {
+                key.strip_prefix(p).is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+            }) && !value.contains("media=cdrom");
+            let storage = value.split(':').next().unwrap_or_default();
+            let shared = s.config.storages.iter().any(|(name, shared, _)| name == storage && *shared);
+            if disk && !shared {
+                return fail(
+                    500,
+                    format!(
+                        "can't live migrate attached local disks without with-local-disks option ({key})"
+                    ),
+                );
+            }
+        }
+    }
+    let vm = s.vms.get_mut(&vmid).expect("checked above");
+    vm.lock = Some("migrate".to_owned());
+    Answer::Data(json!(spawn_task(s, node, "qmigrate", vmid, user, Effect::Migrate(vmid, target))))
 }
 
 /// Bytes in a PVE size (`2G`, `512M`, `10.5G`; bytes without a unit).
@@ -1092,6 +1146,15 @@ fn advance(s: &mut State) {
             Effect::Destroy(id) if ok => {
                 s.vms.remove(&id);
             }
+            Effect::Migrate(id, target) => {
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    vm.lock = None;
+                    if ok {
+                        vm.node = target;
+                        vm.migrations += 1;
+                    }
+                }
+            }
             Effect::Snapshot(id, name, desc, vmstate) => {
                 if let Some(vm) = s.vms.get_mut(&id) {
                     vm.lock = None;
@@ -1126,13 +1189,29 @@ fn advance(s: &mut State) {
     }
 }
 
+/// `POST /_sim/nodes`: a node goes offline (its VMs stop, as when it loses
+/// power) or comes back.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeState {
+    node: String,
+    online: bool,
+}
+
 /// The control API of the binary: `GET /_sim/requests`, `GET /_sim/vms`,
-/// `GET|POST /_sim/faults`.
+/// `GET|POST /_sim/faults`, `POST /_sim/nodes`.
 fn control(sim: &Sim, method: &Method, path: &str, body: &[u8]) -> Response {
     match (method.as_str(), path) {
         ("GET", "requests") => axum::Json(sim.requests()).into_response(),
         ("GET", "vms") => axum::Json(sim.vms()).into_response(),
         ("GET", "faults") => axum::Json(sim.faults()).into_response(),
+        ("POST", "nodes") => match serde_json::from_slice::<NodeState>(body) {
+            Ok(n) => {
+                sim.set_node_online(&n.node, n.online);
+                StatusCode::NO_CONTENT.into_response()
+            }
+            Err(e) => (StatusCode::BAD_REQUEST, format!("nodes: {e}")).into_response(),
+        },
         ("POST", "faults") => match serde_json::from_slice::<Faults>(body) {
             Ok(f) => {
                 sim.set_faults(f);

@@ -41,6 +41,13 @@ struct Args {
     /// Delay before a 401, milliseconds (PVE: 3000).
     #[arg(long, default_value_t = 300)]
     auth_failure_delay_ms: u64,
+    /// The cluster's nodes, comma-separated (the first holds the templates).
+    #[arg(long, default_value = "pve1")]
+    nodes: String,
+    /// A storage shared by every node (for images), e.g. `ceph`; PVE
+    /// migrates running VMs whose disks are on it without copying them.
+    #[arg(long)]
+    shared_storage: Option<String>,
 }
 
 /// Parses `args` and serves until SIGTERM/ctrl-c.
@@ -54,11 +61,15 @@ where
         listen: args.listen,
         snippets_dir: args.snippets_dir,
         task_duration: Duration::from_millis(args.task_ms),
+        nodes: args.nodes.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_owned).collect(),
         auth_failure_delay: Duration::from_millis(args.auth_failure_delay_ms),
         ..Default::default()
     };
     if let Some(s) = args.schema {
         config.schema_path = s;
+    }
+    if let Some(name) = args.shared_storage {
+        config.storages.push((name, true, "images".to_owned()));
     }
     if !args.token.is_empty() {
         config.tokens = args

@@ -178,6 +178,9 @@ pub struct Vm {
     pub reboots: u32,
     /// Resets (hard reboots).
     pub resets: u32,
+    /// Migrations that finished.
+    #[serde(default)]
+    pub migrations: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +196,8 @@ enum Effect {
     Snapshot(u32, String, String, bool),
     Rollback(u32, String, bool),
     DeleteSnapshot(u32, String),
+    /// Migration finished: unlock; on success the VM is on the target.
+    Migrate(u32, String),
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +252,8 @@ struct State {
     faults: Faults,
     requests: Vec<RequestRecord>,
     next_pid: u32,
+    /// Nodes the cluster sees offline.
+    offline_nodes: Vec<String>,
 }
 
 /// A handle on a simulator; clones share its state.
@@ -290,6 +297,7 @@ impl Sim {
                     shutdowns: 0,
                     reboots: 0,
                     resets: 0,
+                    migrations: 0,
                 },
             );
         }
@@ -303,6 +311,7 @@ impl Sim {
                 faults: Faults::default(),
                 requests: Vec::new(),
                 next_pid: 1000,
+                offline_nodes: Vec::new(),
             })),
             schema: Arc::new(schema),
         })
@@ -335,6 +344,18 @@ impl Sim {
     /// The VMs (templates included).
     pub fn vms(&self) -> Vec<Vm> {
         self.lock().vms.values().cloned().collect()
+    }
+
+    /// Takes a node offline (its VMs stop) or brings it back.
+    pub fn set_node_online(&self, node: &str, online: bool) {
+        let mut s = self.lock();
+        s.offline_nodes.retain(|n| n != node);
+        if !online {
+            s.offline_nodes.push(node.to_owned());
+            for vm in s.vms.values_mut().filter(|v| v.node == node) {
+                vm.status = "stopped".to_owned();
+            }
+        }
     }
 
     /// Changes a VM's power state behind the provider's back.
