@@ -17,10 +17,16 @@ fn any_port() -> SocketAddr {
 
 /// Starts the simulator in this process with `caps`; returns its endpoint.
 async fn sim(caps: &str) -> String {
+    sim_with_hosts(caps, hcp_provider_sim::default_hosts()).await
+}
+
+/// Starts the simulator with `caps` and `hosts`; returns its endpoint.
+async fn sim_with_hosts(caps: &str, hosts: Vec<hcp_provider_sim::SimHost>) -> String {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let config = hcp_provider_sim::SimConfig {
         listen: any_port(),
         capabilities: hcp_provider_sim::parse_capabilities(caps).unwrap(),
+        hosts,
         ..Default::default()
     };
     tokio::spawn(hcp_provider_sim::run(config, std::future::pending(), move |addr: String| {
@@ -55,7 +61,8 @@ impl Hooks for SimHooks {
 
 #[tokio::test]
 async fn the_simulator_conforms() {
-    let endpoint = sim("cloud_init,snapshot,console_vnc,resize,hot_resize").await;
+    let endpoint =
+        sim("cloud_init,snapshot,console_vnc,resize,hot_resize,live_migration,cold_migration").await;
     let mut options = Options::new(&endpoint);
     options.network = "default".into();
     options.hooks = Some(Arc::new(SimHooks(endpoint.clone())));
@@ -71,7 +78,15 @@ async fn the_simulator_conforms() {
         .map(|(n, _)| n.as_str())
         .collect();
     assert_eq!(skipped, vec!["spice console", "rdp console", "serial console"]);
-    for check in ["snapshots:", "resize: stopped and running", "interfaces:"] {
+    for check in [
+        "snapshots:",
+        "resize: stopped and running",
+        "interfaces:",
+        "hosts:",
+        "create on a named host",
+        "live migration:",
+        "cold migration:",
+    ] {
         assert!(report.checks.iter().any(|(n, o)| n.starts_with(check) && *o == Outcome::Pass), "{check}");
     }
     assert!(
@@ -111,9 +126,12 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
     let report = run(Options::new(&sim("").await)).await.unwrap();
     println!("{report}");
     assert!(report.passed(), "{report}");
-    // The four consoles, snapshots and resize it lacks, the half-made create
-    // (no hooks) and the NICs (no network given).
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 8);
+    // The four consoles, snapshots, resize and both migrations it lacks,
+    // the half-made create (no hooks) and the NICs (no network given).
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 10, "{report}");
+    assert!(
+        report.checks.iter().any(|(n, o)| n == "migration refused without its flag" && *o == Outcome::Pass)
+    );
     assert!(report.checks.iter().any(|(n, o)| n == "resize refused as UNIMPLEMENTED" && *o == Outcome::Pass));
     assert!(
         report
@@ -121,6 +139,30 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
             .iter()
             .any(|(n, o)| n == "user data refused without supports_cloud_init" && *o == Outcome::Pass)
     );
+}
+
+#[tokio::test]
+async fn a_provider_without_hosts_skips_the_host_checks_and_refuses_moves() {
+    let report = run(Options::new(&sim_with_hosts("live_migration", Vec::new()).await)).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    let why = Outcome::Skip("the provider reports no hosts (ListHosts is UNIMPLEMENTED)".into());
+    for check in ["hosts:", "create on a named host", "live migration:", "cold migration:"] {
+        let got = report.checks.iter().find(|(n, _)| n.starts_with(check)).map(|(_, o)| o.clone());
+        assert_eq!(got, Some(why.clone()), "{check}");
+    }
+    assert!(report.checks.iter().any(|(n, o)| n == "migration without hosts refused" && *o == Outcome::Pass));
+}
+
+#[tokio::test]
+async fn one_host_up_is_not_enough_to_move() {
+    let hosts = hcp_provider_sim::hosts(1, 8, 8192);
+    let report =
+        run(Options::new(&sim_with_hosts("live_migration,cold_migration", hosts).await)).await.unwrap();
+    assert!(report.passed(), "{report}");
+    let got = report.checks.iter().find(|(n, _)| n.starts_with("live migration:")).map(|(_, o)| o.clone());
+    assert_eq!(got, Some(Outcome::Skip("the provider reports 1 host(s) up; moves need two".into())));
+    assert!(report.checks.iter().any(|(n, o)| n.starts_with("hosts:") && *o == Outcome::Pass));
 }
 
 /// Makes a new VM on every CreateVm, even for a known id; with `leaky`,
