@@ -16,6 +16,7 @@ use hcp_testkit::stack::{StackOptions, TestStack};
 use serde_json::{Value, json};
 
 mod p4;
+mod p7;
 
 /// One figure of the report.
 struct Figure {
@@ -99,6 +100,9 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
     }
     if all || which == "p6" {
         figures.push(p6(&exe).await?);
+    }
+    if all || which == "p7" {
+        figures.push(p7::p7(&exe).await?);
     }
     let elapsed = started.elapsed();
     report(&figures, elapsed, out).await
@@ -547,6 +551,11 @@ async fn p5(exe: &Path) -> anyhow::Result<Figure> {
         clients,
         hcp_core::reconciler::ReconcilerConfig::default(),
         "bench".into(),
+        hcp_core::moves::Moves::new(
+            store.clone(),
+            std::sync::Arc::new(hcp_core::jobs::LocalQueue::default()),
+            1,
+        ),
     );
     let p = store.list_providers().await?.into_iter().next().context("no provider")?;
     let rss_before = hwm_kib(std::process::id());

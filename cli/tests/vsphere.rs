@@ -230,3 +230,71 @@ async fn a_crash_at_every_create_step_leaves_exactly_one_vm() {
     }
     assert!(vc.on_vcenter().await.is_empty());
 }
+
+/// The cluster's hosts reach core's ops view; a VM moves between them with
+/// RelocateVM_Task (live when the flags allow it, else stopped), its host
+/// changes in the ops view and on vCenter, and it keeps its state.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_moves_between_vcenter_hosts() {
+    let Some(vc) = Vc::start("").await else { return };
+    let providers = vc.s.rest.get("/api/hcp/ops/v1/providers", &vc.ops).await.unwrap().body;
+    let provider =
+        providers["providers"].as_array().unwrap().iter().find(|p| p["name"] == "vc-1").unwrap().clone();
+    let id = provider["provider_id"].as_str().unwrap();
+    let hosts = vc.s.rest.get(&format!("/api/hcp/ops/v1/providers/{id}/hosts"), &vc.ops).await.unwrap().body;
+    let names: Vec<String> =
+        hosts["hosts"].as_array().unwrap().iter().map(|h| h["name"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(names, ["DC0_C0_H0", "DC0_C0_H1", "DC0_C0_H2"], "{hosts}");
+    assert!(
+        hosts["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["state"] == "UP" && h["vcpus"].as_u64() > Some(0))
+    );
+    assert_eq!(provider["capabilities"]["supports_cold_migration"], true, "{provider}");
+    let live = provider["capabilities"]["supports_live_migration"] == true;
+    println!("vcsim: live migration {live}");
+
+    let (vm, job) = vc.create("mover").await;
+    vc.succeed(&job).await;
+    let host = |vm: String| {
+        let vc = &vc;
+        async move { vc.s.rest.get(&format!("/api/hcp/ops/v1/vms/{vm}"), &vc.ops).await.unwrap().str("host") }
+    };
+    let before = host(vm.clone()).await;
+    assert!(names.contains(&before), "placed on a cluster host: {before}");
+    let expect = if live {
+        "ACTIVE"
+    } else {
+        vc.operate(&vm, "stop", json!({}), "STOPPED").await;
+        "STOPPED"
+    };
+    let target = names.iter().find(|n| **n != before).unwrap().clone();
+    let r =
+        vc.s.rest
+            .post(&format!("/api/hcp/ops/v1/vms/{vm}:migrate"), &vc.ops, &json!({"target_host": target}))
+            .await
+            .unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    vc.succeed(&r.str("job_id")).await;
+    assert_eq!(host(vm.clone()).await, target);
+    let read = vc.s.rest.get(&format!("{VMS}/{vm}"), &vc.tenant).await.unwrap();
+    assert_eq!(read.str("status"), expect, "{}", read.body);
+    // vCenter itself has it on the target host.
+    let p = hcp_provider_vsphere::Vsphere::new(
+        hcp_provider_vsphere::config::Config::from_toml(&std::fs::read_to_string(&vc.config).unwrap())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    use hcp_provider_sdk::Provider as _;
+    p.configure(
+        [("username".into(), "hcp@vsphere.local".into()), ("password".into(), "s3cret".into())].into(),
+    )
+    .await
+    .unwrap();
+    p.list_hosts().await.unwrap();
+    assert_eq!(p.get_vm(&vm).await.unwrap().host, target);
+    vc.operate(&vm, "delete", json!({}), "DELETED").await;
+}

@@ -159,7 +159,11 @@ impl Libvirt {
             supports_cloud_init: cloud_init,
             supports_snapshot: true,
             supports_snapshot_running: true,
-            supports_live_migration: config.migration_peer.is_some(),
+            // Migration between libvirt hosts is not implemented (see the
+            // README): the flags stay off until it is, whatever
+            // `migration_peer` says.
+            supports_live_migration: false,
+            supports_cold_migration: false,
             // The test driver runs no VNC servers.
             supports_console_vnc: domain_type != "test",
             supports_console_spice: false,
@@ -879,6 +883,7 @@ fn info_of(vm_id: &str, d: &Domain) -> Result<pb::VmInfo, virt::error::Error> {
         memory_mib: u32::try_from(info.max_mem / 1024).unwrap_or(u32::MAX),
         interfaces: interfaces_of(d, &xml, power == pb::PowerState::Running),
         disk_gib: if domain::type_of(&xml).as_deref() == Some("test") { 0 } else { disk_gib_of(d) },
+        host: String::new(),
     })
 }
 

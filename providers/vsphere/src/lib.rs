@@ -57,6 +57,7 @@ const VM_PROPS: &[&str] = &[
     "config.cpuHotAddEnabled",
     "config.memoryHotAddEnabled",
     "runtime.powerState",
+    "runtime.host",
     "guest.net",
 ];
 
@@ -82,6 +83,8 @@ struct Vm {
     cpu_hot_add: bool,
     memory_hot_add: bool,
     power: String,
+    /// The moid of the HostSystem it runs on.
+    host_ref: String,
     guest: Vec<vim::GuestNic>,
     extra_config: Vec<(String, String)>,
 }
@@ -105,6 +108,11 @@ impl Vm {
             cpu_hot_add: text("config.cpuHotAddEnabled") == "true",
             memory_hot_add: text("config.memoryHotAddEnabled") == "true",
             power: text("runtime.powerState"),
+            host_ref: o
+                .prop("runtime.host")
+                .and_then(|x| <MoRef as vim::FromXml>::from_xml(x).ok())
+                .map(|m| m.value)
+                .unwrap_or_default(),
             guest: o.prop("guest.net").map(vim::guest_nics).unwrap_or_default(),
             extra_config: o
                 .prop("config.extraConfig")
@@ -130,7 +138,9 @@ impl Vm {
         self.devices.iter().filter(|d| d.is_nic())
     }
 
-    fn info(&self, vm_id: &str) -> pb::VmInfo {
+    /// What the protocol says of it; `host` is the moid of its host
+    /// ([`Vsphere::info`] puts the host's name there).
+    fn info_raw(&self, vm_id: &str) -> pb::VmInfo {
         let power = match self.power.as_str() {
             "poweredOn" => pb::PowerState::Running,
             "poweredOff" => pb::PowerState::Shutoff,
@@ -165,7 +175,7 @@ impl Vm {
             memory_mib: self.memory_mib,
             interfaces,
             disk_gib,
-            host: String::new(),
+            host: self.host_ref.clone(),
         }
     }
 }
@@ -191,6 +201,8 @@ pub struct Vsphere {
     /// waits for them instead of cloning again.
     lost_clones: std::sync::Mutex<HashMap<String, std::time::Instant>>,
     failpoints: Failpoints,
+    /// HostSystem moid -> name, as the last ListHosts saw them.
+    host_names: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// Maps a vSphere failure onto the protocol's error kinds (the only place).
@@ -271,6 +283,7 @@ impl Vsphere {
             places: tokio::sync::OnceCell::new(),
             locks: VmLocks::new(),
             lost_clones: std::sync::Mutex::new(HashMap::new()),
+            host_names: std::sync::Mutex::new(HashMap::new()),
             failpoints,
         })
     }
@@ -576,6 +589,78 @@ impl Vsphere {
         Ok(change)
     }
 
+    /// The protocol's view of a VM, its host named as ListHosts names it.
+    fn info(&self, vm: &Vm, vm_id: &str) -> pb::VmInfo {
+        let mut info = vm.info_raw(vm_id);
+        if let Some(name) = self.host_names.lock().unwrap_or_else(|e| e.into_inner()).get(&info.host) {
+            info.host = name.clone();
+        }
+        info
+    }
+
+    /// The hosts of the compute resource that owns the resource pool (a
+    /// cluster's hosts, or a standalone host): moid, name, capacity, state.
+    async fn hosts(&self) -> Result<Vec<(MoRef, pb::HostInfo)>, ProviderError> {
+        let places = self.places().await?.clone();
+        let owner = self
+            .properties(&places.pool, &["owner"])
+            .await
+            .map_err(map_error)?
+            .and_then(|o| o.prop("owner").and_then(|x| <MoRef as vim::FromXml>::from_xml(x).ok()))
+            .ok_or_else(|| ProviderError::new(ErrorKind::Unavailable, "the resource pool has no owner"))?;
+        let refs: Vec<MoRef> = self
+            .properties(&owner, &["host"])
+            .await
+            .map_err(map_error)?
+            .and_then(|o| {
+                o.prop("host").map(|h| {
+                    h.children.iter().filter_map(|c| <MoRef as vim::FromXml>::from_xml(c).ok()).collect()
+                })
+            })
+            .unwrap_or_default();
+        let mut out = Vec::with_capacity(refs.len());
+        for r in refs {
+            let props = [
+                "name",
+                "summary.hardware.numCpuThreads",
+                "summary.hardware.memorySize",
+                "runtime.connectionState",
+                "runtime.inMaintenanceMode",
+            ];
+            let Some(o) = self.properties(&r, &props).await.map_err(map_error)? else { continue };
+            let text = |p: &str| o.prop(p).map(|v| v.text.trim().to_owned()).unwrap_or_default();
+            let state = match (
+                text("runtime.connectionState").as_str(),
+                text("runtime.inMaintenanceMode").as_str(),
+            ) {
+                ("connected", "true") => pb::HostState::HostMaintenance,
+                ("connected", _) => pb::HostState::HostUp,
+                _ => pb::HostState::HostDown,
+            };
+            let info = pb::HostInfo {
+                name: text("name"),
+                vcpus: text("summary.hardware.numCpuThreads").parse().unwrap_or(0),
+                memory_mib: text("summary.hardware.memorySize").parse::<u64>().unwrap_or(0) / (1024 * 1024),
+                state: state as i32,
+            };
+            out.push((r, info));
+        }
+        let mut names = self.host_names.lock().unwrap_or_else(|e| e.into_inner());
+        names.clear();
+        names.extend(out.iter().map(|(r, h)| (r.value.clone(), h.name.clone())));
+        Ok(out)
+    }
+
+    /// The HostSystem named `name`; INVALID_ARGUMENT when there is none.
+    async fn host_ref(&self, name: &str) -> Result<MoRef, ProviderError> {
+        self.hosts()
+            .await?
+            .into_iter()
+            .find(|(_, h)| h.name == name)
+            .map(|(r, _)| r)
+            .ok_or_else(|| invalid("host", format!("no host {name} in the resource pool's cluster")))
+    }
+
     async fn reconfigure(&self, vm: &Vm, change: vim::ConfigSpec) -> Result<(), ProviderError> {
         let req = vim::ReconfigVm { xmlns: VIM25, this: &vm.moref, spec: change };
         self.soap.task("ReconfigVM_Task", &req).await.map_err(map_error)?;
@@ -696,6 +781,8 @@ impl Provider for Vsphere {
             // With memory: the snapshot of a running VM keeps it running.
             supports_snapshot_running: true,
             supports_live_migration: hosts > 1 && shared,
+            // A powered-off VM moves with its disks (RelocateVM_Task).
+            supports_cold_migration: hosts > 1,
             // WebMKS (RFB over a websocket) through the console proxy.
             supports_console_vnc: true,
             supports_resize: true,
@@ -769,6 +856,10 @@ impl Provider for Vsphere {
                     ));
                 }
                 let template = self.template(&image.source).await?;
+                let target_host = match spec.host.as_str() {
+                    "" => None,
+                    name => Some(self.host_ref(name).await?),
+                };
                 // Checked before anything is made.
                 self.port_groups(&spec).await?;
                 let name = vm_name(&vm_id);
@@ -781,6 +872,7 @@ impl Provider for Vsphere {
                         location: vim::RelocateSpec {
                             datastore: places.datastore.clone(),
                             pool: Some(places.pool.clone()),
+                            host: target_host.clone(),
                         },
                         template: false,
                         config: vim::ConfigSpec {
@@ -834,11 +926,41 @@ impl Provider for Vsphere {
             self.failpoints.hit("create:after-power-on");
             vm = self.reread(&vm).await?;
         }
-        Ok(vm.info(&vm_id))
+        Ok(self.info(&vm, &vm_id))
+    }
+
+    async fn list_hosts(&self) -> Result<Vec<pb::HostInfo>, ProviderError> {
+        Ok(self.hosts().await?.into_iter().map(|(_, h)| h).collect())
+    }
+
+    async fn migrate_vm(&self, req: pb::MigrateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let _serial = self.locks.lock(&req.vm_id).await;
+        let vm = self.require(&req.vm_id).await?;
+        let target = self.host_ref(&req.target_host).await?;
+        if vm.host_ref == target.value {
+            return Ok(self.info(&vm, &req.vm_id));
+        }
+        if req.live != vm.running() {
+            let why = if vm.running() {
+                "the vm is powered on; migrate it live"
+            } else {
+                "a live migration needs a powered-on vm"
+            };
+            return Err(ProviderError::new(ErrorKind::InvalidState, why));
+        }
+        let places = self.places().await?.clone();
+        let relocate = vim::RelocateVm {
+            xmlns: VIM25,
+            this: &vm.moref,
+            spec: vim::RelocateSpec { datastore: None, pool: Some(places.pool.clone()), host: Some(target) },
+        };
+        self.soap.task("RelocateVM_Task", &relocate).await.map_err(map_error)?;
+        tracing::info!(vm = %vm.name, to = %req.target_host, live = req.live, "relocated");
+        Ok(self.info(&self.reread(&vm).await?, &req.vm_id))
     }
 
     async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
-        Ok(self.require(vm_id).await?.info(vm_id))
+        Ok(self.info(&self.require(vm_id).await?, vm_id))
     }
 
     async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
@@ -848,7 +970,7 @@ impl Provider for Vsphere {
             .into_iter()
             .map(|vm| {
                 let id = vm.instance_uuid.to_ascii_lowercase();
-                vm.info(&id)
+                self.info(&vm, &id)
             })
             .collect();
         Ok(hcp_provider_sdk::page_of(vms, &req))
@@ -858,18 +980,18 @@ impl Provider for Vsphere {
         let _serial = self.locks.lock(vm_id).await;
         let vm = self.require(vm_id).await?;
         if vm.running() {
-            return Ok(vm.info(vm_id));
+            return Ok(self.info(&vm, vm_id));
         }
         self.power_on(&vm).await?;
         self.failpoints.hit("start:after-power-on");
-        Ok(self.reread(&vm).await?.info(vm_id))
+        Ok(self.info(&self.reread(&vm).await?, vm_id))
     }
 
     async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
         let _serial = self.locks.lock(&req.vm_id).await;
         let vm = self.require(&req.vm_id).await?;
         if vm.power == "poweredOff" {
-            return Ok(vm.info(&req.vm_id));
+            return Ok(self.info(&vm, &req.vm_id));
         }
         if req.force || !vm.running() {
             self.power_off(&vm).await?;
@@ -900,7 +1022,7 @@ impl Provider for Vsphere {
                 Err(e) => return Err(map_error(e)),
             }
         }
-        Ok(self.reread(&vm).await?.info(&req.vm_id))
+        Ok(self.info(&self.reread(&vm).await?, &req.vm_id))
     }
 
     async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
@@ -920,7 +1042,7 @@ impl Provider for Vsphere {
                 .await
                 .map_err(map_error)?;
         }
-        Ok(self.reread(&vm).await?.info(&req.vm_id))
+        Ok(self.info(&self.reread(&vm).await?, &req.vm_id))
     }
 
     async fn resize_vm(&self, req: pb::ResizeVmRequest) -> Result<pb::VmInfo, ProviderError> {
@@ -940,7 +1062,7 @@ impl Provider for Vsphere {
             change.device_change.push(grow);
         }
         if change.is_empty() {
-            return Ok(vm.info(&req.vm_id));
+            return Ok(self.info(&vm, &req.vm_id));
         }
         if vm.running() {
             let cpu_ok = change.num_cpus.is_none_or(|n| vm.cpu_hot_add && n as u32 > vm.vcpus);
@@ -956,7 +1078,7 @@ impl Provider for Vsphere {
             }
         }
         self.reconfigure(&vm, change).await?;
-        Ok(self.reread(&vm).await?.info(&req.vm_id))
+        Ok(self.info(&self.reread(&vm).await?, &req.vm_id))
     }
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
@@ -1095,9 +1217,9 @@ impl Provider for Vsphere {
         match (snap.state.as_str(), vm.running()) {
             ("poweredOff", true) => self.power_off(&vm).await?,
             ("poweredOn", false) => self.power_on(&vm).await?,
-            _ => return Ok(vm.info(&req.vm_id)),
+            _ => return Ok(self.info(&vm, &req.vm_id)),
         }
-        Ok(self.reread(&vm).await?.info(&req.vm_id))
+        Ok(self.info(&self.reread(&vm).await?, &req.vm_id))
     }
 
     async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {

@@ -718,6 +718,19 @@ pub struct RelocateSpec {
     pub datastore: Option<MoRef>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<MoRef>,
+    /// After `pool` (the schema's sequence order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<MoRef>,
+}
+
+/// `RelocateVM_Task`.
+#[derive(Debug, Serialize)]
+pub struct RelocateVm<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    pub spec: RelocateSpec,
 }
 
 /// `VirtualMachineCloneSpec`.
