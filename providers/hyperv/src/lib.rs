@@ -436,6 +436,8 @@ impl Hyperv {
             // The VHDX's size is not read back (GetVirtualHardDiskSettingData
             // is not used yet): unknown.
             disk_gib: 0,
+            // One host per provider (ListHosts is not answered).
+            host: String::new(),
         })
     }
 

@@ -74,6 +74,7 @@ fn spec(name: &str, networks: &[&str], user_data: Option<&str>) -> pb::VmSpec {
         user_data: user_data.map(str::to_owned),
         hostname: "web".into(),
         labels: Default::default(),
+        host: String::new(),
     }
 }
 

@@ -60,6 +60,7 @@ fn spec(network: NetworkAttachment) -> VmSpec {
         user_data: Some(USER_DATA.into()),
         hostname: "day-two".into(),
         labels: Default::default(),
+        host: String::new(),
     }
 }
 

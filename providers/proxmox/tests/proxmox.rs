@@ -78,6 +78,7 @@ fn spec(name: &str) -> pb::VmSpec {
         user_data: Some("#cloud-config\nhostname: web\n".into()),
         hostname: name.to_owned(),
         labels: Default::default(),
+        host: String::new(),
     }
 }
 

@@ -1293,6 +1293,7 @@ mod tests {
             cpu_hot_add: false,
             memory_hot_add: false,
             power: "poweredOff".into(),
+            host_ref: String::new(),
             guest: Vec::new(),
             extra_config: Vec::new(),
         };

@@ -97,6 +97,7 @@ fn spec(name: &str, networks: &[&str]) -> pb::VmSpec {
         user_data: Some("#cloud-config\nhostname: web\n".into()),
         hostname: "web".into(),
         labels: Default::default(),
+        host: String::new(),
     }
 }
 
