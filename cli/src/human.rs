@@ -76,6 +76,12 @@ pub enum Vm {
         /// cloud-init user data from this file.
         #[arg(long)]
         user_data_file: Option<PathBuf>,
+        /// A placement group of the project (its id).
+        #[arg(long)]
+        placement_group: Option<String>,
+        /// What HCP does when the VM is found down: never, on-failure, always.
+        #[arg(long, value_parser = ["never", "on-failure", "always"])]
+        restart_policy: Option<String>,
         #[command(flatten)]
         wait: Wait,
     },
@@ -234,6 +240,40 @@ pub enum Ops {
     },
     /// Any job, of any tenant.
     Job { job: String },
+    /// Hosts of a provider, and their drains.
+    #[command(subcommand)]
+    Host(OpsHost),
+    /// Where a VM runs, and moving it.
+    #[command(subcommand)]
+    Vm(OpsVm),
+}
+
+/// `hcp ops host`.
+#[derive(Subcommand, Debug)]
+pub enum OpsHost {
+    /// The provider's hosts, with what is placed on each.
+    List { provider: String },
+    /// No new placements; move every VM off as jobs.
+    Drain { provider: String, host: String },
+    /// Back in service.
+    Undrain { provider: String, host: String },
+}
+
+/// `hcp ops vm`.
+#[derive(Subcommand, Debug)]
+pub enum OpsVm {
+    /// A VM with its provider and host.
+    Show { vm: String },
+    /// Move a VM to another host (a job; placement picks the host unless named).
+    Migrate {
+        vm: String,
+        /// The target host.
+        #[arg(long)]
+        to: Option<String>,
+        /// A cold move (the VM must be stopped); default: live for a running VM.
+        #[arg(long)]
+        cold: bool,
+    },
 }
 
 /// `hcp ops provider`.
@@ -406,9 +446,27 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
         Vm::Show { vm } => {
             output::print(out, &c.call("GET", &format!("{vms}/{vm}"), None).await?, None, VM_COLUMNS)
         }
-        Vm::Create { name, flavor, image, zone, networks, tags, metadata, user_data_file, wait } => {
+        Vm::Create {
+            name,
+            flavor,
+            image,
+            zone,
+            networks,
+            tags,
+            metadata,
+            user_data_file,
+            placement_group,
+            restart_policy,
+            wait,
+        } => {
             let mut body = json!({"name": name, "flavor": flavor, "image": image, "tags": tags,
                                   "metadata": pairs(&metadata, "--meta")?});
+            if let Some(g) = placement_group {
+                body["placement_group_id"] = json!(g);
+            }
+            if let Some(p) = restart_policy {
+                body["restart_policy"] = json!(p.replace('-', "_").to_ascii_uppercase());
+            }
             if let Some(z) = zone {
                 body["zone"] = json!(z);
             }
@@ -770,6 +828,40 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
         }
         Ops::Zone(OpsZone::Delete { name }) => {
             c.call("DELETE", &format!("{O}/zones/{name}"), None).await?;
+        }
+        Ops::Host(cmd) => {
+            let cols =
+                &["name", "state", "drain", "vms", "used_vcpus", "vcpus", "used_memory_mib", "memory_mib"];
+            let (method, path) = match &cmd {
+                OpsHost::List { provider } => ("GET", format!("{O}/providers/{provider}/hosts")),
+                OpsHost::Drain { provider, host } => {
+                    ("POST", format!("{O}/providers/{provider}/hosts/{}:drain", enc(host)))
+                }
+                OpsHost::Undrain { provider, host } => {
+                    ("POST", format!("{O}/providers/{provider}/hosts/{}:undrain", enc(host)))
+                }
+            };
+            let body = (method == "POST").then(|| json!({}));
+            let v = c.call(method, &path, body.as_ref()).await?;
+            let items = matches!(cmd, OpsHost::List { .. }).then_some("hosts");
+            output::print(out, &v, items, cols);
+        }
+        Ops::Vm(OpsVm::Show { vm }) => {
+            let v = c.call("GET", &format!("{O}/vms/{vm}"), None).await?;
+            let cols =
+                &["vm_id", "tenant_id", "name", "status", "provider_id", "host", "restart_policy", "job_id"];
+            output::print(out, &v, None, cols);
+        }
+        Ops::Vm(OpsVm::Migrate { vm, to, cold }) => {
+            let mut body = json!({});
+            if let Some(h) = to {
+                body["target_host"] = json!(h);
+            }
+            if cold {
+                body["live"] = json!(false);
+            }
+            let v = c.call("POST", &format!("{O}/vms/{vm}:migrate"), Some(&body)).await?;
+            output::print(out, &v, None, &["vm_id", "job_id"]);
         }
         Ops::Job { job } => {
             let v = c.call("GET", &format!("{O}/jobs/{job}"), None).await?;

@@ -502,3 +502,66 @@ async fn a_packing_zone_fills_hosts_in_turn_up_to_its_overcommit() {
         .unwrap();
     assert_eq!(r.status, 404, "{}", r.body);
 }
+
+/// Runs `hcp` with the stack's gateway and `token`; returns stdout as JSON.
+async fn hcp_json(s: &TestStack, token: &str, args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(HCP)
+        .args(args)
+        .args(["-o", "json"])
+        .env("HCP_ENDPOINT", format!("http://{}", s.gateway))
+        .env("HCP_TOKEN", token)
+        .env("HCP_PROJECT", "demo")
+        .env("HCP_CONFIG", s.dir().join("no-config.toml"))
+        .env_remove("HCP_PROFILE")
+        .env_remove("HCP_OUTPUT")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "hcp {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("hcp {args:?}: {e}"))
+}
+
+#[tokio::test]
+async fn operators_see_hosts_drain_and_move_vms_with_the_hcp_command() {
+    let s = stack(Backend::Sqlite, "[drain]\ninterval_ms = 100\n").await;
+    let token = s.tenant_token("acme", &["demo"]);
+    let ops = s.ops_token();
+    let provider = provider_id(&s).await;
+    let created = hcp_json(
+        &s,
+        &token,
+        &[
+            "vm",
+            "create",
+            "cli-vm",
+            "--flavor",
+            "small",
+            "--image",
+            "debian-12",
+            "--restart-policy",
+            "on-failure",
+            "--wait",
+        ],
+    )
+    .await;
+    let id = created["vm_id"].as_str().unwrap_or_else(|| panic!("{created}")).to_owned();
+    let vm = hcp_json(&s, &ops, &["ops", "vm", "show", &id]).await;
+    assert_eq!(vm["restart_policy"], "on-failure", "{vm}");
+    let from = vm["host"].as_str().unwrap().to_owned();
+    let hosts = hcp_json(&s, &ops, &["ops", "host", "list", &provider]).await;
+    assert_eq!(hosts["hosts"].as_array().unwrap().len(), 3, "{hosts}");
+
+    let moved = hcp_json(&s, &ops, &["ops", "vm", "migrate", &id]).await;
+    s.rest.finished_job(&token, moved["job_id"].as_str().unwrap(), Duration::from_secs(20)).await.unwrap();
+    let to = host_of(&s, &id).await;
+    assert_ne!(to, from);
+    let drained = hcp_json(&s, &ops, &["ops", "host", "drain", &provider, &to]).await;
+    assert_eq!(drained["drain"], "DRAINING", "{drained}");
+    wait_until(Duration::from_secs(20), "the vm off the drained host", || async {
+        Ok((host_of(&s, &id).await != to).then_some(()))
+    })
+    .await
+    .unwrap();
+    let back = hcp_json(&s, &ops, &["ops", "host", "undrain", &provider, &to]).await;
+    assert_eq!(back["drain"], "", "{back}");
+}

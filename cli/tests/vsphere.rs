@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hcp_provider_sdk::Provider as _;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use hcp_testkit::vcsim::{Vcsim, VcsimOptions, present_or_skip};
 use hcp_testkit::{wait_until, workspace_bin};
@@ -84,21 +85,26 @@ impl Vc {
         r.body
     }
 
-    /// HCP's VMs on vCenter, by name (read with a provider of the test's
-    /// own, not the process under test).
-    async fn on_vcenter(&self) -> Vec<String> {
+    /// A provider of the test's own on the same vCenter, to look at it
+    /// without the process under test.
+    async fn own_provider(&self) -> hcp_provider_vsphere::Vsphere {
         let p = hcp_provider_vsphere::Vsphere::new(
             hcp_provider_vsphere::config::Config::from_toml(&std::fs::read_to_string(&self.config).unwrap())
                 .unwrap(),
         )
         .await
         .unwrap();
-        use hcp_provider_sdk::Provider as _;
         p.configure(
             [("username".into(), "hcp@vsphere.local".into()), ("password".into(), "s3cret".into())].into(),
         )
         .await
         .unwrap();
+        p
+    }
+
+    /// HCP's VMs on vCenter, by name.
+    async fn on_vcenter(&self) -> Vec<String> {
+        let p = self.own_provider().await;
         let mut ids: Vec<String> = p
             .list_vms(Default::default())
             .await
@@ -282,18 +288,7 @@ async fn a_vm_moves_between_vcenter_hosts() {
     let read = vc.s.rest.get(&format!("{VMS}/{vm}"), &vc.tenant).await.unwrap();
     assert_eq!(read.str("status"), expect, "{}", read.body);
     // vCenter itself has it on the target host.
-    let p = hcp_provider_vsphere::Vsphere::new(
-        hcp_provider_vsphere::config::Config::from_toml(&std::fs::read_to_string(&vc.config).unwrap())
-            .unwrap(),
-    )
-    .await
-    .unwrap();
-    use hcp_provider_sdk::Provider as _;
-    p.configure(
-        [("username".into(), "hcp@vsphere.local".into()), ("password".into(), "s3cret".into())].into(),
-    )
-    .await
-    .unwrap();
+    let p = vc.own_provider().await;
     p.list_hosts().await.unwrap();
     assert_eq!(p.get_vm(&vm).await.unwrap().host, target);
     vc.operate(&vm, "delete", json!({}), "DELETED").await;

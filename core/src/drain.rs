@@ -8,8 +8,8 @@
 //! store (the host's drain state and the jobs), so another process takes
 //! over where this one stopped.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use hcp_proto::ids::{EventId, ProviderId, VmId};
 use serde::Deserialize;
@@ -41,9 +41,13 @@ pub struct Drainer {
     moves: Moves,
     config: DrainConfig,
     owner: String,
-    /// Moves refused in the current drains (audited once each).
-    refused: HashSet<(ProviderId, String, VmId)>,
+    /// Moves refused in the current drains, and when: audited the first
+    /// time, tried again after [`RETRY_REFUSED`] (room may free up).
+    refused: HashMap<(ProviderId, String, VmId), Instant>,
 }
+
+/// How long a refused move waits before the drain tries it again.
+const RETRY_REFUSED: Duration = Duration::from_secs(30);
 
 const LEASE: &str = "drainer";
 const ACTOR: &str = "system:drain";
@@ -51,7 +55,7 @@ const ACTOR: &str = "system:drain";
 impl Drainer {
     /// Creates a drainer; `owner` identifies this process.
     pub fn new(store: Store, moves: Moves, config: DrainConfig, owner: String) -> Self {
-        Self { store, moves, config, owner, refused: HashSet::new() }
+        Self { store, moves, config, owner, refused: HashMap::new() }
     }
 
     /// Runs a pass every period while this process holds the lease.
@@ -80,7 +84,7 @@ impl Drainer {
     pub async fn pass(&mut self) -> Result<(), crate::store::StoreError> {
         let hosts = self.store.list_hosts(None).await?;
         let draining: Vec<&Host> = hosts.iter().filter(|h| h.drain == Drain::Draining).collect();
-        self.refused.retain(|(p, h, _)| draining.iter().any(|d| d.provider_id == *p && d.name == *h));
+        self.refused.retain(|(p, h, _), _| draining.iter().any(|d| d.provider_id == *p && d.name == *h));
         for host in draining {
             self.drain(host).await?;
         }
@@ -107,7 +111,8 @@ impl Drainer {
             let key = (host.provider_id, host.name.clone(), vm.id);
             let movable =
                 vm.current_job_id.is_none() && matches!(vm.status, VmStatus::Active | VmStatus::Stopped);
-            if !movable || failed.contains(&vm.id) || self.refused.contains(&key) {
+            let waiting = self.refused.get(&key).is_some_and(|at| at.elapsed() < RETRY_REFUSED);
+            if !movable || failed.contains(&vm.id) || waiting {
                 continue;
             }
             let asker = Asker { actor: ACTOR, request_id: &request_id };
@@ -120,7 +125,9 @@ impl Drainer {
                 Err(e) if e.details.contains_key("job_id") => {}
                 Err(e) => {
                     tracing::info!(vm_id = %vm.id, host = %host.name, error = %e.message, "drain: vm cannot move");
-                    self.refused.insert(key);
+                    if self.refused.insert(key, Instant::now()).is_some() {
+                        continue;
+                    }
                     let audit = AuditEvent {
                         id: EventId::new(),
                         at: now(),

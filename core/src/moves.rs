@@ -85,19 +85,7 @@ impl Moves {
                 ),
             ));
         }
-        let group = self.group_of(&vm).await?;
-        let request = placement::Request {
-            zone: Some(&vm.zone),
-            vcpus: vm.vcpus,
-            memory_mib: vm.memory_mib,
-            group: group.as_ref().map(|(g, m)| (g, m.as_slice())),
-            provider: Some(vm.provider_id),
-            moving: Some((vm.id, &vm.host)),
-            host: target,
-            ..placement::Request::default()
-        };
-        let candidates = placement::candidates(&self.store, &request).await?;
-        let guard = request.guard();
+        let (candidates, guard) = self.targets(&vm, target).await?;
         let mut last = None;
         for choice in candidates.iter().take(MAX_TRIES) {
             let change = HostChange { to: Some(choice.host.clone()), live, group: guard.clone() };
@@ -130,29 +118,44 @@ impl Moves {
                     "its host is down and its provider cannot rebuild it elsewhere",
                 ));
             }
-            let group = self.group_of(vm).await?;
-            let request = placement::Request {
-                zone: Some(&vm.zone),
-                vcpus: vm.vcpus,
-                memory_mib: vm.memory_mib,
-                group: group.as_ref().map(|(g, m)| (g, m.as_slice())),
-                provider: Some(vm.provider_id),
-                moving: Some((vm.id, &vm.host)),
-                ..placement::Request::default()
-            };
-            let choice = placement::candidates(&self.store, &request).await?.remove(0);
-            Some(choice.host)
+            let (mut candidates, guard) = self.targets(vm, None).await?;
+            Some((candidates.remove(0).host, guard))
         } else {
             None
+        };
+        let (to, group) = match to {
+            Some((host, guard)) => (Some(host), guard),
+            None => (None, None),
         };
         let detail = match &to {
             Some(to) => format!("{why}; rebuilt from {} on {to}", vm.host),
             None => format!("{why}; started where it is"),
         };
-        let change = HostChange { to, live: false, group: None };
+        let change = HostChange { to, live: false, group };
         self.accept(asker, vm, JobKind::RecoverVm, change, detail)
             .await
             .map_err(|e| from_store(e, &format!("vm {}", vm.id)))
+    }
+
+    /// The hosts of the VM's provider it may move to (`target` alone when
+    /// named), best first, and the strict group rule the move must keep.
+    async fn targets(
+        &self,
+        vm: &Vm,
+        target: Option<&str>,
+    ) -> Result<(Vec<placement::Choice>, Option<crate::store::GroupGuard>), ApiError> {
+        let group = self.group_of(vm).await?;
+        let request = placement::Request {
+            zone: Some(&vm.zone),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            group: group.as_ref().map(|(g, m)| (g, m.as_slice())),
+            provider: Some(vm.provider_id),
+            moving: Some((vm.id, &vm.host)),
+            host: target,
+            ..placement::Request::default()
+        };
+        Ok((placement::candidates(&self.store, &request).await?, request.guard()))
     }
 
     async fn group_of(

@@ -222,6 +222,12 @@ impl Reconciler {
         let inventory = self.inventory(p).await?;
         let known = self.store.vms_on_provider(p.id).await.map_err(|e| e.to_string())?;
         let by_id: HashMap<VmId, &KnownVm> = known.iter().map(|k| (k.id, k)).collect();
+        // Host states as of now, not as of the last probe: a VM found
+        // crashed on a host that just died is rebuilt elsewhere, not
+        // started where it cannot run.
+        if let Err(e) = self.clients.refresh_hosts(&self.store, p).await {
+            tracing::debug!(provider = %p.name, error = %e, "cannot refresh hosts before reconciling");
+        }
         let down: std::collections::HashSet<String> = self
             .store
             .list_hosts(Some(p.id))
@@ -500,4 +506,52 @@ fn counted(audit: &AuditEvent) {
     let kind = audit.action.strip_prefix("reconcile.").unwrap_or(&audit.action).to_owned();
     metrics::counter!("hcp_reconciler_drift_total", "kind" => kind, "action" => audit.outcome.clone())
         .increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(status: VmStatus, policy: RestartPolicy) -> KnownVm {
+        KnownVm {
+            id: VmId::new(),
+            status,
+            current_job_id: None,
+            updated_at: now(),
+            networks: Vec::new(),
+            host: "h1".into(),
+            restart_policy: policy,
+        }
+    }
+
+    #[test]
+    fn restart_policies_cover_what_they_say() {
+        use RestartPolicy as R;
+        use provider::PowerState as P;
+        // (policy, observed power, host down) -> restart?
+        let table = [
+            (R::Never, P::Crashed, true, false),
+            (R::Never, P::Shutoff, false, false),
+            (R::OnFailure, P::Crashed, false, true),
+            (R::OnFailure, P::Shutoff, false, false),
+            (R::OnFailure, P::Shutoff, true, true),
+            (R::OnFailure, P::Running, true, false),
+            (R::Always, P::Shutoff, false, true),
+            (R::Always, P::Crashed, false, true),
+            (R::Always, P::Paused, false, false),
+            (R::Always, P::Running, false, false),
+            (R::Always, P::Unspecified, true, true),
+        ];
+        for (policy, power, down, want) in table {
+            assert_eq!(
+                restart_applies(&known(VmStatus::Active, policy), power, down),
+                want,
+                "{policy} {power:?} {down}"
+            );
+        }
+        // Only a VM that should run is restarted.
+        for status in [VmStatus::Stopped, VmStatus::Error, VmStatus::Deleted, VmStatus::Stopping] {
+            assert!(!restart_applies(&known(status, R::Always), P::Shutoff, true), "{status}");
+        }
+    }
 }

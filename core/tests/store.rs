@@ -11,7 +11,7 @@ use hcp_core::store::{
     SUBJECT_USAGE_PREFIX, Store, StoreError,
 };
 use hcp_proto::error::ErrorCode;
-use hcp_proto::ids::{EventId, JobId, ProviderId, VmId};
+use hcp_proto::ids::{EventId, ProviderId, VmId};
 use hcp_testkit::db::{Backend, TestDb};
 
 macro_rules! store_tests {
@@ -129,32 +129,7 @@ async fn seed(store: &Store) -> Provider {
 }
 
 fn new_job(tenant: &str, project: &str, vm: VmId, kind: JobKind) -> Job {
-    let t = now();
-    Job {
-        id: JobId::new(),
-        tenant_id: tenant.into(),
-        project_id: project.into(),
-        kind,
-        vm_id: vm,
-        status: JobStatus::Queued,
-        attempts: 0,
-        max_attempts: 3,
-        run_after: t,
-        lease_owner: None,
-        lease_expires_at: None,
-        error_code: None,
-        error_message: None,
-        actor: "tester".into(),
-        traceparent: None,
-        created_at: t,
-        started_at: None,
-        finished_at: None,
-        updated_at: t,
-        prior_status: None,
-        snapshot_id: None,
-        params: JobParams::None,
-        request_id: "req-1".into(),
-    }
+    Job::queued(kind, &Scope::new(tenant, project), vm, "tester", 3, None, "req-1")
 }
 
 /// What the engine hands the store when `job` ends with `outcome`.

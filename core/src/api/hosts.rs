@@ -12,7 +12,7 @@ use super::{ApiContext, validate};
 use crate::auth::{Access, Principal};
 use crate::convert::{host_to_ops, vm_to_ops};
 use crate::error::from_store;
-use crate::model::{Drain, PlacementPolicy, ZonePlacement, now};
+use crate::model::{Drain, PlacementPolicy, VmStatus, ZonePlacement, now};
 use crate::moves::{Asker, Moves};
 
 /// The hosts of a provider.
@@ -35,9 +35,24 @@ async fn view(ctx: &ApiContext, h: &crate::model::Host) -> Result<ops::Host, Api
         .find(|((p, n), _)| *p == h.provider_id && *n == h.name)
         .map(|(_, l)| l)
         .unwrap_or_default();
+    // During a drain: VMs whose move failed, and VMs in ERROR, which
+    // cannot move until someone repairs or deletes them.
     let stuck = match (h.drain, h.drain_started_at) {
         (Drain::Draining, Some(since)) => {
-            ctx.store.failed_moves(h.provider_id, &h.name, since).await.map_err(|e| from_store(e, "jobs"))?
+            let mut stuck = ctx
+                .store
+                .failed_moves(h.provider_id, &h.name, since)
+                .await
+                .map_err(|e| from_store(e, "jobs"))?;
+            let here =
+                ctx.store.vms_on_host(h.provider_id, &h.name).await.map_err(|e| from_store(e, "vms"))?;
+            let broken: Vec<_> = here
+                .iter()
+                .filter(|v| v.status == VmStatus::Error && !stuck.contains(&v.id))
+                .map(|v| v.id)
+                .collect();
+            stuck.extend(broken);
+            stuck
         }
         _ => Vec::new(),
     };

@@ -42,7 +42,9 @@ async fn the_python_example_conforms() {
     for check in ["resize: stopped", "interfaces:"] {
         assert!(report.checks.iter().any(|(n, o)| n.starts_with(check) && *o == Outcome::Pass), "{check}");
     }
-    // No console, snapshot or hot resize is declared, and no hooks drive a
-    // half-made create: seven visible skips.
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 7, "{report}");
+    // No console, snapshot or hot resize is declared, no hooks drive a
+    // half-made create, and no hosts are reported (so no host or migration
+    // check applies): eleven visible skips.
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 11, "{report}");
+    assert!(report.checks.iter().any(|(n, o)| n == "migration without hosts refused" && *o == Outcome::Pass));
 }

@@ -57,6 +57,11 @@ async fn conformance(uri: &str) {
         "serial console",
         // Stopped domains only: libvirt does not declare supports_hot_resize.
         "hot resize",
+        // One libvirt host, no ListHosts: no host or migration check applies.
+        "hosts: named, unique, with capacity and state; VMs report theirs",
+        "create on a named host",
+        "live migration: running VM to another host, repeated",
+        "cold migration: stopped VM to another host, repeated",
         "a create failed after its first effect, then DeleteVm: nothing left",
     ];
     if uri.starts_with("test:") {
