@@ -2,8 +2,9 @@
 //! it), and its VMs are moved off as migration jobs, at most `concurrency`
 //! at a time per host. A VM whose move fails or cannot be made (no live
 //! migration for a running VM, a strict affinity group) stays and is named
-//! in the host's view; every refusal is audited once per drain. The host
-//! is DRAINED once nothing of HCP's is left on it. One drainer runs at a
+//! in the host's view; every refusal is audited once per drain (and tried
+//! again later). The host is DRAINED once nothing of HCP's is left on it
+//! and every move off it has finished. One drainer runs at a
 //! time across worker processes (a named lease); the state lives in the
 //! store (the host's drain state and the jobs), so another process takes
 //! over where this one stopped.
@@ -25,7 +26,9 @@ use crate::store::Store;
 pub struct DrainConfig {
     /// Moves in flight per draining host. Default 4.
     pub concurrency: u32,
-    /// Period between passes, milliseconds. Default 500.
+    /// Period between passes, milliseconds. Default 500. While a drain is
+    /// in progress a pass also follows every job change (a move that
+    /// finished frees a slot), at most one per 10 ms.
     pub interval_ms: u64,
 }
 
@@ -39,12 +42,16 @@ impl Default for DrainConfig {
 pub struct Drainer {
     store: Store,
     moves: Moves,
+    events: crate::events::JobEvents,
     config: DrainConfig,
     owner: String,
     /// Moves refused in the current drains, and when: audited the first
     /// time, tried again after [`RETRY_REFUSED`] (room may free up).
     refused: HashMap<(ProviderId, String, VmId), Instant>,
 }
+
+/// The shortest time between two passes that job changes trigger.
+const MIN_GAP: Duration = Duration::from_millis(10);
 
 /// How long a refused move waits before the drain tries it again.
 const RETRY_REFUSED: Duration = Duration::from_secs(30);
@@ -54,54 +61,73 @@ const ACTOR: &str = "system:drain";
 
 impl Drainer {
     /// Creates a drainer; `owner` identifies this process.
-    pub fn new(store: Store, moves: Moves, config: DrainConfig, owner: String) -> Self {
-        Self { store, moves, config, owner, refused: HashMap::new() }
+    pub fn new(
+        store: Store,
+        moves: Moves,
+        events: crate::events::JobEvents,
+        config: DrainConfig,
+        owner: String,
+    ) -> Self {
+        Self { store, moves, events, config, owner, refused: HashMap::new() }
     }
 
     /// Runs a pass every period while this process holds the lease.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let every = Duration::from_millis(self.config.interval_ms.max(50));
+        let mut changes = self.events.subscribe();
+        let mut active = false;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
+                // A lagging receiver only means many changes: look now.
+                _ = changes.recv(), if active => {}
                 _ = shutdown.changed() => return,
             }
             let t = now();
             let until = t + chrono::Duration::seconds(10);
             match self.store.acquire_singleton(LEASE, &self.owner, t, until).await {
-                Ok(true) => {
-                    if let Err(e) = self.pass().await {
-                        tracing::warn!(error = %e, "drain pass failed");
+                Ok(true) => match self.pass().await {
+                    Ok(draining) => {
+                        active = draining;
+                        if active {
+                            tokio::time::sleep(MIN_GAP).await;
+                        }
                     }
-                }
+                    Err(e) => tracing::warn!(error = %e, "drain pass failed"),
+                },
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot take the drainer lease"),
             }
         }
     }
 
-    /// One pass over every draining host.
-    pub async fn pass(&mut self) -> Result<(), crate::store::StoreError> {
+    /// One pass over every draining host; returns whether any is draining.
+    pub async fn pass(&mut self) -> Result<bool, crate::store::StoreError> {
         let hosts = self.store.list_hosts(None).await?;
         let draining: Vec<&Host> = hosts.iter().filter(|h| h.drain == Drain::Draining).collect();
         self.refused.retain(|(p, h, _), _| draining.iter().any(|d| d.provider_id == *p && d.name == *h));
+        let any = !draining.is_empty();
         for host in draining {
             self.drain(host).await?;
         }
-        Ok(())
+        Ok(any)
     }
 
     async fn drain(&mut self, host: &Host) -> Result<(), crate::store::StoreError> {
         let vms = self.store.vms_on_host(host.provider_id, &host.name).await?;
+        let in_flight = self.store.moves_in_flight(host.provider_id, &host.name).await?;
         if vms.is_empty() {
-            self.store.set_drain(host.provider_id, &host.name, Drain::Drained, now()).await?;
-            tracing::info!(provider = %host.provider_id, host = %host.name, "host drained");
+            // A VM names its new host from the moment its move is
+            // accepted: the host is empty once those moves have finished.
+            if in_flight == 0 {
+                self.store.set_drain(host.provider_id, &host.name, Drain::Drained, now()).await?;
+                tracing::info!(provider = %host.provider_id, host = %host.name, "host drained");
+            }
             return Ok(());
         }
         let since = host.drain_started_at.unwrap_or(host.updated_at);
         let failed: HashSet<VmId> =
             self.store.failed_moves(host.provider_id, &host.name, since).await?.into_iter().collect();
-        let in_flight = self.store.moves_in_flight(host.provider_id, &host.name).await?;
         let mut room = self.config.concurrency.max(1).saturating_sub(in_flight);
         let request_id = format!("drain-{}-{}", host.provider_id, host.name);
         for vm in vms {

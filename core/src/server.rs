@@ -238,6 +238,7 @@ pub async fn run(
         let drainer = crate::drain::Drainer::new(
             store.clone(),
             crate::moves::Moves::new(store.clone(), queue.clone(), config.jobs.max_attempts),
+            events.clone(),
             config.drain.clone(),
             format!("drainer-{}", uuid::Uuid::now_v7()),
         );
