@@ -175,6 +175,6 @@ async fn console_tokens_are_refused_when_they_must_be() {
     let closed = session(&pending, None).await.unwrap();
     assert_eq!(
         (closed.code, closed.reason.as_str()),
-        (4403, "console token revoked: the vm was stopped or deleted")
+        (4403, "console token revoked: the vm was stopped, moved or deleted")
     );
 }
