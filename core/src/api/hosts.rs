@@ -3,6 +3,8 @@
 //! a VM and a zone's placement settings. Reads need an ops role; writes
 //! need `ops.admin`.
 
+use std::collections::HashMap;
+
 use hcp_proto::error::{ApiError, excerpt};
 use hcp_proto::ids::{ProviderId, VmId};
 use hcp_proto::ops::{self, HostRequest, ListHostsResponse, OpsVm};
@@ -12,7 +14,7 @@ use super::{ApiContext, validate};
 use crate::auth::{Access, Principal};
 use crate::convert::{host_to_ops, vm_to_ops};
 use crate::error::from_store;
-use crate::model::{Drain, PlacementPolicy, VmStatus, ZonePlacement, now};
+use crate::model::{Drain, HostLoad, PlacementPolicy, VmStatus, ZonePlacement, now};
 use crate::moves::{Asker, Moves};
 
 /// The hosts of a provider.
@@ -21,20 +23,25 @@ pub async fn list(ctx: &ApiContext, p: &Principal, provider_id: &str) -> Result<
     let id: ProviderId = validate::id("provider_id", provider_id)?;
     ctx.store.get_provider(id).await.map_err(|e| from_store(e, &format!("provider {id}")))?;
     let hosts = ctx.store.list_hosts(Some(id)).await.map_err(|e| from_store(e, "hosts"))?;
+    let loads = loads(ctx).await?;
     let mut out = Vec::with_capacity(hosts.len());
     for h in &hosts {
-        out.push(view(ctx, h).await?);
+        out.push(view(ctx, h, &loads).await?);
     }
     Ok(ListHostsResponse { hosts: out })
 }
 
-async fn view(ctx: &ApiContext, h: &crate::model::Host) -> Result<ops::Host, ApiError> {
-    let loads = ctx.store.host_loads().await.map_err(|e| from_store(e, "hosts"))?;
-    let load = loads
-        .into_iter()
-        .find(|((p, n), _)| *p == h.provider_id && *n == h.name)
-        .map(|(_, l)| l)
-        .unwrap_or_default();
+/// What is placed on each host, read once per answer.
+async fn loads(ctx: &ApiContext) -> Result<HashMap<(ProviderId, String), HostLoad>, ApiError> {
+    Ok(ctx.store.host_loads().await.map_err(|e| from_store(e, "hosts"))?.into_iter().collect())
+}
+
+async fn view(
+    ctx: &ApiContext,
+    h: &crate::model::Host,
+    loads: &HashMap<(ProviderId, String), HostLoad>,
+) -> Result<ops::Host, ApiError> {
+    let load = loads.get(&(h.provider_id, h.name.clone())).copied().unwrap_or_default();
     // During a drain: VMs whose move failed, and VMs in ERROR, which
     // cannot move until someone repairs or deletes them.
     let stuck = match (h.drain, h.drain_started_at) {
@@ -86,7 +93,7 @@ pub async fn set_drain(
         tracing::info!(provider = %id, host = %host.name, drain = next.as_str(), "host drain state changed");
     }
     let host = find(ctx, id, &req.host).await?;
-    view(ctx, &host).await
+    view(ctx, &host, &loads(ctx).await?).await
 }
 
 async fn find(ctx: &ApiContext, provider: ProviderId, name: &str) -> Result<crate::model::Host, ApiError> {

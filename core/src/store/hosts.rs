@@ -263,11 +263,6 @@ impl super::Store {
         Ok(())
     }
 
-    /// The VMs on a host that are not deleted, oldest first.
-    pub async fn vms_on_host(&self, provider: ProviderId, host: &str) -> StoreResult<Vec<crate::model::Vm>> {
-        self.vms_where_host(provider, host).await
-    }
-
     /// Moves of VMs off `host` that have not finished.
     pub async fn moves_in_flight(&self, provider: ProviderId, host: &str) -> StoreResult<u32> {
         on_pool!(self, |pool| {

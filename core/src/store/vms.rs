@@ -550,7 +550,7 @@ impl super::Store {
     }
 
     /// The VMs on a host that are not deleted, oldest first.
-    pub(super) async fn vms_where_host(&self, provider: ProviderId, host: &str) -> StoreResult<Vec<Vm>> {
+    pub async fn vms_on_host(&self, provider: ProviderId, host: &str) -> StoreResult<Vec<Vm>> {
         on_pool!(self, |pool| {
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {VM_COLUMNS} FROM vms WHERE provider_id = $1 AND host = $2 \
