@@ -16,7 +16,10 @@
 //   {"state", "canvas": {"width","height"} | null, "non_background_pixels",
 //    "distinct_colours", "reason", "stable", "error"}
 // "reason" is the page's data-reason (the server's close reason, if any);
-// "error" is null on success and says what went wrong otherwise.
+// "error" is null on success and says what went wrong otherwise. For a
+// failure's diagnosis it also carries "socket" (what the page's websockets
+// did: opened, frames each way, closed) and "log" (the page's errors and
+// warnings and failed requests, the last few).
 // Exits 0 when it saw what it waited for, 1 otherwise. Diagnostics go to
 // stderr.
 
@@ -84,7 +87,16 @@ const result = {
   reason: '',
   stable: false,
   error: null,
+  socket: { opened: 0, frames_in: 0, frames_out: 0, closed: 0, errors: [] },
+  log: [],
 };
+const LOG_KEEP = 20;
+
+function note(msg) {
+  log(msg);
+  result.log.push(msg);
+  if (result.log.length > LOG_KEEP) result.log.shift();
+}
 
 // Runs in the page: counts the canvas's colours. The most common colour is
 // taken as the background.
@@ -192,12 +204,28 @@ async function main() {
       timeout: remaining(),
     });
     page = context.pages()[0] || await context.newPage();
-    page.on('pageerror', (err) => log(`page error: ${err.message}`));
+    page.on('pageerror', (err) => note(`page error: ${err.message}`));
     page.on('console', (msg) => {
       // (Our own getImageData polling draws a hint about willReadFrequently.)
       if ((msg.type() === 'error' || msg.type() === 'warning') && !msg.text().includes('willReadFrequently')) {
-        log(`page ${msg.type()}: ${msg.text()}`);
+        note(`page ${msg.type()}: ${msg.text()}`);
       }
+    });
+    page.on('requestfailed', (req) => {
+      note(`request failed: ${new URL(req.url()).pathname} (${req.failure() ? req.failure().errorText : '?'})`);
+    });
+    // The websocket's life, without its URL (which carries the token).
+    const started = Date.now();
+    page.on('websocket', (ws) => {
+      result.socket.opened += 1;
+      note(`websocket opened after ${Date.now() - started} ms`);
+      ws.on('framereceived', () => { result.socket.frames_in += 1; });
+      ws.on('framesent', () => { result.socket.frames_out += 1; });
+      ws.on('socketerror', (err) => result.socket.errors.push(String(err)));
+      ws.on('close', () => {
+        result.socket.closed += 1;
+        note(`websocket closed after ${Date.now() - started} ms`);
+      });
     });
     await page.goto(opts.url, { waitUntil: 'load', timeout: remaining() });
     if (opts.expect === 'refused') {

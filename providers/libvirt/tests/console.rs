@@ -35,7 +35,8 @@ fn artifacts() -> PathBuf {
     dir
 }
 
-/// Runs the console page in headless Chromium; returns its JSON line.
+/// Runs the console page in headless Chromium; returns its JSON line, with
+/// the script's diagnostics (its stderr) added as `"stderr"`.
 fn browser(url: &str, out: &Path, expect: &str) -> Value {
     let script = hcp_testkit::stack::console_assets_dir().join("test/screenshot.mjs");
     let out = std::process::Command::new("node")
@@ -53,9 +54,23 @@ fn browser(url: &str, out: &Path, expect: &str) -> Value {
         .output()
         .expect("node runs (scripts/console-assets.sh installs what it needs)");
     let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned();
-    serde_json::from_str(&line).unwrap_or_else(|_| {
-        panic!("no JSON from the browser ({}): {line}\n{}", out.status, String::from_utf8_lossy(&out.stderr))
-    })
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mut seen: Value = serde_json::from_str(&line)
+        .unwrap_or_else(|_| panic!("no JSON from the browser ({}): {line}\n{stderr}", out.status));
+    seen["stderr"] = Value::String(stderr);
+    seen
+}
+
+/// The stack's log lines about consoles (the gateway's proxy and core's
+/// broker), the last `n`: what a failed browser check is read with.
+fn console_log(kvm: &Kvm, n: usize) -> String {
+    let mut lines = Vec::new();
+    for entry in std::fs::read_dir(kvm.stack.dir()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        lines.extend(text.lines().filter(|l| l.contains("console")).map(|l| format!("{name}: {l}")));
+    }
+    lines.split_off(lines.len().saturating_sub(n)).join("\n")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -68,7 +83,7 @@ async fn the_console_page_shows_the_guest_screen_in_chromium() {
 
     let shot = artifacts().join("console-vnc.png");
     let seen = browser(&page, &shot, "connected");
-    assert_eq!(seen["state"], "connected", "{seen}");
+    assert_eq!(seen["state"], "connected", "{seen}\n{}", console_log(&kvm, 40));
     assert!(seen["canvas"]["width"].as_u64().unwrap_or(0) >= 640, "{seen}");
     // Text on the guest's screen: thousands of pixels off the background,
     // and the guest's own banner (white on blue, written into the VGA text
