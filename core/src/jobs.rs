@@ -429,7 +429,13 @@ impl Engine {
 
     async fn run_steps(&self, job: &Job) -> Result<Attempt, Abort> {
         let vm = self.store.get_vm_internal(job.vm_id).await.map_err(Abort::Store)?;
-        let provider = self.store.get_provider(vm.provider_id).await.map_err(Abort::Store)?;
+        // From the in-memory catalog (kept coherent, see store::cache); the
+        // database when the copy does not have it.
+        let catalog = self.store.catalog().await.map_err(Abort::Store)?;
+        let provider = match catalog.providers.iter().find(|p| p.id == vm.provider_id) {
+            Some(p) => p.clone(),
+            None => self.store.get_provider(vm.provider_id).await.map_err(Abort::Store)?,
+        };
         // A graceful stop may wait for the guest as long as the tenant asked,
         // and the call must outlive that wait.
         let longest = match job.params {
@@ -457,7 +463,7 @@ impl Engine {
             None => None,
         };
         let networks = if job.kind == crate::model::JobKind::CreateVm {
-            self.backings(&vm, &provider.name).await.map_err(Abort::Store)?
+            self.backings(&vm, &provider.name, &catalog.networks).await.map_err(Abort::Store)?
         } else {
             Vec::new()
         };
@@ -511,11 +517,19 @@ impl Engine {
         &self,
         vm: &Vm,
         provider: &str,
+        cached: &[crate::model::Network],
     ) -> Result<Vec<provider::NetworkAttachment>, StoreError> {
         if vm.networks.is_empty() {
             return Ok(Vec::new());
         }
-        let catalog = self.store.list_networks(Some(&vm.zone)).await?;
+        let in_zone = |list: &[crate::model::Network]| -> Vec<crate::model::Network> {
+            list.iter().filter(|c| c.zone == vm.zone).cloned().collect()
+        };
+        // A network the copy lacks may be newer than it.
+        let mut catalog = in_zone(cached);
+        if !vm.networks.iter().all(|n| catalog.iter().any(|c| c.name == n.network)) {
+            catalog = self.store.list_networks(Some(&vm.zone)).await?;
+        }
         Ok(vm
             .networks
             .iter()

@@ -28,7 +28,7 @@ use crate::lifecycle::Capability;
 use crate::model::{
     Drain, GroupPolicy, Host, HostLoad, HostState, PlacementGroup, PlacementPolicy, Provider, ZonePlacement,
 };
-use crate::store::{GroupGuard, Member, Store, StoreError};
+use crate::store::{Catalog, GroupGuard, Member, Store};
 
 /// What a VM needs from placement.
 #[derive(Debug, Clone, Default)]
@@ -80,10 +80,24 @@ pub async fn choose(
     Ok(candidates(store, &req).await?.remove(0).provider)
 }
 
-/// Every place the VM may go, best first (never empty).
+/// Every place the VM may go, best first (never empty). Ranked on the
+/// in-memory catalog; a refusal is only given after the same question was
+/// asked of the database, so a provider or host registered a moment ago in
+/// another process is never missed.
 pub async fn candidates(store: &Store, req: &Request<'_>) -> Result<Vec<Choice>, ApiError> {
-    let providers = store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
-    let in_zone: Vec<&Provider> = providers
+    let catalog = store.catalog().await.map_err(|e| from_store(e, "providers"))?;
+    match candidates_in(store, &catalog, req).await {
+        Err(_) if store.catalog_cached() => {
+            let fresh = store.catalog_uncached().await.map_err(|e| from_store(e, "providers"))?;
+            candidates_in(store, &fresh, req).await
+        }
+        r => r,
+    }
+}
+
+async fn candidates_in(store: &Store, catalog: &Catalog, req: &Request<'_>) -> Result<Vec<Choice>, ApiError> {
+    let in_zone: Vec<&Provider> = catalog
+        .providers
         .iter()
         .filter(|p| req.zone.is_none_or(|z| p.zone == z))
         .filter(|p| req.zones.is_none_or(|zs| zs.contains(&p.zone)))
@@ -107,17 +121,12 @@ pub async fn candidates(store: &Store, req: &Request<'_>) -> Result<Vec<Choice>,
             ));
         }
     }
-    let hosts = store.list_hosts(None).await.map_err(|e| from_store(e, "hosts"))?;
-    let loads: HashMap<(ProviderId, String), HostLoad> =
-        store.host_loads().await.map_err(|e| from_store(e, "hosts"))?.into_iter().collect();
+    let hosts = &catalog.hosts;
+    let loads = store.placed_loads().await.map_err(|e| from_store(e, "hosts"))?;
     let mut settings: HashMap<String, ZonePlacement> = HashMap::new();
     for p in &capable {
         if !settings.contains_key(&p.zone) {
-            let s = match store.zone_placement(&p.zone).await {
-                Ok(s) => s,
-                Err(StoreError::NotFound) => default_settings(&p.zone),
-                Err(e) => return Err(from_store(e, "zone")),
-            };
+            let s = catalog.placement.get(&p.zone).cloned().unwrap_or_else(|| default_settings(&p.zone));
             settings.insert(p.zone.clone(), s);
         }
     }

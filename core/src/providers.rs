@@ -450,7 +450,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Metered {
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let path = req.uri().path();
-        let method = if hcp_proto::is_method(path) { path.to_owned() } else { "other".to_owned() };
+        let method = hcp_proto::method_label(path).unwrap_or("other");
         let started = std::time::Instant::now();
         let call = tower::Service::call(&mut self.0, req);
         Box::pin(async move {
@@ -459,8 +459,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for Metered {
                 Ok(resp) => hcp_telemetry::metrics::grpc_code_label(resp.headers().get("grpc-status")),
                 Err(_) => "Unavailable",
             };
-            metrics::counter!("hcp_provider_calls_total", "method" => method.clone(), "code" => code)
-                .increment(1);
+            metrics::counter!("hcp_provider_calls_total", "method" => method, "code" => code).increment(1);
             metrics::histogram!("hcp_provider_call_duration_seconds", "method" => method)
                 .record(started.elapsed().as_secs_f64());
             result

@@ -337,7 +337,7 @@ pub async fn run(
             // Bounds on what one call may send: headers (the gateway sends at
             // most 16 KiB) and, per service below, the message.
             .http2_max_header_list_size(MAX_HEADER_LIST)
-            .layer(hcp_telemetry::GrpcTraceLayer::new("grpc").with_methods(hcp_proto::is_method))
+            .layer(hcp_telemetry::GrpcTraceLayer::new("grpc").with_methods(hcp_proto::method_label))
             .layer(AuthLayer::new(verifier))
             .layer(crate::admission::AdmissionLayer::new(&config.limits))
             .add_service(health_service)

@@ -46,7 +46,19 @@ store_tests!(
     a_resize_holds_its_quota_and_a_failure_gives_the_size_back,
     jobs_are_listed_newest_first_with_filters,
     networks_are_per_zone_and_in_use_ones_stay,
+    the_catalog_copy_follows_this_process_writes,
 );
+
+/// Polls `f` every 20 ms for up to 10 s; true once it held.
+async fn eventually(mut f: impl AsyncFnMut() -> bool) -> bool {
+    for _ in 0..500 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}
 
 async fn fresh(backend: Backend) -> (TestDb, Store) {
     let db = TestDb::new(backend).await.expect("test database");
@@ -941,4 +953,80 @@ async fn networks_are_per_zone_and_in_use_ones_stay(backend: Backend) {
         store.delete_network("z1", "prod", &audit("network.delete", "prod")).await,
         Err(StoreError::NotFound)
     ));
+}
+
+/// The in-memory catalog sees every write made through the same store at
+/// once, with no notification needed.
+async fn the_catalog_copy_follows_this_process_writes(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    // On PostgreSQL the notifications of the seeding writes come back to
+    // this store too, a little later; the copy settles after them.
+    let settle = async || {
+        if backend == Backend::Postgres {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    };
+    if backend == Backend::Postgres {
+        assert!(eventually(async || store.catalog_cached()).await, "the listener never came up");
+    }
+    settle().await;
+    let first = store.catalog().await.unwrap();
+    assert!(first.flavors.contains_key("small") && first.images.contains_key("img"));
+    assert_eq!(first.providers.iter().map(|x| x.id).collect::<Vec<_>>(), [p.id]);
+    // Read twice, the copy is the same copy.
+    assert!(std::sync::Arc::ptr_eq(&first, &store.catalog().await.unwrap()));
+    store.delete_flavor("small", &audit("flavor.delete", "small")).await.unwrap();
+    assert!(!store.catalog().await.unwrap().flavors.contains_key("small"));
+    // A probe that changes nothing placement reads keeps the copy; one
+    // that turns the provider unhealthy does not.
+    settle().await;
+    let before = store.catalog().await.unwrap();
+    store.update_provider_health(p.id, true, "still fine", None, now()).await.unwrap();
+    settle().await;
+    assert!(std::sync::Arc::ptr_eq(&before, &store.catalog().await.unwrap()));
+    store.update_provider_health(p.id, false, "gone", None, now()).await.unwrap();
+    assert!(!store.catalog().await.unwrap().providers[0].healthy);
+}
+
+/// Two core processes on one PostgreSQL: a change committed by one reaches
+/// the other's copy through NOTIFY, a change made in psql too, and while the
+/// listening connection is down the copy is not used.
+#[tokio::test]
+async fn postgres_catalog_copies_are_kept_coherent_across_processes() {
+    let (db, a) = fresh(Backend::Postgres).await;
+    let b = db.store().await.unwrap();
+    let p = seed(&a).await;
+    for s in [&a, &b] {
+        assert!(eventually(async || s.catalog_cached()).await, "a listener never came up");
+    }
+    assert!(b.catalog().await.unwrap().flavors.contains_key("small"));
+
+    // A write through the other process.
+    a.delete_image("img", &audit("image.delete", "img")).await.unwrap();
+    assert!(eventually(async || !b.catalog().await.unwrap().images.contains_key("img")).await);
+    a.update_provider_health(p.id, false, "down", None, now()).await.unwrap();
+    assert!(eventually(async || !b.catalog().await.unwrap().providers[0].healthy).await);
+
+    // A write by hand, outside HCP.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    sqlx::query("UPDATE flavors SET vcpus = 3 WHERE name = 'small'").execute(&mut conn).await.unwrap();
+    assert!(eventually(async || b.catalog().await.unwrap().flavors["small"].vcpus == 3).await);
+
+    // The listening connections are cut: until they are back, the copies
+    // are not trusted, and a change made meanwhile is seen after.
+    let cut: i64 = sqlx::query_scalar(
+        "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query = 'LISTEN \"hcp_catalog\"'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(cut, 2, "two listening connections");
+    sqlx::query("UPDATE flavors SET vcpus = 4 WHERE name = 'small'").execute(&mut conn).await.unwrap();
+    assert!(eventually(async || b.catalog().await.unwrap().flavors["small"].vcpus == 4).await);
+    for s in [&a, &b] {
+        assert!(eventually(async || s.catalog_cached()).await, "a listener did not come back");
+    }
+    assert_eq!(b.catalog().await.unwrap().flavors["small"].vcpus, 4);
 }

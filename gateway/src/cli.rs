@@ -22,6 +22,9 @@ struct Args {
     /// once instead of queueing.
     #[arg(long, default_value_t = 1024)]
     max_concurrent_requests: usize,
+    /// HTTP/2 connections to core; calls take them in turn.
+    #[arg(long, default_value_t = 4, env = "HCP_GATEWAY_CORE_CONNECTIONS")]
+    core_connections: usize,
     /// JWT of the gateway's service account (role console.proxy), for the
     /// console proxy; without it consoles are refused.
     #[arg(long, env = "HCP_GATEWAY_SERVICE_TOKEN_FILE")]
@@ -62,6 +65,7 @@ where
         core_endpoint: args.core,
         timeout: std::time::Duration::from_secs(args.timeout_seconds.max(1)),
         max_concurrent_requests: args.max_concurrent_requests.max(1),
+        core_connections: args.core_connections.max(1),
         console: crate::console::ConsoleConfig {
             service_token_file: args.service_token_file,
             allowed_origins: args.console_allowed_origins,

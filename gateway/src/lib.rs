@@ -66,6 +66,9 @@ pub struct Config {
     pub timeout: Duration,
     /// Requests handled at once; past it, 503 with `Retry-After`.
     pub max_concurrent_requests: usize,
+    /// HTTP/2 connections to core, calls spread over them in turn (at
+    /// least 1).
+    pub core_connections: usize,
     /// The console proxy.
     pub console: console::ConsoleConfig,
     /// Where `/metrics` (Prometheus) is served, on a listener of its own
@@ -101,7 +104,32 @@ pub enum StartError {
 
 struct Gateway {
     routes: Vec<Route>,
-    core: Channel,
+    core: Cores,
+}
+
+/// The connections to core. HTTP/2 multiplexes every call on one
+/// connection, but one connection is one task framing all of them (the
+/// gateway's profile under load showed it); calls take the connections in
+/// turn.
+#[derive(Clone)]
+struct Cores {
+    channels: Arc<[Channel]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Cores {
+    /// `n` connections to `endpoint`, each made when first used and remade
+    /// when lost, so the gateway starts (and answers 503) while core is
+    /// down.
+    fn lazy(endpoint: &Endpoint, n: usize) -> Self {
+        let channels: Vec<Channel> = (0..n.max(1)).map(|_| endpoint.connect_lazy()).collect();
+        Self { channels: channels.into(), next: Arc::default() }
+    }
+
+    fn pick(&self) -> Channel {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.channels.len();
+        self.channels[i].clone()
+    }
 }
 
 /// Where a running gateway listens.
@@ -133,13 +161,11 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let (_pool, routes) = routes::build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES)
         .map_err(StartError::Routes)?;
-    // The channel connects lazily and reconnects by itself, so the gateway
-    // starts (and answers 503) while core is down.
-    let core = Endpoint::from_shared(config.core_endpoint.clone())
+    let endpoint = Endpoint::from_shared(config.core_endpoint.clone())
         .map_err(|_| StartError::Endpoint(config.core_endpoint.clone()))?
         .connect_timeout(Duration::from_secs(3))
-        .timeout(config.timeout)
-        .connect_lazy();
+        .timeout(config.timeout);
+    let core = Cores::lazy(&endpoint, config.core_connections);
     let openapi = {
         let mut text = serde_json::to_string_pretty(&openapi::document(&routes)).unwrap_or_default();
         text.push('\n');
@@ -150,7 +176,7 @@ pub async fn run(
     let grpc_web = tower::ServiceBuilder::new()
         .layer(tonic_web::GrpcWebLayer::new())
         .service(GrpcProxy { core: core.clone() });
-    let consoles = Arc::new(console::Console { config: config.console.clone(), core: core.clone() });
+    let consoles = Arc::new(console::Console { config: config.console.clone(), core: core.pick() });
     let console_routes = axum::Router::new()
         .route("/console/novnc/{*path}", axum::routing::get(console::novnc))
         .route("/console/{name}", axum::routing::get(console::entry))
@@ -250,12 +276,21 @@ async fn rest(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     .instrument(span)
     .await;
     // Streams (the SSE job watch) count to their headers.
-    let status = resp.status().as_u16().to_string();
+    let status = status_label(resp.status());
     metrics::counter!("hcp_http_requests_total", "route" => route, "method" => method, "status" => status)
         .increment(1);
     metrics::histogram!("hcp_http_request_duration_seconds", "route" => route, "method" => method)
         .record(started.elapsed().as_secs_f64());
     resp
+}
+
+/// An HTTP status as a metric label: a static string (no allocation per
+/// request); the strings for 100..=999 are made once.
+fn status_label(status: http::StatusCode) -> &'static str {
+    static LABELS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    let labels =
+        LABELS.get_or_init(|| (100..1000u16).map(|c| &*Box::leak(c.to_string().into_boxed_str())).collect());
+    labels.get(usize::from(status.as_u16()).saturating_sub(100)).copied().unwrap_or("other")
 }
 
 /// The answer to a request shed at the concurrency limit.
@@ -365,7 +400,7 @@ async fn handle(gw: &Gateway, req: Request, matched: &mut &'static str) -> Resul
         }
     }
     hcp_telemetry::inject_request(&mut request);
-    let mut client = tonic::client::Grpc::new(gw.core.clone());
+    let mut client = tonic::client::Grpc::new(gw.core.pick());
     client.ready().await.map_err(|e| {
         tracing::warn!(error = %e, "core is unavailable");
         ApiError::new(hcp_proto::error::ErrorCode::Unavailable, "core is unavailable; retry later")
@@ -433,7 +468,7 @@ fn error_event(err: &ApiError, trace: Option<String>) -> axum::response::sse::Ev
 /// Forwards gRPC calls (already converted from gRPC-web) to core.
 #[derive(Clone)]
 struct GrpcProxy {
-    core: Channel,
+    core: Cores,
 }
 
 impl tower::Service<http::Request<tonic::body::Body>> for GrpcProxy {
@@ -446,7 +481,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for GrpcProxy {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let mut core = self.core.clone();
+        let mut core = self.core.pick();
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
             hcp_telemetry::inject_headers(&mut parts.headers);

@@ -94,8 +94,16 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
 /// server runs: a bounded set, so metrics can label calls by method and
 /// put everything else under one label.
 pub fn is_method(path: &str) -> bool {
+    method_label(path).is_some()
+}
+
+/// The method's path as a `&'static str` when [`is_method`] accepts it: a
+/// metric label that costs no allocation per call.
+pub fn method_label(path: &str) -> Option<&'static str> {
     use prost::Message;
-    static METHODS: std::sync::OnceLock<std::collections::HashSet<String>> = std::sync::OnceLock::new();
+    // The set is bounded and built once, so its strings live for the
+    // process.
+    static METHODS: std::sync::OnceLock<std::collections::HashSet<&'static str>> = std::sync::OnceLock::new();
     let methods = METHODS.get_or_init(|| {
         let mut out = std::collections::HashSet::new();
         if let Ok(set) = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET) {
@@ -103,7 +111,8 @@ pub fn is_method(path: &str) -> bool {
                 let package = file.package();
                 for service in &file.service {
                     for method in &service.method {
-                        out.insert(format!("/{package}.{}/{}", service.name(), method.name()));
+                        let path = format!("/{package}.{}/{}", service.name(), method.name());
+                        out.insert(&*Box::leak(path.into_boxed_str()));
                     }
                 }
             }
@@ -114,11 +123,11 @@ pub fn is_method(path: &str) -> bool {
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
         ] {
-            out.insert(m.to_owned());
+            out.insert(m);
         }
         out
     });
-    methods.contains(path)
+    methods.get(path).copied()
 }
 
 /// Shows credential keys, never their values.

@@ -264,18 +264,19 @@ pub fn announce_ready_with(service: &str, addr: impl std::fmt::Display, more: &[
 #[derive(Clone, Copy, Debug)]
 pub struct GrpcTraceLayer {
     role: &'static str,
-    known: fn(&str) -> bool,
+    known: fn(&str) -> Option<&'static str>,
 }
 
 impl GrpcTraceLayer {
     /// Creates the layer; `role` appears as the span's `role` field and the
     /// metrics' `role` label.
     pub fn new(role: &'static str) -> Self {
-        Self { role, known: |_| false }
+        Self { role, known: |_| None }
     }
 
-    /// Labels calls whose path `known` accepts by their method.
-    pub fn with_methods(self, known: fn(&str) -> bool) -> Self {
+    /// Labels calls whose path `known` accepts by the label it gives (a
+    /// static string: no allocation per call).
+    pub fn with_methods(self, known: fn(&str) -> Option<&'static str>) -> Self {
         Self { known, ..self }
     }
 }
@@ -293,7 +294,7 @@ impl<S> tower::Layer<S> for GrpcTraceLayer {
 pub struct GrpcTraceService<S> {
     inner: S,
     role: &'static str,
-    known: fn(&str) -> bool,
+    known: fn(&str) -> Option<&'static str>,
 }
 
 impl<S, B, RB> tower::Service<http::Request<B>> for GrpcTraceService<S>
@@ -314,7 +315,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         use tracing::Instrument;
         let path = req.uri().path();
-        let method = if (self.known)(path) { path.to_owned() } else { "other".to_owned() };
+        let method = (self.known)(path).unwrap_or("other");
         let span = tracing::info_span!(
             "grpc",
             role = self.role,
@@ -335,7 +336,7 @@ where
                 Ok(resp) => metrics::grpc_code_label(resp.headers().get("grpc-status")),
                 Err(_) => "transport",
             };
-            ::metrics::counter!("hcp_grpc_server_requests_total", "role" => role, "method" => method.clone(), "code" => code)
+            ::metrics::counter!("hcp_grpc_server_requests_total", "role" => role, "method" => method, "code" => code)
                 .increment(1);
             ::metrics::histogram!("hcp_grpc_server_request_duration_seconds", "role" => role, "method" => method)
                 .record(started.elapsed().as_secs_f64());

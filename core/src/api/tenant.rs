@@ -80,9 +80,30 @@ impl TenantApi {
         let scope = p.scope(&req.project_id, Access::Write)?;
         let tenant = scope.tenant.clone();
         let idem = key.map(|k| (k, fingerprint_create(&req)));
-        if let Some(answer) = self.replay(&tenant, idem.as_ref()).await? {
-            return Ok(answer);
+        // The key is not read first: the accepting transaction inserts it
+        // before anything else, so a key already used fails there (and is
+        // answered from its record), and a create that fails before that is
+        // answered from the record when there is one. A fresh key, the
+        // common case, costs no extra round trip.
+        match self.create_new(&p, &scope, idem.as_ref(), request_id, req).await {
+            Err(e) if idem.is_some() => match self.replay(&tenant, idem.as_ref()).await? {
+                Some(answer) => Ok(answer),
+                None => Err(e),
+            },
+            r => r,
         }
+    }
+
+    /// [`Self::create_vm`] for a key not seen before (or none).
+    async fn create_new(
+        &self,
+        p: &Principal,
+        scope: &crate::model::Scope,
+        idem: Option<&(String, String)>,
+        request_id: String,
+        req: CreateVmRequest,
+    ) -> Result<VmOperationAccepted, ApiError> {
+        let tenant = scope.tenant.clone();
         validate::label("name", &req.name)?;
         validate::label("flavor", &req.flavor)?;
         validate::label("image", &req.image)?;
@@ -123,7 +144,7 @@ impl TenantApi {
             None
         } else {
             let id: PlacementGroupId = validate::id("placement_group_id", &req.placement_group_id)?;
-            let g = self.ctx.store.get_placement_group(&scope, id).await.map_err(|e| match e {
+            let g = self.ctx.store.get_placement_group(scope, id).await.map_err(|e| match e {
                 StoreError::NotFound => ApiError::invalid_field(
                     "placement_group_id",
                     format!("unknown placement group {id} in project {}", req.project_id),
@@ -135,18 +156,27 @@ impl TenantApi {
             Some((g, members))
         };
 
-        let flavor = self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
-            StoreError::NotFound => {
-                ApiError::invalid_field("flavor", format!("unknown flavor {}", excerpt(&req.flavor)))
-            }
-            e => from_store(e, "flavor"),
-        })?;
-        let image = self.ctx.store.get_image(&req.image).await.map_err(|e| match e {
-            crate::store::StoreError::NotFound => {
-                ApiError::invalid_field("image", format!("unknown image {}", excerpt(&req.image)))
-            }
-            e => from_store(e, "image"),
-        })?;
+        // The catalog from memory (store::cache); a name it lacks may be
+        // newer than the copy, so the database has the last word.
+        let catalog = self.ctx.store.catalog().await.map_err(|e| from_store(e, "catalog"))?;
+        let flavor = match catalog.flavors.get(&req.flavor) {
+            Some(f) => f.clone(),
+            None => self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
+                StoreError::NotFound => {
+                    ApiError::invalid_field("flavor", format!("unknown flavor {}", excerpt(&req.flavor)))
+                }
+                e => from_store(e, "flavor"),
+            })?,
+        };
+        let image = match catalog.images.get(&req.image) {
+            Some(i) => i.clone(),
+            None => self.ctx.store.get_image(&req.image).await.map_err(|e| match e {
+                StoreError::NotFound => {
+                    ApiError::invalid_field("image", format!("unknown image {}", excerpt(&req.image)))
+                }
+                e => from_store(e, "image"),
+            })?,
+        };
         if image.min_disk_gib > flavor.disk_gib {
             return Err(ApiError::invalid_field(
                 "flavor",
@@ -158,6 +188,7 @@ impl TenantApi {
         }
         let zone = if req.zone.is_empty() { None } else { Some(req.zone.as_str()) };
         if let Some(z) = zone
+            && !catalog.zones.iter().any(|x| x.name == z)
             && !self
                 .ctx
                 .store
@@ -174,11 +205,21 @@ impl TenantApi {
         let zones = if req.networks.is_empty() {
             None
         } else {
-            let catalog = self.ctx.store.list_networks(zone).await.map_err(|e| from_store(e, "networks"))?;
+            let known = |list: &[crate::model::Network]| {
+                req.networks.iter().all(|n| list.iter().any(|c| c.name == n.network))
+            };
+            let fresh;
+            let networks: &[crate::model::Network] = if known(&catalog.networks) {
+                &catalog.networks
+            } else {
+                fresh = self.ctx.store.list_networks(None).await.map_err(|e| from_store(e, "networks"))?;
+                &fresh
+            };
+            let catalog = networks.iter().filter(|c| zone.is_none_or(|z| c.zone == z));
             let mut zones: Option<Vec<String>> = None;
             for (i, n) in req.networks.iter().enumerate() {
                 let here: Vec<String> =
-                    catalog.iter().filter(|c| c.name == n.network).map(|c| c.zone.clone()).collect();
+                    catalog.clone().filter(|c| c.name == n.network).map(|c| c.zone.clone()).collect();
                 let both: Vec<String> = match &zones {
                     None => here,
                     Some(z) => here.into_iter().filter(|x| z.contains(x)).collect(),
@@ -214,7 +255,7 @@ impl TenantApi {
         let guard = request.guard();
 
         let vm_id = VmId::new();
-        let job = self.new_job(&p, &scope, vm_id, JobKind::CreateVm, &request_id);
+        let job = self.new_job(p, scope, vm_id, JobKind::CreateVm, &request_id);
         let t = job.created_at;
         let mut tags = req.tags.clone();
         tags.sort();
@@ -251,12 +292,12 @@ impl TenantApi {
             created_at: t,
             updated_at: t,
         };
-        let mut audit = self.ctx.audit(&p, "vm.create", "vm", &vm_id.to_string(), "accepted");
+        let mut audit = self.ctx.audit(p, "vm.create", "vm", &vm_id.to_string(), "accepted");
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
         let answer =
             VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string(), snapshot_id: None };
-        let record = self.record(&tenant, idem.as_ref(), &answer);
+        let record = self.record(&tenant, idem, &answer);
         // A strict group's rule is checked again in the transaction: a
         // concurrent create that took a host first sends this one on to the
         // next candidate.
@@ -268,6 +309,7 @@ impl TenantApi {
             vm.host = choice.host.clone();
             match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref(), guard.as_ref()).await {
                 Ok(()) => {
+                    self.ctx.store.note_placed(vm.provider_id, &vm.host, vm.vcpus, vm.memory_mib);
                     self.ctx.announce(job.id);
                     tracing::info!(vm_id = %vm_id, job_id = %job.id, provider = %choice.provider.name,
                         host = %choice.host, "vm create accepted");
@@ -275,7 +317,7 @@ impl TenantApi {
                 }
                 Err(StoreError::Conflict(msg)) if guard.is_some() => refused = Some(msg),
                 Err(StoreError::IdempotencyRace) => {
-                    return self.replay_after_race(&tenant, idem.as_ref()).await;
+                    return self.replay_after_race(&tenant, idem).await;
                 }
                 Err(StoreError::QuotaExceeded(msg)) => {
                     return Err(ApiError::new(ErrorCode::QuotaExceeded, msg));

@@ -29,6 +29,7 @@ impl super::Store {
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
         });
+        self.catalog_changed();
         Ok(())
     }
 
@@ -104,6 +105,7 @@ impl super::Store {
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
         });
+        self.catalog_changed();
         Ok(())
     }
 
@@ -173,6 +175,7 @@ impl super::Store {
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
         });
+        self.catalog_changed();
         Ok(())
     }
 
@@ -237,6 +240,7 @@ impl super::Store {
             }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            self.catalog_changed();
             Ok(())
         })
     }
@@ -271,6 +275,7 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, &format!("network {}", n.name)))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            self.catalog_changed();
             Ok(())
         })
     }
@@ -332,6 +337,7 @@ impl super::Store {
             }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            self.catalog_changed();
             Ok(())
         })
     }

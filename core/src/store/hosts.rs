@@ -141,6 +141,20 @@ macro_rules! check_group {
 }
 pub(crate) use check_group;
 
+/// A zone's placement settings from a row of `zones`.
+macro_rules! zone_placement_from_row {
+    ($row:expr) => {{
+        let policy: String = col!($row, "placement_policy");
+        ZonePlacement {
+            zone: col!($row, "name"),
+            policy: PlacementPolicy::parse(&policy)
+                .ok_or_else(|| StoreError::Corrupt(format!("placement policy {policy:?}")))?,
+            cpu_overcommit: col!($row, "cpu_overcommit"),
+            memory_overcommit: col!($row, "memory_overcommit"),
+        }
+    }};
+}
+
 impl super::Store {
     /// Records what a provider reports: hosts are inserted or updated
     /// (keeping HCP's drain state); hosts it no longer reports become DOWN.
@@ -181,6 +195,7 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, "host"))?;
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
         });
+        self.catalog_changed();
         Ok(())
     }
 
@@ -260,6 +275,7 @@ impl super::Store {
                 return Err(StoreError::NotFound);
             }
         });
+        self.catalog_changed();
         Ok(())
     }
 
@@ -315,14 +331,7 @@ impl super::Store {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "zone"))?
             .ok_or(StoreError::NotFound)?;
-            let policy: String = col!(&row, "placement_policy");
-            Ok(ZonePlacement {
-                zone: col!(&row, "name"),
-                policy: PlacementPolicy::parse(&policy)
-                    .ok_or_else(|| StoreError::Corrupt(format!("placement policy {policy:?}")))?,
-                cpu_overcommit: col!(&row, "cpu_overcommit"),
-                memory_overcommit: col!(&row, "memory_overcommit"),
-            })
+            Ok(zone_placement_from_row!(&row))
         })
     }
 
@@ -344,7 +353,24 @@ impl super::Store {
                 return Err(StoreError::NotFound);
             }
         });
+        self.catalog_changed();
         Ok(())
+    }
+
+    /// Every zone's placement settings.
+    pub async fn zone_placements(&self) -> StoreResult<Vec<ZonePlacement>> {
+        on_pool!(self, |pool| {
+            let rows =
+                sqlx::query("SELECT name, placement_policy, cpu_overcommit, memory_overcommit FROM zones")
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "zone"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(zone_placement_from_row!(row));
+            }
+            Ok(out)
+        })
     }
 
     /// Inserts a placement group (AlreadyExists for a taken name) with its

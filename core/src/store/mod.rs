@@ -18,6 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{PgPool, SqlitePool};
 
 mod audit;
+mod cache;
 mod catalog;
 mod consoles;
 mod guards;
@@ -31,6 +32,7 @@ mod reconcile;
 mod vms;
 
 pub use audit::{AuditQuery, ChainedEvent};
+pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
 pub use guards::{IdempotencyRecord, Quota, Usage};
 pub use hosts::{GroupGuard, HostReport, Member};
 pub use jobs::{Finish, ListJobsQuery};
@@ -152,6 +154,8 @@ pub struct Store {
     engine: Backend,
     /// Whether changes also write outbox rows for a message queue.
     outbox: bool,
+    /// The in-memory catalog and host loads (see [`cache`]).
+    cache: std::sync::Arc<cache::Cache>,
 }
 
 /// Runs `$body` with `$pool` bound to the concrete pool of the store's
@@ -187,7 +191,7 @@ impl Store {
     /// `sqlite::memory:`, `sqlite://PATH` (created when missing),
     /// `postgres://...`.
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<Self> {
-        let (backend, engine) = if url.starts_with("sqlite:") {
+        let (backend, engine, cache) = if url.starts_with("sqlite:") {
             let memory = url.contains(":memory:") || url.contains("mode=memory");
             let opts = SqliteConnectOptions::from_str(url)
                 .map_err(StoreError::Internal)?
@@ -205,9 +209,10 @@ impl Store {
                 .connect_with(opts)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "connection"))?;
-            (Backend::Sqlite(pool.clone()), Backend::Sqlite(pool))
+            (Backend::Sqlite(pool.clone()), Backend::Sqlite(pool), cache::Cache::local())
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::from_sqlx(e, "connection"))?;
+            let opts = without_loopback_tls(url, opts);
             // `max_connections` is the total: a quarter for the engine.
             let engine_connections = (max_connections / 4).max(1);
             let pool = PgPoolOptions::new()
@@ -219,15 +224,20 @@ impl Store {
             let engine = PgPoolOptions::new()
                 .max_connections(engine_connections)
                 .acquire_timeout(Duration::from_secs(5))
-                .connect_lazy_with(opts.options([("synchronous_commit", "off")]));
-            (Backend::Postgres(pool), Backend::Postgres(engine))
+                .connect_lazy_with(opts.clone().options([("synchronous_commit", "off")]));
+            // The catalog cache's listener has a connection of its own.
+            let listener = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_lazy_with(opts);
+            (Backend::Postgres(pool), Backend::Postgres(engine), cache::Cache::listening(listener))
         } else {
             return Err(StoreError::Corrupt(format!(
                 "unsupported database url scheme in {:?} (use sqlite: or postgres:)",
                 url.split(':').next().unwrap_or_default()
             )));
         };
-        Ok(Self { backend, engine, outbox: false })
+        Ok(Self { backend, engine, outbox: false, cache })
     }
 
     /// Applies the embedded migrations of this backend.
@@ -272,9 +282,25 @@ impl Store {
 
     /// Closes the pools, waiting for checked-out connections.
     pub async fn close(&self) {
+        self.cache.stop();
         on_pool!(self, |pool| pool.close().await);
         on_pool!(engine self, |pool| pool.close().await)
     }
+}
+
+/// TLS to a PostgreSQL on this machine (a loopback address or a unix
+/// socket) only when the URL (or `PGSSLMODE`) asks for it: it protects
+/// nothing there and costs every round trip. Elsewhere sqlx's default
+/// (`prefer`) stands.
+fn without_loopback_tls(url: &str, opts: PgConnectOptions) -> PgConnectOptions {
+    let asked =
+        url.contains("sslmode=") || url.contains("ssl-mode=") || std::env::var_os("PGSSLMODE").is_some();
+    let host = opts.get_host();
+    let local = opts.get_socket().is_some()
+        || host.starts_with('/')
+        || host == "localhost"
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if local && !asked { opts.ssl_mode(sqlx::postgres::PgSslMode::Disable) } else { opts }
 }
 
 fn to_u32(v: i32, column: &str) -> StoreResult<u32> {

@@ -72,6 +72,7 @@ impl super::Store {
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
         });
+        self.catalog_changed();
         Ok(())
     }
 
@@ -151,6 +152,11 @@ impl super::Store {
             };
             q.execute(pool).await.map_err(|e| StoreError::from_sqlx(e, "provider"))?;
         });
+        // Placement reads health and capabilities, not the probe's time or
+        // message (the PostgreSQL trigger draws the same line).
+        if self.cache.catalog_differs(id, healthy, capabilities) {
+            self.catalog_changed();
+        }
         Ok(())
     }
 
@@ -196,6 +202,7 @@ impl super::Store {
                 .map_err(|e| StoreError::from_sqlx(e, "hosts"))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            self.catalog_changed();
             Ok(())
         })
     }

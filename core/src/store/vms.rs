@@ -167,6 +167,11 @@ impl super::Store {
     ) -> StoreResult<()> {
         let kind = self.kind();
         let outbox = self.outbox;
+        if let (super::Backend::Postgres(pool), None) = (&self.backend, group)
+            && accept_create_in_one(pool, vm, job, audit, idem, outbox).await?
+        {
+            return Ok(());
+        }
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             if let Some(rec) = idem {
@@ -718,4 +723,124 @@ where
         created_at: col!(row, "created_at"),
         updated_at: col!(row, "updated_at"),
     })
+}
+
+/// [`super::Store::accept_create`] on PostgreSQL in one statement, one round
+/// trip, for the common case: a project without a quota row and a VM in no
+/// strict placement group. A single statement is atomic without a
+/// transaction around it. The idempotency key goes first and everything
+/// else hangs off its insert: a live key inserts nothing (IdempotencyRace,
+/// as in the transaction). Returns false, having written nothing, when the
+/// project has a quota: a quota is checked under its row's lock and a fresh
+/// count, which takes the transaction (a statement sees one snapshot).
+async fn accept_create_in_one(
+    pool: &sqlx::PgPool,
+    vm: &NewVm,
+    job: &Job,
+    audit: &AuditEvent,
+    idem: Option<&IdempotencyRecord>,
+    outbox: bool,
+) -> StoreResult<bool> {
+    let row = sqlx::query(
+        "WITH quota AS (SELECT 1 FROM project_quotas WHERE tenant_id = $2 AND project_id = $3), \
+         gate AS (SELECT 1 AS go WHERE NOT EXISTS (SELECT 1 FROM quota)), \
+         idem AS (INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at, expires_at) \
+             SELECT $63, $46, $47, $48, $64, $49 FROM gate WHERE $45 \
+             ON CONFLICT (tenant_id, key) DO UPDATE SET request_hash = excluded.request_hash, \
+             response = excluded.response, created_at = excluded.created_at, expires_at = excluded.expires_at \
+             WHERE idempotency_keys.expires_at <= excluded.created_at RETURNING 1 AS go), \
+         ok AS (SELECT 1 AS go FROM gate WHERE NOT $45 OR EXISTS (SELECT 1 FROM idem)), \
+         vm AS (INSERT INTO vms (id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, image, \
+             image_source, zone, provider_id, networks, metadata, tags, user_data, hostname, status, \
+             current_job_id, error_code, error_message, created_at, updated_at, host, restart_policy, \
+             placement_group_id) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $54, \
+             NULL, NULL, $20, $21, $22, $23, $24 FROM ok RETURNING id), \
+         tags AS (INSERT INTO vm_tags (vm_id, tag) SELECT vm.id, t FROM vm, unnest($25::text[]) AS t), \
+         job AS (INSERT INTO jobs (id, tenant_id, project_id, kind, vm_id, status, attempts, max_attempts, \
+             run_after, lease_owner, lease_expires_at, error_code, error_message, actor, traceparent, \
+             created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, params, request_id) \
+             SELECT $19, $55, $56, $26, $57, $27, $28, $29, $30, NULL, NULL, NULL, NULL, $31, $32, $33, NULL, \
+             NULL, $34, $35, $58, $36, $37 FROM vm RETURNING id), \
+         sent AS (INSERT INTO outbox (subject, payload, created_at, published_at) \
+             SELECT $50, $51, $33, NULL FROM job WHERE $52), \
+         audited AS (INSERT INTO audit_events (id, at, actor, tenant_id, project_id, action, resource_type, \
+             resource_id, outcome, job_id, trace_id, detail) \
+             SELECT $38, $39, $40, $59, $60, $41, $61, $62, $42, $43, $44, $53 FROM job) \
+         SELECT EXISTS (SELECT 1 FROM quota) AS quota, EXISTS (SELECT 1 FROM vm) AS created",
+    )
+    .bind(vm.id.0) // $1
+    .bind(&vm.tenant_id)
+    .bind(&vm.project_id)
+    .bind(&vm.name)
+    .bind(&vm.flavor) // $5
+    .bind(to_i32(vm.vcpus))
+    .bind(to_i32(vm.memory_mib))
+    .bind(to_i32(vm.disk_gib))
+    .bind(&vm.image)
+    .bind(&vm.image_source) // $10
+    .bind(&vm.zone)
+    .bind(vm.provider_id.0)
+    .bind(Json(&vm.networks))
+    .bind(Json(&vm.metadata))
+    .bind(Json(&vm.tags)) // $15
+    .bind(&vm.user_data)
+    .bind(&vm.hostname)
+    .bind(vm.status.as_str())
+    .bind(job.id.0)
+    .bind(vm.created_at) // $20
+    .bind(vm.updated_at)
+    .bind(&vm.host)
+    .bind(vm.restart_policy.as_str())
+    .bind(vm.placement_group_id.map(|g| g.0))
+    .bind(&vm.tags) // $25
+    .bind(job.kind.as_str())
+    .bind(job.status.as_str())
+    .bind(job.attempts as i32)
+    .bind(job.max_attempts as i32)
+    .bind(job.run_after) // $30
+    .bind(&job.actor)
+    .bind(&job.traceparent)
+    .bind(job.created_at)
+    .bind(job.updated_at)
+    .bind(job.prior_status.map(|s| s.as_str())) // $35
+    .bind(Json(&job.params))
+    .bind(&job.request_id)
+    .bind(audit.id.0)
+    .bind(audit.at)
+    .bind(&audit.actor) // $40
+    .bind(&audit.action)
+    .bind(&audit.outcome)
+    .bind(&audit.job_id)
+    .bind(&audit.trace_id)
+    .bind(idem.is_some()) // $45
+    .bind(idem.map(|r| r.key.as_str()))
+    .bind(idem.map(|r| r.request_hash.as_str()))
+    .bind(idem.map(|r| r.response.as_str()))
+    .bind(idem.map(|r| r.expires_at))
+    .bind(SUBJECT_JOBS) // $50
+    .bind(job.id.to_string())
+    .bind(outbox)
+    .bind(&audit.detail)
+    .bind(vm.current_job_id.map(|j| j.0))
+    .bind(&job.tenant_id) // $55
+    .bind(&job.project_id)
+    .bind(job.vm_id.0)
+    .bind(job.snapshot_id.map(|s| s.0))
+    .bind(&audit.tenant_id)
+    .bind(&audit.project_id) // $60
+    .bind(&audit.resource_type)
+    .bind(&audit.resource_id)
+    .bind(idem.map(|r| r.tenant_id.as_str()))
+    .bind(idem.map(|r| r.created_at))
+    .fetch_one(pool)
+    .await
+    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+    let quota: bool = col!(&row, "quota");
+    let created: bool = col!(&row, "created");
+    match (quota, created) {
+        (true, _) => Ok(false),
+        (false, true) => Ok(true),
+        (false, false) => Err(StoreError::IdempotencyRace),
+    }
 }

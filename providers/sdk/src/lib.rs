@@ -422,7 +422,7 @@ where
         builder = builder.tls_config(server_tls).map_err(ServeError::Tls)?;
     }
     let router = builder
-        .layer(hcp_telemetry::GrpcTraceLayer::new("provider").with_methods(hcp_proto::is_method))
+        .layer(hcp_telemetry::GrpcTraceLayer::new("provider").with_methods(hcp_proto::method_label))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IdentityServer::new(adapter.clone()))
