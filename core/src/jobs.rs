@@ -45,11 +45,20 @@ struct Attempt {
     networks: Option<Vec<NetworkAttachment>>,
     /// The host the provider reported the VM on after a successful job.
     host: Option<String>,
+    /// The VM's size as the attempt found it (see [`Finish::size`]).
+    size: Option<lifecycle::Size>,
 }
 
 impl Attempt {
     fn failed(code: ErrorCode, message: String) -> Self {
-        Attempt { outcome: Outcome::Failed(code), message, run_after: None, networks: None, host: None }
+        Attempt {
+            outcome: Outcome::Failed(code),
+            message,
+            run_after: None,
+            networks: None,
+            host: None,
+            size: None,
+        }
     }
 }
 
@@ -94,6 +103,40 @@ pub struct Engine {
     abandon: Arc<watch::Sender<bool>>,
     /// Where job changes are announced to watchers.
     events: crate::events::JobEvents,
+    /// Jobs this engine claimed lately (see [`Claimed`]).
+    claimed: Arc<std::sync::Mutex<Claimed>>,
+}
+
+/// The jobs an engine claimed lately, so that the queue's message for a job
+/// its own poll already took costs no database round trips (a claim that
+/// fails and a read to learn why). Bounded: the oldest are forgotten, and a
+/// forgotten job's message just takes the database path again.
+#[derive(Debug, Default)]
+struct Claimed {
+    set: std::collections::HashSet<JobId>,
+    order: std::collections::VecDeque<JobId>,
+}
+
+impl Claimed {
+    const MAX: usize = 4096;
+
+    fn insert(&mut self, id: JobId) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+            while self.order.len() > Self::MAX {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// A job put back to wait for a retry is the queue's again.
+    fn remove(&mut self, id: JobId) {
+        if self.set.remove(&id) {
+            self.order.retain(|x| *x != id);
+        }
+    }
 }
 
 /// What happened to a job offered by the queue.
@@ -129,16 +172,27 @@ impl Engine {
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
         let abandon = Arc::new(watch::channel(false).0);
-        Self { store, clients, config, worker_id, wake, permits, abandon, events }
+        let claimed = Arc::default();
+        Self { store, clients, config, worker_id, wake, permits, abandon, events, claimed }
+    }
+
+    fn claimed(&self) -> std::sync::MutexGuard<'_, Claimed> {
+        self.claimed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Offers one job (named by a queue message) to this worker: waits for a
     /// free slot, then leases and runs the job if it is runnable.
     pub async fn offer(&self, id: JobId) -> Result<Offer, StoreError> {
+        // This engine's poll took it already: it runs or ran here, and if
+        // this process dies its lease lapses and any worker's poll takes it.
+        if self.claimed().set.contains(&id) {
+            return Ok(Offer::Gone);
+        }
         let Ok(permit) = self.permits.clone().acquire_owned().await else { return Ok(Offer::Gone) };
         let t = now();
         match self.store.claim_job(id, &self.worker_id, t, self.lease_until(t)).await? {
             Some(job) => {
+                self.claimed().insert(job.id);
                 self.events.changed(job.id);
                 let engine = self.clone();
                 tokio::spawn(async move {
@@ -194,6 +248,12 @@ impl Engine {
             let t = now();
             match self.store.claim_next_jobs(&self.worker_id, t, self.lease_until(t), slots.len()).await {
                 Ok(jobs) if !jobs.is_empty() => {
+                    {
+                        let mut claimed = self.claimed();
+                        for job in &jobs {
+                            claimed.insert(job.id);
+                        }
+                    }
                     for job in jobs {
                         let Some(permit) = slots.pop() else { break };
                         self.events.changed(job.id);
@@ -363,6 +423,7 @@ impl Engine {
             run_after: attempt.run_after,
             networks: attempt.networks,
             host: attempt.host,
+            size: attempt.size,
         };
         match self.store.finish_job(job, &self.worker_id, &finish, t, audit.as_ref()).await {
             Ok(()) => {
@@ -382,6 +443,7 @@ impl Engine {
                         .record(waited);
                 }
                 if let Some(run_after) = attempt.run_after {
+                    self.claimed().remove(job.id);
                     // Wake a local worker when the backoff is over.
                     let wake = self.wake.clone();
                     let delay = (run_after - t).to_std().unwrap_or_default();
@@ -509,6 +571,12 @@ impl Engine {
             run_after: None,
             networks,
             host,
+            size: Some(lifecycle::Size {
+                flavor: vm.flavor.clone(),
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+                disk_gib: vm.disk_gib,
+            }),
         })
     }
 
@@ -554,6 +622,7 @@ impl Engine {
                 run_after: Some(now() + chrono::Duration::from_std(delay).unwrap_or_default()),
                 networks: None,
                 host: None,
+                size: None,
             }
         } else {
             Attempt::failed(e.code, message)

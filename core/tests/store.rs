@@ -160,6 +160,7 @@ fn finish(
         run_after,
         networks: None,
         host: None,
+        size: None,
     }
 }
 
@@ -216,8 +217,17 @@ async fn complete(store: &Store, job: &Job, status: VmStatus) {
     let t = now();
     let claimed =
         store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().expect("claimable");
-    let done = finish(&claimed, Outcome::Succeeded { power: None }, "", None);
+    let mut done = finish(&claimed, Outcome::Succeeded { power: None }, "", None);
     assert_eq!(done.transition.vm, Some(status), "{} ends {status}", job.kind);
+    // As the engine does: the size of the VM the job found, for metering
+    // without another read (one statement on PostgreSQL).
+    let vm = store.get_vm_internal(job.vm_id).await.unwrap();
+    done.size = Some(lifecycle::Size {
+        flavor: vm.flavor,
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
+    });
     store.finish_job(&claimed, "w", &done, now(), None).await.unwrap();
 }
 
@@ -724,6 +734,18 @@ async fn outbox_rows_commit_with_the_change(backend: Backend) {
     let pending = store.pending_outbox(10).await.unwrap();
     assert_eq!(pending.len(), 2);
     assert_eq!(pending[1].subject, format!("{SUBJECT_USAGE_PREFIX}started"));
+    let usage: serde_json::Value = serde_json::from_str(&pending[1].payload).unwrap();
+    assert_eq!(
+        (
+            usage["event"].as_str(),
+            usage["flavor"].as_str(),
+            usage["vcpus"].as_u64(),
+            usage["job_id"].as_str()
+        ),
+        (Some("started"), Some("small"), Some(1), Some(job.id.to_string().as_str())),
+        "{usage}"
+    );
+    assert_eq!(store.get_vm_internal(job.vm_id).await.unwrap().status, VmStatus::Active);
     store.mark_outbox_published(&[pending[0].id, pending[1].id], now()).await.unwrap();
     assert_eq!(store.count_pending_outbox().await.unwrap(), 0);
     // Without the outbox (embedded mode) nothing is queued.

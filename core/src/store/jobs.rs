@@ -33,6 +33,10 @@ pub struct Finish {
     /// The host the provider reported the VM on after a successful job,
     /// when it names one.
     pub host: Option<String>,
+    /// The VM's size as the job found it, when the engine read it (the job
+    /// holds the VM, so nothing else changes it meanwhile): the usage event
+    /// is then written without reading the VM again.
+    pub size: Option<crate::lifecycle::Size>,
 }
 
 /// Filters and page position for [`super::Store::list_jobs`].
@@ -488,6 +492,15 @@ impl super::Store {
         };
         let finished_at = (t.job != JobStatus::Queued).then_some(now);
         let run_after = finish.run_after.unwrap_or(job.run_after);
+        if let super::Backend::Postgres(pool) = &self.engine
+            && let Some(done) = finish_in_one(pool, job, worker, finish, now, audit, outbox).await?
+        {
+            return if done {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict(format!("lease on job {} lost", job.id)))
+            };
+        }
         on_pool!(engine self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
             let updated = sqlx::query(
@@ -584,4 +597,125 @@ impl super::Store {
         };
         Ok((jobs, next))
     }
+}
+
+/// [`super::Store::finish_job`] on PostgreSQL in one statement, one round
+/// trip, for what most jobs end with: the job's row, the VM's state, host
+/// and addresses, a usage event sized from [`Finish::size`] (and its outbox
+/// row) and the audit event. `None`, having written nothing, for a finish
+/// that puts a size back, changes a snapshot, revokes consoles or requeues
+/// with an outbox row, or meters without a known size: those take the
+/// transaction. `Some(false)` when the lease was lost (nothing written).
+async fn finish_in_one(
+    pool: &sqlx::PgPool,
+    job: &Job,
+    worker: &str,
+    finish: &Finish,
+    now: DateTime<Utc>,
+    audit: Option<&AuditEvent>,
+    outbox: bool,
+) -> StoreResult<Option<bool>> {
+    let t = &finish.transition;
+    let usage = match (t.metering, &finish.size) {
+        (None, _) => None,
+        (Some(event), Some(size)) => Some(super::UsageEvent {
+            id: hcp_proto::ids::EventId::new(),
+            at: now,
+            tenant_id: job.tenant_id.clone(),
+            project_id: job.project_id.clone(),
+            vm_id: job.vm_id,
+            event: event.as_str().to_owned(),
+            flavor: size.flavor.clone(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            job_id: Some(job.id),
+        }),
+        (Some(_), None) => return Ok(None),
+    };
+    if t.vm_size.is_some()
+        || (job.snapshot_id.is_some() && t.snapshot.is_some())
+        || t.revoke_consoles
+        || (t.requeue && outbox)
+    {
+        return Ok(None);
+    }
+    let (code, message) = match &finish.error {
+        Some((c, m)) => (Some(c.as_str()), Some(m.as_str())),
+        None => (None, None),
+    };
+    let vm_error_message: Option<&str> = t.vm_error.map(|_| message.unwrap_or_default());
+    let host = finish.host.as_deref().filter(|h| !h.is_empty());
+    let touches_vm = t.vm.is_some() || host.is_some() || t.vm_host.is_some() || finish.networks.is_some();
+    // The VM's new state applies only while the job still holds it, as in
+    // the transaction; the reported host only to a VM that is not deleted.
+    let row = sqlx::query(
+        "WITH j AS (UPDATE jobs SET status = $4, finished_at = $1, updated_at = $5, run_after = $6, \
+             lease_owner = NULL, lease_expires_at = NULL, error_code = $7, error_message = $8 \
+             WHERE id = $2 AND lease_owner = $3 AND status = 'RUNNING' RETURNING id), \
+         v AS (UPDATE vms SET \
+             status = CASE WHEN $9 AND current_job_id = $2 THEN $10 ELSE status END, \
+             error_code = CASE WHEN $9 AND current_job_id = $2 THEN $11 ELSE error_code END, \
+             error_message = CASE WHEN $9 AND current_job_id = $2 THEN $12 ELSE error_message END, \
+             updated_at = CASE WHEN $9 AND current_job_id = $2 THEN $5 ELSE updated_at END, \
+             host = CASE WHEN $13::text IS NOT NULL \
+                 AND (CASE WHEN $9 AND current_job_id = $2 THEN $10 ELSE status END) <> 'DELETED' THEN $13 \
+                 WHEN $14::text IS NOT NULL THEN $14 ELSE host END, \
+             networks = COALESCE($15, networks), \
+             current_job_id = CASE WHEN $9 AND current_job_id = $2 THEN NULL ELSE current_job_id END \
+             FROM j WHERE vms.id = $16 AND $17 RETURNING vms.id), \
+         u AS (INSERT INTO usage_events (id, at, tenant_id, project_id, vm_id, event, flavor, vcpus, \
+             memory_mib, job_id) SELECT $18, $5, $19, $20, $16, $21, $22, $23, $24, $2 FROM j WHERE $25), \
+         o AS (INSERT INTO outbox (subject, payload, created_at, published_at) \
+             SELECT $26, $27, $5, NULL FROM j WHERE $25 AND $28), \
+         a AS (INSERT INTO audit_events (id, at, actor, tenant_id, project_id, action, resource_type, \
+             resource_id, outcome, job_id, trace_id, detail) \
+             SELECT $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41 FROM j WHERE $29) \
+         SELECT EXISTS (SELECT 1 FROM j) AS finished",
+    )
+    .bind(t.job.ne(&JobStatus::Queued).then_some(now)) // $1
+    .bind(job.id.0)
+    .bind(worker)
+    .bind(t.job.as_str())
+    .bind(now) // $5
+    .bind(finish.run_after.unwrap_or(job.run_after))
+    .bind(code)
+    .bind(message)
+    .bind(t.vm.is_some())
+    .bind(t.vm.map(|s| s.as_str())) // $10
+    .bind(t.vm_error.map(|c| c.as_str()))
+    .bind(vm_error_message)
+    .bind(host)
+    .bind(t.vm_host.as_deref())
+    .bind(finish.networks.as_ref().map(Json)) // $15
+    .bind(job.vm_id.0)
+    .bind(touches_vm)
+    .bind(usage.as_ref().map(|u| u.id.0))
+    .bind(&job.tenant_id)
+    .bind(&job.project_id) // $20
+    .bind(usage.as_ref().map(|u| u.event.as_str()))
+    .bind(usage.as_ref().map(|u| u.flavor.as_str()))
+    .bind(usage.as_ref().map(|u| u.vcpus as i32))
+    .bind(usage.as_ref().map(|u| u.memory_mib as i32))
+    .bind(usage.is_some()) // $25
+    .bind(usage.as_ref().map(|u| format!("{}{}", super::outbox::SUBJECT_USAGE_PREFIX, u.event)))
+    .bind(usage.as_ref().map(|u| serde_json::to_string(u).unwrap_or_default()))
+    .bind(outbox)
+    .bind(audit.is_some())
+    .bind(audit.map(|a| a.id.0)) // $30
+    .bind(audit.map(|a| a.at))
+    .bind(audit.map(|a| a.actor.as_str()))
+    .bind(audit.map(|a| a.tenant_id.as_str()))
+    .bind(audit.map(|a| a.project_id.as_str()))
+    .bind(audit.map(|a| a.action.as_str())) // $35
+    .bind(audit.map(|a| a.resource_type.as_str()))
+    .bind(audit.map(|a| a.resource_id.as_str()))
+    .bind(audit.map(|a| a.outcome.as_str()))
+    .bind(audit.map(|a| a.job_id.as_str()))
+    .bind(audit.map(|a| a.trace_id.as_str())) // $40
+    .bind(audit.map(|a| a.detail.as_str()))
+    .fetch_one(pool)
+    .await
+    .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+    let finished: bool = col!(&row, "finished");
+    Ok(Some(finished))
 }
