@@ -316,6 +316,8 @@ async fn p1(s: &TestStack) -> anyhow::Result<Figure> {
 /// What the job path adds to a job: accept to SUCCEEDED minus the
 /// provider's own time, in waves of `c` concurrent creates.
 struct JobOverhead {
+    to_claim_p50: f64,
+    claim_to_finish_p50: f64,
     p50: f64,
     p99: f64,
     jobs: usize,
@@ -355,6 +357,7 @@ async fn p2(s: &TestStack) -> anyhow::Result<Vec<Figure>> {
 impl JobOverhead {
     fn detail(&self) -> Value {
         json!({"p50_ms": self.p50, "p99_ms": self.p99, "jobs": self.jobs,
+               "accepted_to_claimed_p50_ms": self.to_claim_p50, "claimed_to_finished_p50_ms": self.claim_to_finish_p50,
                "provider_ms_per_job": self.provider_ms_per_job, "cpu_ms_per_job": self.cpu_ms_per_job})
     }
 }
@@ -433,7 +436,22 @@ async fn job_overhead(s: &TestStack, project: &str, c: usize, waves: usize) -> a
     let provider_ms_per_job = (after.busy_micros - before.busy_micros) as f64 / 1000.0 / rows.len() as f64;
     let mut overhead: Vec<f64> = rows.iter().map(|(_, t)| (t - provider_ms_per_job).max(0.0)).collect();
     overhead.sort_by(|a, b| a.total_cmp(b));
+    // Where the time goes: accepted to claimed by a worker, and claimed to
+    // finished.
+    let mut split: Vec<(f64, f64)> = sqlx::query_as(
+        "SELECT EXTRACT(EPOCH FROM (started_at - created_at))::float8 * 1000, \
+         EXTRACT(EPOCH FROM (finished_at - started_at))::float8 * 1000 FROM jobs WHERE id = ANY($1)",
+    )
+    .bind(&all_jobs)
+    .fetch_all(&mut conn)
+    .await?;
+    split.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let to_claim_p50 = split.get(split.len() / 2).map_or(0.0, |s| s.0);
+    split.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let claim_to_finish_p50 = split.get(split.len() / 2).map_or(0.0, |s| s.1);
     Ok(JobOverhead {
+        to_claim_p50,
+        claim_to_finish_p50,
         p50: percentile(&overhead, 0.5),
         p99: percentile(&overhead, 0.99),
         jobs: rows.len(),

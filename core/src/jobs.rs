@@ -515,7 +515,9 @@ impl Engine {
         // happened, and a crash between the two re-runs it, which the
         // provider's idempotency allows (just as a crash between the call and
         // its record would). So only multi-step jobs have steps to skip.
-        let done: Vec<(String, String)> = if steps.len() > 1 {
+        // A job's first claim (attempts counts claims) has nothing recorded
+        // yet: only a retry or a takeover reads what an earlier attempt did.
+        let done: Vec<(String, String)> = if steps.len() > 1 && job.attempts > 1 {
             self.store.completed_steps(job.id).await.map_err(Abort::Store)?
         } else {
             Vec::new()
