@@ -635,6 +635,11 @@ async fn p5(exe: &Path) -> anyhow::Result<Figure> {
     );
     let p = store.list_providers().await?.into_iter().next().context("no provider")?;
     let rss_before = hwm_kib(std::process::id());
+    // The first pass also learns each VM's host (bulk-made VMs have none):
+    // a one-off, reported apart; the figure is a pass in steady state.
+    let t = Instant::now();
+    reconciler.reconcile(&p).await.map_err(|e| anyhow::anyhow!(e))?;
+    let first_secs = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let report = reconciler.reconcile(&p).await.map_err(|e| anyhow::anyhow!(e))?;
     let secs = t.elapsed().as_secs_f64();
@@ -648,7 +653,7 @@ async fn p5(exe: &Path) -> anyhow::Result<Figure> {
         unit: "s",
         target: "<= 2 s and <= 200 MB".into(),
         met: Some(secs <= 2.0 && mib <= 200.0),
-        detail: json!({"seconds": secs, "peak_rss_mib": mib, "rss_before_mib": rss_before as f64 / 1024.0,
+        detail: json!({"seconds": secs, "first_pass_seconds": first_secs, "peak_rss_mib": mib, "rss_before_mib": rss_before as f64 / 1024.0,
                        "listed": report.listed, "known": report.known, "drift": report.missing + report.power + report.orphans}),
     })
 }
@@ -660,16 +665,22 @@ async fn p6(exe: &Path) -> anyhow::Result<Figure> {
     let provider = provider_id(&s).await?;
     bulk_vms(&s.db.url, &provider, "big", N).await?;
     let token = s.token(Some("bench"), &["big"], &["tenant.member"], 3600);
+    // Random positions take page tokens, which HCP signs (core/src/api/
+    // page.rs): the benchmark holds the database, so it signs them with the
+    // deployment's own key, as core would for a walk to that position.
+    let store = hcp_core::store::Store::connect(&s.db.url, 2).await?;
+    // Core made the key at start; the value offered here is never stored.
+    let mut unused = [0u8; 32];
+    unused[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    let pages = hcp_core::api::page::PageTokens::new(store.shared_key("page-tokens", unused).await?);
+    store.close().await;
+    let mut binding = hcp_core::api::page::Binding::new("vms");
+    binding.push("bench").push("big").push("");
     // Walk pages from the start, then from random positions.
     let mut lat = Vec::with_capacity(PAGES);
     let mut next = String::new();
     for i in 0..PAGES {
-        let page_token = if i % 2 == 0 {
-            next.clone()
-        } else {
-            use base64::Engine;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes())
-        };
+        let page_token = if i % 2 == 0 { next.clone() } else { pages.seal(&binding, uuid::Uuid::new_v4()) };
         let path = if page_token.is_empty() {
             "/api/hcp/tenant/v1/projects/big/vms?page_size=100".to_owned()
         } else {

@@ -239,6 +239,7 @@ impl Reconciler {
             .collect();
         let mut report = Report { listed: inventory.len(), known: known.len(), ..Report::default() };
         let mut seen = std::collections::HashSet::with_capacity(inventory.len());
+        let mut first_hosts: Vec<(VmId, String)> = Vec::new();
 
         for vm in &inventory {
             let Ok(id) = vm.vm_id.parse::<VmId>() else {
@@ -271,7 +272,12 @@ impl Reconciler {
                         self.restart(k, power, host_down).await;
                         continue;
                     }
-                    if !vm.host.is_empty() && vm.host != k.host {
+                    if !vm.host.is_empty() && k.host.is_empty() {
+                        // HCP learns where the VM is (made before hosts were
+                        // recorded, or adopted): no move, no audit; written
+                        // in bulk after the pass.
+                        first_hosts.push((id, vm.host.clone()));
+                    } else if !vm.host.is_empty() && vm.host != k.host {
                         match self.store.set_vm_host(id, &vm.host).await {
                             Ok(true) => {
                                 report.hosts += 1;
@@ -323,6 +329,13 @@ impl Reconciler {
                 report.missing += 1;
                 self.missing(k, observed_at).await;
             }
+        }
+        match self.store.set_first_hosts(&first_hosts).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(provider = %p.name, vms = n, "recorded the hosts of vms whose host HCP did not know")
+            }
+            Err(e) => tracing::warn!(provider = %p.name, error = %e, "cannot record hosts"),
         }
         Ok(report)
     }

@@ -47,6 +47,7 @@ store_tests!(
     jobs_are_listed_newest_first_with_filters,
     networks_are_per_zone_and_in_use_ones_stay,
     the_catalog_copy_follows_this_process_writes,
+    first_hosts_are_recorded_in_bulk_and_only_where_unknown,
 );
 
 /// Polls `f` every 20 ms for up to 10 s; true once it held.
@@ -1051,4 +1052,27 @@ async fn postgres_catalog_copies_are_kept_coherent_across_processes() {
         assert!(eventually(async || s.catalog_cached()).await, "a listener did not come back");
     }
     assert_eq!(b.catalog().await.unwrap().flavors["small"].vcpus, 4);
+}
+
+/// The reconciler records, in bulk, where VMs whose host HCP did not know
+/// are; a VM that has a host, or that a job holds, keeps what it has.
+async fn first_hosts_are_recorded_in_bulk_and_only_where_unknown(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (a, ja) = create(&store, &p, "acme", "p1", "a", &[]).await;
+    complete(&store, &ja, VmStatus::Active).await;
+    let (b, jb) = create(&store, &p, "acme", "p1", "b", &[]).await;
+    complete(&store, &jb, VmStatus::Active).await;
+    // Held by its create job.
+    let (c, _) = create(&store, &p, "acme", "p1", "c", &[]).await;
+    let hosts = [(a.id, "h1".to_owned()), (b.id, "h2".to_owned()), (c.id, "h3".to_owned())];
+    assert_eq!(store.set_first_hosts(&hosts).await.unwrap(), 2);
+    let host = async |id| store.get_vm_internal(id).await.unwrap().host;
+    assert_eq!(
+        (host(a.id).await, host(b.id).await, host(c.id).await),
+        ("h1".into(), "h2".into(), String::new())
+    );
+    // Known now: a later report of another host is a move, not this.
+    assert_eq!(store.set_first_hosts(&[(a.id, "h9".to_owned())]).await.unwrap(), 0);
+    assert_eq!(host(a.id).await, "h1");
 }

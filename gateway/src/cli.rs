@@ -22,8 +22,10 @@ struct Args {
     /// once instead of queueing.
     #[arg(long, default_value_t = 1024)]
     max_concurrent_requests: usize,
-    /// HTTP/2 connections to core; calls take them in turn.
-    #[arg(long, default_value_t = 4, env = "HCP_GATEWAY_CORE_CONNECTIONS")]
+    /// HTTP/2 connections to core; calls take them in turn. One was
+    /// measured best on two cores (README, Performance); more may help where
+    /// one connection's framing task saturates a core.
+    #[arg(long, default_value_t = 1, env = "HCP_GATEWAY_CORE_CONNECTIONS")]
     core_connections: usize,
     /// JWT of the gateway's service account (role console.proxy), for the
     /// console proxy; without it consoles are refused.

@@ -55,16 +55,22 @@ impl TenantApi {
     async fn capabilities(
         &self,
     ) -> Result<std::collections::HashMap<hcp_proto::ids::ProviderId, model::Capabilities>, ApiError> {
-        let providers = self.ctx.store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
-        Ok(providers.into_iter().map(|p| (p.id, p.capabilities)).collect())
+        // From the in-memory catalog (store::cache): a provider is never
+        // removed while VMs are on it, so the copy has every VM's provider.
+        let catalog = self.ctx.store.catalog().await.map_err(|e| from_store(e, "providers"))?;
+        Ok(catalog.providers.iter().map(|p| (p.id, p.capabilities.clone())).collect())
     }
 
     /// The tenant view of one VM.
     async fn view(&self, vm: &model::Vm) -> Result<Vm, ApiError> {
-        let caps = match self.ctx.store.get_provider(vm.provider_id).await {
-            Ok(p) => Some(p.capabilities),
-            Err(StoreError::NotFound) => None,
-            Err(e) => return Err(from_store(e, "provider")),
+        let catalog = self.ctx.store.catalog().await.map_err(|e| from_store(e, "providers"))?;
+        let caps = match catalog.providers.iter().find(|p| p.id == vm.provider_id) {
+            Some(p) => Some(p.capabilities.clone()),
+            None => match self.ctx.store.get_provider(vm.provider_id).await {
+                Ok(p) => Some(p.capabilities),
+                Err(StoreError::NotFound) => None,
+                Err(e) => return Err(from_store(e, "provider")),
+            },
         };
         Ok(convert::vm_to_tenant(vm, caps.as_ref()))
     }
@@ -740,7 +746,12 @@ impl TenantApi {
             tags,
         };
         let (vms, next) = self.ctx.store.list_vms(&scope, &query).await.map_err(|e| from_store(e, "vms"))?;
-        let caps = self.capabilities().await?;
+        let mut caps = self.capabilities().await?;
+        if vms.iter().any(|vm| !caps.contains_key(&vm.provider_id)) {
+            // A provider newer than this process's copy.
+            let providers = self.ctx.store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
+            caps = providers.into_iter().map(|p| (p.id, p.capabilities)).collect();
+        }
         Ok(ListVmsResponse {
             vms: vms.iter().map(|vm| convert::vm_to_tenant(vm, caps.get(&vm.provider_id))).collect(),
             next_page_token: next.map(|last| self.ctx.pages.seal(&binding, last)).unwrap_or_default(),

@@ -554,6 +554,50 @@ impl super::Store {
         })
     }
 
+    /// Records the hosts of VMs whose host HCP did not know (empty), in bulk:
+    /// one statement per 10,000 on PostgreSQL, one transaction on SQLite.
+    /// A VM a job holds, or that got a host meanwhile, is left alone.
+    /// Returns how many were recorded.
+    pub async fn set_first_hosts(&self, hosts: &[(VmId, String)]) -> StoreResult<u64> {
+        let mut done = 0;
+        match &self.backend {
+            super::Backend::Postgres(pool) => {
+                for chunk in hosts.chunks(10_000) {
+                    let ids: Vec<uuid::Uuid> = chunk.iter().map(|(id, _)| id.0).collect();
+                    let names: Vec<&str> = chunk.iter().map(|(_, h)| h.as_str()).collect();
+                    done += sqlx::query(
+                        "UPDATE vms SET host = r.host FROM unnest($1::uuid[], $2::text[]) AS r(id, host) \
+                         WHERE vms.id = r.id AND vms.host = '' AND vms.current_job_id IS NULL \
+                         AND vms.status <> 'DELETED'",
+                    )
+                    .bind(&ids)
+                    .bind(&names)
+                    .execute(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?
+                    .rows_affected();
+                }
+            }
+            super::Backend::Sqlite(pool) => {
+                let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+                for (id, host) in hosts {
+                    done += sqlx::query(
+                        "UPDATE vms SET host = $1 WHERE id = $2 AND host = '' AND current_job_id IS NULL \
+                         AND status <> 'DELETED'",
+                    )
+                    .bind(host)
+                    .bind(id.0)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?
+                    .rows_affected();
+                }
+                tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            }
+        }
+        Ok(done)
+    }
+
     /// The VMs on a host that are not deleted, oldest first.
     pub async fn vms_on_host(&self, provider: ProviderId, host: &str) -> StoreResult<Vec<Vm>> {
         on_pool!(self, |pool| {
