@@ -493,11 +493,7 @@ impl Engine {
         let vm = self.store.get_vm_internal(job.vm_id).await.map_err(Abort::Store)?;
         // From the in-memory catalog (kept coherent, see store::cache); the
         // database when the copy does not have it.
-        let catalog = self.store.catalog().await.map_err(Abort::Store)?;
-        let provider = match catalog.providers.iter().find(|p| p.id == vm.provider_id) {
-            Some(p) => p.clone(),
-            None => self.store.get_provider(vm.provider_id).await.map_err(Abort::Store)?,
-        };
+        let provider = self.store.provider_cached(vm.provider_id).await.map_err(Abort::Store)?;
         // A graceful stop may wait for the guest as long as the tenant asked,
         // and the call must outlive that wait.
         let longest = match job.params {
@@ -527,6 +523,7 @@ impl Engine {
             None => None,
         };
         let networks = if job.kind == crate::model::JobKind::CreateVm {
+            let catalog = self.store.catalog().await.map_err(Abort::Store)?;
             self.backings(&vm, &provider.name, &catalog.networks).await.map_err(Abort::Store)?
         } else {
             Vec::new()

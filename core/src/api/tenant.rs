@@ -63,14 +63,10 @@ impl TenantApi {
 
     /// The tenant view of one VM.
     async fn view(&self, vm: &model::Vm) -> Result<Vm, ApiError> {
-        let catalog = self.ctx.store.catalog().await.map_err(|e| from_store(e, "providers"))?;
-        let caps = match catalog.providers.iter().find(|p| p.id == vm.provider_id) {
-            Some(p) => Some(p.capabilities.clone()),
-            None => match self.ctx.store.get_provider(vm.provider_id).await {
-                Ok(p) => Some(p.capabilities),
-                Err(StoreError::NotFound) => None,
-                Err(e) => return Err(from_store(e, "provider")),
-            },
+        let caps = match self.ctx.store.provider_cached(vm.provider_id).await {
+            Ok(p) => Some(p.capabilities),
+            Err(StoreError::NotFound) => None,
+            Err(e) => return Err(from_store(e, "provider")),
         };
         Ok(convert::vm_to_tenant(vm, caps.as_ref()))
     }

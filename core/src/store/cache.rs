@@ -256,6 +256,15 @@ impl Store {
         Ok(catalog)
     }
 
+    /// A provider from the copy, else from the database (one registered
+    /// after the copy was read).
+    pub async fn provider_cached(&self, id: ProviderId) -> StoreResult<Provider> {
+        match self.catalog().await?.providers.iter().find(|p| p.id == id) {
+            Some(p) => Ok(p.clone()),
+            None => self.get_provider(id).await,
+        }
+    }
+
     /// The catalog read from the database now, bypassing the copy.
     pub async fn catalog_uncached(&self) -> StoreResult<Catalog> {
         self.read_catalog().await
