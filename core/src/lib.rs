@@ -18,9 +18,7 @@ pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod jwks;
-pub mod lifecycle;
 pub mod metrics;
-pub mod model;
 pub mod moves;
 pub mod placement;
 pub mod providers;
@@ -28,7 +26,9 @@ pub mod queue;
 pub mod reconciler;
 pub mod secrets;
 pub mod server;
-pub mod store;
+
+pub use hcp_domain::{lifecycle, model};
+pub use hcp_store as store;
 
 pub use config::Config;
 pub use server::{Listening, run};

@@ -1,6 +1,6 @@
 //! A fresh, migrated database per test.
 
-use hcp_core::store::Store;
+use hcp_store::Store;
 
 use crate::TempDir;
 

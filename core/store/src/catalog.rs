@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use sqlx::types::Json;
 
 use super::{StoreError, StoreResult, col, on_pool, to_i32, to_u32};
-use crate::model::{AuditEvent, Flavor, Image, Network, Zone};
+use hcp_domain::model::{AuditEvent, Flavor, Image, Network, Zone};
 
 impl super::Store {
     /// Inserts a flavor and its audit event.
@@ -318,7 +318,7 @@ impl super::Store {
                 .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
             let mut in_use = 0;
             for row in &rows {
-                let nets: Json<Vec<crate::model::NetworkAttachment>> = col!(row, "networks");
+                let nets: Json<Vec<hcp_domain::model::NetworkAttachment>> = col!(row, "networks");
                 if nets.0.iter().any(|n| n.network == name) {
                     in_use += 1;
                 }

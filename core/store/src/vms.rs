@@ -11,8 +11,8 @@ use super::outbox::{SUBJECT_JOBS, insert_outbox};
 use super::{IdempotencyRecord, StoreError, StoreResult, col, on_pool, to_i32};
 use hcp_proto::ids::SnapshotId;
 
-use crate::lifecycle::{Refusal, Size};
-use crate::model::{
+use hcp_domain::lifecycle::{Refusal, Size};
+use hcp_domain::model::{
     AuditEvent, Job, JobKind, NetworkAttachment, Scope, Snapshot, SnapshotStatus, Vm, VmStatus,
 };
 
@@ -118,7 +118,7 @@ macro_rules! vm_from_row {
             host: col!(row, "host"),
             restart_policy: {
                 let p: String = col!(row, "restart_policy");
-                crate::model::RestartPolicy::parse(&p)
+                hcp_domain::model::RestartPolicy::parse(&p)
                     .ok_or_else(|| StoreError::Corrupt(format!("restart policy {p:?}")))?
             },
             placement_group_id: {
@@ -266,7 +266,7 @@ impl super::Store {
             if op.require_status.is_some_and(|s| s != vm.status) && vm.current_job_id.is_none() {
                 return Err(StoreError::Conflict(format!("vm {} changed state concurrently; retry", vm.id)));
             }
-            let next = match crate::lifecycle::accept(op.kind, vm.status, vm.current_job_id) {
+            let next = match hcp_domain::lifecycle::accept(op.kind, vm.status, vm.current_job_id) {
                 Ok(next) => next,
                 Err(Refusal::Busy(job)) => {
                     return Err(StoreError::Busy {
@@ -314,7 +314,7 @@ impl super::Store {
                 .execute(&mut *tx)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
-                job.params = crate::lifecycle::JobParams::Resize { from, to: to.clone() };
+                job.params = hcp_domain::lifecycle::JobParams::Resize { from, to: to.clone() };
                 vm.flavor = to.flavor.clone();
                 vm.vcpus = to.vcpus;
                 vm.memory_mib = to.memory_mib;
@@ -335,12 +335,12 @@ impl super::Store {
                     vm.host = to.clone();
                 }
                 job.params = match op.kind {
-                    JobKind::MigrateVm => crate::lifecycle::JobParams::Migrate {
+                    JobKind::MigrateVm => hcp_domain::lifecycle::JobParams::Migrate {
                         from,
                         to: change.to.clone().unwrap_or_default(),
                         live: change.live,
                     },
-                    _ => crate::lifecycle::JobParams::Recover { from, to: change.to.clone() },
+                    _ => hcp_domain::lifecycle::JobParams::Recover { from, to: change.to.clone() },
                 };
             }
             let job = &job;
@@ -762,7 +762,7 @@ where
         id: SnapshotId(id),
         vm_id: VmId(vm),
         name: col!(row, "name"),
-        status: crate::model::SnapshotStatus::parse(&status)
+        status: hcp_domain::model::SnapshotStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("snapshot status {status:?}")))?,
         created_at: col!(row, "created_at"),
         updated_at: col!(row, "updated_at"),

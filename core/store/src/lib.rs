@@ -163,15 +163,15 @@ pub struct Store {
 /// [`Store::engine`]). The body is compiled once per backend.
 macro_rules! on_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
-        $crate::store::on_pool!(@match &$store.backend, |$pool| $body)
+        $crate::on_pool!(@match &$store.backend, |$pool| $body)
     };
     (engine $store:expr, |$pool:ident| $body:expr) => {
-        $crate::store::on_pool!(@match &$store.engine, |$pool| $body)
+        $crate::on_pool!(@match &$store.engine, |$pool| $body)
     };
     (@match $backend:expr, |$pool:ident| $body:expr) => {
         match $backend {
-            $crate::store::Backend::Sqlite($pool) => $body,
-            $crate::store::Backend::Postgres($pool) => $body,
+            $crate::Backend::Sqlite($pool) => $body,
+            $crate::Backend::Postgres($pool) => $body,
         }
     };
 }
@@ -180,8 +180,7 @@ pub(crate) use on_pool;
 /// Reads one column, mapping a decode failure to [`StoreError::Corrupt`].
 macro_rules! col {
     ($row:expr, $name:literal) => {
-        sqlx::Row::try_get($row, $name)
-            .map_err(|e| $crate::store::StoreError::Corrupt(format!("{}: {e}", $name)))?
+        sqlx::Row::try_get($row, $name).map_err(|e| $crate::StoreError::Corrupt(format!("{}: {e}", $name)))?
     };
 }
 pub(crate) use col;
@@ -243,8 +242,8 @@ impl Store {
     /// Applies the embedded migrations of this backend.
     pub async fn migrate(&self) -> StoreResult<()> {
         let result = match &self.backend {
-            Backend::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await,
-            Backend::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await,
+            Backend::Sqlite(pool) => sqlx::migrate!("../../migrations/sqlite").run(pool).await,
+            Backend::Postgres(pool) => sqlx::migrate!("../../migrations/postgres").run(pool).await,
         };
         result.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from_sqlx(e, "migration"),

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use hcp_proto::ids::{PlacementGroupId, ProviderId, VmId};
 
 use super::{StoreError, StoreResult, col, on_pool};
-use crate::model::{
+use hcp_domain::model::{
     AuditEvent, Drain, GroupPolicy, Host, HostLoad, HostState, PlacementGroup, PlacementPolicy, Scope,
     ZonePlacement,
 };
@@ -93,7 +93,7 @@ macro_rules! group_from_row {
 /// given where the other members are now.
 macro_rules! check_group {
     ($tx:expr, $guard:expr, $vm:expr, $provider:expr, $host:expr) => {{
-        let guard: &$crate::store::GroupGuard = $guard;
+        let guard: &$crate::GroupGuard = $guard;
         let vm: hcp_proto::ids::VmId = $vm;
         let provider: hcp_proto::ids::ProviderId = $provider;
         let host: &str = $host;
@@ -101,9 +101,9 @@ macro_rules! check_group {
             .bind(guard.group_id.0)
             .execute(&mut *$tx)
             .await
-            .map_err(|e| $crate::store::StoreError::from_sqlx(e, "placement group"))?;
+            .map_err(|e| $crate::StoreError::from_sqlx(e, "placement group"))?;
         if locked.rows_affected() != 1 {
-            return Err($crate::store::StoreError::Conflict(format!(
+            return Err($crate::StoreError::Conflict(format!(
                 "placement group {} was deleted",
                 guard.group_id
             )));
@@ -116,20 +116,20 @@ macro_rules! check_group {
         .bind(vm.0)
         .fetch_all(&mut *$tx)
         .await
-        .map_err(|e| $crate::store::StoreError::from_sqlx(e, "placement group"))?;
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "placement group"))?;
         for row in &rows {
-            let p: uuid::Uuid = $crate::store::col!(row, "provider_id");
-            let h: String = $crate::store::col!(row, "host");
+            let p: uuid::Uuid = $crate::col!(row, "provider_id");
+            let h: String = $crate::col!(row, "host");
             let same = p == provider.0 && h == host;
             match guard.policy {
-                $crate::model::GroupPolicy::AntiAffinity if same => {
-                    return Err($crate::store::StoreError::Conflict(format!(
+                hcp_domain::model::GroupPolicy::AntiAffinity if same => {
+                    return Err($crate::StoreError::Conflict(format!(
                         "placement group {} (strict anti-affinity) already has a member on that host",
                         guard.group_id
                     )));
                 }
-                $crate::model::GroupPolicy::Affinity if !same => {
-                    return Err($crate::store::StoreError::Conflict(format!(
+                hcp_domain::model::GroupPolicy::Affinity if !same => {
+                    return Err($crate::StoreError::Conflict(format!(
                         "placement group {} (strict affinity) has its members on another host",
                         guard.group_id
                     )));

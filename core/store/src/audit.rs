@@ -4,11 +4,11 @@
 use hcp_proto::ids::EventId;
 
 use super::{StoreError, StoreResult, col, on_pool};
-use crate::model::AuditEvent;
+use hcp_domain::model::AuditEvent;
 
 macro_rules! insert_audit {
     ($conn:expr, $event:expr) => {{
-        let ev: &$crate::model::AuditEvent = $event;
+        let ev: &hcp_domain::model::AuditEvent = $event;
         sqlx::query(
             "INSERT INTO audit_events (id, at, actor, tenant_id, project_id, action, \
              resource_type, resource_id, outcome, job_id, trace_id, detail) VALUES ($1, $2, $3, \
@@ -28,7 +28,7 @@ macro_rules! insert_audit {
         .bind(&ev.detail)
         .execute($conn)
         .await
-        .map_err(|e| $crate::store::StoreError::from_sqlx(e, "audit event"))?;
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "audit event"))?;
     }};
 }
 pub(crate) use insert_audit;

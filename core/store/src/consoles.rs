@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 
 use super::{StoreError, StoreResult, col, on_pool};
-use crate::model::{AuditEvent, ConsoleSession};
+use hcp_domain::model::{AuditEvent, ConsoleSession};
 
 /// A console session from a row of either backend.
 macro_rules! session_from_row {

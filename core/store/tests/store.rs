@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 
 use chrono::Duration;
-use hcp_core::lifecycle::{self, JobParams, Outcome};
-use hcp_core::model::*;
-use hcp_core::store::{
+use hcp_domain::lifecycle::{self, JobParams, Outcome};
+use hcp_domain::model::*;
+use hcp_proto::error::ErrorCode;
+use hcp_proto::ids::{EventId, ProviderId, VmId};
+use hcp_store::{
     AcceptOperation, AuditQuery, Finish, IdempotencyRecord, ListVmsQuery, Quota, SUBJECT_JOBS,
     SUBJECT_USAGE_PREFIX, Store, StoreError,
 };
-use hcp_proto::error::ErrorCode;
-use hcp_proto::ids::{EventId, ProviderId, VmId};
 use hcp_testkit::db::{Backend, TestDb};
 
 macro_rules! store_tests {
@@ -181,7 +181,7 @@ fn new_vm(provider: &Provider, tenant: &str, project: &str, name: &str, tags: &[
         zone: "z1".into(),
         provider_id: provider.id,
         host: String::new(),
-        restart_policy: hcp_core::model::RestartPolicy::Never,
+        restart_policy: hcp_domain::model::RestartPolicy::Never,
         placement_group_id: None,
         networks: vec![NetworkAttachment { network: "default".into(), ..Default::default() }],
         metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
@@ -904,8 +904,8 @@ async fn jobs_are_listed_newest_first_with_filters(backend: Backend) {
     };
     let stop = new_job("acme", "p1", a.id, JobKind::StopVm);
     store.accept_operation(&op, &stop, &audit("vm.stop", ""), None).await.unwrap();
-    let q = |f: &dyn Fn(&mut hcp_core::store::ListJobsQuery)| {
-        let mut q = hcp_core::store::ListJobsQuery { page_size: 10, ..Default::default() };
+    let q = |f: &dyn Fn(&mut hcp_store::ListJobsQuery)| {
+        let mut q = hcp_store::ListJobsQuery { page_size: 10, ..Default::default() };
         f(&mut q);
         q
     };

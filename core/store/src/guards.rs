@@ -52,7 +52,7 @@ pub struct Usage {
 /// request holds the key).
 macro_rules! insert_idempotency {
     ($conn:expr, $rec:expr) => {{
-        let rec: &$crate::store::IdempotencyRecord = $rec;
+        let rec: &$crate::IdempotencyRecord = $rec;
         let done = sqlx::query(
             "INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at, expires_at) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, key) DO UPDATE SET \
@@ -68,12 +68,12 @@ macro_rules! insert_idempotency {
         .bind(rec.expires_at)
         .execute(&mut *$conn)
         .await
-        .map_err(|e| match $crate::store::StoreError::from_sqlx(e, "idempotency key") {
-            $crate::store::StoreError::AlreadyExists { .. } => $crate::store::StoreError::IdempotencyRace,
+        .map_err(|e| match $crate::StoreError::from_sqlx(e, "idempotency key") {
+            $crate::StoreError::AlreadyExists { .. } => $crate::StoreError::IdempotencyRace,
             other => other,
         })?;
         if done.rows_affected() == 0 {
-            return Err($crate::store::StoreError::IdempotencyRace);
+            return Err($crate::StoreError::IdempotencyRace);
         }
     }};
 }
@@ -86,8 +86,8 @@ pub(crate) use insert_idempotency;
 macro_rules! check_quota {
     ($conn:expr, $kind:expr, $tenant:expr, $project:expr, $instances:expr, $vcpus:expr, $memory:expr) => {{
         let lock = match $kind {
-            $crate::store::BackendKind::Postgres => " FOR UPDATE",
-            $crate::store::BackendKind::Sqlite => "",
+            $crate::BackendKind::Postgres => " FOR UPDATE",
+            $crate::BackendKind::Sqlite => "",
         };
         let quota = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT max_instances, max_vcpus, max_memory_mib FROM project_quotas \
@@ -97,7 +97,7 @@ macro_rules! check_quota {
         .bind($project)
         .fetch_optional(&mut *$conn)
         .await
-        .map_err(|e| $crate::store::StoreError::from_sqlx(e, "quota"))?;
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "quota"))?;
         if let Some(row) = quota {
             let max_instances: Option<i32> = col!(&row, "max_instances");
             let max_vcpus: Option<i32> = col!(&row, "max_vcpus");
@@ -111,7 +111,7 @@ macro_rules! check_quota {
             .bind($project)
             .fetch_one(&mut *$conn)
             .await
-            .map_err(|e| $crate::store::StoreError::from_sqlx(e, "quota"))?;
+            .map_err(|e| $crate::StoreError::from_sqlx(e, "quota"))?;
             let n: i64 = col!(&used, "n");
             let vcpus: i64 = col!(&used, "vcpus");
             let memory: i64 = col!(&used, "memory");
@@ -127,7 +127,7 @@ macro_rules! check_quota {
                     && more > 0
                     && used + more > max
                 {
-                    return Err($crate::store::StoreError::QuotaExceeded(format!(
+                    return Err($crate::StoreError::QuotaExceeded(format!(
                         "project quota of {max} {what} reached ({used} in use, {more} requested)"
                     )));
                 }
@@ -186,9 +186,9 @@ impl super::Store {
     /// appends its audit event, in one transaction.
     pub async fn set_quota(
         &self,
-        scope: &crate::model::Scope,
+        scope: &hcp_domain::model::Scope,
         quota: &Quota,
-        audit: &crate::model::AuditEvent,
+        audit: &hcp_domain::model::AuditEvent,
     ) -> StoreResult<()> {
         on_pool!(self, |pool| {
             let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
@@ -213,7 +213,7 @@ impl super::Store {
     }
 
     /// Returns a project's quota (all `None` when unset) and usage.
-    pub async fn get_quota(&self, scope: &crate::model::Scope) -> StoreResult<(Quota, Usage)> {
+    pub async fn get_quota(&self, scope: &hcp_domain::model::Scope) -> StoreResult<(Quota, Usage)> {
         let (tenant_id, project_id) = (&scope.tenant, &scope.project);
         on_pool!(self, |pool| {
             let row = sqlx::query(

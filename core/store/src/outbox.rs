@@ -65,14 +65,14 @@ macro_rules! insert_outbox {
         .bind($at)
         .execute(&mut *$conn)
         .await
-        .map_err(|e| $crate::store::StoreError::from_sqlx(e, "outbox"))?;
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "outbox"))?;
     }};
 }
 pub(crate) use insert_outbox;
 
 macro_rules! insert_usage {
     ($conn:expr, $ev:expr, $outbox:expr) => {{
-        let ev: &$crate::store::UsageEvent = $ev;
+        let ev: &$crate::UsageEvent = $ev;
         sqlx::query(
             "INSERT INTO usage_events (id, at, tenant_id, project_id, vm_id, event, flavor, vcpus, memory_mib, \
              job_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
@@ -89,12 +89,12 @@ macro_rules! insert_usage {
         .bind(ev.job_id.map(|j| j.0))
         .execute(&mut *$conn)
         .await
-        .map_err(|e| $crate::store::StoreError::from_sqlx(e, "usage event"))?;
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "usage event"))?;
         if $outbox {
             let payload = serde_json::to_string(ev).unwrap_or_default();
-            $crate::store::outbox::insert_outbox!(
+            $crate::outbox::insert_outbox!(
                 $conn,
-                format!("{}{}", $crate::store::outbox::SUBJECT_USAGE_PREFIX, ev.event),
+                format!("{}{}", $crate::outbox::SUBJECT_USAGE_PREFIX, ev.event),
                 payload,
                 ev.at
             );
@@ -113,22 +113,22 @@ macro_rules! insert_vm_usage {
                 .bind(vm.0)
                 .fetch_one(&mut *$conn)
                 .await
-                .map_err(|e| $crate::store::StoreError::from_sqlx(e, "vm"))?;
-        let vcpus: i32 = $crate::store::col!(&row, "vcpus");
-        let memory: i32 = $crate::store::col!(&row, "memory_mib");
-        let ev = $crate::store::UsageEvent {
+                .map_err(|e| $crate::StoreError::from_sqlx(e, "vm"))?;
+        let vcpus: i32 = $crate::col!(&row, "vcpus");
+        let memory: i32 = $crate::col!(&row, "memory_mib");
+        let ev = $crate::UsageEvent {
             id: hcp_proto::ids::EventId::new(),
             at: $at,
-            tenant_id: $crate::store::col!(&row, "tenant_id"),
-            project_id: $crate::store::col!(&row, "project_id"),
+            tenant_id: $crate::col!(&row, "tenant_id"),
+            project_id: $crate::col!(&row, "project_id"),
             vm_id: vm,
             event: $event.to_owned(),
-            flavor: $crate::store::col!(&row, "flavor"),
+            flavor: $crate::col!(&row, "flavor"),
             vcpus: vcpus.max(0) as u32,
             memory_mib: memory.max(0) as u32,
             job_id: $job,
         };
-        $crate::store::outbox::insert_usage!($conn, &ev, $outbox);
+        $crate::outbox::insert_usage!($conn, &ev, $outbox);
     }};
 }
 pub(crate) use insert_vm_usage;
@@ -182,7 +182,7 @@ impl super::Store {
     }
 
     /// Returns a project's usage events, oldest first.
-    pub async fn list_usage_events(&self, scope: &crate::model::Scope) -> StoreResult<Vec<UsageEvent>> {
+    pub async fn list_usage_events(&self, scope: &hcp_domain::model::Scope) -> StoreResult<Vec<UsageEvent>> {
         on_pool!(self, |pool| {
             let rows = sqlx::query(
                 "SELECT id, at, tenant_id, project_id, vm_id, event, flavor, vcpus, memory_mib, job_id \

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use hcp_proto::ids::ProviderId;
 
 use super::{Store, StoreResult};
-use crate::model::{Flavor, Host, HostLoad, Image, Network, Provider, Zone, ZonePlacement};
+use hcp_domain::model::{Flavor, Host, HostLoad, Image, Network, Provider, Zone, ZonePlacement};
 
 /// The longest a catalog snapshot is used, notifications or not.
 pub const MAX_AGE: Duration = Duration::from_secs(30);
@@ -146,7 +146,7 @@ impl Cache {
         &self,
         id: ProviderId,
         healthy: bool,
-        capabilities: Option<&crate::model::Capabilities>,
+        capabilities: Option<&hcp_domain::model::Capabilities>,
     ) -> bool {
         let guard = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
         let Some(s) = guard.as_ref() else { return true };

@@ -8,7 +8,7 @@ use hcp_proto::ids::{JobId, ProviderId, VmId};
 
 use super::outbox::insert_vm_usage;
 use super::{StoreError, StoreResult, col, on_pool};
-use crate::model::{AuditEvent, VmStatus};
+use hcp_domain::model::{AuditEvent, VmStatus};
 
 /// A VM as the reconciler needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,11 +22,11 @@ pub struct KnownVm {
     /// Last change.
     pub updated_at: DateTime<Utc>,
     /// Attachments with the addresses last recorded.
-    pub networks: Vec<crate::model::NetworkAttachment>,
+    pub networks: Vec<hcp_domain::model::NetworkAttachment>,
     /// The host HCP has it on.
     pub host: String,
     /// What to do when it is found down.
-    pub restart_policy: crate::model::RestartPolicy,
+    pub restart_policy: hcp_domain::model::RestartPolicy,
 }
 
 impl super::Store {
@@ -46,7 +46,8 @@ impl super::Store {
                 let id: uuid::Uuid = col!(row, "id");
                 let status: String = col!(row, "status");
                 let job: Option<uuid::Uuid> = col!(row, "current_job_id");
-                let networks: sqlx::types::Json<Vec<crate::model::NetworkAttachment>> = col!(row, "networks");
+                let networks: sqlx::types::Json<Vec<hcp_domain::model::NetworkAttachment>> =
+                    col!(row, "networks");
                 let policy: String = col!(row, "restart_policy");
                 out.push(KnownVm {
                     id: VmId(id),
@@ -56,7 +57,7 @@ impl super::Store {
                     updated_at: col!(row, "updated_at"),
                     networks: networks.0,
                     host: col!(row, "host"),
-                    restart_policy: crate::model::RestartPolicy::parse(&policy)
+                    restart_policy: hcp_domain::model::RestartPolicy::parse(&policy)
                         .ok_or_else(|| StoreError::Corrupt(format!("restart policy {policy:?}")))?,
                 });
             }

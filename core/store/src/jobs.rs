@@ -14,14 +14,14 @@ use sqlx::types::Json;
 
 use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_vm_usage};
 use super::{BackendKind, StoreError, StoreResult, col, on_pool, to_i32, to_u32};
-use crate::lifecycle::{JobParams, Outcome, Step, Transition};
-use crate::model::{AuditEvent, Job, JobKind, JobStatus, NetworkAttachment, Scope, VmStatus};
+use hcp_domain::lifecycle::{JobParams, Outcome, Step, Transition};
+use hcp_domain::model::{AuditEvent, Job, JobKind, JobStatus, NetworkAttachment, Scope, VmStatus};
 
 /// How a job attempt ended, as the store writes it: the lifecycle's
 /// transition plus the data that goes with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
-    /// What changes (from [`crate::lifecycle::transition`]).
+    /// What changes (from [`hcp_domain::lifecycle::transition`]).
     pub transition: Transition,
     /// The attempt's error (a failure, or the failure a retry follows).
     pub error: Option<(ErrorCode, String)>,
@@ -36,7 +36,7 @@ pub struct Finish {
     /// The VM's size as the job found it, when the engine read it (the job
     /// holds the VM, so nothing else changes it meanwhile): the usage event
     /// is then written without reading the VM again.
-    pub size: Option<crate::lifecycle::Size>,
+    pub size: Option<hcp_domain::lifecycle::Size>,
 }
 
 /// Filters and page position for [`super::Store::list_jobs`].
@@ -61,7 +61,7 @@ const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attem
 
 macro_rules! insert_job {
     ($conn:expr, $job:expr) => {{
-        let job: &$crate::model::Job = $job;
+        let job: &hcp_domain::model::Job = $job;
         sqlx::query(
             "INSERT INTO jobs (id, tenant_id, project_id, kind, vm_id, status, attempts, \
              max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, \
@@ -89,7 +89,7 @@ macro_rules! insert_job {
         .bind(&job.request_id)
         .execute($conn)
         .await
-        .map_err(|e| $crate::store::StoreError::from_sqlx(e, "job"))?;
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "job"))?;
     }};
 }
 pub(crate) use insert_job;
@@ -266,7 +266,12 @@ impl super::Store {
                 };
             };
             let job = job_from_row!(&row);
-            let t = crate::lifecycle::transition(job.kind, Outcome::Cancelled, job.prior_status, &job.params);
+            let t = hcp_domain::lifecycle::transition(
+                job.kind,
+                Outcome::Cancelled,
+                job.prior_status,
+                &job.params,
+            );
             apply_transition!(tx, &job, &t, Some("the operation was cancelled"), None, t_now, outbox);
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;

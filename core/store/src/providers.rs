@@ -5,7 +5,7 @@ use hcp_proto::ids::ProviderId;
 use sqlx::types::Json;
 
 use super::{StoreError, StoreResult, col, on_pool};
-use crate::model::{AuditEvent, Capabilities, Provider};
+use hcp_domain::model::{AuditEvent, Capabilities, Provider};
 
 const PROVIDER_COLUMNS: &str = "id, name, zone, endpoint, plugin_name, plugin_version, \
      hypervisor, protocol_version, capabilities, healthy, health_message, last_probe_at, created_at, \

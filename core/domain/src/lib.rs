@@ -1,0 +1,6 @@
+//! HCP's domain: what a VM, a job and a provider are ([`model`]), and how
+//! jobs move VMs between states ([`lifecycle`]). Pure data and rules: no
+//! I/O, no runtime, no SQL; the store and core both build on it.
+
+pub mod lifecycle;
+pub mod model;
