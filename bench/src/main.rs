@@ -625,7 +625,7 @@ async fn p5(exe: &Path) -> anyhow::Result<Figure> {
     let reconciler = hcp_core::reconciler::Reconciler::new(
         store.clone(),
         clients,
-        hcp_core::reconciler::ReconcilerConfig::default(),
+        hcp_core::config::ReconcilerConfig::default(),
         "bench".into(),
         hcp_core::moves::Moves::new(
             store.clone(),

@@ -114,8 +114,8 @@ where
             }
             Ok(())
         }
-        Command::Core { args } => hcp_core::cli::main(with_name("hcp-core", args)),
-        Command::Gateway { args } => hcp_gateway::cli::main(with_name("hcp-gateway", args)),
+        Command::Core { args } => Ok(hcp_core::cli::main(with_name("hcp-core", args))?),
+        Command::Gateway { args } => Ok(hcp_gateway::cli::main(with_name("hcp-gateway", args))?),
         Command::ProviderSim { args } => hcp_provider_sim::cli::main(with_name("hcp-provider-sim", args)),
     }
 }

@@ -27,9 +27,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::Principal;
 use crate::config::LimitsConfig;
-
-/// Detail key: seconds to wait before retrying.
-pub const DETAIL_RETRY_AFTER: &str = "retry_after_seconds";
+use crate::error::DETAIL_RETRY_AFTER;
 
 /// Buckets kept at most; idle ones are dropped first when full.
 const MAX_BUCKETS: usize = 100_000;
@@ -51,7 +49,7 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// `rate` tokens per second, at most `burst` saved up.
     pub fn new(rate: f64, burst: f64) -> Self {
-        Self { rate: rate.max(0.001), burst: burst.max(1.0), buckets: Mutex::new(HashMap::new()) }
+        Self { rate, burst, buckets: Mutex::new(HashMap::new()) }
     }
 
     /// Takes a token for `who` at `now`; when none is left, how long until
@@ -88,9 +86,9 @@ impl AdmissionLayer {
     /// From the `[limits]` configuration.
     pub fn new(c: &LimitsConfig) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(c.max_concurrent_requests.max(1))),
+            permits: Arc::new(Semaphore::new(c.max_concurrent_requests)),
             limiter: Arc::new(RateLimiter::new(c.rate_per_second, c.burst)),
-            timeout: Duration::from_secs(c.request_timeout_seconds.max(1)),
+            timeout: Duration::from_secs(c.request_timeout_seconds),
         }
     }
 }

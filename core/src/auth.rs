@@ -337,11 +337,9 @@ impl Verifier {
         }
         let url = config.jwks_url.as_deref().unwrap_or_default();
         let algorithms = allowed(config, &[Algorithm::RS256, Algorithm::ES256], false)?;
-        let cache = crate::jwks::JwksCache::new(
-            url,
-            std::time::Duration::from_secs(config.jwks_min_refresh_seconds.max(1)),
-        )
-        .map_err(KeyError::Jwks)?;
+        let cache =
+            crate::jwks::JwksCache::new(url, std::time::Duration::from_secs(config.jwks_min_refresh_seconds))
+                .map_err(KeyError::Jwks)?;
         Ok(Self::new(KeySource::Jwks(Arc::new(cache)), algorithms, config))
     }
 

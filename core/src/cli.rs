@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
+
+use crate::config::ConfigError;
+use crate::server::StartError;
 
 /// HCP core: the control plane's gRPC API and job workers.
 #[derive(Parser, Debug)]
@@ -14,9 +16,26 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+/// Why the process stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum MainError {
+    /// The configuration could not be loaded, or a value is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The tokio runtime could not start.
+    #[error("cannot start the tokio runtime")]
+    Runtime(#[source] std::io::Error),
+    /// Logs and traces could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] hcp_telemetry::TelemetryError),
+    /// Core failed to start or while running.
+    #[error("core failed")]
+    Core(#[source] StartError),
+}
+
 /// Parses `args` (program name first) and runs the process until
 /// SIGTERM/ctrl-c.
-pub fn main<I, T>(args: I) -> anyhow::Result<()>
+pub fn main<I, T>(args: I) -> Result<(), MainError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -27,7 +46,11 @@ where
         None => crate::Config::default(),
     };
     config.apply_env(std::env::vars())?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    config.validate().map_err(|source| ConfigError::Invalid {
+        path: args.config.clone().unwrap_or_else(|| PathBuf::from("(defaults)")),
+        source,
+    })?;
+    let runtime = tokio::runtime::Runtime::new().map_err(MainError::Runtime)?;
     runtime.block_on(async move {
         let _telemetry = hcp_telemetry::init("hcp-core", &config.telemetry)?;
         crate::run(config, hcp_telemetry::shutdown_signal(), |at| {
@@ -35,6 +58,6 @@ where
             hcp_telemetry::announce_ready_with("core", at.grpc, &more)
         })
         .await
-        .context("core failed")
+        .map_err(MainError::Core)
     })
 }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::model::{MissingPolicy, OrphanPolicy, PowerPolicy};
+
 /// Environment variable overriding [`Config::database_url`].
 pub const ENV_DATABASE_URL: &str = "HCP_DATABASE_URL";
 /// Environment variable overriding [`Config::listen`].
@@ -50,9 +52,9 @@ pub struct Config {
     /// Where the key that seals provider credentials comes from.
     pub secrets: SecretsConfig,
     /// Drift detection and its policies.
-    pub reconciler: crate::reconciler::ReconcilerConfig,
+    pub reconciler: ReconcilerConfig,
     /// Host drains.
-    pub drain: crate::drain::DrainConfig,
+    pub drain: DrainConfig,
     /// How long an Idempotency-Key keeps its answer, seconds. Default 86400
     /// (24 h); after that the key may be used for a new request.
     pub idempotency_key_ttl_seconds: u64,
@@ -62,7 +64,7 @@ pub struct Config {
     pub limits: LimitsConfig,
 }
 
-/// Admission control for the gRPC API ([`crate::admission`]).
+/// Admission control for the gRPC API (the `admission` layer).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -111,8 +113,8 @@ impl Default for Config {
             providers: ProvidersConfig::default(),
             console: ConsoleConfig::default(),
             queue: QueueConfig::default(),
-            reconciler: crate::reconciler::ReconcilerConfig::default(),
-            drain: crate::drain::DrainConfig::default(),
+            reconciler: ReconcilerConfig::default(),
+            drain: DrainConfig::default(),
             secrets: SecretsConfig::default(),
             idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),
@@ -347,6 +349,49 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// Reconciler settings (`[reconciler]` in core's configuration).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcilerConfig {
+    /// Period between passes. Default 60 s.
+    pub interval_seconds: u64,
+    /// Policy for VMs missing on the hypervisor. Default report.
+    pub missing: MissingPolicy,
+    /// Policy for power drift. Default report.
+    pub power: PowerPolicy,
+    /// Policy for orphans. Default report.
+    pub orphan: OrphanPolicy,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        Self {
+            interval_seconds: 60,
+            missing: MissingPolicy::default(),
+            power: PowerPolicy::default(),
+            orphan: OrphanPolicy::default(),
+        }
+    }
+}
+
+/// Drain settings (`[drain]` in core's configuration).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// Moves in flight per draining host. Default 4.
+    pub concurrency: u32,
+    /// Period between passes, milliseconds. Default 500. While a drain is
+    /// in progress a pass also follows every job change (a move that
+    /// finished frees a slot), at most one per 10 ms.
+    pub interval_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { concurrency: 4, interval_ms: 500 }
+    }
+}
+
 /// The configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -368,6 +413,15 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    /// A value is outside its allowed range.
+    #[error("invalid configuration in {path}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Which field, and what it allows.
+        #[source]
+        source: Invalid,
+    },
     /// An environment override does not parse.
     #[error("invalid value for {var}: {value:?}")]
     Env {
@@ -378,12 +432,184 @@ pub enum ConfigError {
     },
 }
 
+/// A configuration value outside its allowed range: the field as written in
+/// the file (`jobs.lease_seconds`), what it allows, and what it was.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} must be {allowed}, got {got}")]
+pub struct Invalid {
+    /// The field, dotted as in the file.
+    pub field: &'static str,
+    /// The allowed range, in words.
+    pub allowed: String,
+    /// The value found.
+    pub got: String,
+}
+
+impl Invalid {
+    fn new(field: &'static str, allowed: String, got: impl std::fmt::Display) -> Self {
+        Self { field, allowed, got: got.to_string() }
+    }
+}
+
+/// What a numeric setting allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Allowed {
+    /// `min..=max`.
+    Range {
+        /// The smallest value.
+        min: f64,
+        /// The largest value.
+        max: f64,
+    },
+    /// From another setting's value up to `max`.
+    FromField {
+        /// The setting whose value is the minimum.
+        min: &'static str,
+        /// The largest value.
+        max: f64,
+    },
+    /// A finite number of at least `min`.
+    AtLeast(f64),
+    /// A finite number above zero.
+    AboveZero,
+}
+
+impl std::fmt::Display for Allowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Allowed::Range { min, max } => write!(f, "between {min} and {max}"),
+            Allowed::FromField { min, max } => write!(f, "between {min} and {max}"),
+            Allowed::AtLeast(min) => write!(f, "at least {min}"),
+            Allowed::AboveZero => write!(f, "a number above 0"),
+        }
+    }
+}
+
+/// The allowed range of one numeric setting, as [`Config::validate`]
+/// applies it and the README's configuration reference lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// The field, dotted as in the file.
+    pub field: &'static str,
+    /// What it allows.
+    pub allowed: Allowed,
+    value: fn(&Config) -> f64,
+}
+
+impl Bound {
+    const fn new(field: &'static str, allowed: Allowed, value: fn(&Config) -> f64) -> Self {
+        Self { field, allowed, value }
+    }
+
+    const fn range(field: &'static str, min: f64, max: f64, value: fn(&Config) -> f64) -> Self {
+        Self::new(field, Allowed::Range { min, max }, value)
+    }
+
+    /// The value's check against `config`.
+    pub fn check(&self, config: &Config) -> Result<(), Invalid> {
+        let value = (self.value)(config);
+        let ok = value.is_finite()
+            && match self.allowed {
+                Allowed::Range { min, max } => (min..=max).contains(&value),
+                Allowed::FromField { min, max } => {
+                    let min = bounds().iter().find(|b| b.field == min).map_or(0.0, |b| (b.value)(config));
+                    (min..=max).contains(&value)
+                }
+                Allowed::AtLeast(min) => value >= min,
+                Allowed::AboveZero => value > 0.0,
+            };
+        if ok {
+            return Ok(());
+        }
+        let allowed = match self.allowed {
+            Allowed::FromField { min, max } => {
+                let from = bounds().iter().find(|b| b.field == min).map_or(0.0, |b| (b.value)(config));
+                format!("between {min} ({from}) and {max}")
+            }
+            other => other.to_string(),
+        };
+        Err(Invalid::new(self.field, allowed, value))
+    }
+}
+
+/// Every numeric setting's allowed range. A setting missing here takes any
+/// value its type holds.
+pub fn bounds() -> &'static [Bound] {
+    use Allowed::{AboveZero, AtLeast, FromField};
+    const DAY: f64 = 86_400.0;
+    const BOUNDS: &[Bound] = &[
+        // Core keeps a quarter of its connections (rounded up) for the job
+        // engine and the rest for the API: at least one each.
+        Bound::range("database_max_connections", 2.0, 10_000.0, |c| c.database_max_connections as f64),
+        Bound::range("idempotency_key_ttl_seconds", 1.0, 366.0 * DAY, |c| {
+            c.idempotency_key_ttl_seconds as f64
+        }),
+        Bound::range("jobs.concurrency", 1.0, 4096.0, |c| c.jobs.concurrency as f64),
+        Bound::range("jobs.max_attempts", 1.0, 1000.0, |c| f64::from(c.jobs.max_attempts)),
+        Bound::range("jobs.backoff_base_ms", 1.0, 1000.0 * DAY, |c| c.jobs.backoff_base_ms as f64),
+        Bound::new(
+            "jobs.backoff_max_ms",
+            FromField { min: "jobs.backoff_base_ms", max: 1000.0 * DAY },
+            |c| c.jobs.backoff_max_ms as f64,
+        ),
+        // Leases are renewed at a third of their length.
+        Bound::range("jobs.lease_seconds", 2.0, 3600.0, |c| c.jobs.lease_seconds as f64),
+        Bound::range("jobs.shutdown_grace_seconds", 0.0, 3600.0, |c| c.jobs.shutdown_grace_seconds as f64),
+        Bound::range("jobs.poll_interval_ms", 10.0, 1000.0 * DAY, |c| c.jobs.poll_interval_ms as f64),
+        Bound::range("auth.jwks_min_refresh_seconds", 1.0, DAY, |c| c.auth.jwks_min_refresh_seconds as f64),
+        Bound::range("providers.probe_interval_seconds", 1.0, DAY, |c| {
+            c.providers.probe_interval_seconds as f64
+        }),
+        Bound::range("providers.call_timeout_seconds", 1.0, DAY, |c| c.providers.call_timeout_seconds as f64),
+        Bound::range("providers.probe_timeout_seconds", 1.0, 3600.0, |c| {
+            c.providers.probe_timeout_seconds as f64
+        }),
+        Bound::range("console.token_ttl_seconds", 1.0, DAY, |c| c.console.token_ttl_seconds as f64),
+        Bound::range("console.max_session_seconds", 1.0, 7.0 * DAY, |c| {
+            f64::from(c.console.max_session_seconds)
+        }),
+        Bound::range("limits.max_concurrent_requests", 1.0, 1e6, |c| c.limits.max_concurrent_requests as f64),
+        Bound::new("limits.rate_per_second", AboveZero, |c| c.limits.rate_per_second),
+        Bound::new("limits.burst", AtLeast(1.0), |c| c.limits.burst),
+        Bound::range("limits.request_timeout_seconds", 1.0, 3600.0, |c| {
+            c.limits.request_timeout_seconds as f64
+        }),
+        Bound::range("limits.max_job_watchers", 1.0, 1e6, |c| c.limits.max_job_watchers as f64),
+        Bound::range("limits.job_watch_fallback_seconds", 1.0, DAY, |c| {
+            c.limits.job_watch_fallback_seconds as f64
+        }),
+        Bound::range("reconciler.interval_seconds", 1.0, DAY, |c| c.reconciler.interval_seconds as f64),
+        Bound::range("drain.concurrency", 1.0, 1000.0, |c| f64::from(c.drain.concurrency)),
+        Bound::range("drain.interval_ms", 50.0, 3_600_000.0, |c| c.drain.interval_ms as f64),
+    ];
+    BOUNDS
+}
+
+/// The README's configuration reference: one table row per bound.
+pub fn bounds_table() -> String {
+    let mut table = String::from("| setting | allowed |\n|---|---|\n");
+    for b in bounds() {
+        table.push_str(&format!("| `{}` | {} |\n", b.field, b.allowed));
+    }
+    table
+}
+
 impl Config {
-    /// Reads a TOML file.
+    /// Reads a TOML file and checks its values ([`Config::validate`]).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        let config =
+            Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        config.validate().map_err(|source| ConfigError::Invalid { path: path.to_owned(), source })?;
+        Ok(config)
+    }
+
+    /// Checks every value against its allowed range ([`bounds`]); the
+    /// first one outside it is named. Nothing is clamped: a value HCP
+    /// cannot honour is refused at start rather than silently changed.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        bounds().iter().try_for_each(|b| b.check(self))
     }
 
     /// Parses TOML text.
@@ -436,6 +662,55 @@ mod tests {
         assert_eq!(c.console.rdp_address, "rdp.example.com:3390");
         let c = Config::from_toml("[console]\npublic_base_url = \"wss://cloud.example.com\"\n").unwrap();
         assert_eq!(c.console.max_session_seconds, 3600);
+    }
+
+    /// Each row: a file, the field the refusal must name, and the range.
+    #[test]
+    fn values_outside_their_range_are_refused_naming_the_field() {
+        let rows: &[(&str, &str, &str)] = &[
+            ("database_max_connections = 1", "database_max_connections", "between 2 and 10000, got 1"),
+            ("idempotency_key_ttl_seconds = 0", "idempotency_key_ttl_seconds", "between 1 and"),
+            ("[jobs]\nconcurrency = 0", "jobs.concurrency", "between 1 and 4096, got 0"),
+            ("[jobs]\nmax_attempts = 0", "jobs.max_attempts", "between 1 and 1000, got 0"),
+            ("[jobs]\nbackoff_base_ms = 0", "jobs.backoff_base_ms", "got 0"),
+            (
+                "[jobs]\nbackoff_base_ms = 900\nbackoff_max_ms = 800",
+                "jobs.backoff_max_ms",
+                "between jobs.backoff_base_ms (900) and 86400000, got 800",
+            ),
+            ("[jobs]\nlease_seconds = 1", "jobs.lease_seconds", "between 2 and 3600, got 1"),
+            ("[jobs]\npoll_interval_ms = 5", "jobs.poll_interval_ms", "between 10 and"),
+            ("[auth]\njwks_min_refresh_seconds = 0", "auth.jwks_min_refresh_seconds", "got 0"),
+            ("[providers]\nprobe_interval_seconds = 0", "providers.probe_interval_seconds", "got 0"),
+            ("[providers]\ncall_timeout_seconds = 0", "providers.call_timeout_seconds", "got 0"),
+            ("[providers]\nprobe_timeout_seconds = 0", "providers.probe_timeout_seconds", "got 0"),
+            ("[console]\ntoken_ttl_seconds = 0", "console.token_ttl_seconds", "got 0"),
+            ("[console]\nmax_session_seconds = 0", "console.max_session_seconds", "got 0"),
+            ("[limits]\nmax_concurrent_requests = 0", "limits.max_concurrent_requests", "got 0"),
+            ("[limits]\nrate_per_second = 0.0", "limits.rate_per_second", "a number above 0, got 0"),
+            ("[limits]\nrate_per_second = -3.0", "limits.rate_per_second", "got -3"),
+            ("[limits]\nrate_per_second = nan", "limits.rate_per_second", "got NaN"),
+            ("[limits]\nburst = inf", "limits.burst", "got inf"),
+            ("[limits]\nburst = 0.5", "limits.burst", "at least 1, got 0.5"),
+            ("[limits]\nrequest_timeout_seconds = 0", "limits.request_timeout_seconds", "got 0"),
+            ("[limits]\nmax_job_watchers = 0", "limits.max_job_watchers", "got 0"),
+            ("[limits]\njob_watch_fallback_seconds = 0", "limits.job_watch_fallback_seconds", "got 0"),
+            ("[reconciler]\ninterval_seconds = 0", "reconciler.interval_seconds", "got 0"),
+            ("[drain]\nconcurrency = 0", "drain.concurrency", "got 0"),
+            ("[drain]\ninterval_ms = 10", "drain.interval_ms", "between 50 and 3600000, got 10"),
+        ];
+        for (toml, field, says) in rows {
+            let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
+            assert_eq!(err.field, *field, "{toml}");
+            assert!(err.to_string().starts_with(field) && err.to_string().contains(says), "{toml}: {err}");
+        }
+        for b in bounds() {
+            assert!(rows.iter().any(|(_, field, _)| field == &b.field), "no row refuses {}", b.field);
+        }
+        Config::default().validate().unwrap();
+        // The smallest values the tests and the benchmark use are allowed.
+        let small = "[jobs]\nlease_seconds = 2\npoll_interval_ms = 20\n[drain]\ninterval_ms = 50\n";
+        Config::from_toml(small).unwrap().validate().unwrap();
     }
 
     #[test]

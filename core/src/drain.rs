@@ -13,30 +13,12 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use hcp_proto::ids::{EventId, ProviderId, VmId};
-use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::config::DrainConfig;
 use crate::model::{AuditEvent, Drain, Host, VmStatus, now};
 use crate::moves::{Asker, Moves};
 use crate::store::Store;
-
-/// Drain settings (`[drain]` in core's configuration).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DrainConfig {
-    /// Moves in flight per draining host. Default 4.
-    pub concurrency: u32,
-    /// Period between passes, milliseconds. Default 500. While a drain is
-    /// in progress a pass also follows every job change (a move that
-    /// finished frees a slot), at most one per 10 ms.
-    pub interval_ms: u64,
-}
-
-impl Default for DrainConfig {
-    fn default() -> Self {
-        Self { concurrency: 4, interval_ms: 500 }
-    }
-}
 
 /// Runs drains.
 pub struct Drainer {
@@ -73,7 +55,7 @@ impl Drainer {
 
     /// Runs a pass every period while this process holds the lease.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let every = Duration::from_millis(self.config.interval_ms.max(50));
+        let every = Duration::from_millis(self.config.interval_ms);
         let mut changes = self.events.subscribe();
         let mut active = false;
         loop {
@@ -128,7 +110,7 @@ impl Drainer {
         let since = host.drain_started_at.unwrap_or(host.updated_at);
         let failed: HashSet<VmId> =
             self.store.failed_moves(host.provider_id, &host.name, since).await?.into_iter().collect();
-        let mut room = self.config.concurrency.max(1).saturating_sub(in_flight);
+        let mut room = self.config.concurrency.saturating_sub(in_flight);
         let request_id = format!("drain-{}-{}", host.provider_id, host.name);
         for vm in vms {
             if room == 0 {

@@ -43,7 +43,7 @@ pub fn from_store(err: StoreError, what: &str) -> ApiError {
                 tracing::debug!(error = %source, "database unavailable");
             }
             ApiError::new(ErrorCode::Unavailable, "the database is unavailable; retry later")
-                .with_detail(crate::admission::DETAIL_RETRY_AFTER, "1")
+                .with_detail(DETAIL_RETRY_AFTER, "1")
         }
         other => {
             tracing::error!(error = ?other, "store failure");
@@ -62,6 +62,9 @@ fn outage_log_due() -> bool {
     now - last >= OUTAGE_LOG_PERIOD_SECS
         && LAST.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
 }
+
+/// Detail key: seconds to wait before retrying.
+pub const DETAIL_RETRY_AFTER: &str = "retry_after_seconds";
 
 /// Seconds between WARN lines about one database outage.
 const OUTAGE_LOG_PERIOD_SECS: i64 = 10;

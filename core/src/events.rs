@@ -48,7 +48,7 @@ impl JobEvents {
     ) -> Self {
         let (tx, _) = broadcast::channel(4096);
         let origin: Arc<str> = uuid::Uuid::now_v7().simple().to_string().into();
-        Self { tx, origin, fallback, watchers: Arc::new(Semaphore::new(max_watchers.max(1))), shutdown, nats }
+        Self { tx, origin, fallback, watchers: Arc::new(Semaphore::new(max_watchers)), shutdown, nats }
     }
 
     /// How often a watcher re-reads its job without a notification.

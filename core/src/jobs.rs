@@ -170,7 +170,7 @@ impl Engine {
         wake: Arc<Notify>,
         events: crate::events::JobEvents,
     ) -> Self {
-        let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+        let permits = Arc::new(Semaphore::new(config.concurrency));
         let abandon = Arc::new(watch::channel(false).0);
         let claimed = Arc::default();
         Self { store, clients, config, worker_id, wake, permits, abandon, events, claimed }
@@ -220,7 +220,7 @@ impl Engine {
     /// Runs until `shutdown` turns true, then waits for jobs in flight.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let permits = self.permits.clone();
-        let poll = Duration::from_millis(self.config.poll_interval_ms.max(10));
+        let poll = Duration::from_millis(self.config.poll_interval_ms);
         let mut tasks = tokio::task::JoinSet::new();
         tracing::info!(worker = %self.worker_id, concurrency = self.config.concurrency, "job engine started");
         if self.config.worker_id.is_some() {
@@ -283,7 +283,7 @@ impl Engine {
         // and their leases handed back, so another worker resumes them at
         // once from their recorded steps (each step is idempotent).
         let grace = Duration::from_secs(self.config.shutdown_grace_seconds);
-        let all = self.config.concurrency.max(1) as u32;
+        let all = u32::try_from(self.config.concurrency).unwrap_or(u32::MAX);
         let drained = tokio::time::timeout(grace, async {
             while tasks.join_next().await.is_some() {}
             let _ = permits.acquire_many(all).await;
@@ -308,7 +308,7 @@ impl Engine {
             // take the job while this one runs it.
             return from;
         }
-        from + chrono::Duration::seconds(self.config.lease_seconds.max(1) as i64)
+        from + chrono::Duration::seconds(self.config.lease_seconds as i64)
     }
 
     /// Runs one leased job to an outcome (or until the lease is lost).
@@ -335,8 +335,8 @@ impl Engine {
         let heartbeat = {
             let store = self.store.clone();
             let worker = self.worker_id.clone();
-            let every = Duration::from_secs(self.config.lease_seconds.max(3) / 3);
-            let lease = self.config.lease_seconds.max(1) as i64;
+            let every = Duration::from_secs(self.config.lease_seconds) / 3;
+            let lease = self.config.lease_seconds as i64;
             let id = job.id;
             let disabled = self.config.unsafe_disable_leases;
             tokio::spawn(async move {

@@ -25,75 +25,15 @@ use std::time::Duration;
 
 use hcp_proto::ids::{EventId, VmId};
 use hcp_proto::provider;
-use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::model::{AuditEvent, HostState, Provider, RestartPolicy, VmStatus, now};
+use crate::config::ReconcilerConfig;
+use crate::model::{
+    AuditEvent, HostState, MissingPolicy, OrphanPolicy, PowerPolicy, Provider, RestartPolicy, VmStatus, now,
+};
 use crate::moves::{Asker, Moves};
 use crate::providers::ProviderClients;
 use crate::store::{KnownVm, Store};
-
-/// What to do about a VM the hypervisor no longer has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum MissingPolicy {
-    /// Record it.
-    #[default]
-    Report,
-    /// Mark the VM ERROR (NOT_FOUND) so the tenant sees it and can delete it.
-    Repair,
-    /// Mark the VM DELETED.
-    Reap,
-}
-
-/// What to do about a power state changed behind HCP's back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum PowerPolicy {
-    /// Record it.
-    #[default]
-    Report,
-    /// Start or stop the VM on the hypervisor to match the desired state.
-    Repair,
-    /// Make the desired state follow the hypervisor.
-    Adopt,
-}
-
-/// What to do about HCP-tagged VMs HCP does not know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum OrphanPolicy {
-    /// Record it.
-    #[default]
-    Report,
-    /// Delete it on the hypervisor.
-    Reap,
-}
-
-/// Reconciler settings (`[reconciler]` in core's configuration).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReconcilerConfig {
-    /// Period between passes. Default 60 s.
-    pub interval_seconds: u64,
-    /// Policy for VMs missing on the hypervisor. Default report.
-    pub missing: MissingPolicy,
-    /// Policy for power drift. Default report.
-    pub power: PowerPolicy,
-    /// Policy for orphans. Default report.
-    pub orphan: OrphanPolicy,
-}
-
-impl Default for ReconcilerConfig {
-    fn default() -> Self {
-        Self {
-            interval_seconds: 60,
-            missing: MissingPolicy::default(),
-            power: PowerPolicy::default(),
-            orphan: OrphanPolicy::default(),
-        }
-    }
-}
 
 /// What one pass over one provider found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -145,7 +85,7 @@ impl Reconciler {
 
     /// Runs a pass every period while this process holds the lease.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let every = Duration::from_secs(self.config.interval_seconds.max(1));
+        let every = Duration::from_secs(self.config.interval_seconds);
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}

@@ -51,6 +51,9 @@ const MAX_HEADER_LIST: u32 = 32 * 1024;
 /// Core failed to start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A configuration value is outside its allowed range.
+    #[error("invalid configuration")]
+    Config(#[source] crate::config::Invalid),
     /// The metrics listener could not start.
     #[error(transparent)]
     Metrics(#[from] hcp_telemetry::metrics::MetricsListenError),
@@ -140,6 +143,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(Listening) + Send,
 ) -> Result<(), StartError> {
+    config.validate().map_err(StartError::Config)?;
     let config = Arc::new(config);
     let store = Store::connect(&config.database_url, config.database_max_connections)
         .await
@@ -156,8 +160,8 @@ pub async fn run(
         None => None,
     };
     let clients = ProviderClients::new(
-        Duration::from_secs(config.providers.call_timeout_seconds.max(1)),
-        Duration::from_secs(config.providers.probe_timeout_seconds.max(1)),
+        Duration::from_secs(config.providers.call_timeout_seconds),
+        Duration::from_secs(config.providers.probe_timeout_seconds),
         provider_tls(&config.providers)?,
     );
     let local = LocalQueue::default();
@@ -184,7 +188,7 @@ pub async fn run(
     let store = store.with_outbox(nats.is_some());
     let events = crate::events::JobEvents::new(
         config.limits.max_job_watchers,
-        Duration::from_secs(config.limits.job_watch_fallback_seconds.max(1)),
+        Duration::from_secs(config.limits.job_watch_fallback_seconds),
         stop_rx.clone(),
         nats.clone(),
     );
@@ -265,7 +269,7 @@ pub async fn run(
         });
         let (store, clients, mut stop, secrets) =
             (store.clone(), clients.clone(), stop_rx.clone(), secrets.clone());
-        let every = Duration::from_secs(config.providers.probe_interval_seconds.max(1));
+        let every = Duration::from_secs(config.providers.probe_interval_seconds);
         background.spawn(async move {
             loop {
                 tokio::select! {

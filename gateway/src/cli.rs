@@ -2,7 +2,8 @@
 
 use std::net::SocketAddr;
 
-use anyhow::Context;
+use std::num::NonZeroUsize;
+
 use clap::Parser;
 
 /// HCP gateway: REST and gRPC-web in front of core.
@@ -16,17 +17,17 @@ struct Args {
     #[arg(long, default_value = "http://127.0.0.1:50051", env = "HCP_CORE_ENDPOINT")]
     core: String,
     /// Deadline of one call to core, seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout_seconds: u64,
     /// Requests handled at once; more are answered 503 with Retry-After at
     /// once instead of queueing.
-    #[arg(long, default_value_t = 1024)]
-    max_concurrent_requests: usize,
+    #[arg(long, default_value = "1024")]
+    max_concurrent_requests: NonZeroUsize,
     /// HTTP/2 connections to core; calls take them in turn. One was
     /// measured best on two cores (README, Performance); more may help where
     /// one connection's framing task saturates a core.
-    #[arg(long, default_value_t = 1, env = "HCP_GATEWAY_CORE_CONNECTIONS")]
-    core_connections: usize,
+    #[arg(long, default_value = "1", env = "HCP_GATEWAY_CORE_CONNECTIONS")]
+    core_connections: NonZeroUsize,
     /// JWT of the gateway's service account (role console.proxy), for the
     /// console proxy; without it consoles are refused.
     #[arg(long, env = "HCP_GATEWAY_SERVICE_TOKEN_FILE")]
@@ -54,9 +55,23 @@ struct Args {
     otlp_endpoint: Option<String>,
 }
 
-/// Parses `args` (program name first) and runs the process until
-/// SIGTERM/ctrl-c.
-pub fn main<I, T>(args: I) -> anyhow::Result<()>
+/// Why the process stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum MainError {
+    /// The tokio runtime could not start.
+    #[error("cannot start the tokio runtime")]
+    Runtime(#[source] std::io::Error),
+    /// Logs and traces could not be set up.
+    #[error(transparent)]
+    Telemetry(#[from] hcp_telemetry::TelemetryError),
+    /// The gateway failed to start or while running.
+    #[error("gateway failed")]
+    Gateway(#[source] crate::StartError),
+}
+
+/// Parses `args` (program name first; a value out of range is refused
+/// with the flag's name) and runs the process until SIGTERM/ctrl-c.
+pub fn main<I, T>(args: I) -> Result<(), MainError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -65,9 +80,9 @@ where
     let config = crate::Config {
         listen: args.listen,
         core_endpoint: args.core,
-        timeout: std::time::Duration::from_secs(args.timeout_seconds.max(1)),
-        max_concurrent_requests: args.max_concurrent_requests.max(1),
-        core_connections: args.core_connections.max(1),
+        timeout: std::time::Duration::from_secs(args.timeout_seconds),
+        max_concurrent_requests: args.max_concurrent_requests,
+        core_connections: args.core_connections,
         console: crate::console::ConsoleConfig {
             service_token_file: args.service_token_file,
             allowed_origins: args.console_allowed_origins,
@@ -81,7 +96,7 @@ where
         otlp_endpoint: args.otlp_endpoint,
         ..Default::default()
     };
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    let runtime = tokio::runtime::Runtime::new().map_err(MainError::Runtime)?;
     runtime.block_on(async move {
         let _t = hcp_telemetry::init("hcp-gateway", &telemetry)?;
         crate::run(config, hcp_telemetry::shutdown_signal(), |at| {
@@ -92,6 +107,6 @@ where
             hcp_telemetry::announce_ready_with("gateway", at.http, &more)
         })
         .await
-        .context("gateway failed")
+        .map_err(MainError::Gateway)
     })
 }

@@ -25,6 +25,7 @@ pub mod routes;
 pub mod transcode;
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,10 +66,9 @@ pub struct Config {
     /// Deadline for one call to core (504 past it).
     pub timeout: Duration,
     /// Requests handled at once; past it, 503 with `Retry-After`.
-    pub max_concurrent_requests: usize,
-    /// HTTP/2 connections to core, calls spread over them in turn (at
-    /// least 1).
-    pub core_connections: usize,
+    pub max_concurrent_requests: NonZeroUsize,
+    /// HTTP/2 connections to core, calls spread over them in turn.
+    pub core_connections: NonZeroUsize,
     /// The console proxy.
     pub console: console::ConsoleConfig,
     /// Where `/metrics` (Prometheus) is served, on a listener of its own
@@ -121,8 +121,8 @@ impl Cores {
     /// `n` connections to `endpoint`, each made when first used and remade
     /// when lost, so the gateway starts (and answers 503) while core is
     /// down.
-    fn lazy(endpoint: &Endpoint, n: usize) -> Self {
-        let channels: Vec<Channel> = (0..n.max(1)).map(|_| endpoint.connect_lazy()).collect();
+    fn lazy(endpoint: &Endpoint, n: NonZeroUsize) -> Self {
+        let channels: Vec<Channel> = (0..n.get()).map(|_| endpoint.connect_lazy()).collect();
         Self { channels: channels.into(), next: Arc::default() }
     }
 
@@ -204,7 +204,7 @@ pub async fn run(
             // 2. Refuse at once when no slot is free, rather than queue.
             .layer(tower::load_shed::LoadShedLayer::new())
             // 3. At most this many requests at once.
-            .layer(tower::limit::ConcurrencyLimitLayer::new(config.max_concurrent_requests)),
+            .layer(tower::limit::ConcurrencyLimitLayer::new(config.max_concurrent_requests.get())),
     );
 
     let rdp = match config.console.rdp_listen {

@@ -1,5 +1,5 @@
 //! `hcp-gateway`: runs the REST / gRPC-web edge until SIGTERM/ctrl-c.
 
-fn main() -> anyhow::Result<()> {
-    hcp_gateway::cli::main(std::env::args_os())
+fn main() -> std::process::ExitCode {
+    hcp_telemetry::exit_with(hcp_gateway::cli::main(std::env::args_os()))
 }

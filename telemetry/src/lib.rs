@@ -344,3 +344,28 @@ where
         })
     }
 }
+
+/// A process's exit: success, or its error printed with every cause on
+/// stderr (`error: core failed: cannot listen on ...: address in use`) and
+/// exit status 1. The thin `main` of each HCP binary ends with this.
+pub fn exit_with<E: std::error::Error>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", error_chain(&err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its sources, joined by `: `.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -413,7 +413,7 @@ impl Job {
             vm_id: vm,
             status: JobStatus::Queued,
             attempts: 0,
-            max_attempts: max_attempts.max(1),
+            max_attempts,
             run_after: t,
             lease_owner: None,
             lease_expires_at: None,
@@ -633,4 +633,41 @@ pub struct ConsoleSession {
     pub revoked_at: Option<DateTime<Utc>>,
     /// When issued.
     pub created_at: DateTime<Utc>,
+}
+
+/// What to do about a VM the hypervisor no longer has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingPolicy {
+    /// Record it.
+    #[default]
+    Report,
+    /// Mark the VM ERROR (NOT_FOUND) so the tenant sees it and can delete it.
+    Repair,
+    /// Mark the VM DELETED.
+    Reap,
+}
+
+/// What to do about a power state changed behind HCP's back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerPolicy {
+    /// Record it.
+    #[default]
+    Report,
+    /// Start or stop the VM on the hypervisor to match the desired state.
+    Repair,
+    /// Make the desired state follow the hypervisor.
+    Adopt,
+}
+
+/// What to do about HCP-tagged VMs HCP does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OrphanPolicy {
+    /// Record it.
+    #[default]
+    Report,
+    /// Delete it on the hypervisor.
+    Reap,
 }

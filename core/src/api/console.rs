@@ -117,7 +117,7 @@ impl ConsoleApi {
             tenant_id: tenant,
             project_id: project,
             endpoint: Some(endpoint),
-            max_session_seconds: self.ctx.config.console.max_session_seconds.max(1),
+            max_session_seconds: self.ctx.config.console.max_session_seconds,
         })
     }
 

@@ -543,9 +543,7 @@ impl TenantApi {
             })
             .to_string(),
             created_at: t,
-            expires_at: t + chrono::Duration::seconds(
-                self.ctx.config.idempotency_key_ttl_seconds.max(1) as i64
-            ),
+            expires_at: t + chrono::Duration::seconds(self.ctx.config.idempotency_key_ttl_seconds as i64),
         })
     }
 
@@ -806,8 +804,7 @@ impl TenantApi {
 
         let token = random_token();
         let t = now();
-        let expires_at =
-            t + chrono::Duration::seconds(self.ctx.config.console.token_ttl_seconds.max(1) as i64);
+        let expires_at = t + chrono::Duration::seconds(self.ctx.config.console.token_ttl_seconds as i64);
         let session = model::ConsoleSession {
             token_hash: hash_token(&token),
             tenant_id: scope.tenant.clone(),
@@ -1193,7 +1190,7 @@ impl JobService for TenantApi {
         let slot = events.admit().ok_or_else(|| {
             crate::error::status(
                 ApiError::new(ErrorCode::Unavailable, "too many job watchers are open; retry later")
-                    .with_detail(crate::admission::DETAIL_RETRY_AFTER, "1"),
+                    .with_detail(crate::error::DETAIL_RETRY_AFTER, "1"),
             )
         })?;
         // Subscribed before the first read, so no change falls in between.

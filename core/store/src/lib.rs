@@ -80,6 +80,10 @@ pub enum StoreError {
     /// The project's quota does not allow the request.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// A PostgreSQL store needs a connection for the API and one for the
+    /// job engine.
+    #[error("max_connections must be at least 2, got {0}")]
+    TooFewConnections(u32),
 }
 
 impl StoreError {
@@ -212,10 +216,14 @@ impl Store {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::from_sqlx(e, "connection"))?;
             let opts = without_loopback_tls(url, opts);
-            // `max_connections` is the total: a quarter for the engine.
-            let engine_connections = (max_connections / 4).max(1);
+            // `max_connections` is the total: a quarter for the engine
+            // (rounded up), the rest for the API.
+            if max_connections < 2 {
+                return Err(StoreError::TooFewConnections(max_connections));
+            }
+            let engine_connections = max_connections.div_ceil(4);
             let pool = PgPoolOptions::new()
-                .max_connections(max_connections.saturating_sub(engine_connections).max(1))
+                .max_connections(max_connections - engine_connections)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(opts.clone())
                 .await
