@@ -34,6 +34,13 @@ pub fn from_store(err: StoreError, what: &str) -> ApiError {
         StoreError::Busy { job, message } => {
             ApiError::new(ErrorCode::Conflict, message).with_detail("job_id", job.to_string())
         }
+        // Lost to concurrent transactions even after the store ran it
+        // again: the client may retry.
+        StoreError::Contention(source) => {
+            tracing::warn!(error = %source, "transaction kept losing to concurrent ones");
+            ApiError::new(ErrorCode::Unavailable, "the database is busy; retry later")
+                .with_detail(DETAIL_RETRY_AFTER, "1")
+        }
         StoreError::Unavailable(source) => {
             // An outage fails every request: one WARN per period says so
             // without burying the log; the rest are at DEBUG.

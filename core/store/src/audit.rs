@@ -167,8 +167,7 @@ impl super::Store {
         limit: u32,
         hash: impl Fn(&str, i64, &AuditEvent) -> String,
     ) -> StoreResult<usize> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let head = sqlx::query(
                 "SELECT seq, hash FROM audit_events WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1",
             )

@@ -11,8 +11,7 @@ use hcp_domain::model::{AuditEvent, Flavor, Image, Network, Zone};
 impl super::Store {
     /// Inserts a flavor and its audit event.
     pub async fn create_flavor(&self, f: &Flavor, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO flavors (name, vcpus, memory_mib, disk_gib, description, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -28,7 +27,8 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, &format!("flavor {}", f.name)))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         self.catalog_changed();
         Ok(())
     }
@@ -87,8 +87,7 @@ impl super::Store {
 
     /// Inserts an image and its audit event.
     pub async fn create_image(&self, i: &Image, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO images (name, os_type, source, min_disk_gib, description, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
@@ -104,7 +103,8 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, &format!("image {}", i.name)))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         self.catalog_changed();
         Ok(())
     }
@@ -163,8 +163,7 @@ impl super::Store {
 
     /// Inserts a zone and its audit event.
     pub async fn create_zone(&self, z: &Zone, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             sqlx::query("INSERT INTO zones (name, description, created_at) VALUES ($1, $2, $3)")
                 .bind(&z.name)
                 .bind(&z.description)
@@ -174,7 +173,8 @@ impl super::Store {
                 .map_err(|e| StoreError::from_sqlx(e, &format!("zone {}", z.name)))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         self.catalog_changed();
         Ok(())
     }
@@ -210,8 +210,7 @@ impl super::Store {
         name: &str,
         audit: &AuditEvent,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let in_use: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT COUNT(*) FROM vms WHERE {vm_column} = $1 AND status <> 'DELETED'"
             )))
@@ -250,8 +249,7 @@ impl super::Store {
     /// Creates or replaces a network of a zone (backings included) with its
     /// audit event. NotFound when the zone does not exist.
     pub async fn put_network(&self, n: &Network, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let zone: Option<String> = sqlx::query_scalar("SELECT name FROM zones WHERE name = $1")
                 .bind(&n.zone)
                 .fetch_optional(&mut *tx)
@@ -309,8 +307,7 @@ impl super::Store {
     /// Deletes a network unless a VM that is not deleted in its zone is
     /// attached to it.
     pub async fn delete_network(&self, zone: &str, name: &str, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let rows = sqlx::query("SELECT networks FROM vms WHERE zone = $1 AND status <> 'DELETED'")
                 .bind(zone)
                 .fetch_all(&mut *tx)

@@ -29,8 +29,7 @@ macro_rules! session_from_row {
 impl super::Store {
     /// Stores a new session and the audit event of its issue.
     pub async fn insert_console_session(&self, s: &ConsoleSession, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO console_sessions (token_hash, tenant_id, project_id, vm_id, protocol, \
                  expires_at, used_at, revoked_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, \
@@ -48,7 +47,8 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         Ok(())
     }
 

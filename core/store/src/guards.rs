@@ -190,8 +190,7 @@ impl super::Store {
         quota: &Quota,
         audit: &hcp_domain::model::AuditEvent,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO project_quotas (tenant_id, project_id, max_instances, max_vcpus, max_memory_mib, \
                  updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, project_id) DO UPDATE \
@@ -208,7 +207,8 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         Ok(())
     }
 

@@ -164,8 +164,7 @@ impl super::Store {
         hosts: &[HostReport],
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             for h in hosts {
                 sqlx::query(
                     "INSERT INTO hosts (provider_id, name, vcpus, memory_mib, state, drain, updated_at) \
@@ -194,7 +193,8 @@ impl super::Store {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "host"))?;
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         self.catalog_changed();
         Ok(())
     }
@@ -376,8 +376,7 @@ impl super::Store {
     /// Inserts a placement group (AlreadyExists for a taken name) with its
     /// audit event.
     pub async fn create_placement_group(&self, g: &PlacementGroup, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO placement_groups (id, tenant_id, project_id, name, policy, strict, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -394,7 +393,8 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, &format!("placement group {}", g.name)))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -485,8 +485,7 @@ impl super::Store {
         id: PlacementGroupId,
         audit: &AuditEvent,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let done = sqlx::query(
                 "UPDATE placement_groups SET name = name WHERE id = $1 AND tenant_id = $2 AND project_id = $3",
             )
@@ -518,7 +517,8 @@ impl super::Store {
                 .map_err(|e| StoreError::from_sqlx(e, "placement group"))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         Ok(())
     }
 }

@@ -238,8 +238,7 @@ impl super::Store {
         let t = audit.at;
         let t_now = t;
         let outbox = self.outbox;
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "UPDATE jobs SET status = 'CANCELLED', finished_at = $1, updated_at = $1 \
                  WHERE id = $2 AND tenant_id = $3 AND status = 'QUEUED' RETURNING {JOB_COLUMNS}"
@@ -506,8 +505,7 @@ impl super::Store {
                 Err(StoreError::Conflict(format!("lease on job {} lost", job.id)))
             };
         }
-        on_pool!(engine self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(engine transaction self, |tx| {
             let updated = sqlx::query(
                 "UPDATE jobs SET status = $4, finished_at = $1, updated_at = $5, run_after = $6, \
                  lease_owner = NULL, lease_expires_at = NULL, error_code = $7, error_message = $8 \

@@ -80,6 +80,11 @@ pub enum StoreError {
     /// The project's quota does not allow the request.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The transaction lost a serialization conflict or a deadlock to a
+    /// concurrent one, and kept losing after [`MAX_CONFLICT_RETRIES`]
+    /// tries; the caller may try again later.
+    #[error("the database aborted the transaction for a conflict with a concurrent one")]
+    Contention(#[source] sqlx::Error),
     /// A PostgreSQL store needs a connection for the API and one for the
     /// job engine.
     #[error("max_connections must be at least 2, got {0}")]
@@ -98,6 +103,7 @@ impl StoreError {
                 sqlx::error::ErrorKind::ForeignKeyViolation => {
                     StoreError::Conflict(format!("{what} is referenced by other resources"))
                 }
+                _ if db.code().as_deref().is_some_and(means_conflict) => StoreError::Contention(err),
                 _ if db.code().as_deref().is_some_and(means_unavailable) => StoreError::Unavailable(err),
                 _ => StoreError::Internal(err),
             },
@@ -113,6 +119,54 @@ impl StoreError {
             _ => StoreError::Internal(err),
         }
     }
+}
+
+/// Whether a SQLSTATE says the transaction was aborted for a conflict with
+/// a concurrent one and would likely succeed if run again: 40001
+/// (serialization failure) and 40P01 (deadlock detected).
+fn means_conflict(code: &str) -> bool {
+    matches!(code, "40001" | "40P01")
+}
+
+/// How many times a transaction aborted for a conflict is run again.
+pub const MAX_CONFLICT_RETRIES: u32 = 4;
+
+/// Runs `attempt` (one whole transaction) until it does not fail with
+/// [`StoreError::Contention`], at most `1 + MAX_CONFLICT_RETRIES` times,
+/// waiting a few jittered milliseconds between tries so that the two
+/// sides of a deadlock do not meet again.
+pub(crate) async fn retry_conflicts<T, F, Fut>(mut attempt: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut retries = 0;
+    loop {
+        match attempt().await {
+            Err(StoreError::Contention(source)) if retries < MAX_CONFLICT_RETRIES => {
+                retries += 1;
+                ::metrics::counter!("hcp_store_transaction_retries_total").increment(1);
+                tracing::debug!(error = %source, retries, "transaction aborted for a conflict; running it again");
+                tokio::time::sleep(conflict_pause(retries)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Between 1 and `2^retries` ms, spread by the clock's nanoseconds.
+fn conflict_pause(retries: u32) -> Duration {
+    let span = 1u64 << retries.min(6);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    Duration::from_millis(1 + u64::from(nanos) % span)
+}
+
+/// Begins a transaction on `pool` (only through `on_pool!(transaction ..)`).
+pub(crate) async fn begin<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> StoreResult<sqlx::Transaction<'static, DB>> {
+    pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))
 }
 
 /// Whether a SQLSTATE says the database cannot serve now, though nothing
@@ -165,12 +219,36 @@ pub struct Store {
 /// Runs `$body` with `$pool` bound to the concrete pool of the store's
 /// backend (or, with `engine`, of its job engine connections, see
 /// [`Store::engine`]). The body is compiled once per backend.
+///
+/// `on_pool!(transaction self, |tx| { ... tx.commit() ... })` is the one
+/// way the store opens a transaction: `tx` is begun for the body, and the
+/// whole body runs again ([`retry_conflicts`]) when PostgreSQL aborts it
+/// for a serialization failure or a deadlock. A body that commits nothing
+/// (returns early) rolls back when `tx` is dropped.
 macro_rules! on_pool {
     ($store:expr, |$pool:ident| $body:expr) => {
         $crate::on_pool!(@match &$store.backend, |$pool| $body)
     };
     (engine $store:expr, |$pool:ident| $body:expr) => {
         $crate::on_pool!(@match &$store.engine, |$pool| $body)
+    };
+    (transaction $store:expr, |$tx:ident| $body:expr) => {
+        $crate::retry_conflicts(|| async { $crate::on_pool!(@transaction &$store.backend, |$tx| $body) }).await
+    };
+    (engine transaction $store:expr, |$tx:ident| $body:expr) => {
+        $crate::retry_conflicts(|| async { $crate::on_pool!(@transaction &$store.engine, |$tx| $body) }).await
+    };
+    (@transaction $backend:expr, |$tx:ident| $body:expr) => {
+        match $backend {
+            $crate::Backend::Sqlite(pool) => {
+                let mut $tx = $crate::begin(pool).await?;
+                $body
+            }
+            $crate::Backend::Postgres(pool) => {
+                let mut $tx = $crate::begin(pool).await?;
+                $body
+            }
+        }
     };
     (@match $backend:expr, |$pool:ident| $body:expr) => {
         match $backend {

@@ -44,8 +44,7 @@ impl super::Store {
         sealed_credentials: Option<&[u8]>,
         audit: &AuditEvent,
     ) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO providers (id, name, zone, endpoint, plugin_name, plugin_version, \
                  hypervisor, protocol_version, capabilities, healthy, health_message, \
@@ -71,7 +70,8 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, &format!("provider {}", p.name)))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         self.catalog_changed();
         Ok(())
     }
@@ -162,8 +162,7 @@ impl super::Store {
 
     /// Removes a provider unless VMs that are not deleted live on it.
     pub async fn remove_provider(&self, id: ProviderId, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let live: i64 =
                 sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE provider_id = $1 AND status <> 'DELETED'")
                     .bind(id.0)

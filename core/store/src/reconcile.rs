@@ -81,8 +81,7 @@ impl super::Store {
         usage: Option<&str>,
     ) -> StoreResult<bool> {
         let outbox = self.outbox;
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let done = sqlx::query(
                 "UPDATE vms SET status = $1, error_code = $2, error_message = $3, updated_at = $4 \
                  WHERE id = $5 AND status = $6 AND current_job_id IS NULL AND updated_at <= $7",

@@ -172,8 +172,7 @@ impl super::Store {
         {
             return Ok(());
         }
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             if let Some(rec) = idem {
                 insert_idempotency!(tx, rec);
             }
@@ -230,7 +229,8 @@ impl super::Store {
             }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-        });
+            Ok(())
+        })?;
         Ok(())
     }
 
@@ -247,8 +247,7 @@ impl super::Store {
     ) -> StoreResult<Vm> {
         let outbox = self.outbox;
         let backend = self.kind();
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             if let Some(rec) = idem {
                 insert_idempotency!(tx, rec);
             }
@@ -467,8 +466,7 @@ impl super::Store {
         audit: &AuditEvent,
     ) -> StoreResult<Vm> {
         let now = audit.at;
-        on_pool!(self, |pool| {
-            let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+        on_pool!(transaction self, |tx| {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {VM_COLUMNS} FROM vms WHERE id = $1 AND tenant_id = $2 AND project_id = $3"
             )))
@@ -579,7 +577,8 @@ impl super::Store {
                 }
             }
             super::Backend::Sqlite(pool) => {
-                let mut tx = pool.begin().await.map_err(|e| StoreError::from_sqlx(e, "transaction"))?;
+                // SQLite has one connection: no conflict to run again for.
+                let mut tx = crate::begin(pool).await?;
                 for (id, host) in hosts {
                     done += sqlx::query(
                         "UPDATE vms SET host = $1 WHERE id = $2 AND host = '' AND current_job_id IS NULL \

@@ -1076,3 +1076,64 @@ async fn first_hosts_are_recorded_in_bulk_and_only_where_unknown(backend: Backen
     assert_eq!(store.set_first_hosts(&[(a.id, "h9".to_owned())]).await.unwrap(), 0);
     assert_eq!(host(a.id).await, "h1");
 }
+
+/// A transaction PostgreSQL aborts for a serialization failure or a
+/// deadlock runs again, whole, up to the bound: here a trigger aborts the
+/// first two tries of a flavor's insert with 40001 and 40P01, and the flavor
+/// and its audit event exist once afterwards; a transaction that keeps
+/// losing fails after `1 + MAX_CONFLICT_RETRIES` tries with `Contention`,
+/// leaving nothing behind.
+#[tokio::test]
+async fn postgres_transactions_run_again_after_a_conflict_within_a_bound() {
+    let (db, store) = fresh(Backend::Postgres).await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url).await.unwrap();
+    // The tries are counted outside the aborted transactions (dblink is
+    // not needed: a sequence's nextval survives a rollback).
+    sqlx::raw_sql(sqlx::AssertSqlSafe(
+        "CREATE SEQUENCE tries; \
+         CREATE TABLE fail_first (n INT NOT NULL); \
+         CREATE FUNCTION conflict() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         DECLARE try BIGINT := nextval('tries'); \
+         BEGIN \
+           IF try <= (SELECT n FROM fail_first) THEN \
+             IF try % 2 = 1 THEN RAISE EXCEPTION 'made to fail' USING ERRCODE = '40001'; \
+             ELSE RAISE EXCEPTION 'made to fail' USING ERRCODE = '40P01'; END IF; \
+           END IF; \
+           RETURN NEW; \
+         END $$; \
+         CREATE TRIGGER conflict BEFORE INSERT ON flavors FOR EACH ROW EXECUTE FUNCTION conflict(); \
+         INSERT INTO fail_first VALUES (2);"
+            .to_owned(),
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let flavor = |name: &str| Flavor {
+        name: name.into(),
+        vcpus: 1,
+        memory_mib: 512,
+        disk_gib: 10,
+        description: String::new(),
+        created_at: now(),
+    };
+    let store = &store;
+    let audited = async |name: &str| {
+        let q = AuditQuery { resource_id: Some(name.into()), page_size: 100, ..Default::default() };
+        store.list_audit_events(&q).await.unwrap().0.len()
+    };
+    store.create_flavor(&flavor("tiny"), &audit("flavor.create", "tiny")).await.unwrap();
+    let tries: i64 = sqlx::query_scalar("SELECT last_value FROM tries").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(tries, 3, "two aborted tries and the one that committed");
+    assert_eq!(store.list_flavors().await.unwrap().iter().filter(|f| f.name == "tiny").count(), 1);
+    assert_eq!(audited("tiny").await, 1);
+
+    // Always aborted: the bound holds, and nothing is written.
+    sqlx::query("UPDATE fail_first SET n = 1000").execute(&mut conn).await.unwrap();
+    sqlx::query("SELECT setval('tries', 1, false)").execute(&mut conn).await.unwrap();
+    let err = store.create_flavor(&flavor("never"), &audit("flavor.create", "never")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Contention(_)), "{err:?}");
+    let tries: i64 = sqlx::query_scalar("SELECT last_value FROM tries").fetch_one(&mut conn).await.unwrap();
+    assert_eq!(tries, 1 + i64::from(hcp_store::MAX_CONFLICT_RETRIES));
+    assert!(store.list_flavors().await.unwrap().iter().all(|f| f.name != "never"));
+    assert_eq!(audited("never").await, 0);
+}
