@@ -48,7 +48,7 @@ impl CimType {
     }
 
     /// The name CIM-XML uses in `TYPE="..."`.
-    pub(crate) fn cim_name(&self) -> &str {
+    pub(crate) fn cim_name(&self) -> &'static str {
         match self {
             Self::String => "string",
             Self::Boolean => "boolean",
@@ -64,37 +64,81 @@ impl CimType {
 
     /// Checks a scalar's lexical form (XML Schema / CIM), for method
     /// parameters and embedded properties.
-    pub(crate) fn check_lexical(&self, text: &str) -> Result<(), String> {
+    pub(crate) fn check_lexical(&self, text: &str) -> Result<(), LexicalError> {
         let t = text.trim();
-        let range = |max: u64| -> Result<(), String> {
+        let text = || text.to_owned();
+        let range = |max: u64| -> Result<(), LexicalError> {
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!("'{text}' is not an unsigned integer"));
+                return Err(LexicalError::NotUnsigned { text: text() });
             }
             match t.parse::<u64>() {
                 Ok(v) if v <= max => Ok(()),
-                _ => Err(format!("'{text}' is out of range for {}", self.cim_name())),
+                _ => Err(LexicalError::OutOfRange { text: text(), ty: self.cim_name() }),
             }
         };
         match self {
             Self::String | Self::Ref(_) => Ok(()),
             Self::Boolean => match t {
                 "true" | "false" | "1" | "0" => Ok(()),
-                _ => Err(format!("'{text}' is not an xs:boolean (true, false, 1, 0)")),
+                _ => Err(LexicalError::NotBoolean { text: text() }),
             },
             Self::Uint8 => range(u8::MAX.into()),
             Self::Uint16 => range(u16::MAX.into()),
             Self::Uint32 => range(u32::MAX.into()),
             Self::Uint64 => range(u64::MAX),
-            Self::Sint8 => t.parse::<i8>().map(|_| ()).map_err(|_| format!("'{text}' is not a sint8")),
+            Self::Sint8 => {
+                t.parse::<i8>().map(|_| ()).map_err(|source| LexicalError::NotSint8 { text: text(), source })
+            }
             Self::Datetime => {
                 if crate::model::parse_cim_datetime(t) {
                     Ok(())
                 } else {
-                    Err(format!("'{text}' is not a CIM datetime (yyyymmddHHMMSS.mmmmmm+UUU or an interval)"))
+                    Err(LexicalError::NotDatetime { text: text() })
                 }
             }
         }
     }
+}
+
+/// Why a scalar's text is not of its CIM type (the caller names the
+/// property or parameter).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LexicalError {
+    /// Not digits only, for an unsigned type.
+    #[error("'{text}' is not an unsigned integer")]
+    NotUnsigned {
+        /// The text as sent.
+        text: String,
+    },
+    /// Digits, but too large for the type.
+    #[error("'{text}' is out of range for {ty}")]
+    OutOfRange {
+        /// The text as sent.
+        text: String,
+        /// The CIM type's name.
+        ty: &'static str,
+    },
+    /// Not one of `xs:boolean`'s four forms.
+    #[error("'{text}' is not an xs:boolean (true, false, 1, 0)")]
+    NotBoolean {
+        /// The text as sent.
+        text: String,
+    },
+    /// Not a signed 8-bit integer.
+    #[error("'{text}' is not a sint8")]
+    NotSint8 {
+        /// The text as sent.
+        text: String,
+        /// Why it does not parse.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// Neither a CIM timestamp nor an interval.
+    #[error("'{text}' is not a CIM datetime (yyyymmddHHMMSS.mmmmmm+UUU or an interval)")]
+    NotDatetime {
+        /// The text as sent.
+        text: String,
+    },
 }
 
 /// A property of a class.
