@@ -70,6 +70,20 @@ impl VimError {
     }
 }
 
+/// Why a client for the SDK cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL does not parse ([`split_url`] says why).
+    #[error("{reason}")]
+    Url {
+        /// [`split_url`]'s message.
+        reason: String,
+    },
+    /// The trust settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] hcp_tls::TrustError),
+}
+
 /// The session cookie.
 const COOKIE: &str = "vmware_soap_session";
 
@@ -124,10 +138,10 @@ pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
 
 impl Soap {
     /// A client for the SDK at `url` (`https://vcenter/sdk`).
-    pub fn new(url: &str, trust: &hcp_tls::Trust, timing: TimingConfig) -> Result<Self, String> {
-        let (host, port, path) = split_url(url)?;
+    pub fn new(url: &str, trust: &hcp_tls::Trust, timing: TimingConfig) -> Result<Self, ClientError> {
+        let (host, port, path) = split_url(url).map_err(|reason| ClientError::Url { reason })?;
         let timeout = Duration::from_secs(timing.request_timeout_seconds.max(1));
-        let http = hcp_tls::Https::new(&host, port, trust, timeout).map_err(|e| e.to_string())?;
+        let http = hcp_tls::Https::new(&host, port, trust, timeout)?;
         Ok(Self {
             http,
             path,
