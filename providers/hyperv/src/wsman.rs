@@ -395,6 +395,20 @@ impl std::fmt::Debug for Wsman {
     }
 }
 
+/// Why a client for a WinRM listener cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL does not parse ([`split_url`] says why).
+    #[error("{reason}")]
+    Url {
+        /// [`split_url`]'s message.
+        reason: String,
+    },
+    /// The trust settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] hcp_tls::TrustError),
+}
+
 /// Parses `https://host[:port]/wsman`.
 pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
     let rest = url.strip_prefix("https://").ok_or("url must start with https://")?;
@@ -416,9 +430,14 @@ pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
 
 impl Wsman {
     /// A client for `url`, trusting `trust`, with `timeout` per request.
-    pub fn new(url: &str, trust: &hcp_tls::Trust, timeout: Duration, scheme: Scheme) -> Result<Self, String> {
-        let (host, port, path) = split_url(url)?;
-        let http = hcp_tls::Https::new(&host, port, trust, timeout).map_err(|e| e.to_string())?;
+    pub fn new(
+        url: &str,
+        trust: &hcp_tls::Trust,
+        timeout: Duration,
+        scheme: Scheme,
+    ) -> Result<Self, ClientError> {
+        let (host, port, path) = split_url(url).map_err(|reason| ClientError::Url { reason })?;
+        let http = hcp_tls::Https::new(&host, port, trust, timeout)?;
         Ok(Self {
             http,
             url: url.to_owned(),

@@ -199,26 +199,52 @@ impl Method {
     }
 }
 
+/// Why a [`Pve`] client cannot be built (the texts name the config fields).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `api_url` is not `https://`.
+    #[error("api_url must start with https://")]
+    NotHttps,
+    /// `api_url`'s port is not a number.
+    #[error("bad port in {url}")]
+    BadPort {
+        /// The URL.
+        url: String,
+        /// Why the port does not parse.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// `tls.ca_file` holds no certificate.
+    #[error("tls.ca_file holds no certificate")]
+    NoCa,
+    /// `tls.ca_file` holds something unreadable (hcp-tls's reason).
+    #[error("tls.ca_file: {0}")]
+    BadCa(String),
+    /// rustls refused the trust settings.
+    #[error(transparent)]
+    Tls(hcp_tls::TrustError),
+}
+
 /// Request parameters, already in PVE's text form.
 pub type Params = Vec<(&'static str, String)>;
 
 impl Pve {
     /// A client for `api_url` (`https://HOST:PORT`).
-    pub fn new(api_url: &str, trust: Trust, timing: TimingConfig) -> Result<Self, String> {
-        let rest = api_url.strip_prefix("https://").ok_or("api_url must start with https://")?;
+    pub fn new(api_url: &str, trust: Trust, timing: TimingConfig) -> Result<Self, ClientError> {
+        let rest = api_url.strip_prefix("https://").ok_or(ClientError::NotHttps)?;
         let authority = rest.split('/').next().unwrap_or_default();
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
                 h.trim_matches(['[', ']']).to_owned(),
-                p.parse().map_err(|_| format!("bad port in {api_url}"))?,
+                p.parse().map_err(|source| ClientError::BadPort { url: api_url.to_owned(), source })?,
             ),
             _ => (authority.to_owned(), 8006),
         };
         let timeout = Duration::from_secs(timing.request_timeout_seconds.max(1));
         let http = hcp_tls::Https::new(&host, port, &trust, timeout).map_err(|e| match e {
-            hcp_tls::TrustError::NoCa => "tls.ca_file holds no certificate".to_owned(),
-            hcp_tls::TrustError::BadCa(e) => format!("tls.ca_file: {e}"),
-            e => e.to_string(),
+            hcp_tls::TrustError::NoCa => ClientError::NoCa,
+            hcp_tls::TrustError::BadCa(e) => ClientError::BadCa(e),
+            e => ClientError::Tls(e),
         })?;
         Ok(Self {
             http,

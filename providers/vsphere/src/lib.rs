@@ -207,13 +207,13 @@ pub struct Vsphere {
 
 /// Maps a vSphere failure onto the protocol's error kinds (the only place).
 pub fn map_error(e: VimError) -> ProviderError {
-    let message = e.to_string();
+    let message = chain(&e);
     let (kind, retryable) =
         match &e {
             VimError::NoCredentials | VimError::Transport(_) | VimError::Timeout(_) => {
                 (ErrorKind::Unavailable, None)
             }
-            VimError::Decode(_) => (ErrorKind::Internal, None),
+            VimError::Encode { .. } | VimError::Decode(_) => (ErrorKind::Internal, None),
             VimError::Fault { fault, .. } => match fault.as_str() {
                 "ManagedObjectNotFound" => (ErrorKind::NotFound, None),
                 "InvalidPowerState" | "InvalidState" | "ToolsUnavailable" | "InvalidHostState" => {
@@ -238,6 +238,18 @@ pub fn map_error(e: VimError) -> ProviderError {
     let mut err = ProviderError::new(kind, message);
     err.retryable = retryable;
     err
+}
+
+/// `e` and its sources joined by `: `, as a client reads them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
 }
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> ProviderError {
@@ -1266,6 +1278,18 @@ mod tests {
         let denied = map_error(VimError::Fault { fault: "InvalidLogin".into(), message: "m".into() });
         assert_eq!((denied.kind, denied.retryable), (ErrorKind::PermissionDenied, Some(false)));
         assert_eq!(map_error(VimError::Transport("x".into())).kind, ErrorKind::Unavailable);
+    }
+
+    #[test]
+    fn undecodable_answers_are_internal_and_say_why() {
+        let e = map_error(VimError::Decode(vim::DecodeError::Missing { parent: "objects", child: "obj" }));
+        assert_eq!(
+            (e.kind, e.message.as_str()),
+            (ErrorKind::Internal, "unexpected answer from vSphere: objects without obj")
+        );
+        let xml = roxmltree::Document::parse("<a>").unwrap_err();
+        let e = map_error(VimError::Decode(xml.clone().into()));
+        assert_eq!(e.message, format!("unexpected answer from vSphere: {xml}"));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use crate::config::TimingConfig;
-use crate::vim::{self, FromXml, MoRef, XSI};
+use crate::vim::{self, DecodeError, FromXml, MoRef, XSI};
 
 /// The vim25 namespace every request element carries.
 pub const VIM25: &str = "urn:vim25";
@@ -38,9 +38,18 @@ pub enum VimError {
         /// vSphere's message.
         message: String,
     },
+    /// A request could not be rendered as XML.
+    #[error("rendering {method}")]
+    Encode {
+        /// The method whose body failed to render.
+        method: String,
+        /// quick-xml's reason.
+        #[source]
+        source: quick_xml::SeError,
+    },
     /// The answer could not be read.
-    #[error("unexpected answer from vSphere: {0}")]
-    Decode(String),
+    #[error("unexpected answer from vSphere")]
+    Decode(#[from] DecodeError),
 }
 
 impl VimError {
@@ -59,6 +68,20 @@ impl VimError {
             Some("TaskInProgress" | "ResourceInUse" | "ConcurrentAccess" | "HostCommunication")
         )
     }
+}
+
+/// Why a client for the SDK cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The URL does not parse ([`split_url`] says why).
+    #[error("{reason}")]
+    Url {
+        /// [`split_url`]'s message.
+        reason: String,
+    },
+    /// The trust settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] hcp_tls::TrustError),
 }
 
 /// The session cookie.
@@ -115,10 +138,10 @@ pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
 
 impl Soap {
     /// A client for the SDK at `url` (`https://vcenter/sdk`).
-    pub fn new(url: &str, trust: &hcp_tls::Trust, timing: TimingConfig) -> Result<Self, String> {
-        let (host, port, path) = split_url(url)?;
+    pub fn new(url: &str, trust: &hcp_tls::Trust, timing: TimingConfig) -> Result<Self, ClientError> {
+        let (host, port, path) = split_url(url).map_err(|reason| ClientError::Url { reason })?;
         let timeout = Duration::from_secs(timing.request_timeout_seconds.max(1));
-        let http = hcp_tls::Https::new(&host, port, trust, timeout).map_err(|e| e.to_string())?;
+        let http = hcp_tls::Https::new(&host, port, trust, timeout)?;
         Ok(Self {
             http,
             path,
@@ -186,7 +209,7 @@ impl Soap {
             .filter_map(|v| v.to_str().ok())
             .filter_map(|v| v.split(';').next())
             .find(|kv| kv.trim_start().starts_with(&format!("{COOKIE}=")))
-            .ok_or_else(|| VimError::Decode("Login set no session cookie".into()))?
+            .ok_or(DecodeError::NoSessionCookie)?
             .trim()
             .to_owned();
         self.logins.fetch_add(1, Ordering::Relaxed);
@@ -217,7 +240,7 @@ impl Soap {
         cookie: Option<&str>,
     ) -> Result<(String, http::HeaderMap), VimError> {
         let inner = quick_xml::se::to_string_with_root(method, body)
-            .map_err(|e| VimError::Decode(format!("rendering {method}: {e}")))?;
+            .map_err(|source| VimError::Encode { method: method.to_owned(), source })?;
         let envelope = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
              <soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\" \
@@ -244,7 +267,7 @@ impl Soap {
             return Err(VimError::Transport(format!("{method}: HTTP {}", answer.status)));
         }
         let text = String::from_utf8(answer.body.to_vec())
-            .map_err(|_| VimError::Decode(format!("{method}: the answer is not UTF-8")))?;
+            .map_err(|e| DecodeError::NotUtf8 { method: method.to_owned(), source: e.utf8_error() })?;
         Ok((text, answer.headers))
     }
 
@@ -428,7 +451,7 @@ fn check_fault(text: &str) -> Result<(), VimError> {
     if !text.contains("Fault") {
         return Ok(());
     }
-    let doc = roxmltree::Document::parse(text).map_err(|e| VimError::Decode(e.to_string()))?;
+    let doc = roxmltree::Document::parse(text).map_err(DecodeError::from)?;
     let Some(fault) =
         doc.descendants().find(|n| n.has_tag_name(("http://schemas.xmlsoap.org/soap/envelope/", "Fault")))
     else {
@@ -456,15 +479,13 @@ fn check_fault(text: &str) -> Result<(), VimError> {
 
 /// Decodes the `returnval` of an answer (absent: `R::from_xml(None)`).
 fn parse_returnval<R: FromXml>(text: &str) -> Result<R, VimError> {
-    let doc = roxmltree::Document::parse(text).map_err(|e| VimError::Decode(e.to_string()))?;
+    let doc = roxmltree::Document::parse(text).map_err(DecodeError::from)?;
     let body = doc
         .descendants()
         .find(|n| n.has_tag_name(("http://schemas.xmlsoap.org/soap/envelope/", "Body")))
-        .ok_or_else(|| VimError::Decode("no SOAP body".into()))?;
-    let response =
-        body.children().find(|n| n.is_element()).ok_or_else(|| VimError::Decode("empty SOAP body".into()))?;
-    R::from_returnvals(response.children().filter(|n| n.has_tag_name("returnval")).collect())
-        .map_err(VimError::Decode)
+        .ok_or(DecodeError::NoBody)?;
+    let response = body.children().find(|n| n.is_element()).ok_or(DecodeError::EmptyBody)?;
+    Ok(R::from_returnvals(response.children().filter(|n| n.has_tag_name("returnval")).collect())?)
 }
 
 #[cfg(test)]

@@ -64,26 +64,69 @@ impl Xml {
     }
 }
 
+/// Why an answer could not be read into vim25 types.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The answer is not well-formed XML (roxmltree says where).
+    #[error(transparent)]
+    Xml(#[from] roxmltree::Error),
+    /// The answer's bytes are not UTF-8.
+    #[error("{method}: the answer is not UTF-8")]
+    NotUtf8 {
+        /// The method called.
+        method: String,
+        /// Where the bytes stop being UTF-8.
+        #[source]
+        source: std::str::Utf8Error,
+    },
+    /// The envelope has no `Body`.
+    #[error("no SOAP body")]
+    NoBody,
+    /// The `Body` has no response element.
+    #[error("empty SOAP body")]
+    EmptyBody,
+    /// `Login` answered without setting the session cookie.
+    #[error("Login set no session cookie")]
+    NoSessionCookie,
+    /// A method that returns a value answered without a `returnval`.
+    #[error("the answer has no returnval")]
+    NoReturnval,
+    /// An element read as a managed object reference has no `type`.
+    #[error("{element} is not a moref")]
+    NotMoRef {
+        /// The element's local name.
+        element: String,
+    },
+    /// A required child element is absent.
+    #[error("{parent} without {child}")]
+    Missing {
+        /// What was being read (`service content`, `objects`).
+        parent: &'static str,
+        /// The absent element's name.
+        child: &'static str,
+    },
+}
+
 /// Decoding from an answer.
 pub trait FromXml: Sized {
     /// From one element.
-    fn from_xml(x: &Xml) -> Result<Self, String>;
+    fn from_xml(x: &Xml) -> Result<Self, DecodeError>;
 
     /// From a response's `returnval` elements (most methods return one).
-    fn from_returnvals(nodes: Vec<roxmltree::Node<'_, '_>>) -> Result<Self, String> {
+    fn from_returnvals(nodes: Vec<roxmltree::Node<'_, '_>>) -> Result<Self, DecodeError> {
         match nodes.first() {
             Some(n) => Self::from_xml(&Xml::of(*n)),
-            None => Err("the answer has no returnval".to_owned()),
+            None => Err(DecodeError::NoReturnval),
         }
     }
 }
 
 impl<T: FromXml> FromXml for Option<T> {
-    fn from_xml(x: &Xml) -> Result<Self, String> {
+    fn from_xml(x: &Xml) -> Result<Self, DecodeError> {
         T::from_xml(x).map(Some)
     }
 
-    fn from_returnvals(nodes: Vec<roxmltree::Node<'_, '_>>) -> Result<Self, String> {
+    fn from_returnvals(nodes: Vec<roxmltree::Node<'_, '_>>) -> Result<Self, DecodeError> {
         if nodes.is_empty() { Ok(None) } else { T::from_returnvals(nodes).map(Some) }
     }
 }
@@ -93,11 +136,11 @@ impl<T: FromXml> FromXml for Option<T> {
 pub struct Nothing;
 
 impl FromXml for Nothing {
-    fn from_xml(_: &Xml) -> Result<Self, String> {
+    fn from_xml(_: &Xml) -> Result<Self, DecodeError> {
         Ok(Self)
     }
 
-    fn from_returnvals(_: Vec<roxmltree::Node<'_, '_>>) -> Result<Self, String> {
+    fn from_returnvals(_: Vec<roxmltree::Node<'_, '_>>) -> Result<Self, DecodeError> {
         Ok(Self)
     }
 }
@@ -121,8 +164,8 @@ impl MoRef {
 }
 
 impl FromXml for MoRef {
-    fn from_xml(x: &Xml) -> Result<Self, String> {
-        let kind = x.type_attr.clone().ok_or_else(|| format!("{} is not a moref", x.name))?;
+    fn from_xml(x: &Xml) -> Result<Self, DecodeError> {
+        let kind = x.type_attr.clone().ok_or_else(|| DecodeError::NotMoRef { element: x.name.clone() })?;
         Ok(Self { kind, value: x.text.trim().to_owned() })
     }
 }
@@ -149,9 +192,10 @@ pub struct ServiceContent {
 }
 
 impl FromXml for ServiceContent {
-    fn from_xml(x: &Xml) -> Result<Self, String> {
-        let m = |n: &str| x.moref_of(n).ok_or_else(|| format!("service content without {n}"));
-        let about = x.child("about").ok_or("service content without about")?;
+    fn from_xml(x: &Xml) -> Result<Self, DecodeError> {
+        let missing = |child| DecodeError::Missing { parent: "service content", child };
+        let m = |n: &'static str| x.moref_of(n).ok_or_else(|| missing(n));
+        let about = x.child("about").ok_or_else(|| missing("about"))?;
         Ok(Self {
             root_folder: m("rootFolder")?,
             property_collector: m("propertyCollector")?,
@@ -304,11 +348,11 @@ pub struct RetrieveResult {
 }
 
 impl FromXml for RetrieveResult {
-    fn from_xml(x: &Xml) -> Result<Self, String> {
+    fn from_xml(x: &Xml) -> Result<Self, DecodeError> {
         let token = x.child("token").map(|t| t.text.clone()).filter(|t| !t.is_empty());
         let mut objects = Vec::new();
         for o in x.all("objects") {
-            let obj = o.moref_of("obj").ok_or("objects without obj")?;
+            let obj = o.moref_of("obj").ok_or(DecodeError::Missing { parent: "objects", child: "obj" })?;
             let props = o
                 .all("propSet")
                 .filter_map(|p| Some((p.text_of("name").to_owned(), p.child("val")?.clone())))
@@ -318,7 +362,7 @@ impl FromXml for RetrieveResult {
         Ok(Self { token, objects })
     }
 
-    fn from_returnvals(nodes: Vec<roxmltree::Node<'_, '_>>) -> Result<Self, String> {
+    fn from_returnvals(nodes: Vec<roxmltree::Node<'_, '_>>) -> Result<Self, DecodeError> {
         // No returnval: nothing matched.
         match nodes.first() {
             Some(n) => Self::from_xml(&Xml::of(*n)),
@@ -384,7 +428,7 @@ impl UpdateSet {
 }
 
 impl FromXml for UpdateSet {
-    fn from_xml(x: &Xml) -> Result<Self, String> {
+    fn from_xml(x: &Xml) -> Result<Self, DecodeError> {
         let mut changes = Vec::new();
         for f in x.all("filterSet") {
             for o in f.all("objectSet") {
@@ -810,7 +854,7 @@ pub struct Ticket {
 }
 
 impl FromXml for Ticket {
-    fn from_xml(x: &Xml) -> Result<Self, String> {
+    fn from_xml(x: &Xml) -> Result<Self, DecodeError> {
         Ok(Self {
             ticket: x.text_of("ticket").to_owned(),
             host: x.text_of("host").to_owned(),

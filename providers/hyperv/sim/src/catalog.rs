@@ -1,7 +1,7 @@
 //! The class catalogue: the part of `root/virtualization/v2` the simulator
-//! serves, written as simplified MOF (the syntax blocks of Microsoft's
-//! `hyperv_v2` class pages, with keys, the class hierarchy and the methods'
-//! signatures). Everything the simulator checks about names and types (
+//! serves, written as simplified MOF in `catalog.mof` (the syntax blocks of
+//! Microsoft's `hyperv_v2` class pages, with keys, the class hierarchy and
+//! the methods' signatures) and parsed here once. Everything the simulator checks about names and types (
 //! selectors, WQL properties, method parameters, embedded instances) is
 //! looked up here, so a class or a parameter the catalogue does not know is
 //! refused the way a host refuses it.
@@ -48,7 +48,7 @@ impl CimType {
     }
 
     /// The name CIM-XML uses in `TYPE="..."`.
-    pub(crate) fn cim_name(&self) -> &str {
+    pub(crate) fn cim_name(&self) -> &'static str {
         match self {
             Self::String => "string",
             Self::Boolean => "boolean",
@@ -64,37 +64,81 @@ impl CimType {
 
     /// Checks a scalar's lexical form (XML Schema / CIM), for method
     /// parameters and embedded properties.
-    pub(crate) fn check_lexical(&self, text: &str) -> Result<(), String> {
+    pub(crate) fn check_lexical(&self, text: &str) -> Result<(), LexicalError> {
         let t = text.trim();
-        let range = |max: u64| -> Result<(), String> {
+        let text = || text.to_owned();
+        let range = |max: u64| -> Result<(), LexicalError> {
             if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!("'{text}' is not an unsigned integer"));
+                return Err(LexicalError::NotUnsigned { text: text() });
             }
             match t.parse::<u64>() {
                 Ok(v) if v <= max => Ok(()),
-                _ => Err(format!("'{text}' is out of range for {}", self.cim_name())),
+                _ => Err(LexicalError::OutOfRange { text: text(), ty: self.cim_name() }),
             }
         };
         match self {
             Self::String | Self::Ref(_) => Ok(()),
             Self::Boolean => match t {
                 "true" | "false" | "1" | "0" => Ok(()),
-                _ => Err(format!("'{text}' is not an xs:boolean (true, false, 1, 0)")),
+                _ => Err(LexicalError::NotBoolean { text: text() }),
             },
             Self::Uint8 => range(u8::MAX.into()),
             Self::Uint16 => range(u16::MAX.into()),
             Self::Uint32 => range(u32::MAX.into()),
             Self::Uint64 => range(u64::MAX),
-            Self::Sint8 => t.parse::<i8>().map(|_| ()).map_err(|_| format!("'{text}' is not a sint8")),
+            Self::Sint8 => {
+                t.parse::<i8>().map(|_| ()).map_err(|source| LexicalError::NotSint8 { text: text(), source })
+            }
             Self::Datetime => {
                 if crate::model::parse_cim_datetime(t) {
                     Ok(())
                 } else {
-                    Err(format!("'{text}' is not a CIM datetime (yyyymmddHHMMSS.mmmmmm+UUU or an interval)"))
+                    Err(LexicalError::NotDatetime { text: text() })
                 }
             }
         }
     }
+}
+
+/// Why a scalar's text is not of its CIM type (the caller names the
+/// property or parameter).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LexicalError {
+    /// Not digits only, for an unsigned type.
+    #[error("'{text}' is not an unsigned integer")]
+    NotUnsigned {
+        /// The text as sent.
+        text: String,
+    },
+    /// Digits, but too large for the type.
+    #[error("'{text}' is out of range for {ty}")]
+    OutOfRange {
+        /// The text as sent.
+        text: String,
+        /// The CIM type's name.
+        ty: &'static str,
+    },
+    /// Not one of `xs:boolean`'s four forms.
+    #[error("'{text}' is not an xs:boolean (true, false, 1, 0)")]
+    NotBoolean {
+        /// The text as sent.
+        text: String,
+    },
+    /// Not a signed 8-bit integer.
+    #[error("'{text}' is not a sint8")]
+    NotSint8 {
+        /// The text as sent.
+        text: String,
+        /// Why it does not parse.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// Neither a CIM timestamp nor an interval.
+    #[error("'{text}' is not a CIM datetime (yyyymmddHHMMSS.mmmmmm+UUU or an interval)")]
+    NotDatetime {
+        /// The text as sent.
+        text: String,
+    },
 }
 
 /// A property of a class.
@@ -307,703 +351,11 @@ fn array_name(name: &str) -> (String, bool) {
     }
 }
 
-/// The classes. Property lists and method signatures are those of the
-/// `hyperv_v2` pages (MicrosoftDocs/win32, `desktop-src/HyperV_v2`); CIM
-/// superclasses appear only to give the hierarchy.
-const MOF: &str = r#"
-# CIM superclasses (hierarchy only)
-class CIM_ManagedElement
-class CIM_ManagedSystemElement : CIM_ManagedElement
-class CIM_LogicalElement : CIM_ManagedSystemElement
-class CIM_EnabledLogicalElement : CIM_LogicalElement
-class CIM_System : CIM_EnabledLogicalElement
-class CIM_ComputerSystem : CIM_System
-class CIM_LogicalDevice : CIM_EnabledLogicalElement
-class CIM_Service : CIM_EnabledLogicalElement
-class CIM_VirtualSystemManagementService : CIM_Service
-class CIM_VirtualSystemSnapshotService : CIM_Service
-class CIM_Job : CIM_LogicalElement
-class CIM_ConcreteJob : CIM_Job
-class CIM_SettingData : CIM_ManagedElement
-class CIM_VirtualSystemSettingData : CIM_SettingData
-class CIM_ResourceAllocationSettingData : CIM_SettingData
-class CIM_StorageAllocationSettingData : CIM_ResourceAllocationSettingData
-class CIM_EthernetPortAllocationSettingData : CIM_ResourceAllocationSettingData
-class CIM_Dependency
-class CIM_Component
-class CIM_SettingsDefineState : CIM_Dependency
-class CIM_VirtualSystemSettingDataComponent : CIM_Component
-class CIM_SystemComponent : CIM_Component
-class CIM_SystemDevice : CIM_SystemComponent
-class CIM_SnapshotOfVirtualSystem : CIM_Dependency
-
-class Msvm_ComputerSystem : CIM_ComputerSystem key CreationClassName Name ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  datetime InstallDate
-  uint16 OperationalStatus[]
-  string StatusDescriptions[]
-  string Status
-  uint16 HealthState
-  uint16 CommunicationStatus
-  uint16 DetailedStatus
-  uint16 OperatingStatus
-  uint16 PrimaryStatus
-  uint16 EnabledState
-  string OtherEnabledState
-  uint16 RequestedState
-  uint16 EnabledDefault
-  datetime TimeOfLastStateChange
-  uint16 AvailableRequestedStates[]
-  uint16 TransitioningToState
-  string CreationClassName
-  string Name
-  string PrimaryOwnerName
-  string PrimaryOwnerContact
-  string Roles[]
-  string NameFormat
-  string OtherIdentifyingInfo[]
-  string IdentifyingDescriptions[]
-  uint16 Dedicated[]
-  string OtherDedicatedDescriptions[]
-  uint16 ResetCapability
-  uint16 PowerManagementCapabilities[]
-  uint64 OnTimeInMilliseconds
-  uint32 ProcessID
-  datetime TimeOfLastConfigurationChange
-  uint16 NumberOfNumaNodes
-  uint16 ReplicationState
-  uint16 ReplicationHealth
-  uint16 ReplicationMode
-  uint16 FailedOverReplicationType
-  uint16 LastReplicationType
-  datetime LastApplicationConsistentReplicationTime
-  datetime LastReplicationTime
-  datetime LastSuccessfulBackupTime
-  uint16 EnhancedSessionModeState
-  method RequestStateChange
-    in uint16 RequestedState required
-    out ref CIM_ConcreteJob Job
-    in datetime TimeoutPeriod
-
-class Msvm_VirtualSystemSettingData : CIM_VirtualSystemSettingData key InstanceID ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  string VirtualSystemIdentifier
-  string VirtualSystemType
-  string Notes[]
-  datetime CreationTime
-  string ConfigurationID
-  string ConfigurationDataRoot
-  string ConfigurationFile
-  string SnapshotDataRoot
-  string SuspendDataRoot
-  string SwapFileDataRoot
-  string LogDataRoot
-  uint16 AutomaticStartupAction
-  datetime AutomaticStartupActionDelay
-  uint16 AutomaticStartupActionSequenceNumber
-  uint16 AutomaticShutdownAction
-  uint16 AutomaticRecoveryAction
-  string RecoveryFile
-  string BIOSGUID
-  string BIOSSerialNumber
-  string BaseBoardSerialNumber
-  string ChassisSerialNumber
-  string Architecture
-  string ChassisAssetTag
-  boolean BIOSNumLock
-  uint16 BootOrder[]
-  string Parent
-  uint16 UserSnapshotType
-  boolean IsSaved
-  string AdditionalRecoveryInformation
-  boolean AllowFullSCSICommandSet
-  uint32 DebugChannelId
-  uint16 DebugPortEnabled
-  uint32 DebugPort
-  string Version
-  boolean IncrementalBackupEnabled
-  boolean VirtualNumaEnabled
-  boolean AllowReducedFcRedundancy
-  string VirtualSystemSubType
-  string BootSourceOrder[]
-  boolean PauseAfterBootFailure
-  uint16 NetworkBootPreferredProtocol
-  boolean GuestControlledCacheTypes
-  boolean AutomaticSnapshotsEnabled
-  boolean IsAutomaticSnapshot
-  string GuestStateFile
-  string GuestStateDataRoot
-  boolean LockOnDisconnect
-  string ParentPackage
-  datetime AutomaticCriticalErrorActionTimeout
-  uint16 AutomaticCriticalErrorAction
-  uint16 ConsoleMode
-  boolean SecureBootEnabled
-  string SecureBootTemplateId
-  uint64 LowMmioGapSize
-  uint64 HighMmioGapSize
-  uint16 EnhancedSessionTransportType
-
-class Msvm_ResourceAllocationSettingData : CIM_ResourceAllocationSettingData key InstanceID ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint16 ResourceType
-  string OtherResourceType
-  string ResourceSubType
-  string PoolID
-  uint16 ConsumerVisibility
-  string HostResource[]
-  string AllocationUnits
-  uint64 VirtualQuantity
-  uint64 Reservation
-  uint64 Limit
-  uint32 Weight
-  boolean AutomaticAllocation
-  boolean AutomaticDeallocation
-  string Parent
-  string Connection[]
-  string Address
-  uint16 MappingBehavior
-  string AddressOnParent
-  string VirtualQuantityUnits
-  string VirtualSystemIdentifiers[]
-
-class Msvm_ProcessorSettingData : CIM_ResourceAllocationSettingData key InstanceID ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint16 ResourceType
-  string OtherResourceType
-  string ResourceSubType
-  string PoolID
-  uint16 ConsumerVisibility
-  string HostResource[]
-  string AllocationUnits
-  uint64 VirtualQuantity
-  uint64 Reservation
-  uint64 Limit
-  uint32 Weight
-  boolean AutomaticAllocation
-  boolean AutomaticDeallocation
-  string Parent
-  string Connection[]
-  string Address
-  uint16 MappingBehavior
-  string AddressOnParent
-  string VirtualQuantityUnits
-  boolean LimitCPUID
-  uint64 HwThreadsPerCore
-  boolean LimitProcessorFeatures
-  uint64 MaxProcessorsPerNumaNode
-  uint64 MaxNumaNodesPerSocket
-  boolean EnableHostResourceProtection
-  string CpuGroupId
-  boolean HideHypervisorPresent
-  boolean ExposeVirtualizationExtensions
-
-class Msvm_MemorySettingData : CIM_ResourceAllocationSettingData key InstanceID ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint16 ResourceType
-  string OtherResourceType
-  string ResourceSubType
-  string PoolID
-  uint16 ConsumerVisibility
-  string HostResource[]
-  boolean HugePagesEnabled
-  string AllocationUnits
-  uint64 VirtualQuantity
-  uint64 Reservation
-  uint64 Limit
-  uint32 Weight
-  boolean AutomaticAllocation
-  boolean AutomaticDeallocation
-  string Parent
-  string Connection[]
-  string Address
-  uint16 MappingBehavior
-  string AddressOnParent
-  string VirtualQuantityUnits
-  boolean DynamicMemoryEnabled
-  uint32 TargetMemoryBuffer
-  boolean IsVirtualized
-  boolean SwapFilesInUse
-  uint64 MaxMemoryBlocksPerNumaNode
-  uint64 SgxSize
-  boolean SgxEnabled
-
-class Msvm_StorageAllocationSettingData : CIM_StorageAllocationSettingData key InstanceID ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint16 ResourceType
-  string OtherResourceType
-  string ResourceSubType
-  string PoolID
-  uint16 ConsumerVisibility
-  string HostResource[]
-  string AllocationUnits
-  uint64 VirtualQuantity
-  uint64 Limit
-  uint32 Weight
-  string StorageQoSPolicyID
-  boolean AutomaticAllocation
-  boolean AutomaticDeallocation
-  string Parent
-  string Connection[]
-  string Address
-  uint16 MappingBehavior
-  string AddressOnParent
-  uint64 VirtualResourceBlockSize
-  string VirtualQuantityUnits
-  uint16 Access
-  uint64 HostResourceBlockSize
-  uint64 Reservation
-  uint64 HostExtentStartingAddress
-  string HostExtentName
-  uint16 HostExtentNameFormat
-  string OtherHostExtentNameFormat
-  uint16 HostExtentNameNamespace
-  string OtherHostExtentNameNamespace
-  uint64 IOPSLimit
-  uint64 IOPSReservation
-  string IOPSAllocationUnits
-  boolean PersistentReservationsSupported
-  uint16 CachingMode
-  string SnapshotId
-  boolean IgnoreFlushes
-  uint16 WriteHardeningMethod
-
-class Msvm_SyntheticEthernetPortSettingData : CIM_EthernetPortAllocationSettingData key InstanceID ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint16 ResourceType
-  string OtherResourceType
-  string ResourceSubType
-  string PoolID
-  uint16 ConsumerVisibility
-  string HostResource[]
-  string AllocationUnits
-  uint64 VirtualQuantity
-  uint64 Reservation
-  uint64 Limit
-  uint32 Weight
-  boolean AutomaticAllocation
-  boolean AutomaticDeallocation
-  string Parent
-  string Connection[]
-  string Address
-  uint16 MappingBehavior
-  string AddressOnParent
-  string VirtualQuantityUnits
-  uint16 DesiredVLANEndpointMode
-  string OtherEndpointMode
-  string VirtualSystemIdentifiers[]
-  boolean DeviceNamingEnabled
-  boolean AllowPacketDirect
-  boolean StaticMacAddress
-  boolean ClusterMonitored
-
-class Msvm_EthernetPortAllocationSettingData : CIM_EthernetPortAllocationSettingData key InstanceID ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint16 ResourceType
-  string OtherResourceType
-  string ResourceSubType
-  string PoolID
-  uint16 ConsumerVisibility
-  string HostResource[]
-  string AllocationUnits
-  uint64 VirtualQuantity
-  uint64 Reservation
-  uint64 Limit
-  uint32 Weight
-  boolean AutomaticAllocation
-  boolean AutomaticDeallocation
-  string Parent
-  string Connection[]
-  string Address
-  uint16 MappingBehavior
-  string AddressOnParent
-  string VirtualQuantityUnits
-  uint16 DesiredVLANEndpointMode
-  string OtherEndpointMode
-  uint16 EnabledState
-  string LastKnownSwitchName
-  string RequiredFeatures[]
-  string RequiredFeatureHints[]
-  string TestReplicaPoolID
-  string TestReplicaSwitchName
-  string CompartmentGuid
-
-class Msvm_VirtualEthernetSwitch : CIM_ComputerSystem key CreationClassName Name ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  datetime InstallDate
-  uint16 OperationalStatus[]
-  string StatusDescriptions[]
-  string Status
-  uint16 HealthState
-  uint16 CommunicationStatus
-  uint16 DetailedStatus
-  uint16 OperatingStatus
-  uint16 PrimaryStatus
-  uint16 EnabledState
-  string OtherEnabledState
-  uint16 RequestedState
-  uint16 EnabledDefault
-  datetime TimeOfLastStateChange
-  uint16 AvailableRequestedStates[]
-  uint16 TransitioningToState
-  string CreationClassName
-  string Name
-  string PrimaryOwnerName
-  string PrimaryOwnerContact
-  string Roles[]
-  string NameFormat
-  string OtherIdentifyingInfo[]
-  string IdentifyingDescriptions[]
-  uint16 Dedicated[]
-  string OtherDedicatedDescriptions[]
-  uint16 ResetCapability
-  uint16 PowerManagementCapabilities[]
-  uint32 MaxVMQOffloads
-  uint32 MaxIOVOffloads
-
-class Msvm_ShutdownComponent : CIM_LogicalDevice key CreationClassName DeviceID SystemCreationClassName SystemName ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  datetime InstallDate
-  string Name
-  uint16 OperationalStatus[]
-  string StatusDescriptions[]
-  string Status
-  uint16 HealthState
-  uint16 CommunicationStatus
-  uint16 DetailedStatus
-  uint16 OperatingStatus
-  uint16 PrimaryStatus
-  uint16 EnabledState
-  string OtherEnabledState
-  uint16 RequestedState
-  uint16 EnabledDefault
-  datetime TimeOfLastStateChange
-  uint16 AvailableRequestedStates[]
-  uint16 TransitioningToState
-  string SystemCreationClassName
-  string SystemName
-  string CreationClassName
-  string DeviceID
-  boolean PowerManagementSupported
-  uint16 PowerManagementCapabilities[]
-  uint16 Availability
-  uint16 StatusInfo
-  uint32 LastErrorCode
-  string ErrorDescription
-  boolean ErrorCleared
-  string OtherIdentifyingInfo[]
-  uint64 PowerOnHours
-  uint64 TotalPowerOnHours
-  string IdentifyingDescriptions[]
-  uint16 AdditionalAvailability[]
-  uint64 MaxQuiesceTime
-  method InitiateShutdown
-    in boolean Force required
-    in string Reason required
-
-class Msvm_KvpExchangeComponent : CIM_LogicalDevice key CreationClassName DeviceID SystemCreationClassName SystemName ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  datetime InstallDate
-  string Name
-  uint16 OperationalStatus[]
-  string StatusDescriptions[]
-  string Status
-  uint16 HealthState
-  uint16 CommunicationStatus
-  uint16 DetailedStatus
-  uint16 OperatingStatus
-  uint16 PrimaryStatus
-  uint16 EnabledState
-  string OtherEnabledState
-  uint16 RequestedState
-  uint16 EnabledDefault
-  datetime TimeOfLastStateChange
-  uint16 AvailableRequestedStates[]
-  uint16 TransitioningToState
-  string SystemCreationClassName
-  string SystemName
-  string CreationClassName
-  string DeviceID
-  boolean PowerManagementSupported
-  uint16 PowerManagementCapabilities[]
-  uint16 Availability
-  uint16 StatusInfo
-  uint32 LastErrorCode
-  string ErrorDescription
-  boolean ErrorCleared
-  string OtherIdentifyingInfo[]
-  uint64 PowerOnHours
-  uint64 TotalPowerOnHours
-  string IdentifyingDescriptions[]
-  uint16 AdditionalAvailability[]
-  uint64 MaxQuiesceTime
-  string GuestExchangeItems[]
-  string GuestIntrinsicExchangeItems[]
-
-class Msvm_ConcreteJob : CIM_ConcreteJob key InstanceID ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  datetime InstallDate
-  string Name
-  uint16 OperationalStatus[]
-  string StatusDescriptions[]
-  string Status
-  uint16 HealthState
-  uint16 CommunicationStatus
-  uint16 DetailedStatus
-  uint16 OperatingStatus
-  uint16 PrimaryStatus
-  string JobStatus
-  datetime TimeSubmitted
-  datetime ScheduledStartTime
-  datetime StartTime
-  datetime ElapsedTime
-  uint32 JobRunTimes
-  uint8 RunMonth
-  sint8 RunDay
-  sint8 RunDayOfWeek
-  datetime RunStartInterval
-  uint16 LocalOrUtcTime
-  datetime UntilTime
-  string Notify
-  string Owner
-  uint32 Priority
-  uint16 PercentComplete
-  boolean DeleteOnCompletion
-  uint16 ErrorCode
-  string ErrorDescription
-  string ErrorSummaryDescription
-  uint16 RecoveryAction
-  string OtherRecoveryAction
-  uint16 JobState
-  datetime TimeOfLastStateChange
-  datetime TimeBeforeRemoval
-  boolean Cancellable
-  uint16 JobType
-
-class Msvm_VirtualSystemManagementService : CIM_VirtualSystemManagementService key SystemCreationClassName SystemName CreationClassName Name ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  datetime InstallDate
-  string Name
-  uint16 OperationalStatus[]
-  string StatusDescriptions[]
-  string Status
-  uint16 HealthState
-  uint16 CommunicationStatus
-  uint16 DetailedStatus
-  uint16 OperatingStatus
-  uint16 PrimaryStatus
-  uint16 EnabledState
-  string OtherEnabledState
-  uint16 RequestedState
-  uint16 EnabledDefault
-  datetime TimeOfLastStateChange
-  uint16 AvailableRequestedStates[]
-  uint16 TransitioningToState
-  string SystemCreationClassName
-  string SystemName
-  string CreationClassName
-  string PrimaryOwnerName
-  string PrimaryOwnerContact
-  string StartMode
-  boolean Started
-  method DefineSystem
-    in string SystemSettings required embedded Msvm_VirtualSystemSettingData
-    in string ResourceSettings[] embedded CIM_ResourceAllocationSettingData
-    in ref CIM_VirtualSystemSettingData ReferenceConfiguration
-    out ref CIM_ComputerSystem ResultingSystem
-    out ref CIM_ConcreteJob Job
-  method DestroySystem
-    in ref CIM_ComputerSystem AffectedSystem required
-    out ref CIM_ConcreteJob Job
-  method ModifySystemSettings
-    in string SystemSettings required embedded Msvm_VirtualSystemSettingData
-    out ref CIM_ConcreteJob Job
-  method AddResourceSettings
-    in ref CIM_VirtualSystemSettingData AffectedConfiguration required
-    in string ResourceSettings[] required embedded CIM_ResourceAllocationSettingData
-    out ref CIM_ResourceAllocationSettingData ResultingResourceSettings[]
-    out ref CIM_ConcreteJob Job
-  method ModifyResourceSettings
-    in string ResourceSettings[] required embedded CIM_ResourceAllocationSettingData
-    out ref CIM_ResourceAllocationSettingData ResultingResourceSettings[]
-    out ref CIM_ConcreteJob Job
-  method RemoveResourceSettings
-    in ref CIM_ResourceAllocationSettingData ResourceSettings[] required
-    out ref CIM_ConcreteJob Job
-
-class Msvm_ImageManagementService : CIM_Service key SystemCreationClassName SystemName CreationClassName Name ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  datetime InstallDate
-  uint16 OperationalStatus[]
-  string StatusDescriptions[]
-  string Status
-  uint16 HealthState
-  uint16 CommunicationStatus
-  uint16 DetailedStatus
-  uint16 OperatingStatus
-  uint16 PrimaryStatus
-  uint16 EnabledState
-  string OtherEnabledState
-  uint16 RequestedState
-  uint16 EnabledDefault
-  datetime TimeOfLastStateChange
-  uint16 AvailableRequestedStates[]
-  uint16 TransitioningToState
-  string SystemCreationClassName
-  string SystemName
-  string CreationClassName
-  string Name
-  string PrimaryOwnerName
-  string PrimaryOwnerContact
-  string StartMode
-  boolean Started
-  method CreateVirtualHardDisk
-    in string VirtualDiskSettingData required embedded Msvm_VirtualHardDiskSettingData
-    out ref CIM_ConcreteJob Job
-  method ResizeVirtualHardDisk
-    in string Path required
-    in uint64 MaxInternalSize required
-    out ref CIM_ConcreteJob Job
-
-class Msvm_VirtualSystemSnapshotService : CIM_VirtualSystemSnapshotService key SystemCreationClassName SystemName CreationClassName Name ;
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  datetime InstallDate
-  string Name
-  uint16 OperationalStatus[]
-  string StatusDescriptions[]
-  string Status
-  uint16 HealthState
-  uint16 CommunicationStatus
-  uint16 DetailedStatus
-  uint16 OperatingStatus
-  uint16 PrimaryStatus
-  uint16 EnabledState
-  string OtherEnabledState
-  uint16 RequestedState
-  uint16 EnabledDefault
-  datetime TimeOfLastStateChange
-  uint16 AvailableRequestedStates[]
-  uint16 TransitioningToState
-  string SystemCreationClassName
-  string SystemName
-  string CreationClassName
-  string PrimaryOwnerName
-  string PrimaryOwnerContact
-  string StartMode
-  boolean Started
-  method CreateSnapshot
-    in ref CIM_ComputerSystem AffectedSystem required
-    in string SnapshotSettings embedded Msvm_VirtualSystemSnapshotSettingData
-    in uint16 SnapshotType required
-    inout ref CIM_VirtualSystemSettingData ResultingSnapshot
-    out ref CIM_ConcreteJob Job
-  method ApplySnapshot
-    in ref CIM_VirtualSystemSettingData Snapshot required
-    out ref CIM_ConcreteJob Job
-  method DestroySnapshot
-    in ref CIM_VirtualSystemSettingData AffectedSnapshot required
-    out ref CIM_ConcreteJob Job
-
-class Msvm_SettingsDefineState : CIM_SettingsDefineState key ManagedElement SettingData ; association
-  ref Msvm_ComputerSystem ManagedElement
-  ref Msvm_VirtualSystemSettingData SettingData
-
-class Msvm_VirtualSystemSettingDataComponent : CIM_VirtualSystemSettingDataComponent key GroupComponent PartComponent ; association
-  ref CIM_VirtualSystemSettingData GroupComponent
-  ref CIM_ResourceAllocationSettingData PartComponent
-
-class Msvm_SystemDevice : CIM_SystemDevice key GroupComponent PartComponent ; association
-  ref CIM_System GroupComponent
-  ref CIM_LogicalDevice PartComponent
-
-class Msvm_SnapshotOfVirtualSystem : CIM_SnapshotOfVirtualSystem key Antecedent Dependent ; association
-  ref Msvm_ComputerSystem Antecedent
-  ref Msvm_VirtualSystemSettingData Dependent
-
-# Embedded-only classes (parameters and results).
-class Msvm_VirtualHardDiskSettingData : CIM_SettingData embedded
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint16 Type
-  uint16 Format
-  string Path
-  string ParentPath
-  datetime ParentTimestamp
-  string ParentIdentifier
-  uint64 MaxInternalSize
-  uint32 BlockSize
-  uint32 LogicalSectorSize
-  uint32 PhysicalSectorSize
-  string VirtualDiskId
-  uint64 DataAlignment
-  uint16 PmemAddressAbstractionType
-  boolean IsPmemCompatible
-
-class Msvm_VirtualSystemSnapshotSettingData : CIM_SettingData embedded
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint8 ConsistencyLevel
-  boolean IgnoreNonSnapshottableDisks
-  uint8 GuestBackupType
-
-class Msvm_KvpExchangeDataItem : CIM_ManagedElement embedded
-  string InstanceID
-  string Caption
-  string Description
-  string ElementName
-  uint16 Source
-  string Name
-  string Data
-"#;
+/// The classes (`catalog.mof` says its syntax). Property lists and method
+/// signatures are those of the `hyperv_v2` pages (MicrosoftDocs/win32,
+/// `desktop-src/HyperV_v2`); CIM superclasses appear only to give the
+/// hierarchy.
+const MOF: &str = include_str!("catalog.mof");
 
 #[cfg(test)]
 mod tests {

@@ -51,8 +51,8 @@ fn authenticate(sim: &Sim, headers: &HeaderMap, conn: &crate::ntlm::ConnAuth) ->
             match conn.step(&token, &user, &password) {
                 crate::ntlm::Step::Challenge(t) => Auth::Challenge(t),
                 crate::ntlm::Step::Done => Auth::Ok,
-                crate::ntlm::Step::Denied(why) => {
-                    tracing::info!(why, "NTLM refused");
+                crate::ntlm::Step::Denied(e) => {
+                    tracing::info!(why = crate::chain(&e), "NTLM refused");
                     Auth::Denied
                 }
             }

@@ -72,6 +72,7 @@ pub(crate) async fn serve(listener: TcpListener, sim: Sim) {
             record.outcome = match outcome {
                 Ok(o) => o,
                 Err(violation) => {
+                    let violation = crate::chain(&violation);
                     s.violations.push(format!("vmconnect: {violation}"));
                     violation
                 }
@@ -88,32 +89,26 @@ async fn session(
     mut tcp: TcpStream,
     record: &mut VmConnectSession,
     index: usize,
-) -> Result<String, String> {
+) -> Result<String, Violation> {
     // The preconnection PDU: cbSize first, then the rest.
     let mut size = [0u8; 4];
-    timed(tcp.read_exact(&mut size)).await.map_err(|e| format!("no preconnection PDU: {e}"))?;
+    timed(tcp.read_exact(&mut size)).await.map_err(Violation::NoPreconnection)?;
     let cb_size = u32::from_le_bytes(size) as usize;
     if !(PreconnectionBlob::FIXED_PART_SIZE..=4096).contains(&cb_size) {
-        return Err(format!(
-            "the first bytes are not a preconnection PDU (cbSize {cb_size}); VMConnect needs one naming the VM"
-        ));
+        return Err(Violation::NotPreconnection { cb_size });
     }
     let mut pdu = vec![0u8; cb_size];
     pdu[..4].copy_from_slice(&size);
-    timed(tcp.read_exact(&mut pdu[4..])).await.map_err(|e| format!("preconnection PDU cut short: {e}"))?;
-    let pcb: PreconnectionBlob =
-        ironrdp_pdu::decode(&pdu).map_err(|e| format!("preconnection PDU is malformed: {e}"))?;
+    timed(tcp.read_exact(&mut pdu[4..])).await.map_err(Violation::PreconnectionCutShort)?;
+    let pcb: PreconnectionBlob = ironrdp_pdu::decode(&pdu).map_err(Violation::PreconnectionMalformed)?;
     if pcb.version != PcbVersion::V2 {
-        return Err(format!(
-            "preconnection PDU version {} (VMConnect reads the VM GUID of version 2)",
-            pcb.version.0
-        ));
+        return Err(Violation::PreconnectionVersion { version: pcb.version.0 });
     }
     let blob = pcb.v2_payload.unwrap_or_default();
     record.blob.clone_from(&blob);
     let vm = sim.vm(&blob).filter(|v| v.guid.eq_ignore_ascii_case(&blob));
     let Some(vm) = vm else {
-        return Err(format!("preconnection PDU names {blob:?}, which is no VM's GUID on this host"));
+        return Err(Violation::NoSuchVm { blob });
     };
     record.vm_name = Some(vm.name);
     if let Some(r) = sim.lock().vmconnect.get_mut(index) {
@@ -122,18 +117,16 @@ async fn session(
 
     // The X.224 Connection Request, in its TPKT.
     let mut tpkt = [0u8; 4];
-    timed(tcp.read_exact(&mut tpkt)).await.map_err(|e| format!("no X.224 Connection Request: {e}"))?;
+    timed(tcp.read_exact(&mut tpkt)).await.map_err(Violation::NoConnectionRequest)?;
     let len = usize::from(u16::from_be_bytes([tpkt[2], tpkt[3]]));
     if tpkt[0] != 3 || !(11..=1024).contains(&len) {
-        return Err(format!("after the preconnection PDU, {tpkt:02x?} is not a TPKT header"));
+        return Err(Violation::NotTpkt { header: tpkt });
     }
     let mut frame = vec![0u8; len];
     frame[..4].copy_from_slice(&tpkt);
-    timed(tcp.read_exact(&mut frame[4..]))
-        .await
-        .map_err(|e| format!("X.224 Connection Request cut short: {e}"))?;
+    timed(tcp.read_exact(&mut frame[4..])).await.map_err(Violation::ConnectionRequestCutShort)?;
     let X224(request) = ironrdp_pdu::decode::<X224<ConnectionRequest>>(&frame)
-        .map_err(|e| format!("X.224 Connection Request is malformed: {e}"))?;
+        .map_err(Violation::ConnectionRequestMalformed)?;
     record.requested_protocols = request.protocol.bits();
     let (confirm, outcome) = if request.protocol.contains(SecurityProtocol::HYBRID) {
         (
@@ -146,8 +139,7 @@ async fn session(
             "refused: the client does not offer CredSSP, which VMConnect requires".to_owned(),
         )
     };
-    let answer =
-        ironrdp_pdu::encode_vec(&X224(confirm)).map_err(|e| format!("cannot encode the confirm: {e}"))?;
+    let answer = ironrdp_pdu::encode_vec(&X224(confirm)).map_err(Violation::EncodeConfirm)?;
     let _ = tcp.write_all(&answer).await;
     // What a client sends next (TLS, CredSSP) is counted, not spoken.
     let mut buf = [0u8; 4096];
@@ -158,6 +150,59 @@ async fn session(
         record.bytes_after += n as u64;
     }
     Ok(outcome)
+}
+
+/// What a connection did against the contract (recorded with its source
+/// chain as the session's outcome and as a violation).
+#[derive(Debug, thiserror::Error)]
+enum Violation {
+    /// The connection ended or stalled before a preconnection PDU.
+    #[error("no preconnection PDU")]
+    NoPreconnection(#[source] std::io::Error),
+    /// The first four bytes are no plausible `cbSize`.
+    #[error(
+        "the first bytes are not a preconnection PDU (cbSize {cb_size}); VMConnect needs one naming the VM"
+    )]
+    NotPreconnection {
+        /// The size the bytes give.
+        cb_size: usize,
+    },
+    /// The connection ended inside the preconnection PDU.
+    #[error("preconnection PDU cut short")]
+    PreconnectionCutShort(#[source] std::io::Error),
+    /// IronRDP cannot decode the preconnection PDU.
+    #[error("preconnection PDU is malformed")]
+    PreconnectionMalformed(#[source] ironrdp_pdu::DecodeError),
+    /// A preconnection PDU of another version than 2.
+    #[error("preconnection PDU version {version} (VMConnect reads the VM GUID of version 2)")]
+    PreconnectionVersion {
+        /// The version sent.
+        version: u32,
+    },
+    /// The preconnection PDU's string is no VM's GUID.
+    #[error("preconnection PDU names {blob:?}, which is no VM's GUID on this host")]
+    NoSuchVm {
+        /// The string sent.
+        blob: String,
+    },
+    /// The connection ended or stalled before the X.224 Connection Request.
+    #[error("no X.224 Connection Request")]
+    NoConnectionRequest(#[source] std::io::Error),
+    /// The bytes after the preconnection PDU are no TPKT header.
+    #[error("after the preconnection PDU, {header:02x?} is not a TPKT header")]
+    NotTpkt {
+        /// The four bytes read.
+        header: [u8; 4],
+    },
+    /// The connection ended inside the Connection Request.
+    #[error("X.224 Connection Request cut short")]
+    ConnectionRequestCutShort(#[source] std::io::Error),
+    /// IronRDP cannot decode the Connection Request.
+    #[error("X.224 Connection Request is malformed")]
+    ConnectionRequestMalformed(#[source] ironrdp_pdu::DecodeError),
+    /// IronRDP cannot encode the answer (a simulator bug).
+    #[error("cannot encode the confirm")]
+    EncodeConfirm(#[source] ironrdp_pdu::EncodeError),
 }
 
 async fn timed<T>(f: impl Future<Output = std::io::Result<T>>) -> std::io::Result<T> {

@@ -55,6 +55,170 @@ pub(crate) enum Lit {
     Null,
 }
 
+/// Why a query is refused (the enumerate handler answers it with
+/// `w:CannotProcessFilter`, see `wsman::filter_fault`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum WqlError {
+    /// A number literal that does not fit.
+    #[error("bad number {text}")]
+    BadNumber {
+        /// The literal.
+        text: String,
+        /// Why it does not parse.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// A quote is opened and never closed.
+    #[error("a string literal is not terminated")]
+    UnterminatedString,
+    /// A `\` at the end of the text.
+    #[error("a dangling '\\'")]
+    DanglingEscape,
+    /// A `{` without its `}`.
+    #[error("an object path is not terminated by '}}'")]
+    UnterminatedPath,
+    /// A character no token starts with.
+    #[error("unexpected character '{found}'")]
+    UnexpectedChar {
+        /// The character.
+        found: char,
+    },
+    /// The grammar wants `expected` here.
+    #[error("expected {expected}")]
+    Expected {
+        /// A keyword, symbol or what kind of name.
+        expected: &'static str,
+    },
+    /// A property not followed by an operator.
+    #[error("expected an operator after {property}")]
+    NoOperator {
+        /// The property.
+        property: String,
+    },
+    /// An operator not followed by a literal.
+    #[error("expected a literal after {property}")]
+    NoLiteral {
+        /// The property compared.
+        property: String,
+    },
+    /// `LIKE` with a number, boolean or `NULL`.
+    #[error("LIKE needs a string")]
+    LikeNeedsString,
+    /// `SELECT` of named properties.
+    #[error("only SELECT * is simulated")]
+    NotSelectStar,
+    /// A class the catalogue does not have.
+    #[error("invalid class {class}")]
+    InvalidClass {
+        /// The name as written.
+        class: String,
+    },
+    /// An `ASSOCIATORS OF` qualifier without `=`.
+    #[error("expected '=' after {qualifier}")]
+    NoEquals {
+        /// The qualifier.
+        qualifier: String,
+    },
+    /// An `ASSOCIATORS OF` qualifier other than the four simulated.
+    #[error("{qualifier} is not simulated in ASSOCIATORS OF")]
+    UnsupportedQualifier {
+        /// The qualifier.
+        qualifier: String,
+    },
+    /// An `ASSOCIATORS OF` qualifier given twice.
+    #[error("{qualifier} given twice")]
+    RepeatedQualifier {
+        /// The qualifier.
+        qualifier: String,
+    },
+    /// Tokens after a complete query.
+    #[error("unexpected text after the query")]
+    TrailingText,
+    /// A condition on a property the class does not have.
+    #[error("{class} has no property {property}")]
+    NoProperty {
+        /// The class queried.
+        class: String,
+        /// The property as written.
+        property: String,
+    },
+    /// A condition on an array property.
+    #[error("{class}.{property} is an array and cannot be compared")]
+    ArrayProperty {
+        /// The class queried.
+        class: String,
+        /// The property as written.
+        property: String,
+    },
+    /// The `ASSOCIATORS OF` object path does not parse.
+    #[error(transparent)]
+    Path(#[from] PathError),
+    /// The `ASSOCIATORS OF` object path is in another namespace.
+    #[error("the object path is in namespace {namespace}")]
+    Namespace {
+        /// The namespace the path names.
+        namespace: String,
+    },
+    /// The `ASSOCIATORS OF` object path does not give exactly the class's keys.
+    #[error("the object path must give exactly the keys {} of {class}", keys.join(", "))]
+    Keys {
+        /// The class the path names.
+        class: String,
+        /// Its key properties.
+        keys: Vec<String>,
+    },
+}
+
+/// Why an object path does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PathError {
+    /// `\\HOST` without `\namespace`.
+    #[error("no namespace after the host")]
+    NoNamespace,
+    /// A namespace without the `:` before the class.
+    #[error("no ':' after the namespace")]
+    NoColon,
+    /// A class without `.` and keys.
+    #[error("no '.' after the class name")]
+    NoDot,
+    /// The class part is not a name.
+    #[error("'{class}' is not a class name")]
+    BadClass {
+        /// The text in the class's place.
+        class: String,
+    },
+    /// `=` or `,` where a key name belongs.
+    #[error("a key name is missing")]
+    NoKeyName,
+    /// A key name not followed by `=`.
+    #[error("no '=' after key {key}")]
+    NoEquals {
+        /// The key.
+        key: String,
+    },
+    /// A key value without quotes.
+    #[error("the value of {key} is not quoted")]
+    Unquoted {
+        /// The key.
+        key: String,
+    },
+    /// A key value whose quote is never closed.
+    #[error("the value of {key} is not terminated")]
+    Unterminated {
+        /// The key.
+        key: String,
+    },
+    /// A `\` at the end of the path.
+    #[error("a dangling '\\'")]
+    DanglingEscape,
+    /// Something other than `,` after a key value.
+    #[error("unexpected '{found}' after a key value")]
+    AfterValue {
+        /// The character found.
+        found: char,
+    },
+}
+
 /// A WMI object path: `[\\HOST\namespace:]Class.Key="v",Key2='v'`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ObjectPath {
@@ -65,11 +229,11 @@ pub(crate) struct ObjectPath {
 }
 
 /// Parses an object path.
-pub(crate) fn parse_object_path(s: &str) -> Result<ObjectPath, String> {
+pub(crate) fn parse_object_path(s: &str) -> Result<ObjectPath, PathError> {
     let s = s.trim();
     let (host, namespace, rest) = if let Some(after) = s.strip_prefix("\\\\") {
-        let (host, rest) = after.split_once('\\').ok_or("no namespace after the host")?;
-        let (ns, rest) = rest.split_once(':').ok_or("no ':' after the namespace")?;
+        let (host, rest) = after.split_once('\\').ok_or(PathError::NoNamespace)?;
+        let (ns, rest) = rest.split_once(':').ok_or(PathError::NoColon)?;
         (Some(host.to_owned()), Some(ns.to_owned()), rest)
     } else if let Some((ns, rest)) = s.split_once(':').filter(|(ns, _)| ns.contains('\\') || ns.contains('/'))
     {
@@ -77,9 +241,9 @@ pub(crate) fn parse_object_path(s: &str) -> Result<ObjectPath, String> {
     } else {
         (None, None, s)
     };
-    let (class, keys_text) = rest.split_once('.').ok_or("no '.' after the class name")?;
+    let (class, keys_text) = rest.split_once('.').ok_or(PathError::NoDot)?;
     if class.is_empty() || !class.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(format!("'{class}' is not a class name"));
+        return Err(PathError::BadClass { class: class.to_owned() });
     }
     let chars: Vec<char> = keys_text.chars().collect();
     let mut i = 0;
@@ -91,23 +255,23 @@ pub(crate) fn parse_object_path(s: &str) -> Result<ObjectPath, String> {
         }
         let name: String = chars[start..i].iter().collect();
         if name.is_empty() {
-            return Err("a key name is missing".to_owned());
+            return Err(PathError::NoKeyName);
         }
         if chars.get(i) != Some(&'=') {
-            return Err(format!("no '=' after key {name}"));
+            return Err(PathError::NoEquals { key: name });
         }
         i += 1;
         let quote = match chars.get(i) {
             Some(q @ ('"' | '\'')) => *q,
-            _ => return Err(format!("the value of {name} is not quoted")),
+            _ => return Err(PathError::Unquoted { key: name }),
         };
         i += 1;
         let mut value = String::new();
         loop {
             match chars.get(i) {
-                None => return Err(format!("the value of {name} is not terminated")),
+                None => return Err(PathError::Unterminated { key: name }),
                 Some('\\') => {
-                    value.push(*chars.get(i + 1).ok_or("a dangling '\\'")?);
+                    value.push(*chars.get(i + 1).ok_or(PathError::DanglingEscape)?);
                     i += 2;
                 }
                 Some(c) if *c == quote => {
@@ -124,7 +288,7 @@ pub(crate) fn parse_object_path(s: &str) -> Result<ObjectPath, String> {
         match chars.get(i) {
             None => break,
             Some(',') => i += 1,
-            Some(c) => return Err(format!("unexpected '{c}' after a key value")),
+            Some(c) => return Err(PathError::AfterValue { found: *c }),
         }
     }
     Ok(ObjectPath { host, namespace, class: class.to_owned(), keys })
@@ -140,7 +304,7 @@ enum Tok {
     Path(String),
 }
 
-fn tokenize(q: &str) -> Result<Vec<Tok>, String> {
+fn tokenize(q: &str) -> Result<Vec<Tok>, WqlError> {
     let chars: Vec<char> = q.chars().collect();
     let mut out = Vec::new();
     let mut i = 0;
@@ -161,15 +325,16 @@ fn tokenize(q: &str) -> Result<Vec<Tok>, String> {
                 i += 1;
             }
             let text: String = chars[start..i].iter().collect();
-            out.push(Tok::Num(text.parse().map_err(|_| format!("bad number {text}"))?));
+            let n = text.parse().map_err(|source| WqlError::BadNumber { text: text.clone(), source })?;
+            out.push(Tok::Num(n));
         } else if c == '\'' || c == '"' {
             i += 1;
             let mut s = String::new();
             loop {
                 match chars.get(i) {
-                    None => return Err("a string literal is not terminated".to_owned()),
+                    None => return Err(WqlError::UnterminatedString),
                     Some('\\') => {
-                        s.push(*chars.get(i + 1).ok_or("a dangling '\\'")?);
+                        s.push(*chars.get(i + 1).ok_or(WqlError::DanglingEscape)?);
                         i += 2;
                     }
                     Some(q) if *q == c => {
@@ -191,7 +356,7 @@ fn tokenize(q: &str) -> Result<Vec<Tok>, String> {
             let mut quote: Option<char> = None;
             loop {
                 let Some(&x) = chars.get(i) else {
-                    return Err("an object path is not terminated by '}'".to_owned());
+                    return Err(WqlError::UnterminatedPath);
                 };
                 i += 1;
                 match quote {
@@ -238,7 +403,7 @@ fn tokenize(q: &str) -> Result<Vec<Tok>, String> {
                 '(' => "(",
                 ')' => ")",
                 ',' => ",",
-                _ => return Err(format!("unexpected character '{c}'")),
+                _ => return Err(WqlError::UnexpectedChar { found: c }),
             };
             out.push(Tok::Sym(s));
             i += 1;
@@ -272,14 +437,14 @@ impl Parser {
         }
     }
 
-    fn expect_keyword(&mut self, kw: &str) -> Result<(), String> {
-        if self.keyword(kw) { Ok(()) } else { Err(format!("expected {kw}")) }
+    fn expect_keyword(&mut self, kw: &'static str) -> Result<(), WqlError> {
+        if self.keyword(kw) { Ok(()) } else { Err(WqlError::Expected { expected: kw }) }
     }
 
-    fn ident(&mut self, what: &str) -> Result<String, String> {
+    fn ident(&mut self, what: &'static str) -> Result<String, WqlError> {
         match self.next() {
             Some(Tok::Ident(s)) => Ok(s),
-            _ => Err(format!("expected {what}")),
+            _ => Err(WqlError::Expected { expected: what }),
         }
     }
 
@@ -292,7 +457,7 @@ impl Parser {
         }
     }
 
-    fn expr(&mut self) -> Result<Expr, String> {
+    fn expr(&mut self) -> Result<Expr, WqlError> {
         let mut left = self.term()?;
         while self.keyword("OR") {
             left = Expr::Or(Box::new(left), Box::new(self.term()?));
@@ -300,7 +465,7 @@ impl Parser {
         Ok(left)
     }
 
-    fn term(&mut self) -> Result<Expr, String> {
+    fn term(&mut self) -> Result<Expr, WqlError> {
         let mut left = self.factor()?;
         while self.keyword("AND") {
             left = Expr::And(Box::new(left), Box::new(self.factor()?));
@@ -308,14 +473,14 @@ impl Parser {
         Ok(left)
     }
 
-    fn factor(&mut self) -> Result<Expr, String> {
+    fn factor(&mut self) -> Result<Expr, WqlError> {
         if self.keyword("NOT") {
             return Ok(Expr::Not(Box::new(self.factor()?)));
         }
         if self.sym("(") {
             let e = self.expr()?;
             if !self.sym(")") {
-                return Err("expected ')'".to_owned());
+                return Err(WqlError::Expected { expected: "')'" });
             }
             return Ok(e);
         }
@@ -335,7 +500,7 @@ impl Parser {
                 Some(Tok::Sym(">")) => Op::Gt,
                 Some(Tok::Sym("<=")) => Op::Le,
                 Some(Tok::Sym(">=")) => Op::Ge,
-                _ => return Err(format!("expected an operator after {prop}")),
+                _ => return Err(WqlError::NoOperator { property: prop }),
             }
         };
         let lit = match self.next() {
@@ -344,10 +509,10 @@ impl Parser {
             Some(Tok::Ident(w)) if w.eq_ignore_ascii_case("TRUE") => Lit::Bool(true),
             Some(Tok::Ident(w)) if w.eq_ignore_ascii_case("FALSE") => Lit::Bool(false),
             Some(Tok::Ident(w)) if w.eq_ignore_ascii_case("NULL") => Lit::Null,
-            _ => return Err(format!("expected a literal after {prop}")),
+            _ => return Err(WqlError::NoLiteral { property: prop }),
         };
         if op == Op::Like && !matches!(lit, Lit::Str(_)) {
-            return Err("LIKE needs a string".to_owned());
+            return Err(WqlError::LikeNeedsString);
         }
         Ok(Expr::Cmp(prop, op, lit))
     }
@@ -355,16 +520,18 @@ impl Parser {
 
 /// Parses a query and checks its class and property names against the
 /// catalogue.
-pub(crate) fn parse(q: &str) -> Result<Query, String> {
+pub(crate) fn parse(q: &str) -> Result<Query, WqlError> {
     let mut p = Parser { toks: tokenize(q)?, pos: 0 };
     let catalog = Catalog::get();
     let query = if p.keyword("SELECT") {
         if !p.sym("*") {
-            return Err("only SELECT * is simulated".to_owned());
+            return Err(WqlError::NotSelectStar);
         }
         p.expect_keyword("FROM")?;
         let class = p.ident("a class name")?;
-        let def = catalog.class_nocase(&class).ok_or_else(|| format!("invalid class {class}"))?;
+        let Some(def) = catalog.class_nocase(&class) else {
+            return Err(WqlError::InvalidClass { class });
+        };
         let filter = if p.keyword("WHERE") { Some(p.expr()?) } else { None };
         if let Some(f) = &filter {
             check_props(f, &def.name)?;
@@ -373,7 +540,7 @@ pub(crate) fn parse(q: &str) -> Result<Query, String> {
     } else if p.keyword("ASSOCIATORS") {
         p.expect_keyword("OF")?;
         let Some(Tok::Path(path)) = p.next() else {
-            return Err("expected {object path}".to_owned());
+            return Err(WqlError::Expected { expected: "{object path}" });
         };
         let source = parse_object_path(&path)?;
         let mut a =
@@ -382,7 +549,7 @@ pub(crate) fn parse(q: &str) -> Result<Query, String> {
             while p.peek().is_some() {
                 let word = p.ident("AssocClass, ResultClass, Role or ResultRole")?;
                 if !p.sym("=") {
-                    return Err(format!("expected '=' after {word}"));
+                    return Err(WqlError::NoEquals { qualifier: word });
                 }
                 let value = p.ident("a name")?;
                 let slot = match word.to_ascii_lowercase().as_str() {
@@ -390,37 +557,39 @@ pub(crate) fn parse(q: &str) -> Result<Query, String> {
                     "resultclass" => &mut a.result_class,
                     "role" => &mut a.role,
                     "resultrole" => &mut a.result_role,
-                    _ => return Err(format!("{word} is not simulated in ASSOCIATORS OF")),
+                    _ => return Err(WqlError::UnsupportedQualifier { qualifier: word }),
                 };
                 if slot.replace(value).is_some() {
-                    return Err(format!("{word} given twice"));
+                    return Err(WqlError::RepeatedQualifier { qualifier: word });
                 }
             }
         }
         for c in [&a.assoc_class, &a.result_class].into_iter().flatten() {
             if catalog.class_nocase(c).is_none() {
-                return Err(format!("invalid class {c}"));
+                return Err(WqlError::InvalidClass { class: c.clone() });
             }
         }
         Query::Associators(a)
     } else {
-        return Err("expected SELECT or ASSOCIATORS OF".to_owned());
+        return Err(WqlError::Expected { expected: "SELECT or ASSOCIATORS OF" });
     };
     if p.peek().is_some() {
-        return Err("unexpected text after the query".to_owned());
+        return Err(WqlError::TrailingText);
     }
     Ok(query)
 }
 
-fn check_props(e: &Expr, class: &str) -> Result<(), String> {
-    let def = Catalog::get().class(class).ok_or("unknown class")?;
-    let check = |name: &str| -> Result<(), String> {
+fn check_props(e: &Expr, class: &str) -> Result<(), WqlError> {
+    let def =
+        Catalog::get().class(class).ok_or_else(|| WqlError::InvalidClass { class: class.to_owned() })?;
+    let check = |name: &str| -> Result<(), WqlError> {
         if def.props.is_empty() {
             return Ok(());
         }
+        let (class, property) = (class.to_owned(), name.to_owned());
         match def.props.iter().find(|p| p.name.eq_ignore_ascii_case(name)) {
-            None => Err(format!("{class} has no property {name}")),
-            Some(p) if p.array => Err(format!("{class}.{name} is an array and cannot be compared")),
+            None => Err(WqlError::NoProperty { class, property }),
+            Some(p) if p.array => Err(WqlError::ArrayProperty { class, property }),
             Some(_) => Ok(()),
         }
     };

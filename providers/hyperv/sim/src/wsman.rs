@@ -20,7 +20,7 @@ use crate::model::{
     class_uri, esc,
 };
 use crate::state::{Enumeration, State};
-use crate::wql::{self, Query};
+use crate::wql::{self, Query, WqlError};
 
 const ACTION_GET: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Get";
 const ACTION_PUT: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Put";
@@ -722,18 +722,21 @@ fn enumerate(s: &mut State, class: Option<&ClassDef>, h: &Header, body: Node<'_,
     Ok((body, format!("enumerate {count} items")))
 }
 
+/// The fault for a refused query (the only place a [`WqlError`] becomes one).
+fn filter_fault(q: &str, e: &WqlError) -> (Fault, bool) {
+    (
+        Fault::sender(
+            "w:CannotProcessFilter",
+            code::CANNOT_PROCESS_FILTER,
+            format!("The WQL query '{q}' cannot be processed: {e}"),
+        ),
+        true,
+    )
+}
+
 fn run_query(s: &State, q: &str) -> Result<Vec<Instance>, (Fault, bool)> {
-    let filter_fault = |msg: String| {
-        (
-            Fault::sender(
-                "w:CannotProcessFilter",
-                code::CANNOT_PROCESS_FILTER,
-                format!("The WQL query '{q}' cannot be processed: {msg}"),
-            ),
-            true,
-        )
-    };
-    let query = wql::parse(q).map_err(filter_fault)?;
+    let refuse = |e: WqlError| filter_fault(q, &e);
+    let query = wql::parse(q).map_err(refuse)?;
     let catalog = Catalog::get();
     match query {
         Query::Select { class, filter } => Ok(s
@@ -746,21 +749,17 @@ fn run_query(s: &State, q: &str) -> Result<Vec<Instance>, (Fault, bool)> {
             if let Some(ns) = &a.source.namespace
                 && !ns.replace('/', "\\").eq_ignore_ascii_case("root\\virtualization\\v2")
             {
-                return Err(filter_fault(format!("the object path is in namespace {ns}")));
+                return Err(refuse(WqlError::Namespace { namespace: ns.clone() }));
             }
             let def = catalog
                 .class_nocase(&a.source.class)
-                .ok_or_else(|| filter_fault(format!("invalid class {}", a.source.class)))?;
+                .ok_or_else(|| refuse(WqlError::InvalidClass { class: a.source.class.clone() }))?;
             let mut names: Vec<&str> = a.source.keys.iter().map(|(k, _)| k.as_str()).collect();
             names.sort_unstable();
             let mut keys: Vec<&str> = def.keys.iter().map(String::as_str).collect();
             keys.sort_unstable();
             if names != keys {
-                return Err(filter_fault(format!(
-                    "the object path must give exactly the keys {} of {}",
-                    def.keys.join(", "),
-                    def.name
-                )));
+                return Err(refuse(WqlError::Keys { class: def.name.clone(), keys: def.keys.clone() }));
             }
             let source = Epr { class: def.name.clone(), selectors: a.source.keys.clone() };
             let same = |e: &Epr| {
@@ -872,23 +871,52 @@ fn release(s: &mut State, body: Node<'_, '_>) -> OpResult {
     Ok((String::new(), "release".to_owned()))
 }
 
+/// Why a reference parameter is not an EPR of a simulated class (a
+/// `w:InvalidParameter` type mismatch in `invoke`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum EprError {
+    /// A required element of the reference is absent.
+    #[error("the reference has no {element}")]
+    Missing {
+        /// The element, with its usual prefix (`a:Address`).
+        element: &'static str,
+    },
+    /// The resource URI is not under the v2 namespace's prefix.
+    #[error("{uri} is not a v2 resource URI")]
+    NotV2 {
+        /// The URI.
+        uri: String,
+    },
+    /// The resource URI names no class of the catalogue.
+    #[error("{class} is not a class")]
+    NoClass {
+        /// The class part of the URI.
+        class: String,
+    },
+    /// A `w:Selector` without its `Name` attribute.
+    #[error("a Selector without Name")]
+    SelectorWithoutName,
+}
+
 /// Parses an EPR: `a:Address` + `a:ReferenceParameters`, directly or inside
 /// `a:EndpointReference`.
-fn parse_epr(n: Node<'_, '_>) -> Result<Epr, String> {
+fn parse_epr(n: Node<'_, '_>) -> Result<Epr, EprError> {
+    let missing = |element| EprError::Missing { element };
     let n = child(n, NS_A, "EndpointReference").unwrap_or(n);
     if child(n, NS_A, "Address").is_none() {
-        return Err("the reference has no a:Address".to_owned());
+        return Err(missing("a:Address"));
     }
-    let rp = child(n, NS_A, "ReferenceParameters").ok_or("the reference has no a:ReferenceParameters")?;
-    let uri = child(rp, NS_W, "ResourceURI").map(text).ok_or("the reference has no w:ResourceURI")?;
-    let class_part = strip_prefix_nocase(uri.trim(), URI_PREFIX)
-        .ok_or_else(|| format!("{uri} is not a v2 resource URI"))?;
-    let class =
-        Catalog::get().class_nocase(class_part).ok_or_else(|| format!("{class_part} is not a class"))?;
+    let rp = child(n, NS_A, "ReferenceParameters").ok_or_else(|| missing("a:ReferenceParameters"))?;
+    let uri = child(rp, NS_W, "ResourceURI").map(text).ok_or_else(|| missing("w:ResourceURI"))?;
+    let class_part =
+        strip_prefix_nocase(uri.trim(), URI_PREFIX).ok_or_else(|| EprError::NotV2 { uri: uri.clone() })?;
+    let class = Catalog::get()
+        .class_nocase(class_part)
+        .ok_or_else(|| EprError::NoClass { class: class_part.to_owned() })?;
     let mut selectors = Vec::new();
     if let Some(set) = child(rp, NS_W, "SelectorSet") {
         for sel in set.children().filter(|c| is(c, NS_W, "Selector")) {
-            let name = sel.attribute("Name").ok_or("a Selector without Name")?;
+            let name = sel.attribute("Name").ok_or(EprError::SelectorWithoutName)?;
             selectors.push((name.to_owned(), text(sel)));
         }
     }

@@ -197,8 +197,8 @@ pub fn validate_params(schema: &Value, params: &BTreeMap<String, String>) -> Res
     for (name, value) in params {
         match lookup(props, name) {
             Some(prop) => {
-                if let Err(msg) = check_value(prop, value) {
-                    errors.insert(name.clone(), msg);
+                if let Err(e) = check_value(prop, value) {
+                    errors.insert(name.clone(), message(&e));
                 }
             }
             None if !additional => {
@@ -259,69 +259,176 @@ fn num(v: &Value) -> Option<f64> {
     }
 }
 
+/// Why a value does not fit its property schema, in PVE's words (the
+/// `errors` object of a 400 answer carries them; [`message`] renders one).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValueError {
+    /// Not a value of the property's JSON type.
+    #[error("type check ('{ty}') failed - got '{value}'")]
+    Type {
+        /// `integer`, `number` or `boolean`.
+        ty: &'static str,
+        /// The value as sent.
+        value: String,
+    },
+    /// Below the schema's `minimum`.
+    #[error("value must have a minimum value of {min}")]
+    Minimum {
+        /// The minimum.
+        min: f64,
+    },
+    /// Above the schema's `maximum`.
+    #[error("value must have a maximum value of {max}")]
+    Maximum {
+        /// The maximum.
+        max: f64,
+    },
+    /// Longer than `maxLength` characters.
+    #[error("value may only be {max} characters long")]
+    TooLong {
+        /// The `maxLength`.
+        max: f64,
+    },
+    /// Shorter than `minLength` characters.
+    #[error("value must be at least {min} characters long")]
+    TooShort {
+        /// The `minLength`.
+        min: f64,
+    },
+    /// Not one of the schema's `enum` values.
+    #[error("value '{value}' does not have a value in the enumeration")]
+    NotInEnum {
+        /// The value as sent.
+        value: String,
+    },
+    /// Does not match the schema's `pattern`.
+    #[error("value does not match the regex pattern")]
+    Pattern {
+        /// The pattern, as the schema gives it.
+        pattern: String,
+    },
+    /// Does not match a named `format`.
+    #[error("value does not match the format '{format}'")]
+    Format {
+        /// The format's name (`pve-vmid`, ...).
+        format: String,
+    },
+    /// A list entry without `key=`.
+    #[error("invalid format - missing key in '{part}'")]
+    MissingKey {
+        /// The entry.
+        part: String,
+    },
+    /// A key the format does not define.
+    #[error("invalid format - unknown key '{key}'")]
+    UnknownKey {
+        /// The key.
+        key: String,
+    },
+    /// A property-string entry without a key, where the format has no
+    /// default key.
+    #[error("invalid format - value without key '{part}'")]
+    ValueWithoutKey {
+        /// The entry.
+        part: String,
+    },
+    /// A key given twice.
+    #[error("invalid format - duplicate key '{key}'")]
+    DuplicateKey {
+        /// The key.
+        key: String,
+    },
+    /// A property-string key's value does not fit the key's schema.
+    #[error("invalid format - {key}")]
+    Key {
+        /// The key.
+        key: String,
+        /// What is wrong with its value.
+        #[source]
+        source: Box<ValueError>,
+    },
+    /// A required property-string key is absent.
+    #[error("invalid format - missing value for '{key}'")]
+    MissingValue {
+        /// The key.
+        key: String,
+    },
+}
+
+/// The message PVE gives for `e` (with the key path of property strings):
+/// the one place a [`ValueError`] becomes text.
+pub fn message(e: &ValueError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Checks one value against one property schema.
-fn check_value(prop: &Value, value: &str) -> Result<(), String> {
+fn check_value(prop: &Value, value: &str) -> Result<(), ValueError> {
     let ty = prop["type"].as_str().unwrap_or("string");
+    let type_error = |ty| ValueError::Type { ty, value: value.to_owned() };
     match ty {
         "integer" => {
-            let n: i64 = value
-                .strip_prefix('+')
-                .unwrap_or(value)
-                .parse()
-                .map_err(|_| format!("type check ('integer') failed - got '{value}'"))?;
-            range(prop, n as f64, value)
+            let n: i64 =
+                value.strip_prefix('+').unwrap_or(value).parse().map_err(|_| type_error("integer"))?;
+            range(prop, n as f64)
         }
         "number" => {
-            let n: f64 =
-                value.parse().map_err(|_| format!("type check ('number') failed - got '{value}'"))?;
-            range(prop, n, value)
+            let n: f64 = value.parse().map_err(|_| type_error("number"))?;
+            range(prop, n)
         }
         "boolean" => match value.to_ascii_lowercase().as_str() {
             "0" | "1" | "true" | "false" | "yes" | "no" | "on" | "off" => Ok(()),
-            _ => Err(format!("type check ('boolean') failed - got '{value}'")),
+            _ => Err(type_error("boolean")),
         },
         "array" => Ok(()),
         _ => check_string(prop, value),
     }
 }
 
-fn range(prop: &Value, n: f64, value: &str) -> Result<(), String> {
+fn range(prop: &Value, n: f64) -> Result<(), ValueError> {
     if let Some(min) = num(&prop["minimum"])
         && n < min
     {
-        return Err(format!("value must have a minimum value of {min}"));
+        return Err(ValueError::Minimum { min });
     }
     if let Some(max) = num(&prop["maximum"])
         && n > max
     {
-        return Err(format!("value must have a maximum value of {max}"));
+        return Err(ValueError::Maximum { max });
     }
-    let _ = value;
     Ok(())
 }
 
-fn check_string(prop: &Value, value: &str) -> Result<(), String> {
+fn check_string(prop: &Value, value: &str) -> Result<(), ValueError> {
     if let Some(max) = num(&prop["maxLength"])
         && value.chars().count() as f64 > max
     {
-        return Err(format!("value may only be {max} characters long"));
+        return Err(ValueError::TooLong { max });
     }
     if let Some(min) = num(&prop["minLength"])
         && (value.chars().count() as f64) < min
     {
-        return Err(format!("value must be at least {min} characters long"));
+        return Err(ValueError::TooShort { min });
     }
     if let Some(values) = prop["enum"].as_array()
         && !values.iter().any(|v| v.as_str() == Some(value))
     {
-        return Err(format!("value '{value}' does not have a value in the enumeration"));
+        return Err(ValueError::NotInEnum { value: value.to_owned() });
     }
     if let Some(pattern) = prop["pattern"].as_str() {
         // Perl's `(?^:...)` wrapper means "default flags"; Rust's regex
         // spells that as a plain group.
-        let pattern = pattern.replace("(?^:", "(?:").replace("{,", "{0,");
-        match regex::Regex::new(&format!("^(?:{pattern})$")) {
-            Ok(re) if !re.is_match(value) => return Err("value does not match the regex pattern".to_owned()),
+        let rust_pattern = pattern.replace("(?^:", "(?:").replace("{,", "{0,");
+        match regex::Regex::new(&format!("^(?:{rust_pattern})$")) {
+            Ok(re) if !re.is_match(value) => {
+                return Err(ValueError::Pattern { pattern: pattern.to_owned() });
+            }
             _ => {}
         }
     }
@@ -332,8 +439,13 @@ fn check_string(prop: &Value, value: &str) -> Result<(), String> {
     }
 }
 
+/// Puts a property-string key's error under its key.
+fn in_key(key: &str) -> impl FnOnce(ValueError) -> ValueError + '_ {
+    move |e| ValueError::Key { key: key.to_owned(), source: Box::new(e) }
+}
+
 /// The named string formats the QEMU lifecycle paths use.
-fn check_format(format: &str, value: &str) -> Result<(), String> {
+fn check_format(format: &str, value: &str) -> Result<(), ValueError> {
     let ok = |re: &str| regex::Regex::new(re).map(|r| r.is_match(value)).unwrap_or(true);
     let valid = match format {
         "pve-node" => ok(r"^(?i)[a-z0-9]([a-z0-9\-]*[a-z0-9])?$"),
@@ -357,16 +469,16 @@ fn check_format(format: &str, value: &str) -> Result<(), String> {
         }
         _ => true,
     };
-    if valid { Ok(()) } else { Err(format!("value does not match the format '{format}'")) }
+    if valid { Ok(()) } else { Err(ValueError::Format { format: format.to_owned() }) }
 }
 
-fn check_keys(value: &str, keys: &[&str]) -> Result<(), String> {
+fn check_keys(value: &str, keys: &[&str]) -> Result<(), ValueError> {
     for part in value.split(',').filter(|p| !p.is_empty()) {
         let Some((k, _)) = part.split_once('=') else {
-            return Err(format!("invalid format - missing key in '{part}'"));
+            return Err(ValueError::MissingKey { part: part.to_owned() });
         };
         if !keys.contains(&k) {
-            return Err(format!("invalid format - unknown key '{k}'"));
+            return Err(ValueError::UnknownKey { key: k.to_owned() });
         }
     }
     Ok(())
@@ -374,7 +486,7 @@ fn check_keys(value: &str, keys: &[&str]) -> Result<(), String> {
 
 /// A property string (`virtio,bridge=vmbr0,firewall=1`): each key must be in
 /// the format, each value must fit the key's schema.
-fn check_property_string(keys: &serde_json::Map<String, Value>, value: &str) -> Result<(), String> {
+fn check_property_string(keys: &serde_json::Map<String, Value>, value: &str) -> Result<(), ValueError> {
     let default_key = keys.iter().find(|(_, p)| truthy(&p["default_key"]).unwrap_or(false)).map(|(k, _)| k);
     let mut seen = std::collections::BTreeSet::new();
     for part in value.split(',').filter(|p| !p.is_empty()) {
@@ -387,21 +499,21 @@ fn check_property_string(keys: &serde_json::Map<String, Value>, value: &str) -> 
                 }
                 _ => match default_key {
                     Some(k) => (k.clone(), part.to_owned()),
-                    None => return Err(format!("invalid format - value without key '{part}'")),
+                    None => return Err(ValueError::ValueWithoutKey { part: part.to_owned() }),
                 },
             },
         };
         let Some(prop) = keys.get(&key) else {
-            return Err(format!("invalid format - unknown key '{key}'"));
+            return Err(ValueError::UnknownKey { key });
         };
         let (key, prop) = match (&prop["keyAlias"], &prop["alias"]) {
             // `virtio=MAC`: model virtio, macaddr MAC.
             (Value::String(model), Value::String(alias)) => {
                 if let Some(model_prop) = keys.get(model) {
-                    check_value(model_prop, &key).map_err(|e| format!("invalid format - {model}: {e}"))?;
+                    check_value(model_prop, &key).map_err(in_key(model))?;
                 }
                 if !seen.insert(model.clone()) {
-                    return Err(format!("invalid format - duplicate key '{model}'"));
+                    return Err(ValueError::DuplicateKey { key: model.clone() });
                 }
                 (alias.clone(), keys.get(alias).unwrap_or(prop))
             }
@@ -409,15 +521,15 @@ fn check_property_string(keys: &serde_json::Map<String, Value>, value: &str) -> 
             _ => (key, prop),
         };
         if !seen.insert(key.clone()) {
-            return Err(format!("invalid format - duplicate key '{key}'"));
+            return Err(ValueError::DuplicateKey { key });
         }
-        check_value(prop, &val).map_err(|e| format!("invalid format - {key}: {e}"))?;
+        check_value(prop, &val).map_err(in_key(&key))?;
     }
     for (key, prop) in keys {
         let optional = truthy(&prop["optional"]).unwrap_or(false);
         let aliasish = prop["alias"].is_string() || prop["keyAlias"].is_string();
         if !optional && !aliasish && !seen.contains(key) && prop["default"].is_null() {
-            return Err(format!("invalid format - missing value for '{key}'"));
+            return Err(ValueError::MissingValue { key: key.clone() });
         }
     }
     Ok(())
@@ -472,6 +584,28 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(&check(&schema, input), want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn messages_are_pves_with_the_key_path() {
+        let net = json!({"type": "string", "format": {
+            "model": {"type": "string", "default_key": 1, "enum": ["virtio", "e1000"]},
+            "firewall": {"type": "boolean", "optional": 1}
+        }});
+        let text = |prop: &Value, value: &str| check_value(prop, value).map_err(|e| message(&e));
+        assert_eq!(text(&net, "virtio,firewall=1"), Ok(()));
+        assert_eq!(
+            text(&net, "virtio,firewall=x"),
+            Err("invalid format - firewall: type check ('boolean') failed - got 'x'".to_owned())
+        );
+        assert_eq!(
+            text(&net, "rtl"),
+            Err("invalid format - model: value 'rtl' does not have a value in the enumeration".to_owned())
+        );
+        assert_eq!(
+            text(&json!({"type": "integer", "minimum": 100}), "99"),
+            Err("value must have a minimum value of 100".to_owned())
+        );
     }
 
     #[test]

@@ -1,0 +1,229 @@
+//! The optional features, checked as the capabilities say (or refused
+//! when not declared): cloud-init user data, consoles, the NICs `GetVm`
+//! reports, resize and snapshots.
+
+use hcp_proto::provider::{
+    CreateSnapshotRequest, CreateVmRequest, GetConsoleRequest, NetworkAttachment, PowerState,
+    ResizeVmRequest, SnapshotRef, StopVmRequest, VmInfo, VmRef,
+};
+
+use crate::kit::{CheckResult, Kit, call, ensure, expect_code, power};
+
+/// `vm` reports no NICs (unknown) or exactly `want`, each with a
+/// lower-case colon-separated MAC and well-formed addresses.
+fn check_nics(vm: &VmInfo, want: usize) -> CheckResult {
+    let n = vm.interfaces.len();
+    ensure(n == 0 || n == want, || format!("{want} networks were requested, GetVm reports {n} interfaces"))?;
+    for nic in &vm.interfaces {
+        let octets: Vec<&str> = nic.mac.split(':').collect();
+        let well_formed = octets.len() == 6
+            && octets.iter().all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
+            && nic.mac == nic.mac.to_ascii_lowercase();
+        ensure(well_formed, || format!("MAC {:?} is not lower-case aa:bb:cc:dd:ee:ff", nic.mac))?;
+        for a in &nic.ipv4 {
+            ensure(a.parse::<std::net::Ipv4Addr>().is_ok(), || format!("ipv4 {a:?} is not an IPv4 address"))?;
+        }
+        for a in &nic.ipv6 {
+            ensure(a.parse::<std::net::Ipv6Addr>().is_ok(), || format!("ipv6 {a:?} is not an IPv6 address"))?;
+        }
+    }
+    Ok(())
+}
+
+impl Kit {
+    /// A create with user data succeeds when declared, else is UNIMPLEMENTED.
+    pub(crate) async fn cloud_init(&mut self, declared: bool) -> CheckResult {
+        let ud = Some("#cloud-config\nhostname: conf\n".to_owned());
+        if declared {
+            self.create("conf-ci", ud).await.map(|_| ())
+        } else {
+            let id = uuid::Uuid::now_v7().to_string();
+            self.created.push(id.clone());
+            let r = self
+                .compute
+                .create_vm(CreateVmRequest { vm_id: id, spec: Some(self.spec("conf-ci", ud)), start: false })
+                .await;
+            expect_code(r, tonic::Code::Unimplemented, "CreateVm with user_data without supports_cloud_init")
+        }
+    }
+
+    /// `GetConsole` of a running VM gives an endpoint when declared, else is
+    /// UNIMPLEMENTED.
+    pub(crate) async fn console(&mut self, protocol: &str, declared: bool) -> CheckResult {
+        let (id, _) = self.create("conf-console", None).await?;
+        self.compute.start_vm(VmRef { vm_id: id.clone() }).await.map_err(call("StartVm"))?;
+        let r = self
+            .compute
+            .get_console(GetConsoleRequest { vm_id: id.clone(), protocol: protocol.to_owned() })
+            .await;
+        if declared {
+            let ep = r.map_err(call(format!("GetConsole {protocol}")))?.into_inner();
+            ensure(!ep.host.is_empty() && ep.port > 0, || {
+                format!("GetConsole {protocol} gave no endpoint: {ep:?}")
+            })?;
+            ensure(ep.protocol == protocol, || format!("asked for {protocol}, got {:?}", ep.protocol))
+        } else {
+            expect_code(
+                r,
+                tonic::Code::Unimplemented,
+                &format!("GetConsole {protocol} without the capability"),
+            )
+        }
+    }
+
+    /// GetVm reports one well-formed NIC per requested network (the kit
+    /// attaches its network twice), in order, or none when the provider
+    /// cannot tell; the MACs are distinct and do not change when the VM
+    /// starts; the addresses of the running VM are well-formed.
+    pub(crate) async fn interfaces(&mut self) -> CheckResult {
+        let id = uuid::Uuid::now_v7().to_string();
+        self.created.push(id.clone());
+        let mut spec = self.spec("conf-nics", None);
+        spec.networks
+            .push(NetworkAttachment { network: self.options.network.clone(), backing: String::new() });
+        self.compute
+            .create_vm(CreateVmRequest { vm_id: id.clone(), spec: Some(spec), start: false })
+            .await
+            .map_err(call("CreateVm with two NICs"))?;
+        let stopped = self.get(&id).await?;
+        check_nics(&stopped, 2)?;
+        if let [a, b] = &stopped.interfaces[..] {
+            ensure(a.mac != b.mac, || format!("both NICs have MAC {}", a.mac))?;
+        }
+        self.compute.start_vm(VmRef { vm_id: id.clone() }).await.map_err(call("StartVm"))?;
+        let running = self.get(&id).await?;
+        check_nics(&running, 2)?;
+        if !stopped.interfaces.is_empty() && !running.interfaces.is_empty() {
+            let macs = |vm: &VmInfo| vm.interfaces.iter().map(|n| n.mac.clone()).collect::<Vec<_>>();
+            ensure(macs(&stopped) == macs(&running), || {
+                format!(
+                    "the MACs changed when the VM started: {:?}, then {:?}",
+                    macs(&stopped),
+                    macs(&running)
+                )
+            })?;
+        }
+        self.compute
+            .stop_vm(StopVmRequest { vm_id: id.clone(), force: true, timeout_seconds: 0 })
+            .await
+            .map_err(call("forced StopVm"))?;
+        Ok(())
+    }
+
+    /// ResizeVm of a stopped VM (idempotent, disks only grow, a refused
+    /// request changes nothing), and of a running one as the capabilities
+    /// say.
+    pub(crate) async fn resize(&mut self, hot: bool) -> CheckResult {
+        let (id, created) = self.create("conf-resize", None).await?;
+        let (vcpus, memory_mib) = (created.vcpus.max(self.options.vcpus) + 1, self.options.memory_mib + 128);
+        // One GiB more than the disk the provider made (at least the 1 GiB
+        // asked for; a template may have made it larger).
+        let disk_gib = self.get(&id).await?.disk_gib.max(1) + 1;
+        let grow = ResizeVmRequest { vm_id: id.clone(), vcpus, memory_mib, disk_gib };
+        for round in 0..2 {
+            let r = self
+                .compute
+                .resize_vm(grow.clone())
+                .await
+                .map_err(call(format!("ResizeVm #{round} of a stopped VM")))?;
+            ensure(power(r.get_ref()) == PowerState::Shutoff, || "ResizeVm started the VM".to_owned())?;
+        }
+        let got = self.get(&id).await?;
+        ensure(got.vcpus == vcpus && got.memory_mib == memory_mib, || {
+            format!(
+                "after ResizeVm to {vcpus} vCPUs / {memory_mib} MiB GetVm says {} / {}",
+                got.vcpus, got.memory_mib
+            )
+        })?;
+        ensure(got.disk_gib == 0 || got.disk_gib == disk_gib, || {
+            format!("after growing to {disk_gib} GiB GetVm says the disk is {} GiB", got.disk_gib)
+        })?;
+        expect_code(
+            self.compute
+                .resize_vm(ResizeVmRequest { vcpus: vcpus + 1, disk_gib: disk_gib - 1, ..grow.clone() })
+                .await,
+            tonic::Code::InvalidArgument,
+            "ResizeVm shrinking the disk",
+        )?;
+        let got = self.get(&id).await?;
+        ensure(got.vcpus == vcpus, || {
+            format!("a ResizeVm refused for its disk still changed the vCPUs to {}", got.vcpus)
+        })?;
+        self.compute.start_vm(VmRef { vm_id: id.clone() }).await.map_err(call("StartVm"))?;
+        let running = ResizeVmRequest { vm_id: id.clone(), vcpus: vcpus + 1, memory_mib, disk_gib: 0 };
+        if hot {
+            let r = self
+                .compute
+                .resize_vm(running)
+                .await
+                .map_err(call("ResizeVm of a running VM (supports_hot_resize)"))?;
+            ensure(power(r.get_ref()) == PowerState::Running && r.get_ref().vcpus == vcpus + 1, || {
+                "a hot resize stopped the VM or did not take".to_owned()
+            })?;
+            let got = self.get(&id).await?;
+            ensure(got.vcpus == vcpus + 1, || format!("after a hot resize GetVm says {} vCPUs", got.vcpus))
+        } else {
+            expect_code(
+                self.compute.resize_vm(running).await,
+                tonic::Code::FailedPrecondition,
+                "ResizeVm of a running VM without supports_hot_resize",
+            )
+        }
+    }
+
+    /// Snapshots: idempotent create and delete, list, revert, and a running VM's
+    /// snapshot as `supports_snapshot_running` says.
+    pub(crate) async fn snapshots(&mut self, running_too: bool) -> CheckResult {
+        let (id, _) = self.create("conf-snap", None).await?;
+        let snap = uuid::Uuid::now_v7().to_string();
+        let req =
+            CreateSnapshotRequest { vm_id: id.clone(), snapshot_id: snap.clone(), name: "conf".to_owned() };
+        let first = self.compute.create_snapshot(req.clone()).await.map_err(call("CreateSnapshot"))?;
+        let second =
+            self.compute.create_snapshot(req).await.map_err(call("repeated CreateSnapshot failed"))?;
+        ensure(first.get_ref().native_id == second.get_ref().native_id, || {
+            "repeated CreateSnapshot made another snapshot: not idempotent".to_owned()
+        })?;
+        let listed = self
+            .compute
+            .list_snapshots(VmRef { vm_id: id.clone() })
+            .await
+            .map_err(call("ListSnapshots"))?
+            .into_inner();
+        let n = listed.snapshots.iter().filter(|s| s.snapshot_id == snap).count();
+        ensure(n == 1, || format!("ListSnapshots shows the snapshot {n} times"))?;
+        self.compute.start_vm(VmRef { vm_id: id.clone() }).await.map_err(call("StartVm"))?;
+        let live = CreateSnapshotRequest {
+            vm_id: id.clone(),
+            snapshot_id: uuid::Uuid::now_v7().to_string(),
+            name: "live".into(),
+        };
+        let r = self.compute.create_snapshot(live).await;
+        if running_too {
+            r.map_err(call("CreateSnapshot of a running VM"))?;
+        } else {
+            expect_code(
+                r,
+                tonic::Code::FailedPrecondition,
+                "CreateSnapshot of a running VM without supports_snapshot_running",
+            )?;
+        }
+        // The first snapshot recorded a stopped VM: reverting stops it.
+        let sref = SnapshotRef { vm_id: id.clone(), snapshot_id: snap.clone() };
+        let reverted = self.compute.revert_snapshot(sref.clone()).await.map_err(call("RevertSnapshot"))?;
+        ensure(power(reverted.get_ref()) == PowerState::Shutoff, || {
+            format!("after reverting to a stopped snapshot the VM is {:?}", power(reverted.get_ref()))
+        })?;
+        let ghost = SnapshotRef { vm_id: id.clone(), snapshot_id: uuid::Uuid::now_v7().to_string() };
+        expect_code(
+            self.compute.revert_snapshot(ghost).await,
+            tonic::Code::NotFound,
+            "RevertSnapshot of an unknown snapshot",
+        )?;
+        let d1 = self.compute.delete_snapshot(sref.clone()).await.map_err(call("DeleteSnapshot"))?;
+        let d2 = self.compute.delete_snapshot(sref).await.map_err(call("repeated DeleteSnapshot failed"))?;
+        ensure(d1.get_ref().existed && !d2.get_ref().existed, || {
+            "DeleteSnapshot is not idempotent".to_owned()
+        })
+    }
+}
