@@ -679,7 +679,11 @@ mod tests {
                 "between jobs.backoff_base_ms (900) and 86400000, got 800",
             ),
             ("[jobs]\nlease_seconds = 1", "jobs.lease_seconds", "between 2 and 3600, got 1"),
-            ("[jobs]\nshutdown_grace_seconds = 3601", "jobs.shutdown_grace_seconds", "between 0 and 3600, got 3601"),
+            (
+                "[jobs]\nshutdown_grace_seconds = 3601",
+                "jobs.shutdown_grace_seconds",
+                "between 0 and 3600, got 3601",
+            ),
             ("[jobs]\npoll_interval_ms = 5", "jobs.poll_interval_ms", "between 10 and"),
             ("[auth]\njwks_min_refresh_seconds = 0", "auth.jwks_min_refresh_seconds", "got 0"),
             ("[providers]\nprobe_interval_seconds = 0", "providers.probe_interval_seconds", "got 0"),

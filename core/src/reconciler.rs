@@ -28,9 +28,8 @@ use hcp_proto::provider;
 use tokio::sync::watch;
 
 use crate::config::ReconcilerConfig;
-use crate::model::{
-    AuditEvent, HostState, MissingPolicy, OrphanPolicy, PowerPolicy, Provider, RestartPolicy, VmStatus, now,
-};
+use crate::lifecycle::{self, Correction, Drift, Power, Verdict};
+use crate::model::{AuditEvent, HostState, OrphanPolicy, Provider, RestartPolicy, VmStatus, now};
 use crate::moves::{Asker, Moves};
 use crate::providers::ProviderClients;
 use crate::store::{KnownVm, Store};
@@ -228,14 +227,10 @@ impl Reconciler {
                             Err(e) => tracing::warn!(vm_id = %id, error = %e, "cannot record a host"),
                         }
                     }
-                    let drift = matches!(
-                        (k.status, power),
-                        (VmStatus::Active, provider::PowerState::Shutoff | provider::PowerState::Crashed)
-                            | (VmStatus::Stopped, provider::PowerState::Running)
-                    );
-                    if drift {
+                    let drift = observed_power(power).and_then(|p| lifecycle::drift(k.status, Some(p)));
+                    if let Some(drift) = drift {
                         report.power += 1;
-                        self.power_drift(p, k, power, observed_at).await;
+                        self.power_drift(p, k, drift, power, observed_at).await;
                     } else if let Some(networks) = crate::jobs::merge_interfaces(&k.networks, &vm.interfaces)
                     {
                         // Addresses change without HCP (DHCP, the guest):
@@ -250,8 +245,7 @@ impl Reconciler {
             }
         }
         for k in &known {
-            let expected_present = matches!(k.status, VmStatus::Active | VmStatus::Stopped);
-            if expected_present && !seen.contains(&k.id) {
+            if !seen.contains(&k.id) && lifecycle::drift(k.status, None) == Some(Drift::Missing) {
                 if k.current_job_id.is_some() || k.updated_at > observed_at {
                     report.skipped += 1;
                     continue;
@@ -307,78 +301,67 @@ impl Reconciler {
 
     async fn missing(&self, k: &KnownVm, observed_at: chrono::DateTime<chrono::Utc>) {
         let detail = format!("desired {}, absent on the hypervisor", k.status);
-        let (outcome, new, usage) = match self.config.missing {
-            MissingPolicy::Report => {
-                return self.record(self.audit("reconcile.missing", k.id, "reported", detail)).await;
-            }
-            MissingPolicy::Repair => {
-                ("repaired", VmStatus::Error, (k.status == VmStatus::Active).then_some("stopped"))
-            }
-            MissingPolicy::Reap => ("reaped", VmStatus::Deleted, Some("deleted")),
-        };
-        let audit = self.audit("reconcile.missing", k.id, outcome, detail);
-        let error =
-            (new == VmStatus::Error).then_some(("NOT_FOUND", "the vm disappeared from its hypervisor"));
-        match self.store.correct_vm_status(k.id, k.status, observed_at, new, error, &audit, usage).await {
-            Ok(true) => counted(&audit),
-            Ok(false) => tracing::debug!(vm_id = %k.id, "vm changed meanwhile; left for the next pass"),
-            Err(e) => tracing::warn!(vm_id = %k.id, error = %e, "cannot correct a missing vm"),
-        }
+        let correction = lifecycle::correct(Drift::Missing, k.status, self.config.missing, self.config.power);
+        self.carry_out(k, Drift::Missing, &correction, detail, observed_at).await;
     }
 
     async fn power_drift(
         &self,
         p: &Provider,
         k: &KnownVm,
+        drift: Drift,
         observed: provider::PowerState,
         observed_at: chrono::DateTime<chrono::Utc>,
     ) {
         let detail = format!("desired {}, observed {}", k.status, observed.as_str_name());
-        match self.config.power {
-            PowerPolicy::Report => self.record(self.audit("reconcile.power", k.id, "reported", detail)).await,
-            PowerPolicy::Repair => {
-                let result = match self.clients.compute(p) {
-                    Ok(mut c) => {
-                        let r = if k.status == VmStatus::Active {
-                            c.start_vm(provider::VmRef { vm_id: k.id.to_string() }).await.map(|_| ())
-                        } else {
-                            c.stop_vm(provider::StopVmRequest {
-                                vm_id: k.id.to_string(),
-                                force: false,
-                                timeout_seconds: 0,
-                            })
-                            .await
-                            .map(|_| ())
-                        };
-                        r.map_err(|s| s.message().to_owned())
+        let correction = lifecycle::correct(drift, k.status, self.config.missing, self.config.power);
+        let Some(power) = correction.drive else {
+            return self.carry_out(k, drift, &correction, detail, observed_at).await;
+        };
+        let result = match self.clients.compute(p) {
+            Ok(mut c) => {
+                let r = match power {
+                    Power::Running => {
+                        c.start_vm(provider::VmRef { vm_id: k.id.to_string() }).await.map(|_| ())
                     }
-                    Err(e) => Err(e.message),
+                    Power::Off => c
+                        .stop_vm(provider::StopVmRequest {
+                            vm_id: k.id.to_string(),
+                            force: false,
+                            timeout_seconds: 0,
+                        })
+                        .await
+                        .map(|_| ()),
                 };
-                let (outcome, detail) = match result {
-                    Ok(()) => ("repaired", detail),
-                    Err(e) => ("failed", format!("{detail}; repair failed: {e}")),
-                };
-                self.record(self.audit("reconcile.power", k.id, outcome, detail)).await;
+                r.map_err(|s| s.message().to_owned())
             }
-            PowerPolicy::Adopt => {
-                let (new, usage) = if k.status == VmStatus::Active {
-                    (VmStatus::Stopped, "stopped")
-                } else {
-                    (VmStatus::Active, "started")
-                };
-                let audit = self.audit("reconcile.power", k.id, "adopted", detail);
-                match self
-                    .store
-                    .correct_vm_status(k.id, k.status, observed_at, new, None, &audit, Some(usage))
-                    .await
-                {
-                    Ok(true) => counted(&audit),
-                    Ok(false) => {
-                        tracing::debug!(vm_id = %k.id, "vm changed meanwhile; left for the next pass")
-                    }
-                    Err(e) => tracing::warn!(vm_id = %k.id, error = %e, "cannot adopt a power state"),
-                }
-            }
+            Err(e) => Err(e.message),
+        };
+        let (verdict, detail) = match result {
+            Ok(()) => (correction.verdict, detail),
+            Err(e) => (Verdict::Failed, format!("{detail}; repair failed: {e}")),
+        };
+        self.record(self.audit(drift.audit_action(), k.id, verdict.as_str(), detail)).await;
+    }
+
+    /// Records a correction: the audit event alone for a report, else the
+    /// guarded change of the VM's record with it.
+    async fn carry_out(
+        &self,
+        k: &KnownVm,
+        drift: Drift,
+        correction: &Correction,
+        detail: String,
+        observed_at: chrono::DateTime<chrono::Utc>,
+    ) {
+        let audit = self.audit(drift.audit_action(), k.id, correction.verdict.as_str(), detail);
+        if correction.vm.is_none() {
+            return self.record(audit).await;
+        }
+        match self.store.correct_vm_status(k.id, k.status, observed_at, correction, &audit).await {
+            Ok(true) => counted(&audit),
+            Ok(false) => tracing::debug!(vm_id = %k.id, "vm changed meanwhile; left for the next pass"),
+            Err(e) => tracing::warn!(vm_id = %k.id, ?drift, error = %e, "cannot correct a vm"),
         }
     }
 
@@ -439,6 +422,18 @@ impl Reconciler {
 /// Whether a VM found in `power` (its host down or not) should be started
 /// again by its restart policy: it should run (ACTIVE in HCP), and it is
 /// down in a way the policy covers.
+/// The power state a provider reported, as the lifecycle compares it;
+/// `None` when it said nothing usable (a VM listed without a power state
+/// does not drift).
+fn observed_power(power: provider::PowerState) -> Option<Power> {
+    use provider::PowerState as P;
+    match power {
+        P::Running => Some(Power::Running),
+        P::Shutoff | P::Crashed => Some(Power::Off),
+        _ => None,
+    }
+}
+
 fn restart_applies(k: &KnownVm, power: provider::PowerState, host_down: bool) -> bool {
     use provider::PowerState as P;
     if k.status != VmStatus::Active {

@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Capabilities, JobKind, JobStatus, SnapshotStatus, VmStatus};
 
+mod drift;
+pub use drift::{Correction, Drift, Verdict, correct, drift};
+
 /// A provider capability flag (a field of `hcp.provider.v1.Capabilities`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Capability {
@@ -597,6 +600,32 @@ pub fn accept(kind: JobKind, status: VmStatus, job: Option<JobId>) -> Result<VmS
     Ok(kind.in_flight_status().unwrap_or(status))
 }
 
+/// Why a snapshot operation cannot take its snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotRefusal {
+    /// The snapshot is removed: to the tenant, it does not exist.
+    Gone,
+    /// The snapshot's state does not allow the operation.
+    WrongState(SnapshotStatus),
+}
+
+/// Decides whether a job of `kind` (a revert or a delete) may start on a
+/// snapshot in `status`; returns the state the snapshot takes while the job
+/// runs (`None`: it keeps its state). A revert needs an AVAILABLE snapshot;
+/// a delete also takes one left in ERROR.
+pub fn accept_snapshot(
+    kind: JobKind,
+    status: SnapshotStatus,
+) -> Result<Option<SnapshotStatus>, SnapshotRefusal> {
+    let deleting = kind == JobKind::SnapshotDelete;
+    match status {
+        SnapshotStatus::Removed => Err(SnapshotRefusal::Gone),
+        SnapshotStatus::Available | SnapshotStatus::Error if deleting => Ok(Some(SnapshotStatus::Removing)),
+        SnapshotStatus::Available if kind == JobKind::SnapshotRevert => Ok(None),
+        _ => Err(SnapshotRefusal::WrongState(status)),
+    }
+}
+
 /// The capabilities a provider needs for `kind` on a VM in `status`, most
 /// general first (a refusal names the first one missing).
 pub fn required_capabilities(kind: JobKind, status: VmStatus) -> &'static [Capability] {
@@ -723,6 +752,31 @@ pub fn allowed_actions(status: VmStatus, job: Option<JobId>, caps: &Capabilities
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every snapshot state for a revert and a delete, as literal rows.
+    #[test]
+    fn snapshot_operations_take_snapshots_in_the_states_they_allow() {
+        use JobKind::{SnapshotDelete as Del, SnapshotRevert as Rev};
+        use SnapshotRefusal::{Gone, WrongState};
+        use SnapshotStatus::*;
+        type Row = (JobKind, SnapshotStatus, Result<Option<SnapshotStatus>, SnapshotRefusal>);
+        #[rustfmt::skip]
+        let rows: &[Row] = &[
+            (Rev, Creating,  Err(WrongState(Creating))),
+            (Rev, Available, Ok(None)),
+            (Rev, Error,     Err(WrongState(Error))),
+            (Rev, Removing,  Err(WrongState(Removing))),
+            (Rev, Removed,   Err(Gone)),
+            (Del, Creating,  Err(WrongState(Creating))),
+            (Del, Available, Ok(Some(Removing))),
+            (Del, Error,     Ok(Some(Removing))),
+            (Del, Removing,  Err(WrongState(Removing))),
+            (Del, Removed,   Err(Gone)),
+        ];
+        for &(kind, status, expected) in rows {
+            assert_eq!(accept_snapshot(kind, status), expected, "{kind} on a snapshot {status}");
+        }
+    }
 
     const OUTCOMES: &[Outcome] = &[
         Outcome::Succeeded { power: None },

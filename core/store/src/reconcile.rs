@@ -8,7 +8,9 @@ use hcp_proto::ids::{JobId, ProviderId, VmId};
 
 use super::outbox::insert_vm_usage;
 use super::{StoreError, StoreResult, col, on_pool};
+use hcp_domain::lifecycle::Correction;
 use hcp_domain::model::{AuditEvent, VmStatus};
+use hcp_proto::error::ErrorCode;
 
 /// A VM as the reconciler needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,21 +67,22 @@ impl super::Store {
         })
     }
 
-    /// Sets a VM's status if it is still `expected` with no job and
-    /// unchanged since `observed_before`; appends the audit event and, when
-    /// given, a usage event, in the same transaction. Returns false when the
-    /// VM changed meanwhile (nothing is written then).
-    #[allow(clippy::too_many_arguments)]
+    /// Writes `correction` (its state, error and usage event) if the VM is
+    /// still `expected` with no job and unchanged since `observed_before`,
+    /// with the audit event, in one transaction. Returns false when the VM
+    /// changed meanwhile, or the correction changes no state (nothing is
+    /// written then).
     pub async fn correct_vm_status(
         &self,
         vm: VmId,
         expected: VmStatus,
         observed_before: DateTime<Utc>,
-        new: VmStatus,
-        error: Option<(&str, &str)>,
+        correction: &Correction,
         audit: &AuditEvent,
-        usage: Option<&str>,
     ) -> StoreResult<bool> {
+        let Some(new) = correction.vm else { return Ok(false) };
+        let error_code = correction.vm_error.map(ErrorCode::as_str);
+        let error_message = correction.error_message();
         let outbox = self.outbox;
         on_pool!(transaction self, |tx| {
             let done = sqlx::query(
@@ -87,8 +90,8 @@ impl super::Store {
                  WHERE id = $5 AND status = $6 AND current_job_id IS NULL AND updated_at <= $7",
             )
             .bind(new.as_str())
-            .bind(error.map(|e| e.0))
-            .bind(error.map(|e| e.1))
+            .bind(error_code)
+            .bind(error_message)
             .bind(audit.at)
             .bind(vm.0)
             .bind(expected.as_str())
@@ -99,8 +102,8 @@ impl super::Store {
             if done.rows_affected() != 1 {
                 return Ok(false);
             }
-            if let Some(event) = usage {
-                insert_vm_usage!(tx, vm, event, audit.at, None, outbox);
+            if let Some(event) = correction.metering {
+                insert_vm_usage!(tx, vm, event.as_str(), audit.at, None, outbox);
             }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;

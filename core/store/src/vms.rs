@@ -11,7 +11,7 @@ use super::outbox::{SUBJECT_JOBS, insert_outbox};
 use super::{IdempotencyRecord, StoreError, StoreResult, col, on_pool, to_i32};
 use hcp_proto::ids::SnapshotId;
 
-use hcp_domain::lifecycle::{Refusal, Size};
+use hcp_domain::lifecycle::{Refusal, Size, SnapshotRefusal};
 use hcp_domain::model::{
     AuditEvent, Job, JobKind, NetworkAttachment, Scope, Snapshot, SnapshotStatus, Vm, VmStatus,
 };
@@ -388,19 +388,16 @@ impl super::Store {
                     let status = status.ok_or(StoreError::NotFound)?;
                     let status = SnapshotStatus::parse(&status)
                         .ok_or_else(|| StoreError::Corrupt(format!("snapshot status {status:?}")))?;
-                    let deleting = matches!(op.snapshot, Some(SnapshotAccept::Delete(_)));
-                    let ok =
-                        status == SnapshotStatus::Available || (deleting && status == SnapshotStatus::Error);
-                    if status == SnapshotStatus::Removed {
-                        return Err(StoreError::NotFound);
-                    }
-                    if !ok {
-                        return Err(StoreError::Conflict(format!("snapshot {id} is {status}")));
-                    }
-                    if deleting {
+                    let taken = hcp_domain::lifecycle::accept_snapshot(job.kind, status).map_err(|r| match r {
+                        SnapshotRefusal::Gone => StoreError::NotFound,
+                        SnapshotRefusal::WrongState(status) => {
+                            StoreError::Conflict(format!("snapshot {id} is {status}"))
+                        }
+                    })?;
+                    if let Some(taken) = taken {
                         sqlx::query("UPDATE snapshots SET status = $2, updated_at = $1 WHERE id = $3")
                             .bind(job.created_at)
-                            .bind(SnapshotStatus::Removing.as_str())
+                            .bind(taken.as_str())
                             .bind(id.0)
                             .execute(&mut *tx)
                             .await
