@@ -44,6 +44,7 @@ use std::sync::Arc;
 
 pub use hcp_proto::provider as pb;
 
+pub mod kit;
 pub mod support;
 use hcp_proto::provider::compute_server::{Compute, ComputeServer};
 use hcp_proto::provider::identity_server::{Identity, IdentityServer};
