@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use hcp_provider_sdk::kit::{HttpsUrl, split_https_url};
 use http_body_util::Full;
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -395,29 +396,11 @@ impl std::fmt::Debug for Wsman {
     }
 }
 
-/// Parses `https://host[:port]/wsman`.
-pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
-    let rest = url.strip_prefix("https://").ok_or("url must start with https://")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/wsman"),
-    };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h.trim_matches(['[', ']']).to_owned(), p.parse().map_err(|_| format!("bad port in {url}"))?)
-        }
-        _ => (authority.to_owned(), 5986),
-    };
-    if host.is_empty() {
-        return Err(format!("no host in {url}"));
-    }
-    Ok((host, port, path.to_owned()))
-}
-
 impl Wsman {
     /// A client for `url`, trusting `trust`, with `timeout` per request.
     pub fn new(url: &str, trust: &hcp_tls::Trust, timeout: Duration, scheme: Scheme) -> Result<Self, String> {
-        let (host, port, path) = split_url(url)?;
+        let HttpsUrl { host, port, path } =
+            split_https_url(url, 5986, "/wsman").map_err(|e| format!("url: {e}"))?;
         let http = hcp_tls::Https::new(&host, port, trust, timeout).map_err(|e| e.to_string())?;
         Ok(Self {
             http,
