@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hcp_provider_sdk::kit::{Backoff, HttpsUrl, split_https_url};
 use http_body_util::Full;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;
@@ -205,16 +206,10 @@ pub type Params = Vec<(&'static str, String)>;
 impl Pve {
     /// A client for `api_url` (`https://HOST:PORT`).
     pub fn new(api_url: &str, trust: Trust, timing: TimingConfig) -> Result<Self, String> {
-        let rest = api_url.strip_prefix("https://").ok_or("api_url must start with https://")?;
-        let authority = rest.split('/').next().unwrap_or_default();
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h.trim_matches(['[', ']']).to_owned(),
-                p.parse().map_err(|_| format!("bad port in {api_url}"))?,
-            ),
-            _ => (authority.to_owned(), 8006),
-        };
-        let timeout = Duration::from_secs(timing.request_timeout_seconds.max(1));
+        let HttpsUrl { host, port, .. } =
+            split_https_url(api_url, 8006, "").map_err(|e| format!("api_url: {e}"))?;
+        // `timing` was validated with the configuration: at least 1 s.
+        let timeout = Duration::from_secs(timing.request_timeout_seconds);
         let http = hcp_tls::Https::new(&host, port, &trust, timeout).map_err(|e| match e {
             hcp_tls::TrustError::NoCa => "tls.ca_file holds no certificate".to_owned(),
             hcp_tls::TrustError::BadCa(e) => format!("tls.ca_file: {e}"),
@@ -389,9 +384,7 @@ impl Pve {
     }
 
     async fn backoff(&self, attempt: u32) {
-        let base = self.timing.retry_base_ms.max(1) << attempt.min(6);
-        let jitter = rand::random::<u64>() % (base / 2 + 1);
-        tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+        Backoff::from_millis(self.timing.retry_base_ms).wait(attempt).await;
     }
 
     /// Calls an asynchronous method and waits for its task; a task that
