@@ -21,6 +21,9 @@ pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// Prints the readiness line for the bound address.
 pub type Ready = Box<dyn FnOnce(String) + Send + 'static>;
 
+/// Any error of a provider's `run`, its source chain kept.
+pub type BoxError = Box<dyn Error + Send + Sync>;
+
 /// How one provider process is named on the command line and in logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Spec {
@@ -71,7 +74,7 @@ pub enum KitError {
         arg: String,
         /// What is wrong.
         #[source]
-        source: Box<dyn Error + Send + Sync>,
+        source: BoxError,
     },
     /// The tokio runtime did not start.
     #[error("cannot start the tokio runtime")]
@@ -86,7 +89,7 @@ pub enum KitError {
         binary: &'static str,
         /// Its error.
         #[source]
-        source: Box<dyn Error + Send + Sync>,
+        source: BoxError,
     },
 }
 
@@ -94,15 +97,16 @@ impl Spec {
     /// The command: `--config`, `--listen` and (per the spec)
     /// `--json-logs`.
     pub fn command(&self) -> Command {
-        let mut config = Arg::new("config")
+        let config = Arg::new("config")
             .long("config")
+            .value_name("CONFIG")
             .required(true)
             .value_parser(clap::value_parser!(PathBuf))
             .env(self.config_env)
             .help("The configuration file (TOML; see the provider's README)");
-        config = config.value_name("CONFIG");
         let mut listen = Arg::new("listen")
             .long("listen")
+            .value_name("LISTEN")
             .value_parser(clap::value_parser!(SocketAddr))
             .help("Listen address, overriding the file's `listen`; port 0 picks one");
         if let Some(env) = self.listen_env {
@@ -163,12 +167,12 @@ where
     T: Into<OsString> + Clone,
     F: FnOnce(C, Shutdown, Ready) -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: Error + Send + Sync + 'static,
+    E: Into<BoxError>,
 {
     let args = spec.parse_from(args);
     let config = load::<C>(&args)?;
     let json_logs = args.json_logs || config.json_logs();
-    start(spec, json_logs, |shutdown, ready| run(config, shutdown, ready))
+    start(spec.binary, spec.ready, json_logs, |shutdown, ready| run(config, shutdown, ready))
 }
 
 /// The configuration `args` name, with `--listen` applied, validated.
@@ -182,23 +186,29 @@ pub fn load<C: ProviderConfig>(args: &Args) -> Result<C, KitError> {
     Ok(config)
 }
 
-/// Starts the runtime and telemetry, then runs `run` until it returns;
-/// `run` gets the shutdown signal and the readiness line to print once it
-/// listens.
-pub fn start<F, Fut, E>(spec: &Spec, json_logs: bool, run: F) -> Result<(), KitError>
+/// Starts the runtime and telemetry (as service `binary`), then runs `run`
+/// until it returns; `run` gets the shutdown signal and the readiness line
+/// (naming `ready`) to print once it listens. For a process whose command
+/// line is all its own (the simulator's); [`main`] calls it for the rest.
+pub fn start<F, Fut, E>(
+    binary: &'static str,
+    ready: &'static str,
+    json_logs: bool,
+    run: F,
+) -> Result<(), KitError>
 where
     F: FnOnce(Shutdown, Ready) -> Fut,
     Fut: Future<Output = Result<(), E>>,
-    E: Error + Send + Sync + 'static,
+    E: Into<BoxError>,
 {
     let telemetry = hcp_telemetry::TelemetryConfig { json_logs, ..Default::default() };
     let runtime = tokio::runtime::Runtime::new().map_err(KitError::Runtime)?;
-    let (binary, service) = (spec.binary, spec.ready);
+    let service = ready;
     runtime.block_on(async move {
         let _telemetry = hcp_telemetry::init(binary, &telemetry).map_err(KitError::Telemetry)?;
         let shutdown: Shutdown = Box::pin(hcp_telemetry::shutdown_signal());
         let ready: Ready = Box::new(move |addr| hcp_telemetry::announce_ready(service, addr));
-        run(shutdown, ready).await.map_err(|e| KitError::Run { binary, source: Box::new(e) })
+        run(shutdown, ready).await.map_err(|e| KitError::Run { binary, source: e.into() })
     })
 }
 
