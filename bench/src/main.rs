@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         return hcp_cli::main(args);
     }
     if args.get(1).map(String::as_str) == Some("provider-libvirt") {
-        return hcp_provider_libvirt::cli::main(args[1..].iter().cloned());
+        return Ok(hcp_provider_libvirt::cli::main(args[1..].iter().cloned())?);
     }
     let which = args.get(1).map(String::as_str).unwrap_or("all").to_owned();
     let out = args

@@ -116,6 +116,8 @@ where
         }
         Command::Core { args } => Ok(hcp_core::cli::main(with_name("hcp-core", args))?),
         Command::Gateway { args } => Ok(hcp_gateway::cli::main(with_name("hcp-gateway", args))?),
-        Command::ProviderSim { args } => hcp_provider_sim::cli::main(with_name("hcp-provider-sim", args)),
+        Command::ProviderSim { args } => {
+            Ok(hcp_provider_sim::cli::main(with_name("hcp-provider-sim", args))?)
+        }
     }
 }

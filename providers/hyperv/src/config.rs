@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use hcp_provider_sdk::kit::config::check_range;
+use hcp_provider_sdk::kit::{Backings, HttpsUrl, ProviderConfig, ServerConfig, UrlError, split_https_url};
 use serde::Deserialize;
 
 /// The whole configuration.
@@ -63,6 +65,9 @@ pub struct Config {
     /// Timing and retries.
     #[serde(default)]
     pub timing: TimingConfig,
+    /// The provider's own gRPC server: unix socket, TLS.
+    #[serde(default)]
+    pub server: ServerConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -157,50 +162,41 @@ impl Default for TimingConfig {
     }
 }
 
-/// The configuration is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML is invalid or has unknown keys.
-    #[error("invalid configuration")]
-    Parse(#[source] toml::de::Error),
-    /// A field is wrong.
-    #[error("{field}: {message}")]
-    Field {
-        /// The field.
-        field: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use hcp_provider_sdk::kit::ConfigError;
+
+/// What `[timing]` accepts: zero and absurd values are refused at start.
+const JOB_POLL_MS: std::ops::RangeInclusive<u64> = 1..=60_000;
+const JOB_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
+const RETRY_ATTEMPTS: std::ops::RangeInclusive<u32> = 1..=100;
+const RETRY_BASE_MS: std::ops::RangeInclusive<u64> = 1..=60_000;
+const REQUEST_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=3_600;
 
 impl Config {
     /// Parses and checks a TOML document.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(ConfigError::Parse)?;
-        config.check()?;
-        Ok(config)
+        hcp_provider_sdk::kit::config::from_toml(text)
     }
 
     /// Reads and checks a file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text)
+        hcp_provider_sdk::kit::config::load(path)
+    }
+
+    /// The WinRM listener's URL in parts.
+    pub fn url(&self) -> Result<HttpsUrl, UrlError> {
+        split_https_url(&self.url, 5986, "/wsman")
+    }
+
+    /// HCP networks to virtual switches: the `[networks]` table, names
+    /// missing from it refused, `default_switch` for a VM without networks.
+    pub fn backings(&self) -> Backings<String> {
+        Backings::new(self.networks.clone(), Some(self.default_switch.clone()))
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let field = |field, message: &str| Err(ConfigError::Field { field, message: message.to_owned() });
-        if let Err(m) = crate::wsman::split_url(&self.url) {
-            return field("url", &m);
+        let field = |field, message: &str| Err(ConfigError::field(field, message));
+        if let Err(e) = self.url() {
+            return Err(ConfigError::field("url", e));
         }
         if self.vmconnect.port == 0 {
             return field("vmconnect.port", "must not be 0");
@@ -218,10 +214,31 @@ impl Config {
             }
             Err(e) => return field("tls", &e.to_string()),
         }
-        if self.timing.retry_attempts == 0 {
-            return field("timing.retry_attempts", "at least 1");
-        }
-        Ok(())
+        let t = &self.timing;
+        check_range("timing.job_poll_ms", t.job_poll_ms, JOB_POLL_MS)?;
+        check_range("timing.job_timeout_seconds", t.job_timeout_seconds, JOB_TIMEOUT_SECONDS)?;
+        check_range("timing.retry_attempts", t.retry_attempts, RETRY_ATTEMPTS)?;
+        check_range("timing.retry_base_ms", t.retry_base_ms, RETRY_BASE_MS)?;
+        check_range("timing.request_timeout_seconds", t.request_timeout_seconds, REQUEST_TIMEOUT_SECONDS)?;
+        self.server.validate()
+    }
+}
+
+impl ProviderConfig for Config {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn set_listen(&mut self, listen: SocketAddr) {
+        self.listen = listen;
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+    }
+
+    fn server(&self) -> Option<&ServerConfig> {
+        Some(&self.server)
     }
 }
 
@@ -234,9 +251,9 @@ mod tests {
         let fp = ["AB"; 32].join(":");
         let base = "url = \"https://hv1:5986/wsman\"\nvm_dir = 'C:\\Hyper-V\\hcp'\n";
         let check = |t: &str| {
-            Config::from_toml(t).map(|_| ()).map_err(|e| match e {
-                ConfigError::Field { field, .. } => field.to_owned(),
-                other => other.to_string(),
+            Config::from_toml(t).map(|_| ()).map_err(|e| match e.field_name() {
+                Some(field) => field.to_owned(),
+                None => e.to_string(),
             })
         };
         assert_eq!(check(&format!("{base}[tls]\nfingerprint = \"{fp}\"\n")), Ok(()));
@@ -257,5 +274,31 @@ mod tests {
             check(&format!("x = 1\n{base}[tls]\nfingerprint = \"{fp}\"\n")),
             Err("invalid configuration".into())
         );
+    }
+
+    #[test]
+    fn timing_values_out_of_range_are_refused_with_field_and_range() {
+        let fp = ["AB"; 32].join(":");
+        let base =
+            format!("url = \"https://hv1:5986/wsman\"\nvm_dir = 'C:\\hcp'\n[tls]\nfingerprint = \"{fp}\"\n");
+        let cases = [
+            ("job_poll_ms = 0", "timing.job_poll_ms: 0 is out of range, allowed 1..=60000"),
+            ("job_timeout_seconds = 0", "timing.job_timeout_seconds: 0 is out of range, allowed 1..=86400"),
+            ("retry_attempts = 0", "timing.retry_attempts: 0 is out of range, allowed 1..=100"),
+            ("retry_base_ms = 0", "timing.retry_base_ms: 0 is out of range, allowed 1..=60000"),
+            ("retry_base_ms = 60001", "timing.retry_base_ms: 60001 is out of range, allowed 1..=60000"),
+            (
+                "request_timeout_seconds = 0",
+                "timing.request_timeout_seconds: 0 is out of range, allowed 1..=3600",
+            ),
+        ];
+        for (timing, want) in cases {
+            let got = Config::from_toml(&format!("{base}[timing]\n{timing}\n"))
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            assert_eq!(got, Err(want.to_owned()), "{timing}");
+        }
+        let c = Config::from_toml(&format!("{base}[server]\nunix_socket = \"/run/hv.sock\"\n")).unwrap();
+        assert_eq!((c.timing.job_poll_ms, c.url().unwrap().port), (250, 5986));
     }
 }

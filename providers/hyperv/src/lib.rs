@@ -29,11 +29,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hcp_provider_sdk::kit::{BackingError, Backoff};
 use hcp_provider_sdk::support::{Failpoints, VmLocks, is_uuid};
 use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
 
 use crate::cim::{Instance, object_path, wql_literal};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::wsman::{Credentials, Epr, Param, Wsman, WsmanError};
 
 /// Environment variable naming failpoints, for crash tests only: a comma
@@ -151,6 +152,42 @@ pub fn map_error(e: HvError) -> ProviderError {
     err
 }
 
+/// Why the provider could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable (including its `[server]` files).
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    /// The trust of `tls` could not be loaded.
+    #[error("{0}")]
+    Trust(String),
+    /// The WS-Management client could not be built.
+    #[error("cannot build the ws-management client")]
+    Client(#[source] crate::wsman::ClientError),
+    /// A secret file could not be read.
+    #[error("{field} {}", path.display())]
+    Secret {
+        /// The field naming the file.
+        field: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential is incomplete.
+    #[error("{field}: required with {with}")]
+    Missing {
+        /// The missing field.
+        field: &'static str,
+        /// The field that needs it.
+        with: &'static str,
+    },
+    /// The server failed.
+    #[error("cannot serve")]
+    Serve(#[from] hcp_provider_sdk::ServeError),
+}
+
 fn invalid(field: &str, message: impl std::fmt::Display) -> ProviderError {
     ProviderError::new(ErrorKind::InvalidArgument, format!("{field}: {message}"))
 }
@@ -230,19 +267,27 @@ pub struct Hyperv {
 
 impl Hyperv {
     /// Builds the provider from its configuration.
-    pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let trust = config.tls.load().map_err(|e| anyhow::anyhow!(e))?;
-        let timeout = Duration::from_secs(config.timing.request_timeout_seconds.max(1));
+    pub async fn new(config: Config) -> Result<Self, StartError> {
+        // `TrustConfig::load` prefixes its messages with `tls: `.
+        let trust = config.tls.load().map_err(StartError::Trust)?;
+        // Validated with the configuration: at least 1 s.
+        let timeout = Duration::from_secs(config.timing.request_timeout_seconds);
         let host =
-            Wsman::new(&config.url, &trust, timeout, config.auth_scheme).map_err(|e| anyhow::anyhow!(e))?;
+            Wsman::new(&config.url, &trust, timeout, config.auth_scheme).map_err(StartError::Client)?;
         if let Some(auth) = &config.auth {
             let password = match (&auth.password, &auth.password_file) {
                 (Some(p), _) => p.clone(),
                 (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|e| anyhow::anyhow!("auth.password_file {}: {e}", f.display()))?
+                    .map_err(|source| StartError::Secret {
+                        field: "auth.password_file",
+                        path: f.clone(),
+                        source,
+                    })?
                     .trim()
                     .to_owned(),
-                (None, None) => anyhow::bail!("auth.password: required with auth.username"),
+                (None, None) => {
+                    return Err(StartError::Missing { field: "auth.password", with: "auth.username" });
+                }
             };
             host.set_credentials(Credentials { username: auth.username.clone(), password });
         }
@@ -262,9 +307,7 @@ impl Hyperv {
     }
 
     async fn backoff(&self, attempt: u32) {
-        let base = self.config.timing.retry_base_ms.max(1) << attempt.min(6);
-        let jitter = rand::random::<u64>() % (base / 2 + 1);
-        tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+        Backoff::from_millis(self.config.timing.retry_base_ms).wait(attempt).await;
     }
 
     /// The host's computer name (object paths name it).
@@ -322,7 +365,7 @@ impl Hyperv {
 
     async fn wait_job(&self, method: &str, job: &Epr) -> Result<(), HvError> {
         let deadline = Instant::now() + Duration::from_secs(self.config.timing.job_timeout_seconds);
-        let poll = Duration::from_millis(self.config.timing.job_poll_ms.max(1));
+        let poll = Duration::from_millis(self.config.timing.job_poll_ms);
         loop {
             let j = self.host.get(job).await?;
             let job_state = j.num("JobState").unwrap_or(0);
@@ -504,25 +547,12 @@ impl Hyperv {
         if spec.networks.len() > 8 {
             return Err(invalid("spec.networks", "at most 8 networks"));
         }
-        let names: Vec<String> = if spec.networks.is_empty() {
-            vec![self.config.default_switch.clone()]
-        } else {
-            spec.networks
-                .iter()
-                .map(|n| {
-                    if !n.backing.is_empty() {
-                        Ok(n.backing.clone())
-                    } else {
-                        self.config.networks.get(&n.network).cloned().ok_or_else(|| {
-                            invalid(
-                                "spec.networks",
-                                format!("network {:?} has no switch on this provider", n.network),
-                            )
-                        })
-                    }
-                })
-                .collect::<Result<_, _>>()?
-        };
+        let names = self.config.backings().resolve_names(&spec.networks).map_err(|e| match e {
+            BackingError::UnknownNetwork { network, .. } => {
+                invalid("spec.networks", format!("network {network:?} has no switch on this provider"))
+            }
+            other => invalid("spec.networks", other),
+        })?;
         let mut out = Vec::new();
         for n in names {
             out.push(self.switch_path(&n).await?);
@@ -806,7 +836,7 @@ impl Hyperv {
 
     async fn wait_off(&self, vm: &Vm, timeout: Duration) -> Result<bool, HvError> {
         let deadline = Instant::now() + timeout;
-        let poll = Duration::from_millis(self.config.timing.job_poll_ms.max(1));
+        let poll = Duration::from_millis(self.config.timing.job_poll_ms);
         loop {
             if self.reread(vm).await?.off() {
                 return Ok(true);
@@ -1151,7 +1181,7 @@ impl Provider for Hyperv {
         let vm = self.require(&req.vm_id).await?;
         let host = match &self.config.vmconnect.host {
             Some(h) => h.clone(),
-            None => crate::wsman::split_url(&self.config.url).map(|(h, _, _)| h).unwrap_or_default(),
+            None => self.config.url().map(|u| u.host).unwrap_or_default(),
         };
         // VMConnect does its own TLS and CredSSP with the client: the proxy
         // only names the VM (its GUID) in the preconnection PDU.
@@ -1300,10 +1330,9 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(String) + Send,
-) -> anyhow::Result<()> {
-    let listen = config.listen;
+) -> Result<(), StartError> {
+    let serve = hcp_provider_sdk::kit::config::serve_config(&config)?;
     let provider = Hyperv::new(config).await?;
-    let serve = hcp_provider_sdk::ServeConfig { listen, ..Default::default() };
     hcp_provider_sdk::serve(provider, serve, shutdown, ready).await?;
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! `hcp-provider-hyperv`: runs the Hyper-V provider as a process.
 
-fn main() -> anyhow::Result<()> {
-    hcp_provider_hyperv::cli::main(std::env::args_os())
+fn main() -> std::process::ExitCode {
+    hcp_provider_sdk::kit::cli::exit(hcp_provider_hyperv::cli::main(std::env::args_os()))
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
+use hcp_provider_sdk::kit::{HttpsUrl, UrlError, split_https_url};
 use http_body_util::Full;
 use serde::Serialize;
 use serde::ser::SerializeMap;
@@ -398,34 +399,12 @@ impl std::fmt::Debug for Wsman {
 /// Why a client for a WinRM listener cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The URL does not parse ([`split_url`] says why).
-    #[error("{reason}")]
-    Url {
-        /// [`split_url`]'s message.
-        reason: String,
-    },
+    /// The URL does not parse.
+    #[error("url")]
+    Url(#[source] UrlError),
     /// The trust settings cannot be used.
     #[error(transparent)]
     Tls(#[from] hcp_tls::TrustError),
-}
-
-/// Parses `https://host[:port]/wsman`.
-pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
-    let rest = url.strip_prefix("https://").ok_or("url must start with https://")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/wsman"),
-    };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h.trim_matches(['[', ']']).to_owned(), p.parse().map_err(|_| format!("bad port in {url}"))?)
-        }
-        _ => (authority.to_owned(), 5986),
-    };
-    if host.is_empty() {
-        return Err(format!("no host in {url}"));
-    }
-    Ok((host, port, path.to_owned()))
 }
 
 impl Wsman {
@@ -436,7 +415,7 @@ impl Wsman {
         timeout: Duration,
         scheme: Scheme,
     ) -> Result<Self, ClientError> {
-        let (host, port, path) = split_url(url).map_err(|reason| ClientError::Url { reason })?;
+        let HttpsUrl { host, port, path } = split_https_url(url, 5986, "/wsman").map_err(ClientError::Url)?;
         let http = hcp_tls::Https::new(&host, port, trust, timeout)?;
         Ok(Self {
             http,

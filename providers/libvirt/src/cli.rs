@@ -1,44 +1,25 @@
-//! Command line of this process: a config file, and the listen address
-//! that tests and operators most often override.
+//! The provider process's names on the command line; the kit does the rest
+//! (`--config`, `--listen`, runtime, telemetry, serving). JSON logs are
+//! the file's `json_logs`.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use hcp_provider_sdk::kit::{self, KitError, Spec};
 
-use anyhow::Context;
-use clap::Parser;
-
-/// The KVM/QEMU provider, driving libvirt, speaking hcp.provider.v1.
-#[derive(Parser, Debug)]
-#[command(version)]
-struct Args {
-    /// The configuration file (TOML; see providers/libvirt/README.md).
-    #[arg(long, env = "HCP_LIBVIRT_CONFIG")]
-    config: PathBuf,
-    /// Listen address, overriding the file's; port 0 picks one.
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-}
+/// `hcp-provider-libvirt`'s command line.
+pub const SPEC: Spec = Spec {
+    binary: "hcp-provider-libvirt",
+    ready: "provider-libvirt",
+    about: "The KVM/QEMU provider, driving libvirt, speaking hcp.provider.v1",
+    version: env!("CARGO_PKG_VERSION"),
+    config_env: "HCP_LIBVIRT_CONFIG",
+    listen_env: None,
+    json_logs_flag: false,
+};
 
 /// Parses `args` (program name first) and runs until SIGTERM/ctrl-c.
-pub fn main<I, T>(args: I) -> anyhow::Result<()>
+pub fn main<I, T>(args: I) -> Result<(), KitError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let args = Args::parse_from(args);
-    let mut config =
-        crate::Config::load(&args.config).with_context(|| format!("--config {}", args.config.display()))?;
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    let telemetry = hcp_telemetry::TelemetryConfig { json_logs: config.json_logs, ..Default::default() };
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
-        let _t = hcp_telemetry::init("hcp-provider-libvirt", &telemetry)?;
-        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
-            hcp_telemetry::announce_ready("provider-libvirt", addr)
-        })
-        .await
-        .context("libvirt provider failed")
-    })
+    kit::cli::main(&SPEC, args, |config: crate::Config, shutdown, ready| crate::run(config, shutdown, ready))
 }

@@ -8,6 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hcp_provider_sdk::kit::config::check_range;
+use hcp_provider_sdk::kit::{Backings, ProviderConfig, ServerConfig};
 use serde::Deserialize;
 
 /// Which accelerator domains use.
@@ -47,6 +49,17 @@ pub struct NetworkConfig {
     /// QEMU user-mode networking, no host setup (`<interface type='user'>`).
     #[serde(default)]
     pub user: bool,
+}
+
+impl NetworkConfig {
+    /// The NIC this entry makes (checked: exactly one key is set).
+    fn nic(&self) -> Nic {
+        match (&self.network, &self.bridge) {
+            (Some(n), _) => Nic::Network(n.clone()),
+            (None, Some(b)) => Nic::Bridge(b.clone()),
+            (None, None) => Nic::User,
+        }
+    }
 }
 
 /// The NIC a network attachment resolves to.
@@ -100,6 +113,31 @@ pub struct Config {
     /// Log JSON lines.
     #[serde(default)]
     pub json_logs: bool,
+    /// The provider's own gRPC server: unix socket, TLS.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+impl ProviderConfig for Config {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn set_listen(&mut self, listen: SocketAddr) {
+        self.listen = listen;
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+    }
+
+    fn server(&self) -> Option<&ServerConfig> {
+        Some(&self.server)
+    }
+
+    fn json_logs(&self) -> bool {
+        self.json_logs
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -118,48 +156,24 @@ fn default_stop_timeout() -> u64 {
     60
 }
 
-/// The configuration is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// Which file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or has unknown keys.
-    #[error("{0}")]
-    Parse(String),
-    /// A value is wrong.
-    #[error("{field}: {message}")]
-    Invalid {
-        /// The key, e.g. `networks.default`.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use hcp_provider_sdk::kit::ConfigError;
+
+/// What `stop_timeout_seconds` accepts.
+const STOP_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
 
 impl Config {
     /// Reads and checks a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::parse(&text)
+        hcp_provider_sdk::kit::config::load(path)
     }
 
     /// Parses and checks TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        config.check()?;
-        Ok(config)
+        hcp_provider_sdk::kit::config::from_toml(text)
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let invalid = |field: String, message: &str| ConfigError::Invalid { field, message: message.into() };
+        let invalid = |field: String, message: &str| ConfigError::field(field, message);
         if self.uri.trim().is_empty() {
             return Err(invalid("uri".into(), "must not be empty"));
         }
@@ -188,10 +202,15 @@ impl Config {
                 ));
             }
         }
-        if self.stop_timeout_seconds == 0 {
-            return Err(invalid("stop_timeout_seconds".into(), "must be at least 1"));
-        }
-        Ok(())
+        check_range("stop_timeout_seconds", self.stop_timeout_seconds, STOP_TIMEOUT_SECONDS)?;
+        self.server.validate()
+    }
+
+    /// HCP networks (or the operator's backings, which name keys of the
+    /// same table) to NICs; no default: a VM without networks has no NIC.
+    pub fn backings(&self) -> Backings<Nic> {
+        let table = self.networks.iter().map(|(name, net)| (name.clone(), net.nic())).collect();
+        Backings::new(table, None)
     }
 
     /// The image for a catalog source, if this host has it.
@@ -209,12 +228,7 @@ impl Config {
 
     /// The NIC for an HCP network name, if configured.
     pub fn nic(&self, network: &str) -> Option<Nic> {
-        let net = self.networks.get(network)?;
-        Some(match (&net.network, &net.bridge) {
-            (Some(n), _) => Nic::Network(n.clone()),
-            (None, Some(b)) => Nic::Bridge(b.clone()),
-            (None, None) => Nic::User,
-        })
+        self.networks.get(network).map(NetworkConfig::nic)
     }
 
     /// Where core connects for consoles.
@@ -232,8 +246,9 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The config, or the error with its causes (TOML's own message).
     fn check(text: &str) -> Result<Config, String> {
-        Config::parse(text).map_err(|e| e.to_string())
+        Config::parse(text).map_err(|e| hcp_provider_sdk::kit::cli::chain(&e))
     }
 
     #[test]
@@ -258,7 +273,11 @@ mod tests {
             ("state_dir = \"/s\"\n[images.x]\ndisk = \"/d\"\ninitrd = \"/i\"", "images.x.initrd: needs"),
             ("state_dir = \"/s\"\n[images.x]\ndisk = \"d\"", "images.x.disk: must be an absolute path"),
             ("state_dir = \"/s\"\naccelerator = \"hvf\"", "unknown variant `hvf`"),
-            ("state_dir = \"/s\"\nstop_timeout_seconds = 0", "stop_timeout_seconds: must be at least 1"),
+            (
+                "state_dir = \"/s\"\nstop_timeout_seconds = 0",
+                "stop_timeout_seconds: 0 is out of range, allowed 1..=86400",
+            ),
+            ("state_dir = \"/s\"\n[server]\ntls_key_file = \"/k\"", "server.tls_cert_file: needed with"),
         ] {
             let err = check(text).unwrap_err();
             assert!(err.contains(want), "{text:?}: {err}");

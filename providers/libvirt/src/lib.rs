@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, ServeConfig, pb};
+use hcp_provider_sdk::kit::BackingError;
+use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::domain_snapshot::DomainSnapshot;
@@ -75,6 +76,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The configuration is unusable (its `[server]` files).
+    #[error("invalid configuration")]
+    Config(#[from] crate::config::ConfigError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] hcp_provider_sdk::ServeError),
@@ -288,16 +292,16 @@ impl Libvirt {
         if spec.memory_mib < 32 {
             return Err(invalid("memory_mib: must be at least 32"));
         }
-        let mut nics = Vec::new();
-        for (i, n) in spec.networks.iter().enumerate() {
-            // The operator's mapping names a key of this host's [networks]
-            // table; without one the HCP name is the key.
-            let (field, key) =
-                if n.backing.is_empty() { ("network", &n.network) } else { ("backing", &n.backing) };
-            nics.push(config.nic(key).ok_or_else(|| {
-                invalid(format!("networks[{i}].{field}: network {key:?} is not available on this host"))
-            })?);
-        }
+        // The operator's mapping names a key of this host's [networks]
+        // table; without one the HCP name is the key.
+        let backings = config.backings();
+        let nics = backings.resolve(&spec.networks, |key| backings.get(key).cloned()).map_err(|e| {
+            let (index, field, key) = match e {
+                BackingError::UnknownNetwork { index, network } => (index, "network", network),
+                BackingError::UnknownBacking { index, backing } => (index, "backing", backing),
+            };
+            invalid(format!("networks[{index}].{field}: network {key:?} is not available on this host"))
+        })?;
         if !image.disk.is_file() {
             return Err(ProviderError::new(
                 ErrorKind::Internal,
@@ -798,9 +802,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(String) + Send,
 ) -> Result<(), StartError> {
-    let listen = config.listen;
+    let serve = hcp_provider_sdk::kit::config::serve_config(&config)?;
     let provider = Libvirt::connect(config).await?;
-    hcp_provider_sdk::serve(provider, ServeConfig { listen, ..Default::default() }, shutdown, ready).await?;
+    hcp_provider_sdk::serve(provider, serve, shutdown, ready).await?;
     Ok(())
 }
 

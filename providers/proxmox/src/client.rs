@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hcp_provider_sdk::kit::{Backoff, HttpsUrl, UrlError, split_https_url};
 use http_body_util::Full;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;
@@ -202,18 +203,9 @@ impl Method {
 /// Why a [`Pve`] client cannot be built (the texts name the config fields).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// `api_url` is not `https://`.
-    #[error("api_url must start with https://")]
-    NotHttps,
-    /// `api_url`'s port is not a number.
-    #[error("bad port in {url}")]
-    BadPort {
-        /// The URL.
-        url: String,
-        /// Why the port does not parse.
-        #[source]
-        source: std::num::ParseIntError,
-    },
+    /// `api_url` does not parse.
+    #[error("api_url")]
+    Url(#[source] UrlError),
     /// `tls.ca_file` holds no certificate.
     #[error("tls.ca_file holds no certificate")]
     NoCa,
@@ -231,16 +223,9 @@ pub type Params = Vec<(&'static str, String)>;
 impl Pve {
     /// A client for `api_url` (`https://HOST:PORT`).
     pub fn new(api_url: &str, trust: Trust, timing: TimingConfig) -> Result<Self, ClientError> {
-        let rest = api_url.strip_prefix("https://").ok_or(ClientError::NotHttps)?;
-        let authority = rest.split('/').next().unwrap_or_default();
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h.trim_matches(['[', ']']).to_owned(),
-                p.parse().map_err(|source| ClientError::BadPort { url: api_url.to_owned(), source })?,
-            ),
-            _ => (authority.to_owned(), 8006),
-        };
-        let timeout = Duration::from_secs(timing.request_timeout_seconds.max(1));
+        let HttpsUrl { host, port, .. } = split_https_url(api_url, 8006, "").map_err(ClientError::Url)?;
+        // `timing` was validated with the configuration: at least 1 s.
+        let timeout = Duration::from_secs(timing.request_timeout_seconds);
         let http = hcp_tls::Https::new(&host, port, &trust, timeout).map_err(|e| match e {
             hcp_tls::TrustError::NoCa => ClientError::NoCa,
             hcp_tls::TrustError::BadCa(e) => ClientError::BadCa(e),
@@ -415,9 +400,7 @@ impl Pve {
     }
 
     async fn backoff(&self, attempt: u32) {
-        let base = self.timing.retry_base_ms.max(1) << attempt.min(6);
-        let jitter = rand::random::<u64>() % (base / 2 + 1);
-        tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+        Backoff::from_millis(self.timing.retry_base_ms).wait(attempt).await;
     }
 
     /// Calls an asynchronous method and waits for its task; a task that

@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use hcp_provider_sdk::kit::config::check_range;
+use hcp_provider_sdk::kit::{Backings, HttpsUrl, ProviderConfig, ServerConfig, UrlError, split_https_url};
 use serde::Deserialize;
 
 /// The whole configuration.
@@ -50,6 +52,9 @@ pub struct Config {
     /// cluster's `nextid`.
     #[serde(default)]
     pub vmid_range: Option<(u32, u32)>,
+    /// The provider's own gRPC server: unix socket, TLS.
+    #[serde(default)]
+    pub server: ServerConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -145,56 +150,49 @@ impl Default for TimingConfig {
 }
 
 impl TimingConfig {
-    /// The polling interval.
+    /// The polling interval (validated with the configuration: at least
+    /// 1 ms).
     pub fn poll(&self) -> Duration {
-        Duration::from_millis(self.task_poll_ms.max(1))
+        Duration::from_millis(self.task_poll_ms)
     }
 }
 
-/// The configuration is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML is invalid or has unknown keys.
-    #[error("invalid configuration")]
-    Parse(#[source] toml::de::Error),
-    /// A field is wrong.
-    #[error("{field}: {message}")]
-    Field {
-        /// The field, e.g. `tls.fingerprint`.
-        field: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use hcp_provider_sdk::kit::ConfigError;
+
+/// What `[timing]` accepts: zero and absurd values are refused at start.
+const TASK_POLL_MS: std::ops::RangeInclusive<u64> = 1..=60_000;
+const TASK_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
+const RETRY_ATTEMPTS: std::ops::RangeInclusive<u32> = 1..=100;
+const RETRY_BASE_MS: std::ops::RangeInclusive<u64> = 1..=60_000;
+const REQUEST_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=3_600;
 
 impl Config {
     /// Parses and checks a TOML document.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(ConfigError::Parse)?;
-        config.check()?;
-        Ok(config)
+        hcp_provider_sdk::kit::config::from_toml(text)
     }
 
     /// Reads and checks a file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text)
+        hcp_provider_sdk::kit::config::load(path)
+    }
+
+    /// The API's host and port (8006 when the URL names none); its path is
+    /// not used, `/api2/json` is.
+    pub fn api(&self) -> Result<HttpsUrl, UrlError> {
+        split_https_url(&self.api_url, 8006, "")
+    }
+
+    /// HCP networks to bridges: the `[networks]` table, and `bridge` both
+    /// for names missing from it and for a VM without networks.
+    pub fn backings(&self) -> Backings<String> {
+        Backings::new(self.networks.clone(), Some(self.bridge.clone())).unknown_take_default()
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let field = |field, message: &str| Err(ConfigError::Field { field, message: message.to_owned() });
-        if !self.api_url.starts_with("https://") {
-            return field("api_url", "must start with https://");
+        let field = |field, message: &str| Err(ConfigError::field(field, message));
+        if let Err(e) = self.api() {
+            return Err(ConfigError::field("api_url", e));
         }
         if self.node.is_empty() {
             return field("node", "must not be empty");
@@ -214,7 +212,31 @@ impl Config {
         if self.cloud_init.snippets_dir.is_some() != self.cloud_init.snippets_storage.is_some() {
             return field("cloud_init", "snippets_storage and snippets_dir go together");
         }
-        Ok(())
+        let t = &self.timing;
+        check_range("timing.task_poll_ms", t.task_poll_ms, TASK_POLL_MS)?;
+        check_range("timing.task_timeout_seconds", t.task_timeout_seconds, TASK_TIMEOUT_SECONDS)?;
+        check_range("timing.retry_attempts", t.retry_attempts, RETRY_ATTEMPTS)?;
+        check_range("timing.retry_base_ms", t.retry_base_ms, RETRY_BASE_MS)?;
+        check_range("timing.request_timeout_seconds", t.request_timeout_seconds, REQUEST_TIMEOUT_SECONDS)?;
+        self.server.validate()
+    }
+}
+
+impl ProviderConfig for Config {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn set_listen(&mut self, listen: SocketAddr) {
+        self.listen = listen;
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+    }
+
+    fn server(&self) -> Option<&ServerConfig> {
+        Some(&self.server)
     }
 }
 
@@ -225,9 +247,9 @@ mod tests {
     const BASE: &str = "api_url = \"https://pve:8006\"\nnode = \"pve1\"\n";
 
     fn check(extra: &str) -> Result<(), String> {
-        Config::from_toml(&format!("{BASE}{extra}")).map(|_| ()).map_err(|e| match e {
-            ConfigError::Field { field, .. } => field.to_owned(),
-            other => other.to_string(),
+        Config::from_toml(&format!("{BASE}{extra}")).map(|_| ()).map_err(|e| match e.field_name() {
+            Some(field) => field.to_owned(),
+            None => e.to_string(),
         })
     }
 
@@ -248,6 +270,33 @@ mod tests {
         ];
         for (extra, want) in cases {
             assert_eq!(check(&extra), want, "{extra}");
+        }
+    }
+
+    #[test]
+    fn timing_values_out_of_range_are_refused_with_field_and_range() {
+        let fp = ["AB"; 32].join(":");
+        let cases = [
+            ("task_poll_ms = 0", "timing.task_poll_ms: 0 is out of range, allowed 1..=60000"),
+            ("task_timeout_seconds = 0", "timing.task_timeout_seconds: 0 is out of range, allowed 1..=86400"),
+            ("retry_attempts = 0", "timing.retry_attempts: 0 is out of range, allowed 1..=100"),
+            ("retry_base_ms = 0", "timing.retry_base_ms: 0 is out of range, allowed 1..=60000"),
+            ("retry_base_ms = 60001", "timing.retry_base_ms: 60001 is out of range, allowed 1..=60000"),
+            (
+                "request_timeout_seconds = 0",
+                "timing.request_timeout_seconds: 0 is out of range, allowed 1..=3600",
+            ),
+        ];
+        for (timing, want) in cases {
+            let text = format!("{BASE}[tls]\nfingerprint = \"{fp}\"\n[timing]\n{timing}\n");
+            let got = Config::from_toml(&text).map(|_| ()).map_err(|e| e.to_string());
+            assert_eq!(got, Err(want.to_owned()), "{timing}");
+        }
+        let c = Config::from_toml(&format!("{BASE}[tls]\nfingerprint = \"{fp}\"\n")).unwrap();
+        assert_eq!((c.timing.poll(), c.api().unwrap().port), (Duration::from_millis(500), 8006));
+        for url in ["http://pve:8006", "https://:8006", "https://pve:port"] {
+            let text = format!("{}[tls]\nfingerprint = \"{fp}\"\n", BASE.replace("https://pve:8006", url));
+            assert_eq!(Config::from_toml(&text).unwrap_err().field_name(), Some("api_url"), "{url}");
         }
     }
 }

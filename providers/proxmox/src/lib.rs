@@ -29,7 +29,7 @@ use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
 use serde_json::Value;
 
 use crate::client::{Credentials, Method, Params, Pve, PveError, Trust, encode_segment, lenient};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 
 /// The provider.
 pub struct Proxmox {
@@ -192,6 +192,45 @@ pub fn map_error(e: PveError) -> ProviderError {
     err
 }
 
+/// Why the provider could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable (including its `[server]` files).
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    /// The trust of `tls` could not be loaded.
+    #[error("{0}")]
+    Trust(String),
+    /// The API client could not be built.
+    #[error("cannot build the api client")]
+    Client(#[source] crate::client::ClientError),
+    /// A secret file could not be read.
+    #[error("{field} {}", path.display())]
+    Secret {
+        /// The field naming the file.
+        field: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential is incomplete.
+    #[error("{field}: required with {with}")]
+    Missing {
+        /// The missing field.
+        field: &'static str,
+        /// The field that needs it.
+        with: &'static str,
+    },
+    /// `[auth]` names neither a token nor a user.
+    #[error("auth: set token_id or username")]
+    NoCredential,
+    /// The server failed.
+    #[error("cannot serve")]
+    Serve(#[from] hcp_provider_sdk::ServeError),
+}
+
 fn invalid(field: &str, message: impl std::fmt::Display) -> ProviderError {
     ProviderError::new(ErrorKind::InvalidArgument, format!("{field}: {message}"))
 }
@@ -199,37 +238,39 @@ fn invalid(field: &str, message: impl std::fmt::Display) -> ProviderError {
 impl Proxmox {
     /// Builds the provider from its configuration (credentials from the
     /// config file, if any, are installed at once).
-    pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let trust = config.tls.load().map_err(|e| anyhow::anyhow!(e))?;
-        let pve = Pve::new(&config.api_url, trust, config.timing.clone()).map_err(|e| anyhow::anyhow!(e))?;
+    pub async fn new(config: Config) -> Result<Self, StartError> {
+        // `TrustConfig::load` prefixes its messages with `tls: `.
+        let trust = config.tls.load().map_err(StartError::Trust)?;
+        let pve = Pve::new(&config.api_url, trust, config.timing.clone()).map_err(StartError::Client)?;
         if let Some(auth) = &config.auth {
             let read = |v: &Option<String>,
                         f: &Option<std::path::PathBuf>,
-                        field: &str|
-             -> anyhow::Result<Option<String>> {
+                        field: &'static str|
+             -> Result<Option<String>, StartError> {
                 match (v, f) {
                     (Some(v), _) => Ok(Some(v.clone())),
                     (None, Some(f)) => Ok(Some(
                         std::fs::read_to_string(f)
-                            .map_err(|e| anyhow::anyhow!("auth.{field} {}: {e}", f.display()))?
+                            .map_err(|source| StartError::Secret { field, path: f.clone(), source })?
                             .trim()
                             .to_owned(),
                     )),
                     (None, None) => Ok(None),
                 }
             };
+            let missing = |field, with| StartError::Missing { field, with };
             let creds = match (&auth.token_id, &auth.username) {
                 (Some(id), _) => Credentials::Token {
                     id: id.clone(),
-                    secret: read(&auth.token_secret, &auth.token_secret_file, "token_secret_file")?
-                        .ok_or_else(|| anyhow::anyhow!("auth.token_secret: required with auth.token_id"))?,
+                    secret: read(&auth.token_secret, &auth.token_secret_file, "auth.token_secret_file")?
+                        .ok_or_else(|| missing("auth.token_secret", "auth.token_id"))?,
                 },
                 (None, Some(user)) => Credentials::Password {
                     username: user.clone(),
-                    password: read(&auth.password, &auth.password_file, "password_file")?
-                        .ok_or_else(|| anyhow::anyhow!("auth.password: required with auth.username"))?,
+                    password: read(&auth.password, &auth.password_file, "auth.password_file")?
+                        .ok_or_else(|| missing("auth.password", "auth.username"))?,
                 },
-                (None, None) => anyhow::bail!("auth: set token_id or username"),
+                (None, None) => return Err(StartError::NoCredential),
             };
             pve.set_credentials(creds).await;
         }
@@ -377,24 +418,8 @@ impl Proxmox {
         // One NIC per network, in order: the operator's mapping (backing)
         // names the bridge; else this provider's own table; else its
         // default bridge. No network: one NIC on the default bridge.
-        let bridges: Vec<String> = if spec.networks.is_empty() {
-            vec![self.config.bridge.clone()]
-        } else {
-            spec.networks
-                .iter()
-                .map(|n| {
-                    if n.backing.is_empty() {
-                        self.config
-                            .networks
-                            .get(&n.network)
-                            .cloned()
-                            .unwrap_or_else(|| self.config.bridge.clone())
-                    } else {
-                        n.backing.clone()
-                    }
-                })
-                .collect()
-        };
+        let bridges =
+            self.config.backings().resolve_names(&spec.networks).map_err(|e| invalid("spec.networks", e))?;
         if bridges.len() > NICS.len() {
             return Err(invalid("spec.networks", format!("at most {} networks", NICS.len())));
         }
@@ -1051,10 +1076,9 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(String) + Send,
-) -> anyhow::Result<()> {
-    let listen = config.listen;
+) -> Result<(), StartError> {
+    let serve = hcp_provider_sdk::kit::config::serve_config(&config)?;
     let provider = Proxmox::new(config).await?;
-    let serve = hcp_provider_sdk::ServeConfig { listen, ..Default::default() };
     hcp_provider_sdk::serve(provider, serve, shutdown, ready).await?;
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! `hcp-provider-proxmox`: runs the Proxmox VE provider as a process.
 
-fn main() -> anyhow::Result<()> {
-    hcp_provider_proxmox::cli::main(std::env::args_os())
+fn main() -> std::process::ExitCode {
+    hcp_provider_sdk::kit::cli::exit(hcp_provider_proxmox::cli::main(std::env::args_os()))
 }

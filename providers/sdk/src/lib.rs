@@ -37,13 +37,23 @@
 //! # }
 //! ```
 //!
-//! The SDK depends on neither a database nor a message queue; CI checks it.
+//! [`kit`] turns that into a whole process: the command line (`--config`,
+//! `--listen`, `--json-logs`), a strict TOML configuration validated at
+//! start ([`kit::ProviderConfig`]; a value out of range is refused with the
+//! field and the range, never clamped), the runtime, telemetry and
+//! serving, with a typed [`kit::KitError`]; plus retry [`kit::Backoff`],
+//! [`kit::split_https_url`] and network [`kit::Backings`]. Every in-tree
+//! provider runs on it; `examples/minimal.rs` is a complete provider.
+//!
+//! The SDK depends on neither a database nor a message queue;
+//! `tests/boundary.rs` checks it from `cargo metadata`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 pub use hcp_proto::provider as pb;
 
+pub mod kit;
 pub mod support;
 use hcp_proto::provider::compute_server::{Compute, ComputeServer};
 use hcp_proto::provider::identity_server::{Identity, IdentityServer};

@@ -1,9 +1,12 @@
 //! Command line of this process, shared by its own binary and by `hcp`.
+//! The simulator has no configuration file: its flags are its own, and the
+//! SDK's provider kit starts the runtime, telemetry and server.
 
 use std::net::SocketAddr;
 
-use anyhow::Context;
 use clap::Parser;
+use hcp_provider_sdk::kit::config::TlsFiles;
+use hcp_provider_sdk::kit::{self, KitError};
 
 /// The simulated hypervisor, speaking hcp.provider.v1.
 #[derive(Parser, Debug)]
@@ -64,32 +67,33 @@ struct Args {
 
 /// Parses `args` (program name first) and runs the process until
 /// SIGTERM/ctrl-c.
-pub fn main<I, T>(args: I) -> anyhow::Result<()>
+pub fn main<I, T>(args: I) -> Result<(), KitError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
     let args = Args::parse_from(args);
     let config = config_of(&args)?;
-    let telemetry = hcp_telemetry::TelemetryConfig { json_logs: args.json_logs, ..Default::default() };
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
-        let _t = hcp_telemetry::init("hcp-provider-sim", &telemetry)?;
-        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
-            hcp_telemetry::announce_ready("provider-sim", addr)
-        })
-        .await
-        .context("simulator failed")
+    kit::cli::start("hcp-provider-sim", "provider-sim", args.json_logs, |shutdown, ready| {
+        crate::run(config, shutdown, ready)
     })
 }
 
 /// The simulator's settings from its command line.
-fn config_of(args: &Args) -> anyhow::Result<crate::SimConfig> {
-    let mut capabilities =
-        crate::parse_capabilities(&args.capabilities).map_err(|e| anyhow::anyhow!("--capabilities: {e}"))?;
+fn config_of(args: &Args) -> Result<crate::SimConfig, KitError> {
+    let mut capabilities = crate::parse_capabilities(&args.capabilities)
+        .map_err(|e| KitError::Arg { arg: "--capabilities".into(), source: e.into() })?;
     if args.no_hot_resize {
         capabilities.supports_hot_resize = false;
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files =
+                TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() };
+            Some(files.read().map_err(|e| KitError::Arg { arg: "--tls-cert".into(), source: e.into() })?)
+        }
+        _ => None,
+    };
     Ok(crate::SimConfig {
         listen: args.listen,
         capabilities,
@@ -98,19 +102,7 @@ fn config_of(args: &Args) -> anyhow::Result<crate::SimConfig> {
         require_credentials: args.require_credentials,
         unix_socket: args.unix_socket.clone(),
         hosts: crate::hosts(args.hosts, args.host_vcpus, args.host_memory_mib),
-        tls: match (&args.tls_cert, &args.tls_key) {
-            (Some(cert), Some(key)) => Some(hcp_provider_sdk::TlsConfig {
-                cert_pem: std::fs::read(cert).with_context(|| format!("--tls-cert {}", cert.display()))?,
-                key_pem: std::fs::read(key).with_context(|| format!("--tls-key {}", key.display()))?,
-                client_ca_pem: match &args.tls_client_ca {
-                    Some(ca) => {
-                        Some(std::fs::read(ca).with_context(|| format!("--tls-client-ca {}", ca.display()))?)
-                    }
-                    None => None,
-                },
-            }),
-            _ => None,
-        },
+        tls,
     })
 }
 

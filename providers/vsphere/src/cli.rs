@@ -1,47 +1,26 @@
-//! Command line of the provider process: the configuration file, with the
-//! listen address overridable for tests and containers.
+//! The provider process's names on the command line; the kit does the rest
+//! (`--config`, `--listen`, `--json-logs`, runtime, telemetry, serving).
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use hcp_provider_sdk::kit::{self, KitError, Spec};
 
-use anyhow::Context;
-use clap::Parser;
-
-/// The vSphere provider, speaking hcp.provider.v1.
-#[derive(Parser, Debug)]
-#[command(version)]
-struct Args {
-    /// The configuration file (TOML; see providers/vsphere/README.md).
-    #[arg(long, env = "HCP_VSPHERE_CONFIG")]
-    config: PathBuf,
-    /// Listen address, overriding the file's `listen`; port 0 picks one.
-    #[arg(long, env = "HCP_VSPHERE_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Log JSON lines instead of text.
-    #[arg(long)]
-    json_logs: bool,
-}
+/// `hcp-provider-vsphere`'s command line.
+pub const SPEC: Spec = Spec {
+    binary: "hcp-provider-vsphere",
+    ready: "provider-vsphere",
+    about: "The vSphere provider, speaking hcp.provider.v1",
+    version: env!("CARGO_PKG_VERSION"),
+    config_env: "HCP_VSPHERE_CONFIG",
+    listen_env: Some("HCP_VSPHERE_LISTEN"),
+    json_logs_flag: true,
+};
 
 /// Parses `args` (program name first) and runs until SIGTERM/ctrl-c.
-pub fn main<I, T>(args: I) -> anyhow::Result<()>
+pub fn main<I, T>(args: I) -> Result<(), KitError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let args = Args::parse_from(args);
-    let mut config = crate::config::Config::load(&args.config)
-        .with_context(|| format!("--config {}", args.config.display()))?;
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    let telemetry = hcp_telemetry::TelemetryConfig { json_logs: args.json_logs, ..Default::default() };
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
-    runtime.block_on(async move {
-        let _t = hcp_telemetry::init("hcp-provider-vsphere", &telemetry)?;
-        crate::run(config, hcp_telemetry::shutdown_signal(), |addr| {
-            hcp_telemetry::announce_ready("provider-vsphere", addr)
-        })
-        .await
-        .context("vsphere provider failed")
+    kit::cli::main(&SPEC, args, |config: crate::config::Config, shutdown, ready| {
+        crate::run(config, shutdown, ready)
     })
 }

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use hcp_provider_sdk::kit::config::check_range;
+use hcp_provider_sdk::kit::{Backings, ProviderConfig, ServerConfig};
 use serde::Deserialize;
 
 /// The whole configuration.
@@ -66,6 +68,9 @@ pub struct Config {
     /// Timing and retries.
     #[serde(default)]
     pub timing: TimingConfig,
+    /// The provider's own gRPC server: unix socket, TLS.
+    #[serde(default)]
+    pub server: ServerConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -99,7 +104,7 @@ impl std::fmt::Debug for AuthConfig {
 pub type TlsConfig = hcp_tls::TrustConfig;
 
 fn check_trust(t: &TlsConfig, name: &'static str) -> Result<(), ConfigError> {
-    t.check().map_err(|e| ConfigError::Field { field: name, message: e.to_string() })
+    t.check().map_err(|e| ConfigError::field(name, e))
 }
 
 /// Timing and retries; defaults suit a real vCenter.
@@ -130,65 +135,69 @@ impl Default for TimingConfig {
     }
 }
 
-/// The configuration is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML is invalid or has unknown keys.
-    #[error("invalid configuration")]
-    Parse(#[source] toml::de::Error),
-    /// A field is wrong.
-    #[error("{field}: {message}")]
-    Field {
-        /// The field, e.g. `tls.fingerprint`.
-        field: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use hcp_provider_sdk::kit::ConfigError;
+
+/// What `[timing]` accepts: zero and absurd values are refused at start.
+const RETRY_ATTEMPTS: std::ops::RangeInclusive<u32> = 1..=100;
+const RETRY_BASE_MS: std::ops::RangeInclusive<u64> = 1..=60_000;
+const REQUEST_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=3_600;
+const TASK_TIMEOUT_SECONDS: std::ops::RangeInclusive<u64> = 1..=86_400;
 
 impl Config {
     /// Parses and checks a TOML document.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(ConfigError::Parse)?;
-        config.check()?;
-        Ok(config)
+        hcp_provider_sdk::kit::config::from_toml(text)
     }
 
     /// Reads and checks a file.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text)
+        hcp_provider_sdk::kit::config::load(path)
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let field = |field, message: &str| Err(ConfigError::Field { field, message: message.to_owned() });
-        if let Err(m) = crate::soap::split_url(&self.sdk_url) {
-            return field("sdk_url", &m);
+        if let Err(e) = hcp_provider_sdk::kit::split_https_url(&self.sdk_url, 443, "/sdk") {
+            return Err(ConfigError::field("sdk_url", e));
         }
         if self.datacenter.is_empty() || self.datacenter.contains('/') {
-            return field("datacenter", "a datacenter name, without slashes");
+            return Err(ConfigError::field("datacenter", "a datacenter name, without slashes"));
         }
         if self.resource_pool.is_empty() {
-            return field("resource_pool", "must not be empty");
+            return Err(ConfigError::field("resource_pool", "must not be empty"));
         }
         check_trust(&self.tls, "tls")?;
         if let Some(c) = &self.console_tls {
             check_trust(c, "console_tls")?;
         }
-        if self.timing.retry_attempts == 0 {
-            return field("timing.retry_attempts", "at least 1");
-        }
-        Ok(())
+        let t = &self.timing;
+        check_range("timing.retry_attempts", t.retry_attempts, RETRY_ATTEMPTS)?;
+        check_range("timing.retry_base_ms", t.retry_base_ms, RETRY_BASE_MS)?;
+        check_range("timing.request_timeout_seconds", t.request_timeout_seconds, REQUEST_TIMEOUT_SECONDS)?;
+        check_range("timing.task_timeout_seconds", t.task_timeout_seconds, TASK_TIMEOUT_SECONDS)?;
+        self.server.validate()
+    }
+
+    /// HCP networks to port groups: the `[networks]` table, names missing
+    /// from it refused, `default_port_group` for a VM without networks.
+    pub fn backings(&self) -> Backings<String> {
+        Backings::new(self.networks.clone(), Some(self.default_port_group.clone()))
+    }
+}
+
+impl ProviderConfig for Config {
+    fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    fn set_listen(&mut self, listen: SocketAddr) {
+        self.listen = listen;
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
+    }
+
+    fn server(&self) -> Option<&ServerConfig> {
+        Some(&self.server)
     }
 }
 
@@ -200,9 +209,9 @@ mod tests {
         "sdk_url = \"https://vc/sdk\"\ndatacenter = \"DC0\"\nresource_pool = \"host/C0/Resources\"\n";
 
     fn check(text: &str) -> Result<(), String> {
-        Config::from_toml(text).map(|_| ()).map_err(|e| match e {
-            ConfigError::Field { field, .. } => field.to_owned(),
-            other => other.to_string(),
+        Config::from_toml(text).map(|_| ()).map_err(|e| match e.field_name() {
+            Some(field) => field.to_owned(),
+            None => e.to_string(),
         })
     }
 
@@ -219,9 +228,32 @@ mod tests {
             (format!("{}{tls}", BASE.replace("https://vc", "http://vc")), Err("sdk_url".into())),
             (format!("{}{tls}", BASE.replace("DC0", "a/b")), Err("datacenter".into())),
             (format!("colour = 1\n{BASE}{tls}"), Err("invalid configuration".into())),
+            (format!("{BASE}{tls}[server]\ntls_cert_file = \"/c\"\n"), Err("server.tls_key_file".into())),
         ];
         for (text, want) in cases {
             assert_eq!(check(&text), want, "{text}");
         }
+    }
+
+    #[test]
+    fn timing_values_out_of_range_are_refused_with_field_and_range() {
+        let fp = ["AB"; 32].join(":");
+        let cases = [
+            ("retry_attempts = 0", "timing.retry_attempts: 0 is out of range, allowed 1..=100"),
+            ("retry_base_ms = 0", "timing.retry_base_ms: 0 is out of range, allowed 1..=60000"),
+            ("retry_base_ms = 60001", "timing.retry_base_ms: 60001 is out of range, allowed 1..=60000"),
+            (
+                "request_timeout_seconds = 0",
+                "timing.request_timeout_seconds: 0 is out of range, allowed 1..=3600",
+            ),
+            ("task_timeout_seconds = 0", "timing.task_timeout_seconds: 0 is out of range, allowed 1..=86400"),
+        ];
+        for (timing, want) in cases {
+            let text = format!("{BASE}[tls]\nfingerprint = \"{fp}\"\n[timing]\n{timing}\n");
+            let got = Config::from_toml(&text).map(|_| ()).map_err(|e| e.to_string());
+            assert_eq!(got, Err(want.to_owned()), "{timing}");
+        }
+        let defaults = Config::from_toml(&format!("{BASE}[tls]\nfingerprint = \"{fp}\"\n")).unwrap();
+        assert_eq!(defaults.timing.retry_base_ms, 250);
     }
 }

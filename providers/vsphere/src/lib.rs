@@ -30,10 +30,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use hcp_provider_sdk::kit::BackingError;
 use hcp_provider_sdk::support::{Failpoints, VmLocks, is_uuid};
 use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::soap::{Soap, VIM25, VimError};
 use crate::vim::{Device, MoRef, ObjectContent, OptionValue};
 
@@ -252,6 +253,47 @@ fn chain(e: &dyn std::error::Error) -> String {
     message
 }
 
+/// Why the provider could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable (including its `[server]` files).
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    /// The trust of `tls` or `console_tls` could not be loaded.
+    #[error("{field}: {message}")]
+    Trust {
+        /// `tls` or `console_tls`.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The SOAP client could not be built.
+    #[error("cannot build the soap client")]
+    Client(#[source] crate::soap::ClientError),
+    /// A secret file could not be read.
+    #[error("{field} {}", path.display())]
+    Secret {
+        /// The field naming the file.
+        field: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A credential is incomplete.
+    #[error("{field}: required with {with}")]
+    Missing {
+        /// The missing field.
+        field: &'static str,
+        /// The field that needs it.
+        with: &'static str,
+    },
+    /// The server failed.
+    #[error("cannot serve")]
+    Serve(#[from] hcp_provider_sdk::ServeError),
+}
+
 fn invalid(field: &str, message: impl std::fmt::Display) -> ProviderError {
     ProviderError::new(ErrorKind::InvalidArgument, format!("{field}: {message}"))
 }
@@ -268,22 +310,28 @@ struct PortGroup {
 impl Vsphere {
     /// Builds the provider from its configuration (credentials from the
     /// config file, if any, are installed at once).
-    pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let trust = config.tls.load().map_err(|e| anyhow::anyhow!(e))?;
+    pub async fn new(config: Config) -> Result<Self, StartError> {
+        // `TrustConfig::load` prefixes its messages with `tls: `.
+        let trust = config.tls.load().map_err(|message| StartError::Trust { field: "tls", message })?;
         let console_trust = match &config.console_tls {
-            Some(t) => t.load().map_err(|e| anyhow::anyhow!("console_{e}"))?,
+            Some(t) => t.load().map_err(|message| StartError::Trust { field: "console_tls", message })?,
             None => trust.clone(),
         };
-        let soap =
-            Soap::new(&config.sdk_url, &trust, config.timing.clone()).map_err(|e| anyhow::anyhow!(e))?;
+        let soap = Soap::new(&config.sdk_url, &trust, config.timing.clone()).map_err(StartError::Client)?;
         if let Some(auth) = &config.auth {
             let password = match (&auth.password, &auth.password_file) {
                 (Some(p), _) => p.clone(),
                 (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|e| anyhow::anyhow!("auth.password_file {}: {e}", f.display()))?
+                    .map_err(|source| StartError::Secret {
+                        field: "auth.password_file",
+                        path: f.clone(),
+                        source,
+                    })?
                     .trim()
                     .to_owned(),
-                (None, None) => anyhow::bail!("auth.password: required with auth.username"),
+                (None, None) => {
+                    return Err(StartError::Missing { field: "auth.password", with: "auth.username" });
+                }
             };
             soap.set_credentials(auth.username.clone(), password).await;
         }
@@ -498,25 +546,12 @@ impl Vsphere {
         if spec.networks.len() > 10 {
             return Err(invalid("spec.networks", "at most 10 networks"));
         }
-        let names: Vec<String> = if spec.networks.is_empty() {
-            vec![self.config.default_port_group.clone()]
-        } else {
-            spec.networks
-                .iter()
-                .map(|n| {
-                    if !n.backing.is_empty() {
-                        Ok(n.backing.clone())
-                    } else {
-                        self.config.networks.get(&n.network).cloned().ok_or_else(|| {
-                            invalid(
-                                "spec.networks",
-                                format!("network {:?} has no port group on this provider", n.network),
-                            )
-                        })
-                    }
-                })
-                .collect::<Result<_, _>>()?
-        };
+        let names = self.config.backings().resolve_names(&spec.networks).map_err(|e| match e {
+            BackingError::UnknownNetwork { network, .. } => {
+                invalid("spec.networks", format!("network {network:?} has no port group on this provider"))
+            }
+            other => invalid("spec.networks", other),
+        })?;
         let mut out = Vec::new();
         for name in names {
             out.push(self.port_group(&name).await?);
@@ -1253,10 +1288,9 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(String) + Send,
-) -> anyhow::Result<()> {
-    let listen = config.listen;
+) -> Result<(), StartError> {
+    let serve = hcp_provider_sdk::kit::config::serve_config(&config)?;
     let provider = Vsphere::new(config).await?;
-    let serve = hcp_provider_sdk::ServeConfig { listen, ..Default::default() };
     hcp_provider_sdk::serve(provider, serve, shutdown, ready).await?;
     Ok(())
 }

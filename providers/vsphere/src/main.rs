@@ -1,5 +1,5 @@
 //! `hcp-provider-vsphere`: runs the vSphere provider as a process.
 
-fn main() -> anyhow::Result<()> {
-    hcp_provider_vsphere::cli::main(std::env::args_os())
+fn main() -> std::process::ExitCode {
+    hcp_provider_sdk::kit::cli::exit(hcp_provider_vsphere::cli::main(std::env::args_os()))
 }

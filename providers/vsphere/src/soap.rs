@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hcp_provider_sdk::kit::{Backoff, HttpsUrl, UrlError, split_https_url};
 use http_body_util::Full;
 use serde::Serialize;
 
@@ -73,12 +74,9 @@ impl VimError {
 /// Why a client for the SDK cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The URL does not parse ([`split_url`] says why).
-    #[error("{reason}")]
-    Url {
-        /// [`split_url`]'s message.
-        reason: String,
-    },
+    /// The URL does not parse.
+    #[error("sdk_url")]
+    Url(#[source] UrlError),
     /// The trust settings cannot be used.
     #[error(transparent)]
     Tls(#[from] hcp_tls::TrustError),
@@ -117,30 +115,12 @@ struct This<'a> {
     this: &'a MoRef,
 }
 
-/// Parses an `https://host[:port]/path` URL.
-pub fn split_url(url: &str) -> Result<(String, u16, String), String> {
-    let rest = url.strip_prefix("https://").ok_or("sdk_url must start with https://")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/sdk"),
-    };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            (h.trim_matches(['[', ']']).to_owned(), p.parse().map_err(|_| format!("bad port in {url}"))?)
-        }
-        _ => (authority.to_owned(), 443),
-    };
-    if host.is_empty() {
-        return Err(format!("no host in {url}"));
-    }
-    Ok((host, port, path.to_owned()))
-}
-
 impl Soap {
     /// A client for the SDK at `url` (`https://vcenter/sdk`).
     pub fn new(url: &str, trust: &hcp_tls::Trust, timing: TimingConfig) -> Result<Self, ClientError> {
-        let (host, port, path) = split_url(url).map_err(|reason| ClientError::Url { reason })?;
-        let timeout = Duration::from_secs(timing.request_timeout_seconds.max(1));
+        let HttpsUrl { host, port, path } = split_https_url(url, 443, "/sdk").map_err(ClientError::Url)?;
+        // `timing` was validated with the configuration: at least 1 s.
+        let timeout = Duration::from_secs(timing.request_timeout_seconds);
         let http = hcp_tls::Https::new(&host, port, trust, timeout)?;
         Ok(Self {
             http,
@@ -322,9 +302,7 @@ impl Soap {
     }
 
     async fn backoff(&self, attempt: u32) {
-        let base = self.timing.retry_base_ms.max(1) << attempt.min(6);
-        let jitter = rand::random::<u64>() % (base / 2 + 1);
-        tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+        Backoff::from_millis(self.timing.retry_base_ms).wait(attempt).await;
     }
 
     /// Calls a method and decodes its `returnval`.
@@ -491,21 +469,6 @@ fn parse_returnval<R: FromXml>(text: &str) -> Result<R, VimError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls_split_into_host_port_and_path() {
-        assert_eq!(
-            split_url("https://vc.example.com/sdk").unwrap(),
-            ("vc.example.com".into(), 443, "/sdk".into())
-        );
-        assert_eq!(
-            split_url("https://127.0.0.1:8989/sdk").unwrap(),
-            ("127.0.0.1".into(), 8989, "/sdk".into())
-        );
-        assert_eq!(split_url("https://[::1]:8989").unwrap(), ("::1".into(), 8989, "/sdk".into()));
-        assert!(split_url("http://vc/sdk").is_err());
-        assert!(split_url("https://:1/sdk").is_err());
-    }
 
     #[test]
     fn faults_are_named_by_their_type() {
