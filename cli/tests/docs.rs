@@ -1,5 +1,8 @@
-//! The SRS stays true: every test it cites as evidence
-//! (`path/to/file.rs::function`) exists in the repository.
+//! The documents stay true where a test can tell:
+//! - every test the SRS cites as evidence (`path/to/file.rs::function`)
+//!   exists in the repository;
+//! - every repository path ARCHITECTURE.md names exists (the rule for what
+//!   counts as a path is [`names_a_path`]).
 
 use std::path::Path;
 
@@ -27,4 +30,83 @@ fn every_test_the_srs_cites_exists() {
     }
     assert!(cited > 100, "the SRS cites {cited} tests");
     assert!(missing.is_empty(), "the SRS cites tests that do not exist: {missing:#?}");
+}
+
+/// What the ARCHITECTURE.md check counts as a repository path: a
+/// backticked token that contains a `/` or ends in `.rs`, `.sh`, `.toml`,
+/// `.md`, `.proto` or `.json`, holds no whitespace and none of
+/// `: { } < > * \ ( ) , ; = @ $ |` (so no `::` item paths, brace or glob
+/// patterns, URLs, placeholders or code), and does not start with `/` (a
+/// URL path) or `../` (outside the repository).
+fn names_a_path(token: &str) -> bool {
+    const EXTENSIONS: [&str; 6] = [".rs", ".sh", ".toml", ".md", ".proto", ".json"];
+    !token.is_empty()
+        && !token.chars().any(|c| c.is_whitespace() || ":{}<>*\\(),;=@$|".contains(c))
+        && !token.starts_with('/')
+        && !token.starts_with("../")
+        && (token.contains('/') || EXTENSIONS.iter().any(|e| token.ends_with(e)))
+}
+
+/// Tokens shaped like paths that name something else.
+const NOT_PATHS: [(&str, &str); 1] = [("root/virtualization/v2", "the Hyper-V WMI/CIM namespace")];
+
+#[test]
+fn every_path_architecture_names_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    // Sections start at headings; fenced code blocks hold diagrams, not
+    // references.
+    let mut sections: Vec<String> = vec![String::new()];
+    let mut fenced = false;
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        if line.starts_with('#') {
+            sections.push(String::new());
+        }
+        sections.last_mut().unwrap().push_str(line);
+        sections.last_mut().unwrap().push('\n');
+    }
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for section in &sections {
+        // A crate's section ("### `core/` (`hcp-core`)") names its modules
+        // relative to the crate: `api/page.rs` is core/src/api/page.rs,
+        // `tests/store.rs` under `core/store/` is core/store/tests/store.rs.
+        let heading = section.lines().next().unwrap_or_default();
+        let dirs: Vec<&str> = if heading.starts_with("### ") {
+            heading.split('`').skip(1).step_by(2).filter(|t| t.ends_with('/')).collect()
+        } else {
+            Vec::new()
+        };
+        for token in section.split('`').skip(1).step_by(2) {
+            if !names_a_path(token) || NOT_PATHS.iter().any(|(p, _)| *p == token) {
+                continue;
+            }
+            checked += 1;
+            let exists = root.join(token).exists()
+                || dirs.iter().any(|d| {
+                    root.join(d).join(token).exists() || root.join(d).join("src").join(token).exists()
+                });
+            if !exists {
+                let under = if dirs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (also looked under {dirs:?} and their src/)")
+                };
+                missing.push(format!("`{token}` in section {heading:?}{under}"));
+            }
+        }
+    }
+    eprintln!("ARCHITECTURE.md names {checked} repository paths");
+    assert!(
+        checked >= 100,
+        "ARCHITECTURE.md names only {checked} paths: is the rule in names_a_path still right?"
+    );
+    assert!(missing.is_empty(), "ARCHITECTURE.md names paths that do not exist:\n{}", missing.join("\n"));
 }
