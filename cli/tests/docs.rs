@@ -1,5 +1,10 @@
-//! The SRS stays true: every test it cites as evidence
-//! (`path/to/file.rs::function`) exists in the repository.
+//! The documents stay true where a test can tell:
+//! - every test the SRS cites as evidence (`path/to/file.rs::function`)
+//!   exists in the repository;
+//! - every repository path ARCHITECTURE.md names exists (the rule for what
+//!   counts as a path is [`names_a_path`]);
+//! - the SDS's state table (section 6.1) is what `hcp_domain::lifecycle`
+//!   says, kind by kind.
 
 use std::path::Path;
 
@@ -27,4 +32,191 @@ fn every_test_the_srs_cites_exists() {
     }
     assert!(cited > 100, "the SRS cites {cited} tests");
     assert!(missing.is_empty(), "the SRS cites tests that do not exist: {missing:#?}");
+}
+
+/// What the ARCHITECTURE.md check counts as a repository path: a
+/// backticked token that contains a `/` or ends in `.rs`, `.sh`, `.toml`,
+/// `.md`, `.proto` or `.json`, holds no whitespace and none of
+/// `: { } < > * \ ( ) , ; = @ $ |` (so no `::` item paths, brace or glob
+/// patterns, URLs, placeholders or code), and does not start with `/` (a
+/// URL path) or `../` (outside the repository).
+fn names_a_path(token: &str) -> bool {
+    const EXTENSIONS: [&str; 6] = [".rs", ".sh", ".toml", ".md", ".proto", ".json"];
+    !token.is_empty()
+        && !token.chars().any(|c| c.is_whitespace() || ":{}<>*\\(),;=@$|".contains(c))
+        && !token.starts_with('/')
+        && !token.starts_with("../")
+        && (token.contains('/') || EXTENSIONS.iter().any(|e| token.ends_with(e)))
+}
+
+/// Tokens shaped like paths that name something else.
+const NOT_PATHS: [(&str, &str); 1] = [("root/virtualization/v2", "the Hyper-V WMI/CIM namespace")];
+
+#[test]
+fn every_path_architecture_names_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    // Sections start at headings; fenced code blocks hold diagrams, not
+    // references.
+    let mut sections: Vec<String> = vec![String::new()];
+    let mut fenced = false;
+    for line in doc.lines() {
+        if line.starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        if line.starts_with('#') {
+            sections.push(String::new());
+        }
+        sections.last_mut().unwrap().push_str(line);
+        sections.last_mut().unwrap().push('\n');
+    }
+    let mut checked = 0;
+    let mut missing = Vec::new();
+    for section in &sections {
+        // A crate's section ("### `core/` (`hcp-core`)") names its modules
+        // relative to the crate: `api/page.rs` is core/src/api/page.rs,
+        // `tests/store.rs` under `core/store/` is core/store/tests/store.rs.
+        let heading = section.lines().next().unwrap_or_default();
+        let dirs: Vec<&str> = if heading.starts_with("### ") {
+            heading.split('`').skip(1).step_by(2).filter(|t| t.ends_with('/')).collect()
+        } else {
+            Vec::new()
+        };
+        for token in section.split('`').skip(1).step_by(2) {
+            if !names_a_path(token) || NOT_PATHS.iter().any(|(p, _)| *p == token) {
+                continue;
+            }
+            checked += 1;
+            let exists = root.join(token).exists()
+                || dirs.iter().any(|d| {
+                    root.join(d).join(token).exists() || root.join(d).join("src").join(token).exists()
+                });
+            if !exists {
+                let under = if dirs.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (also looked under {dirs:?} and their src/)")
+                };
+                missing.push(format!("`{token}` in section {heading:?}{under}"));
+            }
+        }
+    }
+    eprintln!("ARCHITECTURE.md names {checked} repository paths");
+    assert!(
+        checked >= 100,
+        "ARCHITECTURE.md names only {checked} paths: is the rule in names_a_path still right?"
+    );
+    assert!(missing.is_empty(), "ARCHITECTURE.md names paths that do not exist:\n{}", missing.join("\n"));
+}
+
+/// The SDS's state table (section 6.1), between these markers, is what the
+/// lifecycle says.
+const STATES_BEGIN: &str = "<!-- lifecycle-states: begin -->";
+const STATES_END: &str = "<!-- lifecycle-states: end -->";
+
+/// The row `kind` must have in the SDS's state table: the kind, the states
+/// it is accepted from, the state the VM holds while it runs, and where a
+/// success leaves it.
+fn expected_state_row(kind: hcp_core::model::JobKind) -> [String; 4] {
+    use hcp_core::lifecycle::{JobParams, Outcome, Power, transition};
+    let states =
+        |s: &[hcp_core::model::VmStatus]| s.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ");
+    let accepted = match kind.allowed_from() {
+        [] => "(new VM)".to_owned(),
+        from => states(from),
+    };
+    let running = kind.in_flight_status().map_or("unchanged".to_owned(), |s| format!("`{s}`"));
+    // Where success leaves the VM, from each state it may be accepted from
+    // (a create has none) and for each power state a provider may report
+    // (only a snapshot revert's depends on it).
+    let priors: Vec<_> = match kind.allowed_from() {
+        [] => vec![None],
+        from => from.iter().copied().map(Some).collect(),
+    };
+    let after = |prior, power| {
+        transition(kind, Outcome::Succeeded { power }, prior, &JobParams::None)
+            .vm
+            .expect("a success releases the VM")
+    };
+    let running_after: Vec<_> = priors.iter().map(|p| after(*p, Some(Power::Running))).collect();
+    let off_after: Vec<_> = priors.iter().map(|p| after(*p, Some(Power::Off))).collect();
+    let unreported: Vec<_> = priors.iter().map(|p| after(*p, None)).collect();
+    let success = if running_after != off_after {
+        let same = |v: &[hcp_core::model::VmStatus]| v.iter().all(|s| *s == v[0]);
+        assert!(
+            same(&running_after) && same(&off_after),
+            "{kind}: a success that depends on both power and prior state needs another way to say it"
+        );
+        assert_eq!(unreported, off_after, "{kind}: no power reported counts as off");
+        format!("`{}` if the provider reports it running, else `{}`", running_after[0], off_after[0])
+    } else if unreported.iter().all(|s| *s == unreported[0]) {
+        format!("`{}`", unreported[0])
+    } else if priors.iter().zip(&unreported).all(|(p, s)| *p == Some(*s)) {
+        "as accepted from".to_owned()
+    } else {
+        priors
+            .iter()
+            .zip(&unreported)
+            .map(|(p, s)| format!("`{}` → `{s}`", p.unwrap()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    [format!("`{kind}`"), accepted, running, success]
+}
+
+#[test]
+fn the_sds_state_table_is_the_lifecycles() {
+    use hcp_core::model::JobKind;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let sds = std::fs::read_to_string(root.join("docs/HCP_SDS_v1.md")).expect("docs/HCP_SDS_v1.md");
+    let expected: Vec<[String; 4]> = JobKind::ALL.iter().map(|k| expected_state_row(*k)).collect();
+    let table = {
+        let mut t =
+            String::from("| job kind | accepted from | VM while it runs | success |\n|---|---|---|---|\n");
+        for row in &expected {
+            t.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+        t
+    };
+    let paste = format!("{STATES_BEGIN}\n{table}{STATES_END}");
+    let Some((_, rest)) = sds.split_once(STATES_BEGIN) else {
+        panic!("docs/HCP_SDS_v1.md has no {STATES_BEGIN}; the table should read:\n{paste}")
+    };
+    let Some((written, _)) = rest.split_once(STATES_END) else {
+        panic!("docs/HCP_SDS_v1.md has no {STATES_END} after {STATES_BEGIN}")
+    };
+    // The rows as written: cells trimmed, the header and its rule skipped.
+    let rows: Vec<Vec<String>> = written
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('|'))
+        .skip(2)
+        .map(|l| l.trim_matches('|').split('|').map(|c| c.trim().to_owned()).collect())
+        .collect();
+    let mut problems = Vec::new();
+    for row in &rows {
+        let kind = row[0].trim_matches('`');
+        if JobKind::parse(kind).is_none() {
+            problems.push(format!("the table lists {kind:?}, which is no job kind"));
+        }
+    }
+    for want in &expected {
+        match rows.iter().filter(|r| r[0] == want[0]).collect::<Vec<_>>()[..] {
+            [] => problems.push(format!("the table has no row for {}", want[0])),
+            [got] if got[..] == want[..] => {}
+            [got] => {
+                problems.push(format!("the row for {} reads {got:?}, the lifecycle says {want:?}", want[0]))
+            }
+            _ => problems.push(format!("the table has more than one row for {}", want[0])),
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/HCP_SDS_v1.md's state table (section 6.1) disagrees with core/domain/src/lifecycle.rs:\n{}\n\nThe table should read:\n{paste}",
+        problems.join("\n")
+    );
 }

@@ -46,6 +46,26 @@ async fn all_succeed(rest: &Rest, token: &str, jobs: &[String], timeout: Duratio
     .unwrap();
 }
 
+/// Checks `check` every 50 ms for `window` (and once at its end); fails
+/// with `what` and the check's error the first time it does not hold. The
+/// counterpart of `wait_until` for what must stay true.
+async fn holds_for<F, Fut>(window: Duration, what: &str, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let end = tokio::time::Instant::now() + window;
+    let mut checks = 0;
+    loop {
+        check().await.map_err(|e| e.context(format!("{what}: failed after {checks} checks")))?;
+        checks += 1;
+        if tokio::time::Instant::now() >= end {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50).min(end - tokio::time::Instant::now())).await;
+    }
+}
+
 fn body(name: &str) -> Value {
     json!({"name": name, "flavor": "small", "image": "debian-12"})
 }
@@ -91,6 +111,8 @@ async fn killed_workers_lose_nothing_and_duplicate_nothing() {
     for wave in 0..6 {
         accepted.extend(create_many(&s, &token, 10, &format!("w{wave}")).await);
         for _ in 0..2 {
+            // The scenario, not synchronisation: a kill at a random moment
+            // of the wave (the seed above replays the schedule).
             tokio::time::sleep(Duration::from_millis(rng.gen_range(50..400))).await;
             let workers = s.workers();
             let victim = workers[rng.gen_range(0..workers.len())].clone();
@@ -171,12 +193,21 @@ async fn a_nats_outage_delays_jobs_and_loses_none() {
     let accepted = create_many(&s, &token, 10, "outage").await;
     let jobs: Vec<String> = accepted.iter().map(|(_, j)| j.clone()).collect();
     let store = s.db.store().await.unwrap();
-    // While NATS is down the jobs wait, and the outbox holds them.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    for j in &jobs {
-        assert_eq!(job_status(&s.rest, &token, j).await, "QUEUED");
-    }
-    assert!(store.count_pending_outbox().await.unwrap() >= 10);
+    // While NATS is down the jobs wait, and the outbox holds them: checked
+    // again and again for as long as the outage lasts. A property that
+    // must not change has no event to wait for; the window is the outage's
+    // length (the scenario), and no check in it may fail.
+    holds_for(Duration::from_millis(1500), "the jobs to wait in the outbox while NATS is down", || async {
+        for j in &jobs {
+            let status = job_status(&s.rest, &token, j).await;
+            anyhow::ensure!(status == "QUEUED", "job {j} is {status}");
+        }
+        let pending = store.count_pending_outbox().await?;
+        anyhow::ensure!(pending >= 10, "{pending} outbox rows pending");
+        Ok(())
+    })
+    .await
+    .unwrap();
 
     s.nats.as_mut().unwrap().resume().await.unwrap();
     all_succeed(&s.rest, &token, &jobs, Duration::from_secs(60)).await;
@@ -524,6 +555,8 @@ async fn create_until_accepted(
             Ok(r) => panic!("create {name}: {} {}", r.status, r.body),
             Err(_) => {}
         }
+        // The scenario, not synchronisation: a client's pause before it
+        // tries again (600 tries bound the wait).
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("create {name} never accepted");
@@ -640,6 +673,8 @@ async fn a_database_outage_is_503_and_service_returns_without_a_restart() {
                 }
                 assert!(status != 500 && status != 0, "a request got {status}");
                 i += 1;
+                // The scenario, not synchronisation: the load's pace (four
+                // clients, each a request per 20 ms plus its answer).
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -25,6 +25,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use tokio::sync::{Mutex, RwLock};
+// The runtime's clock, not the system's: the same instant in production,
+// and one a test can pause and advance (`tokio::time::advance`) to cross
+// the refetch interval or a `max-age` without waiting for it.
+use tokio::time::Instant;
 
 /// The cache lifetime when the endpoint sends no `max-age`.
 pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);

@@ -112,8 +112,26 @@ async fn refused(v: &Verifier, token: &str) -> String {
     e.message
 }
 
-#[tokio::test]
+/// Holds the paused clock still until dropped. A paused runtime with
+/// nothing to run advances its clock to the next timer, and waiting for
+/// the local IdP's answer (real I/O) looks like nothing to run, so the
+/// fetch's own timeout could fire; a blocking task in flight stops that
+/// auto-advance (see `tokio::time::pause`). Time then moves only by
+/// `tokio::time::advance`, and the test is the same on a loaded machine.
+fn hold_clock() -> std::sync::mpsc::Sender<()> {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    tokio::task::spawn_blocking(move || {
+        let _ = held.recv();
+    });
+    release
+}
+
+#[tokio::test(start_paused = true)]
 async fn keys_follow_the_identity_providers_rotation() {
+    let _still = hold_clock();
+    // The minimum interval between fetches (`config`: 2 s), and a moment.
+    let interval = Duration::from_secs(2);
+    let tick = Duration::from_millis(1);
     let (k1, k2) = (key("k1"), key("k2"));
     let idp = idp(&[&k1]).await;
     let v = Verifier::from_config(&config(&idp.url)).unwrap();
@@ -125,16 +143,20 @@ async fn keys_follow_the_identity_providers_rotation() {
     v.verify(&sign(&k1, &claims())).await.unwrap();
     assert_eq!(idp.requests.load(Ordering::SeqCst), 1);
 
-    // The provider rotates: k2 replaces k1. Once the minimum interval since
-    // the last fetch (2 s here) has passed, a token signed with k2 makes
-    // one fetch, and is accepted without a restart.
+    // The provider rotates: k2 replaces k1. Until the minimum interval
+    // since the last fetch has passed, a token signed with k2 fetches
+    // nothing and is refused; once it has, the token makes one fetch and
+    // is accepted without a restart.
     *idp.set.lock().unwrap() = json!({"keys": [k2.jwk.clone()]});
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::advance(interval - tick).await;
+    assert!(refused(&v, &sign(&k2, &claims())).await.contains("key id is unknown"));
+    assert_eq!(idp.requests.load(Ordering::SeqCst), 1, "no fetch within the interval");
+    tokio::time::advance(tick).await;
     v.verify(&sign(&k2, &claims())).await.unwrap();
     assert_eq!(idp.requests.load(Ordering::SeqCst), 2);
 
     // k1 is gone. A token naming it, and a flood of made-up kids, fetch at
-    // most once per interval (2 s): none now, so soon after the last.
+    // most once per interval: none now, so soon after the last.
     assert!(refused(&v, &sign(&k1, &claims())).await.contains("key id is unknown"));
     for i in 0..50 {
         let mut header = Header::new(Algorithm::ES256);
@@ -145,11 +167,16 @@ async fn keys_follow_the_identity_providers_rotation() {
     assert_eq!(idp.requests.load(Ordering::SeqCst), 2, "unknown kids are rate-limited");
     assert_eq!(v.jwks_fetches(), 2);
 
-    // After the interval, an unknown kid may fetch again (once).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Just before the interval ends, still nothing; at its end, an unknown
+    // kid fetches again (once).
+    tokio::time::advance(interval - tick).await;
+    refused(&v, &sign(&k1, &claims())).await;
+    assert_eq!(idp.requests.load(Ordering::SeqCst), 2);
+    tokio::time::advance(tick).await;
     refused(&v, &sign(&k1, &claims())).await;
     refused(&v, &sign(&k1, &claims())).await;
     assert_eq!(idp.requests.load(Ordering::SeqCst), 3);
+    assert_eq!(v.jwks_fetches(), 3);
 }
 
 #[tokio::test]
