@@ -563,9 +563,27 @@ mod tests {
         }
     }
 
-    fn check(token: &str) -> Result<Principal, String> {
+    /// The principal, or the refusal's message.
+    fn check(token: &str) -> Result<Principal, Refused> {
         let v = Verifier::hs256(SECRET, &AuthConfig::default());
-        futures::executor::block_on(v.verify(token)).map_err(|e| e.message)
+        futures::executor::block_on(v.verify(token)).map_err(|e| Refused(e.message))
+    }
+
+    /// A refusal's message, compared with the literal text tenants read.
+    #[derive(Debug, PartialEq)]
+    struct Refused(String);
+
+    impl std::ops::Deref for Refused {
+        type Target = str;
+        fn deref(&self) -> &str {
+            &self.0
+        }
+    }
+
+    impl PartialEq<&str> for Refused {
+        fn eq(&self, other: &&str) -> bool {
+            self.0 == *other
+        }
     }
 
     #[test]

@@ -257,13 +257,13 @@ impl ProviderClients {
         &self,
         provider: &Provider,
         credentials: std::collections::HashMap<String, String>,
-    ) -> Result<(), String> {
-        let mut identity = IdentityClient::new(self.channel(provider).map_err(|e| e.message)?);
+    ) -> Result<(), CallError> {
+        let mut identity = IdentityClient::new(self.channel(provider).map_err(CallError::Channel)?);
         tokio::time::timeout(self.probe_timeout, identity.configure(ConfigureRequest { credentials }))
             .await
-            .map_err(|_| "Configure timed out".to_owned())?
+            .map_err(|_| CallError::Timeout { method: "Configure" })?
             .map(|_| ())
-            .map_err(|s| s.message().to_owned())
+            .map_err(CallError::Status)
     }
 
     /// Probes one registered provider: readiness and current capabilities.
@@ -299,18 +299,18 @@ impl ProviderClients {
 impl ProviderClients {
     /// Asks a provider for its hosts and records them. A provider that
     /// does not implement ListHosts has none to tell about (Ok).
-    pub async fn refresh_hosts(&self, store: &Store, provider: &Provider) -> Result<(), String> {
-        let mut compute = self.compute(provider).map_err(|e| e.message)?;
+    pub async fn refresh_hosts(&self, store: &Store, provider: &Provider) -> Result<(), CallError> {
+        let mut compute = self.compute(provider).map_err(CallError::Channel)?;
         let answer = tokio::time::timeout(
             self.probe_timeout,
             compute.list_hosts(hcp_proto::provider::ListHostsRequest {}),
         )
         .await
-        .map_err(|_| "ListHosts timed out".to_owned())?;
+        .map_err(|_| CallError::Timeout { method: "ListHosts" })?;
         let hosts = match answer {
             Ok(r) => r.into_inner().hosts,
             Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(()),
-            Err(s) => return Err(format!("ListHosts failed: {}", s.message())),
+            Err(status) => return Err(CallError::Failed { method: "ListHosts", status }),
         };
         let mut reports = Vec::with_capacity(hosts.len().min(MAX_HOSTS));
         for h in hosts.into_iter().take(MAX_HOSTS) {
@@ -330,8 +330,46 @@ impl ProviderClients {
                 state,
             });
         }
-        store.record_hosts(provider.id, &reports, now()).await.map_err(|e| e.to_string())
+        Ok(store.record_hosts(provider.id, &reports, now()).await?)
     }
+}
+
+/// Why a call to a provider outside a job (its hosts, its credentials)
+/// failed. Such calls are retried by the next probe or pass.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// The provider cannot be reached.
+    #[error(transparent)]
+    Channel(ApiError),
+    /// The call took longer than the probe timeout.
+    #[error("{method} timed out")]
+    Timeout {
+        /// The protocol method.
+        method: &'static str,
+    },
+    /// The provider refused the call.
+    #[error("{method} failed: {}", status.message())]
+    Failed {
+        /// The protocol method.
+        method: &'static str,
+        /// Its answer.
+        status: tonic::Status,
+    },
+    /// The provider refused its credentials (its message).
+    #[error("{}", .0.message())]
+    Status(tonic::Status),
+    /// Credentials are stored, but this process has no key to open them.
+    #[error("no secrets key configured")]
+    NoSecretsKey,
+    /// The provider asks for credentials HCP does not have.
+    #[error("no stored credentials")]
+    NoCredentials,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The stored credentials do not open.
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
 }
 
 /// Most hosts recorded per provider.
@@ -363,7 +401,7 @@ pub async fn probe_all(
         if !healthy && message.starts_with("needs configuration") && p.has_credentials {
             match reconfigure(store, clients, secrets, p).await {
                 Ok(()) => (healthy, message, caps) = clients.probe(p).await,
-                Err(e) => message = format!("cannot configure: {e}"),
+                Err(e) => message = format!("cannot configure: {}", hcp_telemetry::error_chain(&e)),
             }
         }
         (p, healthy, message, caps)
@@ -376,7 +414,7 @@ pub async fn probe_all(
             tracing::warn!(provider = %p.name, error = %e, "cannot store probe result");
         }
         if healthy && let Err(e) = clients.refresh_hosts(store, p).await {
-            tracing::warn!(provider = %p.name, error = %e, "cannot refresh hosts");
+            tracing::warn!(provider = %p.name, error = %hcp_telemetry::error_chain(&e), "cannot refresh hosts");
         }
     }
 }
@@ -386,11 +424,10 @@ async fn reconfigure(
     clients: &ProviderClients,
     secrets: Option<&crate::secrets::SecretBox>,
     p: &Provider,
-) -> Result<(), String> {
-    let secrets = secrets.ok_or("no secrets key configured")?;
-    let sealed =
-        store.provider_credentials(p.id).await.map_err(|e| e.to_string())?.ok_or("no stored credentials")?;
-    let creds = secrets.open(p.id.0.as_bytes(), &sealed).map_err(|e| e.to_string())?;
+) -> Result<(), CallError> {
+    let secrets = secrets.ok_or(CallError::NoSecretsKey)?;
+    let sealed = store.provider_credentials(p.id).await?.ok_or(CallError::NoCredentials)?;
+    let creds = secrets.open(p.id.0.as_bytes(), &sealed)?;
     clients.configure(p, creds).await?;
     tracing::info!(provider = %p.name, "credentials sent again");
     Ok(())

@@ -19,6 +19,7 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::pull;
 use futures::StreamExt;
 use hcp_proto::ids::JobId;
+use hcp_telemetry::error_chain;
 use tokio::sync::{Notify, watch};
 
 use crate::jobs::{Engine, JobQueue, Offer};
@@ -65,7 +66,33 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::Connec
         .await
 }
 
-async fn ensure_streams(js: &jetstream::Context, prefix: &str) -> Result<jetstream::stream::Stream, String> {
+/// Why JetStream could not be used; the caller logs it and tries again.
+#[derive(Debug, thiserror::Error)]
+enum QueueError {
+    /// A stream could not be created or read.
+    #[error("cannot create the {which} stream")]
+    Stream {
+        /// `jobs` or `usage`.
+        which: &'static str,
+        /// Why.
+        #[source]
+        source: async_nats::Error,
+    },
+    /// The workers' durable consumer could not be created.
+    #[error("cannot create the consumer")]
+    Consumer(#[source] async_nats::Error),
+    /// Pulling messages could not start or failed.
+    #[error("cannot pull messages")]
+    Pull(#[source] async_nats::Error),
+    /// The server ended the message stream.
+    #[error("message stream ended")]
+    Ended,
+}
+
+async fn ensure_streams(
+    js: &jetstream::Context,
+    prefix: &str,
+) -> Result<jetstream::stream::Stream, QueueError> {
     let jobs = js
         .get_or_create_stream(jetstream::stream::Config {
             name: format!("{prefix}_JOBS"),
@@ -76,7 +103,7 @@ async fn ensure_streams(js: &jetstream::Context, prefix: &str) -> Result<jetstre
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("cannot create the jobs stream: {e}"))?;
+        .map_err(|e| QueueError::Stream { which: "jobs", source: e.into() })?;
     js.get_or_create_stream(jetstream::stream::Config {
         name: format!("{prefix}_USAGE"),
         subjects: vec![format!("{SUBJECT_USAGE_PREFIX}>")],
@@ -87,7 +114,7 @@ async fn ensure_streams(js: &jetstream::Context, prefix: &str) -> Result<jetstre
         ..Default::default()
     })
     .await
-    .map_err(|e| format!("cannot create the usage stream: {e}"))?;
+    .map_err(|e| QueueError::Stream { which: "usage", source: e.into() })?;
     Ok(jobs)
 }
 
@@ -109,7 +136,9 @@ pub async fn run_publisher(
         if !ready {
             match ensure_streams(&js, &prefix).await {
                 Ok(_) => ready = true,
-                Err(e) => tracing::warn!(error = %e, "jetstream not ready; the outbox keeps messages"),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "jetstream not ready; the outbox keeps messages")
+                }
             }
         }
         let mut failed = !ready;
@@ -186,7 +215,7 @@ pub async fn run_consumer(
         }
         match consume(&js, &prefix, &engine, &mut shutdown).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, "job consumer stopped; reconnecting"),
+            Err(e) => tracing::warn!(error = %error_chain(&e), "job consumer stopped; reconnecting"),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -201,7 +230,7 @@ async fn consume(
     prefix: &str,
     engine: &Engine,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Result<(), QueueError> {
     let stream = ensure_streams(js, prefix).await?;
     let consumer: jetstream::consumer::Consumer<pull::Config> = stream
         .get_or_create_consumer(
@@ -214,8 +243,8 @@ async fn consume(
             },
         )
         .await
-        .map_err(|e| format!("cannot create the consumer: {e}"))?;
-    let mut messages = consumer.messages().await.map_err(|e| format!("cannot pull messages: {e}"))?;
+        .map_err(|e| QueueError::Consumer(e.into()))?;
+    let mut messages = consumer.messages().await.map_err(|e| QueueError::Pull(e.into()))?;
     tracing::info!("job consumer attached");
     loop {
         let next = tokio::select! {
@@ -224,8 +253,8 @@ async fn consume(
         };
         let msg = match next {
             Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(format!("message stream failed: {e}")),
-            None => return Err("message stream ended".to_owned()),
+            Some(Err(e)) => return Err(QueueError::Pull(e.into())),
+            None => return Err(QueueError::Ended),
         };
         let id = std::str::from_utf8(&msg.payload).ok().and_then(|s| s.parse::<JobId>().ok());
         let Some(id) = id else {

@@ -31,7 +31,7 @@ use crate::config::ReconcilerConfig;
 use crate::lifecycle::{self, Correction, Drift, Power, Verdict};
 use crate::model::{AuditEvent, HostState, OrphanPolicy, Provider, RestartPolicy, VmStatus, now};
 use crate::moves::{Asker, Moves};
-use crate::providers::ProviderClients;
+use crate::providers::{CallError, ProviderClients};
 use crate::store::{KnownVm, Store};
 
 /// What one pass over one provider found.
@@ -128,22 +128,24 @@ impl Reconciler {
                     total.restarts += r.restarts;
                     total.hosts += r.hosts;
                 }
-                Err(e) => tracing::warn!(provider = %p.name, error = %e, "reconcile failed"),
+                Err(e) => {
+                    tracing::warn!(provider = %p.name, error = %hcp_telemetry::error_chain(&e), "reconcile failed")
+                }
             }
         }
         total
     }
 
     /// Lists a provider's whole inventory.
-    async fn inventory(&self, p: &Provider) -> Result<Vec<provider::VmInfo>, String> {
-        let mut compute = self.clients.compute(p).map_err(|e| e.message)?;
+    async fn inventory(&self, p: &Provider) -> Result<Vec<provider::VmInfo>, CallError> {
+        let mut compute = self.clients.compute(p).map_err(CallError::Channel)?;
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
             let page = compute
                 .list_vms(provider::ListVmsRequest { page_size: 1000, page_token: token.clone() })
                 .await
-                .map_err(|s| format!("ListVms failed: {}", s.message()))?
+                .map_err(|status| CallError::Failed { method: "ListVms", status })?
                 .into_inner();
             out.extend(page.vms);
             if page.next_page_token.is_empty() {
@@ -154,24 +156,27 @@ impl Reconciler {
     }
 
     /// One provider: compare, decide, act, audit.
-    pub async fn reconcile(&self, p: &Provider) -> Result<Report, String> {
+    pub async fn reconcile(&self, p: &Provider) -> Result<Report, CallError> {
         // Taken before listing: a VM the store changed after this moment may
         // not be reflected in the inventory, so it is left for next time.
         let observed_at = now();
         let inventory = self.inventory(p).await?;
-        let known = self.store.vms_on_provider(p.id).await.map_err(|e| e.to_string())?;
+        let known = self.store.vms_on_provider(p.id).await?;
         let by_id: HashMap<VmId, &KnownVm> = known.iter().map(|k| (k.id, k)).collect();
         // Host states as of now, not as of the last probe: a VM found
         // crashed on a host that just died is rebuilt elsewhere, not
         // started where it cannot run.
         if let Err(e) = self.clients.refresh_hosts(&self.store, p).await {
-            tracing::debug!(provider = %p.name, error = %e, "cannot refresh hosts before reconciling");
+            tracing::debug!(
+                provider = %p.name,
+                error = %hcp_telemetry::error_chain(&e),
+                "cannot refresh hosts before reconciling"
+            );
         }
         let down: std::collections::HashSet<String> = self
             .store
             .list_hosts(Some(p.id))
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .into_iter()
             .filter(|h| h.state == HostState::Down)
             .map(|h| h.name)

@@ -105,7 +105,11 @@ impl OpsApi {
             .await
             .map_err(|e| from_store(e, "provider"))?;
         if let Err(e) = self.ctx.clients.refresh_hosts(&self.ctx.store, &provider).await {
-            tracing::warn!(provider = %provider.name, error = %e, "cannot read the new provider's hosts yet");
+            tracing::warn!(
+                provider = %provider.name,
+                error = %hcp_telemetry::error_chain(&e),
+                "cannot read the new provider's hosts yet"
+            );
         }
         tracing::info!(provider = %provider.name, plugin = %provider.plugin_name, "provider registered");
         Ok(convert::provider_to_proto(&provider))

@@ -104,7 +104,7 @@ pub(crate) async fn entry(
     };
     if let Err(why) = origin_allowed(&console.config.allowed_origins, &headers) {
         tracing::warn!(origin = ?headers.get(header::ORIGIN), "console refused: {why}");
-        return (StatusCode::FORBIDDEN, why).into_response();
+        return (StatusCode::FORBIDDEN, why.to_string()).into_response();
     }
     let protocol = name;
     ws.protocols(["binary"]).on_upgrade(move |socket| async move {
@@ -122,7 +122,7 @@ pub(crate) async fn novnc(
 
 /// Same origin (Origin's host is the request's Host) or listed; a request
 /// without Origin comes from a non-browser client and is let through.
-fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> Result<(), String> {
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> Result<(), OriginRefused> {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
         return Ok(());
     };
@@ -136,8 +136,13 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> Result<(), String>
             return Ok(());
         }
     }
-    Err(format!("origin {origin} may not open consoles"))
+    Err(OriginRefused(origin.to_owned()))
 }
+
+/// A browser page from an origin that may not open consoles.
+#[derive(Debug, thiserror::Error)]
+#[error("origin {0} may not open consoles")]
+struct OriginRefused(String);
 
 async fn serve_file(root: &Path, rel: &str) -> Response {
     let rel = Path::new(rel);

@@ -160,29 +160,29 @@ mod tests {
     }
 
     /// A VNC server of the test's own that checks the response.
-    async fn server(mut s: tokio::io::DuplexStream, password: &str, types: &[u8]) -> Result<(), String> {
-        s.write_all(VERSION).await.map_err(|e| e.to_string())?;
+    async fn server(mut s: tokio::io::DuplexStream, password: &str, types: &[u8]) -> std::io::Result<()> {
+        s.write_all(VERSION).await?;
         let mut v = [0u8; 12];
-        s.read_exact(&mut v).await.map_err(|e| e.to_string())?;
-        s.write_u8(types.len() as u8).await.map_err(|e| e.to_string())?;
-        s.write_all(types).await.map_err(|e| e.to_string())?;
-        let chosen = s.read_u8().await.map_err(|e| e.to_string())?;
+        s.read_exact(&mut v).await?;
+        s.write_u8(types.len() as u8).await?;
+        s.write_all(types).await?;
+        let chosen = s.read_u8().await?;
         let ok = if chosen == SECURITY_VNC {
             let challenge = [7u8; 16];
-            s.write_all(&challenge).await.map_err(|e| e.to_string())?;
+            s.write_all(&challenge).await?;
             let mut resp = [0u8; 16];
-            s.read_exact(&mut resp).await.map_err(|e| e.to_string())?;
+            s.read_exact(&mut resp).await?;
             resp == vnc_response(password, &challenge)
         } else {
             true
         };
         if ok {
-            s.write_u32(0).await.map_err(|e| e.to_string())?;
+            s.write_u32(0).await?;
         } else {
-            s.write_u32(1).await.map_err(|e| e.to_string())?;
+            s.write_u32(1).await?;
             let reason = b"Authentication failed";
-            s.write_u32(reason.len() as u32).await.map_err(|e| e.to_string())?;
-            s.write_all(reason).await.map_err(|e| e.to_string())?;
+            s.write_u32(reason.len() as u32).await?;
+            s.write_all(reason).await?;
         }
         Ok(())
     }
