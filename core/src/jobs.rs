@@ -31,7 +31,7 @@ use crate::config::JobsConfig;
 use crate::lifecycle::{self, JobParams, Outcome, Power, Step};
 use crate::model::{AuditEvent, Job, NetworkAttachment, Vm, now};
 use crate::providers::{ProviderCallError, ProviderClients};
-use crate::store::{Finish, Store, StoreError};
+use crate::store::{Finish, RecordedStep, Store, StoreError};
 
 /// How an attempt ended: the lifecycle outcome and what goes with it.
 #[derive(Debug)]
@@ -513,7 +513,7 @@ impl Engine {
         // its record would). So only multi-step jobs have steps to skip.
         // A job's first claim (attempts counts claims) has nothing recorded
         // yet: only a retry or a takeover reads what an earlier attempt did.
-        let done: Vec<(String, String)> = if steps.len() > 1 && job.attempts > 1 {
+        let done: Vec<RecordedStep> = if steps.len() > 1 && job.attempts > 1 {
             self.store.completed_steps(job.id).await.map_err(Abort::Store)?
         } else {
             Vec::new()
@@ -533,7 +533,7 @@ impl Engine {
         let mut nics = Vec::new();
         let mut host = None;
         for (i, &step) in steps.iter().enumerate() {
-            if done.iter().any(|(d, _)| d == step.as_str()) {
+            if done.iter().any(|d| d.step == step) {
                 tracing::debug!(%step, "step already done");
                 continue;
             }
@@ -694,7 +694,7 @@ impl Engine {
             Step::Delete => compute
                 .delete_vm(req(provider::VmRef { vm_id }))
                 .await
-                .map(|r| StepOutput::native(if r.into_inner().existed { "deleted" } else { "absent" })),
+                .map(|r| StepOutput::native(Step::deletion_output(r.into_inner().existed))),
             Step::SnapshotCreate => {
                 let (snapshot_id, name) = snapshot()?;
                 compute
@@ -744,7 +744,7 @@ impl Engine {
                 compute
                     .delete_snapshot(req(provider::SnapshotRef { vm_id, snapshot_id }))
                     .await
-                    .map(|r| StepOutput::native(if r.into_inner().existed { "deleted" } else { "absent" }))
+                    .map(|r| StepOutput::native(Step::deletion_output(r.into_inner().existed)))
             }
         };
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;

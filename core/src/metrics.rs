@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::model::{JobKind, VmStatus};
+use crate::model::{JobKind, JobStatus, VmStatus};
 use crate::store::Store;
 
 /// Sets the state gauges from the store; a failed read leaves them as they
@@ -30,7 +30,7 @@ pub async fn refresh(store: &Store) {
         metrics::gauge!("hcp_vms", "status" => status.as_str()).set(n as f64);
     }
     for kind in JobKind::ALL {
-        for status in ["QUEUED", "RUNNING"] {
+        for status in [JobStatus::Queued, JobStatus::Running].map(JobStatus::as_str) {
             let n = g
                 .open_jobs
                 .iter()

@@ -122,3 +122,82 @@ fn the_scan_sees_a_loop_when_there_is_one() {
     let cycle = cycle_from("a", &graph, &mut Vec::new(), &mut BTreeSet::new());
     assert_eq!(cycle, Some(vec!["a".to_owned(), "b".to_owned(), "a".to_owned()]));
 }
+
+/// Whether `word` is a name from one of the domain's name tables: a VM,
+/// job, snapshot or host state, a job kind, a step, an error code or a
+/// usage event.
+fn domain_name(word: &str) -> bool {
+    use hcp_core::lifecycle::{Metering, Step};
+    use hcp_core::model::{HostState, JobKind, JobStatus, SnapshotStatus, VmStatus};
+    use hcp_proto::error::ErrorCode;
+    VmStatus::parse(word).is_some()
+        || JobStatus::parse(word).is_some()
+        || SnapshotStatus::parse(word).is_some()
+        || HostState::parse(word).is_some()
+        || JobKind::parse(word).is_some()
+        || Step::parse(word).is_some()
+        || ErrorCode::ALL.iter().any(|c| c.as_str() == word)
+        || Metering::ALL.iter().any(|m| m.as_str() == word)
+}
+
+/// The string literals (`"..."`) and SQL literals (`'...'`) of a source's
+/// non-test, non-comment code that spell a domain name.
+fn spelled_names(source: &str) -> Vec<String> {
+    let code = source.split("#[cfg(test)]").next().unwrap_or_default();
+    let mut found = Vec::new();
+    for (n, line) in code.lines().enumerate() {
+        if line.trim_start().starts_with("//") {
+            continue;
+        }
+        for quote in ['"', '\''] {
+            let parts: Vec<&str> = line.split(quote).collect();
+            for word in parts.iter().skip(1).step_by(2) {
+                if domain_name(word) {
+                    found.push(format!("line {}: {quote}{word}{quote}", n + 1));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// States, job kinds, steps, error codes and usage events are spelled only
+/// in `hcp-domain`'s name tables (and `hcp-proto`'s for error codes):
+/// core, the store and the gateway name them through the enums, SQL too.
+#[test]
+fn domain_names_are_spelled_only_in_the_domain() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut offenders = Vec::new();
+    let mut files = 0;
+    for dir in ["src", "store/src", "../gateway/src"] {
+        let dir = root.join(dir);
+        let mut sources = BTreeMap::new();
+        modules(&dir, &dir, &mut sources);
+        for (module, source) in sources {
+            files += 1;
+            for hit in spelled_names(&source) {
+                offenders.push(format!("{}/{module}: {hit}", dir.display()));
+            }
+        }
+    }
+    assert!(files > 40, "scanned only {files} files");
+    assert!(offenders.is_empty(), "domain names spelled outside the domain: {offenders:#?}");
+}
+
+#[test]
+fn the_name_scan_finds_states_in_code_and_sql() {
+    assert_eq!(
+        spelled_names("let s = \"ACTIVE\";\nsql(\"... status <> 'DELETED'\");\n// \"QUEUED\" in a comment\n"),
+        ["line 1: \"ACTIVE\"", "line 2: 'DELETED'"]
+    );
+    assert_eq!(
+        spelled_names("audit(\"vm.create\", \"provider.start\", \"stopped\", \"NOT_FOUND\")"),
+        [
+            "line 1: \"vm.create\"",
+            "line 1: \"provider.start\"",
+            "line 1: \"stopped\"",
+            "line 1: \"NOT_FOUND\""
+        ]
+    );
+    assert!(spelled_names("tracing::info!(\"vm started\"); let x = 'a';").is_empty());
+}

@@ -178,6 +178,31 @@ pub enum Step {
 }
 
 impl Step {
+    /// Every step.
+    pub const ALL: &'static [Step] = &[
+        Step::Create,
+        Step::Start,
+        Step::Stop,
+        Step::Reboot,
+        Step::Resize,
+        Step::Delete,
+        Step::SnapshotCreate,
+        Step::SnapshotRevert,
+        Step::SnapshotDelete,
+        Step::Migrate,
+    ];
+
+    /// The step recorded as `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|step| step.as_str() == s)
+    }
+
+    /// The output recorded for a delete step (of a VM or a snapshot):
+    /// whether the provider still had what it deleted.
+    pub fn deletion_output(existed: bool) -> &'static str {
+        if existed { "deleted" } else { "absent" }
+    }
+
     /// The recorded spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -404,6 +429,10 @@ pub enum Metering {
 }
 
 impl Metering {
+    /// Every usage event.
+    pub const ALL: &'static [Metering] =
+        &[Metering::Started, Metering::Stopped, Metering::Deleted, Metering::Resized];
+
     /// The usage event's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -797,6 +826,17 @@ mod tests {
     /// accepted from, as literal rows: kind, prior state, outcome -> job
     /// state, VM state, VM error, usage event, snapshot state, consoles
     /// revoked, requeued, size restored, host restored.
+    #[test]
+    fn steps_parse_from_their_recorded_names() {
+        for &step in Step::ALL {
+            assert_eq!(Step::parse(step.as_str()), Some(step));
+        }
+        assert_eq!(Step::parse("provider.create"), Some(Step::Create));
+        assert_eq!(Step::parse("provider.teleport"), None);
+        let kinds: usize = JobKind::ALL.iter().map(|k| k.steps().len()).sum();
+        assert!(kinds >= Step::ALL.len(), "every step belongs to some kind");
+    }
+
     #[test]
     fn every_kind_outcome_and_prior_state() {
         use ErrorCode as E;

@@ -294,7 +294,7 @@ impl TenantApi {
             created_at: t,
             updated_at: t,
         };
-        let mut audit = self.ctx.audit(p, "vm.create", "vm", &vm_id.to_string(), "accepted");
+        let mut audit = self.ctx.audit(p, JobKind::CreateVm.as_str(), "vm", &vm_id.to_string(), "accepted");
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
         let answer =
@@ -891,7 +891,7 @@ fn fingerprint(v: &serde_json::Value) -> String {
 fn fingerprint_create(req: &CreateVmRequest) -> String {
     let metadata: BTreeMap<_, _> = req.metadata.iter().collect();
     fingerprint(&serde_json::json!({
-        "method": "vm.create",
+        "method": JobKind::CreateVm.as_str(),
         "project_id": req.project_id,
         "name": req.name,
         "flavor": req.flavor,

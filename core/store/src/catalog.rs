@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use sqlx::types::Json;
 
+use super::{Quoted, sql};
 use super::{StoreError, StoreResult, col, on_pool, to_i32, to_u32};
-use hcp_domain::model::{AuditEvent, Flavor, Image, Network, Zone};
+use hcp_domain::model::{AuditEvent, Flavor, Image, Network, VmStatus, Zone};
 
 impl super::Store {
     /// Inserts a flavor and its audit event.
@@ -212,7 +213,7 @@ impl super::Store {
     ) -> StoreResult<()> {
         on_pool!(transaction self, |tx| {
             let in_use: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT COUNT(*) FROM vms WHERE {vm_column} = $1 AND status <> 'DELETED'"
+                "SELECT COUNT(*) FROM vms WHERE {vm_column} = $1 AND status <> {vm_deleted}", vm_deleted = Quoted(VmStatus::Deleted.as_str())
             )))
             .bind(name)
             .fetch_one(&mut *tx)
@@ -308,7 +309,7 @@ impl super::Store {
     /// attached to it.
     pub async fn delete_network(&self, zone: &str, name: &str, audit: &AuditEvent) -> StoreResult<()> {
         on_pool!(transaction self, |tx| {
-            let rows = sqlx::query("SELECT networks FROM vms WHERE zone = $1 AND status <> 'DELETED'")
+            let rows = sqlx::query(sql!("SELECT networks FROM vms WHERE zone = $1 AND status <> {vm_deleted}", vm_deleted = VmStatus::Deleted))
                 .bind(zone)
                 .fetch_all(&mut *tx)
                 .await

@@ -5,7 +5,9 @@
 
 use chrono::{DateTime, Utc};
 
+use super::sql;
 use super::{StoreError, StoreResult, col, on_pool};
+use hcp_domain::model::VmStatus;
 
 /// An idempotency key to record with an accepted request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,11 +104,12 @@ macro_rules! check_quota {
             let max_instances: Option<i32> = col!(&row, "max_instances");
             let max_vcpus: Option<i32> = col!(&row, "max_vcpus");
             let max_memory: Option<i64> = col!(&row, "max_memory_mib");
-            let used = sqlx::query(
+            let used = sqlx::query(sql!(
                 "SELECT COUNT(*) AS n, COALESCE(SUM(vcpus), 0) AS vcpus, \
                  COALESCE(SUM(memory_mib), 0) AS memory FROM vms \
-                 WHERE tenant_id = $1 AND project_id = $2 AND status <> 'DELETED'",
-            )
+                 WHERE tenant_id = $1 AND project_id = $2 AND status <> {vm_deleted}",
+                vm_deleted = VmStatus::Deleted
+            ))
             .bind($tenant)
             .bind($project)
             .fetch_one(&mut *$conn)
@@ -238,11 +241,12 @@ impl super::Store {
                     }
                 }
             };
-            let used = sqlx::query(
+            let used = sqlx::query(sql!(
                 "SELECT COUNT(*) AS n, COALESCE(SUM(vcpus), 0) AS vcpus, \
                  COALESCE(SUM(memory_mib), 0) AS memory FROM vms \
-                 WHERE tenant_id = $1 AND project_id = $2 AND status <> 'DELETED'",
-            )
+                 WHERE tenant_id = $1 AND project_id = $2 AND status <> {vm_deleted}",
+                vm_deleted = VmStatus::Deleted
+            ))
             .bind(tenant_id)
             .bind(project_id)
             .fetch_one(pool)

@@ -5,10 +5,11 @@
 use chrono::{DateTime, Utc};
 use hcp_proto::ids::{PlacementGroupId, ProviderId, VmId};
 
+use super::sql;
 use super::{StoreError, StoreResult, col, on_pool};
 use hcp_domain::model::{
-    AuditEvent, Drain, GroupPolicy, Host, HostLoad, HostState, PlacementGroup, PlacementPolicy, Scope,
-    ZonePlacement,
+    AuditEvent, Drain, GroupPolicy, Host, HostLoad, HostState, JobKind, JobStatus, PlacementGroup,
+    PlacementPolicy, Scope, VmStatus, ZonePlacement,
 };
 
 /// A host as a provider reported it.
@@ -108,10 +109,11 @@ macro_rules! check_group {
                 guard.group_id
             )));
         }
-        let rows = sqlx::query(
-            "SELECT provider_id, host FROM vms WHERE placement_group_id = $1 AND status <> 'DELETED' \
+        let rows = sqlx::query(sql!(
+            "SELECT provider_id, host FROM vms WHERE placement_group_id = $1 AND status <> {vm_deleted} \
              AND id <> $2",
-        )
+            vm_deleted = VmStatus::Deleted
+        ))
         .bind(guard.group_id.0)
         .bind(vm.0)
         .fetch_all(&mut *$tx)
@@ -184,8 +186,8 @@ impl super::Store {
             }
             // Hosts not in this report are gone from the provider's view.
             sqlx::query(
-                "UPDATE hosts SET state = 'DOWN', updated_at = $2 WHERE provider_id = $1 \
-                 AND updated_at < $2 AND state <> 'DOWN'",
+                sql!("UPDATE hosts SET state = {host_down}, updated_at = $2 WHERE provider_id = $1 \
+                 AND updated_at < $2 AND state <> {host_down}", host_down = HostState::Down),
             )
             .bind(provider.0)
             .bind(now)
@@ -222,12 +224,13 @@ impl super::Store {
     /// provider and host.
     pub async fn host_loads(&self) -> StoreResult<Vec<((ProviderId, String), HostLoad)>> {
         on_pool!(self, |pool| {
-            let rows = sqlx::query(
+            let rows = sqlx::query(sql!(
                 "SELECT provider_id, host, CAST(COUNT(*) AS BIGINT) AS n, \
                  CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS vcpus, \
                  CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) AS memory_mib \
-                 FROM vms WHERE status <> 'DELETED' GROUP BY provider_id, host",
-            )
+                 FROM vms WHERE status <> {vm_deleted} GROUP BY provider_id, host",
+                vm_deleted = VmStatus::Deleted
+            ))
             .fetch_all(pool)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "hosts"))?;
@@ -282,11 +285,14 @@ impl super::Store {
     /// Moves of VMs off `host` that have not finished.
     pub async fn moves_in_flight(&self, provider: ProviderId, host: &str) -> StoreResult<u32> {
         on_pool!(self, |pool| {
-            let n: i64 = sqlx::query_scalar(
+            let n: i64 = sqlx::query_scalar(sql!(
                 "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs j JOIN vms v ON v.id = j.vm_id \
-                 WHERE j.kind = 'vm.migrate' AND j.status IN ('QUEUED', 'RUNNING') \
+                 WHERE j.kind = {migrate} AND j.status IN ({job_queued}, {job_running}) \
                  AND v.provider_id = $1 AND j.params ->> 'from' = $2",
-            )
+                migrate = JobKind::MigrateVm,
+                job_queued = JobStatus::Queued,
+                job_running = JobStatus::Running
+            ))
             .bind(provider.0)
             .bind(host)
             .fetch_one(pool)
@@ -304,12 +310,15 @@ impl super::Store {
         since: DateTime<Utc>,
     ) -> StoreResult<Vec<VmId>> {
         on_pool!(self, |pool| {
-            let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            let ids: Vec<uuid::Uuid> = sqlx::query_scalar(sql!(
                 "SELECT DISTINCT j.vm_id FROM jobs j JOIN vms v ON v.id = j.vm_id \
-                 WHERE j.kind = 'vm.migrate' AND j.status IN ('FAILED', 'CANCELLED') \
+                 WHERE j.kind = {migrate} AND j.status IN ({job_failed}, {job_cancelled}) \
                  AND j.created_at >= $3 AND v.provider_id = $1 AND v.host = $2 \
                  AND j.params ->> 'from' = $2",
-            )
+                migrate = JobKind::MigrateVm,
+                job_failed = JobStatus::Failed,
+                job_cancelled = JobStatus::Cancelled
+            ))
             .bind(provider.0)
             .bind(host)
             .bind(since)
@@ -459,10 +468,11 @@ impl super::Store {
     /// Where the group's members that are not deleted are.
     pub async fn group_members(&self, id: PlacementGroupId) -> StoreResult<Vec<Member>> {
         on_pool!(self, |pool| {
-            let rows = sqlx::query(
+            let rows = sqlx::query(sql!(
                 "SELECT id, provider_id, host FROM vms WHERE placement_group_id = $1 \
-                 AND status <> 'DELETED' ORDER BY id",
-            )
+                 AND status <> {vm_deleted} ORDER BY id",
+                vm_deleted = VmStatus::Deleted
+            ))
             .bind(id.0)
             .fetch_all(pool)
             .await
@@ -499,7 +509,7 @@ impl super::Store {
                 return Err(StoreError::NotFound);
             }
             let members: i64 = sqlx::query_scalar(
-                "SELECT CAST(COUNT(*) AS BIGINT) FROM vms WHERE placement_group_id = $1 AND status <> 'DELETED'",
+                sql!("SELECT CAST(COUNT(*) AS BIGINT) FROM vms WHERE placement_group_id = $1 AND status <> {vm_deleted}", vm_deleted = VmStatus::Deleted),
             )
             .bind(id.0)
             .fetch_one(&mut *tx)

@@ -14,6 +14,7 @@ use sqlx::types::Json;
 
 use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_vm_usage};
 use super::{BackendKind, StoreError, StoreResult, col, on_pool, to_i32, to_u32};
+use super::{Quoted, sql};
 use hcp_domain::lifecycle::{JobParams, Outcome, Step, Transition};
 use hcp_domain::model::{AuditEvent, Job, JobKind, JobStatus, NetworkAttachment, Scope, VmStatus};
 
@@ -230,6 +231,16 @@ macro_rules! apply_transition {
     }};
 }
 
+/// A step of a job that completed, and what the provider returned for it
+/// (a native id, or what a delete found).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedStep {
+    /// The step.
+    pub step: Step,
+    /// Its recorded output.
+    pub output: String,
+}
+
 impl super::Store {
     /// Cancels a QUEUED job of the tenant: the job ends CANCELLED, the VM
     /// returns to the job's prior status (ERROR for a create), and the audit
@@ -240,8 +251,10 @@ impl super::Store {
         let outbox = self.outbox;
         on_pool!(transaction self, |tx| {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE jobs SET status = 'CANCELLED', finished_at = $1, updated_at = $1 \
-                 WHERE id = $2 AND tenant_id = $3 AND status = 'QUEUED' RETURNING {JOB_COLUMNS}"
+                "UPDATE jobs SET status = {job_cancelled}, finished_at = $1, updated_at = $1 \
+                 WHERE id = $2 AND tenant_id = $3 AND status = {job_queued} RETURNING {JOB_COLUMNS}",
+                job_cancelled = Quoted(JobStatus::Cancelled.as_str()),
+                job_queued = Quoted(JobStatus::Queued.as_str())
             )))
             .bind(t)
             .bind(id.0)
@@ -328,13 +341,15 @@ impl super::Store {
         // LIMIT n)` PostgreSQL may run the subquery again and take more
         // than n rows.
         let sql = format!(
-            "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE (status = 'QUEUED' AND run_after <= $3) \
-             OR (status = 'RUNNING' AND lease_expires_at < $3) ORDER BY run_after, id LIMIT $4{lock}) \
-             UPDATE jobs SET status = 'RUNNING', lease_owner = $1, lease_expires_at = $2, \
+            "WITH picked AS MATERIALIZED (SELECT id FROM jobs WHERE (status = {job_queued} AND run_after <= $3) \
+             OR (status = {job_running} AND lease_expires_at < $3) ORDER BY run_after, id LIMIT $4{lock}) \
+             UPDATE jobs SET status = {job_running}, lease_owner = $1, lease_expires_at = $2, \
              attempts = attempts + 1, started_at = COALESCE(started_at, $3), updated_at = $3 \
              WHERE id IN (SELECT id FROM picked) \
-             AND ((status = 'QUEUED' AND run_after <= $3) OR (status = 'RUNNING' AND lease_expires_at < $3)) \
-             RETURNING {JOB_COLUMNS}"
+             AND ((status = {job_queued} AND run_after <= $3) OR (status = {job_running} AND lease_expires_at < $3)) \
+             RETURNING {JOB_COLUMNS}",
+            job_queued = Quoted(JobStatus::Queued.as_str()),
+            job_running = Quoted(JobStatus::Running.as_str())
         );
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         on_pool!(engine self, |pool| {
@@ -366,10 +381,12 @@ impl super::Store {
         lease_until: DateTime<Utc>,
     ) -> StoreResult<Option<Job>> {
         let sql = format!(
-            "UPDATE jobs SET status = 'RUNNING', lease_owner = $1, lease_expires_at = $2, \
+            "UPDATE jobs SET status = {job_running}, lease_owner = $1, lease_expires_at = $2, \
              attempts = attempts + 1, started_at = COALESCE(started_at, $3), updated_at = $3 \
-             WHERE id = $4 AND ((status = 'QUEUED' AND run_after <= $3) \
-             OR (status = 'RUNNING' AND lease_expires_at < $3)) RETURNING {JOB_COLUMNS}"
+             WHERE id = $4 AND ((status = {job_queued} AND run_after <= $3) \
+             OR (status = {job_running} AND lease_expires_at < $3)) RETURNING {JOB_COLUMNS}",
+            job_running = Quoted(JobStatus::Running.as_str()),
+            job_queued = Quoted(JobStatus::Queued.as_str())
         );
         on_pool!(engine self, |pool| {
             let row = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
@@ -397,8 +414,8 @@ impl super::Store {
     ) -> StoreResult<bool> {
         on_pool!(engine self, |pool| {
             let done = sqlx::query(
-                "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
-                 AND status = 'RUNNING'",
+                sql!("UPDATE jobs SET lease_expires_at = $1 WHERE id = $2 AND lease_owner = $3 \
+                 AND status = {job_running}", job_running = JobStatus::Running),
             )
             .bind(lease_until)
             .bind(id.0)
@@ -415,8 +432,8 @@ impl super::Store {
     pub async fn release_leases(&self, worker: &str, now: DateTime<Utc>) -> StoreResult<u64> {
         on_pool!(engine self, |pool| {
             let done = sqlx::query(
-                "UPDATE jobs SET lease_expires_at = $2 WHERE lease_owner = $1 AND status = 'RUNNING' \
-                 AND lease_expires_at > $2",
+                sql!("UPDATE jobs SET lease_expires_at = $2 WHERE lease_owner = $1 AND status = {job_running} \
+                 AND lease_expires_at > $2", job_running = JobStatus::Running),
             )
             .bind(worker)
             .bind(now)
@@ -428,8 +445,7 @@ impl super::Store {
     }
 
     /// Returns the steps of a job already completed, with their outputs.
-    pub async fn completed_steps(&self, id: JobId) -> StoreResult<Vec<(String, String)>> {
-        // Step names are parsed by the engine against the job's kind.
+    pub async fn completed_steps(&self, id: JobId) -> StoreResult<Vec<RecordedStep>> {
         on_pool!(self, |pool| {
             let rows = sqlx::query(
                 "SELECT step, output FROM job_steps WHERE job_id = $1 ORDER BY finished_at, step",
@@ -440,7 +456,10 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, "job step"))?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
-                out.push((col!(row, "step"), col!(row, "output")));
+                let step: String = col!(row, "step");
+                let step =
+                    Step::parse(&step).ok_or_else(|| StoreError::Corrupt(format!("job step {step:?}")))?;
+                out.push(RecordedStep { step, output: col!(row, "output") });
             }
             Ok(out)
         })
@@ -458,10 +477,10 @@ impl super::Store {
     ) -> StoreResult<()> {
         on_pool!(engine self, |pool| {
             let done = sqlx::query(
-                "INSERT INTO job_steps (job_id, step, output, finished_at) \
+                sql!("INSERT INTO job_steps (job_id, step, output, finished_at) \
                  SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 \
-                 AND lease_owner = $5 AND status = 'RUNNING') \
-                 ON CONFLICT (job_id, step) DO NOTHING",
+                 AND lease_owner = $5 AND status = {job_running}) \
+                 ON CONFLICT (job_id, step) DO NOTHING", job_running = JobStatus::Running),
             )
             .bind(id.0)
             .bind(step.as_str())
@@ -507,9 +526,9 @@ impl super::Store {
         }
         on_pool!(engine transaction self, |tx| {
             let updated = sqlx::query(
-                "UPDATE jobs SET status = $4, finished_at = $1, updated_at = $5, run_after = $6, \
+                sql!("UPDATE jobs SET status = $4, finished_at = $1, updated_at = $5, run_after = $6, \
                  lease_owner = NULL, lease_expires_at = NULL, error_code = $7, error_message = $8 \
-                 WHERE id = $2 AND lease_owner = $3 AND status = 'RUNNING'",
+                 WHERE id = $2 AND lease_owner = $3 AND status = {job_running}", job_running = JobStatus::Running),
             )
             .bind(finished_at)
             .bind(job.id.0)
@@ -527,7 +546,7 @@ impl super::Store {
             }
             apply_transition!(tx, job, t, message, finish.networks.as_ref(), now, outbox);
             if let Some(host) = finish.host.as_deref().filter(|h| !h.is_empty()) {
-                sqlx::query("UPDATE vms SET host = $1 WHERE id = $2 AND status <> 'DELETED'")
+                sqlx::query(sql!("UPDATE vms SET host = $1 WHERE id = $2 AND status <> {vm_deleted}", vm_deleted = VmStatus::Deleted))
                     .bind(host)
                     .bind(job.vm_id.0)
                     .execute(&mut *tx)
@@ -652,16 +671,16 @@ async fn finish_in_one(
     // The VM's new state applies only while the job still holds it, as in
     // the transaction; the reported host only to a VM that is not deleted.
     let row = sqlx::query(
-        "WITH j AS (UPDATE jobs SET status = $4, finished_at = $1, updated_at = $5, run_after = $6, \
+        sql!("WITH j AS (UPDATE jobs SET status = $4, finished_at = $1, updated_at = $5, run_after = $6, \
              lease_owner = NULL, lease_expires_at = NULL, error_code = $7, error_message = $8 \
-             WHERE id = $2 AND lease_owner = $3 AND status = 'RUNNING' RETURNING id), \
+             WHERE id = $2 AND lease_owner = $3 AND status = {job_running} RETURNING id), \
          v AS (UPDATE vms SET \
              status = CASE WHEN $9 AND current_job_id = $2 THEN $10 ELSE status END, \
              error_code = CASE WHEN $9 AND current_job_id = $2 THEN $11 ELSE error_code END, \
              error_message = CASE WHEN $9 AND current_job_id = $2 THEN $12 ELSE error_message END, \
              updated_at = CASE WHEN $9 AND current_job_id = $2 THEN $5 ELSE updated_at END, \
              host = CASE WHEN $13::text IS NOT NULL \
-                 AND (CASE WHEN $9 AND current_job_id = $2 THEN $10 ELSE status END) <> 'DELETED' THEN $13 \
+                 AND (CASE WHEN $9 AND current_job_id = $2 THEN $10 ELSE status END) <> {vm_deleted} THEN $13 \
                  WHEN $14::text IS NOT NULL THEN $14 ELSE host END, \
              networks = COALESCE($15, networks), \
              current_job_id = CASE WHEN $9 AND current_job_id = $2 THEN NULL ELSE current_job_id END \
@@ -673,7 +692,7 @@ async fn finish_in_one(
          a AS (INSERT INTO audit_events (id, at, actor, tenant_id, project_id, action, resource_type, \
              resource_id, outcome, job_id, trace_id, detail) \
              SELECT $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41 FROM j WHERE $29) \
-         SELECT EXISTS (SELECT 1 FROM j) AS finished",
+         SELECT EXISTS (SELECT 1 FROM j) AS finished", job_running = JobStatus::Running, vm_deleted = VmStatus::Deleted),
     )
     .bind(t.job.ne(&JobStatus::Queued).then_some(now)) // $1
     .bind(job.id.0)

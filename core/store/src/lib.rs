@@ -35,7 +35,7 @@ pub use audit::{AuditQuery, ChainedEvent};
 pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
 pub use guards::{IdempotencyRecord, Quota, Usage};
 pub use hosts::{GroupGuard, HostReport, Member};
-pub use jobs::{Finish, ListJobsQuery};
+pub use jobs::{Finish, ListJobsQuery, RecordedStep};
 pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use reconcile::KnownVm;
@@ -258,6 +258,31 @@ macro_rules! on_pool {
     };
 }
 pub(crate) use on_pool;
+
+/// A domain name (a state, a job kind) as an SQL string literal:
+/// `'DELETED'`. States are never spelled in SQL text: queries name them
+/// through [`sql!`] or `format!` with this, from the domain's enums.
+pub(crate) struct Quoted(pub(crate) &'static str);
+
+impl std::fmt::Display for Quoted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "'{}'", self.0)
+    }
+}
+
+/// SQL text with domain names filled in once, from the enums:
+/// `sql!("... WHERE status <> {vm_deleted}", vm_deleted = VmStatus::Deleted)`
+/// is `"... WHERE status <> 'DELETED'"`, made on first use and then the same
+/// `&'static str` (so prepared statements and partial indexes see the
+/// literal, as when it was written by hand).
+macro_rules! sql {
+    ($text:literal $(, $name:ident = $value:expr)+ $(,)?) => {{
+        static TEXT: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| format!($text $(, $name = $crate::Quoted($value.as_str()))+));
+        TEXT.as_str()
+    }};
+}
+pub(crate) use sql;
 
 /// Reads one column, mapping a decode failure to [`StoreError::Corrupt`].
 macro_rules! col {

@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, Utc};
 
+use super::sql;
 use super::{StoreError, StoreResult, col, on_pool};
+use hcp_domain::model::{JobStatus, VmStatus};
 
 /// The state-derived gauges.
 #[derive(Debug, Clone, Default)]
@@ -36,10 +38,12 @@ impl super::Store {
             {
                 g.vms_by_status.push((col!(row, "status"), col!(row, "n")));
             }
-            for row in &sqlx::query(
-                "SELECT kind, status, COUNT(*) AS n FROM jobs WHERE status IN ('QUEUED', 'RUNNING') \
+            for row in &sqlx::query(sql!(
+                "SELECT kind, status, COUNT(*) AS n FROM jobs WHERE status IN ({job_queued}, {job_running}) \
                  GROUP BY kind, status",
-            )
+                job_queued = JobStatus::Queued,
+                job_running = JobStatus::Running
+            ))
             .fetch_all(pool)
             .await
             .map_err(err)?
@@ -61,10 +65,11 @@ impl super::Store {
             {
                 g.providers.push((col!(row, "name"), col!(row, "healthy")));
             }
-            for row in &sqlx::query(
+            for row in &sqlx::query(sql!(
                 "SELECT tenant_id, project_id, COUNT(*) AS n, SUM(vcpus) AS vcpus, SUM(memory_mib) AS memory \
-                 FROM vms WHERE status <> 'DELETED' GROUP BY tenant_id, project_id",
-            )
+                 FROM vms WHERE status <> {vm_deleted} GROUP BY tenant_id, project_id",
+                vm_deleted = VmStatus::Deleted
+            ))
             .fetch_all(pool)
             .await
             .map_err(err)?

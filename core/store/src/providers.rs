@@ -4,8 +4,9 @@
 use hcp_proto::ids::ProviderId;
 use sqlx::types::Json;
 
+use super::sql;
 use super::{StoreError, StoreResult, col, on_pool};
-use hcp_domain::model::{AuditEvent, Capabilities, Provider};
+use hcp_domain::model::{AuditEvent, Capabilities, Provider, VmStatus};
 
 const PROVIDER_COLUMNS: &str = "id, name, zone, endpoint, plugin_name, plugin_version, \
      hypervisor, protocol_version, capabilities, healthy, health_message, last_probe_at, created_at, \
@@ -164,7 +165,7 @@ impl super::Store {
     pub async fn remove_provider(&self, id: ProviderId, audit: &AuditEvent) -> StoreResult<()> {
         on_pool!(transaction self, |tx| {
             let live: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM vms WHERE provider_id = $1 AND status <> 'DELETED'")
+                sqlx::query_scalar(sql!("SELECT COUNT(*) FROM vms WHERE provider_id = $1 AND status <> {vm_deleted}", vm_deleted = VmStatus::Deleted))
                     .bind(id.0)
                     .fetch_one(&mut *tx)
                     .await

@@ -9,6 +9,7 @@ use sqlx::types::Json;
 use super::guards::{check_quota, insert_idempotency};
 use super::outbox::{SUBJECT_JOBS, insert_outbox};
 use super::{IdempotencyRecord, StoreError, StoreResult, col, on_pool, to_i32};
+use super::{Quoted, sql};
 use hcp_proto::ids::SnapshotId;
 
 use hcp_domain::lifecycle::{Refusal, Size, SnapshotRefusal};
@@ -364,8 +365,8 @@ impl super::Store {
                 None => {}
                 Some(SnapshotAccept::Create(snap)) => {
                     sqlx::query(
-                        "INSERT INTO snapshots (id, vm_id, tenant_id, project_id, name, status, created_at, \
-                         updated_at) VALUES ($1, $2, $3, $4, $5, 'CREATING', $6, $6)",
+                        sql!("INSERT INTO snapshots (id, vm_id, tenant_id, project_id, name, status, created_at, \
+                         updated_at) VALUES ($1, $2, $3, $4, $5, {snap_creating}, $6, $6)", snap_creating = SnapshotStatus::Creating),
                     )
                     .bind(snap.id.0)
                     .bind(vm.id.0)
@@ -522,7 +523,7 @@ impl super::Store {
     pub async fn set_vm_networks(&self, id: VmId, networks: &[NetworkAttachment]) -> StoreResult<bool> {
         on_pool!(self, |pool| {
             let done = sqlx::query(
-                "UPDATE vms SET networks = $1 WHERE id = $2 AND current_job_id IS NULL AND status <> 'DELETED'",
+                sql!("UPDATE vms SET networks = $1 WHERE id = $2 AND current_job_id IS NULL AND status <> {vm_deleted}", vm_deleted = VmStatus::Deleted),
             )
             .bind(Json(networks))
             .bind(id.0)
@@ -538,7 +539,7 @@ impl super::Store {
     pub async fn set_vm_host(&self, id: VmId, host: &str) -> StoreResult<bool> {
         on_pool!(self, |pool| {
             let done = sqlx::query(
-                "UPDATE vms SET host = $1 WHERE id = $2 AND current_job_id IS NULL AND status <> 'DELETED'",
+                sql!("UPDATE vms SET host = $1 WHERE id = $2 AND current_job_id IS NULL AND status <> {vm_deleted}", vm_deleted = VmStatus::Deleted),
             )
             .bind(host)
             .bind(id.0)
@@ -560,11 +561,12 @@ impl super::Store {
                 for chunk in hosts.chunks(10_000) {
                     let ids: Vec<uuid::Uuid> = chunk.iter().map(|(id, _)| id.0).collect();
                     let names: Vec<&str> = chunk.iter().map(|(_, h)| h.as_str()).collect();
-                    done += sqlx::query(
+                    done += sqlx::query(sql!(
                         "UPDATE vms SET host = r.host FROM unnest($1::uuid[], $2::text[]) AS r(id, host) \
                          WHERE vms.id = r.id AND vms.host = '' AND vms.current_job_id IS NULL \
-                         AND vms.status <> 'DELETED'",
-                    )
+                         AND vms.status <> {vm_deleted}",
+                        vm_deleted = VmStatus::Deleted
+                    ))
                     .bind(&ids)
                     .bind(&names)
                     .execute(pool)
@@ -577,10 +579,11 @@ impl super::Store {
                 // SQLite has one connection: no conflict to run again for.
                 let mut tx = crate::begin(pool).await?;
                 for (id, host) in hosts {
-                    done += sqlx::query(
+                    done += sqlx::query(sql!(
                         "UPDATE vms SET host = $1 WHERE id = $2 AND host = '' AND current_job_id IS NULL \
-                         AND status <> 'DELETED'",
-                    )
+                         AND status <> {vm_deleted}",
+                        vm_deleted = VmStatus::Deleted
+                    ))
                     .bind(host)
                     .bind(id.0)
                     .execute(&mut *tx)
@@ -599,7 +602,8 @@ impl super::Store {
         on_pool!(self, |pool| {
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {VM_COLUMNS} FROM vms WHERE provider_id = $1 AND host = $2 \
-                 AND status <> 'DELETED' ORDER BY id"
+                 AND status <> {vm_deleted} ORDER BY id",
+                vm_deleted = Quoted(VmStatus::Deleted.as_str())
             )))
             .bind(provider.0)
             .bind(host)
@@ -647,7 +651,10 @@ impl super::Store {
         }
         match query.status {
             Some(_) => sql.push_str(&format!(" AND status = ${}", next_param())),
-            None => sql.push_str(" AND status <> 'DELETED'"),
+            None => sql.push_str(&format!(
+                " AND status <> {vm_deleted}",
+                vm_deleted = Quoted(VmStatus::Deleted.as_str())
+            )),
         }
         for _ in &query.tags {
             sql.push_str(&format!(
@@ -689,10 +696,11 @@ impl super::Store {
     /// Counts VMs placed on each provider that are not deleted, for placement.
     pub async fn count_live_vms_by_provider(&self) -> StoreResult<Vec<(ProviderId, i64)>> {
         on_pool!(self, |pool| {
-            let rows = sqlx::query(
-                "SELECT provider_id, COUNT(*) AS n FROM vms WHERE status <> 'DELETED' \
+            let rows = sqlx::query(sql!(
+                "SELECT provider_id, COUNT(*) AS n FROM vms WHERE status <> {vm_deleted} \
                  GROUP BY provider_id",
-            )
+                vm_deleted = VmStatus::Deleted
+            ))
             .fetch_all(pool)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
@@ -712,10 +720,11 @@ impl super::Store {
     pub async fn list_snapshots(&self, scope: &Scope, vm: VmId) -> StoreResult<Vec<Snapshot>> {
         self.get_vm(scope, vm).await?;
         on_pool!(self, |pool| {
-            let rows = sqlx::query(
+            let rows = sqlx::query(sql!(
                 "SELECT id, vm_id, name, status, created_at, updated_at FROM snapshots \
-                 WHERE vm_id = $1 AND status <> 'REMOVED' ORDER BY id",
-            )
+                 WHERE vm_id = $1 AND status <> {snap_removed} ORDER BY id",
+                snap_removed = SnapshotStatus::Removed
+            ))
             .bind(vm.0)
             .fetch_all(pool)
             .await
@@ -758,7 +767,7 @@ where
         id: SnapshotId(id),
         vm_id: VmId(vm),
         name: col!(row, "name"),
-        status: hcp_domain::model::SnapshotStatus::parse(&status)
+        status: SnapshotStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("snapshot status {status:?}")))?,
         created_at: col!(row, "created_at"),
         updated_at: col!(row, "updated_at"),

@@ -9,7 +9,7 @@ use hcp_domain::model::*;
 use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{EventId, ProviderId, VmId};
 use hcp_store::{
-    AcceptOperation, AuditQuery, Finish, IdempotencyRecord, ListVmsQuery, Quota, SUBJECT_JOBS,
+    AcceptOperation, AuditQuery, Finish, IdempotencyRecord, ListVmsQuery, Quota, RecordedStep, SUBJECT_JOBS,
     SUBJECT_USAGE_PREFIX, Store, StoreError,
 };
 use hcp_testkit::db::{Backend, TestDb};
@@ -431,8 +431,8 @@ async fn steps_are_recorded_once(backend: Backend) {
     assert_eq!(
         steps,
         vec![
-            ("provider.create".to_owned(), "first".to_owned()),
-            ("provider.start".to_owned(), String::new())
+            RecordedStep { step: lifecycle::Step::Create, output: "first".to_owned() },
+            RecordedStep { step: lifecycle::Step::Start, output: String::new() }
         ]
     );
 }
