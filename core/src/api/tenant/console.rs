@@ -1,0 +1,114 @@
+//! Console sessions: a single-use, short-lived token for a VM's console,
+//! checked against the provider's capabilities for the protocol asked for.
+
+use hcp_proto::error::{ApiError, excerpt};
+use hcp_proto::ids::VmId;
+use hcp_proto::tenant::{ConsoleSession, CreateConsoleRequest};
+
+use super::{TenantApi, hash_token, random_token};
+use crate::api::validate;
+use crate::auth::{Access, Principal};
+use crate::convert;
+use crate::error::from_store;
+use crate::lifecycle::ConsoleProtocol;
+use crate::model::{self, VmStatus, now};
+
+impl TenantApi {
+    pub(super) async fn create_console(
+        &self,
+        p: Principal,
+        req: CreateConsoleRequest,
+    ) -> Result<ConsoleSession, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let scope = p.scope(&req.project_id, Access::Write)?;
+        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let kind = if req.r#type.is_empty() {
+            ConsoleProtocol::Vnc
+        } else {
+            ConsoleProtocol::parse(&req.r#type).ok_or_else(|| {
+                ApiError::invalid_field(
+                    "type",
+                    format!("console type must be vnc, spice, rdp or serial, got {}", excerpt(&req.r#type)),
+                )
+            })?
+        };
+        let protocol = kind.as_str().to_owned();
+        let vm =
+            self.ctx.store.get_vm(&scope, vm_id).await.map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
+        let provider =
+            self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
+        let capability = kind.capability();
+        if !capability.of(&provider.capabilities) {
+            return Err(ApiError::feature_not_supported(
+                capability.flag(),
+                format!("the vm's provider does not offer {protocol} consoles ({capability})"),
+            ));
+        }
+        if vm.status != VmStatus::Active {
+            return Err(ApiError::conflict(format!(
+                "vm {vm_id} is {}; a console needs it ACTIVE",
+                vm.status
+            )));
+        }
+        // Ask the provider now, so a console that cannot work fails here
+        // rather than when the tenant connects. The endpoint itself is not
+        // stored: the console proxy asks again when the token is redeemed.
+        let mut compute = self.ctx.clients.compute(&provider)?;
+        let mut call = tonic::Request::new(hcp_proto::provider::GetConsoleRequest {
+            vm_id: vm_id.to_string(),
+            protocol: protocol.clone(),
+        });
+        hcp_telemetry::inject_request(&mut call);
+        compute.get_console(call).await.map_err(|s| {
+            let e = crate::providers::ProviderCallError::from_status(&s);
+            ApiError::new(e.code, format!("the provider cannot open a console: {}", e.message))
+        })?;
+
+        let token = random_token();
+        let t = now();
+        let expires_at = t + chrono::Duration::seconds(self.ctx.config.console.token_ttl_seconds as i64);
+        let session = model::ConsoleSession {
+            token_hash: hash_token(&token),
+            tenant_id: scope.tenant.clone(),
+            project_id: req.project_id.clone(),
+            vm_id,
+            protocol: protocol.clone(),
+            expires_at,
+            used_at: None,
+            revoked_at: None,
+            created_at: t,
+        };
+        let mut audit = self.ctx.audit(&p, "vm.console", "vm", &vm_id.to_string(), "issued");
+        audit.project_id = req.project_id.clone();
+        audit.detail = protocol.clone();
+        self.ctx
+            .store
+            .insert_console_session(&session, &audit)
+            .await
+            .map_err(|e| from_store(e, "console"))?;
+        let base = self.ctx.config.console.public_base_url.trim_end_matches('/');
+        let web_base = match base.split_once("://") {
+            Some(("wss", rest)) => format!("https://{rest}"),
+            Some(("ws", rest)) => format!("http://{rest}"),
+            _ => base.to_owned(),
+        };
+        // Only VNC has a page in the browser; RDP has a relay for native
+        // clients when the operator runs one.
+        let web_url = match kind {
+            ConsoleProtocol::Vnc => format!("{web_base}/console/{protocol}.html?token={token}"),
+            _ => String::new(),
+        };
+        let address = match kind {
+            ConsoleProtocol::Rdp => self.ctx.config.console.rdp_address.clone(),
+            _ => String::new(),
+        };
+        Ok(ConsoleSession {
+            r#type: protocol.clone(),
+            url: format!("{base}/console/{protocol}?token={token}"),
+            expires_at: Some(convert::ts(expires_at)),
+            web_url,
+            address,
+            token,
+        })
+    }
+}
