@@ -18,8 +18,8 @@ pub enum StartError {
     #[error("invalid configuration")]
     Config(#[from] ConfigError),
     /// The trust of `tls` could not be loaded.
-    #[error("{0}")]
-    Trust(String),
+    #[error(transparent)]
+    Trust(hcp_tls::TrustError),
     /// The WS-Management client could not be built.
     #[error("cannot build the ws-management client")]
     Client(#[source] crate::wsman::ClientError),
@@ -50,7 +50,7 @@ pub enum StartError {
 impl Hyperv {
     /// Builds the provider from its configuration.
     pub async fn new(config: Config) -> Result<Self, StartError> {
-        // `TrustConfig::load` prefixes its messages with `tls: `.
+        // `TrustError` names the `tls` table itself.
         let trust = config.tls.load().map_err(StartError::Trust)?;
         // Validated with the configuration: at least 1 s.
         let timeout = Duration::from_secs(config.timing.request_timeout_seconds);

@@ -199,8 +199,8 @@ pub enum StartError {
     #[error("invalid configuration")]
     Config(#[from] ConfigError),
     /// The trust of `tls` could not be loaded.
-    #[error("{0}")]
-    Trust(String),
+    #[error(transparent)]
+    Trust(hcp_tls::TrustError),
     /// The API client could not be built.
     #[error("cannot build the api client")]
     Client(#[source] crate::client::ClientError),
@@ -239,7 +239,7 @@ impl Proxmox {
     /// Builds the provider from its configuration (credentials from the
     /// config file, if any, are installed at once).
     pub async fn new(config: Config) -> Result<Self, StartError> {
-        // `TrustConfig::load` prefixes its messages with `tls: `.
+        // `TrustError` names the `tls` table itself.
         let trust = config.tls.load().map_err(StartError::Trust)?;
         let pve = Pve::new(&config.api_url, trust, config.timing.clone()).map_err(StartError::Client)?;
         if let Some(auth) = &config.auth {

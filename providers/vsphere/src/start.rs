@@ -17,12 +17,13 @@ pub enum StartError {
     #[error("invalid configuration")]
     Config(#[from] ConfigError),
     /// The trust of `tls` or `console_tls` could not be loaded.
-    #[error("{field}: {message}")]
+    #[error("{field}")]
     Trust {
         /// `tls` or `console_tls`.
         field: &'static str,
-        /// What is wrong.
-        message: String,
+        /// What is wrong (its message names the `tls` table).
+        #[source]
+        source: hcp_tls::TrustError,
     },
     /// The SOAP client could not be built.
     #[error("cannot build the soap client")]
@@ -55,10 +56,11 @@ impl Vsphere {
     /// Builds the provider from its configuration (credentials from the
     /// config file, if any, are installed at once).
     pub async fn new(config: Config) -> Result<Self, StartError> {
-        // `TrustConfig::load` prefixes its messages with `tls: `.
-        let trust = config.tls.load().map_err(|message| StartError::Trust { field: "tls", message })?;
+        // `TrustError` names the `tls` table itself, so `console_tls` reads
+        // `console_tls: tls: ...`, as it always did.
+        let trust = config.tls.load().map_err(|source| StartError::Trust { field: "tls", source })?;
         let console_trust = match &config.console_tls {
-            Some(t) => t.load().map_err(|message| StartError::Trust { field: "console_tls", message })?,
+            Some(t) => t.load().map_err(|source| StartError::Trust { field: "console_tls", source })?,
             None => trust.clone(),
         };
         let soap = Soap::new(&config.sdk_url, &trust, config.timing.clone()).map_err(StartError::Client)?;
