@@ -82,31 +82,55 @@ impl TrustConfig {
     }
 
     /// The trust it names (reads the CA file).
-    pub fn load(&self) -> Result<Trust, String> {
-        self.check().map_err(|e| format!("tls: {e}"))?;
+    pub fn load(&self) -> Result<Trust, TrustError> {
+        self.check().map_err(TrustError::Config)?;
         match (&self.ca_file, &self.fingerprint) {
-            (Some(ca), _) => {
-                std::fs::read(ca).map(Trust::Ca).map_err(|e| format!("tls.ca_file {}: {e}", ca.display()))
-            }
+            (Some(ca), _) => std::fs::read(ca)
+                .map(Trust::Ca)
+                .map_err(|source| TrustError::CaFile { path: ca.clone(), source }),
             (None, Some(f)) => parse_fingerprint(f)
                 .map(Trust::Fingerprint)
-                .ok_or_else(|| "tls.fingerprint is not 32 hex bytes".into()),
-            (None, None) => Err("tls: set ca_file or fingerprint".into()),
+                .ok_or(TrustError::Config(TrustConfigError::BadFingerprint)),
+            (None, None) => Err(TrustError::Config(TrustConfigError::Neither)),
         }
     }
 }
 
-/// Why a [`Trust`] cannot be used.
+/// Why a [`Trust`] cannot be loaded or used.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
-    /// The CA PEM holds something unreadable.
-    #[error("the CA certificates cannot be read: {0}")]
-    BadCa(String),
+    /// The `[tls]` table is unusable.
+    #[error("tls")]
+    Config(#[source] TrustConfigError),
+    /// The CA file cannot be read.
+    #[error("tls.ca_file {}", path.display())]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CA PEM holds something that is not PEM.
+    #[error("the CA certificates cannot be read")]
+    BadCaPem(#[source] rustls::pki_types::pem::Error),
+    /// The CA PEM holds a certificate rustls refuses as a root.
+    #[error("the CA certificates cannot be read")]
+    BadCa(#[source] rustls::Error),
     /// The CA PEM holds no certificate.
     #[error("the CA file holds no certificate")]
     NoCa,
+    /// The host is no name a certificate can be checked against.
+    #[error("tls: server name {host}")]
+    ServerName {
+        /// The host.
+        host: String,
+        /// Why.
+        #[source]
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
     /// rustls refused the configuration.
-    #[error("tls: {0}")]
+    #[error("tls")]
     Tls(#[from] rustls::Error),
 }
 
@@ -120,9 +144,7 @@ pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, TrustError> 
             use rustls::pki_types::pem::PemObject;
             let mut roots = rustls::RootCertStore::empty();
             for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
-                roots
-                    .add(cert.map_err(|e| TrustError::BadCa(e.to_string()))?)
-                    .map_err(|e| TrustError::BadCa(e.to_string()))?;
+                roots.add(cert.map_err(TrustError::BadCaPem)?).map_err(TrustError::BadCa)?;
             }
             if roots.is_empty() {
                 return Err(TrustError::NoCa);
@@ -240,7 +262,7 @@ impl Https {
     /// `timeout`.
     pub fn new(host: &str, port: u16, trust: &Trust, timeout: Duration) -> Result<Self, TrustError> {
         let server_name = rustls::pki_types::ServerName::try_from(host.to_owned())
-            .map_err(|e| TrustError::Tls(rustls::Error::General(format!("server name {host}: {e}"))))?;
+            .map_err(|source| TrustError::ServerName { host: host.to_owned(), source })?;
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(client_config(trust)?)),
             host: host.to_owned(),
@@ -385,6 +407,14 @@ mod tests {
         assert_eq!(parse_fingerprint(&text.replace(':', "")), Some(f));
         assert_eq!(parse_fingerprint("AB:CD"), None);
         assert_eq!(parse_fingerprint("not hex"), None);
+    }
+
+    #[test]
+    fn a_trust_table_that_names_nothing_is_refused_with_its_reason() {
+        use std::error::Error as _;
+        let e = TrustConfig::default().load().unwrap_err();
+        assert_eq!(e.to_string(), "tls");
+        assert_eq!(e.source().map(ToString::to_string).as_deref(), Some("set ca_file or fingerprint"));
     }
 
     #[test]

@@ -77,14 +77,7 @@ pub(crate) type CheckResult = Result<(), CheckError>;
 
 /// A failure's line in the report: the error and its sources, `: `-joined.
 fn report_line(e: &CheckError) -> String {
-    let mut line = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
+    hcp_telemetry::error_chain(e)
 }
 
 /// Maps a refused call to [`CheckError::Call`].

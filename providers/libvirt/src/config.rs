@@ -246,9 +246,8 @@ impl Config {
 mod tests {
     use super::*;
 
-    /// The config, or the error with its causes (TOML's own message).
-    fn check(text: &str) -> Result<Config, String> {
-        Config::parse(text).map_err(|e| hcp_provider_sdk::kit::cli::chain(&e))
+    fn check(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text)
     }
 
     #[test]
@@ -279,7 +278,8 @@ mod tests {
             ),
             ("state_dir = \"/s\"\n[server]\ntls_key_file = \"/k\"", "server.tls_cert_file: needed with"),
         ] {
-            let err = check(text).unwrap_err();
+            // The error with its causes (TOML's own message).
+            let err = hcp_provider_sdk::kit::cli::chain(&check(text).unwrap_err());
             assert!(err.contains(want), "{text:?}: {err}");
         }
     }

@@ -5,6 +5,21 @@
 use hcp_provider_sdk::{ErrorKind, ProviderError};
 use virt::error::{Error, ErrorNumber};
 
+/// A refused argument: INVALID_ARGUMENT with `message`.
+pub(crate) fn invalid(message: impl Into<String>) -> ProviderError {
+    ProviderError::new(ErrorKind::InvalidArgument, message)
+}
+
+/// A local file operation that failed: INTERNAL, saying what it was.
+pub(crate) fn io_error(what: &str, e: std::io::Error) -> ProviderError {
+    ProviderError::new(ErrorKind::Internal, format!("cannot {what}: {e}"))
+}
+
+/// INVALID_ARGUMENT unless `value` is a UUID.
+pub(crate) fn check_uuid(field: &str, value: &str) -> Result<(), ProviderError> {
+    uuid::Uuid::parse_str(value).map(|_| ()).map_err(|_| invalid(format!("{field}: {value:?} is not a UUID")))
+}
+
 /// Whether the error means the connection to libvirtd is gone (the next
 /// call should reconnect).
 pub fn connection_lost(e: &Error) -> bool {

@@ -210,8 +210,8 @@ pub enum ClientError {
     #[error("tls.ca_file holds no certificate")]
     NoCa,
     /// `tls.ca_file` holds something unreadable (hcp-tls's reason).
-    #[error("tls.ca_file: {0}")]
-    BadCa(String),
+    #[error("tls.ca_file")]
+    BadCa(#[source] hcp_tls::TrustError),
     /// rustls refused the trust settings.
     #[error(transparent)]
     Tls(hcp_tls::TrustError),
@@ -228,7 +228,7 @@ impl Pve {
         let timeout = Duration::from_secs(timing.request_timeout_seconds);
         let http = hcp_tls::Https::new(&host, port, &trust, timeout).map_err(|e| match e {
             hcp_tls::TrustError::NoCa => ClientError::NoCa,
-            hcp_tls::TrustError::BadCa(e) => ClientError::BadCa(e),
+            e @ (hcp_tls::TrustError::BadCa(_) | hcp_tls::TrustError::BadCaPem(_)) => ClientError::BadCa(e),
             e => ClientError::Tls(e),
         })?;
         Ok(Self {

@@ -125,4 +125,11 @@ mod tests {
         let listed = config(&["--capabilities", "resize,hot_resize", "--no-hot-resize"]).capabilities;
         assert!(listed.supports_resize && !listed.supports_hot_resize);
     }
+
+    #[test]
+    fn an_unknown_capability_is_named() {
+        let args = Args::parse_from(["hcp-provider-sim", "--capabilities", "resize,warp"]);
+        let err = config_of(&args).unwrap_err();
+        assert_eq!(hcp_provider_sdk::kit::cli::chain(&err), "--capabilities: unknown capability \"warp\"");
+    }
 }

@@ -93,9 +93,17 @@ pub fn default_capabilities() -> pb::Capabilities {
     }
 }
 
+/// A capability name [`parse_capabilities`] does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown capability {name:?}")]
+pub struct UnknownCapability {
+    /// The name as given.
+    pub name: String,
+}
+
 /// Parses a comma-separated list of capability names (`cloud_init,
 /// console_vnc, ...`, with or without the `supports_` prefix).
-pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, String> {
+pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, UnknownCapability> {
     let mut c = pb::Capabilities::default();
     for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let name = raw.strip_prefix("supports_").unwrap_or(raw);
@@ -112,7 +120,7 @@ pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, String> {
             "resize" => &mut c.supports_resize,
             "hot_resize" => &mut c.supports_hot_resize,
             "cold_migration" => &mut c.supports_cold_migration,
-            other => return Err(format!("unknown capability {other:?}")),
+            other => return Err(UnknownCapability { name: other.to_owned() }),
         };
         *flag = true;
     }

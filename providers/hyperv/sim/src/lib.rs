@@ -458,18 +458,6 @@ impl Sim {
     }
 }
 
-/// `e` and its sources joined by `: `, for logs and recorded outcomes.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
-}
-
 fn view(vm: &state::Vm) -> VmView {
     VmView {
         guid: vm.guid.clone(),

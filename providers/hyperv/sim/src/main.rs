@@ -1,6 +1,6 @@
 //! `hcp-hyperv-sim`: runs the Hyper-V WS-Management simulator as a process
 //! (for system tests).
 
-fn main() -> anyhow::Result<()> {
-    hcp_hyperv_sim::cli::main(std::env::args_os())
+fn main() -> std::process::ExitCode {
+    hcp_telemetry::exit_with(hcp_hyperv_sim::cli::main(std::env::args_os()))
 }

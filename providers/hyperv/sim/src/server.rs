@@ -52,7 +52,7 @@ fn authenticate(sim: &Sim, headers: &HeaderMap, conn: &crate::ntlm::ConnAuth) ->
                 crate::ntlm::Step::Challenge(t) => Auth::Challenge(t),
                 crate::ntlm::Step::Done => Auth::Ok,
                 crate::ntlm::Step::Denied(e) => {
-                    tracing::info!(why = crate::chain(&e), "NTLM refused");
+                    tracing::info!(why = hcp_telemetry::error_chain(&e), "NTLM refused");
                     Auth::Denied
                 }
             }

@@ -72,7 +72,7 @@ pub(crate) async fn serve(listener: TcpListener, sim: Sim) {
             record.outcome = match outcome {
                 Ok(o) => o,
                 Err(violation) => {
-                    let violation = crate::chain(&violation);
+                    let violation = hcp_telemetry::error_chain(&violation);
                     s.violations.push(format!("vmconnect: {violation}"));
                     violation
                 }

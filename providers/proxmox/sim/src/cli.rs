@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 
 /// A Proxmox VE API simulator validating every request against the schema.
@@ -50,8 +49,57 @@ struct Args {
     shared_storage: Option<String>,
 }
 
+/// Why the simulator binary stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A repeatable `KEY=VALUE` argument is malformed.
+    #[error("{arg} must be {form}")]
+    Pair {
+        /// The argument.
+        arg: &'static str,
+        /// The form it takes.
+        form: &'static str,
+    },
+    /// The tokio runtime did not start.
+    #[error("cannot start the tokio runtime")]
+    Runtime(#[source] std::io::Error),
+    /// Telemetry did not start.
+    #[error(transparent)]
+    Telemetry(#[from] hcp_telemetry::TelemetryError),
+    /// The simulator did not start.
+    #[error("cannot start the simulator")]
+    Start(#[source] crate::StartError),
+    /// `--cert-out` cannot be written.
+    #[error("--cert-out {}", path.display())]
+    CertOut {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file beside `--cert-out` cannot be written.
+    #[error("cannot write {}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The control API cannot listen.
+    #[error("--control-listen {addr}")]
+    ControlListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Parses `args` and serves until SIGTERM/ctrl-c.
-pub fn main<I, T>(args: I) -> anyhow::Result<()>
+pub fn main<I, T>(args: I) -> Result<(), CliError>
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
@@ -77,7 +125,7 @@ where
             .iter()
             .map(|t| t.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())))
             .collect::<Option<_>>()
-            .context("--token must be USER@REALM!TOKENID=SECRET")?;
+            .ok_or(CliError::Pair { arg: "--token", form: "USER@REALM!TOKENID=SECRET" })?;
     }
     if !args.user.is_empty() {
         config.users = args
@@ -85,29 +133,27 @@ where
             .iter()
             .map(|t| t.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())))
             .collect::<Option<_>>()
-            .context("--user must be USER@REALM=PASSWORD")?;
+            .ok_or(CliError::Pair { arg: "--user", form: "USER@REALM=PASSWORD" })?;
     }
     let telemetry = hcp_telemetry::TelemetryConfig::default();
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    let runtime = tokio::runtime::Runtime::new().map_err(CliError::Runtime)?;
     runtime.block_on(async move {
         let _t = hcp_telemetry::init("hcp-proxmox-sim", &telemetry)?;
-        let running = crate::start(config).await.context("cannot start the simulator")?;
+        let running = crate::start(config).await.map_err(CliError::Start)?;
         if let Some(out) = &args.cert_out {
             std::fs::write(out, &running.cert_pem)
-                .with_context(|| format!("--cert-out {}", out.display()))?;
+                .map_err(|source| CliError::CertOut { path: out.clone(), source })?;
         }
         if let Some(addr) = args.control_listen {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("--control-listen {addr}"))?;
-            let bound = listener.local_addr()?;
-            std::fs::write(
-                args.cert_out
-                    .as_ref()
-                    .map(|c| c.with_extension("control"))
-                    .unwrap_or_else(|| "sim.control".into()),
-                bound.to_string(),
-            )?;
+            let listen = |source| CliError::ControlListen { addr, source };
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
+            let bound = listener.local_addr().map_err(listen)?;
+            let path = args
+                .cert_out
+                .as_ref()
+                .map(|c| c.with_extension("control"))
+                .unwrap_or_else(|| "sim.control".into());
+            std::fs::write(&path, bound.to_string()).map_err(|source| CliError::Write { path, source })?;
             let app = crate::control_router(running.sim.clone());
             tokio::spawn(async move { axum::serve(listener, app).await });
         }

@@ -1,6 +1,6 @@
 //! `hcp-proxmox-sim`: runs the Proxmox VE API simulator as a process (for
 //! system tests).
 
-fn main() -> anyhow::Result<()> {
-    hcp_proxmox_sim::cli::main(std::env::args_os())
+fn main() -> std::process::ExitCode {
+    hcp_telemetry::exit_with(hcp_proxmox_sim::cli::main(std::env::args_os()))
 }

@@ -358,14 +358,7 @@ pub enum ValueError {
 /// The message PVE gives for `e` (with the key path of property strings):
 /// the one place a [`ValueError`] becomes text.
 pub fn message(e: &ValueError) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
+    hcp_telemetry::error_chain(e)
 }
 
 /// Checks one value against one property schema.

@@ -9,11 +9,16 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::process::ExitCode;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
 use super::config::{self, ConfigError, ProviderConfig};
+
+// A provider's `main` ends with `exit` (success, or the error's whole chain
+// on stderr and a failure status); `chain` joins an error and its sources
+// with `: `. Both are hcp-telemetry's, so every HCP process words its errors
+// alike.
+pub use hcp_telemetry::{error_chain as chain, exit_with as exit};
 
 /// Resolves when the process is asked to stop (SIGTERM or ctrl-c).
 pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -210,31 +215,6 @@ where
         let ready: Ready = Box::new(move |addr| hcp_telemetry::announce_ready(service, addr));
         run(shutdown, ready).await.map_err(|e| KitError::Run { binary, source: e.into() })
     })
-}
-
-/// The exit of a provider's `main`: success, or the error with its whole
-/// chain on stderr (`error: a: b: c`) and a failure status.
-#[allow(clippy::print_stderr)]
-pub fn exit<E: Error>(result: Result<(), E>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", chain(&e));
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// An error and its sources, joined by `: `.
-pub fn chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -1,0 +1,225 @@
+//! CreateVM: the differencing disk, `DefineSystem`, then every device (SCSI
+//! controller, disk drive and VHDX, the NoCloud seed on a DVD drive, NICs
+//! and their switch connections), each step looking before it acts.
+
+use hcp_provider_sdk::support::is_uuid;
+use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
+
+use crate::cim::Instance;
+use crate::errors::{HvError, invalid, map_error};
+use crate::inventory::{Devices, Vm};
+use crate::wsman::Param;
+use crate::{CONNECTION, DISK_DRIVE, DVD_DRIVE, Hyperv, ISO, NIC, SCSI, VHD, VSMS, state, vm_name};
+
+impl Hyperv {
+    /// Creates the VM of `req`, or finishes a create that was interrupted.
+    pub(crate) async fn create(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        let vm_id = req.vm_id.clone();
+        if !is_uuid(&vm_id) {
+            return Err(invalid("vm_id", "must be a UUID"));
+        }
+        let spec = req.spec.ok_or_else(|| invalid("spec", "required"))?;
+        if spec.vcpus == 0 || spec.memory_mib == 0 {
+            return Err(invalid("spec", "vcpus and memory_mib must be positive"));
+        }
+        if spec.user_data.is_some() && self.config.cloud_init.is_none() {
+            return Err(ProviderError::new(
+                ErrorKind::Unsupported,
+                "user data needs [cloud_init] in the Hyper-V provider's configuration",
+            ));
+        }
+        let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "required"))?;
+        let parent = self.parent_vhd(&image.source)?;
+        let _serial = self.locks.lock(&vm_id).await;
+        let mut vhd_ready = false;
+        let vm = match self.find(&vm_id).await.map_err(map_error)? {
+            Some(vm) => vm,
+            None => {
+                // Checked before the VM is defined: the switches, and the
+                // image (its differencing disk is made first).
+                self.switches(&spec).await?;
+                self.ensure_vhd(&self.vhd_path(&vm_id), &parent, spec.disk_gib).await?;
+                vhd_ready = true;
+                let mut vssd = Instance::new("Msvm_VirtualSystemSettingData");
+                vssd.set("ElementName", "string", vm_name(&vm_id))
+                    .set_array("Notes", "string", vec![format!("hcp-vm-id={vm_id}"), spec.name.clone()])
+                    .set("VirtualSystemSubType", "string", "Microsoft:Hyper-V:SubType:2");
+                self.call(&Self::service(VSMS), "DefineSystem", &[("SystemSettings", Param::Instance(vssd))])
+                    .await
+                    .map_err(map_error)?;
+                self.failpoints.hit("create:after-define");
+                self.find(&vm_id).await.map_err(map_error)?.ok_or_else(|| {
+                    ProviderError::new(
+                        ErrorKind::Internal,
+                        "DefineSystem finished but the VM cannot be found",
+                    )
+                })?
+            }
+        };
+        self.build(&vm, &vm_id, &spec, &parent, vhd_ready).await?;
+        let mut vm = self.reread(&vm).await.map_err(map_error)?;
+        if req.start && !vm.running() {
+            self.request_state(&vm, state::RUNNING).await.map_err(map_error)?;
+            vm = self.reread(&vm).await.map_err(map_error)?;
+        }
+        self.info(&vm_id, &vm).await.map_err(map_error)
+    }
+
+    /// Everything after the define, each step skipped when done.
+    async fn build(
+        &self,
+        vm: &Vm,
+        vm_id: &str,
+        spec: &pb::VmSpec,
+        parent: &str,
+        vhd_ready: bool,
+    ) -> Result<(), ProviderError> {
+        let err = |e: HvError| map_error(e);
+        let vssd = self.settings(vm).await.map_err(err)?;
+        let d = self.devices(&vssd).await.map_err(err)?;
+        self.size(&d, spec.vcpus, spec.memory_mib).await.map_err(err)?;
+        // The disk: a differencing VHDX on the image, grown to the flavor,
+        // on drive 0 of a SCSI controller.
+        let vhd = self.vhd_path(vm_id);
+        let attached =
+            d.storage.iter().any(|s| s.all("HostResource").iter().any(|h| h.eq_ignore_ascii_case(&vhd)));
+        if !attached {
+            let controller = match d.controller() {
+                Some(c) => c.clone(),
+                None => {
+                    let mut c = Instance::new("Msvm_ResourceAllocationSettingData");
+                    c.set("ResourceType", "uint16", "6").set("ResourceSubType", "string", SCSI);
+                    self.add(&vssd, c).await.map_err(err)?;
+                    self.failpoints.hit("create:after-controller");
+                    let d = self.devices(&vssd).await.map_err(err)?;
+                    d.controller().cloned().ok_or_else(|| {
+                        err(HvError::Unexpected("the SCSI controller is missing after its add".into()))
+                    })?
+                }
+            };
+            let controller_path = self.path_of(&controller).await.map_err(err)?;
+            let d = self.devices(&vssd).await.map_err(err)?;
+            let drive = match d.drive_on(&controller_path) {
+                Some(dr) => dr.clone(),
+                None => {
+                    let mut dr = Instance::new("Msvm_ResourceAllocationSettingData");
+                    dr.set("ResourceType", "uint16", "17")
+                        .set("ResourceSubType", "string", DISK_DRIVE)
+                        .set("Parent", "string", controller_path.clone())
+                        .set("AddressOnParent", "string", "0");
+                    self.add(&vssd, dr).await.map_err(err)?;
+                    self.failpoints.hit("create:after-drive");
+                    let d = self.devices(&vssd).await.map_err(err)?;
+                    d.drive_on(&controller_path).cloned().ok_or_else(|| {
+                        err(HvError::Unexpected("the disk drive is missing after its add".into()))
+                    })?
+                }
+            };
+            if !vhd_ready {
+                self.ensure_vhd(&vhd, parent, spec.disk_gib).await?;
+            }
+            let mut sasd = Instance::new("Msvm_StorageAllocationSettingData");
+            sasd.set("ResourceType", "uint16", "31")
+                .set("ResourceSubType", "string", VHD)
+                .set("Parent", "string", self.path_of(&drive).await.map_err(err)?)
+                .set_array("HostResource", "string", vec![vhd.clone()]);
+            self.add(&vssd, sasd).await.map_err(err)?;
+            self.failpoints.hit("create:after-disk");
+        }
+        // User data: a NoCloud seed ISO on DVD drive 1 of the controller.
+        if let (Some(user_data), Some(ci)) = (&spec.user_data, &self.config.cloud_init) {
+            let iso_name = format!("{}-seed.iso", vm_name(vm_id));
+            let host_iso = format!("{}\\{iso_name}", ci.host_dir.trim_end_matches('\\'));
+            let d = self.devices(&vssd).await.map_err(err)?;
+            if !d
+                .storage
+                .iter()
+                .any(|s| s.all("HostResource").iter().any(|h| h.eq_ignore_ascii_case(&host_iso)))
+            {
+                let hostname = if spec.hostname.is_empty() { &spec.name } else { &spec.hostname };
+                hcp_nocloud::build(&ci.local_dir.join(&iso_name), vm_id, hostname, user_data)
+                    .await
+                    .map_err(|e| ProviderError::new(ErrorKind::Internal, format!("the seed ISO: {e}")))?;
+                let controller = d
+                    .controller()
+                    .cloned()
+                    .ok_or_else(|| err(HvError::Unexpected("no SCSI controller for the seed".into())))?;
+                let controller_path = self.path_of(&controller).await.map_err(err)?;
+                let dvd_of = |d: &Devices| {
+                    d.rasds
+                        .iter()
+                        .find(|r| {
+                            r.get("ResourceSubType") == Some(DVD_DRIVE)
+                                && r.get("Parent").is_some_and(|p| p.eq_ignore_ascii_case(&controller_path))
+                        })
+                        .cloned()
+                };
+                let drive = match dvd_of(&d) {
+                    Some(dr) => dr,
+                    None => {
+                        let mut dr = Instance::new("Msvm_ResourceAllocationSettingData");
+                        dr.set("ResourceType", "uint16", "16")
+                            .set("ResourceSubType", "string", DVD_DRIVE)
+                            .set("Parent", "string", controller_path.clone())
+                            .set("AddressOnParent", "string", "1");
+                        self.add(&vssd, dr).await.map_err(err)?;
+                        self.failpoints.hit("create:after-dvd");
+                        dvd_of(&self.devices(&vssd).await.map_err(err)?).ok_or_else(|| {
+                            err(HvError::Unexpected("the DVD drive is missing after its add".into()))
+                        })?
+                    }
+                };
+                let mut sasd = Instance::new("Msvm_StorageAllocationSettingData");
+                sasd.set("ResourceType", "uint16", "31")
+                    .set("ResourceSubType", "string", ISO)
+                    .set("Parent", "string", self.path_of(&drive).await.map_err(err)?)
+                    .set_array("HostResource", "string", vec![host_iso]);
+                self.add(&vssd, sasd).await.map_err(err)?;
+                self.failpoints.hit("create:after-seed");
+            }
+        }
+        // NICs: port i named hcp-nic-i, connected to switch i.
+        let switches = self.switches(spec).await?;
+        for (i, switch) in switches.iter().enumerate() {
+            let name = format!("hcp-nic-{i}");
+            let d = self.devices(&vssd).await.map_err(err)?;
+            let port = match d.ports.iter().find(|p| p.get("ElementName") == Some(name.as_str())) {
+                Some(p) => p.clone(),
+                None => {
+                    let mut p = Instance::new("Msvm_SyntheticEthernetPortSettingData");
+                    p.set("ResourceType", "uint16", "10")
+                        .set("ResourceSubType", "string", NIC)
+                        .set("ElementName", "string", name.clone())
+                        .set_array(
+                            "VirtualSystemIdentifiers",
+                            "string",
+                            vec![format!("{{{}}}", uuid::Uuid::new_v4())],
+                        );
+                    self.add(&vssd, p).await.map_err(err)?;
+                    self.failpoints.hit("create:after-nic");
+                    let d = self.devices(&vssd).await.map_err(err)?;
+                    d.ports
+                        .iter()
+                        .find(|p| p.get("ElementName") == Some(name.as_str()))
+                        .cloned()
+                        .ok_or_else(|| err(HvError::Unexpected(format!("{name} is missing after its add"))))?
+                }
+            };
+            let port_path = self.path_of(&port).await.map_err(err)?;
+            if !d
+                .connections
+                .iter()
+                .any(|c| c.get("Parent").is_some_and(|p| p.eq_ignore_ascii_case(&port_path)))
+            {
+                let mut c = Instance::new("Msvm_EthernetPortAllocationSettingData");
+                c.set("ResourceType", "uint16", "33")
+                    .set("ResourceSubType", "string", CONNECTION)
+                    .set("Parent", "string", port_path)
+                    .set_array("HostResource", "string", vec![switch.clone()]);
+                self.add(&vssd, c).await.map_err(err)?;
+                self.failpoints.hit("create:after-connection");
+            }
+        }
+        Ok(())
+    }
+}

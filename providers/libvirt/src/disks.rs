@@ -1,0 +1,97 @@
+//! Disk images through `qemu-img`: a VM's qcow2 overlay on its image's
+//! base disk, virtual sizes, growth (never shrinking, never with internal
+//! snapshots), and file modes.
+
+use std::path::Path;
+
+use hcp_provider_sdk::{ErrorKind, ProviderError};
+
+use crate::errors::{invalid, io_error};
+
+#[cfg(unix)]
+pub(crate) fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Creates `dest` as a qcow2 overlay on `base`, at least `disk_gib` large.
+pub(crate) async fn make_overlay(base: &Path, dest: &Path, disk_gib: u32) -> Result<(), ProviderError> {
+    let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
+    let size = image_size(base).await?.max(u64::from(disk_gib) << 30);
+    let tmp = dest.with_extension("qcow2.tmp");
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg(&tmp)
+        .arg(size.to_string())
+        .output()
+        .await
+        .map_err(|e| tool(e.to_string()))?;
+    if !out.status.success() {
+        return Err(tool(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    tokio::fs::rename(&tmp, dest).await.map_err(|e| io_error("place the overlay disk", e))
+}
+
+/// The virtual size, in bytes, of a disk image.
+async fn image_size(disk: &Path) -> Result<u64, ProviderError> {
+    let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
+    let info = tokio::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(disk)
+        .output()
+        .await
+        .map_err(|e| tool(e.to_string()))?;
+    if !info.status.success() {
+        return Err(tool(String::from_utf8_lossy(&info.stderr).trim().to_owned()));
+    }
+    serde_json::from_slice::<serde_json::Value>(&info.stdout)
+        .ok()
+        .and_then(|v| v["virtual-size"].as_u64())
+        .ok_or_else(|| tool(format!("no virtual-size in the info of {}", disk.display())))
+}
+
+/// What growing a stopped domain's overlay to `disk_gib` takes: `None`
+/// when it has that size already, else the new size in bytes. Refuses a
+/// smaller size (disks only grow), and a disk holding internal snapshots
+/// (qcow2 cannot resize those). Changes nothing.
+pub(crate) async fn disk_growth(
+    disk: &Path,
+    disk_gib: u32,
+    has_snapshots: bool,
+) -> Result<Option<u64>, ProviderError> {
+    let size = image_size(disk).await?;
+    let want = u64::from(disk_gib) << 30;
+    if want < size {
+        return Err(invalid(format!(
+            "disk_gib: {disk_gib} GiB is below the disk's {} GiB; disks only grow",
+            size.div_ceil(1 << 30)
+        )));
+    }
+    if want == size {
+        return Ok(None);
+    }
+    if has_snapshots {
+        return Err(ProviderError::new(
+            ErrorKind::InvalidState,
+            "the disk holds snapshots and cannot grow; delete them first",
+        ));
+    }
+    Ok(Some(want))
+}
+
+/// Sets a (stopped domain's) disk image to `bytes`, with `qemu-img resize`.
+pub(crate) async fn resize_image(disk: &Path, bytes: u64) -> Result<(), ProviderError> {
+    let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["resize", "-q"])
+        .arg(disk)
+        .arg(bytes.to_string())
+        .output()
+        .await
+        .map_err(|e| tool(e.to_string()))?;
+    if !out.status.success() {
+        return Err(tool(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    Ok(())
+}
