@@ -227,7 +227,8 @@ impl Session {
             return Err(End::new(close::BAD_REQUEST, format!("{protocol} consoles are not supported yet")));
         }
         let r = redeem(console, protocol, token).await?;
-        let max = Duration::from_secs(u64::from(r.max_session_seconds.max(1)));
+        // Core refuses at start a max_session_seconds below 1.
+        let max = Duration::from_secs(u64::from(r.max_session_seconds));
         let endpoint = r.endpoint.clone();
         // From here on the session's end is reported, whatever happens.
         self.redeemed = Some(r);

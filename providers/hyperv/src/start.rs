@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use hcp_provider_sdk::support::{Failpoints, VmLocks};
 
+use hcp_provider_sdk::kit::Secret;
+
 use crate::config::{Config, ConfigError};
 use crate::wsman::{Credentials, Wsman};
 use crate::{FAILPOINTS_ENV, Hyperv};
@@ -23,25 +25,9 @@ pub enum StartError {
     /// The WS-Management client could not be built.
     #[error("cannot build the ws-management client")]
     Client(#[source] crate::wsman::ClientError),
-    /// A secret file could not be read.
-    #[error("{field} {}", path.display())]
-    Secret {
-        /// The field naming the file.
-        field: &'static str,
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A credential is incomplete.
-    #[error("{field}: required with {with}")]
-    Missing {
-        /// The missing field.
-        field: &'static str,
-        /// The field that needs it.
-        with: &'static str,
-    },
+    /// A credential is missing, or its file cannot be read.
+    #[error(transparent)]
+    Secret(#[from] hcp_provider_sdk::kit::SecretError),
     /// The server failed.
     #[error("cannot serve")]
     Serve(#[from] hcp_provider_sdk::ServeError),
@@ -57,20 +43,13 @@ impl Hyperv {
         let host =
             Wsman::new(&config.url, &trust, timeout, config.auth_scheme).map_err(StartError::Client)?;
         if let Some(auth) = &config.auth {
-            let password = match (&auth.password, &auth.password_file) {
-                (Some(p), _) => p.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|source| StartError::Secret {
-                        field: "auth.password_file",
-                        path: f.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_owned(),
-                (None, None) => {
-                    return Err(StartError::Missing { field: "auth.password", with: "auth.username" });
-                }
-            };
+            let password = Secret {
+                field: "auth.password",
+                inline: auth.password.as_deref(),
+                file_field: "auth.password_file",
+                file: auth.password_file.as_deref(),
+            }
+            .require("auth.username")?;
             host.set_credentials(Credentials { username: auth.username.clone(), password });
         }
         let failpoints = Failpoints::from_env(FAILPOINTS_ENV);

@@ -8,6 +8,8 @@ use hcp_provider_sdk::support::VmLocks;
 
 use crate::Proxmox;
 use crate::client::{Credentials, Pve};
+use hcp_provider_sdk::kit::Secret;
+
 use crate::config::{Config, ConfigError};
 
 /// Why the provider could not start.
@@ -22,25 +24,9 @@ pub enum StartError {
     /// The API client could not be built.
     #[error("cannot build the api client")]
     Client(#[source] crate::client::ClientError),
-    /// A secret file could not be read.
-    #[error("{field} {}", path.display())]
-    Secret {
-        /// The field naming the file.
-        field: &'static str,
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A credential is incomplete.
-    #[error("{field}: required with {with}")]
-    Missing {
-        /// The missing field.
-        field: &'static str,
-        /// The field that needs it.
-        with: &'static str,
-    },
+    /// A credential is missing, or its file cannot be read.
+    #[error(transparent)]
+    Secret(#[from] hcp_provider_sdk::kit::SecretError),
     /// `[auth]` names neither a token nor a user.
     #[error("auth: set token_id or username")]
     NoCredential,
@@ -57,32 +43,26 @@ impl Proxmox {
         let trust = config.tls.load().map_err(StartError::Trust)?;
         let pve = Pve::new(&config.api_url, trust, config.timing.clone()).map_err(StartError::Client)?;
         if let Some(auth) = &config.auth {
-            let read = |v: &Option<String>,
-                        f: &Option<std::path::PathBuf>,
-                        field: &'static str|
-             -> Result<Option<String>, StartError> {
-                match (v, f) {
-                    (Some(v), _) => Ok(Some(v.clone())),
-                    (None, Some(f)) => Ok(Some(
-                        std::fs::read_to_string(f)
-                            .map_err(|source| StartError::Secret { field, path: f.clone(), source })?
-                            .trim()
-                            .to_owned(),
-                    )),
-                    (None, None) => Ok(None),
-                }
-            };
-            let missing = |field, with| StartError::Missing { field, with };
             let creds = match (&auth.token_id, &auth.username) {
                 (Some(id), _) => Credentials::Token {
                     id: id.clone(),
-                    secret: read(&auth.token_secret, &auth.token_secret_file, "auth.token_secret_file")?
-                        .ok_or_else(|| missing("auth.token_secret", "auth.token_id"))?,
+                    secret: Secret {
+                        field: "auth.token_secret",
+                        inline: auth.token_secret.as_deref(),
+                        file_field: "auth.token_secret_file",
+                        file: auth.token_secret_file.as_deref(),
+                    }
+                    .require("auth.token_id")?,
                 },
                 (None, Some(user)) => Credentials::Password {
                     username: user.clone(),
-                    password: read(&auth.password, &auth.password_file, "auth.password_file")?
-                        .ok_or_else(|| missing("auth.password", "auth.username"))?,
+                    password: Secret {
+                        field: "auth.password",
+                        inline: auth.password.as_deref(),
+                        file_field: "auth.password_file",
+                        file: auth.password_file.as_deref(),
+                    }
+                    .require("auth.username")?,
                 },
                 (None, None) => return Err(StartError::NoCredential),
             };

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use hcp_provider_sdk::support::{Failpoints, VmLocks};
 
+use hcp_provider_sdk::kit::Secret;
+
 use crate::config::{Config, ConfigError};
 use crate::soap::Soap;
 use crate::{FAILPOINTS_ENV, Vsphere};
@@ -28,25 +30,9 @@ pub enum StartError {
     /// The SOAP client could not be built.
     #[error("cannot build the soap client")]
     Client(#[source] crate::soap::ClientError),
-    /// A secret file could not be read.
-    #[error("{field} {}", path.display())]
-    Secret {
-        /// The field naming the file.
-        field: &'static str,
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A credential is incomplete.
-    #[error("{field}: required with {with}")]
-    Missing {
-        /// The missing field.
-        field: &'static str,
-        /// The field that needs it.
-        with: &'static str,
-    },
+    /// A credential is missing, or its file cannot be read.
+    #[error(transparent)]
+    Secret(#[from] hcp_provider_sdk::kit::SecretError),
     /// The server failed.
     #[error("cannot serve")]
     Serve(#[from] hcp_provider_sdk::ServeError),
@@ -65,20 +51,13 @@ impl Vsphere {
         };
         let soap = Soap::new(&config.sdk_url, &trust, config.timing.clone()).map_err(StartError::Client)?;
         if let Some(auth) = &config.auth {
-            let password = match (&auth.password, &auth.password_file) {
-                (Some(p), _) => p.clone(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .map_err(|source| StartError::Secret {
-                        field: "auth.password_file",
-                        path: f.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_owned(),
-                (None, None) => {
-                    return Err(StartError::Missing { field: "auth.password", with: "auth.username" });
-                }
-            };
+            let password = Secret {
+                field: "auth.password",
+                inline: auth.password.as_deref(),
+                file_field: "auth.password_file",
+                file: auth.password_file.as_deref(),
+            }
+            .require("auth.username")?;
             soap.set_credentials(auth.username.clone(), password).await;
         }
         let failpoints = Failpoints::from_env(FAILPOINTS_ENV);

@@ -12,15 +12,19 @@
 //! - [`backoff`]: the retry delay (exponential, capped, jittered).
 //! - [`url`]: `https://host[:port]/path` split into its parts.
 //! - [`backings`]: HCP network names to the hypervisor's backings.
+//! - [`secret`]: a secret given inline or in a file, and the field it
+//!   lacks.
 
 pub mod backings;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod secret;
 pub mod url;
 
 pub use backings::{BackingError, Backings};
 pub use backoff::Backoff;
 pub use cli::{KitError, Spec};
 pub use config::{ConfigError, ProviderConfig, ServerConfig};
+pub use secret::{Secret, SecretError};
 pub use url::{HttpsUrl, UrlError, split_https_url};
