@@ -12,9 +12,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use hcp_proto::ids::{EventId, ProviderId, VmId};
+use hcp_proto::ids::{ProviderId, VmId};
 use tokio::sync::watch;
 
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::config::DrainConfig;
 use crate::model::{AuditEvent, Drain, Host, VmStatus, now};
 use crate::moves::{Asker, Moves};
@@ -136,20 +137,16 @@ impl Drainer {
                     if self.refused.insert(key, Instant::now()).is_some() {
                         continue;
                     }
-                    let audit = AuditEvent {
-                        id: EventId::new(),
-                        at: now(),
-                        actor: ACTOR.to_owned(),
-                        tenant_id: vm.tenant_id.clone(),
-                        project_id: vm.project_id.clone(),
-                        action: "host.drain".to_owned(),
-                        resource_type: "vm".to_owned(),
-                        resource_id: vm.id.to_string(),
-                        outcome: "refused".to_owned(),
-                        job_id: String::new(),
-                        trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
-                        detail: format!("host {}: {}", host.name, e.message),
-                    };
+                    let mut audit = AuditEvent::new(
+                        ACTOR,
+                        AuditAction::HostDrain,
+                        Resource::Vm(vm.id),
+                        AuditOutcome::Refused(None),
+                    );
+                    audit.tenant_id = vm.tenant_id.clone();
+                    audit.project_id = vm.project_id.clone();
+                    audit.trace_id = hcp_telemetry::current_trace_id().unwrap_or_default();
+                    audit.detail = format!("host {}: {}", host.name, e.message);
                     if let Err(e) = self.store.append_audit(&audit).await {
                         tracing::warn!(error = %e, "cannot record a drain refusal");
                     }

@@ -22,11 +22,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hcp_proto::error::ErrorCode;
-use hcp_proto::ids::{EventId, JobId};
+use hcp_proto::ids::JobId;
 use hcp_proto::provider;
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::Instrument;
 
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::config::JobsConfig;
 use crate::lifecycle::{self, JobParams, Outcome, Power, Step};
 use crate::model::{AuditEvent, Job, NetworkAttachment, Vm, now};
@@ -407,10 +408,10 @@ impl Engine {
                 tracing::info!(%code, message = %attempt.message, run_after = ?attempt.run_after, "attempt failed; will retry");
                 None
             }
-            Outcome::Succeeded { .. } => Some(self.audit(job, "succeeded", "")),
+            Outcome::Succeeded { .. } => Some(self.audit(job, AuditOutcome::Succeeded, "")),
             Outcome::Failed(code) => {
                 tracing::warn!(%code, message = %attempt.message, "job failed");
-                Some(self.audit(job, "failed", code.as_str()))
+                Some(self.audit(job, AuditOutcome::Failed, code.as_str()))
             }
             Outcome::Cancelled => None,
         };
@@ -460,21 +461,15 @@ impl Engine {
         }
     }
 
-    fn audit(&self, job: &Job, outcome: &str, detail: &str) -> AuditEvent {
-        AuditEvent {
-            id: EventId::new(),
-            at: now(),
-            actor: "system:worker".to_owned(),
-            tenant_id: job.tenant_id.clone(),
-            project_id: job.project_id.clone(),
-            action: job.kind.as_str().to_owned(),
-            resource_type: "vm".to_owned(),
-            resource_id: job.vm_id.to_string(),
-            outcome: outcome.to_owned(),
-            job_id: job.id.to_string(),
-            trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
-            detail: detail.to_owned(),
-        }
+    fn audit(&self, job: &Job, outcome: AuditOutcome<'_>, detail: &str) -> AuditEvent {
+        let mut event =
+            AuditEvent::new("system:worker", AuditAction::Job(job.kind), Resource::Vm(job.vm_id), outcome);
+        event.tenant_id = job.tenant_id.clone();
+        event.project_id = job.project_id.clone();
+        event.job_id = job.id.to_string();
+        event.trace_id = hcp_telemetry::current_trace_id().unwrap_or_default();
+        event.detail = detail.to_owned();
+        event
     }
 
     /// Returns the delay before attempt `attempts + 1`: exponential from

@@ -8,12 +8,13 @@
 use std::sync::Arc;
 
 use hcp_proto::error::{ApiError, ErrorCode};
-use hcp_proto::ids::{EventId, VmId};
+use hcp_proto::ids::VmId;
 
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::error::from_store;
 use crate::jobs::JobQueue;
 use crate::lifecycle::Capability;
-use crate::model::{AuditEvent, Job, JobKind, Scope, Vm, VmStatus, now};
+use crate::model::{AuditEvent, Job, JobKind, Scope, Vm, VmStatus};
 use crate::placement;
 use crate::store::{AcceptOperation, HostChange, Member, Store, StoreError};
 
@@ -190,20 +191,13 @@ impl Moves {
             hcp_telemetry::current_traceparent(),
             asker.request_id,
         );
-        let audit = AuditEvent {
-            id: EventId::new(),
-            at: now(),
-            actor: asker.actor.to_owned(),
-            tenant_id: vm.tenant_id.clone(),
-            project_id: vm.project_id.clone(),
-            action: kind.as_str().to_owned(),
-            resource_type: "vm".to_owned(),
-            resource_id: vm.id.to_string(),
-            outcome: "accepted".to_owned(),
-            job_id: job.id.to_string(),
-            trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
-            detail,
-        };
+        let mut audit =
+            AuditEvent::new(asker.actor, AuditAction::Job(kind), Resource::Vm(vm.id), AuditOutcome::Accepted);
+        audit.tenant_id = vm.tenant_id.clone();
+        audit.project_id = vm.project_id.clone();
+        audit.job_id = job.id.to_string();
+        audit.trace_id = hcp_telemetry::current_trace_id().unwrap_or_default();
+        audit.detail = detail;
         let op = AcceptOperation {
             scope,
             vm_id: vm.id,

@@ -23,10 +23,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use hcp_proto::ids::{EventId, VmId};
+use hcp_proto::ids::VmId;
 use hcp_proto::provider;
 use tokio::sync::watch;
 
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::config::ReconcilerConfig;
 use crate::lifecycle::{self, Correction, Drift, Power, Verdict};
 use crate::model::{AuditEvent, HostState, OrphanPolicy, Provider, RestartPolicy, VmStatus, now};
@@ -226,7 +227,13 @@ impl Reconciler {
                             Ok(true) => {
                                 report.hosts += 1;
                                 let detail = format!("host {} -> {}", k.host, vm.host);
-                                self.record(self.audit("reconcile.host", id, "recorded", detail)).await;
+                                self.record(self.audit(
+                                    AuditAction::ReconcileHost,
+                                    id,
+                                    AuditOutcome::Recorded,
+                                    detail,
+                                ))
+                                .await;
                             }
                             Ok(false) => report.skipped += 1,
                             Err(e) => tracing::warn!(vm_id = %id, error = %e, "cannot record a host"),
@@ -280,21 +287,11 @@ impl Reconciler {
     }
 
     /// The audit event of a decision (every decision makes exactly one).
-    fn audit(&self, action: &str, vm: VmId, outcome: &str, detail: String) -> AuditEvent {
-        AuditEvent {
-            id: EventId::new(),
-            at: now(),
-            actor: "system:reconciler".to_owned(),
-            tenant_id: String::new(),
-            project_id: String::new(),
-            action: action.to_owned(),
-            resource_type: "vm".to_owned(),
-            resource_id: vm.to_string(),
-            outcome: outcome.to_owned(),
-            job_id: String::new(),
-            trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
-            detail,
-        }
+    fn audit(&self, action: AuditAction, vm: VmId, outcome: AuditOutcome<'_>, detail: String) -> AuditEvent {
+        let mut event = AuditEvent::new("system:reconciler", action, Resource::Vm(vm), outcome);
+        event.trace_id = hcp_telemetry::current_trace_id().unwrap_or_default();
+        event.detail = detail;
+        event
     }
 
     async fn record(&self, audit: AuditEvent) {
@@ -346,7 +343,7 @@ impl Reconciler {
             Ok(()) => (correction.verdict, detail),
             Err(e) => (Verdict::Failed, format!("{detail}; repair failed: {e}")),
         };
-        self.record(self.audit(drift.audit_action(), k.id, verdict.as_str(), detail)).await;
+        self.record(self.audit(drift.audit_action(), k.id, AuditOutcome::Drift(verdict), detail)).await;
     }
 
     /// Records a correction: the audit event alone for a report, else the
@@ -359,7 +356,7 @@ impl Reconciler {
         detail: String,
         observed_at: chrono::DateTime<chrono::Utc>,
     ) {
-        let audit = self.audit(drift.audit_action(), k.id, correction.verdict.as_str(), detail);
+        let audit = self.audit(drift.audit_action(), k.id, AuditOutcome::Drift(correction.verdict), detail);
         if correction.vm.is_none() {
             return self.record(audit).await;
         }
@@ -397,7 +394,13 @@ impl Reconciler {
             Err(e) if e.details.contains_key("job_id") => {}
             Err(e) => {
                 let detail = format!("{why}; cannot restart: {}", e.message);
-                self.record(self.audit("reconcile.restart", k.id, "refused", detail)).await;
+                self.record(self.audit(
+                    AuditAction::ReconcileRestart,
+                    k.id,
+                    AuditOutcome::Refused(None),
+                    detail,
+                ))
+                .await;
             }
         }
     }
@@ -405,7 +408,15 @@ impl Reconciler {
     async fn orphan(&self, p: &Provider, id: VmId, why: &str) {
         let detail = format!("{why}; on provider {}", p.name);
         match self.config.orphan {
-            OrphanPolicy::Report => self.record(self.audit("reconcile.orphan", id, "reported", detail)).await,
+            OrphanPolicy::Report => {
+                self.record(self.audit(
+                    AuditAction::ReconcileOrphan,
+                    id,
+                    AuditOutcome::Drift(Verdict::Reported),
+                    detail,
+                ))
+                .await
+            }
             OrphanPolicy::Reap => {
                 let result = match self.clients.compute(p) {
                     Ok(mut c) => c
@@ -415,11 +426,12 @@ impl Reconciler {
                         .map_err(|s| s.message().to_owned()),
                     Err(e) => Err(e.message),
                 };
-                let (outcome, detail) = match result {
-                    Ok(()) => ("reaped", detail),
-                    Err(e) => ("failed", format!("{detail}; delete failed: {e}")),
+                let (verdict, detail) = match result {
+                    Ok(()) => (Verdict::Reaped, detail),
+                    Err(e) => (Verdict::Failed, format!("{detail}; delete failed: {e}")),
                 };
-                self.record(self.audit("reconcile.orphan", id, outcome, detail)).await;
+                let outcome = AuditOutcome::Drift(verdict);
+                self.record(self.audit(AuditAction::ReconcileOrphan, id, outcome, detail)).await;
             }
         }
     }

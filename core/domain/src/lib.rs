@@ -2,5 +2,6 @@
 //! jobs move VMs between states ([`lifecycle`]). Pure data and rules: no
 //! I/O, no runtime, no SQL; the store and core both build on it.
 
+pub mod audit;
 pub mod lifecycle;
 pub mod model;

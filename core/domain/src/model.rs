@@ -612,6 +612,33 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+impl AuditEvent {
+    /// An event of `actor` doing `action` to `resource`, ended as `outcome`,
+    /// stamped now; tenant, project, job, trace and detail are the caller's
+    /// to fill in.
+    pub fn new(
+        actor: &str,
+        action: crate::audit::AuditAction,
+        resource: crate::audit::Resource<'_>,
+        outcome: crate::audit::AuditOutcome<'_>,
+    ) -> Self {
+        AuditEvent {
+            id: hcp_proto::ids::EventId::new(),
+            at: now(),
+            actor: actor.to_owned(),
+            tenant_id: String::new(),
+            project_id: String::new(),
+            action: action.as_str().to_owned(),
+            resource_type: resource.kind().to_owned(),
+            resource_id: resource.id(),
+            outcome: outcome.to_string(),
+            job_id: String::new(),
+            trace_id: String::new(),
+            detail: String::new(),
+        }
+    }
+}
+
 /// A console session (the token itself is never stored).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsoleSession {

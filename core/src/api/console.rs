@@ -9,9 +9,11 @@
 use hcp_proto::console::console_broker_service_server::ConsoleBrokerService;
 use hcp_proto::console::{EndConsoleRequest, EndConsoleResponse, RedeemConsoleRequest, RedeemedConsole};
 use hcp_proto::error::{ApiError, ErrorCode};
+use hcp_proto::ids::VmId;
 
 use super::tenant::hash_token;
 use super::{ApiContext, ApiResult, handle};
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Principal, principal};
 use crate::error::from_store;
 use crate::model::{AuditEvent, VmStatus, now};
@@ -29,8 +31,15 @@ impl ConsoleApi {
         Self { ctx }
     }
 
-    fn audit(&self, p: &Principal, vm: &str, tenant: &str, project: &str, outcome: &str) -> AuditEvent {
-        let mut a = self.ctx.audit(p, "vm.console", "vm", vm, outcome);
+    fn audit(
+        &self,
+        p: &Principal,
+        vm: VmId,
+        tenant: &str,
+        project: &str,
+        outcome: AuditOutcome<'_>,
+    ) -> AuditEvent {
+        let mut a = self.ctx.audit(p, AuditAction::VmConsole, Resource::Vm(vm), outcome);
         a.tenant_id = tenant.to_owned();
         a.project_id = project.to_owned();
         a
@@ -67,13 +76,13 @@ impl ConsoleApi {
         };
         let vm_id = session.vm_id;
         let (tenant, project) = (session.tenant_id.clone(), session.project_id.clone());
-        let refuse = |outcome: &str, err: ApiError| {
-            let a = self.audit(&p, &vm_id.to_string(), &tenant, &project, outcome);
+        let refuse = |why: &'static str, err: ApiError| {
+            let a = self.audit(&p, vm_id, &tenant, &project, AuditOutcome::Refused(Some(why)));
             async move { self.ctx.append_audit(&a).await.err().unwrap_or(err) }
         };
         if req.protocol != session.protocol {
             return Err(refuse(
-                "refused: protocol mismatch",
+                "protocol mismatch",
                 ApiError::invalid_field(
                     "protocol",
                     format!("the token is for a {} console, not {}", session.protocol, req.protocol),
@@ -84,13 +93,13 @@ impl ConsoleApi {
         let vm = match self.ctx.store.get_vm(&crate::model::Scope::new(&tenant, &project), vm_id).await {
             Ok(vm) => vm,
             Err(StoreError::NotFound) => {
-                return Err(refuse("refused: vm gone", ApiError::conflict("the vm no longer exists")).await);
+                return Err(refuse("vm gone", ApiError::conflict("the vm no longer exists")).await);
             }
             Err(e) => return Err(from_store(e, "vm")),
         };
         if vm.status != VmStatus::Active {
             let msg = format!("the vm is {}; a console needs it ACTIVE", vm.status);
-            return Err(refuse("refused: vm not active", ApiError::conflict(msg)).await);
+            return Err(refuse("vm not active", ApiError::conflict(msg)).await);
         }
         let provider =
             self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
@@ -105,10 +114,10 @@ impl ConsoleApi {
             Err(s) => {
                 let e = crate::providers::ProviderCallError::from_status(&s);
                 let err = ApiError::new(e.code, format!("the provider cannot open a console: {}", e.message));
-                return Err(refuse("refused: provider", err).await);
+                return Err(refuse("provider", err).await);
             }
         };
-        let a = self.audit(&p, &vm_id.to_string(), &tenant, &project, "opened");
+        let a = self.audit(&p, vm_id, &tenant, &project, AuditOutcome::Opened);
         self.ctx.store.append_audit(&a).await.map_err(|e| from_store(e, "audit"))?;
         tracing::info!(%vm_id, protocol = %session.protocol, "console session opened");
         Ok(RedeemedConsole {
@@ -139,10 +148,10 @@ impl ConsoleApi {
         };
         let a = self.audit(
             p,
-            &session.vm_id.to_string(),
+            session.vm_id,
             &session.tenant_id,
             &session.project_id,
-            &format!("refused: {why}"),
+            AuditOutcome::Refused(Some(why)),
         );
         self.ctx.append_audit(&a).await.err().unwrap_or_else(|| ApiError::conflict(why))
     }
@@ -159,10 +168,10 @@ impl ConsoleApi {
         let reason: String = req.reason.chars().take(200).collect();
         let mut a = self.audit(
             &p,
-            &session.vm_id.to_string(),
+            session.vm_id,
             &session.tenant_id,
             &session.project_id,
-            &format!("closed: {reason}"),
+            AuditOutcome::Closed(&reason),
         );
         a.detail = format!(
             "duration_ms={} bytes_to_client={} bytes_to_server={}",

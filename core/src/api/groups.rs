@@ -10,6 +10,7 @@ use hcp_proto::tenant::{
 };
 
 use super::{ApiContext, validate};
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal};
 use crate::convert::placement_group_to_tenant;
 use crate::error::from_store;
@@ -51,8 +52,12 @@ pub async fn create(
         strict: g.strict,
         created_at: now(),
     };
-    let mut audit =
-        ctx.audit(p, "placement_group.create", "placement_group", &group.id.to_string(), "succeeded");
+    let mut audit = ctx.audit(
+        p,
+        AuditAction::PlacementGroupCreate,
+        Resource::PlacementGroup(group.id),
+        AuditOutcome::Succeeded,
+    );
     audit.project_id = scope.project.clone();
     audit.detail = format!("{} {}", if group.strict { "strict" } else { "soft" }, group.policy);
     ctx.store.create_placement_group(&group, &audit).await.map_err(|e| match e {
@@ -104,7 +109,12 @@ pub async fn get(
 /// Deletes an empty group.
 pub async fn delete(ctx: &ApiContext, p: &Principal, project_id: &str, id: &str) -> Result<(), ApiError> {
     let (scope, id) = target(p, project_id, id, Access::Write)?;
-    let mut audit = ctx.audit(p, "placement_group.delete", "placement_group", &id.to_string(), "succeeded");
+    let mut audit = ctx.audit(
+        p,
+        AuditAction::PlacementGroupDelete,
+        Resource::PlacementGroup(id),
+        AuditOutcome::Succeeded,
+    );
     audit.project_id = scope.project.clone();
     ctx.store
         .delete_placement_group(&scope, id, &audit)

@@ -11,6 +11,7 @@ use hcp_proto::ops::{self, HostRequest, ListHostsResponse, OpsVm};
 use hcp_proto::tenant::VmOperationAccepted;
 
 use super::{ApiContext, validate};
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal};
 use crate::convert::{host_to_ops, vm_to_ops};
 use crate::error::from_store;
@@ -85,8 +86,9 @@ pub async fn set_drain(
         (false, _) => Some(Drain::InService),
     };
     if let Some(next) = next {
-        let action = if drain { "host.drain" } else { "host.undrain" };
-        let mut audit = ctx.audit(p, action, "host", &format!("{id}/{}", host.name), "succeeded");
+        let action = if drain { AuditAction::HostDrain } else { AuditAction::HostUndrain };
+        let resource = Resource::Host { provider: id, name: &host.name };
+        let mut audit = ctx.audit(p, action, resource, AuditOutcome::Succeeded);
         audit.detail = format!("{} -> {}", host.drain.as_str(), next.as_str());
         ctx.store.set_drain(id, &host.name, next, now()).await.map_err(|e| from_store(e, "host"))?;
         ctx.append_audit(&audit).await?;
@@ -182,7 +184,8 @@ pub async fn set_zone_placement(
             crate::placement::DEFAULT_MEMORY_OVERCOMMIT,
         )?,
     };
-    let mut audit = ctx.audit(p, "zone.placement", "zone", &settings.zone, "succeeded");
+    let mut audit =
+        ctx.audit(p, AuditAction::ZonePlacement, Resource::Zone(&settings.zone), AuditOutcome::Succeeded);
     audit.detail = format!(
         "{} cpu x{} memory x{}",
         settings.policy, settings.cpu_overcommit, settings.memory_overcommit

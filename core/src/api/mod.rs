@@ -6,12 +6,13 @@
 use std::sync::Arc;
 
 use hcp_proto::error::ApiError;
-use hcp_proto::ids::{EventId, JobId};
+use hcp_proto::ids::JobId;
 
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::Principal;
 use crate::config::Config;
 use crate::jobs::JobQueue;
-use crate::model::{AuditEvent, now};
+use crate::model::AuditEvent;
 use crate::providers::ProviderClients;
 use crate::store::Store;
 
@@ -49,25 +50,14 @@ impl ApiContext {
     pub fn audit(
         &self,
         principal: &Principal,
-        action: &str,
-        resource_type: &str,
-        resource_id: &str,
-        outcome: &str,
+        action: AuditAction,
+        resource: Resource<'_>,
+        outcome: AuditOutcome<'_>,
     ) -> AuditEvent {
-        AuditEvent {
-            id: EventId::new(),
-            at: now(),
-            actor: principal.subject.clone(),
-            tenant_id: principal.tenant_id.clone().unwrap_or_default(),
-            project_id: String::new(),
-            action: action.to_owned(),
-            resource_type: resource_type.to_owned(),
-            resource_id: resource_id.to_owned(),
-            outcome: outcome.to_owned(),
-            job_id: String::new(),
-            trace_id: hcp_telemetry::current_trace_id().unwrap_or_default(),
-            detail: String::new(),
-        }
+        let mut event = AuditEvent::new(&principal.subject, action, resource, outcome);
+        event.tenant_id = principal.tenant_id.clone().unwrap_or_default();
+        event.trace_id = hcp_telemetry::current_trace_id().unwrap_or_default();
+        event
     }
 
     /// Appends an audit event that has no other write to commit with (a

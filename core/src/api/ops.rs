@@ -20,6 +20,7 @@ use hcp_proto::ops::{
 
 use super::page::Binding;
 use super::{ApiContext, ApiResult, handle, validate};
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
@@ -96,8 +97,12 @@ impl OpsApi {
             created_at: t,
             has_credentials: sealed.is_some(),
         };
-        let mut audit =
-            self.ctx.audit(&p, "provider.register", "provider", &provider.id.to_string(), "succeeded");
+        let mut audit = self.ctx.audit(
+            &p,
+            AuditAction::ProviderRegister,
+            Resource::Provider(provider.id),
+            AuditOutcome::Succeeded,
+        );
         audit.detail = format!("{} at {} in zone {}", provider.plugin_name, provider.endpoint, provider.zone);
         self.ctx
             .store
@@ -121,7 +126,8 @@ impl OpsApi {
         req: RemoveProviderRequest,
     ) -> Result<RemoveProviderResponse, ApiError> {
         let id: ProviderId = validate::id("provider_id", &req.provider_id)?;
-        let audit = self.ctx.audit(&p, "provider.remove", "provider", &id.to_string(), "succeeded");
+        let audit =
+            self.ctx.audit(&p, AuditAction::ProviderRemove, Resource::Provider(id), AuditOutcome::Succeeded);
         self.ctx
             .store
             .remove_provider(id, &audit)
@@ -159,7 +165,8 @@ impl OpsApi {
             description: f.description.clone(),
             created_at: now(),
         };
-        let audit = self.ctx.audit(&p, "flavor.create", "flavor", &f.name, "succeeded");
+        let audit =
+            self.ctx.audit(&p, AuditAction::FlavorCreate, Resource::Flavor(&f.name), AuditOutcome::Succeeded);
         self.ctx.store.create_flavor(&flavor, &audit).await.map_err(|e| from_store(e, "flavor"))?;
         Ok(convert::flavor_to_proto(&flavor))
     }
@@ -180,7 +187,8 @@ impl OpsApi {
             description: i.description.clone(),
             created_at: now(),
         };
-        let audit = self.ctx.audit(&p, "image.create", "image", &i.name, "succeeded");
+        let audit =
+            self.ctx.audit(&p, AuditAction::ImageCreate, Resource::Image(&i.name), AuditOutcome::Succeeded);
         self.ctx.store.create_image(&image, &audit).await.map_err(|e| from_store(e, "image"))?;
         Ok(convert::image_to_proto(&image, true))
     }
@@ -191,14 +199,20 @@ impl OpsApi {
         validate::text("zone.description", &z.description, validate::MAX_DESCRIPTION)?;
         let zone =
             model::Zone { name: z.name.clone(), description: z.description.clone(), created_at: now() };
-        let audit = self.ctx.audit(&p, "zone.create", "zone", &z.name, "succeeded");
+        let audit =
+            self.ctx.audit(&p, AuditAction::ZoneCreate, Resource::Zone(&z.name), AuditOutcome::Succeeded);
         self.ctx.store.create_zone(&zone, &audit).await.map_err(|e| from_store(e, "zone"))?;
         Ok(convert::zone_to_proto(&zone))
     }
 
     async fn delete_entry(&self, p: Principal, kind: &str, name: String) -> Result<(), ApiError> {
         validate::label("name", &name)?;
-        let audit = self.ctx.audit(&p, &format!("{kind}.delete"), kind, &name, "succeeded");
+        let (action, resource) = match kind {
+            "flavor" => (AuditAction::FlavorDelete, Resource::Flavor(&name)),
+            "image" => (AuditAction::ImageDelete, Resource::Image(&name)),
+            _ => (AuditAction::ZoneDelete, Resource::Zone(&name)),
+        };
+        let audit = self.ctx.audit(&p, action, resource, AuditOutcome::Succeeded);
         let r = match kind {
             "flavor" => self.ctx.store.delete_flavor(&name, &audit).await,
             "image" => self.ctx.store.delete_image(&name, &audit).await,
@@ -400,10 +414,9 @@ impl CatalogAdminService for OpsApi {
             };
             let mut audit = self.ctx.audit(
                 &p,
-                "network.create",
-                "network",
-                &format!("{}/{}", n.zone, n.name),
-                "succeeded",
+                AuditAction::NetworkCreate,
+                Resource::Network { zone: &n.zone, name: &n.name },
+                AuditOutcome::Succeeded,
             );
             audit.detail = format!("{:?}", network.backings);
             self.ctx.store.put_network(&network, &audit).await.map_err(|e| match e {
@@ -450,10 +463,9 @@ impl CatalogAdminService for OpsApi {
             let what = format!("network {}/{}", r.zone, r.name);
             let audit = self.ctx.audit(
                 &p,
-                "network.delete",
-                "network",
-                &format!("{}/{}", r.zone, r.name),
-                "succeeded",
+                AuditAction::NetworkDelete,
+                Resource::Network { zone: &r.zone, name: &r.name },
+                AuditOutcome::Succeeded,
             );
             self.ctx
                 .store
@@ -601,7 +613,12 @@ impl QuotaAdminService for OpsApi {
                 max_vcpus: r.max_vcpus,
                 max_memory_mib: r.max_memory_mib,
             };
-            let mut audit = self.ctx.audit(&p, "quota.set", "project", &r.project_id, "succeeded");
+            let mut audit = self.ctx.audit(
+                &p,
+                AuditAction::QuotaSet,
+                Resource::Project(&r.project_id),
+                AuditOutcome::Succeeded,
+            );
             audit.tenant_id = r.tenant_id.clone();
             audit.project_id = r.project_id.clone();
             audit.detail = format!("{quota:?}");

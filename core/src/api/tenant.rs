@@ -22,6 +22,7 @@ pub use idempotency::idempotency_key;
 
 use super::page::Binding;
 use super::{ApiContext, ApiResult, handle, validate};
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
@@ -102,7 +103,8 @@ impl TenantApi {
         let mut job = self.new_job(&p, &scope, vm_id, kind, &extra.request_id);
         job.snapshot_id = extra.snapshot_id;
         job.params = extra.params.clone();
-        let mut audit = self.ctx.audit(&p, kind.as_str(), "vm", &vm_id.to_string(), "accepted");
+        let mut audit =
+            self.ctx.audit(&p, AuditAction::Job(kind), Resource::Vm(vm_id), AuditOutcome::Accepted);
         audit.project_id = req.project_id.clone();
         audit.job_id = job.id.to_string();
         if let Some(s) = extra.snapshot_id {
@@ -275,7 +277,8 @@ impl TenantApi {
                 }
             }
         }
-        let mut audit = self.ctx.audit(&p, "vm.update", "vm", &vm_id.to_string(), "succeeded");
+        let mut audit =
+            self.ctx.audit(&p, AuditAction::VmUpdate, Resource::Vm(vm_id), AuditOutcome::Succeeded);
         audit.project_id = scope.project.clone();
         audit.detail = paths.join(",");
         let vm = self

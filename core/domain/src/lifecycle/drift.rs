@@ -7,6 +7,7 @@
 use hcp_proto::error::ErrorCode;
 
 use super::{Metering, Power};
+use crate::audit::AuditAction;
 use crate::model::{MissingPolicy, PowerPolicy, VmStatus};
 
 /// A disagreement between a VM's record and its hypervisor, on a VM no
@@ -21,10 +22,10 @@ pub enum Drift {
 
 impl Drift {
     /// The audit action of a decision about this drift.
-    pub fn audit_action(self) -> &'static str {
+    pub fn audit_action(self) -> AuditAction {
         match self {
-            Drift::Missing => "reconcile.missing",
-            Drift::Power(_) => "reconcile.power",
+            Drift::Missing => AuditAction::ReconcileMissing,
+            Drift::Power(_) => AuditAction::ReconcilePower,
         }
     }
 }
@@ -209,8 +210,8 @@ mod tests {
 
     #[test]
     fn names_are_the_audit_trails() {
-        assert_eq!(Drift::Missing.audit_action(), "reconcile.missing");
-        assert_eq!(Drift::Power(Off).audit_action(), "reconcile.power");
+        assert_eq!(Drift::Missing.audit_action().as_str(), "reconcile.missing");
+        assert_eq!(Drift::Power(Off).audit_action().as_str(), "reconcile.power");
         let outcomes: Vec<_> =
             [Verdict::Reported, Verdict::Repaired, Verdict::Reaped, Verdict::Adopted, Verdict::Failed]
                 .map(Verdict::as_str)

@@ -7,6 +7,7 @@ use hcp_proto::tenant::{ConsoleSession, CreateConsoleRequest};
 
 use super::{TenantApi, hash_token, random_token};
 use crate::api::validate;
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal};
 use crate::convert;
 use crate::error::from_store;
@@ -78,7 +79,7 @@ impl TenantApi {
             revoked_at: None,
             created_at: t,
         };
-        let mut audit = self.ctx.audit(&p, "vm.console", "vm", &vm_id.to_string(), "issued");
+        let mut audit = self.ctx.audit(&p, AuditAction::VmConsole, Resource::Vm(vm_id), AuditOutcome::Issued);
         audit.project_id = req.project_id.clone();
         audit.detail = protocol.clone();
         self.ctx

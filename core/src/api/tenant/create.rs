@@ -11,6 +11,7 @@ use hcp_proto::tenant::{CreateVmRequest, VmOperationAccepted};
 
 use super::{TenantApi, fingerprint};
 use crate::api::validate;
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal};
 use crate::convert;
 use crate::error::from_store;
@@ -233,7 +234,12 @@ impl TenantApi {
             created_at: t,
             updated_at: t,
         };
-        let mut audit = self.ctx.audit(p, JobKind::CreateVm.as_str(), "vm", &vm_id.to_string(), "accepted");
+        let mut audit = self.ctx.audit(
+            p,
+            AuditAction::Job(JobKind::CreateVm),
+            Resource::Vm(vm_id),
+            AuditOutcome::Accepted,
+        );
         audit.project_id = scope.project.clone();
         audit.job_id = job.id.to_string();
         let answer =

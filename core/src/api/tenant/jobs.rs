@@ -9,6 +9,7 @@ use hcp_proto::tenant::{CancelJobRequest, GetJobRequest, Job, ListJobsRequest, L
 use super::TenantApi;
 use crate::api::page::Binding;
 use crate::api::{ApiResult, handle, validate};
+use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
@@ -178,7 +179,8 @@ impl JobService for TenantApi {
             // Access as for reading, plus the write role in the job's project.
             let job = self.get_job(p.clone(), GetJobRequest { job_id: req.job_id.clone() }).await?;
             let tenant = p.tenant_project(&job.project_id, Access::Write)?.to_owned();
-            let mut audit = self.ctx.audit(&p, "job.cancel", "job", &id.to_string(), "succeeded");
+            let mut audit =
+                self.ctx.audit(&p, AuditAction::JobCancel, Resource::Job(id), AuditOutcome::Succeeded);
             audit.project_id = job.project_id.clone();
             audit.job_id = id.to_string();
             self.ctx
