@@ -12,6 +12,10 @@
 // --expect refused: waits for body[data-state] to become refused or
 // disconnected; succeeds on refused. --out, if given, gets the whole page.
 //
+// A page whose requests were aborted because the host's network changed
+// (net::ERR_NETWORK_CHANGED) before its websocket opened is loaded again, at
+// most MAX_RELOADS times; "reloads" counts them.
+//
 // Prints one JSON line on stdout:
 //   {"state", "canvas": {"width","height"} | null, "non_background_pixels",
 //    "distinct_colours", "reason", "stable", "error"}
@@ -43,6 +47,13 @@ const POLL_MS = 400;
 const STABLE_READS = 3;     // non-background counts read in a row that must agree
 const STABLE_WOBBLE_PX = 64; // ... to within this many pixels or 1%
 const FINISH_TIMEOUT_MS = 15000; // for the screenshot itself, after the wait
+// Chromium aborts requests in flight with net::ERR_NETWORK_CHANGED when an
+// interface comes or goes on the host: on the test bed, libvirt adding or
+// removing the tap device of another test's VM. The page then never loads
+// noVNC's modules and never opens its websocket. Before the websocket opens
+// the single-use token is unused, so the page is loaded again, as a person
+// would press reload; after it opens, never.
+const MAX_RELOADS = 3;
 
 function log(msg) {
   process.stderr.write(`[console-screenshot] ${msg}\n`);
@@ -88,6 +99,7 @@ const result = {
   stable: false,
   error: null,
   socket: { opened: 0, frames_in: 0, frames_out: 0, closed: 0, errors: [] },
+  reloads: 0,
   log: [],
 };
 const LOG_KEEP = 20;
@@ -211,8 +223,14 @@ async function main() {
         note(`page ${msg.type()}: ${msg.text()}`);
       }
     });
+    // Resolved when the host's network change aborted a request of the
+    // page before its websocket opened (see MAX_RELOADS).
+    let networkChanged = null;
+    let onNetworkChange = () => {};
     page.on('requestfailed', (req) => {
-      note(`request failed: ${new URL(req.url()).pathname} (${req.failure() ? req.failure().errorText : '?'})`);
+      const why = req.failure() ? req.failure().errorText : '?';
+      note(`request failed: ${new URL(req.url()).pathname} (${why})`);
+      if (why === 'net::ERR_NETWORK_CHANGED' && result.socket.opened === 0) onNetworkChange();
     });
     // The websocket's life, without its URL (which carries the token).
     const started = Date.now();
@@ -227,13 +245,21 @@ async function main() {
         note(`websocket closed after ${Date.now() - started} ms`);
       });
     });
-    await page.goto(opts.url, { waitUntil: 'load', timeout: remaining() });
-    if (opts.expect === 'refused') {
-      await expectRefused(page);
-    } else {
-      await expectConnected(page);
+    for (;;) {
+      networkChanged = new Promise((resolve) => { onNetworkChange = () => resolve('network changed'); });
+      const loaded = page.goto(opts.url, { waitUntil: 'load', timeout: remaining() })
+        .then(() => (opts.expect === 'refused' ? expectRefused(page) : expectConnected(page)))
+        .then(() => 'done');
+      const outcome = await Promise.race([loaded, networkChanged]);
+      if (outcome === 'done') return 0;
+      // The abandoned wait fails when the page navigates away; that is expected.
+      loaded.catch(() => {});
+      if (result.socket.opened > 0 || result.reloads >= MAX_RELOADS) {
+        throw new Error('the host network changed while the page loaded, and it could not be loaded again');
+      }
+      result.reloads += 1;
+      note(`the host network changed before the websocket opened; loading the page again (${result.reloads})`);
     }
-    return 0;
   } catch (err) {
     if (page && !result.state) {
       try { Object.assign(result, await pageState(page)); } catch { /* page gone */ }
