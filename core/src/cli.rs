@@ -45,11 +45,9 @@ where
         Some(path) => crate::Config::from_file(path)?,
         None => crate::Config::default(),
     };
+    // The file was checked when read (naming it); no environment override
+    // touches a bounded setting, and `run` checks again for library callers.
     config.apply_env(std::env::vars())?;
-    config.validate().map_err(|source| ConfigError::Invalid {
-        path: args.config.clone().unwrap_or_else(|| PathBuf::from("(defaults)")),
-        source,
-    })?;
     let runtime = tokio::runtime::Runtime::new().map_err(MainError::Runtime)?;
     runtime.block_on(async move {
         let _telemetry = hcp_telemetry::init("hcp-core", &config.telemetry)?;
