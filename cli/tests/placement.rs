@@ -565,3 +565,151 @@ async fn operators_see_hosts_drain_and_move_vms_with_the_hcp_command() {
     let back = hcp_json(&s, &ops, &["ops", "host", "undrain", &provider, &to]).await;
     assert_eq!(back["drain"], "", "{back}");
 }
+
+/// Sends `n` requests at once; the statuses and bodies of their answers.
+async fn at_once<F, Fut>(n: usize, f: F) -> Vec<hcp_testkit::rest::Reply>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = hcp_testkit::rest::Reply>,
+{
+    futures::future::join_all((0..n).map(f)).await
+}
+
+/// The ids of the accepted answers; every other answer is a 409 whose
+/// reason is one of `reasons`.
+fn accepted_and_refused(replies: &[hcp_testkit::rest::Reply], reasons: &[&str]) -> Vec<String> {
+    let mut accepted = Vec::new();
+    for r in replies {
+        match r.status {
+            202 => accepted.push(r.str("vm_id")),
+            409 => {
+                let reason = r.body["details"]["reason"].as_str().unwrap_or_default();
+                assert!(reasons.contains(&reason), "{}", r.body);
+            }
+            _ => panic!("neither accepted nor 409: {} {}", r.status, r.body),
+        }
+    }
+    accepted
+}
+
+/// Host capacity is checked in the transaction that accepts: twenty
+/// concurrent creates onto three hosts with room for four small VMs each
+/// get exactly twelve accepted and eight 409 `capacity`; twenty into a
+/// strict affinity group (one host) get exactly four; three concurrent
+/// resizes that each need one more vCPU on a host with one left get one.
+#[tokio::test]
+async fn concurrent_creates_group_joins_and_resizes_never_overfill_a_host() {
+    // Three hosts of 4 vCPUs; "small" is 1 vCPU, "medium" 2; overcommit 1.
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        sim_capabilities: format!("{MIGRATING_SIM},resize,hot_resize"),
+        sim_args: vec!["--host-vcpus".into(), "4".into(), "--host-memory-mib".into(), "65536".into()],
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let placement = "/api/hcp/ops/v1/zones/zone-1/placement";
+    let set_policy = |policy: &'static str| {
+        let s = &s;
+        async move {
+            let body = json!({"policy": policy, "cpu_overcommit": 1, "memory_overcommit": 1}).to_string();
+            let r = s.rest.raw("PUT", placement, Some(&s.ops_token()), Some(&body)).await.unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
+    };
+    let delete_all = |ids: Vec<String>| {
+        let (s, token) = (&s, &token);
+        async move {
+            for id in &ids {
+                let r = s.rest.delete(&format!("{VMS}/{id}"), token).await.unwrap();
+                assert_eq!(r.status, 202, "{}", r.body);
+            }
+            for id in &ids {
+                wait_status(s, token, id, "DELETED").await;
+            }
+        }
+    };
+    set_policy("spread").await;
+
+    let replies = at_once(20, |i| {
+        let (s, token) = (&s, &token);
+        async move {
+            let body = json!({"name": format!("c-{i}"), "flavor": "small", "image": "debian-12"});
+            s.rest.post(VMS, token, &body).await.unwrap()
+        }
+    })
+    .await;
+    let accepted = accepted_and_refused(&replies, &["capacity"]);
+    assert_eq!(accepted.len(), 12, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    let mut per_host: HashMap<String, usize> = HashMap::new();
+    for id in &accepted {
+        wait_status(&s, &token, id, "ACTIVE").await;
+        *per_host.entry(host_of(&s, id).await).or_default() += 1;
+    }
+    assert_eq!(per_host.values().copied().collect::<Vec<_>>(), [4, 4, 4], "{per_host:?}");
+    delete_all(accepted).await;
+
+    // A strict affinity group: every member on one host, which holds four.
+    let groups = "/api/hcp/tenant/v1/projects/demo/placement-groups";
+    let r = s
+        .rest
+        .post(groups, &token, &json!({"name": "together", "policy": "AFFINITY", "strict": true}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let group = r.str("placement_group_id");
+    let replies = at_once(20, |i| {
+        let (s, token, group) = (&s, &token, &group);
+        async move {
+            let body = json!({"name": format!("g-{i}"), "flavor": "small", "image": "debian-12",
+                "placement_group_id": group});
+            s.rest.post(VMS, token, &body).await.unwrap()
+        }
+    })
+    .await;
+    let accepted = accepted_and_refused(&replies, &["capacity", "placement_group"]);
+    assert_eq!(accepted.len(), 4, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    let mut hosts = BTreeSet::new();
+    for id in &accepted {
+        wait_status(&s, &token, id, "ACTIVE").await;
+        hosts.insert(host_of(&s, id).await);
+    }
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    delete_all(accepted).await;
+
+    // Pack puts three small VMs on one host (3 of 4 vCPUs); each resize to
+    // medium needs one more, and one is left.
+    set_policy("pack").await;
+    let mut vms = Vec::new();
+    for i in 0..3 {
+        vms.push(
+            create(&s, &token, json!({"name": format!("r-{i}"), "flavor": "small", "image": "debian-12"}))
+                .await,
+        );
+    }
+    let first = host_of(&s, &vms[0]).await;
+    for id in &vms[1..] {
+        assert_eq!(host_of(&s, id).await, first);
+    }
+    let replies = at_once(3, |i| {
+        let (s, token, id) = (&s, &token, &vms[i]);
+        async move {
+            s.rest.post(&format!("{VMS}/{id}:resize"), token, &json!({"flavor": "medium"})).await.unwrap()
+        }
+    })
+    .await;
+    let mut statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [202, 409, 409],
+        "{:?}",
+        replies.iter().map(|r| r.body.to_string()).collect::<Vec<_>>()
+    );
+    for r in replies.iter().filter(|r| r.status == 409) {
+        assert_eq!(r.body["details"]["reason"], "capacity", "{}", r.body);
+    }
+    for id in &vms {
+        wait_status(&s, &token, id, "ACTIVE").await;
+    }
+}

@@ -30,6 +30,8 @@ pub fn from_store(err: StoreError, what: &str) -> ApiError {
             ApiError::new(ErrorCode::AlreadyExists, format!("{what} already exists"))
         }
         StoreError::Conflict(msg) => ApiError::new(ErrorCode::Conflict, msg),
+        StoreError::QuotaExceeded(msg) => ApiError::new(ErrorCode::QuotaExceeded, msg),
+        StoreError::NoRoom(msg) => ApiError::new(ErrorCode::Conflict, msg).with_detail("reason", "capacity"),
         // The job in flight is named, so a client can wait on it and retry.
         StoreError::Busy { job, message } => {
             ApiError::new(ErrorCode::Conflict, message).with_detail("job_id", job.to_string())

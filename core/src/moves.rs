@@ -89,16 +89,22 @@ impl Moves {
         let (candidates, guard) = self.targets(&vm, target).await?;
         let mut last = None;
         for choice in candidates.iter().take(MAX_TRIES) {
-            let change = HostChange { to: Some(choice.host.clone()), live, group: guard.clone() };
+            let change = HostChange {
+                to: Some(choice.host.clone()),
+                live,
+                group: guard.clone(),
+                capacity: choice.capacity.clone(),
+            };
             let detail = format!("from {} to {}{}", vm.host, choice.host, if live { ", live" } else { "" });
             match self.accept(asker, &vm, JobKind::MigrateVm, change, detail).await {
                 Ok(job) => return Ok((vm, job)),
-                Err(StoreError::Conflict(msg)) if guard.is_some() => last = Some(msg),
+                Err(StoreError::Conflict(msg)) if guard.is_some() => last = Some(("placement_group", msg)),
+                Err(StoreError::NoRoom(msg)) => last = Some(("capacity", msg)),
                 Err(e) => return Err(from_store(e, &format!("vm {}", vm.id))),
             }
         }
-        Err(ApiError::new(ErrorCode::Conflict, last.unwrap_or_else(|| "no host can take the vm".to_owned()))
-            .with_detail("reason", "placement_group"))
+        let (reason, msg) = last.unwrap_or(("placement_group", "no host can take the vm".to_owned()));
+        Err(ApiError::new(ErrorCode::Conflict, msg).with_detail("reason", reason))
     }
 
     /// Accepts a recovery of a VM found down: where it is, or (its host
@@ -120,19 +126,19 @@ impl Moves {
                 ));
             }
             let (mut candidates, guard) = self.targets(vm, None).await?;
-            Some((candidates.remove(0).host, guard))
+            Some((candidates.remove(0), guard))
         } else {
             None
         };
-        let (to, group) = match to {
-            Some((host, guard)) => (Some(host), guard),
-            None => (None, None),
+        let (to, capacity, group) = match to {
+            Some((choice, guard)) => (Some(choice.host), choice.capacity, guard),
+            None => (None, None, None),
         };
         let detail = match &to {
             Some(to) => format!("{why}; rebuilt from {} on {to}", vm.host),
             None => format!("{why}; started where it is"),
         };
-        let change = HostChange { to, live: false, group };
+        let change = HostChange { to, live: false, group, capacity };
         self.accept(asker, vm, JobKind::RecoverVm, change, detail)
             .await
             .map_err(|e| from_store(e, &format!("vm {}", vm.id)))
@@ -206,6 +212,7 @@ impl Moves {
             snapshot: None,
             resize: None,
             host_change: Some(change),
+            capacity: None,
         };
         self.store.accept_operation(&op, &job, &audit, None).await?;
         self.queue.job_accepted(job.id);

@@ -28,7 +28,7 @@ use crate::lifecycle::Capability;
 use crate::model::{
     Drain, GroupPolicy, Host, HostLoad, HostState, PlacementGroup, PlacementPolicy, Provider, ZonePlacement,
 };
-use crate::store::{Catalog, GroupGuard, Member, Store};
+use crate::store::{CapacityGuard, Catalog, GroupGuard, Member, Store};
 
 /// What a VM needs from placement.
 #[derive(Debug, Clone, Default)]
@@ -60,6 +60,9 @@ pub struct Choice {
     pub provider: Provider,
     /// The host; empty for a provider that reports none.
     pub host: String,
+    /// The host's room, which the accepting transaction checks again under
+    /// the host's lock; `None` for a provider that reports no hosts.
+    pub capacity: Option<CapacityGuard>,
 }
 
 impl Request<'_> {
@@ -78,6 +81,17 @@ pub async fn choose(
 ) -> Result<Provider, ApiError> {
     let req = Request { zone, zones, needs, ..Request::default() };
     Ok(candidates(store, &req).await?.remove(0).provider)
+}
+
+/// The room of the host `vm` is on, for a resize that grows it; `None`
+/// when its provider reports no such host (a host of unknown size).
+pub async fn room_of(store: &Store, vm: &crate::model::Vm) -> Result<Option<CapacityGuard>, ApiError> {
+    let catalog = store.catalog().await.map_err(|e| from_store(e, "hosts"))?;
+    let Some(host) = catalog.hosts.iter().find(|h| h.provider_id == vm.provider_id && h.name == vm.host) else {
+        return Ok(None);
+    };
+    let settings = catalog.placement.get(&vm.zone).cloned().unwrap_or_else(|| ZonePlacement::defaults(&vm.zone));
+    Ok(Some(CapacityGuard { provider_id: host.provider_id, host: host.name.clone(), room: settings.room_of(host) }))
 }
 
 /// Every place the VM may go, best first (never empty). Ranked on the
@@ -126,7 +140,7 @@ async fn candidates_in(store: &Store, catalog: &Catalog, req: &Request<'_>) -> R
     let mut settings: HashMap<String, ZonePlacement> = HashMap::new();
     for p in &capable {
         if !settings.contains_key(&p.zone) {
-            let s = catalog.placement.get(&p.zone).cloned().unwrap_or_else(|| default_settings(&p.zone));
+            let s = catalog.placement.get(&p.zone).cloned().unwrap_or_else(|| ZonePlacement::defaults(&p.zone));
             settings.insert(p.zone.clone(), s);
         }
     }
@@ -158,21 +172,6 @@ async fn candidates_in(store: &Store, catalog: &Catalog, req: &Request<'_>) -> R
     rank(slots, req)
 }
 
-/// A zone never configured places with the defaults.
-fn default_settings(zone: &str) -> ZonePlacement {
-    ZonePlacement {
-        zone: zone.to_owned(),
-        policy: PlacementPolicy::Spread,
-        cpu_overcommit: DEFAULT_CPU_OVERCOMMIT,
-        memory_overcommit: DEFAULT_MEMORY_OVERCOMMIT,
-    }
-}
-
-/// vCPUs a host takes per physical vCPU unless the zone says otherwise.
-pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
-/// Memory a host takes per MiB unless the zone says otherwise.
-pub const DEFAULT_MEMORY_OVERCOMMIT: f64 = 1.0;
-
 /// One host of a capable provider, with what is placed on it.
 #[derive(Debug, Clone)]
 struct Slot<'a> {
@@ -187,6 +186,29 @@ struct Slot<'a> {
 impl Slot<'_> {
     fn name(&self) -> &str {
         self.host.map(|h| h.name.as_str()).unwrap_or("")
+    }
+
+    /// Whether the host has room for the VM; a host of unknown size has.
+    fn has_room(&self, vcpus: u32, memory_mib: u32) -> bool {
+        self.host.is_none_or(|h| {
+            self.settings.room_of(h).admits(
+                (self.load.vcpus, self.load.memory_mib),
+                u64::from(vcpus),
+                u64::from(memory_mib),
+            )
+        })
+    }
+
+    fn choice(&self) -> Choice {
+        Choice {
+            provider: self.provider.clone(),
+            host: self.name().to_owned(),
+            capacity: self.host.map(|h| CapacityGuard {
+                provider_id: h.provider_id,
+                host: h.name.clone(),
+                room: self.settings.room_of(h),
+            }),
+        }
     }
 
     /// How full the host would be with the VM (the larger of the vCPU and
@@ -231,7 +253,7 @@ fn rank(slots: Vec<Slot<'_>>, req: &Request<'_>) -> Result<Vec<Choice>, ApiError
             "no host in service can take the vm (hosts are down, in maintenance or drained); retry later",
         ));
     }
-    slots.retain(|s| s.host.is_none() || s.fill(req.vcpus, req.memory_mib) <= 1.0 + 1e-9);
+    slots.retain(|s| s.has_room(req.vcpus, req.memory_mib));
     if slots.is_empty() {
         return Err(ApiError::new(
             ErrorCode::Conflict,
@@ -294,7 +316,7 @@ fn rank(slots: Vec<Slot<'_>>, req: &Request<'_>) -> Result<Vec<Choice>, ApiError
     });
     Ok(keyed
         .into_iter()
-        .map(|(_, _, s)| Choice { provider: s.provider.clone(), host: s.name().to_owned() })
+        .map(|(_, _, s)| s.choice())
         .collect())
 }
 

@@ -215,6 +215,53 @@ pub struct ZonePlacement {
     pub memory_overcommit: f64,
 }
 
+/// vCPUs a host takes per physical vCPU unless its zone says otherwise.
+pub const DEFAULT_CPU_OVERCOMMIT: f64 = 4.0;
+/// Memory a host takes per MiB unless its zone says otherwise.
+pub const DEFAULT_MEMORY_OVERCOMMIT: f64 = 1.0;
+
+impl ZonePlacement {
+    /// The settings of a zone never configured.
+    pub fn defaults(zone: &str) -> Self {
+        Self {
+            zone: zone.to_owned(),
+            policy: PlacementPolicy::Spread,
+            cpu_overcommit: DEFAULT_CPU_OVERCOMMIT,
+            memory_overcommit: DEFAULT_MEMORY_OVERCOMMIT,
+        }
+    }
+
+    /// What a host of this zone may hold: its size times the zone's
+    /// overcommit ratios, rounded down.
+    pub fn room_of(&self, host: &Host) -> Room {
+        let scale = |size: f64, ratio: f64| {
+            let r = (size * ratio).floor();
+            if r.is_finite() && r > 0.0 { r.min(u64::MAX as f64) as u64 } else { 0 }
+        };
+        Room {
+            vcpus: scale(f64::from(host.vcpus), self.cpu_overcommit),
+            memory_mib: scale(host.memory_mib as f64, self.memory_overcommit),
+        }
+    }
+}
+
+/// What a host may hold in all (see [`ZonePlacement::room_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Memory.
+    pub memory_mib: u64,
+}
+
+impl Room {
+    /// Whether a host holding `load` (vCPUs, memory) can take `vcpus` and
+    /// `memory_mib` more.
+    pub fn admits(&self, load: (u64, u64), vcpus: u64, memory_mib: u64) -> bool {
+        load.0.saturating_add(vcpus) <= self.vcpus && load.1.saturating_add(memory_mib) <= self.memory_mib
+    }
+}
+
 /// A tenant's placement group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacementGroup {

@@ -177,11 +177,11 @@ pub async fn set_zone_placement(
     let settings = ZonePlacement {
         zone: z.zone.clone(),
         policy,
-        cpu_overcommit: ratio("cpu_overcommit", z.cpu_overcommit, crate::placement::DEFAULT_CPU_OVERCOMMIT)?,
+        cpu_overcommit: ratio("cpu_overcommit", z.cpu_overcommit, crate::model::DEFAULT_CPU_OVERCOMMIT)?,
         memory_overcommit: ratio(
             "memory_overcommit",
             z.memory_overcommit,
-            crate::placement::DEFAULT_MEMORY_OVERCOMMIT,
+            crate::model::DEFAULT_MEMORY_OVERCOMMIT,
         )?,
     };
     let mut audit =

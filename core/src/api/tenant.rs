@@ -121,6 +121,7 @@ impl TenantApi {
             snapshot: extra.snapshot,
             resize: extra.resize,
             host_change: None,
+            capacity: extra.capacity,
         };
         let answer = VmOperationAccepted {
             vm_id: vm_id.to_string(),
@@ -178,6 +179,9 @@ impl TenantApi {
             ));
         }
         prepare(&vm, &mut extra)?;
+        if extra.resize.is_some() {
+            extra.capacity = crate::placement::room_of(&self.ctx.store, &vm).await?;
+        }
         extra.require_status = Some(vm.status);
         self.operate(p, key, VmActionRequest { project_id, vm_id }, kind, extra).await
     }
@@ -381,6 +385,8 @@ struct Extra {
     fingerprint: serde_json::Value,
     params: JobParams,
     resize: Option<Size>,
+    /// The room of the VM's host, for a resize that grows it.
+    capacity: Option<crate::store::CapacityGuard>,
     request_id: String,
 }
 

@@ -143,6 +143,56 @@ macro_rules! check_group {
 }
 pub(crate) use check_group;
 
+/// The room of the host a VM is put on or grows on, which the accepting
+/// transaction checks under the host's lock (see [`check_room!`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityGuard {
+    /// The host's provider.
+    pub provider_id: ProviderId,
+    /// The host.
+    pub host: String,
+    /// What it may hold in all.
+    pub room: hcp_domain::model::Room,
+}
+
+/// Inside a transaction that adds `$vcpus` and `$memory` (MiB) to the
+/// guard's host: locks the host's row, which orders every accept onto the
+/// host, and refuses with [`StoreError::NoRoom`] when what is placed there
+/// (the row's counts, kept by the triggers of migration 0014 and read
+/// after the lock, so committed accepts are all counted) leaves too little.
+/// A host no longer known has no room.
+macro_rules! check_room {
+    ($tx:expr, $kind:expr, $guard:expr, $vcpus:expr, $memory:expr) => {{
+        let guard: &$crate::CapacityGuard = $guard;
+        let (vcpus, memory): (u64, u64) = ($vcpus, $memory);
+        let lock = match $kind {
+            $crate::BackendKind::Postgres => " FOR UPDATE",
+            $crate::BackendKind::Sqlite => "",
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT placed_vcpus, placed_memory_mib FROM hosts WHERE provider_id = $1 AND name = $2{lock}"
+        )))
+        .bind(guard.provider_id.0)
+        .bind(&guard.host)
+        .fetch_optional(&mut *$tx)
+        .await
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "host"))?;
+        let Some(row) = row else {
+            return Err($crate::StoreError::NoRoom(format!("host {} is no longer known", guard.host)));
+        };
+        let placed_vcpus: i64 = $crate::col!(&row, "placed_vcpus");
+        let placed_memory: i64 = $crate::col!(&row, "placed_memory_mib");
+        let load = (u64::try_from(placed_vcpus).unwrap_or(0), u64::try_from(placed_memory).unwrap_or(0));
+        if !guard.room.admits(load, vcpus, memory) {
+            return Err($crate::StoreError::NoRoom(format!(
+                "host {} holds {} of {} vCPUs and {} of {} MiB; {} vCPUs and {} MiB more do not fit",
+                guard.host, load.0, guard.room.vcpus, load.1, guard.room.memory_mib, vcpus, memory
+            )));
+        }
+    }};
+}
+pub(crate) use check_room;
+
 /// A zone's placement settings from a row of `zones`.
 macro_rules! zone_placement_from_row {
     ($row:expr) => {{
@@ -168,12 +218,20 @@ impl super::Store {
     ) -> StoreResult<()> {
         on_pool!(transaction self, |tx| {
             for h in hosts {
-                sqlx::query(
-                    "INSERT INTO hosts (provider_id, name, vcpus, memory_mib, state, drain, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, '', $6) ON CONFLICT (provider_id, name) DO UPDATE SET \
+                // A host seen for the first time starts with what is
+                // already placed on it; afterwards the triggers of
+                // migration 0014 keep the counts.
+                sqlx::query(sql!(
+                    "INSERT INTO hosts (provider_id, name, vcpus, memory_mib, state, drain, updated_at, \
+                     placed_vms, placed_vcpus, placed_memory_mib) \
+                     SELECT $1, $2, $3, $4, $5, '', $6, COUNT(*), COALESCE(SUM(vcpus), 0), \
+                     COALESCE(SUM(memory_mib), 0) FROM vms \
+                     WHERE provider_id = $1 AND host = $2 AND status <> {vm_deleted} \
+                     ON CONFLICT (provider_id, name) DO UPDATE SET \
                      vcpus = excluded.vcpus, memory_mib = excluded.memory_mib, state = excluded.state, \
                      updated_at = excluded.updated_at",
-                )
+                    vm_deleted = VmStatus::Deleted
+                ))
                 .bind(provider.0)
                 .bind(&h.name)
                 .bind(i64::from(h.vcpus))

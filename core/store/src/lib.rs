@@ -34,7 +34,7 @@ mod vms;
 pub use audit::{AuditQuery, ChainedEvent};
 pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
 pub use guards::{IdempotencyRecord, Quota, Usage};
-pub use hosts::{GroupGuard, HostReport, Member};
+pub use hosts::{CapacityGuard, GroupGuard, HostReport, Member};
 pub use jobs::{Finish, ListJobsQuery, RecordedStep};
 pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
@@ -80,6 +80,10 @@ pub enum StoreError {
     /// The project's quota does not allow the request.
     #[error("{0}")]
     QuotaExceeded(String),
+    /// The host has no room left for the VM (its size times the zone's
+    /// overcommit ratios); the caller may try another host.
+    #[error("{0}")]
+    NoRoom(String),
     /// The transaction lost a serialization conflict or a deadlock to a
     /// concurrent one, and kept losing after [`MAX_CONFLICT_RETRIES`]
     /// tries; the caller may try again later.

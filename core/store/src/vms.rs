@@ -52,6 +52,9 @@ pub struct AcceptOperation {
     /// The host a move (a migration, a recovery elsewhere) gives the VM:
     /// applied now, so placement counts the VM there while the job runs.
     pub host_change: Option<HostChange>,
+    /// The room of the VM's host, checked under the host's lock when a
+    /// resize grows the VM.
+    pub capacity: Option<super::CapacityGuard>,
 }
 
 /// What a move does to the VM's host at accept time.
@@ -59,6 +62,8 @@ pub struct AcceptOperation {
 pub struct HostChange {
     /// The host it moves to; `None` for a recovery where it is.
     pub to: Option<String>,
+    /// The room of `to`, checked under its lock.
+    pub capacity: Option<super::CapacityGuard>,
     /// A live move (migrations only).
     pub live: bool,
     /// The strict group rule the target must keep.
@@ -155,21 +160,23 @@ impl super::Store {
     /// With `idem`, the idempotency key is recorded first (a concurrent
     /// request holding the key fails this one with IdempotencyRace), then the
     /// project's quota is checked (QuotaExceeded), all in the same
-    /// transaction as the inserts. With `group`, the strict placement
-    /// group's rule is checked against where its members are now
-    /// (Conflict when the VM's host breaks it).
+    /// transaction as the inserts. With `capacity`, the host's room is
+    /// checked under its lock (NoRoom when the VM no longer fits). With
+    /// `group`, the strict placement group's rule is checked against where
+    /// its members are now (Conflict when the VM's host breaks it).
     pub async fn accept_create(
         &self,
         vm: &NewVm,
         job: &Job,
         audit: &AuditEvent,
         idem: Option<&IdempotencyRecord>,
+        capacity: Option<&super::CapacityGuard>,
         group: Option<&super::GroupGuard>,
     ) -> StoreResult<()> {
         let kind = self.kind();
         let outbox = self.outbox;
         if let (super::Backend::Postgres(pool), None) = (&self.backend, group)
-            && accept_create_in_one(pool, vm, job, audit, idem, outbox).await?
+            && accept_create_in_one(pool, vm, job, audit, idem, capacity, outbox).await?
         {
             return Ok(());
         }
@@ -178,6 +185,9 @@ impl super::Store {
                 insert_idempotency!(tx, rec);
             }
             check_quota!(tx, kind, &vm.tenant_id, &vm.project_id, 1, to_i32(vm.vcpus), to_i32(vm.memory_mib));
+            if let Some(guard) = capacity {
+                super::hosts::check_room!(tx, kind, guard, u64::from(vm.vcpus), u64::from(vm.memory_mib));
+            }
             if let Some(guard) = group {
                 super::hosts::check_group!(tx, guard, vm.id, vm.provider_id, &vm.host);
             }
@@ -303,6 +313,10 @@ impl super::Store {
                 let dv = i64::from(to.vcpus) - i64::from(from.vcpus);
                 let dm = i64::from(to.memory_mib) - i64::from(from.memory_mib);
                 check_quota!(tx, backend, &op.scope.tenant, &op.scope.project, 0, dv, dm);
+                if let Some(guard) = op.capacity.as_ref().filter(|_| dv > 0 || dm > 0) {
+                    let grow = |d: i64| u64::try_from(d).unwrap_or(0);
+                    super::hosts::check_room!(tx, backend, guard, grow(dv), grow(dm));
+                }
                 sqlx::query(
                     "UPDATE vms SET flavor = $1, vcpus = $2, memory_mib = $3, disk_gib = $4 WHERE id = $5",
                 )
@@ -323,6 +337,15 @@ impl super::Store {
             if let Some(change) = &op.host_change {
                 let from = vm.host.clone();
                 if let Some(to) = &change.to {
+                    if let Some(guard) = &change.capacity {
+                        super::hosts::check_room!(
+                            tx,
+                            backend,
+                            guard,
+                            u64::from(vm.vcpus),
+                            u64::from(vm.memory_mib)
+                        );
+                    }
                     if let Some(guard) = &change.group {
                         super::hosts::check_group!(tx, guard, vm.id, vm.provider_id, to);
                     }
@@ -782,17 +805,28 @@ where
 /// as in the transaction). Returns false, having written nothing, when the
 /// project has a quota: a quota is checked under its row's lock and a fresh
 /// count, which takes the transaction (a statement sees one snapshot).
+///
+/// The host's room is checked here too: `room` locks the host's row, and a
+/// row locked after a concurrent accept changed it is read again at its
+/// newest version with the condition evaluated again (PostgreSQL's
+/// EvalPlanQual under READ COMMITTED), so the counts compared are those of
+/// every accept committed before; the VM's insert then moves them through
+/// the trigger of migration 0014, under the same lock.
 async fn accept_create_in_one(
     pool: &sqlx::PgPool,
     vm: &NewVm,
     job: &Job,
     audit: &AuditEvent,
     idem: Option<&IdempotencyRecord>,
+    capacity: Option<&super::CapacityGuard>,
     outbox: bool,
 ) -> StoreResult<bool> {
     let row = sqlx::query(
         "WITH quota AS (SELECT 1 FROM project_quotas WHERE tenant_id = $2 AND project_id = $3), \
-         gate AS (SELECT 1 AS go WHERE NOT EXISTS (SELECT 1 FROM quota)), \
+         room AS (SELECT 1 FROM hosts WHERE $65 AND provider_id = $12 AND name = $22 \
+             AND placed_vcpus + $6 <= $66 AND placed_memory_mib + $7 <= $67 FOR UPDATE), \
+         roomy AS (SELECT NOT $65 OR EXISTS (SELECT 1 FROM room) AS yes), \
+         gate AS (SELECT 1 AS go FROM roomy WHERE roomy.yes AND NOT EXISTS (SELECT 1 FROM quota)), \
          idem AS (INSERT INTO idempotency_keys (tenant_id, key, request_hash, response, created_at, expires_at) \
              SELECT $63, $46, $47, $48, $64, $49 FROM gate WHERE $45 \
              ON CONFLICT (tenant_id, key) DO UPDATE SET request_hash = excluded.request_hash, \
@@ -816,7 +850,8 @@ async fn accept_create_in_one(
          audited AS (INSERT INTO audit_events (id, at, actor, tenant_id, project_id, action, resource_type, \
              resource_id, outcome, job_id, trace_id, detail) \
              SELECT $38, $39, $40, $59, $60, $41, $61, $62, $42, $43, $44, $53 FROM job) \
-         SELECT EXISTS (SELECT 1 FROM quota) AS quota, EXISTS (SELECT 1 FROM vm) AS created",
+         SELECT EXISTS (SELECT 1 FROM quota) AS quota, EXISTS (SELECT 1 FROM vm) AS created, \
+         (SELECT yes FROM roomy) AS roomy",
     )
     .bind(vm.id.0) // $1
     .bind(&vm.tenant_id)
@@ -882,14 +917,22 @@ async fn accept_create_in_one(
     .bind(&audit.resource_id)
     .bind(idem.map(|r| r.tenant_id.as_str()))
     .bind(idem.map(|r| r.created_at))
+    .bind(capacity.is_some()) // $65
+    .bind(capacity.map(|c| i64::try_from(c.room.vcpus).unwrap_or(i64::MAX)))
+    .bind(capacity.map(|c| i64::try_from(c.room.memory_mib).unwrap_or(i64::MAX)))
     .fetch_one(pool)
     .await
     .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
     let quota: bool = col!(&row, "quota");
     let created: bool = col!(&row, "created");
-    match (quota, created) {
-        (true, _) => Ok(false),
-        (false, true) => Ok(true),
-        (false, false) => Err(StoreError::IdempotencyRace),
+    let roomy: bool = col!(&row, "roomy");
+    match (quota, roomy, created) {
+        (true, _, _) => Ok(false),
+        (false, false, _) => Err(StoreError::NoRoom(format!(
+            "host {} has no room left for {} vCPUs and {} MiB",
+            vm.host, vm.vcpus, vm.memory_mib
+        ))),
+        (false, true, true) => Ok(true),
+        (false, true, false) => Err(StoreError::IdempotencyRace),
     }
 }

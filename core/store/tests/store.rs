@@ -9,8 +9,8 @@ use hcp_domain::model::*;
 use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{EventId, ProviderId, VmId};
 use hcp_store::{
-    AcceptOperation, AuditQuery, Finish, IdempotencyRecord, ListVmsQuery, Quota, RecordedStep, SUBJECT_JOBS,
-    SUBJECT_USAGE_PREFIX, Store, StoreError,
+    AcceptOperation, AuditQuery, CapacityGuard, Finish, HostChange, HostReport, IdempotencyRecord,
+    ListVmsQuery, Quota, RecordedStep, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, Store, StoreError,
 };
 use hcp_testkit::db::{Backend, TestDb};
 
@@ -48,6 +48,8 @@ store_tests!(
     networks_are_per_zone_and_in_use_ones_stay,
     the_catalog_copy_follows_this_process_writes,
     first_hosts_are_recorded_in_bulk_and_only_where_unknown,
+    host_counts_follow_every_change_of_the_vms_on_them,
+    a_hosts_room_holds_under_concurrent_creates_and_resizes,
 );
 
 /// Polls `f` every 20 ms for up to 10 s; true once it held.
@@ -209,7 +211,7 @@ async fn create(
     let mut vm = new_vm(p, tenant, project, name, tags);
     let job = new_job(tenant, project, vm.id, JobKind::CreateVm);
     vm.current_job_id = Some(job.id);
-    store.accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string()), None, None).await.unwrap();
+    store.accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string()), None, None, None).await.unwrap();
     (vm, job)
 }
 
@@ -267,7 +269,7 @@ async fn create_is_atomic_and_tenant_scoped(backend: Backend) {
     let mut job2 = new_job("acme", "p1", vm2.id, JobKind::CreateVm);
     job2.id = job.id;
     vm2.current_job_id = Some(job2.id);
-    let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x"), None, None).await.unwrap_err();
+    let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x"), None, None, None).await.unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
     assert!(matches!(store.get_vm(&Scope::new("acme", "p1"), vm2.id).await, Err(StoreError::NotFound)));
 }
@@ -284,6 +286,7 @@ async fn operations_follow_the_state_rules(backend: Backend) {
         snapshot: None,
         resize: None,
         host_change: None,
+        capacity: None,
     };
     let stop = new_job("acme", "p1", vm.id, JobKind::StopVm);
     // The create job is still operating on the VM.
@@ -608,7 +611,7 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
             let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
             vm.current_job_id = Some(job.id);
             let rec = idem("k1", "h", &format!("{{\"vm_id\":\"{}\"}}", vm.id));
-            store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&rec), None).await
+            store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&rec), None, None).await
         }));
     }
     let mut won = 0;
@@ -637,7 +640,7 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
     let mut late = idem("k1", "h2", &format!("{{\"vm_id\":\"{}\"}}", vm.id));
     late.created_at = now() + Duration::hours(25);
     late.expires_at = late.created_at + Duration::hours(24);
-    store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&late), None).await.unwrap();
+    store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&late), None, None).await.unwrap();
     let rec = store.get_idempotency("acme", "k1", late.created_at).await.unwrap().expect("taken over");
     assert_eq!(rec.request_hash, "h2");
     assert_eq!(
@@ -659,7 +662,7 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
             let mut vm = new_vm(&p, "acme", "p1", &format!("vm-{i}"), &[]);
             let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
             vm.current_job_id = Some(job.id);
-            store.accept_create(&vm, &job, &audit("vm.create", ""), None, None).await
+            store.accept_create(&vm, &job, &audit("vm.create", ""), None, None, None).await
         }));
     }
     let mut accepted = 0;
@@ -687,7 +690,7 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
     let mut vm = new_vm(&p, "acme", "p3", "too-big", &[]);
     let job = new_job("acme", "p3", vm.id, JobKind::CreateVm);
     vm.current_job_id = Some(job.id);
-    let err = store.accept_create(&vm, &job, &audit("vm.create", ""), None, None).await.unwrap_err();
+    let err = store.accept_create(&vm, &job, &audit("vm.create", ""), None, None, None).await.unwrap_err();
     assert!(matches!(err, StoreError::QuotaExceeded(ref m) if m.contains("memory_mib")), "{err:?}");
 }
 
@@ -704,6 +707,7 @@ async fn usage_events_follow_transitions(backend: Backend) {
         snapshot: None,
         resize: None,
         host_change: None,
+        capacity: None,
     };
     for (kind, status) in [
         (JobKind::RebootVm, VmStatus::Active),
@@ -852,6 +856,7 @@ async fn a_resize_holds_its_quota_and_a_failure_gives_the_size_back(backend: Bac
         snapshot: None,
         resize: Some(to),
         host_change: None,
+        capacity: None,
     };
     // Past the quota by the difference (1 in use, 3 more asked, 3 allowed).
     let j = new_job("acme", "p1", vm.id, JobKind::ResizeVm);
@@ -901,6 +906,7 @@ async fn jobs_are_listed_newest_first_with_filters(backend: Backend) {
         snapshot: None,
         resize: None,
         host_change: None,
+        capacity: None,
     };
     let stop = new_job("acme", "p1", a.id, JobKind::StopVm);
     store.accept_operation(&op, &stop, &audit("vm.stop", ""), None).await.unwrap();
@@ -1136,4 +1142,271 @@ async fn postgres_transactions_run_again_after_a_conflict_within_a_bound() {
     assert_eq!(tries, 1 + i64::from(hcp_store::MAX_CONFLICT_RETRIES));
     assert!(store.list_flavors().await.unwrap().iter().all(|f| f.name != "never"));
     assert_eq!(audited("never").await, 0);
+}
+
+/// What the hosts' rows count (migration 0014's triggers) and what a count of
+/// the VMs gives, per (provider, host) with a row, as (vms, vcpus, memory).
+async fn host_counts(
+    db: &TestDb,
+    store: &Store,
+) -> (BTreeMap<String, (u64, u64, u64)>, BTreeMap<String, (u64, u64, u64)>) {
+    let sql = "SELECT name, placed_vms, placed_vcpus, placed_memory_mib FROM hosts";
+    let rows: Vec<(String, i64, i64, i64)> = match db.backend() {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            let rows = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
+            pool.close().await;
+            rows
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            let rows = sqlx::query_as(sql).fetch_all(&pool).await.unwrap();
+            pool.close().await;
+            rows
+        }
+    };
+    let kept =
+        rows.into_iter().map(|(h, n, v, m)| (h, (n as u64, v as u64, m as u64))).collect::<BTreeMap<_, _>>();
+    let counted = store
+        .host_loads()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|((_, h), _)| kept.contains_key(h))
+        .map(|((_, h), l)| (h, (u64::from(l.vms), l.vcpus, l.memory_mib)))
+        .collect::<BTreeMap<_, _>>();
+    let kept = kept.into_iter().filter(|(_, c)| *c != (0, 0, 0)).collect();
+    (kept, counted)
+}
+
+fn report(name: &str, vcpus: u32) -> HostReport {
+    HostReport { name: name.into(), vcpus, memory_mib: 65536, state: HostState::Up }
+}
+
+/// Accepts a VM of `vcpus` onto `host` of `p`, with the host's room checked
+/// (`room` vCPUs) when given.
+async fn create_on(
+    store: &Store,
+    p: &Provider,
+    project: &str,
+    host: &str,
+    vcpus: u32,
+    room: Option<u64>,
+) -> Result<(Vm, Job), StoreError> {
+    let mut vm = new_vm(p, "acme", project, &format!("vm-{}", VmId::new()), &[]);
+    vm.host = host.into();
+    vm.vcpus = vcpus;
+    let job = new_job("acme", project, vm.id, JobKind::CreateVm);
+    vm.current_job_id = Some(job.id);
+    let guard = room.map(|vcpus| CapacityGuard {
+        provider_id: p.id,
+        host: host.into(),
+        room: Room { vcpus, memory_mib: 1 << 30 },
+    });
+    store.accept_create(&vm, &job, &audit("vm.create", ""), None, guard.as_ref(), None).await?;
+    Ok((vm, job))
+}
+
+/// The counts on each host's row stay equal to the VMs placed there through
+/// every way a VM's row changes: a create, a resize and its failure, a move,
+/// a first host recorded, a deletion; and a host first seen starts with the
+/// VMs already there.
+async fn host_counts_follow_every_change_of_the_vms_on_them(backend: Backend) {
+    let (db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    store.record_hosts(p.id, &[report("h1", 8), report("h2", 8)], now()).await.unwrap();
+    let check = async |step: &str| {
+        let (kept, counted) = host_counts(&db, &store).await;
+        assert_eq!(kept, counted, "after {step}");
+        kept
+    };
+    let (a, ja) = create_on(&store, &p, "p1", "h1", 1, None).await.unwrap();
+    complete(&store, &ja, VmStatus::Active).await;
+    let (b, jb) = create_on(&store, &p, "p1", "h1", 2, None).await.unwrap();
+    complete(&store, &jb, VmStatus::Active).await;
+    assert_eq!(check("two creates").await.get("h1"), Some(&(2, 3, 1024)));
+
+    let scope = Scope::new("acme", "p1");
+    let op = |vm: VmId, kind| AcceptOperation {
+        scope: scope.clone(),
+        vm_id: vm,
+        kind,
+        require_status: None,
+        snapshot: None,
+        resize: None,
+        host_change: None,
+        capacity: None,
+    };
+    // A resize counts at once; its failure gives the size back.
+    let resize = new_job("acme", "p1", a.id, JobKind::ResizeVm);
+    let grow = lifecycle::Size { flavor: "big".into(), vcpus: 4, memory_mib: 4096, disk_gib: 10 };
+    store
+        .accept_operation(
+            &AcceptOperation { resize: Some(grow), ..op(a.id, JobKind::ResizeVm) },
+            &resize,
+            &audit("vm.resize", ""),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(check("a resize").await.get("h1"), Some(&(2, 6, 4608)));
+    let t = now();
+    let claimed = store.claim_job(resize.id, "w", t, t + Duration::seconds(30)).await.unwrap().unwrap();
+    store
+        .finish_job(
+            &claimed,
+            "w",
+            &finish(&claimed, Outcome::Failed(ErrorCode::ProviderError), "no", None),
+            t,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(check("the resize failed").await.get("h1"), Some(&(2, 3, 1024)));
+
+    // A move counts on the target from its accept.
+    let migrate = new_job("acme", "p1", b.id, JobKind::MigrateVm);
+    let to_h2 = HostChange { to: Some("h2".into()), live: true, group: None, capacity: None };
+    store
+        .accept_operation(
+            &AcceptOperation { host_change: Some(to_h2), ..op(b.id, JobKind::MigrateVm) },
+            &migrate,
+            &audit("vm.migrate", ""),
+            None,
+        )
+        .await
+        .unwrap();
+    let kept = check("a move").await;
+    assert_eq!((kept.get("h1"), kept.get("h2")), (Some(&(1, 1, 512)), Some(&(1, 2, 512))));
+    complete(&store, &migrate, VmStatus::Active).await;
+
+    // A VM whose host is recorded later, on a host not yet reported: the
+    // host's row starts with it.
+    let (c, jc) = create_on(&store, &p, "p1", "", 1, None).await.unwrap();
+    complete(&store, &jc, VmStatus::Active).await;
+    assert_eq!(store.set_first_hosts(&[(c.id, "h3".to_owned())]).await.unwrap(), 1);
+    store.record_hosts(p.id, &[report("h1", 8), report("h2", 8), report("h3", 8)], now()).await.unwrap();
+    assert_eq!(check("a first host").await.get("h3"), Some(&(1, 1, 512)));
+
+    // A deletion leaves the count when the VM is DELETED.
+    let delete = new_job("acme", "p1", b.id, JobKind::DeleteVm);
+    store
+        .accept_operation(&op(b.id, JobKind::DeleteVm), &delete, &audit("vm.delete", ""), None)
+        .await
+        .unwrap();
+    assert_eq!(check("a delete accepted").await.get("h2"), Some(&(1, 2, 512)));
+    complete(&store, &delete, VmStatus::Deleted).await;
+    assert_eq!(check("a delete done").await.get("h2"), None);
+    assert_eq!(check("the end").await.get("h1"), Some(&(1, 1, 512)));
+}
+
+/// Twenty concurrent creates onto a host with room for three: three are
+/// accepted and seventeen refused with NoRoom, whether the create takes the
+/// one-statement path (no quota) or the transaction (a quota); then three
+/// concurrent resizes on a host with room for one more vCPU: one is.
+async fn a_hosts_room_holds_under_concurrent_creates_and_resizes(backend: Backend) {
+    let (db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    store.record_hosts(p.id, &[report("h1", 8), report("h2", 8), report("h3", 8)], now()).await.unwrap();
+    store
+        .set_quota(
+            &Scope::new("acme", "quota"),
+            &Quota { max_instances: Some(100), ..Default::default() },
+            &audit("quota.set", "quota"),
+        )
+        .await
+        .unwrap();
+    for (project, host) in [("free", "h1"), ("quota", "h2")] {
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let (store, p) = (store.clone(), p.clone());
+                tokio::spawn(async move { create_on(&store, &p, project, host, 1, Some(3)).await })
+            })
+            .collect();
+        let (mut accepted, mut refused) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => accepted += 1,
+                Err(StoreError::NoRoom(m)) => {
+                    assert!(m.contains(host), "{m}");
+                    refused += 1;
+                }
+                Err(e) => panic!("unexpected {e:?}"),
+            }
+        }
+        assert_eq!((accepted, refused), (3, 17), "{project} on {host}");
+    }
+    let (kept, counted) = host_counts(&db, &store).await;
+    assert_eq!(kept, counted);
+    assert_eq!((kept.get("h1"), kept.get("h2")), (Some(&(3, 3, 1536)), Some(&(3, 3, 1536))));
+
+    // Three VMs of one vCPU on h3, whose room is four: each grows by one.
+    let mut vms = Vec::new();
+    for _ in 0..3 {
+        let (vm, job) = create_on(&store, &p, "p1", "h3", 1, Some(4)).await.unwrap();
+        complete(&store, &job, VmStatus::Active).await;
+        vms.push(vm);
+    }
+    let guard =
+        CapacityGuard { provider_id: p.id, host: "h3".into(), room: Room { vcpus: 4, memory_mib: 1 << 30 } };
+    let tasks: Vec<_> = vms
+        .iter()
+        .map(|vm| {
+            let store = store.clone();
+            let op = AcceptOperation {
+                scope: Scope::new("acme", "p1"),
+                vm_id: vm.id,
+                kind: JobKind::ResizeVm,
+                require_status: None,
+                snapshot: None,
+                resize: Some(lifecycle::Size {
+                    flavor: "two".into(),
+                    vcpus: 2,
+                    memory_mib: 512,
+                    disk_gib: 10,
+                }),
+                host_change: None,
+                capacity: Some(guard.clone()),
+            };
+            let job = new_job("acme", "p1", vm.id, JobKind::ResizeVm);
+            tokio::spawn(
+                async move { store.accept_operation(&op, &job, &audit("vm.resize", ""), None).await },
+            )
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(match t.await.unwrap() {
+            Ok(_) => "accepted",
+            Err(StoreError::NoRoom(_)) => "no room",
+            Err(e) => panic!("unexpected {e:?}"),
+        });
+    }
+    outcomes.sort();
+    assert_eq!(outcomes, ["accepted", "no room", "no room"]);
+    assert_eq!(host_counts(&db, &store).await.0.get("h3"), Some(&(3, 4, 1536)));
+    // A move onto a full host is refused the same way.
+    let (d, jd) = create_on(&store, &p, "p1", "h1x", 1, None).await.unwrap();
+    complete(&store, &jd, VmStatus::Active).await;
+    let change = HostChange { to: Some("h3".into()), live: true, group: None, capacity: Some(guard) };
+    let op = AcceptOperation {
+        scope: Scope::new("acme", "p1"),
+        vm_id: d.id,
+        kind: JobKind::MigrateVm,
+        require_status: None,
+        snapshot: None,
+        resize: None,
+        host_change: Some(change),
+        capacity: None,
+    };
+    let err = store
+        .accept_operation(
+            &op,
+            &new_job("acme", "p1", d.id, JobKind::MigrateVm),
+            &audit("vm.migrate", ""),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoRoom(ref m) if m.contains("h3")), "{err:?}");
 }

@@ -245,15 +245,17 @@ impl TenantApi {
         let answer =
             VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string(), snapshot_id: None };
         let record = self.record(&scope.tenant, idem, &answer);
-        // A strict group's rule is checked again in the transaction: a
-        // concurrent create that took a host first sends this one on to the
-        // next candidate.
+        // The host's room, and a strict group's rule, are checked again in
+        // the transaction: a concurrent create that took the room or the
+        // host first sends this one on to the next candidate.
         let mut refused = None;
+        let mut no_room = None;
         for choice in candidates.iter().take(MAX_PLACEMENT_TRIES) {
             vm.zone = choice.provider.zone.clone();
             vm.provider_id = choice.provider.id;
             vm.host = choice.host.clone();
-            match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref(), guard.as_ref()).await {
+            let room = choice.capacity.as_ref();
+            match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref(), room, guard.as_ref()).await {
                 Ok(()) => {
                     self.ctx.store.note_placed(vm.provider_id, &vm.host, vm.vcpus, vm.memory_mib);
                     self.ctx.announce(job.id);
@@ -262,6 +264,7 @@ impl TenantApi {
                     return Ok(answer);
                 }
                 Err(StoreError::Conflict(msg)) if guard.is_some() => refused = Some(msg),
+                Err(StoreError::NoRoom(msg)) => no_room = Some(msg),
                 Err(StoreError::IdempotencyRace) => {
                     return self.replay_after_race(&scope.tenant, idem).await;
                 }
@@ -270,6 +273,18 @@ impl TenantApi {
                 }
                 Err(e) => return Err(from_store(e, "vm")),
             }
+        }
+        if let (Some(msg), None) = (&no_room, &refused) {
+            tracing::info!(reason = %msg, "create refused: the hosts it could go to filled up meanwhile");
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "no host has room for {} vCPUs and {} MiB (capacity times the zone's overcommit ratios): \
+                     concurrent creates took the last of it",
+                    vm.vcpus, vm.memory_mib
+                ),
+            )
+            .with_detail("reason", "capacity"));
         }
         let (g, _) = group.as_ref().ok_or_else(ApiError::internal)?;
         tracing::info!(reason = ?refused, group = %g.id, "create refused by its placement group");
