@@ -45,6 +45,13 @@
 //! [`kit::split_https_url`] and network [`kit::Backings`]. Every in-tree
 //! provider runs on it; `examples/minimal.rs` is a complete provider.
 //!
+//! [`ServeConfig`] says where: TCP, optionally TLS ([`ServerTls`]: PEM in
+//! memory, or files read again while serving so a rotated certificate is
+//! served without a restart, optionally requiring client certificates), or
+//! a unix socket with its [`SocketMode`]. TLS is rustls (ring), handshaken
+//! per connection outside the accept loop; `tests/serving.rs` rotates
+//! certificates under traffic.
+//!
 //! The SDK depends on neither a database nor a message queue;
 //! `tests/boundary.rs` checks it from `cargo metadata`.
 
@@ -54,9 +61,13 @@ use std::sync::Arc;
 pub use hcp_proto::provider as pb;
 
 pub mod kit;
+mod socket;
 pub mod support;
+mod tls;
 use hcp_proto::provider::compute_server::{Compute, ComputeServer};
 use hcp_proto::provider::identity_server::{Identity, IdentityServer};
+pub use socket::{SocketMode, SocketModeError};
+pub use tls::{ServerTls, TlsError, TlsFiles, TlsPart, TlsPem};
 pub use tonic::async_trait;
 
 /// Identity of a provider implementation.
@@ -270,10 +281,15 @@ pub struct ServeConfig {
     /// TCP listen address; port 0 picks one. Default `127.0.0.1:50061`.
     pub listen: SocketAddr,
     /// Serve on this unix socket instead of TCP (core registers it as
-    /// `unix:///path`).
+    /// `unix:///path`). A file already at the path is removed first.
     pub unix_socket: Option<std::path::PathBuf>,
-    /// Serve TLS (TCP only), optionally requiring client certificates.
-    pub tls: Option<TlsConfig>,
+    /// The permission bits the unix socket gets right after it is bound,
+    /// before the server announces itself; default `0600`.
+    pub unix_socket_mode: SocketMode,
+    /// Serve TLS (TCP only), optionally requiring client certificates:
+    /// from PEM in memory, or from files read again while serving, so a
+    /// rotated certificate is picked up without a restart.
+    pub tls: Option<ServerTls>,
     /// Serve Prometheus `/metrics` (gRPC calls by method and code, and
     /// whatever the provider records with the `metrics` crate) here.
     /// When `None`, the address in `HCP_PROVIDER_METRICS_LISTEN`, if any,
@@ -291,28 +307,10 @@ impl Default for ServeConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50061)),
             unix_socket: None,
+            unix_socket_mode: SocketMode::DEFAULT,
             tls: None,
             metrics_listen: None,
         }
-    }
-}
-
-/// TLS for the provider's server, PEM-encoded.
-#[derive(Clone)]
-pub struct TlsConfig {
-    /// Server certificate chain.
-    pub cert_pem: Vec<u8>,
-    /// Server private key.
-    pub key_pem: Vec<u8>,
-    /// CA whose client certificates are required; None accepts any client.
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("client_auth", &self.client_ca_pem.is_some())
-            .finish_non_exhaustive()
     }
 }
 
@@ -328,15 +326,38 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The unix socket could not be bound.
+    #[error("cannot listen on {}", path.display())]
+    BindUnix {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The unix socket's mode could not be set.
+    #[error("cannot set mode {mode} on {}", path.display())]
+    SocketMode {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// The mode.
+        mode: SocketMode,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
     /// The server failed.
     #[error("grpc server failed")]
     Serve(#[source] tonic::transport::Error),
-    /// The TLS configuration was refused.
+    /// The TLS configuration cannot be served.
     #[error("invalid TLS configuration")]
-    Tls(#[source] tonic::transport::Error),
+    Tls(#[source] TlsError),
+    /// TLS was asked for on a unix socket.
+    #[error("TLS is served on TCP only, not on the unix socket")]
+    TlsOnUnixSocket,
     /// The metrics listener could not start.
     #[error(transparent)]
     Metrics(hcp_telemetry::metrics::MetricsListenError),
@@ -422,29 +443,26 @@ where
         Some(at) => Some(hcp_telemetry::metrics::serve(at, None).await.map_err(ServeError::Metrics)?.1),
         None => None,
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = &config.tls {
-        let mut server_tls = tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-        if let Some(ca) = &tls.client_ca_pem {
-            server_tls = server_tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
-        }
-        builder = builder.tls_config(server_tls).map_err(ServeError::Tls)?;
-    }
-    let router = builder
+    // TLS is not tonic's: `tls::Tls` handshakes each connection with the
+    // configuration current at accept time, so certificates can change.
+    let router = tonic::transport::Server::builder()
         .layer(hcp_telemetry::GrpcTraceLayer::new("provider").with_methods(hcp_proto::method_label))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(IdentityServer::new(adapter.clone()))
         .add_service(ComputeServer::new(adapter))
         .add_optional_service(extra);
-    match &config.unix_socket {
-        Some(path) => {
+    match (&config.unix_socket, &config.tls) {
+        (Some(_), Some(_)) => Err(ServeError::TlsOnUnixSocket),
+        (Some(path), None) => {
             let _ = std::fs::remove_file(path);
             let listener = tokio::net::UnixListener::bind(path)
-                .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+                .map_err(|source| ServeError::BindUnix { path: path.clone(), source })?;
+            let mode = config.unix_socket_mode;
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode.bits()))
+                .map_err(|source| ServeError::SocketMode { path: path.clone(), mode, source })?;
             ready(path.display().to_string());
-            tracing::info!(socket = %path.display(), provider = %name, "provider listening");
+            tracing::info!(socket = %path.display(), %mode, provider = %name, "provider listening");
             router
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::UnixListenerStream::new(listener),
@@ -453,21 +471,33 @@ where
                 .await
                 .map_err(ServeError::Serve)
         }
-        None => {
+        (None, tls) => {
+            // The certificate is checked before the port is bound, so a
+            // provider that cannot serve it never announces itself.
+            let tls = match tls {
+                Some(tls) => Some(tls::Tls::start(tls).await.map_err(ServeError::Tls)?),
+                None => None,
+            };
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
             let addr =
                 listener.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
             ready(addr.to_string());
-            tracing::info!(%addr, provider = %name, tls = config.tls.is_some(), "provider listening");
-            router
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    shutdown,
-                )
-                .await
-                .map_err(ServeError::Serve)
+            tracing::info!(%addr, provider = %name, tls = tls.is_some(), "provider listening");
+            match tls {
+                Some(tls) => {
+                    let (incoming, _accepting) = tls.incoming(listener);
+                    router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(ServeError::Serve)
+                }
+                None => router
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                        shutdown,
+                    )
+                    .await
+                    .map_err(ServeError::Serve),
+            }
         }
     }
 }

@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use hcp_provider_sdk::kit::config::TlsFiles;
 use hcp_provider_sdk::kit::{self, KitError};
+use hcp_provider_sdk::{ServerTls, TlsFiles, TlsPart};
 
 /// The simulated hypervisor, speaking hcp.provider.v1.
 #[derive(Parser, Debug)]
@@ -48,7 +48,9 @@ struct Args {
     /// Serve on this unix socket instead of TCP.
     #[arg(long)]
     unix_socket: Option<std::path::PathBuf>,
-    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key. The
+    /// TLS files are read again every 10 s, so a rotated set is served
+    /// without a restart.
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<std::path::PathBuf>,
     /// Private key for --tls-cert (PEM).
@@ -86,11 +88,25 @@ fn config_of(args: &Args) -> Result<crate::SimConfig, KitError> {
     if args.no_hot_resize {
         capabilities.supports_hot_resize = false;
     }
+    // The files are checked here and read again while serving, so a
+    // rotated certificate is served without a restart.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
-            let files =
-                TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: args.tls_client_ca.clone() };
-            Some(files.read().map_err(|e| KitError::Arg { arg: "--tls-cert".into(), source: e.into() })?)
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+                reload_every: TlsFiles::DEFAULT_RELOAD,
+            };
+            files.check().map_err(|e| {
+                let arg = match e.part() {
+                    Some(TlsPart::Key) => "--tls-key",
+                    Some(TlsPart::ClientCa) => "--tls-client-ca",
+                    Some(TlsPart::Certificate) | None => "--tls-cert",
+                };
+                KitError::Arg { arg: arg.into(), source: e.into() }
+            })?;
+            Some(ServerTls::Files(files))
         }
         _ => None,
     };

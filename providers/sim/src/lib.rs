@@ -36,7 +36,7 @@ pub struct SimConfig {
     /// Serve on a unix socket instead of TCP.
     pub unix_socket: Option<std::path::PathBuf>,
     /// Serve TLS.
-    pub tls: Option<hcp_provider_sdk::TlsConfig>,
+    pub tls: Option<hcp_provider_sdk::ServerTls>,
     /// The simulated hosts.
     pub hosts: Vec<SimHost>,
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::{ServeConfig, TlsConfig};
+use crate::{ServeConfig, ServerTls, SocketMode, TlsError, TlsFiles, TlsPart};
 
 /// A provider's configuration, as the kit loads, checks and serves it.
 pub trait ProviderConfig: DeserializeOwned {
@@ -70,6 +70,15 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
+    /// The TLS files a field names cannot be served.
+    #[error("{field}")]
+    Tls {
+        /// The field naming the file at fault, e.g. `server.tls_key_file`.
+        field: String,
+        /// What is wrong with it.
+        #[source]
+        source: TlsError,
+    },
 }
 
 impl ConfigError {
@@ -81,7 +90,9 @@ impl ConfigError {
     /// The field this error names, if it names one.
     pub fn field_name(&self) -> Option<&str> {
         match self {
-            Self::OutOfRange { field, .. } | Self::Field { field, .. } => Some(field),
+            Self::OutOfRange { field, .. } | Self::Field { field, .. } | Self::Tls { field, .. } => {
+                Some(field)
+            }
             Self::Read { .. } | Self::Parse(_) => None,
         }
     }
@@ -118,8 +129,10 @@ pub fn load<C: ProviderConfig>(path: &Path) -> Result<C, ConfigError> {
 }
 
 /// The `[server]` table of a provider's file: how core reaches the
-/// provider when plain TCP on `listen` is not it. The files are read at
-/// start.
+/// provider when plain TCP on `listen` is not it. The TLS files are checked
+/// when the configuration is served ([`serve_config`]), read again every
+/// `tls_reload_seconds` while serving, and a changed set that can be
+/// served replaces the old one for new connections.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
@@ -127,21 +140,33 @@ pub struct ServerConfig {
     /// `unix:///path`).
     #[serde(default)]
     pub unix_socket: Option<PathBuf>,
+    /// The socket's permission bits, octal (`"0660"`); default `"0600"`.
+    /// Needs `unix_socket`.
+    #[serde(default)]
+    pub unix_socket_mode: Option<String>,
     /// Serve TLS with this certificate chain (PEM); needs `tls_key_file`.
     #[serde(default)]
     pub tls_cert_file: Option<PathBuf>,
     /// The private key of `tls_cert_file` (PEM).
     #[serde(default)]
     pub tls_key_file: Option<PathBuf>,
-    /// Require client certificates signed by this CA (PEM); needs
-    /// `tls_cert_file`.
+    /// Require client certificates signed by this CA (PEM, may hold
+    /// several CAs); needs `tls_cert_file`.
     #[serde(default)]
     pub tls_client_ca_file: Option<PathBuf>,
+    /// How often the TLS files are read again, seconds
+    /// ([`TLS_RELOAD_SECONDS`]); default 10. Needs `tls_cert_file`.
+    #[serde(default)]
+    pub tls_reload_seconds: Option<u64>,
 }
 
+/// The range of `server.tls_reload_seconds`.
+pub const TLS_RELOAD_SECONDS: RangeInclusive<u64> = 1..=3600;
+
 impl ServerConfig {
-    /// Checks that the TLS files come together (`server.` prefixes the
-    /// fields named).
+    /// Checks the table without reading files (`server.` prefixes the
+    /// fields named): the TLS files come together, the reload interval is
+    /// in [`TLS_RELOAD_SECONDS`], the socket mode is octal up to `0777`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         match (&self.tls_cert_file, &self.tls_key_file) {
             (Some(_), None) => {
@@ -155,10 +180,28 @@ impl ServerConfig {
         if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
             return Err(ConfigError::field("server.tls_client_ca_file", "needs tls_cert_file"));
         }
+        if let Some(seconds) = self.tls_reload_seconds {
+            check_range("server.tls_reload_seconds", seconds, TLS_RELOAD_SECONDS)?;
+            if self.tls_cert_file.is_none() {
+                return Err(ConfigError::field("server.tls_reload_seconds", "needs tls_cert_file"));
+            }
+        }
         if self.unix_socket.is_some() && self.tls_cert_file.is_some() {
             return Err(ConfigError::field("server.unix_socket", "TLS is served on TCP only"));
         }
+        if self.unix_socket_mode.is_some() && self.unix_socket.is_none() {
+            return Err(ConfigError::field("server.unix_socket_mode", "needs unix_socket"));
+        }
+        self.unix_socket_mode()?;
         Ok(())
+    }
+
+    /// The unix socket's mode: `unix_socket_mode`, or `0600`.
+    pub fn unix_socket_mode(&self) -> Result<SocketMode, ConfigError> {
+        match &self.unix_socket_mode {
+            None => Ok(SocketMode::DEFAULT),
+            Some(text) => text.parse().map_err(|e| ConfigError::field("server.unix_socket_mode", e)),
+        }
     }
 
     /// The TLS files, when the table has them.
@@ -167,42 +210,34 @@ impl ServerConfig {
             cert: self.tls_cert_file.clone()?,
             key: self.tls_key_file.clone()?,
             client_ca: self.tls_client_ca_file.clone(),
-        })
-    }
-}
-
-/// The PEM files of a provider's TLS server.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// Certificate chain.
-    pub cert: PathBuf,
-    /// Private key.
-    pub key: PathBuf,
-    /// CA of the client certificates required, if any.
-    pub client_ca: Option<PathBuf>,
-}
-
-impl TlsFiles {
-    /// Reads the files.
-    pub fn read(&self) -> Result<TlsConfig, ConfigError> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })
-        };
-        Ok(TlsConfig {
-            cert_pem: read(&self.cert)?,
-            key_pem: read(&self.key)?,
-            client_ca_pem: self.client_ca.as_deref().map(read).transpose()?,
+            reload_every: self
+                .tls_reload_seconds
+                .map_or(TlsFiles::DEFAULT_RELOAD, std::time::Duration::from_secs),
         })
     }
 }
 
 /// How to serve `config`: its listen address, and its `[server]` table's
-/// unix socket and TLS (whose files are read here).
+/// unix socket (with its mode) and TLS files, which are read and checked
+/// here so that a set that cannot be served is refused before the
+/// provider starts, naming the field of the file at fault.
 pub fn serve_config<C: ProviderConfig>(config: &C) -> Result<ServeConfig, ConfigError> {
     let mut serve = ServeConfig { listen: config.listen(), ..ServeConfig::default() };
     if let Some(server) = config.server() {
         serve.unix_socket = server.unix_socket.clone();
-        serve.tls = server.tls_files().map(|files| files.read()).transpose()?;
+        serve.unix_socket_mode = server.unix_socket_mode()?;
+        if let Some(files) = server.tls_files() {
+            files.check().map_err(|source| ConfigError::Tls {
+                field: match source.part() {
+                    Some(TlsPart::Key) => "server.tls_key_file",
+                    Some(TlsPart::ClientCa) => "server.tls_client_ca_file",
+                    Some(TlsPart::Certificate) | None => "server.tls_cert_file",
+                }
+                .to_owned(),
+                source,
+            })?;
+            serve.tls = Some(ServerTls::Files(files));
+        }
     }
     Ok(serve)
 }
@@ -248,7 +283,7 @@ mod tests {
     fn values_out_of_range_and_unknown_keys_are_refused() {
         // The text after `listen`, and the field and part of the message.
         type Case = (&'static str, Result<(), (&'static str, &'static str)>);
-        let cases: [Case; 7] = [
+        let cases: [Case; 17] = [
             ("retry_base_ms = 1", Ok(())),
             (
                 "retry_base_ms = 0",
@@ -267,6 +302,43 @@ mod tests {
             (
                 "retry_base_ms = 1\n[server]\nunix_socket = \"/s\"\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"",
                 Err(("server.unix_socket", "TCP only")),
+            ),
+            (
+                "retry_base_ms = 1\n[server]\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"\ntls_reload_seconds = 1",
+                Ok(()),
+            ),
+            (
+                "retry_base_ms = 1\n[server]\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"\ntls_reload_seconds = 3600",
+                Ok(()),
+            ),
+            (
+                "retry_base_ms = 1\n[server]\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"\ntls_reload_seconds = 0",
+                Err(("server.tls_reload_seconds", "0 is out of range, allowed 1..=3600")),
+            ),
+            (
+                "retry_base_ms = 1\n[server]\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"\ntls_reload_seconds = 3601",
+                Err(("server.tls_reload_seconds", "allowed 1..=3600")),
+            ),
+            (
+                "retry_base_ms = 1\n[server]\ntls_reload_seconds = 5",
+                Err(("server.tls_reload_seconds", "needs tls_cert_file")),
+            ),
+            ("retry_base_ms = 1\n[server]\nunix_socket = \"/s\"\nunix_socket_mode = \"0660\"", Ok(())),
+            (
+                "retry_base_ms = 1\n[server]\nunix_socket = \"/s\"\nunix_socket_mode = \"0999\"",
+                Err(("server.unix_socket_mode", "not an octal mode")),
+            ),
+            (
+                "retry_base_ms = 1\n[server]\nunix_socket = \"/s\"\nunix_socket_mode = \"1777\"",
+                Err(("server.unix_socket_mode", "1777 is above 0777")),
+            ),
+            (
+                "retry_base_ms = 1\n[server]\nunix_socket = \"/s\"\nunix_socket_mode = \"rw\"",
+                Err(("server.unix_socket_mode", "not an octal mode")),
+            ),
+            (
+                "retry_base_ms = 1\n[server]\nunix_socket_mode = \"0660\"",
+                Err(("server.unix_socket_mode", "needs unix_socket")),
             ),
         ];
         for (text, want) in cases {
@@ -289,6 +361,29 @@ mod tests {
         let socket: Sample =
             from_toml("listen = \"127.0.0.1:7\"\nretry_base_ms = 1\n[server]\nunix_socket = \"/run/p.sock\"")
                 .unwrap();
-        assert_eq!(serve_config(&socket).unwrap().unix_socket, Some(PathBuf::from("/run/p.sock")));
+        let serve = serve_config(&socket).unwrap();
+        assert_eq!(
+            (serve.unix_socket, serve.unix_socket_mode),
+            (Some("/run/p.sock".into()), SocketMode::DEFAULT)
+        );
+        let mode: Sample = from_toml(
+            "listen = \"127.0.0.1:7\"\nretry_base_ms = 1\n[server]\nunix_socket = \"/s\"\nunix_socket_mode = \"0660\"",
+        )
+        .unwrap();
+        assert_eq!(serve_config(&mode).unwrap().unix_socket_mode.bits(), 0o660);
+    }
+
+    #[test]
+    fn the_tls_files_carry_the_reload_interval() {
+        let server = |reload: &str| {
+            from_toml::<Sample>(&format!(
+                "listen = \"127.0.0.1:7\"\nretry_base_ms = 1\n[server]\ntls_cert_file = \"/c\"\ntls_key_file = \"/k\"\n{reload}"
+            ))
+            .unwrap()
+            .server
+        };
+        let files = server("").tls_files().unwrap();
+        assert_eq!((files.reload_every, files.client_ca), (TlsFiles::DEFAULT_RELOAD, None));
+        assert_eq!(server("tls_reload_seconds = 60").tls_files().unwrap().reload_every.as_secs(), 60);
     }
 }

@@ -8,7 +8,7 @@
 //!   `validate` refuses a bad value at start with a [`ConfigError`] naming
 //!   the field and the allowed range (nothing is clamped silently), and the
 //!   `[server]` table that turns into a [`ServeConfig`](crate::ServeConfig)
-//!   (unix socket, TLS).
+//!   (unix socket and its mode, TLS files reloaded while serving).
 //! - [`backoff`]: the retry delay (exponential, capped, jittered).
 //! - [`url`]: `https://host[:port]/path` split into its parts.
 //! - [`backings`]: HCP network names to the hypervisor's backings.
