@@ -4,7 +4,8 @@
 //!
 //! Both backends run the same SQL text: placeholders are `$N` (SQLite accepts
 //! them), timestamps and ids are bound from Rust and never produced by the
-//! database, and the schemas in `migrations/{postgres,sqlite}` differ only in
+//! database (one exception: the shared rate buckets of [`rates`] read the
+//! database's clock, which every process shares), and the schemas in `migrations/{postgres,sqlite}` differ only in
 //! column types. The [`on_pool!`] macro expands a query body once per backend
 //! so that each arm is compiled against its concrete driver types.
 //!
@@ -28,6 +29,7 @@ mod keys;
 mod metrics;
 pub(crate) mod outbox;
 mod providers;
+mod rates;
 mod reconcile;
 mod vms;
 
@@ -38,6 +40,7 @@ pub use hosts::{GroupGuard, HostReport, Member};
 pub use jobs::{Finish, ListJobsQuery, RecordedStep};
 pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
+pub use rates::{RateClaim, RateLimit};
 pub use reconcile::KnownVm;
 pub use vms::{AcceptOperation, HostChange, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
 
