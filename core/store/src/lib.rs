@@ -4,10 +4,12 @@
 //!
 //! Both backends run the same SQL text: placeholders are `$N` (SQLite accepts
 //! them), timestamps and ids are bound from Rust and never produced by the
-//! database (one exception: the shared rate buckets of [`rates`] read the
-//! database's clock, which every process shares), and the schemas in `migrations/{postgres,sqlite}` differ only in
+//! database, and the schemas in `migrations/{postgres,sqlite}` differ only in
 //! column types. The [`on_pool!`] macro expands a query body once per backend
-//! so that each arm is compiled against its concrete driver types.
+//! so that each arm is compiled against its concrete driver types. One
+//! exception: the shared rate buckets ([`Store::claim_rate_tokens`]) read
+//! the database's clock, which every process shares, in a statement written
+//! once per backend (the clock and a few functions are spelled differently).
 //!
 //! Database errors become [`StoreError`] here, never further out.
 
