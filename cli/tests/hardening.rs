@@ -373,6 +373,89 @@ async fn a_flooding_tenant_is_rate_limited_alone() {
     }
 }
 
+/// The "done when": one tenant flooding two API processes on one
+/// PostgreSQL gets one rate limit between them, not one each.
+#[tokio::test]
+async fn a_tenant_flooding_two_api_processes_gets_one_rate_limit() {
+    const RATE: f64 = 5.0;
+    const BURST: f64 = 5.0;
+    let s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            backend: hcp_testkit::db::Backend::Postgres,
+            api_processes: 2,
+            core_toml: format!("[limits]\nrate_per_second = {RATE:?}\nburst = {BURST:?}\n"),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("stack starts");
+    // The most tokens one claim takes (`admission::batch_size`): 1 here.
+    let k = hcp_core::admission::batch_size(hcp_core::store::RateLimit::new(RATE, BURST).unwrap());
+    let flooder = s.tenant_token("flooder", &["demo"]);
+    let vms = "/api/hcp/tenant/v1/projects/demo/vms";
+
+    // 80 calls, 40 through each API process's gateway, four at a time on each.
+    const PER_PROCESS: usize = 40;
+    let started = std::time::Instant::now();
+    let mut flood = tokio::task::JoinSet::new();
+    for rest in &s.rests {
+        for _ in 0..4 {
+            let (rest, token) = (rest.clone(), flooder.clone());
+            flood.spawn(async move {
+                let mut replies = Vec::new();
+                for _ in 0..PER_PROCESS / 4 {
+                    replies.push(rest.get(vms, &token).await.expect("an answer"));
+                }
+                replies
+            });
+        }
+    }
+    let mut accepted = 0usize;
+    let mut limited = 0usize;
+    while let Some(replies) = flood.join_next().await {
+        for r in replies.unwrap() {
+            match r.status {
+                200 => accepted += 1,
+                429 => {
+                    limited += 1;
+                    assert_eq!(r.body["code"], "RATE_LIMITED", "{}", r.body);
+                    let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                    assert!(after >= 1, "Retry-After: {after}");
+                }
+                other => panic!("unexpected {other}: {}", r.body),
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!("{accepted} accepted, {limited} limited in {elapsed:.3} s");
+    assert_eq!(accepted + limited, 2 * PER_PROCESS);
+
+    // What one process alone admits in that time; each process was sent
+    // more than that, so two buckets (one per process) would have admitted
+    // about twice it.
+    let one_process = RATE * elapsed + BURST;
+    assert!(
+        PER_PROCESS as f64 > one_process + f64::from(k),
+        "the flood took {elapsed} s: too slow to tell one bucket from two"
+    );
+    // The documented bound: rate x interval + burst + N x k.
+    let bound = (one_process + 2.0 * f64::from(k)).floor() as usize;
+    assert!(accepted <= bound, "{accepted} accepted in {elapsed} s; at most {bound}");
+    assert!(accepted >= BURST as usize, "the tenant got less than its burst: {accepted}");
+    // Both processes claimed from the database all along.
+    for core in ["core-api-0", "core-api-1"] {
+        assert!(!s.log(core).contains("shared rate buckets cannot be reached"), "{core} fell back");
+    }
+
+    // Another tenant's bucket is its own, through either process.
+    let other = s.tenant_token("other", &["demo"]);
+    for i in 0..BURST as usize {
+        let r = s.rests[i % 2].get(vms, &other).await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
+
 #[tokio::test]
 async fn core_sheds_load_past_its_concurrency_limit() {
     let s = TestStack::start(

@@ -71,11 +71,14 @@ pub struct LimitsConfig {
     /// Calls run at once by this process; more are refused with 503 at
     /// once. Default 512.
     pub max_concurrent_requests: usize,
-    /// Calls per second one tenant may make to this process, on average.
-    /// Callers without a tenant (operators, services) are not rate-limited.
-    /// Default 200.
+    /// Calls per second one tenant may make, on average, to all API
+    /// processes together (they share each tenant's bucket through the
+    /// database; see [`crate::admission`] for the exact bound). Callers
+    /// without a tenant (operators, services) are not rate-limited. Every
+    /// API process must have the same value. Default 200.
     pub rate_per_second: f64,
-    /// How many calls a caller may save up for a burst. Default 400.
+    /// How many calls a tenant may save up for a burst. Every API process
+    /// must have the same value. Default 400.
     pub burst: f64,
     /// A call answers within this many seconds or gets 504. Default 30.
     pub request_timeout_seconds: u64,
@@ -84,6 +87,20 @@ pub struct LimitsConfig {
     /// A watcher is woken by job change notifications, and re-reads its
     /// job at least this often in case one was lost, seconds. Default 5.
     pub job_watch_fallback_seconds: u64,
+}
+
+impl LimitsConfig {
+    /// The per-tenant rate limit, refused (naming the setting) as
+    /// [`Config::validate`] refuses it.
+    pub fn rate_limit(&self) -> Result<crate::store::RateLimit, Invalid> {
+        crate::store::RateLimit::new(self.rate_per_second, self.burst).ok_or_else(|| {
+            if self.rate_per_second.is_finite() && self.rate_per_second > 0.0 {
+                Invalid::new("limits.burst", Allowed::AtLeast(1.0).to_string(), self.burst)
+            } else {
+                Invalid::new("limits.rate_per_second", Allowed::AboveZero.to_string(), self.rate_per_second)
+            }
+        })
+    }
 }
 
 impl Default for LimitsConfig {
@@ -716,6 +733,17 @@ mod tests {
         // The smallest values the tests and the benchmark use are allowed.
         let small = "[jobs]\nlease_seconds = 2\npoll_interval_ms = 20\n[drain]\ninterval_ms = 50\n";
         Config::from_toml(small).unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn the_rate_limit_is_refused_naming_its_setting() {
+        let limit = |toml| Config::from_toml(toml).unwrap().limits.rate_limit();
+        let default = limit("").unwrap();
+        assert_eq!((default.rate_per_second(), default.burst()), (200.0, 400.0));
+        assert_eq!(limit("[limits]\nrate_per_second = 0.0").unwrap_err().field, "limits.rate_per_second");
+        assert_eq!(limit("[limits]\nrate_per_second = inf").unwrap_err().field, "limits.rate_per_second");
+        let err = limit("[limits]\nburst = 0.5").unwrap_err();
+        assert_eq!(err.to_string(), "limits.burst must be at least 1, got 0.5");
     }
 
     #[test]

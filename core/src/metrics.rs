@@ -3,7 +3,8 @@
 //! engine, `hcp_reconciler_drift_total` in the reconciler,
 //! `hcp_provider_calls_total` and `hcp_provider_call_duration_seconds` in
 //! the provider clients, `hcp_console_sessions_total` in the console
-//! broker; gRPC calls by [`hcp_telemetry::GrpcTraceLayer`]); what is state
+//! broker, `hcp_rate_limit_claims_total` and `hcp_rate_limit_fallback_total`
+//! in admission; gRPC calls by [`hcp_telemetry::GrpcTraceLayer`]); what is state
 //! is read from the store at each scrape ([`refresh`]), so every core
 //! process reports the same numbers for it.
 

@@ -6,9 +6,9 @@
 //! 2. [`AuthLayer`]: verifies the bearer token (fetching an identity
 //!    provider's keys when configured) and stores the principal; health and
 //!    reflection are left open for load balancers and tooling.
-//! 3. [`crate::admission::AdmissionLayer`]: per-caller rate limit (429),
-//!    load shedding past the concurrency limit (503 with a retry time),
-//!    and the request timeout (504).
+//! 3. [`crate::admission::AdmissionLayer`]: per-tenant rate limit shared
+//!    by all API processes (429), load shedding past the concurrency limit
+//!    (503 with a retry time), and the request timeout (504).
 //! 4. The service handlers.
 //!
 //! Background tasks (worker role): the job engine and the provider health
@@ -308,6 +308,10 @@ pub async fn run(
             pages: crate::api::page::PageTokens::new(page_key),
             events: events.clone(),
         };
+        // Tenants' rate-limit buckets are shared by all API processes
+        // through the store.
+        let admission = crate::admission::AdmissionLayer::new(&config.limits, Arc::new(store.clone()))
+            .map_err(StartError::Config)?;
         let tenant = TenantApi::new(ctx.clone());
         let ops = OpsApi::new(ctx.clone());
         let catalog = CatalogApi::new(ctx.clone());
@@ -343,7 +347,7 @@ pub async fn run(
             .http2_max_header_list_size(MAX_HEADER_LIST)
             .layer(hcp_telemetry::GrpcTraceLayer::new("grpc").with_methods(hcp_proto::method_label))
             .layer(AuthLayer::new(verifier))
-            .layer(crate::admission::AdmissionLayer::new(&config.limits))
+            .layer(admission)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(VmServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))

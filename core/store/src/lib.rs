@@ -6,7 +6,10 @@
 //! them), timestamps and ids are bound from Rust and never produced by the
 //! database, and the schemas in `migrations/{postgres,sqlite}` differ only in
 //! column types. The [`on_pool!`] macro expands a query body once per backend
-//! so that each arm is compiled against its concrete driver types.
+//! so that each arm is compiled against its concrete driver types. One
+//! exception: the shared rate buckets ([`Store::claim_rate_tokens`]) read
+//! the database's clock, which every process shares, in a statement written
+//! once per backend (the clock and a few functions are spelled differently).
 //!
 //! Database errors become [`StoreError`] here, never further out.
 
@@ -28,6 +31,7 @@ mod keys;
 mod metrics;
 pub(crate) mod outbox;
 mod providers;
+mod rates;
 mod reconcile;
 mod vms;
 
@@ -38,6 +42,7 @@ pub use hosts::{CapacityGuard, GroupGuard, HostReport, Member};
 pub use jobs::{Finish, ListJobsQuery, RecordedStep};
 pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
+pub use rates::{RateClaim, RateLimit};
 pub use reconcile::KnownVm;
 pub use vms::{AcceptOperation, HostChange, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
 

@@ -10,7 +10,7 @@ use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{EventId, ProviderId, VmId};
 use hcp_store::{
     AcceptOperation, AuditQuery, CapacityGuard, Finish, HostChange, HostReport, IdempotencyRecord,
-    ListVmsQuery, Quota, RecordedStep, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, Store, StoreError,
+    ListVmsQuery, Quota, RateLimit, RecordedStep, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, Store, StoreError,
 };
 use hcp_testkit::db::{Backend, TestDb};
 
@@ -50,6 +50,8 @@ store_tests!(
     first_hosts_are_recorded_in_bulk_and_only_where_unknown,
     host_counts_follow_every_change_of_the_vms_on_them,
     a_hosts_room_holds_under_concurrent_creates_and_resizes,
+    rate_buckets_grant_the_burst_per_tenant_and_refill,
+    concurrent_rate_claims_never_get_more_than_the_bucket_holds,
 );
 
 /// Polls `f` every 20 ms for up to 10 s; true once it held.
@@ -768,6 +770,103 @@ async fn shared_keys_are_made_once(backend: Backend) {
     assert!(a == [1; 32] || a == [2; 32]);
     assert_eq!(store.shared_key("page-tokens", [3; 32]).await.unwrap(), a);
     assert_eq!(store.shared_key("other", [4; 32]).await.unwrap(), [4; 32]);
+}
+
+/// The database's clock as the rate buckets read it, seconds since the
+/// Unix epoch.
+async fn db_clock(db: &TestDb) -> f64 {
+    match db.backend() {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            let now = sqlx::query_scalar("SELECT unixepoch('subsec')").fetch_one(&pool).await.unwrap();
+            pool.close().await;
+            now
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            let now = sqlx::query_scalar("SELECT extract(epoch FROM clock_timestamp())::float8")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            now
+        }
+    }
+}
+
+/// The most a bucket may grant over `seconds` of the database's clock:
+/// `rate × seconds + burst` (with room for the float arithmetic).
+fn most_granted(limit: RateLimit, seconds: f64) -> u64 {
+    (limit.rate_per_second() * seconds + limit.burst() + 1e-6).floor() as u64
+}
+
+async fn rate_buckets_grant_the_burst_per_tenant_and_refill(backend: Backend) {
+    let (db, store) = fresh(backend).await;
+    // One token every 1000 s: nothing refills while this part runs.
+    let slow = RateLimit::new(0.001, 5.0).unwrap();
+    let first = store.claim_rate_tokens("acme", 3, slow).await.unwrap();
+    assert_eq!(first.granted, 3, "a new bucket is full");
+    // Three tokens of 1000 s each are now ahead of the clock.
+    assert!((first.backlog.as_secs_f64() - 3000.0).abs() < 1e-3, "{first:?}");
+    assert_eq!(first.wait_for(2, slow), std::time::Duration::ZERO, "two are left");
+    let second = store.claim_rate_tokens("acme", 3, slow).await.unwrap();
+    assert_eq!(second.granted, 2, "never more than the burst at once");
+    let empty = store.claim_rate_tokens("acme", 3, slow).await.unwrap();
+    assert_eq!(empty.granted, 0);
+    // The next token is free 1000 s after the bucket ran dry, less the
+    // moment since; three of them 2000 s later.
+    let one = empty.wait_for(1, slow).as_secs_f64();
+    assert!(one > 990.0 && one <= 1000.0, "{one}");
+    assert!((empty.wait_for(3, slow).as_secs_f64() - one - 2000.0).abs() < 1e-3);
+    // Asking for more than the burst gets the burst; each tenant has its own.
+    assert_eq!(store.claim_rate_tokens("other", 50, slow).await.unwrap().granted, 5);
+    assert_eq!(store.claim_rate_tokens("acme", 1, slow).await.unwrap().granted, 0);
+    assert_eq!(store.claim_rate_tokens("third", 0, slow).await.unwrap().granted, 0);
+
+    // 200 tokens a second: the bucket refills, and never faster than that.
+    let fast = RateLimit::new(200.0, 5.0).unwrap();
+    let start = db_clock(&db).await;
+    let mut granted = u64::from(store.claim_rate_tokens("refills", 1000, fast).await.unwrap().granted);
+    assert_eq!(granted, 5);
+    let refilled = eventually(async || {
+        let claim = store.claim_rate_tokens("refills", 1000, fast).await.unwrap();
+        granted += u64::from(claim.granted);
+        // Each claim took all there was: less than one token is left.
+        assert!(claim.wait_for(1, fast) > std::time::Duration::ZERO, "{claim:?}");
+        granted >= 50
+    })
+    .await;
+    let elapsed = db_clock(&db).await - start;
+    assert!(refilled, "only {granted} tokens in {elapsed} s");
+    assert!(granted <= most_granted(fast, elapsed), "{granted} tokens in {elapsed} s");
+}
+
+async fn concurrent_rate_claims_never_get_more_than_the_bucket_holds(backend: Backend) {
+    let (db, store) = fresh(backend).await;
+    let limit = RateLimit::new(50.0, 20.0).unwrap();
+    let start = db_clock(&db).await;
+    // As many claimers as the pool has connections and more, each claiming
+    // again and again, as API processes do under a flood.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut granted = 0u64;
+            for _ in 0..20 {
+                granted += u64::from(store.claim_rate_tokens("acme", 3, limit).await.unwrap().granted);
+            }
+            granted
+        });
+    }
+    let mut granted = 0;
+    while let Some(t) = tasks.join_next().await {
+        granted += t.unwrap();
+    }
+    let elapsed = db_clock(&db).await - start;
+    assert!(granted >= 20, "the full bucket's burst was granted, got {granted}");
+    assert!(granted <= most_granted(limit, elapsed), "{granted} tokens in {elapsed} s");
+    // Another tenant's bucket is untouched.
+    assert_eq!(store.claim_rate_tokens("other", 20, limit).await.unwrap().granted, 20);
 }
 
 /// Runs raw SQL against the test database, as someone with database access
