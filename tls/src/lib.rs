@@ -8,6 +8,9 @@
 //!   self-signed. Never "accept anything".
 //! - [`Https`]: HTTP/1.1 over rustls to one `host:port`, with a small pool
 //!   of kept-alive connections and a per-request timeout.
+//! - [`keys`]: a certificate refused for a key rustls does not take (an
+//!   RSA-1024 one) is named, with its subject and key size, instead of
+//!   rustls' bare `BadSignature`.
 //!
 //! rustls (with ring) because every TLS connection HCP makes uses it: one
 //! TLS stack to audit, no OpenSSL.
@@ -17,6 +20,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+
+pub mod keys;
+
+pub use crate::keys::{CertificateRole, UnacceptedKey};
 
 /// How to trust a server's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,33 +139,46 @@ pub enum TrustError {
     /// rustls refused the configuration.
     #[error("tls")]
     Tls(#[from] rustls::Error),
+    /// rustls cannot build a verifier for the CA certificates.
+    #[error("the CA certificates cannot be used")]
+    Verifier(#[source] rustls::client::VerifierBuilderError),
 }
 
-/// A rustls client configuration that trusts exactly what `trust` says.
+/// A rustls client configuration that trusts exactly what `trust` says. A
+/// certificate refused for its key says which one and why
+/// ([`UnacceptedKey`]).
 pub fn client_config(trust: &Trust) -> Result<rustls::ClientConfig, TrustError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    Ok(match trust {
+    let verifier = match trust {
         Trust::Ca(pem) => {
             use rustls::pki_types::pem::PemObject;
             let mut roots = rustls::RootCertStore::empty();
+            let mut ders = Vec::new();
             for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
-                roots.add(cert.map_err(TrustError::BadCaPem)?).map_err(TrustError::BadCa)?;
+                let cert = cert.map_err(TrustError::BadCaPem)?;
+                roots.add(cert.clone()).map_err(TrustError::BadCa)?;
+                ders.push(cert);
             }
             if roots.is_empty() {
                 return Err(TrustError::NoCa);
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let webpki =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .map_err(TrustError::Verifier)?;
+            keys::Explained { inner: webpki, roots: ders }
         }
-        Trust::Fingerprint(fingerprint) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
+        Trust::Fingerprint(fingerprint) => keys::Explained {
+            inner: Arc::new(Pinned {
                 fingerprint: *fingerprint,
                 algorithms: provider.signature_verification_algorithms,
-            }))
-            .with_no_client_auth(),
-    })
+            }),
+            roots: Vec::new(),
+        },
+    };
+    Ok(builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth())
 }
 
 /// Accepts exactly the certificate with the pinned SHA-256 fingerprint;
@@ -302,11 +322,12 @@ impl Https {
             .await
             .map_err(|e| HttpError::Transport(format!("connect {}:{}: {e}", self.host, self.port)))?;
         let _ = tcp.set_nodelay(true);
-        let tls = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| HttpError::Transport(format!("tls: {e}")))?;
+        let tls = self.connector.connect(self.server_name.clone(), tcp).await.map_err(|e| {
+            match UnacceptedKey::of_handshake(&e) {
+                Some(key) => HttpError::Transport(format!("tls with {}: {key}", self.authority())),
+                None => HttpError::Transport(format!("tls with {}: {e}", self.authority())),
+            }
+        })?;
         let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
             .map_err(|e| HttpError::Transport(format!("http: {e}")))?;

@@ -9,7 +9,7 @@ use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
 use crate::Proxmox;
 use crate::client::{Method, Params, encode_segment};
 use crate::errors::{invalid, map_error};
-use crate::inventory::{id_line, pending_tags};
+use crate::inventory::{Untagged, id_line, pending_tags};
 use crate::spec::dns_name;
 
 impl Proxmox {
@@ -35,7 +35,7 @@ impl Proxmox {
         }
         let _serial = self.locks.lock(&vm_id).await;
         let name = dns_name(&spec, &vm_id);
-        let mut found = self.find(&vm_id, Some(&name)).await?;
+        let mut found = self.find(&vm_id, Untagged::Named(&name)).await?;
         if found.is_none() {
             let (tnode, tvmid) = self.template(&source).await?;
             for attempt in 0..10u32 {
@@ -61,7 +61,7 @@ impl Proxmox {
                     }
                     Err(e) => return Err(map_error(e)),
                 }
-                found = self.find(&vm_id, Some(&name)).await?;
+                found = self.find(&vm_id, Untagged::Named(&name)).await?;
                 if let Some(f) = &found {
                     if !f.configured {
                         // Ours from now on, whatever happens next.

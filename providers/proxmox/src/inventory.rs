@@ -2,6 +2,7 @@
 //! description), their power state, and their NICs with the guest agent's
 //! addresses, as the protocol says them.
 
+use hcp_provider_sdk::support::is_uuid;
 use hcp_provider_sdk::{ProviderError, pb};
 use serde_json::Value;
 
@@ -87,6 +88,25 @@ pub(crate) fn id_line(vm_id: &str) -> String {
     format!("hcp-vm-id={vm_id}")
 }
 
+/// Whether a tag names an HCP VM (`hcp-<uuid>`), any VM's.
+fn is_id_tag(tag: &str) -> bool {
+    tag.strip_prefix("hcp-").is_some_and(is_uuid)
+}
+
+/// Where [`Proxmox::find`] looks for a clone whose tags were never written
+/// (the first config update after the clone failed), beyond the tagged VMs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Untagged<'a> {
+    /// Nowhere: such a clone is not the VM yet (power, snapshots, GetVm).
+    Ignore,
+    /// The VMs with this name: a create knows the name it gave the clone.
+    Named(&'a str),
+    /// Every VM without an HCP id tag: a delete knows no name, so it reads
+    /// the config of each VM HCP does not own (only when the tags found
+    /// nothing, i.e. for a half-made clone or a VM already gone).
+    Any,
+}
+
 pub(crate) fn tags_of(item: &Value) -> Vec<String> {
     item["tags"].as_str().unwrap_or_default().split([';', ',', ' ']).map(str::to_owned).collect()
 }
@@ -115,9 +135,14 @@ impl Proxmox {
     }
 
     /// Finds our VM by its tag (a clone still being configured carries
-    /// [`PENDING_TAG`] too); with `name`, also a clone the tags never
-    /// reached (the description names it).
-    pub(crate) async fn find(&self, vm_id: &str, name: Option<&str>) -> Result<Option<Found>, ProviderError> {
+    /// [`PENDING_TAG`] too) and, as `untagged` says, a clone the tags never
+    /// reached: its description names the VM (the clone itself wrote it),
+    /// which only the VM's config shows, so each candidate costs a read.
+    pub(crate) async fn find(
+        &self,
+        vm_id: &str,
+        untagged: Untagged<'_>,
+    ) -> Result<Option<Found>, ProviderError> {
         let items = self.resources("vm").await?;
         let tag = id_tag(vm_id);
         let qemu =
@@ -126,8 +151,12 @@ impl Proxmox {
             let configured = !tags_of(item).iter().any(|t| t == PENDING_TAG);
             return Ok(Some(Self::found(item, configured)));
         }
-        let Some(name) = name else { return Ok(None) };
-        for item in qemu.filter(|i| i["name"].as_str() == Some(name)) {
+        let candidate = |item: &&Value| match untagged {
+            Untagged::Ignore => false,
+            Untagged::Named(name) => item["name"].as_str() == Some(name),
+            Untagged::Any => !tags_of(item).iter().any(|t| is_id_tag(t)),
+        };
+        for item in qemu.filter(candidate) {
             let f = Self::found(item, false);
             let config = match self.pve.call(Method::Get, &format!("{}/config", f.path()), Vec::new()).await {
                 Ok(c) => c,
@@ -143,7 +172,7 @@ impl Proxmox {
     }
 
     pub(crate) async fn require(&self, vm_id: &str) -> Result<Found, ProviderError> {
-        self.find(vm_id, None).await?.ok_or_else(|| ProviderError::not_found(vm_id))
+        self.find(vm_id, Untagged::Ignore).await?.ok_or_else(|| ProviderError::not_found(vm_id))
     }
 
     /// The NICs in order (MAC and bridge from `netN`), with the addresses

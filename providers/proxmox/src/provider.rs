@@ -12,7 +12,7 @@ use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, pb};
 use crate::Proxmox;
 use crate::client::{Credentials, Method, Params, PveError, lenient};
 use crate::errors::{invalid, map_error};
-use crate::inventory::{Found, tags_of};
+use crate::inventory::{Found, Untagged, tags_of};
 
 impl Proxmox {
     /// The server's version, probed once: `(major, minor, text)`.
@@ -240,7 +240,8 @@ impl Provider for Proxmox {
 
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
         let _serial = self.locks.lock(vm_id).await;
-        let Some(f) = self.find(vm_id, None).await? else {
+        // A clone whose tags were never written is found by its description.
+        let Some(f) = self.find(vm_id, Untagged::Any).await? else {
             return Ok(false);
         };
         if f.status == "running" {

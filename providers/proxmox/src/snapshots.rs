@@ -6,7 +6,7 @@ use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
 use crate::Proxmox;
 use crate::client::{Method, Params, encode_segment};
 use crate::errors::map_error;
-use crate::inventory::Found;
+use crate::inventory::{Found, Untagged};
 
 /// PVE snapshot names are config ids (letter first, at most 40): `hcp` and
 /// the UUID's 32 hex digits.
@@ -109,7 +109,7 @@ impl Proxmox {
     /// Deletes a snapshot; false when there is none.
     pub(crate) async fn snapshot_delete(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
         let _serial = self.locks.lock(&req.vm_id).await;
-        let Some(f) = self.find(&req.vm_id, None).await? else {
+        let Some(f) = self.find(&req.vm_id, Untagged::Ignore).await? else {
             return Ok(false);
         };
         let name = snapname(&req.snapshot_id);

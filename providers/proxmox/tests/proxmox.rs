@@ -572,6 +572,36 @@ async fn a_retried_create_adopts_a_clone_whose_configuration_failed() {
 }
 
 #[tokio::test]
+async fn delete_finds_a_clone_whose_tags_were_never_written() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    // Another VM on the cluster that HCP does not own: delete reads its
+    // config, and must leave it alone.
+    let other = p.create_vm(create(&new_id(), "neighbour", false)).await.unwrap();
+    let id = new_id();
+    // The first config update after the clone is the tags write: it fails,
+    // so the clone carries only its description.
+    env.sim.sim.set_faults(Faults { config_failures: 1, ..Default::default() });
+    let err = p.create_vm(create(&id, "orphan", false)).await.unwrap_err();
+    assert!(err.message.contains("unable to write the config"), "{}", err.message);
+    let orphan: Vec<_> = guests(&env)
+        .into_iter()
+        .filter(|v| v.config.get("description").is_some_and(|d| d.contains(&id)))
+        .collect();
+    assert_eq!(orphan.len(), 1, "the clone exists: {:?}", guests(&env));
+    assert!(!orphan[0].config.get("tags").is_some_and(|t| t.contains(&id)), "{:?}", orphan[0].config);
+    assert_eq!(p.get_vm(&id).await.unwrap_err().kind, ErrorKind::NotFound);
+
+    assert!(p.delete_vm(&id).await.unwrap(), "delete found the clone by its description");
+    let left = guests(&env);
+    assert!(left.iter().all(|v| v.vmid != orphan[0].vmid), "the clone is gone: {left:?}");
+    assert_eq!(left.len(), 1, "only the other VM is left: {left:?}");
+    assert_eq!(format!("pve1/{}", left[0].vmid), other.native_id);
+    assert!(!p.delete_vm(&id).await.unwrap(), "a second delete finds nothing");
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
 async fn bad_input_and_wrong_certificates_get_clear_errors() {
     let Some(env) = env().await else { return };
     let p = provider(&env, &token_auth(), "").await;

@@ -66,6 +66,9 @@ pub struct Vsphere {
     soap: Arc<Soap>,
     config: Arc<Config>,
     console_trust: hcp_tls::Trust,
+    /// The host of `sdk_url`: where a console ticket that names no host is
+    /// used.
+    vsphere_host: String,
     places: tokio::sync::OnceCell<Places>,
     locks: VmLocks,
     /// Clones sent whose answer never came (by HCP VM id): vCenter may

@@ -14,6 +14,10 @@ use crate::soap::VIM25;
 use crate::spec::grow_disk;
 use crate::vim::{self, MoRef};
 
+/// Why a soft reboot of a guest without running VMware Tools is refused.
+pub(crate) const NO_TOOLS_FOR_SOFT_REBOOT: &str =
+    "VMware Tools are not running in the guest; a soft reboot needs them — ask for a hard reboot";
+
 impl Vsphere {
     pub(crate) async fn reconfigure(&self, vm: &Vm, change: vim::ConfigSpec) -> Result<(), ProviderError> {
         let req = vim::ReconfigVm { xmlns: VIM25, this: &vm.moref, spec: change };
@@ -230,10 +234,17 @@ impl Provider for Vsphere {
         if req.hard {
             self.soap.task_this("ResetVM_Task", &vm.moref).await.map_err(map_error)?;
         } else {
-            self.soap
-                .invoke_this::<vim::Nothing>("RebootGuest", &vm.moref, false)
-                .await
-                .map_err(map_error)?;
+            match self.soap.invoke_this::<vim::Nothing>("RebootGuest", &vm.moref, false).await {
+                Ok(_) => {}
+                // Only VMware Tools can ask the guest to restart. Unlike a
+                // stop, a soft reboot is not turned into a hard one: a reset
+                // is not what was asked for, and the caller may ask for it.
+                Err(e) if e.fault() == Some("ToolsUnavailable") => {
+                    tracing::info!(vm_id = req.vm_id, error = %e, "soft reboot refused: no VMware Tools running");
+                    return Err(ProviderError::new(ErrorKind::InvalidState, NO_TOOLS_FOR_SOFT_REBOOT));
+                }
+                Err(e) => return Err(map_error(e)),
+            }
         }
         Ok(self.info(&self.reread(&vm).await?, &req.vm_id))
     }

@@ -50,6 +50,9 @@ impl Vsphere {
             None => trust.clone(),
         };
         let soap = Soap::new(&config.sdk_url, &trust, config.timing.clone()).map_err(StartError::Client)?;
+        let vsphere_host = hcp_provider_sdk::kit::split_https_url(&config.sdk_url, 443, "/sdk")
+            .map_err(|e| StartError::Client(crate::soap::ClientError::Url(e)))?
+            .host;
         if let Some(auth) = &config.auth {
             let password = Secret {
                 field: "auth.password",
@@ -65,6 +68,7 @@ impl Vsphere {
             soap: Arc::new(soap),
             config: Arc::new(config),
             console_trust,
+            vsphere_host,
             places: tokio::sync::OnceCell::new(),
             locks: VmLocks::new(),
             lost_clones: std::sync::Mutex::new(HashMap::new()),

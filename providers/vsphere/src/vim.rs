@@ -105,6 +105,16 @@ pub enum DecodeError {
         /// The absent element's name.
         child: &'static str,
     },
+    /// A child element's value is not of its type.
+    #[error("{parent}: {child} {value:?} is not valid")]
+    Invalid {
+        /// What was being read.
+        parent: &'static str,
+        /// The element's name.
+        child: &'static str,
+        /// Its text.
+        value: String,
+    },
 }
 
 /// Decoding from an answer.
@@ -844,23 +854,35 @@ pub struct AcquireTicket<'a> {
     pub ticket_type: &'a str,
 }
 
-/// `VirtualMachineTicket`.
-#[derive(Debug, Clone)]
+/// `VirtualMachineTicket`: the ticket and where to use it. vSphere may
+/// leave out the host ("the client is assumed to know it"), the port and
+/// the URL (which only WebMKS tickets of newer servers carry).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ticket {
+    /// The ticket itself, never empty.
     pub ticket: String,
-    pub host: String,
-    pub port: u16,
-    pub url: String,
+    /// The host to connect to.
+    pub host: Option<String>,
+    /// The port to connect to.
+    pub port: Option<u16>,
+    /// The whole address, `wss://host:port/ticket/<ticket>` for WebMKS.
+    pub url: Option<String>,
 }
 
 impl FromXml for Ticket {
     fn from_xml(x: &Xml) -> Result<Self, DecodeError> {
-        Ok(Self {
-            ticket: x.text_of("ticket").to_owned(),
-            host: x.text_of("host").to_owned(),
-            port: x.num_of("port").unwrap_or(443),
-            url: x.text_of("url").to_owned(),
-        })
+        let text = |name: &str| Some(x.text_of(name).trim()).filter(|t| !t.is_empty()).map(str::to_owned);
+        let ticket =
+            text("ticket").ok_or(DecodeError::Missing { parent: "VirtualMachineTicket", child: "ticket" })?;
+        let port = match text("port") {
+            Some(p) => Some(p.parse().map_err(|_| DecodeError::Invalid {
+                parent: "VirtualMachineTicket",
+                child: "port",
+                value: p.clone(),
+            })?),
+            None => None,
+        };
+        Ok(Self { ticket, host: text("host"), port, url: text("url") })
     }
 }
 

@@ -1,7 +1,8 @@
 //! The vSphere provider against VMware's own simulator (vcsim, govmomi
 //! 0.24.2 as Debian packages it, built by `scripts/vcsim.sh`): the
-//! conformance kit, what a clone looks like on vCenter, an expired
-//! session, a slowed and a killed vCenter.
+//! conformance kit, what a clone looks like on vCenter, soft reboots with
+//! and without VMware Tools, console tickets that leave out their host or
+//! URL, an expired session, a slowed and a killed vCenter.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -333,4 +334,146 @@ async fn a_slow_or_dead_vcenter_gives_retries_clear_errors_and_no_duplicates() {
     // It comes back (empty: vcsim keeps nothing) and the provider with it.
     sim.restart(&VcsimOptions { port: sim.port, ..slow }).await.unwrap();
     assert_eq!(p.get_vm(&id).await.unwrap_err().kind, ErrorKind::NotFound);
+}
+
+/// The VM's moref on vCenter, from the provider's answer.
+fn moref_of(vm: &pb::VmInfo) -> MoRef {
+    MoRef::new("VirtualMachine", &vm.native_id)
+}
+
+/// Sets one of the test bed's extraConfig switches (`hcp.vcsim.*`) on a VM.
+async fn set_switch(soap: &Soap, vm: &MoRef, key: &str, value: &str) {
+    let spec =
+        vim::ConfigSpec { extra_config: vec![vim::OptionValue::new(key, value)], ..Default::default() };
+    soap.task("ReconfigVM_Task", &vim::ReconfigVm { xmlns: VIM25, this: vm, spec }).await.unwrap();
+}
+
+/// The guest's VMware Tools as vCenter reports them:
+/// (`guest.toolsRunningStatus`, `guest.toolsStatus`).
+async fn tools_of(soap: &Soap, vm: &MoRef) -> (String, String) {
+    let objects = inventory(soap, &["guest.toolsRunningStatus", "guest.toolsStatus"]).await;
+    let o = objects.iter().find(|o| o.obj == *vm).expect("the VM is on vCenter");
+    let text = |p: &str| o.prop(p).map(|v| v.text.trim().to_owned()).unwrap_or_default();
+    (text("guest.toolsRunningStatus"), text("guest.toolsStatus"))
+}
+
+fn running(vm: &pb::VmInfo) -> bool {
+    vm.power_state == pb::PowerState::Running as i32
+}
+
+#[tokio::test]
+async fn a_soft_reboot_needs_vmware_tools_in_the_guest_and_a_hard_one_does_not() {
+    let Some(sim) = vcsim(VcsimOptions::default()).await else { return };
+    let p = provider(&sim, TIMING).await;
+    let soap = look(&sim).await;
+    let reboot = |id: &str, hard: bool| p.reboot_vm(pb::RebootVmRequest { vm_id: id.to_owned(), hard });
+
+    // A guest with Tools (the test bed's default): they run while the VM
+    // runs, and RebootGuest asks the guest to restart.
+    let with = uuid::Uuid::new_v4().to_string();
+    let req =
+        pb::CreateVmRequest { vm_id: with.clone(), spec: Some(spec("tools", &["default"])), start: true };
+    let vm = p.create_vm(req).await.unwrap();
+    assert_eq!(tools_of(&soap, &moref_of(&vm)).await, ("guestToolsRunning".into(), "toolsOk".into()));
+    assert!(running(&reboot(&with, false).await.unwrap()), "running after a soft reboot");
+
+    // A guest without Tools: vSphere answers RebootGuest with
+    // ToolsUnavailable, and the provider refuses the soft reboot, saying
+    // why and what to ask for instead.
+    let without = uuid::Uuid::new_v4().to_string();
+    let req = pb::CreateVmRequest {
+        vm_id: without.clone(),
+        spec: Some(spec("no-tools", &["default"])),
+        start: false,
+    };
+    let bare = moref_of(&p.create_vm(req).await.unwrap());
+    set_switch(&soap, &bare, "hcp.vcsim.guestTools", "none").await;
+    assert!(running(&p.start_vm(&without).await.unwrap()));
+    assert_eq!(tools_of(&soap, &bare).await, ("guestToolsNotRunning".into(), "toolsNotInstalled".into()));
+    let raw = soap.invoke_this::<vim::Nothing>("RebootGuest", &bare, false).await.unwrap_err();
+    assert_eq!(raw.fault(), Some("ToolsUnavailable"), "{raw}");
+    let e = reboot(&without, false).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "FAILED_PRECONDITION: {e:?}");
+    assert_eq!(
+        e.message,
+        "VMware Tools are not running in the guest; a soft reboot needs them — ask for a hard reboot"
+    );
+    assert!(running(&p.get_vm(&without).await.unwrap()), "the refused reboot left the VM as it was");
+    // A hard reboot (ResetVM_Task) needs nothing in the guest.
+    assert!(running(&reboot(&without, true).await.unwrap()), "running after a hard reboot");
+    // vcsim's own way to mark a guest's Tools running (`SET.guest.*` in
+    // extraConfig): then the soft reboot is taken.
+    set_switch(&soap, &bare, "SET.guest.toolsRunningStatus", "guestToolsRunning").await;
+    assert_eq!(tools_of(&soap, &bare).await.0, "guestToolsRunning");
+    assert!(running(&reboot(&without, false).await.unwrap()), "running after a soft reboot");
+
+    // Stopped, the Tools of the first guest stop too, and neither reboot
+    // is taken.
+    let stop = pb::StopVmRequest { vm_id: with.clone(), force: false, timeout_seconds: 0 };
+    p.stop_vm(stop).await.unwrap();
+    assert_eq!(
+        tools_of(&soap, &moref_of(&vm)).await,
+        ("guestToolsNotRunning".into(), "toolsNotRunning".into())
+    );
+    for hard in [false, true] {
+        assert_eq!(reboot(&with, hard).await.unwrap_err().kind, ErrorKind::InvalidState);
+    }
+
+    assert!(p.delete_vm(&with).await.unwrap());
+    assert!(p.delete_vm(&without).await.unwrap());
+    assert!(hcp_vms(&soap).await.is_empty());
+}
+
+/// Opens `endpoint` as the gateway's console proxy does; returns the
+/// ServerInit's desktop name.
+async fn open_console(endpoint: &pb::ConsoleEndpoint) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut up = hcp_gateway::console::upstream::connect(endpoint).await.map_err(|e| e.to_string())?;
+    hcp_gateway::console::rfb::connect_server(&mut up, &endpoint.password)
+        .await
+        .map_err(|e| e.to_string())?;
+    up.write_all(&[1]).await.map_err(|e| e.to_string())?; // ClientInit
+    let mut head = [0u8; 24];
+    up.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    let mut name = vec![0u8; u32::from_be_bytes([head[20], head[21], head[22], head[23]]) as usize];
+    up.read_exact(&mut name).await.map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&name).into_owned())
+}
+
+#[tokio::test]
+async fn a_console_ticket_without_host_or_url_is_used_on_the_vsphere_host() {
+    let Some(sim) = vcsim(VcsimOptions::default()).await else { return };
+    let p = provider(&sim, TIMING).await;
+    let soap = look(&sim).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let req =
+        pb::CreateVmRequest { vm_id: id.clone(), spec: Some(spec("console", &["default"])), start: true };
+    let vm = moref_of(&p.create_vm(req).await.unwrap());
+    let console = || p.get_console(pb::GetConsoleRequest { vm_id: id.clone(), protocol: "vnc".into() });
+    let screen = format!("vcsim hcp-{id}");
+
+    // What AcquireTicket leaves out → where the console is opened: the
+    // ticket's own host or, without one, the host of sdk_url (127.0.0.1
+    // here); its port, else 443; its URL, else /ticket/<ticket>.
+    let port = u32::from(sim.port);
+    for (omit, host, port, opens) in [
+        ("", "127.0.0.1", port, true),
+        ("url", "127.0.0.1", port, true),
+        ("host", "127.0.0.1", port, true),
+        ("host,url", "127.0.0.1", port, true),
+        ("host,port,url", "127.0.0.1", 443, false),
+    ] {
+        set_switch(&soap, &vm, "hcp.vcsim.ticketOmit", omit).await;
+        let c = console().await.unwrap_or_else(|e| panic!("ticket without {omit:?}: {e:?}"));
+        assert_eq!((c.host.as_str(), c.port), (host, port), "ticket without {omit:?}: {c:?}");
+        assert!(c.path.starts_with("/ticket/") && c.path.len() > 20, "ticket without {omit:?}: {c:?}");
+        assert_eq!(c.tls_fingerprint_sha256, sim.fingerprint);
+        // Nothing listens on 443 here: that endpoint is only looked at.
+        if opens {
+            assert_eq!(open_console(&c).await.as_deref(), Ok(screen.as_str()), "ticket without {omit:?}");
+        }
+    }
+
+    assert!(p.delete_vm(&id).await.unwrap());
+    assert!(hcp_vms(&soap).await.is_empty());
 }

@@ -55,6 +55,8 @@ func main() {
 	if err := model.Create(); err != nil {
 		log.Fatal(err)
 	}
+	// Guests run VMware Tools while powered on (overlay).
+	simulator.HcpGuestTools()
 	model.Service.RegisterEndpoints = true
 	model.Service.Listen = u
 	model.Service.TLS = new(tls.Config)

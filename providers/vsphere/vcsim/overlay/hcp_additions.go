@@ -7,7 +7,22 @@ package simulator
 //   - VirtualMachine.AcquireTicket: mks, webmks and device tickets (0.24.2
 //     has none). A webmks ticket's URL is wss://<vcsim>/ticket/<ticket>.
 //   - VirtualMachine.RebootGuest (0.24.2 answers MethodNotFound): like
-//     ShutdownGuest, it needs a powered-on VM; the VM stays on.
+//     vSphere, it needs a powered-on VM whose guest reports VMware Tools
+//     running (guest.toolsRunningStatus), and answers ToolsUnavailable
+//     otherwise; the VM stays on.
+//   - HcpGuestTools: VMware Tools in the guests. vcsim 0.24.2 sets
+//     guest.toolsStatus/toolsRunningStatus once, at create (not installed,
+//     not running), and never again. Here every guest has Tools, which run
+//     while the VM is powered on (toolsOk, guestToolsRunning) and not while
+//     it is off (toolsNotRunning), as in a template with open-vm-tools; a VM
+//     whose extraConfig "hcp.vcsim.guestTools" is "none" has none
+//     (toolsNotInstalled, guestToolsNotRunning). The state follows every
+//     power change (and is set for the inventory at start); the switch is
+//     read then, so set it while the VM is off.
+//   - AcquireTicket leaves out the fields the VM's extraConfig
+//     "hcp.vcsim.ticketOmit" lists (comma separated: host, port, url), as
+//     vSphere may: "if the host is not specified, the client is assumed to
+//     know it", and url comes only from newer servers.
 //   - HcpTicketHandler: a stand-in for the WebMKS server behind the ticket
 //     URL (vcsim has nothing there). It accepts each ticket once, within
 //     its lifetime, upgrades to a websocket (subprotocol "binary") and
@@ -29,6 +44,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 )
@@ -73,6 +89,16 @@ func (vm *VirtualMachine) AcquireTicket(ctx *Context, req *types.AcquireTicket) 
 	if req.TicketType == string(types.VirtualMachineTicketTypeWebmks) {
 		res.Url = fmt.Sprintf("wss://%s/ticket/%s", net.JoinHostPort(host, fmt.Sprint(port)), t)
 	}
+	for _, field := range strings.Split(hcpExtraConfig(vm, hcpTicketOmitKey), ",") {
+		switch strings.TrimSpace(field) {
+		case "host":
+			res.Host = ""
+		case "port":
+			res.Port = 0
+		case "url":
+			res.Url = ""
+		}
+	}
 	body.Res = &types.AcquireTicketResponse{Returnval: res}
 	return body
 }
@@ -86,9 +112,95 @@ func (vm *VirtualMachine) RebootGuest(ctx *Context, req *types.RebootGuest) soap
 		})
 		return body
 	}
+	if vm.Guest == nil || vm.Guest.ToolsRunningStatus != string(types.VirtualMachineToolsRunningStatusGuestToolsRunning) {
+		body.Fault_ = Fault("Cannot complete operation because VMware Tools is not running in this virtual machine.", &types.ToolsUnavailable{})
+		return body
+	}
 	ctx.postEvent(&types.VmGuestRebootEvent{VmEvent: vm.event()})
 	body.Res = new(types.RebootGuestResponse)
 	return body
+}
+
+// The extraConfig switches a test sets on a VM (ReconfigVM_Task).
+const (
+	hcpGuestToolsKey = "hcp.vcsim.guestTools"
+	hcpTicketOmitKey = "hcp.vcsim.ticketOmit"
+)
+
+// hcpExtraConfig is the VM's extraConfig value for key, "" when unset.
+// vcsim 0.24.2 appends every key a reconfigure sends, even one already
+// there, so the last one is the current value.
+func hcpExtraConfig(vm *VirtualMachine, key string) string {
+	value := ""
+	if vm.Config == nil {
+		return value
+	}
+	for _, o := range vm.Config.ExtraConfig {
+		if v := o.GetOptionValue(); v.Key == key {
+			value, _ = v.Value.(string)
+		}
+	}
+	return value
+}
+
+// hcpGuestTools keeps each VM's guest Tools state in step with its power
+// state; a Registry handler, called after every property change.
+type hcpGuestTools struct{}
+
+func (hcpGuestTools) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "HcpGuestTools", Value: "hcp-guest-tools"}
+}
+
+func (hcpGuestTools) PutObject(mo.Reference) {}
+
+func (hcpGuestTools) RemoveObject(types.ManagedObjectReference) {}
+
+func (hcpGuestTools) UpdateObject(obj mo.Reference, changes []types.PropertyChange) {
+	if obj.Reference().Type != "VirtualMachine" {
+		return
+	}
+	for _, c := range changes {
+		if c.Name == "runtime.powerState" {
+			if vm, ok := Map.Get(obj.Reference()).(*VirtualMachine); ok {
+				hcpSyncGuestTools(vm)
+			}
+			return
+		}
+	}
+}
+
+// hcpSyncGuestTools sets the VM's guest Tools state from its power state
+// and its guestTools switch, through the Registry so that property
+// collectors see the change.
+func hcpSyncGuestTools(vm *VirtualMachine) {
+	status, running := types.VirtualMachineToolsStatusToolsNotRunning, types.VirtualMachineToolsRunningStatusGuestToolsNotRunning
+	switch {
+	case hcpExtraConfig(vm, hcpGuestToolsKey) == "none":
+		status = types.VirtualMachineToolsStatusToolsNotInstalled
+	case vm.Runtime.PowerState == types.VirtualMachinePowerStatePoweredOn:
+		status, running = types.VirtualMachineToolsStatusToolsOk, types.VirtualMachineToolsRunningStatusGuestToolsRunning
+	}
+	if vm.Guest != nil && vm.Guest.ToolsStatus == status && vm.Guest.ToolsRunningStatus == string(running) {
+		return
+	}
+	Map.Update(vm, []types.PropertyChange{
+		{Name: "guest.toolsStatus", Val: status},
+		{Name: "guest.toolsRunningStatus", Val: string(running)},
+		{Name: "summary.guest.toolsStatus", Val: status},
+		{Name: "summary.guest.toolsRunningStatus", Val: string(running)},
+	})
+}
+
+// HcpGuestTools makes guests report VMware Tools as described above: it
+// sets the state of every VM in the inventory and follows power changes
+// from then on. Call it once, after the model is created.
+func HcpGuestTools() {
+	Map.AddHandler(hcpGuestTools{})
+	for _, obj := range Map.All("VirtualMachine") {
+		if vm, ok := obj.(*VirtualMachine); ok {
+			hcpSyncGuestTools(vm)
+		}
+	}
 }
 
 // HcpTicketHandler serves /ticket/<ticket>.
