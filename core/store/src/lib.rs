@@ -31,7 +31,7 @@ mod providers;
 mod reconcile;
 mod vms;
 
-pub use audit::{AuditQuery, ChainedEvent};
+pub use audit::{AuditQuery, ChainHead, ChainedEvent};
 pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
 pub use guards::{IdempotencyRecord, Quota, Usage};
 pub use hosts::{GroupGuard, HostReport, Member};
