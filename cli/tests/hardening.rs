@@ -338,6 +338,149 @@ async fn the_audit_trail_is_chained_and_a_tampered_event_is_named() {
     assert!(text.contains(&id.to_string()), "the event is named: {text}");
 }
 
+/// `text` without ANSI colour sequences (`ESC [ … m`).
+fn strip_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The sealer exports the chain's head to the anchor file; `verify
+/// --against` that head (CLI and REST) holds on the untouched chain, and
+/// fails naming why once the chain is rewritten under another key or cut
+/// off after the head. A malformed anchor is refused naming `against`.
+#[tokio::test]
+async fn an_exported_head_anchors_audit_verify_against() {
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let anchors = dir.path().join("anchors");
+    let s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            core_toml: format!(
+                "[audit]\nanchor_file = \"{}\"\nanchor_interval_seconds = 1\n",
+                anchors.display()
+            ),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("stack starts");
+    let tenant = s.tenant_token("acme", &["demo"]);
+    let ops = s.ops_token();
+    let body = json!({"name": "web-1", "flavor": "small", "image": "debian-12"});
+    let r = s.rest.post("/api/hcp/tenant/v1/projects/demo/vms", &tenant, &body).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let vm = r.body["vm_id"].as_str().unwrap().to_owned();
+
+    // Once the VM is running and every event is sealed, the anchor file's
+    // last line names the head.
+    let verify = "/api/hcp/ops/v1/audit-events:verify";
+    let (seq, hash) = hcp_testkit::wait_until(Duration::from_secs(60), "the head exported", || async {
+        let v = s.rest.get(&format!("/api/hcp/tenant/v1/projects/demo/vms/{vm}"), &tenant).await?;
+        let r = s.rest.get(verify, &ops).await?;
+        anyhow::ensure!(r.status == 200, "{}", r.body);
+        let settled = v.body["status"] == "ACTIVE" && r.body["unsealed"] == "0" && r.body["intact"] == true;
+        let text = std::fs::read_to_string(&anchors).unwrap_or_default();
+        let Some(line) = text.lines().last() else { return Ok(None) };
+        let field = |name: &str| {
+            line.split(' ').find_map(|f| f.strip_prefix(&format!("{name}="))).unwrap_or_default().to_owned()
+        };
+        assert!(line.starts_with("audit_head seq="), "{line}");
+        assert_eq!(field("key_id"), r.body["head_key_id"].as_str().unwrap(), "{line}");
+        let exported = field("seq") == r.body["head_seq"].as_str().unwrap_or_default();
+        Ok((settled && exported).then(|| (field("seq"), field("hash"))))
+    })
+    .await
+    .unwrap();
+    let against = format!("{seq}:{hash}");
+    // The same head is in core's log, as the structured `audit_head` line
+    // (without the terminal colours the log is written with).
+    hcp_testkit::wait_until(Duration::from_secs(30), "the audit_head log line", || async {
+        let log = strip_colours(&s.log("core-api-0"));
+        Ok(log
+            .lines()
+            .any(|l| {
+                l.contains("audit_head")
+                    && l.contains(&format!("seq={seq}"))
+                    && l.contains(&format!("hash={hash}"))
+            })
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Untouched: the anchor holds, through REST and the CLI.
+    let r = s.rest.get(&format!("{verify}?against={against}"), &ops).await.unwrap();
+    assert_eq!((r.status, &r.body["intact"]), (200, &json!(true)), "{}", r.body);
+    let cli = |against: &str| {
+        std::process::Command::new(HCP)
+            .args(["audit", "verify", "--core", &format!("http://{}", s.core), "--token", &ops])
+            .args(["--against", against])
+            .output()
+            .unwrap()
+    };
+    let out = cli(&against);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains("holds"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+
+    // A malformed anchor is refused, naming the field.
+    let r = s.rest.get(&format!("{verify}?against=12:nothex"), &ops).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        (&r.body["code"], &r.body["details"]["field"]),
+        (&json!("INVALID_ARGUMENT"), &json!("against"))
+    );
+    let out = cli("12");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("SEQ:HASH"), "{err}");
+
+    // Rewritten under another key: the links and the anchor are named.
+    let store = hcp_core::store::Store::connect(&s.db.url, 2).await.unwrap();
+    let forger = hcp_core::audit_chain::AuditKey::derive(&[0xee; 32]);
+    let pool = sqlx::SqlitePool::connect(&s.db.url).await.unwrap();
+    let mut prev = String::new();
+    for c in store.chained_audit_events(0, 10_000).await.unwrap() {
+        let h = forger.link(&prev, c.seq, &c.event);
+        sqlx::query("UPDATE audit_events SET prev_hash = $1, hash = $2, key_id = $3 WHERE seq = $4")
+            .bind(&prev)
+            .bind(&h)
+            .bind(forger.id())
+            .bind(c.seq)
+            .execute(&pool)
+            .await
+            .unwrap();
+        prev = h;
+    }
+    let r = s.rest.get(&format!("{verify}?against={against}"), &ops).await.unwrap();
+    assert_eq!(r.body["intact"], false, "{}", r.body);
+    let first = r.body["problems"][0]["problem"].as_str().unwrap();
+    assert!(r.body["problems"][0]["seq"] == seq.as_str() && first.contains("rewritten"), "{}", r.body);
+    let out = cli(&against);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("BROKEN at {seq}")) && text.contains("rewritten"), "{text}");
+
+    // Cut off from the head on: the anchor's event is missing.
+    sqlx::query("DELETE FROM audit_events WHERE seq >= $1")
+        .bind(seq.parse::<i64>().unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    store.close().await;
+    let out = cli(&against);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("BROKEN at {seq}")) && text.contains("truncated"), "{text}");
+}
+
 #[tokio::test]
 async fn a_flooding_tenant_is_rate_limited_alone() {
     let s = TestStack::start(

@@ -55,6 +55,8 @@ pub struct Config {
     pub reconciler: ReconcilerConfig,
     /// Host drains.
     pub drain: DrainConfig,
+    /// The audit chain's anchors.
+    pub audit: AuditConfig,
     /// How long an Idempotency-Key keeps its answer, seconds. Default 86400
     /// (24 h); after that the key may be used for a new request.
     pub idempotency_key_ttl_seconds: u64,
@@ -132,6 +134,7 @@ impl Default for Config {
             queue: QueueConfig::default(),
             reconciler: ReconcilerConfig::default(),
             drain: DrainConfig::default(),
+            audit: AuditConfig::default(),
             secrets: SecretsConfig::default(),
             idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),
@@ -289,9 +292,35 @@ impl Default for ProvidersConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SecretsConfig {
-    /// File holding 64 hex digits (32 bytes). Without it, providers cannot
-    /// be registered with credentials.
+    /// File holding a key of 64 hex digits (32 bytes), or several, one a
+    /// line: the first seals, the ones after it are older keys that still
+    /// open and verify what they sealed. It seals provider credentials, and
+    /// the audit chain's key is derived from it. Without it, providers
+    /// cannot be registered with credentials and audit events are sealed
+    /// without a key (`verify` then reports the chain as unkeyed).
     pub key_file: Option<PathBuf>,
+}
+
+/// Where the audit chain's head is exported (`[audit]`), so that it can be
+/// checked against a record outside the database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The sealer exports the head (a log line with target `audit_head`,
+    /// and a line of `anchor_file`) at most this often, when it moved,
+    /// seconds. Default 60.
+    pub anchor_interval_seconds: u64,
+    /// A file the sealer appends one line to per export
+    /// (`audit_head seq=.. hash=.. key_id=.. at=..`); created when missing.
+    /// Checked at start by worker processes, which refuse to start when
+    /// they cannot append to it. Default none.
+    pub anchor_file: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { anchor_interval_seconds: 60, anchor_file: None }
+    }
 }
 
 /// The message queue (NATS JetStream) for production deployments.
@@ -598,6 +627,7 @@ pub fn bounds() -> &'static [Bound] {
         Bound::range("reconciler.interval_seconds", 1.0, DAY, |c| c.reconciler.interval_seconds as f64),
         Bound::range("drain.concurrency", 1.0, 1000.0, |c| f64::from(c.drain.concurrency)),
         Bound::range("drain.interval_ms", 50.0, 3_600_000.0, |c| c.drain.interval_ms as f64),
+        Bound::range("audit.anchor_interval_seconds", 1.0, DAY, |c| c.audit.anchor_interval_seconds as f64),
     ];
     BOUNDS
 }
@@ -720,6 +750,11 @@ mod tests {
             ("[reconciler]\ninterval_seconds = 0", "reconciler.interval_seconds", "got 0"),
             ("[drain]\nconcurrency = 0", "drain.concurrency", "got 0"),
             ("[drain]\ninterval_ms = 10", "drain.interval_ms", "between 50 and 3600000, got 10"),
+            (
+                "[audit]\nanchor_interval_seconds = 0",
+                "audit.anchor_interval_seconds",
+                "between 1 and 86400, got 0",
+            ),
         ];
         for (toml, field, says) in rows {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();

@@ -3,6 +3,14 @@
 //! variable naming one), with the provider's id as associated data so a
 //! sealed value cannot be moved to another provider's row. The key never
 //! enters the database, logs or API answers.
+//!
+//! The key file holds one key (64 hex digits), or several, one a line: the
+//! first is current and seals; the ones after it are older keys kept so
+//! that what they sealed still opens (credentials) and still verifies (the
+//! audit chain's links, whose key is derived from each of these, see
+//! [`crate::audit_chain::KeyRing`]). Blank lines and lines starting with
+//! `#` are skipped. A file of one key, as HCP has always written, reads
+//! the same.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,6 +20,8 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 /// Nonce length of XChaCha20-Poly1305.
 const NONCE_LEN: usize = 24;
+/// Keys one file may hold (the current one and older ones).
+const MAX_KEYS: usize = 16;
 
 /// A secrets key could not be loaded, or a value could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +35,31 @@ pub enum SecretsError {
         #[source]
         source: std::io::Error,
     },
-    /// The key file does not hold 32 bytes (64 hex digits).
-    #[error("the secrets key in {path} must be 64 hex digits (32 bytes)")]
+    /// A line of the key file is not 32 bytes (64 hex digits).
+    #[error("line {line} of the secrets key file {path} must be 64 hex digits (32 bytes)")]
     BadKey {
         /// The file.
         path: String,
+        /// The line, counted from 1.
+        line: usize,
+    },
+    /// The key file holds no key, or more than it may.
+    #[error(
+        "the secrets key file {path} must hold between 1 and {MAX_KEYS} keys, one a line; it holds {found}"
+    )]
+    KeyCount {
+        /// The file.
+        path: String,
+        /// How many keys it holds.
+        found: usize,
+    },
+    /// The same key is in the file twice.
+    #[error("line {line} of the secrets key file {path} repeats the key of an earlier line")]
+    Repeated {
+        /// The file.
+        path: String,
+        /// The line, counted from 1.
+        line: usize,
     },
     /// A sealed value is corrupt or was sealed under another key or for
     /// another provider.
@@ -37,10 +67,66 @@ pub enum SecretsError {
     Open,
 }
 
+/// The keys of a secrets key file: the current one first, older ones after.
+#[derive(Clone)]
+pub struct SecretKeys {
+    keys: Vec<[u8; 32]>,
+}
+
+impl std::fmt::Debug for SecretKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretKeys(<{} keys>)", self.keys.len())
+    }
+}
+
+impl SecretKeys {
+    /// Reads a key file: one key of 64 hex digits a line, current first.
+    pub fn from_file(path: &Path) -> Result<Self, SecretsError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| SecretsError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Reads the text of a key file; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Self, SecretsError> {
+        let mut keys: Vec<[u8; 32]> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line_no = i + 1;
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let key: [u8; 32] = hex::decode(line)
+                .ok()
+                .and_then(|bytes| bytes.try_into().ok())
+                .ok_or(SecretsError::BadKey { path: path.to_owned(), line: line_no })?;
+            if keys.contains(&key) {
+                return Err(SecretsError::Repeated { path: path.to_owned(), line: line_no });
+            }
+            keys.push(key);
+        }
+        if keys.is_empty() || keys.len() > MAX_KEYS {
+            return Err(SecretsError::KeyCount { path: path.to_owned(), found: keys.len() });
+        }
+        Ok(Self { keys })
+    }
+
+    /// One key of 32 bytes.
+    pub fn from_bytes(key: &[u8]) -> Option<Self> {
+        key.try_into().ok().map(|key| Self { keys: vec![key] })
+    }
+
+    /// Every key, the current one first.
+    pub fn all(&self) -> &[[u8; 32]] {
+        &self.keys
+    }
+}
+
 /// Seals and opens secrets.
 #[derive(Clone)]
 pub struct SecretBox {
-    cipher: XChaCha20Poly1305,
+    /// The current key's cipher first: it seals; every one may open.
+    ciphers: Vec<XChaCha20Poly1305>,
 }
 
 impl std::fmt::Debug for SecretBox {
@@ -50,18 +136,19 @@ impl std::fmt::Debug for SecretBox {
 }
 
 impl SecretBox {
-    /// Loads the key from a file of 64 hex digits.
+    /// Seals under the first of `keys` and opens under any of them.
+    pub fn new(keys: &SecretKeys) -> Self {
+        Self { ciphers: keys.all().iter().map(|k| XChaCha20Poly1305::new(k.into())).collect() }
+    }
+
+    /// Loads the keys from a key file ([`SecretKeys::from_file`]).
     pub fn from_file(path: &Path) -> Result<Self, SecretsError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SecretsError::Read { path: path.display().to_string(), source })?;
-        let bytes = hex::decode(text.trim())
-            .map_err(|_| SecretsError::BadKey { path: path.display().to_string() })?;
-        Self::from_bytes(&bytes).ok_or(SecretsError::BadKey { path: path.display().to_string() })
+        SecretKeys::from_file(path).map(|keys| Self::new(&keys))
     }
 
     /// Uses 32 key bytes.
     pub fn from_bytes(key: &[u8]) -> Option<Self> {
-        (key.len() == 32).then(|| Self { cipher: XChaCha20Poly1305::new(key.into()) })
+        SecretKeys::from_bytes(key).map(|keys| Self::new(&keys))
     }
 
     /// Returns a new random key as 64 hex digits, for key files.
@@ -73,8 +160,9 @@ impl SecretBox {
     pub fn seal(&self, aad: &[u8], credentials: &HashMap<String, String>) -> Vec<u8> {
         let plain = serde_json::to_vec(credentials).unwrap_or_default();
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        // Encryption of an in-memory buffer cannot fail for this AEAD.
-        let sealed = self.cipher.encrypt(&nonce, Payload { msg: &plain, aad }).unwrap_or_default();
+        // Encryption of an in-memory buffer cannot fail for this AEAD, and
+        // there is always a first key (a key file holds at least one).
+        let sealed = self.ciphers[0].encrypt(&nonce, Payload { msg: &plain, aad }).unwrap_or_default();
         let mut out = nonce.to_vec();
         out.extend_from_slice(&sealed);
         out
@@ -88,8 +176,11 @@ impl SecretBox {
         let (nonce_bytes, body) = sealed.split_at(NONCE_LEN);
         let mut nonce = XNonce::default();
         nonce.copy_from_slice(nonce_bytes);
-        let plain =
-            self.cipher.decrypt(&nonce, Payload { msg: body, aad }).map_err(|_| SecretsError::Open)?;
+        let plain = self
+            .ciphers
+            .iter()
+            .find_map(|c| c.decrypt(&nonce, Payload { msg: body, aad }).ok())
+            .ok_or(SecretsError::Open)?;
         serde_json::from_slice(&plain).map_err(|_| SecretsError::Open)
     }
 }
@@ -110,5 +201,45 @@ mod tests {
         let other = SecretBox::from_bytes(&[7u8; 32]).unwrap();
         assert!(other.open(b"provider-a", &sealed).is_err(), "bound to its key");
         assert!(SecretBox::from_bytes(&[0u8; 31]).is_none());
+    }
+
+    #[test]
+    fn older_keys_after_the_first_still_open_what_they_sealed() {
+        let (old, new) = (SecretBox::generate_key_hex(), SecretBox::generate_key_hex());
+        let creds: HashMap<String, String> = [("token".to_owned(), "t".to_owned())].into();
+        let before = SecretBox::new(&SecretKeys::parse(&format!("{old}\n"), "k").unwrap());
+        let sealed_before = before.seal(b"p", &creds);
+        let text = format!("# rotated\n{new}\n\n{old}\n");
+        let after = SecretBox::new(&SecretKeys::parse(&text, "k").unwrap());
+        assert_eq!(after.open(b"p", &sealed_before).unwrap(), creds, "an older key still opens");
+        let sealed_after = after.seal(b"p", &creds);
+        assert!(before.open(b"p", &sealed_after).is_err(), "the first key seals");
+        assert_eq!(
+            SecretBox::new(&SecretKeys::parse(&new, "k").unwrap()).open(b"p", &sealed_after).unwrap(),
+            creds
+        );
+    }
+
+    /// Each row: a key file's text and what its refusal says.
+    #[test]
+    fn malformed_key_files_are_refused_naming_the_line() {
+        let key = SecretBox::generate_key_hex();
+        let rows: &[(String, &str)] = &[
+            (String::new(), "between 1 and 16 keys"),
+            ("# only a comment\n".into(), "holds 0"),
+            ("abc\n".into(), "line 1 of the secrets key file k must be 64 hex digits"),
+            (format!("{key}\n{}\n", &key[..62]), "line 2 of"),
+            (format!("{key}\nzz{}\n", &key[2..]), "line 2 of"),
+            (format!("{key}\n\n{key}\n"), "line 3 of the secrets key file k repeats"),
+            ((0..17).map(|_| SecretBox::generate_key_hex() + "\n").collect(), "holds 17"),
+        ];
+        for (text, says) in rows {
+            let err = SecretKeys::parse(text, "k").unwrap_err();
+            assert!(err.to_string().contains(says), "{text:?}: {err}");
+        }
+        // Today's files: one key, with or without a newline or spaces.
+        for text in [key.clone(), format!("{key}\n"), format!("  {key}  \r\n")] {
+            assert_eq!(SecretKeys::parse(&text, "k").unwrap().all().len(), 1, "{text:?}");
+        }
     }
 }

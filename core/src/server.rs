@@ -96,6 +96,9 @@ pub enum StartError {
     /// The secrets key could not be loaded.
     #[error("cannot load the secrets key")]
     Secrets(#[source] crate::secrets::SecretsError),
+    /// The audit anchor file cannot be appended to.
+    #[error("cannot use the audit anchor file")]
+    AnchorFile(#[source] crate::audit_chain::AnchorFileError),
     /// The NATS URL is unusable.
     #[error("cannot set up the NATS connection")]
     Queue(#[source] async_nats::ConnectError),
@@ -155,10 +158,30 @@ pub async fn run(
             .map_err(|source| StartError::Store { url: redact(&config.database_url), source })?;
     }
     let verifier = Verifier::from_config(&config.auth).map_err(StartError::Keys)?;
-    let secrets = match &config.secrets.key_file {
-        Some(path) => Some(crate::secrets::SecretBox::from_file(path).map_err(StartError::Secrets)?),
+    let secret_keys = match &config.secrets.key_file {
+        Some(path) => Some(crate::secrets::SecretKeys::from_file(path).map_err(StartError::Secrets)?),
         None => None,
     };
+    let secrets = secret_keys.as_ref().map(crate::secrets::SecretBox::new);
+    let audit_keys = Arc::new(match &secret_keys {
+        Some(keys) => crate::audit_chain::KeyRing::new(keys),
+        None => {
+            tracing::warn!(
+                "no secrets.key_file: audit events are sealed without a key, and verification reports the \
+                 chain as unkeyed"
+            );
+            crate::audit_chain::KeyRing::unkeyed()
+        }
+    });
+    // The sealer (a worker's) exports the chain's head; a file it cannot
+    // append to is refused now rather than at the first export.
+    let export = crate::audit_chain::HeadExport::new(
+        config.audit.anchor_file.clone(),
+        Duration::from_secs(config.audit.anchor_interval_seconds),
+    );
+    if config.roles.worker {
+        export.check().map_err(StartError::AnchorFile)?;
+    }
     let clients = ProviderClients::new(
         Duration::from_secs(config.providers.call_timeout_seconds),
         Duration::from_secs(config.providers.probe_timeout_seconds),
@@ -247,9 +270,12 @@ pub async fn run(
             format!("drainer-{}", uuid::Uuid::now_v7()),
         );
         background.spawn(drainer.run(stop_rx.clone()));
-        // The audit trail's hash chain, extended by one process at a time.
+        // The audit trail's hash chain, extended by one process at a time,
+        // which also exports its head.
         background.spawn(crate::audit_chain::run_sealer(
             store.clone(),
+            audit_keys.clone(),
+            export,
             format!("audit-sealer-{}", uuid::Uuid::now_v7()),
             Duration::from_secs(1),
             stop_rx.clone(),
@@ -305,6 +331,7 @@ pub async fn run(
             queue: queue.clone(),
             config: config.clone(),
             secrets: secrets.clone(),
+            audit_keys: audit_keys.clone(),
             pages: crate::api::page::PageTokens::new(page_key),
             events: events.clone(),
         };

@@ -28,3 +28,29 @@ fn the_readme_lists_every_bound_as_the_code_applies_it() {
     let expected = hcp_core::config::bounds_table();
     assert_eq!(table, expected, "README.md's configuration table is stale; replace it with:\n{expected}");
 }
+
+/// An anchor file the sealer cannot append to, and a secrets key file with
+/// a bad line, are refused at start, naming the setting or the line.
+#[test]
+fn a_bad_anchor_file_or_key_file_is_refused_at_start() {
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let path = dir.path().join("core.toml");
+    let jwt = dir.path().join("jwt-secret");
+    std::fs::write(&jwt, "0123456789abcdef0123456789abcdef").unwrap();
+    let keys = dir.path().join("secrets.key");
+    std::fs::write(&keys, format!("{}\nnot-a-key\n", "ab".repeat(32))).unwrap();
+    let head = format!(
+        "listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite::memory:\"\n[auth]\nhs256_secret_file = \"{}\"\n",
+        jwt.display()
+    );
+    let no_dir = dir.path().join("no-such-dir").join("anchors");
+    for (file, says) in [
+        (format!("[audit]\nanchor_file = \"{}\"\n", no_dir.display()), "cannot append to audit.anchor_file"),
+        (format!("[secrets]\nkey_file = \"{}\"\n", keys.display()), "line 2 of the secrets key file"),
+    ] {
+        std::fs::write(&path, format!("{head}{file}")).unwrap();
+        let err = hcp_core::cli::main(["hcp-core", "--config", path.to_str().unwrap()]).unwrap_err();
+        let text = hcp_telemetry::error_chain(&err);
+        assert!(text.contains(says), "{file}: {text}");
+    }
+}

@@ -38,6 +38,9 @@ pub struct ApiContext {
     pub config: Arc<Config>,
     /// Seals provider credentials; None when no secrets key is configured.
     pub secrets: Option<crate::secrets::SecretBox>,
+    /// The audit keys `VerifyAuditChain` checks links with (empty when no
+    /// secrets key is configured).
+    pub audit_keys: Arc<crate::audit_chain::KeyRing>,
     /// Signs and checks page tokens.
     pub pages: page::PageTokens,
     /// Job change notifications for watchers.

@@ -525,17 +525,31 @@ impl AuditService for OpsApi {
         req: tonic::Request<VerifyAuditChainRequest>,
     ) -> ApiResult<VerifyAuditChainResponse> {
         let p = principal(&req)?;
+        let r = req.into_inner();
         handle(async {
             p.ops(Access::Read)?;
-            let r = crate::audit_chain::verify(&self.ctx.store)
+            let against = match r.against.as_str() {
+                "" => None,
+                text => Some(
+                    text.parse::<crate::audit_chain::Anchor>()
+                        .map_err(|e| ApiError::invalid_field("against", e.to_string()))?,
+                ),
+            };
+            let r = crate::audit_chain::verify(&self.ctx.store, &self.ctx.audit_keys, against)
                 .await
                 .map_err(|e| from_store(e, "audit chain"))?;
             Ok(VerifyAuditChainResponse {
-                intact: r.problems.is_empty(),
+                intact: r.intact(),
                 sealed: r.sealed,
                 unsealed: r.unsealed,
+                unkeyed: r.unkeyed,
                 head_seq: r.head_seq,
                 head_hash: r.head_hash,
+                head_key_id: match (r.sealed, r.head_key_id) {
+                    (0, _) => String::new(),
+                    (_, Some(id)) => id,
+                    (_, None) => crate::audit_chain::UNKEYED.to_owned(),
+                },
                 problems: r
                     .problems
                     .into_iter()

@@ -69,6 +69,21 @@ pub struct ChainedEvent {
     pub prev_hash: String,
     /// Its own hash.
     pub hash: String,
+    /// The id of the key its hash was computed under; `None` when it was
+    /// sealed without a key (before migration 0011, or by a core with no
+    /// secrets key).
+    pub key_id: Option<String>,
+}
+
+/// The last sealed event's place in the chain: what an anchor records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    /// Its sequence number.
+    pub seq: i64,
+    /// Its hash.
+    pub hash: String,
+    /// The key its hash was computed under, if any.
+    pub key_id: Option<String>,
 }
 
 /// Filters for [`super::Store::list_audit_events`].
@@ -158,13 +173,15 @@ impl super::Store {
 
     /// Seals up to `limit` unsealed events, oldest first, in one
     /// transaction: each gets the next sequence number after the chain's
-    /// head, the head's hash as `prev_hash`, and `hash(prev_hash, seq,
-    /// event)` as computed by the caller. Returns how many were sealed. Two
-    /// sealers at once cannot both extend the chain: sequence numbers are
-    /// unique, so the second one's transaction fails.
+    /// head, the head's hash as `prev_hash`, `hash(prev_hash, seq, event)`
+    /// as computed by the caller and `key_id`, the key the caller computed
+    /// it under. Returns how many were sealed. Two sealers at once cannot
+    /// both extend the chain: sequence numbers are unique, so the second
+    /// one's transaction fails.
     pub async fn seal_audit_events(
         &self,
         limit: u32,
+        key_id: Option<&str>,
         hash: impl Fn(&str, i64, &AuditEvent) -> String,
     ) -> StoreResult<usize> {
         on_pool!(transaction self, |tx| {
@@ -175,7 +192,10 @@ impl super::Store {
             .await
             .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
             let (mut seq, mut prev): (i64, String) = match &head {
-                Some(row) => (col!(row, "seq"), col!(row, "hash")),
+                Some(row) => {
+                    let hash: Option<String> = col!(row, "hash");
+                    (col!(row, "seq"), hash.unwrap_or_default())
+                }
                 None => (0, String::new()),
             };
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -189,14 +209,18 @@ impl super::Store {
                 let event = audit_from_row!(row);
                 seq += 1;
                 let h = hash(&prev, seq, &event);
-                sqlx::query("UPDATE audit_events SET seq = $1, prev_hash = $2, hash = $3 WHERE id = $4 AND seq IS NULL")
-                    .bind(seq)
-                    .bind(&prev)
-                    .bind(&h)
-                    .bind(event.id.0)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+                sqlx::query(
+                    "UPDATE audit_events SET seq = $1, prev_hash = $2, hash = $3, key_id = $4 \
+                     WHERE id = $5 AND seq IS NULL",
+                )
+                .bind(seq)
+                .bind(&prev)
+                .bind(&h)
+                .bind(key_id)
+                .bind(event.id.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
                 prev = h;
             }
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
@@ -208,7 +232,7 @@ impl super::Store {
     pub async fn chained_audit_events(&self, after: i64, limit: u32) -> StoreResult<Vec<ChainedEvent>> {
         on_pool!(self, |pool| {
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {AUDIT_COLUMNS}, seq, prev_hash, hash FROM audit_events \
+                "SELECT {AUDIT_COLUMNS}, seq, prev_hash, hash, key_id FROM audit_events \
                  WHERE seq > $1 ORDER BY seq LIMIT $2"
             )))
             .bind(after)
@@ -218,14 +242,39 @@ impl super::Store {
             .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
             let mut out = Vec::with_capacity(rows.len());
             for row in &rows {
+                // A hash someone set to NULL reads as empty, so the check
+                // names the event instead of the read failing.
+                let prev_hash: Option<String> = col!(row, "prev_hash");
+                let hash: Option<String> = col!(row, "hash");
                 out.push(ChainedEvent {
                     event: audit_from_row!(row),
                     seq: col!(row, "seq"),
-                    prev_hash: col!(row, "prev_hash"),
-                    hash: col!(row, "hash"),
+                    prev_hash: prev_hash.unwrap_or_default(),
+                    hash: hash.unwrap_or_default(),
+                    key_id: col!(row, "key_id"),
                 });
             }
             Ok(out)
+        })
+    }
+
+    /// The chain's head: the sealed event with the highest sequence
+    /// number, if any.
+    pub async fn audit_chain_head(&self) -> StoreResult<Option<ChainHead>> {
+        on_pool!(self, |pool| {
+            let row = sqlx::query(
+                "SELECT seq, hash, key_id FROM audit_events WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            )
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "audit chain"))?;
+            let Some(row) = row else { return Ok(None) };
+            let hash: Option<String> = col!(&row, "hash");
+            Ok(Some(ChainHead {
+                seq: col!(&row, "seq"),
+                hash: hash.unwrap_or_default(),
+                key_id: col!(&row, "key_id"),
+            }))
         })
     }
 

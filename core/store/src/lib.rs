@@ -35,7 +35,7 @@ mod rates;
 mod reconcile;
 mod vms;
 
-pub use audit::{AuditQuery, ChainedEvent};
+pub use audit::{AuditQuery, ChainHead, ChainedEvent};
 pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
 pub use guards::{IdempotencyRecord, Quota, Usage};
 pub use hosts::{CapacityGuard, GroupGuard, HostReport, Member};

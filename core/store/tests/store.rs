@@ -43,6 +43,9 @@ store_tests!(
     outbox_rows_commit_with_the_change,
     shared_keys_are_made_once,
     the_audit_chain_names_what_was_changed,
+    tampering_with_recomputed_links_is_named,
+    an_exported_head_anchors_the_chain,
+    unkeyed_events_are_pinned_by_keyed_ones_and_keys_rotate,
     a_resize_holds_its_quota_and_a_failure_gives_the_size_back,
     jobs_are_listed_newest_first_with_filters,
     networks_are_per_zone_and_in_use_ones_stay,
@@ -886,49 +889,326 @@ async fn tamper(db: &TestDb, sql: &str) {
     }
 }
 
+/// The key ring of a core whose secrets key file holds `bytes`' keys.
+fn ring(bytes: &[u8]) -> hcp_core::audit_chain::KeyRing {
+    let text: String = bytes.iter().map(|b| format!("{}\n", hex_key(*b))).collect();
+    hcp_core::audit_chain::KeyRing::new(&hcp_core::secrets::SecretKeys::parse(&text, "test").unwrap())
+}
+
+fn hex_key(byte: u8) -> String {
+    format!("{byte:02x}").repeat(32)
+}
+
+/// Seals everything unsealed, as the sealer does.
+async fn seal_all(store: &Store, ring: &hcp_core::audit_chain::KeyRing) -> usize {
+    hcp_core::audit_chain::seal(store, ring).await.unwrap()
+}
+
 async fn the_audit_chain_names_what_was_changed(backend: Backend) {
-    use hcp_core::audit_chain::{link_hash, verify};
+    use hcp_core::audit_chain::verify;
     let (db, store) = fresh(backend).await;
+    let ring = ring(&[1]);
     for i in 0..6 {
         store.append_audit(&audit("vm.stop", &format!("r{i}"))).await.unwrap();
     }
-    assert_eq!(store.seal_audit_events(500, link_hash).await.unwrap(), 6);
-    let r = verify(&store).await.unwrap();
-    assert!(r.problems.is_empty(), "{r:?}");
-    assert_eq!((r.sealed, r.unsealed, r.head_seq), (6, 0, 6));
+    assert_eq!(seal_all(&store, &ring).await, 6);
+    let r = verify(&store, &ring, None).await.unwrap();
+    assert!(r.intact(), "{r:?}");
+    assert_eq!((r.sealed, r.unsealed, r.head_seq, r.unkeyed), (6, 0, 6, 0));
+    let head = store.audit_chain_head().await.unwrap().unwrap();
+    assert_eq!((head.seq, &head.hash, &head.key_id), (6, &r.head_hash, &r.head_key_id));
+    assert_eq!(head.key_id.as_deref(), ring.current().map(|k| k.id()));
     // New events wait for the sealer, then extend the chain.
     store.append_audit(&audit("vm.start", "r6")).await.unwrap();
     store.append_audit(&audit("vm.start", "r7")).await.unwrap();
-    assert_eq!(verify(&store).await.unwrap().unsealed, 2);
-    assert_eq!(store.seal_audit_events(1, link_hash).await.unwrap(), 1);
-    assert_eq!(store.seal_audit_events(500, link_hash).await.unwrap(), 1);
-    let intact = verify(&store).await.unwrap();
-    assert!(intact.problems.is_empty() && intact.head_seq == 8, "{intact:?}");
+    assert_eq!(verify(&store, &ring, None).await.unwrap().unsealed, 2);
+    let key = ring.current().unwrap();
+    assert_eq!(store.seal_audit_events(1, Some(key.id()), |p, s, e| key.link(p, s, e)).await.unwrap(), 1);
+    assert_eq!(seal_all(&store, &ring).await, 1);
+    let intact = verify(&store, &ring, None).await.unwrap();
+    assert!(intact.intact() && intact.head_seq == 8, "{intact:?}");
 
     // An edited event.
     tamper(&db, "UPDATE audit_events SET outcome = 'denied' WHERE seq = 3").await;
-    let r = verify(&store).await.unwrap();
+    let r = verify(&store, &ring, None).await.unwrap();
     assert_eq!(r.problems.len(), 1, "{r:?}");
     assert_eq!(r.problems[0].seq, 3);
     assert!(r.problems[0].what.contains("changed"), "{r:?}");
     tamper(&db, "UPDATE audit_events SET outcome = 'accepted' WHERE seq = 3").await;
-    assert!(verify(&store).await.unwrap().problems.is_empty());
+    assert!(verify(&store, &ring, None).await.unwrap().intact());
 
     // Two events swapped.
     tamper(&db, "UPDATE audit_events SET seq = -1 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = 5; UPDATE audit_events SET seq = 5 WHERE seq = -1").await;
-    let r = verify(&store).await.unwrap();
+    let r = verify(&store, &ring, None).await.unwrap();
     assert_eq!(r.problems[0].seq, 4, "{r:?}");
     assert!(r.problems[0].what.contains("moved"), "{r:?}");
     tamper(&db, "UPDATE audit_events SET seq = -1 WHERE seq = 4; UPDATE audit_events SET seq = 4 WHERE seq = 5; UPDATE audit_events SET seq = 5 WHERE seq = -1").await;
-    assert!(verify(&store).await.unwrap().problems.is_empty());
+    assert!(verify(&store, &ring, None).await.unwrap().intact());
+
+    // A hash set to NULL is named, not a failed read.
+    let seventh = store.chained_audit_events(6, 1).await.unwrap().remove(0);
+    tamper(&db, "UPDATE audit_events SET hash = NULL WHERE seq = 7").await;
+    let r = verify(&store, &ring, None).await.unwrap();
+    assert_eq!(r.problems[0].seq, 7, "{r:?}");
+    tamper(&db, &format!("UPDATE audit_events SET hash = '{}' WHERE seq = 7", seventh.hash)).await;
+    assert!(verify(&store, &ring, None).await.unwrap().intact());
 
     // A deleted event.
     tamper(&db, "DELETE FROM audit_events WHERE seq = 2").await;
-    let r = verify(&store).await.unwrap();
+    let r = verify(&store, &ring, None).await.unwrap();
     assert_eq!(r.problems[0].seq, 3, "{r:?}");
     assert!(r.problems[0].what.contains("deleted"), "{r:?}");
     // The head still names the last event: recorded elsewhere, it anchors.
     assert_eq!(r.head_hash, intact.head_hash);
+}
+
+/// How someone without the audit key recomputes the links after tampering.
+#[derive(Debug, Clone, Copy)]
+enum Recompute {
+    /// Plain SHA-256, marked as sealed without a key.
+    Unkeyed,
+    /// Plain SHA-256, keeping the real key's id.
+    Sha256ClaimingTheKey,
+    /// HMAC under a key of their own, with its id.
+    OtherKey,
+    /// HMAC under a key of their own, claiming the real key's id.
+    OtherKeyClaimingTheKey,
+}
+
+/// Rewrites the links of the stored chain from `from` on, in sequence
+/// order, as `how` computes them, with SQL only (the attacker has the
+/// database, not the key).
+async fn recompute(db: &TestDb, store: &Store, from: i64, how: Recompute, real_key_id: &str) {
+    use hcp_core::audit_chain::{AuditKey, unkeyed_link};
+    let other = AuditKey::derive(&[0xee; 32]);
+    let chain = store.chained_audit_events(0, 1000).await.unwrap();
+    let mut prev = String::new();
+    let mut sql = String::new();
+    for c in &chain {
+        if c.seq >= from {
+            let (hash, key_id) = match how {
+                Recompute::Unkeyed => (unkeyed_link(&prev, c.seq, &c.event), None),
+                Recompute::Sha256ClaimingTheKey => (unkeyed_link(&prev, c.seq, &c.event), Some(real_key_id)),
+                Recompute::OtherKey => (other.link(&prev, c.seq, &c.event), Some(other.id())),
+                Recompute::OtherKeyClaimingTheKey => (other.link(&prev, c.seq, &c.event), Some(real_key_id)),
+            };
+            let key_id = key_id.map_or("NULL".to_owned(), |k| format!("'{k}'"));
+            sql.push_str(&format!(
+                "UPDATE audit_events SET prev_hash = '{prev}', hash = '{hash}', key_id = {key_id} WHERE seq = {};\n",
+                c.seq
+            ));
+            prev = hash;
+        } else {
+            prev = c.hash.clone();
+        }
+    }
+    tamper(db, &sql).await;
+}
+
+/// Each of the four tamperings, with the links recomputed afterwards by
+/// someone without the key, each way they could, on a real database: the
+/// check names the tampered place every time.
+async fn tampering_with_recomputed_links_is_named(backend: Backend) {
+    use hcp_core::audit_chain::verify;
+    let (db, store) = fresh(backend).await;
+    let ring = ring(&[1]);
+    let real = ring.current().unwrap().id().to_owned();
+    let tamperings = [
+        ("edited", "UPDATE audit_events SET detail = 'nothing happened' WHERE seq = 3"),
+        (
+            "deleted",
+            "DELETE FROM audit_events WHERE seq = 3; UPDATE audit_events SET seq = seq + 1000 WHERE seq > 3; \
+             UPDATE audit_events SET seq = seq - 1001 WHERE seq > 1000",
+        ),
+        (
+            "reordered",
+            "UPDATE audit_events SET seq = -1 WHERE seq = 3; UPDATE audit_events SET seq = 3 WHERE seq = 4; \
+             UPDATE audit_events SET seq = 4 WHERE seq = -1",
+        ),
+        (
+            "inserted",
+            "UPDATE audit_events SET seq = seq + 1000 WHERE seq >= 3; \
+             UPDATE audit_events SET seq = seq - 999 WHERE seq > 1000; \
+             UPDATE audit_events SET seq = 3 WHERE seq IS NULL",
+        ),
+    ];
+    let hows = [
+        Recompute::Unkeyed,
+        Recompute::Sha256ClaimingTheKey,
+        Recompute::OtherKey,
+        Recompute::OtherKeyClaimingTheKey,
+    ];
+    for (what, sql) in tamperings {
+        for how in hows {
+            for from in [3, 1] {
+                tamper(&db, "DELETE FROM audit_events").await;
+                for i in 0..6 {
+                    store.append_audit(&audit("vm.stop", &format!("r{i}"))).await.unwrap();
+                }
+                assert_eq!(seal_all(&store, &ring).await, 6);
+                assert!(verify(&store, &ring, None).await.unwrap().intact());
+                if what == "inserted" {
+                    store.append_audit(&audit("vm.delete", "forged")).await.unwrap();
+                }
+                tamper(&db, sql).await;
+                recompute(&db, &store, from, how, &real).await;
+                let r = verify(&store, &ring, None).await.unwrap();
+                let case = format!("{what}, recomputed from {from} with {how:?}");
+                let sealed = match what {
+                    "deleted" => 5,
+                    "inserted" => 7,
+                    _ => 6,
+                };
+                assert_eq!((r.sealed, r.unsealed), (sealed, 0), "{case}: {r:?}");
+                assert!(!r.intact(), "{case}: {r:?}");
+                assert_eq!(r.problems[0].seq, from, "{case}: {r:?}");
+            }
+        }
+    }
+}
+
+/// Anchors: a head exported outside the database (here the anchor file)
+/// is held by the untouched chain, and not by one cut off after it or
+/// rewritten up to it, even under the key itself.
+async fn an_exported_head_anchors_the_chain(backend: Backend) {
+    use hcp_core::audit_chain::{Anchor, AuditKey, HeadExport, verify};
+    let (db, store) = fresh(backend).await;
+    let ring = ring(&[1]);
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let file = dir.path().join("anchors");
+    let mut export = HeadExport::new(Some(file.clone()), std::time::Duration::ZERO);
+    export.check().unwrap();
+    for i in 0..4 {
+        store.append_audit(&audit("vm.stop", &format!("r{i}"))).await.unwrap();
+    }
+    seal_all(&store, &ring).await;
+    export.tick(&store).await;
+    export.tick(&store).await; // the head did not move: no second line
+    for i in 4..8 {
+        store.append_audit(&audit("vm.stop", &format!("r{i}"))).await.unwrap();
+    }
+    seal_all(&store, &ring).await;
+    export.tick(&store).await;
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let field = |line: &str, name: &str| {
+        line.split(' ').find_map(|f| f.strip_prefix(&format!("{name}="))).unwrap().to_owned()
+    };
+    assert!(lines[0].starts_with("audit_head seq=4 "), "{text}");
+    assert_eq!(field(lines[0], "key_id"), ring.current().unwrap().id());
+    let anchor: Anchor = format!("{}:{}", field(lines[0], "seq"), field(lines[0], "hash")).parse().unwrap();
+    let later: Anchor = format!("{}:{}", field(lines[1], "seq"), field(lines[1], "hash")).parse().unwrap();
+    assert_eq!(later.seq, 8);
+    for a in [&anchor, &later] {
+        let r = verify(&store, &ring, Some(a.clone())).await.unwrap();
+        assert!(r.intact(), "{r:?}");
+    }
+
+    // The tail cut off from the first anchor's event on: what is left is a
+    // valid chain, but it no longer reaches the anchor.
+    tamper(&db, "DELETE FROM audit_events WHERE seq >= 4").await;
+    assert!(verify(&store, &ring, None).await.unwrap().intact(), "a cut tail alone is not visible");
+    let r = verify(&store, &ring, Some(anchor.clone())).await.unwrap();
+    assert!(!r.intact(), "{r:?}");
+    assert!(r.problems[0].seq == 4 && r.problems[0].what.contains("truncated"), "{r:?}");
+
+    // Rewritten from the first event under another key (with its id): the
+    // links are named, and so is the anchor.
+    tamper(&db, "DELETE FROM audit_events").await;
+    for i in 0..6 {
+        store.append_audit(&audit("vm.stop", &format!("r{i}"))).await.unwrap();
+    }
+    seal_all(&store, &ring).await;
+    let head = store.audit_chain_head().await.unwrap().unwrap();
+    let anchor = Anchor { seq: head.seq, hash: head.hash };
+    assert!(verify(&store, &ring, Some(anchor.clone())).await.unwrap().intact());
+    tamper(&db, "UPDATE audit_events SET actor = 'nobody' WHERE seq = 2").await;
+    recompute(&db, &store, 1, Recompute::OtherKey, "").await;
+    let r = verify(&store, &ring, Some(anchor.clone())).await.unwrap();
+    assert!(r.problems[0].seq == 6 && r.problems[0].what.contains("rewritten"), "{r:?}");
+    assert!(r.problems.len() > 1, "the links are named too: {r:?}");
+
+    // Rewritten by someone holding the key itself: every link verifies,
+    // only the anchor tells.
+    let key = AuditKey::derive(&[1; 32]);
+    let chain = store.chained_audit_events(0, 1000).await.unwrap();
+    let mut prev = String::new();
+    let mut sql = String::new();
+    for c in &chain {
+        let hash = key.link(&prev, c.seq, &c.event);
+        sql.push_str(&format!(
+            "UPDATE audit_events SET prev_hash = '{prev}', hash = '{hash}', key_id = '{}' WHERE seq = {};\n",
+            key.id(),
+            c.seq
+        ));
+        prev = hash;
+    }
+    tamper(&db, &sql).await;
+    assert!(verify(&store, &ring, None).await.unwrap().intact(), "the key holder's rewrite verifies");
+    let r = verify(&store, &ring, Some(anchor)).await.unwrap();
+    assert_eq!(r.problems.len(), 1, "{r:?}");
+    assert!(r.problems[0].what.contains("rewritten"), "{r:?}");
+}
+
+/// Events sealed without a key (before migration 0011, or by a core with
+/// no secrets key) are not intact alone, are pinned by the first keyed
+/// event after them, and a core without the key does not extend a keyed
+/// chain. Older keys in the ring keep their events verifiable.
+async fn unkeyed_events_are_pinned_by_keyed_ones_and_keys_rotate(backend: Backend) {
+    use hcp_core::audit_chain::{KeyRing, SealError, verify};
+    let (db, store) = fresh(backend).await;
+    let keyless = KeyRing::unkeyed();
+    for i in 0..3 {
+        store.append_audit(&audit("vm.stop", &format!("r{i}"))).await.unwrap();
+    }
+    assert_eq!(seal_all(&store, &keyless).await, 3);
+    let r = verify(&store, &keyless, None).await.unwrap();
+    assert!(!r.intact() && r.problems[0].what.contains("unkeyed"), "{r:?}");
+    assert_eq!((r.unkeyed, r.head_key_id.as_deref()), (3, None));
+
+    // The key arrives: the next event pins the three before it.
+    let old = ring(&[1]);
+    store.append_audit(&audit("vm.stop", "r3")).await.unwrap();
+    assert_eq!(seal_all(&store, &old).await, 1);
+    let r = verify(&store, &old, None).await.unwrap();
+    assert!(r.intact(), "{r:?}");
+    assert_eq!(r.unkeyed, 3);
+
+    // A core without the key leaves new events unsealed.
+    store.append_audit(&audit("vm.stop", "r4")).await.unwrap();
+    let err = hcp_core::audit_chain::seal(&store, &keyless).await.unwrap_err();
+    assert!(matches!(err, SealError::Keyless { .. }), "{err:?}");
+    assert_eq!(verify(&store, &old, None).await.unwrap().unsealed, 1);
+
+    // The key rotates: the new key first, the old one after it.
+    let rotated = ring(&[2, 1]);
+    assert_eq!(seal_all(&store, &rotated).await, 1);
+    let r = verify(&store, &rotated, None).await.unwrap();
+    assert!(r.intact(), "{r:?}");
+    assert_eq!(r.head_key_id.as_deref(), rotated.current().map(|k| k.id()));
+    // Without the old key its event cannot be checked.
+    let r = verify(&store, &ring(&[2]), None).await.unwrap();
+    assert!(!r.intact() && r.problems[0].seq == 4, "{r:?}");
+
+    // The unkeyed prefix edited and recomputed with SHA-256: the first
+    // keyed event no longer follows it.
+    tamper(&db, "UPDATE audit_events SET actor = 'nobody' WHERE seq = 2").await;
+    let chain = store.chained_audit_events(0, 1000).await.unwrap();
+    let mut prev = chain[0].hash.clone();
+    let mut sql = String::new();
+    for c in &chain[1..3] {
+        let hash = hcp_core::audit_chain::unkeyed_link(&prev, c.seq, &c.event);
+        sql.push_str(&format!(
+            "UPDATE audit_events SET prev_hash = '{prev}', hash = '{hash}' WHERE seq = {};\n",
+            c.seq
+        ));
+        prev = hash;
+    }
+    tamper(&db, &sql).await;
+    let r = verify(&store, &rotated, None).await.unwrap();
+    assert_eq!(r.problems.len(), 1, "{r:?}");
+    assert!(r.problems[0].seq == 4 && r.problems[0].what.contains("does not follow"), "{r:?}");
 }
 
 async fn a_resize_holds_its_quota_and_a_failure_gives_the_size_back(backend: Backend) {
