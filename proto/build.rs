@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Messages that carry secrets get a hand-written, redacting Debug.
         .skip_debug([
             "hcp.ops.v1.RegisterProviderRequest",
+            "hcp.ops.v1.ProviderTls",
             "hcp.provider.v1.ConfigureRequest",
             "hcp.provider.v1.ConsoleEndpoint",
             "hcp.console.v1.RedeemConsoleRequest",

@@ -620,8 +620,11 @@ async fn p5(exe: &Path) -> anyhow::Result<Figure> {
     // The reconciler runs in this process against the same store and
     // provider, so its time and memory are measured alone.
     let store = hcp_core::store::Store::connect(&s.db.url, 4).await?;
-    let clients =
-        hcp_core::providers::ProviderClients::new(Duration::from_secs(120), Duration::from_secs(5), None);
+    let clients = hcp_core::providers::ProviderClients::new(
+        Duration::from_secs(120),
+        Duration::from_secs(5),
+        Default::default(),
+    );
     let reconciler = hcp_core::reconciler::Reconciler::new(
         store.clone(),
         clients,

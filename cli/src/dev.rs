@@ -287,6 +287,9 @@ pub async fn bootstrap(
                     zone: zone.to_owned(),
                     endpoint: provider_endpoint.to_owned(),
                     credentials: Default::default(),
+                    // The simulator `hcp up` starts listens on loopback.
+                    tls: None,
+                    allow_plaintext: false,
                 },
             ))
             .await

@@ -266,10 +266,13 @@ pub struct ProvidersConfig {
     pub call_timeout_seconds: u64,
     /// Deadline of handshake and probe calls. Default 5 s.
     pub probe_timeout_seconds: u64,
-    /// CA (PEM) that signs the certificates of `https://` providers; the
-    /// system roots are not used.
+    /// CA (PEM) that signs the certificates of `https://` providers
+    /// registered without a `tls.ca_pem` of their own; the system roots are
+    /// not used. Read and checked at start.
     pub tls_ca_file: Option<PathBuf>,
-    /// Core's client certificate (PEM) for providers that require one.
+    /// Core's client certificate (PEM) for providers that require one and
+    /// were registered without a `tls.client_cert_pem` of their own. Set
+    /// with `tls_client_key_file` or not at all.
     pub tls_client_cert_file: Option<PathBuf>,
     /// Key of `tls_client_cert_file` (PEM).
     pub tls_client_key_file: Option<PathBuf>,

@@ -6,7 +6,9 @@
 use chrono::{DateTime, Utc};
 use hcp_proto::{common, ops, provider, tenant};
 
-use crate::model::{AuditEvent, Capabilities, Flavor, Image, Job, JobStatus, Provider, Vm, VmStatus, Zone};
+use crate::model::{
+    AuditEvent, Capabilities, Flavor, Image, Job, JobStatus, Provider, ProviderTransport, Vm, VmStatus, Zone,
+};
 
 /// Converts a time to a protobuf timestamp.
 pub fn ts(t: DateTime<Utc>) -> prost_types::Timestamp {
@@ -266,6 +268,7 @@ pub fn zone_to_proto(z: &Zone) -> common::Zone {
 
 /// A provider as operators see it.
 pub fn provider_to_proto(p: &Provider) -> ops::Provider {
+    let transport = ProviderTransport::of(&p.endpoint);
     ops::Provider {
         provider_id: p.id.to_string(),
         name: p.name.clone(),
@@ -281,7 +284,34 @@ pub fn provider_to_proto(p: &Provider) -> ops::Provider {
         last_probe_at: p.last_probe_at.map(ts),
         created_at: Some(ts(p.created_at)),
         has_credentials: p.has_credentials,
+        transport: match transport {
+            Some(ProviderTransport::Tls) => ops::ProviderTransport::Tls,
+            Some(ProviderTransport::Unix) => ops::ProviderTransport::Unix,
+            Some(ProviderTransport::Loopback | ProviderTransport::Plaintext) => {
+                ops::ProviderTransport::Plaintext
+            }
+            None => ops::ProviderTransport::Unspecified,
+        } as i32,
+        // What is safe to show: fingerprints and names, never the key.
+        tls: (transport == Some(ProviderTransport::Tls)).then(|| ops::ProviderTlsStatus {
+            ca_sha256_fingerprints: p.tls.ca_pem.as_deref().map(fingerprints).unwrap_or_default(),
+            server_name: p.tls.server_name.clone().unwrap_or_default(),
+            has_client_certificate: p.tls.client_cert_pem.is_some(),
+        }),
+        allow_plaintext: p.allow_plaintext,
     }
+}
+
+/// SHA-256 fingerprints (`AA:BB:…`) of the certificates in `pem`; those
+/// that do not parse are left out (a stored PEM was checked when it was
+/// registered).
+pub fn fingerprints(pem: &str) -> Vec<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .map(|c| hcp_tls::format_fingerprint(&hcp_tls::fingerprint_of(&c)))
+        .collect()
 }
 
 /// An audit event as operators see it.

@@ -341,6 +341,8 @@ mod tests {
             last_probe_at: None,
             created_at: now(),
             has_credentials: false,
+            tls: Default::default(),
+            allow_plaintext: false,
         }
     }
 

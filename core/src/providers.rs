@@ -3,6 +3,10 @@
 //! cached gRPC channel per provider, the classification of provider errors
 //! into the taxonomy (and whether a retry can help), and the periodic health
 //! probe that keeps `providers.healthy` and the capability flags current.
+//! Each provider's channel has the trust registered for it (`trust`); its
+//! credentials are sent only over a channel that keeps them secret.
+
+pub mod trust;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,8 +21,11 @@ use hcp_proto::provider::{
 };
 use tonic::transport::{Channel, Endpoint};
 
+use trust::{TlsConnector, TlsDefaults, TlsFailure, TlsSettings, TlsText};
+
 use crate::convert;
-use crate::model::{Capabilities, Provider, now};
+use crate::model::{Capabilities, Provider, ProviderTls, ProviderTransport, now};
+use crate::secrets::SecretBox;
 use crate::store::Store;
 
 /// What the handshake learned from a provider.
@@ -86,77 +93,162 @@ impl ProviderCallError {
 /// Cached channels to providers.
 #[derive(Clone, Default)]
 pub struct ProviderClients {
-    channels: Arc<Mutex<HashMap<ProviderId, (String, Channel)>>>,
+    channels: Arc<Mutex<HashMap<ProviderId, Cached>>>,
     call_timeout: Duration,
     probe_timeout: Duration,
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    tls: Arc<TlsDefaults>,
+    secrets: Option<SecretBox>,
+}
+
+/// A provider's channel, with the endpoint and trust it was opened for
+/// (should the row say otherwise, a new channel is opened).
+struct Cached {
+    endpoint: String,
+    tls: ProviderTls,
+    channel: Channel,
+    connector: Option<TlsConnector>,
+}
+
+/// Where and how to reach a provider: its endpoint and, for `https://`,
+/// its checked trust.
+#[derive(Debug, Clone)]
+pub struct Target {
+    endpoint: String,
+    tls: Option<Arc<TlsSettings>>,
+}
+
+impl Target {
+    /// `endpoint`, with `tls` for an `https://` one.
+    pub fn new(endpoint: &str, tls: Option<TlsSettings>) -> Self {
+        Self { endpoint: endpoint.to_owned(), tls: tls.map(Arc::new) }
+    }
+}
+
+/// How a channel is opened: the endpoint tonic is given (with timeouts),
+/// and the connector that makes its connections when it is not plain TCP.
+struct Plan {
+    endpoint: Endpoint,
+    unix: Option<String>,
+    tls: Option<TlsConnector>,
+}
+
+impl Plan {
+    fn lazy(self) -> Channel {
+        match (self.unix, self.tls) {
+            (Some(path), _) => self.endpoint.connect_with_connector_lazy(unix_connector(path)),
+            (None, Some(tls)) => self.endpoint.connect_with_connector_lazy(tls),
+            (None, None) => self.endpoint.connect_lazy(),
+        }
+    }
+
+    async fn now(&self) -> Result<Channel, tonic::transport::Error> {
+        match (&self.unix, &self.tls) {
+            (Some(path), _) => self.endpoint.connect_with_connector(unix_connector(path.clone())).await,
+            (None, Some(tls)) => self.endpoint.connect_with_connector(tls.clone()).await,
+            (None, None) => self.endpoint.connect().await,
+        }
+    }
+}
+
+/// A connector for a unix socket at `path`.
+fn unix_connector(
+    path: String,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_: http::Uri| {
+        let path = path.clone();
+        async move { Ok(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+    })
 }
 
 impl ProviderClients {
-    /// Creates an empty cache. `tls` is used for `https://` endpoints (the
-    /// CA that signs provider certificates, and core's client certificate).
-    pub fn new(
-        call_timeout: Duration,
-        probe_timeout: Duration,
-        tls: Option<tonic::transport::ClientTlsConfig>,
-    ) -> Self {
-        Self { channels: Arc::default(), call_timeout, probe_timeout, tls }
+    /// Creates an empty cache. `tls` is core's configured trust for
+    /// `https://` providers, used for what a registration does not set.
+    pub fn new(call_timeout: Duration, probe_timeout: Duration, tls: TlsDefaults) -> Self {
+        Self { channels: Arc::default(), call_timeout, probe_timeout, tls: Arc::new(tls), secrets: None }
     }
 
-    fn endpoint(&self, uri: &str, timeout: Duration) -> Result<Endpoint, ApiError> {
+    /// Opens providers' sealed TLS client keys with `secrets`.
+    pub fn with_secrets(mut self, secrets: Option<SecretBox>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// Core's configured trust for `https://` providers.
+    pub fn tls_defaults(&self) -> &TlsDefaults {
+        &self.tls
+    }
+
+    /// How to reach a registered provider (its client key opened).
+    fn target(&self, p: &Provider) -> Result<Target, ApiError> {
+        if ProviderTransport::of(&p.endpoint) != Some(ProviderTransport::Tls) {
+            return Ok(Target::new(&p.endpoint, None));
+        }
+        let unusable = |e: &dyn std::error::Error| {
+            tracing::warn!(
+                provider = %p.name,
+                error = %hcp_telemetry::error_chain(e),
+                "cannot use the provider's TLS settings"
+            );
+            ApiError::new(
+                ErrorCode::ProviderUnavailable,
+                format!(
+                    "the TLS settings of provider {} cannot be used: {}",
+                    p.name,
+                    hcp_telemetry::error_chain(e)
+                ),
+            )
+        };
+        let key = match &p.tls.client_key {
+            Some(sealed) => {
+                let secrets = self.secrets.as_ref().ok_or_else(|| unusable(&CallError::NoSecretsKey))?;
+                let pem = secrets.open_bytes(p.id.0.as_bytes(), &sealed.0).map_err(|e| unusable(&e))?;
+                Some(String::from_utf8(pem).map_err(|e| unusable(&e))?)
+            }
+            None => None,
+        };
+        let text = TlsText {
+            ca_pem: p.tls.ca_pem.as_deref(),
+            client_cert_pem: p.tls.client_cert_pem.as_deref(),
+            client_key_pem: key.as_deref(),
+            server_name: p.tls.server_name.as_deref(),
+        };
+        let settings = TlsSettings::new(&p.endpoint, &text, &self.tls).map_err(|e| unusable(&e))?;
+        Ok(Target::new(&p.endpoint, Some(settings)))
+    }
+
+    fn plan(&self, target: &Target, timeout: Duration) -> Result<Plan, ApiError> {
+        let uri = target.endpoint.as_str();
         let bad = || ApiError::invalid_field("endpoint", format!("{uri:?} is not a valid URI"));
-        // A unix socket is reached through a connector; the URI here only
-        // names the authority HTTP/2 needs.
-        let target = if uri.starts_with("unix://") { "http://provider.local" } else { uri };
-        let mut e = Endpoint::from_shared(target.to_owned())
+        let (unix, tls) = match (uri.strip_prefix("unix://"), &target.tls) {
+            (Some(path), _) => (Some(path.to_owned()), None),
+            (None, Some(settings)) => (None, Some(TlsConnector::new(uri, settings.clone()).ok_or_else(bad)?)),
+            (None, None) if uri.starts_with("https://") => {
+                return Err(ApiError::invalid_field(
+                    "tls",
+                    format!("{uri} is https:// and has no TLS settings"),
+                ));
+            }
+            (None, None) => (None, None),
+        };
+        // A unix socket or TLS is reached through a connector; the URI tonic
+        // sees then only names the authority HTTP/2 needs.
+        let target_uri = match (&unix, &tls) {
+            (Some(_), _) => "http://provider.local".to_owned(),
+            (None, Some(_)) => format!("http://{}", &uri["https://".len()..]),
+            (None, None) => uri.to_owned(),
+        };
+        let endpoint = Endpoint::from_shared(target_uri)
             .map_err(|_| bad())?
             .connect_timeout(Duration::from_secs(5))
             .timeout(timeout);
-        if uri.starts_with("https://") {
-            e = e.tls_config(self.tls.clone().unwrap_or_default()).map_err(|err| {
-                ApiError::invalid_field("endpoint", format!("cannot use TLS for {uri}: {err}"))
-            })?;
-        }
-        Ok(e)
-    }
-
-    /// A connector for `unix:///path` endpoints, or None for TCP ones.
-    fn unix_connector(
-        uri: &str,
-    ) -> Option<
-        impl tower::Service<
-            http::Uri,
-            Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
-            Error = std::io::Error,
-            Future = impl Send,
-        > + Clone
-        + Send
-        + 'static,
-    > {
-        let path = uri.strip_prefix("unix://")?.to_owned();
-        Some(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move { Ok(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
-        }))
-    }
-
-    /// A channel to `uri` that connects on first use.
-    fn connect_lazy(&self, uri: &str) -> Result<Channel, ApiError> {
-        let endpoint = self.endpoint(uri, self.call_timeout)?;
-        Ok(match Self::unix_connector(uri) {
-            Some(c) => endpoint.connect_with_connector_lazy(c),
-            None => endpoint.connect_lazy(),
-        })
-    }
-
-    /// A channel to `uri`, connected now (for the handshake).
-    async fn connect_now(&self, uri: &str) -> Result<Channel, ApiError> {
-        let endpoint = self.endpoint(uri, self.probe_timeout)?;
-        match Self::unix_connector(uri) {
-            Some(c) => endpoint.connect_with_connector(c).await,
-            None => endpoint.connect().await,
-        }
-        .map_err(|e| unreachable(uri, &e))
+        Ok(Plan { endpoint, unix, tls })
     }
 
     /// Returns the compute client for a provider.
@@ -171,23 +263,37 @@ impl ProviderClients {
         if at_least <= self.call_timeout {
             return self.compute(provider);
         }
-        let endpoint = self.endpoint(&provider.endpoint, at_least)?;
-        Ok(ComputeClient::new(Metered(match Self::unix_connector(&provider.endpoint) {
-            Some(c) => endpoint.connect_with_connector_lazy(c),
-            None => endpoint.connect_lazy(),
-        })))
+        let target = self.target(provider)?;
+        Ok(ComputeClient::new(Metered(self.plan(&target, at_least)?.lazy())))
     }
 
     fn channel(&self, provider: &Provider) -> Result<Channel, ApiError> {
+        Ok(self.cached(provider)?.0)
+    }
+
+    /// The provider's channel and, for TLS, its connector (whose watch
+    /// tells why connections fail).
+    fn cached(&self, provider: &Provider) -> Result<(Channel, Option<TlsConnector>), ApiError> {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((endpoint, ch)) = map.get(&provider.id)
-            && *endpoint == provider.endpoint
+        if let Some(c) = map.get(&provider.id)
+            && c.endpoint == provider.endpoint
+            && c.tls == provider.tls
         {
-            return Ok(ch.clone());
+            return Ok((c.channel.clone(), c.connector.clone()));
         }
-        let ch = self.connect_lazy(&provider.endpoint)?;
-        map.insert(provider.id, (provider.endpoint.clone(), ch.clone()));
-        Ok(ch)
+        let plan = self.plan(&self.target(provider)?, self.call_timeout)?;
+        let connector = plan.tls.clone();
+        let channel = plan.lazy();
+        map.insert(
+            provider.id,
+            Cached {
+                endpoint: provider.endpoint.clone(),
+                tls: provider.tls.clone(),
+                channel: channel.clone(),
+                connector: connector.clone(),
+            },
+        );
+        Ok((channel, connector))
     }
 
     /// Forgets a provider's channel (after removal).
@@ -199,24 +305,34 @@ impl ProviderClients {
     /// protocol revision [`hcp_proto::PROVIDER_PROTOCOL_VERSION`] and report
     /// its capabilities.
     /// With `credentials`, the provider is configured before its
-    /// capabilities and readiness are read.
+    /// capabilities and readiness are read; the caller has checked that the
+    /// channel may carry them. A TLS failure is INVALID_ARGUMENT naming the
+    /// registration field to fix and the endpoint.
     pub async fn handshake(
         &self,
-        uri: &str,
+        target: &Target,
         credentials: Option<&std::collections::HashMap<String, String>>,
     ) -> Result<Handshake, ApiError> {
-        let channel = self.connect_now(uri).await?;
+        let uri = target.endpoint.as_str();
+        let plan = self.plan(target, self.probe_timeout)?;
+        let tls = plan.tls.clone();
+        let channel = plan
+            .now()
+            .await
+            .map_err(|e| tls_failure(uri, tls.as_ref(), &e).unwrap_or_else(|| unreachable(uri, &e)))?;
         let mut identity = IdentityClient::new(channel);
-        let unavailable = |what: &str, s: tonic::Status| {
-            ApiError::new(
-                ErrorCode::ProviderUnavailable,
-                format!("provider at {uri} failed {what}: {}", s.message()),
-            )
+        let failed = |what: &str, s: tonic::Status| {
+            tls_failure(uri, tls.as_ref(), &s).unwrap_or_else(|| {
+                ApiError::new(
+                    ErrorCode::ProviderUnavailable,
+                    format!("provider at {uri} failed {what}: {}", status_text(&s)),
+                )
+            })
         };
         let info = identity
             .get_plugin_info(GetPluginInfoRequest {})
             .await
-            .map_err(|s| unavailable("GetPluginInfo", s))?
+            .map_err(|s| failed("GetPluginInfo", s))?
             .into_inner();
         if !info.protocol_versions.iter().any(|v| v == hcp_proto::PROVIDER_PROTOCOL_VERSION) {
             return Err(ApiError::invalid_field(
@@ -240,9 +356,9 @@ impl ProviderClients {
         let caps = identity
             .get_capabilities(GetCapabilitiesRequest {})
             .await
-            .map_err(|s| unavailable("GetCapabilities", s))?
+            .map_err(|s| failed("GetCapabilities", s))?
             .into_inner();
-        let probe = identity.probe(ProbeRequest {}).await.map_err(|s| unavailable("Probe", s))?.into_inner();
+        let probe = identity.probe(ProbeRequest {}).await.map_err(|s| failed("Probe", s))?.into_inner();
         Ok(Handshake {
             info,
             protocol_version: hcp_proto::PROVIDER_PROTOCOL_VERSION.to_owned(),
@@ -252,12 +368,17 @@ impl ProviderClients {
         })
     }
 
-    /// Sends a registered provider its credentials again.
+    /// Sends a registered provider its credentials again, when its channel
+    /// may carry them: never in clear to another host unless the operator
+    /// registered it with `allow_plaintext`.
     pub async fn configure(
         &self,
         provider: &Provider,
         credentials: std::collections::HashMap<String, String>,
     ) -> Result<(), CallError> {
+        if !provider.may_receive_secrets() {
+            return Err(CallError::Plaintext { endpoint: provider.endpoint.clone() });
+        }
         let mut identity = IdentityClient::new(self.channel(provider).map_err(CallError::Channel)?);
         tokio::time::timeout(self.probe_timeout, identity.configure(ConfigureRequest { credentials }))
             .await
@@ -268,7 +389,7 @@ impl ProviderClients {
 
     /// Probes one registered provider: readiness and current capabilities.
     pub async fn probe(&self, provider: &Provider) -> (bool, String, Option<Capabilities>) {
-        let channel = match self.channel(provider) {
+        let (channel, tls) = match self.cached(provider) {
             Ok(c) => c,
             Err(e) => return (false, e.message, None),
         };
@@ -276,7 +397,13 @@ impl ProviderClients {
         let probe = tokio::time::timeout(self.probe_timeout, identity.probe(ProbeRequest {})).await;
         match probe {
             Err(_) => (false, "probe timed out".to_owned(), None),
-            Ok(Err(s)) => (false, format!("probe failed: {}", s.message()), None),
+            Ok(Err(s)) => {
+                let why = match tls_failure(&provider.endpoint, tls.as_ref(), &s) {
+                    Some(e) => e.message,
+                    None => status_text(&s),
+                };
+                (false, format!("probe failed: {why}"), None)
+            }
             Ok(Ok(r)) => {
                 let r = r.into_inner();
                 if r.needs_configuration {
@@ -370,15 +497,57 @@ pub enum CallError {
     /// The stored credentials do not open.
     #[error(transparent)]
     Secrets(#[from] crate::secrets::SecretsError),
+    /// The provider's channel is plaintext TCP to another host, and the
+    /// operator did not allow that (a row stored before core refused such
+    /// endpoints).
+    #[error(
+        "refusing to send credentials in clear to {endpoint} (plaintext TCP to a host that is not loopback); register the provider again with https:// (tls), a unix:// socket, or allow_plaintext"
+    )]
+    Plaintext {
+        /// The provider's endpoint.
+        endpoint: String,
+    },
 }
 
 /// Most hosts recorded per provider.
 const MAX_HOSTS: usize = 4096;
 
 fn unreachable(uri: &str, e: &tonic::transport::Error) -> ApiError {
-    use std::error::Error;
-    let cause = e.source().map(|s| format!(": {s}")).unwrap_or_default();
-    ApiError::new(ErrorCode::ProviderUnavailable, format!("cannot connect to provider at {uri}: {e}{cause}"))
+    ApiError::new(
+        ErrorCode::ProviderUnavailable,
+        format!("cannot connect to provider at {uri}: {}", hcp_telemetry::error_chain(e)),
+    )
+}
+
+/// A status's message with the chain of its source, when it was made on
+/// this side from a transport failure ("transport error" alone says
+/// nothing).
+fn status_text(s: &tonic::Status) -> String {
+    match std::error::Error::source(s) {
+        Some(cause) => format!("{}: {}", s.message(), hcp_telemetry::error_chain(cause)),
+        None => s.message().to_owned(),
+    }
+}
+
+/// The TLS failure behind `err` on a connection `connector` made, as an
+/// error naming the endpoint, the registration field to fix and what to
+/// do; None when TLS is not to blame.
+fn tls_failure(
+    uri: &str,
+    connector: Option<&TlsConnector>,
+    err: &(dyn std::error::Error + 'static),
+) -> Option<ApiError> {
+    let connector = connector?;
+    let tls = connector.watch().last().or_else(|| trust::rustls_in(err))?;
+    let failure = TlsFailure::of(tls, connector.presents_certificate());
+    Some(ApiError::invalid_field(
+        failure.field(),
+        format!(
+            "TLS to the provider at {uri} failed: {}; {}",
+            hcp_telemetry::error_chain(&failure),
+            failure.hint()
+        ),
+    ))
 }
 
 /// Probes every provider once and stores the results. Logs health changes.
@@ -401,7 +570,18 @@ pub async fn probe_all(
         if !healthy && message.starts_with("needs configuration") && p.has_credentials {
             match reconfigure(store, clients, secrets, p).await {
                 Ok(()) => (healthy, message, caps) = clients.probe(p).await,
-                Err(e) => message = format!("cannot configure: {}", hcp_telemetry::error_chain(&e)),
+                Err(e) => {
+                    message = format!("cannot configure: {}", hcp_telemetry::error_chain(&e));
+                    // Once per new reason, not at every probe.
+                    if message != p.health_message {
+                        tracing::warn!(
+                            provider = %p.name,
+                            endpoint = %p.endpoint,
+                            %message,
+                            "provider not configured"
+                        );
+                    }
+                }
             }
         }
         (p, healthy, message, caps)
@@ -425,6 +605,10 @@ async fn reconfigure(
     secrets: Option<&crate::secrets::SecretBox>,
     p: &Provider,
 ) -> Result<(), CallError> {
+    // Refused before the credentials are even opened.
+    if !p.may_receive_secrets() {
+        return Err(CallError::Plaintext { endpoint: p.endpoint.clone() });
+    }
     let secrets = secrets.ok_or(CallError::NoSecretsKey)?;
     let sealed = store.provider_credentials(p.id).await?.ok_or(CallError::NoCredentials)?;
     let creds = secrets.open(p.id.0.as_bytes(), &sealed)?;
@@ -440,6 +624,53 @@ mod tests {
     fn check(status: tonic::Status) -> (ErrorCode, bool) {
         let e = ProviderCallError::from_status(&status);
         (e.code, e.retryable)
+    }
+
+    fn provider(endpoint: &str, allow_plaintext: bool) -> Provider {
+        Provider {
+            id: ProviderId::new(),
+            name: "p".into(),
+            zone: "z".into(),
+            endpoint: endpoint.into(),
+            plugin_name: String::new(),
+            plugin_version: String::new(),
+            hypervisor: "sim".into(),
+            protocol_version: "1".into(),
+            capabilities: Capabilities::default(),
+            healthy: false,
+            health_message: String::new(),
+            last_probe_at: None,
+            created_at: now(),
+            has_credentials: true,
+            tls: ProviderTls::default(),
+            allow_plaintext,
+        }
+    }
+
+    /// A provider stored before plaintext endpoints were refused is sent no
+    /// credentials, and nothing is dialled to find that out (TEST-NET-1,
+    /// which would not answer).
+    #[tokio::test]
+    async fn credentials_are_never_sent_in_clear_to_another_host() {
+        let clients = ProviderClients::default();
+        let creds = HashMap::from([("token".to_owned(), "hunter2".to_owned())]);
+        let stored = provider("http://192.0.2.10:50061", false);
+        assert!(!stored.may_receive_secrets());
+        let err = clients.configure(&stored, creds).await.unwrap_err();
+        assert!(matches!(&err, CallError::Plaintext { endpoint } if endpoint == "http://192.0.2.10:50061"));
+        let shown = err.to_string();
+        assert!(shown.contains("http://192.0.2.10:50061") && shown.contains("https://"), "{shown}");
+        assert!(clients.channels.lock().unwrap().is_empty(), "no channel was opened");
+        // The operator's override, loopback, unix sockets and TLS may.
+        for (endpoint, allowed) in [
+            ("http://192.0.2.10:50061", true),
+            ("http://127.0.0.1:50061", false),
+            ("http://[::1]:50061", false),
+            ("unix:///run/hcp/p.sock", false),
+            ("https://192.0.2.10:50061", false),
+        ] {
+            assert!(provider(endpoint, allowed).may_receive_secrets(), "{endpoint}");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Secrets at rest: provider credentials are sealed with XChaCha20-Poly1305
-//! under a key that lives outside the database (a file, or an environment
-//! variable naming one), with the provider's id as associated data so a
-//! sealed value cannot be moved to another provider's row. The key never
+//! Secrets at rest: provider credentials and providers' TLS client keys are
+//! sealed with XChaCha20-Poly1305 under a key that lives outside the
+//! database (a file, or an environment variable naming one), with the
+//! provider's id as associated data so a sealed value cannot be moved to
+//! another provider's row. The key never
 //! enters the database, logs or API answers.
 //!
 //! The key file holds one key (64 hex digits), or several, one a line: the
@@ -158,30 +159,38 @@ impl SecretBox {
 
     /// Seals credentials, bound to `aad` (the provider id).
     pub fn seal(&self, aad: &[u8], credentials: &HashMap<String, String>) -> Vec<u8> {
-        let plain = serde_json::to_vec(credentials).unwrap_or_default();
+        self.seal_bytes(aad, &serde_json::to_vec(credentials).unwrap_or_default())
+    }
+
+    /// Opens what [`SecretBox::seal`] produced for the same `aad`.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<HashMap<String, String>, SecretsError> {
+        serde_json::from_slice(&self.open_bytes(aad, sealed)?).map_err(|_| SecretsError::Open)
+    }
+
+    /// Seals a secret value (a provider's TLS client key), bound to `aad`
+    /// (the provider id).
+    pub fn seal_bytes(&self, aad: &[u8], plain: &[u8]) -> Vec<u8> {
         let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
         // Encryption of an in-memory buffer cannot fail for this AEAD, and
         // there is always a first key (a key file holds at least one).
-        let sealed = self.ciphers[0].encrypt(&nonce, Payload { msg: &plain, aad }).unwrap_or_default();
+        let sealed = self.ciphers[0].encrypt(&nonce, Payload { msg: plain, aad }).unwrap_or_default();
         let mut out = nonce.to_vec();
         out.extend_from_slice(&sealed);
         out
     }
 
-    /// Opens what [`SecretBox::seal`] produced for the same `aad`.
-    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<HashMap<String, String>, SecretsError> {
+    /// Opens what [`SecretBox::seal_bytes`] produced for the same `aad`.
+    pub fn open_bytes(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SecretsError> {
         if sealed.len() < NONCE_LEN {
             return Err(SecretsError::Open);
         }
         let (nonce_bytes, body) = sealed.split_at(NONCE_LEN);
         let mut nonce = XNonce::default();
         nonce.copy_from_slice(nonce_bytes);
-        let plain = self
-            .ciphers
+        self.ciphers
             .iter()
             .find_map(|c| c.decrypt(&nonce, Payload { msg: body, aad }).ok())
-            .ok_or(SecretsError::Open)?;
-        serde_json::from_slice(&plain).map_err(|_| SecretsError::Open)
+            .ok_or(SecretsError::Open)
     }
 }
 
@@ -201,6 +210,11 @@ mod tests {
         let other = SecretBox::from_bytes(&[7u8; 32]).unwrap();
         assert!(other.open(b"provider-a", &sealed).is_err(), "bound to its key");
         assert!(SecretBox::from_bytes(&[0u8; 31]).is_none());
+        let key_pem = b"-----BEGIN PRIVATE KEY-----\nhunter2\n-----END PRIVATE KEY-----\n";
+        let sealed = b.seal_bytes(b"provider-a", key_pem);
+        assert!(!sealed.windows(7).any(|w| w == b"hunter2"), "plaintext in the sealed key");
+        assert_eq!(b.open_bytes(b"provider-a", &sealed).unwrap(), key_pem);
+        assert!(b.open_bytes(b"provider-b", &sealed).is_err(), "bound to its provider");
     }
 
     #[test]

@@ -84,15 +84,9 @@ pub enum StartError {
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection(#[source] tonic_reflection::server::Error),
-    /// A TLS file for providers could not be read.
-    #[error("cannot read {path}")]
-    TlsFile {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+    /// Core's TLS files for providers cannot be used.
+    #[error("cannot use the providers' TLS settings")]
+    ProviderTls(#[source] crate::providers::trust::DefaultsError),
     /// The secrets key could not be loaded.
     #[error("cannot load the secrets key")]
     Secrets(#[source] crate::secrets::SecretsError),
@@ -109,25 +103,6 @@ fn redact(url: &str) -> String {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
         _ => url.to_owned(),
     }
-}
-
-fn provider_tls(
-    c: &crate::config::ProvidersConfig,
-) -> Result<Option<tonic::transport::ClientTlsConfig>, StartError> {
-    let read = |p: &std::path::PathBuf| {
-        std::fs::read(p).map_err(|source| StartError::TlsFile { path: p.display().to_string(), source })
-    };
-    let mut tls = tonic::transport::ClientTlsConfig::new();
-    let mut any = false;
-    if let Some(ca) = &c.tls_ca_file {
-        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
-        any = true;
-    }
-    if let (Some(cert), Some(key)) = (&c.tls_client_cert_file, &c.tls_client_key_file) {
-        tls = tls.identity(tonic::transport::Identity::from_pem(read(cert)?, read(key)?));
-        any = true;
-    }
-    Ok(any.then_some(tls))
 }
 
 /// Where a running core listens.
@@ -185,8 +160,9 @@ pub async fn run(
     let clients = ProviderClients::new(
         Duration::from_secs(config.providers.call_timeout_seconds),
         Duration::from_secs(config.providers.probe_timeout_seconds),
-        provider_tls(&config.providers)?,
-    );
+        crate::providers::trust::TlsDefaults::load(&config.providers).map_err(StartError::ProviderTls)?,
+    )
+    .with_secrets(secrets.clone());
     let local = LocalQueue::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);

@@ -176,6 +176,19 @@ impl std::fmt::Debug for ops::RegisterProviderRequest {
             .field("zone", &self.zone)
             .field("endpoint", &self.endpoint)
             .field("credentials", &RedactedCredentials(&self.credentials))
+            .field("tls", &self.tls)
+            .field("allow_plaintext", &self.allow_plaintext)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ops::ProviderTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderTls")
+            .field("ca_pem", &self.ca_pem.len())
+            .field("client_cert_pem", &self.client_cert_pem.len())
+            .field("client_key_pem", &if self.client_key_pem.is_empty() { "" } else { "<redacted>" })
+            .field("server_name", &self.server_name)
             .finish()
     }
 }
@@ -196,8 +209,14 @@ mod tests {
     fn debug_output_redacts_credentials() {
         let mut r = super::ops::RegisterProviderRequest::default();
         r.credentials.insert("token".into(), "hunter2".into());
+        r.tls = Some(super::ops::ProviderTls {
+            client_key_pem: "-----BEGIN PRIVATE KEY-----\nhunter2\n".into(),
+            server_name: "provider.example".into(),
+            ..Default::default()
+        });
         let shown = format!("{r:?}");
         assert!(shown.contains("token") && !shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("provider.example") && shown.contains("<redacted>"), "{shown}");
         let c = super::provider::ConfigureRequest { credentials: r.credentials.clone() };
         assert!(!format!("{c:?}").contains("hunter2"));
         let e = super::provider::ConsoleEndpoint {

@@ -627,6 +627,106 @@ pub struct Provider {
     pub created_at: DateTime<Utc>,
     /// Whether sealed credentials are stored for it.
     pub has_credentials: bool,
+    /// What core trusts on its TLS channel, as registered.
+    pub tls: ProviderTls,
+    /// The operator registered a plaintext endpoint that is not loopback
+    /// anyway (see [`ProviderTransport::keeps_secrets`]).
+    pub allow_plaintext: bool,
+}
+
+impl Provider {
+    /// Whether core may send this provider secrets (its credentials):
+    /// over a channel that keeps them, or plaintext the operator allowed.
+    pub fn may_receive_secrets(&self) -> bool {
+        ProviderTransport::of(&self.endpoint).is_some_and(|t| t.keeps_secrets() || self.allow_plaintext)
+    }
+}
+
+/// A value sealed with core's secrets key (XChaCha20-Poly1305, the
+/// provider's id as associated data). `Debug` shows its length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sealed(pub Vec<u8>);
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sealed({} bytes)", self.0.len())
+    }
+}
+
+/// What core trusts on one provider's TLS channel, as the operator
+/// registered it. Each part left out comes from core's `[providers]`
+/// configuration when the channel is opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProviderTls {
+    /// CA certificates (PEM) that sign the provider's certificate.
+    pub ca_pem: Option<String>,
+    /// Core's client certificate chain (PEM) for mutual TLS.
+    pub client_cert_pem: Option<String>,
+    /// The private key of `client_cert_pem`, sealed.
+    pub client_key: Option<Sealed>,
+    /// The name the provider's certificate must carry, when it is not the
+    /// endpoint's host.
+    pub server_name: Option<String>,
+}
+
+impl ProviderTls {
+    /// Whether nothing was registered.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The channel between core and a provider, read from its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderTransport {
+    /// `https://`: TLS.
+    Tls,
+    /// `unix:///path`: a socket on core's own host.
+    Unix,
+    /// `http://` to 127.0.0.0/8, `::1` or `localhost`: plaintext that never
+    /// leaves the host.
+    Loopback,
+    /// `http://` to any other host: plaintext on the network.
+    Plaintext,
+}
+
+impl ProviderTransport {
+    /// The transport of an endpoint URI; None when its scheme is none of
+    /// `https://`, `http://` and `unix:///` or it names no host.
+    pub fn of(endpoint: &str) -> Option<Self> {
+        if endpoint.starts_with("unix:///") {
+            return Some(Self::Unix);
+        }
+        let host = endpoint_host(endpoint)?;
+        if endpoint.starts_with("https://") {
+            return Some(Self::Tls);
+        }
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback());
+        Some(if loopback { Self::Loopback } else { Self::Plaintext })
+    }
+
+    /// Whether secrets sent over it stay secret without the operator's
+    /// override: everything but plaintext on the network.
+    pub fn keeps_secrets(self) -> bool {
+        self != Self::Plaintext
+    }
+}
+
+/// The host of an `http://` or `https://` endpoint, without the brackets of
+/// an IPv6 address; None for other schemes or when it names no host.
+pub fn endpoint_host(endpoint: &str) -> Option<&str> {
+    let rest = endpoint.strip_prefix("https://").or_else(|| endpoint.strip_prefix("http://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    // user:password@ never belongs in an endpoint, and would hide the host.
+    if authority.contains('@') {
+        return None;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map(|(h, _)| h)?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 /// An audit event to append (the store assigns nothing: ids and times are
@@ -744,4 +844,40 @@ pub enum OrphanPolicy {
     Report,
     /// Delete it on the hypervisor.
     Reap,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_classified_by_scheme_and_host() {
+        use ProviderTransport::*;
+        for (endpoint, want) in [
+            ("https://provider.example:50061", Some(Tls)),
+            ("https://10.0.0.5:50061", Some(Tls)),
+            ("unix:///run/hcp/sim.sock", Some(Unix)),
+            ("http://127.0.0.1:50061", Some(Loopback)),
+            ("http://127.8.9.10:50061", Some(Loopback)),
+            ("http://localhost:50061", Some(Loopback)),
+            ("http://LOCALHOST", Some(Loopback)),
+            ("http://[::1]:50061", Some(Loopback)),
+            ("http://[::ffff:127.0.0.1]:50061", Some(Loopback)),
+            ("http://192.0.2.10:50061", Some(Plaintext)),
+            ("http://[2001:db8::1]:50061", Some(Plaintext)),
+            ("http://128.0.0.1:50061", Some(Plaintext)),
+            ("http://localhost.example:50061", Some(Plaintext)),
+            ("http://127.0.0.1.example:50061", Some(Plaintext)),
+            // A userinfo part would hide the real host behind a loopback name.
+            ("http://127.0.0.1@192.0.2.10:50061", None),
+            ("http://:50061", None),
+            ("http://[::1", None),
+            ("ftp://127.0.0.1", None),
+            ("unix://relative.sock", None),
+        ] {
+            assert_eq!(ProviderTransport::of(endpoint), want, "{endpoint}");
+        }
+        assert!(Tls.keeps_secrets() && Unix.keeps_secrets() && Loopback.keeps_secrets());
+        assert!(!Plaintext.keeps_secrets());
+    }
 }

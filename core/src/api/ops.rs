@@ -14,7 +14,7 @@ use hcp_proto::ops::{
     DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest, DeleteZoneResponse,
     GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
     ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
-    QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
+    ProviderTls, QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
     SetProjectQuotaRequest, VerifyAuditChainRequest, VerifyAuditChainResponse,
 };
 
@@ -24,7 +24,9 @@ use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
 use crate::error::from_store;
-use crate::model::{self, now};
+use crate::model::{self, ProviderTransport, now};
+use crate::providers::Target;
+use crate::providers::trust::{self, TlsSettings, TlsText};
 use crate::store::{AuditQuery, Quota, StoreError};
 
 /// Implements the three ops services.
@@ -44,12 +46,42 @@ impl OpsApi {
         validate::label("zone", &req.zone)?;
         validate::required("endpoint", &req.endpoint)?;
         validate::text("endpoint", &req.endpoint, validate::MAX_LOCATOR)?;
-        let scheme_ok = ["http://", "https://", "unix:///"].iter().any(|s| req.endpoint.starts_with(s));
-        if !scheme_ok {
-            return Err(ApiError::invalid_field(
+        let transport = ProviderTransport::of(&req.endpoint).ok_or_else(|| {
+            ApiError::invalid_field(
                 "endpoint",
-                format!("endpoint must be http://, https:// or unix:///path, got {}", excerpt(&req.endpoint)),
+                format!(
+                    "endpoint must be http://host:port, https://host:port or unix:///path, got {}",
+                    excerpt(&req.endpoint)
+                ),
+            )
+        })?;
+        let tls = registered_tls(req.tls.as_ref())?;
+        if tls.is_some() && transport != ProviderTransport::Tls {
+            return Err(ApiError::invalid_field(
+                "tls",
+                format!("tls is for https:// endpoints; {} is not one", excerpt(&req.endpoint)),
             ));
+        }
+        // Refused before any connection: the handshake would already send
+        // the credentials, and every later call VM specs, in clear.
+        if transport == ProviderTransport::Plaintext {
+            if !req.allow_plaintext {
+                return Err(ApiError::invalid_field(
+                    "endpoint",
+                    format!(
+                        "{} is plaintext TCP to a host that is not loopback, so credentials and VM specs would \
+                         cross the network in clear; use https:// (with tls), a unix:// socket, or set \
+                         allow_plaintext to register it anyway",
+                        excerpt(&req.endpoint)
+                    ),
+                ));
+            }
+            tracing::warn!(
+                endpoint = %req.endpoint,
+                provider = %req.name,
+                "registering a plaintext provider endpoint that is not loopback (allow_plaintext): its \
+                 credentials and calls cross the network in clear"
+            );
         }
         let zones = self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zones"))?;
         if !zones.iter().any(|z| z.name == req.zone) {
@@ -65,22 +97,53 @@ impl OpsApi {
             }
         }
         let creds = (!req.credentials.is_empty()).then_some(&req.credentials);
-        let secrets = match (creds, &self.ctx.secrets) {
-            (Some(_), None) => {
-                return Err(ApiError::invalid_field(
-                    "credentials",
-                    "this core has no secrets key (secrets.key_file), so it cannot store credentials",
-                ));
-            }
-            (_, s) => s.clone(),
+        let no_key = |field: &str, what: &str| {
+            ApiError::invalid_field(
+                field,
+                format!("this core has no secrets key (secrets.key_file), so it cannot store {what}"),
+            )
         };
-        let hs = self.ctx.clients.handshake(&req.endpoint, creds).await?;
+        if self.ctx.secrets.is_none() {
+            if creds.is_some() {
+                return Err(no_key("credentials", "credentials"));
+            }
+            if tls.as_ref().is_some_and(|t| !t.client_key_pem.is_empty()) {
+                return Err(no_key("tls.client_key_pem", "a client key"));
+            }
+        }
+        let settings = match transport {
+            ProviderTransport::Tls => {
+                let t = tls.clone().unwrap_or_default();
+                let text = TlsText {
+                    ca_pem: non_empty(&t.ca_pem),
+                    client_cert_pem: non_empty(&t.client_cert_pem),
+                    client_key_pem: non_empty(&t.client_key_pem),
+                    server_name: non_empty(&t.server_name),
+                };
+                let settings = TlsSettings::new(&req.endpoint, &text, self.ctx.clients.tls_defaults())
+                    .map_err(|e| ApiError::invalid_field(e.field(), hcp_telemetry::error_chain(&e)))?;
+                Some(settings)
+            }
+            _ => None,
+        };
+        let target = Target::new(&req.endpoint, settings);
+        let hs = self.ctx.clients.handshake(&target, creds).await?;
         let t = now();
         let id = ProviderId::new();
+        let secrets = self.ctx.secrets.as_ref();
         let sealed = match (creds, secrets) {
             (Some(c), Some(b)) => Some(b.seal(id.0.as_bytes(), c)),
             _ => None,
         };
+        let tls = tls.as_ref().map(|t| model::ProviderTls {
+            ca_pem: non_empty(&t.ca_pem).map(str::to_owned),
+            client_cert_pem: non_empty(&t.client_cert_pem).map(str::to_owned),
+            client_key: match (non_empty(&t.client_key_pem), secrets) {
+                (Some(key), Some(b)) => Some(model::Sealed(b.seal_bytes(id.0.as_bytes(), key.as_bytes()))),
+                _ => None,
+            },
+            server_name: non_empty(&t.server_name).map(str::to_owned),
+        });
         let provider = model::Provider {
             id,
             name: req.name.clone(),
@@ -96,6 +159,8 @@ impl OpsApi {
             last_probe_at: Some(t),
             created_at: t,
             has_credentials: sealed.is_some(),
+            tls: tls.unwrap_or_default(),
+            allow_plaintext: req.allow_plaintext,
         };
         let mut audit = self.ctx.audit(
             &p,
@@ -103,7 +168,13 @@ impl OpsApi {
             Resource::Provider(provider.id),
             AuditOutcome::Succeeded,
         );
-        audit.detail = format!("{} at {} in zone {}", provider.plugin_name, provider.endpoint, provider.zone);
+        audit.detail = format!(
+            "{} at {} in zone {}; {}",
+            provider.plugin_name,
+            provider.endpoint,
+            provider.zone,
+            channel_detail(&provider, transport)
+        );
         self.ctx
             .store
             .insert_provider(&provider, sealed.as_deref(), &audit)
@@ -475,6 +546,57 @@ impl CatalogAdminService for OpsApi {
             Ok(hcp_proto::ops::DeleteNetworkResponse {})
         })
         .await
+    }
+}
+
+/// The registration's `tls`, checked for size and control characters; None
+/// when it sets nothing.
+fn registered_tls(tls: Option<&ProviderTls>) -> Result<Option<ProviderTls>, ApiError> {
+    let Some(t) = tls else { return Ok(None) };
+    validate::text("tls.ca_pem", &t.ca_pem, trust::MAX_CERT_PEM)?;
+    validate::text("tls.client_cert_pem", &t.client_cert_pem, trust::MAX_CERT_PEM)?;
+    // The key's length only, never its contents, goes into an error.
+    if t.client_key_pem.len() > trust::MAX_KEY_PEM {
+        return Err(ApiError::invalid_field(
+            "tls.client_key_pem",
+            format!(
+                "tls.client_key_pem is {} bytes; at most {} are allowed",
+                t.client_key_pem.len(),
+                trust::MAX_KEY_PEM
+            ),
+        ));
+    }
+    validate::text("tls.server_name", &t.server_name, trust::MAX_SERVER_NAME)?;
+    let empty =
+        [&t.ca_pem, &t.client_cert_pem, &t.client_key_pem, &t.server_name].iter().all(|v| v.is_empty());
+    Ok((!empty).then(|| t.clone()))
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// What the audit event says of a new provider's channel (nothing secret).
+fn channel_detail(p: &model::Provider, transport: ProviderTransport) -> String {
+    match transport {
+        ProviderTransport::Tls => {
+            let mut parts = vec!["tls".to_owned()];
+            if let Some(ca) = &p.tls.ca_pem {
+                parts.push(format!("ca sha256 {}", convert::fingerprints(ca).join(",")));
+            }
+            if let Some(name) = &p.tls.server_name {
+                parts.push(format!("server name {name}"));
+            }
+            if p.tls.client_cert_pem.is_some() {
+                parts.push("own client certificate".to_owned());
+            }
+            parts.join(", ")
+        }
+        ProviderTransport::Unix => "unix socket".to_owned(),
+        ProviderTransport::Loopback => "plaintext on loopback".to_owned(),
+        ProviderTransport::Plaintext => {
+            "PLAINTEXT to another host, allowed by the operator (allow_plaintext)".to_owned()
+        }
     }
 }
 

@@ -6,17 +6,19 @@ use sqlx::types::Json;
 
 use super::sql;
 use super::{StoreError, StoreResult, col, on_pool};
-use hcp_domain::model::{AuditEvent, Capabilities, Provider, VmStatus};
+use hcp_domain::model::{AuditEvent, Capabilities, Provider, ProviderTls, Sealed, VmStatus};
 
 const PROVIDER_COLUMNS: &str = "id, name, zone, endpoint, plugin_name, plugin_version, \
      hypervisor, protocol_version, capabilities, healthy, health_message, last_probe_at, created_at, \
-     (credentials IS NOT NULL) AS has_credentials";
+     (credentials IS NOT NULL) AS has_credentials, tls_ca_pem, tls_client_cert_pem, tls_client_key, \
+     tls_server_name, allow_plaintext";
 
 macro_rules! provider_from_row {
     ($row:expr) => {{
         let row = $row;
         let id: uuid::Uuid = col!(row, "id");
         let caps: Json<Capabilities> = col!(row, "capabilities");
+        let client_key: Option<Vec<u8>> = col!(row, "tls_client_key");
         Provider {
             id: ProviderId(id),
             name: col!(row, "name"),
@@ -32,13 +34,21 @@ macro_rules! provider_from_row {
             last_probe_at: col!(row, "last_probe_at"),
             created_at: col!(row, "created_at"),
             has_credentials: col!(row, "has_credentials"),
+            tls: ProviderTls {
+                ca_pem: col!(row, "tls_ca_pem"),
+                client_cert_pem: col!(row, "tls_client_cert_pem"),
+                client_key: client_key.map(Sealed),
+                server_name: col!(row, "tls_server_name"),
+            },
+            allow_plaintext: col!(row, "allow_plaintext"),
         }
     }};
 }
 
 impl super::Store {
     /// Inserts a provider after a successful handshake, with its sealed
-    /// credentials if it has any.
+    /// credentials if it has any (its TLS trust, with the sealed client key,
+    /// is part of `p`).
     pub async fn insert_provider(
         &self,
         p: &Provider,
@@ -49,8 +59,9 @@ impl super::Store {
             sqlx::query(
                 "INSERT INTO providers (id, name, zone, endpoint, plugin_name, plugin_version, \
                  hypervisor, protocol_version, capabilities, healthy, health_message, \
-                 last_probe_at, created_at, credentials) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                 $12, $13, $14)",
+                 last_probe_at, created_at, credentials, tls_ca_pem, tls_client_cert_pem, tls_client_key, \
+                 tls_server_name, allow_plaintext) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
+                 $12, $13, $14, $15, $16, $17, $18, $19)",
             )
             .bind(p.id.0)
             .bind(&p.name)
@@ -66,6 +77,11 @@ impl super::Store {
             .bind(p.last_probe_at)
             .bind(p.created_at)
             .bind(sealed_credentials)
+            .bind(&p.tls.ca_pem)
+            .bind(&p.tls.client_cert_pem)
+            .bind(p.tls.client_key.as_ref().map(|k| k.0.as_slice()))
+            .bind(&p.tls.server_name)
+            .bind(p.allow_plaintext)
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, &format!("provider {}", p.name)))?;

@@ -37,6 +37,7 @@ store_tests!(
     audit_is_listed_in_order,
     console_tokens_redeem_once,
     providers_with_vms_cannot_be_removed,
+    a_providers_trust_reads_back_as_registered,
     idempotency_keys_admit_one_request,
     quotas_hold_under_concurrency,
     usage_events_follow_transitions,
@@ -143,6 +144,8 @@ async fn seed(store: &Store) -> Provider {
         last_probe_at: Some(now()),
         created_at: now(),
         has_credentials: false,
+        tls: ProviderTls::default(),
+        allow_plaintext: false,
     };
     store.insert_provider(&p, None, &audit("provider.register", "p")).await.unwrap();
     p
@@ -589,6 +592,43 @@ async fn providers_with_vms_cannot_be_removed(backend: Backend) {
         store.remove_provider(ProviderId::new(), &audit("provider.remove", "")).await,
         Err(StoreError::NotFound)
     ));
+}
+
+async fn a_providers_trust_reads_back_as_registered(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let plain = seed(&store).await;
+    let got = store.get_provider(plain.id).await.unwrap();
+    assert_eq!(got, plain, "no trust registered: nothing read back");
+    assert!(got.tls.is_empty() && !got.allow_plaintext && !got.has_credentials);
+
+    let tls = Provider {
+        id: ProviderId::new(),
+        name: "secure".into(),
+        endpoint: "https://provider.example:50061".into(),
+        has_credentials: true,
+        tls: ProviderTls {
+            ca_pem: Some("-----BEGIN CERTIFICATE-----\nca\n-----END CERTIFICATE-----\n".into()),
+            client_cert_pem: Some("-----BEGIN CERTIFICATE-----\ncore\n-----END CERTIFICATE-----\n".into()),
+            client_key: Some(Sealed(vec![0, 1, 2, 255])),
+            server_name: Some("provider.internal".into()),
+        },
+        ..plain.clone()
+    };
+    store.insert_provider(&tls, Some(&[9, 9, 9]), &audit("provider.register", "secure")).await.unwrap();
+    let remote = Provider {
+        id: ProviderId::new(),
+        name: "remote".into(),
+        endpoint: "http://192.0.2.10:50061".into(),
+        allow_plaintext: true,
+        ..plain.clone()
+    };
+    store.insert_provider(&remote, None, &audit("provider.register", "remote")).await.unwrap();
+    assert_eq!(store.get_provider(tls.id).await.unwrap(), tls);
+    assert_eq!(store.get_provider(remote.id).await.unwrap(), remote);
+    assert_eq!(store.provider_credentials(tls.id).await.unwrap(), Some(vec![9, 9, 9]));
+    let listed = store.list_providers().await.unwrap();
+    assert_eq!(listed.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["remote", "secure", "sim-1"]);
+    assert_eq!(listed[1], tls, "the list reads the same columns");
 }
 
 fn idem(key: &str, hash: &str, response: &str) -> IdempotencyRecord {
