@@ -87,11 +87,17 @@ pub async fn choose(
 /// when its provider reports no such host (a host of unknown size).
 pub async fn room_of(store: &Store, vm: &crate::model::Vm) -> Result<Option<CapacityGuard>, ApiError> {
     let catalog = store.catalog().await.map_err(|e| from_store(e, "hosts"))?;
-    let Some(host) = catalog.hosts.iter().find(|h| h.provider_id == vm.provider_id && h.name == vm.host) else {
+    let Some(host) = catalog.hosts.iter().find(|h| h.provider_id == vm.provider_id && h.name == vm.host)
+    else {
         return Ok(None);
     };
-    let settings = catalog.placement.get(&vm.zone).cloned().unwrap_or_else(|| ZonePlacement::defaults(&vm.zone));
-    Ok(Some(CapacityGuard { provider_id: host.provider_id, host: host.name.clone(), room: settings.room_of(host) }))
+    let settings =
+        catalog.placement.get(&vm.zone).cloned().unwrap_or_else(|| ZonePlacement::defaults(&vm.zone));
+    Ok(Some(CapacityGuard {
+        provider_id: host.provider_id,
+        host: host.name.clone(),
+        room: settings.room_of(host),
+    }))
 }
 
 /// Every place the VM may go, best first (never empty). Ranked on the
@@ -140,7 +146,8 @@ async fn candidates_in(store: &Store, catalog: &Catalog, req: &Request<'_>) -> R
     let mut settings: HashMap<String, ZonePlacement> = HashMap::new();
     for p in &capable {
         if !settings.contains_key(&p.zone) {
-            let s = catalog.placement.get(&p.zone).cloned().unwrap_or_else(|| ZonePlacement::defaults(&p.zone));
+            let s =
+                catalog.placement.get(&p.zone).cloned().unwrap_or_else(|| ZonePlacement::defaults(&p.zone));
             settings.insert(p.zone.clone(), s);
         }
     }
@@ -314,10 +321,7 @@ fn rank(slots: Vec<Slot<'_>>, req: &Request<'_>) -> Result<Vec<Choice>, ApiError
             .then(a.2.provider.name.cmp(&b.2.provider.name))
             .then(a.2.name().cmp(b.2.name()))
     });
-    Ok(keyed
-        .into_iter()
-        .map(|(_, _, s)| s.choice())
-        .collect())
+    Ok(keyed.into_iter().map(|(_, _, s)| s.choice()).collect())
 }
 
 #[cfg(test)]

@@ -255,7 +255,8 @@ impl TenantApi {
             vm.provider_id = choice.provider.id;
             vm.host = choice.host.clone();
             let room = choice.capacity.as_ref();
-            match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref(), room, guard.as_ref()).await {
+            match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref(), room, guard.as_ref()).await
+            {
                 Ok(()) => {
                     self.ctx.store.note_placed(vm.provider_id, &vm.host, vm.vcpus, vm.memory_mib);
                     self.ctx.announce(job.id);
