@@ -101,21 +101,32 @@ pub async fn room_of(store: &Store, vm: &crate::model::Vm) -> Result<Option<Capa
 }
 
 /// Every place the VM may go, best first (never empty). Ranked on the
-/// in-memory catalog; a refusal is only given after the same question was
-/// asked of the database, so a provider or host registered a moment ago in
-/// another process is never missed.
+/// in-memory catalog and host loads; a refusal is only given after the same
+/// question was asked of the database, so a provider or host registered a
+/// moment ago in another process is never missed, nor the room a VM
+/// deleted a moment ago left.
 pub async fn candidates(store: &Store, req: &Request<'_>) -> Result<Vec<Choice>, ApiError> {
     let catalog = store.catalog().await.map_err(|e| from_store(e, "providers"))?;
-    match candidates_in(store, &catalog, req).await {
-        Err(_) if store.catalog_cached() => {
-            let fresh = store.catalog_uncached().await.map_err(|e| from_store(e, "providers"))?;
-            candidates_in(store, &fresh, req).await
+    let loads = store.placed_loads().await.map_err(|e| from_store(e, "hosts"))?;
+    match candidates_in(&catalog, &loads, req) {
+        Err(_) => {
+            let fresh = if store.catalog_cached() {
+                std::sync::Arc::new(store.catalog_uncached().await.map_err(|e| from_store(e, "providers"))?)
+            } else {
+                catalog
+            };
+            let loads = store.placed_loads_now().await.map_err(|e| from_store(e, "hosts"))?;
+            candidates_in(&fresh, &loads, req)
         }
         r => r,
     }
 }
 
-async fn candidates_in(store: &Store, catalog: &Catalog, req: &Request<'_>) -> Result<Vec<Choice>, ApiError> {
+fn candidates_in(
+    catalog: &Catalog,
+    loads: &crate::store::Loads,
+    req: &Request<'_>,
+) -> Result<Vec<Choice>, ApiError> {
     let in_zone: Vec<&Provider> = catalog
         .providers
         .iter()
@@ -142,7 +153,6 @@ async fn candidates_in(store: &Store, catalog: &Catalog, req: &Request<'_>) -> R
         }
     }
     let hosts = &catalog.hosts;
-    let loads = store.placed_loads().await.map_err(|e| from_store(e, "hosts"))?;
     let mut settings: HashMap<String, ZonePlacement> = HashMap::new();
     for p in &capable {
         if !settings.contains_key(&p.zone) {

@@ -19,9 +19,10 @@
 //!
 //! Host loads are a sum over every VM, too costly per create: they are read
 //! at most every [`LOADS_MAX_AGE`], and a create placed by this process adds
-//! to its copy at once. Placement reads loads to rank hosts and check
-//! overcommit, which was already a read outside the accepting transaction:
-//! the strict rules (placement groups, quotas) are checked inside it.
+//! to its copy at once. Placement reads loads to rank hosts and leave out
+//! full ones; a refusal is given only after the loads were summed again,
+//! and the accepting transaction checks the chosen host's room, the strict
+//! placement group rules and the quota once more, under locks.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -297,6 +298,17 @@ impl Store {
         if let Some(l) = self.cache.current_loads() {
             return Ok(l);
         }
+        self.sum_loads().await
+    }
+
+    /// What is placed on each host, summed now (and kept as the copy): for
+    /// a refusal, which is only given on what the database says.
+    pub async fn placed_loads_now(&self) -> StoreResult<Arc<Loads>> {
+        let _one = self.cache.loads_reload.lock().await;
+        self.sum_loads().await
+    }
+
+    async fn sum_loads(&self) -> StoreResult<Arc<Loads>> {
         let loads: Arc<Loads> = Arc::new(self.host_loads().await?.into_iter().collect());
         *self.cache.loads.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((Instant::now(), Arc::clone(&loads)));
