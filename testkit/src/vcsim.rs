@@ -113,6 +113,10 @@ impl Vcsim {
         // the test's artifacts.
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("vcsim.log"))?;
+        // vcsim makes its datastores' directories under the temporary
+        // directory and removes them only on a clean exit; a killed vcsim
+        // leaves them, so they go in the test's directory, removed with it.
+        cmd.env("TMPDIR", self.dir.path());
         cmd.stdout(std::process::Stdio::piped()).stderr(log).kill_on_drop(true);
         let mut child = cmd.spawn()?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
