@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -37,6 +38,10 @@ def load_stubs():
         sys.exit(f"cannot compile {PROTO} (protoc exit {rc})")
     sys.path.insert(0, out)
     from hcp.provider.v1 import provider_pb2, provider_pb2_grpc  # noqa: E402
+    # Loaded: the generated files are not needed any more, and a provider
+    # that is killed would leave them behind.
+    sys.path.remove(out)
+    shutil.rmtree(out, ignore_errors=True)
     return provider_pb2, provider_pb2_grpc
 
 
