@@ -36,6 +36,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ])
         .build_server(true)
         .build_client(true)
-        .compile_fds(compiler.file_descriptor_set())?;
+        // `prost::Name` on every message, so `rules::check` finds a
+        // request's descriptor by its full name.
+        .compile_fds_with_config(compiler.file_descriptor_set(), {
+            let mut config = tonic_prost_build::Config::new();
+            config.enable_type_names();
+            config
+        })?;
     Ok(())
 }

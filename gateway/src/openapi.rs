@@ -13,13 +13,30 @@
 //! transcoder also accepts what proto3 JSON parsers accept beyond this
 //! (lowerCamelCase names, numbers as strings, enum numbers); the document
 //! describes the canonical form.
+//!
+//! Every rule core enforces on a request field comes from the field's
+//! `(hcp.common.v1.field)` option through [`hcp_proto::rules`], the same
+//! definitions core checks requests with: grammars become `pattern`,
+//! lengths `maxLength`, counts `maxItems`/`maxProperties`, ranges
+//! `minimum`/`maximum`, allowed strings `enum`, required fields `required`,
+//! output-only fields are left out of request schemas. Path and query
+//! parameters are never empty. Comments in the proto become descriptions.
 
 use std::collections::BTreeMap;
 
 use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
+use hcp_proto::rules::{self, Rule, StringFormat};
+use prost_reflect::FileDescriptor;
+
 use crate::routes::Route;
+
+/// What the document says of `Idempotency-Key`.
+const IDEMPOTENCY_KEY: &str = "Makes a retry safe: a request repeated with the same key and the same \
+     parameters within 24 hours gets the first answer (its status and body) and does nothing again; \
+     the same key with other parameters gets 422 IDEMPOTENCY_KEY_REUSED. Keys belong to the caller's \
+     tenant (operators: to the operator scope). 1 to 255 visible ASCII characters.";
 
 /// The document for `routes`.
 pub fn document(routes: &[Route]) -> Value {
@@ -28,65 +45,92 @@ pub fn document(routes: &[Route]) -> Value {
     let mut operation_ids: BTreeMap<String, usize> = BTreeMap::new();
     for route in routes {
         let (service, method) = route.grpc_path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
-        let n = operation_ids.entry(format!("{service}.{method}")).or_insert(0);
-        *n += 1;
-        let operation_id =
-            if *n == 1 { format!("{service}.{method}") } else { format!("{service}.{method}_{n}") };
+        let short_service = service.rsplit('.').next().unwrap_or(service);
+        let method_desc = route
+            .input
+            .parent_pool()
+            .get_service_by_name(service)
+            .and_then(|s| s.methods().find(|m| m.name() == method));
         let path_fields: Vec<&str> = route.template.variables().collect();
+        let operation_id = operation_id(service, method, &path_fields, &mut operation_ids);
 
         let mut parameters = Vec::new();
         for name in &path_fields {
-            let schema = route
-                .input
-                .get_field_by_name(name)
-                .map_or(json!({"type": "string"}), |f| field_schema(&f, Direction::Request, &mut schemas));
-            parameters.push(json!({"name": name, "in": "path", "required": true, "schema": schema}));
+            let schema =
+                route.input.get_field_by_name(name).map_or(json!({"type": "string", "minLength": 1}), |f| {
+                    field_schema(&f, Direction::Request, Place::Url, &mut schemas)
+                });
+            let mut param = json!({"name": name, "in": "path", "required": true, "schema": schema});
+            if let Some(d) = route.input.get_field_by_name(name).and_then(|f| comment_of_field(&f)) {
+                param["description"] = json!(d);
+            }
+            parameters.push(param);
         }
         if route.body.is_empty() {
             for f in route.input.fields() {
                 if path_fields.contains(&f.name()) || matches!(f.kind(), Kind::Message(_)) || f.is_map() {
                     continue;
                 }
-                parameters.push(json!({
+                let mut param = json!({
                     "name": f.name(),
                     "in": "query",
                     "required": false,
-                    "schema": field_schema(&f, Direction::Request, &mut schemas),
-                }));
+                    "schema": field_schema(&f, Direction::Request, Place::Url, &mut schemas),
+                });
+                if let Some(d) = comment_of_field(&f) {
+                    param["description"] = json!(d);
+                }
+                parameters.push(param);
             }
         }
-        if route.method == http::Method::POST {
+        if route.method != http::Method::GET {
             parameters.push(json!({
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": false,
-                "description": "A retried request with the same key and body gets the first answer (24 h); with another body, 409 IDEMPOTENCY_KEY_REUSED.",
-                "schema": {"type": "string", "minLength": 1, "maxLength": crate::MAX_KEY_HEADER},
+                "description": IDEMPOTENCY_KEY,
+                "schema": {"type": "string", "minLength": 1, "maxLength": rules::MAX_KEY_HEADER, "pattern": rules::KEY_HEADER_PATTERN},
             }));
         }
+        parameters.push(json!({
+            "name": "X-Request-Id",
+            "in": "header",
+            "required": false,
+            "description": "Your id for this request, kept with the job it starts (the trace id when absent).",
+            "schema": {"type": "string", "minLength": 1, "maxLength": rules::MAX_KEY_HEADER, "pattern": rules::KEY_HEADER_PATTERN},
+        }));
 
         let mut op = Map::new();
         op.insert("operationId".into(), json!(operation_id));
-        op.insert("tags".into(), json!([service.rsplit('.').next().unwrap_or(service)]));
-        op.insert("summary".into(), json!(format!("{service}.{method}")));
+        op.insert("tags".into(), json!([short_service]));
+        op.insert("summary".into(), json!(format!("{short_service}.{method}")));
+        if let Some(d) = method_desc.as_ref().and_then(|m| comment(m.parent_file(), m.path())) {
+            op.insert("description".into(), json!(d));
+        }
+        op.insert("x-grpc-method".into(), json!(format!("{service}/{method}")));
         op.insert("parameters".into(), Value::Array(parameters));
         match route.body.as_str() {
             "" => {}
             "*" => {
                 let schema = message_schema(&route.input, Direction::Request, &path_fields, &mut schemas);
+                let required = schema.get("required").is_some();
                 op.insert(
                     "requestBody".into(),
-                    json!({"required": false, "content": {"application/json": {"schema": schema}}}),
+                    json!({"required": required, "content": {"application/json": {"schema": schema}}}),
                 );
             }
             field => {
-                let schema = route
-                    .input
-                    .get_field_by_name(field)
-                    .map_or(json!({}), |f| field_schema(&f, Direction::Request, &mut schemas));
+                let f = route.input.get_field_by_name(field);
+                let schema = f.as_ref().map_or(json!({}), |f| match f.kind() {
+                    // The body is the message itself, never null.
+                    Kind::Message(m) => reference(&m, Direction::Request, &mut schemas),
+                    _ => field_schema(f, Direction::Request, Place::Body, &mut schemas),
+                });
+                let required =
+                    f.as_ref().and_then(|f| rules::Rules::get().of(f)).is_some_and(|r| r.rules.required);
                 op.insert(
                     "requestBody".into(),
-                    json!({"required": false, "content": {"application/json": {"schema": schema}}}),
+                    json!({"required": required, "content": {"application/json": {"schema": schema}}}),
                 );
             }
         }
@@ -126,7 +170,7 @@ pub fn document(routes: &[Route]) -> Value {
                 "message": {"type": "string"},
                 "details": {
                     "type": "object",
-                    "description": "field names the offending field; capability, retry_after_seconds and others as the code says",
+                    "description": "field: the offending field's path (`name`, `networks[0].network`, `metadata.owner`, a header's name); rule: for a broken documented rule, the JSON Schema keyword that states it (required, pattern, maxLength, maxItems, minimum, maximum, enum, readOnly, type); job_id: the job in flight that a CONFLICT waits on; capability, retry_after_seconds and others as the code says",
                     "additionalProperties": {"type": "string"},
                 },
                 "trace_id": {"type": "string"},
@@ -158,6 +202,62 @@ enum Direction {
     Response,
 }
 
+/// Where a request value is: in the JSON body, or in the URL (a path or
+/// query parameter, which is never empty: an empty one is refused).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Body,
+    Url,
+}
+
+/// A short, stable operation id: the method's name in lowerCamelCase,
+/// `ops` first for the operators' API, and for a method's further REST
+/// bindings `By` and the path variables the first binding lacks.
+fn operation_id(
+    service: &str,
+    method: &str,
+    path_fields: &[&str],
+    seen: &mut BTreeMap<String, usize>,
+) -> String {
+    let mut id = String::new();
+    if service.starts_with("hcp.ops.") {
+        id.push_str("ops");
+        id.push_str(method);
+    } else {
+        let mut chars = method.chars();
+        if let Some(first) = chars.next() {
+            id.push(first.to_ascii_lowercase());
+            id.extend(chars);
+        }
+    }
+    let n = seen.entry(id.clone()).or_insert(0);
+    *n += 1;
+    if *n > 1 {
+        id.push_str("By");
+        for f in path_fields.iter().filter(|f| !matches!(**f, "project_id" | "tenant_id")) {
+            id.extend(f.split('_').map(|w| {
+                let mut c = w.chars();
+                c.next().map(|h| h.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+            }));
+        }
+    }
+    id
+}
+
+/// The leading comment of the element at `path` in `file`, trimmed.
+fn comment(file: FileDescriptor, path: &[i32]) -> Option<String> {
+    let info = file.file_descriptor_proto().source_code_info.as_ref()?;
+    let loc = info.location.iter().find(|l| l.path == path)?;
+    let text = loc.leading_comments.as_deref()?;
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let text = lines.join(" ").trim().to_owned();
+    (!text.is_empty()).then_some(text)
+}
+
+fn comment_of_field(f: &FieldDescriptor) -> Option<String> {
+    comment(f.parent_file(), f.path())
+}
+
 fn schema_name(m: &MessageDescriptor, dir: Direction) -> String {
     match dir {
         Direction::Request => format!("{}.Input", m.full_name()),
@@ -187,58 +287,190 @@ fn message_schema(
     schemas: &mut BTreeMap<String, Value>,
 ) -> Value {
     let mut properties = Map::new();
+    let mut required = Vec::new();
     for f in m.fields() {
         if skip.contains(&f.name()) {
             continue;
         }
-        properties.insert(f.name().to_owned(), field_schema(&f, dir, schemas));
+        let rule = rules::Rules::get().of(&f);
+        if dir == Direction::Request {
+            // Output-only fields are refused in requests: they are not part
+            // of the request's shape.
+            if rule.is_some_and(|r| r.rules.output_only) {
+                continue;
+            }
+            if rule.is_some_and(|r| r.rules.required) {
+                required.push(f.name().to_owned());
+            }
+        }
+        let mut schema = field_schema(&f, dir, Place::Body, schemas);
+        if let Some(d) = comment_of_field(&f) {
+            describe(&mut schema, d);
+        }
+        properties.insert(f.name().to_owned(), schema);
     }
     let mut schema = json!({"type": "object", "properties": properties});
+    if let Some(d) = comment(m.parent_file(), m.path()) {
+        schema["description"] = json!(d);
+    }
     if dir == Direction::Request {
         schema["additionalProperties"] = json!(false);
+        if !required.is_empty() {
+            schema["required"] = json!(required);
+        }
     }
     schema
 }
 
-fn field_schema(f: &FieldDescriptor, dir: Direction, schemas: &mut BTreeMap<String, Value>) -> Value {
+/// Adds a description to a schema; a `$ref` is wrapped (siblings of `$ref`
+/// are allowed in 3.1, but generators read them unevenly).
+fn describe(schema: &mut Value, text: String) {
+    if let Some(obj) = schema.as_object_mut() {
+        if obj.contains_key("$ref") {
+            *schema = json!({"allOf": [schema.clone()], "description": text});
+        } else {
+            obj.insert("description".into(), json!(text));
+        }
+    }
+}
+
+fn field_schema(
+    f: &FieldDescriptor,
+    dir: Direction,
+    place: Place,
+    schemas: &mut BTreeMap<String, Value>,
+) -> Value {
+    let rule = match dir {
+        Direction::Request => rules::Rules::get().of(f),
+        Direction::Response => None,
+    };
     if f.is_map() {
         let Kind::Message(entry) = f.kind() else { return json!({"type": "object"}) };
-        let value = field_schema(&entry.map_entry_value_field(), dir, schemas);
-        return json!({"type": "object", "additionalProperties": value});
+        let value_field = entry.map_entry_value_field();
+        let mut value = field_schema(&value_field, dir, place, schemas);
+        let mut schema = json!({"type": "object"});
+        if let Some(rule) = rule {
+            apply_string_rules(&mut value, rule, true);
+            if rule.rules.max_items > 0 {
+                schema["maxProperties"] = json!(rule.rules.max_items);
+            }
+            let key = rule.key_format();
+            if let Some(pattern) = key.pattern() {
+                let mut names = json!({"pattern": pattern});
+                if let Some(prefix) = key.reserved_prefix() {
+                    names["not"] = json!({"pattern": format!("^{}", prefix.replace('.', "\\."))});
+                }
+                schema["propertyNames"] = names;
+            }
+        }
+        schema["additionalProperties"] = value;
+        return schema;
     }
-    let item = match f.kind() {
+    let mut item = match f.kind() {
         Kind::Message(m) => {
             let r = reference(&m, dir, schemas);
-            if f.is_list() { r } else { json!({"anyOf": [r, {"type": "null"}]}) }
-        }
-        // Ids core checks as UUIDs (`validate::id`); in replies they may be
-        // empty where they do not apply.
-        Kind::String if dir == Direction::Request && UUID_FIELDS.contains(&f.name()) => {
-            json!({"type": "string", "format": "uuid"})
+            if f.is_list() || dir == Direction::Request && rule.is_some_and(|r| r.rules.required) {
+                r
+            } else {
+                json!({"anyOf": [r, {"type": "null"}]})
+            }
         }
         kind => scalar_schema(&kind, dir),
     };
-    if f.is_list() { json!({"type": "array", "items": item}) } else { item }
+    if let Some(rule) = rule {
+        // List items are checked as given; a single value that is not
+        // required may be empty (not given), except in the URL.
+        let strict = f.is_list() || rule.rules.required || place == Place::Url;
+        apply_string_rules(&mut item, rule, strict);
+        if let Some(min) = rule.rules.minimum {
+            item["minimum"] = number(min);
+        }
+        if let Some(max) = rule.rules.maximum {
+            item["maximum"] = number(max);
+        }
+    } else if dir == Direction::Request && place == Place::Url && item["type"] == "string" {
+        item["minLength"] = json!(1);
+    }
+    // An optional scalar may be null in a request (null is "not given").
+    if dir == Direction::Request
+        && f.supports_presence()
+        && !f.is_list()
+        && !matches!(f.kind(), Kind::Message(_))
+        && let Some(t) = item.get("type").cloned()
+    {
+        let mut types = match t {
+            Value::Array(a) => a,
+            t => vec![t],
+        };
+        types.push(json!("null"));
+        item["type"] = Value::Array(types);
+    }
+    if f.is_list() {
+        let mut list = json!({"type": "array", "items": item});
+        if let Some(max) = rule.map(|r| r.rules.max_items).filter(|m| *m > 0) {
+            list["maxItems"] = json!(max);
+        }
+        list
+    } else {
+        item
+    }
 }
 
-/// Request fields core accepts only as UUIDs.
-const UUID_FIELDS: &[&str] = &["vm_id", "job_id", "snapshot_id", "provider_id"];
+/// A whole number as an integer, so `maximum: 3600` reads as such.
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 { json!(x as i64) } else { json!(x) }
+}
+
+/// The string rules of `rule` on a string schema: its grammar, length and
+/// allowed values; `strict` when an empty string is not "not given".
+fn apply_string_rules(schema: &mut Value, rule: &Rule, strict: bool) {
+    if schema["type"] != "string" {
+        return;
+    }
+    let format = rule.format();
+    if let Some(pattern) = format.pattern() {
+        let pattern =
+            if strict || format == StringFormat::Text { pattern.to_owned() } else { format!("^$|{pattern}") };
+        schema["pattern"] = json!(pattern);
+        if format == StringFormat::Uuid && strict {
+            schema["format"] = json!("uuid");
+        }
+        if let Some(prefix) = format.reserved_prefix() {
+            schema["not"] = json!({"pattern": format!("^{}", prefix.replace('.', "\\."))});
+        }
+    }
+    if let Some(max) = rule.max_length() {
+        schema["maxLength"] = json!(max);
+    }
+    if strict && format != StringFormat::Text {
+        schema["minLength"] = json!(1);
+    }
+    if !rule.rules.one_of.is_empty() {
+        let mut values: Vec<&str> = rule.rules.one_of.iter().map(String::as_str).collect();
+        if !strict {
+            values.insert(0, "");
+        }
+        schema["enum"] = json!(values);
+    }
+}
 
 fn scalar_schema(kind: &Kind, dir: Direction) -> Value {
-    let wide = |format: &str| match dir {
-        Direction::Request => json!({"type": ["string", "integer"], "format": format}),
+    let wide = |format: &str, pattern: &str| match dir {
+        Direction::Request => json!({"type": ["string", "integer"], "format": format, "pattern": pattern}),
         Direction::Response => json!({"type": "string", "format": format}),
     };
     match kind {
         Kind::Bool => json!({"type": "boolean"}),
         Kind::String => json!({"type": "string"}),
         Kind::Bytes => json!({"type": "string", "contentEncoding": "base64"}),
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => json!({"type": "integer", "format": "int32"}),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            json!({"type": "integer", "format": "int32", "minimum": i32::MIN, "maximum": i32::MAX})
+        }
         Kind::Uint32 | Kind::Fixed32 => {
             json!({"type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX})
         }
-        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => wide("int64"),
-        Kind::Uint64 | Kind::Fixed64 => wide("uint64"),
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => wide("int64", "^-?[0-9]{1,19}$"),
+        Kind::Uint64 | Kind::Fixed64 => wide("uint64", "^[0-9]{1,20}$"),
         Kind::Float => json!({"type": "number", "format": "float"}),
         Kind::Double => json!({"type": "number", "format": "double"}),
         Kind::Enum(e) => {
@@ -254,9 +486,11 @@ fn well_known(m: &MessageDescriptor) -> Option<Value> {
     Some(match m.full_name() {
         "google.protobuf.Timestamp" => json!({"type": "string", "format": "date-time"}),
         "google.protobuf.Duration" => json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?s$"}),
-        "google.protobuf.FieldMask" => {
-            json!({"type": "string", "description": "comma-separated field paths"})
-        }
+        "google.protobuf.FieldMask" => json!({
+            "type": "string",
+            "description": "comma-separated field names",
+            "pattern": "^[a-z][a-zA-Z0-9_]*(,[a-z][a-zA-Z0-9_]*)*$",
+        }),
         "google.protobuf.Struct" => json!({"type": "object"}),
         "google.protobuf.Value" => json!({}),
         "google.protobuf.Empty" => json!({"type": "object", "additionalProperties": false}),

@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod ids;
+pub mod rules;
 
 /// Generated code, laid out by protobuf package so that the cross-package
 /// paths prost emits resolve.

@@ -7,8 +7,8 @@ use hcp_proto::common::{
     ListImagesRequest, ListImagesResponse, ListZonesRequest, ListZonesResponse,
 };
 
-use super::{ApiContext, ApiResult, handle, validate};
-use crate::auth::{Access, principal};
+use super::{ApiContext, ApiResult, checked, handle, validate};
+use crate::auth::Access;
 use crate::convert;
 use crate::error::from_store;
 
@@ -28,7 +28,7 @@ impl CatalogApi {
 #[tonic::async_trait]
 impl CatalogService for CatalogApi {
     async fn list_flavors(&self, req: tonic::Request<ListFlavorsRequest>) -> ApiResult<ListFlavorsResponse> {
-        principal(&req)?;
+        checked(&req)?;
         handle(async {
             let flavors = self.ctx.store.list_flavors().await.map_err(|e| from_store(e, "flavors"))?;
             Ok(ListFlavorsResponse { flavors: flavors.iter().map(convert::flavor_to_proto).collect() })
@@ -37,7 +37,7 @@ impl CatalogService for CatalogApi {
     }
 
     async fn get_flavor(&self, req: tonic::Request<GetFlavorRequest>) -> ApiResult<Flavor> {
-        principal(&req)?;
+        checked(&req)?;
         let name = req.into_inner().name;
         handle(async {
             validate::label("name", &name)?;
@@ -53,7 +53,7 @@ impl CatalogService for CatalogApi {
     }
 
     async fn list_images(&self, req: tonic::Request<ListImagesRequest>) -> ApiResult<ListImagesResponse> {
-        let for_ops = principal(&req)?.ops(Access::Read).is_ok();
+        let for_ops = checked(&req)?.ops(Access::Read).is_ok();
         handle(async {
             let images = self.ctx.store.list_images().await.map_err(|e| from_store(e, "images"))?;
             Ok(ListImagesResponse {
@@ -64,7 +64,7 @@ impl CatalogService for CatalogApi {
     }
 
     async fn get_image(&self, req: tonic::Request<GetImageRequest>) -> ApiResult<Image> {
-        let for_ops = principal(&req)?.ops(Access::Read).is_ok();
+        let for_ops = checked(&req)?.ops(Access::Read).is_ok();
         let name = req.into_inner().name;
         handle(async {
             validate::label("name", &name)?;
@@ -76,7 +76,7 @@ impl CatalogService for CatalogApi {
     }
 
     async fn list_zones(&self, req: tonic::Request<ListZonesRequest>) -> ApiResult<ListZonesResponse> {
-        principal(&req)?;
+        checked(&req)?;
         handle(async {
             let zones = self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zones"))?;
             Ok(ListZonesResponse { zones: zones.iter().map(convert::zone_to_proto).collect() })
@@ -88,7 +88,7 @@ impl CatalogService for CatalogApi {
         &self,
         req: tonic::Request<hcp_proto::common::ListNetworksRequest>,
     ) -> ApiResult<hcp_proto::common::ListNetworksResponse> {
-        principal(&req)?;
+        checked(&req)?;
         let r = req.into_inner();
         handle(async {
             if !r.zone.is_empty() {

@@ -165,10 +165,8 @@ pub async fn set_zone_placement(
             )
         })?
     };
-    let ratio = |field: &str, v: f64, default: f64| -> Result<f64, ApiError> {
-        if v == 0.0 {
-            return Ok(default);
-        }
+    let ratio = |field: &str, v: Option<f64>, default: f64| -> Result<f64, ApiError> {
+        let Some(v) = v else { return Ok(default) };
         if !(1.0..=64.0).contains(&v) {
             return Err(ApiError::invalid_field(field, format!("{field} must be between 1 and 64, got {v}")));
         }

@@ -97,3 +97,17 @@ pub async fn handle<T>(
 ) -> Result<tonic::Response<T>, tonic::Status> {
     f.await.map(tonic::Response::new).map_err(crate::error::status)
 }
+
+/// The caller, once the request has passed its message's field rules
+/// ([`hcp_proto::rules::check`], the rules the OpenAPI document states):
+/// how every handler starts but those of operations on one VM, which check
+/// the rules after the VM's in-flight job (`tenant.rs`), so a 409 naming
+/// the job comes first whatever else is wrong.
+/// The `Idempotency-Key` header is checked first, as the first part of the
+/// request.
+pub fn checked<T: prost::Message + prost::Name>(req: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
+    let p = crate::auth::principal(req)?;
+    tenant::idempotency_key(req).map_err(crate::error::status)?;
+    hcp_proto::rules::check(req.get_ref()).map_err(crate::error::status)?;
+    Ok(p)
+}

@@ -19,7 +19,7 @@ use hcp_proto::ops::{
 };
 
 use super::page::Binding;
-use super::{ApiContext, ApiResult, handle, validate};
+use super::{ApiContext, ApiResult, checked, handle, validate};
 use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
@@ -300,7 +300,7 @@ impl ProviderAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::ListHostsRequest>,
     ) -> ApiResult<hcp_proto::ops::ListHostsResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(super::hosts::list(&self.ctx, &p, &req.get_ref().provider_id)).await
     }
 
@@ -308,7 +308,7 @@ impl ProviderAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::HostRequest>,
     ) -> ApiResult<hcp_proto::ops::Host> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(super::hosts::set_drain(&self.ctx, &p, req.into_inner(), true)).await
     }
 
@@ -316,12 +316,12 @@ impl ProviderAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::HostRequest>,
     ) -> ApiResult<hcp_proto::ops::Host> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(super::hosts::set_drain(&self.ctx, &p, req.into_inner(), false)).await
     }
 
     async fn register_provider(&self, req: tonic::Request<RegisterProviderRequest>) -> ApiResult<Provider> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             self.register(p.clone(), req.into_inner()).await
@@ -333,7 +333,7 @@ impl ProviderAdminService for OpsApi {
         &self,
         req: tonic::Request<ListProvidersRequest>,
     ) -> ApiResult<ListProvidersResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Read)?;
             let providers = self.ctx.store.list_providers().await.map_err(|e| from_store(e, "providers"))?;
@@ -345,7 +345,7 @@ impl ProviderAdminService for OpsApi {
     }
 
     async fn get_provider(&self, req: tonic::Request<GetProviderRequest>) -> ApiResult<Provider> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Read)?;
             let id: ProviderId = validate::id("provider_id", &req.get_ref().provider_id)?;
@@ -364,7 +364,7 @@ impl ProviderAdminService for OpsApi {
         &self,
         req: tonic::Request<RemoveProviderRequest>,
     ) -> ApiResult<RemoveProviderResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             self.remove(p.clone(), req.into_inner()).await
@@ -379,7 +379,7 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::GetZonePlacementRequest>,
     ) -> ApiResult<hcp_proto::ops::ZonePlacement> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(super::hosts::get_zone_placement(&self.ctx, &p, &req.get_ref().zone)).await
     }
 
@@ -387,12 +387,12 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::SetZonePlacementRequest>,
     ) -> ApiResult<hcp_proto::ops::ZonePlacement> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(super::hosts::set_zone_placement(&self.ctx, &p, req.into_inner())).await
     }
 
     async fn create_flavor(&self, req: tonic::Request<CreateFlavorRequest>) -> ApiResult<common::Flavor> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             self.create_flavor(p.clone(), req.into_inner()).await
@@ -404,7 +404,7 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<DeleteFlavorRequest>,
     ) -> ApiResult<DeleteFlavorResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             self.delete_entry(p.clone(), "flavor", req.into_inner().name).await?;
@@ -414,7 +414,7 @@ impl CatalogAdminService for OpsApi {
     }
 
     async fn create_image(&self, req: tonic::Request<CreateImageRequest>) -> ApiResult<common::Image> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             self.create_image(p.clone(), req.into_inner()).await
@@ -423,7 +423,7 @@ impl CatalogAdminService for OpsApi {
     }
 
     async fn delete_image(&self, req: tonic::Request<DeleteImageRequest>) -> ApiResult<DeleteImageResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             self.delete_entry(p.clone(), "image", req.into_inner().name).await?;
@@ -433,7 +433,7 @@ impl CatalogAdminService for OpsApi {
     }
 
     async fn create_zone(&self, req: tonic::Request<CreateZoneRequest>) -> ApiResult<common::Zone> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             self.create_zone(p.clone(), req.into_inner()).await
@@ -442,7 +442,7 @@ impl CatalogAdminService for OpsApi {
     }
 
     async fn delete_zone(&self, req: tonic::Request<DeleteZoneRequest>) -> ApiResult<DeleteZoneResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             self.delete_entry(p.clone(), "zone", req.into_inner().name).await?;
@@ -455,7 +455,7 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::CreateNetworkRequest>,
     ) -> ApiResult<hcp_proto::ops::NetworkDefinition> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             let n = req
@@ -505,7 +505,7 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::ListNetworkDefinitionsRequest>,
     ) -> ApiResult<hcp_proto::ops::ListNetworkDefinitionsResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Read)?;
             let zone = req.into_inner().zone;
@@ -525,7 +525,7 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::DeleteNetworkRequest>,
     ) -> ApiResult<hcp_proto::ops::DeleteNetworkResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Write)?;
             let r = req.into_inner();
@@ -611,7 +611,7 @@ impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::GetOpsVmRequest>,
     ) -> ApiResult<hcp_proto::ops::OpsVm> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(super::hosts::get_vm(&self.ctx, &p, &req.get_ref().vm_id)).await
     }
 
@@ -628,7 +628,7 @@ impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
 #[tonic::async_trait]
 impl JobAdminService for OpsApi {
     async fn get_job(&self, req: tonic::Request<GetOpsJobRequest>) -> ApiResult<OpsJob> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(async {
             p.ops(Access::Read)?;
             let id: hcp_proto::ids::JobId = validate::id("job_id", &req.get_ref().job_id)?;
@@ -646,7 +646,7 @@ impl AuditService for OpsApi {
         &self,
         req: tonic::Request<VerifyAuditChainRequest>,
     ) -> ApiResult<VerifyAuditChainResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let r = req.into_inner();
         handle(async {
             p.ops(Access::Read)?;
@@ -686,7 +686,7 @@ impl AuditService for OpsApi {
         &self,
         req: tonic::Request<ListAuditEventsRequest>,
     ) -> ApiResult<ListAuditEventsResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let r = req.into_inner();
         handle(async {
             p.ops(Access::Read)?;
@@ -738,7 +738,7 @@ impl QuotaAdminService for OpsApi {
         &self,
         req: tonic::Request<SetProjectQuotaRequest>,
     ) -> ApiResult<ProjectQuota> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let r = req.into_inner();
         handle(async {
             p.ops(Access::Write)?;
@@ -772,7 +772,7 @@ impl QuotaAdminService for OpsApi {
         &self,
         req: tonic::Request<GetProjectQuotaRequest>,
     ) -> ApiResult<ProjectQuota> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let r = req.into_inner();
         handle(async {
             p.ops(Access::Read)?;

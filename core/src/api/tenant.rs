@@ -21,7 +21,7 @@ use idempotency::fingerprint;
 pub use idempotency::idempotency_key;
 
 use super::page::Binding;
-use super::{ApiContext, ApiResult, handle, validate};
+use super::{ApiContext, ApiResult, checked, handle, validate};
 use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal, principal};
 use crate::convert;
@@ -426,7 +426,7 @@ impl VmService for TenantApi {
         &self,
         req: tonic::Request<hcp_proto::tenant::CreatePlacementGroupRequest>,
     ) -> ApiResult<hcp_proto::tenant::PlacementGroup> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(super::groups::create(&self.ctx, &p, req.into_inner())).await
     }
 
@@ -434,7 +434,7 @@ impl VmService for TenantApi {
         &self,
         req: tonic::Request<hcp_proto::tenant::ListPlacementGroupsRequest>,
     ) -> ApiResult<hcp_proto::tenant::ListPlacementGroupsResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(super::groups::list(&self.ctx, &p, &req.get_ref().project_id)).await
     }
 
@@ -442,7 +442,7 @@ impl VmService for TenantApi {
         &self,
         req: tonic::Request<hcp_proto::tenant::PlacementGroupRequest>,
     ) -> ApiResult<hcp_proto::tenant::PlacementGroup> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let r = req.get_ref();
         handle(super::groups::get(&self.ctx, &p, &r.project_id, &r.placement_group_id)).await
     }
@@ -451,7 +451,7 @@ impl VmService for TenantApi {
         &self,
         req: tonic::Request<hcp_proto::tenant::PlacementGroupRequest>,
     ) -> ApiResult<hcp_proto::tenant::DeletePlacementGroupResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let r = req.get_ref();
         handle(async {
             super::groups::delete(&self.ctx, &p, &r.project_id, &r.placement_group_id).await?;
@@ -461,19 +461,19 @@ impl VmService for TenantApi {
     }
 
     async fn create_vm(&self, req: tonic::Request<CreateVmRequest>) -> ApiResult<VmOperationAccepted> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let key = idempotency_key(&req).map_err(crate::error::status)?;
         let rid = request_id(&req);
         handle(self.create_vm(p, key, rid, req.into_inner())).await
     }
 
     async fn get_vm_by_id(&self, req: tonic::Request<GetVmByIdRequest>) -> ApiResult<Vm> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(self.get_vm_by_id(p, req.into_inner())).await
     }
 
     async fn update_vm(&self, req: tonic::Request<UpdateVmRequest>) -> ApiResult<Vm> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(self.update_vm(p, req.into_inner())).await
     }
 
@@ -485,12 +485,12 @@ impl VmService for TenantApi {
     }
 
     async fn list_vms(&self, req: tonic::Request<ListVmsRequest>) -> ApiResult<ListVmsResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(self.list_vms(p, req.into_inner())).await
     }
 
     async fn get_vm(&self, req: tonic::Request<GetVmRequest>) -> ApiResult<Vm> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(self.get_vm(p, req.into_inner())).await
     }
 
@@ -594,7 +594,7 @@ impl VmService for TenantApi {
         &self,
         req: tonic::Request<hcp_proto::tenant::ListSnapshotsRequest>,
     ) -> ApiResult<hcp_proto::tenant::ListSnapshotsResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let r = req.into_inner();
         handle(async {
             validate::project_id(&r.project_id)?;
@@ -642,7 +642,7 @@ impl QuotaService for TenantApi {
         &self,
         req: tonic::Request<hcp_proto::tenant::GetProjectQuotaRequest>,
     ) -> ApiResult<hcp_proto::tenant::ProjectQuota> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let r = req.into_inner();
         handle(async {
             validate::project_id(&r.project_id)?;

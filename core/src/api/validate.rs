@@ -1,7 +1,12 @@
-//! Input validation shared by the services: every limit of the API lives
-//! here, and every check names the field it is about, with the field's name
-//! as it appears in the request. Messages quote at most a short excerpt of
-//! the caller's value ([`excerpt`]), so an error never echoes a long input.
+//! Input validation shared by the services. The rules of every request
+//! field are stated in the proto (`(hcp.common.v1.field)`) and checked by
+//! [`hcp_proto::rules::check`], which handlers call ([`super::checked`], or
+//! after the in-flight check for operations on a VM); the checks here use
+//! the same grammars ([`StringFormat`]) for values that are not a request
+//! field as such (a typed id parsed for a lookup, a defaulted hostname).
+//! Every check names the field it is about and the rule (`details.rule`).
+//! Messages quote at most a short excerpt of the caller's value
+//! ([`excerpt`]), so an error never echoes a long input.
 //!
 //! The limits (also in the README's "Limits" table):
 //!
@@ -11,10 +16,10 @@
 //! | tenant and project ids | [`scope_id`]: 1–64 of `[A-Za-z0-9._-]`, a letter or digit first |
 //! | ids (VM, job, snapshot, provider) | canonical UUID |
 //! | tags | at most [`MAX_TAGS`], each 1–64 visible ASCII characters, no `,` |
-//! | metadata | at most [`MAX_METADATA`] entries; keys 1–128 of `[A-Za-z0-9._:/-]`, not `hcp.`; values ≤ 1024 bytes of text |
+//! | metadata | at most [`MAX_METADATA`] entries; keys 1–128 of `[A-Za-z0-9._:/-]`, not `hcp.`; values ≤ 1024 characters of text |
 //! | network attachments | at most [`MAX_NETWORKS`] |
-//! | user data | at most [`MAX_USER_DATA`] bytes |
-//! | descriptions | at most [`MAX_DESCRIPTION`] bytes of text |
+//! | user data | at most [`MAX_USER_DATA`] characters |
+//! | descriptions | at most [`MAX_DESCRIPTION`] characters of text |
 //! | page size | 1–1000 (0: the default) |
 //!
 //! "Text" is UTF-8 without control characters other than tab, line feed
@@ -23,22 +28,23 @@
 use std::str::FromStr;
 
 use hcp_proto::error::{ApiError, excerpt};
+use hcp_proto::rules::{Keyword, StringFormat, violation};
 
 /// Most metadata entries on a VM.
 pub const MAX_METADATA: usize = 64;
-/// Longest metadata key, bytes.
+/// Longest metadata key, characters.
 pub const MAX_METADATA_KEY: usize = 128;
-/// Longest metadata value, bytes.
+/// Longest metadata value, characters.
 pub const MAX_METADATA_VALUE: usize = 1024;
 /// Most tags on a VM.
 pub const MAX_TAGS: usize = 32;
 /// Most network attachments on a VM.
 pub const MAX_NETWORKS: usize = 8;
-/// Largest user data, bytes.
+/// Largest user data, characters.
 pub const MAX_USER_DATA: usize = 64 * 1024;
-/// Longest catalog description, bytes.
+/// Longest catalog description, characters.
 pub const MAX_DESCRIPTION: usize = 1024;
-/// Longest provider endpoint or image source, bytes.
+/// Longest provider endpoint or image source, characters.
 pub const MAX_LOCATOR: usize = 1024;
 /// Most provider credentials.
 pub const MAX_CREDENTIALS: usize = 32;
@@ -48,63 +54,56 @@ pub const MAX_HOST: usize = 255;
 /// Parses a typed id, naming `field` on failure.
 pub fn id<T: FromStr>(field: &str, value: &str) -> Result<T, ApiError> {
     if value.is_empty() {
-        return Err(ApiError::invalid_field(field, format!("{field} is required")));
+        return Err(violation(field, Keyword::Required, format!("{field} is required")));
     }
     value.parse().map_err(|_| {
-        ApiError::invalid_field(field, format!("{field} must be a UUID, got {}", excerpt(value)))
+        violation(field, Keyword::Pattern, format!("{field} must be a UUID, got {}", excerpt(value)))
     })
 }
 
 /// A required non-empty string.
 pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, ApiError> {
     if value.trim().is_empty() {
-        Err(ApiError::invalid_field(field, format!("{field} is required")))
+        Err(violation(field, Keyword::Required, format!("{field} is required")))
     } else {
         Ok(value)
     }
 }
 
-/// A DNS-label-like name: 1 to 63 of `[a-z0-9-]` (any case), starting with a
-/// letter, not ending with '-'.
-pub fn label(field: &str, value: &str) -> Result<(), ApiError> {
-    required(field, value)?;
-    let ok = value.len() <= 63
-        && value.starts_with(|c: char| c.is_ascii_alphabetic())
-        && !value.ends_with('-')
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-    if ok {
+/// A required string of `format` (the grammar the proto's field rules
+/// name, [`StringFormat`]).
+pub fn format(field: &str, value: &str, format: StringFormat) -> Result<(), ApiError> {
+    if value.is_empty() {
+        return Err(violation(field, Keyword::Required, format!("{field} is required")));
+    }
+    if let Some(max) = format.max_length()
+        && value.chars().count() > max
+    {
+        return Err(violation(
+            field,
+            Keyword::MaxLength,
+            format!("{field} is {} characters long; at most {max} are allowed", value.chars().count()),
+        ));
+    }
+    if format.matches(value) {
         Ok(())
     } else {
-        Err(ApiError::invalid_field(
+        Err(violation(
             field,
-            format!(
-                "{field} must be 1 to 63 letters, digits or '-', start with a letter and not end \
-                 with '-', got {}",
-                excerpt(value)
-            ),
+            Keyword::Pattern,
+            format!("{field} must be {}, got {}", format.describe(), excerpt(value)),
         ))
     }
 }
 
-/// A tenant or project id: 1 to 64 of `[A-Za-z0-9._-]`, starting with a
-/// letter or digit (so never `.` or `..`).
+/// A DNS-label-like name ([`StringFormat::Label`]).
+pub fn label(field: &str, value: &str) -> Result<(), ApiError> {
+    format(field, value, StringFormat::Label)
+}
+
+/// A tenant or project id ([`StringFormat::ScopeId`]: never `.` or `..`).
 pub fn scope_id(field: &str, value: &str) -> Result<(), ApiError> {
-    required(field, value)?;
-    let ok = value.len() <= 64
-        && value.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid_field(
-            field,
-            format!(
-                "{field} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or \
-                 digit, got {}",
-                excerpt(value)
-            ),
-        ))
-    }
+    format(field, value, StringFormat::ScopeId)
 }
 
 /// A project id ([`scope_id`] naming `project_id`).
@@ -112,21 +111,9 @@ pub fn project_id(value: &str) -> Result<(), ApiError> {
     scope_id("project_id", value)
 }
 
-/// A tag: 1 to 64 printable characters without spaces or commas.
+/// A tag ([`StringFormat::Tag`]).
 pub fn tag(field: &str, value: &str) -> Result<(), ApiError> {
-    let ok =
-        !value.is_empty() && value.len() <= 64 && value.chars().all(|c| c.is_ascii_graphic() && c != ',');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid_field(
-            field,
-            format!(
-                "{field} must be 1 to 64 printable characters without spaces or commas, got {}",
-                excerpt(value)
-            ),
-        ))
-    }
+    format(field, value, StringFormat::Tag)
 }
 
 /// Tags: at most [`MAX_TAGS`], each a [`tag`]; `field` names the list.
@@ -138,55 +125,46 @@ pub fn tags(field: &str, values: &[String]) -> Result<(), ApiError> {
 /// At most `max` items in the list `field`.
 pub fn count(field: &str, n: usize, max: usize) -> Result<(), ApiError> {
     if n > max {
-        Err(ApiError::invalid_field(field, format!("at most {max} {field} are allowed, got {n}")))
+        Err(violation(field, Keyword::MaxItems, format!("at most {max} {field} are allowed, got {n}")))
     } else {
         Ok(())
     }
 }
 
-/// Free text of at most `max` bytes: no control characters but tab, line
-/// feed and carriage return.
+/// Free text of at most `max` characters ([`StringFormat::Text`]: no
+/// control characters but tab, line feed and carriage return).
 pub fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
-    if value.len() > max {
-        return Err(ApiError::invalid_field(
+    let chars = value.chars().count();
+    if chars > max {
+        return Err(violation(
             field,
-            format!("{field} is {} bytes; at most {max} are allowed", value.len()),
+            Keyword::MaxLength,
+            format!("{field} is {chars} characters long; at most {max} are allowed"),
         ));
     }
     if let Some(c) = value.chars().find(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) {
-        return Err(ApiError::invalid_field(
+        return Err(violation(
             field,
+            Keyword::Pattern,
             format!("{field} must not contain control characters, found {c:?}"),
         ));
     }
     Ok(())
 }
 
-/// Metadata: at most [`MAX_METADATA`] entries; keys 1 to
-/// [`MAX_METADATA_KEY`] of `[A-Za-z0-9._:/-]` and not in the reserved `hcp.`
-/// namespace; values [`text`] of at most [`MAX_METADATA_VALUE`] bytes.
+/// Metadata: at most [`MAX_METADATA`] entries; keys
+/// [`StringFormat::MetadataKey`]; values [`text`] of at most
+/// [`MAX_METADATA_VALUE`] characters.
 pub fn metadata<'a>(
     entries: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
 ) -> Result<(), ApiError> {
     count("metadata", entries.len(), MAX_METADATA)?;
     for (k, v) in entries {
-        let key_ok = !k.is_empty()
-            && k.len() <= MAX_METADATA_KEY
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-'));
-        if !key_ok {
-            return Err(ApiError::invalid_field(
+        if !StringFormat::MetadataKey.matches(k) {
+            return Err(violation(
                 "metadata",
-                format!(
-                    "metadata keys must be 1 to {MAX_METADATA_KEY} letters, digits, '.', '_', ':', '/' \
-                     or '-', got {}",
-                    excerpt(k)
-                ),
-            ));
-        }
-        if k.starts_with("hcp.") {
-            return Err(ApiError::invalid_field(
-                "metadata",
-                format!("metadata key {} is in the reserved hcp. namespace", excerpt(k)),
+                Keyword::Pattern,
+                format!("metadata keys must be {}, got {}", StringFormat::MetadataKey.describe(), excerpt(k)),
             ));
         }
         text(&format!("metadata.{k}"), v, MAX_METADATA_VALUE)?;
@@ -199,7 +177,11 @@ pub fn page_size(value: u32, default: u32) -> Result<u32, ApiError> {
     match value {
         0 => Ok(default),
         1..=1000 => Ok(value),
-        _ => Err(ApiError::invalid_field("page_size", format!("page_size must be 1 to 1000, got {value}"))),
+        _ => Err(violation(
+            "page_size",
+            Keyword::Maximum,
+            format!("page_size must be at most 1000, got {value}"),
+        )),
     }
 }
 
@@ -307,6 +289,41 @@ mod tests {
                 prop_assert!(s.chars().all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r')));
             }
         }
+    }
+
+    /// The values the proto allows a string field (`one_of`, which the
+    /// OpenAPI document states as `enum`) are exactly those core knows.
+    #[test]
+    fn the_protos_enumerated_strings_are_the_domains_names() {
+        use crate::lifecycle::ConsoleProtocol;
+        use crate::model::{JobKind, PlacementPolicy};
+        let rules = hcp_proto::rules::Rules::get();
+        let one_of = |message: &str, field: &str| -> Vec<String> {
+            let m = rules.message(message).unwrap();
+            let f = m.get_field_by_name(field).unwrap();
+            rules.of(&f).map(|r| r.rules.one_of.clone()).unwrap_or_default()
+        };
+        let names = |n: Vec<&str>| n.into_iter().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            one_of("hcp.tenant.v1.ListJobsRequest", "kind"),
+            names(JobKind::ALL.iter().map(|k| k.as_str()).collect())
+        );
+        assert_eq!(
+            one_of("hcp.tenant.v1.CreateConsoleRequest", "type"),
+            names(ConsoleProtocol::ALL.iter().map(|k| k.as_str()).collect())
+        );
+        assert_eq!(
+            one_of("hcp.ops.v1.SetZonePlacementRequest", "policy"),
+            // Exhaustive: a new policy fails to compile here until listed.
+            names(
+                [PlacementPolicy::Spread, PlacementPolicy::Pack]
+                    .iter()
+                    .map(|p| match p {
+                        PlacementPolicy::Spread | PlacementPolicy::Pack => p.as_str(),
+                    })
+                    .collect()
+            )
+        );
     }
 
     /// The label grammar, written independently of [`label`].

@@ -86,14 +86,21 @@ impl TenantApi {
 /// header): 1 to 255 visible ASCII characters.
 pub fn idempotency_key<T>(req: &tonic::Request<T>) -> Result<Option<String>, ApiError> {
     let Some(value) = req.metadata().get("idempotency-key") else { return Ok(None) };
-    let key = value.to_str().unwrap_or_default();
-    if key.is_empty() || key.len() > 255 || !key.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(ApiError::invalid_field(
+    if !hcp_proto::rules::key_header_ok(value.as_bytes()) {
+        let rule = if value.is_empty() {
+            hcp_proto::rules::Keyword::Required
+        } else if value.len() > hcp_proto::rules::MAX_KEY_HEADER {
+            hcp_proto::rules::Keyword::MaxLength
+        } else {
+            hcp_proto::rules::Keyword::Pattern
+        };
+        return Err(hcp_proto::rules::violation(
             "Idempotency-Key",
+            rule,
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         ));
     }
-    Ok(Some(key.to_owned()))
+    Ok(Some(value.to_str().unwrap_or_default().to_owned()))
 }
 
 /// SHA-256 of a canonical JSON value (serde_json maps are sorted).

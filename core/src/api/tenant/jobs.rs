@@ -7,10 +7,11 @@ use hcp_proto::tenant::job_service_server::JobService;
 use hcp_proto::tenant::{CancelJobRequest, GetJobRequest, Job, ListJobsRequest, ListJobsResponse};
 
 use super::TenantApi;
+use crate::api::checked;
 use crate::api::page::Binding;
 use crate::api::{ApiResult, handle, validate};
 use crate::audit::{AuditAction, AuditOutcome, Resource};
-use crate::auth::{Access, Principal, principal};
+use crate::auth::{Access, Principal};
 use crate::convert;
 use crate::error::from_store;
 use crate::model::JobKind;
@@ -93,19 +94,19 @@ const WATCH_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 #[tonic::async_trait]
 impl JobService for TenantApi {
     async fn get_job(&self, req: tonic::Request<GetJobRequest>) -> ApiResult<Job> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(self.get_job(p, req.into_inner())).await
     }
 
     async fn list_jobs(&self, req: tonic::Request<ListJobsRequest>) -> ApiResult<ListJobsResponse> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         handle(self.list_jobs(p, req.into_inner())).await
     }
 
     type WatchJobStream = tokio_stream::wrappers::ReceiverStream<Result<Job, tonic::Status>>;
 
     async fn watch_job(&self, req: tonic::Request<GetJobRequest>) -> ApiResult<Self::WatchJobStream> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let req = req.into_inner();
         let events = self.ctx.events.clone();
         let slot = events.admit().ok_or_else(|| {
@@ -172,7 +173,7 @@ impl JobService for TenantApi {
     }
 
     async fn cancel_job(&self, req: tonic::Request<CancelJobRequest>) -> ApiResult<Job> {
-        let p = principal(&req)?;
+        let p = checked(&req)?;
         let req = req.into_inner();
         handle(async {
             let id: JobId = validate::id("job_id", &req.job_id)?;
