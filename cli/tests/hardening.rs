@@ -157,7 +157,7 @@ fn cases(tenant: &str, ops: &str) -> Vec<Case> {
         Case {
             headers: vec![("idempotency-key", long(5000))],
             ..case("long idempotency key", "POST", vms.clone(), create(json!({})), 400)
-                .field("idempotency-key")
+                .field("Idempotency-Key")
                 .token(tenant)
         },
     ]

@@ -27,7 +27,8 @@ async fn the_api_conforms_to_its_openapi_document() {
     .unwrap();
     assert!(r.body == committed, "the gateway serves another document than gateway/openapi.json");
     let r = s.rest.raw("POST", "/api/hcp/openapi.json", None, Some("{}")).await.unwrap();
-    assert_eq!((r.status, r.body["code"].as_str()), (404, Some("NOT_FOUND")), "{}", r.body);
+    assert_eq!((r.status, r.body["code"].as_str()), (405, Some("METHOD_NOT_ALLOWED")), "{}", r.body);
+    assert_eq!(r.headers.get("allow").and_then(|v| v.to_str().ok()), Some("GET, HEAD"));
 
     let Some(st) = schemathesis() else {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run schemathesis");

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hcp_proto::common::caller_service_server::CallerServiceServer;
 use hcp_proto::common::catalog_service_server::CatalogServiceServer;
 use hcp_proto::ops::audit_service_server::AuditServiceServer;
 use hcp_proto::ops::catalog_admin_service_server::CatalogAdminServiceServer;
@@ -33,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::ApiContext;
+use crate::api::caller::CallerApi;
 use crate::api::catalog::CatalogApi;
 use crate::api::ops::OpsApi;
 use crate::api::tenant::TenantApi;
@@ -325,6 +327,7 @@ pub async fn run(
         health.set_serving::<JobServiceServer<TenantApi>>().await;
         health.set_serving::<QuotaServiceServer<TenantApi>>().await;
         health.set_serving::<CatalogServiceServer<CatalogApi>>().await;
+        health.set_serving::<CallerServiceServer<CallerApi>>().await;
         health.set_serving::<ProviderAdminServiceServer<OpsApi>>().await;
         health.set_serving::<CatalogAdminServiceServer<OpsApi>>().await;
         health.set_serving::<AuditServiceServer<OpsApi>>().await;
@@ -357,6 +360,7 @@ pub async fn run(
             .add_service(JobServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(QuotaServiceServer::new(tenant).max_decoding_message_size(MAX_MESSAGE))
             .add_service(CatalogServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(CallerServiceServer::new(CallerApi).max_decoding_message_size(MAX_MESSAGE))
             .add_service(ProviderAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(CatalogAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(AuditServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))

@@ -16,6 +16,12 @@
 //! - `GET /healthz` for load balancers.
 //!
 //! The gateway checks no tokens itself: core is the one place that does.
+//! Only the transport bounds ([`MAX_PATH`], [`MAX_QUERY`], [`MAX_HEADERS`],
+//! [`MAX_AUTHORIZATION`], [`MAX_BODY`]) are answered before the caller is
+//! known; every other refusal of the gateway's own (no route, another
+//! method, a request that does not transcode) is answered only after core
+//! said who the caller is (`hcp.common.v1.CallerService/GetCaller`), so a
+//! caller without valid credentials gets 401 first.
 
 pub mod cli;
 pub mod console;
@@ -51,8 +57,13 @@ pub const MAX_PATH: usize = 2048;
 pub const MAX_QUERY: usize = 4096;
 /// Largest `authorization` header, bytes (401 beyond: no token is that long).
 pub const MAX_AUTHORIZATION: usize = 8192;
-/// Largest `idempotency-key` or `x-request-id` header, bytes (400 beyond).
+/// Longest `idempotency-key` or `x-request-id` header, bytes (400 beyond,
+/// after authentication: core checks the idempotency key, the gateway the
+/// request id).
 pub const MAX_KEY_HEADER: usize = 255;
+/// The call that tells who the caller is, asked before the gateway refuses
+/// a request on its own.
+const CALLER_PATH: &str = "/hcp.common.v1.CallerService/GetCaller";
 /// Largest sum of all header names and values, bytes (431 beyond).
 pub const MAX_HEADERS: usize = 16 * 1024;
 
@@ -105,6 +116,42 @@ pub enum StartError {
 struct Gateway {
     routes: Vec<Route>,
     core: Cores,
+}
+
+impl Gateway {
+    /// The answer to a request the gateway refuses on its own (`err`: no
+    /// route, another method, a malformed request): core is asked who the
+    /// caller is first, and a caller it does not authenticate gets core's
+    /// 401 instead, so no rule but the transport bounds is applied to a
+    /// caller who has not authenticated. Any other failure of that call
+    /// (core down, rate limited) leaves `err` the answer: the request is
+    /// refused either way.
+    async fn refusal(&self, headers: &http::HeaderMap, err: ApiError) -> ApiError {
+        let mut request = tonic::Request::new(Bytes::new());
+        if let Some(v) = headers.get(http::header::AUTHORIZATION)
+            && let Ok(v) = tonic::metadata::MetadataValue::try_from(v.as_bytes())
+        {
+            request.metadata_mut().insert("authorization", v);
+        }
+        hcp_telemetry::inject_request(&mut request);
+        let mut client = tonic::client::Grpc::new(self.core.pick());
+        if let Err(e) = client.ready().await {
+            tracing::warn!(error = %e, refusal = %err, "core is unavailable; refusing without knowing the caller");
+            return err;
+        }
+        let path = http::uri::PathAndQuery::from_static(CALLER_PATH);
+        match client.unary(request, path, BytesCodec).await {
+            Ok(_) => err,
+            Err(status) => {
+                let answer = ApiError::from_status(&status);
+                if answer.code == hcp_proto::error::ErrorCode::Unauthenticated {
+                    return answer;
+                }
+                tracing::warn!(error = %answer, refusal = %err, "cannot learn the caller; refusing as is");
+                err
+            }
+        }
+    }
 }
 
 /// The connections to core. HTTP/2 multiplexes every call on one
@@ -181,17 +228,21 @@ pub async fn run(
         .route("/console/novnc/{*path}", axum::routing::get(console::novnc))
         .route("/console/{name}", axum::routing::get(console::entry))
         .with_state(consoles.clone());
-    let mut app = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" })).route(
-        "/api/hcp/openapi.json",
-        axum::routing::get(move || {
-            let body = openapi.clone();
-            async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
-        })
-        // Other methods get the same error body as any path without a route.
-        .fallback(|method: http::Method, uri: http::Uri| async move {
-            error_response(&transcode::no_route(&method, uri.path()))
-        }),
-    );
+    // Both are open to anyone (no token), so another method is refused at
+    // once: 405 with `Allow`, and the error body.
+    let get_only = |method: http::Method, uri: http::Uri| async move {
+        error_response(&routes::method_not_allowed(&method, uri.path(), &["GET", "HEAD"]))
+    };
+    let mut app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }).fallback(get_only))
+        .route(
+            "/api/hcp/openapi.json",
+            axum::routing::get(move || {
+                let body = openapi.clone();
+                async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+            })
+            .fallback(get_only),
+        );
     for service in hcp_proto::NORTHBOUND_SERVICES {
         app = app.route_service(&format!("/{service}/{{method}}"), grpc_web.clone());
     }
@@ -311,6 +362,12 @@ fn error_response(err: &ApiError) -> Response {
         let secs = err.details.get("retry_after_seconds").and_then(|s| s.parse::<u64>().ok()).unwrap_or(1);
         resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
     }
+    if err.code == ErrorCode::MethodNotAllowed
+        && let Some(allow) = err.details.get(hcp_proto::error::DETAIL_ALLOW)
+        && let Ok(allow) = http::HeaderValue::from_str(allow)
+    {
+        resp.headers_mut().insert(http::header::ALLOW, allow);
+    }
     if err.code == hcp_proto::error::ErrorCode::PayloadTooLarge {
         // The rest of the body was never read: the connection cannot carry
         // another request, and the client must not reuse it.
@@ -319,7 +376,8 @@ fn error_response(err: &ApiError) -> Response {
     resp
 }
 
-/// Checks the request's size before anything else reads it: every limit
+/// Checks the request's size before anything else reads it (the transport
+/// bounds, the only refusals made before the caller is known): every limit
 /// here is lower than what the HTTP server itself refuses (hyper answers a
 /// path over 64 KiB with a bare 414, which [`edge`] gives the error body),
 /// and lower than what core's HTTP/2 server accepts in headers, so a
@@ -360,15 +418,21 @@ fn check_limits(parts: &http::request::Parts) -> Result<(), ApiError> {
             format!("the headers are {total} bytes; at most {MAX_HEADERS} are allowed"),
         ));
     }
-    for name in ["idempotency-key", "x-request-id"] {
-        if let Some(v) = parts.headers.get(name)
-            && v.len() > MAX_KEY_HEADER
-        {
-            return Err(ApiError::invalid_field(
-                name,
-                format!("{name} is {} bytes; at most {MAX_KEY_HEADER} are allowed", v.len()),
-            ));
-        }
+    Ok(())
+}
+
+/// Checks `x-request-id`: 1 to [`MAX_KEY_HEADER`] visible ASCII characters,
+/// as core keeps it with a job. (`idempotency-key` is core's to check.)
+fn check_request_id(headers: &http::HeaderMap) -> Result<(), ApiError> {
+    let Some(v) = headers.get("x-request-id") else { return Ok(()) };
+    if v.is_empty() || v.len() > MAX_KEY_HEADER || !v.as_bytes().iter().all(u8::is_ascii_graphic) {
+        return Err(ApiError::invalid_field(
+            "x-request-id",
+            format!(
+                "x-request-id must be 1 to {MAX_KEY_HEADER} visible ASCII characters; it is {} bytes",
+                v.len()
+            ),
+        ));
     }
     Ok(())
 }
@@ -376,7 +440,10 @@ fn check_limits(parts: &http::request::Parts) -> Result<(), ApiError> {
 async fn handle(gw: &Gateway, req: Request, matched: &mut &'static str) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     check_limits(&parts)?;
-    let (route, vars) = routes::find(&gw.routes, &parts.method, parts.uri.path())?;
+    let (route, vars) = match routes::find(&gw.routes, &parts.method, parts.uri.path()) {
+        Ok(found) => found,
+        Err(e) => return Err(gw.refusal(&parts.headers, e).await),
+    };
     *matched = route.label;
     let body = http_body_util::Limited::new(body, MAX_BODY)
         .collect()
@@ -389,7 +456,12 @@ async fn handle(gw: &Gateway, req: Request, matched: &mut &'static str) -> Resul
             .with_detail("field", "body")
         })?
         .to_bytes();
-    let input = transcode::request_message(route, vars, parts.uri.query(), &body)?;
+    let input = match check_request_id(&parts.headers)
+        .and_then(|()| transcode::request_message(route, vars, parts.uri.query(), &body))
+    {
+        Ok(input) => input,
+        Err(e) => return Err(gw.refusal(&parts.headers, e).await),
+    };
 
     let mut request = tonic::Request::new(Bytes::from(prost::Message::encode_to_vec(&input)));
     for name in FORWARDED_HEADERS {

@@ -170,31 +170,52 @@ pub fn percent_decode(s: &str) -> Option<String> {
 pub type PathVars = Vec<(String, String)>;
 
 /// Finds the route serving `method` on `path` and reads its path variables;
-/// NOT_FOUND when no route has the path, INVALID_ARGUMENT naming `method`
-/// when routes have it for other methods.
+/// NOT_FOUND when no route has the path, METHOD_NOT_ALLOWED listing the
+/// methods it has (`details.allow`) when routes have it for other methods.
 pub fn find<'r>(
     routes: &'r [Route],
     method: &http::Method,
     path: &str,
 ) -> Result<(&'r Route, PathVars), hcp_proto::error::ApiError> {
-    use hcp_proto::error::{ApiError, ErrorCode, excerpt};
-    let mut other_method = false;
+    let mut allowed: Vec<&http::Method> = Vec::new();
     for route in routes {
         if let Some(vars) = route.template.matches(path) {
             if route.method == method {
                 return Ok((route, vars));
             }
-            other_method = true;
+            if !allowed.contains(&&route.method) {
+                allowed.push(&route.method);
+            }
         }
     }
-    if other_method {
-        return Err(ApiError::new(
-            ErrorCode::InvalidArgument,
-            format!("method {method} is not allowed on {}", excerpt(path)),
-        )
-        .with_detail("field", "method"));
+    if allowed.is_empty() {
+        return Err(crate::transcode::no_route(method, path));
     }
-    Err(crate::transcode::no_route(method, path))
+    allowed.sort_by_key(|m| METHOD_ORDER.iter().position(|o| o == *m));
+    let allowed: Vec<&str> = allowed.iter().map(|m| m.as_str()).collect();
+    Err(method_not_allowed(method, path, &allowed))
+}
+
+/// The order methods are listed in `Allow`.
+const METHOD_ORDER: [http::Method; 6] = [
+    http::Method::GET,
+    http::Method::HEAD,
+    http::Method::POST,
+    http::Method::PUT,
+    http::Method::PATCH,
+    http::Method::DELETE,
+];
+
+/// METHOD_NOT_ALLOWED for `method` on `path`, which has the methods
+/// `allowed` (the `Allow` header's value is `details.allow`).
+pub fn method_not_allowed(method: &http::Method, path: &str, allowed: &[&str]) -> hcp_proto::error::ApiError {
+    use hcp_proto::error::{ApiError, DETAIL_ALLOW, ErrorCode, excerpt};
+    let allow = allowed.join(", ");
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{} does not take {}; it takes {allow}", excerpt(path), excerpt(method.as_str())),
+    )
+    .with_detail(DETAIL_ALLOW, allow)
 }
 
 /// Builds the routing table for `services` from the encoded descriptor set.
@@ -311,6 +332,25 @@ mod tests {
         check("/v1/p/{project_id}/vms/{vm_id}:start", "/v1/p/a/vms/:start", None);
         check("/v1/flavors/{name}", "/v1/flavors/a%20b", Some(&[("name", "a b")]));
         check("/v1/flavors/{name}", "/v1/flavors/%zz", None);
+    }
+
+    #[test]
+    fn other_methods_on_a_known_path_are_405_listing_the_methods() {
+        use hcp_proto::error::ErrorCode;
+        let (_, routes) = build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES).unwrap();
+        let vms = "/api/hcp/tenant/v1/projects/p1/vms";
+        for (method, path, code, allow) in [
+            ("TRACE", vms, ErrorCode::MethodNotAllowed, "GET, POST"),
+            ("PUT", vms, ErrorCode::MethodNotAllowed, "GET, POST"),
+            ("HEAD", "/api/hcp/common/v1/flavors", ErrorCode::MethodNotAllowed, "GET"),
+            ("GET", "/api/hcp/tenant/v1/projects/p1/nothing", ErrorCode::NotFound, ""),
+            ("TRACE", "/nothing", ErrorCode::NotFound, ""),
+        ] {
+            let m = http::Method::from_bytes(method.as_bytes()).unwrap();
+            let e = find(&routes, &m, path).unwrap_err();
+            assert_eq!(e.code, code, "{method} {path}: {e}");
+            assert_eq!(e.details.get("allow").map(String::as_str).unwrap_or(""), allow, "{method} {path}");
+        }
     }
 
     #[test]

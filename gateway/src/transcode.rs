@@ -2,6 +2,14 @@
 //! variables, query parameters and JSON body become one protobuf message of
 //! the method's input type; the reply message becomes JSON (proto3 JSON
 //! mapping, field names as in the proto). Errors name the offending field.
+//!
+//! The JSON is checked and normalized against the descriptors before
+//! prost-reflect decodes it, so that every refusal names its field: a
+//! field given under both its proto and its JSON name, integers (integral
+//! numbers such as `3240.0` are accepted, as proto3 JSON allows, within
+//! the type's range), and field masks (parsed here: comma-separated
+//! paths of snake_case or lowerCamelCase names, always handed on as the
+//! proto's snake_case names).
 
 use bytes::{Buf, BufMut, Bytes};
 use hcp_proto::error::{ApiError, ErrorCode, excerpt};
@@ -10,6 +18,9 @@ use serde_json::{Map, Value};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::routes::Route;
+
+/// The one query parameter that may be given empty: the first page.
+const PAGE_TOKEN: &str = "page_token";
 
 /// Builds the input message of `route` from the request parts.
 pub fn request_message(
@@ -57,6 +68,15 @@ pub fn request_message(
             let field = find_field(input, &k).ok_or_else(|| {
                 ApiError::invalid_field(&k, format!("unknown query parameter {}", excerpt(&k)))
             })?;
+            // An empty value would read as "no filter" (`?vm_id=`), hiding
+            // a client's bug; only an empty page token has a meaning of its
+            // own, the first page (AIP-158), which paging loops send.
+            if v.is_empty() && field.name() != PAGE_TOKEN {
+                return Err(ApiError::invalid_field(
+                    &k,
+                    format!("{k} is empty; leave the parameter out rather than give it no value"),
+                ));
+            }
             let value = scalar_from_text(&field, &k, &v)?;
             let name = field.name().to_owned();
             if field.is_list() {
@@ -81,7 +101,7 @@ pub fn request_message(
         object.remove(field.json_name());
         object.insert(field.name().to_owned(), value);
     }
-    check_object(input, &object, "")?;
+    check_object(input, &mut object, "")?;
     let opts = prost_reflect::DeserializeOptions::new().deny_unknown_fields(true);
     DynamicMessage::deserialize_with_options(input.clone(), Value::Object(object), &opts).map_err(|e| {
         let text = e.to_string();
@@ -155,12 +175,30 @@ fn scalar_from_text(field: &FieldDescriptor, name: &str, raw: &str) -> Result<Va
 }
 
 /// Checks JSON shapes against the message before decoding, so that errors
-/// name the field with its full path (`networks[0].network`).
-fn check_object(desc: &MessageDescriptor, object: &Map<String, Value>, prefix: &str) -> Result<(), ApiError> {
-    for (key, value) in object {
-        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+/// name the field with its full path (`networks[0].network`), and rewrites
+/// the values prost-reflect would misread (integers given as integral
+/// floats or strings, field masks) into the form it reads exactly.
+fn check_object(
+    desc: &MessageDescriptor,
+    object: &mut Map<String, Value>,
+    prefix: &str,
+) -> Result<(), ApiError> {
+    let joined = |name: &str| if prefix.is_empty() { name.to_owned() } else { format!("{prefix}.{name}") };
+    // Each field once: `update_mask` and `updateMask` are the same field.
+    let mut seen: Vec<(u32, &str)> = Vec::new();
+    for (key, value) in object.iter_mut() {
+        let path = joined(key);
         let field = find_field(desc, key)
             .ok_or_else(|| ApiError::invalid_field(&path, format!("unknown field {}", excerpt(&path))))?;
+        if let Some((_, first)) = seen.iter().find(|(n, _)| *n == field.number()) {
+            let name = joined(field.name());
+            return Err(ApiError::invalid_field(
+                &name,
+                format!("{name} is given twice, as {first} and {key}"),
+            ));
+        }
+        seen.push((field.number(), key));
+        // proto3 JSON: null is the field's default, as if it were absent.
         if value.is_null() {
             continue;
         }
@@ -170,7 +208,7 @@ fn check_object(desc: &MessageDescriptor, object: &Map<String, Value>, prefix: &
             };
             if let Kind::Message(entry) = field.kind() {
                 let value_field = entry.map_entry_value_field();
-                for (k, v) in entries {
+                for (k, v) in entries.iter_mut() {
                     check_value(&value_field, v, &format!("{path}.{k}"))?;
                 }
             }
@@ -178,7 +216,7 @@ fn check_object(desc: &MessageDescriptor, object: &Map<String, Value>, prefix: &
             let Value::Array(items) = value else {
                 return Err(ApiError::invalid_field(&path, format!("{path} must be an array")));
             };
-            for (i, v) in items.iter().enumerate() {
+            for (i, v) in items.iter_mut().enumerate() {
                 check_value(&field, v, &format!("{path}[{i}]"))?;
             }
         } else {
@@ -188,14 +226,20 @@ fn check_object(desc: &MessageDescriptor, object: &Map<String, Value>, prefix: &
     Ok(())
 }
 
-fn check_value(field: &FieldDescriptor, value: &Value, path: &str) -> Result<(), ApiError> {
+fn check_value(field: &FieldDescriptor, value: &mut Value, path: &str) -> Result<(), ApiError> {
     let wrong = |what: &str| ApiError::invalid_field(path, format!("{path} must be {what}"));
     match field.kind() {
         Kind::String | Kind::Bytes => value.is_string().then_some(()).ok_or_else(|| wrong("a string")),
         Kind::Bool => value.is_boolean().then_some(()).ok_or_else(|| wrong("true or false")),
         Kind::Enum(e) => match value {
             Value::String(s) if e.get_value_by_name(s).is_some() => Ok(()),
-            Value::Number(n) if n.as_i64().is_some_and(|n| e.get_value(n as i32).is_some()) => Ok(()),
+            Value::Number(n)
+                if n.as_i64()
+                    .and_then(|n| i32::try_from(n).ok())
+                    .is_some_and(|n| e.get_value(n).is_some()) =>
+            {
+                Ok(())
+            }
             _ => {
                 let names: Vec<_> = e
                     .values()
@@ -209,37 +253,145 @@ fn check_value(field: &FieldDescriptor, value: &Value, path: &str) -> Result<(),
             value.is_string().then_some(()).ok_or_else(|| wrong("an RFC 3339 timestamp"))
         }
         Kind::Message(m) if m.full_name() == "google.protobuf.FieldMask" => {
-            value.is_string().then_some(()).ok_or_else(|| wrong("a comma-separated list of field names"))
+            let Value::String(text) = value else {
+                return Err(wrong("a comma-separated list of field names"));
+            };
+            *value = Value::String(field_mask(text, path)?);
+            Ok(())
         }
         Kind::Message(m) => match value {
             Value::Object(o) => check_object(&m, o, path),
             _ => Err(wrong("an object")),
         },
-        Kind::Uint32 | Kind::Fixed32 | Kind::Uint64 | Kind::Fixed64 => {
-            let ok = match value {
-                Value::Number(n) => n.as_u64().is_some(),
-                Value::String(s) => s.parse::<u64>().is_ok(),
-                _ => false,
-            };
-            ok.then_some(()).ok_or_else(|| wrong("a non-negative integer"))
-        }
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 | Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
-            let ok = match value {
-                Value::Number(n) => n.as_i64().is_some(),
-                Value::String(s) => s.parse::<i64>().is_ok(),
-                _ => false,
-            };
-            ok.then_some(()).ok_or_else(|| wrong("an integer"))
-        }
+        Kind::Uint32 | Kind::Fixed32 => integer(value, path, 0, u32::MAX.into()),
+        Kind::Uint64 | Kind::Fixed64 => integer(value, path, 0, u64::MAX.into()),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => integer(value, path, i32::MIN.into(), i32::MAX.into()),
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => integer(value, path, i64::MIN.into(), i64::MAX.into()),
         Kind::Float | Kind::Double => {
-            let ok = match value {
-                Value::Number(_) => true,
-                Value::String(s) => s.parse::<f64>().is_ok(),
-                _ => false,
+            let number = match value {
+                Value::Number(n) => n.as_f64(),
+                Value::String(s) => s.parse::<f64>().ok(),
+                _ => None,
             };
-            ok.then_some(()).ok_or_else(|| wrong("a number"))
+            let Some(number) = number else { return Err(wrong("a number")) };
+            // A finite double beyond a float's range cannot be stored.
+            if field.kind() == Kind::Float && number.is_finite() && number.abs() > f64::from(f32::MAX) {
+                return Err(wrong(&format!("a number from {} to {}", f32::MIN, f32::MAX)));
+            }
+            Ok(())
         }
     }
+}
+
+/// Checks an integer field's value, given as a JSON number or a string,
+/// and rewrites it as a JSON integer: `3240`, `3240.0`, `"3240"` and
+/// `"3.24e3"` are the same value in proto3 JSON. A fraction or a value
+/// outside `min..=max` is refused naming the field.
+fn integer(value: &mut Value, path: &str, min: i128, max: i128) -> Result<(), ApiError> {
+    let range = || ApiError::invalid_field(path, format!("{path} must be an integer from {min} to {max}"));
+    let exact = match &*value {
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => Some(i128::from(i)),
+            (None, Some(u), _) => Some(i128::from(u)),
+            (None, None, Some(f)) => integral(f),
+            (None, None, None) => None,
+        },
+        Value::String(s) => match s.parse::<i128>() {
+            Ok(i) => Some(i),
+            Err(_) => s.parse::<f64>().ok().filter(|f| f.is_finite()).and_then(integral),
+        },
+        _ => None,
+    };
+    let Some(exact) = exact else {
+        return Err(range());
+    };
+    if exact < min || exact > max {
+        return Err(range());
+    }
+    *value = match (i64::try_from(exact), u64::try_from(exact)) {
+        (Ok(i), _) => Value::from(i),
+        (_, Ok(u)) => Value::from(u),
+        _ => return Err(range()),
+    };
+    Ok(())
+}
+
+/// The integer an integral float stands for; `None` for a fraction or a
+/// value no integer field holds (beyond ±2^64).
+fn integral(f: f64) -> Option<i128> {
+    const LIMIT: f64 = 18_446_744_073_709_551_616.0; // 2^64
+    (f.is_finite() && f.fract() == 0.0 && f.abs() < LIMIT).then_some(f as i128)
+}
+
+/// Parses a field mask's JSON text (`"name,metadata"`) and returns it in
+/// the form prost-reflect reads back to exactly these paths. Paths are
+/// comma-separated and never empty; each is dot-separated field names in
+/// the proto's snake_case (`vm_id`) or lowerCamelCase (`vmId`). Which
+/// paths a method takes is core's business.
+fn field_mask(text: &str, field: &str) -> Result<String, ApiError> {
+    if text.is_empty() {
+        return Ok(String::new());
+    }
+    let mut out = Vec::new();
+    for path in text.split(',') {
+        if path.is_empty() {
+            return Err(ApiError::invalid_field(
+                field,
+                format!(
+                    "{field} has an empty path in {}; separate field names by single commas",
+                    excerpt(text)
+                ),
+            ));
+        }
+        let mut wire = Vec::new();
+        for name in path.split('.') {
+            let snake = snake_case(name).ok_or_else(|| {
+                ApiError::invalid_field(
+                    field,
+                    format!("{field} names {}, which is not a field name", excerpt(path)),
+                )
+            })?;
+            wire.push(camel_case(&snake));
+        }
+        out.push(wire.join("."));
+    }
+    Ok(out.join(","))
+}
+
+/// A field name given in snake_case or lowerCamelCase, as snake_case;
+/// `None` unless it is lowercase words of letters and digits, each starting
+/// with a letter, joined by single underscores (all HCP field names are).
+fn snake_case(name: &str) -> Option<String> {
+    let mut snake = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            snake.push('_');
+            snake.push(c.to_ascii_lowercase());
+        } else if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' {
+            snake.push(c);
+        } else {
+            return None;
+        }
+    }
+    let words_ok = snake.split('_').all(|w| w.starts_with(|c: char| c.is_ascii_lowercase()));
+    words_ok.then_some(snake)
+}
+
+/// A snake_case name in lowerCamelCase, the inverse of [`snake_case`].
+fn camel_case(snake: &str) -> String {
+    let mut out = String::with_capacity(snake.len());
+    let mut upper = false;
+    for c in snake.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.push(c.to_ascii_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Builds the JSON error body `{"code","message","details","trace_id"}`.
@@ -302,6 +454,8 @@ impl Decoder for BytesCodec {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn create_route() -> Route {
@@ -348,6 +502,124 @@ mod tests {
         }
         let e = request_message(&r, vars(), None, br#"{"update_mask":{"paths":1}}"#).unwrap_err();
         assert_eq!(e.details.get("field").map(String::as_str), Some("update_mask"));
+    }
+
+    fn route(suffix: &str) -> Route {
+        let (_, routes) =
+            crate::routes::build(hcp_proto::FILE_DESCRIPTOR_SET, hcp_proto::NORTHBOUND_SERVICES).unwrap();
+        routes.into_iter().find(|r| r.grpc_path.ends_with(suffix)).unwrap()
+    }
+
+    fn vm_vars() -> Vec<(String, String)> {
+        vec![("project_id".to_owned(), "p1".to_owned()), ("vm_id".to_owned(), "v".to_owned())]
+    }
+
+    /// The update mask's paths after transcoding `body`, or the refusal's
+    /// field and message.
+    fn mask_of(body: &str) -> Result<Vec<String>, (String, String)> {
+        let r = route("/UpdateVm");
+        match request_message(&r, vm_vars(), None, body.as_bytes()) {
+            Ok(m) => {
+                let mask = m.get_field_by_name("update_mask").unwrap();
+                let paths = mask.as_message().unwrap().get_field_by_name("paths").unwrap();
+                Ok(paths.as_list().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+            }
+            Err(e) => Err((e.details.get("field").cloned().unwrap_or_default(), e.message)),
+        }
+    }
+
+    #[test]
+    fn field_masks_take_snake_and_camel_names_and_refuse_empty_paths() {
+        assert_eq!(mask_of(r#"{"update_mask":"name,tags"}"#).unwrap(), ["name", "tags"]);
+        assert_eq!(mask_of(r#"{"update_mask":"vm_id,created_at"}"#).unwrap(), ["vm_id", "created_at"]);
+        assert_eq!(mask_of(r#"{"updateMask":"vmId,createdAt"}"#).unwrap(), ["vm_id", "created_at"]);
+        assert_eq!(mask_of(r#"{"update_mask":"spec.disk_gib"}"#).unwrap(), ["spec.disk_gib"]);
+        assert_eq!(mask_of(r#"{"update_mask":""}"#).unwrap(), Vec::<String>::new());
+        for bad in ["name,", ",name", "name,,tags", "name, tags", "vm__id", "_name", "Name", "a_1", "ná"] {
+            let (field, message) = mask_of(&format!(r#"{{"update_mask":"{bad}"}}"#)).unwrap_err();
+            assert_eq!(field, "update_mask", "{bad}: {message}");
+        }
+        let (field, message) = mask_of(r#"{"update_mask":"name","updateMask":"tags"}"#).unwrap_err();
+        assert_eq!(field, "update_mask");
+        assert!(message.contains("given twice"), "{message}");
+        // The same in the query.
+        let r = route("/UpdateVm");
+        let e = request_message(&r, vm_vars(), Some("update_mask=name,"), b"{}").unwrap_err();
+        assert_eq!(e.details.get("field").map(String::as_str), Some("update_mask"), "{e}");
+        let e = request_message(&r, vm_vars(), Some("update_mask=name"), br#"{"updateMask":"tags"}"#)
+            .unwrap_err();
+        assert_eq!(e.details.get("field").map(String::as_str), Some("update_mask"), "{e}");
+    }
+
+    #[test]
+    fn integers_take_integral_numbers_within_their_range() {
+        let r = route("/StopVm");
+        let timeout = |body: &str| {
+            request_message(&r, vm_vars(), None, body.as_bytes())
+                .map(|m| m.get_field_by_name("timeout_seconds").unwrap().as_u32().unwrap())
+        };
+        for (body, want) in [
+            (r#"{"timeout_seconds":3240}"#, 3240),
+            (r#"{"timeout_seconds":3240.0}"#, 3240),
+            (r#"{"timeout_seconds":"3240"}"#, 3240),
+            (r#"{"timeout_seconds":3.24e3}"#, 3240),
+            (r#"{"timeout_seconds":4294967295}"#, u32::MAX),
+            (r#"{"timeout_seconds":null}"#, 0),
+        ] {
+            assert_eq!(timeout(body).unwrap(), want, "{body}");
+        }
+        for body in [
+            r#"{"timeout_seconds":3240.5}"#,
+            r#"{"timeout_seconds":4294967296}"#,
+            r#"{"timeout_seconds":5000000000}"#,
+            r#"{"timeout_seconds":-1}"#,
+            r#"{"timeout_seconds":-1.0}"#,
+            r#"{"timeout_seconds":1e300}"#,
+            r#"{"timeout_seconds":"12abc"}"#,
+            r#"{"timeout_seconds":true}"#,
+            r#"{"timeout_seconds":5,"timeoutSeconds":5}"#,
+        ] {
+            let e = timeout(body).unwrap_err();
+            assert_eq!(e.details.get("field").map(String::as_str), Some("timeout_seconds"), "{body}: {e}");
+        }
+        // The ranges of the other integer kinds.
+        let check = |v: Value, min: i128, max: i128| {
+            let mut v = v;
+            integer(&mut v, "f", min, max).map(|()| v)
+        };
+        assert_eq!(
+            check(json!(-2147483648.0), i32::MIN.into(), i32::MAX.into()).unwrap(),
+            json!(-2147483648i64)
+        );
+        assert!(check(json!(2147483648u64), i32::MIN.into(), i32::MAX.into()).is_err());
+        assert!(check(json!("-9223372036854775809"), i64::MIN.into(), i64::MAX.into()).is_err());
+        assert_eq!(check(json!("18446744073709551615"), 0, u64::MAX.into()).unwrap(), json!(u64::MAX));
+        assert!(check(json!("18446744073709551616"), 0, u64::MAX.into()).is_err());
+        assert!(check(json!(1.8446744073709552e19), 0, u64::MAX.into()).is_err());
+    }
+
+    #[test]
+    fn empty_query_values_and_bodies_are_refused_naming_them() {
+        let jobs = route("/ListJobs");
+        for query in ["vm_id=", "vm_id", "kind=&vm_id=x", "page_size="] {
+            let e = request_message(&jobs, vec![("project_id".into(), "p1".into())], Some(query), b"")
+                .unwrap_err();
+            let field = e.details.get("field").cloned().unwrap_or_default();
+            assert!(query.starts_with(&field), "{query}: {e}");
+            assert!(e.message.contains("is empty"), "{query}: {e}");
+        }
+        // An empty page token is the first page.
+        request_message(&jobs, vec![("project_id".into(), "p1".into())], Some("page_token="), b"").unwrap();
+        assert_eq!(field_of("null"), "body");
+        assert_eq!(field_of("\"x\""), "body");
+        // Null fields are absent (proto3 JSON).
+        let r = create_route();
+        let m =
+            request_message(&r, vec![("project_id".into(), "p1".into())], None, br#"{"name":null}"#).unwrap();
+        assert_eq!(m.get_field_by_name("name").unwrap().as_str(), Some(""));
+        // A body on a route without one.
+        let e = request_message(&jobs, vec![("project_id".into(), "p1".into())], None, b"{}").unwrap_err();
+        assert_eq!(e.details.get("field").map(String::as_str), Some("body"));
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub const ERROR_DOMAIN: &str = "hcp.dev";
 pub const DETAIL_FIELD: &str = "field";
 /// Detail key naming the capability a FEATURE_NOT_SUPPORTED is about.
 pub const DETAIL_CAPABILITY: &str = "capability";
+/// Detail key listing the HTTP methods a path has, for a
+/// METHOD_NOT_ALLOWED (`GET, POST`).
+pub const DETAIL_ALLOW: &str = "allow";
 /// Detail key carrying the trace id of the request that failed.
 pub const DETAIL_TRACE_ID: &str = "trace_id";
 
@@ -82,6 +85,10 @@ pub enum ErrorCode {
     PermissionDenied,
     /// No such resource, or not one the caller may see.
     NotFound,
+    /// The path exists, but not for the request's HTTP method;
+    /// `details.allow` lists the methods it has (the REST answer carries
+    /// them in `Allow` as well).
+    MethodNotAllowed,
     /// The resource's current state does not allow the operation.
     Conflict,
     /// A resource with that name already exists.
@@ -127,6 +134,7 @@ impl ErrorCode {
         ErrorCode::Unauthenticated,
         ErrorCode::PermissionDenied,
         ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::Conflict,
         ErrorCode::AlreadyExists,
         ErrorCode::FeatureNotSupported,
@@ -151,6 +159,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "UNAUTHENTICATED",
             ErrorCode::PermissionDenied => "PERMISSION_DENIED",
             ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ErrorCode::Conflict => "CONFLICT",
             ErrorCode::AlreadyExists => "ALREADY_EXISTS",
             ErrorCode::FeatureNotSupported => "FEATURE_NOT_SUPPORTED",
@@ -182,6 +191,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => Code::Unauthenticated,
             ErrorCode::PermissionDenied => Code::PermissionDenied,
             ErrorCode::NotFound => Code::NotFound,
+            ErrorCode::MethodNotAllowed => Code::Unimplemented,
             ErrorCode::Conflict => Code::FailedPrecondition,
             ErrorCode::AlreadyExists => Code::AlreadyExists,
             ErrorCode::FeatureNotSupported => Code::FailedPrecondition,
@@ -208,6 +218,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
             ErrorCode::PermissionDenied => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Conflict => StatusCode::CONFLICT,
             ErrorCode::AlreadyExists => StatusCode::CONFLICT,
             ErrorCode::FeatureNotSupported => StatusCode::CONFLICT,
@@ -390,6 +401,7 @@ mod tests {
         check(ErrorCode::Unauthenticated, 401, tonic::Code::Unauthenticated);
         check(ErrorCode::PermissionDenied, 403, tonic::Code::PermissionDenied);
         check(ErrorCode::NotFound, 404, tonic::Code::NotFound);
+        check(ErrorCode::MethodNotAllowed, 405, tonic::Code::Unimplemented);
         check(ErrorCode::Conflict, 409, tonic::Code::FailedPrecondition);
         check(ErrorCode::FeatureNotSupported, 409, tonic::Code::FailedPrecondition);
         check(ErrorCode::QuotaExceeded, 429, tonic::Code::ResourceExhausted);

@@ -82,6 +82,7 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.tenant.v1.JobService",
     "hcp.tenant.v1.QuotaService",
     "hcp.common.v1.CatalogService",
+    "hcp.common.v1.CallerService",
     "hcp.ops.v1.ProviderAdminService",
     "hcp.ops.v1.CatalogAdminService",
     "hcp.ops.v1.AuditService",

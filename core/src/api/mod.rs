@@ -16,6 +16,7 @@ use crate::model::AuditEvent;
 use crate::providers::ProviderClients;
 use crate::store::Store;
 
+pub mod caller;
 pub mod catalog;
 pub mod console;
 pub mod groups;
