@@ -19,6 +19,8 @@ import sys
 from collections import defaultdict
 
 BODY_CHARS = 300
+# Entries of one check shown with their response and curl line.
+DETAILED = 12
 
 
 def text_of(payload):
@@ -122,14 +124,23 @@ def main():
         by_check[(entry["code"], entry["title"])].append(entry)
     for (code, title), entries in sorted(by_check.items()):
         print(f"== {code} {title} ({len(entries)} distinct)")
-        for e in sorted(entries, key=lambda e: (e["operation"], e["run"], str(e["status"]))):
+        for i, e in enumerate(sorted(entries, key=lambda e: (e["operation"], e["run"], str(e["status"])))):
             print(f"- [{e['run']}] {e['operation']}: {e['request']} -> {e['status']} ×{e['count']}")
+            # A check failing everywhere the same way (e.g. every path's
+            # undeclared methods) is shown in full a few times, then listed.
+            if i >= DETAILED:
+                continue
             if e["message"]:
                 print(f"    why: {one_line(e['message'])}")
             print(f"    response: {e['response']}")
             print(f"    reproduce: {e['curl']}")
     for err in errors:
         print(f"== error [{err['run']}]: {err['error']}")
+    print("== operations that never answered 2xx (their success path was not reached)")
+    for run, ops in statuses.items():
+        for op, codes in sorted(ops.items()):
+            if not any(200 <= c < 300 for c in codes):
+                print(f"- [{run}] {op}: {sorted(codes)}")
 
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(
