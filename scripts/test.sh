@@ -31,6 +31,11 @@ need_tool ensure_python_winrm "the Hyper-V simulator's pywinrm check"
 need_tool ensure_prometheus "the Prometheus scrape test"
 # schemathesis checks the served OpenAPI document against the running API.
 need_tool ensure_schemathesis "the OpenAPI conformance test (schemathesis)"
+# The API contract tests' generated clients and schemathesis (PyPI, npm),
+# installed before the tests so that no test waits for them; the tests call
+# the same script, which returns at once when nothing changed.
+ensure_contract_tools() { bash scripts/contract-tools.sh >/dev/null; }
+need_tool ensure_contract_tools "the API contract tests (generated clients, schemathesis)"
 # tmux drives the CLI's interactive session test.
 need_tool ensure_tmux "the CLI's terminal test (tmux)"
 # Before the build: the virt crate links libvirt through pkg-config.
