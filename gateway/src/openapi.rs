@@ -258,11 +258,26 @@ fn comment_of_field(f: &FieldDescriptor) -> Option<String> {
     comment(f.parent_file(), f.path())
 }
 
+/// A schema's name, short so generated types read naturally: the message's
+/// name in its package (`Vm`, `Flavor`), the package first for messages
+/// not in the tenants' packages (`OpsProjectQuota`), `Input` last for the request form of a
+/// message that is also a reply (`FlavorInput`).
 fn schema_name(m: &MessageDescriptor, dir: Direction) -> String {
-    match dir {
-        Direction::Request => format!("{}.Input", m.full_name()),
-        Direction::Response => m.full_name().to_owned(),
+    let package = m.package_name();
+    let local: String = m.full_name().strip_prefix(package).unwrap_or(m.full_name()).split('.').collect();
+    // hcp.tenant.v1 and hcp.common.v1 are the tenants' vocabulary; other
+    // packages' messages carry the package's name (`OpsHost`,
+    // `ProviderCapabilities`).
+    let segment = package.strip_prefix("hcp.").and_then(|p| p.split('.').next()).unwrap_or("");
+    let prefix = match segment {
+        "" | "tenant" | "common" => String::new(),
+        other => other[..1].to_ascii_uppercase() + &other[1..],
+    };
+    let mut name = if local.starts_with(&prefix) { local } else { format!("{prefix}{local}") };
+    if dir == Direction::Request {
+        name.push_str("Input");
     }
+    name
 }
 
 /// A `$ref` to `m`'s schema, which is added to `schemas` when missing.
@@ -388,7 +403,10 @@ fn field_schema(
         if let Some(max) = rule.rules.maximum {
             item["maximum"] = number(max);
         }
-    } else if dir == Direction::Request && place == Place::Url && item["type"] == "string" {
+    } else if dir == Direction::Request && place == Place::Url && item["type"] == "string" && f.name() != "page_token"
+    {
+        // An empty query value is refused (leave the parameter out), but
+        // an empty page token asks for the first page.
         item["minLength"] = json!(1);
     }
     // An optional scalar may be null in a request (null is "not given").
@@ -503,4 +521,24 @@ fn well_known(m: &MessageDescriptor) -> Option<Value> {
         "google.protobuf.DoubleValue" | "google.protobuf.FloatValue" => json!({"type": ["number", "null"]}),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Short schema names never collide: two messages never share one.
+    #[test]
+    fn schema_names_are_unique() {
+        let pool = prost_reflect::DescriptorPool::decode(hcp_proto::FILE_DESCRIPTOR_SET).unwrap();
+        for dir in [Direction::Request, Direction::Response] {
+            let mut seen: BTreeMap<String, String> = BTreeMap::new();
+            for m in pool.all_messages().filter(|m| m.package_name().starts_with("hcp.")) {
+                let name = schema_name(&m, dir);
+                if let Some(other) = seen.insert(name.clone(), m.full_name().to_owned()) {
+                    panic!("{} and {other} would both be schema {name}", m.full_name());
+                }
+            }
+        }
+    }
 }

@@ -20,28 +20,22 @@ import time
 import uuid
 
 from hcp_client import AuthenticatedClient
-from hcp_client.api.job_service import hcp_tenant_v_1_job_service_get_job as get_job
-from hcp_client.api.vm_service import (
-    hcp_tenant_v_1_vm_service_create_vm as create_vm,
-)
-from hcp_client.api.vm_service import (
-    hcp_tenant_v_1_vm_service_delete_vm as delete_vm,
-)
-from hcp_client.api.vm_service import hcp_tenant_v_1_vm_service_get_vm as get_vm
-from hcp_client.api.vm_service import (
-    hcp_tenant_v_1_vm_service_resize_vm as resize_vm,
-)
-from hcp_client.api.vm_service import hcp_tenant_v_1_vm_service_stop_vm as stop_vm
+from hcp_client.api.job_service import get_job
+from hcp_client.api.vm_service import create_vm
+from hcp_client.api.vm_service import delete_vm
+from hcp_client.api.vm_service import get_vm
+from hcp_client.api.vm_service import resize_vm
+from hcp_client.api.vm_service import stop_vm
 from hcp_client.models import (
     Error,
-    HcpTenantV1Job,
-    HcpTenantV1JobStatus,
-    HcpTenantV1Vm,
-    HcpTenantV1VmOperationAccepted,
-    HcpTenantV1VmServiceCreateVmBody,
-    HcpTenantV1VmServiceResizeVmBody,
-    HcpTenantV1VmServiceStopVmBody,
-    HcpTenantV1VmStatus,
+    Job,
+    JobStatus,
+    Vm,
+    VmOperationAccepted,
+    CreateVmBody,
+    ResizeVmBody,
+    StopVmBody,
+    VmStatus,
 )
 from hcp_client.models.error_code import ErrorCode
 
@@ -63,10 +57,10 @@ def wait_job(client, job_id):
     """Polls the job until it ends; it must succeed."""
     deadline = time.monotonic() + JOB_DEADLINE_SECONDS
     while True:
-        job = expect(get_job.sync_detailed(uuid.UUID(job_id), client=client), HcpTenantV1Job, 200)
-        if job.status == HcpTenantV1JobStatus.SUCCEEDED:
+        job = expect(get_job.sync_detailed(uuid.UUID(job_id), client=client), Job, 200)
+        if job.status == JobStatus.SUCCEEDED:
             return job
-        if job.status in (HcpTenantV1JobStatus.FAILED, HcpTenantV1JobStatus.CANCELLED):
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise AssertionError(f"job {job_id} ({job.kind}) ended {job.status}: {job.error}")
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} ({job.kind}) still {job.status} after {JOB_DEADLINE_SECONDS} s")
@@ -74,7 +68,7 @@ def wait_job(client, job_id):
 
 
 def read(client, project, vm_id):
-    return expect(get_vm.sync_detailed(project, uuid.UUID(vm_id), client=client), HcpTenantV1Vm, 200)
+    return expect(get_vm.sync_detailed(project, uuid.UUID(vm_id), client=client), Vm, 200)
 
 
 def main():
@@ -83,15 +77,15 @@ def main():
     name = f"py-{uuid.uuid4().hex[:8]}"
     key = str(uuid.uuid4())
 
-    body = HcpTenantV1VmServiceCreateVmBody(name=name, flavor="small", image="debian-12")
+    body = CreateVmBody(name=name, flavor="small", image="debian-12")
     created = expect(
         create_vm.sync_detailed(project, client=client, body=body, idempotency_key=key),
-        HcpTenantV1VmOperationAccepted,
+        VmOperationAccepted,
         202,
     )
     again = expect(
         create_vm.sync_detailed(project, client=client, body=body, idempotency_key=key),
-        HcpTenantV1VmOperationAccepted,
+        VmOperationAccepted,
         202,
     )
     assert (again.vm_id, again.job_id) == (created.vm_id, created.job_id), (
@@ -101,33 +95,33 @@ def main():
     wait_job(client, created.job_id)
 
     vm = read(client, project, created.vm_id)
-    assert (vm.name, vm.flavor, vm.status) == (name, "small", HcpTenantV1VmStatus.ACTIVE), vm
+    assert (vm.name, vm.flavor, vm.status) == (name, "small", VmStatus.ACTIVE), vm
     print(f"read: {vm.status}, {vm.vcpus} vCPU, {vm.memory_mib} MiB")
 
     stopped = expect(
-        stop_vm.sync_detailed(project, uuid.UUID(vm.vm_id), client=client, body=HcpTenantV1VmServiceStopVmBody()),
-        HcpTenantV1VmOperationAccepted,
+        stop_vm.sync_detailed(project, uuid.UUID(vm.vm_id), client=client, body=StopVmBody()),
+        VmOperationAccepted,
         202,
     )
     wait_job(client, stopped.job_id)
     vm = read(client, project, created.vm_id)
-    assert vm.status == HcpTenantV1VmStatus.STOPPED, vm
+    assert vm.status == VmStatus.STOPPED, vm
     print("stopped")
 
     resized = expect(
         resize_vm.sync_detailed(
-            project, uuid.UUID(vm.vm_id), client=client, body=HcpTenantV1VmServiceResizeVmBody(flavor="medium")
+            project, uuid.UUID(vm.vm_id), client=client, body=ResizeVmBody(flavor="medium")
         ),
-        HcpTenantV1VmOperationAccepted,
+        VmOperationAccepted,
         202,
     )
     wait_job(client, resized.job_id)
     vm = read(client, project, created.vm_id)
-    assert (vm.flavor, vm.vcpus, vm.status) == ("medium", 2, HcpTenantV1VmStatus.STOPPED), vm
+    assert (vm.flavor, vm.vcpus, vm.status) == ("medium", 2, VmStatus.STOPPED), vm
     print(f"resized to {vm.flavor}: {vm.vcpus} vCPU, {vm.memory_mib} MiB")
 
     bad = resize_vm.sync_detailed(
-        project, uuid.UUID(vm.vm_id), client=client, body=HcpTenantV1VmServiceResizeVmBody(flavor="no-such-flavor")
+        project, uuid.UUID(vm.vm_id), client=client, body=ResizeVmBody(flavor="no-such-flavor")
     )
     error = expect(bad, Error, 400)
     assert error.code == ErrorCode.INVALID_ARGUMENT, error
@@ -137,12 +131,12 @@ def main():
 
     deleted = expect(
         delete_vm.sync_detailed(project, uuid.UUID(vm.vm_id), client=client),
-        HcpTenantV1VmOperationAccepted,
+        VmOperationAccepted,
         202,
     )
     wait_job(client, deleted.job_id)
     vm = read(client, project, created.vm_id)
-    assert vm.status == HcpTenantV1VmStatus.DELETED, vm
+    assert vm.status == VmStatus.DELETED, vm
     print("deleted")
     print("vm life: ok")
 

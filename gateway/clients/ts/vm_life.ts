@@ -19,9 +19,9 @@ import type { components, paths } from "./schema.js";
 
 type Schemas = components["schemas"];
 type ApiError = Schemas["Error"];
-type Job = Schemas["hcp.tenant.v1.Job"];
-type Vm = Schemas["hcp.tenant.v1.Vm"];
-type Accepted = Schemas["hcp.tenant.v1.VmOperationAccepted"];
+type Job = Schemas["Job"];
+type Vm = Schemas["Vm"];
+type Accepted = Schemas["VmOperationAccepted"];
 
 const JOB_DEADLINE_MS = 60_000;
 
