@@ -20,6 +20,7 @@ pub mod catalog;
 pub mod console;
 pub mod groups;
 pub mod hosts;
+pub mod idempotency;
 pub mod ops;
 pub mod page;
 pub mod tenant;
