@@ -694,6 +694,18 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
         0,
         "nothing expired is left"
     );
+    // A key recorded after its change (no job transaction): the first
+    // record holds it, a second loses the race, an expired one is taken over.
+    let ops = idem("k2", "h", "{}");
+    let ops = IdempotencyRecord { tenant_id: "@ops:alice".into(), ..ops };
+    store.put_idempotency(&ops).await.unwrap();
+    assert!(matches!(store.put_idempotency(&ops).await, Err(StoreError::IdempotencyRace)));
+    let mut later = IdempotencyRecord { request_hash: "h3".into(), ..ops.clone() };
+    later.created_at = now() + Duration::hours(25);
+    later.expires_at = later.created_at + Duration::hours(24);
+    store.put_idempotency(&later).await.unwrap();
+    let rec = store.get_idempotency("@ops:alice", "k2", later.created_at).await.unwrap().expect("taken over");
+    assert_eq!(rec.request_hash, "h3");
 }
 
 async fn quotas_hold_under_concurrency(backend: Backend) {
