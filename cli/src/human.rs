@@ -226,6 +226,9 @@ pub enum Ops {
     /// Zones.
     #[command(subcommand)]
     Zone(OpsZone),
+    /// Networks of a zone and their backings on each provider.
+    #[command(subcommand)]
+    Network(OpsNetwork),
     /// The audit trail, newest first.
     Audit {
         /// Only events about this resource (a VM id, ...).
@@ -353,6 +356,65 @@ pub enum OpsQuota {
         #[arg(long)]
         max_memory_mib: Option<u64>,
     },
+    /// Change some limits and keep the others.
+    Update {
+        tenant: String,
+        project: String,
+        #[arg(long)]
+        max_instances: Option<u32>,
+        #[arg(long)]
+        max_vcpus: Option<u32>,
+        #[arg(long)]
+        max_memory_mib: Option<u64>,
+        /// Make a limit unlimited: max_instances, max_vcpus or max_memory_mib (repeatable).
+        #[arg(long)]
+        unlimited: Vec<String>,
+    },
+}
+
+/// `hcp ops network` (list with `hcp catalog networks`).
+#[derive(Subcommand, Debug)]
+pub enum OpsNetwork {
+    /// Add a network to a zone (refused if the zone has one of that name).
+    Create {
+        zone: String,
+        name: String,
+        /// PROVIDER=BACKING: what the network is on that provider (repeatable).
+        #[arg(long = "backing")]
+        backings: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Replace an existing network's description and backings, for VMs
+    /// created from now on (VMs attached keep theirs).
+    Replace {
+        zone: String,
+        name: String,
+        /// PROVIDER=BACKING (repeatable); the backings are replaced whole.
+        #[arg(long = "backing")]
+        backings: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Remove a network no VM uses.
+    Delete { zone: String, name: String },
+}
+
+/// `max_vcpus` as JSON spells it in a field mask: `maxVcpus`.
+fn camel(snake: &str) -> String {
+    let mut out = String::new();
+    let mut up = false;
+    for c in snake.chars() {
+        match (c, up) {
+            ('_', _) => up = true,
+            (c, true) => {
+                out.push(c.to_ascii_uppercase());
+                up = false;
+            }
+            (c, false) => out.push(c),
+        }
+    }
+    out
 }
 
 fn pairs(items: &[String], flag: &str) -> anyhow::Result<Map<String, Value>> {
@@ -785,6 +847,64 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
             }
             let path = format!("{O}/tenants/{tenant}/projects/{project}/quota");
             output::print(out, &c.call("PUT", &path, Some(&Value::Object(body))).await?, None, quota_cols);
+        }
+        Ops::Quota(OpsQuota::Update {
+            tenant,
+            project,
+            max_instances,
+            max_vcpus,
+            max_memory_mib,
+            unlimited,
+        }) => {
+            let mut body = Map::new();
+            let mut mask = Vec::new();
+            for (name, value) in [
+                ("max_instances", max_instances.map(u64::from)),
+                ("max_vcpus", max_vcpus.map(u64::from)),
+                ("max_memory_mib", max_memory_mib),
+            ] {
+                if let Some(n) = value {
+                    body.insert(name.into(), json!(n));
+                    mask.push(name.to_owned());
+                }
+            }
+            mask.extend(unlimited);
+            // A FieldMask in JSON names fields in lowerCamelCase.
+            let mask: Vec<String> = mask.iter().map(|m| camel(m)).collect();
+            body.insert("update_mask".into(), json!(mask.join(",")));
+            let path = format!("{O}/tenants/{tenant}/projects/{project}/quota");
+            output::print(out, &c.call("PATCH", &path, Some(&Value::Object(body))).await?, None, quota_cols);
+        }
+        Ops::Network(cmd) => {
+            let cols: &[&str] = &["zone", "name", "description", "backings"];
+            match cmd {
+                OpsNetwork::Create { zone, name, backings, description } => {
+                    let body = json!({"zone": zone, "name": name, "description": description,
+                        "backings": pairs(&backings, "--backing")?});
+                    output::print(
+                        out,
+                        &c.call("POST", &format!("{O}/networks"), Some(&body)).await?,
+                        None,
+                        cols,
+                    );
+                }
+                OpsNetwork::Replace { zone, name, backings, description } => {
+                    let body =
+                        json!({"description": description, "backings": pairs(&backings, "--backing")?});
+                    let path = format!("{O}/zones/{}/networks/{}", enc(&zone), enc(&name));
+                    let v = c.call("PUT", &path, Some(&body)).await?;
+                    output::print(
+                        out,
+                        &v,
+                        None,
+                        &["network.name", "network.zone", "attached_vms", "applies_to"],
+                    );
+                }
+                OpsNetwork::Delete { zone, name } => {
+                    let path = format!("{O}/zones/{}/networks/{}", enc(&zone), enc(&name));
+                    c.call("DELETE", &path, None).await?;
+                }
+            }
         }
         Ops::Audit { resource, action, limit } => {
             let mut q = vec![format!("page_size={limit}")];

@@ -180,6 +180,23 @@ async fn people_drive_vms_and_jobs_with_the_hcp_command() {
         (Some(5), Some("1")),
         "{quota}"
     );
+    // An update keeps the limits it does not name.
+    let quota = ops.json(&["ops", "quota", "update", "acme", "demo", "--max-vcpus", "9"]).await;
+    assert_eq!((quota["max_instances"].as_u64(), quota["max_vcpus"].as_u64()), (Some(5), Some(9)), "{quota}");
+    let quota = ops.json(&["ops", "quota", "update", "acme", "demo", "--unlimited", "max_vcpus"]).await;
+    assert_eq!((quota["max_instances"].as_u64(), quota["max_vcpus"].as_u64()), (Some(5), None), "{quota}");
+    // Networks: created once, replaced on purpose.
+    ops.ok(&["ops", "network", "create", "zone-1", "lab", "--backing", "sim-1=br-lab"]).await;
+    let out = ops.run(&["ops", "network", "create", "zone-1", "lab"]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ALREADY_EXISTS"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replaced =
+        ops.json(&["ops", "network", "replace", "zone-1", "lab", "--backing", "sim-1=br-new"]).await;
+    assert_eq!(replaced["network"]["backings"]["sim-1"], "br-new", "{replaced}");
+    ops.ok(&["ops", "network", "delete", "zone-1", "lab"]).await;
     let table = ops.ok(&["ops", "quota", "show", "acme", "demo"]).await;
     assert!(table.lines().nth(1).is_some_and(|l| l.starts_with("acme ") && l.contains(" 5 ")), "{table}");
     ops.ok(&["ops", "zone", "create", "zone-9", "--description", "spare"]).await;

@@ -403,7 +403,10 @@ fn field_schema(
         if let Some(max) = rule.rules.maximum {
             item["maximum"] = number(max);
         }
-    } else if dir == Direction::Request && place == Place::Url && item["type"] == "string" && f.name() != "page_token"
+    } else if dir == Direction::Request
+        && place == Place::Url
+        && item["type"] == "string"
+        && f.name() != "page_token"
     {
         // An empty query value is refused (leave the parameter out), but
         // an empty page token asks for the first page.

@@ -122,7 +122,7 @@ pub async fn delete(ctx: &ApiContext, p: &Principal, project_id: &str, id: &str)
         .map_err(|e| from_store(e, &format!("placement group {id}")))
 }
 
-fn target(
+pub(super) fn target(
     p: &Principal,
     project_id: &str,
     id: &str,

@@ -17,6 +17,7 @@ use crate::convert::{host_to_ops, vm_to_ops};
 use crate::error::from_store;
 use crate::model::{Drain, HostLoad, PlacementPolicy, VmStatus, ZonePlacement, now};
 use crate::moves::{Asker, Moves};
+use crate::store::StoreError;
 
 /// The hosts of a provider.
 pub async fn list(ctx: &ApiContext, p: &Principal, provider_id: &str) -> Result<ListHostsResponse, ApiError> {
@@ -121,6 +122,19 @@ pub async fn migrate(
 ) -> Result<VmOperationAccepted, ApiError> {
     p.ops(Access::Write)?;
     let id: VmId = validate::id("vm_id", &req.vm_id)?;
+    // Found, then no job in flight (named in details.job_id), before
+    // anything else about the request.
+    match ctx.store.get_vm_internal(id).await {
+        Ok(vm) if vm.status == VmStatus::Deleted => return Err(ApiError::not_found("vm", id)),
+        Ok(vm) => {
+            if let Some(job) = vm.current_job_id {
+                let message = format!("vm {id} is {}: job {job} is operating on it", vm.status);
+                return Err(from_store(StoreError::Busy { job, message }, "vm"));
+            }
+        }
+        Err(e) => return Err(from_store(e, &format!("vm {id}"))),
+    }
+    hcp_proto::rules::check(&req)?;
     let target = if req.target_host.is_empty() {
         None
     } else {

@@ -21,6 +21,7 @@ pub mod catalog;
 pub mod console;
 pub mod groups;
 pub mod hosts;
+pub mod idempotency;
 pub mod ops;
 pub mod page;
 pub mod tenant;
@@ -108,7 +109,7 @@ pub async fn handle<T>(
 /// request.
 pub fn checked<T: prost::Message + prost::Name>(req: &tonic::Request<T>) -> Result<Principal, tonic::Status> {
     let p = crate::auth::principal(req)?;
-    tenant::idempotency_key(req).map_err(crate::error::status)?;
+    idempotency::idempotency_key(req).map_err(crate::error::status)?;
     hcp_proto::rules::check(req.get_ref()).map_err(crate::error::status)?;
     Ok(p)
 }

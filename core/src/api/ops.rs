@@ -2,7 +2,7 @@
 //! and the audit trail. Every call needs an ops role; writes need `ops.admin`.
 
 use hcp_proto::common;
-use hcp_proto::error::{ApiError, excerpt};
+use hcp_proto::error::{ApiError, ErrorCode, excerpt};
 use hcp_proto::ids::ProviderId;
 use hcp_proto::ops::audit_service_server::AuditService;
 use hcp_proto::ops::catalog_admin_service_server::CatalogAdminService;
@@ -15,9 +15,10 @@ use hcp_proto::ops::{
     GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
     ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
     ProviderTls, QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
-    SetProjectQuotaRequest, VerifyAuditChainRequest, VerifyAuditChainResponse,
+    SetProjectQuotaRequest, UpdateProjectQuotaRequest, VerifyAuditChainRequest, VerifyAuditChainResponse,
 };
 
+use super::idempotency::{self, Key, idempotency_key};
 use super::page::Binding;
 use super::{ApiContext, ApiResult, checked, handle, validate};
 use crate::audit::{AuditAction, AuditOutcome, Resource};
@@ -27,7 +28,7 @@ use crate::error::from_store;
 use crate::model::{self, ProviderTransport, now};
 use crate::providers::Target;
 use crate::providers::trust::{self, TlsSettings, TlsText};
-use crate::store::{AuditQuery, Quota, StoreError};
+use crate::store::{AuditQuery, NetworkReplace, Quota, QuotaUpdate, StoreError};
 
 /// Implements the three ops services.
 #[derive(Clone)]
@@ -39,6 +40,40 @@ impl OpsApi {
     /// Creates the services.
     pub fn new(ctx: ApiContext) -> Self {
         Self { ctx }
+    }
+
+    /// Runs an ops write: the `ops.admin` role, then the Idempotency-Key
+    /// (a live one is answered from its record; a new one recorded with the
+    /// answer, see [`idempotency`]), then `op`. `canonical` fingerprints a
+    /// request with a map (prost encodes maps in hash order); others are
+    /// fingerprinted as their encoded message.
+    async fn write<Req, M, Fut>(
+        &self,
+        req: tonic::Request<Req>,
+        method: &str,
+        canonical: Option<fn(&Req) -> serde_json::Value>,
+        op: impl FnOnce(Principal, Req) -> Fut,
+    ) -> ApiResult<M>
+    where
+        Req: prost::Message + prost::Name,
+        M: prost::Message + Default,
+        Fut: Future<Output = Result<M, ApiError>>,
+    {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req);
+        let r = req.into_inner();
+        handle(async {
+            p.ops(Access::Write)?;
+            let key = key?;
+            hcp_proto::rules::check(&r)?;
+            let scope = idempotency::ops_scope(&p);
+            let idem = match canonical {
+                Some(f) => Key::json(&scope, key, &serde_json::json!({"method": method, "request": f(&r)})),
+                None => Key::message(&scope, key, method, &r),
+            };
+            idempotency::once(&self.ctx, idem, op(p, r)).await
+        })
+        .await
     }
 
     async fn register(&self, p: Principal, req: RegisterProviderRequest) -> Result<Provider, ApiError> {
@@ -308,25 +343,31 @@ impl ProviderAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::HostRequest>,
     ) -> ApiResult<hcp_proto::ops::Host> {
-        let p = checked(&req)?;
-        handle(super::hosts::set_drain(&self.ctx, &p, req.into_inner(), true)).await
+        let ctx = &self.ctx;
+        self.write(
+            req,
+            "DrainHost",
+            None,
+            |p, r| async move { super::hosts::set_drain(ctx, &p, r, true).await },
+        )
+        .await
     }
 
     async fn undrain_host(
         &self,
         req: tonic::Request<hcp_proto::ops::HostRequest>,
     ) -> ApiResult<hcp_proto::ops::Host> {
-        let p = checked(&req)?;
-        handle(super::hosts::set_drain(&self.ctx, &p, req.into_inner(), false)).await
+        let ctx = &self.ctx;
+        self.write(req, "UndrainHost", None, |p, r| async move {
+            super::hosts::set_drain(ctx, &p, r, false).await
+        })
+        .await
     }
 
     async fn register_provider(&self, req: tonic::Request<RegisterProviderRequest>) -> ApiResult<Provider> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            self.register(p.clone(), req.into_inner()).await
-        })
-        .await
+        let canonical: fn(&RegisterProviderRequest) -> serde_json::Value =
+            |r| with_map(r, |r| std::mem::take(&mut r.credentials));
+        self.write(req, "RegisterProvider", Some(canonical), |p, r| self.register(p, r)).await
     }
 
     async fn list_providers(
@@ -364,12 +405,7 @@ impl ProviderAdminService for OpsApi {
         &self,
         req: tonic::Request<RemoveProviderRequest>,
     ) -> ApiResult<RemoveProviderResponse> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            self.remove(p.clone(), req.into_inner()).await
-        })
-        .await
+        self.write(req, "RemoveProvider", None, |p, r| self.remove(p, r)).await
     }
 }
 
@@ -387,65 +423,47 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::SetZonePlacementRequest>,
     ) -> ApiResult<hcp_proto::ops::ZonePlacement> {
-        let p = checked(&req)?;
-        handle(super::hosts::set_zone_placement(&self.ctx, &p, req.into_inner())).await
+        let ctx = &self.ctx;
+        self.write(req, "SetZonePlacement", None, |p, r| async move {
+            super::hosts::set_zone_placement(ctx, &p, r).await
+        })
+        .await
     }
 
     async fn create_flavor(&self, req: tonic::Request<CreateFlavorRequest>) -> ApiResult<common::Flavor> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            self.create_flavor(p.clone(), req.into_inner()).await
-        })
-        .await
+        self.write(req, "CreateFlavor", None, |p, r| self.create_flavor(p, r)).await
     }
 
     async fn delete_flavor(
         &self,
         req: tonic::Request<DeleteFlavorRequest>,
     ) -> ApiResult<DeleteFlavorResponse> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            self.delete_entry(p.clone(), "flavor", req.into_inner().name).await?;
+        self.write(req, "DeleteFlavor", None, |p, r| async move {
+            self.delete_entry(p, "flavor", r.name).await?;
             Ok(DeleteFlavorResponse {})
         })
         .await
     }
 
     async fn create_image(&self, req: tonic::Request<CreateImageRequest>) -> ApiResult<common::Image> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            self.create_image(p.clone(), req.into_inner()).await
-        })
-        .await
+        self.write(req, "CreateImage", None, |p, r| self.create_image(p, r)).await
     }
 
     async fn delete_image(&self, req: tonic::Request<DeleteImageRequest>) -> ApiResult<DeleteImageResponse> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            self.delete_entry(p.clone(), "image", req.into_inner().name).await?;
+        self.write(req, "DeleteImage", None, |p, r| async move {
+            self.delete_entry(p, "image", r.name).await?;
             Ok(DeleteImageResponse {})
         })
         .await
     }
 
     async fn create_zone(&self, req: tonic::Request<CreateZoneRequest>) -> ApiResult<common::Zone> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            self.create_zone(p.clone(), req.into_inner()).await
-        })
-        .await
+        self.write(req, "CreateZone", None, |p, r| self.create_zone(p, r)).await
     }
 
     async fn delete_zone(&self, req: tonic::Request<DeleteZoneRequest>) -> ApiResult<DeleteZoneResponse> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            self.delete_entry(p.clone(), "zone", req.into_inner().name).await?;
+        self.write(req, "DeleteZone", None, |p, r| async move {
+            self.delete_entry(p, "zone", r.name).await?;
             Ok(DeleteZoneResponse {})
         })
         .await
@@ -455,48 +473,98 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::CreateNetworkRequest>,
     ) -> ApiResult<hcp_proto::ops::NetworkDefinition> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            let n = req
-                .into_inner()
-                .network
-                .ok_or_else(|| ApiError::invalid_field("network", "network is required"))?;
-            validate::label("network.name", &n.name)?;
-            validate::label("network.zone", &n.zone)?;
-            validate::text("network.description", &n.description, validate::MAX_DESCRIPTION)?;
-            validate::count("network.backings", n.backings.len(), MAX_BACKINGS)?;
-            for (provider, backing) in &n.backings {
-                validate::label(&format!("network.backings[{}]", excerpt(provider)), provider)?;
-                validate::text(&format!("network.backings.{provider}"), backing, MAX_BACKING)?;
-                if backing.is_empty() {
-                    return Err(ApiError::invalid_field(
-                        &format!("network.backings.{provider}"),
-                        "a backing must name something on the provider",
-                    ));
-                }
-            }
-            let network = model::Network {
-                name: n.name.clone(),
-                zone: n.zone.clone(),
-                description: n.description.clone(),
-                backings: n.backings.into_iter().collect(),
-                created_at: now(),
-            };
+        let canonical: fn(&hcp_proto::ops::CreateNetworkRequest) -> serde_json::Value = |r| {
+            with_map(r, |r| r.network.as_mut().map(|n| std::mem::take(&mut n.backings)).unwrap_or_default())
+        };
+        self.write(req, "CreateNetwork", Some(canonical), |p, r| async move {
+            let n = r.network.ok_or_else(|| ApiError::invalid_field("network", "network is required"))?;
+            let network = network_definition(n, None)?;
+            let (zone, name) = (network.zone.as_str(), network.name.as_str());
             let mut audit = self.ctx.audit(
                 &p,
                 AuditAction::NetworkCreate,
-                Resource::Network { zone: &n.zone, name: &n.name },
+                Resource::Network { zone, name },
                 AuditOutcome::Succeeded,
             );
             audit.detail = format!("{:?}", network.backings);
-            self.ctx.store.put_network(&network, &audit).await.map_err(|e| match e {
+            self.ctx.store.create_network(&network, &audit).await.map_err(|e| match e {
                 StoreError::NotFound => {
-                    ApiError::invalid_field("network.zone", format!("unknown zone {}", excerpt(&n.zone)))
+                    ApiError::invalid_field("network.zone", format!("unknown zone {}", excerpt(zone)))
                 }
+                StoreError::AlreadyExists { .. } => ApiError::new(
+                    ErrorCode::AlreadyExists,
+                    format!(
+                        "zone {zone} already has a network {name}; PUT /api/hcp/ops/v1/zones/{zone}/networks/{name} \
+                         (ReplaceNetwork) changes it"
+                    ),
+                )
+                .with_detail("field", "network.name"),
                 e => from_store(e, "network"),
             })?;
             Ok(convert::network_to_ops(&network))
+        })
+        .await
+    }
+
+    async fn replace_network(
+        &self,
+        req: tonic::Request<hcp_proto::ops::ReplaceNetworkRequest>,
+    ) -> ApiResult<hcp_proto::ops::ReplaceNetworkResponse> {
+        let canonical: fn(&hcp_proto::ops::ReplaceNetworkRequest) -> serde_json::Value = |r| {
+            with_map(r, |r| r.network.as_mut().map(|n| std::mem::take(&mut n.backings)).unwrap_or_default())
+        };
+        self.write(req, "ReplaceNetwork", Some(canonical), |p, r| async move {
+            validate::label("zone", &r.zone)?;
+            validate::label("name", &r.name)?;
+            let n = r.network.ok_or_else(|| ApiError::invalid_field("network", "network is required"))?;
+            let network = network_definition(n, Some((&r.zone, &r.name)))?;
+            let (zone, name) = (r.zone.as_str(), r.name.as_str());
+            let mut audit = self.ctx.audit(
+                &p,
+                AuditAction::NetworkCreate,
+                Resource::Network { zone, name },
+                AuditOutcome::Succeeded,
+            );
+            audit.detail = format!("replaced: {:?}", network.backings);
+            let done = self
+                .ctx
+                .store
+                .replace_network(&network, &audit)
+                .await
+                .map_err(|e| from_store(e, &format!("network {zone}/{name}")))?;
+            let attached = match done {
+                NetworkReplace::Replaced { attached } => attached,
+                NetworkReplace::InUse { provider, vms } => {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!(
+                            "network {zone}/{name} is attached to {vms} vm(s) on provider {provider}: its backing there \
+                             cannot be removed while they exist (it may be changed: they keep the backing \
+                             they were created with)"
+                        ),
+                    )
+                    .with_detail("provider", provider.clone())
+                    .with_detail("vms", vms.to_string())
+                    .with_detail("field", "network.backings"));
+                }
+            };
+            let stored = self
+                .ctx
+                .store
+                .list_networks(Some(zone))
+                .await
+                .map_err(|e| from_store(e, "networks"))?
+                .into_iter()
+                .find(|n| n.name == name)
+                .unwrap_or(network);
+            Ok(hcp_proto::ops::ReplaceNetworkResponse {
+                network: Some(convert::network_to_ops(&stored)),
+                attached_vms: u32::try_from(attached).unwrap_or(u32::MAX),
+                applies_to: format!(
+                    "vms created from now on (and creates accepted but not yet run); the {attached} vm(s) \
+                     attached keep the backing they were created with"
+                ),
+            })
         })
         .await
     }
@@ -525,10 +593,7 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::DeleteNetworkRequest>,
     ) -> ApiResult<hcp_proto::ops::DeleteNetworkResponse> {
-        let p = checked(&req)?;
-        handle(async {
-            p.ops(Access::Write)?;
-            let r = req.into_inner();
+        self.write(req, "DeleteNetwork", None, |p, r| async move {
             validate::label("zone", &r.zone)?;
             validate::label("name", &r.name)?;
             let what = format!("network {}/{}", r.zone, r.name);
@@ -547,6 +612,61 @@ impl CatalogAdminService for OpsApi {
         })
         .await
     }
+}
+
+/// A network definition checked field by field; `path` is the zone and
+/// name a ReplaceNetwork's path gives, which the body may repeat or leave
+/// empty.
+fn network_definition(
+    n: hcp_proto::ops::NetworkDefinition,
+    path: Option<(&str, &str)>,
+) -> Result<model::Network, ApiError> {
+    let (zone, name) = match path {
+        None => (n.zone.clone(), n.name.clone()),
+        Some((zone, name)) => {
+            for (field, body, path) in [("network.zone", &n.zone, zone), ("network.name", &n.name, name)] {
+                if !body.is_empty() && body != path {
+                    return Err(ApiError::invalid_field(
+                        field,
+                        format!("{field} is {} but the path says {}", excerpt(body), excerpt(path)),
+                    ));
+                }
+            }
+            (zone.to_owned(), name.to_owned())
+        }
+    };
+    validate::label("network.name", &name)?;
+    validate::label("network.zone", &zone)?;
+    validate::text("network.description", &n.description, validate::MAX_DESCRIPTION)?;
+    validate::count("network.backings", n.backings.len(), MAX_BACKINGS)?;
+    for (provider, backing) in &n.backings {
+        validate::label(&format!("network.backings[{}]", excerpt(provider)), provider)?;
+        validate::text(&format!("network.backings.{provider}"), backing, MAX_BACKING)?;
+        if backing.is_empty() {
+            return Err(ApiError::invalid_field(
+                &format!("network.backings.{provider}"),
+                "a backing must name something on the provider",
+            ));
+        }
+    }
+    Ok(model::Network {
+        name,
+        zone,
+        description: n.description,
+        backings: n.backings.into_iter().collect(),
+        created_at: now(),
+    })
+}
+
+/// The fingerprint of a request with one map: the rest as its encoded
+/// message and the map sorted (prost encodes a map in hash order).
+fn with_map<R: prost::Message + Clone>(
+    r: &R,
+    take: impl FnOnce(&mut R) -> std::collections::HashMap<String, String>,
+) -> serde_json::Value {
+    let mut rest = r.clone();
+    let map: std::collections::BTreeMap<String, String> = take(&mut rest).into_iter().collect();
+    serde_json::json!({"rest": hex::encode(rest.encode_to_vec()), "map": map})
 }
 
 /// The registration's `tls`, checked for size and control characters; None
@@ -619,9 +739,12 @@ impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::MigrateVmRequest>,
     ) -> ApiResult<hcp_proto::tenant::VmOperationAccepted> {
-        let p = principal(&req)?;
         let request_id = super::tenant::request_id(&req);
-        handle(super::hosts::migrate(&self.ctx, &p, &request_id, req.into_inner())).await
+        let ctx = &self.ctx;
+        self.write(req, "MigrateVm", None, |p, r| async move {
+            super::hosts::migrate(ctx, &p, &request_id, r).await
+        })
+        .await
     }
 }
 
@@ -716,7 +839,59 @@ impl AuditService for OpsApi {
     }
 }
 
+/// What an UpdateProjectQuota's mask asks for: each named limit set, or
+/// unlimited when left unset; a limit set but not named is refused, so no
+/// value is dropped silently.
+fn quota_update(r: &UpdateProjectQuotaRequest) -> Result<QuotaUpdate, ApiError> {
+    let paths = r.update_mask.as_ref().map(|m| m.paths.as_slice()).unwrap_or_default();
+    if paths.is_empty() {
+        return Err(ApiError::invalid_field(
+            "update_mask",
+            "update_mask must name the limits to change: max_instances, max_vcpus and/or max_memory_mib",
+        ));
+    }
+    let mut update = QuotaUpdate::default();
+    for path in paths {
+        match path.as_str() {
+            "max_instances" => update.max_instances = Some(r.max_instances),
+            "max_vcpus" => update.max_vcpus = Some(r.max_vcpus),
+            "max_memory_mib" => update.max_memory_mib = Some(r.max_memory_mib),
+            other => {
+                return Err(ApiError::invalid_field(
+                    "update_mask",
+                    format!(
+                        "update_mask may name max_instances, max_vcpus and max_memory_mib, not {}",
+                        excerpt(other)
+                    ),
+                ));
+            }
+        }
+    }
+    for (field, set, named) in [
+        ("max_instances", r.max_instances.is_some(), update.max_instances.is_some()),
+        ("max_vcpus", r.max_vcpus.is_some(), update.max_vcpus.is_some()),
+        ("max_memory_mib", r.max_memory_mib.is_some(), update.max_memory_mib.is_some()),
+    ] {
+        if set && !named {
+            return Err(ApiError::invalid_field(
+                "update_mask",
+                format!("{field} is set but update_mask does not name it"),
+            ));
+        }
+    }
+    Ok(update)
+}
+
 impl OpsApi {
+    /// The audit event of a quota change.
+    fn quota_audit(&self, p: &Principal, tenant: &str, project: &str) -> crate::model::AuditEvent {
+        let mut audit =
+            self.ctx.audit(p, AuditAction::QuotaSet, Resource::Project(project), AuditOutcome::Succeeded);
+        audit.tenant_id = tenant.to_owned();
+        audit.project_id = project.to_owned();
+        audit
+    }
+
     /// A project's quota and usage as the API answers them.
     async fn quota_answer(&self, tenant: &str, project: &str) -> Result<ProjectQuota, ApiError> {
         let scope = crate::model::Scope::new(tenant, project);
@@ -738,10 +913,7 @@ impl QuotaAdminService for OpsApi {
         &self,
         req: tonic::Request<SetProjectQuotaRequest>,
     ) -> ApiResult<ProjectQuota> {
-        let p = checked(&req)?;
-        let r = req.into_inner();
-        handle(async {
-            p.ops(Access::Write)?;
+        self.write(req, "SetProjectQuota", None, |p, r| async move {
             validate::scope_id("tenant_id", &r.tenant_id)?;
             validate::project_id(&r.project_id)?;
             let quota = Quota {
@@ -749,18 +921,31 @@ impl QuotaAdminService for OpsApi {
                 max_vcpus: r.max_vcpus,
                 max_memory_mib: r.max_memory_mib,
             };
-            let mut audit = self.ctx.audit(
-                &p,
-                AuditAction::QuotaSet,
-                Resource::Project(&r.project_id),
-                AuditOutcome::Succeeded,
-            );
-            audit.tenant_id = r.tenant_id.clone();
-            audit.project_id = r.project_id.clone();
+            let mut audit = self.quota_audit(&p, &r.tenant_id, &r.project_id);
             audit.detail = format!("{quota:?}");
             self.ctx
                 .store
                 .set_quota(&crate::model::Scope::new(&r.tenant_id, &r.project_id), &quota, &audit)
+                .await
+                .map_err(|e| from_store(e, "quota"))?;
+            self.quota_answer(&r.tenant_id, &r.project_id).await
+        })
+        .await
+    }
+
+    async fn update_project_quota(
+        &self,
+        req: tonic::Request<UpdateProjectQuotaRequest>,
+    ) -> ApiResult<ProjectQuota> {
+        self.write(req, "UpdateProjectQuota", None, |p, r| async move {
+            validate::scope_id("tenant_id", &r.tenant_id)?;
+            validate::project_id(&r.project_id)?;
+            let update = quota_update(&r)?;
+            let mut audit = self.quota_audit(&p, &r.tenant_id, &r.project_id);
+            audit.detail = format!("{update:?}");
+            self.ctx
+                .store
+                .update_quota(&crate::model::Scope::new(&r.tenant_id, &r.project_id), &update, &audit)
                 .await
                 .map_err(|e| from_store(e, "quota"))?;
             self.quota_answer(&r.tenant_id, &r.project_id).await

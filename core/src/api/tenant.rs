@@ -14,12 +14,9 @@ use hcp_proto::tenant::{
 
 mod console;
 mod create;
-mod idempotency;
 mod jobs;
 
-use idempotency::fingerprint;
-pub use idempotency::idempotency_key;
-
+use super::idempotency::{self, Key, idempotency_key};
 use super::page::Binding;
 use super::{ApiContext, ApiResult, checked, handle, validate};
 use crate::audit::{AuditAction, AuditOutcome, Resource};
@@ -74,38 +71,100 @@ impl TenantApi {
         Ok(convert::vm_to_tenant(vm, caps.as_ref()))
     }
 
-    /// Accepts an operation on a VM: its job, the VM's in-flight state and
-    /// the audit event, in one transaction.
-    async fn operate(
+    /// The checks every operation on an existing VM makes first, in this
+    /// order: the caller may write in the project, the VM id parses, the
+    /// Idempotency-Key is well formed. The caller then replays a live key
+    /// ([`idempotency::replay`]) before anything that depends on the VM.
+    /// `fingerprint` holds the request's own fields.
+    fn target(
+        &self,
+        p: &Principal,
+        key: Result<Option<String>, ApiError>,
+        project_id: &str,
+        vm_id: &str,
+        method: &str,
+        fingerprint: serde_json::Value,
+    ) -> Result<Target, ApiError> {
+        validate::project_id(project_id)?;
+        let scope = p.scope(project_id, Access::Write)?;
+        let vm_id: VmId = validate::id("vm_id", vm_id)?;
+        let request = serde_json::json!({
+            "method": method,
+            "project_id": project_id,
+            "vm_id": vm_id.to_string(),
+            "extra": fingerprint,
+        });
+        let idem = Key::json(&scope.tenant, key?, &request);
+        Ok(Target { scope, vm_id, idem })
+    }
+
+    /// The VM when no job is in flight on it: NOT_FOUND, or CONFLICT naming
+    /// the job in `details.job_id`, whatever else is wrong with the request.
+    async fn idle_vm(&self, t: &Target) -> Result<model::Vm, ApiError> {
+        let what = format!("vm {}", t.vm_id);
+        let vm = self.ctx.store.get_vm(&t.scope, t.vm_id).await.map_err(|e| from_store(e, &what))?;
+        if let Some(job) = vm.current_job_id {
+            let message = format!("vm {} is {}: job {job} is operating on it", vm.id, vm.status);
+            return Err(from_store(StoreError::Busy { job, message }, &what));
+        }
+        Ok(vm)
+    }
+
+    /// Refuses `kind` on `vm` when its provider lacks a capability the
+    /// operation needs in the VM's state (a 409 naming the first missing).
+    async fn check_capability(&self, vm: &model::Vm, kind: JobKind) -> Result<(), ApiError> {
+        let provider =
+            self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
+        if let Some(cap) = missing(required_capabilities(kind, vm.status), &provider.capabilities) {
+            let hint = match (cap, vm.status) {
+                (Capability::SnapshotRunning | Capability::HotResize, VmStatus::Active) => {
+                    "; stop the vm first"
+                }
+                _ => "",
+            };
+            return Err(ApiError::feature_not_supported(
+                cap.flag(),
+                format!("the vm's provider does not support {kind} of a {} vm ({cap}){hint}", vm.status),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An operation whose only checks of its own are the store's (the VM's
+    /// state): start and delete.
+    async fn plain_op(
         &self,
         p: Principal,
-        key: Option<String>,
+        key: Result<Option<String>, ApiError>,
         req: VmActionRequest,
         kind: JobKind,
         extra: Extra,
     ) -> Result<VmOperationAccepted, ApiError> {
-        validate::project_id(&req.project_id)?;
-        let scope = p.scope(&req.project_id, Access::Write)?;
-        let tenant = scope.tenant.clone();
-        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
-        let idem = key.map(|k| {
-            let h = fingerprint(&serde_json::json!({
-                "method": kind.as_str(),
-                "project_id": req.project_id,
-                "vm_id": vm_id.to_string(),
-                "extra": extra.fingerprint,
-            }));
-            (k, h)
-        });
-        if let Some(answer) = self.replay(&tenant, idem.as_ref()).await? {
+        let t =
+            self.target(&p, key, &req.project_id, &req.vm_id, kind.as_str(), extra.fingerprint.clone())?;
+        if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
             return Ok(answer);
         }
-        let mut job = self.new_job(&p, &scope, vm_id, kind, &extra.request_id);
+        self.accept(&p, t, kind, extra).await
+    }
+
+    /// Accepts an operation on a VM: its job, the VM's in-flight state, the
+    /// audit event and the idempotency key, in one transaction (the store
+    /// checks the VM again there: found, no job in flight, its state).
+    async fn accept(
+        &self,
+        p: &Principal,
+        t: Target,
+        kind: JobKind,
+        extra: Extra,
+    ) -> Result<VmOperationAccepted, ApiError> {
+        let Target { scope, vm_id, idem } = t;
+        let mut job = self.new_job(p, &scope, vm_id, kind, &extra.request_id);
         job.snapshot_id = extra.snapshot_id;
         job.params = extra.params.clone();
         let mut audit =
-            self.ctx.audit(&p, AuditAction::Job(kind), Resource::Vm(vm_id), AuditOutcome::Accepted);
-        audit.project_id = req.project_id.clone();
+            self.ctx.audit(p, AuditAction::Job(kind), Resource::Vm(vm_id), AuditOutcome::Accepted);
+        audit.project_id = scope.project.clone();
         audit.job_id = job.id.to_string();
         if let Some(s) = extra.snapshot_id {
             audit.detail = format!("snapshot {s}");
@@ -128,10 +187,12 @@ impl TenantApi {
             job_id: job.id.to_string(),
             snapshot_id: extra.snapshot_id.map(|s| s.to_string()),
         };
-        let record = self.record(&tenant, idem.as_ref(), &answer);
+        let record = idempotency::record(&self.ctx, idem.as_ref(), &answer);
         match self.ctx.store.accept_operation(&op, &job, &audit, record.as_ref()).await {
             Ok(_) => {}
-            Err(StoreError::IdempotencyRace) => return self.replay_after_race(&tenant, idem.as_ref()).await,
+            Err(StoreError::IdempotencyRace) => {
+                return idempotency::replay_after_race(&self.ctx, idem.as_ref()).await;
+            }
             Err(StoreError::NotFound) if extra.snapshot_id.is_some() => {
                 return Err(ApiError::not_found(
                     "vm or snapshot",
@@ -146,46 +207,6 @@ impl TenantApi {
         Ok(answer)
     }
 
-    /// Checks the capabilities `kind` needs on the VM as it is now (a 409
-    /// names the first one missing), then accepts the operation on the
-    /// condition that the VM is still in the state the check was made on.
-    /// `prepare` adds what depends on the VM (a resize's sizes).
-    async fn capability_op(
-        &self,
-        p: Principal,
-        key: Option<String>,
-        target: VmActionRequest,
-        kind: JobKind,
-        mut extra: Extra,
-        prepare: impl FnOnce(&model::Vm, &mut Extra) -> Result<(), ApiError>,
-    ) -> Result<VmOperationAccepted, ApiError> {
-        let VmActionRequest { project_id, vm_id } = target;
-        validate::project_id(&project_id)?;
-        let scope = p.scope(&project_id, Access::Write)?;
-        let id: VmId = validate::id("vm_id", &vm_id)?;
-        let vm = self.ctx.store.get_vm(&scope, id).await.map_err(|e| from_store(e, &format!("vm {id}")))?;
-        let provider =
-            self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
-        if let Some(cap) = missing(required_capabilities(kind, vm.status), &provider.capabilities) {
-            let hint = match (cap, vm.status) {
-                (Capability::SnapshotRunning | Capability::HotResize, VmStatus::Active) => {
-                    "; stop the vm first"
-                }
-                _ => "",
-            };
-            return Err(ApiError::feature_not_supported(
-                cap.flag(),
-                format!("the vm's provider does not support {kind} of a {} vm ({cap}){hint}", vm.status),
-            ));
-        }
-        prepare(&vm, &mut extra)?;
-        if extra.resize.is_some() {
-            extra.capacity = crate::placement::room_of(&self.ctx.store, &vm).await?;
-        }
-        extra.require_status = Some(vm.status);
-        self.operate(p, key, VmActionRequest { project_id, vm_id }, kind, extra).await
-    }
-
     /// Revert or delete of an existing snapshot.
     async fn snapshot_action(
         &self,
@@ -193,11 +214,19 @@ impl TenantApi {
         kind: JobKind,
     ) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let key = idempotency_key(&req);
         let request_id = request_id(&req);
         let r = req.into_inner();
         handle(async {
+            let fingerprint = serde_json::json!({"snapshot_id": r.snapshot_id});
+            let t = self.target(&p, key, &r.project_id, &r.vm_id, kind.as_str(), fingerprint)?;
+            if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
+                return Ok(answer);
+            }
+            let vm = self.idle_vm(&t).await?;
+            hcp_proto::rules::check(&r)?;
             let id: SnapshotId = validate::id("snapshot_id", &r.snapshot_id)?;
+            self.check_capability(&vm, kind).await?;
             let change = if kind == JobKind::SnapshotRevert {
                 SnapshotAccept::Revert(id)
             } else {
@@ -206,12 +235,11 @@ impl TenantApi {
             let extra = Extra {
                 snapshot: Some(change),
                 snapshot_id: Some(id),
-                fingerprint: serde_json::json!({"snapshot_id": r.snapshot_id}),
+                require_status: Some(vm.status),
                 request_id,
                 ..Extra::default()
             };
-            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
-            self.capability_op(p, key, target, kind, extra, |_, _| Ok(())).await
+            self.accept(&p, t, kind, extra).await
         })
         .await
     }
@@ -242,98 +270,91 @@ impl TenantApi {
         self.view(&vm).await
     }
 
-    /// Sets name, metadata or tags, as the mask says. No job.
-    async fn update_vm(&self, p: Principal, req: UpdateVmRequest) -> Result<Vm, ApiError> {
-        validate::project_id(&req.project_id)?;
-        let scope = p.scope(&req.project_id, Access::Write)?;
-        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+    /// Sets name, metadata or tags, as the mask says. No job; allowed while
+    /// one is in flight.
+    async fn update_vm(
+        &self,
+        p: Principal,
+        key: Result<Option<String>, ApiError>,
+        req: UpdateVmRequest,
+    ) -> Result<Vm, ApiError> {
         let paths = req.update_mask.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
-        if paths.is_empty() {
-            return Err(ApiError::invalid_field(
-                "update_mask",
-                "update_mask must name what to change: name, metadata and/or tags",
-            ));
+        let metadata: std::collections::BTreeMap<_, _> = req.metadata.iter().collect();
+        let fingerprint = serde_json::json!({"name": req.name, "metadata": metadata, "tags": req.tags, "update_mask": paths});
+        let t =
+            self.target(&p, key, &req.project_id, &req.vm_id, AuditAction::VmUpdate.as_str(), fingerprint)?;
+        if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
+            return Ok(answer);
         }
-        let mut update = crate::store::VmUpdate::default();
-        for path in &paths {
-            match path.as_str() {
-                "name" => {
-                    validate::label("name", &req.name)?;
-                    update.name = Some(req.name.clone());
-                }
-                "metadata" => {
-                    validate::metadata(req.metadata.iter())?;
-                    update.metadata =
-                        Some(req.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
-                }
-                "tags" => {
-                    validate::tags("tags", &req.tags)?;
-                    let mut tags = req.tags.clone();
-                    tags.sort();
-                    tags.dedup();
-                    update.tags = Some(tags);
-                }
-                other => {
-                    return Err(ApiError::invalid_field(
-                        "update_mask",
-                        format!("update_mask may name name, metadata and tags, not {}", excerpt(other)),
-                    ));
-                }
+        let update = match hcp_proto::rules::check(&req).and_then(|()| vm_update(&req, &paths)) {
+            Ok(update) => update,
+            Err(e) => {
+                // A VM that does not exist is named first.
+                let what = format!("vm {}", t.vm_id);
+                self.ctx.store.get_vm(&t.scope, t.vm_id).await.map_err(|e| from_store(e, &what))?;
+                return Err(e);
             }
-        }
+        };
+        let vm_id = t.vm_id;
         let mut audit =
             self.ctx.audit(&p, AuditAction::VmUpdate, Resource::Vm(vm_id), AuditOutcome::Succeeded);
-        audit.project_id = scope.project.clone();
+        audit.project_id = t.scope.project.clone();
         audit.detail = paths.join(",");
-        let vm = self
-            .ctx
-            .store
-            .update_vm(&scope, vm_id, &update, &audit)
-            .await
-            .map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
-        self.view(&vm).await
+        let result = match self.ctx.store.update_vm(&t.scope, vm_id, &update, &audit).await {
+            Ok(vm) => self.view(&vm).await,
+            Err(e) => Err(from_store(e, &format!("vm {vm_id}"))),
+        };
+        idempotency::finish(&self.ctx, t.idem.as_ref(), result).await
     }
 
     /// Accepts a resize to another flavor.
     async fn resize_vm(
         &self,
         p: Principal,
-        key: Option<String>,
+        key: Result<Option<String>, ApiError>,
         request_id: String,
         req: ResizeVmRequest,
     ) -> Result<VmOperationAccepted, ApiError> {
-        validate::label("flavor", &req.flavor)?;
+        let kind = JobKind::ResizeVm;
+        let fingerprint = serde_json::json!({"flavor": req.flavor});
+        let t = self.target(&p, key, &req.project_id, &req.vm_id, kind.as_str(), fingerprint)?;
+        if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
+            return Ok(answer);
+        }
+        let vm = self.idle_vm(&t).await?;
+        hcp_proto::rules::check(&req)?;
         let flavor = self.ctx.store.get_flavor(&req.flavor).await.map_err(|e| match e {
             StoreError::NotFound => {
                 ApiError::invalid_field("flavor", format!("unknown flavor {}", excerpt(&req.flavor)))
             }
             e => from_store(e, "flavor"),
         })?;
-        let extra =
-            Extra { fingerprint: serde_json::json!({"flavor": req.flavor}), request_id, ..Extra::default() };
-        let target = VmActionRequest { project_id: req.project_id, vm_id: req.vm_id };
-        self.capability_op(p, key, target, JobKind::ResizeVm, extra, |vm, extra| {
-            if vm.flavor == flavor.name {
-                return Err(ApiError::conflict(format!("vm {} already has flavor {}", vm.id, flavor.name)));
-            }
-            if flavor.disk_gib < vm.disk_gib {
-                return Err(ApiError::invalid_field(
-                    "flavor",
-                    format!(
-                        "flavor {} has a {} GiB disk; the vm has {} GiB and disks only grow",
-                        flavor.name, flavor.disk_gib, vm.disk_gib
-                    ),
-                ));
-            }
-            extra.resize = Some(Size {
+        self.check_capability(&vm, kind).await?;
+        if vm.flavor == flavor.name {
+            return Err(ApiError::conflict(format!("vm {} already has flavor {}", vm.id, flavor.name)));
+        }
+        if flavor.disk_gib < vm.disk_gib {
+            return Err(ApiError::invalid_field(
+                "flavor",
+                format!(
+                    "flavor {} has a {} GiB disk; the vm has {} GiB and disks only grow",
+                    flavor.name, flavor.disk_gib, vm.disk_gib
+                ),
+            ));
+        }
+        let extra = Extra {
+            resize: Some(Size {
                 flavor: flavor.name.clone(),
                 vcpus: flavor.vcpus,
                 memory_mib: flavor.memory_mib,
                 disk_gib: flavor.disk_gib,
-            });
-            Ok(())
-        })
-        .await
+            }),
+            capacity: crate::placement::room_of(&self.ctx.store, &vm).await?,
+            require_status: Some(vm.status),
+            request_id,
+            ..Extra::default()
+        };
+        self.accept(&p, t, kind, extra).await
     }
 
     async fn list_vms(&self, p: Principal, req: ListVmsRequest) -> Result<ListVmsResponse, ApiError> {
@@ -373,6 +394,50 @@ impl TenantApi {
             next_page_token: next.map(|last| self.ctx.pages.seal(&binding, last)).unwrap_or_default(),
         })
     }
+}
+
+/// An operation on an existing VM past its first checks ([`TenantApi::target`]).
+struct Target {
+    scope: Scope,
+    vm_id: VmId,
+    idem: Option<Key>,
+}
+
+/// The change an UpdateVm's mask asks for, each field checked.
+fn vm_update(req: &UpdateVmRequest, paths: &[String]) -> Result<crate::store::VmUpdate, ApiError> {
+    if paths.is_empty() {
+        return Err(ApiError::invalid_field(
+            "update_mask",
+            "update_mask must name what to change: name, metadata and/or tags",
+        ));
+    }
+    let mut update = crate::store::VmUpdate::default();
+    for path in paths {
+        match path.as_str() {
+            "name" => {
+                validate::label("name", &req.name)?;
+                update.name = Some(req.name.clone());
+            }
+            "metadata" => {
+                validate::metadata(req.metadata.iter())?;
+                update.metadata = Some(req.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+            }
+            "tags" => {
+                validate::tags("tags", &req.tags)?;
+                let mut tags = req.tags.clone();
+                tags.sort();
+                tags.dedup();
+                update.tags = Some(tags);
+            }
+            other => {
+                return Err(ApiError::invalid_field(
+                    "update_mask",
+                    format!("update_mask may name name, metadata and tags, not {}", excerpt(other)),
+                ));
+            }
+        }
+    }
+    Ok(update)
 }
 
 /// What an operation adds to the VM and job it names.
@@ -427,7 +492,15 @@ impl VmService for TenantApi {
         req: tonic::Request<hcp_proto::tenant::CreatePlacementGroupRequest>,
     ) -> ApiResult<hcp_proto::tenant::PlacementGroup> {
         let p = checked(&req)?;
-        handle(super::groups::create(&self.ctx, &p, req.into_inner())).await
+        let key = idempotency_key(&req);
+        let r = req.into_inner();
+        handle(async {
+            validate::project_id(&r.project_id)?;
+            let scope = p.scope(&r.project_id, Access::Write)?;
+            let idem = Key::message(&scope.tenant, key?, "CreatePlacementGroup", &r);
+            idempotency::once(&self.ctx, idem, super::groups::create(&self.ctx, &p, r)).await
+        })
+        .await
     }
 
     async fn list_placement_groups(
@@ -452,17 +525,23 @@ impl VmService for TenantApi {
         req: tonic::Request<hcp_proto::tenant::PlacementGroupRequest>,
     ) -> ApiResult<hcp_proto::tenant::DeletePlacementGroupResponse> {
         let p = checked(&req)?;
+        let key = idempotency_key(&req);
         let r = req.get_ref();
         handle(async {
-            super::groups::delete(&self.ctx, &p, &r.project_id, &r.placement_group_id).await?;
-            Ok(hcp_proto::tenant::DeletePlacementGroupResponse {})
+            let (scope, _) = super::groups::target(&p, &r.project_id, &r.placement_group_id, Access::Write)?;
+            let idem = Key::message(&scope.tenant, key?, "DeletePlacementGroup", r);
+            let delete = async {
+                super::groups::delete(&self.ctx, &p, &r.project_id, &r.placement_group_id).await?;
+                Ok(hcp_proto::tenant::DeletePlacementGroupResponse {})
+            };
+            idempotency::once(&self.ctx, idem, delete).await
         })
         .await
     }
 
     async fn create_vm(&self, req: tonic::Request<CreateVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = checked(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let key = idempotency_key(&req);
         let rid = request_id(&req);
         handle(self.create_vm(p, key, rid, req.into_inner())).await
     }
@@ -473,13 +552,14 @@ impl VmService for TenantApi {
     }
 
     async fn update_vm(&self, req: tonic::Request<UpdateVmRequest>) -> ApiResult<Vm> {
-        let p = checked(&req)?;
-        handle(self.update_vm(p, req.into_inner())).await
+        let p = principal(&req)?;
+        let key = idempotency_key(&req);
+        handle(self.update_vm(p, key, req.into_inner())).await
     }
 
     async fn resize_vm(&self, req: tonic::Request<ResizeVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let key = idempotency_key(&req);
         let rid = request_id(&req);
         handle(self.resize_vm(p, key, rid, req.into_inner())).await
     }
@@ -496,66 +576,78 @@ impl VmService for TenantApi {
 
     async fn start_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let key = idempotency_key(&req);
         let extra = Extra { request_id: request_id(&req), ..Extra::default() };
-        handle(self.operate(p, key, req.into_inner(), JobKind::StartVm, extra)).await
+        handle(self.plain_op(p, key, req.into_inner(), JobKind::StartVm, extra)).await
     }
 
     async fn stop_vm(&self, req: tonic::Request<StopVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let key = idempotency_key(&req);
         let request_id = request_id(&req);
         let r = req.into_inner();
         handle(async {
-            if r.timeout_seconds > MAX_STOP_TIMEOUT {
-                return Err(ApiError::invalid_field(
-                    "timeout_seconds",
-                    format!("timeout_seconds is at most {MAX_STOP_TIMEOUT}"),
-                ));
+            let kind = JobKind::StopVm;
+            let fingerprint = serde_json::json!({"force": r.force, "timeout_seconds": r.timeout_seconds});
+            let t = self.target(&p, key, &r.project_id, &r.vm_id, kind.as_str(), fingerprint)?;
+            if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
+                return Ok(answer);
+            }
+            // The store names a job in flight; a request that breaks a rule
+            // reads the VM first so that the job is named all the same.
+            if let Err(e) = hcp_proto::rules::check(&r) {
+                self.idle_vm(&t).await?;
+                return Err(e);
             }
             let extra = Extra {
-                fingerprint: serde_json::json!({"force": r.force, "timeout_seconds": r.timeout_seconds}),
                 params: JobParams::Stop { force: r.force, timeout_seconds: r.timeout_seconds },
                 request_id,
                 ..Extra::default()
             };
-            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
-            self.operate(p, key, target, JobKind::StopVm, extra).await
+            self.accept(&p, t, kind, extra).await
         })
         .await
     }
 
     async fn reboot_vm(&self, req: tonic::Request<RebootVmRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let key = idempotency_key(&req);
         let request_id = request_id(&req);
         let r = req.into_inner();
         handle(async {
             use hcp_proto::tenant::RebootType;
+            let kind = JobKind::RebootVm;
             let hard = match RebootType::try_from(r.r#type) {
-                Ok(RebootType::Hard) => true,
-                Ok(RebootType::Soft | RebootType::Unspecified) => false,
-                Err(_) => {
-                    return Err(ApiError::invalid_field("type", format!("unknown reboot type {}", r.r#type)));
+                Ok(RebootType::Hard) => Ok(true),
+                Ok(RebootType::Soft | RebootType::Unspecified) => Ok(false),
+                Err(_) => Err(ApiError::invalid_field("type", format!("unknown reboot type {}", r.r#type))),
+            };
+            let fingerprint = match &hard {
+                Ok(hard) => serde_json::json!({"hard": hard}),
+                Err(_) => serde_json::json!({"type": r.r#type}),
+            };
+            let t = self.target(&p, key, &r.project_id, &r.vm_id, kind.as_str(), fingerprint)?;
+            if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
+                return Ok(answer);
+            }
+            let hard = match hcp_proto::rules::check(&r).and(hard) {
+                Ok(hard) => hard,
+                Err(e) => {
+                    self.idle_vm(&t).await?;
+                    return Err(e);
                 }
             };
-            let extra = Extra {
-                fingerprint: serde_json::json!({"hard": hard}),
-                params: JobParams::Reboot { hard },
-                request_id,
-                ..Extra::default()
-            };
-            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
-            self.operate(p, key, target, JobKind::RebootVm, extra).await
+            let extra = Extra { params: JobParams::Reboot { hard }, request_id, ..Extra::default() };
+            self.accept(&p, t, kind, extra).await
         })
         .await
     }
 
     async fn delete_vm(&self, req: tonic::Request<VmActionRequest>) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let key = idempotency_key(&req);
         let extra = Extra { request_id: request_id(&req), ..Extra::default() };
-        handle(self.operate(p, key, req.into_inner(), JobKind::DeleteVm, extra)).await
+        handle(self.plain_op(p, key, req.into_inner(), JobKind::DeleteVm, extra)).await
     }
 
     async fn create_snapshot(
@@ -563,15 +655,23 @@ impl VmService for TenantApi {
         req: tonic::Request<hcp_proto::tenant::CreateSnapshotRequest>,
     ) -> ApiResult<VmOperationAccepted> {
         let p = principal(&req)?;
-        let key = idempotency_key(&req).map_err(crate::error::status)?;
+        let key = idempotency_key(&req);
         let request_id = request_id(&req);
         let r = req.into_inner();
         handle(async {
-            validate::label("name", &r.name)?;
+            let kind = JobKind::SnapshotCreate;
+            let fingerprint = serde_json::json!({"name": r.name});
+            let t = self.target(&p, key, &r.project_id, &r.vm_id, kind.as_str(), fingerprint)?;
+            if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
+                return Ok(answer);
+            }
+            let vm = self.idle_vm(&t).await?;
+            hcp_proto::rules::check(&r)?;
+            self.check_capability(&vm, kind).await?;
             let id = SnapshotId::new();
             let snap = model::Snapshot {
                 id,
-                vm_id: validate::id("vm_id", &r.vm_id)?,
+                vm_id: t.vm_id,
                 name: r.name.clone(),
                 status: model::SnapshotStatus::Creating,
                 created_at: now(),
@@ -580,12 +680,11 @@ impl VmService for TenantApi {
             let extra = Extra {
                 snapshot: Some(SnapshotAccept::Create(snap)),
                 snapshot_id: Some(id),
-                fingerprint: serde_json::json!({"name": r.name}),
+                require_status: Some(vm.status),
                 request_id,
                 ..Extra::default()
             };
-            let target = VmActionRequest { project_id: r.project_id, vm_id: r.vm_id };
-            self.capability_op(p, key, target, JobKind::SnapshotCreate, extra, |_, _| Ok(())).await
+            self.accept(&p, t, kind, extra).await
         })
         .await
     }
@@ -629,12 +728,10 @@ impl VmService for TenantApi {
 
     async fn create_console(&self, req: tonic::Request<CreateConsoleRequest>) -> ApiResult<ConsoleSession> {
         let p = principal(&req)?;
-        handle(self.create_console(p, req.into_inner())).await
+        let key = idempotency_key(&req);
+        handle(self.create_console(p, key, req.into_inner())).await
     }
 }
-
-/// Longest graceful stop a tenant may ask for.
-const MAX_STOP_TIMEOUT: u32 = 3600;
 
 #[tonic::async_trait]
 impl QuotaService for TenantApi {

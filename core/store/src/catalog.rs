@@ -9,6 +9,24 @@ use super::{Quoted, sql};
 use super::{StoreError, StoreResult, col, on_pool, to_i32, to_u32};
 use hcp_domain::model::{AuditEvent, Flavor, Image, Network, VmStatus, Zone};
 
+/// What [`super::Store::replace_network`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkReplace {
+    /// Replaced; `attached` VMs (not deleted) use the network.
+    Replaced {
+        /// VMs attached to the network, on any provider.
+        attached: u64,
+    },
+    /// Refused, nothing changed: the replacement drops the backing of
+    /// `provider`, which has `vms` VMs attached to the network.
+    InUse {
+        /// The provider whose backing would go.
+        provider: String,
+        /// Its VMs attached to the network.
+        vms: u64,
+    },
+}
+
 impl super::Store {
     /// Inserts a flavor and its audit event.
     pub async fn create_flavor(&self, f: &Flavor, audit: &AuditEvent) -> StoreResult<()> {
@@ -247,9 +265,11 @@ impl super::Store {
 }
 
 impl super::Store {
-    /// Creates or replaces a network of a zone (backings included) with its
-    /// audit event. NotFound when the zone does not exist.
-    pub async fn put_network(&self, n: &Network, audit: &AuditEvent) -> StoreResult<()> {
+    /// Creates a network of a zone (backings included) with its audit
+    /// event. NotFound when the zone does not exist, AlreadyExists when the
+    /// zone has a network of that name (it is never replaced here: see
+    /// [`Self::replace_network`]).
+    pub async fn create_network(&self, n: &Network, audit: &AuditEvent) -> StoreResult<()> {
         on_pool!(transaction self, |tx| {
             let zone: Option<String> = sqlx::query_scalar("SELECT name FROM zones WHERE name = $1")
                 .bind(&n.zone)
@@ -261,8 +281,7 @@ impl super::Store {
             }
             sqlx::query(
                 "INSERT INTO networks (zone, name, description, backings, created_at) \
-                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (zone, name) \
-                 DO UPDATE SET description = excluded.description, backings = excluded.backings",
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(&n.zone)
             .bind(&n.name)
@@ -271,11 +290,64 @@ impl super::Store {
             .bind(n.created_at)
             .execute(&mut *tx)
             .await
-            .map_err(|e| StoreError::from_sqlx(e, &format!("network {}", n.name)))?;
+            .map_err(|e| StoreError::from_sqlx(e, &format!("network {}/{}", n.zone, n.name)))?;
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             self.catalog_changed();
             Ok(())
+        })
+    }
+
+    /// Replaces an existing network's description and backings (its
+    /// `created_at` stays) with its audit event, unless that removes the
+    /// backing of a provider whose VMs (not deleted) are attached to the
+    /// network: then nothing changes and the answer names the provider.
+    /// NotFound when the zone has no such network.
+    pub async fn replace_network(&self, n: &Network, audit: &AuditEvent) -> StoreResult<NetworkReplace> {
+        on_pool!(transaction self, |tx| {
+            let old: Option<Json<BTreeMap<String, String>>> =
+                sqlx::query_scalar("SELECT backings FROM networks WHERE zone = $1 AND name = $2")
+                    .bind(&n.zone)
+                    .bind(&n.name)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "network"))?;
+            let Some(Json(old)) = old else { return Err(StoreError::NotFound) };
+            let rows = sqlx::query(sql!(
+                "SELECT vms.networks, providers.name AS provider FROM vms \
+                 JOIN providers ON providers.id = vms.provider_id \
+                 WHERE vms.zone = $1 AND vms.status <> {vm_deleted}",
+                vm_deleted = VmStatus::Deleted
+            ))
+            .bind(&n.zone)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "vms"))?;
+            // VMs attached to the network, by provider name.
+            let mut attached: BTreeMap<String, u64> = BTreeMap::new();
+            for row in &rows {
+                let nets: Json<Vec<hcp_domain::model::NetworkAttachment>> = col!(row, "networks");
+                if nets.0.iter().any(|a| a.network == n.name) {
+                    *attached.entry(col!(row, "provider")).or_default() += 1;
+                }
+            }
+            for provider in old.keys().filter(|p| !n.backings.contains_key(*p)) {
+                if let Some(&vms) = attached.get(provider) {
+                    return Ok(NetworkReplace::InUse { provider: provider.clone(), vms });
+                }
+            }
+            sqlx::query("UPDATE networks SET description = $1, backings = $2 WHERE zone = $3 AND name = $4")
+                .bind(&n.description)
+                .bind(Json(&n.backings))
+                .bind(&n.zone)
+                .bind(&n.name)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, &format!("network {}/{}", n.zone, n.name)))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            self.catalog_changed();
+            Ok(NetworkReplace::Replaced { attached: attached.values().sum() })
         })
     }
 

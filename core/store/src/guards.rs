@@ -37,6 +37,18 @@ pub struct Quota {
     pub max_memory_mib: Option<u64>,
 }
 
+/// A change to some limits of a project: `None` keeps a limit as it is,
+/// `Some(None)` makes it unlimited, `Some(Some(n))` sets it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuotaUpdate {
+    /// VMs that are not deleted.
+    pub max_instances: Option<Option<u32>>,
+    /// Sum of their vCPUs.
+    pub max_vcpus: Option<Option<u32>>,
+    /// Sum of their memory.
+    pub max_memory_mib: Option<Option<u64>>,
+}
+
 /// Current use of a project.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -173,6 +185,17 @@ impl super::Store {
         })
     }
 
+    /// Records an idempotency key after the change it answers committed
+    /// (for a request whose change has no transaction to record it in):
+    /// [`StoreError::IdempotencyRace`] when a live record holds the key.
+    pub async fn put_idempotency(&self, rec: &IdempotencyRecord) -> StoreResult<()> {
+        on_pool!(transaction self, |tx| {
+            insert_idempotency!(tx, rec);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(())
+        })
+    }
+
     /// Deletes expired idempotency records; returns how many.
     pub async fn purge_idempotency(&self, now: DateTime<Utc>) -> StoreResult<u64> {
         on_pool!(self, |pool| {
@@ -205,6 +228,43 @@ impl super::Store {
             .bind(quota.max_vcpus.map(|v| v as i32))
             .bind(quota.max_memory_mib.map(|v| v as i64))
             .bind(audit.at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Changes the limits `update` names and keeps the others, with its
+    /// audit event, in one transaction; a project without a quota row gets
+    /// one (unnamed limits unlimited).
+    pub async fn update_quota(
+        &self,
+        scope: &hcp_domain::model::Scope,
+        update: &QuotaUpdate,
+        audit: &hcp_domain::model::AuditEvent,
+    ) -> StoreResult<()> {
+        on_pool!(transaction self, |tx| {
+            sqlx::query(
+                "INSERT INTO project_quotas (tenant_id, project_id, max_instances, max_vcpus, max_memory_mib, \
+                 updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, project_id) DO UPDATE \
+                 SET max_instances = CASE WHEN $7 THEN $3 ELSE project_quotas.max_instances END, \
+                 max_vcpus = CASE WHEN $8 THEN $4 ELSE project_quotas.max_vcpus END, \
+                 max_memory_mib = CASE WHEN $9 THEN $5 ELSE project_quotas.max_memory_mib END, \
+                 updated_at = $6",
+            )
+            .bind(&scope.tenant)
+            .bind(&scope.project)
+            .bind(update.max_instances.flatten().map(|v| v as i32))
+            .bind(update.max_vcpus.flatten().map(|v| v as i32))
+            .bind(update.max_memory_mib.flatten().map(|v| v as i64))
+            .bind(audit.at)
+            .bind(update.max_instances.is_some())
+            .bind(update.max_vcpus.is_some())
+            .bind(update.max_memory_mib.is_some())
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "quota"))?;

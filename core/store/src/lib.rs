@@ -37,7 +37,8 @@ mod vms;
 
 pub use audit::{AuditQuery, ChainHead, ChainedEvent};
 pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
-pub use guards::{IdempotencyRecord, Quota, Usage};
+pub use catalog::NetworkReplace;
+pub use guards::{IdempotencyRecord, Quota, QuotaUpdate, Usage};
 pub use hosts::{CapacityGuard, GroupGuard, HostReport, Member};
 pub use jobs::{Finish, ListJobsQuery, RecordedStep};
 pub use metrics::Gauges;

@@ -10,7 +10,8 @@ use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{EventId, ProviderId, VmId};
 use hcp_store::{
     AcceptOperation, AuditQuery, CapacityGuard, Finish, HostChange, HostReport, IdempotencyRecord,
-    ListVmsQuery, Quota, RateLimit, RecordedStep, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, Store, StoreError,
+    ListVmsQuery, NetworkReplace, Quota, QuotaUpdate, RateLimit, RecordedStep, SUBJECT_JOBS,
+    SUBJECT_USAGE_PREFIX, Store, StoreError,
 };
 use hcp_testkit::db::{Backend, TestDb};
 
@@ -693,6 +694,18 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
         0,
         "nothing expired is left"
     );
+    // A key recorded after its change (no job transaction): the first
+    // record holds it, a second loses the race, an expired one is taken over.
+    let ops = idem("k2", "h", "{}");
+    let ops = IdempotencyRecord { tenant_id: "@ops:alice".into(), ..ops };
+    store.put_idempotency(&ops).await.unwrap();
+    assert!(matches!(store.put_idempotency(&ops).await, Err(StoreError::IdempotencyRace)));
+    let mut later = IdempotencyRecord { request_hash: "h3".into(), ..ops.clone() };
+    later.created_at = now() + Duration::hours(25);
+    later.expires_at = later.created_at + Duration::hours(24);
+    store.put_idempotency(&later).await.unwrap();
+    let rec = store.get_idempotency("@ops:alice", "k2", later.created_at).await.unwrap().expect("taken over");
+    assert_eq!(rec.request_hash, "h3");
 }
 
 async fn quotas_hold_under_concurrency(backend: Backend) {
@@ -720,7 +733,26 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
     }
     assert_eq!(accepted, 5);
     let (q, u) = store.get_quota(&Scope::new("acme", "p1")).await.unwrap();
-    assert_eq!((q, u.instances, u.vcpus, u.memory_mib), (quota, 5, 5, 2560));
+    assert_eq!((q, u.instances, u.vcpus, u.memory_mib), (quota.clone(), 5, 5, 2560));
+    // An update changes the limits it names and keeps the others.
+    let scope = Scope::new("acme", "p1");
+    let update = QuotaUpdate { max_vcpus: Some(Some(8)), ..Default::default() };
+    store.update_quota(&scope, &update, &audit("quota.update", "p1")).await.unwrap();
+    let (q, _) = store.get_quota(&scope).await.unwrap();
+    assert_eq!(q, Quota { max_instances: Some(5), max_vcpus: Some(8), max_memory_mib: None });
+    let update = QuotaUpdate { max_instances: Some(None), ..Default::default() };
+    store.update_quota(&scope, &update, &audit("quota.update", "p1")).await.unwrap();
+    let (q, _) = store.get_quota(&scope).await.unwrap();
+    assert_eq!(q, Quota { max_instances: None, max_vcpus: Some(8), max_memory_mib: None });
+    store.set_quota(&scope, &quota, &audit("quota.set", "p1")).await.unwrap();
+    // A project without a row gets one.
+    let fresh_scope = Scope::new("acme", "p9");
+    let update = QuotaUpdate { max_memory_mib: Some(Some(64)), ..Default::default() };
+    store.update_quota(&fresh_scope, &update, &audit("quota.update", "p9")).await.unwrap();
+    assert_eq!(
+        store.get_quota(&fresh_scope).await.unwrap().0,
+        Quota { max_memory_mib: Some(64), ..Default::default() }
+    );
     // Other projects are not limited; memory limits count too.
     create(&store, &p, "acme", "p2", "free", &[]).await;
     store
@@ -1370,21 +1402,33 @@ async fn networks_are_per_zone_and_in_use_ones_stay(backend: Backend) {
         backings: backings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         created_at: now(),
     };
-    store.put_network(&net("z1", "default", &[]), &audit("network.create", "default")).await.unwrap();
+    store.create_network(&net("z1", "default", &[]), &audit("network.create", "default")).await.unwrap();
     store
-        .put_network(&net("z1", "prod", &[("pve-1", "vmbr1")]), &audit("network.create", "prod"))
+        .create_network(&net("z1", "prod", &[("pve-1", "vmbr1")]), &audit("network.create", "prod"))
         .await
         .unwrap();
     // A zone that does not exist has no networks.
     assert!(matches!(
-        store.put_network(&net("nowhere", "x", &[]), &audit("network.create", "x")).await,
+        store.create_network(&net("nowhere", "x", &[]), &audit("network.create", "x")).await,
         Err(StoreError::NotFound)
     ));
-    // Replacing keeps one row.
-    store
-        .put_network(&net("z1", "prod", &[("pve-1", "vmbr2")]), &audit("network.create", "prod"))
-        .await
-        .unwrap();
+    // Creating never replaces.
+    assert!(matches!(
+        store.create_network(&net("z1", "prod", &[]), &audit("network.create", "prod")).await,
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    // Replacing keeps one row; only an existing network is replaced.
+    assert_eq!(
+        store
+            .replace_network(&net("z1", "prod", &[("pve-1", "vmbr2")]), &audit("network.replace", "prod"))
+            .await
+            .unwrap(),
+        NetworkReplace::Replaced { attached: 0 }
+    );
+    assert!(matches!(
+        store.replace_network(&net("z1", "nope", &[]), &audit("network.replace", "nope")).await,
+        Err(StoreError::NotFound)
+    ));
     let all = store.list_networks(Some("z1")).await.unwrap();
     assert_eq!(all.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["default", "prod"]);
     assert_eq!(all[1].backing_on("pve-1"), "vmbr2");
@@ -1392,6 +1436,21 @@ async fn networks_are_per_zone_and_in_use_ones_stay(backend: Backend) {
     assert!(store.list_networks(Some("z2")).await.unwrap().is_empty());
     // The VM made by `create` is attached to "default".
     create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    // A backing may be added while VMs use the network, not taken from
+    // their provider.
+    let with = net("z1", "default", &[(p.name.as_str(), "br0")]);
+    assert_eq!(
+        store.replace_network(&with, &audit("network.replace", "default")).await.unwrap(),
+        NetworkReplace::Replaced { attached: 1 }
+    );
+    assert_eq!(
+        store
+            .replace_network(&net("z1", "default", &[]), &audit("network.replace", "default"))
+            .await
+            .unwrap(),
+        NetworkReplace::InUse { provider: p.name.clone(), vms: 1 }
+    );
+    assert_eq!(store.list_networks(Some("z1")).await.unwrap()[0].backing_on(&p.name), "br0");
     assert!(matches!(
         store.delete_network("z1", "default", &audit("network.delete", "default")).await,
         Err(StoreError::Conflict(ref m)) if m.contains("1 vm")

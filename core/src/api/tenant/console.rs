@@ -2,13 +2,12 @@
 //! checked against the provider's capabilities for the protocol asked for.
 
 use hcp_proto::error::{ApiError, excerpt};
-use hcp_proto::ids::VmId;
 use hcp_proto::tenant::{ConsoleSession, CreateConsoleRequest};
 
-use super::{TenantApi, hash_token, random_token};
-use crate::api::validate;
+use super::{Target, TenantApi, hash_token, random_token};
+use crate::api::idempotency;
 use crate::audit::{AuditAction, AuditOutcome, Resource};
-use crate::auth::{Access, Principal};
+use crate::auth::Principal;
 use crate::convert;
 use crate::error::from_store;
 use crate::lifecycle::ConsoleProtocol;
@@ -18,11 +17,29 @@ impl TenantApi {
     pub(super) async fn create_console(
         &self,
         p: Principal,
+        key: Result<Option<String>, ApiError>,
         req: CreateConsoleRequest,
     ) -> Result<ConsoleSession, ApiError> {
-        validate::project_id(&req.project_id)?;
-        let scope = p.scope(&req.project_id, Access::Write)?;
-        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let fingerprint = serde_json::json!({"type": req.r#type});
+        let t =
+            self.target(&p, key, &req.project_id, &req.vm_id, AuditAction::VmConsole.as_str(), fingerprint)?;
+        if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
+            return Ok(answer);
+        }
+        let result = self.new_console(&p, &t, &req).await;
+        idempotency::finish(&self.ctx, t.idem.as_ref(), result).await
+    }
+
+    async fn new_console(
+        &self,
+        p: &Principal,
+        t: &Target,
+        req: &CreateConsoleRequest,
+    ) -> Result<ConsoleSession, ApiError> {
+        let (scope, vm_id) = (&t.scope, t.vm_id);
+        // A job in flight is named before anything else is checked.
+        let vm = self.idle_vm(t).await?;
+        hcp_proto::rules::check(req)?;
         let kind = if req.r#type.is_empty() {
             ConsoleProtocol::Vnc
         } else {
@@ -34,8 +51,6 @@ impl TenantApi {
             })?
         };
         let protocol = kind.as_str().to_owned();
-        let vm =
-            self.ctx.store.get_vm(&scope, vm_id).await.map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
         let provider =
             self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
         let capability = kind.capability();
@@ -79,7 +94,7 @@ impl TenantApi {
             revoked_at: None,
             created_at: t,
         };
-        let mut audit = self.ctx.audit(&p, AuditAction::VmConsole, Resource::Vm(vm_id), AuditOutcome::Issued);
+        let mut audit = self.ctx.audit(p, AuditAction::VmConsole, Resource::Vm(vm_id), AuditOutcome::Issued);
         audit.project_id = req.project_id.clone();
         audit.detail = protocol.clone();
         self.ctx

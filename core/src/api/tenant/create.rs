@@ -9,7 +9,8 @@ use hcp_proto::error::{ApiError, ErrorCode, excerpt};
 use hcp_proto::ids::{PlacementGroupId, VmId};
 use hcp_proto::tenant::{CreateVmRequest, VmOperationAccepted};
 
-use super::{TenantApi, fingerprint};
+use super::TenantApi;
+use crate::api::idempotency::{self, Key};
 use crate::api::validate;
 use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal};
@@ -112,9 +113,9 @@ impl ValidCreate {
 
 /// The idempotency fingerprint of a create: the request's fields, so the
 /// same key with another request is told apart.
-pub(super) fn fingerprint_create(req: &CreateVmRequest) -> String {
+pub(super) fn fingerprint_create(req: &CreateVmRequest) -> serde_json::Value {
     let metadata: BTreeMap<_, _> = req.metadata.iter().collect();
-    fingerprint(&serde_json::json!({
+    serde_json::json!({
         "method": JobKind::CreateVm.as_str(),
         "project_id": req.project_id,
         "name": req.name,
@@ -128,21 +129,20 @@ pub(super) fn fingerprint_create(req: &CreateVmRequest) -> String {
         "hostname": req.hostname,
         "placement_group_id": req.placement_group_id,
         "restart_policy": req.restart_policy,
-    }))
+    })
 }
 
 impl TenantApi {
     pub(super) async fn create_vm(
         &self,
         p: Principal,
-        key: Option<String>,
+        key: Result<Option<String>, ApiError>,
         request_id: String,
         req: CreateVmRequest,
     ) -> Result<VmOperationAccepted, ApiError> {
         validate::project_id(&req.project_id)?;
         let scope = p.scope(&req.project_id, Access::Write)?;
-        let tenant = scope.tenant.clone();
-        let idem = key.map(|k| (k, fingerprint_create(&req)));
+        let idem = Key::json(&scope.tenant, key?, &fingerprint_create(&req));
         // The key is not read first: the accepting transaction inserts it
         // before anything else, so a key already used fails there (and is
         // answered from its record), and a create that fails before that is
@@ -153,7 +153,7 @@ impl TenantApi {
             Err(e) => Err(e),
         };
         match created {
-            Err(e) if idem.is_some() => match self.replay(&tenant, idem.as_ref()).await? {
+            Err(e) if idem.is_some() => match idempotency::replay(&self.ctx, idem.as_ref()).await? {
                 Some(answer) => Ok(answer),
                 None => Err(e),
             },
@@ -166,7 +166,7 @@ impl TenantApi {
         &self,
         p: &Principal,
         scope: &Scope,
-        idem: Option<&(String, String)>,
+        idem: Option<&Key>,
         request_id: String,
         req: ValidCreate,
     ) -> Result<VmOperationAccepted, ApiError> {
@@ -244,7 +244,7 @@ impl TenantApi {
         audit.job_id = job.id.to_string();
         let answer =
             VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string(), snapshot_id: None };
-        let record = self.record(&scope.tenant, idem, &answer);
+        let record = idempotency::record(&self.ctx, idem, &answer);
         // The host's room, and a strict group's rule, are checked again in
         // the transaction: a concurrent create that took the room or the
         // host first sends this one on to the next candidate.
@@ -267,7 +267,7 @@ impl TenantApi {
                 Err(StoreError::Conflict(msg)) if guard.is_some() => refused = Some(msg),
                 Err(StoreError::NoRoom(msg)) => no_room = Some(msg),
                 Err(StoreError::IdempotencyRace) => {
-                    return self.replay_after_race(&scope.tenant, idem).await;
+                    return idempotency::replay_after_race(&self.ctx, idem).await;
                 }
                 Err(StoreError::QuotaExceeded(msg)) => {
                     return Err(ApiError::new(ErrorCode::QuotaExceeded, msg));

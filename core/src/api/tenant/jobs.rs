@@ -8,6 +8,7 @@ use hcp_proto::tenant::{CancelJobRequest, GetJobRequest, Job, ListJobsRequest, L
 
 use super::TenantApi;
 use crate::api::checked;
+use crate::api::idempotency::{self, Key};
 use crate::api::page::Binding;
 use crate::api::{ApiResult, handle, validate};
 use crate::audit::{AuditAction, AuditOutcome, Resource};
@@ -174,14 +175,29 @@ impl JobService for TenantApi {
 
     async fn cancel_job(&self, req: tonic::Request<CancelJobRequest>) -> ApiResult<Job> {
         let p = checked(&req)?;
+        let key = crate::api::idempotency::idempotency_key(&req);
         let req = req.into_inner();
         handle(async {
             let id: JobId = validate::id("job_id", &req.job_id)?;
+            let idem = match key? {
+                Some(k) => Key::message(p.tenant()?, Some(k), "CancelJob", &req),
+                None => None,
+            };
+            idempotency::once(&self.ctx, idem, self.cancel(&p, id, req)).await
+        })
+        .await
+    }
+}
+
+impl TenantApi {
+    /// Cancels a job of the caller's tenant that has not finished.
+    async fn cancel(&self, p: &Principal, id: JobId, req: CancelJobRequest) -> Result<Job, ApiError> {
+        {
             // Access as for reading, plus the write role in the job's project.
             let job = self.get_job(p.clone(), GetJobRequest { job_id: req.job_id.clone() }).await?;
             let tenant = p.tenant_project(&job.project_id, Access::Write)?.to_owned();
             let mut audit =
-                self.ctx.audit(&p, AuditAction::JobCancel, Resource::Job(id), AuditOutcome::Succeeded);
+                self.ctx.audit(p, AuditAction::JobCancel, Resource::Job(id), AuditOutcome::Succeeded);
             audit.project_id = job.project_id.clone();
             audit.job_id = id.to_string();
             self.ctx
@@ -193,7 +209,6 @@ impl JobService for TenantApi {
             let job =
                 self.ctx.store.get_job(&tenant, id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
             Ok(convert::job_to_tenant(&job))
-        })
-        .await
+        }
     }
 }
