@@ -471,9 +471,9 @@ async fn networks_are_created_once_and_replaced_explicitly_and_quotas_patched() 
         (Some("br-new"), Some(1))
     );
     assert!(r.str("applies_to").contains("created from now on"), "{}", r.body);
-    // The body may not name another network; an unknown one is 404.
+    // The body may not name the network (the path does); an unknown one is 404.
     let r = put(json!({"name": "other", "backings": {}})).await;
-    assert_eq!((r.status, r.body["details"]["field"].as_str()), (400, Some("network.name")), "{}", r.body);
+    assert_eq!((r.status, r.body["details"]["field"].as_str()), (400, Some("name")), "{}", r.body);
     let r =
         s.rest.raw("PUT", &format!("{O}/zones/zone-1/networks/nope"), Some(&ops), Some("{}")).await.unwrap();
     assert_eq!(r.status, 404, "{}", r.body);

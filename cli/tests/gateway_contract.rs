@@ -164,9 +164,12 @@ async fn gateway_refusals_come_after_authentication_and_name_the_field() {
     // does not exist), and snake_case mask paths, which core judges.
     let r = s.rest.post(&format!("{vm}:stop"), &tenant, &json!({"timeout_seconds": 30.0})).await.unwrap();
     assert_eq!(r.status, 404, "{}", r.body);
+    let r = s.rest.post(&vms, &tenant, &create).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let real = format!("{vms}/{}", r.str("vm_id"));
     let r = s
         .rest
-        .raw("PATCH", &vm, Some(&tenant), Some(&json!({"update_mask": "vm_id"}).to_string()))
+        .raw("PATCH", &real, Some(&tenant), Some(&json!({"update_mask": "vm_id"}).to_string()))
         .await
         .unwrap();
     assert_eq!(r.status, 400, "{}", r.body);

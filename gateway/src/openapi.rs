@@ -170,7 +170,7 @@ pub fn document(routes: &[Route]) -> Value {
                 "message": {"type": "string"},
                 "details": {
                     "type": "object",
-                    "description": "field: the offending field's path (`name`, `networks[0].network`, `metadata.owner`, a header's name); rule: for a broken documented rule, the JSON Schema keyword that states it (required, pattern, maxLength, maxItems, minimum, maximum, enum, readOnly, type); job_id: the job in flight that a CONFLICT waits on; capability, retry_after_seconds and others as the code says",
+                    "description": "field: the offending field's path (`name`, `networks[0].network`, `metadata.owner`, a header's name); rule: for a broken documented rule, the JSON Schema keyword that states it (required, pattern, minLength, maxLength, maxItems, minimum, maximum, enum, readOnly, type); job_id: the job in flight that a CONFLICT waits on; capability, retry_after_seconds and others as the code says",
                     "additionalProperties": {"type": "string"},
                 },
                 "trace_id": {"type": "string"},
@@ -465,6 +465,9 @@ fn apply_string_rules(schema: &mut Value, rule: &Rule, strict: bool) {
     }
     if strict && format != StringFormat::Text {
         schema["minLength"] = json!(1);
+    }
+    if rule.rules.min_length > 0 {
+        schema["minLength"] = json!(rule.rules.min_length);
     }
     if !rule.rules.one_of.is_empty() {
         let mut values: Vec<&str> = rule.rules.one_of.iter().map(String::as_str).collect();

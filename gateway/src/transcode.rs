@@ -92,13 +92,20 @@ pub fn request_message(
             }
         }
     }
-    // Path variables win over the same field in the body or query.
+    // A path variable is given by the path only: the same field in the
+    // body or query is refused (the document leaves it out of both), never
+    // silently overridden.
     for (name, raw) in path_vars {
         let field = find_field(input, &name).ok_or_else(|| {
             ApiError::invalid_field(&name, format!("unknown path field {}", excerpt(&name)))
         })?;
         let value = scalar_from_text(&field, &name, &raw)?;
-        object.remove(field.json_name());
+        if object.contains_key(field.json_name()) || object.contains_key(field.name()) {
+            return Err(ApiError::invalid_field(
+                field.name(),
+                format!("{} is given by the path; leave it out of the body and the query", field.name()),
+            ));
+        }
         object.insert(field.name().to_owned(), value);
     }
     check_object(input, &mut object, "")?;
@@ -623,16 +630,13 @@ mod tests {
     }
 
     #[test]
-    fn path_fields_override_the_body() {
+    fn path_fields_are_not_given_again_in_the_body() {
         let r = create_route();
-        let m = request_message(
-            &r,
-            vec![("project_id".into(), "p1".into())],
-            None,
-            br#"{"projectId":"evil","name":"a"}"#,
-        )
-        .unwrap();
-        let v = m.get_field_by_name("project_id").unwrap();
-        assert_eq!(v.as_str(), Some("p1"));
+        for body in [br#"{"projectId":"evil","name":"a"}"#.as_slice(), br#"{"project_id":"p1","name":"a"}"#] {
+            let e = request_message(&r, vec![("project_id".into(), "p1".into())], None, body).unwrap_err();
+            assert_eq!(e.details.get("field").map(String::as_str), Some("project_id"), "{e}");
+        }
+        let m = request_message(&r, vec![("project_id".into(), "p1".into())], None, br#"{"name":"a"}"#).unwrap();
+        assert_eq!(m.get_field_by_name("project_id").unwrap().as_str(), Some("p1"));
     }
 }

@@ -44,6 +44,8 @@ pub enum Keyword {
     Required,
     /// A string does not follow its grammar.
     Pattern,
+    /// A string is too short.
+    MinLength,
     /// A string is too long.
     MaxLength,
     /// A list or map has too many items.
@@ -66,6 +68,7 @@ impl Keyword {
         match self {
             Self::Required => "required",
             Self::Pattern => "pattern",
+            Self::MinLength => "minLength",
             Self::MaxLength => "maxLength",
             Self::MaxItems => "maxItems",
             Self::Minimum => "minimum",
@@ -403,6 +406,14 @@ fn check_scalar(
                     format!("{at} is {chars} characters long; at most {max} are allowed"),
                 ));
             }
+            let min = r.min_length as usize;
+            if chars < min {
+                return Err(violation(
+                    at,
+                    Keyword::MinLength,
+                    format!("{at} is {chars} characters long; at least {min} are needed"),
+                ));
+            }
             let format = rule.format();
             if !format.matches(s) {
                 return Err(violation(
@@ -566,7 +577,7 @@ mod tests {
                 let r = &rule.rules;
                 let name = f.full_name();
                 let string = matches!(f.kind(), Kind::String) || (f.is_map() && map_value_is_string(&f));
-                if r.format != 0 || r.max_length != 0 || !r.one_of.is_empty() {
+                if r.format != 0 || r.max_length != 0 || r.min_length != 0 || !r.one_of.is_empty() {
                     assert!(string, "{name}: a string rule on a field that is not a string");
                 }
                 if r.max_items != 0 || r.key_format != 0 {

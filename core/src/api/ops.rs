@@ -46,12 +46,30 @@ impl OpsApi {
     /// (a live one is answered from its record; a new one recorded with the
     /// answer, see [`idempotency`]), then `op`. `canonical` fingerprints a
     /// request with a map (prost encodes maps in hash order); others are
-    /// fingerprinted as their encoded message.
+    /// fingerprinted as their encoded message. The request's field rules
+    /// are checked before the key.
     async fn write<Req, M, Fut>(
         &self,
         req: tonic::Request<Req>,
         method: &str,
         canonical: Option<fn(&Req) -> serde_json::Value>,
+        op: impl FnOnce(Principal, Req) -> Fut,
+    ) -> ApiResult<M>
+    where
+        Req: prost::Message + prost::Name,
+        M: prost::Message + Default,
+        Fut: Future<Output = Result<M, ApiError>>,
+    {
+        self.write_with(req, method, canonical, Rules::First, op).await
+    }
+
+    /// [`Self::write`], with the field rules checked where `rules` says.
+    async fn write_with<Req, M, Fut>(
+        &self,
+        req: tonic::Request<Req>,
+        method: &str,
+        canonical: Option<fn(&Req) -> serde_json::Value>,
+        rules: Rules,
         op: impl FnOnce(Principal, Req) -> Fut,
     ) -> ApiResult<M>
     where
@@ -65,7 +83,9 @@ impl OpsApi {
         handle(async {
             p.ops(Access::Write)?;
             let key = key?;
-            hcp_proto::rules::check(&r)?;
+            if rules == Rules::First {
+                hcp_proto::rules::check(&r)?;
+            }
             let scope = idempotency::ops_scope(&p);
             let idem = match canonical {
                 Some(f) => Key::json(&scope, key, &serde_json::json!({"method": method, "request": f(&r)})),
@@ -510,13 +530,18 @@ impl CatalogAdminService for OpsApi {
         &self,
         req: tonic::Request<hcp_proto::ops::ReplaceNetworkRequest>,
     ) -> ApiResult<hcp_proto::ops::ReplaceNetworkResponse> {
-        let canonical: fn(&hcp_proto::ops::ReplaceNetworkRequest) -> serde_json::Value = |r| {
-            with_map(r, |r| r.network.as_mut().map(|n| std::mem::take(&mut n.backings)).unwrap_or_default())
-        };
+        let canonical: fn(&hcp_proto::ops::ReplaceNetworkRequest) -> serde_json::Value =
+            |r| with_map(r, |r| std::mem::take(&mut r.backings));
         self.write(req, "ReplaceNetwork", Some(canonical), |p, r| async move {
             validate::label("zone", &r.zone)?;
             validate::label("name", &r.name)?;
-            let n = r.network.ok_or_else(|| ApiError::invalid_field("network", "network is required"))?;
+            let n = hcp_proto::ops::NetworkDefinition {
+                name: r.name.clone(),
+                zone: r.zone.clone(),
+                description: r.description,
+                backings: r.backings,
+                created_at: None,
+            };
             let network = network_definition(n, Some((&r.zone, &r.name)))?;
             let (zone, name) = (r.zone.as_str(), r.name.as_str());
             let mut audit = self.ctx.audit(
@@ -720,6 +745,16 @@ fn channel_detail(p: &model::Provider, transport: ProviderTransport) -> String {
     }
 }
 
+/// Where an ops write checks its request's field rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rules {
+    /// Before anything else.
+    First,
+    /// In the operation, which checks them itself (after the VM's job in
+    /// flight).
+    InOperation,
+}
+
 /// Most provider mappings one network may have.
 const MAX_BACKINGS: usize = 64;
 /// Longest backing name (a port group path can be long).
@@ -741,7 +776,8 @@ impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
     ) -> ApiResult<hcp_proto::tenant::VmOperationAccepted> {
         let request_id = super::tenant::request_id(&req);
         let ctx = &self.ctx;
-        self.write(req, "MigrateVm", None, |p, r| async move {
+        // A job in flight on the VM is named before the request's rules.
+        self.write_with(req, "MigrateVm", None, Rules::InOperation, |p, r| async move {
             super::hosts::migrate(ctx, &p, &request_id, r).await
         })
         .await
