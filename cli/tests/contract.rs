@@ -304,6 +304,16 @@ async fn schemathesis_finds_nothing() {
                 // first failure does not end its testing, so every distinct
                 // failure is reported and the success paths are reached.
                 .args(["--checks", "all", "--mode", "all", "--continue-on-failure"])
+                // The one exclusion: `positive_data_acceptance` wants a 2xx
+                // (or 401/403/404) for every schema-valid request, but some
+                // valid requests are refused for what no schema states (an
+                // unknown flavor, a page token HCP did not issue, a key used
+                // with another request, a busy VM). In its place the hooks'
+                // `documented_rules_accept_valid_data` fails any 400 for a
+                // valid request that names a documented rule
+                // (gateway/clients/schemathesis/hooks.py).
+                .args(["--exclude-checks", "positive_data_acceptance"])
+                .env("SCHEMATHESIS_HOOKS", repo().join("gateway/clients/schemathesis/hooks.py"))
                 .args(["--max-examples", MAX_EXAMPLES, "--seed", "1", "--generation-database", "none"])
                 .args(["--request-timeout", "10", "--no-color", "--output-sanitize", "false"])
                 .args(["--report", "ndjson", "--report-ndjson-path"])

@@ -135,9 +135,26 @@ pub fn document(routes: &[Route]) -> Value {
             }
         }
         let success = if route.server_streaming {
+            let item = reference(&route.output, Direction::Response, &mut schemas);
             json!({
-                "description": format!("Server-sent events: each `message` event's data is a {} (JSON).", route.output.full_name()),
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "description": format!(
+                    "Server-sent events: each `message` event's data is a {} (JSON); an `error` event's data is an Error (JSON), and ends the stream.",
+                    schema_name(&route.output, Direction::Response)
+                ),
+                "content": {"text/event-stream": {"schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {
+                        "event": {"type": "string", "enum": ["message", "error"]},
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {"oneOf": [item, {"$ref": "#/components/schemas/Error"}]},
+                        },
+                        "id": {"type": "string"},
+                        "retry": {"type": "integer"},
+                    },
+                }}},
             })
         } else {
             let schema = reference(&route.output, Direction::Response, &mut schemas);
@@ -314,7 +331,11 @@ fn message_schema(
             if rule.is_some_and(|r| r.rules.output_only) {
                 continue;
             }
-            if rule.is_some_and(|r| r.rules.required) {
+            // A number without presence whose minimum is above 0 must be
+            // given (absent is 0).
+            let positive =
+                !f.supports_presence() && rule.and_then(|r| r.rules.minimum).is_some_and(|m| m > 0.0);
+            if rule.is_some_and(|r| r.rules.required) || positive {
                 required.push(f.name().to_owned());
             }
         }
@@ -392,10 +413,39 @@ fn field_schema(
         }
         kind => scalar_schema(&kind, dir),
     };
+    if let (Some(rule), Kind::Enum(_)) = (rule, f.kind())
+        && rule.rules.required
+        && let Some(Value::Array(names)) = item.get_mut("enum")
+    {
+        // A required enum is never its unspecified value.
+        names.retain(|n| !n.as_str().is_some_and(|n| n.ends_with("_UNSPECIFIED")));
+    }
+    if let (Some(rule), Kind::Message(m)) = (rule, f.kind())
+        && m.full_name() == rules::FIELD_MASK
+        && !rule.rules.one_of.is_empty()
+    {
+        // The paths a mask may name, in proto and JSON spelling.
+        let names: Vec<String> = rule
+            .rules
+            .one_of
+            .iter()
+            .flat_map(|p| {
+                let camel = camel(p);
+                if camel == *p { vec![p.clone()] } else { vec![p.clone(), camel] }
+            })
+            .collect();
+        let one = format!("({})", names.join("|"));
+        return json!({
+            "type": "string",
+            "pattern": format!("^{one}(,{one})*$"),
+            "description": format!("comma-separated: any of {}", rule.rules.one_of.join(", ")),
+        });
+    }
     if let Some(rule) = rule {
         // List items are checked as given; a single value that is not
         // required may be empty (not given), except in the URL.
         let strict = f.is_list() || rule.rules.required || place == Place::Url;
+        let strict = strict && !(f.is_list() && format_allows_empty(rule));
         apply_string_rules(&mut item, rule, strict);
         if let Some(min) = rule.rules.minimum {
             item["minimum"] = number(min);
@@ -437,6 +487,51 @@ fn field_schema(
     }
 }
 
+/// Whether a list's items may be empty strings (text without a minimum).
+fn format_allows_empty(rule: &Rule) -> bool {
+    rule.format() == StringFormat::Text && rule.rules.min_length == 0
+}
+
+/// `lower_camel` of a snake_case name, as proto3 JSON spells field names.
+fn camel(snake: &str) -> String {
+    let mut out = String::new();
+    let mut upper = false;
+    for c in snake.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.push(c.to_ascii_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An ECMA 262 pattern for the decimal numbers 0 to `max`, without
+/// leading zeros (for 64-bit integers given as strings).
+fn decimal_at_most(max: u64) -> String {
+    let digits: Vec<u8> = max.to_string().bytes().map(|b| b - b'0').collect();
+    let n = digits.len();
+    let mut alts = vec!["0".to_owned()];
+    if n > 1 {
+        alts.push(format!("[1-9][0-9]{{0,{}}}", n - 2));
+    }
+    // n digits: max's prefix, then a smaller digit, then anything.
+    for i in 0..n {
+        let low = if i == 0 { 1 } else { 0 };
+        if digits[i] > low {
+            let prefix: String = digits[..i].iter().map(|d| char::from(b'0' + d)).collect();
+            let rest = n - i - 1;
+            let tail = if rest > 0 { format!("[0-9]{{{rest}}}") } else { String::new() };
+            alts.push(format!("{prefix}[{low}-{}]{tail}", digits[i] - 1));
+        }
+    }
+    alts.push(max.to_string());
+    format!("^({})$", alts.join("|"))
+}
+
 /// A whole number as an integer, so `maximum: 3600` reads as such.
 fn number(x: f64) -> Value {
     if x.fract() == 0.0 && x.abs() < 9.0e15 { json!(x as i64) } else { json!(x) }
@@ -463,7 +558,7 @@ fn apply_string_rules(schema: &mut Value, rule: &Rule, strict: bool) {
     if let Some(max) = rule.max_length() {
         schema["maxLength"] = json!(max);
     }
-    if strict && format != StringFormat::Text {
+    if strict {
         schema["minLength"] = json!(1);
     }
     if rule.rules.min_length > 0 {
@@ -493,8 +588,17 @@ fn scalar_schema(kind: &Kind, dir: Direction) -> Value {
         Kind::Uint32 | Kind::Fixed32 => {
             json!({"type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX})
         }
-        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => wide("int64", "^-?[0-9]{1,19}$"),
-        Kind::Uint64 | Kind::Fixed64 => wide("uint64", "^[0-9]{1,20}$"),
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => wide("int64", "^-?[0-9]{1,18}$"),
+        Kind::Uint64 | Kind::Fixed64 => match dir {
+            Direction::Request => json!({
+                "anyOf": [
+                    {"type": "integer", "minimum": 0, "maximum": u64::MAX},
+                    {"type": "string", "pattern": decimal_at_most(u64::MAX)},
+                ],
+                "format": "uint64",
+            }),
+            Direction::Response => json!({"type": "string", "format": "uint64"}),
+        },
         Kind::Float => json!({"type": "number", "format": "float"}),
         Kind::Double => json!({"type": "number", "format": "double"}),
         Kind::Enum(e) => {
@@ -532,6 +636,19 @@ fn well_known(m: &MessageDescriptor) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_patterns_take_exactly_the_numbers_up_to_their_maximum() {
+        for max in [0u64, 7, 10, 19, 255, 1000, 3600, u64::MAX] {
+            let re = regex::Regex::new(&decimal_at_most(max)).unwrap();
+            let probe = |n: u128| re.is_match(&n.to_string());
+            for n in [0u128, 1, 9, 10, 99, 100, 254, 255, 256, 999, 1000, 1001, 3599, 3600, 3601] {
+                assert_eq!(probe(n), n <= u128::from(max), "{n} against {max}");
+            }
+            assert!(probe(u128::from(max)) && !probe(u128::from(max) + 1), "{max}");
+            assert!(!re.is_match("007") || max < 7, "leading zeros");
+        }
+    }
 
     /// Short schema names never collide: two messages never share one.
     #[test]

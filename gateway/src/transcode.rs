@@ -22,8 +22,40 @@ use crate::routes::Route;
 /// The one query parameter that may be given empty: the first page.
 const PAGE_TOKEN: &str = "page_token";
 
-/// Builds the input message of `route` from the request parts.
+/// Builds the input message of `route` from the request parts. Every
+/// refusal names the field and, in `details.rule`, the JSON Schema keyword
+/// of the document's rule the request broke (`type` for a value of the
+/// wrong kind, `additionalProperties` for a field the operation does not
+/// have, `minLength` for an empty query value, `pattern` for a malformed
+/// field mask).
 pub fn request_message(
+    route: &Route,
+    path_vars: Vec<(String, String)>,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<DynamicMessage, ApiError> {
+    shape(route, path_vars, query, body).map_err(|e| {
+        if e.code != ErrorCode::InvalidArgument || e.details.contains_key("rule") {
+            return e;
+        }
+        let m = e.message.as_str();
+        let rule = if m.contains("unknown field")
+            || m.contains("unknown query parameter")
+            || m.contains("is given by the path")
+        {
+            "additionalProperties"
+        } else if m.contains("is empty; leave the parameter out") {
+            "minLength"
+        } else if e.details.get("field").is_some_and(|f| f == "update_mask" || f.ends_with(".update_mask")) {
+            "pattern"
+        } else {
+            "type"
+        };
+        e.with_detail("rule", rule)
+    })
+}
+
+fn shape(
     route: &Route,
     path_vars: Vec<(String, String)>,
     query: Option<&str>,
@@ -310,10 +342,13 @@ fn integer(value: &mut Value, path: &str, min: i128, max: i128) -> Result<(), Ap
         _ => None,
     };
     let Some(exact) = exact else {
-        return Err(range());
+        return Err(range().with_detail("rule", "type"));
     };
-    if exact < min || exact > max {
-        return Err(range());
+    if exact < min {
+        return Err(range().with_detail("rule", "minimum"));
+    }
+    if exact > max {
+        return Err(range().with_detail("rule", "maximum"));
     }
     *value = match (i64::try_from(exact), u64::try_from(exact)) {
         (Ok(i), _) => Value::from(i),
@@ -636,7 +671,8 @@ mod tests {
             let e = request_message(&r, vec![("project_id".into(), "p1".into())], None, body).unwrap_err();
             assert_eq!(e.details.get("field").map(String::as_str), Some("project_id"), "{e}");
         }
-        let m = request_message(&r, vec![("project_id".into(), "p1".into())], None, br#"{"name":"a"}"#).unwrap();
+        let m =
+            request_message(&r, vec![("project_id".into(), "p1".into())], None, br#"{"name":"a"}"#).unwrap();
         assert_eq!(m.get_field_by_name("project_id").unwrap().as_str(), Some("p1"));
     }
 }

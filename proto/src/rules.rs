@@ -98,6 +98,7 @@ impl StringFormat {
             Self::Text => "^[^\\u0000-\\u0008\\u000B\\u000C\\u000E-\\u001F\\u007F-\\u009F]*$",
             Self::MetadataKey => "^[A-Za-z0-9._:/-]{1,128}$",
             Self::CredentialKey => "^[A-Za-z0-9._-]{1,128}$",
+            Self::AuditAnchor => "^[1-9][0-9]{0,17}:[0-9A-Fa-f]{64}$",
         })
     }
 
@@ -114,6 +115,7 @@ impl StringFormat {
             Self::ScopeId | Self::Tag => 64,
             Self::Uuid => 36,
             Self::MetadataKey | Self::CredentialKey => 128,
+            Self::AuditAnchor => 83,
             Self::Unspecified | Self::Text => return None,
         })
     }
@@ -158,6 +160,17 @@ impl StringFormat {
                     && b.len() <= 128
                     && all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
             }
+            Self::AuditAnchor => match s.split_once(':') {
+                Some((seq, hash)) => {
+                    let seq = seq.as_bytes();
+                    (1..=18).contains(&seq.len())
+                        && seq[0] != b'0'
+                        && seq.iter().all(u8::is_ascii_digit)
+                        && hash.len() == 64
+                        && hash.bytes().all(|c| c.is_ascii_hexdigit())
+                }
+                None => false,
+            },
         }
     }
 
@@ -174,6 +187,9 @@ impl StringFormat {
                 "1 to 128 letters, digits, '.', '_', ':', '/' or '-', outside the reserved hcp. namespace"
             }
             Self::CredentialKey => "1 to 128 letters, digits, '.', '_' or '-'",
+            Self::AuditAnchor => {
+                "SEQ:HASH, a sequence number from 1, ':' and 64 hex digits (as in an audit_head line)"
+            }
         }
     }
 }
@@ -312,6 +328,11 @@ fn check_message(rules: &Rules, message: &DynamicMessage, prefix: &str) -> Resul
         }
         // Nested messages have rules of their own.
         match &*value {
+            Value::Message(m) if m.descriptor().full_name() == FIELD_MASK => {
+                if let Some(rule) = rule {
+                    check_mask(rule, m, &at)?;
+                }
+            }
             Value::Message(m) if message.has_field(&field) => check_message(rules, m, &at)?,
             Value::List(items) => {
                 for (i, item) in items.iter().enumerate() {
@@ -452,6 +473,30 @@ fn check_scalar(
     }
 }
 
+/// The full name of the field mask type.
+pub const FIELD_MASK: &str = "google.protobuf.FieldMask";
+
+/// A field mask names only the paths its rule allows.
+fn check_mask(rule: &Rule, mask: &DynamicMessage, at: &str) -> Result<(), ApiError> {
+    let allowed = &rule.rules.one_of;
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    let paths = mask.get_field_by_name("paths");
+    let Some(Value::List(paths)) = paths.as_deref() else { return Ok(()) };
+    for p in paths {
+        let p = p.as_str().unwrap_or_default();
+        if !allowed.iter().any(|a| a == p) {
+            return Err(violation(
+                at,
+                Keyword::Pattern,
+                format!("{at} may name {}, not {}", allowed.join(", "), excerpt(p)),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_enum(field: &FieldDescriptor, value: &Value, at: &str) -> Result<(), ApiError> {
     if let (Kind::Enum(e), Value::EnumNumber(n)) = (field.kind(), value)
         && e.get_value(*n).is_none()
@@ -494,6 +539,7 @@ mod tests {
         StringFormat::Text,
         StringFormat::MetadataKey,
         StringFormat::CredentialKey,
+        StringFormat::AuditAnchor,
     ];
 
     /// What the document says a value of `format` may be: its pattern, less
@@ -553,10 +599,10 @@ mod tests {
     fn formats_longest_values_are_their_max_length() {
         for f in FORMATS {
             if let Some(max) = f.max_length() {
-                let inside = if *f == StringFormat::Uuid {
-                    "0190a2b4-5c6d-7e8f-9a0b-1c2d3e4f5a6b".to_owned()
-                } else {
-                    "a".repeat(max)
+                let inside = match f {
+                    StringFormat::Uuid => "0190a2b4-5c6d-7e8f-9a0b-1c2d3e4f5a6b".to_owned(),
+                    StringFormat::AuditAnchor => format!("{}:{}", "9".repeat(18), "a".repeat(64)),
+                    _ => "a".repeat(max),
                 };
                 assert!(f.matches(&inside), "{f:?}");
                 assert!(!f.matches(&format!("{inside}a")), "{f:?}");
@@ -577,8 +623,12 @@ mod tests {
                 let r = &rule.rules;
                 let name = f.full_name();
                 let string = matches!(f.kind(), Kind::String) || (f.is_map() && map_value_is_string(&f));
+                let mask = matches!(f.kind(), Kind::Message(m) if m.full_name() == FIELD_MASK);
                 if r.format != 0 || r.max_length != 0 || r.min_length != 0 || !r.one_of.is_empty() {
-                    assert!(string, "{name}: a string rule on a field that is not a string");
+                    assert!(
+                        string || (mask && r.format == 0),
+                        "{name}: a string rule on a field that is not a string"
+                    );
                 }
                 if r.max_items != 0 || r.key_format != 0 {
                     assert!(f.is_list() || f.is_map(), "{name}: a count on a single value");
