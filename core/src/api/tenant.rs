@@ -415,6 +415,15 @@ fn vm_update(req: &UpdateVmRequest, paths: &[String]) -> Result<crate::store::Vm
     for path in paths {
         match path.as_str() {
             "name" => {
+                // A name is never removed: naming it in the mask needs one
+                // (a rule between two fields, which the document says in
+                // words; its grammar is the field's rule).
+                if req.name.is_empty() {
+                    return Err(ApiError::invalid_field(
+                        "name",
+                        "update_mask names name, so name must be given: a VM always has a name",
+                    ));
+                }
                 validate::label("name", &req.name)?;
                 update.name = Some(req.name.clone());
             }
