@@ -425,9 +425,16 @@ impl Doc<'_> {
         let num = |x: f64| if integer { json!(x as i64) } else { json!(x) };
         let as_param = |v: Value| if matches!(loc, Loc::Body(_)) { v } else { json!(v.to_string()) };
         if let Some(min) = schema["minimum"].as_f64() {
-            push(out, "minimum", vec!["minimum"], as_param(num(min - step)), vec![as_param(num(min))]);
+            // proto3 cannot tell 0 from a field left out: a required number
+            // whose minimum is 1 is refused at 0 as required.
+            let rules = if min - step == 0.0 { vec!["minimum", "required"] } else { vec!["minimum"] };
+            push(out, "minimum", rules, as_param(num(min - step)), vec![as_param(num(min))]);
         }
-        if let Some(max) = schema["maximum"].as_f64() {
+        // The maximum of a 64-bit integer (2^64 - 1) is the edge of the
+        // field itself: just outside it is not a number the probe can write
+        // exactly, and the gateway's own range check is tested elsewhere
+        // (gateway/src/transcode.rs).
+        if let Some(max) = schema["maximum"].as_f64().filter(|m| *m < 9.0e15) {
             push(out, "maximum", vec!["maximum"], as_param(num(max + step)), vec![as_param(num(max))]);
         }
     }

@@ -425,11 +425,12 @@ fn check_limits(parts: &http::request::Parts) -> Result<(), ApiError> {
 /// as core keeps it with a job. (`idempotency-key` is core's to check.)
 fn check_request_id(headers: &http::HeaderMap) -> Result<(), ApiError> {
     let Some(v) = headers.get("x-request-id") else { return Ok(()) };
-    if v.is_empty() || v.len() > MAX_KEY_HEADER || !v.as_bytes().iter().all(u8::is_ascii_graphic) {
-        return Err(ApiError::invalid_field(
-            "x-request-id",
+    if !hcp_proto::rules::key_header_ok(v.as_bytes()) {
+        return Err(hcp_proto::rules::violation(
+            "X-Request-Id",
+            hcp_proto::rules::key_header_keyword(v.as_bytes()),
             format!(
-                "x-request-id must be 1 to {MAX_KEY_HEADER} visible ASCII characters; it is {} bytes",
+                "X-Request-Id must be 1 to {MAX_KEY_HEADER} visible ASCII characters; it is {} bytes",
                 v.len()
             ),
         ));

@@ -187,7 +187,7 @@ pub fn document(routes: &[Route]) -> Value {
                 "message": {"type": "string"},
                 "details": {
                     "type": "object",
-                    "description": "field: the offending field's path (`name`, `networks[0].network`, `metadata.owner`, a header's name); rule: for a broken documented rule, the JSON Schema keyword that states it (required, pattern, minLength, maxLength, maxItems, minimum, maximum, enum, readOnly, type); job_id: the job in flight that a CONFLICT waits on; capability, retry_after_seconds and others as the code says",
+                    "description": "field: the offending field's path (`name`, `networks[0].network`, `metadata.owner`, a header's name); rule: for a broken documented rule, the JSON Schema keyword that states it (required, pattern, minLength, maxLength, maxItems, maxProperties, minimum, maximum, enum, readOnly, type, additionalProperties); job_id: the job in flight that a CONFLICT waits on; capability, retry_after_seconds and others as the code says",
                     "additionalProperties": {"type": "string"},
                 },
                 "trace_id": {"type": "string"},
@@ -558,7 +558,7 @@ fn apply_string_rules(schema: &mut Value, rule: &Rule, strict: bool) {
     if let Some(max) = rule.max_length() {
         schema["maxLength"] = json!(max);
     }
-    if strict {
+    if strict && schema.get("enum").is_none() && rule.rules.one_of.is_empty() {
         schema["minLength"] = json!(1);
     }
     if rule.rules.min_length > 0 {

@@ -46,6 +46,8 @@ pub fn request_message(
             "additionalProperties"
         } else if m.contains("is empty; leave the parameter out") {
             "minLength"
+        } else if m.contains("must be one of") {
+            "enum"
         } else if e.details.get("field").is_some_and(|f| f == "update_mask" || f.ends_with(".update_mask")) {
             "pattern"
         } else {
@@ -198,7 +200,12 @@ fn scalar_from_text(field: &FieldDescriptor, name: &str, raw: &str) -> Result<Va
             Value::String(raw.to_owned())
         }
         Kind::Uint32 | Kind::Fixed32 | Kind::Uint64 | Kind::Fixed64 => {
-            raw.parse::<u64>().map_err(|_| bad("a non-negative integer"))?;
+            raw.parse::<u64>().map_err(|_| {
+                // A negative number is below the field's minimum (0).
+                let negative = raw.strip_prefix('-').is_some_and(|d| d.parse::<u64>().is_ok());
+                let e = bad("a non-negative integer");
+                if negative { e.with_detail("rule", "minimum") } else { e }
+            })?;
             Value::String(raw.to_owned())
         }
         Kind::Float | Kind::Double => {
@@ -337,7 +344,11 @@ fn integer(value: &mut Value, path: &str, min: i128, max: i128) -> Result<(), Ap
         },
         Value::String(s) => match s.parse::<i128>() {
             Ok(i) => Some(i),
-            Err(_) => s.parse::<f64>().ok().filter(|f| f.is_finite()).and_then(integral),
+            Err(_) => match s.parse::<f64>().ok().filter(|f| f.is_finite()).and_then(integral) {
+                Some(i) => Some(i),
+                // A string that is no number breaks the string form's pattern.
+                None => return Err(range().with_detail("rule", "pattern")),
+            },
         },
         _ => None,
     };

@@ -37,6 +37,17 @@ pub fn key_header_ok(value: &[u8]) -> bool {
     !value.is_empty() && value.len() <= MAX_KEY_HEADER && value.iter().all(|b| (0x21..=0x7e).contains(b))
 }
 
+/// Which rule a bad `Idempotency-Key` or `x-request-id` breaks.
+pub fn key_header_keyword(value: &[u8]) -> Keyword {
+    if value.is_empty() {
+        Keyword::MinLength
+    } else if value.len() > MAX_KEY_HEADER {
+        Keyword::MaxLength
+    } else {
+        Keyword::Pattern
+    }
+}
+
 /// The JSON Schema keyword a broken rule is named by in `details.rule`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Keyword {
@@ -48,8 +59,10 @@ pub enum Keyword {
     MinLength,
     /// A string is too long.
     MaxLength,
-    /// A list or map has too many items.
+    /// A list has too many items.
     MaxItems,
+    /// A map has too many entries.
+    MaxProperties,
     /// A number is too small.
     Minimum,
     /// A number is too large.
@@ -71,6 +84,7 @@ impl Keyword {
             Self::MinLength => "minLength",
             Self::MaxLength => "maxLength",
             Self::MaxItems => "maxItems",
+            Self::MaxProperties => "maxProperties",
             Self::Minimum => "minimum",
             Self::Maximum => "maximum",
             Self::Enum => "enum",
@@ -363,14 +377,14 @@ fn check_value(
 ) -> Result<(), ApiError> {
     match value {
         Value::List(items) => {
-            check_count(rule, at, items.len())?;
+            check_count(rule, at, items.len(), Keyword::MaxItems)?;
             for (i, item) in items.iter().enumerate() {
                 check_scalar(rule, field, item, &format!("{at}[{i}]"), true)?;
             }
             Ok(())
         }
         Value::Map(entries) => {
-            check_count(rule, at, entries.len())?;
+            check_count(rule, at, entries.len(), Keyword::MaxProperties)?;
             let key_format = rule.key_format();
             // Sorted, so the first error is the same on every call.
             let mut keys: Vec<(&MapKey, &Value)> = entries.iter().collect();
@@ -394,10 +408,10 @@ fn check_value(
     }
 }
 
-fn check_count(rule: &Rule, at: &str, n: usize) -> Result<(), ApiError> {
+fn check_count(rule: &Rule, at: &str, n: usize, keyword: Keyword) -> Result<(), ApiError> {
     let max = rule.rules.max_items as usize;
     if max > 0 && n > max {
-        return Err(violation(at, Keyword::MaxItems, format!("at most {max} {at} are allowed, got {n}")));
+        return Err(violation(at, keyword, format!("at most {max} {at} are allowed, got {n}")));
     }
     Ok(())
 }
@@ -461,6 +475,15 @@ fn check_scalar(
             if let Some(min) = r.minimum
                 && x < min
             {
+                // proto3 cannot tell 0 from a number left out: with a
+                // minimum above 0 the document lists the field as required.
+                if x == 0.0 && !field.supports_presence() {
+                    return Err(violation(
+                        at,
+                        Keyword::Required,
+                        format!("{at} is required (at least {min})"),
+                    ));
+                }
                 return Err(violation(at, Keyword::Minimum, format!("{at} must be at least {min}, got {x}")));
             }
             if let Some(max) = r.maximum
@@ -747,7 +770,7 @@ mod tests {
             }),
         };
         check(&flavor(1)).unwrap();
-        assert_eq!(violated(check(&flavor(0))), ("flavor.vcpus".into(), "minimum".into()));
+        assert_eq!(violated(check(&flavor(0))), ("flavor.vcpus".into(), "required".into()));
         assert_eq!(
             violated(check(&crate::ops::CreateFlavorRequest::default())),
             ("flavor".into(), "required".into())

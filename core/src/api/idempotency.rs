@@ -61,14 +61,14 @@ pub fn ops_scope(p: &Principal) -> String {
 /// header): 1 to 255 visible ASCII characters.
 pub fn idempotency_key<T>(req: &tonic::Request<T>) -> Result<Option<String>, ApiError> {
     let Some(value) = req.metadata().get("idempotency-key") else { return Ok(None) };
-    let key = value.to_str().unwrap_or_default();
-    if key.is_empty() || key.len() > 255 || !key.chars().all(|c| c.is_ascii_graphic()) {
-        return Err(ApiError::invalid_field(
+    if !hcp_proto::rules::key_header_ok(value.as_bytes()) {
+        return Err(hcp_proto::rules::violation(
             "Idempotency-Key",
+            hcp_proto::rules::key_header_keyword(value.as_bytes()),
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         ));
     }
-    Ok(Some(key.to_owned()))
+    Ok(Some(value.to_str().unwrap_or_default().to_owned()))
 }
 
 /// Returns the recorded answer for a live key: the original answer for the

@@ -158,7 +158,13 @@ pub fn text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
 pub fn metadata<'a>(
     entries: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
 ) -> Result<(), ApiError> {
-    count("metadata", entries.len(), MAX_METADATA)?;
+    if entries.len() > MAX_METADATA {
+        return Err(violation(
+            "metadata",
+            Keyword::MaxProperties,
+            format!("at most {MAX_METADATA} metadata are allowed, got {}", entries.len()),
+        ));
+    }
     for (k, v) in entries {
         if !StringFormat::MetadataKey.matches(k) {
             return Err(violation(
