@@ -105,13 +105,6 @@ ensure_prometheus() {
   export HCP_PROMETHEUS="$(command -v prometheus)"
 }
 
-# schemathesis (PyPI) in a venv of its own, for the OpenAPI conformance test.
-ensure_schemathesis() {
-  local venv="${HCP_SCHEMATHESIS_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hcp/schemathesis-venv}"
-  ensure_venv "$venv" "import schemathesis" "schemathesis>=4,<5" || return 1
-  export HCP_SCHEMATHESIS="$venv/bin/schemathesis"
-}
-
 # tmux, for the test of the CLI's interactive terminal output.
 ensure_tmux() {
   command -v tmux >/dev/null 2>&1 && return 0

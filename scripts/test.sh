@@ -29,8 +29,6 @@ need_tool() {
 need_tool ensure_python_winrm "the Hyper-V simulator's pywinrm check"
 # A real Prometheus server scrapes a running stack in the metrics test.
 need_tool ensure_prometheus "the Prometheus scrape test"
-# schemathesis checks the served OpenAPI document against the running API.
-need_tool ensure_schemathesis "the OpenAPI conformance test (schemathesis)"
 # The API contract tests' generated clients and schemathesis (PyPI, npm),
 # installed before the tests so that no test waits for them; the tests call
 # the same script, which returns at once when nothing changed.

@@ -79,7 +79,7 @@ async fn gateway_refusals_come_after_authentication_and_name_the_field() {
             .field("Idempotency-Key"),
         refused("256-byte X-Request-Id", "GET", vms.clone(), None)
             .header("x-request-id", "r".repeat(256))
-            .field("x-request-id"),
+            .field("X-Request-Id"),
         refused("malformed JSON", "POST", vms.clone(), None).raw_body("{not json").field("body"),
         refused("null body", "POST", vms.clone(), None).raw_body("null").field("body"),
         refused("unknown field", "POST", vms.clone(), Some(json!({"name": "a", "bogus": 1}))).field("bogus"),
