@@ -150,10 +150,26 @@ pub async fn finish<M: Message + Default>(
     idem: Option<&Key>,
     result: Result<M, ApiError>,
 ) -> Result<M, ApiError> {
+    finish_until(ctx, idem, result, None).await
+}
+
+/// [`finish`], with the record kept only until `until` when that is
+/// sooner than the keys' lifetime: an answer that carries a secret of its
+/// own (a console session's token) lives in the database no longer than
+/// the secret does.
+pub async fn finish_until<M: Message + Default>(
+    ctx: &ApiContext,
+    idem: Option<&Key>,
+    result: Result<M, ApiError>,
+    until: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<M, ApiError> {
     let Some(k) = idem else { return result };
     match result {
         Ok(answer) => {
-            let Some(rec) = record(ctx, Some(k), &answer) else { return Ok(answer) };
+            let Some(mut rec) = record(ctx, Some(k), &answer) else { return Ok(answer) };
+            if let Some(until) = until {
+                rec.expires_at = rec.expires_at.min(until);
+            }
             match ctx.store.put_idempotency(&rec).await {
                 Ok(()) => Ok(answer),
                 Err(StoreError::IdempotencyRace) => replay_after_race(ctx, Some(k)).await,

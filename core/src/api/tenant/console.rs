@@ -27,7 +27,13 @@ impl TenantApi {
             return Ok(answer);
         }
         let result = self.new_console(&p, &t, &req).await;
-        idempotency::finish(&self.ctx, t.idem.as_ref(), result).await
+        // The answer holds the session's token in clear: its replay record
+        // ends when the token does (core itself keeps only its hash).
+        let until =
+            result.as_ref().ok().and_then(|s| s.expires_at.as_ref()).and_then(|t| {
+                chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(0))
+            });
+        idempotency::finish_until(&self.ctx, t.idem.as_ref(), result, until).await
     }
 
     async fn new_console(
