@@ -430,7 +430,7 @@ fn field_schema(
             .one_of
             .iter()
             .flat_map(|p| {
-                let camel = camel(p);
+                let camel = crate::transcode::camel_case(p);
                 if camel == *p { vec![p.clone()] } else { vec![p.clone(), camel] }
             })
             .collect();
@@ -490,23 +490,6 @@ fn field_schema(
 /// Whether a list's items may be empty strings (text without a minimum).
 fn format_allows_empty(rule: &Rule) -> bool {
     rule.format() == StringFormat::Text && rule.rules.min_length == 0
-}
-
-/// `lower_camel` of a snake_case name, as proto3 JSON spells field names.
-fn camel(snake: &str) -> String {
-    let mut out = String::new();
-    let mut upper = false;
-    for c in snake.chars() {
-        if c == '_' {
-            upper = true;
-        } else if upper {
-            out.push(c.to_ascii_uppercase());
-            upper = false;
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// An ECMA 262 pattern for the decimal numbers 0 to `max`, without

@@ -430,8 +430,9 @@ fn snake_case(name: &str) -> Option<String> {
     words_ok.then_some(snake)
 }
 
-/// A snake_case name in lowerCamelCase, the inverse of [`snake_case`].
-fn camel_case(snake: &str) -> String {
+/// A snake_case name in lowerCamelCase, the inverse of [`snake_case`] (as
+/// proto3 JSON spells field names).
+pub(crate) fn camel_case(snake: &str) -> String {
     let mut out = String::with_capacity(snake.len());
     let mut upper = false;
     for c in snake.chars() {
