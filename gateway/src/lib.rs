@@ -59,8 +59,8 @@ pub const MAX_QUERY: usize = 4096;
 pub const MAX_AUTHORIZATION: usize = 8192;
 /// Longest `idempotency-key` or `x-request-id` header, bytes (400 beyond,
 /// after authentication: core checks the idempotency key, the gateway the
-/// request id).
-pub const MAX_KEY_HEADER: usize = 255;
+/// request id); the one limit `hcp_proto::rules` states.
+pub use hcp_proto::rules::MAX_KEY_HEADER;
 /// The call that tells who the caller is, asked before the gateway refuses
 /// a request on its own.
 const CALLER_PATH: &str = "/hcp.common.v1.CallerService/GetCaller";

@@ -24,10 +24,10 @@ const PAGE_TOKEN: &str = "page_token";
 
 /// Builds the input message of `route` from the request parts. Every
 /// refusal names the field and, in `details.rule`, the JSON Schema keyword
-/// of the document's rule the request broke (`type` for a value of the
-/// wrong kind, `additionalProperties` for a field the operation does not
-/// have, `minLength` for an empty query value, `pattern` for a malformed
-/// field mask).
+/// of the document's rule the request broke (`additionalProperties` for a
+/// field the operation does not have, `minLength` for an empty query
+/// value, `enum`, `minimum`, `maximum`, `pattern` for a malformed field
+/// mask, `type` for any other value of the wrong kind).
 pub fn request_message(
     route: &Route,
     path_vars: Vec<(String, String)>,
@@ -35,25 +35,13 @@ pub fn request_message(
     body: &[u8],
 ) -> Result<DynamicMessage, ApiError> {
     shape(route, path_vars, query, body).map_err(|e| {
+        // What is refused at its source names its rule there; anything
+        // else the transcoder refuses is a value of the wrong kind.
         if e.code != ErrorCode::InvalidArgument || e.details.contains_key("rule") {
-            return e;
-        }
-        let m = e.message.as_str();
-        let rule = if m.contains("unknown field")
-            || m.contains("unknown query parameter")
-            || m.contains("is given by the path")
-        {
-            "additionalProperties"
-        } else if m.contains("is empty; leave the parameter out") {
-            "minLength"
-        } else if m.contains("must be one of") {
-            "enum"
-        } else if e.details.get("field").is_some_and(|f| f == "update_mask" || f.ends_with(".update_mask")) {
-            "pattern"
+            e
         } else {
-            "type"
-        };
-        e.with_detail("rule", rule)
+            e.with_detail("rule", "type")
+        }
     })
 }
 
@@ -101,6 +89,7 @@ fn shape(
                 .ok_or_else(|| ApiError::invalid_field(&k, "malformed query string"))?;
             let field = find_field(input, &k).ok_or_else(|| {
                 ApiError::invalid_field(&k, format!("unknown query parameter {}", excerpt(&k)))
+                    .with_detail("rule", "additionalProperties")
             })?;
             // An empty value would read as "no filter" (`?vm_id=`), hiding
             // a client's bug; only an empty page token has a meaning of its
@@ -109,7 +98,8 @@ fn shape(
                 return Err(ApiError::invalid_field(
                     &k,
                     format!("{k} is empty; leave the parameter out rather than give it no value"),
-                ));
+                )
+                .with_detail("rule", "minLength"));
             }
             let value = scalar_from_text(&field, &k, &v)?;
             let name = field.name().to_owned();
@@ -138,7 +128,8 @@ fn shape(
             return Err(ApiError::invalid_field(
                 field.name(),
                 format!("{} is given by the path; leave it out of the body and the query", field.name()),
-            ));
+            )
+            .with_detail("rule", "additionalProperties"));
         }
         object.insert(field.name().to_owned(), value);
     }
@@ -191,7 +182,7 @@ fn scalar_from_text(field: &FieldDescriptor, name: &str, raw: &str) -> Result<Va
                     .map(|v| v.name().to_owned())
                     .filter(|n| !n.ends_with("_UNSPECIFIED"))
                     .collect();
-                return Err(bad(&format!("one of {}", names.join(", "))));
+                return Err(bad(&format!("one of {}", names.join(", "))).with_detail("rule", "enum"));
             }
             Value::String(raw.to_owned())
         }
@@ -234,8 +225,10 @@ fn check_object(
     let mut seen: Vec<(u32, &str)> = Vec::new();
     for (key, value) in object.iter_mut() {
         let path = joined(key);
-        let field = find_field(desc, key)
-            .ok_or_else(|| ApiError::invalid_field(&path, format!("unknown field {}", excerpt(&path))))?;
+        let field = find_field(desc, key).ok_or_else(|| {
+            ApiError::invalid_field(&path, format!("unknown field {}", excerpt(&path)))
+                .with_detail("rule", "additionalProperties")
+        })?;
         if let Some((_, first)) = seen.iter().find(|(n, _)| *n == field.number()) {
             let name = joined(field.name());
             return Err(ApiError::invalid_field(
@@ -292,7 +285,7 @@ fn check_value(field: &FieldDescriptor, value: &mut Value, path: &str) -> Result
                     .map(|v| v.name().to_owned())
                     .filter(|n| !n.ends_with("_UNSPECIFIED"))
                     .collect();
-                Err(wrong(&format!("one of {}", names.join(", "))))
+                Err(wrong(&format!("one of {}", names.join(", "))).with_detail("rule", "enum"))
             }
         },
         Kind::Message(m) if m.full_name() == "google.protobuf.Timestamp" => {
@@ -394,7 +387,8 @@ fn field_mask(text: &str, field: &str) -> Result<String, ApiError> {
                     "{field} has an empty path in {}; separate field names by single commas",
                     excerpt(text)
                 ),
-            ));
+            )
+            .with_detail("rule", "pattern"));
         }
         let mut wire = Vec::new();
         for name in path.split('.') {
@@ -403,6 +397,7 @@ fn field_mask(text: &str, field: &str) -> Result<String, ApiError> {
                     field,
                     format!("{field} names {}, which is not a field name", excerpt(path)),
                 )
+                .with_detail("rule", "pattern")
             })?;
             wire.push(camel_case(&snake));
         }

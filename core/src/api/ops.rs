@@ -27,7 +27,7 @@ use crate::convert;
 use crate::error::from_store;
 use crate::model::{self, ProviderTransport, now};
 use crate::providers::Target;
-use crate::providers::trust::{self, TlsSettings, TlsText};
+use crate::providers::trust::{TlsSettings, TlsText};
 use crate::store::{AuditQuery, NetworkReplace, Quota, QuotaUpdate, StoreError};
 
 /// Implements the three ops services.
@@ -96,11 +96,9 @@ impl OpsApi {
         .await
     }
 
+    /// Registers a provider; the request has passed its field rules
+    /// ([`Self::write`]), so what is checked here is what no rule states.
     async fn register(&self, p: Principal, req: RegisterProviderRequest) -> Result<Provider, ApiError> {
-        validate::label("name", &req.name)?;
-        validate::label("zone", &req.zone)?;
-        validate::required("endpoint", &req.endpoint)?;
-        validate::text("endpoint", &req.endpoint, validate::MAX_LOCATOR)?;
         let transport = ProviderTransport::of(&req.endpoint).ok_or_else(|| {
             ApiError::invalid_field(
                 "endpoint",
@@ -110,7 +108,7 @@ impl OpsApi {
                 ),
             )
         })?;
-        let tls = registered_tls(req.tls.as_ref())?;
+        let tls = registered_tls(req.tls.as_ref());
         if tls.is_some() && transport != ProviderTransport::Tls {
             return Err(ApiError::invalid_field(
                 "tls",
@@ -141,15 +139,6 @@ impl OpsApi {
         let zones = self.ctx.store.list_zones().await.map_err(|e| from_store(e, "zones"))?;
         if !zones.iter().any(|z| z.name == req.zone) {
             return Err(ApiError::invalid_field("zone", format!("unknown zone {}", excerpt(&req.zone))));
-        }
-        validate::count("credentials", req.credentials.len(), validate::MAX_CREDENTIALS)?;
-        for (k, v) in &req.credentials {
-            if k.is_empty() || k.len() > 128 || v.len() > 16 * 1024 {
-                return Err(ApiError::invalid_field(
-                    "credentials",
-                    "credential names must be 1 to 128 characters and values at most 16 KiB",
-                ));
-            }
         }
         let creds = (!req.credentials.is_empty()).then_some(&req.credentials);
         let no_key = |field: &str, what: &str| {
@@ -268,21 +257,8 @@ impl OpsApi {
         p: Principal,
         req: CreateFlavorRequest,
     ) -> Result<common::Flavor, ApiError> {
+        // Its name, sizes and description passed the request's rules.
         let f = req.flavor.ok_or_else(|| ApiError::invalid_field("flavor", "flavor is required"))?;
-        validate::label("flavor.name", &f.name)?;
-        validate::text("flavor.description", &f.description, validate::MAX_DESCRIPTION)?;
-        if !(1..=1024).contains(&f.vcpus) {
-            return Err(ApiError::invalid_field("flavor.vcpus", "flavor.vcpus must be 1 to 1024"));
-        }
-        if !(16..=16 * 1024 * 1024).contains(&f.memory_mib) {
-            return Err(ApiError::invalid_field(
-                "flavor.memory_mib",
-                "flavor.memory_mib must be 16 to 16777216",
-            ));
-        }
-        if f.disk_gib > 65536 {
-            return Err(ApiError::invalid_field("flavor.disk_gib", "flavor.disk_gib must be at most 65536"));
-        }
         let flavor = model::Flavor {
             name: f.name.clone(),
             vcpus: f.vcpus,
@@ -299,12 +275,6 @@ impl OpsApi {
 
     async fn create_image(&self, p: Principal, req: CreateImageRequest) -> Result<common::Image, ApiError> {
         let i = req.image.ok_or_else(|| ApiError::invalid_field("image", "image is required"))?;
-        validate::label("image.name", &i.name)?;
-        validate::text("image.source", &i.source, validate::MAX_LOCATOR)?;
-        validate::text("image.description", &i.description, validate::MAX_DESCRIPTION)?;
-        if !i.os_type.is_empty() {
-            validate::label("image.os_type", &i.os_type)?;
-        }
         let image = model::Image {
             name: i.name.clone(),
             os_type: if i.os_type.is_empty() { "linux".to_owned() } else { i.os_type.clone() },
@@ -321,8 +291,6 @@ impl OpsApi {
 
     async fn create_zone(&self, p: Principal, req: CreateZoneRequest) -> Result<common::Zone, ApiError> {
         let z = req.zone.ok_or_else(|| ApiError::invalid_field("zone", "zone is required"))?;
-        validate::label("zone.name", &z.name)?;
-        validate::text("zone.description", &z.description, validate::MAX_DESCRIPTION)?;
         let zone =
             model::Zone { name: z.name.clone(), description: z.description.clone(), created_at: now() };
         let audit =
@@ -498,7 +466,7 @@ impl CatalogAdminService for OpsApi {
         };
         self.write(req, "CreateNetwork", Some(canonical), |p, r| async move {
             let n = r.network.ok_or_else(|| ApiError::invalid_field("network", "network is required"))?;
-            let network = network_definition(n, None)?;
+            let network = network_definition(n);
             let (zone, name) = (network.zone.as_str(), network.name.as_str());
             let mut audit = self.ctx.audit(
                 &p,
@@ -533,8 +501,6 @@ impl CatalogAdminService for OpsApi {
         let canonical: fn(&hcp_proto::ops::ReplaceNetworkRequest) -> serde_json::Value =
             |r| with_map(r, |r| std::mem::take(&mut r.backings));
         self.write(req, "ReplaceNetwork", Some(canonical), |p, r| async move {
-            validate::label("zone", &r.zone)?;
-            validate::label("name", &r.name)?;
             let n = hcp_proto::ops::NetworkDefinition {
                 name: r.name.clone(),
                 zone: r.zone.clone(),
@@ -542,7 +508,7 @@ impl CatalogAdminService for OpsApi {
                 backings: r.backings,
                 created_at: None,
             };
-            let network = network_definition(n, Some((&r.zone, &r.name)))?;
+            let network = network_definition(n);
             let (zone, name) = (r.zone.as_str(), r.name.as_str());
             let mut audit = self.ctx.audit(
                 &p,
@@ -639,48 +605,15 @@ impl CatalogAdminService for OpsApi {
     }
 }
 
-/// A network definition checked field by field; `path` is the zone and
-/// name a ReplaceNetwork's path gives, which the body may repeat or leave
-/// empty.
-fn network_definition(
-    n: hcp_proto::ops::NetworkDefinition,
-    path: Option<(&str, &str)>,
-) -> Result<model::Network, ApiError> {
-    let (zone, name) = match path {
-        None => (n.zone.clone(), n.name.clone()),
-        Some((zone, name)) => {
-            for (field, body, path) in [("network.zone", &n.zone, zone), ("network.name", &n.name, name)] {
-                if !body.is_empty() && body != path {
-                    return Err(ApiError::invalid_field(
-                        field,
-                        format!("{field} is {} but the path says {}", excerpt(body), excerpt(path)),
-                    ));
-                }
-            }
-            (zone.to_owned(), name.to_owned())
-        }
-    };
-    validate::label("network.name", &name)?;
-    validate::label("network.zone", &zone)?;
-    validate::text("network.description", &n.description, validate::MAX_DESCRIPTION)?;
-    validate::count("network.backings", n.backings.len(), MAX_BACKINGS)?;
-    for (provider, backing) in &n.backings {
-        validate::label(&format!("network.backings[{}]", excerpt(provider)), provider)?;
-        validate::text(&format!("network.backings.{provider}"), backing, MAX_BACKING)?;
-        if backing.is_empty() {
-            return Err(ApiError::invalid_field(
-                &format!("network.backings.{provider}"),
-                "a backing must name something on the provider",
-            ));
-        }
-    }
-    Ok(model::Network {
-        name,
-        zone,
+/// A network definition as stored (the request passed its field rules).
+fn network_definition(n: hcp_proto::ops::NetworkDefinition) -> model::Network {
+    model::Network {
+        name: n.name,
+        zone: n.zone,
         description: n.description,
         backings: n.backings.into_iter().collect(),
         created_at: now(),
-    })
+    }
 }
 
 /// The fingerprint of a request with one map: the rest as its encoded
@@ -694,27 +627,13 @@ fn with_map<R: prost::Message + Clone>(
     serde_json::json!({"rest": hex::encode(rest.encode_to_vec()), "map": map})
 }
 
-/// The registration's `tls`, checked for size and control characters; None
-/// when it sets nothing.
-fn registered_tls(tls: Option<&ProviderTls>) -> Result<Option<ProviderTls>, ApiError> {
-    let Some(t) = tls else { return Ok(None) };
-    validate::text("tls.ca_pem", &t.ca_pem, trust::MAX_CERT_PEM)?;
-    validate::text("tls.client_cert_pem", &t.client_cert_pem, trust::MAX_CERT_PEM)?;
-    // The key's length only, never its contents, goes into an error.
-    if t.client_key_pem.len() > trust::MAX_KEY_PEM {
-        return Err(ApiError::invalid_field(
-            "tls.client_key_pem",
-            format!(
-                "tls.client_key_pem is {} bytes; at most {} are allowed",
-                t.client_key_pem.len(),
-                trust::MAX_KEY_PEM
-            ),
-        ));
-    }
-    validate::text("tls.server_name", &t.server_name, trust::MAX_SERVER_NAME)?;
+/// The registration's `tls` (its sizes and characters passed the
+/// request's rules); None when it sets nothing.
+fn registered_tls(tls: Option<&ProviderTls>) -> Option<ProviderTls> {
+    let t = tls?;
     let empty =
         [&t.ca_pem, &t.client_cert_pem, &t.client_key_pem, &t.server_name].iter().all(|v| v.is_empty());
-    Ok((!empty).then(|| t.clone()))
+    (!empty).then(|| t.clone())
 }
 
 fn non_empty(s: &str) -> Option<&str> {
@@ -754,11 +673,6 @@ enum Rules {
     /// flight).
     InOperation,
 }
-
-/// Most provider mappings one network may have.
-const MAX_BACKINGS: usize = 64;
-/// Longest backing name (a port group path can be long).
-const MAX_BACKING: usize = 255;
 
 #[tonic::async_trait]
 impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
@@ -850,11 +764,6 @@ impl AuditService for OpsApi {
         handle(async {
             p.ops(Access::Read)?;
             let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-            validate::text("resource_id", &r.resource_id, 256)?;
-            if !r.project_id.is_empty() {
-                validate::project_id(&r.project_id)?;
-            }
-            validate::text("action", &r.action, 64)?;
             let mut binding = Binding::new("audit");
             binding.push(&r.resource_id).push(&r.project_id).push(&r.action);
             let query = AuditQuery {

@@ -464,16 +464,13 @@ struct Extra {
     request_id: String,
 }
 
-/// Longest X-Request-Id kept with a job.
-const MAX_REQUEST_ID: usize = 255;
-
 /// The request's `x-request-id` (visible ASCII, at most 255 bytes), or the
 /// id of the trace it belongs to.
 pub fn request_id<T>(req: &tonic::Request<T>) -> String {
     req.metadata()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.chars().all(|c| c.is_ascii_graphic()))
+        .filter(|v| hcp_proto::rules::key_header_ok(v.as_bytes()))
         .map(str::to_owned)
         .or_else(hcp_telemetry::current_trace_id)
         .unwrap_or_default()

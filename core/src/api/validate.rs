@@ -44,10 +44,6 @@ pub const MAX_NETWORKS: usize = 8;
 pub const MAX_USER_DATA: usize = 64 * 1024;
 /// Longest catalog description, characters.
 pub const MAX_DESCRIPTION: usize = 1024;
-/// Longest provider endpoint or image source, characters.
-pub const MAX_LOCATOR: usize = 1024;
-/// Most provider credentials.
-pub const MAX_CREDENTIALS: usize = 32;
 /// Longest host name (providers promise at most 255 characters).
 pub const MAX_HOST: usize = 255;
 

@@ -22,13 +22,6 @@ use rustls::sign::CertifiedKey;
 use rustls::{AlertDescription, CertificateError, ClientConfig, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Longest PEM text accepted for CA certificates or a certificate chain.
-pub const MAX_CERT_PEM: usize = 64 * 1024;
-/// Longest PEM text accepted for a private key.
-pub const MAX_KEY_PEM: usize = 16 * 1024;
-/// Longest server name (a DNS name is at most 253 characters).
-pub const MAX_SERVER_NAME: usize = 253;
-
 /// A certificate chain with its private key.
 struct Identity {
     chain: Vec<CertificateDer<'static>>,
