@@ -30,6 +30,11 @@ pub fn capabilities_from_proto(c: &provider::Capabilities) -> Capabilities {
         supports_resize: c.supports_resize,
         supports_hot_resize: c.supports_hot_resize,
         supports_cold_migration: c.supports_cold_migration,
+        supports_volumes: c.supports_volumes,
+        supports_hot_attach: c.supports_hot_attach,
+        supports_volume_extend_in_use: c.supports_volume_extend_in_use,
+        volumes_host_local: c.volumes_host_local,
+        max_volumes_per_vm: c.max_volumes_per_vm,
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
@@ -49,6 +54,11 @@ pub fn capabilities_to_proto(c: &Capabilities) -> provider::Capabilities {
         supports_resize: c.supports_resize,
         supports_hot_resize: c.supports_hot_resize,
         supports_cold_migration: c.supports_cold_migration,
+        supports_volumes: c.supports_volumes,
+        supports_hot_attach: c.supports_hot_attach,
+        supports_volume_extend_in_use: c.supports_volume_extend_in_use,
+        volumes_host_local: c.volumes_host_local,
+        max_volumes_per_vm: c.max_volumes_per_vm,
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }

@@ -45,6 +45,12 @@ pub enum Capability {
     HotResize,
     /// Migration of a stopped VM (and evacuation from a host that is down).
     ColdMigration,
+    /// Volumes.
+    Volumes,
+    /// Attach and detach on a running VM.
+    HotAttach,
+    /// Extending a volume attached to a running VM.
+    VolumeExtendInUse,
 }
 
 impl Capability {
@@ -62,6 +68,9 @@ impl Capability {
         Capability::Resize,
         Capability::HotResize,
         Capability::ColdMigration,
+        Capability::Volumes,
+        Capability::HotAttach,
+        Capability::VolumeExtendInUse,
     ];
 
     /// The flag's name in the protocol, as a 409 FEATURE_NOT_SUPPORTED
@@ -80,6 +89,9 @@ impl Capability {
             Capability::Resize => "supports_resize",
             Capability::HotResize => "supports_hot_resize",
             Capability::ColdMigration => "supports_cold_migration",
+            Capability::Volumes => "supports_volumes",
+            Capability::HotAttach => "supports_hot_attach",
+            Capability::VolumeExtendInUse => "supports_volume_extend_in_use",
         }
     }
 
@@ -98,6 +110,9 @@ impl Capability {
             Capability::Resize => caps.supports_resize,
             Capability::HotResize => caps.supports_hot_resize,
             Capability::ColdMigration => caps.supports_cold_migration,
+            Capability::Volumes => caps.supports_volumes,
+            Capability::HotAttach => caps.supports_hot_attach,
+            Capability::VolumeExtendInUse => caps.supports_volume_extend_in_use,
         }
     }
 }

@@ -592,6 +592,16 @@ pub struct Capabilities {
     pub supports_hot_resize: bool,
     /// Migration of stopped VMs (and evacuation from a host that is down).
     pub supports_cold_migration: bool,
+    /// Volumes (attach and detach on stopped VMs, boot volumes).
+    pub supports_volumes: bool,
+    /// Attach and detach on running VMs.
+    pub supports_hot_attach: bool,
+    /// Extending a volume attached to a running VM.
+    pub supports_volume_extend_in_use: bool,
+    /// Volumes live on one host's storage.
+    pub volumes_host_local: bool,
+    /// The most data volumes one VM can have attached.
+    pub max_volumes_per_vm: u32,
     /// Free-form facts.
     pub attributes: BTreeMap<String, String>,
 }

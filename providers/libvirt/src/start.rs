@@ -126,6 +126,12 @@ impl Libvirt {
             // `migration_peer` says.
             supports_live_migration: false,
             supports_cold_migration: false,
+            // Volumes come with issue 28's provider work.
+            supports_volumes: false,
+            supports_hot_attach: false,
+            supports_volume_extend_in_use: false,
+            volumes_host_local: false,
+            max_volumes_per_vm: 0,
             // The test driver runs no VNC servers.
             supports_console_vnc: domain_type != "test",
             supports_console_spice: false,

@@ -83,6 +83,12 @@ impl Provider for Proxmox {
             supports_live_migration: shared && online > 1,
             // Offline migration copies local disks too.
             supports_cold_migration: online > 1,
+            // Volumes come with issue 28's provider work.
+            supports_volumes: false,
+            supports_hot_attach: false,
+            supports_volume_extend_in_use: false,
+            volumes_host_local: false,
+            max_volumes_per_vm: 0,
             supports_console_vnc: true,
             // Cores, memory and disk of a stopped VM. Not of a running one:
             // PVE hot-plugs CPUs and memory only with `hotplug` including

@@ -256,6 +256,72 @@ pub trait Provider: Send + Sync + 'static {
         let _ = req;
         Err(ProviderError::new(ErrorKind::Unsupported, "migration is not supported"))
     }
+    /// Creates the volume `req.volume_id`, or returns it if it exists.
+    /// Default for every volume call: not supported; declare
+    /// `supports_volumes` (and `max_volumes_per_vm`) when implementing them.
+    async fn create_volume(&self, req: pb::CreateVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        let _ = req;
+        Err(volumes_unsupported())
+    }
+    /// Returns one volume (NOT_FOUND when it does not exist).
+    async fn get_volume(&self, volume_id: &str) -> Result<pb::VolumeInfo, ProviderError> {
+        let _ = volume_id;
+        Err(volumes_unsupported())
+    }
+    /// Lists every volume this provider made for HCP (boot volumes too),
+    /// those HCP no longer knows included.
+    async fn list_volumes(
+        &self,
+        req: pb::ListVolumesRequest,
+    ) -> Result<pb::ListVolumesResponse, ProviderError> {
+        let _ = req;
+        Err(volumes_unsupported())
+    }
+    /// Grows a volume (a size already reached succeeds; a smaller one is
+    /// INVALID_ARGUMENT).
+    async fn extend_volume(&self, req: pb::ExtendVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        let _ = req;
+        Err(volumes_unsupported())
+    }
+    /// Attaches a volume to a VM at a slot (already there succeeds).
+    async fn attach_volume(&self, req: pb::AttachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        let _ = req;
+        Err(volumes_unsupported())
+    }
+    /// Detaches a volume from a VM, keeping its data (not attached
+    /// succeeds).
+    async fn detach_volume(&self, req: pb::DetachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        let _ = req;
+        Err(volumes_unsupported())
+    }
+    /// Deletes a detached volume; returns whether it existed.
+    async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
+        let _ = volume_id;
+        Err(volumes_unsupported())
+    }
+}
+
+fn volumes_unsupported() -> ProviderError {
+    ProviderError::new(ErrorKind::Unsupported, "volumes are not supported")
+}
+
+/// One page of `volumes` for a ListVolumes request, as [`page_of`] pages
+/// VMs: ordered by id, those after `page_token`, at most `page_size`
+/// (default 1000).
+pub fn volume_page_of(
+    mut volumes: Vec<pb::VolumeInfo>,
+    req: &pb::ListVolumesRequest,
+) -> pb::ListVolumesResponse {
+    volumes.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+    volumes.retain(|v| v.volume_id > req.page_token);
+    let size = if req.page_size == 0 { 1000 } else { req.page_size as usize };
+    let next_page_token = if volumes.len() > size {
+        volumes.truncate(size);
+        volumes.last().map(|v| v.volume_id.clone()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    pb::ListVolumesResponse { volumes, next_page_token }
 }
 
 /// One page of `vms` for a ListVms request: VMs ordered by id, those after
@@ -527,6 +593,14 @@ fn vm_id(id: &str) -> Result<&str, tonic::Status> {
     }
 }
 
+fn volume_id(id: &str) -> Result<&str, tonic::Status> {
+    if id.parse::<uuid::Uuid>().is_ok() && id.len() == 36 {
+        Ok(id)
+    } else {
+        Err(tonic::Status::invalid_argument(format!("volume_id must be a UUID, got {id:?}")))
+    }
+}
+
 fn snapshot_id(id: &str) -> Result<&str, tonic::Status> {
     if id.parse::<uuid::Uuid>().is_ok() && id.len() == 36 {
         Ok(id)
@@ -675,6 +749,64 @@ impl<P: Provider> Compute for Adapter<P> {
             ));
         }
         reply(self.inner.migrate_vm(req).await)
+    }
+
+    async fn create_volume(&self, req: tonic::Request<pb::CreateVolumeRequest>) -> Reply<pb::VolumeInfo> {
+        let req = req.into_inner();
+        volume_id(&req.volume_id)?;
+        match &req.spec {
+            Some(spec) if spec.size_gib > 0 => {}
+            _ => return Err(tonic::Status::invalid_argument("spec.size_gib must be at least 1")),
+        }
+        reply(self.inner.create_volume(req).await)
+    }
+
+    async fn get_volume(&self, req: tonic::Request<pb::VolumeRef>) -> Reply<pb::VolumeInfo> {
+        let id = req.into_inner().volume_id;
+        reply(self.inner.get_volume(volume_id(&id)?).await)
+    }
+
+    async fn list_volumes(
+        &self,
+        req: tonic::Request<pb::ListVolumesRequest>,
+    ) -> Reply<pb::ListVolumesResponse> {
+        reply(self.inner.list_volumes(req.into_inner()).await)
+    }
+
+    async fn extend_volume(&self, req: tonic::Request<pb::ExtendVolumeRequest>) -> Reply<pb::VolumeInfo> {
+        let req = req.into_inner();
+        volume_id(&req.volume_id)?;
+        if req.size_gib == 0 {
+            return Err(tonic::Status::invalid_argument("size_gib must be at least 1"));
+        }
+        reply(self.inner.extend_volume(req).await)
+    }
+
+    async fn attach_volume(&self, req: tonic::Request<pb::AttachVolumeRequest>) -> Reply<pb::VolumeInfo> {
+        let req = req.into_inner();
+        volume_id(&req.volume_id)?;
+        vm_id(&req.vm_id)?;
+        if req.slot == 0 {
+            return Err(tonic::Status::invalid_argument("slot must be at least 1 (0 is the boot disk)"));
+        }
+        reply(self.inner.attach_volume(req).await)
+    }
+
+    async fn detach_volume(&self, req: tonic::Request<pb::DetachVolumeRequest>) -> Reply<pb::VolumeInfo> {
+        let req = req.into_inner();
+        volume_id(&req.volume_id)?;
+        vm_id(&req.vm_id)?;
+        reply(self.inner.detach_volume(req).await)
+    }
+
+    async fn delete_volume(&self, req: tonic::Request<pb::VolumeRef>) -> Reply<pb::DeleteVolumeResponse> {
+        let id = req.into_inner().volume_id;
+        reply(
+            self.inner
+                .delete_volume(volume_id(&id)?)
+                .await
+                .map(|existed| pb::DeleteVolumeResponse { existed }),
+        )
     }
 }
 

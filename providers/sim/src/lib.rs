@@ -89,6 +89,11 @@ pub fn default_capabilities() -> pb::Capabilities {
         supports_hot_resize: true,
         supports_live_migration: true,
         supports_cold_migration: true,
+        supports_volumes: false,
+        supports_hot_attach: false,
+        supports_volume_extend_in_use: false,
+        volumes_host_local: false,
+        max_volumes_per_vm: 0,
         ..Default::default()
     }
 }

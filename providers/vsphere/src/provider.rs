@@ -102,6 +102,12 @@ impl Provider for Vsphere {
             supports_live_migration: hosts > 1 && shared,
             // A powered-off VM moves with its disks (RelocateVM_Task).
             supports_cold_migration: hosts > 1,
+            // Volumes come with issue 28's provider work.
+            supports_volumes: false,
+            supports_hot_attach: false,
+            supports_volume_extend_in_use: false,
+            volumes_host_local: false,
+            max_volumes_per_vm: 0,
             // WebMKS (RFB over a websocket) through the console proxy.
             supports_console_vnc: true,
             supports_resize: true,
