@@ -7,7 +7,8 @@ use chrono::{DateTime, Utc};
 use hcp_proto::{common, ops, provider, tenant};
 
 use crate::model::{
-    AuditEvent, Capabilities, Flavor, Image, Job, JobStatus, Provider, ProviderTransport, Vm, VmStatus, Zone,
+    AuditEvent, Capabilities, Flavor, Image, Job, JobStatus, Provider, ProviderTransport, Vm, VmStatus,
+    Volume, VolumeStatus, Zone,
 };
 
 /// Converts a time to a protobuf timestamp.
@@ -148,6 +149,76 @@ pub fn vm_to_tenant(vm: &Vm, caps: Option<&Capabilities>) -> tenant::Vm {
     }
 }
 
+/// Maps a volume status to the wire enum.
+pub fn volume_status_to_proto(s: VolumeStatus) -> tenant::volume::Status {
+    use tenant::volume::Status as W;
+    match s {
+        VolumeStatus::Creating => W::Creating,
+        VolumeStatus::Available => W::Available,
+        VolumeStatus::Attaching => W::Attaching,
+        VolumeStatus::InUse => W::InUse,
+        VolumeStatus::Detaching => W::Detaching,
+        VolumeStatus::Extending => W::Extending,
+        VolumeStatus::Deleting => W::Deleting,
+        VolumeStatus::Error => W::Error,
+        VolumeStatus::Deleted => W::Deleted,
+    }
+}
+
+/// Maps a wire volume status to the domain's (`None` for unspecified).
+pub fn volume_status_from_proto(s: tenant::volume::Status) -> Option<VolumeStatus> {
+    VolumeStatus::ALL.iter().copied().find(|v| volume_status_to_proto(*v) == s)
+}
+
+/// The tenant's view of a volume: no provider, storage, host or native id
+/// (the message has no field for them). `vm` is the VM it is attached to,
+/// for `allowed_actions`.
+pub fn volume_to_tenant(
+    v: &Volume,
+    vm: Option<crate::lifecycle::AttachedVm>,
+    caps: Option<&Capabilities>,
+) -> tenant::Volume {
+    let none = Capabilities::default();
+    let allowed =
+        crate::lifecycle::volume_allowed_actions(v.status, v.current_job_id, vm, caps.unwrap_or(&none));
+    tenant::Volume {
+        volume_id: v.id.to_string(),
+        project_id: v.project_id.clone(),
+        name: v.name.clone(),
+        size_gib: v.size_gib,
+        zone: v.zone.clone(),
+        volume_type: v.volume_type.clone(),
+        status: volume_status_to_proto(v.status) as i32,
+        attachments: v
+            .attachment
+            .iter()
+            .map(|a| tenant::VolumeAttachment { vm_id: a.vm_id.to_string(), device_index: a.device_index })
+            .collect(),
+        metadata: v.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        tags: v.tags.clone(),
+        job_id: v.current_job_id.map(|j| j.to_string()).unwrap_or_default(),
+        error: v.error_code.map(tenant_error),
+        allowed_actions: allowed.iter().map(|a| a.as_str().to_owned()).collect(),
+        created_at: Some(ts(v.created_at)),
+        updated_at: Some(ts(v.updated_at)),
+    }
+}
+
+/// A volume type on the wire; `for_ops` decides whether `storage` is shown.
+pub fn volume_type_to_proto(t: &crate::model::VolumeType, for_ops: bool) -> common::VolumeType {
+    common::VolumeType {
+        name: t.name.clone(),
+        description: t.description.clone(),
+        max_size_gib: t.max_size_gib,
+        storage: if for_ops {
+            t.storage.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        } else {
+            Default::default()
+        },
+        created_at: Some(ts(t.created_at)),
+    }
+}
+
 /// What a tenant is told of a failed operation: the code and a sentence
 /// made from it. The stored message is the provider's own text, which can
 /// name nodes, hosts, storage or native ids; operators read it in the ops
@@ -179,7 +250,7 @@ pub fn job_to_ops(job: &Job) -> hcp_proto::ops::OpsJob {
         tenant_id: job.tenant_id.clone(),
         project_id: job.project_id.clone(),
         kind: job.kind.as_str().to_owned(),
-        vm_id: job.vm_id.to_string(),
+        vm_id: job.vm_id.map(|v| v.to_string()).unwrap_or_default(),
         status: job.status.as_str().to_owned(),
         attempts: job.attempts,
         max_attempts: job.max_attempts,
@@ -206,7 +277,11 @@ pub fn job_to_tenant(job: &Job) -> tenant::Job {
         job_id: job.id.to_string(),
         project_id: job.project_id.clone(),
         kind: job.kind.as_str().to_owned(),
-        resource_id: job.vm_id.to_string(),
+        resource_id: match (job.volume_id, job.vm_id) {
+            (Some(volume), _) => volume.to_string(),
+            (None, Some(vm)) => vm.to_string(),
+            (None, None) => String::new(),
+        },
         status: status as i32,
         attempts: job.attempts,
         max_attempts: job.max_attempts,
@@ -215,10 +290,11 @@ pub fn job_to_tenant(job: &Job) -> tenant::Job {
         started_at: job.started_at.map(ts),
         finished_at: job.finished_at.map(ts),
         updated_at: Some(ts(job.updated_at)),
-        vm_id: job.vm_id.to_string(),
+        vm_id: job.vm_id.map(|v| v.to_string()).unwrap_or_default(),
         actor: job.actor.clone(),
         request_id: job.request_id.clone(),
         snapshot_id: job.snapshot_id.map(|s| s.to_string()).unwrap_or_default(),
+        volume_id: job.volume_id.map(|v| v.to_string()).unwrap_or_default(),
     }
 }
 

@@ -34,6 +34,8 @@ use crate::model::{AuditEvent, Job, NetworkAttachment, Vm, now};
 use crate::providers::{ProviderCallError, ProviderClients};
 use crate::store::{Finish, RecordedStep, Store, StoreError};
 
+mod volumes;
+
 /// How an attempt ended: the lifecycle outcome and what goes with it.
 #[derive(Debug)]
 struct Attempt {
@@ -48,6 +50,9 @@ struct Attempt {
     host: Option<String>,
     /// The VM's size as the attempt found it (see [`Finish::size`]).
     size: Option<lifecycle::Size>,
+    /// The job's volume as the provider reported it after a step that made
+    /// it.
+    volume: Option<crate::store::VolumeReport>,
 }
 
 impl Attempt {
@@ -59,6 +64,7 @@ impl Attempt {
             networks: None,
             host: None,
             size: None,
+            volume: None,
         }
     }
 }
@@ -317,7 +323,8 @@ impl Engine {
         let span = tracing::info_span!(
             "job",
             job_id = %job.id,
-            vm_id = %job.vm_id,
+            vm_id = job.vm_id.map(|v| v.to_string()),
+            volume_id = job.volume_id.map(|v| v.to_string()),
             kind = %job.kind,
             attempt = job.attempts,
             trace_id = tracing::field::Empty,
@@ -416,7 +423,7 @@ impl Engine {
             Outcome::Cancelled => None,
         };
         let finish = Finish {
-            transition: lifecycle::transition(job.kind, attempt.outcome, job.prior_status, &job.params),
+            transition: job.transition(attempt.outcome),
             error: match attempt.outcome {
                 Outcome::Failed(code) | Outcome::Retry(code) => Some((code, attempt.message.clone())),
                 Outcome::Succeeded { .. } | Outcome::Cancelled => None,
@@ -425,6 +432,7 @@ impl Engine {
             networks: attempt.networks,
             host: attempt.host,
             size: attempt.size,
+            volume: attempt.volume,
         };
         match self.store.finish_job(job, &self.worker_id, &finish, t, audit.as_ref()).await {
             Ok(()) => {
@@ -462,8 +470,12 @@ impl Engine {
     }
 
     fn audit(&self, job: &Job, outcome: AuditOutcome<'_>, detail: &str) -> AuditEvent {
-        let mut event =
-            AuditEvent::new("system:worker", AuditAction::Job(job.kind), Resource::Vm(job.vm_id), outcome);
+        let resource = match (job.volume_id, job.vm_id) {
+            (Some(volume), _) => Resource::Volume(volume),
+            (None, Some(vm)) => Resource::Vm(vm),
+            (None, None) => Resource::Job(job.id),
+        };
+        let mut event = AuditEvent::new("system:worker", AuditAction::Job(job.kind), resource, outcome);
         event.tenant_id = job.tenant_id.clone();
         event.project_id = job.project_id.clone();
         event.job_id = job.id.to_string();
@@ -485,7 +497,13 @@ impl Engine {
     }
 
     async fn run_steps(&self, job: &Job) -> Result<Attempt, Abort> {
-        let vm = self.store.get_vm_internal(job.vm_id).await.map_err(Abort::Store)?;
+        if job.kind.is_volume_job() {
+            return self.run_volume_steps(job).await;
+        }
+        let Some(vm_id) = job.vm_id else {
+            return Ok(Attempt::failed(ErrorCode::Internal, format!("{} job without a vm", job.kind)));
+        };
+        let vm = self.store.get_vm_internal(vm_id).await.map_err(Abort::Store)?;
         // From the in-memory catalog (kept coherent, see store::cache); the
         // database when the copy does not have it.
         let provider = self.store.provider_cached(vm.provider_id).await.map_err(Abort::Store)?;
@@ -571,6 +589,7 @@ impl Engine {
                 memory_mib: vm.memory_mib,
                 disk_gib: vm.disk_gib,
             }),
+            volume: None,
         })
     }
 
@@ -617,6 +636,7 @@ impl Engine {
                 networks: None,
                 host: None,
                 size: None,
+                volume: None,
             }
         } else {
             Attempt::failed(e.code, message)
@@ -741,6 +761,17 @@ impl Engine {
                     .await
                     .map(|r| StepOutput::native(Step::deletion_output(r.into_inner().existed)))
             }
+            Step::VolumeCreate
+            | Step::VolumeDelete
+            | Step::VolumeExtend
+            | Step::VolumeAttach
+            | Step::VolumeDetach => {
+                return Err(ProviderCallError {
+                    code: ErrorCode::Internal,
+                    retryable: false,
+                    message: format!("{step} is a volume step, not one of a vm job"),
+                });
+            }
         };
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         match result {
@@ -850,6 +881,11 @@ pub fn vm_spec(vm: &Vm) -> provider::VmSpec {
         hostname: vm.hostname.clone(),
         labels,
         host: vm.host.clone(),
+        // Boot volumes and volumes at create come with the create path's
+        // volume work; a VM's root disk is its own until then.
+        boot_volume_id: String::new(),
+        boot_storage: String::new(),
+        volumes: Vec::new(),
     }
 }
 

@@ -191,7 +191,7 @@ impl Moves {
         let job = Job::queued(
             kind,
             &scope,
-            vm.id,
+            Some(vm.id),
             asker.actor,
             self.max_attempts,
             hcp_telemetry::current_traceparent(),

@@ -30,6 +30,7 @@ use hcp_proto::ops::quota_admin_service_server::QuotaAdminServiceServer;
 use hcp_proto::tenant::job_service_server::JobServiceServer;
 use hcp_proto::tenant::quota_service_server::QuotaServiceServer;
 use hcp_proto::tenant::vm_service_server::VmServiceServer;
+use hcp_proto::tenant::volume_service_server::VolumeServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -324,6 +325,7 @@ pub async fn run(
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<VmServiceServer<TenantApi>>().await;
+        health.set_serving::<VolumeServiceServer<TenantApi>>().await;
         health.set_serving::<JobServiceServer<TenantApi>>().await;
         health.set_serving::<QuotaServiceServer<TenantApi>>().await;
         health.set_serving::<CatalogServiceServer<CatalogApi>>().await;
@@ -357,6 +359,7 @@ pub async fn run(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(VmServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(VolumeServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(JobServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(QuotaServiceServer::new(tenant).max_decoding_message_size(MAX_MESSAGE))
             .add_service(CatalogServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE))

@@ -95,6 +95,10 @@ typed_id!(
     /// A tenant's placement group.
     PlacementGroupId
 );
+typed_id!(
+    /// A volume.
+    VolumeId
+);
 
 #[cfg(test)]
 mod tests {

@@ -79,6 +79,7 @@ pub const PROVIDER_PROTOCOL_VERSION: &str = "1";
 /// exposes over REST and gRPC-web).
 pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.tenant.v1.VmService",
+    "hcp.tenant.v1.VolumeService",
     "hcp.tenant.v1.JobService",
     "hcp.tenant.v1.QuotaService",
     "hcp.common.v1.CatalogService",

@@ -4,7 +4,7 @@
 //! [`AuditEvent::new`](crate::model::AuditEvent::new) is how an event is
 //! made.
 
-use hcp_proto::ids::{JobId, PlacementGroupId, ProviderId, VmId};
+use hcp_proto::ids::{JobId, PlacementGroupId, ProviderId, VmId, VolumeId};
 
 use crate::lifecycle::Verdict;
 use crate::model::JobKind;
@@ -63,6 +63,12 @@ pub enum AuditAction {
     ReconcileRestart,
     /// The reconciler found a VM HCP does not know.
     ReconcileOrphan,
+    /// A volume's name, metadata or tags changed.
+    VolumeUpdate,
+    /// A volume type created.
+    VolumeTypeCreate,
+    /// A volume type deleted.
+    VolumeTypeDelete,
 }
 
 impl AuditAction {
@@ -94,6 +100,9 @@ impl AuditAction {
             AuditAction::ReconcilePower => "reconcile.power",
             AuditAction::ReconcileRestart => "reconcile.restart",
             AuditAction::ReconcileOrphan => "reconcile.orphan",
+            AuditAction::VolumeUpdate => "volume.update",
+            AuditAction::VolumeTypeCreate => "volume_type.create",
+            AuditAction::VolumeTypeDelete => "volume_type.delete",
         }
     }
 }
@@ -131,6 +140,10 @@ pub enum Resource<'a> {
         /// The host's name.
         name: &'a str,
     },
+    /// A volume.
+    Volume(VolumeId),
+    /// A volume type, by name.
+    VolumeType(&'a str),
 }
 
 impl Resource<'_> {
@@ -147,6 +160,8 @@ impl Resource<'_> {
             Resource::Project(_) => "project",
             Resource::PlacementGroup(_) => "placement_group",
             Resource::Host { .. } => "host",
+            Resource::Volume(_) => "volume",
+            Resource::VolumeType(_) => "volume_type",
         }
     }
 
@@ -159,7 +174,9 @@ impl Resource<'_> {
             Resource::Flavor(name)
             | Resource::Image(name)
             | Resource::Zone(name)
-            | Resource::Project(name) => (*name).to_owned(),
+            | Resource::Project(name)
+            | Resource::VolumeType(name) => (*name).to_owned(),
+            Resource::Volume(id) => id.to_string(),
             Resource::Network { zone, name } => format!("{zone}/{name}"),
             Resource::PlacementGroup(id) => id.to_string(),
             Resource::Host { provider, name } => format!("{provider}/{name}"),

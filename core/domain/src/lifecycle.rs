@@ -13,10 +13,15 @@ use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::JobId;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Capabilities, JobKind, JobStatus, SnapshotStatus, VmStatus};
+use crate::model::{Capabilities, Job, JobKind, JobStatus, SnapshotStatus, VmStatus};
 
 mod drift;
+mod volume;
 pub use drift::{Correction, Drift, Verdict, correct, drift};
+pub use volume::{
+    AttachedVm, AttachmentChange, VolumeAction, VolumeChange, VolumeMetering, VolumeRefusal, accept_volume,
+    volume_allowed_actions, volume_change, volume_missing,
+};
 
 /// A provider capability flag (a field of `hcp.provider.v1.Capabilities`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -190,6 +195,17 @@ pub enum Step {
     SnapshotDelete,
     /// MigrateVm (skipped by a recovery that keeps the VM's host).
     Migrate,
+    /// CreateVolume (skipped when the volume exists on the hypervisor;
+    /// a host-local volume's create job leaves it to its first attach).
+    VolumeCreate,
+    /// DeleteVolume.
+    VolumeDelete,
+    /// ExtendVolume.
+    VolumeExtend,
+    /// AttachVolume.
+    VolumeAttach,
+    /// DetachVolume.
+    VolumeDetach,
 }
 
 impl Step {
@@ -205,6 +221,11 @@ impl Step {
         Step::SnapshotRevert,
         Step::SnapshotDelete,
         Step::Migrate,
+        Step::VolumeCreate,
+        Step::VolumeDelete,
+        Step::VolumeExtend,
+        Step::VolumeAttach,
+        Step::VolumeDetach,
     ];
 
     /// The step recorded as `s`.
@@ -231,6 +252,11 @@ impl Step {
             Step::SnapshotRevert => "provider.snapshot_revert",
             Step::SnapshotDelete => "provider.snapshot_delete",
             Step::Migrate => "provider.migrate",
+            Step::VolumeCreate => "provider.volume_create",
+            Step::VolumeDelete => "provider.volume_delete",
+            Step::VolumeExtend => "provider.volume_extend",
+            Step::VolumeAttach => "provider.volume_attach",
+            Step::VolumeDetach => "provider.volume_detach",
         }
     }
 }
@@ -255,7 +281,24 @@ impl JobKind {
         JobKind::SnapshotDelete,
         JobKind::MigrateVm,
         JobKind::RecoverVm,
+        JobKind::CreateVolume,
+        JobKind::DeleteVolume,
+        JobKind::ExtendVolume,
+        JobKind::AttachVolume,
+        JobKind::DetachVolume,
     ];
+
+    /// Whether the job operates on a volume.
+    pub fn is_volume_job(self) -> bool {
+        matches!(
+            self,
+            JobKind::CreateVolume
+                | JobKind::DeleteVolume
+                | JobKind::ExtendVolume
+                | JobKind::AttachVolume
+                | JobKind::DetachVolume
+        )
+    }
 
     /// The provider calls the job makes, in order.
     pub fn steps(self) -> &'static [Step] {
@@ -271,6 +314,13 @@ impl JobKind {
             JobKind::SnapshotDelete => &[Step::SnapshotDelete],
             JobKind::MigrateVm => &[Step::Migrate],
             JobKind::RecoverVm => &[Step::Migrate, Step::Start],
+            JobKind::CreateVolume => &[Step::VolumeCreate],
+            JobKind::DeleteVolume => &[Step::VolumeDelete],
+            JobKind::ExtendVolume => &[Step::VolumeExtend],
+            // A host-local volume is made on the VM's host at its first
+            // attachment.
+            JobKind::AttachVolume => &[Step::VolumeCreate, Step::VolumeAttach],
+            JobKind::DetachVolume => &[Step::VolumeDetach],
         }
     }
 
@@ -290,6 +340,12 @@ impl JobKind {
             // A VM that should run: ACTIVE in HCP, or put in ERROR by the
             // reconciler after its host vanished.
             JobKind::RecoverVm => &[VmStatus::Active, VmStatus::Error],
+            // A VM a volume job holds: one attached to (or attaching) the
+            // volume, steady.
+            JobKind::AttachVolume | JobKind::DetachVolume | JobKind::ExtendVolume => {
+                &[VmStatus::Active, VmStatus::Stopped]
+            }
+            JobKind::CreateVolume | JobKind::DeleteVolume => &[],
         }
     }
 
@@ -307,8 +363,22 @@ impl JobKind {
             // Tenants see a moving VM as it was (hosts are not theirs).
             JobKind::MigrateVm => None,
             JobKind::RecoverVm => Some(VmStatus::Starting),
+            // The volume shows the operation; the VM keeps its state.
+            JobKind::CreateVolume
+            | JobKind::DeleteVolume
+            | JobKind::ExtendVolume
+            | JobKind::AttachVolume
+            | JobKind::DetachVolume => None,
         }
     }
+}
+
+impl crate::model::VolumeStatus {
+    /// Every status.
+    pub const ALL: &'static [crate::model::VolumeStatus] = {
+        use crate::model::VolumeStatus::*;
+        &[Creating, Available, Attaching, InUse, Detaching, Extending, Deleting, Error, Deleted]
+    };
 }
 
 impl VmStatus {
@@ -383,6 +453,15 @@ pub enum JobParams {
         to: String,
         /// Without stopping the VM.
         live: bool,
+    },
+    /// A volume's growth: the size is applied to the volume row at accept
+    /// time (so the quota holds it), and `from` restores it if the job
+    /// fails or is cancelled.
+    Extend {
+        /// The size before, in GiB.
+        from: u32,
+        /// The size asked for.
+        to: u32,
     },
     /// A restart of a VM found down, on host `to` when its own host is
     /// down (a cold move from storage both reach), else where it is.
@@ -482,6 +561,22 @@ pub struct Transition {
     pub revoke_consoles: bool,
     /// Whether the job is announced to workers again (a retry).
     pub requeue: bool,
+    /// What happens to the job's volume, for volume jobs.
+    pub volume: Option<VolumeChange>,
+    /// Whether the volumes attached to the VM become AVAILABLE, detached
+    /// (the VM is gone; the provider left its volumes behind).
+    pub release_volumes: bool,
+}
+
+impl Job {
+    /// What `outcome` does for this job: [`transition`] for its VM and
+    /// [`volume_change`] for its volume.
+    pub fn transition(&self, outcome: Outcome) -> Transition {
+        Transition {
+            volume: volume_change(self.kind, outcome, self.prior_volume_status, &self.params),
+            ..transition(self.kind, outcome, self.prior_status, &self.params)
+        }
+    }
 }
 
 /// What `outcome` does, for a job of `kind` accepted when the VM was
@@ -506,8 +601,21 @@ pub fn transition(
         metering: None,
         revoke_consoles: false,
         requeue: false,
+        volume: None,
+        release_volumes: false,
     };
     let restore_host = params.host_before();
+    if kind.is_volume_job() {
+        // A volume job never changes its VM's state (what went wrong is
+        // the volume's): it only releases the VM it held.
+        let job = match outcome {
+            Outcome::Retry(_) => return Transition { job: JobStatus::Queued, requeue: true, ..nothing },
+            Outcome::Succeeded { .. } => JobStatus::Succeeded,
+            Outcome::Failed(_) => JobStatus::Failed,
+            Outcome::Cancelled => JobStatus::Cancelled,
+        };
+        return Transition { job, vm: prior, ..nothing };
+    }
     match outcome {
         Outcome::Retry(_) => Transition { job: JobStatus::Queued, requeue: true, ..nothing },
         Outcome::Succeeded { power } => {
@@ -524,7 +632,12 @@ pub fn transition(
                 JobKind::ResizeVm
                 | JobKind::SnapshotCreate
                 | JobKind::SnapshotDelete
-                | JobKind::MigrateVm => prior.unwrap_or(VmStatus::Error),
+                | JobKind::MigrateVm
+                | JobKind::CreateVolume
+                | JobKind::DeleteVolume
+                | JobKind::ExtendVolume
+                | JobKind::AttachVolume
+                | JobKind::DetachVolume => prior.unwrap_or(VmStatus::Error),
             };
             let metering = match kind {
                 JobKind::CreateVm | JobKind::StartVm => Some(Metering::Started),
@@ -542,7 +655,12 @@ pub fn transition(
                 | JobKind::SnapshotCreate
                 | JobKind::SnapshotDelete
                 | JobKind::MigrateVm
-                | JobKind::RecoverVm => None,
+                | JobKind::RecoverVm
+                | JobKind::CreateVolume
+                | JobKind::DeleteVolume
+                | JobKind::ExtendVolume
+                | JobKind::AttachVolume
+                | JobKind::DetachVolume => None,
             };
             let snapshot = match kind {
                 JobKind::SnapshotCreate => Some(SnapshotStatus::Available),
@@ -555,6 +673,7 @@ pub fn transition(
                 snapshot,
                 metering,
                 revoke_consoles: revokes_consoles_on_success(kind),
+                release_volumes: kind == JobKind::DeleteVm,
                 ..nothing
             }
         }
@@ -682,6 +801,18 @@ pub fn required_capabilities(kind: JobKind, status: VmStatus) -> &'static [Capab
         (JobKind::SnapshotCreate | JobKind::SnapshotRevert | JobKind::SnapshotDelete, _) => {
             &[Capability::Snapshot]
         }
+        (JobKind::AttachVolume | JobKind::DetachVolume, VmStatus::Active) => {
+            &[Capability::Volumes, Capability::HotAttach]
+        }
+        (JobKind::ExtendVolume, VmStatus::Active) => &[Capability::Volumes, Capability::VolumeExtendInUse],
+        (
+            JobKind::AttachVolume
+            | JobKind::DetachVolume
+            | JobKind::ExtendVolume
+            | JobKind::CreateVolume
+            | JobKind::DeleteVolume,
+            _,
+        ) => &[Capability::Volumes],
         (
             JobKind::CreateVm
             | JobKind::StartVm
@@ -1022,6 +1153,8 @@ mod tests {
                 metering,
                 revoke_consoles: revoke,
                 requeue,
+                volume: None,
+                release_volumes: kind == JobKind::DeleteVm && job == JobStatus::Succeeded,
             };
             let got = transition(kind, outcome, prior, &params(kind));
             assert_eq!(got, expected, "{kind} {outcome:?} from {prior:?}");
@@ -1032,8 +1165,9 @@ mod tests {
             assert_eq!(got.requeue, got.vm.is_none(), "{kind} {outcome:?}");
             assert!(got.vm.is_none_or(|s| !s.is_transitional()), "{kind} {outcome:?}");
         }
-        // Every state each kind is accepted from has its six rows.
-        for &kind in JobKind::ALL {
+        // Every state each kind is accepted from has its six rows (volume
+        // kinds have theirs in `volume.rs`).
+        for &kind in JobKind::ALL.iter().filter(|k| !k.is_volume_job()) {
             let priors: Vec<Option<VmStatus>> = if kind == JobKind::CreateVm {
                 vec![None]
             } else {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use hcp_proto::error::ErrorCode;
-use hcp_proto::ids::{JobId, ProviderId, VmId};
+use hcp_proto::ids::{JobId, ProviderId, VmId, VolumeId};
 use serde::{Deserialize, Serialize};
 
 /// Returns the current time at the precision both store backends keep
@@ -111,6 +111,40 @@ string_enum!(
         /// Start a VM found down that should run, on another host when its
         /// own is down (the reconciler, by the VM's restart policy).
         RecoverVm = "vm.recover",
+        /// Create a volume.
+        CreateVolume = "volume.create",
+        /// Delete a detached volume.
+        DeleteVolume = "volume.delete",
+        /// Grow a volume.
+        ExtendVolume = "volume.extend",
+        /// Attach a volume to a VM.
+        AttachVolume = "volume.attach",
+        /// Detach a volume from a VM.
+        DetachVolume = "volume.detach",
+    }
+);
+
+string_enum!(
+    /// A volume's lifecycle state (see `hcp.tenant.v1.Volume.Status`).
+    VolumeStatus {
+        /// Accepted; the create job has not finished.
+        Creating = "CREATING",
+        /// Ready and attached to nothing.
+        Available = "AVAILABLE",
+        /// An attach job is in flight.
+        Attaching = "ATTACHING",
+        /// Attached to a VM.
+        InUse = "IN_USE",
+        /// A detach job is in flight.
+        Detaching = "DETACHING",
+        /// An extend job is in flight.
+        Extending = "EXTENDING",
+        /// A delete job is in flight.
+        Deleting = "DELETING",
+        /// The last operation failed.
+        Error = "ERROR",
+        /// Gone from the hypervisor.
+        Deleted = "DELETED",
     }
 );
 
@@ -389,6 +423,86 @@ pub struct Vm {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Where a volume is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attachment {
+    /// The VM.
+    pub vm_id: VmId,
+    /// Its place among the VM's data disks, from 1 (the provider's slot).
+    pub device_index: u32,
+}
+
+/// A volume row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// HCP id, also the key on the provider.
+    pub id: VolumeId,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Owning project.
+    pub project_id: String,
+    /// Tenant-chosen name.
+    pub name: String,
+    /// Size now (a pending extend's target from its acceptance).
+    pub size_gib: u32,
+    /// Zone it lives in.
+    pub zone: String,
+    /// Its type's name.
+    pub volume_type: String,
+    /// The provider holding it. Never shown to tenants.
+    pub provider_id: ProviderId,
+    /// The storage it was created in on that provider (the type's entry
+    /// for the provider; empty: the provider's default).
+    pub storage: String,
+    /// The host whose storage holds it, on providers whose volumes are
+    /// host-local; empty otherwise, and until its first attachment.
+    pub host: String,
+    /// The hypervisor's name for it once created there; `None` while it
+    /// exists only in HCP (a host-local volume before its first
+    /// attachment).
+    pub native_id: Option<String>,
+    /// Lifecycle state.
+    pub status: VolumeStatus,
+    /// Where it is attached (an attach in flight included).
+    pub attachment: Option<Attachment>,
+    /// Job operating on the volume, if any.
+    pub current_job_id: Option<JobId>,
+    /// Error code of the last failure, while status is ERROR.
+    pub error_code: Option<ErrorCode>,
+    /// Error message of the last failure.
+    pub error_message: Option<String>,
+    /// Tenant metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Tenant tags.
+    pub tags: Vec<String>,
+    /// When accepted.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A volume type of the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeType {
+    /// Unique name.
+    pub name: String,
+    /// Free text.
+    pub description: String,
+    /// The largest volume of the type.
+    pub max_size_gib: u32,
+    /// Provider name -> storage on it.
+    pub storage: BTreeMap<String, String>,
+    /// When created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl VolumeType {
+    /// Where volumes of this type live on `provider` (empty: its default).
+    pub fn storage_on(&self, provider: &str) -> &str {
+        self.storage.get(provider).map(String::as_str).unwrap_or("")
+    }
+}
+
 /// A job row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
@@ -400,8 +514,11 @@ pub struct Job {
     pub project_id: String,
     /// Operation.
     pub kind: JobKind,
-    /// VM operated on.
-    pub vm_id: VmId,
+    /// VM operated on (or held: an attach, a detach, an extend of a volume
+    /// attached to it); `None` for a volume job that holds no VM.
+    pub vm_id: Option<VmId>,
+    /// Volume operated on, for volume jobs.
+    pub volume_id: Option<VolumeId>,
     /// State.
     pub status: JobStatus,
     /// Attempts started.
@@ -432,6 +549,9 @@ pub struct Job {
     pub updated_at: DateTime<Utc>,
     /// The VM's status when the operation was accepted (None for creates).
     pub prior_status: Option<VmStatus>,
+    /// The volume's status when a volume job was accepted (None for
+    /// creates).
+    pub prior_volume_status: Option<VolumeStatus>,
     /// The snapshot a snapshot job operates on.
     pub snapshot_id: Option<hcp_proto::ids::SnapshotId>,
     /// What the job was asked to do beyond its kind.
@@ -445,7 +565,7 @@ impl Job {
     pub fn queued(
         kind: JobKind,
         scope: &Scope,
-        vm: VmId,
+        vm: Option<VmId>,
         actor: &str,
         max_attempts: u32,
         traceparent: Option<String>,
@@ -458,6 +578,7 @@ impl Job {
             project_id: scope.project.clone(),
             kind,
             vm_id: vm,
+            volume_id: None,
             status: JobStatus::Queued,
             attempts: 0,
             max_attempts,
@@ -473,6 +594,7 @@ impl Job {
             finished_at: None,
             updated_at: t,
             prior_status: None,
+            prior_volume_status: None,
             snapshot_id: None,
             params: crate::lifecycle::JobParams::None,
             request_id: request_id.to_owned(),

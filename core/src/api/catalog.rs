@@ -27,6 +27,21 @@ impl CatalogApi {
 
 #[tonic::async_trait]
 impl CatalogService for CatalogApi {
+    async fn list_volume_types(
+        &self,
+        req: tonic::Request<hcp_proto::common::ListVolumeTypesRequest>,
+    ) -> ApiResult<hcp_proto::common::ListVolumeTypesResponse> {
+        checked(&req)?;
+        handle(async {
+            let types =
+                self.ctx.store.list_volume_types().await.map_err(|e| from_store(e, "volume types"))?;
+            Ok(hcp_proto::common::ListVolumeTypesResponse {
+                volume_types: types.iter().map(|t| convert::volume_type_to_proto(t, false)).collect(),
+            })
+        })
+        .await
+    }
+
     async fn list_flavors(&self, req: tonic::Request<ListFlavorsRequest>) -> ApiResult<ListFlavorsResponse> {
         checked(&req)?;
         handle(async {

@@ -145,7 +145,12 @@ pub async fn migrate(
     let asker = Asker { actor: &p.subject, request_id };
     let (vm, job) = moves.migrate(&asker, id, target, req.live).await?;
     tracing::info!(vm_id = %vm.id, job_id = %job.id, "vm migration accepted");
-    Ok(VmOperationAccepted { vm_id: vm.id.to_string(), job_id: job.id.to_string(), snapshot_id: None })
+    Ok(VmOperationAccepted {
+        vm_id: vm.id.to_string(),
+        job_id: job.id.to_string(),
+        snapshot_id: None,
+        volume_id: None,
+    })
 }
 
 /// A zone's placement settings.

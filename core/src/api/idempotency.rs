@@ -199,6 +199,7 @@ fn decode<M: Message + Default>(response: &str) -> Option<M> {
                 vm_id: field("vm_id"),
                 job_id: field("job_id"),
                 snapshot_id: Some(field("snapshot_id")).filter(|s| !s.is_empty()),
+                volume_id: None,
             }
             .encode_to_vec()
         }

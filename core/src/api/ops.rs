@@ -10,8 +10,9 @@ use hcp_proto::ops::job_admin_service_server::JobAdminService;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminService;
 use hcp_proto::ops::quota_admin_service_server::QuotaAdminService;
 use hcp_proto::ops::{
-    AuditChainProblem, CreateFlavorRequest, CreateImageRequest, CreateZoneRequest, DeleteFlavorRequest,
-    DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse, DeleteZoneRequest, DeleteZoneResponse,
+    AuditChainProblem, CreateFlavorRequest, CreateImageRequest, CreateVolumeTypeRequest, CreateZoneRequest,
+    DeleteFlavorRequest, DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse,
+    DeleteVolumeTypeRequest, DeleteVolumeTypeResponse, DeleteZoneRequest, DeleteZoneResponse,
     GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
     ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
     ProviderTls, QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
@@ -433,6 +434,59 @@ impl CatalogAdminService for OpsApi {
         .await
     }
 
+    async fn create_volume_type(
+        &self,
+        req: tonic::Request<CreateVolumeTypeRequest>,
+    ) -> ApiResult<common::VolumeType> {
+        self.write(req, "CreateVolumeType", None, |p, r| async move {
+            // Its name, size and description passed the request's rules.
+            let t = r
+                .volume_type
+                .ok_or_else(|| ApiError::invalid_field("volume_type", "volume_type is required"))?;
+            let vtype = model::VolumeType {
+                name: t.name.clone(),
+                description: t.description.clone(),
+                max_size_gib: t.max_size_gib,
+                storage: t.storage.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                created_at: now(),
+            };
+            let audit = self.ctx.audit(
+                &p,
+                AuditAction::VolumeTypeCreate,
+                Resource::VolumeType(&t.name),
+                AuditOutcome::Succeeded,
+            );
+            self.ctx
+                .store
+                .create_volume_type(&vtype, &audit)
+                .await
+                .map_err(|e| from_store(e, "volume type"))?;
+            Ok(convert::volume_type_to_proto(&vtype, true))
+        })
+        .await
+    }
+
+    async fn delete_volume_type(
+        &self,
+        req: tonic::Request<DeleteVolumeTypeRequest>,
+    ) -> ApiResult<DeleteVolumeTypeResponse> {
+        self.write(req, "DeleteVolumeType", None, |p, r| async move {
+            let audit = self.ctx.audit(
+                &p,
+                AuditAction::VolumeTypeDelete,
+                Resource::VolumeType(&r.name),
+                AuditOutcome::Succeeded,
+            );
+            self.ctx
+                .store
+                .delete_volume_type(&r.name, &audit)
+                .await
+                .map_err(|e| from_store(e, &format!("volume type {}", excerpt(&r.name))))?;
+            Ok(DeleteVolumeTypeResponse {})
+        })
+        .await
+    }
+
     async fn create_image(&self, req: tonic::Request<CreateImageRequest>) -> ApiResult<common::Image> {
         self.write(req, "CreateImage", None, |p, r| self.create_image(p, r)).await
     }
@@ -792,7 +846,8 @@ fn quota_update(r: &UpdateProjectQuotaRequest) -> Result<QuotaUpdate, ApiError> 
     if paths.is_empty() {
         return Err(ApiError::invalid_field(
             "update_mask",
-            "update_mask must name the limits to change: max_instances, max_vcpus and/or max_memory_mib",
+            "update_mask must name the limits to change: max_instances, max_vcpus, max_memory_mib, max_volumes and/or \
+             max_volume_gib",
         ));
     }
     let mut update = QuotaUpdate::default();
@@ -801,11 +856,14 @@ fn quota_update(r: &UpdateProjectQuotaRequest) -> Result<QuotaUpdate, ApiError> 
             "max_instances" => update.max_instances = Some(r.max_instances),
             "max_vcpus" => update.max_vcpus = Some(r.max_vcpus),
             "max_memory_mib" => update.max_memory_mib = Some(r.max_memory_mib),
+            "max_volumes" => update.max_volumes = Some(r.max_volumes),
+            "max_volume_gib" => update.max_volume_gib = Some(r.max_volume_gib),
             other => {
                 return Err(ApiError::invalid_field(
                     "update_mask",
                     format!(
-                        "update_mask may name max_instances, max_vcpus and max_memory_mib, not {}",
+                        "update_mask may name max_instances, max_vcpus, max_memory_mib, max_volumes and \
+                         max_volume_gib, not {}",
                         excerpt(other)
                     ),
                 ));
@@ -816,6 +874,8 @@ fn quota_update(r: &UpdateProjectQuotaRequest) -> Result<QuotaUpdate, ApiError> 
         ("max_instances", r.max_instances.is_some(), update.max_instances.is_some()),
         ("max_vcpus", r.max_vcpus.is_some(), update.max_vcpus.is_some()),
         ("max_memory_mib", r.max_memory_mib.is_some(), update.max_memory_mib.is_some()),
+        ("max_volumes", r.max_volumes.is_some(), update.max_volumes.is_some()),
+        ("max_volume_gib", r.max_volume_gib.is_some(), update.max_volume_gib.is_some()),
     ] {
         if set && !named {
             return Err(ApiError::invalid_field(
@@ -847,7 +907,15 @@ impl OpsApi {
             max_instances: q.max_instances,
             max_vcpus: q.max_vcpus,
             max_memory_mib: q.max_memory_mib,
-            usage: Some(QuotaUsage { instances: u.instances, vcpus: u.vcpus, memory_mib: u.memory_mib }),
+            usage: Some(QuotaUsage {
+                instances: u.instances,
+                vcpus: u.vcpus,
+                memory_mib: u.memory_mib,
+                volumes: u.volumes,
+                volume_gib: u.volume_gib,
+            }),
+            max_volumes: q.max_volumes,
+            max_volume_gib: q.max_volume_gib,
         })
     }
 }
@@ -865,6 +933,8 @@ impl QuotaAdminService for OpsApi {
                 max_instances: r.max_instances,
                 max_vcpus: r.max_vcpus,
                 max_memory_mib: r.max_memory_mib,
+                max_volumes: r.max_volumes,
+                max_volume_gib: r.max_volume_gib,
             };
             let mut audit = self.quota_audit(&p, &r.tenant_id, &r.project_id);
             audit.detail = format!("{quota:?}");

@@ -15,6 +15,7 @@ use hcp_proto::tenant::{
 mod console;
 mod create;
 mod jobs;
+mod volumes;
 
 use super::idempotency::{self, Key, idempotency_key};
 use super::page::Binding;
@@ -43,7 +44,7 @@ impl TenantApi {
         model::Job::queued(
             kind,
             scope,
-            vm,
+            Some(vm),
             &p.subject,
             self.ctx.config.jobs.max_attempts,
             hcp_telemetry::current_traceparent(),
@@ -186,6 +187,7 @@ impl TenantApi {
             vm_id: vm_id.to_string(),
             job_id: job.id.to_string(),
             snapshot_id: extra.snapshot_id.map(|s| s.to_string()),
+            volume_id: None,
         };
         let record = idempotency::record(&self.ctx, idem.as_ref(), &answer);
         match self.ctx.store.accept_operation(&op, &job, &audit, record.as_ref()).await {
@@ -405,6 +407,28 @@ struct Target {
 
 /// The change an UpdateVm's mask asks for, each field checked.
 fn vm_update(req: &UpdateVmRequest, paths: &[String]) -> Result<crate::store::VmUpdate, ApiError> {
+    let fields = Fields { name: &req.name, metadata: &req.metadata, tags: &req.tags, what: "VM" };
+    let (name, metadata, tags) = fields_update(&fields, paths)?;
+    Ok(crate::store::VmUpdate { name, metadata, tags })
+}
+
+/// The tenant-owned fields of an update request (a VM's, a volume's).
+struct Fields<'a> {
+    name: &'a str,
+    metadata: &'a std::collections::HashMap<String, String>,
+    tags: &'a [String],
+    /// What has them, for messages ("VM").
+    what: &'a str,
+}
+
+/// The new name, metadata and tags an update's mask asks for (`None`:
+/// kept), each field checked.
+#[allow(clippy::type_complexity)]
+fn fields_update(
+    req: &Fields<'_>,
+    paths: &[String],
+) -> Result<(Option<String>, Option<std::collections::BTreeMap<String, String>>, Option<Vec<String>>), ApiError>
+{
     if paths.is_empty() {
         return Err(ApiError::invalid_field(
             "update_mask",
@@ -421,19 +445,22 @@ fn vm_update(req: &UpdateVmRequest, paths: &[String]) -> Result<crate::store::Vm
                 if req.name.is_empty() {
                     return Err(ApiError::invalid_field(
                         "name",
-                        "update_mask names name, so name must be given: a VM always has a name",
+                        format!(
+                            "update_mask names name, so name must be given: a {} always has a name",
+                            req.what
+                        ),
                     ));
                 }
-                validate::label("name", &req.name)?;
-                update.name = Some(req.name.clone());
+                validate::label("name", req.name)?;
+                update.name = Some(req.name.to_owned());
             }
             "metadata" => {
                 validate::metadata(req.metadata.iter())?;
                 update.metadata = Some(req.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
             }
             "tags" => {
-                validate::tags("tags", &req.tags)?;
-                let mut tags = req.tags.clone();
+                validate::tags("tags", req.tags)?;
+                let mut tags = req.tags.to_vec();
                 tags.sort();
                 tags.dedup();
                 update.tags = Some(tags);
@@ -446,7 +473,7 @@ fn vm_update(req: &UpdateVmRequest, paths: &[String]) -> Result<crate::store::Vm
             }
         }
     }
-    Ok(update)
+    Ok((update.name, update.metadata, update.tags))
 }
 
 /// What an operation adds to the VM and job it names.
@@ -543,6 +570,28 @@ impl VmService for TenantApi {
             idempotency::once(&self.ctx, idem, delete).await
         })
         .await
+    }
+
+    async fn attach_volume(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::AttachVolumeRequest>,
+    ) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req);
+        let rid = request_id(&req);
+        let r = req.into_inner();
+        handle(self.attach_or_detach(p, key, rid, volumes::ids_of_attach(&r), JobKind::AttachVolume)).await
+    }
+
+    async fn detach_volume(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::DetachVolumeRequest>,
+    ) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req);
+        let rid = request_id(&req);
+        let r = req.into_inner();
+        handle(self.attach_or_detach(p, key, rid, volumes::ids_of_detach(&r), JobKind::DetachVolume)).await
     }
 
     async fn create_vm(&self, req: tonic::Request<CreateVmRequest>) -> ApiResult<VmOperationAccepted> {
@@ -760,6 +809,10 @@ impl QuotaService for TenantApi {
                 instances: u32::try_from(usage.instances).unwrap_or(u32::MAX),
                 vcpus: u32::try_from(usage.vcpus).unwrap_or(u32::MAX),
                 memory_mib: usage.memory_mib,
+                max_volumes: quota.max_volumes,
+                max_volume_gib: quota.max_volume_gib,
+                volumes: u32::try_from(usage.volumes).unwrap_or(u32::MAX),
+                volume_gib: usage.volume_gib,
             })
         })
         .await

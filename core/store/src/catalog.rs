@@ -7,7 +7,7 @@ use sqlx::types::Json;
 
 use super::{Quoted, sql};
 use super::{StoreError, StoreResult, col, on_pool, to_i32, to_u32};
-use hcp_domain::model::{AuditEvent, Flavor, Image, Network, VmStatus, Zone};
+use hcp_domain::model::{AuditEvent, Flavor, Image, Network, VmStatus, VolumeStatus, VolumeType, Zone};
 
 /// What [`super::Store::replace_network`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,6 +408,86 @@ impl super::Store {
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             self.catalog_changed();
+            Ok(())
+        })
+    }
+}
+
+impl super::Store {
+    /// Inserts a volume type and its audit event.
+    pub async fn create_volume_type(&self, t: &VolumeType, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(transaction self, |tx| {
+            sqlx::query(
+                "INSERT INTO volume_types (name, description, max_size_gib, storage, created_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&t.name)
+            .bind(&t.description)
+            .bind(to_i32(t.max_size_gib))
+            .bind(Json(&t.storage))
+            .bind(t.created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, &format!("volume type {}", t.name)))?;
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(())
+        })
+    }
+
+    /// Returns every volume type, by name.
+    pub async fn list_volume_types(&self) -> StoreResult<Vec<VolumeType>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT name, description, max_size_gib, storage, created_at FROM volume_types ORDER BY name",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "volume types"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let storage: Json<BTreeMap<String, String>> = col!(row, "storage");
+                out.push(VolumeType {
+                    name: col!(row, "name"),
+                    description: col!(row, "description"),
+                    max_size_gib: to_u32(col!(row, "max_size_gib"), "max_size_gib")?,
+                    storage: storage.0,
+                    created_at: col!(row, "created_at"),
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Returns one volume type.
+    pub async fn get_volume_type(&self, name: &str) -> StoreResult<VolumeType> {
+        self.list_volume_types().await?.into_iter().find(|t| t.name == name).ok_or(StoreError::NotFound)
+    }
+
+    /// Deletes a volume type unless a volume that is not deleted uses it.
+    pub async fn delete_volume_type(&self, name: &str, audit: &AuditEvent) -> StoreResult<()> {
+        on_pool!(transaction self, |tx| {
+            let used: i64 = sqlx::query_scalar(sql!(
+                "SELECT COUNT(*) FROM volumes WHERE volume_type = $1 AND status <> {deleted}",
+                deleted = VolumeStatus::Deleted
+            ))
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "volume type"))?;
+            if used > 0 {
+                return Err(StoreError::Conflict(format!("volume type {name} is used by {used} volumes")));
+            }
+            let done = sqlx::query("DELETE FROM volume_types WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "volume type"))?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound);
+            }
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             Ok(())
         })
     }

@@ -35,6 +35,10 @@ pub struct Quota {
     pub max_vcpus: Option<u32>,
     /// Sum of their memory.
     pub max_memory_mib: Option<u64>,
+    /// Volumes that are not deleted.
+    pub max_volumes: Option<u32>,
+    /// Sum of their sizes.
+    pub max_volume_gib: Option<u64>,
 }
 
 /// A change to some limits of a project: `None` keeps a limit as it is,
@@ -47,6 +51,10 @@ pub struct QuotaUpdate {
     pub max_vcpus: Option<Option<u32>>,
     /// Sum of their memory.
     pub max_memory_mib: Option<Option<u64>>,
+    /// Volumes that are not deleted.
+    pub max_volumes: Option<Option<u32>>,
+    /// Sum of their sizes.
+    pub max_volume_gib: Option<Option<u64>>,
 }
 
 /// Current use of a project.
@@ -58,6 +66,10 @@ pub struct Usage {
     pub vcpus: u64,
     /// Their memory.
     pub memory_mib: u64,
+    /// Volumes that are not deleted.
+    pub volumes: u64,
+    /// Their GiB.
+    pub volume_gib: u64,
 }
 
 /// Records an idempotency key inside a transaction, in one statement: a new
@@ -219,8 +231,10 @@ impl super::Store {
         on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO project_quotas (tenant_id, project_id, max_instances, max_vcpus, max_memory_mib, \
-                 updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, project_id) DO UPDATE \
-                 SET max_instances = $3, max_vcpus = $4, max_memory_mib = $5, updated_at = $6",
+                 updated_at, max_volumes, max_volume_gib) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (tenant_id, project_id) DO UPDATE \
+                 SET max_instances = $3, max_vcpus = $4, max_memory_mib = $5, updated_at = $6, \
+                 max_volumes = $7, max_volume_gib = $8",
             )
             .bind(&scope.tenant)
             .bind(&scope.project)
@@ -228,6 +242,8 @@ impl super::Store {
             .bind(quota.max_vcpus.map(|v| v as i32))
             .bind(quota.max_memory_mib.map(|v| v as i64))
             .bind(audit.at)
+            .bind(quota.max_volumes.map(|v| v as i32))
+            .bind(quota.max_volume_gib.map(|v| v as i64))
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
@@ -250,10 +266,13 @@ impl super::Store {
         on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO project_quotas (tenant_id, project_id, max_instances, max_vcpus, max_memory_mib, \
-                 updated_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, project_id) DO UPDATE \
+                 updated_at, max_volumes, max_volume_gib) VALUES ($1, $2, $3, $4, $5, $6, $10, $11) \
+                 ON CONFLICT (tenant_id, project_id) DO UPDATE \
                  SET max_instances = CASE WHEN $7 THEN $3 ELSE project_quotas.max_instances END, \
                  max_vcpus = CASE WHEN $8 THEN $4 ELSE project_quotas.max_vcpus END, \
                  max_memory_mib = CASE WHEN $9 THEN $5 ELSE project_quotas.max_memory_mib END, \
+                 max_volumes = CASE WHEN $12 THEN $10 ELSE project_quotas.max_volumes END, \
+                 max_volume_gib = CASE WHEN $13 THEN $11 ELSE project_quotas.max_volume_gib END, \
                  updated_at = $6",
             )
             .bind(&scope.tenant)
@@ -265,6 +284,10 @@ impl super::Store {
             .bind(update.max_instances.is_some())
             .bind(update.max_vcpus.is_some())
             .bind(update.max_memory_mib.is_some())
+            .bind(update.max_volumes.flatten().map(|v| v as i32))
+            .bind(update.max_volume_gib.flatten().map(|v| v as i64))
+            .bind(update.max_volumes.is_some())
+            .bind(update.max_volume_gib.is_some())
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
@@ -280,7 +303,7 @@ impl super::Store {
         let (tenant_id, project_id) = (&scope.tenant, &scope.project);
         on_pool!(self, |pool| {
             let row = sqlx::query(
-                "SELECT max_instances, max_vcpus, max_memory_mib FROM project_quotas \
+                "SELECT max_instances, max_vcpus, max_memory_mib, max_volumes, max_volume_gib FROM project_quotas \
                  WHERE tenant_id = $1 AND project_id = $2",
             )
             .bind(tenant_id)
@@ -294,10 +317,14 @@ impl super::Store {
                     let i: Option<i32> = col!(&row, "max_instances");
                     let v: Option<i32> = col!(&row, "max_vcpus");
                     let m: Option<i64> = col!(&row, "max_memory_mib");
+                    let vn: Option<i32> = col!(&row, "max_volumes");
+                    let vg: Option<i64> = col!(&row, "max_volume_gib");
                     Quota {
                         max_instances: i.map(|x| x.max(0) as u32),
                         max_vcpus: v.map(|x| x.max(0) as u32),
                         max_memory_mib: m.map(|x| x.max(0) as u64),
+                        max_volumes: vn.map(|x| x.max(0) as u32),
+                        max_volume_gib: vg.map(|x| x.max(0) as u64),
                     }
                 }
             };
@@ -315,7 +342,17 @@ impl super::Store {
             let n: i64 = col!(&used, "n");
             let v: i64 = col!(&used, "vcpus");
             let m: i64 = col!(&used, "memory");
-            Ok((quota, Usage { instances: n as u64, vcpus: v as u64, memory_mib: m as u64 }))
+            let (volumes, gib) = super::volumes::volume_usage!(pool, scope);
+            Ok((
+                quota,
+                Usage {
+                    instances: n as u64,
+                    vcpus: v as u64,
+                    memory_mib: m as u64,
+                    volumes: volumes.max(0) as u64,
+                    volume_gib: gib.max(0) as u64,
+                },
+            ))
         })
     }
 }

@@ -38,6 +38,18 @@ pub struct Finish {
     /// holds the VM, so nothing else changes it meanwhile): the usage event
     /// is then written without reading the VM again.
     pub size: Option<hcp_domain::lifecycle::Size>,
+    /// What the provider reported of the job's volume after a successful
+    /// step that made or changed it: its native id (and size).
+    pub volume: Option<VolumeReport>,
+}
+
+/// A volume as the provider reported it at the end of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeReport {
+    /// The hypervisor's name for it.
+    pub native_id: String,
+    /// The host holding it, when the provider names one.
+    pub host: String,
 }
 
 /// Filters and page position for [`super::Store::list_jobs`].
@@ -49,6 +61,8 @@ pub struct ListJobsQuery {
     pub before: Option<uuid::Uuid>,
     /// Only this VM's jobs.
     pub vm_id: Option<VmId>,
+    /// Only this volume's jobs.
+    pub volume_id: Option<hcp_proto::ids::VolumeId>,
     /// Only jobs in this status.
     pub status: Option<JobStatus>,
     /// Only jobs of this kind.
@@ -58,7 +72,7 @@ pub struct ListJobsQuery {
 const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attempts, \
      max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, actor, \
      traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, \
-     params, request_id";
+     params, request_id, volume_id, prior_volume_status";
 
 macro_rules! insert_job {
     ($conn:expr, $job:expr) => {{
@@ -67,15 +81,15 @@ macro_rules! insert_job {
             "INSERT INTO jobs (id, tenant_id, project_id, kind, vm_id, status, attempts, \
              max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, \
              actor, traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, \
-             params, request_id) \
+             params, request_id, volume_id, prior_volume_status) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, NULL, NULL, $10, $11, $12, NULL, NULL, \
-             $13, $14, $15, $16, $17)",
+             $13, $14, $15, $16, $17, $18, $19)",
         )
         .bind(job.id.0)
         .bind(&job.tenant_id)
         .bind(&job.project_id)
         .bind(job.kind.as_str())
-        .bind(job.vm_id.0)
+        .bind(job.vm_id.map(|v| v.0))
         .bind(job.status.as_str())
         .bind(job.attempts as i32)
         .bind(job.max_attempts as i32)
@@ -88,6 +102,8 @@ macro_rules! insert_job {
         .bind(job.snapshot_id.map(|s| s.0))
         .bind(sqlx::types::Json(&job.params))
         .bind(&job.request_id)
+        .bind(job.volume_id.map(|v| v.0))
+        .bind(job.prior_volume_status.map(|s| s.as_str()))
         .execute($conn)
         .await
         .map_err(|e| $crate::StoreError::from_sqlx(e, "job"))?;
@@ -99,7 +115,8 @@ macro_rules! job_from_row {
     ($row:expr) => {{
         let row = $row;
         let id: uuid::Uuid = col!(row, "id");
-        let vm_id: uuid::Uuid = col!(row, "vm_id");
+        let vm_id: Option<uuid::Uuid> = col!(row, "vm_id");
+        let volume_id: Option<uuid::Uuid> = col!(row, "volume_id");
         let kind: String = col!(row, "kind");
         let status: String = col!(row, "status");
         Job {
@@ -107,7 +124,8 @@ macro_rules! job_from_row {
             tenant_id: col!(row, "tenant_id"),
             project_id: col!(row, "project_id"),
             kind: JobKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("job kind {kind:?}")))?,
-            vm_id: VmId(vm_id),
+            vm_id: vm_id.map(VmId),
+            volume_id: volume_id.map(hcp_proto::ids::VolumeId),
             status: JobStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?,
             attempts: to_u32(col!(row, "attempts"), "attempts")?,
@@ -131,6 +149,10 @@ macro_rules! job_from_row {
                 let p: Option<String> = col!(row, "prior_status");
                 p.as_deref().and_then(VmStatus::parse)
             },
+            prior_volume_status: {
+                let p: Option<String> = col!(row, "prior_volume_status");
+                p.as_deref().and_then(hcp_domain::model::VolumeStatus::parse)
+            },
             snapshot_id: {
                 let s: Option<uuid::Uuid> = col!(row, "snapshot_id");
                 s.map(hcp_proto::ids::SnapshotId)
@@ -148,7 +170,7 @@ macro_rules! job_from_row {
 /// error, restored size and reported addresses, the snapshot's state, the
 /// usage event, console revocation and the announcement of a requeued job.
 macro_rules! apply_transition {
-    ($tx:expr, $job:expr, $t:expr, $message:expr, $networks:expr, $now:expr, $outbox:expr) => {{
+    ($tx:expr, $job:expr, $t:expr, $message:expr, $networks:expr, $volume:expr, $now:expr, $outbox:expr) => {{
         let job: &Job = $job;
         let t: &Transition = $t;
         let now: DateTime<Utc> = $now;
@@ -162,7 +184,7 @@ macro_rules! apply_transition {
             .bind(t.vm_error.map(|c| c.as_str()))
             .bind(error_message)
             .bind(now)
-            .bind(job.vm_id.0)
+            .bind(job.vm_id.map(|v| v.0))
             .bind(job.id.0)
             .execute(&mut *$tx)
             .await
@@ -176,7 +198,7 @@ macro_rules! apply_transition {
             .bind(to_i32(size.vcpus))
             .bind(to_i32(size.memory_mib))
             .bind(to_i32(size.disk_gib))
-            .bind(job.vm_id.0)
+            .bind(job.vm_id.map(|v| v.0))
             .execute(&mut *$tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
@@ -184,7 +206,7 @@ macro_rules! apply_transition {
         if let Some(host) = &t.vm_host {
             sqlx::query("UPDATE vms SET host = $1 WHERE id = $2")
                 .bind(host)
-                .bind(job.vm_id.0)
+                .bind(job.vm_id.map(|v| v.0))
                 .execute(&mut *$tx)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
@@ -193,7 +215,7 @@ macro_rules! apply_transition {
         if let Some(networks) = networks {
             sqlx::query("UPDATE vms SET networks = $1 WHERE id = $2")
                 .bind(Json(networks))
-                .bind(job.vm_id.0)
+                .bind(job.vm_id.map(|v| v.0))
                 .execute(&mut *$tx)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
@@ -207,8 +229,16 @@ macro_rules! apply_transition {
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
         }
-        if let Some(event) = t.metering {
-            insert_vm_usage!($tx, job.vm_id, event.as_str(), now, Some(job.id), $outbox);
+        if let (Some(event), Some(vm_id)) = (t.metering, job.vm_id) {
+            insert_vm_usage!($tx, vm_id, event.as_str(), now, Some(job.id), $outbox);
+        }
+        if let (Some(change), Some(volume_id)) = (&t.volume, job.volume_id) {
+            super::volumes::apply_volume_change!(
+                $tx, job, volume_id, change, $message, $volume, now, $outbox
+            );
+        }
+        if let (true, Some(vm_id)) = (t.release_volumes, job.vm_id) {
+            super::volumes::release_volumes!($tx, job, vm_id, now, $outbox);
         }
         if t.revoke_consoles {
             // Console tokens for a VM that stopped or went away must not
@@ -218,7 +248,7 @@ macro_rules! apply_transition {
                  AND revoked_at IS NULL AND used_at IS NULL",
             )
             .bind(now)
-            .bind(job.vm_id.0)
+            .bind(job.vm_id.map(|v| v.0))
             .execute(&mut *$tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
@@ -278,13 +308,8 @@ impl super::Store {
                 };
             };
             let job = job_from_row!(&row);
-            let t = hcp_domain::lifecycle::transition(
-                job.kind,
-                Outcome::Cancelled,
-                job.prior_status,
-                &job.params,
-            );
-            apply_transition!(tx, &job, &t, Some("the operation was cancelled"), None, t_now, outbox);
+            let t = job.transition(Outcome::Cancelled);
+            apply_transition!(tx, &job, &t, Some("the operation was cancelled"), None, None, t_now, outbox);
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             Ok(job)
@@ -544,11 +569,11 @@ impl super::Store {
             if updated.rows_affected() != 1 {
                 return Err(StoreError::Conflict(format!("lease on job {} lost", job.id)));
             }
-            apply_transition!(tx, job, t, message, finish.networks.as_ref(), now, outbox);
+            apply_transition!(tx, job, t, message, finish.networks.as_ref(), finish.volume.as_ref(), now, outbox);
             if let Some(host) = finish.host.as_deref().filter(|h| !h.is_empty()) {
                 sqlx::query(sql!("UPDATE vms SET host = $1 WHERE id = $2 AND status <> {vm_deleted}", vm_deleted = VmStatus::Deleted))
                     .bind(host)
-                    .bind(job.vm_id.0)
+                    .bind(job.vm_id.map(|v| v.0))
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
@@ -581,6 +606,9 @@ impl super::Store {
         if query.vm_id.is_some() {
             sql.push_str(&format!(" AND vm_id = ${}", next_param()));
         }
+        if query.volume_id.is_some() {
+            sql.push_str(&format!(" AND volume_id = ${}", next_param()));
+        }
         if query.status.is_some() {
             sql.push_str(&format!(" AND status = ${}", next_param()));
         }
@@ -596,6 +624,9 @@ impl super::Store {
             }
             if let Some(vm) = query.vm_id {
                 q = q.bind(vm.0);
+            }
+            if let Some(volume) = query.volume_id {
+                q = q.bind(volume.0);
             }
             if let Some(status) = query.status {
                 q = q.bind(status.as_str());
@@ -638,6 +669,11 @@ async fn finish_in_one(
     outbox: bool,
 ) -> StoreResult<Option<bool>> {
     let t = &finish.transition;
+    // Volume jobs, and a VM's deletion (which releases its volumes), take
+    // the transaction.
+    let Some(vm_id) = job.vm_id.filter(|_| t.volume.is_none() && !t.release_volumes) else {
+        return Ok(None);
+    };
     let usage = match (t.metering, &finish.size) {
         (None, _) => None,
         (Some(event), Some(size)) => Some(super::UsageEvent {
@@ -645,7 +681,7 @@ async fn finish_in_one(
             at: now,
             tenant_id: job.tenant_id.clone(),
             project_id: job.project_id.clone(),
-            vm_id: job.vm_id,
+            vm_id,
             event: event.as_str().to_owned(),
             flavor: size.flavor.clone(),
             vcpus: size.vcpus,
@@ -709,7 +745,7 @@ async fn finish_in_one(
     .bind(host)
     .bind(t.vm_host.as_deref())
     .bind(finish.networks.as_ref().map(Json)) // $15
-    .bind(job.vm_id.0)
+    .bind(vm_id.0)
     .bind(touches_vm)
     .bind(usage.as_ref().map(|u| u.id.0))
     .bind(&job.tenant_id)

@@ -34,18 +34,20 @@ mod providers;
 mod rates;
 mod reconcile;
 mod vms;
+mod volumes;
 
 pub use audit::{AuditQuery, ChainHead, ChainedEvent};
 pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
 pub use catalog::NetworkReplace;
 pub use guards::{IdempotencyRecord, Quota, QuotaUpdate, Usage};
 pub use hosts::{CapacityGuard, GroupGuard, HostReport, Member};
-pub use jobs::{Finish, ListJobsQuery, RecordedStep};
+pub use jobs::{Finish, ListJobsQuery, RecordedStep, VolumeReport};
 pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use rates::{RateClaim, RateLimit};
 pub use reconcile::KnownVm;
 pub use vms::{AcceptOperation, HostChange, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
+pub use volumes::{AttachTarget, ListVolumesQuery, VolumeOperation, VolumeUpdate, VolumeUsageEvent};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use hcp_proto::ids::{JobId, ProviderId, VmId};
+use hcp_proto::ids::{ProviderId, VmId};
 use sqlx::types::Json;
 
 use super::guards::{check_quota, insert_idempotency};
@@ -93,7 +93,7 @@ pub enum SnapshotAccept {
     Delete(SnapshotId),
 }
 
-const VM_COLUMNS: &str = "id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, \
+pub(crate) const VM_COLUMNS: &str = "id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, \
      image, image_source, zone, provider_id, networks, metadata, tags, user_data, hostname, \
      status, current_job_id, error_code, error_message, created_at, updated_at, host, \
      restart_policy, placement_group_id";
@@ -102,14 +102,14 @@ macro_rules! vm_from_row {
     ($row:expr) => {{
         let row = $row;
         let status: String = col!(row, "status");
-        let networks: Json<Vec<NetworkAttachment>> = col!(row, "networks");
+        let networks: Json<Vec<hcp_domain::model::NetworkAttachment>> = col!(row, "networks");
         let metadata: Json<BTreeMap<String, String>> = col!(row, "metadata");
         let tags: Json<Vec<String>> = col!(row, "tags");
         let current_job_id: Option<uuid::Uuid> = col!(row, "current_job_id");
         let provider_id: uuid::Uuid = col!(row, "provider_id");
         let id: uuid::Uuid = col!(row, "id");
-        Vm {
-            id: VmId(id),
+        hcp_domain::model::Vm {
+            id: hcp_proto::ids::VmId(id),
             tenant_id: col!(row, "tenant_id"),
             project_id: col!(row, "project_id"),
             name: col!(row, "name"),
@@ -120,7 +120,7 @@ macro_rules! vm_from_row {
             image: col!(row, "image"),
             image_source: col!(row, "image_source"),
             zone: col!(row, "zone"),
-            provider_id: ProviderId(provider_id),
+            provider_id: hcp_proto::ids::ProviderId(provider_id),
             host: col!(row, "host"),
             restart_policy: {
                 let p: String = col!(row, "restart_policy");
@@ -136,9 +136,9 @@ macro_rules! vm_from_row {
             tags: tags.0,
             user_data: col!(row, "user_data"),
             hostname: col!(row, "hostname"),
-            status: VmStatus::parse(&status)
+            status: hcp_domain::model::VmStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("vm status {status:?}")))?,
-            current_job_id: current_job_id.map(JobId),
+            current_job_id: current_job_id.map(hcp_proto::ids::JobId),
             error_code: {
                 let c: Option<String> = col!(row, "error_code");
                 c.map(|c| {
@@ -152,6 +152,7 @@ macro_rules! vm_from_row {
         }
     }};
 }
+pub(crate) use vm_from_row;
 
 impl super::Store {
     /// Inserts a new VM with its create job and the audit event of the
@@ -909,7 +910,7 @@ async fn accept_create_in_one(
     .bind(vm.current_job_id.map(|j| j.0))
     .bind(&job.tenant_id) // $55
     .bind(&job.project_id)
-    .bind(job.vm_id.0)
+    .bind(job.vm_id.map(|v| v.0))
     .bind(job.snapshot_id.map(|s| s.0))
     .bind(&audit.tenant_id)
     .bind(&audit.project_id) // $60

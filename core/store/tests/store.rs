@@ -153,7 +153,7 @@ async fn seed(store: &Store) -> Provider {
 }
 
 fn new_job(tenant: &str, project: &str, vm: VmId, kind: JobKind) -> Job {
-    Job::queued(kind, &Scope::new(tenant, project), vm, "tester", 3, None, "req-1")
+    Job::queued(kind, &Scope::new(tenant, project), Some(vm), "tester", 3, None, "req-1")
 }
 
 /// What the engine hands the store when `job` ends with `outcome`.
@@ -164,7 +164,7 @@ fn finish(
     run_after: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Finish {
     Finish {
-        transition: lifecycle::transition(job.kind, outcome, job.prior_status, &job.params),
+        transition: job.transition(outcome),
         error: match outcome {
             Outcome::Failed(c) | Outcome::Retry(c) => Some((c, message.to_owned())),
             _ => None,
@@ -173,6 +173,7 @@ fn finish(
         networks: None,
         host: None,
         size: None,
+        volume: None,
     }
 }
 
@@ -233,7 +234,7 @@ async fn complete(store: &Store, job: &Job, status: VmStatus) {
     assert_eq!(done.transition.vm, Some(status), "{} ends {status}", job.kind);
     // As the engine does: the size of the VM the job found, for metering
     // without another read (one statement on PostgreSQL).
-    let vm = store.get_vm_internal(job.vm_id).await.unwrap();
+    let vm = store.get_vm_internal(job.vm_id.unwrap()).await.unwrap();
     done.size = Some(lifecycle::Size {
         flavor: vm.flavor,
         vcpus: vm.vcpus,
@@ -399,7 +400,7 @@ async fn leases_are_exclusive_and_lapse(backend: Backend) {
         )
         .await
         .unwrap();
-    let vm = store.get_vm_internal(job.vm_id).await.unwrap();
+    let vm = store.get_vm_internal(job.vm_id.unwrap()).await.unwrap();
     assert_eq!(
         (vm.status, vm.error_code, vm.current_job_id),
         (VmStatus::Error, Some(ErrorCode::ProviderError), None)
@@ -711,7 +712,7 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
 async fn quotas_hold_under_concurrency(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
-    let quota = Quota { max_instances: Some(5), max_vcpus: None, max_memory_mib: None };
+    let quota = Quota { max_instances: Some(5), max_vcpus: None, max_memory_mib: None, ..Quota::default() };
     store.set_quota(&Scope::new("acme", "p1"), &quota, &audit("quota.set", "p1")).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..20 {
@@ -739,11 +740,17 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
     let update = QuotaUpdate { max_vcpus: Some(Some(8)), ..Default::default() };
     store.update_quota(&scope, &update, &audit("quota.update", "p1")).await.unwrap();
     let (q, _) = store.get_quota(&scope).await.unwrap();
-    assert_eq!(q, Quota { max_instances: Some(5), max_vcpus: Some(8), max_memory_mib: None });
+    assert_eq!(
+        q,
+        Quota { max_instances: Some(5), max_vcpus: Some(8), max_memory_mib: None, ..Quota::default() }
+    );
     let update = QuotaUpdate { max_instances: Some(None), ..Default::default() };
     store.update_quota(&scope, &update, &audit("quota.update", "p1")).await.unwrap();
     let (q, _) = store.get_quota(&scope).await.unwrap();
-    assert_eq!(q, Quota { max_instances: None, max_vcpus: Some(8), max_memory_mib: None });
+    assert_eq!(
+        q,
+        Quota { max_instances: None, max_vcpus: Some(8), max_memory_mib: None, ..Quota::default() }
+    );
     store.set_quota(&scope, &quota, &audit("quota.set", "p1")).await.unwrap();
     // A project without a row gets one.
     let fresh_scope = Scope::new("acme", "p9");
@@ -827,7 +834,7 @@ async fn outbox_rows_commit_with_the_change(backend: Backend) {
         (Some("started"), Some("small"), Some(1), Some(job.id.to_string().as_str())),
         "{usage}"
     );
-    assert_eq!(store.get_vm_internal(job.vm_id).await.unwrap().status, VmStatus::Active);
+    assert_eq!(store.get_vm_internal(job.vm_id.unwrap()).await.unwrap().status, VmStatus::Active);
     store.mark_outbox_published(&[pending[0].id, pending[1].id], now()).await.unwrap();
     assert_eq!(store.count_pending_outbox().await.unwrap(), 0);
     // Without the outbox (embedded mode) nothing is queued.

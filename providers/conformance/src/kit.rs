@@ -167,6 +167,7 @@ impl Kit {
             hostname: name.to_owned(),
             labels: [("hcp.conformance".to_owned(), "true".to_owned())].into_iter().collect(),
             host: String::new(),
+            ..VmSpec::default()
         }
     }
 

@@ -242,8 +242,12 @@ impl TenantApi {
         );
         audit.project_id = scope.project.clone();
         audit.job_id = job.id.to_string();
-        let answer =
-            VmOperationAccepted { vm_id: vm_id.to_string(), job_id: job.id.to_string(), snapshot_id: None };
+        let answer = VmOperationAccepted {
+            vm_id: vm_id.to_string(),
+            job_id: job.id.to_string(),
+            snapshot_id: None,
+            volume_id: None,
+        };
         let record = idempotency::record(&self.ctx, idem, &answer);
         // The host's room, and a strict group's rule, are checked again in
         // the transaction: a concurrent create that took the room or the

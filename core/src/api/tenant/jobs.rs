@@ -45,6 +45,16 @@ impl TenantApi {
                 )
             })?)
         };
+        let volume_id: Option<hcp_proto::ids::VolumeId> =
+            if req.volume_id.is_empty() { None } else { Some(validate::id("volume_id", &req.volume_id)?) };
+        if let Some(volume) = volume_id {
+            // A volume outside the project is NOT_FOUND, not an empty history.
+            self.ctx
+                .store
+                .get_volume(&scope, volume)
+                .await
+                .map_err(|e| from_store(e, &format!("volume {volume}")))?;
+        }
         if let Some(vm) = vm_id {
             // A VM outside the project is NOT_FOUND, not an empty history.
             self.ctx.store.get_vm(&scope, vm).await.map_err(|e| from_store(e, &format!("vm {vm}")))?;
@@ -54,12 +64,14 @@ impl TenantApi {
             .push(&scope.tenant)
             .push(&scope.project)
             .push(&req.vm_id)
+            .push(&req.volume_id)
             .push(status.map(|s| s.as_str()).unwrap_or(""))
             .push(kind.map(|k| k.as_str()).unwrap_or(""));
         let query = ListJobsQuery {
             page_size: validate::page_size(req.page_size, 100)?,
             before: self.ctx.pages.open(&binding, &req.page_token)?,
             vm_id,
+            volume_id,
             status,
             kind,
         };
