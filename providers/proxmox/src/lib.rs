@@ -28,6 +28,7 @@ mod provider;
 mod snapshots;
 mod spec;
 mod start;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -44,5 +45,7 @@ pub struct Proxmox {
     pve: Arc<Pve>,
     config: Arc<Config>,
     locks: VmLocks,
+    /// Calls for one volume are serialized too (taken before the VM's).
+    volume_locks: VmLocks,
     version: tokio::sync::Mutex<Option<(u32, u32, String)>>,
 }

@@ -454,6 +454,19 @@ fn check_format(format: &str, value: &str) -> Result<(), ValueError> {
             .split([',', ';', ' '])
             .filter(|t| !t.is_empty())
             .all(|t| regex::Regex::new(r"^(?i)[a-z][a-z0-9_\-]+$").map(|r| r.is_match(t)).unwrap_or(true)),
+        // `storage:name`, as PVE's parse_volume_id reads it.
+        "pve-volume-id" => ok(r"^(?i)[a-z][a-z0-9\-_.]*[a-z0-9]:.+$"),
+        // A drive's backing: a volume, an absolute path, `cdrom`/`none`.
+        "pve-volume-id-or-qm-path" => {
+            value == "none"
+                || value == "cdrom"
+                || value.starts_with('/')
+                || ok(r"^(?i)[a-z][a-z0-9\-_.]*[a-z0-9]:.+$")
+        }
+        "disk-size" => ok(r"^\d+(\.\d+)?[KMGT]?$"),
+        "pve-storage-content" => {
+            ["images", "rootdir", "vztmpl", "iso", "backup", "snippets", "import"].contains(&value)
+        }
         "pve-qm-ipconfig" => {
             return check_keys(value, &["ip", "gw", "ip6", "gw6"]);
         }
