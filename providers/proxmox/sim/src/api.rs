@@ -1120,7 +1120,11 @@ fn register_unused(vm: &mut Vm, old: &str) {
 /// A size as PVE writes it in a drive (`4G`, `512M`).
 fn size_text(bytes: u64) -> String {
     const GIB: u64 = 1 << 30;
-    if bytes % GIB == 0 { format!("{}G", bytes / GIB) } else { format!("{}M", bytes.div_ceil(1 << 20)) }
+    if bytes.is_multiple_of(GIB) {
+        format!("{}G", bytes / GIB)
+    } else {
+        format!("{}M", bytes.div_ceil(1 << 20))
+    }
 }
 
 /// The simulated storage `name`: (shared, content, plugin type).
