@@ -37,6 +37,9 @@ const GIB: u64 = 1 << 30;
 /// drives 0 to 30 and the root disk is `scsi0`).
 pub(crate) const MAX_SLOTS: u32 = 30;
 
+/// The tag of the helper VM a detached volume is resized on.
+const RESIZER_TAG: &str = "hcp-volume-resizer";
+
 /// The SCSI drive keys by slot (request parameter names are static).
 const SCSI: [&str; 31] = [
     "scsi0", "scsi1", "scsi2", "scsi3", "scsi4", "scsi5", "scsi6", "scsi7", "scsi8", "scsi9", "scsi10",
@@ -354,8 +357,9 @@ impl Proxmox {
     }
 
     /// ExtendVolume: `PUT .../resize` on the drive of the VM it is attached
-    /// to (online when the VM runs). PVE resizes images only through a VM's
-    /// drive: there is no storage-level resize in its API.
+    /// to (online when the VM runs), or of a helper VM when it is detached:
+    /// PVE resizes images only through a VM's drive, its API has no
+    /// storage-level resize.
     pub(crate) async fn volume_extend(
         &self,
         req: pb::ExtendVolumeRequest,
@@ -376,19 +380,131 @@ impl Proxmox {
             ));
         }
         if want == loc.size {
+            if attachment.is_none() {
+                // A resize that did its work but failed after it may have
+                // left its helper behind.
+                self.sweep_resizer(&loc).await?;
+            }
             return Ok(info(&loc, attachment.as_ref()));
         }
         let Some(a) = attachment else {
-            return Err(precondition(format!(
-                "volume {id} is detached, and proxmox VE resizes a disk image only through the drive of a VM: \
-                 attach it, then extend it"
-            )));
+            self.extend_detached(&loc, req.size_gib).await?;
+            let loc = self.locate(id).await?.ok_or_else(|| volume_not_found(id))?;
+            return Ok(info(&loc, None));
         };
         let _vm = self.locks.lock(&a.vm_id).await;
         let params: Params = vec![("disk", a.key.clone()), ("size", format!("{}G", req.size_gib))];
         self.pve.task(Method::Put, &format!("{}/resize", a.vm.path()), params).await.map_err(map_error)?;
         let loc = self.locate(id).await?.ok_or_else(|| volume_not_found(id))?;
         Ok(info(&loc, Some(&a)))
+    }
+
+    /// Grows a detached volume. PVE resizes images only through a VM's
+    /// drive, so the volume is put on a helper VM for the resize: a VM with
+    /// no disk of its own, never started, tagged [`RESIZER_TAG`], on the
+    /// node that holds the volume; it is destroyed afterwards. A helper
+    /// left by a crash is found by its tag, reused, and then destroyed;
+    /// destroying it frees nothing of HCP's, as it owns no image.
+    async fn extend_detached(&self, loc: &Located, size_gib: u32) -> Result<(), ProviderError> {
+        let node = loc.storage.node.clone();
+        // One helper at a time per node (volume ids are UUIDs: no clash).
+        let _turn = self.volume_locks.lock(&format!("resizer@{node}")).await;
+        let helper = match self.find_resizer(&node).await? {
+            Some(f) => f,
+            None => self.make_resizer(&node).await?,
+        };
+        let config = self.vm_config(&helper).await?;
+        // Still there after a resize that was cut short?
+        let held =
+            self.drives_holding(&config, |v| v == loc.volid).into_iter().find(|k| SCSI.contains(&k.as_str()));
+        let key = match held {
+            Some(key) => key,
+            None => {
+                let free = SCSI[1..].iter().find(|k| config[**k].is_null()).ok_or_else(|| {
+                    ProviderError::new(
+                        ErrorKind::Busy,
+                        format!("the resize helper on {node} has no free slot"),
+                    )
+                })?;
+                let params: Params = vec![(*free, loc.volid.clone())];
+                self.pve
+                    .call(Method::Put, &format!("{}/config", helper.path()), params)
+                    .await
+                    .map_err(map_error)?;
+                (*free).to_owned()
+            }
+        };
+        let params: Params = vec![("disk", key), ("size", format!("{size_gib}G"))];
+        self.pve.task(Method::Put, &format!("{}/resize", helper.path()), params).await.map_err(map_error)?;
+        self.retire_resizer(&helper).await
+    }
+
+    /// Destroys a helper VM left holding this volume.
+    async fn sweep_resizer(&self, loc: &Located) -> Result<(), ProviderError> {
+        let _turn = self.volume_locks.lock(&format!("resizer@{}", loc.storage.node)).await;
+        let Some(helper) = self.find_resizer(&loc.storage.node).await? else {
+            return Ok(());
+        };
+        let config = self.vm_config(&helper).await?;
+        if self.drives_holding(&config, |v| v == loc.volid).is_empty() {
+            return Ok(());
+        }
+        self.retire_resizer(&helper).await
+    }
+
+    async fn find_resizer(&self, node: &str) -> Result<Option<Found>, ProviderError> {
+        let items = self.resources("vm").await?;
+        Ok(items
+            .iter()
+            .find(|i| {
+                i["type"].as_str() == Some("qemu")
+                    && i["node"].as_str() == Some(node)
+                    && tags_of(i).iter().any(|t| t == RESIZER_TAG)
+            })
+            .map(|i| Self::found(i, true)))
+    }
+
+    /// `POST /nodes/{node}/qemu`: options only, no disk, never started.
+    async fn make_resizer(&self, node: &str) -> Result<Found, ProviderError> {
+        for _ in 0..10u32 {
+            let vmid = self.next_vmid().await?;
+            if vmid == 0 {
+                continue;
+            }
+            let params: Params = vec![
+                ("vmid", vmid.to_string()),
+                ("name", "hcp-volume-resizer".to_owned()),
+                ("tags", RESIZER_TAG.to_owned()),
+                (
+                    "description",
+                    "HCP attaches a detached volume here to resize it, then deletes this VM. \
+                     It owns no disk: deleting it frees nothing."
+                        .to_owned(),
+                ),
+            ];
+            match self.pve.task(Method::Post, &format!("/nodes/{}/qemu", encode_segment(node)), params).await
+            {
+                Ok(_) => {}
+                Err(e) if e.already_exists() => continue,
+                Err(e) => return Err(map_error(e)),
+            }
+            if let Some(f) = self.find_resizer(node).await? {
+                return Ok(f);
+            }
+        }
+        Err(ProviderError::new(ErrorKind::Busy, "no free vmid for the resize helper after 10 attempts"))
+    }
+
+    /// Drops HCP's volumes from the helper, then destroys it (without
+    /// `destroy-unreferenced-disks`: it owns nothing to free).
+    async fn retire_resizer(&self, helper: &Found) -> Result<(), ProviderError> {
+        self.release_volumes(helper).await?;
+        let params: Params = vec![("purge", "1".to_owned())];
+        match self.pve.task(Method::Delete, &helper.path(), params).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(map_error(e)),
+        }
     }
 
     /// AttachVolume: `scsiN=<volid>` in one config update (hot-plugged
@@ -405,6 +521,7 @@ impl Proxmox {
         let _vm = self.locks.lock(vm_id).await;
         let loc = self.locate(id).await?.ok_or_else(|| volume_not_found(id))?;
         let f = self.require(vm_id).await?;
+        self.sweep_resizer(&loc).await?;
         if let Some(a) = self.attachments().await?.remove(id) {
             if a.vm_id == vm_id && a.key == *key {
                 return Ok(info(&loc, Some(&a)));
@@ -483,6 +600,7 @@ impl Proxmox {
                 a.slot()
             )));
         }
+        self.sweep_resizer(&loc).await?;
         let path = format!("{}/{}", loc.storage.content_path(), encode_segment(&loc.volid));
         if let Err(e) = self.pve.task(Method::Delete, &path, Vec::new()).await {
             // Freed after all (by a call whose answer was lost)?

@@ -873,13 +873,18 @@ async fn a_volume_moves_between_running_vms_grows_online_and_outlives_both() {
         assert_eq!((off.vm_id.as_str(), off.slot), ("", 0));
     }
     assert!(naming(&config_of(&env, &a), &volid).is_empty(), "{:?}", config_of(&env, &a));
-    let e = p.extend_volume(extend(&vol, 8)).await.unwrap_err();
-    assert_eq!(e.kind, ErrorKind::InvalidState, "PVE resizes only through a VM: {e:?}");
+    // Detached, it grows on a helper VM (PVE resizes only through a VM's
+    // drive), which is gone afterwards.
+    for _ in 0..2 {
+        assert_eq!(p.extend_volume(extend(&vol, 8)).await.unwrap().size_gib, 8);
+    }
+    assert_eq!(env.sim.sim.volumes()[0].size, 8 << 30);
+    assert_eq!(guests(&env).len(), 2, "the helper is gone: {:?}", guests(&env));
 
     // To VM b at slot 2; GetVolume and ListVolumes say so.
     p.attach_volume(attach(&vol, &b, 2)).await.unwrap();
     let got = p.get_volume(&vol).await.unwrap();
-    assert_eq!((got.vm_id.as_str(), got.slot, got.size_gib), (b.as_str(), 2, 6));
+    assert_eq!((got.vm_id.as_str(), got.slot, got.size_gib), (b.as_str(), 2, 8));
     let listed = p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap();
     assert_eq!(listed.volumes, vec![got]);
 
@@ -888,7 +893,7 @@ async fn a_volume_moves_between_running_vms_grows_online_and_outlives_both() {
     assert!(p.delete_vm(&b).await.unwrap());
     assert!(guests(&env).is_empty());
     let left = p.get_volume(&vol).await.unwrap();
-    assert_eq!((left.vm_id.as_str(), left.size_gib), ("", 6), "detached, whole");
+    assert_eq!((left.vm_id.as_str(), left.size_gib), ("", 8), "detached, whole");
     assert_eq!(env.sim.sim.volumes().len(), 1);
 
     assert!(p.delete_volume(&vol).await.unwrap());
@@ -941,6 +946,26 @@ async fn volume_calls_converge_after_failures_and_restarts() {
     assert!(guests(&env).is_empty());
     assert_eq!(env.sim.sim.volumes().len(), 2, "both volumes survive");
     assert_eq!(p.get_volume(&vol).await.unwrap().vm_id, "");
+
+    // A detached extend cut short (the resize task fails) leaves its helper
+    // VM holding the volume: HCP's inventory does not show the helper, the
+    // volume is still detached, and the retry reuses the helper, grows the
+    // volume and removes the helper.
+    let mut exits = std::collections::BTreeMap::new();
+    exits.insert("resize".to_owned(), "lvextend failed (injected)".to_owned());
+    env.sim.sim.set_faults(Faults { task_exits: exits, ..Default::default() });
+    assert_eq!(p.extend_volume(extend(&vol, 3)).await.unwrap_err().kind, ErrorKind::Internal);
+    let helpers = guests(&env);
+    assert_eq!(helpers.len(), 1, "the helper is left");
+    let volid = p.get_volume(&vol).await.unwrap().native_id;
+    assert!(helpers[0].config.values().any(|v| v.starts_with(&volid)), "{:?}", helpers[0].config);
+    assert!(p.list_vms(pb::ListVmsRequest::default()).await.unwrap().vms.is_empty());
+    assert_eq!(p.get_volume(&vol).await.unwrap().vm_id, "");
+    assert_eq!(restarted.extend_volume(extend(&vol, 3)).await.unwrap().size_gib, 3);
+    assert!(guests(&env).is_empty(), "the helper is gone");
+    let creates =
+        env.sim.sim.requests().iter().filter(|r| r.method == "POST" && r.path == "/nodes/pve1/qemu").count();
+    assert_eq!(creates, 1, "one helper, reused");
 
     // An image HCP did not make (another owner, or not named hcp-<id>) is
     // not listed; HCP's own are, known to core or not.

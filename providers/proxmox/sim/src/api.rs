@@ -368,6 +368,7 @@ fn dispatch(
         ("GET", "/nodes/{node}/qemu") => {
             Answer::Data(Value::Array(s.vms.values().filter(|v| v.node == node).map(vm_summary).collect()))
         }
+        ("POST", "/nodes/{node}/qemu") => create_vm(s, &node, &user, params),
         ("POST", "/nodes/{node}/qemu/{vmid}/clone") => clone(s, &node, vmid, &user, params),
         ("POST", "/nodes/{node}/qemu/{vmid}/migrate") => migrate(s, &node, vmid, &user, params),
         ("GET", "/nodes/{node}/qemu/{vmid}/config") => {
@@ -857,6 +858,41 @@ fn clone(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<Str
     s.vms.insert(newid, vm);
     // The task's lock is on the new VM's config.
     Answer::Data(json!(spawn_task(s, node, "qmclone", newid, user, Effect::Cloned(newid))))
+}
+
+/// `POST /nodes/{node}/qemu`: a new VM from its options alone (no disk is
+/// allocated: the simulator models only drives naming existing volumes),
+/// locked `create` until its `qmcreate` task ends.
+fn create_vm(s: &mut State, node: &str, user: &str, params: &BTreeMap<String, String>) -> Answer {
+    let vmid: u32 = params.get("vmid").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if s.vms.contains_key(&vmid) {
+        return fail(500, format!("unable to create VM {vmid} - VM {vmid} already exists on node '{node}'"));
+    }
+    let config: BTreeMap<String, String> = params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "vmid" | "node" | "start" | "unique" | "pool" | "force"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if config.iter().any(|(k, v)| is_disk(k) && !v.contains("media=cdrom")) {
+        return fail(501, "the simulator creates VMs without disks only");
+    }
+    let vm = Vm {
+        vmid,
+        node: node.to_owned(),
+        status: "stopped".to_owned(),
+        template: false,
+        lock: Some("create".to_owned()),
+        config,
+        snapshots: BTreeMap::new(),
+        starts: 0,
+        stops: 0,
+        shutdowns: 0,
+        reboots: 0,
+        resets: 0,
+        migrations: 0,
+    };
+    s.vms.insert(vmid, vm);
+    Answer::Data(json!(spawn_task(s, node, "qmcreate", vmid, user, Effect::Cloned(vmid))))
 }
 
 /// `POST /nodes/{node}/qemu/{vmid}/migrate`: checks what PVE checks before

@@ -214,7 +214,7 @@ impl Volume {
 #[derive(Debug, Clone)]
 enum Effect {
     None,
-    /// Clone finished: unlock; on failure remove the VM.
+    /// Clone or create finished: unlock; on failure remove the VM.
     Cloned(u32),
     Power(u32, &'static str),
     Reboot(u32),
