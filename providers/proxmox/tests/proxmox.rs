@@ -30,15 +30,21 @@ impl Drop for Env {
 /// The test's simulator, or None (the test is skipped, saying why) when
 /// the PVE schema is not beside the repository.
 async fn env() -> Option<Env> {
+    env_with(|_| {}).await
+}
+
+/// [`env`] with a simulator configured by `adjust`.
+async fn env_with(adjust: impl FnOnce(&mut SimConfig)) -> Option<Env> {
     if !hcp_proxmox_sim::schema::present_or_skip("proxmox provider test") {
         return None;
     }
     let snippets = std::env::temp_dir().join(format!("hcp-pve-snippets-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&snippets).unwrap();
-    let sim =
-        hcp_proxmox_sim::start(SimConfig { snippets_dir: Some(snippets.clone()), ..Default::default() })
-            .await
-            .expect("the simulator starts (is ../shared/reference/proxmox beside the repository?)");
+    let mut config = SimConfig { snippets_dir: Some(snippets.clone()), ..Default::default() };
+    adjust(&mut config);
+    let sim = hcp_proxmox_sim::start(config)
+        .await
+        .expect("the simulator starts (is ../shared/reference/proxmox beside the repository?)");
     Some(Env { sim, snippets })
 }
 
@@ -995,4 +1001,60 @@ async fn volume_calls_converge_after_failures_and_restarts() {
     }
     assert!(env.sim.sim.volumes().is_empty());
     assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn shared_volumes_are_everywhere_and_local_ones_stay_on_their_node() {
+    let Some(env) = env_with(|c| {
+        c.nodes = vec!["pve1".into(), "pve2".into()];
+        c.storages.push(("shared-nfs".into(), true, "images".into()));
+    })
+    .await
+    else {
+        return;
+    };
+    let text = toml(&env, &token_auth(), "")
+        .replace("[volumes]\nstorage = \"local-lvm\"", "[volumes]\nstorage = \"shared-nfs\"");
+    let p = Arc::new(Proxmox::new(Config::from_toml(&text).unwrap()).await.unwrap());
+    let caps = p.capabilities().await.unwrap();
+    assert!(caps.supports_volumes && !caps.volumes_host_local, "the default volume storage is shared");
+
+    // On the shared storage (a directory: the image has the format's
+    // extension): no host, listed once although both nodes see it.
+    let shared = new_id();
+    let made = p.create_volume(volume(&shared, 1)).await.unwrap();
+    assert_eq!(made.native_id, format!("shared-nfs:vm-999999999-hcp-{shared}.raw"));
+    assert_eq!(made.host, "");
+    // On pve2's local storage, named by the spec.
+    let local = new_id();
+    let mut req = volume(&local, 1);
+    let spec = req.spec.as_mut().unwrap();
+    spec.storage = "local-lvm".into();
+    spec.host = "pve2".into();
+    assert_eq!(p.create_volume(req.clone()).await.unwrap().host, "pve2");
+    spec_host_unknown(&p).await;
+    let listed = p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+
+    // A VM on pve1 takes the shared volume, not pve2's local one.
+    let vm = new_id();
+    p.create_vm(create(&vm, "vol-nodes", false)).await.unwrap();
+    assert_eq!(p.attach_volume(attach(&shared, &vm, 1)).await.unwrap().slot, 1);
+    let e = p.attach_volume(attach(&local, &vm, 2)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "{e:?}");
+    assert!(p.delete_vm(&vm).await.unwrap());
+    for id in [&shared, &local] {
+        assert!(p.delete_volume(id).await.unwrap());
+    }
+    assert!(env.sim.sim.volumes().is_empty());
+    assert_schema_clean(&env);
+}
+
+/// A node without the storage is the caller's mistake.
+async fn spec_host_unknown(p: &Proxmox) {
+    let mut req = volume(&new_id(), 1);
+    let spec = req.spec.as_mut().unwrap();
+    spec.storage = "local-lvm".into();
+    spec.host = "pve9".into();
+    assert_eq!(p.create_volume(req).await.unwrap_err().kind, ErrorKind::InvalidArgument);
 }
