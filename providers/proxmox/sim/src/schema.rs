@@ -238,7 +238,19 @@ fn lookup<'a>(props: &'a serde_json::Map<String, Value>, name: &str) -> Option<&
     if digits == 0 || digits == name.len() {
         return None;
     }
-    props.get(&format!("{}[n]", &name[..name.len() - digits]))
+    let prop = props.get(&format!("{}[n]", &name[..name.len() - digits]))?;
+    // PVE defines `scsi0`..`scsi30` one by one; the schema folds them into
+    // `scsi[n]` and says the range in the description ("n is 0 to 30").
+    let index: u32 = name[name.len() - digits..].parse().ok()?;
+    let max = prop["description"]
+        .as_str()
+        .and_then(|d| d.split("(n is 0 to ").nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    if max.is_some_and(|max| index > max) {
+        return None;
+    }
+    Some(prop)
 }
 
 /// PVE's 0/1 flags in the schema, which may also be JSON booleans.
