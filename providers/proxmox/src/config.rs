@@ -55,6 +55,31 @@ pub struct Config {
     /// The provider's own gRPC server: unix socket, TLS.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Volumes (block storage that outlives VMs).
+    #[serde(default)]
+    pub volumes: VolumesConfig,
+}
+
+/// Where volumes go and who owns them on PVE.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    /// Storage of a volume whose spec names none; default `storage`.
+    /// Without either, volumes are not offered.
+    pub storage: Option<String>,
+    /// The vmid every HCP volume is allocated under (`vm-<owner>-hcp-<id>`).
+    /// No VM may ever have it: PVE destroys the disks a VM's vmid owns with
+    /// the VM, and only those, so volumes owned by a vmid that is never a VM
+    /// survive every VM they were attached to. Default 999999999, above the
+    /// ids `nextid` hands out (PVE's `next-id` range ends at 1000000 unless
+    /// the datacenter changes it).
+    pub owner_vmid: u32,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        Self { storage: None, owner_vmid: 999_999_999 }
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -209,6 +234,12 @@ impl Config {
         {
             return field("vmid_range", "must be [min, max] within 100..=999999999");
         }
+        let owner = self.volumes.owner_vmid;
+        if !(100..=999_999_999).contains(&owner)
+            || self.vmid_range.is_some_and(|(lo, hi)| (lo..=hi).contains(&owner))
+        {
+            return field("volumes.owner_vmid", "must be within 100..=999999999 and outside vmid_range");
+        }
         if self.cloud_init.snippets_dir.is_some() != self.cloud_init.snippets_storage.is_some() {
             return field("cloud_init", "snippets_storage and snippets_dir go together");
         }
@@ -269,6 +300,17 @@ mod tests {
                 Some("cloud_init"),
             ),
             (format!("colour = 1\n[tls]\nfingerprint = \"{fp}\"\n"), Some("invalid configuration")),
+            (
+                format!(
+                    "vmid_range = [1000, 2000]\n[tls]\nfingerprint = \"{fp}\"\n[volumes]\nowner_vmid = 1500\n"
+                ),
+                Some("volumes.owner_vmid"),
+            ),
+            (
+                format!("[tls]\nfingerprint = \"{fp}\"\n[volumes]\nowner_vmid = 99\n"),
+                Some("volumes.owner_vmid"),
+            ),
+            (format!("[tls]\nfingerprint = \"{fp}\"\n[volumes]\nstorage = \"ceph\"\n"), None),
         ];
         for (extra, want) in cases {
             assert_eq!(check(&extra).as_deref(), want, "{extra}");

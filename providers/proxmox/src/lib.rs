@@ -13,6 +13,10 @@
 //!   and the reconciler can list every HCP VM from `/cluster/resources`.
 //! - vmids come from `nextid` (which reserves nothing): a collision is
 //!   answered by re-checking for our VM and trying another id.
+//! - Volumes are images on a storage owned by a vmid that is never a VM
+//!   (`volumes.owner_vmid`) and named `vm-<owner>-hcp-<volume id>`, attached
+//!   as `scsiN`: PVE frees with a VM only the images it owns, so a volume
+//!   outlives every VM it was attached to (`volumes.rs`).
 //! - Calls for one VM are serialized; PVE's transient failures are retried
 //!   in the client; everything else is mapped once, in [`map_error`].
 
@@ -28,6 +32,7 @@ mod provider;
 mod snapshots;
 mod spec;
 mod start;
+mod volumes;
 
 use std::sync::Arc;
 
@@ -44,5 +49,7 @@ pub struct Proxmox {
     pve: Arc<Pve>,
     config: Arc<Config>,
     locks: VmLocks,
+    /// Calls for one volume are serialized too (taken before the VM's).
+    volume_locks: VmLocks,
     version: tokio::sync::Mutex<Option<(u32, u32, String)>>,
 }

@@ -73,6 +73,11 @@ impl Provider for Proxmox {
             lenient::flag(&s["shared"])
                 && self.config.storage.as_deref().is_none_or(|want| s["storage"].as_str() == Some(want))
         });
+        let image_storages = self.image_storages().await?;
+        let default_storage = self.default_volume_storage();
+        let volumes = image_storages.iter().any(|s| Some(s.name.as_str()) == default_storage);
+        let volumes_shared =
+            image_storages.iter().any(|s| Some(s.name.as_str()) == default_storage && s.shared);
         let mut attributes = HashMap::new();
         attributes.insert("pve_version".to_owned(), version.2.clone());
         attributes.insert("node".to_owned(), self.config.node.clone());
@@ -83,12 +88,16 @@ impl Provider for Proxmox {
             supports_live_migration: shared && online > 1,
             // Offline migration copies local disks too.
             supports_cold_migration: online > 1,
-            // Volumes come with issue 28's provider work.
-            supports_volumes: false,
-            supports_hot_attach: false,
-            supports_volume_extend_in_use: false,
-            volumes_host_local: false,
-            max_volumes_per_vm: 0,
+            // Volumes on the default volume storage (`volumes.storage`, else
+            // `storage`) when the cluster has it with `images` content.
+            supports_volumes: volumes,
+            // PVE hot-plugs disks (its default `hotplug` includes `disk`; a
+            // VM set otherwise is refused per call) and resizes them online.
+            supports_hot_attach: volumes,
+            supports_volume_extend_in_use: volumes,
+            // A storage that is not `shared` is one node's own.
+            volumes_host_local: volumes && !volumes_shared,
+            max_volumes_per_vm: if volumes { crate::volumes::MAX_SLOTS } else { 0 },
             supports_console_vnc: true,
             // Cores, memory and disk of a stopped VM. Not of a running one:
             // PVE hot-plugs CPUs and memory only with `hotplug` including
@@ -253,6 +262,9 @@ impl Provider for Proxmox {
         if f.status == "running" {
             self.hard_stop(&f).await?;
         }
+        // Never a volume: they leave the config first (and PVE would not
+        // free them anyway, as they belong to volumes.owner_vmid).
+        self.release_volumes(&f).await?;
         let params: Params = vec![("purge", "1".to_owned()), ("destroy-unreferenced-disks", "1".to_owned())];
         match self.pve.task(Method::Delete, &f.path(), params).await {
             Ok(_) => {}
@@ -285,5 +297,36 @@ impl Provider for Proxmox {
 
     async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
         self.snapshot_delete(req).await
+    }
+
+    async fn create_volume(&self, req: pb::CreateVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_create(req).await
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_get(volume_id).await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: pb::ListVolumesRequest,
+    ) -> Result<pb::ListVolumesResponse, ProviderError> {
+        self.volume_list(req).await
+    }
+
+    async fn extend_volume(&self, req: pb::ExtendVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_extend(req).await
+    }
+
+    async fn attach_volume(&self, req: pb::AttachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_attach(req).await
+    }
+
+    async fn detach_volume(&self, req: pb::DetachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_detach(req).await
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
+        self.volume_delete(volume_id).await
     }
 }

@@ -72,6 +72,7 @@ impl Proxmox {
             pve: Arc::new(pve),
             config: Arc::new(config),
             locks: VmLocks::new(),
+            volume_locks: VmLocks::new(),
             version: tokio::sync::Mutex::new(None),
         })
     }

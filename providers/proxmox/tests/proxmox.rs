@@ -30,15 +30,21 @@ impl Drop for Env {
 /// The test's simulator, or None (the test is skipped, saying why) when
 /// the PVE schema is not beside the repository.
 async fn env() -> Option<Env> {
+    env_with(|_| {}).await
+}
+
+/// [`env`] with a simulator configured by `adjust`.
+async fn env_with(adjust: impl FnOnce(&mut SimConfig)) -> Option<Env> {
     if !hcp_proxmox_sim::schema::present_or_skip("proxmox provider test") {
         return None;
     }
     let snippets = std::env::temp_dir().join(format!("hcp-pve-snippets-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&snippets).unwrap();
-    let sim =
-        hcp_proxmox_sim::start(SimConfig { snippets_dir: Some(snippets.clone()), ..Default::default() })
-            .await
-            .expect("the simulator starts (is ../shared/reference/proxmox beside the repository?)");
+    let mut config = SimConfig { snippets_dir: Some(snippets.clone()), ..Default::default() };
+    adjust(&mut config);
+    let sim = hcp_proxmox_sim::start(config)
+        .await
+        .expect("the simulator starts (is ../shared/reference/proxmox beside the repository?)");
     Some(Env { sim, snippets })
 }
 
@@ -51,6 +57,7 @@ fn toml(env: &Env, auth: &str, extra_timing: &str) -> String {
          [tls]\nfingerprint = \"{fp}\"\n\
          [cloud_init]\nuser = \"debian\"\nssh_keys = [\"ssh-ed25519 AAAAC3Nza+/x= ops@example\"]\n\
          snippets_storage = \"local\"\nsnippets_dir = \"{dir}\"\n\
+         [volumes]\nstorage = \"local-lvm\"\n\
          [timing]\ntask_poll_ms = 10\nretry_base_ms = 10\n{extra_timing}\n{auth}\n",
         url = env.sim.url(),
         fp = env.sim.fingerprint,
@@ -776,4 +783,278 @@ async fn resize_hard_reboot_and_addresses_from_the_guest_agent() {
     let vm = guests(&env).into_iter().next().unwrap();
     assert_eq!((vm.resets, vm.reboots), (1, 1));
     assert_schema_clean(&env);
+}
+
+fn volume(id: &str, gib: u32) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        volume_id: id.to_owned(),
+        spec: Some(pb::VolumeSpec { name: "data".into(), size_gib: gib, ..Default::default() }),
+    }
+}
+
+fn attach(volume_id: &str, vm_id: &str, slot: u32) -> pb::AttachVolumeRequest {
+    pb::AttachVolumeRequest { volume_id: volume_id.to_owned(), vm_id: vm_id.to_owned(), slot }
+}
+
+fn detach(volume_id: &str, vm_id: &str) -> pb::DetachVolumeRequest {
+    pb::DetachVolumeRequest { volume_id: volume_id.to_owned(), vm_id: vm_id.to_owned() }
+}
+
+fn extend(volume_id: &str, size_gib: u32) -> pb::ExtendVolumeRequest {
+    pb::ExtendVolumeRequest { volume_id: volume_id.to_owned(), size_gib }
+}
+
+/// The simulated config of the HCP VM `vm_id`.
+fn config_of(env: &Env, vm_id: &str) -> std::collections::BTreeMap<String, String> {
+    guests(env)
+        .into_iter()
+        .find(|v| v.config.get("tags").is_some_and(|t| t.contains(vm_id)))
+        .map(|v| v.config)
+        .unwrap_or_default()
+}
+
+/// Config entries that name `volid` (drives and unusedN).
+fn naming(config: &std::collections::BTreeMap<String, String>, volid: &str) -> Vec<String> {
+    config.iter().filter(|(_, v)| v.split(',').next() == Some(volid)).map(|(k, _)| k.clone()).collect()
+}
+
+#[tokio::test]
+async fn a_volume_moves_between_running_vms_grows_online_and_outlives_both() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    let caps = p.capabilities().await.unwrap();
+    assert!(caps.supports_volumes && caps.supports_hot_attach && caps.supports_volume_extend_in_use);
+    assert!(caps.volumes_host_local, "local-lvm is not shared");
+    assert_eq!(caps.max_volumes_per_vm, 30);
+
+    let vol = new_id();
+    let made = p.create_volume(volume(&vol, 4)).await.unwrap();
+    let volid = format!("local-lvm:vm-999999999-hcp-{vol}");
+    assert_eq!((made.size_gib, made.native_id.as_str(), made.host.as_str()), (4, volid.as_str(), "pve1"));
+    assert_eq!(p.create_volume(volume(&vol, 4)).await.unwrap(), made, "a repeated create finds it");
+    let images = env.sim.sim.volumes();
+    assert_eq!(images.len(), 1);
+    assert_eq!((images[0].owner, images[0].size), (999_999_999, 4 << 30));
+
+    let (a, b) = (new_id(), new_id());
+    p.create_vm(create(&a, "vol-a", true)).await.unwrap();
+    p.create_vm(create(&b, "vol-b", true)).await.unwrap();
+
+    // Hot attach to the running VM a at slot 1: scsi1, twice.
+    for _ in 0..2 {
+        let on_a = p.attach_volume(attach(&vol, &a, 1)).await.unwrap();
+        assert_eq!((on_a.vm_id.as_str(), on_a.slot), (a.as_str(), 1));
+    }
+    assert_eq!(
+        config_of(&env, &a).get("scsi1").map(String::as_str),
+        Some(format!("{volid},size=4G").as_str())
+    );
+    let e = p.attach_volume(attach(&vol, &b, 1)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "attached to a: {e:?}");
+    let e = p.attach_volume(attach(&vol, &a, 2)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "another slot of a: {e:?}");
+    let e = p.delete_volume(&vol).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "attached volumes are not deleted: {e:?}");
+
+    // Grown while a runs: PUT .../resize on scsi1; repeating is a no-op;
+    // shrinking is refused.
+    for _ in 0..2 {
+        assert_eq!(p.extend_volume(extend(&vol, 6)).await.unwrap().size_gib, 6);
+    }
+    assert_eq!(env.sim.sim.volumes()[0].size, 6 << 30);
+    assert!(config_of(&env, &a)["scsi1"].ends_with("size=6G"));
+    assert_eq!(p.extend_volume(extend(&vol, 5)).await.unwrap_err().kind, ErrorKind::InvalidArgument);
+    let resizes = env
+        .sim
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/resize") && r.params.get("disk").map(String::as_str) == Some("scsi1"))
+        .count();
+    assert_eq!(resizes, 1, "one resize for two extends");
+
+    // Detached from a (twice): gone from its config, not even as unusedN.
+    for _ in 0..2 {
+        let off = p.detach_volume(detach(&vol, &a)).await.unwrap();
+        assert_eq!((off.vm_id.as_str(), off.slot), ("", 0));
+    }
+    assert!(naming(&config_of(&env, &a), &volid).is_empty(), "{:?}", config_of(&env, &a));
+    // Detached, it grows on a helper VM (PVE resizes only through a VM's
+    // drive), which is gone afterwards.
+    for _ in 0..2 {
+        assert_eq!(p.extend_volume(extend(&vol, 8)).await.unwrap().size_gib, 8);
+    }
+    assert_eq!(env.sim.sim.volumes()[0].size, 8 << 30);
+    assert_eq!(guests(&env).len(), 2, "the helper is gone: {:?}", guests(&env));
+
+    // To VM b at slot 2; GetVolume and ListVolumes say so.
+    p.attach_volume(attach(&vol, &b, 2)).await.unwrap();
+    let got = p.get_volume(&vol).await.unwrap();
+    assert_eq!((got.vm_id.as_str(), got.slot, got.size_gib), (b.as_str(), 2, 8));
+    let listed = p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap();
+    assert_eq!(listed.volumes, vec![got]);
+
+    // Deleting a (where it was) and then b (where it is, running) keeps it.
+    assert!(p.delete_vm(&a).await.unwrap());
+    assert!(p.delete_vm(&b).await.unwrap());
+    assert!(guests(&env).is_empty());
+    let left = p.get_volume(&vol).await.unwrap();
+    assert_eq!((left.vm_id.as_str(), left.size_gib), ("", 8), "detached, whole");
+    assert_eq!(env.sim.sim.volumes().len(), 1);
+
+    assert!(p.delete_volume(&vol).await.unwrap());
+    assert!(!p.delete_volume(&vol).await.unwrap(), "already gone");
+    assert!(env.sim.sim.volumes().is_empty());
+    assert_eq!(p.get_volume(&vol).await.unwrap_err().kind, ErrorKind::NotFound);
+    let e = p.attach_volume(attach(&vol, &new_id(), 1)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(p.detach_volume(detach(&vol, &new_id())).await.unwrap().vm_id, "");
+    assert!(assert_schema_clean(&env) > 0);
+}
+
+#[tokio::test]
+async fn volume_calls_converge_after_failures_and_restarts() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    let (vol, vm) = (new_id(), new_id());
+    p.create_vm(create(&vm, "vol-crash", false)).await.unwrap();
+    p.create_volume(volume(&vol, 2)).await.unwrap();
+    // A restarted provider (nothing in memory) finds the same volume.
+    let restarted = provider(&env, &token_auth(), "").await;
+    assert_eq!(
+        restarted.create_volume(volume(&vol, 2)).await.unwrap().native_id,
+        p.get_volume(&vol).await.unwrap().native_id
+    );
+    assert_eq!(env.sim.sim.volumes().len(), 1);
+
+    // An attach whose config update fails leaves nothing; its retry attaches.
+    env.sim.sim.set_faults(Faults { config_failures: 1, ..Default::default() });
+    assert!(p.attach_volume(attach(&vol, &vm, 3)).await.is_err());
+    assert_eq!(p.get_volume(&vol).await.unwrap().vm_id, "");
+    assert_eq!(restarted.attach_volume(attach(&vol, &vm, 3)).await.unwrap().slot, 3);
+    // Another VM's volume cannot take the slot.
+    let other = new_id();
+    p.create_volume(volume(&other, 1)).await.unwrap();
+    assert_eq!(p.attach_volume(attach(&other, &vm, 3)).await.unwrap_err().kind, ErrorKind::InvalidState);
+    assert_eq!(p.attach_volume(attach(&other, &vm, 31)).await.unwrap_err().kind, ErrorKind::InvalidArgument);
+
+    // A DeleteVm that fails after releasing the volume (the destroy is
+    // refused for a lost quorum) is retried: the VM goes, the volume stays.
+    env.sim.sim.set_faults(Faults { quorum_loss: 1, ..Default::default() });
+    let mut retried = p.delete_vm(&vm).await;
+    for _ in 0..3 {
+        if retried.is_ok() {
+            break;
+        }
+        retried = p.delete_vm(&vm).await;
+    }
+    assert!(retried.unwrap());
+    assert!(guests(&env).is_empty());
+    assert_eq!(env.sim.sim.volumes().len(), 2, "both volumes survive");
+    assert_eq!(p.get_volume(&vol).await.unwrap().vm_id, "");
+
+    // A detached extend cut short (the resize task fails) leaves its helper
+    // VM holding the volume: HCP's inventory does not show the helper, the
+    // volume is still detached, and the retry reuses the helper, grows the
+    // volume and removes the helper.
+    let mut exits = std::collections::BTreeMap::new();
+    exits.insert("resize".to_owned(), "lvextend failed (injected)".to_owned());
+    env.sim.sim.set_faults(Faults { task_exits: exits, ..Default::default() });
+    assert_eq!(p.extend_volume(extend(&vol, 3)).await.unwrap_err().kind, ErrorKind::Internal);
+    let helpers = guests(&env);
+    assert_eq!(helpers.len(), 1, "the helper is left");
+    let volid = p.get_volume(&vol).await.unwrap().native_id;
+    assert!(helpers[0].config.values().any(|v| v.starts_with(&volid)), "{:?}", helpers[0].config);
+    assert!(p.list_vms(pb::ListVmsRequest::default()).await.unwrap().vms.is_empty());
+    assert_eq!(p.get_volume(&vol).await.unwrap().vm_id, "");
+    assert_eq!(restarted.extend_volume(extend(&vol, 3)).await.unwrap().size_gib, 3);
+    assert!(guests(&env).is_empty(), "the helper is gone");
+    let creates =
+        env.sim.sim.requests().iter().filter(|r| r.method == "POST" && r.path == "/nodes/pve1/qemu").count();
+    assert_eq!(creates, 1, "one helper, reused");
+
+    // An image HCP did not make (another owner, or not named hcp-<id>) is
+    // not listed; HCP's own are, known to core or not.
+    let listed: Vec<String> = p
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .volumes
+        .into_iter()
+        .map(|v| v.volume_id)
+        .collect();
+    let mut want = vec![vol.clone(), other.clone()];
+    want.sort();
+    assert_eq!(listed, want);
+    let page =
+        p.list_volumes(pb::ListVolumesRequest { page_size: 1, page_token: String::new() }).await.unwrap();
+    assert_eq!((page.volumes.len(), page.next_page_token.as_str()), (1, want[0].as_str()));
+
+    // Storages: unknown, or without images, are the caller's mistake.
+    for storage in ["nope", "local"] {
+        let mut req = volume(&new_id(), 1);
+        req.spec.as_mut().unwrap().storage = storage.into();
+        assert_eq!(p.create_volume(req).await.unwrap_err().kind, ErrorKind::InvalidArgument, "{storage}");
+    }
+    for id in [&vol, &other] {
+        assert!(p.delete_volume(id).await.unwrap());
+    }
+    assert!(env.sim.sim.volumes().is_empty());
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn shared_volumes_are_everywhere_and_local_ones_stay_on_their_node() {
+    let Some(env) = env_with(|c| {
+        c.nodes = vec!["pve1".into(), "pve2".into()];
+        c.storages.push(("shared-nfs".into(), true, "images".into()));
+    })
+    .await
+    else {
+        return;
+    };
+    let text = toml(&env, &token_auth(), "")
+        .replace("[volumes]\nstorage = \"local-lvm\"", "[volumes]\nstorage = \"shared-nfs\"");
+    let p = Arc::new(Proxmox::new(Config::from_toml(&text).unwrap()).await.unwrap());
+    let caps = p.capabilities().await.unwrap();
+    assert!(caps.supports_volumes && !caps.volumes_host_local, "the default volume storage is shared");
+
+    // On the shared storage (a directory: the image has the format's
+    // extension): no host, listed once although both nodes see it.
+    let shared = new_id();
+    let made = p.create_volume(volume(&shared, 1)).await.unwrap();
+    assert_eq!(made.native_id, format!("shared-nfs:vm-999999999-hcp-{shared}.raw"));
+    assert_eq!(made.host, "");
+    // On pve2's local storage, named by the spec.
+    let local = new_id();
+    let mut req = volume(&local, 1);
+    let spec = req.spec.as_mut().unwrap();
+    spec.storage = "local-lvm".into();
+    spec.host = "pve2".into();
+    assert_eq!(p.create_volume(req.clone()).await.unwrap().host, "pve2");
+    spec_host_unknown(&p).await;
+    let listed = p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+
+    // A VM on pve1 takes the shared volume, not pve2's local one.
+    let vm = new_id();
+    p.create_vm(create(&vm, "vol-nodes", false)).await.unwrap();
+    assert_eq!(p.attach_volume(attach(&shared, &vm, 1)).await.unwrap().slot, 1);
+    let e = p.attach_volume(attach(&local, &vm, 2)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "{e:?}");
+    assert!(p.delete_vm(&vm).await.unwrap());
+    for id in [&shared, &local] {
+        assert!(p.delete_volume(id).await.unwrap());
+    }
+    assert!(env.sim.sim.volumes().is_empty());
+    assert_schema_clean(&env);
+}
+
+/// A node without the storage is the caller's mistake.
+async fn spec_host_unknown(p: &Proxmox) {
+    let mut req = volume(&new_id(), 1);
+    let spec = req.spec.as_mut().unwrap();
+    spec.storage = "local-lvm".into();
+    spec.host = "pve9".into();
+    assert_eq!(p.create_volume(req).await.unwrap_err().kind, ErrorKind::InvalidArgument);
 }

@@ -368,6 +368,7 @@ fn dispatch(
         ("GET", "/nodes/{node}/qemu") => {
             Answer::Data(Value::Array(s.vms.values().filter(|v| v.node == node).map(vm_summary).collect()))
         }
+        ("POST", "/nodes/{node}/qemu") => create_vm(s, &node, &user, params),
         ("POST", "/nodes/{node}/qemu/{vmid}/clone") => clone(s, &node, vmid, &user, params),
         ("POST", "/nodes/{node}/qemu/{vmid}/migrate") => migrate(s, &node, vmid, &user, params),
         ("GET", "/nodes/{node}/qemu/{vmid}/config") => {
@@ -489,7 +490,9 @@ fn dispatch(
             } else if vm.status == "running" {
                 fail(500, format!("VM {vmid} is running - destroy failed"))
             } else {
-                Answer::Data(json!(spawn_task(s, &node, "qmdestroy", vmid, &user, Effect::Destroy(vmid))))
+                let unreferenced = p("destroy-unreferenced-disks").is_some_and(truthy);
+                let effect = Effect::Destroy(vmid, unreferenced);
+                Answer::Data(json!(spawn_task(s, &node, "qmdestroy", vmid, &user, effect)))
             }
         }
         ("GET", "/nodes/{node}/qemu/{vmid}/snapshot") => {
@@ -636,6 +639,24 @@ fn dispatch(
                 }
                 _ => Answer::Unauthorized("authentication failure".to_owned()),
             }
+        }
+        ("POST", "/nodes/{node}/storage/{storage}/content") => {
+            alloc_volume(s, &node, &var("storage"), params)
+        }
+        ("GET", "/nodes/{node}/storage/{storage}/content") => {
+            list_content(s, &node, &var("storage"), p("content"), p("vmid"))
+        }
+        ("GET", "/nodes/{node}/storage/{storage}/content/{volume}") => {
+            match find_volume(s, &node, &var("storage"), &var("volume")) {
+                Ok(v) => Answer::Data(json!({
+                    "format": v.format, "size": v.size, "used": v.size,
+                    "path": volume_path(s, v),
+                })),
+                Err(a) => a,
+            }
+        }
+        ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}") => {
+            free_volume(s, &node, &var("storage"), &var("volume"), &user)
         }
         ("GET", "/nodes/{node}/tasks/{upid}/status") => match s.tasks.get(&var("upid")) {
             Some(t) if t.node == node => {
@@ -839,6 +860,41 @@ fn clone(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<Str
     Answer::Data(json!(spawn_task(s, node, "qmclone", newid, user, Effect::Cloned(newid))))
 }
 
+/// `POST /nodes/{node}/qemu`: a new VM from its options alone (no disk is
+/// allocated: the simulator models only drives naming existing volumes),
+/// locked `create` until its `qmcreate` task ends.
+fn create_vm(s: &mut State, node: &str, user: &str, params: &BTreeMap<String, String>) -> Answer {
+    let vmid: u32 = params.get("vmid").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if s.vms.contains_key(&vmid) {
+        return fail(500, format!("unable to create VM {vmid} - VM {vmid} already exists on node '{node}'"));
+    }
+    let config: BTreeMap<String, String> = params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "vmid" | "node" | "start" | "unique" | "pool" | "force"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if config.iter().any(|(k, v)| is_disk(k) && !v.contains("media=cdrom")) {
+        return fail(501, "the simulator creates VMs without disks only");
+    }
+    let vm = Vm {
+        vmid,
+        node: node.to_owned(),
+        status: "stopped".to_owned(),
+        template: false,
+        lock: Some("create".to_owned()),
+        config,
+        snapshots: BTreeMap::new(),
+        starts: 0,
+        stops: 0,
+        shutdowns: 0,
+        reboots: 0,
+        resets: 0,
+        migrations: 0,
+    };
+    s.vms.insert(vmid, vm);
+    Answer::Data(json!(spawn_task(s, node, "qmcreate", vmid, user, Effect::Cloned(vmid))))
+}
+
 /// `POST /nodes/{node}/qemu/{vmid}/migrate`: checks what PVE checks before
 /// it starts the task (a running VM needs `online`; a live move of disks on
 /// storage that is not shared needs `with-local-disks`), then moves the VM
@@ -933,6 +989,11 @@ fn resize(s: &mut State, vmid: u32, disk: Option<&str>, size: Option<&str>) -> R
         .map(|p| if p.starts_with("size=") { format!("size={gib}G") } else { p.to_owned() })
         .collect();
     vm.config.insert(disk.to_owned(), parts.join(","));
+    let node = vm.node.clone();
+    let volid = drive_volid(&value).to_owned();
+    if let Some(v) = s.volumes.iter_mut().find(|v| v.volid == volid && v.visible_on(&node)) {
+        v.size = gib << 30;
+    }
     Ok(())
 }
 
@@ -967,18 +1028,66 @@ fn set_config(s: &mut State, vmid: u32, params: &BTreeMap<String, String>) -> Re
             }
         }
     }
-    let Some(vm) = s.vms.get_mut(&vmid) else {
+    let Some(vm) = s.vms.get(&vmid) else {
         return Err(fail(
             500,
             format!("Configuration file 'nodes/pve/qemu-server/{vmid}.conf' does not exist"),
         ));
     };
+    let node = vm.node.clone();
+    // Disks first: a volume of another owner must exist where the VM runs,
+    // and the drive gets its size written in, as PVE does.
+    let mut disks: BTreeMap<String, String> = BTreeMap::new();
+    for (k, v) in params.iter().filter(|(k, _)| is_disk(k)) {
+        if v.contains("media=cdrom") {
+            continue;
+        }
+        let volid = drive_volid(v).to_owned();
+        let tracked = s.volumes.iter().find(|x| x.volid == volid && x.visible_on(&node));
+        let foreign = owner_of(&volid).is_some_and(|o| o != vmid);
+        let value = match tracked {
+            Some(t) if !v.split(',').any(|p| p.starts_with("size=")) => {
+                format!("{v},size={}", size_text(t.size))
+            }
+            Some(_) => v.clone(),
+            None if foreign || s.volumes.iter().any(|x| x.volid == volid) => {
+                return Err(fail(500, format!("volume '{volid}' does not exist")));
+            }
+            None => v.clone(),
+        };
+        disks.insert(k.clone(), value);
+    }
+    let Some(vm) = s.vms.get_mut(&vmid) else {
+        return Err(fail(
+            500,
+            format!("Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"),
+        ));
+    };
+    let mut freed: Vec<String> = Vec::new();
     for (k, v) in params {
         match k.as_str() {
             "digest" | "skiplock" | "force" | "background_delay" => {}
             "delete" => {
                 for key in v.split([',', ';', ' ']).filter(|x| !x.is_empty()) {
-                    vm.config.remove(key);
+                    let Some(old) = vm.config.remove(key) else { continue };
+                    // A drive taken out of the config becomes `unusedN` if
+                    // the VM owns its volume; one it does not own is only
+                    // dropped from the config. Removing an `unusedN` frees
+                    // the volume when the VM owns it, and only then.
+                    if is_disk(key) && !old.contains("media=cdrom") {
+                        register_unused(vm, &old);
+                    } else if key.starts_with("unused") && owner_of(drive_volid(&old)) == Some(vmid) {
+                        freed.push(drive_volid(&old).to_owned());
+                    }
+                }
+            }
+            key if is_disk(key) => {
+                let value = disks.get(key).cloned().unwrap_or_else(|| v.clone());
+                if let Some(old) = vm.config.insert(k.clone(), value)
+                    && drive_volid(&old) != drive_volid(v)
+                    && !old.contains("media=cdrom")
+                {
+                    register_unused(vm, &old);
                 }
             }
             "sshkeys" => {
@@ -1007,7 +1116,225 @@ fn set_config(s: &mut State, vmid: u32, params: &BTreeMap<String, String>) -> Re
             }
         }
     }
+    s.volumes.retain(|v| !(freed.contains(&v.volid) && v.visible_on(&node)));
     Ok(())
+}
+
+/// `scsiN`, `virtioN`, `sataN`, `ideN`: a drive key.
+fn is_disk(key: &str) -> bool {
+    ["scsi", "virtio", "sata", "ide"].iter().any(|bus| {
+        key.strip_prefix(bus).is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    })
+}
+
+/// The volume of a drive value (`local-lvm:vm-100-disk-0,size=2G`).
+fn drive_volid(value: &str) -> &str {
+    let first = value.split(',').next().unwrap_or_default();
+    first.strip_prefix("file=").or_else(|| first.strip_prefix("volume=")).unwrap_or(first)
+}
+
+/// The owner vmid of a volume named `vm-<vmid>-...` or `base-<vmid>-...`.
+fn owner_of(volid: &str) -> Option<u32> {
+    let name = volid.split_once(':')?.1;
+    let rest = name.strip_prefix("vm-").or_else(|| name.strip_prefix("base-"))?;
+    rest.split_once('-')?.0.parse().ok()
+}
+
+/// A drive leaving the config: `unusedN` when the VM owns its volume.
+fn register_unused(vm: &mut Vm, old: &str) {
+    let volid = drive_volid(old);
+    if owner_of(volid) != Some(vm.vmid) {
+        return;
+    }
+    if vm.config.iter().any(|(k, v)| k.starts_with("unused") && drive_volid(v) == volid) {
+        return;
+    }
+    let n = (0..256).find(|n| !vm.config.contains_key(&format!("unused{n}"))).unwrap_or(255);
+    vm.config.insert(format!("unused{n}"), volid.to_owned());
+}
+
+/// A size as PVE writes it in a drive (`4G`, `512M`).
+fn size_text(bytes: u64) -> String {
+    const GIB: u64 = 1 << 30;
+    if bytes.is_multiple_of(GIB) {
+        format!("{}G", bytes / GIB)
+    } else {
+        format!("{}M", bytes.div_ceil(1 << 20))
+    }
+}
+
+/// The simulated storage `name`: (shared, content, plugin type).
+fn storage_info(s: &State, name: &str) -> Option<(bool, String, &'static str)> {
+    s.config.storages.iter().find(|(n, _, _)| n == name).map(|(n, shared, content)| {
+        (*shared, content.clone(), if n.contains("lvm") { "lvmthin" } else { "dir" })
+    })
+}
+
+/// Whether the storage stores files (a directory, NFS): their images carry
+/// the format as extension.
+fn file_based(plugin: &str) -> bool {
+    matches!(plugin, "dir" | "nfs" | "cifs" | "glusterfs" | "btrfs" | "cephfs")
+}
+
+fn no_storage(storage: &str) -> Answer {
+    fail(500, format!("storage '{storage}' does not exist"))
+}
+
+/// `POST /nodes/{node}/storage/{storage}/content`: allocates a disk image
+/// (`filename` must be `vm-<vmid>-*`; a file-based storage wants the
+/// format's extension, LVM only raw). Synchronous; answers the volid.
+fn alloc_volume(s: &mut State, node: &str, storage: &str, params: &BTreeMap<String, String>) -> Answer {
+    let Some((shared, content, plugin)) = storage_info(s, storage) else {
+        return no_storage(storage);
+    };
+    if !content.split(',').any(|c| c == "images") {
+        return fail(500, format!("storage '{storage}' does not support vm images"));
+    }
+    let name = params.get("filename").cloned().unwrap_or_default();
+    let owner: u32 = params.get("vmid").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if !name.starts_with(&format!("vm-{owner}-")) {
+        return fail(500, format!("illegal name '{name}' - should be 'vm-{owner}-*'"));
+    }
+    let ext = [".raw", ".qcow2", ".vmdk"].iter().find(|e| name.ends_with(*e)).map(|e| &e[1..]);
+    let format = match (params.get("format").map(String::as_str), ext) {
+        (Some(f), Some(e)) if f != e => {
+            return Answer::Error(
+                400,
+                "Parameter verification failed.".to_owned(),
+                Some(
+                    [(
+                        "format".to_owned(),
+                        format!("Format mismatch - file has '{e}', but given format is '{f}'"),
+                    )]
+                    .into(),
+                ),
+            );
+        }
+        (Some(f), _) => f.to_owned(),
+        (None, Some(e)) => e.to_owned(),
+        (None, None) => "raw".to_owned(),
+    };
+    if file_based(plugin) && ext != Some(format.as_str()) {
+        return fail(500, format!("illegal name '{name}' - wrong extension for format ('{format}')"));
+    }
+    if !file_based(plugin) && format != "raw" {
+        return fail(500, format!("unsupported format '{format}'"));
+    }
+    let size_param = params.get("size").cloned().unwrap_or_default();
+    let (digits, unit) = size_param.split_at(size_param.trim_end_matches(['M', 'G']).len());
+    let kib: u64 = digits.parse().unwrap_or(0);
+    let size = kib
+        * 1024
+        * match unit {
+            "G" => 1024 * 1024,
+            "M" => 1024,
+            _ => 1,
+        };
+    let volid = format!("{storage}:{name}");
+    let scope = if shared { None } else { Some(node.to_owned()) };
+    if s.volumes.iter().any(|v| v.volid == volid && v.visible_on(node)) {
+        return fail(500, format!("disk image '{volid}' already exists"));
+    }
+    let ctime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    s.volumes.push(crate::Volume {
+        volid: volid.clone(),
+        storage: storage.to_owned(),
+        node: scope,
+        owner,
+        format,
+        size,
+        ctime,
+    });
+    Answer::Data(json!(volid))
+}
+
+/// `GET /nodes/{node}/storage/{storage}/content`: the images (and only
+/// those: the simulator stores no ISOs or backups) the node sees there.
+fn list_content(s: &State, node: &str, storage: &str, content: Option<&str>, vmid: Option<&str>) -> Answer {
+    if storage_info(s, storage).is_none() {
+        return no_storage(storage);
+    }
+    if content.is_some_and(|c| c != "images") {
+        return Answer::Data(json!([]));
+    }
+    let owner: Option<u32> = vmid.and_then(|v| v.parse().ok());
+    let items: Vec<Value> = s
+        .volumes
+        .iter()
+        .filter(|v| v.storage == storage && v.visible_on(node) && owner.is_none_or(|o| o == v.owner))
+        .map(|v| {
+            json!({"volid": v.volid, "format": v.format, "size": v.size, "used": v.size,
+                   "vmid": v.owner, "ctime": v.ctime})
+        })
+        .collect();
+    Answer::Data(Value::Array(items))
+}
+
+/// The volid a `{volume}` path segment names: a whole volid, or a name on
+/// the path's storage.
+fn volid_of(storage: &str, volume: &str) -> String {
+    if volume.contains(':') { volume.to_owned() } else { format!("{storage}:{volume}") }
+}
+
+fn find_volume<'a>(
+    s: &'a State,
+    node: &str,
+    storage: &str,
+    volume: &str,
+) -> Result<&'a crate::Volume, Answer> {
+    if storage_info(s, storage).is_none() {
+        return Err(no_storage(storage));
+    }
+    let volid = volid_of(storage, volume);
+    s.volumes
+        .iter()
+        .find(|v| v.volid == volid && v.visible_on(node))
+        .ok_or_else(|| fail(500, format!("volume '{volid}' does not exist")))
+}
+
+fn volume_path(s: &State, v: &crate::Volume) -> String {
+    let name = v.volid.split_once(':').map(|x| x.1).unwrap_or_default();
+    match storage_info(s, &v.storage) {
+        Some((_, _, "dir")) => format!("/var/lib/vz/images/{}/{name}", v.owner),
+        _ => format!("/dev/pve/{name}"),
+    }
+}
+
+/// `DELETE .../content/{volume}`: an `imgdel` task frees the image. Like
+/// PVE it does not look at VM configs (a volume a VM still names is freed
+/// all the same); an image that is not there fails the task on LVM and
+/// only warns on a directory.
+fn free_volume(s: &mut State, node: &str, storage: &str, volume: &str, user: &str) -> Answer {
+    let Some((_, _, plugin)) = storage_info(s, storage) else {
+        return no_storage(storage);
+    };
+    let volid = volid_of(storage, volume);
+    let owner = owner_of(&volid).map(|o| format!("{o}@")).unwrap_or_default();
+    let exists = s.volumes.iter().any(|v| v.volid == volid && v.visible_on(node));
+    if !exists {
+        let exit = if file_based(plugin) {
+            "WARNINGS: 1".to_owned()
+        } else {
+            format!("lvremove '{volid}' error: Failed to find logical volume")
+        };
+        s.faults.task_exits.entry("imgdel".to_owned()).or_insert(exit);
+    }
+    let id = format!("{owner}{storage}");
+    Answer::Data(json!(spawn(s, node, "imgdel", &id, None, user, Effect::FreeVolume(volid, node.to_owned()))))
+}
+
+/// A destroyed VM takes the disks it owns with it: those its config names
+/// (unusedN too), and with `destroy-unreferenced-disks` the others named
+/// `vm-<vmid>-` on every storage. Disks of other owners stay.
+fn destroy_owned_disks(s: &mut State, vm: &Vm, unreferenced: bool) {
+    let named: Vec<&str> = vm.config.values().map(|v| drive_volid(v)).collect();
+    s.volumes.retain(|v| {
+        let owned = v.owner == vm.vmid && v.visible_on(&vm.node);
+        !(owned && (unreferenced || named.contains(&v.volid.as_str())))
+    });
 }
 
 fn is_nic(key: &str) -> bool {
@@ -1057,6 +1384,20 @@ fn agent_interfaces(vm: &Vm, agent_down: bool) -> Answer {
 }
 
 fn spawn_task(s: &mut State, node: &str, kind: &str, vmid: u32, user: &str, effect: Effect) -> String {
+    spawn(s, node, kind, &vmid.to_string(), Some(vmid), user, effect)
+}
+
+/// A task with PVE's UPID; `vmid` is the VM whose config it locks, if any
+/// (storage tasks such as `imgdel` lock none and carry `owner@storage`).
+fn spawn(
+    s: &mut State,
+    node: &str,
+    kind: &str,
+    id: &str,
+    vmid: Option<u32>,
+    user: &str,
+    effect: Effect,
+) -> String {
     s.next_pid += 1;
     let pid = s.next_pid;
     let starttime = std::time::SystemTime::now()
@@ -1064,12 +1405,12 @@ fn spawn_task(s: &mut State, node: &str, kind: &str, vmid: u32, user: &str, effe
         .map(|d| d.as_secs())
         .unwrap_or_default();
     let pstart = 4_000_000 + pid;
-    let upid = format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{vmid}:{user}:");
+    let upid = format!("UPID:{node}:{pid:08X}:{pstart:08X}:{starttime:08X}:{kind}:{id}:{user}:");
     let planned_exit = if let Some(exit) = s.faults.task_exits.remove(kind) {
         exit
     } else if s.faults.task_lock_timeouts > 0 && kind != "vncproxy" {
         s.faults.task_lock_timeouts -= 1;
-        format!("can't lock file '/var/lock/qemu-server/lock-{vmid}.conf' - got timeout")
+        format!("can't lock file '/var/lock/qemu-server/lock-{id}.conf' - got timeout")
     } else {
         "OK".to_owned()
     };
@@ -1077,7 +1418,7 @@ fn spawn_task(s: &mut State, node: &str, kind: &str, vmid: u32, user: &str, effe
         upid: upid.clone(),
         node: node.to_owned(),
         kind: kind.to_owned(),
-        id: vmid.to_string(),
+        id: id.to_owned(),
         user: user.to_owned(),
         pid,
         pstart,
@@ -1086,7 +1427,7 @@ fn spawn_task(s: &mut State, node: &str, kind: &str, vmid: u32, user: &str, effe
         exit: None,
         planned_exit,
         effect,
-        vmid: Some(vmid),
+        vmid,
     };
     s.tasks.insert(upid.clone(), task);
     upid
@@ -1143,8 +1484,13 @@ fn advance(s: &mut State) {
                     vm.resets += 1;
                 }
             }
-            Effect::Destroy(id) if ok => {
-                s.vms.remove(&id);
+            Effect::Destroy(id, unreferenced) if ok => {
+                if let Some(vm) = s.vms.remove(&id) {
+                    destroy_owned_disks(s, &vm, unreferenced);
+                }
+            }
+            Effect::FreeVolume(volid, node) if ok => {
+                s.volumes.retain(|v| !(v.volid == volid && v.visible_on(&node)));
             }
             Effect::Migrate(id, target) => {
                 if let Some(vm) = s.vms.get_mut(&id) {

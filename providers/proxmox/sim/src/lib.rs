@@ -183,16 +183,48 @@ pub struct Vm {
     pub migrations: u32,
 }
 
+/// A disk image on a storage (`images` content), as `pvesm alloc` or
+/// `POST .../storage/{storage}/content` makes it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Volume {
+    /// `storage:name`.
+    pub volid: String,
+    /// The storage id.
+    pub storage: String,
+    /// The node whose local storage holds it; `None` on shared storage.
+    pub node: Option<String>,
+    /// The owner vmid (the `vm-<vmid>-` of its name): destroying that VM
+    /// frees it, nothing else does.
+    pub owner: u32,
+    /// `raw`, `qcow2`, ...
+    pub format: String,
+    /// Bytes.
+    pub size: u64,
+    /// Creation time (UNIX seconds).
+    pub ctime: u64,
+}
+
+impl Volume {
+    /// Whether a VM or request on `node` sees it.
+    pub fn visible_on(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Effect {
     None,
-    /// Clone finished: unlock; on failure remove the VM.
+    /// Clone or create finished: unlock; on failure remove the VM.
     Cloned(u32),
     Power(u32, &'static str),
     Reboot(u32),
     Reset(u32),
     Shutdown(u32, bool),
-    Destroy(u32),
+    /// Destroyed: the VM and the disks it owns (also the ones its config
+    /// no longer names, with `destroy-unreferenced-disks`).
+    Destroy(u32, bool),
+    /// `imgdel` finished: the volume (`volid`, node) is freed.
+    FreeVolume(String, String),
     Snapshot(u32, String, String, bool),
     Rollback(u32, String, bool),
     DeleteSnapshot(u32, String),
@@ -246,6 +278,7 @@ struct Ticket {
 struct State {
     config: SimConfig,
     vms: BTreeMap<u32, Vm>,
+    volumes: Vec<Volume>,
     tasks: HashMap<String, Task>,
     tickets: HashMap<String, Ticket>,
     vnc_tickets: HashMap<String, VncProxy>,
@@ -305,6 +338,7 @@ impl Sim {
             state: Arc::new(Mutex::new(State {
                 config,
                 vms,
+                volumes: Vec::new(),
                 tasks: HashMap::new(),
                 tickets: HashMap::new(),
                 vnc_tickets: HashMap::new(),
@@ -344,6 +378,11 @@ impl Sim {
     /// The VMs (templates included).
     pub fn vms(&self) -> Vec<Vm> {
         self.lock().vms.values().cloned().collect()
+    }
+
+    /// The disk images allocated through the storage API.
+    pub fn volumes(&self) -> Vec<Volume> {
+        self.lock().volumes.clone()
     }
 
     /// Takes a node offline (its VMs stop) or brings it back.

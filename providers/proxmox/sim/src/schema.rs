@@ -238,7 +238,19 @@ fn lookup<'a>(props: &'a serde_json::Map<String, Value>, name: &str) -> Option<&
     if digits == 0 || digits == name.len() {
         return None;
     }
-    props.get(&format!("{}[n]", &name[..name.len() - digits]))
+    let prop = props.get(&format!("{}[n]", &name[..name.len() - digits]))?;
+    // PVE defines `scsi0`..`scsi30` one by one; the schema folds them into
+    // `scsi[n]` and says the range in the description ("n is 0 to 30").
+    let index: u32 = name[name.len() - digits..].parse().ok()?;
+    let max = prop["description"]
+        .as_str()
+        .and_then(|d| d.split("(n is 0 to ").nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    if max.is_some_and(|max| index > max) {
+        return None;
+    }
+    Some(prop)
 }
 
 /// PVE's 0/1 flags in the schema, which may also be JSON booleans.
@@ -454,6 +466,19 @@ fn check_format(format: &str, value: &str) -> Result<(), ValueError> {
             .split([',', ';', ' '])
             .filter(|t| !t.is_empty())
             .all(|t| regex::Regex::new(r"^(?i)[a-z][a-z0-9_\-]+$").map(|r| r.is_match(t)).unwrap_or(true)),
+        // `storage:name`, as PVE's parse_volume_id reads it.
+        "pve-volume-id" => ok(r"^(?i)[a-z][a-z0-9\-_.]*[a-z0-9]:.+$"),
+        // A drive's backing: a volume, an absolute path, `cdrom`/`none`.
+        "pve-volume-id-or-qm-path" => {
+            value == "none"
+                || value == "cdrom"
+                || value.starts_with('/')
+                || ok(r"^(?i)[a-z][a-z0-9\-_.]*[a-z0-9]:.+$")
+        }
+        "disk-size" => ok(r"^\d+(\.\d+)?[KMGT]?$"),
+        "pve-storage-content" => {
+            ["images", "rootdir", "vztmpl", "iso", "backup", "snippets", "import"].contains(&value)
+        }
         "pve-qm-ipconfig" => {
             return check_keys(value, &["ip", "gw", "ip6", "gw6"]);
         }

@@ -40,3 +40,43 @@ async fn the_simulator_starts_empty_but_for_the_template() {
     assert!(sim.sim.requests().is_empty());
     assert_eq!(sim.sim.vms().len(), 1, "the template");
 }
+
+#[test]
+fn the_storage_and_drive_parameters_volumes_use_are_checked() {
+    if !schema::present_or_skip("the_storage_and_drive_parameters_volumes_use_are_checked") {
+        return;
+    }
+    let s = schema::Schema::load(&schema::default_path()).expect("schema beside the repository");
+    let alloc = s.route("/nodes/pve1/storage/local-lvm/content").unwrap();
+    let mut p = alloc.vars.clone();
+    for (k, v) in
+        [("filename", "vm-999999999-hcp-x"), ("size", "4G"), ("vmid", "999999999"), ("format", "raw")]
+    {
+        p.insert(k.into(), v.into());
+    }
+    assert!(s.validate(&alloc.template, "POST", &p).is_ok());
+    p.insert("size".into(), "4GB".into());
+    p.insert("format".into(), "img".into());
+    p.insert("notes".into(), "hcp".into());
+    let errors = s.validate(&alloc.template, "POST", &p).unwrap_err();
+    assert_eq!(errors.keys().collect::<Vec<_>>(), ["format", "notes", "size"]);
+
+    let cfg = s.route("/nodes/pve1/qemu/100/config").unwrap();
+    let mut p = cfg.vars.clone();
+    p.insert("scsi30".into(), "local-lvm:vm-999999999-hcp-x".into());
+    p.insert("delete".into(), "scsi1,unused0".into());
+    assert!(s.validate(&cfg.template, "PUT", &p).is_ok());
+    p.insert("scsi31".into(), "local-lvm:vm-1-disk-0".into());
+    p.insert("scsi2".into(), "vm-1-disk-0,size=4GiB".into());
+    let errors = s.validate(&cfg.template, "PUT", &p).unwrap_err();
+    assert_eq!(errors.keys().collect::<Vec<_>>(), ["scsi2", "scsi31"], "{errors:?}");
+
+    let resize = s.route("/nodes/pve1/qemu/100/resize").unwrap();
+    let mut p = resize.vars.clone();
+    p.insert("disk".into(), "scsi31".into());
+    p.insert("size".into(), "8G".into());
+    assert!(s.validate(&resize.template, "PUT", &p).unwrap_err().contains_key("disk"));
+    let free = s.route("/nodes/pve1/storage/local-lvm/content/local-lvm%3Avm-1-disk-0").unwrap();
+    assert_eq!(free.vars["volume"], "local-lvm:vm-1-disk-0");
+    assert!(s.validate(&free.template, "DELETE", &free.vars).is_ok());
+}
