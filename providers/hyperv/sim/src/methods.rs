@@ -1129,7 +1129,10 @@ fn resize_virtual_hard_disk(c: &mut Call<'_>, p: &Params) -> R<Output> {
         if vm.state != power::OFF && (meta.format != 3 || controller != SCSI) {
             return Err(c.refuse(
                 rv::INVALID_STATE,
-                format!("'{}' runs with {path} on a {controller}: only a VHDX on SCSI resizes online", vm.name),
+                format!(
+                    "'{}' runs with {path} on a {controller}: only a VHDX on SCSI resizes online",
+                    vm.name
+                ),
                 false,
             ));
         }
@@ -1182,11 +1185,7 @@ fn get_virtual_hard_disk_setting_data(c: &mut Call<'_>, p: &Params) -> R<Output>
     }
     // Answered at once (0): the page allows a job, reading metadata needs
     // none here.
-    Ok(Output {
-        return_value: 0,
-        refs: Vec::new(),
-        texts: vec![("SettingData".to_owned(), vhd.to_cimxml())],
-    })
+    Ok(Output { return_value: 0, refs: Vec::new(), texts: vec![("SettingData".to_owned(), vhd.to_cimxml())] })
 }
 
 /// `CIM_DataFile.Delete` return values (its method page).

@@ -16,8 +16,8 @@ use roxmltree::Node;
 use crate::catalog::{Catalog, CimType, ClassDef, Namespace};
 use crate::methods::{self, Output, PVal, Params};
 use crate::model::{
-    ANONYMOUS, CIMV2_PREFIX, Epr, Instance, NS_A, NS_CIM, NS_MSWSMAN, NS_N, NS_S, NS_S11, NS_W, NS_XSI, URI_PREFIX,
-    class_uri, esc,
+    ANONYMOUS, CIMV2_PREFIX, Epr, Instance, NS_A, NS_CIM, NS_MSWSMAN, NS_N, NS_S, NS_S11, NS_W, NS_XSI,
+    URI_PREFIX, class_uri, esc,
 };
 use crate::state::{Enumeration, State};
 use crate::wql::{self, Query, WqlError};
@@ -381,9 +381,7 @@ pub(crate) fn handle(s: &mut State, body: &str) -> Reply {
     let class: Option<&ClassDef> = if class_part == "*" {
         None
     } else {
-        match Catalog::get()
-            .class_nocase(class_part)
-            .filter(|c| !c.embedded_only && c.namespace == namespace)
+        match Catalog::get().class_nocase(class_part).filter(|c| !c.embedded_only && c.namespace == namespace)
         {
             Some(c) => Some(c),
             None => {
@@ -933,7 +931,8 @@ fn parse_epr(n: Node<'_, '_>) -> Result<Epr, EprError> {
     }
     let rp = child(n, NS_A, "ReferenceParameters").ok_or_else(|| missing("a:ReferenceParameters"))?;
     let uri = child(rp, NS_W, "ResourceURI").map(text).ok_or_else(|| missing("w:ResourceURI"))?;
-    let (namespace, class_part) = split_uri(uri.trim()).ok_or_else(|| EprError::NotV2 { uri: uri.clone() })?;
+    let (namespace, class_part) =
+        split_uri(uri.trim()).ok_or_else(|| EprError::NotV2 { uri: uri.clone() })?;
     let class = Catalog::get()
         .class_nocase(class_part)
         .filter(|c| c.namespace == namespace)
