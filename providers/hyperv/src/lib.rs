@@ -32,6 +32,7 @@ mod provider;
 mod snapshots;
 mod spec;
 mod start;
+pub(crate) mod volumes;
 pub mod wsman;
 
 use std::sync::Arc;
@@ -62,6 +63,12 @@ const DVD_DRIVE: &str = "Microsoft:Hyper-V:Synthetic DVD Drive";
 const ISO: &str = "Microsoft:Hyper-V:Virtual CD/DVD Disk";
 const NIC: &str = "Microsoft:Hyper-V:Synthetic Ethernet Port";
 const CONNECTION: &str = "Microsoft:Hyper-V:Ethernet Connection";
+/// The seed DVD's location on the SCSI controller: its last (64 locations,
+/// 0..=63), so that volumes take 1..=62 and the root disk 0.
+const DVD_LOCATION: u32 = 63;
+/// The most volumes a VM has: the controller's locations less the root
+/// disk's and the seed DVD's.
+const MAX_VOLUMES: u32 = 62;
 
 /// `RequestedState` values (Msvm_ComputerSystem.RequestStateChange).
 mod state {
