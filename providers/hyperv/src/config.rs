@@ -230,12 +230,18 @@ impl Config {
         }
         // Volume directories are named in WQL (`Drive`, `Path`): a drive
         // letter and a path below it.
-        let dirs = self.volumes.dir.iter().map(|d| ("volumes.dir".to_owned(), d)).chain(
-            self.volumes.storage.iter().map(|(k, d)| (format!("volumes.storage.{k}"), d)),
-        );
+        let dirs = self
+            .volumes
+            .dir
+            .iter()
+            .map(|d| ("volumes.dir".to_owned(), d))
+            .chain(self.volumes.storage.iter().map(|(k, d)| (format!("volumes.storage.{k}"), d)));
         for (name, d) in dirs {
             if crate::volumes::split_dir(d).is_none() {
-                return Err(ConfigError::field(&name, "must be a directory on a drive, like 'D:\\HCP\\volumes'"));
+                return Err(ConfigError::field(
+                    &name,
+                    "must be a directory on a drive, like 'D:\\HCP\\volumes'",
+                ));
             }
         }
         if self.volumes.storage.contains_key("") {

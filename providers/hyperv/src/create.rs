@@ -9,7 +9,9 @@ use crate::cim::Instance;
 use crate::errors::{HvError, invalid, map_error};
 use crate::inventory::{Devices, Vm};
 use crate::wsman::Param;
-use crate::{CONNECTION, DISK_DRIVE, DVD_DRIVE, DVD_LOCATION, Hyperv, ISO, NIC, SCSI, VHD, VSMS, state, vm_name};
+use crate::{
+    CONNECTION, DISK_DRIVE, DVD_DRIVE, DVD_LOCATION, Hyperv, ISO, NIC, SCSI, VHD, VSMS, state, vm_name,
+};
 
 impl Hyperv {
     /// Creates the VM of `req`, or finishes a create that was interrupted.

@@ -113,7 +113,11 @@ impl Hyperv {
     /// The virtual size of a VHD(X), `None` when the file is not there.
     async fn vhd_bytes(&self, path: &str) -> Result<Option<u64>, HvError> {
         let out = match self
-            .call(&Self::service(IMS), "GetVirtualHardDiskSettingData", &[("Path", Param::Text(path.to_owned()))])
+            .call(
+                &Self::service(IMS),
+                "GetVirtualHardDiskSettingData",
+                &[("Path", Param::Text(path.to_owned()))],
+            )
             .await
         {
             Ok(out) => out,
@@ -220,10 +224,15 @@ impl Hyperv {
     }
 
     /// CreateVolume.
-    pub(crate) async fn volume_create(&self, req: pb::CreateVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+    pub(crate) async fn volume_create(
+        &self,
+        req: pb::CreateVolumeRequest,
+    ) -> Result<pb::VolumeInfo, ProviderError> {
         let spec = req.spec.ok_or_else(|| invalid("spec", "required"))?;
         let dir = self.volume_dir(&spec.storage)?;
-        if !spec.host.is_empty() && !spec.host.eq_ignore_ascii_case(self.host_name().await.map_err(map_error)?) {
+        if !spec.host.is_empty()
+            && !spec.host.eq_ignore_ascii_case(self.host_name().await.map_err(map_error)?)
+        {
             return Err(invalid("spec.host", format!("{:?} is not this provider's host", spec.host)));
         }
         let _serial = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
@@ -233,11 +242,18 @@ impl Hyperv {
         }
         let path = format!("{dir}\\{}", file_name(&req.volume_id));
         let mut vhd = Instance::new("Msvm_VirtualHardDiskSettingData");
-        vhd.set("Type", "uint16", "3")
-            .set("Format", "uint16", "3")
-            .set("Path", "string", path.clone())
-            .set("MaxInternalSize", "uint64", (u64::from(spec.size_gib) * GIB).to_string());
-        let made = self.call(&Self::service(IMS), "CreateVirtualHardDisk", &[("VirtualDiskSettingData", Param::Instance(vhd))]).await;
+        vhd.set("Type", "uint16", "3").set("Format", "uint16", "3").set("Path", "string", path.clone()).set(
+            "MaxInternalSize",
+            "uint64",
+            (u64::from(spec.size_gib) * GIB).to_string(),
+        );
+        let made = self
+            .call(
+                &Self::service(IMS),
+                "CreateVirtualHardDisk",
+                &[("VirtualDiskSettingData", Param::Instance(vhd))],
+            )
+            .await;
         self.failpoints.hit("volume:after-create");
         match made {
             Ok(_) => {}
@@ -297,7 +313,10 @@ impl Hyperv {
     }
 
     /// ExtendVolume: `ResizeVirtualHardDisk`, online for a VHDX on SCSI.
-    pub(crate) async fn volume_extend(&self, req: pb::ExtendVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+    pub(crate) async fn volume_extend(
+        &self,
+        req: pb::ExtendVolumeRequest,
+    ) -> Result<pb::VolumeInfo, ProviderError> {
         let _serial = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
         let (found, at) = self.volume_now(&req.volume_id).await?;
         let now = gib_of(found.bytes);
@@ -309,18 +328,27 @@ impl Hyperv {
             self.call(
                 &Self::service(IMS),
                 "ResizeVirtualHardDisk",
-                &[("Path", Param::Text(found.path.clone())), ("MaxInternalSize", Param::Text(bytes.to_string()))],
+                &[
+                    ("Path", Param::Text(found.path.clone())),
+                    ("MaxInternalSize", Param::Text(bytes.to_string())),
+                ],
             )
             .await
             .map_err(map_error)?;
         }
-        let found = Found { bytes: self.vhd_bytes(&found.path).await.map_err(map_error)?.unwrap_or(found.bytes), ..found };
+        let found = Found {
+            bytes: self.vhd_bytes(&found.path).await.map_err(map_error)?.unwrap_or(found.bytes),
+            ..found
+        };
         Ok(Self::volume_info(&req.volume_id, &found, at.as_ref()))
     }
 
     /// AttachVolume: a disk drive at location `slot` of the VM's SCSI
     /// controller, then the VHDX in it; hot while the VM runs.
-    pub(crate) async fn volume_attach(&self, req: pb::AttachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+    pub(crate) async fn volume_attach(
+        &self,
+        req: pb::AttachVolumeRequest,
+    ) -> Result<pb::VolumeInfo, ProviderError> {
         if req.slot == 0 || req.slot > MAX_VOLUMES {
             return Err(invalid("slot", format!("must be 1 to {MAX_VOLUMES}")));
         }
@@ -391,7 +419,10 @@ impl Hyperv {
 
     /// DetachVolume: the drive holding the VHDX is removed (and the VHDX
     /// with it); the file stays.
-    pub(crate) async fn volume_detach(&self, req: pb::DetachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+    pub(crate) async fn volume_detach(
+        &self,
+        req: pb::DetachVolumeRequest,
+    ) -> Result<pb::VolumeInfo, ProviderError> {
         let _volume = self.locks.lock(&format!("volume:{}", req.volume_id)).await;
         let _vm = self.locks.lock(&req.vm_id).await;
         let gone = || pb::VolumeInfo { volume_id: req.volume_id.clone(), ..Default::default() };
@@ -412,9 +443,13 @@ impl Hyperv {
                     return Err(failed_precondition(format!("vm {} is neither running nor off", req.vm_id)));
                 }
                 let target = Epr::new("Msvm_ResourceAllocationSettingData", &[("InstanceID", &drive)]);
-                self.call(&Self::service(VSMS), "RemoveResourceSettings", &[("ResourceSettings", Param::Ref(target))])
-                    .await
-                    .map_err(map_error)?;
+                self.call(
+                    &Self::service(VSMS),
+                    "RemoveResourceSettings",
+                    &[("ResourceSettings", Param::Ref(target))],
+                )
+                .await
+                .map_err(map_error)?;
             }
         }
         let at = self.attachments().await.map_err(map_error)?.remove(&found.path.to_ascii_lowercase());
@@ -439,7 +474,10 @@ impl Hyperv {
             Ok(out) if out.return_value == SHARING_VIOLATION => {
                 Err(failed_precondition(format!("volume {volume_id} is in use on the host")))
             }
-            Ok(out) => Err(map_error(HvError::Method { method: "CIM_DataFile.Delete".into(), code: out.return_value })),
+            Ok(out) => Err(map_error(HvError::Method {
+                method: "CIM_DataFile.Delete".into(),
+                code: out.return_value,
+            })),
             // Gone between the look and the delete.
             Err(e) if e.is_not_found() => Ok(false),
             Err(e) => Err(map_error(e.into())),
@@ -453,7 +491,10 @@ mod tests {
 
     #[test]
     fn directories_split_into_drive_and_path_for_wql() {
-        assert_eq!(split_dir("C:\\Hyper-V\\hcp\\volumes"), Some(("c:".into(), "\\hyper-v\\hcp\\volumes\\".into())));
+        assert_eq!(
+            split_dir("C:\\Hyper-V\\hcp\\volumes"),
+            Some(("c:".into(), "\\hyper-v\\hcp\\volumes\\".into()))
+        );
         assert_eq!(split_dir("D:\\vols\\"), Some(("d:".into(), "\\vols\\".into())));
         assert_eq!(split_dir("\\\\fs\\share"), None);
         assert_eq!(split_dir("C:"), None);
@@ -464,7 +505,9 @@ mod tests {
     #[test]
     fn drive_paths_give_their_instance_id() {
         assert_eq!(
-            instance_id_of("\\\\H\\root\\virtualization\\v2:Msvm_ResourceAllocationSettingData.InstanceID=\"Microsoft:G\\\\C\\\\3\\\\0\\\\D\""),
+            instance_id_of(
+                "\\\\H\\root\\virtualization\\v2:Msvm_ResourceAllocationSettingData.InstanceID=\"Microsoft:G\\\\C\\\\3\\\\0\\\\D\""
+            ),
             Some("Microsoft:G\\C\\3\\0\\D".into())
         );
         assert_eq!(instance_id_of("nothing"), None);
