@@ -15,7 +15,11 @@
 //! - Methods answering 4096 are followed through `Msvm_ConcreteJob` to
 //!   their end; "in use" (32774) is retried with backoff; everything is
 //!   mapped once, in [`map_error`].
-//! - Calls for one VM are serialized.
+//! - Calls for one VM are serialized, and calls for one volume.
+//! - Volumes ([`volumes`]) are dynamic VHDX files `hcp-vol-<volume id>.vhdx`
+//!   in a directory per storage, attached as a disk drive at location =
+//!   slot of the VM's SCSI controller (root disk at 0, seed DVD at 63, so
+//!   62 volumes), hot while the VM runs; DeleteVm never touches them.
 //!
 //! `../WIRE.md` fixes what is sent, against Microsoft's documentation.
 
@@ -49,8 +53,9 @@ pub use crate::start::{StartError, run};
 /// separated list of `create:after-define`, `create:after-controller`,
 /// `create:after-drive`, `create:after-vhd`, `create:after-disk`,
 /// `create:after-dvd`, `create:after-seed`,
-/// `create:after-nic`, `create:after-connection`, `start:after-start`; the
-/// process aborts there.
+/// `create:after-nic`, `create:after-connection`, `start:after-start`,
+/// `volume:after-create` (the VHDX made), `volume:after-drive` (an attach's
+/// drive added, its VHDX not yet); the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_HYPERV_FAILPOINTS";
 
 const VSMS: &str = "Msvm_VirtualSystemManagementService";

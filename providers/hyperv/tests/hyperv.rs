@@ -665,3 +665,106 @@ async fn volumes_go_to_their_storage_and_list_across_storages() {
     assert!(p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes.is_empty());
     assert_no_violations(&sim);
 }
+
+#[tokio::test]
+async fn a_crash_in_a_volume_create_or_attach_converges_on_one_file_and_one_drive() {
+    use hcp_proto::provider::compute_client::ComputeClient;
+    use hcp_proto::provider::identity_client::IdentityClient;
+    let sim = sim().await;
+    let config = sim.sim.disk_dir().join("provider.toml");
+    std::fs::write(&config, toml(&sim, "")).unwrap();
+    // A provider process (with a failpoint), configured, as core reaches it.
+    async fn connect(
+        config: &std::path::Path,
+        failpoint: Option<&str>,
+    ) -> (tokio::process::Child, ComputeClient<tonic::transport::Channel>) {
+        use tokio::io::AsyncBufReadExt;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hcp-provider-hyperv"));
+        cmd.arg("--config").arg(config).arg("--listen").arg("127.0.0.1:0").kill_on_drop(true);
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        if let Some(f) = failpoint {
+            cmd.env(hcp_provider_hyperv::FAILPOINTS_ENV, f);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if let Some(a) = l.split_whitespace().find_map(|w| w.strip_prefix("addr=")) {
+                addr = Some(a.trim_matches('"').to_owned());
+                break;
+            }
+            if let Some(i) = l.find("127.0.0.1:") {
+                addr = Some(l[i..].split(|c: char| c.is_whitespace() || c == '"').next().unwrap().to_owned());
+                break;
+            }
+        }
+        let addr = addr.expect("the provider printed its address");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        IdentityClient::new(channel.clone())
+            .configure(pb::ConfigureRequest {
+                credentials: [
+                    ("username".to_owned(), USER.to_owned()),
+                    ("password".to_owned(), PASSWORD.to_owned()),
+                ]
+                .into(),
+            })
+            .await
+            .unwrap();
+        (child, ComputeClient::new(channel))
+    }
+    let p = provider(&sim, "").await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    p.create_vm(pb::CreateVmRequest {
+        vm_id: vm.clone(),
+        spec: Some(spec("v", &["default"], None)),
+        start: true,
+    })
+    .await
+    .unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    let create = pb::CreateVolumeRequest {
+        volume_id: vol.clone(),
+        spec: Some(pb::VolumeSpec { size_gib: 4, ..Default::default() }),
+    };
+    let attach = pb::AttachVolumeRequest { volume_id: vol.clone(), vm_id: vm.clone(), slot: 7 };
+
+    // Killed once the VHDX exists: the create repeated answers with it.
+    let (mut child, mut c) = connect(&config, Some("volume:after-create")).await;
+    assert!(c.create_volume(create.clone()).await.is_err(), "the provider should have died");
+    assert!(!tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap().success());
+    let (_child, mut c) = connect(&config, None).await;
+    let made = c.create_volume(create.clone()).await.unwrap().into_inner();
+    assert_eq!((made.volume_id.as_str(), made.size_gib), (vol.as_str(), 4));
+    assert_eq!(volume_files(&sim), vec![format!("hcp-vol-{vol}.vhdx")]);
+
+    // Killed between the drive and the VHDX: the attach repeated fills
+    // that drive instead of adding a second.
+    let (mut child, mut c) = connect(&config, Some("volume:after-drive")).await;
+    assert!(c.attach_volume(attach.clone()).await.is_err(), "the provider should have died");
+    assert!(!tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap().success());
+    let drives_at_7 = || {
+        sim.sim
+            .vm(&format!("hcp-{vm}"))
+            .unwrap()
+            .devices
+            .iter()
+            .filter(|d| d.address_on_parent.as_deref() == Some("7"))
+            .count()
+    };
+    assert_eq!(drives_at_7(), 1);
+    let (_child, mut c) = connect(&config, None).await;
+    let on = c.attach_volume(attach.clone()).await.unwrap().into_inner();
+    assert_eq!((on.vm_id.as_str(), on.slot), (vm.as_str(), 7));
+    assert_eq!(drives_at_7(), 1);
+    assert_eq!(c.attach_volume(attach).await.unwrap().into_inner(), on);
+
+    // Clean up.
+    assert!(p.delete_vm(&vm).await.unwrap());
+    assert!(p.delete_volume(&vol).await.unwrap());
+    assert!(volume_files(&sim).is_empty());
+    assert_no_violations(&sim);
+}
