@@ -314,6 +314,19 @@ mod tests {
             check(&format!("x = 1\n{base}[tls]\nfingerprint = \"{fp}\"\n")),
             Err("invalid configuration".into())
         );
+        let tls = format!("[tls]\nfingerprint = \"{fp}\"\n");
+        assert_eq!(
+            check(&format!("{base}{tls}[volumes]\ndir = 'D:\\vols'\n[volumes.storage]\ngold = 'E:\\g'\n")),
+            Ok(())
+        );
+        assert_eq!(
+            check(&format!("{base}{tls}[volumes]\ndir = '\\\\fs\\share'\n")),
+            Err("volumes.dir".into())
+        );
+        assert_eq!(
+            check(&format!("{base}{tls}[volumes.storage]\ngold = 'vols'\n")),
+            Err("volumes.storage.gold".into())
+        );
     }
 
     #[test]

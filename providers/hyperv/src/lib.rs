@@ -16,7 +16,7 @@
 //!   their end; "in use" (32774) is retried with backoff; everything is
 //!   mapped once, in [`map_error`].
 //! - Calls for one VM are serialized, and calls for one volume.
-//! - Volumes ([`volumes`]) are dynamic VHDX files `hcp-vol-<volume id>.vhdx`
+//! - Volumes (`volumes.rs`) are dynamic VHDX files `hcp-vol-<volume id>.vhdx`
 //!   in a directory per storage, attached as a disk drive at location =
 //!   slot of the VM's SCSI controller (root disk at 0, seed DVD at 63, so
 //!   62 volumes), hot while the VM runs; DeleteVm never touches them.
