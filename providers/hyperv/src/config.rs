@@ -62,6 +62,9 @@ pub struct Config {
     /// relays RDP consoles.
     #[serde(default)]
     pub vmconnect: VmConnectConfig,
+    /// Volumes: VHDX files made, attached and deleted by volume id.
+    #[serde(default)]
+    pub volumes: VolumesConfig,
     /// Timing and retries.
     #[serde(default)]
     pub timing: TimingConfig,
@@ -98,6 +101,24 @@ impl Default for VmConnectConfig {
 
 fn default_vmconnect_port() -> u16 {
     2179
+}
+
+/// Where volumes live on the host.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumesConfig {
+    /// The directory for volumes of `VolumeSpec.storage` "" (the default).
+    /// Default: `vm_dir\volumes`.
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// Named storages (`VolumeSpec.storage`) -> a directory on the host.
+    #[serde(default)]
+    pub storage: BTreeMap<String, String>,
+    /// The directories are shared storage (a Cluster Shared Volume or an
+    /// SMB share every host reaches): `volumes_host_local` false. Default
+    /// false: the host's own disks.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// Where seed ISOs go.
@@ -207,6 +228,25 @@ impl Config {
         if self.vm_dir.is_empty() {
             return field("vm_dir", "must not be empty");
         }
+        // Volume directories are named in WQL (`Drive`, `Path`): a drive
+        // letter and a path below it.
+        let dirs = self
+            .volumes
+            .dir
+            .iter()
+            .map(|d| ("volumes.dir".to_owned(), d))
+            .chain(self.volumes.storage.iter().map(|(k, d)| (format!("volumes.storage.{k}"), d)));
+        for (name, d) in dirs {
+            if crate::volumes::split_dir(d).is_none() {
+                return Err(ConfigError::field(
+                    &name,
+                    "must be a directory on a drive, like 'D:\\HCP\\volumes'",
+                ));
+            }
+        }
+        if self.volumes.storage.contains_key("") {
+            return field("volumes.storage", "a storage name must not be empty (\"\" is volumes.dir)");
+        }
         match self.tls.check() {
             Ok(()) => {}
             Err(e @ hcp_tls::TrustConfigError::BadFingerprint) => {
@@ -273,6 +313,19 @@ mod tests {
         assert_eq!(
             check(&format!("x = 1\n{base}[tls]\nfingerprint = \"{fp}\"\n")),
             Err("invalid configuration".into())
+        );
+        let tls = format!("[tls]\nfingerprint = \"{fp}\"\n");
+        assert_eq!(
+            check(&format!("{base}{tls}[volumes]\ndir = 'D:\\vols'\n[volumes.storage]\ngold = 'E:\\g'\n")),
+            Ok(())
+        );
+        assert_eq!(
+            check(&format!("{base}{tls}[volumes]\ndir = '\\\\fs\\share'\n")),
+            Err("volumes.dir".into())
+        );
+        assert_eq!(
+            check(&format!("{base}{tls}[volumes.storage]\ngold = 'vols'\n")),
+            Err("volumes.storage.gold".into())
         );
     }
 

@@ -9,7 +9,9 @@ use crate::cim::Instance;
 use crate::errors::{HvError, invalid, map_error};
 use crate::inventory::{Devices, Vm};
 use crate::wsman::Param;
-use crate::{CONNECTION, DISK_DRIVE, DVD_DRIVE, Hyperv, ISO, NIC, SCSI, VHD, VSMS, state, vm_name};
+use crate::{
+    CONNECTION, DISK_DRIVE, DVD_DRIVE, DVD_LOCATION, Hyperv, ISO, NIC, SCSI, VHD, VSMS, state, vm_name,
+};
 
 impl Hyperv {
     /// Creates the VM of `req`, or finishes a create that was interrupted.
@@ -126,7 +128,8 @@ impl Hyperv {
             self.add(&vssd, sasd).await.map_err(err)?;
             self.failpoints.hit("create:after-disk");
         }
-        // User data: a NoCloud seed ISO on DVD drive 1 of the controller.
+        // User data: a NoCloud seed ISO on a DVD drive at the controller's
+        // last location, leaving 1..=62 to volumes.
         if let (Some(user_data), Some(ci)) = (&spec.user_data, &self.config.cloud_init) {
             let iso_name = format!("{}-seed.iso", vm_name(vm_id));
             let host_iso = format!("{}\\{iso_name}", ci.host_dir.trim_end_matches('\\'));
@@ -161,7 +164,7 @@ impl Hyperv {
                         dr.set("ResourceType", "uint16", "16")
                             .set("ResourceSubType", "string", DVD_DRIVE)
                             .set("Parent", "string", controller_path.clone())
-                            .set("AddressOnParent", "string", "1");
+                            .set("AddressOnParent", "string", DVD_LOCATION.to_string());
                         self.add(&vssd, dr).await.map_err(err)?;
                         self.failpoints.hit("create:after-dvd");
                         dvd_of(&self.devices(&vssd).await.map_err(err)?).ok_or_else(|| {

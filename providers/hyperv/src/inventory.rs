@@ -65,11 +65,22 @@ impl Devices {
         self.rasds.iter().find(|r| r.get("ResourceSubType") == Some(SCSI))
     }
 
+    /// The root disk's drive: location 0 of the controller.
     pub(crate) fn drive_on(&self, controller_path: &str) -> Option<&Instance> {
+        self.drive_at(controller_path, 0).filter(|r| r.get("ResourceSubType") == Some(DISK_DRIVE))
+    }
+
+    /// The drive (disk or DVD) at `location` of the controller.
+    pub(crate) fn drive_at(&self, controller_path: &str, location: u32) -> Option<&Instance> {
         self.rasds.iter().find(|r| {
-            r.get("ResourceSubType") == Some(DISK_DRIVE)
-                && r.get("Parent").is_some_and(|p| p.eq_ignore_ascii_case(controller_path))
+            r.get("Parent").is_some_and(|p| p.eq_ignore_ascii_case(controller_path))
+                && r.get("AddressOnParent").and_then(|a| a.trim().parse::<u32>().ok()) == Some(location)
         })
+    }
+
+    /// The disk image in a drive.
+    pub(crate) fn image_in(&self, drive_path: &str) -> Option<&Instance> {
+        self.storage.iter().find(|s| s.get("Parent").is_some_and(|p| p.eq_ignore_ascii_case(drive_path)))
     }
 }
 

@@ -15,7 +15,11 @@
 //! - Methods answering 4096 are followed through `Msvm_ConcreteJob` to
 //!   their end; "in use" (32774) is retried with backoff; everything is
 //!   mapped once, in [`map_error`].
-//! - Calls for one VM are serialized.
+//! - Calls for one VM are serialized, and calls for one volume.
+//! - Volumes (`volumes.rs`) are dynamic VHDX files `hcp-vol-<volume id>.vhdx`
+//!   in a directory per storage, attached as a disk drive at location =
+//!   slot of the VM's SCSI controller (root disk at 0, seed DVD at 63, so
+//!   62 volumes), hot while the VM runs; DeleteVm never touches them.
 //!
 //! `../WIRE.md` fixes what is sent, against Microsoft's documentation.
 
@@ -32,6 +36,7 @@ mod provider;
 mod snapshots;
 mod spec;
 mod start;
+pub(crate) mod volumes;
 pub mod wsman;
 
 use std::sync::Arc;
@@ -48,8 +53,9 @@ pub use crate::start::{StartError, run};
 /// separated list of `create:after-define`, `create:after-controller`,
 /// `create:after-drive`, `create:after-vhd`, `create:after-disk`,
 /// `create:after-dvd`, `create:after-seed`,
-/// `create:after-nic`, `create:after-connection`, `start:after-start`; the
-/// process aborts there.
+/// `create:after-nic`, `create:after-connection`, `start:after-start`,
+/// `volume:after-create` (the VHDX made), `volume:after-drive` (an attach's
+/// drive added, its VHDX not yet); the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_HYPERV_FAILPOINTS";
 
 const VSMS: &str = "Msvm_VirtualSystemManagementService";
@@ -62,6 +68,12 @@ const DVD_DRIVE: &str = "Microsoft:Hyper-V:Synthetic DVD Drive";
 const ISO: &str = "Microsoft:Hyper-V:Virtual CD/DVD Disk";
 const NIC: &str = "Microsoft:Hyper-V:Synthetic Ethernet Port";
 const CONNECTION: &str = "Microsoft:Hyper-V:Ethernet Connection";
+/// The seed DVD's location on the SCSI controller: its last (64 locations,
+/// 0..=63), so that volumes take 1..=62 and the root disk 0.
+const DVD_LOCATION: u32 = 63;
+/// The most volumes a VM has: the controller's locations less the root
+/// disk's and the seed DVD's.
+const MAX_VOLUMES: u32 = 62;
 
 /// `RequestedState` values (Msvm_ComputerSystem.RequestStateChange).
 mod state {

@@ -82,6 +82,14 @@ impl Provider for Hyperv {
             supports_resize: true,
             // VMConnect, relayed by the gateway.
             supports_console_rdp: true,
+            // VHDX files on the VM's SCSI controller: Hyper-V adds and
+            // removes SCSI disks of a running VM, and resizes a VHDX on
+            // SCSI online (Windows Server 2012 R2 on).
+            supports_volumes: true,
+            supports_hot_attach: true,
+            supports_volume_extend_in_use: true,
+            volumes_host_local: !self.config.volumes.shared,
+            max_volumes_per_vm: crate::MAX_VOLUMES,
             attributes,
             ..Default::default()
         })
@@ -308,5 +316,36 @@ impl Provider for Hyperv {
 
     async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
         self.snapshot_delete(req).await
+    }
+
+    async fn create_volume(&self, req: pb::CreateVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_create(req).await
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_get(volume_id).await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: pb::ListVolumesRequest,
+    ) -> Result<pb::ListVolumesResponse, ProviderError> {
+        self.volume_list(req).await
+    }
+
+    async fn extend_volume(&self, req: pb::ExtendVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_extend(req).await
+    }
+
+    async fn attach_volume(&self, req: pb::AttachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_attach(req).await
+    }
+
+    async fn detach_volume(&self, req: pb::DetachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_detach(req).await
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
+        self.volume_delete(volume_id).await
     }
 }

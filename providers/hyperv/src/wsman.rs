@@ -30,6 +30,8 @@ pub const XSI: &str = "http://www.w3.org/2001/XMLSchema-instance";
 pub const ANONYMOUS: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing/role/anonymous";
 /// The resource URI prefix of `root/virtualization/v2`.
 pub const V2: &str = "http://schemas.microsoft.com/wbem/wsman/1/wmi/root/virtualization/v2/";
+/// The resource URI prefix of `root/cimv2` (files: `CIM_DataFile`).
+pub const CIMV2: &str = "http://schemas.microsoft.com/wbem/wsman/1/wmi/root/cimv2/";
 /// The WQL filter dialect.
 pub const WQL: &str = "http://schemas.microsoft.com/wbem/wsman/1/WQL";
 
@@ -95,6 +97,14 @@ impl Epr {
     pub fn new(class: &str, selectors: &[(&str, &str)]) -> Self {
         Self {
             resource_uri: class_uri(class),
+            selectors: selectors.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        }
+    }
+
+    /// An EPR of a `root/cimv2` class.
+    pub fn cimv2(class: &str, selectors: &[(&str, &str)]) -> Self {
+        Self {
+            resource_uri: format!("{CIMV2}{class}"),
             selectors: selectors.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         }
     }
@@ -348,12 +358,20 @@ pub struct Output {
     /// EPR out parameters by name (`Job`, `ResultingSystem`,
     /// `ResultingResourceSettings` repeated).
     pub refs: Vec<(String, Epr)>,
+    /// Other out parameters by name, as text (`SettingData`: an embedded
+    /// instance's CIM-XML).
+    pub texts: Vec<(String, String)>,
 }
 
 impl Output {
     /// The first EPR named `name`.
     pub fn reference(&self, name: &str) -> Option<&Epr> {
         self.refs.iter().find(|(n, _)| n == name).map(|(_, e)| e)
+    }
+
+    /// The text out parameter `name`.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.texts.iter().find(|(n, _)| n == name).map(|(_, t)| t.as_str())
     }
 }
 
@@ -579,7 +597,13 @@ impl Wsman {
     /// Every instance a WQL query selects (Enumerate, then Pull until the
     /// end).
     pub async fn query(&self, wql: &str) -> Result<Vec<Instance>, WsmanError> {
-        let uri = format!("{V2}*");
+        self.query_in(V2, wql).await
+    }
+
+    /// [`Wsman::query`] in another namespace, by its resource URI prefix
+    /// ([`CIMV2`]).
+    pub async fn query_in(&self, namespace: &str, wql: &str) -> Result<Vec<Instance>, WsmanError> {
+        let uri = format!("{namespace}*");
         let body = EnumerateBody {
             enumerate: Enumerate {
                 optimize: (),
@@ -635,6 +659,8 @@ impl Wsman {
                     .ok_or_else(|| WsmanError::Decode(format!("{method}: ReturnValue is not a number")))?;
             } else if let Some(epr) = Epr::from_node(child) {
                 output.refs.push((name.to_owned(), epr));
+            } else if child.attribute((XSI, "nil")).is_none() {
+                output.texts.push((name.to_owned(), child.text().unwrap_or_default().to_owned()));
             }
         }
         Ok(output)

@@ -492,3 +492,279 @@ async fn a_crash_at_every_create_step_leaves_exactly_one_vm() {
     assert!(hcp_vms(&sim).is_empty());
     assert_no_violations(&sim);
 }
+
+/// The location on the SCSI controller of the disk drive holding `file` in
+/// the simulator's view of a VM, if any.
+fn slot_of(sim: &Running, vm_id: &str, file: &str) -> Option<String> {
+    let v = sim.sim.vm(&format!("hcp-{vm_id}"))?;
+    let image = v.devices.iter().find(|d| d.host_resource.iter().any(|h| h.eq_ignore_ascii_case(file)))?;
+    let drive = v.devices.iter().find(|d| Some(&d.instance_id) == image.parent.as_ref())?;
+    drive.address_on_parent.clone()
+}
+
+fn volume_files(sim: &Running) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(sim.sim.disk_dir().join("volumes"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_volume_moves_between_vms_grows_online_outlives_its_vm_and_is_deleted_once() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let caps = p.capabilities().await.unwrap();
+    assert!(caps.supports_volumes && caps.supports_hot_attach && caps.supports_volume_extend_in_use);
+    assert!(caps.volumes_host_local);
+    assert_eq!(caps.max_volumes_per_vm, 62);
+
+    let vol = uuid::Uuid::new_v4().to_string();
+    let file = format!("C:\\Hyper-V\\hcp\\volumes\\hcp-vol-{vol}.vhdx");
+    let create = pb::CreateVolumeRequest {
+        volume_id: vol.clone(),
+        spec: Some(pb::VolumeSpec { name: "data".into(), size_gib: 1, ..Default::default() }),
+    };
+    let made = p.create_volume(create.clone()).await.unwrap();
+    assert_eq!((made.size_gib, made.native_id.as_str(), made.vm_id.as_str()), (1, file.as_str(), ""));
+    // Repeated: the same volume, one file.
+    assert_eq!(p.create_volume(create.clone()).await.unwrap(), made);
+    assert_eq!(volume_files(&sim), vec![format!("hcp-vol-{vol}.vhdx")]);
+    let mut unknown = create.clone();
+    unknown.volume_id = uuid::Uuid::new_v4().to_string();
+    unknown.spec.as_mut().unwrap().storage = "gold".into();
+    assert_eq!(p.create_volume(unknown).await.unwrap_err().kind, ErrorKind::InvalidArgument);
+
+    // Attached to a running VM at slot 1: location 1 of its controller.
+    let a = uuid::Uuid::new_v4().to_string();
+    let b = uuid::Uuid::new_v4().to_string();
+    p.create_vm(pb::CreateVmRequest {
+        vm_id: a.clone(),
+        spec: Some(spec("a", &["default"], Some("#cloud-config\n"))),
+        start: true,
+    })
+    .await
+    .unwrap();
+    p.create_vm(pb::CreateVmRequest {
+        vm_id: b.clone(),
+        spec: Some(spec("b", &["default"], None)),
+        start: false,
+    })
+    .await
+    .unwrap();
+    let attach =
+        |vm: &str, slot| pb::AttachVolumeRequest { volume_id: vol.clone(), vm_id: vm.to_owned(), slot };
+    let on_a = p.attach_volume(attach(&a, 1)).await.unwrap();
+    assert_eq!((on_a.vm_id.as_str(), on_a.slot), (a.as_str(), 1));
+    assert_eq!(slot_of(&sim, &a, &file).as_deref(), Some("1"));
+    // The seed DVD sits at the last location, out of the volumes' way.
+    let seed = sim.sim.vm(&format!("hcp-{a}")).unwrap();
+    assert!(
+        seed.devices
+            .iter()
+            .any(|d| d.subtype.ends_with("DVD Drive") && d.address_on_parent.as_deref() == Some("63"))
+    );
+    // Repeated: nothing added; elsewhere: refused.
+    assert_eq!(p.attach_volume(attach(&a, 1)).await.unwrap(), on_a);
+    let drives = |vm: &str| sim.sim.vm(&format!("hcp-{vm}")).unwrap().devices.len();
+    let before = drives(&a);
+    assert_eq!(p.attach_volume(attach(&a, 1)).await.unwrap(), on_a);
+    assert_eq!(drives(&a), before);
+    assert_eq!(p.attach_volume(attach(&a, 2)).await.unwrap_err().kind, ErrorKind::InvalidState);
+    assert_eq!(p.attach_volume(attach(&b, 1)).await.unwrap_err().kind, ErrorKind::InvalidState);
+    assert_eq!(p.delete_volume(&vol).await.unwrap_err().kind, ErrorKind::InvalidState);
+    let ghost =
+        pb::AttachVolumeRequest { volume_id: uuid::Uuid::new_v4().to_string(), vm_id: a.clone(), slot: 2 };
+    assert_eq!(p.attach_volume(ghost).await.unwrap_err().kind, ErrorKind::NotFound);
+    let other = uuid::Uuid::new_v4().to_string();
+    p.create_volume(pb::CreateVolumeRequest { volume_id: other.clone(), spec: create.spec.clone() })
+        .await
+        .unwrap();
+    let taken = pb::AttachVolumeRequest { volume_id: other.clone(), vm_id: a.clone(), slot: 1 };
+    assert_eq!(p.attach_volume(taken).await.unwrap_err().kind, ErrorKind::InvalidState);
+    assert!(p.delete_volume(&other).await.unwrap());
+
+    // Grown while the VM runs; the same size again is done; smaller refused.
+    let extend = |gib| pb::ExtendVolumeRequest { volume_id: vol.clone(), size_gib: gib };
+    assert_eq!(p.extend_volume(extend(3)).await.unwrap().size_gib, 3);
+    assert_eq!(p.extend_volume(extend(3)).await.unwrap().size_gib, 3);
+    assert_eq!(p.extend_volume(extend(2)).await.unwrap_err().kind, ErrorKind::InvalidArgument);
+
+    // Detached from the running VM (twice), attached to the stopped one.
+    let detach = |vm: &str| pb::DetachVolumeRequest { volume_id: vol.clone(), vm_id: vm.to_owned() };
+    let off = p.detach_volume(detach(&a)).await.unwrap();
+    assert_eq!((off.vm_id.as_str(), off.size_gib), ("", 3));
+    assert_eq!(slot_of(&sim, &a, &file), None);
+    assert_eq!(p.detach_volume(detach(&a)).await.unwrap(), off);
+    let on_b = p.attach_volume(attach(&b, 5)).await.unwrap();
+    assert_eq!((on_b.vm_id.as_str(), on_b.slot), (b.as_str(), 5));
+    let listed = p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes;
+    assert_eq!(listed, vec![on_b.clone()]);
+    assert_eq!(p.get_volume(&vol).await.unwrap(), on_b);
+
+    // Deleting the VM keeps the VHDX, detached.
+    assert!(p.delete_vm(&b).await.unwrap());
+    assert_eq!(volume_files(&sim), vec![format!("hcp-vol-{vol}.vhdx")]);
+    let left = p.get_volume(&vol).await.unwrap();
+    assert_eq!((left.vm_id.as_str(), left.slot, left.size_gib), ("", 0, 3));
+    assert_eq!(p.detach_volume(detach(&b)).await.unwrap(), left);
+
+    // Deleted once; then gone.
+    assert!(p.delete_volume(&vol).await.unwrap());
+    assert!(!p.delete_volume(&vol).await.unwrap());
+    assert_eq!(p.get_volume(&vol).await.unwrap_err().kind, ErrorKind::NotFound);
+    assert!(volume_files(&sim).is_empty());
+    assert!(p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes.is_empty());
+
+    assert!(p.delete_vm(&a).await.unwrap());
+    assert!(hcp_vms(&sim).is_empty());
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
+async fn volumes_go_to_their_storage_and_list_across_storages() {
+    let sim = sim().await;
+    let extra = "[volumes]\ndir = 'C:\\Hyper-V\\hcp\\vols'\nshared = true\n[volumes.storage]\ngold = 'C:\\Hyper-V\\hcp\\gold'\n";
+    // The [volumes] table goes after the others: appended to the file.
+    let text = format!("{}{extra}", toml(&sim, ""));
+    let p = Hyperv::new(Config::from_toml(&text).unwrap()).await.unwrap();
+    p.configure(
+        [("username".to_owned(), USER.to_owned()), ("password".to_owned(), PASSWORD.to_owned())].into(),
+    )
+    .await
+    .unwrap();
+    assert!(!p.capabilities().await.unwrap().volumes_host_local);
+    let mut ids: Vec<String> = (0..3).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    for (id, storage) in ids.iter().zip(["", "gold", "gold"]) {
+        let v = p
+            .create_volume(pb::CreateVolumeRequest {
+                volume_id: id.clone(),
+                spec: Some(pb::VolumeSpec { size_gib: 2, storage: storage.into(), ..Default::default() }),
+            })
+            .await
+            .unwrap();
+        let dir = if storage.is_empty() { "vols" } else { "gold" };
+        assert_eq!(v.native_id, format!("C:\\Hyper-V\\hcp\\{dir}\\hcp-vol-{id}.vhdx"));
+    }
+    // A file that is not HCP's is not listed.
+    std::fs::write(sim.sim.disk_dir().join("gold").join("notes.vhdx"), b"x").unwrap();
+    ids.sort();
+    let page =
+        p.list_volumes(pb::ListVolumesRequest { page_size: 2, page_token: String::new() }).await.unwrap();
+    let rest = p
+        .list_volumes(pb::ListVolumesRequest { page_size: 2, page_token: page.next_page_token.clone() })
+        .await
+        .unwrap();
+    let listed: Vec<String> = page.volumes.iter().chain(&rest.volumes).map(|v| v.volume_id.clone()).collect();
+    assert_eq!(listed, ids);
+    assert!(rest.next_page_token.is_empty());
+    for id in &ids {
+        assert_eq!(p.get_volume(id).await.unwrap().size_gib, 2);
+        assert!(p.delete_volume(id).await.unwrap());
+    }
+    assert!(p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes.is_empty());
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
+async fn a_crash_in_a_volume_create_or_attach_converges_on_one_file_and_one_drive() {
+    use hcp_proto::provider::compute_client::ComputeClient;
+    use hcp_proto::provider::identity_client::IdentityClient;
+    let sim = sim().await;
+    let config = sim.sim.disk_dir().join("provider.toml");
+    std::fs::write(&config, toml(&sim, "")).unwrap();
+    // A provider process (with a failpoint), configured, as core reaches it.
+    async fn connect(
+        config: &std::path::Path,
+        failpoint: Option<&str>,
+    ) -> (tokio::process::Child, ComputeClient<tonic::transport::Channel>) {
+        use tokio::io::AsyncBufReadExt;
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_hcp-provider-hyperv"));
+        cmd.arg("--config").arg(config).arg("--listen").arg("127.0.0.1:0").kill_on_drop(true);
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null());
+        if let Some(f) = failpoint {
+            cmd.env(hcp_provider_hyperv::FAILPOINTS_ENV, f);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if let Some(a) = l.split_whitespace().find_map(|w| w.strip_prefix("addr=")) {
+                addr = Some(a.trim_matches('"').to_owned());
+                break;
+            }
+            if let Some(i) = l.find("127.0.0.1:") {
+                addr = Some(l[i..].split(|c: char| c.is_whitespace() || c == '"').next().unwrap().to_owned());
+                break;
+            }
+        }
+        let addr = addr.expect("the provider printed its address");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        IdentityClient::new(channel.clone())
+            .configure(pb::ConfigureRequest {
+                credentials: [
+                    ("username".to_owned(), USER.to_owned()),
+                    ("password".to_owned(), PASSWORD.to_owned()),
+                ]
+                .into(),
+            })
+            .await
+            .unwrap();
+        (child, ComputeClient::new(channel))
+    }
+    let p = provider(&sim, "").await;
+    let vm = uuid::Uuid::new_v4().to_string();
+    p.create_vm(pb::CreateVmRequest {
+        vm_id: vm.clone(),
+        spec: Some(spec("v", &["default"], None)),
+        start: true,
+    })
+    .await
+    .unwrap();
+    let vol = uuid::Uuid::new_v4().to_string();
+    let create = pb::CreateVolumeRequest {
+        volume_id: vol.clone(),
+        spec: Some(pb::VolumeSpec { size_gib: 4, ..Default::default() }),
+    };
+    let attach = pb::AttachVolumeRequest { volume_id: vol.clone(), vm_id: vm.clone(), slot: 7 };
+
+    // Killed once the VHDX exists: the create repeated answers with it.
+    let (mut child, mut c) = connect(&config, Some("volume:after-create")).await;
+    assert!(c.create_volume(create.clone()).await.is_err(), "the provider should have died");
+    assert!(!tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap().success());
+    let (_child, mut c) = connect(&config, None).await;
+    let made = c.create_volume(create.clone()).await.unwrap().into_inner();
+    assert_eq!((made.volume_id.as_str(), made.size_gib), (vol.as_str(), 4));
+    assert_eq!(volume_files(&sim), vec![format!("hcp-vol-{vol}.vhdx")]);
+
+    // Killed between the drive and the VHDX: the attach repeated fills
+    // that drive instead of adding a second.
+    let (mut child, mut c) = connect(&config, Some("volume:after-drive")).await;
+    assert!(c.attach_volume(attach.clone()).await.is_err(), "the provider should have died");
+    assert!(!tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap().success());
+    let drives_at_7 = || {
+        sim.sim
+            .vm(&format!("hcp-{vm}"))
+            .unwrap()
+            .devices
+            .iter()
+            .filter(|d| d.address_on_parent.as_deref() == Some("7"))
+            .count()
+    };
+    assert_eq!(drives_at_7(), 1);
+    let (_child, mut c) = connect(&config, None).await;
+    let on = c.attach_volume(attach.clone()).await.unwrap().into_inner();
+    assert_eq!((on.vm_id.as_str(), on.slot), (vm.as_str(), 7));
+    assert_eq!(drives_at_7(), 1);
+    assert_eq!(c.attach_volume(attach).await.unwrap().into_inner(), on);
+
+    // Clean up.
+    assert!(p.delete_vm(&vm).await.unwrap());
+    assert!(p.delete_volume(&vol).await.unwrap());
+    assert!(volume_files(&sim).is_empty());
+    assert_no_violations(&sim);
+}

@@ -184,6 +184,18 @@ pub(crate) struct ClassDef {
     /// Only ever seen embedded in strings (`[AMENDMENT]` classes without a
     /// provider): no instances, no resource URI of its own.
     pub(crate) embedded_only: bool,
+    /// The WMI namespace it is served from.
+    pub(crate) namespace: Namespace,
+}
+
+/// The WMI namespaces the simulator serves: `root/virtualization/v2`, and
+/// of `root/cimv2` only `CIM_DataFile` (volume files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Namespace {
+    /// `root/virtualization/v2`.
+    V2,
+    /// `root/cimv2`.
+    Cimv2,
 }
 
 impl ClassDef {
@@ -265,6 +277,7 @@ fn parse(text: &str) -> Result<Catalog, CatalogError> {
                     methods: Vec::new(),
                     association: false,
                     embedded_only: false,
+                    namespace: Namespace::V2,
                 };
                 let mut rest = words[2..].iter();
                 while let Some(w) = rest.next() {
@@ -275,6 +288,7 @@ fn parse(text: &str) -> Result<Catalog, CatalogError> {
                         }
                         "association" => c.association = true,
                         "embedded" => c.embedded_only = true,
+                        "cimv2" => c.namespace = Namespace::Cimv2,
                         other => return Err(err(line, &format!("unexpected '{other}'"))),
                     }
                 }

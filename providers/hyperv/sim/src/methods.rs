@@ -26,7 +26,7 @@ use chrono::Utc;
 
 use crate::catalog::{Catalog, ClassDef, MethodDef};
 use crate::cimxml::{self, EmbedError, Embedded};
-use crate::model::{Epr, Instance};
+use crate::model::{Epr, Instance, Val};
 use crate::state::{DevKind, Device, DiskMeta, Effect, Snapshot, State, Vm, power, read_disk, switch_epr};
 use crate::wql::parse_object_path;
 use crate::wsman::Fault;
@@ -97,6 +97,8 @@ pub(crate) struct Output {
     pub(crate) return_value: u32,
     /// Out references in order (a REF[] repeats its name).
     pub(crate) refs: Vec<(String, Epr)>,
+    /// Out strings (an embedded instance's CIM-XML text).
+    pub(crate) texts: Vec<(String, String)>,
 }
 
 /// Why a call stopped early.
@@ -139,7 +141,7 @@ impl Call<'_> {
             self.s.violations.push(format!("{}: {msg}", self.method));
         }
         tracing::debug!(method = %self.method, rv, %msg, "refused");
-        Refusal::Out(Output { return_value: rv, refs: Vec::new() })
+        Refusal::Out(Output { return_value: rv, refs: Vec::new(), texts: Vec::new() })
     }
 
     fn bad(&mut self, msg: impl Into<String>) -> Refusal {
@@ -229,7 +231,7 @@ fn job_epr(id: &str) -> Epr {
 
 fn started(job: &str, mut refs: Vec<(String, Epr)>) -> Output {
     refs.insert(0, ("Job".to_owned(), job_epr(job)));
-    Output { return_value: rv::STARTED, refs }
+    Output { return_value: rv::STARTED, refs, texts: Vec::new() }
 }
 
 fn setting_epr(kind_class: &str, id: &str) -> Epr {
@@ -246,6 +248,7 @@ pub(crate) fn invoke(
 ) -> Result<Output, Fault> {
     let invalid = match class.name.as_str() {
         "Msvm_VirtualSystemManagementService" | "Msvm_VirtualSystemSnapshotService" => 4,
+        "CIM_DataFile" => file_rv::INVALID_PARAMETER,
         _ => 32773,
     };
     let mut c = Call { s, method: method.name.clone(), invalid };
@@ -270,6 +273,8 @@ pub(crate) fn invoke(
             (_, "InitiateShutdown") => initiate_shutdown(&mut c, target),
             (_, "CreateVirtualHardDisk") => create_virtual_hard_disk(&mut c, p),
             (_, "ResizeVirtualHardDisk") => resize_virtual_hard_disk(&mut c, p),
+            (_, "GetVirtualHardDiskSettingData") => get_virtual_hard_disk_setting_data(&mut c, p),
+            ("CIM_DataFile", "Delete") => delete_file(&mut c, target),
             (_, "CreateSnapshot") => create_snapshot(&mut c, p),
             (_, "ApplySnapshot") => apply_snapshot(&mut c, p),
             (_, "DestroySnapshot") => destroy_snapshot(&mut c, p),
@@ -1050,7 +1055,7 @@ fn initiate_shutdown(c: &mut Call<'_>, target: &Instance) -> R<Output> {
         return Err(c.refuse(32782, "a shutdown is in progress", false));
     }
     vm.shutdown_at = Some(std::time::Instant::now() + delay);
-    Ok(Output { return_value: 0, refs: Vec::new() })
+    Ok(Output { return_value: 0, refs: Vec::new(), texts: Vec::new() })
 }
 
 fn create_virtual_hard_disk(c: &mut Call<'_>, p: &Params) -> R<Output> {
@@ -1118,8 +1123,91 @@ fn resize_virtual_hard_disk(c: &mut Call<'_>, p: &Params) -> R<Output> {
         let rv = c.invalid;
         return Err(c.refuse(rv, format!("{size} is below the disk's size {}", meta.size), false));
     }
+    // Online resizing (Windows Server 2012 R2 on): a VHDX on a SCSI
+    // controller of a running VM; anything else in use must wait.
+    for (vm, controller) in users_of(c.s, &path) {
+        if vm.state != power::OFF && (meta.format != 3 || controller != SCSI) {
+            return Err(c.refuse(
+                rv::INVALID_STATE,
+                format!(
+                    "'{}' runs with {path} on a {controller}: only a VHDX on SCSI resizes online",
+                    vm.name
+                ),
+                false,
+            ));
+        }
+    }
     let job = c.job("Resizing virtual hard disk", None, Effect::ResizeDisk(local, size));
     Ok(started(&job, Vec::new()))
+}
+
+/// The VMs whose settings name the file `path`, with the subtype of the
+/// controller its drive is on.
+fn users_of<'a>(s: &'a State, path: &str) -> Vec<(&'a Vm, String)> {
+    let mut out = Vec::new();
+    for vm in s.vms.values() {
+        for d in vm.devices.iter().filter(|d| d.kind == DevKind::Sasd) {
+            if !d.host_resource.iter().any(|h| h.eq_ignore_ascii_case(path)) {
+                continue;
+            }
+            let controller = d
+                .parent
+                .as_deref()
+                .and_then(|drive| vm.device(drive))
+                .and_then(|drive| drive.parent.as_deref())
+                .and_then(|ctrl| vm.device(ctrl))
+                .map(|ctrl| ctrl.subtype.clone())
+                .unwrap_or_default();
+            out.push((vm, controller));
+        }
+    }
+    out
+}
+
+fn get_virtual_hard_disk_setting_data(c: &mut Call<'_>, p: &Params) -> R<Output> {
+    let path = p.text("Path").unwrap_or("").to_owned();
+    let Some(local) = c.s.host_path(&path) else {
+        return Err(c.bad(format!("{path} is outside the simulated disk directory")));
+    };
+    let Some(meta) = read_disk(&local).filter(|_| local.is_file()) else {
+        return Err(c.refuse(rv::FILE_NOT_FOUND, format!("{path} was not found"), false));
+    };
+    let mut vhd = Instance::new("Msvm_VirtualHardDiskSettingData")
+        .set("Type", Val::U(u64::from(meta.kind)))
+        .set("Format", Val::U(u64::from(meta.format)))
+        .set("Path", Val::str(path.clone()))
+        .set("MaxInternalSize", Val::U(meta.size))
+        .set("BlockSize", Val::U(if meta.format == 3 { 33_554_432 } else { 2_097_152 }))
+        .set("LogicalSectorSize", Val::U(512))
+        .set("PhysicalSectorSize", Val::U(if meta.format == 3 { 4096 } else { 512 }));
+    if let Some(parent) = &meta.parent {
+        vhd = vhd.set("ParentPath", Val::str(parent.clone()));
+    }
+    // Answered at once (0): the page allows a job, reading metadata needs
+    // none here.
+    Ok(Output { return_value: 0, refs: Vec::new(), texts: vec![("SettingData".to_owned(), vhd.to_cimxml())] })
+}
+
+/// `CIM_DataFile.Delete` return values (its method page).
+mod file_rv {
+    pub(super) const SHARING_VIOLATION: u32 = 15;
+    pub(super) const INVALID_PARAMETER: u32 = 21;
+}
+
+fn delete_file(c: &mut Call<'_>, target: &Instance) -> R<Output> {
+    let name = target.key("Name");
+    let Some(local) = c.s.host_path(&name) else {
+        return Err(c.bad(format!("{name} is outside the simulated disk directory")));
+    };
+    // A running VM holds its disks open; a stopped one does not.
+    if let Some((vm, _)) = users_of(c.s, &name).into_iter().find(|(vm, _)| vm.state != power::OFF) {
+        let msg = format!("{name} is open by '{}'", vm.name);
+        return Err(c.refuse(file_rv::SHARING_VIOLATION, msg, false));
+    }
+    if let Err(e) = std::fs::remove_file(&local) {
+        return Err(c.refuse(8, format!("cannot delete {name}: {e}"), false));
+    }
+    Ok(Output { return_value: 0, refs: Vec::new(), texts: Vec::new() })
 }
 
 fn create_snapshot(c: &mut Call<'_>, p: &Params) -> R<Output> {

@@ -31,6 +31,9 @@ pub(crate) const NS_CIM: &str = "http://schemas.dmtf.org/wbem/wscim/1/common";
 pub(crate) const NS_F: &str = "http://schemas.microsoft.com/wbem/wsman/1/wsmanfault";
 /// The resource URI prefix of `root/virtualization/v2`.
 pub(crate) const URI_PREFIX: &str = "http://schemas.microsoft.com/wbem/wsman/1/wmi/root/virtualization/v2/";
+/// The resource URI prefix of `root/cimv2` (only `CIM_DataFile` is served
+/// there).
+pub(crate) const CIMV2_PREFIX: &str = "http://schemas.microsoft.com/wbem/wsman/1/wmi/root/cimv2/";
 /// The anonymous reply address.
 pub(crate) const ANONYMOUS: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing/role/anonymous";
 
@@ -52,7 +55,11 @@ pub(crate) fn esc(s: &str) -> String {
 
 /// The resource URI of a class.
 pub(crate) fn class_uri(class: &str) -> String {
-    format!("{URI_PREFIX}{class}")
+    let prefix = match crate::catalog::Catalog::get().class(class).map(|c| c.namespace) {
+        Some(crate::catalog::Namespace::Cimv2) => CIMV2_PREFIX,
+        _ => URI_PREFIX,
+    };
+    format!("{prefix}{class}")
 }
 
 /// A property value.

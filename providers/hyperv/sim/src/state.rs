@@ -559,8 +559,53 @@ impl State {
         for j in self.jobs.values() {
             out.push(job_instance(j, self.config.job_retention));
         }
+        out.extend(self.data_files());
         for (class, (r1, e1), (r2, e2)) in self.associations() {
             out.push(Instance::new(class).set(r1, Val::Ref(e1)).set(r2, Val::Ref(e2)));
+        }
+        out
+    }
+
+    /// `CIM_DataFile` (root/cimv2) of every file under the disk directory,
+    /// as WMI's file provider reports them: `Name` the whole path in lower
+    /// case, `Drive` (`c:`), `Path` (`\\dir\\` with both separators),
+    /// `FileName` without and `Extension` without its dot.
+    pub(crate) fn data_files(&self) -> Vec<Instance> {
+        let mut files = Vec::new();
+        walk(&self.disk_dir, &mut files);
+        let prefix = self.config.disk_prefix.trim_end_matches('\\');
+        let mut out = Vec::new();
+        for f in files {
+            let Ok(rel) = f.strip_prefix(&self.disk_dir) else { continue };
+            let parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+            let Some((file, dirs)) = parts.split_last() else { continue };
+            let full = format!("{prefix}\\{}", parts.join("\\")).to_ascii_lowercase();
+            let Some((drive, _)) = full.split_once('\\') else { continue };
+            let mut path = full[drive.len()..full.len() - file.len()].to_owned();
+            if dirs.is_empty() && !path.ends_with('\\') {
+                path.push('\\');
+            }
+            let lower = file.to_ascii_lowercase();
+            let (stem, ext) = lower.rsplit_once('.').unwrap_or((lower.as_str(), ""));
+            let size = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+            out.push(
+                Instance::new("CIM_DataFile")
+                    .set("Caption", Val::str(full.clone()))
+                    .set("Name", Val::str(full.clone()))
+                    .set("CreationClassName", Val::str("CIM_LogicalFile"))
+                    .set("CSCreationClassName", Val::str("Win32_ComputerSystem"))
+                    .set("CSName", Val::str(self.config.host_name.clone()))
+                    .set("Drive", Val::str(drive))
+                    .set("Extension", Val::str(ext))
+                    .set("FileName", Val::str(stem))
+                    .set("FileSize", Val::U(size))
+                    .set("FileType", Val::str(format!("{} File", ext.to_ascii_uppercase())))
+                    .set("FSCreationClassName", Val::str("Win32_FileSystem"))
+                    .set("FSName", Val::str("NTFS"))
+                    .set("Path", Val::str(path))
+                    .set("Readable", Val::Bool(true))
+                    .set("Writeable", Val::Bool(true)),
+            );
         }
         out
     }
@@ -661,6 +706,20 @@ impl State {
 }
 
 /// The Windows-path mapping (see [`State::host_path`]).
+/// Every file below `dir`, depth first.
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, out);
+        } else if p.is_file() {
+            out.push(p);
+        }
+    }
+}
+
 pub(crate) fn map_path(prefix: &str, dir: &Path, windows: &str) -> Option<PathBuf> {
     let lower = windows.to_ascii_lowercase();
     let p = prefix.to_ascii_lowercase();

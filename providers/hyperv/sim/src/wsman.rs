@@ -13,11 +13,11 @@ use std::time::Instant;
 
 use roxmltree::Node;
 
-use crate::catalog::{Catalog, CimType, ClassDef};
+use crate::catalog::{Catalog, CimType, ClassDef, Namespace};
 use crate::methods::{self, Output, PVal, Params};
 use crate::model::{
-    ANONYMOUS, Epr, Instance, NS_A, NS_CIM, NS_MSWSMAN, NS_N, NS_S, NS_S11, NS_W, NS_XSI, URI_PREFIX,
-    class_uri, esc,
+    ANONYMOUS, CIMV2_PREFIX, Epr, Instance, NS_A, NS_CIM, NS_MSWSMAN, NS_N, NS_S, NS_S11, NS_W, NS_XSI,
+    URI_PREFIX, class_uri, esc,
 };
 use crate::state::{Enumeration, State};
 use crate::wql::{self, Query, WqlError};
@@ -369,11 +369,11 @@ pub(crate) fn handle(s: &mut State, body: &str) -> Reply {
     let action = h.action.clone().unwrap_or_default();
     let uri = h.resource_uri.clone().unwrap_or_default();
     // The resource URI: the v2 prefix, then `*` or a known class.
-    let Some(class_part) = strip_prefix_nocase(&uri, URI_PREFIX) else {
+    let Some((namespace, class_part)) = split_uri(&uri) else {
         let f = Fault::sender(
             "a:DestinationUnreachable",
             code::INVALID_RESOURCE_URI,
-            format!("The resource URI {uri} is not in root/virtualization/v2."),
+            format!("The resource URI {uri} is not in root/virtualization/v2 (or root/cimv2/CIM_DataFile)."),
         )
         .detail("InvalidResourceURI");
         return fault_reply(s, reply, f, relates.as_deref(), &host, true);
@@ -381,7 +381,8 @@ pub(crate) fn handle(s: &mut State, body: &str) -> Reply {
     let class: Option<&ClassDef> = if class_part == "*" {
         None
     } else {
-        match Catalog::get().class_nocase(class_part).filter(|c| !c.embedded_only) {
+        match Catalog::get().class_nocase(class_part).filter(|c| !c.embedded_only && c.namespace == namespace)
+        {
             Some(c) => Some(c),
             None => {
                 let f = Fault::sender(
@@ -402,7 +403,7 @@ pub(crate) fn handle(s: &mut State, body: &str) -> Reply {
     }
     let result = match action.as_str() {
         ACTION_GET => get(s, class, &h),
-        ACTION_ENUMERATE => enumerate(s, class, &h, body_node),
+        ACTION_ENUMERATE => enumerate(s, namespace, class, &h, body_node),
         ACTION_PULL => pull(s, body_node),
         ACTION_RELEASE => release(s, body_node),
         ACTION_PUT | ACTION_CREATE | ACTION_DELETE => Err((
@@ -457,6 +458,13 @@ pub(crate) fn handle(s: &mut State, body: &str) -> Reply {
         }
         Err((f, violation)) => fault_reply(s, reply, f, relates.as_deref(), &host, violation),
     }
+}
+
+/// The namespace and class part (`*` or a class name) of a resource URI.
+fn split_uri(uri: &str) -> Option<(Namespace, &str)> {
+    strip_prefix_nocase(uri, URI_PREFIX)
+        .map(|c| (Namespace::V2, c))
+        .or_else(|| strip_prefix_nocase(uri, CIMV2_PREFIX).map(|c| (Namespace::Cimv2, c)))
 }
 
 fn strip_prefix_nocase<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -594,7 +602,13 @@ fn render_item(i: &Instance, mode: Mode) -> String {
     }
 }
 
-fn enumerate(s: &mut State, class: Option<&ClassDef>, h: &Header, body: Node<'_, '_>) -> OpResult {
+fn enumerate(
+    s: &mut State,
+    namespace: Namespace,
+    class: Option<&ClassDef>,
+    h: &Header,
+    body: Node<'_, '_>,
+) -> OpResult {
     let Some(en) = child(body, NS_N, "Enumerate") else {
         return Err((
             Fault::sender("w:SchemaValidationError", code::INVALID_SOAP_BODY, "The body has no n:Enumerate."),
@@ -678,7 +692,7 @@ fn enumerate(s: &mut State, class: Option<&ClassDef>, h: &Header, body: Node<'_,
                     true,
                 ));
             }
-            run_query(s, &text(f))?
+            run_query(s, namespace, &text(f))?
         }
         (Some(c), None) => {
             if !h.selectors.is_empty() {
@@ -734,15 +748,24 @@ fn filter_fault(q: &str, e: &WqlError) -> (Fault, bool) {
     )
 }
 
-fn run_query(s: &State, q: &str) -> Result<Vec<Instance>, (Fault, bool)> {
+fn run_query(s: &State, namespace: Namespace, q: &str) -> Result<Vec<Instance>, (Fault, bool)> {
     let refuse = |e: WqlError| filter_fault(q, &e);
     let query = wql::parse(q).map_err(refuse)?;
     let catalog = Catalog::get();
+    // A query names classes of the namespace its resource URI is in.
+    let named = match &query {
+        Query::Select { class, .. } => class.clone(),
+        Query::Associators(a) => a.source.class.clone(),
+    };
+    if catalog.class_nocase(&named).is_some_and(|c| c.namespace != namespace) {
+        return Err(refuse(WqlError::InvalidClass { class: named }));
+    }
     match query {
         Query::Select { class, filter } => Ok(s
             .instances()
             .into_iter()
             .filter(|i| catalog.is_a(&i.class, &class))
+            .filter(|i| catalog.class(&i.class).is_some_and(|c| c.namespace == namespace))
             .filter(|i| filter.as_ref().is_none_or(|f| wql::matches(f, i)))
             .collect()),
         Query::Associators(a) => {
@@ -908,10 +931,11 @@ fn parse_epr(n: Node<'_, '_>) -> Result<Epr, EprError> {
     }
     let rp = child(n, NS_A, "ReferenceParameters").ok_or_else(|| missing("a:ReferenceParameters"))?;
     let uri = child(rp, NS_W, "ResourceURI").map(text).ok_or_else(|| missing("w:ResourceURI"))?;
-    let class_part =
-        strip_prefix_nocase(uri.trim(), URI_PREFIX).ok_or_else(|| EprError::NotV2 { uri: uri.clone() })?;
+    let (namespace, class_part) =
+        split_uri(uri.trim()).ok_or_else(|| EprError::NotV2 { uri: uri.clone() })?;
     let class = Catalog::get()
         .class_nocase(class_part)
+        .filter(|c| c.namespace == namespace)
         .ok_or_else(|| EprError::NoClass { class: class_part.to_owned() })?;
     let mut selectors = Vec::new();
     if let Some(set) = child(rp, NS_W, "SelectorSet") {
@@ -1044,6 +1068,13 @@ fn render_output(class: &ClassDef, method: &str, out: &Output) -> String {
             "{method} has no out parameter {n}"
         );
         s.push_str(&format!("<p:{n}>{}</p:{n}>", e.render()));
+    }
+    for (n, t) in &out.texts {
+        debug_assert!(
+            class.method(method).is_some_and(|m| m.params.iter().any(|p| p.output && &p.name == n)),
+            "{method} has no out parameter {n}"
+        );
+        s.push_str(&format!("<p:{n}>{}</p:{n}>", esc(t)));
     }
     s.push_str(&format!("<p:ReturnValue>{}</p:ReturnValue></p:{method}_OUTPUT>", out.return_value));
     s

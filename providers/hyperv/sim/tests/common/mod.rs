@@ -17,6 +17,7 @@ pub const W: &str = "http://schemas.dmtf.org/wbem/wsman/1/wsman.xsd";
 pub const N: &str = "http://schemas.xmlsoap.org/ws/2004/09/enumeration";
 pub const F: &str = "http://schemas.microsoft.com/wbem/wsman/1/wsmanfault";
 pub const V2: &str = "http://schemas.microsoft.com/wbem/wsman/1/wmi/root/virtualization/v2/";
+pub const CIMV2: &str = "http://schemas.microsoft.com/wbem/wsman/1/wmi/root/cimv2/";
 pub const ANON: &str = "http://schemas.xmlsoap.org/ws/2004/08/addressing/role/anonymous";
 pub const GET: &str = "http://schemas.xmlsoap.org/ws/2004/09/transfer/Get";
 pub const ENUMERATE: &str = "http://schemas.xmlsoap.org/ws/2004/09/enumeration/Enumerate";
@@ -194,11 +195,16 @@ impl Client {
     /// WQL enumeration with OptimizeEnumeration and MaxElements 100, then
     /// Pulls until the end: the instances' XML texts (`p:` elements).
     pub async fn query(&self, wql: &str) -> Vec<Answer> {
+        self.query_in(V2, wql).await
+    }
+
+    /// [`Client::query`] in the namespace whose resource URI prefix is `ns`.
+    pub async fn query_in(&self, ns: &str, wql: &str) -> Vec<Answer> {
         let body = format!(
             "<n:Enumerate><w:OptimizeEnumeration/><w:MaxElements>100</w:MaxElements><w:Filter Dialect=\"http://schemas.microsoft.com/wbem/wsman/1/WQL\">{}</w:Filter></n:Enumerate>",
             esc(wql)
         );
-        let first = self.post(&envelope(ENUMERATE, &format!("{V2}*"), &[], &body, &new_id())).await;
+        let first = self.post(&envelope(ENUMERATE, &format!("{ns}*"), &[], &body, &new_id())).await;
         assert_eq!(first.status, 200, "{wql}: {}", first.body);
         let mut ctx = first.first("EnumerationContext").unwrap_or_default();
         let mut out = vec![first];
@@ -206,7 +212,7 @@ impl Client {
             let body = format!(
                 "<n:Pull><n:EnumerationContext>{ctx}</n:EnumerationContext><n:MaxElements>100</n:MaxElements></n:Pull>"
             );
-            let a = self.post(&envelope(PULL, &format!("{V2}*"), &[], &body, &new_id())).await;
+            let a = self.post(&envelope(PULL, &format!("{ns}*"), &[], &body, &new_id())).await;
             assert_eq!(a.status, 200, "pull: {}", a.body);
             ctx = a.first("EnumerationContext").unwrap_or_default();
             out.push(a);
@@ -227,7 +233,19 @@ impl Client {
         method: &str,
         params: &str,
     ) -> Answer {
-        let uri = format!("{V2}{class}");
+        self.invoke_in(V2, class, selectors, method, params).await
+    }
+
+    /// [`Client::invoke`] in the namespace whose resource URI prefix is `ns`.
+    pub async fn invoke_in(
+        &self,
+        ns: &str,
+        class: &str,
+        selectors: &[(&str, &str)],
+        method: &str,
+        params: &str,
+    ) -> Answer {
+        let uri = format!("{ns}{class}");
         let body = format!("<p:{method}_INPUT xmlns:p=\"{uri}\">{params}</p:{method}_INPUT>");
         self.post(&envelope(&format!("{uri}/{method}"), &uri, selectors, &body, &new_id())).await
     }
