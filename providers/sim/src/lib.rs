@@ -427,6 +427,18 @@ impl Sim {
         })
     }
 
+    /// The ids of the volumes the simulated hypervisor holds, as an
+    /// operator would see them on its storage (test beds' look at the
+    /// hypervisor, e.g. the conformance kit's `hypervisor_volume_ids`).
+    pub fn volume_ids(&self) -> Vec<String> {
+        self.lock().volumes.keys().cloned().collect()
+    }
+
+    /// The ids of the VMs the simulated hypervisor holds.
+    pub fn vm_ids(&self) -> Vec<String> {
+        self.lock().vms.keys().cloned().collect()
+    }
+
     /// Returns the control service for this simulator.
     pub fn control(&self) -> SimControlServer<Control> {
         SimControlServer::new(Control { sim: self.clone() })
