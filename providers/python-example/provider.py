@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """An out-of-tree HCP provider in Python: an in-memory hypervisor speaking
 hcp.provider.v1 over gRPC (grpcio), generated at start from the same
-provider.proto HCP uses. It is an example for vendors, small on purpose,
-and it passes HCP's conformance kit.
+provider.proto HCP uses, with VMs and volumes. It is an example for
+vendors, small on purpose, and it passes HCP's conformance kit.
 
 Run:  python3 provider.py --listen 127.0.0.1:50071
 It prints {"hcp_ready":{"service":"provider-python","addr":"HOST:PORT"}}

@@ -699,7 +699,7 @@ mod tests {
             kind(sim.create_vm_with(create_vm(OTHER_VM, ""), boot.clone()).await),
             ErrorKind::InvalidState
         );
-        assert!(sim.lock().vms.get(OTHER_VM).is_none(), "a refused create makes nothing");
+        assert!(!sim.lock().vms.contains_key(OTHER_VM), "a refused create makes nothing");
         // Grown through the VM, and directly.
         sim.resize_vm(pb::ResizeVmRequest { vm_id: VM.into(), vcpus: 1, memory_mib: 512, disk_gib: 12 })
             .await
