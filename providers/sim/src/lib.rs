@@ -1225,6 +1225,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_control_service_changes_volumes_behind_hcps_back_and_counts_them() {
+        let sim = Sim::new(&SimConfig::default());
+        let control = Control { sim: sim.clone() };
+        let vol = "0190b5f2-0000-7000-8000-0000000000c1";
+        let made = "0190b5f2-0000-7000-8000-0000000000c2";
+        sim.create_vm(create(&[])).await.unwrap();
+        control
+            .add_volume(tonic::Request::new(sim::AddVolumeRequest {
+                volume_id: vol.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        let v = sim.get_volume(vol).await.unwrap();
+        assert_eq!((v.size_gib, v.vm_id.as_str()), (10, ""));
+        let attach = |vm: &str, slot| sim::SetVolumeAttachmentRequest {
+            volume_id: vol.into(),
+            vm_id: vm.into(),
+            slot,
+        };
+        control.set_volume_attachment(tonic::Request::new(attach(VM, 2))).await.unwrap();
+        assert_eq!(sim.get_volume(vol).await.unwrap().slot, 2);
+        // A VM removed behind HCP's back leaves its volumes, detached.
+        control.remove_vm(tonic::Request::new(sim::RemoveVmRequest { vm_id: VM.into() })).await.unwrap();
+        assert!(sim.get_volume(vol).await.unwrap().vm_id.is_empty());
+        let gone = control.set_volume_attachment(tonic::Request::new(attach(VM, 2))).await.unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::NotFound);
+        sim.create_volume(pb::CreateVolumeRequest {
+            volume_id: made.into(),
+            spec: Some(pb::VolumeSpec { size_gib: 1, ..Default::default() }),
+        })
+        .await
+        .unwrap();
+        control
+            .remove_volume(tonic::Request::new(sim::RemoveVolumeRequest { volume_id: vol.into() }))
+            .await
+            .unwrap();
+        assert_eq!(sim.get_volume(vol).await.unwrap_err().kind, ErrorKind::NotFound);
+        let stats = control.stats(tonic::Request::new(sim::StatsRequest {})).await.unwrap().into_inner();
+        assert_eq!(stats.volume_count, 1);
+        assert_eq!(stats.volume_creations, [(made.to_owned(), 1)].into_iter().collect());
+    }
+
+    #[tokio::test]
     async fn nics_follow_the_networks_with_stable_macs_and_addresses_while_running() {
         let sim = Sim::new(&SimConfig::default());
         let vm = sim.create_vm(create(&[("default", ""), ("lan", "br-lan")])).await.unwrap();
