@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """An out-of-tree HCP provider in Python: an in-memory hypervisor speaking
 hcp.provider.v1 over gRPC (grpcio), generated at start from the same
-provider.proto HCP uses. It is an example for vendors, small on purpose,
-and it passes HCP's conformance kit.
+provider.proto HCP uses, with VMs and volumes. It is an example for
+vendors, small on purpose, and it passes HCP's conformance kit.
 
 Run:  python3 provider.py --listen 127.0.0.1:50071
 It prints {"hcp_ready":{"service":"provider-python","addr":"HOST:PORT"}}
@@ -51,6 +51,9 @@ pb, rpc = load_stubs()
 # Seconds a graceful stop would wait for the guest when the request says 0.
 DEFAULT_STOP_TIMEOUT = 60
 
+# Data volume slots per VM (Capabilities.max_volumes_per_vm).
+MAX_VOLUMES_PER_VM = 16
+
 
 def log(message):
     """Operator log on stderr (stdout carries the readiness line)."""
@@ -65,12 +68,21 @@ def valid_id(vm_id):
 
 
 class Hypervisor:
-    """The VMs, keyed by HCP VM id; every method is idempotent by id."""
+    """The VMs and volumes, keyed by HCP ids; every method is idempotent by id."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.vms = {}
+        # Volume id -> {"native", "size", "vm" (HCP VM id or ""), "slot"}.
+        # Everything here is HCP's; a real provider marks its volumes (a
+        # label, a name prefix) and lists only those.
+        self.volumes = {}
         self.next_native = 0
+
+    def volume_info(self, volume_id):
+        v = self.volumes[volume_id]
+        return pb.VolumeInfo(volume_id=volume_id, size_gib=v["size"], native_id=v["native"],
+                             vm_id=v["vm"], slot=v["slot"])
 
     def info(self, vm_id):
         vm = self.vms[vm_id]
@@ -92,6 +104,9 @@ class Identity(rpc.IdentityServicer):
 
     def GetCapabilities(self, request, context):
         return pb.Capabilities(supports_cloud_init=True, supports_resize=True,
+                               supports_volumes=True, supports_hot_attach=True,
+                               supports_volume_extend_in_use=True,
+                               max_volumes_per_vm=MAX_VOLUMES_PER_VM,
                                attributes={"language": "python"})
 
     def Probe(self, request, context):
@@ -191,11 +206,112 @@ class Compute(rpc.ComputeServicer):
             return self.hv.info(request.vm_id)
 
     def DeleteVm(self, request, context):
+        """Deletes the VM and its own disk, never a volume: its volumes stay, detached."""
         if not valid_id(request.vm_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "vm_id must be a UUID")
         with self.hv.lock:
             existed = self.hv.vms.pop(request.vm_id, None) is not None
+            for v in self.hv.volumes.values():
+                if v["vm"] == request.vm_id:
+                    v["vm"], v["slot"] = "", 0
         return pb.DeleteVmResponse(existed=existed)
+
+    # Volumes: every call checks all it needs before it changes anything,
+    # under the one lock, so a refused call changes nothing.
+
+    def _volume(self, volume_id, context):
+        if not valid_id(volume_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"volume_id must be a UUID, got {volume_id!r}")
+        if volume_id not in self.hv.volumes:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"volume {volume_id} not found")
+        return self.hv.volumes[volume_id]
+
+    def CreateVolume(self, request, context):
+        """Idempotent by volume id: an existing volume is returned as it is."""
+        if not valid_id(request.volume_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "volume_id must be a UUID")
+        if request.spec.size_gib < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec.size_gib must be at least 1")
+        if request.spec.storage not in ("", "default"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no storage {request.spec.storage!r}")
+        with self.hv.lock:
+            if request.volume_id not in self.hv.volumes:
+                self.hv.next_native += 1
+                self.hv.volumes[request.volume_id] = {
+                    "native": f"py-vol-{self.hv.next_native}", "size": request.spec.size_gib,
+                    "vm": "", "slot": 0,
+                }
+            return self.hv.volume_info(request.volume_id)
+
+    def GetVolume(self, request, context):
+        with self.hv.lock:
+            self._volume(request.volume_id, context)
+            return self.hv.volume_info(request.volume_id)
+
+    def ListVolumes(self, request, context):
+        with self.hv.lock:
+            ids = sorted(i for i in self.hv.volumes if i > request.page_token)
+            size = request.page_size or 1000
+            page, rest = ids[:size], ids[size:]
+            return pb.ListVolumesResponse(volumes=[self.hv.volume_info(i) for i in page],
+                                          next_page_token=page[-1] if rest else "")
+
+    def ExtendVolume(self, request, context):
+        """Grows only; a size already reached succeeds. Extending in use is
+        declared (supports_volume_extend_in_use), so a running VM is no bar."""
+        with self.hv.lock:
+            v = self._volume(request.volume_id, context)
+            if request.size_gib < v["size"]:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"size_gib {request.size_gib} is below the volume's {v['size']}; volumes only grow")
+            v["size"] = request.size_gib
+            return self.hv.volume_info(request.volume_id)
+
+    def AttachVolume(self, request, context):
+        """Already attached there succeeds; another VM or a taken slot is
+        FAILED_PRECONDITION. Hot attach is declared, so power is no bar."""
+        if not 1 <= request.slot <= MAX_VOLUMES_PER_VM:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"slot must be 1 to {MAX_VOLUMES_PER_VM}")
+        with self.hv.lock:
+            v = self._volume(request.volume_id, context)
+            self._known(request.vm_id, context)
+            if (v["vm"], v["slot"]) == (request.vm_id, request.slot):
+                return self.hv.volume_info(request.volume_id)
+            if v["vm"]:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"volume {request.volume_id} is attached to vm {v['vm']} at slot {v['slot']}")
+            for other_id, other in self.hv.volumes.items():
+                if (other["vm"], other["slot"]) == (request.vm_id, request.slot):
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                  f"slot {request.slot} of vm {request.vm_id} holds volume {other_id}")
+            v["vm"], v["slot"] = request.vm_id, request.slot
+            return self.hv.volume_info(request.volume_id)
+
+    def DetachVolume(self, request, context):
+        """A volume not attached to that VM, or gone, succeeds."""
+        if not valid_id(request.volume_id) or not valid_id(request.vm_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "volume_id and vm_id must be UUIDs")
+        with self.hv.lock:
+            v = self.hv.volumes.get(request.volume_id)
+            if v is None:
+                return pb.VolumeInfo(volume_id=request.volume_id)
+            if v["vm"] == request.vm_id:
+                v["vm"], v["slot"] = "", 0
+            return self.hv.volume_info(request.volume_id)
+
+    def DeleteVolume(self, request, context):
+        """Attached is FAILED_PRECONDITION; gone answers existed=false."""
+        if not valid_id(request.volume_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "volume_id must be a UUID")
+        with self.hv.lock:
+            v = self.hv.volumes.get(request.volume_id)
+            if v is None:
+                return pb.DeleteVolumeResponse(existed=False)
+            if v["vm"]:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"volume {request.volume_id} is attached to vm {v['vm']}; detach it first")
+            del self.hv.volumes[request.volume_id]
+            return pb.DeleteVolumeResponse(existed=True)
 
     def GetConsole(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{request.protocol} consoles are not supported")

@@ -91,7 +91,8 @@ pub(crate) fn hook(action: &'static str) -> impl FnOnce(HookError) -> CheckError
 }
 
 /// The kit while it runs: the provider's clients, what it declared, the
-/// VMs the kit made (all deleted at the end) and the report so far.
+/// VMs and volumes the kit made (all deleted at the end) and the report so
+/// far.
 pub(crate) struct Kit {
     /// What the kit was given.
     pub(crate) options: Options,
@@ -103,6 +104,11 @@ pub(crate) struct Kit {
     pub(crate) caps: Capabilities,
     /// Every VM id the kit asked to create, for the cleanup.
     pub(crate) created: Vec<String>,
+    /// Every volume id the kit asked to create, for the cleanup.
+    pub(crate) volumes: Vec<String>,
+    /// Where the volume checks put volumes and their VMs: a host when
+    /// volumes are host-local, else empty.
+    pub(crate) volume_host: String,
     /// The outcomes so far.
     pub(crate) report: Report,
 }

@@ -6,13 +6,16 @@
 //! machine (soft and hard reboots, a graceful stop with a timeout, a
 //! forced stop), resize (stopped, and running as the flags say), the NICs
 //! `GetVm` reports, the hosts a provider reports and the host of each VM,
-//! a create on a named host, live and cold migration between hosts, the
-//! error codes for missing VMs, invalid states and unsupported features. A check that needs a capability the provider does
+//! a create on a named host, live and cold migration between hosts,
+//! volumes (idempotent create, extend, attach and detach at slots with
+//! their refusals, hot attach, extend in use, DeleteVm leaving volumes
+//! behind), the error codes for missing VMs, invalid states and
+//! unsupported features. A check that needs a capability the provider does
 //! not declare is skipped with the reason printed, never silently passed.
-//! Every VM the kit creates is deleted at the end, whatever happened, and
-//! the kit then proves nothing is left: the provider's own inventory
-//! (`ListVms`), and the hypervisor's when the kit is given a way to look
-//! ([`Hooks`]), hold none of its VMs. With [`Hooks`] that can drive the
+//! Every VM and volume the kit creates is deleted at the end, whatever
+//! happened, and the kit then proves nothing is left: the provider's own
+//! inventory (`ListVms`, `ListVolumes`), and the hypervisor's when the kit
+//! is given a way to look ([`Hooks`]), hold none of them. With [`Hooks`] that can drive the
 //! provider into a create that fails after its first effect, the kit also
 //! checks that `DeleteVm` then removes the half-made VM.
 //!

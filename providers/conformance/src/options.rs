@@ -26,6 +26,13 @@ pub trait Hooks: Send + Sync {
         None
     }
 
+    /// The HCP volume ids the hypervisor itself holds, found the way the
+    /// provider marks its volumes, without asking the provider. `None`:
+    /// the kit cannot look.
+    fn hypervisor_volume_ids(&self) -> Option<HookFuture<'_, Vec<String>>> {
+        None
+    }
+
     /// Arranges that the provider's next `CreateVm` fails after its first
     /// effect on the hypervisor (e.g. the clone exists, its configuration
     /// is refused). `None`: this test bed cannot.

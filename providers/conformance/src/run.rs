@@ -52,6 +52,8 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         compute: ComputeClient::new(channel),
         caps: Capabilities::default(),
         created: Vec::new(),
+        volumes: Vec::new(),
+        volume_host: String::new(),
         report: Report::default(),
     };
     let r = kit.identity().await;
@@ -143,6 +145,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         kit.record("snapshots refused as UNIMPLEMENTED", r);
     }
     kit.hosts_and_migration().await;
+    kit.volumes().await;
     match kit.half_made_create().await {
         Ok(Some(())) => {
             kit.record("a create failed after its first effect, then DeleteVm: nothing left", Ok(()))
@@ -153,6 +156,9 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
         ),
         Err(e) => kit.record("a create failed after its first effect, then DeleteVm: nothing left", Err(e)),
     }
+    // Volumes first: a volume attached to a kit VM is detached before the
+    // VM goes, so the volume cleanup does not lean on DeleteVm's rule.
+    kit.volume_cleanup().await;
     let r = kit.cleanup().await;
     kit.record("cleanup: nothing left in the inventory or on the hypervisor", r);
     Ok(kit.report)

@@ -1,7 +1,9 @@
-//! The conformance kit against the simulator (all capabilities, none, and
-//! resize without hot resize), and against deliberately broken providers it
-//! must reject: a create that is not idempotent, a delete that leaks, a
-//! resize half applied before it is refused, MACs in upper case.
+//! The conformance kit against the simulator (all capabilities, none,
+//! resize without hot resize, volumes with and without their optional
+//! flags), and against deliberately broken providers it must reject: a
+//! create that is not idempotent, a delete that leaks, a resize half applied
+//! before it is refused, MACs in upper case, a DeleteVm that takes its
+//! volumes with it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,12 +37,40 @@ async fn sim_with_hosts(caps: &str, hosts: Vec<hcp_provider_sim::SimHost>) -> St
     format!("http://{}", rx.await.unwrap())
 }
 
+/// Starts `sim` in this process, with its control service; returns its
+/// endpoint.
+async fn serve_sim(sim: hcp_provider_sim::Sim) -> String {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let control = sim.control();
+    tokio::spawn(hcp_provider_sdk::serve_with(
+        sim,
+        control,
+        ServeConfig { listen: any_port(), ..Default::default() },
+        std::future::pending(),
+        move |a| {
+            let _ = tx.send(a);
+        },
+    ));
+    format!("http://{}", rx.await.unwrap())
+}
+
 /// The simulator's control service drives a create into failing after its
 /// effect (a lost reply), which is how the kit's half-made create check
-/// runs against it.
-struct SimHooks(String);
+/// runs against it; with the simulator itself at hand, the kit also looks
+/// at the hypervisor's VMs and volumes.
+struct SimHooks(String, Option<hcp_provider_sim::Sim>);
 
 impl Hooks for SimHooks {
+    fn hypervisor_vm_ids(&self) -> Option<HookFuture<'_, Vec<String>>> {
+        let sim = self.1.clone()?;
+        Some(Box::pin(async move { Ok(sim.vm_ids()) }))
+    }
+
+    fn hypervisor_volume_ids(&self) -> Option<HookFuture<'_, Vec<String>>> {
+        let sim = self.1.clone()?;
+        Some(Box::pin(async move { Ok(sim.volume_ids()) }))
+    }
+
     fn fail_next_create_after_first_effect(&self) -> Option<HookFuture<'_, ()>> {
         Some(Box::pin(async move {
             let mut c = SimControlClient::connect(self.0.clone()).await.map_err(|e| e.to_string())?;
@@ -61,11 +91,16 @@ impl Hooks for SimHooks {
 
 #[tokio::test]
 async fn the_simulator_conforms() {
-    let endpoint =
-        sim("cloud_init,snapshot,console_vnc,resize,hot_resize,live_migration,cold_migration").await;
+    let caps = "cloud_init,snapshot,console_vnc,resize,hot_resize,live_migration,cold_migration,\
+                volumes,hot_attach,volume_extend_in_use";
+    let the_sim = hcp_provider_sim::Sim::new(&hcp_provider_sim::SimConfig {
+        capabilities: hcp_provider_sim::parse_capabilities(caps).unwrap(),
+        ..Default::default()
+    });
+    let endpoint = serve_sim(the_sim.clone()).await;
     let mut options = Options::new(&endpoint);
     options.network = "default".into();
-    options.hooks = Some(Arc::new(SimHooks(endpoint.clone())));
+    options.hooks = Some(Arc::new(SimHooks(endpoint.clone(), Some(the_sim.clone()))));
     let report = run(options).await.unwrap();
     println!("{report}");
     assert!(report.passed(), "{report}");
@@ -77,7 +112,16 @@ async fn the_simulator_conforms() {
         .filter(|(_, o)| matches!(o, Outcome::Skip(_)))
         .map(|(n, _)| n.as_str())
         .collect();
-    assert_eq!(skipped, vec!["spice console", "rdp console", "serial console"]);
+    // The boot volume check cannot run over this protocol revision.
+    assert_eq!(
+        skipped,
+        vec![
+            "spice console",
+            "rdp console",
+            "serial console",
+            "volumes: a boot volume is at slot 0 and survives DeleteVm"
+        ]
+    );
     for check in [
         "snapshots:",
         "resize: stopped and running",
@@ -86,6 +130,15 @@ async fn the_simulator_conforms() {
         "create on a named host",
         "live migration:",
         "cold migration:",
+        "volumes: create is idempotent",
+        "volumes: extend grows",
+        "volumes: attach to a stopped VM",
+        "volumes: DeleteVolume of an attached volume",
+        "volumes: detach",
+        "volumes: hot attach and detach",
+        "volumes: extend while attached to a running VM",
+        "volumes: DeleteVm leaves an attached volume behind",
+        "volumes: cleanup",
     ] {
         assert!(report.checks.iter().any(|(n, o)| n.starts_with(check) && *o == Outcome::Pass), "{check}");
     }
@@ -107,6 +160,48 @@ async fn the_simulator_conforms() {
     let stats = control.stats(hcp_proto::sim::StatsRequest {}).await.unwrap().into_inner();
     assert!(stats.hard_reboots >= 1 && stats.soft_reboots >= 1, "{stats:?}");
     assert!(stats.forced_stops >= 2 && stats.graceful_stops >= 2, "{stats:?}");
+    // Every volume the kit made was made once and is gone.
+    assert!(stats.volume_creations.len() >= 6, "{stats:?}");
+    assert!(stats.volume_creations.values().all(|n| *n == 1), "{stats:?}");
+    assert_eq!(stats.volume_count, 0, "{stats:?}");
+    assert!(the_sim.vm_ids().is_empty());
+}
+
+#[tokio::test]
+async fn volumes_without_hot_attach_or_extend_in_use_must_refuse_them_and_host_local_ones_work() {
+    let endpoint = sim("volumes,volumes_host_local,max_volumes_per_vm=2").await;
+    let report = run(Options::new(&endpoint)).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    let outcome = |name: &str| report.checks.iter().find(|(n, _)| n == name).map(|(_, o)| o.clone());
+    for refused in [
+        "volumes: attach to a running VM refused without supports_hot_attach",
+        "volumes: extend in use refused without supports_volume_extend_in_use",
+    ] {
+        assert_eq!(outcome(refused), Some(Outcome::Pass), "{refused}");
+    }
+    assert_eq!(
+        outcome("volumes: hot attach and detach on a running VM"),
+        Some(Outcome::Skip("the provider does not declare supports_hot_attach".into()))
+    );
+    assert_eq!(
+        outcome("volumes: extend while attached to a running VM"),
+        Some(Outcome::Skip("the provider does not declare supports_volume_extend_in_use".into()))
+    );
+}
+
+#[tokio::test]
+async fn without_volumes_every_volume_check_is_skipped_with_the_reason() {
+    let report = run(Options::new(&sim("cloud_init,resize").await)).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    let volume_checks: Vec<_> = report.checks.iter().filter(|(n, _)| n.starts_with("volumes:")).collect();
+    assert_eq!(volume_checks.len(), 10, "{report}");
+    let why = Outcome::Skip("the provider does not declare supports_volumes".into());
+    assert!(volume_checks.iter().all(|(_, o)| *o == why), "{report}");
+    assert!(
+        report.checks.iter().any(|(n, o)| n == "volumes refused as UNIMPLEMENTED" && *o == Outcome::Pass)
+    );
 }
 
 #[tokio::test]
@@ -127,8 +222,9 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
     println!("{report}");
     assert!(report.passed(), "{report}");
     // The four consoles, snapshots, resize and both migrations it lacks,
-    // the half-made create (no hooks) and the NICs (no network given).
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 10, "{report}");
+    // the half-made create (no hooks), the NICs (no network given) and the
+    // ten volume checks.
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 20, "{report}");
     assert!(
         report.checks.iter().any(|(n, o)| n == "migration refused without its flag" && *o == Outcome::Pass)
     );
@@ -382,4 +478,101 @@ async fn half_applied_resizes_and_upper_case_macs_fail_by_name() {
         .expect("the NIC check fails");
     assert!(nics.contains("is not lower-case"), "{nics}");
     assert_eq!(failures.len(), 2, "{report}");
+}
+
+/// The simulator with DeleteVm that takes the VM's volumes with it, which
+/// the contract forbids.
+struct VolumeEater(hcp_provider_sim::Sim);
+
+#[hcp_provider_sdk::async_trait]
+impl Provider for VolumeEater {
+    fn info(&self) -> ProviderInfo {
+        ProviderInfo::new("volume-eater.example", "0.0.1", "volume-eater")
+    }
+    async fn capabilities(&self) -> Result<pb::Capabilities, ProviderError> {
+        self.0.capabilities().await
+    }
+    async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        self.0.create_vm(req).await
+    }
+    async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        self.0.get_vm(vm_id).await
+    }
+    async fn list_vms(&self, req: pb::ListVmsRequest) -> Result<pb::ListVmsResponse, ProviderError> {
+        self.0.list_vms(req).await
+    }
+    async fn start_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
+        self.0.start_vm(vm_id).await
+    }
+    async fn stop_vm(&self, req: pb::StopVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        self.0.stop_vm(req).await
+    }
+    async fn reboot_vm(&self, req: pb::RebootVmRequest) -> Result<pb::VmInfo, ProviderError> {
+        self.0.reboot_vm(req).await
+    }
+    async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError> {
+        let all = self.0.list_volumes(pb::ListVolumesRequest::default()).await?;
+        for v in all.volumes.into_iter().filter(|v| v.vm_id == vm_id) {
+            let detach = pb::DetachVolumeRequest { volume_id: v.volume_id.clone(), vm_id: vm_id.to_owned() };
+            self.0.detach_volume(detach).await?;
+            self.0.delete_volume(&v.volume_id).await?;
+        }
+        self.0.delete_vm(vm_id).await
+    }
+    async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
+        self.0.get_console(req).await
+    }
+    async fn create_volume(&self, req: pb::CreateVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.0.create_volume(req).await
+    }
+    async fn get_volume(&self, volume_id: &str) -> Result<pb::VolumeInfo, ProviderError> {
+        self.0.get_volume(volume_id).await
+    }
+    async fn list_volumes(
+        &self,
+        req: pb::ListVolumesRequest,
+    ) -> Result<pb::ListVolumesResponse, ProviderError> {
+        self.0.list_volumes(req).await
+    }
+    async fn extend_volume(&self, req: pb::ExtendVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.0.extend_volume(req).await
+    }
+    async fn attach_volume(&self, req: pb::AttachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.0.attach_volume(req).await
+    }
+    async fn detach_volume(&self, req: pb::DetachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.0.detach_volume(req).await
+    }
+    async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
+        self.0.delete_volume(volume_id).await
+    }
+}
+
+#[tokio::test]
+async fn a_delete_vm_that_takes_its_volumes_fails_by_name() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // Only what VolumeEater passes on is declared.
+    let the_sim = hcp_provider_sim::Sim::new(&hcp_provider_sim::SimConfig {
+        capabilities: hcp_provider_sim::parse_capabilities("volumes,hot_attach,volume_extend_in_use")
+            .unwrap(),
+        ..Default::default()
+    });
+    tokio::spawn(hcp_provider_sdk::serve(
+        VolumeEater(the_sim.clone()),
+        ServeConfig { listen: any_port(), ..Default::default() },
+        std::future::pending(),
+        move |a| {
+            let _ = tx.send(a);
+        },
+    ));
+    let report = run(Options::new(&format!("http://{}", rx.await.unwrap()))).await.unwrap();
+    println!("{report}");
+    let failures: HashMap<&str, &str> = report.failures().into_iter().collect();
+    let msg = failures
+        .get("volumes: DeleteVm leaves an attached volume behind, detached")
+        .expect("the DeleteVm check fails");
+    assert!(msg.contains("DeleteVm took the volume with it"), "{msg}");
+    assert_eq!(failures.len(), 1, "{report}");
+    // The kit cleaned up after itself even so.
+    assert!(the_sim.volume_ids().is_empty() && the_sim.vm_ids().is_empty());
 }

@@ -18,12 +18,20 @@ struct Args {
     /// Capabilities to report, comma-separated (cloud_init, snapshot,
     /// snapshot_running, live_migration, console_vnc, console_spice,
     /// console_rdp, console_serial, gpu_passthrough, resize, hot_resize,
-    /// cold_migration).
+    /// cold_migration, volumes, hot_attach, volume_extend_in_use,
+    /// volumes_host_local, max_volumes_per_vm=N).
     #[arg(
         long,
-        default_value = "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize,live_migration,cold_migration"
+        default_value = "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize,live_migration,cold_migration,volumes,hot_attach,volume_extend_in_use"
     )]
     capabilities: String,
+    /// Data volume slots per VM (max_volumes_per_vm) when volumes are on;
+    /// overrides max_volumes_per_vm=N in --capabilities.
+    #[arg(long)]
+    max_volumes_per_vm: Option<u32>,
+    /// Storages volumes can go to besides "default", comma-separated.
+    #[arg(long, default_value = "")]
+    storages: String,
     /// Simulated hosts (sim-host-1..N); 0 reports none.
     #[arg(long, default_value_t = 3)]
     hosts: u32,
@@ -88,6 +96,11 @@ fn config_of(args: &Args) -> Result<crate::SimConfig, KitError> {
     if args.no_hot_resize {
         capabilities.supports_hot_resize = false;
     }
+    if let Some(n) = args.max_volumes_per_vm
+        && capabilities.supports_volumes
+    {
+        capabilities.max_volumes_per_vm = n;
+    }
     // The files are checked here and read again while serving, so a
     // rotated certificate is served without a restart.
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -118,6 +131,13 @@ fn config_of(args: &Args) -> Result<crate::SimConfig, KitError> {
         require_credentials: args.require_credentials,
         unix_socket: args.unix_socket.clone(),
         hosts: crate::hosts(args.hosts, args.host_vcpus, args.host_memory_mib),
+        storages: args
+            .storages
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
         tls,
     })
 }
@@ -140,6 +160,26 @@ mod tests {
         // The flag wins over a capability list that names hot_resize.
         let listed = config(&["--capabilities", "resize,hot_resize", "--no-hot-resize"]).capabilities;
         assert!(listed.supports_resize && !listed.supports_hot_resize);
+    }
+
+    #[test]
+    fn volumes_are_on_by_default_and_each_flag_is_switchable() {
+        let default = config(&[]).capabilities;
+        assert!(
+            default.supports_volumes && default.supports_hot_attach && default.supports_volume_extend_in_use
+        );
+        assert!(!default.volumes_host_local);
+        assert_eq!(default.max_volumes_per_vm, crate::DEFAULT_MAX_VOLUMES_PER_VM);
+        let local = config(&["--capabilities", "volumes,volumes_host_local", "--max-volumes-per-vm", "3"]);
+        let c = &local.capabilities;
+        assert!(c.supports_volumes && c.volumes_host_local && !c.supports_hot_attach);
+        assert!(!c.supports_volume_extend_in_use);
+        assert_eq!(c.max_volumes_per_vm, 3);
+        let none = config(&["--capabilities", "resize", "--max-volumes-per-vm", "3"]).capabilities;
+        assert!(!none.supports_volumes && none.max_volumes_per_vm == 0, "no slots without volumes");
+        let listed = config(&["--capabilities", "volumes,max_volumes_per_vm=2"]).capabilities;
+        assert_eq!(listed.max_volumes_per_vm, 2);
+        assert_eq!(config(&["--storages", "fast, slow"]).storages, ["fast", "slow"]);
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! `hcp.sim.v1.SimControl` service for tests and demos: per-operation
 //! latency, injected failures (before or after the effect, to model a lost
 //! reply), out-of-band changes (power state, a VM removed behind HCP's back,
-//! an unknown VM), call counters that prove exactly-once creation, and
-//! several hosts (with migration between them, and hosts that fail).
+//! an unknown VM, a volume removed, attached or detached behind HCP's
+//! back), call counters that prove exactly-once creation of VMs and
+//! volumes, several hosts (with migration between them, and hosts that
+//! fail), and volumes (`volumes`: block storage that outlives VMs).
 //!
 //! It is a product part (the quick start runs it), never a stand-in for
 //! testing a real adapter.
 
 pub mod cli;
+mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -19,6 +22,9 @@ use std::time::Duration;
 use hcp_proto::sim;
 use hcp_proto::sim::sim_control_server::{SimControl, SimControlServer};
 use hcp_provider_sdk::{ErrorKind, Provider, ProviderError, ProviderInfo, ServeConfig, pb};
+
+use crate::volumes::SimVolume;
+pub use crate::volumes::{BootVolume, DEFAULT_STORAGE, VmVolumes, VolumeSlot};
 
 /// Simulator settings.
 #[derive(Debug, Clone)]
@@ -39,6 +45,9 @@ pub struct SimConfig {
     pub tls: Option<hcp_provider_sdk::ServerTls>,
     /// The simulated hosts.
     pub hosts: Vec<SimHost>,
+    /// The storages volumes can go to (`VolumeSpec.storage`); an empty
+    /// storage in a spec means [`DEFAULT_STORAGE`], which is always known.
+    pub storages: Vec<String>,
 }
 
 /// A simulated host.
@@ -74,6 +83,7 @@ impl Default for SimConfig {
             unix_socket: None,
             tls: None,
             hosts: default_hosts(),
+            storages: vec![DEFAULT_STORAGE.to_owned()],
         }
     }
 }
@@ -89,16 +99,21 @@ pub fn default_capabilities() -> pb::Capabilities {
         supports_hot_resize: true,
         supports_live_migration: true,
         supports_cold_migration: true,
-        supports_volumes: false,
-        supports_hot_attach: false,
-        supports_volume_extend_in_use: false,
+        supports_volumes: true,
+        supports_hot_attach: true,
+        supports_volume_extend_in_use: true,
         volumes_host_local: false,
-        max_volumes_per_vm: 0,
+        max_volumes_per_vm: DEFAULT_MAX_VOLUMES_PER_VM,
         ..Default::default()
     }
 }
 
-/// A capability name [`parse_capabilities`] does not know.
+/// Data volume slots per VM the simulator reports with `volumes` unless
+/// told otherwise.
+pub const DEFAULT_MAX_VOLUMES_PER_VM: u32 = 16;
+
+/// A capability name [`parse_capabilities`] does not know, or a value it
+/// cannot read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown capability {name:?}")]
 pub struct UnknownCapability {
@@ -107,10 +122,18 @@ pub struct UnknownCapability {
 }
 
 /// Parses a comma-separated list of capability names (`cloud_init,
-/// console_vnc, ...`, with or without the `supports_` prefix).
+/// console_vnc, ...`, with or without the `supports_` prefix), and
+/// `max_volumes_per_vm=N`. With `volumes` and no `max_volumes_per_vm`,
+/// [`DEFAULT_MAX_VOLUMES_PER_VM`] (the contract wants at least 1).
 pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, UnknownCapability> {
     let mut c = pb::Capabilities::default();
+    let mut max_volumes = None;
     for raw in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if let Some(n) = raw.strip_prefix("max_volumes_per_vm=") {
+            let n = n.parse::<u32>().map_err(|_| UnknownCapability { name: raw.to_owned() })?;
+            max_volumes = Some(n);
+            continue;
+        }
         let name = raw.strip_prefix("supports_").unwrap_or(raw);
         let flag = match name {
             "cloud_init" => &mut c.supports_cloud_init,
@@ -125,10 +148,19 @@ pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, UnknownCapabil
             "resize" => &mut c.supports_resize,
             "hot_resize" => &mut c.supports_hot_resize,
             "cold_migration" => &mut c.supports_cold_migration,
+            "volumes" => &mut c.supports_volumes,
+            "hot_attach" => &mut c.supports_hot_attach,
+            "volume_extend_in_use" => &mut c.supports_volume_extend_in_use,
+            "volumes_host_local" => &mut c.volumes_host_local,
             other => return Err(UnknownCapability { name: other.to_owned() }),
         };
         *flag = true;
     }
+    c.max_volumes_per_vm = match max_volumes {
+        Some(n) => n,
+        None if c.supports_volumes => DEFAULT_MAX_VOLUMES_PER_VM,
+        None => 0,
+    };
     Ok(c)
 }
 
@@ -173,6 +205,12 @@ struct State {
     graceful_stops: u64,
     /// Host name -> (spec, up).
     hosts: BTreeMap<String, (SimHost, bool)>,
+    /// Volume id -> volume.
+    volumes: BTreeMap<String, SimVolume>,
+    /// Volumes ever created per id (boot volumes a CreateVm made too).
+    volume_creations: HashMap<String, u32>,
+    /// The storages volumes can go to.
+    storages: Vec<String>,
 }
 
 impl State {
@@ -207,6 +245,22 @@ impl State {
     fn first_host(&self) -> String {
         self.hosts.keys().next().cloned().unwrap_or_default()
     }
+}
+
+/// Runs `$effect` behind the call's accounting, latency and injected
+/// fault (before the effect, or after it: a lost reply).
+macro_rules! fault_gate {
+    ($self:ident, $op:literal, $vm:expr, $effect:expr) => {{
+        let (_in_flight, before, after) = $self.enter($op, $vm).await;
+        if let Some(e) = before {
+            return Err(e);
+        }
+        let result = $effect;
+        if let Some(e) = after {
+            return Err(e);
+        }
+        result
+    }};
 }
 
 /// Marks a call for one VM as in flight until dropped, and adds its
@@ -245,6 +299,9 @@ impl Sim {
     pub fn new(config: &SimConfig) -> Self {
         let state = State {
             hosts: config.hosts.iter().map(|h| (h.name.clone(), (h.clone(), true))).collect(),
+            storages: std::iter::once(DEFAULT_STORAGE.to_owned())
+                .chain(config.storages.iter().cloned())
+                .collect(),
             ..State::default()
         };
         Self {
@@ -325,6 +382,63 @@ impl Sim {
         Ok(Self::info_of(id, vm))
     }
 
+    /// CreateVm with the volumes the VM is created with: a boot volume
+    /// (used as it is, or created from the image at `disk_gib`; slot 0) and
+    /// data volumes attached at their slots. Idempotent by VM id: a VM that
+    /// exists is returned as it is. Everything is checked before anything
+    /// is made, so a refused create leaves nothing behind.
+    pub async fn create_vm_with(
+        &self,
+        req: pb::CreateVmRequest,
+        volumes: VmVolumes,
+    ) -> Result<pb::VmInfo, ProviderError> {
+        fault_gate!(self, "CreateVm", &req.vm_id.clone(), {
+            let spec = req.spec.unwrap_or_default();
+            if spec.user_data.is_some() && !self.capabilities.supports_cloud_init {
+                return Err(ProviderError::new(ErrorKind::Unsupported, "cloud-init is not supported"));
+            }
+            let mut s = self.lock();
+            if let Some(vm) = s.vms.get(&req.vm_id) {
+                Ok(Self::info_of(&req.vm_id, vm))
+            } else {
+                let host = s.host_for(&spec.host)?;
+                let mut vm = SimVm {
+                    native_id: String::new(),
+                    power: if req.start { pb::PowerState::Running } else { pb::PowerState::Shutoff },
+                    vcpus: spec.vcpus,
+                    memory_mib: spec.memory_mib,
+                    disk_gib: spec.disk_gib,
+                    nics: spec
+                        .networks
+                        .iter()
+                        .map(|n| if n.backing.is_empty() { n.network.clone() } else { n.backing.clone() })
+                        .collect(),
+                    host,
+                };
+                vm.disk_gib = s.check_new_vm_volumes(&self.capabilities, &req.vm_id, &vm, &volumes)?;
+                s.next_native += 1;
+                vm.native_id = format!("sim-{}", s.next_native);
+                s.attach_new_vm_volumes(&req.vm_id, &vm, &volumes, self.capabilities.volumes_host_local);
+                *s.creations.entry(req.vm_id.clone()).or_default() += 1;
+                let info = Self::info_of(&req.vm_id, &vm);
+                s.vms.insert(req.vm_id.clone(), vm);
+                Ok(info)
+            }
+        })
+    }
+
+    /// The ids of the volumes the simulated hypervisor holds, as an
+    /// operator would see them on its storage (test beds' look at the
+    /// hypervisor, e.g. the conformance kit's `hypervisor_volume_ids`).
+    pub fn volume_ids(&self) -> Vec<String> {
+        self.lock().volumes.keys().cloned().collect()
+    }
+
+    /// The ids of the VMs the simulated hypervisor holds.
+    pub fn vm_ids(&self) -> Vec<String> {
+        self.lock().vms.keys().cloned().collect()
+    }
+
     /// Returns the control service for this simulator.
     pub fn control(&self) -> SimControlServer<Control> {
         SimControlServer::new(Control { sim: self.clone() })
@@ -365,20 +479,6 @@ fn fault_error(f: &sim::Fault) -> ProviderError {
     ProviderError::new(kind, msg)
 }
 
-macro_rules! fault_gate {
-    ($self:ident, $op:literal, $vm:expr, $effect:expr) => {{
-        let (_in_flight, before, after) = $self.enter($op, $vm).await;
-        if let Some(e) = before {
-            return Err(e);
-        }
-        let result = $effect;
-        if let Some(e) = after {
-            return Err(e);
-        }
-        result
-    }};
-}
-
 #[hcp_provider_sdk::async_trait]
 impl Provider for Sim {
     fn info(&self) -> ProviderInfo {
@@ -404,36 +504,8 @@ impl Provider for Sim {
     }
 
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        fault_gate!(self, "CreateVm", &req.vm_id.clone(), {
-            let spec = req.spec.unwrap_or_default();
-            if spec.user_data.is_some() && !self.capabilities.supports_cloud_init {
-                return Err(ProviderError::new(ErrorKind::Unsupported, "cloud-init is not supported"));
-            }
-            let mut s = self.lock();
-            if let Some(vm) = s.vms.get(&req.vm_id) {
-                Ok(Self::info_of(&req.vm_id, vm))
-            } else {
-                let host = s.host_for(&spec.host)?;
-                s.next_native += 1;
-                let vm = SimVm {
-                    native_id: format!("sim-{}", s.next_native),
-                    power: if req.start { pb::PowerState::Running } else { pb::PowerState::Shutoff },
-                    vcpus: spec.vcpus,
-                    memory_mib: spec.memory_mib,
-                    disk_gib: spec.disk_gib,
-                    nics: spec
-                        .networks
-                        .iter()
-                        .map(|n| if n.backing.is_empty() { n.network.clone() } else { n.backing.clone() })
-                        .collect(),
-                    host,
-                };
-                *s.creations.entry(req.vm_id.clone()).or_default() += 1;
-                let info = Self::info_of(&req.vm_id, &vm);
-                s.vms.insert(req.vm_id.clone(), vm);
-                Ok(info)
-            }
-        })
+        // This protocol revision's VmSpec carries no volumes (see VmVolumes).
+        self.create_vm_with(req, VmVolumes::default()).await
     }
 
     async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
@@ -521,6 +593,12 @@ impl Provider for Sim {
                     ));
                 }
                 Some(_) => {}
+            }
+            if caps.volumes_host_local && s.has_volumes(&req.vm_id) {
+                return Err(ProviderError::new(
+                    ErrorKind::InvalidState,
+                    "the vm has volumes on its host's own storage; detach them first",
+                ));
             }
             let running = power == pb::PowerState::Running;
             if req.live {
@@ -627,6 +705,17 @@ impl Provider for Sim {
                 }
                 Ok(())
             })
+            .inspect(|vm| {
+                // A VM that boots from a volume grows that volume.
+                let mut s = self.lock();
+                if let Some(boot) = s
+                    .volumes
+                    .values_mut()
+                    .find(|v| v.attached.as_ref().is_some_and(|(on, slot)| *on == vm.vm_id && *slot == 0))
+                {
+                    boot.size_gib = boot.size_gib.max(vm.disk_gib);
+                }
+            })
         })
     }
 
@@ -634,6 +723,9 @@ impl Provider for Sim {
         fault_gate!(self, "DeleteVm", vm_id, {
             let mut s = self.lock();
             s.snapshots.remove(vm_id);
+            // The VM's own disk goes with it; its volumes (its boot volume
+            // too) stay, detached.
+            s.detach_all(vm_id);
             Ok(s.vms.remove(vm_id).is_some())
         })
     }
@@ -749,6 +841,57 @@ impl Provider for Sim {
             })
         })
     }
+
+    async fn create_volume(&self, req: pb::CreateVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        fault_gate!(self, "CreateVolume", &volume_key(&req.volume_id), {
+            self.lock().create_volume(&self.capabilities, req)
+        })
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<pb::VolumeInfo, ProviderError> {
+        fault_gate!(self, "GetVolume", &volume_key(volume_id), {
+            self.lock().get_volume(&self.capabilities, volume_id)
+        })
+    }
+
+    async fn list_volumes(
+        &self,
+        req: pb::ListVolumesRequest,
+    ) -> Result<pb::ListVolumesResponse, ProviderError> {
+        fault_gate!(self, "ListVolumes", "", {
+            let all = self.lock().all_volumes(&self.capabilities)?;
+            Ok(hcp_provider_sdk::volume_page_of(all, &req))
+        })
+    }
+
+    async fn extend_volume(&self, req: pb::ExtendVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        fault_gate!(self, "ExtendVolume", &volume_key(&req.volume_id), {
+            self.lock().extend_volume(&self.capabilities, &req)
+        })
+    }
+
+    async fn attach_volume(&self, req: pb::AttachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        fault_gate!(self, "AttachVolume", &volume_key(&req.volume_id), {
+            self.lock().attach_volume(&self.capabilities, &req)
+        })
+    }
+
+    async fn detach_volume(&self, req: pb::DetachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        fault_gate!(self, "DetachVolume", &volume_key(&req.volume_id), {
+            self.lock().detach_volume(&self.capabilities, &req)
+        })
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
+        fault_gate!(self, "DeleteVolume", &volume_key(volume_id), {
+            self.lock().delete_volume(&self.capabilities, volume_id)
+        })
+    }
+}
+
+/// The key of a volume's calls for the per-id concurrency detection.
+fn volume_key(id: &str) -> String {
+    format!("volume/{id}")
 }
 
 /// The `SimControl` service.
@@ -800,6 +943,8 @@ impl SimControl for Control {
             soft_reboots: s.soft_reboots,
             forced_stops: s.forced_stops,
             graceful_stops: s.graceful_stops,
+            volume_creations: s.volume_creations.clone(),
+            volume_count: s.volumes.len() as u32,
             credential_keys: {
                 let mut keys: Vec<String> = s.credentials.iter().flat_map(|c| c.keys().cloned()).collect();
                 keys.sort();
@@ -826,7 +971,10 @@ impl SimControl for Control {
 
     async fn remove_vm(&self, req: tonic::Request<sim::RemoveVmRequest>) -> Reply<sim::RemoveVmResponse> {
         let id = req.into_inner().vm_id;
-        self.sim.lock().vms.remove(&id).ok_or_else(|| ProviderError::not_found(&id).to_status())?;
+        let mut s = self.sim.lock();
+        s.vms.remove(&id).ok_or_else(|| ProviderError::not_found(&id).to_status())?;
+        // As when an administrator undefines a VM: its disks stay.
+        s.detach_all(&id);
         Ok(tonic::Response::new(sim::RemoveVmResponse {}))
     }
 
@@ -875,6 +1023,39 @@ impl SimControl for Control {
             }
         }
         Ok(tonic::Response::new(sim::SetHostStateResponse {}))
+    }
+
+    async fn remove_volume(
+        &self,
+        req: tonic::Request<sim::RemoveVolumeRequest>,
+    ) -> Reply<sim::RemoveVolumeResponse> {
+        let id = req.into_inner().volume_id;
+        let mut s = self.sim.lock();
+        s.volumes.remove(&id).ok_or_else(|| tonic::Status::not_found(format!("volume {id} not found")))?;
+        Ok(tonic::Response::new(sim::RemoveVolumeResponse {}))
+    }
+
+    async fn set_volume_attachment(
+        &self,
+        req: tonic::Request<sim::SetVolumeAttachmentRequest>,
+    ) -> Reply<sim::SetVolumeAttachmentResponse> {
+        let r = req.into_inner();
+        self.sim.lock().set_attachment(&r.volume_id, &r.vm_id, r.slot).map_err(|e| e.to_status())?;
+        Ok(tonic::Response::new(sim::SetVolumeAttachmentResponse {}))
+    }
+
+    async fn add_volume(&self, req: tonic::Request<sim::AddVolumeRequest>) -> Reply<sim::AddVolumeResponse> {
+        let r = req.into_inner();
+        let host_local = self.sim.capabilities.volumes_host_local;
+        let mut s = self.sim.lock();
+        let host = match (host_local, r.host.is_empty()) {
+            (false, _) => String::new(),
+            (true, true) => s.first_host(),
+            (true, false) if s.hosts.contains_key(&r.host) => r.host,
+            (true, false) => return Err(tonic::Status::invalid_argument(format!("no host {}", r.host))),
+        };
+        s.add_unknown_volume(&r.volume_id, if r.size_gib == 0 { 10 } else { r.size_gib }, host);
+        Ok(tonic::Response::new(sim::AddVolumeResponse {}))
     }
 
     async fn add_vm(&self, req: tonic::Request<sim::AddVmRequest>) -> Reply<sim::AddVmResponse> {
@@ -1041,6 +1222,50 @@ mod tests {
         let s = sim.lock();
         assert_eq!((s.hard_reboots, s.soft_reboots), (1, 2));
         assert_eq!((s.forced_stops, s.graceful_stops), (2, 1));
+    }
+
+    #[tokio::test]
+    async fn the_control_service_changes_volumes_behind_hcps_back_and_counts_them() {
+        let sim = Sim::new(&SimConfig::default());
+        let control = Control { sim: sim.clone() };
+        let vol = "0190b5f2-0000-7000-8000-0000000000c1";
+        let made = "0190b5f2-0000-7000-8000-0000000000c2";
+        sim.create_vm(create(&[])).await.unwrap();
+        control
+            .add_volume(tonic::Request::new(sim::AddVolumeRequest {
+                volume_id: vol.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        let v = sim.get_volume(vol).await.unwrap();
+        assert_eq!((v.size_gib, v.vm_id.as_str()), (10, ""));
+        let attach = |vm: &str, slot| sim::SetVolumeAttachmentRequest {
+            volume_id: vol.into(),
+            vm_id: vm.into(),
+            slot,
+        };
+        control.set_volume_attachment(tonic::Request::new(attach(VM, 2))).await.unwrap();
+        assert_eq!(sim.get_volume(vol).await.unwrap().slot, 2);
+        // A VM removed behind HCP's back leaves its volumes, detached.
+        control.remove_vm(tonic::Request::new(sim::RemoveVmRequest { vm_id: VM.into() })).await.unwrap();
+        assert!(sim.get_volume(vol).await.unwrap().vm_id.is_empty());
+        let gone = control.set_volume_attachment(tonic::Request::new(attach(VM, 2))).await.unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::NotFound);
+        sim.create_volume(pb::CreateVolumeRequest {
+            volume_id: made.into(),
+            spec: Some(pb::VolumeSpec { size_gib: 1, ..Default::default() }),
+        })
+        .await
+        .unwrap();
+        control
+            .remove_volume(tonic::Request::new(sim::RemoveVolumeRequest { volume_id: vol.into() }))
+            .await
+            .unwrap();
+        assert_eq!(sim.get_volume(vol).await.unwrap_err().kind, ErrorKind::NotFound);
+        let stats = control.stats(tonic::Request::new(sim::StatsRequest {})).await.unwrap().into_inner();
+        assert_eq!(stats.volume_count, 1);
+        assert_eq!(stats.volume_creations, [(made.to_owned(), 1)].into_iter().collect());
     }
 
     #[tokio::test]

@@ -8,3 +8,4 @@ mod hosts;
 mod identity;
 mod lifecycle;
 mod refusals;
+mod volumes;
