@@ -19,6 +19,11 @@
 //! - Tasks are awaited through a private PropertyCollector
 //!   (`WaitForUpdatesEx`); faults are mapped once, in [`map_error`].
 //! - Calls for one VM are serialized.
+//! - Volumes are disk files `[<datastore>] hcp-volumes/<volume id>.vmdk`
+//!   made without a VM (`CreateVirtualDisk_Task`), found by name, plugged
+//!   into a VM's first SCSI controller and unplugged without a file
+//!   operation; DeleteVm unplugs them before `Destroy_Task`, which deletes
+//!   every disk still attached ([`volumes`]).
 
 pub mod cli;
 pub mod config;
@@ -33,6 +38,7 @@ pub mod soap;
 mod spec;
 mod start;
 pub mod vim;
+mod volumes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
