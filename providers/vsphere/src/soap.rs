@@ -378,10 +378,9 @@ impl Soap {
                 state.apply(change);
                 match state.state.as_deref() {
                     Some("success") => Some(Ok(std::mem::take(&mut state))),
-                    Some("error") => Some(Err(state.error.take().unwrap_or(VimError::Fault {
-                        fault: "SystemError".into(),
-                        message: format!("task {} failed without saying why", task.value),
-                    }))),
+                    // The fault may come after the state in the same
+                    // update (vSphere sets both at once): read on.
+                    Some("error") => state.error.take().map(Err),
                     _ => None,
                 }
             })

@@ -415,10 +415,15 @@ func (hcpDisks) UpdateObject(obj mo.Reference, changes []types.PropertyChange) {
 		return
 	}
 	for _, c := range changes {
-		devices, ok := c.Val.([]types.BaseVirtualDevice)
-		if c.Name != "config.hardware.device" || !ok {
+		if c.Name != "config.hardware.device" {
 			continue
 		}
+		// The change is applied: read the devices from the VM.
+		vm, ok := obj.(*mo.VirtualMachine)
+		if !ok || vm.Config == nil {
+			return
+		}
+		devices := vm.Config.Hardware.Device
 		for _, d := range devices {
 			disk, ok := d.(*types.VirtualDisk)
 			if !ok {
@@ -433,8 +438,10 @@ func (hcpDisks) UpdateObject(obj mo.Reference, changes []types.PropertyChange) {
 
 // hcpVirtualDiskManager is vcsim's VirtualDiskManager remembering sizes,
 // with ExtendVirtualDisk_Task.
+// It embeds the value, not a pointer: vcsim's property collector digs the
+// mo type out of the first field.
 type hcpVirtualDiskManager struct {
-	*VirtualDiskManager
+	VirtualDiskManager
 }
 
 func (m *hcpVirtualDiskManager) CreateVirtualDiskTask(ctx *Context, req *types.CreateVirtualDisk_Task) soap.HasFault {
@@ -474,7 +481,7 @@ func (m *hcpVirtualDiskManager) ExtendVirtualDiskTask(_ *Context, req *types.Ext
 // hcpDatastoreBrowser is vcsim's browser answering VmDiskFileInfo's
 // capacityKb.
 type hcpDatastoreBrowser struct {
-	*HostDatastoreBrowser
+	HostDatastoreBrowser
 }
 
 type hcpSearch struct {
@@ -506,11 +513,12 @@ func (s hcpSearch) Run(task *Task) (types.AnyType, types.BaseMethodFault) {
 }
 
 func (b *hcpDatastoreBrowser) SearchDatastoreTask(s *types.SearchDatastore_Task) soap.HasFault {
-	task := NewTask(hcpSearch{&searchDatastore{
-		HostDatastoreBrowser: b.HostDatastoreBrowser,
+	search := hcpSearch{&searchDatastore{
+		HostDatastoreBrowser: &b.HostDatastoreBrowser,
 		DatastorePath:        s.DatastorePath,
 		SearchSpec:           s.SearchSpec,
-	}})
+	}}
+	task := CreateTask(b, "searchDatastore", search.Run)
 	return &methods.SearchDatastore_TaskBody{
 		Res: &types.SearchDatastore_TaskResponse{Returnval: task.Run()},
 	}
@@ -521,18 +529,18 @@ func (b *hcpDatastoreBrowser) SearchDatastoreTask(s *types.SearchDatastore_Task)
 func HcpDisks() {
 	Map.AddHandler(hcpDisks{})
 	if m, ok := Map.VirtualDiskManager().(*VirtualDiskManager); ok {
-		Map.Put(&hcpVirtualDiskManager{m})
+		Map.Put(&hcpVirtualDiskManager{*m})
 	}
 	for _, obj := range Map.All("Datastore") {
 		if ds, ok := obj.(*Datastore); ok {
 			if b, ok := Map.Get(ds.Browser).(*HostDatastoreBrowser); ok {
-				Map.Put(&hcpDatastoreBrowser{b})
+				Map.Put(&hcpDatastoreBrowser{*b})
 			}
 		}
 	}
 	for _, obj := range Map.All("VirtualMachine") {
 		if vm, ok := obj.(*VirtualMachine); ok {
-			hcpDisks{}.UpdateObject(vm, []types.PropertyChange{{Name: "config.hardware.device", Val: vm.Config.Hardware.Device}})
+			hcpDisks{}.UpdateObject(&vm.VirtualMachine, []types.PropertyChange{{Name: "config.hardware.device"}})
 		}
 	}
 }
