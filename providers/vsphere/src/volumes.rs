@@ -451,8 +451,9 @@ impl Vsphere {
             unit_number: Some(unit),
             address_type: None,
             mac_address: None,
-            // The file's own size: the attach neither grows nor shrinks it.
-            capacity_kb: Some(file.capacity_kb),
+            // The file's own size: the attach neither grows nor shrinks it
+            // (none when the datastore did not say).
+            capacity_kb: Some(file.capacity_kb).filter(|kb| *kb > 0),
             capacity_bytes: None,
         };
         // No file operation: the disk exists and is only plugged in.

@@ -208,7 +208,7 @@ async fn a_volume_outlives_the_vms_it_was_attached_to() {
     assert_eq!((on_b.vm_id.as_str(), on_b.slot), (b.as_str(), 7));
     assert!(disks_of(&soap, &vm_b.native_id).await.contains(&(path.clone(), 8, 4 * GIB_KB)));
     let listed = p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap();
-    assert_eq!(listed.volumes, [on_b.clone()]);
+    assert_eq!(listed.volumes, [on_b]);
 
     // Deleting the VM (running, volume attached) leaves the volume: vcsim's
     // Destroy_Task, like vSphere's, deletes the disks still attached, so
