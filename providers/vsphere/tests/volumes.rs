@@ -307,3 +307,70 @@ async fn a_create_interrupted_half_way_converges_on_one_volume() {
     }
     assert!(volume_files(&soap).await.is_empty());
 }
+
+#[tokio::test]
+async fn volumes_on_stopped_vms_race_slots_and_what_destroy_would_do() {
+    let Some(sim) = vcsim().await else { return };
+    let p = provider(&sim).await;
+    let soap = look(&sim).await;
+    let (a, c, v1, v2) = (id(), id(), id(), id());
+    let mut native = std::collections::HashMap::new();
+    for vm in [&a, &c] {
+        let made = p
+            .create_vm(pb::CreateVmRequest { vm_id: vm.clone(), spec: Some(vm_spec()), start: false })
+            .await
+            .unwrap();
+        assert_eq!(made.power_state, pb::PowerState::Shutoff as i32);
+        native.insert(vm.clone(), made.native_id);
+    }
+    for v in [&v1, &v2] {
+        p.create_volume(pb::CreateVolumeRequest { volume_id: v.clone(), spec: Some(volume_spec(1, "")) })
+            .await
+            .unwrap();
+    }
+
+    // Two attaches of one volume to two VMs at once: one wins, the other is
+    // refused, and the volume is on one VM.
+    let (x, y) = tokio::join!(
+        p.attach_volume(pb::AttachVolumeRequest { volume_id: v1.clone(), vm_id: a.clone(), slot: 1 }),
+        p.attach_volume(pb::AttachVolumeRequest { volume_id: v1.clone(), vm_id: c.clone(), slot: 1 }),
+    );
+    let (winner, loser) = match (x, y) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+        other => panic!("exactly one attach wins: {other:?}"),
+    };
+    assert_eq!(loser.kind, ErrorKind::InvalidState);
+    let holder = winner.vm_id.clone();
+    let other = if holder == a { c.clone() } else { a.clone() };
+    let path1 = format!("[LocalDS_0] hcp-volumes/{v1}.vmdk");
+    let path2 = format!("[LocalDS_0] hcp-volumes/{v2}.vmdk");
+    assert!(disks_of(&soap, &native[&holder]).await.contains(&(path1.clone(), 1, GIB_KB)));
+    assert!(!disks_of(&soap, &native[&other]).await.iter().any(|(f, _, _)| *f == path1));
+
+    // A slot taken by another volume is refused; the last slot is unit 15.
+    let taken = pb::AttachVolumeRequest { volume_id: v2.clone(), vm_id: holder.clone(), slot: 1 };
+    assert_eq!(p.attach_volume(taken).await.unwrap_err().kind, ErrorKind::InvalidState);
+    let last = pb::AttachVolumeRequest { volume_id: v2.clone(), vm_id: holder.clone(), slot: 14 };
+    assert_eq!(p.attach_volume(last).await.unwrap().slot, 14);
+    assert!(disks_of(&soap, &native[&holder]).await.contains(&(path2.clone(), 15, GIB_KB)));
+
+    // Grown while attached to a stopped VM: through the device.
+    let grow = pb::ExtendVolumeRequest { volume_id: v1.clone(), size_gib: 2 };
+    assert_eq!(p.extend_volume(grow).await.unwrap().size_gib, 2);
+    assert!(disks_of(&soap, &native[&holder]).await.contains(&(path1.clone(), 1, 2 * GIB_KB)));
+
+    // Why DeleteVm unplugs volumes first: vcsim's Destroy_Task, like
+    // vSphere's, deletes every disk still attached. Called directly, not
+    // through the provider, it takes both volumes with the VM.
+    let mut files: Vec<String> = volume_files(&soap).await.into_iter().map(|(n, _)| n).collect();
+    files.sort();
+    let mut want = vec![format!("{v1}.vmdk"), format!("{v2}.vmdk")];
+    want.sort();
+    assert_eq!(files, want);
+    soap.task_this("Destroy_Task", &MoRef::new("VirtualMachine", &native[&holder])).await.unwrap();
+    assert!(volume_files(&soap).await.is_empty());
+    assert!(p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes.is_empty());
+    assert!(!p.delete_volume(&v1).await.unwrap());
+    assert!(!p.delete_vm(&holder).await.unwrap());
+    assert!(p.delete_vm(&other).await.unwrap());
+}
