@@ -56,7 +56,11 @@ pub use crate::start::{StartError, run};
 /// separated list of `create:after-clone-submit`, `create:after-clone`,
 /// `create:after-reconfigure`, `create:after-power-on` (a create with
 /// `start`) and `start:after-power-on` (core's start step after a create);
-/// the process aborts there.
+/// for volumes `volume-create:after-mkdir`, `volume-create:after-disk`,
+/// `volume-attach:after-reconfigure`, `volume-detach:after-reconfigure`,
+/// `volume-extend:after-grow`, `volume-delete:after-disk` and
+/// `delete:after-detach` (DeleteVm: volumes unplugged, the VM not yet
+/// destroyed); the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_VSPHERE_FAILPOINTS";
 
 /// The `extraConfig` key naming the HCP VM.

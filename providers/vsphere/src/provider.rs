@@ -305,6 +305,7 @@ impl Provider for Vsphere {
         // Destroy_Task deletes every disk still attached: volumes are
         // unplugged first, so only the VM's own disk goes.
         self.detach_from(&vm, None).await?;
+        self.failpoints.hit("delete:after-detach");
         match self.soap.task_this("Destroy_Task", &vm.moref).await {
             Ok(_) => Ok(true),
             Err(e) if e.fault() == Some("ManagedObjectNotFound") => Ok(true),

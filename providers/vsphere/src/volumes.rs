@@ -289,6 +289,7 @@ impl Vsphere {
             Err(e) if e.fault() == Some("FileAlreadyExists") => {}
             Err(e) => return Err(map_error(e)),
         }
+        self.failpoints.hit("volume-create:after-mkdir");
         let file = VolumeFile { id: req.volume_id.clone(), datastore, capacity_kb: kb_of_gib(spec.size_gib) };
         let path = file.path();
         let create = vim::CreateVirtualDisk {
@@ -304,6 +305,7 @@ impl Vsphere {
             Err(e) if e.fault() == Some("FileAlreadyExists") => {}
             Err(e) => return Err(map_error(e)),
         }
+        self.failpoints.hit("volume-create:after-disk");
         tracing::info!(volume_id = req.volume_id, path, "volume created");
         let made = self.require_volume(&req.volume_id).await?;
         self.volume_info(&made).await
@@ -381,6 +383,7 @@ impl Vsphere {
                 self.soap.task("ExtendVirtualDisk_Task", &extend).await.map_err(map_error)?;
             }
         }
+        self.failpoints.hit("volume-extend:after-grow");
         let file = self.require_volume(&req.volume_id).await?;
         self.volume_info(&file).await
     }
@@ -462,6 +465,7 @@ impl Vsphere {
             ..Default::default()
         };
         self.reconfigure(&vm, change).await?;
+        self.failpoints.hit("volume-attach:after-reconfigure");
         tracing::info!(volume_id = req.volume_id, vm_id = req.vm_id, slot = req.slot, "volume attached");
         self.volume_info(&file).await
     }
@@ -477,6 +481,7 @@ impl Vsphere {
         };
         if let Some(vm) = self.find(&req.vm_id, &[]).await? {
             self.detach_from(&vm, Some(&req.volume_id)).await?;
+            self.failpoints.hit("volume-detach:after-reconfigure");
         }
         self.volume_info(&file).await
     }
@@ -524,6 +529,7 @@ impl Vsphere {
             Err(e) if e.fault() == Some("FileNotFound") => {}
             Err(e) => return Err(map_error(e)),
         }
+        self.failpoints.hit("volume-delete:after-disk");
         tracing::info!(volume_id, path, "volume deleted");
         Ok(true)
     }

@@ -374,3 +374,144 @@ async fn volumes_on_stopped_vms_race_slots_and_what_destroy_would_do() {
     assert!(!p.delete_vm(&holder).await.unwrap());
     assert!(p.delete_vm(&other).await.unwrap());
 }
+
+/// The provider as its own process with one failpoint, configured and
+/// ready for calls; it aborts when a call reaches the failpoint.
+struct Crashing {
+    child: tokio::process::Child,
+    compute: hcp_proto::provider::compute_client::ComputeClient<tonic::transport::Channel>,
+}
+
+impl Crashing {
+    async fn start(config: &std::path::Path, failpoint: &str) -> Self {
+        use hcp_proto::provider::compute_client::ComputeClient;
+        use hcp_proto::provider::identity_client::IdentityClient;
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_hcp-provider-vsphere"))
+            .arg("--config")
+            .arg(config)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .env(hcp_provider_vsphere::FAILPOINTS_ENV, failpoint)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // The provider announces its address on stdout.
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if let Some(i) = l.find("127.0.0.1:") {
+                addr = l[i..].split(|c: char| c.is_whitespace() || c == '"').next().map(str::to_owned);
+                break;
+            }
+        }
+        let addr = addr.expect("the provider printed its address");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        IdentityClient::new(channel.clone())
+            .configure(pb::ConfigureRequest {
+                credentials: [
+                    ("username".to_owned(), "hcp".to_owned()),
+                    ("password".to_owned(), "secret".to_owned()),
+                ]
+                .into(),
+            })
+            .await
+            .unwrap();
+        Self { child, compute: ComputeClient::new(channel) }
+    }
+
+    /// Waits for the process to have died (it must have).
+    async fn died(mut self, step: &str) {
+        let status = tokio::time::timeout(std::time::Duration::from_secs(10), self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{step}: the provider is still running"))
+            .unwrap();
+        assert!(!status.success(), "{step}: {status}");
+    }
+}
+
+#[tokio::test]
+async fn a_crash_after_every_volume_step_converges_when_the_call_is_repeated() {
+    let Some(sim) = vcsim().await else { return };
+    let p = provider(&sim).await;
+    let soap = look(&sim).await;
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let config = dir.path().join("provider.toml");
+    std::fs::write(&config, sim.provider_toml(TIMING)).unwrap();
+    let (a, v1, v2) = (id(), id(), id());
+    let vm = p
+        .create_vm(pb::CreateVmRequest { vm_id: a.clone(), spec: Some(vm_spec()), start: true })
+        .await
+        .unwrap();
+    let path1 = format!("[LocalDS_0] hcp-volumes/{v1}.vmdk");
+    let disks_with =
+        |disks: Vec<(String, i32, i64)>, path: &str| disks.into_iter().filter(|(f, _, _)| f == path).count();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+
+    // Each call dies after its first effect; the same call, repeated (by
+    // core, against the restarted provider), finishes it.
+    let create =
+        |v: &str| pb::CreateVolumeRequest { volume_id: v.to_owned(), spec: Some(volume_spec(1, "")) };
+    for (step, v) in [("volume-create:after-mkdir", &v1), ("volume-create:after-disk", &v2)] {
+        let mut c = Crashing::start(&config, step).await;
+        assert!(c.compute.create_volume(create(v)).await.is_err(), "{step}");
+        c.died(step).await;
+        assert_eq!(p.create_volume(create(v)).await.unwrap().size_gib, 1, "{step}");
+    }
+    let names: Vec<String> = volume_files(&soap).await.into_iter().map(|(n, _)| n).collect();
+    assert_eq!(sorted(names), sorted(vec![format!("{v1}.vmdk"), format!("{v2}.vmdk")]));
+
+    let step = "volume-attach:after-reconfigure";
+    let attach = pb::AttachVolumeRequest { volume_id: v1.clone(), vm_id: a.clone(), slot: 3 };
+    let mut c = Crashing::start(&config, step).await;
+    assert!(c.compute.attach_volume(attach.clone()).await.is_err(), "{step}");
+    c.died(step).await;
+    assert_eq!(p.attach_volume(attach).await.unwrap().slot, 3);
+    assert_eq!(disks_with(disks_of(&soap, &vm.native_id).await, &path1), 1, "{step}: attached once");
+
+    let step = "volume-extend:after-grow";
+    let grow = pb::ExtendVolumeRequest { volume_id: v1.clone(), size_gib: 2 };
+    let mut c = Crashing::start(&config, step).await;
+    assert!(c.compute.extend_volume(grow.clone()).await.is_err(), "{step}");
+    c.died(step).await;
+    assert_eq!(p.extend_volume(grow).await.unwrap().size_gib, 2);
+
+    let step = "volume-detach:after-reconfigure";
+    let detach = pb::DetachVolumeRequest { volume_id: v1.clone(), vm_id: a.clone() };
+    let mut c = Crashing::start(&config, step).await;
+    assert!(c.compute.detach_volume(detach.clone()).await.is_err(), "{step}");
+    c.died(step).await;
+    assert_eq!(p.detach_volume(detach).await.unwrap().vm_id, "");
+    assert_eq!(disks_with(disks_of(&soap, &vm.native_id).await, &path1), 0, "{step}");
+
+    // DeleteVm dies between unplugging the volumes and destroying the VM:
+    // repeated, it destroys the VM, and the volume is left.
+    let step = "delete:after-detach";
+    p.attach_volume(pb::AttachVolumeRequest { volume_id: v2.clone(), vm_id: a.clone(), slot: 1 })
+        .await
+        .unwrap();
+    let mut c = Crashing::start(&config, step).await;
+    assert!(c.compute.delete_vm(pb::VmRef { vm_id: a.clone() }).await.is_err(), "{step}");
+    c.died(step).await;
+    assert!(p.delete_vm(&a).await.unwrap(), "{step}: the VM was still there");
+    let left = p.get_volume(&v2).await.unwrap();
+    assert_eq!((left.vm_id.as_str(), left.size_gib), ("", 1));
+
+    let step = "volume-delete:after-disk";
+    let mut c = Crashing::start(&config, step).await;
+    assert!(c.compute.delete_volume(pb::VolumeRef { volume_id: v1.clone() }).await.is_err(), "{step}");
+    c.died(step).await;
+    // The file went with the first call: the repeat finds nothing to delete.
+    assert!(!p.delete_volume(&v1).await.unwrap());
+    assert!(p.delete_volume(&v2).await.unwrap());
+    assert!(volume_files(&soap).await.is_empty());
+}
