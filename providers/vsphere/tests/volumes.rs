@@ -515,3 +515,58 @@ async fn a_crash_after_every_volume_step_converges_when_the_call_is_repeated() {
     assert!(p.delete_volume(&v2).await.unwrap());
     assert!(volume_files(&soap).await.is_empty());
 }
+
+/// What a boot volume is on vSphere: the VM's disk at unit 0 is an HCP
+/// volume. The protocol's VmSpec has no boot volume field yet, so the test
+/// arranges it through its own session: the VM's own root disk swapped for
+/// a volume. The provider reports it at slot 0, and DeleteVm leaves it.
+#[tokio::test]
+async fn a_volume_at_unit_0_is_a_boot_volume_and_survives_its_vm() {
+    let Some(sim) = vcsim().await else { return };
+    let p = provider(&sim).await;
+    let soap = look(&sim).await;
+    let (a, boot) = (id(), id());
+    let vm = p
+        .create_vm(pb::CreateVmRequest { vm_id: a.clone(), spec: Some(vm_spec()), start: false })
+        .await
+        .unwrap();
+    p.create_volume(pb::CreateVolumeRequest { volume_id: boot.clone(), spec: Some(volume_spec(2, "")) })
+        .await
+        .unwrap();
+    let moref = MoRef::new("VirtualMachine", &vm.native_id);
+    let devices = property(&soap, &moref, "config.hardware.device").await.unwrap();
+    let root = devices
+        .children
+        .iter()
+        .map(vim::Device::from_xml)
+        .find(|d| d.is_disk() && d.unit_number == Some(0))
+        .expect("the clone has a root disk at unit 0");
+    let path = format!("[LocalDS_0] hcp-volumes/{boot}.vmdk");
+    let mut volume = root.clone();
+    volume.key = -300;
+    volume.capacity_kb = Some(2 * GIB_KB);
+    volume.capacity_bytes = None;
+    volume.device_info = None;
+    if let Some(b) = volume.backing.as_mut() {
+        b.file_name = Some(path.clone());
+    }
+    let swap = vim::ConfigSpec {
+        device_change: vec![
+            vim::DeviceChange { operation: "remove", device: root },
+            vim::DeviceChange { operation: "add", device: volume },
+        ],
+        ..Default::default()
+    };
+    soap.task("ReconfigVM_Task", &vim::ReconfigVm { xmlns: VIM25, this: &moref, spec: swap }).await.unwrap();
+    assert!(disks_of(&soap, &vm.native_id).await.contains(&(path.clone(), 0, 2 * GIB_KB)));
+
+    let info = p.get_volume(&boot).await.unwrap();
+    assert_eq!((info.vm_id.as_str(), info.slot, info.size_gib), (a.as_str(), 0, 2));
+    p.start_vm(&a).await.unwrap();
+    assert!(p.delete_vm(&a).await.unwrap());
+    let left = p.get_volume(&boot).await.unwrap();
+    assert_eq!((left.vm_id.as_str(), left.slot, left.size_gib), ("", 0, 2));
+    assert_eq!(volume_files(&soap).await, [(format!("{boot}.vmdk"), 2 * GIB_KB)]);
+    assert!(p.delete_volume(&boot).await.unwrap());
+    assert!(volume_files(&soap).await.is_empty());
+}
