@@ -23,7 +23,7 @@
 //!   made without a VM (`CreateVirtualDisk_Task`), found by name, plugged
 //!   into a VM's first SCSI controller and unplugged without a file
 //!   operation; DeleteVm unplugs them before `Destroy_Task`, which deletes
-//!   every disk still attached ([`volumes`]).
+//!   every disk still attached (`volumes.rs`).
 
 pub mod cli;
 pub mod config;
