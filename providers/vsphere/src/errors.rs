@@ -7,33 +7,37 @@ use crate::soap::VimError;
 /// Maps a vSphere failure onto the protocol's error kinds (the only place).
 pub fn map_error(e: VimError) -> ProviderError {
     let message = hcp_provider_sdk::kit::cli::chain(&e);
-    let (kind, retryable) =
-        match &e {
-            VimError::NoCredentials | VimError::Transport(_) | VimError::Timeout(_) => {
+    let (kind, retryable) = match &e {
+        VimError::NoCredentials | VimError::Transport(_) | VimError::Timeout(_) => {
+            (ErrorKind::Unavailable, None)
+        }
+        VimError::Encode { .. } | VimError::Decode(_) => (ErrorKind::Internal, None),
+        VimError::Fault { fault, .. } => match fault.as_str() {
+            "ManagedObjectNotFound" | "FileNotFound" => (ErrorKind::NotFound, None),
+            "InvalidPowerState" | "InvalidState" | "ToolsUnavailable" | "InvalidHostState" => {
+                (ErrorKind::InvalidState, None)
+            }
+            "InvalidArgument"
+            | "InvalidRequest"
+            | "InvalidName"
+            | "InvalidType"
+            | "InvalidDeviceSpec"
+            | "InvalidDatastore"
+            | "InvalidDatastorePath" => (ErrorKind::InvalidArgument, None),
+            "NotAuthenticated" | "InvalidLogin" | "NoPermission" => {
+                (ErrorKind::PermissionDenied, Some(false))
+            }
+            "NotSupported" | "MethodNotFound" | "NotImplemented" => (ErrorKind::Unsupported, None),
+            // Another task holds the VM, or a second create's clone of the
+            // same name is running: it passes.
+            "TaskInProgress" | "ResourceInUse" | "ConcurrentAccess" | "DuplicateName" | "FileLocked"
+            | "RequestCanceled" => (ErrorKind::Busy, None),
+            "HostCommunication" | "HostNotConnected" | "InsufficientResourcesFault" | "NoDiskSpace" => {
                 (ErrorKind::Unavailable, None)
             }
-            VimError::Encode { .. } | VimError::Decode(_) => (ErrorKind::Internal, None),
-            VimError::Fault { fault, .. } => match fault.as_str() {
-                "ManagedObjectNotFound" => (ErrorKind::NotFound, None),
-                "InvalidPowerState" | "InvalidState" | "ToolsUnavailable" | "InvalidHostState" => {
-                    (ErrorKind::InvalidState, None)
-                }
-                "InvalidArgument" | "InvalidRequest" | "InvalidName" | "InvalidType"
-                | "InvalidDeviceSpec" => (ErrorKind::InvalidArgument, None),
-                "NotAuthenticated" | "InvalidLogin" | "NoPermission" => {
-                    (ErrorKind::PermissionDenied, Some(false))
-                }
-                "NotSupported" | "MethodNotFound" | "NotImplemented" => (ErrorKind::Unsupported, None),
-                // Another task holds the VM, or a second create's clone of the
-                // same name is running: it passes.
-                "TaskInProgress" | "ResourceInUse" | "ConcurrentAccess" | "DuplicateName"
-                | "RequestCanceled" => (ErrorKind::Busy, None),
-                "HostCommunication" | "HostNotConnected" | "InsufficientResourcesFault" | "NoDiskSpace" => {
-                    (ErrorKind::Unavailable, None)
-                }
-                _ => (ErrorKind::Internal, None),
-            },
-        };
+            _ => (ErrorKind::Internal, None),
+        },
+    };
     let mut err = ProviderError::new(kind, message);
     err.retryable = retryable;
     err

@@ -19,6 +19,11 @@
 //! - Tasks are awaited through a private PropertyCollector
 //!   (`WaitForUpdatesEx`); faults are mapped once, in [`map_error`].
 //! - Calls for one VM are serialized.
+//! - Volumes are disk files `[<datastore>] hcp-volumes/<volume id>.vmdk`
+//!   made without a VM (`CreateVirtualDisk_Task`), found by name, plugged
+//!   into a VM's first SCSI controller and unplugged without a file
+//!   operation; DeleteVm unplugs them before `Destroy_Task`, which deletes
+//!   every disk still attached (`volumes.rs`).
 
 pub mod cli;
 pub mod config;
@@ -33,6 +38,7 @@ pub mod soap;
 mod spec;
 mod start;
 pub mod vim;
+mod volumes;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -50,7 +56,11 @@ pub use crate::start::{StartError, run};
 /// separated list of `create:after-clone-submit`, `create:after-clone`,
 /// `create:after-reconfigure`, `create:after-power-on` (a create with
 /// `start`) and `start:after-power-on` (core's start step after a create);
-/// the process aborts there.
+/// for volumes `volume-create:after-mkdir`, `volume-create:after-disk`,
+/// `volume-attach:after-reconfigure`, `volume-detach:after-reconfigure`,
+/// `volume-extend:after-grow`, `volume-delete:after-disk` and
+/// `delete:after-detach` (DeleteVm: volumes unplugged, the VM not yet
+/// destroyed); the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_VSPHERE_FAILPOINTS";
 
 /// The `extraConfig` key naming the HCP VM.

@@ -1,6 +1,6 @@
 //! The `Provider` implementation: capabilities, readiness, credentials and
 //! the compute operations (power, resize, delete), delegating create,
-//! hosts, consoles and snapshots to their modules.
+//! hosts, consoles, snapshots and volumes to their modules.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -102,12 +102,17 @@ impl Provider for Vsphere {
             supports_live_migration: hosts > 1 && shared,
             // A powered-off VM moves with its disks (RelocateVM_Task).
             supports_cold_migration: hosts > 1,
-            // Volumes come with issue 28's provider work.
-            supports_volumes: false,
-            supports_hot_attach: false,
-            supports_volume_extend_in_use: false,
+            // Disk files on datastores (see `volumes`).
+            supports_volumes: true,
+            // vSphere hot-adds and hot-removes SCSI disks.
+            supports_hot_attach: true,
+            // and grows an attached disk online.
+            supports_volume_extend_in_use: true,
+            // Datastores are reached by every host of the cluster that
+            // mounts them; a volume on a datastore a host does not mount
+            // fails to attach there (vSphere's error, passed on).
             volumes_host_local: false,
-            max_volumes_per_vm: 0,
+            max_volumes_per_vm: crate::volumes::MAX_VOLUMES_PER_VM,
             // WebMKS (RFB over a websocket) through the console proxy.
             supports_console_vnc: true,
             supports_resize: true,
@@ -297,6 +302,10 @@ impl Provider for Vsphere {
         if vm.power != "poweredOff" {
             self.power_off(&vm).await?;
         }
+        // Destroy_Task deletes every disk still attached: volumes are
+        // unplugged first, so only the VM's own disk goes.
+        self.detach_from(&vm, None).await?;
+        self.failpoints.hit("delete:after-detach");
         match self.soap.task_this("Destroy_Task", &vm.moref).await {
             Ok(_) => Ok(true),
             Err(e) if e.fault() == Some("ManagedObjectNotFound") => Ok(true),
@@ -324,5 +333,36 @@ impl Provider for Vsphere {
 
     async fn delete_snapshot(&self, req: pb::SnapshotRef) -> Result<bool, ProviderError> {
         self.snapshot_delete(req).await
+    }
+
+    async fn create_volume(&self, req: pb::CreateVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_create(req).await
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_get(volume_id).await
+    }
+
+    async fn list_volumes(
+        &self,
+        req: pb::ListVolumesRequest,
+    ) -> Result<pb::ListVolumesResponse, ProviderError> {
+        self.volume_list(req).await
+    }
+
+    async fn extend_volume(&self, req: pb::ExtendVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_extend(req).await
+    }
+
+    async fn attach_volume(&self, req: pb::AttachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_attach(req).await
+    }
+
+    async fn detach_volume(&self, req: pb::DetachVolumeRequest) -> Result<pb::VolumeInfo, ProviderError> {
+        self.volume_detach(req).await
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
+        self.volume_delete(volume_id).await
     }
 }

@@ -347,17 +347,40 @@ impl Soap {
     /// (`WaitForUpdatesEx` on `info.state`, `info.error`, `info.result`),
     /// for the configured task timeout plus `extra`.
     pub async fn wait(&self, task: &MoRef, extra: Duration) -> Result<Option<MoRef>, VimError> {
+        Ok(self.wait_state(task, extra).await?.result)
+    }
+
+    /// Calls a `..._Task` method and waits for it; the task's result as it
+    /// came (for results that are data, not morefs).
+    pub async fn task_xml<B: Serialize>(&self, method: &str, body: &B) -> Result<Option<vim::Xml>, VimError> {
+        let task: MoRef = self.invoke(method, body, false).await?;
+        if let Some(result) = self.wait_state(&task, Duration::ZERO).await?.result_xml {
+            return Ok(Some(result));
+        }
+        // The update that said "success" may have come before the one
+        // carrying the result: read it.
+        let pc = self.content().await?.property_collector.clone();
+        let req = vim::RetrievePropertiesEx {
+            xmlns: VIM25,
+            this: &pc,
+            spec_set: vec![vim::PropertyFilterSpec::one(&task, &["info.result"])],
+            options: vim::RetrieveOptions { max_objects: 1 },
+        };
+        let r: vim::RetrieveResult = self.invoke("RetrievePropertiesEx", &req, true).await?;
+        Ok(r.objects.into_iter().next().and_then(|o| o.prop("info.result").cloned()))
+    }
+
+    async fn wait_state(&self, task: &MoRef, extra: Duration) -> Result<vim::TaskState, VimError> {
         let timeout = Duration::from_secs(self.timing.task_timeout_seconds) + extra;
         let mut state = vim::TaskState::default();
         let done = self
             .watch(task, &["info.state", "info.error", "info.result"], timeout, |change| {
                 state.apply(change);
                 match state.state.as_deref() {
-                    Some("success") => Some(Ok(state.result.take())),
-                    Some("error") => Some(Err(state.error.take().unwrap_or(VimError::Fault {
-                        fault: "SystemError".into(),
-                        message: format!("task {} failed without saying why", task.value),
-                    }))),
+                    Some("success") => Some(Ok(std::mem::take(&mut state))),
+                    // The fault may come after the state in the same
+                    // update (vSphere sets both at once): read on.
+                    Some("error") => state.error.take().map(Err),
                     _ => None,
                 }
             })

@@ -193,6 +193,10 @@ pub struct ServiceContent {
     pub search_index: MoRef,
     /// Login.
     pub session_manager: MoRef,
+    /// Datastore folders and files (volumes' folder).
+    pub file_manager: Option<MoRef>,
+    /// Virtual disk files (volumes).
+    pub virtual_disk_manager: Option<MoRef>,
     /// `VirtualCenter` or `HostAgent`.
     pub api_type: String,
     /// e.g. `6.5`.
@@ -212,6 +216,8 @@ impl FromXml for ServiceContent {
             view_manager: m("viewManager")?,
             search_index: m("searchIndex")?,
             session_manager: m("sessionManager")?,
+            file_manager: x.moref_of("fileManager"),
+            virtual_disk_manager: x.moref_of("virtualDiskManager"),
             api_type: about.text_of("apiType").to_owned(),
             api_version: about.text_of("apiVersion").to_owned(),
             full_name: about.text_of("fullName").to_owned(),
@@ -462,6 +468,9 @@ pub struct TaskState {
     pub state: Option<String>,
     /// The result (a moref), when the task has one.
     pub result: Option<MoRef>,
+    /// The result as it came, for results that are not morefs (a
+    /// datastore search's).
+    pub result_xml: Option<Xml>,
     /// The fault, when it failed.
     pub error: Option<VimError>,
 }
@@ -471,12 +480,16 @@ impl TaskState {
     pub fn apply(&mut self, c: &Change) {
         match c.name.as_str() {
             "info.state" => self.state = c.val.as_ref().map(|v| v.text.trim().to_owned()),
-            "info.result" => self.result = c.val.as_ref().and_then(|v| MoRef::from_xml(v).ok()),
+            "info.result" => {
+                self.result = c.val.as_ref().and_then(|v| MoRef::from_xml(v).ok());
+                self.result_xml = c.val.clone();
+            }
             "info.error" => self.error = c.val.as_ref().map(fault_of),
             "info" => {
                 if let Some(v) = &c.val {
                     self.state = v.child("state").map(|s| s.text.trim().to_owned());
                     self.result = v.moref_of("result");
+                    self.result_xml = v.child("result").cloned();
                     self.error = v.child("error").map(fault_of);
                 }
             }
@@ -884,6 +897,178 @@ impl FromXml for Ticket {
         };
         Ok(Self { ticket, host: text("host"), port, url: text("url") })
     }
+}
+
+// ---- volumes: disk files ----
+
+/// `MakeDirectory` (FileManager).
+#[derive(Debug, Serialize)]
+pub struct MakeDirectory<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    pub name: &'a str,
+    pub datacenter: &'a MoRef,
+    #[serde(rename = "createParentDirectories")]
+    pub create_parents: bool,
+}
+
+/// `FileBackedVirtualDiskSpec`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskSpec {
+    #[serde(rename = "@xsi:type")]
+    xsi_type: &'static str,
+    /// `thin`, `preallocated`, `eagerZeroedThick`...
+    #[serde(rename = "diskType")]
+    pub disk_type: &'static str,
+    /// `lsiLogic`, `busLogic`, `ide`.
+    #[serde(rename = "adapterType")]
+    pub adapter_type: &'static str,
+    #[serde(rename = "capacityKb")]
+    pub capacity_kb: i64,
+}
+
+impl DiskSpec {
+    /// A thin disk of `capacity_kb`.
+    pub fn thin(capacity_kb: i64) -> Self {
+        Self {
+            xsi_type: "FileBackedVirtualDiskSpec",
+            disk_type: "thin",
+            adapter_type: "lsiLogic",
+            capacity_kb,
+        }
+    }
+}
+
+/// `CreateVirtualDisk_Task`.
+#[derive(Debug, Serialize)]
+pub struct CreateVirtualDisk<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    pub name: &'a str,
+    pub datacenter: &'a MoRef,
+    pub spec: DiskSpec,
+}
+
+/// `DeleteVirtualDisk_Task`.
+#[derive(Debug, Serialize)]
+pub struct DeleteVirtualDisk<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    pub name: &'a str,
+    pub datacenter: &'a MoRef,
+}
+
+/// `ExtendVirtualDisk_Task`.
+#[derive(Debug, Serialize)]
+pub struct ExtendVirtualDisk<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    pub name: &'a str,
+    pub datacenter: &'a MoRef,
+    #[serde(rename = "newCapacityKb")]
+    pub new_capacity_kb: i64,
+    #[serde(rename = "eagerZero")]
+    pub eager_zero: bool,
+}
+
+/// `VmDiskFileQueryFlags`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskQueryFlags {
+    #[serde(rename = "diskType")]
+    pub disk_type: bool,
+    #[serde(rename = "capacityKb")]
+    pub capacity_kb: bool,
+    #[serde(rename = "hardwareVersion")]
+    pub hardware_version: bool,
+}
+
+/// `VmDiskFileQuery`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskQuery {
+    #[serde(rename = "@xsi:type")]
+    xsi_type: &'static str,
+    pub details: DiskQueryFlags,
+}
+
+/// `FileQueryFlags`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileQueryFlags {
+    #[serde(rename = "fileType")]
+    pub file_type: bool,
+    #[serde(rename = "fileSize")]
+    pub file_size: bool,
+    pub modification: bool,
+    #[serde(rename = "fileOwner")]
+    pub file_owner: bool,
+}
+
+/// `HostDatastoreBrowserSearchSpec`.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchSpec {
+    pub query: Vec<DiskQuery>,
+    pub details: FileQueryFlags,
+    #[serde(rename = "matchPattern")]
+    pub match_pattern: Vec<String>,
+}
+
+impl SearchSpec {
+    /// Virtual disks named like `pattern`, with their capacity.
+    pub fn disks(pattern: &str) -> Self {
+        Self {
+            query: vec![DiskQuery {
+                xsi_type: "VmDiskFileQuery",
+                details: DiskQueryFlags { disk_type: true, capacity_kb: true, hardware_version: false },
+            }],
+            details: FileQueryFlags {
+                file_type: true,
+                file_size: true,
+                modification: false,
+                file_owner: false,
+            },
+            match_pattern: vec![pattern.to_owned()],
+        }
+    }
+}
+
+/// `SearchDatastore_Task` (HostDatastoreBrowser).
+#[derive(Debug, Serialize)]
+pub struct SearchDatastore<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    #[serde(rename = "datastorePath")]
+    pub datastore_path: &'a str,
+    #[serde(rename = "searchSpec")]
+    pub search_spec: SearchSpec,
+}
+
+/// One disk file a datastore search found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskFile {
+    /// The file's name in its folder.
+    pub path: String,
+    /// Its capacity (0 when the server did not say).
+    pub capacity_kb: i64,
+}
+
+/// The disk files of a `HostDatastoreBrowserSearchResults`.
+pub fn disk_files(results: &Xml) -> Vec<DiskFile> {
+    results
+        .all("file")
+        .map(|f| DiskFile {
+            path: f.text_of("path").to_owned(),
+            capacity_kb: f.num_of("capacityKb").unwrap_or(0),
+        })
+        .collect()
 }
 
 /// One node of `snapshot.rootSnapshotList`, flattened.

@@ -57,6 +57,8 @@ func main() {
 	}
 	// Guests run VMware Tools while powered on (overlay).
 	simulator.HcpGuestTools()
+	// Disk files keep their size (overlay).
+	simulator.HcpDisks()
 	model.Service.RegisterEndpoints = true
 	model.Service.Listen = u
 	model.Service.TLS = new(tls.Config)

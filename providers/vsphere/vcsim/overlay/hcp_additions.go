@@ -28,6 +28,15 @@ package simulator
 //     its lifetime, upgrades to a websocket (subprotocol "binary") and
 //     speaks RFB 3.8 with no authentication (the ticket in the URL is the
 //     credential), sending a ServerInit named "vcsim <vm name>".
+//   - HcpDisks: the capacity of virtual disk files. vcsim 0.24.2 makes
+//     empty files for disks and forgets the size asked for, so a disk that
+//     no VM holds has none; vSphere keeps it in the disk. Here the size is
+//     remembered by datastore path: from CreateVirtualDisk_Task's spec, and
+//     from every VM device backed by the file (an attached disk grown by
+//     ReconfigVM_Task). SearchDatastore_Task answers it in
+//     VmDiskFileInfo.capacityKb when the query asks for it, as vSphere
+//     does, and VirtualDiskManager gains ExtendVirtualDisk_Task (0.24.2
+//     has none), which grows a disk file and refuses to shrink one.
 
 import (
 	"bufio"
@@ -38,11 +47,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
@@ -354,4 +366,181 @@ func hcpServeRFB(c io.ReadWriter, name string) {
 		return
 	}
 	io.Copy(io.Discard, c)
+}
+
+// hcpDiskSizes holds the capacity (KB) of disk files by datastore path
+// ("[ds] dir/name.vmdk", cleaned).
+var hcpDiskSizes = struct {
+	sync.Mutex
+	kb map[string]int64
+}{kb: map[string]int64{}}
+
+func hcpDiskKey(name string) string {
+	var p object.DatastorePath
+	if !p.FromString(name) {
+		return name
+	}
+	return fmt.Sprintf("[%s] %s", p.Datastore, path.Clean(p.Path))
+}
+
+func hcpSetDiskSize(name string, kb int64) {
+	if kb <= 0 || name == "" {
+		return
+	}
+	hcpDiskSizes.Lock()
+	hcpDiskSizes.kb[hcpDiskKey(name)] = kb
+	hcpDiskSizes.Unlock()
+}
+
+func hcpDiskSize(name string) int64 {
+	hcpDiskSizes.Lock()
+	defer hcpDiskSizes.Unlock()
+	return hcpDiskSizes.kb[hcpDiskKey(name)]
+}
+
+// hcpDisks follows every VM's disks: a device backed by a file says the
+// file's capacity. A Registry handler, called after every property change.
+type hcpDisks struct{}
+
+func (hcpDisks) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "HcpDisks", Value: "hcp-disks"}
+}
+
+func (hcpDisks) PutObject(mo.Reference) {}
+
+func (hcpDisks) RemoveObject(types.ManagedObjectReference) {}
+
+func (hcpDisks) UpdateObject(obj mo.Reference, changes []types.PropertyChange) {
+	if obj.Reference().Type != "VirtualMachine" {
+		return
+	}
+	for _, c := range changes {
+		if c.Name != "config.hardware.device" {
+			continue
+		}
+		// The change is applied: read the devices from the VM.
+		vm, ok := obj.(*mo.VirtualMachine)
+		if !ok || vm.Config == nil {
+			return
+		}
+		devices := vm.Config.Hardware.Device
+		for _, d := range devices {
+			disk, ok := d.(*types.VirtualDisk)
+			if !ok {
+				continue
+			}
+			if b, ok := disk.Backing.(types.BaseVirtualDeviceFileBackingInfo); ok {
+				hcpSetDiskSize(b.GetVirtualDeviceFileBackingInfo().FileName, disk.CapacityInKB)
+			}
+		}
+	}
+}
+
+// hcpVirtualDiskManager is vcsim's VirtualDiskManager remembering sizes,
+// with ExtendVirtualDisk_Task.
+// It embeds the value, not a pointer: vcsim's property collector digs the
+// mo type out of the first field.
+type hcpVirtualDiskManager struct {
+	VirtualDiskManager
+}
+
+func (m *hcpVirtualDiskManager) CreateVirtualDiskTask(ctx *Context, req *types.CreateVirtualDisk_Task) soap.HasFault {
+	existed := false
+	if file, fault := Map.FileManager().resolve(req.Datacenter, req.Name); fault == nil {
+		_, err := os.Stat(file)
+		existed = err == nil
+	}
+	res := m.VirtualDiskManager.CreateVirtualDiskTask(ctx, req)
+	if spec, ok := req.Spec.(*types.FileBackedVirtualDiskSpec); ok && !existed {
+		hcpSetDiskSize(req.Name, spec.CapacityKb)
+	}
+	return res
+}
+
+func (m *hcpVirtualDiskManager) ExtendVirtualDiskTask(_ *Context, req *types.ExtendVirtualDisk_Task) soap.HasFault {
+	task := CreateTask(m, "extendVirtualDisk", func(*Task) (types.AnyType, types.BaseMethodFault) {
+		fm := Map.FileManager()
+		file, fault := fm.resolve(req.Datacenter, req.Name)
+		if fault != nil {
+			return nil, fault
+		}
+		if _, err := os.Stat(file); err != nil {
+			return nil, fm.fault(req.Name, err, new(types.FileNotFound))
+		}
+		if req.NewCapacityKb < hcpDiskSize(req.Name) {
+			return nil, &types.InvalidArgument{InvalidProperty: "newCapacityKb"}
+		}
+		hcpSetDiskSize(req.Name, req.NewCapacityKb)
+		return nil, nil
+	})
+	return &methods.ExtendVirtualDisk_TaskBody{
+		Res: &types.ExtendVirtualDisk_TaskResponse{Returnval: task.Run()},
+	}
+}
+
+// hcpDatastoreBrowser is vcsim's browser answering VmDiskFileInfo's
+// capacityKb.
+type hcpDatastoreBrowser struct {
+	HostDatastoreBrowser
+}
+
+type hcpSearch struct {
+	*searchDatastore
+}
+
+func (s hcpSearch) Run(task *Task) (types.AnyType, types.BaseMethodFault) {
+	res, fault := s.searchDatastore.Run(task)
+	if fault != nil {
+		return res, fault
+	}
+	capacity := false
+	for _, q := range s.SearchSpec.Query {
+		if d, ok := q.(*types.VmDiskFileQuery); ok && d.Details != nil && d.Details.CapacityKb {
+			capacity = true
+		}
+	}
+	if !capacity {
+		return res, nil
+	}
+	for _, r := range s.res {
+		for _, f := range r.File {
+			if disk, ok := f.(*types.VmDiskFileInfo); ok {
+				disk.CapacityKb = hcpDiskSize(strings.TrimSuffix(r.FolderPath, "/") + "/" + disk.Path)
+			}
+		}
+	}
+	return res, nil
+}
+
+func (b *hcpDatastoreBrowser) SearchDatastoreTask(s *types.SearchDatastore_Task) soap.HasFault {
+	search := hcpSearch{&searchDatastore{
+		HostDatastoreBrowser: &b.HostDatastoreBrowser,
+		DatastorePath:        s.DatastorePath,
+		SearchSpec:           s.SearchSpec,
+	}}
+	task := CreateTask(b, "searchDatastore", search.Run)
+	return &methods.SearchDatastore_TaskBody{
+		Res: &types.SearchDatastore_TaskResponse{Returnval: task.Run()},
+	}
+}
+
+// HcpDisks installs the disk sizes described above. Call it once, after
+// the model is created.
+func HcpDisks() {
+	Map.AddHandler(hcpDisks{})
+	if m, ok := Map.VirtualDiskManager().(*VirtualDiskManager); ok {
+		Map.Put(&hcpVirtualDiskManager{*m})
+	}
+	for _, obj := range Map.All("Datastore") {
+		if ds, ok := obj.(*Datastore); ok {
+			if b, ok := Map.Get(ds.Browser).(*HostDatastoreBrowser); ok {
+				Map.Put(&hcpDatastoreBrowser{*b})
+			}
+		}
+	}
+	for _, obj := range Map.All("VirtualMachine") {
+		if vm, ok := obj.(*VirtualMachine); ok {
+			hcpDisks{}.UpdateObject(&vm.VirtualMachine, []types.PropertyChange{{Name: "config.hardware.device"}})
+		}
+	}
 }
