@@ -75,6 +75,7 @@ fn spec(name: &str, networks: &[&str], user_data: Option<&str>) -> pb::VmSpec {
         hostname: "web".into(),
         labels: Default::default(),
         host: String::new(),
+        ..Default::default()
     }
 }
 

@@ -61,6 +61,7 @@ fn spec(network: NetworkAttachment) -> VmSpec {
         hostname: "day-two".into(),
         labels: Default::default(),
         host: String::new(),
+        ..Default::default()
     }
 }
 

@@ -86,6 +86,7 @@ fn spec(name: &str) -> pb::VmSpec {
         hostname: name.to_owned(),
         labels: Default::default(),
         host: String::new(),
+        ..Default::default()
     }
 }
 

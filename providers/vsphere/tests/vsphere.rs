@@ -99,6 +99,7 @@ fn spec(name: &str, networks: &[&str]) -> pb::VmSpec {
         hostname: "web".into(),
         labels: Default::default(),
         host: String::new(),
+        ..Default::default()
     }
 }
 
