@@ -11,12 +11,12 @@ mod common;
 use std::path::Path;
 
 use hcp_proto::provider::compute_client::ComputeClient;
+use hcp_proto::provider::identity_client::IdentityClient;
 use hcp_proto::provider::{
     AttachVolumeRequest, CreateVmRequest, CreateVolumeRequest, DetachVolumeRequest, ExtendVolumeRequest,
-    GetCapabilitiesRequest, ImageRef, ListVolumesRequest, NetworkAttachment, VmRef, VmSpec, VolumeInfo,
-    VolumeRef, VolumeSpec,
+    GetCapabilitiesRequest, ImageRef, ListVolumesRequest, NetworkAttachment, ResizeVmRequest, VmRef, VmSpec,
+    VolumeInfo, VolumeRef, VolumeSpec,
 };
-use hcp_proto::provider::identity_client::IdentityClient;
 use hcp_provider_libvirt::storage::disk_serial;
 use hcp_provider_libvirt::{VmVolumes, VolumeAttachment};
 use tonic::transport::Channel;
@@ -296,6 +296,10 @@ async fn volumes_on_real_guests() {
     assert_eq!(disks, [(boot_file.as_path(), "vda"), (file.as_path(), "vdd")]);
     assert_eq!(api.get(&v).await.unwrap().slot, 3);
     assert_eq!(api.get(&boot).await.unwrap().vm_id, c);
+    // Its root disk is the boot volume: a resize grows that.
+    let resize = ResizeVmRequest { vm_id: c.clone(), vcpus: 1, memory_mib: 256, disk_gib: 2 };
+    api.compute.resize_vm(resize).await.unwrap();
+    assert_eq!(api.get(&boot).await.unwrap().size_gib, 2);
     assert_eq!(api.detach(&v, &c).await.unwrap().vm_id, "");
     assert_eq!(api.attach(&v, &c, 1).await.unwrap().slot, 1);
     assert_eq!(api.detach(&v, &c).await.unwrap().vm_id, "");
