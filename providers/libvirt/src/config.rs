@@ -110,6 +110,18 @@ pub struct Config {
     /// A peer libvirt host for live migration; without one the provider
     /// does not claim live migration.
     pub migration_peer: Option<String>,
+    /// The libvirt storage pool volumes (boot volumes included) go to when
+    /// `VolumeSpec.storage` is empty; created as a `dir` pool at start when
+    /// missing.
+    #[serde(default = "default_volume_pool")]
+    pub volume_pool: String,
+    /// The directory of `volume_pool` when the provider creates it;
+    /// default `<state_dir>/volumes`. An existing pool keeps its own.
+    pub volume_pool_dir: Option<PathBuf>,
+    /// Further existing pools that `VolumeSpec.storage` may name; any other
+    /// name is refused, so HCP never writes into a pool it was not given.
+    #[serde(default)]
+    pub extra_volume_pools: Vec<String>,
     /// Log JSON lines.
     #[serde(default)]
     pub json_logs: bool,
@@ -154,6 +166,9 @@ fn default_vnc_listen() -> IpAddr {
 }
 fn default_stop_timeout() -> u64 {
     60
+}
+fn default_volume_pool() -> String {
+    "hcp".to_owned()
 }
 
 pub use hcp_provider_sdk::kit::ConfigError;
@@ -202,6 +217,23 @@ impl Config {
                 ));
             }
         }
+        for (i, pool) in std::iter::once(&self.volume_pool).chain(&self.extra_volume_pools).enumerate() {
+            // libvirt takes almost any name, but these end up on command
+            // lines (virsh) and in logs: keep them plain.
+            let plain = !pool.is_empty()
+                && pool.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                && !pool.starts_with(['.', '-']);
+            if !plain {
+                let key =
+                    if i == 0 { "volume_pool".to_owned() } else { format!("extra_volume_pools[{}]", i - 1) };
+                return Err(invalid(key, "must be a plain name (letters, digits, '-', '_', '.')"));
+            }
+        }
+        if let Some(dir) = &self.volume_pool_dir
+            && !dir.is_absolute()
+        {
+            return Err(invalid("volume_pool_dir".into(), "must be an absolute path"));
+        }
         check_range("stop_timeout_seconds", self.stop_timeout_seconds, STOP_TIMEOUT_SECONDS)?;
         self.server.validate()
     }
@@ -236,6 +268,25 @@ impl Config {
         self.console_host.clone().unwrap_or_else(|| self.vnc_listen.to_string())
     }
 
+    /// The directory of the default volume pool when the provider creates it.
+    pub fn volume_pool_dir(&self) -> PathBuf {
+        self.volume_pool_dir.clone().unwrap_or_else(|| self.state_dir.join("volumes"))
+    }
+
+    /// The pool a `VolumeSpec.storage` names: empty is `volume_pool`; else
+    /// one of the pools volumes may use, or `None`.
+    pub fn volume_pool_for(&self, storage: &str) -> Option<&str> {
+        if storage.is_empty() {
+            return Some(&self.volume_pool);
+        }
+        self.volume_pools().find(|p| *p == storage)
+    }
+
+    /// Every pool HCP's volumes may be in: the default one first.
+    pub fn volume_pools(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.volume_pool.as_str()).chain(self.extra_volume_pools.iter().map(String::as_str))
+    }
+
     /// The default graceful-stop timeout.
     pub fn stop_timeout(&self) -> Duration {
         Duration::from_secs(self.stop_timeout_seconds)
@@ -257,6 +308,17 @@ mod tests {
         assert_eq!(c.accelerator, Accelerator::Auto);
         assert_eq!(c.console_host(), "127.0.0.1");
         assert_eq!(c.stop_timeout(), Duration::from_secs(60));
+        assert_eq!(c.volume_pool, "hcp");
+        assert_eq!(c.volume_pool_dir(), PathBuf::from("/var/lib/hcp/volumes"));
+    }
+
+    #[test]
+    fn volume_storage_names_only_the_pools_given() {
+        let c = check("state_dir = \"/s\"\nvolume_pool = \"main\"\nextra_volume_pools = [\"fast\"]").unwrap();
+        assert_eq!(c.volume_pool_for(""), Some("main"));
+        assert_eq!(c.volume_pool_for("main"), Some("main"));
+        assert_eq!(c.volume_pool_for("fast"), Some("fast"));
+        assert_eq!(c.volume_pool_for("default"), None);
     }
 
     #[test]
@@ -276,6 +338,9 @@ mod tests {
                 "state_dir = \"/s\"\nstop_timeout_seconds = 0",
                 "stop_timeout_seconds: 0 is out of range, allowed 1..=86400",
             ),
+            ("state_dir = \"/s\"\nvolume_pool = \"a b\"", "volume_pool: must be a plain name"),
+            ("state_dir = \"/s\"\nextra_volume_pools = [\"-x\"]", "extra_volume_pools[0]: must be a plain"),
+            ("state_dir = \"/s\"\nvolume_pool_dir = \"v\"", "volume_pool_dir: must be an absolute path"),
             ("state_dir = \"/s\"\n[server]\ntls_key_file = \"/k\"", "server.tls_cert_file: needed with"),
         ] {
             // The error with its causes (TOML's own message).

@@ -1,16 +1,29 @@
-//! CreateVM: the overlay disk, the NoCloud seed, the domain defined from
-//! its plan (UUID = HCP VM id) and started, each step repeatable.
+//! CreateVM: the root disk (an overlay of the image, or a boot volume in a
+//! pool), the NoCloud seed, the domain defined from its plan (UUID = HCP VM
+//! id, data volumes attached) and started, each step repeatable.
 
 use hcp_provider_sdk::kit::BackingError;
 use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
 
-use crate::disks::{make_overlay, set_mode};
-use crate::domain::DomainPlan;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use crate::config::ImageConfig;
+use crate::connection::CallError;
+use crate::disks::{copy_image, make_overlay, set_mode};
+use crate::domain::{DomainPlan, VolumeDisk};
 use crate::errors::{invalid, io_error};
-use crate::{Libvirt, seed};
+use crate::pool::{find_pool, find_volume, pool_path};
+use crate::storage::{MAX_VOLUMES_PER_VM, Slot, volume_file_name};
+use crate::volumes::all_domain_disks;
+use crate::{Libvirt, VmVolumes, seed};
 
 impl Libvirt {
-    pub(crate) async fn create(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
+    pub(crate) async fn create(
+        &self,
+        req: pb::CreateVmRequest,
+        volumes: VmVolumes,
+    ) -> Result<pb::VmInfo, ProviderError> {
         let vm_id = req.vm_id.clone();
         let spec = req.spec.ok_or_else(|| invalid("spec: required"))?;
         if spec.user_data.is_some() && !self.inner.capabilities.supports_cloud_init {
@@ -53,13 +66,26 @@ impl Libvirt {
             ));
         }
 
+        let data_volumes = self.data_volumes(&vm_id, &volumes).await?;
+
         let dir = self.vm_dir(&vm_id);
         tokio::fs::create_dir_all(&dir).await.map_err(|e| io_error("create the vm directory", e))?;
         set_mode(&dir, 0o755).map_err(|e| io_error("open the vm directory", e))?;
-        let disk = dir.join("disk.qcow2");
-        if !disk.exists() {
-            make_overlay(&image.disk, &disk, spec.disk_gib).await?;
-        }
+        let disk = match &volumes.boot_volume_id {
+            Some(boot) => {
+                let disk =
+                    self.boot_volume(&vm_id, boot, &volumes.boot_storage, &image, spec.disk_gib).await?;
+                self.failpoint("create:after-boot-volume");
+                disk
+            }
+            None => {
+                let disk = dir.join("disk.qcow2");
+                if !disk.exists() {
+                    make_overlay(&image.disk, &disk, spec.disk_gib).await?;
+                }
+                disk
+            }
+        };
         self.failpoint("create:after-disk");
         let user_data = spec.user_data.clone().unwrap_or_default();
         let seed = if spec.user_data.is_some() || !spec.hostname.is_empty() {
@@ -79,6 +105,8 @@ impl Libvirt {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             disk,
+            boot_volume_id: volumes.boot_volume_id.clone(),
+            volumes: data_volumes,
             seed,
             kernel: image.kernel.clone(),
             initrd: image.initrd.clone(),
@@ -108,6 +136,120 @@ impl Libvirt {
         }
         self.failpoint("create:after-start");
         self.info(&vm_id).await
+    }
+}
+
+impl Libvirt {
+    /// The data volumes a new VM starts with: slots valid and distinct,
+    /// each volume existing and attached nowhere (the VM does not exist
+    /// yet, so anywhere would be another VM).
+    async fn data_volumes(&self, vm_id: &str, volumes: &VmVolumes) -> Result<Vec<VolumeDisk>, ProviderError> {
+        let mut slots = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        ids.extend(volumes.boot_volume_id.clone());
+        for (i, v) in volumes.volumes.iter().enumerate() {
+            let slot = Slot::data(v.slot).ok_or_else(|| {
+                invalid(format!(
+                    "volumes[{i}].slot: {} is not a data slot (1 to {MAX_VOLUMES_PER_VM})",
+                    v.slot
+                ))
+            })?;
+            if !slots.insert(slot) {
+                return Err(invalid(format!("volumes[{i}].slot: slot {} is given twice", v.slot)));
+            }
+            if !ids.insert(v.volume_id.clone()) {
+                return Err(invalid(format!(
+                    "volumes[{i}].volume_id: volume {} is given twice",
+                    v.volume_id
+                )));
+            }
+        }
+        if volumes.volumes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (wanted, pools) = (
+            volumes.volumes.clone(),
+            self.inner.config.volume_pools().map(str::to_owned).collect::<Vec<_>>(),
+        );
+        let vm = vm_id.to_owned();
+        self.call(&format!("volumes of vm {vm_id}"), move |c| {
+            let domains = all_domain_disks(c)?;
+            let mut out = Vec::new();
+            for (i, v) in wanted.into_iter().enumerate() {
+                let found = find_volume(c, &pools, &v.volume_id)?.ok_or_else(|| {
+                    CallError::Hcp(ProviderError::new(
+                        ErrorKind::NotFound,
+                        format!("volumes[{i}]: volume {} not found", v.volume_id),
+                    ))
+                })?;
+                if let Some(d) = domains.iter().find(|d| d.vm_id != vm && d.disk_of(&found.path).is_some()) {
+                    return Err(CallError::Hcp(ProviderError::new(
+                        ErrorKind::InvalidState,
+                        format!("volumes[{i}]: volume {} is attached to vm {}", v.volume_id, d.vm_id),
+                    )));
+                }
+                let slot = Slot::data(v.slot).unwrap_or(Slot::BOOT);
+                out.push(VolumeDisk { volume_id: v.volume_id, file: found.path, slot });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The boot volume's file: the volume as it is when it exists (and is
+    /// no other VM's), else a copy of the image made in `storage`'s pool.
+    async fn boot_volume(
+        &self,
+        vm_id: &str,
+        volume_id: &str,
+        storage: &str,
+        image: &ImageConfig,
+        disk_gib: u32,
+    ) -> Result<PathBuf, ProviderError> {
+        let config = &self.inner.config;
+        let pool_name = config.volume_pool_for(storage).map(str::to_owned).ok_or_else(|| {
+            invalid(format!("boot_storage: pool {storage:?} is not available on this host"))
+        })?;
+        let pools: Vec<String> = config.volume_pools().map(str::to_owned).collect();
+        let (id, vm) = (volume_id.to_owned(), vm_id.to_owned());
+        // Either the volume's file, or the directory to make it in.
+        let found = self
+            .call(&format!("boot volume {volume_id}"), move |c| {
+                if let Some(found) = find_volume(c, &pools, &id)? {
+                    if let Some(d) = all_domain_disks(c)?
+                        .iter()
+                        .find(|d| d.vm_id != vm && d.disk_of(&found.path).is_some())
+                    {
+                        return Err(CallError::Hcp(ProviderError::new(
+                            ErrorKind::InvalidState,
+                            format!("boot_volume_id: volume {id} is attached to vm {}", d.vm_id),
+                        )));
+                    }
+                    return Ok(Ok(found.path));
+                }
+                let pool = find_pool(c, &pool_name)?.ok_or_else(|| {
+                    CallError::Hcp(ProviderError::new(
+                        ErrorKind::Internal,
+                        format!("pool {pool_name} is gone"),
+                    ))
+                })?;
+                let dir = pool_path(&pool)?.ok_or_else(|| {
+                    CallError::Hcp(ProviderError::new(
+                        ErrorKind::Internal,
+                        format!("pool {pool_name} has no directory to copy an image into"),
+                    ))
+                })?;
+                Ok(Err(dir))
+            })
+            .await?;
+        let dir = match found {
+            Ok(path) => return Ok(path),
+            Err(dir) => dir,
+        };
+        let dest = dir.join(volume_file_name(volume_id));
+        copy_image(&image.disk, &dest, disk_gib).await?;
+        // The pool learns of the file at its next refresh (find_volume).
+        Ok(dest)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Disk images through `qemu-img`: a VM's qcow2 overlay on its image's
-//! base disk, virtual sizes, growth (never shrinking, never with internal
-//! snapshots), and file modes.
+//! base disk, a boot volume's standalone copy of it, virtual sizes, growth
+//! (never shrinking, never with internal snapshots), and file modes.
 
 use std::path::Path;
 
@@ -31,6 +31,29 @@ pub(crate) async fn make_overlay(base: &Path, dest: &Path, disk_gib: u32) -> Res
         return Err(tool(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
     }
     tokio::fs::rename(&tmp, dest).await.map_err(|e| io_error("place the overlay disk", e))
+}
+
+/// Creates `dest` as a standalone qcow2 copy of `base` (no backing file, so
+/// it outlives the image), at least `disk_gib` large. Written under a name
+/// that is not a volume's and renamed when complete, so a crash half way
+/// leaves no half volume: a retry writes the copy again.
+pub(crate) async fn copy_image(base: &Path, dest: &Path, disk_gib: u32) -> Result<(), ProviderError> {
+    let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
+    let size = image_size(base).await?.max(u64::from(disk_gib) << 30);
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dest.with_file_name(format!(".{name}.part"));
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(base)
+        .arg(&tmp)
+        .output()
+        .await
+        .map_err(|e| tool(e.to_string()))?;
+    if !out.status.success() {
+        return Err(tool(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    resize_image(&tmp, size).await?;
+    tokio::fs::rename(&tmp, dest).await.map_err(|e| io_error("place the boot volume", e))
 }
 
 /// The virtual size, in bytes, of a disk image.

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use crate::config::Nic;
+use crate::storage::{Slot, disk_serial, disk_xml};
 
 /// XML namespace of HCP's domain metadata.
 pub const METADATA_NS: &str = "https://hcp.dev/xmlns/libvirt-provider/1";
@@ -31,8 +32,12 @@ pub struct DomainPlan {
     pub vcpus: u32,
     /// Memory, MiB.
     pub memory_mib: u32,
-    /// The VM's own overlay disk.
+    /// The root disk (`vda`): the VM's own overlay, or its boot volume.
     pub disk: PathBuf,
+    /// The boot volume's id, when the root disk is one (its serial).
+    pub boot_volume_id: Option<String>,
+    /// Data volumes attached from the start.
+    pub volumes: Vec<VolumeDisk>,
     /// The NoCloud seed ISO, when there is one.
     pub seed: Option<PathBuf>,
     /// Direct kernel boot.
@@ -53,6 +58,17 @@ pub struct DomainPlan {
     pub image: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+}
+
+/// A data volume in a domain definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDisk {
+    /// The HCP volume id.
+    pub volume_id: String,
+    /// Its file in the pool.
+    pub file: PathBuf,
+    /// Where it sits.
+    pub slot: Slot,
 }
 
 /// The domain name for an HCP VM id.
@@ -118,11 +134,19 @@ impl DomainPlan {
         } else {
             os.push_str("<boot dev='hd'/>");
         }
+        let serial = self
+            .boot_volume_id
+            .as_deref()
+            .map(|id| format!("<serial>{}</serial>", esc(&disk_serial(id))))
+            .unwrap_or_default();
         let mut devices = format!(
             "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{}'/>\
-             <target dev='vda' bus='virtio'/></disk>",
+             <target dev='vda' bus='virtio'/>{serial}</disk>",
             path(&self.disk)
         );
+        for v in &self.volumes {
+            devices.push_str(&disk_xml(&v.file, v.slot, &v.volume_id));
+        }
         if let Some(seed) = &self.seed {
             devices.push_str(&format!(
                 "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='{}'/>\
@@ -273,6 +297,8 @@ mod tests {
             vcpus: 2,
             memory_mib: 256,
             disk: "/s/vm/disk.qcow2".into(),
+            boot_volume_id: None,
+            volumes: Vec::new(),
             seed: Some("/s/vm/seed.iso".into()),
             kernel: Some("/img/vmlinux".into()),
             initrd: Some("/img/initrd.gz".into()),
@@ -326,6 +352,34 @@ mod tests {
         p.seed = None;
         let xml = p.to_xml();
         assert!(xml.contains("<boot dev='hd'/>") && !xml.contains("<kernel>") && !xml.contains("cdrom"));
+    }
+
+    #[test]
+    fn volumes_are_virtio_disks_with_serials() {
+        let mut p = plan();
+        p.disk = "/pool/hcp-vol-b.qcow2".into();
+        p.boot_volume_id = Some("0190b3c6-0000-7000-8000-00000000000b".into());
+        p.volumes = vec![VolumeDisk {
+            volume_id: "0190b3c6-0000-7000-8000-00000000000d".into(),
+            file: "/pool/hcp-vol-d.qcow2".into(),
+            slot: Slot::data(3).unwrap(),
+        }];
+        let xml = p.to_xml();
+        let disks: Vec<_> = crate::storage::disks_of(&xml).into_iter().map(|d| (d.file, d.target)).collect();
+        assert_eq!(
+            disks,
+            [
+                (PathBuf::from("/pool/hcp-vol-b.qcow2"), "vda".to_owned()),
+                (PathBuf::from("/pool/hcp-vol-d.qcow2"), "vdd".to_owned())
+            ]
+        );
+        let doc = roxmltree::Document::parse(&xml).unwrap();
+        let serials: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("serial") && n.text().is_some())
+            .filter_map(|n| n.text())
+            .collect();
+        assert_eq!(serials, ["0190b3c6-0000-7000-8", "0190b3c6-0000-7000-8"]);
     }
 
     #[test]

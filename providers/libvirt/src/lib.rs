@@ -15,7 +15,8 @@
 //! blocking pool, reconnects, per-VM locks), `provider` (the `Provider`
 //! impl), `create`, `disks` (qcow2 overlays and growth), `lifecycle`
 //! (power, resize, delete), `inventory` (a domain as the protocol says it),
-//! `console` and `snapshots`.
+//! `console`, `snapshots`, [`storage`] (what a volume is: file name, slot,
+//! disk XML), `pool` (storage pools) and `volumes` (the volume calls).
 
 pub mod cli;
 pub mod config;
@@ -27,9 +28,12 @@ pub mod domain;
 pub mod errors;
 mod inventory;
 mod lifecycle;
+mod pool;
 mod provider;
 mod snapshots;
 mod start;
+pub mod storage;
+mod volumes;
 /// The NoCloud seed, shared with the Hyper-V provider.
 pub use hcp_nocloud as seed;
 
@@ -40,12 +44,48 @@ use hcp_provider_sdk::pb;
 use virt::connect::Connect;
 
 pub use crate::config::{Accelerator, Config};
+pub use crate::pool::PoolError;
 pub use crate::start::{StartError, run};
 
 /// Environment variable naming failpoints, for crash tests only: a comma
-/// separated list of `create:after-disk`, `create:after-seed`,
-/// `create:after-define`, `create:after-start`; the process aborts there.
+/// separated list of `create:after-boot-volume`, `create:after-disk`,
+/// `create:after-seed`, `create:after-define`, `create:after-start`,
+/// `volume:create:after-create`, `volume:attach:after-attach`,
+/// `volume:detach:after-detach`, `volume:extend:after-resize`,
+/// `volume:delete:after-delete`; the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_LIBVIRT_FAILPOINTS";
+
+/// The volumes of a VM at its creation: what `VmSpec.boot_volume_id`,
+/// `boot_storage` and `volumes` say in the protocol's description, which
+/// the proto's `VmSpec` does not carry yet; taken by
+/// [`Libvirt::create_vm_with_volumes`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VmVolumes {
+    /// The root disk becomes this volume: created from the image (grown to
+    /// the flavor's disk) when missing, used as it is when present.
+    pub boot_volume_id: Option<String>,
+    /// The pool a missing boot volume is created in (`VolumeSpec.storage`
+    /// rules: empty is the default pool).
+    pub boot_storage: String,
+    /// Data volumes attached from the start.
+    pub volumes: Vec<VolumeAttachment>,
+}
+
+impl VmVolumes {
+    /// No boot volume, no data volumes.
+    pub fn is_empty(&self) -> bool {
+        self.boot_volume_id.is_none() && self.volumes.is_empty()
+    }
+}
+
+/// A data volume attached at a VM's creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeAttachment {
+    /// The HCP volume id (the volume exists).
+    pub volume_id: String,
+    /// Its slot, 1 to [`storage::MAX_VOLUMES_PER_VM`].
+    pub slot: u32,
+}
 
 /// The provider.
 #[derive(Clone)]

@@ -1,5 +1,6 @@
 //! Power (start, ACPI stop with a deadline, reboot), resize of a stopped
-//! domain, and delete with the VM's files.
+//! domain (its root disk: overlay or boot volume), and delete with the
+//! VM's own files, never a volume.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use crate::connection::{CallError, not_running};
 use crate::disks::{disk_growth, resize_image};
 use crate::errors::{invalid, io_error};
 use crate::inventory::info_of;
+use crate::storage::{Slot, disks_of};
 
 impl Libvirt {
     pub(crate) async fn start(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {
@@ -113,9 +115,10 @@ impl Libvirt {
             return Err(invalid("memory_mib: must be at least 32"));
         }
         let vm_id = req.vm_id.clone();
-        let disk = self.vm_dir(&vm_id).join("disk.qcow2");
         let id = vm_id.clone();
-        let has_snapshots = self
+        // The root disk is the VM's overlay or its boot volume: whichever
+        // the definition names at `vda`.
+        let (has_snapshots, disk) = self
             .call(&format!("resize vm {vm_id}"), move |c| {
                 let d = c.lookup_domain_by_uuid_string(&id)?;
                 if d.is_active()? {
@@ -124,9 +127,14 @@ impl Libvirt {
                         "a running domain cannot be resized on this host (no hot resize); stop it first",
                     )));
                 }
-                Ok(d.num_snapshots(0)? > 0)
+                let root = disks_of(&d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)?)
+                    .into_iter()
+                    .find(|disk| disk.target == Slot::BOOT.target())
+                    .map(|disk| disk.file);
+                Ok((d.num_snapshots(0)? > 0, root))
             })
             .await?;
+        let disk = disk.unwrap_or_else(|| self.vm_dir(&vm_id).join("disk.qcow2"));
         let grow_to = if req.disk_gib > 0 && disk.is_file() {
             disk_growth(&disk, req.disk_gib, has_snapshots).await?
         } else {
@@ -192,6 +200,9 @@ impl Libvirt {
                 Ok(true)
             })
             .await?;
+        // Only the VM's own directory goes (overlay, seed, serial log): the
+        // undefine above removes no storage, and volumes, its boot volume
+        // included, live in a pool outside it, so they stay, detached.
         let dir = self.vm_dir(vm_id);
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}

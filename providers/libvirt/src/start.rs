@@ -38,6 +38,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The volume pool could not be made ready.
+    #[error("volume pool")]
+    Pool(#[from] crate::pool::PoolError),
     /// The configuration is unusable (its `[server]` files).
     #[error("invalid configuration")]
     Config(#[from] crate::config::ConfigError),
@@ -105,6 +108,16 @@ impl Libvirt {
             }
         };
         let (domain_type, accelerator) = domain_type(&conn, &uri, config.accelerator)?;
+        // Volumes need a storage pool; the test driver's pools live inside
+        // one connection, out of virsh's reach, so it offers no volumes.
+        let volumes = domain_type != "test";
+        if volumes {
+            let (c, name, dir) = (conn.clone(), config.volume_pool.clone(), config.volume_pool_dir());
+            let (target, extra) = (uri.clone(), config.extra_volume_pools.clone());
+            tokio::task::spawn_blocking(move || crate::pool::prepare(&c, &target, &name, &dir, &extra))
+                .await
+                .map_err(|e| StartError::Connect { uri: uri.clone(), message: e.to_string() })??;
+        }
         let lib_version = conn.lib_version().unwrap_or_default();
         let cloud_init = seed::tool_available();
         if !cloud_init {
@@ -126,12 +139,14 @@ impl Libvirt {
             // `migration_peer` says.
             supports_live_migration: false,
             supports_cold_migration: false,
-            // Volumes come with issue 28's provider work.
-            supports_volumes: false,
-            supports_hot_attach: false,
-            supports_volume_extend_in_use: false,
-            volumes_host_local: false,
-            max_volumes_per_vm: 0,
+            // qcow2 volumes in a local storage pool, attached as virtio
+            // disks; hot attach, detach and blockResize work on QEMU (under
+            // TCG too: tests/volumes.rs).
+            supports_volumes: volumes,
+            supports_hot_attach: volumes,
+            supports_volume_extend_in_use: volumes,
+            volumes_host_local: volumes,
+            max_volumes_per_vm: if volumes { crate::storage::MAX_VOLUMES_PER_VM } else { 0 },
             // The test driver runs no VNC servers.
             supports_console_vnc: domain_type != "test",
             supports_console_spice: false,
@@ -146,7 +161,7 @@ impl Libvirt {
             supports_hot_resize: false,
             attributes,
         };
-        tracing::info!(%uri, domain_type, accelerator, cloud_init, "connected to libvirt");
+        tracing::info!(%uri, domain_type, accelerator, cloud_init, volumes, "connected to libvirt");
         let failpoints = hcp_provider_sdk::support::Failpoints::from_env(FAILPOINTS_ENV);
         Ok(Self {
             inner: Arc::new(Inner {

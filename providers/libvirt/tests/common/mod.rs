@@ -17,6 +17,11 @@ pub struct Testbed {
     pub guest: PathBuf,
     /// This test's state directory (removed on drop when empty).
     pub state_dir: PathBuf,
+    /// This test's volume pool (`hcp-test-<8 hex>`), undefined on drop.
+    pub pool: String,
+    /// Its directory, outside the state directory (whose emptiness after a
+    /// test is checked), removed on drop.
+    pub pool_dir: PathBuf,
 }
 
 impl Testbed {
@@ -33,23 +38,30 @@ impl Testbed {
             guest.display()
         );
         // World-traversable: QEMU runs as libvirt-qemu.
-        let state_dir = root.join("state").join(uuid::Uuid::new_v4().to_string());
+        let test_id = uuid::Uuid::new_v4().to_string();
+        let state_dir = root.join("state").join(&test_id);
+        let pool = format!("hcp-test-{}", &test_id[..8]);
+        let pool_dir = root.join("pools").join(&test_id);
+        std::fs::create_dir_all(root.join("pools")).unwrap();
         std::fs::create_dir_all(&state_dir).unwrap();
-        for dir in [&root, &root.join("state"), &state_dir] {
+        for dir in [&root, &root.join("state"), &state_dir, &root.join("pools")] {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        Self { guest, state_dir }
+        Self { guest, state_dir, pool, pool_dir }
     }
 
     /// The provider's TOML for `uri`.
     pub fn config_toml(&self, uri: &str) -> String {
         format!(
-            "uri = \"{uri}\"\naccelerator = \"tcg\"\nstate_dir = \"{state}\"\nstop_timeout_seconds = 30\n\n\
+            "uri = \"{uri}\"\naccelerator = \"tcg\"\nstate_dir = \"{state}\"\nstop_timeout_seconds = 30\n\
+             volume_pool = \"{pool}\"\nvolume_pool_dir = \"{pool_dir}\"\n\n\
              [images.tiny]\ndisk = \"{g}/base.qcow2\"\nkernel = \"{g}/vmlinux\"\ninitrd = \"{g}/initrd.gz\"\n\
              cmdline = \"console=tty0 console=ttyS0 panic=-1 quiet\"\n\n\
              [networks.default]\nuser = true\n\n[networks.nat]\nnetwork = \"default\"\n",
             state = self.state_dir.display(),
+            pool = self.pool,
+            pool_dir = self.pool_dir.display(),
             g = self.guest.display(),
         )
     }
@@ -107,6 +119,12 @@ impl Drop for Testbed {
             }
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
+        // The test's pool with whatever volumes a failed test left in it.
+        if virsh(&["pool-info", &self.pool]).contains(&self.pool) {
+            virsh(&["pool-destroy", &self.pool]);
+            virsh(&["pool-undefine", &self.pool]);
+        }
+        let _ = std::fs::remove_dir_all(&self.pool_dir);
     }
 }
 
