@@ -219,7 +219,12 @@ mod tests {
 
     #[test]
     fn answers_decode_in_both_forms() {
-        let a = VmOperationAccepted { vm_id: "v".into(), job_id: "j".into(), snapshot_id: Some("s".into()) };
+        let a = VmOperationAccepted {
+            vm_id: "v".into(),
+            job_id: "j".into(),
+            snapshot_id: Some("s".into()),
+            volume_id: None,
+        };
         let reply = base64::engine::general_purpose::STANDARD.encode(a.encode_to_vec());
         let new = serde_json::json!({ "reply": reply }).to_string();
         assert_eq!(decode::<VmOperationAccepted>(&new), Some(a.clone()));

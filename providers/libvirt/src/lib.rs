@@ -72,6 +72,20 @@ pub struct VmVolumes {
 }
 
 impl VmVolumes {
+    /// What a CreateVm's spec asks for.
+    pub fn of(spec: Option<&pb::VmSpec>) -> Self {
+        let Some(spec) = spec else { return Self::default() };
+        VmVolumes {
+            boot_volume_id: Some(spec.boot_volume_id.clone()).filter(|id| !id.is_empty()),
+            boot_storage: spec.boot_storage.clone(),
+            volumes: spec
+                .volumes
+                .iter()
+                .map(|v| VolumeAttachment { volume_id: v.volume_id.clone(), slot: v.slot })
+                .collect(),
+        }
+    }
+
     /// No boot volume, no data volumes.
     pub fn is_empty(&self) -> bool {
         self.boot_volume_id.is_none() && self.volumes.is_empty()

@@ -25,9 +25,8 @@ impl Provider for Libvirt {
     }
 
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        // The proto's VmSpec has no boot volume or volumes yet (see the
-        // README): until it has, CreateVm over the wire makes none.
-        self.create_vm_with_volumes(req, VmVolumes::default()).await
+        let volumes = VmVolumes::of(req.spec.as_ref());
+        self.create_vm_with_volumes(req, volumes).await
     }
 
     async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {

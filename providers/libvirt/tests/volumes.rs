@@ -61,6 +61,7 @@ fn spec(hostname: &str) -> VmSpec {
         hostname: hostname.into(),
         labels: Default::default(),
         host: String::new(),
+        ..Default::default()
     }
 }
 

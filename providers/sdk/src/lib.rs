@@ -301,6 +301,19 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
+/// Refuses a CreateVm that asks for a boot volume or volumes at create,
+/// for a provider that has volumes but not (yet) these: UNIMPLEMENTED,
+/// never a VM made without them (whose root disk DeleteVm would take).
+pub fn refuse_volumes_at_create(req: &pb::CreateVmRequest) -> Result<(), ProviderError> {
+    match &req.spec {
+        Some(spec) if !spec.boot_volume_id.is_empty() || !spec.volumes.is_empty() => Err(ProviderError::new(
+            ErrorKind::Unsupported,
+            "this provider does not create VMs with a boot volume or volumes attached at create yet",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn volumes_unsupported() -> ProviderError {
     ProviderError::new(ErrorKind::Unsupported, "volumes are not supported")
 }

@@ -504,8 +504,8 @@ impl Provider for Sim {
     }
 
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        // This protocol revision's VmSpec carries no volumes (see VmVolumes).
-        self.create_vm_with(req, VmVolumes::default()).await
+        let volumes = VmVolumes::of(req.spec.as_ref());
+        self.create_vm_with(req, volumes).await
     }
 
     async fn get_vm(&self, vm_id: &str) -> Result<pb::VmInfo, ProviderError> {

@@ -65,6 +65,23 @@ pub struct VolumeSlot {
     pub slot: u32,
 }
 
+impl VmVolumes {
+    /// What a CreateVm's spec asks for.
+    pub fn of(spec: Option<&pb::VmSpec>) -> Self {
+        let Some(spec) = spec else { return Self::default() };
+        VmVolumes {
+            boot: Some(&spec.boot_volume_id)
+                .filter(|id| !id.is_empty())
+                .map(|id| BootVolume { volume_id: id.clone(), storage: spec.boot_storage.clone() }),
+            data: spec
+                .volumes
+                .iter()
+                .map(|v| VolumeSlot { volume_id: v.volume_id.clone(), slot: v.slot })
+                .collect(),
+        }
+    }
+}
+
 fn unsupported() -> ProviderError {
     ProviderError::new(ErrorKind::Unsupported, "volumes are not supported")
 }

@@ -111,6 +111,7 @@ fn vm_spec() -> pb::VmSpec {
         hostname: "db".into(),
         labels: Default::default(),
         host: String::new(),
+        ..Default::default()
     }
 }
 
