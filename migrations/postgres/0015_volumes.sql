@@ -41,12 +41,6 @@ CREATE INDEX volumes_by_project ON volumes (tenant_id, project_id, id);
 CREATE UNIQUE INDEX volumes_by_place ON volumes (vm_id, device_index) WHERE vm_id IS NOT NULL;
 CREATE INDEX volumes_by_provider ON volumes (provider_id);
 
--- A volume job holds no VM unless the volume is (or is being) attached.
-ALTER TABLE jobs ALTER COLUMN vm_id DROP NOT NULL;
-ALTER TABLE jobs ADD COLUMN volume_id UUID REFERENCES volumes (id);
-ALTER TABLE jobs ADD COLUMN prior_volume_status TEXT;
-CREATE INDEX jobs_by_volume ON jobs (volume_id, id) WHERE volume_id IS NOT NULL;
-
 ALTER TABLE project_quotas ADD COLUMN max_volumes INTEGER;
 ALTER TABLE project_quotas ADD COLUMN max_volume_gib BIGINT;
 
