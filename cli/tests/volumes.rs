@@ -1,0 +1,275 @@
+//! Volumes through REST on the sim: a volume's whole life (create, attach
+//! to a running VM, extend in use, detach, attach elsewhere, outliving the
+//! VM it was attached to, delete), what is refused before any job exists
+//! (bad sizes, unknown types, another tenant's ids, capabilities the
+//! hypervisor lacks, a VM's bus full), and the volume quota holding under
+//! concurrent creates on PostgreSQL.
+
+use std::path::Path;
+use std::time::Duration;
+
+use hcp_testkit::db::Backend;
+use hcp_testkit::stack::{StackOptions, TestStack};
+use hcp_testkit::wait_until;
+use serde_json::{Value, json};
+
+const HCP: &str = env!("CARGO_BIN_EXE_hcp");
+const VMS: &str = "/api/hcp/tenant/v1/projects/demo/vms";
+const VOLUMES: &str = "/api/hcp/tenant/v1/projects/demo/volumes";
+const SIM_CAPS: &str =
+    "cloud_init,snapshot,snapshot_running,console_vnc,volumes,hot_attach,volume_extend_in_use";
+
+fn options(caps: &str) -> StackOptions {
+    StackOptions { sim_capabilities: caps.into(), ..Default::default() }
+}
+
+async fn finish(s: &TestStack, token: &str, job: &str) -> Value {
+    wait_until(Duration::from_secs(20), "job to finish", || async {
+        let r = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job}"), token).await?;
+        let st = r.str("status");
+        Ok((st == "SUCCEEDED" || st == "FAILED").then_some(r.body))
+    })
+    .await
+    .unwrap()
+}
+
+/// Sends an accepted operation (`body` null: none) and waits for its job
+/// to succeed.
+async fn op(s: &TestStack, token: &str, method: &str, path: &str, body: &Value) -> Value {
+    let body = (!body.is_null()).then(|| body.to_string());
+    let r = s.rest.raw(method, path, Some(token), body.as_deref()).await.unwrap();
+    assert_eq!(r.status, 202, "{method} {path}: {}", r.body);
+    let job = finish(s, token, &r.str("job_id")).await;
+    assert_eq!(job["status"], "SUCCEEDED", "{method} {path}: {job}");
+    r.body
+}
+
+async fn volume_type(s: &TestStack, name: &str, max: u32) {
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/volume-types",
+            &s.ops_token(),
+            &json!({"name": name, "max_size_gib": max, "description": "disks", "storage": {"sim-1": "default"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+async fn vm(s: &TestStack, token: &str, name: &str) -> String {
+    let body =
+        op(s, token, "POST", VMS, &json!({"name": name, "flavor": "small", "image": "debian-12"})).await;
+    body["vm_id"].as_str().unwrap().to_owned()
+}
+
+async fn volume(s: &TestStack, token: &str, name: &str, gib: u32) -> String {
+    let body =
+        op(s, token, "POST", VOLUMES, &json!({"name": name, "size_gib": gib, "volume_type": "standard"}))
+            .await;
+    body["volume_id"].as_str().unwrap().to_owned()
+}
+
+async fn get(s: &TestStack, token: &str, id: &str) -> Value {
+    let r = s.rest.get(&format!("{VOLUMES}/{id}"), token).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+fn refused(r: &hcp_testkit::rest::Reply, status: u16, code: &str) {
+    assert_eq!((r.status, r.str("code").as_str()), (status, code), "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_volume_outlives_the_vms_it_was_attached_to() {
+    let s = TestStack::start(Path::new(HCP), options(SIM_CAPS)).await.unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    volume_type(&s, "standard", 100).await;
+    // Tenants see the type, never where it lives.
+    let types = s.rest.get("/api/hcp/common/v1/volume-types", &t).await.unwrap();
+    assert_eq!(types.body["volume_types"][0]["name"], "standard", "{}", types.body);
+    assert!(types.body["volume_types"][0].get("storage").is_none_or(|v| v == &json!({})), "{}", types.body);
+
+    let first = vm(&s, &t, "first").await;
+    let data = volume(&s, &t, "data", 5).await;
+    let v = get(&s, &t, &data).await;
+    assert_eq!((v["status"].as_str(), v["size_gib"].as_u64()), (Some("AVAILABLE"), Some(5)), "{v}");
+    assert_eq!(v["allowed_actions"], json!(["update", "extend", "attach", "delete"]), "{v}");
+
+    // Attach to the running VM: the VM stays ACTIVE, the volume is IN_USE
+    // at the first place after the root disk.
+    let attached = op(&s, &t, "POST", &format!("{VMS}/{first}:attach"), &json!({"volume_id": data})).await;
+    assert_eq!((attached["vm_id"].as_str(), attached["volume_id"].as_str()), (Some(&*first), Some(&*data)));
+    let v = get(&s, &t, &data).await;
+    assert_eq!(v["status"], "IN_USE", "{v}");
+    assert_eq!(v["attachments"], json!([{"vm_id": first, "device_index": 1}]), "{v}");
+    let vm_now = s.rest.get(&format!("{VMS}/{first}"), &t).await.unwrap();
+    assert_eq!(vm_now.str("status"), "ACTIVE");
+    let listed = s.rest.get(&format!("{VOLUMES}?vm_id={first}"), &t).await.unwrap();
+    assert_eq!(listed.body["volumes"].as_array().map(Vec::len), Some(1), "{}", listed.body);
+
+    // Refused before any job: delete while attached, attach twice, shrink.
+    let r = s.rest.raw("DELETE", &format!("{VOLUMES}/{data}"), Some(&t), None).await.unwrap();
+    refused(&r, 409, "CONFLICT");
+    assert!(r.str("message").contains(&first), "{}", r.body);
+    let second = vm(&s, &t, "second").await;
+    let r = s.rest.post(&format!("{VMS}/{second}:attach"), &t, &json!({"volume_id": data})).await.unwrap();
+    refused(&r, 409, "CONFLICT");
+    let r = s.rest.post(&format!("{VOLUMES}/{data}:extend"), &t, &json!({"size_gib": 5})).await.unwrap();
+    refused(&r, 400, "INVALID_ARGUMENT");
+    assert_eq!(r.body["details"]["field"], "size_gib");
+
+    // Grow it while the VM runs; the quota's view follows.
+    op(&s, &t, "POST", &format!("{VOLUMES}/{data}:extend"), &json!({"size_gib": 8})).await;
+    assert_eq!(get(&s, &t, &data).await["size_gib"], 8);
+    let quota = s.rest.get("/api/hcp/tenant/v1/projects/demo/quota", &t).await.unwrap();
+    assert_eq!((quota.body["volumes"].as_u64(), quota.body["volume_gib"].as_str()), (Some(1), Some("8")));
+
+    // Detach, attach to the second VM, then delete that VM: the volume
+    // survives it, detached.
+    op(&s, &t, "POST", &format!("{VMS}/{first}:detach"), &json!({"volume_id": data})).await;
+    assert_eq!(get(&s, &t, &data).await["status"], "AVAILABLE");
+    let r = s.rest.post(&format!("{VMS}/{first}:detach"), &t, &json!({"volume_id": data})).await.unwrap();
+    refused(&r, 409, "CONFLICT");
+    op(&s, &t, "POST", &format!("{VMS}/{second}:attach"), &json!({"volume_id": data})).await;
+    op(&s, &t, "DELETE", &format!("{VMS}/{second}"), &Value::Null).await;
+    let v = get(&s, &t, &data).await;
+    assert_eq!((v["status"].as_str(), &v["attachments"]), (Some("AVAILABLE"), &json!([])), "{v}");
+
+    // The volume's history, newest first.
+    let jobs = s.rest.get(&format!("{VOLUMES}/{data}/jobs"), &t).await.unwrap();
+    let kinds: Vec<&str> =
+        jobs.body["jobs"].as_array().unwrap().iter().filter_map(|j| j["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["volume.attach", "volume.detach", "volume.extend", "volume.attach", "volume.create"],
+        "{}",
+        jobs.body
+    );
+
+    op(&s, &t, "DELETE", &format!("{VOLUMES}/{data}"), &Value::Null).await;
+    assert_eq!(get(&s, &t, &data).await["status"], "DELETED");
+    let listed = s.rest.get(VOLUMES, &t).await.unwrap();
+    assert_eq!(listed.body["volumes"], json!([]), "deleted volumes are listed only when asked for");
+    let r = s.rest.raw("DELETE", &format!("{VOLUMES}/{data}"), Some(&t), None).await.unwrap();
+    refused(&r, 404, "NOT_FOUND");
+}
+
+#[tokio::test]
+async fn bad_volume_requests_are_refused_before_any_job() {
+    let s =
+        TestStack::start(Path::new(HCP), options(&format!("{SIM_CAPS},max_volumes_per_vm=1"))).await.unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    volume_type(&s, "standard", 10).await;
+    let field = |r: &hcp_testkit::rest::Reply| {
+        (r.status, r.body["details"]["field"].as_str().unwrap_or_default().to_owned())
+    };
+    for (body, name) in [
+        (json!({"name": "a", "size_gib": 0, "volume_type": "standard"}), "size_gib"),
+        (json!({"name": "a", "size_gib": -1, "volume_type": "standard"}), "size_gib"),
+        (json!({"name": "a", "size_gib": 11, "volume_type": "standard"}), "size_gib"),
+        (json!({"name": "a", "size_gib": 1, "volume_type": "gold"}), "volume_type"),
+        (json!({"name": "a", "size_gib": 1}), "volume_type"),
+        (json!({"name": "-a", "size_gib": 1, "volume_type": "standard"}), "name"),
+        (json!({"name": "a", "size_gib": 1, "volume_type": "standard", "zone": "nowhere"}), "zone"),
+    ] {
+        let r = s.rest.post(VOLUMES, &t, &body).await.unwrap();
+        assert_eq!(field(&r), (400, name.to_owned()), "{body}: {}", r.body);
+    }
+    assert_eq!(s.rest.get(VOLUMES, &t).await.unwrap().body["volumes"], json!([]), "nothing was made");
+
+    // Another tenant's volume is exactly as unknown as a random id.
+    let mine = volume(&s, &t, "mine", 1).await;
+    let evil = s.tenant_token("evil", &["demo"]);
+    let theirs = s.rest.get(&format!("{VOLUMES}/{mine}"), &evil).await.unwrap();
+    let random = s.rest.get(&format!("{VOLUMES}/{}", uuid::Uuid::now_v7()), &evil).await.unwrap();
+    assert_eq!((theirs.status, random.status), (404, 404));
+    assert_eq!(theirs.str("code"), random.str("code"));
+    let evil_vm = {
+        let body =
+            op(&s, &evil, "POST", VMS, &json!({"name": "e", "flavor": "small", "image": "debian-12"})).await;
+        body["vm_id"].as_str().unwrap().to_owned()
+    };
+    let r =
+        s.rest.post(&format!("{VMS}/{evil_vm}:attach"), &evil, &json!({"volume_id": mine})).await.unwrap();
+    refused(&r, 404, "NOT_FOUND");
+    assert!(!r.str("message").contains("mine"), "{}", r.body);
+
+    // The VM's bus holds one volume here: the second is refused, naming it.
+    let vm = vm(&s, &t, "full").await;
+    op(&s, &t, "POST", &format!("{VMS}/{vm}:attach"), &json!({"volume_id": mine})).await;
+    let other = volume(&s, &t, "other", 1).await;
+    let r = s.rest.post(&format!("{VMS}/{vm}:attach"), &t, &json!({"volume_id": other})).await.unwrap();
+    assert_eq!(field(&r), (400, "volume_id".to_owned()), "{}", r.body);
+    let r =
+        s.rest.post(&format!("{VMS}/{vm}:attach"), &t, &json!({"volume_id": "not-a-uuid"})).await.unwrap();
+    assert_eq!(field(&r), (400, "volume_id".to_owned()), "{}", r.body);
+}
+
+#[tokio::test]
+async fn capabilities_the_hypervisor_lacks_are_named() {
+    // Volumes, but no hot attach and no growth in use.
+    let s = TestStack::start(Path::new(HCP), options("cloud_init,console_vnc,volumes")).await.unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    volume_type(&s, "standard", 10).await;
+    let vm = vm(&s, &t, "web").await;
+    let data = volume(&s, &t, "data", 1).await;
+    let r = s.rest.post(&format!("{VMS}/{vm}:attach"), &t, &json!({"volume_id": data})).await.unwrap();
+    refused(&r, 409, "FEATURE_NOT_SUPPORTED");
+    assert_eq!(r.body["details"]["capability"], "supports_hot_attach");
+    op(&s, &t, "POST", &format!("{VMS}/{vm}:stop"), &json!({})).await;
+    op(&s, &t, "POST", &format!("{VMS}/{vm}:attach"), &json!({"volume_id": data})).await;
+    op(&s, &t, "POST", &format!("{VMS}/{vm}:start"), &json!({})).await;
+    let r = s.rest.post(&format!("{VOLUMES}/{data}:extend"), &t, &json!({"size_gib": 2})).await.unwrap();
+    refused(&r, 409, "FEATURE_NOT_SUPPORTED");
+    assert_eq!(r.body["details"]["capability"], "supports_volume_extend_in_use");
+    assert_eq!(get(&s, &t, &data).await["allowed_actions"], json!(["update"]));
+
+    // A zone whose hypervisor has no volumes at all.
+    let s = TestStack::start(Path::new(HCP), options("cloud_init,console_vnc")).await.unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    volume_type(&s, "standard", 10).await;
+    let r = s
+        .rest
+        .post(VOLUMES, &t, &json!({"name": "a", "size_gib": 1, "volume_type": "standard"}))
+        .await
+        .unwrap();
+    refused(&r, 409, "FEATURE_NOT_SUPPORTED");
+    assert_eq!(r.body["details"]["capability"], "supports_volumes");
+}
+
+#[tokio::test]
+async fn the_volume_quota_holds_under_concurrent_creates() {
+    let opts = StackOptions { backend: Backend::Postgres, ..options(SIM_CAPS) };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    volume_type(&s, "standard", 10).await;
+    let r = s
+        .rest
+        .raw(
+            "PUT",
+            "/api/hcp/ops/v1/tenants/acme/projects/demo/quota",
+            Some(&s.ops_token()),
+            Some(r#"{"max_volumes": 5, "max_volume_gib": 12}"#),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // 20 creates of 2 GiB at once: 5 volumes (10 GiB) fit both limits.
+    let creates = (0..20).map(|i| {
+        let s = &s;
+        let t = &t;
+        async move {
+            s.rest
+                .post(VOLUMES, t, &json!({"name": format!("v{i}"), "size_gib": 2, "volume_type": "standard"}))
+                .await
+                .unwrap()
+        }
+    });
+    let answers = futures::future::join_all(creates).await;
+    let accepted = answers.iter().filter(|r| r.status == 202).count();
+    let over = answers.iter().filter(|r| r.status == 429 && r.str("code") == "QUOTA_EXCEEDED").count();
+    assert_eq!((accepted, over), (5, 15), "max_volumes (5) binds before max_volume_gib (6 of 2 GiB)");
+    let quota = s.rest.get("/api/hcp/tenant/v1/projects/demo/quota", &t).await.unwrap();
+    assert_eq!((quota.body["volumes"].as_u64(), quota.body["volume_gib"].as_str()), (Some(5), Some("10")));
+}
