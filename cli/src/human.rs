@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use crate::client::{Client, ConnectArgs};
 use crate::output::{self, Format};
 
-const T: &str = "/api/hcp/tenant/v1";
+pub(crate) const T: &str = "/api/hcp/tenant/v1";
 const VM_COLUMNS: &[&str] = &["vm_id", "name", "status", "flavor", "image", "zone", "networks.0.ipv4"];
 const JOB_COLUMNS: &[&str] = &["job_id", "kind", "status", "vm_id", "attempts", "created_at", "error.code"];
 
@@ -417,7 +417,7 @@ fn camel(snake: &str) -> String {
     out
 }
 
-fn pairs(items: &[String], flag: &str) -> anyhow::Result<Map<String, Value>> {
+pub(crate) fn pairs(items: &[String], flag: &str) -> anyhow::Result<Map<String, Value>> {
     items
         .iter()
         .map(|kv| {
@@ -642,6 +642,24 @@ pub const EXIT_WAIT_TIMEOUT: i32 = 3;
 /// A VM by id, or by name when the argument is not a UUID (the one VM of
 /// that name in the project that is not deleted).
 async fn resolve(c: &Client, vms: &str, vm: &str) -> anyhow::Result<String> {
+    resolve_named(c, vms, vm, Named::VM).await
+}
+
+/// What [`resolve_named`] looks for: the list's key, the id's key and
+/// the resource's name for messages.
+pub(crate) struct Named {
+    pub list: &'static str,
+    pub id: &'static str,
+    pub what: &'static str,
+}
+
+impl Named {
+    const VM: Named = Named { list: "vms", id: "vm_id", what: "VM" };
+}
+
+/// An id given as it is, or the one resource of `path`'s list named so.
+pub(crate) async fn resolve_named(c: &Client, path: &str, name: &str, n: Named) -> anyhow::Result<String> {
+    let (vms, vm) = (path, name);
     if uuid::Uuid::parse_str(vm).is_ok() {
         return Ok(vm.to_owned());
     }
@@ -650,9 +668,9 @@ async fn resolve(c: &Client, vms: &str, vm: &str) -> anyhow::Result<String> {
     loop {
         let path = if page.is_empty() { vms.to_owned() } else { format!("{vms}?page_token={}", enc(&page)) };
         let v = c.call("GET", &path, None).await?;
-        for item in v["vms"].as_array().into_iter().flatten() {
+        for item in v[n.list].as_array().into_iter().flatten() {
             if item["name"] == vm && item["status"] != "DELETED" {
-                found.push(item["vm_id"].as_str().unwrap_or_default().to_owned());
+                found.push(item[n.id].as_str().unwrap_or_default().to_owned());
             }
         }
         page = v["next_page_token"].as_str().unwrap_or_default().to_owned();
@@ -662,8 +680,8 @@ async fn resolve(c: &Client, vms: &str, vm: &str) -> anyhow::Result<String> {
     }
     match found.as_slice() {
         [one] => Ok(one.clone()),
-        [] => anyhow::bail!("no VM named {vm:?} in project {}", c.project),
-        many => anyhow::bail!("{} VMs are named {vm:?}; use an id: {}", many.len(), many.join(", ")),
+        [] => anyhow::bail!("no {} named {vm:?} in project {}", n.what, c.project),
+        many => anyhow::bail!("{} {}s are named {vm:?}; use an id: {}", many.len(), n.what, many.join(", ")),
     }
 }
 
@@ -676,14 +694,29 @@ async fn finish(
     wait: Wait,
     vm_path: Option<String>,
 ) -> anyhow::Result<()> {
+    let show = vm_path.map(|p| (p, VM_COLUMNS));
+    finish_showing(c, out, accepted, wait, &["vm_id", "job_id", "snapshot_id"], show).await
+}
+
+/// Prints an accepted operation (its `columns`), or with `--wait` follows
+/// its job and prints what `show` names (a path and its columns), else the
+/// job.
+pub(crate) async fn finish_showing(
+    c: &Client,
+    out: Format,
+    accepted: Value,
+    wait: Wait,
+    columns: &[&str],
+    show: Option<(String, &[&str])>,
+) -> anyhow::Result<()> {
     if !wait.wait {
-        output::print(out, &accepted, None, &["vm_id", "job_id", "snapshot_id"]);
+        output::print(out, &accepted, None, columns);
         return Ok(());
     }
     let job = accepted["job_id"].as_str().context("the answer names no job")?.to_owned();
     let done = follow(c, &job, Duration::from_secs(wait.timeout)).await?;
-    match vm_path {
-        Some(path) => output::print(out, &c.call("GET", &path, None).await?, None, VM_COLUMNS),
+    match show {
+        Some((path, cols)) => output::print(out, &c.call("GET", &path, None).await?, None, cols),
         None => output::print(out, &done, None, JOB_COLUMNS),
     }
     Ok(())

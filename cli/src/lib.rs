@@ -14,6 +14,7 @@ pub mod client;
 pub mod dev;
 pub mod human;
 pub mod output;
+pub mod volume;
 
 use std::ffi::OsString;
 
@@ -36,6 +37,14 @@ enum Command {
         common: human::Common,
         #[command(subcommand)]
         cmd: human::Vm,
+    },
+    /// Volumes of a project: list, show, create, update, extend, delete,
+    /// attach, detach.
+    Volume {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: volume::Volume,
     },
     /// Jobs: list, show, watch, cancel.
     Job {
@@ -98,6 +107,7 @@ where
     };
     match cli.command {
         Command::Vm { common, cmd } => human::run(|| human::vm(common, cmd)),
+        Command::Volume { common, cmd } => human::run(|| volume::volume(common, cmd)),
         Command::Job { common, cmd } => human::run(|| human::job(common, cmd)),
         Command::Catalog { common, cmd } => human::run(|| human::catalog(common, cmd)),
         Command::Ops { common, cmd } => human::run(|| human::ops(common, cmd)),

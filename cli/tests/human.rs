@@ -309,3 +309,58 @@ async fn an_interactive_terminal_shows_the_live_progress_and_the_result() {
     assert!(end.contains("exit=0"), "{end}");
     assert!(!end.lines().any(|l| l.contains("attempt 1/")), "the live line stays on screen:\n{end}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn people_manage_volumes_with_the_hcp_command() {
+    let opts = StackOptions {
+        sim_capabilities: "cloud_init,console_vnc,volumes,hot_attach,volume_extend_in_use".into(),
+        ..StackOptions::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
+    let r = s
+        .rest
+        .post(
+            "/api/hcp/ops/v1/volume-types",
+            &s.ops_token(),
+            &serde_json::json!({"name": "standard", "max_size_gib": 50}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let token = s.tenant_token("acme", &["demo"]);
+    let cli = Cli::for_stack(&s, &token);
+    cli.ok(&["vm", "create", "app", "--flavor", "small", "--image", "debian-12", "--wait"]).await;
+
+    let v = cli.json(&["volume", "create", "data", "--size", "5", "--type", "standard", "--wait"]).await;
+    assert_eq!((v["status"].as_str(), v["size_gib"].as_u64()), (Some("AVAILABLE"), Some(5)), "{v}");
+    let id = v["volume_id"].as_str().unwrap().to_owned();
+    // By name, with the VM by name too.
+    let v = cli.json(&["volume", "attach", "data", "--vm", "app", "--wait"]).await;
+    assert_eq!(v["status"], "IN_USE", "{v}");
+    let table = cli.ok(&["volume", "list", "--vm", "app"]).await;
+    assert!(
+        table.lines().nth(1).is_some_and(|row| row.starts_with(&id) && row.contains("IN_USE")),
+        "{table}"
+    );
+    let v = cli.json(&["volume", "extend", &id, "--size", "7", "--wait"]).await;
+    assert_eq!(v["size_gib"], 7, "{v}");
+    let v = cli.json(&["volume", "update", "data", "--name", "logs", "--tag", "keep"]).await;
+    assert_eq!((v["name"].as_str(), &v["tags"]), (Some("logs"), &serde_json::json!(["keep"])), "{v}");
+    // Deleting an attached volume is refused with the API's code.
+    let out = cli.run(&["volume", "delete", "logs"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CONFLICT"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = cli.json(&["volume", "detach", "logs", "--vm", "app", "--wait"]).await;
+    assert_eq!(v["status"], "AVAILABLE", "{v}");
+    let done = cli.json(&["volume", "delete", "logs", "--wait"]).await;
+    assert_eq!(
+        (done["kind"].as_str(), done["status"].as_str()),
+        (Some("volume.delete"), Some("SUCCEEDED")),
+        "{done}"
+    );
+    assert_eq!(cli.json(&["volume", "show", &id]).await["status"], "DELETED");
+}
