@@ -206,6 +206,8 @@ pub enum Catalog {
     Zones,
     /// Networks.
     Networks,
+    /// Volume types.
+    VolumeTypes,
 }
 
 /// `hcp ops` (operator tokens).
@@ -220,6 +222,9 @@ pub enum Ops {
     /// Flavors (list with `hcp catalog flavors`).
     #[command(subcommand)]
     Flavor(OpsFlavor),
+    /// Volume types (list with `hcp catalog volume-types`, which hides their storage from tenants).
+    #[command(subcommand)]
+    VolumeType(OpsVolumeType),
     /// Images (list with `hcp catalog images`, which hides their source from tenants).
     #[command(subcommand)]
     Image(OpsImage),
@@ -304,6 +309,26 @@ pub enum OpsFlavor {
         description: String,
     },
     /// Remove a flavor no VM uses.
+    Delete { name: String },
+}
+
+/// `hcp ops volume-type`.
+#[derive(Subcommand, Debug)]
+pub enum OpsVolumeType {
+    /// Add a volume type.
+    Create {
+        name: String,
+        /// The largest volume of the type, in GiB.
+        #[arg(long)]
+        max_size_gib: u32,
+        /// Where its volumes live on a provider: `PROVIDER=STORAGE` (a libvirt
+        /// pool, a Proxmox storage, a datastore, a directory; repeatable).
+        #[arg(long = "storage")]
+        storage: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Remove a volume type no volume uses.
     Delete { name: String },
 }
 
@@ -828,9 +853,10 @@ pub async fn catalog(common: Common, cmd: Catalog) -> anyhow::Result<()> {
         Catalog::Images => ("images", &["name", "os_type", "description"]),
         Catalog::Zones => ("zones", &["name", "description"]),
         Catalog::Networks => ("networks", &["name", "zone", "description"]),
+        Catalog::VolumeTypes => ("volume-types", &["name", "max_size_gib", "description"]),
     };
     let v = c.call("GET", &format!("/api/hcp/common/v1/{what}"), None).await?;
-    output::print(common.output, &v, Some(what), cols);
+    output::print(common.output, &v, Some(&what.replace('-', "_")), cols);
     Ok(())
 }
 
@@ -959,6 +985,15 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
         }
         Ops::Flavor(OpsFlavor::Delete { name }) => {
             c.call("DELETE", &format!("{O}/flavors/{name}"), None).await?;
+        }
+        Ops::VolumeType(OpsVolumeType::Create { name, max_size_gib, storage, description }) => {
+            let body = json!({"name": name, "max_size_gib": max_size_gib, "description": description,
+                              "storage": pairs(&storage, "--storage")?});
+            let v = c.call("POST", &format!("{O}/volume-types"), Some(&body)).await?;
+            output::print(out, &v, None, &["name", "max_size_gib", "storage", "description"]);
+        }
+        Ops::VolumeType(OpsVolumeType::Delete { name }) => {
+            c.call("DELETE", &format!("{O}/volume-types/{name}"), None).await?;
         }
         Ops::Image(OpsImage::Create { name, source, os_type, description }) => {
             let body =

@@ -30,7 +30,8 @@ const T: &str = "/api/hcp/tenant/v1/projects/demo";
 const O: &str = "/api/hcp/ops/v1";
 /// Every capability the sim has.
 const ALL: &str = "cloud_init,snapshot,snapshot_running,console_vnc,console_spice,console_rdp,\
-                   console_serial,resize,hot_resize,live_migration,cold_migration";
+                   console_serial,resize,hot_resize,live_migration,cold_migration,volumes,hot_attach,\
+                   volume_extend_in_use";
 /// An id no resource has.
 const NOBODY: &str = "01890000-0000-7000-8000-000000000000";
 /// Values tried, in order, as just outside a pattern: the first that the
@@ -47,6 +48,9 @@ const LAST: &[&str] = &[
     "opsSetProjectQuota",
     "cancelJob",
     "deleteSnapshot",
+    "detachVolume",
+    "deleteVolume",
+    "opsDeleteVolumeType",
     "deleteVm",
     "deletePlacementGroup",
     "opsDeleteNetwork",
@@ -83,6 +87,9 @@ struct Seed {
     provider: String,
     host: String,
     sim2: String,
+    volume: String,
+    attached_volume: String,
+    doomed_volume: String,
 }
 
 /// The hand-made table: a baseline per operationId.
@@ -99,7 +106,26 @@ fn baseline(op: &str, s: &Seed) -> Option<Base> {
         | "opsListProviders"
         | "opsListAuditEvents"
         | "opsVerifyAuditChain"
-        | "opsListNetworkDefinitions" => base(&[], None),
+        | "opsListNetworkDefinitions"
+        | "listVolumeTypes" => base(&[], None),
+        "opsCreateVolumeType" => prefixed(&[], "volume_type", json!({"name": "vt-b", "max_size_gib": 10})),
+        "opsDeleteVolumeType" => base(&[("name", "vt-del")], None),
+        "listVolumes" => base(&[("project_id", "demo")], None),
+        "createVolume" => base(
+            &[("project_id", "demo")],
+            Some(json!({"name": "v-b", "size_gib": 1, "volume_type": "standard"})),
+        ),
+        "getVolume" | "listJobsByVolumeId" => base(&[("project_id", "demo"), ("volume_id", &s.volume)], None),
+        "updateVolume" => base(
+            &[("project_id", "demo"), ("volume_id", &s.volume)],
+            Some(json!({"name": "vol-1", "update_mask": "name,metadata,tags"})),
+        ),
+        "extendVolume" => {
+            base(&[("project_id", "demo"), ("volume_id", &s.volume)], Some(json!({"size_gib": 50})))
+        }
+        "deleteVolume" => base(&[("project_id", "demo"), ("volume_id", &s.doomed_volume)], None),
+        "attachVolume" => base(&demo_vm, Some(json!({"volume_id": s.volume}))),
+        "detachVolume" => base(&demo_vm, Some(json!({"volume_id": s.attached_volume}))),
         "getFlavor" => base(&[("name", "small")], None),
         "getImage" => base(&[("name", "debian-12")], None),
         "opsCreateFlavor" => {
@@ -685,7 +711,27 @@ async fn seed(s: &mut TestStack, t: &str, ops: &str) -> Seed {
     let hosts = s.rest.get(&format!("{O}/providers/{provider}/hosts"), ops).await.unwrap();
     let host = hosts.body["hosts"][0]["name"].as_str().expect("the sim has hosts").to_owned();
     let sim2 = s.start_sim("sim-2", "cloud_init").await.unwrap().to_string();
+    for body in
+        [json!({"name": "standard", "max_size_gib": 100}), json!({"name": "vt-del", "max_size_gib": 1})]
+    {
+        let r = s.rest.post(&format!("{O}/volume-types"), ops, &body).await.unwrap();
+        ok(&r, &format!("volume type {body}"));
+    }
+    let mut volumes = Vec::new();
+    for name in ["vol-1", "vol-att", "vol-del"] {
+        let body = json!({"name": name, "size_gib": 1, "volume_type": "standard"});
+        let r = s.rest.post(&format!("{T}/volumes"), t, &body).await.unwrap();
+        ok(&r, name);
+        s.rest.finished_job(t, &r.str("job_id"), WAIT).await.unwrap();
+        volumes.push(r.str("volume_id"));
+    }
+    let r = s.rest.post(&format!("{T}/vms/{id}:attach"), t, &json!({"volume_id": volumes[1]})).await.unwrap();
+    ok(&r, "the attachment");
+    s.rest.finished_job(t, &r.str("job_id"), WAIT).await.unwrap();
     Seed {
+        volume: volumes[0].clone(),
+        attached_volume: volumes[1].clone(),
+        doomed_volume: volumes[2].clone(),
         vm: id,
         snapshot: snap.str("snapshot_id"),
         group: groups[0].clone(),

@@ -263,8 +263,9 @@ fn the_sds_volume_state_table_is_the_lifecycles() {
     use hcp_core::model::JobKind;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let sds = std::fs::read_to_string(root.join("docs/HCP_SDS_v1.md")).expect("docs/HCP_SDS_v1.md");
-    let mut table =
-        String::from("| job kind | volume accepted from | volume while it runs | success |\n|---|---|---|---|\n");
+    let mut table = String::from(
+        "| job kind | volume accepted from | volume while it runs | success |\n|---|---|---|---|\n",
+    );
     for kind in JobKind::ALL.iter().filter(|k| k.is_volume_job()) {
         table.push_str(&format!("| {} |\n", expected_volume_row(*kind).join(" | ")));
     }

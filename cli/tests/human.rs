@@ -317,18 +317,25 @@ async fn people_manage_volumes_with_the_hcp_command() {
         ..StackOptions::default()
     };
     let s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
-    let r = s
-        .rest
-        .post(
-            "/api/hcp/ops/v1/volume-types",
-            &s.ops_token(),
-            &serde_json::json!({"name": "standard", "max_size_gib": 50}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    let ops = Cli::for_stack(&s, &s.ops_token());
+    let t = ops
+        .json(&[
+            "ops",
+            "volume-type",
+            "create",
+            "standard",
+            "--max-size-gib",
+            "50",
+            "--storage",
+            "sim-1=default",
+        ])
+        .await;
+    assert_eq!(t["storage"], serde_json::json!({"sim-1": "default"}), "operators see where it lives: {t}");
     let token = s.tenant_token("acme", &["demo"]);
     let cli = Cli::for_stack(&s, &token);
+    let types = cli.json(&["catalog", "volume-types"]).await;
+    assert_eq!(types["volume_types"][0]["name"], "standard", "{types}");
+    assert!(types["volume_types"][0].get("storage").is_none_or(|s| s == &serde_json::json!({})), "{types}");
     cli.ok(&["vm", "create", "app", "--flavor", "small", "--image", "debian-12", "--wait"]).await;
 
     let v = cli.json(&["volume", "create", "data", "--size", "5", "--type", "standard", "--wait"]).await;

@@ -128,8 +128,32 @@ class Compute(rpc.ComputeServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"vm_id must be a UUID, got {request.vm_id!r}")
         if not request.HasField("spec"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec is required")
+        spec = request.spec
         with self.hv.lock:
             if request.vm_id not in self.hv.vms:
+                # Volumes first, all checked before anything changes: the
+                # boot volume (used as it is, or made at the spec's disk
+                # size) at slot 0, the data volumes at their slots.
+                wanted = ([(spec.boot_volume_id, 0)] if spec.boot_volume_id else []) + \
+                    [(a.volume_id, a.slot) for a in spec.volumes]
+                for volume_id, slot in wanted:
+                    if not valid_id(volume_id):
+                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"volume id {volume_id!r} is no UUID")
+                    v = self.hv.volumes.get(volume_id)
+                    if v is None and slot > 0:
+                        context.abort(grpc.StatusCode.NOT_FOUND, f"volume {volume_id} not found")
+                    if v is not None and v["vm"]:
+                        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                      f"volume {volume_id} is attached to vm {v['vm']}")
+                for volume_id, slot in wanted:
+                    if volume_id not in self.hv.volumes:
+                        self.hv.next_native += 1
+                        self.hv.volumes[volume_id] = {
+                            "native": f"py-vol-{self.hv.next_native}", "size": max(spec.disk_gib, 1),
+                            "vm": "", "slot": 0,
+                        }
+                    self.hv.volumes[volume_id]["vm"] = request.vm_id
+                    self.hv.volumes[volume_id]["slot"] = slot
                 self.hv.next_native += 1
                 self.hv.vms[request.vm_id] = {
                     "native": f"py-{self.hv.next_native}",

@@ -40,6 +40,15 @@ pub trait Hooks: Send + Sync {
         None
     }
 
+    /// Waits until the guest of the running VM `vm_id` has booted far
+    /// enough to answer a hot unplug (a guest must release a disk before
+    /// the hypervisor detaches it; one still in its firmware never does).
+    /// `None`: the kit goes on at once.
+    fn guest_booted(&self, vm_id: &str) -> Option<HookFuture<'_, ()>> {
+        let _ = vm_id;
+        None
+    }
+
     /// Undoes [`Hooks::fail_next_create_after_first_effect`].
     fn clear_faults(&self) -> HookFuture<'_, ()> {
         Box::pin(async { Ok(()) })

@@ -215,7 +215,9 @@ async fn the_provider_passes_the_conformance_kit() {
             "hot resize",
             "create on a named host",
             "live migration: running VM to another host, repeated",
-            "cold migration: stopped VM to another host, repeated"
+            "cold migration: stopped VM to another host, repeated",
+            // Boot volumes are not made on Proxmox yet (UNIMPLEMENTED).
+            "volumes: a boot volume is at slot 0 and survives DeleteVm"
         ]
     );
     // The kit cleaned up: only the template is left.
