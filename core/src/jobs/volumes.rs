@@ -8,7 +8,7 @@ use hcp_proto::provider;
 
 use super::{Abort, Attempt, Engine, req};
 use crate::lifecycle::{Outcome, Step};
-use crate::model::{Job, Volume, now};
+use crate::model::{Job, JobKind, Volume, now};
 use crate::providers::ProviderCallError;
 use crate::store::{RecordedStep, VolumeReport};
 
@@ -41,10 +41,12 @@ impl Engine {
                 continue;
             }
             let made = volume.native_id.is_some() || report.is_some();
+            // A host-local volume waits for the host of its first
+            // attachment: its create job makes nothing on the hypervisor,
+            // the attach's first step does.
+            let deferred = job.kind == JobKind::CreateVolume && host_local && volume.host.is_empty();
             let call = match step {
-                // Made already, or host-local and waiting for the host of
-                // its first attachment: nothing to do on the hypervisor yet.
-                Step::VolumeCreate if made || (host_local && volume.host.is_empty()) => continue,
+                Step::VolumeCreate if made || deferred => continue,
                 // Never made on the hypervisor: the change is HCP's alone.
                 Step::VolumeDelete | Step::VolumeExtend if !made => continue,
                 _ => self.call_volume(&mut compute, &volume, step).await,

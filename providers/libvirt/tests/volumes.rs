@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{USER_DATA, report};
+
 use std::path::Path;
 
 use hcp_proto::provider::compute_client::ComputeClient;
@@ -21,33 +23,7 @@ use hcp_provider_libvirt::storage::disk_serial;
 use hcp_provider_libvirt::{VmVolumes, VolumeAttachment};
 use tonic::transport::Channel;
 
-/// Runs at every boot, in the background: once a second, every virtio disk
-/// with a serial whose serial or size changed is reported; `vol-writer`
-/// writes `HCP-DATA-<serial>` at the start of each data disk without one.
-const USER_DATA: &str = r#"#!/bin/sh
-(
-while :; do
-  for b in /sys/block/vd*; do
-    d=${b##*/}
-    s=$(cat $b/serial 2>/dev/null); n=$(cat $b/size 2>/dev/null)
-    [ -n "$s" ] || continue
-    [ "$s $n" = "$(cat /tmp/seen-$d 2>/dev/null)" ] && continue
-    echo "$s $n" > /tmp/seen-$d
-    data=$(dd if=/dev/$d bs=64 count=1 2>/dev/null | tr -cd 'A-Za-z0-9=-')
-    echo "HCP-VOL: dev=$d serial=$s sectors=$n data=$data" > /dev/ttyS0
-    case "$(hostname):$d:$data" in
-      vol-writer:vda:*|vol-writer:*:HCP-DATA*) ;;
-      vol-writer:*) printf 'HCP-DATA-%s' "$s" | dd of=/dev/$d bs=512 conv=sync,fsync 2>/dev/null &&
-        echo "HCP-VOL: wrote serial=$s dev=$d" > /dev/ttyS0 ;;
-    esac
-  done
-  sleep 1
-done
-) </dev/null >/dev/null 2>&1 &
-"#;
-
 const BANNER: &str = "HCP-GUEST-READY";
-const GIB_SECTORS: u64 = (1 << 30) / 512;
 
 fn spec(hostname: &str) -> VmSpec {
     VmSpec {
@@ -67,12 +43,6 @@ fn spec(hostname: &str) -> VmSpec {
 
 fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
-}
-
-/// The guest's report of the disk with `volume_id`'s serial at `gib` GiB,
-/// with the data it read at its start (`HCP-DATA-…`, or empty).
-fn report(volume_id: &str, gib: u64, data: &str) -> String {
-    format!("serial={} sectors={} data={data}", disk_serial(volume_id), gib * GIB_SECTORS)
 }
 
 fn virtual_size(disk: &Path) -> u64 {

@@ -1,0 +1,83 @@
+//! A volume through HCP on real guests: a tenant makes a 5 GiB volume over
+//! REST, attaches it to a running libvirt guest (TCG), the guest sees the
+//! disk at its size and writes to it; the VM is deleted, the volume stays,
+//! and a new VM it is attached to reads what the first wrote. The guests'
+//! reports on their serial ports are the proof (the disk watcher of
+//! `common::USER_DATA`).
+
+mod common;
+
+use common::{Kvm, USER_DATA, VMS, report};
+use serde_json::{Value, json};
+
+const VOLUMES: &str = "/api/hcp/tenant/v1/projects/demo/volumes";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_written_by_one_guest_is_read_by_the_next() {
+    let kvm = Kvm::start("").await;
+    let r = kvm
+        .stack
+        .rest
+        .post("/api/hcp/ops/v1/volume-types", &kvm.ops, &json!({"name": "standard", "max_size_gib": 100}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let caps = kvm.stack.rest.get("/api/hcp/ops/v1/providers", &kvm.ops).await.unwrap();
+    let libvirt = caps.body["providers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "kvm-1-libvirt")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(libvirt["capabilities"]["supports_volumes"], true, "{libvirt}");
+
+    let (writer, job) =
+        kvm.create("vol-writer", json!({"hostname": "vol-writer", "user_data": USER_DATA})).await;
+    kvm.succeed(&job).await;
+    kvm.serial_shows(&writer, "HCP-GUEST-READY", 1).await;
+
+    let body = json!({"name": "data", "size_gib": 5, "volume_type": "standard", "zone": "kvm-1"});
+    let created = kvm.op("POST", VOLUMES, &body.to_string()).await;
+    let volume = created["volume_id"].as_str().unwrap().to_owned();
+    // Hot attach to the running guest: it sees a 5 GiB disk, empty, and
+    // writes its marker on it.
+    kvm.op("POST", &format!("{VMS}/{writer}:attach"), &json!({"volume_id": volume}).to_string()).await;
+    kvm.serial_shows(&writer, &report(&volume, 5, ""), 1).await;
+    kvm.serial_shows(&writer, "HCP-VOL: wrote serial=", 1).await;
+    let v = kvm.stack.rest.get(&format!("{VOLUMES}/{volume}"), &kvm.tenant).await.unwrap();
+    assert_eq!(
+        (v.str("status"), &v.body["attachments"][0]["vm_id"]),
+        ("IN_USE".into(), &json!(writer)),
+        "{}",
+        v.body
+    );
+
+    // The VM goes; the volume stays, detached, with its data.
+    let r = kvm.stack.rest.raw("DELETE", &format!("{VMS}/{writer}"), Some(&kvm.tenant), None).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    kvm.succeed(&r.str("job_id")).await;
+    let v = kvm.stack.rest.get(&format!("{VOLUMES}/{volume}"), &kvm.tenant).await.unwrap();
+    assert_eq!((v.str("status"), &v.body["attachments"]), ("AVAILABLE".into(), &json!([])), "{}", v.body);
+
+    // A new guest gets it and reads the first one's marker.
+    let (reader, job) =
+        kvm.create("vol-reader", json!({"hostname": "vol-reader", "user_data": USER_DATA})).await;
+    kvm.succeed(&job).await;
+    kvm.serial_shows(&reader, "HCP-GUEST-READY", 1).await;
+    kvm.op("POST", &format!("{VMS}/{reader}:attach"), &json!({"volume_id": volume}).to_string()).await;
+    let marker = format!("HCP-DATA-{}", hcp_provider_libvirt::storage::disk_serial(&volume));
+    kvm.serial_shows(&reader, &report(&volume, 5, &marker), 1).await;
+
+    // Clean up through HCP: detach, delete both.
+    kvm.op("POST", &format!("{VMS}/{reader}:detach"), &json!({"volume_id": volume}).to_string()).await;
+    let r =
+        kvm.stack.rest.raw("DELETE", &format!("{VOLUMES}/{volume}"), Some(&kvm.tenant), None).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    kvm.succeed(&r.str("job_id")).await;
+    let r = kvm.stack.rest.raw("DELETE", &format!("{VMS}/{reader}"), Some(&kvm.tenant), None).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    kvm.succeed(&r.str("job_id")).await;
+    let left = common::virsh(&["vol-list", &kvm.bed.pool]);
+    assert!(!left.contains(&volume), "the volume's file is gone from the pool: {left}");
+}
