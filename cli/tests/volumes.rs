@@ -273,3 +273,89 @@ async fn the_volume_quota_holds_under_concurrent_creates() {
     let quota = s.rest.get("/api/hcp/tenant/v1/projects/demo/quota", &t).await.unwrap();
     assert_eq!((quota.body["volumes"].as_u64(), quota.body["volume_gib"].as_str()), (Some(5), Some("10")));
 }
+
+/// The reconciler on volumes: HCP's record follows the hypervisor (a volume
+/// gone is ERROR, an attachment made or removed behind HCP's back is
+/// recorded), and an HCP volume HCP does not know is reported, never
+/// deleted; every decision is an audit event.
+#[tokio::test]
+async fn the_reconciler_records_what_happened_to_volumes_behind_hcps_back() {
+    use hcp_proto::sim::sim_control_client::SimControlClient;
+    use hcp_proto::sim::{AddVolumeRequest, RemoveVolumeRequest, SetVolumeAttachmentRequest};
+    let opts = StackOptions { core_toml: "[reconciler]\ninterval_seconds = 1\n".into(), ..options(SIM_CAPS) };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    volume_type(&s, "standard", 10).await;
+    let vm = vm(&s, &t, "web").await;
+    let gone = volume(&s, &t, "gone", 1).await;
+    let moved = volume(&s, &t, "moved", 1).await;
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    sim.remove_volume(RemoveVolumeRequest { volume_id: gone.clone() }).await.unwrap();
+    sim.set_volume_attachment(SetVolumeAttachmentRequest {
+        volume_id: moved.clone(),
+        vm_id: vm.clone(),
+        slot: 3,
+    })
+    .await
+    .unwrap();
+    let stranger = uuid::Uuid::now_v7().to_string();
+    sim.add_volume(AddVolumeRequest { volume_id: stranger.clone(), size_gib: 2, host: String::new() })
+        .await
+        .unwrap();
+
+    wait_until(Duration::from_secs(20), "the reconciler to record both", || async {
+        let g = get(&s, &t, &gone).await;
+        let m = get(&s, &t, &moved).await;
+        Ok((g["status"] == "ERROR" && m["status"] == "IN_USE").then_some(()))
+    })
+    .await
+    .unwrap();
+    let g = get(&s, &t, &gone).await;
+    assert_eq!(
+        (g["error"]["code"].as_str(), &g["allowed_actions"]),
+        (Some("NOT_FOUND"), &json!(["update", "delete"])),
+        "{g}"
+    );
+    let m = get(&s, &t, &moved).await;
+    assert_eq!(m["attachments"], json!([{"vm_id": vm, "device_index": 3}]), "{m}");
+
+    // Detached behind HCP's back: AVAILABLE again.
+    sim.set_volume_attachment(SetVolumeAttachmentRequest {
+        volume_id: moved.clone(),
+        vm_id: String::new(),
+        slot: 0,
+    })
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(20), "the detachment recorded", || async {
+        Ok((get(&s, &t, &moved).await["status"] == "AVAILABLE").then_some(()))
+    })
+    .await
+    .unwrap();
+
+    // Every decision is in the audit trail; the stranger is reported and
+    // still on the hypervisor.
+    let ops = s.ops_token();
+    let trail = |resource: String| {
+        let s = &s;
+        let ops = &ops;
+        async move {
+            let r = s
+                .rest
+                .get(&format!("/api/hcp/ops/v1/audit-events?resource_id={resource}"), ops)
+                .await
+                .unwrap();
+            r.body["events"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let actions = |events: Vec<Value>| {
+        events.iter().filter_map(|e| e["action"].as_str().map(str::to_owned)).collect::<Vec<_>>()
+    };
+    assert!(actions(trail(gone.clone()).await).contains(&"reconcile.missing".to_owned()));
+    assert!(actions(trail(moved.clone()).await).iter().filter(|a| *a == "reconcile.attachment").count() >= 2);
+    assert!(actions(trail(stranger.clone()).await).contains(&"reconcile.orphan".to_owned()));
+    let mut compute = hcp_proto::provider::compute_client::ComputeClient::new(s.sim_channel().await.unwrap());
+    let listed =
+        compute.list_volumes(hcp_proto::provider::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert!(listed.volumes.iter().any(|v| v.volume_id == stranger), "never deleted automatically");
+}

@@ -35,6 +35,8 @@ use crate::moves::{Asker, Moves};
 use crate::providers::{CallError, ProviderClients};
 use crate::store::{KnownVm, Store};
 
+mod volumes;
+
 /// What one pass over one provider found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
@@ -56,6 +58,12 @@ pub struct Report {
     pub restarts: usize,
     /// VMs whose host changed without HCP, recorded.
     pub hosts: usize,
+    /// Volumes gone from the hypervisor (now ERROR).
+    pub volumes_missing: usize,
+    /// Volumes attached or detached without HCP, recorded.
+    pub attachments: usize,
+    /// HCP's volumes on the hypervisor that HCP does not know, reported.
+    pub volume_orphans: usize,
 }
 
 /// Runs reconciliation passes.
@@ -116,7 +124,9 @@ impl Reconciler {
         for p in providers.iter().filter(|p| p.healthy) {
             match self.reconcile(p).await {
                 Ok(r) => {
-                    if r.missing + r.power + r.orphans > 0 {
+                    if r.missing + r.power + r.orphans + r.volumes_missing + r.attachments + r.volume_orphans
+                        > 0
+                    {
                         tracing::info!(provider = %p.name, ?r, "drift handled");
                     }
                     total.listed += r.listed;
@@ -128,6 +138,9 @@ impl Reconciler {
                     total.addresses += r.addresses;
                     total.restarts += r.restarts;
                     total.hosts += r.hosts;
+                    total.volumes_missing += r.volumes_missing;
+                    total.attachments += r.attachments;
+                    total.volume_orphans += r.volume_orphans;
                 }
                 Err(e) => {
                     tracing::warn!(provider = %p.name, error = %hcp_telemetry::error_chain(&e), "reconcile failed")
@@ -275,6 +288,9 @@ impl Reconciler {
                 report.missing += 1;
                 self.missing(k, observed_at).await;
             }
+        }
+        if p.capabilities.supports_volumes {
+            self.reconcile_volumes(p, &mut report).await?;
         }
         match self.store.set_first_hosts(&first_hosts).await {
             Ok(0) => {}

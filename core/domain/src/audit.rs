@@ -63,6 +63,8 @@ pub enum AuditAction {
     ReconcileRestart,
     /// The reconciler found a VM HCP does not know.
     ReconcileOrphan,
+    /// The reconciler recorded a volume attached or detached without HCP.
+    ReconcileAttachment,
     /// A volume's name, metadata or tags changed.
     VolumeUpdate,
     /// A volume type created.
@@ -100,6 +102,7 @@ impl AuditAction {
             AuditAction::ReconcilePower => "reconcile.power",
             AuditAction::ReconcileRestart => "reconcile.restart",
             AuditAction::ReconcileOrphan => "reconcile.orphan",
+            AuditAction::ReconcileAttachment => "reconcile.attachment",
             AuditAction::VolumeUpdate => "volume.update",
             AuditAction::VolumeTypeCreate => "volume_type.create",
             AuditAction::VolumeTypeDelete => "volume_type.delete",

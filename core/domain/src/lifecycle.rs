@@ -19,8 +19,8 @@ mod drift;
 mod volume;
 pub use drift::{Correction, Drift, Verdict, correct, drift};
 pub use volume::{
-    AttachedVm, AttachmentChange, VolumeAction, VolumeChange, VolumeMetering, VolumeRefusal, accept_volume,
-    volume_allowed_actions, volume_change, volume_missing,
+    AttachedVm, AttachmentChange, Observed, VolumeAction, VolumeChange, VolumeDrift, VolumeMetering,
+    VolumeRefusal, accept_volume, volume_allowed_actions, volume_change, volume_drift, volume_missing,
 };
 
 /// A provider capability flag (a field of `hcp.provider.v1.Capabilities`).

@@ -831,3 +831,88 @@ impl super::Store {
         })
     }
 }
+
+impl super::Store {
+    /// The volumes on a provider that are not deleted (the reconciler's
+    /// view), with the time each last changed.
+    pub async fn volumes_on_provider(&self, provider: ProviderId) -> StoreResult<Vec<Volume>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes WHERE provider_id = $1 AND status <> '{}'",
+                VolumeStatus::Deleted.as_str()
+            )))
+            .bind(provider.0)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "volumes"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                out.push(volume_from_row!(row));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Records what the reconciler found of a volume, only if the volume is
+    /// still as `seen` (same state, no job, unchanged since), with the
+    /// audit event, in one transaction. An attachment is recorded only to
+    /// a VM of the volume's project that is not deleted, at a free place.
+    /// Returns whether it was written.
+    pub async fn correct_volume(
+        &self,
+        seen: &Volume,
+        drift: hcp_domain::lifecycle::VolumeDrift,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool> {
+        use hcp_domain::lifecycle::VolumeDrift;
+        on_pool!(transaction self, |tx| {
+            let (vm, index, error) = match drift {
+                VolumeDrift::Missing => (seen.attachment.map(|a| a.vm_id), seen.attachment.map(|a| a.device_index), Some(hcp_proto::error::ErrorCode::NotFound)),
+                VolumeDrift::Detached => (None, None, None),
+                VolumeDrift::Attached(vm, slot) => {
+                    let ours: Option<i64> = sqlx::query_scalar(sql!(
+                        "SELECT 1 FROM vms WHERE id = $1 AND tenant_id = $2 AND project_id = $3 \
+                         AND status <> {vm_deleted} AND NOT EXISTS (SELECT 1 FROM volumes \
+                         WHERE vm_id = $1 AND device_index = $4 AND id <> $5)",
+                        vm_deleted = hcp_domain::model::VmStatus::Deleted
+                    ))
+                    .bind(vm.0)
+                    .bind(&seen.tenant_id)
+                    .bind(&seen.project_id)
+                    .bind(to_i32(slot))
+                    .bind(seen.id.0)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+                    if ours.is_none() {
+                        return Ok(false);
+                    }
+                    (Some(vm), Some(slot), None)
+                }
+            };
+            let done = sqlx::query(
+                "UPDATE volumes SET status = $1, vm_id = $2, device_index = $3, error_code = $4, \
+                 error_message = $5, updated_at = $6 \
+                 WHERE id = $7 AND status = $8 AND current_job_id IS NULL AND updated_at = $9",
+            )
+            .bind(drift.status().as_str())
+            .bind(vm.map(|v| v.0))
+            .bind(index.map(to_i32))
+            .bind(error.map(|c| c.as_str()))
+            .bind(error.map(|_| "the volume is gone from its hypervisor"))
+            .bind(audit.at)
+            .bind(seen.id.0)
+            .bind(seen.status.as_str())
+            .bind(seen.updated_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "volume"))?;
+            if done.rows_affected() != 1 {
+                return Ok(false);
+            }
+            super::audit::insert_audit!(&mut *tx, audit);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(true)
+        })
+    }
+}

@@ -304,6 +304,63 @@ pub fn volume_missing(kind: JobKind, vm_status: Option<VmStatus>, caps: &Capabil
     missing(required_capabilities(kind, vm_status.unwrap_or(VmStatus::Stopped)), caps)
 }
 
+/// Where a hypervisor reports a volume: on a VM at a slot, or on none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// The VM it is attached to, and at which slot; `None`: detached.
+    pub attachment: Option<(hcp_proto::ids::VmId, u32)>,
+}
+
+/// What the reconciler records about a volume no job holds, whose
+/// hypervisor disagrees with HCP's record. Volumes are never deleted or
+/// detached on the hypervisor by the reconciler: HCP's record follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeDrift {
+    /// Made on the hypervisor and gone from its inventory: ERROR
+    /// (NOT_FOUND), to be deleted by the tenant.
+    Missing,
+    /// Attached there (to one of HCP's VMs) while HCP says otherwise: the
+    /// record takes the attachment, IN_USE.
+    Attached(hcp_proto::ids::VmId, u32),
+    /// Detached there while HCP says attached: AVAILABLE.
+    Detached,
+}
+
+impl VolumeDrift {
+    /// The volume's state once recorded.
+    pub fn status(self) -> VolumeStatus {
+        match self {
+            VolumeDrift::Missing => VolumeStatus::Error,
+            VolumeDrift::Attached(..) => VolumeStatus::InUse,
+            VolumeDrift::Detached => VolumeStatus::Available,
+        }
+    }
+}
+
+/// Whether a volume recorded in `status`, attached as `attachment`, made
+/// on the hypervisor or not (`made`), disagrees with what the hypervisor
+/// reports (`observed`, `None`: not in its inventory). A volume in a
+/// transitional state or never made there has nothing to compare; one
+/// already in ERROR is left to its tenant.
+pub fn volume_drift(
+    status: VolumeStatus,
+    attachment: Option<crate::model::Attachment>,
+    made: bool,
+    observed: Option<Observed>,
+) -> Option<VolumeDrift> {
+    if !made || !matches!(status, VolumeStatus::Available | VolumeStatus::InUse) {
+        return None;
+    }
+    let Some(observed) = observed else { return Some(VolumeDrift::Missing) };
+    let recorded = attachment.map(|a| (a.vm_id, a.device_index));
+    match (recorded, observed.attachment) {
+        (r, o) if r == o => None,
+        (_, Some((vm, slot))) => Some(VolumeDrift::Attached(vm, slot)),
+        (Some(_), None) => Some(VolumeDrift::Detached),
+        (None, None) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +538,44 @@ mod tests {
             names(volume_allowed_actions(Available, None, None, &Capabilities::default())),
             ["update"]
         );
+    }
+
+    /// Every recorded state against every observation, as literal rows.
+    #[test]
+    fn volume_drift_follows_the_hypervisor() {
+        use crate::model::Attachment;
+        let vm = hcp_proto::ids::VmId::new();
+        let other = hcp_proto::ids::VmId::new();
+        let at = |vm, device_index| Some(Attachment { vm_id: vm, device_index });
+        let seen = |a| Some(Observed { attachment: a });
+        type Row = (VolumeStatus, Option<Attachment>, bool, Option<Observed>, Option<VolumeDrift>);
+        #[rustfmt::skip]
+        let rows: Vec<Row> = vec![
+            (Available, None,         true,  seen(None),               None),
+            (Available, None,         true,  None,                     Some(VolumeDrift::Missing)),
+            (Available, None,         true,  seen(Some((vm, 2))),      Some(VolumeDrift::Attached(vm, 2))),
+            (InUse,     at(vm, 1),    true,  seen(Some((vm, 1))),      None),
+            (InUse,     at(vm, 1),    true,  seen(None),               Some(VolumeDrift::Detached)),
+            (InUse,     at(vm, 1),    true,  seen(Some((other, 1))),   Some(VolumeDrift::Attached(other, 1))),
+            (InUse,     at(vm, 1),    true,  None,                     Some(VolumeDrift::Missing)),
+            // Never made there (host-local, not yet attached): nothing to compare.
+            (Available, None,         false, None,                     None),
+            // A job's states and ERROR are not the reconciler's.
+            (Attaching, at(vm, 1),    true,  seen(None),               None),
+            (Creating,  None,         true,  None,                     None),
+            (Error,     None,         true,  None,                     None),
+            (Deleted,   None,         true,  None,                     None),
+        ];
+        for (status, attachment, made, observed, expected) in rows {
+            assert_eq!(
+                volume_drift(status, attachment, made, observed),
+                expected,
+                "{status} {attachment:?} made={made} {observed:?}"
+            );
+        }
+        assert_eq!(VolumeDrift::Missing.status(), Error);
+        assert_eq!(VolumeDrift::Attached(vm, 1).status(), InUse);
+        assert_eq!(VolumeDrift::Detached.status(), Available);
     }
 
     #[test]
