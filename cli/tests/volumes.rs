@@ -82,7 +82,18 @@ fn refused(r: &hcp_testkit::rest::Reply, status: u16, code: &str) {
 
 #[tokio::test]
 async fn a_volume_outlives_the_vms_it_was_attached_to() {
-    let s = TestStack::start(Path::new(HCP), options(SIM_CAPS)).await.unwrap();
+    outlives(Backend::Sqlite).await;
+}
+
+/// The same on PostgreSQL, whose finish path differs from SQLite's (one
+/// statement where it can be).
+#[tokio::test]
+async fn a_volume_outlives_the_vms_it_was_attached_to_on_postgres() {
+    outlives(Backend::Postgres).await;
+}
+
+async fn outlives(backend: Backend) {
+    let s = TestStack::start(Path::new(HCP), StackOptions { backend, ..options(SIM_CAPS) }).await.unwrap();
     let t = s.tenant_token("acme", &["demo"]);
     volume_type(&s, "standard", 100).await;
     // Tenants see the type, never where it lives.

@@ -669,8 +669,8 @@ async fn finish_in_one(
     outbox: bool,
 ) -> StoreResult<Option<bool>> {
     let t = &finish.transition;
-    // Volume jobs, and a VM's deletion (which releases its volumes), take
-    // the transaction.
+    // Volume jobs, and a VM's deletion (which releases its volumes and, as
+    // before volumes, revokes its consoles), take the transaction.
     let Some(vm_id) = job.vm_id.filter(|_| t.volume.is_none() && !t.release_volumes) else {
         return Ok(None);
     };
