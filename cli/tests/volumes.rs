@@ -76,6 +76,16 @@ async fn get(s: &TestStack, token: &str, id: &str) -> Value {
     r.body
 }
 
+/// `GET /metrics` over plain HTTP/1.0: the text exposition format.
+async fn metrics_page(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(b"GET /metrics HTTP/1.0\r\nHost: core\r\n\r\n").await.unwrap();
+    let mut page = String::new();
+    sock.read_to_string(&mut page).await.unwrap();
+    page
+}
+
 fn refused(r: &hcp_testkit::rest::Reply, status: u16, code: &str) {
     assert_eq!((r.status, r.str("code").as_str()), (status, code), "{}", r.body);
 }
@@ -160,6 +170,15 @@ async fn outlives(backend: Backend) {
 
     op(&s, &t, "DELETE", &format!("{VOLUMES}/{data}"), &Value::Null).await;
     assert_eq!(get(&s, &t, &data).await["status"], "DELETED");
+    // Core's gauges count volumes by status, from the database.
+    let core = s.metrics.iter().find(|(job, _)| *job == "core").map(|(_, a)| *a).unwrap();
+    let page = metrics_page(core).await;
+    for (series, want) in
+        [("hcp_volumes{status=\"DELETED\"}", "1"), ("hcp_volume_gib{status=\"DELETED\"}", "8")]
+    {
+        let line = page.lines().find(|l| l.starts_with(series)).unwrap_or_default();
+        assert_eq!(line.rsplit(' ').next(), Some(want), "{series} in:\n{page}");
+    }
     let listed = s.rest.get(VOLUMES, &t).await.unwrap();
     assert_eq!(listed.body["volumes"], json!([]), "deleted volumes are listed only when asked for");
     let r = s.rest.raw("DELETE", &format!("{VOLUMES}/{data}"), Some(&t), None).await.unwrap();

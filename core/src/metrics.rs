@@ -30,6 +30,15 @@ pub async fn refresh(store: &Store) {
         let n = g.vms_by_status.iter().find(|(s, _)| s == status.as_str()).map_or(0, |(_, n)| *n);
         metrics::gauge!("hcp_vms", "status" => status.as_str()).set(n as f64);
     }
+    for status in crate::model::VolumeStatus::ALL {
+        let (n, gib) = g
+            .volumes_by_status
+            .iter()
+            .find(|(s, ..)| s == status.as_str())
+            .map_or((0, 0), |(_, n, gib)| (*n, *gib));
+        metrics::gauge!("hcp_volumes", "status" => status.as_str()).set(n as f64);
+        metrics::gauge!("hcp_volume_gib", "status" => status.as_str()).set(gib as f64);
+    }
     for kind in JobKind::ALL {
         for status in [JobStatus::Queued, JobStatus::Running].map(JobStatus::as_str) {
             let n = g

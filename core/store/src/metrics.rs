@@ -12,6 +12,8 @@ use hcp_domain::model::{JobStatus, VmStatus};
 pub struct Gauges {
     /// VMs by status (DELETED included: they are kept).
     pub vms_by_status: Vec<(String, i64)>,
+    /// Volumes by status, with their GiB (DELETED included).
+    pub volumes_by_status: Vec<(String, i64, i64)>,
     /// Jobs not finished, by kind and status (QUEUED, RUNNING).
     pub open_jobs: Vec<(String, String, i64)>,
     /// Outbox rows not yet published.
@@ -37,6 +39,16 @@ impl super::Store {
                 .map_err(err)?
             {
                 g.vms_by_status.push((col!(row, "status"), col!(row, "n")));
+            }
+            for row in &sqlx::query(
+                "SELECT status, COUNT(*) AS n, CAST(COALESCE(SUM(size_gib), 0) AS BIGINT) AS gib \
+                 FROM volumes GROUP BY status",
+            )
+            .fetch_all(pool)
+            .await
+            .map_err(err)?
+            {
+                g.volumes_by_status.push((col!(row, "status"), col!(row, "n"), col!(row, "gib")));
             }
             for row in &sqlx::query(sql!(
                 "SELECT kind, status, COUNT(*) AS n FROM jobs WHERE status IN ({job_queued}, {job_running}) \
