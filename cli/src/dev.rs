@@ -183,6 +183,27 @@ pub async fn spawn(
     Ok(Spawned { child, addr, announced, ready })
 }
 
+/// Adds the volume type `standard` (up to 1 TiB) for the quick start, unless
+/// it exists. Not part of [`bootstrap`]: tests make the types they need.
+async fn standard_volume_type(core: &str, ops_token: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(core.to_owned())?.connect().await?;
+    let mut catalog = CatalogAdminServiceClient::new(channel);
+    let mut req = tonic::Request::new(ops::CreateVolumeTypeRequest {
+        volume_type: Some(common::VolumeType {
+            name: "standard".into(),
+            description: "the simulator's default storage".into(),
+            max_size_gib: 1024,
+            ..Default::default()
+        }),
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {ops_token}").parse()?);
+    match catalog.create_volume_type(req).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+        Err(s) => Err(anyhow::anyhow!("{}: {}", s.code(), s.message())),
+    }
+}
+
 /// Seeds a stack through its ops API: a zone and its "default" network, flavors, an image and the
 /// provider at `provider_endpoint` (each skipped when it already exists).
 pub async fn bootstrap(
@@ -390,6 +411,7 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     let ops_token = mint(&secret, "dev-operator", None, &[], &[ROLE_OPS_ADMIN], 24 * 3600)?;
     bootstrap(&format!("http://{}", core.addr), &ops_token, "zone-1", &format!("http://{}", sim.addr))
         .await?;
+    standard_volume_type(&format!("http://{}", core.addr), &ops_token).await?;
     let tenant_token = mint(&secret, "dev-user", Some("acme"), &["demo"], &[ROLE_TENANT_MEMBER], 24 * 3600)?;
     let gw = gateway.addr;
     println!(
