@@ -526,3 +526,105 @@ async fn networks_are_created_once_and_replaced_explicitly_and_quotas_patched() 
         "PUT replaces the whole quota"
     );
 }
+
+/// Issue 28's routes keep issue 27's contract: every volume operation
+/// replays by its key, and a 409 for a job in flight on the volume or its
+/// VM names the job, whatever else is wrong with the request.
+#[tokio::test]
+async fn volume_operations_replay_and_name_the_job_in_flight() {
+    let opts = StackOptions {
+        sim_capabilities: format!("{ALL},volumes,hot_attach,volume_extend_in_use"),
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let ops = s.ops_token();
+    let t = s.tenant_token("acme", &["demo"]);
+    let vtype = |n: &str| Some(json!({"name": n, "max_size_gib": 100}));
+    contract(
+        &s,
+        &ops,
+        "v1",
+        call("POST", format!("{O}/volume-types"), vtype("standard")),
+        call("POST", format!("{O}/volume-types"), vtype("fast")),
+        201,
+    )
+    .await;
+    let r = s
+        .rest
+        .post(&format!("{T}/vms"), &t, &json!({"name": "a", "flavor": "small", "image": "debian-12"}))
+        .await
+        .unwrap();
+    job_done(&s, &t, &r).await;
+    let vm = format!("{T}/vms/{}", r.str("vm_id"));
+    let volume = |n: &str| Some(json!({"name": n, "size_gib": 1, "volume_type": "standard"}));
+    let r = contract(
+        &s,
+        &t,
+        "v2",
+        call("POST", format!("{T}/volumes"), volume("data")),
+        call("POST", format!("{T}/volumes"), volume("other")),
+        202,
+    )
+    .await;
+    job_done(&s, &t, &r).await;
+    let id = r.str("volume_id");
+    let v = format!("{T}/volumes/{id}");
+    let on =
+        |what: &str, volume: &str| call("POST", format!("{vm}:{what}"), Some(json!({"volume_id": volume})));
+    let r = contract(&s, &t, "v3", on("attach", &id), on("attach", NOBODY), 202).await;
+    job_done(&s, &t, &r).await;
+    let grow = |gib: u32| call("POST", format!("{v}:extend"), Some(json!({"size_gib": gib})));
+    let r = contract(&s, &t, "v4", grow(2), grow(3), 202).await;
+    job_done(&s, &t, &r).await;
+    let rename = |n: &str| call("PATCH", v.clone(), Some(json!({"name": n, "update_mask": "name"})));
+    contract(&s, &t, "v5", rename("data-1"), rename("data-2"), 200).await;
+    let r = contract(&s, &t, "v6", on("detach", &id), on("detach", NOBODY), 202).await;
+    job_done(&s, &t, &r).await;
+
+    // A job in flight on the volume (its attach, whose provider call the
+    // sim holds for two seconds) is named by every operation on the volume or
+    // the VM, however wrong the rest of the request.
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    let held = hcp_proto::sim::SetLatencyRequest { operation: "AttachVolume".into(), latency_ms: 2000 };
+    sim.set_latency(held).await.unwrap();
+    let attach = s.rest.post(&format!("{vm}:attach"), &t, &json!({"volume_id": id})).await.unwrap();
+    assert_eq!(attach.status, 202, "{}", attach.body);
+    let job = attach.str("job_id");
+    let busy = |r: &Reply, what: &str| {
+        assert_eq!(
+            (r.status, r.str("code").as_str(), r.body["details"]["job_id"].as_str()),
+            (409, "CONFLICT", Some(job.as_str())),
+            "{what}: {}",
+            r.body
+        );
+    };
+    busy(
+        &s.rest.post(&format!("{v}:extend"), &t, &json!({"size_gib": 1})).await.unwrap(),
+        "a shrinking extend",
+    );
+    busy(&s.rest.raw("DELETE", &v, Some(&t), None).await.unwrap(), "a delete");
+    busy(&s.rest.post(&format!("{vm}:detach"), &t, &json!({"volume_id": id})).await.unwrap(), "a detach");
+    busy(
+        &s.rest.post(&format!("{vm}:stop"), &t, &json!({"timeout_seconds": 999999})).await.unwrap(),
+        "a bad stop",
+    );
+    let other = s.rest.post(&format!("{vm}:attach"), &t, &json!({"volume_id": "not-an-id"})).await.unwrap();
+    busy(&other, "an attach of a malformed volume id");
+    job_done(&s, &t, &attach).await;
+    let free = hcp_proto::sim::SetLatencyRequest { operation: "AttachVolume".into(), latency_ms: 0 };
+    sim.set_latency(free).await.unwrap();
+    let r = contract(&s, &t, "v7", on("detach", &id), on("detach", NOBODY), 202).await;
+    job_done(&s, &t, &r).await;
+    let gone = |path: String| call("DELETE", path, None);
+    let r = contract(&s, &t, "v8", gone(v.clone()), gone(format!("{T}/volumes/{NOBODY}")), 202).await;
+    job_done(&s, &t, &r).await;
+    contract(
+        &s,
+        &ops,
+        "v9",
+        gone(format!("{O}/volume-types/standard")),
+        gone(format!("{O}/volume-types/fast")),
+        200,
+    )
+    .await;
+}
