@@ -201,6 +201,7 @@ pub fn volume_to_tenant(
         allowed_actions: allowed.iter().map(|a| a.as_str().to_owned()).collect(),
         created_at: Some(ts(v.created_at)),
         updated_at: Some(ts(v.updated_at)),
+        delete_on_vm_delete: v.delete_on_vm_delete,
     }
 }
 

@@ -668,6 +668,17 @@ impl Engine {
             Step::Create => {
                 let mut spec = vm_spec(vm);
                 spec.networks = call.networks.to_vec();
+                if let JobParams::CreateWithVolumes { boot, boot_storage, data } = call.params {
+                    spec.boot_volume_id = boot.map(|b| b.to_string()).unwrap_or_default();
+                    spec.boot_storage = boot_storage.clone();
+                    spec.volumes = data
+                        .iter()
+                        .map(|(id, slot)| provider::VolumeAttachment {
+                            volume_id: id.to_string(),
+                            slot: *slot,
+                        })
+                        .collect();
+                }
                 compute
                     .create_vm(req(provider::CreateVmRequest { vm_id, spec: Some(spec), start: false }))
                     .await
@@ -761,11 +772,29 @@ impl Engine {
                     .await
                     .map(|r| StepOutput::native(Step::deletion_output(r.into_inner().existed)))
             }
-            Step::VolumeCreate
-            | Step::VolumeDelete
-            | Step::VolumeExtend
-            | Step::VolumeAttach
-            | Step::VolumeDetach => {
+            // A VM's deletion: then its boot volume, when it goes with it
+            // (DeleteVm left it behind, detached).
+            Step::VolumeDelete => {
+                let held = self.store.volumes_of_vm(vm.id).await.map_err(|e| ProviderCallError {
+                    code: ErrorCode::Unavailable,
+                    retryable: true,
+                    message: format!("cannot read the vm's volumes: {e}"),
+                })?;
+                let mut deleted = Vec::new();
+                for v in held
+                    .iter()
+                    .filter(|v| v.delete_on_vm_delete && v.attachment.is_some_and(|a| a.device_index == 0))
+                {
+                    let volume_id = v.id.to_string();
+                    compute
+                        .delete_volume(req(provider::VolumeRef { volume_id: volume_id.clone() }))
+                        .await
+                        .map_err(|s| ProviderCallError::from_status(&s))?;
+                    deleted.push(volume_id);
+                }
+                Ok(StepOutput::native(deleted.join(",")))
+            }
+            Step::VolumeCreate | Step::VolumeExtend | Step::VolumeAttach | Step::VolumeDetach => {
                 return Err(ProviderCallError {
                     code: ErrorCode::Internal,
                     retryable: false,

@@ -28,6 +28,7 @@ CREATE TABLE volumes (
     status         TEXT NOT NULL,
     vm_id          UUID REFERENCES vms (id),
     device_index   INTEGER,
+    delete_on_vm_delete BOOLEAN NOT NULL DEFAULT FALSE,
     current_job_id UUID,
     error_code     TEXT,
     error_message  TEXT,

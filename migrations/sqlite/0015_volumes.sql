@@ -24,6 +24,7 @@ CREATE TABLE volumes (
     status         TEXT NOT NULL,
     vm_id          BLOB REFERENCES vms (id),
     device_index   INTEGER,
+    delete_on_vm_delete BOOLEAN NOT NULL DEFAULT FALSE,
     current_job_id BLOB,
     error_code     TEXT,
     error_message  TEXT,

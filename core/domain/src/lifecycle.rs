@@ -20,7 +20,8 @@ mod volume;
 pub use drift::{Correction, Drift, Verdict, correct, drift};
 pub use volume::{
     AttachedVm, AttachmentChange, Observed, VolumeAction, VolumeChange, VolumeDrift, VolumeMetering,
-    VolumeRefusal, accept_volume, volume_allowed_actions, volume_change, volume_drift, volume_missing,
+    VolumeRefusal, accept_volume, created_vm_volume, volume_allowed_actions, volume_change, volume_drift,
+    volume_missing,
 };
 
 /// A provider capability flag (a field of `hcp.provider.v1.Capabilities`).
@@ -308,7 +309,8 @@ impl JobKind {
             JobKind::StopVm => &[Step::Stop],
             JobKind::RebootVm => &[Step::Reboot],
             JobKind::ResizeVm => &[Step::Resize],
-            JobKind::DeleteVm => &[Step::Delete],
+            // Then the boot volume, when it goes with its VM.
+            JobKind::DeleteVm => &[Step::Delete, Step::VolumeDelete],
             JobKind::SnapshotCreate => &[Step::SnapshotCreate],
             JobKind::SnapshotRevert => &[Step::SnapshotRevert],
             JobKind::SnapshotDelete => &[Step::SnapshotDelete],
@@ -454,6 +456,18 @@ pub enum JobParams {
         /// Without stopping the VM.
         live: bool,
     },
+    /// A create that holds volumes: its boot volume (made from the image
+    /// when new) and the data volumes attached at create, by place. The
+    /// engine builds the provider's spec from it; finishing writes the
+    /// volumes' ends (`created_vm_volume`).
+    CreateWithVolumes {
+        /// The boot volume, if any.
+        boot: Option<hcp_proto::ids::VolumeId>,
+        /// Where a new boot volume is made (its type's storage there).
+        boot_storage: String,
+        /// Data volumes and their places (1, 2, ...).
+        data: Vec<(hcp_proto::ids::VolumeId, u32)>,
+    },
     /// A volume's growth: the size is applied to the volume row at accept
     /// time (so the quota holds it), and `from` restores it if the job
     /// fails or is cancelled.
@@ -564,8 +578,12 @@ pub struct Transition {
     /// What happens to the job's volume, for volume jobs.
     pub volume: Option<VolumeChange>,
     /// Whether the volumes attached to the VM become AVAILABLE, detached
-    /// (the VM is gone; the provider left its volumes behind).
+    /// (the VM is gone; the provider left its volumes behind), and its
+    /// boot volume DELETED when it went with the VM.
     pub release_volumes: bool,
+    /// Whether the VM's boot volume takes the VM's disk size (a resize
+    /// grew it).
+    pub sync_boot_volume: bool,
 }
 
 impl Job {
@@ -603,6 +621,7 @@ pub fn transition(
         requeue: false,
         volume: None,
         release_volumes: false,
+        sync_boot_volume: false,
     };
     let restore_host = params.host_before();
     if kind.is_volume_job() {
@@ -674,6 +693,7 @@ pub fn transition(
                 metering,
                 revoke_consoles: revokes_consoles_on_success(kind),
                 release_volumes: kind == JobKind::DeleteVm,
+                sync_boot_volume: kind == JobKind::ResizeVm,
                 ..nothing
             }
         }
@@ -1155,6 +1175,7 @@ mod tests {
                 requeue,
                 volume: None,
                 release_volumes: kind == JobKind::DeleteVm && job == JobStatus::Succeeded,
+                sync_boot_volume: kind == JobKind::ResizeVm && job == JobStatus::Succeeded,
             };
             let got = transition(kind, outcome, prior, &params(kind));
             assert_eq!(got, expected, "{kind} {outcome:?} from {prior:?}");

@@ -465,6 +465,8 @@ pub struct Volume {
     pub status: VolumeStatus,
     /// Where it is attached (an attach in flight included).
     pub attachment: Option<Attachment>,
+    /// Deleted with the VM it is the boot volume of.
+    pub delete_on_vm_delete: bool,
     /// Job operating on the volume, if any.
     pub current_job_id: Option<JobId>,
     /// Error code of the last failure, while status is ERROR.

@@ -240,6 +240,22 @@ macro_rules! apply_transition {
         if let (true, Some(vm_id)) = (t.release_volumes, job.vm_id) {
             super::volumes::release_volumes!($tx, job, vm_id, now, $outbox);
         }
+        if let (true, Some(vm_id)) = (t.sync_boot_volume, job.vm_id) {
+            // The boot volume is the VM's disk: a resize that grew one grew
+            // the other.
+            sqlx::query(
+                "UPDATE volumes SET size_gib = (SELECT disk_gib FROM vms WHERE id = $1), updated_at = $2 \
+                 WHERE vm_id = $1 AND device_index = 0",
+            )
+            .bind(vm_id.0)
+            .bind(now)
+            .execute(&mut *$tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "volume"))?;
+        }
+        if let (JobParams::CreateWithVolumes { .. }, Some(vm_id)) = (&job.params, job.vm_id) {
+            super::volumes::finish_create_volumes!($tx, job, vm_id, t.job, now, $outbox);
+        }
         if t.revoke_consoles {
             // Console tokens for a VM that stopped or went away must not
             // open anything any more.
@@ -671,7 +687,10 @@ async fn finish_in_one(
     let t = &finish.transition;
     // Volume jobs, and a VM's deletion (which releases its volumes and, as
     // before volumes, revokes its consoles), take the transaction.
-    let Some(vm_id) = job.vm_id.filter(|_| t.volume.is_none() && !t.release_volumes) else {
+    // A create that holds volumes, and a resize that may grow a boot
+    // volume, take the transaction.
+    let holds_volumes = matches!(job.params, JobParams::CreateWithVolumes { .. }) || t.sync_boot_volume;
+    let Some(vm_id) = job.vm_id.filter(|_| t.volume.is_none() && !t.release_volumes && !holds_volumes) else {
         return Ok(None);
     };
     let usage = match (t.metering, &finish.size) {

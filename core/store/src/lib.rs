@@ -47,7 +47,9 @@ pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use rates::{RateClaim, RateLimit};
 pub use reconcile::KnownVm;
 pub use vms::{AcceptOperation, HostChange, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
-pub use volumes::{AttachTarget, ListVolumesQuery, VolumeOperation, VolumeUpdate, VolumeUsageEvent};
+pub use volumes::{
+    AttachTarget, CreateVolumes, ListVolumesQuery, VolumeOperation, VolumeUpdate, VolumeUsageEvent,
+};
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]
@@ -429,6 +431,6 @@ fn to_u32(v: i32, column: &str) -> StoreResult<u32> {
     u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{column}: negative value {v}")))
 }
 
-fn to_i32(v: u32) -> i32 {
+pub(crate) fn to_i32(v: u32) -> i32 {
     i32::try_from(v).unwrap_or(i32::MAX)
 }

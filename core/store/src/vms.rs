@@ -173,10 +173,11 @@ impl super::Store {
         idem: Option<&IdempotencyRecord>,
         capacity: Option<&super::CapacityGuard>,
         group: Option<&super::GroupGuard>,
+        volumes: &super::CreateVolumes,
     ) -> StoreResult<()> {
         let kind = self.kind();
         let outbox = self.outbox;
-        if let (super::Backend::Postgres(pool), None) = (&self.backend, group)
+        if let (super::Backend::Postgres(pool), None, true) = (&self.backend, group, volumes.is_empty())
             && accept_create_in_one(pool, vm, job, audit, idem, capacity, outbox).await?
         {
             return Ok(());
@@ -235,6 +236,7 @@ impl super::Store {
                     .await
                     .map_err(|e| StoreError::from_sqlx(e, "vm tag"))?;
             }
+            super::volumes::hold_create_volumes!(tx, kind, vm, job, volumes);
             super::jobs::insert_job!(&mut *tx, job);
             if outbox {
                 insert_outbox!(tx, SUBJECT_JOBS, job.id.to_string(), job.created_at);

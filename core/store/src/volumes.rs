@@ -104,7 +104,172 @@ pub struct VolumeUsageEvent {
 
 pub(crate) const VOLUME_COLUMNS: &str = "id, tenant_id, project_id, name, size_gib, zone, volume_type, \
      provider_id, storage, host, native_id, status, vm_id, device_index, current_job_id, error_code, \
-     error_message, metadata, tags, created_at, updated_at";
+     error_message, metadata, tags, created_at, updated_at, delete_on_vm_delete";
+
+/// Inserts a volume row as it is (its attachment included).
+macro_rules! insert_volume {
+    ($tx:expr, $volume:expr) => {{
+        let volume: &hcp_domain::model::Volume = $volume;
+        sqlx::query(
+            "INSERT INTO volumes (id, tenant_id, project_id, name, size_gib, zone, volume_type, provider_id, \
+             storage, host, native_id, status, vm_id, device_index, current_job_id, error_code, error_message, \
+             metadata, tags, created_at, updated_at, delete_on_vm_delete) VALUES ($1, $2, $3, $4, $5, $6, $7, \
+             $8, $9, $10, $11, $12, $13, $14, $15, NULL, NULL, $16, $17, $18, $18, $19)",
+        )
+        .bind(volume.id.0)
+        .bind(&volume.tenant_id)
+        .bind(&volume.project_id)
+        .bind(&volume.name)
+        .bind($crate::to_i32(volume.size_gib))
+        .bind(&volume.zone)
+        .bind(&volume.volume_type)
+        .bind(volume.provider_id.0)
+        .bind(&volume.storage)
+        .bind(&volume.host)
+        .bind(volume.native_id.as_deref())
+        .bind(volume.status.as_str())
+        .bind(volume.attachment.map(|a| a.vm_id.0))
+        .bind(volume.attachment.map(|a| to_i32(a.device_index)))
+        .bind(volume.current_job_id.map(|j| j.0))
+        .bind(sqlx::types::Json(&volume.metadata))
+        .bind(sqlx::types::Json(&volume.tags))
+        .bind(volume.created_at)
+        .bind(volume.delete_on_vm_delete)
+        .execute(&mut *$tx)
+        .await
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "volume"))?;
+    }};
+}
+
+/// What a VM's create does to volumes, in its accepting transaction.
+#[derive(Debug, Clone, Default)]
+pub struct CreateVolumes {
+    /// A new boot volume: inserted CREATING, attached at place 0, held by
+    /// the create job (the quota checked for it).
+    pub new_boot: Option<Volume>,
+    /// Existing volumes of the project attached at create: (volume, place
+    /// (0: the boot volume), its `delete_on_vm_delete`). Each must be
+    /// AVAILABLE with no job, on the VM's provider; it becomes ATTACHING,
+    /// held by the create job.
+    pub existing: Vec<(VolumeId, u32, bool)>,
+}
+
+impl CreateVolumes {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.new_boot.is_none() && self.existing.is_empty()
+    }
+}
+
+/// Takes a create's volumes inside its accepting transaction (after the
+/// VM's row exists).
+macro_rules! hold_create_volumes {
+    ($tx:expr, $kind:expr, $vm:expr, $job:expr, $volumes:expr) => {{
+        let vm: &hcp_domain::model::Vm = $vm;
+        let job: &hcp_domain::model::Job = $job;
+        let volumes: &$crate::volumes::CreateVolumes = $volumes;
+        if let Some(boot) = &volumes.new_boot {
+            let scope = hcp_domain::model::Scope { tenant: vm.tenant_id.clone(), project: vm.project_id.clone() };
+            $crate::volumes::check_volume_quota!($tx, $kind, &scope, 1u32, boot.size_gib);
+            let mut boot = boot.clone();
+            boot.provider_id = vm.provider_id;
+            boot.zone = vm.zone.clone();
+            $crate::volumes::insert_volume!($tx, &boot);
+        }
+        for (id, place, delete) in &volumes.existing {
+            let done = sqlx::query($crate::sql!(
+                "UPDATE volumes SET status = {attaching}, current_job_id = $1, vm_id = $2, device_index = $3, \
+                 delete_on_vm_delete = $4, updated_at = $5 \
+                 WHERE id = $6 AND tenant_id = $7 AND project_id = $8 AND provider_id = $9 \
+                 AND status = {available} AND current_job_id IS NULL AND vm_id IS NULL",
+                attaching = hcp_domain::model::VolumeStatus::Attaching,
+                available = hcp_domain::model::VolumeStatus::Available
+            ))
+            .bind(job.id.0)
+            .bind(vm.id.0)
+            .bind($crate::to_i32(*place))
+            .bind(*delete)
+            .bind(job.created_at)
+            .bind(id.0)
+            .bind(&vm.tenant_id)
+            .bind(&vm.project_id)
+            .bind(vm.provider_id.0)
+            .execute(&mut *$tx)
+            .await
+            .map_err(|e| $crate::StoreError::from_sqlx(e, "volume"))?;
+            if done.rows_affected() != 1 {
+                return Err($crate::StoreError::Conflict(format!(
+                    "volume {id} changed meanwhile (attached, deleted or busy); retry"
+                )));
+            }
+        }
+    }};
+}
+pub(crate) use hold_create_volumes;
+
+/// Writes the end of a VM's create to the volumes it held
+/// (`lifecycle::created_vm_volume`), with their usage events.
+macro_rules! finish_create_volumes {
+    ($tx:expr, $job:expr, $vm_id:expr, $status:expr, $now:expr, $outbox:expr) => {{
+        let job: &hcp_domain::model::Job = $job;
+        let vm_id: hcp_proto::ids::VmId = $vm_id;
+        let outcome = match $status {
+            hcp_domain::model::JobStatus::Succeeded => {
+                Some(hcp_domain::lifecycle::Outcome::Succeeded { power: None })
+            }
+            hcp_domain::model::JobStatus::Failed => {
+                Some(hcp_domain::lifecycle::Outcome::Failed(hcp_proto::error::ErrorCode::Internal))
+            }
+            hcp_domain::model::JobStatus::Cancelled => Some(hcp_domain::lifecycle::Outcome::Cancelled),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            let held: Vec<(uuid::Uuid, String)> =
+                sqlx::query_as("SELECT id, status FROM volumes WHERE current_job_id = $1")
+                    .bind(job.id.0)
+                    .fetch_all(&mut *$tx)
+                    .await
+                    .map_err(|e| $crate::StoreError::from_sqlx(e, "volume"))?;
+            for (id, status) in held {
+                let Some(accepted_as) = hcp_domain::model::VolumeStatus::parse(&status) else { continue };
+                let Some((next, metering)) = hcp_domain::lifecycle::created_vm_volume(outcome, accepted_as)
+                else {
+                    continue;
+                };
+                let made = matches!(outcome, hcp_domain::lifecycle::Outcome::Succeeded { .. });
+                sqlx::query(
+                    "UPDATE volumes SET status = $1, current_job_id = NULL, updated_at = $2, \
+                     native_id = CASE WHEN $3 THEN COALESCE(native_id, '') ELSE native_id END, \
+                     error_code = CASE WHEN $1 = $5 THEN $6 ELSE error_code END, \
+                     error_message = CASE WHEN $1 = $5 THEN $7 ELSE error_message END \
+                     WHERE id = $4",
+                )
+                .bind(next.as_str())
+                .bind($now)
+                .bind(made)
+                .bind(id)
+                .bind(hcp_domain::model::VolumeStatus::Error.as_str())
+                .bind(hcp_proto::error::ErrorCode::ProviderError.as_str())
+                .bind("the vm's create did not finish")
+                .execute(&mut *$tx)
+                .await
+                .map_err(|e| $crate::StoreError::from_sqlx(e, "volume"))?;
+                if let Some(event) = metering {
+                    $crate::volumes::insert_volume_usage!(
+                        $tx,
+                        hcp_proto::ids::VolumeId(id),
+                        event,
+                        Some(vm_id),
+                        $now,
+                        Some(job.id),
+                        $outbox
+                    );
+                }
+            }
+        }
+    }};
+}
+pub(crate) use finish_create_volumes;
 
 macro_rules! volume_from_row {
     ($row:expr) => {{
@@ -138,6 +303,7 @@ macro_rules! volume_from_row {
                 _ => None,
             },
             current_job_id: current_job_id.map(JobId),
+            delete_on_vm_delete: col!(row, "delete_on_vm_delete"),
             error_code: {
                 let c: Option<String> = col!(row, "error_code");
                 c.map(|c| {
@@ -266,22 +432,29 @@ macro_rules! apply_volume_change {
     }};
 }
 pub(crate) use apply_volume_change;
+pub(crate) use insert_volume;
 
 /// Detaches every volume of a deleted VM in HCP's records (the provider
-/// left them behind, detached), with a `volume.detached` usage event each.
+/// left them behind, detached), with a `volume.detached` usage event each;
+/// a boot volume that goes with its VM (the job's last step deleted it) is
+/// DELETED, with `volume.deleted`.
 macro_rules! release_volumes {
     ($tx:expr, $job:expr, $vm_id:expr, $now:expr, $outbox:expr) => {{
         let job: &hcp_domain::model::Job = $job;
         let vm_id: hcp_proto::ids::VmId = $vm_id;
-        let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM volumes WHERE vm_id = $1")
-            .bind(vm_id.0)
-            .fetch_all(&mut *$tx)
-            .await
-            .map_err(|e| $crate::StoreError::from_sqlx(e, "volume"))?;
-        if !ids.is_empty() {
+        let held: Vec<(uuid::Uuid, bool)> = sqlx::query_as(
+            "SELECT id, (device_index = 0 AND delete_on_vm_delete) AS gone FROM volumes WHERE vm_id = $1",
+        )
+        .bind(vm_id.0)
+        .fetch_all(&mut *$tx)
+        .await
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "volume"))?;
+        if !held.is_empty() {
             sqlx::query($crate::sql!(
                 "UPDATE volumes SET vm_id = NULL, device_index = NULL, updated_at = $1, \
-                 status = CASE WHEN status = {in_use} THEN {available} ELSE status END WHERE vm_id = $2",
+                 status = CASE WHEN device_index = 0 AND delete_on_vm_delete THEN {deleted} \
+                 WHEN status = {in_use} THEN {available} ELSE status END WHERE vm_id = $2",
+                deleted = hcp_domain::model::VolumeStatus::Deleted,
                 in_use = hcp_domain::model::VolumeStatus::InUse,
                 available = hcp_domain::model::VolumeStatus::Available
             ))
@@ -290,11 +463,16 @@ macro_rules! release_volumes {
             .execute(&mut *$tx)
             .await
             .map_err(|e| $crate::StoreError::from_sqlx(e, "volume"))?;
-            for id in ids {
+            for (id, gone) in held {
+                let event = if gone {
+                    hcp_domain::lifecycle::VolumeMetering::Deleted
+                } else {
+                    hcp_domain::lifecycle::VolumeMetering::Detached
+                };
                 $crate::volumes::insert_volume_usage!(
                     $tx,
                     hcp_proto::ids::VolumeId(id),
-                    hcp_domain::lifecycle::VolumeMetering::Detached,
+                    event,
                     Some(vm_id),
                     $now,
                     Some(job.id),
@@ -348,6 +526,7 @@ macro_rules! check_volume_quota {
         }
     }};
 }
+pub(crate) use check_volume_quota;
 
 /// The project's volumes that are not deleted, and their GiB.
 macro_rules! volume_usage {
@@ -414,31 +593,7 @@ impl super::Store {
                 insert_idempotency!(tx, rec);
             }
             check_volume_quota!(tx, backend, &scope, 1u32, volume.size_gib);
-            sqlx::query(
-                "INSERT INTO volumes (id, tenant_id, project_id, name, size_gib, zone, volume_type, provider_id, \
-                 storage, host, native_id, status, vm_id, device_index, current_job_id, error_code, error_message, \
-                 metadata, tags, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, \
-                 $12, NULL, NULL, $13, NULL, NULL, $14, $15, $16, $16)",
-            )
-            .bind(volume.id.0)
-            .bind(&volume.tenant_id)
-            .bind(&volume.project_id)
-            .bind(&volume.name)
-            .bind(to_i32(volume.size_gib))
-            .bind(&volume.zone)
-            .bind(&volume.volume_type)
-            .bind(volume.provider_id.0)
-            .bind(&volume.storage)
-            .bind(&volume.host)
-            .bind(volume.native_id.as_deref())
-            .bind(volume.status.as_str())
-            .bind(volume.current_job_id.map(|j| j.0))
-            .bind(Json(&volume.metadata))
-            .bind(Json(&volume.tags))
-            .bind(volume.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "volume"))?;
+            insert_volume!(tx, volume);
             super::jobs::insert_job!(&mut *tx, job);
             if outbox {
                 insert_outbox!(tx, SUBJECT_JOBS, job.id.to_string(), job.created_at);

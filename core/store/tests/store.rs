@@ -221,7 +221,18 @@ async fn create(
     let mut vm = new_vm(p, tenant, project, name, tags);
     let job = new_job(tenant, project, vm.id, JobKind::CreateVm);
     vm.current_job_id = Some(job.id);
-    store.accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string()), None, None, None).await.unwrap();
+    store
+        .accept_create(
+            &vm,
+            &job,
+            &audit("vm.create", &vm.id.to_string()),
+            None,
+            None,
+            None,
+            &Default::default(),
+        )
+        .await
+        .unwrap();
     (vm, job)
 }
 
@@ -279,7 +290,10 @@ async fn create_is_atomic_and_tenant_scoped(backend: Backend) {
     let mut job2 = new_job("acme", "p1", vm2.id, JobKind::CreateVm);
     job2.id = job.id;
     vm2.current_job_id = Some(job2.id);
-    let err = store.accept_create(&vm2, &job2, &audit("vm.create", "x"), None, None, None).await.unwrap_err();
+    let err = store
+        .accept_create(&vm2, &job2, &audit("vm.create", "x"), None, None, None, &Default::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
     assert!(matches!(store.get_vm(&Scope::new("acme", "p1"), vm2.id).await, Err(StoreError::NotFound)));
 }
@@ -658,7 +672,17 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
             let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
             vm.current_job_id = Some(job.id);
             let rec = idem("k1", "h", &format!("{{\"vm_id\":\"{}\"}}", vm.id));
-            store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&rec), None, None).await
+            store
+                .accept_create(
+                    &vm,
+                    &job,
+                    &audit("vm.create", ""),
+                    Some(&rec),
+                    None,
+                    None,
+                    &Default::default(),
+                )
+                .await
         }));
     }
     let mut won = 0;
@@ -687,7 +711,10 @@ async fn idempotency_keys_admit_one_request(backend: Backend) {
     let mut late = idem("k1", "h2", &format!("{{\"vm_id\":\"{}\"}}", vm.id));
     late.created_at = now() + Duration::hours(25);
     late.expires_at = late.created_at + Duration::hours(24);
-    store.accept_create(&vm, &job, &audit("vm.create", ""), Some(&late), None, None).await.unwrap();
+    store
+        .accept_create(&vm, &job, &audit("vm.create", ""), Some(&late), None, None, &Default::default())
+        .await
+        .unwrap();
     let rec = store.get_idempotency("acme", "k1", late.created_at).await.unwrap().expect("taken over");
     assert_eq!(rec.request_hash, "h2");
     assert_eq!(
@@ -721,7 +748,9 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
             let mut vm = new_vm(&p, "acme", "p1", &format!("vm-{i}"), &[]);
             let job = new_job("acme", "p1", vm.id, JobKind::CreateVm);
             vm.current_job_id = Some(job.id);
-            store.accept_create(&vm, &job, &audit("vm.create", ""), None, None, None).await
+            store
+                .accept_create(&vm, &job, &audit("vm.create", ""), None, None, None, &Default::default())
+                .await
         }));
     }
     let mut accepted = 0;
@@ -774,7 +803,10 @@ async fn quotas_hold_under_concurrency(backend: Backend) {
     let mut vm = new_vm(&p, "acme", "p3", "too-big", &[]);
     let job = new_job("acme", "p3", vm.id, JobKind::CreateVm);
     vm.current_job_id = Some(job.id);
-    let err = store.accept_create(&vm, &job, &audit("vm.create", ""), None, None, None).await.unwrap_err();
+    let err = store
+        .accept_create(&vm, &job, &audit("vm.create", ""), None, None, None, &Default::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::QuotaExceeded(ref m) if m.contains("memory_mib")), "{err:?}");
 }
 
@@ -1688,7 +1720,9 @@ async fn create_on(
         host: host.into(),
         room: Room { vcpus, memory_mib: 1 << 30 },
     });
-    store.accept_create(&vm, &job, &audit("vm.create", ""), None, guard.as_ref(), None).await?;
+    store
+        .accept_create(&vm, &job, &audit("vm.create", ""), None, guard.as_ref(), None, &Default::default())
+        .await?;
     Ok((vm, job))
 }
 

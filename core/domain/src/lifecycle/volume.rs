@@ -207,6 +207,31 @@ pub fn volume_change(
     })
 }
 
+/// What a VM's create job does to a volume it holds: a new boot volume
+/// (accepted CREATING) or an existing one attached at create (accepted
+/// ATTACHING). Success puts both IN_USE. A failed or cancelled create
+/// leaves the VM in ERROR with its volumes still on it (the hypervisor
+/// may have attached them): an existing volume stays IN_USE until the VM
+/// is deleted, a new boot volume, which may half exist, is ERROR. `None`
+/// for a retry (the job still holds them). With the usage event a success
+/// appends.
+pub fn created_vm_volume(
+    outcome: Outcome,
+    accepted_as: VolumeStatus,
+) -> Option<(VolumeStatus, Option<VolumeMetering>)> {
+    let new = accepted_as == VolumeStatus::Creating;
+    match outcome {
+        Outcome::Retry(_) => None,
+        Outcome::Succeeded { .. } => Some((
+            VolumeStatus::InUse,
+            Some(if new { VolumeMetering::Created } else { VolumeMetering::Attached }),
+        )),
+        Outcome::Failed(_) | Outcome::Cancelled => {
+            Some((if new { VolumeStatus::Error } else { VolumeStatus::InUse }, None))
+        }
+    }
+}
+
 /// Something a tenant may ask of a volume, as `allowed_actions` lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VolumeAction {
@@ -576,6 +601,27 @@ mod tests {
         assert_eq!(VolumeDrift::Missing.status(), Error);
         assert_eq!(VolumeDrift::Attached(vm, 1).status(), InUse);
         assert_eq!(VolumeDrift::Detached.status(), Available);
+    }
+
+    #[test]
+    fn a_vm_create_leaves_its_volumes_on_the_vm_whatever_happened() {
+        use VolumeMetering as M;
+        let ok = Outcome::Succeeded { power: None };
+        let failed = Outcome::Failed(E::ProviderError);
+        #[rustfmt::skip]
+        let rows = [
+            (ok,                Creating,  Some((InUse, Some(M::Created)))),
+            (ok,                Attaching, Some((InUse, Some(M::Attached)))),
+            (failed,            Creating,  Some((Error, None))),
+            (failed,            Attaching, Some((InUse, None))),
+            (Outcome::Cancelled, Creating, Some((Error, None))),
+            (Outcome::Cancelled, Attaching, Some((InUse, None))),
+            (Outcome::Retry(E::ProviderUnavailable), Creating, None),
+            (Outcome::Retry(E::ProviderUnavailable), Attaching, None),
+        ];
+        for (outcome, accepted_as, expected) in rows {
+            assert_eq!(created_vm_volume(outcome, accepted_as), expected, "{outcome:?} {accepted_as}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use hcp_proto::error::{ApiError, ErrorCode, excerpt};
-use hcp_proto::ids::{PlacementGroupId, VmId};
+use hcp_proto::ids::{PlacementGroupId, VmId, VolumeId};
 use hcp_proto::tenant::{CreateVmRequest, VmOperationAccepted};
 
 use super::TenantApi;
@@ -45,6 +45,19 @@ pub(super) struct ValidCreate {
     pub(super) hostname: String,
     pub(super) restart_policy: RestartPolicy,
     pub(super) placement_group: Option<PlacementGroupId>,
+    /// Existing volumes attached at create, in order.
+    pub(super) volume_ids: Vec<VolumeId>,
+    /// The root disk as a volume.
+    pub(super) boot: Option<BootRequest>,
+}
+
+/// A create's boot volume as asked.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum BootRequest {
+    /// A new volume of this type, made from the image.
+    New { volume_type: String, delete_on_vm_delete: bool },
+    /// An existing volume of the project.
+    Existing { volume_id: VolumeId, delete_on_vm_delete: bool },
 }
 
 impl ValidCreate {
@@ -95,6 +108,50 @@ impl ValidCreate {
         let mut tags = req.tags.clone();
         tags.sort();
         tags.dedup();
+        let mut volume_ids: Vec<VolumeId> = Vec::with_capacity(req.volume_ids.len());
+        for (i, id) in req.volume_ids.iter().enumerate() {
+            let field = format!("volume_ids[{i}]");
+            let id: VolumeId = validate::id(&field, id)?;
+            if volume_ids.contains(&id) {
+                return Err(ApiError::invalid_field(&field, format!("volume {id} is named twice")));
+            }
+            volume_ids.push(id);
+        }
+        let boot = match &req.boot_volume {
+            None => None,
+            Some(b) if b.volume_id.is_empty() => {
+                if b.volume_type.is_empty() {
+                    return Err(ApiError::invalid_field(
+                        "boot_volume.volume_type",
+                        "a new boot volume needs a volume_type (or name an existing one in boot_volume.volume_id)",
+                    ));
+                }
+                validate::label("boot_volume.volume_type", &b.volume_type)?;
+                Some(BootRequest::New {
+                    volume_type: b.volume_type.clone(),
+                    delete_on_vm_delete: b.delete_on_vm_delete.unwrap_or(true),
+                })
+            }
+            Some(b) => {
+                let volume_id: VolumeId = validate::id("boot_volume.volume_id", &b.volume_id)?;
+                if !b.volume_type.is_empty() {
+                    return Err(ApiError::invalid_field(
+                        "boot_volume.volume_type",
+                        "boot_volume.volume_type is for a new boot volume; boot_volume.volume_id names an existing one",
+                    ));
+                }
+                if volume_ids.contains(&volume_id) {
+                    return Err(ApiError::invalid_field(
+                        "boot_volume.volume_id",
+                        format!("volume {volume_id} is also in volume_ids"),
+                    ));
+                }
+                Some(BootRequest::Existing {
+                    volume_id,
+                    delete_on_vm_delete: b.delete_on_vm_delete.unwrap_or(false),
+                })
+            }
+        };
         Ok(Self {
             name: req.name.clone(),
             flavor: req.flavor.clone(),
@@ -107,6 +164,8 @@ impl ValidCreate {
             hostname,
             restart_policy,
             placement_group,
+            volume_ids,
+            boot,
         })
     }
 }
@@ -129,6 +188,12 @@ pub(super) fn fingerprint_create(req: &CreateVmRequest) -> serde_json::Value {
         "hostname": req.hostname,
         "placement_group_id": req.placement_group_id,
         "restart_policy": req.restart_policy,
+        "volume_ids": req.volume_ids,
+        "boot_volume": req.boot_volume.as_ref().map(|b| serde_json::json!({
+            "volume_id": b.volume_id,
+            "volume_type": b.volume_type,
+            "delete_on_vm_delete": b.delete_on_vm_delete,
+        })),
     })
 }
 
@@ -187,6 +252,10 @@ impl TenantApi {
         if req.user_data.is_some() {
             needs.push(Capability::CloudInit);
         }
+        let held = self.create_volumes(scope, &req, &flavor).await?;
+        if held.is_some() {
+            needs.push(Capability::Volumes);
+        }
         let request = placement::Request {
             zone,
             zones: zones.as_deref(),
@@ -196,11 +265,40 @@ impl TenantApi {
             group: group.as_ref().map(|(g, m)| (g, m.as_slice())),
             ..placement::Request::default()
         };
-        let candidates = placement::candidates(&self.ctx.store, &request).await?;
+        let mut candidates = placement::candidates(&self.ctx.store, &request).await?;
+        if let Some(h) = &held {
+            // Existing volumes place the VM: their hypervisor, and for
+            // host-local storage their host.
+            if let Some(at) = &h.place {
+                candidates.retain(|c| {
+                    c.provider.id == at.provider
+                        && (at.host.is_empty()
+                            || !c.provider.capabilities.volumes_host_local
+                            || c.host == at.host)
+                });
+                if candidates.is_empty() {
+                    return Err(ApiError::conflict(format!(
+                        "no host that can take the vm reaches volume {}'s storage (zone {})",
+                        at.volume, at.zone
+                    )));
+                }
+            }
+            let most =
+                candidates.iter().map(|c| c.provider.capabilities.max_volumes_per_vm).max().unwrap_or(0);
+            if req.volume_ids.len() > most as usize {
+                return Err(ApiError::invalid_field(
+                    "volume_ids",
+                    format!(
+                        "{} volumes; the hypervisor takes at most {most} on one vm",
+                        req.volume_ids.len()
+                    ),
+                ));
+            }
+        }
         let guard = request.guard();
 
         let vm_id = VmId::new();
-        let job = self.new_job(p, scope, vm_id, JobKind::CreateVm, &request_id);
+        let mut job = self.new_job(p, scope, vm_id, JobKind::CreateVm, &request_id);
         let t = job.created_at;
         let mut vm = model::Vm {
             id: vm_id,
@@ -210,7 +308,7 @@ impl TenantApi {
             flavor: flavor.name.clone(),
             vcpus: flavor.vcpus,
             memory_mib: flavor.memory_mib,
-            disk_gib: flavor.disk_gib,
+            disk_gib: held.as_ref().and_then(|h| h.boot_size).unwrap_or(flavor.disk_gib),
             image: image.name.clone(),
             image_source: image.source.clone(),
             zone: String::new(),
@@ -259,7 +357,19 @@ impl TenantApi {
             vm.provider_id = choice.provider.id;
             vm.host = choice.host.clone();
             let room = choice.capacity.as_ref();
-            match self.ctx.store.accept_create(&vm, &job, &audit, record.as_ref(), room, guard.as_ref()).await
+            let volumes = match &held {
+                Some(h) => {
+                    let (volumes, params) = h.on(&vm, &choice.provider, &job);
+                    job.params = params;
+                    volumes
+                }
+                None => crate::store::CreateVolumes::default(),
+            };
+            match self
+                .ctx
+                .store
+                .accept_create(&vm, &job, &audit, record.as_ref(), room, guard.as_ref(), &volumes)
+                .await
             {
                 Ok(()) => {
                     self.ctx.store.note_placed(vm.provider_id, &vm.host, vm.vcpus, vm.memory_mib);
@@ -471,5 +581,201 @@ mod tests {
             let err = ValidCreate::parse(&req).unwrap_err();
             assert_eq!(err.details.get("field").map(String::as_str), Some(*field), "{err:?}");
         }
+    }
+}
+
+/// Where existing volumes put a VM.
+#[derive(Debug, Clone)]
+pub(super) struct VolumePlace {
+    /// The volume that decided.
+    volume: VolumeId,
+    provider: hcp_proto::ids::ProviderId,
+    zone: String,
+    /// Its host, for host-local storage once placed; else empty.
+    host: String,
+}
+
+/// The volumes a create holds, resolved: existing ones checked (the
+/// project's, AVAILABLE, no job, on one hypervisor), a new boot volume's
+/// type.
+#[derive(Debug, Clone)]
+pub(super) struct HeldVolumes {
+    place: Option<VolumePlace>,
+    /// The boot volume's size when it is an existing one (the VM's disk).
+    boot_size: Option<u32>,
+    boot: Option<BootRequest>,
+    boot_type: Option<model::VolumeType>,
+    data: Vec<VolumeId>,
+}
+
+impl HeldVolumes {
+    /// The store's part and the job's parameters for the VM placed as
+    /// `vm` on `provider`.
+    fn on(
+        &self,
+        vm: &model::Vm,
+        provider: &model::Provider,
+        job: &model::Job,
+    ) -> (crate::store::CreateVolumes, crate::lifecycle::JobParams) {
+        let mut volumes = crate::store::CreateVolumes::default();
+        let mut boot_id = None;
+        let mut boot_storage = String::new();
+        match (&self.boot, &self.boot_type) {
+            (Some(BootRequest::New { delete_on_vm_delete, .. }), Some(t)) => {
+                let id = VolumeId::new();
+                boot_id = Some(id);
+                boot_storage = t.storage_on(&provider.name).to_owned();
+                volumes.new_boot = Some(model::Volume {
+                    id,
+                    tenant_id: vm.tenant_id.clone(),
+                    project_id: vm.project_id.clone(),
+                    name: format!("{}-boot", vm.name).chars().take(63).collect(),
+                    size_gib: vm.disk_gib.max(1),
+                    zone: vm.zone.clone(),
+                    volume_type: t.name.clone(),
+                    provider_id: provider.id,
+                    storage: boot_storage.clone(),
+                    host: if provider.capabilities.volumes_host_local {
+                        vm.host.clone()
+                    } else {
+                        String::new()
+                    },
+                    native_id: None,
+                    status: model::VolumeStatus::Creating,
+                    attachment: Some(model::Attachment { vm_id: vm.id, device_index: 0 }),
+                    delete_on_vm_delete: *delete_on_vm_delete,
+                    current_job_id: Some(job.id),
+                    error_code: None,
+                    error_message: None,
+                    metadata: Default::default(),
+                    tags: Vec::new(),
+                    created_at: job.created_at,
+                    updated_at: job.created_at,
+                });
+            }
+            (Some(BootRequest::Existing { volume_id, delete_on_vm_delete }), _) => {
+                boot_id = Some(*volume_id);
+                volumes.existing.push((*volume_id, 0, *delete_on_vm_delete));
+            }
+            _ => {}
+        }
+        let data: Vec<(VolumeId, u32)> =
+            self.data.iter().zip(1u32..).map(|(id, place)| (*id, place)).collect();
+        volumes.existing.extend(data.iter().map(|(id, place)| (*id, *place, false)));
+        (volumes, crate::lifecycle::JobParams::CreateWithVolumes { boot: boot_id, boot_storage, data })
+    }
+}
+
+impl TenantApi {
+    /// Resolves a create's volumes: `None` when it asks for none.
+    async fn create_volumes(
+        &self,
+        scope: &Scope,
+        req: &ValidCreate,
+        flavor: &Flavor,
+    ) -> Result<Option<HeldVolumes>, ApiError> {
+        if req.boot.is_none() && req.volume_ids.is_empty() {
+            return Ok(None);
+        }
+        let mut held = HeldVolumes {
+            place: None,
+            boot_size: None,
+            boot: req.boot.clone(),
+            boot_type: None,
+            data: req.volume_ids.clone(),
+        };
+        let mut existing: Vec<(String, VolumeId)> =
+            req.volume_ids.iter().enumerate().map(|(i, id)| (format!("volume_ids[{i}]"), *id)).collect();
+        match &req.boot {
+            Some(BootRequest::Existing { volume_id, .. }) => {
+                existing.insert(0, ("boot_volume.volume_id".to_owned(), *volume_id));
+            }
+            Some(BootRequest::New { volume_type, .. }) => {
+                let t = self.ctx.store.get_volume_type(volume_type).await.map_err(|e| match e {
+                    StoreError::NotFound => ApiError::invalid_field(
+                        "boot_volume.volume_type",
+                        format!("unknown volume type {}", excerpt(volume_type)),
+                    ),
+                    e => from_store(e, "volume type"),
+                })?;
+                if flavor.disk_gib > t.max_size_gib {
+                    return Err(ApiError::invalid_field(
+                        "boot_volume.volume_type",
+                        format!(
+                            "volumes of type {} are at most {} GiB; flavor {} has a {} GiB disk",
+                            t.name, t.max_size_gib, flavor.name, flavor.disk_gib
+                        ),
+                    ));
+                }
+                held.boot_type = Some(t);
+            }
+            None => {}
+        }
+        for (field, id) in existing {
+            let v = match self.ctx.store.get_volume(scope, id).await {
+                Ok(v) if v.status != model::VolumeStatus::Deleted => v,
+                Ok(_) | Err(StoreError::NotFound) => {
+                    return Err(ApiError::invalid_field(
+                        &field,
+                        format!("no volume {id} in project {}", scope.project),
+                    ));
+                }
+                Err(e) => return Err(from_store(e, "volume")),
+            };
+            if let Some(job) = v.current_job_id {
+                let message = format!("volume {} is {}: job {job} is operating on it", v.id, v.status);
+                return Err(from_store(StoreError::Busy { job, message }, &format!("volume {id}")));
+            }
+            if let Some(a) = v.attachment {
+                return Err(ApiError::conflict(format!("volume {} is attached to vm {}", v.id, a.vm_id)));
+            }
+            if v.status != model::VolumeStatus::Available {
+                return Err(ApiError::conflict(format!(
+                    "volume {} is {}; it must be AVAILABLE",
+                    v.id, v.status
+                )));
+            }
+            if field == "boot_volume.volume_id" {
+                held.boot_size = Some(v.size_gib.max(flavor.disk_gib));
+                if v.size_gib < flavor.disk_gib {
+                    return Err(ApiError::invalid_field(
+                        &field,
+                        format!(
+                            "volume {} has {} GiB; flavor {} boots from at least {} GiB",
+                            v.id, v.size_gib, flavor.name, flavor.disk_gib
+                        ),
+                    ));
+                }
+            }
+            if let Some(zone) = &req.zone
+                && *zone != v.zone
+            {
+                return Err(ApiError::conflict(format!("volume {} is in zone {}, not {zone}", v.id, v.zone)));
+            }
+            match &held.place {
+                Some(at)
+                    if at.provider != v.provider_id
+                        || (!v.host.is_empty() && !at.host.is_empty() && v.host != at.host) =>
+                {
+                    return Err(ApiError::conflict(format!(
+                        "volumes {} and {} are on storage no one vm reaches",
+                        at.volume, v.id
+                    )));
+                }
+                Some(at) if at.host.is_empty() && !v.host.is_empty() => {
+                    held.place = Some(VolumePlace { host: v.host.clone(), ..at.clone() });
+                }
+                Some(_) => {}
+                None => {
+                    held.place = Some(VolumePlace {
+                        volume: v.id,
+                        provider: v.provider_id,
+                        zone: v.zone.clone(),
+                        host: v.host.clone(),
+                    })
+                }
+            }
+        }
+        Ok(Some(held))
     }
 }

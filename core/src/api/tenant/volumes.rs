@@ -107,6 +107,7 @@ impl TenantApi {
             native_id: None,
             status: VolumeStatus::Creating,
             attachment: None,
+            delete_on_vm_delete: false,
             current_job_id: Some(job.id),
             error_code: None,
             error_message: None,
