@@ -630,7 +630,9 @@ impl Proxmox {
     ) -> Result<Located, ProviderError> {
         let wanted = if storage.is_empty() {
             self.default_volume_storage()
-                .ok_or_else(|| invalid("spec.boot_storage", "no storage given and no volumes.storage configured"))?
+                .ok_or_else(|| {
+                    invalid("spec.boot_storage", "no storage given and no volumes.storage configured")
+                })?
                 .to_owned()
         } else {
             storage.to_owned()

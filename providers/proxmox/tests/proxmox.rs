@@ -1079,7 +1079,8 @@ async fn a_boot_volume_is_copied_from_the_image_outlives_its_vm_and_boots_anothe
     }
     assert_eq!(guests(&env).len(), 1);
     assert_eq!(env.sim.sim.volumes().len(), 2, "the data volume and one boot volume");
-    let copies = env.sim.sim.requests().iter().filter(|r| r.method == "POST" && r.path.contains("/content/")).count();
+    let copies =
+        env.sim.sim.requests().iter().filter(|r| r.method == "POST" && r.path.contains("/content/")).count();
     assert_eq!(copies, 2, "the failed copy and one more");
 
     // The boot volume is scsi0, first to boot, grown to the flavor; the
@@ -1091,7 +1092,8 @@ async fn a_boot_volume_is_copied_from_the_image_outlives_its_vm_and_boots_anothe
     assert!(!config.keys().any(|k| k.starts_with("unused")), "{config:?}");
     assert!(config.get("scsi2").is_some_and(|v| v.contains(&format!("hcp-{data}"))), "{config:?}");
     let listed = p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes;
-    let at = |id: &str| listed.iter().find(|v| v.volume_id == id).map(|v| (v.vm_id.clone(), v.slot, v.size_gib));
+    let at =
+        |id: &str| listed.iter().find(|v| v.volume_id == id).map(|v| (v.vm_id.clone(), v.slot, v.size_gib));
     assert_eq!(at(&boot), Some((a.clone(), 0, 10)));
     assert_eq!(at(&data), Some((a.clone(), 2, 3)));
 
@@ -1117,14 +1119,19 @@ async fn a_boot_volume_is_copied_from_the_image_outlives_its_vm_and_boots_anothe
     assert_eq!(p.get_volume(&data).await.unwrap().vm_id, "");
 
     // A second VM boots from it as it is: no copy, the image not read.
-    let copies_before = env.sim.sim.requests().iter().filter(|r| r.path.contains("/content/") && r.method == "POST").count();
+    let copies_before =
+        env.sim.sim.requests().iter().filter(|r| r.path.contains("/content/") && r.method == "POST").count();
     for _ in 0..2 {
         let vm = p.create_vm(with_volumes(&b, "boot-b")).await.unwrap();
         assert_eq!(vm.disk_gib, 12, "the volume's size, above the flavor's 10");
     }
-    let copies_after = env.sim.sim.requests().iter().filter(|r| r.path.contains("/content/") && r.method == "POST").count();
+    let copies_after =
+        env.sim.sim.requests().iter().filter(|r| r.path.contains("/content/") && r.method == "POST").count();
     assert_eq!(copies_before, copies_after);
-    assert_eq!(config_of(&env, &b).get("scsi0").map(String::as_str), Some(format!("{volid},size=12G").as_str()));
+    assert_eq!(
+        config_of(&env, &b).get("scsi0").map(String::as_str),
+        Some(format!("{volid},size=12G").as_str())
+    );
     assert_eq!(p.get_volume(&boot).await.unwrap().vm_id, b);
     assert_eq!(p.get_volume(&data).await.unwrap().slot, 2);
     assert_eq!(guests(&env).len(), 1);

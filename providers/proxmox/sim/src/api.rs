@@ -1349,11 +1349,13 @@ fn copy_volume(
     }
     let src = volid_of(storage, volume);
     let target_node = params.get("target_node").cloned().unwrap_or_else(|| node.to_owned());
-    let from_api = s.volumes.iter().find(|v| v.volid == src && v.visible_on(node)).map(|v| (v.size, v.format.clone()));
+    let from_api =
+        s.volumes.iter().find(|v| v.volid == src && v.visible_on(node)).map(|v| (v.size, v.format.clone()));
     let from_config = || {
         s.vms.values().filter(|vm| vm.node == node).find_map(|vm| {
             vm.config.values().find(|v| drive_volid(v) == src).map(|v| {
-                let size = v.split(',').find_map(|p| p.strip_prefix("size=")).and_then(size_bytes).unwrap_or(0.0);
+                let size =
+                    v.split(',').find_map(|p| p.strip_prefix("size=")).and_then(size_bytes).unwrap_or(0.0);
                 (size as u64, "raw".to_owned())
             })
         })
