@@ -1,6 +1,7 @@
 //! CreateVM: a full clone of the template (found again after any failure by
-//! its description, tagged pending at once), placed on its host, then
-//! configured and started, each step skipped when done.
+//! its description, tagged pending at once), placed on its host, given its
+//! boot volume, configured, given its volumes and started, each step
+//! skipped when done.
 
 use std::time::Duration;
 
@@ -32,6 +33,19 @@ impl Proxmox {
                 ErrorKind::Unsupported,
                 "user data needs cloud_init.snippets_storage and snippets_dir",
             ));
+        }
+        // The volumes' locks before the VM's, in one order, as AttachVolume
+        // takes them: no call waits for a lock another holds while waiting
+        // for one it holds.
+        let mut volume_ids: Vec<&str> = spec.volumes.iter().map(|v| v.volume_id.as_str()).collect();
+        if !spec.boot_volume_id.is_empty() {
+            volume_ids.push(&spec.boot_volume_id);
+        }
+        volume_ids.sort_unstable();
+        volume_ids.dedup();
+        let mut _volumes = Vec::with_capacity(volume_ids.len());
+        for id in &volume_ids {
+            _volumes.push(self.volume_locks.lock(id).await);
         }
         let _serial = self.locks.lock(&vm_id).await;
         let name = dns_name(&spec, &vm_id);
@@ -85,8 +99,17 @@ impl Proxmox {
             self.migrate(&f, &spec.host, false).await?;
             f = self.require(&vm_id).await?;
         }
+        // Before the configuration, which marks the VM done: the boot
+        // volume replaces the clone's disk and is then grown to the flavor.
+        if !spec.boot_volume_id.is_empty() {
+            self.boot_from_volume(&f, &spec.boot_volume_id, &spec.boot_storage).await?;
+        }
         if !f.configured {
             self.configure_vm(&f, &vm_id, &spec).await?;
+        }
+        // Each found attached already on a retry.
+        for v in &spec.volumes {
+            self.attach_locked(&v.volume_id, &vm_id, v.slot).await?;
         }
         if req.start && f.status != "running" {
             self.start(&f).await?;

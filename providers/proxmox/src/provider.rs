@@ -142,7 +142,6 @@ impl Provider for Proxmox {
         !self.pve.has_credentials()
     }
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        hcp_provider_sdk::refuse_volumes_at_create(&req)?;
         self.create(req).await
     }
 

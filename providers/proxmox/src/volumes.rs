@@ -514,11 +514,22 @@ impl Proxmox {
         req: pb::AttachVolumeRequest,
     ) -> Result<pb::VolumeInfo, ProviderError> {
         let (id, vm_id) = (req.volume_id.as_str(), req.vm_id.as_str());
-        let Some(key) = SCSI.get(req.slot as usize).filter(|_| req.slot >= 1) else {
-            return Err(invalid("slot", format!("must be 1 to {MAX_SLOTS} (scsi1 to scsi{MAX_SLOTS})")));
-        };
         let _volume = self.volume_locks.lock(id).await;
         let _vm = self.locks.lock(vm_id).await;
+        self.attach_locked(id, vm_id, req.slot).await
+    }
+
+    /// AttachVolume's work, for a caller holding the volume's and the VM's
+    /// locks (CreateVm attaches `VmSpec.volumes` this way).
+    pub(crate) async fn attach_locked(
+        &self,
+        id: &str,
+        vm_id: &str,
+        slot: u32,
+    ) -> Result<pb::VolumeInfo, ProviderError> {
+        let Some(key) = SCSI.get(slot as usize).filter(|_| slot >= 1) else {
+            return Err(invalid("slot", format!("must be 1 to {MAX_SLOTS} (scsi1 to scsi{MAX_SLOTS})")));
+        };
         let loc = self.locate(id).await?.ok_or_else(|| volume_not_found(id))?;
         let f = self.require(vm_id).await?;
         self.sweep_resizer(&loc).await?;
@@ -540,7 +551,7 @@ impl Proxmox {
         }
         let config = self.vm_config(&f).await?;
         if let Some(taken) = config[*key].as_str() {
-            return Err(precondition(format!("slot {} of vm {vm_id} ({key}) holds {taken}", req.slot)));
+            return Err(precondition(format!("slot {slot} of vm {vm_id} ({key}) holds {taken}")));
         }
         if f.status != "stopped" && !hotplugs_disks(&config) {
             return Err(precondition(format!(
@@ -552,6 +563,137 @@ impl Proxmox {
         self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
         let a = Attachment { vm_id: vm_id.to_owned(), vm: f, key: (*key).to_owned() };
         Ok(info(&loc, Some(&a)))
+    }
+
+    /// Makes the HCP volume `id` the root disk (`scsi0`) of a VM being
+    /// created, for a caller holding the volume's and the VM's locks.
+    ///
+    /// An existing volume must be detached (or already this VM's root
+    /// disk) and reachable from the VM's node; it is used as it is. A
+    /// missing one is copied from the clone's own root disk (the image) to
+    /// `vm-<owner>-hcp-<id>` on `storage` (empty: the default volume
+    /// storage) with `POST .../content/{volid}` `target=...`: PVE names
+    /// every disk a clone or an import makes itself, and this copy is the
+    /// one call that writes an image under a name of ours. Then one config
+    /// update puts the volume at `scsi0` first in the boot order; the
+    /// clone's disk becomes `unusedN` (the VM owns it) and is freed.
+    ///
+    /// Each step is found done on a retry: the copy by the volume's name,
+    /// the swap by `scsi0`, the clean-up by the `unusedN` left.
+    pub(crate) async fn boot_from_volume(
+        &self,
+        f: &Found,
+        id: &str,
+        storage: &str,
+    ) -> Result<(), ProviderError> {
+        let config = self.vm_config(f).await?;
+        let root = config[SCSI[0]].as_str().map(drive_volid).unwrap_or_default();
+        if volume_id_of(root, self.owner()) == Some(id) {
+            return self.free_unused_own_disks(f).await;
+        }
+        let loc = match self.locate(id).await? {
+            Some(loc) => {
+                if let Some(a) = self.attachments().await?.remove(id) {
+                    return Err(precondition(format!(
+                        "volume {id} is attached to vm {} at slot {}; a boot volume must be detached",
+                        a.vm_id,
+                        a.slot()
+                    )));
+                }
+                if !loc.storage.shared && loc.storage.node != f.node {
+                    return Err(precondition(format!(
+                        "volume {id} is on the local storage of {}, and the vm is on {}",
+                        loc.storage.node, f.node
+                    )));
+                }
+                self.sweep_resizer(&loc).await?;
+                loc
+            }
+            None => self.copy_root_disk(f, &config, id, storage).await?,
+        };
+        let (old_key, _) = self.boot_disk(f).await?;
+        let mut params: Params = vec![(SCSI[0], loc.volid.clone()), ("boot", "order=scsi0".to_owned())];
+        if old_key != SCSI[0] {
+            params.push(("delete", old_key));
+        }
+        self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
+        self.free_unused_own_disks(f).await
+    }
+
+    /// Copies the VM's root disk to a new HCP volume `id`.
+    async fn copy_root_disk(
+        &self,
+        f: &Found,
+        config: &Value,
+        id: &str,
+        storage: &str,
+    ) -> Result<Located, ProviderError> {
+        let wanted = if storage.is_empty() {
+            self.default_volume_storage()
+                .ok_or_else(|| {
+                    invalid("spec.boot_storage", "no storage given and no volumes.storage configured")
+                })?
+                .to_owned()
+        } else {
+            storage.to_owned()
+        };
+        let target = self
+            .image_storages()
+            .await?
+            .into_iter()
+            .find(|s| s.name == wanted && s.node == f.node)
+            .ok_or_else(|| {
+                invalid(
+                    "spec.boot_storage",
+                    format!("{wanted:?} is no storage for disk images on node {:?}", f.node),
+                )
+            })?;
+        self.check_owner_is_no_vm().await?;
+        let (key, _) = self.boot_disk(f).await?;
+        let source = config[key.as_str()].as_str().map(drive_volid).unwrap_or_default().to_owned();
+        let Some((source_storage, _)) = source.split_once(':') else {
+            return Err(ProviderError::new(
+                ErrorKind::Internal,
+                format!("the root disk {key} of the clone names no storage volume ({source:?})"),
+            ));
+        };
+        let path = format!(
+            "/nodes/{}/storage/{}/content/{}",
+            encode_segment(&f.node),
+            encode_segment(source_storage),
+            encode_segment(&source)
+        );
+        let name = volume_name(self.owner(), id, target.file_based());
+        let params: Params =
+            vec![("target", format!("{}:{name}", target.name)), ("target_node", f.node.clone())];
+        match self.pve.task(Method::Post, &path, params).await {
+            Ok(_) => {}
+            // A copy whose answer was lost.
+            Err(e) if e.already_exists() => {}
+            Err(e) => return Err(map_error(e)),
+        }
+        self.locate(id).await?.ok_or_else(|| {
+            ProviderError::new(ErrorKind::Internal, format!("volume {id} was copied but is not listed"))
+        })
+    }
+
+    /// Frees the `unusedN` disks a VM owns (its clone disk, replaced by a
+    /// boot volume). Removing an `unusedN` frees the image only when the VM
+    /// owns it, so HCP's volumes are never touched.
+    async fn free_unused_own_disks(&self, f: &Found) -> Result<(), ProviderError> {
+        let config = self.vm_config(f).await?;
+        let owner = self.owner();
+        let unused: Vec<String> = self
+            .drives_holding(&config, |volid| volume_id_of(volid, owner).is_none())
+            .into_iter()
+            .filter(|k| k.starts_with("unused"))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        let params: Params = vec![("delete", unused.join(","))];
+        self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
+        Ok(())
     }
 
     /// DetachVolume: `delete=<its drives>` (hot-unplugged from a running
@@ -575,6 +717,11 @@ impl Proxmox {
         let keys = self.drives_holding(&config, |volid| volid == loc.volid);
         if keys.is_empty() {
             return self.described_volume(&loc).await;
+        }
+        if keys.iter().any(|k| k == SCSI[0]) {
+            return Err(precondition(format!(
+                "volume {id} is the boot volume of vm {vm_id} (slot 0); it leaves the vm only with DeleteVm"
+            )));
         }
         if f.status != "stopped" && !hotplugs_disks(&config) {
             return Err(precondition(format!(

@@ -216,8 +216,6 @@ async fn the_provider_passes_the_conformance_kit() {
             "create on a named host",
             "live migration: running VM to another host, repeated",
             "cold migration: stopped VM to another host, repeated",
-            // Boot volumes are not made on Proxmox yet (UNIMPLEMENTED).
-            "volumes: a boot volume is at slot 0 and survives DeleteVm"
         ]
     );
     // The kit cleaned up: only the template is left.
@@ -1050,6 +1048,99 @@ async fn shared_volumes_are_everywhere_and_local_ones_stay_on_their_node() {
         assert!(p.delete_volume(id).await.unwrap());
     }
     assert!(env.sim.sim.volumes().is_empty());
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_boot_volume_is_copied_from_the_image_outlives_its_vm_and_boots_another() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    let (boot, data, a, b) = (new_id(), new_id(), new_id(), new_id());
+    p.create_volume(volume(&data, 3)).await.unwrap();
+    let with_volumes = |vm_id: &str, name: &str| {
+        let mut req = create(vm_id, name, true);
+        let spec = req.spec.as_mut().unwrap();
+        spec.boot_volume_id = boot.clone();
+        spec.volumes = vec![pb::VolumeAttachment { volume_id: data.clone(), slot: 2 }];
+        req
+    };
+
+    // The copy task fails first (an error, nothing made); the retry, by a
+    // restarted provider, makes one VM with one boot volume.
+    let mut exits = std::collections::BTreeMap::new();
+    exits.insert("imgcopy".to_owned(), "storage migration failed (injected)".to_owned());
+    env.sim.sim.set_faults(Faults { task_exits: exits, ..Default::default() });
+    assert_eq!(p.create_vm(with_volumes(&a, "boot-a")).await.unwrap_err().kind, ErrorKind::Internal);
+    assert_eq!(env.sim.sim.volumes().len(), 1, "only the data volume");
+    let restarted = provider(&env, &token_auth(), "").await;
+    for provider in [&restarted, &p] {
+        let vm = provider.create_vm(with_volumes(&a, "boot-a")).await.unwrap();
+        assert_eq!((vm.disk_gib, vm.power_state), (10, pb::PowerState::Running as i32));
+    }
+    assert_eq!(guests(&env).len(), 1);
+    assert_eq!(env.sim.sim.volumes().len(), 2, "the data volume and one boot volume");
+    let copies =
+        env.sim.sim.requests().iter().filter(|r| r.method == "POST" && r.path.contains("/content/")).count();
+    assert_eq!(copies, 2, "the failed copy and one more");
+
+    // The boot volume is scsi0, first to boot, grown to the flavor; the
+    // clone's own disk is gone (not even unusedN); the data volume is scsi2.
+    let volid = format!("local-lvm:vm-999999999-hcp-{boot}");
+    let config = config_of(&env, &a);
+    assert_eq!(config.get("scsi0").map(String::as_str), Some(format!("{volid},size=10G").as_str()));
+    assert_eq!(config.get("boot").map(String::as_str), Some("order=scsi0"));
+    assert!(!config.keys().any(|k| k.starts_with("unused")), "{config:?}");
+    assert!(config.get("scsi2").is_some_and(|v| v.contains(&format!("hcp-{data}"))), "{config:?}");
+    let listed = p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes;
+    let at =
+        |id: &str| listed.iter().find(|v| v.volume_id == id).map(|v| (v.vm_id.clone(), v.slot, v.size_gib));
+    assert_eq!(at(&boot), Some((a.clone(), 0, 10)));
+    assert_eq!(at(&data), Some((a.clone(), 2, 3)));
+
+    // The boot volume leaves only with DeleteVm; a data volume detaches.
+    let e = p.detach_volume(detach(&boot, &a)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "{e:?}");
+    // It cannot boot a second VM while the first holds it.
+    let e = p.create_vm(with_volumes(&b, "boot-b")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "{e:?}");
+    assert!(p.delete_vm(&b).await.unwrap(), "the half-made b goes");
+
+    // ResizeVm grows it (stopped VM).
+    p.stop_vm(pb::StopVmRequest { vm_id: a.clone(), force: true, timeout_seconds: 0 }).await.unwrap();
+    let resize = pb::ResizeVmRequest { vm_id: a.clone(), vcpus: 2, memory_mib: 1024, disk_gib: 12 };
+    assert_eq!(p.resize_vm(resize).await.unwrap().disk_gib, 12);
+    assert_eq!(p.get_volume(&boot).await.unwrap().size_gib, 12);
+
+    // DeleteVm leaves both volumes, detached and whole.
+    assert!(p.delete_vm(&a).await.unwrap());
+    assert!(guests(&env).is_empty());
+    let left = p.get_volume(&boot).await.unwrap();
+    assert_eq!((left.vm_id.as_str(), left.slot, left.size_gib), ("", 0, 12));
+    assert_eq!(p.get_volume(&data).await.unwrap().vm_id, "");
+
+    // A second VM boots from it as it is: no copy, the image not read.
+    let copies_before =
+        env.sim.sim.requests().iter().filter(|r| r.path.contains("/content/") && r.method == "POST").count();
+    for _ in 0..2 {
+        let vm = p.create_vm(with_volumes(&b, "boot-b")).await.unwrap();
+        assert_eq!(vm.disk_gib, 12, "the volume's size, above the flavor's 10");
+    }
+    let copies_after =
+        env.sim.sim.requests().iter().filter(|r| r.path.contains("/content/") && r.method == "POST").count();
+    assert_eq!(copies_before, copies_after);
+    assert_eq!(
+        config_of(&env, &b).get("scsi0").map(String::as_str),
+        Some(format!("{volid},size=12G").as_str())
+    );
+    assert_eq!(p.get_volume(&boot).await.unwrap().vm_id, b);
+    assert_eq!(p.get_volume(&data).await.unwrap().slot, 2);
+    assert_eq!(guests(&env).len(), 1);
+
+    assert!(p.delete_vm(&b).await.unwrap());
+    for id in [&boot, &data] {
+        assert!(p.delete_volume(id).await.unwrap());
+    }
+    assert!(guests(&env).is_empty() && env.sim.sim.volumes().is_empty());
     assert_schema_clean(&env);
 }
 

@@ -655,6 +655,9 @@ fn dispatch(
                 Err(a) => a,
             }
         }
+        ("POST", "/nodes/{node}/storage/{storage}/content/{volume}") => {
+            copy_volume(s, &node, &var("storage"), &var("volume"), params, &user)
+        }
         ("DELETE", "/nodes/{node}/storage/{storage}/content/{volume}") => {
             free_volume(s, &node, &var("storage"), &var("volume"), &user)
         }
@@ -1326,6 +1329,76 @@ fn free_volume(s: &mut State, node: &str, storage: &str, volume: &str, user: &st
     Answer::Data(json!(spawn(s, node, "imgdel", &id, None, user, Effect::FreeVolume(volid, node.to_owned()))))
 }
 
+/// `POST .../content/{volume}` (`target`, `target_node`): an `imgcopy`
+/// task copies a disk image to a new image of the given name, which PVE's
+/// schema calls experimental (its worker runs `storage_migrate` to the
+/// target node). The source is an image of the storage API or a disk a VM
+/// config names (a clone's own disk, which the simulator keeps only in the
+/// config); the target must be `vm-<vmid>-*` on a storage with `images`
+/// and not exist yet. The copy appears when the task ends well.
+fn copy_volume(
+    s: &mut State,
+    node: &str,
+    storage: &str,
+    volume: &str,
+    params: &BTreeMap<String, String>,
+    user: &str,
+) -> Answer {
+    if storage_info(s, storage).is_none() {
+        return no_storage(storage);
+    }
+    let src = volid_of(storage, volume);
+    let target_node = params.get("target_node").cloned().unwrap_or_else(|| node.to_owned());
+    let from_api =
+        s.volumes.iter().find(|v| v.volid == src && v.visible_on(node)).map(|v| (v.size, v.format.clone()));
+    let from_config = || {
+        s.vms.values().filter(|vm| vm.node == node).find_map(|vm| {
+            vm.config.values().find(|v| drive_volid(v) == src).map(|v| {
+                let size =
+                    v.split(',').find_map(|p| p.strip_prefix("size=")).and_then(size_bytes).unwrap_or(0.0);
+                (size as u64, "raw".to_owned())
+            })
+        })
+    };
+    let Some((size, format)) = from_api.or_else(from_config) else {
+        return fail(500, format!("volume '{src}' does not exist"));
+    };
+    let target = volid_of(storage, params.get("target").map(String::as_str).unwrap_or_default());
+    let Some((tstorage, tname)) = target.split_once(':') else {
+        return fail(500, format!("unable to parse volume ID '{target}'"));
+    };
+    let Some((shared, content, plugin)) = storage_info(s, tstorage) else {
+        return no_storage(tstorage);
+    };
+    if !content.split(',').any(|c| c == "images") {
+        return fail(500, format!("storage '{tstorage}' does not support vm images"));
+    }
+    let Some(owner) = owner_of(&target).filter(|_| tname.starts_with("vm-")) else {
+        return fail(500, format!("illegal name '{tname}' - should be 'vm-<vmid>-*'"));
+    };
+    if file_based(plugin) != tname.ends_with(".raw") {
+        return fail(500, format!("illegal name '{tname}' - wrong extension for format ('raw')"));
+    }
+    if s.volumes.iter().any(|v| v.volid == target && v.visible_on(&target_node)) {
+        return fail(500, format!("disk image '{target}' already exists"));
+    }
+    let ctime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let copy = crate::Volume {
+        volid: target.clone(),
+        storage: tstorage.to_owned(),
+        node: if shared { None } else { Some(target_node.clone()) },
+        owner,
+        format,
+        size,
+        ctime,
+    };
+    let id = format!("{owner}@{tstorage}");
+    Answer::Data(json!(spawn(s, &target_node, "imgcopy", &id, None, user, Effect::CopyVolume(copy))))
+}
+
 /// A destroyed VM takes the disks it owns with it: those its config names
 /// (unusedN too), and with `destroy-unreferenced-disks` the others named
 /// `vm-<vmid>-` on every storage. Disks of other owners stay.
@@ -1491,6 +1564,9 @@ fn advance(s: &mut State) {
             }
             Effect::FreeVolume(volid, node) if ok => {
                 s.volumes.retain(|v| !(v.volid == volid && v.visible_on(&node)));
+            }
+            Effect::CopyVolume(copy) if ok => {
+                s.volumes.push(copy);
             }
             Effect::Migrate(id, target) => {
                 if let Some(vm) = s.vms.get_mut(&id) {

@@ -225,6 +225,8 @@ enum Effect {
     Destroy(u32, bool),
     /// `imgdel` finished: the volume (`volid`, node) is freed.
     FreeVolume(String, String),
+    /// `imgcopy` finished: the copy exists.
+    CopyVolume(Volume),
     Snapshot(u32, String, String, bool),
     Rollback(u32, String, bool),
     DeleteSnapshot(u32, String),

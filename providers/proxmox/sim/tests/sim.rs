@@ -79,4 +79,14 @@ fn the_storage_and_drive_parameters_volumes_use_are_checked() {
     let free = s.route("/nodes/pve1/storage/local-lvm/content/local-lvm%3Avm-1-disk-0").unwrap();
     assert_eq!(free.vars["volume"], "local-lvm:vm-1-disk-0");
     assert!(s.validate(&free.template, "DELETE", &free.vars).is_ok());
+    // The boot volume's copy: `target` and `target_node` pass; `format`
+    // and a `target_node` that is no node name do not.
+    let mut p = free.vars.clone();
+    p.insert("target".into(), "local-lvm:vm-999999999-hcp-x".into());
+    p.insert("target_node".into(), "pve1".into());
+    assert!(s.validate(&free.template, "POST", &p).is_ok());
+    p.insert("format".into(), "raw".into());
+    p.insert("target_node".into(), "pve 1".into());
+    let errors = s.validate(&free.template, "POST", &p).unwrap_err();
+    assert_eq!(errors.keys().collect::<Vec<_>>(), ["format", "target_node"], "{errors:?}");
 }
