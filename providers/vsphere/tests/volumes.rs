@@ -553,8 +553,8 @@ async fn a_volume_at_unit_0_is_a_boot_volume_and_survives_its_vm() {
     }
     let swap = vim::ConfigSpec {
         device_change: vec![
-            vim::DeviceChange { operation: "remove", device: root },
-            vim::DeviceChange { operation: "add", device: volume },
+            vim::DeviceChange::new("remove", root),
+            vim::DeviceChange::new("add", volume),
         ],
         ..Default::default()
     };
