@@ -599,3 +599,54 @@ async fn a_boot_volume_is_made_at_create_and_outlives_its_vm() {
     }
     assert!(volume_files(&soap).await.is_empty());
 }
+
+/// A create with a boot volume and a data volume dies after each of its
+/// steps (the image copied under its temporary name, the copy moved to the
+/// volume's name, the root disk swapped); repeated, it converges on one VM
+/// with one boot volume, no half-made copy left, the data volume once.
+#[tokio::test]
+async fn a_create_with_volumes_interrupted_at_every_step_converges() {
+    let Some(sim) = vcsim().await else { return };
+    let p = provider(&sim).await;
+    let soap = look(&sim).await;
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let config = dir.path().join("provider.toml");
+    std::fs::write(&config, sim.provider_toml(TIMING)).unwrap();
+    let data = id();
+    p.create_volume(pb::CreateVolumeRequest { volume_id: data.clone(), spec: Some(volume_spec(1, "")) })
+        .await
+        .unwrap();
+    for step in ["boot-volume:after-copy", "boot-volume:after-move", "create:after-reconfigure"] {
+        let (vm, boot) = (id(), id());
+        let spec = pb::VmSpec {
+            disk_gib: 2,
+            boot_volume_id: boot.clone(),
+            volumes: vec![pb::VolumeAttachment { volume_id: data.clone(), slot: 1 }],
+            ..vm_spec()
+        };
+        let create = pb::CreateVmRequest { vm_id: vm.clone(), spec: Some(spec), start: false };
+        let mut c = Crashing::start(&config, step).await;
+        assert!(c.compute.create_vm(create.clone()).await.is_err(), "{step}");
+        c.died(step).await;
+        let made = p.create_vm(create).await.unwrap();
+        let mut disks = disks_of(&soap, &made.native_id).await;
+        disks.sort();
+        let mut want = vec![
+            (format!("[LocalDS_0] hcp-volumes/{boot}.vmdk"), 0, 2 * GIB_KB),
+            (format!("[LocalDS_0] hcp-volumes/{data}.vmdk"), 1, GIB_KB),
+        ];
+        want.sort();
+        assert_eq!(disks, want, "{step}");
+        let mut files: Vec<String> = volume_files(&soap).await.into_iter().map(|(n, _)| n).collect();
+        files.sort();
+        let mut want = vec![format!("{boot}.vmdk"), format!("{data}.vmdk")];
+        want.sort();
+        assert_eq!(files, want, "{step}: one boot volume, no half-made copy");
+        let vms = p.list_vms(pb::ListVmsRequest::default()).await.unwrap().vms;
+        assert_eq!(vms.iter().filter(|v| v.vm_id == vm).count(), 1, "{step}");
+        assert!(p.delete_vm(&vm).await.unwrap());
+        assert!(p.delete_volume(&boot).await.unwrap());
+    }
+    assert!(p.delete_volume(&data).await.unwrap());
+    assert!(volume_files(&soap).await.is_empty());
+}
