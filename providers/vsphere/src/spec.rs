@@ -122,10 +122,10 @@ impl Vsphere {
         }
         // A boot volume's size is settled when it is made (an existing one
         // is booted as it is): the clone's own disk is about to go.
-        if spec.boot_volume_id.is_empty() {
-            if let Some(grow) = grow_disk(vm, spec.disk_gib)? {
-                change.device_change.push(grow);
-            }
+        if spec.boot_volume_id.is_empty()
+            && let Some(grow) = grow_disk(vm, spec.disk_gib)?
+        {
+            change.device_change.push(grow);
         }
         let wanted = self.port_groups(spec).await?;
         let have: Vec<&str> = vm.nics().map(|n| n.nic_target().unwrap_or_default()).collect();

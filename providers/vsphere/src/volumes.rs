@@ -117,7 +117,10 @@ fn scsi_controller(vm: &Vm, vm_id: &str) -> Result<i32, ProviderError> {
         .min_by_key(|d| d.key)
         .map(|d| d.key)
         .ok_or_else(|| {
-            ProviderError::new(ErrorKind::InvalidState, format!("vm {vm_id} has no SCSI controller for volumes"))
+            ProviderError::new(
+                ErrorKind::InvalidState,
+                format!("vm {vm_id} has no SCSI controller for volumes"),
+            )
         })
 }
 
@@ -209,6 +212,28 @@ impl Vsphere {
             out.push((name, ds, browser));
         }
         Ok(out)
+    }
+
+    /// Makes the datastore's volume folder, unless it is there.
+    async fn volume_folder(
+        &self,
+        file_manager: &MoRef,
+        datacenter: &MoRef,
+        datastore: &str,
+    ) -> Result<(), ProviderError> {
+        let folder = format!("[{datastore}] {VOLUME_FOLDER}");
+        let mkdir = vim::MakeDirectory {
+            xmlns: VIM25,
+            this: file_manager,
+            name: &folder,
+            datacenter,
+            create_parents: true,
+        };
+        match self.soap.invoke::<_, vim::Nothing>("MakeDirectory", &mkdir, false).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.fault() == Some("FileAlreadyExists") => Ok(()),
+            Err(e) => Err(map_error(e)),
+        }
     }
 
     /// A datastore's reference by name.
@@ -322,19 +347,7 @@ impl Vsphere {
         let content = self.soap.content().await.map_err(map_error)?.clone();
         let (file_manager, disk_manager) = self.managers(&content)?;
         let datacenter = self.places().await?.datacenter.clone();
-        let folder = format!("[{datastore}] {VOLUME_FOLDER}");
-        let mkdir = vim::MakeDirectory {
-            xmlns: VIM25,
-            this: &file_manager,
-            name: &folder,
-            datacenter: &datacenter,
-            create_parents: true,
-        };
-        match self.soap.invoke::<_, vim::Nothing>("MakeDirectory", &mkdir, false).await {
-            Ok(_) => {}
-            Err(e) if e.fault() == Some("FileAlreadyExists") => {}
-            Err(e) => return Err(map_error(e)),
-        }
+        self.volume_folder(&file_manager, &datacenter, &datastore).await?;
         self.failpoints.hit("volume-create:after-mkdir");
         let file = VolumeFile { id: req.volume_id.clone(), datastore, capacity_kb: kb_of_gib(spec.size_gib) };
         let path = file.path();
@@ -491,7 +504,9 @@ impl Vsphere {
             return Ok(pb::VolumeInfo { volume_id: req.volume_id, ..Default::default() });
         };
         if let Some(vm) = self.find(&req.vm_id, &[]).await? {
-            let boot = attached_volumes(&vm).into_iter().any(|(id, d)| id == req.volume_id && d.unit_number == Some(0));
+            let boot = attached_volumes(&vm)
+                .into_iter()
+                .any(|(id, d)| id == req.volume_id && d.unit_number == Some(0));
             if boot {
                 return Err(ProviderError::new(
                     ErrorKind::InvalidState,
@@ -630,7 +645,11 @@ impl Vsphere {
         match self.attachment(volume_id).await? {
             Some(a) if a.vm_id != vm_id || a.slot() != slot => Err(ProviderError::new(
                 ErrorKind::InvalidState,
-                format!("volume {volume_id} is attached to vm {} at slot {}; detach it first", a.vm_id, a.slot()),
+                format!(
+                    "volume {volume_id} is attached to vm {} at slot {}; detach it first",
+                    a.vm_id,
+                    a.slot()
+                ),
             )),
             _ => Ok(()),
         }
@@ -678,22 +697,15 @@ impl Vsphere {
         let content = self.soap.content().await.map_err(map_error)?.clone();
         let (file_manager, disk_manager) = self.managers(&content)?;
         let datacenter = self.places().await?.datacenter.clone();
-        let folder = format!("[{datastore}] {VOLUME_FOLDER}");
-        let mkdir = vim::MakeDirectory {
-            xmlns: VIM25,
-            this: &file_manager,
-            name: &folder,
-            datacenter: &datacenter,
-            create_parents: true,
-        };
-        match self.soap.invoke::<_, vim::Nothing>("MakeDirectory", &mkdir, false).await {
-            Ok(_) => {}
-            Err(e) if e.fault() == Some("FileAlreadyExists") => {}
-            Err(e) => return Err(map_error(e)),
-        }
+        self.volume_folder(&file_manager, &datacenter, &datastore).await?;
         // Not a UUID: never listed as a volume.
         let partial = format!("[{datastore}] {VOLUME_FOLDER}/{id}.partial.vmdk");
-        let delete = vim::DeleteVirtualDisk { xmlns: VIM25, this: &disk_manager, name: &partial, datacenter: &datacenter };
+        let delete = vim::DeleteVirtualDisk {
+            xmlns: VIM25,
+            this: &disk_manager,
+            name: &partial,
+            datacenter: &datacenter,
+        };
         match self.soap.task("DeleteVirtualDisk_Task", &delete).await {
             Ok(_) => tracing::info!(path = partial, "a half-made boot volume deleted"),
             Err(e) if e.fault() == Some("FileNotFound") => {}
@@ -754,40 +766,47 @@ impl Vsphere {
         let controller = scsi_controller(vm, vm_id)?;
         let have = attached_volumes(vm);
         let mut changes = Vec::new();
-        if let Some(file) = boot {
-            if !have.iter().any(|(id, d)| *id == file.id && d.unit_number == Some(0)) {
-                let root = vm.disk().filter(|d| d.unit_number == Some(0)).cloned();
-                let (ctrl, unit) = match &root {
-                    Some(r) => (r.controller_key.unwrap_or(controller), 0),
-                    None => (controller, 0),
-                };
-                if let Some(root) = root {
-                    // The clone's own disk: nobody else's file, deleted
-                    // with the swap so it does not leak.
-                    let own = root.backing.as_ref().and_then(|b| b.file_name.as_deref()).and_then(volume_of_path).is_none();
-                    let mut remove = vim::DeviceChange::new("remove", root);
-                    if own {
-                        remove.file_operation = Some("destroy");
-                    }
-                    changes.push(remove);
+        let swapped =
+            |file: &VolumeFile| have.iter().any(|(id, d)| *id == file.id && d.unit_number == Some(0));
+        if let Some(file) = boot.filter(|f| !swapped(f)) {
+            let root = vm.disk().filter(|d| d.unit_number == Some(0)).cloned();
+            // The volume takes the root disk's place (its controller).
+            let at = root.as_ref().and_then(|r| r.controller_key).unwrap_or(controller);
+            if let Some(root) = root {
+                // The clone's own disk is nobody else's file: deleted with
+                // the swap, so that it does not leak.
+                let own = root
+                    .backing
+                    .as_ref()
+                    .and_then(|b| b.file_name.as_deref())
+                    .and_then(volume_of_path)
+                    .is_none();
+                let mut remove = vim::DeviceChange::new("remove", root);
+                if own {
+                    remove.file_operation = Some("destroy");
                 }
-                let datastore = self.datastore_ref(&file.datastore).await?;
-                changes.push(vim::DeviceChange::new("add", volume_disk(file, datastore, ctrl, unit, -300)));
+                changes.push(remove);
             }
+            let datastore = self.datastore_ref(&file.datastore).await?;
+            changes.push(vim::DeviceChange::new("add", volume_disk(file, datastore, at, 0, -300)));
         }
         for (i, (file, slot)) in plan.data.iter().enumerate() {
             if have.iter().any(|(id, _)| *id == file.id) {
                 continue;
             }
             let unit = unit_of_slot(*slot).unwrap_or_default();
-            if vm.devices.iter().any(|d| d.controller_key == Some(controller) && d.unit_number == Some(unit)) {
+            if vm.devices.iter().any(|d| d.controller_key == Some(controller) && d.unit_number == Some(unit))
+            {
                 return Err(ProviderError::new(
                     ErrorKind::InvalidState,
                     format!("slot {slot} of vm {vm_id} is taken by another disk"),
                 ));
             }
             let datastore = self.datastore_ref(&file.datastore).await?;
-            changes.push(vim::DeviceChange::new("add", volume_disk(file, datastore, controller, unit, -200 - i as i32)));
+            changes.push(vim::DeviceChange::new(
+                "add",
+                volume_disk(file, datastore, controller, unit, -200 - i as i32),
+            ));
         }
         Ok(changes)
     }

@@ -542,7 +542,10 @@ async fn a_boot_volume_is_made_at_create_and_outlives_its_vm() {
     assert_eq!(vm_a.disk_gib, 3);
     let info = p.get_volume(&boot).await.unwrap();
     assert_eq!((info.vm_id.as_str(), info.slot, info.size_gib), (a.as_str(), 0, 3));
-    assert_eq!(p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes, [info.clone()]);
+    assert_eq!(
+        p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes,
+        std::slice::from_ref(&info)
+    );
     let disks = disks_of(&soap, &vm_a.native_id).await;
     assert_eq!(disks, [(boot_path.clone(), 0, 3 * GIB_KB)], "the clone's own disk is gone");
     // Repeated: the same VM, the same one boot volume.
