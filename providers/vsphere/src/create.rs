@@ -9,6 +9,7 @@ use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
 use crate::errors::{invalid, map_error};
 use crate::soap::{VIM25, VimError};
 use crate::vim::{self, OptionValue};
+use crate::volumes::VolumesAtCreate;
 use crate::{ID_KEY, Vsphere, vm_name};
 
 impl Vsphere {
@@ -23,8 +24,15 @@ impl Vsphere {
             return Err(invalid("spec", "vcpus and memory_mib must be positive"));
         }
         let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "required"))?;
+        // Volumes first, then the VM: the order AttachVolume locks them in.
+        let mut _volumes = Vec::new();
+        for key in VolumesAtCreate::lock_keys(&spec) {
+            _volumes.push(self.locks.lock(&key).await);
+        }
         let _serial = self.locks.lock(&vm_id).await;
         let places = self.places().await?.clone();
+        // Checked before anything is made.
+        let volumes = self.volumes_at_create(&vm_id, &spec).await?;
         let vm = match self.find(&vm_id, &["config.extraConfig"]).await? {
             Some(vm) => {
                 self.lost_clones.lock().unwrap_or_else(|e| e.into_inner()).remove(&vm_id);
@@ -92,7 +100,13 @@ impl Vsphere {
                 })?
             }
         };
-        let change = self.desired(&vm, &vm_id, &spec).await?;
+        // A boot volume made after the clone: a create interrupted between
+        // the two finds the VM and makes (or finds) the volume.
+        let boot = self.boot_volume(&volumes, &image.source, spec.disk_gib).await?;
+        let mut change = self.desired(&vm, &vm_id, &spec).await?;
+        // In the same reconfiguration: the root disk swapped for the boot
+        // volume, the data volumes plugged in, all or nothing.
+        change.device_change.extend(self.volume_changes(&vm, &vm_id, boot.as_ref(), &volumes).await?);
         let mut vm = vm;
         if !change.is_empty() {
             if vm.running() && !change.device_change.is_empty() {

@@ -83,8 +83,13 @@ impl Vm {
         self.power == "poweredOn"
     }
 
+    /// The root disk: the one at unit 0 (a boot volume is put there, after
+    /// data volumes in the device list), else the first.
     pub(crate) fn disk(&self) -> Option<&Device> {
-        self.devices.iter().find(|d| d.is_disk())
+        self.devices
+            .iter()
+            .find(|d| d.is_disk() && d.unit_number == Some(0))
+            .or_else(|| self.devices.iter().find(|d| d.is_disk()))
     }
 
     pub(crate) fn nics(&self) -> impl Iterator<Item = &Device> {

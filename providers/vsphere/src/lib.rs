@@ -24,6 +24,11 @@
 //!   into a VM's first SCSI controller and unplugged without a file
 //!   operation; DeleteVm unplugs them before `Destroy_Task`, which deletes
 //!   every disk still attached (`volumes.rs`).
+//! - A boot volume is such a file at SCSI unit 0: a CreateVm with
+//!   `boot_volume_id` clones the template, copies the template's disk to
+//!   the volume (unless it exists: then it is booted as it is) and, in the
+//!   one reconfiguration of the create, swaps the clone's own disk for it
+//!   and plugs in the `volumes` at their slots.
 
 pub mod cli;
 pub mod config;
@@ -60,7 +65,10 @@ pub use crate::start::{StartError, run};
 /// `volume-attach:after-reconfigure`, `volume-detach:after-reconfigure`,
 /// `volume-extend:after-grow`, `volume-delete:after-disk` and
 /// `delete:after-detach` (DeleteVm: volumes unplugged, the VM not yet
-/// destroyed); the process aborts there.
+/// destroyed); for a create with a boot volume `boot-volume:after-copy`
+/// (the image's disk copied under its temporary name) and
+/// `boot-volume:after-move` (the copy under the volume's name, not yet the
+/// VM's root disk); the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_VSPHERE_FAILPOINTS";
 
 /// The `extraConfig` key naming the HCP VM.

@@ -157,7 +157,6 @@ impl Provider for Vsphere {
     }
 
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        hcp_provider_sdk::refuse_volumes_at_create(&req)?;
         self.create(req).await
     }
 

@@ -120,18 +120,23 @@ impl Vsphere {
             change.cpu_hot_add = Some(true);
             change.memory_hot_add = Some(true);
         }
-        if let Some(grow) = grow_disk(vm, spec.disk_gib)? {
+        // A boot volume's size is settled when it is made (an existing one
+        // is booted as it is): the clone's own disk is about to go.
+        if spec.boot_volume_id.is_empty()
+            && let Some(grow) = grow_disk(vm, spec.disk_gib)?
+        {
             change.device_change.push(grow);
         }
         let wanted = self.port_groups(spec).await?;
         let have: Vec<&str> = vm.nics().map(|n| n.nic_target().unwrap_or_default()).collect();
         if have != wanted.iter().map(|w| w.target.as_str()).collect::<Vec<_>>() {
             for nic in vm.nics() {
-                change.device_change.push(vim::DeviceChange { operation: "remove", device: nic.clone() });
+                change.device_change.push(vim::DeviceChange::new("remove", nic.clone()));
             }
             for (i, pg) in wanted.into_iter().enumerate() {
                 change.device_change.push(vim::DeviceChange {
                     operation: "add",
+                    file_operation: None,
                     device: Device {
                         xsi_type: "VirtualVmxnet3".to_owned(),
                         key: -100 - i as i32,
@@ -205,7 +210,7 @@ pub(crate) fn grow_disk(vm: &Vm, gib: u32) -> Result<Option<vim::DeviceChange>, 
     if grown.device_info.is_none() {
         grown.device_info = Some(vim::Description { label: "Hard disk 1".into(), summary: String::new() });
     }
-    Ok(Some(vim::DeviceChange { operation: "edit", device: grown }))
+    Ok(Some(vim::DeviceChange::new("edit", grown)))
 }
 
 #[cfg(test)]

@@ -711,7 +711,18 @@ impl Device {
 pub struct DeviceChange {
     /// `add`, `remove` or `edit`.
     pub operation: &'static str,
+    /// `create`, `destroy` or `replace`; None: the device's file is
+    /// neither made nor deleted.
+    #[serde(rename = "fileOperation", skip_serializing_if = "Option::is_none")]
+    pub file_operation: Option<&'static str>,
     pub device: Device,
+}
+
+impl DeviceChange {
+    /// A change of the device alone, no file operation.
+    pub fn new(operation: &'static str, device: Device) -> Self {
+        Self { operation, file_operation: None, device }
+    }
 }
 
 /// `OptionValue` with a string value.
@@ -953,6 +964,42 @@ pub struct CreateVirtualDisk<'a> {
     pub spec: DiskSpec,
 }
 
+/// `CopyVirtualDisk_Task` (no `destSpec`: the copy is like the source).
+#[derive(Debug, Serialize)]
+pub struct CopyVirtualDisk<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    #[serde(rename = "sourceName")]
+    pub source_name: &'a str,
+    #[serde(rename = "sourceDatacenter")]
+    pub source_datacenter: &'a MoRef,
+    #[serde(rename = "destName")]
+    pub dest_name: &'a str,
+    #[serde(rename = "destDatacenter")]
+    pub dest_datacenter: &'a MoRef,
+    pub force: bool,
+}
+
+/// `MoveVirtualDisk_Task`.
+#[derive(Debug, Serialize)]
+pub struct MoveVirtualDisk<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    #[serde(rename = "sourceName")]
+    pub source_name: &'a str,
+    #[serde(rename = "sourceDatacenter")]
+    pub source_datacenter: &'a MoRef,
+    #[serde(rename = "destName")]
+    pub dest_name: &'a str,
+    #[serde(rename = "destDatacenter")]
+    pub dest_datacenter: &'a MoRef,
+    pub force: bool,
+}
+
 /// `DeleteVirtualDisk_Task`.
 #[derive(Debug, Serialize)]
 pub struct DeleteVirtualDisk<'a> {
@@ -1139,6 +1186,7 @@ mod tests {
             memory_mb: Some(1024),
             device_change: vec![DeviceChange {
                 operation: "add",
+                file_operation: None,
                 device: Device {
                     xsi_type: "VirtualVmxnet3".into(),
                     key: -100,

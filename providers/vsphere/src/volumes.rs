@@ -109,6 +109,50 @@ pub(crate) fn attached_volumes(vm: &Vm) -> Vec<(String, Device)> {
         .collect()
 }
 
+/// The key of the VM's first SCSI controller, where volumes go.
+fn scsi_controller(vm: &Vm, vm_id: &str) -> Result<i32, ProviderError> {
+    vm.devices
+        .iter()
+        .filter(|d| SCSI_CONTROLLERS.contains(&d.xsi_type.as_str()))
+        .min_by_key(|d| d.key)
+        .map(|d| d.key)
+        .ok_or_else(|| {
+            ProviderError::new(
+                ErrorKind::InvalidState,
+                format!("vm {vm_id} has no SCSI controller for volumes"),
+            )
+        })
+}
+
+/// The device that plugs a volume's file in at `unit` (`key` negative: a
+/// new device).
+fn volume_disk(file: &VolumeFile, datastore: Option<MoRef>, controller: i32, unit: i32, key: i32) -> Device {
+    Device {
+        xsi_type: "VirtualDisk".to_owned(),
+        key,
+        device_info: None,
+        backing: Some(vim::Backing {
+            xsi_type: "VirtualDiskFlatVer2BackingInfo".to_owned(),
+            file_name: Some(file.path()),
+            datastore,
+            device_name: None,
+            network: None,
+            port: None,
+            disk_mode: Some("persistent".to_owned()),
+            thin_provisioned: None,
+        }),
+        connectable: None,
+        controller_key: Some(controller),
+        unit_number: Some(unit),
+        address_type: None,
+        mac_address: None,
+        // The file's own size: plugging in neither grows nor shrinks it
+        // (none when the datastore did not say).
+        capacity_kb: Some(file.capacity_kb).filter(|kb| *kb > 0),
+        capacity_bytes: None,
+    }
+}
+
 fn gib_of_kb(kb: i64) -> u32 {
     u32::try_from((kb.max(0) as u64).div_ceil(1 << 20)).unwrap_or(u32::MAX)
 }
@@ -168,6 +212,33 @@ impl Vsphere {
             out.push((name, ds, browser));
         }
         Ok(out)
+    }
+
+    /// Makes the datastore's volume folder, unless it is there.
+    async fn volume_folder(
+        &self,
+        file_manager: &MoRef,
+        datacenter: &MoRef,
+        datastore: &str,
+    ) -> Result<(), ProviderError> {
+        let folder = format!("[{datastore}] {VOLUME_FOLDER}");
+        let mkdir = vim::MakeDirectory {
+            xmlns: VIM25,
+            this: file_manager,
+            name: &folder,
+            datacenter,
+            create_parents: true,
+        };
+        match self.soap.invoke::<_, vim::Nothing>("MakeDirectory", &mkdir, false).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.fault() == Some("FileAlreadyExists") => Ok(()),
+            Err(e) => Err(map_error(e)),
+        }
+    }
+
+    /// A datastore's reference by name.
+    async fn datastore_ref(&self, name: &str) -> Result<Option<MoRef>, ProviderError> {
+        Ok(self.datastores().await?.into_iter().find(|(n, _, _)| n == name).map(|(_, ds, _)| ds))
     }
 
     /// The datastore a volume of `storage` goes to (empty: the configured
@@ -276,19 +347,7 @@ impl Vsphere {
         let content = self.soap.content().await.map_err(map_error)?.clone();
         let (file_manager, disk_manager) = self.managers(&content)?;
         let datacenter = self.places().await?.datacenter.clone();
-        let folder = format!("[{datastore}] {VOLUME_FOLDER}");
-        let mkdir = vim::MakeDirectory {
-            xmlns: VIM25,
-            this: &file_manager,
-            name: &folder,
-            datacenter: &datacenter,
-            create_parents: true,
-        };
-        match self.soap.invoke::<_, vim::Nothing>("MakeDirectory", &mkdir, false).await {
-            Ok(_) => {}
-            Err(e) if e.fault() == Some("FileAlreadyExists") => {}
-            Err(e) => return Err(map_error(e)),
-        }
+        self.volume_folder(&file_manager, &datacenter, &datastore).await?;
         self.failpoints.hit("volume-create:after-mkdir");
         let file = VolumeFile { id: req.volume_id.clone(), datastore, capacity_kb: kb_of_gib(spec.size_gib) };
         let path = file.path();
@@ -362,7 +421,7 @@ impl Vsphere {
                 grown.capacity_kb = Some(want);
                 grown.capacity_bytes = Some(want * 1024);
                 let change = vim::ConfigSpec {
-                    device_change: vec![vim::DeviceChange { operation: "edit", device: grown }],
+                    device_change: vec![vim::DeviceChange::new("edit", grown)],
                     ..Default::default()
                 };
                 self.reconfigure(&a.vm, change).await?;
@@ -415,53 +474,18 @@ impl Vsphere {
                 ),
             ));
         }
-        let controller = vm
-            .devices
-            .iter()
-            .filter(|d| SCSI_CONTROLLERS.contains(&d.xsi_type.as_str()))
-            .min_by_key(|d| d.key)
-            .ok_or_else(|| {
-                ProviderError::new(
-                    ErrorKind::InvalidState,
-                    format!("vm {} has no SCSI controller for volumes", req.vm_id),
-                )
-            })?
-            .key;
+        let controller = scsi_controller(&vm, &req.vm_id)?;
         if vm.devices.iter().any(|d| d.controller_key == Some(controller) && d.unit_number == Some(unit)) {
             return Err(ProviderError::new(
                 ErrorKind::InvalidState,
                 format!("slot {} of vm {} is taken by another disk", req.slot, req.vm_id),
             ));
         }
-        let datastore =
-            self.datastores().await?.into_iter().find(|(n, _, _)| *n == file.datastore).map(|(_, ds, _)| ds);
-        let disk = Device {
-            xsi_type: "VirtualDisk".to_owned(),
-            key: -200,
-            device_info: None,
-            backing: Some(vim::Backing {
-                xsi_type: "VirtualDiskFlatVer2BackingInfo".to_owned(),
-                file_name: Some(file.path()),
-                datastore,
-                device_name: None,
-                network: None,
-                port: None,
-                disk_mode: Some("persistent".to_owned()),
-                thin_provisioned: None,
-            }),
-            connectable: None,
-            controller_key: Some(controller),
-            unit_number: Some(unit),
-            address_type: None,
-            mac_address: None,
-            // The file's own size: the attach neither grows nor shrinks it
-            // (none when the datastore did not say).
-            capacity_kb: Some(file.capacity_kb).filter(|kb| *kb > 0),
-            capacity_bytes: None,
-        };
+        let datastore = self.datastore_ref(&file.datastore).await?;
+        let disk = volume_disk(&file, datastore, controller, unit, -200);
         // No file operation: the disk exists and is only plugged in.
         let change = vim::ConfigSpec {
-            device_change: vec![vim::DeviceChange { operation: "add", device: disk }],
+            device_change: vec![vim::DeviceChange::new("add", disk)],
             ..Default::default()
         };
         self.reconfigure(&vm, change).await?;
@@ -480,6 +504,18 @@ impl Vsphere {
             return Ok(pb::VolumeInfo { volume_id: req.volume_id, ..Default::default() });
         };
         if let Some(vm) = self.find(&req.vm_id, &[]).await? {
+            let boot = attached_volumes(&vm)
+                .into_iter()
+                .any(|(id, d)| id == req.volume_id && d.unit_number == Some(0));
+            if boot {
+                return Err(ProviderError::new(
+                    ErrorKind::InvalidState,
+                    format!(
+                        "volume {} is the boot volume of vm {} (slot 0); it leaves the VM only with DeleteVm",
+                        req.volume_id, req.vm_id
+                    ),
+                ));
+            }
             self.detach_from(&vm, Some(&req.volume_id)).await?;
             self.failpoints.hit("volume-detach:after-reconfigure");
         }
@@ -493,7 +529,7 @@ impl Vsphere {
         let remove: Vec<vim::DeviceChange> = attached_volumes(vm)
             .into_iter()
             .filter(|(id, _)| only.is_none_or(|o| o == id))
-            .map(|(_, device)| vim::DeviceChange { operation: "remove", device })
+            .map(|(_, device)| vim::DeviceChange::new("remove", device))
             .collect();
         if remove.is_empty() {
             return Ok(());
@@ -532,6 +568,247 @@ impl Vsphere {
         self.failpoints.hit("volume-delete:after-disk");
         tracing::info!(volume_id, path, "volume deleted");
         Ok(true)
+    }
+}
+
+/// What a CreateVm asks of volumes, checked before anything is made.
+#[derive(Debug, Default)]
+pub(crate) struct VolumesAtCreate {
+    /// The boot volume: its id, and its file when it exists already.
+    boot: Option<(String, Option<VolumeFile>)>,
+    /// The datastore a new boot volume goes to.
+    boot_datastore: String,
+    /// Data volumes and their slots.
+    data: Vec<(VolumeFile, u32)>,
+}
+
+impl VolumesAtCreate {
+    /// The lock keys of every volume named, sorted: taken before the VM's
+    /// own lock, in the order AttachVolume takes them (volume, then VM).
+    pub(crate) fn lock_keys(spec: &pb::VmSpec) -> Vec<String> {
+        let mut keys: Vec<String> = std::iter::once(spec.boot_volume_id.as_str())
+            .filter(|id| !id.is_empty())
+            .chain(spec.volumes.iter().map(|v| v.volume_id.as_str()))
+            .map(lock_key)
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}
+
+impl Vsphere {
+    /// Checks the volumes a create names: the boot volume detached (or
+    /// already this VM's), the data volumes existing, at valid distinct
+    /// slots, and detached (or already at that slot of this VM).
+    pub(crate) async fn volumes_at_create(
+        &self,
+        vm_id: &str,
+        spec: &pb::VmSpec,
+    ) -> Result<VolumesAtCreate, ProviderError> {
+        let mut plan = VolumesAtCreate::default();
+        let mut slots = std::collections::HashSet::new();
+        for v in &spec.volumes {
+            if !is_uuid(&v.volume_id) {
+                return Err(invalid("spec.volumes", format!("{:?} is not a volume id", v.volume_id)));
+            }
+            if !(1..=MAX_VOLUMES_PER_VM).contains(&v.slot) || !slots.insert(v.slot) {
+                return Err(invalid(
+                    "spec.volumes",
+                    format!("slot {} is out of 1 to {MAX_VOLUMES_PER_VM} or given twice", v.slot),
+                ));
+            }
+            if v.volume_id == spec.boot_volume_id || plan.data.iter().any(|(f, _)| f.id == v.volume_id) {
+                return Err(invalid("spec.volumes", format!("volume {} is named twice", v.volume_id)));
+            }
+            let file = self.require_volume(&v.volume_id).await?;
+            self.free_for(&v.volume_id, vm_id, v.slot).await?;
+            plan.data.push((file, v.slot));
+        }
+        if !spec.boot_volume_id.is_empty() {
+            let id = &spec.boot_volume_id;
+            if !is_uuid(id) {
+                return Err(invalid("spec.boot_volume_id", "must be a UUID"));
+            }
+            let file = self.find_volume(id).await?;
+            match &file {
+                Some(_) => self.free_for(id, vm_id, 0).await?,
+                None => plan.boot_datastore = self.volume_datastore(&spec.boot_storage).await?,
+            }
+            plan.boot = Some((id.clone(), file));
+        }
+        Ok(plan)
+    }
+
+    /// Refuses a volume attached anywhere but at `slot` of `vm_id`.
+    async fn free_for(&self, volume_id: &str, vm_id: &str, slot: u32) -> Result<(), ProviderError> {
+        match self.attachment(volume_id).await? {
+            Some(a) if a.vm_id != vm_id || a.slot() != slot => Err(ProviderError::new(
+                ErrorKind::InvalidState,
+                format!(
+                    "volume {volume_id} is attached to vm {} at slot {}; detach it first",
+                    a.vm_id,
+                    a.slot()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The boot volume's file, made from the template's root disk when it
+    /// does not exist: copied under a name no call lists, grown to
+    /// `disk_gib` (never below the image's size), and only then moved to
+    /// its volume name, so the volume appears whole or not at all. A call
+    /// repeated after a crash deletes a half-made copy and starts over.
+    pub(crate) async fn boot_volume(
+        &self,
+        plan: &VolumesAtCreate,
+        image_source: &str,
+        disk_gib: u32,
+    ) -> Result<Option<VolumeFile>, ProviderError> {
+        let Some((id, existing)) = &plan.boot else { return Ok(None) };
+        if let Some(file) = existing {
+            return Ok(Some(file.clone()));
+        }
+        if let Some(file) = self.find_volume(id).await? {
+            return Ok(Some(file));
+        }
+        let template = self.template(image_source).await?;
+        let devices = self
+            .properties(&template, &["config.hardware.device"])
+            .await
+            .map_err(map_error)?
+            .and_then(|o| o.prop("config.hardware.device").cloned())
+            .map(|x| x.children.iter().map(Device::from_xml).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let root = devices
+            .iter()
+            .find(|d| d.is_disk() && d.unit_number == Some(0))
+            .or_else(|| devices.iter().find(|d| d.is_disk()))
+            .ok_or_else(|| invalid("spec.image", "the template has no disk to make a boot volume of"))?;
+        let source = root
+            .backing
+            .as_ref()
+            .and_then(|b| b.file_name.clone())
+            .ok_or_else(|| invalid("spec.image", "the template's disk is not a file"))?;
+        let want_kb = kb_of_gib(disk_gib).max(root.disk_bytes() / 1024);
+
+        let datastore = plan.boot_datastore.clone();
+        let content = self.soap.content().await.map_err(map_error)?.clone();
+        let (file_manager, disk_manager) = self.managers(&content)?;
+        let datacenter = self.places().await?.datacenter.clone();
+        self.volume_folder(&file_manager, &datacenter, &datastore).await?;
+        // Not a UUID: never listed as a volume.
+        let partial = format!("[{datastore}] {VOLUME_FOLDER}/{id}.partial.vmdk");
+        let delete = vim::DeleteVirtualDisk {
+            xmlns: VIM25,
+            this: &disk_manager,
+            name: &partial,
+            datacenter: &datacenter,
+        };
+        match self.soap.task("DeleteVirtualDisk_Task", &delete).await {
+            Ok(_) => tracing::info!(path = partial, "a half-made boot volume deleted"),
+            Err(e) if e.fault() == Some("FileNotFound") => {}
+            Err(e) => return Err(map_error(e)),
+        }
+        let copy = vim::CopyVirtualDisk {
+            xmlns: VIM25,
+            this: &disk_manager,
+            source_name: &source,
+            source_datacenter: &datacenter,
+            dest_name: &partial,
+            dest_datacenter: &datacenter,
+            force: false,
+        };
+        self.soap.task("CopyVirtualDisk_Task", &copy).await.map_err(map_error)?;
+        self.failpoints.hit("boot-volume:after-copy");
+        // To the size asked, or the image's: a copy's size is not always
+        // what the datastore reports (vcsim does not know it), and growing
+        // to the source's own size changes nothing.
+        let extend = vim::ExtendVirtualDisk {
+            xmlns: VIM25,
+            this: &disk_manager,
+            name: &partial,
+            datacenter: &datacenter,
+            new_capacity_kb: want_kb,
+            eager_zero: false,
+        };
+        self.soap.task("ExtendVirtualDisk_Task", &extend).await.map_err(map_error)?;
+        let path = volume_path(&datastore, id);
+        let rename = vim::MoveVirtualDisk {
+            xmlns: VIM25,
+            this: &disk_manager,
+            source_name: &partial,
+            source_datacenter: &datacenter,
+            dest_name: &path,
+            dest_datacenter: &datacenter,
+            force: false,
+        };
+        self.soap.task("MoveVirtualDisk_Task", &rename).await.map_err(map_error)?;
+        self.failpoints.hit("boot-volume:after-move");
+        tracing::info!(volume_id = id, path, source, "boot volume made from the image");
+        self.require_volume(id).await.map(Some)
+    }
+
+    /// The device changes that make `boot` the VM's root disk (the clone's
+    /// own disk deleted) and plug the data volumes in at their slots;
+    /// empty when they are there already.
+    pub(crate) async fn volume_changes(
+        &self,
+        vm: &Vm,
+        vm_id: &str,
+        boot: Option<&VolumeFile>,
+        plan: &VolumesAtCreate,
+    ) -> Result<Vec<vim::DeviceChange>, ProviderError> {
+        if boot.is_none() && plan.data.is_empty() {
+            return Ok(Vec::new());
+        }
+        let controller = scsi_controller(vm, vm_id)?;
+        let have = attached_volumes(vm);
+        let mut changes = Vec::new();
+        let swapped =
+            |file: &VolumeFile| have.iter().any(|(id, d)| *id == file.id && d.unit_number == Some(0));
+        if let Some(file) = boot.filter(|f| !swapped(f)) {
+            let root = vm.disk().filter(|d| d.unit_number == Some(0)).cloned();
+            // The volume takes the root disk's place (its controller).
+            let at = root.as_ref().and_then(|r| r.controller_key).unwrap_or(controller);
+            if let Some(root) = root {
+                // The clone's own disk is nobody else's file: deleted with
+                // the swap, so that it does not leak.
+                let own = root
+                    .backing
+                    .as_ref()
+                    .and_then(|b| b.file_name.as_deref())
+                    .and_then(volume_of_path)
+                    .is_none();
+                let mut remove = vim::DeviceChange::new("remove", root);
+                if own {
+                    remove.file_operation = Some("destroy");
+                }
+                changes.push(remove);
+            }
+            let datastore = self.datastore_ref(&file.datastore).await?;
+            changes.push(vim::DeviceChange::new("add", volume_disk(file, datastore, at, 0, -300)));
+        }
+        for (i, (file, slot)) in plan.data.iter().enumerate() {
+            if have.iter().any(|(id, _)| *id == file.id) {
+                continue;
+            }
+            let unit = unit_of_slot(*slot).unwrap_or_default();
+            if vm.devices.iter().any(|d| d.controller_key == Some(controller) && d.unit_number == Some(unit))
+            {
+                return Err(ProviderError::new(
+                    ErrorKind::InvalidState,
+                    format!("slot {slot} of vm {vm_id} is taken by another disk"),
+                ));
+            }
+            let datastore = self.datastore_ref(&file.datastore).await?;
+            changes.push(vim::DeviceChange::new(
+                "add",
+                volume_disk(file, datastore, controller, unit, -200 - i as i32),
+            ));
+        }
+        Ok(changes)
     }
 }
 

@@ -517,57 +517,139 @@ async fn a_crash_after_every_volume_step_converges_when_the_call_is_repeated() {
     assert!(volume_files(&soap).await.is_empty());
 }
 
-/// What a boot volume is on vSphere: the VM's disk at unit 0 is an HCP
-/// volume. The protocol's VmSpec has no boot volume field yet, so the test
-/// arranges it through its own session: the VM's own root disk swapped for
-/// a volume. The provider reports it at slot 0, and DeleteVm leaves it.
+/// A boot volume: made from the image at CreateVm, the VM's root disk
+/// (unit 0), left detached by DeleteVm with its size, and booted from as
+/// it is by a second VM; a data volume named at create is plugged in at its
+/// slot; a repeated create converges.
 #[tokio::test]
-async fn a_volume_at_unit_0_is_a_boot_volume_and_survives_its_vm() {
+async fn a_boot_volume_is_made_at_create_and_outlives_its_vm() {
     let Some(sim) = vcsim().await else { return };
     let p = provider(&sim).await;
     let soap = look(&sim).await;
-    let (a, boot) = (id(), id());
-    let vm = p
-        .create_vm(pb::CreateVmRequest { vm_id: a.clone(), spec: Some(vm_spec()), start: false })
-        .await
-        .unwrap();
-    p.create_volume(pb::CreateVolumeRequest { volume_id: boot.clone(), spec: Some(volume_spec(2, "")) })
-        .await
-        .unwrap();
-    let moref = MoRef::new("VirtualMachine", &vm.native_id);
-    let devices = property(&soap, &moref, "config.hardware.device").await.unwrap();
-    let root = devices
-        .children
-        .iter()
-        .map(vim::Device::from_xml)
-        .find(|d| d.is_disk() && d.unit_number == Some(0))
-        .expect("the clone has a root disk at unit 0");
-    let path = format!("[LocalDS_0] hcp-volumes/{boot}.vmdk");
-    let mut volume = root.clone();
-    volume.key = -300;
-    volume.capacity_kb = Some(2 * GIB_KB);
-    volume.capacity_bytes = None;
-    volume.device_info = None;
-    if let Some(b) = volume.backing.as_mut() {
-        b.file_name = Some(path.clone());
-    }
-    let swap = vim::ConfigSpec {
-        device_change: vec![
-            vim::DeviceChange { operation: "remove", device: root },
-            vim::DeviceChange { operation: "add", device: volume },
-        ],
-        ..Default::default()
-    };
-    soap.task("ReconfigVM_Task", &vim::ReconfigVm { xmlns: VIM25, this: &moref, spec: swap }).await.unwrap();
-    assert!(disks_of(&soap, &vm.native_id).await.contains(&(path.clone(), 0, 2 * GIB_KB)));
+    let (a, b, boot, data) = (id(), id(), id(), id());
+    let boot_path = format!("[LocalDS_0] hcp-volumes/{boot}.vmdk");
+    let data_path = format!("[LocalDS_0] hcp-volumes/{data}.vmdk");
 
+    // A new boot volume, 3 GiB, on the named datastore.
+    let spec = pb::VmSpec {
+        disk_gib: 3,
+        boot_volume_id: boot.clone(),
+        boot_storage: "LocalDS_0".into(),
+        ..vm_spec()
+    };
+    let create = pb::CreateVmRequest { vm_id: a.clone(), spec: Some(spec), start: true };
+    let vm_a = p.create_vm(create.clone()).await.unwrap();
+    assert_eq!(vm_a.disk_gib, 3);
     let info = p.get_volume(&boot).await.unwrap();
-    assert_eq!((info.vm_id.as_str(), info.slot, info.size_gib), (a.as_str(), 0, 2));
-    p.start_vm(&a).await.unwrap();
+    assert_eq!((info.vm_id.as_str(), info.slot, info.size_gib), (a.as_str(), 0, 3));
+    assert_eq!(
+        p.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().volumes,
+        std::slice::from_ref(&info)
+    );
+    let disks = disks_of(&soap, &vm_a.native_id).await;
+    assert_eq!(disks, [(boot_path.clone(), 0, 3 * GIB_KB)], "the clone's own disk is gone");
+    // Repeated: the same VM, the same one boot volume.
+    assert_eq!(p.create_vm(create).await.unwrap().native_id, vm_a.native_id);
+    assert_eq!(volume_files(&soap).await, [(format!("{boot}.vmdk"), 3 * GIB_KB)]);
+    assert_eq!(disks_of(&soap, &vm_a.native_id).await, disks);
+
+    // Slot 0 leaves only with DeleteVm.
+    let detach = pb::DetachVolumeRequest { volume_id: boot.clone(), vm_id: a.clone() };
+    assert_eq!(p.detach_volume(detach).await.unwrap_err().kind, ErrorKind::InvalidState);
+    // ResizeVm grows the boot volume.
+    let resize = pb::ResizeVmRequest { vm_id: a.clone(), vcpus: 1, memory_mib: 512, disk_gib: 4 };
+    assert_eq!(p.resize_vm(resize).await.unwrap().disk_gib, 4);
+    assert_eq!(p.get_volume(&boot).await.unwrap().size_gib, 4);
+
     assert!(p.delete_vm(&a).await.unwrap());
     let left = p.get_volume(&boot).await.unwrap();
-    assert_eq!((left.vm_id.as_str(), left.slot, left.size_gib), ("", 0, 2));
-    assert_eq!(volume_files(&soap).await, [(format!("{boot}.vmdk"), 2 * GIB_KB)]);
-    assert!(p.delete_volume(&boot).await.unwrap());
+    assert_eq!((left.vm_id.as_str(), left.slot, left.size_gib), ("", 0, 4));
+    assert_eq!(volume_files(&soap).await, [(format!("{boot}.vmdk"), 4 * GIB_KB)]);
+
+    // A second VM boots from the existing volume as it is (disk_gib 0:
+    // no growth asked, and none made), with a data volume at slot 2.
+    p.create_volume(pb::CreateVolumeRequest { volume_id: data.clone(), spec: Some(volume_spec(1, "")) })
+        .await
+        .unwrap();
+    let spec = pb::VmSpec {
+        boot_volume_id: boot.clone(),
+        volumes: vec![pb::VolumeAttachment { volume_id: data.clone(), slot: 2 }],
+        ..vm_spec()
+    };
+    let create = pb::CreateVmRequest { vm_id: b.clone(), spec: Some(spec), start: false };
+    let vm_b = p.create_vm(create.clone()).await.unwrap();
+    assert_eq!(p.create_vm(create).await.unwrap().native_id, vm_b.native_id);
+    let mut disks = disks_of(&soap, &vm_b.native_id).await;
+    disks.sort();
+    let mut want = vec![(boot_path.clone(), 0, 4 * GIB_KB), (data_path.clone(), 2, GIB_KB)];
+    want.sort();
+    assert_eq!(disks, want);
+    let on_b = p.get_volume(&data).await.unwrap();
+    assert_eq!((on_b.vm_id.as_str(), on_b.slot), (b.as_str(), 2));
+    assert_eq!(p.get_volume(&boot).await.unwrap().vm_id, b);
+    // A third VM cannot take either.
+    let c = id();
+    let spec = pb::VmSpec { boot_volume_id: boot.clone(), ..vm_spec() };
+    let taken = p.create_vm(pb::CreateVmRequest { vm_id: c.clone(), spec: Some(spec), start: false }).await;
+    assert_eq!(taken.unwrap_err().kind, ErrorKind::InvalidState);
+    assert_eq!(p.get_vm(&c).await.unwrap_err().kind, ErrorKind::NotFound, "nothing was made");
+
+    p.start_vm(&b).await.unwrap();
+    assert!(p.delete_vm(&b).await.unwrap());
+    for v in [&boot, &data] {
+        assert_eq!(p.get_volume(v).await.unwrap().vm_id, "");
+        assert!(p.delete_volume(v).await.unwrap());
+    }
+    assert!(volume_files(&soap).await.is_empty());
+}
+
+/// A create with a boot volume and a data volume dies after each of its
+/// steps (the image copied under its temporary name, the copy moved to the
+/// volume's name, the root disk swapped); repeated, it converges on one VM
+/// with one boot volume, no half-made copy left, the data volume once.
+#[tokio::test]
+async fn a_create_with_volumes_interrupted_at_every_step_converges() {
+    let Some(sim) = vcsim().await else { return };
+    let p = provider(&sim).await;
+    let soap = look(&sim).await;
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let config = dir.path().join("provider.toml");
+    std::fs::write(&config, sim.provider_toml(TIMING)).unwrap();
+    let data = id();
+    p.create_volume(pb::CreateVolumeRequest { volume_id: data.clone(), spec: Some(volume_spec(1, "")) })
+        .await
+        .unwrap();
+    for step in ["boot-volume:after-copy", "boot-volume:after-move", "create:after-reconfigure"] {
+        let (vm, boot) = (id(), id());
+        let spec = pb::VmSpec {
+            disk_gib: 2,
+            boot_volume_id: boot.clone(),
+            volumes: vec![pb::VolumeAttachment { volume_id: data.clone(), slot: 1 }],
+            ..vm_spec()
+        };
+        let create = pb::CreateVmRequest { vm_id: vm.clone(), spec: Some(spec), start: false };
+        let mut c = Crashing::start(&config, step).await;
+        assert!(c.compute.create_vm(create.clone()).await.is_err(), "{step}");
+        c.died(step).await;
+        let made = p.create_vm(create).await.unwrap();
+        let mut disks = disks_of(&soap, &made.native_id).await;
+        disks.sort();
+        let mut want = vec![
+            (format!("[LocalDS_0] hcp-volumes/{boot}.vmdk"), 0, 2 * GIB_KB),
+            (format!("[LocalDS_0] hcp-volumes/{data}.vmdk"), 1, GIB_KB),
+        ];
+        want.sort();
+        assert_eq!(disks, want, "{step}");
+        let mut files: Vec<String> = volume_files(&soap).await.into_iter().map(|(n, _)| n).collect();
+        files.sort();
+        let mut want = vec![format!("{boot}.vmdk"), format!("{data}.vmdk")];
+        want.sort();
+        assert_eq!(files, want, "{step}: one boot volume, no half-made copy");
+        let vms = p.list_vms(pb::ListVmsRequest::default()).await.unwrap().vms;
+        assert_eq!(vms.iter().filter(|v| v.vm_id == vm).count(), 1, "{step}");
+        assert!(p.delete_vm(&vm).await.unwrap());
+        assert!(p.delete_volume(&boot).await.unwrap());
+    }
+    assert!(p.delete_volume(&data).await.unwrap());
     assert!(volume_files(&soap).await.is_empty());
 }

@@ -144,8 +144,6 @@ async fn the_provider_passes_the_conformance_kit() {
             "serial console",
             // vcsim's datastore is not shared: cold moves only.
             "live migration: running VM to another host, repeated",
-            // Boot volumes are not made on vSphere yet (UNIMPLEMENTED).
-            "volumes: a boot volume is at slot 0 and survives DeleteVm",
             "a create failed after its first effect, then DeleteVm: nothing left"
         ],
         "{skipped:?}"

@@ -37,6 +37,8 @@ package simulator
 //     VmDiskFileInfo.capacityKb when the query asks for it, as vSphere
 //     does, and VirtualDiskManager gains ExtendVirtualDisk_Task (0.24.2
 //     has none), which grows a disk file and refuses to shrink one.
+//     CopyVirtualDisk_Task and MoveVirtualDisk_Task carry the size to the
+//     new name, as vSphere's do (a copy or a move keeps the disk).
 
 import (
 	"bufio"
@@ -475,6 +477,64 @@ func (m *hcpVirtualDiskManager) ExtendVirtualDiskTask(_ *Context, req *types.Ext
 	})
 	return &methods.ExtendVirtualDisk_TaskBody{
 		Res: &types.ExtendVirtualDisk_TaskResponse{Returnval: task.Run()},
+	}
+}
+
+// hcpDiskFiles runs vcsim's own copy or move of a disk's two files (the
+// descriptor and its -flat extent), then gives the destination the
+// source's size.
+func hcpDiskFiles(req *types.CopyVirtualDisk_Task, move bool) (types.AnyType, types.BaseMethodFault) {
+	fm := Map.FileManager()
+	kb := hcpDiskSize(req.SourceName)
+	dest := vdmNames(req.DestName)
+	for i, name := range vdmNames(req.SourceName) {
+		var fault types.BaseMethodFault
+		if move {
+			fault = fm.moveDatastoreFile(&types.MoveDatastoreFile_Task{
+				SourceName:            name,
+				SourceDatacenter:      req.SourceDatacenter,
+				DestinationName:       dest[i],
+				DestinationDatacenter: req.DestDatacenter,
+				Force:                 req.Force,
+			})
+		} else {
+			fault = fm.copyDatastoreFile(&types.CopyDatastoreFile_Task{
+				SourceName:            name,
+				SourceDatacenter:      req.SourceDatacenter,
+				DestinationName:       dest[i],
+				DestinationDatacenter: req.DestDatacenter,
+				Force:                 req.Force,
+			})
+		}
+		if fault != nil {
+			return nil, fault
+		}
+	}
+	hcpSetDiskSize(req.DestName, kb)
+	return nil, nil
+}
+
+func (m *hcpVirtualDiskManager) CopyVirtualDiskTask(_ *Context, req *types.CopyVirtualDisk_Task) soap.HasFault {
+	task := CreateTask(m, "copyVirtualDisk", func(*Task) (types.AnyType, types.BaseMethodFault) {
+		return hcpDiskFiles(req, false)
+	})
+	return &methods.CopyVirtualDisk_TaskBody{
+		Res: &types.CopyVirtualDisk_TaskResponse{Returnval: task.Run()},
+	}
+}
+
+func (m *hcpVirtualDiskManager) MoveVirtualDiskTask(_ *Context, req *types.MoveVirtualDisk_Task) soap.HasFault {
+	task := CreateTask(m, "moveVirtualDisk", func(*Task) (types.AnyType, types.BaseMethodFault) {
+		return hcpDiskFiles(&types.CopyVirtualDisk_Task{
+			SourceName:       req.SourceName,
+			SourceDatacenter: req.SourceDatacenter,
+			DestName:         req.DestName,
+			DestDatacenter:   req.DestDatacenter,
+			Force:            req.Force,
+		}, true)
+	})
+	return &methods.MoveVirtualDisk_TaskBody{
+		Res: &types.MoveVirtualDisk_TaskResponse{Returnval: task.Run()},
 	}
 }
 
