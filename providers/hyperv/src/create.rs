@@ -46,7 +46,8 @@ impl VolumesAtCreate {
             if v.slot == 0 || v.slot > MAX_VOLUMES {
                 return Err(invalid(&field, format!("slot must be 1 to {MAX_VOLUMES}")));
             }
-            if boot.as_deref() == Some(v.volume_id.as_str()) || data.iter().any(|(id, _)| *id == v.volume_id) {
+            if boot.as_deref() == Some(v.volume_id.as_str()) || data.iter().any(|(id, _)| *id == v.volume_id)
+            {
                 return Err(invalid(&field, format!("volume {} is named twice", v.volume_id)));
             }
             if data.iter().any(|(_, slot)| *slot == v.slot) {

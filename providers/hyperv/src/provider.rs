@@ -260,7 +260,8 @@ impl Provider for Hyperv {
         // The disk first: a refused shrink changes nothing else. The root
         // disk is the VM's own VHDX or its boot volume.
         if req.disk_gib > 0 {
-            let root = self.root_disk(&vm).await.map_err(map_error)?.unwrap_or_else(|| self.vhd_path(&req.vm_id));
+            let root =
+                self.root_disk(&vm).await.map_err(map_error)?.unwrap_or_else(|| self.vhd_path(&req.vm_id));
             match self.resize_vhd(&root, req.disk_gib).await {
                 Ok(()) => {}
                 Err(HvError::Method { code: rv::INVALID_PARAMETER, .. }) => {

@@ -647,7 +647,11 @@ async fn a_boot_volume_outlives_its_vm_and_boots_the_next_with_data_volumes_at_t
     // Refused before anything is made: an unknown storage for a new boot
     // volume, an unknown data volume, a slot out of range.
     let a = uuid::Uuid::new_v4().to_string();
-    let create = |vm: &str, spec: pb::VmSpec| pb::CreateVmRequest { vm_id: vm.to_owned(), spec: Some(spec), start: false };
+    let create = |vm: &str, spec: pb::VmSpec| pb::CreateVmRequest {
+        vm_id: vm.to_owned(),
+        spec: Some(spec),
+        start: false,
+    };
     let mut gold = with_volumes("a", Vec::new());
     gold.boot_storage = "gold".into();
     assert_eq!(p.create_vm(create(&a, gold)).await.unwrap_err().kind, ErrorKind::InvalidArgument);
@@ -876,7 +880,56 @@ async fn a_crash_in_a_volume_create_or_attach_converges_on_one_file_and_one_driv
     assert_eq!(drives_at_7(), 1);
     assert_eq!(c.attach_volume(attach).await.unwrap().into_inner(), on);
 
+    // A create with a new boot volume and a data volume, killed after the
+    // boot volume's VHDX is made (not yet grown), once it is whole, after
+    // the define and after the data volume's attach: the create repeated
+    // gives one VM, one boot volume at location 0 grown to the flavor, and
+    // the data volume once at its slot.
+    let data = uuid::Uuid::new_v4().to_string();
+    p.create_volume(pb::CreateVolumeRequest {
+        volume_id: data.clone(),
+        spec: Some(pb::VolumeSpec { size_gib: 1, ..Default::default() }),
+    })
+    .await
+    .unwrap();
+    let mut boots = Vec::new();
+    for step in ["create:after-vhd", "create:after-boot-volume", "create:after-define", "create:after-volume"]
+    {
+        let (vm_b, boot) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+        let mut s = spec(step, &["default"], None);
+        s.boot_volume_id = boot.clone();
+        s.volumes = vec![pb::VolumeAttachment { volume_id: data.clone(), slot: 2 }];
+        let req = pb::CreateVmRequest { vm_id: vm_b.clone(), spec: Some(s), start: false };
+        let (mut child, mut c) = connect(&config, Some(step)).await;
+        assert!(c.create_vm(req.clone()).await.is_err(), "{step}: the provider should have died");
+        assert!(
+            !tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap().success()
+        );
+        let (_child, mut c) = connect(&config, None).await;
+        c.create_vm(req).await.unwrap_or_else(|s| panic!("{step}: the retried create: {s:?}"));
+        boots.push(boot.clone());
+        let b = p.get_volume(&boot).await.unwrap();
+        assert_eq!((b.vm_id.as_str(), b.slot, b.size_gib), (vm_b.as_str(), 0, 2), "{step}");
+        let d = p.get_volume(&data).await.unwrap();
+        assert_eq!((d.vm_id.as_str(), d.slot), (vm_b.as_str(), 2), "{step}");
+        let at = |slot: &str| {
+            sim.sim
+                .vm(&format!("hcp-{vm_b}"))
+                .unwrap()
+                .devices
+                .iter()
+                .filter(|d| d.address_on_parent.as_deref() == Some(slot))
+                .count()
+        };
+        assert_eq!((at("0"), at("2")), (1, 1), "{step}: one drive at each slot");
+        assert_eq!(volume_files(&sim).len(), boots.len() + 2, "{step}: one boot volume per create");
+        assert!(p.delete_vm(&vm_b).await.unwrap());
+    }
+
     // Clean up.
+    for id in boots.iter().chain([&data]) {
+        assert!(p.delete_volume(id).await.unwrap());
+    }
     assert!(p.delete_vm(&vm).await.unwrap());
     assert!(p.delete_volume(&vol).await.unwrap());
     assert!(volume_files(&sim).is_empty());
