@@ -91,9 +91,9 @@ impl Hyperv {
         // Volumes before the VM, as the volume calls take them.
         let mut keys: Vec<String> = volumes.ids().map(|id| format!("volume:{id}")).collect();
         keys.sort();
-        let mut _volumes = Vec::new();
+        let mut volume_turns = Vec::new();
         for key in &keys {
-            _volumes.push(self.locks.lock(key).await);
+            volume_turns.push(self.locks.lock(key).await);
         }
         let _serial = self.locks.lock(&vm_id).await;
         // Checked before anything is made: the data volumes, the switches.
