@@ -1,6 +1,8 @@
-//! CreateVM: the differencing disk, `DefineSystem`, then every device (SCSI
+//! CreateVM: the root disk (a differencing VHDX of the VM's own, or the
+//! boot volume, found or made), `DefineSystem`, then every device (SCSI
 //! controller, disk drive and VHDX, the NoCloud seed on a DVD drive, NICs
-//! and their switch connections), each step looking before it acts.
+//! and their switch connections), then the data volumes at their slots,
+//! each step looking before it acts.
 
 use hcp_provider_sdk::support::is_uuid;
 use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
@@ -10,8 +12,56 @@ use crate::errors::{HvError, invalid, map_error};
 use crate::inventory::{Devices, Vm};
 use crate::wsman::Param;
 use crate::{
-    CONNECTION, DISK_DRIVE, DVD_DRIVE, DVD_LOCATION, Hyperv, ISO, NIC, SCSI, VHD, VSMS, state, vm_name,
+    CONNECTION, DISK_DRIVE, DVD_DRIVE, DVD_LOCATION, Hyperv, ISO, MAX_VOLUMES, NIC, SCSI, VHD, VSMS, state,
+    vm_name,
 };
+
+/// The VM's root disk.
+enum Root {
+    /// Its own differencing VHDX (`<vm_dir>\\hcp-<id>.vhdx`) on this parent.
+    Own { parent: String },
+    /// The boot volume's VHDX, found or made before the VM.
+    Volume { path: String },
+}
+
+/// The volumes a CreateVm names, checked.
+struct VolumesAtCreate {
+    boot: Option<String>,
+    /// Data volumes and their slots.
+    data: Vec<(String, u32)>,
+}
+
+impl VolumesAtCreate {
+    fn of(spec: &pb::VmSpec) -> Result<Self, ProviderError> {
+        let boot = Some(spec.boot_volume_id.clone()).filter(|id| !id.is_empty());
+        if boot.as_deref().is_some_and(|id| !is_uuid(id)) {
+            return Err(invalid("spec.boot_volume_id", "must be a UUID"));
+        }
+        let mut data: Vec<(String, u32)> = Vec::new();
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let field = format!("spec.volumes[{i}]");
+            if !is_uuid(&v.volume_id) {
+                return Err(invalid(&field, "volume_id must be a UUID"));
+            }
+            if v.slot == 0 || v.slot > MAX_VOLUMES {
+                return Err(invalid(&field, format!("slot must be 1 to {MAX_VOLUMES}")));
+            }
+            if boot.as_deref() == Some(v.volume_id.as_str()) || data.iter().any(|(id, _)| *id == v.volume_id)
+            {
+                return Err(invalid(&field, format!("volume {} is named twice", v.volume_id)));
+            }
+            if data.iter().any(|(_, slot)| *slot == v.slot) {
+                return Err(invalid(&field, format!("slot {} is named twice", v.slot)));
+            }
+            data.push((v.volume_id.clone(), v.slot));
+        }
+        Ok(Self { boot, data })
+    }
+
+    fn ids(&self) -> impl Iterator<Item = &str> {
+        self.boot.iter().map(String::as_str).chain(self.data.iter().map(|(id, _)| id.as_str()))
+    }
+}
 
 impl Hyperv {
     /// Creates the VM of `req`, or finishes a create that was interrupted.
@@ -30,18 +80,49 @@ impl Hyperv {
                 "user data needs [cloud_init] in the Hyper-V provider's configuration",
             ));
         }
-        let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "required"))?;
-        let parent = self.parent_vhd(&image.source)?;
+        let volumes = VolumesAtCreate::of(&spec)?;
+        let parent_of = |spec: &pb::VmSpec| {
+            let image = spec.image.as_ref().ok_or_else(|| invalid("spec.image", "required"))?;
+            self.parent_vhd(&image.source)
+        };
+        // Without a boot volume the image is needed whatever happens; with
+        // one, only to make the volume.
+        let own_parent = if volumes.boot.is_none() { Some(parent_of(&spec)?) } else { None };
+        // Volumes before the VM, as the volume calls take them.
+        let mut keys: Vec<String> = volumes.ids().map(|id| format!("volume:{id}")).collect();
+        keys.sort();
+        let mut volume_turns = Vec::new();
+        for key in &keys {
+            volume_turns.push(self.locks.lock(key).await);
+        }
         let _serial = self.locks.lock(&vm_id).await;
+        // Checked before anything is made: the data volumes, the switches.
+        let data = self.data_volume_files(&vm_id, &volumes.data).await?;
+        let existing = self.find(&vm_id).await.map_err(map_error)?;
+        if existing.is_none() {
+            self.switches(&spec).await?;
+        }
         let mut vhd_ready = false;
-        let vm = match self.find(&vm_id).await.map_err(map_error)? {
+        let root = match (&volumes.boot, own_parent) {
+            (Some(boot), _) => {
+                let path = self
+                    .boot_volume_file(&vm_id, boot, &spec.boot_storage, || parent_of(&spec), spec.disk_gib)
+                    .await?;
+                Root::Volume { path }
+            }
+            (None, Some(parent)) => {
+                if existing.is_none() {
+                    // The differencing disk is made first: it checks the image.
+                    self.ensure_vhd(&self.vhd_path(&vm_id), &parent, spec.disk_gib).await?;
+                    vhd_ready = true;
+                }
+                Root::Own { parent }
+            }
+            (None, None) => return Err(invalid("spec.image", "required")),
+        };
+        let vm = match existing {
             Some(vm) => vm,
             None => {
-                // Checked before the VM is defined: the switches, and the
-                // image (its differencing disk is made first).
-                self.switches(&spec).await?;
-                self.ensure_vhd(&self.vhd_path(&vm_id), &parent, spec.disk_gib).await?;
-                vhd_ready = true;
                 let mut vssd = Instance::new("Msvm_VirtualSystemSettingData");
                 vssd.set("ElementName", "string", vm_name(&vm_id))
                     .set_array("Notes", "string", vec![format!("hcp-vm-id={vm_id}"), spec.name.clone()])
@@ -58,7 +139,9 @@ impl Hyperv {
                 })?
             }
         };
-        self.build(&vm, &vm_id, &spec, &parent, vhd_ready).await?;
+        self.build(&vm, &vm_id, &spec, &root, vhd_ready).await?;
+        // Data volumes after the devices: the SCSI controller is there.
+        self.attach_at_create(&vm, &vm_id, &data).await?;
         let mut vm = self.reread(&vm).await.map_err(map_error)?;
         if req.start && !vm.running() {
             self.request_state(&vm, state::RUNNING).await.map_err(map_error)?;
@@ -73,7 +156,7 @@ impl Hyperv {
         vm: &Vm,
         vm_id: &str,
         spec: &pb::VmSpec,
-        parent: &str,
+        root: &Root,
         vhd_ready: bool,
     ) -> Result<(), ProviderError> {
         let err = |e: HvError| map_error(e);
@@ -81,8 +164,11 @@ impl Hyperv {
         let d = self.devices(&vssd).await.map_err(err)?;
         self.size(&d, spec.vcpus, spec.memory_mib).await.map_err(err)?;
         // The disk: a differencing VHDX on the image, grown to the flavor,
-        // on drive 0 of a SCSI controller.
-        let vhd = self.vhd_path(vm_id);
+        // or the boot volume, on drive 0 of a SCSI controller.
+        let vhd = match root {
+            Root::Own { .. } => self.vhd_path(vm_id),
+            Root::Volume { path } => path.clone(),
+        };
         let attached =
             d.storage.iter().any(|s| s.all("HostResource").iter().any(|h| h.eq_ignore_ascii_case(&vhd)));
         if !attached {
@@ -117,7 +203,8 @@ impl Hyperv {
                     })?
                 }
             };
-            if !vhd_ready {
+            // A boot volume was found or made before the VM was looked up.
+            if let (Root::Own { parent }, false) = (root, vhd_ready) {
                 self.ensure_vhd(&vhd, parent, spec.disk_gib).await?;
             }
             let mut sasd = Instance::new("Msvm_StorageAllocationSettingData");

@@ -137,6 +137,17 @@ impl Hyperv {
         })
     }
 
+    /// The file in the disk drive at location 0 of the VM's SCSI
+    /// controller: its own VHDX or its boot volume.
+    pub(crate) async fn root_disk(&self, vm: &Vm) -> Result<Option<String>, HvError> {
+        let vssd = self.settings(vm).await?;
+        let d = self.devices(&vssd).await?;
+        let Some(controller) = d.controller() else { return Ok(None) };
+        let Some(drive) = d.drive_on(&self.path_of(controller).await?) else { return Ok(None) };
+        let drive_path = self.path_of(drive).await?;
+        Ok(d.image_in(&drive_path).and_then(|i| i.all("HostResource").first().cloned()))
+    }
+
     pub(crate) async fn path_of(&self, i: &Instance) -> Result<String, HvError> {
         let id = i
             .get("InstanceID")

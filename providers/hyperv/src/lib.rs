@@ -20,6 +20,9 @@
 //!   in a directory per storage, attached as a disk drive at location =
 //!   slot of the VM's SCSI controller (root disk at 0, seed DVD at 63, so
 //!   62 volumes), hot while the VM runs; DeleteVm never touches them.
+//!   A boot volume (`VmSpec.boot_volume_id`) is such a file at location 0
+//!   instead of the VM's own differencing VHDX: found, or made as a
+//!   differencing VHDX on the image; it leaves the VM only with DeleteVm.
 //!
 //! `../WIRE.md` fixes what is sent, against Microsoft's documentation.
 
@@ -53,7 +56,9 @@ pub use crate::start::{StartError, run};
 /// separated list of `create:after-define`, `create:after-controller`,
 /// `create:after-drive`, `create:after-vhd`, `create:after-disk`,
 /// `create:after-dvd`, `create:after-seed`,
-/// `create:after-nic`, `create:after-connection`, `start:after-start`,
+/// `create:after-nic`, `create:after-connection`, `create:after-boot-volume`
+/// (a new boot volume made and grown), `create:after-volume` (a data volume
+/// of the create attached), `start:after-start`,
 /// `volume:after-create` (the VHDX made), `volume:after-drive` (an attach's
 /// drive added, its VHDX not yet); the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_HYPERV_FAILPOINTS";

@@ -126,7 +126,6 @@ impl Provider for Hyperv {
         !self.host.has_credentials()
     }
     async fn create_vm(&self, req: pb::CreateVmRequest) -> Result<pb::VmInfo, ProviderError> {
-        hcp_provider_sdk::refuse_volumes_at_create(&req)?;
         self.create(req).await
     }
 
@@ -258,9 +257,12 @@ impl Provider for Hyperv {
                 format!("vm {} is not off: Hyper-V resizes stopped VMs", req.vm_id),
             ));
         }
-        // The disk first: a refused shrink changes nothing else.
+        // The disk first: a refused shrink changes nothing else. The root
+        // disk is the VM's own VHDX or its boot volume.
         if req.disk_gib > 0 {
-            match self.resize_vhd(&self.vhd_path(&req.vm_id), req.disk_gib).await {
+            let root =
+                self.root_disk(&vm).await.map_err(map_error)?.unwrap_or_else(|| self.vhd_path(&req.vm_id));
+            match self.resize_vhd(&root, req.disk_gib).await {
                 Ok(()) => {}
                 Err(HvError::Method { code: rv::INVALID_PARAMETER, .. }) => {
                     return Err(invalid("disk_gib", "smaller than the disk; disks only grow"));

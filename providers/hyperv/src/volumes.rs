@@ -417,6 +417,103 @@ impl Hyperv {
         Ok(())
     }
 
+    /// The boot volume of a create: its file when it exists (detached, or
+    /// already this VM's root disk after an interrupted create), else made
+    /// in `storage` as a differencing VHDX on the image's `parent`. Either
+    /// way grown to `disk_gib` when smaller: a create that died between the
+    /// make and the grow converges, and a VM's root disk is never below its
+    /// flavor's (as ResizeVm keeps it). Its content is never touched.
+    pub(crate) async fn boot_volume_file(
+        &self,
+        vm_id: &str,
+        volume_id: &str,
+        storage: &str,
+        parent: impl FnOnce() -> Result<String, ProviderError>,
+        disk_gib: u32,
+    ) -> Result<String, ProviderError> {
+        let found = match self.find_volume(volume_id).await.map_err(map_error)? {
+            Some(found) => {
+                if let Some(a) =
+                    self.attachments().await.map_err(map_error)?.get(&found.path.to_ascii_lowercase())
+                    && !(a.vm_id == vm_id && a.slot == 0)
+                {
+                    return Err(failed_precondition(format!(
+                        "boot_volume_id: volume {volume_id} is attached to vm {} at slot {}",
+                        a.vm_id, a.slot
+                    )));
+                }
+                found
+            }
+            None => {
+                // Checked before anything is made: the storage, the image.
+                let dir = self.volume_dir(storage).map_err(|_| {
+                    invalid("spec.boot_storage", format!("no storage {storage:?} on this provider"))
+                })?;
+                let path = format!("{dir}\\{}", file_name(volume_id));
+                self.ensure_vhd(&path, &parent()?, disk_gib).await?;
+                self.failpoints.hit("create:after-boot-volume");
+                return Ok(path);
+            }
+        };
+        let want = u64::from(disk_gib.max(1)) * GIB;
+        if found.bytes < want {
+            self.resize_vhd(&found.path, disk_gib.max(1)).await.map_err(map_error)?;
+        }
+        Ok(found.path)
+    }
+
+    /// The files of the data volumes a create attaches, each checked: it
+    /// exists (NOT_FOUND otherwise) and is detached or already at its slot
+    /// of this VM (FAILED_PRECONDITION otherwise).
+    pub(crate) async fn data_volume_files(
+        &self,
+        vm_id: &str,
+        volumes: &[(String, u32)],
+    ) -> Result<Vec<(String, u32)>, ProviderError> {
+        if volumes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let attachments = self.attachments().await.map_err(map_error)?;
+        let mut out = Vec::new();
+        for (id, slot) in volumes {
+            let found = self
+                .find_volume(id)
+                .await
+                .map_err(map_error)?
+                .ok_or_else(|| ProviderError::new(ErrorKind::NotFound, format!("no volume {id}")))?;
+            if let Some(a) = attachments.get(&found.path.to_ascii_lowercase())
+                && !(a.vm_id == vm_id && a.slot == *slot)
+            {
+                return Err(failed_precondition(format!(
+                    "volume {id} is attached to vm {} at slot {}",
+                    a.vm_id, a.slot
+                )));
+            }
+            out.push((found.path, *slot));
+        }
+        Ok(out)
+    }
+
+    /// Attaches the data volumes of a create (after its devices), each
+    /// skipped when its file is in a drive of the VM already.
+    pub(crate) async fn attach_at_create(
+        &self,
+        vm: &Vm,
+        vm_id: &str,
+        files: &[(String, u32)],
+    ) -> Result<(), ProviderError> {
+        for (file, slot) in files {
+            let vssd = self.settings(vm).await.map_err(map_error)?;
+            let d = self.devices(&vssd).await.map_err(map_error)?;
+            if d.storage.iter().any(|s| s.all("HostResource").iter().any(|h| h.eq_ignore_ascii_case(file))) {
+                continue;
+            }
+            self.attach_file(vm, vm_id, file, *slot).await?;
+            self.failpoints.hit("create:after-volume");
+        }
+        Ok(())
+    }
+
     /// DetachVolume: the drive holding the VHDX is removed (and the VHDX
     /// with it); the file stays.
     pub(crate) async fn volume_detach(
@@ -429,6 +526,16 @@ impl Hyperv {
         let Some(found) = self.find_volume(&req.volume_id).await.map_err(map_error)? else {
             return Ok(gone());
         };
+        let at = self.attachments().await.map_err(map_error)?.remove(&found.path.to_ascii_lowercase());
+        if let Some(a) = &at
+            && a.vm_id == req.vm_id
+            && a.slot == 0
+        {
+            return Err(failed_precondition(format!(
+                "volume {} is the boot volume of vm {}: it leaves only with DeleteVm",
+                req.volume_id, req.vm_id
+            )));
+        }
         if let Some(vm) = self.find(&req.vm_id).await.map_err(map_error)? {
             let vssd = self.settings(&vm).await.map_err(map_error)?;
             let d = self.devices(&vssd).await.map_err(map_error)?;

@@ -158,8 +158,6 @@ async fn the_provider_passes_the_conformance_kit() {
             "create on a named host",
             "live migration: running VM to another host, repeated",
             "cold migration: stopped VM to another host, repeated",
-            // Boot volumes are not made on Hyper-V yet (UNIMPLEMENTED).
-            "volumes: a boot volume is at slot 0 and survives DeleteVm"
         ],
         "{report}"
     );
@@ -625,6 +623,123 @@ async fn a_volume_moves_between_vms_grows_online_outlives_its_vm_and_is_deleted_
 }
 
 #[tokio::test]
+async fn a_boot_volume_outlives_its_vm_and_boots_the_next_with_data_volumes_at_their_slots() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let boot = uuid::Uuid::new_v4().to_string();
+    let boot_file = format!("C:\\Hyper-V\\hcp\\volumes\\hcp-vol-{boot}.vhdx");
+    let data = uuid::Uuid::new_v4().to_string();
+    let data_file = format!("C:\\Hyper-V\\hcp\\volumes\\hcp-vol-{data}.vhdx");
+    p.create_volume(pb::CreateVolumeRequest {
+        volume_id: data.clone(),
+        spec: Some(pb::VolumeSpec { size_gib: 1, ..Default::default() }),
+    })
+    .await
+    .unwrap();
+    let with_volumes = |name: &str, volumes: Vec<pb::VolumeAttachment>| {
+        let mut s = spec(name, &["default"], None);
+        s.boot_volume_id = boot.clone();
+        s.volumes = volumes;
+        s
+    };
+    let at = |id: &str, slot| pb::VolumeAttachment { volume_id: id.to_owned(), slot };
+
+    // Refused before anything is made: an unknown storage for a new boot
+    // volume, an unknown data volume, a slot out of range.
+    let a = uuid::Uuid::new_v4().to_string();
+    let create = |vm: &str, spec: pb::VmSpec| pb::CreateVmRequest {
+        vm_id: vm.to_owned(),
+        spec: Some(spec),
+        start: false,
+    };
+    let mut gold = with_volumes("a", Vec::new());
+    gold.boot_storage = "gold".into();
+    assert_eq!(p.create_vm(create(&a, gold)).await.unwrap_err().kind, ErrorKind::InvalidArgument);
+    let ghost = with_volumes("a", vec![at(&uuid::Uuid::new_v4().to_string(), 1)]);
+    assert_eq!(p.create_vm(create(&a, ghost)).await.unwrap_err().kind, ErrorKind::NotFound);
+    let slot_63 = with_volumes("a", vec![at(&data, 63)]);
+    assert_eq!(p.create_vm(create(&a, slot_63)).await.unwrap_err().kind, ErrorKind::InvalidArgument);
+    assert!(hcp_vms(&sim).is_empty());
+    assert_eq!(volume_files(&sim), vec![format!("hcp-vol-{data}.vhdx")]);
+
+    // A new boot volume from the image at disk_gib, on location 0; the data
+    // volume at its slot; no root disk of the VM's own.
+    let req = create(&a, with_volumes("a", vec![at(&data, 3)]));
+    p.create_vm(req.clone()).await.unwrap();
+    let on_a = p.get_volume(&boot).await.unwrap();
+    assert_eq!(
+        (on_a.vm_id.as_str(), on_a.slot, on_a.size_gib, on_a.native_id.as_str()),
+        (a.as_str(), 0, 2, boot_file.as_str())
+    );
+    assert_eq!(slot_of(&sim, &a, &boot_file).as_deref(), Some("0"));
+    assert_eq!(slot_of(&sim, &a, &data_file).as_deref(), Some("3"));
+    let data_on_a = p.get_volume(&data).await.unwrap();
+    assert_eq!((data_on_a.vm_id.as_str(), data_on_a.slot), (a.as_str(), 3));
+    assert!(!sim.sim.disk_dir().join(format!("hcp-{a}.vhdx")).exists());
+    let mut listed: Vec<(String, String, u32)> = p
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .volumes
+        .into_iter()
+        .map(|v| (v.volume_id, v.vm_id, v.slot))
+        .collect();
+    listed.sort();
+    let mut want = vec![(boot.clone(), a.clone(), 0), (data.clone(), a.clone(), 3)];
+    want.sort();
+    assert_eq!(listed, want);
+
+    // Repeated: one VM, one boot volume, nothing added.
+    let devices = |vm: &str| sim.sim.vm(&format!("hcp-{vm}")).unwrap().devices.len();
+    let before = devices(&a);
+    p.create_vm(req.clone()).await.unwrap();
+    assert_eq!(devices(&a), before);
+    assert_eq!(hcp_vms(&sim), vec![format!("hcp-{a}")]);
+    assert_eq!(volume_files(&sim).len(), 2);
+    assert_eq!(p.get_volume(&boot).await.unwrap(), on_a);
+
+    // The boot volume leaves only with DeleteVm; a second VM cannot take it.
+    let detach = pb::DetachVolumeRequest { volume_id: boot.clone(), vm_id: a.clone() };
+    assert_eq!(p.detach_volume(detach).await.unwrap_err().kind, ErrorKind::InvalidState);
+    assert_eq!(p.delete_volume(&boot).await.unwrap_err().kind, ErrorKind::InvalidState);
+    let c = uuid::Uuid::new_v4().to_string();
+    assert_eq!(
+        p.create_vm(create(&c, with_volumes("c", Vec::new()))).await.unwrap_err().kind,
+        ErrorKind::InvalidState
+    );
+    assert_eq!(hcp_vms(&sim), vec![format!("hcp-{a}")]);
+
+    // ResizeVm grows the boot volume.
+    let resize = pb::ResizeVmRequest { vm_id: a.clone(), vcpus: 2, memory_mib: 1024, disk_gib: 3 };
+    p.resize_vm(resize).await.unwrap();
+    assert_eq!(p.get_volume(&boot).await.unwrap().size_gib, 3);
+
+    // DeleteVm leaves both volumes, detached, with their sizes.
+    assert!(p.delete_vm(&a).await.unwrap());
+    let left = p.get_volume(&boot).await.unwrap();
+    assert_eq!((left.vm_id.as_str(), left.slot, left.size_gib), ("", 0, 3));
+    assert_eq!(p.get_volume(&data).await.unwrap().vm_id, "");
+    assert_eq!(volume_files(&sim).len(), 2);
+
+    // A second VM boots from it as it is: no image, the size kept.
+    let b = uuid::Uuid::new_v4().to_string();
+    let mut from_volume = with_volumes("b", Vec::new());
+    from_volume.image = None;
+    p.create_vm(create(&b, from_volume)).await.unwrap();
+    let on_b = p.get_volume(&boot).await.unwrap();
+    assert_eq!((on_b.vm_id.as_str(), on_b.slot, on_b.size_gib), (b.as_str(), 0, 3));
+    assert_eq!(slot_of(&sim, &b, &boot_file).as_deref(), Some("0"));
+
+    // Clean up.
+    assert!(p.delete_vm(&b).await.unwrap());
+    assert!(p.delete_volume(&boot).await.unwrap());
+    assert!(p.delete_volume(&data).await.unwrap());
+    assert!(volume_files(&sim).is_empty());
+    assert!(hcp_vms(&sim).is_empty());
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
 async fn volumes_go_to_their_storage_and_list_across_storages() {
     let sim = sim().await;
     let extra = "[volumes]\ndir = 'C:\\Hyper-V\\hcp\\vols'\nshared = true\n[volumes.storage]\ngold = 'C:\\Hyper-V\\hcp\\gold'\n";
@@ -765,7 +880,56 @@ async fn a_crash_in_a_volume_create_or_attach_converges_on_one_file_and_one_driv
     assert_eq!(drives_at_7(), 1);
     assert_eq!(c.attach_volume(attach).await.unwrap().into_inner(), on);
 
+    // A create with a new boot volume and a data volume, killed after the
+    // boot volume's VHDX is made (not yet grown), once it is whole, after
+    // the define and after the data volume's attach: the create repeated
+    // gives one VM, one boot volume at location 0 grown to the flavor, and
+    // the data volume once at its slot.
+    let data = uuid::Uuid::new_v4().to_string();
+    p.create_volume(pb::CreateVolumeRequest {
+        volume_id: data.clone(),
+        spec: Some(pb::VolumeSpec { size_gib: 1, ..Default::default() }),
+    })
+    .await
+    .unwrap();
+    let mut boots = Vec::new();
+    for step in ["create:after-vhd", "create:after-boot-volume", "create:after-define", "create:after-volume"]
+    {
+        let (vm_b, boot) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string());
+        let mut s = spec(step, &["default"], None);
+        s.boot_volume_id = boot.clone();
+        s.volumes = vec![pb::VolumeAttachment { volume_id: data.clone(), slot: 2 }];
+        let req = pb::CreateVmRequest { vm_id: vm_b.clone(), spec: Some(s), start: false };
+        let (mut child, mut c) = connect(&config, Some(step)).await;
+        assert!(c.create_vm(req.clone()).await.is_err(), "{step}: the provider should have died");
+        assert!(
+            !tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap().success()
+        );
+        let (_child, mut c) = connect(&config, None).await;
+        c.create_vm(req).await.unwrap_or_else(|s| panic!("{step}: the retried create: {s:?}"));
+        boots.push(boot.clone());
+        let b = p.get_volume(&boot).await.unwrap();
+        assert_eq!((b.vm_id.as_str(), b.slot, b.size_gib), (vm_b.as_str(), 0, 2), "{step}");
+        let d = p.get_volume(&data).await.unwrap();
+        assert_eq!((d.vm_id.as_str(), d.slot), (vm_b.as_str(), 2), "{step}");
+        let at = |slot: &str| {
+            sim.sim
+                .vm(&format!("hcp-{vm_b}"))
+                .unwrap()
+                .devices
+                .iter()
+                .filter(|d| d.address_on_parent.as_deref() == Some(slot))
+                .count()
+        };
+        assert_eq!((at("0"), at("2")), (1, 1), "{step}: one drive at each slot");
+        assert_eq!(volume_files(&sim).len(), boots.len() + 2, "{step}: one boot volume per create");
+        assert!(p.delete_vm(&vm_b).await.unwrap());
+    }
+
     // Clean up.
+    for id in boots.iter().chain([&data]) {
+        assert!(p.delete_volume(id).await.unwrap());
+    }
     assert!(p.delete_vm(&vm).await.unwrap());
     assert!(p.delete_volume(&vol).await.unwrap());
     assert!(volume_files(&sim).is_empty());
