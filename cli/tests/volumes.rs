@@ -389,3 +389,102 @@ async fn the_reconciler_records_what_happened_to_volumes_behind_hcps_back() {
         compute.list_volumes(hcp_proto::provider::ListVolumesRequest::default()).await.unwrap().into_inner();
     assert!(listed.volumes.iter().any(|v| v.volume_id == stranger), "never deleted automatically");
 }
+
+/// A VM's root disk as a volume: a new boot volume goes with its VM by
+/// default; one kept (`delete_on_vm_delete: false`) boots the next VM;
+/// data volumes named at create are attached in order; what a create
+/// cannot do with its volumes is refused before any job.
+#[tokio::test]
+async fn boot_volumes_and_volumes_at_create() {
+    let s = TestStack::start(Path::new(HCP), options(SIM_CAPS)).await.unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    volume_type(&s, "standard", 100).await;
+    let data = volume(&s, &t, "data", 2).await;
+    let vm_with = |name: &str, extra: Value| {
+        let mut body = json!({"name": name, "flavor": "small", "image": "debian-12"});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let on_vm = |vm: String| {
+        let (s, t) = (&s, t.clone());
+        async move {
+            let r = s.rest.get(&format!("{VOLUMES}?vm_id={vm}"), &t).await.unwrap();
+            r.body["volumes"].as_array().cloned().unwrap_or_default()
+        }
+    };
+
+    // A new boot volume (the flavor's 10 GiB) and a data volume at 1.
+    let body = vm_with("first", json!({"boot_volume": {"volume_type": "standard"}, "volume_ids": [data]}));
+    let first = op(&s, &t, "POST", VMS, &body).await["vm_id"].as_str().unwrap().to_owned();
+    let held = on_vm(first.clone()).await;
+    let boot = held.iter().find(|v| v["attachments"][0]["device_index"] == 0).cloned().unwrap_or(Value::Null);
+    assert_eq!(
+        (boot["status"].as_str(), boot["size_gib"].as_u64(), boot["delete_on_vm_delete"].as_bool()),
+        (Some("IN_USE"), Some(10), Some(true)),
+        "{held:?}"
+    );
+    let d = get(&s, &t, &data).await;
+    assert_eq!(
+        (d["status"].as_str(), &d["attachments"][0]["device_index"]),
+        (Some("IN_USE"), &json!(1)),
+        "{d}"
+    );
+    // The boot volume leaves only with its VM.
+    let boot_id = boot["volume_id"].as_str().unwrap().to_owned();
+    let r = s.rest.post(&format!("{VMS}/{first}:detach"), &t, &json!({"volume_id": boot_id})).await.unwrap();
+    refused(&r, 409, "CONFLICT");
+    let r = s.rest.post(&format!("{VOLUMES}/{boot_id}:extend"), &t, &json!({"size_gib": 20})).await.unwrap();
+    refused(&r, 409, "CONFLICT");
+    assert_eq!(boot["allowed_actions"], json!(["update"]), "{boot}");
+    op(&s, &t, "DELETE", &format!("{VMS}/{first}"), &Value::Null).await;
+    assert_eq!(get(&s, &t, &boot_id).await["status"], "DELETED", "a new boot volume goes with its VM");
+    assert_eq!(get(&s, &t, &data).await["status"], "AVAILABLE", "a data volume never does");
+
+    // A kept boot volume outlives its VM and boots the next.
+    let body =
+        vm_with("second", json!({"boot_volume": {"volume_type": "standard", "delete_on_vm_delete": false}}));
+    let second = op(&s, &t, "POST", VMS, &body).await["vm_id"].as_str().unwrap().to_owned();
+    let kept = on_vm(second.clone()).await[0]["volume_id"].as_str().unwrap().to_owned();
+    op(&s, &t, "DELETE", &format!("{VMS}/{second}"), &Value::Null).await;
+    let k = get(&s, &t, &kept).await;
+    assert_eq!((k["status"].as_str(), &k["attachments"]), (Some("AVAILABLE"), &json!([])), "{k}");
+    let body = vm_with("third", json!({"boot_volume": {"volume_id": kept}}));
+    let third = op(&s, &t, "POST", VMS, &body).await["vm_id"].as_str().unwrap().to_owned();
+    let k = get(&s, &t, &kept).await;
+    assert_eq!(
+        (&k["attachments"][0]["vm_id"], &k["delete_on_vm_delete"]),
+        (&json!(third), &json!(false)),
+        "{k}"
+    );
+    op(&s, &t, "DELETE", &format!("{VMS}/{third}"), &Value::Null).await;
+    assert_eq!(get(&s, &t, &kept).await["status"], "AVAILABLE", "an existing boot volume stays by default");
+
+    // Refused before any job.
+    let field =
+        |r: &hcp_testkit::rest::Reply| r.body["details"]["field"].as_str().unwrap_or_default().to_owned();
+    for (extra, status, name) in [
+        (json!({"boot_volume": {}}), 400, "boot_volume.volume_type"),
+        (json!({"boot_volume": {"volume_type": "gold"}}), 400, "boot_volume.volume_type"),
+        (
+            json!({"boot_volume": {"volume_id": kept, "volume_type": "standard"}}),
+            400,
+            "boot_volume.volume_type",
+        ),
+        (json!({"volume_ids": [data, data]}), 400, "volume_ids[1]"),
+        (json!({"volume_ids": [uuid::Uuid::now_v7().to_string()]}), 400, "volume_ids[0]"),
+        (json!({"boot_volume": {"volume_id": data}}), 400, "boot_volume.volume_id"),
+    ] {
+        let r = s.rest.post(VMS, &t, &vm_with("bad", extra.clone())).await.unwrap();
+        assert_eq!((r.status, field(&r)), (status, name.to_owned()), "{extra}: {}", r.body);
+    }
+    // A volume another VM holds is a conflict naming it.
+    let body = vm_with("holder", json!({"volume_ids": [data]}));
+    let holder = op(&s, &t, "POST", VMS, &body).await["vm_id"].as_str().unwrap().to_owned();
+    let r = s.rest.post(VMS, &t, &vm_with("thief", json!({"volume_ids": [data]}))).await.unwrap();
+    refused(&r, 409, "CONFLICT");
+    assert!(r.str("message").contains(&holder), "{}", r.body);
+    let vms = s.rest.get(VMS, &t).await.unwrap();
+    let names: Vec<&str> =
+        vms.body["vms"].as_array().unwrap().iter().filter_map(|v| v["name"].as_str()).collect();
+    assert!(!names.contains(&"bad") && !names.contains(&"thief"), "{names:?}");
+}

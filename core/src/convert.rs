@@ -179,8 +179,14 @@ pub fn volume_to_tenant(
     caps: Option<&Capabilities>,
 ) -> tenant::Volume {
     let none = Capabilities::default();
-    let allowed =
+    let mut allowed =
         crate::lifecycle::volume_allowed_actions(v.status, v.current_job_id, vm, caps.unwrap_or(&none));
+    if v.attachment.is_some_and(|a| a.device_index == 0) {
+        // A boot volume leaves its VM only with it, and grows with its disk.
+        allowed.retain(|a| {
+            !matches!(a, crate::lifecycle::VolumeAction::Detach | crate::lifecycle::VolumeAction::Extend)
+        });
+    }
     tenant::Volume {
         volume_id: v.id.to_string(),
         project_id: v.project_id.clone(),

@@ -156,3 +156,42 @@ fn volume_files(kvm: &Kvm) -> Vec<String> {
     files.sort();
     files
 }
+
+/// A boot volume through HCP on real guests: the VM's root disk made as a
+/// volume from the image, kept when the VM goes, and booting a new VM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_boot_volume_boots_the_next_vm() {
+    let kvm = Kvm::start("").await;
+    let r = kvm
+        .stack
+        .rest
+        .post("/api/hcp/ops/v1/volume-types", &kvm.ops, &json!({"name": "standard", "max_size_gib": 100}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let boot = json!({"volume_type": "standard", "delete_on_vm_delete": false});
+    let (first, job) = kvm.create("boot-1", json!({"hostname": "boot-one", "boot_volume": boot})).await;
+    kvm.succeed(&job).await;
+    kvm.serial_shows(&first, "HCP-GUEST-READY hostname=boot-one", 1).await;
+    let held = kvm.stack.rest.get(&format!("{VOLUMES}?vm_id={first}"), &kvm.tenant).await.unwrap();
+    let volume = held.body["volumes"][0]["volume_id"].as_str().unwrap().to_owned();
+    assert_eq!(held.body["volumes"][0]["attachments"][0]["device_index"], 0, "{}", held.body);
+    let r = kvm.stack.rest.raw("DELETE", &format!("{VMS}/{first}"), Some(&kvm.tenant), None).await.unwrap();
+    kvm.succeed(&r.str("job_id")).await;
+    let v = kvm.stack.rest.get(&format!("{VOLUMES}/{volume}"), &kvm.tenant).await.unwrap();
+    assert_eq!(v.str("status"), "AVAILABLE", "{}", v.body);
+
+    // The next VM boots from it (its hostname comes from its own seed).
+    let (second, job) =
+        kvm.create("boot-2", json!({"hostname": "boot-two", "boot_volume": {"volume_id": volume}})).await;
+    kvm.succeed(&job).await;
+    kvm.serial_shows(&second, "HCP-GUEST-READY hostname=boot-two", 1).await;
+    let disks = common::virsh(&["domblklist", &format!("hcp-{second}"), "--details"]);
+    assert!(disks.contains(&format!("hcp-vol-{volume}")), "the root disk is the volume: {disks}");
+    let r = kvm.stack.rest.raw("DELETE", &format!("{VMS}/{second}"), Some(&kvm.tenant), None).await.unwrap();
+    kvm.succeed(&r.str("job_id")).await;
+    let r =
+        kvm.stack.rest.raw("DELETE", &format!("{VOLUMES}/{volume}"), Some(&kvm.tenant), None).await.unwrap();
+    kvm.succeed(&r.str("job_id")).await;
+    assert!(!common::virsh(&["vol-list", &kvm.bed.pool]).contains(&volume));
+}

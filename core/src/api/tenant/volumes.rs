@@ -319,6 +319,14 @@ impl TenantApi {
         let (volume, vm) = self.idle_volume(&t.scope, t.volume_id).await?;
         if let Some(req) = extend {
             hcp_proto::rules::check(req)?;
+            if let (Some(a), Some(vm)) = (volume.attachment, &vm)
+                && a.device_index == 0
+            {
+                return Err(ApiError::conflict(format!(
+                    "volume {} is vm {}'s boot volume: it grows with the vm's disk (resize the vm)",
+                    volume.id, vm.id
+                )));
+            }
             if req.size_gib <= volume.size_gib {
                 return Err(ApiError::invalid_field(
                     "size_gib",
@@ -429,6 +437,12 @@ impl TenantApi {
             })
         } else {
             match (volume.attachment, attached_vm) {
+                (Some(a), Some(_)) if a.vm_id == vm.id && a.device_index == 0 => {
+                    return Err(ApiError::conflict(format!(
+                        "volume {} is vm {}'s boot volume: it leaves the vm only when the vm is deleted",
+                        volume.id, vm.id
+                    )));
+                }
                 (Some(a), Some(_)) if a.vm_id == vm.id => {}
                 _ => {
                     return Err(ApiError::conflict(format!(
