@@ -270,3 +270,14 @@ async fn a_vm_lives_and_dies_on_hyperv() {
     hv.operate(&bare, "delete", json!({}), "DELETED").await;
     hv.assert_no_violations().await;
 }
+
+/// Issue 28's flow through HCP on the Hyper-V test bed: a volume outlives
+/// its VM and goes to the next; a kept boot volume boots the next VM.
+#[tokio::test]
+async fn a_volume_outlives_its_vm_on_hyperv() {
+    let hv = Hv::start().await;
+    let ops = hv.s.ops_token();
+    let vm = json!({"networks": [{"network": "default"}], "user_data": "#cloud-config\n"});
+    hcp_testkit::flows::volume_outlives_its_vm(&hv.s.rest, &ops, &hv.tenant, "hv", &vm, WAIT).await.unwrap();
+    hv.assert_no_violations().await;
+}

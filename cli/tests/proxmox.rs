@@ -99,7 +99,8 @@ async fn pve_stack_with(task_ms: u64, jobs_toml: &str, sim_args: &[&str], provid
             "api_url = \"https://{pve}\"\nnode = \"pve1\"\n{provider_toml}\
              [tls]\nca_file = \"{cert}\"\n\
              [cloud_init]\nuser = \"debian\"\nsnippets_storage = \"local\"\nsnippets_dir = \"{snippets}\"\n\
-             [timing]\ntask_poll_ms = 20\nretry_base_ms = 20\n",
+             [timing]\ntask_poll_ms = 20\nretry_base_ms = 20\n\
+             [volumes]\nstorage = \"local-lvm\"\n",
             cert = cert.display(),
             snippets = snippets.display(),
         ),
@@ -452,4 +453,33 @@ async fn a_running_vm_moves_between_proxmox_nodes_and_keeps_running() {
     assert!(bad.is_empty(), "schema violations: {bad:#?}");
     let moves = requests.iter().filter(|r| r["path"].as_str().unwrap().ends_with("/migrate")).count();
     assert_eq!(moves, 2, "one move at create, one live");
+}
+
+/// Issue 28's flow through HCP on the PVE simulator: a volume outlives its
+/// VM and goes to the next; a kept boot volume boots the next VM; every
+/// request valid against the schema.
+#[tokio::test]
+async fn a_volume_outlives_its_vm_on_proxmox() {
+    if !hcp_proxmox_sim::schema::present_or_skip("a_volume_outlives_its_vm_on_proxmox") {
+        return;
+    }
+    let Pve { s, control, .. } = pve_stack(20, "").await;
+    let t = s.tenant_token("acme", &["demo"]);
+    let vm = json!({"networks": [{"network": "default"}]});
+    hcp_testkit::flows::volume_outlives_its_vm(
+        &s.rest,
+        &s.ops_token(),
+        &t,
+        "pve",
+        &vm,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    // Every request the provider sent is valid against the PVE schema.
+    let sim = Rest::new(format!("http://{control}"));
+    let requests = sim.get("/_sim/requests", "").await.unwrap().body;
+    let bad: Vec<&Value> =
+        requests.as_array().into_iter().flatten().filter(|r| r["violations"] != json!({})).collect();
+    assert!(bad.is_empty(), "schema violations: {bad:#?}");
 }

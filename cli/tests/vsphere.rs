@@ -293,3 +293,20 @@ async fn a_vm_moves_between_vcenter_hosts() {
     assert_eq!(p.get_vm(&vm).await.unwrap().host, target);
     vc.operate(&vm, "delete", json!({}), "DELETED").await;
 }
+
+/// Issue 28's flow through HCP on vcsim: a volume outlives its VM and goes
+/// to the next; a kept boot volume boots the next VM.
+#[tokio::test]
+async fn a_volume_outlives_its_vm_on_vsphere() {
+    let Some(vc) = Vc::start("").await else { return };
+    hcp_testkit::flows::volume_outlives_its_vm(
+        &vc.s.rest,
+        &vc.ops,
+        &vc.tenant,
+        "vc",
+        &json!({"networks": [{"network": "default"}]}),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+}
