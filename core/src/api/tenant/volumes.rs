@@ -144,10 +144,10 @@ impl TenantApi {
         Ok(answer)
     }
 
-    /// The provider a new volume goes to: one of the zone (any zone when
-    /// none is named) that has volumes and is healthy, the one holding
-    /// the fewest of HCP's volumes first... by name, for now, so placement
-    /// is predictable. No provider with volumes is 409 naming the flag.
+    /// The provider a new volume goes to: of the zone (any zone when none
+    /// is named), with volumes, healthy, the first by name (predictable;
+    /// not balanced by load). No provider with volumes is 409 naming the
+    /// flag; none of them healthy, 503.
     async fn volume_provider(&self, zone: &str) -> Result<model::Provider, ApiError> {
         let catalog = self.ctx.store.catalog().await.map_err(|e| from_store(e, "providers"))?;
         if !zone.is_empty() && !catalog.zones.iter().any(|z| z.name == zone) {
