@@ -133,12 +133,20 @@ pub enum Vm {
         #[command(flatten)]
         wait: Wait,
     },
-    /// A single-use console session.
+    /// A single-use console session. For serial (with the table output),
+    /// the console opens in this terminal; leave it with Ctrl-].
     Console {
         vm: String,
-        /// vnc (default) or rdp.
+        /// vnc (default), spice, rdp, serial, or web (a page in the browser).
         #[arg(long = "type", default_value = "vnc")]
         kind: String,
+    },
+    /// The end of what the guest wrote on its serial port (its boot log).
+    ConsoleLog {
+        vm: String,
+        /// How many lines, from the end (1 to 10000).
+        #[arg(long, default_value_t = 100)]
+        tail: u32,
     },
     /// Snapshots of a VM.
     #[command(subcommand)]
@@ -475,6 +483,39 @@ pub fn run<F: Future<Output = anyhow::Result<()>>>(f: impl FnOnce() -> F) -> any
     Ok(())
 }
 
+/// A serial console in this terminal. The process ends here: the terminal's
+/// reader is a blocking read that nothing can cancel, so waiting for the
+/// runtime to wind down would wait for a key press.
+#[allow(clippy::print_stderr)]
+async fn serial_terminal(url: &str) -> anyhow::Result<()> {
+    match crate::serial::session(url).await? {
+        crate::serial::Ended::ByUser => {
+            eprint!("\r\nLeft the serial console.\r\n");
+            std::process::exit(0)
+        }
+        crate::serial::Ended::ByServer(1000, _) => {
+            eprint!("\r\nThe serial console ended.\r\n");
+            std::process::exit(0)
+        }
+        crate::serial::Ended::ByServer(code, reason) => {
+            eprint!("\r\nerror: the serial console ended: {reason} (close code {code})\r\n");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// Writes text as it is (a console log keeps its own line ends).
+#[allow(clippy::print_stdout)]
+fn print_raw(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(text.as_bytes());
+    if !text.is_empty() && !text.ends_with('\n') {
+        let _ = stdout.write_all(b"\n");
+    }
+    let _ = stdout.flush();
+}
+
 /// `hcp vm ...`.
 pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
     let c = Client::new(&common.connect)?;
@@ -495,6 +536,7 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
         Vm::Resize { vm, flavor, wait } => Vm::Resize { vm: resolve(&c, &vms, &vm).await?, flavor, wait },
         Vm::Delete { vm, wait } => Vm::Delete { vm: resolve(&c, &vms, &vm).await?, wait },
         Vm::Console { vm, kind } => Vm::Console { vm: resolve(&c, &vms, &vm).await?, kind },
+        Vm::ConsoleLog { vm, tail } => Vm::ConsoleLog { vm: resolve(&c, &vms, &vm).await?, tail },
         Vm::Snapshot(Snapshot::List { vm }) => {
             Vm::Snapshot(Snapshot::List { vm: resolve(&c, &vms, &vm).await? })
         }
@@ -612,7 +654,19 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
         }
         Vm::Console { vm, kind } => {
             let v = c.call("POST", &format!("{vms}/{vm}:console"), Some(&json!({"type": kind}))).await?;
+            if kind == "serial" && out == output::Format::Table {
+                let url = v["url"].as_str().unwrap_or_default().to_owned();
+                return serial_terminal(&url).await;
+            }
             output::print(out, &v, None, &["type", "expires_at", "web_url", "address", "url"]);
+        }
+        Vm::ConsoleLog { vm, tail } => {
+            let v = c.call("GET", &format!("{vms}/{vm}/console-log?tail_lines={tail}"), None).await?;
+            if out == output::Format::Table {
+                print_raw(v["output"].as_str().unwrap_or_default());
+            } else {
+                output::print(out, &v, None, &["lines", "truncated"]);
+            }
         }
         Vm::Snapshot(s) => {
             let cols = &["snapshot_id", "name", "status", "created_at"];

@@ -14,6 +14,7 @@ pub mod client;
 pub mod dev;
 pub mod human;
 pub mod output;
+pub mod serial;
 pub mod volume;
 
 use std::ffi::OsString;

@@ -36,6 +36,7 @@ pub fn capabilities_from_proto(c: &provider::Capabilities) -> Capabilities {
         supports_volume_extend_in_use: c.supports_volume_extend_in_use,
         volumes_host_local: c.volumes_host_local,
         max_volumes_per_vm: c.max_volumes_per_vm,
+        supports_console_log: c.supports_console_log,
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
@@ -60,6 +61,7 @@ pub fn capabilities_to_proto(c: &Capabilities) -> provider::Capabilities {
         supports_volume_extend_in_use: c.supports_volume_extend_in_use,
         volumes_host_local: c.volumes_host_local,
         max_volumes_per_vm: c.max_volumes_per_vm,
+        supports_console_log: c.supports_console_log,
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }

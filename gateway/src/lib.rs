@@ -223,9 +223,10 @@ pub async fn run(
     let grpc_web = tower::ServiceBuilder::new()
         .layer(tonic_web::GrpcWebLayer::new())
         .service(GrpcProxy { core: core.clone() });
-    let consoles = Arc::new(console::Console { config: config.console.clone(), core: core.pick() });
+    let consoles = console::Console::new(config.console.clone(), core.pick());
     let console_routes = axum::Router::new()
         .route("/console/novnc/{*path}", axum::routing::get(console::novnc))
+        .route("/console/modules/{*path}", axum::routing::get(console::modules))
         .route("/console/{name}", axum::routing::get(console::entry))
         .with_state(consoles.clone());
     // Both are open to anyone (no token), so another method is refused at

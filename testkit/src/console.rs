@@ -120,6 +120,39 @@ impl Console {
         }))
     }
 
+    /// Reads until what came (as text, since the last call) contains
+    /// `needle`; returns all of it. For serial consoles.
+    pub async fn read_until(&mut self, needle: &str) -> Result<Result<String, Closed>, String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = String::from_utf8_lossy(&self.got).into_owned();
+            if text.contains(needle) {
+                self.got.clear();
+                return Ok(Ok(text));
+            }
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| format!("{needle:?} did not come in time; got {text:?}"))?;
+            match msg {
+                Some(Ok(Message::Binary(b))) => self.got.extend_from_slice(&b),
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    return Ok(Err(Closed { code, reason, rfb: self.rfb }));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("closed without a close frame".into()),
+            }
+        }
+    }
+
+    /// Sends `text` in one text message.
+    pub async fn send_text(&mut self, text: &str) -> Result<(), String> {
+        self.ws.send(Message::Text(text.into())).await.map_err(|e| e.to_string())
+    }
+
     /// Reads (and drops) whatever comes until the proxy closes.
     pub async fn closed(mut self) -> Result<Closed, String> {
         loop {

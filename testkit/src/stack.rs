@@ -59,7 +59,8 @@ impl Default for StackOptions {
     fn default() -> Self {
         Self {
             backend: Backend::Sqlite,
-            sim_capabilities: "cloud_init,snapshot,snapshot_running,console_vnc".to_owned(),
+            sim_capabilities: "cloud_init,snapshot,snapshot_running,console_vnc,console_serial,console_log"
+                .to_owned(),
             sim_args: Vec::new(),
             core_toml: String::new(),
             jobs_toml: String::new(),
@@ -496,9 +497,9 @@ impl TestStack {
         for key in ["url", "web_url"] {
             let url = answer[key].as_str().unwrap_or_default().to_owned();
             if url.is_empty() {
-                // Only VNC has a web page.
-                let vnc = matches!(body["type"].as_str(), None | Some("" | "vnc"));
-                anyhow::ensure!(key == "web_url" && !vnc, "no {key} in {answer}");
+                // VNC and serial have a web page (web is one of them).
+                let paged = matches!(body["type"].as_str(), None | Some("" | "vnc" | "serial" | "web"));
+                anyhow::ensure!(key == "web_url" && !paged, "no {key} in {answer}");
                 continue;
             }
             let (scheme, rest) = url.split_once("://").ok_or_else(|| anyhow::anyhow!("{key} {url}"))?;

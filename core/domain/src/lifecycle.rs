@@ -57,6 +57,8 @@ pub enum Capability {
     HotAttach,
     /// Extending a volume attached to a running VM.
     VolumeExtendInUse,
+    /// The guest's serial output (boot log).
+    ConsoleLog,
 }
 
 impl Capability {
@@ -77,6 +79,7 @@ impl Capability {
         Capability::Volumes,
         Capability::HotAttach,
         Capability::VolumeExtendInUse,
+        Capability::ConsoleLog,
     ];
 
     /// The flag's name in the protocol, as a 409 FEATURE_NOT_SUPPORTED
@@ -98,6 +101,7 @@ impl Capability {
             Capability::Volumes => "supports_volumes",
             Capability::HotAttach => "supports_hot_attach",
             Capability::VolumeExtendInUse => "supports_volume_extend_in_use",
+            Capability::ConsoleLog => "supports_console_log",
         }
     }
 
@@ -119,6 +123,7 @@ impl Capability {
             Capability::Volumes => caps.supports_volumes,
             Capability::HotAttach => caps.supports_hot_attach,
             Capability::VolumeExtendInUse => caps.supports_volume_extend_in_use,
+            Capability::ConsoleLog => caps.supports_console_log,
         }
     }
 }
@@ -756,6 +761,18 @@ fn revokes_consoles(kind: JobKind) -> bool {
 /// of the host it was issued for).
 fn revokes_consoles_on_success(kind: JobKind) -> bool {
     revokes_consoles(kind) || matches!(kind, JobKind::MigrateVm | JobKind::RecoverVm)
+}
+
+/// Why a finished job of `kind` revoked the VM's console sessions, as the
+/// console proxy tells the tenant when it ends an open one and as the audit
+/// trail records it.
+pub fn console_revocation(kind: JobKind, job: JobStatus) -> &'static str {
+    match (kind, job) {
+        (JobKind::DeleteVm, JobStatus::Succeeded) => "the vm was deleted",
+        (JobKind::StopVm, JobStatus::Succeeded) => "the vm was stopped",
+        (JobKind::MigrateVm | JobKind::RecoverVm, JobStatus::Succeeded) => "the vm moved to another host",
+        _ => "the vm is in error",
+    }
 }
 
 /// Why an operation cannot be accepted now.

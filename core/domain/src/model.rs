@@ -726,6 +726,8 @@ pub struct Capabilities {
     pub volumes_host_local: bool,
     /// The most data volumes one VM can have attached.
     pub max_volumes_per_vm: u32,
+    /// The guest's serial output (boot log).
+    pub supports_console_log: bool,
     /// Free-form facts.
     pub attributes: BTreeMap<String, String>,
 }

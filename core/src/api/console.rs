@@ -7,7 +7,10 @@
 //! refusal and session end is audited.
 
 use hcp_proto::console::console_broker_service_server::ConsoleBrokerService;
-use hcp_proto::console::{EndConsoleRequest, EndConsoleResponse, RedeemConsoleRequest, RedeemedConsole};
+use hcp_proto::console::{
+    EndConsoleRequest, EndConsoleResponse, RedeemConsoleRequest, RedeemedConsole, RevokedConsole,
+    RevokedConsolesRequest, RevokedConsolesResponse,
+};
 use hcp_proto::error::{ApiError, ErrorCode};
 use hcp_proto::ids::VmId;
 
@@ -186,8 +189,45 @@ impl ConsoleApi {
     }
 }
 
+/// The most sessions one RevokedConsoles asks about.
+const MAX_ASKED_SESSIONS: usize = 10_000;
+
+impl ConsoleApi {
+    async fn revoked(
+        &self,
+        p: Principal,
+        req: RevokedConsolesRequest,
+    ) -> Result<RevokedConsolesResponse, ApiError> {
+        p.console_proxy()?;
+        if req.session_ids.len() > MAX_ASKED_SESSIONS {
+            return Err(ApiError::invalid_field(
+                "session_ids",
+                format!("at most {MAX_ASKED_SESSIONS} sessions at once, got {}", req.session_ids.len()),
+            ));
+        }
+        let revoked = self
+            .ctx
+            .store
+            .revoked_consoles(&req.session_ids)
+            .await
+            .map_err(|e| from_store(e, "console session"))?
+            .into_iter()
+            .map(|(session_id, reason)| RevokedConsole { session_id, reason })
+            .collect();
+        Ok(RevokedConsolesResponse { revoked })
+    }
+}
+
 #[tonic::async_trait]
 impl ConsoleBrokerService for ConsoleApi {
+    async fn revoked_consoles(
+        &self,
+        req: tonic::Request<RevokedConsolesRequest>,
+    ) -> ApiResult<RevokedConsolesResponse> {
+        let p = principal(&req)?;
+        handle(self.revoked(p, req.into_inner())).await
+    }
+
     async fn redeem_console(&self, req: tonic::Request<RedeemConsoleRequest>) -> ApiResult<RedeemedConsole> {
         let p = principal(&req)?;
         handle(self.redeem(p, req.into_inner())).await

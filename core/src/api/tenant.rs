@@ -786,6 +786,14 @@ impl VmService for TenantApi {
         let key = idempotency_key(&req);
         handle(self.create_console(p, key, req.into_inner())).await
     }
+
+    async fn get_console_log(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::GetConsoleLogRequest>,
+    ) -> ApiResult<hcp_proto::tenant::ConsoleLog> {
+        let p = checked(&req)?;
+        handle(self.console_log(p, req.into_inner())).await
+    }
 }
 
 #[tonic::async_trait]

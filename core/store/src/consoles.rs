@@ -76,6 +76,30 @@ impl super::Store {
         })
     }
 
+    /// Of `token_hashes`, the sessions revoked, with why.
+    pub async fn revoked_consoles(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, String)>> {
+        let mut revoked = Vec::new();
+        // Bound the statement's parameters (SQLite allows 32766).
+        for chunk in token_hashes.chunks(500) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT token_hash, revoked_reason FROM console_sessions WHERE revoked_at IS NOT NULL \
+                 AND token_hash IN ({})",
+                marks.join(", ")
+            );
+            let rows: Vec<(String, Option<String>)> = on_pool!(self, |pool| {
+                // Only `$n` placeholders are formatted in; the hashes are bound.
+                let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()));
+                for h in chunk {
+                    q = q.bind(h);
+                }
+                q.fetch_all(pool).await.map_err(|e| StoreError::from_sqlx(e, "console session"))
+            })?;
+            revoked.extend(rows.into_iter().map(|(h, r)| (h, r.unwrap_or_default())));
+        }
+        Ok(revoked)
+    }
+
     /// What became of a session that could not be redeemed: `None` when
     /// the token is unknown.
     pub async fn console_session(&self, token_hash: &str) -> StoreResult<Option<ConsoleSession>> {

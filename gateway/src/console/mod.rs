@@ -27,6 +27,7 @@
 //! `gateway/console/node_modules` by `scripts/console-assets.sh`).
 
 pub mod rdp;
+mod revoke;
 pub mod rfb;
 pub mod upstream;
 
@@ -66,13 +67,35 @@ pub struct ConsoleConfig {
 pub(crate) struct Console {
     pub(crate) config: ConsoleConfig,
     pub(crate) core: Channel,
+    /// The sessions open here, watched for core's revocation.
+    open: Arc<revoke::OpenSessions>,
 }
+
+impl Console {
+    /// The console routes' state, and the task that ends sessions core
+    /// revokes (it stops when the state is dropped).
+    pub(crate) fn new(config: ConsoleConfig, core: Channel) -> Arc<Self> {
+        let console = Arc::new(Self { config, core, open: Arc::default() });
+        tokio::spawn(revoke::poll(Arc::downgrade(&console)));
+        console
+    }
+}
+
+/// The largest websocket message (and frame) a client may send: RFB's
+/// largest client message and a serial console's typing are far below it.
+/// A bigger one ends the session with 1009.
+pub(crate) const MAX_CLIENT_MESSAGE: usize = 1 << 20;
 
 /// Close codes (4000-4999 are the application's).
 pub(crate) mod close {
     pub(super) const BAD_REQUEST: u16 = 4400;
     pub(super) const REFUSED: u16 = 4403;
     pub(super) const MAX_TIME: u16 = 4408;
+    /// Core revoked the session: its VM stopped, moved or was deleted.
+    pub(super) const REVOKED: u16 = 4410;
+    /// A client message over [`super::MAX_CLIENT_MESSAGE`] (RFC 6455's
+    /// "message too big").
+    pub(super) const TOO_BIG: u16 = 1009;
     pub(super) const UPSTREAM: u16 = 4502;
     pub(super) const UNAVAILABLE: u16 = 4503;
 }
@@ -107,9 +130,12 @@ pub(crate) async fn entry(
         return (StatusCode::FORBIDDEN, why.to_string()).into_response();
     }
     let protocol = name;
-    ws.protocols(["binary"]).on_upgrade(move |socket| async move {
-        session(console, protocol, q.token, socket).await;
-    })
+    ws.protocols(["binary"])
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .on_upgrade(move |socket| async move {
+            session(console, protocol, q.token, socket).await;
+        })
 }
 
 /// `GET /console/novnc/{*path}`: noVNC's modules.
@@ -119,6 +145,42 @@ pub(crate) async fn novnc(
 ) -> Response {
     serve_file(&console.config.assets_dir.join("node_modules/@novnc/novnc"), &path).await
 }
+
+/// The npm packages whose files the console pages load (from
+/// `node_modules`, installed from the lockfile); nothing else there is
+/// served.
+const PAGE_MODULES: &[&str] = &["@novnc/novnc", "@xterm/xterm", "@xterm/addon-fit"];
+
+/// `GET /console/modules/{*path}`: a file of one of [`PAGE_MODULES`].
+pub(crate) async fn modules(
+    State(console): State<Arc<Console>>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+) -> Response {
+    let Some((module, rest)) =
+        PAGE_MODULES.iter().find_map(|m| path.strip_prefix(m)?.strip_prefix('/').map(|rest| (*m, rest)))
+    else {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    };
+    serve_file(&console.config.assets_dir.join("node_modules").join(module), rest).await
+}
+
+/// What every console page and its files are sent with. The page's URL
+/// carries a single-use token: it is never stored by a cache
+/// (`no-store`), handed on in a Referer, or shown inside another site's
+/// frame (clickjacking); its scripts come from the gateway alone, and it
+/// connects nowhere but back to it (websockets included: CSP level 3's
+/// 'self' covers ws: and wss: of the same host).
+const PAGE_HEADERS: &[(header::HeaderName, &str)] = &[
+    (
+        header::CONTENT_SECURITY_POLICY,
+        "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; \
+         font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::CACHE_CONTROL, "no-store"),
+];
 
 /// Same origin (Origin's host is the request's Host) or listed; a request
 /// without Origin comes from a non-browser client and is let through.
@@ -161,8 +223,13 @@ async fn serve_file(root: &Path, rel: &str) -> Response {
         _ => "application/octet-stream",
     };
     match tokio::fs::read(&path).await {
-        Ok(body) => ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body)
-            .into_response(),
+        Ok(body) => {
+            let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+            for (name, value) in PAGE_HEADERS {
+                response.headers_mut().insert(name, header::HeaderValue::from_static(value));
+            }
+            response
+        }
         Err(_) if !root.exists() => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
@@ -194,6 +261,32 @@ pub(crate) struct Counters {
     to_server: AtomicU64,
 }
 
+/// What ends a session from outside: its maximum time, or core revoking it.
+pub(crate) struct Limit {
+    max: Duration,
+    watch: revoke::Watch,
+}
+
+impl Limit {
+    /// Resolves with the session's end when either comes.
+    pub(crate) async fn reached(mut self) -> End {
+        tokio::select! {
+            () = tokio::time::sleep(self.max) => End::new(close::MAX_TIME, "maximum console session time reached"),
+            reason = self.watch.revoked() => End::new(close::REVOKED, reason),
+        }
+    }
+}
+
+/// The protocols the proxy relays, as metrics label them.
+fn label(protocol: &str) -> Option<&'static str> {
+    match protocol {
+        "vnc" => Some("vnc"),
+        "rdp" => Some("rdp"),
+        "serial" => Some("serial"),
+        _ => None,
+    }
+}
+
 /// One console session's bookkeeping, whatever carries it: when it began,
 /// what it moved, and the redeemed token whose end core must hear about.
 pub(crate) struct Session {
@@ -212,23 +305,26 @@ impl Session {
 
     /// Redeems `token` for `protocol`, connects to the console server and
     /// does the server side of the protocol's opening (VNC authentication
-    /// with the endpoint's password; RDP's preconnection PDU). Returns the
-    /// connection and the session's maximum time.
+    /// with the endpoint's password; RDP's preconnection PDU; the serial
+    /// relay's ticket). Returns the connection and what limits the session.
     pub(crate) async fn open(
         &mut self,
         console: &Console,
         protocol: &str,
         token: &str,
-    ) -> Result<(upstream::Upstream, Duration), End> {
+    ) -> Result<(upstream::Upstream, Limit), End> {
         if token.is_empty() {
             return Err(End::new(close::BAD_REQUEST, "the console URL has no token"));
         }
-        if !matches!(protocol, "vnc" | "rdp") {
+        let Some(label) = label(protocol) else {
             return Err(End::new(close::BAD_REQUEST, format!("{protocol} consoles are not supported yet")));
-        }
+        };
         let r = redeem(console, protocol, token).await?;
         // Core refuses at start a max_session_seconds below 1.
-        let max = Duration::from_secs(u64::from(r.max_session_seconds));
+        let limit = Limit {
+            max: Duration::from_secs(u64::from(r.max_session_seconds)),
+            watch: console.open.watch(&r.session_id),
+        };
         let endpoint = r.endpoint.clone();
         // From here on the session's end is reported, whatever happens.
         self.redeemed = Some(r);
@@ -250,20 +346,21 @@ impl Session {
         // A server that accepts and then says nothing must not hold the
         // session (and its audit report) forever.
         let opening = async {
-            if protocol == "rdp" {
-                rdp::send_blob(&mut server, &endpoint.preconnection_blob)
+            match label {
+                "rdp" => rdp::send_blob(&mut server, &endpoint.preconnection_blob)
                     .await
-                    .map_err(|e| format!("cannot reach the console server: {e}"))
-            } else {
-                rfb::connect_server(&mut server, &endpoint.password).await.map_err(|e| e.to_string())
+                    .map_err(|e| format!("cannot reach the console server: {e}")),
+                "serial" => send_ticket(&mut server, &endpoint.password)
+                    .await
+                    .map_err(|e| format!("cannot reach the console server: {e}")),
+                _ => rfb::connect_server(&mut server, &endpoint.password).await.map_err(|e| e.to_string()),
             }
         };
         match tokio::time::timeout(upstream::CONNECT_TIMEOUT, opening).await {
             Ok(Ok(())) => {
-                let label = if protocol == "rdp" { "rdp" } else { "vnc" };
                 metrics::gauge!("hcp_console_sessions_active", "protocol" => label).increment(1.0);
                 self.active = Some(label);
-                Ok((server, max))
+                Ok((server, limit))
             }
             Ok(Err(e)) => Err(End::new(close::UPSTREAM, e)),
             Err(_) => {
@@ -290,6 +387,22 @@ impl Session {
             tracing::warn!(error = %e.message(), "could not record the end of a console session");
         }
     }
+}
+
+/// The serial relay's opening: its ticket and a line feed (none when the
+/// endpoint has no ticket: a serial line served as it is).
+async fn send_ticket(server: &mut (impl AsyncWrite + Unpin), ticket: &str) -> std::io::Result<()> {
+    if ticket.is_empty() {
+        return Ok(());
+    }
+    server.write_all(format!("{ticket}\n").as_bytes()).await?;
+    server.flush().await
+}
+
+/// Whether a websocket error is a client message over the size limit.
+fn too_big(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    matches!(e.into_inner().downcast_ref::<Error>(), Some(Error::Capacity(_)))
 }
 
 /// Copies bytes both ways between a client and a console server, counting
@@ -333,10 +446,12 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
     let (mut sink, mut stream) = socket.split();
     let mut s = Session::new();
     let end = async {
-        let (mut server, max) = match s.open(&console, &protocol, &token).await {
+        let (mut server, limit) = match s.open(&console, &protocol, &token).await {
             Ok(o) => o,
             Err(end) => return end,
         };
+        // A serial console's keys may come as text messages (a terminal
+        // page types text); every other protocol is binary.
         // The browser side is a byte stream: a pipe whose far end the
         // bridge below feeds from and into websocket messages.
         let (mut client, bridge_end) = tokio::io::duplex(256 * 1024);
@@ -361,9 +476,23 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
                                 return End::new(1000, "the console server closed the session");
                             }
                         }
+                        Some(Ok(Message::Text(t))) if protocol == "serial" => {
+                            if into_pipe.write_all(t.as_bytes()).await.is_err() {
+                                return End::new(1000, "the console server closed the session");
+                            }
+                        }
                         Some(Ok(Message::Close(_))) | None => return End::new(1000, "client closed"),
                         Some(Ok(_)) => {}
-                        Some(Err(e)) => return End::new(1000, format!("client connection failed: {e}")),
+                        Some(Err(e)) => {
+                            let text = e.to_string();
+                            if too_big(e) {
+                                return End::new(
+                                    close::TOO_BIG,
+                                    format!("a client message over {MAX_CLIENT_MESSAGE} bytes"),
+                                );
+                            }
+                            return End::new(1000, format!("client connection failed: {text}"));
+                        }
                     },
                     n = from_pipe.read(&mut buf) => match n {
                         Ok(0) | Err(_) => return End::new(1000, "the console server closed the session"),
@@ -379,7 +508,7 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
         tokio::select! {
             end = proxy => end,
             end = bridge => end,
-            () = tokio::time::sleep(max) => End::new(close::MAX_TIME, "maximum console session time reached"),
+            end = limit.reached() => end,
         }
     }
     .await;

@@ -26,7 +26,7 @@ use ironrdp_pdu::pcb::{PcbVersion, PreconnectionBlob};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::{Console, End, close};
+use super::Console;
 
 /// Largest preconnection PDU the relay reads from a client, bytes: a token
 /// is 43 characters, so this leaves room and nothing more.
@@ -202,13 +202,13 @@ async fn session(
     };
     let mut s = super::Session::new();
     let end = async {
-        let (mut server, max) = match s.open(&console, "rdp", &token).await {
+        let (mut server, limit) = match s.open(&console, "rdp", &token).await {
             Ok(o) => o,
             Err(end) => return end,
         };
         tokio::select! {
             end = super::relay(&mut client, &mut server, &s.counters) => end,
-            () = tokio::time::sleep(max) => End::new(close::MAX_TIME, "maximum console session time reached"),
+            end = limit.reached() => end,
         }
     }
     .await;

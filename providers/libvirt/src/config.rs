@@ -100,9 +100,14 @@ pub struct Config {
     /// Address VNC servers listen on (the hypervisor side).
     #[serde(default = "default_vnc_listen")]
     pub vnc_listen: IpAddr,
-    /// Address core's console proxy uses to reach VNC servers; defaults to
-    /// `vnc_listen`.
+    /// Address core's console proxy uses to reach VNC servers and the
+    /// serial relay; defaults to `vnc_listen`.
     pub console_host: Option<String>,
+    /// TCP port of the serial console relay on `vnc_listen`: core's console
+    /// proxy connects there with a single-use ticket and gets the guest's
+    /// serial line. 0 (the default) picks a free port at start.
+    #[serde(default)]
+    pub serial_port: u16,
     /// Seconds a graceful stop waits for the guest before powering it off,
     /// when the request gives none.
     #[serde(default = "default_stop_timeout")]

@@ -4,6 +4,7 @@
 use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
 
 use crate::connection::not_running;
+use crate::errors::check_uuid;
 use crate::{Libvirt, domain};
 
 impl Libvirt {
@@ -11,10 +12,22 @@ impl Libvirt {
         &self,
         req: pb::GetConsoleRequest,
     ) -> Result<pb::ConsoleEndpoint, ProviderError> {
+        if req.protocol == "serial" && self.inner.capabilities.supports_console_serial {
+            check_uuid("vm_id", &req.vm_id)?;
+            let id = req.vm_id.clone();
+            self.call(&format!("console of vm {}", req.vm_id), move |c| {
+                if !c.lookup_domain_by_uuid_string(&id)?.is_active()? {
+                    return Err(not_running());
+                }
+                Ok(())
+            })
+            .await?;
+            return self.serial_console(&req.vm_id);
+        }
         if req.protocol != "vnc" || !self.inner.capabilities.supports_console_vnc {
             return Err(ProviderError::new(
                 ErrorKind::Unsupported,
-                format!("protocol: {:?} consoles are not supported; use \"vnc\"", req.protocol),
+                format!("protocol: {:?} consoles are not supported; use \"vnc\" or \"serial\"", req.protocol),
             ));
         }
         let id = req.vm_id.clone();

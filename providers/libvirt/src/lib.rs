@@ -30,6 +30,7 @@ mod inventory;
 mod lifecycle;
 mod pool;
 mod provider;
+mod serial;
 mod snapshots;
 mod start;
 pub mod storage;
@@ -114,4 +115,6 @@ struct Inner {
     capabilities: pb::Capabilities,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     failpoints: hcp_provider_sdk::support::Failpoints,
+    /// The serial console relay (QEMU domains only), bound at start.
+    serial: std::sync::OnceLock<Arc<hcp_provider_sdk::serial::SerialRelay>>,
 }

@@ -77,6 +77,14 @@ impl Provider for Libvirt {
         Ok(existed)
     }
 
+    async fn get_console_log(&self, req: pb::GetConsoleLogRequest) -> Result<pb::ConsoleLog, ProviderError> {
+        check_uuid("vm_id", &req.vm_id)?;
+        if !self.inner.capabilities.supports_console_log {
+            return Err(ProviderError::new(ErrorKind::Unsupported, "console logs are not supported"));
+        }
+        self.console_log(req).await
+    }
+
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
         check_uuid("vm_id", &req.vm_id)?;
         self.console(req).await

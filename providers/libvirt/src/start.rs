@@ -38,6 +38,15 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The serial console relay could not listen.
+    #[error("serial relay on {listen}")]
+    SerialRelay {
+        /// The address (`vnc_listen`, `serial_port`).
+        listen: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The volume pool could not be made ready.
     #[error("volume pool")]
     Pool(#[from] crate::pool::PoolError),
@@ -151,7 +160,10 @@ impl Libvirt {
             supports_console_vnc: domain_type != "test",
             supports_console_spice: false,
             supports_console_rdp: false,
-            supports_console_serial: false,
+            // The guest's first serial port is a pty with a log file:
+            // relayed by the serial relay, read for the boot log.
+            supports_console_serial: domain_type != "test",
+            supports_console_log: domain_type != "test",
             supports_gpu_passthrough: false,
             // vCPUs, memory and disk of a stopped domain. Not of a running
             // one: hotplug needs domains defined with spare vCPU and memory
@@ -163,7 +175,9 @@ impl Libvirt {
         };
         tracing::info!(%uri, domain_type, accelerator, cloud_init, volumes, "connected to libvirt");
         let failpoints = hcp_provider_sdk::support::Failpoints::from_env(FAILPOINTS_ENV);
-        Ok(Self {
+        let serial_listen = std::net::SocketAddr::new(config.vnc_listen, config.serial_port);
+        let console_host = config.console_host();
+        let provider = Self {
             inner: Arc::new(Inner {
                 config,
                 conn: Mutex::new(Some(conn)),
@@ -171,8 +185,17 @@ impl Libvirt {
                 capabilities,
                 locks: Mutex::new(HashMap::new()),
                 failpoints,
+                serial: std::sync::OnceLock::new(),
             }),
-        })
+        };
+        if domain_type != "test" {
+            let ports = Arc::new(provider.clone());
+            let relay = hcp_provider_sdk::serial::SerialRelay::bind(serial_listen, &console_host, ports)
+                .await
+                .map_err(|source| StartError::SerialRelay { listen: serial_listen, source })?;
+            let _ = provider.inner.serial.set(relay);
+        }
+        Ok(provider)
     }
 
     /// The directory of a VM's files.

@@ -61,6 +61,7 @@ use std::sync::Arc;
 pub use hcp_proto::provider as pb;
 
 pub mod kit;
+pub mod serial;
 mod socket;
 pub mod support;
 mod tls;
@@ -218,6 +219,13 @@ pub trait Provider: Send + Sync + 'static {
     async fn delete_vm(&self, vm_id: &str) -> Result<bool, ProviderError>;
     /// Returns where a console for the VM can be reached.
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError>;
+    /// The end of what the VM's guest wrote on its first serial port. Default:
+    /// not supported; declare `supports_console_log` when implementing it
+    /// ([`serial::tail`] and [`serial::tail_file`] cut the lines).
+    async fn get_console_log(&self, req: pb::GetConsoleLogRequest) -> Result<pb::ConsoleLog, ProviderError> {
+        let _ = req;
+        Err(ProviderError::new(ErrorKind::Unsupported, "console logs are not supported"))
+    }
     /// Snapshots a VM under `req.snapshot_id` (idempotent). Default: not
     /// supported; declare `supports_snapshot` when implementing these.
     async fn create_snapshot(
@@ -710,6 +718,20 @@ impl<P: Provider> Compute for Adapter<P> {
         let req = req.into_inner();
         vm_id(&req.vm_id)?;
         reply(self.inner.get_console(req).await)
+    }
+
+    async fn get_console_log(&self, req: tonic::Request<pb::GetConsoleLogRequest>) -> Reply<pb::ConsoleLog> {
+        let mut req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        if req.tail_lines > serial::MAX_LOG_LINES {
+            return Err(tonic::Status::invalid_argument(format!(
+                "tail_lines: at most {}, got {}",
+                serial::MAX_LOG_LINES,
+                req.tail_lines
+            )));
+        }
+        req.tail_lines = req.tail_lines.max(1);
+        reply(self.inner.get_console_log(req).await)
     }
 
     async fn create_snapshot(

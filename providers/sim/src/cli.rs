@@ -17,12 +17,12 @@ struct Args {
     listen: SocketAddr,
     /// Capabilities to report, comma-separated (cloud_init, snapshot,
     /// snapshot_running, live_migration, console_vnc, console_spice,
-    /// console_rdp, console_serial, gpu_passthrough, resize, hot_resize,
+    /// console_rdp, console_serial, console_log, gpu_passthrough, resize, hot_resize,
     /// cold_migration, volumes, hot_attach, volume_extend_in_use,
     /// volumes_host_local, max_volumes_per_vm=N).
     #[arg(
         long,
-        default_value = "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize,live_migration,cold_migration,volumes,hot_attach,volume_extend_in_use"
+        default_value = "cloud_init,snapshot,snapshot_running,console_vnc,console_serial,console_log,resize,hot_resize,live_migration,cold_migration,volumes,hot_attach,volume_extend_in_use"
     )]
     capabilities: String,
     /// Data volume slots per VM (max_volumes_per_vm) when volumes are on;

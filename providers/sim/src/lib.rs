@@ -12,6 +12,7 @@
 //! testing a real adapter.
 
 pub mod cli;
+mod guest;
 mod volumes;
 
 use std::collections::{BTreeMap, HashMap};
@@ -94,6 +95,8 @@ pub fn default_capabilities() -> pb::Capabilities {
         supports_cloud_init: true,
         supports_snapshot: true,
         supports_console_vnc: true,
+        supports_console_serial: true,
+        supports_console_log: true,
         supports_snapshot_running: true,
         supports_resize: true,
         supports_hot_resize: true,
@@ -144,6 +147,7 @@ pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, UnknownCapabil
             "console_spice" => &mut c.supports_console_spice,
             "console_rdp" => &mut c.supports_console_rdp,
             "console_serial" => &mut c.supports_console_serial,
+            "console_log" => &mut c.supports_console_log,
             "gpu_passthrough" => &mut c.supports_gpu_passthrough,
             "resize" => &mut c.supports_resize,
             "hot_resize" => &mut c.supports_hot_resize,
@@ -164,7 +168,7 @@ pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, UnknownCapabil
     Ok(c)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct SimVm {
     native_id: String,
     power: pb::PowerState,
@@ -176,6 +180,10 @@ struct SimVm {
     nics: Vec<String>,
     /// The host it is on.
     host: String,
+    /// The guest's hostname.
+    hostname: String,
+    /// What the guest wrote on its serial port.
+    serial: guest::SerialLog,
 }
 
 #[derive(Debug, Clone)]
@@ -292,6 +300,36 @@ pub struct Sim {
     default_latency: Duration,
     protocol_versions: Vec<String>,
     require_credentials: bool,
+    /// The serial console relay, when [`run`] started one.
+    serial: Arc<std::sync::OnceLock<Arc<hcp_provider_sdk::serial::SerialRelay>>>,
+}
+
+impl SimVm {
+    /// The guest boots: its banner on the serial port.
+    fn boot(&mut self) {
+        self.serial.write(guest::boot_banner(&self.hostname, &self.native_id).as_bytes());
+    }
+}
+
+#[hcp_provider_sdk::async_trait]
+impl hcp_provider_sdk::serial::SerialPorts for Sim {
+    async fn open_serial(
+        &self,
+        vm_id: &str,
+    ) -> Result<Box<dyn hcp_provider_sdk::serial::SerialStream>, ProviderError> {
+        let hostname = {
+            let s = self.lock();
+            let vm = s.vms.get(vm_id).ok_or_else(|| ProviderError::not_found(vm_id))?;
+            if vm.power != pb::PowerState::Running {
+                return Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"));
+            }
+            vm.hostname.clone()
+        };
+        let sink = guest::sink(self.state.clone(), vm_id.to_owned(), |s: &mut State, id| {
+            s.vms.get_mut(id).map(|vm| &mut vm.serial)
+        });
+        Ok(guest::shell(hostname, sink))
+    }
 }
 
 impl Sim {
@@ -310,6 +348,7 @@ impl Sim {
             default_latency: config.latency,
             protocol_versions: config.protocol_versions.clone(),
             require_credentials: config.require_credentials,
+            serial: Arc::default(),
         }
     }
 
@@ -414,10 +453,19 @@ impl Sim {
                         .map(|n| if n.backing.is_empty() { n.network.clone() } else { n.backing.clone() })
                         .collect(),
                     host,
+                    hostname: if spec.hostname.is_empty() {
+                        spec.name.clone()
+                    } else {
+                        spec.hostname.clone()
+                    },
+                    serial: guest::SerialLog::default(),
                 };
                 vm.disk_gib = s.check_new_vm_volumes(&self.capabilities, &req.vm_id, &vm, &volumes)?;
                 s.next_native += 1;
                 vm.native_id = format!("sim-{}", s.next_native);
+                if req.start {
+                    vm.boot();
+                }
                 s.attach_new_vm_volumes(&req.vm_id, &vm, &volumes, self.capabilities.volumes_host_local);
                 *s.creations.entry(req.vm_id.clone()).or_default() += 1;
                 let info = Self::info_of(&req.vm_id, &vm);
@@ -544,6 +592,9 @@ impl Provider for Sim {
                 return Err(ProviderError::new(ErrorKind::InvalidState, format!("host {host} is down")));
             }
             let vm = s.vms.get_mut(vm_id).ok_or_else(|| ProviderError::not_found(vm_id))?;
+            if vm.power != pb::PowerState::Running {
+                vm.boot();
+            }
             vm.power = pb::PowerState::Running;
             Ok(Self::info_of(vm_id, vm))
         })
@@ -642,6 +693,9 @@ impl Provider for Sim {
         fault_gate!(self, "StopVm", &req.vm_id.clone(), {
             let force = req.force;
             let info = self.with_vm(&req.vm_id, |vm| {
+                if vm.power == pb::PowerState::Running {
+                    vm.serial.write(guest::POWER_DOWN.as_bytes());
+                }
                 vm.power = pb::PowerState::Shutoff;
                 Ok(())
             });
@@ -659,6 +713,8 @@ impl Provider for Sim {
                 if vm.power != pb::PowerState::Running {
                     return Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"));
                 }
+                vm.serial.write(b"reboot: Restarting system\r\n");
+                vm.boot();
                 Ok(())
             });
             if info.is_ok() {
@@ -815,8 +871,35 @@ impl Provider for Sim {
         })
     }
 
+    async fn get_console_log(&self, req: pb::GetConsoleLogRequest) -> Result<pb::ConsoleLog, ProviderError> {
+        fault_gate!(self, "GetConsoleLog", &req.vm_id.clone(), {
+            if !self.capabilities.supports_console_log {
+                return Err(ProviderError::new(ErrorKind::Unsupported, "console logs are not supported"));
+            }
+            let s = self.lock();
+            let vm = s.vms.get(&req.vm_id).ok_or_else(|| ProviderError::not_found(&req.vm_id))?;
+            Ok(vm.serial.tail(req.tail_lines))
+        })
+    }
+
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
         fault_gate!(self, "GetConsole", &req.vm_id.clone(), {
+            if req.protocol == "serial" && self.capabilities.supports_console_serial {
+                self.with_vm(&req.vm_id, |vm| {
+                    if vm.power == pb::PowerState::Running {
+                        Ok(())
+                    } else {
+                        Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"))
+                    }
+                })?;
+                return match self.serial.get() {
+                    Some(relay) => relay.endpoint(&req.vm_id),
+                    None => Err(ProviderError::new(
+                        ErrorKind::Unavailable,
+                        "this simulator runs no serial relay (only `run` starts one)",
+                    )),
+                };
+            }
             if req.protocol != "vnc" || !self.capabilities.supports_console_vnc {
                 return Err(ProviderError::new(
                     ErrorKind::Unsupported,
@@ -992,6 +1075,7 @@ impl SimControl for Control {
                 disk_gib: 10,
                 nics: Vec::new(),
                 host: s.first_host(),
+                ..SimVm::default()
             };
             s.vms.insert(id, vm);
         }
@@ -1071,6 +1155,7 @@ impl SimControl for Control {
             disk_gib: 10,
             nics: Vec::new(),
             host: s.first_host(),
+            ..SimVm::default()
         };
         s.vms.insert(r.vm_id, vm);
         Ok(tonic::Response::new(sim::AddVmResponse {}))
@@ -1084,6 +1169,14 @@ pub async fn run(
     ready: impl FnOnce(String) + Send,
 ) -> Result<(), hcp_provider_sdk::ServeError> {
     let sim = Sim::new(&config);
+    if sim.capabilities.supports_console_serial {
+        // The console proxy runs beside the simulator: loopback.
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let relay = hcp_provider_sdk::serial::SerialRelay::bind(listen, "", Arc::new(sim.clone()))
+            .await
+            .map_err(|source| hcp_provider_sdk::ServeError::Bind { addr: listen, source })?;
+        let _ = sim.serial.set(relay);
+    }
     let control = sim.control();
     let serve = ServeConfig {
         listen: config.listen,

@@ -867,6 +867,7 @@ mod tests {
                 disk_gib: 10,
                 nics: Vec::new(),
                 host: String::new(),
+                ..crate::SimVm::default()
             },
         );
         // Running and hot attach aside, the slot must be free.

@@ -1,19 +1,72 @@
 //! Console sessions: a single-use, short-lived token for a VM's console,
 //! checked against the provider's capabilities for the protocol asked for.
 
-use hcp_proto::error::{ApiError, excerpt};
-use hcp_proto::tenant::{ConsoleSession, CreateConsoleRequest};
+use hcp_proto::error::{ApiError, ErrorCode, excerpt};
+use hcp_proto::ids::VmId;
+use hcp_proto::tenant::{ConsoleLog, ConsoleSession, CreateConsoleRequest, GetConsoleLogRequest};
 
 use super::{Target, TenantApi, hash_token, random_token};
-use crate::api::idempotency;
+use crate::api::{idempotency, validate};
 use crate::audit::{AuditAction, AuditOutcome, Resource};
-use crate::auth::Principal;
+use crate::auth::{Access, Principal};
 use crate::convert;
 use crate::error::from_store;
-use crate::lifecycle::ConsoleProtocol;
+use crate::lifecycle::{Capability, ConsoleProtocol};
 use crate::model::{self, VmStatus, now};
 
+/// The console type that asks for a page in the browser.
+const WEB: &str = "web";
+/// The protocols the gateway has a browser page for, in the order `web`
+/// prefers them.
+const WEB_PAGES: &[ConsoleProtocol] = &[ConsoleProtocol::Vnc, ConsoleProtocol::Serial];
+/// Lines of the console log when the request names no number.
+const DEFAULT_LOG_LINES: u32 = 100;
+
 impl TenantApi {
+    /// The guest's boot log: the end of its serial output, from the
+    /// provider (which keeps it while the VM exists, stopped too).
+    pub(super) async fn console_log(
+        &self,
+        p: Principal,
+        req: GetConsoleLogRequest,
+    ) -> Result<ConsoleLog, ApiError> {
+        validate::project_id(&req.project_id)?;
+        let scope = p.scope(&req.project_id, Access::Read)?;
+        let vm_id: VmId = validate::id("vm_id", &req.vm_id)?;
+        let vm =
+            self.ctx.store.get_vm(&scope, vm_id).await.map_err(|e| from_store(e, &format!("vm {vm_id}")))?;
+        let provider =
+            self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
+        let capability = Capability::ConsoleLog;
+        if !capability.of(&provider.capabilities) {
+            return Err(ApiError::feature_not_supported(
+                capability.flag(),
+                format!("the vm's provider keeps no console log ({capability})"),
+            ));
+        }
+        let mut compute = self.ctx.clients.compute(&provider)?;
+        let mut call = tonic::Request::new(hcp_proto::provider::GetConsoleLogRequest {
+            vm_id: vm_id.to_string(),
+            tail_lines: req.tail_lines.unwrap_or(DEFAULT_LOG_LINES),
+        });
+        hcp_telemetry::inject_request(&mut call);
+        match compute.get_console_log(call).await {
+            Ok(r) => {
+                let log = r.into_inner();
+                Ok(ConsoleLog { output: log.output, lines: log.lines, truncated: log.truncated })
+            }
+            Err(s) => {
+                let e = crate::providers::ProviderCallError::from_status(&s);
+                // A VM the hypervisor does not have yet (or any more) has
+                // written nothing there.
+                if e.code == ErrorCode::NotFound {
+                    return Ok(ConsoleLog::default());
+                }
+                Err(ApiError::new(e.code, format!("the provider cannot read the console log: {}", e.message)))
+            }
+        }
+    }
+
     pub(super) async fn create_console(
         &self,
         p: Principal,
@@ -46,19 +99,34 @@ impl TenantApi {
         // A job in flight is named before anything else is checked.
         let vm = self.idle_vm(t).await?;
         hcp_proto::rules::check(req)?;
-        let kind = if req.r#type.is_empty() {
-            ConsoleProtocol::Vnc
+        let web = req.r#type.eq_ignore_ascii_case(WEB);
+        let asked = if req.r#type.is_empty() || web {
+            None
         } else {
-            ConsoleProtocol::parse(&req.r#type).ok_or_else(|| {
+            Some(ConsoleProtocol::parse(&req.r#type).ok_or_else(|| {
                 ApiError::invalid_field(
                     "type",
-                    format!("console type must be vnc, spice, rdp or serial, got {}", excerpt(&req.r#type)),
+                    format!(
+                        "console type must be vnc, spice, rdp, serial or web, got {}",
+                        excerpt(&req.r#type)
+                    ),
                 )
-            })?
+            })?)
         };
-        let protocol = kind.as_str().to_owned();
         let provider =
             self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
+        // `web` is the page of the first protocol with one that the provider
+        // offers; left out, the type is vnc.
+        let kind = match asked {
+            Some(kind) => kind,
+            None if !web => ConsoleProtocol::Vnc,
+            None => WEB_PAGES
+                .iter()
+                .copied()
+                .find(|k| k.capability().of(&provider.capabilities))
+                .unwrap_or(ConsoleProtocol::Vnc),
+        };
+        let protocol = kind.as_str().to_owned();
         let capability = kind.capability();
         if !capability.of(&provider.capabilities) {
             return Err(ApiError::feature_not_supported(
@@ -114,19 +182,21 @@ impl TenantApi {
             Some(("ws", rest)) => format!("http://{rest}"),
             _ => base.to_owned(),
         };
-        // Only VNC has a page in the browser; RDP has a relay for native
-        // clients when the operator runs one.
-        let web_url = match kind {
-            ConsoleProtocol::Vnc => format!("{web_base}/console/{protocol}.html?token={token}"),
-            _ => String::new(),
+        // VNC and serial have a page in the browser; RDP has a relay for
+        // native clients when the operator runs one.
+        let web_url = if WEB_PAGES.contains(&kind) {
+            format!("{web_base}/console/{protocol}.html?token={token}")
+        } else {
+            String::new()
         };
         let address = match kind {
             ConsoleProtocol::Rdp => self.ctx.config.console.rdp_address.clone(),
             _ => String::new(),
         };
+        let url = if web { web_url.clone() } else { format!("{base}/console/{protocol}?token={token}") };
         Ok(ConsoleSession {
-            r#type: protocol.clone(),
-            url: format!("{base}/console/{protocol}?token={token}"),
+            r#type: if web { WEB.to_owned() } else { protocol.clone() },
+            url,
             expires_at: Some(convert::ts(expires_at)),
             web_url,
             address,

@@ -1,0 +1,3 @@
+-- Why a console session was revoked (its VM stopped, moved or was
+-- deleted): the console proxy ends an open session with this reason.
+ALTER TABLE console_sessions ADD COLUMN revoked_reason TEXT;
