@@ -69,7 +69,7 @@ async fn tools() -> Option<Tools> {
 /// What the stack's sim provider can do: everything the tenant API has a
 /// route for, so that every operation can reach its success path.
 const SIM_CAPABILITIES: &str = "cloud_init,snapshot,snapshot_running,live_migration,cold_migration,\
-                                resize,hot_resize,console_vnc,console_spice,console_rdp,console_serial";
+                                resize,hot_resize,console_vnc,console_spice,console_rdp,console_serial,console_log";
 
 async fn stack() -> TestStack {
     let opts = StackOptions { sim_capabilities: SIM_CAPABILITIES.to_owned(), ..StackOptions::default() };

@@ -30,7 +30,7 @@ const T: &str = "/api/hcp/tenant/v1/projects/demo";
 const O: &str = "/api/hcp/ops/v1";
 /// Every capability the sim has.
 const ALL: &str = "cloud_init,snapshot,snapshot_running,console_vnc,console_spice,console_rdp,\
-                   console_serial,resize,hot_resize,live_migration,cold_migration,volumes,hot_attach,\
+                   console_serial,console_log,resize,hot_resize,live_migration,cold_migration,volumes,hot_attach,\
                    volume_extend_in_use";
 /// An id no resource has.
 const NOBODY: &str = "01890000-0000-7000-8000-000000000000";
@@ -184,7 +184,7 @@ fn baseline(op: &str, s: &Seed) -> Option<Base> {
             &[("project_id", "demo")],
             Some(json!({"name": "vm-b", "flavor": "small", "image": "debian-12"})),
         ),
-        "getVm" | "deleteVm" | "listJobsByVmId" | "listSnapshots" => base(&demo_vm, None),
+        "getVm" | "deleteVm" | "listJobsByVmId" | "listSnapshots" | "getConsoleLog" => base(&demo_vm, None),
         "updateVm" => base(&demo_vm, Some(json!({"name": "web-1", "update_mask": "name,metadata,tags"}))),
         "createSnapshot" => base(&demo_vm, Some(json!({"name": "s-b"}))),
         "deleteSnapshot" => base(&[demo_vm[0], demo_vm[1], ("snapshot_id", &s.snapshot)], None),

@@ -11,6 +11,10 @@
 // saves a screenshot of the canvas to --out.
 // --expect refused: waits for body[data-state] to become refused or
 // disconnected; succeeds on refused. --out, if given, gets the whole page.
+// --expect typed (the serial console page): waits for connected, types
+// --type TEXT and Enter into the terminal, and waits for its lines to
+// contain --until TEXT; --out gets the whole page. "terminal" carries the
+// terminal's last lines.
 //
 // A page whose requests were aborted because the host's network changed
 // (net::ERR_NETWORK_CHANGED) before its websocket opened is loaded again, at
@@ -73,6 +77,8 @@ try {
       out: { type: 'string' },
       'timeout-ms': { type: 'string', default: '30000' },
       expect: { type: 'string', default: 'connected' },
+      type: { type: 'string', default: '' },
+      until: { type: 'string', default: '' },
       chromium: { type: 'string', default: '/usr/bin/chromium' },
     },
     strict: true,
@@ -82,8 +88,11 @@ try {
 }
 const timeoutMs = Number(opts['timeout-ms']);
 if (!opts.url) usage('--url is required');
-if (!['connected', 'refused'].includes(opts.expect)) usage('--expect must be connected or refused');
-if (opts.expect === 'connected' && !opts.out) usage('--out is required');
+if (!['connected', 'refused', 'typed'].includes(opts.expect)) {
+  usage('--expect must be connected, refused or typed');
+}
+if (opts.expect !== 'refused' && !opts.out) usage('--out is required');
+if (opts.expect === 'typed' && (!opts.type || !opts.until)) usage('--expect typed needs --type and --until');
 if (!Number.isFinite(timeoutMs) || timeoutMs <= 0) usage('--timeout-ms must be a positive number');
 
 const deadline = Date.now() + timeoutMs;
@@ -101,6 +110,7 @@ const result = {
   socket: { opened: 0, frames_in: 0, frames_out: 0, closed: 0, errors: [] },
   reloads: 0,
   log: [],
+  terminal: '',
 };
 const LOG_KEEP = 20;
 
@@ -189,6 +199,39 @@ async function expectConnected(page) {
   await page.locator('#screen canvas').screenshot({ path: opts.out, timeout: FINISH_TIMEOUT_MS });
 }
 
+// The serial console page: types a command into the terminal and waits
+// for what it must print.
+async function expectTyped(page) {
+  await page.waitForFunction(
+    () => ['connected', 'refused', 'disconnected'].includes(document.body && document.body.dataset.state),
+    null, { timeout: remaining(), polling: 100 });
+  Object.assign(result, await pageState(page));
+  if (result.state !== 'connected') {
+    throw new Error(`page state is ${result.state}, expected connected`);
+  }
+  await page.waitForFunction(() => typeof window.hcpConsoleText === 'function', null,
+    { timeout: remaining(), polling: 100 });
+  await page.locator('#screen').click();
+  // A fresh prompt first: the guest printed its last one long ago.
+  await page.keyboard.press('Enter');
+  await page.keyboard.type(opts.type, { delay: 20 });
+  await page.keyboard.press('Enter');
+  for (;;) {
+    result.terminal = (await page.evaluate(() => window.hcpConsoleText())).trimEnd().slice(-1500);
+    const { state, reason } = await pageState(page);
+    if (result.terminal.includes(opts.until)) break;
+    if (state !== 'connected') {
+      Object.assign(result, { state, reason });
+      throw new Error(`page state became ${state} while waiting for ${JSON.stringify(opts.until)}`);
+    }
+    if (Date.now() + POLL_MS >= deadline) {
+      throw new Error(`the terminal never showed ${JSON.stringify(opts.until)}`);
+    }
+    await sleep(POLL_MS);
+  }
+  await page.screenshot({ path: opts.out, timeout: FINISH_TIMEOUT_MS });
+}
+
 async function expectRefused(page) {
   await page.waitForFunction(
     () => ['refused', 'disconnected'].includes(document.body && document.body.dataset.state),
@@ -248,7 +291,7 @@ async function main() {
     for (;;) {
       networkChanged = new Promise((resolve) => { onNetworkChange = () => resolve('network changed'); });
       const loaded = page.goto(opts.url, { waitUntil: 'load', timeout: remaining() })
-        .then(() => (opts.expect === 'refused' ? expectRefused(page) : expectConnected(page)))
+        .then(() => ({ refused: expectRefused, typed: expectTyped }[opts.expect] || expectConnected)(page))
         .then(() => 'done');
       const outcome = await Promise.race([loaded, networkChanged]);
       if (outcome === 'done') return 0;

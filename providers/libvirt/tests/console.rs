@@ -193,3 +193,80 @@ async fn console_tokens_are_refused_when_they_must_be() {
         (4403, "console token revoked: the vm was stopped, moved or deleted")
     );
 }
+
+/// Runs the serial console page in headless Chromium: types `command` into
+/// the terminal and waits for `until`.
+fn browser_types(url: &str, out: &Path, command: &str, until: &str) -> Value {
+    let script = hcp_testkit::stack::console_assets_dir().join("test/screenshot.mjs");
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .args(["--url", url, "--out", &out.display().to_string(), "--timeout-ms", "90000"])
+        .args(["--expect", "typed", "--type", command, "--until", until])
+        .output()
+        .expect("node runs (scripts/console-assets.sh installs what it needs)");
+    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let mut seen: Value = serde_json::from_str(&line)
+        .unwrap_or_else(|_| panic!("no JSON from the browser ({}): {line}\n{stderr}", out.status));
+    seen["stderr"] = Value::String(stderr);
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_serial_console_boot_log_and_web_console_of_a_real_guest() {
+    let kvm = Kvm::start("").await;
+    let vm = booted_vm(&kvm, "console-3").await;
+
+    // The boot log through the API: what the real guest printed as it booted.
+    let path = format!("{VMS}/{vm}/console-log?tail_lines=200");
+    let r = kvm.stack.rest.get(&path, &kvm.tenant).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let boot = r.str("output");
+    assert!(boot.contains("HCP-GUEST-READY hostname=console-3"), "{}", r.body);
+    assert!(boot.contains("HCP-GUEST: seed"), "{}", r.body);
+    // The same through the CLI.
+    let cli = std::process::Command::new(common::hcp_exe())
+        .args(["vm", "console-log", &vm, "--tail", "5"])
+        .env("HCP_ENDPOINT", format!("http://{}", kvm.stack.gateway))
+        .env("HCP_TOKEN", &kvm.tenant)
+        .env("HCP_PROJECT", "demo")
+        .env("HCP_CONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success() && printed.contains("HCP-GUEST-READY hostname=console-3"), "{printed}");
+
+    // The serial console in the browser: a command typed on the page runs
+    // in the guest's shell, and its answer comes back to the page.
+    let session =
+        kvm.stack.console(&format!("{VMS}/{vm}"), &kvm.tenant, &json!({"type": "serial"})).await.unwrap();
+    assert_eq!(session["type"], "serial");
+    let page = session["web_url"].as_str().unwrap().to_owned();
+    let seen = browser_types(
+        &page,
+        &artifacts().join("console-serial.png"),
+        "echo $((6*7))-serial-ok",
+        "42-serial-ok",
+    );
+    assert_eq!(seen["error"], Value::Null, "{seen}\n{}", console_log(&kvm, 40));
+    assert!(seen["terminal"].as_str().unwrap().contains("42-serial-ok"), "{seen}");
+    // What the session printed is in the boot log too (one serial line).
+    common::wait_until_audit(&kvm, &vm, "closed: ").await;
+    let r = kvm.stack.rest.get(&path, &kvm.tenant).await.unwrap();
+    assert!(r.str("output").contains("42-serial-ok"), "{}", r.body);
+
+    // `web`: the page of the VNC console, showing the guest's screen.
+    let web = kvm.stack.console(&format!("{VMS}/{vm}"), &kvm.tenant, &json!({"type": "web"})).await.unwrap();
+    assert_eq!(web["type"], "web");
+    let url = web["url"].as_str().unwrap();
+    assert!(url.contains("/console/vnc.html?token="), "{web}");
+    let seen = browser(url, &artifacts().join("console-web.png"), "connected");
+    assert_eq!(seen["state"], "connected", "{seen}\n{}", console_log(&kvm, 40));
+
+    // Stopped, the boot log still reads, with the guest's last words.
+    let r = kvm.stack.rest.post(&format!("{VMS}/{vm}:stop"), &kvm.tenant, &json!({})).await.unwrap();
+    kvm.succeed(&r.str("job_id")).await;
+    let r = kvm.stack.rest.get(&path, &kvm.tenant).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.str("output").contains("HCP-GUEST: power button, powering off"), "{}", r.body);
+}
