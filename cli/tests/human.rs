@@ -311,6 +311,72 @@ async fn an_interactive_terminal_shows_the_live_progress_and_the_result() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_serial_console_opens_in_the_users_terminal() {
+    if !tmux_available() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "CI must run the tmux session");
+        eprintln!("SKIP: no tmux");
+        return;
+    }
+    let opts = StackOptions { console_urls_name_the_gateway: true, ..StackOptions::default() };
+    let s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
+    let token = s.tenant_token("acme", &["demo"]);
+    let cli = Cli::for_stack(&s, &token);
+    cli.ok(&["vm", "create", "ser-1", "--flavor", "small", "--image", "debian-12", "--wait"]).await;
+    // The boot log, as the guest wrote it.
+    let log = cli.ok(&["vm", "console-log", "ser-1", "--tail", "1"]).await;
+    assert_eq!(log.trim_end(), "HCP-SIM-READY hostname=ser-1 native_id=sim-1", "{log:?}");
+
+    let session = Tmux(format!("hcp-test-{}", uuid::Uuid::new_v4().simple()));
+    let script: PathBuf = s.dir().join("serial.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "export HCP_ENDPOINT=http://{} HCP_TOKEN={token} HCP_PROJECT=demo HCP_CONFIG=/nonexistent\n\
+             {HCP} vm console ser-1 --type serial\necho \"exit=$?\"\nstty -a | grep -o -- '-\\?icanon'\nsleep 600\n",
+            s.gateway
+        ),
+    )
+    .unwrap();
+    let started = std::process::Command::new("tmux")
+        .args(["new-session", "-d", "-s", &session.0, "-x", "120", "-y", "30", "sh", &script.display().to_string()])
+        .status()
+        .unwrap();
+    assert!(started.success());
+    let screen = || {
+        let out = std::process::Command::new("tmux").args(["capture-pane", "-p", "-t", &session.0]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shows = |what: &'static str| {
+        let screen = &screen;
+        async move {
+            hcp_testkit::wait_until(Duration::from_secs(60), what, || async {
+                let text = screen();
+                Ok(text.contains(what).then_some(text))
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", screen()))
+        }
+    };
+    // (capture-pane drops trailing blanks: the prompt's space is not shown.)
+    shows("root@ser-1:~#").await;
+    // Keys go to the guest as they are typed (raw mode: the guest echoes).
+    let keys = |keys: &[&str]| {
+        let mut args = vec!["send-keys", "-t", session.0.as_str()];
+        args.extend_from_slice(keys);
+        assert!(std::process::Command::new("tmux").args(&args).status().unwrap().success());
+    };
+    keys(&["echo from-tmux", "Enter"]);
+    let text = shows("from-tmux\nroot@ser-1:~#").await;
+    assert!(text.contains("root@ser-1:~# echo from-tmux\nfrom-tmux"), "{text}");
+    // Ctrl-] leaves; the terminal is itself again (canonical mode back on).
+    keys(&["C-]"]);
+    let end = shows("exit=").await;
+    assert!(end.contains("Left the serial console.") && end.contains("exit=0"), "{end}");
+    let end = shows("icanon").await;
+    assert!(end.lines().any(|l| l.trim() == "icanon"), "the terminal stayed raw:\n{end}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn people_manage_volumes_with_the_hcp_command() {
     let opts = StackOptions {
         sim_capabilities: "cloud_init,console_vnc,volumes,hot_attach,volume_extend_in_use".into(),

@@ -53,6 +53,11 @@ pub struct StackOptions {
     /// Environment for every process of the stack (e.g.
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub env: Vec<(String, String)>,
+    /// Console URLs name the first gateway, as `hcp up` configures them
+    /// (for clients that open them as they are, like `hcp vm console`):
+    /// the gateway gets a port picked before core starts. Otherwise core
+    /// announces its default and [`TestStack::console`] rewrites the URLs.
+    pub console_urls_name_the_gateway: bool,
 }
 
 impl Default for StackOptions {
@@ -66,6 +71,7 @@ impl Default for StackOptions {
             jobs_toml: String::new(),
             providers_toml: String::new(),
             console_toml: String::new(),
+            console_urls_name_the_gateway: false,
             nats: false,
             api_processes: 1,
             worker_processes: 0,
@@ -187,9 +193,22 @@ impl TestStack {
 
         let combined = opts.worker_processes == 0;
         let stack_dir = stack.dir.path().to_owned();
+        // A free port for the first gateway, when core must name it (a
+        // port the kernel just handed out is not handed out again at once).
+        let first_gateway = if opts.console_urls_name_the_gateway {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            stack.opts.console_toml.push_str(&format!("\npublic_base_url = \"ws://{port}\"\n"));
+            Some(port)
+        } else {
+            None
+        };
         for i in 0..opts.api_processes.max(1) {
             let name = format!("core-api-{i}");
             let config = stack.write_core_config(&name, true, combined)?;
+            let listen = match first_gateway {
+                Some(port) if i == 0 => port.to_string(),
+                _ => "127.0.0.1:0".to_owned(),
+            };
             let core = stack
                 .spawn_logged(&name, &["core".into(), "--config".into(), config.display().to_string()])
                 .await?;
@@ -199,7 +218,7 @@ impl TestStack {
                     &[
                         "gateway".into(),
                         "--listen".into(),
-                        "127.0.0.1:0".into(),
+                        listen,
                         "--core".into(),
                         format!("http://{core}"),
                         "--service-token-file".into(),
