@@ -103,6 +103,33 @@ async fn a_serial_console_runs_commands_and_the_boot_log_keeps_what_the_guest_wr
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_simulators_vnc_console_shows_each_vm_its_own_screen() {
+    // What a newcomer on the quick start gets: a VNC server per sim VM,
+    // reached through the proxy with the VM's own password.
+    let s = stack(StackOptions::default()).await;
+    let t = s.tenant_token("acme", &["demo"]);
+    let (a, b) = (active_vm(&s.rest, &t, "vnc-a").await, active_vm(&s.rest, &t, "vnc-b").await);
+    for (vm, name) in [(&a, "vnc-a"), (&b, "vnc-b")] {
+        let session = s.console(&format!("{VMS}/{vm}"), &t, &json!({"type": "vnc"})).await.unwrap();
+        let mut c = console::open(session["url"].as_str().unwrap(), None).await.unwrap();
+        let init = c.handshake().await.unwrap().unwrap();
+        assert_eq!((init.name.as_str(), init.width, init.height), (format!("hcp-sim {name}").as_str(), 640, 400));
+        c.close().await.unwrap();
+    }
+    // The console page in Chromium shows it.
+    let session = s.console(&format!("{VMS}/{a}"), &t, &json!({"type": "web"})).await.unwrap();
+    let shot = console::artifacts().join("console-sim-vnc.png");
+    let seen = console::browser(session["url"].as_str().unwrap(), &shot, &["--expect", "connected"]);
+    assert_eq!(seen["state"], "connected", "{seen}");
+    assert!(seen["non_background_pixels"].as_u64().unwrap_or(0) > 500, "no text on the screen: {seen}");
+    // A stopped VM's screen is gone: its password opens nothing.
+    let stop = s.rest.post(&format!("{VMS}/{b}:stop"), &t, &json!({})).await.unwrap();
+    job_done(&s.rest, &t, &stop).await;
+    let r = s.rest.post(&format!("{VMS}/{b}:console"), &t, &json!({"type": "vnc"})).await.unwrap();
+    assert_eq!(r.status, 409, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn open_sessions_end_when_their_vm_stops_or_goes_away() {
     let s = stack(StackOptions::default()).await;
     let t = s.tenant_token("acme", &["demo"]);

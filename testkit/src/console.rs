@@ -11,6 +11,34 @@ use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+/// Runs the console page at `url` in headless Chromium with
+/// `gateway/console/test/screenshot.mjs` (`args`: `--expect ...` and the
+/// rest, `--out` given here) and returns its JSON line, with the script's
+/// diagnostics (its stderr) added as `"stderr"`.
+pub fn browser(url: &str, out: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let script = crate::stack::console_assets_dir().join("test/screenshot.mjs");
+    let run = std::process::Command::new("node")
+        .arg(&script)
+        .args(["--url", url, "--out", &out.display().to_string(), "--timeout-ms", "90000"])
+        .args(args)
+        .output()
+        .expect("node runs (scripts/console-assets.sh installs what it needs)");
+    let line = String::from_utf8_lossy(&run.stdout).lines().last().unwrap_or_default().to_owned();
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    let mut seen: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|_| panic!("no JSON from the browser ({}): {line}\n{stderr}", run.status));
+    seen["stderr"] = serde_json::Value::String(stderr);
+    seen
+}
+
+/// Where tests put what the browser saw (screenshots), created on demand:
+/// `artifacts/` at the workspace's root.
+pub fn artifacts() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../artifacts");
+    std::fs::create_dir_all(&dir).expect("artifacts directory");
+    dir
+}
+
 /// How long any one wait on the proxy may take.
 const WAIT: Duration = Duration::from_secs(120);
 

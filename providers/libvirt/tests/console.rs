@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{Kvm, VMS, provider_console};
-use hcp_testkit::console::session;
+use hcp_testkit::console::{artifacts, session};
 use hcp_testkit::stack::StackOptions;
 use serde_json::{Value, json};
 
@@ -29,36 +29,9 @@ async fn console(kvm: &Kvm, token: &str, vm: &str) -> Value {
     kvm.stack.console(&format!("{VMS}/{vm}"), token, &json!({"type": "vnc"})).await.unwrap()
 }
 
-fn artifacts() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../artifacts");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Runs the console page in headless Chromium; returns its JSON line, with
-/// the script's diagnostics (its stderr) added as `"stderr"`.
+/// The console page in Chromium, waiting for `expect`.
 fn browser(url: &str, out: &Path, expect: &str) -> Value {
-    let script = hcp_testkit::stack::console_assets_dir().join("test/screenshot.mjs");
-    let out = std::process::Command::new("node")
-        .arg(&script)
-        .args([
-            "--url",
-            url,
-            "--out",
-            &out.display().to_string(),
-            "--timeout-ms",
-            "60000",
-            "--expect",
-            expect,
-        ])
-        .output()
-        .expect("node runs (scripts/console-assets.sh installs what it needs)");
-    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let mut seen: Value = serde_json::from_str(&line)
-        .unwrap_or_else(|_| panic!("no JSON from the browser ({}): {line}\n{stderr}", out.status));
-    seen["stderr"] = Value::String(stderr);
-    seen
+    hcp_testkit::console::browser(url, out, &["--expect", expect])
 }
 
 /// The stack's log lines about consoles (the gateway's proxy and core's
@@ -192,24 +165,6 @@ async fn console_tokens_are_refused_when_they_must_be() {
         (closed.code, closed.reason.as_str()),
         (4403, "console token revoked: the vm was stopped, moved or deleted")
     );
-}
-
-/// Runs the serial console page in headless Chromium: types `command` into
-/// the terminal and waits for `until`.
-fn browser_types(url: &str, out: &Path, command: &str, until: &str) -> Value {
-    let script = hcp_testkit::stack::console_assets_dir().join("test/screenshot.mjs");
-    let out = std::process::Command::new("node")
-        .arg(&script)
-        .args(["--url", url, "--out", &out.display().to_string(), "--timeout-ms", "90000"])
-        .args(["--expect", "typed", "--type", command, "--until", until])
-        .output()
-        .expect("node runs (scripts/console-assets.sh installs what it needs)");
-    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let mut seen: Value = serde_json::from_str(&line)
-        .unwrap_or_else(|_| panic!("no JSON from the browser ({}): {line}\n{stderr}", out.status));
-    seen["stderr"] = Value::String(stderr);
-    seen
 }
 
 #[tokio::test(flavor = "multi_thread")]

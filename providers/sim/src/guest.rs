@@ -7,7 +7,71 @@
 use std::sync::{Arc, Mutex};
 
 use hcp_provider_sdk::serial::{MAX_LOG_BYTES, SerialStream};
+use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
+use hcp_sim_screen::{Desktop, Screen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::Sim;
+
+/// The simulated screen's size.
+pub(crate) const SCREEN: (u16, u16) = (640, 400);
+
+/// Consoles need a running VM.
+pub(crate) fn running(power: pb::PowerState) -> Result<(), ProviderError> {
+    if power == pb::PowerState::Running {
+        Ok(())
+    } else {
+        Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"))
+    }
+}
+
+/// A VM's VNC password: 8 letters and digits (VNC authentication uses the
+/// first 8 bytes).
+pub(crate) fn vnc_password() -> String {
+    use rand::Rng;
+    rand::thread_rng().sample_iter(rand::distributions::Alphanumeric).take(8).map(char::from).collect()
+}
+
+/// The simulator's VNC server: one listener for every VM. The password a
+/// client answers the challenge with names the VM (each has its own), whose
+/// screen it then sees: the VM's facts as text, on a colour of its own.
+pub(crate) async fn serve_vnc(listener: tokio::net::TcpListener, sim: Sim) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let sim = sim.clone();
+        tokio::spawn(async move {
+            let authorize = |challenge: &[u8; 16], response: &[u8; 16]| {
+                let s = sim.lock();
+                let (id, vm) = s.vms.iter().find(|(_, vm)| {
+                    vm.power == pb::PowerState::Running
+                        && !vm.vnc_password.is_empty()
+                        && hcp_sim_screen::vnc_response(&vm.vnc_password, challenge) == *response
+                })?;
+                let bytes = id.as_bytes();
+                let shade = |i: usize| bytes.get(i).map_or(32, |b| b % 96);
+                let lines = [
+                    "HCP simulated VM".to_owned(),
+                    String::new(),
+                    format!("hostname   {}", vm.hostname),
+                    format!("vm         {id}"),
+                    format!("native id  {}", vm.native_id),
+                    format!("host       {}", vm.host),
+                    format!("size       {} vCPU, {} MiB, {} GiB", vm.vcpus, vm.memory_mib, vm.disk_gib),
+                    String::new(),
+                    format!("HCP-SIM-READY hostname={}", vm.hostname),
+                ];
+                let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+                Some(Desktop {
+                    name: format!("hcp-sim {}", vm.hostname),
+                    screen: Screen::text(SCREEN.0, SCREEN.1, [shade(0), shade(1), 64 + shade(2)], &lines),
+                })
+            };
+            if let Err(e) = hcp_sim_screen::serve(&mut conn, authorize).await {
+                tracing::debug!(error = %e, "simulated VNC session ended");
+            }
+        });
+    }
+}
 
 /// The end of what a guest wrote on its serial port: at most
 /// [`MAX_LOG_BYTES`], older bytes dropped first.

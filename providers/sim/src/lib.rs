@@ -184,6 +184,8 @@ struct SimVm {
     hostname: String,
     /// What the guest wrote on its serial port.
     serial: guest::SerialLog,
+    /// Its VNC password (made at the first console asked for).
+    vnc_password: String,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +304,8 @@ pub struct Sim {
     require_credentials: bool,
     /// The serial console relay, when [`run`] started one.
     serial: Arc<std::sync::OnceLock<Arc<hcp_provider_sdk::serial::SerialRelay>>>,
+    /// The VNC server's port, when [`run`] started one.
+    vnc: Arc<std::sync::OnceLock<u16>>,
 }
 
 impl SimVm {
@@ -349,6 +353,7 @@ impl Sim {
             protocol_versions: config.protocol_versions.clone(),
             require_credentials: config.require_credentials,
             serial: Arc::default(),
+            vnc: Arc::default(),
         }
     }
 
@@ -459,6 +464,7 @@ impl Sim {
                         spec.hostname.clone()
                     },
                     serial: guest::SerialLog::default(),
+                    vnc_password: String::new(),
                 };
                 vm.disk_gib = s.check_new_vm_volumes(&self.capabilities, &req.vm_id, &vm, &volumes)?;
                 s.next_native += 1;
@@ -906,20 +912,30 @@ impl Provider for Sim {
                     format!("{} consoles are not supported", req.protocol),
                 ));
             }
-            let running = self.with_vm(&req.vm_id, |vm| {
-                if vm.power == pb::PowerState::Running {
-                    Ok(())
-                } else {
-                    Err(ProviderError::new(ErrorKind::InvalidState, "vm is not running"))
+            let Some(&port) = self.vnc.get() else {
+                // In-process, without `run`: an endpoint nothing serves.
+                return self.with_vm(&req.vm_id, |vm| guest::running(vm.power)).map(|_| pb::ConsoleEndpoint {
+                    protocol: "vnc".to_owned(),
+                    host: "127.0.0.1".to_owned(),
+                    port: 5900,
+                    password: "sim-console".to_owned(),
+                    ..Default::default()
+                });
+            };
+            let mut password = String::new();
+            self.with_vm(&req.vm_id, |vm| {
+                guest::running(vm.power)?;
+                if vm.vnc_password.is_empty() {
+                    vm.vnc_password = guest::vnc_password();
                 }
-            });
-            running.map(|_| pb::ConsoleEndpoint {
+                password.clone_from(&vm.vnc_password);
+                Ok(())
+            })?;
+            Ok(pb::ConsoleEndpoint {
                 protocol: "vnc".to_owned(),
                 host: "127.0.0.1".to_owned(),
-                port: 5900,
-                password: "sim-console".to_owned(),
-                tls: false,
-                path: String::new(),
+                port: u32::from(port),
+                password,
                 ..Default::default()
             })
         })
@@ -1176,6 +1192,14 @@ pub async fn run(
             .await
             .map_err(|source| hcp_provider_sdk::ServeError::Bind { addr: listen, source })?;
         let _ = sim.serial.set(relay);
+    }
+    if sim.capabilities.supports_console_vnc {
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let bind = |source| hcp_provider_sdk::ServeError::Bind { addr: listen, source };
+        let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
+        let port = listener.local_addr().map_err(bind)?.port();
+        let _ = sim.vnc.set(port);
+        tokio::spawn(guest::serve_vnc(listener, sim.clone()));
     }
     let control = sim.control();
     let serve = ServeConfig {

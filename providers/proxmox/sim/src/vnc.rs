@@ -1,19 +1,16 @@
 //! The VNC server behind a simulated `vncwebsocket`: what QEMU's VNC
 //! display, reached through PVE's vncproxy listener, looks like to a
-//! client. RFB 3.8 inside binary websocket messages, VNC authentication
-//! (security type 2: the 16-byte challenge encrypted with DES under the
-//! password vncproxy issued), a ServerInit named after the VM
-//! ([`server_name`]), and a small framebuffer of colour bars sent raw, in
-//! the pixel format the client asks for, for each non-incremental update
-//! request (nothing ever changes, so incremental requests wait forever, as
-//! a real server waits for a change).
+//! client. The simulators' synthetic RFB server ([`hcp_sim_screen`]: VNC
+//! authentication under the password vncproxy issued, a ServerInit named
+//! after the VM, [`server_name`], and a small screen of colour bars) inside
+//! binary websocket messages.
 
-use std::io;
 
 use axum::extract::ws::{Message, WebSocket};
-use des::cipher::{BlockEncrypt, KeyInit};
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+pub use hcp_sim_screen::vnc_response;
+use hcp_sim_screen::{Desktop, Screen};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The framebuffer's size.
 pub const WIDTH: u16 = 64;
@@ -25,26 +22,6 @@ pub fn server_name(vmid: u32) -> String {
     format!("pve-sim vm {vmid}")
 }
 
-/// The response to a VNC authentication challenge under `password`: DES
-/// of each half, keyed by the password's first 8 bytes (zero padded), each
-/// byte's bits reversed, as the original VNC code does.
-pub fn vnc_response(password: &str, challenge: &[u8; 16]) -> [u8; 16] {
-    let mut key = [0u8; 8];
-    for (k, b) in key.iter_mut().zip(password.bytes()) {
-        *k = b.reverse_bits();
-    }
-    let cipher = des::Des::new(&key.into());
-    let mut out = [0u8; 16];
-    for (half, chunk) in challenge.chunks_exact(8).enumerate() {
-        let mut block = [0u8; 8];
-        block.copy_from_slice(chunk);
-        let mut block = block.into();
-        cipher.encrypt_block(&mut block);
-        out[half * 8..half * 8 + 8].copy_from_slice(&block);
-    }
-    out
-}
-
 /// Serves one websocket: RFB until either side goes.
 pub(crate) async fn serve(socket: WebSocket, password: String, name: String) {
     let (rfb_end, pump_end) = tokio::io::duplex(64 * 1024);
@@ -54,7 +31,11 @@ pub(crate) async fn serve(socket: WebSocket, password: String, name: String) {
     // closes it and the other sees the end.
     let server = async move {
         let mut rfb_end = rfb_end;
-        if let Err(e) = rfb_server(&mut rfb_end, &password, &name).await {
+        let authorize = |challenge: &[u8; 16], response: &[u8; 16]| {
+            (*response == vnc_response(&password, challenge))
+                .then(|| Desktop { name, screen: Screen::bars(WIDTH, HEIGHT) })
+        };
+        if let Err(e) = hcp_sim_screen::serve(&mut rfb_end, authorize).await {
             tracing::debug!(error = %e, "simulated VNC session ended");
         }
     };
@@ -85,217 +66,4 @@ pub(crate) async fn serve(socket: WebSocket, password: String, name: String) {
         let _ = sink.send(Message::Close(None)).await;
     };
     tokio::join!(server, pump);
-}
-
-/// A client's pixel format (RFC 6143 7.4).
-#[derive(Debug, Clone, Copy)]
-struct PixelFormat {
-    bits_per_pixel: u8,
-    big_endian: bool,
-    max: [u16; 3],
-    shift: [u8; 3],
-}
-
-impl PixelFormat {
-    /// 32 bits, depth 24, little-endian, true colour, red at bit 16.
-    const DEFAULT: Self = Self { bits_per_pixel: 32, big_endian: false, max: [255; 3], shift: [16, 8, 0] };
-
-    /// From a SetPixelFormat message's 16 bytes.
-    fn from_bytes(bytes: &[u8; 16]) -> Self {
-        Self {
-            bits_per_pixel: bytes[0],
-            big_endian: bytes[2] != 0,
-            max: [
-                u16::from_be_bytes([bytes[4], bytes[5]]),
-                u16::from_be_bytes([bytes[6], bytes[7]]),
-                u16::from_be_bytes([bytes[8], bytes[9]]),
-            ],
-            shift: [bytes[10], bytes[11], bytes[12]],
-        }
-    }
-
-    fn to_bytes(self) -> [u8; 16] {
-        let [r, g, b] = self.max.map(u16::to_be_bytes);
-        [
-            self.bits_per_pixel,
-            24,
-            u8::from(self.big_endian),
-            1,
-            r[0],
-            r[1],
-            g[0],
-            g[1],
-            b[0],
-            b[1],
-            self.shift[0],
-            self.shift[1],
-            self.shift[2],
-            0,
-            0,
-            0,
-        ]
-    }
-
-    /// One pixel of colour `rgb` (0..=255 each).
-    fn pixel(&self, rgb: [u8; 3], out: &mut Vec<u8>) {
-        let mut v = 0u32;
-        for ((c, max), shift) in rgb.into_iter().zip(self.max).zip(self.shift) {
-            v |= (u32::from(c) * u32::from(max) / 255) << shift;
-        }
-        let n = usize::from(self.bits_per_pixel / 8).clamp(1, 4);
-        let bytes = v.to_le_bytes();
-        if self.big_endian {
-            out.extend(bytes[..n].iter().rev());
-        } else {
-            out.extend_from_slice(&bytes[..n]);
-        }
-    }
-}
-
-/// Eight vertical colour bars.
-fn frame(pf: &PixelFormat) -> Vec<u8> {
-    const BARS: [[u8; 3]; 8] = [
-        [255, 255, 255],
-        [255, 255, 0],
-        [0, 255, 255],
-        [0, 255, 0],
-        [255, 0, 255],
-        [255, 0, 0],
-        [0, 0, 255],
-        [0, 0, 0],
-    ];
-    let mut out = Vec::new();
-    for _ in 0..HEIGHT {
-        for x in 0..WIDTH {
-            pf.pixel(BARS[usize::from(x) * BARS.len() / usize::from(WIDTH)], &mut out);
-        }
-    }
-    out
-}
-
-fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
-}
-
-async fn rfb_server<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    password: &str,
-    name: &str,
-) -> io::Result<()> {
-    s.write_all(b"RFB 003.008\n").await?;
-    let mut version = [0u8; 12];
-    s.read_exact(&mut version).await?;
-    if &version != b"RFB 003.008\n" && &version != b"RFB 003.007\n" {
-        return Err(invalid("the client is not an RFB 3.7/3.8 client"));
-    }
-    // One security type: VNC authentication.
-    s.write_all(&[1, 2]).await?;
-    if s.read_u8().await? != 2 {
-        return Err(invalid("the client chose another security type"));
-    }
-    let challenge: [u8; 16] = rand::random();
-    s.write_all(&challenge).await?;
-    let mut response = [0u8; 16];
-    s.read_exact(&mut response).await?;
-    if response != vnc_response(password, &challenge) {
-        let reason = b"Authentication failed";
-        s.write_u32(1).await?;
-        s.write_u32(reason.len() as u32).await?;
-        s.write_all(reason).await?;
-        return Err(invalid("wrong VNC password"));
-    }
-    s.write_u32(0).await?;
-    s.read_u8().await?; // ClientInit: shared or not, all the same here.
-    let mut pf = PixelFormat::DEFAULT;
-    let mut init = Vec::new();
-    init.extend_from_slice(&WIDTH.to_be_bytes());
-    init.extend_from_slice(&HEIGHT.to_be_bytes());
-    init.extend_from_slice(&pf.to_bytes());
-    init.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    init.extend_from_slice(name.as_bytes());
-    s.write_all(&init).await?;
-    loop {
-        match s.read_u8().await? {
-            // SetPixelFormat
-            0 => {
-                let mut msg = [0u8; 19];
-                s.read_exact(&mut msg).await?;
-                let mut bytes = [0u8; 16];
-                bytes.copy_from_slice(&msg[3..]);
-                if bytes[3] == 0 {
-                    return Err(invalid("colour maps are not simulated"));
-                }
-                pf = PixelFormat::from_bytes(&bytes);
-            }
-            // SetEncodings: raw is always allowed.
-            2 => {
-                s.read_u8().await?;
-                let n = s.read_u16().await?;
-                let mut skip = vec![0u8; usize::from(n) * 4];
-                s.read_exact(&mut skip).await?;
-            }
-            // FramebufferUpdateRequest
-            3 => {
-                let incremental = s.read_u8().await? != 0;
-                let mut area = [0u8; 8];
-                s.read_exact(&mut area).await?;
-                if !incremental {
-                    let mut update = vec![0, 0, 0, 1, 0, 0, 0, 0];
-                    update.extend_from_slice(&WIDTH.to_be_bytes());
-                    update.extend_from_slice(&HEIGHT.to_be_bytes());
-                    update.extend_from_slice(&0i32.to_be_bytes());
-                    update.extend_from_slice(&frame(&pf));
-                    s.write_all(&update).await?;
-                }
-            }
-            // KeyEvent, PointerEvent: nothing to do.
-            4 => {
-                let mut msg = [0u8; 7];
-                s.read_exact(&mut msg).await?;
-            }
-            5 => {
-                let mut msg = [0u8; 5];
-                s.read_exact(&mut msg).await?;
-            }
-            // ClientCutText
-            6 => {
-                let mut pad = [0u8; 3];
-                s.read_exact(&mut pad).await?;
-                let len = s.read_u32().await?;
-                let mut text = vec![0u8; len.min(1 << 20) as usize];
-                s.read_exact(&mut text).await?;
-            }
-            other => return Err(invalid(&format!("unknown client message {other}"))),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pixels_follow_the_clients_format() {
-        let mut out = Vec::new();
-        PixelFormat::DEFAULT.pixel([255, 0, 0], &mut out);
-        assert_eq!(out, [0, 0, 255, 0], "red at bit 16, little-endian");
-        let rgb565 =
-            PixelFormat { bits_per_pixel: 16, big_endian: true, max: [31, 63, 31], shift: [11, 5, 0] };
-        out.clear();
-        rgb565.pixel([255, 255, 255], &mut out);
-        assert_eq!(out, [0xff, 0xff]);
-        assert_eq!(frame(&rgb565).len(), usize::from(WIDTH) * usize::from(HEIGHT) * 2);
-        let back = PixelFormat::from_bytes(&rgb565.to_bytes());
-        assert_eq!(
-            (back.bits_per_pixel, back.big_endian, back.max, back.shift),
-            (16, true, [31, 63, 31], [11, 5, 0])
-        );
-    }
-
-    #[test]
-    fn the_response_is_des_of_the_challenge() {
-        // DES of a zero block under the zero key (empty password).
-        assert_eq!(vnc_response("", &[0; 16])[..8], [0x8c, 0xa6, 0x4d, 0xe9, 0xc1, 0xb1, 0x23, 0xa7]);
-        assert_ne!(vnc_response("ticket", &[0; 16]), vnc_response("", &[0; 16]));
-    }
 }
