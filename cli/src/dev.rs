@@ -319,6 +319,48 @@ pub async fn bootstrap(
     Ok(())
 }
 
+/// Where the gateway `hcp up` starts finds the console pages (its default,
+/// relative to the repository's root, where `hcp up` is run).
+const CONSOLE_ASSETS: &str = "gateway/console";
+/// The npm packages the console pages load at run time.
+const CONSOLE_MODULES: &[&str] = &["@novnc/novnc", "@xterm/xterm", "@xterm/addon-fit"];
+
+/// Installs the console pages' modules (noVNC, xterm.js) from the lockfile
+/// when they are missing, so a console opens in the browser on a fresh
+/// clone; says what to run when it cannot. Never fails `hcp up`: without
+/// them the API and every other console (the CLI's serial terminal, RDP)
+/// still work.
+#[allow(clippy::print_stdout)]
+async fn console_assets() {
+    let dir = std::path::Path::new(CONSOLE_ASSETS);
+    let missing: Vec<&str> = CONSOLE_MODULES
+        .iter()
+        .copied()
+        .filter(|m| !dir.join("node_modules").join(m).join("package.json").is_file())
+        .collect();
+    if missing.is_empty() || !dir.join("package-lock.json").is_file() {
+        return;
+    }
+    let fix = "run `bash scripts/console-assets.sh` from the repository's root";
+    println!(
+        "installing the console pages' modules ({}) from {CONSOLE_ASSETS}/package-lock.json",
+        missing.join(", ")
+    );
+    let installed = tokio::process::Command::new("npm")
+        .args(["ci", "--prefix", CONSOLE_ASSETS, "--omit=dev", "--ignore-scripts", "--no-audit", "--no-fund"])
+        .args(["--loglevel=error"])
+        .stdin(Stdio::null())
+        .status()
+        .await;
+    match installed {
+        Ok(s) if s.success() => {}
+        Ok(s) => println!("warning: npm ci failed ({s}): consoles in the browser answer 503 until you {fix}"),
+        Err(e) => {
+            println!("warning: cannot run npm ({e}): consoles in the browser answer 503 until you {fix}")
+        }
+    }
+}
+
 /// `hcp up`.
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
@@ -387,6 +429,7 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&proxy_token_file, std::fs::Permissions::from_mode(0o600))?;
     }
+    console_assets().await;
     let gateway = spawn(
         &exe,
         &[
@@ -420,7 +463,10 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
          It is for local use only.\n\n\
          export TOKEN={tenant_token}\nexport OPS_TOKEN={ops_token}\n\n\
          For the hcp command:\n  export HCP_ENDPOINT=http://{gw} HCP_PROJECT=demo HCP_TOKEN=$TOKEN\n  \
-         hcp vm create web-1 --flavor small --image debian-12 --wait\n\n\
+         hcp vm create web-1 --flavor small --image debian-12 --wait\n  \
+         hcp vm console web-1 --type serial     # the guest's shell, here; Ctrl-] leaves\n  \
+         hcp vm console web-1 --type web        # a page with its screen, for the browser\n  \
+         hcp vm console-log web-1               # its boot log\n\n\
          Try:\n  curl -s -X POST -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' \\\n    \
          -d '{{\"name\":\"web-1\",\"flavor\":\"small\",\"image\":\"debian-12\"}}' \\\n    \
          http://{gw}/api/hcp/tenant/v1/projects/demo/vms\n\nPress ctrl-c to stop.",

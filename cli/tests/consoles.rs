@@ -113,7 +113,10 @@ async fn the_simulators_vnc_console_shows_each_vm_its_own_screen() {
         let session = s.console(&format!("{VMS}/{vm}"), &t, &json!({"type": "vnc"})).await.unwrap();
         let mut c = console::open(session["url"].as_str().unwrap(), None).await.unwrap();
         let init = c.handshake().await.unwrap().unwrap();
-        assert_eq!((init.name.as_str(), init.width, init.height), (format!("hcp-sim {name}").as_str(), 640, 400));
+        assert_eq!(
+            (init.name.as_str(), init.width, init.height),
+            (format!("hcp-sim {name}").as_str(), 640, 400)
+        );
         c.close().await.unwrap();
     }
     // The console page in Chromium shows it.

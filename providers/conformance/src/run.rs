@@ -95,6 +95,14 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
             kit.record(&format!("{protocol} console refused as UNIMPLEMENTED"), r);
         }
     }
+    if caps.supports_console_log {
+        let r = kit.console_log(true).await;
+        kit.record("console log", r);
+    } else {
+        kit.skip("console log", "the provider does not declare supports_console_log");
+        let r = kit.console_log(false).await;
+        kit.record("console log refused as UNIMPLEMENTED", r);
+    }
     const NICS: &str = "interfaces: one well-formed NIC per network, stable MACs";
     if kit.options.network.is_empty() {
         kit.skip(NICS, "the kit was given no network to attach");

@@ -91,7 +91,7 @@ impl Hooks for SimHooks {
 
 #[tokio::test]
 async fn the_simulator_conforms() {
-    let caps = "cloud_init,snapshot,console_vnc,resize,hot_resize,live_migration,cold_migration,\
+    let caps = "cloud_init,snapshot,console_vnc,console_log,resize,hot_resize,live_migration,cold_migration,\
                 volumes,hot_attach,volume_extend_in_use";
     let the_sim = hcp_provider_sim::Sim::new(&hcp_provider_sim::SimConfig {
         capabilities: hcp_provider_sim::parse_capabilities(caps).unwrap(),
@@ -212,10 +212,13 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
     let report = run(Options::new(&sim("").await)).await.unwrap();
     println!("{report}");
     assert!(report.passed(), "{report}");
-    // The four consoles, snapshots, resize and both migrations it lacks,
-    // the half-made create (no hooks), the NICs (no network given) and the
-    // ten volume checks.
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 20, "{report}");
+    // The four consoles and the console log, snapshots, resize and both
+    // migrations it lacks, the half-made create (no hooks), the NICs (no
+    // network given) and the ten volume checks.
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 21, "{report}");
+    assert!(
+        report.checks.iter().any(|(n, o)| n == "console log refused as UNIMPLEMENTED" && *o == Outcome::Pass)
+    );
     assert!(
         report.checks.iter().any(|(n, o)| n == "migration refused without its flag" && *o == Outcome::Pass)
     );
@@ -567,4 +570,16 @@ async fn a_delete_vm_that_takes_its_volumes_fails_by_name() {
     assert_eq!(failures.len(), 1, "{report}");
     // The kit cleaned up after itself even so.
     assert!(the_sim.volume_ids().is_empty() && the_sim.vm_ids().is_empty());
+}
+
+#[tokio::test]
+async fn a_serial_console_carries_the_guests_line_and_its_ticket_opens_it_once() {
+    // `run` starts the simulator's serial relay: the kit reaches the
+    // guest's shell through it.
+    let report = run(Options::new(&sim("console_serial,console_log").await)).await.unwrap();
+    println!("{report}");
+    assert!(report.passed(), "{report}");
+    for check in ["serial console", "console log"] {
+        assert!(report.checks.iter().any(|(n, o)| n == check && *o == Outcome::Pass), "{check}: {report}");
+    }
 }

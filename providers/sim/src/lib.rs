@@ -914,12 +914,14 @@ impl Provider for Sim {
             }
             let Some(&port) = self.vnc.get() else {
                 // In-process, without `run`: an endpoint nothing serves.
-                return self.with_vm(&req.vm_id, |vm| guest::running(vm.power)).map(|_| pb::ConsoleEndpoint {
-                    protocol: "vnc".to_owned(),
-                    host: "127.0.0.1".to_owned(),
-                    port: 5900,
-                    password: "sim-console".to_owned(),
-                    ..Default::default()
+                return self.with_vm(&req.vm_id, |vm| guest::running(vm.power)).map(|_| {
+                    pb::ConsoleEndpoint {
+                        protocol: "vnc".to_owned(),
+                        host: "127.0.0.1".to_owned(),
+                        port: 5900,
+                        password: "sim-console".to_owned(),
+                        ..Default::default()
+                    }
                 });
             };
             let mut password = String::new();

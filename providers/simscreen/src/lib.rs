@@ -47,9 +47,8 @@ impl Screen {
             [0, 0, 0],
         ];
         let w = usize::from(width.max(1));
-        let pixels = (0..usize::from(height))
-            .flat_map(|_| (0..w).map(move |x| BARS[x * BARS.len() / w]))
-            .collect();
+        let pixels =
+            (0..usize::from(height)).flat_map(|_| (0..w).map(move |x| BARS[x * BARS.len() / w])).collect();
         Self { width: width.max(1), height, pixels }
     }
 

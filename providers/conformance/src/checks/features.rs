@@ -3,9 +3,10 @@
 //! reports, resize and snapshots.
 
 use hcp_proto::provider::{
-    CreateSnapshotRequest, CreateVmRequest, GetConsoleRequest, NetworkAttachment, PowerState,
-    ResizeVmRequest, SnapshotRef, StopVmRequest, VmInfo, VmRef,
+    ConsoleTransport, CreateSnapshotRequest, CreateVmRequest, GetConsoleLogRequest, GetConsoleRequest,
+    NetworkAttachment, PowerState, ResizeVmRequest, SnapshotRef, StopVmRequest, VmInfo, VmRef,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::kit::{CheckResult, Kit, call, ensure, expect_code, power};
 
@@ -61,7 +62,11 @@ impl Kit {
             ensure(!ep.host.is_empty() && ep.port > 0, || {
                 format!("GetConsole {protocol} gave no endpoint: {ep:?}")
             })?;
-            ensure(ep.protocol == protocol, || format!("asked for {protocol}, got {:?}", ep.protocol))
+            ensure(ep.protocol == protocol, || format!("asked for {protocol}, got {:?}", ep.protocol))?;
+            if protocol == "serial" && ep.transport() == ConsoleTransport::Tcp && !ep.password.is_empty() {
+                serial_line(&ep).await?;
+            }
+            Ok(())
         } else {
             expect_code(
                 r,
@@ -69,6 +74,29 @@ impl Kit {
                 &format!("GetConsole {protocol} without the capability"),
             )
         }
+    }
+
+    /// `GetConsoleLog` of a running VM answers at most the lines asked for,
+    /// and NOT_FOUND for a VM the provider does not know, when declared;
+    /// else it is UNIMPLEMENTED.
+    pub(crate) async fn console_log(&mut self, declared: bool) -> CheckResult {
+        let (id, _) = self.create("conf-log", None).await?;
+        self.compute.start_vm(VmRef { vm_id: id.clone() }).await.map_err(call("StartVm"))?;
+        let r = self.compute.get_console_log(GetConsoleLogRequest { vm_id: id.clone(), tail_lines: 3 }).await;
+        if !declared {
+            return expect_code(r, tonic::Code::Unimplemented, "GetConsoleLog without the capability");
+        }
+        let log = r.map_err(call("GetConsoleLog"))?.into_inner();
+        let lines = log.output.strip_suffix('\n').unwrap_or(&log.output).split('\n').count();
+        ensure(log.lines <= 3 && (log.output.is_empty() || lines <= 3), || {
+            format!(
+                "GetConsoleLog with tail_lines 3 gave {} lines ({lines} in output): {:?}",
+                log.lines, log.output
+            )
+        })?;
+        let unknown = uuid::Uuid::now_v7().to_string();
+        let r = self.compute.get_console_log(GetConsoleLogRequest { vm_id: unknown, tail_lines: 3 }).await;
+        expect_code(r, tonic::Code::NotFound, "GetConsoleLog of a VM the provider does not know")
     }
 
     /// GetVm reports one well-formed NIC per requested network (the kit
@@ -226,4 +254,29 @@ impl Kit {
             "DeleteSnapshot is not idempotent".to_owned()
         })
     }
+}
+
+/// A serial endpoint of the SDK's relay carries the guest's line: after
+/// the ticket, a carriage return brings something back (a prompt, an echo);
+/// the ticket opens nothing a second time.
+async fn serial_line(ep: &hcp_proto::provider::ConsoleEndpoint) -> CheckResult {
+    let wait = std::time::Duration::from_secs(60);
+    let addr = format!("{}:{}", ep.host, ep.port);
+    let connect = || async {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| {
+            crate::kit::CheckError::Violation(format!("cannot reach the serial endpoint: {e}"))
+        })?;
+        s.write_all(format!("{}\n\r", ep.password).as_bytes()).await.map_err(|e| {
+            crate::kit::CheckError::Violation(format!("cannot write to the serial endpoint: {e}"))
+        })?;
+        Ok::<_, crate::kit::CheckError>(s)
+    };
+    let mut line = connect().await?;
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(wait, line.read(&mut buf)).await;
+    ensure(matches!(n, Ok(Ok(1..))), || format!("nothing came back on the serial line in {wait:?}: {n:?}"))?;
+    drop(line);
+    let mut again = connect().await?;
+    let n = tokio::time::timeout(wait, again.read(&mut buf)).await;
+    ensure(matches!(n, Ok(Ok(0) | Err(_))), || format!("a used serial ticket opened the line again: {n:?}"))
 }

@@ -5,7 +5,6 @@
 //! after the VM, [`server_name`], and a small screen of colour bars) inside
 //! binary websocket messages.
 
-
 use axum::extract::ws::{Message, WebSocket};
 use futures::{SinkExt, StreamExt};
 pub use hcp_sim_screen::vnc_response;
