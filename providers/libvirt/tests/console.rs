@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::{Kvm, VMS, provider_console};
@@ -197,11 +197,10 @@ async fn the_serial_console_boot_log_and_web_console_of_a_real_guest() {
         kvm.stack.console(&format!("{VMS}/{vm}"), &kvm.tenant, &json!({"type": "serial"})).await.unwrap();
     assert_eq!(session["type"], "serial");
     let page = session["web_url"].as_str().unwrap().to_owned();
-    let seen = browser_types(
+    let seen = hcp_testkit::console::browser(
         &page,
         &artifacts().join("console-serial.png"),
-        "echo $((6*7))-serial-ok",
-        "42-serial-ok",
+        &["--expect", "typed", "--type", "echo $((6*7))-serial-ok", "--until", "42-serial-ok"],
     );
     assert_eq!(seen["error"], Value::Null, "{seen}\n{}", console_log(&kvm, 40));
     assert!(seen["terminal"].as_str().unwrap().contains("42-serial-ok"), "{seen}");
