@@ -42,10 +42,10 @@ async fn the_python_example_conforms() {
     for check in ["resize: stopped", "interfaces:"] {
         assert!(report.checks.iter().any(|(n, o)| n.starts_with(check) && *o == Outcome::Pass), "{check}");
     }
-    // No console, snapshot or hot resize is declared, no hooks drive a
-    // half-made create, no hosts are reported (so no host or migration
-    // check applies): eleven visible skips.
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 11, "{report}");
+    // No console, console log, snapshot or hot resize is declared, no hooks
+    // drive a half-made create, no hosts are reported (so no host or
+    // migration check applies): twelve visible skips.
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 12, "{report}");
     for check in [
         "volumes: a boot volume is at slot 0",
         "volumes: create is idempotent",

@@ -153,6 +153,7 @@ async fn the_provider_passes_the_conformance_kit() {
             "vnc console",
             "spice console",
             "serial console",
+            "console log",
             "hot resize",
             "hosts: named, unique, with capacity and state; VMs report theirs",
             "create on a named host",

@@ -142,6 +142,7 @@ async fn the_provider_passes_the_conformance_kit() {
             "spice console",
             "rdp console",
             "serial console",
+            "console log",
             // vcsim's datastore is not shared: cold moves only.
             "live migration: running VM to another host, repeated",
             "a create failed after its first effect, then DeleteVm: nothing left"
