@@ -1021,6 +1021,21 @@ mod tests {
     }
 
     #[test]
+    fn console_revocations_say_why() {
+        use JobStatus as J;
+        for (kind, job, why) in [
+            (JobKind::StopVm, J::Succeeded, "the vm was stopped"),
+            (JobKind::DeleteVm, J::Succeeded, "the vm was deleted"),
+            (JobKind::MigrateVm, J::Succeeded, "the vm moved to another host"),
+            (JobKind::RecoverVm, J::Succeeded, "the vm moved to another host"),
+            (JobKind::StopVm, J::Failed, "the vm is in error"),
+            (JobKind::DeleteVm, J::Failed, "the vm is in error"),
+        ] {
+            assert_eq!(console_revocation(kind, job), why, "{kind:?} {job:?}");
+        }
+    }
+
+    #[test]
     fn every_kind_outcome_and_prior_state() {
         use ErrorCode as E;
         use JobKind as K;
