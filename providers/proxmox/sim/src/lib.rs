@@ -420,6 +420,17 @@ impl Sim {
         }
     }
 
+    /// Sets (or, with `None`, removes) one key of a VM's config behind the
+    /// provider's back, as an operator editing it would.
+    pub fn edit_config(&self, vmid: u32, key: &str, value: Option<&str>) {
+        if let Some(vm) = self.lock().vms.get_mut(&vmid) {
+            match value {
+                Some(v) => vm.config.insert(key.to_owned(), v.to_owned()),
+                None => vm.config.remove(key),
+            };
+        }
+    }
+
     /// The schema in use.
     pub fn schema(&self) -> &Schema {
         &self.schema
