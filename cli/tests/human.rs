@@ -338,12 +338,26 @@ async fn the_serial_console_opens_in_the_users_terminal() {
     )
     .unwrap();
     let started = std::process::Command::new("tmux")
-        .args(["new-session", "-d", "-s", &session.0, "-x", "120", "-y", "30", "sh", &script.display().to_string()])
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &session.0,
+            "-x",
+            "120",
+            "-y",
+            "30",
+            "sh",
+            &script.display().to_string(),
+        ])
         .status()
         .unwrap();
     assert!(started.success());
     let screen = || {
-        let out = std::process::Command::new("tmux").args(["capture-pane", "-p", "-t", &session.0]).output().unwrap();
+        let out = std::process::Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &session.0])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let shows = |what: &'static str| {
