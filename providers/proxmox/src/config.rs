@@ -328,6 +328,18 @@ mod tests {
                 Some("volumes.owner_vmid"),
             ),
             (format!("[tls]\nfingerprint = \"{fp}\"\n[volumes]\nstorage = \"ceph\"\n"), None),
+            (
+                format!(
+                    "serial_listen = \"0.0.0.0\"\nserial_port = 50072\nconsole_host = \"10.0.0.5\"\n\
+                     [tls]\nfingerprint = \"{fp}\"\n"
+                ),
+                None,
+            ),
+            (format!("serial_port = 70000\n[tls]\nfingerprint = \"{fp}\"\n"), Some("invalid configuration")),
+            (
+                format!("serial_listen = \"pve\"\n[tls]\nfingerprint = \"{fp}\"\n"),
+                Some("invalid configuration"),
+            ),
         ];
         for (extra, want) in cases {
             assert_eq!(check(&extra).as_deref(), want, "{extra}");

@@ -430,6 +430,16 @@ async fn the_serial_console_is_termproxy_through_the_relay() {
     p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await.unwrap();
     let err = p.get_console(serial()).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidState, "{err:?}");
+    p.start_vm(&id).await.unwrap();
+
+    // With ticket authentication: the session cookie opens the websocket,
+    // and the ticket line names the user.
+    let tickets = provider(&env, "[auth]\nusername = \"hcp@pve\"\npassword = \"s3cret\"\n", "").await;
+    let e = tickets.get_console(serial()).await.unwrap();
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", e.port as u16)).await.unwrap();
+    conn.write_all(format!("{}\nhostname\r", e.password).as_bytes()).await.unwrap();
+    read_until(&mut conn, "\r\nserial-1\r\n").await;
+    drop(conn);
     assert!(p.delete_vm(&id).await.unwrap());
     assert_schema_clean(&env);
 }
