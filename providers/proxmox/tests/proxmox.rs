@@ -471,7 +471,7 @@ async fn termproxy_sessions_follow_pves_protocol() {
             assert_eq!(user, TOKEN_ID);
             assert!(ticket.starts_with("PVEVNC:") && data["upid"].as_str().unwrap().contains(":vncproxy:"));
             let query = form_urlencoded::Serializer::new(String::new())
-                .append_pair("port", &port.to_string().trim_matches('"'))
+                .append_pair("port", port.to_string().trim_matches('"'))
                 .append_pair("vncticket", ticket)
                 .finish();
             let mut ws = pve.websocket(&format!("{vm}/vncwebsocket?{query}")).await.unwrap();
