@@ -1,9 +1,9 @@
 //! System test of the Proxmox provider: core, gateway, the
 //! `hcp-provider-proxmox` process and the Proxmox VE simulator process
 //! (built from the official 9.1.3 schema) run side by side; a tenant drives
-//! a VM through REST from create to delete, opens its console through the
-//! gateway, and every request the provider and the gateway sent to
-//! "Proxmox" must be valid against the schema.
+//! a VM through REST from create to delete, opens its VNC and serial
+//! consoles through the gateway, and every request the provider and the
+//! gateway sent to "Proxmox" must be valid against the schema.
 
 use std::path::Path;
 use std::time::Duration;
@@ -194,27 +194,51 @@ async fn a_vm_lives_and_dies_on_proxmox() {
     // Once is once.
     let again = hcp_testkit::console::session(url, None).await.unwrap();
     assert_eq!((again.code, again.reason.as_str(), again.rfb), (4403, "console token already used", false));
-    // Neither the vncproxy ticket nor the API token the gateway sent is in
-    // any log or file of HCP's processes (the simulator's own log aside).
+
+    // The serial console: the gateway redeems the token and connects to
+    // the provider's serial relay, which opens PVE's termproxy for serial0
+    // and its vncwebsocket; a command typed in the tenant's websocket is
+    // answered by the guest's shell.
+    let c = s.console(&format!("{VMS}/{vm}"), &t, &json!({"type": "serial"})).await.unwrap();
+    assert_eq!(c["type"], "serial");
+    assert!(!c.to_string().contains(&pve), "the tenant never sees the cluster: {c}");
+    let mut serial = hcp_testkit::console::open(c["url"].as_str().unwrap(), None).await.unwrap();
+    let hello = serial.read_until("root@web-1:~# ").await.unwrap().unwrap();
+    assert!(hello.contains("starting serial terminal on interface serial0"), "{hello:?}");
+    serial.send(b"hostname\r").await.unwrap();
+    serial.read_until("hostname\r\nweb-1\r\n").await.unwrap().unwrap();
+    serial.send_text("echo typed as text\r").await.unwrap();
+    serial.read_until("\r\ntyped as text\r\n").await.unwrap().unwrap();
+    let closed = serial.close().await.unwrap();
+    assert!(!closed.rfb, "{closed:?}");
+
+    // Neither the vncproxy and termproxy tickets nor the API token the
+    // gateway and the provider sent is in any log or file of HCP's
+    // processes (the simulator's own log aside).
     let requests = sim.get("/_sim/requests", "").await.unwrap().body;
-    let upgrade = requests
+    let tickets: Vec<String> = requests
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["template"].as_str().is_some_and(|t| t.ends_with("/vncwebsocket")));
-    let ticket = upgrade.expect("the gateway opened the vncwebsocket")["params"]["vncticket"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .filter(|r| r["template"].as_str().is_some_and(|t| t.ends_with("/vncwebsocket")))
+        .map(|r| r["params"]["vncticket"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(tickets.len(), 2, "the VNC and the serial session each opened a vncwebsocket");
     for entry in std::fs::read_dir(s.dir()).unwrap().flatten() {
         if entry.file_name().to_string_lossy().starts_with("proxmox-sim") {
             continue;
         }
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-        for secret in [ticket.as_str(), TOKEN_SECRET] {
+        for secret in tickets.iter().map(String::as_str).chain([TOKEN_SECRET]) {
             assert!(!text.contains(secret), "{} holds a console secret", entry.path().display());
         }
     }
+    // A stopped VM has no serial console (stopped hard: PVE's `status/stop`).
+    let r = s.rest.post(&format!("{VMS}/{vm}:stop"), &t, &json!({"force": true})).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(finished(&s.rest, &t, &r.str("job_id")).await["status"], "SUCCEEDED");
+    let r = s.rest.post(&format!("{VMS}/{vm}:console"), &t, &json!({"type": "serial"})).await.unwrap();
+    assert_eq!((r.status, r.str("code").as_str()), (409, "CONFLICT"), "{}", r.body);
     operate(&s, &t, &vm, "delete", "DELETED").await;
     let vms = sim.get("/_sim/vms", "").await.unwrap().body;
     assert_eq!(vms.as_array().unwrap().len(), 1, "only the template is left: {vms}");
@@ -252,7 +276,15 @@ async fn a_vm_lives_and_dies_on_proxmox() {
     let requests = requests.as_array().unwrap();
     let bad: Vec<&Value> = requests.iter().filter(|r| r["violations"] != json!({})).collect();
     assert!(bad.is_empty(), "schema violations: {bad:#?}");
-    for path in ["/clone", "/status/stop", "/status/start", "/status/reboot", "/vncproxy", "/vncwebsocket"] {
+    for path in [
+        "/clone",
+        "/status/stop",
+        "/status/start",
+        "/status/reboot",
+        "/vncproxy",
+        "/termproxy",
+        "/vncwebsocket",
+    ] {
         assert!(requests.iter().any(|r| r["path"].as_str().unwrap().ends_with(path)), "no {path} request");
     }
     println!("{} requests validated against the PVE 9.1.3 schema, 0 violations", requests.len());

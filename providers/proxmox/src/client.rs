@@ -217,6 +217,10 @@ pub enum ClientError {
     Tls(hcp_tls::TrustError),
 }
 
+/// A websocket to the API's server ([`Pve::websocket`]).
+pub type PveSocket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
 /// Request parameters, already in PVE's text form.
 pub type Params = Vec<(&'static str, String)>;
 
@@ -261,6 +265,56 @@ impl Pve {
         let mut headers = self.auth_headers(false).await?;
         headers.retain(|(name, _)| *name != "csrfpreventiontoken");
         Ok(headers)
+    }
+
+    /// Opens a websocket to `path_and_query` under `/api2/json` on the
+    /// API's server, as this client (its credentials and its trust in the
+    /// server's certificate), with PVE's `binary` subprotocol: the
+    /// `vncwebsocket` of a `termproxy` session. Refusals are [`decode`]d
+    /// like any answer.
+    pub async fn websocket(&self, path_and_query: &str) -> Result<PveSocket, PveError> {
+        use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest};
+        let url = format!("wss://{}/api2/json{path_and_query}", self.http.authority());
+        let mut request =
+            url.into_client_request().map_err(|e| PveError::Transport(format!("websocket request: {e}")))?;
+        let headers = request.headers_mut();
+        for (name, value) in self.delegated_auth_headers().await? {
+            let value = http::HeaderValue::from_str(&value)
+                .map_err(|_| PveError::Decode("malformed credential".into()))?;
+            headers.insert(name, value);
+        }
+        headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static("binary"));
+        let (host, port) = self.endpoint();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| PveError::Transport(format!("tls server name {host}: {e}")))?;
+        let timeout = Duration::from_secs(self.timing.request_timeout_seconds);
+        let connect =
+            async {
+                let tcp = tokio::net::TcpStream::connect((host, port))
+                    .await
+                    .map_err(|e| PveError::Transport(format!("connect {host}:{port}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                let tls =
+                    self.http.connector().connect(name, tcp).await.map_err(|e| {
+                        PveError::Transport(format!("tls with {}: {e}", self.http.authority()))
+                    })?;
+                self.requests_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match tokio_tungstenite::client_async_with_config(request, tls, None).await {
+                    Ok((ws, _)) => Ok(ws),
+                    Err(tungstenite::Error::Http(resp)) => {
+                        let status = resp.status().as_u16();
+                        let reason = resp.status().canonical_reason();
+                        let body = resp.body().clone().unwrap_or_default();
+                        Err(decode(status, reason, &body)
+                            .err()
+                            .unwrap_or(PveError::Decode(format!("websocket upgrade answered {status}"))))
+                    }
+                    Err(e) => Err(PveError::Transport(format!("websocket: {e}"))),
+                }
+            };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| PveError::Timeout("websocket upgrade".into()))?
     }
 
     /// Installs credentials (and drops any ticket).

@@ -4,7 +4,7 @@
 //! and cloud-init map onto the cluster. Unknown keys are refused.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -58,6 +58,23 @@ pub struct Config {
     /// Volumes (block storage that outlives VMs).
     #[serde(default)]
     pub volumes: VolumesConfig,
+    /// Address the serial console relay listens on: core's console proxy
+    /// connects there with a single-use ticket and gets a VM's serial line
+    /// (PVE's termproxy, relayed). Default `127.0.0.1`.
+    #[serde(default = "default_serial_listen")]
+    pub serial_listen: IpAddr,
+    /// TCP port of the serial console relay; 0 (the default) picks a free
+    /// port at start.
+    #[serde(default)]
+    pub serial_port: u16,
+    /// Address core's console proxy uses to reach the relay; default
+    /// `serial_listen`.
+    #[serde(default)]
+    pub console_host: Option<String>,
+}
+
+fn default_serial_listen() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
 }
 
 /// Where volumes go and who owns them on PVE.
@@ -311,6 +328,18 @@ mod tests {
                 Some("volumes.owner_vmid"),
             ),
             (format!("[tls]\nfingerprint = \"{fp}\"\n[volumes]\nstorage = \"ceph\"\n"), None),
+            (
+                format!(
+                    "serial_listen = \"0.0.0.0\"\nserial_port = 50072\nconsole_host = \"10.0.0.5\"\n\
+                     [tls]\nfingerprint = \"{fp}\"\n"
+                ),
+                None,
+            ),
+            (format!("serial_port = 70000\n[tls]\nfingerprint = \"{fp}\"\n"), Some("invalid configuration")),
+            (
+                format!("serial_listen = \"pve\"\n[tls]\nfingerprint = \"{fp}\"\n"),
+                Some("invalid configuration"),
+            ),
         ];
         for (extra, want) in cases {
             assert_eq!(check(&extra).as_deref(), want, "{extra}");

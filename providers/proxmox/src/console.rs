@@ -1,5 +1,6 @@
 //! Consoles: `vncproxy` served as a websocket VNC endpoint that carries the
-//! provider's own API authentication and TLS trust, which the gateway opens.
+//! provider's own API authentication and TLS trust, which the gateway opens;
+//! and the serial console (`serial.rs`).
 
 use hcp_provider_sdk::{ErrorKind, ProviderError, pb};
 
@@ -8,15 +9,18 @@ use crate::client::{Method, Params, PveError, Trust, lenient};
 use crate::errors::map_error;
 
 impl Proxmox {
-    /// The VNC console of a running VM.
+    /// The VNC or serial console of a running VM.
     pub(crate) async fn console(
         &self,
         req: pb::GetConsoleRequest,
     ) -> Result<pb::ConsoleEndpoint, ProviderError> {
+        if req.protocol == "serial" {
+            return self.serial_console(&req.vm_id).await;
+        }
         if req.protocol != "vnc" {
             return Err(ProviderError::new(
                 ErrorKind::Unsupported,
-                format!("{} consoles are not supported", req.protocol),
+                format!("{} consoles are not supported; use \"vnc\" or \"serial\"", req.protocol),
             ));
         }
         let f = self.require(&req.vm_id).await?;

@@ -17,6 +17,9 @@
 //!   (`volumes.owner_vmid`) and named `vm-<owner>-hcp-<volume id>`, attached
 //!   as `scsiN`: PVE frees with a VM only the images it owns, so a volume
 //!   outlives every VM it was attached to (`volumes.rs`).
+//! - The serial console is PVE's `termproxy` (every VM gets `serial0:
+//!   socket`), relayed to core's console proxy by the SDK's serial relay
+//!   (`serial.rs`).
 //! - Calls for one VM are serialized; PVE's transient failures are retried
 //!   in the client; everything else is mapped once, in [`map_error`].
 
@@ -29,6 +32,7 @@ mod errors;
 mod hosts;
 mod inventory;
 mod provider;
+mod serial;
 mod snapshots;
 mod spec;
 mod start;
@@ -52,4 +56,6 @@ pub struct Proxmox {
     /// Calls for one volume are serialized too (taken before the VM's).
     volume_locks: VmLocks,
     version: tokio::sync::Mutex<Option<(u32, u32, String)>>,
+    /// The serial console relay (bound at start).
+    serial: std::sync::OnceLock<Arc<hcp_provider_sdk::serial::SerialRelay>>,
 }

@@ -99,6 +99,9 @@ impl Provider for Proxmox {
             volumes_host_local: volumes && !volumes_shared,
             max_volumes_per_vm: if volumes { crate::volumes::MAX_SLOTS } else { 0 },
             supports_console_vnc: true,
+            // termproxy on `serial0`, relayed (`serial.rs`). No console log:
+            // PVE has no API for what a guest wrote on its serial port.
+            supports_console_serial: self.serial.get().is_some(),
             // Cores, memory and disk of a stopped VM. Not of a running one:
             // PVE hot-plugs CPUs and memory only with `hotplug` including
             // them and NUMA enabled, which HCP's clones do not set up.

@@ -99,6 +99,11 @@ impl Proxmox {
             ("ipconfig0", ci.ipconfig0.clone().unwrap_or_else(|| "ip=dhcp".to_owned())),
             // Addresses come from the guest agent.
             ("agent", "1".to_owned()),
+            // A serial port as a unix socket on the node, for the serial
+            // console (termproxy). The display stays VGA (`vga` unset), so
+            // the VNC console is unchanged; guests that log to ttyS0 (cloud
+            // images do) show their boot there.
+            (crate::serial::SERIAL_PORT, crate::serial::SERIAL_SOCKET.to_owned()),
             // Last of all, the clone is no longer pending.
             ("tags", format!("hcp;{}", id_tag(vm_id))),
         ];

@@ -30,6 +30,15 @@ pub enum StartError {
     /// `[auth]` names neither a token nor a user.
     #[error("auth: set token_id or username")]
     NoCredential,
+    /// The serial console relay could not listen.
+    #[error("serial relay on {listen}")]
+    SerialRelay {
+        /// `serial_listen` and `serial_port`.
+        listen: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The server failed.
     #[error("cannot serve")]
     Serve(#[from] hcp_provider_sdk::ServeError),
@@ -68,12 +77,20 @@ impl Proxmox {
             };
             pve.set_credentials(creds).await;
         }
+        let pve = Arc::new(pve);
+        let listen = std::net::SocketAddr::new(config.serial_listen, config.serial_port);
+        let host = config.console_host.clone().unwrap_or_default();
+        let lines = Arc::new(crate::serial::SerialLines { pve: pve.clone() });
+        let relay = hcp_provider_sdk::serial::SerialRelay::bind(listen, &host, lines)
+            .await
+            .map_err(|source| StartError::SerialRelay { listen, source })?;
         Ok(Self {
-            pve: Arc::new(pve),
+            pve,
             config: Arc::new(config),
             locks: VmLocks::new(),
             volume_locks: VmLocks::new(),
             version: tokio::sync::Mutex::new(None),
+            serial: std::sync::OnceLock::from(relay),
         })
     }
 

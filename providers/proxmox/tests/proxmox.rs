@@ -211,7 +211,6 @@ async fn the_provider_passes_the_conformance_kit() {
         [
             "spice console",
             "rdp console",
-            "serial console",
             // PVE has no API for what a guest wrote on its serial port.
             "console log",
             "hot resize",
@@ -360,6 +359,164 @@ async fn the_console_endpoint_opens_the_vms_screen_with_a_token_or_a_ticket() {
     let upgrades = env.sim.sim.requests().iter().filter(|r| r.path.ends_with("/vncwebsocket")).count();
     assert_eq!(upgrades, 8, "each attempt reached the simulator");
     assert_schema_clean(&env);
+}
+
+/// Reads from `conn` until `want` has been seen (or 10 s pass); returns
+/// everything read.
+async fn read_until<R: tokio::io::AsyncRead + Unpin>(conn: &mut R, want: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !String::from_utf8_lossy(&seen).contains(want) {
+        let mut buf = [0u8; 1024];
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Ok(Ok(n @ 1..)) => seen.extend_from_slice(&buf[..n]),
+            other => panic!("{want:?} never came ({other:?}); got {:?}", String::from_utf8_lossy(&seen)),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn the_serial_console_is_termproxy_through_the_relay() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    assert!(p.capabilities().await.unwrap().supports_console_serial);
+    let id = new_id();
+    p.create_vm(create(&id, "serial-1", true)).await.unwrap();
+    let vmid = guests(&env)[0].vmid;
+    assert_eq!(guests(&env)[0].config["serial0"], "socket", "every VM gets a serial port");
+    assert!(!guests(&env)[0].config.contains_key("vga"), "and keeps its VGA display for VNC");
+
+    // The endpoint: the relay, with a single-use ticket.
+    let serial = || pb::GetConsoleRequest { vm_id: id.clone(), protocol: "serial".into() };
+    let e = p.get_console(serial()).await.unwrap();
+    assert_eq!(
+        (e.protocol.as_str(), e.host.as_str(), e.transport()),
+        ("serial", "127.0.0.1", pb::ConsoleTransport::Tcp)
+    );
+    // Core's console proxy: the ticket line, then the raw serial line.
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", e.port as u16)).await.unwrap();
+    conn.write_all(format!("{}\n", e.password).as_bytes()).await.unwrap();
+    let hello = read_until(&mut conn, "root@serial-1:~# ").await;
+    assert!(hello.starts_with("starting serial terminal on interface serial0\r\n"), "{hello:?}");
+    conn.write_all(b"hostname\r").await.unwrap();
+    read_until(&mut conn, "hostname\r\nserial-1\r\n").await;
+    // Bytes that look like termproxy's framing are data like any other.
+    conn.write_all(b"echo 0:1:x 2 1:80:24:\r").await.unwrap();
+    read_until(&mut conn, "\r\n0:1:x 2 1:80:24:\r\n").await;
+    drop(conn);
+    let requests = env.sim.sim.requests();
+    let termproxy: Vec<_> = requests.iter().filter(|r| r.path.ends_with("/termproxy")).collect();
+    assert_eq!(termproxy.len(), 1);
+    assert_eq!(termproxy[0].params.get("serial").map(String::as_str), Some("serial0"));
+    assert_eq!(termproxy[0].status, 200);
+    assert!(requests.iter().any(|r| r.path.ends_with("/vncwebsocket") && r.status == 101));
+
+    // The ticket was good once.
+    let mut again = tokio::net::TcpStream::connect(("127.0.0.1", e.port as u16)).await.unwrap();
+    again.write_all(format!("{}\nhostname\r", e.password).as_bytes()).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), again.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // A VM whose serial port an operator removed: a clear refusal, not a
+    // session that prints qm's error.
+    env.sim.sim.edit_config(vmid, "serial0", None);
+    let err = p.get_console(serial()).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidState, "{err:?}");
+    assert!(err.message.contains("no serial port"), "{err:?}");
+    env.sim.sim.edit_config(vmid, "serial0", Some("socket"));
+    // A stopped VM has no console.
+    p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await.unwrap();
+    let err = p.get_console(serial()).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidState, "{err:?}");
+    p.start_vm(&id).await.unwrap();
+
+    // With ticket authentication: the session cookie opens the websocket,
+    // and the ticket line names the user.
+    let tickets = provider(&env, "[auth]\nusername = \"hcp@pve\"\npassword = \"s3cret\"\n", "").await;
+    let e = tickets.get_console(serial()).await.unwrap();
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", e.port as u16)).await.unwrap();
+    conn.write_all(format!("{}\nhostname\r", e.password).as_bytes()).await.unwrap();
+    read_until(&mut conn, "\r\nserial-1\r\n").await;
+    drop(conn);
+    assert!(p.delete_vm(&id).await.unwrap());
+    assert_schema_clean(&env);
+}
+
+/// PVE's termproxy as the simulator serves it, spoken to directly: the
+/// ticket line and OK, and `qm terminal`'s refusals arriving in the session
+/// (PVE refuses nothing at `termproxy` itself).
+#[tokio::test]
+async fn termproxy_sessions_follow_pves_protocol() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    let id = new_id();
+    p.create_vm(create(&id, "term-1", true)).await.unwrap();
+    let vm = format!("/nodes/pve1/qemu/{}", guests(&env)[0].vmid);
+    let pve = p.client();
+    let method = hcp_provider_proxmox::client::Method::Post;
+    // Opens a session on `serial`, sends `first`, returns all it got.
+    let session = |serial: &'static str, first: Option<String>| {
+        let vm = vm.clone();
+        async move {
+            let data = pve
+                .call(method, &format!("{vm}/termproxy"), vec![("serial", serial.to_owned())])
+                .await
+                .unwrap();
+            let (port, ticket, user) =
+                (&data["port"], data["ticket"].as_str().unwrap(), data["user"].as_str().unwrap());
+            assert_eq!(user, TOKEN_ID);
+            assert!(ticket.starts_with("PVEVNC:") && data["upid"].as_str().unwrap().contains(":vncproxy:"));
+            let query = form_urlencoded::Serializer::new(String::new())
+                .append_pair("port", port.to_string().trim_matches('"'))
+                .append_pair("vncticket", ticket)
+                .finish();
+            let mut ws = pve.websocket(&format!("{vm}/vncwebsocket?{query}")).await.unwrap();
+            let line = first.unwrap_or_else(|| format!("{user}:{ticket}\n"));
+            ws.send(Message::Binary(line.into_bytes().into())).await.unwrap();
+            let mut got = Vec::new();
+            while let Ok(Some(Ok(msg))) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), ws.next()).await
+            {
+                match msg {
+                    Message::Binary(b) => got.extend_from_slice(&b),
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+                if String::from_utf8_lossy(&got).contains("root@term-1:~# ") {
+                    // Data and a ping, then hang up.
+                    ws.send(Message::Binary(b"20:9:hostname\r2".to_vec().into())).await.unwrap();
+                }
+                if String::from_utf8_lossy(&got).contains("\r\nterm-1\r\n") {
+                    break;
+                }
+            }
+            String::from_utf8_lossy(&got).into_owned()
+        }
+    };
+    let ok = session("serial0", None).await;
+    assert!(ok.starts_with("OKstarting serial terminal on interface serial0\r\n"), "{ok:?}");
+    assert!(ok.contains("hostname\r\nterm-1\r\n"), "{ok:?}");
+    assert_eq!(session("serial1", None).await, "OKserial interface 'serial1' is not configured\r\n");
+    assert_eq!(session("serial0", Some("root@pam:PVEVNC:forged\n".into())).await, "", "a wrong ticket line");
+    p.stop_vm(pb::StopVmRequest { vm_id: id.clone(), force: true, ..Default::default() }).await.unwrap();
+    let stopped = session("serial0", None).await;
+    assert_eq!(stopped, format!("OKVM {} not running\r\n", guests(&env)[0].vmid));
+    // The schema holds termproxy to serial0..serial3.
+    let bad =
+        pve.call(method, &format!("{vm}/termproxy"), vec![("serial", "serial4".into())]).await.unwrap_err();
+    assert!(
+        matches!(&bad, hcp_provider_proxmox::client::PveError::Status { status: 400, errors, .. } if errors.contains_key("serial")),
+        "{bad:?}"
+    );
+    let violations = env.sim.sim.violations();
+    assert_eq!(violations.len(), 1, "only the call made to be refused: {violations:#?}");
+    assert!(p.delete_vm(&id).await.unwrap());
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::{
-    Effect, Faults, RequestRecord, Sim, State, Task, Ticket, VNC_LISTEN_WAIT, VNC_TICKET_LIFETIME,
+    Effect, Faults, Listener, RequestRecord, Sim, State, Task, Ticket, VNC_LISTEN_WAIT, VNC_TICKET_LIFETIME,
     Violations, Vm, VncProxy,
 };
 
@@ -36,6 +36,13 @@ enum Answer {
     Vnc {
         password: String,
         name: String,
+    },
+    /// A `vncwebsocket` upgrade to a termproxy listener: the ticket line it
+    /// expects and what `qm terminal` finds.
+    Term {
+        user: String,
+        ticket: String,
+        outcome: crate::term::Outcome,
     },
 }
 
@@ -61,7 +68,7 @@ fn reply(answer: Answer, numbers_as_strings: bool) -> Response {
         }
         Answer::Unauthorized(msg) => with_reason(StatusCode::UNAUTHORIZED.into_response(), &msg),
         // `handle` upgrades; without an upgrade there is nothing to serve.
-        Answer::Vnc { .. } => fail_response(400, "websocket upgrade expected"),
+        Answer::Vnc { .. } | Answer::Term { .. } => fail_response(400, "websocket upgrade expected"),
     }
 }
 
@@ -215,7 +222,7 @@ async fn handle(
         Answer::Data(_) => 200,
         Answer::Error(s, _, _) => *s,
         Answer::Unauthorized(_) => 401,
-        Answer::Vnc { .. } => 101,
+        Answer::Vnc { .. } | Answer::Term { .. } => 101,
     };
     sim.lock().requests.push(record);
     if let Answer::Vnc { password, name } = answer {
@@ -223,6 +230,15 @@ async fn handle(
             Ok(ws) => ws
                 .protocols(["binary"])
                 .on_upgrade(move |socket| crate::vnc::serve(socket, password, name))
+                .into_response(),
+            Err(e) => fail_response(400, &format!("websocket upgrade failed: {e}")),
+        };
+    }
+    if let Answer::Term { user, ticket, outcome } = answer {
+        return match ws {
+            Ok(ws) => ws
+                .protocols(["binary"])
+                .on_upgrade(move |socket| crate::term::serve(socket, user, ticket, outcome))
                 .into_response(),
             Err(e) => fail_response(400, &format!("websocket upgrade failed: {e}")),
         };
@@ -331,7 +347,10 @@ fn dispatch(
     let vmid: u32 = var("vmid").parse().unwrap_or(0);
     let node = var("node");
     let mutating = *method != Method::GET && template.starts_with("/nodes/{node}/qemu/{vmid}");
-    if mutating && template != "/nodes/{node}/qemu/{vmid}/vncproxy" {
+    // The console proxies only read the config; they take no lock.
+    let console =
+        matches!(template, "/nodes/{node}/qemu/{vmid}/vncproxy" | "/nodes/{node}/qemu/{vmid}/termproxy");
+    if mutating && !console {
         if s.faults.lock_timeouts > 0 {
             s.faults.lock_timeouts -= 1;
             return Step::Done(lock_timeout(vmid));
@@ -409,6 +428,9 @@ fn dispatch(
             }
             if vm.template {
                 st["template"] = json!(1);
+            }
+            if (0..4).any(|n| vm.config.contains_key(&format!("serial{n}"))) {
+                st["serial"] = json!(1);
             }
             Answer::Data(st)
         }
@@ -577,14 +599,7 @@ fn dispatch(
             if s.vms[&vmid].status != "running" {
                 fail(500, format!("VM {vmid} not running"))
             } else {
-                s.vnc_tickets.retain(|_, v| v.issued.elapsed() < VNC_TICKET_LIFETIME);
-                let taken: Vec<u16> = s.vnc_tickets.values().map(|v| v.port).collect();
-                let port = (5900..6000).find(|p| !taken.contains(p)).unwrap_or(5900);
-                let ticket = format!(
-                    "PVEVNC:{:08X}::{}",
-                    rand::random::<u32>(),
-                    hex::encode(rand::random::<[u8; 16]>())
-                );
+                let (port, ticket) = new_listener(s);
                 let upid = spawn_task(s, &node, "vncproxy", vmid, &user, Effect::None);
                 let mut data = json!({"user": user, "ticket": ticket, "port": port, "upid": upid, "cert": "-----BEGIN CERTIFICATE-----\nsim\n-----END CERTIFICATE-----\n"});
                 // VNC authentication uses the generated password when one
@@ -602,13 +617,25 @@ fn dispatch(
                         vmid,
                         port,
                         user: user.clone(),
-                        password,
+                        listener: Listener::Vnc { password },
                         issued: Instant::now(),
                         connected: false,
                     },
                 );
                 Answer::Data(data)
             }
+        }
+        // PVE starts termproxy for any VM that exists, running or not, and
+        // without looking at its serial ports: `qm terminal`, run once the
+        // websocket has authenticated, finds out (`crate::term`).
+        ("POST", "/nodes/{node}/qemu/{vmid}/termproxy") => {
+            let (port, ticket) = new_listener(s);
+            let upid = spawn_task(s, &node, "vncproxy", vmid, &user, Effect::None);
+            let listener = Listener::Term { iface: p("serial").map(str::to_owned) };
+            let issued = Instant::now();
+            let proxy = VncProxy { vmid, port, user: user.clone(), listener, issued, connected: false };
+            s.vnc_tickets.insert(ticket.clone(), proxy);
+            Answer::Data(json!({"user": user, "ticket": ticket, "port": port, "upid": upid}))
         }
         // The ticket must be one vncproxy issued for this VM, port and
         // user, within its lifetime; the upgrade must come within the
@@ -634,7 +661,19 @@ fn dispatch(
                         fail(500, format!("unable to connect to VNC port {port} - connection refused"))
                     } else {
                         v.connected = true;
-                        Answer::Vnc { password: v.password.clone(), name: crate::vnc::server_name(vmid) }
+                        match v.listener.clone() {
+                            Listener::Vnc { password } => {
+                                Answer::Vnc { password, name: crate::vnc::server_name(vmid) }
+                            }
+                            Listener::Term { iface } => {
+                                let user = v.user.clone();
+                                let vm = &s.vms[&vmid];
+                                let running = vm.status == "running";
+                                let outcome =
+                                    crate::term::qm_terminal(vmid, &vm.config, running, iface.as_deref());
+                                Answer::Term { user, ticket: ticket.to_owned(), outcome }
+                            }
+                        }
                     }
                 }
                 _ => Answer::Unauthorized("authentication failure".to_owned()),
@@ -691,6 +730,16 @@ fn dispatch(
         _ => fail(501, format!("Method '{method} {template}' not implemented by the simulator")),
     };
     Step::Done(answer)
+}
+
+/// A free listener port (5900..5999, as PVE's `next_vnc_port`) and a
+/// fresh `PVEVNC` ticket for it; expired listeners are dropped first.
+fn new_listener(s: &mut State) -> (u16, String) {
+    s.vnc_tickets.retain(|_, v| v.issued.elapsed() < VNC_TICKET_LIFETIME);
+    let taken: Vec<u16> = s.vnc_tickets.values().map(|v| v.port).collect();
+    let port = (5900..6000).find(|p| !taken.contains(p)).unwrap_or(5900);
+    let ticket = format!("PVEVNC:{:08X}::{}", rand::random::<u32>(), hex::encode(rand::random::<[u8; 16]>()));
+    (port, ticket)
 }
 
 fn truthy(v: &str) -> bool {

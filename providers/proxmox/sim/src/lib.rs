@@ -15,8 +15,10 @@
 //! running tasks and lock timeouts, vmid collisions (`nextid` reserves
 //! nothing), numbers sent as strings, snapshots, VNC proxy tickets and the
 //! `vncwebsocket` they open (a websocket upgrade to an RFB server with VNC
-//! authentication, [`vnc`]), and fault injection for all of these
-//! ([`Faults`]).
+//! authentication, [`vnc`]), `termproxy` tickets and the serial terminal
+//! their `vncwebsocket` opens (termproxy's framing, `qm terminal`'s
+//! refusals, a small shell on the guest's serial line, [`term`]), and fault
+//! injection for all of these ([`Faults`]).
 //!
 //! Tests run it in-process ([`start`]); the `hcp-proxmox-sim` binary serves
 //! it for system tests with a small control API under `/_sim/`.
@@ -24,6 +26,7 @@
 mod api;
 pub mod cli;
 pub mod schema;
+pub mod term;
 pub mod vnc;
 
 use std::collections::{BTreeMap, HashMap};
@@ -256,18 +259,29 @@ pub const VNC_LISTEN_WAIT: Duration = Duration::from_secs(10);
 /// How long a `PVEVNC` ticket verifies (PVE: about 40 s).
 pub const VNC_TICKET_LIFETIME: Duration = Duration::from_secs(40);
 
-/// A `vncproxy` call's listener, waiting for its `vncwebsocket`.
+/// A `vncproxy` or `termproxy` call's listener, waiting for its
+/// `vncwebsocket`.
 #[derive(Debug, Clone)]
 struct VncProxy {
     vmid: u32,
     port: u16,
     /// Who asked: the ticket is bound to this user (or token).
     user: String,
-    /// The VNC password: the one vncproxy returned, else the ticket.
-    password: String,
+    /// What listens.
+    listener: Listener,
     issued: Instant,
     /// The listener took its one connection.
     connected: bool,
+}
+
+/// What a proxy listener serves.
+#[derive(Debug, Clone)]
+enum Listener {
+    /// VNC, with this password (the one vncproxy returned, else the ticket).
+    Vnc { password: String },
+    /// `termproxy` running `qm terminal` on this serial interface (the
+    /// first `socket` one when `None`).
+    Term { iface: Option<String> },
 }
 
 #[derive(Debug, Clone)]
@@ -403,6 +417,17 @@ impl Sim {
     pub fn set_status(&self, vmid: u32, status: &str) {
         if let Some(vm) = self.lock().vms.get_mut(&vmid) {
             vm.status = status.to_owned();
+        }
+    }
+
+    /// Sets (or, with `None`, removes) one key of a VM's config behind the
+    /// provider's back, as an operator editing it would.
+    pub fn edit_config(&self, vmid: u32, key: &str, value: Option<&str>) {
+        if let Some(vm) = self.lock().vms.get_mut(&vmid) {
+            match value {
+                Some(v) => vm.config.insert(key.to_owned(), v.to_owned()),
+                None => vm.config.remove(key),
+            };
         }
     }
 
