@@ -50,7 +50,12 @@ pub async fn keypair(common: Common, cmd: KeyPair) -> anyhow::Result<()> {
         }
         KeyPair::Show { name } => {
             let v = c.call("GET", &format!("{keys}/{name}"), None).await?;
-            output::print(out, &v, None, &["name", "key_type", "bits", "fingerprint", "comment", "public_key"]);
+            output::print(
+                out,
+                &v,
+                None,
+                &["name", "key_type", "bits", "fingerprint", "comment", "public_key"],
+            );
         }
         KeyPair::Delete { name } => {
             c.call("DELETE", &format!("{keys}/{name}"), None).await?;

@@ -200,7 +200,8 @@ async fn every_mutating_operation_replays_by_its_key() {
     .await;
     let gid = g.str("placement_group_id");
     // A key pair the VM is created with.
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
     let key_pair = |n: &str| Some(json!({"name": n, "public_key": key}));
     let k = contract(
         &s,
@@ -213,7 +214,9 @@ async fn every_mutating_operation_replays_by_its_key() {
     .await;
     assert_eq!(k.str("fingerprint"), "SHA256:P360S6ynMxE/PhIHTdyP86IQKz7Pmp+xoIkXYmrY110");
     let vm = |n: &str| {
-        Some(json!({"name": n, "flavor": "small", "image": "debian-12", "zone": "zone-1", "key_names": ["kp-r"]}))
+        Some(
+            json!({"name": n, "flavor": "small", "image": "debian-12", "zone": "zone-1", "key_names": ["kp-r"]}),
+        )
     };
     let created = contract(
         &s,

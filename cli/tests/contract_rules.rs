@@ -35,7 +35,8 @@ const ALL: &str = "cloud_init,snapshot,snapshot_running,console_vnc,console_spic
 /// An id no resource has.
 const NOBODY: &str = "01890000-0000-7000-8000-000000000000";
 /// A valid SSH public key (key pairs' baselines).
-const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
 /// Values tried, in order, as just outside a pattern: the first that the
 /// pattern does not match is sent.
 const OUTSIDE: &[&str] = &["-a", "a b", "a,b", ".x", "hcp.x", "\u{1}", "é", "0", "a_b", "A-", "", "a\u{7f}"];
@@ -704,7 +705,11 @@ async fn seed(s: &mut TestStack, t: &str, ops: &str) -> Seed {
         groups.push(r.str("placement_group_id"));
     }
     for name in ["kp-1", "kp-del"] {
-        let r = s.rest.post(&format!("{T}/key-pairs"), t, &json!({"name": name, "public_key": KEY})).await.unwrap();
+        let r = s
+            .rest
+            .post(&format!("{T}/key-pairs"), t, &json!({"name": name, "public_key": KEY}))
+            .await
+            .unwrap();
         ok(&r, name);
     }
     for (path, body) in [

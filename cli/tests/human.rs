@@ -377,7 +377,8 @@ async fn people_manage_key_pairs_with_the_hcp_command() {
     let s = TestStack::start(Path::new(HCP), StackOptions::default()).await.expect("stack starts");
     let token = s.tenant_token("acme", &["demo"]);
     let cli = Cli::for_stack(&s, &token);
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example\n";
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example\n";
     let file = s.dir().join("laptop.pub");
     std::fs::write(&file, key).unwrap();
     let path = file.display().to_string();
@@ -396,8 +397,19 @@ async fn people_manage_key_pairs_with_the_hcp_command() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("INVALID_ARGUMENT") && err.contains("public_key"), "{err}");
-    cli.ok(&["vm", "create", "web", "--flavor", "small", "--image", "debian-12", "--key", "laptop", "--wait"])
-        .await;
+    cli.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--flavor",
+        "small",
+        "--image",
+        "debian-12",
+        "--key",
+        "laptop",
+        "--wait",
+    ])
+    .await;
     assert_eq!(cli.json(&["vm", "show", "web"]).await["key_names"], serde_json::json!(["laptop"]));
     cli.ok(&["keypair", "delete", "laptop"]).await;
     assert!(cli.json(&["keypair", "list"]).await["key_pairs"].as_array().is_none_or(|a| a.is_empty()));

@@ -65,7 +65,10 @@ async fn stack(caps: &str) -> TestStack {
 }
 
 async fn import(s: &TestStack, token: &str, project: &str, name: &str, key: &str) -> Reply {
-    s.rest.post(&format!("{T}/{project}/key-pairs"), token, &json!({"name": name, "public_key": key})).await.unwrap()
+    s.rest
+        .post(&format!("{T}/{project}/key-pairs"), token, &json!({"name": name, "public_key": key}))
+        .await
+        .unwrap()
 }
 
 fn refusal(r: &Reply) -> (u16, String, String) {
@@ -94,7 +97,9 @@ async fn key_pairs_are_checked_scoped_limited_and_reach_the_provider() {
         (r.str("key_type"), r.body["bits"].as_u64(), r.str("comment"), r.str("public_key")),
         ("ssh-ed25519".to_owned(), Some(256), "laptop@test".to_owned(), ed25519.trim().to_owned())
     );
-    for (name, key, kind, bits) in [("ec", &ecdsa, "ecdsa-sha2-nistp521", 521), ("rsa", &rsa, "ssh-rsa", 2048)] {
+    for (name, key, kind, bits) in
+        [("ec", &ecdsa, "ecdsa-sha2-nistp521", 521), ("rsa", &rsa, "ssh-rsa", 2048)]
+    {
         let r = import(&s, &token, "demo", name, key).await;
         assert_eq!(r.status, 201, "{}", r.body);
         assert_eq!((r.str("key_type").as_str(), r.body["bits"].as_u64()), (kind, Some(bits)));
@@ -137,9 +142,11 @@ async fn key_pairs_are_checked_scoped_limited_and_reach_the_provider() {
         let r = s.rest.delete(&format!("{T}/{project}/key-pairs/laptop"), t).await.unwrap();
         assert_eq!(r.status, 404, "{}", r.body);
     }
-    assert!(s.rest.get(&format!("{T}/demo/key-pairs"), &globex).await.unwrap().body["key_pairs"]
-        .as_array()
-        .is_none_or(|a| a.is_empty()));
+    assert!(
+        s.rest.get(&format!("{T}/demo/key-pairs"), &globex).await.unwrap().body["key_pairs"]
+            .as_array()
+            .is_none_or(|a| a.is_empty())
+    );
 
     // A VM created with key pairs shows their names; the provider got the
     // public keys.
@@ -195,7 +202,8 @@ async fn key_pairs_are_checked_scoped_limited_and_reach_the_provider() {
 async fn a_provider_without_cloud_init_refuses_keys_before_any_job() {
     let s = stack("console_vnc").await;
     let token = s.tenant_token("acme", &["demo"]);
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
     let r = import(&s, &token, "demo", "laptop", key).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let vm = json!({"name": "web-1", "flavor": "small", "image": "debian-12", "key_names": ["laptop"]});

@@ -63,9 +63,7 @@ impl ValidPublicKey {
             return Err(bad("is required".to_owned()));
         }
         if line.lines().count() > 1 {
-            return Err(bad(
-                "holds more than one line: import one public key per key pair".to_owned(),
-            ));
+            return Err(bad("holds more than one line: import one public key per key pair".to_owned()));
         }
         let key = ssh_key::PublicKey::from_openssh(line).map_err(|_| {
             bad(format!(
@@ -134,7 +132,12 @@ impl KeyPairApi {
         Self { ctx }
     }
 
-    async fn create(&self, p: &Principal, scope: &Scope, r: CreateKeyPairRequest) -> Result<KeyPair, ApiError> {
+    async fn create(
+        &self,
+        p: &Principal,
+        scope: &Scope,
+        r: CreateKeyPairRequest,
+    ) -> Result<KeyPair, ApiError> {
         validate::label("name", &r.name)?;
         let key = ValidPublicKey::parse("public_key", &r.public_key)?;
         let k = model::KeyPair {
@@ -148,8 +151,12 @@ impl KeyPairApi {
             comment: key.comment,
             created_at: now(),
         };
-        let mut audit =
-            self.ctx.audit(p, AuditAction::KeyPairCreate, Resource::KeyPair(&k.name), AuditOutcome::Succeeded);
+        let mut audit = self.ctx.audit(
+            p,
+            AuditAction::KeyPairCreate,
+            Resource::KeyPair(&k.name),
+            AuditOutcome::Succeeded,
+        );
         audit.project_id = scope.project.clone();
         audit.detail = format!("{} {}", k.key_type, k.fingerprint);
         self.ctx.store.create_key_pair(&k, MAX_KEY_PAIRS, &audit).await.map_err(|e| match e {
@@ -166,7 +173,12 @@ impl KeyPairApi {
         Ok(key_pair_to_tenant(&k))
     }
 
-    async fn delete(&self, p: &Principal, scope: &Scope, name: &str) -> Result<DeleteKeyPairResponse, ApiError> {
+    async fn delete(
+        &self,
+        p: &Principal,
+        scope: &Scope,
+        name: &str,
+    ) -> Result<DeleteKeyPairResponse, ApiError> {
         let mut audit =
             self.ctx.audit(p, AuditAction::KeyPairDelete, Resource::KeyPair(name), AuditOutcome::Succeeded);
         audit.project_id = scope.project.clone();
@@ -202,7 +214,10 @@ impl KeyPairService for KeyPairApi {
         .await
     }
 
-    async fn list_key_pairs(&self, req: tonic::Request<ListKeyPairsRequest>) -> ApiResult<ListKeyPairsResponse> {
+    async fn list_key_pairs(
+        &self,
+        req: tonic::Request<ListKeyPairsRequest>,
+    ) -> ApiResult<ListKeyPairsResponse> {
         let p = checked(&req)?;
         let r = req.get_ref();
         handle(async {
@@ -296,7 +311,10 @@ mod tests {
             ("", "required"),
             (&two_lines, "more than one line"),
             (&oversized, "at most 16384"),
-            ("from=\"10.0.0.1\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5", "not an OpenSSH"),
+            (
+                "from=\"10.0.0.1\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5",
+                "not an OpenSSH",
+            ),
         ];
         for (input, word) in rows {
             let err = ValidPublicKey::parse("public_key", input).unwrap_err();

@@ -1967,7 +1967,8 @@ async fn key_pairs_are_per_project_unique_and_limited(backend: Backend) {
     store.create_key_pair(&key_pair("acme", "p1", "a"), 3, &audit("a", "b")).await.unwrap();
     let full = store.create_key_pair(&key_pair("acme", "p1", "c"), 3, &audit("a", "b")).await.unwrap_err();
     assert!(matches!(&full, StoreError::QuotaExceeded(m) if m.contains('3')), "{full:?}");
-    let names: Vec<String> = store.list_key_pairs(&scope).await.unwrap().into_iter().map(|k| k.name).collect();
+    let names: Vec<String> =
+        store.list_key_pairs(&scope).await.unwrap().into_iter().map(|k| k.name).collect();
     assert_eq!(names, ["a", "b", "laptop"], "by name, this project's only");
     store.delete_key_pair(&scope, "laptop", &audit("key_pair.delete", "laptop")).await.unwrap();
     assert!(matches!(store.get_key_pair(&scope, "laptop").await, Err(StoreError::NotFound)));

@@ -74,7 +74,8 @@ impl Hyperv {
         if spec.vcpus == 0 || spec.memory_mib == 0 {
             return Err(invalid("spec", "vcpus and memory_mib must be positive"));
         }
-        if (spec.user_data.is_some() || !spec.ssh_authorized_keys.is_empty()) && self.config.cloud_init.is_none()
+        if (spec.user_data.is_some() || !spec.ssh_authorized_keys.is_empty())
+            && self.config.cloud_init.is_none()
         {
             return Err(ProviderError::new(
                 ErrorKind::Unsupported,

@@ -246,7 +246,8 @@ async fn a_vm_is_defined_with_its_disk_seed_and_nics_and_marked_with_its_hcp_id(
     p.create_vm(pb::CreateVmRequest { vm_id: keyed.clone(), spec: Some(with_keys), start: false })
         .await
         .unwrap();
-    let iso = std::fs::read(sim.sim.disk_dir().join(format!("hcp-{keyed}-seed.iso"))).expect("the seed exists");
+    let iso =
+        std::fs::read(sim.sim.disk_dir().join(format!("hcp-{keyed}-seed.iso"))).expect("the seed exists");
     let needle = b"public-keys:\n  - \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK alice@example\"";
     assert!(iso.windows(needle.len()).any(|w| w == needle), "the seed's meta-data holds the key");
     assert!(p.delete_vm(&keyed).await.unwrap());

@@ -94,7 +94,8 @@ async fn a_key_pair_lets_its_holder_into_the_guest_and_no_one_else() {
         return;
     }
     // The reconciler reports the guest's address soon after its lease.
-    let opts = StackOptions { core_toml: "[reconciler]\ninterval_seconds = 2\n".into(), ..Default::default() };
+    let opts =
+        StackOptions { core_toml: "[reconciler]\ninterval_seconds = 2\n".into(), ..Default::default() };
     let kvm = Kvm::start_with(opts).await;
     let keys = KeyDir::new();
     let public = keys.keygen("holder");

@@ -109,8 +109,13 @@ impl Proxmox {
             params.push(("ciuser", user.clone()));
         }
         // The operator's keys, then the tenant's (from its key pairs).
-        let keys: Vec<&str> =
-            ci.ssh_keys.iter().chain(&spec.ssh_authorized_keys).map(|k| k.trim()).filter(|k| !k.is_empty()).collect();
+        let keys: Vec<&str> = ci
+            .ssh_keys
+            .iter()
+            .chain(&spec.ssh_authorized_keys)
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .collect();
         if !keys.is_empty() {
             params.push(("sshkeys", client::urlencode(&keys.join("\n"))));
         }
