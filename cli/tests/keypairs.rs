@@ -5,8 +5,9 @@
 //! project's key pair is 404; a project holds at most 100 (429 naming the
 //! limit); a VM created with `key_names` shows them and its provider
 //! receives the public keys, which a later key-pair delete does not take
-//! back; an unknown key name is refused before any job, and so is a key on
-//! a provider without cloud-init (409 naming `supports_cloud_init`).
+//! back, also when a create that failed is retried after the delete; an
+//! unknown key name is refused before any job, and so is a key on a
+//! provider without cloud-init (409 naming `supports_cloud_init`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -222,4 +223,47 @@ async fn a_provider_without_cloud_init_refuses_keys_before_any_job() {
     })
     .await
     .unwrap();
+}
+
+/// A create whose first attempt fails is retried after its key pair was
+/// deleted: the retry sends the key read when the create was accepted.
+#[tokio::test]
+async fn a_retried_create_sends_the_keys_it_was_accepted_with() {
+    let opts = StackOptions {
+        sim_capabilities: "cloud_init,console_vnc".into(),
+        // The create fails until the fault is cleared (after the key pair
+        // is deleted), then its next attempt, within 2 s, succeeds.
+        jobs_toml: "max_attempts = 20\nbackoff_base_ms = 1000\nbackoff_max_ms = 2000\n".into(),
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
+    assert_eq!(import(&s, &token, "demo", "laptop", key).await.status, 201);
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    let fault = hcp_proto::sim::Fault {
+        operation: "CreateVm".into(),
+        code: "UNAVAILABLE".into(),
+        ..Default::default()
+    };
+    sim.inject_fault(hcp_proto::sim::InjectFaultRequest { fault: Some(fault) }).await.unwrap();
+    let vm = json!({"name": "web-1", "flavor": "small", "image": "debian-12", "key_names": ["laptop"]});
+    let r = s.rest.post(&format!("{T}/demo/vms"), &token, &vm).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let (id, job) = (r.str("vm_id"), r.str("job_id"));
+    wait_until(Duration::from_secs(20), "the create to fail once and wait for its retry", || async {
+        let j = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job}"), &token).await?;
+        Ok((j.body["attempts"].as_u64() >= Some(1) && j.str("status") == "QUEUED").then_some(()))
+    })
+    .await
+    .unwrap();
+    let r = s.rest.delete(&format!("{T}/demo/key-pairs/laptop"), &token).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    sim.clear(hcp_proto::sim::ClearRequest {}).await.unwrap();
+    let done = s.rest.finished_job(&token, &job, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
+    assert!(done["attempts"].as_u64() >= Some(2), "the create was retried: {done}");
+    let stats = sim.stats(hcp_proto::sim::StatsRequest {}).await.unwrap().into_inner();
+    assert_eq!(stats.ssh_authorized_keys[&id], key);
 }
