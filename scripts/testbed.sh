@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-hypervisor test bed for the libvirt provider: installs libvirt,
-# QEMU and genisoimage from Debian packages when missing, starts virtlogd and
+# QEMU, genisoimage and the OpenSSH client from Debian packages when missing, starts virtlogd and
 # libvirtd when they are not running (there is no systemd here), and builds
 # the tiny test guest (a Debian kernel plus a busybox initramfs) into a cache
 # directory. Source this file, then call ensure_libvirt / ensure_tiny_guest,
@@ -23,6 +23,8 @@ ensure_libvirt_packages() {
   pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev pkg-config)
   command -v genisoimage >/dev/null 2>&1 || missing+=(genisoimage)
   command -v xz >/dev/null 2>&1 || missing+=(xz-utils)
+  # ssh and ssh-keygen for the test that logs into a guest with a key pair.
+  { command -v ssh && command -v ssh-keygen; } >/dev/null 2>&1 || missing+=(openssh-client)
   if [ ${#missing[@]} -gt 0 ]; then
     testbed_log "installing ${missing[*]}"
     apt_install "${missing[@]}" || return 1

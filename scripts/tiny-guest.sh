@@ -6,8 +6,13 @@
 #   - loads the virtio, cdrom and ACPI button modules,
 #   - powers the guest off when the ACPI power button is pressed,
 #   - reads a NoCloud seed (an ISO labelled `cidata`): hostname from
-#     meta-data `local-hostname` or user-data `hostname:`, runs user-data
-#     that starts with `#!`,
+#     meta-data `local-hostname` or user-data `hostname:`, the meta-data's
+#     `public-keys` into /root/.ssh/authorized_keys, runs user-data that
+#     starts with `#!`,
+#   - starts an SSH server (Debian's dropbear-bin with the dynamic loader and
+#     the libraries it needs, host keys made at first use) on port 22; the
+#     guest takes an address only when its user data runs
+#     `udhcpc -s /etc/udhcpc.sh`,
 #   - prints `HCP-GUEST-READY hostname=<name>` on the serial port and writes it
 #     into the VGA text buffer (the kernel has no VGA console under PVH boot),
 #   - leaves a root shell on ttyS0.
@@ -24,20 +29,62 @@ kver=${kpkg#linux-image-}
 cd "$WORKDIR/debs"
 ls "${kpkg}"_*.deb >/dev/null 2>&1 || apt-get download "$kpkg"
 ls busybox-static_*.deb >/dev/null 2>&1 || apt-get download busybox-static
+# dropbear and what it links to (libc6 brings the dynamic loader).
+ssh_pkgs="dropbear-bin libc6 libcrypt1 libtomcrypt1 libtommath1 libgmp10 zlib1g"
+for p in $ssh_pkgs; do ls "${p}"_*.deb >/dev/null 2>&1 || apt-get download "$p"; done
 
-rm -rf "$WORKDIR/kernel" "$WORKDIR/busybox" "$WORKDIR/root"
+rm -rf "$WORKDIR/kernel" "$WORKDIR/busybox" "$WORKDIR/root" "$WORKDIR/ssh"
 dpkg-deb -x "${kpkg}"_*.deb "$WORKDIR/kernel"
 dpkg-deb -x busybox-static_*.deb "$WORKDIR/busybox"
+for p in $ssh_pkgs; do dpkg-deb -x "${p}"_*.deb "$WORKDIR/ssh"; done
 bb="$WORKDIR/busybox/bin/busybox"
 moddir="$WORKDIR/kernel/lib/modules/$kver"
 "$bb" depmod -b "$WORKDIR/kernel" "$kver"
 
 root="$WORKDIR/root"
-for d in bin proc sys dev run tmp seed etc/acpi/PWRF "lib/modules/$kver"; do mkdir -p "$root/$d"; done
+for d in bin proc sys dev run tmp seed etc/acpi/PWRF etc/dropbear root "lib/modules/$kver" lib64 \
+  lib/x86_64-linux-gnu; do mkdir -p "$root/$d"; done
+chmod 700 "$root/root"
 cp "$bb" "$root/bin/busybox"
 for applet in $("$bb" --list); do
   [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
 done
+
+# dropbear, the dynamic loader and every library it needs (NEEDED entries,
+# followed), from the extracted packages only.
+cp "$WORKDIR/ssh/usr/sbin/dropbear" "$root/bin/dropbear"
+ssh_lib() {
+  for dir in lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu; do
+    [ -e "$WORKDIR/ssh/$dir/$1" ] && { echo "$WORKDIR/ssh/$dir/$1"; return 0; }
+  done
+  echo "no $1 in $ssh_pkgs" >&2; return 1
+}
+copy_needed() {
+  for lib in $(readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+    [ -e "$root/lib/x86_64-linux-gnu/$lib" ] && continue
+    src=$(ssh_lib "$lib") || exit 1
+    cp -L "$src" "$root/lib/x86_64-linux-gnu/$lib"
+    copy_needed "$root/lib/x86_64-linux-gnu/$lib"
+  done
+}
+copy_needed "$root/bin/dropbear"
+cp -L "$(ssh_lib ld-linux-x86-64.so.2)" "$root/lib64/ld-linux-x86-64.so.2"
+cp "$root/lib64/ld-linux-x86-64.so.2" "$root/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+printf '/bin/sh\n' > "$root/etc/shells"
+
+# udhcpc's script: configures the leased address and the default route.
+cat > "$root/etc/udhcpc.sh" <<'DHCP'
+#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    echo "HCP-GUEST: address $ip on $interface" > /dev/ttyS0 ;;
+esac
+exit 0
+DHCP
+chmod 755 "$root/etc/udhcpc.sh"
 
 # The wanted modules and everything they depend on, with a matching modules.dep.
 deps="$root/lib/modules/$kver/modules.dep"
@@ -95,11 +142,25 @@ if [ -n "\$seed" ] && mount -t iso9660 -o ro "\$seed" /seed; then
   from_user=\$(sed -n 's/^hostname:[[:space:]]*//p' /seed/user-data 2>/dev/null | head -n 1)
   [ -n "\$from_user" ] && name=\$from_user
   [ -n "\$name" ] && hostname "\$name"
+  # public-keys: one double-quoted OpenSSH line per item (hcp-nocloud
+  # writes them so; JSON escapes of quote and backslash undone).
+  keys=\$(sed -n '/^public-keys:/,/^[^ ]/s/^  - "\\(.*\\)"\$/\\1/p' /seed/meta-data 2>/dev/null |
+    sed 's/\\\\"/"/g; s/\\\\\\\\/\\\\/g')
+  if [ -n "\$keys" ]; then
+    mkdir -p /root/.ssh && chmod 700 /root/.ssh
+    printf '%s\\n' "\$keys" > /root/.ssh/authorized_keys
+    chmod 600 /root/.ssh/authorized_keys
+    echo "HCP-GUEST: \$(grep -c . /root/.ssh/authorized_keys) ssh keys installed"
+  fi
   echo "HCP-GUEST: seed \$seed instance-id=\$(sed -n 's/^instance-id:[[:space:]]*//p' /seed/meta-data)"
   case \$(head -c 2 /seed/user-data 2>/dev/null) in '#!') sh /seed/user-data ;; esac
 else
   echo "HCP-GUEST: no seed"
 fi
+# The SSH server: public keys only, host keys made at the first connection.
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+dropbear -R -s -E -p 22 -P /run/dropbear.pid 2>/dev/ttyS0 &&
+  echo "HCP-GUEST: ssh server on port 22"
 banner="HCP-GUEST-READY hostname=\$(hostname) kernel=\$(uname -r)"
 echo "\$banner"
 # Booted through PVH the kernel has no VGA console, so the banner is also
@@ -112,7 +173,7 @@ printf '%s' "\$banner" | od -An -tu1 -v | tr -s ' ' '\\n' | while read -r c; do
 done
 BOOT
 chmod 755 "$root/etc/boot.sh"
-echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
+echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
 
 (cd "$root" && find . | "$bb" cpio -o -H newc 2>/dev/null) | gzip -1 > "$OUT/initrd.gz"
 vmlinuz="$WORKDIR/kernel/boot/vmlinuz-$kver"

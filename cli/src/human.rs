@@ -82,6 +82,10 @@ pub enum Vm {
         /// What HCP does when the VM is found down: never, on-failure, always.
         #[arg(long, value_parser = ["never", "on-failure", "always"])]
         restart_policy: Option<String>,
+        /// A key pair of the project whose public key the guest authorizes
+        /// for SSH (repeatable; `hcp keypair list`).
+        #[arg(long = "key")]
+        keys: Vec<String>,
         #[command(flatten)]
         wait: Wait,
     },
@@ -586,10 +590,14 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
             user_data_file,
             placement_group,
             restart_policy,
+            keys,
             wait,
         } => {
             let mut body = json!({"name": name, "flavor": flavor, "image": image, "tags": tags,
                                   "metadata": pairs(&metadata, "--meta")?});
+            if !keys.is_empty() {
+                body["key_names"] = json!(keys);
+            }
             if let Some(g) = placement_group {
                 body["placement_group_id"] = json!(g);
             }

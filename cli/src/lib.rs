@@ -13,6 +13,7 @@ pub mod audit;
 pub mod client;
 pub mod dev;
 pub mod human;
+pub mod keypair;
 pub mod output;
 pub mod serial;
 pub mod volume;
@@ -46,6 +47,13 @@ enum Command {
         common: human::Common,
         #[command(subcommand)]
         cmd: volume::Volume,
+    },
+    /// SSH key pairs of a project (public keys): create, list, show, delete.
+    Keypair {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: keypair::KeyPair,
     },
     /// Jobs: list, show, watch, cancel.
     Job {
@@ -109,6 +117,7 @@ where
     match cli.command {
         Command::Vm { common, cmd } => human::run(|| human::vm(common, cmd)),
         Command::Volume { common, cmd } => human::run(|| volume::volume(common, cmd)),
+        Command::Keypair { common, cmd } => human::run(|| keypair::keypair(common, cmd)),
         Command::Job { common, cmd } => human::run(|| human::job(common, cmd)),
         Command::Catalog { common, cmd } => human::run(|| human::catalog(common, cmd)),
         Command::Ops { common, cmd } => human::run(|| human::ops(common, cmd)),

@@ -199,7 +199,25 @@ async fn every_mutating_operation_replays_by_its_key() {
     )
     .await;
     let gid = g.str("placement_group_id");
-    let vm = |n: &str| Some(json!({"name": n, "flavor": "small", "image": "debian-12", "zone": "zone-1"}));
+    // A key pair the VM is created with.
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
+    let key_pair = |n: &str| Some(json!({"name": n, "public_key": key}));
+    let k = contract(
+        &s,
+        &t,
+        "t15",
+        call("POST", format!("{T}/key-pairs"), key_pair("kp-r")),
+        call("POST", format!("{T}/key-pairs"), key_pair("kp-x")),
+        201,
+    )
+    .await;
+    assert_eq!(k.str("fingerprint"), "SHA256:P360S6ynMxE/PhIHTdyP86IQKz7Pmp+xoIkXYmrY110");
+    let vm = |n: &str| {
+        Some(
+            json!({"name": n, "flavor": "small", "image": "debian-12", "zone": "zone-1", "key_names": ["kp-r"]}),
+        )
+    };
     let created = contract(
         &s,
         &t,
@@ -316,6 +334,8 @@ async fn every_mutating_operation_replays_by_its_key() {
         200,
     )
     .await;
+    contract(&s, &t, "t16", gone(format!("{T}/key-pairs/kp-r")), gone(format!("{T}/key-pairs/kp-x")), 200)
+        .await;
 
     // Ops deletes, last: what the rest used.
     contract(

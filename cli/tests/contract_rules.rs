@@ -34,6 +34,9 @@ const ALL: &str = "cloud_init,snapshot,snapshot_running,console_vnc,console_spic
                    volume_extend_in_use";
 /// An id no resource has.
 const NOBODY: &str = "01890000-0000-7000-8000-000000000000";
+/// A valid SSH public key (key pairs' baselines).
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
 /// Values tried, in order, as just outside a pattern: the first that the
 /// pattern does not match is sent.
 const OUTSIDE: &[&str] = &["-a", "a b", "a,b", ".x", "hcp.x", "\u{1}", "é", "0", "a_b", "A-", "", "a\u{7f}"];
@@ -53,6 +56,7 @@ const LAST: &[&str] = &[
     "opsDeleteVolumeType",
     "deleteVm",
     "deletePlacementGroup",
+    "deleteKeyPair",
     "opsDeleteNetwork",
     "opsRemoveProvider",
     "opsDeleteFlavor",
@@ -184,6 +188,10 @@ fn baseline(op: &str, s: &Seed) -> Option<Base> {
             &[("project_id", "demo")],
             Some(json!({"name": "vm-b", "flavor": "small", "image": "debian-12"})),
         ),
+        "listKeyPairs" => base(&[("project_id", "demo")], None),
+        "createKeyPair" => base(&[("project_id", "demo")], Some(json!({"name": "kp-b", "public_key": KEY}))),
+        "getKeyPair" => base(&[("project_id", "demo"), ("name", "kp-1")], None),
+        "deleteKeyPair" => base(&[("project_id", "demo"), ("name", "kp-del")], None),
         "getVm" | "deleteVm" | "listJobsByVmId" | "listSnapshots" | "getConsoleLog" => base(&demo_vm, None),
         "updateVm" => base(&demo_vm, Some(json!({"name": "web-1", "update_mask": "name,metadata,tags"}))),
         "createSnapshot" => base(&demo_vm, Some(json!({"name": "s-b"}))),
@@ -695,6 +703,14 @@ async fn seed(s: &mut TestStack, t: &str, ops: &str) -> Seed {
         let r = s.rest.post(&format!("{T}/placement-groups"), t, &body).await.unwrap();
         ok(&r, name);
         groups.push(r.str("placement_group_id"));
+    }
+    for name in ["kp-1", "kp-del"] {
+        let r = s
+            .rest
+            .post(&format!("{T}/key-pairs"), t, &json!({"name": name, "public_key": KEY}))
+            .await
+            .unwrap();
+        ok(&r, name);
     }
     for (path, body) in [
         ("flavors", json!({"name": "f-del", "vcpus": 1, "memory_mib": 512, "disk_gib": 10})),

@@ -451,3 +451,46 @@ async fn people_manage_volumes_with_the_hcp_command() {
     );
     assert_eq!(cli.json(&["volume", "show", &id]).await["status"], "DELETED");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn people_manage_key_pairs_with_the_hcp_command() {
+    let s = TestStack::start(Path::new(HCP), StackOptions::default()).await.expect("stack starts");
+    let token = s.tenant_token("acme", &["demo"]);
+    let cli = Cli::for_stack(&s, &token);
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example\n";
+    let file = s.dir().join("laptop.pub");
+    std::fs::write(&file, key).unwrap();
+    let path = file.display().to_string();
+    let k = cli.json(&["keypair", "create", "laptop", "--public-key-file", &path]).await;
+    assert_eq!(
+        (k["fingerprint"].as_str(), k["key_type"].as_str()),
+        (Some("SHA256:P360S6ynMxE/PhIHTdyP86IQKz7Pmp+xoIkXYmrY110"), Some("ssh-ed25519")),
+        "{k}"
+    );
+    let table = cli.ok(&["keypair", "list"]).await;
+    assert!(table.contains("laptop") && table.contains("SHA256:P360S6"), "{table}");
+    assert_eq!(cli.json(&["keypair", "show", "laptop"]).await["public_key"], key.trim());
+    // A file that holds no key is refused with the API's code and field.
+    std::fs::write(&file, "not a key").unwrap();
+    let out = cli.run(&["keypair", "create", "other", "--public-key-file", &path]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("INVALID_ARGUMENT") && err.contains("public_key"), "{err}");
+    cli.ok(&[
+        "vm",
+        "create",
+        "web",
+        "--flavor",
+        "small",
+        "--image",
+        "debian-12",
+        "--key",
+        "laptop",
+        "--wait",
+    ])
+    .await;
+    assert_eq!(cli.json(&["vm", "show", "web"]).await["key_names"], serde_json::json!(["laptop"]));
+    cli.ok(&["keypair", "delete", "laptop"]).await;
+    assert!(cli.json(&["keypair", "list"]).await["key_pairs"].as_array().is_none_or(|a| a.is_empty()));
+}

@@ -148,6 +148,7 @@ pub fn vm_to_tenant(vm: &Vm, caps: Option<&Capabilities>) -> tenant::Vm {
         vcpus: vm.vcpus,
         memory_mib: vm.memory_mib,
         disk_gib: vm.disk_gib,
+        key_names: vm.ssh_keys.iter().map(|k| k.name.clone()).collect(),
     }
 }
 
@@ -483,6 +484,20 @@ pub fn placement_group_to_tenant(
         strict: g.strict,
         vm_ids: members.iter().map(|m| m.vm_id.to_string()).collect(),
         created_at: Some(ts(g.created_at)),
+    }
+}
+
+/// The tenant's view of a key pair (a public key; there is no private one).
+pub fn key_pair_to_tenant(k: &crate::model::KeyPair) -> tenant::KeyPair {
+    tenant::KeyPair {
+        name: k.name.clone(),
+        project_id: k.project_id.clone(),
+        public_key: k.public_key.clone(),
+        fingerprint: k.fingerprint.clone(),
+        key_type: k.key_type.clone(),
+        bits: k.bits,
+        comment: k.comment.clone(),
+        created_at: Some(ts(k.created_at)),
     }
 }
 

@@ -915,6 +915,7 @@ pub fn vm_spec(vm: &Vm) -> provider::VmSpec {
         boot_volume_id: String::new(),
         boot_storage: String::new(),
         volumes: Vec::new(),
+        ssh_authorized_keys: vm.ssh_keys.iter().map(|k| k.public_key.clone()).collect(),
     }
 }
 

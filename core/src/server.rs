@@ -28,6 +28,7 @@ use hcp_proto::ops::job_admin_service_server::JobAdminServiceServer;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminServiceServer;
 use hcp_proto::ops::quota_admin_service_server::QuotaAdminServiceServer;
 use hcp_proto::tenant::job_service_server::JobServiceServer;
+use hcp_proto::tenant::key_pair_service_server::KeyPairServiceServer;
 use hcp_proto::tenant::quota_service_server::QuotaServiceServer;
 use hcp_proto::tenant::vm_service_server::VmServiceServer;
 use hcp_proto::tenant::volume_service_server::VolumeServiceServer;
@@ -321,11 +322,13 @@ pub async fn run(
         let tenant = TenantApi::new(ctx.clone());
         let ops = OpsApi::new(ctx.clone());
         let catalog = CatalogApi::new(ctx.clone());
+        let key_pairs = crate::api::keypairs::KeyPairApi::new(ctx.clone());
         let console = crate::api::console::ConsoleApi::new(ctx);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<VmServiceServer<TenantApi>>().await;
         health.set_serving::<VolumeServiceServer<TenantApi>>().await;
+        health.set_serving::<KeyPairServiceServer<crate::api::keypairs::KeyPairApi>>().await;
         health.set_serving::<JobServiceServer<TenantApi>>().await;
         health.set_serving::<QuotaServiceServer<TenantApi>>().await;
         health.set_serving::<CatalogServiceServer<CatalogApi>>().await;
@@ -360,6 +363,7 @@ pub async fn run(
             .add_service(reflection)
             .add_service(VmServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(VolumeServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(KeyPairServiceServer::new(key_pairs).max_decoding_message_size(MAX_MESSAGE))
             .add_service(JobServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(QuotaServiceServer::new(tenant).max_decoding_message_size(MAX_MESSAGE))
             .add_service(CatalogServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE))

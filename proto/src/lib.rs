@@ -80,6 +80,7 @@ pub const PROVIDER_PROTOCOL_VERSION: &str = "1";
 pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.tenant.v1.VmService",
     "hcp.tenant.v1.VolumeService",
+    "hcp.tenant.v1.KeyPairService",
     "hcp.tenant.v1.JobService",
     "hcp.tenant.v1.QuotaService",
     "hcp.common.v1.CatalogService",

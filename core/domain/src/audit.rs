@@ -71,6 +71,10 @@ pub enum AuditAction {
     VolumeTypeCreate,
     /// A volume type deleted.
     VolumeTypeDelete,
+    /// An SSH key pair imported.
+    KeyPairCreate,
+    /// An SSH key pair deleted.
+    KeyPairDelete,
 }
 
 impl AuditAction {
@@ -106,6 +110,8 @@ impl AuditAction {
             AuditAction::VolumeUpdate => "volume.update",
             AuditAction::VolumeTypeCreate => "volume_type.create",
             AuditAction::VolumeTypeDelete => "volume_type.delete",
+            AuditAction::KeyPairCreate => "key_pair.create",
+            AuditAction::KeyPairDelete => "key_pair.delete",
         }
     }
 }
@@ -147,6 +153,8 @@ pub enum Resource<'a> {
     Volume(VolumeId),
     /// A volume type, by name.
     VolumeType(&'a str),
+    /// A project's key pair, by name (the event's project says whose).
+    KeyPair(&'a str),
 }
 
 impl Resource<'_> {
@@ -165,6 +173,7 @@ impl Resource<'_> {
             Resource::Host { .. } => "host",
             Resource::Volume(_) => "volume",
             Resource::VolumeType(_) => "volume_type",
+            Resource::KeyPair(_) => "key_pair",
         }
     }
 
@@ -178,7 +187,8 @@ impl Resource<'_> {
             | Resource::Image(name)
             | Resource::Zone(name)
             | Resource::Project(name)
-            | Resource::VolumeType(name) => (*name).to_owned(),
+            | Resource::VolumeType(name)
+            | Resource::KeyPair(name) => (*name).to_owned(),
             Resource::Volume(id) => id.to_string(),
             Resource::Network { zone, name } => format!("{zone}/{name}"),
             Resource::PlacementGroup(id) => id.to_string(),

@@ -296,6 +296,40 @@ impl Room {
     }
 }
 
+/// A tenant's SSH public key, imported into a project (HCP never holds the
+/// private key). Checked and fingerprinted before it is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPair {
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Owning project.
+    pub project_id: String,
+    /// Unique in the project.
+    pub name: String,
+    /// One OpenSSH public key line, as imported (trimmed).
+    pub public_key: String,
+    /// `SHA256:<base64 without padding>`.
+    pub fingerprint: String,
+    /// The OpenSSH algorithm name (`ssh-ed25519`, ...).
+    pub key_type: String,
+    /// The key's size in bits.
+    pub bits: u32,
+    /// The line's comment (empty when none).
+    pub comment: String,
+    /// When imported.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A key a VM was created with: the key pair's name and its public key as
+/// it was when the create was accepted (kept with the VM's desired state).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmKey {
+    /// The key pair's name.
+    pub name: String,
+    /// Its OpenSSH public key line.
+    pub public_key: String,
+}
+
 /// A tenant's placement group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlacementGroup {
@@ -407,6 +441,8 @@ pub struct Vm {
     pub tags: Vec<String>,
     /// cloud-init user data.
     pub user_data: Option<String>,
+    /// SSH keys the guest authorizes, resolved from key pairs at create.
+    pub ssh_keys: Vec<VmKey>,
     /// Guest hostname.
     pub hostname: String,
     /// Lifecycle state.

@@ -22,6 +22,7 @@ pub mod console;
 pub mod groups;
 pub mod hosts;
 pub mod idempotency;
+pub mod keypairs;
 pub mod ops;
 pub mod page;
 pub mod tenant;

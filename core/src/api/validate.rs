@@ -18,6 +18,7 @@
 //! | tags | at most [`MAX_TAGS`], each 1–64 visible ASCII characters, no `,` |
 //! | metadata | at most [`MAX_METADATA`] entries; keys 1–128 of `[A-Za-z0-9._:/-]`, not `hcp.`; values ≤ 1024 characters of text |
 //! | network attachments | at most [`MAX_NETWORKS`] |
+//! | key pairs of a create (`key_names`) | at most [`MAX_KEY_NAMES`], each a name |
 //! | user data | at most [`MAX_USER_DATA`] characters |
 //! | descriptions | at most [`MAX_DESCRIPTION`] characters of text |
 //! | page size | 1–1000 (0: the default) |
@@ -40,6 +41,8 @@ pub const MAX_METADATA_VALUE: usize = 1024;
 pub const MAX_TAGS: usize = 32;
 /// Most network attachments on a VM.
 pub const MAX_NETWORKS: usize = 8;
+/// Most key pairs a VM is created with.
+pub const MAX_KEY_NAMES: usize = 8;
 /// Largest user data, characters.
 pub const MAX_USER_DATA: usize = 64 * 1024;
 /// Longest catalog description, characters.

@@ -27,6 +27,7 @@ mod consoles;
 mod guards;
 mod hosts;
 mod jobs;
+mod keypairs;
 mod keys;
 mod metrics;
 pub(crate) mod outbox;

@@ -96,7 +96,7 @@ pub enum SnapshotAccept {
 pub(crate) const VM_COLUMNS: &str = "id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, \
      image, image_source, zone, provider_id, networks, metadata, tags, user_data, hostname, \
      status, current_job_id, error_code, error_message, created_at, updated_at, host, \
-     restart_policy, placement_group_id";
+     restart_policy, placement_group_id, ssh_keys";
 
 macro_rules! vm_from_row {
     ($row:expr) => {{
@@ -105,6 +105,7 @@ macro_rules! vm_from_row {
         let networks: Json<Vec<hcp_domain::model::NetworkAttachment>> = col!(row, "networks");
         let metadata: Json<BTreeMap<String, String>> = col!(row, "metadata");
         let tags: Json<Vec<String>> = col!(row, "tags");
+        let ssh_keys: Json<Vec<hcp_domain::model::VmKey>> = col!(row, "ssh_keys");
         let current_job_id: Option<uuid::Uuid> = col!(row, "current_job_id");
         let provider_id: uuid::Uuid = col!(row, "provider_id");
         let id: uuid::Uuid = col!(row, "id");
@@ -135,6 +136,7 @@ macro_rules! vm_from_row {
             metadata: metadata.0,
             tags: tags.0,
             user_data: col!(row, "user_data"),
+            ssh_keys: ssh_keys.0,
             hostname: col!(row, "hostname"),
             status: hcp_domain::model::VmStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("vm status {status:?}")))?,
@@ -200,9 +202,9 @@ impl super::Store {
                 "INSERT INTO vms (id, tenant_id, project_id, name, flavor, vcpus, memory_mib, \
                  disk_gib, image, image_source, zone, provider_id, networks, metadata, tags, \
                  user_data, hostname, status, current_job_id, error_code, error_message, \
-                 created_at, updated_at, host, restart_policy, placement_group_id) VALUES ($1, $2, \
-                 $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, NULL, \
-                 NULL, $20, $21, $22, $23, $24)",
+                 created_at, updated_at, host, restart_policy, placement_group_id, ssh_keys) VALUES ($1, \
+                 $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, NULL, \
+                 NULL, $20, $21, $22, $23, $24, $25)",
             )
             .bind(vm.id.0)
             .bind(&vm.tenant_id)
@@ -228,6 +230,7 @@ impl super::Store {
             .bind(&vm.host)
             .bind(vm.restart_policy.as_str())
             .bind(vm.placement_group_id.map(|g| g.0))
+            .bind(Json(&vm.ssh_keys))
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
@@ -842,9 +845,9 @@ async fn accept_create_in_one(
          vm AS (INSERT INTO vms (id, tenant_id, project_id, name, flavor, vcpus, memory_mib, disk_gib, image, \
              image_source, zone, provider_id, networks, metadata, tags, user_data, hostname, status, \
              current_job_id, error_code, error_message, created_at, updated_at, host, restart_policy, \
-             placement_group_id) \
+             placement_group_id, ssh_keys) \
              SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $54, \
-             NULL, NULL, $20, $21, $22, $23, $24 FROM ok RETURNING id), \
+             NULL, NULL, $20, $21, $22, $23, $24, $68 FROM ok RETURNING id), \
          tags AS (INSERT INTO vm_tags (vm_id, tag) SELECT vm.id, t FROM vm, unnest($25::text[]) AS t), \
          job AS (INSERT INTO jobs (id, tenant_id, project_id, kind, vm_id, status, attempts, max_attempts, \
              run_after, lease_owner, lease_expires_at, error_code, error_message, actor, traceparent, \
@@ -926,6 +929,7 @@ async fn accept_create_in_one(
     .bind(capacity.is_some()) // $65
     .bind(capacity.map(|c| i64::try_from(c.room.vcpus).unwrap_or(i64::MAX)))
     .bind(capacity.map(|c| i64::try_from(c.room.memory_mib).unwrap_or(i64::MAX)))
+    .bind(Json(&vm.ssh_keys)) // $68
     .fetch_one(pool)
     .await
     .map_err(|e| StoreError::from_sqlx(e, "vm"))?;

@@ -57,6 +57,7 @@ store_tests!(
     a_hosts_room_holds_under_concurrent_creates_and_resizes,
     rate_buckets_grant_the_burst_per_tenant_and_refill,
     concurrent_rate_claims_never_get_more_than_the_bucket_holds,
+    key_pairs_are_per_project_unique_and_limited,
 );
 
 /// Polls `f` every 20 ms for up to 10 s; true once it held.
@@ -199,6 +200,7 @@ fn new_vm(provider: &Provider, tenant: &str, project: &str, name: &str, tags: &[
         metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
         tags: tags.iter().map(|s| s.to_string()).collect(),
         user_data: Some("#cloud-config".into()),
+        ssh_keys: vec![VmKey { name: "laptop".into(), public_key: "ssh-ed25519 AAAA laptop".into() }],
         hostname: name.into(),
         status: VmStatus::Pending,
         current_job_id: None,
@@ -1928,4 +1930,50 @@ async fn a_hosts_room_holds_under_concurrent_creates_and_resizes(backend: Backen
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NoRoom(ref m) if m.contains("h3")), "{err:?}");
+}
+
+fn key_pair(tenant: &str, project: &str, name: &str) -> KeyPair {
+    KeyPair {
+        tenant_id: tenant.into(),
+        project_id: project.into(),
+        name: name.into(),
+        public_key: format!("ssh-ed25519 AAAA {name}"),
+        fingerprint: "SHA256:x".into(),
+        key_type: "ssh-ed25519".into(),
+        bits: 256,
+        comment: name.into(),
+        created_at: now(),
+    }
+}
+
+async fn key_pairs_are_per_project_unique_and_limited(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let scope = Scope::new("acme", "p1");
+    let k = key_pair("acme", "p1", "laptop");
+    store.create_key_pair(&k, 3, &audit("key_pair.create", "laptop")).await.unwrap();
+    assert_eq!(store.get_key_pair(&scope, "laptop").await.unwrap(), k, "reads back as written");
+    // The same name in the project is taken; in another project or tenant it is not.
+    let again = store.create_key_pair(&k, 3, &audit("key_pair.create", "laptop")).await.unwrap_err();
+    assert!(matches!(again, StoreError::AlreadyExists { .. }), "{again:?}");
+    store.create_key_pair(&key_pair("acme", "p2", "laptop"), 3, &audit("a", "b")).await.unwrap();
+    store.create_key_pair(&key_pair("other", "p1", "laptop"), 3, &audit("a", "b")).await.unwrap();
+    for other in [Scope::new("other", "p2"), Scope::new("acme", "p3")] {
+        assert!(matches!(store.get_key_pair(&other, "laptop").await, Err(StoreError::NotFound)));
+        let gone = store.delete_key_pair(&other, "laptop", &audit("a", "b")).await;
+        assert!(matches!(gone, Err(StoreError::NotFound)), "{gone:?}");
+    }
+    // At most `max` per project.
+    store.create_key_pair(&key_pair("acme", "p1", "b"), 3, &audit("a", "b")).await.unwrap();
+    store.create_key_pair(&key_pair("acme", "p1", "a"), 3, &audit("a", "b")).await.unwrap();
+    let full = store.create_key_pair(&key_pair("acme", "p1", "c"), 3, &audit("a", "b")).await.unwrap_err();
+    assert!(matches!(&full, StoreError::QuotaExceeded(m) if m.contains('3')), "{full:?}");
+    let names: Vec<String> =
+        store.list_key_pairs(&scope).await.unwrap().into_iter().map(|k| k.name).collect();
+    assert_eq!(names, ["a", "b", "laptop"], "by name, this project's only");
+    store.delete_key_pair(&scope, "laptop", &audit("key_pair.delete", "laptop")).await.unwrap();
+    assert!(matches!(store.get_key_pair(&scope, "laptop").await, Err(StoreError::NotFound)));
+    store.create_key_pair(&key_pair("acme", "p1", "c"), 3, &audit("a", "b")).await.unwrap();
+    let (events, _) =
+        store.list_audit_events(&AuditQuery { page_size: 100, ..Default::default() }).await.unwrap();
+    assert!(events.iter().any(|e| e.action == "key_pair.delete"), "each change is audited");
 }

@@ -74,10 +74,12 @@ impl Hyperv {
         if spec.vcpus == 0 || spec.memory_mib == 0 {
             return Err(invalid("spec", "vcpus and memory_mib must be positive"));
         }
-        if spec.user_data.is_some() && self.config.cloud_init.is_none() {
+        if (spec.user_data.is_some() || !spec.ssh_authorized_keys.is_empty())
+            && self.config.cloud_init.is_none()
+        {
             return Err(ProviderError::new(
                 ErrorKind::Unsupported,
-                "user data needs [cloud_init] in the Hyper-V provider's configuration",
+                "user data and SSH keys need [cloud_init] in the Hyper-V provider's configuration",
             ));
         }
         let volumes = VolumesAtCreate::of(&spec)?;
@@ -215,9 +217,12 @@ impl Hyperv {
             self.add(&vssd, sasd).await.map_err(err)?;
             self.failpoints.hit("create:after-disk");
         }
-        // User data: a NoCloud seed ISO on a DVD drive at the controller's
-        // last location, leaving 1..=62 to volumes.
-        if let (Some(user_data), Some(ci)) = (&spec.user_data, &self.config.cloud_init) {
+        // User data and SSH keys: a NoCloud seed ISO on a DVD drive at the
+        // controller's last location, leaving 1..=62 to volumes.
+        if let Some(ci) = &self.config.cloud_init
+            && (spec.user_data.is_some() || !spec.ssh_authorized_keys.is_empty())
+        {
+            let user_data = spec.user_data.as_deref().unwrap_or_default();
             let iso_name = format!("{}-seed.iso", vm_name(vm_id));
             let host_iso = format!("{}\\{iso_name}", ci.host_dir.trim_end_matches('\\'));
             let d = self.devices(&vssd).await.map_err(err)?;
@@ -227,7 +232,8 @@ impl Hyperv {
                 .any(|s| s.all("HostResource").iter().any(|h| h.eq_ignore_ascii_case(&host_iso)))
             {
                 let hostname = if spec.hostname.is_empty() { &spec.name } else { &spec.hostname };
-                hcp_nocloud::build(&ci.local_dir.join(&iso_name), vm_id, hostname, user_data)
+                let keys = &spec.ssh_authorized_keys;
+                hcp_nocloud::build(&ci.local_dir.join(&iso_name), vm_id, hostname, user_data, keys)
                     .await
                     .map_err(|e| ProviderError::new(ErrorKind::Internal, format!("the seed ISO: {e}")))?;
                 let controller = d

@@ -238,6 +238,21 @@ async fn a_vm_is_defined_with_its_disk_seed_and_nics_and_marked_with_its_hcp_id(
     assert!(hcp_vms(&sim).is_empty());
     assert!(!sim.sim.disk_dir().join(format!("hcp-{id}.vhdx")).exists());
     assert!(!sim.sim.disk_dir().join(format!("hcp-{id}-seed.iso")).exists());
+
+    // SSH keys alone (no user data) also make a seed: its meta-data
+    // carries them as public-keys.
+    let keyed = uuid::Uuid::new_v4().to_string();
+    let mut with_keys = spec("keyed", &["default"], None);
+    with_keys.ssh_authorized_keys = vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK alice@example".into()];
+    p.create_vm(pb::CreateVmRequest { vm_id: keyed.clone(), spec: Some(with_keys), start: false })
+        .await
+        .unwrap();
+    let iso =
+        std::fs::read(sim.sim.disk_dir().join(format!("hcp-{keyed}-seed.iso"))).expect("the seed exists");
+    let needle = b"public-keys:\n  - \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK alice@example\"";
+    assert!(iso.windows(needle.len()).any(|w| w == needle), "the seed's meta-data holds the key");
+    assert!(p.delete_vm(&keyed).await.unwrap());
+    assert!(hcp_vms(&sim).is_empty());
     assert_no_violations(&sim);
 }
 

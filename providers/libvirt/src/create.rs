@@ -26,7 +26,9 @@ impl Libvirt {
     ) -> Result<pb::VmInfo, ProviderError> {
         let vm_id = req.vm_id.clone();
         let spec = req.spec.ok_or_else(|| invalid("spec: required"))?;
-        if spec.user_data.is_some() && !self.inner.capabilities.supports_cloud_init {
+        if (spec.user_data.is_some() || !spec.ssh_authorized_keys.is_empty())
+            && !self.inner.capabilities.supports_cloud_init
+        {
             return Err(ProviderError::new(
                 ErrorKind::Unsupported,
                 "cloud-init is not supported on this host",
@@ -88,9 +90,12 @@ impl Libvirt {
         };
         self.failpoint("create:after-disk");
         let user_data = spec.user_data.clone().unwrap_or_default();
-        let seed = if spec.user_data.is_some() || !spec.hostname.is_empty() {
+        let seed = if spec.user_data.is_some()
+            || !spec.hostname.is_empty()
+            || !spec.ssh_authorized_keys.is_empty()
+        {
             let path = dir.join("seed.iso");
-            seed::build(&path, &vm_id, &spec.hostname, &user_data)
+            seed::build(&path, &vm_id, &spec.hostname, &user_data, &spec.ssh_authorized_keys)
                 .await
                 .map_err(|e| ProviderError::new(ErrorKind::Internal, format!("cloud-init seed: {e}")))?;
             Some(path)

@@ -113,8 +113,16 @@ impl Proxmox {
         if let Some(user) = &ci.user {
             params.push(("ciuser", user.clone()));
         }
-        if !ci.ssh_keys.is_empty() {
-            params.push(("sshkeys", client::urlencode(&ci.ssh_keys.join("\n"))));
+        // The operator's keys, then the tenant's (from its key pairs).
+        let keys: Vec<&str> = ci
+            .ssh_keys
+            .iter()
+            .chain(&spec.ssh_authorized_keys)
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if !keys.is_empty() {
+            params.push(("sshkeys", client::urlencode(&keys.join("\n"))));
         }
         if let (Some(user_data), Some(storage), Some(dir)) =
             (&spec.user_data, &ci.snippets_storage, &ci.snippets_dir)

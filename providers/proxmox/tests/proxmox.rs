@@ -86,6 +86,7 @@ fn spec(name: &str) -> pb::VmSpec {
         hostname: name.to_owned(),
         labels: Default::default(),
         host: String::new(),
+        ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK alice@example".into()],
         ..Default::default()
     }
 }
@@ -247,7 +248,14 @@ async fn a_vm_is_a_configured_full_clone_marked_with_its_hcp_id() {
     assert!(c["net0"].starts_with("virtio=BC:24:11:") && c["net0"].ends_with(",bridge=vmbr1"), "{c:?}");
     assert_eq!(c["ipconfig0"], "ip=dhcp");
     assert_eq!(c["ciuser"], "debian");
-    assert_eq!(c["sshkeys"], "ssh-ed25519%20AAAAC3Nza%2B%2Fx%3D%20ops%40example");
+    // The operator's key from the provider's config, then the tenant's,
+    // newline-joined and URL-encoded the PVE way (the simulator checks it
+    // against the schema's `urlencoded` format).
+    assert_eq!(
+        c["sshkeys"],
+        "ssh-ed25519%20AAAAC3Nza%2B%2Fx%3D%20ops%40example%0A\
+         ssh-ed25519%20AAAAC3NzaC1lZDI1NTE5AAAAIK%20alice%40example"
+    );
     assert_eq!(c["tags"], format!("hcp;hcp-{id}"));
     assert!(c["description"].contains(&format!("hcp-vm-id={id}")));
     assert_eq!(c["cicustom"], format!("user=local:snippets/hcp-{id}-user.yaml"));

@@ -221,6 +221,9 @@ struct State {
     volume_creations: HashMap<String, u32>,
     /// The storages volumes can go to.
     storages: Vec<String>,
+    /// The SSH keys each VM was created with (its spec's, newline-joined),
+    /// for tests to read through `Stats`.
+    ssh_keys: HashMap<String, String>,
 }
 
 impl State {
@@ -438,7 +441,9 @@ impl Sim {
     ) -> Result<pb::VmInfo, ProviderError> {
         fault_gate!(self, "CreateVm", &req.vm_id.clone(), {
             let spec = req.spec.unwrap_or_default();
-            if spec.user_data.is_some() && !self.capabilities.supports_cloud_init {
+            if (spec.user_data.is_some() || !spec.ssh_authorized_keys.is_empty())
+                && !self.capabilities.supports_cloud_init
+            {
                 return Err(ProviderError::new(ErrorKind::Unsupported, "cloud-init is not supported"));
             }
             let mut s = self.lock();
@@ -474,6 +479,9 @@ impl Sim {
                 }
                 s.attach_new_vm_volumes(&req.vm_id, &vm, &volumes, self.capabilities.volumes_host_local);
                 *s.creations.entry(req.vm_id.clone()).or_default() += 1;
+                if !spec.ssh_authorized_keys.is_empty() {
+                    s.ssh_keys.insert(req.vm_id.clone(), spec.ssh_authorized_keys.join("\n"));
+                }
                 let info = Self::info_of(&req.vm_id, &vm);
                 s.vms.insert(req.vm_id.clone(), vm);
                 Ok(info)
@@ -1046,6 +1054,7 @@ impl SimControl for Control {
             graceful_stops: s.graceful_stops,
             volume_creations: s.volume_creations.clone(),
             volume_count: s.volumes.len() as u32,
+            ssh_authorized_keys: s.ssh_keys.clone(),
             credential_keys: {
                 let mut keys: Vec<String> = s.credentials.iter().flat_map(|c| c.keys().cloned()).collect();
                 keys.sort();

@@ -158,19 +158,25 @@ impl Vsphere {
             }
         }
         let mut extra = vec![(ID_KEY.to_owned(), vm_id.to_owned())];
-        if let Some(user_data) = &spec.user_data {
+        if spec.user_data.is_some() || !spec.ssh_authorized_keys.is_empty() {
             if !self.config.cloud_init {
                 return Err(ProviderError::new(
                     ErrorKind::Unsupported,
-                    "user data needs cloud_init = true in the vSphere provider's configuration",
+                    "user data and SSH keys need cloud_init = true in the vSphere provider's configuration",
                 ));
             }
             let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
             let hostname = if spec.hostname.is_empty() { &spec.name } else { &spec.hostname };
-            let metadata = format!("instance-id: {vm_id}\nlocal-hostname: {hostname}\n");
+            // cloud-init's VMware datasource reads the same meta-data
+            // document as NoCloud, SSH keys as `public-keys`.
+            let metadata = hcp_nocloud::meta_data(vm_id, hostname, &spec.ssh_authorized_keys);
+            if let Some(user_data) = &spec.user_data {
+                extra.extend([
+                    ("guestinfo.userdata".to_owned(), b64(user_data)),
+                    ("guestinfo.userdata.encoding".to_owned(), "base64".to_owned()),
+                ]);
+            }
             extra.extend([
-                ("guestinfo.userdata".to_owned(), b64(user_data)),
-                ("guestinfo.userdata.encoding".to_owned(), "base64".to_owned()),
                 ("guestinfo.metadata".to_owned(), b64(&metadata)),
                 ("guestinfo.metadata.encoding".to_owned(), "base64".to_owned()),
             ]);

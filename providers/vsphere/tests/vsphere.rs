@@ -99,6 +99,7 @@ fn spec(name: &str, networks: &[&str]) -> pb::VmSpec {
         hostname: "web".into(),
         labels: Default::default(),
         host: String::new(),
+        ssh_authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK alice@example".into()],
         ..Default::default()
     }
 }
@@ -194,6 +195,16 @@ async fn a_vm_is_a_configured_clone_marked_with_its_hcp_id() {
     let user_data =
         base64::engine::general_purpose::STANDARD.decode(get("guestinfo.userdata").unwrap()).unwrap();
     assert_eq!(String::from_utf8(user_data).unwrap(), "#cloud-config\nhostname: web\n");
+    // The tenant's SSH keys are in the meta-data document, as public-keys.
+    let metadata =
+        base64::engine::general_purpose::STANDARD.decode(get("guestinfo.metadata").unwrap()).unwrap();
+    assert_eq!(
+        String::from_utf8(metadata).unwrap(),
+        format!(
+            "instance-id: {id}\nlocal-hostname: web\npublic-keys:\n  \
+             - \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK alice@example\"\n"
+        )
+    );
     let devices: Vec<vim::Device> =
         o.prop("config.hardware.device").unwrap().children.iter().map(vim::Device::from_xml).collect();
     let nics: Vec<&vim::Device> = devices.iter().filter(|d| d.is_nic()).collect();

@@ -49,6 +49,9 @@ pub(super) struct ValidCreate {
     pub(super) volume_ids: Vec<VolumeId>,
     /// The root disk as a volume.
     pub(super) boot: Option<BootRequest>,
+    /// Key pairs of the project whose public keys the guest authorizes, in
+    /// order, without duplicates.
+    pub(super) key_names: Vec<String>,
 }
 
 /// A create's boot volume as asked.
@@ -152,6 +155,16 @@ impl ValidCreate {
                 })
             }
         };
+        validate::count("key_names", req.key_names.len(), validate::MAX_KEY_NAMES)?;
+        let mut key_names: Vec<String> = Vec::with_capacity(req.key_names.len());
+        for (i, name) in req.key_names.iter().enumerate() {
+            let field = format!("key_names[{i}]");
+            validate::label(&field, name)?;
+            if key_names.contains(name) {
+                return Err(ApiError::invalid_field(&field, format!("key pair {name} is named twice")));
+            }
+            key_names.push(name.clone());
+        }
         Ok(Self {
             name: req.name.clone(),
             flavor: req.flavor.clone(),
@@ -166,6 +179,7 @@ impl ValidCreate {
             placement_group,
             volume_ids,
             boot,
+            key_names,
         })
     }
 }
@@ -189,6 +203,7 @@ pub(super) fn fingerprint_create(req: &CreateVmRequest) -> serde_json::Value {
         "placement_group_id": req.placement_group_id,
         "restart_policy": req.restart_policy,
         "volume_ids": req.volume_ids,
+        "key_names": req.key_names,
         "boot_volume": req.boot_volume.as_ref().map(|b| serde_json::json!({
             "volume_id": b.volume_id,
             "volume_type": b.volume_type,
@@ -248,8 +263,9 @@ impl TenantApi {
             self.known_zone(&catalog, z).await?;
         }
         let zones = self.network_zones(&catalog, &req.networks, zone).await?;
+        let ssh_keys = self.vm_keys(scope, &req.key_names).await?;
         let mut needs = Vec::new();
-        if req.user_data.is_some() {
+        if req.user_data.is_some() || !ssh_keys.is_empty() {
             needs.push(Capability::CloudInit);
         }
         let held = self.create_volumes(scope, &req, &flavor).await?;
@@ -324,6 +340,7 @@ impl TenantApi {
             metadata: req.metadata,
             tags: req.tags,
             user_data: req.user_data,
+            ssh_keys,
             hostname: req.hostname,
             status: VmStatus::Pending,
             current_job_id: Some(job.id),
@@ -430,6 +447,25 @@ impl TenantApi {
         })?;
         let members = self.ctx.store.group_members(id).await.map_err(|e| from_store(e, "placement group"))?;
         Ok((g, members))
+    }
+
+    /// The key pairs a create names, read now: the VM keeps their public
+    /// keys, so a key pair deleted or replaced later changes nothing a
+    /// retried or recovered create sends. A name the project lacks (another
+    /// project's or tenant's included) is INVALID_ARGUMENT naming it.
+    async fn vm_keys(&self, scope: &Scope, names: &[String]) -> Result<Vec<model::VmKey>, ApiError> {
+        let mut out = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            let k = self.ctx.store.get_key_pair(scope, name).await.map_err(|e| match e {
+                StoreError::NotFound => ApiError::invalid_field(
+                    &format!("key_names[{i}]"),
+                    format!("no key pair {name} in project {}", scope.project),
+                ),
+                e => from_store(e, "key pair"),
+            })?;
+            out.push(model::VmKey { name: k.name, public_key: k.public_key });
+        }
+        Ok(out)
     }
 
     /// The flavor and image named, from the catalog copy or the database;
@@ -574,6 +610,9 @@ mod tests {
             (|r| r.hostname = "-bad".into(), "hostname"),
             (|r| r.restart_policy = 99, "restart_policy"),
             (|r| r.placement_group_id = "not-a-uuid".into(), "placement_group_id"),
+            (|r| r.key_names = vec!["ok".into(), "not a label".into()], "key_names[1]"),
+            (|r| r.key_names = vec!["k".into(), "k".into()], "key_names[1]"),
+            (|r| r.key_names = (0..9).map(|i| format!("k{i}")).collect(), "key_names"),
         ];
         for (change, field) in rows {
             let mut req = request();

@@ -31,12 +31,26 @@ fn check_nics(vm: &VmInfo, want: usize) -> CheckResult {
     Ok(())
 }
 
+/// A public key the kit's cloud-init VM is given (no one holds its private
+/// key: it was made for this and thrown away).
+const CONFORMANCE_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 conformance";
+
 impl Kit {
-    /// A create with user data succeeds when declared, else is UNIMPLEMENTED.
+    /// A create with user data and SSH keys (`ssh_authorized_keys`)
+    /// succeeds when declared, else is UNIMPLEMENTED.
     pub(crate) async fn cloud_init(&mut self, declared: bool) -> CheckResult {
         let ud = Some("#cloud-config\nhostname: conf\n".to_owned());
         if declared {
-            self.create("conf-ci", ud).await.map(|_| ())
+            let id = uuid::Uuid::now_v7().to_string();
+            self.created.push(id.clone());
+            let mut spec = self.spec("conf-ci", ud);
+            spec.ssh_authorized_keys = vec![CONFORMANCE_KEY.to_owned()];
+            self.compute
+                .create_vm(CreateVmRequest { vm_id: id, spec: Some(spec), start: false })
+                .await
+                .map(|_| ())
+                .map_err(call("CreateVm with user data and SSH keys"))
         } else {
             let id = uuid::Uuid::now_v7().to_string();
             self.created.push(id.clone());
