@@ -94,11 +94,8 @@ pub(crate) fn shell(hostname: String, log: LogSink) -> Box<dyn SerialStream> {
                         out.push_str(&prompt);
                     }
                     // Backspace (DEL, as terminals send it) and ^H.
-                    0x7f | 0x08 => {
-                        if line.pop().is_some() {
-                            out.push_str("\u{8} \u{8}");
-                        }
-                    }
+                    0x7f | 0x08 if line.pop().is_some() => out.push_str("\u{8} \u{8}"),
+                    0x7f | 0x08 => {}
                     // ^C: the line is dropped.
                     0x03 => {
                         line.clear();
