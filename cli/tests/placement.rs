@@ -119,6 +119,7 @@ async fn a_running_vm_moves_live_stays_active_and_its_console_token_is_revoked()
     let mut req = tonic::Request::new(hcp_proto::console::RedeemConsoleRequest {
         token: console_token,
         protocol: "vnc".into(),
+        ..Default::default()
     });
     req.metadata_mut().insert("authorization", format!("Bearer {proxy}").parse().unwrap());
     let err = broker.redeem_console(req).await.unwrap_err();

@@ -472,6 +472,7 @@ async fn a_running_vm_moves_between_proxmox_nodes_and_keeps_running() {
     let mut req = tonic::Request::new(hcp_proto::console::RedeemConsoleRequest {
         token: console["token"].as_str().unwrap().to_owned(),
         protocol: "vnc".into(),
+        ..Default::default()
     });
     req.metadata_mut().insert("authorization", format!("Bearer {proxy}").parse().unwrap());
     let err = broker.redeem_console(req).await.unwrap_err();

@@ -39,6 +39,10 @@ struct Args {
     /// Directory of the console page (www/) and noVNC (node_modules/).
     #[arg(long, default_value = "gateway/console", env = "HCP_CONSOLE_ASSETS_DIR")]
     console_assets_dir: std::path::PathBuf,
+    /// Directory of spice-html5, the SPICE console page's client (Debian's
+    /// `spice-html5` package).
+    #[arg(long, default_value = crate::console::SPICE_HTML5_DIR, env = "HCP_CONSOLE_SPICE_HTML5_DIR")]
+    console_spice_html5_dir: std::path::PathBuf,
     /// Where the RDP relay for native clients listens (e.g.
     /// `0.0.0.0:3390`); none without it. Core's `console.rdp_address` is
     /// this address as tenants reach it.
@@ -87,6 +91,7 @@ where
             service_token_file: args.service_token_file,
             allowed_origins: args.console_allowed_origins,
             assets_dir: args.console_assets_dir,
+            spice_html5_dir: args.console_spice_html5_dir,
             rdp_listen: args.console_rdp_listen,
         },
         metrics_listen: args.metrics_listen,

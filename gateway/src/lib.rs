@@ -10,7 +10,8 @@
 //! - gRPC-web: browser clients call `/hcp.<pkg>.<Service>/<Method>`;
 //!   tonic-web turns the call into gRPC and it is proxied to core as is.
 //! - Consoles: `/console/vnc?token=…` is the websocket console proxy and
-//!   `/console/vnc.html?token=…` the noVNC page; `/console/rdp?token=…`
+//!   `/console/vnc.html?token=…` the noVNC page (`spice` and `serial` the
+//!   same with their pages); `/console/rdp?token=…`
 //!   carries RDP, and `--console-rdp-listen` a relay for native RDP clients
 //!   ([`console`]).
 //! - `GET /healthz` for load balancers.
@@ -227,6 +228,7 @@ pub async fn run(
     let console_routes = axum::Router::new()
         .route("/console/novnc/{*path}", axum::routing::get(console::novnc))
         .route("/console/modules/{*path}", axum::routing::get(console::modules))
+        .route("/console/spice-html5/{*path}", axum::routing::get(console::spice_html5))
         .route("/console/{name}", axum::routing::get(console::entry))
         .with_state(consoles.clone());
     // Both are open to anyone (no token), so another method is refused at
@@ -285,7 +287,12 @@ pub async fn run(
     // The relay lives as long as the HTTP server.
     let _relay = rdp.map(|(_, l)| AbortOnDrop(tokio::spawn(console::rdp::serve(l, consoles))));
     let listener = edge::EdgeListener::new(listener);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(StartError::Serve)
+    // Connection info: the console proxy stores the client's address with
+    // a SPICE session, whose further channels must come from it.
+    axum::serve(listener, app.into_make_service_with_connect_info::<console::Peer>())
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(StartError::Serve)
 }
 
 /// Stops a task when dropped.

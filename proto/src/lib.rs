@@ -169,6 +169,8 @@ impl std::fmt::Debug for console::RedeemConsoleRequest {
         f.debug_struct("RedeemConsoleRequest")
             .field("token", &"<redacted>")
             .field("protocol", &self.protocol)
+            .field("client_address", &self.client_address)
+            .field("channel", &self.channel)
             .finish()
     }
 }
@@ -240,7 +242,11 @@ mod tests {
         );
         let redeemed = super::console::RedeemedConsole { endpoint: Some(e), ..Default::default() };
         assert!(!format!("{redeemed:?}").contains("hunter2"));
-        let t = super::console::RedeemConsoleRequest { token: "hunter2".into(), protocol: "vnc".into() };
+        let t = super::console::RedeemConsoleRequest {
+            token: "hunter2".into(),
+            protocol: "vnc".into(),
+            ..Default::default()
+        };
         assert!(!format!("{t:?}").contains("hunter2"));
     }
 

@@ -516,8 +516,9 @@ impl TestStack {
         for key in ["url", "web_url"] {
             let url = answer[key].as_str().unwrap_or_default().to_owned();
             if url.is_empty() {
-                // VNC and serial have a web page (web is one of them).
-                let paged = matches!(body["type"].as_str(), None | Some("" | "vnc" | "serial" | "web"));
+                // VNC, SPICE and serial have a web page (web is one of them).
+                let paged =
+                    matches!(body["type"].as_str(), None | Some("" | "vnc" | "spice" | "serial" | "web"));
                 anyhow::ensure!(key == "web_url" && !paged, "no {key} in {answer}");
                 continue;
             }

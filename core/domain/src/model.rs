@@ -979,6 +979,12 @@ pub struct ConsoleSession {
     pub revoked_at: Option<DateTime<Utc>>,
     /// When issued.
     pub created_at: DateTime<Utc>,
+    /// The client's address, stored when the session opens: a SPICE
+    /// channel joining the session must come from it.
+    pub client_address: Option<String>,
+    /// Set when the session (a SPICE session's main channel) ended: no
+    /// channel joins it any more.
+    pub ended_at: Option<DateTime<Utc>>,
 }
 
 /// What to do about a VM the hypervisor no longer has.

@@ -5,6 +5,16 @@
 //! it is never stored) and hands it, password included, to the proxy alone:
 //! only callers with the `console.proxy` role get an answer. Every redeem,
 //! refusal and session end is audited.
+//!
+//! SPICE opens one connection per channel (main, display, inputs, cursor,
+//! ...) with the same token. The main channel's redeem opens the session as
+//! for any protocol, storing the client's address; each further channel
+//! joins it, admitted only while the session is open (not ended, not
+//! revoked, within its maximum time) and from that address. A second main
+//! channel is a second session, refused like any reused token. Each channel
+//! is audited as opened and closed: each is a connection to the VM's
+//! console (the inputs channel types into it), and an audit trail that
+//! names every connection shows one that should not have been there.
 
 use hcp_proto::console::console_broker_service_server::ConsoleBrokerService;
 use hcp_proto::console::{
@@ -55,7 +65,11 @@ impl ConsoleApi {
         let protocol =
             crate::lifecycle::ConsoleProtocol::parse(&req.protocol).map_or("other", |c| c.as_str());
         let result = self.redeem_token(&p, &req).await;
-        let outcome = if result.is_ok() { "opened" } else { "refused" };
+        let outcome = match (&result, req.channel) {
+            (Ok(_), false) => "opened",
+            (Ok(_), true) => "joined",
+            (Err(_), _) => "refused",
+        };
         metrics::counter!("hcp_console_sessions_total", "protocol" => protocol, "outcome" => outcome)
             .increment(1);
         result
@@ -70,12 +84,33 @@ impl ConsoleApi {
         if req.token.is_empty() {
             return Err(ApiError::invalid_field("token", "the console token is missing"));
         }
+        if req.channel && req.protocol != "spice" {
+            return Err(ApiError::invalid_field("channel", "only spice sessions have further channels"));
+        }
+        if req.channel && req.client_address.is_empty() {
+            return Err(ApiError::invalid_field("client_address", "a channel names its client's address"));
+        }
         let hash = hash_token(&req.token);
         let t = now();
-        let session = match self.ctx.store.redeem_console_session(&hash, t).await {
+        let max = self.ctx.config.console.max_session_seconds;
+        let found = if req.channel {
+            let opened_after = t - chrono::Duration::seconds(i64::from(max));
+            self.ctx.store.join_console_session(&hash, &req.client_address, opened_after).await
+        } else {
+            self.ctx.store.redeem_console_session(&hash, t, &req.client_address).await
+        };
+        let session = match found {
             Ok(s) => s,
-            Err(StoreError::NotFound) => return Err(self.refusal(&p, &hash, t).await),
+            Err(StoreError::NotFound) => return Err(self.refusal(&p, &hash, t, req).await),
             Err(e) => return Err(from_store(e, "console session")),
+        };
+        // A channel lives no longer than what is left of its session.
+        let max_session_seconds = match session.used_at {
+            Some(opened) if req.channel => {
+                let left = i64::from(max) - (t - opened).num_seconds();
+                u32::try_from(left.max(1)).unwrap_or(max)
+            }
+            _ => max,
         };
         let vm_id = session.vm_id;
         let (tenant, project) = (session.tenant_id.clone(), session.project_id.clone());
@@ -120,30 +155,53 @@ impl ConsoleApi {
                 return Err(refuse("provider", err).await);
             }
         };
-        let a = self.audit(&p, vm_id, &tenant, &project, AuditOutcome::Opened);
+        let mut a = self.audit(&p, vm_id, &tenant, &project, AuditOutcome::Opened);
+        if req.channel {
+            a.detail = "spice channel".to_owned();
+        }
         self.ctx.store.append_audit(&a).await.map_err(|e| from_store(e, "audit"))?;
-        tracing::info!(%vm_id, protocol = %session.protocol, "console session opened");
+        tracing::info!(%vm_id, protocol = %session.protocol, channel = req.channel, "console session opened");
         Ok(RedeemedConsole {
             session_id: hash,
             vm_id: vm_id.to_string(),
             tenant_id: tenant,
             project_id: project,
             endpoint: Some(endpoint),
-            max_session_seconds: self.ctx.config.console.max_session_seconds,
+            max_session_seconds,
         })
     }
 
-    /// Why a token could not be redeemed, audited when it names a session.
-    async fn refusal(&self, p: &Principal, hash: &str, t: chrono::DateTime<chrono::Utc>) -> ApiError {
+    /// Why a token could not be redeemed (or a channel not admitted),
+    /// audited when it names a session.
+    async fn refusal(
+        &self,
+        p: &Principal,
+        hash: &str,
+        t: chrono::DateTime<chrono::Utc>,
+        req: &RedeemConsoleRequest,
+    ) -> ApiError {
         let session = match self.ctx.store.console_session(hash).await {
             Ok(Some(s)) => s,
             Ok(None) => return ApiError::new(ErrorCode::NotFound, "unknown console token"),
             Err(e) => return from_store(e, "console session"),
         };
-        let why = if session.used_at.is_some() {
-            "console token already used"
-        } else if session.revoked_at.is_some() {
+        let max = chrono::Duration::seconds(i64::from(self.ctx.config.console.max_session_seconds));
+        let why = if session.revoked_at.is_some() {
             "console token revoked: the vm was stopped, moved or deleted"
+        } else if req.channel {
+            match session.used_at {
+                None => "console channel refused: its session has not opened",
+                Some(_) if session.ended_at.is_some() => "console channel refused: its session ended",
+                Some(opened) if opened + max <= t => {
+                    "console channel refused: its session's maximum time passed"
+                }
+                Some(_) if session.client_address.as_deref() != Some(req.client_address.as_str()) => {
+                    "console channel refused: it comes from another client than its session"
+                }
+                Some(_) => "console channel refused",
+            }
+        } else if session.used_at.is_some() {
+            "console token already used"
         } else if session.expires_at <= t {
             "console token expired"
         } else {
@@ -177,9 +235,21 @@ impl ConsoleApi {
             AuditOutcome::Closed(&reason),
         );
         a.detail = format!(
-            "duration_ms={} bytes_to_client={} bytes_to_server={}",
-            req.duration_ms, req.bytes_to_client, req.bytes_to_server
+            "{}duration_ms={} bytes_to_client={} bytes_to_server={}",
+            if req.channel { "spice channel " } else { "" },
+            req.duration_ms,
+            req.bytes_to_client,
+            req.bytes_to_server
         );
+        // The session (a SPICE session's main channel) ended: no channel
+        // joins it any more, and those open are told to end.
+        if !req.channel {
+            self.ctx
+                .store
+                .end_console_session(&req.session_id, now())
+                .await
+                .map_err(|e| from_store(e, "console session"))?;
+        }
         let protocol =
             crate::lifecycle::ConsoleProtocol::parse(&session.protocol).map_or("other", |c| c.as_str());
         metrics::histogram!("hcp_console_session_duration_seconds", "protocol" => protocol)

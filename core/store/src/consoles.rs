@@ -1,6 +1,9 @@
 //! Console sessions: a hash of a single-use token bound to a tenant, project,
 //! VM and protocol, with an expiry. Issued by the API, redeemed by the
-//! console proxy, revoked when the VM stops or goes away.
+//! console proxy (once; a SPICE session's further channels join it from the
+//! same client address while it is open), ended when its connection (a
+//! SPICE session's main channel) closes, revoked when the VM stops or goes
+//! away.
 
 use chrono::{DateTime, Utc};
 
@@ -22,9 +25,15 @@ macro_rules! session_from_row {
             used_at: col!(&row, "used_at"),
             revoked_at: col!(&row, "revoked_at"),
             created_at: col!(&row, "created_at"),
+            client_address: col!(&row, "client_address"),
+            ended_at: col!(&row, "ended_at"),
         }
     }};
 }
+
+/// The columns [`session_from_row`] reads.
+const COLUMNS: &str = "token_hash, tenant_id, project_id, vm_id, protocol, expires_at, used_at, revoked_at, \
+                       created_at, client_address, ended_at";
 
 impl super::Store {
     /// Stores a new session and the audit event of its issue.
@@ -52,39 +61,89 @@ impl super::Store {
         Ok(())
     }
 
-    /// Marks a session used if it is unused, unrevoked and unexpired at
-    /// `now`, and returns it; NotFound otherwise. At most one caller ever
-    /// redeems a token.
+    /// Marks a session used (by a client at `client_address`) if it is
+    /// unused, unrevoked and unexpired at `now`, and returns it; NotFound
+    /// otherwise. At most one caller ever redeems a token.
     pub async fn redeem_console_session(
         &self,
         token_hash: &str,
         now: DateTime<Utc>,
+        client_address: &str,
     ) -> StoreResult<ConsoleSession> {
+        let sql = format!(
+            "UPDATE console_sessions SET used_at = $1, client_address = $3 WHERE token_hash = $2 \
+             AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $1 RETURNING {COLUMNS}"
+        );
         on_pool!(self, |pool| {
-            let row = sqlx::query(
-                "UPDATE console_sessions SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL \
-                 AND revoked_at IS NULL AND expires_at > $1 RETURNING token_hash, tenant_id, \
-                 project_id, vm_id, protocol, expires_at, used_at, revoked_at, created_at",
-            )
-            .bind(now)
-            .bind(token_hash)
-            .fetch_optional(pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "console session"))?
-            .ok_or(StoreError::NotFound)?;
+            // Only the column list is formatted in; the values are bound.
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(now)
+                .bind(token_hash)
+                .bind(client_address)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "console session"))?
+                .ok_or(StoreError::NotFound)?;
             Ok(session_from_row!(row))
         })
     }
 
-    /// Of `token_hashes`, the sessions revoked, with why.
+    /// The session `token_hash` opened, for one more of its channels: it
+    /// must have been redeemed by `client_address` after `opened_after`
+    /// (its maximum time not passed) and be neither revoked nor ended.
+    /// NotFound otherwise. Nothing changes: the token was used once.
+    pub async fn join_console_session(
+        &self,
+        token_hash: &str,
+        client_address: &str,
+        opened_after: DateTime<Utc>,
+    ) -> StoreResult<ConsoleSession> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM console_sessions WHERE token_hash = $1 AND used_at > $2 \
+             AND client_address = $3 AND revoked_at IS NULL AND ended_at IS NULL"
+        );
+        on_pool!(self, |pool| {
+            // Only the column list is formatted in; the values are bound.
+            let row = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(token_hash)
+                .bind(opened_after)
+                .bind(client_address)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "console session"))?
+                .ok_or(StoreError::NotFound)?;
+            Ok(session_from_row!(row))
+        })
+    }
+
+    /// Marks a session ended at `now` (once: a later end keeps the first
+    /// time). Its SPICE channels still open are then among
+    /// [`Self::revoked_consoles`].
+    pub async fn end_console_session(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "UPDATE console_sessions SET ended_at = $1 WHERE token_hash = $2 AND ended_at IS NULL",
+            )
+            .bind(now)
+            .bind(token_hash)
+            .execute(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
+            Ok(())
+        })
+    }
+
+    /// Of `token_hashes`, the sessions revoked, with why, and those ended
+    /// (whose SPICE channels end with their main channel).
     pub async fn revoked_consoles(&self, token_hashes: &[String]) -> StoreResult<Vec<(String, String)>> {
         let mut revoked = Vec::new();
         // Bound the statement's parameters (SQLite allows 32766).
         for chunk in token_hashes.chunks(500) {
             let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT token_hash, revoked_reason FROM console_sessions WHERE revoked_at IS NOT NULL \
-                 AND token_hash IN ({})",
+                "SELECT token_hash, CASE WHEN revoked_at IS NOT NULL THEN revoked_reason \
+                 ELSE 'the console session ended' END FROM console_sessions \
+                 WHERE (revoked_at IS NOT NULL OR ended_at IS NOT NULL) AND token_hash IN ({})",
                 marks.join(", ")
             );
             let rows: Vec<(String, Option<String>)> = on_pool!(self, |pool| {
@@ -103,15 +162,14 @@ impl super::Store {
     /// What became of a session that could not be redeemed: `None` when
     /// the token is unknown.
     pub async fn console_session(&self, token_hash: &str) -> StoreResult<Option<ConsoleSession>> {
+        let sql = format!("SELECT {COLUMNS} FROM console_sessions WHERE token_hash = $1");
         on_pool!(self, |pool| {
-            let Some(row) = sqlx::query(
-                "SELECT token_hash, tenant_id, project_id, vm_id, protocol, expires_at, used_at, revoked_at, \
-                 created_at FROM console_sessions WHERE token_hash = $1",
-            )
-            .bind(token_hash)
-            .fetch_optional(pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "console session"))?
+            // Only the column list is formatted in; the value is bound.
+            let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(token_hash)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "console session"))?
             else {
                 return Ok(None);
             };

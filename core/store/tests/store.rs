@@ -37,6 +37,7 @@ store_tests!(
     catalog_rules,
     audit_is_listed_in_order,
     console_tokens_redeem_once,
+    console_channels_join_an_open_session,
     providers_with_vms_cannot_be_removed,
     a_providers_trust_reads_back_as_registered,
     idempotency_keys_admit_one_request,
@@ -560,37 +561,93 @@ async fn audit_is_listed_in_order(backend: Backend) {
     assert!(first[0].id < first[1].id && first[1].id < rest[0].id);
 }
 
+/// An unused console session of `acme`/`p1`, issued at `t` for a minute.
+fn console_session(
+    token_hash: &str,
+    vm_id: VmId,
+    protocol: &str,
+    t: chrono::DateTime<chrono::Utc>,
+) -> ConsoleSession {
+    ConsoleSession {
+        token_hash: token_hash.into(),
+        tenant_id: "acme".into(),
+        project_id: "p1".into(),
+        vm_id,
+        protocol: protocol.into(),
+        expires_at: t + Duration::seconds(60),
+        used_at: None,
+        revoked_at: None,
+        created_at: t,
+        client_address: None,
+        ended_at: None,
+    }
+}
+
 async fn console_tokens_redeem_once(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
     let (vm, _) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
     let t = now();
-    let session = ConsoleSession {
-        token_hash: "h1".into(),
-        tenant_id: "acme".into(),
-        project_id: "p1".into(),
-        vm_id: vm.id,
-        protocol: "vnc".into(),
-        expires_at: t + Duration::seconds(60),
-        used_at: None,
-        revoked_at: None,
-        created_at: t,
-    };
+    let session = console_session("h1", vm.id, "vnc", t);
     store.insert_console_session(&session, &audit("vm.console", "")).await.unwrap();
     let expired =
         ConsoleSession { token_hash: "h2".into(), expires_at: t + Duration::seconds(1), ..session.clone() };
     store.insert_console_session(&expired, &audit("vm.console", "")).await.unwrap();
-    let got = store.redeem_console_session("h1", t).await.unwrap();
+    let got = store.redeem_console_session("h1", t, "192.0.2.7").await.unwrap();
     assert_eq!(got.vm_id, vm.id);
-    assert!(matches!(store.redeem_console_session("h1", t).await, Err(StoreError::NotFound)), "single use");
+    assert_eq!(got.client_address.as_deref(), Some("192.0.2.7"));
+    assert!(
+        matches!(store.redeem_console_session("h1", t, "192.0.2.7").await, Err(StoreError::NotFound)),
+        "single use"
+    );
     assert!(
         matches!(
-            store.redeem_console_session("h2", t + Duration::seconds(2)).await,
+            store.redeem_console_session("h2", t + Duration::seconds(2), "192.0.2.7").await,
             Err(StoreError::NotFound)
         ),
         "expired"
     );
-    assert!(matches!(store.redeem_console_session("nope", t).await, Err(StoreError::NotFound)));
+    assert!(matches!(store.redeem_console_session("nope", t, "192.0.2.7").await, Err(StoreError::NotFound)));
+}
+
+/// A SPICE session's further channels join it from its client's address
+/// while it is open; its end (or revocation) shows in `revoked_consoles`.
+async fn console_channels_join_an_open_session(backend: Backend) {
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (vm, _) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    let t = now();
+    let session = console_session("s1", vm.id, "spice", t);
+    store.insert_console_session(&session, &audit("vm.console", "")).await.unwrap();
+    let before = t - Duration::seconds(3600);
+    assert!(
+        matches!(store.join_console_session("s1", "192.0.2.7", before).await, Err(StoreError::NotFound)),
+        "no channel joins an unopened session"
+    );
+    store.redeem_console_session("s1", t, "192.0.2.7").await.unwrap();
+    let joined = store.join_console_session("s1", "192.0.2.7", before).await.unwrap();
+    assert_eq!((joined.vm_id, joined.protocol.as_str()), (vm.id, "spice"));
+    for (address, after, why) in [
+        ("198.51.100.9", before, "another client"),
+        ("192.0.2.7", t + Duration::seconds(1), "past its maximum time"),
+    ] {
+        assert!(
+            matches!(store.join_console_session("s1", address, after).await, Err(StoreError::NotFound)),
+            "{why}"
+        );
+    }
+    assert!(store.revoked_consoles(&["s1".into()]).await.unwrap().is_empty());
+    store.end_console_session("s1", t).await.unwrap();
+    assert!(
+        matches!(store.join_console_session("s1", "192.0.2.7", before).await, Err(StoreError::NotFound)),
+        "ended"
+    );
+    let got = store.console_session("s1").await.unwrap().unwrap();
+    assert_eq!(got.ended_at.map(|e| e.timestamp()), Some(t.timestamp()));
+    assert_eq!(
+        store.revoked_consoles(&["s1".into()]).await.unwrap(),
+        [("s1".to_owned(), "the console session ended".to_owned())]
+    );
 }
 
 async fn providers_with_vms_cannot_be_removed(backend: Backend) {

@@ -22,13 +22,24 @@
 //! preconnection blob. Both share the redeem, connect, relay and report
 //! steps ([`Session`], [`relay`]).
 //!
+//! `GET /console/spice?token=…` is the same for SPICE ([`spice`]), whose
+//! browser client opens one websocket per channel with the same token: the
+//! proxy reads each connection's SpiceLinkMess first, and the main channel
+//! opens the session (redeeming the token) while every other channel joins
+//! it (core admits it while the session is open and from the client address
+//! that opened it). The proxy answers the server's ticket with the real
+//! password on the tenant's behalf and relays the rest.
+//!
 //! `GET /console/vnc.html?token=…` and the files beside it are the console
-//! page (`gateway/console/www`) and noVNC (installed from npm into
-//! `gateway/console/node_modules` by `scripts/console-assets.sh`).
+//! pages (`gateway/console/www`), with noVNC and xterm.js (installed from
+//! npm into `gateway/console/node_modules` by `scripts/console-assets.sh`)
+//! and spice-html5 (Debian's package, `/usr/share/spice-html5`, installed
+//! by the same script) at `/console/spice-html5/…`.
 
 pub mod rdp;
 mod revoke;
 pub mod rfb;
+pub mod spice;
 pub mod upstream;
 
 use std::path::{Component, Path, PathBuf};
@@ -58,6 +69,9 @@ pub struct ConsoleConfig {
     pub allowed_origins: Vec<String>,
     /// Directory with `www/` (the console page) and `node_modules/` (noVNC).
     pub assets_dir: PathBuf,
+    /// Directory of spice-html5 (Debian's `spice-html5` package installs it
+    /// at [`SPICE_HTML5_DIR`]).
+    pub spice_html5_dir: PathBuf,
     /// Where the RDP relay for native clients listens ([`rdp`]); none
     /// without it.
     pub rdp_listen: Option<std::net::SocketAddr>,
@@ -106,12 +120,44 @@ pub(crate) struct TokenQuery {
     token: String,
 }
 
+/// Where Debian's `spice-html5` package installs the SPICE client.
+pub const SPICE_HTML5_DIR: &str = "/usr/share/spice-html5";
+
+/// The address of a connection's peer, as the gateway's listener saw it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(std::net::SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, crate::edge::EdgeListener>>
+    for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, crate::edge::EdgeListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+/// The client's address as the connection shows it (no forwarding header is
+/// trusted), when the server was started with connection info.
+pub(crate) struct ClientAddress(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientAddress {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let ip = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<Peer>>()
+            .map(|c| c.0.0.ip().to_canonical().to_string());
+        Ok(Self(ip.unwrap_or_default()))
+    }
+}
+
 /// `GET /console/{name}`: `vnc` (and other protocols) upgrade to the proxy;
 /// names with a dot are files of the console page.
 pub(crate) async fn entry(
     State(console): State<Arc<Console>>,
     axum::extract::Path(name): axum::extract::Path<String>,
     Query(q): Query<TokenQuery>,
+    ClientAddress(client_address): ClientAddress,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
@@ -134,8 +180,16 @@ pub(crate) async fn entry(
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         .on_upgrade(move |socket| async move {
-            session(console, protocol, q.token, socket).await;
+            session(console, protocol, q.token, client_address, socket).await;
         })
+}
+
+/// `GET /console/spice-html5/{*path}`: spice-html5's files.
+pub(crate) async fn spice_html5(
+    State(console): State<Arc<Console>>,
+    axum::extract::Path(path): axum::extract::Path<String>,
+) -> Response {
+    serve_file(&console.config.spice_html5_dir, &path).await
 }
 
 /// `GET /console/novnc/{*path}`: noVNC's modules.
@@ -283,6 +337,7 @@ fn label(protocol: &str) -> Option<&'static str> {
         "vnc" => Some("vnc"),
         "rdp" => Some("rdp"),
         "serial" => Some("serial"),
+        "spice" => Some("spice"),
         _ => None,
     }
 }
@@ -296,17 +351,35 @@ pub(crate) struct Session {
     /// The protocol, while the session counts in
     /// `hcp_console_sessions_active`.
     active: Option<&'static str>,
+    /// The client's address, for core to store (or, for a SPICE channel,
+    /// check).
+    client_address: String,
+    /// A SPICE channel joining the session its main channel opened.
+    channel: bool,
 }
 
 impl Session {
-    pub(crate) fn new() -> Self {
-        Self { started: Instant::now(), counters: Counters::default(), redeemed: None, active: None }
+    pub(crate) fn new(client_address: String) -> Self {
+        Self {
+            started: Instant::now(),
+            counters: Counters::default(),
+            redeemed: None,
+            active: None,
+            client_address,
+            channel: false,
+        }
+    }
+
+    /// The console server's password, once a token is redeemed.
+    fn password(&self) -> &str {
+        self.redeemed.as_ref().and_then(|r| r.endpoint.as_ref()).map_or("", |e| e.password.as_str())
     }
 
     /// Redeems `token` for `protocol`, connects to the console server and
     /// does the server side of the protocol's opening (VNC authentication
     /// with the endpoint's password; RDP's preconnection PDU; the serial
-    /// relay's ticket). Returns the connection and what limits the session.
+    /// relay's ticket; none for SPICE, whose link needs the client too).
+    /// Returns the connection and what limits the session.
     pub(crate) async fn open(
         &mut self,
         console: &Console,
@@ -319,7 +392,7 @@ impl Session {
         let Some(label) = label(protocol) else {
             return Err(End::new(close::BAD_REQUEST, format!("{protocol} consoles are not supported yet")));
         };
-        let r = redeem(console, protocol, token).await?;
+        let r = redeem(console, protocol, token, &self.client_address, self.channel).await?;
         // Core refuses at start a max_session_seconds below 1.
         let limit = Limit {
             max: Duration::from_secs(u64::from(r.max_session_seconds)),
@@ -353,6 +426,7 @@ impl Session {
                 "serial" => send_ticket(&mut server, &endpoint.password)
                     .await
                     .map_err(|e| format!("cannot reach the console server: {e}")),
+                "spice" => Ok(()),
                 _ => rfb::connect_server(&mut server, &endpoint.password).await.map_err(|e| e.to_string()),
             }
         };
@@ -382,6 +456,7 @@ impl Session {
             duration_ms: self.started.elapsed().as_millis() as u64,
             bytes_to_client: self.counters.to_client.load(Ordering::Relaxed),
             bytes_to_server: self.counters.to_server.load(Ordering::Relaxed),
+            channel: self.channel,
         };
         if let Err(e) = broker_call(console, req, |mut c, r| async move { c.end_console(r).await }).await {
             tracing::warn!(error = %e.message(), "could not record the end of a console session");
@@ -442,21 +517,54 @@ pub(crate) async fn relay(
     }
 }
 
-async fn session(console: Arc<Console>, protocol: String, token: String, socket: WebSocket) {
+async fn session(
+    console: Arc<Console>,
+    protocol: String,
+    token: String,
+    client_address: String,
+    socket: WebSocket,
+) {
     let (mut sink, mut stream) = socket.split();
-    let mut s = Session::new();
+    let mut s = Session::new(client_address);
     let end = async {
-        let (mut server, limit) = match s.open(&console, &protocol, &token).await {
-            Ok(o) => o,
-            Err(end) => return end,
-        };
         // A serial console's keys may come as text messages (a terminal
         // page types text); every other protocol is binary.
         // The browser side is a byte stream: a pipe whose far end the
-        // bridge below feeds from and into websocket messages.
+        // bridge below feeds from and into websocket messages. The bridge
+        // runs from the start: SPICE's client speaks first.
         let (mut client, bridge_end) = tokio::io::duplex(256 * 1024);
         let (mut from_pipe, mut into_pipe) = tokio::io::split(bridge_end);
         let proxy = async {
+            // SPICE: whether the connection opens the session or joins it
+            // is in the client's link message, read before the token is
+            // redeemed.
+            let link = if protocol == "spice" {
+                let read = spice::read_client_link(&mut client);
+                match tokio::time::timeout(upstream::CONNECT_TIMEOUT, read).await {
+                    Ok(Ok(link)) => {
+                        s.channel = !link.opens_session();
+                        Some(link)
+                    }
+                    Ok(Err(e)) => return End::new(close::BAD_REQUEST, e.to_string()),
+                    Err(_) => return End::new(close::BAD_REQUEST, "the SPICE client sent no link message in time"),
+                }
+            } else {
+                None
+            };
+            let (mut server, limit) = match s.open(&console, &protocol, &token).await {
+                Ok(o) => o,
+                Err(end) => return end,
+            };
+            if let Some(link) = &link {
+                let linking = spice::link(&mut server, &mut client, link, s.password());
+                match tokio::time::timeout(upstream::CONNECT_TIMEOUT, linking).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return End::new(close::UPSTREAM, e.to_string()),
+                    Err(_) => {
+                        return End::new(close::UPSTREAM, "the SPICE link did not complete in time");
+                    }
+                }
+            }
             // VNC: the proxy answered the server's authentication, so it
             // offers the browser RFB without any. RDP passes through as is.
             if protocol == "vnc"
@@ -464,7 +572,10 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
             {
                 return End::new(close::BAD_REQUEST, e.to_string());
             }
-            relay(&mut client, &mut server, &s.counters).await
+            tokio::select! {
+                end = relay(&mut client, &mut server, &s.counters) => end,
+                end = limit.reached() => end,
+            }
         };
         let bridge = async {
             let mut buf = vec![0u8; 64 * 1024];
@@ -508,7 +619,6 @@ async fn session(console: Arc<Console>, protocol: String, token: String, socket:
         tokio::select! {
             end = proxy => end,
             end = bridge => end,
-            end = limit.reached() => end,
         }
     }
     .await;
@@ -562,8 +672,19 @@ where
     f(ConsoleBrokerServiceClient::new(console.core.clone()), req).await.map(tonic::Response::into_inner)
 }
 
-async fn redeem(console: &Console, protocol: &str, token: &str) -> Result<RedeemedConsole, End> {
-    let req = RedeemConsoleRequest { token: token.to_owned(), protocol: protocol.to_owned() };
+async fn redeem(
+    console: &Console,
+    protocol: &str,
+    token: &str,
+    client_address: &str,
+    channel: bool,
+) -> Result<RedeemedConsole, End> {
+    let req = RedeemConsoleRequest {
+        token: token.to_owned(),
+        protocol: protocol.to_owned(),
+        client_address: client_address.to_owned(),
+        channel,
+    };
     broker_call(console, req, |mut c, r| async move { c.redeem_console(r).await }).await.map_err(|s| {
         use tonic::Code;
         let code = match s.code() {

@@ -185,6 +185,7 @@ async fn session(
     sessions: Arc<tokio::sync::Semaphore>,
 ) {
     let token = read_token(&mut client).await;
+    let address = pending.1.ip.to_canonical().to_string();
     drop(pending);
     // Held through redeem and relay: bounds what the relay asks of core.
     let Ok(_session) = sessions.try_acquire_owned() else {
@@ -200,7 +201,7 @@ async fn session(
             return;
         }
     };
-    let mut s = super::Session::new();
+    let mut s = super::Session::new(address);
     let end = async {
         let (mut server, limit) = match s.open(&console, "rdp", &token).await {
             Ok(o) => o,

@@ -4,9 +4,12 @@
 //! and asks core every [`POLL`] which of them are revoked (one call for all
 //! of them, `RevokedConsoles`); each revoked session is closed with
 //! [`super::close::REVOKED`] and core's reason, and its end is audited
-//! like any other.
+//! like any other. A SPICE session has a connection per channel, all under
+//! one session id: each is watched, and all end together (core also
+//! answers so for a session whose main channel ended).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -18,23 +21,29 @@ use super::{Console, broker_call};
 /// How often the proxy asks core about its open sessions.
 pub(crate) const POLL: Duration = Duration::from_secs(2);
 
-/// The sessions open in this proxy: session id -> where to say it was
-/// revoked.
+/// A session's open connections: connection number -> where to say the
+/// session was revoked.
+type Connections = HashMap<u64, oneshot::Sender<String>>;
+
+/// The sessions open in this proxy: session id -> its connections.
 #[derive(Default)]
 pub(crate) struct OpenSessions {
-    sessions: Mutex<HashMap<String, oneshot::Sender<String>>>,
+    sessions: Mutex<HashMap<String, Connections>>,
+    next: AtomicU64,
 }
 
 impl OpenSessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<String>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Connections>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Watches `session_id` until the returned guard is dropped.
+    /// Watches `session_id` for one connection until the returned guard is
+    /// dropped.
     pub(crate) fn watch(self: &Arc<Self>, session_id: &str) -> Watch {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(session_id.to_owned(), tx);
-        Watch { open: Arc::downgrade(self), session_id: session_id.to_owned(), revoked: Some(rx) }
+        let connection = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().entry(session_id.to_owned()).or_default().insert(connection, tx);
+        Watch { open: Arc::downgrade(self), session_id: session_id.to_owned(), connection, revoked: Some(rx) }
     }
 
     fn ids(&self) -> Vec<String> {
@@ -42,16 +51,17 @@ impl OpenSessions {
     }
 
     fn revoke(&self, session_id: &str, reason: String) {
-        if let Some(tx) = self.lock().remove(session_id) {
-            let _ = tx.send(reason);
+        for (_, tx) in self.lock().remove(session_id).unwrap_or_default() {
+            let _ = tx.send(reason.clone());
         }
     }
 }
 
-/// One open session's watch: resolves when core revokes it.
+/// One open connection's watch: resolves when core revokes its session.
 pub(crate) struct Watch {
     open: Weak<OpenSessions>,
     session_id: String,
+    connection: u64,
     revoked: Option<oneshot::Receiver<String>>,
 }
 
@@ -71,7 +81,13 @@ impl Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         if let Some(open) = self.open.upgrade() {
-            open.lock().remove(&self.session_id);
+            let mut sessions = open.lock();
+            if let Some(connections) = sessions.get_mut(&self.session_id) {
+                connections.remove(&self.connection);
+                if connections.is_empty() {
+                    sessions.remove(&self.session_id);
+                }
+            }
         }
     }
 }
@@ -121,5 +137,21 @@ mod tests {
         assert!(open.ids().is_empty());
         // Revoking what is not open does nothing.
         open.revoke("c", "x".into());
+    }
+
+    #[tokio::test]
+    async fn every_channel_of_a_session_hears_it_end() {
+        let open = Arc::new(OpenSessions::default());
+        let main = open.watch("s");
+        let mut display = open.watch("s");
+        let mut inputs = open.watch("s");
+        assert_eq!(open.ids(), ["s"]);
+        drop(main);
+        assert_eq!(open.ids(), ["s"], "the other channels are still watched");
+        open.revoke("s", "the console session ended".into());
+        assert_eq!(display.revoked().await, "the console session ended");
+        assert_eq!(inputs.revoked().await, "the console session ended");
+        drop((display, inputs));
+        assert!(open.ids().is_empty());
     }
 }

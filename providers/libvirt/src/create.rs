@@ -119,7 +119,8 @@ impl Libvirt {
             nics,
             serial_log: dir.join("serial.log"),
             vnc_listen: config.vnc_listen,
-            vnc_password: vnc_password(),
+            vnc_password: password(8),
+            spice_password: password(24),
             image: source,
             labels: spec.labels.into_iter().collect(),
         };
@@ -258,10 +259,11 @@ impl Libvirt {
     }
 }
 
-/// A random 8-character VNC password (RFB's DES auth uses 8 bytes).
-fn vnc_password() -> String {
+/// A random console password of `len` characters: 8 for VNC (RFB's DES
+/// auth uses 8 bytes), more for SPICE (its ticket holds up to 60).
+fn password(len: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
     let mut rng = rand::thread_rng();
-    (0..8).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
 }

@@ -50,10 +50,13 @@ pub struct DomainPlan {
     pub nics: Vec<Nic>,
     /// Where the serial port is logged.
     pub serial_log: PathBuf,
-    /// VNC listen address.
+    /// VNC and SPICE listen address.
     pub vnc_listen: IpAddr,
     /// VNC password (at most 8 characters: the RFB DES limit).
     pub vnc_password: String,
+    /// SPICE password, its own (at most 60 characters: SPICE's ticket
+    /// limit), so a VNC password that leaks opens no SPICE session.
+    pub spice_password: String,
     /// The catalog image source.
     pub image: String,
     /// Labels.
@@ -168,10 +171,13 @@ impl DomainPlan {
              <console type='pty'><target type='serial' port='0'/></console>\
              <graphics type='vnc' port='-1' autoport='yes' listen='{listen}' passwd='{pw}'>\
              <listen type='address' address='{listen}'/></graphics>\
+             <graphics type='spice' autoport='yes' listen='{listen}' passwd='{spw}'>\
+             <listen type='address' address='{listen}'/></graphics>\
              <video><model type='vga'/></video><memballoon model='none'/>",
             path(&self.serial_log),
             listen = self.vnc_listen,
             pw = esc(&self.vnc_password),
+            spw = esc(&self.spice_password),
         ));
         format!(
             "<domain type='{ty}'><name>{name}</name><uuid>{uuid}</uuid>\
@@ -191,7 +197,7 @@ impl DomainPlan {
     }
 }
 
-/// The live VNC server of a domain, read from its (secure) XML.
+/// The live VNC (or SPICE) server of a domain, read from its (secure) XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Vnc {
     /// TCP port; None while the domain is not running.
@@ -202,8 +208,18 @@ pub struct Vnc {
 
 /// Reads the first VNC `<graphics>` of a domain XML.
 pub fn vnc_of(xml: &str) -> Option<Vnc> {
+    graphics_of(xml, "vnc")
+}
+
+/// Reads the first SPICE `<graphics>` of a domain XML: its plain-text
+/// port (`port`, not `tlsPort`) and password.
+pub fn spice_of(xml: &str) -> Option<Vnc> {
+    graphics_of(xml, "spice")
+}
+
+fn graphics_of(xml: &str, kind: &str) -> Option<Vnc> {
     let doc = roxmltree::Document::parse(xml).ok()?;
-    let g = doc.descendants().find(|n| n.has_tag_name("graphics") && n.attribute("type") == Some("vnc"))?;
+    let g = doc.descendants().find(|n| n.has_tag_name("graphics") && n.attribute("type") == Some(kind))?;
     let port = g.attribute("port").and_then(|p| p.parse::<i32>().ok()).and_then(|p| u16::try_from(p).ok());
     Some(Vnc {
         port: port.filter(|p| *p > 0),
@@ -307,6 +323,7 @@ mod tests {
             serial_log: "/s/vm/serial.log".into(),
             vnc_listen: IpAddr::from([127, 0, 0, 1]),
             vnc_password: "pw'<x>".into(),
+            spice_password: "sp&ce\"pw".into(),
             image: "tiny".into(),
             labels: [("team".to_owned(), "a&b".to_owned())].into_iter().collect(),
         }
@@ -337,6 +354,7 @@ mod tests {
             .collect();
         assert_eq!(ifaces, ["network", "user"]);
         assert_eq!(vnc_of(&xml), Some(Vnc { port: None, password: "pw'<x>".into() }));
+        assert_eq!(spice_of(&xml), Some(Vnc { port: None, password: "sp&ce\"pw".into() }));
         assert_eq!(vm_id_of_metadata(&xml).as_deref(), Some("0190b3c6-0000-7000-8000-000000000001"));
         assert_eq!(type_of(&xml).as_deref(), Some("qemu"));
         let label = doc.descendants().find(|n| n.tag_name().name() == "label").unwrap();
@@ -387,6 +405,9 @@ mod tests {
         let live = "<domain><devices><graphics type='spice' port='5901'/>\
                     <graphics type='vnc' port='5903' autoport='yes' passwd='s3cret'/></devices></domain>";
         assert_eq!(vnc_of(live), Some(Vnc { port: Some(5903), password: "s3cret".into() }));
+        assert_eq!(spice_of(live), Some(Vnc { port: Some(5901), password: String::new() }));
+        let no_spice = "<domain><devices><graphics type='vnc' port='5903'/></devices></domain>";
+        assert_eq!(spice_of(no_spice), None);
         assert_eq!(vnc_of("<domain/>"), None);
         assert_eq!(vnc_of("not xml"), None);
     }

@@ -158,7 +158,7 @@ impl Libvirt {
             max_volumes_per_vm: if volumes { crate::storage::MAX_VOLUMES_PER_VM } else { 0 },
             // The test driver runs no VNC servers.
             supports_console_vnc: domain_type != "test",
-            supports_console_spice: false,
+            supports_console_spice: domain_type != "test",
             supports_console_rdp: false,
             // The guest's first serial port is a pty with a log file:
             // relayed by the serial relay, read for the boot log.

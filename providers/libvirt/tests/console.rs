@@ -3,7 +3,9 @@
 //! to the guest's VNC server with the password the tenant never sees, and
 //! relays RFB to headless Chromium running noVNC (the console page), whose
 //! screenshot must show the guest's screen. Then every way a token must be
-//! refused, and the maximum session time.
+//! refused, and the maximum session time. The same for SPICE (spice-html5
+//! in Chromium, one websocket per channel under one token), the serial
+//! console and the `web` type.
 
 mod common;
 
@@ -11,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{Kvm, VMS, provider_console};
-use hcp_testkit::console::{artifacts, session};
+use hcp_testkit::console::{SPICE_DISPLAY, SPICE_MAIN, artifacts, session};
 use hcp_testkit::stack::StackOptions;
 use serde_json::{Value, json};
 
@@ -98,7 +100,7 @@ async fn the_console_page_shows_the_guest_screen_in_chromium() {
     common::wait_until_audit(&kvm, &vm, "closed: ").await;
 
     // The VNC password appears in no API answer and in no log.
-    let password = provider_console(&kvm, &vm).await.password;
+    let password = provider_console(&kvm, &vm, "vnc").await.password;
     assert_eq!(password.len(), 8);
     let answers = format!("{session}{audit}");
     assert!(!answers.contains(&password), "the password leaked into an API answer");
@@ -165,6 +167,145 @@ async fn console_tokens_are_refused_when_they_must_be() {
         (closed.code, closed.reason.as_str()),
         (4403, "console token revoked: the vm was stopped, moved or deleted")
     );
+}
+
+/// The audit outcomes of the VM's console events.
+async fn console_outcomes(kvm: &Kvm, vm: &str) -> Vec<String> {
+    let audit = kvm
+        .stack
+        .rest
+        .get(&format!("/api/hcp/ops/v1/audit-events?resource_id={vm}"), &kvm.ops)
+        .await
+        .unwrap()
+        .body;
+    audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "vm.console")
+        .filter_map(|e| e["outcome"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Redeems `token` with core's console broker as the gateway's proxy
+/// would, for a SPICE channel joining its session from `client_address`.
+async fn join_channel(kvm: &Kvm, token: &str, client_address: &str) -> Result<(), tonic::Status> {
+    let proxy = kvm.stack.token(None, &[], &["console.proxy"], 300);
+    let mut broker = hcp_proto::console::console_broker_service_client::ConsoleBrokerServiceClient::new(
+        kvm.stack.core_channel().await.unwrap(),
+    );
+    let mut req = tonic::Request::new(hcp_proto::console::RedeemConsoleRequest {
+        token: token.to_owned(),
+        protocol: "spice".into(),
+        client_address: client_address.to_owned(),
+        channel: true,
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {proxy}").parse().unwrap());
+    broker.redeem_console(req).await.map(drop)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spice_console_shows_the_guest_screen_and_admits_one_session() {
+    let kvm = Kvm::start("").await;
+    let vm = booted_vm(&kvm, "console-4").await;
+
+    // The provider's SPICE server: its own port and password, beside VNC's.
+    let spice = provider_console(&kvm, &vm, "spice").await;
+    let vnc = provider_console(&kvm, &vm, "vnc").await;
+    assert_eq!((spice.protocol.as_str(), spice.host.as_str()), ("spice", vnc.host.as_str()));
+    assert_ne!(spice.port, vnc.port);
+    assert_eq!(spice.password.len(), 24, "a generated SPICE password");
+
+    // spice-html5 in Chromium: the main channel opens the session, the
+    // display, inputs and cursor channels join it with the same token, and
+    // the guest's screen (its banner) shows on the page's canvas.
+    let session =
+        kvm.stack.console(&format!("{VMS}/{vm}"), &kvm.tenant, &json!({"type": "spice"})).await.unwrap();
+    assert_eq!(session["type"], "spice");
+    let page = session["web_url"].as_str().unwrap().to_owned();
+    assert!(page.contains("/console/spice.html?token="), "{session}");
+    let shot = artifacts().join("console-spice.png");
+    let seen = browser(&page, &shot, "connected");
+    assert_eq!(
+        seen["state"],
+        "connected",
+        "{seen}
+{}",
+        console_log(&kvm, 60)
+    );
+    assert!(seen["canvas"]["width"].as_u64().unwrap_or(0) >= 640, "{seen}");
+    assert!(seen["non_background_pixels"].as_u64().unwrap_or(0) > 1000, "{seen}");
+    assert!(seen["distinct_colours"].as_u64().unwrap_or(0) >= 3, "no guest banner on the screen: {seen}");
+    assert!(
+        std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 0,
+        "no screenshot at {}",
+        shot.display()
+    );
+
+    // Chromium is gone, so the session ended (every channel's end is
+    // audited): the token opens no second session, and no channel joins
+    // the ended one.
+    hcp_testkit::wait_until(Duration::from_secs(30), "every channel's end audited", || async {
+        let outcomes = console_outcomes(&kvm, &vm).await;
+        let opened = outcomes.iter().filter(|o| *o == "opened").count();
+        let closed = outcomes.iter().filter(|o| o.starts_with("closed: ")).count();
+        Ok((opened > 0 && closed == opened).then_some(()))
+    })
+    .await
+    .unwrap();
+    let url = session["url"].as_str().unwrap().to_owned();
+    let mut again = hcp_testkit::console::open(&url, None).await.unwrap();
+    let closed = again.spice_link(0, SPICE_MAIN).await.unwrap().unwrap_err();
+    assert_eq!((closed.code, closed.reason.as_str()), (4403, "console token already used"));
+    let mut late = hcp_testkit::console::open(&url, None).await.unwrap();
+    let closed = late.spice_link(7, SPICE_DISPLAY).await.unwrap().unwrap_err();
+    assert_eq!((closed.code, closed.reason.as_str()), (4403, "console channel refused: its session ended"));
+
+    // Each channel was audited: the main one and those that joined it.
+    let outcomes = console_outcomes(&kvm, &vm).await;
+    let opened = outcomes.iter().filter(|o| *o == "opened").count();
+    assert!(opened >= 3, "main, display and inputs channels at least: {outcomes:?}");
+    assert!(outcomes.iter().any(|o| o == "refused: console token already used"), "{outcomes:?}");
+
+    // A second session: the proxy's ticket opens it (the client's is
+    // empty) and, while it is open, a channel from this client is admitted
+    // and one from another address is not; a second main channel is a
+    // second session and is refused.
+    let session =
+        kvm.stack.console(&format!("{VMS}/{vm}"), &kvm.tenant, &json!({"type": "spice"})).await.unwrap();
+    let (url, token) = (session["url"].as_str().unwrap(), session["token"].as_str().unwrap());
+    let mut main = hcp_testkit::console::open(url, None).await.unwrap();
+    assert_eq!(
+        main.spice_link(0, SPICE_MAIN).await.unwrap(),
+        Ok(0),
+        "the SPICE server took the proxy's ticket"
+    );
+    let refused = join_channel(&kvm, token, "198.51.100.9").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(refused.message(), "console channel refused: it comes from another client than its session");
+    join_channel(&kvm, token, "127.0.0.1").await.unwrap();
+    let mut second = hcp_testkit::console::open(url, None).await.unwrap();
+    let closed = second.spice_link(0, SPICE_MAIN).await.unwrap().unwrap_err();
+    assert_eq!((closed.code, closed.reason.as_str()), (4403, "console token already used"));
+    // Its main channel closed, the session ended: no channel joins it now.
+    main.close().await.unwrap();
+    hcp_testkit::wait_until(Duration::from_secs(30), "the session to end with its main channel", || async {
+        Ok(join_channel(&kvm, token, "127.0.0.1")
+            .await
+            .err()
+            .filter(|e| e.message() == "console channel refused: its session ended")
+            .map(drop))
+    })
+    .await
+    .unwrap();
+
+    // The SPICE password appears in no API answer and in no log.
+    let answers = format!("{session}{outcomes:?}");
+    assert!(!answers.contains(&spice.password), "the password leaked into an API answer");
+    for entry in std::fs::read_dir(kvm.stack.dir()).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        assert!(!text.contains(&spice.password), "the password is in {}", entry.path().display());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

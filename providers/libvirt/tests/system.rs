@@ -47,7 +47,7 @@ async fn a_real_vm_through_rest() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.str("type"), "vnc");
     let url = r.str("url");
-    let endpoint = provider_console(&kvm, &vm).await;
+    let endpoint = provider_console(&kvm, &vm, "vnc").await;
     assert!(!url.contains(&endpoint.port.to_string()) && !url.contains(&endpoint.password), "{url}");
     // ... and the endpoint core holds answers the RFB handshake.
     let mut sock =

@@ -18,7 +18,8 @@ use crate::model::{self, VmStatus, now};
 const WEB: &str = "web";
 /// The protocols the gateway has a browser page for, in the order `web`
 /// prefers them.
-const WEB_PAGES: &[ConsoleProtocol] = &[ConsoleProtocol::Vnc, ConsoleProtocol::Serial];
+const WEB_PAGES: &[ConsoleProtocol] =
+    &[ConsoleProtocol::Vnc, ConsoleProtocol::Spice, ConsoleProtocol::Serial];
 /// Lines of the console log when the request names no number.
 const DEFAULT_LOG_LINES: u32 = 100;
 
@@ -167,6 +168,8 @@ impl TenantApi {
             used_at: None,
             revoked_at: None,
             created_at: t,
+            client_address: None,
+            ended_at: None,
         };
         let mut audit = self.ctx.audit(p, AuditAction::VmConsole, Resource::Vm(vm_id), AuditOutcome::Issued);
         audit.project_id = req.project_id.clone();
@@ -182,7 +185,7 @@ impl TenantApi {
             Some(("ws", rest)) => format!("http://{rest}"),
             _ => base.to_owned(),
         };
-        // VNC and serial have a page in the browser; RDP has a relay for
+        // VNC, SPICE and serial have a page in the browser; RDP has a relay for
         // native clients when the operator runs one.
         let web_url = if WEB_PAGES.contains(&kind) {
             format!("{web_base}/console/{protocol}.html?token={token}")

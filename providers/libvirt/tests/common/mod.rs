@@ -310,8 +310,9 @@ pub fn domstate(vm: &str) -> String {
     virsh(&["domstate", vm]).trim().to_owned()
 }
 
-/// Asks the provider directly (as core does) for the console endpoint.
-pub async fn provider_console(kvm: &Kvm, vm: &str) -> hcp_proto::provider::ConsoleEndpoint {
+/// Asks the provider directly (as core does) for the `protocol` console's
+/// endpoint.
+pub async fn provider_console(kvm: &Kvm, vm: &str, protocol: &str) -> hcp_proto::provider::ConsoleEndpoint {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", kvm.port))
         .unwrap()
         .connect()
@@ -319,7 +320,10 @@ pub async fn provider_console(kvm: &Kvm, vm: &str) -> hcp_proto::provider::Conso
         .unwrap();
     let mut compute = hcp_proto::provider::compute_client::ComputeClient::new(channel);
     compute
-        .get_console(hcp_proto::provider::GetConsoleRequest { vm_id: vm.to_owned(), protocol: "vnc".into() })
+        .get_console(hcp_proto::provider::GetConsoleRequest {
+            vm_id: vm.to_owned(),
+            protocol: protocol.into(),
+        })
         .await
         .unwrap()
         .into_inner()
