@@ -167,6 +167,11 @@ impl ConsoleProtocol {
         }
     }
 
+    /// The protocols the gateway has a browser page for, in the order a
+    /// `web` console prefers them.
+    pub const WITH_PAGES: &'static [ConsoleProtocol] =
+        &[ConsoleProtocol::Vnc, ConsoleProtocol::Spice, ConsoleProtocol::Serial];
+
     /// The flag a provider needs to offer it.
     pub fn capability(self) -> Capability {
         match self {
@@ -174,6 +179,54 @@ impl ConsoleProtocol {
             ConsoleProtocol::Spice => Capability::ConsoleSpice,
             ConsoleProtocol::Rdp => Capability::ConsoleRdp,
             ConsoleProtocol::Serial => Capability::ConsoleSerial,
+        }
+    }
+}
+
+/// What a tenant asks a console of: a protocol, or `web`, the browser page
+/// of the first protocol with one ([`ConsoleProtocol::WITH_PAGES`]) that
+/// the VM's provider offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleType {
+    /// This protocol.
+    Protocol(ConsoleProtocol),
+    /// A page in the browser.
+    Web,
+}
+
+impl ConsoleType {
+    /// Every type's wire spelling: the protocols, then `web`.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        ConsoleProtocol::ALL.iter().map(|p| p.as_str()).chain(std::iter::once(ConsoleType::Web.as_str()))
+    }
+
+    /// Parses the request's spelling (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        if s.eq_ignore_ascii_case(ConsoleType::Web.as_str()) {
+            return Some(ConsoleType::Web);
+        }
+        ConsoleProtocol::parse(s).map(ConsoleType::Protocol)
+    }
+
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsoleType::Protocol(p) => p.as_str(),
+            ConsoleType::Web => "web",
+        }
+    }
+
+    /// The protocol the session speaks, given what the provider offers:
+    /// for `web` the first with a page it offers (VNC when none, which the
+    /// capability check then refuses naming VNC's flag).
+    pub fn protocol(self, caps: &Capabilities) -> ConsoleProtocol {
+        match self {
+            ConsoleType::Protocol(p) => p,
+            ConsoleType::Web => ConsoleProtocol::WITH_PAGES
+                .iter()
+                .copied()
+                .find(|p| p.capability().of(caps))
+                .unwrap_or(ConsoleProtocol::Vnc),
         }
     }
 }
@@ -1018,6 +1071,37 @@ mod tests {
         assert_eq!(Step::parse("provider.teleport"), None);
         let kinds: usize = JobKind::ALL.iter().map(|k| k.steps().len()).sum();
         assert!(kinds >= Step::ALL.len(), "every step belongs to some kind");
+    }
+
+    #[test]
+    fn a_web_console_is_the_first_page_the_provider_offers() {
+        let caps = |flags: &[Capability]| {
+            let mut c = Capabilities::default();
+            for f in flags {
+                match f {
+                    Capability::ConsoleVnc => c.supports_console_vnc = true,
+                    Capability::ConsoleSpice => c.supports_console_spice = true,
+                    Capability::ConsoleSerial => c.supports_console_serial = true,
+                    _ => {}
+                }
+            }
+            c
+        };
+        use Capability as C;
+        use ConsoleProtocol as P;
+        for (offered, page) in [
+            (&[C::ConsoleVnc, C::ConsoleSpice, C::ConsoleSerial][..], P::Vnc),
+            (&[C::ConsoleSpice, C::ConsoleSerial][..], P::Spice),
+            (&[C::ConsoleSerial][..], P::Serial),
+            (&[][..], P::Vnc),
+        ] {
+            assert_eq!(ConsoleType::Web.protocol(&caps(offered)), page, "{offered:?}");
+        }
+        assert_eq!(ConsoleType::Protocol(P::Rdp).protocol(&caps(&[])), P::Rdp);
+        assert_eq!(ConsoleType::parse("WEB"), Some(ConsoleType::Web));
+        assert_eq!(ConsoleType::parse("serial"), Some(ConsoleType::Protocol(P::Serial)));
+        assert_eq!(ConsoleType::parse("telnet"), None);
+        assert_eq!(ConsoleType::names().collect::<Vec<_>>(), ["vnc", "spice", "rdp", "serial", "web"]);
     }
 
     #[test]

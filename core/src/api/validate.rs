@@ -300,7 +300,7 @@ mod tests {
     /// OpenAPI document states as `enum`) are exactly those core knows.
     #[test]
     fn the_protos_enumerated_strings_are_the_domains_names() {
-        use crate::lifecycle::ConsoleProtocol;
+        use crate::lifecycle::ConsoleType;
         use crate::model::{JobKind, PlacementPolicy};
         let rules = hcp_proto::rules::Rules::get();
         let one_of = |message: &str, field: &str| -> Vec<String> {
@@ -315,7 +315,7 @@ mod tests {
         );
         assert_eq!(
             one_of("hcp.tenant.v1.CreateConsoleRequest", "type"),
-            names(ConsoleProtocol::ALL.iter().map(|k| k.as_str()).collect())
+            names(ConsoleType::names().collect())
         );
         assert_eq!(
             one_of("hcp.ops.v1.SetZonePlacementRequest", "policy"),

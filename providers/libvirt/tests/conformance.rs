@@ -75,7 +75,8 @@ async fn conformance(uri: &str) {
         "a create failed after its first effect, then DeleteVm: nothing left",
     ];
     if uri.starts_with("test:") {
-        expected.splice(0..1, ["vnc console", "spice console", "rdp console", "serial console", "console log"]);
+        expected
+            .splice(0..1, ["vnc console", "spice console", "rdp console", "serial console", "console log"]);
         // The test driver's pools are out of virsh's reach: no volumes.
         let last = expected.len() - 1;
         expected.splice(

@@ -11,15 +11,9 @@ use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::auth::{Access, Principal};
 use crate::convert;
 use crate::error::from_store;
-use crate::lifecycle::{Capability, ConsoleProtocol};
+use crate::lifecycle::{Capability, ConsoleProtocol, ConsoleType};
 use crate::model::{self, VmStatus, now};
 
-/// The console type that asks for a page in the browser.
-const WEB: &str = "web";
-/// The protocols the gateway has a browser page for, in the order `web`
-/// prefers them.
-const WEB_PAGES: &[ConsoleProtocol] =
-    &[ConsoleProtocol::Vnc, ConsoleProtocol::Spice, ConsoleProtocol::Serial];
 /// Lines of the console log when the request names no number.
 const DEFAULT_LOG_LINES: u32 = 100;
 
@@ -100,33 +94,21 @@ impl TenantApi {
         // A job in flight is named before anything else is checked.
         let vm = self.idle_vm(t).await?;
         hcp_proto::rules::check(req)?;
-        let web = req.r#type.eq_ignore_ascii_case(WEB);
-        let asked = if req.r#type.is_empty() || web {
-            None
+        let asked = if req.r#type.is_empty() {
+            ConsoleType::Protocol(ConsoleProtocol::Vnc)
         } else {
-            Some(ConsoleProtocol::parse(&req.r#type).ok_or_else(|| {
+            ConsoleType::parse(&req.r#type).ok_or_else(|| {
+                let names: Vec<&str> = ConsoleType::names().collect();
                 ApiError::invalid_field(
                     "type",
-                    format!(
-                        "console type must be vnc, spice, rdp, serial or web, got {}",
-                        excerpt(&req.r#type)
-                    ),
+                    format!("console type must be one of {}, got {}", names.join(", "), excerpt(&req.r#type)),
                 )
-            })?)
+            })?
         };
+        let web = asked == ConsoleType::Web;
         let provider =
             self.ctx.store.get_provider(vm.provider_id).await.map_err(|e| from_store(e, "provider"))?;
-        // `web` is the page of the first protocol with one that the provider
-        // offers; left out, the type is vnc.
-        let kind = match asked {
-            Some(kind) => kind,
-            None if !web => ConsoleProtocol::Vnc,
-            None => WEB_PAGES
-                .iter()
-                .copied()
-                .find(|k| k.capability().of(&provider.capabilities))
-                .unwrap_or(ConsoleProtocol::Vnc),
-        };
+        let kind = asked.protocol(&provider.capabilities);
         let protocol = kind.as_str().to_owned();
         let capability = kind.capability();
         if !capability.of(&provider.capabilities) {
@@ -187,7 +169,7 @@ impl TenantApi {
         };
         // VNC, SPICE and serial have a page in the browser; RDP has a relay for
         // native clients when the operator runs one.
-        let web_url = if WEB_PAGES.contains(&kind) {
+        let web_url = if ConsoleProtocol::WITH_PAGES.contains(&kind) {
             format!("{web_base}/console/{protocol}.html?token={token}")
         } else {
             String::new()
@@ -198,7 +180,7 @@ impl TenantApi {
         };
         let url = if web { web_url.clone() } else { format!("{base}/console/{protocol}?token={token}") };
         Ok(ConsoleSession {
-            r#type: if web { WEB.to_owned() } else { protocol.clone() },
+            r#type: asked.as_str().to_owned(),
             url,
             expires_at: Some(convert::ts(expires_at)),
             web_url,
