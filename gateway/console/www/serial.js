@@ -13,42 +13,21 @@
 //   body[data-close-code]        the websocket close code, once closed
 //   window.hcpConsoleText()      the terminal's lines (scrollback included)
 
+import { consoleSocketUrl, show, takeToken } from './page.js';
 import { Terminal } from './modules/@xterm/xterm/lib/xterm.mjs';
 import { FitAddon } from './modules/@xterm/addon-fit/lib/addon-fit.mjs';
 
-const statusEl = document.getElementById('status');
 const screenEl = document.getElementById('screen');
-
-function show(state, text, reason) {
-  document.body.dataset.state = state;
-  if (reason !== undefined) {
-    document.body.dataset.reason = reason;
-  }
-  statusEl.textContent = text;
-  document.title = `HCP serial console: ${text}`;
-}
-
-function consoleSocketUrl(token) {
-  const url = new URL('serial', location.href);
-  url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  url.search = `?token=${encodeURIComponent(token)}`;
-  url.hash = '';
-  return url.href;
-}
 
 // The proxy's close codes for a console it would not open: bad request,
 // refused token, proxy unavailable.
 const REFUSALS = [4400, 4403, 4503];
 
 function start() {
-  const token = new URLSearchParams(location.search).get('token');
+  const token = takeToken();
   if (!token) {
-    show('disconnected', 'No console token in the page address. Open a new console from HCP.',
-      'missing token');
     return;
   }
-  // The token is single-use: keep it out of the history and out of reloads.
-  history.replaceState(null, '', location.pathname);
 
   const term = new Terminal({
     convertEol: false,
@@ -73,7 +52,7 @@ function start() {
 
   let socket;
   try {
-    socket = new WebSocket(consoleSocketUrl(token), ['binary']);
+    socket = new WebSocket(consoleSocketUrl('serial', token), ['binary']);
   } catch (err) {
     show('disconnected', `Could not open the console connection: ${err.message}`, err.message);
     return;

@@ -21,45 +21,16 @@
 // 4000-4999 before the session was up: how the proxy turns a token away
 // (e.g. 4403 "console token already used").
 
+import { consoleSocketUrl, isRefusal, show, takeToken } from './page.js';
 import { SpiceMainConn, sendCtrlAltDel } from './spice-html5/main.js';
 
-const statusEl = document.getElementById('status');
 const cadButton = document.getElementById('cad');
 
-function show(state, text, reason) {
-  document.body.dataset.state = state;
-  if (reason !== undefined) {
-    document.body.dataset.reason = reason;
-  }
-  statusEl.textContent = text;
-  document.title = `HCP console: ${text}`;
-}
-
-// The websocket lives next to this page: /console/spice.html ->
-// /console/spice. Only the token is taken from the query string, so the page
-// cannot be pointed at another host.
-function consoleSocketUrl(token) {
-  const url = new URL('spice', location.href);
-  url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  url.search = `?token=${encodeURIComponent(token)}`;
-  url.hash = '';
-  return url.href;
-}
-
-function isRefusal(code) {
-  return code >= 4000 && code <= 4999;
-}
-
 function start() {
-  const token = new URLSearchParams(location.search).get('token');
+  const token = takeToken();
   if (!token) {
-    show('disconnected', 'No console token in the page address. Open a new console from HCP.',
-      'missing token');
     return;
   }
-  // The token is for this page's one session: keep it out of the history and
-  // out of reloads.
-  history.replaceState(null, '', location.pathname);
 
   let connected = false;
   let closed = null;
@@ -85,7 +56,7 @@ function start() {
   let sc;
   try {
     sc = new SpiceMainConn({
-      uri: consoleSocketUrl(token),
+      uri: consoleSocketUrl('spice', token),
       screen_id: 'screen',
       password: '',
       onerror: (err) => {

@@ -17,46 +17,17 @@
 // before the VNC session was up, which is how the proxy turns a token away
 // (e.g. 4403 "console token already used").
 
+import { consoleSocketUrl, isRefusal, show, takeToken } from './page.js';
 import RFB from './novnc/core/rfb.js';
 
-const statusEl = document.getElementById('status');
 const screenEl = document.getElementById('screen');
 const cadButton = document.getElementById('cad');
 
-function show(state, text, reason) {
-  document.body.dataset.state = state;
-  if (reason !== undefined) {
-    document.body.dataset.reason = reason;
-  }
-  statusEl.textContent = text;
-  document.title = `HCP console: ${text}`;
-}
-
-// The websocket lives next to this page: /console/vnc.html -> /console/vnc.
-// Resolving against the page keeps this right if the gateway is mounted under
-// a prefix. Only the token is taken from the query string, so the page cannot
-// be pointed at another host.
-function consoleSocketUrl(token) {
-  const url = new URL('vnc', location.href);
-  url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  url.search = `?token=${encodeURIComponent(token)}`;
-  url.hash = '';
-  return url.href;
-}
-
-function isRefusal(code) {
-  return code >= 4000 && code <= 4999;
-}
-
 function start() {
-  const token = new URLSearchParams(location.search).get('token');
+  const token = takeToken();
   if (!token) {
-    show('disconnected', 'No console token in the page address. Open a new console from HCP.',
-      'missing token');
     return;
   }
-  // The token is single-use: keep it out of the history and out of reloads.
-  history.replaceState(null, '', location.pathname);
 
   let socket;
   try {
@@ -64,7 +35,7 @@ function start() {
     // us read the close code and reason, which noVNC's own "disconnect" event
     // does not pass on. (RFB's wsProtocols option only applies when it opens
     // the socket itself, so the subprotocol is given here.)
-    socket = new WebSocket(consoleSocketUrl(token), ['binary']);
+    socket = new WebSocket(consoleSocketUrl('vnc', token), ['binary']);
   } catch (err) {
     show('disconnected', `Could not open the console connection: ${err.message}`, err.message);
     return;
