@@ -179,6 +179,33 @@ async fn open_sessions_end_when_their_vm_stops_or_goes_away() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_vm_that_stops_behind_hcps_back_loses_its_open_sessions() {
+    // The reconciler adopts what the hypervisor says: a VM powered off out
+    // of band is recorded STOPPED, and its open console ends with why.
+    let opts = StackOptions {
+        core_toml: "[reconciler]\ninterval_seconds = 1\npower = \"adopt\"\n".into(),
+        ..Default::default()
+    };
+    let s = stack(opts).await;
+    let t = s.tenant_token("acme", &["demo"]);
+    let vm = active_vm(&s.rest, &t, "drift-1").await;
+    let session = s.console(&format!("{VMS}/{vm}"), &t, &json!({"type": "serial"})).await.unwrap();
+    let mut c = console::open(session["url"].as_str().unwrap(), None).await.unwrap();
+    c.read_until("# ").await.unwrap().unwrap();
+    let mut sim = hcp_proto::sim::sim_control_client::SimControlClient::new(s.sim_channel().await.unwrap());
+    sim.set_power_state(hcp_proto::sim::SetPowerStateRequest {
+        vm_id: vm.clone(),
+        power_state: hcp_proto::provider::PowerState::Shutoff as i32,
+    })
+    .await
+    .unwrap();
+    let closed = c.closed().await.unwrap();
+    assert_eq!((closed.code, closed.reason.as_str()), (4410, "the vm stopped outside HCP"));
+    let r = s.rest.get(&format!("{VMS}/{vm}"), &t).await.unwrap();
+    assert_eq!(r.str("status"), "STOPPED", "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn web_consoles_open_the_page_of_what_the_provider_offers() {
     // VNC and serial: web is the VNC page.
     let s = stack(StackOptions::default()).await;

@@ -17,7 +17,7 @@ use crate::model::{Capabilities, Job, JobKind, JobStatus, SnapshotStatus, VmStat
 
 mod drift;
 mod volume;
-pub use drift::{Correction, Drift, Verdict, correct, drift};
+pub use drift::{Correction, Drift, Verdict, correct, drift, drifted_console_revocation};
 pub use volume::{
     AttachedVm, AttachmentChange, Observed, VolumeAction, VolumeChange, VolumeDrift, VolumeMetering,
     VolumeRefusal, accept_volume, created_vm_volume, volume_allowed_actions, volume_change, volume_drift,

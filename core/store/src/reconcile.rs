@@ -105,6 +105,20 @@ impl super::Store {
             if let Some(event) = correction.metering {
                 insert_vm_usage!(tx, vm, event.as_str(), audit.at, None, outbox);
             }
+            if let Some(reason) = hcp_domain::lifecycle::drifted_console_revocation(new) {
+                // As when a job stops it: no token opens it any more, and
+                // the console proxy ends the sessions open on it.
+                sqlx::query(
+                    "UPDATE console_sessions SET revoked_at = $1, revoked_reason = $2 WHERE vm_id = $3 \
+                     AND revoked_at IS NULL",
+                )
+                .bind(audit.at)
+                .bind(reason)
+                .bind(vm.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
+            }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             Ok(true)

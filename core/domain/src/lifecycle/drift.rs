@@ -82,6 +82,16 @@ impl Correction {
     }
 }
 
+/// Why a correction that records the VM as `new` ends its console
+/// sessions, if it does: a VM recorded as not running has no console.
+pub fn drifted_console_revocation(new: VmStatus) -> Option<&'static str> {
+    match new {
+        VmStatus::Stopped => Some("the vm stopped outside HCP"),
+        VmStatus::Error | VmStatus::Deleted => Some("the vm disappeared from its hypervisor"),
+        _ => None,
+    }
+}
+
 /// Whether a VM recorded as `recorded` and observed `observed` (`None`:
 /// absent from the inventory) drifted. Only settled states drift: a VM in
 /// a transitional state is some job's business.
@@ -138,6 +148,18 @@ pub fn correct(drift: Drift, recorded: VmStatus, missing: MissingPolicy, power: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_recorded_as_not_running_loses_its_consoles() {
+        for (new, why) in [
+            (VmStatus::Stopped, Some("the vm stopped outside HCP")),
+            (VmStatus::Error, Some("the vm disappeared from its hypervisor")),
+            (VmStatus::Deleted, Some("the vm disappeared from its hypervisor")),
+            (VmStatus::Active, None),
+        ] {
+            assert_eq!(drifted_console_revocation(new), why, "{new:?}");
+        }
+    }
     use crate::model::MissingPolicy as M;
     use crate::model::PowerPolicy as P;
     use Power::{Off, Running};
