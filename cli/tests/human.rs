@@ -233,6 +233,28 @@ async fn people_drive_vms_and_jobs_with_the_hcp_command() {
 /// Kills a tmux session when dropped.
 struct Tmux(String);
 
+impl Tmux {
+    /// Runs `script` in a new detached session of `width` x `height`.
+    fn start(script: &Path, width: u16, height: u16) -> Self {
+        let session = Self(format!("hcp-test-{}", uuid::Uuid::new_v4().simple()));
+        let (w, h) = (width.to_string(), height.to_string());
+        let script = script.display().to_string();
+        let status = std::process::Command::new("tmux")
+            .args(["new-session", "-d", "-s", &session.0, "-x", &w, "-y", &h, "sh", &script])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        session
+    }
+
+    /// What the session's pane shows now (trailing blanks dropped).
+    fn screen(&self) -> String {
+        let out =
+            std::process::Command::new("tmux").args(["capture-pane", "-p", "-t", &self.0]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
 impl Drop for Tmux {
     fn drop(&mut self) {
         let _ = std::process::Command::new("tmux").args(["kill-session", "-t", &self.0]).status();
@@ -254,7 +276,6 @@ async fn an_interactive_terminal_shows_the_live_progress_and_the_result() {
     let opts = StackOptions { sim_args: vec!["--latency-ms".into(), "1500".into()], ..Default::default() };
     let s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
     let token = s.tenant_token("acme", &["demo"]);
-    let session = Tmux(format!("hcp-test-{}", uuid::Uuid::new_v4().simple()));
     let script: PathBuf = s.dir().join("session.sh");
     std::fs::write(
         &script,
@@ -265,29 +286,8 @@ async fn an_interactive_terminal_shows_the_live_progress_and_the_result() {
         ),
     )
     .unwrap();
-    let status = std::process::Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &session.0,
-            "-x",
-            "160",
-            "-y",
-            "20",
-            "sh",
-            &script.display().to_string(),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let screen = || {
-        let out = std::process::Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &session.0])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let session = Tmux::start(&script, 160, 20);
+    let screen = || session.screen();
     // While the job runs: the live line, redrawn in place.
     let live = hcp_testkit::wait_until(Duration::from_secs(60), "the live progress line", || async {
         let text = screen();
@@ -326,7 +326,6 @@ async fn the_serial_console_opens_in_the_users_terminal() {
     let log = cli.ok(&["vm", "console-log", "ser-1", "--tail", "1"]).await;
     assert_eq!(log.trim_end(), "HCP-SIM-READY hostname=ser-1 native_id=sim-1", "{log:?}");
 
-    let session = Tmux(format!("hcp-test-{}", uuid::Uuid::new_v4().simple()));
     let script: PathBuf = s.dir().join("serial.sh");
     std::fs::write(
         &script,
@@ -337,29 +336,8 @@ async fn the_serial_console_opens_in_the_users_terminal() {
         ),
     )
     .unwrap();
-    let started = std::process::Command::new("tmux")
-        .args([
-            "new-session",
-            "-d",
-            "-s",
-            &session.0,
-            "-x",
-            "120",
-            "-y",
-            "30",
-            "sh",
-            &script.display().to_string(),
-        ])
-        .status()
-        .unwrap();
-    assert!(started.success());
-    let screen = || {
-        let out = std::process::Command::new("tmux")
-            .args(["capture-pane", "-p", "-t", &session.0])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let session = Tmux::start(&script, 120, 30);
+    let screen = || session.screen();
     let shows = |what: &'static str| {
         let screen = &screen;
         async move {

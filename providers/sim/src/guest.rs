@@ -37,7 +37,15 @@ pub(crate) fn vnc_password() -> String {
 /// screen it then sees: the VM's facts as text, on a colour of its own.
 pub(crate) async fn serve_vnc(listener: tokio::net::TcpListener, sim: Sim) {
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!(error = %e, "simulated VNC server: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let sim = sim.clone();
         tokio::spawn(async move {
             let authorize = |challenge: &[u8; 16], response: &[u8; 16]| {
