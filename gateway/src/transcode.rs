@@ -154,6 +154,57 @@ pub fn response_json(message: &DynamicMessage) -> Result<Vec<u8>, ApiError> {
     Ok(out)
 }
 
+/// Whether a request's `Accept` header asks for CSV.
+pub fn wants_csv(headers: &http::HeaderMap) -> bool {
+    headers.get_all(http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',').any(|item| item.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/csv")))
+    })
+}
+
+/// Renders the repeated message field `rows` of a reply as CSV (RFC 4180):
+/// a header row of the row message's field names (proto order), then one
+/// line per item with each field as proto3 JSON would give it (64-bit
+/// integers as digits, messages and lists as JSON text).
+pub fn response_csv(message: &DynamicMessage, rows: &str) -> Result<Vec<u8>, ApiError> {
+    let field = message.descriptor().get_field_by_name(rows).filter(|f| f.is_list());
+    let Some(Kind::Message(row)) = field.map(|f| f.kind()) else {
+        tracing::error!(rows, "csv_rows names no repeated message field of the reply");
+        return Err(ApiError::internal());
+    };
+    let json: Value = serde_json::from_slice(&response_json(message)?).map_err(|_| ApiError::internal())?;
+    let names: Vec<String> = row.fields().map(|f| f.name().to_owned()).collect();
+    let mut out = String::new();
+    csv_line(&mut out, names.iter().map(String::as_str));
+    for item in json.get(rows).and_then(Value::as_array).into_iter().flatten() {
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| match item.get(n) {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+            })
+            .collect();
+        csv_line(&mut out, cells.iter().map(String::as_str));
+    }
+    Ok(out.into_bytes())
+}
+
+fn csv_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>) {
+    for (i, cell) in cells.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if cell.contains([',', '"', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&cell.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(cell);
+        }
+    }
+    out.push_str("\r\n");
+}
+
 fn backticked(text: &str) -> Option<String> {
     let start = text.find('`')? + 1;
     let len = text[start..].find('`')?;

@@ -13,7 +13,7 @@ use hcp_proto::ops::{
     AuditChainProblem, CreateFlavorRequest, CreateImageRequest, CreateVolumeTypeRequest, CreateZoneRequest,
     DeleteFlavorRequest, DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse,
     DeleteVolumeTypeRequest, DeleteVolumeTypeResponse, DeleteZoneRequest, DeleteZoneResponse,
-    GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
+    CancelOpsJobRequest, GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
     ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
     ProviderTls, QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
     SetProjectQuotaRequest, UpdateProjectQuotaRequest, VerifyAuditChainRequest, VerifyAuditChainResponse,
@@ -34,7 +34,7 @@ use crate::store::{AuditQuery, NetworkReplace, Quota, QuotaUpdate, StoreError};
 /// Implements the three ops services.
 #[derive(Clone)]
 pub struct OpsApi {
-    ctx: ApiContext,
+    pub(super) ctx: ApiContext,
 }
 
 impl OpsApi {
@@ -759,11 +759,35 @@ impl JobAdminService for OpsApi {
         handle(async {
             p.ops(Access::Read)?;
             let id: hcp_proto::ids::JobId = validate::id("job_id", &req.get_ref().job_id)?;
-            let job =
-                self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
-            Ok(convert::job_to_ops(&job))
+            self.ops_job(id).await
         })
         .await
+    }
+
+    async fn cancel_job(&self, req: tonic::Request<CancelOpsJobRequest>) -> ApiResult<OpsJob> {
+        self.write(req, "CancelJob", None, |p, r| async move {
+            let id: hcp_proto::ids::JobId = validate::id("job_id", &r.job_id)?;
+            let job =
+                self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            let mut audit =
+                self.ctx.audit(&p, AuditAction::JobCancel, Resource::Job(id), AuditOutcome::Succeeded);
+            audit.tenant_id = job.tenant_id.clone();
+            audit.project_id = job.project_id.clone();
+            audit.job_id = id.to_string();
+            self.ctx.store.cancel_job(None, id, &audit).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            self.ctx.events.changed(id);
+            self.ops_job(id).await
+        })
+        .await
+    }
+}
+
+impl OpsApi {
+    /// The operator's view of a job, with its step log.
+    async fn ops_job(&self, id: hcp_proto::ids::JobId) -> Result<OpsJob, ApiError> {
+        let job = self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+        let steps = self.ctx.store.job_steps(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+        Ok(OpsJob { steps: convert::job_steps_to_ops(&steps), ..convert::job_to_ops(&job) })
     }
 }
 

@@ -176,6 +176,7 @@ fn finish(
         host: None,
         size: None,
         volume: None,
+        interrupted: None,
     }
 }
 

@@ -100,6 +100,11 @@ impl VolumeMetering {
         VolumeMetering::Detached,
     ];
 
+    /// The usage event named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|m| m.as_str() == s)
+    }
+
     /// The usage event's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -181,9 +186,15 @@ pub fn volume_change(
                 ..keep(VolumeStatus::Available)
             },
         },
-        Outcome::Failed(code) => match kind {
+        // A volume step cut by a cancellation may or may not have happened:
+        // as with a failure, the reconciler settles what the hypervisor has.
+        Outcome::Failed(_) | Outcome::Interrupted(_) => match kind {
             // It may half exist: ERROR, to be deleted.
             JobKind::CreateVolume | JobKind::DeleteVolume => {
+                let code = match outcome {
+                    Outcome::Failed(code) => code,
+                    _ => ErrorCode::Cancelled,
+                };
                 VolumeChange { error: Some(code), ..keep(VolumeStatus::Error) }
             }
             // A disk only grows and an extend either happened or did not:
@@ -226,7 +237,7 @@ pub fn created_vm_volume(
             VolumeStatus::InUse,
             Some(if new { VolumeMetering::Created } else { VolumeMetering::Attached }),
         )),
-        Outcome::Failed(_) | Outcome::Cancelled => {
+        Outcome::Failed(_) | Outcome::Cancelled | Outcome::Interrupted(_) => {
             Some((if new { VolumeStatus::Error } else { VolumeStatus::InUse }, None))
         }
     }

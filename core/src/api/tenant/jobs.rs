@@ -1,5 +1,5 @@
-//! A project's jobs: read, listed, watched to their end, cancelled while
-//! queued (`hcp.tenant.v1.JobService`).
+//! A project's jobs: read, listed, watched to their end, cancelled
+//! (`hcp.tenant.v1.JobService`).
 
 use hcp_proto::error::{ApiError, ErrorCode, excerpt};
 use hcp_proto::ids::{JobId, VmId};
@@ -214,7 +214,7 @@ impl TenantApi {
             audit.job_id = id.to_string();
             self.ctx
                 .store
-                .cancel_job(&tenant, id, &audit)
+                .cancel_job(Some(&tenant), id, &audit)
                 .await
                 .map_err(|e| from_store(e, &format!("job {id}")))?;
             self.ctx.events.changed(id);
