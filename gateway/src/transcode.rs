@@ -166,7 +166,7 @@ pub fn wants_csv(headers: &http::HeaderMap) -> bool {
 /// line per item with each field as proto3 JSON would give it (64-bit
 /// integers as digits, messages and lists as JSON text).
 pub fn response_csv(message: &DynamicMessage, rows: &str) -> Result<Vec<u8>, ApiError> {
-    let field = message.descriptor().get_field_by_name(rows).filter(|f| f.is_list());
+    let field = prost_reflect::ReflectMessage::descriptor(message).get_field_by_name(rows).filter(|f| f.is_list());
     let Some(Kind::Message(row)) = field.map(|f| f.kind()) else {
         tracing::error!(rows, "csv_rows names no repeated message field of the reply");
         return Err(ApiError::internal());

@@ -97,7 +97,9 @@ impl UsageService for OpsApi {
             if !r.project_id.is_empty() && r.tenant_id.is_empty() {
                 return Err(ApiError::invalid_field("project_id", "project_id is given only with tenant_id"));
             }
-            let nonempty = |s: &str| (!s.is_empty()).then_some(s);
+            fn nonempty(s: &str) -> Option<&str> {
+                (!s.is_empty()).then_some(s)
+            }
             let query =
                 Query::new(&r.from, &r.to, &r.group_by, nonempty(&r.tenant_id), nonempty(&r.project_id))?;
             report(&self.ctx, &query).await
