@@ -774,9 +774,11 @@ impl JobAdminService for OpsApi {
             audit.tenant_id = job.tenant_id.clone();
             audit.project_id = job.project_id.clone();
             audit.job_id = id.to_string();
-            self.ctx.store.cancel_job(None, id, &audit).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            let job =
+                self.ctx.store.cancel_job(None, id, &audit).await.map_err(|e| from_store(e, &format!("job {id}")))?;
             self.ctx.events.changed(id);
-            self.ops_job(id).await
+            let steps = self.ctx.store.job_steps(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            Ok(OpsJob { steps: convert::job_steps_to_ops(&steps), ..convert::job_to_ops(&job) })
         })
         .await
     }
