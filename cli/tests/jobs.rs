@@ -853,10 +853,16 @@ async fn a_running_job_is_cancelled_and_a_provider_that_never_answers_is_cut() {
     let asked = std::time::Instant::now();
     let r = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!((r.str("status").as_str(), r.body["cancel_requested"].as_bool()), ("RUNNING", Some(true)), "{}", r.body);
+    assert_eq!(
+        (r.str("status").as_str(), r.body["cancel_requested"].as_bool()),
+        ("RUNNING", Some(true)),
+        "{}",
+        r.body
+    );
     // Asking again while it runs answers the same; the worker may have
     // finished it already (it hears of the request at once), then CONFLICT.
-    let again = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    let again =
+        s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
     match again.status {
         200 => assert_eq!(again.body["cancel_requested"].as_bool(), Some(true), "{}", again.body),
         409 => assert!(again.str("message").contains("CANCELLED"), "{}", again.body),
@@ -877,13 +883,24 @@ async fn a_running_job_is_cancelled_and_a_provider_that_never_answers_is_cut() {
     // stop happened is not known), released from the job.
     let ops = s.ops_token();
     let o = s.rest.get(&format!("/api/hcp/ops/v1/jobs/{job}"), &ops).await.unwrap();
-    assert_eq!(o.body["steps"], json!([{"step": "provider.stop", "status": "interrupted",
-        "finished_at": o.body["steps"][0]["finished_at"]}]), "{}", o.body);
+    assert_eq!(
+        o.body["steps"],
+        json!([{"step": "provider.stop", "status": "interrupted",
+        "finished_at": o.body["steps"][0]["finished_at"]}]),
+        "{}",
+        o.body
+    );
     assert!(o.str("error_message").contains("provider.stop"), "{}", o.body);
     let vm_now = s.rest.get(&format!("{}/{vm}", vms("demo")), &token).await.unwrap();
-    assert_eq!((vm_now.str("status").as_str(), vm_now.str("job_id").as_str()), ("ERROR", ""), "{}", vm_now.body);
+    assert_eq!(
+        (vm_now.str("status").as_str(), vm_now.str("job_id").as_str()),
+        ("ERROR", ""),
+        "{}",
+        vm_now.body
+    );
     // A finished job: CONFLICT.
-    let late = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    let late =
+        s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
     assert_eq!((late.status, late.str("code").as_str()), (409, "CONFLICT"));
 }
 
@@ -905,11 +922,15 @@ async fn an_operator_cancels_a_running_create_after_its_first_step() {
     .unwrap();
     assert_eq!(steps["steps"][0]["step"], "provider.create", "{steps}");
 
-    let tenant_only = s.rest.post(&format!("/api/hcp/ops/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    let tenant_only =
+        s.rest.post(&format!("/api/hcp/ops/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
     assert_eq!(tenant_only.status, 403, "{}", tenant_only.body);
     let r = s.rest.post(&format!("/api/hcp/ops/v1/jobs/{job}:cancel"), &ops, &json!({})).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!((r.body["cancel_requested"].as_bool(), r.str("cancel_requested_by").as_str()), (Some(true), "test-user"));
+    assert_eq!(
+        (r.body["cancel_requested"].as_bool(), r.str("cancel_requested_by").as_str()),
+        (Some(true), "test-user")
+    );
     let ended = wait_until(Duration::from_secs(10), "the create to end", || async {
         let o = s.rest.get(&format!("/api/hcp/ops/v1/jobs/{job}"), &ops).await?;
         Ok((o.str("status") == "CANCELLED").then_some(o.body))
@@ -924,13 +945,21 @@ async fn an_operator_cancels_a_running_create_after_its_first_step() {
         .collect();
     assert_eq!(
         log,
-        [("provider.create".to_owned(), "done".to_owned()), ("provider.start".to_owned(), "interrupted".to_owned())]
+        [
+            ("provider.create".to_owned(), "done".to_owned()),
+            ("provider.start".to_owned(), "interrupted".to_owned())
+        ]
     );
     let vm_now = s.rest.get(&format!("{}/{vm}", vms("demo")), &token).await.unwrap();
     assert_eq!(vm_now.str("status"), "ERROR", "a create cut short may half exist: {}", vm_now.body);
     // Audited with the operator as the actor, under the job's tenant.
     let audit = s.rest.get("/api/hcp/ops/v1/audit-events?action=job.cancel", &ops).await.unwrap();
-    let event = audit.body["events"].as_array().unwrap().iter().find(|e| e["job_id"] == job.as_str()).cloned();
+    let event =
+        audit.body["events"].as_array().unwrap().iter().find(|e| e["job_id"] == job.as_str()).cloned();
     let event = event.unwrap_or_else(|| panic!("no job.cancel event: {}", audit.body));
-    assert_eq!((event["actor"].as_str(), event["tenant_id"].as_str()), (Some("test-user"), Some("acme")), "{event}");
+    assert_eq!(
+        (event["actor"].as_str(), event["tenant_id"].as_str()),
+        (Some("test-user"), Some("acme")),
+        "{event}"
+    );
 }

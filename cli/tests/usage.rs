@@ -25,22 +25,31 @@ async fn usage_is_exported_as_json_and_csv_and_bad_queries_name_their_field() {
     let ops = s.ops_token();
     let r = s
         .rest
-        .post("/api/hcp/tenant/v1/projects/demo/vms", &token, &json!({"name": "u", "flavor": "small", "image": "debian-12"}))
+        .post(
+            "/api/hcp/tenant/v1/projects/demo/vms",
+            &token,
+            &json!({"name": "u", "flavor": "small", "image": "debian-12"}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
     let vm = r.str("vm_id");
     s.rest.finished_job(&token, &r.str("job_id"), Duration::from_secs(20)).await.unwrap();
 
-    let (from, to) = (rfc3339(Utc::now() - chrono::Duration::hours(1)), rfc3339(Utc::now() + chrono::Duration::hours(1)));
+    let (from, to) =
+        (rfc3339(Utc::now() - chrono::Duration::hours(1)), rfc3339(Utc::now() + chrono::Duration::hours(1)));
     let window = format!("from={}&to={}", from.replace('+', "%2B"), to.replace('+', "%2B"));
     let path = format!("/api/hcp/tenant/v1/projects/demo/usage?{window}&group_by=resource&group_by=flavor");
     let r = s.rest.get(&path, &token).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["group_by"], json!(["flavor", "resource"]));
     let rows = r.body["rows"].as_array().unwrap();
-    let row = rows.iter().find(|row| row["resource_id"] == vm.as_str()).unwrap_or_else(|| panic!("{}", r.body));
-    assert_eq!((row["tenant_id"].as_str(), row["project_id"].as_str(), row["flavor"].as_str()), (Some("acme"), Some("demo"), Some("small")));
+    let row =
+        rows.iter().find(|row| row["resource_id"] == vm.as_str()).unwrap_or_else(|| panic!("{}", r.body));
+    assert_eq!(
+        (row["tenant_id"].as_str(), row["project_id"].as_str(), row["flavor"].as_str()),
+        (Some("acme"), Some("demo"), Some("small"))
+    );
     // 64-bit counts are strings in proto3 JSON; the VM ran a little already
     // and its disk exists.
     let disk: u64 = row["disk_gib_seconds"].as_str().unwrap().parse().unwrap();
@@ -60,7 +69,11 @@ async fn usage_is_exported_as_json_and_csv_and_bad_queries_name_their_field() {
     assert_eq!(lines.len(), rows.len() + 1);
 
     // The operator sees every tenant, or the one named.
-    let r = s.rest.get(&format!("/api/hcp/ops/v1/usage?{window}&tenant_id=acme&group_by=tenant"), &ops).await.unwrap();
+    let r = s
+        .rest
+        .get(&format!("/api/hcp/ops/v1/usage?{window}&tenant_id=acme&group_by=tenant"), &ops)
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["rows"][0]["tenant_id"], "acme", "{}", r.body);
     let r = s.rest.get(&format!("/api/hcp/ops/v1/usage?{window}&tenant_id=other"), &ops).await.unwrap();
@@ -80,7 +93,12 @@ async fn usage_is_exported_as_json_and_csv_and_bad_queries_name_their_field() {
         (format!("to={to}"), "from"),
     ] {
         let r = s.rest.get(&format!("/api/hcp/tenant/v1/projects/demo/usage?{query}"), &token).await.unwrap();
-        assert_eq!((r.status, r.body["details"]["field"].as_str()), (400, Some(field)), "{query}: {}", r.body);
+        assert_eq!(
+            (r.status, r.body["details"]["field"].as_str()),
+            (400, Some(field)),
+            "{query}: {}",
+            r.body
+        );
     }
     let r = s.rest.get(&format!("/api/hcp/ops/v1/usage?{window}&project_id=demo"), &ops).await.unwrap();
     assert_eq!((r.status, r.body["details"]["field"].as_str()), (400, Some("project_id")), "{}", r.body);

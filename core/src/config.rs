@@ -610,9 +610,9 @@ pub fn bounds() -> &'static [Bound] {
         ),
         // Leases are renewed at a third of their length.
         Bound::range("jobs.lease_seconds", 2.0, 3600.0, |c| c.jobs.lease_seconds as f64),
-        Bound::range("jobs.cancel_check_ms", 50.0, 60000.0, |c| c.jobs.cancel_check_ms as f64),
         Bound::range("jobs.shutdown_grace_seconds", 0.0, 3600.0, |c| c.jobs.shutdown_grace_seconds as f64),
         Bound::range("jobs.poll_interval_ms", 10.0, 1000.0 * DAY, |c| c.jobs.poll_interval_ms as f64),
+        Bound::range("jobs.cancel_check_ms", 50.0, 60000.0, |c| c.jobs.cancel_check_ms as f64),
         Bound::range("auth.jwks_min_refresh_seconds", 1.0, DAY, |c| c.auth.jwks_min_refresh_seconds as f64),
         Bound::range("providers.probe_interval_seconds", 1.0, DAY, |c| {
             c.providers.probe_interval_seconds as f64

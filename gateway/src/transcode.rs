@@ -157,7 +157,8 @@ pub fn response_json(message: &DynamicMessage) -> Result<Vec<u8>, ApiError> {
 /// Whether a request's `Accept` header asks for CSV.
 pub fn wants_csv(headers: &http::HeaderMap) -> bool {
     headers.get_all(http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| {
-        v.split(',').any(|item| item.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/csv")))
+        v.split(',')
+            .any(|item| item.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/csv")))
     })
 }
 
@@ -166,7 +167,8 @@ pub fn wants_csv(headers: &http::HeaderMap) -> bool {
 /// line per item with each field as proto3 JSON would give it (64-bit
 /// integers as digits, messages and lists as JSON text).
 pub fn response_csv(message: &DynamicMessage, rows: &str) -> Result<Vec<u8>, ApiError> {
-    let field = prost_reflect::ReflectMessage::descriptor(message).get_field_by_name(rows).filter(|f| f.is_list());
+    let field =
+        prost_reflect::ReflectMessage::descriptor(message).get_field_by_name(rows).filter(|f| f.is_list());
     let Some(Kind::Message(row)) = field.map(|f| f.kind()) else {
         tracing::error!(rows, "csv_rows names no repeated message field of the reply");
         return Err(ApiError::internal());

@@ -270,7 +270,12 @@ impl Report<'_> {
 /// of those in the window and at least the last one before it (earlier ones
 /// change nothing). Events of one resource may come in any order; they are
 /// applied by time. Rows come sorted by their key.
-pub fn usage(vms: &[VmEvent], volumes: &[VolumeEvent], window: Window, group_by: &[GroupBy]) -> Vec<UsageRow> {
+pub fn usage(
+    vms: &[VmEvent],
+    volumes: &[VolumeEvent],
+    window: Window,
+    group_by: &[GroupBy],
+) -> Vec<UsageRow> {
     let mut report = Report { window, group_by, rows: BTreeMap::new() };
 
     let mut by_vm: BTreeMap<&str, Vec<&VmEvent>> = BTreeMap::new();
@@ -353,7 +358,8 @@ fn charge_vm(
     end: DateTime<Utc>,
 ) {
     let owner = Owner { tenant: &size.tenant, project: &size.project, resource: vm };
-    let (vcpus, memory, disk) = (u128::from(size.vcpus), u128::from(size.memory_mib), u128::from(size.disk_gib));
+    let (vcpus, memory, disk) =
+        (u128::from(size.vcpus), u128::from(size.memory_mib), u128::from(size.disk_gib));
     report.charge(&owner, &size.flavor, start, end, |t, us| {
         t.disk += us * disk;
         if running {
@@ -427,7 +433,9 @@ mod tests {
         let rows = usage(vms, volumes, window(), &[]);
         match rows.as_slice() {
             [] => (0, 0, 0, 0, 0),
-            [r] => (r.vm_seconds, r.vcpu_seconds, r.memory_mib_seconds, r.disk_gib_seconds, r.volume_gib_seconds),
+            [r] => {
+                (r.vm_seconds, r.vcpu_seconds, r.memory_mib_seconds, r.disk_gib_seconds, r.volume_gib_seconds)
+            }
             more => panic!("ungrouped usage has one row, got {more:?}"),
         }
     }
@@ -529,13 +537,19 @@ mod tests {
             by_day,
             vec![
                 row("", "", "", Some("2026-01-01"), [3600, 7200, 3600 * 2048, 3600 * 20, 0]),
-                row("", "", "", Some("2026-01-02"), [
-                    day2_vm,
-                    1800 * 2 + 84600 * 4 + 3600 * 2,
-                    1800 * 2048 + 84600 * 8192 + 3600 * 2048,
-                    1800 * 20 + 84600 * 40 + 3600 * 20,
-                    43200 * 10,
-                ]),
+                row(
+                    "",
+                    "",
+                    "",
+                    Some("2026-01-02"),
+                    [
+                        day2_vm,
+                        1800 * 2 + 84600 * 4 + 3600 * 2,
+                        1800 * 2048 + 84600 * 8192 + 3600 * 2048,
+                        1800 * 20 + 84600 * 40 + 3600 * 20,
+                        43200 * 10,
+                    ]
+                ),
             ]
         );
         let by_flavor = usage(&vms, &volumes, window(), &[GroupBy::Flavor]);
@@ -548,17 +562,20 @@ mod tests {
             ]
         );
         let by_project = usage(&vms, &volumes, window(), &parse_group_by(&["project"]).unwrap());
-        assert_eq!(by_project.iter().map(|r| (r.project.as_str(), r.vm_seconds)).collect::<Vec<_>>(), [
-            ("beta", 3600),
-            ("demo", 90000)
-        ]);
+        assert_eq!(
+            by_project.iter().map(|r| (r.project.as_str(), r.vm_seconds)).collect::<Vec<_>>(),
+            [("beta", 3600), ("demo", 90000)]
+        );
         let by_resource = usage(&vms, &volumes, window(), &[GroupBy::Resource]);
-        assert_eq!(by_resource.iter().map(|r| (r.resource.as_str(), r.vm_seconds)).collect::<Vec<_>>(), [
-            // Sorted by tenant and project first: b is in project beta.
-            ("b", 3600),
-            ("a", 90000),
-            ("v", 0)
-        ]);
+        assert_eq!(
+            by_resource.iter().map(|r| (r.resource.as_str(), r.vm_seconds)).collect::<Vec<_>>(),
+            [
+                // Sorted by tenant and project first: b is in project beta.
+                ("b", 3600),
+                ("a", 90000),
+                ("v", 0)
+            ]
+        );
     }
 
     #[test]

@@ -10,10 +10,10 @@ use hcp_proto::ops::job_admin_service_server::JobAdminService;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminService;
 use hcp_proto::ops::quota_admin_service_server::QuotaAdminService;
 use hcp_proto::ops::{
-    AuditChainProblem, CreateFlavorRequest, CreateImageRequest, CreateVolumeTypeRequest, CreateZoneRequest,
-    DeleteFlavorRequest, DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse,
+    AuditChainProblem, CancelOpsJobRequest, CreateFlavorRequest, CreateImageRequest, CreateVolumeTypeRequest,
+    CreateZoneRequest, DeleteFlavorRequest, DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse,
     DeleteVolumeTypeRequest, DeleteVolumeTypeResponse, DeleteZoneRequest, DeleteZoneResponse,
-    CancelOpsJobRequest, GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
+    GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
     ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
     ProviderTls, QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
     SetProjectQuotaRequest, UpdateProjectQuotaRequest, VerifyAuditChainRequest, VerifyAuditChainResponse,
@@ -774,10 +774,15 @@ impl JobAdminService for OpsApi {
             audit.tenant_id = job.tenant_id.clone();
             audit.project_id = job.project_id.clone();
             audit.job_id = id.to_string();
-            let job =
-                self.ctx.store.cancel_job(None, id, &audit).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            let job = self
+                .ctx
+                .store
+                .cancel_job(None, id, &audit)
+                .await
+                .map_err(|e| from_store(e, &format!("job {id}")))?;
             self.ctx.events.changed(id);
-            let steps = self.ctx.store.job_steps(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            let steps =
+                self.ctx.store.job_steps(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
             Ok(OpsJob { steps: convert::job_steps_to_ops(&steps), ..convert::job_to_ops(&job) })
         })
         .await
@@ -787,7 +792,8 @@ impl JobAdminService for OpsApi {
 impl OpsApi {
     /// The operator's view of a job, with its step log.
     async fn ops_job(&self, id: hcp_proto::ids::JobId) -> Result<OpsJob, ApiError> {
-        let job = self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+        let job =
+            self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
         let steps = self.ctx.store.job_steps(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
         Ok(OpsJob { steps: convert::job_steps_to_ops(&steps), ..convert::job_to_ops(&job) })
     }

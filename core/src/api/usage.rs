@@ -38,8 +38,8 @@ impl<'a> Query<'a> {
     ) -> Result<Self, ApiError> {
         let (from, to) = (time("from", from)?, time("to", to)?);
         let window = Window::new(from, to).map_err(|e| ApiError::invalid_field(e.field(), e.to_string()))?;
-        let group_by =
-            domain::parse_group_by(group_by).map_err(|e| ApiError::invalid_field(e.field(), e.to_string()))?;
+        let group_by = domain::parse_group_by(group_by)
+            .map_err(|e| ApiError::invalid_field(e.field(), e.to_string()))?;
         Ok(Query { window, group_by, tenant, project })
     }
 }

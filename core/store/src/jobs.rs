@@ -315,7 +315,12 @@ impl super::Store {
     /// keeps the first) and the worker holding it finishes it. The audit
     /// event is appended in the same transaction. Conflict when the job is
     /// finished.
-    pub async fn cancel_job(&self, tenant_id: Option<&str>, id: JobId, audit: &AuditEvent) -> StoreResult<Job> {
+    pub async fn cancel_job(
+        &self,
+        tenant_id: Option<&str>,
+        id: JobId,
+        audit: &AuditEvent,
+    ) -> StoreResult<Job> {
         let t = audit.at;
         let t_now = t;
         let outbox = self.outbox;
@@ -404,7 +409,8 @@ impl super::Store {
                 let step: String = col!(row, "step");
                 let status: String = col!(row, "status");
                 out.push(StepRecord {
-                    step: Step::parse(&step).ok_or_else(|| StoreError::Corrupt(format!("job step {step:?}")))?,
+                    step: Step::parse(&step)
+                        .ok_or_else(|| StoreError::Corrupt(format!("job step {step:?}")))?,
                     status: StepStatus::parse(&status)
                         .ok_or_else(|| StoreError::Corrupt(format!("job step status {status:?}")))?,
                     output: col!(row, "output"),

@@ -114,14 +114,13 @@ pub(crate) use insert_usage;
 macro_rules! insert_vm_usage {
     ($conn:expr, $vm:expr, $event:expr, $at:expr, $job:expr, $outbox:expr) => {{
         let vm: hcp_proto::ids::VmId = $vm;
-        let row =
-            sqlx::query(
-                "SELECT tenant_id, project_id, flavor, vcpus, memory_mib, disk_gib FROM vms WHERE id = $1",
-            )
-                .bind(vm.0)
-                .fetch_one(&mut *$conn)
-                .await
-                .map_err(|e| $crate::StoreError::from_sqlx(e, "vm"))?;
+        let row = sqlx::query(
+            "SELECT tenant_id, project_id, flavor, vcpus, memory_mib, disk_gib FROM vms WHERE id = $1",
+        )
+        .bind(vm.0)
+        .fetch_one(&mut *$conn)
+        .await
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "vm"))?;
         let vcpus: i32 = $crate::col!(&row, "vcpus");
         let memory: i32 = $crate::col!(&row, "memory_mib");
         let disk: i32 = $crate::col!(&row, "disk_gib");

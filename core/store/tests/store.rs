@@ -956,7 +956,10 @@ async fn a_running_jobs_cancellation_is_recorded_and_its_step_interrupted(backen
     let mut by_ops = audit("job.cancel", "");
     by_ops.actor = "operator".into();
     let again = store.cancel_job(None, stop.id, &by_ops).await.unwrap();
-    assert_eq!((again.cancel_requested_at, again.cancel_requested_by.as_deref()), (Some(requested_at), Some("tester")));
+    assert_eq!(
+        (again.cancel_requested_at, again.cancel_requested_by.as_deref()),
+        (Some(requested_at), Some("tester"))
+    );
     assert!(store.cancel_requested(stop.id).await.unwrap());
 
     // The worker cuts the stop: the job ends CANCELLED, the step log names
@@ -969,17 +972,26 @@ async fn a_running_jobs_cancellation_is_recorded_and_its_step_interrupted(backen
     let ended = store.get_job("acme", stop.id).await.unwrap();
     assert_eq!((ended.status, ended.error_code), (JobStatus::Cancelled, Some(ErrorCode::Cancelled)));
     let steps = store.job_steps(stop.id).await.unwrap();
-    assert_eq!(steps.iter().map(|s| (s.step, s.status)).collect::<Vec<_>>(), [(Step::Stop, StepStatus::Interrupted)]);
+    assert_eq!(
+        steps.iter().map(|s| (s.step, s.status)).collect::<Vec<_>>(),
+        [(Step::Stop, StepStatus::Interrupted)]
+    );
     assert!(store.completed_steps(stop.id).await.unwrap().is_empty());
     let vm_now = store.get_vm_internal(vm.id).await.unwrap();
-    assert_eq!((vm_now.status, vm_now.error_code, vm_now.current_job_id), (VmStatus::Error, Some(ErrorCode::Cancelled), None));
+    assert_eq!(
+        (vm_now.status, vm_now.error_code, vm_now.current_job_id),
+        (VmStatus::Error, Some(ErrorCode::Cancelled), None)
+    );
 
     // A finished job cannot be cancelled.
     let err = store.cancel_job(Some("acme"), stop.id, &audit("job.cancel", "")).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("CANCELLED")), "{err:?}");
     // A queued job is cancelled at once, also by an operator (no tenant).
     let start = new_job("acme", "p1", vm.id, JobKind::StartVm);
-    store.accept_operation(&op_on(vm.id, JobKind::StartVm), &start, &audit("vm.start", ""), None).await.unwrap();
+    store
+        .accept_operation(&op_on(vm.id, JobKind::StartVm), &start, &audit("vm.start", ""), None)
+        .await
+        .unwrap();
     let by_ops = AuditEvent { id: EventId::new(), ..by_ops };
     let cancelled = store.cancel_job(None, start.id, &by_ops).await.unwrap();
     assert_eq!(cancelled.status, JobStatus::Cancelled);
@@ -1022,9 +1034,13 @@ async fn usage_totals_follow_a_known_sequence_to_the_second(backend: Backend) {
         (675, 675, 675 * 512, 3045 * 10)
     );
     // Every project of the tenant: the other VM's 3 hours (from 09:00) clip to the window.
-    let (vms, volumes) = store.usage_report_events(window.from(), window.to(), Some("acme"), None).await.unwrap();
+    let (vms, volumes) =
+        store.usage_report_events(window.from(), window.to(), Some("acme"), None).await.unwrap();
     let rows = usage(&vms, &volumes, window, &[GroupBy::Project]);
-    assert_eq!(rows.iter().map(|r| (r.project.as_str(), r.vm_seconds)).collect::<Vec<_>>(), [("p1", 675), ("p2", 6600)]);
+    assert_eq!(
+        rows.iter().map(|r| (r.project.as_str(), r.vm_seconds)).collect::<Vec<_>>(),
+        [("p1", 675), ("p2", 6600)]
+    );
     let _ = other;
 }
 
