@@ -445,8 +445,9 @@ mod tests {
         use Metering::{Deleted, Resized, Started, Stopped};
         use VolumeMetering as V;
         const W: u64 = 48 * 3600; // the window's seconds
+        type Row = (&'static str, Vec<VmEvent>, Vec<VolumeEvent>, (u64, u64, u64, u64, u64));
         #[rustfmt::skip]
-        let rows: Vec<(&str, Vec<VmEvent>, Vec<VolumeEvent>, (u64, u64, u64, u64, u64))> = vec![
+        let rows: Vec<Row> = vec![
             ("started before from, stopped 1h30m in: billed from `from`; the disk for the whole window",
                 vec![vm("a", "2025-12-31T12:00:00Z", Started, SMALL), vm("a", "2026-01-01T01:30:00Z", Stopped, SMALL)],
                 vec![],

@@ -34,7 +34,7 @@ use crate::store::{AuditQuery, NetworkReplace, Quota, QuotaUpdate, StoreError};
 /// Implements the three ops services.
 #[derive(Clone)]
 pub struct OpsApi {
-    pub(super) ctx: ApiContext,
+    ctx: ApiContext,
 }
 
 impl OpsApi {
@@ -796,6 +796,36 @@ impl OpsApi {
             self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
         let steps = self.ctx.store.job_steps(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
         Ok(OpsJob { steps: convert::job_steps_to_ops(&steps), ..convert::job_to_ops(&job) })
+    }
+}
+
+#[tonic::async_trait]
+impl hcp_proto::ops::usage_service_server::UsageService for OpsApi {
+    async fn get_usage(
+        &self,
+        req: tonic::Request<hcp_proto::ops::GetUsageRequest>,
+    ) -> ApiResult<hcp_proto::tenant::UsageReport> {
+        let p = checked(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            p.ops(Access::Read)?;
+            hcp_proto::rules::check(&r)?;
+            if !r.project_id.is_empty() && r.tenant_id.is_empty() {
+                return Err(ApiError::invalid_field("project_id", "project_id is given only with tenant_id"));
+            }
+            fn nonempty(s: &str) -> Option<&str> {
+                (!s.is_empty()).then_some(s)
+            }
+            let query = super::usage::Query::new(
+                &r.from,
+                &r.to,
+                &r.group_by,
+                nonempty(&r.tenant_id),
+                nonempty(&r.project_id),
+            )?;
+            super::usage::report(&self.ctx, &query).await
+        })
+        .await
     }
 }
 

@@ -1,17 +1,13 @@
-//! Usage and billing export (`hcp.ops.v1.UsageService`, and the tenant's
-//! `QuotaService.GetProjectUsage`): a window and a grouping, checked into
-//! typed values, the events the store holds for it, and the domain's
-//! [`crate::usage::usage`] over them.
+//! Usage and billing export, shared by the operators' `UsageService`
+//! (in `ops.rs`) and the tenant's `QuotaService.GetProjectUsage`: a window
+//! and a grouping, checked into typed values, the events the store holds
+//! for it, and the domain's [`crate::usage::usage`] over them.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use hcp_proto::error::{ApiError, excerpt};
-use hcp_proto::ops::GetUsageRequest;
-use hcp_proto::ops::usage_service_server::UsageService;
 use hcp_proto::tenant::{UsageReport, UsageRow};
 
-use super::ops::OpsApi;
-use super::{ApiContext, ApiResult, checked, handle};
-use crate::auth::Access;
+use super::ApiContext;
 use crate::error::from_store;
 use crate::usage::{self as domain, GroupBy, Window};
 
@@ -83,27 +79,5 @@ fn row(r: domain::UsageRow) -> UsageRow {
         memory_gib_hours: domain::hours(r.memory_mib_seconds) / 1024.0,
         disk_gib_hours: domain::hours(r.disk_gib_seconds),
         volume_gib_hours: domain::hours(r.volume_gib_seconds),
-    }
-}
-
-#[tonic::async_trait]
-impl UsageService for OpsApi {
-    async fn get_usage(&self, req: tonic::Request<GetUsageRequest>) -> ApiResult<UsageReport> {
-        let p = checked(&req)?;
-        let r = req.into_inner();
-        handle(async {
-            p.ops(Access::Read)?;
-            hcp_proto::rules::check(&r)?;
-            if !r.project_id.is_empty() && r.tenant_id.is_empty() {
-                return Err(ApiError::invalid_field("project_id", "project_id is given only with tenant_id"));
-            }
-            fn nonempty(s: &str) -> Option<&str> {
-                (!s.is_empty()).then_some(s)
-            }
-            let query =
-                Query::new(&r.from, &r.to, &r.group_by, nonempty(&r.tenant_id), nonempty(&r.project_id))?;
-            report(&self.ctx, &query).await
-        })
-        .await
     }
 }
