@@ -735,4 +735,37 @@ mod tests {
             request_message(&r, vec![("project_id".into(), "p1".into())], None, br#"{"name":"a"}"#).unwrap();
         assert_eq!(m.get_field_by_name("project_id").unwrap().as_str(), Some("p1"));
     }
+
+    #[test]
+    fn csv_is_asked_for_by_accept_and_renders_the_rows_with_a_header() {
+        let accept = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::ACCEPT, v.parse().unwrap());
+            wants_csv(&h)
+        };
+        assert!(accept("text/csv"));
+        assert!(accept("application/json;q=0.5, Text/CSV; charset=utf-8"));
+        assert!(!accept("application/json"));
+        assert!(!wants_csv(&http::HeaderMap::new()));
+
+        let r = route("/GetProjectUsage");
+        assert_eq!(r.csv_rows.as_deref(), Some("rows"));
+        assert_eq!(route("/GetProjectQuota").csv_rows, None);
+        let json = json!({"from": "2026-01-01T00:00:00Z", "rows": [
+            {"tenant_id": "acme", "flavor": "a,\"b\"", "vm_seconds": "5400", "vm_hours": 1.5},
+            {"day": "2026-01-01"},
+        ]});
+        let reply = DynamicMessage::deserialize(r.output.clone(), json).unwrap();
+        let csv = String::from_utf8(response_csv(&reply, "rows").unwrap()).unwrap();
+        let lines: Vec<&str> = csv.split("\r\n").collect();
+        assert_eq!(
+            lines[0],
+            "tenant_id,project_id,flavor,resource_id,day,vm_seconds,vcpu_seconds,memory_mib_seconds,\
+             disk_gib_seconds,volume_gib_seconds,vm_hours,vcpu_hours,memory_gib_hours,disk_gib_hours,volume_gib_hours"
+        );
+        assert_eq!(lines[1], "acme,,\"a,\"\"b\"\"\",,,5400,0,0,0,0,1.5,0.0,0.0,0.0,0.0");
+        assert_eq!(lines[2], ",,,,2026-01-01,0,0,0,0,0,0.0,0.0,0.0,0.0,0.0");
+        assert_eq!(lines[3], "", "every line ends with CRLF");
+        assert!(response_csv(&reply, "from").is_err(), "only a repeated message field is rendered");
+    }
 }
