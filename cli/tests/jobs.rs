@@ -963,3 +963,38 @@ async fn an_operator_cancels_a_running_create_after_its_first_step() {
         "{event}"
     );
 }
+
+#[tokio::test]
+async fn a_worker_in_another_process_hears_of_a_cancel_within_its_check_interval() {
+    // API and worker in separate processes without NATS: no notification
+    // crosses between them, so the worker's own check (every 300 ms) is
+    // what finds the request.
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        api_processes: 1,
+        worker_processes: 1,
+        jobs_toml: "cancel_check_ms = 300\n".into(),
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let r = s.rest.post(&vms("demo"), &token, &body("far")).await.unwrap();
+    let vm = r.str("vm_id");
+    all_succeed(&s.rest, &token, &[r.str("job_id")], Duration::from_secs(30)).await;
+    sim_latency(&s, "RebootVm", 60_000).await;
+    let reboot = s.rest.post(&format!("{}/{vm}:reboot", vms("demo")), &token, &json!({})).await.unwrap();
+    let job = reboot.str("job_id");
+    running(&s, &token, &job).await;
+    let r = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let asked = std::time::Instant::now();
+    wait_until(Duration::from_secs(10), "the reboot to be cancelled", || async {
+        Ok((job_status(&s.rest, &token, &job).await == "CANCELLED").then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    // A reboot cut short leaves the VM where it was.
+    let vm_now = s.rest.get(&format!("{}/{vm}", vms("demo")), &token).await.unwrap();
+    assert_eq!(vm_now.str("status"), "ACTIVE", "{}", vm_now.body);
+}

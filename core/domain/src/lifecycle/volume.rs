@@ -464,6 +464,8 @@ mod tests {
         let ok = Outcome::Succeeded { power: None };
         let failed = Outcome::Failed(E::ProviderUnavailable);
         let cancelled = Outcome::Cancelled;
+        // Cancelled while the kind's provider call ran: as a failure.
+        let cut = |kind: JobKind| Outcome::Interrupted(*kind.steps().last().unwrap());
         let ext = JobParams::Extend { from: 5, to: 8 };
         let none = JobParams::None;
         type Row<'a> = (
@@ -499,6 +501,14 @@ mod tests {
             (K::DetachVolume, Some(Error),     failed,    &none, (Error, None, None, Keep, None)),
             (K::DetachVolume, Some(InUse),     cancelled, &none, (InUse, None, None, Keep, None)),
             (K::DetachVolume, Some(Error),     cancelled, &none, (Error, None, None, Keep, None)),
+            (K::CreateVolume, None,            cut(K::CreateVolume), &none, (Error, Some(E::Cancelled), None, Keep, None)),
+            (K::DeleteVolume, Some(Available), cut(K::DeleteVolume), &none, (Error, Some(E::Cancelled), None, Keep, None)),
+            (K::DeleteVolume, Some(Error),     cut(K::DeleteVolume), &none, (Error, Some(E::Cancelled), None, Keep, None)),
+            (K::ExtendVolume, Some(Available), cut(K::ExtendVolume), &ext,  (Available, None, Some(5), Keep, None)),
+            (K::ExtendVolume, Some(InUse),     cut(K::ExtendVolume), &ext,  (InUse, None, Some(5), Keep, None)),
+            (K::AttachVolume, Some(Available), cut(K::AttachVolume), &none, (Available, None, None, Clear, None)),
+            (K::DetachVolume, Some(InUse),     cut(K::DetachVolume), &none, (InUse, None, None, Keep, None)),
+            (K::DetachVolume, Some(Error),     cut(K::DetachVolume), &none, (Error, None, None, Keep, None)),
         ];
         for &(kind, prior, outcome, params, (status, error, size, attachment, metering)) in &rows {
             let expected = VolumeChange { status, error, size, attachment, metering };
@@ -512,7 +522,7 @@ mod tests {
             assert_eq!(t.vm, Some(VmStatus::Active), "{kind} {outcome:?}");
             assert!(!t.release_volumes && t.metering.is_none() && t.vm_error.is_none());
         }
-        // Every state each kind is accepted from has its three rows.
+        // Every state each kind is accepted from has its four rows.
         for &kind in JobKind::ALL.iter().filter(|k| k.is_volume_job()) {
             let priors: Vec<Option<VolumeStatus>> = if kind == K::CreateVolume {
                 vec![None]
@@ -520,7 +530,7 @@ mod tests {
                 kind.volume_allowed_from().iter().copied().map(Some).collect()
             };
             for prior in priors {
-                for outcome in [ok, failed, cancelled] {
+                for outcome in [ok, failed, cancelled, cut(kind)] {
                     let n = rows.iter().filter(|r| (r.0, r.1, r.2) == (kind, prior, outcome)).count();
                     assert_eq!(n, 1, "{kind} {outcome:?} from {prior:?} has {n} rows");
                 }
