@@ -743,6 +743,7 @@ mod tests {
                 "between 0 and 3600, got 3601",
             ),
             ("[jobs]\npoll_interval_ms = 5", "jobs.poll_interval_ms", "between 10 and"),
+            ("[jobs]\ncancel_check_ms = 49", "jobs.cancel_check_ms", "between 50 and 60000, got 49"),
             ("[auth]\njwks_min_refresh_seconds = 0", "auth.jwks_min_refresh_seconds", "got 0"),
             ("[providers]\nprobe_interval_seconds = 0", "providers.probe_interval_seconds", "got 0"),
             ("[providers]\ncall_timeout_seconds = 0", "providers.call_timeout_seconds", "got 0"),
