@@ -1,14 +1,14 @@
 //! Usage export over the REST API: a tenant reads its project's usage and
 //! an operator any tenant's, as JSON or CSV (`Accept: text/csv`), grouped
-//! as asked; bad windows and groupings are refused naming the field. (The
-//! totals to the second over a controlled clock are the store suite's
-//! `usage_totals_follow_a_known_sequence_to_the_second` and the domain's
-//! table tests.)
+//! as asked; bad windows and groupings are refused naming the field; the
+//! totals over a known sequence of events at set times are exact to the
+//! second.
 
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::{SecondsFormat, Utc};
+use hcp_core::store::UsageEvent;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use serde_json::json;
 
@@ -102,4 +102,118 @@ async fn usage_is_exported_as_json_and_csv_and_bad_queries_name_their_field() {
     }
     let r = s.rest.get(&format!("/api/hcp/ops/v1/usage?{window}&project_id=demo"), &ops).await.unwrap();
     assert_eq!((r.status, r.body["details"]["field"].as_str()), (400, Some("project_id")), "{}", r.body);
+}
+
+/// A VM usage event of VM `vm` in acme/`project` at `at`.
+fn event(
+    vm: hcp_proto::ids::VmId,
+    project: &str,
+    at: &str,
+    event: &str,
+    size: (&str, u32, u32, u32),
+) -> UsageEvent {
+    UsageEvent {
+        id: hcp_proto::ids::EventId::new(),
+        at: chrono::DateTime::parse_from_rfc3339(at).unwrap().with_timezone(&Utc),
+        tenant_id: "clock".into(),
+        project_id: project.into(),
+        vm_id: vm,
+        event: event.into(),
+        flavor: size.0.into(),
+        vcpus: size.1,
+        memory_mib: size.2,
+        disk_gib: size.3,
+        job_id: None,
+    }
+}
+
+#[tokio::test]
+async fn the_apis_totals_over_a_known_sequence_are_exact_to_the_second() {
+    let opts = StackOptions { backend: hcp_testkit::db::Backend::Postgres, ..Default::default() };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    // A known sequence at set times, through the store the stack uses.
+    let store = s.db.store().await.unwrap();
+    let (a, b) = (hcp_proto::ids::VmId::new(), hcp_proto::ids::VmId::new());
+    const SMALL: (&str, u32, u32, u32) = ("small", 1, 512, 10);
+    const LARGE: (&str, u32, u32, u32) = ("large", 4, 4096, 40);
+    for e in [
+        // a: running before the window, resized 10:20:30, stopped 11:00, deleted 11:00:45.
+        event(a, "p1", "2031-01-01T09:00:00Z", "started", SMALL),
+        event(a, "p1", "2031-01-01T10:20:30Z", "resized", LARGE),
+        event(a, "p1", "2031-01-01T11:00:00Z", "stopped", LARGE),
+        event(a, "p1", "2031-01-01T11:00:45Z", "deleted", LARGE),
+        // b: started 11:59:59.5, still running at the window's end.
+        event(b, "p2", "2031-01-01T11:59:59.500Z", "started", SMALL),
+    ] {
+        store.append_usage_event(&e).await.unwrap();
+    }
+    let window = "from=2031-01-01T10:00:00Z&to=2031-01-01T12:00:00Z";
+    let ops = s.ops_token();
+    let r = s
+        .rest
+        .get(
+            &format!("/api/hcp/ops/v1/usage?{window}&tenant_id=clock&group_by=project&group_by=flavor"),
+            &ops,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rows: Vec<(String, String, String, String, String, String)> = r.body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let f = |k: &str| row[k].as_str().unwrap_or_default().to_owned();
+            (
+                f("project_id"),
+                f("flavor"),
+                f("vm_seconds"),
+                f("vcpu_seconds"),
+                f("memory_mib_seconds"),
+                f("disk_gib_seconds"),
+            )
+        })
+        .collect();
+    let row = |p: &str, f: &str, vm: u64, vcpu: u64, mem: u64, disk: u64| {
+        (p.to_owned(), f.to_owned(), vm.to_string(), vcpu.to_string(), mem.to_string(), disk.to_string())
+    };
+    assert_eq!(
+        rows,
+        [
+            // 10:20:30 to 11:00:00 running large (2370 s), then stopped until 11:00:45.
+            row("p1", "large", 2370, 2370 * 4, 2370 * 4096, (2370 + 45) * 40),
+            // 10:00:00 to 10:20:30 running small.
+            row("p1", "small", 1230, 1230, 1230 * 512, 1230 * 10),
+            // Half a second: rounded down to 0 seconds of running...
+            row("p2", "small", 0, 0, 256, 5),
+        ],
+        "{}",
+        r.body
+    );
+    assert_eq!(r.body["rows"][1]["vm_hours"], json!(1230.0 / 3600.0), "{}", r.body);
+
+    // The tenant's view of p1, totals only, as CSV.
+    let t = s.tenant_token("clock", &["p1"]);
+    let csv = s
+        .rest
+        .raw_with(
+            "GET",
+            &format!("/api/hcp/tenant/v1/projects/p1/usage?{window}"),
+            Some(&t),
+            None,
+            &[("accept", "text/csv")],
+        )
+        .await
+        .unwrap();
+    let line = csv.text.lines().nth(1).unwrap_or_default().to_owned();
+    assert!(
+        line.starts_with(&format!(
+            ",,,,,3600,{},{},{},0,",
+            1230 + 2370 * 4,
+            1230 * 512 + 2370 * 4096,
+            1230 * 10 + 2415 * 40
+        )),
+        "{}",
+        csv.text
+    );
 }

@@ -190,6 +190,18 @@ impl super::Store {
         })
     }
 
+    /// Appends a VM usage event as given, at its own time (for imports of
+    /// usage recorded elsewhere, and tests that need a known sequence):
+    /// jobs append theirs in the transaction of the change they describe.
+    pub async fn append_usage_event(&self, ev: &UsageEvent) -> StoreResult<()> {
+        let outbox = self.outbox;
+        on_pool!(transaction self, |tx| {
+            insert_usage!(tx, ev, outbox);
+            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+            Ok(())
+        })
+    }
+
     /// Returns a project's usage events, oldest first.
     pub async fn list_usage_events(&self, scope: &hcp_domain::model::Scope) -> StoreResult<Vec<UsageEvent>> {
         on_pool!(self, |pool| {
