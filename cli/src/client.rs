@@ -167,10 +167,42 @@ impl Client {
 
     /// Sends a request and returns the JSON answer, or the API's error.
     pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let (status, bytes) = self.send(method, path, body, "application/json").await?;
+        let value: Value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        if (200..300).contains(&status) {
+            return Ok(value);
+        }
+        Err(failure(status, &value))
+    }
+
+    /// Sends a bodiless request asking for `accept` (`text/csv`) and
+    /// returns the answer's text, or the API's error.
+    pub async fn call_text(&self, method: &str, path: &str, accept: &str) -> anyhow::Result<String> {
+        let (status, bytes) = self.send(method, path, None, accept).await?;
+        if (200..300).contains(&status) {
+            return Ok(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        let value: Value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        Err(failure(status, &value))
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        accept: &str,
+    ) -> anyhow::Result<(u16, Bytes)> {
         let mut req = http::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.endpoint))
-            .header("accept", "application/json");
+            .header("accept", accept);
         if !self.token.is_empty() {
             req = req.header("authorization", format!("Bearer {}", self.token));
         }
@@ -188,21 +220,17 @@ impl Client {
             .with_context(|| format!("cannot reach HCP at {}", self.endpoint))?;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await.context("the answer was cut short")?.to_bytes();
-        let value: Value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
-        };
-        if (200..300).contains(&status) {
-            return Ok(value);
-        }
-        Err(ApiFailure {
-            status,
-            code: value["code"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned),
-            message: value["message"].as_str().map_or_else(|| value.to_string(), str::to_owned),
-            field: value["details"]["field"].as_str().map(str::to_owned),
-        }
-        .into())
+        Ok((status, bytes))
     }
+}
+
+/// The API's error answer as an error.
+fn failure(status: u16, value: &Value) -> anyhow::Error {
+    ApiFailure {
+        status,
+        code: value["code"].as_str().map_or_else(|| format!("HTTP {status}"), str::to_owned),
+        message: value["message"].as_str().map_or_else(|| value.to_string(), str::to_owned),
+        field: value["details"]["field"].as_str().map(str::to_owned),
+    }
+    .into()
 }

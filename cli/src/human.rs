@@ -203,7 +203,8 @@ pub enum Job {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
-    /// Cancel a queued job.
+    /// Cancel a job: a queued one at once, a running one by its worker
+    /// (the answer shows cancel_requested; watch it end CANCELLED).
     Cancel { job: String },
 }
 
@@ -258,8 +259,13 @@ pub enum Ops {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
-    /// Any job, of any tenant.
+    /// Any job, of any tenant, with its step log.
     Job { job: String },
+    /// Cancel any tenant's job (a running one is stopped by its worker).
+    CancelJob { job: String },
+    /// Usage of every tenant, or one: VM, vCPU, memory, disk and volume
+    /// hours over a window (`--csv` for CSV).
+    Usage(crate::usage::OpsUsageArgs),
     /// Hosts of a provider, and their drains.
     #[command(subcommand)]
     Host(OpsHost),
@@ -1112,6 +1118,11 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
             }
             let v = c.call("POST", &format!("{O}/vms/{vm}:migrate"), Some(&body)).await?;
             output::print(out, &v, None, &["vm_id", "job_id"]);
+        }
+        Ops::Usage(args) => crate::usage::ops(&c, out, args).await?,
+        Ops::CancelJob { job } => {
+            let v = c.call("POST", &format!("{O}/jobs/{job}:cancel"), Some(&json!({}))).await?;
+            output::print(out, &v, None, &["job_id", "tenant_id", "kind", "status", "cancel_requested"]);
         }
         Ops::Job { job } => {
             let v = c.call("GET", &format!("{O}/jobs/{job}"), None).await?;

@@ -16,6 +16,7 @@ pub mod human;
 pub mod keypair;
 pub mod output;
 pub mod serial;
+pub mod usage;
 pub mod volume;
 
 use std::ffi::OsString;
@@ -61,6 +62,14 @@ enum Command {
         common: human::Common,
         #[command(subcommand)]
         cmd: human::Job,
+    },
+    /// The project's usage over a window: VM, vCPU, memory, disk and
+    /// volume hours (`--csv` for CSV).
+    Usage {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(flatten)]
+        args: usage::UsageArgs,
     },
     /// What tenants may pick: flavors, images, zones, networks.
     Catalog {
@@ -119,6 +128,10 @@ where
         Command::Volume { common, cmd } => human::run(|| volume::volume(common, cmd)),
         Command::Keypair { common, cmd } => human::run(|| keypair::keypair(common, cmd)),
         Command::Job { common, cmd } => human::run(|| human::job(common, cmd)),
+        Command::Usage { common, args } => human::run(|| async move {
+            let c = client::Client::new(&common.connect)?;
+            usage::tenant(&c, common.output, args).await
+        }),
         Command::Catalog { common, cmd } => human::run(|| human::catalog(common, cmd)),
         Command::Ops { common, cmd } => human::run(|| human::ops(common, cmd)),
         Command::Completions { shell } => {

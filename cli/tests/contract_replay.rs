@@ -288,6 +288,24 @@ async fn every_mutating_operation_replays_by_its_key() {
     let cancel = |j: &str| call("POST", format!("/api/hcp/tenant/v1/jobs/{j}:cancel"), Some(json!({})));
     let r = contract(&s, &t, "t11", cancel(&job), cancel(NOBODY), 200).await;
     assert_eq!(r.str("status"), "CANCELLED");
+    // An operator's cancel replays too.
+    let fault = hcp_proto::sim::Fault {
+        operation: "StopVm".into(),
+        code: "UNAVAILABLE".into(),
+        ..Default::default()
+    };
+    sim.inject_fault(hcp_proto::sim::InjectFaultRequest { fault: Some(fault) }).await.unwrap();
+    let stop = s.rest.post(&format!("{v}:stop"), &t, &json!({})).await.unwrap();
+    let job = stop.str("job_id");
+    wait_until(WAIT, "the second stop to wait for its retry", || async {
+        let r = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job}"), &t).await?;
+        Ok((r.str("status") == "QUEUED" && r.body["attempts"] == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    let ops_cancel = |j: &str| call("POST", format!("{O}/jobs/{j}:cancel"), Some(json!({})));
+    let r = contract(&s, &ops, "o-cancel", ops_cancel(&job), ops_cancel(NOBODY), 200).await;
+    assert_eq!(r.str("status"), "CANCELLED");
 
     let snap = |n: &str| Some(json!({"name": n}));
     let r = contract(

@@ -34,6 +34,9 @@ const ALL: &str = "cloud_init,snapshot,snapshot_running,console_vnc,console_spic
                    volume_extend_in_use";
 /// An id no resource has.
 const NOBODY: &str = "01890000-0000-7000-8000-000000000000";
+/// A usage window (usage reports' baselines).
+const FROM: &str = "2026-01-01T00:00:00Z";
+const TO: &str = "2026-01-02T00:00:00Z";
 /// A valid SSH public key (key pairs' baselines).
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINQ+QbnlBRQFSLv+VbZcnFZaRSVB4Au8lHsQOTLSOAr5 alice@example";
@@ -50,6 +53,7 @@ const LAST: &[&str] = &[
     "opsUpdateProjectQuota",
     "opsSetProjectQuota",
     "cancelJob",
+    "opsCancelJob",
     "deleteSnapshot",
     "detachVolume",
     "deleteVolume",
@@ -139,7 +143,10 @@ fn baseline(op: &str, s: &Seed) -> Option<Base> {
         "opsCreateImage" => prefixed(&[], "image", json!({"name": "i-b", "source": "base"})),
         "opsDeleteImage" => base(&[("name", "i-del")], None),
         "opsGetJob" | "getJob" | "watchJob" => base(&[("job_id", &s.job)], None),
-        "cancelJob" => base(&[("job_id", &s.job)], empty()),
+        "cancelJob" | "opsCancelJob" => base(&[("job_id", &s.job)], empty()),
+        // Parameters that are not in the path go in the query.
+        "opsGetUsage" => base(&[("from", FROM), ("to", TO)], None),
+        "getProjectUsage" => base(&[("project_id", "demo"), ("from", FROM), ("to", TO)], None),
         "opsCreateNetwork" => {
             prefixed(&[], "network", json!({"name": "n-b", "zone": "zone-1", "backings": {}}))
         }
@@ -626,12 +633,23 @@ impl Probe<'_> {
             params.retain(|(k, _)| k != name);
             path = path.replace(&format!("{{{name}}}"), &encode(&text(v)));
         }
+        // A baseline parameter the path does not name is a query parameter
+        // (unless it is the one probed).
+        let mut query = Vec::new();
         for (k, v) in &params {
-            path = path.replace(&format!("{{{k}}}"), &encode(v));
+            let var = format!("{{{k}}}");
+            if path.contains(&var) {
+                path = path.replace(&var, &encode(v));
+            } else if !matches!(&c.loc, Loc::Query(name) if name == k) {
+                query.push(format!("{k}={}", encode(v)));
+            }
         }
         assert!(!path.contains('{'), "{}: no baseline value for a parameter of {path}", op.id);
         if let (Loc::Query(name), Some(v)) = (&c.loc, value) {
-            path = format!("{path}?{name}={}", encode(&text(v)));
+            query.push(format!("{name}={}", encode(&text(v))));
+        }
+        if !query.is_empty() {
+            path = format!("{path}?{}", query.join("&"));
         }
         let mut body = self.base.body.clone().or_else(|| op.has_body.then(|| json!({})));
         if let Loc::Body(steps) = &c.loc {
@@ -650,7 +668,12 @@ impl Probe<'_> {
         let send = s.rest.raw_with(&op.method, &path, Some(token), body.as_deref(), &headers);
         match tokio::time::timeout(REQUEST, send).await {
             Ok(r) => r.unwrap_or_else(|e| panic!("{} {path}: {e:#}", op.method)),
-            Err(_) => Reply { status: 0, body: json!("no answer in time"), headers: Default::default() },
+            Err(_) => Reply {
+                status: 0,
+                body: json!("no answer in time"),
+                headers: Default::default(),
+                text: String::new(),
+            },
         }
     }
 

@@ -472,3 +472,46 @@ async fn people_manage_key_pairs_with_the_hcp_command() {
     cli.ok(&["keypair", "delete", "laptop"]).await;
     assert!(cli.json(&["keypair", "list"]).await["key_pairs"].as_array().is_none_or(|a| a.is_empty()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn people_export_usage_with_the_hcp_command() {
+    let s = TestStack::start(Path::new(HCP), StackOptions::default()).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let cli = Cli::for_stack(&s, &token);
+    let ops = Cli::for_stack(&s, &s.ops_token());
+    cli.ok(&["vm", "create", "u-1", "--flavor", "small", "--image", "debian-12", "--wait"]).await;
+    let from =
+        (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let to =
+        (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    // The tenant's project, grouped by flavor: a table, JSON, CSV.
+    let table = cli.ok(&["usage", "--from", &from, "--to", &to, "--group-by", "flavor"]).await;
+    assert!(table.contains("VM_HOURS") && table.contains("small"), "{table}");
+    let json = cli.json(&["usage", "--from", &from, "--to", &to, "--group-by", "flavor,resource"]).await;
+    assert_eq!(json["group_by"], serde_json::json!(["flavor", "resource"]), "{json}");
+    let csv = cli.ok(&["usage", "--from", &from, "--to", &to, "--csv"]).await;
+    assert!(csv.starts_with("tenant_id,project_id,flavor,resource_id,day,vm_seconds,"), "{csv}");
+    assert_eq!(csv.lines().count(), 2, "a header and the totals: {csv}");
+    // An operator, for one tenant, by tenant.
+    let csv = ops
+        .ok(&[
+            "ops",
+            "usage",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--tenant",
+            "acme",
+            "--group-by",
+            "tenant",
+            "--csv",
+        ])
+        .await;
+    assert!(csv.lines().nth(1).is_some_and(|l| l.starts_with("acme,")), "{csv}");
+    // A refusal names the field.
+    let out = cli.run(&["usage", "--from", &to, "--to", &from]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INVALID_ARGUMENT") && err.contains("(field: to)"), "{err}");
+}

@@ -811,3 +811,190 @@ async fn a_watcher_is_woken_when_another_process_finishes_its_job() {
     assert_eq!(r.status, 200);
     assert_eq!(job_status(&s.rest, &token, &job).await, "SUCCEEDED");
 }
+
+/// Sets the simulator's latency of one operation.
+async fn sim_latency(s: &TestStack, operation: &str, latency_ms: u32) {
+    use hcp_proto::sim::sim_control_client::SimControlClient;
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    sim.set_latency(hcp_proto::sim::SetLatencyRequest { operation: operation.into(), latency_ms })
+        .await
+        .unwrap();
+}
+
+/// Waits until the job is RUNNING.
+async fn running(s: &TestStack, token: &str, job: &str) {
+    wait_until(Duration::from_secs(20), "the job to run", || async {
+        Ok((job_status(&s.rest, token, job).await == "RUNNING").then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_running_job_is_cancelled_and_a_provider_that_never_answers_is_cut() {
+    // The provider takes a minute to stop the VM and ignores the
+    // cancellation; the worker checks for it every 200 ms and does not wait.
+    let opts = StackOptions { jobs_toml: "cancel_check_ms = 200\n".into(), ..Default::default() };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let r = s.rest.post(&vms("demo"), &token, &body("c")).await.unwrap();
+    let vm = r.str("vm_id");
+    all_succeed(&s.rest, &token, &[r.str("job_id")], Duration::from_secs(20)).await;
+    sim_latency(&s, "StopVm", 60_000).await;
+    let stop = s.rest.post(&format!("{}/{vm}:stop", vms("demo")), &token, &json!({})).await.unwrap();
+    let job = stop.str("job_id");
+    running(&s, &token, &job).await;
+
+    // Another tenant's cancel finds nothing; the tenant's is answered with
+    // the job still RUNNING and the request recorded; asking again is fine.
+    let evil = s.tenant_token("evil", &["demo"]);
+    let r = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &evil, &json!({})).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.body);
+    let asked = std::time::Instant::now();
+    let r = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.str("status").as_str(), r.body["cancel_requested"].as_bool()),
+        ("RUNNING", Some(true)),
+        "{}",
+        r.body
+    );
+    // Asking again while it runs answers the same; the worker may have
+    // finished it already (it hears of the request at once), then CONFLICT.
+    let again =
+        s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    match again.status {
+        200 => assert_eq!(again.body["cancel_requested"].as_bool(), Some(true), "{}", again.body),
+        409 => assert!(again.str("message").contains("CANCELLED"), "{}", again.body),
+        other => panic!("a repeated cancel answered {other}: {}", again.body),
+    }
+
+    let ended = wait_until(Duration::from_secs(10), "the job to end", || async {
+        let r = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{job}"), &token).await?;
+        Ok((r.str("status") != "RUNNING").then_some(r.body))
+    })
+    .await
+    .unwrap();
+    let took = asked.elapsed();
+    assert_eq!(ended["status"], "CANCELLED", "{ended}");
+    assert_eq!(ended["error"]["code"], "CANCELLED", "{ended}");
+    assert!(took < Duration::from_secs(10), "the provider's minute was not waited for: {took:?}");
+    // The step log names the interrupted step; the VM is ERROR (whether the
+    // stop happened is not known), released from the job.
+    let ops = s.ops_token();
+    let o = s.rest.get(&format!("/api/hcp/ops/v1/jobs/{job}"), &ops).await.unwrap();
+    assert_eq!(
+        o.body["steps"],
+        json!([{"step": "provider.stop", "status": "interrupted",
+        "finished_at": o.body["steps"][0]["finished_at"]}]),
+        "{}",
+        o.body
+    );
+    assert!(o.str("error_message").contains("provider.stop"), "{}", o.body);
+    let vm_now = s.rest.get(&format!("{}/{vm}", vms("demo")), &token).await.unwrap();
+    assert_eq!(
+        (vm_now.str("status").as_str(), vm_now.str("job_id").as_str()),
+        ("ERROR", ""),
+        "{}",
+        vm_now.body
+    );
+    // A finished job: CONFLICT.
+    let late =
+        s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    assert_eq!((late.status, late.str("code").as_str()), (409, "CONFLICT"));
+}
+
+#[tokio::test]
+async fn an_operator_cancels_a_running_create_after_its_first_step() {
+    let opts = StackOptions { jobs_toml: "cancel_check_ms = 200\n".into(), ..Default::default() };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let ops = s.ops_token();
+    // The create's second call (StartVm) hangs.
+    sim_latency(&s, "StartVm", 60_000).await;
+    let r = s.rest.post(&vms("demo"), &token, &body("slow")).await.unwrap();
+    let (vm, job) = (r.str("vm_id"), r.str("job_id"));
+    let steps = wait_until(Duration::from_secs(20), "the create to reach its start", || async {
+        let o = s.rest.get(&format!("/api/hcp/ops/v1/jobs/{job}"), &ops).await?;
+        Ok((o.body["steps"].as_array().is_some_and(|a| !a.is_empty())).then_some(o.body))
+    })
+    .await
+    .unwrap();
+    assert_eq!(steps["steps"][0]["step"], "provider.create", "{steps}");
+
+    let tenant_only =
+        s.rest.post(&format!("/api/hcp/ops/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    assert_eq!(tenant_only.status, 403, "{}", tenant_only.body);
+    let r = s.rest.post(&format!("/api/hcp/ops/v1/jobs/{job}:cancel"), &ops, &json!({})).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (r.body["cancel_requested"].as_bool(), r.str("cancel_requested_by").as_str()),
+        (Some(true), "test-user")
+    );
+    let ended = wait_until(Duration::from_secs(10), "the create to end", || async {
+        let o = s.rest.get(&format!("/api/hcp/ops/v1/jobs/{job}"), &ops).await?;
+        Ok((o.str("status") == "CANCELLED").then_some(o.body))
+    })
+    .await
+    .unwrap();
+    let log: Vec<(String, String)> = ended["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["step"].as_str().unwrap().to_owned(), s["status"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(
+        log,
+        [
+            ("provider.create".to_owned(), "done".to_owned()),
+            ("provider.start".to_owned(), "interrupted".to_owned())
+        ]
+    );
+    let vm_now = s.rest.get(&format!("{}/{vm}", vms("demo")), &token).await.unwrap();
+    assert_eq!(vm_now.str("status"), "ERROR", "a create cut short may half exist: {}", vm_now.body);
+    // Audited with the operator as the actor, under the job's tenant.
+    let audit = s.rest.get("/api/hcp/ops/v1/audit-events?action=job.cancel", &ops).await.unwrap();
+    let event =
+        audit.body["events"].as_array().unwrap().iter().find(|e| e["job_id"] == job.as_str()).cloned();
+    let event = event.unwrap_or_else(|| panic!("no job.cancel event: {}", audit.body));
+    assert_eq!(
+        (event["actor"].as_str(), event["tenant_id"].as_str()),
+        (Some("test-user"), Some("acme")),
+        "{event}"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_in_another_process_hears_of_a_cancel_within_its_check_interval() {
+    // API and worker in separate processes without NATS: no notification
+    // crosses between them, so the worker's own check (every 300 ms) is
+    // what finds the request.
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        api_processes: 1,
+        worker_processes: 1,
+        jobs_toml: "cancel_check_ms = 300\n".into(),
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let r = s.rest.post(&vms("demo"), &token, &body("far")).await.unwrap();
+    let vm = r.str("vm_id");
+    all_succeed(&s.rest, &token, &[r.str("job_id")], Duration::from_secs(30)).await;
+    sim_latency(&s, "RebootVm", 60_000).await;
+    let reboot = s.rest.post(&format!("{}/{vm}:reboot", vms("demo")), &token, &json!({})).await.unwrap();
+    let job = reboot.str("job_id");
+    running(&s, &token, &job).await;
+    let r = s.rest.post(&format!("/api/hcp/tenant/v1/jobs/{job}:cancel"), &token, &json!({})).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let asked = std::time::Instant::now();
+    wait_until(Duration::from_secs(10), "the reboot to be cancelled", || async {
+        Ok((job_status(&s.rest, &token, &job).await == "CANCELLED").then_some(()))
+    })
+    .await
+    .unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(5), "{:?}", asked.elapsed());
+    // A reboot cut short leaves the VM where it was.
+    let vm_now = s.rest.get(&format!("{}/{vm}", vms("demo")), &token).await.unwrap();
+    assert_eq!(vm_now.str("status"), "ACTIVE", "{}", vm_now.body);
+}

@@ -235,6 +235,12 @@ pub struct JobsConfig {
     /// How often idle workers look for runnable jobs in the store (the
     /// safety net under the queue). Default 1000 ms.
     pub poll_interval_ms: u64,
+    /// How often a worker running a job asks the store whether its
+    /// cancellation was requested (besides being woken by the job's change
+    /// notification). It bounds how long a provider that ignores the
+    /// cancellation keeps the job: the worker drops the provider call then
+    /// and does not wait for it. Default 1000 ms; 50 to 60000.
+    pub cancel_check_ms: u64,
     /// TEST ONLY: leases lapse at once, so several workers may run one job.
     /// Exists so tests can prove they catch the duplicates this allows.
     pub unsafe_disable_leases: bool,
@@ -251,6 +257,7 @@ impl Default for JobsConfig {
             shutdown_grace_seconds: 20,
             worker_id: None,
             poll_interval_ms: 1000,
+            cancel_check_ms: 1000,
             unsafe_disable_leases: false,
         }
     }
@@ -605,6 +612,7 @@ pub fn bounds() -> &'static [Bound] {
         Bound::range("jobs.lease_seconds", 2.0, 3600.0, |c| c.jobs.lease_seconds as f64),
         Bound::range("jobs.shutdown_grace_seconds", 0.0, 3600.0, |c| c.jobs.shutdown_grace_seconds as f64),
         Bound::range("jobs.poll_interval_ms", 10.0, 1000.0 * DAY, |c| c.jobs.poll_interval_ms as f64),
+        Bound::range("jobs.cancel_check_ms", 50.0, 60000.0, |c| c.jobs.cancel_check_ms as f64),
         Bound::range("auth.jwks_min_refresh_seconds", 1.0, DAY, |c| c.auth.jwks_min_refresh_seconds as f64),
         Bound::range("providers.probe_interval_seconds", 1.0, DAY, |c| {
             c.providers.probe_interval_seconds as f64
@@ -735,6 +743,7 @@ mod tests {
                 "between 0 and 3600, got 3601",
             ),
             ("[jobs]\npoll_interval_ms = 5", "jobs.poll_interval_ms", "between 10 and"),
+            ("[jobs]\ncancel_check_ms = 49", "jobs.cancel_check_ms", "between 50 and 60000, got 49"),
             ("[auth]\njwks_min_refresh_seconds = 0", "auth.jwks_min_refresh_seconds", "got 0"),
             ("[providers]\nprobe_interval_seconds = 0", "providers.probe_interval_seconds", "got 0"),
             ("[providers]\ncall_timeout_seconds = 0", "providers.call_timeout_seconds", "got 0"),

@@ -269,7 +269,22 @@ pub fn job_to_ops(job: &Job) -> hcp_proto::ops::OpsJob {
         error_message: job.error_message.clone().unwrap_or_default(),
         created_at: Some(ts(job.created_at)),
         finished_at: job.finished_at.map(ts),
+        cancel_requested: job.cancel_requested_at.is_some(),
+        cancel_requested_by: job.cancel_requested_by.clone().unwrap_or_default(),
+        steps: Vec::new(),
     }
+}
+
+/// A job's step log, for the operator's view.
+pub fn job_steps_to_ops(steps: &[crate::store::StepRecord]) -> Vec<hcp_proto::ops::OpsJobStep> {
+    steps
+        .iter()
+        .map(|s| hcp_proto::ops::OpsJobStep {
+            step: s.step.as_str().to_owned(),
+            status: s.status.as_str().to_owned(),
+            finished_at: Some(ts(s.finished_at)),
+        })
+        .collect()
 }
 
 /// The tenant's view of a job.
@@ -305,6 +320,7 @@ pub fn job_to_tenant(job: &Job) -> tenant::Job {
         request_id: job.request_id.clone(),
         snapshot_id: job.snapshot_id.map(|s| s.to_string()).unwrap_or_default(),
         volume_id: job.volume_id.map(|v| v.to_string()).unwrap_or_default(),
+        cancel_requested: job.cancel_requested_at.is_some() && job.status == JobStatus::Running,
     }
 }
 

@@ -12,6 +12,15 @@
 //!   by the HCP VM id and idempotent by contract.
 //! - Retryable provider failures are retried with exponential backoff and
 //!   jitter up to `max_attempts`; then the job fails and the VM is ERROR.
+//! - A running job can be cancelled: the request is recorded on the job
+//!   row; the worker holding it learns of it from the job's change
+//!   notification or its own check every `cancel_check_ms`, and every
+//!   provider call is raced against that signal. The losing call's future
+//!   is dropped, which resets its HTTP/2 stream (how gRPC cancellation
+//!   reaches the provider); the worker does not wait for the provider, so
+//!   one that ignores the cancellation is cut off all the same. The job ends
+//!   CANCELLED, the step log records the interrupted step, and the VM's
+//!   state is the lifecycle's ([`Outcome::Interrupted`]).
 //!
 //! How workers learn about new jobs is the [`JobQueue`]'s business: the
 //! in-process queue wakes local workers; every worker also polls the store,
@@ -56,6 +65,15 @@ struct Attempt {
 }
 
 impl Attempt {
+    /// A cancellation cut `step`'s provider call.
+    fn interrupted(step: Step, by: Option<&str>) -> Self {
+        let by = by.map(|b| format!(" by {b}")).unwrap_or_default();
+        Attempt {
+            outcome: Outcome::Interrupted(step),
+            ..Self::failed(ErrorCode::Cancelled, format!("cancelled{by} while {step} ran"))
+        }
+    }
+
     fn failed(code: ErrorCode, message: String) -> Self {
         Attempt {
             outcome: Outcome::Failed(code),
@@ -366,6 +384,45 @@ impl Engine {
             })
         };
 
+        // Cancellation: the job's change notification wakes the check, and
+        // it also runs every `cancel_check_ms`, so a lost notification (or
+        // one from another process without NATS) delays it by that at most.
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let cancel_watch = {
+            let store = self.store.clone();
+            let mut changes = self.events.subscribe();
+            let every = Duration::from_millis(self.config.cancel_check_ms);
+            let id = job.id;
+            tokio::spawn(async move {
+                loop {
+                    match store.cancel_requested(id).await {
+                        Ok(true) => {
+                            let _ = cancel_tx.send(true);
+                            return;
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::debug!(error = %e, "cannot read the job's cancellation"),
+                    }
+                    let deadline = tokio::time::sleep(every);
+                    tokio::pin!(deadline);
+                    loop {
+                        tokio::select! {
+                            _ = &mut deadline => break,
+                            changed = changes.recv() => match changed {
+                                Ok(changed) if changed == id => break,
+                                Ok(_) => {}
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                    (&mut deadline).await;
+                                    break;
+                                }
+                            },
+                        }
+                    }
+                }
+            })
+        };
+
         let attempt = async {
             if job.attempts > job.max_attempts {
                 // The previous holder died during the last allowed attempt.
@@ -374,7 +431,7 @@ impl Engine {
                     format!("gave up after {} attempts", job.max_attempts),
                 ));
             }
-            self.run_steps(&job).await
+            self.run_steps(&job, cancel_rx).await
         };
         let mut abandon = self.abandon.subscribe();
         let result = tokio::select! {
@@ -389,6 +446,7 @@ impl Engine {
             } => Err(Abort::LeaseLost),
         };
         heartbeat.abort();
+        cancel_watch.abort();
 
         let outcome = match result {
             Ok(outcome) => outcome,
@@ -421,11 +479,20 @@ impl Engine {
                 Some(self.audit(job, AuditOutcome::Failed, code.as_str()))
             }
             Outcome::Cancelled => None,
+            Outcome::Interrupted(step) => {
+                tracing::info!(%step, "job cancelled while running");
+                Some(self.audit(job, AuditOutcome::Failed, &format!("CANCELLED: {step} interrupted")))
+            }
+        };
+        let interrupted = match attempt.outcome {
+            Outcome::Interrupted(step) => Some(step),
+            _ => None,
         };
         let finish = Finish {
             transition: job.transition(attempt.outcome),
             error: match attempt.outcome {
                 Outcome::Failed(code) | Outcome::Retry(code) => Some((code, attempt.message.clone())),
+                Outcome::Interrupted(_) => Some((ErrorCode::Cancelled, attempt.message.clone())),
                 Outcome::Succeeded { .. } | Outcome::Cancelled => None,
             },
             run_after: attempt.run_after,
@@ -433,6 +500,7 @@ impl Engine {
             host: attempt.host,
             size: attempt.size,
             volume: attempt.volume,
+            interrupted,
         };
         match self.store.finish_job(job, &self.worker_id, &finish, t, audit.as_ref()).await {
             Ok(()) => {
@@ -441,7 +509,7 @@ impl Engine {
                     Outcome::Succeeded { .. } => "succeeded",
                     Outcome::Failed(_) => "failed",
                     Outcome::Retry(_) => "retried",
-                    Outcome::Cancelled => "cancelled",
+                    Outcome::Cancelled | Outcome::Interrupted(_) => "cancelled",
                 };
                 metrics::counter!("hcp_jobs_finished_total", "kind" => job.kind.as_str(), "outcome" => outcome)
                     .increment(1);
@@ -496,9 +564,9 @@ impl Engine {
         Duration::from_millis(half + jitter)
     }
 
-    async fn run_steps(&self, job: &Job) -> Result<Attempt, Abort> {
+    async fn run_steps(&self, job: &Job, cancel: watch::Receiver<bool>) -> Result<Attempt, Abort> {
         if job.kind.is_volume_job() {
-            return self.run_volume_steps(job).await;
+            return self.run_volume_steps(job, cancel).await;
         }
         let Some(vm_id) = job.vm_id else {
             return Ok(Attempt::failed(ErrorCode::Internal, format!("{} job without a vm", job.kind)));
@@ -550,7 +618,11 @@ impl Engine {
                 tracing::debug!(%step, "step already done");
                 continue;
             }
-            match self.call_provider(&mut compute, &call, step).await {
+            let result = match cancelled(&cancel, self.call_provider(&mut compute, &call, step)).await {
+                Some(result) => result,
+                None => return self.interrupted(job, step).await,
+            };
+            match result {
                 Ok(output) => {
                     if i + 1 < steps.len() {
                         self.store
@@ -591,6 +663,15 @@ impl Engine {
             }),
             volume: None,
         })
+    }
+
+    /// The attempt of a job whose `step` a cancellation cut.
+    async fn interrupted(&self, job: &Job, step: Step) -> Result<Attempt, Abort> {
+        let by = match self.store.get_job_internal(job.id).await {
+            Ok(j) => j.cancel_requested_by,
+            Err(e) => return Err(Abort::Store(e)),
+        };
+        Ok(Attempt::interrupted(step, by.as_deref()))
     }
 
     /// The VM's attachments with what each network is on `provider`.
@@ -814,6 +895,23 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+}
+
+/// Runs `call` unless `cancel` trips first: `None` then, and the call's
+/// future is dropped (a gRPC call's stream is reset, which tells the
+/// provider). A cancel that tripped before the call starts it not at all.
+async fn cancelled<T>(cancel: &watch::Receiver<bool>, call: impl Future<Output = T>) -> Option<T> {
+    let mut cancel = cancel.clone();
+    tokio::select! {
+        biased;
+        _ = async {
+            // A watcher that ended without tripping never trips.
+            if cancel.wait_for(|c| *c).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        } => None,
+        r = call => Some(r),
     }
 }
 

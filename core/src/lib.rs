@@ -27,7 +27,7 @@ pub mod reconciler;
 pub mod secrets;
 pub mod server;
 
-pub use hcp_domain::{audit, lifecycle, model};
+pub use hcp_domain::{audit, lifecycle, model, usage};
 pub use hcp_store as store;
 
 pub use config::Config;

@@ -253,7 +253,7 @@ impl ProviderClients {
 
     /// Returns the compute client for a provider.
     pub fn compute(&self, provider: &Provider) -> Result<Compute, ApiError> {
-        Ok(ComputeClient::new(Metered(self.channel(provider)?)))
+        Ok(ComputeClient::new(Metered(self.channel(provider)?, self.call_timeout)))
     }
 
     /// A client whose calls may take `at_least` (a stop that waits for the
@@ -264,7 +264,7 @@ impl ProviderClients {
             return self.compute(provider);
         }
         let target = self.target(provider)?;
-        Ok(ComputeClient::new(Metered(self.plan(&target, at_least)?.lazy())))
+        Ok(ComputeClient::new(Metered(self.plan(&target, at_least)?.lazy(), at_least)))
     }
 
     fn channel(&self, provider: &Provider) -> Result<Channel, ApiError> {
@@ -674,6 +674,14 @@ mod tests {
     }
 
     #[test]
+    fn call_deadlines_are_sent_as_grpc_timeouts() {
+        assert_eq!(grpc_timeout(Duration::from_secs(300)), "300000m");
+        assert_eq!(grpc_timeout(Duration::from_millis(1500)), "1500m");
+        assert_eq!(grpc_timeout(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(grpc_timeout(Duration::from_secs(u64::MAX)), "99999999S");
+    }
+
+    #[test]
     fn provider_statuses_are_classified() {
         use tonic::Code;
         for (status, want) in [
@@ -703,9 +711,17 @@ pub type Compute = ComputeClient<Metered>;
 /// A channel to a provider that counts its calls:
 /// `hcp_provider_calls_total{method,code}` and
 /// `hcp_provider_call_duration_seconds{method}` (method as
-/// `/hcp.provider.v1.Compute/StartVm`).
+/// `/hcp.provider.v1.Compute/StartVm`). Every call carries its deadline
+/// (`grpc-timeout`, the channel's call timeout unless the request set one),
+/// so the provider knows when HCP stops waiting.
 #[derive(Clone, Debug)]
-pub struct Metered(Channel);
+pub struct Metered(Channel, Duration);
+
+/// A `grpc-timeout` value: at most 8 digits, in milliseconds, else seconds.
+fn grpc_timeout(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 100_000_000 { format!("{ms}m") } else { format!("{}S", d.as_secs().min(99_999_999)) }
+}
 
 impl tower::Service<http::Request<tonic::body::Body>> for Metered {
     type Response = http::Response<tonic::body::Body>;
@@ -716,7 +732,12 @@ impl tower::Service<http::Request<tonic::body::Body>> for Metered {
         tower::Service::poll_ready(&mut self.0, cx)
     }
 
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        if !req.headers().contains_key("grpc-timeout")
+            && let Ok(v) = http::HeaderValue::from_str(&grpc_timeout(self.1))
+        {
+            req.headers_mut().insert("grpc-timeout", v);
+        }
         let path = req.uri().path();
         let method = hcp_proto::method_label(path).unwrap_or("other");
         let started = std::time::Instant::now();

@@ -339,6 +339,7 @@ pub async fn run(
         health.set_serving::<QuotaAdminServiceServer<OpsApi>>().await;
         health.set_serving::<JobAdminServiceServer<OpsApi>>().await;
         health.set_serving::<hcp_proto::ops::vm_admin_service_server::VmAdminServiceServer<OpsApi>>().await;
+        health.set_serving::<hcp_proto::ops::usage_service_server::UsageServiceServer<OpsApi>>().await;
         let mut reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(hcp_proto::FILE_DESCRIPTOR_SET);
         for name in hcp_proto::NORTHBOUND_SERVICES {
@@ -374,7 +375,11 @@ pub async fn run(
             .add_service(QuotaAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(JobAdminServiceServer::new(ops.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(
-                hcp_proto::ops::vm_admin_service_server::VmAdminServiceServer::new(ops)
+                hcp_proto::ops::vm_admin_service_server::VmAdminServiceServer::new(ops.clone())
+                    .max_decoding_message_size(MAX_MESSAGE),
+            )
+            .add_service(
+                hcp_proto::ops::usage_service_server::UsageServiceServer::new(ops)
                     .max_decoding_message_size(MAX_MESSAGE),
             )
             // Not northbound: only HCP's console proxy (role console.proxy).

@@ -500,6 +500,13 @@ async fn handle(gw: &Gateway, req: Request, matched: &mut &'static str) -> Resul
         tracing::error!(error = %e, "core sent an undecodable reply");
         ApiError::internal()
     })?;
+    if let Some(rows) = route.csv_rows.as_deref()
+        && transcode::wants_csv(&parts.headers)
+    {
+        let csv = transcode::response_csv(&message, rows)?;
+        return Ok((route.success_status, [(http::header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv)
+            .into_response());
+    }
     let json = transcode::response_json(&message)?;
     Ok((route.success_status, [(http::header::CONTENT_TYPE, "application/json")], json).into_response())
 }

@@ -158,7 +158,15 @@ pub fn document(routes: &[Route]) -> Value {
             })
         } else {
             let schema = reference(&route.output, Direction::Response, &mut schemas);
-            json!({"description": route.output.full_name(), "content": {"application/json": {"schema": schema}}})
+            let mut content = json!({"application/json": {"schema": schema}});
+            if let Some(rows) = &route.csv_rows {
+                // `Accept: text/csv`: the rows, a header line of their field names first.
+                content["text/csv"] = json!({"schema": {
+                    "type": "string",
+                    "description": format!("With `Accept: text/csv`: the `{rows}` as CSV (RFC 4180), a header row of their field names first."),
+                }});
+            }
+            json!({"description": route.output.full_name(), "content": content})
         };
         op.insert(
             "responses".into(),

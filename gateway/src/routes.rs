@@ -24,6 +24,9 @@ pub struct Route {
     pub output: MessageDescriptor,
     /// The method streams replies: served as server-sent events.
     pub server_streaming: bool,
+    /// The reply's repeated message field served as CSV to a request that
+    /// asks for `text/csv` (from `hcp.common.v1.csv_rows`).
+    pub csv_rows: Option<String>,
     /// The path template's text, for metrics labels (built once per
     /// process, so it lives as long).
     pub label: &'static str,
@@ -223,6 +226,7 @@ pub fn build(descriptor_set: &[u8], services: &[&str]) -> Result<(DescriptorPool
     let pool = DescriptorPool::decode(descriptor_set).map_err(RouteError::Descriptors)?;
     let http_ext = pool.get_extension_by_name("google.api.http");
     let status_ext = pool.get_extension_by_name("hcp.common.v1.http_success_status");
+    let csv_ext = pool.get_extension_by_name("hcp.common.v1.csv_rows");
     let mut routes: Vec<Route> = Vec::new();
     for name in services {
         let service =
@@ -238,6 +242,11 @@ pub fn build(descriptor_set: &[u8], services: &[&str]) -> Result<(DescriptorPool
                 .and_then(|e| options.get_extension(e).as_i32())
                 .and_then(|s| http::StatusCode::from_u16(u16::try_from(s).ok()?).ok())
                 .unwrap_or(http::StatusCode::OK);
+            let csv_rows = csv_ext
+                .as_ref()
+                .filter(|e| options.has_extension(e))
+                .and_then(|e| options.get_extension(e).as_str().map(str::to_owned))
+                .filter(|f| !f.is_empty());
             let grpc_path = format!("/{}/{}", service.full_name(), method.name());
             let mut rules = vec![rule.clone()];
             if let Some(Value::List(extra)) =
@@ -270,6 +279,7 @@ pub fn build(descriptor_set: &[u8], services: &[&str]) -> Result<(DescriptorPool
                     input: method.input(),
                     output: method.output(),
                     server_streaming: method.is_server_streaming(),
+                    csv_rows: csv_rows.clone(),
                 });
             }
         }

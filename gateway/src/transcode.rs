@@ -154,6 +154,59 @@ pub fn response_json(message: &DynamicMessage) -> Result<Vec<u8>, ApiError> {
     Ok(out)
 }
 
+/// Whether a request's `Accept` header asks for CSV.
+pub fn wants_csv(headers: &http::HeaderMap) -> bool {
+    headers.get_all(http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+        v.split(',')
+            .any(|item| item.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("text/csv")))
+    })
+}
+
+/// Renders the repeated message field `rows` of a reply as CSV (RFC 4180):
+/// a header row of the row message's field names (proto order), then one
+/// line per item with each field as proto3 JSON would give it (64-bit
+/// integers as digits, messages and lists as JSON text).
+pub fn response_csv(message: &DynamicMessage, rows: &str) -> Result<Vec<u8>, ApiError> {
+    let field =
+        prost_reflect::ReflectMessage::descriptor(message).get_field_by_name(rows).filter(|f| f.is_list());
+    let Some(Kind::Message(row)) = field.map(|f| f.kind()) else {
+        tracing::error!(rows, "csv_rows names no repeated message field of the reply");
+        return Err(ApiError::internal());
+    };
+    let json: Value = serde_json::from_slice(&response_json(message)?).map_err(|_| ApiError::internal())?;
+    let names: Vec<String> = row.fields().map(|f| f.name().to_owned()).collect();
+    let mut out = String::new();
+    csv_line(&mut out, names.iter().map(String::as_str));
+    for item in json.get(rows).and_then(Value::as_array).into_iter().flatten() {
+        let cells: Vec<String> = names
+            .iter()
+            .map(|n| match item.get(n) {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+            })
+            .collect();
+        csv_line(&mut out, cells.iter().map(String::as_str));
+    }
+    Ok(out.into_bytes())
+}
+
+fn csv_line<'a>(out: &mut String, cells: impl Iterator<Item = &'a str>) {
+    for (i, cell) in cells.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if cell.contains([',', '"', '\n', '\r']) {
+            out.push('"');
+            out.push_str(&cell.replace('"', "\"\""));
+            out.push('"');
+        } else {
+            out.push_str(cell);
+        }
+    }
+    out.push_str("\r\n");
+}
+
 fn backticked(text: &str) -> Option<String> {
     let start = text.find('`')? + 1;
     let len = text[start..].find('`')?;
@@ -681,5 +734,38 @@ mod tests {
         let m =
             request_message(&r, vec![("project_id".into(), "p1".into())], None, br#"{"name":"a"}"#).unwrap();
         assert_eq!(m.get_field_by_name("project_id").unwrap().as_str(), Some("p1"));
+    }
+
+    #[test]
+    fn csv_is_asked_for_by_accept_and_renders_the_rows_with_a_header() {
+        let accept = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::ACCEPT, v.parse().unwrap());
+            wants_csv(&h)
+        };
+        assert!(accept("text/csv"));
+        assert!(accept("application/json;q=0.5, Text/CSV; charset=utf-8"));
+        assert!(!accept("application/json"));
+        assert!(!wants_csv(&http::HeaderMap::new()));
+
+        let r = route("/GetProjectUsage");
+        assert_eq!(r.csv_rows.as_deref(), Some("rows"));
+        assert_eq!(route("/GetProjectQuota").csv_rows, None);
+        let json = json!({"from": "2026-01-01T00:00:00Z", "rows": [
+            {"tenant_id": "acme", "flavor": "a,\"b\"", "vm_seconds": "5400", "vm_hours": 1.5},
+            {"day": "2026-01-01"},
+        ]});
+        let reply = DynamicMessage::deserialize(r.output.clone(), json).unwrap();
+        let csv = String::from_utf8(response_csv(&reply, "rows").unwrap()).unwrap();
+        let lines: Vec<&str> = csv.split("\r\n").collect();
+        assert_eq!(
+            lines[0],
+            "tenant_id,project_id,flavor,resource_id,day,vm_seconds,vcpu_seconds,memory_mib_seconds,\
+             disk_gib_seconds,volume_gib_seconds,vm_hours,vcpu_hours,memory_gib_hours,disk_gib_hours,volume_gib_hours"
+        );
+        assert_eq!(lines[1], "acme,,\"a,\"\"b\"\"\",,,5400,0,0,0,0,1.5,0.0,0.0,0.0,0.0");
+        assert_eq!(lines[2], ",,,,2026-01-01,0,0,0,0,0,0.0,0.0,0.0,0.0,0.0");
+        assert_eq!(lines[3], "", "every line ends with CRLF");
+        assert!(response_csv(&reply, "from").is_err(), "only a repeated message field is rendered");
     }
 }

@@ -91,6 +91,7 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.ops.v1.QuotaAdminService",
     "hcp.ops.v1.JobAdminService",
     "hcp.ops.v1.VmAdminService",
+    "hcp.ops.v1.UsageService",
 ];
 
 /// Whether `path` (`/package.Service/Method`) names a method of HCP's

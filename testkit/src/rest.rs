@@ -16,6 +16,8 @@ pub struct Reply {
     pub body: Value,
     /// Response headers.
     pub headers: http::HeaderMap,
+    /// The body as text (a CSV answer, say).
+    pub text: String,
 }
 
 impl Reply {
@@ -76,7 +78,8 @@ impl Rest {
         let headers = resp.headers().clone();
         let bytes = resp.into_body().collect().await?.to_bytes();
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok(Reply { status, body, headers })
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        Ok(Reply { status, body, headers, text })
     }
 
     /// GET.

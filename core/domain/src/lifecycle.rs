@@ -320,6 +320,34 @@ impl Step {
     }
 }
 
+/// How a step in `job_steps` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepStatus {
+    /// The provider answered; a resumed job skips it.
+    Done,
+    /// A cancellation cut the provider call; whether it happened is not
+    /// known (the job ended CANCELLED).
+    Interrupted,
+}
+
+impl StepStatus {
+    /// Every step status.
+    pub const ALL: &'static [StepStatus] = &[StepStatus::Done, StepStatus::Interrupted];
+
+    /// The recorded spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepStatus::Done => "done",
+            StepStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// The status recorded as `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|x| x.as_str() == s)
+    }
+}
+
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -579,6 +607,9 @@ pub enum Outcome {
     Retry(ErrorCode),
     /// Cancelled by the tenant while queued.
     Cancelled,
+    /// Cancelled while running: the worker stopped waiting for the
+    /// provider's answer to this step, which may or may not have happened.
+    Interrupted(Step),
 }
 
 /// A metered power or size change.
@@ -598,6 +629,11 @@ impl Metering {
     /// Every usage event.
     pub const ALL: &'static [Metering] =
         &[Metering::Started, Metering::Stopped, Metering::Deleted, Metering::Resized];
+
+    /// The usage event named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|m| m.as_str() == s)
+    }
 
     /// The usage event's name.
     pub fn as_str(self) -> &'static str {
@@ -689,7 +725,7 @@ pub fn transition(
             Outcome::Retry(_) => return Transition { job: JobStatus::Queued, requeue: true, ..nothing },
             Outcome::Succeeded { .. } => JobStatus::Succeeded,
             Outcome::Failed(_) => JobStatus::Failed,
-            Outcome::Cancelled => JobStatus::Cancelled,
+            Outcome::Cancelled | Outcome::Interrupted(_) => JobStatus::Cancelled,
         };
         return Transition { job, vm: prior, ..nothing };
     }
@@ -777,6 +813,7 @@ pub fn transition(
             revoke_consoles: revokes_consoles(kind),
             ..nothing
         },
+        Outcome::Interrupted(step) => interrupted(kind, step, prior, restore_size, restore_host, nothing),
         Outcome::Cancelled => {
             // A cancelled create leaves a VM that may half exist: ERROR, to
             // be deleted. Other operations return the VM to where it was.
@@ -800,6 +837,52 @@ pub fn transition(
                 ..nothing
             }
         }
+    }
+}
+
+/// What a job of `kind` cancelled while its `step` ran leaves. The step's
+/// provider call was cut, so whether it happened is unknown: a step that
+/// changes whether the VM exists, runs or what its disk holds leaves it
+/// ERROR (code CANCELLED) for the reconciler to settle from what the
+/// hypervisor reports; a step that does not (a reboot, a snapshot taken or
+/// removed) returns it to where it was. A deletion whose VM is already gone
+/// (only its boot volume's removal was cut) ends the VM DELETED.
+fn interrupted(
+    kind: JobKind,
+    step: Step,
+    prior: Option<VmStatus>,
+    restore_size: Option<Size>,
+    restore_host: Option<String>,
+    nothing: Transition,
+) -> Transition {
+    let cancelled = Transition { job: JobStatus::Cancelled, ..nothing };
+    match (kind, step) {
+        (JobKind::DeleteVm, Step::VolumeDelete) => Transition {
+            vm: Some(VmStatus::Deleted),
+            metering: Some(Metering::Deleted),
+            revoke_consoles: true,
+            release_volumes: true,
+            ..cancelled
+        },
+        (JobKind::RebootVm, _) => Transition { vm: Some(prior.unwrap_or(VmStatus::Error)), ..cancelled },
+        (JobKind::SnapshotCreate | JobKind::SnapshotDelete, _) => Transition {
+            vm: Some(prior.unwrap_or(VmStatus::Error)),
+            snapshot: Some(SnapshotStatus::Error),
+            ..cancelled
+        },
+        // A move keeps its source until the target is complete: the VM is
+        // where it was, as with a failed move.
+        (JobKind::MigrateVm, _) => {
+            Transition { vm: Some(prior.unwrap_or(VmStatus::Error)), vm_host: restore_host, ..cancelled }
+        }
+        _ => Transition {
+            vm: Some(VmStatus::Error),
+            vm_error: Some(ErrorCode::Cancelled),
+            vm_size: restore_size,
+            vm_host: restore_host,
+            revoke_consoles: revokes_consoles(kind),
+            ..cancelled
+        },
     }
 }
 
@@ -1314,6 +1397,97 @@ mod tests {
                 for outcome in [OK, OK_ON, OK_OFF, FAIL, RETRY, CANCEL] {
                     let n = rows.iter().filter(|r| (r.0, r.1, r.2) == (kind, prior, outcome)).count();
                     assert_eq!(n, 1, "{kind} {outcome:?} from {prior:?} has {n} rows");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_job_interrupted_while_running_leaves_the_vm_per_kind_and_step() {
+        use ErrorCode as E;
+        use JobKind as K;
+        use Metering as M;
+        use SnapshotStatus as S;
+        use Step as P;
+        use VmStatus as V;
+        // kind, prior, interrupted step, vm, vm error, metering, snapshot,
+        // revoke consoles, size restored, host restored, volumes released.
+        type Row = (
+            JobKind,
+            Option<VmStatus>,
+            Step,
+            VmStatus,
+            Option<ErrorCode>,
+            Option<Metering>,
+            Option<SnapshotStatus>,
+            bool,
+            bool,
+            bool,
+            bool,
+        );
+        const C: Option<ErrorCode> = Some(E::Cancelled);
+        #[rustfmt::skip]
+        let rows: &[Row] = &[
+            (K::CreateVm,       None,             P::Create,         V::Error,   C,    None,             None,           false, false, false, false),
+            (K::CreateVm,       None,             P::Start,          V::Error,   C,    None,             None,           false, false, false, false),
+            (K::StartVm,        Some(V::Stopped), P::Start,          V::Error,   C,    None,             None,           false, false, false, false),
+            (K::StartVm,        Some(V::Error),   P::Start,          V::Error,   C,    None,             None,           false, false, false, false),
+            (K::StopVm,         Some(V::Active),  P::Stop,           V::Error,   C,    None,             None,           true,  false, false, false),
+            (K::StopVm,         Some(V::Error),   P::Stop,           V::Error,   C,    None,             None,           true,  false, false, false),
+            (K::RebootVm,       Some(V::Active),  P::Reboot,         V::Active,  None, None,             None,           false, false, false, false),
+            (K::ResizeVm,       Some(V::Active),  P::Resize,         V::Error,   C,    None,             None,           false, true,  false, false),
+            (K::ResizeVm,       Some(V::Stopped), P::Resize,         V::Error,   C,    None,             None,           false, true,  false, false),
+            (K::DeleteVm,       Some(V::Active),  P::Delete,         V::Error,   C,    None,             None,           true,  false, false, false),
+            (K::DeleteVm,       Some(V::Stopped), P::Delete,         V::Error,   C,    None,             None,           true,  false, false, false),
+            (K::DeleteVm,       Some(V::Error),   P::Delete,         V::Error,   C,    None,             None,           true,  false, false, false),
+            // The VM is gone already; only its boot volume's removal was cut.
+            (K::DeleteVm,       Some(V::Active),  P::VolumeDelete,   V::Deleted, None, Some(M::Deleted), None,           true,  false, false, true),
+            (K::DeleteVm,       Some(V::Stopped), P::VolumeDelete,   V::Deleted, None, Some(M::Deleted), None,           true,  false, false, true),
+            (K::DeleteVm,       Some(V::Error),   P::VolumeDelete,   V::Deleted, None, Some(M::Deleted), None,           true,  false, false, true),
+            (K::SnapshotCreate, Some(V::Active),  P::SnapshotCreate, V::Active,  None, None,             Some(S::Error), false, false, false, false),
+            (K::SnapshotCreate, Some(V::Stopped), P::SnapshotCreate, V::Stopped, None, None,             Some(S::Error), false, false, false, false),
+            (K::SnapshotRevert, Some(V::Active),  P::SnapshotRevert, V::Error,   C,    None,             None,           false, false, false, false),
+            (K::SnapshotRevert, Some(V::Stopped), P::SnapshotRevert, V::Error,   C,    None,             None,           false, false, false, false),
+            (K::SnapshotDelete, Some(V::Active),  P::SnapshotDelete, V::Active,  None, None,             Some(S::Error), false, false, false, false),
+            (K::SnapshotDelete, Some(V::Stopped), P::SnapshotDelete, V::Stopped, None, None,             Some(S::Error), false, false, false, false),
+            (K::MigrateVm,      Some(V::Active),  P::Migrate,        V::Active,  None, None,             None,           false, false, true,  false),
+            (K::MigrateVm,      Some(V::Stopped), P::Migrate,        V::Stopped, None, None,             None,           false, false, true,  false),
+            (K::RecoverVm,      Some(V::Active),  P::Migrate,        V::Error,   C,    None,             None,           false, false, true,  false),
+            (K::RecoverVm,      Some(V::Active),  P::Start,          V::Error,   C,    None,             None,           false, false, true,  false),
+            (K::RecoverVm,      Some(V::Error),   P::Migrate,        V::Error,   C,    None,             None,           false, false, true,  false),
+            (K::RecoverVm,      Some(V::Error),   P::Start,          V::Error,   C,    None,             None,           false, false, true,  false),
+        ];
+        for &(kind, prior, step, vm, vm_error, metering, snapshot, revoke, size, host, release) in rows {
+            let expected = Transition {
+                job: JobStatus::Cancelled,
+                vm: Some(vm),
+                vm_error,
+                vm_size: size.then(|| self::size("small", 1)),
+                vm_host: host.then(|| "h1".to_owned()),
+                snapshot,
+                metering,
+                revoke_consoles: revoke,
+                requeue: false,
+                volume: None,
+                release_volumes: release,
+                sync_boot_volume: false,
+            };
+            let got = transition(kind, Outcome::Interrupted(step), prior, &params(kind));
+            assert_eq!(got, expected, "{kind} interrupted at {step} from {prior:?}");
+            assert_eq!(got.vm_error.is_some(), got.vm == Some(VmStatus::Error), "{kind} {step}");
+        }
+        // Every state each kind is accepted from has a row for each of its
+        // steps (volume kinds have theirs in `volume.rs`).
+        for &kind in JobKind::ALL.iter().filter(|k| !k.is_volume_job()) {
+            let priors: Vec<Option<VmStatus>> = if kind == JobKind::CreateVm {
+                vec![None]
+            } else {
+                kind.allowed_from().iter().copied().map(Some).collect()
+            };
+            for prior in priors {
+                for &step in kind.steps() {
+                    let n = rows.iter().filter(|r| (r.0, r.1, r.2) == (kind, prior, step)).count();
+                    assert_eq!(n, 1, "{kind} interrupted at {step} from {prior:?} has {n} rows");
                 }
             }
         }

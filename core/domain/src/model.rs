@@ -596,6 +596,11 @@ pub struct Job {
     pub params: crate::lifecycle::JobParams,
     /// The request's X-Request-Id, or its trace id.
     pub request_id: String,
+    /// When a cancellation of the running job was asked for (the worker
+    /// holding it stops the running step and finishes it CANCELLED).
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Who asked for the cancellation.
+    pub cancel_requested_by: Option<String>,
 }
 
 impl Job {
@@ -636,6 +641,8 @@ impl Job {
             snapshot_id: None,
             params: crate::lifecycle::JobParams::None,
             request_id: request_id.to_owned(),
+            cancel_requested_at: None,
+            cancel_requested_by: None,
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod keypairs;
 pub mod ops;
 pub mod page;
 pub mod tenant;
+pub mod usage;
 pub mod validate;
 
 /// What every handler can reach.

@@ -10,8 +10,8 @@ use hcp_proto::ops::job_admin_service_server::JobAdminService;
 use hcp_proto::ops::provider_admin_service_server::ProviderAdminService;
 use hcp_proto::ops::quota_admin_service_server::QuotaAdminService;
 use hcp_proto::ops::{
-    AuditChainProblem, CreateFlavorRequest, CreateImageRequest, CreateVolumeTypeRequest, CreateZoneRequest,
-    DeleteFlavorRequest, DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse,
+    AuditChainProblem, CancelOpsJobRequest, CreateFlavorRequest, CreateImageRequest, CreateVolumeTypeRequest,
+    CreateZoneRequest, DeleteFlavorRequest, DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse,
     DeleteVolumeTypeRequest, DeleteVolumeTypeResponse, DeleteZoneRequest, DeleteZoneResponse,
     GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
     ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
@@ -759,9 +759,71 @@ impl JobAdminService for OpsApi {
         handle(async {
             p.ops(Access::Read)?;
             let id: hcp_proto::ids::JobId = validate::id("job_id", &req.get_ref().job_id)?;
+            self.ops_job(id).await
+        })
+        .await
+    }
+
+    async fn cancel_job(&self, req: tonic::Request<CancelOpsJobRequest>) -> ApiResult<OpsJob> {
+        self.write(req, "CancelJob", None, |p, r| async move {
+            let id: hcp_proto::ids::JobId = validate::id("job_id", &r.job_id)?;
             let job =
                 self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
-            Ok(convert::job_to_ops(&job))
+            let mut audit =
+                self.ctx.audit(&p, AuditAction::JobCancel, Resource::Job(id), AuditOutcome::Succeeded);
+            audit.tenant_id = job.tenant_id.clone();
+            audit.project_id = job.project_id.clone();
+            audit.job_id = id.to_string();
+            let job = self
+                .ctx
+                .store
+                .cancel_job(None, id, &audit)
+                .await
+                .map_err(|e| from_store(e, &format!("job {id}")))?;
+            self.ctx.events.changed(id);
+            let steps =
+                self.ctx.store.job_steps(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+            Ok(OpsJob { steps: convert::job_steps_to_ops(&steps), ..convert::job_to_ops(&job) })
+        })
+        .await
+    }
+}
+
+impl OpsApi {
+    /// The operator's view of a job, with its step log.
+    async fn ops_job(&self, id: hcp_proto::ids::JobId) -> Result<OpsJob, ApiError> {
+        let job =
+            self.ctx.store.get_job_internal(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+        let steps = self.ctx.store.job_steps(id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
+        Ok(OpsJob { steps: convert::job_steps_to_ops(&steps), ..convert::job_to_ops(&job) })
+    }
+}
+
+#[tonic::async_trait]
+impl hcp_proto::ops::usage_service_server::UsageService for OpsApi {
+    async fn get_usage(
+        &self,
+        req: tonic::Request<hcp_proto::ops::GetUsageRequest>,
+    ) -> ApiResult<hcp_proto::tenant::UsageReport> {
+        let p = checked(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            p.ops(Access::Read)?;
+            hcp_proto::rules::check(&r)?;
+            if !r.project_id.is_empty() && r.tenant_id.is_empty() {
+                return Err(ApiError::invalid_field("project_id", "project_id is given only with tenant_id"));
+            }
+            fn nonempty(s: &str) -> Option<&str> {
+                (!s.is_empty()).then_some(s)
+            }
+            let query = super::usage::Query::new(
+                &r.from,
+                &r.to,
+                &r.group_by,
+                nonempty(&r.tenant_id),
+                nonempty(&r.project_id),
+            )?;
+            super::usage::report(&self.ctx, &query).await
         })
         .await
     }

@@ -798,6 +798,28 @@ impl VmService for TenantApi {
 
 #[tonic::async_trait]
 impl QuotaService for TenantApi {
+    async fn get_project_usage(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::GetProjectUsageRequest>,
+    ) -> ApiResult<hcp_proto::tenant::UsageReport> {
+        let p = checked(&req)?;
+        let r = req.into_inner();
+        handle(async {
+            validate::project_id(&r.project_id)?;
+            let scope = p.scope(&r.project_id, Access::Read)?;
+            hcp_proto::rules::check(&r)?;
+            let query = super::usage::Query::new(
+                &r.from,
+                &r.to,
+                &r.group_by,
+                Some(&scope.tenant),
+                Some(&scope.project),
+            )?;
+            super::usage::report(&self.ctx, &query).await
+        })
+        .await
+    }
+
     async fn get_project_quota(
         &self,
         req: tonic::Request<hcp_proto::tenant::GetProjectQuotaRequest>,

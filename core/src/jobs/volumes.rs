@@ -14,7 +14,11 @@ use crate::store::{RecordedStep, VolumeReport};
 
 impl Engine {
     /// Runs a volume job's steps against the volume's provider.
-    pub(super) async fn run_volume_steps(&self, job: &Job) -> Result<Attempt, Abort> {
+    pub(super) async fn run_volume_steps(
+        &self,
+        job: &Job,
+        cancel: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Attempt, Abort> {
         let Some(volume_id) = job.volume_id else {
             return Ok(Attempt::failed(ErrorCode::Internal, format!("{} job without a volume", job.kind)));
         };
@@ -49,7 +53,10 @@ impl Engine {
                 Step::VolumeCreate if made || deferred => continue,
                 // Never made on the hypervisor: the change is HCP's alone.
                 Step::VolumeDelete | Step::VolumeExtend if !made => continue,
-                _ => self.call_volume(&mut compute, &volume, step).await,
+                _ => match super::cancelled(&cancel, self.call_volume(&mut compute, &volume, step)).await {
+                    Some(result) => result,
+                    None => return self.interrupted(job, step).await,
+                },
             };
             match call {
                 Ok(info) => {

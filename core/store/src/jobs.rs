@@ -15,7 +15,7 @@ use sqlx::types::Json;
 use super::outbox::{SUBJECT_JOBS, insert_outbox, insert_vm_usage};
 use super::{BackendKind, StoreError, StoreResult, col, on_pool, to_i32, to_u32};
 use super::{Quoted, sql};
-use hcp_domain::lifecycle::{JobParams, Outcome, Step, Transition};
+use hcp_domain::lifecycle::{JobParams, Outcome, Step, StepStatus, Transition};
 use hcp_domain::model::{AuditEvent, Job, JobKind, JobStatus, NetworkAttachment, Scope, VmStatus};
 
 /// How a job attempt ended, as the store writes it: the lifecycle's
@@ -41,6 +41,22 @@ pub struct Finish {
     /// What the provider reported of the job's volume after a successful
     /// step that made or changed it: its native id (and size).
     pub volume: Option<VolumeReport>,
+    /// The step a cancellation cut, recorded in the step log as
+    /// interrupted.
+    pub interrupted: Option<Step>,
+}
+
+/// One entry of a job's step log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRecord {
+    /// The step.
+    pub step: Step,
+    /// How it ended.
+    pub status: StepStatus,
+    /// What the provider returned for it (empty for an interrupted step).
+    pub output: String,
+    /// When it was recorded.
+    pub finished_at: DateTime<Utc>,
 }
 
 /// A volume as the provider reported it at the end of a job.
@@ -72,7 +88,7 @@ pub struct ListJobsQuery {
 const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attempts, \
      max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, actor, \
      traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, \
-     params, request_id, volume_id, prior_volume_status";
+     params, request_id, volume_id, prior_volume_status, cancel_requested_at, cancel_requested_by";
 
 macro_rules! insert_job {
     ($conn:expr, $job:expr) => {{
@@ -162,6 +178,8 @@ macro_rules! job_from_row {
                 p.0
             },
             request_id: col!(row, "request_id"),
+            cancel_requested_at: col!(row, "cancel_requested_at"),
+            cancel_requested_by: col!(row, "cancel_requested_by"),
         }
     }};
 }
@@ -290,17 +308,27 @@ pub struct RecordedStep {
 }
 
 impl super::Store {
-    /// Cancels a QUEUED job of the tenant: the job ends CANCELLED, the VM
-    /// returns to the job's prior status (ERROR for a create), and the audit
-    /// event is appended, atomically. Conflict when the job is not QUEUED.
-    pub async fn cancel_job(&self, tenant_id: &str, id: JobId, audit: &AuditEvent) -> StoreResult<Job> {
+    /// Cancels a job of the tenant (any tenant's for `None`, the operators'
+    /// call): a QUEUED job ends CANCELLED at once, the VM returning to the
+    /// job's prior status (ERROR for a create); for a RUNNING job the
+    /// request is recorded (when, and by `audit.actor`; a repeated request
+    /// keeps the first) and the worker holding it finishes it. The audit
+    /// event is appended in the same transaction. Conflict when the job is
+    /// finished.
+    pub async fn cancel_job(
+        &self,
+        tenant_id: Option<&str>,
+        id: JobId,
+        audit: &AuditEvent,
+    ) -> StoreResult<Job> {
         let t = audit.at;
         let t_now = t;
         let outbox = self.outbox;
+        let actor = audit.actor.clone();
         on_pool!(transaction self, |tx| {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "UPDATE jobs SET status = {job_cancelled}, finished_at = $1, updated_at = $1 \
-                 WHERE id = $2 AND tenant_id = $3 AND status = {job_queued} RETURNING {JOB_COLUMNS}",
+                 WHERE id = $2 AND ($3 IS NULL OR tenant_id = $3) AND status = {job_queued} RETURNING {JOB_COLUMNS}",
                 job_cancelled = Quoted(JobStatus::Cancelled.as_str()),
                 job_queued = Quoted(JobStatus::Queued.as_str())
             )))
@@ -310,27 +338,86 @@ impl super::Store {
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "job"))?;
-            let Some(row) = row else {
-                let status: Option<String> =
-                    sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND tenant_id = $2")
-                        .bind(id.0)
-                        .bind(tenant_id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(|e| StoreError::from_sqlx(e, "job"))?;
-                return match status {
-                    None => Err(StoreError::NotFound),
-                    Some(s) => Err(StoreError::Conflict(format!(
-                        "job {id} is {s}; only a QUEUED job can be cancelled"
-                    ))),
-                };
-            };
-            let job = job_from_row!(&row);
-            let t = job.transition(Outcome::Cancelled);
-            apply_transition!(tx, &job, &t, Some("the operation was cancelled"), None, None, t_now, outbox);
-            super::audit::insert_audit!(&mut *tx, audit);
-            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-            Ok(job)
+            if let Some(row) = row {
+                let job = job_from_row!(&row);
+                let t = job.transition(Outcome::Cancelled);
+                apply_transition!(tx, &job, &t, Some("the operation was cancelled"), None, None, t_now, outbox);
+                super::audit::insert_audit!(&mut *tx, audit);
+                tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+                return Ok(job);
+            }
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE jobs SET cancel_requested_at = COALESCE(cancel_requested_at, $1), \
+                 cancel_requested_by = COALESCE(cancel_requested_by, $4), updated_at = $1 \
+                 WHERE id = $2 AND ($3 IS NULL OR tenant_id = $3) AND status = {job_running} RETURNING {JOB_COLUMNS}",
+                job_running = Quoted(JobStatus::Running.as_str())
+            )))
+            .bind(t)
+            .bind(id.0)
+            .bind(tenant_id)
+            .bind(&actor)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+            if let Some(row) = row {
+                let job = job_from_row!(&row);
+                super::audit::insert_audit!(&mut *tx, audit);
+                tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
+                return Ok(job);
+            }
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1 AND ($2 IS NULL OR tenant_id = $2)")
+                    .bind(id.0)
+                    .bind(tenant_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+            match status {
+                None => Err(StoreError::NotFound),
+                Some(s) => Err(StoreError::Conflict(format!("job {id} is {s}; a finished job cannot be cancelled"))),
+            }
+        })
+    }
+
+    /// Whether a cancellation of the job was asked for (the worker holding
+    /// it asks while the job runs).
+    pub async fn cancel_requested(&self, id: JobId) -> StoreResult<bool> {
+        on_pool!(engine self, |pool| {
+            let at: Option<Option<DateTime<Utc>>> =
+                sqlx::query_scalar("SELECT cancel_requested_at FROM jobs WHERE id = $1")
+                    .bind(id.0)
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+            Ok(at.flatten().is_some())
+        })
+    }
+
+    /// Returns a job's step log: the steps recorded so far, completed or
+    /// interrupted, in the order they ended.
+    pub async fn job_steps(&self, id: JobId) -> StoreResult<Vec<StepRecord>> {
+        on_pool!(self, |pool| {
+            let rows = sqlx::query(
+                "SELECT step, status, output, finished_at FROM job_steps WHERE job_id = $1 ORDER BY finished_at, step",
+            )
+            .bind(id.0)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "job step"))?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let step: String = col!(row, "step");
+                let status: String = col!(row, "status");
+                out.push(StepRecord {
+                    step: Step::parse(&step)
+                        .ok_or_else(|| StoreError::Corrupt(format!("job step {step:?}")))?,
+                    status: StepStatus::parse(&status)
+                        .ok_or_else(|| StoreError::Corrupt(format!("job step status {status:?}")))?,
+                    output: col!(row, "output"),
+                    finished_at: col!(row, "finished_at"),
+                });
+            }
+            Ok(out)
         })
     }
 
@@ -490,9 +577,11 @@ impl super::Store {
     /// Returns the steps of a job already completed, with their outputs.
     pub async fn completed_steps(&self, id: JobId) -> StoreResult<Vec<RecordedStep>> {
         on_pool!(self, |pool| {
-            let rows = sqlx::query(
-                "SELECT step, output FROM job_steps WHERE job_id = $1 ORDER BY finished_at, step",
-            )
+            let rows = sqlx::query(sql!(
+                "SELECT step, output FROM job_steps WHERE job_id = $1 AND status = {step_done} \
+                 ORDER BY finished_at, step",
+                step_done = StepStatus::Done
+            ))
             .bind(id.0)
             .fetch_all(pool)
             .await
@@ -588,6 +677,19 @@ impl super::Store {
                 return Err(StoreError::Conflict(format!("lease on job {} lost", job.id)));
             }
             apply_transition!(tx, job, t, message, finish.networks.as_ref(), finish.volume.as_ref(), now, outbox);
+            if let Some(step) = finish.interrupted {
+                sqlx::query(
+                    "INSERT INTO job_steps (job_id, step, output, finished_at, status) \
+                     VALUES ($1, $2, '', $3, $4) ON CONFLICT (job_id, step) DO NOTHING",
+                )
+                .bind(job.id.0)
+                .bind(step.as_str())
+                .bind(now)
+                .bind(StepStatus::Interrupted.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "job step"))?;
+            }
             if let Some(host) = finish.host.as_deref().filter(|h| !h.is_empty()) {
                 sqlx::query(sql!("UPDATE vms SET host = $1 WHERE id = $2 AND status <> {vm_deleted}", vm_deleted = VmStatus::Deleted))
                     .bind(host)
@@ -707,11 +809,13 @@ async fn finish_in_one(
             flavor: size.flavor.clone(),
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
+            disk_gib: size.disk_gib,
             job_id: Some(job.id),
         }),
         (Some(_), None) => return Ok(None),
     };
     if t.vm_size.is_some()
+        || finish.interrupted.is_some()
         || (job.snapshot_id.is_some() && t.snapshot.is_some())
         || t.revoke_consoles
         || (t.requeue && outbox)
@@ -743,7 +847,7 @@ async fn finish_in_one(
              current_job_id = CASE WHEN $9 AND current_job_id = $2 THEN NULL ELSE current_job_id END \
              FROM j WHERE vms.id = $16 AND $17 RETURNING vms.id), \
          u AS (INSERT INTO usage_events (id, at, tenant_id, project_id, vm_id, event, flavor, vcpus, \
-             memory_mib, job_id) SELECT $18, $5, $19, $20, $16, $21, $22, $23, $24, $2 FROM j WHERE $25), \
+             memory_mib, job_id, disk_gib) SELECT $18, $5, $19, $20, $16, $21, $22, $23, $24, $2, $42 FROM j WHERE $25), \
          o AS (INSERT INTO outbox (subject, payload, created_at, published_at) \
              SELECT $26, $27, $5, NULL FROM j WHERE $25 AND $28), \
          a AS (INSERT INTO audit_events (id, at, actor, tenant_id, project_id, action, resource_type, \
@@ -792,6 +896,7 @@ async fn finish_in_one(
     .bind(audit.map(|a| a.job_id.as_str()))
     .bind(audit.map(|a| a.trace_id.as_str())) // $40
     .bind(audit.map(|a| a.detail.as_str()))
+    .bind(usage.as_ref().map(|u| u.disk_gib as i32)) // $42
     .fetch_one(pool)
     .await
     .map_err(|e| StoreError::from_sqlx(e, "job"))?;

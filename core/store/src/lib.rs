@@ -42,7 +42,7 @@ pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
 pub use catalog::NetworkReplace;
 pub use guards::{IdempotencyRecord, Quota, QuotaUpdate, Usage};
 pub use hosts::{CapacityGuard, GroupGuard, HostReport, Member};
-pub use jobs::{Finish, ListJobsQuery, RecordedStep, VolumeReport};
+pub use jobs::{Finish, ListJobsQuery, RecordedStep, StepRecord, VolumeReport};
 pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use rates::{RateClaim, RateLimit};

@@ -43,6 +43,8 @@ store_tests!(
     idempotency_keys_admit_one_request,
     quotas_hold_under_concurrency,
     usage_events_follow_transitions,
+    a_running_jobs_cancellation_is_recorded_and_its_step_interrupted,
+    usage_totals_follow_a_known_sequence_to_the_second,
     outbox_rows_commit_with_the_change,
     shared_keys_are_made_once,
     the_audit_chain_names_what_was_changed,
@@ -176,6 +178,7 @@ fn finish(
         host: None,
         size: None,
         volume: None,
+        interrupted: None,
     }
 }
 
@@ -899,6 +902,146 @@ async fn usage_events_follow_transitions(backend: Backend) {
     assert!(
         events.iter().all(|e| e.vm_id == vm.id && e.flavor == "small" && e.vcpus == 1 && e.job_id.is_some())
     );
+}
+
+/// Runs `job` to success as the engine would, finishing it at `at`.
+async fn complete_at(store: &Store, job: &Job, status: VmStatus, at: chrono::DateTime<chrono::Utc>) {
+    let claimed =
+        store.claim_job(job.id, "w", at, at + Duration::seconds(30)).await.unwrap().expect("claimable");
+    let mut done = finish(&claimed, Outcome::Succeeded { power: None }, "", None);
+    assert_eq!(done.transition.vm, Some(status), "{} ends {status}", job.kind);
+    let vm = store.get_vm_internal(job.vm_id.unwrap()).await.unwrap();
+    done.size = Some(lifecycle::Size {
+        flavor: vm.flavor,
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_gib: vm.disk_gib,
+    });
+    store.finish_job(&claimed, "w", &done, at, None).await.unwrap();
+}
+
+fn op_on(vm: VmId, kind: JobKind) -> AcceptOperation {
+    AcceptOperation {
+        scope: Scope::new("acme", "p1"),
+        vm_id: vm,
+        kind,
+        require_status: None,
+        snapshot: None,
+        resize: None,
+        host_change: None,
+        capacity: None,
+    }
+}
+
+async fn a_running_jobs_cancellation_is_recorded_and_its_step_interrupted(backend: Backend) {
+    use hcp_domain::lifecycle::{Step, StepStatus};
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    complete(&store, &job, VmStatus::Active).await;
+    let stop = new_job("acme", "p1", vm.id, JobKind::StopVm);
+    store.accept_operation(&op_on(vm.id, JobKind::StopVm), &stop, &audit("vm.stop", ""), None).await.unwrap();
+    let t = now();
+    let running = store.claim_job(stop.id, "w", t, t + Duration::seconds(30)).await.unwrap().unwrap();
+    assert!(!store.cancel_requested(stop.id).await.unwrap());
+
+    // Another tenant's cancel finds nothing; the tenant's is recorded and
+    // answered with the job still RUNNING; asking again keeps the first.
+    let err = store.cancel_job(Some("evil"), stop.id, &audit("job.cancel", "")).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound), "{err:?}");
+    let first = store.cancel_job(Some("acme"), stop.id, &audit("job.cancel", "")).await.unwrap();
+    assert_eq!(first.status, JobStatus::Running);
+    assert_eq!(first.cancel_requested_by.as_deref(), Some("tester"));
+    let requested_at = first.cancel_requested_at.expect("recorded");
+    let mut by_ops = audit("job.cancel", "");
+    by_ops.actor = "operator".into();
+    let again = store.cancel_job(None, stop.id, &by_ops).await.unwrap();
+    assert_eq!(
+        (again.cancel_requested_at, again.cancel_requested_by.as_deref()),
+        (Some(requested_at), Some("tester"))
+    );
+    assert!(store.cancel_requested(stop.id).await.unwrap());
+
+    // The worker cuts the stop: the job ends CANCELLED, the step log names
+    // the interrupted step (which a resumed job would not skip), the VM is
+    // ERROR as the lifecycle says.
+    let mut done = finish(&running, Outcome::Interrupted(Step::Stop), "", None);
+    done.error = Some((ErrorCode::Cancelled, "cancelled by tester while provider.stop ran".into()));
+    done.interrupted = Some(Step::Stop);
+    store.finish_job(&running, "w", &done, now(), None).await.unwrap();
+    let ended = store.get_job("acme", stop.id).await.unwrap();
+    assert_eq!((ended.status, ended.error_code), (JobStatus::Cancelled, Some(ErrorCode::Cancelled)));
+    let steps = store.job_steps(stop.id).await.unwrap();
+    assert_eq!(
+        steps.iter().map(|s| (s.step, s.status)).collect::<Vec<_>>(),
+        [(Step::Stop, StepStatus::Interrupted)]
+    );
+    assert!(store.completed_steps(stop.id).await.unwrap().is_empty());
+    let vm_now = store.get_vm_internal(vm.id).await.unwrap();
+    assert_eq!(
+        (vm_now.status, vm_now.error_code, vm_now.current_job_id),
+        (VmStatus::Error, Some(ErrorCode::Cancelled), None)
+    );
+
+    // A finished job cannot be cancelled.
+    let err = store.cancel_job(Some("acme"), stop.id, &audit("job.cancel", "")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("CANCELLED")), "{err:?}");
+    // A queued job is cancelled at once, also by an operator (no tenant).
+    let start = new_job("acme", "p1", vm.id, JobKind::StartVm);
+    store
+        .accept_operation(&op_on(vm.id, JobKind::StartVm), &start, &audit("vm.start", ""), None)
+        .await
+        .unwrap();
+    let by_ops = AuditEvent { id: EventId::new(), ..by_ops };
+    let cancelled = store.cancel_job(None, start.id, &by_ops).await.unwrap();
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+}
+
+async fn usage_totals_follow_a_known_sequence_to_the_second(backend: Backend) {
+    use hcp_domain::usage::{GroupBy, Window, usage};
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    // Times after now: a job is claimable from its acceptance on.
+    let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
+    // Created (running) at 10:00, stopped 10:20:30, started 11:00, deleted
+    // 11:00:45; another project's VM runs all along.
+    let (vm, job) = create(&store, &p, "acme", "p1", "web-1", &[]).await;
+    complete_at(&store, &job, VmStatus::Active, at("2031-01-01T10:00:00Z")).await;
+    let (other, other_job) = create(&store, &p, "acme", "p2", "web-2", &[]).await;
+    complete_at(&store, &other_job, VmStatus::Active, at("2031-01-01T09:00:00Z")).await;
+    for (kind, status, when) in [
+        (JobKind::StopVm, VmStatus::Stopped, "2031-01-01T10:20:30Z"),
+        (JobKind::StartVm, VmStatus::Active, "2031-01-01T11:00:00Z"),
+        (JobKind::DeleteVm, VmStatus::Deleted, "2031-01-01T11:00:45Z"),
+    ] {
+        let j = new_job("acme", "p1", vm.id, kind);
+        store.accept_operation(&op_on(vm.id, kind), &j, &audit(kind.as_str(), ""), None).await.unwrap();
+        complete_at(&store, &j, status, at(when)).await;
+    }
+    // The window starts while the VM runs: the event before it counts.
+    let window = Window::new(at("2031-01-01T10:10:00Z"), at("2031-01-01T12:00:00Z")).unwrap();
+    let (vms, volumes) =
+        store.usage_report_events(window.from(), window.to(), Some("acme"), Some("p1")).await.unwrap();
+    assert_eq!(vms.len(), 4, "{vms:?}");
+    assert!(vms.iter().all(|e| e.vm == vm.id.to_string() && e.disk_gib == 10), "{vms:?}");
+    assert!(volumes.is_empty());
+    let rows = usage(&vms, &volumes, window, &[GroupBy::Resource]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let r = &rows[0];
+    // Running 10:10:00-10:20:30 and 11:00:00-11:00:45; existing until 11:00:45.
+    assert_eq!(
+        (r.vm_seconds, r.vcpu_seconds, r.memory_mib_seconds, r.disk_gib_seconds),
+        (675, 675, 675 * 512, 3045 * 10)
+    );
+    // Every project of the tenant: the other VM's 3 hours (from 09:00) clip to the window.
+    let (vms, volumes) =
+        store.usage_report_events(window.from(), window.to(), Some("acme"), None).await.unwrap();
+    let rows = usage(&vms, &volumes, window, &[GroupBy::Project]);
+    assert_eq!(
+        rows.iter().map(|r| (r.project.as_str(), r.vm_seconds)).collect::<Vec<_>>(),
+        [("p1", 675), ("p2", 6600)]
+    );
+    let _ = other;
 }
 
 async fn outbox_rows_commit_with_the_change(backend: Backend) {

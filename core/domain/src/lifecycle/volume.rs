@@ -100,6 +100,11 @@ impl VolumeMetering {
         VolumeMetering::Detached,
     ];
 
+    /// The usage event named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|m| m.as_str() == s)
+    }
+
     /// The usage event's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -181,9 +186,15 @@ pub fn volume_change(
                 ..keep(VolumeStatus::Available)
             },
         },
-        Outcome::Failed(code) => match kind {
+        // A volume step cut by a cancellation may or may not have happened:
+        // as with a failure, the reconciler settles what the hypervisor has.
+        Outcome::Failed(_) | Outcome::Interrupted(_) => match kind {
             // It may half exist: ERROR, to be deleted.
             JobKind::CreateVolume | JobKind::DeleteVolume => {
+                let code = match outcome {
+                    Outcome::Failed(code) => code,
+                    _ => ErrorCode::Cancelled,
+                };
                 VolumeChange { error: Some(code), ..keep(VolumeStatus::Error) }
             }
             // A disk only grows and an extend either happened or did not:
@@ -226,7 +237,7 @@ pub fn created_vm_volume(
             VolumeStatus::InUse,
             Some(if new { VolumeMetering::Created } else { VolumeMetering::Attached }),
         )),
-        Outcome::Failed(_) | Outcome::Cancelled => {
+        Outcome::Failed(_) | Outcome::Cancelled | Outcome::Interrupted(_) => {
             Some((if new { VolumeStatus::Error } else { VolumeStatus::InUse }, None))
         }
     }
@@ -453,6 +464,8 @@ mod tests {
         let ok = Outcome::Succeeded { power: None };
         let failed = Outcome::Failed(E::ProviderUnavailable);
         let cancelled = Outcome::Cancelled;
+        // Cancelled while the kind's provider call ran: as a failure.
+        let cut = |kind: JobKind| Outcome::Interrupted(*kind.steps().last().unwrap());
         let ext = JobParams::Extend { from: 5, to: 8 };
         let none = JobParams::None;
         type Row<'a> = (
@@ -488,6 +501,14 @@ mod tests {
             (K::DetachVolume, Some(Error),     failed,    &none, (Error, None, None, Keep, None)),
             (K::DetachVolume, Some(InUse),     cancelled, &none, (InUse, None, None, Keep, None)),
             (K::DetachVolume, Some(Error),     cancelled, &none, (Error, None, None, Keep, None)),
+            (K::CreateVolume, None,            cut(K::CreateVolume), &none, (Error, Some(E::Cancelled), None, Keep, None)),
+            (K::DeleteVolume, Some(Available), cut(K::DeleteVolume), &none, (Error, Some(E::Cancelled), None, Keep, None)),
+            (K::DeleteVolume, Some(Error),     cut(K::DeleteVolume), &none, (Error, Some(E::Cancelled), None, Keep, None)),
+            (K::ExtendVolume, Some(Available), cut(K::ExtendVolume), &ext,  (Available, None, Some(5), Keep, None)),
+            (K::ExtendVolume, Some(InUse),     cut(K::ExtendVolume), &ext,  (InUse, None, Some(5), Keep, None)),
+            (K::AttachVolume, Some(Available), cut(K::AttachVolume), &none, (Available, None, None, Clear, None)),
+            (K::DetachVolume, Some(InUse),     cut(K::DetachVolume), &none, (InUse, None, None, Keep, None)),
+            (K::DetachVolume, Some(Error),     cut(K::DetachVolume), &none, (Error, None, None, Keep, None)),
         ];
         for &(kind, prior, outcome, params, (status, error, size, attachment, metering)) in &rows {
             let expected = VolumeChange { status, error, size, attachment, metering };
@@ -501,7 +522,7 @@ mod tests {
             assert_eq!(t.vm, Some(VmStatus::Active), "{kind} {outcome:?}");
             assert!(!t.release_volumes && t.metering.is_none() && t.vm_error.is_none());
         }
-        // Every state each kind is accepted from has its three rows.
+        // Every state each kind is accepted from has its four rows.
         for &kind in JobKind::ALL.iter().filter(|k| k.is_volume_job()) {
             let priors: Vec<Option<VolumeStatus>> = if kind == K::CreateVolume {
                 vec![None]
@@ -509,7 +530,7 @@ mod tests {
                 kind.volume_allowed_from().iter().copied().map(Some).collect()
             };
             for prior in priors {
-                for outcome in [ok, failed, cancelled] {
+                for outcome in [ok, failed, cancelled, cut(kind)] {
                     let n = rows.iter().filter(|r| (r.0, r.1, r.2) == (kind, prior, outcome)).count();
                     assert_eq!(n, 1, "{kind} {outcome:?} from {prior:?} has {n} rows");
                 }

@@ -1,5 +1,5 @@
-//! A project's jobs: read, listed, watched to their end, cancelled while
-//! queued (`hcp.tenant.v1.JobService`).
+//! A project's jobs: read, listed, watched to their end, cancelled
+//! (`hcp.tenant.v1.JobService`).
 
 use hcp_proto::error::{ApiError, ErrorCode, excerpt};
 use hcp_proto::ids::{JobId, VmId};
@@ -212,14 +212,15 @@ impl TenantApi {
                 self.ctx.audit(p, AuditAction::JobCancel, Resource::Job(id), AuditOutcome::Succeeded);
             audit.project_id = job.project_id.clone();
             audit.job_id = id.to_string();
-            self.ctx
+            // The job as the cancellation left it: a running one may end
+            // any moment after, once its worker hears of it.
+            let job = self
+                .ctx
                 .store
-                .cancel_job(&tenant, id, &audit)
+                .cancel_job(Some(&tenant), id, &audit)
                 .await
                 .map_err(|e| from_store(e, &format!("job {id}")))?;
             self.ctx.events.changed(id);
-            let job =
-                self.ctx.store.get_job(&tenant, id).await.map_err(|e| from_store(e, &format!("job {id}")))?;
             Ok(convert::job_to_tenant(&job))
         }
     }
