@@ -5,3 +5,4 @@
 pub mod audit;
 pub mod lifecycle;
 pub mod model;
+pub mod webhook;

@@ -27,6 +27,7 @@ pub mod ops;
 pub mod page;
 pub mod tenant;
 pub mod validate;
+pub mod webhooks;
 
 /// What every handler can reach.
 #[derive(Clone)]

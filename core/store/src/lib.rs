@@ -36,6 +36,7 @@ mod rates;
 mod reconcile;
 mod vms;
 mod volumes;
+mod webhooks;
 
 pub use audit::{AuditQuery, ChainHead, ChainedEvent};
 pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
@@ -47,6 +48,7 @@ pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use rates::{RateClaim, RateLimit};
 pub use reconcile::KnownVm;
+pub use webhooks::AttemptOutcome;
 pub use vms::{AcceptOperation, HostChange, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
 pub use volumes::{
     AttachTarget, CreateVolumes, ListVolumesQuery, VolumeOperation, VolumeUpdate, VolumeUsageEvent,
