@@ -17,6 +17,7 @@ pub mod keypair;
 pub mod output;
 pub mod serial;
 pub mod volume;
+pub mod webhook;
 
 use std::ffi::OsString;
 
@@ -54,6 +55,14 @@ enum Command {
         common: human::Common,
         #[command(subcommand)]
         cmd: keypair::KeyPair,
+    },
+    /// Webhook endpoints of a project: create, list, show, delete,
+    /// deliveries, enable.
+    Webhook {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: webhook::Webhook,
     },
     /// Jobs: list, show, watch, cancel.
     Job {
@@ -118,6 +127,7 @@ where
         Command::Vm { common, cmd } => human::run(|| human::vm(common, cmd)),
         Command::Volume { common, cmd } => human::run(|| volume::volume(common, cmd)),
         Command::Keypair { common, cmd } => human::run(|| keypair::keypair(common, cmd)),
+        Command::Webhook { common, cmd } => human::run(|| webhook::webhook(common, cmd)),
         Command::Job { common, cmd } => human::run(|| human::job(common, cmd)),
         Command::Catalog { common, cmd } => human::run(|| human::catalog(common, cmd)),
         Command::Ops { common, cmd } => human::run(|| human::ops(common, cmd)),

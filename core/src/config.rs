@@ -713,7 +713,7 @@ pub fn bounds() -> &'static [Bound] {
             FromField { min: "egress.connect_timeout_seconds", max: 300.0 },
             |c| c.egress.timeout_seconds as f64,
         ),
-        Bound::range("egress.max_response_bytes", 0.0, 16_777_216.0, |c| c.egress.max_response_bytes as f64),
+        Bound::range("egress.max_response_bytes", 1.0, 16_777_216.0, |c| c.egress.max_response_bytes as f64),
         Bound::range("webhooks.backoff_base_ms", 10.0, 3_600_000.0, |c| c.webhooks.backoff_base_ms as f64),
         Bound::new(
             "webhooks.backoff_max_ms",
@@ -853,6 +853,23 @@ mod tests {
                 "audit.anchor_interval_seconds",
                 "between 1 and 86400, got 0",
             ),
+            ("[egress]\nconnect_timeout_seconds = 0", "egress.connect_timeout_seconds", "between 1 and 60, got 0"),
+            (
+                "[egress]\nconnect_timeout_seconds = 9\ntimeout_seconds = 8",
+                "egress.timeout_seconds",
+                "between egress.connect_timeout_seconds (9) and 300, got 8",
+            ),
+            ("[egress]\nmax_response_bytes = 0", "egress.max_response_bytes", "got 0"),
+            ("[webhooks]\nbackoff_base_ms = 5", "webhooks.backoff_base_ms", "between 10 and 3600000, got 5"),
+            (
+                "[webhooks]\nbackoff_base_ms = 900\nbackoff_max_ms = 800",
+                "webhooks.backoff_max_ms",
+                "between webhooks.backoff_base_ms (900) and 86400000, got 800",
+            ),
+            ("[webhooks]\ndisable_after_failures = 0", "webhooks.disable_after_failures", "got 0"),
+            ("[webhooks]\ndisable_after_seconds = 0", "webhooks.disable_after_seconds", "got 0"),
+            ("[webhooks]\npoll_interval_ms = 1", "webhooks.poll_interval_ms", "got 1"),
+            ("[webhooks]\nconcurrency = 0", "webhooks.concurrency", "got 0"),
         ];
         for (toml, field, says) in rows {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();

@@ -295,6 +295,13 @@ impl EgressPolicy {
         if text.chars().any(|c| c.is_whitespace() || c.is_control()) || text.contains('#') {
             return Err(bad("holds whitespace, control characters or a fragment"));
         }
+        if let Some((scheme, _)) = text.split_once(':')
+            && !scheme.is_empty()
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            && !matches!(scheme.to_ascii_lowercase().as_str(), "http" | "https")
+        {
+            return Err(bad(&format!("has scheme {}; only https is allowed", scheme.to_ascii_lowercase())));
+        }
         let uri: http::Uri = text.parse().map_err(|_| bad("is not an absolute URL"))?;
         let https = match uri.scheme_str() {
             Some("https") => true,

@@ -338,7 +338,7 @@ mod tests {
             (1, 0, Some(503), "", false, ""),
             (9, 100, Some(503), "", false, ""),
             (10, 100, Some(503), "", true, "10 failed attempts in a row; the last answer was HTTP 503"),
-            (2, 3600, None, "cannot connect", true, "failing for 3600 seconds; the last attempt failed: cannot connect"),
+            (2, 3600, None, "cannot connect", true, "failing for 3600 seconds without a success; the last attempt failed: cannot connect"),
             (2, 3599, None, "x", false, ""),
         ];
         for &(failures, failing_for, code, error, disabled, word) in rows {
