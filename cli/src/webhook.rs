@@ -79,7 +79,21 @@ pub async fn webhook(common: Common, cmd: Webhook) -> anyhow::Result<()> {
         }
         Webhook::Show { id } => {
             let v = c.call("GET", &format!("{hooks}/{id}"), None).await?;
-            output::print(out, &v, None, &["id", "url", "event_types", "description", "enabled", "disabled_reason", "consecutive_failures", "created_at"]);
+            output::print(
+                out,
+                &v,
+                None,
+                &[
+                    "id",
+                    "url",
+                    "event_types",
+                    "description",
+                    "enabled",
+                    "disabled_reason",
+                    "consecutive_failures",
+                    "created_at",
+                ],
+            );
         }
         Webhook::Delete { id } => {
             c.call("DELETE", &format!("{hooks}/{id}"), None).await?;

@@ -219,7 +219,9 @@ async fn every_mutating_operation_replays_by_its_key() {
     // (opened from the sealed copy; the record keeps none).
     let hold = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = hold.local_addr().unwrap().port();
-    let hook = |p: &str| Some(json!({"url": format!("https://127.0.0.1:{port}/{p}"), "event_types": ["job.finished"]}));
+    let hook = |p: &str| {
+        Some(json!({"url": format!("https://127.0.0.1:{port}/{p}"), "event_types": ["job.finished"]}))
+    };
     let w = contract(
         &s,
         &t,

@@ -791,17 +791,16 @@ async fn seed(s: &mut TestStack, t: &str, ops: &str) -> Seed {
 
 #[tokio::test]
 async fn every_documented_constraint_holds_at_its_edges() {
-    let mut s =
-        TestStack::start(
-            Path::new(HCP),
-            StackOptions {
-                sim_capabilities: ALL.into(),
-                core_toml: "[egress]\nallow_networks = [\"127.0.0.0/8\"]\n".into(),
-                ..Default::default()
-            },
-        )
-            .await
-            .unwrap();
+    let mut s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            sim_capabilities: ALL.into(),
+            core_toml: "[egress]\nallow_networks = [\"127.0.0.0/8\"]\n".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let ops_token = s.ops_token();
     let t = s.tenant_token("acme", &["demo"]);
     let seed = seed(&mut s, &t, &ops_token).await;

@@ -488,7 +488,8 @@ async fn people_manage_webhooks_with_the_hcp_command() {
     let hold = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://127.0.0.1:{}/hook", hold.local_addr().unwrap().port());
     let out = cli.ok(&["webhook", "create", &url, "--event", "job.finished,vm.status_changed"]).await;
-    let secret = out.lines().find_map(|l| l.strip_prefix("secret: ")).expect("the secret is printed").to_owned();
+    let secret =
+        out.lines().find_map(|l| l.strip_prefix("secret: ")).expect("the secret is printed").to_owned();
     assert!(secret.starts_with("whsec_"), "{out}");
     let list = cli.json(&["webhook", "list"]).await;
     let id = list["webhooks"][0]["id"].as_str().unwrap().to_owned();

@@ -58,7 +58,11 @@ struct Receiver {
 impl Receiver {
     /// Serves on `listener` until the task is aborted: each connection is
     /// one request, answered 200.
-    fn serve(&self, listener: tokio::net::TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> tokio::task::JoinHandle<()> {
+    fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
@@ -238,8 +242,7 @@ fn readme_verifier() -> String {
 /// Runs the README's `verify` on (secret, body, header) cases; its answers.
 fn python_verdicts(dir: &Path, cases: &[(String, Vec<u8>, String)]) -> Vec<bool> {
     let code = readme_verifier();
-    let cases_json: Vec<Value> =
-        cases.iter().map(|(s, b, h)| json!([s, hex::encode(b), h])).collect();
+    let cases_json: Vec<Value> = cases.iter().map(|(s, b, h)| json!([s, hex::encode(b), h])).collect();
     let script = format!(
         "{code}\nimport json, sys\ncases = json.load(open(sys.argv[1]))\n\
          print(json.dumps([verify(s, bytes.fromhex(b), h) for s, b, h in cases]))\n"
@@ -281,11 +284,28 @@ async fn every_job_is_delivered_signed_in_order_and_survives_a_receiver_outage()
     .unwrap();
     let t = s.tenant_token("acme", &["demo"]);
     let url = format!("https://127.0.0.1:{port}/hook");
-    let plain = s.rest.post(&format!("{T}/webhooks"), &t, &json!({"url": format!("http://127.0.0.1:{port}/"), "event_types": ["job.finished"]})).await.unwrap();
-    assert_eq!((plain.status, plain.body["details"]["field"].as_str()), (400, Some("url")), "http outside development mode: {}", plain.body);
+    let plain = s
+        .rest
+        .post(
+            &format!("{T}/webhooks"),
+            &t,
+            &json!({"url": format!("http://127.0.0.1:{port}/"), "event_types": ["job.finished"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (plain.status, plain.body["details"]["field"].as_str()),
+        (400, Some("url")),
+        "http outside development mode: {}",
+        plain.body
+    );
     let r = s
         .rest
-        .post(&format!("{T}/webhooks"), &t, &json!({"url": url, "event_types": ["job.finished"], "description": "test"}))
+        .post(
+            &format!("{T}/webhooks"),
+            &t,
+            &json!({"url": url, "event_types": ["job.finished"], "description": "test"}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
@@ -319,7 +339,11 @@ async fn every_job_is_delivered_signed_in_order_and_survives_a_receiver_outage()
     wait_until(WAIT, "failed attempts to show in the deliveries", || async {
         let d = s.rest.get(&format!("{T}/webhooks/{id}/deliveries?page_size=500"), &t).await?;
         let failing = d.body["deliveries"].as_array().map_or(0, |a| {
-            a.iter().filter(|d| d["status"] == "PENDING" && d["attempts"].as_u64() > Some(0) && d["last_error"] != "").count()
+            a.iter()
+                .filter(|d| {
+                    d["status"] == "PENDING" && d["attempts"].as_u64() > Some(0) && d["last_error"] != ""
+                })
+                .count()
         });
         Ok((failing > 0).then_some(()))
     })
@@ -336,7 +360,9 @@ async fn every_job_is_delivered_signed_in_order_and_survives_a_receiver_outage()
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let serving = receiver.serve(listener, Some(acceptor));
     wait_until(WAIT, "the events of the outage to arrive", || async {
-        Ok(in_order(&by_vm(&receiver.received(), &secret), &more, &["vm.create", "vm.delete"]).is_ok().then_some(()))
+        Ok(in_order(&by_vm(&receiver.received(), &secret), &more, &["vm.create", "vm.delete"])
+            .is_ok()
+            .then_some(()))
     })
     .await
     .unwrap();
@@ -414,23 +440,31 @@ async fn urls_at_internal_addresses_are_refused_before_any_connection() {
             .post(&format!("{T}/webhooks"), &t, &json!({"url": url, "event_types": ["job.finished"]}))
             .await
             .unwrap();
-        assert_eq!(
-            (r.status, r.body["details"]["field"].as_str()),
-            (400, Some("url")),
-            "{url}: {}",
-            r.body
-        );
+        assert_eq!((r.status, r.body["details"]["field"].as_str()), (400, Some("url")), "{url}: {}", r.body);
     }
     let r = s
         .rest
-        .post(&format!("{T}/webhooks"), &t, &json!({"url": "https://example.com/", "event_types": ["job.finished", "vm.nope"]}))
+        .post(
+            &format!("{T}/webhooks"),
+            &t,
+            &json!({"url": "https://example.com/", "event_types": ["job.finished", "vm.nope"]}),
+        )
         .await
         .unwrap();
     assert_eq!((r.status, r.body["details"]["field"].as_str()), (400, Some("event_types[1]")), "{}", r.body);
-    let r = s.rest.post(&format!("{T}/webhooks"), &t, &json!({"url": "https://example.com/", "event_types": []})).await.unwrap();
+    let r = s
+        .rest
+        .post(&format!("{T}/webhooks"), &t, &json!({"url": "https://example.com/", "event_types": []}))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.body["details"]["field"].as_str()), (400, Some("event_types")), "{}", r.body);
     assert_eq!(receiver.connections.load(Ordering::SeqCst), 0, "no connection was attempted");
     let list = s.rest.get(&format!("{T}/webhooks"), &t).await.unwrap();
-    assert_eq!(list.body["webhooks"].as_array().map_or(0, Vec::len), 0, "nothing was registered: {}", list.body);
+    assert_eq!(
+        list.body["webhooks"].as_array().map_or(0, Vec::len),
+        0,
+        "nothing was registered: {}",
+        list.body
+    );
     serving.abort();
 }

@@ -707,7 +707,9 @@ pub fn bounds() -> &'static [Bound] {
         Bound::range("drain.concurrency", 1.0, 1000.0, |c| f64::from(c.drain.concurrency)),
         Bound::range("drain.interval_ms", 50.0, 3_600_000.0, |c| c.drain.interval_ms as f64),
         Bound::range("audit.anchor_interval_seconds", 1.0, DAY, |c| c.audit.anchor_interval_seconds as f64),
-        Bound::range("egress.connect_timeout_seconds", 1.0, 60.0, |c| c.egress.connect_timeout_seconds as f64),
+        Bound::range("egress.connect_timeout_seconds", 1.0, 60.0, |c| {
+            c.egress.connect_timeout_seconds as f64
+        }),
         Bound::new(
             "egress.timeout_seconds",
             FromField { min: "egress.connect_timeout_seconds", max: 300.0 },
@@ -720,7 +722,9 @@ pub fn bounds() -> &'static [Bound] {
             FromField { min: "webhooks.backoff_base_ms", max: DAY * 1000.0 },
             |c| c.webhooks.backoff_max_ms as f64,
         ),
-        Bound::range("webhooks.disable_after_failures", 1.0, 1e9, |c| f64::from(c.webhooks.disable_after_failures)),
+        Bound::range("webhooks.disable_after_failures", 1.0, 1e9, |c| {
+            f64::from(c.webhooks.disable_after_failures)
+        }),
         Bound::range("webhooks.disable_after_seconds", 1.0, 366.0 * DAY, |c| {
             c.webhooks.disable_after_seconds as f64
         }),
@@ -853,7 +857,11 @@ mod tests {
                 "audit.anchor_interval_seconds",
                 "between 1 and 86400, got 0",
             ),
-            ("[egress]\nconnect_timeout_seconds = 0", "egress.connect_timeout_seconds", "between 1 and 60, got 0"),
+            (
+                "[egress]\nconnect_timeout_seconds = 0",
+                "egress.connect_timeout_seconds",
+                "between 1 and 60, got 0",
+            ),
             (
                 "[egress]\nconnect_timeout_seconds = 9\ntimeout_seconds = 8",
                 "egress.timeout_seconds",

@@ -195,7 +195,9 @@ pub enum UrlError {
     #[error("{0}")]
     Syntax(String),
     /// The host is, or resolves to, an address the policy denies.
-    #[error("{host} {how} {addr}, which is {what}; an operator may allow the range in [egress] allow_networks")]
+    #[error(
+        "{host} {how} {addr}, which is {what}; an operator may allow the range in [egress] allow_networks"
+    )]
     Denied {
         /// The URL's host.
         host: String,
@@ -306,7 +308,9 @@ impl EgressPolicy {
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") if self.allow_http => false,
-            Some("http") => return Err(bad("must use https (plain http is allowed only in development mode)")),
+            Some("http") => {
+                return Err(bad("must use https (plain http is allowed only in development mode)"));
+            }
             Some(other) => return Err(bad(&format!("has scheme {other}; only https is allowed"))),
             None => return Err(bad("is not an absolute URL (https://host/path)")),
         };
@@ -338,7 +342,9 @@ impl EgressPolicy {
         }
         match denied(ip) {
             None => Ok(()),
-            Some(what) => Err(UrlError::Denied { host: host.to_owned(), how, addr: ip, what: what.to_owned() }),
+            Some(what) => {
+                Err(UrlError::Denied { host: host.to_owned(), how, addr: ip, what: what.to_owned() })
+            }
         }
     }
 }
@@ -490,9 +496,13 @@ impl EgressClient {
         let ips = match url.host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
             Err(_) => {
-                let found = tokio::time::timeout(self.policy.connect_timeout, self.resolver.resolve(&url.host))
-                    .await
-                    .map_err(|_| UrlError::Unresolved { host: url.host.clone(), why: "timed out".into() })?;
+                let found =
+                    tokio::time::timeout(self.policy.connect_timeout, self.resolver.resolve(&url.host))
+                        .await
+                        .map_err(|_| UrlError::Unresolved {
+                            host: url.host.clone(),
+                            why: "timed out".into(),
+                        })?;
                 found.map_err(|e| UrlError::Unresolved { host: url.host.clone(), why: e.to_string() })?
             }
         };
@@ -576,7 +586,10 @@ impl EgressClient {
 
     /// Connects to the first of `addrs` that answers, each within the
     /// connect bound.
-    async fn connect(&self, addrs: &[SocketAddr]) -> Result<(tokio::net::TcpStream, SocketAddr), EgressError> {
+    async fn connect(
+        &self,
+        addrs: &[SocketAddr],
+    ) -> Result<(tokio::net::TcpStream, SocketAddr), EgressError> {
         let started = Instant::now();
         let mut last = None;
         for addr in addrs {
@@ -608,7 +621,8 @@ async fn exchange<T>(
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.map_err(EgressError::Http)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(io).await.map_err(EgressError::Http)?;
     tokio::spawn(async move {
         // The connection ends with the exchange; its error, if any, is the
         // request's.
@@ -640,7 +654,9 @@ mod tests {
         fn resolve<'a>(&'a self, host: &'a str) -> Resolution<'a> {
             *self.1.lock().unwrap() += 1;
             let found = self.0.iter().find(|(h, _)| *h == host).map(|(_, a)| a.clone());
-            Box::pin(async move { found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such host")) })
+            Box::pin(
+                async move { found.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such host")) },
+            )
         }
     }
 
@@ -702,7 +718,10 @@ mod tests {
         assert!(p.check_addr("h", "is", ip("10.0.0.1")).is_err());
         assert!(p.check_addr("h", "is", ip("169.254.169.254")).is_err());
         assert!(matches!(
-            EgressPolicy::new(&EgressSettings { allow_networks: vec!["10.0.0.0/33".into()], ..Default::default() }),
+            EgressPolicy::new(&EgressSettings {
+                allow_networks: vec!["10.0.0.0/33".into()],
+                ..Default::default()
+            }),
             Err(PolicyError::Network(_))
         ));
     }
@@ -772,14 +791,19 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_millis(500), "no connection was attempted");
         assert_eq!(*rebound.1.lock().unwrap(), 1, "resolved once, at delivery");
-        let localhost =
-            EgressClient::new(policy(false, &[]), Arc::new(Table(vec![("localhost", vec![ip("127.0.0.1")])], Default::default())));
+        let localhost = EgressClient::new(
+            policy(false, &[]),
+            Arc::new(Table(vec![("localhost", vec![ip("127.0.0.1")])], Default::default())),
+        );
         assert!(matches!(
             localhost.check_resolves("https://localhost:9/x").await,
             Err(UrlError::Denied { how: "resolves to", .. })
         ));
         let nowhere = EgressClient::new(policy(false, &[]), Arc::new(Table(vec![], Default::default())));
-        assert!(matches!(nowhere.check_resolves("https://nx.example/").await, Err(UrlError::Unresolved { .. })));
+        assert!(matches!(
+            nowhere.check_resolves("https://nx.example/").await,
+            Err(UrlError::Unresolved { .. })
+        ));
     }
 
     #[test]

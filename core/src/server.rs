@@ -29,10 +29,10 @@ use hcp_proto::ops::provider_admin_service_server::ProviderAdminServiceServer;
 use hcp_proto::ops::quota_admin_service_server::QuotaAdminServiceServer;
 use hcp_proto::tenant::job_service_server::JobServiceServer;
 use hcp_proto::tenant::key_pair_service_server::KeyPairServiceServer;
-use hcp_proto::tenant::webhook_service_server::WebhookServiceServer;
 use hcp_proto::tenant::quota_service_server::QuotaServiceServer;
 use hcp_proto::tenant::vm_service_server::VmServiceServer;
 use hcp_proto::tenant::volume_service_server::VolumeServiceServer;
+use hcp_proto::tenant::webhook_service_server::WebhookServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 

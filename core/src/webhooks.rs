@@ -104,7 +104,8 @@ impl Deliverer {
         let mut changes = self.events.subscribe();
         loop {
             let t = now();
-            match self.store.acquire_singleton(LEASE, &self.owner, t, t + chrono::Duration::seconds(10)).await {
+            match self.store.acquire_singleton(LEASE, &self.owner, t, t + chrono::Duration::seconds(10)).await
+            {
                 Ok(true) => {
                     if let Err(e) = self.pass().await {
                         tracing::warn!(error = %e, "webhook delivery pass failed");
@@ -139,7 +140,8 @@ impl Deliverer {
                 })
                 .await;
             let t = now();
-            if !self.store.acquire_singleton(LEASE, &self.owner, t, t + chrono::Duration::seconds(10)).await? {
+            if !self.store.acquire_singleton(LEASE, &self.owner, t, t + chrono::Duration::seconds(10)).await?
+            {
                 return Ok(());
             }
         }
@@ -150,7 +152,7 @@ impl Deliverer {
         let at = now();
         let started = Instant::now();
         let (status_code, error) = match self.send(d, e).await {
-            Ok(code) if (200..300).contains(&code) => (Some(code), String::new()),
+            // Whether the status counts as delivered is `AttemptResult`'s.
             Ok(code) => (Some(code), String::new()),
             Err(SendError::Egress(EgressError::Redirect(code))) => {
                 (Some(code), format!("answered {code}, a redirect, which is not followed"))
@@ -182,9 +184,14 @@ impl Deliverer {
     /// Signs and POSTs the delivery; the receiver's status.
     async fn send(&self, d: &WebhookDelivery, e: &WebhookEndpoint) -> Result<u16, SendError> {
         let secrets = self.secrets.as_ref().ok_or(SendError::NoKey)?;
-        let secret = secrets.open_bytes(&secret_aad(e.id), &e.sealed_secret).map_err(|_| SendError::Secret)?;
+        let secret =
+            secrets.open_bytes(&secret_aad(e.id), &e.sealed_secret).map_err(|_| SendError::Secret)?;
         let secret = String::from_utf8(secret).map_err(|_| SendError::Secret)?;
-        let url = self.egress.policy().check_url(&e.url).map_err(|err| SendError::Egress(EgressError::Refused(err)))?;
+        let url = self
+            .egress
+            .policy()
+            .check_url(&e.url)
+            .map_err(|err| SendError::Egress(EgressError::Refused(err)))?;
         let body = Bytes::from(d.payload.clone());
         let headers = [
             (SIGNATURE_HEADER, signature(&secret, chrono::Utc::now().timestamp(), &body)),

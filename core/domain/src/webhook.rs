@@ -177,7 +177,10 @@ pub fn disable_reason(
     if consecutive_failures >= policy.disable_after_failures {
         Some(format!("disabled after {consecutive_failures} failed attempts in a row; {what}"))
     } else if failing_for >= policy.disable_after {
-        Some(format!("disabled after failing for {} seconds without a success; {what}", failing_for.as_secs()))
+        Some(format!(
+            "disabled after failing for {} seconds without a success; {what}",
+            failing_for.as_secs()
+        ))
     } else {
         None
     }
@@ -253,7 +256,11 @@ pub fn job_events(
         created_at: at,
         project_id: job.project_id.clone(),
         vm_id,
-        data: PayloadData { job: Some(pj.clone()), vm_status: vm.map(VmStatus::as_str), previous_vm_status: None },
+        data: PayloadData {
+            job: Some(pj.clone()),
+            vm_status: vm.map(VmStatus::as_str),
+            previous_vm_status: None,
+        },
     }];
     if let Some(new) = vm.filter(|new| Some(*new) != job.prior_status) {
         out.push(Payload {
@@ -286,7 +293,11 @@ pub fn correction_event(
         created_at: at,
         project_id: project_id.to_owned(),
         vm_id,
-        data: PayloadData { job: None, vm_status: Some(to.as_str()), previous_vm_status: Some(from.as_str()) },
+        data: PayloadData {
+            job: None,
+            vm_status: Some(to.as_str()),
+            previous_vm_status: Some(from.as_str()),
+        },
     }
 }
 
@@ -322,29 +333,50 @@ mod tests {
     /// Each row: the attempt that failed, jitter → wait (ms).
     #[test]
     fn failed_attempts_back_off_exponentially_with_jitter_up_to_the_cap() {
-        let rows: &[(u32, f64, i64)] =
-            &[(1, 1.0, 1000), (1, 0.0, 500), (2, 1.0, 2000), (3, 1.0, 4000), (3, 0.5, 3000), (7, 1.0, 60_000), (40, 1.0, 60_000)];
+        let rows: &[(u32, f64, i64)] = &[
+            (1, 1.0, 1000),
+            (1, 0.0, 500),
+            (2, 1.0, 2000),
+            (3, 1.0, 4000),
+            (3, 0.5, 3000),
+            (7, 1.0, 60_000),
+            (40, 1.0, 60_000),
+        ];
         for &(attempts, jitter, wait_ms) in rows {
             let at = Utc::now();
-            assert_eq!((retry_at(&POLICY, attempts, at, jitter) - at).num_milliseconds(), wait_ms, "{attempts} {jitter}");
+            assert_eq!(
+                (retry_at(&POLICY, attempts, at, jitter) - at).num_milliseconds(),
+                wait_ms,
+                "{attempts} {jitter}"
+            );
         }
     }
 
-    /// Each row: failures in a row (this one counted), failing for (s),
+    /// One row: failures in a row (this one counted), failing for (s),
     /// status, error → disabled, a word of the reason.
+    type DisableRow = (u32, i64, Option<u16>, &'static str, bool, &'static str);
+
     #[test]
     fn an_endpoint_is_disabled_at_either_limit_with_a_reason() {
-        let rows: &[(u32, i64, Option<u16>, &str, bool, &str)] = &[
+        let rows: &[DisableRow] = &[
             (1, 0, Some(503), "", false, ""),
             (9, 100, Some(503), "", false, ""),
             (10, 100, Some(503), "", true, "10 failed attempts in a row; the last answer was HTTP 503"),
-            (2, 3600, None, "cannot connect", true, "failing for 3600 seconds without a success; the last attempt failed: cannot connect"),
+            (
+                2,
+                3600,
+                None,
+                "cannot connect",
+                true,
+                "failing for 3600 seconds without a success; the last attempt failed: cannot connect",
+            ),
             (2, 3599, None, "x", false, ""),
         ];
         for &(failures, failing_for, code, error, disabled, word) in rows {
             let at = Utc::now();
             let failure = AttemptResult { at, status_code: code, error: error.to_owned(), duration_ms: 3 };
-            let got = disable_reason(&POLICY, failures, at - chrono::Duration::seconds(failing_for), &failure);
+            let got =
+                disable_reason(&POLICY, failures, at - chrono::Duration::seconds(failing_for), &failure);
             assert_eq!(got.is_some(), disabled, "{failures} {failing_for}");
             assert!(got.unwrap_or_default().contains(word), "{failures} {failing_for}");
         }
@@ -352,7 +384,8 @@ mod tests {
 
     #[test]
     fn a_success_is_a_2xx_only() {
-        let r = |code| AttemptResult { at: Utc::now(), status_code: code, error: String::new(), duration_ms: 0 };
+        let r =
+            |code| AttemptResult { at: Utc::now(), status_code: code, error: String::new(), duration_ms: 0 };
         assert!(r(Some(200)).delivered() && r(Some(204)).delivered());
         assert!(!r(Some(302)).delivered() && !r(Some(500)).delivered() && !r(None).delivered());
     }

@@ -57,13 +57,19 @@ impl WebhookApi {
         for (i, name) in r.event_types.iter().enumerate() {
             let field = format!("event_types[{i}]");
             let event = WebhookEvent::parse(name).ok_or_else(|| {
-                ApiError::invalid_field(&field, format!("{field} must be one of job.finished, vm.status_changed"))
+                ApiError::invalid_field(
+                    &field,
+                    format!("{field} must be one of job.finished, vm.status_changed"),
+                )
             })?;
             events.push(event);
         }
         let events = EventTypes::of(events);
         if events.is_empty() {
-            return Err(ApiError::invalid_field("event_types", "event_types must name at least one event type"));
+            return Err(ApiError::invalid_field(
+                "event_types",
+                "event_types must name at least one event type",
+            ));
         }
         let secrets = self.ctx.secrets.as_ref().ok_or_else(|| {
             ApiError::new(
@@ -107,12 +113,20 @@ impl WebhookApi {
 
     /// The secret of an endpoint, opened again for an Idempotency-Key
     /// replay of its create.
-    async fn reopen(&self, scope: &Scope, mut answer: CreateWebhookResponse) -> Result<CreateWebhookResponse, ApiError> {
+    async fn reopen(
+        &self,
+        scope: &Scope,
+        mut answer: CreateWebhookResponse,
+    ) -> Result<CreateWebhookResponse, ApiError> {
         let Some(id) = answer.webhook.as_ref().and_then(|w| w.id.parse::<WebhookId>().ok()) else {
             return Ok(answer);
         };
-        let endpoint =
-            self.ctx.store.get_webhook(scope, id).await.map_err(|e| from_store(e, &format!("webhook {id}")))?;
+        let endpoint = self
+            .ctx
+            .store
+            .get_webhook(scope, id)
+            .await
+            .map_err(|e| from_store(e, &format!("webhook {id}")))?;
         let secrets = self.ctx.secrets.as_ref().ok_or_else(ApiError::internal)?;
         let secret = secrets
             .open_bytes(&crate::webhooks::secret_aad(id), &endpoint.sealed_secret)
@@ -122,7 +136,12 @@ impl WebhookApi {
     }
 
     /// The scope and endpoint id of a call on one endpoint.
-    fn target(p: &Principal, project_id: &str, id: &str, access: Access) -> Result<(Scope, WebhookId), ApiError> {
+    fn target(
+        p: &Principal,
+        project_id: &str,
+        id: &str,
+        access: Access,
+    ) -> Result<(Scope, WebhookId), ApiError> {
         validate::project_id(project_id)?;
         let scope = p.scope(project_id, access)?;
         let id = id
@@ -177,12 +196,15 @@ impl WebhookService for WebhookApi {
             validate::project_id(&r.project_id)?;
             let scope = p.scope(&r.project_id, Access::Write)?;
             let idem = Key::message(&scope.tenant, key?, "CreateWebhook", &r);
-            if let Some(answer) = idempotency::replay::<CreateWebhookResponse>(&self.ctx, idem.as_ref()).await? {
+            if let Some(answer) =
+                idempotency::replay::<CreateWebhookResponse>(&self.ctx, idem.as_ref()).await?
+            {
                 return self.reopen(&scope, answer).await;
             }
             // The record keeps the answer without its secret.
             let created = self.create(&p, &scope, r).await;
-            let ours = created.as_ref().ok().map(|c| (c.webhook.as_ref().map(|w| w.id.clone()), c.secret.clone()));
+            let ours =
+                created.as_ref().ok().map(|c| (c.webhook.as_ref().map(|w| w.id.clone()), c.secret.clone()));
             let stored = created.map(|c| CreateWebhookResponse { secret: String::new(), ..c });
             let mut answer = idempotency::finish(&self.ctx, idem.as_ref(), stored).await?;
             match ours {
@@ -198,7 +220,10 @@ impl WebhookService for WebhookApi {
         .await
     }
 
-    async fn list_webhooks(&self, req: tonic::Request<ListWebhooksRequest>) -> ApiResult<ListWebhooksResponse> {
+    async fn list_webhooks(
+        &self,
+        req: tonic::Request<ListWebhooksRequest>,
+    ) -> ApiResult<ListWebhooksResponse> {
         let p = checked(&req)?;
         let r = req.get_ref();
         handle(async {
@@ -215,7 +240,12 @@ impl WebhookService for WebhookApi {
         let r = req.get_ref();
         handle(async {
             let (scope, id) = Self::target(&p, &r.project_id, &r.webhook_id, Access::Read)?;
-            let e = self.ctx.store.get_webhook(&scope, id).await.map_err(|e| from_store(e, &format!("webhook {id}")))?;
+            let e = self
+                .ctx
+                .store
+                .get_webhook(&scope, id)
+                .await
+                .map_err(|e| from_store(e, &format!("webhook {id}")))?;
             Ok(to_tenant(&e))
         })
         .await
@@ -229,8 +259,12 @@ impl WebhookService for WebhookApi {
             let (scope, id) = Self::target(&p, &r.project_id, &r.webhook_id, Access::Write)?;
             let idem = Key::message(&scope.tenant, key?, "DeleteWebhook", r);
             idempotency::once(&self.ctx, idem, async {
-                let mut audit =
-                    self.ctx.audit(&p, AuditAction::WebhookDelete, Resource::Webhook(id), AuditOutcome::Succeeded);
+                let mut audit = self.ctx.audit(
+                    &p,
+                    AuditAction::WebhookDelete,
+                    Resource::Webhook(id),
+                    AuditOutcome::Succeeded,
+                );
                 audit.project_id = scope.project.clone();
                 self.ctx
                     .store
@@ -252,8 +286,12 @@ impl WebhookService for WebhookApi {
             let (scope, id) = Self::target(&p, &r.project_id, &r.webhook_id, Access::Write)?;
             let idem = Key::message(&scope.tenant, key?, "EnableWebhook", r);
             idempotency::once(&self.ctx, idem, async {
-                let mut audit =
-                    self.ctx.audit(&p, AuditAction::WebhookEnable, Resource::Webhook(id), AuditOutcome::Succeeded);
+                let mut audit = self.ctx.audit(
+                    &p,
+                    AuditAction::WebhookEnable,
+                    Resource::Webhook(id),
+                    AuditOutcome::Succeeded,
+                );
                 audit.project_id = scope.project.clone();
                 let e = self
                     .ctx
@@ -283,7 +321,9 @@ impl WebhookService for WebhookApi {
                 .list_webhook_deliveries(&scope, id, limit)
                 .await
                 .map_err(|e| from_store(e, &format!("webhook {id}")))?;
-            Ok(ListWebhookDeliveriesResponse { deliveries: deliveries.iter().map(delivery_to_tenant).collect() })
+            Ok(ListWebhookDeliveriesResponse {
+                deliveries: deliveries.iter().map(delivery_to_tenant).collect(),
+            })
         })
         .await
     }

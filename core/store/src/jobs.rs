@@ -286,7 +286,14 @@ macro_rules! apply_transition {
                 .map_err(|e| StoreError::from_sqlx(e, "job"))?;
             let code = code.map(|c| ErrorCode::from_name(&c).unwrap_or(ErrorCode::Internal).as_str());
             let events = hcp_domain::webhook::job_events(job, t.job, code, t.vm, now);
-            super::webhooks::insert_webhook_events!($tx, &job.tenant_id, &job.project_id, vm_id, &events, now);
+            super::webhooks::insert_webhook_events!(
+                $tx,
+                &job.tenant_id,
+                &job.project_id,
+                vm_id,
+                &events,
+                now
+            );
         }
     }};
 }
@@ -738,7 +745,8 @@ async fn finish_in_one(
     // Tenants' webhooks: at most two events (the job's end, the VM's new
     // status), written by the statement's last part.
     let code_name = finish.error.as_ref().map(|(c, _)| c.as_str());
-    let events = super::webhooks::event_columns(&hcp_domain::webhook::job_events(job, t.job, code_name, t.vm, now));
+    let events =
+        super::webhooks::event_columns(&hcp_domain::webhook::job_events(job, t.job, code_name, t.vm, now));
     let (first, second) = (events.first(), events.get(1));
     let host = finish.host.as_deref().filter(|h| !h.is_empty());
     let touches_vm = t.vm.is_some() || host.is_some() || t.vm_host.is_some() || finish.networks.is_some();

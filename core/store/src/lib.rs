@@ -48,11 +48,11 @@ pub use metrics::Gauges;
 pub use outbox::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, UsageEvent};
 pub use rates::{RateClaim, RateLimit};
 pub use reconcile::KnownVm;
-pub use webhooks::AttemptOutcome;
 pub use vms::{AcceptOperation, HostChange, ListVmsQuery, NewVm, SnapshotAccept, VmUpdate};
 pub use volumes::{
     AttachTarget, CreateVolumes, ListVolumesQuery, VolumeOperation, VolumeUpdate, VolumeUsageEvent,
 };
+pub use webhooks::AttemptOutcome;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]

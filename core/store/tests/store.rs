@@ -2066,7 +2066,8 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
         store.create_webhook(w, 2, &audit("webhook.create", &w.id.to_string())).await.unwrap();
     }
     assert_eq!(store.get_webhook(&scope, both.id).await.unwrap(), both, "reads back as written");
-    let full = store.create_webhook(&webhook("acme", "p1", &[WebhookEvent::JobFinished]), 2, &audit("a", "b")).await;
+    let full =
+        store.create_webhook(&webhook("acme", "p1", &[WebhookEvent::JobFinished]), 2, &audit("a", "b")).await;
     assert!(matches!(&full, Err(StoreError::QuotaExceeded(m)) if m.contains('2')), "{full:?}");
     assert!(matches!(store.get_webhook(&Scope::new("acme", "p2"), both.id).await, Err(StoreError::NotFound)));
 
@@ -2096,7 +2097,10 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
     assert_eq!(payload["vm_id"], a.id.to_string());
     assert_eq!(store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap().len(), 2);
     let other = Scope::new("acme", "p2");
-    assert!(store.list_webhook_deliveries(&other, elsewhere.id, 10).await.unwrap().is_empty(), "another project's");
+    assert!(
+        store.list_webhook_deliveries(&other, elsewhere.id, 10).await.unwrap().is_empty(),
+        "another project's"
+    );
 
     // Due: the oldest undelivered one per endpoint and VM.
     let heads = |due: Vec<(hcp_domain::webhook::WebhookDelivery, hcp_domain::webhook::WebhookEndpoint)>| {
@@ -2114,22 +2118,31 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
     expected.sort_by_key(|(e, vm, _)| (e.0, vm.0));
     let due = store.due_webhook_deliveries(now(), 100).await.unwrap();
     let first_of_both_a = due.iter().find(|(d, e)| e.id == both.id && d.vm_id == a.id).unwrap().0.clone();
-    let first_of_jobs_a = due.iter().find(|(d, e)| e.id == jobs_only.id && d.vm_id == a.id).unwrap().0.clone();
+    let first_of_jobs_a =
+        due.iter().find(|(d, e)| e.id == jobs_only.id && d.vm_id == a.id).unwrap().0.clone();
     assert_eq!(heads(due), expected);
     let ok = AttemptResult { at: now(), status_code: Some(204), error: String::new(), duration_ms: 7 };
-    let state = store.record_webhook_attempt(first_of_both_a.seq, both.id, &ok, AttemptOutcome::Delivered).await.unwrap();
+    let state = store
+        .record_webhook_attempt(first_of_both_a.seq, both.id, &ok, AttemptOutcome::Delivered)
+        .await
+        .unwrap();
     assert_eq!(state, (0, None));
     let failed = AttemptResult { at: now(), status_code: Some(503), error: String::new(), duration_ms: 9 };
     let later = now() + Duration::hours(1);
-    let state =
-        store.record_webhook_attempt(first_of_jobs_a.seq, jobs_only.id, &failed, AttemptOutcome::Retry(later)).await.unwrap();
+    let state = store
+        .record_webhook_attempt(first_of_jobs_a.seq, jobs_only.id, &failed, AttemptOutcome::Retry(later))
+        .await
+        .unwrap();
     assert_eq!(state, (1, Some(failed.at)), "the endpoint counts its failures");
     let due = heads(store.due_webhook_deliveries(now(), 100).await.unwrap());
     assert!(due.contains(&(both.id, a.id, WebhookEvent::VmStatusChanged)), "the next one of the VM: {due:?}");
     assert!(!due.iter().any(|(e, vm, _)| *e == jobs_only.id && *vm == a.id), "waits for its retry: {due:?}");
     let retried = store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap();
     let r = retried.iter().find(|d| d.seq == first_of_jobs_a.seq).unwrap();
-    assert_eq!((r.status, r.attempts, r.last_status_code, r.next_attempt_at), (DeliveryStatus::Pending, 1, Some(503), later));
+    assert_eq!(
+        (r.status, r.attempts, r.last_status_code, r.next_attempt_at),
+        (DeliveryStatus::Pending, 1, Some(503), later)
+    );
 
     // Disabled: nothing of it is due; enabled again: all of it at once.
     store.disable_webhook(jobs_only.id, "disabled after 1 failed attempts").await.unwrap();
@@ -2138,7 +2151,12 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
     let due = heads(store.due_webhook_deliveries(now(), 100).await.unwrap());
     assert!(!due.iter().any(|(e, _, _)| *e == jobs_only.id), "{due:?}");
     let on = store.enable_webhook(&scope, jobs_only.id, now(), &audit("webhook.enable", "x")).await.unwrap();
-    assert!(on.enabled && on.disabled_reason.is_empty() && on.consecutive_failures == 0 && on.failing_since.is_none());
+    assert!(
+        on.enabled
+            && on.disabled_reason.is_empty()
+            && on.consecutive_failures == 0
+            && on.failing_since.is_none()
+    );
     let due = heads(store.due_webhook_deliveries(now(), 100).await.unwrap());
     assert!(due.contains(&(jobs_only.id, a.id, WebhookEvent::JobFinished)), "due again at once: {due:?}");
 
@@ -2146,8 +2164,16 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
     store.disable_webhook(jobs_only.id, "off").await.unwrap();
     let (_c, job_c) = create(&store, &p, "acme", "p1", "c", &[]).await;
     complete(&store, &job_c, VmStatus::Active).await;
-    assert_eq!(store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap().len(), 2, "disabled: none new");
-    assert_eq!(store.list_webhook_deliveries(&scope, both.id, 10).await.unwrap().len(), 6, "enabled: two more");
+    assert_eq!(
+        store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap().len(),
+        2,
+        "disabled: none new"
+    );
+    assert_eq!(
+        store.list_webhook_deliveries(&scope, both.id, 10).await.unwrap().len(),
+        6,
+        "enabled: two more"
+    );
     store.delete_webhook(&scope, both.id, &audit("webhook.delete", "x")).await.unwrap();
     assert!(matches!(store.list_webhook_deliveries(&scope, both.id, 10).await, Err(StoreError::NotFound)));
     assert_eq!(store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap().len(), 2);
