@@ -334,6 +334,11 @@ impl EgressPolicy {
         Ok(url)
     }
 
+    /// The bound on one whole request.
+    pub fn total_timeout(&self) -> Duration {
+        self.total_timeout
+    }
+
     /// Whether core may connect to `ip` (named `host` in the error).
     pub fn check_addr(&self, host: &str, how: &'static str, ip: IpAddr) -> Result<(), UrlError> {
         let ip = unmap(ip);

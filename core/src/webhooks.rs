@@ -42,8 +42,11 @@ pub const SECRET_PREFIX: &str = "whsec_";
 const MAX_ERROR: usize = 512;
 
 const LEASE: &str = "webhook-deliverer";
-/// Deliveries read per round of a pass.
-const BATCH: u32 = 256;
+/// How long delivered events are kept (with their attempts) for the
+/// tenant's view.
+const KEEP_DELIVERED: chrono::Duration = chrono::Duration::days(7);
+/// How often delivered events past [`KEEP_DELIVERED`] are removed.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
 /// A new signing secret: `whsec_` and 32 random bytes in hex.
 pub fn new_secret() -> String {
@@ -98,17 +101,33 @@ impl Deliverer {
         Self { store, egress, secrets, policy, config, events, owner }
     }
 
-    /// Runs passes while this process holds the lease, until shutdown.
+    /// The lease's length: a round of sends (at most `concurrency`, each
+    /// bounded by the egress total time) ends well within it, and the
+    /// lease is renewed after every round, so two processes do not send
+    /// the same VM's events at once unless one stalls.
+    fn lease(&self) -> chrono::Duration {
+        let round = self.egress.policy().total_timeout().saturating_mul(3) + Duration::from_secs(10);
+        chrono::Duration::from_std(round).unwrap_or(chrono::Duration::seconds(60))
+    }
+
+    /// Runs passes while this process holds the lease, until shutdown;
+    /// hourly, removes deliveries delivered more than a week ago.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let every = Duration::from_millis(self.config.poll_interval_ms);
         let mut changes = self.events.subscribe();
+        let mut purged: Option<Instant> = None;
         loop {
             let t = now();
-            match self.store.acquire_singleton(LEASE, &self.owner, t, t + chrono::Duration::seconds(10)).await
-            {
+            match self.store.acquire_singleton(LEASE, &self.owner, t, t + self.lease()).await {
                 Ok(true) => {
                     if let Err(e) = self.pass().await {
                         tracing::warn!(error = %e, "webhook delivery pass failed");
+                    }
+                    if purged.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
+                        purged = Some(Instant::now());
+                        if let Err(e) = self.store.purge_webhook_deliveries(now() - KEEP_DELIVERED).await {
+                            tracing::warn!(error = %e, "cannot remove old webhook deliveries");
+                        }
                     }
                 }
                 Ok(false) => {}
@@ -124,24 +143,24 @@ impl Deliverer {
         }
     }
 
-    /// Sends every due delivery, round after round (a delivered event makes
-    /// the VM's next one due), renewing the lease between rounds.
+    /// Sends every due delivery, round after round of at most
+    /// `concurrency` (a delivered event makes the VM's next one due),
+    /// renewing the lease between rounds.
     pub async fn pass(&self) -> Result<(), StoreError> {
         loop {
-            let due = self.store.due_webhook_deliveries(now(), BATCH).await?;
+            let due = self.store.due_webhook_deliveries(now(), self.config.concurrency).await?;
             if due.is_empty() {
                 return Ok(());
             }
             futures::stream::iter(due)
-                .for_each_concurrent(self.config.concurrency as usize, |(d, e)| async move {
+                .for_each_concurrent(None, |(d, e)| async move {
                     if let Err(err) = self.deliver(&d, &e).await {
                         tracing::warn!(error = %err, delivery = d.seq, "cannot record a webhook attempt");
                     }
                 })
                 .await;
             let t = now();
-            if !self.store.acquire_singleton(LEASE, &self.owner, t, t + chrono::Duration::seconds(10)).await?
-            {
+            if !self.store.acquire_singleton(LEASE, &self.owner, t, t + self.lease()).await? {
                 return Ok(());
             }
         }

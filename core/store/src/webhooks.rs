@@ -417,6 +417,19 @@ impl super::Store {
         })
     }
 
+    /// Removes deliveries delivered before `before`, with their attempts;
+    /// returns how many.
+    pub async fn purge_webhook_deliveries(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        on_pool!(self, |pool| {
+            let done = sqlx::query("DELETE FROM webhook_deliveries WHERE delivered_at < $1")
+                .bind(before)
+                .execute(pool)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "webhook deliveries"))?;
+            Ok(done.rows_affected())
+        })
+    }
+
     /// Disables an endpoint with the reason its tenant sees; its pending
     /// deliveries wait until it is enabled again.
     pub async fn disable_webhook(&self, endpoint: WebhookId, reason: &str) -> StoreResult<()> {

@@ -2174,6 +2174,13 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
         6,
         "enabled: two more"
     );
+    // Old delivered events are removed; pending ones stay whatever their age.
+    assert_eq!(
+        store.purge_webhook_deliveries(now() + Duration::seconds(1)).await.unwrap(),
+        1,
+        "the delivered one"
+    );
+    assert_eq!(store.list_webhook_deliveries(&scope, both.id, 10).await.unwrap().len(), 5);
     store.delete_webhook(&scope, both.id, &audit("webhook.delete", "x")).await.unwrap();
     assert!(matches!(store.list_webhook_deliveries(&scope, both.id, 10).await, Err(StoreError::NotFound)));
     assert_eq!(store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap().len(), 2);
