@@ -8,6 +8,7 @@ use std::path::PathBuf;
 const FILES: &[&str] = &[
     "hcp/common/v1/common.proto",
     "hcp/tenant/v1/tenant.proto",
+    "hcp/tenant/v1/webhooks.proto",
     "hcp/ops/v1/ops.proto",
     "hcp/provider/v1/provider.proto",
     "hcp/sim/v1/sim.proto",
@@ -33,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "hcp.provider.v1.ConfigureRequest",
             "hcp.provider.v1.ConsoleEndpoint",
             "hcp.console.v1.RedeemConsoleRequest",
+            "hcp.tenant.v1.CreateWebhookResponse",
         ])
         .build_server(true)
         .build_client(true)

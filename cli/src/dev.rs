@@ -388,7 +388,9 @@ async fn up_async(args: UpArgs) -> anyhow::Result<()> {
     let core_toml = format!(
         "listen = \"{core}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"\ndatabase_url = \"{db}\"\n\n[auth]\nhs256_secret_file = \"{secret}\"\n\n\
          [console]\npublic_base_url = \"ws://{gw}\"\nrdp_address = \"{rdp}\"\n\n[providers]\nprobe_interval_seconds = 5\n\n\
-         [secrets]\nkey_file = \"{key}\"\n",
+         [secrets]\nkey_file = \"{key}\"\n\n\
+         # Development mode: webhooks may use plain http (internal addresses stay refused).\n\
+         [egress]\nallow_http = true\n",
         core = args.core,
         secret = secret_file.display(),
         gw = args.gateway,

@@ -18,6 +18,7 @@ pub mod output;
 pub mod serial;
 pub mod usage;
 pub mod volume;
+pub mod webhook;
 
 use std::ffi::OsString;
 
@@ -55,6 +56,14 @@ enum Command {
         common: human::Common,
         #[command(subcommand)]
         cmd: keypair::KeyPair,
+    },
+    /// Webhook endpoints of a project: create, list, show, delete,
+    /// deliveries, enable.
+    Webhook {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: webhook::Webhook,
     },
     /// Jobs: list, show, watch, cancel.
     Job {
@@ -127,6 +136,7 @@ where
         Command::Vm { common, cmd } => human::run(|| human::vm(common, cmd)),
         Command::Volume { common, cmd } => human::run(|| volume::volume(common, cmd)),
         Command::Keypair { common, cmd } => human::run(|| keypair::keypair(common, cmd)),
+        Command::Webhook { common, cmd } => human::run(|| webhook::webhook(common, cmd)),
         Command::Job { common, cmd } => human::run(|| human::job(common, cmd)),
         Command::Usage { common, args } => human::run(|| async move {
             let c = client::Client::new(&common.connect)?;

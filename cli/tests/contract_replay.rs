@@ -86,6 +86,8 @@ async fn every_mutating_operation_replays_by_its_key() {
             sim_capabilities: ALL.into(),
             // A long backoff keeps a failed attempt's job QUEUED for its retry.
             jobs_toml: "backoff_base_ms = 60000\nbackoff_max_ms = 60000\n".into(),
+            // Webhooks at a loopback port the test holds (never answered).
+            core_toml: "[egress]\nallow_networks = [\"127.0.0.0/8\"]\n".into(),
             ..Default::default()
         },
     )
@@ -213,6 +215,33 @@ async fn every_mutating_operation_replays_by_its_key() {
     )
     .await;
     assert_eq!(k.str("fingerprint"), "SHA256:P360S6ynMxE/PhIHTdyP86IQKz7Pmp+xoIkXYmrY110");
+    // A webhook endpoint: the create's replay answers its secret again
+    // (opened from the sealed copy; the record keeps none).
+    let hold = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hold.local_addr().unwrap().port();
+    let hook = |p: &str| {
+        Some(json!({"url": format!("https://127.0.0.1:{port}/{p}"), "event_types": ["job.finished"]}))
+    };
+    let w = contract(
+        &s,
+        &t,
+        "t17",
+        call("POST", format!("{T}/webhooks"), hook("a")),
+        call("POST", format!("{T}/webhooks"), hook("b")),
+        201,
+    )
+    .await;
+    assert!(w.str("secret").starts_with("whsec_"), "{}", w.body);
+    let wid = w.body["webhook"]["id"].as_str().unwrap().to_owned();
+    contract(
+        &s,
+        &t,
+        "t18",
+        call("POST", format!("{T}/webhooks/{wid}:enable"), Some(json!({}))),
+        call("POST", format!("{T}/webhooks/{NOBODY}:enable"), Some(json!({}))),
+        200,
+    )
+    .await;
     let vm = |n: &str| {
         Some(
             json!({"name": n, "flavor": "small", "image": "debian-12", "zone": "zone-1", "key_names": ["kp-r"]}),
@@ -354,6 +383,9 @@ async fn every_mutating_operation_replays_by_its_key() {
     .await;
     contract(&s, &t, "t16", gone(format!("{T}/key-pairs/kp-r")), gone(format!("{T}/key-pairs/kp-x")), 200)
         .await;
+    contract(&s, &t, "t19", gone(format!("{T}/webhooks/{wid}")), gone(format!("{T}/webhooks/{NOBODY}")), 200)
+        .await;
+    drop(hold);
 
     // Ops deletes, last: what the rest used.
     contract(

@@ -61,6 +61,7 @@ const LAST: &[&str] = &[
     "deleteVm",
     "deletePlacementGroup",
     "deleteKeyPair",
+    "deleteWebhook",
     "opsDeleteNetwork",
     "opsRemoveProvider",
     "opsDeleteFlavor",
@@ -98,6 +99,12 @@ struct Seed {
     volume: String,
     attached_volume: String,
     doomed_volume: String,
+    webhook: String,
+    doomed_webhook: String,
+    /// A loopback URL (allowed in this stack's `[egress]`) whose port the
+    /// test holds and never answers.
+    hook_url: String,
+    _hold: tokio::net::TcpListener,
 }
 
 /// The hand-made table: a baseline per operationId.
@@ -199,6 +206,16 @@ fn baseline(op: &str, s: &Seed) -> Option<Base> {
         "createKeyPair" => base(&[("project_id", "demo")], Some(json!({"name": "kp-b", "public_key": KEY}))),
         "getKeyPair" => base(&[("project_id", "demo"), ("name", "kp-1")], None),
         "deleteKeyPair" => base(&[("project_id", "demo"), ("name", "kp-del")], None),
+        "listWebhooks" => base(&[("project_id", "demo")], None),
+        "createWebhook" => base(
+            &[("project_id", "demo")],
+            Some(json!({"url": s.hook_url, "event_types": ["job.finished"], "description": "d"})),
+        ),
+        "getWebhook" | "listWebhookDeliveries" => {
+            base(&[("project_id", "demo"), ("webhook_id", &s.webhook)], None)
+        }
+        "enableWebhook" => base(&[("project_id", "demo"), ("webhook_id", &s.webhook)], empty()),
+        "deleteWebhook" => base(&[("project_id", "demo"), ("webhook_id", &s.doomed_webhook)], None),
         "getVm" | "deleteVm" | "listJobsByVmId" | "listSnapshots" | "getConsoleLog" => base(&demo_vm, None),
         "updateVm" => base(&demo_vm, Some(json!({"name": "web-1", "update_mask": "name,metadata,tags"}))),
         "createSnapshot" => base(&demo_vm, Some(json!({"name": "s-b"}))),
@@ -735,6 +752,15 @@ async fn seed(s: &mut TestStack, t: &str, ops: &str) -> Seed {
             .unwrap();
         ok(&r, name);
     }
+    let hold = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("https://127.0.0.1:{}/hook", hold.local_addr().unwrap().port());
+    let mut hooks = Vec::new();
+    for _ in 0..2 {
+        let body = json!({"url": hook_url, "event_types": ["job.finished"]});
+        let r = s.rest.post(&format!("{T}/webhooks"), t, &body).await.unwrap();
+        ok(&r, "a webhook");
+        hooks.push(r.body["webhook"]["id"].as_str().unwrap().to_owned());
+    }
     for (path, body) in [
         ("flavors", json!({"name": "f-del", "vcpus": 1, "memory_mib": 512, "disk_gib": 10})),
         ("images", json!({"name": "i-del", "source": "base"})),
@@ -771,6 +797,10 @@ async fn seed(s: &mut TestStack, t: &str, ops: &str) -> Seed {
         volume: volumes[0].clone(),
         attached_volume: volumes[1].clone(),
         doomed_volume: volumes[2].clone(),
+        webhook: hooks[0].clone(),
+        doomed_webhook: hooks[1].clone(),
+        hook_url,
+        _hold: hold,
         vm: id,
         snapshot: snap.str("snapshot_id"),
         group: groups[0].clone(),
@@ -784,10 +814,16 @@ async fn seed(s: &mut TestStack, t: &str, ops: &str) -> Seed {
 
 #[tokio::test]
 async fn every_documented_constraint_holds_at_its_edges() {
-    let mut s =
-        TestStack::start(Path::new(HCP), StackOptions { sim_capabilities: ALL.into(), ..Default::default() })
-            .await
-            .unwrap();
+    let mut s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            sim_capabilities: ALL.into(),
+            core_toml: "[egress]\nallow_networks = [\"127.0.0.0/8\"]\n".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let ops_token = s.ops_token();
     let t = s.tenant_token("acme", &["demo"]);
     let seed = seed(&mut s, &t, &ops_token).await;

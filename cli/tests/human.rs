@@ -515,3 +515,41 @@ async fn people_export_usage_with_the_hcp_command() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("INVALID_ARGUMENT") && err.contains("(field: to)"), "{err}");
 }
+
+/// `hcp webhook`: create prints the secret once; list, show, deliveries,
+/// enable and delete; a refused URL shows the API's code and field.
+#[tokio::test]
+async fn people_manage_webhooks_with_the_hcp_command() {
+    let opts = StackOptions {
+        core_toml: "[egress]\nallow_networks = [\"127.0.0.0/8\"]\n".into(),
+        ..Default::default()
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
+    let token = s.tenant_token("acme", &["demo"]);
+    let cli = Cli::for_stack(&s, &token);
+    // A port the test holds and never answers: nothing is delivered here.
+    let hold = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}/hook", hold.local_addr().unwrap().port());
+    let out = cli.ok(&["webhook", "create", &url, "--event", "job.finished,vm.status_changed"]).await;
+    let secret =
+        out.lines().find_map(|l| l.strip_prefix("secret: ")).expect("the secret is printed").to_owned();
+    assert!(secret.starts_with("whsec_"), "{out}");
+    let list = cli.json(&["webhook", "list"]).await;
+    let id = list["webhooks"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(list["webhooks"][0]["event_types"], serde_json::json!(["job.finished", "vm.status_changed"]));
+    let table = cli.ok(&["webhook", "list"]).await;
+    assert!(table.contains(&id) && table.contains(&url) && !table.contains(&secret), "{table}");
+    let shown = cli.json(&["webhook", "show", &id]).await;
+    assert_eq!((shown["url"].as_str(), shown["enabled"].as_bool()), (Some(url.as_str()), Some(true)));
+    assert!(!shown.to_string().contains(&secret), "shown once only: {shown}");
+    let deliveries = cli.json(&["webhook", "deliveries", &id]).await;
+    assert!(deliveries["deliveries"].as_array().is_none_or(|a| a.is_empty()), "{deliveries}");
+    assert_eq!(cli.json(&["webhook", "enable", &id]).await["enabled"], true);
+    let out = cli.run(&["webhook", "create", "https://169.254.169.254/latest/meta-data/"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("INVALID_ARGUMENT") && err.contains("url"), "{err}");
+    cli.ok(&["webhook", "delete", &id]).await;
+    assert!(cli.json(&["webhook", "list"]).await["webhooks"].as_array().is_none_or(|a| a.is_empty()));
+    drop(hold);
+}

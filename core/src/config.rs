@@ -64,6 +64,80 @@ pub struct Config {
     pub telemetry: hcp_telemetry::TelemetryConfig,
     /// Admission control: load shedding, rate limits, timeouts.
     pub limits: LimitsConfig,
+    /// Where core may connect on a tenant's behalf (webhooks).
+    pub egress: EgressConfig,
+    /// Webhook deliveries: retries and when an endpoint is disabled.
+    pub webhooks: WebhooksConfig,
+}
+
+/// Outbound connections to URLs tenants give (`[egress]`): the one policy
+/// for webhooks and, later, image import (`crate::egress`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Allow plain http URLs. Default false; `hcp up` (development mode)
+    /// sets it.
+    pub allow_http: bool,
+    /// Address ranges (CIDR) the operator opts into although they are
+    /// denied by default (loopback, private, link-local, ...), e.g.
+    /// `["127.0.0.0/8"]`. Default none.
+    pub allow_networks: Vec<String>,
+    /// PEM file of CA certificates trusted besides the system's. Default none.
+    pub ca_file: Option<PathBuf>,
+    /// Time to connect (TCP, then TLS), seconds. Default 5.
+    pub connect_timeout_seconds: u64,
+    /// Time for a whole request, seconds. Default 10.
+    pub timeout_seconds: u64,
+    /// Most response body bytes read. Default 65536.
+    pub max_response_bytes: u64,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        Self {
+            allow_http: false,
+            allow_networks: Vec::new(),
+            ca_file: None,
+            connect_timeout_seconds: 5,
+            timeout_seconds: 10,
+            max_response_bytes: 65_536,
+        }
+    }
+}
+
+/// Webhook deliveries (`[webhooks]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// The wait after a delivery's first failed attempt, milliseconds;
+    /// each further failure doubles it (with jitter). Default 1000.
+    pub backoff_base_ms: u64,
+    /// The longest wait between attempts, milliseconds. Default 600000.
+    pub backoff_max_ms: u64,
+    /// Failed attempts in a row (any delivery) that disable an endpoint.
+    /// Default 1000.
+    pub disable_after_failures: u32,
+    /// Failing this long without a success disables an endpoint, seconds.
+    /// Default 259200 (3 days).
+    pub disable_after_seconds: u64,
+    /// How often the delivery worker looks for due deliveries when no
+    /// job change woke it, milliseconds. Default 1000.
+    pub poll_interval_ms: u64,
+    /// Deliveries sent at once. Default 16.
+    pub concurrency: u32,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            backoff_base_ms: 1000,
+            backoff_max_ms: 600_000,
+            disable_after_failures: 1000,
+            disable_after_seconds: 259_200,
+            poll_interval_ms: 1000,
+            concurrency: 16,
+        }
+    }
 }
 
 /// Admission control for the gRPC API (the `admission` layer).
@@ -139,6 +213,8 @@ impl Default for Config {
             idempotency_key_ttl_seconds: 86_400,
             telemetry: hcp_telemetry::TelemetryConfig::default(),
             limits: LimitsConfig::default(),
+            egress: EgressConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }
@@ -639,6 +715,29 @@ pub fn bounds() -> &'static [Bound] {
         Bound::range("drain.concurrency", 1.0, 1000.0, |c| f64::from(c.drain.concurrency)),
         Bound::range("drain.interval_ms", 50.0, 3_600_000.0, |c| c.drain.interval_ms as f64),
         Bound::range("audit.anchor_interval_seconds", 1.0, DAY, |c| c.audit.anchor_interval_seconds as f64),
+        Bound::range("egress.connect_timeout_seconds", 1.0, 60.0, |c| {
+            c.egress.connect_timeout_seconds as f64
+        }),
+        Bound::new(
+            "egress.timeout_seconds",
+            FromField { min: "egress.connect_timeout_seconds", max: 300.0 },
+            |c| c.egress.timeout_seconds as f64,
+        ),
+        Bound::range("egress.max_response_bytes", 1.0, 16_777_216.0, |c| c.egress.max_response_bytes as f64),
+        Bound::range("webhooks.backoff_base_ms", 10.0, 3_600_000.0, |c| c.webhooks.backoff_base_ms as f64),
+        Bound::new(
+            "webhooks.backoff_max_ms",
+            FromField { min: "webhooks.backoff_base_ms", max: DAY * 1000.0 },
+            |c| c.webhooks.backoff_max_ms as f64,
+        ),
+        Bound::range("webhooks.disable_after_failures", 1.0, 1e9, |c| {
+            f64::from(c.webhooks.disable_after_failures)
+        }),
+        Bound::range("webhooks.disable_after_seconds", 1.0, 366.0 * DAY, |c| {
+            c.webhooks.disable_after_seconds as f64
+        }),
+        Bound::range("webhooks.poll_interval_ms", 10.0, 3_600_000.0, |c| c.webhooks.poll_interval_ms as f64),
+        Bound::range("webhooks.concurrency", 1.0, 1024.0, |c| f64::from(c.webhooks.concurrency)),
     ];
     BOUNDS
 }
@@ -767,6 +866,27 @@ mod tests {
                 "audit.anchor_interval_seconds",
                 "between 1 and 86400, got 0",
             ),
+            (
+                "[egress]\nconnect_timeout_seconds = 0",
+                "egress.connect_timeout_seconds",
+                "between 1 and 60, got 0",
+            ),
+            (
+                "[egress]\nconnect_timeout_seconds = 9\ntimeout_seconds = 8",
+                "egress.timeout_seconds",
+                "between egress.connect_timeout_seconds (9) and 300, got 8",
+            ),
+            ("[egress]\nmax_response_bytes = 0", "egress.max_response_bytes", "got 0"),
+            ("[webhooks]\nbackoff_base_ms = 5", "webhooks.backoff_base_ms", "between 10 and 3600000, got 5"),
+            (
+                "[webhooks]\nbackoff_base_ms = 900\nbackoff_max_ms = 800",
+                "webhooks.backoff_max_ms",
+                "between webhooks.backoff_base_ms (900) and 86400000, got 800",
+            ),
+            ("[webhooks]\ndisable_after_failures = 0", "webhooks.disable_after_failures", "got 0"),
+            ("[webhooks]\ndisable_after_seconds = 0", "webhooks.disable_after_seconds", "got 0"),
+            ("[webhooks]\npoll_interval_ms = 1", "webhooks.poll_interval_ms", "got 1"),
+            ("[webhooks]\nconcurrency = 0", "webhooks.concurrency", "got 0"),
         ];
         for (toml, field, says) in rows {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod drain;
+pub mod egress;
 pub mod error;
 pub mod events;
 pub mod jobs;
@@ -26,6 +27,7 @@ pub mod queue;
 pub mod reconciler;
 pub mod secrets;
 pub mod server;
+pub mod webhooks;
 
 pub use hcp_domain::{audit, lifecycle, model, usage};
 pub use hcp_store as store;

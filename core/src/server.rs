@@ -32,6 +32,7 @@ use hcp_proto::tenant::key_pair_service_server::KeyPairServiceServer;
 use hcp_proto::tenant::quota_service_server::QuotaServiceServer;
 use hcp_proto::tenant::vm_service_server::VmServiceServer;
 use hcp_proto::tenant::volume_service_server::VolumeServiceServer;
+use hcp_proto::tenant::webhook_service_server::WebhookServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -100,6 +101,9 @@ pub enum StartError {
     /// The NATS URL is unusable.
     #[error("cannot set up the NATS connection")]
     Queue(#[source] async_nats::ConnectError),
+    /// The `[egress]` settings cannot be used.
+    #[error("cannot use the egress settings")]
+    Egress(#[source] crate::egress::PolicyError),
 }
 
 fn redact(url: &str) -> String {
@@ -167,6 +171,12 @@ pub async fn run(
         crate::providers::trust::TlsDefaults::load(&config.providers).map_err(StartError::ProviderTls)?,
     )
     .with_secrets(secrets.clone());
+    // Where tenants' URLs (webhooks) may lead: one policy, checked at
+    // registration and at every connection.
+    let egress = crate::egress::EgressClient::new(
+        crate::egress::EgressPolicy::new(&(&config.egress).into()).map_err(StartError::Egress)?,
+        Arc::new(crate::egress::SystemResolver),
+    );
     let local = LocalQueue::default();
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
@@ -250,6 +260,16 @@ pub async fn run(
             format!("drainer-{}", uuid::Uuid::now_v7()),
         );
         background.spawn(drainer.run(stop_rx.clone()));
+        // Tenants' webhook deliveries, sent by one process at a time.
+        let deliverer = crate::webhooks::Deliverer::new(
+            store.clone(),
+            egress.clone(),
+            secrets.clone(),
+            config.webhooks.clone(),
+            events.clone(),
+            format!("webhooks-{}", uuid::Uuid::now_v7()),
+        );
+        background.spawn(deliverer.run(stop_rx.clone()));
         // The audit trail's hash chain, extended by one process at a time,
         // which also exports its head.
         background.spawn(crate::audit_chain::run_sealer(
@@ -323,12 +343,14 @@ pub async fn run(
         let ops = OpsApi::new(ctx.clone());
         let catalog = CatalogApi::new(ctx.clone());
         let key_pairs = crate::api::keypairs::KeyPairApi::new(ctx.clone());
+        let webhooks = crate::api::webhooks::WebhookApi::new(ctx.clone(), egress);
         let console = crate::api::console::ConsoleApi::new(ctx);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<VmServiceServer<TenantApi>>().await;
         health.set_serving::<VolumeServiceServer<TenantApi>>().await;
         health.set_serving::<KeyPairServiceServer<crate::api::keypairs::KeyPairApi>>().await;
+        health.set_serving::<WebhookServiceServer<crate::api::webhooks::WebhookApi>>().await;
         health.set_serving::<JobServiceServer<TenantApi>>().await;
         health.set_serving::<QuotaServiceServer<TenantApi>>().await;
         health.set_serving::<CatalogServiceServer<CatalogApi>>().await;
@@ -365,6 +387,7 @@ pub async fn run(
             .add_service(VmServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(VolumeServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(KeyPairServiceServer::new(key_pairs).max_decoding_message_size(MAX_MESSAGE))
+            .add_service(WebhookServiceServer::new(webhooks).max_decoding_message_size(MAX_MESSAGE))
             .add_service(JobServiceServer::new(tenant.clone()).max_decoding_message_size(MAX_MESSAGE))
             .add_service(QuotaServiceServer::new(tenant).max_decoding_message_size(MAX_MESSAGE))
             .add_service(CatalogServiceServer::new(catalog).max_decoding_message_size(MAX_MESSAGE))

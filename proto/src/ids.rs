@@ -99,6 +99,10 @@ typed_id!(
     /// A volume.
     VolumeId
 );
+typed_id!(
+    /// A tenant's webhook endpoint.
+    WebhookId
+);
 
 #[cfg(test)]
 mod tests {

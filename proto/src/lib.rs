@@ -81,6 +81,7 @@ pub const NORTHBOUND_SERVICES: &[&str] = &[
     "hcp.tenant.v1.VmService",
     "hcp.tenant.v1.VolumeService",
     "hcp.tenant.v1.KeyPairService",
+    "hcp.tenant.v1.WebhookService",
     "hcp.tenant.v1.JobService",
     "hcp.tenant.v1.QuotaService",
     "hcp.common.v1.CatalogService",
@@ -161,6 +162,15 @@ impl std::fmt::Debug for provider::ConsoleEndpoint {
             .field("tls_ca_pem", &!self.tls_ca_pem.is_empty())
             .field("tls_fingerprint_sha256", &self.tls_fingerprint_sha256)
             .field("websocket_subprotocol", &self.websocket_subprotocol)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for tenant::CreateWebhookResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateWebhookResponse")
+            .field("webhook", &self.webhook)
+            .field("secret", &"<redacted>")
             .finish()
     }
 }

@@ -4,7 +4,7 @@
 //! [`AuditEvent::new`](crate::model::AuditEvent::new) is how an event is
 //! made.
 
-use hcp_proto::ids::{JobId, PlacementGroupId, ProviderId, VmId, VolumeId};
+use hcp_proto::ids::{JobId, PlacementGroupId, ProviderId, VmId, VolumeId, WebhookId};
 
 use crate::lifecycle::Verdict;
 use crate::model::JobKind;
@@ -75,6 +75,12 @@ pub enum AuditAction {
     KeyPairCreate,
     /// An SSH key pair deleted.
     KeyPairDelete,
+    /// A webhook endpoint registered.
+    WebhookCreate,
+    /// A webhook endpoint deleted.
+    WebhookDelete,
+    /// A disabled webhook endpoint enabled again.
+    WebhookEnable,
 }
 
 impl AuditAction {
@@ -112,6 +118,9 @@ impl AuditAction {
             AuditAction::VolumeTypeDelete => "volume_type.delete",
             AuditAction::KeyPairCreate => "key_pair.create",
             AuditAction::KeyPairDelete => "key_pair.delete",
+            AuditAction::WebhookCreate => "webhook.create",
+            AuditAction::WebhookDelete => "webhook.delete",
+            AuditAction::WebhookEnable => "webhook.enable",
         }
     }
 }
@@ -155,6 +164,8 @@ pub enum Resource<'a> {
     VolumeType(&'a str),
     /// A project's key pair, by name (the event's project says whose).
     KeyPair(&'a str),
+    /// A webhook endpoint.
+    Webhook(WebhookId),
 }
 
 impl Resource<'_> {
@@ -174,6 +185,7 @@ impl Resource<'_> {
             Resource::Volume(_) => "volume",
             Resource::VolumeType(_) => "volume_type",
             Resource::KeyPair(_) => "key_pair",
+            Resource::Webhook(_) => "webhook",
         }
     }
 
@@ -193,6 +205,7 @@ impl Resource<'_> {
             Resource::Network { zone, name } => format!("{zone}/{name}"),
             Resource::PlacementGroup(id) => id.to_string(),
             Resource::Host { provider, name } => format!("{provider}/{name}"),
+            Resource::Webhook(id) => id.to_string(),
         }
     }
 }

@@ -7,3 +7,4 @@ pub mod audit;
 pub mod lifecycle;
 pub mod model;
 pub mod usage;
+pub mod webhook;

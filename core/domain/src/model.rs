@@ -296,6 +296,42 @@ impl Room {
     }
 }
 
+string_enum!(
+    /// What a webhook endpoint can be told about (`event_types`); the
+    /// spelling is the `type` of the payload and the `HCP-Event-Type`
+    /// header.
+    WebhookEvent {
+        /// A job ended (succeeded, failed or cancelled).
+        JobFinished = "job.finished",
+        /// A VM's status changed: a job left it in a new state, or the
+        /// reconciler corrected it.
+        VmStatusChanged = "vm.status_changed",
+    }
+);
+
+impl WebhookEvent {
+    /// Every event type, in the order of their bits.
+    pub const ALL: [WebhookEvent; 2] = [WebhookEvent::JobFinished, WebhookEvent::VmStatusChanged];
+
+    /// The bit this type has in an [`crate::webhook::EventTypes`] set.
+    pub fn bit(self) -> i64 {
+        match self {
+            WebhookEvent::JobFinished => 1,
+            WebhookEvent::VmStatusChanged => 2,
+        }
+    }
+}
+
+string_enum!(
+    /// Where a webhook delivery stands.
+    DeliveryStatus {
+        /// Not yet accepted by the receiver (due, or waiting to retry).
+        Pending = "PENDING",
+        /// The receiver answered 2xx.
+        Delivered = "DELIVERED",
+    }
+);
+
 /// A tenant's SSH public key, imported into a project (HCP never holds the
 /// private key). Checked and fingerprinted before it is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,6 +28,7 @@ pub mod page;
 pub mod tenant;
 pub mod usage;
 pub mod validate;
+pub mod webhooks;
 
 /// What every handler can reach.
 #[derive(Clone)]

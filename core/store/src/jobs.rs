@@ -294,6 +294,25 @@ macro_rules! apply_transition {
         if t.requeue && $outbox {
             insert_outbox!($tx, SUBJECT_JOBS, job.id.to_string(), now);
         }
+        // Tenants' webhooks hear of the job's end (and the VM's new
+        // status) through rows written here, with the change.
+        if let (Some(vm_id), false) = (job.vm_id, t.job == JobStatus::Queued) {
+            let code: Option<String> = sqlx::query_scalar("SELECT error_code FROM jobs WHERE id = $1")
+                .bind(job.id.0)
+                .fetch_one(&mut *$tx)
+                .await
+                .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+            let code = code.map(|c| ErrorCode::from_name(&c).unwrap_or(ErrorCode::Internal).as_str());
+            let events = hcp_domain::webhook::job_events(job, t.job, code, t.vm, now);
+            super::webhooks::insert_webhook_events!(
+                $tx,
+                &job.tenant_id,
+                &job.project_id,
+                vm_id,
+                &events,
+                now
+            );
+        }
     }};
 }
 
@@ -827,6 +846,12 @@ async fn finish_in_one(
         None => (None, None),
     };
     let vm_error_message: Option<&str> = t.vm_error.map(|_| message.unwrap_or_default());
+    // Tenants' webhooks: at most two events (the job's end, the VM's new
+    // status), written by the statement's last part.
+    let code_name = finish.error.as_ref().map(|(c, _)| c.as_str());
+    let events =
+        super::webhooks::event_columns(&hcp_domain::webhook::job_events(job, t.job, code_name, t.vm, now));
+    let (first, second) = (events.first(), events.get(1));
     let host = finish.host.as_deref().filter(|h| !h.is_empty());
     let touches_vm = t.vm.is_some() || host.is_some() || t.vm_host.is_some() || finish.networks.is_some();
     // The VM's new state applies only while the job still holds it, as in
@@ -852,8 +877,16 @@ async fn finish_in_one(
              SELECT $26, $27, $5, NULL FROM j WHERE $25 AND $28), \
          a AS (INSERT INTO audit_events (id, at, actor, tenant_id, project_id, action, resource_type, \
              resource_id, outcome, job_id, trace_id, detail) \
-             SELECT $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41 FROM j WHERE $29) \
-         SELECT EXISTS (SELECT 1 FROM j) AS finished", job_running = JobStatus::Running, vm_deleted = VmStatus::Deleted),
+             SELECT $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40, $41 FROM j WHERE $29), \
+         w AS (INSERT INTO webhook_deliveries (event_id, endpoint_id, vm_id, event_type, payload, status, \
+             attempts, next_attempt_at, last_error, last_duration_ms, created_at) \
+             SELECT ev.event_id, e.id, $16, ev.event_type, ev.payload, {delivery_pending}, 0, $5, '', 0, $5 \
+             FROM j, webhook_endpoints e, (VALUES (1, $43::uuid, $44::text, $45::text, $46::bigint), \
+                 (2, $47::uuid, $48::text, $49::text, $50::bigint)) AS ev(n, event_id, event_type, payload, bit) \
+             WHERE ev.event_id IS NOT NULL AND e.tenant_id = $19 AND e.project_id = $20 AND e.enabled \
+             AND (e.event_mask & ev.bit) <> 0 ORDER BY ev.n, e.id) \
+         SELECT EXISTS (SELECT 1 FROM j) AS finished", job_running = JobStatus::Running, vm_deleted = VmStatus::Deleted,
+         delivery_pending = hcp_domain::model::DeliveryStatus::Pending),
     )
     .bind(t.job.ne(&JobStatus::Queued).then_some(now)) // $1
     .bind(job.id.0)
@@ -897,6 +930,14 @@ async fn finish_in_one(
     .bind(audit.map(|a| a.trace_id.as_str())) // $40
     .bind(audit.map(|a| a.detail.as_str()))
     .bind(usage.as_ref().map(|u| u.disk_gib as i32)) // $42
+    .bind(first.map(|e| e.0)) // $43
+    .bind(first.map(|e| e.1))
+    .bind(first.map(|e| e.2.as_str()))
+    .bind(first.map(|e| e.3))
+    .bind(second.map(|e| e.0)) // $47
+    .bind(second.map(|e| e.1))
+    .bind(second.map(|e| e.2.as_str()))
+    .bind(second.map(|e| e.3))
     .fetch_one(pool)
     .await
     .map_err(|e| StoreError::from_sqlx(e, "job"))?;

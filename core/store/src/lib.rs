@@ -36,6 +36,7 @@ mod rates;
 mod reconcile;
 mod vms;
 mod volumes;
+mod webhooks;
 
 pub use audit::{AuditQuery, ChainHead, ChainedEvent};
 pub use cache::{Catalog, LOADS_MAX_AGE, Loads, MAX_AGE as CATALOG_MAX_AGE};
@@ -51,6 +52,7 @@ pub use vms::{AcceptOperation, HostChange, ListVmsQuery, NewVm, SnapshotAccept, 
 pub use volumes::{
     AttachTarget, CreateVolumes, ListVolumesQuery, VolumeOperation, VolumeUpdate, VolumeUsageEvent,
 };
+pub use webhooks::AttemptOutcome;
 
 /// Why a store call failed.
 #[derive(Debug, thiserror::Error)]

@@ -105,6 +105,18 @@ impl super::Store {
             if let Some(event) = correction.metering {
                 insert_vm_usage!(tx, vm, event.as_str(), audit.at, None, outbox);
             }
+            if new != expected {
+                // Tenants' webhooks hear of the corrected status with it.
+                let owner = sqlx::query("SELECT tenant_id, project_id FROM vms WHERE id = $1")
+                    .bind(vm.0)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+                let (tenant, project): (String, String) =
+                    (super::col!(&owner, "tenant_id"), super::col!(&owner, "project_id"));
+                let events = [hcp_domain::webhook::correction_event(&project, vm, expected, new, audit.at)];
+                super::webhooks::insert_webhook_events!(tx, &tenant, &project, vm, &events, audit.at);
+            }
             if let Some(reason) = hcp_domain::lifecycle::drifted_console_revocation(new) {
                 // As when a job stops it: no token opens it any more, and
                 // the console proxy ends the sessions open on it.

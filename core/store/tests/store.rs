@@ -61,6 +61,7 @@ store_tests!(
     rate_buckets_grant_the_burst_per_tenant_and_refill,
     concurrent_rate_claims_never_get_more_than_the_bucket_holds,
     key_pairs_are_per_project_unique_and_limited,
+    webhook_deliveries_commit_with_the_change_and_go_out_in_order,
 );
 
 /// Polls `f` every 20 ms for up to 10 s; true once it held.
@@ -2176,4 +2177,157 @@ async fn key_pairs_are_per_project_unique_and_limited(backend: Backend) {
     let (events, _) =
         store.list_audit_events(&AuditQuery { page_size: 100, ..Default::default() }).await.unwrap();
     assert!(events.iter().any(|e| e.action == "key_pair.delete"), "each change is audited");
+}
+
+fn webhook(tenant: &str, project: &str, events: &[WebhookEvent]) -> hcp_domain::webhook::WebhookEndpoint {
+    hcp_domain::webhook::WebhookEndpoint {
+        id: hcp_proto::ids::WebhookId::new(),
+        tenant_id: tenant.into(),
+        project_id: project.into(),
+        url: "https://hooks.example.com/in".into(),
+        events: hcp_domain::webhook::EventTypes::of(events.iter().copied()),
+        description: "d".into(),
+        sealed_secret: vec![1, 2, 3],
+        enabled: true,
+        disabled_reason: String::new(),
+        consecutive_failures: 0,
+        failing_since: None,
+        created_at: now(),
+    }
+}
+
+async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: Backend) {
+    use hcp_domain::webhook::AttemptResult;
+    use hcp_store::AttemptOutcome;
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store).await;
+    let scope = Scope::new("acme", "p1");
+    let jobs_only = webhook("acme", "p1", &[WebhookEvent::JobFinished]);
+    let both = webhook("acme", "p1", &[WebhookEvent::JobFinished, WebhookEvent::VmStatusChanged]);
+    let elsewhere = webhook("acme", "p2", &[WebhookEvent::JobFinished]);
+    for w in [&jobs_only, &both, &elsewhere] {
+        store.create_webhook(w, 2, &audit("webhook.create", &w.id.to_string())).await.unwrap();
+    }
+    assert_eq!(store.get_webhook(&scope, both.id).await.unwrap(), both, "reads back as written");
+    let full =
+        store.create_webhook(&webhook("acme", "p1", &[WebhookEvent::JobFinished]), 2, &audit("a", "b")).await;
+    assert!(matches!(&full, Err(StoreError::QuotaExceeded(m)) if m.contains('2')), "{full:?}");
+    assert!(matches!(store.get_webhook(&Scope::new("acme", "p2"), both.id).await, Err(StoreError::NotFound)));
+
+    // Two VMs created: each finish writes its events to the project's
+    // endpoints that take them (the one-statement finish on PostgreSQL).
+    let (a, job_a) = create(&store, &p, "acme", "p1", "a", &[]).await;
+    let (b, job_b) = create(&store, &p, "acme", "p1", "b", &[]).await;
+    assert!(store.due_webhook_deliveries(now(), 100).await.unwrap().is_empty(), "nothing before a job ends");
+    complete(&store, &job_a, VmStatus::Active).await;
+    complete(&store, &job_b, VmStatus::Active).await;
+    let listed = store.list_webhook_deliveries(&scope, both.id, 10).await.unwrap();
+    let kinds: Vec<(VmId, WebhookEvent)> = listed.iter().rev().map(|d| (d.vm_id, d.event)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (a.id, WebhookEvent::JobFinished),
+            (a.id, WebhookEvent::VmStatusChanged),
+            (b.id, WebhookEvent::JobFinished),
+            (b.id, WebhookEvent::VmStatusChanged)
+        ],
+        "oldest first in order, newest first as listed"
+    );
+    let payload: serde_json::Value = serde_json::from_str(&listed[3].payload).unwrap();
+    assert_eq!(payload["type"], "job.finished");
+    assert_eq!(payload["data"]["job"]["kind"], "vm.create");
+    assert_eq!(payload["data"]["vm_status"], "ACTIVE");
+    assert_eq!(payload["vm_id"], a.id.to_string());
+    assert_eq!(store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap().len(), 2);
+    let other = Scope::new("acme", "p2");
+    assert!(
+        store.list_webhook_deliveries(&other, elsewhere.id, 10).await.unwrap().is_empty(),
+        "another project's"
+    );
+
+    // Due: the oldest undelivered one per endpoint and VM.
+    let heads = |due: Vec<(hcp_domain::webhook::WebhookDelivery, hcp_domain::webhook::WebhookEndpoint)>| {
+        let mut v: Vec<(hcp_proto::ids::WebhookId, VmId, WebhookEvent)> =
+            due.into_iter().map(|(d, e)| (e.id, d.vm_id, d.event)).collect();
+        v.sort_by_key(|(e, vm, _)| (e.0, vm.0));
+        v
+    };
+    let mut expected = vec![
+        (jobs_only.id, a.id, WebhookEvent::JobFinished),
+        (jobs_only.id, b.id, WebhookEvent::JobFinished),
+        (both.id, a.id, WebhookEvent::JobFinished),
+        (both.id, b.id, WebhookEvent::JobFinished),
+    ];
+    expected.sort_by_key(|(e, vm, _)| (e.0, vm.0));
+    let due = store.due_webhook_deliveries(now(), 100).await.unwrap();
+    let first_of_both_a = due.iter().find(|(d, e)| e.id == both.id && d.vm_id == a.id).unwrap().0.clone();
+    let first_of_jobs_a =
+        due.iter().find(|(d, e)| e.id == jobs_only.id && d.vm_id == a.id).unwrap().0.clone();
+    assert_eq!(heads(due), expected);
+    let ok = AttemptResult { at: now(), status_code: Some(204), error: String::new(), duration_ms: 7 };
+    let state = store
+        .record_webhook_attempt(first_of_both_a.seq, both.id, &ok, AttemptOutcome::Delivered)
+        .await
+        .unwrap();
+    assert_eq!(state, (0, None));
+    let failed = AttemptResult { at: now(), status_code: Some(503), error: String::new(), duration_ms: 9 };
+    let later = now() + Duration::hours(1);
+    let state = store
+        .record_webhook_attempt(first_of_jobs_a.seq, jobs_only.id, &failed, AttemptOutcome::Retry(later))
+        .await
+        .unwrap();
+    assert_eq!(state, (1, Some(failed.at)), "the endpoint counts its failures");
+    let due = heads(store.due_webhook_deliveries(now(), 100).await.unwrap());
+    assert!(due.contains(&(both.id, a.id, WebhookEvent::VmStatusChanged)), "the next one of the VM: {due:?}");
+    assert!(!due.iter().any(|(e, vm, _)| *e == jobs_only.id && *vm == a.id), "waits for its retry: {due:?}");
+    let retried = store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap();
+    let r = retried.iter().find(|d| d.seq == first_of_jobs_a.seq).unwrap();
+    assert_eq!(
+        (r.status, r.attempts, r.last_status_code, r.next_attempt_at),
+        (DeliveryStatus::Pending, 1, Some(503), later)
+    );
+
+    // Disabled: nothing of it is due; enabled again: all of it at once.
+    store.disable_webhook(jobs_only.id, "disabled after 1 failed attempts").await.unwrap();
+    let off = store.get_webhook(&scope, jobs_only.id).await.unwrap();
+    assert!(!off.enabled && off.disabled_reason.contains("1 failed"), "{off:?}");
+    let due = heads(store.due_webhook_deliveries(now(), 100).await.unwrap());
+    assert!(!due.iter().any(|(e, _, _)| *e == jobs_only.id), "{due:?}");
+    let on = store.enable_webhook(&scope, jobs_only.id, now(), &audit("webhook.enable", "x")).await.unwrap();
+    assert!(
+        on.enabled
+            && on.disabled_reason.is_empty()
+            && on.consecutive_failures == 0
+            && on.failing_since.is_none()
+    );
+    let due = heads(store.due_webhook_deliveries(now(), 100).await.unwrap());
+    assert!(due.contains(&(jobs_only.id, a.id, WebhookEvent::JobFinished)), "due again at once: {due:?}");
+
+    // A disabled endpoint gets no new deliveries; a deleted one loses its own.
+    store.disable_webhook(jobs_only.id, "off").await.unwrap();
+    let (_c, job_c) = create(&store, &p, "acme", "p1", "c", &[]).await;
+    complete(&store, &job_c, VmStatus::Active).await;
+    assert_eq!(
+        store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap().len(),
+        2,
+        "disabled: none new"
+    );
+    assert_eq!(
+        store.list_webhook_deliveries(&scope, both.id, 10).await.unwrap().len(),
+        6,
+        "enabled: two more"
+    );
+    // Old delivered events are removed; pending ones stay whatever their age.
+    assert_eq!(
+        store.purge_webhook_deliveries(now() + Duration::seconds(1)).await.unwrap(),
+        1,
+        "the delivered one"
+    );
+    assert_eq!(store.list_webhook_deliveries(&scope, both.id, 10).await.unwrap().len(), 5);
+    store.delete_webhook(&scope, both.id, &audit("webhook.delete", "x")).await.unwrap();
+    assert!(matches!(store.list_webhook_deliveries(&scope, both.id, 10).await, Err(StoreError::NotFound)));
+    assert_eq!(store.list_webhook_deliveries(&scope, jobs_only.id, 10).await.unwrap().len(), 2);
+    let (events, _) =
+        store.list_audit_events(&AuditQuery { page_size: 100, ..Default::default() }).await.unwrap();
+    assert!(events.iter().any(|e| e.action == "webhook.delete"), "each change is audited");
 }
