@@ -1225,7 +1225,8 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
                 q.extend(value.map(|v| format!("{name}={}", enc(&v))));
             }
             let v = c.call("GET", &format!("{O}/vms?{}", q.join("&")), None).await?;
-            let cols = &["vm_id", "tenant_id", "project_id", "name", "status", "provider_id", "host", "job_id"];
+            let cols =
+                &["vm_id", "tenant_id", "project_id", "name", "status", "provider_id", "host", "job_id"];
             output::print(out, &v, Some("vms"), cols);
         }
         Ops::Vm(
@@ -1238,7 +1239,9 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
                     format!("{O}/vms/{vm}:stop"),
                     Some(json!({"force": force, "timeout_seconds": timeout})),
                 ),
-                OpsVm::Reboot { vm, hard } => ("POST", format!("{O}/vms/{vm}:reboot"), Some(json!({"hard": hard}))),
+                OpsVm::Reboot { vm, hard } => {
+                    ("POST", format!("{O}/vms/{vm}:reboot"), Some(json!({"hard": hard})))
+                }
                 OpsVm::Delete { vm } => ("DELETE", format!("{O}/vms/{vm}"), None),
                 _ => unreachable!("matched above"),
             };
@@ -1260,7 +1263,16 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
             let mut q = vec![format!("open_only={open}")];
             q.extend(provider.map(|p| format!("provider_id={}", enc(&p))));
             let v = c.call("GET", &format!("{O}/vm-leftovers?{}", q.join("&")), None).await?;
-            let cols = &["vm_id", "provider_id", "host", "tenant_id", "recorded_by", "recorded_at", "cleaned_at", "cleaned_how"];
+            let cols = &[
+                "vm_id",
+                "provider_id",
+                "host",
+                "tenant_id",
+                "recorded_by",
+                "recorded_at",
+                "cleaned_at",
+                "cleaned_how",
+            ];
             output::print(out, &v, Some("leftovers"), cols);
         }
         Ops::Job { job } => {

@@ -266,7 +266,8 @@ async fn every_mutating_operation_replays_by_its_key() {
     let nobody_start = call("POST", format!("{O}/vms/{NOBODY}:start"), Some(json!({})));
     let r = contract(&s, &ops, "o19", op("start", json!({})), nobody_start, 202).await;
     job_done(&s, &t, &r).await;
-    let r = contract(&s, &ops, "o20", op("reboot", json!({})), op("reboot", json!({"hard": true})), 202).await;
+    let r =
+        contract(&s, &ops, "o20", op("reboot", json!({})), op("reboot", json!({"hard": true})), 202).await;
     job_done(&s, &t, &r).await;
     let reset = |reason: &str| op("reset-state", json!({"status": "ACTIVE", "reason": reason}));
     contract(&s, &ops, "o21", reset("checked"), reset("checked again"), 200).await;
@@ -357,10 +358,19 @@ async fn every_mutating_operation_replays_by_its_key() {
         job_done(&s, &t, &r).await;
         doomed.push(r.str("vm_id"));
     }
-    let r = contract(&s, &ops, "o22", gone(format!("{O}/vms/{}", doomed[0])), gone(format!("{O}/vms/{NOBODY}")), 202)
-        .await;
+    let r = contract(
+        &s,
+        &ops,
+        "o22",
+        gone(format!("{O}/vms/{}", doomed[0])),
+        gone(format!("{O}/vms/{NOBODY}")),
+        202,
+    )
+    .await;
     job_done(&s, &t, &r).await;
-    let fd = |reason: &str| call("POST", format!("{O}/vms/{}:force-delete", doomed[1]), Some(json!({"reason": reason})));
+    let fd = |reason: &str| {
+        call("POST", format!("{O}/vms/{}:force-delete", doomed[1]), Some(json!({"reason": reason})))
+    };
     contract(&s, &ops, "o23", fd("host gone"), fd("rack gone"), 200).await;
 
     // Ops deletes, last: what the rest used.
@@ -448,10 +458,14 @@ async fn a_409_for_a_job_in_flight_names_the_job() {
         .await
         .unwrap();
     busy(&migrate, &job, "a migration with a bad target");
-    let stop = s.rest.post(&format!("{O}/vms/{id}:stop"), &ops, &json!({"timeout_seconds": 999999})).await.unwrap();
+    let stop =
+        s.rest.post(&format!("{O}/vms/{id}:stop"), &ops, &json!({"timeout_seconds": 999999})).await.unwrap();
     busy(&stop, &job, "an operator's stop with a bad timeout");
-    let reset =
-        s.rest.post(&format!("{O}/vms/{id}:reset-state"), &ops, &json!({"status": "ERROR", "reason": "r"})).await.unwrap();
+    let reset = s
+        .rest
+        .post(&format!("{O}/vms/{id}:reset-state"), &ops, &json!({"status": "ERROR", "reason": "r"}))
+        .await
+        .unwrap();
     busy(&reset, &job, "a state reset");
     let fd = s.rest.post(&format!("{O}/vms/{id}:force-delete"), &ops, &json!({"reason": "r"})).await.unwrap();
     busy(&fd, &job, "a force-delete without force");

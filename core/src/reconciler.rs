@@ -447,7 +447,7 @@ impl Reconciler {
                 Err(e) => Err(tonic::Status::unavailable(e.message)),
             };
             match result {
-                Ok(()) => "deleted",
+                Ok(()) => "removed",
                 Err(s) if s.code() == tonic::Code::NotFound => "absent",
                 Err(s) => {
                     let detail = format!("leftover on provider {}; delete failed: {}", p.name, s.message());
@@ -465,7 +465,8 @@ impl Reconciler {
             "absent"
         };
         let detail = format!("leftover on provider {}: {how}", p.name);
-        let audit = self.audit(AuditAction::ReconcileLeftover, id, AuditOutcome::Drift(Verdict::Reaped), detail);
+        let audit =
+            self.audit(AuditAction::ReconcileLeftover, id, AuditOutcome::Drift(Verdict::Reaped), detail);
         match self.store.mark_leftover_cleaned(id, how, &audit).await {
             Ok(true) => {
                 counted(&audit);

@@ -29,7 +29,11 @@ use crate::store::{FleetQuery, ForceDelete, StoreError};
 const PROVIDER_ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The fleet listing, one page; the counts on the first.
-pub async fn list(ctx: &ApiContext, p: &Principal, r: &ListOpsVmsRequest) -> Result<ListOpsVmsResponse, ApiError> {
+pub async fn list(
+    ctx: &ApiContext,
+    p: &Principal,
+    r: &ListOpsVmsRequest,
+) -> Result<ListOpsVmsResponse, ApiError> {
     p.ops(Access::Read)?;
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     // An id no provider has matches nothing (a removed provider's VMs
@@ -86,7 +90,7 @@ pub async fn list(ctx: &ApiContext, p: &Principal, r: &ListOpsVmsRequest) -> Res
         let rows = ctx.store.count_fleet(&query).await.map_err(|e| from_store(e, "vms"))?;
         let mut c = OpsVmCounts::default();
         for row in rows {
-            let n = row.vms.max(0) as u64;
+            let n = u32::try_from(row.vms).unwrap_or(u32::MAX);
             c.total += n;
             *c.by_status.entry(row.status.as_str().to_owned()).or_default() += n;
             *c.by_provider.entry(row.provider.to_string()).or_default() += n;
@@ -166,7 +170,9 @@ pub async fn operate(
     rules?;
     let (kind, params) = match action {
         Action::Start => (JobKind::StartVm, JobParams::None),
-        Action::Stop { force, timeout_seconds } => (JobKind::StopVm, JobParams::Stop { force, timeout_seconds }),
+        Action::Stop { force, timeout_seconds } => {
+            (JobKind::StopVm, JobParams::Stop { force, timeout_seconds })
+        }
         Action::Reboot { hard } => (JobKind::RebootVm, JobParams::Reboot { hard }),
         Action::Delete => (JobKind::DeleteVm, JobParams::None),
     };
@@ -187,17 +193,26 @@ pub async fn reset_state(
         .and_then(convert::vm_status_from_proto)
         .filter(|s| lifecycle::reset_allowed(*s))
         .ok_or_else(|| {
-            ApiError::invalid_field("status", format!("status must be ACTIVE, STOPPED or ERROR, got {}", req.status))
+            ApiError::invalid_field(
+                "status",
+                format!("status must be ACTIVE, STOPPED or ERROR, got {}", req.status),
+            )
         })?;
     let (seen, said) = ask_provider(ctx, &vm).await;
     let forced = match lifecycle::reset_contradiction(to, seen) {
         None => false,
         Some(_) if req.force => true,
         Some(why) => {
-            let code =
-                if seen == ProviderView::Unreachable { ErrorCode::ProviderUnavailable } else { ErrorCode::Conflict };
-            return Err(ApiError::new(code, format!("cannot reset vm {} to {to}: {why}; force sets it anyway", vm.id))
-                .with_detail("provider_state", said.clone()));
+            let code = if seen == ProviderView::Unreachable {
+                ErrorCode::ProviderUnavailable
+            } else {
+                ErrorCode::Conflict
+            };
+            return Err(ApiError::new(
+                code,
+                format!("cannot reset vm {} to {to}: {why}; force sets it anyway", vm.id),
+            )
+            .with_detail("provider_state", said.clone()));
         }
     };
     let mut audit = ctx.audit(p, AuditAction::VmResetState, Resource::Vm(vm.id), AuditOutcome::Succeeded);
@@ -212,7 +227,15 @@ pub async fn reset_state(
     let revoke = (to != VmStatus::Active).then(|| format!("the vm was set to {to} by an operator"));
     let message = format!("set to ERROR by an operator: {}", req.reason);
     ctx.store
-        .reset_vm_state(vm.id, vm.status, to, &message, lifecycle::reset_metering(vm.status, to), revoke.as_deref(), &audit)
+        .reset_vm_state(
+            vm.id,
+            vm.status,
+            to,
+            &message,
+            lifecycle::reset_metering(vm.status, to),
+            revoke.as_deref(),
+            &audit,
+        )
         .await
         .map_err(|e| from_store(e, &format!("vm {}", vm.id)))?;
     tracing::info!(vm_id = %vm.id, from = %vm.status, to = %to, forced, "vm state reset by an operator");
@@ -228,16 +251,20 @@ async fn ask_provider(ctx: &ApiContext, vm: &model::Vm) -> (ProviderView, String
     let asked = compute.get_vm(provider::VmRef { vm_id: vm.id.to_string() });
     match tokio::time::timeout(PROVIDER_ASK_TIMEOUT, asked).await {
         Ok(Ok(info)) => {
-            let power =
-                provider::PowerState::try_from(info.into_inner().power_state).unwrap_or(provider::PowerState::Unspecified);
+            let power = provider::PowerState::try_from(info.into_inner().power_state)
+                .unwrap_or(provider::PowerState::Unspecified);
             let view = match power {
                 provider::PowerState::Running => ProviderView::Power(Power::Running),
-                provider::PowerState::Shutoff | provider::PowerState::Crashed => ProviderView::Power(Power::Off),
+                provider::PowerState::Shutoff | provider::PowerState::Crashed => {
+                    ProviderView::Power(Power::Off)
+                }
                 _ => ProviderView::Unclear,
             };
             (view, power.as_str_name().trim_start_matches("POWER_STATE_").to_owned())
         }
-        Ok(Err(status)) if status.code() == tonic::Code::NotFound => (ProviderView::Absent, "ABSENT".to_owned()),
+        Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
+            (ProviderView::Absent, "ABSENT".to_owned())
+        }
         _ => unreachable,
     }
 }
@@ -296,7 +323,8 @@ pub async fn leftovers(
         "" => None,
         id => Some(validate::id::<ProviderId>("provider_id", id)?),
     };
-    let rows = ctx.store.list_leftovers(provider, req.open_only).await.map_err(|e| from_store(e, "leftovers"))?;
+    let rows =
+        ctx.store.list_leftovers(provider, req.open_only).await.map_err(|e| from_store(e, "leftovers"))?;
     Ok(ops::ListVmLeftoversResponse {
         leftovers: rows
             .iter()

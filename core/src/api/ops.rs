@@ -820,9 +820,12 @@ impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
         let ctx = &self.ctx;
         // Not a job: the request's rules come first, then (named) a job in
         // flight.
-        self.write(req, "ResetVmState", None, |p, r| async move {
-            super::fleet::reset_state(ctx, &p, r).await
-        })
+        self.write(
+            req,
+            "ResetVmState",
+            None,
+            |p, r| async move { super::fleet::reset_state(ctx, &p, r).await },
+        )
         .await
     }
 
@@ -833,9 +836,12 @@ impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
         let ctx = &self.ctx;
         // `force` decides whether a job in flight is refused: the request's
         // rules come first.
-        self.write(req, "ForceDeleteVm", None, |p, r| async move {
-            super::fleet::force_delete(ctx, &p, r).await
-        })
+        self.write(
+            req,
+            "ForceDeleteVm",
+            None,
+            |p, r| async move { super::fleet::force_delete(ctx, &p, r).await },
+        )
         .await
     }
 

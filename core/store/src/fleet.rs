@@ -157,48 +157,52 @@ enum Param {
 fn fleet_filter(q: &FleetQuery) -> (String, Vec<Param>) {
     let mut clauses: Vec<String> = Vec::new();
     let mut params: Vec<Param> = Vec::new();
-    let mut add = |clause: &str, p: Param| {
-        params.push(p);
+    // Each `?` of `clause` is the value's number.
+    let mut add = |clause: &str, p: Option<Param>| {
+        if let Some(p) = p {
+            params.push(p);
+        }
         clauses.push(clause.replace('?', &format!("${}", params.len())));
     };
+    let text = |s: &String| Some(Param::Text(s.clone()));
     if let Some(t) = &q.tenant {
-        add("tenant_id = ?", Param::Text(t.clone()));
+        add("tenant_id = ?", text(t));
     }
     if let Some(p) = &q.project {
-        add("project_id = ?", Param::Text(p.clone()));
+        add("project_id = ?", text(p));
     }
     if let Some(p) = q.provider {
-        add("provider_id = ?", Param::Id(p.0));
+        add("provider_id = ?", Some(Param::Id(p.0)));
     }
     if let Some(h) = &q.host {
-        add("host = ?", Param::Text(h.clone()));
+        add("host = ?", text(h));
     }
     if let Some(z) = &q.zone {
-        add("zone = ?", Param::Text(z.clone()));
+        add("zone = ?", text(z));
     }
     match q.status {
-        Some(s) => add("status = ?", Param::Text(s.as_str().to_owned())),
-        None => clauses.push(format!("status <> {}", Quoted(VmStatus::Deleted.as_str()))),
+        Some(s) => add("status = ?", Some(Param::Text(s.as_str().to_owned()))),
+        None => add(&format!("status <> {}", Quoted(VmStatus::Deleted.as_str())), None),
     }
     if let Some(i) = &q.image {
-        add("image = ?", Param::Text(i.clone()));
+        add("image = ?", text(i));
     }
     if let Some(f) = &q.flavor {
-        add("flavor = ?", Param::Text(f.clone()));
+        add("flavor = ?", text(f));
     }
     if let Some(n) = &q.name_prefix {
         // An exact prefix on both backends (LIKE folds case on SQLite and
         // would need escaping).
-        add("substr(name, 1, length(?)) = ?", Param::Text(n.clone()));
+        add("substr(name, 1, length(?)) = ?", text(n));
     }
     if let Some(t) = q.created_before {
-        add("created_at < ?", Param::Time(t));
+        add("created_at < ?", Some(Param::Time(t)));
     }
     if let Some(t) = q.created_after {
-        add("created_at >= ?", Param::Time(t));
+        add("created_at >= ?", Some(Param::Time(t)));
     }
     if let Some(t) = q.status_since_before {
-        add("status_since <= ?", Param::Time(t));
+        add("status_since <= ?", Some(Param::Time(t)));
     }
     (clauses.join(" AND "), params)
 }

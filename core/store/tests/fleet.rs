@@ -9,7 +9,7 @@ use chrono::Duration;
 use hcp_domain::lifecycle::{Metering, Outcome};
 use hcp_domain::model::*;
 use hcp_proto::ids::{EventId, ProviderId, VmId};
-use hcp_store::{FleetQuery, Finish, ForceDelete, Quota, Store, StoreError};
+use hcp_store::{Finish, FleetQuery, ForceDelete, Quota, Store, StoreError};
 use hcp_testkit::db::{Backend, TestDb};
 
 macro_rules! store_tests {
@@ -134,7 +134,15 @@ async fn active(store: &Store, p: &Provider, tenant: &str, project: &str, name: 
     let job = Job::queued(JobKind::CreateVm, &Scope::new(tenant, project), Some(vm.id), "t", 3, None, "r");
     vm.current_job_id = Some(job.id);
     store
-        .accept_create(&vm, &job, &audit("vm.create", &vm.id.to_string()), None, None, None, &Default::default())
+        .accept_create(
+            &vm,
+            &job,
+            &audit("vm.create", &vm.id.to_string()),
+            None,
+            None,
+            None,
+            &Default::default(),
+        )
         .await
         .unwrap();
     let claimed = store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().unwrap();
@@ -174,7 +182,10 @@ async fn the_fleet_is_listed_across_tenants_with_filters_and_pages(backend: Back
         (FleetQuery { provider: Some(p1.id), host: Some("h1".into()), ..all.clone() }, vec![a.id]),
         (FleetQuery { zone: Some("z1".into()), ..all.clone() }, vec![a.id, b.id, c.id]),
         (FleetQuery { zone: Some("z9".into()), ..all.clone() }, vec![]),
-        (FleetQuery { image: Some("img".into()), flavor: Some("small".into()), ..all.clone() }, vec![a.id, b.id, c.id]),
+        (
+            FleetQuery { image: Some("img".into()), flavor: Some("small".into()), ..all.clone() },
+            vec![a.id, b.id, c.id],
+        ),
         (FleetQuery { name_prefix: Some("web-".into()), ..all.clone() }, vec![a.id, c.id]),
         (FleetQuery { name_prefix: Some("WEB".into()), ..all.clone() }, vec![]),
         (FleetQuery { status: Some(VmStatus::Error), ..all.clone() }, vec![]),
@@ -198,7 +209,11 @@ async fn the_fleet_is_listed_across_tenants_with_filters_and_pages(backend: Back
     let mut ev = audit("vm.reset_state", &a.id.to_string());
     ev.at = at;
     store.reset_vm_state(a.id, VmStatus::Active, VmStatus::Error, "broken", None, None, &ev).await.unwrap();
-    let errored = |cutoff| FleetQuery { status: Some(VmStatus::Error), status_since_before: Some(cutoff), ..all.clone() };
+    let errored = |cutoff| FleetQuery {
+        status: Some(VmStatus::Error),
+        status_since_before: Some(cutoff),
+        ..all.clone()
+    };
     assert_eq!(ids(&store.list_fleet(&errored(at)).await.unwrap().0), vec![a.id]);
     assert!(store.list_fleet(&errored(at - Duration::minutes(5))).await.unwrap().0.is_empty());
     let row = store.list_fleet(&FleetQuery { status: Some(VmStatus::Error), ..all.clone() }).await.unwrap().0;
@@ -227,7 +242,15 @@ async fn fleet_counts_group_by_status_provider_and_host(backend: Backend) {
     active(&store, &p1, "acme", "web", "web-2", "h1").await;
     let e = active(&store, &p2, "globex", "db", "db-1", "h9").await;
     store
-        .reset_vm_state(e.id, VmStatus::Active, VmStatus::Error, "x", None, None, &audit("vm.reset_state", ""))
+        .reset_vm_state(
+            e.id,
+            VmStatus::Active,
+            VmStatus::Error,
+            "x",
+            None,
+            None,
+            &audit("vm.reset_state", ""),
+        )
         .await
         .unwrap();
     let counts = store.count_fleet(&FleetQuery::default()).await.unwrap();
@@ -239,7 +262,8 @@ async fn fleet_counts_group_by_status_provider_and_host(backend: Backend) {
     let mut got = got;
     got.sort_by(|x, y| (x.0.as_str(), x.1.0, &x.2).cmp(&(y.0.as_str(), y.1.0, &y.2)));
     assert_eq!(got, want);
-    let acme = store.count_fleet(&FleetQuery { tenant: Some("acme".into()), ..Default::default() }).await.unwrap();
+    let acme =
+        store.count_fleet(&FleetQuery { tenant: Some("acme".into()), ..Default::default() }).await.unwrap();
     assert_eq!(acme.iter().map(|c| c.vms).sum::<i64>(), 2, "counts follow the filters");
 }
 
@@ -249,7 +273,15 @@ async fn a_state_reset_is_compare_and_set_and_audited(backend: Backend) {
     let vm = active(&store, &p, "acme", "web", "web-1", "h1").await;
     let ev = audit("vm.reset_state", &vm.id.to_string());
     store
-        .reset_vm_state(vm.id, VmStatus::Active, VmStatus::Error, "stuck: ticket 42", Some(Metering::Stopped), Some("reset"), &ev)
+        .reset_vm_state(
+            vm.id,
+            VmStatus::Active,
+            VmStatus::Error,
+            "stuck: ticket 42",
+            Some(Metering::Stopped),
+            Some("reset"),
+            &ev,
+        )
         .await
         .unwrap();
     let got = store.get_vm_internal(vm.id).await.unwrap();
@@ -258,12 +290,28 @@ async fn a_state_reset_is_compare_and_set_and_audited(backend: Backend) {
     assert!(got.error_code.is_some());
     // A reset from a state the VM is no longer in changes nothing.
     let again = store
-        .reset_vm_state(vm.id, VmStatus::Active, VmStatus::Stopped, "", None, None, &audit("vm.reset_state", ""))
+        .reset_vm_state(
+            vm.id,
+            VmStatus::Active,
+            VmStatus::Stopped,
+            "",
+            None,
+            None,
+            &audit("vm.reset_state", ""),
+        )
         .await
         .unwrap_err();
     assert!(matches!(again, StoreError::Conflict(_)), "{again:?}");
     store
-        .reset_vm_state(vm.id, VmStatus::Error, VmStatus::Stopped, "", None, None, &audit("vm.reset_state", ""))
+        .reset_vm_state(
+            vm.id,
+            VmStatus::Error,
+            VmStatus::Stopped,
+            "",
+            None,
+            None,
+            &audit("vm.reset_state", ""),
+        )
         .await
         .unwrap();
     let got = store.get_vm_internal(vm.id).await.unwrap();
@@ -286,7 +334,15 @@ async fn a_state_reset_is_compare_and_set_and_audited(backend: Backend) {
     };
     store.accept_operation(&op, &start, &audit("vm.start", ""), None).await.unwrap();
     let busy = store
-        .reset_vm_state(vm.id, VmStatus::Starting, VmStatus::Active, "", None, None, &audit("vm.reset_state", ""))
+        .reset_vm_state(
+            vm.id,
+            VmStatus::Starting,
+            VmStatus::Active,
+            "",
+            None,
+            None,
+            &audit("vm.reset_state", ""),
+        )
         .await
         .unwrap_err();
     assert!(matches!(busy, StoreError::Busy { job, .. } if job == start.id), "{busy:?}");
@@ -307,7 +363,13 @@ async fn a_force_delete_releases_quota_keeps_volumes_and_records_a_leftover(back
     let mut ev = audit("vm.force_delete", &vm.id.to_string());
     ev.tenant_id = "acme".into();
     let done = store
-        .force_delete_vm(&ForceDelete { vm: vm.id, end_job: false, leftover: true, reason: "rack burned".into(), audit: ev })
+        .force_delete_vm(&ForceDelete {
+            vm: vm.id,
+            end_job: false,
+            leftover: true,
+            reason: "rack burned".into(),
+            audit: ev,
+        })
         .await
         .unwrap();
     assert_eq!((done.vm.id, done.ended_job, done.detached_volumes), (vm.id, None, 0));
@@ -330,17 +392,24 @@ async fn a_force_delete_releases_quota_keeps_volumes_and_records_a_leftover(back
     assert_eq!(open.len(), 1);
     let l = &open[0];
     assert_eq!(
-        (l.vm_id, l.provider_id, l.host.as_str(), l.tenant_id.as_str(), l.recorded_by.as_str(), l.reason.as_str()),
+        (
+            l.vm_id,
+            l.provider_id,
+            l.host.as_str(),
+            l.tenant_id.as_str(),
+            l.recorded_by.as_str(),
+            l.reason.as_str()
+        ),
         (vm.id, p.id, "h1", "acme", "ops-alice", "rack burned")
     );
     assert!(l.cleaned_at.is_none());
     assert!(store.list_leftovers(Some(ProviderId::new()), false).await.unwrap().is_empty());
     let cleaned = audit("reconcile.leftover", &vm.id.to_string());
-    assert!(store.mark_leftover_cleaned(vm.id, "deleted", &cleaned).await.unwrap());
-    assert!(!store.mark_leftover_cleaned(vm.id, "deleted", &cleaned).await.unwrap());
+    assert!(store.mark_leftover_cleaned(vm.id, "removed", &cleaned).await.unwrap());
+    assert!(!store.mark_leftover_cleaned(vm.id, "removed", &cleaned).await.unwrap());
     assert!(store.list_leftovers(Some(p.id), true).await.unwrap().is_empty());
     let all = store.list_leftovers(None, false).await.unwrap();
-    assert_eq!(all[0].cleaned_how.as_deref(), Some("deleted"));
+    assert_eq!(all[0].cleaned_how.as_deref(), Some("removed"));
     assert!(all[0].cleaned_at.is_some());
 
     // Without a leftover (the operator knows it is gone), none is recorded.
@@ -400,7 +469,10 @@ async fn a_force_delete_ends_a_job_in_flight_only_when_forced(backend: Backend) 
         size: None,
         volume: None,
     };
-    assert!(matches!(store.finish_job(&claimed, "w", &late, now(), None).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.finish_job(&claimed, "w", &late, now(), None).await,
+        Err(StoreError::Conflict(_))
+    ));
     let got = store.get_vm_internal(vm.id).await.unwrap();
     assert_eq!((got.status, got.current_job_id), (VmStatus::Deleted, None));
 }
