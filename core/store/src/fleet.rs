@@ -3,9 +3,12 @@
 //! removed whose provider or host is gone (`force_delete_vm`), and the
 //! leftovers such a removal records for the reconciler to clean.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{JobId, ProviderId, VmId};
+use sqlx::types::Json;
 
 use super::outbox::insert_vm_usage;
 use super::vms::{VM_COLUMNS, vm_from_row};
@@ -49,7 +52,7 @@ pub struct FleetQuery {
 }
 
 /// A VM of the fleet listing, with when it entered its status.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FleetVm {
     /// The VM.
     pub vm: Vm,
@@ -87,7 +90,7 @@ pub struct ForceDelete {
 }
 
 /// What a force-delete did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ForceDeleted {
     /// The VM as it was before.
     pub vm: Vm,

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use chrono::Duration;
 use hcp_domain::lifecycle::{Metering, Outcome};
 use hcp_domain::model::*;
-use hcp_proto::ids::{EventId, ProviderId, VmId};
+use hcp_proto::ids::{EventId, ProviderId, VmId, VolumeId};
 use hcp_store::{Finish, FleetQuery, ForceDelete, Quota, Store, StoreError};
 use hcp_testkit::db::{Backend, TestDb};
 
@@ -145,6 +145,13 @@ async fn active(store: &Store, p: &Provider, tenant: &str, project: &str, name: 
         )
         .await
         .unwrap();
+    succeed(store, &job, None).await;
+    store.get_vm_internal(vm.id).await.unwrap()
+}
+
+/// Finishes a claimable job successfully, as the engine does.
+async fn succeed(store: &Store, job: &Job, volume: Option<hcp_store::VolumeReport>) {
+    let t = now();
     let claimed = store.claim_job(job.id, "w", t, t + Duration::seconds(30)).await.unwrap().unwrap();
     let done = Finish {
         transition: claimed.transition(Outcome::Succeeded { power: None }),
@@ -153,10 +160,71 @@ async fn active(store: &Store, p: &Provider, tenant: &str, project: &str, name: 
         networks: None,
         host: None,
         size: None,
-        volume: None,
+        volume,
     };
     store.finish_job(&claimed, "w", &done, now(), None).await.unwrap();
-    store.get_vm_internal(vm.id).await.unwrap()
+}
+
+/// Creates a data volume and attaches it to `vm`; returns its id.
+async fn attached_volume(store: &Store, p: &Provider, vm: &Vm) -> VolumeId {
+    let vt = VolumeType {
+        name: "standard".into(),
+        description: String::new(),
+        max_size_gib: 100,
+        storage: BTreeMap::new(),
+        created_at: now(),
+    };
+    store.create_volume_type(&vt, &audit("volume_type.create", "standard")).await.unwrap();
+    let scope = Scope::new(&vm.tenant_id, &vm.project_id);
+    let mut job = Job::queued(JobKind::CreateVolume, &scope, None, "t", 3, None, "r");
+    let t = now();
+    let volume = Volume {
+        id: VolumeId::new(),
+        tenant_id: vm.tenant_id.clone(),
+        project_id: vm.project_id.clone(),
+        name: "data".into(),
+        size_gib: 1,
+        zone: "z1".into(),
+        volume_type: "standard".into(),
+        provider_id: p.id,
+        storage: String::new(),
+        host: String::new(),
+        native_id: None,
+        status: VolumeStatus::Creating,
+        attachment: None,
+        delete_on_vm_delete: false,
+        current_job_id: Some(job.id),
+        error_code: None,
+        error_message: None,
+        metadata: BTreeMap::new(),
+        tags: vec![],
+        created_at: t,
+        updated_at: t,
+    };
+    job.volume_id = Some(volume.id);
+    store.accept_volume_create(&volume, &job, &audit("volume.create", ""), None).await.unwrap();
+    let report = hcp_store::VolumeReport { native_id: "disk-1".into(), host: String::new() };
+    succeed(store, &job, Some(report)).await;
+    let mut attach = Job::queued(JobKind::AttachVolume, &scope, Some(vm.id), "t", 3, None, "r");
+    attach.volume_id = Some(volume.id);
+    let op = hcp_store::VolumeOperation {
+        scope,
+        volume_id: volume.id,
+        kind: JobKind::AttachVolume,
+        attach: Some(hcp_store::AttachTarget {
+            vm_id: vm.id,
+            host: vm.host.clone(),
+            host_local: false,
+            max_volumes: 8,
+        }),
+        extend_to: None,
+        require_vm_status: Some(vm.status),
+    };
+    store.accept_volume_operation(&op, &attach, &audit("volume.attach", ""), None).await.unwrap();
+    succeed(store, &attach, None).await;
+    let got = store.get_volume_internal(volume.id).await.unwrap();
+    assert_eq!((got.status, got.attachment.map(|a| a.vm_id)), (VolumeStatus::InUse, Some(vm.id)));
+    volume.id
 }
 
 fn ids(rows: &[hcp_store::FleetVm]) -> Vec<VmId> {
@@ -359,6 +427,7 @@ async fn a_force_delete_releases_quota_keeps_volumes_and_records_a_leftover(back
     let quota = Quota { max_instances: Some(1), ..Quota::default() };
     store.set_quota(&scope, &quota, &audit("quota.set", "web")).await.unwrap();
     let vm = active(&store, &p, "acme", "web", "web-1", "h1").await;
+    let volume = attached_volume(&store, &p, &vm).await;
     assert_eq!(store.get_quota(&scope).await.unwrap().1.instances, 1);
     let mut ev = audit("vm.force_delete", &vm.id.to_string());
     ev.tenant_id = "acme".into();
@@ -372,7 +441,10 @@ async fn a_force_delete_releases_quota_keeps_volumes_and_records_a_leftover(back
         })
         .await
         .unwrap();
-    assert_eq!((done.vm.id, done.ended_job, done.detached_volumes), (vm.id, None, 0));
+    assert_eq!((done.vm.id, done.ended_job, done.detached_volumes), (vm.id, None, 1));
+    // Its volume is detached in HCP's records and kept.
+    let kept = store.get_volume_internal(volume).await.unwrap();
+    assert_eq!((kept.status, kept.attachment, kept.current_job_id), (VolumeStatus::Available, None, None));
     assert_eq!(store.get_vm_internal(vm.id).await.unwrap().status, VmStatus::Deleted);
     assert_eq!(store.get_quota(&scope).await.unwrap().1.instances, 0, "its quota is released");
     let usage = store.list_usage_events(&scope).await.unwrap();
