@@ -71,7 +71,8 @@ async fn provider_health(s: &TestStack, id: &str) -> String {
 async fn an_operator_force_deletes_the_vms_of_a_vanished_provider_and_the_reconciler_cleans_up() {
     let opts = StackOptions {
         core_toml: "[reconciler]\ninterval_seconds = 1\n".into(),
-        providers_toml: "probe_interval_seconds = 1\nprobe_timeout_seconds = 1\n".into(),
+        // A call to the frozen provider gives up soon (the reconciler waits on it).
+        providers_toml: "call_timeout_seconds = 5\n".into(),
         ..Default::default()
     };
     let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
