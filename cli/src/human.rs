@@ -295,7 +295,7 @@ pub enum OpsVm {
         cold: bool,
     },
     /// VMs of every tenant, filtered; `-o json` adds the counts.
-    List(FleetFilters),
+    List(Box<FleetFilters>),
     /// Start a tenant's VM (a job; its history names you).
     Start { vm: String },
     /// Stop a tenant's VM (a job).
@@ -1207,6 +1207,7 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
             output::print(out, &v, None, &["vm_id", "job_id"]);
         }
         Ops::Vm(OpsVm::List(f)) => {
+            let f = *f;
             let mut q = vec![format!("page_size={}", f.limit)];
             for (name, value) in [
                 ("tenant_id", f.tenant),
