@@ -174,6 +174,33 @@ async fn an_operator_force_deletes_the_vms_of_a_vanished_provider_and_the_reconc
     let errored = fleet(&s, "error_for_minutes=1").await;
     assert!(ids(&errored).is_empty(), "not in ERROR for a minute yet: {errored}");
     assert_eq!(ids(&fleet(&s, "status=ERROR").await), vec![a1.clone()]);
+    let r = s.rest.get(&format!("{O}/vms?status=ACTIVE&error_for_minutes=5"), &ops).await.unwrap();
+    assert_eq!(
+        (r.status, r.body["details"]["field"].as_str()),
+        (400, Some("error_for_minutes")),
+        "{}",
+        r.body
+    );
+    let audit =
+        s.rest.get(&format!("{O}/audit-events?resource_id={a1}&action=vm.reset_state"), &ops).await.unwrap();
+    let detail = audit.body["events"][0]["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(detail.contains("ticket 7") && detail.contains("ACTIVE -> ERROR"), "{}", audit.body);
+    // Forced, a contradicted state is set all the same, and says so.
+    let r = s
+        .rest
+        .post(
+            &format!("{O}/vms/{a1}:reset-state"),
+            &ops,
+            &json!({"status": "STOPPED", "reason": "drill", "force": true}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body["vm"]["status"].as_str(), r.body["forced"].as_bool()),
+        (200, Some("STOPPED"), Some(true)),
+        "{}",
+        r.body
+    );
     let r = s
         .rest
         .post(&format!("{O}/vms/{a1}:reset-state"), &ops, &json!({"status": "ACTIVE", "reason": "fixed"}))
