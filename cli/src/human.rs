@@ -300,6 +300,99 @@ pub enum OpsVm {
         #[arg(long)]
         cold: bool,
     },
+    /// VMs of every tenant, filtered; `-o json` adds the counts.
+    List(Box<FleetFilters>),
+    /// Start a tenant's VM (a job; its history names you).
+    Start { vm: String },
+    /// Stop a tenant's VM (a job).
+    Stop {
+        vm: String,
+        /// Power off at once.
+        #[arg(long)]
+        force: bool,
+        /// Seconds the guest gets before power-off (0: the provider's default).
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+    },
+    /// Reboot a tenant's VM (a job).
+    Reboot {
+        vm: String,
+        /// Reset instead of asking the guest.
+        #[arg(long)]
+        hard: bool,
+    },
+    /// Delete a tenant's VM (a job).
+    Delete { vm: String },
+    /// Set a VM's state by hand (ACTIVE, STOPPED or ERROR), after asking its provider.
+    ResetState {
+        vm: String,
+        status: String,
+        /// Why (recorded in the audit trail).
+        #[arg(long)]
+        reason: String,
+        /// Even when the provider reports otherwise or cannot be asked.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a VM whose provider or host is gone for good (quota released, volumes kept).
+    ForceDelete {
+        vm: String,
+        /// Why (recorded in the audit trail and with the leftover).
+        #[arg(long)]
+        reason: String,
+        /// End a job in flight on it instead of refusing.
+        #[arg(long)]
+        force: bool,
+        /// The provider-side VM is known gone: record no leftover.
+        #[arg(long)]
+        no_leftover: bool,
+    },
+    /// What force-deleted VMs left on providers, and whether the reconciler cleaned it.
+    Leftovers {
+        /// Only of this provider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Only those not cleaned yet.
+        #[arg(long)]
+        open: bool,
+    },
+}
+
+/// The filters of `hcp ops vm list`.
+#[derive(Args, Debug)]
+pub struct FleetFilters {
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    project: Option<String>,
+    #[arg(long)]
+    provider: Option<String>,
+    #[arg(long)]
+    host: Option<String>,
+    #[arg(long)]
+    zone: Option<String>,
+    /// ACTIVE, STOPPED, ERROR, DELETED, ...
+    #[arg(long)]
+    status: Option<String>,
+    #[arg(long)]
+    image: Option<String>,
+    #[arg(long)]
+    flavor: Option<String>,
+    /// Names starting with this.
+    #[arg(long)]
+    name_prefix: Option<String>,
+    /// RFC 3339.
+    #[arg(long)]
+    created_before: Option<String>,
+    /// RFC 3339.
+    #[arg(long)]
+    created_after: Option<String>,
+    /// In ERROR for at least this many minutes.
+    #[arg(long)]
+    error_for_minutes: Option<u32>,
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    limit: u32,
 }
 
 /// `hcp ops provider`.
@@ -1123,6 +1216,76 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
         Ops::CancelJob { job } => {
             let v = c.call("POST", &format!("{O}/jobs/{job}:cancel"), Some(&json!({}))).await?;
             output::print(out, &v, None, &["job_id", "tenant_id", "kind", "status", "cancel_requested"]);
+        }
+        Ops::Vm(OpsVm::List(f)) => {
+            let f = *f;
+            let mut q = vec![format!("page_size={}", f.limit)];
+            for (name, value) in [
+                ("tenant_id", f.tenant),
+                ("project_id", f.project),
+                ("provider_id", f.provider),
+                ("host", f.host),
+                ("zone", f.zone),
+                ("status", f.status),
+                ("image", f.image),
+                ("flavor", f.flavor),
+                ("name_prefix", f.name_prefix),
+                ("created_before", f.created_before),
+                ("created_after", f.created_after),
+                ("error_for_minutes", f.error_for_minutes.map(|n| n.to_string())),
+            ] {
+                q.extend(value.map(|v| format!("{name}={}", enc(&v))));
+            }
+            let v = c.call("GET", &format!("{O}/vms?{}", q.join("&")), None).await?;
+            let cols =
+                &["vm_id", "tenant_id", "project_id", "name", "status", "provider_id", "host", "job_id"];
+            output::print(out, &v, Some("vms"), cols);
+        }
+        Ops::Vm(
+            cmd @ (OpsVm::Start { .. } | OpsVm::Stop { .. } | OpsVm::Reboot { .. } | OpsVm::Delete { .. }),
+        ) => {
+            let (method, path, body) = match cmd {
+                OpsVm::Start { vm } => ("POST", format!("{O}/vms/{vm}:start"), Some(json!({}))),
+                OpsVm::Stop { vm, force, timeout } => (
+                    "POST",
+                    format!("{O}/vms/{vm}:stop"),
+                    Some(json!({"force": force, "timeout_seconds": timeout})),
+                ),
+                OpsVm::Reboot { vm, hard } => {
+                    ("POST", format!("{O}/vms/{vm}:reboot"), Some(json!({"hard": hard})))
+                }
+                OpsVm::Delete { vm } => ("DELETE", format!("{O}/vms/{vm}"), None),
+                _ => unreachable!("matched above"),
+            };
+            let v = c.call(method, &path, body.as_ref()).await?;
+            output::print(out, &v, None, &["vm_id", "job_id"]);
+        }
+        Ops::Vm(OpsVm::ResetState { vm, status, reason, force }) => {
+            let body = json!({"status": status.to_uppercase(), "reason": reason, "force": force});
+            let v = c.call("POST", &format!("{O}/vms/{vm}:reset-state"), Some(&body)).await?;
+            output::print(out, &v, None, &["vm.vm_id", "vm.status", "provider_state", "forced"]);
+        }
+        Ops::Vm(OpsVm::ForceDelete { vm, reason, force, no_leftover }) => {
+            let body = json!({"reason": reason, "force": force, "leftover": !no_leftover});
+            let v = c.call("POST", &format!("{O}/vms/{vm}:force-delete"), Some(&body)).await?;
+            let cols = &["vm.vm_id", "vm.status", "ended_job_id", "detached_volumes", "leftover_recorded"];
+            output::print(out, &v, None, cols);
+        }
+        Ops::Vm(OpsVm::Leftovers { provider, open }) => {
+            let mut q = vec![format!("open_only={open}")];
+            q.extend(provider.map(|p| format!("provider_id={}", enc(&p))));
+            let v = c.call("GET", &format!("{O}/vm-leftovers?{}", q.join("&")), None).await?;
+            let cols = &[
+                "vm_id",
+                "provider_id",
+                "host",
+                "tenant_id",
+                "recorded_by",
+                "recorded_at",
+                "cleaned_at",
+                "cleaned_how",
+            ];
+            output::print(out, &v, Some("leftovers"), cols);
         }
         Ops::Job { job } => {
             let v = c.call("GET", &format!("{O}/jobs/{job}"), None).await?;

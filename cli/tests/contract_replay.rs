@@ -288,6 +288,18 @@ async fn every_mutating_operation_replays_by_its_key() {
     let r =
         contract(&s, &ops, "o12", migrate(json!({})), migrate(json!({"target_host": "nowhere"})), 202).await;
     job_done(&s, &t, &r).await;
+    // An operator's operations on the tenant's VM.
+    let op = |what: &str, body: Value| call("POST", format!("{O}/vms/{id}:{what}"), Some(body));
+    let r = contract(&s, &ops, "o18", op("stop", json!({})), op("stop", json!({"force": true})), 202).await;
+    job_done(&s, &t, &r).await;
+    let nobody_start = call("POST", format!("{O}/vms/{NOBODY}:start"), Some(json!({})));
+    let r = contract(&s, &ops, "o19", op("start", json!({})), nobody_start, 202).await;
+    job_done(&s, &t, &r).await;
+    let r =
+        contract(&s, &ops, "o20", op("reboot", json!({})), op("reboot", json!({"hard": true})), 202).await;
+    job_done(&s, &t, &r).await;
+    let reset = |reason: &str| op("reset-state", json!({"status": "ACTIVE", "reason": reason}));
+    contract(&s, &ops, "o21", reset("checked"), reset("checked again"), 200).await;
     let console = contract(
         &s,
         &t,
@@ -387,6 +399,32 @@ async fn every_mutating_operation_replays_by_its_key() {
         .await;
     drop(hold);
 
+    // An operator deletes a tenant's VM, and force-deletes another.
+    let mut doomed = Vec::new();
+    for name in ["ops-del", "ops-fd"] {
+        // In zone-1: the provider of z-r is removed below, which a VM's
+        // history would forbid.
+        let body = json!({"name": name, "flavor": "small", "image": "debian-12", "zone": "zone-1"});
+        let r = s.rest.post(&format!("{T}/vms"), &t, &body).await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.body);
+        job_done(&s, &t, &r).await;
+        doomed.push(r.str("vm_id"));
+    }
+    let r = contract(
+        &s,
+        &ops,
+        "o22",
+        gone(format!("{O}/vms/{}", doomed[0])),
+        gone(format!("{O}/vms/{NOBODY}")),
+        202,
+    )
+    .await;
+    job_done(&s, &t, &r).await;
+    let fd = |reason: &str| {
+        call("POST", format!("{O}/vms/{}:force-delete", doomed[1]), Some(json!({"reason": reason})))
+    };
+    contract(&s, &ops, "o23", fd("host gone"), fd("rack gone"), 200).await;
+
     // Ops deletes, last: what the rest used.
     contract(
         &s,
@@ -472,6 +510,17 @@ async fn a_409_for_a_job_in_flight_names_the_job() {
         .await
         .unwrap();
     busy(&migrate, &job, "a migration with a bad target");
+    let stop =
+        s.rest.post(&format!("{O}/vms/{id}:stop"), &ops, &json!({"timeout_seconds": 999999})).await.unwrap();
+    busy(&stop, &job, "an operator's stop with a bad timeout");
+    let reset = s
+        .rest
+        .post(&format!("{O}/vms/{id}:reset-state"), &ops, &json!({"status": "ERROR", "reason": "r"}))
+        .await
+        .unwrap();
+    busy(&reset, &job, "a state reset");
+    let fd = s.rest.post(&format!("{O}/vms/{id}:force-delete"), &ops, &json!({"reason": "r"})).await.unwrap();
+    busy(&fd, &job, "a force-delete without force");
     job_done(&s, &t, &resize).await;
     // Once it is done, the state-dependent answers come back.
     let same = post("resize", json!({"flavor": "large"})).await;

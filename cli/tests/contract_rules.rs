@@ -180,6 +180,12 @@ fn baseline(op: &str, s: &Seed) -> Option<Base> {
         }
         "opsGetVm" => base(&[("vm_id", vm)], None),
         "opsMigrateVm" => base(&[("vm_id", vm)], empty()),
+        "opsListVms" | "opsListVmLeftovers" => base(&[], None),
+        "opsStartVm" | "opsStopVm" | "opsRebootVm" => base(&[("vm_id", vm)], empty()),
+        // No VM has this id: a 404 says the request passed its rules.
+        "opsDeleteVm" => base(&[("vm_id", NOBODY)], None),
+        "opsResetVmState" => base(&[("vm_id", NOBODY)], Some(json!({"status": "ERROR", "reason": "r"}))),
+        "opsForceDeleteVm" => base(&[("vm_id", NOBODY)], Some(json!({"reason": "r"}))),
         "opsCreateZone" => prefixed(&[], "zone", json!({"name": "z-b"})),
         "opsDeleteZone" => base(&[("name", "z-del")], None),
         "opsDeleteNetwork" => base(&[("zone", "zone-1"), ("name", "n-del")], None),

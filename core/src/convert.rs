@@ -519,7 +519,16 @@ pub fn key_pair_to_tenant(k: &crate::model::KeyPair) -> tenant::KeyPair {
 
 /// The operators' view of a VM.
 pub fn vm_to_ops(vm: &Vm) -> hcp_proto::ops::OpsVm {
+    fleet_vm_to_ops(vm, None)
+}
+
+/// The operators' view of a VM, with when it entered its status when known.
+pub fn fleet_vm_to_ops(vm: &Vm, status_since: Option<DateTime<Utc>>) -> hcp_proto::ops::OpsVm {
     hcp_proto::ops::OpsVm {
+        status_since: status_since.map(ts),
+        created_at: Some(ts(vm.created_at)),
+        image: vm.image.clone(),
+        flavor: vm.flavor.clone(),
         vm_id: vm.id.to_string(),
         tenant_id: vm.tenant_id.clone(),
         project_id: vm.project_id.clone(),

@@ -64,6 +64,9 @@ pub struct Report {
     pub attachments: usize,
     /// HCP's volumes on the hypervisor that HCP does not know, reported.
     pub volume_orphans: usize,
+    /// Leftovers of force-deleted VMs cleaned (deleted on the provider,
+    /// or found gone there).
+    pub leftovers: usize,
 }
 
 /// Runs reconciliation passes.
@@ -141,6 +144,7 @@ impl Reconciler {
                     total.volumes_missing += r.volumes_missing;
                     total.attachments += r.attachments;
                     total.volume_orphans += r.volume_orphans;
+                    total.leftovers += r.leftovers;
                 }
                 Err(e) => {
                     tracing::warn!(provider = %p.name, error = %hcp_telemetry::error_chain(&e), "reconcile failed")
@@ -196,6 +200,10 @@ impl Reconciler {
             .map(|h| h.name)
             .collect();
         let mut report = Report { listed: inventory.len(), known: known.len(), ..Report::default() };
+        // Force-deleted VMs whose provider-side VM is still to be cleaned:
+        // known, not orphans; cleaned below whatever the orphan policy.
+        let leftovers: std::collections::HashSet<VmId> =
+            self.store.list_leftovers(Some(p.id), true).await?.into_iter().map(|l| l.vm_id).collect();
         let mut seen = std::collections::HashSet::with_capacity(inventory.len());
         let mut first_hosts: Vec<(VmId, String)> = Vec::new();
 
@@ -205,6 +213,9 @@ impl Reconciler {
                 continue;
             };
             seen.insert(id);
+            if leftovers.contains(&id) {
+                continue;
+            }
             let power =
                 provider::PowerState::try_from(vm.power_state).unwrap_or(provider::PowerState::Unspecified);
             match by_id.get(&id) {
@@ -287,6 +298,11 @@ impl Reconciler {
                 }
                 report.missing += 1;
                 self.missing(k, observed_at).await;
+            }
+        }
+        for id in &leftovers {
+            if self.clean_leftover(p, *id, seen.contains(id)).await {
+                report.leftovers += 1;
             }
         }
         if p.capabilities.supports_volumes {
@@ -417,6 +433,50 @@ impl Reconciler {
                     detail,
                 ))
                 .await;
+            }
+        }
+    }
+
+    /// Deletes a force-deleted VM's leftover on its provider (when it
+    /// still lists it; DeleteVm is idempotent) and marks it cleaned,
+    /// audited. A failed delete leaves it open for the next pass.
+    async fn clean_leftover(&self, p: &Provider, id: VmId, listed: bool) -> bool {
+        let how = if listed {
+            let result = match self.clients.compute(p) {
+                Ok(mut c) => c.delete_vm(provider::VmRef { vm_id: id.to_string() }).await.map(|_| ()),
+                Err(e) => Err(tonic::Status::unavailable(e.message)),
+            };
+            match result {
+                Ok(()) => "removed",
+                Err(s) if s.code() == tonic::Code::NotFound => "absent",
+                Err(s) => {
+                    let detail = format!("leftover on provider {}; delete failed: {}", p.name, s.message());
+                    self.record(self.audit(
+                        AuditAction::ReconcileLeftover,
+                        id,
+                        AuditOutcome::Drift(Verdict::Failed),
+                        detail,
+                    ))
+                    .await;
+                    return false;
+                }
+            }
+        } else {
+            "absent"
+        };
+        let detail = format!("leftover on provider {}: {how}", p.name);
+        let audit =
+            self.audit(AuditAction::ReconcileLeftover, id, AuditOutcome::Drift(Verdict::Reaped), detail);
+        match self.store.mark_leftover_cleaned(id, how, &audit).await {
+            Ok(true) => {
+                counted(&audit);
+                tracing::info!(vm_id = %id, provider = %p.name, how, "leftover of a force-deleted vm cleaned");
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(vm_id = %id, error = %e, "cannot mark a leftover cleaned");
+                false
             }
         }
     }

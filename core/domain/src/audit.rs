@@ -65,6 +65,13 @@ pub enum AuditAction {
     ReconcileOrphan,
     /// The reconciler recorded a volume attached or detached without HCP.
     ReconcileAttachment,
+    /// An operator set a VM's state by hand.
+    VmResetState,
+    /// An operator removed a VM whose provider or host is gone.
+    VmForceDelete,
+    /// The reconciler deleted (or found gone) a force-deleted VM's
+    /// leftover on its provider.
+    ReconcileLeftover,
     /// A volume's name, metadata or tags changed.
     VolumeUpdate,
     /// A volume type created.
@@ -113,6 +120,9 @@ impl AuditAction {
             AuditAction::ReconcileRestart => "reconcile.restart",
             AuditAction::ReconcileOrphan => "reconcile.orphan",
             AuditAction::ReconcileAttachment => "reconcile.attachment",
+            AuditAction::VmResetState => "vm.reset_state",
+            AuditAction::VmForceDelete => "vm.force_delete",
+            AuditAction::ReconcileLeftover => "reconcile.leftover",
             AuditAction::VolumeUpdate => "volume.update",
             AuditAction::VolumeTypeCreate => "volume_type.create",
             AuditAction::VolumeTypeDelete => "volume_type.delete",

@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Capabilities, Job, JobKind, JobStatus, SnapshotStatus, VmStatus};
 
 mod drift;
+mod reset;
 mod volume;
 pub use drift::{Correction, Drift, Verdict, correct, drift, drifted_console_revocation};
+pub use reset::{ProviderView, RESET_TARGETS, reset_allowed, reset_contradiction, reset_metering};
 pub use volume::{
     AttachedVm, AttachmentChange, Observed, VolumeAction, VolumeChange, VolumeDrift, VolumeMetering,
     VolumeRefusal, accept_volume, created_vm_volume, volume_allowed_actions, volume_change, volume_drift,

@@ -19,6 +19,7 @@ use crate::store::Store;
 pub mod caller;
 pub mod catalog;
 pub mod console;
+pub mod fleet;
 pub mod groups;
 pub mod hosts;
 pub mod idempotency;

@@ -750,6 +750,108 @@ impl hcp_proto::ops::vm_admin_service_server::VmAdminService for OpsApi {
         })
         .await
     }
+
+    async fn list_vms(
+        &self,
+        req: tonic::Request<hcp_proto::ops::ListOpsVmsRequest>,
+    ) -> ApiResult<hcp_proto::ops::ListOpsVmsResponse> {
+        let p = checked(&req)?;
+        handle(super::fleet::list(&self.ctx, &p, req.get_ref())).await
+    }
+
+    async fn start_vm(
+        &self,
+        req: tonic::Request<hcp_proto::ops::OpsVmActionRequest>,
+    ) -> ApiResult<hcp_proto::tenant::VmOperationAccepted> {
+        let request_id = super::tenant::request_id(&req);
+        let ctx = &self.ctx;
+        self.write_with(req, "StartVm", None, Rules::InOperation, |p, r| async move {
+            let rules = hcp_proto::rules::check(&r);
+            super::fleet::operate(ctx, &p, request_id, &r.vm_id, super::fleet::Action::Start, rules).await
+        })
+        .await
+    }
+
+    async fn stop_vm(
+        &self,
+        req: tonic::Request<hcp_proto::ops::OpsStopVmRequest>,
+    ) -> ApiResult<hcp_proto::tenant::VmOperationAccepted> {
+        let request_id = super::tenant::request_id(&req);
+        let ctx = &self.ctx;
+        self.write_with(req, "StopVm", None, Rules::InOperation, |p, r| async move {
+            let rules = hcp_proto::rules::check(&r);
+            let action = super::fleet::Action::Stop { force: r.force, timeout_seconds: r.timeout_seconds };
+            super::fleet::operate(ctx, &p, request_id, &r.vm_id, action, rules).await
+        })
+        .await
+    }
+
+    async fn reboot_vm(
+        &self,
+        req: tonic::Request<hcp_proto::ops::OpsRebootVmRequest>,
+    ) -> ApiResult<hcp_proto::tenant::VmOperationAccepted> {
+        let request_id = super::tenant::request_id(&req);
+        let ctx = &self.ctx;
+        self.write_with(req, "RebootVm", None, Rules::InOperation, |p, r| async move {
+            let rules = hcp_proto::rules::check(&r);
+            let action = super::fleet::Action::Reboot { hard: r.hard };
+            super::fleet::operate(ctx, &p, request_id, &r.vm_id, action, rules).await
+        })
+        .await
+    }
+
+    async fn delete_vm(
+        &self,
+        req: tonic::Request<hcp_proto::ops::OpsVmActionRequest>,
+    ) -> ApiResult<hcp_proto::tenant::VmOperationAccepted> {
+        let request_id = super::tenant::request_id(&req);
+        let ctx = &self.ctx;
+        self.write_with(req, "DeleteVm", None, Rules::InOperation, |p, r| async move {
+            let rules = hcp_proto::rules::check(&r);
+            super::fleet::operate(ctx, &p, request_id, &r.vm_id, super::fleet::Action::Delete, rules).await
+        })
+        .await
+    }
+
+    async fn reset_vm_state(
+        &self,
+        req: tonic::Request<hcp_proto::ops::ResetVmStateRequest>,
+    ) -> ApiResult<hcp_proto::ops::ResetVmStateResponse> {
+        let ctx = &self.ctx;
+        // Not a job: the request's rules come first, then (named) a job in
+        // flight.
+        self.write(
+            req,
+            "ResetVmState",
+            None,
+            |p, r| async move { super::fleet::reset_state(ctx, &p, r).await },
+        )
+        .await
+    }
+
+    async fn force_delete_vm(
+        &self,
+        req: tonic::Request<hcp_proto::ops::ForceDeleteVmRequest>,
+    ) -> ApiResult<hcp_proto::ops::ForceDeleteVmResponse> {
+        let ctx = &self.ctx;
+        // `force` decides whether a job in flight is refused: the request's
+        // rules come first.
+        self.write(
+            req,
+            "ForceDeleteVm",
+            None,
+            |p, r| async move { super::fleet::force_delete(ctx, &p, r).await },
+        )
+        .await
+    }
+
+    async fn list_vm_leftovers(
+        &self,
+        req: tonic::Request<hcp_proto::ops::ListVmLeftoversRequest>,
+    ) -> ApiResult<hcp_proto::ops::ListVmLeftoversResponse> {
+        let p = checked(&req)?;
+        handle(super::fleet::leftovers(&self.ctx, &p, req.get_ref())).await
+    }
 }
 
 #[tonic::async_trait]

@@ -166,6 +166,8 @@ impl TenantApi {
         let mut audit =
             self.ctx.audit(p, AuditAction::Job(kind), Resource::Vm(vm_id), AuditOutcome::Accepted);
         audit.project_id = scope.project.clone();
+        // An operator acting on the tenant's VM has no tenant of its own.
+        audit.tenant_id.clone_from(&scope.tenant);
         audit.job_id = job.id.to_string();
         if let Some(s) = extra.snapshot_id {
             audit.detail = format!("snapshot {s}");
@@ -207,6 +209,24 @@ impl TenantApi {
         self.ctx.announce(job.id);
         tracing::info!(vm_id = %vm_id, job_id = %job.id, kind = %kind, "vm operation accepted");
         Ok(answer)
+    }
+
+    /// An operator's operation on a tenant's VM (`api::fleet`): the same
+    /// accepting transaction as the tenant's own (the store checks the VM
+    /// again there), in the VM's project, with the operator as the job's
+    /// actor and the audit event's. The caller has found the VM and
+    /// handles the Idempotency-Key.
+    pub(super) async fn operate_as(
+        &self,
+        p: &Principal,
+        vm: &model::Vm,
+        kind: JobKind,
+        params: JobParams,
+        request_id: String,
+    ) -> Result<VmOperationAccepted, ApiError> {
+        let scope = Scope { tenant: vm.tenant_id.clone(), project: vm.project_id.clone() };
+        let t = Target { scope, vm_id: vm.id, idem: None };
+        self.accept(p, t, kind, Extra { params, request_id, ..Extra::default() }).await
     }
 
     /// Revert or delete of an existing snapshot.
