@@ -10,11 +10,13 @@ use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{JobId, ProviderId, VmId};
 use sqlx::types::Json;
 
+use super::jobs::{JOB_COLUMNS, job_from_row};
 use super::outbox::insert_vm_usage;
+use super::webhooks::insert_webhook_events;
 use super::vms::{VM_COLUMNS, vm_from_row};
-use super::{Quoted, StoreError, StoreResult, col, on_pool, sql};
-use hcp_domain::lifecycle::Metering;
-use hcp_domain::model::{AuditEvent, JobStatus, Vm, VmStatus, VolumeStatus};
+use super::{Quoted, StoreError, StoreResult, col, on_pool, sql, to_u32};
+use hcp_domain::lifecycle::{JobParams, Metering};
+use hcp_domain::model::{AuditEvent, Job, JobKind, JobStatus, Vm, VmStatus, VolumeStatus};
 
 /// Filters and page position for [`super::Store::list_fleet`]; `None` (or
 /// empty) filters nothing. DELETED VMs are listed only when `status` asks
@@ -346,6 +348,17 @@ impl super::Store {
             if let Some(event) = metering {
                 insert_vm_usage!(tx, vm, event.as_str(), audit.at, None, outbox);
             }
+            if to != expected {
+                // Tenants' webhooks hear of the status an operator set.
+                let owner = sqlx::query("SELECT tenant_id, project_id FROM vms WHERE id = $1")
+                    .bind(vm.0)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
+                let (tenant, project): (String, String) = (col!(&owner, "tenant_id"), col!(&owner, "project_id"));
+                let events = [hcp_domain::webhook::correction_event(&project, vm, expected, to, audit.at)];
+                insert_webhook_events!(tx, &tenant, &project, vm, &events, audit.at);
+            }
             if let Some(reason) = revoke {
                 sqlx::query(
                     "UPDATE console_sessions SET revoked_at = $1, revoked_reason = $2 WHERE vm_id = $3 \
@@ -395,22 +408,42 @@ impl super::Store {
                         message: format!("vm {} is {}: job {job} is operating on it", vm.id, vm.status),
                     });
                 }
-                sqlx::query(sql!(
+                // Ended, and its cancellation requested too: a worker still
+                // running it drops its provider call at once (and then cannot
+                // finish the job, its status and lease being compare-and-set).
+                let row = sqlx::query(sqlx::AssertSqlSafe(sql!(
                     "UPDATE jobs SET status = {job_failed}, finished_at = $1, updated_at = $1, \
-                     lease_owner = NULL, lease_expires_at = NULL, error_code = $2, error_message = $3 \
-                     WHERE id = $4 AND status IN ({job_queued}, {job_running})",
+                     lease_owner = NULL, lease_expires_at = NULL, error_code = $2, error_message = $3, \
+                     cancel_requested_at = COALESCE(cancel_requested_at, $1), \
+                     cancel_requested_by = COALESCE(cancel_requested_by, $5) \
+                     WHERE id = $4 AND status IN ({job_queued}, {job_running}) RETURNING {JOB_COLUMNS}",
                     job_failed = JobStatus::Failed,
                     job_queued = JobStatus::Queued,
                     job_running = JobStatus::Running
-                ))
+                )))
                 .bind(at)
                 .bind(ErrorCode::Conflict.as_str())
                 .bind(format!("ended: its vm was force-deleted by {}", fd.audit.actor))
                 .bind(job.0)
-                .execute(&mut *tx)
+                .bind(&fd.audit.actor)
+                .fetch_optional(&mut *tx)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "job"))?;
+                if let Some(row) = row {
+                    let ended = job_from_row!(&row);
+                    let events = hcp_domain::webhook::job_events(
+                        &ended,
+                        JobStatus::Failed,
+                        Some(ErrorCode::Conflict.as_str()),
+                        None,
+                        at,
+                    );
+                    insert_webhook_events!(tx, &vm.tenant_id, &vm.project_id, vm.id, &events, at);
+                }
             }
+            // Tenants' webhooks hear that an operator removed the VM.
+            let events = [hcp_domain::webhook::correction_event(&vm.project_id, vm.id, vm.status, VmStatus::Deleted, at)];
+            insert_webhook_events!(tx, &vm.tenant_id, &vm.project_id, vm.id, &events, at);
             // The VM's usage is closed at its size now, before it is gone.
             insert_vm_usage!(tx, vm.id, Metering::Deleted.as_str(), at, None, outbox);
             sqlx::query(

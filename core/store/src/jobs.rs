@@ -85,7 +85,7 @@ pub struct ListJobsQuery {
     pub kind: Option<JobKind>,
 }
 
-const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attempts, \
+pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attempts, \
      max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, actor, \
      traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, \
      params, request_id, volume_id, prior_volume_status, cancel_requested_at, cancel_requested_by";
@@ -183,6 +183,7 @@ macro_rules! job_from_row {
         }
     }};
 }
+pub(crate) use job_from_row;
 
 /// Writes what a transition does besides the job row: the VM's state,
 /// error, restored size and reported addresses, the snapshot's state, the

@@ -161,6 +161,7 @@ async fn succeed(store: &Store, job: &Job, volume: Option<hcp_store::VolumeRepor
         host: None,
         size: None,
         volume,
+        interrupted: None,
     };
     store.finish_job(&claimed, "w", &done, now(), None).await.unwrap();
 }
@@ -503,6 +504,22 @@ async fn a_force_delete_ends_a_job_in_flight_only_when_forced(backend: Backend) 
     let vm = active(&store, &p, "acme", "web", "web-1", "h1").await;
     let scope = Scope::new("acme", "web");
     let stop = Job::queued(JobKind::StopVm, &scope, Some(vm.id), "t", 3, None, "r");
+    // The tenant's webhook hears of what the operator did.
+    let hook = hcp_domain::webhook::WebhookEndpoint {
+        id: hcp_proto::ids::WebhookId::new(),
+        tenant_id: "acme".into(),
+        project_id: "web".into(),
+        url: "https://hooks.example.com/in".into(),
+        events: hcp_domain::webhook::EventTypes::of(WebhookEvent::ALL),
+        description: String::new(),
+        sealed_secret: vec![1],
+        enabled: true,
+        disabled_reason: String::new(),
+        consecutive_failures: 0,
+        failing_since: None,
+        created_at: now(),
+    };
+    store.create_webhook(&hook, 10, &audit("webhook.create", "")).await.unwrap();
     let op = hcp_store::AcceptOperation {
         scope: scope.clone(),
         vm_id: vm.id,
@@ -531,6 +548,24 @@ async fn a_force_delete_ends_a_job_in_flight_only_when_forced(backend: Backend) 
     let job = store.get_job_internal(stop.id).await.unwrap();
     assert_eq!(job.status, JobStatus::Failed);
     assert!(job.error_message.as_deref().unwrap_or_default().contains("force-deleted by ops-alice"));
+    // Its cancellation is requested too, so the worker drops its provider call.
+    assert!(store.cancel_requested(stop.id).await.unwrap());
+    let events: Vec<(String, String)> = store
+        .list_webhook_deliveries(&scope, hook.id, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| {
+            let p: serde_json::Value = serde_json::from_str(&d.payload).unwrap();
+            (d.event.as_str().to_owned(), p["data"].to_string())
+        })
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events.iter().any(|(e, d)| e == "job.finished" && d.contains("FAILED")), "{events:?}");
+    assert!(
+        events.iter().any(|(e, d)| e == "vm.status_changed" && d.contains("DELETED") && d.contains("STOPPING")),
+        "{events:?}"
+    );
     // The worker still running it cannot finish it, nor bring the VM back.
     let late = Finish {
         transition: claimed.transition(Outcome::Succeeded { power: None }),
@@ -540,6 +575,7 @@ async fn a_force_delete_ends_a_job_in_flight_only_when_forced(backend: Backend) 
         host: None,
         size: None,
         volume: None,
+        interrupted: None,
     };
     assert!(matches!(
         store.finish_job(&claimed, "w", &late, now(), None).await,
