@@ -12,8 +12,8 @@ use sqlx::types::Json;
 
 use super::jobs::{JOB_COLUMNS, job_from_row};
 use super::outbox::insert_vm_usage;
-use super::webhooks::insert_webhook_events;
 use super::vms::{VM_COLUMNS, vm_from_row};
+use super::webhooks::insert_webhook_events;
 use super::{Quoted, StoreError, StoreResult, col, on_pool, sql, to_u32};
 use hcp_domain::lifecycle::{JobParams, Metering};
 use hcp_domain::model::{AuditEvent, Job, JobKind, JobStatus, Vm, VmStatus, VolumeStatus};

@@ -563,7 +563,9 @@ async fn a_force_delete_ends_a_job_in_flight_only_when_forced(backend: Backend) 
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(events.iter().any(|(e, d)| e == "job.finished" && d.contains("FAILED")), "{events:?}");
     assert!(
-        events.iter().any(|(e, d)| e == "vm.status_changed" && d.contains("DELETED") && d.contains("STOPPING")),
+        events
+            .iter()
+            .any(|(e, d)| e == "vm.status_changed" && d.contains("DELETED") && d.contains("STOPPING")),
         "{events:?}"
     );
     // The worker still running it cannot finish it, nor bring the VM back.
