@@ -71,10 +71,12 @@ pub fn document(routes: &[Route]) -> Value {
                 if path_fields.contains(&f.name()) || matches!(f.kind(), Kind::Message(_)) || f.is_map() {
                     continue;
                 }
+                // A query parameter a rule requires is documented so.
+                let required = rules::Rules::get().of(&f).is_some_and(|r| r.rules.required);
                 let mut param = json!({
                     "name": f.name(),
                     "in": "query",
-                    "required": false,
+                    "required": required,
                     "schema": field_schema(&f, Direction::Request, Place::Url, &mut schemas),
                 });
                 if let Some(d) = comment_of_field(&f) {
@@ -488,6 +490,10 @@ fn field_schema(
         let mut list = json!({"type": "array", "items": item});
         if let Some(max) = rule.map(|r| r.rules.max_items).filter(|m| *m > 0) {
             list["maxItems"] = json!(max);
+        }
+        if dir == Direction::Request && rule.is_some_and(|r| r.rules.required) {
+            // A required list is refused empty.
+            list["minItems"] = json!(1);
         }
         list
     } else {

@@ -10,6 +10,26 @@ use chrono::{DateTime, Utc};
 use super::{StoreError, StoreResult, col, on_pool};
 use hcp_domain::model::{AuditEvent, ConsoleSession};
 
+/// Revokes the console sessions open on a VM, with why, inside a
+/// transaction: no token opens it any more, and the console proxy ends the
+/// sessions open on it (it asks which: `revoked_consoles`).
+macro_rules! revoke_vm_consoles {
+    ($conn:expr, $vm:expr, $reason:expr, $at:expr) => {{
+        let vm: Option<hcp_proto::ids::VmId> = $vm;
+        sqlx::query(
+            "UPDATE console_sessions SET revoked_at = $1, revoked_reason = $2 WHERE vm_id = $3 \
+             AND revoked_at IS NULL",
+        )
+        .bind($at)
+        .bind($reason)
+        .bind(vm.map(|v| v.0))
+        .execute(&mut *$conn)
+        .await
+        .map_err(|e| $crate::StoreError::from_sqlx(e, "console session"))?;
+    }};
+}
+pub(crate) use revoke_vm_consoles;
+
 /// A console session from a row of either backend.
 macro_rules! session_from_row {
     ($row:expr) => {{

@@ -10,6 +10,7 @@ use hcp_proto::error::ErrorCode;
 use hcp_proto::ids::{JobId, ProviderId, VmId};
 use sqlx::types::Json;
 
+use super::consoles::revoke_vm_consoles;
 use super::jobs::{JOB_COLUMNS, job_from_row};
 use super::outbox::insert_vm_usage;
 use super::vms::{VM_COLUMNS, vm_from_row};
@@ -348,28 +349,10 @@ impl super::Store {
             if let Some(event) = metering {
                 insert_vm_usage!(tx, vm, event.as_str(), audit.at, None, outbox);
             }
-            if to != expected {
-                // Tenants' webhooks hear of the status an operator set.
-                let owner = sqlx::query("SELECT tenant_id, project_id FROM vms WHERE id = $1")
-                    .bind(vm.0)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
-                let (tenant, project): (String, String) = (col!(&owner, "tenant_id"), col!(&owner, "project_id"));
-                let events = [hcp_domain::webhook::correction_event(&project, vm, expected, to, audit.at)];
-                insert_webhook_events!(tx, &tenant, &project, vm, &events, audit.at);
-            }
+            // Tenants' webhooks hear of the status an operator set.
+            super::webhooks::insert_status_change!(tx, vm, expected, to, audit.at);
             if let Some(reason) = revoke {
-                sqlx::query(
-                    "UPDATE console_sessions SET revoked_at = $1, revoked_reason = $2 WHERE vm_id = $3 \
-                     AND revoked_at IS NULL",
-                )
-                .bind(audit.at)
-                .bind(reason)
-                .bind(vm.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
+                revoke_vm_consoles!(tx, Some(vm), reason, audit.at);
             }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
@@ -491,16 +474,7 @@ impl super::Store {
                     outbox
                 );
             }
-            sqlx::query(
-                "UPDATE console_sessions SET revoked_at = $1, revoked_reason = $2 WHERE vm_id = $3 \
-                 AND revoked_at IS NULL",
-            )
-            .bind(at)
-            .bind("the vm was force-deleted by an operator")
-            .bind(vm.id.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
+            revoke_vm_consoles!(tx, Some(vm.id), "the vm was force-deleted by an operator", at);
             if fd.leftover {
                 sqlx::query(
                     "INSERT INTO vm_leftovers (vm_id, provider_id, host, tenant_id, project_id, recorded_at, \

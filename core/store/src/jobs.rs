@@ -279,16 +279,8 @@ macro_rules! apply_transition {
             // Console tokens for a VM that stopped, moved or went away must
             // not open anything any more, and the sessions open on it end
             // (the console proxy asks which: `revoked_consoles`).
-            sqlx::query(
-                "UPDATE console_sessions SET revoked_at = $1, revoked_reason = $3 WHERE vm_id = $2 \
-                 AND revoked_at IS NULL",
-            )
-            .bind(now)
-            .bind(job.vm_id.map(|v| v.0))
-            .bind(hcp_domain::lifecycle::console_revocation(job.kind, t.job))
-            .execute(&mut *$tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
+            let reason = hcp_domain::lifecycle::console_revocation(job.kind, t.job);
+            $crate::consoles::revoke_vm_consoles!($tx, job.vm_id, reason, now);
         }
         // A requeued job is announced again; a consumer that gets it before
         // `run_after` puts it back with a delay.

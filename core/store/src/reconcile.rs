@@ -105,31 +105,12 @@ impl super::Store {
             if let Some(event) = correction.metering {
                 insert_vm_usage!(tx, vm, event.as_str(), audit.at, None, outbox);
             }
-            if new != expected {
-                // Tenants' webhooks hear of the corrected status with it.
-                let owner = sqlx::query("SELECT tenant_id, project_id FROM vms WHERE id = $1")
-                    .bind(vm.0)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(|e| StoreError::from_sqlx(e, "vm"))?;
-                let (tenant, project): (String, String) =
-                    (super::col!(&owner, "tenant_id"), super::col!(&owner, "project_id"));
-                let events = [hcp_domain::webhook::correction_event(&project, vm, expected, new, audit.at)];
-                super::webhooks::insert_webhook_events!(tx, &tenant, &project, vm, &events, audit.at);
-            }
+            // Tenants' webhooks hear of the corrected status with it.
+            super::webhooks::insert_status_change!(tx, vm, expected, new, audit.at);
             if let Some(reason) = hcp_domain::lifecycle::drifted_console_revocation(new) {
                 // As when a job stops it: no token opens it any more, and
                 // the console proxy ends the sessions open on it.
-                sqlx::query(
-                    "UPDATE console_sessions SET revoked_at = $1, revoked_reason = $2 WHERE vm_id = $3 \
-                     AND revoked_at IS NULL",
-                )
-                .bind(audit.at)
-                .bind(reason)
-                .bind(vm.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "console session"))?;
+                super::consoles::revoke_vm_consoles!(tx, Some(vm), reason, audit.at);
             }
             super::audit::insert_audit!(&mut *tx, audit);
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;

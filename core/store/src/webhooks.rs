@@ -118,6 +118,28 @@ macro_rules! insert_webhook_events {
 }
 pub(crate) use insert_webhook_events;
 
+/// Writes the `vm.status_changed` deliveries of a VM whose status was set
+/// from `$from` to `$to` outside a job (a reconciler's correction, an
+/// operator's reset), inside a transaction; nothing when they are equal.
+macro_rules! insert_status_change {
+    ($conn:expr, $vm:expr, $from:expr, $to:expr, $at:expr) => {{
+        let (vm, from, to): (hcp_proto::ids::VmId, hcp_domain::model::VmStatus, hcp_domain::model::VmStatus) =
+            ($vm, $from, $to);
+        if from != to {
+            let owner = sqlx::query("SELECT tenant_id, project_id FROM vms WHERE id = $1")
+                .bind(vm.0)
+                .fetch_one(&mut *$conn)
+                .await
+                .map_err(|e| $crate::StoreError::from_sqlx(e, "vm"))?;
+            let (tenant, project): (String, String) =
+                ($crate::col!(&owner, "tenant_id"), $crate::col!(&owner, "project_id"));
+            let events = [hcp_domain::webhook::correction_event(&project, vm, from, to, $at)];
+            $crate::webhooks::insert_webhook_events!($conn, &tenant, &project, vm, &events, $at);
+        }
+    }};
+}
+pub(crate) use insert_status_change;
+
 impl super::Store {
     /// Registers an endpoint with its audit event: QuotaExceeded when the
     /// project already holds `max` (counted with their rows locked on
