@@ -76,7 +76,8 @@ async fn an_operator_force_deletes_the_vms_of_a_vanished_provider_and_the_reconc
         ..Default::default()
     };
     let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
-    let ops = s.ops_token();
+    // An operator other than the tenants' user, so the actor tells them apart.
+    let ops = s.subject_token("ops-alice", None, &[], &["ops.admin"], 3600);
     let acme = s.tenant_token("acme", &["demo"]);
     let globex = s.tenant_token("globex", &["prod"]);
     let r = s
@@ -114,7 +115,7 @@ async fn an_operator_force_deletes_the_vms_of_a_vanished_provider_and_the_reconc
     assert_eq!(r.status, 202, "{}", r.body);
     let job = s.rest.finished_job(&acme, &r.str("job_id"), Duration::from_secs(30)).await.unwrap();
     assert_eq!(job["status"], "SUCCEEDED", "{job}");
-    assert_eq!(job["actor"], "test-user", "{job}");
+    assert_eq!(job["actor"], "ops-alice", "the tenant's history names the operator: {job}");
     let r = s.rest.post(&format!("{O}/vms/{a2}:start"), &ops, &json!({})).await.unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
     let job_id = r.str("job_id");
@@ -258,6 +259,7 @@ async fn an_operator_force_deletes_the_vms_of_a_vanished_provider_and_the_reconc
     let audit =
         s.rest.get(&format!("{O}/audit-events?resource_id={g1}&action=vm.force_delete"), &ops).await.unwrap();
     assert_eq!(audit.body["events"][0]["tenant_id"], "globex", "{}", audit.body);
+    assert_eq!(audit.body["events"][0]["actor"], "ops-alice", "{}", audit.body);
 
     // The quota is released: acme creates again (on the second provider).
     let a3 = create_active(&s, &acme, "demo", "web-3").await;

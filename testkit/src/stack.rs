@@ -492,7 +492,20 @@ impl TestStack {
 
     /// Any token signed with the stack's key.
     pub fn token(&self, tenant: Option<&str>, projects: &[&str], roles: &[&str], ttl: u64) -> String {
-        mint(&self.secret, "test-user", tenant, projects, roles, ttl).unwrap_or_default()
+        self.subject_token("test-user", tenant, projects, roles, ttl)
+    }
+
+    /// A token for the person `subject` (the actor jobs and audit events
+    /// name), signed with the stack's key.
+    pub fn subject_token(
+        &self,
+        subject: &str,
+        tenant: Option<&str>,
+        projects: &[&str],
+        roles: &[&str],
+        ttl: u64,
+    ) -> String {
+        mint(&self.secret, subject, tenant, projects, roles, ttl).unwrap_or_default()
     }
 
     /// Asks for a console of the VM at `vm_path` (`…/vms/{id}`) as
