@@ -138,16 +138,16 @@ async fn the_apis_totals_over_a_known_sequence_are_exact_to_the_second() {
     const LARGE: (&str, u32, u32, u32) = ("large", 4, 4096, 40);
     for e in [
         // a: running before the window, resized 10:20:30, stopped 11:00, deleted 11:00:45.
-        event(a, "p1", "2031-01-01T09:00:00Z", "started", SMALL),
-        event(a, "p1", "2031-01-01T10:20:30Z", "resized", LARGE),
-        event(a, "p1", "2031-01-01T11:00:00Z", "stopped", LARGE),
-        event(a, "p1", "2031-01-01T11:00:45Z", "deleted", LARGE),
+        event(a, "p1", "2021-01-01T09:00:00Z", "started", SMALL),
+        event(a, "p1", "2021-01-01T10:20:30Z", "resized", LARGE),
+        event(a, "p1", "2021-01-01T11:00:00Z", "stopped", LARGE),
+        event(a, "p1", "2021-01-01T11:00:45Z", "deleted", LARGE),
         // b: started 11:59:59.5, still running at the window's end.
-        event(b, "p2", "2031-01-01T11:59:59.500Z", "started", SMALL),
+        event(b, "p2", "2021-01-01T11:59:59.500Z", "started", SMALL),
     ] {
         store.append_usage_event(&e).await.unwrap();
     }
-    let window = "from=2031-01-01T10:00:00Z&to=2031-01-01T12:00:00Z";
+    let window = "from=2021-01-01T10:00:00Z&to=2021-01-01T12:00:00Z";
     let ops = s.ops_token();
     let r = s
         .rest
@@ -191,6 +191,26 @@ async fn the_apis_totals_over_a_known_sequence_are_exact_to_the_second() {
         r.body
     );
     assert_eq!(r.body["rows"][1]["vm_hours"], json!(1230.0 / 3600.0), "{}", r.body);
+
+    // Nothing is used in the future: a window reaching past now ends now,
+    // so b, still running, is billed up to the report and no further.
+    let (from, to) =
+        (chrono::Utc::now() - chrono::Duration::minutes(10), chrono::Utc::now() + chrono::Duration::hours(1));
+    let q = format!(
+        "from={}&to={}&tenant_id=clock&project_id=p2",
+        from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        to.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let r = s.rest.get(&format!("/api/hcp/ops/v1/usage?{q}"), &ops).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let end = chrono::DateTime::parse_from_rfc3339(r.body["to"].as_str().unwrap_or_default()).unwrap();
+    assert!(
+        end <= chrono::Utc::now() && end > chrono::Utc::now() - chrono::Duration::minutes(1),
+        "{}",
+        r.body
+    );
+    let billed: u64 = r.body["rows"][0]["vm_seconds"].as_str().unwrap_or("0").parse().unwrap();
+    assert!((595..=660).contains(&billed), "about ten minutes, not seventy: {}", r.body);
 
     // The tenant's view of p1, totals only, as CSV.
     let t = s.tenant_token("clock", &["p1"]);

@@ -154,6 +154,13 @@ impl Window {
     pub fn to(&self) -> DateTime<Utc> {
         self.to
     }
+
+    /// The part of it that has happened by `now`: nothing is used in the
+    /// future, so a window reaching past `now` ends there (and one wholly
+    /// after it is empty, ending where it starts).
+    pub fn as_of(self, now: DateTime<Utc>) -> Self {
+        Window { from: self.from, to: self.to.min(now).max(self.from) }
+    }
 }
 
 /// Parses `group_by` values (each may hold several, comma-separated),
@@ -577,6 +584,28 @@ mod tests {
                 ("v", 0)
             ]
         );
+    }
+
+    /// Nothing is used in the future: a window reaching past the time of
+    /// the report ends there, one wholly after it is empty.
+    #[test]
+    fn a_window_reaching_past_now_ends_now() {
+        let now = t("2026-01-02T00:00:00Z");
+        let running = [vm("a", "2026-01-01T23:00:00Z", Metering::Started, SMALL)];
+        #[rustfmt::skip]
+        let rows: &[(&str, &str, &str, u64)] = &[
+            // from, to, the window's end as of `now`, VM seconds
+            ("2026-01-01T00:00:00Z", "2026-01-03T00:00:00Z", "2026-01-02T00:00:00Z", 3600),
+            ("2026-01-01T00:00:00Z", "2026-01-01T23:30:00Z", "2026-01-01T23:30:00Z", 1800),
+            ("2026-01-02T00:00:00Z", "2026-01-02T01:00:00Z", "2026-01-02T00:00:00Z", 0),
+            ("2026-01-02T06:00:00Z", "2026-01-02T07:00:00Z", "2026-01-02T06:00:00Z", 0),
+        ];
+        for &(from, to, end, seconds) in rows {
+            let w = Window::new(t(from), t(to)).unwrap().as_of(now);
+            assert_eq!((w.from(), w.to()), (t(from), t(end)), "{from}..{to}");
+            let used: u64 = usage(&running, &[], w, &[]).iter().map(|r| r.vm_seconds).sum();
+            assert_eq!(used, seconds, "{from}..{to}");
+        }
     }
 
     #[test]

@@ -46,17 +46,19 @@ fn time(field: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
     })
 }
 
-/// Computes the report for `query`.
+/// Computes the report for `query`, up to now: the window's part in the
+/// future has no usage, and the reply's `to` says where it ended.
 pub async fn report(ctx: &ApiContext, query: &Query<'_>) -> Result<UsageReport, ApiError> {
+    let window = query.window.as_of(Utc::now());
     let (vms, volumes) = ctx
         .store
-        .usage_report_events(query.window.from(), query.window.to(), query.tenant, query.project)
+        .usage_report_events(window.from(), window.to(), query.tenant, query.project)
         .await
         .map_err(|e| from_store(e, "usage"))?;
-    let rows = domain::usage(&vms, &volumes, query.window, &query.group_by);
+    let rows = domain::usage(&vms, &volumes, window, &query.group_by);
     Ok(UsageReport {
-        from: query.window.from().to_rfc3339_opts(SecondsFormat::AutoSi, true),
-        to: query.window.to().to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        from: window.from().to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        to: window.to().to_rfc3339_opts(SecondsFormat::AutoSi, true),
         group_by: query.group_by.iter().map(|g| g.as_str().to_owned()).collect(),
         rows: rows.into_iter().map(row).collect(),
     })
