@@ -9,7 +9,7 @@ use std::time::Duration;
 use hcp_provider_sdk::Provider as _;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use hcp_testkit::vcsim::{Vcsim, VcsimOptions, present_or_skip};
-use hcp_testkit::{wait_until, workspace_bin};
+use hcp_testkit::workspace_bin;
 use serde_json::{Value, json};
 
 const HCP: &str = env!("CARGO_BIN_EXE_hcp");
@@ -126,17 +126,8 @@ impl Vc {
         env.push(("RUST_LOG", "info,hcp_provider_vsphere=debug".to_owned()));
         let listen = format!("127.0.0.1:{}", self.port);
         self.s.start_program("vsphere", &self.exe, &args(&self.config, &listen), &env).await.unwrap();
-        wait_until(Duration::from_secs(30), "the provider to be healthy", || async {
-            let r = self.s.rest.get("/api/hcp/ops/v1/providers", &self.ops).await?;
-            let healthy = r.body["providers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| p["name"] == "vc-1" && p["health"] == "HEALTHY");
-            Ok(healthy.then_some(()))
-        })
-        .await
-        .unwrap();
+        let since = chrono::Utc::now();
+        self.s.rest.provider_healthy_since(&self.ops, "vc-1", since, Duration::from_secs(30)).await.unwrap();
     }
 }
 

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use hcp_proto::{common, ops, provider, tenant};
 
 use crate::model::{
-    AuditEvent, Capabilities, Flavor, Image, Job, JobStatus, Provider, ProviderTransport, Vm, VmStatus,
-    Volume, VolumeStatus, Zone,
+    AuditEvent, Capabilities, DiskFormat, Flavor, Image, Job, JobStatus, Provider, ProviderTransport, Vm,
+    VmStatus, Volume, VolumeStatus, Zone,
 };
 
 /// Converts a time to a protobuf timestamp.
@@ -37,6 +37,18 @@ pub fn capabilities_from_proto(c: &provider::Capabilities) -> Capabilities {
         volumes_host_local: c.volumes_host_local,
         max_volumes_per_vm: c.max_volumes_per_vm,
         supports_console_log: c.supports_console_log,
+        supports_image_import: c.supports_image_import,
+        supports_capture: c.supports_capture,
+        image_formats: c
+            .image_formats()
+            .filter_map(|f| match f {
+                provider::DiskFormat::Qcow2 => Some(DiskFormat::Qcow2),
+                provider::DiskFormat::Raw => Some(DiskFormat::Raw),
+                provider::DiskFormat::Vmdk => Some(DiskFormat::Vmdk),
+                provider::DiskFormat::Vhdx => Some(DiskFormat::Vhdx),
+                provider::DiskFormat::Unspecified => None,
+            })
+            .collect(),
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
 }
@@ -62,7 +74,20 @@ pub fn capabilities_to_proto(c: &Capabilities) -> provider::Capabilities {
         volumes_host_local: c.volumes_host_local,
         max_volumes_per_vm: c.max_volumes_per_vm,
         supports_console_log: c.supports_console_log,
+        supports_image_import: c.supports_image_import,
+        supports_capture: c.supports_capture,
+        image_formats: c.image_formats.iter().map(|f| disk_format_to_proto(*f) as i32).collect(),
         attributes: c.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// The wire form of a disk format.
+pub fn disk_format_to_proto(f: DiskFormat) -> provider::DiskFormat {
+    match f {
+        DiskFormat::Qcow2 => provider::DiskFormat::Qcow2,
+        DiskFormat::Raw => provider::DiskFormat::Raw,
+        DiskFormat::Vmdk => provider::DiskFormat::Vmdk,
+        DiskFormat::Vhdx => provider::DiskFormat::Vhdx,
     }
 }
 

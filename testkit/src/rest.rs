@@ -113,4 +113,26 @@ impl Rest {
         })
         .await
     }
+
+    /// Waits up to `timeout` for core to have probed provider `name` as
+    /// HEALTHY after `since` (a restart), so that a health record left from
+    /// before the restart does not count.
+    pub async fn provider_healthy_since(
+        &self,
+        ops: &str,
+        name: &str,
+        since: chrono::DateTime<chrono::Utc>,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        crate::wait_until(timeout, &format!("{name} to be probed healthy"), || async {
+            let r = self.get("/api/hcp/ops/v1/providers", ops).await?;
+            let fresh = r.body["providers"].as_array().into_iter().flatten().any(|p| {
+                let probed =
+                    p["last_probe_at"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+                p["name"] == name && p["health"] == "HEALTHY" && probed.is_some_and(|t| t > since)
+            });
+            Ok(fresh.then_some(()))
+        })
+        .await
+    }
 }

@@ -61,6 +61,10 @@ pub enum Capability {
     VolumeExtendInUse,
     /// The guest's serial output (boot log).
     ConsoleLog,
+    /// ImportImage: the provider stores an image core streams to it.
+    ImageImport,
+    /// CaptureImage: an image of a stopped VM's root disk.
+    Capture,
 }
 
 impl Capability {
@@ -82,6 +86,8 @@ impl Capability {
         Capability::HotAttach,
         Capability::VolumeExtendInUse,
         Capability::ConsoleLog,
+        Capability::ImageImport,
+        Capability::Capture,
     ];
 
     /// The flag's name in the protocol, as a 409 FEATURE_NOT_SUPPORTED
@@ -104,6 +110,8 @@ impl Capability {
             Capability::HotAttach => "supports_hot_attach",
             Capability::VolumeExtendInUse => "supports_volume_extend_in_use",
             Capability::ConsoleLog => "supports_console_log",
+            Capability::ImageImport => "supports_image_import",
+            Capability::Capture => "supports_capture",
         }
     }
 
@@ -126,6 +134,8 @@ impl Capability {
             Capability::HotAttach => caps.supports_hot_attach,
             Capability::VolumeExtendInUse => caps.supports_volume_extend_in_use,
             Capability::ConsoleLog => caps.supports_console_log,
+            Capability::ImageImport => caps.supports_image_import && !caps.image_formats.is_empty(),
+            Capability::Capture => caps.supports_capture,
         }
     }
 }

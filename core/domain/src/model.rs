@@ -767,6 +767,48 @@ impl Network {
     }
 }
 
+/// The on-disk format of an image's bytes (`hcp.provider.v1.DiskFormat`),
+/// as an import names it and as providers take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// QEMU's copy-on-write format.
+    Qcow2,
+    /// Plain bytes.
+    Raw,
+    /// VMware's virtual disk.
+    Vmdk,
+    /// Hyper-V's virtual disk.
+    Vhdx,
+}
+
+impl DiskFormat {
+    /// Every format a provider can take.
+    pub const ALL: &'static [DiskFormat] =
+        &[DiskFormat::Qcow2, DiskFormat::Raw, DiskFormat::Vmdk, DiskFormat::Vhdx];
+
+    /// The name an import request, `qemu-img` and the catalog use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+            DiskFormat::Vmdk => "vmdk",
+            DiskFormat::Vhdx => "vhdx",
+        }
+    }
+
+    /// The format named `s`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|f| f.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for DiskFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Capability flags as stored (mirrors `hcp.provider.v1.Capabilities`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -807,6 +849,12 @@ pub struct Capabilities {
     pub max_volumes_per_vm: u32,
     /// The guest's serial output (boot log).
     pub supports_console_log: bool,
+    /// ImportImage and DeleteImage.
+    pub supports_image_import: bool,
+    /// CaptureImage.
+    pub supports_capture: bool,
+    /// The formats ImportImage takes, preferred first.
+    pub image_formats: Vec<DiskFormat>,
     /// Free-form facts.
     pub attributes: BTreeMap<String, String>,
 }

@@ -154,6 +154,7 @@ pub async fn run(options: Options) -> Result<Report, RunError> {
     }
     kit.hosts_and_migration().await;
     kit.volumes().await;
+    kit.images().await;
     match kit.half_made_create().await {
         Ok(Some(())) => {
             kit.record("a create failed after its first effect, then DeleteVm: nothing left", Ok(()))

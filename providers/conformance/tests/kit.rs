@@ -92,7 +92,7 @@ impl Hooks for SimHooks {
 #[tokio::test]
 async fn the_simulator_conforms() {
     let caps = "cloud_init,snapshot,console_vnc,console_log,resize,hot_resize,live_migration,cold_migration,\
-                volumes,hot_attach,volume_extend_in_use";
+                volumes,hot_attach,volume_extend_in_use,image_import,capture";
     let the_sim = hcp_provider_sim::Sim::new(&hcp_provider_sim::SimConfig {
         capabilities: hcp_provider_sim::parse_capabilities(caps).unwrap(),
         ..Default::default()
@@ -121,6 +121,8 @@ async fn the_simulator_conforms() {
         "create on a named host",
         "live migration:",
         "cold migration:",
+        "image import: bytes checked",
+        "capture: a stopped VM only",
         "volumes: create is idempotent",
         "volumes: extend grows",
         "volumes: attach to a stopped VM",
@@ -214,8 +216,14 @@ async fn a_provider_without_capabilities_conforms_with_skips() {
     assert!(report.passed(), "{report}");
     // The four consoles and the console log, snapshots, resize and both
     // migrations it lacks, the half-made create (no hooks), the NICs (no
-    // network given) and the ten volume checks.
-    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 21, "{report}");
+    // network given), the ten volume checks, image import and capture.
+    assert_eq!(report.count(|o| matches!(o, Outcome::Skip(_))), 23, "{report}");
+    for refused in ["image import refused as UNIMPLEMENTED", "capture refused as UNIMPLEMENTED"] {
+        assert!(
+            report.checks.iter().any(|(n, o)| n == refused && *o == Outcome::Pass),
+            "{refused}: {report}"
+        );
+    }
     assert!(
         report.checks.iter().any(|(n, o)| n == "console log refused as UNIMPLEMENTED" && *o == Outcome::Pass)
     );

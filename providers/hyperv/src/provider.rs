@@ -75,6 +75,10 @@ impl Provider for Hyperv {
         let mut attributes = HashMap::new();
         attributes.insert("host".to_owned(), self.host_name().await.map_err(map_error)?.to_owned());
         Ok(pb::Capabilities {
+            // Images: not offered yet.
+            supports_image_import: false,
+            supports_capture: false,
+            image_formats: Vec::new(),
             supports_cloud_init: self.config.cloud_init.is_some() && hcp_nocloud::tool_available(),
             supports_snapshot: true,
             supports_snapshot_running: true,

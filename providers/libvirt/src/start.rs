@@ -140,6 +140,10 @@ impl Libvirt {
         );
         attributes.insert("uri".to_owned(), uri.clone());
         let capabilities = pb::Capabilities {
+            // Images: not offered yet.
+            supports_image_import: false,
+            supports_capture: false,
+            image_formats: Vec::new(),
             supports_cloud_init: cloud_init,
             supports_snapshot: true,
             supports_snapshot_running: true,

@@ -82,6 +82,10 @@ impl Provider for Proxmox {
         attributes.insert("pve_version".to_owned(), version.2.clone());
         attributes.insert("node".to_owned(), self.config.node.clone());
         Ok(pb::Capabilities {
+            // Images: not offered yet.
+            supports_image_import: false,
+            supports_capture: false,
+            image_formats: Vec::new(),
             supports_cloud_init: snippets,
             supports_snapshot: true,
             supports_snapshot_running: true,

@@ -60,6 +60,7 @@ use std::sync::Arc;
 
 pub use hcp_proto::provider as pb;
 
+pub mod image;
 pub mod kit;
 pub mod serial;
 mod socket;
@@ -306,6 +307,24 @@ pub trait Provider: Send + Sync + 'static {
     async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
         let _ = volume_id;
         Err(volumes_unsupported())
+    }
+    /// Stores an image from core's stream (supports_image_import). The SDK
+    /// checked the header; `upload.chunk()` hands out the bytes and fails
+    /// when they are not what the header announced, so commit only after it
+    /// answered `Ok(None)`, and remove what was written on an error.
+    async fn import_image(&self, upload: image::ImageUpload) -> Result<pb::ImageInfo, ProviderError> {
+        let _ = upload;
+        Err(ProviderError::new(ErrorKind::Unsupported, "image import is not supported"))
+    }
+    /// Makes an image of a stopped VM's root disk (supports_capture).
+    async fn capture_image(&self, req: pb::CaptureImageRequest) -> Result<pb::ImageInfo, ProviderError> {
+        let _ = req;
+        Err(ProviderError::new(ErrorKind::Unsupported, "capture is not supported"))
+    }
+    /// Removes an imported or captured image; returns whether it existed.
+    async fn delete_image(&self, req: pb::DeleteImageRequest) -> Result<bool, ProviderError> {
+        let _ = req;
+        Err(ProviderError::new(ErrorKind::Unsupported, "images are not supported"))
     }
 }
 
@@ -622,6 +641,14 @@ fn volume_id(id: &str) -> Result<&str, tonic::Status> {
     }
 }
 
+fn image_id(id: &str) -> Result<&str, tonic::Status> {
+    if id.parse::<uuid::Uuid>().is_ok() && id.len() == 36 {
+        Ok(id)
+    } else {
+        Err(tonic::Status::invalid_argument(format!("image_id must be a UUID, got {id:?}")))
+    }
+}
+
 fn snapshot_id(id: &str) -> Result<&str, tonic::Status> {
     if id.parse::<uuid::Uuid>().is_ok() && id.len() == 36 {
         Ok(id)
@@ -842,6 +869,30 @@ impl<P: Provider> Compute for Adapter<P> {
                 .await
                 .map(|existed| pb::DeleteVolumeResponse { existed }),
         )
+    }
+
+    async fn import_image(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::ImportImageChunk>>,
+    ) -> Reply<pb::ImageInfo> {
+        let upload = image::ImageUpload::start(req.into_inner()).await.map_err(|e| e.to_status())?;
+        reply(self.inner.import_image(upload).await)
+    }
+
+    async fn capture_image(&self, req: tonic::Request<pb::CaptureImageRequest>) -> Reply<pb::ImageInfo> {
+        let req = req.into_inner();
+        vm_id(&req.vm_id)?;
+        image_id(&req.image_id)?;
+        reply(self.inner.capture_image(req).await)
+    }
+
+    async fn delete_image(
+        &self,
+        req: tonic::Request<pb::DeleteImageRequest>,
+    ) -> Reply<pb::DeleteImageResponse> {
+        let req = req.into_inner();
+        image_id(&req.image_id)?;
+        reply(self.inner.delete_image(req).await.map(|existed| pb::DeleteImageResponse { existed }))
     }
 }
 

@@ -107,9 +107,15 @@ pub fn default_capabilities() -> pb::Capabilities {
         supports_volume_extend_in_use: true,
         volumes_host_local: false,
         max_volumes_per_vm: DEFAULT_MAX_VOLUMES_PER_VM,
+        supports_image_import: true,
+        supports_capture: true,
+        image_formats: SIM_IMAGE_FORMATS.iter().map(|f| *f as i32).collect(),
         ..Default::default()
     }
 }
+
+/// The formats the simulator's ImportImage takes, preferred first.
+pub const SIM_IMAGE_FORMATS: [pb::DiskFormat; 2] = [pb::DiskFormat::Qcow2, pb::DiskFormat::Raw];
 
 /// Data volume slots per VM the simulator reports with `volumes` unless
 /// told otherwise.
@@ -156,6 +162,8 @@ pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, UnknownCapabil
             "hot_attach" => &mut c.supports_hot_attach,
             "volume_extend_in_use" => &mut c.supports_volume_extend_in_use,
             "volumes_host_local" => &mut c.volumes_host_local,
+            "image_import" => &mut c.supports_image_import,
+            "capture" => &mut c.supports_capture,
             other => return Err(UnknownCapability { name: other.to_owned() }),
         };
         *flag = true;
@@ -165,6 +173,9 @@ pub fn parse_capabilities(list: &str) -> Result<pb::Capabilities, UnknownCapabil
         None if c.supports_volumes => DEFAULT_MAX_VOLUMES_PER_VM,
         None => 0,
     };
+    if c.supports_image_import {
+        c.image_formats = SIM_IMAGE_FORMATS.iter().map(|f| *f as i32).collect();
+    }
     Ok(c)
 }
 
@@ -224,6 +235,8 @@ struct State {
     /// The SSH keys each VM was created with (its spec's, newline-joined),
     /// for tests to read through `Stats`.
     ssh_keys: HashMap<String, String>,
+    /// Image id -> image.
+    images: BTreeMap<String, sim::SimImage>,
 }
 
 impl State {
@@ -996,6 +1009,90 @@ impl Provider for Sim {
             self.lock().delete_volume(&self.capabilities, volume_id)
         })
     }
+
+    async fn import_image(
+        &self,
+        mut upload: hcp_provider_sdk::image::ImageUpload,
+    ) -> Result<pb::ImageInfo, ProviderError> {
+        let id = upload.header().image_id.clone();
+        fault_gate!(self, "ImportImage", &image_key(&id), {
+            if !self.capabilities.supports_image_import {
+                return Err(ProviderError::new(ErrorKind::Unsupported, "image import is not supported"));
+            }
+            if !self.capabilities.image_formats.contains(&(upload.format() as i32)) {
+                return Err(ProviderError::new(
+                    ErrorKind::InvalidArgument,
+                    format!("format {:?} is not one of image_formats", upload.format()),
+                ));
+            }
+            let stored = self.lock().images.get(&id).cloned();
+            if let Some(done) = stored {
+                upload.drain().await?;
+                return Ok(pb::ImageInfo { image_id: id, source: done.source, size_bytes: done.size_bytes });
+            }
+            // Nothing is kept until every byte arrived and matched.
+            while upload.chunk().await?.is_some() {}
+            let header = upload.header().clone();
+            let image = sim::SimImage {
+                source: format!("sim-image-{id}"),
+                origin: "imported".to_owned(),
+                format: header.format,
+                size_bytes: header.size_bytes,
+                sha256: header.sha256,
+                vm_id: String::new(),
+            };
+            let mut s = self.lock();
+            let image = s.images.entry(id.clone()).or_insert(image).clone();
+            Ok(pb::ImageInfo { image_id: id, source: image.source, size_bytes: image.size_bytes })
+        })
+    }
+
+    async fn capture_image(&self, req: pb::CaptureImageRequest) -> Result<pb::ImageInfo, ProviderError> {
+        fault_gate!(self, "CaptureImage", &req.vm_id, {
+            if !self.capabilities.supports_capture {
+                return Err(ProviderError::new(ErrorKind::Unsupported, "capture is not supported"));
+            }
+            let mut s = self.lock();
+            if let Some(done) = s.images.get(&req.image_id) {
+                return Ok(pb::ImageInfo {
+                    image_id: req.image_id.clone(),
+                    source: done.source.clone(),
+                    size_bytes: done.size_bytes,
+                });
+            }
+            let vm = s.vms.get(&req.vm_id).ok_or_else(|| ProviderError::not_found(&req.vm_id))?;
+            if vm.power != pb::PowerState::Shutoff {
+                return Err(ProviderError::new(
+                    ErrorKind::InvalidState,
+                    format!("VM {} must be stopped to be captured", req.vm_id),
+                ));
+            }
+            let image = sim::SimImage {
+                source: format!("sim-image-{}", req.image_id),
+                origin: "captured".to_owned(),
+                format: pb::DiskFormat::Qcow2 as i32,
+                size_bytes: u64::from(vm.disk_gib) << 30,
+                sha256: String::new(),
+                vm_id: req.vm_id.clone(),
+            };
+            s.images.insert(req.image_id.clone(), image.clone());
+            Ok(pb::ImageInfo { image_id: req.image_id, source: image.source, size_bytes: image.size_bytes })
+        })
+    }
+
+    async fn delete_image(&self, req: pb::DeleteImageRequest) -> Result<bool, ProviderError> {
+        fault_gate!(self, "DeleteImage", &image_key(&req.image_id), {
+            if !self.capabilities.supports_image_import && !self.capabilities.supports_capture {
+                return Err(ProviderError::new(ErrorKind::Unsupported, "images are not supported"));
+            }
+            Ok(self.lock().images.remove(&req.image_id).is_some())
+        })
+    }
+}
+
+/// The key of an image's calls for the per-id concurrency detection.
+fn image_key(id: &str) -> String {
+    format!("image/{id}")
 }
 
 /// The key of a volume's calls for the per-id concurrency detection.
@@ -1055,6 +1152,7 @@ impl SimControl for Control {
             volume_creations: s.volume_creations.clone(),
             volume_count: s.volumes.len() as u32,
             ssh_authorized_keys: s.ssh_keys.clone(),
+            images: s.images.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             credential_keys: {
                 let mut keys: Vec<String> = s.credentials.iter().flat_map(|c| c.keys().cloned()).collect();
                 keys.sort();

@@ -95,6 +95,10 @@ impl Provider for Vsphere {
         attributes.insert("product".to_owned(), content.full_name.clone());
         attributes.insert("cluster_hosts".to_owned(), hosts.to_string());
         Ok(pb::Capabilities {
+            // Images: not offered yet.
+            supports_image_import: false,
+            supports_capture: false,
+            image_formats: Vec::new(),
             supports_cloud_init: self.config.cloud_init,
             supports_snapshot: true,
             // With memory: the snapshot of a running VM keeps it running.

@@ -6,6 +6,7 @@ mod cleanup;
 mod features;
 mod hosts;
 mod identity;
+mod images;
 mod lifecycle;
 mod refusals;
 mod volumes;

@@ -240,17 +240,12 @@ impl Kvm {
             .start_program("libvirt", Path::new(PROVIDER), &args(&self.config, &listen), &env)
             .await
             .unwrap();
-        wait_until(Duration::from_secs(30), "the provider to be healthy", || async {
-            let r = self.stack.rest.get("/api/hcp/ops/v1/providers", &self.ops).await?;
-            let healthy = r.body["providers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|p| p["name"] == "kvm-1-libvirt" && p["health"] == "HEALTHY");
-            Ok(healthy.then_some(()))
-        })
-        .await
-        .unwrap();
+        let since = chrono::Utc::now();
+        self.stack
+            .rest
+            .provider_healthy_since(&self.ops, "kvm-1-libvirt", since, Duration::from_secs(30))
+            .await
+            .unwrap();
     }
 
     pub async fn create(&self, name: &str, extra: Value) -> (String, String) {
