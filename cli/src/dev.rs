@@ -275,6 +275,8 @@ pub async fn bootstrap(
                         min_disk_gib: 2,
                         description: "Debian 12".into(),
                         created_at: None,
+                        os_version: "12".into(),
+                        ..Default::default()
                     }),
                 },
             ))

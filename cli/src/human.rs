@@ -18,6 +18,9 @@ use crate::output::{self, Format};
 
 pub(crate) const T: &str = "/api/hcp/tenant/v1";
 const VM_COLUMNS: &[&str] = &["vm_id", "name", "status", "flavor", "image", "zone", "networks.0.ipv4"];
+/// What operators see of an image.
+const OPS_IMAGE_COLUMNS: &[&str] =
+    &["name", "status", "visibility", "project_id", "os_type", "source", "backings", "size_bytes", "error_message"];
 const JOB_COLUMNS: &[&str] = &["job_id", "kind", "status", "vm_id", "attempts", "created_at", "error.code"];
 
 /// Flags every API command shares.
@@ -155,6 +158,18 @@ pub enum Vm {
     /// Snapshots of a VM.
     #[command(subcommand)]
     Snapshot(Snapshot),
+    /// Make a private image of the project from a stopped VM's disk
+    /// (`hcp image list` shows it; `hcp vm create --image NAME` uses it).
+    Capture {
+        vm: String,
+        /// The image's name.
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
 }
 
 /// `hcp vm snapshot`.
@@ -446,20 +461,62 @@ pub enum OpsVolumeType {
 /// `hcp ops image`.
 #[derive(Subcommand, Debug)]
 pub enum OpsImage {
-    /// Add an image.
+    /// Add an image that providers already have (a template, a base file).
     Create {
         name: String,
-        /// The image as providers know it (a template, a base file).
-        #[arg(long)]
+        /// What every provider without its own --backing resolves.
+        #[arg(long, default_value = "")]
         source: String,
+        /// What one provider resolves: `PROVIDER=SOURCE` (repeatable).
+        #[arg(long = "backing")]
+        backings: Vec<String>,
         #[arg(long, default_value = "linux")]
         os_type: String,
         #[arg(long, default_value = "")]
+        os_version: String,
+        #[arg(long, default_value = "")]
         description: String,
     },
-    /// Remove an image.
-    Delete { name: String },
-    /// Images with their sources (the operator's view).
+    /// Fetch an image from a URL (under core's egress policy), verify its
+    /// SHA-256, convert it, and store it on providers.
+    Import {
+        name: String,
+        /// http(s) URL of the file.
+        #[arg(long)]
+        url: String,
+        /// SHA-256 of the file, hex.
+        #[arg(long)]
+        sha256: String,
+        /// qcow2, raw, vmdk, vhdx or ova.
+        #[arg(long, default_value = "qcow2")]
+        format: String,
+        /// A provider to store it on (repeatable).
+        #[arg(long = "provider", required = true)]
+        providers: Vec<String>,
+        #[arg(long, default_value = "linux")]
+        os_type: String,
+        #[arg(long, default_value = "")]
+        os_version: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Set what one provider resolves an image to (an empty --source removes it).
+    Backing {
+        name: String,
+        #[arg(long)]
+        provider: String,
+        #[arg(long, default_value = "")]
+        source: String,
+    },
+    /// Remove an image (a job removes what providers stored).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Images with their backings (the operator's view, every project's).
     List,
 }
 
@@ -640,6 +697,9 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
         Vm::Delete { vm, wait } => Vm::Delete { vm: resolve(&c, &vms, &vm).await?, wait },
         Vm::Console { vm, kind } => Vm::Console { vm: resolve(&c, &vms, &vm).await?, kind },
         Vm::ConsoleLog { vm, tail } => Vm::ConsoleLog { vm: resolve(&c, &vms, &vm).await?, tail },
+        Vm::Capture { vm, image, description, wait } => {
+            Vm::Capture { vm: resolve(&c, &vms, &vm).await?, image, description, wait }
+        }
         Vm::Snapshot(Snapshot::List { vm }) => {
             Vm::Snapshot(Snapshot::List { vm: resolve(&c, &vms, &vm).await? })
         }
@@ -775,6 +835,13 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
                 output::print(out, &v, None, &["lines", "truncated"]);
             }
         }
+        Vm::Capture { vm, image, description, wait } => {
+            let body = json!({"image_name": image, "description": description});
+            let v = c.call("POST", &format!("{vms}/{vm}:capture"), Some(&body)).await?;
+            let project = c.project()?;
+            let show = (format!("/api/hcp/common/v1/images/{image}?project_id={project}"), crate::image::COLUMNS);
+            finish_showing(&c, out, v, wait, &["vm_id", "job_id", "image_id"], Some(show)).await?;
+        }
         Vm::Snapshot(s) => {
             let cols = &["snapshot_id", "name", "status", "created_at"];
             match s {
@@ -908,15 +975,23 @@ pub(crate) async fn finish_showing(
     Ok(())
 }
 
-/// Follows a job to its end; an error when it failed or was cancelled.
+/// Follows a tenant's job to its end; an error when it failed or was
+/// cancelled.
 async fn follow(c: &Client, job: &str, timeout: Duration) -> anyhow::Result<Value> {
+    follow_path(c, &format!("{T}/jobs/{job}"), timeout).await
+}
+
+/// Follows the job at `path` (a tenant's or, for operators' own jobs,
+/// `/api/hcp/ops/v1/jobs/{id}`) to its end.
+pub(crate) async fn follow_path(c: &Client, path: &str, timeout: Duration) -> anyhow::Result<Value> {
+    let job = path.rsplit('/').next().unwrap_or(path).to_owned();
     let tty = std::io::stderr().is_terminal();
     let started = Instant::now();
     let spinner = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
     let mut last = String::new();
     let mut tick = 0usize;
     loop {
-        let j = match c.call("GET", &format!("{T}/jobs/{job}"), None).await {
+        let j = match c.call("GET", path, None).await {
             Ok(j) => j,
             Err(e) if transient(&e) && started.elapsed() < timeout => {
                 tracing::debug!(error = %e, "following the job: retrying");
@@ -958,8 +1033,8 @@ async fn follow(c: &Client, job: &str, timeout: Duration) -> anyhow::Result<Valu
             "FAILED" | "CANCELLED" => {
                 anyhow::bail!(
                     "job {job} {status}: {}: {}",
-                    j["error"]["code"].as_str().unwrap_or("-"),
-                    j["error"]["message"].as_str().unwrap_or("-")
+                    j["error"]["code"].as_str().or(j["error_code"].as_str()).unwrap_or("-"),
+                    j["error"]["message"].as_str().or(j["error_message"].as_str()).unwrap_or("-")
                 )
             }
             _ => {}
@@ -1156,18 +1231,54 @@ pub async fn ops(common: Common, cmd: Ops) -> anyhow::Result<()> {
         Ops::VolumeType(OpsVolumeType::Delete { name }) => {
             c.call("DELETE", &format!("{O}/volume-types/{name}"), None).await?;
         }
-        Ops::Image(OpsImage::Create { name, source, os_type, description }) => {
-            let body =
-                json!({"name": name, "source": source, "os_type": os_type, "description": description});
+        Ops::Image(OpsImage::Create { name, source, backings, os_type, os_version, description }) => {
+            let body = json!({"name": name, "source": source, "backings": pairs(&backings, "--backing")?,
+                              "os_type": os_type, "os_version": os_version, "description": description});
             let v = c.call("POST", &format!("{O}/images"), Some(&body)).await?;
-            output::print(out, &v, None, &["name", "os_type", "source", "description"]);
+            output::print(out, &v, None, OPS_IMAGE_COLUMNS);
         }
-        Ops::Image(OpsImage::Delete { name }) => {
-            c.call("DELETE", &format!("{O}/images/{name}"), None).await?;
+        Ops::Image(OpsImage::Import {
+            name,
+            url,
+            sha256,
+            format,
+            providers,
+            os_type,
+            os_version,
+            description,
+            wait,
+        }) => {
+            let body = json!({"name": name, "url": url, "sha256": sha256, "format": format,
+                              "providers": providers, "os_type": os_type, "os_version": os_version,
+                              "description": description});
+            let v = c.call("POST", &format!("{O}/images:import"), Some(&body)).await?;
+            if wait.wait {
+                let job = v["job_id"].as_str().unwrap_or_default();
+                follow_path(&c, &format!("{O}/jobs/{job}"), Duration::from_secs(wait.timeout)).await?;
+                let image = c.call("GET", &format!("/api/hcp/common/v1/images/{name}"), None).await?;
+                output::print(out, &image, None, OPS_IMAGE_COLUMNS);
+            } else {
+                output::print(out, &v, None, &["image_id", "job_id", "name"]);
+            }
+        }
+        Ops::Image(OpsImage::Backing { name, provider, source }) => {
+            let body = json!({"source": source});
+            let v = c.call("PUT", &format!("{O}/images/{name}/backings/{provider}"), Some(&body)).await?;
+            output::print(out, &v, None, OPS_IMAGE_COLUMNS);
+        }
+        Ops::Image(OpsImage::Delete { name, wait }) => {
+            let v = c.call("DELETE", &format!("{O}/images/{name}"), None).await?;
+            match v["job_id"].as_str().filter(|j| !j.is_empty()) {
+                Some(job) if wait.wait => {
+                    follow_path(&c, &format!("{O}/jobs/{job}"), Duration::from_secs(wait.timeout)).await?;
+                }
+                Some(_) => output::print(out, &v, None, &["job_id"]),
+                None => {}
+            }
         }
         Ops::Image(OpsImage::List) => {
             let v = c.call("GET", "/api/hcp/common/v1/images", None).await?;
-            output::print(out, &v, Some("images"), &["name", "os_type", "source", "description"]);
+            output::print(out, &v, Some("images"), OPS_IMAGE_COLUMNS);
         }
         Ops::Zone(OpsZone::Create { name, description }) => {
             let v = c

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod client;
 pub mod dev;
 pub mod human;
+pub mod image;
 pub mod keypair;
 pub mod output;
 pub mod serial;
@@ -49,6 +50,14 @@ enum Command {
         common: human::Common,
         #[command(subcommand)]
         cmd: volume::Volume,
+    },
+    /// Images a project creates VMs from: list, show, delete its private ones
+    /// (made with `hcp vm capture`).
+    Image {
+        #[command(flatten)]
+        common: human::Common,
+        #[command(subcommand)]
+        cmd: image::Image,
     },
     /// SSH key pairs of a project (public keys): create, list, show, delete.
     Keypair {
@@ -136,6 +145,7 @@ where
         Command::Vm { common, cmd } => human::run(|| human::vm(common, cmd)),
         Command::Volume { common, cmd } => human::run(|| volume::volume(common, cmd)),
         Command::Keypair { common, cmd } => human::run(|| keypair::keypair(common, cmd)),
+        Command::Image { common, cmd } => human::run(|| image::image(common, cmd)),
         Command::Webhook { common, cmd } => human::run(|| webhook::webhook(common, cmd)),
         Command::Job { common, cmd } => human::run(|| human::job(common, cmd)),
         Command::Usage { common, args } => human::run(|| async move {

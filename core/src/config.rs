@@ -68,6 +68,50 @@ pub struct Config {
     pub egress: EgressConfig,
     /// Webhook deliveries: retries and when an endpoint is disabled.
     pub webhooks: WebhooksConfig,
+    /// Image imports and captures.
+    pub images: ImagesConfig,
+}
+
+/// Image imports and captures (`[images]`). A download goes through the
+/// `[egress]` policy (its allow-list, TLS trust and connect timeout) with
+/// the bounds set here, which are an image's, not a webhook's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Where an import is downloaded and converted while its job runs (a
+    /// directory per image, removed when the job ends). Default
+    /// `$TMPDIR/hcp-images`.
+    pub staging_dir: PathBuf,
+    /// The qemu-img that inspects and converts images. Default `qemu-img`
+    /// (from PATH).
+    pub qemu_img: PathBuf,
+    /// The largest file an import fetches, bytes. Default 68719476736
+    /// (64 GiB).
+    pub max_image_bytes: u64,
+    /// Time for a whole download, seconds. Default 3600.
+    pub download_timeout_seconds: u64,
+    /// The longest a download waits for its next bytes, seconds. Default 60.
+    pub stall_timeout_seconds: u64,
+    /// Redirects a download follows, each checked like the first URL.
+    /// Default 5.
+    pub max_redirects: u8,
+    /// Time for one provider's ImportImage or CaptureImage call, seconds.
+    /// Default 3600.
+    pub provider_timeout_seconds: u64,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            staging_dir: std::env::temp_dir().join("hcp-images"),
+            qemu_img: PathBuf::from("qemu-img"),
+            max_image_bytes: 64 << 30,
+            download_timeout_seconds: 3600,
+            stall_timeout_seconds: 60,
+            max_redirects: 5,
+            provider_timeout_seconds: 3600,
+        }
+    }
 }
 
 /// Outbound connections to URLs tenants give (`[egress]`): the one policy
@@ -215,6 +259,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             egress: EgressConfig::default(),
             webhooks: WebhooksConfig::default(),
+            images: ImagesConfig::default(),
         }
     }
 }
@@ -738,6 +783,11 @@ pub fn bounds() -> &'static [Bound] {
         }),
         Bound::range("webhooks.poll_interval_ms", 10.0, 3_600_000.0, |c| c.webhooks.poll_interval_ms as f64),
         Bound::range("webhooks.concurrency", 1.0, 1024.0, |c| f64::from(c.webhooks.concurrency)),
+        Bound::range("images.max_image_bytes", 1.0, 17_592_186_044_416.0, |c| c.images.max_image_bytes as f64),
+        Bound::range("images.download_timeout_seconds", 1.0, DAY, |c| c.images.download_timeout_seconds as f64),
+        Bound::range("images.stall_timeout_seconds", 1.0, 3600.0, |c| c.images.stall_timeout_seconds as f64),
+        Bound::range("images.max_redirects", 0.0, 20.0, |c| f64::from(c.images.max_redirects)),
+        Bound::range("images.provider_timeout_seconds", 1.0, DAY, |c| c.images.provider_timeout_seconds as f64),
     ];
     BOUNDS
 }
@@ -887,6 +937,11 @@ mod tests {
             ("[webhooks]\ndisable_after_seconds = 0", "webhooks.disable_after_seconds", "got 0"),
             ("[webhooks]\npoll_interval_ms = 1", "webhooks.poll_interval_ms", "got 1"),
             ("[webhooks]\nconcurrency = 0", "webhooks.concurrency", "got 0"),
+            ("[images]\nmax_image_bytes = 0", "images.max_image_bytes", "got 0"),
+            ("[images]\ndownload_timeout_seconds = 0", "images.download_timeout_seconds", "got 0"),
+            ("[images]\nstall_timeout_seconds = 3601", "images.stall_timeout_seconds", "got 3601"),
+            ("[images]\nmax_redirects = 21", "images.max_redirects", "got 21"),
+            ("[images]\nprovider_timeout_seconds = 0", "images.provider_timeout_seconds", "got 0"),
         ];
         for (toml, field, says) in rows {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();

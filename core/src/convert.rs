@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use hcp_proto::{common, ops, provider, tenant};
 
 use crate::model::{
-    AuditEvent, Capabilities, DiskFormat, Flavor, Image, Job, JobStatus, Provider, ProviderTransport, Vm,
+    AuditEvent, Capabilities, DiskFormat, ImageStatus, ImageVisibility, Flavor, Image, Job, JobStatus, Provider, ProviderTransport, Vm,
     VmStatus, Volume, VolumeStatus, Zone,
 };
 
@@ -370,6 +370,30 @@ pub fn image_to_proto(i: &Image, for_ops: bool) -> common::Image {
         min_disk_gib: i.min_disk_gib,
         description: i.description.clone(),
         created_at: Some(ts(i.created_at)),
+        backings: if for_ops {
+            i.backings.iter().map(|(p, b)| (p.clone(), b.source.clone())).collect()
+        } else {
+            Default::default()
+        },
+        os_version: i.os_version.clone(),
+        architecture: i.architecture.as_str().to_owned(),
+        min_memory_mib: i.min_memory_mib,
+        visibility: match i.visibility {
+            ImageVisibility::Public => common::ImageVisibility::Public,
+            ImageVisibility::Private => common::ImageVisibility::Private,
+        } as i32,
+        status: match i.status {
+            ImageStatus::Importing => common::ImageStatus::Importing,
+            ImageStatus::Available => common::ImageStatus::Available,
+            ImageStatus::Error => common::ImageStatus::Error,
+            ImageStatus::Deleting => common::ImageStatus::Deleting,
+        } as i32,
+        image_id: i.id.to_string(),
+        project_id: i.project_id.clone(),
+        size_bytes: i.size_bytes,
+        sha256: i.sha256.clone(),
+        error_message: i.error_message.clone().unwrap_or_default(),
+        job_id: i.job_id.map(|j| j.to_string()).unwrap_or_default(),
     }
 }
 

@@ -235,6 +235,25 @@ pub struct CheckedUrl {
 }
 
 impl CheckedUrl {
+    /// `location` (a redirect's) as an absolute URL: as it is when
+    /// absolute, else on this URL's scheme, host and port (a path from the
+    /// root, or one relative to this URL's directory).
+    pub fn join(&self, location: &str) -> Option<String> {
+        if location.contains("://") {
+            return Some(location.to_owned());
+        }
+        let origin = format!("{}://{}", if self.https { "https" } else { "http" }, self.authority());
+        if let Some(rest) = location.strip_prefix("//") {
+            return Some(format!("{}://{rest}", if self.https { "https" } else { "http" }));
+        }
+        if location.starts_with('/') {
+            return Some(format!("{origin}{location}"));
+        }
+        let path = self.path.split('?').next().unwrap_or("/");
+        let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+        Some(format!("{origin}{}{location}", if dir.is_empty() { "/" } else { dir }))
+    }
+
     /// The `Host` header's value.
     fn authority(&self) -> String {
         let default = if self.https { 443 } else { 80 };
@@ -450,6 +469,96 @@ pub enum EgressError {
     Request(String),
 }
 
+/// The bounds of a [`EgressClient::download`].
+#[derive(Debug, Clone, Copy)]
+pub struct DownloadLimits {
+    /// Most bytes.
+    pub max_bytes: u64,
+    /// Time for everything, redirects included.
+    pub total: Duration,
+    /// Longest wait for the next bytes.
+    pub stall: Duration,
+    /// Most redirects followed.
+    pub max_redirects: u8,
+}
+
+/// What a download fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Download {
+    /// Bytes written.
+    pub bytes: u64,
+    /// Their SHA-256, lower-case hex.
+    pub sha256: String,
+    /// The address the file came from.
+    pub addr: SocketAddr,
+    /// The URL it came from (after redirects).
+    pub url: String,
+}
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// Refused, or the connection or exchange failed.
+    #[error(transparent)]
+    Egress(EgressError),
+    /// The server answered another status than 200.
+    #[error("the server answered {0}")]
+    Status(u16),
+    /// More redirects than allowed.
+    #[error("more than {0} redirects")]
+    Redirects(u8),
+    /// A redirect's Location is not a URL.
+    #[error("a redirect names {0:?}, which is not a URL")]
+    Location(String),
+    /// Past the size bound.
+    #[error("the file is larger than the {limit} bytes allowed{}", announced.map(|n| format!(" (it announces {n})")).unwrap_or_default())]
+    TooLarge {
+        /// The bound.
+        limit: u64,
+        /// The Content-Length, when it said so.
+        announced: Option<u64>,
+    },
+    /// The body ended before its Content-Length.
+    #[error("the download ended after {got} of its announced {announced} bytes")]
+    Truncated {
+        /// Bytes read.
+        got: u64,
+        /// Content-Length.
+        announced: u64,
+    },
+    /// No bytes came for too long.
+    #[error("the server sent nothing for {stall:?} (after {after} bytes)")]
+    Stalled {
+        /// Bytes read before.
+        after: u64,
+        /// The bound.
+        stall: Duration,
+    },
+    /// The whole download took too long.
+    #[error("the download took longer than {0:?}")]
+    Timeout(Duration),
+    /// The file could not be written.
+    #[error("cannot write the downloaded file")]
+    Io(#[source] io::Error),
+}
+
+impl DownloadError {
+    /// Whether trying again later may succeed (the network, a server
+    /// error); a refusal, a wrong size or a missing file will not.
+    pub fn retryable(&self) -> bool {
+        match self {
+            DownloadError::Egress(EgressError::Refused(_) | EgressError::Request(_) | EgressError::Redirect(_)) => {
+                false
+            }
+            DownloadError::Egress(_) | DownloadError::Timeout(_) | DownloadError::Stalled { .. } => true,
+            DownloadError::Truncated { .. } => true,
+            DownloadError::Status(s) => *s >= 500 || *s == 429 || *s == 408,
+            DownloadError::Io(_) => true,
+            DownloadError::Redirects(_) | DownloadError::Location(_) | DownloadError::TooLarge { .. } => false,
+        }
+    }
+}
+
 /// What the receiver answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
@@ -541,11 +650,6 @@ impl EgressClient {
         headers: &[(&str, String)],
         body: Bytes,
     ) -> Result<Answer, EgressError> {
-        // The URL is checked again: the policy may have changed since it
-        // was stored, and the addresses are those of now.
-        let url = self.policy.check_url(&url.text).map_err(EgressError::Refused)?;
-        let addrs = self.addresses(&url).await.map_err(EgressError::Refused)?;
-        let (tcp, addr) = self.connect(&addrs).await?;
         let mut request = http::Request::post(url.path.as_str())
             .header(http::header::HOST, url.authority())
             .header(http::header::CONTENT_TYPE, "application/json")
@@ -554,18 +658,7 @@ impl EgressClient {
             request = request.header(*name, value.as_str());
         }
         let request = request.body(Full::new(body)).map_err(|e| EgressError::Request(e.to_string()))?;
-        let response = if url.https {
-            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-                .map_err(|e| EgressError::Tls { host: url.host.clone(), source: io::Error::other(e) })?;
-            let connector = tokio_rustls::TlsConnector::from(self.policy.tls.clone());
-            let tls = tokio::time::timeout(self.policy.connect_timeout, connector.connect(name, tcp))
-                .await
-                .map_err(|_| EgressError::Timeout(self.policy.connect_timeout))?
-                .map_err(|source| EgressError::Tls { host: url.host.clone(), source })?;
-            exchange(TokioIo::new(tls), request).await?
-        } else {
-            exchange(TokioIo::new(tcp), request).await?
-        };
+        let (response, addr) = self.send(url, request).await?;
         let status = response.status().as_u16();
         if (300..400).contains(&status) {
             return Err(EgressError::Redirect(status));
@@ -587,6 +680,123 @@ impl EgressClient {
         }
         read.truncate(limit);
         Ok(Answer { status, body: Bytes::from(read), addr })
+    }
+
+    /// Sends `request` to `url`'s host: the URL checked again (the policy
+    /// may have changed since it was stored, and the addresses are those of
+    /// now), a checked address connected to, TLS verified for https.
+    async fn send(
+        &self,
+        url: &CheckedUrl,
+        request: http::Request<Full<Bytes>>,
+    ) -> Result<(http::Response<hyper::body::Incoming>, SocketAddr), EgressError> {
+        let url = self.policy.check_url(&url.text).map_err(EgressError::Refused)?;
+        let addrs = self.addresses(&url).await.map_err(EgressError::Refused)?;
+        let (tcp, addr) = self.connect(&addrs).await?;
+        let response = if url.https {
+            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                .map_err(|e| EgressError::Tls { host: url.host.clone(), source: io::Error::other(e) })?;
+            let connector = tokio_rustls::TlsConnector::from(self.policy.tls.clone());
+            let tls = tokio::time::timeout(self.policy.connect_timeout, connector.connect(name, tcp))
+                .await
+                .map_err(|_| EgressError::Timeout(self.policy.connect_timeout))?
+                .map_err(|source| EgressError::Tls { host: url.host.clone(), source })?;
+            exchange(TokioIo::new(tls), request).await?
+        } else {
+            exchange(TokioIo::new(tcp), request).await?
+        };
+        Ok((response, addr))
+    }
+
+    /// GETs `url` into the file `to`, following at most
+    /// `limits.max_redirects` redirects (each target checked by the same
+    /// policy as the first URL, at the address actually connected to),
+    /// hashing the bytes as they arrive. Bounded: at most `max_bytes`
+    /// (an announced Content-Length above it is refused before reading),
+    /// `total` for everything, `stall` without a byte. A status other than
+    /// 200 is an error naming it; `to` is removed on any error.
+    pub async fn download(
+        &self,
+        url: &str,
+        to: &std::path::Path,
+        limits: &DownloadLimits,
+    ) -> Result<Download, DownloadError> {
+        let result = tokio::time::timeout(limits.total, self.download_unbounded(url, to, limits))
+            .await
+            .unwrap_or(Err(DownloadError::Timeout(limits.total)));
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(to).await;
+        }
+        result
+    }
+
+    async fn download_unbounded(
+        &self,
+        first: &str,
+        to: &std::path::Path,
+        limits: &DownloadLimits,
+    ) -> Result<Download, DownloadError> {
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
+        let mut url = self.policy.check_url(first).map_err(|e| DownloadError::Egress(EgressError::Refused(e)))?;
+        let mut redirects = 0;
+        loop {
+            let request = http::Request::get(url.path.as_str())
+                .header(http::header::HOST, url.authority())
+                .header(http::header::USER_AGENT, "HCP-Images/1")
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| DownloadError::Egress(EgressError::Request(e.to_string())))?;
+            let (response, addr) = self.send(&url, request).await.map_err(DownloadError::Egress)?;
+            let status = response.status().as_u16();
+            if (300..400).contains(&status) {
+                if redirects >= limits.max_redirects {
+                    return Err(DownloadError::Redirects(limits.max_redirects));
+                }
+                redirects += 1;
+                let location = response
+                    .headers()
+                    .get(http::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or(DownloadError::Status(status))?;
+                let next = url.join(location).ok_or_else(|| DownloadError::Location(location.to_owned()))?;
+                url = self.policy.check_url(&next).map_err(|e| DownloadError::Egress(EgressError::Refused(e)))?;
+                continue;
+            }
+            if status != 200 {
+                return Err(DownloadError::Status(status));
+            }
+            let announced = response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if let Some(n) = announced.filter(|n| *n > limits.max_bytes) {
+                return Err(DownloadError::TooLarge { limit: limits.max_bytes, announced: Some(n) });
+            }
+            let mut file = tokio::fs::File::create(to).await.map_err(DownloadError::Io)?;
+            let mut body = response.into_body();
+            let mut digest = sha2::Sha256::new();
+            let mut bytes: u64 = 0;
+            loop {
+                let frame = match tokio::time::timeout(limits.stall, body.frame()).await {
+                    Err(_) => return Err(DownloadError::Stalled { after: bytes, stall: limits.stall }),
+                    Ok(None) => break,
+                    Ok(Some(frame)) => frame.map_err(|e| DownloadError::Egress(EgressError::Http(e)))?,
+                };
+                let Ok(data) = frame.into_data() else { continue };
+                bytes += data.len() as u64;
+                if bytes > limits.max_bytes {
+                    return Err(DownloadError::TooLarge { limit: limits.max_bytes, announced: None });
+                }
+                digest.update(&data);
+                file.write_all(&data).await.map_err(DownloadError::Io)?;
+            }
+            if let Some(n) = announced.filter(|n| *n != bytes) {
+                return Err(DownloadError::Truncated { got: bytes, announced: n });
+            }
+            file.sync_all().await.map_err(DownloadError::Io)?;
+            return Ok(Download { bytes, sha256: hex::encode(digest.finalize()), addr, url: url.text });
+        }
     }
 
     /// Connects to the first of `addrs` that answers, each within the

@@ -43,6 +43,7 @@ use crate::model::{AuditEvent, Job, NetworkAttachment, Vm, now};
 use crate::providers::{ProviderCallError, ProviderClients};
 use crate::store::{Finish, RecordedStep, Store, StoreError};
 
+mod images;
 mod volumes;
 
 /// How an attempt ended: the lifecycle outcome and what goes with it.
@@ -130,6 +131,8 @@ pub struct Engine {
     events: crate::events::JobEvents,
     /// Jobs this engine claimed lately (see [`Claimed`]).
     claimed: Arc<std::sync::Mutex<Claimed>>,
+    /// Fetches and converts images for imports.
+    images: crate::images::ImageWork,
 }
 
 /// The jobs an engine claimed lately, so that the queue's message for a job
@@ -194,11 +197,12 @@ impl Engine {
         worker_id: String,
         wake: Arc<Notify>,
         events: crate::events::JobEvents,
+        images: crate::images::ImageWork,
     ) -> Self {
         let permits = Arc::new(Semaphore::new(config.concurrency));
         let abandon = Arc::new(watch::channel(false).0);
         let claimed = Arc::default();
-        Self { store, clients, config, worker_id, wake, permits, abandon, events, claimed }
+        Self { store, clients, config, worker_id, wake, permits, abandon, events, claimed, images }
     }
 
     fn claimed(&self) -> std::sync::MutexGuard<'_, Claimed> {
@@ -568,6 +572,9 @@ impl Engine {
         if job.kind.is_volume_job() {
             return self.run_volume_steps(job, cancel).await;
         }
+        if job.kind.is_image_job() {
+            return self.run_image_steps(job, cancel).await;
+        }
         let Some(vm_id) = job.vm_id else {
             return Ok(Attempt::failed(ErrorCode::Internal, format!("{} job without a vm", job.kind)));
         };
@@ -581,6 +588,8 @@ impl Engine {
             JobParams::Stop { force: false, timeout_seconds } => {
                 Duration::from_secs(u64::from(timeout_seconds) + STOP_CALL_MARGIN_SECS)
             }
+            // A capture copies a whole disk.
+            _ if job.kind == crate::model::JobKind::CaptureVm => self.images.provider_timeout(),
             _ => Duration::ZERO,
         };
         let mut compute = match self.clients.compute_for(&provider, longest) {
@@ -609,7 +618,17 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let call = Call { vm: &vm, snapshot: snapshot.as_ref(), params: &job.params, networks: &networks };
+        let image = match job.image_id {
+            Some(id) => Some(self.store.get_image(id).await.map_err(Abort::Store)?),
+            None => None,
+        };
+        let call = Call {
+            vm: &vm,
+            snapshot: snapshot.as_ref(),
+            params: &job.params,
+            networks: &networks,
+            image: image.as_ref(),
+        };
         let mut power = None;
         let mut nics = Vec::new();
         let mut host = None;
@@ -624,6 +643,16 @@ impl Engine {
             };
             match result {
                 Ok(output) => {
+                    if let (Step::Capture, Some(image)) = (step, &image) {
+                        // The capture's backing: the image is on this
+                        // provider, and nowhere else.
+                        self.store
+                            .record_image_backing(image.id, &provider.name, &output.native)
+                            .await
+                            .map_err(Abort::Store)?;
+                        let size = output.image_bytes.unwrap_or(0);
+                        self.store.set_image_size(image.id, size, vm.disk_gib).await.map_err(Abort::Store)?;
+                    }
                     if i + 1 < steps.len() {
                         self.store
                             .record_step(job.id, &self.worker_id, step, &output.native, now())
@@ -743,7 +772,7 @@ impl Engine {
         let info = |r: tonic::Response<provider::VmInfo>| {
             let info = r.into_inner();
             let host = Some(info.host).filter(|h| !h.is_empty());
-            StepOutput { native: info.native_id, power: None, interfaces: info.interfaces, host }
+            StepOutput { native: info.native_id, power: None, interfaces: info.interfaces, host, image_bytes: None }
         };
         let result = match step {
             Step::Create => {
@@ -821,6 +850,7 @@ impl Engine {
                         power: Some(if running { Power::Running } else { Power::Off }),
                         interfaces: info.interfaces,
                         host: None,
+                        image_bytes: None,
                     }
                 })
             }
@@ -875,11 +905,35 @@ impl Engine {
                 }
                 Ok(StepOutput::native(deleted.join(",")))
             }
-            Step::VolumeCreate | Step::VolumeExtend | Step::VolumeAttach | Step::VolumeDetach => {
+            Step::Capture => {
+                let image = call.image.ok_or_else(|| ProviderCallError {
+                    code: ErrorCode::Internal,
+                    retryable: false,
+                    message: "capture job without an image".to_owned(),
+                })?;
+                compute
+                    .capture_image(req(provider::CaptureImageRequest {
+                        vm_id: vm_id.clone(),
+                        image_id: image.id.to_string(),
+                        name: image.name.clone(),
+                    }))
+                    .await
+                    // The source is the step's output.
+                    .map(|r| {
+                        let i = r.into_inner();
+                        StepOutput { image_bytes: Some(i.size_bytes), ..StepOutput::native(i.source) }
+                    })
+            }
+            Step::VolumeCreate
+            | Step::VolumeExtend
+            | Step::VolumeAttach
+            | Step::VolumeDetach
+            | Step::ImageImport
+            | Step::ImageDelete => {
                 return Err(ProviderCallError {
                     code: ErrorCode::Internal,
                     retryable: false,
-                    message: format!("{step} is a volume step, not one of a vm job"),
+                    message: format!("{step} is not a step of a vm job"),
                 });
             }
         };
@@ -926,6 +980,8 @@ struct Call<'a> {
     params: &'a JobParams,
     /// The create's attachments with their backings on this provider.
     networks: &'a [provider::NetworkAttachment],
+    /// The image a capture makes.
+    image: Option<&'a crate::model::Image>,
 }
 
 /// What a step returns: the recorded output, the power state a revert left
@@ -935,11 +991,13 @@ struct StepOutput {
     power: Option<Power>,
     interfaces: Vec<provider::InterfaceInfo>,
     host: Option<String>,
+    /// What a capture stored, bytes.
+    image_bytes: Option<u64>,
 }
 
 impl StepOutput {
     fn native(s: impl Into<String>) -> Self {
-        StepOutput { native: s.into(), power: None, interfaces: Vec::new(), host: None }
+        StepOutput { native: s.into(), power: None, interfaces: Vec::new(), host: None, image_bytes: None }
     }
 }
 

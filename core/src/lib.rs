@@ -17,6 +17,7 @@ pub mod drain;
 pub mod egress;
 pub mod error;
 pub mod events;
+pub mod images;
 pub mod jobs;
 pub mod jwks;
 pub mod metrics;

@@ -210,6 +210,7 @@ impl Moves {
             kind,
             require_status: Some(vm.status),
             snapshot: None,
+            image: None,
             resize: None,
             host_change: Some(change),
             capacity: None,

@@ -234,6 +234,7 @@ pub async fn run(
             worker_id,
             local.notifier(),
             events.clone(),
+            crate::images::ImageWork::new(egress.clone(), config.images.clone()),
         );
         if let Some(client) = &nats {
             background.spawn(crate::queue::run_consumer(
@@ -334,6 +335,7 @@ pub async fn run(
             audit_keys: audit_keys.clone(),
             pages: crate::api::page::PageTokens::new(page_key),
             events: events.clone(),
+            egress: egress.clone(),
         };
         // Tenants' rate-limit buckets are shared by all API processes
         // through the store.

@@ -103,6 +103,10 @@ typed_id!(
     /// A tenant's webhook endpoint.
     WebhookId
 );
+typed_id!(
+    /// An image of the catalog.
+    ImageId
+);
 
 #[cfg(test)]
 mod tests {

@@ -31,8 +31,10 @@ pub enum AuditAction {
     FlavorDelete,
     /// An image created.
     ImageCreate,
-    /// An image deleted.
+    /// An image deleted (or its removal from providers accepted).
     ImageDelete,
+    /// What one provider resolves an image to, set or removed.
+    ImageBackingSet,
     /// A zone created.
     ZoneCreate,
     /// A zone deleted.
@@ -104,6 +106,7 @@ impl AuditAction {
             AuditAction::FlavorDelete => "flavor.delete",
             AuditAction::ImageCreate => "image.create",
             AuditAction::ImageDelete => "image.delete",
+            AuditAction::ImageBackingSet => "image.backing.set",
             AuditAction::ZoneCreate => "zone.create",
             AuditAction::ZoneDelete => "zone.delete",
             AuditAction::NetworkCreate => "network.create",

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Capabilities, Job, JobKind, JobStatus, SnapshotStatus, VmStatus};
 
 mod drift;
+pub mod image;
 mod reset;
 mod volume;
 pub use drift::{Correction, Drift, Verdict, correct, drift, drifted_console_revocation};
@@ -277,6 +278,13 @@ pub enum Step {
     VolumeAttach,
     /// DetachVolume.
     VolumeDetach,
+    /// CaptureImage.
+    Capture,
+    /// Fetch, verify and convert an image, then ImportImage on each
+    /// provider.
+    ImageImport,
+    /// DeleteImage on each provider that stores the image.
+    ImageDelete,
 }
 
 impl Step {
@@ -297,6 +305,9 @@ impl Step {
         Step::VolumeExtend,
         Step::VolumeAttach,
         Step::VolumeDetach,
+        Step::Capture,
+        Step::ImageImport,
+        Step::ImageDelete,
     ];
 
     /// The step recorded as `s`.
@@ -328,6 +339,9 @@ impl Step {
             Step::VolumeExtend => "provider.volume_extend",
             Step::VolumeAttach => "provider.volume_attach",
             Step::VolumeDetach => "provider.volume_detach",
+            Step::Capture => "provider.capture",
+            Step::ImageImport => "provider.image_import",
+            Step::ImageDelete => "provider.image_delete",
         }
     }
 }
@@ -385,7 +399,16 @@ impl JobKind {
         JobKind::ExtendVolume,
         JobKind::AttachVolume,
         JobKind::DetachVolume,
+        JobKind::CaptureVm,
+        JobKind::ImportImage,
+        JobKind::DeleteImage,
     ];
+
+    /// Whether the job operates on an image and holds no VM (a capture is
+    /// a VM's job that makes an image).
+    pub fn is_image_job(self) -> bool {
+        matches!(self, JobKind::ImportImage | JobKind::DeleteImage)
+    }
 
     /// Whether the job operates on a volume.
     pub fn is_volume_job(self) -> bool {
@@ -421,6 +444,13 @@ impl JobKind {
             // attachment.
             JobKind::AttachVolume => &[Step::VolumeCreate, Step::VolumeAttach],
             JobKind::DetachVolume => &[Step::VolumeDetach],
+            JobKind::CaptureVm => &[Step::Capture],
+            // Fetch, verify, convert and push to each provider: one step,
+            // whose progress is each provider's backing, recorded as it
+            // is stored (a worker that takes it over fetches again: the
+            // staged file was on the first worker's disk).
+            JobKind::ImportImage => &[Step::ImageImport],
+            JobKind::DeleteImage => &[Step::ImageDelete],
         }
     }
 
@@ -446,6 +476,9 @@ impl JobKind {
                 &[VmStatus::Active, VmStatus::Stopped]
             }
             JobKind::CreateVolume | JobKind::DeleteVolume => &[],
+            // A capture reads the root disk of a VM that does not run.
+            JobKind::CaptureVm => &[VmStatus::Stopped],
+            JobKind::ImportImage | JobKind::DeleteImage => &[],
         }
     }
 
@@ -469,6 +502,9 @@ impl JobKind {
             | JobKind::ExtendVolume
             | JobKind::AttachVolume
             | JobKind::DetachVolume => None,
+            // The image shows the operation; the VM stays STOPPED, held.
+            JobKind::CaptureVm => None,
+            JobKind::ImportImage | JobKind::DeleteImage => None,
         }
     }
 }
@@ -583,6 +619,23 @@ pub enum JobParams {
         /// The host to rebuild it on; `None` keeps it where it is.
         to: Option<String>,
     },
+    /// An image import: where from, what it must hash to, and where to.
+    ImportImage {
+        /// http(s) URL, checked against the egress policy when fetched.
+        url: String,
+        /// SHA-256 of the file, lower-case hex.
+        sha256: String,
+        /// The file's format (`ImportFormat`'s name).
+        format: String,
+        /// Provider names to store it on.
+        providers: Vec<String>,
+    },
+    /// An image's removal, and the state it goes back to when cancelled
+    /// before it ran.
+    DeleteImage {
+        /// Whether it was AVAILABLE (else ERROR).
+        was_available: bool,
+    },
 }
 
 impl JobParams {
@@ -690,6 +743,8 @@ pub struct Transition {
     /// Whether the VM's boot volume takes the VM's disk size (a resize
     /// grew it).
     pub sync_boot_volume: bool,
+    /// What happens to the job's image, for image jobs and captures.
+    pub image: Option<image::ImageChange>,
 }
 
 impl Job {
@@ -698,6 +753,7 @@ impl Job {
     pub fn transition(&self, outcome: Outcome) -> Transition {
         Transition {
             volume: volume_change(self.kind, outcome, self.prior_volume_status, &self.params),
+            image: image::image_change(self.kind, outcome, &self.params),
             ..transition(self.kind, outcome, self.prior_status, &self.params)
         }
     }
@@ -728,11 +784,13 @@ pub fn transition(
         volume: None,
         release_volumes: false,
         sync_boot_volume: false,
+        image: None,
     };
     let restore_host = params.host_before();
-    if kind.is_volume_job() {
+    if kind.is_volume_job() || kind.is_image_job() {
         // A volume job never changes its VM's state (what went wrong is
-        // the volume's): it only releases the VM it held.
+        // the volume's): it only releases the VM it held. An image job
+        // holds no VM.
         let job = match outcome {
             Outcome::Retry(_) => return Transition { job: JobStatus::Queued, requeue: true, ..nothing },
             Outcome::Succeeded { .. } => JobStatus::Succeeded,
@@ -762,7 +820,10 @@ pub fn transition(
                 | JobKind::DeleteVolume
                 | JobKind::ExtendVolume
                 | JobKind::AttachVolume
-                | JobKind::DetachVolume => prior.unwrap_or(VmStatus::Error),
+                | JobKind::DetachVolume
+                | JobKind::CaptureVm
+                | JobKind::ImportImage
+                | JobKind::DeleteImage => prior.unwrap_or(VmStatus::Error),
             };
             let metering = match kind {
                 JobKind::CreateVm | JobKind::StartVm => Some(Metering::Started),
@@ -785,7 +846,10 @@ pub fn transition(
                 | JobKind::DeleteVolume
                 | JobKind::ExtendVolume
                 | JobKind::AttachVolume
-                | JobKind::DetachVolume => None,
+                | JobKind::DetachVolume
+                | JobKind::CaptureVm
+                | JobKind::ImportImage
+                | JobKind::DeleteImage => None,
             };
             let snapshot = match kind {
                 JobKind::SnapshotCreate => Some(SnapshotStatus::Available),
@@ -802,6 +866,10 @@ pub fn transition(
                 sync_boot_volume: kind == JobKind::ResizeVm,
                 ..nothing
             }
+        }
+        // A capture only reads the VM's disk: what failed is the image's.
+        Outcome::Failed(_) if kind == JobKind::CaptureVm => {
+            Transition { job: JobStatus::Failed, vm: Some(prior.unwrap_or(VmStatus::Error)), ..nothing }
         }
         // A move that failed leaves the VM where it was, as it was: the
         // provider keeps the source until the target is complete.
@@ -876,7 +944,11 @@ fn interrupted(
             release_volumes: true,
             ..cancelled
         },
-        (JobKind::RebootVm, _) => Transition { vm: Some(prior.unwrap_or(VmStatus::Error)), ..cancelled },
+        // A capture cut short leaves the VM's disk as it was; the image
+        // may half exist, which the image's ERROR and its deletion handle.
+        (JobKind::RebootVm | JobKind::CaptureVm, _) => {
+            Transition { vm: Some(prior.unwrap_or(VmStatus::Error)), ..cancelled }
+        }
         (JobKind::SnapshotCreate | JobKind::SnapshotDelete, _) => Transition {
             vm: Some(prior.unwrap_or(VmStatus::Error)),
             snapshot: Some(SnapshotStatus::Error),
@@ -998,6 +1070,8 @@ pub fn required_capabilities(kind: JobKind, status: VmStatus) -> &'static [Capab
             | JobKind::DeleteVolume,
             _,
         ) => &[Capability::Volumes],
+        (JobKind::CaptureVm, _) => &[Capability::Capture],
+        (JobKind::ImportImage | JobKind::DeleteImage, _) => &[Capability::ImageImport],
         (
             JobKind::CreateVm
             | JobKind::StartVm
@@ -1254,6 +1328,14 @@ mod tests {
             (K::StartVm,        Some(V::Stopped), OK_ON,  J::Succeeded, Some(V::Active),  None,                   Some(M::Started), None,               false, false, false, false),
             (K::StartVm,        Some(V::Stopped), OK_OFF, J::Succeeded, Some(V::Active),  None,                   Some(M::Started), None,               false, false, false, false),
             (K::StartVm,        Some(V::Stopped), FAIL,   J::Failed,    Some(V::Error),   Some(E::ProviderError), None,             None,               false, false, false, false),
+            // A capture only reads the disk: whatever happens, the VM is
+            // as it was (the image takes the failure).
+            (K::CaptureVm,      Some(V::Stopped), OK,     J::Succeeded, Some(V::Stopped), None,                   None,             None,               false, false, false, false),
+            (K::CaptureVm,      Some(V::Stopped), OK_ON,  J::Succeeded, Some(V::Stopped), None,                   None,             None,               false, false, false, false),
+            (K::CaptureVm,      Some(V::Stopped), OK_OFF, J::Succeeded, Some(V::Stopped), None,                   None,             None,               false, false, false, false),
+            (K::CaptureVm,      Some(V::Stopped), FAIL,   J::Failed,    Some(V::Stopped), None,                   None,             None,               false, false, false, false),
+            (K::CaptureVm,      Some(V::Stopped), RETRY,  J::Queued,    None,             None,                   None,             None,               false, true,  false, false),
+            (K::CaptureVm,      Some(V::Stopped), CANCEL, J::Cancelled, Some(V::Stopped), None,                   None,             None,               false, false, false, false),
             (K::StartVm,        Some(V::Stopped), RETRY,  J::Queued,    None,             None,                   None,             None,               false, true,  false, false),
             (K::StartVm,        Some(V::Stopped), CANCEL, J::Cancelled, Some(V::Stopped), None,                   None,             None,               false, false, false, false),
             (K::StartVm,        Some(V::Error),   OK,     J::Succeeded, Some(V::Active),  None,                   Some(M::Started), None,               false, false, false, false),
@@ -1387,6 +1469,7 @@ mod tests {
                 volume: None,
                 release_volumes: kind == JobKind::DeleteVm && job == JobStatus::Succeeded,
                 sync_boot_volume: kind == JobKind::ResizeVm && job == JobStatus::Succeeded,
+                image: None,
             };
             let got = transition(kind, outcome, prior, &params(kind));
             assert_eq!(got, expected, "{kind} {outcome:?} from {prior:?}");
@@ -1399,7 +1482,7 @@ mod tests {
         }
         // Every state each kind is accepted from has its six rows (volume
         // kinds have theirs in `volume.rs`).
-        for &kind in JobKind::ALL.iter().filter(|k| !k.is_volume_job()) {
+        for &kind in JobKind::ALL.iter().filter(|k| !k.is_volume_job() && !k.is_image_job()) {
             let priors: Vec<Option<VmStatus>> = if kind == JobKind::CreateVm {
                 vec![None]
             } else {
@@ -1468,6 +1551,8 @@ mod tests {
             (K::RecoverVm,      Some(V::Active),  P::Start,          V::Error,   C,    None,             None,           false, false, true,  false),
             (K::RecoverVm,      Some(V::Error),   P::Migrate,        V::Error,   C,    None,             None,           false, false, true,  false),
             (K::RecoverVm,      Some(V::Error),   P::Start,          V::Error,   C,    None,             None,           false, false, true,  false),
+            // A capture only reads the disk: the VM is as it was.
+            (K::CaptureVm,      Some(V::Stopped), P::Capture,        V::Stopped, None, None,             None,           false, false, false, false),
         ];
         for &(kind, prior, step, vm, vm_error, metering, snapshot, revoke, size, host, release) in rows {
             let expected = Transition {
@@ -1483,6 +1568,7 @@ mod tests {
                 volume: None,
                 release_volumes: release,
                 sync_boot_volume: false,
+                image: None,
             };
             let got = transition(kind, Outcome::Interrupted(step), prior, &params(kind));
             assert_eq!(got, expected, "{kind} interrupted at {step} from {prior:?}");
@@ -1490,7 +1576,7 @@ mod tests {
         }
         // Every state each kind is accepted from has a row for each of its
         // steps (volume kinds have theirs in `volume.rs`).
-        for &kind in JobKind::ALL.iter().filter(|k| !k.is_volume_job()) {
+        for &kind in JobKind::ALL.iter().filter(|k| !k.is_volume_job() && !k.is_image_job()) {
             let priors: Vec<Option<VmStatus>> = if kind == JobKind::CreateVm {
                 vec![None]
             } else {

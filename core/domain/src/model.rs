@@ -121,6 +121,46 @@ string_enum!(
         AttachVolume = "volume.attach",
         /// Detach a volume from a VM.
         DetachVolume = "volume.detach",
+        /// Make a private image of a stopped VM's root disk.
+        CaptureVm = "vm.capture",
+        /// Fetch an image from a URL and store it on providers (operators).
+        ImportImage = "image.import",
+        /// Remove an image from the providers that store it.
+        DeleteImage = "image.delete",
+    }
+);
+
+string_enum!(
+    /// Where an image is in its life (see `hcp.common.v1.ImageStatus`).
+    ImageStatus {
+        /// An import or a capture runs.
+        Importing = "IMPORTING",
+        /// Usable for creates.
+        Available = "AVAILABLE",
+        /// The import, capture or deletion failed.
+        Error = "ERROR",
+        /// Being removed from its providers.
+        Deleting = "DELETING",
+    }
+);
+
+string_enum!(
+    /// Who sees an image.
+    ImageVisibility {
+        /// Every tenant.
+        Public = "PUBLIC",
+        /// One project.
+        Private = "PRIVATE",
+    }
+);
+
+string_enum!(
+    /// A CPU architecture images are built for.
+    Architecture {
+        /// 64-bit x86.
+        X86_64 = "x86_64",
+        /// 64-bit ARM.
+        Aarch64 = "aarch64",
     }
 );
 
@@ -593,6 +633,8 @@ pub struct Job {
     pub vm_id: Option<VmId>,
     /// Volume operated on, for volume jobs.
     pub volume_id: Option<VolumeId>,
+    /// Image made or removed, for image jobs and captures.
+    pub image_id: Option<hcp_proto::ids::ImageId>,
     /// State.
     pub status: JobStatus,
     /// Attempts started.
@@ -658,6 +700,7 @@ impl Job {
             kind,
             vm_id: vm,
             volume_id: None,
+            image_id: None,
             status: JobStatus::Queued,
             attempts: 0,
             max_attempts,
@@ -717,21 +760,109 @@ pub struct Flavor {
     pub created_at: DateTime<Utc>,
 }
 
-/// An image.
+/// An image of the catalog: public (the operators') or private to one
+/// project (a capture), with what each provider resolves it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Image {
-    /// Unique name.
+    /// HCP's id.
+    pub id: hcp_proto::ids::ImageId,
+    /// Name, unique among public images and within a project's private ones.
     pub name: String,
+    /// Public, or private to `tenant_id`/`project_id`.
+    pub visibility: ImageVisibility,
+    /// A private image's tenant; empty for public ones.
+    pub tenant_id: String,
+    /// A private image's project; empty for public ones.
+    pub project_id: String,
+    /// Where it is in its life.
+    pub status: ImageStatus,
     /// OS family.
     pub os_type: String,
-    /// What providers resolve.
+    /// OS version.
+    pub os_version: String,
+    /// CPU architecture.
+    pub architecture: Architecture,
+    /// The backing of every provider without its own in `backings`; empty:
+    /// none.
     pub source: String,
+    /// Provider name -> what it resolves there.
+    pub backings: BTreeMap<String, ImageBacking>,
     /// Smallest disk.
     pub min_disk_gib: u32,
+    /// Smallest memory.
+    pub min_memory_mib: u32,
     /// Free text.
     pub description: String,
+    /// Bytes HCP stored (after conversion); 0 for operator-made backings.
+    pub size_bytes: u64,
+    /// SHA-256 of the imported file.
+    pub sha256: String,
+    /// Why it is in ERROR.
+    pub error_message: Option<String>,
+    /// The job importing, capturing or deleting it.
+    pub job_id: Option<JobId>,
+    /// The VM a capture was made from.
+    pub captured_from: Option<VmId>,
     /// When created.
     pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What one provider resolves an image to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageBacking {
+    /// What goes in `ImageRef.source`.
+    pub source: String,
+    /// Whether the provider stored it for HCP (an import or a capture), so
+    /// deleting the image removes it there; false for a template or file
+    /// the operator made.
+    pub stored: bool,
+}
+
+impl Image {
+    /// A public, AVAILABLE image that every provider resolves to `source`,
+    /// with nothing else set (the catalog entry of the simplest kind).
+    pub fn public(name: &str, source: &str, at: DateTime<Utc>) -> Self {
+        Image {
+            id: hcp_proto::ids::ImageId::new(),
+            name: name.to_owned(),
+            visibility: ImageVisibility::Public,
+            tenant_id: String::new(),
+            project_id: String::new(),
+            status: ImageStatus::Available,
+            os_type: "linux".to_owned(),
+            os_version: String::new(),
+            architecture: Architecture::X86_64,
+            source: source.to_owned(),
+            backings: BTreeMap::new(),
+            min_disk_gib: 0,
+            min_memory_mib: 0,
+            description: String::new(),
+            size_bytes: 0,
+            sha256: String::new(),
+            error_message: None,
+            job_id: None,
+            captured_from: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    /// What `provider` resolves the image to, if it has it.
+    pub fn backing_on(&self, provider: &str) -> Option<&str> {
+        match self.backings.get(provider) {
+            Some(b) => Some(b.source.as_str()),
+            None if !self.source.is_empty() => Some(self.source.as_str()),
+            None => None,
+        }
+    }
+
+    /// Whether the image's bytes count against a project's image quota:
+    /// private images, at their size rounded up to a whole GiB.
+    pub fn quota_gib(&self) -> u64 {
+        self.size_bytes.div_ceil(1 << 30)
+    }
 }
 
 /// A zone.

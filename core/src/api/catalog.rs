@@ -10,6 +10,8 @@ use hcp_proto::common::{
 use super::{ApiContext, ApiResult, checked, handle, validate};
 use crate::auth::Access;
 use crate::convert;
+use crate::model::{Architecture, ImageStatus};
+use crate::store::ImageQuery;
 use crate::error::from_store;
 
 /// Implements `CatalogService`.
@@ -68,9 +70,24 @@ impl CatalogService for CatalogApi {
     }
 
     async fn list_images(&self, req: tonic::Request<ListImagesRequest>) -> ApiResult<ListImagesResponse> {
-        let for_ops = checked(&req)?.ops(Access::Read).is_ok();
+        let p = checked(&req)?;
+        let for_ops = p.ops(Access::Read).is_ok();
+        let r = req.into_inner();
         handle(async {
-            let images = self.ctx.store.list_images().await.map_err(|e| from_store(e, "images"))?;
+            // A project's private images need the project; operators see
+            // every project's without naming one.
+            let scope = match r.project_id.as_str() {
+                "" => None,
+                project => Some(p.scope(project, Access::Read)?),
+            };
+            let query = ImageQuery {
+                every_project: for_ops && scope.is_none(),
+                scope,
+                os_type: Some(r.os_type).filter(|s| !s.is_empty()),
+                architecture: Architecture::parse(&r.architecture),
+                status: ImageStatus::parse(&r.status),
+            };
+            let images = self.ctx.store.list_images(&query).await.map_err(|e| from_store(e, "images"))?;
             Ok(ListImagesResponse {
                 images: images.iter().map(|i| convert::image_to_proto(i, for_ops)).collect(),
             })
@@ -79,12 +96,21 @@ impl CatalogService for CatalogApi {
     }
 
     async fn get_image(&self, req: tonic::Request<GetImageRequest>) -> ApiResult<Image> {
-        let for_ops = checked(&req)?.ops(Access::Read).is_ok();
-        let name = req.into_inner().name;
+        let p = checked(&req)?;
+        let for_ops = p.ops(Access::Read).is_ok();
+        let r = req.into_inner();
         handle(async {
-            validate::label("name", &name)?;
-            let i =
-                self.ctx.store.get_image(&name).await.map_err(|e| from_store(e, &format!("image {name}")))?;
+            let scope = match r.project_id.as_str() {
+                "" => None,
+                project => Some(p.scope(project, Access::Read)?),
+            };
+            let name = &r.name;
+            let i = self
+                .ctx
+                .store
+                .get_image_by_name(name, scope.as_ref())
+                .await
+                .map_err(|e| from_store(e, &format!("image {name}")))?;
             Ok(convert::image_to_proto(&i, for_ops))
         })
         .await

@@ -150,6 +150,7 @@ pub async fn migrate(
         job_id: job.id.to_string(),
         snapshot_id: None,
         volume_id: None,
+        image_id: None,
     })
 }
 

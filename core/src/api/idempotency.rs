@@ -200,6 +200,7 @@ fn decode<M: Message + Default>(response: &str) -> Option<M> {
                 job_id: field("job_id"),
                 snapshot_id: Some(field("snapshot_id")).filter(|s| !s.is_empty()),
                 volume_id: None,
+                image_id: None,
             }
             .encode_to_vec()
         }
@@ -224,6 +225,7 @@ mod tests {
             job_id: "j".into(),
             snapshot_id: Some("s".into()),
             volume_id: None,
+            image_id: None,
         };
         let reply = base64::engine::general_purpose::STANDARD.encode(a.encode_to_vec());
         let new = serde_json::json!({ "reply": reply }).to_string();

@@ -23,6 +23,7 @@ pub mod fleet;
 pub mod groups;
 pub mod hosts;
 pub mod idempotency;
+pub mod images;
 pub mod keypairs;
 pub mod ops;
 pub mod page;
@@ -51,6 +52,9 @@ pub struct ApiContext {
     pub pages: page::PageTokens,
     /// Job change notifications for watchers.
     pub events: crate::events::JobEvents,
+    /// Where core may connect (an import's URL is checked against it when
+    /// the import is accepted).
+    pub egress: crate::egress::EgressClient,
 }
 
 impl ApiContext {

@@ -13,7 +13,7 @@ use hcp_proto::ops::{
     AuditChainProblem, CancelOpsJobRequest, CreateFlavorRequest, CreateImageRequest, CreateVolumeTypeRequest,
     CreateZoneRequest, DeleteFlavorRequest, DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse,
     DeleteVolumeTypeRequest, DeleteVolumeTypeResponse, DeleteZoneRequest, DeleteZoneResponse,
-    GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ListAuditEventsRequest,
+    GetOpsJobRequest, GetProjectQuotaRequest, ImageOperationAccepted, ImportImageRequest, SetImageBackingRequest, GetProviderRequest, ListAuditEventsRequest,
     ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
     ProviderTls, QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
     SetProjectQuotaRequest, UpdateProjectQuotaRequest, VerifyAuditChainRequest, VerifyAuditChainResponse,
@@ -274,22 +274,6 @@ impl OpsApi {
         Ok(convert::flavor_to_proto(&flavor))
     }
 
-    async fn create_image(&self, p: Principal, req: CreateImageRequest) -> Result<common::Image, ApiError> {
-        let i = req.image.ok_or_else(|| ApiError::invalid_field("image", "image is required"))?;
-        let image = model::Image {
-            name: i.name.clone(),
-            os_type: if i.os_type.is_empty() { "linux".to_owned() } else { i.os_type.clone() },
-            source: if i.source.is_empty() { i.name.clone() } else { i.source.clone() },
-            min_disk_gib: i.min_disk_gib,
-            description: i.description.clone(),
-            created_at: now(),
-        };
-        let audit =
-            self.ctx.audit(&p, AuditAction::ImageCreate, Resource::Image(&i.name), AuditOutcome::Succeeded);
-        self.ctx.store.create_image(&image, &audit).await.map_err(|e| from_store(e, "image"))?;
-        Ok(convert::image_to_proto(&image, true))
-    }
-
     async fn create_zone(&self, p: Principal, req: CreateZoneRequest) -> Result<common::Zone, ApiError> {
         let z = req.zone.ok_or_else(|| ApiError::invalid_field("zone", "zone is required"))?;
         let zone =
@@ -304,13 +288,11 @@ impl OpsApi {
         validate::label("name", &name)?;
         let (action, resource) = match kind {
             "flavor" => (AuditAction::FlavorDelete, Resource::Flavor(&name)),
-            "image" => (AuditAction::ImageDelete, Resource::Image(&name)),
             _ => (AuditAction::ZoneDelete, Resource::Zone(&name)),
         };
         let audit = self.ctx.audit(&p, action, resource, AuditOutcome::Succeeded);
         let r = match kind {
             "flavor" => self.ctx.store.delete_flavor(&name, &audit).await,
-            "image" => self.ctx.store.delete_image(&name, &audit).await,
             _ => self.ctx.store.delete_zone(&name, &audit).await,
         };
         // A zone still named by a provider is a Conflict, like one named by a VM.
@@ -488,13 +470,46 @@ impl CatalogAdminService for OpsApi {
     }
 
     async fn create_image(&self, req: tonic::Request<CreateImageRequest>) -> ApiResult<common::Image> {
-        self.write(req, "CreateImage", None, |p, r| self.create_image(p, r)).await
+        let canonical: fn(&CreateImageRequest) -> serde_json::Value =
+            |r| with_map(r, |r| r.image.as_mut().map(|i| std::mem::take(&mut i.backings)).unwrap_or_default());
+        self.write(req, "CreateImage", Some(canonical), |p, r| async move {
+            super::images::create(&self.ctx, &p, r).await
+        })
+        .await
     }
 
     async fn delete_image(&self, req: tonic::Request<DeleteImageRequest>) -> ApiResult<DeleteImageResponse> {
+        let request_id = super::tenant::request_id(&req);
         self.write(req, "DeleteImage", None, |p, r| async move {
-            self.delete_entry(p, "image", r.name).await?;
-            Ok(DeleteImageResponse {})
+            let image = self
+                .ctx
+                .store
+                .get_image_by_name(&r.name, None)
+                .await
+                .map_err(|e| from_store(e, &format!("image {}", excerpt(&r.name))))?;
+            let job = super::images::delete(&self.ctx, &p, &image, request_id).await?;
+            Ok(DeleteImageResponse { job_id: job.map(|j| j.to_string()).unwrap_or_default() })
+        })
+        .await
+    }
+
+    async fn import_image(
+        &self,
+        req: tonic::Request<ImportImageRequest>,
+    ) -> ApiResult<ImageOperationAccepted> {
+        let request_id = super::tenant::request_id(&req);
+        self.write(req, "ImportImage", None, |p, r| async move {
+            super::images::import(&self.ctx, &p, r, request_id).await
+        })
+        .await
+    }
+
+    async fn set_image_backing(
+        &self,
+        req: tonic::Request<SetImageBackingRequest>,
+    ) -> ApiResult<common::Image> {
+        self.write(req, "SetImageBacking", None, |p, r| async move {
+            super::images::set_backing(&self.ctx, &p, r).await
         })
         .await
     }
@@ -1010,8 +1025,8 @@ fn quota_update(r: &UpdateProjectQuotaRequest) -> Result<QuotaUpdate, ApiError> 
     if paths.is_empty() {
         return Err(ApiError::invalid_field(
             "update_mask",
-            "update_mask must name the limits to change: max_instances, max_vcpus, max_memory_mib, max_volumes and/or \
-             max_volume_gib",
+            "update_mask must name the limits to change: max_instances, max_vcpus, max_memory_mib, max_volumes, \
+             max_volume_gib, max_images and/or max_image_gib",
         ));
     }
     let mut update = QuotaUpdate::default();
@@ -1022,12 +1037,14 @@ fn quota_update(r: &UpdateProjectQuotaRequest) -> Result<QuotaUpdate, ApiError> 
             "max_memory_mib" => update.max_memory_mib = Some(r.max_memory_mib),
             "max_volumes" => update.max_volumes = Some(r.max_volumes),
             "max_volume_gib" => update.max_volume_gib = Some(r.max_volume_gib),
+            "max_images" => update.max_images = Some(r.max_images),
+            "max_image_gib" => update.max_image_gib = Some(r.max_image_gib),
             other => {
                 return Err(ApiError::invalid_field(
                     "update_mask",
                     format!(
-                        "update_mask may name max_instances, max_vcpus, max_memory_mib, max_volumes and \
-                         max_volume_gib, not {}",
+                        "update_mask may name max_instances, max_vcpus, max_memory_mib, max_volumes, \
+                         max_volume_gib, max_images and max_image_gib, not {}",
                         excerpt(other)
                     ),
                 ));
@@ -1040,6 +1057,8 @@ fn quota_update(r: &UpdateProjectQuotaRequest) -> Result<QuotaUpdate, ApiError> 
         ("max_memory_mib", r.max_memory_mib.is_some(), update.max_memory_mib.is_some()),
         ("max_volumes", r.max_volumes.is_some(), update.max_volumes.is_some()),
         ("max_volume_gib", r.max_volume_gib.is_some(), update.max_volume_gib.is_some()),
+        ("max_images", r.max_images.is_some(), update.max_images.is_some()),
+        ("max_image_gib", r.max_image_gib.is_some(), update.max_image_gib.is_some()),
     ] {
         if set && !named {
             return Err(ApiError::invalid_field(
@@ -1077,9 +1096,13 @@ impl OpsApi {
                 memory_mib: u.memory_mib,
                 volumes: u.volumes,
                 volume_gib: u.volume_gib,
+                images: u.images,
+                image_gib: u.image_gib,
             }),
             max_volumes: q.max_volumes,
             max_volume_gib: q.max_volume_gib,
+            max_images: q.max_images,
+            max_image_gib: q.max_image_gib,
         })
     }
 }
@@ -1099,6 +1122,8 @@ impl QuotaAdminService for OpsApi {
                 max_memory_mib: r.max_memory_mib,
                 max_volumes: r.max_volumes,
                 max_volume_gib: r.max_volume_gib,
+                max_images: r.max_images,
+                max_image_gib: r.max_image_gib,
             };
             let mut audit = self.quota_audit(&p, &r.tenant_id, &r.project_id);
             audit.detail = format!("{quota:?}");

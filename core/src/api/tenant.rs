@@ -162,6 +162,7 @@ impl TenantApi {
         let Target { scope, vm_id, idem } = t;
         let mut job = self.new_job(p, &scope, vm_id, kind, &extra.request_id);
         job.snapshot_id = extra.snapshot_id;
+        job.image_id = extra.image.as_ref().map(|i| i.id);
         job.params = extra.params.clone();
         let mut audit =
             self.ctx.audit(p, AuditAction::Job(kind), Resource::Vm(vm_id), AuditOutcome::Accepted);
@@ -181,6 +182,7 @@ impl TenantApi {
             kind,
             require_status: extra.require_status,
             snapshot: extra.snapshot,
+            image: extra.image.clone(),
             resize: extra.resize,
             host_change: None,
             capacity: extra.capacity,
@@ -190,6 +192,7 @@ impl TenantApi {
             job_id: job.id.to_string(),
             snapshot_id: extra.snapshot_id.map(|s| s.to_string()),
             volume_id: None,
+            image_id: extra.image.as_ref().map(|i| i.id.to_string()),
         };
         let record = idempotency::record(&self.ctx, idem.as_ref(), &answer);
         match self.ctx.store.accept_operation(&op, &job, &audit, record.as_ref()).await {
@@ -205,6 +208,10 @@ impl TenantApi {
             }
             Err(StoreError::QuotaExceeded(msg)) => return Err(ApiError::new(ErrorCode::QuotaExceeded, msg)),
             Err(e) => return Err(from_store(e, &format!("vm {vm_id}"))),
+        }
+        if extra.image.is_some() {
+            // A new image is in the catalog creates read.
+            self.ctx.store.catalog_changed();
         }
         self.ctx.announce(job.id);
         tracing::info!(vm_id = %vm_id, job_id = %job.id, kind = %kind, "vm operation accepted");
@@ -509,6 +516,8 @@ struct Extra {
     /// The room of the VM's host, for a resize that grows it.
     capacity: Option<crate::store::CapacityGuard>,
     request_id: String,
+    /// The private image a capture makes.
+    image: Option<model::Image>,
 }
 
 /// The request's `x-request-id` (visible ASCII, at most 255 bytes), or the
@@ -764,6 +773,75 @@ impl VmService for TenantApi {
         .await
     }
 
+    async fn capture_vm(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::CaptureVmRequest>,
+    ) -> ApiResult<VmOperationAccepted> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req);
+        let request_id = request_id(&req);
+        let r = req.into_inner();
+        handle(async {
+            let kind = JobKind::CaptureVm;
+            let fingerprint = serde_json::json!({"image_name": r.image_name, "description": r.description});
+            let t = self.target(&p, key, &r.project_id, &r.vm_id, kind.as_str(), fingerprint)?;
+            if let Some(answer) = idempotency::replay(&self.ctx, t.idem.as_ref()).await? {
+                return Ok(answer);
+            }
+            let vm = self.idle_vm(&t).await?;
+            hcp_proto::rules::check(&r)?;
+            super::images::capturable(&vm)?;
+            self.check_capability(&vm, kind).await?;
+            let image = super::images::capture_image(&self.ctx, &t.scope, &vm, &r.image_name, &r.description).await?;
+            let extra = Extra {
+                require_status: Some(vm.status),
+                image: Some(image),
+                request_id,
+                ..Extra::default()
+            };
+            self.accept(&p, t, kind, extra).await
+        })
+        .await
+    }
+
+    async fn delete_image(
+        &self,
+        req: tonic::Request<hcp_proto::tenant::DeleteProjectImageRequest>,
+    ) -> ApiResult<hcp_proto::tenant::ImageDeletion> {
+        let p = principal(&req)?;
+        let key = idempotency_key(&req);
+        let request_id = request_id(&req);
+        let r = req.into_inner();
+        handle(async {
+            validate::project_id(&r.project_id)?;
+            let scope = p.scope(&r.project_id, Access::Write)?;
+            let idem = Key::json(
+                &scope.tenant,
+                key?,
+                &serde_json::json!({"method": "DeleteImage", "project_id": r.project_id, "name": r.name}),
+            );
+            if let Some(answer) = idempotency::replay(&self.ctx, idem.as_ref()).await? {
+                return Ok(answer);
+            }
+            hcp_proto::rules::check(&r)?;
+            let what = format!("image {} in project {}", excerpt(&r.name), r.project_id);
+            let image =
+                self.ctx.store.get_image_by_name(&r.name, Some(&scope)).await.map_err(|e| from_store(e, &what))?;
+            // A public image is the operators' to delete.
+            if image.visibility != model::ImageVisibility::Private {
+                return Err(ApiError::not_found("private image", &what));
+            }
+            let result = super::images::delete(&self.ctx, &p, &image, request_id).await.map(|job| {
+                hcp_proto::tenant::ImageDeletion {
+                    image_id: image.id.to_string(),
+                    job_id: job.map(|j| j.to_string()).unwrap_or_default(),
+                }
+            });
+            idempotency::finish(&self.ctx, idem.as_ref(), result).await
+        })
+        .await
+    }
+
     async fn list_snapshots(
         &self,
         req: tonic::Request<hcp_proto::tenant::ListSnapshotsRequest>,
@@ -863,6 +941,10 @@ impl QuotaService for TenantApi {
                 max_volume_gib: quota.max_volume_gib,
                 volumes: u32::try_from(usage.volumes).unwrap_or(u32::MAX),
                 volume_gib: usage.volume_gib,
+                max_images: quota.max_images,
+                max_image_gib: quota.max_image_gib,
+                images: u32::try_from(usage.images).unwrap_or(u32::MAX),
+                image_gib: usage.image_gib,
             })
         })
         .await

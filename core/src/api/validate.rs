@@ -331,6 +331,32 @@ mod tests {
         );
     }
 
+    /// The image enumerations the proto states are the domain's.
+    #[test]
+    fn the_image_enumerations_are_the_domains_names() {
+        use crate::lifecycle::image::ImportFormat;
+        use crate::model::{Architecture, ImageStatus};
+        let rules = hcp_proto::rules::Rules::get();
+        let one_of = |message: &str, field: &str| -> Vec<String> {
+            let m = rules.message(message).unwrap();
+            let f = m.get_field_by_name(field).unwrap();
+            rules.of(&f).map(|r| r.rules.one_of.clone()).unwrap_or_default()
+        };
+        let architectures: Vec<String> =
+            [Architecture::X86_64, Architecture::Aarch64].iter().map(|a| a.as_str().to_owned()).collect();
+        assert_eq!(one_of("hcp.common.v1.ListImagesRequest", "architecture"), architectures);
+        assert_eq!(one_of("hcp.common.v1.Image", "architecture"), architectures);
+        assert_eq!(one_of("hcp.ops.v1.ImportImageRequest", "architecture"), architectures);
+        let statuses: Vec<String> =
+            [ImageStatus::Importing, ImageStatus::Available, ImageStatus::Error, ImageStatus::Deleting]
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect();
+        assert_eq!(one_of("hcp.common.v1.ListImagesRequest", "status"), statuses);
+        let formats: Vec<String> = ImportFormat::NAMES.iter().map(|f| (*f).to_owned()).collect();
+        assert_eq!(one_of("hcp.ops.v1.ImportImageRequest", "format"), formats);
+    }
+
     /// The label grammar, written independently of [`label`].
     fn regex_lite_label(s: &str) -> bool {
         let b = s.as_bytes();

@@ -46,8 +46,9 @@ pub(super) const CHANNEL: &str = "hcp_catalog";
 pub struct Catalog {
     /// By name.
     pub flavors: HashMap<String, Flavor>,
-    /// By name.
-    pub images: HashMap<String, Image>,
+    /// Every image, public and private, by (tenant, project, name); a
+    /// public image's tenant and project are empty. See [`Catalog::image`].
+    pub images: HashMap<(String, String, String), Image>,
     /// Every zone.
     pub zones: Vec<Zone>,
     /// Every network of every zone.
@@ -58,6 +59,16 @@ pub struct Catalog {
     pub hosts: Vec<Host>,
     /// Each zone's placement settings, by zone.
     pub placement: HashMap<String, ZonePlacement>,
+}
+
+impl Catalog {
+    /// The image `name` as `scope` sees it: the project's private one,
+    /// else the public one.
+    pub fn image(&self, scope: &hcp_domain::model::Scope, name: &str) -> Option<&Image> {
+        self.images
+            .get(&(scope.tenant.clone(), scope.project.clone(), name.to_owned()))
+            .or_else(|| self.images.get(&(String::new(), String::new(), name.to_owned())))
+    }
 }
 
 /// What placement has put on each host, by provider and host name.
@@ -279,7 +290,12 @@ impl Store {
         }
         Ok(Catalog {
             flavors: self.list_flavors().await?.into_iter().map(|f| (f.name.clone(), f)).collect(),
-            images: self.list_images().await?.into_iter().map(|i| (i.name.clone(), i)).collect(),
+            images: self
+                .list_images(&super::ImageQuery { every_project: true, ..Default::default() })
+                .await?
+                .into_iter()
+                .map(|i| ((i.tenant_id.clone(), i.project_id.clone(), i.name.clone()), i))
+                .collect(),
             zones,
             networks: self.list_networks(None).await?,
             providers: self.list_providers().await?,

@@ -7,7 +7,7 @@ use sqlx::types::Json;
 
 use super::{Quoted, sql};
 use super::{StoreError, StoreResult, col, on_pool, to_i32, to_u32};
-use hcp_domain::model::{AuditEvent, Flavor, Image, Network, VmStatus, VolumeStatus, VolumeType, Zone};
+use hcp_domain::model::{AuditEvent, Flavor, Network, VmStatus, VolumeStatus, VolumeType, Zone};
 
 /// What [`super::Store::replace_network`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,82 +102,6 @@ impl super::Store {
     /// Deletes a flavor unless a VM that is not deleted uses it.
     pub async fn delete_flavor(&self, name: &str, audit: &AuditEvent) -> StoreResult<()> {
         self.delete_catalog_entry("flavors", "flavor", name, audit).await
-    }
-
-    /// Inserts an image and its audit event.
-    pub async fn create_image(&self, i: &Image, audit: &AuditEvent) -> StoreResult<()> {
-        on_pool!(transaction self, |tx| {
-            sqlx::query(
-                "INSERT INTO images (name, os_type, source, min_disk_gib, description, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(&i.name)
-            .bind(&i.os_type)
-            .bind(&i.source)
-            .bind(to_i32(i.min_disk_gib))
-            .bind(&i.description)
-            .bind(i.created_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, &format!("image {}", i.name)))?;
-            super::audit::insert_audit!(&mut *tx, audit);
-            tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
-            Ok(())
-        })?;
-        self.catalog_changed();
-        Ok(())
-    }
-
-    /// Returns every image, by name.
-    pub async fn list_images(&self) -> StoreResult<Vec<Image>> {
-        on_pool!(self, |pool| {
-            let rows = sqlx::query(
-                "SELECT name, os_type, source, min_disk_gib, description, created_at FROM images \
-                 ORDER BY name",
-            )
-            .fetch_all(pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "images"))?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in &rows {
-                out.push(Image {
-                    name: col!(row, "name"),
-                    os_type: col!(row, "os_type"),
-                    source: col!(row, "source"),
-                    min_disk_gib: to_u32(col!(row, "min_disk_gib"), "min_disk_gib")?,
-                    description: col!(row, "description"),
-                    created_at: col!(row, "created_at"),
-                });
-            }
-            Ok(out)
-        })
-    }
-
-    /// Returns one image.
-    pub async fn get_image(&self, name: &str) -> StoreResult<Image> {
-        on_pool!(self, |pool| {
-            let row = sqlx::query(
-                "SELECT name, os_type, source, min_disk_gib, description, created_at FROM images WHERE name = $1",
-            )
-            .bind(name)
-            .fetch_optional(pool)
-            .await
-            .map_err(|e| StoreError::from_sqlx(e, "image"))?
-            .ok_or(StoreError::NotFound)?;
-            Ok(Image {
-                name: col!(&row, "name"),
-                os_type: col!(&row, "os_type"),
-                source: col!(&row, "source"),
-                min_disk_gib: to_u32(col!(&row, "min_disk_gib"), "min_disk_gib")?,
-                description: col!(&row, "description"),
-                created_at: col!(&row, "created_at"),
-            })
-        })
-    }
-
-    /// Deletes an image unless a VM that is not deleted uses it.
-    pub async fn delete_image(&self, name: &str, audit: &AuditEvent) -> StoreResult<()> {
-        self.delete_catalog_entry("images", "image", name, audit).await
     }
 
     /// Inserts a zone and its audit event.

@@ -39,6 +39,10 @@ pub struct Quota {
     pub max_volumes: Option<u32>,
     /// Sum of their sizes.
     pub max_volume_gib: Option<u64>,
+    /// Private images.
+    pub max_images: Option<u32>,
+    /// Sum of their sizes, each rounded up to a GiB.
+    pub max_image_gib: Option<u64>,
 }
 
 /// A change to some limits of a project: `None` keeps a limit as it is,
@@ -55,6 +59,10 @@ pub struct QuotaUpdate {
     pub max_volumes: Option<Option<u32>>,
     /// Sum of their sizes.
     pub max_volume_gib: Option<Option<u64>>,
+    /// Private images.
+    pub max_images: Option<Option<u32>>,
+    /// Sum of their sizes.
+    pub max_image_gib: Option<Option<u64>>,
 }
 
 /// Current use of a project.
@@ -70,6 +78,10 @@ pub struct Usage {
     pub volumes: u64,
     /// Their GiB.
     pub volume_gib: u64,
+    /// Private images.
+    pub images: u64,
+    /// Their GiB, each rounded up.
+    pub image_gib: u64,
 }
 
 /// Records an idempotency key inside a transaction, in one statement: a new
@@ -231,10 +243,11 @@ impl super::Store {
         on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO project_quotas (tenant_id, project_id, max_instances, max_vcpus, max_memory_mib, \
-                 updated_at, max_volumes, max_volume_gib) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 updated_at, max_volumes, max_volume_gib, max_images, max_image_gib) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                  ON CONFLICT (tenant_id, project_id) DO UPDATE \
                  SET max_instances = $3, max_vcpus = $4, max_memory_mib = $5, updated_at = $6, \
-                 max_volumes = $7, max_volume_gib = $8",
+                 max_volumes = $7, max_volume_gib = $8, max_images = $9, max_image_gib = $10",
             )
             .bind(&scope.tenant)
             .bind(&scope.project)
@@ -244,6 +257,8 @@ impl super::Store {
             .bind(audit.at)
             .bind(quota.max_volumes.map(|v| v as i32))
             .bind(quota.max_volume_gib.map(|v| v as i64))
+            .bind(quota.max_images.map(|v| v as i32))
+            .bind(quota.max_image_gib.map(|v| v as i64))
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
@@ -266,13 +281,16 @@ impl super::Store {
         on_pool!(transaction self, |tx| {
             sqlx::query(
                 "INSERT INTO project_quotas (tenant_id, project_id, max_instances, max_vcpus, max_memory_mib, \
-                 updated_at, max_volumes, max_volume_gib) VALUES ($1, $2, $3, $4, $5, $6, $10, $11) \
+                 updated_at, max_volumes, max_volume_gib, max_images, max_image_gib) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $10, $11, $14, $15) \
                  ON CONFLICT (tenant_id, project_id) DO UPDATE \
                  SET max_instances = CASE WHEN $7 THEN $3 ELSE project_quotas.max_instances END, \
                  max_vcpus = CASE WHEN $8 THEN $4 ELSE project_quotas.max_vcpus END, \
                  max_memory_mib = CASE WHEN $9 THEN $5 ELSE project_quotas.max_memory_mib END, \
                  max_volumes = CASE WHEN $12 THEN $10 ELSE project_quotas.max_volumes END, \
                  max_volume_gib = CASE WHEN $13 THEN $11 ELSE project_quotas.max_volume_gib END, \
+                 max_images = CASE WHEN $16 THEN $14 ELSE project_quotas.max_images END, \
+                 max_image_gib = CASE WHEN $17 THEN $15 ELSE project_quotas.max_image_gib END, \
                  updated_at = $6",
             )
             .bind(&scope.tenant)
@@ -288,6 +306,10 @@ impl super::Store {
             .bind(update.max_volume_gib.flatten().map(|v| v as i64))
             .bind(update.max_volumes.is_some())
             .bind(update.max_volume_gib.is_some())
+            .bind(update.max_images.flatten().map(|v| v as i32))
+            .bind(update.max_image_gib.flatten().map(|v| v as i64))
+            .bind(update.max_images.is_some())
+            .bind(update.max_image_gib.is_some())
             .execute(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, "quota"))?;
@@ -303,7 +325,8 @@ impl super::Store {
         let (tenant_id, project_id) = (&scope.tenant, &scope.project);
         on_pool!(self, |pool| {
             let row = sqlx::query(
-                "SELECT max_instances, max_vcpus, max_memory_mib, max_volumes, max_volume_gib FROM project_quotas \
+                "SELECT max_instances, max_vcpus, max_memory_mib, max_volumes, max_volume_gib, max_images, \
+                 max_image_gib FROM project_quotas \
                  WHERE tenant_id = $1 AND project_id = $2",
             )
             .bind(tenant_id)
@@ -319,7 +342,11 @@ impl super::Store {
                     let m: Option<i64> = col!(&row, "max_memory_mib");
                     let vn: Option<i32> = col!(&row, "max_volumes");
                     let vg: Option<i64> = col!(&row, "max_volume_gib");
+                    let im: Option<i32> = col!(&row, "max_images");
+                    let ig: Option<i64> = col!(&row, "max_image_gib");
                     Quota {
+                        max_images: im.map(|x| x.max(0) as u32),
+                        max_image_gib: ig.map(|x| x.max(0) as u64),
                         max_instances: i.map(|x| x.max(0) as u32),
                         max_vcpus: v.map(|x| x.max(0) as u32),
                         max_memory_mib: m.map(|x| x.max(0) as u64),
@@ -343,6 +370,7 @@ impl super::Store {
             let v: i64 = col!(&used, "vcpus");
             let m: i64 = col!(&used, "memory");
             let (volumes, gib) = super::volumes::volume_usage!(pool, scope);
+            let (images, image_gib) = super::images::image_usage!(pool, scope);
             Ok((
                 quota,
                 Usage {
@@ -351,6 +379,8 @@ impl super::Store {
                     memory_mib: m as u64,
                     volumes: volumes.max(0) as u64,
                     volume_gib: gib.max(0) as u64,
+                    images: images.max(0) as u64,
+                    image_gib: image_gib.max(0) as u64,
                 },
             ))
         })

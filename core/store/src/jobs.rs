@@ -88,7 +88,7 @@ pub struct ListJobsQuery {
 pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, project_id, kind, vm_id, status, attempts, \
      max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, actor, \
      traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, \
-     params, request_id, volume_id, prior_volume_status, cancel_requested_at, cancel_requested_by";
+     params, request_id, volume_id, prior_volume_status, cancel_requested_at, cancel_requested_by, image_id";
 
 macro_rules! insert_job {
     ($conn:expr, $job:expr) => {{
@@ -97,9 +97,9 @@ macro_rules! insert_job {
             "INSERT INTO jobs (id, tenant_id, project_id, kind, vm_id, status, attempts, \
              max_attempts, run_after, lease_owner, lease_expires_at, error_code, error_message, \
              actor, traceparent, created_at, started_at, finished_at, updated_at, prior_status, snapshot_id, \
-             params, request_id, volume_id, prior_volume_status) \
+             params, request_id, volume_id, prior_volume_status, image_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, NULL, NULL, $10, $11, $12, NULL, NULL, \
-             $13, $14, $15, $16, $17, $18, $19)",
+             $13, $14, $15, $16, $17, $18, $19, $20)",
         )
         .bind(job.id.0)
         .bind(&job.tenant_id)
@@ -120,6 +120,7 @@ macro_rules! insert_job {
         .bind(&job.request_id)
         .bind(job.volume_id.map(|v| v.0))
         .bind(job.prior_volume_status.map(|s| s.as_str()))
+        .bind(job.image_id.map(|i| i.0))
         .execute($conn)
         .await
         .map_err(|e| $crate::StoreError::from_sqlx(e, "job"))?;
@@ -133,6 +134,7 @@ macro_rules! job_from_row {
         let id: uuid::Uuid = col!(row, "id");
         let vm_id: Option<uuid::Uuid> = col!(row, "vm_id");
         let volume_id: Option<uuid::Uuid> = col!(row, "volume_id");
+        let image_id: Option<uuid::Uuid> = col!(row, "image_id");
         let kind: String = col!(row, "kind");
         let status: String = col!(row, "status");
         Job {
@@ -142,6 +144,7 @@ macro_rules! job_from_row {
             kind: JobKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("job kind {kind:?}")))?,
             vm_id: vm_id.map(VmId),
             volume_id: volume_id.map(hcp_proto::ids::VolumeId),
+            image_id: image_id.map(hcp_proto::ids::ImageId),
             status: JobStatus::parse(&status)
                 .ok_or_else(|| StoreError::Corrupt(format!("job status {status:?}")))?,
             attempts: to_u32(col!(row, "attempts"), "attempts")?,
@@ -258,6 +261,9 @@ macro_rules! apply_transition {
         }
         if let (true, Some(vm_id)) = (t.release_volumes, job.vm_id) {
             super::volumes::release_volumes!($tx, job, vm_id, now, $outbox);
+        }
+        if let (Some(change), Some(image)) = (t.image, job.image_id) {
+            super::images::apply_image_change!($tx, job, image, change, $message, now);
         }
         if let (true, Some(vm_id)) = (t.sync_boot_volume, job.vm_id) {
             // The boot volume is the VM's disk: a resize that grew one grew
@@ -715,7 +721,12 @@ impl super::Store {
             }
             tx.commit().await.map_err(|e| StoreError::from_sqlx(e, "commit"))?;
             Ok(())
-        })
+        })?;
+        if job.image_id.is_some() {
+            // An image's state is in the catalog creates read.
+            self.catalog_changed();
+        }
+        Ok(())
     }
 
     /// Lists a project's jobs, newest first, one page at a time. Returns the
@@ -806,7 +817,10 @@ async fn finish_in_one(
     // A create that holds volumes, and a resize that may grow a boot
     // volume, take the transaction.
     let holds_volumes = matches!(job.params, JobParams::CreateWithVolumes { .. }) || t.sync_boot_volume;
-    let Some(vm_id) = job.vm_id.filter(|_| t.volume.is_none() && !t.release_volumes && !holds_volumes) else {
+    // A capture's image changes with its VM: the transaction too.
+    let Some(vm_id) =
+        job.vm_id.filter(|_| t.volume.is_none() && t.image.is_none() && !t.release_volumes && !holds_volumes)
+    else {
         return Ok(None);
     };
     let usage = match (t.metering, &finish.size) {

@@ -46,6 +46,10 @@ pub struct AcceptOperation {
     pub require_status: Option<VmStatus>,
     /// The snapshot change a snapshot operation makes.
     pub snapshot: Option<SnapshotAccept>,
+    /// The private image a capture makes: inserted IMPORTING, held by the
+    /// job, counted against the project's image quota (at its `size_bytes`
+    /// as given: the VM's disk, the most a capture stores).
+    pub image: Option<hcp_domain::model::Image>,
     /// The size a resize gives the VM: applied now, so the quota (checked
     /// for the difference) holds it while the job runs.
     pub resize: Option<Size>,
@@ -437,6 +441,12 @@ impl super::Store {
                             .map_err(|e| StoreError::from_sqlx(e, "snapshot"))?;
                     }
                 }
+            }
+            if let Some(image) = &op.image {
+                super::images::check_image_quota!(tx, backend, &op.scope, image.quota_gib());
+                let mut image = image.clone();
+                image.job_id = Some(job.id);
+                super::images::insert_image!(tx, &image);
             }
             super::jobs::insert_job!(&mut *tx, job);
             if outbox {

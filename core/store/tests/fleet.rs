@@ -67,14 +67,7 @@ async fn seed(store: &Store, name: &str) -> Provider {
             created_at: now(),
         };
         store.create_flavor(&f, &audit("flavor.create", "small")).await.unwrap();
-        let i = Image {
-            name: "img".into(),
-            os_type: "linux".into(),
-            source: "img-src".into(),
-            min_disk_gib: 1,
-            description: String::new(),
-            created_at: now(),
-        };
+        let i = Image { min_disk_gib: 1, ..Image::public("img", "img-src", now()) };
         store.create_image(&i, &audit("image.create", "img")).await.unwrap();
     }
     let p = Provider {
@@ -397,6 +390,7 @@ async fn a_state_reset_is_compare_and_set_and_audited(backend: Backend) {
         kind: JobKind::StartVm,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: None,
         host_change: None,
         capacity: None,
@@ -526,6 +520,7 @@ async fn a_force_delete_ends_a_job_in_flight_only_when_forced(backend: Backend) 
         kind: JobKind::StopVm,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: None,
         host_change: None,
         capacity: None,

@@ -123,14 +123,7 @@ async fn seed(store: &Store) -> Provider {
         .unwrap();
     store
         .create_image(
-            &Image {
-                name: "img".into(),
-                os_type: "linux".into(),
-                source: "img-src".into(),
-                min_disk_gib: 1,
-                description: String::new(),
-                created_at: now(),
-            },
+            &Image { min_disk_gib: 1, ..Image::public("img", "img-src", now()) },
             &audit("image.create", "img"),
         )
         .await
@@ -262,13 +255,20 @@ async fn complete(store: &Store, job: &Job, status: VmStatus) {
     store.finish_job(&claimed, "w", &done, now(), None).await.unwrap();
 }
 
+/// Deletes the public image `name` as an operator would.
+async fn delete_image_named(store: &Store, name: &str) -> Result<hcp_store::ImageDeletion, StoreError> {
+    let image = store.get_image_by_name(name, None).await?;
+    let job = Job::queued(JobKind::DeleteImage, &Scope::new("", ""), None, "ops", 5, None, "");
+    store.delete_image(image.id, &job, &audit("image.delete", name)).await
+}
+
 async fn migrations_create_the_schema(backend: Backend) {
     let (_db, store) = fresh(backend).await;
     // Migrating again is a no-op, and every table answers.
     store.migrate().await.unwrap();
     assert!(store.list_zones().await.unwrap().is_empty());
     assert!(store.list_flavors().await.unwrap().is_empty());
-    assert!(store.list_images().await.unwrap().is_empty());
+    assert!(store.list_images(&Default::default()).await.unwrap().is_empty());
     assert!(store.list_providers().await.unwrap().is_empty());
     let (events, _) =
         store.list_audit_events(&AuditQuery { page_size: 10, ..Default::default() }).await.unwrap();
@@ -315,6 +315,7 @@ async fn operations_follow_the_state_rules(backend: Backend) {
         kind,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: None,
         host_change: None,
         capacity: None,
@@ -537,7 +538,7 @@ async fn catalog_rules(backend: Backend) {
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
-        store.delete_image("img", &audit("image.delete", "img")).await,
+        delete_image_named(&store, "img").await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
@@ -884,6 +885,7 @@ async fn usage_events_follow_transitions(backend: Backend) {
         kind,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: None,
         host_change: None,
         capacity: None,
@@ -928,6 +930,7 @@ fn op_on(vm: VmId, kind: JobKind) -> AcceptOperation {
         kind,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: None,
         host_change: None,
         capacity: None,
@@ -1547,6 +1550,7 @@ async fn a_resize_holds_its_quota_and_a_failure_gives_the_size_back(backend: Bac
         kind: JobKind::ResizeVm,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: Some(to),
         host_change: None,
         capacity: None,
@@ -1597,6 +1601,7 @@ async fn jobs_are_listed_newest_first_with_filters(backend: Backend) {
         kind: JobKind::StopVm,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: None,
         host_change: None,
         capacity: None,
@@ -1721,7 +1726,10 @@ async fn the_catalog_copy_follows_this_process_writes(backend: Backend) {
     }
     settle().await;
     let first = store.catalog().await.unwrap();
-    assert!(first.flavors.contains_key("small") && first.images.contains_key("img"));
+    assert!(
+        first.flavors.contains_key("small")
+            && first.images.contains_key(&(String::new(), String::new(), "img".to_owned()))
+    );
     assert_eq!(first.providers.iter().map(|x| x.id).collect::<Vec<_>>(), [p.id]);
     // Read twice, the copy is the same copy.
     assert!(std::sync::Arc::ptr_eq(&first, &store.catalog().await.unwrap()));
@@ -1752,8 +1760,9 @@ async fn postgres_catalog_copies_are_kept_coherent_across_processes() {
     assert!(b.catalog().await.unwrap().flavors.contains_key("small"));
 
     // A write through the other process.
-    a.delete_image("img", &audit("image.delete", "img")).await.unwrap();
-    assert!(eventually(async || !b.catalog().await.unwrap().images.contains_key("img")).await);
+    delete_image_named(&a, "img").await.unwrap();
+    let public = |name: &str| (String::new(), String::new(), name.to_owned());
+    assert!(eventually(async || !b.catalog().await.unwrap().images.contains_key(&public("img"))).await);
     a.update_provider_health(p.id, false, "down", None, now()).await.unwrap();
     assert!(eventually(async || !b.catalog().await.unwrap().providers[0].healthy).await);
 
@@ -1955,6 +1964,7 @@ async fn host_counts_follow_every_change_of_the_vms_on_them(backend: Backend) {
         kind,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: None,
         host_change: None,
         capacity: None,
@@ -2081,6 +2091,7 @@ async fn a_hosts_room_holds_under_concurrent_creates_and_resizes(backend: Backen
                 kind: JobKind::ResizeVm,
                 require_status: None,
                 snapshot: None,
+                image: None,
                 resize: Some(lifecycle::Size {
                     flavor: "two".into(),
                     vcpus: 2,
@@ -2117,6 +2128,7 @@ async fn a_hosts_room_holds_under_concurrent_creates_and_resizes(backend: Backen
         kind: JobKind::MigrateVm,
         require_status: None,
         snapshot: None,
+        image: None,
         resize: None,
         host_change: Some(change),
         capacity: None,

@@ -17,6 +17,7 @@ use crate::auth::{Access, Principal};
 use crate::convert;
 use crate::error::from_store;
 use crate::lifecycle::Capability;
+use crate::lifecycle::image::{Unusable, usable};
 use crate::model::{
     self, Flavor, Image, JobKind, NetworkAttachment, PlacementGroup, RestartPolicy, Scope, VmStatus,
 };
@@ -257,7 +258,7 @@ impl TenantApi {
         // The catalog from memory (store::cache); a name it lacks may be
         // newer than the copy, so the database has the last word.
         let catalog = self.ctx.store.catalog().await.map_err(|e| from_store(e, "catalog"))?;
-        let (flavor, image) = self.flavor_and_image(&catalog, &req).await?;
+        let (flavor, image) = self.flavor_and_image(&catalog, scope, &req).await?;
         let zone = req.zone.as_deref();
         if let Some(z) = zone {
             self.known_zone(&catalog, z).await?;
@@ -282,6 +283,15 @@ impl TenantApi {
             ..placement::Request::default()
         };
         let mut candidates = placement::candidates(&self.ctx.store, &request).await?;
+        // Only where the image is: providers with a backing for it.
+        candidates.retain(|c| image.backing_on(&c.provider.name).is_some());
+        if candidates.is_empty() {
+            let where_ = zone.map(|z| format!("zone {z}")).unwrap_or_else(|| "any zone".to_owned());
+            return Err(ApiError::invalid_field(
+                "image",
+                format!("image {} is not available in {where_} (on no provider that could take the vm)", image.name),
+            ));
+        }
         if let Some(h) = &held {
             // Existing volumes place the VM: their hypervisor, and for
             // host-local storage their host.
@@ -362,6 +372,7 @@ impl TenantApi {
             job_id: job.id.to_string(),
             snapshot_id: None,
             volume_id: None,
+            image_id: None,
         };
         let record = idempotency::record(&self.ctx, idem, &answer);
         // The host's room, and a strict group's rule, are checked again in
@@ -372,6 +383,7 @@ impl TenantApi {
         for choice in candidates.iter().take(MAX_PLACEMENT_TRIES) {
             vm.zone = choice.provider.zone.clone();
             vm.provider_id = choice.provider.id;
+            vm.image_source = image.backing_on(&choice.provider.name).unwrap_or_default().to_owned();
             vm.host = choice.host.clone();
             let room = choice.capacity.as_ref();
             let volumes = match &held {
@@ -473,6 +485,7 @@ impl TenantApi {
     async fn flavor_and_image(
         &self,
         catalog: &Catalog,
+        scope: &Scope,
         req: &ValidCreate,
     ) -> Result<(Flavor, Image), ApiError> {
         let flavor = match catalog.flavors.get(&req.flavor) {
@@ -484,15 +497,32 @@ impl TenantApi {
                 e => from_store(e, "flavor"),
             })?,
         };
-        let image = match catalog.images.get(&req.image) {
+        // The copy's image when it is usable; else the database's (the
+        // copy may predate the end of an import or a capture).
+        let image = match catalog.image(scope, &req.image).filter(|i| usable(i).is_ok()) {
             Some(i) => i.clone(),
-            None => self.ctx.store.get_image(&req.image).await.map_err(|e| match e {
+            None => self.ctx.store.get_image_by_name(&req.image, Some(scope)).await.map_err(|e| match e {
                 StoreError::NotFound => {
                     ApiError::invalid_field("image", format!("unknown image {}", excerpt(&req.image)))
                 }
                 e => from_store(e, "image"),
             })?,
         };
+        if let Err(Unusable::Status(status)) = usable(&image) {
+            return Err(ApiError::invalid_field(
+                "image",
+                format!("image {} is {status}; only an AVAILABLE image makes VMs", image.name),
+            ));
+        }
+        if image.min_memory_mib > flavor.memory_mib {
+            return Err(ApiError::invalid_field(
+                "flavor",
+                format!(
+                    "image {} needs {} MiB of memory; flavor {} has {} MiB",
+                    image.name, image.min_memory_mib, flavor.name, flavor.memory_mib
+                ),
+            ));
+        }
         if image.min_disk_gib > flavor.disk_gib {
             return Err(ApiError::invalid_field(
                 "flavor",

@@ -468,6 +468,7 @@ impl TenantApi {
             job_id: job.id.to_string(),
             snapshot_id: None,
             volume_id: Some(volume_id.to_string()),
+            image_id: None,
         })
         .await
     }
