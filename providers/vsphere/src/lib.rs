@@ -29,6 +29,11 @@
 //!   the volume (unless it exists: then it is booted as it is) and, in the
 //!   one reconfiguration of the create, swaps the clone's own disk for it
 //!   and plugs in the `volumes` at their slots.
+//! - Images are templates named `hcp-image-<image id>` in the VM folder:
+//!   imported through an OVF descriptor and an NFC lease (the VMDK core
+//!   sent), or captured by cloning a stopped VM as a template
+//!   (`images.rs`). Their source is that name, which CreateVm resolves as
+//!   it resolves any template name.
 
 pub mod cli;
 pub mod config;
@@ -36,6 +41,7 @@ mod console;
 mod create;
 mod errors;
 mod hosts;
+mod images;
 mod inventory;
 mod provider;
 mod snapshots;
