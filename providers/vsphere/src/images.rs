@@ -438,7 +438,15 @@ impl Vsphere {
             return Err(e);
         }
         drop(tx);
-        let result = answer.await;
+        // The whole body is sent: the answer comes at once, or something
+        // is wrong on the other side.
+        let patience = Duration::from_secs(self.config.timing.task_timeout_seconds);
+        let Ok(result) = tokio::time::timeout(patience, answer).await else {
+            conn.abort();
+            return Err(map_error(VimError::Timeout(format!(
+                "the disk upload got no answer in {patience:?}"
+            ))));
+        };
         conn.abort();
         match result {
             Ok(Ok((status, _))) if status.is_success() => Ok(()),
@@ -463,11 +471,15 @@ impl Vsphere {
         }
         let _image = self.locks.lock(&image_key(&req.image_id)).await;
         let _serial = self.locks.lock(&req.vm_id).await;
-        let vm = self.require(&req.vm_id).await?;
-        match self.find_image(&req.image_id).await? {
+        // A captured image is answered even when its VM is gone since.
+        let half_made = match self.find_image(&req.image_id).await? {
             Some(t) if t.template => return Ok(self.image_info(&req.image_id, t.size_bytes)),
-            Some(t) => self.destroy(&t.vm.moref).await?,
-            None => {}
+            Some(t) => Some(t.vm.moref),
+            None => None,
+        };
+        let vm = self.require(&req.vm_id).await?;
+        if let Some(moref) = half_made {
+            self.destroy(&moref).await?;
         }
         if vm.power != "poweredOff" {
             return Err(ProviderError::new(

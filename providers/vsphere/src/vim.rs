@@ -1237,6 +1237,21 @@ pub fn guest_nics(net: &Xml) -> Vec<GuestNic> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn data_from_vsphere_renders_back_as_it_came() {
+        let text = r#"<spec xmlns="urn:vim25" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:xsd="http://www.w3.org/2001/XMLSchema" xsi:type="VirtualMachineImportSpec"><configSpec><name>a &amp; b</name><extraConfig xsi:type="OptionValue"><key>k</key><value xsi:type="xsd:string">v</value></extraConfig></configSpec><resPoolEntity type="ResourcePool">resgroup-9</resPoolEntity></spec>"#;
+        let doc = roxmltree::Document::parse(text).unwrap();
+        let x = Xml::of(doc.root_element());
+        assert_eq!(
+            x.render("spec"),
+            r#"<spec xsi:type="VirtualMachineImportSpec"><configSpec><name>a &amp; b</name><extraConfig xsi:type="OptionValue"><key>k</key><value xsi:type="xsd:string">v</value></extraConfig></configSpec><resPoolEntity type="ResourcePool">resgroup-9</resPoolEntity></spec>"#
+        );
+        assert_eq!(
+            MoRef::new("Folder", "group-v3").render("folder"),
+            r#"<folder type="Folder">group-v3</folder>"#
+        );
+    }
+
     fn render<T: Serialize>(root: &str, v: &T) -> String {
         quick_xml::se::to_string_with_root(root, v).unwrap()
     }

@@ -236,3 +236,42 @@ async fn a_capture_is_a_template_of_the_stopped_vm() {
     assert!(p.delete_image(pb::DeleteImageRequest { image_id: id, source: info.source }).await.unwrap());
     assert!(p.delete_vm(&vm_id).await.unwrap());
 }
+
+#[tokio::test]
+async fn a_half_made_image_is_replaced_by_the_next_import() {
+    let Some(sim) = vcsim().await else { return };
+    let p = provider(&sim).await;
+    let soap = look(&sim).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let name = format!("hcp-image-{id}");
+    // What an import that stopped between ImportVApp and MarkAsTemplate
+    // leaves: a VM of the image's name that is not a template, made here
+    // by the test's own session.
+    let si = soap.content().await.unwrap().search_index.clone();
+    let path = |p: &'static str| vim::FindByInventoryPath { xmlns: VIM25, this: &si, inventory_path: p };
+    let source: MoRef =
+        soap.invoke("FindByInventoryPath", &path("DC0/vm/DC0_C0_RP0_VM0"), true).await.unwrap();
+    let folder: MoRef = soap.invoke("FindByInventoryPath", &path("DC0/vm"), true).await.unwrap();
+    let pool: MoRef =
+        soap.invoke("FindByInventoryPath", &path("DC0/host/DC0_C0/Resources"), true).await.unwrap();
+    let clone = vim::CloneVm {
+        xmlns: VIM25,
+        this: &source,
+        folder: &folder,
+        name: &name,
+        spec: vim::CloneSpec {
+            location: vim::RelocateSpec { datastore: None, pool: Some(pool), host: None },
+            template: false,
+            config: vim::ConfigSpec::default(),
+            power_on: false,
+        },
+    };
+    soap.task("CloneVM_Task", &clone).await.unwrap();
+    assert_eq!(template(&soap, &name).await.map(|t| t.0), Some(false));
+
+    let vmdk = stream_optimized_vmdk();
+    let info = p.import_image(upload(&id, &vmdk, &sha256(&vmdk), 2).await).await.unwrap();
+    assert_eq!(info.source, name);
+    assert_eq!(template(&soap, &name).await, Some((true, vec![2 << 20])));
+    assert_eq!(names(&soap).await.iter().filter(|n| **n == name).count(), 1, "exactly one of that name");
+}
