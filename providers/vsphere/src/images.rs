@@ -251,6 +251,7 @@ impl Vsphere {
         );
         let text = self.soap.call_raw("ImportVApp", &body, false).await.map_err(map_error)?;
         let lease: MoRef = parse_returnval(&text).map_err(map_error)?;
+        self.failpoints.hit("image-import:after-lease");
         // From here on, what was made goes again on any error.
         let made = async {
             let info = self.lease_ready(&lease).await?;
@@ -269,6 +270,7 @@ impl Vsphere {
                 .invoke_this::<vim::Nothing>("HttpNfcLeaseComplete", &lease, false)
                 .await
                 .map_err(map_error)?;
+            self.failpoints.hit("image-import:after-complete");
             let vm = info.moref_of("entity").ok_or_else(|| {
                 ProviderError::new(ErrorKind::Internal, "the import lease names no virtual machine")
             })?;
@@ -517,6 +519,7 @@ impl Vsphere {
             self.remove_half_made(&req.image_id).await;
             return Err(map_error(e));
         }
+        self.failpoints.hit("capture:after-clone");
         tracing::info!(image_id = req.image_id, vm_id = req.vm_id, vm = vm_name(&req.vm_id), "captured");
         Ok(self.image_info(&req.image_id, size))
     }

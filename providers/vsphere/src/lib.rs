@@ -74,7 +74,10 @@ pub use crate::start::{StartError, run};
 /// destroyed); for a create with a boot volume `boot-volume:after-copy`
 /// (the image's disk copied under its temporary name) and
 /// `boot-volume:after-move` (the copy under the volume's name, not yet the
-/// VM's root disk); the process aborts there.
+/// VM's root disk); for images `image-import:after-lease` (ImportVApp made
+/// the VM, no byte sent), `image-import:after-complete` (the lease
+/// completed, the VM not yet a template) and `capture:after-clone`; the
+/// process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_VSPHERE_FAILPOINTS";
 
 /// The `extraConfig` key naming the HCP VM.

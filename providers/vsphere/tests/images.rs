@@ -15,6 +15,9 @@ use hcp_provider_vsphere::soap::{Soap, VIM25};
 use hcp_provider_vsphere::vim::{self, MoRef};
 use hcp_testkit::vcsim::{Vcsim, VcsimOptions, present_or_skip};
 
+mod crashing;
+use crashing::Crashing;
+
 const TIMING: &str = "[timing]\nretry_base_ms = 10\nretry_attempts = 3\nrequest_timeout_seconds = 5\ntask_timeout_seconds = 60\n";
 
 async fn vcsim() -> Option<Vcsim> {
@@ -114,9 +117,8 @@ fn stream_optimized_vmdk() -> Vec<u8> {
     std::fs::read(&vmdk).unwrap()
 }
 
-/// An ImportImage stream of `bytes` in 16 KiB pieces (so that a refused
-/// stream has sent some to vcsim first), announcing `sha256`.
-async fn upload(id: &str, bytes: &[u8], sha256: &str, min_disk_gib: u32) -> ImageUpload {
+/// The messages of an ImportImage stream of `bytes` in 16 KiB pieces.
+fn messages(id: &str, bytes: &[u8], sha256: &str, min_disk_gib: u32) -> Vec<pb::ImportImageChunk> {
     let header = pb::ImportImageHeader {
         image_id: id.to_owned(),
         name: "test image".into(),
@@ -125,13 +127,19 @@ async fn upload(id: &str, bytes: &[u8], sha256: &str, min_disk_gib: u32) -> Imag
         sha256: sha256.to_owned(),
         min_disk_gib,
     };
-    let mut parts =
-        vec![Ok(pb::ImportImageChunk { part: Some(pb::import_image_chunk::Part::Header(header)) })];
+    let mut parts = vec![pb::ImportImageChunk { part: Some(pb::import_image_chunk::Part::Header(header)) }];
     parts.extend(
         bytes
             .chunks(16 << 10)
-            .map(|c| Ok(pb::ImportImageChunk { part: Some(pb::import_image_chunk::Part::Data(c.to_vec())) })),
+            .map(|c| pb::ImportImageChunk { part: Some(pb::import_image_chunk::Part::Data(c.to_vec())) }),
     );
+    parts
+}
+
+/// An ImportImage stream of `bytes` in 16 KiB pieces (so that a refused
+/// stream has sent some to vcsim first), announcing `sha256`.
+async fn upload(id: &str, bytes: &[u8], sha256: &str, min_disk_gib: u32) -> ImageUpload {
+    let parts = messages(id, bytes, sha256, min_disk_gib).into_iter().map(Ok);
     ImageUpload::start(futures::stream::iter(parts)).await.unwrap()
 }
 
@@ -274,4 +282,51 @@ async fn a_half_made_image_is_replaced_by_the_next_import() {
     assert_eq!(info.source, name);
     assert_eq!(template(&soap, &name).await, Some((true, vec![2 << 20])));
     assert_eq!(names(&soap).await.iter().filter(|n| **n == name).count(), 1, "exactly one of that name");
+}
+
+#[tokio::test]
+async fn a_crash_at_every_image_step_converges_when_the_call_is_repeated() {
+    let Some(sim) = vcsim().await else { return };
+    let p = provider(&sim).await;
+    let soap = look(&sim).await;
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let config = dir.path().join("provider.toml");
+    std::fs::write(&config, sim.provider_toml(TIMING)).unwrap();
+    let vmdk = stream_optimized_vmdk();
+    let before = names(&soap).await;
+
+    // The provider process dies after ImportVApp made the VM, and after
+    // the lease completed; the import repeated against a provider that
+    // knows nothing of it replaces the half-made VM with one template.
+    for step in ["image-import:after-lease", "image-import:after-complete"] {
+        let id = uuid::Uuid::new_v4().to_string();
+        let name = format!("hcp-image-{id}");
+        let mut c = Crashing::start(&config, step).await;
+        let stream = futures::stream::iter(messages(&id, &vmdk, &sha256(&vmdk), 2));
+        assert!(c.compute.import_image(stream).await.is_err(), "{step}");
+        c.died(step).await;
+        assert_eq!(template(&soap, &name).await.map(|t| t.0), Some(false), "{step}: a half-made VM is left");
+        let info = p.import_image(upload(&id, &vmdk, &sha256(&vmdk), 2).await).await.unwrap();
+        assert_eq!(template(&soap, &info.source).await, Some((true, vec![2 << 20])), "{step}");
+        assert_eq!(names(&soap).await.iter().filter(|n| **n == name).count(), 1, "{step}: one of that name");
+        let delete = pb::DeleteImageRequest { image_id: id, source: info.source };
+        assert!(p.delete_image(delete).await.unwrap());
+    }
+
+    // A capture dies after its clone: repeated, it answers that template.
+    let vm_id = uuid::Uuid::new_v4().to_string();
+    let req = pb::CreateVmRequest { vm_id: vm_id.clone(), spec: Some(vm_spec("debian-12")), start: false };
+    p.create_vm(req).await.unwrap();
+    let step = "capture:after-clone";
+    let id = uuid::Uuid::new_v4().to_string();
+    let capture = pb::CaptureImageRequest { vm_id: vm_id.clone(), image_id: id.clone(), name: "cap".into() };
+    let mut c = Crashing::start(&config, step).await;
+    assert!(c.compute.capture_image(capture.clone()).await.is_err(), "{step}");
+    c.died(step).await;
+    let info = p.capture_image(capture).await.unwrap();
+    assert_eq!(template(&soap, &info.source).await, Some((true, vec![3 << 20])));
+    assert_eq!(names(&soap).await.iter().filter(|n| **n == info.source).count(), 1);
+    assert!(p.delete_image(pb::DeleteImageRequest { image_id: id, source: info.source }).await.unwrap());
+    assert!(p.delete_vm(&vm_id).await.unwrap());
+    assert_eq!(names(&soap).await, before, "nothing left");
 }
