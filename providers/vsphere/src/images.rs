@@ -249,8 +249,18 @@ impl Vsphere {
             spec.render("spec"),
             places.folder.render("folder"),
         );
-        let text = self.soap.call_raw("ImportVApp", &body, false).await.map_err(map_error)?;
-        let lease: MoRef = parse_returnval(&text).map_err(map_error)?;
+        let lease = match self.soap.call_raw("ImportVApp", &body, false).await {
+            Ok(text) => parse_returnval::<MoRef>(&text),
+            Err(e) => Err(e),
+        };
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(e) => {
+                // The answer may be lost while the VM was made.
+                self.remove_half_made(&id).await;
+                return Err(map_error(e));
+            }
+        };
         self.failpoints.hit("image-import:after-lease");
         // From here on, what was made goes again on any error.
         let made = async {
