@@ -499,7 +499,18 @@ impl Vsphere {
                 format!("vm {} is not stopped: only a stopped VM is captured", req.vm_id),
             ));
         }
-        let size = vm.disk().map_or(0, |d| d.disk_bytes().max(0) as u64);
+        let root = vm.disk().ok_or_else(|| {
+            ProviderError::new(ErrorKind::InvalidState, format!("vm {} has no disk to capture", req.vm_id))
+        })?;
+        let size = root.disk_bytes().max(0) as u64;
+        // The image is the root disk: the VM's other disks (data volumes)
+        // are left out of the clone's configuration, so not copied.
+        let others: Vec<vim::DeviceChange> = vm
+            .devices
+            .iter()
+            .filter(|d| d.is_disk() && d.key != root.key)
+            .map(|d| vim::DeviceChange::new("remove", d.clone()))
+            .collect();
         let places = self.places().await?.clone();
         let name = image_name(&req.image_id);
         let clone = vim::CloneVm {
@@ -520,6 +531,7 @@ impl Vsphere {
                         OptionValue::new(IMAGE_KEY, &req.image_id),
                         OptionValue::new(IMAGE_BYTES_KEY, &size.to_string()),
                     ],
+                    device_change: others,
                     ..Default::default()
                 },
                 power_on: false,
