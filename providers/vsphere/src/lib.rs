@@ -29,6 +29,11 @@
 //!   the volume (unless it exists: then it is booted as it is) and, in the
 //!   one reconfiguration of the create, swaps the clone's own disk for it
 //!   and plugs in the `volumes` at their slots.
+//! - Images are templates named `hcp-image-<image id>` in the VM folder:
+//!   imported through an OVF descriptor and an NFC lease (the VMDK core
+//!   sent), or captured by cloning a stopped VM as a template
+//!   (`images.rs`). Their source is that name, which CreateVm resolves as
+//!   it resolves any template name.
 
 pub mod cli;
 pub mod config;
@@ -36,6 +41,7 @@ mod console;
 mod create;
 mod errors;
 mod hosts;
+mod images;
 mod inventory;
 mod provider;
 mod snapshots;
@@ -68,7 +74,10 @@ pub use crate::start::{StartError, run};
 /// destroyed); for a create with a boot volume `boot-volume:after-copy`
 /// (the image's disk copied under its temporary name) and
 /// `boot-volume:after-move` (the copy under the volume's name, not yet the
-/// VM's root disk); the process aborts there.
+/// VM's root disk); for images `image-import:after-lease` (ImportVApp made
+/// the VM, no byte sent), `image-import:after-complete` (the lease
+/// completed, the VM not yet a template) and `capture:after-clone`; the
+/// process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_VSPHERE_FAILPOINTS";
 
 /// The `extraConfig` key naming the HCP VM.

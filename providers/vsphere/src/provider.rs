@@ -95,10 +95,11 @@ impl Provider for Vsphere {
         attributes.insert("product".to_owned(), content.full_name.clone());
         attributes.insert("cluster_hosts".to_owned(), hosts.to_string());
         Ok(pb::Capabilities {
-            // Images: not offered yet.
-            supports_image_import: false,
-            supports_capture: false,
-            image_formats: Vec::new(),
+            // Images are templates: imported from a stream-optimized VMDK
+            // through an OVF import, or cloned from a stopped VM.
+            supports_image_import: true,
+            supports_capture: true,
+            image_formats: vec![pb::DiskFormat::Vmdk as i32],
             supports_cloud_init: self.config.cloud_init,
             supports_snapshot: true,
             // With memory: the snapshot of a running VM keeps it running.
@@ -368,5 +369,20 @@ impl Provider for Vsphere {
 
     async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
         self.volume_delete(volume_id).await
+    }
+
+    async fn import_image(
+        &self,
+        upload: hcp_provider_sdk::image::ImageUpload,
+    ) -> Result<pb::ImageInfo, ProviderError> {
+        self.image_import(upload).await
+    }
+
+    async fn capture_image(&self, req: pb::CaptureImageRequest) -> Result<pb::ImageInfo, ProviderError> {
+        self.image_capture(req).await
+    }
+
+    async fn delete_image(&self, req: pb::DeleteImageRequest) -> Result<bool, ProviderError> {
+        self.image_delete(req).await
     }
 }

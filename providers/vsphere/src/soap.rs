@@ -219,8 +219,17 @@ impl Soap {
         body: &B,
         cookie: Option<&str>,
     ) -> Result<(String, http::HeaderMap), VimError> {
-        let inner = quick_xml::se::to_string_with_root(method, body)
-            .map_err(|source| VimError::Encode { method: method.to_owned(), source })?;
+        self.exchange_raw(method, &render(method, body)?, cookie).await
+    }
+
+    /// [`Soap::exchange`] of a body already rendered (its root element
+    /// included).
+    async fn exchange_raw(
+        &self,
+        method: &str,
+        inner: &str,
+        cookie: Option<&str>,
+    ) -> Result<(String, http::HeaderMap), VimError> {
         let envelope = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
              <soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\" \
@@ -258,7 +267,11 @@ impl Soap {
         body: &B,
         cookie: Option<&str>,
     ) -> Result<String, VimError> {
-        let (text, _) = self.exchange(method, body, cookie).await?;
+        self.once_raw(method, &render(method, body)?, cookie).await
+    }
+
+    async fn once_raw(&self, method: &str, inner: &str, cookie: Option<&str>) -> Result<String, VimError> {
+        let (text, _) = self.exchange_raw(method, inner, cookie).await?;
         check_fault(&text)?;
         Ok(text)
     }
@@ -274,13 +287,20 @@ impl Soap {
         body: &B,
         read_only: bool,
     ) -> Result<String, VimError> {
+        self.call_raw(method, &render(method, body)?, read_only).await
+    }
+
+    /// [`Soap::call`] with a body rendered by the caller: the element
+    /// `<method xmlns="urn:vim25">...</method>` (for data passed back as
+    /// vSphere gave it, such as an import spec).
+    pub async fn call_raw(&self, method: &str, inner: &str, read_only: bool) -> Result<String, VimError> {
         tracing::debug!(method, "vSphere call");
         let mut attempt = 0;
         let mut relogged = false;
         let mut stale: Option<String> = None;
         loop {
             let cookie = self.cookie(stale.as_deref()).await?;
-            match self.once(method, body, Some(&cookie)).await {
+            match self.once_raw(method, inner, Some(&cookie)).await {
                 Ok(text) => return Ok(text),
                 Err(e) if e.fault() == Some("NotAuthenticated") && !relogged => {
                     tracing::info!(method, "vSphere session expired; logging in again");
@@ -442,6 +462,12 @@ impl Soap {
     }
 }
 
+/// The element `method` with `body`'s fields.
+fn render<B: Serialize>(method: &str, body: &B) -> Result<String, VimError> {
+    quick_xml::se::to_string_with_root(method, body)
+        .map_err(|source| VimError::Encode { method: method.to_owned(), source })
+}
+
 fn looks_like_soap(body: &[u8]) -> bool {
     let head = &body[..body.len().min(512)];
     head.windows(8).any(|w| w.eq_ignore_ascii_case(b"envelope"))
@@ -479,7 +505,7 @@ fn check_fault(text: &str) -> Result<(), VimError> {
 }
 
 /// Decodes the `returnval` of an answer (absent: `R::from_xml(None)`).
-fn parse_returnval<R: FromXml>(text: &str) -> Result<R, VimError> {
+pub fn parse_returnval<R: FromXml>(text: &str) -> Result<R, VimError> {
     let doc = roxmltree::Document::parse(text).map_err(DecodeError::from)?;
     let body = doc
         .descendants()

@@ -62,6 +62,66 @@ impl Xml {
     pub fn moref_of(&self, name: &str) -> Option<MoRef> {
         self.child(name).and_then(|c| MoRef::from_xml(c).ok())
     }
+
+    /// Back to XML under the name `as_name` (for data passed back to
+    /// vSphere as it came): `xsi:type`s of XML Schema's own types get the
+    /// `xsd:` prefix, vim25's stay unprefixed (the default namespace).
+    pub fn render(&self, as_name: &str) -> String {
+        let mut out = String::new();
+        self.render_into(as_name, &mut out);
+        out
+    }
+
+    fn render_into(&self, name: &str, out: &mut String) {
+        out.push('<');
+        out.push_str(name);
+        if let Some(t) = &self.xsi_type {
+            let xsd = matches!(
+                t.as_str(),
+                "string"
+                    | "int"
+                    | "long"
+                    | "short"
+                    | "byte"
+                    | "boolean"
+                    | "float"
+                    | "double"
+                    | "dateTime"
+                    | "base64Binary"
+                    | "anyURI"
+            );
+            out.push_str(&format!(" xsi:type=\"{}{}\"", if xsd { "xsd:" } else { "" }, escape(t)));
+        }
+        if let Some(t) = &self.type_attr {
+            out.push_str(&format!(" type=\"{}\"", escape(t)));
+        }
+        out.push('>');
+        if self.children.is_empty() {
+            out.push_str(&escape(&self.text));
+        }
+        for c in &self.children {
+            c.render_into(&c.name, out);
+        }
+        out.push_str(&format!("</{name}>"));
+    }
+}
+
+/// Text or an attribute value escaped for XML.
+pub fn escape(text: &str) -> String {
+    quick_xml::escape::escape(text).into_owned()
+}
+
+impl MoRef {
+    /// The reference as the element `name`.
+    pub fn render(&self, name: &str) -> String {
+        format!("<{name} type=\"{}\">{}</{name}>", escape(&self.kind), escape(&self.value))
+    }
+}
+
+impl FromXml for Xml {
+    fn from_xml(x: &Xml) -> Result<Self, DecodeError> {
+        Ok(x.clone())
+    }
 }
 
 /// Why an answer could not be read into vim25 types.
@@ -195,6 +255,8 @@ pub struct ServiceContent {
     pub session_manager: MoRef,
     /// Datastore folders and files (volumes' folder).
     pub file_manager: Option<MoRef>,
+    /// OVF descriptors to import specs (image import).
+    pub ovf_manager: Option<MoRef>,
     /// Virtual disk files (volumes).
     pub virtual_disk_manager: Option<MoRef>,
     /// `VirtualCenter` or `HostAgent`.
@@ -217,6 +279,7 @@ impl FromXml for ServiceContent {
             search_index: m("searchIndex")?,
             session_manager: m("sessionManager")?,
             file_manager: x.moref_of("fileManager"),
+            ovf_manager: x.moref_of("ovfManager"),
             virtual_disk_manager: x.moref_of("virtualDiskManager"),
             api_type: about.text_of("apiType").to_owned(),
             api_version: about.text_of("apiVersion").to_owned(),
@@ -1174,6 +1237,21 @@ pub fn guest_nics(net: &Xml) -> Vec<GuestNic> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn data_from_vsphere_renders_back_as_it_came() {
+        let text = r#"<spec xmlns="urn:vim25" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:xsd="http://www.w3.org/2001/XMLSchema" xsi:type="VirtualMachineImportSpec"><configSpec><name>a &amp; b</name><extraConfig xsi:type="OptionValue"><key>k</key><value xsi:type="xsd:string">v</value></extraConfig></configSpec><resPoolEntity type="ResourcePool">resgroup-9</resPoolEntity></spec>"#;
+        let doc = roxmltree::Document::parse(text).unwrap();
+        let x = Xml::of(doc.root_element());
+        assert_eq!(
+            x.render("spec"),
+            r#"<spec xsi:type="VirtualMachineImportSpec"><configSpec><name>a &amp; b</name><extraConfig xsi:type="OptionValue"><key>k</key><value xsi:type="xsd:string">v</value></extraConfig></configSpec><resPoolEntity type="ResourcePool">resgroup-9</resPoolEntity></spec>"#
+        );
+        assert_eq!(
+            MoRef::new("Folder", "group-v3").render("folder"),
+            r#"<folder type="Folder">group-v3</folder>"#
+        );
+    }
+
     fn render<T: Serialize>(root: &str, v: &T) -> String {
         quick_xml::se::to_string_with_root(root, v).unwrap()
     }
@@ -1250,4 +1328,65 @@ mod tests {
         assert_eq!(devices[1].mac_address.as_deref(), Some("00:50:56:aa:bb:cc"));
         assert_eq!(devices[1].nic_target(), Some("VM Network"));
     }
+}
+
+// ---- image import (OVF, NFC lease) and templates ----
+
+/// `OvfCreateImportSpecParams` (the fields HCP sets, in schema order).
+#[derive(Debug, Serialize)]
+pub struct ImportSpecParams<'a> {
+    pub locale: &'a str,
+    #[serde(rename = "deploymentOption")]
+    pub deployment_option: &'a str,
+    #[serde(rename = "entityName")]
+    pub entity_name: &'a str,
+    #[serde(rename = "diskProvisioning")]
+    pub disk_provisioning: &'a str,
+}
+
+/// `CreateImportSpec`.
+#[derive(Debug, Serialize)]
+pub struct CreateImportSpec<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    #[serde(rename = "ovfDescriptor")]
+    pub ovf_descriptor: &'a str,
+    #[serde(rename = "resourcePool")]
+    pub resource_pool: &'a MoRef,
+    pub datastore: &'a MoRef,
+    pub cisp: ImportSpecParams<'a>,
+}
+
+/// `HttpNfcLeaseProgress`.
+#[derive(Debug, Serialize)]
+pub struct LeaseProgress<'a> {
+    #[serde(rename = "@xmlns")]
+    pub xmlns: &'static str,
+    #[serde(rename = "_this")]
+    pub this: &'a MoRef,
+    pub percent: i32,
+}
+
+/// One `HttpNfcLeaseDeviceUrl` of a lease's info.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceUrl {
+    /// Matches an `OvfFileItem`'s `deviceId`.
+    pub import_key: String,
+    /// Where the bytes go (`https://*/nfc/...`: `*` is the SDK's host).
+    pub url: String,
+    /// Whether the device is a disk.
+    pub disk: bool,
+}
+
+/// The device URLs of an `HttpNfcLeaseInfo`.
+pub fn device_urls(info: &Xml) -> Vec<DeviceUrl> {
+    info.all("deviceUrl")
+        .map(|d| DeviceUrl {
+            import_key: d.text_of("importKey").to_owned(),
+            url: d.text_of("url").trim().to_owned(),
+            disk: d.text_of("disk").trim() == "true",
+        })
+        .collect()
 }

@@ -68,7 +68,7 @@ async fn hcp_vms(soap: &Soap) -> Vec<String> {
         .await
         .iter()
         .filter_map(|o| o.prop("name").map(|n| n.text.clone()))
-        .filter(|n| n.starts_with("hcp-"))
+        .filter(|n| n.starts_with("hcp-") && !n.starts_with("hcp-image-"))
         .collect();
     names.sort();
     names
@@ -150,7 +150,15 @@ async fn the_provider_passes_the_conformance_kit() {
         ],
         "{skipped:?}"
     );
-    assert!(hcp_vms(&look(&sim).await).await.is_empty(), "the kit cleaned up");
+    let soap = look(&sim).await;
+    assert!(hcp_vms(&soap).await.is_empty(), "the kit cleaned up");
+    let templates: Vec<String> = inventory(&soap, &["name"])
+        .await
+        .iter()
+        .filter_map(|o| o.prop("name").map(|n| n.text.clone()))
+        .filter(|n| n.starts_with("hcp-image-"))
+        .collect();
+    assert!(templates.is_empty(), "the kit's images are deleted: {templates:?}");
 }
 
 #[tokio::test]
