@@ -52,6 +52,7 @@ async fn env_with(adjust: impl FnOnce(&mut SimConfig)) -> Option<Env> {
 fn toml(env: &Env, auth: &str, extra_timing: &str) -> String {
     format!(
         "listen = \"127.0.0.1:0\"\napi_url = \"{url}\"\nnode = \"pve1\"\nbridge = \"vmbr0\"\n\
+         image_storage = \"local\"\n\
          [networks]\ndefault = \"vmbr1\"\n\
          [templates]\n\"debian-12\" = 9000\n\
          [tls]\nfingerprint = \"{fp}\"\n\
