@@ -16,22 +16,53 @@ use hcp_provider_sdk::{ErrorKind, Provider, pb};
 const USER: &str = "hcp";
 const PASSWORD: &str = "s3cret";
 
-async fn sim() -> Running {
+/// The image share as the host sees it (a UNC path, as in production).
+const SHARE_HOST: &str = "\\\\files\\images";
+
+/// A simulator, and the image share it sees (removed with it).
+struct TestSim {
+    running: Running,
+    share: std::path::PathBuf,
+}
+
+impl std::ops::Deref for TestSim {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
+    }
+}
+
+impl Drop for TestSim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.share);
+    }
+}
+
+async fn sim() -> TestSim {
+    let share = std::env::temp_dir().join(format!("hcp-hyperv-share-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&share).unwrap();
     let config = SimConfig {
         switches: vec!["Default Switch".into(), "LAN".into()],
         users: vec![(USER.into(), PASSWORD.into())],
+        shares: vec![(SHARE_HOST.into(), share.clone())],
         ..Default::default()
     };
     let running = hcp_hyperv_sim::start(config).await.expect("the simulator starts");
     // The image: a parent VHDX on the host.
     std::fs::write(running.sim.disk_dir().join("debian-12.vhdx"), vec![0u8; 4096]).unwrap();
-    running
+    TestSim { running, share }
 }
 
 fn toml(sim: &Running, extra: &str) -> String {
     let dir = sim.sim.disk_dir();
+    let share = match sim.sim.shares().first() {
+        Some((host, local)) => {
+            format!("image_share = \"{}\"\nimage_share_host_path = '{host}'\n", local.display())
+        }
+        None => String::new(),
+    };
     format!(
-        "{extra}listen = \"127.0.0.1:0\"\nurl = \"{url}\"\nvm_dir = 'C:\\Hyper-V\\hcp'\nvm_dir_local = \"{dir}\"\n\
+        "{extra}{share}listen = \"127.0.0.1:0\"\nurl = \"{url}\"\nvm_dir = 'C:\\Hyper-V\\hcp'\nvm_dir_local = \"{dir}\"\n\
          image_dir = 'C:\\Hyper-V\\hcp'\n\
          [networks]\ndefault = \"Default Switch\"\nlan = \"LAN\"\n\
          [cloud_init]\nlocal_dir = \"{dir}\"\nhost_dir = 'C:\\Hyper-V\\hcp'\n\

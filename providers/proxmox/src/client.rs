@@ -596,23 +596,23 @@ impl Pve {
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
             .map_err(|e| PveError::Transport(format!("tls server name {host}: {e}")))?;
         let timeout = Duration::from_secs(self.timing.request_timeout_seconds);
-        let connect = async {
-            let tcp = tokio::net::TcpStream::connect((host, port))
-                .await
-                .map_err(|e| PveError::Transport(format!("connect {host}:{port}: {e}")))?;
-            let _ = tcp.set_nodelay(true);
-            let tls = self
-                .http
-                .connector()
-                .connect(name, tcp)
-                .await
-                .map_err(|e| PveError::Transport(format!("tls with {}: {e}", self.http.authority())))?;
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .map_err(|e| PveError::Transport(format!("http: {e}")))
-        };
-        let (mut sender, conn) =
-            tokio::time::timeout(timeout, connect).await.map_err(|_| PveError::Timeout("connect".into()))??;
+        let connect =
+            async {
+                let tcp = tokio::net::TcpStream::connect((host, port))
+                    .await
+                    .map_err(|e| PveError::Transport(format!("connect {host}:{port}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                let tls =
+                    self.http.connector().connect(name, tcp).await.map_err(|e| {
+                        PveError::Transport(format!("tls with {}: {e}", self.http.authority()))
+                    })?;
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(|e| PveError::Transport(format!("http: {e}")))
+            };
+        let (mut sender, conn) = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| PveError::Timeout("connect".into()))??;
         tokio::spawn(async move {
             let _ = conn.await;
         });

@@ -107,8 +107,11 @@ impl Proxmox {
     async fn remove_import_file(&self, storage: &str, volid: &str) -> Result<(), ProviderError> {
         let node = encode_segment(&self.config.node);
         let path = format!("/nodes/{node}/storage/{}/content", encode_segment(storage));
-        let listed =
-            self.pve.call(Method::Get, &path, vec![("content", "import".to_owned())]).await.map_err(map_error)?;
+        let listed = self
+            .pve
+            .call(Method::Get, &path, vec![("content", "import".to_owned())])
+            .await
+            .map_err(map_error)?;
         let present = listed.as_array().is_some_and(|l| l.iter().any(|v| v["volid"].as_str() == Some(volid)));
         if present {
             self.pve
@@ -157,11 +160,18 @@ impl Proxmox {
             return Err(invalid("format", format!("{:?} is not one of image_formats", upload.format())));
         };
         let (Some(storage), Some(disk_storage)) = (self.import_storage(), self.template_storage()) else {
-            return Err(ProviderError::new(ErrorKind::Unsupported, "image import needs image_storage or storage"));
+            return Err(ProviderError::new(
+                ErrorKind::Unsupported,
+                "image import needs image_storage or storage",
+            ));
         };
         let name = template_name(&header.image_id);
         let _serial = self.locks.lock(&name).await;
-        let info = |image_id: String| pb::ImageInfo { image_id, source: name.clone(), size_bytes: header.size_bytes };
+        let info = |image_id: String| pb::ImageInfo {
+            image_id,
+            source: name.clone(),
+            size_bytes: header.size_bytes,
+        };
         if self.finished_image(&name).await?.is_some() {
             upload.drain().await?;
             return Ok(info(header.image_id));
@@ -245,7 +255,10 @@ impl Proxmox {
             ("ostype", "l26".to_owned()),
         ];
         let f = self.make_vm(name, Make::Create(params)).await?;
-        self.pve.task(Method::Post, &format!("{}/template", f.path()), Vec::new()).await.map_err(map_error)?;
+        self.pve
+            .task(Method::Post, &format!("{}/template", f.path()), Vec::new())
+            .await
+            .map_err(map_error)?;
         Ok(())
     }
 
@@ -284,11 +297,8 @@ impl Proxmox {
     }
 
     async fn capture_steps(&self, vm: &Found, image_id: &str, name: &str) -> Result<Found, ProviderError> {
-        let mut params: Params = vec![
-            ("name", name.to_owned()),
-            ("full", "1".to_owned()),
-            ("description", image_line(image_id)),
-        ];
+        let mut params: Params =
+            vec![("name", name.to_owned()), ("full", "1".to_owned()), ("description", image_line(image_id))];
         if let Some(storage) = &self.config.storage {
             params.push(("storage", storage.clone()));
         }
@@ -296,15 +306,21 @@ impl Proxmox {
         // What was the VM's own must not reach VMs made from the image:
         // its HCP tags (it would be found as that VM), its SSH keys and
         // its user data snippet (removed with the VM).
-        let config =
-            self.pve.call(Method::Get, &format!("{}/config", f.path()), Vec::new()).await.map_err(map_error)?;
+        let config = self
+            .pve
+            .call(Method::Get, &format!("{}/config", f.path()), Vec::new())
+            .await
+            .map_err(map_error)?;
         let owned: Vec<&str> =
             ["tags", "sshkeys", "cicustom"].into_iter().filter(|k| !config[*k].is_null()).collect();
         if !owned.is_empty() {
             let params: Params = vec![("delete", owned.join(","))];
             self.pve.call(Method::Put, &format!("{}/config", f.path()), params).await.map_err(map_error)?;
         }
-        self.pve.task(Method::Post, &format!("{}/template", f.path()), Vec::new()).await.map_err(map_error)?;
+        self.pve
+            .task(Method::Post, &format!("{}/template", f.path()), Vec::new())
+            .await
+            .map_err(map_error)?;
         Ok(f)
     }
 

@@ -78,14 +78,18 @@ fn parse_multipart(
             .ok_or("multipart part without content-disposition")?;
         let attr = |key: &str| {
             disposition.split(';').find_map(|p| {
-                p.trim().strip_prefix(key).and_then(|v| v.strip_prefix('=')).map(|v| v.trim_matches('"').to_owned())
+                p.trim()
+                    .strip_prefix(key)
+                    .and_then(|v| v.strip_prefix('='))
+                    .map(|v| v.trim_matches('"').to_owned())
             })
         };
         let name = attr("name").ok_or("multipart part without a name")?;
         match attr("filename") {
             Some(file) if name == "filename" => {
                 params.insert("filename".to_owned(), file);
-                upload = Some(Upload { size: data.len() as u64, sha256: hex::encode(sha2::Sha256::digest(data)) });
+                upload =
+                    Some(Upload { size: data.len() as u64, sha256: hex::encode(sha2::Sha256::digest(data)) });
             }
             _ => {
                 params.insert(name, String::from_utf8_lossy(data).into_owned());
@@ -354,7 +358,8 @@ async fn wait_for_lock(
         advance(&mut s);
         if !holds_lock(&s, vmid) {
             let route = sim.schema.route(path);
-            return match dispatch(sim, &mut s, method, path, route, headers, params, &Violations::new(), None) {
+            return match dispatch(sim, &mut s, method, path, route, headers, params, &Violations::new(), None)
+            {
                 Step::Done(a) => a,
                 Step::WaitLock(_) => lock_timeout(vmid),
             };
