@@ -1045,7 +1045,7 @@ async fn an_imported_image_is_a_file_on_the_share_vms_are_made_on_and_delete_rem
     let file = format!("hcp-image-{id}.vhdx");
     assert_eq!(info.source, format!("{SHARE_HOST}\\{file}"));
     assert_eq!(info.size_bytes, data.len() as u64);
-    assert_eq!(share_files(&sim), [file.clone()], "the finished file only");
+    assert_eq!(share_files(&sim), vec![file.clone()], "the finished file only");
     assert_eq!(std::fs::read(sim.share.join(&file)).unwrap(), data);
     // Again: the stored image answers.
     assert_eq!(p.import_image(upload_of(&id, &data, &sha256_hex(&data)).await).await.unwrap(), info);
@@ -1121,7 +1121,7 @@ async fn capture_converts_the_stopped_vms_disk_onto_the_share_and_a_failed_job_l
     let info = p.capture_image(req.clone()).await.unwrap();
     let file = format!("hcp-image-{image_id}.vhdx");
     assert_eq!(info.source, format!("{SHARE_HOST}\\{file}"));
-    assert_eq!(share_files(&sim), [file.clone()]);
+    assert_eq!(share_files(&sim), vec![file.clone()]);
     // A dynamic VHDX of its own (the VM's differencing disk merged), not a
     // child of the VM's parent.
     let made = std::fs::read_to_string(sim.share.join(&file)).unwrap();
