@@ -39,6 +39,17 @@ pub struct Config {
     /// Directory on the host holding parent VHDX files.
     #[serde(default)]
     pub image_dir: Option<String>,
+    /// The image share as the provider sees it: a directory the provider
+    /// writes imported and captured VHDX files to (an SMB share mounted on
+    /// the provider's host). WS-Management carries no files, so image
+    /// import and capture need it; without it they are not offered.
+    #[serde(default)]
+    pub image_share: Option<PathBuf>,
+    /// The same share as the Hyper-V host sees it (`\\files\images`, or a
+    /// local path of the host's own share); an image's `source` is a path
+    /// under it.
+    #[serde(default)]
+    pub image_share_host_path: Option<String>,
     /// HCP network -> virtual switch, for attachments without a backing in
     /// HCP's network catalog.
     #[serde(default)]
@@ -227,6 +238,23 @@ impl Config {
         }
         if self.vm_dir.is_empty() {
             return field("vm_dir", "must not be empty");
+        }
+        match (&self.image_share, &self.image_share_host_path) {
+            (Some(_), None) | (None, Some(_)) => {
+                return field("image_share", "image_share and image_share_host_path go together");
+            }
+            (Some(local), Some(host)) => {
+                if !local.is_absolute() {
+                    return field("image_share", "must be an absolute path");
+                }
+                if host.trim_end_matches('\\').is_empty() || host.contains(['/', '"']) {
+                    return field(
+                        "image_share_host_path",
+                        "must be a Windows path (\\\\server\\share or D:\\images)",
+                    );
+                }
+            }
+            (None, None) => {}
         }
         // Volume directories are named in WQL (`Drive`, `Path`): a drive
         // letter and a path below it.

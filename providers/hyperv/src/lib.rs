@@ -32,6 +32,7 @@ pub mod config;
 mod console;
 mod create;
 mod errors;
+mod images;
 mod inventory;
 mod methods;
 pub mod ntlm;

@@ -75,10 +75,10 @@ impl Provider for Hyperv {
         let mut attributes = HashMap::new();
         attributes.insert("host".to_owned(), self.host_name().await.map_err(map_error)?.to_owned());
         Ok(pb::Capabilities {
-            // Images: not offered yet.
-            supports_image_import: false,
-            supports_capture: false,
-            image_formats: Vec::new(),
+            // Images are VHDX files on the image share (`images.rs`).
+            supports_image_import: self.config.image_share.is_some(),
+            supports_capture: self.config.image_share.is_some(),
+            image_formats: vec![pb::DiskFormat::Vhdx as i32],
             supports_cloud_init: self.config.cloud_init.is_some() && hcp_nocloud::tool_available(),
             supports_snapshot: true,
             supports_snapshot_running: true,
@@ -302,6 +302,21 @@ impl Provider for Hyperv {
         self.remove_files(vm_id).await;
         Ok(true)
     }
+    async fn import_image(
+        &self,
+        upload: hcp_provider_sdk::image::ImageUpload,
+    ) -> Result<pb::ImageInfo, ProviderError> {
+        self.import(upload).await
+    }
+
+    async fn capture_image(&self, req: pb::CaptureImageRequest) -> Result<pb::ImageInfo, ProviderError> {
+        self.capture(req).await
+    }
+
+    async fn delete_image(&self, req: pb::DeleteImageRequest) -> Result<bool, ProviderError> {
+        self.delete_image_file(req).await
+    }
+
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
         self.console(req).await
     }

@@ -20,6 +20,10 @@ impl Hyperv {
         if let Some(p) = self.config.images.get(source) {
             return Ok(p.clone());
         }
+        // An imported or captured image: its file on the image share.
+        if self.is_share_image(source) {
+            return Ok(source.to_owned());
+        }
         match &self.config.image_dir {
             Some(dir)
                 if !source.is_empty() && !source.contains(['\\', '/', ':']) && !source.contains("..") =>

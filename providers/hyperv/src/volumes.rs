@@ -111,7 +111,7 @@ impl Hyperv {
     }
 
     /// The virtual size of a VHD(X), `None` when the file is not there.
-    async fn vhd_bytes(&self, path: &str) -> Result<Option<u64>, HvError> {
+    pub(crate) async fn vhd_bytes(&self, path: &str) -> Result<Option<u64>, HvError> {
         let out = match self
             .call(
                 &Self::service(IMS),

@@ -16,22 +16,53 @@ use hcp_provider_sdk::{ErrorKind, Provider, pb};
 const USER: &str = "hcp";
 const PASSWORD: &str = "s3cret";
 
-async fn sim() -> Running {
+/// The image share as the host sees it (a UNC path, as in production).
+const SHARE_HOST: &str = "\\\\files\\images";
+
+/// A simulator, and the image share it sees (removed with it).
+struct TestSim {
+    running: Running,
+    share: std::path::PathBuf,
+}
+
+impl std::ops::Deref for TestSim {
+    type Target = Running;
+    fn deref(&self) -> &Running {
+        &self.running
+    }
+}
+
+impl Drop for TestSim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.share);
+    }
+}
+
+async fn sim() -> TestSim {
+    let share = std::env::temp_dir().join(format!("hcp-hyperv-share-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&share).unwrap();
     let config = SimConfig {
         switches: vec!["Default Switch".into(), "LAN".into()],
         users: vec![(USER.into(), PASSWORD.into())],
+        shares: vec![(SHARE_HOST.into(), share.clone())],
         ..Default::default()
     };
     let running = hcp_hyperv_sim::start(config).await.expect("the simulator starts");
     // The image: a parent VHDX on the host.
     std::fs::write(running.sim.disk_dir().join("debian-12.vhdx"), vec![0u8; 4096]).unwrap();
-    running
+    TestSim { running, share }
 }
 
 fn toml(sim: &Running, extra: &str) -> String {
     let dir = sim.sim.disk_dir();
+    let share = match sim.sim.shares().first() {
+        Some((host, local)) => {
+            format!("image_share = \"{}\"\nimage_share_host_path = '{host}'\n", local.display())
+        }
+        None => String::new(),
+    };
     format!(
-        "{extra}listen = \"127.0.0.1:0\"\nurl = \"{url}\"\nvm_dir = 'C:\\Hyper-V\\hcp'\nvm_dir_local = \"{dir}\"\n\
+        "{extra}{share}listen = \"127.0.0.1:0\"\nurl = \"{url}\"\nvm_dir = 'C:\\Hyper-V\\hcp'\nvm_dir_local = \"{dir}\"\n\
          image_dir = 'C:\\Hyper-V\\hcp'\n\
          [networks]\ndefault = \"Default Switch\"\nlan = \"LAN\"\n\
          [cloud_init]\nlocal_dir = \"{dir}\"\nhost_dir = 'C:\\Hyper-V\\hcp'\n\
@@ -949,5 +980,157 @@ async fn a_crash_in_a_volume_create_or_attach_converges_on_one_file_and_one_driv
     assert!(p.delete_vm(&vm).await.unwrap());
     assert!(p.delete_volume(&vol).await.unwrap());
     assert!(volume_files(&sim).is_empty());
+    assert_no_violations(&sim);
+}
+
+// ---- images ----------------------------------------------------------------
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Bytes that start like a VHDX (its `vhdxfile` identifier), all the
+/// simulator reads of a file it did not make.
+fn vhdx_bytes() -> Vec<u8> {
+    let mut data = b"vhdxfile".to_vec();
+    data.resize(200 * 1024, 0);
+    data
+}
+
+/// An ImportImage stream as core sends it: the header, then `data` in
+/// chunks; `announced_sha256` is what the header claims.
+async fn upload_of(
+    image_id: &str,
+    data: &[u8],
+    announced_sha256: &str,
+) -> hcp_provider_sdk::image::ImageUpload {
+    use pb::import_image_chunk::Part;
+    let mut parts = vec![Ok(pb::ImportImageChunk {
+        part: Some(Part::Header(pb::ImportImageHeader {
+            image_id: image_id.to_owned(),
+            name: "test image".into(),
+            format: pb::DiskFormat::Vhdx as i32,
+            size_bytes: data.len() as u64,
+            sha256: announced_sha256.to_owned(),
+            min_disk_gib: 1,
+        })),
+    })];
+    for c in data.chunks(64 * 1024) {
+        parts.push(Ok(pb::ImportImageChunk { part: Some(Part::Data(c.to_vec())) }));
+    }
+    hcp_provider_sdk::image::ImageUpload::start(futures::stream::iter(parts)).await.expect("a valid header")
+}
+
+/// The files on the image share, by name.
+fn share_files(sim: &TestSim) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(&sim.share)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn an_imported_image_is_a_file_on_the_share_vms_are_made_on_and_delete_removes() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let caps = p.capabilities().await.unwrap();
+    assert!(caps.supports_image_import && caps.supports_capture);
+    assert_eq!(caps.image_formats, [pb::DiskFormat::Vhdx as i32]);
+    let data = vhdx_bytes();
+    let id = uuid::Uuid::new_v4().to_string();
+    let info = p.import_image(upload_of(&id, &data, &sha256_hex(&data)).await).await.unwrap();
+    let file = format!("hcp-image-{id}.vhdx");
+    assert_eq!(info.source, format!("{SHARE_HOST}\\{file}"));
+    assert_eq!(info.size_bytes, data.len() as u64);
+    assert_eq!(share_files(&sim), vec![file.clone()], "the finished file only");
+    assert_eq!(std::fs::read(sim.share.join(&file)).unwrap(), data);
+    // Again: the stored image answers.
+    assert_eq!(p.import_image(upload_of(&id, &data, &sha256_hex(&data)).await).await.unwrap(), info);
+
+    // A VM on it: its own differencing disk has the share's file as parent.
+    let vm_id = uuid::Uuid::new_v4().to_string();
+    let mut s = spec("from-image", &["default"], None);
+    s.image = Some(pb::ImageRef { name: "imported".into(), source: info.source.clone() });
+    p.create_vm(pb::CreateVmRequest { vm_id: vm_id.clone(), spec: Some(s), start: false }).await.unwrap();
+    let disk = std::fs::read_to_string(sim.sim.disk_dir().join(format!("hcp-{vm_id}.vhdx"))).unwrap();
+    assert!(disk.contains(&file), "the VM's disk is made on the image: {disk}");
+    assert!(p.delete_vm(&vm_id).await.unwrap());
+
+    let req = pb::DeleteImageRequest { image_id: id, source: info.source };
+    assert!(p.delete_image(req.clone()).await.unwrap());
+    assert!(share_files(&sim).is_empty());
+    assert!(!p.delete_image(req).await.unwrap());
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
+async fn a_failed_import_leaves_nothing_on_the_share() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let data = vhdx_bytes();
+    let id = uuid::Uuid::new_v4().to_string();
+    // Bytes that are not the announced ones.
+    let e = p.import_image(upload_of(&id, &data, &sha256_hex(b"other")).await).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e}");
+    assert!(share_files(&sim).is_empty(), "{:?}", share_files(&sim));
+    // The announced bytes, but not a virtual disk: the host cannot read it.
+    let junk = vec![1u8; 64 * 1024];
+    let e = p.import_image(upload_of(&id, &junk, &sha256_hex(&junk)).await).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e}");
+    assert!(e.message.contains("cannot read"), "{e}");
+    assert!(share_files(&sim).is_empty(), "{:?}", share_files(&sim));
+    // The same id then imports.
+    let info = p.import_image(upload_of(&id, &data, &sha256_hex(&data)).await).await.unwrap();
+    assert!(p.delete_image(pb::DeleteImageRequest { image_id: id, source: info.source }).await.unwrap());
+    assert!(share_files(&sim).is_empty());
+    assert_no_violations(&sim);
+}
+
+#[tokio::test]
+async fn capture_converts_the_stopped_vms_disk_onto_the_share_and_a_failed_job_leaves_nothing() {
+    let sim = sim().await;
+    let p = provider(&sim, "").await;
+    let vm_id = uuid::Uuid::new_v4().to_string();
+    p.create_vm(pb::CreateVmRequest {
+        vm_id: vm_id.clone(),
+        spec: Some(spec("cap", &["default"], None)),
+        start: true,
+    })
+    .await
+    .unwrap();
+    let image_id = uuid::Uuid::new_v4().to_string();
+    let req =
+        pb::CaptureImageRequest { vm_id: vm_id.clone(), image_id: image_id.clone(), name: "cap".into() };
+    let e = p.capture_image(req.clone()).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidState, "{e}");
+    p.stop_vm(pb::StopVmRequest { vm_id: vm_id.clone(), force: true, timeout_seconds: 1 }).await.unwrap();
+
+    // The host's conversion job fails: nothing on the share.
+    let mut f = sim.sim.faults();
+    f.job_failures
+        .insert("ConvertVirtualHardDisk".into(), "The system failed to convert (simulated).".into());
+    sim.sim.set_faults(f);
+    let e = p.capture_image(req.clone()).await.unwrap_err();
+    assert!(e.message.contains("failed to convert"), "{e}");
+    assert!(share_files(&sim).is_empty(), "{:?}", share_files(&sim));
+    sim.sim.set_faults(Faults::default());
+
+    let info = p.capture_image(req.clone()).await.unwrap();
+    let file = format!("hcp-image-{image_id}.vhdx");
+    assert_eq!(info.source, format!("{SHARE_HOST}\\{file}"));
+    assert_eq!(share_files(&sim), vec![file.clone()]);
+    // A dynamic VHDX of its own (the VM's differencing disk merged), not a
+    // child of the VM's parent.
+    let made = std::fs::read_to_string(sim.share.join(&file)).unwrap();
+    assert!(made.contains("\"kind\":3") && made.contains("\"parent\":null"), "{made}");
+    assert_eq!(p.capture_image(req).await.unwrap(), info, "idempotent");
+    let vm = p.get_vm(&vm_id).await.unwrap();
+    assert_eq!(vm.power_state, pb::PowerState::Shutoff as i32, "the VM is left as it was");
+    assert!(p.delete_vm(&vm_id).await.unwrap());
+    assert!(p.delete_image(pb::DeleteImageRequest { image_id, source: info.source }).await.unwrap());
+    assert!(share_files(&sim).is_empty());
     assert_no_violations(&sim);
 }

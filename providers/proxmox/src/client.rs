@@ -529,6 +529,123 @@ impl Pve {
     }
 }
 
+/// The bytes of a file being uploaded, as they arrive; an `Err` aborts the
+/// upload (the connection is dropped mid-body, so PVE keeps nothing).
+pub type FileChunks = tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>;
+
+impl Pve {
+    /// Uploads a file with `POST {path}` (PVE's `.../storage/{storage}/upload`)
+    /// as `multipart/form-data`: the text `fields`, then the file part
+    /// `filename` (PVE's HTTP server turns its file name into the
+    /// `filename` parameter), exactly `size` bytes taken from `file` as they
+    /// come, never held whole. One attempt on a connection of its own: a
+    /// streamed body cannot be replayed. The request timeout applies from
+    /// the body's end to the answer (PVE answers once it has the file), not
+    /// to the transfer. Answers the envelope's `data` (the task's UPID).
+    pub async fn upload(
+        &self,
+        path: &str,
+        fields: Params,
+        filename: &str,
+        size: u64,
+        file: FileChunks,
+    ) -> Result<Value, PveError> {
+        use futures::StreamExt as _;
+        use http_body_util::BodyExt as _;
+
+        let boundary = format!("hcp-{:032x}", rand::random::<u128>());
+        let mut head = String::new();
+        for (k, v) in &fields {
+            head.push_str(&format!(
+                "--{boundary}\r\ncontent-disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"
+            ));
+        }
+        let quoted = filename.replace(['"', '\r', '\n'], "_");
+        head.push_str(&format!(
+            "--{boundary}\r\ncontent-disposition: form-data; name=\"filename\"; filename=\"{quoted}\"\r\n\
+             content-type: application/octet-stream\r\n\r\n"
+        ));
+        let tail = format!("\r\n--{boundary}--\r\n");
+        let length = head.len() as u64 + size + tail.len() as u64;
+        // Told when the whole body is out, so the wait for the answer can
+        // be timed apart from the transfer.
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<()>();
+        let middle = futures::stream::unfold(file, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+        let stream = futures::stream::once(async move { Ok(Bytes::from(head)) })
+            .chain(middle)
+            .chain(futures::stream::once(async move {
+                let _ = sent_tx.send(());
+                Ok(Bytes::from(tail))
+            }))
+            .map(|c: Result<Bytes, std::io::Error>| c.map(hyper::body::Frame::data));
+        let body = http_body_util::StreamBody::new(stream).boxed_unsync();
+
+        let mut req = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("/api2/json{path}"))
+            .header("host", self.http.authority())
+            .header("accept", "application/json")
+            .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+            .header("content-length", length.to_string());
+        for (k, v) in self.auth_headers(false).await? {
+            req = req.header(k, v);
+        }
+        let req = req.body(body).map_err(|e| PveError::Transport(e.to_string()))?;
+
+        let (host, port) = self.endpoint();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
+            .map_err(|e| PveError::Transport(format!("tls server name {host}: {e}")))?;
+        let timeout = Duration::from_secs(self.timing.request_timeout_seconds);
+        let connect =
+            async {
+                let tcp = tokio::net::TcpStream::connect((host, port))
+                    .await
+                    .map_err(|e| PveError::Transport(format!("connect {host}:{port}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                let tls =
+                    self.http.connector().connect(name, tcp).await.map_err(|e| {
+                        PveError::Transport(format!("tls with {}: {e}", self.http.authority()))
+                    })?;
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                    .await
+                    .map_err(|e| PveError::Transport(format!("http: {e}")))
+            };
+        let (mut sender, conn) = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| PveError::Timeout("connect".into()))??;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.requests_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let exchange = async {
+            let resp =
+                sender.send_request(req).await.map_err(|e| PveError::Transport(format!("upload: {e}")))?;
+            let status = resp.status().as_u16();
+            let reason = resp
+                .extensions()
+                .get::<hyper::ext::ReasonPhrase>()
+                .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| PveError::Transport(format!("upload answer: {e}")))?
+                .to_bytes();
+            decode(status, reason.as_deref(), &body)
+        };
+        let answer_late = async {
+            // The body ended (or its feeder went away): from now on the
+            // answer is due within the request timeout.
+            let _ = sent_rx.await;
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::select! {
+            answer = exchange => answer,
+            () = answer_late => Err(PveError::Timeout("upload answer".into())),
+        }
+    }
+}
+
 /// Decodes PVE's envelope or error.
 fn decode(status: u16, reason: Option<&str>, body: &[u8]) -> Result<Value, PveError> {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();

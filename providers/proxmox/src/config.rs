@@ -33,6 +33,12 @@ pub struct Config {
     /// Target storage of full clones; the template's storage when unset.
     #[serde(default)]
     pub storage: Option<String>,
+    /// Storage that takes imported images (an `upload` with content
+    /// `import`: it must have `import` in its content types, which PVE
+    /// allows on file-based storages); default `storage`. Without either,
+    /// image import is not offered.
+    #[serde(default)]
+    pub image_storage: Option<String>,
     /// HCP image source -> template vmid. A source missing here is looked
     /// up as a template of that name, or used as a vmid when numeric.
     #[serde(default)]

@@ -30,6 +30,7 @@ mod console;
 mod create;
 mod errors;
 mod hosts;
+mod images;
 mod inventory;
 mod provider;
 mod serial;

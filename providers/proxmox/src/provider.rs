@@ -82,10 +82,15 @@ impl Provider for Proxmox {
         attributes.insert("pve_version".to_owned(), version.2.clone());
         attributes.insert("node".to_owned(), self.config.node.clone());
         Ok(pb::Capabilities {
-            // Images: not offered yet.
-            supports_image_import: false,
-            supports_capture: false,
-            image_formats: Vec::new(),
+            // Images are templates (`images.rs`). Import uploads to a
+            // storage with `import` content, whose disk-image formats are
+            // these; capture clones, which needs nothing more.
+            supports_image_import: self.takes_imports(&storages),
+            supports_capture: true,
+            image_formats: [pb::DiskFormat::Qcow2, pb::DiskFormat::Raw, pb::DiskFormat::Vmdk]
+                .into_iter()
+                .map(|f| f as i32)
+                .collect(),
             supports_cloud_init: snippets,
             supports_snapshot: true,
             supports_snapshot_running: true,
@@ -283,6 +288,21 @@ impl Provider for Proxmox {
         }
         Ok(true)
     }
+    async fn import_image(
+        &self,
+        upload: hcp_provider_sdk::image::ImageUpload,
+    ) -> Result<pb::ImageInfo, ProviderError> {
+        self.import(upload).await
+    }
+
+    async fn capture_image(&self, req: pb::CaptureImageRequest) -> Result<pb::ImageInfo, ProviderError> {
+        self.capture(req).await
+    }
+
+    async fn delete_image(&self, req: pb::DeleteImageRequest) -> Result<bool, ProviderError> {
+        self.delete_image_vm(req).await
+    }
+
     async fn get_console(&self, req: pb::GetConsoleRequest) -> Result<pb::ConsoleEndpoint, ProviderError> {
         self.console(req).await
     }

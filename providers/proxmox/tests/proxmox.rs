@@ -52,6 +52,7 @@ async fn env_with(adjust: impl FnOnce(&mut SimConfig)) -> Option<Env> {
 fn toml(env: &Env, auth: &str, extra_timing: &str) -> String {
     format!(
         "listen = \"127.0.0.1:0\"\napi_url = \"{url}\"\nnode = \"pve1\"\nbridge = \"vmbr0\"\n\
+         image_storage = \"local\"\n\
          [networks]\ndefault = \"vmbr1\"\n\
          [templates]\n\"debian-12\" = 9000\n\
          [tls]\nfingerprint = \"{fp}\"\n\
@@ -1318,4 +1319,237 @@ async fn spec_host_unknown(p: &Proxmox) {
     spec.storage = "local-lvm".into();
     spec.host = "pve9".into();
     assert_eq!(p.create_volume(req).await.unwrap_err().kind, ErrorKind::InvalidArgument);
+}
+
+// ---- images ----------------------------------------------------------------
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// An ImportImage stream as core sends it: the header, then `data` in
+/// chunks; `announced_sha256` is what the header claims.
+async fn upload_of(
+    image_id: &str,
+    data: &[u8],
+    announced_sha256: &str,
+) -> hcp_provider_sdk::image::ImageUpload {
+    use pb::import_image_chunk::Part;
+    let mut parts = vec![Ok(pb::ImportImageChunk {
+        part: Some(Part::Header(pb::ImportImageHeader {
+            image_id: image_id.to_owned(),
+            name: "test image".into(),
+            format: pb::DiskFormat::Qcow2 as i32,
+            size_bytes: data.len() as u64,
+            sha256: announced_sha256.to_owned(),
+            min_disk_gib: 1,
+        })),
+    })];
+    for c in data.chunks(64 * 1024) {
+        parts.push(Ok(pb::ImportImageChunk { part: Some(Part::Data(c.to_vec())) }));
+    }
+    hcp_provider_sdk::image::ImageUpload::start(futures::stream::iter(parts)).await.expect("a valid header")
+}
+
+/// What an image may have left in the simulated cluster: import files, and
+/// VMs of the image's name (template or not).
+fn image_leftovers(env: &Env, image_id: &str) -> (Vec<String>, Vec<u32>) {
+    let files =
+        env.sim.sim.volumes().into_iter().filter(|v| v.content == "import").map(|v| v.volid).collect();
+    let name = format!("hcp-image-{image_id}");
+    let vms = env
+        .sim
+        .sim
+        .vms()
+        .into_iter()
+        .filter(|v| v.config.get("name") == Some(&name))
+        .map(|v| v.vmid)
+        .collect();
+    (files, vms)
+}
+
+/// A PVE client of the simulator's, with the test token.
+async fn client(env: &Env) -> hcp_provider_proxmox::client::Pve {
+    use hcp_provider_proxmox::client::{Credentials, Pve, Trust, parse_fingerprint};
+    let fp = parse_fingerprint(&env.sim.fingerprint).expect("the simulator's fingerprint");
+    let timing = Config::from_toml(&toml(env, "", "")).unwrap().timing;
+    let pve = Pve::new(&env.sim.url(), Trust::Fingerprint(fp), timing).unwrap();
+    pve.set_credentials(Credentials::Token { id: TOKEN_ID.into(), secret: TOKEN_SECRET.into() }).await;
+    pve
+}
+
+/// One upload through the client: the refusal, or the task's outcome.
+async fn upload_file(
+    pve: &hcp_provider_proxmox::client::Pve,
+    storage: &str,
+    content: &str,
+    filename: &str,
+    data: &[u8],
+    checksum: &str,
+) -> Result<String, hcp_provider_proxmox::client::PveError> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(Ok(bytes::Bytes::copy_from_slice(data))).await.unwrap();
+    drop(tx);
+    let fields = vec![
+        ("content", content.to_owned()),
+        ("checksum", checksum.to_owned()),
+        ("checksum-algorithm", "sha256".to_owned()),
+    ];
+    let path = format!("/nodes/pve1/storage/{storage}/upload");
+    let upid = pve.upload(&path, fields, filename, data.len() as u64, rx).await?;
+    pve.wait(upid.as_str().expect("a UPID")).await
+}
+
+#[tokio::test]
+async fn the_simulated_upload_refuses_what_pve_refuses() {
+    let Some(env) = env().await else { return };
+    let pve = client(&env).await;
+    let data = b"QFI\xfb not really a qcow2, the simulator reads no headers".repeat(100);
+    let good = sha256_hex(&data);
+    let listed = |content: &str| {
+        env.sim
+            .sim
+            .volumes()
+            .into_iter()
+            .filter(|v| v.content == content)
+            .map(|v| v.volid)
+            .collect::<Vec<_>>()
+    };
+
+    // Accepted: the file is in the storage's content, as `import`.
+    let exit = upload_file(&pve, "local", "import", "a b.qcow2", &data, &good).await.unwrap();
+    assert_eq!(exit, "OK");
+    assert_eq!(listed("import"), ["local:import/a_b.qcow2"], "the name is normalized");
+    let content = pve
+        .call(
+            hcp_provider_proxmox::client::Method::Get,
+            "/nodes/pve1/storage/local/content",
+            vec![("content", "import".into())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(content[0]["volid"], "local:import/a_b.qcow2");
+    assert_eq!(content[0]["content"], "import");
+    assert_eq!(content[0]["size"].to_string().trim_matches('"'), data.len().to_string());
+
+    // A wrong checksum: the task fails and nothing is stored.
+    let bad = sha256_hex(b"something else");
+    let e = upload_file(&pve, "local", "import", "b.qcow2", &data, &bad).await.unwrap_err();
+    assert!(e.message().contains("checksum mismatch"), "{e}");
+    // A storage without `import` content, an extension import does not
+    // take, a content type the method does not know: refused at once.
+    let e = upload_file(&pve, "local-lvm", "import", "c.qcow2", &data, &good).await.unwrap_err();
+    assert!(
+        matches!(&e, hcp_provider_proxmox::client::PveError::Status { status: 400, errors, .. } if errors.contains_key("content")),
+        "{e:?}"
+    );
+    let e = upload_file(&pve, "local", "import", "c.iso", &data, &good).await.unwrap_err();
+    assert!(
+        matches!(&e, hcp_provider_proxmox::client::PveError::Status { status: 400, errors, .. } if errors.contains_key("filename")),
+        "{e:?}"
+    );
+    let e = upload_file(&pve, "local", "images", "c.qcow2", &data, &good).await.unwrap_err();
+    assert!(
+        matches!(&e, hcp_provider_proxmox::client::PveError::Status { status: 400, errors, .. } if errors.contains_key("content")),
+        "{e:?}"
+    );
+    assert_eq!(listed("import"), ["local:import/a_b.qcow2"], "no refused upload left a file");
+
+    // Removed like any volume.
+    let upid = pve
+        .call(
+            hcp_provider_proxmox::client::Method::Delete,
+            "/nodes/pve1/storage/local/content/local%3Aimport%2Fa_b.qcow2",
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    pve.wait(upid.as_str().unwrap()).await.unwrap();
+    assert!(listed("import").is_empty());
+}
+
+#[tokio::test]
+async fn a_failed_import_leaves_nothing_and_the_same_id_imports_afterwards() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    let caps = p.capabilities().await.unwrap();
+    assert!(caps.supports_image_import && caps.supports_capture);
+    assert_eq!(caps.image_formats[0], pb::DiskFormat::Qcow2 as i32);
+    let data = vec![7u8; 300 * 1024];
+    let sha = sha256_hex(&data);
+    let id = uuid::Uuid::new_v4().to_string();
+    let volumes_before = env.sim.sim.volumes();
+
+    // The stream's bytes are not the announced ones: refused, nothing kept.
+    let e = p.import_image(upload_of(&id, &data, &sha256_hex(b"other")).await).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(image_leftovers(&env, &id), (vec![], vec![]));
+
+    // PVE fails each step after the upload in turn: the file and any VM
+    // made go with the failure.
+    for step in ["qmcreate", "qmtemplate"] {
+        let mut faults = Faults::default();
+        faults.task_exits.insert(step.into(), "unable to create image: no space left on device".into());
+        env.sim.sim.set_faults(faults);
+        let e = p.import_image(upload_of(&id, &data, &sha).await).await.unwrap_err();
+        assert!(e.message.contains("no space left"), "{step}: {e}");
+        assert_eq!(image_leftovers(&env, &id), (vec![], vec![]), "after a failed {step}");
+        assert_eq!(env.sim.sim.volumes(), volumes_before, "no disk left after a failed {step}");
+    }
+    env.sim.sim.set_faults(Faults::default());
+
+    // The same id then imports: a template of the image's name, its disk
+    // imported from the upload, which is gone.
+    let info = p.import_image(upload_of(&id, &data, &sha).await).await.unwrap();
+    assert_eq!(info.source, format!("hcp-image-{id}"));
+    assert_eq!(info.size_bytes, data.len() as u64);
+    let (files, vms) = image_leftovers(&env, &id);
+    assert!(files.is_empty(), "{files:?}");
+    let template = env.sim.sim.vms().into_iter().find(|v| vms.contains(&v.vmid)).expect("the template");
+    assert!(template.template);
+    assert!(template.config["scsi0"].starts_with(&format!("local-lvm:vm-{}-disk-0,", template.vmid)));
+    // Again: the stored image answers, nothing new is made.
+    let again = p.import_image(upload_of(&id, &data, &sha).await).await.unwrap();
+    assert_eq!(again, info);
+    assert_eq!(image_leftovers(&env, &id).1, vms);
+
+    // Deleted, twice.
+    let req = pb::DeleteImageRequest { image_id: id.clone(), source: info.source.clone() };
+    assert!(p.delete_image(req.clone()).await.unwrap());
+    assert!(!p.delete_image(req).await.unwrap());
+    assert_eq!(image_leftovers(&env, &id), (vec![], vec![]));
+    assert_schema_clean(&env);
+}
+
+#[tokio::test]
+async fn a_failed_capture_leaves_nothing_and_the_vm_as_it_was() {
+    let Some(env) = env().await else { return };
+    let p = provider(&env, &token_auth(), "").await;
+    let vm_id = new_id();
+    p.create_vm(create(&vm_id, "cap", false)).await.unwrap();
+    let before = guests(&env);
+    let image_id = uuid::Uuid::new_v4().to_string();
+    let req =
+        pb::CaptureImageRequest { vm_id: vm_id.clone(), image_id: image_id.clone(), name: "cap".into() };
+
+    let mut faults = Faults::default();
+    faults.task_exits.insert("qmtemplate".into(), "unable to rename disk: device busy".into());
+    env.sim.sim.set_faults(faults);
+    let e = p.capture_image(req.clone()).await.unwrap_err();
+    assert!(e.message.contains("device busy"), "{e}");
+    assert_eq!(image_leftovers(&env, &image_id), (vec![], vec![]));
+    assert_eq!(guests(&env), before, "the VM is left as it was");
+
+    let info = p.capture_image(req.clone()).await.unwrap();
+    let template =
+        env.sim.sim.vms().into_iter().find(|v| v.config.get("name") == Some(&info.source)).unwrap();
+    assert!(template.template);
+    for own in ["tags", "sshkeys", "cicustom"] {
+        assert!(!template.config.contains_key(own), "{own} stays with the VM: {:?}", template.config);
+    }
+    assert_eq!(guests(&env), before, "the VM is left as it was");
+    assert!(p.delete_image(pb::DeleteImageRequest { image_id, source: info.source }).await.unwrap());
+    assert!(p.delete_vm(&vm_id).await.unwrap());
+    assert_schema_clean(&env);
 }

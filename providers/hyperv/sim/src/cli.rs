@@ -35,6 +35,10 @@ struct Args {
     /// The Windows directory mapped onto `--disk-dir`.
     #[arg(long, default_value = "C:\\Hyper-V\\hcp\\")]
     disk_prefix: String,
+    /// A share the host sees, `PREFIX=DIR` (repeatable): the Windows path
+    /// (`\\files\images`) and the local directory standing for it.
+    #[arg(long)]
+    share: Vec<String>,
     /// How long each job runs, milliseconds.
     #[arg(long, default_value_t = 20)]
     job_ms: u64,
@@ -114,6 +118,16 @@ where
         host_name: args.host_name,
         disk_dir: args.disk_dir,
         disk_prefix: args.disk_prefix,
+        shares: args
+            .share
+            .iter()
+            .map(|s| match s.split_once('=') {
+                Some((prefix, dir)) if !prefix.is_empty() && !dir.is_empty() => {
+                    Ok((prefix.to_owned(), PathBuf::from(dir)))
+                }
+                _ => Err(CliError::Pair { arg: "--share", form: "PREFIX=DIR" }),
+            })
+            .collect::<Result<_, _>>()?,
         job_duration: Duration::from_millis(args.job_ms),
         job_retention: Duration::from_secs(args.job_retention_s),
         shutdown_delay: Duration::from_millis(args.shutdown_ms),

@@ -72,6 +72,11 @@ pub struct SimConfig {
     /// (`C:\Hyper-V\hcp\<name>` is `<disk_dir>/<name>`, compared without
     /// case); paths elsewhere do not exist on the simulated host.
     pub disk_prefix: String,
+    /// Shares the host sees besides its disk directory: (Windows prefix,
+    /// local directory), e.g. (`\\files\images`, a directory the
+    /// provider writes images to). Paths under a prefix map onto its
+    /// directory like [`SimConfig::disk_prefix`]'s.
+    pub shares: Vec<(String, PathBuf)>,
     /// How long a job runs.
     pub job_duration: Duration,
     /// How long an ended job stays visible (`TimeBeforeRemoval`, Hyper-V: 5
@@ -102,6 +107,7 @@ impl Default for SimConfig {
             switches: vec!["Default Switch".to_owned()],
             disk_dir: None,
             disk_prefix: "C:\\Hyper-V\\hcp\\".to_owned(),
+            shares: Vec::new(),
             job_duration: Duration::from_millis(20),
             job_retention: Duration::from_secs(300),
             shutdown_delay: Duration::from_millis(50),
@@ -345,6 +351,11 @@ impl Sim {
     /// The directory standing for [`SimConfig::disk_prefix`].
     pub fn disk_dir(&self) -> PathBuf {
         self.lock().disk_dir.clone()
+    }
+
+    /// The shares the host sees: (Windows prefix, local directory).
+    pub fn shares(&self) -> Vec<(String, PathBuf)> {
+        self.lock().config.shares.clone()
     }
 
     /// Where a Windows path under the disk prefix lives locally.

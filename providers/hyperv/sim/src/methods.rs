@@ -274,6 +274,7 @@ pub(crate) fn invoke(
             (_, "CreateVirtualHardDisk") => create_virtual_hard_disk(&mut c, p),
             (_, "ResizeVirtualHardDisk") => resize_virtual_hard_disk(&mut c, p),
             (_, "GetVirtualHardDiskSettingData") => get_virtual_hard_disk_setting_data(&mut c, p),
+            (_, "ConvertVirtualHardDisk") => convert_virtual_hard_disk(&mut c, p),
             ("CIM_DataFile", "Delete") => delete_file(&mut c, target),
             (_, "CreateSnapshot") => create_snapshot(&mut c, p),
             (_, "ApplySnapshot") => apply_snapshot(&mut c, p),
@@ -1172,6 +1173,14 @@ fn get_virtual_hard_disk_setting_data(c: &mut Call<'_>, p: &Params) -> R<Output>
     let Some(meta) = read_disk(&local).filter(|_| local.is_file()) else {
         return Err(c.refuse(rv::FILE_NOT_FOUND, format!("{path} was not found"), false));
     };
+    // A file someone else put on a share is read as what it is: a VHDX
+    // starts with its file type identifier `vhdxfile` (MS-VHDX 2.2.1), a
+    // VHD ends with a footer whose cookie is `conectix`; anything else is
+    // not a virtual disk (32768, Failed: which code Hyper-V gives is not
+    // documented).
+    if c.s.share_path(&path).is_some() && !is_sim_disk(&local) && !is_virtual_disk(&local) {
+        return Err(c.refuse(32768, format!("{path} is not a virtual hard disk"), false));
+    }
     let mut vhd = Instance::new("Msvm_VirtualHardDiskSettingData")
         .set("Type", Val::U(u64::from(meta.kind)))
         .set("Format", Val::U(u64::from(meta.format)))
@@ -1186,6 +1195,67 @@ fn get_virtual_hard_disk_setting_data(c: &mut Call<'_>, p: &Params) -> R<Output>
     // Answered at once (0): the page allows a job, reading metadata needs
     // none here.
     Ok(Output { return_value: 0, refs: Vec::new(), texts: vec![("SettingData".to_owned(), vhd.to_cimxml())] })
+}
+
+/// Whether the file holds the simulator's own disk format.
+fn is_sim_disk(path: &std::path::Path) -> bool {
+    use std::io::Read as _;
+    let mut head = [0u8; 14];
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == *b"hcp-hyperv-sim"
+}
+
+/// Whether the file starts like a VHDX or ends like a VHD.
+fn is_virtual_disk(path: &std::path::Path) -> bool {
+    use std::io::{Read as _, Seek as _};
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let mut sig = [0u8; 8];
+    if f.read_exact(&mut sig).is_ok() && &sig == b"vhdxfile" {
+        return true;
+    }
+    f.seek(std::io::SeekFrom::End(-512)).is_ok() && f.read_exact(&mut sig).is_ok() && &sig == b"conectix"
+}
+
+/// `ConvertVirtualHardDisk(SourcePath, VirtualDiskSettingData)`: a new
+/// disk at the setting data's `Path` with its `Type` (2 fixed, 3 dynamic)
+/// and `Format` (2 VHD, 3 VHDX), holding the source's data (a differencing
+/// source is merged with its parents), in a job. Refused at once: a
+/// source that does not exist (32779) or that a running VM holds open
+/// (32774, System is in use), a Type or Format out of range, a Path of
+/// the wrong extension (32773) or outside the host's directories. The job
+/// fails (32768) when the target exists by then.
+fn convert_virtual_hard_disk(c: &mut Call<'_>, p: &Params) -> R<Output> {
+    let source = p.text("SourcePath").unwrap_or("").to_owned();
+    let Some(source_local) = c.s.host_path(&source) else {
+        return Err(c.bad(format!("{source} is outside the simulated disk directory")));
+    };
+    let Some(source_meta) = read_disk(&source_local).filter(|_| source_local.is_file()) else {
+        return Err(c.refuse(rv::FILE_NOT_FOUND, format!("{source} was not found"), false));
+    };
+    if let Some((vm, _)) = users_of(c.s, &source).into_iter().find(|(vm, _)| vm.state != power::OFF) {
+        let msg = format!("{source} is open by '{}'", vm.name);
+        return Err(c.refuse(rv::IN_USE, msg, false));
+    }
+    let e = c.embedded(p.text("VirtualDiskSettingData").unwrap_or(""), "Msvm_VirtualHardDiskSettingData")?;
+    let kind = e.uint("Type").unwrap_or(0);
+    let format = e.uint("Format").unwrap_or(0);
+    if !matches!(kind, 2 | 3) {
+        return Err(c.bad(format!("Type {kind} is not 2 (fixed) or 3 (dynamic)")));
+    }
+    if !matches!(format, 2 | 3) {
+        return Err(c.bad(format!("Format {format} is not 2 (VHD) or 3 (VHDX)")));
+    }
+    let Some(path) = e.scalar("Path").map(str::to_owned) else { return Err(c.bad("Path is required")) };
+    let want = if format == 2 { "vhd" } else { "vhdx" };
+    if path.rsplit('.').next().unwrap_or("").to_ascii_lowercase() != want {
+        let rv = c.invalid;
+        return Err(c.refuse(rv, format!("{path}: Format {format} needs the extension .{want}"), false));
+    }
+    let Some(local) = c.s.host_path(&path) else {
+        return Err(c.bad(format!("{path} is outside the simulated disk directory")));
+    };
+    let meta = DiskMeta { kind: kind as u16, format: format as u16, size: source_meta.size, parent: None };
+    let job = c.job("Converting virtual hard disk", None, Effect::CreateDisk(local, meta));
+    Ok(started(&job, Vec::new()))
 }
 
 /// `CIM_DataFile.Delete` return values (its method page).

@@ -309,7 +309,13 @@ impl State {
     /// directory; `None` for paths elsewhere (they do not exist on the
     /// simulated host) or with `.`/`..` components.
     pub(crate) fn host_path(&self, windows: &str) -> Option<PathBuf> {
-        map_path(&self.config.disk_prefix, &self.disk_dir, windows)
+        map_path(&self.config.disk_prefix, &self.disk_dir, windows).or_else(|| self.share_path(windows))
+    }
+
+    /// Maps a Windows path under one of the configured shares onto its
+    /// directory.
+    pub(crate) fn share_path(&self, windows: &str) -> Option<PathBuf> {
+        self.config.shares.iter().find_map(|(prefix, dir)| map_path(prefix, dir, windows))
     }
 
     /// Finds a VM by its GUID (any case).

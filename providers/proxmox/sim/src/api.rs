@@ -22,7 +22,81 @@ use crate::{
 
 /// The router: one fallback handler sees every request.
 pub(crate) fn router(sim: Sim) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(sim)
+    // Uploads (`.../upload`) carry whole disk images.
+    axum::Router::new()
+        .fallback(handle)
+        .layer(axum::extract::DefaultBodyLimit::max(UPLOAD_LIMIT))
+        .with_state(sim)
+}
+
+/// The largest request body taken (an uploaded image).
+const UPLOAD_LIMIT: usize = 1 << 30;
+
+/// The file part of a `multipart/form-data` upload, as PVE's HTTP server
+/// hands it to the `upload` method: its name becomes the `filename`
+/// parameter, its bytes a temporary file (here: their size and digest).
+pub(crate) struct Upload {
+    size: u64,
+    sha256: String,
+}
+
+/// Splits a `multipart/form-data` body: text parts become parameters, the
+/// part named `filename` (which must carry a file name) is the upload. A
+/// body that does not parse is PVE's 400.
+fn parse_multipart(
+    content_type: &str,
+    body: &[u8],
+    params: &mut BTreeMap<String, String>,
+) -> Result<Option<Upload>, String> {
+    use sha2::Digest as _;
+    let boundary = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .map(|b| b.trim_matches('"').to_owned())
+        .ok_or("multipart without boundary")?;
+    let delimiter = format!("--{boundary}");
+    let find = |hay: &[u8], needle: &[u8], from: usize| {
+        hay.get(from..).and_then(|h| h.windows(needle.len()).position(|w| w == needle)).map(|i| i + from)
+    };
+    let mut at = find(body, delimiter.as_bytes(), 0).ok_or("multipart without a first boundary")?;
+    let mut upload = None;
+    loop {
+        at += delimiter.len();
+        if body.get(at..at + 2) == Some(b"--") {
+            return Ok(upload);
+        }
+        let head_start = at + 2;
+        let head_end = find(body, b"\r\n\r\n", head_start).ok_or("multipart part without headers")?;
+        let head = String::from_utf8_lossy(&body[head_start..head_end]).into_owned();
+        let data_start = head_end + 4;
+        let next = find(body, format!("\r\n{delimiter}").as_bytes(), data_start)
+            .ok_or("multipart part without a closing boundary")?;
+        let data = &body[data_start..next];
+        let disposition = head
+            .lines()
+            .find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))
+            .ok_or("multipart part without content-disposition")?;
+        let attr = |key: &str| {
+            disposition.split(';').find_map(|p| {
+                p.trim()
+                    .strip_prefix(key)
+                    .and_then(|v| v.strip_prefix('='))
+                    .map(|v| v.trim_matches('"').to_owned())
+            })
+        };
+        let name = attr("name").ok_or("multipart part without a name")?;
+        match attr("filename") {
+            Some(file) if name == "filename" => {
+                params.insert("filename".to_owned(), file);
+                upload =
+                    Some(Upload { size: data.len() as u64, sha256: hex::encode(sha2::Sha256::digest(data)) });
+            }
+            _ => {
+                params.insert(name, String::from_utf8_lossy(data).into_owned());
+            }
+        }
+        at = next + 2;
+    }
 }
 
 /// An answer before enveloping.
@@ -109,10 +183,8 @@ fn parse_params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String,
     if let Some(q) = uri.query() {
         params.extend(form_urlencoded::parse(q.as_bytes()).into_owned());
     }
-    let json = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let json = content_type.starts_with("application/json");
     if json {
         if let Ok(Value::Object(map)) = serde_json::from_slice::<Value>(body) {
             for (k, v) in map {
@@ -124,7 +196,7 @@ fn parse_params(uri: &Uri, headers: &HeaderMap, body: &[u8]) -> BTreeMap<String,
                 params.insert(k, s);
             }
         }
-    } else if !body.is_empty() {
+    } else if !body.is_empty() && !content_type.starts_with("multipart/form-data") {
         params.extend(form_urlencoded::parse(body).into_owned());
     }
     params
@@ -188,7 +260,16 @@ async fn handle(
         return (StatusCode::NOT_FOUND, "not found").into_response();
     };
     let api_path = api_path.to_owned();
-    let params = parse_params(&uri, &headers, &body);
+    let mut params = parse_params(&uri, &headers, &body);
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let upload = if content_type.starts_with("multipart/form-data") {
+        match parse_multipart(content_type, &body, &mut params) {
+            Ok(u) => u,
+            Err(e) => return fail_response(400, &format!("malformed multipart body: {e}")),
+        }
+    } else {
+        None
+    };
     let route = sim.schema.route(&api_path);
     let mut record = RequestRecord {
         method: method.to_string(),
@@ -210,7 +291,17 @@ async fn handle(
         let mut s = sim.lock();
         let numbers = s.config.numbers_as_strings;
         let delay = s.config.auth_failure_delay;
-        let answer = dispatch(&sim, &mut s, &method, &api_path, route, &headers, &params, &record.violations);
+        let answer = dispatch(
+            &sim,
+            &mut s,
+            &method,
+            &api_path,
+            route,
+            &headers,
+            &params,
+            &record.violations,
+            upload.as_ref(),
+        );
         (answer, numbers, delay)
     };
     // Lock waits happen outside the state lock.
@@ -267,7 +358,8 @@ async fn wait_for_lock(
         advance(&mut s);
         if !holds_lock(&s, vmid) {
             let route = sim.schema.route(path);
-            return match dispatch(sim, &mut s, method, path, route, headers, params, &Violations::new()) {
+            return match dispatch(sim, &mut s, method, path, route, headers, params, &Violations::new(), None)
+            {
                 Step::Done(a) => a,
                 Step::WaitLock(_) => lock_timeout(vmid),
             };
@@ -301,6 +393,7 @@ fn dispatch(
     headers: &HeaderMap,
     params: &BTreeMap<String, String>,
     violations: &Violations,
+    upload: Option<&Upload>,
 ) -> Step {
     advance(s);
     if s.faults.expire_tickets {
@@ -679,6 +772,21 @@ fn dispatch(
                 _ => Answer::Unauthorized("authentication failure".to_owned()),
             }
         }
+        ("POST", "/nodes/{node}/storage/{storage}/upload") => {
+            upload_file(s, &node, &var("storage"), params, upload, &user)
+        }
+        ("POST", "/nodes/{node}/qemu/{vmid}/template") => {
+            let vm = &s.vms[&vmid];
+            if let Some(a) = locked(vm) {
+                a
+            } else if vm.template {
+                fail(500, "you can't convert a template to a template")
+            } else if vm.status == "running" {
+                fail(500, "you can't convert a VM to template if VM is running")
+            } else {
+                Answer::Data(json!(spawn_task(s, &node, "qmtemplate", vmid, &user, Effect::Template(vmid))))
+            }
+        }
         ("POST", "/nodes/{node}/storage/{storage}/content") => {
             alloc_volume(s, &node, &var("storage"), params)
         }
@@ -912,22 +1020,164 @@ fn clone(s: &mut State, node: &str, vmid: u32, user: &str, params: &BTreeMap<Str
     Answer::Data(json!(spawn_task(s, node, "qmclone", newid, user, Effect::Cloned(newid))))
 }
 
+/// `POST /nodes/{node}/storage/{storage}/upload`: what PVE 9.1's upload
+/// does with the file its HTTP server received. The storage must take the
+/// content type; an `import` file must end in one of the extensions PVE's
+/// import content knows for disk images and archives (`.ova`, `.qcow2`,
+/// `.raw`, `.vmdk`); the name is normalized (characters other than
+/// `-_.a-zA-Z0-9` become `_`). An `imgcopy` task moves the file into place
+/// and, given `checksum`, verifies it first: a mismatch fails the task and
+/// nothing is stored. A file of the same name is replaced.
+fn upload_file(
+    s: &mut State,
+    node: &str,
+    storage: &str,
+    params: &BTreeMap<String, String>,
+    upload: Option<&Upload>,
+    user: &str,
+) -> Answer {
+    let Some((shared, content_types, _)) = storage_info(s, storage) else {
+        return no_storage(storage);
+    };
+    let param_error = |key: &str, msg: &str| {
+        let mut errors = Violations::new();
+        errors.insert(key.to_owned(), msg.to_owned());
+        Answer::Error(400, "Parameter verification failed.".to_owned(), Some(errors))
+    };
+    let Some(upload) = upload else {
+        return param_error("filename", "no file uploaded (a multipart/form-data part named 'filename')");
+    };
+    let content = params.get("content").map(String::as_str).unwrap_or_default();
+    if !content_types.split(',').any(|c| c == content) {
+        return param_error("content", &format!("storage '{storage}' does not support '{content}' content"));
+    }
+    let filename: String = params
+        .get("filename")
+        .map(String::as_str)
+        .unwrap_or_default()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+        .collect();
+    let ext = filename.rsplit_once('.').map(|(_, e)| e).unwrap_or_default();
+    let (dir, format) = match content {
+        "import" if matches!(ext, "ova" | "qcow2" | "raw" | "vmdk") => ("import", ext),
+        "iso" if matches!(ext, "iso" | "img") => ("iso", "iso"),
+        "vztmpl" if filename.ends_with(".tar.gz") || matches!(ext, "tgz" | "zst" | "xz" | "bz2") => {
+            ("vztmpl", "tgz")
+        }
+        _ => return param_error("filename", "wrong file extension"),
+    };
+    match (params.get("checksum-algorithm").map(String::as_str), params.get("checksum")) {
+        (None, None) => {}
+        (Some("sha256"), Some(want)) => {
+            if !want.eq_ignore_ascii_case(&upload.sha256) {
+                let exit = format!("checksum mismatch: got '{}' != expect '{want}'", upload.sha256);
+                s.faults.task_exits.entry("imgcopy".to_owned()).or_insert(exit);
+            }
+        }
+        (Some(_), Some(_)) => return fail(501, "the simulator verifies sha256 checksums only"),
+        _ => return param_error("checksum", "checksum and checksum-algorithm go together"),
+    }
+    let ctime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let file = crate::Volume {
+        volid: format!("{storage}:{dir}/{filename}"),
+        storage: storage.to_owned(),
+        node: if shared { None } else { Some(node.to_owned()) },
+        owner: 0,
+        format: format.to_owned(),
+        size: upload.size,
+        ctime,
+        content: content.to_owned(),
+    };
+    Answer::Data(json!(spawn(s, node, "imgcopy", "", None, user, Effect::Uploaded(file))))
+}
+
+/// A disk option that imports (`STORAGE:0,import-from=VOLID`): the new
+/// image on STORAGE owned by `vmid`, a copy of an existing volume the node
+/// sees (an uploaded `import` file or a disk image). The simulator reads no
+/// image headers: the new disk's size is the source's size.
+fn import_disk(s: &State, node: &str, vmid: u32, value: &str) -> Result<(String, crate::Volume), Answer> {
+    let mut parts = value.split(',');
+    let target = parts.next().unwrap_or_default();
+    let rest: Vec<&str> = parts.collect();
+    let source = rest.iter().find_map(|p| p.strip_prefix("import-from=")).unwrap_or_default();
+    let Some((storage, "0")) = target.split_once(':') else {
+        return Err(fail(400, format!("import-from needs a disk allocated as STORAGE:0, not '{target}'")));
+    };
+    let Some((_, content, plugin)) = storage_info(s, storage) else {
+        return Err(no_storage(storage));
+    };
+    if !content.split(',').any(|c| c == "images") {
+        return Err(fail(500, format!("storage '{storage}' does not support vm images")));
+    }
+    let Some(src) = s.volumes.iter().find(|v| v.volid == source && v.visible_on(node)) else {
+        return Err(fail(500, format!("volume '{source}' does not exist")));
+    };
+    if src.content == "import" && src.format == "ova" {
+        return Err(fail(500, format!("importing from '{source}' needs the OVA's disk, not the archive")));
+    }
+    let (format, ext) = if file_based(plugin) { ("qcow2", ".qcow2") } else { ("raw", "") };
+    let volid = format!("{storage}:vm-{vmid}-disk-0{ext}");
+    let options: Vec<&str> = rest.iter().copied().filter(|p| !p.starts_with("import-from=")).collect();
+    let mut drive = format!("{volid},size={}", size_text(src.size));
+    for o in options {
+        drive.push(',');
+        drive.push_str(o);
+    }
+    let disk = crate::Volume {
+        volid,
+        storage: storage.to_owned(),
+        node: Some(node.to_owned()),
+        owner: vmid,
+        format: format.to_owned(),
+        size: src.size,
+        ctime: src.ctime,
+        content: "images".to_owned(),
+    };
+    Ok((drive, disk))
+}
+
 /// `POST /nodes/{node}/qemu`: a new VM from its options alone (no disk is
-/// allocated: the simulator models only drives naming existing volumes),
-/// locked `create` until its `qmcreate` task ends.
+/// allocated: the simulator models only drives naming existing volumes,
+/// and disks imported from a volume with `import-from`), locked `create`
+/// until its `qmcreate` task ends.
 fn create_vm(s: &mut State, node: &str, user: &str, params: &BTreeMap<String, String>) -> Answer {
     let vmid: u32 = params.get("vmid").and_then(|v| v.parse().ok()).unwrap_or(0);
     if s.vms.contains_key(&vmid) {
         return fail(500, format!("unable to create VM {vmid} - VM {vmid} already exists on node '{node}'"));
     }
-    let config: BTreeMap<String, String> = params
+    let mut config: BTreeMap<String, String> = params
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "vmid" | "node" | "start" | "unique" | "pool" | "force"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    if config.iter().any(|(k, v)| is_disk(k) && !v.contains("media=cdrom")) {
-        return fail(501, "the simulator creates VMs without disks only");
+    let mut imported = Vec::new();
+    for (key, value) in config.iter_mut() {
+        // `STORAGE:cloudinit` allocates the cloud-init drive.
+        if is_disk(key)
+            && let Some(storage) = value.strip_suffix(":cloudinit")
+            && !storage.contains(',')
+        {
+            *value = format!("{storage}:vm-{vmid}-cloudinit,media=cdrom");
+            continue;
+        }
+        if is_disk(key) && value.contains("import-from=") {
+            match import_disk(s, node, vmid, value) {
+                Ok((drive, disk)) => {
+                    *value = drive;
+                    imported.push(disk);
+                }
+                Err(a) => return a,
+            }
+        }
     }
+    if config.iter().any(|(k, v)| is_disk(k) && !v.contains("media=cdrom") && !v.contains(",size=")) {
+        return fail(501, "the simulator creates VMs without disks, or with disks imported from a volume");
+    }
+    s.volumes.extend(imported);
     let vm = Vm {
         vmid,
         node: node.to_owned(),
@@ -1299,6 +1549,7 @@ fn alloc_volume(s: &mut State, node: &str, storage: &str, params: &BTreeMap<Stri
         format,
         size,
         ctime,
+        content: "images".to_owned(),
     });
     Answer::Data(json!(volid))
 }
@@ -1309,17 +1560,20 @@ fn list_content(s: &State, node: &str, storage: &str, content: Option<&str>, vmi
     if storage_info(s, storage).is_none() {
         return no_storage(storage);
     }
-    if content.is_some_and(|c| c != "images") {
-        return Answer::Data(json!([]));
-    }
     let owner: Option<u32> = vmid.and_then(|v| v.parse().ok());
     let items: Vec<Value> = s
         .volumes
         .iter()
         .filter(|v| v.storage == storage && v.visible_on(node) && owner.is_none_or(|o| o == v.owner))
+        .filter(|v| content.is_none_or(|c| c == v.content))
         .map(|v| {
-            json!({"volid": v.volid, "format": v.format, "size": v.size, "used": v.size,
-                   "vmid": v.owner, "ctime": v.ctime})
+            let mut item = json!({"volid": v.volid, "format": v.format, "size": v.size, "used": v.size,
+                   "content": v.content, "ctime": v.ctime});
+            // Import files belong to no VM.
+            if v.owner != 0 {
+                item["vmid"] = json!(v.owner);
+            }
+            item
         })
         .collect();
     Answer::Data(Value::Array(items))
@@ -1443,6 +1697,7 @@ fn copy_volume(
         format,
         size,
         ctime,
+        content: "images".to_owned(),
     };
     let id = format!("{owner}@{tstorage}");
     Answer::Data(json!(spawn(s, &target_node, "imgcopy", &id, None, user, Effect::CopyVolume(copy))))
@@ -1571,8 +1826,9 @@ fn advance(s: &mut State) {
                     if let Some(vm) = s.vms.get_mut(&id) {
                         vm.lock = None;
                     }
-                } else {
-                    s.vms.remove(&id);
+                } else if let Some(vm) = s.vms.remove(&id) {
+                    // A create that failed leaves no imported disk.
+                    destroy_owned_disks(s, &vm, true);
                 }
             }
             Effect::Power(id, status) if ok => {
@@ -1616,6 +1872,16 @@ fn advance(s: &mut State) {
             }
             Effect::CopyVolume(copy) if ok => {
                 s.volumes.push(copy);
+            }
+            Effect::Uploaded(file) if ok => {
+                s.volumes.retain(|v| !(v.volid == file.volid && v.node == file.node));
+                s.volumes.push(file);
+            }
+            Effect::Template(id) if ok => {
+                if let Some(vm) = s.vms.get_mut(&id) {
+                    vm.template = true;
+                    vm.config.insert("template".to_owned(), "1".to_owned());
+                }
             }
             Effect::Migrate(id, target) => {
                 if let Some(vm) = s.vms.get_mut(&id) {

@@ -89,7 +89,7 @@ impl Default for SimConfig {
             templates: vec![(9000, "debian-12-genericcloud".to_owned())],
             storages: vec![
                 ("local-lvm".to_owned(), false, "images,rootdir".to_owned()),
-                ("local".to_owned(), false, "iso,vztmpl,backup,snippets".to_owned()),
+                ("local".to_owned(), false, "iso,vztmpl,backup,snippets,import".to_owned()),
             ],
             snippets_dir: None,
             numbers_as_strings: true,
@@ -205,6 +205,14 @@ pub struct Volume {
     pub size: u64,
     /// Creation time (UNIX seconds).
     pub ctime: u64,
+    /// The storage content type it is: `images`, or `import` for a file
+    /// uploaded to be imported (`import/<name>.<ext>`, owner 0).
+    #[serde(default = "images_content")]
+    pub content: String,
+}
+
+fn images_content() -> String {
+    "images".to_owned()
 }
 
 impl Volume {
@@ -230,6 +238,11 @@ enum Effect {
     FreeVolume(String, String),
     /// `imgcopy` finished: the copy exists.
     CopyVolume(Volume),
+    /// An upload's `imgcopy` finished: the file exists (replacing one of
+    /// the same name).
+    Uploaded(Volume),
+    /// `qmtemplate` finished: the VM is a template.
+    Template(u32),
     Snapshot(u32, String, String, bool),
     Rollback(u32, String, bool),
     DeleteSnapshot(u32, String),
