@@ -16,7 +16,8 @@
 //! impl), `create`, `disks` (qcow2 overlays and growth), `lifecycle`
 //! (power, resize, delete), `inventory` (a domain as the protocol says it),
 //! `console`, `snapshots`, [`storage`] (what a volume is: file name, slot,
-//! disk XML), `pool` (storage pools) and `volumes` (the volume calls).
+//! disk XML), `pool` (storage pools), `volumes` (the volume calls) and
+//! `images` (imported and captured images, volumes of the default pool).
 
 pub mod cli;
 pub mod config;
@@ -26,6 +27,7 @@ mod create;
 mod disks;
 pub mod domain;
 pub mod errors;
+mod images;
 mod inventory;
 mod lifecycle;
 mod pool;

@@ -172,6 +172,21 @@ impl Provider for Libvirt {
         self.volume_detach(req).await
     }
 
+    async fn import_image(
+        &self,
+        upload: hcp_provider_sdk::image::ImageUpload,
+    ) -> Result<pb::ImageInfo, ProviderError> {
+        self.image_import(upload).await
+    }
+
+    async fn capture_image(&self, req: pb::CaptureImageRequest) -> Result<pb::ImageInfo, ProviderError> {
+        self.image_capture(req).await
+    }
+
+    async fn delete_image(&self, req: pb::DeleteImageRequest) -> Result<bool, ProviderError> {
+        self.image_delete(req).await
+    }
+
     async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
         self.volumes_enabled()?;
         check_uuid("volume_id", volume_id)?;
