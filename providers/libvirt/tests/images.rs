@@ -54,6 +54,20 @@ async fn delete_image(
     compute.delete_image(req).await.map(|r| r.into_inner().existed)
 }
 
+fn import_messages(id: &str, bytes: &[u8]) -> Vec<ImportImageChunk> {
+    let header = ImportImageHeader {
+        image_id: id.into(),
+        name: "image".into(),
+        format: DiskFormat::Qcow2 as i32,
+        size_bytes: bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(bytes)),
+        min_disk_gib: 1,
+    };
+    let mut messages = vec![ImportImageChunk { part: Some(Part::Header(header)) }];
+    messages.extend(bytes.chunks(1 << 20).map(|c| ImportImageChunk { part: Some(Part::Data(c.to_vec())) }));
+    messages
+}
+
 fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
@@ -72,16 +86,7 @@ async fn an_imported_image_boots_from_its_disk_and_a_capture_keeps_what_the_gues
     // ImportImage of the self-booting disk, in 1 MiB messages.
     let bytes = std::fs::read(&boot).unwrap();
     let image = new_id();
-    let header = ImportImageHeader {
-        image_id: image.clone(),
-        name: "tiny-boot".into(),
-        format: DiskFormat::Qcow2 as i32,
-        size_bytes: bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(&bytes)),
-        min_disk_gib: 1,
-    };
-    let mut messages = vec![ImportImageChunk { part: Some(Part::Header(header)) }];
-    messages.extend(bytes.chunks(1 << 20).map(|c| ImportImageChunk { part: Some(Part::Data(c.to_vec())) }));
+    let messages = import_messages(&image, &bytes);
     let imported = compute.import_image(futures::stream::iter(messages)).await.unwrap().into_inner();
     assert_eq!(imported.image_id, image);
     assert_eq!(imported.size_bytes, bytes.len() as u64);
@@ -146,4 +151,50 @@ async fn an_imported_image_boots_from_its_disk_and_a_capture_keeps_what_the_gues
     assert!(!vols.contains("hcp-"), "left in the pool: {vols}");
     let left: Vec<_> = std::fs::read_dir(&bed.pool_dir).unwrap().flatten().map(|e| e.path()).collect();
     assert!(left.is_empty(), "files left in the pool: {left:?}");
+}
+
+/// What a provider that crashed mid upload leaves (the data volume without
+/// its completion marker) is no image: CreateVm refuses its source, an
+/// import of the same id replaces it, DeleteImage removes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partial_upload_is_no_image_and_is_replaced() {
+    let bed = common::Testbed::new();
+    let provider = bed.start_in_process("qemu:///system").await;
+    let mut compute = ComputeClient::connect(provider.endpoint.clone()).await.unwrap();
+    let partial = |id: &str| {
+        let name = format!("hcp-image-{id}.qcow2");
+        common::virsh(&["vol-create-as", &bed.pool, &name, "1M", "--format", "raw"]);
+        assert!(common::virsh(&["vol-list", &bed.pool]).contains(&name));
+    };
+    let image = new_id();
+    let source = format!("hcp-image-{image}");
+    partial(&image);
+    let req = CreateVmRequest { vm_id: new_id(), spec: Some(spec("partial", &source, "")), start: false };
+    let refused = compute.create_vm(req).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("image.source"), "{refused:?}");
+
+    let file = std::env::temp_dir().join(format!("hcp-image-test-{image}.qcow2"));
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&file)
+        .arg("1M")
+        .status()
+        .unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(made.success());
+    let imported = compute.import_image(futures::stream::iter(import_messages(&image, &bytes))).await;
+    let imported = imported.unwrap().into_inner();
+    assert_eq!((imported.source.as_str(), imported.size_bytes), (source.as_str(), bytes.len() as u64));
+    let pool_file = bed.pool_dir.join(format!("hcp-image-{image}.qcow2"));
+    assert_eq!(std::fs::read(&pool_file).unwrap(), bytes, "the pool holds the uploaded bytes");
+    assert!(delete_image(&mut compute, &image, &source).await.unwrap());
+    assert!(!delete_image(&mut compute, &image, &source).await.unwrap());
+
+    let other = new_id();
+    partial(&other);
+    assert!(delete_image(&mut compute, &other, "").await.unwrap());
+    let vols = common::virsh(&["vol-list", &bed.pool]);
+    assert!(!vols.contains("hcp-"), "left in the pool: {vols}");
 }
