@@ -250,6 +250,7 @@ impl Libvirt {
             self.delete_stored(&id).await?;
             return Err(e);
         }
+        self.failpoint("image:import:after-upload");
         self.mark_complete(&id).await?;
         Ok(info(&id, &path))
     }

@@ -55,7 +55,8 @@ pub use crate::start::{StartError, run};
 /// `create:after-seed`, `create:after-define`, `create:after-start`,
 /// `volume:create:after-create`, `volume:attach:after-attach`,
 /// `volume:detach:after-detach`, `volume:extend:after-resize`,
-/// `volume:delete:after-delete`; the process aborts there.
+/// `volume:delete:after-delete`, `image:import:after-upload` (the bytes
+/// are in the pool, the completion marker is not); the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_LIBVIRT_FAILPOINTS";
 
 /// The volumes of a VM at its creation: what `VmSpec.boot_volume_id`,

@@ -198,3 +198,60 @@ async fn a_partial_upload_is_no_image_and_is_replaced() {
     let vols = common::virsh(&["vol-list", &bed.pool]);
     assert!(!vols.contains("hcp-"), "left in the pool: {vols}");
 }
+
+/// A provider process that aborts after an upload, before marking the
+/// image complete, leaves a partial image that the next provider on the
+/// same pool treats as none, and the import repeated then succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_cut_by_a_crash_is_done_again() {
+    let bed = common::Testbed::new();
+    let config = std::env::temp_dir().join(format!("hcp-images-crash-{}.toml", new_id()));
+    std::fs::write(&config, bed.config_toml("qemu:///system")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(common::PROVIDER)
+        .args(common::args(&config, &listen))
+        .env(hcp_provider_libvirt::FAILPOINTS_ENV, "image:import:after-upload")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let endpoint = format!("http://{listen}");
+    let connected = hcp_testkit::wait_until(common::SLOW, "the provider process answers", || async {
+        Ok(ComputeClient::connect(endpoint.clone()).await.ok())
+    })
+    .await;
+    let Ok(mut compute) = connected else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(&config);
+        panic!("the provider process did not answer on {listen}");
+    };
+    let image = new_id();
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut raw = import_messages(&image, &bytes);
+    if let Some(ImportImageChunk { part: Some(Part::Header(h)) }) = raw.first_mut() {
+        h.format = DiskFormat::Raw as i32;
+    }
+    let cut = compute.import_image(futures::stream::iter(raw.clone())).await;
+    let status = child.wait().unwrap();
+    let _ = std::fs::remove_file(&config);
+    assert!(cut.is_err(), "the import answered although the provider aborted: {cut:?}");
+    assert!(!status.success(), "the provider did not abort at the failpoint: {status}");
+    let vols = common::virsh(&["vol-list", &bed.pool]);
+    assert!(vols.contains(&format!("hcp-image-{image}.raw")), "{vols}");
+    assert!(!vols.contains(".complete"), "{vols}");
+
+    let provider = bed.start_in_process("qemu:///system").await;
+    let mut compute = ComputeClient::connect(provider.endpoint.clone()).await.unwrap();
+    let source = format!("hcp-image-{image}");
+    let req = CreateVmRequest { vm_id: new_id(), spec: Some(spec("cut", &source, "")), start: false };
+    assert_eq!(code(compute.create_vm(req).await), tonic::Code::InvalidArgument);
+    let imported = compute.import_image(futures::stream::iter(raw)).await.unwrap().into_inner();
+    assert_eq!(imported.source, source);
+    let stored = std::fs::read(bed.pool_dir.join(format!("hcp-image-{image}.raw"))).unwrap();
+    assert!(stored == bytes, "the pool does not hold the uploaded bytes");
+    assert!(delete_image(&mut compute, &image, &source).await.unwrap());
+    let vols = common::virsh(&["vol-list", &bed.pool]);
+    assert!(!vols.contains("hcp-"), "left in the pool: {vols}");
+}
