@@ -125,6 +125,11 @@ fn info(image_id: &str, path: &std::path::Path) -> pb::ImageInfo {
     pb::ImageInfo { image_id: image_id.to_owned(), source: image_source(image_id), size_bytes }
 }
 
+/// The file a capture writes before renaming it into place.
+fn capture_part_name(image_id: &str) -> String {
+    format!(".{}.part", image_volume_name(image_id, "qcow2"))
+}
+
 /// What the upload thread is given.
 enum Piece {
     Data(Bytes),
@@ -279,9 +284,25 @@ impl Libvirt {
         .await
     }
 
+    /// Deletes the image's volumes, and the hidden file of a capture cut
+    /// short by a crash. Whether anything was there.
     async fn delete_stored(&self, image_id: &str) -> Result<bool, ProviderError> {
         let (pool, id) = (self.image_pool(), image_id.to_owned());
-        self.call(&format!("delete image {image_id}"), move |c| Ok(stored(c, &pool, &id)?.remove()?)).await
+        let (existed, dir) = self
+            .call(&format!("delete image {image_id}"), move |c| {
+                let existed = stored(c, &pool, &id)?.remove()?;
+                Ok((existed, pool_path(&the_pool(c, &pool)?)?))
+            })
+            .await?;
+        if let Some(dir) = dir {
+            let part = dir.join(capture_part_name(image_id));
+            match tokio::fs::remove_file(&part).await {
+                Ok(()) => return Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("remove a partial capture", e)),
+            }
+        }
+        Ok(existed)
     }
 
     pub(crate) async fn image_capture(
@@ -331,10 +352,9 @@ impl Libvirt {
             Err(info) => return Ok(info),
             Ok(found) => found,
         };
-        let name = image_volume_name(&req.image_id, "qcow2");
-        let dest = dir.join(&name);
-        // Hidden while written: the pool's refresh does not list it.
-        let tmp = dir.join(format!(".{name}.part"));
+        let dest = dir.join(image_volume_name(&req.image_id, "qcow2"));
+        // Hidden while written, named so that DeleteImage finds a leftover.
+        let tmp = dir.join(capture_part_name(&req.image_id));
         let out = tokio::process::Command::new("qemu-img")
             .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
             .arg(&disk)

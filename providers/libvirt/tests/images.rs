@@ -192,6 +192,21 @@ async fn a_partial_upload_is_no_image_and_is_replaced() {
     assert!(delete_image(&mut compute, &image, &source).await.unwrap());
     assert!(!delete_image(&mut compute, &image, &source).await.unwrap());
 
+    // Bytes that are not the announced format: refused, nothing kept.
+    let junk = new_id();
+    let refused =
+        compute.import_image(futures::stream::iter(import_messages(&junk, b"not a qcow2 image"))).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(!common::virsh(&["vol-list", &bed.pool]).contains(&junk));
+
+    // A capture cut short leaves its hidden file; DeleteImage removes it.
+    let cut = new_id();
+    let part = bed.pool_dir.join(format!(".hcp-image-{cut}.qcow2.part"));
+    std::fs::write(&part, b"half").unwrap();
+    assert!(delete_image(&mut compute, &cut, "").await.unwrap());
+    assert!(!part.exists());
+
     let other = new_id();
     partial(&other);
     assert!(delete_image(&mut compute, &other, "").await.unwrap());
