@@ -210,8 +210,16 @@ impl Libvirt {
                         Some(Piece::Data(bytes)) => {
                             let mut at = 0;
                             while at < bytes.len() {
-                                let n = stream.send(&bytes[at..])?;
-                                at += usize::try_from(n).unwrap_or(0).max(1);
+                                // A blocking stream takes some bytes or fails.
+                                match usize::try_from(stream.send(&bytes[at..])?) {
+                                    Ok(n) if n > 0 => at += n,
+                                    _ => {
+                                        return Err(hcp(
+                                            ErrorKind::Internal,
+                                            "the upload stream took no bytes",
+                                        ));
+                                    }
+                                }
                             }
                         }
                         Some(Piece::End) => {
