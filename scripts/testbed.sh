@@ -23,6 +23,9 @@ ensure_libvirt_packages() {
   pkg-config --exists libvirt 2>/dev/null || missing+=(libvirt-dev pkg-config)
   command -v genisoimage >/dev/null 2>&1 || missing+=(genisoimage)
   command -v xz >/dev/null 2>&1 || missing+=(xz-utils)
+  # The self-booting test disk: SYSLINUX installed through mtools on FAT.
+  { command -v syslinux && command -v mcopy; } >/dev/null 2>&1 || missing+=(syslinux syslinux-common mtools)
+  command -v mkfs.fat >/dev/null 2>&1 || missing+=(dosfstools)
   # ssh and ssh-keygen for the test that logs into a guest with a key pair.
   { command -v ssh && command -v ssh-keygen; } >/dev/null 2>&1 || missing+=(openssh-client)
   if [ ${#missing[@]} -gt 0 ]; then
@@ -76,14 +79,17 @@ ensure_nat_network() {
   return 0
 }
 
-# Builds $HCP_TESTBED_DIR/guest/{vmlinux,initrd.gz,base.qcow2}. The kernel
+# Builds $HCP_TESTBED_DIR/guest/{vmlinux,initrd.gz,base.qcow2} and the
+# self-booting disk boot.raw and boot.qcow2 (SYSLINUX, the same kernel and
+# initramfs). The kernel
 # is Debian's current linux-image-amd64 target; busybox comes from
 # busybox-static. Nothing is installed on the host.
 ensure_tiny_guest() {
   local out="$HCP_TESTBED_DIR/guest"
   local script; script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/tiny-guest.sh"
   local stamp; stamp=$(sha256sum "$script" | cut -c1-16)
-  if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -s "$out/vmlinux" ]; then
+  if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -s "$out/vmlinux" ] &&
+    [ -s "$out/boot.qcow2" ]; then
     return 0
   fi
   testbed_log "building the tiny guest in $out"

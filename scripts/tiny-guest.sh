@@ -16,7 +16,14 @@
 #   - prints `HCP-GUEST-READY hostname=<name>` on the serial port and writes it
 #     into the VGA text buffer (the kernel has no VGA console under PVH boot),
 #   - leaves a root shell on ttyS0.
-# Also writes an empty 1 GiB qcow2 base disk for overlays.
+# Also writes an empty 1 GiB qcow2 base disk for overlays, and a self-booting
+# disk (boot.raw, boot.qcow2): the same kernel (compressed, as a bootloader
+# loads it) and initramfs on a FAT "superfloppy" (no partition table; the
+# BIOS runs the FAT boot sector) with SYSLINUX from Debian's syslinux and
+# mtools packages. SYSLINUX rather than extlinux: it installs into an image
+# file through mtools, so nothing is mounted and no loop device or root is
+# needed. Its command line is the direct boot's (serial console on ttyS0),
+# so the guest behaves the same: READY banner, NoCloud user data.
 # Environment: OUT (results), WORKDIR (scratch).
 set -eu
 OUT=${OUT:?}
@@ -183,5 +190,27 @@ tail -c +$((offset + 1)) "$vmlinuz" | xz -dc > "$OUT/vmlinux" 2>/dev/null || tru
 [ -s "$OUT/vmlinux" ] || { echo "could not extract vmlinux" >&2; exit 1; }
 rm -f "$OUT/base.qcow2"
 qemu-img create -q -f qcow2 "$OUT/base.qcow2" 1G
+
+# The self-booting disk: FAT sized to its files plus 4 MiB, whole MiB.
+boot="$WORKDIR/boot.raw"
+rm -f "$boot" "$OUT/boot.raw" "$OUT/boot.qcow2"
+cat > "$WORKDIR/syslinux.cfg" <<'CFG'
+DEFAULT hcp
+PROMPT 0
+TIMEOUT 0
+LABEL hcp
+  KERNEL /vmlinuz
+  INITRD /initrd.gz
+  APPEND console=tty0 console=ttyS0 panic=-1 quiet
+CFG
+files_kib=$(( ($(stat -c %s "$vmlinuz") + $(stat -c %s "$OUT/initrd.gz")) / 1024 ))
+boot_mib=$(( files_kib / 1024 + 5 ))
+mkfs.fat -C -n HCPBOOT "$boot" $(( boot_mib * 1024 )) >/dev/null
+syslinux --install "$boot"
+mcopy -i "$boot" "$vmlinuz" ::vmlinuz
+mcopy -i "$boot" "$OUT/initrd.gz" ::initrd.gz
+mcopy -i "$boot" "$WORKDIR/syslinux.cfg" ::syslinux.cfg
+mv "$boot" "$OUT/boot.raw"
+qemu-img convert -q -f raw -O qcow2 "$OUT/boot.raw" "$OUT/boot.qcow2"
 chmod 644 "$OUT"/*
 echo "tiny guest for kernel $kver in $OUT" >&2

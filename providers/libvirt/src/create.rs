@@ -42,9 +42,9 @@ impl Libvirt {
         }
         let config = &self.inner.config;
         let source = spec.image.as_ref().map(|i| i.source.clone()).unwrap_or_default();
-        let image = config.image(&source).ok_or_else(|| {
-            invalid(format!("image.source: image {source:?} is not available on this host"))
-        })?;
+        // An imported or captured image (a volume of the default pool,
+        // booting by its own bootloader), else a configured one.
+        let (image, image_format) = self.image_for(&source).await?;
         if spec.vcpus == 0 {
             return Err(invalid("vcpus: must be at least 1"));
         }
@@ -75,15 +75,16 @@ impl Libvirt {
         set_mode(&dir, 0o755).map_err(|e| io_error("open the vm directory", e))?;
         let disk = match &volumes.boot_volume_id {
             Some(boot) => {
-                let disk =
-                    self.boot_volume(&vm_id, boot, &volumes.boot_storage, &image, spec.disk_gib).await?;
+                let disk = self
+                    .boot_volume(&vm_id, boot, &volumes.boot_storage, (&image, image_format), spec.disk_gib)
+                    .await?;
                 self.failpoint("create:after-boot-volume");
                 disk
             }
             None => {
                 let disk = dir.join("disk.qcow2");
                 if !disk.exists() {
-                    make_overlay(&image.disk, &disk, spec.disk_gib).await?;
+                    make_overlay(&image.disk, image_format, &disk, spec.disk_gib).await?;
                 }
                 disk
             }
@@ -209,7 +210,7 @@ impl Libvirt {
         vm_id: &str,
         volume_id: &str,
         storage: &str,
-        image: &ImageConfig,
+        (image, format): (&ImageConfig, &str),
         disk_gib: u32,
     ) -> Result<PathBuf, ProviderError> {
         let config = &self.inner.config;
@@ -253,7 +254,7 @@ impl Libvirt {
             Err(dir) => dir,
         };
         let dest = dir.join(volume_file_name(volume_id));
-        copy_image(&image.disk, &dest, disk_gib).await?;
+        copy_image(&image.disk, format, &dest, disk_gib).await?;
         // The pool learns of the file at its next refresh (find_volume).
         Ok(dest)
     }

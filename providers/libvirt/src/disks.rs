@@ -14,13 +14,19 @@ pub(crate) fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// Creates `dest` as a qcow2 overlay on `base`, at least `disk_gib` large.
-pub(crate) async fn make_overlay(base: &Path, dest: &Path, disk_gib: u32) -> Result<(), ProviderError> {
+/// Creates `dest` as a qcow2 overlay on `base` (whose format is `format`,
+/// never probed), at least `disk_gib` large.
+pub(crate) async fn make_overlay(
+    base: &Path,
+    format: &str,
+    dest: &Path,
+    disk_gib: u32,
+) -> Result<(), ProviderError> {
     let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
-    let size = image_size(base).await?.max(u64::from(disk_gib) << 30);
+    let size = image_size(base, format).await?.max(u64::from(disk_gib) << 30);
     let tmp = dest.with_extension("qcow2.tmp");
     let out = tokio::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
         .arg(base)
         .arg(&tmp)
         .arg(size.to_string())
@@ -37,13 +43,18 @@ pub(crate) async fn make_overlay(base: &Path, dest: &Path, disk_gib: u32) -> Res
 /// it outlives the image), at least `disk_gib` large. Written under a name
 /// that is not a volume's and renamed when complete, so a crash half way
 /// leaves no half volume: a retry writes the copy again.
-pub(crate) async fn copy_image(base: &Path, dest: &Path, disk_gib: u32) -> Result<(), ProviderError> {
+pub(crate) async fn copy_image(
+    base: &Path,
+    format: &str,
+    dest: &Path,
+    disk_gib: u32,
+) -> Result<(), ProviderError> {
     let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
-    let size = image_size(base).await?.max(u64::from(disk_gib) << 30);
+    let size = image_size(base, format).await?.max(u64::from(disk_gib) << 30);
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dest.with_file_name(format!(".{name}.part"));
     let out = tokio::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "qcow2"])
+        .args(["convert", "-q", "-f", format, "-O", "qcow2"])
         .arg(base)
         .arg(&tmp)
         .output()
@@ -56,11 +67,11 @@ pub(crate) async fn copy_image(base: &Path, dest: &Path, disk_gib: u32) -> Resul
     tokio::fs::rename(&tmp, dest).await.map_err(|e| io_error("place the boot volume", e))
 }
 
-/// The virtual size, in bytes, of a disk image.
-async fn image_size(disk: &Path) -> Result<u64, ProviderError> {
+/// `qemu-img info` of a disk image read as `format`.
+pub(crate) async fn image_info(disk: &Path, format: &str) -> Result<serde_json::Value, ProviderError> {
     let tool = |e: String| ProviderError::new(ErrorKind::Internal, format!("qemu-img: {e}"));
     let info = tokio::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-U"])
+        .args(["info", "--output=json", "-U", "-f", format])
         .arg(disk)
         .output()
         .await
@@ -69,9 +80,24 @@ async fn image_size(disk: &Path) -> Result<u64, ProviderError> {
         return Err(tool(String::from_utf8_lossy(&info.stderr).trim().to_owned()));
     }
     serde_json::from_slice::<serde_json::Value>(&info.stdout)
-        .ok()
-        .and_then(|v| v["virtual-size"].as_u64())
-        .ok_or_else(|| tool(format!("no virtual-size in the info of {}", disk.display())))
+        .map_err(|e| tool(format!("the info of {} is not JSON: {e}", disk.display())))
+}
+
+/// The virtual size, in bytes, of a disk image.
+async fn image_size(disk: &Path, format: &str) -> Result<u64, ProviderError> {
+    image_info(disk, format).await?["virtual-size"].as_u64().ok_or_else(|| {
+        ProviderError::new(
+            ErrorKind::Internal,
+            format!("qemu-img: no virtual-size in the info of {}", disk.display()),
+        )
+    })
+}
+
+/// The backing file of a qcow2 image, as its header names it.
+pub(crate) async fn backing_file(disk: &Path) -> Result<Option<std::path::PathBuf>, ProviderError> {
+    let info = image_info(disk, "qcow2").await?;
+    let name = info["full-backing-filename"].as_str().or_else(|| info["backing-filename"].as_str());
+    Ok(name.map(std::path::PathBuf::from))
 }
 
 /// What growing a stopped domain's overlay to `disk_gib` takes: `None`
@@ -83,7 +109,7 @@ pub(crate) async fn disk_growth(
     disk_gib: u32,
     has_snapshots: bool,
 ) -> Result<Option<u64>, ProviderError> {
-    let size = image_size(disk).await?;
+    let size = image_size(disk, "qcow2").await?;
     let want = u64::from(disk_gib) << 30;
     if want < size {
         return Err(invalid(format!(

@@ -16,7 +16,8 @@
 //! impl), `create`, `disks` (qcow2 overlays and growth), `lifecycle`
 //! (power, resize, delete), `inventory` (a domain as the protocol says it),
 //! `console`, `snapshots`, [`storage`] (what a volume is: file name, slot,
-//! disk XML), `pool` (storage pools) and `volumes` (the volume calls).
+//! disk XML), `pool` (storage pools), `volumes` (the volume calls) and
+//! `images` (imported and captured images, volumes of the default pool).
 
 pub mod cli;
 pub mod config;
@@ -26,6 +27,7 @@ mod create;
 mod disks;
 pub mod domain;
 pub mod errors;
+mod images;
 mod inventory;
 mod lifecycle;
 mod pool;
@@ -53,7 +55,8 @@ pub use crate::start::{StartError, run};
 /// `create:after-seed`, `create:after-define`, `create:after-start`,
 /// `volume:create:after-create`, `volume:attach:after-attach`,
 /// `volume:detach:after-detach`, `volume:extend:after-resize`,
-/// `volume:delete:after-delete`; the process aborts there.
+/// `volume:delete:after-delete`, `image:import:after-upload` (the bytes
+/// are in the pool, the completion marker is not); the process aborts there.
 pub const FAILPOINTS_ENV: &str = "HCP_LIBVIRT_FAILPOINTS";
 
 /// The volumes of a VM at its creation: what `VmSpec.boot_volume_id`,

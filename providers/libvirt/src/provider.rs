@@ -172,6 +172,21 @@ impl Provider for Libvirt {
         self.volume_detach(req).await
     }
 
+    async fn import_image(
+        &self,
+        upload: hcp_provider_sdk::image::ImageUpload,
+    ) -> Result<pb::ImageInfo, ProviderError> {
+        self.image_import(upload).await
+    }
+
+    async fn capture_image(&self, req: pb::CaptureImageRequest) -> Result<pb::ImageInfo, ProviderError> {
+        self.image_capture(req).await
+    }
+
+    async fn delete_image(&self, req: pb::DeleteImageRequest) -> Result<bool, ProviderError> {
+        self.image_delete(req).await
+    }
+
     async fn delete_volume(&self, volume_id: &str) -> Result<bool, ProviderError> {
         self.volumes_enabled()?;
         check_uuid("volume_id", volume_id)?;
@@ -189,7 +204,8 @@ impl Libvirt {
     /// CreateVm with a boot volume and data volumes: what `VmSpec`'s
     /// `boot_volume_id`, `boot_storage` and `volumes` will carry once the
     /// proto has them. Takes the volumes' locks (in id order), then the
-    /// VM's, as every volume call does.
+    /// VM's, as every volume call does (an imported or captured image's
+    /// lock is taken with the volumes').
     pub async fn create_vm_with_volumes(
         &self,
         req: pb::CreateVmRequest,
@@ -206,6 +222,12 @@ impl Libvirt {
         }
         if !volumes.is_empty() {
             self.volumes_enabled()?;
+        }
+        // An image's lock too: a DeleteImage cannot slip between the
+        // overlay's making and the check for overlays resting on the image.
+        let source = req.spec.as_ref().and_then(|s| s.image.as_ref()).map(|i| i.source.as_str());
+        if let Some(image_id) = source.and_then(crate::storage::image_id_of_source) {
+            ids.push(image_id.to_owned());
         }
         ids.sort();
         ids.dedup();

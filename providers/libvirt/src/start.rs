@@ -140,10 +140,15 @@ impl Libvirt {
         );
         attributes.insert("uri".to_owned(), uri.clone());
         let capabilities = pb::Capabilities {
-            // Images: not offered yet.
-            supports_image_import: false,
-            supports_capture: false,
-            image_formats: Vec::new(),
+            // Images are volumes of the default pool (images.rs), so
+            // like volumes they need a real pool.
+            supports_image_import: volumes,
+            supports_capture: volumes,
+            image_formats: if volumes {
+                vec![pb::DiskFormat::Qcow2 as i32, pb::DiskFormat::Raw as i32]
+            } else {
+                Vec::new()
+            },
             supports_cloud_init: cloud_init,
             supports_snapshot: true,
             supports_snapshot_running: true,

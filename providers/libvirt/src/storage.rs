@@ -60,6 +60,45 @@ pub fn volume_file_name(volume_id: &str) -> String {
     format!("{PREFIX}{volume_id}{SUFFIX}")
 }
 
+const IMAGE_PREFIX: &str = "hcp-image-";
+const IMAGE_MARKER: &str = ".complete";
+
+/// The file name of an image's data in the default pool: `hcp-image-<id>`
+/// with the format as its extension (`qcow2`, `raw`).
+pub fn image_volume_name(image_id: &str, format: &str) -> String {
+    format!("{IMAGE_PREFIX}{image_id}.{format}")
+}
+
+/// The empty volume whose presence says an image is stored completely.
+pub fn image_marker_name(image_id: &str) -> String {
+    format!("{IMAGE_PREFIX}{image_id}{IMAGE_MARKER}")
+}
+
+/// The `ImageRef.source` CreateVm takes for an imported or captured image.
+pub fn image_source(image_id: &str) -> String {
+    format!("{IMAGE_PREFIX}{image_id}")
+}
+
+/// The image id a source names, when it is an image of this provider's.
+pub fn image_id_of_source(source: &str) -> Option<&str> {
+    let id = source.strip_prefix(IMAGE_PREFIX)?;
+    hcp_provider_sdk::support::is_uuid(id).then_some(id)
+}
+
+/// XML for an image's volume (or its marker) of `bytes`: sparse (nothing
+/// allocated up front, the upload writes every byte) and world-readable,
+/// since QEMU reads it as the backing file of VMs' overlays. Always
+/// created as `raw`: libvirt writes the uploaded bytes as they are, and
+/// HCP names the real format itself (file extension, `-F` of overlays).
+pub fn image_volume_xml(name: &str, bytes: u64) -> String {
+    format!(
+        "<volume><name>{}</name><capacity unit='bytes'>{bytes}</capacity>\
+         <allocation unit='bytes'>0</allocation><target><format type='raw'/>\
+         <permissions><mode>0644</mode></permissions></target></volume>",
+        esc(name)
+    )
+}
+
 /// The HCP volume id of a pool file name, when the name is one of ours.
 pub fn volume_id_of_file(name: &str) -> Option<&str> {
     let id = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
@@ -151,6 +190,18 @@ mod tests {
         {
             assert_eq!(volume_id_of_file(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn image_names_are_not_volumes() {
+        assert_eq!(image_id_of_source(&image_source(ID)), Some(ID));
+        assert_eq!(image_id_of_source("tiny"), None);
+        assert_eq!(image_id_of_source("hcp-image-x"), None);
+        for name in [image_volume_name(ID, "qcow2"), image_volume_name(ID, "raw"), image_marker_name(ID)] {
+            assert_eq!(volume_id_of_file(&name), None, "{name}");
+        }
+        let xml = image_volume_xml(&image_volume_name(ID, "qcow2"), 5);
+        assert!(roxmltree::Document::parse(&xml).is_ok(), "{xml}");
     }
 
     #[test]
