@@ -19,8 +19,17 @@ use crate::output::{self, Format};
 pub(crate) const T: &str = "/api/hcp/tenant/v1";
 const VM_COLUMNS: &[&str] = &["vm_id", "name", "status", "flavor", "image", "zone", "networks.0.ipv4"];
 /// What operators see of an image.
-const OPS_IMAGE_COLUMNS: &[&str] =
-    &["name", "status", "visibility", "project_id", "os_type", "source", "backings", "size_bytes", "error_message"];
+const OPS_IMAGE_COLUMNS: &[&str] = &[
+    "name",
+    "status",
+    "visibility",
+    "project_id",
+    "os_type",
+    "source",
+    "backings",
+    "size_bytes",
+    "error_message",
+];
 const JOB_COLUMNS: &[&str] = &["job_id", "kind", "status", "vm_id", "attempts", "created_at", "error.code"];
 
 /// Flags every API command shares.
@@ -839,7 +848,8 @@ pub async fn vm(common: Common, cmd: Vm) -> anyhow::Result<()> {
             let body = json!({"image_name": image, "description": description});
             let v = c.call("POST", &format!("{vms}/{vm}:capture"), Some(&body)).await?;
             let project = c.project()?;
-            let show = (format!("/api/hcp/common/v1/images/{image}?project_id={project}"), crate::image::COLUMNS);
+            let show =
+                (format!("/api/hcp/common/v1/images/{image}?project_id={project}"), crate::image::COLUMNS);
             finish_showing(&c, out, v, wait, &["vm_id", "job_id", "image_id"], Some(show)).await?;
         }
         Vm::Snapshot(s) => {

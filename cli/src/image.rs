@@ -47,16 +47,21 @@ pub async fn image(common: Common, cmd: Image) -> anyhow::Result<()> {
             output::print(out, &v, Some("images"), COLUMNS);
         }
         Image::Show { name } => {
-            let v = c.call("GET", &format!("/api/hcp/common/v1/images/{name}?project_id={project}"), None).await?;
+            let v = c
+                .call("GET", &format!("/api/hcp/common/v1/images/{name}?project_id={project}"), None)
+                .await?;
             output::print(out, &v, None, &[COLUMNS, &["image_id", "error_message", "created_at"]].concat());
         }
         Image::Delete { name, wait } => {
             let v = c.call("DELETE", &format!("{T}/projects/{project}/images/{name}"), None).await?;
             match v["job_id"].as_str().filter(|j| !j.is_empty()) {
                 Some(job) if wait.wait => {
-                    let done =
-                        follow_path(&c, &format!("{T}/jobs/{job}"), std::time::Duration::from_secs(wait.timeout))
-                            .await?;
+                    let done = follow_path(
+                        &c,
+                        &format!("{T}/jobs/{job}"),
+                        std::time::Duration::from_secs(wait.timeout),
+                    )
+                    .await?;
                     output::print(out, &done, None, &["job_id", "kind", "status"]);
                 }
                 _ => output::print(out, &v, None, &["image_id", "job_id"]),

@@ -783,11 +783,17 @@ pub fn bounds() -> &'static [Bound] {
         }),
         Bound::range("webhooks.poll_interval_ms", 10.0, 3_600_000.0, |c| c.webhooks.poll_interval_ms as f64),
         Bound::range("webhooks.concurrency", 1.0, 1024.0, |c| f64::from(c.webhooks.concurrency)),
-        Bound::range("images.max_image_bytes", 1.0, 17_592_186_044_416.0, |c| c.images.max_image_bytes as f64),
-        Bound::range("images.download_timeout_seconds", 1.0, DAY, |c| c.images.download_timeout_seconds as f64),
+        Bound::range("images.max_image_bytes", 1.0, 17_592_186_044_416.0, |c| {
+            c.images.max_image_bytes as f64
+        }),
+        Bound::range("images.download_timeout_seconds", 1.0, DAY, |c| {
+            c.images.download_timeout_seconds as f64
+        }),
         Bound::range("images.stall_timeout_seconds", 1.0, 3600.0, |c| c.images.stall_timeout_seconds as f64),
         Bound::range("images.max_redirects", 0.0, 20.0, |c| f64::from(c.images.max_redirects)),
-        Bound::range("images.provider_timeout_seconds", 1.0, DAY, |c| c.images.provider_timeout_seconds as f64),
+        Bound::range("images.provider_timeout_seconds", 1.0, DAY, |c| {
+            c.images.provider_timeout_seconds as f64
+        }),
     ];
     BOUNDS
 }

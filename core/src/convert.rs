@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use hcp_proto::{common, ops, provider, tenant};
 
 use crate::model::{
-    AuditEvent, Capabilities, DiskFormat, ImageStatus, ImageVisibility, Flavor, Image, Job, JobStatus, Provider, ProviderTransport, Vm,
-    VmStatus, Volume, VolumeStatus, Zone,
+    AuditEvent, Capabilities, DiskFormat, Flavor, Image, ImageStatus, ImageVisibility, Job, JobStatus,
+    Provider, ProviderTransport, Vm, VmStatus, Volume, VolumeStatus, Zone,
 };
 
 /// Converts a time to a protobuf timestamp.

@@ -547,14 +547,16 @@ impl DownloadError {
     /// error); a refusal, a wrong size or a missing file will not.
     pub fn retryable(&self) -> bool {
         match self {
-            DownloadError::Egress(EgressError::Refused(_) | EgressError::Request(_) | EgressError::Redirect(_)) => {
-                false
-            }
+            DownloadError::Egress(
+                EgressError::Refused(_) | EgressError::Request(_) | EgressError::Redirect(_),
+            ) => false,
             DownloadError::Egress(_) | DownloadError::Timeout(_) | DownloadError::Stalled { .. } => true,
             DownloadError::Truncated { .. } => true,
             DownloadError::Status(s) => *s >= 500 || *s == 429 || *s == 408,
             DownloadError::Io(_) => true,
-            DownloadError::Redirects(_) | DownloadError::Location(_) | DownloadError::TooLarge { .. } => false,
+            DownloadError::Redirects(_) | DownloadError::Location(_) | DownloadError::TooLarge { .. } => {
+                false
+            }
         }
     }
 }
@@ -738,7 +740,8 @@ impl EgressClient {
     ) -> Result<Download, DownloadError> {
         use sha2::Digest;
         use tokio::io::AsyncWriteExt;
-        let mut url = self.policy.check_url(first).map_err(|e| DownloadError::Egress(EgressError::Refused(e)))?;
+        let mut url =
+            self.policy.check_url(first).map_err(|e| DownloadError::Egress(EgressError::Refused(e)))?;
         let mut redirects = 0;
         loop {
             let request = http::Request::get(url.path.as_str())
@@ -759,7 +762,10 @@ impl EgressClient {
                     .and_then(|v| v.to_str().ok())
                     .ok_or(DownloadError::Status(status))?;
                 let next = url.join(location).ok_or_else(|| DownloadError::Location(location.to_owned()))?;
-                url = self.policy.check_url(&next).map_err(|e| DownloadError::Egress(EgressError::Refused(e)))?;
+                url = self
+                    .policy
+                    .check_url(&next)
+                    .map_err(|e| DownloadError::Egress(EgressError::Refused(e)))?;
                 continue;
             }
             if status != 200 {
@@ -781,6 +787,14 @@ impl EgressClient {
                 let frame = match tokio::time::timeout(limits.stall, body.frame()).await {
                     Err(_) => return Err(DownloadError::Stalled { after: bytes, stall: limits.stall }),
                     Ok(None) => break,
+                    // A connection that ends before the announced length
+                    // is a truncated file, whatever hyper calls it.
+                    Ok(Some(Err(_))) if announced.is_some_and(|n| bytes < n) => {
+                        return Err(DownloadError::Truncated {
+                            got: bytes,
+                            announced: announced.unwrap_or(0),
+                        });
+                    }
                     Ok(Some(frame)) => frame.map_err(|e| DownloadError::Egress(EgressError::Http(e)))?,
                 };
                 let Ok(data) = frame.into_data() else { continue };

@@ -220,8 +220,9 @@ fn unpack_ova(ova: &Path, to: &Path, limit: u64) -> Result<(), ImportError> {
     };
     let file = std::fs::File::open(ova).map_err(io_err(ova))?;
     let mut archive = tar::Archive::new(file);
-    let entries =
-        archive.entries().map_err(|e| ImportError::Format(format!("the file is not an OVA (a tar archive): {e}")))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| ImportError::Format(format!("the file is not an OVA (a tar archive): {e}")))?;
     for entry in entries {
         let mut entry =
             entry.map_err(|e| ImportError::Format(format!("the file is not an OVA (a tar archive): {e}")))?;
@@ -287,7 +288,9 @@ async fn inspect(qemu_img: &Path, disk: &Path, format: DiskFormat) -> Result<u64
         let probed = run_tool(qemu_img, &info(None)).await?;
         let p: serde_json::Value = serde_json::from_slice(&probed).unwrap_or_default();
         if let Some(actual) = p.get("format").and_then(|f| f.as_str()).filter(|f| *f != "raw") {
-            return Err(ImportError::Format(format!("the import says raw, but the file is a {actual} image")));
+            return Err(ImportError::Format(format!(
+                "the import says raw, but the file is a {actual} image"
+            )));
         }
     }
     let size = v.get("virtual-size").and_then(|s| s.as_u64()).unwrap_or(0);

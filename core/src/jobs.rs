@@ -772,7 +772,13 @@ impl Engine {
         let info = |r: tonic::Response<provider::VmInfo>| {
             let info = r.into_inner();
             let host = Some(info.host).filter(|h| !h.is_empty());
-            StepOutput { native: info.native_id, power: None, interfaces: info.interfaces, host, image_bytes: None }
+            StepOutput {
+                native: info.native_id,
+                power: None,
+                interfaces: info.interfaces,
+                host,
+                image_bytes: None,
+            }
         };
         let result = match step {
             Step::Create => {

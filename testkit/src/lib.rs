@@ -16,6 +16,7 @@
 
 pub mod console;
 pub mod db;
+pub mod files;
 pub mod flows;
 pub mod nats;
 pub mod proxy;

@@ -10,9 +10,9 @@ use hcp_proto::common::{
 use super::{ApiContext, ApiResult, checked, handle, validate};
 use crate::auth::Access;
 use crate::convert;
+use crate::error::from_store;
 use crate::model::{Architecture, ImageStatus};
 use crate::store::ImageQuery;
-use crate::error::from_store;
 
 /// Implements `CatalogService`.
 #[derive(Clone)]

@@ -10,7 +10,9 @@ use std::collections::BTreeMap;
 use hcp_proto::common;
 use hcp_proto::error::{ApiError, excerpt};
 use hcp_proto::ids::ImageId;
-use hcp_proto::ops::{CreateImageRequest, ImageOperationAccepted, ImportImageRequest, SetImageBackingRequest};
+use hcp_proto::ops::{
+    CreateImageRequest, ImageOperationAccepted, ImportImageRequest, SetImageBackingRequest,
+};
 
 use super::ApiContext;
 use crate::audit::{AuditAction, AuditOutcome, Resource};
@@ -81,7 +83,11 @@ async fn providers(ctx: &ApiContext) -> Result<Vec<model::Provider>, ApiError> {
 /// without its own backing, `backings` per provider (each naming a
 /// registered provider). Neither given: the image's name, everywhere (as
 /// before backings existed).
-pub(super) async fn create(ctx: &ApiContext, p: &Principal, req: CreateImageRequest) -> Result<common::Image, ApiError> {
+pub(super) async fn create(
+    ctx: &ApiContext,
+    p: &Principal,
+    req: CreateImageRequest,
+) -> Result<common::Image, ApiError> {
     let i = req.image.ok_or_else(|| ApiError::invalid_field("image", "image is required"))?;
     let known = providers(ctx).await?;
     let mut backings = BTreeMap::new();
@@ -125,7 +131,8 @@ pub(super) async fn set_backing(
             format!("no provider {} is registered", excerpt(&req.provider)),
         ));
     }
-    let mut audit = ctx.audit(p, AuditAction::ImageBackingSet, Resource::Image(&req.name), AuditOutcome::Succeeded);
+    let mut audit =
+        ctx.audit(p, AuditAction::ImageBackingSet, Resource::Image(&req.name), AuditOutcome::Succeeded);
     audit.detail = if req.source.is_empty() {
         format!("provider {}: removed", req.provider)
     } else {
@@ -149,7 +156,10 @@ pub(super) async fn import(
     req: ImportImageRequest,
     request_id: String,
 ) -> Result<ImageOperationAccepted, ApiError> {
-    ctx.egress.policy().check_url(&req.url).map_err(|e| ApiError::invalid_field("url", format!("url {e}")))?;
+    ctx.egress
+        .policy()
+        .check_url(&req.url)
+        .map_err(|e| ApiError::invalid_field("url", format!("url {e}")))?;
     if !req.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return Err(ApiError::invalid_field("sha256", "sha256 must be 64 lower-case hex digits"));
     }
@@ -162,10 +172,9 @@ pub(super) async fn import(
         if req.providers[..i].contains(name) {
             return Err(ApiError::invalid_field(&field, format!("provider {name} is named twice")));
         }
-        let provider = known
-            .iter()
-            .find(|k| &k.name == name)
-            .ok_or_else(|| ApiError::invalid_field(&field, format!("no provider {} is registered", excerpt(name))))?;
+        let provider = known.iter().find(|k| &k.name == name).ok_or_else(|| {
+            ApiError::invalid_field(&field, format!("no provider {} is registered", excerpt(name)))
+        })?;
         if !Capability::ImageImport.of(&provider.capabilities) {
             return Err(ApiError::feature_not_supported(
                 Capability::ImageImport.flag(),
@@ -203,14 +212,22 @@ pub(super) async fn import(
     image.status = ImageStatus::Importing;
     image.sha256 = req.sha256.clone();
     image.job_id = Some(job.id);
-    let mut audit =
-        ctx.audit(p, AuditAction::Job(JobKind::ImportImage), Resource::Image(&req.name), AuditOutcome::Accepted);
+    let mut audit = ctx.audit(
+        p,
+        AuditAction::Job(JobKind::ImportImage),
+        Resource::Image(&req.name),
+        AuditOutcome::Accepted,
+    );
     audit.job_id = job.id.to_string();
     audit.detail = format!("from {} to {}", excerpt(&req.url), req.providers.join(", "));
     ctx.store.accept_image_job(&image, &job, &audit, None).await.map_err(|e| from_store(e, "image"))?;
     ctx.announce(job.id);
     tracing::info!(image = %image.name, image_id = %image.id, job_id = %job.id, "image import accepted");
-    Ok(ImageOperationAccepted { image_id: image.id.to_string(), job_id: job.id.to_string(), name: image.name })
+    Ok(ImageOperationAccepted {
+        image_id: image.id.to_string(),
+        job_id: job.id.to_string(),
+        name: image.name,
+    })
 }
 
 /// Deletes `image` (a public one for operators, a project's private one for
@@ -232,7 +249,8 @@ pub(super) async fn delete(
         &request_id,
     );
     job.image_id = Some(image.id);
-    let mut audit = ctx.audit(p, AuditAction::ImageDelete, Resource::Image(&image.name), AuditOutcome::Succeeded);
+    let mut audit =
+        ctx.audit(p, AuditAction::ImageDelete, Resource::Image(&image.name), AuditOutcome::Succeeded);
     audit.tenant_id.clone_from(&image.tenant_id);
     audit.project_id.clone_from(&image.project_id);
     let done = ctx

@@ -13,10 +13,11 @@ use hcp_proto::ops::{
     AuditChainProblem, CancelOpsJobRequest, CreateFlavorRequest, CreateImageRequest, CreateVolumeTypeRequest,
     CreateZoneRequest, DeleteFlavorRequest, DeleteFlavorResponse, DeleteImageRequest, DeleteImageResponse,
     DeleteVolumeTypeRequest, DeleteVolumeTypeResponse, DeleteZoneRequest, DeleteZoneResponse,
-    GetOpsJobRequest, GetProjectQuotaRequest, ImageOperationAccepted, ImportImageRequest, SetImageBackingRequest, GetProviderRequest, ListAuditEventsRequest,
-    ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob, ProjectQuota, Provider,
-    ProviderTls, QuotaUsage, RegisterProviderRequest, RemoveProviderRequest, RemoveProviderResponse,
-    SetProjectQuotaRequest, UpdateProjectQuotaRequest, VerifyAuditChainRequest, VerifyAuditChainResponse,
+    GetOpsJobRequest, GetProjectQuotaRequest, GetProviderRequest, ImageOperationAccepted, ImportImageRequest,
+    ListAuditEventsRequest, ListAuditEventsResponse, ListProvidersRequest, ListProvidersResponse, OpsJob,
+    ProjectQuota, Provider, ProviderTls, QuotaUsage, RegisterProviderRequest, RemoveProviderRequest,
+    RemoveProviderResponse, SetImageBackingRequest, SetProjectQuotaRequest, UpdateProjectQuotaRequest,
+    VerifyAuditChainRequest, VerifyAuditChainResponse,
 };
 
 use super::idempotency::{self, Key, idempotency_key};
@@ -470,8 +471,9 @@ impl CatalogAdminService for OpsApi {
     }
 
     async fn create_image(&self, req: tonic::Request<CreateImageRequest>) -> ApiResult<common::Image> {
-        let canonical: fn(&CreateImageRequest) -> serde_json::Value =
-            |r| with_map(r, |r| r.image.as_mut().map(|i| std::mem::take(&mut i.backings)).unwrap_or_default());
+        let canonical: fn(&CreateImageRequest) -> serde_json::Value = |r| {
+            with_map(r, |r| r.image.as_mut().map(|i| std::mem::take(&mut i.backings)).unwrap_or_default())
+        };
         self.write(req, "CreateImage", Some(canonical), |p, r| async move {
             super::images::create(&self.ctx, &p, r).await
         })

@@ -792,13 +792,10 @@ impl VmService for TenantApi {
             hcp_proto::rules::check(&r)?;
             super::images::capturable(&vm)?;
             self.check_capability(&vm, kind).await?;
-            let image = super::images::capture_image(&self.ctx, &t.scope, &vm, &r.image_name, &r.description).await?;
-            let extra = Extra {
-                require_status: Some(vm.status),
-                image: Some(image),
-                request_id,
-                ..Extra::default()
-            };
+            let image =
+                super::images::capture_image(&self.ctx, &t.scope, &vm, &r.image_name, &r.description).await?;
+            let extra =
+                Extra { require_status: Some(vm.status), image: Some(image), request_id, ..Extra::default() };
             self.accept(&p, t, kind, extra).await
         })
         .await
@@ -825,8 +822,12 @@ impl VmService for TenantApi {
             }
             hcp_proto::rules::check(&r)?;
             let what = format!("image {} in project {}", excerpt(&r.name), r.project_id);
-            let image =
-                self.ctx.store.get_image_by_name(&r.name, Some(&scope)).await.map_err(|e| from_store(e, &what))?;
+            let image = self
+                .ctx
+                .store
+                .get_image_by_name(&r.name, Some(&scope))
+                .await
+                .map_err(|e| from_store(e, &what))?;
             // A public image is the operators' to delete.
             if image.visibility != model::ImageVisibility::Private {
                 return Err(ApiError::not_found("private image", &what));

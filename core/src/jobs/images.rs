@@ -35,7 +35,10 @@ impl Engine {
         match (&job.kind, &job.params) {
             (JobKind::ImportImage, JobParams::ImportImage { url, sha256, format, providers }) => {
                 let Some(format) = ImportFormat::parse(format) else {
-                    return Ok(Attempt::failed(ErrorCode::Internal, format!("unknown import format {format}")));
+                    return Ok(Attempt::failed(
+                        ErrorCode::Internal,
+                        format!("unknown import format {format}"),
+                    ));
                 };
                 let r = self.import(job, &image, url, sha256, format, providers, &cancel).await;
                 if let Ok(attempt) = &r
@@ -47,7 +50,10 @@ impl Engine {
                 r
             }
             (JobKind::DeleteImage, _) => self.unstore_all(job, &image, &cancel).await,
-            _ => Ok(Attempt::failed(ErrorCode::Internal, format!("{} job with params {:?}", job.kind, job.params))),
+            _ => Ok(Attempt::failed(
+                ErrorCode::Internal,
+                format!("{} job with params {:?}", job.kind, job.params),
+            )),
         }
     }
 
@@ -126,7 +132,10 @@ impl Engine {
                     let info = info.into_inner();
                     tracing::info!(provider = %name, format = %target, bytes = ready.size_bytes,
                         elapsed_ms = started.elapsed().as_millis() as u64, "image stored");
-                    self.store.record_image_backing(image.id, name, &info.source).await.map_err(Abort::Store)?;
+                    self.store
+                        .record_image_backing(image.id, name, &info.source)
+                        .await
+                        .map_err(Abort::Store)?;
                     stored_bytes = stored_bytes.max(ready.size_bytes);
                 }
                 Err(status) => {
@@ -151,7 +160,11 @@ impl Engine {
         };
         let message = hcp_telemetry::error_chain(e);
         tracing::info!(%message, retryable = e.retryable(), "image import could not get its image ready");
-        self.failure_outcome(job, Step::ImageImport, ProviderCallError { code, retryable: e.retryable(), message })
+        self.failure_outcome(
+            job,
+            Step::ImageImport,
+            ProviderCallError { code, retryable: e.retryable(), message },
+        )
     }
 
     /// Asks each of `providers` to remove the image (whatever an attempt
@@ -187,9 +200,10 @@ impl Engine {
                 });
             }
         };
-        let mut compute = self.clients.compute_for(&provider, self.images.provider_timeout()).map_err(|e| {
-            ProviderCallError { code: e.code, retryable: false, message: e.message }
-        })?;
+        let mut compute = self
+            .clients
+            .compute_for(&provider, self.images.provider_timeout())
+            .map_err(|e| ProviderCallError { code: e.code, retryable: false, message: e.message })?;
         compute
             .delete_image(req(provider::DeleteImageRequest {
                 image_id: image.id.to_string(),

@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use hcp_domain::lifecycle::image::{ImageRefusal, accept_image_delete};
 use hcp_domain::lifecycle::JobParams;
+use hcp_domain::lifecycle::image::{ImageRefusal, accept_image_delete};
 use hcp_domain::model::{
     Architecture, AuditEvent, Image, ImageBacking, ImageStatus, ImageVisibility, Job, Scope, VmStatus,
 };
@@ -119,14 +119,16 @@ macro_rules! insert_image {
         .await
         .map_err(|e| $crate::StoreError::from_sqlx(e, &format!("image {}", i.name)))?;
         for (provider, b) in &i.backings {
-            sqlx::query("INSERT INTO image_backings (image_id, provider, source, stored) VALUES ($1, $2, $3, $4)")
-                .bind(i.id.0)
-                .bind(provider)
-                .bind(&b.source)
-                .bind(b.stored)
-                .execute(&mut *$tx)
-                .await
-                .map_err(|e| $crate::StoreError::from_sqlx(e, "image backing"))?;
+            sqlx::query(
+                "INSERT INTO image_backings (image_id, provider, source, stored) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(i.id.0)
+            .bind(provider)
+            .bind(&b.source)
+            .bind(b.stored)
+            .execute(&mut *$tx)
+            .await
+            .map_err(|e| $crate::StoreError::from_sqlx(e, "image backing"))?;
         }
     }};
 }
@@ -197,11 +199,13 @@ macro_rules! fill_backings {
         let images: &mut [Image] = $images;
         let rows = match images {
             [] => Vec::new(),
-            [one] => sqlx::query("SELECT image_id, provider, source, stored FROM image_backings WHERE image_id = $1")
-                .bind(one.id.0)
-                .fetch_all($conn)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "image backings"))?,
+            [one] => sqlx::query(
+                "SELECT image_id, provider, source, stored FROM image_backings WHERE image_id = $1",
+            )
+            .bind(one.id.0)
+            .fetch_all($conn)
+            .await
+            .map_err(|e| StoreError::from_sqlx(e, "image backings"))?,
             _ => sqlx::query("SELECT image_id, provider, source, stored FROM image_backings")
                 .fetch_all($conn)
                 .await
@@ -296,12 +300,13 @@ impl super::Store {
     /// One image by id.
     pub async fn get_image(&self, id: ImageId) -> StoreResult<Image> {
         on_pool!(self, |pool| {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {IMAGE_COLUMNS} FROM images WHERE id = $1")))
-                .bind(id.0)
-                .fetch_optional(pool)
-                .await
-                .map_err(|e| StoreError::from_sqlx(e, "image"))?
-                .ok_or(StoreError::NotFound)?;
+            let row =
+                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {IMAGE_COLUMNS} FROM images WHERE id = $1")))
+                    .bind(id.0)
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(|e| StoreError::from_sqlx(e, "image"))?
+                    .ok_or(StoreError::NotFound)?;
             let mut one = [image_from_row!(&row)];
             fill_backings!(pool, &mut one);
             let [image] = one;
@@ -403,7 +408,12 @@ impl super::Store {
     /// is not deleted uses it (Conflict); removed at once when no provider
     /// stored it, else DELETING under `job` (built for it by the caller,
     /// its params filled in here).
-    pub async fn delete_image(&self, id: ImageId, job: &Job, audit: &AuditEvent) -> StoreResult<ImageDeletion> {
+    pub async fn delete_image(
+        &self,
+        id: ImageId,
+        job: &Job,
+        audit: &AuditEvent,
+    ) -> StoreResult<ImageDeletion> {
         let outbox = self.outbox;
         let backend = self.kind();
         let done = on_pool!(transaction self, |tx| {

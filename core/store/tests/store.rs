@@ -537,10 +537,7 @@ async fn catalog_rules(backend: Backend) {
         store.delete_flavor("small", &audit("flavor.delete", "small")).await,
         Err(StoreError::Conflict(_))
     ));
-    assert!(matches!(
-        delete_image_named(&store, "img").await,
-        Err(StoreError::Conflict(_))
-    ));
+    assert!(matches!(delete_image_named(&store, "img").await, Err(StoreError::Conflict(_))));
     assert!(matches!(
         store.delete_flavor("nope", &audit("flavor.delete", "nope")).await,
         Err(StoreError::NotFound)

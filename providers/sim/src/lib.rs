@@ -237,6 +237,8 @@ struct State {
     ssh_keys: HashMap<String, String>,
     /// Image id -> image.
     images: BTreeMap<String, sim::SimImage>,
+    /// The image source each VM was created from (its spec's).
+    image_sources: HashMap<String, String>,
 }
 
 impl State {
@@ -495,6 +497,8 @@ impl Sim {
                 if !spec.ssh_authorized_keys.is_empty() {
                     s.ssh_keys.insert(req.vm_id.clone(), spec.ssh_authorized_keys.join("\n"));
                 }
+                let source = spec.image.as_ref().map(|i| i.source.clone()).unwrap_or_default();
+                s.image_sources.insert(req.vm_id.clone(), source);
                 let info = Self::info_of(&req.vm_id, &vm);
                 s.vms.insert(req.vm_id.clone(), vm);
                 Ok(info)
@@ -1153,6 +1157,7 @@ impl SimControl for Control {
             volume_count: s.volumes.len() as u32,
             ssh_authorized_keys: s.ssh_keys.clone(),
             images: s.images.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            image_sources: s.image_sources.clone(),
             credential_keys: {
                 let mut keys: Vec<String> = s.credentials.iter().flat_map(|c| c.keys().cloned()).collect();
                 keys.sort();

@@ -289,7 +289,10 @@ impl TenantApi {
             let where_ = zone.map(|z| format!("zone {z}")).unwrap_or_else(|| "any zone".to_owned());
             return Err(ApiError::invalid_field(
                 "image",
-                format!("image {} is not available in {where_} (on no provider that could take the vm)", image.name),
+                format!(
+                    "image {} is not available in {where_} (on no provider that could take the vm)",
+                    image.name
+                ),
             ));
         }
         if let Some(h) = &held {
