@@ -17,6 +17,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const HCP: &str = env!("CARGO_BIN_EXE_hcp");
 const VMS: &str = "/api/hcp/tenant/v1/projects/demo/vms";
 const WAIT: Duration = Duration::from_secs(60);
+/// The image share as the Hyper-V host sees it.
+const SHARE_HOST: &str = "\\\\files\\images";
 
 struct Hv {
     s: TestStack,
@@ -26,13 +28,19 @@ struct Hv {
 
 impl Hv {
     async fn start() -> Self {
-        let mut s = TestStack::start(Path::new(HCP), StackOptions::default()).await.expect("stack starts");
+        // Image imports from the test's file server on loopback.
+        let opts =
+            StackOptions { core_toml: hcp_testkit::flows::LOOPBACK_EGRESS.to_owned(), ..Default::default() };
+        let mut s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
         let sim_exe = workspace_bin(Path::new(HCP), "hcp-hyperv-sim").unwrap();
         let provider_exe = workspace_bin(Path::new(HCP), "hcp-provider-hyperv").unwrap();
         let dir = s.dir().to_owned();
         let disks = dir.join("hyperv-disks");
         std::fs::create_dir_all(&disks).unwrap();
         std::fs::write(disks.join("debian-12.vhdx"), vec![0u8; 4096]).unwrap();
+        // The image share: a directory here, `\\files\images` to the host.
+        let share = dir.join("image-share");
+        std::fs::create_dir_all(&share).unwrap();
         let cert = dir.join("hyperv.pem");
         let addr = s
             .start_program(
@@ -49,6 +57,8 @@ impl Hv {
                     "External".into(),
                     "--disk-dir".into(),
                     disks.display().to_string(),
+                    "--share".into(),
+                    format!("{SHARE_HOST}={}", share.display()),
                 ],
                 &[],
             )
@@ -62,6 +72,7 @@ impl Hv {
             &config,
             format!(
                 "url = \"https://{addr}/wsman\"\nvm_dir = 'C:\\Hyper-V\\hcp'\nvm_dir_local = \"{disks}\"\n\
+                 image_share = \"{share}\"\nimage_share_host_path = '{SHARE_HOST}'\n\
                  [images]\n\"debian-12-genericcloud\" = 'C:\\Hyper-V\\hcp\\debian-12.vhdx'\n\
                  [cloud_init]\nlocal_dir = \"{disks}\"\nhost_dir = 'C:\\Hyper-V\\hcp'\n\
                  [tls]\nca_file = \"{cert}\"\n\
@@ -69,6 +80,7 @@ impl Hv {
                  [vmconnect]\nport = {port}\n",
                 port = vmconnect.port(),
                 disks = disks.display(),
+                share = share.display(),
                 cert = cert.display(),
             ),
         )
@@ -268,6 +280,41 @@ async fn a_vm_lives_and_dies_on_hyperv() {
         "{host}"
     );
     hv.operate(&bare, "delete", json!({}), "DELETED").await;
+    hv.assert_no_violations().await;
+}
+
+/// An image imported through HCP from a URL is converted to VHDX by core,
+/// written by the provider to the image share and checked by the host; a
+/// VM is made on it, and deleting the image removes the file from the
+/// share.
+#[tokio::test]
+async fn an_image_imported_through_hcp_makes_a_vm_on_hyperv() {
+    let hv = Hv::start().await;
+    let qcow2 = hcp_testkit::flows::small_qcow2().unwrap();
+    let files = hcp_testkit::files::FileServer::start(vec![(
+        "/small.qcow2",
+        hcp_testkit::files::Serve::File(qcow2.clone()),
+    )])
+    .await
+    .unwrap();
+    let url = files.url("/small.qcow2");
+    let vm = json!({"networks": [{"network": "default"}], "user_data": "#cloud-config\n"});
+    let backing = hcp_testkit::flows::image_imported_and_used(
+        &hv.s.rest,
+        &hv.s.ops_token(),
+        &hv.tenant,
+        ("small", &url, &qcow2, "qcow2"),
+        "hv-1",
+        "hv",
+        &vm,
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert!(backing.starts_with(SHARE_HOST) && backing.ends_with(".vhdx"), "{backing}");
+    let share = hv.s.dir().join("image-share");
+    let left: Vec<_> = std::fs::read_dir(&share).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "the image share still holds {left:?}");
     hv.assert_no_violations().await;
 }
 

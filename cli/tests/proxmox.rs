@@ -58,7 +58,12 @@ async fn pve_stack(task_ms: u64, jobs_toml: &str) -> Pve {
 /// As [`pve_stack`], with more flags for the simulator and more keys for
 /// the provider's configuration.
 async fn pve_stack_with(task_ms: u64, jobs_toml: &str, sim_args: &[&str], provider_toml: &str) -> Pve {
-    let opts = StackOptions { jobs_toml: jobs_toml.to_owned(), ..Default::default() };
+    let opts = StackOptions {
+        jobs_toml: jobs_toml.to_owned(),
+        // Image imports from the test's file server on loopback.
+        core_toml: hcp_testkit::flows::LOOPBACK_EGRESS.to_owned(),
+        ..Default::default()
+    };
     let mut s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
     let sim_exe = workspace_bin(Path::new(HCP), "hcp-proxmox-sim").unwrap();
     let provider_exe = workspace_bin(Path::new(HCP), "hcp-provider-proxmox").unwrap();
@@ -486,6 +491,49 @@ async fn a_running_vm_moves_between_proxmox_nodes_and_keeps_running() {
     assert!(bad.is_empty(), "schema violations: {bad:#?}");
     let moves = requests.iter().filter(|r| r["path"].as_str().unwrap().ends_with("/migrate")).count();
     assert_eq!(moves, 2, "one move at create, one live");
+}
+
+/// An image imported through HCP from a URL lands on the PVE simulator as
+/// a template (uploaded with content `import`, then made a template), a VM
+/// is cloned from it, and deleting the image removes the template; every
+/// request valid against the schema.
+#[tokio::test]
+async fn an_image_imported_through_hcp_makes_a_vm_on_proxmox() {
+    if !hcp_proxmox_sim::schema::present_or_skip("an_image_imported_through_hcp_makes_a_vm_on_proxmox") {
+        return;
+    }
+    let Pve { s, control, .. } = pve_stack_with(20, "", &[], "image_storage = \"local\"\n").await;
+    let qcow2 = hcp_testkit::flows::small_qcow2().unwrap();
+    let files = hcp_testkit::files::FileServer::start(vec![(
+        "/small.qcow2",
+        hcp_testkit::files::Serve::File(qcow2.clone()),
+    )])
+    .await
+    .unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    let url = files.url("/small.qcow2");
+    let backing = hcp_testkit::flows::image_imported_and_used(
+        &s.rest,
+        &s.ops_token(),
+        &t,
+        ("small", &url, &qcow2, "qcow2"),
+        "pve-1",
+        "pve",
+        &json!({"networks": [{"network": "default"}]}),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert!(backing.starts_with("hcp-image-"), "{backing}");
+    let sim = Rest::new(format!("http://{control}"));
+    let requests = sim.get("/_sim/requests", "").await.unwrap().body;
+    let requests = requests.as_array().cloned().unwrap_or_default();
+    assert!(
+        requests.iter().any(|r| r["path"].as_str().is_some_and(|p| p.ends_with("/storage/local/upload"))),
+        "the image was uploaded to the storage: {requests:#?}"
+    );
+    let bad: Vec<&Value> = requests.iter().filter(|r| r["violations"] != json!({})).collect();
+    assert!(bad.is_empty(), "schema violations: {bad:#?}");
 }
 
 /// Issue 28's flow through HCP on the PVE simulator: a volume outlives its

@@ -36,7 +36,12 @@ impl Vc {
         let login =
             VcsimOptions { login: Some(("hcp@vsphere.local".into(), "s3cret".into())), ..Default::default() };
         let sim = Vcsim::start(login).await.expect("vcsim starts");
-        let opts = StackOptions { jobs_toml: jobs_toml.to_owned(), ..Default::default() };
+        let opts = StackOptions {
+            jobs_toml: jobs_toml.to_owned(),
+            // Image imports from the test's file server on loopback.
+            core_toml: hcp_testkit::flows::LOOPBACK_EGRESS.to_owned(),
+            ..Default::default()
+        };
         let mut s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
         let exe = workspace_bin(Path::new(HCP), "hcp-provider-vsphere").unwrap();
         let config = s.dir().join("vsphere.toml");
@@ -283,6 +288,36 @@ async fn a_vm_moves_between_vcenter_hosts() {
     p.list_hosts().await.unwrap();
     assert_eq!(p.get_vm(&vm).await.unwrap().host, target);
     vc.operate(&vm, "delete", json!({}), "DELETED").await;
+}
+
+/// An image imported through HCP from a URL is converted by core to a
+/// streamOptimized VMDK, imported into vcsim as an OVF (ImportVApp with an
+/// NFC lease) and made a template; a VM is cloned from it, and deleting the
+/// image destroys the template.
+#[tokio::test]
+async fn an_image_imported_through_hcp_makes_a_vm_on_vsphere() {
+    let Some(vc) = Vc::start("").await else { return };
+    let qcow2 = hcp_testkit::flows::small_qcow2().unwrap();
+    let files = hcp_testkit::files::FileServer::start(vec![(
+        "/small.qcow2",
+        hcp_testkit::files::Serve::File(qcow2.clone()),
+    )])
+    .await
+    .unwrap();
+    let url = files.url("/small.qcow2");
+    let backing = hcp_testkit::flows::image_imported_and_used(
+        &vc.s.rest,
+        &vc.ops,
+        &vc.tenant,
+        ("small", &url, &qcow2, "qcow2"),
+        "vc-1",
+        "vc",
+        &json!({"networks": [{"network": "default"}]}),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert!(backing.contains("hcp-image-"), "{backing}");
 }
 
 /// Issue 28's flow through HCP on vcsim: a volume outlives its VM and goes

@@ -106,3 +106,87 @@ pub async fn volume_outlives_its_vm(
     accepted(delete(format!("{T}/volumes/{boot_id}")).await?, "boot volume delete".into()).await?;
     Ok(())
 }
+
+/// Core's `[egress]` for tests that import from a file server on loopback
+/// (`crate::files`): plain http, and 127.0.0.0/8 opted in.
+pub const LOOPBACK_EGRESS: &str = "[egress]\nallow_http = true\nallow_networks = [\"127.0.0.0/8\"]\n";
+
+/// A small qcow2 disk made by qemu-img (64 MiB of virtual size), its bytes.
+pub fn small_qcow2() -> anyhow::Result<Vec<u8>> {
+    let dir = crate::TempDir::new()?;
+    let path = dir.path().join("small.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&path)
+        .arg("64M")
+        .output()
+        .context("qemu-img runs")?;
+    ensure!(out.status.success(), "qemu-img create: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(std::fs::read(path)?)
+}
+
+/// Imports `bytes` (a `format` file served at `url`) as image `name` onto
+/// provider `provider` through the ops API, waits for the job, and checks
+/// the image is AVAILABLE with a backing on the provider and no other;
+/// then creates a VM of `zone` from it (`vm` holds what the test bed's VMs
+/// need besides name, flavor, image and zone), waits for it to be ACTIVE,
+/// and deletes the VM and the image (the provider's copy with it).
+/// Returns the backing the provider answered.
+#[allow(clippy::too_many_arguments)]
+pub async fn image_imported_and_used(
+    rest: &Rest,
+    ops: &str,
+    tenant: &str,
+    (name, url, bytes, format): (&str, &str, &[u8], &str),
+    provider: &str,
+    zone: &str,
+    vm: &Value,
+    wait: Duration,
+) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let sum = format!("{:x}", sha2::Sha256::digest(bytes));
+    let r = rest
+        .post(
+            "/api/hcp/ops/v1/images:import",
+            ops,
+            &json!({"name": name, "url": url, "sha256": sum, "format": format, "providers": [provider]}),
+        )
+        .await?;
+    ensure!(r.status == 202, "import: {} {}", r.status, r.body);
+    let job = r.str("job_id");
+    let done = crate::wait_until(wait, &format!("import job {job}"), || async {
+        let j = rest.get(&format!("/api/hcp/ops/v1/jobs/{job}"), ops).await?;
+        Ok(["SUCCEEDED", "FAILED", "CANCELLED"].contains(&j.str("status").as_str()).then_some(j.body))
+    })
+    .await?;
+    ensure!(done["status"] == "SUCCEEDED", "import: {done}");
+    let image = rest.get(&format!("/api/hcp/common/v1/images/{name}"), ops).await?.body;
+    ensure!(image["status"] == "AVAILABLE", "image: {image}");
+    let backings = image["backings"].as_object().context("backings")?;
+    ensure!(backings.len() == 1, "one backing: {image}");
+    let backing =
+        backings.get(provider).and_then(|b| b.as_str()).context("the provider's backing")?.to_owned();
+    let mut body = vm.clone();
+    body["name"] = json!(format!("{name}-vm"));
+    body["flavor"] = json!("small");
+    body["image"] = json!(name);
+    body["zone"] = json!(zone);
+    let r = rest.post(&format!("{T}/vms"), tenant, &body).await?;
+    ensure!(r.status == 202, "create: {} {}", r.status, r.body);
+    let vm_id = r.str("vm_id");
+    let j = rest.finished_job(tenant, &r.str("job_id"), wait).await?;
+    ensure!(j["status"] == "SUCCEEDED", "create from the image: {j}");
+    let r = rest.delete(&format!("{T}/vms/{vm_id}"), tenant).await?;
+    let j = rest.finished_job(tenant, &r.str("job_id"), wait).await?;
+    ensure!(j["status"] == "SUCCEEDED", "delete: {j}");
+    let r = rest.delete(&format!("/api/hcp/ops/v1/images/{name}"), ops).await?;
+    ensure!(r.status == 200, "image delete: {} {}", r.status, r.body);
+    let job = r.body["job_id"].as_str().context("a job removes the stored image")?.to_owned();
+    let done = crate::wait_until(wait, &format!("image delete job {job}"), || async {
+        let j = rest.get(&format!("/api/hcp/ops/v1/jobs/{job}"), ops).await?;
+        Ok(["SUCCEEDED", "FAILED", "CANCELLED"].contains(&j.str("status").as_str()).then_some(j.body))
+    })
+    .await?;
+    ensure!(done["status"] == "SUCCEEDED", "image delete: {done}");
+    Ok(backing)
+}
