@@ -149,6 +149,21 @@ fn baseline(op: &str, s: &Seed) -> Option<Base> {
         "opsDeleteFlavor" => base(&[("name", "f-del")], None),
         "opsCreateImage" => prefixed(&[], "image", json!({"name": "i-b", "source": "base"})),
         "opsDeleteImage" => base(&[("name", "i-del")], None),
+        "opsSetImageBacking" => base(
+            &[("name", "debian-12"), ("provider", "sim-1")],
+            Some(json!({"source": "debian-12-genericcloud"})),
+        ),
+        // Accepted, or refused for what it means (the provider may not
+        // store imports): never by a rule.
+        "opsImportImage" => base(
+            &[],
+            Some(json!({"name": "imp-b", "url": "https://images.example/x.qcow2", "sha256": "0".repeat(64),
+                        "format": "qcow2", "providers": ["sim-1"]})),
+        ),
+        // No private image has this name: a 404 says the request passed
+        // its rules.
+        "deleteImage" => base(&[("project_id", "demo"), ("name", "no-such-image")], None),
+        "captureVm" => base(&demo_vm, Some(json!({"image_name": "cap-b"}))),
         "opsGetJob" | "getJob" | "watchJob" => base(&[("job_id", &s.job)], None),
         "cancelJob" | "opsCancelJob" => base(&[("job_id", &s.job)], empty()),
         // Parameters that are not in the path go in the query.
