@@ -553,3 +553,43 @@ async fn people_manage_webhooks_with_the_hcp_command() {
     assert!(cli.json(&["webhook", "list"]).await["webhooks"].as_array().is_none_or(|a| a.is_empty()));
     drop(hold);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn people_capture_and_manage_images_with_the_hcp_command() {
+    let defaults = StackOptions::default();
+    let opts = StackOptions {
+        sim_capabilities: format!("{},image_import,capture", defaults.sim_capabilities),
+        ..defaults
+    };
+    let s = TestStack::start(Path::new(HCP), opts).await.expect("stack starts");
+    let token = s.tenant_token("acme", &["demo"]);
+    let cli = Cli::for_stack(&s, &token);
+    let ops = Cli::for_stack(&s, &s.ops_token());
+    cli.ok(&["vm", "create", "src", "--flavor", "small", "--image", "debian-12", "--wait"]).await;
+    cli.ok(&["vm", "stop", "src", "--force", "--wait"]).await;
+    let image = cli.json(&["vm", "capture", "src", "--image", "golden", "--wait"]).await;
+    assert_eq!(
+        (image["status"].as_str(), image["visibility"].as_str()),
+        (Some("AVAILABLE"), Some("PRIVATE")),
+        "{image}"
+    );
+    let table = cli.ok(&["image", "list"]).await;
+    assert!(table.contains("golden") && table.contains("debian-12"), "{table}");
+    // Operators see every project's images with their backings.
+    let all = ops.json(&["ops", "image", "list"]).await;
+    let golden = all["images"].as_array().unwrap().iter().find(|i| i["name"] == "golden").unwrap().clone();
+    assert_eq!(golden["project_id"], "demo", "{golden}");
+    assert!(golden["backings"]["sim-1"].as_str().unwrap().starts_with("sim-image-"), "{golden}");
+    // An operator's image with a backing per provider, then another backing.
+    let created = ops
+        .json(&["ops", "image", "create", "multi", "--backing", "sim-1=tpl-a", "--os-version", "12"])
+        .await;
+    assert_eq!(created["backings"]["sim-1"], "tpl-a", "{created}");
+    let out = ops.run(&["ops", "image", "backing", "multi", "--provider", "nobody", "--source", "x"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INVALID_ARGUMENT") && err.contains("provider"), "{err}");
+    // Deleting the private image: a job removes it from the provider.
+    cli.ok(&["image", "delete", "golden", "--wait"]).await;
+    let table = cli.ok(&["image", "list"]).await;
+    assert!(!table.contains("golden"), "{table}");
+}
