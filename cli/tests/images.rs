@@ -343,6 +343,35 @@ async fn a_tenant_captures_a_stopped_vm_into_a_private_image() {
     let r = s.rest.post(&format!("{vms}/{vm}:capture"), &tenant, &capture("debian-12")).await.unwrap();
     assert_eq!((r.status, r.body["details"]["field"].clone()), (409, json!("image_name")), "{}", r.body);
 
+    // A capture whose provider fails after making the image (its answer
+    // lost, not retryable): the job FAILED, the image ERROR, the VM as it
+    // was, and nothing left on the provider.
+    let mut sim = hcp_proto::sim::sim_control_client::SimControlClient::new(s.sim_channel().await.unwrap());
+    let fault = hcp_proto::sim::Fault {
+        operation: "CaptureImage".into(),
+        code: "INVALID_ARGUMENT".into(),
+        count: 1,
+        message: "the disk is unreadable".into(),
+        after_effect: true,
+    };
+    sim.inject_fault(hcp_proto::sim::InjectFaultRequest { fault: Some(fault) }).await.unwrap();
+    let r = s.rest.post(&format!("{vms}/{vm}:capture"), &tenant, &capture("broken")).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let broken = r.str("image_id");
+    let done = s.rest.finished_job(&tenant, &r.str("job_id"), Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done["status"], "FAILED", "{done}");
+    let image = s.rest.get(&format!("{IMAGES}/broken?project_id=demo"), &tenant).await.unwrap().body;
+    assert_eq!(image["status"], "ERROR", "{image}");
+    assert!(!s.sim_stats().await.unwrap().images.contains_key(&broken), "the failed capture is left");
+    assert_eq!(s.rest.get(&format!("{vms}/{vm}"), &tenant).await.unwrap().body["status"], "STOPPED");
+    let r = s.rest.delete(&format!("/api/hcp/tenant/v1/projects/demo/images/broken"), &tenant).await.unwrap();
+    assert_eq!(
+        (r.status, r.body["job_id"].clone()),
+        (202, json!("")),
+        "nothing stored: gone at once: {}",
+        r.body
+    );
+
     // The capture: a private image of the project, on the VM's provider.
     let r = s.rest.post(&format!("{vms}/{vm}:capture"), &tenant, &capture("golden")).await.unwrap();
     assert_eq!(r.status, 202, "{}", r.body);

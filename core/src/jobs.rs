@@ -575,6 +575,19 @@ impl Engine {
         if job.kind.is_image_job() {
             return self.run_image_steps(job, cancel).await;
         }
+        let attempt = self.run_vm_steps(job, cancel).await;
+        if let (crate::model::JobKind::CaptureVm, Ok(a)) = (job.kind, &attempt)
+            && matches!(a.outcome, Outcome::Failed(_) | Outcome::Interrupted(_))
+        {
+            // A capture that ends without its image leaves nothing of it
+            // on the provider.
+            self.unstore_capture(job).await;
+        }
+        attempt
+    }
+
+    /// Runs a VM job's steps against the VM's provider.
+    async fn run_vm_steps(&self, job: &Job, cancel: watch::Receiver<bool>) -> Result<Attempt, Abort> {
         let Some(vm_id) = job.vm_id else {
             return Ok(Attempt::failed(ErrorCode::Internal, format!("{} job without a vm", job.kind)));
         };

@@ -186,6 +186,23 @@ impl Engine {
         }
     }
 
+    /// Removes what a capture that failed may have left on its VM's
+    /// provider (best effort: the image is ERROR, and deleting it tries
+    /// again where a backing was recorded).
+    pub(super) async fn unstore_capture(&self, job: &Job) {
+        let (Some(image_id), Some(vm_id)) = (job.image_id, job.vm_id) else { return };
+        let (image, vm) =
+            match (self.store.get_image(image_id).await, self.store.get_vm_internal(vm_id).await) {
+                (Ok(i), Ok(v)) => (i, v),
+                _ => return,
+            };
+        let provider = match self.store.provider_cached(vm.provider_id).await {
+            Ok(p) => p.name,
+            Err(_) => return,
+        };
+        self.unstore(&image, &[provider]).await;
+    }
+
     /// DeleteImage on provider `name`; whether it existed.
     async fn delete_on(&self, image: &Image, name: &str, source: &str) -> Result<bool, ProviderCallError> {
         let provider = match self.provider_named(name).await {
