@@ -364,7 +364,7 @@ async fn a_tenant_captures_a_stopped_vm_into_a_private_image() {
     assert_eq!(image["status"], "ERROR", "{image}");
     assert!(!s.sim_stats().await.unwrap().images.contains_key(&broken), "the failed capture is left");
     assert_eq!(s.rest.get(&format!("{vms}/{vm}"), &tenant).await.unwrap().body["status"], "STOPPED");
-    let r = s.rest.delete(&format!("/api/hcp/tenant/v1/projects/demo/images/broken"), &tenant).await.unwrap();
+    let r = s.rest.delete("/api/hcp/tenant/v1/projects/demo/images/broken", &tenant).await.unwrap();
     assert_eq!(
         (r.status, r.body["job_id"].clone()),
         (202, json!("")),
