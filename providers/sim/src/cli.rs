@@ -19,10 +19,10 @@ struct Args {
     /// snapshot_running, live_migration, console_vnc, console_spice,
     /// console_rdp, console_serial, console_log, gpu_passthrough, resize, hot_resize,
     /// cold_migration, volumes, hot_attach, volume_extend_in_use,
-    /// volumes_host_local, max_volumes_per_vm=N).
+    /// volumes_host_local, image_import, capture, max_volumes_per_vm=N).
     #[arg(
         long,
-        default_value = "cloud_init,snapshot,snapshot_running,console_vnc,console_serial,console_log,resize,hot_resize,live_migration,cold_migration,volumes,hot_attach,volume_extend_in_use"
+        default_value = "cloud_init,snapshot,snapshot_running,console_vnc,console_serial,console_log,resize,hot_resize,live_migration,cold_migration,volumes,hot_attach,volume_extend_in_use,image_import,capture"
     )]
     capabilities: String,
     /// Data volume slots per VM (max_volumes_per_vm) when volumes are on;
