@@ -20,8 +20,7 @@ const WAIT: Duration = Duration::from_secs(30);
 const T: &str = "/api/hcp/tenant/v1/projects/demo";
 const O: &str = "/api/hcp/ops/v1";
 /// Every capability the sim has.
-const ALL: &str =
-    "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize,live_migration,cold_migration";
+const ALL: &str = "cloud_init,snapshot,snapshot_running,console_vnc,resize,hot_resize,live_migration,cold_migration,image_import,capture";
 /// An id no resource has.
 const NOBODY: &str = "01890000-0000-7000-8000-000000000000";
 
@@ -424,6 +423,27 @@ async fn every_mutating_operation_replays_by_its_key() {
         call("POST", format!("{O}/vms/{}:force-delete", doomed[1]), Some(json!({"reason": reason})))
     };
     contract(&s, &ops, "o23", fd("host gone"), fd("rack gone"), 200).await;
+
+    // Images: an operator's import and a tenant's capture replay too.
+    let import = |name: &str| {
+        let body = json!({"name": name, "url": "https://images.example/r.qcow2", "sha256": "a".repeat(64),
+                          "format": "qcow2", "providers": ["sim-1"]});
+        call("POST", format!("{O}/images:import"), Some(body))
+    };
+    let r = contract(&s, &ops, "o24", import("imp-r"), import("imp-x"), 202).await;
+    assert!(!r.str("image_id").is_empty(), "{}", r.body);
+    let body = json!({"name": "cap-src", "flavor": "small", "image": "debian-12", "zone": "zone-1"});
+    let r = s.rest.post(&format!("{T}/vms"), &t, &body).await.unwrap();
+    job_done(&s, &t, &r).await;
+    let src = r.str("vm_id");
+    // The stop fault injected above is lifted.
+    sim.clear(hcp_proto::sim::ClearRequest {}).await.unwrap();
+    let r = s.rest.post(&format!("{T}/vms/{src}:stop"), &t, &json!({"force": true})).await.unwrap();
+    job_done(&s, &t, &r).await;
+    let capture =
+        |name: &str| call("POST", format!("{T}/vms/{src}:capture"), Some(json!({"image_name": name})));
+    let r = contract(&s, &t, "t20", capture("cap-r"), capture("cap-x"), 202).await;
+    job_done(&s, &t, &r).await;
 
     // Ops deletes, last: what the rest used.
     contract(
