@@ -11,7 +11,7 @@
 //! raw file that happens to start like a qcow2 header is not read as one.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -240,8 +240,6 @@ fn unpack_ova(ova: &Path, to: &Path, limit: u64) -> Result<(), ImportError> {
     }
     Err(ImportError::Format("the OVA holds no .vmdk disk".into()))
 }
-
-use std::io::Read as _;
 
 /// Checks `disk` is a `format` image HCP may use and returns its virtual
 /// size: qemu-img reads it as `format` (never guessing), and a file whose
