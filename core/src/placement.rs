@@ -263,12 +263,25 @@ fn rank(slots: Vec<Slot<'_>>, req: &Request<'_>) -> Result<Vec<Choice>, ApiError
             }
         });
     }
+    // A host that is down may come back: retry later (503). Hosts an
+    // operator took out of service (drained, in maintenance) are a state
+    // of the fleet, not an outage: a conflict saying so.
+    let any_down = slots.iter().any(|s| s.host.is_some_and(|h| h.state == HostState::Down));
     slots.retain(|s| s.host.is_none_or(|h| h.state == HostState::Up && h.drain == Drain::InService));
     if slots.is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::ProviderUnavailable,
-            "no host in service can take the vm (hosts are down, in maintenance or drained); retry later",
-        ));
+        return Err(if any_down {
+            ApiError::new(
+                ErrorCode::ProviderUnavailable,
+                "no host in service can take the vm (hosts are down); retry later",
+            )
+            .with_detail(crate::error::DETAIL_RETRY_AFTER, "30")
+        } else {
+            ApiError::new(
+                ErrorCode::Conflict,
+                "no host in service can take the vm (its hosts are drained or in maintenance)",
+            )
+            .with_detail("reason", "no_host_in_service")
+        });
     }
     slots.retain(|s| s.has_room(req.vcpus, req.memory_mib));
     if slots.is_empty() {
@@ -425,8 +438,17 @@ mod tests {
         let req = Request { vcpus: 1, memory_mib: 1, ..Request::default() };
         assert_eq!(names(rank(slots(&p, &hosts, &[0, 0, 0], &s), &req)), ["c"]);
         hosts[2].drain = Drain::Drained;
+        // One host down: it may come back, so retry later.
         let err = rank(slots(&p, &hosts, &[0, 0, 0], &s), &req).unwrap_err();
         assert_eq!(err.code, ErrorCode::ProviderUnavailable);
+        assert!(err.details.contains_key(crate::error::DETAIL_RETRY_AFTER), "{err:?}");
+        // Every host out of service by an operator's choice: a conflict.
+        hosts[1].state = HostState::Maintenance;
+        let err = rank(slots(&p, &hosts, &[0, 0, 0], &s), &req).unwrap_err();
+        assert_eq!(
+            (err.code, err.details.get("reason").map(String::as_str)),
+            (ErrorCode::Conflict, Some("no_host_in_service"))
+        );
     }
 
     #[test]
