@@ -111,3 +111,17 @@ ensure_tmux() {
   log "installing tmux"
   apt_install tmux
 }
+
+# Patroni, etcd and HAProxy (Debian's packages) for the PostgreSQL failover
+# test bed (testkit/src/patroni.rs starts its own cluster per test; nothing
+# is started here). Debian's postinst would start etcd and HAProxy as
+# services where systemd runs: they are stopped again, so the test's own
+# ports and data directories are the only ones.
+ensure_patroni() {
+  if [ -x /usr/bin/patroni ] && [ -x /usr/bin/etcd ] && [ -x /usr/sbin/haproxy ]; then return 0; fi
+  log "installing patroni, etcd and haproxy"
+  apt_install --no-install-recommends patroni etcd-server haproxy || return 1
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now etcd haproxy patroni >/dev/null 2>&1 || true
+  fi
+}

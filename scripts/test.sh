@@ -34,6 +34,8 @@ need_tool ensure_prometheus "the Prometheus scrape test"
 # the same script, which returns at once when nothing changed.
 ensure_contract_tools() { bash scripts/contract-tools.sh >/dev/null; }
 need_tool ensure_contract_tools "the API contract tests (generated clients, schemathesis)"
+# Patroni + etcd + HAProxy: the PostgreSQL failover test (cli/tests/failover.rs).
+need_tool ensure_patroni "the PostgreSQL failover test (Patroni, etcd, HAProxy)"
 # tmux drives the CLI's interactive session test.
 need_tool ensure_tmux "the CLI's terminal test (tmux)"
 # Before the build: the virt crate links libvirt through pkg-config.

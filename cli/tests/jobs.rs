@@ -19,9 +19,7 @@ use serde_json::{Value, json};
 
 const HCP: &str = env!("CARGO_BIN_EXE_hcp");
 
-fn vms(project: &str) -> String {
-    format!("/api/hcp/tenant/v1/projects/{project}/vms")
-}
+use hcp_testkit::load::{Load, create_body as body, vms};
 
 async fn job_status(rest: &Rest, token: &str, job_id: &str) -> String {
     let r = rest.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), token).await.unwrap();
@@ -31,19 +29,7 @@ async fn job_status(rest: &Rest, token: &str, job_id: &str) -> String {
 
 /// Waits until every job has SUCCEEDED; fails on a FAILED one.
 async fn all_succeed(rest: &Rest, token: &str, jobs: &[String], timeout: Duration) {
-    wait_until(timeout, "every job to succeed", || async {
-        let mut done = 0;
-        for j in jobs {
-            match job_status(rest, token, j).await.as_str() {
-                "SUCCEEDED" => done += 1,
-                "FAILED" => anyhow::bail!("job {j} failed"),
-                _ => {}
-            }
-        }
-        Ok((done == jobs.len()).then_some(()))
-    })
-    .await
-    .unwrap();
+    hcp_testkit::load::all_succeed(rest, token, jobs, timeout).await.unwrap();
 }
 
 /// Checks `check` every 50 ms for `window` (and once at its end); fails
@@ -64,10 +50,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50).min(end - tokio::time::Instant::now())).await;
     }
-}
-
-fn body(name: &str) -> Value {
-    json!({"name": name, "flavor": "small", "image": "debian-12"})
 }
 
 /// Runs `n` creates through the gateways round-robin; returns (vm, job) ids.
@@ -526,55 +508,6 @@ async fn retries_back_off_then_fail_with_the_providers_code() {
     );
 }
 
-/// What a client does under restarts and outages: every create carries an
-/// Idempotency-Key and is retried with it on 503/504 or a refused
-/// connection until it gets 202. Returns (vm, job) ids and the count of
-/// each answer seen.
-async fn create_until_accepted(
-    rest: &Rest,
-    token: &str,
-    name: &str,
-    seen: &std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
-) -> (String, String) {
-    let key = uuid::Uuid::new_v4().to_string();
-    let payload = body(name).to_string();
-    for _ in 0..600 {
-        let r = rest
-            .raw_with("POST", &vms("demo"), Some(token), Some(&payload), &[("idempotency-key", &key)])
-            .await;
-        let label = match &r {
-            Ok(r) => r.status.to_string(),
-            Err(_) => "connection refused".to_owned(),
-        };
-        *seen.lock().unwrap().entry(label).or_default() += 1;
-        match r {
-            Ok(r) if r.status == 202 => return (r.str("vm_id"), r.str("job_id")),
-            Ok(r) if r.status == 503 || r.status == 504 => {
-                assert!(r.headers.contains_key("retry-after") || r.status == 504, "503 without Retry-After");
-            }
-            Ok(r) => panic!("create {name}: {} {}", r.status, r.body),
-            Err(_) => {}
-        }
-        // The scenario, not synchronisation: a client's pause before it
-        // tries again (600 tries bound the wait).
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("create {name} never accepted");
-}
-
-/// Checks that every accepted create made exactly one ACTIVE VM and that no
-/// other VM exists: nothing lost, nothing duplicated.
-async fn exactly_once(s: &TestStack, token: &str, accepted: &[(String, String)]) -> (usize, usize) {
-    let jobs: Vec<String> = accepted.iter().map(|(_, j)| j.clone()).collect();
-    all_succeed(&s.rest, token, &jobs, Duration::from_secs(180)).await;
-    let stats = s.sim_stats().await.unwrap();
-    let lost = accepted.iter().filter(|(vm, _)| !stats.creations.contains_key(vm)).count();
-    let duplicated = stats.creations.values().filter(|n| **n > 1).count()
-        + (stats.vm_count as usize).saturating_sub(accepted.len());
-    assert_eq!(stats.overlapping_calls, 0, "two workers ran one job at once");
-    (lost, duplicated)
-}
-
 #[tokio::test]
 async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
     let opts = StackOptions {
@@ -588,23 +521,8 @@ async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
     };
     let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-
     // Two clients, one per gateway, create VMs until told to stop.
-    let mut clients = tokio::task::JoinSet::new();
-    for c in 0..2 {
-        let (rest, token, seen, stop) = (s.rests[c].clone(), token.clone(), seen.clone(), stop.clone());
-        clients.spawn(async move {
-            let mut accepted = Vec::new();
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 200 {
-                accepted.push(create_until_accepted(&rest, &token, &format!("c{c}-{i}"), &seen).await);
-                i += 1;
-            }
-            accepted
-        });
-    }
+    let load = Load::start(&s, &token, "demo", "c", 2, 200);
 
     // Restart every process, one at a time, each with SIGTERM.
     for w in s.workers() {
@@ -616,21 +534,13 @@ async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
         s.restart_api(i, Duration::from_secs(30)).await.unwrap();
     }
     // Load continues a moment on the restarted processes, then stops.
-    wait_until(Duration::from_secs(30), "creates on the restarted processes", || async {
-        Ok((seen.lock().unwrap().get("202").copied().unwrap_or(0) >= 40).then_some(()))
-    })
-    .await
-    .unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut accepted = Vec::new();
-    while let Some(r) = clients.join_next().await {
-        accepted.extend(r.unwrap());
-    }
-    let (lost, duplicated) = exactly_once(&s, &token, &accepted).await;
+    load.accepts(20, Duration::from_secs(30)).await.unwrap();
+    let answers = load.seen.lock().unwrap().clone();
+    let accepted = load.finish().await;
+    let (lost, duplicated) = hcp_testkit::load::exactly_once(&s, &token, &accepted).await.unwrap();
     eprintln!(
-        "rolling restart of 2 API and 2 worker processes: {} creates accepted, answers {:?}, lost {lost}, duplicated {duplicated}",
+        "rolling restart of 2 API and 2 worker processes: {} creates accepted, answers {answers:?}, lost {lost}, duplicated {duplicated}",
         accepted.len(),
-        seen.lock().unwrap()
     );
     assert_eq!((lost, duplicated), (0, 0));
 }

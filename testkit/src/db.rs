@@ -41,21 +41,22 @@ impl TestDb {
                 let url = format!("sqlite://{}", dir.path().join("hcp.db").display());
                 Ok(Self { url, backend, pg_admin: None, _dir: Some(dir) })
             }
-            Backend::Postgres => {
-                use sqlx::Connection;
-                let admin = admin_url();
-                let name = format!("hcp_t_{}", uuid::Uuid::new_v4().simple());
-                let mut conn = sqlx::PgConnection::connect(&admin).await.map_err(|e| {
-                    anyhow::anyhow!("cannot reach PostgreSQL at {admin} ({ENV_TEST_POSTGRES_URL}): {e}")
-                })?;
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&mut conn)
-                    .await?;
-                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-                let url = format!("{base}/{name}");
-                Ok(Self { url, backend, pg_admin: Some((admin, name)), _dir: None })
-            }
+            Backend::Postgres => Self::on_server(&admin_url()).await,
         }
+    }
+
+    /// Creates an empty PostgreSQL database on the server `admin` names (a
+    /// URL of a database the test user may create databases from).
+    pub async fn on_server(admin: &str) -> anyhow::Result<Self> {
+        use sqlx::Connection;
+        let name = format!("hcp_t_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(admin).await.map_err(|e| {
+            anyhow::anyhow!("cannot reach PostgreSQL at {admin} ({ENV_TEST_POSTGRES_URL}): {e}")
+        })?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(admin);
+        let url = format!("{base}/{name}");
+        Ok(Self { url, backend: Backend::Postgres, pg_admin: Some((admin.to_owned(), name)), _dir: None })
     }
 
     /// Which backend.

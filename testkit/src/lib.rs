@@ -6,6 +6,8 @@
 //! - [`stack::TestStack`]: core, gateway and sim providers as separate OS
 //!   processes on ephemeral ports, with tokens signed by the stack's key.
 //! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped.
+//! - [`patroni::PgCluster`]: PostgreSQL with automatic failover (Patroni,
+//!   etcd, HAProxy) for the failover test.
 //! - [`rest::Rest`]: a small JSON-over-HTTP client for the gateway.
 //! - [`console`]: a tenant's console client (the websocket and the RFB
 //!   handshake the gateway's console proxy offers); [`rdp`]: a native RDP
@@ -18,7 +20,9 @@ pub mod console;
 pub mod db;
 pub mod files;
 pub mod flows;
+pub mod load;
 pub mod nats;
+pub mod patroni;
 pub mod proxy;
 pub mod rdp;
 pub mod rest;

@@ -50,6 +50,9 @@ pub struct StackOptions {
     /// The first sim provider serves `/metrics` (on a free port picked for
     /// it: providers announce only their gRPC address).
     pub sim_metrics: bool,
+    /// The PostgreSQL server (an admin URL) for [`Backend::Postgres`]:
+    /// another than the test server, e.g. [`crate::patroni::PgCluster`]'s.
+    pub postgres_admin_url: Option<String>,
     /// Environment for every process of the stack (e.g.
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
     pub env: Vec<(String, String)>,
@@ -76,6 +79,7 @@ impl Default for StackOptions {
             api_processes: 1,
             worker_processes: 0,
             db_proxy: false,
+            postgres_admin_url: None,
             sim_metrics: false,
             env: Vec::new(),
         }
@@ -126,7 +130,10 @@ impl TestStack {
     /// image `debian-12` and the sim provider.
     pub async fn start(exe: &Path, opts: StackOptions) -> anyhow::Result<Self> {
         let dir = TempDir::new()?;
-        let db = TestDb::new(opts.backend).await?;
+        let db = match (&opts.postgres_admin_url, opts.backend) {
+            (Some(admin), Backend::Postgres) => TestDb::on_server(admin).await?,
+            _ => TestDb::new(opts.backend).await?,
+        };
         let (db_proxy, core_db_url) = if opts.db_proxy {
             // postgres://user@host:port/name -> the same through the proxy.
             let (scheme_user, rest) =

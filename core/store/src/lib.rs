@@ -196,7 +196,9 @@ pub(crate) async fn begin<DB: sqlx::Database>(
 /// shutting down, crashed, or starting). The client is told 503 and to
 /// retry.
 fn means_unavailable(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("53") || matches!(code, "57P01" | "57P02" | "57P03")
+    // 25006: a write reached a server that is read-only, a standby still
+    // behind the address of the primary during a failover.
+    code.starts_with("08") || code.starts_with("53") || matches!(code, "57P01" | "57P02" | "57P03" | "25006")
 }
 
 /// Short for results of store calls.
