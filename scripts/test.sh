@@ -11,6 +11,16 @@ cd "$(dirname "$0")/.."
 . scripts/console-assets.sh
 . scripts/vcsim.sh
 
+# Where the time goes: each phase says how long it took, and a machine that
+# is busy with something else (a process left running) shows here.
+phase_start=$SECONDS
+phase() {
+  echo "== $* (the step before took $((SECONDS - phase_start)) s)"
+  phase_start=$SECONDS
+}
+echo "== machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+ps -eo pcpu,etimes,comm --sort=-pcpu | head -n 4
+
 ensure_postgres
 ensure_nats
 ensure_python_grpc
@@ -47,23 +57,23 @@ ensure_vcsim
 # noVNC for the console page, and Chromium + playwright-core for its test.
 ensure_console_assets
 
-echo "== format"
+phase "format"
 cargo fmt --all -- --check
 
-echo "== lints"
+phase "lints"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # Dependency boundaries (no sqlx or NATS under the SDK or hcp-proto): providers/sdk/tests/boundary.rs, run with the tests below.
 
-echo "== doc tests"
+phase "doc tests"
 cargo test --workspace --locked --doc
 
-echo "== fuzzing"
+phase "fuzzing"
 # Coverage-guided (cargo fuzz, libFuzzer), bounded in time; before the
 # tests so that nextest's summary line closes the run.
 bash scripts/fuzz.sh "${HCP_FUZZ_SECONDS:-30}"
 
-echo "== tests"
+phase "tests"
 # The Proxmox tests need the PVE API schema (AGPL data, not in this
 # repository; ../shared beside it, or HCP_PROXMOX_SCHEMA). Without it they
 # skip, and say so here too, since nextest shows no output of a passing test.
@@ -82,6 +92,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast || status=$?
 fi
+
+phase "done"
 
 # Every test deletes what it made, also when it fails: nothing of HCP's may
 # be left on the hypervisor or in the test bed.
