@@ -13,7 +13,7 @@
 # Run it BEFORE the main build: it leaves the main build's target/debug/hcp
 # as it found it (moved aside during the old build, then back), and what the
 # old build compiled of HCP's crates sits under other names (see the
-# version below), so the main build recompiles nothing for it.
+# version given them below), so the main build recompiles nothing for it.
 
 # The previous release: the last commit that passed CI and landed before the
 # migrations this release adds. Bump it when a release ships; the tests read
@@ -53,12 +53,14 @@ ensure_prev_release() {
     # the old build would overwrite the main build's artifacts of HCP's
     # crates and, worse, take one of them as fresh (git archive's files are
     # older than it) and link the new code into the old binary. A version
-    # of their own (`-prev`, in Cargo.toml and, for --locked, Cargo.lock's
-    # path packages) gives them other names; the dependencies keep theirs.
-    sed -i '/^\[workspace.package\]/,/^\[/ s/^version = "\(.*\)"$/version = "\1-prev"/' "$src/Cargo.toml" \
+    # of their own (`-prev-<commit>`, in Cargo.toml and, for --locked,
+    # Cargo.lock's path packages) gives them other names, also from another
+    # pinned commit's; the dependencies keep theirs.
+    local suffix="-prev-${PREV_RELEASE:0:12}"
+    sed -i "/^\\[workspace.package\\]/,/^\\[/ s/^version = \"\\(.*\\)\"\$/version = \"\\1$suffix\"/" "$src/Cargo.toml" \
       || return 1
-    awk 'BEGIN { RS = ""; ORS = "\n\n" }
-         !/\nsource = / { sub(/\nversion = "[^"]*/, "&-prev") } { print }' "$src/Cargo.lock" >"$src/Cargo.lock.prev" \
+    awk -v suffix="$suffix" 'BEGIN { RS = ""; ORS = "\n\n" }
+         !/\nsource = / { sub(/\nversion = "[^"]*/, "&" suffix) } { print }' "$src/Cargo.lock" >"$src/Cargo.lock.prev" \
       && mv "$src/Cargo.lock.prev" "$src/Cargo.lock" || return 1
     touch "$src/.extracted"
   fi
