@@ -74,8 +74,8 @@ ensure_prev_release() {
   fi
   prev_log "building hcp at ${PREV_RELEASE:0:9} (target $target)"
   local status=0
-  (cd "$src" && CARGO_TARGET_DIR="$target" cargo build -j "${HCP_PREV_RELEASE_JOBS:-1}" --locked -p hcp-cli --bin hcp) \
-    || status=$?
+  # As many jobs as the main build's (CARGO_BUILD_JOBS limits both).
+  (cd "$src" && CARGO_TARGET_DIR="$target" cargo build --locked -p hcp-cli --bin hcp) || status=$?
   if [ "$status" -eq 0 ]; then
     cp "$target/debug/hcp" "$bin.tmp" && mv "$bin.tmp" "$bin" || status=1
   fi

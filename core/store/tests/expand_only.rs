@@ -336,6 +336,31 @@ fn the_released_migrations_are_the_pinned_releases() {
     }
 }
 
+/// A process of this release starts on a database a newer release has
+/// migrated further (a rolling upgrade's old process restarted, or a
+/// rollback): migrations it does not know are not an error.
+async fn a_database_a_newer_release_migrated_is_accepted(backend: Backend) {
+    let db = TestDb::new(backend).await.unwrap();
+    db.store().await.unwrap();
+    let newer = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                 VALUES ($1, $2, $3, $4, $5)";
+    let (version, description, checksum) = (9999i64, "a newer release's", vec![0u8; 48]);
+    match backend {
+        Backend::Sqlite => {
+            let pool = sqlx::SqlitePool::connect(&db.url).await.unwrap();
+            let q = sqlx::query(newer).bind(version).bind(description).bind(true).bind(checksum).bind(0i64);
+            q.execute(&pool).await.unwrap();
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+            let q = sqlx::query(newer).bind(version).bind(description).bind(true).bind(checksum).bind(0i64);
+            q.execute(&pool).await.unwrap();
+        }
+    }
+    let store = hcp_store::Store::connect(&db.url, 2).await.unwrap();
+    store.migrate().await.unwrap();
+}
+
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -349,5 +374,6 @@ macro_rules! both_backends {
 
 both_backends!(
     every_migration_since_the_release_is_expand_only,
-    each_rule_refuses_what_breaks_the_old_release
+    each_rule_refuses_what_breaks_the_old_release,
+    a_database_a_newer_release_migrated_is_accepted
 );
