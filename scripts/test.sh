@@ -56,6 +56,12 @@ ensure_tiny_guest
 ensure_vcsim
 # noVNC for the console page, and Chromium + playwright-core for its test.
 ensure_console_assets
+# The previous release's hcp for the rolling-upgrade and provider-skew tests
+# (cli/tests/upgrade.rs), built before the main build: it compiles only
+# HCP's own crates of that commit on the dependencies already in target/,
+# and leaves the main build's binary as it was. Cached after the first run.
+. scripts/prev-release.sh
+need_tool ensure_prev_release "the rolling-upgrade and provider-skew tests (the previous release, $PREV_RELEASE)"
 
 phase "format"
 cargo fmt --all -- --check

@@ -1,15 +1,25 @@
 -- Images (issue 31): an id, per-provider backings, the properties tenants
 -- filter on, public or private to a project, and a lifecycle (an import or
 -- a capture runs as a job; so does the removal of what providers stored).
+--
+-- Expand only (README "Upgrades"): the previous release's processes keep
+-- running on this schema during a rolling upgrade. They insert images as
+-- (name, os_type, source, min_disk_gib, description, created_at) and read
+-- `source` as the image's one backing, so every new column has a default
+-- or may be NULL, and `source` keeps what it held: it is the backing of
+-- every provider without its own in image_backings, exactly what it meant
+-- before.
 
-ALTER TABLE images ADD COLUMN id UUID;
-UPDATE images SET id = gen_random_uuid();
-ALTER TABLE images ALTER COLUMN id SET NOT NULL;
-ALTER TABLE images DROP CONSTRAINT images_pkey;
-ALTER TABLE images ADD PRIMARY KEY (id);
+-- The default stays: the previous release inserts images without an id.
+ALTER TABLE images ADD COLUMN id UUID NOT NULL DEFAULT gen_random_uuid();
+-- Public names stay unique (tenant and project ''), as the old primary key
+-- kept them; private ones are unique within their project.
 ALTER TABLE images ADD COLUMN visibility TEXT NOT NULL DEFAULT 'PUBLIC';
 ALTER TABLE images ADD COLUMN tenant_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE images ADD COLUMN project_id TEXT NOT NULL DEFAULT '';
+CREATE UNIQUE INDEX images_name ON images (tenant_id, project_id, name);
+ALTER TABLE images DROP CONSTRAINT images_pkey;
+ALTER TABLE images ADD PRIMARY KEY (id);
 ALTER TABLE images ADD COLUMN status TEXT NOT NULL DEFAULT 'AVAILABLE';
 ALTER TABLE images ADD COLUMN os_version TEXT NOT NULL DEFAULT '';
 ALTER TABLE images ADD COLUMN architecture TEXT NOT NULL DEFAULT 'x86_64';
@@ -19,14 +29,13 @@ ALTER TABLE images ADD COLUMN sha256 TEXT NOT NULL DEFAULT '';
 ALTER TABLE images ADD COLUMN error_message TEXT;
 ALTER TABLE images ADD COLUMN job_id UUID;
 ALTER TABLE images ADD COLUMN captured_from UUID;
+-- NULL: never changed since created (a row the previous release inserted);
+-- readers take created_at.
 ALTER TABLE images ADD COLUMN updated_at TIMESTAMPTZ;
-UPDATE images SET updated_at = created_at;
-ALTER TABLE images ALTER COLUMN updated_at SET NOT NULL;
--- Public names are unique (project ''), private ones within their project.
-CREATE UNIQUE INDEX images_name ON images (tenant_id, project_id, name);
 
--- What each provider resolves an image to. `stored`: the provider holds it
--- for HCP (an import, a capture) and deleting the image removes it there.
+-- What a provider resolves an image to when it is not `source`.
+-- `stored`: the provider holds it for HCP (an import, a capture) and
+-- deleting the image removes it there.
 CREATE TABLE image_backings (
     image_id UUID NOT NULL REFERENCES images (id) ON DELETE CASCADE,
     provider TEXT NOT NULL,
@@ -34,12 +43,6 @@ CREATE TABLE image_backings (
     stored   BOOLEAN NOT NULL,
     PRIMARY KEY (image_id, provider)
 );
-
--- Nothing recorded which providers used an image's one source: it becomes
--- a backing on every provider registered now.
-INSERT INTO image_backings (image_id, provider, source, stored)
-SELECT i.id, p.name, i.source, FALSE FROM images i CROSS JOIN providers p WHERE i.source <> '';
-UPDATE images SET source = '';
 
 CREATE TRIGGER image_backings_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON image_backings
     FOR EACH STATEMENT EXECUTE FUNCTION hcp_catalog_changed();

@@ -1,9 +1,14 @@
 -- Images (issue 31): an id, per-provider backings, the properties tenants
 -- filter on, public or private to a project, and a lifecycle. SQLite cannot
--- change a primary key: the table is rebuilt.
+-- change a primary key: the table is rebuilt, with every column it had
+-- (same names, types and values).
+--
+-- Expand only, as the PostgreSQL twin (README "Upgrades"): every new column
+-- has a default or may be NULL, and `source` keeps what it held (the
+-- backing of every provider without its own in image_backings).
 
 CREATE TABLE images_new (
-    id             BLOB PRIMARY KEY,
+    id             BLOB PRIMARY KEY DEFAULT (randomblob(16)),
     name           TEXT NOT NULL,
     visibility     TEXT NOT NULL DEFAULT 'PUBLIC',
     tenant_id      TEXT NOT NULL DEFAULT '',
@@ -22,10 +27,11 @@ CREATE TABLE images_new (
     job_id         BLOB,
     captured_from  BLOB,
     created_at     TEXT NOT NULL,
-    updated_at     TEXT NOT NULL
+    -- NULL: never changed since created; readers take created_at.
+    updated_at     TEXT
 );
-INSERT INTO images_new (id, name, os_type, source, min_disk_gib, description, created_at, updated_at)
-SELECT randomblob(16), name, os_type, source, min_disk_gib, description, created_at, created_at FROM images;
+INSERT INTO images_new (id, name, os_type, source, min_disk_gib, description, created_at)
+SELECT randomblob(16), name, os_type, source, min_disk_gib, description, created_at FROM images;
 DROP TABLE images;
 ALTER TABLE images_new RENAME TO images;
 CREATE UNIQUE INDEX images_name ON images (tenant_id, project_id, name);
@@ -37,9 +43,6 @@ CREATE TABLE image_backings (
     stored   BOOLEAN NOT NULL,
     PRIMARY KEY (image_id, provider)
 );
-INSERT INTO image_backings (image_id, provider, source, stored)
-SELECT i.id, p.name, i.source, 0 FROM images i CROSS JOIN providers p WHERE i.source <> '';
-UPDATE images SET source = '';
 
 ALTER TABLE jobs ADD COLUMN image_id BLOB;
 

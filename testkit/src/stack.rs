@@ -61,6 +61,10 @@ pub struct StackOptions {
     /// the gateway gets a port picked before core starts. Otherwise core
     /// announces its default and [`TestStack::console`] rewrites the URLs.
     pub console_urls_name_the_gateway: bool,
+    /// The `hcp` binary core and gateway processes run (the previous
+    /// release's, for an upgrade test; see [`TestStack::set_core_exe`]);
+    /// `None`: the stack's. Sim providers always run the stack's.
+    pub core_exe: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -82,6 +86,7 @@ impl Default for StackOptions {
             postgres_admin_url: None,
             sim_metrics: false,
             env: Vec::new(),
+            core_exe: None,
         }
     }
 }
@@ -113,8 +118,12 @@ pub struct TestStack {
     core_db_url: String,
     /// Each API process's gRPC address.
     api_addrs: Vec<SocketAddr>,
+    /// Each gateway's address.
+    gateway_addrs: Vec<SocketAddr>,
     secret: Vec<u8>,
     exe: PathBuf,
+    /// What core and gateway processes (re)start from.
+    core_exe: PathBuf,
     opts: StackOptions,
     children: HashMap<String, Child>,
     /// Each process's readiness object, by name.
@@ -176,8 +185,10 @@ impl TestStack {
             db_proxy,
             core_db_url,
             api_addrs: Vec::new(),
+            gateway_addrs: Vec::new(),
             secret: secret_hex.into_bytes(),
             exe: exe.to_owned(),
+            core_exe: opts.core_exe.clone().unwrap_or_else(|| exe.to_owned()),
             opts: opts.clone(),
             children: HashMap::new(),
             ready: HashMap::new(),
@@ -216,28 +227,9 @@ impl TestStack {
                 Some(port) if i == 0 => port.to_string(),
                 _ => "127.0.0.1:0".to_owned(),
             };
-            let core = stack
-                .spawn_logged(&name, &["core".into(), "--config".into(), config.display().to_string()])
-                .await?;
+            let core = stack.spawn_core(&name, &core_args(&config), &[]).await?;
             let gateway = stack
-                .spawn_logged(
-                    &format!("gateway-{i}"),
-                    &[
-                        "gateway".into(),
-                        "--listen".into(),
-                        listen,
-                        "--core".into(),
-                        format!("http://{core}"),
-                        "--service-token-file".into(),
-                        stack_dir.join("console-proxy.jwt").display().to_string(),
-                        "--console-assets-dir".into(),
-                        console_assets_dir().display().to_string(),
-                        "--console-rdp-listen".into(),
-                        "127.0.0.1:0".into(),
-                        "--metrics-listen".into(),
-                        "127.0.0.1:0".into(),
-                    ],
-                )
+                .spawn_core(&format!("gateway-{i}"), &gateway_args(&stack_dir, &listen, core), &[])
                 .await?;
             if i == 0 {
                 stack.core = core;
@@ -259,6 +251,7 @@ impl TestStack {
                 stack.metrics.push(("gateway", gw_metrics));
             }
             stack.api_addrs.push(core);
+            stack.gateway_addrs.push(gateway);
             stack.rests.push(Rest::new(format!("http://{gateway}")));
         }
         stack.rest = stack.rests[0].clone();
@@ -298,6 +291,17 @@ impl TestStack {
         let path = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, toml)?;
         Ok(path)
+    }
+
+    /// Spawns a core or gateway process from [`Self::core_exe`].
+    async fn spawn_core(
+        &mut self,
+        name: &str,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<SocketAddr> {
+        let exe = self.core_exe.clone();
+        Ok(self.spawn_exe(name, &exe, args, env).await?.0)
     }
 
     async fn spawn_logged(&mut self, name: &str, args: &[String]) -> anyhow::Result<SocketAddr> {
@@ -371,7 +375,7 @@ impl TestStack {
         let name = format!("core-worker-{}", self.next_worker);
         self.next_worker += 1;
         let config = self.write_core_config(&name, false, true)?;
-        self.spawn_logged(&name, &["core".into(), "--config".into(), config.display().to_string()]).await?;
+        self.spawn_core(&name, &core_args(&config), &[]).await?;
         Ok(name)
     }
 
@@ -402,11 +406,27 @@ impl TestStack {
         let status = self.stop(&name, timeout).await?;
         anyhow::ensure!(status.success(), "{name} exited with {status}");
         let config = self.dir.path().join(format!("{name}.toml"));
-        let exe = self.exe.clone();
         let env = [(hcp_core::config::ENV_LISTEN, self.api_addrs[i].to_string())];
-        self.spawn_exe(&name, &exe, &["core".into(), "--config".into(), config.display().to_string()], &env)
-            .await?;
+        self.spawn_core(&name, &core_args(&config), &env).await?;
         Ok(())
+    }
+
+    /// Restarts gateway `i` (SIGTERM, then on the same address, in front of
+    /// the same API process).
+    pub async fn restart_gateway(&mut self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let name = format!("gateway-{i}");
+        let status = self.stop(&name, timeout).await?;
+        anyhow::ensure!(status.success(), "{name} exited with {status}");
+        let args = gateway_args(self.dir.path(), &self.gateway_addrs[i].to_string(), self.api_addrs[i]);
+        self.spawn_core(&name, &args, &[]).await?;
+        Ok(())
+    }
+
+    /// The `hcp` binary that core and gateway processes started or
+    /// restarted from now on run: a rolling upgrade restarts them one at a
+    /// time after this.
+    pub fn set_core_exe(&mut self, exe: &Path) {
+        self.core_exe = exe.to_owned();
     }
 
     /// Kills a process with SIGKILL and forgets it.
@@ -574,6 +594,29 @@ impl TestStack {
         let mut sim = hcp_proto::sim::sim_control_client::SimControlClient::new(self.sim_channel().await?);
         Ok(sim.stats(hcp_proto::sim::StatsRequest {}).await?.into_inner())
     }
+}
+
+fn core_args(config: &Path) -> Vec<String> {
+    vec!["core".into(), "--config".into(), config.display().to_string()]
+}
+
+fn gateway_args(dir: &Path, listen: &str, core: SocketAddr) -> Vec<String> {
+    let args = [
+        "gateway",
+        "--listen",
+        listen,
+        "--core",
+        &format!("http://{core}"),
+        "--service-token-file",
+        &dir.join("console-proxy.jwt").display().to_string(),
+        "--console-assets-dir",
+        &console_assets_dir().display().to_string(),
+        "--console-rdp-listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
+    args.into_iter().map(str::to_owned).collect()
 }
 
 /// The console page and noVNC of this checkout (`scripts/console-assets.sh`

@@ -22,6 +22,13 @@ pub(crate) const IMAGE_COLUMNS: &str = "id, name, visibility, tenant_id, project
      architecture, source, min_disk_gib, min_memory_mib, description, size_bytes, sha256, error_message, job_id, \
      captured_from, created_at, updated_at";
 
+/// [`IMAGE_COLUMNS`] as read: a row the previous release inserted has no
+/// `updated_at` (migration 0023 keeps the column nullable for it), which
+/// reads as its `created_at`.
+pub(crate) const IMAGE_SELECT: &str = "id, name, visibility, tenant_id, project_id, status, os_type, os_version, \
+     architecture, source, min_disk_gib, min_memory_mib, description, size_bytes, sha256, error_message, job_id, \
+     captured_from, created_at, COALESCE(updated_at, created_at) AS updated_at";
+
 /// Which images [`super::Store::list_images`] answers.
 #[derive(Debug, Clone, Default)]
 pub struct ImageQuery {
@@ -246,7 +253,7 @@ impl super::Store {
         };
         on_pool!(self, |pool| {
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {IMAGE_COLUMNS} FROM images \
+                "SELECT {IMAGE_SELECT} FROM images \
                  WHERE (project_id = '' OR $1 OR (tenant_id = $2 AND project_id = $3)) \
                  AND ($4 IS NULL OR os_type = $4) AND ($5 IS NULL OR architecture = $5) \
                  AND ($6 IS NULL OR status = $6) \
@@ -279,7 +286,7 @@ impl super::Store {
         };
         on_pool!(self, |pool| {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {IMAGE_COLUMNS} FROM images WHERE name = $1 \
+                "SELECT {IMAGE_SELECT} FROM images WHERE name = $1 \
                  AND ((tenant_id = $2 AND project_id = $3) OR project_id = '') \
                  ORDER BY project_id DESC LIMIT 1"
             )))
@@ -301,7 +308,7 @@ impl super::Store {
     pub async fn get_image(&self, id: ImageId) -> StoreResult<Image> {
         on_pool!(self, |pool| {
             let row =
-                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {IMAGE_COLUMNS} FROM images WHERE id = $1")))
+                sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {IMAGE_SELECT} FROM images WHERE id = $1")))
                     .bind(id.0)
                     .fetch_optional(pool)
                     .await
@@ -422,7 +429,7 @@ impl super::Store {
                 super::BackendKind::Sqlite => "",
             };
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {IMAGE_COLUMNS} FROM images WHERE id = $1{lock}"
+                "SELECT {IMAGE_SELECT} FROM images WHERE id = $1{lock}"
             )))
             .bind(id.0)
             .fetch_optional(&mut *tx)

@@ -373,11 +373,19 @@ impl Store {
         Ok(Self { backend, engine, outbox: false, cache })
     }
 
-    /// Applies the embedded migrations of this backend.
+    /// Applies the embedded migrations of this backend. A database a newer
+    /// release already migrated further is accepted as it is: migrations are
+    /// expand-only (README "Upgrades"), so this release's processes keep
+    /// working beside the newer ones during a rolling upgrade, and start
+    /// again if one of them is restarted (or rolled back to) meanwhile.
     pub async fn migrate(&self) -> StoreResult<()> {
         let result = match &self.backend {
-            Backend::Sqlite(pool) => sqlx::migrate!("../../migrations/sqlite").run(pool).await,
-            Backend::Postgres(pool) => sqlx::migrate!("../../migrations/postgres").run(pool).await,
+            Backend::Sqlite(pool) => {
+                sqlx::migrate!("../../migrations/sqlite").set_ignore_missing(true).run(pool).await
+            }
+            Backend::Postgres(pool) => {
+                sqlx::migrate!("../../migrations/postgres").set_ignore_missing(true).run(pool).await
+            }
         };
         result.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(e) => StoreError::from_sqlx(e, "migration"),

@@ -1,6 +1,7 @@
 //! Images in the store, on SQLite and PostgreSQL: a catalog from before
 //! per-provider backings keeps working after migration 0023 (its one source
-//! becomes a backing on every provider registered then), and a project's
+//! stays what every provider resolves, and the previous release's inserts
+//! still work), and a project's
 //! private image shadows a public one of the same name for that project
 //! only.
 
@@ -116,22 +117,52 @@ async fn an_image_catalog_from_before_backings_keeps_working(backend: Backend) {
     store.migrate().await.unwrap();
     let image = store.get_image_by_name("legacy", None).await.unwrap();
     assert_eq!((image.status, image.visibility), (ImageStatus::Available, ImageVisibility::Public));
-    assert_eq!(image.source, "", "the source became backings");
-    let backings: Vec<(&str, &str, bool)> =
-        image.backings.iter().map(|(p, b)| (p.as_str(), b.source.as_str(), b.stored)).collect();
-    assert_eq!(backings, vec![("p-one", "legacy-template", false), ("p-two", "legacy-template", false)]);
+    // Its one source stays what every provider resolves (the previous
+    // release's processes read it during an upgrade), registered before
+    // the migration or after.
+    assert_eq!(image.source, "legacy-template");
+    assert!(image.backings.is_empty(), "{:?}", image.backings);
     assert_eq!((image.min_disk_gib, image.description.as_str()), (2, "from before"));
-    // A provider registered after the migration has no backing until an
-    // operator sets one.
+    assert_eq!(image.updated_at, image.created_at);
     store.insert_provider(&provider("p-three"), None, &audit("provider.register", "p-three")).await.unwrap();
     let image = store.get_image_by_name("legacy", None).await.unwrap();
-    assert_eq!(image.backing_on("p-three"), None);
+    assert_eq!(image.backing_on("p-three"), Some("legacy-template"));
     let image = store
         .set_image_backing("legacy", "p-three", "tpl-3", &audit("image.backing.set", "legacy"))
         .await
         .unwrap();
     assert_eq!(image.backing_on("p-three"), Some("tpl-3"));
     assert_eq!(image.backing_on("p-one"), Some("legacy-template"));
+    // The previous release's processes still insert images their way after
+    // 0023 (no id, no updated_at), and a public name stays unique to them.
+    let t = now().to_rfc3339();
+    let old_insert = |name: &str| {
+        format!(
+            "INSERT INTO images (name, os_type, source, min_disk_gib, description, created_at) \
+             VALUES ('{name}', 'linux', 'tpl-{name}', 1, '', '{t}')"
+        )
+    };
+    let run = |sql: String| {
+        let url = db.url.clone();
+        async move {
+            match backend {
+                Backend::Sqlite => {
+                    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+                    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.map(|_| ())
+                }
+                Backend::Postgres => {
+                    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+                    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.map(|_| ())
+                }
+            }
+        }
+    };
+    run(old_insert("by-old")).await.unwrap();
+    assert!(run(old_insert("by-old")).await.is_err(), "a second public image of one name");
+    let image = store.get_image_by_name("by-old", None).await.unwrap();
+    assert_eq!((image.source.as_str(), image.status), ("tpl-by-old", ImageStatus::Available));
+    assert_eq!(image.updated_at, image.created_at);
+    assert!(store.list_images(&ImageQuery::default()).await.unwrap().iter().any(|i| i.id == image.id));
 }
 
 async fn a_private_image_shadows_a_public_one_in_its_project(backend: Backend) {
