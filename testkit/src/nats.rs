@@ -143,7 +143,12 @@ impl NatsCluster {
     /// Every node's URL, comma-separated, as core's `[queue] nats_url`
     /// takes them.
     pub fn urls(&self) -> String {
-        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+        self.servers().join(",")
+    }
+
+    /// Every node's URL, as a NATS client takes them.
+    pub fn servers(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect()
     }
 
     /// The number of nodes.

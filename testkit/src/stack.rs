@@ -37,6 +37,8 @@ pub struct StackOptions {
     pub providers_toml: String,
     /// Extra keys of core's `[console]` table.
     pub console_toml: String,
+    /// Extra keys of core's `[queue]` table (with NATS).
+    pub queue_toml: String,
     /// Run NATS JetStream (a server of the test's own) for dispatch.
     pub nats: bool,
     /// Run a NATS cluster of this many JetStream servers instead of the
@@ -74,6 +76,7 @@ impl Default for StackOptions {
             jobs_toml: String::new(),
             providers_toml: String::new(),
             console_toml: String::new(),
+            queue_toml: String::new(),
             console_urls_name_the_gateway: false,
             nats: false,
             nats_cluster: 0,
@@ -278,10 +281,17 @@ impl TestStack {
         Ok(stack)
     }
 
+    /// Replaces the extra keys of core's `[queue]` table for the core
+    /// processes started from now on (a configuration changed between
+    /// releases or restarts).
+    pub fn set_queue_toml(&mut self, toml: impl Into<String>) {
+        self.opts.queue_toml = toml.into();
+    }
+
     fn write_core_config(&self, name: &str, api: bool, worker: bool) -> anyhow::Result<PathBuf> {
         let queue = match (&self.nats, &self.nats_cluster) {
-            (Some(n), _) => format!("\n[queue]\nnats_url = \"{}\"\n", n.url()),
-            (None, Some(c)) => format!("\n[queue]\nnats_url = \"{}\"\n", c.urls()),
+            (Some(n), _) => format!("\n[queue]\nnats_url = \"{}\"\n{}\n", n.url(), self.opts.queue_toml),
+            (None, Some(c)) => format!("\n[queue]\nnats_url = \"{}\"\n{}\n", c.urls(), self.opts.queue_toml),
             (None, None) => String::new(),
         };
         let toml = format!(
