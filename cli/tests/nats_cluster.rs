@@ -4,7 +4,8 @@
 //! is killed (JetStream elects another and goes on), then a second node
 //! (JetStream has no quorum: creates are still accepted, the outbox holds
 //! their jobs); the killed nodes are started again and every accepted
-//! create's job is delivered and runs once.
+//! create's job is delivered and runs once. A stream an earlier
+//! deployment made with one replica is moved to three, its consumer with it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -91,17 +92,25 @@ async fn leader(cluster: &NatsCluster, stream: &str, not: &[usize]) -> usize {
     .unwrap()
 }
 
-/// Checks that `stream` has 3 replicas (the config, and a leader with two
-/// peers) and that they all caught up; also its consumers' replicas.
-async fn three_current_replicas(cluster: &NatsCluster, what: &str) -> Value {
-    wait_until(Duration::from_secs(30), what, || async {
-        let info = cluster.jetstream_api(what).await?;
-        let peers = info["cluster"]["replicas"].as_array().cloned().unwrap_or_default();
+/// Waits until the JetStream object `info` asks about (`STREAM.INFO.<s>`
+/// or `CONSUMER.INFO.<s>.<c>`) has a leader and two peers, all caught up;
+/// returns its info. A failure shows the last answer.
+async fn three_current_replicas(cluster: &NatsCluster, info: &str) -> Value {
+    let last = Mutex::new(Value::Null);
+    let found = wait_until(Duration::from_secs(30), info, || async {
+        // No answer while it has no leader: not yet.
+        let Ok(answer) = cluster.jetstream_api(info).await else { return Ok(None) };
+        let peers = answer["cluster"]["replicas"].as_array().cloned().unwrap_or_default();
         let current = peers.iter().all(|p| p["current"] == true);
-        Ok((info["cluster"]["leader"].is_string() && peers.len() == 2 && current).then_some(info))
+        let done = answer["cluster"]["leader"].is_string() && peers.len() == 2 && current;
+        *last.lock().unwrap() = answer.clone();
+        Ok(done.then_some(answer))
     })
-    .await
-    .unwrap()
+    .await;
+    match found {
+        Ok(answer) => answer,
+        Err(e) => panic!("{e}; last answer {}", last.lock().unwrap()),
+    }
 }
 
 #[tokio::test]
@@ -138,9 +147,13 @@ async fn a_nats_cluster_loses_its_leader_then_its_quorum_and_hcp_loses_nothing()
         clients.spawn(async move {
             let mut accepted = Vec::new();
             let mut i = 0;
-            while !stop.load(Ordering::Relaxed) && i < 500 {
+            while !stop.load(Ordering::Relaxed) && i < 1000 {
                 accepted.push(create_until_accepted(&rest, &token, &format!("c{c}-{i}"), &seen).await);
                 i += 1;
+                // The scenario: steady load (about 10 creates a second in
+                // all) rather than a backlog that would hide the time
+                // JetStream takes to deliver again behind the workers'.
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             accepted
         });
@@ -235,4 +248,57 @@ async fn a_nats_cluster_loses_its_leader_then_its_quorum_and_hcp_loses_nothing()
     );
     assert!(answers.keys().all(|k| k == "202" || k == "503"), "answers {answers:?}");
     assert_eq!((lost, duplicated), (0, 0));
+}
+
+#[tokio::test]
+async fn a_stream_with_one_replica_is_moved_to_three_with_its_consumer() {
+    // An earlier deployment ran its streams with one replica.
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        nats_cluster: 3,
+        api_processes: 1,
+        worker_processes: 1,
+        queue_toml: "stream_replicas = 1\n".into(),
+        ..Default::default()
+    };
+    let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let consumer = format!("CONSUMER.INFO.{JOBS}.{}", hcp_core::queue::WORKER_CONSUMER);
+    let cluster = s.nats_cluster.as_ref().unwrap();
+    wait_until(Duration::from_secs(30), "the worker's consumer on a stream of one replica", || async {
+        let stream = cluster.jetstream_api(&format!("STREAM.INFO.{JOBS}")).await.ok();
+        let consumer = cluster.jetstream_api(&consumer).await.ok();
+        Ok(match (stream, consumer) {
+            (Some(stream), Some(consumer)) if consumer["cluster"]["leader"].is_string() => {
+                assert_eq!(stream["config"]["num_replicas"], 1, "{stream}");
+                Some(())
+            }
+            _ => None,
+        })
+    })
+    .await
+    .unwrap();
+
+    // The worker restarts with the count unset: on a cluster of three the
+    // stream is moved to 3 replicas, and the consumer with it.
+    s.set_queue_toml("");
+    for w in s.workers() {
+        let status = s.stop(&w, Duration::from_secs(30)).await.unwrap();
+        assert!(status.success(), "{w} exited with {status}");
+    }
+    s.start_worker().await.unwrap();
+    let cluster = s.nats_cluster.as_ref().unwrap();
+    let info = three_current_replicas(cluster, &format!("STREAM.INFO.{JOBS}")).await;
+    assert_eq!(info["config"]["num_replicas"], 3, "{info}");
+    three_current_replicas(cluster, &consumer).await;
+
+    // Jobs still flow through it.
+    let r = s.rest.post(&vms("demo"), &token, &body("after-scale")).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = r.str("job_id");
+    wait_until(Duration::from_secs(30), "the job to succeed", || async {
+        Ok((job_status(&s.rest, &token, &job).await == "SUCCEEDED").then_some(()))
+    })
+    .await
+    .unwrap();
 }
