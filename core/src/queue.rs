@@ -35,6 +35,11 @@ use crate::store::{SUBJECT_JOBS, SUBJECT_USAGE_PREFIX, Store};
 /// Name of the durable consumer all workers share.
 pub const WORKER_CONSUMER: &str = "hcp-workers";
 
+/// How long a worker's pull request waits for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's heartbeat on an idle pull request; two missed end it.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// Announces accepted jobs: wakes the outbox publisher (and local workers).
 #[derive(Clone, Default)]
 pub struct NatsQueue {
@@ -424,7 +429,17 @@ async fn consume(
         )
         .await
         .map_err(|e| QueueError::Consumer(e.into()))?;
-    let mut messages = consumer.messages().await.map_err(|e| QueueError::Pull(e.into()))?;
+    // Short pull requests: a request held by a consumer leader that died
+    // (a cluster node killed, or its quorum lost) is replaced when it
+    // expires or misses a heartbeat, here within seconds rather than the
+    // client's default 30 s. Idle, this is one request per 5 s per worker.
+    let mut messages = consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
+        .map_err(|e| QueueError::Pull(e.into()))?;
     tracing::info!("job consumer attached");
     loop {
         let next = tokio::select! {
