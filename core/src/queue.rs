@@ -37,7 +37,8 @@ pub const WORKER_CONSUMER: &str = "hcp-workers";
 
 /// How long a worker's pull request waits for messages.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
-/// The server's heartbeat on an idle pull request; two missed end it.
+/// The server's heartbeat on an idle pull request, by which the client
+/// notices a request no server holds any more.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Announces accepted jobs: wakes the outbox publisher (and local workers).
@@ -93,7 +94,7 @@ pub struct Streams {
 
 impl Streams {
     /// Streams named `<prefix>_JOBS` and `<prefix>_USAGE` with `replicas`
-    /// replicas each; none means 3 when JetStream can place three, else 1.
+    /// replicas each; none means 3 on a cluster that can place three, else 1.
     pub fn new(prefix: impl Into<String>, replicas: Option<u8>) -> Self {
         Self { prefix: prefix.into(), replicas: replicas.map(usize::from), announced: Arc::default() }
     }
