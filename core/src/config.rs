@@ -458,16 +458,31 @@ impl Default for AuditConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    /// `nats://host:4222`; unset means the embedded queue (one process).
+    /// `nats://host:4222`, or several such URLs separated by commas (every
+    /// node of a NATS cluster, so that core reaches the cluster while any
+    /// one node is down); unset means the embedded queue (one process).
     pub nats_url: Option<String>,
     /// Prefix of the JetStream stream names (`<prefix>_JOBS`,
     /// `<prefix>_USAGE`). Default `HCP`.
     pub stream_prefix: String,
+    /// Replicas of each stream (1 to 5, JetStream's limit). Unset: 3 when
+    /// JetStream can place three (a cluster with at least three JetStream
+    /// servers), else 1. An existing stream is changed to this count.
+    pub stream_replicas: Option<u8>,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { nats_url: None, stream_prefix: "HCP".to_owned() }
+        Self { nats_url: None, stream_prefix: "HCP".to_owned(), stream_replicas: None }
+    }
+}
+
+impl QueueConfig {
+    /// The NATS servers `nats_url` names, in order; none for the embedded
+    /// queue.
+    pub fn nats_servers(&self) -> Option<Vec<String>> {
+        let url = self.nats_url.as_deref()?;
+        Some(url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect())
     }
 }
 
@@ -794,6 +809,9 @@ pub fn bounds() -> &'static [Bound] {
         Bound::range("images.provider_timeout_seconds", 1.0, DAY, |c| {
             c.images.provider_timeout_seconds as f64
         }),
+        // JetStream keeps at most 5 replicas; unset is checked as 1 (it
+        // becomes 1 or 3, both allowed).
+        Bound::range("queue.stream_replicas", 1.0, 5.0, |c| c.queue.stream_replicas.map_or(1.0, f64::from)),
     ];
     BOUNDS
 }
@@ -948,6 +966,8 @@ mod tests {
             ("[images]\nstall_timeout_seconds = 3601", "images.stall_timeout_seconds", "got 3601"),
             ("[images]\nmax_redirects = 21", "images.max_redirects", "got 21"),
             ("[images]\nprovider_timeout_seconds = 0", "images.provider_timeout_seconds", "got 0"),
+            ("[queue]\nstream_replicas = 0", "queue.stream_replicas", "between 1 and 5, got 0"),
+            ("[queue]\nstream_replicas = 6", "queue.stream_replicas", "between 1 and 5, got 6"),
         ];
         for (toml, field, says) in rows {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
@@ -972,6 +992,20 @@ mod tests {
         assert_eq!(limit("[limits]\nrate_per_second = inf").unwrap_err().field, "limits.rate_per_second");
         let err = limit("[limits]\nburst = 0.5").unwrap_err();
         assert_eq!(err.to_string(), "limits.burst must be at least 1, got 0.5");
+    }
+
+    #[test]
+    fn nats_url_names_one_server_or_several() {
+        let servers = |toml| Config::from_toml(toml).unwrap().queue.nats_servers();
+        assert_eq!(servers(""), None);
+        assert_eq!(servers("[queue]\nnats_url = \"nats://a:4222\"").unwrap(), ["nats://a:4222"]);
+        assert_eq!(
+            servers("[queue]\nnats_url = \"nats://a:4222, nats://b:4222,nats://c:4222\"").unwrap(),
+            ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+        );
+        let c = Config::from_toml("[queue]\nstream_replicas = 3").unwrap();
+        assert_eq!(c.queue.stream_replicas, Some(3));
+        c.validate().unwrap();
     }
 
     #[test]

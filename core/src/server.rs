@@ -194,8 +194,8 @@ pub async fn run(
 
     // Production dispatch: outbox rows published to JetStream. Embedded:
     // the in-process queue wakes this process's workers.
-    let nats = match &config.queue.nats_url {
-        Some(url) => Some(crate::queue::connect(url).await.map_err(StartError::Queue)?),
+    let nats = match config.queue.nats_servers() {
+        Some(servers) => Some(crate::queue::connect(&servers).await.map_err(StartError::Queue)?),
         None => None,
     };
     let store = store.with_outbox(nats.is_some());
@@ -208,14 +208,15 @@ pub async fn run(
     if let Some(client) = &nats {
         background.spawn(events.clone().relay(client.clone()));
     }
-    let prefix = config.queue.stream_prefix.clone();
+    let streams =
+        crate::queue::Streams::new(config.queue.stream_prefix.clone(), config.queue.stream_replicas);
     let queue: Arc<dyn crate::jobs::JobQueue> = match &nats {
         Some(client) => {
             let q = crate::queue::NatsQueue::new(local.notifier());
             background.spawn(crate::queue::run_publisher(
                 store.clone(),
                 client.clone(),
-                prefix.clone(),
+                streams.clone(),
                 q.publisher_wake(),
                 stop_rx.clone(),
             ));
@@ -239,7 +240,7 @@ pub async fn run(
         if let Some(client) = &nats {
             background.spawn(crate::queue::run_consumer(
                 client.clone(),
-                prefix.clone(),
+                streams.clone(),
                 engine.clone(),
                 stop_rx.clone(),
             ));

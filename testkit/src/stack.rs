@@ -1,7 +1,7 @@
 //! The whole system as OS processes: core (one combined process, or API and
 //! worker processes apart), one gateway per API process, and simulated
 //! providers, each started from the `hcp` binary on an ephemeral port;
-//! optionally a NATS JetStream server of the test's own. Process logs go to
+//! optionally a NATS JetStream server, or a NATS cluster, of the test's own. Process logs go to
 //! files in the stack's temporary directory, which is kept when the test
 //! fails.
 
@@ -17,7 +17,7 @@ use tokio::process::Child;
 
 use crate::TempDir;
 use crate::db::{Backend, TestDb};
-use crate::nats::NatsServer;
+use crate::nats::{NatsCluster, NatsServer};
 use crate::rest::Rest;
 
 /// How to start a stack.
@@ -37,8 +37,13 @@ pub struct StackOptions {
     pub providers_toml: String,
     /// Extra keys of core's `[console]` table.
     pub console_toml: String,
+    /// Extra keys of core's `[queue]` table (with NATS).
+    pub queue_toml: String,
     /// Run NATS JetStream (a server of the test's own) for dispatch.
     pub nats: bool,
+    /// Run a NATS cluster of this many JetStream servers instead of the
+    /// single server (0: none), core given every node's URL.
+    pub nats_cluster: usize,
     /// API processes (each with a gateway).
     pub api_processes: usize,
     /// Worker processes; 0 means API processes also run jobs.
@@ -78,8 +83,10 @@ impl Default for StackOptions {
             jobs_toml: String::new(),
             providers_toml: String::new(),
             console_toml: String::new(),
+            queue_toml: String::new(),
             console_urls_name_the_gateway: false,
             nats: false,
+            nats_cluster: 0,
             api_processes: 1,
             worker_processes: 0,
             db_proxy: false,
@@ -110,6 +117,8 @@ pub struct TestStack {
     pub rests: Vec<Rest>,
     /// The NATS server, when the stack uses one.
     pub nats: Option<NatsServer>,
+    /// The NATS cluster, when the stack uses one.
+    pub nats_cluster: Option<NatsCluster>,
     /// The database (kept alive as long as the stack).
     pub db: TestDb,
     /// The proxy between core and PostgreSQL, with `db_proxy`.
@@ -159,7 +168,10 @@ impl TestStack {
         } else {
             (None, db.url.clone())
         };
+        anyhow::ensure!(!(opts.nats && opts.nats_cluster > 0), "a NATS server or a NATS cluster, not both");
         let nats = if opts.nats { Some(NatsServer::start().await?) } else { None };
+        let nats_cluster =
+            if opts.nats_cluster > 0 { Some(NatsCluster::start(opts.nats_cluster).await?) } else { None };
         let secret_hex = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
         std::fs::write(dir.path().join("jwt-secret"), &secret_hex)?;
         std::fs::write(dir.path().join("secrets.key"), hcp_core::secrets::SecretBox::generate_key_hex())?;
@@ -181,6 +193,7 @@ impl TestStack {
             rest: Rest::new(String::new()),
             rests: Vec::new(),
             nats,
+            nats_cluster,
             db,
             db_proxy,
             core_db_url,
@@ -268,10 +281,18 @@ impl TestStack {
         Ok(stack)
     }
 
+    /// Replaces the extra keys of core's `[queue]` table for the core
+    /// processes started from now on (a configuration changed between
+    /// releases or restarts).
+    pub fn set_queue_toml(&mut self, toml: impl Into<String>) {
+        self.opts.queue_toml = toml.into();
+    }
+
     fn write_core_config(&self, name: &str, api: bool, worker: bool) -> anyhow::Result<PathBuf> {
-        let queue = match &self.nats {
-            Some(n) => format!("\n[queue]\nnats_url = \"{}\"\n", n.url()),
-            None => String::new(),
+        let queue = match (&self.nats, &self.nats_cluster) {
+            (Some(n), _) => format!("\n[queue]\nnats_url = \"{}\"\n{}\n", n.url(), self.opts.queue_toml),
+            (None, Some(c)) => format!("\n[queue]\nnats_url = \"{}\"\n{}\n", c.urls(), self.opts.queue_toml),
+            (None, None) => String::new(),
         };
         let toml = format!(
             "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[roles]\napi = {api}\nworker = {worker}\n\n\
