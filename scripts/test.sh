@@ -81,6 +81,14 @@ else
   cargo test --workspace --locked --no-fail-fast || status=$?
 fi
 
+# The container image (scripts/container.sh): built from the binaries the
+# tests just built and run where containers can run (SKIP otherwise). A step
+# here, not a Rust test: it needs root and podman, and its I/O would compete
+# with the tests; the Debian rootfs is cached, so it takes seconds after the
+# first run.
+echo "== container image"
+bash scripts/container.sh || status=1
+
 # Every test deletes what it made, also when it fails: nothing of HCP's may
 # be left on the hypervisor or in the test bed.
 left="$(virsh -c qemu:///system list --all --name 2>/dev/null | grep '^hcp-' || true)"
