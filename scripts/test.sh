@@ -99,6 +99,13 @@ else
   cargo test --workspace --locked --no-fail-fast || status=$?
 fi
 
+phase "container image"
+# The container image (scripts/container.sh): built from the binaries the
+# tests just built and run where containers can run (SKIP otherwise). A step
+# here, not a Rust test: it needs root and podman, and its I/O would compete
+# with the tests; the Debian rootfs is cached, so it takes seconds after the
+# first run.
+bash scripts/container.sh || status=1
 phase "done"
 
 # Every test deletes what it made, also when it fails: nothing of HCP's may

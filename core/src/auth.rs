@@ -211,6 +211,17 @@ pub enum KeyError {
         #[source]
         source: jsonwebtoken::errors::Error,
     },
+    /// An HS256 secret file its group or others may access.
+    #[error(
+        "the HS256 secret file {path} is open to its group or others (mode {mode:04o}): \
+         make it readable by its owner alone (chmod 600), or pass it as a systemd credential"
+    )]
+    Exposed {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// An HS256 secret shorter than 32 bytes.
     #[error("the HS256 secret in {path} is shorter than 32 bytes")]
     WeakSecret {
@@ -259,9 +270,16 @@ fn read_key(path: &Path) -> Result<Vec<u8>, KeyError> {
     std::fs::read(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })
 }
 
-/// Reads an HS256 secret file, trimming a trailing newline.
+/// Reads an HS256 secret file, trimming a trailing newline. Like the
+/// secrets key, a file its group or others may access is refused
+/// ([`crate::secrets::read_owner_only`]): whoever reads it can mint tokens.
 pub fn read_hs256_secret(path: &Path) -> Result<Vec<u8>, KeyError> {
-    let mut secret = read_key(path)?;
+    use crate::secrets::OwnerOnlyError;
+    let named = || path.display().to_string();
+    let mut secret = crate::secrets::read_owner_only(path).map_err(|e| match e {
+        OwnerOnlyError::Read(source) => KeyError::Read { path: named(), source },
+        OwnerOnlyError::Exposed { mode } => KeyError::Exposed { path: named(), mode },
+    })?;
     while secret.last().is_some_and(|b| b.is_ascii_whitespace()) {
         secret.pop();
     }

@@ -12,9 +12,15 @@
 //! [`crate::audit_chain::KeyRing`]). Blank lines and lines starting with
 //! `#` are skipped. A file of one key, as HCP has always written, reads
 //! the same.
+//!
+//! A file holding a secret (this key file, the HS256 secret of `[auth]`)
+//! is refused when its group or others may access it ([`read_owner_only`]):
+//! a key anyone on the host can read seals nothing. systemd credentials are
+//! exempt, because systemd grants the service's user read access with an
+//! ACL, which `stat` shows as group bits.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Component, Path};
 
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -54,6 +60,17 @@ pub enum SecretsError {
         /// How many keys it holds.
         found: usize,
     },
+    /// The key file may be read by others than its owner.
+    #[error(
+        "the secrets key file {path} is open to its group or others (mode {mode:04o}): \
+         make it readable by its owner alone (chmod 600), or pass it as a systemd credential"
+    )]
+    Exposed {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// The same key is in the file twice.
     #[error("line {line} of the secrets key file {path} repeats the key of an earlier line")]
     Repeated {
@@ -82,10 +99,19 @@ impl std::fmt::Debug for SecretKeys {
 
 impl SecretKeys {
     /// Reads a key file: one key of 64 hex digits a line, current first.
+    /// A file its group or others may access is refused
+    /// ([`read_owner_only`]).
     pub fn from_file(path: &Path) -> Result<Self, SecretsError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| SecretsError::Read { path: path.display().to_string(), source })?;
-        Self::parse(&text, &path.display().to_string())
+        let named = path.display().to_string();
+        let bytes = read_owner_only(path).map_err(|e| match e {
+            OwnerOnlyError::Read(source) => SecretsError::Read { path: named.clone(), source },
+            OwnerOnlyError::Exposed { mode } => SecretsError::Exposed { path: named.clone(), mode },
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| SecretsError::Read {
+            path: named.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        Self::parse(&text, &named)
     }
 
     /// Reads the text of a key file; `path` names it in errors.
@@ -121,6 +147,62 @@ impl SecretKeys {
     pub fn all(&self) -> &[[u8; 32]] {
         &self.keys
     }
+}
+
+/// Why [`read_owner_only`] refused a file.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnerOnlyError {
+    /// The file could not be opened or read.
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    /// Its group or others may access it.
+    #[error("it is open to its group or others (mode {mode:04o})")]
+    Exposed {
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// Reads a file holding a secret, refusing it when its permission bits let
+/// its group or others access it (anything in `0o077`), unless it is a
+/// systemd credential (under `$CREDENTIALS_DIRECTORY`, see
+/// [`exposed_mode`]). The mode is taken from the opened file, so the file
+/// checked is the file read.
+pub fn read_owner_only(path: &Path) -> Result<Vec<u8>, OwnerOnlyError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(OwnerOnlyError::Read)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = file.metadata().map_err(OwnerOnlyError::Read)?.permissions().mode();
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
+        let credential = credentials.is_some_and(|dir| within(path, Path::new(&dir)));
+        if let Some(mode) = exposed_mode(mode, credential) {
+            return Err(OwnerOnlyError::Exposed { mode });
+        }
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(OwnerOnlyError::Read)?;
+    Ok(bytes)
+}
+
+/// The permission bits of a secret file when they are too open: any bit
+/// for its group or others. A systemd credential is never too open: systemd
+/// writes it 0400, owned by root, and grants the service's user read access
+/// with an ACL entry, whose mask `stat` reports as the group bits (0440);
+/// the credentials directory is the unit's alone.
+pub fn exposed_mode(mode: u32, systemd_credential: bool) -> Option<u32> {
+    let mode = mode & 0o7777;
+    (mode & 0o077 != 0 && !systemd_credential).then_some(mode)
+}
+
+/// Whether `path` names a file inside `dir` (an absolute directory), by
+/// its components: a `..` anywhere makes it not count.
+fn within(path: &Path, dir: &Path) -> bool {
+    dir.is_absolute()
+        && path.starts_with(dir)
+        && path.components().all(|c| c != Component::ParentDir)
+        && path != dir
 }
 
 /// Seals and opens secrets.
@@ -231,6 +313,48 @@ mod tests {
         assert_eq!(
             SecretBox::new(&SecretKeys::parse(&new, "k").unwrap()).open(b"p", &sealed_after).unwrap(),
             creds
+        );
+    }
+
+    /// Each row: a file's permission bits, whether it is a systemd
+    /// credential, and whether it is refused.
+    #[test]
+    fn secret_files_open_to_group_or_others_are_refused() {
+        let rows: &[(u32, bool, bool)] = &[
+            (0o100600, false, false),
+            (0o100400, false, false),
+            (0o100700, false, false),
+            (0o100640, false, true),
+            (0o100644, false, true),
+            (0o100604, false, true),
+            (0o100620, false, true),
+            (0o100602, false, true),
+            (0o100666, false, true),
+            // A credential systemd granted to the unit's user by ACL.
+            (0o100440, true, false),
+            (0o100400, true, false),
+        ];
+        for &(mode, credential, refused) in rows {
+            let got = exposed_mode(mode, credential);
+            assert_eq!(got.is_some(), refused, "{mode:o} credential={credential}");
+            if let Some(bits) = got {
+                assert_eq!(bits, mode & 0o7777, "the refusal names the permission bits alone");
+            }
+        }
+        let dir = Path::new("/run/credentials/hcp-core-api.service");
+        for (path, inside) in [
+            ("/run/credentials/hcp-core-api.service/secrets-key", true),
+            ("/run/credentials/hcp-core-api.service/../../../etc/hcp/key", false),
+            ("/run/credentials/hcp-core-api.service", false),
+            ("/run/credentials/hcp-core-api.serviceX/key", false),
+            ("/etc/hcp/secrets-key", false),
+            ("secrets-key", false),
+        ] {
+            assert_eq!(within(Path::new(path), dir), inside, "{path}");
+        }
+        assert!(
+            !within(Path::new("x/key"), Path::new("x")),
+            "a relative credentials directory counts for nothing"
         );
     }
 

@@ -36,9 +36,9 @@ fn a_bad_anchor_file_or_key_file_is_refused_at_start() {
     let dir = hcp_testkit::TempDir::new().unwrap();
     let path = dir.path().join("core.toml");
     let jwt = dir.path().join("jwt-secret");
-    std::fs::write(&jwt, "0123456789abcdef0123456789abcdef").unwrap();
+    write_owner_only(&jwt, "0123456789abcdef0123456789abcdef");
     let keys = dir.path().join("secrets.key");
-    std::fs::write(&keys, format!("{}\nnot-a-key\n", "ab".repeat(32))).unwrap();
+    write_owner_only(&keys, &format!("{}\nnot-a-key\n", "ab".repeat(32)));
     let head = format!(
         "listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite::memory:\"\n[auth]\nhs256_secret_file = \"{}\"\n",
         jwt.display()
@@ -53,4 +53,56 @@ fn a_bad_anchor_file_or_key_file_is_refused_at_start() {
         let text = hcp_telemetry::error_chain(&err);
         assert!(text.contains(says), "{file}: {text}");
     }
+}
+
+/// A secrets key file or an HS256 secret file that its group or others may
+/// read is refused at start, naming the file and its mode; at 0600 the
+/// same files are taken.
+#[test]
+fn secret_files_others_may_read_are_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let path = dir.path().join("core.toml");
+    let jwt = dir.path().join("jwt-secret");
+    write_owner_only(&jwt, "0123456789abcdef0123456789abcdef");
+    let keys = dir.path().join("secrets.key");
+    write_owner_only(&keys, &"ab".repeat(32));
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite::memory:\"\n\
+             [auth]\nhs256_secret_file = \"{}\"\n[secrets]\nkey_file = \"{}\"\n",
+            jwt.display(),
+            keys.display()
+        ),
+    )
+    .unwrap();
+    let chmod = |file: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    for (file, mode, says) in [
+        (&jwt, 0o644, "the HS256 secret file"),
+        (&jwt, 0o640, "the HS256 secret file"),
+        (&keys, 0o604, "the secrets key file"),
+    ] {
+        chmod(file, mode);
+        let err = hcp_core::cli::main(["hcp-core", "--config", path.to_str().unwrap()]).unwrap_err();
+        let text = hcp_telemetry::error_chain(&err);
+        let named = format!("{says} {} is open to its group or others (mode {mode:04o})", file.display());
+        assert!(text.contains(&named), "{mode:o}: {text}");
+        assert!(text.contains("chmod 600"), "the refusal says how to fix it: {text}");
+        chmod(file, 0o600);
+    }
+    // Both files at 0600: the keys are read, so core gets past them (and
+    // this checks the refusals above were the modes and nothing else).
+    let verifier = hcp_core::auth::Verifier::from_config(&hcp_core::Config::from_file(&path).unwrap().auth);
+    assert!(verifier.is_ok(), "{verifier:?}");
+    hcp_core::secrets::SecretKeys::from_file(&keys).unwrap();
+}
+
+fn write_owner_only(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
+    file.write_all(text.as_bytes()).unwrap();
 }

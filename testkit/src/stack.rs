@@ -173,8 +173,9 @@ impl TestStack {
         let nats_cluster =
             if opts.nats_cluster > 0 { Some(NatsCluster::start(opts.nats_cluster).await?) } else { None };
         let secret_hex = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-        std::fs::write(dir.path().join("jwt-secret"), &secret_hex)?;
-        std::fs::write(dir.path().join("secrets.key"), hcp_core::secrets::SecretBox::generate_key_hex())?;
+        // Core refuses secret files its group or others may read.
+        write_owner_only(&dir.path().join("jwt-secret"), &secret_hex)?;
+        write_owner_only(&dir.path().join("secrets.key"), &hcp_core::secrets::SecretBox::generate_key_hex())?;
         let proxy_token = mint(
             secret_hex.as_bytes(),
             "console-proxy",
@@ -656,4 +657,17 @@ fn jobs_table(extra: &str) -> String {
         }
     }
     out
+}
+
+/// Writes a file only its owner may read (mode 0600), as core demands of
+/// its secret files.
+fn write_owner_only(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
 }
