@@ -19,8 +19,8 @@
 # hcp user, then core with a configuration mounted from the host (SQLite,
 # both roles, the secrets as files of mode 0600) until its /metrics answers
 # through a published port, and core refusing a secret file of mode 0644.
-# Where containers cannot run it prints `SKIP <why>` and exits 0 (under CI,
-# 1).
+# Where containers cannot run it prints `SKIP <why>` and exits 0, also under
+# CI (the image is still built); missing tools it cannot install fail CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -168,7 +168,10 @@ find_runtime() {
       return 0
     fi
   done
-  skip "containers cannot run here: $(printf '%s' "$err" | tail -n 1)"
+  # The image is built (that part fails CI when it fails); a machine that
+  # cannot run containers at all is said so and skipped, also in CI.
+  echo "SKIP running the container image: containers cannot run here: $(printf '%s' "$err" | tail -n 1)"
+  exit 0
 }
 prun() { podman "${GLOBAL[@]}" run "${RUNOPTS[@]}" "$@"; }
 pod() { podman "${GLOBAL[@]}" "$@"; }
