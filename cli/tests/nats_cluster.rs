@@ -7,80 +7,20 @@
 //! create's job is delivered and runs once. A stream an earlier
 //! deployment made with one replica is moved to three, its consumer with it.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hcp_testkit::db::Backend;
+use hcp_testkit::load::{self, Load, create_body as body, vms};
 use hcp_testkit::nats::NatsCluster;
-use hcp_testkit::rest::Rest;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use hcp_testkit::wait_until;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const HCP: &str = env!("CARGO_BIN_EXE_hcp");
 const JOBS: &str = "HCP_JOBS";
 const USAGE: &str = "HCP_USAGE";
-
-fn vms(project: &str) -> String {
-    format!("/api/hcp/tenant/v1/projects/{project}/vms")
-}
-
-fn body(name: &str) -> Value {
-    json!({"name": name, "flavor": "small", "image": "debian-12"})
-}
-
-async fn job_status(rest: &Rest, token: &str, job_id: &str) -> String {
-    let r = rest.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), token).await.unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.str("status")
-}
-
-/// Answers seen by the clients, by status.
-type Seen = Arc<Mutex<BTreeMap<String, usize>>>;
-
-/// A client under outages: the create carries an Idempotency-Key and is
-/// retried with it on 503 (which must carry Retry-After) until it gets 202.
-/// Any other answer fails the test. Returns the (vm, job) ids.
-async fn create_until_accepted(rest: &Rest, token: &str, name: &str, seen: &Seen) -> (String, String) {
-    let key = uuid::Uuid::new_v4().to_string();
-    let payload = body(name).to_string();
-    for _ in 0..600 {
-        let r = rest
-            .raw_with("POST", &vms("demo"), Some(token), Some(&payload), &[("idempotency-key", &key)])
-            .await;
-        let label = match &r {
-            Ok(r) => r.status.to_string(),
-            Err(_) => "connection refused".to_owned(),
-        };
-        *seen.lock().unwrap().entry(label).or_default() += 1;
-        match r {
-            Ok(r) if r.status == 202 => return (r.str("vm_id"), r.str("job_id")),
-            Ok(r) if r.status == 503 => {
-                assert!(r.headers.contains_key("retry-after"), "503 without Retry-After")
-            }
-            Ok(r) => panic!("create {name}: {} {}", r.status, r.body),
-            Err(e) => panic!("create {name}: {e}"),
-        }
-        // The scenario, not synchronisation: a client's pause before it
-        // tries again (600 tries bound the wait).
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("create {name} never accepted");
-}
-
-fn accepted_so_far(seen: &Seen) -> usize {
-    seen.lock().unwrap().get("202").copied().unwrap_or(0)
-}
-
-/// Waits until `n` creates in all were accepted.
-async fn accepted_at_least(seen: &Seen, n: usize, what: &str) {
-    wait_until(Duration::from_secs(30), what, || async { Ok((accepted_so_far(seen) >= n).then_some(())) })
-        .await
-        .unwrap();
-}
 
 /// Waits until `stream` has a leader other than `not`; returns it.
 async fn leader(cluster: &NatsCluster, stream: &str, not: &[usize]) -> usize {
@@ -138,27 +78,11 @@ async fn a_nats_cluster_loses_its_leader_then_its_quorum_and_hcp_loses_nothing()
     let info = three_current_replicas(cluster, &format!("STREAM.INFO.{USAGE}")).await;
     assert_eq!(info["config"]["num_replicas"], 3, "{info}");
 
-    let seen: Seen = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = tokio::task::JoinSet::new();
-    // Two clients, one per gateway, create VMs until told to stop.
-    for c in 0..2 {
-        let (rest, token, seen, stop) = (s.rests[c].clone(), token.clone(), seen.clone(), stop.clone());
-        clients.spawn(async move {
-            let mut accepted = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) && i < 1000 {
-                accepted.push(create_until_accepted(&rest, &token, &format!("c{c}-{i}"), &seen).await);
-                i += 1;
-                // The scenario: steady load (about 10 creates a second in
-                // all) rather than a backlog that would hide the time
-                // JetStream takes to deliver again behind the workers'.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            accepted
-        });
-    }
-    accepted_at_least(&seen, 20, "creates before the first kill").await;
+    // Two clients, one per gateway, about 10 creates a second in all: a
+    // steady load rather than a backlog that would hide the time JetStream
+    // takes to deliver again behind the workers'.
+    let load = Load::paced(&s, &token, "demo", "c", 2, 1000, Duration::from_millis(200));
+    load.accepts(20, Duration::from_secs(30)).await.unwrap();
 
     // The job stream's leader dies; the two others elect a new one.
     let cluster = s.nats_cluster.as_mut().unwrap();
@@ -167,29 +91,25 @@ async fn a_nats_cluster_loses_its_leader_then_its_quorum_and_hcp_loses_nothing()
     cluster.kill(first).await;
     let second = leader(cluster, JOBS, &[first]).await;
     let election = killed_at.elapsed();
-    let n = accepted_so_far(&seen);
-    accepted_at_least(&seen, n + 20, "creates after the leader's death").await;
+    load.accepts(20, Duration::from_secs(30)).await.unwrap();
 
     // A second node dies: no quorum. Creates are accepted all the same and
     // their jobs wait in the outbox.
     cluster.kill(second).await;
-    let before_no_quorum = accepted_so_far(&seen);
-    accepted_at_least(&seen, before_no_quorum + 30, "creates while JetStream has no quorum").await;
+    let before_no_quorum = load.count("202");
+    load.accepts(30, Duration::from_secs(30)).await.unwrap();
     let pending = store.count_pending_outbox().await.unwrap();
     assert!(pending > 0, "jobs accepted without quorum wait in the outbox");
 
     // Both nodes come back; the load stops.
-    let accepted_no_quorum = accepted_so_far(&seen) - before_no_quorum;
+    let accepted_no_quorum = load.count("202") - before_no_quorum;
     cluster.restart(first).await.unwrap();
     cluster.restart(second).await.unwrap();
     let restarted_at = Instant::now();
     leader(cluster, JOBS, &[]).await;
     let quorum_at = Instant::now();
-    stop.store(true, Ordering::Relaxed);
-    let mut accepted = Vec::new();
-    while let Some(r) = clients.join_next().await {
-        accepted.extend(r.unwrap());
-    }
+    let answers = load.seen.lock().unwrap().clone();
+    let accepted = load.finish().await;
     wait_until(Duration::from_secs(60), "the outbox to drain", || async {
         Ok((store.count_pending_outbox().await? == 0).then_some(()))
     })
@@ -200,25 +120,9 @@ async fn a_nats_cluster_loses_its_leader_then_its_quorum_and_hcp_loses_nothing()
     // Everything is delivered (by JetStream: workers do not poll) and runs
     // exactly once.
     let jobs: Vec<String> = accepted.iter().map(|(_, j)| j.clone()).collect();
-    wait_until(Duration::from_secs(90), "every job to succeed", || async {
-        let mut done = 0;
-        for j in &jobs {
-            match job_status(&s.rest, &token, j).await.as_str() {
-                "SUCCEEDED" => done += 1,
-                "FAILED" => anyhow::bail!("job {j} failed"),
-                _ => {}
-            }
-        }
-        Ok((done == jobs.len()).then_some(()))
-    })
-    .await
-    .unwrap();
+    load::all_succeed(&s.rest, &token, &jobs, Duration::from_secs(90)).await.unwrap();
     let delivered = quorum_at.elapsed();
-    let stats = s.sim_stats().await.unwrap();
-    let lost = accepted.iter().filter(|(vm, _)| !stats.creations.contains_key(vm)).count();
-    let duplicated = stats.creations.values().filter(|n| **n > 1).count()
-        + (stats.vm_count as usize).saturating_sub(accepted.len());
-    assert_eq!(stats.overlapping_calls, 0, "two workers ran one job at once");
+    let (lost, duplicated) = load::exactly_once(&s, &token, &accepted).await.unwrap();
 
     // The streams and the workers' consumer still have 3 replicas, all
     // caught up after the restarts.
@@ -234,7 +138,6 @@ async fn a_nats_cluster_loses_its_leader_then_its_quorum_and_hcp_loses_nothing()
         assert!(replicas == 3 || request.starts_with("CONSUMER"), "{request}: {info}");
     }
 
-    let answers = seen.lock().unwrap().clone();
     eprintln!(
         "NATS cluster of 3, 2 API + 2 worker processes, 2 clients: {} creates accepted, answers {answers:?}; \
          leader {} killed, new leader {} after {election:?}; {accepted_no_quorum} creates accepted while \
@@ -295,10 +198,5 @@ async fn a_stream_with_one_replica_is_moved_to_three_with_its_consumer() {
     // Jobs still flow through it.
     let r = s.rest.post(&vms("demo"), &token, &body("after-scale")).await.unwrap();
     assert_eq!(r.status, 202, "{}", r.body);
-    let job = r.str("job_id");
-    wait_until(Duration::from_secs(30), "the job to succeed", || async {
-        Ok((job_status(&s.rest, &token, &job).await == "SUCCEEDED").then_some(()))
-    })
-    .await
-    .unwrap();
+    load::all_succeed(&s.rest, &token, &[r.str("job_id")], Duration::from_secs(30)).await.unwrap();
 }

@@ -75,7 +75,8 @@ pub struct Load {
 }
 
 impl Load {
-    /// Starts the creators.
+    /// Starts the creators, each making its next create as soon as the last
+    /// is accepted.
     pub fn start(
         s: &TestStack,
         token: &str,
@@ -83,6 +84,20 @@ impl Load {
         prefix: &str,
         clients: usize,
         max_each: usize,
+    ) -> Self {
+        Self::paced(s, token, project, prefix, clients, max_each, Duration::ZERO)
+    }
+
+    /// Starts the creators, each pausing `pause` after each accepted create:
+    /// a steady load rather than a backlog.
+    pub fn paced(
+        s: &TestStack,
+        token: &str,
+        project: &str,
+        prefix: &str,
+        clients: usize,
+        max_each: usize,
+        pause: Duration,
     ) -> Self {
         let (seen, stop) = (Answers::default(), Arc::new(AtomicBool::new(false)));
         let mut tasks = tokio::task::JoinSet::new();
@@ -97,6 +112,10 @@ impl Load {
                     let name = format!("{prefix}{c}-{i}");
                     accepted.push(create_until_accepted(&rest, &token, &project, &name, &seen).await);
                     i += 1;
+                    if !pause.is_zero() {
+                        // The scenario, not synchronisation: the client's pace.
+                        tokio::time::sleep(pause).await;
+                    }
                 }
                 accepted
             });
