@@ -3,6 +3,7 @@
 //! - [`db::TestDb`]: a fresh database per test, SQLite (a file in a
 //!   temporary directory) or PostgreSQL (a new database on the server named
 //!   by `HCP_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! - [`fixtures`]: store records as the store suites write them.
 //! - [`stack::TestStack`]: core, gateway and sim providers as separate OS
 //!   processes on ephemeral ports, with tokens signed by the stack's key.
 //! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped.
@@ -19,6 +20,7 @@
 pub mod console;
 pub mod db;
 pub mod files;
+pub mod fixtures;
 pub mod flows;
 pub mod load;
 pub mod nats;

@@ -11,6 +11,7 @@ use hcp_domain::model::*;
 use hcp_proto::ids::{EventId, ProviderId, VmId, VolumeId};
 use hcp_store::{Finish, FleetQuery, ForceDelete, Quota, Store, StoreError};
 use hcp_testkit::db::{Backend, TestDb};
+use hcp_testkit::fixtures::sim_provider;
 
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
@@ -70,24 +71,7 @@ async fn seed(store: &Store, name: &str) -> Provider {
         let i = Image { min_disk_gib: 1, ..Image::public("img", "img-src", now()) };
         store.create_image(&i, &audit("image.create", "img")).await.unwrap();
     }
-    let p = Provider {
-        id: ProviderId::new(),
-        name: name.into(),
-        zone: "z1".into(),
-        endpoint: "http://127.0.0.1:1".into(),
-        plugin_name: "sim.hcp.dev".into(),
-        plugin_version: "0".into(),
-        hypervisor: "sim".into(),
-        protocol_version: "1".into(),
-        capabilities: Capabilities::default(),
-        healthy: true,
-        health_message: "ready".into(),
-        last_probe_at: Some(now()),
-        created_at: now(),
-        has_credentials: false,
-        tls: ProviderTls::default(),
-        allow_plaintext: false,
-    };
+    let p = sim_provider(name);
     store.insert_provider(&p, None, &audit("provider.register", "p")).await.unwrap();
     p
 }

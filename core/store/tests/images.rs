@@ -8,9 +8,10 @@
 use std::borrow::Cow;
 
 use hcp_domain::model::*;
-use hcp_proto::ids::{EventId, ProviderId};
+use hcp_proto::ids::EventId;
 use hcp_store::{ImageQuery, Store};
 use hcp_testkit::db::{Backend, TestDb};
+use hcp_testkit::fixtures::sim_provider;
 
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
@@ -42,27 +43,6 @@ fn audit(action: &str, resource: &str) -> AuditEvent {
         job_id: String::new(),
         trace_id: String::new(),
         detail: String::new(),
-    }
-}
-
-fn provider(name: &str) -> Provider {
-    Provider {
-        id: ProviderId::new(),
-        name: name.into(),
-        zone: "z1".into(),
-        endpoint: "http://127.0.0.1:1".into(),
-        plugin_name: "sim.hcp.dev".into(),
-        plugin_version: "0".into(),
-        hypervisor: "sim".into(),
-        protocol_version: "1".into(),
-        capabilities: Capabilities::default(),
-        healthy: true,
-        health_message: "ready".into(),
-        last_probe_at: Some(now()),
-        created_at: now(),
-        has_credentials: false,
-        tls: ProviderTls::default(),
-        allow_plaintext: false,
     }
 }
 
@@ -112,7 +92,7 @@ async fn an_image_catalog_from_before_backings_keeps_working(backend: Backend) {
     let db = TestDb::new(backend).await.unwrap();
     let store = before_backings(&db).await;
     for name in ["p-one", "p-two"] {
-        store.insert_provider(&provider(name), None, &audit("provider.register", name)).await.unwrap();
+        store.insert_provider(&sim_provider(name), None, &audit("provider.register", name)).await.unwrap();
     }
     store.migrate().await.unwrap();
     let image = store.get_image_by_name("legacy", None).await.unwrap();
@@ -124,7 +104,10 @@ async fn an_image_catalog_from_before_backings_keeps_working(backend: Backend) {
     assert!(image.backings.is_empty(), "{:?}", image.backings);
     assert_eq!((image.min_disk_gib, image.description.as_str()), (2, "from before"));
     assert_eq!(image.updated_at, image.created_at);
-    store.insert_provider(&provider("p-three"), None, &audit("provider.register", "p-three")).await.unwrap();
+    store
+        .insert_provider(&sim_provider("p-three"), None, &audit("provider.register", "p-three"))
+        .await
+        .unwrap();
     let image = store.get_image_by_name("legacy", None).await.unwrap();
     assert_eq!(image.backing_on("p-three"), Some("legacy-template"));
     let image = store

@@ -14,6 +14,7 @@ use hcp_store::{
     SUBJECT_USAGE_PREFIX, Store, StoreError,
 };
 use hcp_testkit::db::{Backend, TestDb};
+use hcp_testkit::fixtures::sim_provider;
 
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
@@ -129,22 +130,8 @@ async fn seed(store: &Store) -> Provider {
         .await
         .unwrap();
     let p = Provider {
-        id: ProviderId::new(),
-        name: "sim-1".into(),
-        zone: "z1".into(),
-        endpoint: "http://127.0.0.1:1".into(),
-        plugin_name: "sim.hcp.dev".into(),
-        plugin_version: "0".into(),
-        hypervisor: "sim".into(),
-        protocol_version: "1".into(),
         capabilities: Capabilities { supports_cloud_init: true, ..Default::default() },
-        healthy: true,
-        health_message: "ready".into(),
-        last_probe_at: Some(now()),
-        created_at: now(),
-        has_credentials: false,
-        tls: ProviderTls::default(),
-        allow_plaintext: false,
+        ..sim_provider("sim-1")
     };
     store.insert_provider(&p, None, &audit("provider.register", "p")).await.unwrap();
     p
