@@ -484,6 +484,27 @@ impl QueueConfig {
         let url = self.nats_url.as_deref()?;
         Some(url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect())
     }
+
+    /// Refuses a `nats_url` that names no server, or a server that is not a
+    /// NATS URL: the client would retry it forever instead of failing.
+    fn check_servers(&self) -> Result<(), Invalid> {
+        let Some(servers) = self.nats_servers() else { return Ok(()) };
+        let invalid = |got: &str| {
+            let got: String = got.chars().take(120).collect();
+            Invalid::new(
+                "queue.nats_url",
+                "one or more NATS server URLs separated by commas (nats://host:4222)".to_owned(),
+                format!("{got:?}"),
+            )
+        };
+        if servers.is_empty() {
+            return Err(invalid(self.nats_url.as_deref().unwrap_or_default()));
+        }
+        match servers.iter().find(|s| s.parse::<async_nats::ServerAddr>().is_err()) {
+            Some(bad) => Err(invalid(bad)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Console sessions.
@@ -840,7 +861,8 @@ impl Config {
     /// first one outside it is named. Nothing is clamped: a value HCP
     /// cannot honour is refused at start rather than silently changed.
     pub fn validate(&self) -> Result<(), Invalid> {
-        bounds().iter().try_for_each(|b| b.check(self))
+        bounds().iter().try_for_each(|b| b.check(self))?;
+        self.queue.check_servers()
     }
 
     /// Parses TOML text.
@@ -1006,6 +1028,18 @@ mod tests {
         let c = Config::from_toml("[queue]\nstream_replicas = 3").unwrap();
         assert_eq!(c.queue.stream_replicas, Some(3));
         c.validate().unwrap();
+        // A list naming no server, or something that is not a NATS URL, is
+        // refused at start, naming the field and the bad entry.
+        for (toml, bad) in [
+            ("nats_url = \" , \"", "\" , \""),
+            ("nats_url = \"\"", "\"\""),
+            ("nats_url = \"nats://a:4222,not a url\"", "\"not a url\""),
+            ("nats_url = \"nats://a:99999\"", "\"nats://a:99999\""),
+        ] {
+            let err = Config::from_toml(&format!("[queue]\n{toml}")).unwrap().validate().unwrap_err();
+            assert_eq!(err.field, "queue.nats_url", "{toml}");
+            assert!(err.to_string().contains(bad), "{toml}: {err}");
+        }
     }
 
     #[test]

@@ -290,10 +290,14 @@ impl TestStack {
     }
 
     fn write_core_config(&self, name: &str, api: bool, worker: bool) -> anyhow::Result<PathBuf> {
-        let queue = match (&self.nats, &self.nats_cluster) {
-            (Some(n), _) => format!("\n[queue]\nnats_url = \"{}\"\n{}\n", n.url(), self.opts.queue_toml),
-            (None, Some(c)) => format!("\n[queue]\nnats_url = \"{}\"\n{}\n", c.urls(), self.opts.queue_toml),
-            (None, None) => String::new(),
+        let nats_url = self
+            .nats
+            .as_ref()
+            .map(NatsServer::url)
+            .or_else(|| self.nats_cluster.as_ref().map(NatsCluster::urls));
+        let queue = match nats_url {
+            Some(url) => format!("\n[queue]\nnats_url = \"{url}\"\n{}\n", self.opts.queue_toml),
+            None => String::new(),
         };
         let toml = format!(
             "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[roles]\napi = {api}\nworker = {worker}\n\n\
