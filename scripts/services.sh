@@ -2,8 +2,9 @@
 # Makes sure the services HCP's tests use are running on this machine:
 # PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth) and NATS with
 # JetStream on 127.0.0.1:4222. Starts them when installed but stopped, and
-# installs them from Debian packages when missing (needs root).
-# Source this file, then call ensure_postgres / ensure_nats.
+# installs them from Debian packages when missing (needs root); RabbitMQ is
+# only installed (the tests start nodes of their own).
+# Source this file, then call ensure_postgres / ensure_nats / ensure_rabbitmq.
 
 log() { echo "[services] $*" >&2; }
 
@@ -54,6 +55,18 @@ ensure_nats() {
   start-stop-daemon --start --oknodo --background --exec "$bin" -- \
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log >&2
   wait_port 4222 || { log "NATS did not come up"; return 1; }
+}
+
+# RabbitMQ (Debian's package) for the queue tests: testkit/src/rabbitmq.rs
+# starts its own nodes per test (own ports, node names, data and cookie),
+# so only the package is needed; no service is started here.
+ensure_rabbitmq() {
+  if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || command -v rabbitmq-server >/dev/null 2>&1; then
+    return 0
+  fi
+  log "installing rabbitmq-server"
+  apt_install rabbitmq-server || { log "could not install rabbitmq-server"; return 1; }
+  [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || { log "rabbitmq-server is missing after installing it"; return 1; }
 }
 
 # The Hyper-V simulator's independent client check needs pywinrm, kept in

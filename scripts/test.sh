@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every HCP test: formatting, lints, and the unit (dependency
 # boundaries included), store (SQLite and PostgreSQL), system and real-VM
-# tests. PostgreSQL, NATS and libvirt are started (or installed) first
+# tests. PostgreSQL, NATS, RabbitMQ and libvirt are started (or installed) first
 # when they are not running, the tiny test guest and vcsim are built when
 # missing.
 set -euo pipefail
@@ -23,6 +23,9 @@ ps -eo pcpu,etimes,comm --sort=-pcpu | head -n 4
 
 ensure_postgres
 ensure_nats
+# RabbitMQ, the other production queue: the tests start nodes of their own
+# from Debian's package (testkit/src/rabbitmq.rs).
+ensure_rabbitmq
 ensure_python_grpc
 # A test tool that CI must have; elsewhere its tests are skipped, and said so.
 # Usage: need_tool ENSURE_FUNCTION "what it is for"

@@ -1,6 +1,7 @@
 //! `hcp-bench`: measures how close HCP runs to the limits of the machine,
 //! each figure as a ratio against a limit measured in the same run (see
-//! issue "Benchmarks"), on real PostgreSQL and NATS JetStream. Prints a
+//! issue "Benchmarks"), on real PostgreSQL and NATS JetStream (P1 and P2
+//! also on RabbitMQ, in the same run). Prints a
 //! table and writes JSON (`--out`, default `bench-results.json`).
 //!
 //! The binary doubles as the `hcp` command (`hcp-bench core ...`), so the
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hcp_testkit::db::Backend;
+use hcp_testkit::queues::Queue;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use serde_json::{Value, json};
 
@@ -57,17 +59,7 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
     let mut figures = Vec::new();
     let all = which == "all";
     if all || ["p1", "p2", "p3", "rss"].contains(&which) {
-        let opts = StackOptions {
-            backend: Backend::Postgres,
-            nats: true,
-            // The benchmark is one tenant at full speed: no rate limit.
-            core_toml: "database_max_connections = 32\n[telemetry]\nlog_filter = \"warn\"\n\
-                        [limits]\nrate_per_second = 1e9\nburst = 1e9\n"
-                .into(),
-            jobs_toml: "concurrency = 32\n".into(),
-            ..Default::default()
-        };
-        let s = TestStack::start(&exe, opts).await?;
+        let s = TestStack::start(&exe, full_speed(Queue::Nats)).await?;
         let idle = rss_all(&s);
         if all || which == "p1" {
             let p1 = p1(&s).await?;
@@ -95,6 +87,32 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
             detail: json!({"idle_kib": idle, "peak_kib": loaded}),
         });
     }
+    // P1 and P2 again on RabbitMQ, in the same run, for the README's
+    // side-by-side table.
+    if all || ["p1", "p2"].contains(&which) {
+        let s = TestStack::start(&exe, full_speed(Queue::RabbitMq)).await?;
+        let mut on_rabbitmq = Vec::new();
+        if all || which == "p1" {
+            let p1 = p1(&s).await?;
+            let cpu = p1.detail["cpu_ms_per_request"].clone();
+            on_rabbitmq.push(p1);
+            on_rabbitmq.push(cpu_figure(
+                "CPU/create",
+                "per accepted create with its job (P1)",
+                &cpu,
+                Some(0.35),
+            ));
+            drain(&s).await?;
+        }
+        if all || which == "p2" {
+            on_rabbitmq.extend(p2(&s).await?);
+        }
+        figures.extend(on_rabbitmq.into_iter().map(|mut f| {
+            f.id = on_rabbitmq_id(f.id);
+            f.what = format!("{} on RabbitMQ", f.what);
+            f
+        }));
+    }
     if all || which == "p4" {
         figures.push(p4::p4(&exe).await?);
     }
@@ -109,6 +127,31 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     report(&figures, elapsed, out).await
+}
+
+/// The P1-P3 stack: one tenant at full speed (no rate limit) on PostgreSQL
+/// and `queue`.
+fn full_speed(queue: Queue) -> StackOptions {
+    StackOptions {
+        backend: Backend::Postgres,
+        core_toml: "database_max_connections = 32\n[telemetry]\nlog_filter = \"warn\"\n\
+                    [limits]\nrate_per_second = 1e9\nburst = 1e9\n"
+            .into(),
+        jobs_toml: "concurrency = 32\n".into(),
+        ..Default::default()
+    }
+    .with_queue(queue)
+}
+
+/// A figure's id when measured on RabbitMQ.
+fn on_rabbitmq_id(id: &'static str) -> &'static str {
+    match id {
+        "P1" => "P1-rabbitmq",
+        "CPU/create" => "CPU/create-rabbitmq",
+        "P2" => "P2-rabbitmq",
+        "P2-single" => "P2-single-rabbitmq",
+        other => other,
+    }
 }
 
 /// Waits until no job is queued or running.
@@ -161,17 +204,21 @@ fn cpu_all(s: &TestStack) -> BTreeMap<&'static str, f64> {
     }
     let mut pg = 0.0;
     let mut nats = 0.0;
+    let mut rabbitmq = 0.0;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         match comm.trim() {
             "postgres" => pg += cpu_ms(pid),
             "nats-server" => nats += cpu_ms(pid),
+            // RabbitMQ's Erlang VM.
+            "beam.smp" => rabbitmq += cpu_ms(pid),
             _ => {}
         }
     }
     m.insert("postgres", pg);
     m.insert("nats", nats);
+    m.insert("rabbitmq", rabbitmq);
     m.insert("bench", cpu_ms(std::process::id()));
     m
 }

@@ -1,5 +1,7 @@
-//! The job engine's promises, tested against real PostgreSQL and NATS
-//! JetStream with core split into API and worker processes: an accepted
+//! The job engine's promises, tested against real PostgreSQL and each
+//! production broker (NATS JetStream and RabbitMQ: every test that runs
+//! with a broker runs once on each, `each_queue!` at the end) with core
+//! split into API and worker processes: an accepted
 //! request is never lost, never executed twice, never left stuck; retries
 //! with the same Idempotency-Key return the first answer; quotas hold under
 //! concurrency. Each guarantee has a test that would fail without it, and
@@ -20,6 +22,7 @@ use serde_json::{Value, json};
 const HCP: &str = env!("CARGO_BIN_EXE_hcp");
 
 use hcp_testkit::load::{Load, create_body as body, vms};
+use hcp_testkit::queues::Queue;
 
 async fn job_status(rest: &Rest, token: &str, job_id: &str) -> String {
     let r = rest.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), token).await.unwrap();
@@ -70,17 +73,16 @@ async fn create_many(s: &TestStack, token: &str, n: usize, prefix: &str) -> Vec<
     out
 }
 
-#[tokio::test]
-async fn killed_workers_lose_nothing_and_duplicate_nothing() {
+async fn killed_workers_lose_nothing_and_duplicate_nothing(queue: Queue) {
     let opts = StackOptions {
         backend: Backend::Postgres,
-        nats: true,
         api_processes: 2,
         worker_processes: 2,
         sim_args: vec!["--latency-ms".into(), "60".into()],
         jobs_toml: "lease_seconds = 2\nconcurrency = 8\n".into(),
         ..Default::default()
-    };
+    }
+    .with_queue(queue);
     let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
     let seed: u64 = rand::thread_rng().r#gen();
@@ -134,19 +136,18 @@ async fn killed_workers_lose_nothing_and_duplicate_nothing() {
     .unwrap();
 }
 
-#[tokio::test]
-async fn without_leases_the_kill_test_sees_duplicates() {
+async fn without_leases_the_kill_test_sees_duplicates(queue: Queue) {
     // Negative control: with leases switched off, two workers take the same
     // job and the simulator's overlap counter (used above) catches it.
     let opts = StackOptions {
         backend: Backend::Postgres,
-        nats: true,
         api_processes: 1,
         worker_processes: 2,
         sim_args: vec!["--latency-ms".into(), "150".into()],
         jobs_toml: "unsafe_disable_leases = true\n".into(),
         ..Default::default()
-    };
+    }
+    .with_queue(queue);
     let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
     create_many(&s, &token, 20, "dup").await;
@@ -157,41 +158,50 @@ async fn without_leases_the_kill_test_sees_duplicates() {
     .unwrap();
 }
 
-#[tokio::test]
-async fn a_nats_outage_delays_jobs_and_loses_none() {
-    // Workers do not poll the store here (1 h), so only JetStream can
+async fn a_broker_outage_delays_jobs_and_loses_none(queue: Queue) {
+    // Workers do not poll the store here (1 h), so only the broker can
     // deliver: the jobs must wait in the outbox through the outage.
     let opts = StackOptions {
         backend: Backend::Postgres,
-        nats: true,
         api_processes: 1,
         worker_processes: 1,
         jobs_toml: "poll_interval_ms = 3600000\n".into(),
         ..Default::default()
-    };
+    }
+    .with_queue(queue);
     let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
-    s.nats.as_mut().unwrap().stop().await;
+    // On RabbitMQ usage events go to an exchange operators bind their own
+    // queues to: this test binds one, as an operator's metering would.
+    let tap = match queue {
+        Queue::RabbitMq => Some(UsageTap::bind(&s.rabbitmq.as_ref().unwrap().url()).await),
+        Queue::Nats => None,
+    };
+    s.stop_broker().await.unwrap();
     let accepted = create_many(&s, &token, 10, "outage").await;
     let jobs: Vec<String> = accepted.iter().map(|(_, j)| j.clone()).collect();
     let store = s.db.store().await.unwrap();
-    // While NATS is down the jobs wait, and the outbox holds them: checked
-    // again and again for as long as the outage lasts. A property that
-    // must not change has no event to wait for; the window is the outage's
-    // length (the scenario), and no check in it may fail.
-    holds_for(Duration::from_millis(1500), "the jobs to wait in the outbox while NATS is down", || async {
-        for j in &jobs {
-            let status = job_status(&s.rest, &token, j).await;
-            anyhow::ensure!(status == "QUEUED", "job {j} is {status}");
-        }
-        let pending = store.count_pending_outbox().await?;
-        anyhow::ensure!(pending >= 10, "{pending} outbox rows pending");
-        Ok(())
-    })
+    // While the broker is down the jobs wait, and the outbox holds them:
+    // checked again and again for as long as the outage lasts. A property
+    // that must not change has no event to wait for; the window is the
+    // outage's length (the scenario), and no check in it may fail.
+    holds_for(
+        Duration::from_millis(1500),
+        "the jobs to wait in the outbox while the broker is down",
+        || async {
+            for j in &jobs {
+                let status = job_status(&s.rest, &token, j).await;
+                anyhow::ensure!(status == "QUEUED", "job {j} is {status}");
+            }
+            let pending = store.count_pending_outbox().await?;
+            anyhow::ensure!(pending >= 10, "{pending} outbox rows pending");
+            Ok(())
+        },
+    )
     .await
     .unwrap();
 
-    s.nats.as_mut().unwrap().resume().await.unwrap();
+    s.resume_broker().await.unwrap();
     all_succeed(&s.rest, &token, &jobs, Duration::from_secs(60)).await;
     wait_until(Duration::from_secs(20), "the outbox to drain", || async {
         Ok((store.count_pending_outbox().await? == 0).then_some(()))
@@ -199,22 +209,109 @@ async fn a_nats_outage_delays_jobs_and_loses_none() {
     .await
     .unwrap();
 
-    // Metering: one "started" usage event per VM, in the table and on NATS.
+    // Metering: one "started" usage event per VM, in the table and on the
+    // broker.
     let events = store.list_usage_events(&hcp_core::model::Scope::new("acme", "demo")).await.unwrap();
     assert_eq!(events.iter().filter(|e| e.event == "started").count(), 10);
-    let client = async_nats::connect(s.nats.as_ref().unwrap().url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream("HCP_USAGE").await.unwrap();
-    let info = stream.info().await.unwrap();
-    assert_eq!(info.state.messages, 10, "usage events published once each");
-    let consumer =
-        stream.create_consumer(async_nats::jetstream::consumer::pull::Config::default()).await.unwrap();
-    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
-    let first = batch.next().await.unwrap().unwrap();
-    assert_eq!(first.subject.as_str(), "hcp.usage.started");
-    let payload: Value = serde_json::from_slice(&first.payload).unwrap();
+    let (subject, payload) = match tap {
+        Some(tap) => {
+            let got = tap.take(10).await;
+            assert_eq!(got.len(), 10, "usage events published once each");
+            got[0].clone()
+        }
+        None => {
+            let client = async_nats::connect(s.nats.as_ref().unwrap().url()).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let mut stream = js.get_stream("HCP_USAGE").await.unwrap();
+            let info = stream.info().await.unwrap();
+            assert_eq!(info.state.messages, 10, "usage events published once each");
+            let consumer = stream
+                .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+                .await
+                .unwrap();
+            let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+            let first = batch.next().await.unwrap().unwrap();
+            (first.subject.to_string(), first.payload.to_vec())
+        }
+    };
+    assert_eq!(subject, "hcp.usage.started");
+    let payload: Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(payload["flavor"], "small");
     assert_eq!(payload["tenant_id"], "acme");
+}
+
+/// An operator's durable queue bound to HCP's usage exchange on RabbitMQ
+/// (the exchange declared here too: binding must not depend on core
+/// having connected first).
+struct UsageTap {
+    url: String,
+}
+
+/// The tap's queue.
+const TAP: &str = "metering-tap";
+
+impl UsageTap {
+    async fn bind(url: &str) -> Self {
+        use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+        use lapin::types::FieldTable;
+        let connection =
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .exchange_declare(
+                "HCP.usage".into(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                TAP.into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                TAP.into(),
+                "HCP.usage".into(),
+                "hcp.usage.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = connection.close(200, "bound".into()).await;
+        Self { url: url.to_owned() }
+    }
+
+    /// The messages in the queue (routing key, body): at least `n`, taken
+    /// as they arrive, then whatever else is there (a duplicate would be).
+    async fn take(self, n: usize) -> Vec<(String, Vec<u8>)> {
+        use lapin::options::{BasicAckOptions, BasicGetOptions};
+        // A new connection: the broker's restart cut the first.
+        let connection =
+            lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let mut got = Vec::new();
+        // Polled like wait_until, which cannot lend `got` to its check.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            while let Some(m) = channel.basic_get(TAP.into(), BasicGetOptions::default()).await.unwrap() {
+                m.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+                got.push((m.delivery.routing_key.to_string(), m.delivery.data.clone()));
+            }
+            if got.len() >= n {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{} usage events of {n} after 20 s", got.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        got
+    }
 }
 
 #[tokio::test]
@@ -508,17 +605,16 @@ async fn retries_back_off_then_fail_with_the_providers_code() {
     );
 }
 
-#[tokio::test]
-async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
+async fn a_rolling_restart_under_load_loses_and_duplicates_nothing(queue: Queue) {
     let opts = StackOptions {
         backend: Backend::Postgres,
-        nats: true,
         api_processes: 2,
         worker_processes: 2,
         sim_args: vec!["--latency-ms".into(), "100".into()],
         jobs_toml: "concurrency = 8\nshutdown_grace_seconds = 2\n".into(),
         ..Default::default()
-    };
+    }
+    .with_queue(queue);
     let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
     // Two clients, one per gateway, create VMs until told to stop.
@@ -545,16 +641,15 @@ async fn a_rolling_restart_under_load_loses_and_duplicates_nothing() {
     assert_eq!((lost, duplicated), (0, 0));
 }
 
-#[tokio::test]
-async fn a_database_outage_is_503_and_service_returns_without_a_restart() {
+async fn a_database_outage_is_503_and_service_returns_without_a_restart(queue: Queue) {
     let opts = StackOptions {
         backend: Backend::Postgres,
-        nats: true,
         api_processes: 2,
         worker_processes: 2,
         db_proxy: true,
         ..Default::default()
-    };
+    }
+    .with_queue(queue);
     let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
     let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, usize>::new()));
@@ -642,28 +737,26 @@ async fn a_database_outage_is_503_and_service_returns_without_a_restart() {
     }
 }
 
-#[tokio::test]
-async fn a_crashed_workers_jobs_resume_within_seconds() {
-    crashed_worker("").await;
+async fn a_crashed_workers_jobs_resume_within_seconds(queue: Queue) {
+    crashed_worker(queue, "").await;
 }
 
-#[tokio::test]
-async fn a_restarted_worker_takes_back_its_jobs_at_once() {
+async fn a_restarted_worker_takes_back_its_jobs_at_once(queue: Queue) {
     // A stable name: the restarted worker hands back its previous run's
     // leases at start instead of waiting for them to lapse.
-    crashed_worker("worker_id = \"worker-a\"\n").await;
+    crashed_worker(queue, "worker_id = \"worker-a\"\n").await;
 }
 
-async fn crashed_worker(jobs_toml: &str) {
+async fn crashed_worker(queue: Queue, jobs_toml: &str) {
     let opts = StackOptions {
         backend: Backend::Postgres,
-        nats: true,
         api_processes: 1,
         worker_processes: 1,
         sim_args: vec!["--latency-ms".into(), "1500".into()],
         jobs_toml: jobs_toml.to_owned(),
         ..Default::default()
-    };
+    }
+    .with_queue(queue);
     let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
     let accepted = create_many(&s, &token, 4, "crash").await;
@@ -694,20 +787,19 @@ async fn crashed_worker(jobs_toml: &str) {
     }
 }
 
-#[tokio::test]
-async fn a_watcher_is_woken_when_another_process_finishes_its_job() {
+async fn a_watcher_is_woken_when_another_process_finishes_its_job(queue: Queue) {
     // The watchers' fallback re-read is an hour away: only a notification
     // (from the worker process, over NATS, to the other API process) can
     // end the watch within the test's deadline.
     let opts = StackOptions {
         backend: Backend::Postgres,
-        nats: true,
         api_processes: 2,
         worker_processes: 2,
         core_toml: "[limits]\njob_watch_fallback_seconds = 3600\n".into(),
         sim_args: vec!["--latency-ms".into(), "1000".into()],
         ..Default::default()
-    };
+    }
+    .with_queue(queue);
     let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
     let r = s.rests[0].post(&vms("demo"), &token, &body("watched")).await.unwrap();
@@ -908,3 +1000,79 @@ async fn a_worker_in_another_process_hears_of_a_cancel_within_its_check_interval
     let vm_now = s.rest.get(&format!("{}/{vm}", vms("demo")), &token).await.unwrap();
     assert_eq!(vm_now.str("status"), "ACTIVE", "{}", vm_now.body);
 }
+
+async fn workers_killed_and_the_broker_down_for_20_s_lose_and_duplicate_nothing(queue: Queue) {
+    // The chaos run: paced creates through both gateways while workers are
+    // killed (SIGKILL) and started again, before, during and after a 20 s
+    // outage of the broker. The figures it prints are the README's, side by
+    // side for the two brokers.
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        api_processes: 2,
+        worker_processes: 2,
+        sim_args: vec!["--latency-ms".into(), "60".into()],
+        jobs_toml: "lease_seconds = 2\nconcurrency = 8\n".into(),
+        ..Default::default()
+    }
+    .with_queue(queue);
+    let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let seed: u64 = rand::thread_rng().r#gen();
+    eprintln!("kill schedule seed {seed}");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let store = s.db.store().await.unwrap();
+    // Two clients, one per gateway, about 10 creates a second in all.
+    let load = Load::paced(&s, &token, "demo", "x", 2, 1000, Duration::from_millis(200));
+    let mut kills = 0;
+    let mut kill_some = async |s: &mut TestStack, n: usize| {
+        for _ in 0..n {
+            // The scenario, not synchronisation: a kill at a random moment.
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
+            let workers = s.workers();
+            let victim = workers[rng.gen_range(0..workers.len())].clone();
+            s.kill(&victim).await;
+            s.start_worker().await.unwrap();
+        }
+        n
+    };
+    kills += kill_some(&mut s, 3).await;
+    s.stop_broker().await.unwrap();
+    let down = std::time::Instant::now();
+    let before = load.count("202");
+    kills += kill_some(&mut s, 4).await;
+    // The rest of the outage's 20 s: the scenario's length.
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(down.elapsed())).await;
+    let during = load.count("202") - before;
+    s.resume_broker().await.unwrap();
+    kills += kill_some(&mut s, 3).await;
+    load.accepts(20, Duration::from_secs(60)).await.unwrap();
+    let answers = load.seen.lock().unwrap().clone();
+    let accepted = load.finish().await;
+    let (lost, duplicated) = hcp_testkit::load::exactly_once(&s, &token, &accepted).await.unwrap();
+    wait_until(Duration::from_secs(60), "the outbox to drain", || async {
+        Ok((store.count_pending_outbox().await? == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "chaos on {queue}: {} creates accepted ({during} while the broker was down), answers {answers:?}, \
+         {kills} workers killed, every job SUCCEEDED and the outbox drained; lost {lost}, duplicated {duplicated}",
+        accepted.len(),
+    );
+    assert_eq!((lost, duplicated), (0, 0));
+    assert!(during > 0, "creates were accepted while the broker was down");
+    assert_eq!(kills, 10);
+}
+
+// The tests above that run with a broker, once on each.
+hcp_testkit::each_queue!(
+    killed_workers_lose_nothing_and_duplicate_nothing,
+    without_leases_the_kill_test_sees_duplicates,
+    a_broker_outage_delays_jobs_and_loses_none,
+    a_rolling_restart_under_load_loses_and_duplicates_nothing,
+    a_database_outage_is_503_and_service_returns_without_a_restart,
+    a_crashed_workers_jobs_resume_within_seconds,
+    a_restarted_worker_takes_back_its_jobs_at_once,
+    a_watcher_is_woken_when_another_process_finishes_its_job,
+    workers_killed_and_the_broker_down_for_20_s_lose_and_duplicate_nothing,
+);

@@ -20,6 +20,9 @@ pub const ENV_JWT_SECRET_FILE: &str = "HCP_JWT_SECRET_FILE";
 pub const ENV_SECRETS_KEY_FILE: &str = "HCP_SECRETS_KEY_FILE";
 /// Environment variable overriding [`QueueConfig::nats_url`].
 pub const ENV_NATS_URL: &str = "HCP_NATS_URL";
+/// Environment variable overriding [`QueueConfig::amqp_url`] (which holds
+/// RabbitMQ's password: an environment file keeps it out of the TOML).
+pub const ENV_AMQP_URL: &str = "HCP_AMQP_URL";
 
 /// Everything core needs to run.
 #[derive(Debug, Clone, Deserialize)]
@@ -454,35 +457,150 @@ impl Default for AuditConfig {
     }
 }
 
-/// The message queue (NATS JetStream) for production deployments.
+/// Which broker carries jobs between processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    /// No broker: the in-process queue of one `hcp up` process.
+    Embedded,
+    /// NATS JetStream (`nats_url`).
+    Nats,
+    /// RabbitMQ (`amqp_url`).
+    #[serde(rename = "rabbitmq")]
+    RabbitMq,
+}
+
+impl std::fmt::Display for QueueBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QueueBackend::Embedded => "embedded",
+            QueueBackend::Nats => "nats",
+            QueueBackend::RabbitMq => "rabbitmq",
+        })
+    }
+}
+
+/// The message queue for production deployments: NATS JetStream or
+/// RabbitMQ.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
+    /// `nats`, `rabbitmq` or `embedded`. Unset: `nats` when `nats_url` is
+    /// set, `rabbitmq` when `amqp_url` is, else `embedded`.
+    pub backend: Option<QueueBackend>,
     /// `nats://host:4222`, or several such URLs separated by commas (every
     /// node of a NATS cluster, so that core reaches the cluster while any
-    /// one node is down); unset means the embedded queue (one process).
+    /// one node is down).
     pub nats_url: Option<String>,
-    /// Prefix of the JetStream stream names (`<prefix>_JOBS`,
-    /// `<prefix>_USAGE`). Default `HCP`.
+    /// `amqp://user:password@host:5672/vhost` (or `amqps://`), or several
+    /// separated by commas (the nodes of a RabbitMQ cluster, tried in turn).
+    pub amqp_url: Option<String>,
+    /// Prefix of the broker's names: JetStream streams `<prefix>_JOBS` and
+    /// `<prefix>_USAGE`; RabbitMQ exchanges and queues `<prefix>.jobs`,
+    /// `<prefix>.usage`, ... Default `HCP`.
     pub stream_prefix: String,
     /// Replicas of each stream (1 to 5, JetStream's limit). Unset: 3 when
     /// JetStream can place three (a cluster with at least three JetStream
     /// servers), else 1. An existing stream is changed to this count.
     pub stream_replicas: Option<u8>,
+    /// RabbitMQ: job messages a worker holds unacknowledged at most (1 to
+    /// 1000). Default 64.
+    pub prefetch: u16,
 }
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { nats_url: None, stream_prefix: "HCP".to_owned(), stream_replicas: None }
+        Self {
+            backend: None,
+            nats_url: None,
+            amqp_url: None,
+            stream_prefix: "HCP".to_owned(),
+            stream_replicas: None,
+            prefetch: 64,
+        }
     }
 }
 
 impl QueueConfig {
-    /// The NATS servers `nats_url` names, in order; none for the embedded
-    /// queue.
+    /// The broker in use.
+    pub fn backend(&self) -> QueueBackend {
+        self.backend.unwrap_or(match (&self.nats_url, &self.amqp_url) {
+            (Some(_), _) => QueueBackend::Nats,
+            (None, Some(_)) => QueueBackend::RabbitMq,
+            (None, None) => QueueBackend::Embedded,
+        })
+    }
+
+    /// The NATS servers `nats_url` names, in order; none when it is unset.
     pub fn nats_servers(&self) -> Option<Vec<String>> {
-        let url = self.nats_url.as_deref()?;
-        Some(url.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect())
+        split_urls(self.nats_url.as_deref()?)
+    }
+
+    /// The RabbitMQ servers `amqp_url` names, in order; none when it is
+    /// unset.
+    pub fn amqp_servers(&self) -> Option<Vec<String>> {
+        split_urls(self.amqp_url.as_deref()?)
+    }
+
+    /// Refuses a backend without its URL, a URL for another backend than
+    /// the one chosen (a configuration that does not do what it says), and
+    /// URLs that are not the backend's.
+    fn check_backend(&self) -> Result<(), Invalid> {
+        let backend = self.backend();
+        let (field, unused) = match backend {
+            QueueBackend::Nats => ("queue.nats_url", [("queue.amqp_url", self.amqp_url.is_some())]),
+            QueueBackend::RabbitMq => ("queue.amqp_url", [("queue.nats_url", self.nats_url.is_some())]),
+            QueueBackend::Embedded => (
+                "",
+                [("queue.nats_url or queue.amqp_url", self.nats_url.is_some() || self.amqp_url.is_some())],
+            ),
+        };
+        if let [(other, true)] = unused {
+            return Err(Invalid::new(
+                "queue.backend",
+                format!("a backend that uses the URLs given ({other} is set)"),
+                backend.to_string(),
+            ));
+        }
+        let missing = match backend {
+            QueueBackend::Nats => self.nats_url.is_none(),
+            QueueBackend::RabbitMq => self.amqp_url.is_none(),
+            QueueBackend::Embedded => false,
+        };
+        if missing {
+            return Err(Invalid::new(field, format!("set for backend = \"{backend}\""), "unset".to_owned()));
+        }
+        self.check_servers()?;
+        self.check_amqp_servers()
+    }
+
+    /// Refuses an `amqp_url` that names no server, or a server that is not
+    /// an AMQP URL.
+    fn check_amqp_servers(&self) -> Result<(), Invalid> {
+        let Some(servers) = self.amqp_servers() else { return Ok(()) };
+        let invalid = |got: &str| {
+            // No password in the message: show the URL up to its user part.
+            let shown = match got.rfind('@') {
+                Some(at) => format!("…{}", &got[at..]),
+                None => got.to_owned(),
+            };
+            let shown: String = shown.chars().take(120).collect();
+            Invalid::new(
+                "queue.amqp_url",
+                "one or more AMQP URLs separated by commas (amqp://user:password@host:5672/vhost)".to_owned(),
+                format!("{shown:?}"),
+            )
+        };
+        if servers.is_empty() {
+            return Err(invalid(self.amqp_url.as_deref().unwrap_or_default()));
+        }
+        match servers.iter().find(|s| {
+            !(s.starts_with("amqp://") || s.starts_with("amqps://"))
+                || <lapin::uri::AMQPUri as std::str::FromStr>::from_str(s).is_err()
+        }) {
+            Some(bad) => Err(invalid(bad)),
+            None => Ok(()),
+        }
     }
 
     /// Refuses a `nats_url` that names no server, or a server that is not a
@@ -505,6 +623,11 @@ impl QueueConfig {
             None => Ok(()),
         }
     }
+}
+
+/// The URLs of a comma-separated list, trimmed.
+fn split_urls(list: &str) -> Option<Vec<String>> {
+    Some(list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect())
 }
 
 /// Console sessions.
@@ -833,6 +956,7 @@ pub fn bounds() -> &'static [Bound] {
         // JetStream keeps at most 5 replicas; unset is checked as 1 (it
         // becomes 1 or 3, both allowed).
         Bound::range("queue.stream_replicas", 1.0, 5.0, |c| c.queue.stream_replicas.map_or(1.0, f64::from)),
+        Bound::range("queue.prefetch", 1.0, 1000.0, |c| f64::from(c.queue.prefetch)),
     ];
     BOUNDS
 }
@@ -862,7 +986,7 @@ impl Config {
     /// cannot honour is refused at start rather than silently changed.
     pub fn validate(&self) -> Result<(), Invalid> {
         bounds().iter().try_for_each(|b| b.check(self))?;
-        self.queue.check_servers()
+        self.queue.check_backend()
     }
 
     /// Parses TOML text.
@@ -880,6 +1004,7 @@ impl Config {
                 }
                 ENV_JWT_SECRET_FILE => self.auth.hs256_secret_file = Some(PathBuf::from(v)),
                 ENV_NATS_URL => self.queue.nats_url = Some(v),
+                ENV_AMQP_URL => self.queue.amqp_url = Some(v),
                 ENV_SECRETS_KEY_FILE => self.secrets.key_file = Some(PathBuf::from(v)),
                 _ => {}
             }
@@ -990,6 +1115,8 @@ mod tests {
             ("[images]\nprovider_timeout_seconds = 0", "images.provider_timeout_seconds", "got 0"),
             ("[queue]\nstream_replicas = 0", "queue.stream_replicas", "between 1 and 5, got 0"),
             ("[queue]\nstream_replicas = 6", "queue.stream_replicas", "between 1 and 5, got 6"),
+            ("[queue]\nprefetch = 0", "queue.prefetch", "between 1 and 1000, got 0"),
+            ("[queue]\nprefetch = 1001", "queue.prefetch", "between 1 and 1000, got 1001"),
         ];
         for (toml, field, says) in rows {
             let err = Config::from_toml(toml).unwrap().validate().unwrap_err();
@@ -1040,6 +1167,51 @@ mod tests {
             assert_eq!(err.field, "queue.nats_url", "{toml}");
             assert!(err.to_string().contains(bad), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn the_queue_backend_is_chosen_by_its_url_or_named_with_it() {
+        let backend = |toml: &str| {
+            let c = Config::from_toml(&format!("[queue]\n{toml}")).unwrap();
+            c.validate().map(|()| c.queue.backend())
+        };
+        assert_eq!(backend("").unwrap(), QueueBackend::Embedded);
+        assert_eq!(backend("nats_url = \"nats://a:4222\"").unwrap(), QueueBackend::Nats);
+        assert_eq!(backend("amqp_url = \"amqp://u:p@a:5672/%2f\"").unwrap(), QueueBackend::RabbitMq);
+        assert_eq!(
+            backend("backend = \"rabbitmq\"\namqp_url = \"amqps://u:p@a:5671/hcp, amqp://b\"").unwrap(),
+            QueueBackend::RabbitMq
+        );
+        let c = Config::from_toml("[queue]\namqp_url = \"amqp://a, amqp://b:5673\"").unwrap();
+        assert_eq!(c.queue.amqp_servers().unwrap(), ["amqp://a", "amqp://b:5673"]);
+        // Each refused naming the field at fault, and never showing a
+        // password.
+        for (toml, field, says) in [
+            ("backend = \"rabbitmq\"", "queue.amqp_url", "set for backend = \"rabbitmq\""),
+            ("backend = \"nats\"", "queue.nats_url", "unset"),
+            (
+                "backend = \"nats\"\nnats_url = \"nats://a\"\namqp_url = \"amqp://a\"",
+                "queue.backend",
+                "queue.amqp_url is set",
+            ),
+            (
+                "backend = \"rabbitmq\"\nnats_url = \"nats://a\"\namqp_url = \"amqp://a\"",
+                "queue.backend",
+                "queue.nats_url is set",
+            ),
+            ("nats_url = \"nats://a\"\namqp_url = \"amqp://a\"", "queue.backend", "queue.amqp_url is set"),
+            ("backend = \"embedded\"\namqp_url = \"amqp://a\"", "queue.backend", "is set"),
+            ("amqp_url = \"http://u:hunter2@a\"", "queue.amqp_url", "@a"),
+            ("amqp_url = \" , \"", "queue.amqp_url", "AMQP URLs"),
+            ("amqp_url = \"amqp://a:99999\"", "queue.amqp_url", "amqp://a:99999"),
+            ("amqp_url = \"amqp://a\"\nprefetch = 0", "queue.prefetch", "between 1 and 1000, got 0"),
+        ] {
+            let err = backend(toml).unwrap_err();
+            assert_eq!(err.field, field, "{toml}: {err}");
+            assert!(err.to_string().contains(says), "{toml}: {err}");
+            assert!(!err.to_string().contains("hunter2"), "{toml}: {err}");
+        }
+        assert!(Config::from_toml("[queue]\nbackend = \"kafka\"").is_err());
     }
 
     #[test]

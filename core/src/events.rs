@@ -4,12 +4,13 @@
 //!
 //! The engine and the API announce each job change they commit
 //! ([`JobEvents::changed`]). Within a process that is a broadcast channel.
-//! With NATS configured, announcements also go out on the core subject
-//! `hcp.events.jobs` and every process rebroadcasts what it hears, so a
-//! watcher on one API process learns of a job a worker process finished.
-//! Notifications are hints: a watcher reads the job itself from the store
-//! when woken, and also every `limits.job_watch_fallback_seconds` (5) in
-//! case one was lost (NATS down, a lagging receiver).
+//! With a broker configured, announcements also go out through it (NATS:
+//! the core subject `hcp.events.jobs`; RabbitMQ: a fanout exchange) and
+//! every process rebroadcasts what it hears, so a watcher on one API
+//! process learns of a job a worker process finished. Notifications are
+//! hints: a watcher reads the job itself from the store when woken, and
+//! also every `limits.job_watch_fallback_seconds` (5) in case one was lost
+//! (the broker down, a lagging receiver).
 //!
 //! Watchers are bounded ([`JobEvents::admit`]) and end at shutdown.
 
@@ -20,20 +21,22 @@ use futures::StreamExt;
 use hcp_proto::ids::JobId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 
+use crate::queue::Broker;
+
 /// The NATS subject of job change notifications.
 pub const SUBJECT: &str = "hcp.events.jobs";
 
 /// The process's job change hub.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct JobEvents {
     tx: broadcast::Sender<JobId>,
-    /// This process's name on the NATS subject: what it published itself
+    /// This process's name in notifications: what it published itself
     /// was already broadcast locally, so the relay skips it.
     origin: Arc<str>,
     fallback: Duration,
     watchers: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
-    nats: Option<async_nats::Client>,
+    broker: Option<Arc<dyn Broker>>,
 }
 
 impl JobEvents {
@@ -44,11 +47,11 @@ impl JobEvents {
         max_watchers: usize,
         fallback: Duration,
         shutdown: watch::Receiver<bool>,
-        nats: Option<async_nats::Client>,
+        broker: Option<Arc<dyn Broker>>,
     ) -> Self {
         let (tx, _) = broadcast::channel(4096);
         let origin: Arc<str> = uuid::Uuid::now_v7().simple().to_string().into();
-        Self { tx, origin, fallback, watchers: Arc::new(Semaphore::new(max_watchers)), shutdown, nats }
+        Self { tx, origin, fallback, watchers: Arc::new(Semaphore::new(max_watchers)), shutdown, broker }
     }
 
     /// How often a watcher re-reads its job without a notification.
@@ -59,13 +62,9 @@ impl JobEvents {
     /// Announces that a job changed (after the change committed).
     pub fn changed(&self, job: JobId) {
         let _ = self.tx.send(job);
-        if let Some(nats) = &self.nats {
-            let nats = nats.clone();
-            let payload = format!("{} {job}", self.origin);
-            tokio::spawn(async move {
-                // Best effort: watchers also re-read on their own.
-                let _ = nats.publish(SUBJECT, payload.into()).await;
-            });
+        if let Some(broker) = &self.broker {
+            // Best effort: watchers also re-read on their own.
+            tokio::spawn(broker.announce(format!("{} {job}", self.origin).into_bytes()));
         }
     }
 
@@ -84,34 +83,47 @@ impl JobEvents {
         self.shutdown.clone()
     }
 
-    /// Rebroadcasts what other processes announce on NATS, until shutdown.
-    pub async fn relay(self, client: async_nats::Client) {
+    /// Rebroadcasts what other processes announce through `broker`, until
+    /// shutdown; listens again (with backoff) when the broker goes away.
+    pub async fn relay(self, broker: Arc<dyn Broker>) {
         let mut stop = self.shutdown.clone();
-        let mut sub = match client.subscribe(SUBJECT).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot subscribe to job notifications; watchers fall back to polling");
-                return;
-            }
-        };
+        let mut backoff = Duration::from_millis(200);
         loop {
-            tokio::select! {
-                msg = sub.next() => match msg {
-                    Some(m) => {
-                        // `<origin> <job id>`; this process's own were sent
-                        // locally already.
-                        let text = std::str::from_utf8(&m.payload).unwrap_or_default();
-                        if let Some((origin, id)) = text.split_once(' ')
-                            && origin != &*self.origin
-                            && let Ok(id) = id.parse::<JobId>()
-                        {
-                            let _ = self.tx.send(id);
+            match broker.notifications().await {
+                Ok(mut notes) => {
+                    backoff = Duration::from_millis(200);
+                    loop {
+                        tokio::select! {
+                            note = notes.next() => match note {
+                                Some(text) => self.rebroadcast(&text),
+                                None => break,
+                            },
+                            _ = stop.changed() => return,
                         }
                     }
-                    None => return,
-                },
+                }
+                Err(e) => tracing::debug!(
+                    error = %hcp_telemetry::error_chain(&e),
+                    "cannot listen to job notifications; watchers fall back to polling"
+                ),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
                 _ = stop.changed() => return,
             }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// `<origin> <job id>`: another process's notification is broadcast
+    /// here; this process's own were sent locally already.
+    fn rebroadcast(&self, note: &[u8]) {
+        let text = std::str::from_utf8(note).unwrap_or_default();
+        if let Some((origin, id)) = text.split_once(' ')
+            && origin != &*self.origin
+            && let Ok(id) = id.parse::<JobId>()
+        {
+            let _ = self.tx.send(id);
         }
     }
 }

@@ -98,9 +98,9 @@ pub enum StartError {
     /// The audit anchor file cannot be appended to.
     #[error("cannot use the audit anchor file")]
     AnchorFile(#[source] crate::audit_chain::AnchorFileError),
-    /// The NATS URL is unusable.
-    #[error("cannot set up the NATS connection")]
-    Queue(#[source] async_nats::ConnectError),
+    /// The broker's URL is unusable.
+    #[error("cannot set up the message broker")]
+    Queue(#[source] crate::queue::ConnectError),
     /// The `[egress]` settings cannot be used.
     #[error("cannot use the egress settings")]
     Egress(#[source] crate::egress::PolicyError),
@@ -192,31 +192,26 @@ pub async fn run(
     };
     let mut background = tokio::task::JoinSet::new();
 
-    // Production dispatch: outbox rows published to JetStream. Embedded:
-    // the in-process queue wakes this process's workers.
-    let nats = match config.queue.nats_servers() {
-        Some(servers) => Some(crate::queue::connect(&servers).await.map_err(StartError::Queue)?),
-        None => None,
-    };
-    let store = store.with_outbox(nats.is_some());
+    // Production dispatch: outbox rows published to the broker (NATS
+    // JetStream or RabbitMQ). Embedded: the in-process queue wakes this
+    // process's workers.
+    let broker = crate::queue::connect(&config.queue).await.map_err(StartError::Queue)?;
+    let store = store.with_outbox(broker.is_some());
     let events = crate::events::JobEvents::new(
         config.limits.max_job_watchers,
         Duration::from_secs(config.limits.job_watch_fallback_seconds),
         stop_rx.clone(),
-        nats.clone(),
+        broker.clone(),
     );
-    if let Some(client) = &nats {
-        background.spawn(events.clone().relay(client.clone()));
+    if let Some(broker) = &broker {
+        background.spawn(events.clone().relay(broker.clone()));
     }
-    let streams =
-        crate::queue::Streams::new(config.queue.stream_prefix.clone(), config.queue.stream_replicas);
-    let queue: Arc<dyn crate::jobs::JobQueue> = match &nats {
-        Some(client) => {
-            let q = crate::queue::NatsQueue::new(local.notifier());
+    let queue: Arc<dyn crate::jobs::JobQueue> = match &broker {
+        Some(broker) => {
+            let q = crate::queue::BrokerQueue::new(local.notifier());
             background.spawn(crate::queue::run_publisher(
                 store.clone(),
-                client.clone(),
-                streams.clone(),
+                broker.clone(),
                 q.publisher_wake(),
                 stop_rx.clone(),
             ));
@@ -237,13 +232,8 @@ pub async fn run(
             events.clone(),
             crate::images::ImageWork::new(egress.clone(), config.images.clone()),
         );
-        if let Some(client) = &nats {
-            background.spawn(crate::queue::run_consumer(
-                client.clone(),
-                streams.clone(),
-                engine.clone(),
-                stop_rx.clone(),
-            ));
+        if let Some(broker) = &broker {
+            background.spawn(crate::queue::run_consumer(broker.clone(), engine.clone(), stop_rx.clone()));
         }
         background.spawn(engine.run(stop_rx.clone()));
         let reconciler = crate::reconciler::Reconciler::new(

@@ -6,7 +6,10 @@
 //! - [`fixtures`]: store records as the store suites write them.
 //! - [`stack::TestStack`]: core, gateway and sim providers as separate OS
 //!   processes on ephemeral ports, with tokens signed by the stack's key.
-//! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped.
+//! - [`nats::NatsServer`]: a JetStream server per test, that can be stopped;
+//!   [`rabbitmq::RabbitServer`]: the same for RabbitMQ.
+//! - [`queues::Queue`] and [`each_queue!`]: a test run once per production
+//!   queue backend (NATS JetStream, RabbitMQ).
 //! - [`patroni::PgCluster`]: PostgreSQL with automatic failover (Patroni,
 //!   etcd, HAProxy) for the failover test.
 //! - [`rest::Rest`]: a small JSON-over-HTTP client for the gateway.
@@ -26,6 +29,8 @@ pub mod load;
 pub mod nats;
 pub mod patroni;
 pub mod proxy;
+pub mod queues;
+pub mod rabbitmq;
 pub mod rdp;
 pub mod rest;
 pub mod stack;

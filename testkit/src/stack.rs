@@ -18,6 +18,7 @@ use tokio::process::Child;
 use crate::TempDir;
 use crate::db::{Backend, TestDb};
 use crate::nats::{NatsCluster, NatsServer};
+use crate::rabbitmq::{RabbitCluster, RabbitServer};
 use crate::rest::Rest;
 
 /// How to start a stack.
@@ -44,6 +45,11 @@ pub struct StackOptions {
     /// Run a NATS cluster of this many JetStream servers instead of the
     /// single server (0: none), core given every node's URL.
     pub nats_cluster: usize,
+    /// Run RabbitMQ (a node of the test's own) for dispatch.
+    pub rabbitmq: bool,
+    /// Run a RabbitMQ cluster of this many nodes instead (0: none), core
+    /// given every node's URL.
+    pub rabbitmq_cluster: usize,
     /// API processes (each with a gateway).
     pub api_processes: usize,
     /// Worker processes; 0 means API processes also run jobs.
@@ -87,6 +93,8 @@ impl Default for StackOptions {
             console_urls_name_the_gateway: false,
             nats: false,
             nats_cluster: 0,
+            rabbitmq: false,
+            rabbitmq_cluster: 0,
             api_processes: 1,
             worker_processes: 0,
             db_proxy: false,
@@ -119,6 +127,10 @@ pub struct TestStack {
     pub nats: Option<NatsServer>,
     /// The NATS cluster, when the stack uses one.
     pub nats_cluster: Option<NatsCluster>,
+    /// The RabbitMQ node, when the stack uses one.
+    pub rabbitmq: Option<RabbitServer>,
+    /// The RabbitMQ cluster, when the stack uses one.
+    pub rabbitmq_cluster: Option<RabbitCluster>,
     /// The database (kept alive as long as the stack).
     pub db: TestDb,
     /// The proxy between core and PostgreSQL, with `db_proxy`.
@@ -168,10 +180,17 @@ impl TestStack {
         } else {
             (None, db.url.clone())
         };
-        anyhow::ensure!(!(opts.nats && opts.nats_cluster > 0), "a NATS server or a NATS cluster, not both");
+        let brokers = [opts.nats, opts.nats_cluster > 0, opts.rabbitmq, opts.rabbitmq_cluster > 0];
+        anyhow::ensure!(brokers.iter().filter(|b| **b).count() <= 1, "one broker per stack");
         let nats = if opts.nats { Some(NatsServer::start().await?) } else { None };
         let nats_cluster =
             if opts.nats_cluster > 0 { Some(NatsCluster::start(opts.nats_cluster).await?) } else { None };
+        let rabbitmq = if opts.rabbitmq { Some(RabbitServer::start().await?) } else { None };
+        let rabbitmq_cluster = if opts.rabbitmq_cluster > 0 {
+            Some(RabbitCluster::start(opts.rabbitmq_cluster).await?)
+        } else {
+            None
+        };
         let secret_hex = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
         // Core refuses secret files its group or others may read.
         write_owner_only(&dir.path().join("jwt-secret"), &secret_hex)?;
@@ -195,6 +214,8 @@ impl TestStack {
             rests: Vec::new(),
             nats,
             nats_cluster,
+            rabbitmq,
+            rabbitmq_cluster,
             db,
             db_proxy,
             core_db_url,
@@ -295,9 +316,17 @@ impl TestStack {
             .as_ref()
             .map(NatsServer::url)
             .or_else(|| self.nats_cluster.as_ref().map(NatsCluster::urls));
-        let queue = match nats_url {
-            Some(url) => format!("\n[queue]\nnats_url = \"{url}\"\n{}\n", self.opts.queue_toml),
-            None => String::new(),
+        let amqp_url = self
+            .rabbitmq
+            .as_ref()
+            .map(RabbitServer::url)
+            .or_else(|| self.rabbitmq_cluster.as_ref().map(RabbitCluster::urls));
+        let queue = match (nats_url, amqp_url) {
+            (Some(url), _) => format!("\n[queue]\nnats_url = \"{url}\"\n{}\n", self.opts.queue_toml),
+            (None, Some(url)) => {
+                format!("\n[queue]\nbackend = \"rabbitmq\"\namqp_url = \"{url}\"\n{}\n", self.opts.queue_toml)
+            }
+            (None, None) => String::new(),
         };
         let toml = format!(
             "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndatabase_url = \"{db}\"\n{extra}\n\n[roles]\napi = {api}\nworker = {worker}\n\n\
