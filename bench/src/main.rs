@@ -58,10 +58,12 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut figures = Vec::new();
     let all = which == "all";
-    if all || ["p1", "p2", "p3", "rss"].contains(&which) {
+    // `queues`: P1 and P2 on both brokers, nothing else.
+    let queues = which == "queues";
+    if all || queues || ["p1", "p2", "p3", "rss"].contains(&which) {
         let s = TestStack::start(&exe, full_speed(Queue::Nats)).await?;
         let idle = rss_all(&s);
-        if all || which == "p1" {
+        if all || queues || which == "p1" {
             let p1 = p1(&s).await?;
             let cpu = p1.detail["cpu_ms_per_request"].clone();
             figures.push(p1);
@@ -70,7 +72,7 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
             // behind that backlog.
             drain(&s).await?;
         }
-        if all || which == "p2" {
+        if all || queues || which == "p2" {
             figures.extend(p2(&s).await?);
         }
         if all || which == "p3" {
@@ -89,10 +91,10 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
     }
     // P1 and P2 again on RabbitMQ, in the same run, for the README's
     // side-by-side table.
-    if all || ["p1", "p2"].contains(&which) {
+    if all || queues || ["p1", "p2"].contains(&which) {
         let s = TestStack::start(&exe, full_speed(Queue::RabbitMq)).await?;
         let mut on_rabbitmq = Vec::new();
-        if all || which == "p1" {
+        if all || queues || which == "p1" {
             let p1 = p1(&s).await?;
             let cpu = p1.detail["cpu_ms_per_request"].clone();
             on_rabbitmq.push(p1);
@@ -104,7 +106,7 @@ async fn run(which: &str, out: &Path) -> anyhow::Result<()> {
             ));
             drain(&s).await?;
         }
-        if all || which == "p2" {
+        if all || queues || which == "p2" {
             on_rabbitmq.extend(p2(&s).await?);
         }
         figures.extend(on_rabbitmq.into_iter().map(|mut f| {
