@@ -1064,6 +1064,89 @@ async fn workers_killed_and_the_broker_down_for_20_s_lose_and_duplicate_nothing(
     assert_eq!(kills, 10);
 }
 
+async fn a_retry_waits_its_backoff_on_the_broker(queue: Queue) {
+    // Workers do not poll the store (1 h): each retry can only come back
+    // through the broker, after its backoff (JetStream: a nak with a
+    // delay; RabbitMQ: a delay queue that dead-letters it back).
+    use hcp_proto::sim::sim_control_client::SimControlClient;
+    let opts = StackOptions {
+        backend: Backend::Postgres,
+        api_processes: 1,
+        worker_processes: 1,
+        jobs_toml:
+            "max_attempts = 3\nbackoff_base_ms = 1500\nbackoff_max_ms = 1500\npoll_interval_ms = 3600000\n"
+                .into(),
+        ..Default::default()
+    }
+    .with_queue(queue);
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    sim.inject_fault(hcp_proto::sim::InjectFaultRequest {
+        fault: Some(hcp_proto::sim::Fault {
+            operation: "StartVm".into(),
+            code: "UNAVAILABLE".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let r = s.rest.post(&vms("demo"), &token, &body("flaky")).await.unwrap();
+    let job = wait_until(Duration::from_secs(60), "the job to fail after its retries", || async {
+        let j = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id")), &token).await?;
+        Ok((j.str("status") == "FAILED").then_some(j.body))
+    })
+    .await
+    .unwrap();
+    assert_eq!(job["attempts"], 3);
+    assert_eq!(job["error"]["code"], "PROVIDER_UNAVAILABLE");
+    let stats = s.sim_stats().await.unwrap();
+    assert_eq!(stats.calls.get("StartVm"), Some(&3));
+    // Workers do not poll: the two retries came back through the broker.
+    eprintln!("on {queue}: 3 attempts in {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[tokio::test]
+async fn a_message_that_is_not_a_job_is_dead_lettered_on_rabbitmq_and_work_goes_on() {
+    // RabbitMQ only (JetStream has no dead-letter queue: such a message is
+    // terminated, `queue/nats.rs`).
+    use lapin::options::{BasicGetOptions, BasicPublishOptions};
+    let opts = StackOptions { backend: Backend::Postgres, worker_processes: 1, ..Default::default() }
+        .with_queue(Queue::RabbitMq);
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let token = s.tenant_token("acme", &["demo"]);
+    // Core declares its topology once a worker attaches: a first job
+    // through the broker shows it did.
+    let first = create_many(&s, &token, 1, "before").await;
+    all_succeed(&s.rest, &token, &[first[0].1.clone()], Duration::from_secs(30)).await;
+    let url = s.rabbitmq.as_ref().unwrap().url();
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            "HCP.jobs".into(),
+            "hcp.jobs.dispatch".into(),
+            BasicPublishOptions::default(),
+            b"not a job id",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    let dead = wait_until(Duration::from_secs(20), "the message in HCP.jobs.dead", || async {
+        Ok(channel
+            .basic_get("HCP.jobs.dead".into(), BasicGetOptions { no_ack: true })
+            .await?
+            .map(|m| m.delivery.data.clone()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead, b"not a job id");
+    let next = create_many(&s, &token, 3, "after").await;
+    let jobs: Vec<String> = next.iter().map(|(_, j)| j.clone()).collect();
+    all_succeed(&s.rest, &token, &jobs, Duration::from_secs(30)).await;
+}
+
 // The tests above that run with a broker, once on each.
 hcp_testkit::each_queue!(
     killed_workers_lose_nothing_and_duplicate_nothing,
@@ -1075,4 +1158,5 @@ hcp_testkit::each_queue!(
     a_restarted_worker_takes_back_its_jobs_at_once,
     a_watcher_is_woken_when_another_process_finishes_its_job,
     workers_killed_and_the_broker_down_for_20_s_lose_and_duplicate_nothing,
+    a_retry_waits_its_backoff_on_the_broker,
 );
