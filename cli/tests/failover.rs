@@ -4,7 +4,7 @@
 //! and core (two API and two worker processes) is given HAProxy's
 //! address. The primary node is killed outright (Patroni and PostgreSQL,
 //! SIGKILL both) while clients keep creating VMs, retrying with their
-//! Idempotency-Key.
+//! Idempotency-Key. Once with NATS JetStream, once with RabbitMQ.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use hcp_testkit::db::Backend;
 use hcp_testkit::load::{self, Answers, Load};
 use hcp_testkit::patroni::PgCluster;
+use hcp_testkit::queues::Queue;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use hcp_testkit::wait_until;
 
@@ -30,8 +31,7 @@ async fn listeners(url: &str) -> anyhow::Result<i64> {
     Ok(n)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_primary_dies_under_load_and_nothing_accepted_is_lost() {
+async fn the_primary_dies_under_load_and_nothing_accepted_is_lost(queue: Queue) {
     if let Err(missing) = hcp_testkit::patroni::available() {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
@@ -46,13 +46,13 @@ async fn the_primary_dies_under_load_and_nothing_accepted_is_lost() {
     let opts = StackOptions {
         backend: Backend::Postgres,
         postgres_admin_url: Some(cluster.admin_url()),
-        nats: true,
         api_processes: 2,
         worker_processes: 2,
         sim_args: vec!["--latency-ms".into(), "50".into()],
         jobs_toml: "concurrency = 8\n".into(),
         ..Default::default()
-    };
+    }
+    .with_queue(queue);
     let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &[PROJECT]);
     let ops = s.ops_token();
@@ -153,3 +153,5 @@ async fn the_primary_dies_under_load_and_nothing_accepted_is_lost() {
     drop(s);
     drop(cluster);
 }
+
+hcp_testkit::each_queue!(flavor = "multi_thread"; the_primary_dies_under_load_and_nothing_accepted_is_lost);

@@ -57,9 +57,25 @@ impl TestStack {
 
 /// Runs each named test body (an `async fn(Queue)`) once per queue
 /// backend: `each_queue!(a_test)` makes the tests `a_test::nats` and
-/// `a_test::rabbitmq`.
+/// `a_test::rabbitmq`; `each_queue!(flavor = "multi_thread"; a_test)` runs
+/// them on tokio's multi-threaded runtime.
 #[macro_export]
 macro_rules! each_queue {
+    (flavor = $flavor:literal; $($body:ident),+ $(,)?) => {
+        $(
+            mod $body {
+                #[tokio::test(flavor = $flavor)]
+                async fn nats() {
+                    super::$body($crate::queues::Queue::Nats).await
+                }
+
+                #[tokio::test(flavor = $flavor)]
+                async fn rabbitmq() {
+                    super::$body($crate::queues::Queue::RabbitMq).await
+                }
+            }
+        )+
+    };
     ($($body:ident),+ $(,)?) => {
         $(
             mod $body {
