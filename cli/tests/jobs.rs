@@ -73,7 +73,10 @@ async fn create_many(s: &TestStack, token: &str, n: usize, prefix: &str) -> Vec<
     out
 }
 
-async fn killed_workers_lose_nothing_and_duplicate_nothing(queue: Queue) {
+/// The kill tests' stack: two API and two worker processes on PostgreSQL
+/// and `queue`, 2 s leases; with a tenant's token and the generator of the
+/// random kill schedule (its seed printed, to replay a failure).
+async fn kill_test_stack(queue: Queue) -> (TestStack, String, rand::rngs::StdRng) {
     let opts = StackOptions {
         backend: Backend::Postgres,
         api_processes: 2,
@@ -83,11 +86,27 @@ async fn killed_workers_lose_nothing_and_duplicate_nothing(queue: Queue) {
         ..Default::default()
     }
     .with_queue(queue);
-    let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
+    let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
     let seed: u64 = rand::thread_rng().r#gen();
     eprintln!("kill schedule seed {seed}");
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    (s, token, <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed))
+}
+
+/// Kills a worker process picked at random (SIGKILL) after a pause drawn
+/// from `pause_ms`, and starts another.
+async fn kill_a_worker(s: &mut TestStack, rng: &mut rand::rngs::StdRng, pause_ms: std::ops::Range<u64>) {
+    // The scenario, not synchronisation: a kill at a random moment (the
+    // seed replays the schedule).
+    tokio::time::sleep(Duration::from_millis(rng.gen_range(pause_ms))).await;
+    let workers = s.workers();
+    let victim = workers[rng.gen_range(0..workers.len())].clone();
+    s.kill(&victim).await;
+    s.start_worker().await.unwrap();
+}
+
+async fn killed_workers_lose_nothing_and_duplicate_nothing(queue: Queue) {
+    let (mut s, token, mut rng) = kill_test_stack(queue).await;
 
     // Creates arrive in waves while workers are killed at random moments.
     let mut accepted = Vec::new();
@@ -95,14 +114,8 @@ async fn killed_workers_lose_nothing_and_duplicate_nothing(queue: Queue) {
     for wave in 0..6 {
         accepted.extend(create_many(&s, &token, 10, &format!("w{wave}")).await);
         for _ in 0..2 {
-            // The scenario, not synchronisation: a kill at a random moment
-            // of the wave (the seed above replays the schedule).
-            tokio::time::sleep(Duration::from_millis(rng.gen_range(50..400))).await;
-            let workers = s.workers();
-            let victim = workers[rng.gen_range(0..workers.len())].clone();
-            s.kill(&victim).await;
+            kill_a_worker(&mut s, &mut rng, 50..400).await;
             kills += 1;
-            s.start_worker().await.unwrap();
         }
     }
     assert!(accepted.len() >= 50 && kills >= 10);
@@ -1006,32 +1019,14 @@ async fn workers_killed_and_the_broker_down_for_20_s_lose_and_duplicate_nothing(
     // killed (SIGKILL) and started again, before, during and after a 20 s
     // outage of the broker. The figures it prints are the README's, side by
     // side for the two brokers.
-    let opts = StackOptions {
-        backend: Backend::Postgres,
-        api_processes: 2,
-        worker_processes: 2,
-        sim_args: vec!["--latency-ms".into(), "60".into()],
-        jobs_toml: "lease_seconds = 2\nconcurrency = 8\n".into(),
-        ..Default::default()
-    }
-    .with_queue(queue);
-    let mut s = TestStack::start(Path::new(HCP), opts).await.unwrap();
-    let token = s.tenant_token("acme", &["demo"]);
-    let seed: u64 = rand::thread_rng().r#gen();
-    eprintln!("kill schedule seed {seed}");
-    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let (mut s, token, mut rng) = kill_test_stack(queue).await;
     let store = s.db.store().await.unwrap();
     // Two clients, one per gateway, about 10 creates a second in all.
     let load = Load::paced(&s, &token, "demo", "x", 2, 1000, Duration::from_millis(200));
     let mut kills = 0;
     let mut kill_some = async |s: &mut TestStack, n: usize| {
         for _ in 0..n {
-            // The scenario, not synchronisation: a kill at a random moment.
-            tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1500))).await;
-            let workers = s.workers();
-            let victim = workers[rng.gen_range(0..workers.len())].clone();
-            s.kill(&victim).await;
-            s.start_worker().await.unwrap();
+            kill_a_worker(s, &mut rng, 200..1500).await;
         }
         n
     };

@@ -305,13 +305,19 @@ impl AmqpBroker {
         }
     }
 
-    async fn attach(&self) -> Result<BoxStream<'static, Result<Delivery, BrokerError>>, BrokerError> {
+    /// A new channel on the current connection (made if need be).
+    async fn channel(&self) -> Result<(Arc<Link>, Channel), BrokerError> {
         let link = self.link().await?;
         let ch = link
             .connection
             .create_channel()
             .await
             .map_err(|e| BrokerError::new("cannot open a channel", e))?;
+        Ok((link, ch))
+    }
+
+    async fn attach(&self) -> Result<BoxStream<'static, Result<Delivery, BrokerError>>, BrokerError> {
+        let (link, ch) = self.channel().await?;
         ch.basic_qos(self.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| BrokerError::new("cannot set the prefetch", e))?;
@@ -341,12 +347,7 @@ impl AmqpBroker {
     }
 
     async fn listen(&self) -> Result<BoxStream<'static, Vec<u8>>, BrokerError> {
-        let link = self.link().await?;
-        let ch = link
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| BrokerError::new("cannot open a channel", e))?;
+        let (_link, ch) = self.channel().await?;
         let queue = ch
             .queue_declare(
                 "".into(),
