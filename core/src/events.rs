@@ -21,7 +21,7 @@ use futures::StreamExt;
 use hcp_proto::ids::JobId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 
-use crate::queue::Broker;
+use crate::broker::Broker;
 
 /// The NATS subject of job change notifications.
 pub const SUBJECT: &str = "hcp.events.jobs";

@@ -10,6 +10,7 @@ pub mod admission;
 pub mod api;
 pub mod audit_chain;
 pub mod auth;
+pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod convert;

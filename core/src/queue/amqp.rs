@@ -45,7 +45,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use super::{Broker, BrokerError, Delivery, Outcome, Settle};
+use crate::broker::{Broker, BrokerError, Delivery, Outcome, Settle};
 use crate::config::QueueBackend;
 use crate::store::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX};
 

@@ -24,7 +24,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 
-use super::{Broker, BrokerError, Delivery, Outcome, Settle};
+use crate::broker::{Broker, BrokerError, Delivery, Outcome, Settle};
 use crate::config::QueueBackend;
 use crate::store::{OutboxMessage, SUBJECT_JOBS, SUBJECT_USAGE_PREFIX};
 
