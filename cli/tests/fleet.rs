@@ -2,7 +2,8 @@
 //! VMs (in two tenants) are found with the fleet filters and force-deleted,
 //! the quota they held is released, and when the provider comes back the
 //! reconciler cleans what they left on it. Operator actions on a tenant's
-//! VM, state resets and bad input on the way.
+//! VM, state resets (also with the provider process gone) and bad input on
+//! the way.
 
 use std::path::Path;
 use std::time::Duration;
@@ -285,6 +286,69 @@ async fn an_operator_force_deletes_the_vms_of_a_vanished_provider_and_the_reconc
     }
     let open = s.rest.get(&format!("{O}/vm-leftovers?open_only=true"), &ops).await.unwrap();
     assert_eq!(open.body["leftovers"].as_array().map(Vec::len), Some(0), "{}", open.body);
+}
+
+/// `:reset-state` of `vm` to `status` with a reason.
+async fn reset(s: &TestStack, ops: &str, vm: &str, status: &str, force: bool) -> hcp_testkit::rest::Reply {
+    let body = json!({"status": status, "reason": "provider down", "force": force});
+    s.rest.post(&format!("{O}/vms/{vm}:reset-state"), ops, &body).await.unwrap()
+}
+
+/// A reset needs the provider's word: with the provider process gone,
+/// setting a VM ACTIVE or STOPPED is refused with 503 PROVIDER_UNAVAILABLE
+/// (the provider cannot be asked) unless forced; forced, it is done and
+/// the audit event says the provider was unreachable. ERROR needs no word.
+#[tokio::test]
+async fn a_reset_while_the_provider_cannot_be_reached_needs_force() {
+    let mut s = TestStack::start(Path::new(HCP), StackOptions::default()).await.unwrap();
+    let ops = s.subject_token("ops-bob", None, &[], &["ops.admin"], 3600);
+    let acme = s.tenant_token("acme", &["demo"]);
+    let vm = create_active(&s, &acme, "demo", "web-1").await;
+    // The provider is reachable: a reset it confirms is done without force.
+    let r = reset(&s, &ops, &vm, "ACTIVE", false).await;
+    assert_eq!((r.status, r.body["provider_state"].as_str()), (200, Some("RUNNING")), "{}", r.body);
+
+    // The provider process is gone.
+    s.kill("sim").await;
+    for status in ["ACTIVE", "STOPPED"] {
+        let r = reset(&s, &ops, &vm, status, false).await;
+        assert_eq!(
+            (r.status, r.body["code"].as_str(), r.body["details"]["provider_state"].as_str()),
+            (503, Some("PROVIDER_UNAVAILABLE"), Some("UNREACHABLE")),
+            "{status}: {}",
+            r.body
+        );
+    }
+    let vm_now = s.rest.get(&format!("{O}/vms/{vm}"), &ops).await.unwrap();
+    assert_eq!(vm_now.str("status"), "ACTIVE", "a refused reset changes nothing: {}", vm_now.body);
+    let r = reset(&s, &ops, &vm, "STOPPED", true).await;
+    assert_eq!(
+        (
+            r.status,
+            r.body["vm"]["status"].as_str(),
+            r.body["provider_state"].as_str(),
+            r.body["forced"].as_bool()
+        ),
+        (200, Some("STOPPED"), Some("UNREACHABLE"), Some(true)),
+        "{}",
+        r.body
+    );
+    let r = reset(&s, &ops, &vm, "ERROR", false).await;
+    assert_eq!((r.status, r.body["vm"]["status"].as_str()), (200, Some("ERROR")), "{}", r.body);
+    let audit =
+        s.rest.get(&format!("{O}/audit-events?resource_id={vm}&action=vm.reset_state"), &ops).await.unwrap();
+    let details: Vec<&str> =
+        audit.body["events"].as_array().unwrap().iter().filter_map(|e| e["detail"].as_str()).collect();
+    assert!(
+        details.iter().any(|d| d.contains("ACTIVE -> STOPPED; provider UNREACHABLE; forced")),
+        "the forced reset is audited: {}",
+        audit.body
+    );
+    assert!(
+        audit.body["events"].as_array().unwrap().iter().all(|e| e["actor"] == "ops-bob"),
+        "{}",
+        audit.body
+    );
 }
 
 /// `hcp` run as an operator against a stack.

@@ -9,7 +9,10 @@
 //! deliveries record the failed attempts (visible to the tenant) and
 //! everything arrives once it is back. The README's Python verification
 //! code accepts a real delivery and rejects an altered, a forged and an
-//! old one. In a stack without the allowance, URLs at 127.0.0.1,
+//! old one. A receiver answering every delivery with a redirect gets the
+//! endpoint disabled by the delivery worker after a few attempts (the
+//! reason shown to the tenant, the redirect never followed), and enabling
+//! it delivers what waited. In a stack without the allowance, URLs at 127.0.0.1,
 //! 169.254.169.254, 10.0.0.0/8 and a name resolving to loopback are
 //! refused with 400 naming `url`, and the receiver sees no connection.
 
@@ -53,6 +56,9 @@ impl Received {
 struct Receiver {
     got: Arc<Mutex<Vec<Received>>>,
     connections: Arc<AtomicU64>,
+    /// While set, every request is answered 302 to this URL (and not
+    /// recorded in `got`).
+    redirect_to: Arc<Mutex<Option<String>>>,
 }
 
 impl Receiver {
@@ -84,7 +90,8 @@ impl Receiver {
         })
     }
 
-    /// Reads one HTTP/1.1 request with a Content-Length body and answers 200.
+    /// Reads one HTTP/1.1 request with a Content-Length body and answers
+    /// 200, or 302 while `redirect_to` is set.
     async fn one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(&self, mut s: S) {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 8192];
@@ -114,8 +121,17 @@ impl Receiver {
             buf.extend_from_slice(&chunk[..n]);
         }
         let body = buf[head_end..head_end + length].to_vec();
-        self.got.lock().unwrap().push(Received { headers, body });
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+        let redirect = self.redirect_to.lock().unwrap().clone();
+        let answer = match redirect {
+            Some(to) => format!(
+                "HTTP/1.1 302 Found\r\nlocation: {to}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            ),
+            None => {
+                self.got.lock().unwrap().push(Received { headers, body });
+                "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+            }
+        };
+        let _ = s.write_all(answer.as_bytes()).await;
         let _ = s.shutdown().await;
     }
 
@@ -467,4 +483,135 @@ async fn urls_at_internal_addresses_are_refused_before_any_connection() {
         list.body
     );
     serving.abort();
+}
+
+/// `hcp` run as the tenant against a stack, `-o json`; its output.
+async fn hcp_json(s: &TestStack, token: &str, args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(HCP)
+        .args(args)
+        .args(["-o", "json"])
+        .env_remove("HCP_PROFILE")
+        .env_remove("HCP_OUTPUT")
+        .env("HCP_ENDPOINT", format!("http://{}", s.gateway))
+        .env("HCP_TOKEN", token)
+        .env("HCP_PROJECT", "demo")
+        .env("HCP_CONFIG", s.dir().join("no-config.toml"))
+        .output()
+        .await
+        .expect("hcp runs");
+    assert!(out.status.success(), "hcp {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The delivery worker itself disables an endpoint whose receiver keeps
+/// failing: here it answers every delivery with a redirect, which is a
+/// failed attempt (never followed: its target sees no connection). After
+/// `disable_after_failures` attempts the endpoint is disabled, the tenant
+/// sees why (`hcp webhook show`), nothing more is sent, and `hcp webhook
+/// enable` brings it back: the pending event then arrives.
+#[tokio::test]
+async fn the_worker_disables_an_endpoint_that_keeps_failing_and_enable_brings_it_back() {
+    const FAILURES: u64 = 3;
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let (ca_file, acceptor) = pki(dir.path());
+    let target_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_port = target_listener.local_addr().unwrap().port();
+    let target = Receiver::default();
+    let target_serving = target.serve(target_listener, Some(acceptor.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let receiver = Receiver::default();
+    *receiver.redirect_to.lock().unwrap() = Some(format!("https://127.0.0.1:{target_port}/caught"));
+    let serving = receiver.serve(listener, Some(acceptor));
+    let s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            core_toml: format!(
+                "[egress]\nallow_networks = [\"127.0.0.0/8\"]\nca_file = \"{}\"\n\n\
+                 [webhooks]\nbackoff_base_ms = 50\nbackoff_max_ms = 200\npoll_interval_ms = 100\n\
+                 disable_after_failures = {FAILURES}\n",
+                ca_file.display()
+            ),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let t = s.tenant_token("acme", &["demo"]);
+    let r = s
+        .rest
+        .post(
+            &format!("{T}/webhooks"),
+            &t,
+            &json!({"url": format!("https://127.0.0.1:{port}/hook"), "event_types": ["job.finished"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["webhook"]["id"].as_str().unwrap().to_owned();
+    let vm = create(&s, &t, "dis", 1).await.remove(0);
+
+    // The worker fails the event's attempts and disables the endpoint.
+    let hook = wait_until(Duration::from_secs(30), "the worker to disable the endpoint", || async {
+        let h = s.rest.get(&format!("{T}/webhooks/{id}"), &t).await?;
+        Ok((h.body["enabled"] == false).then_some(h.body))
+    })
+    .await
+    .unwrap();
+    let reason = hook["disabled_reason"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason.contains(&format!("disabled after {FAILURES} failed attempts in a row"))
+            && reason.contains("302")
+            && reason.contains("not followed"),
+        "{hook}"
+    );
+    assert_eq!(hook["consecutive_failures"], FAILURES, "{hook}");
+    let shown = hcp_json(&s, &t, &["webhook", "show", &id]).await;
+    assert_eq!(
+        (shown["enabled"].as_bool(), shown["disabled_reason"].as_str()),
+        (Some(false), Some(reason.as_str()))
+    );
+    let d = s.rest.get(&format!("{T}/webhooks/{id}/deliveries"), &t).await.unwrap();
+    let delivery = &d.body["deliveries"][0];
+    assert_eq!(
+        (delivery["status"].as_str(), delivery["attempts"].as_u64(), delivery["last_status_code"].as_u64()),
+        (Some("PENDING"), Some(FAILURES), Some(302)),
+        "{}",
+        d.body
+    );
+    assert!(delivery["last_error"].as_str().unwrap_or_default().contains("redirect"), "{}", d.body);
+    // Disabled, nothing more is sent (ten poll intervals).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        receiver.connections.load(Ordering::SeqCst),
+        FAILURES,
+        "one connection per attempt, then none"
+    );
+    assert_eq!(target.connections.load(Ordering::SeqCst), 0, "the redirect was not followed");
+
+    // The receiver is fixed; the tenant enables the endpoint again.
+    *receiver.redirect_to.lock().unwrap() = None;
+    let enabled = hcp_json(&s, &t, &["webhook", "enable", &id]).await;
+    assert_eq!(
+        (enabled["enabled"].as_bool(), enabled["disabled_reason"].as_str().unwrap_or_default()),
+        (Some(true), ""),
+        "{enabled}"
+    );
+    wait_until(Duration::from_secs(30), "the pending event to arrive", || async {
+        Ok((receiver.received().len() == 1).then_some(()))
+    })
+    .await
+    .unwrap();
+    let got = receiver.received().remove(0).json();
+    assert_eq!(
+        (got["vm_id"].as_str(), got["data"]["job"]["kind"].as_str()),
+        (Some(vm.as_str()), Some("vm.create"))
+    );
+    let d = s.rest.get(&format!("{T}/webhooks/{id}/deliveries"), &t).await.unwrap();
+    assert_eq!(d.body["deliveries"][0]["status"], "DELIVERED", "{}", d.body);
+    let hook = s.rest.get(&format!("{T}/webhooks/{id}"), &t).await.unwrap();
+    assert_eq!(hook.body["consecutive_failures"], 0, "{}", hook.body);
+    assert_eq!(target.connections.load(Ordering::SeqCst), 0);
+    serving.abort();
+    target_serving.abort();
 }

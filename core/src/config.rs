@@ -67,7 +67,8 @@ pub struct Config {
     pub telemetry: hcp_telemetry::TelemetryConfig,
     /// Admission control: load shedding, rate limits, timeouts.
     pub limits: LimitsConfig,
-    /// Where core may connect on a tenant's behalf (webhooks).
+    /// Where core may connect on a tenant's or an operator's behalf
+    /// (webhooks, image imports).
     pub egress: EgressConfig,
     /// Webhook deliveries: retries and when an endpoint is disabled.
     pub webhooks: WebhooksConfig,
@@ -117,8 +118,8 @@ impl Default for ImagesConfig {
     }
 }
 
-/// Outbound connections to URLs tenants give (`[egress]`): the one policy
-/// for webhooks and, later, image import (`crate::egress`).
+/// Outbound connections to URLs tenants and operators give (`[egress]`):
+/// the one policy for webhooks and image import (`crate::egress`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConfig {

@@ -1,5 +1,6 @@
-//! Outbound HTTP(S) to URLs tenants give (webhooks today, image import
-//! later): the one place that decides where core may connect.
+//! Outbound HTTP(S) to URLs tenants and operators give (webhook deliveries,
+//! [`EgressClient::post`]; image imports, [`EgressClient::download`]): the
+//! one place that decides where core may connect.
 //!
 //! A URL is untrusted input. [`EgressPolicy::check_url`] parses it
 //! (https only, http when the operator allows it — `hcp up`'s development
@@ -18,9 +19,11 @@
 //! these. An operator opts a range back in with `[egress] allow_networks`.
 //!
 //! TLS is rustls verifying the URL's host name against the system's roots
-//! plus an optional operator CA file. Redirects are never followed (a 3xx
-//! is a failed attempt naming the status); connect time, total time and the
-//! response body read are bounded.
+//! plus an optional operator CA file. A webhook delivery follows no
+//! redirect (a 3xx is a failed attempt naming the status); an image
+//! download follows at most `[images] max_redirects`, each target checked
+//! like the first URL. Connect time, total time and the response body read
+//! are bounded (a delivery's by `[egress]`, a download's by `[images]`).
 
 use std::fmt;
 use std::future::Future;
