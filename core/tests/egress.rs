@@ -22,8 +22,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const CONNECT: Duration = Duration::from_millis(500);
 const TOTAL: Duration = Duration::from_secs(1);
 const MAX_BODY: usize = 1024;
-/// Scheduling slack allowed past a bound.
-const SLACK: Duration = Duration::from_millis(750);
+/// How long past its bound a request may end: this shows that it ends
+/// (it does not hang), not how promptly, which a loaded machine's scheduler
+/// decides (speed is hcp-bench's business, not a test's).
+const SLACK: Duration = Duration::from_secs(5);
 
 /// What a receiver does with each connection.
 #[derive(Debug, Clone)]
