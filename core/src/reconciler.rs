@@ -30,7 +30,9 @@ use tokio::sync::watch;
 use crate::audit::{AuditAction, AuditOutcome, Resource};
 use crate::config::ReconcilerConfig;
 use crate::lifecycle::{self, Correction, Drift, Power, Verdict};
-use crate::model::{AuditEvent, HostState, OrphanPolicy, Provider, RestartPolicy, VmStatus, now};
+use crate::model::{
+    AuditEvent, HostState, LeftoverCleanup, OrphanPolicy, Provider, RestartPolicy, VmStatus, now,
+};
 use crate::moves::{Asker, Moves};
 use crate::providers::{CallError, ProviderClients};
 use crate::store::{KnownVm, Store};
@@ -447,8 +449,8 @@ impl Reconciler {
                 Err(e) => Err(tonic::Status::unavailable(e.message)),
             };
             match result {
-                Ok(()) => "removed",
-                Err(s) if s.code() == tonic::Code::NotFound => "absent",
+                Ok(()) => LeftoverCleanup::Removed,
+                Err(s) if s.code() == tonic::Code::NotFound => LeftoverCleanup::Absent,
                 Err(s) => {
                     let detail = format!("leftover on provider {}; delete failed: {}", p.name, s.message());
                     self.record(self.audit(
@@ -462,7 +464,7 @@ impl Reconciler {
                 }
             }
         } else {
-            "absent"
+            LeftoverCleanup::Absent
         };
         let detail = format!("leftover on provider {}: {how}", p.name);
         let audit =
@@ -470,7 +472,7 @@ impl Reconciler {
         match self.store.mark_leftover_cleaned(id, how, &audit).await {
             Ok(true) => {
                 counted(&audit);
-                tracing::info!(vm_id = %id, provider = %p.name, how, "leftover of a force-deleted vm cleaned");
+                tracing::info!(vm_id = %id, provider = %p.name, how = %how, "leftover of a force-deleted vm cleaned");
                 true
             }
             Ok(false) => false,

@@ -128,7 +128,7 @@ fn the_scan_sees_a_loop_when_there_is_one() {
 /// usage event.
 fn domain_name(word: &str) -> bool {
     use hcp_core::lifecycle::{Metering, Step};
-    use hcp_core::model::{HostState, JobKind, JobStatus, SnapshotStatus, VmStatus};
+    use hcp_core::model::{HostState, JobKind, JobStatus, LeftoverCleanup, SnapshotStatus, VmStatus};
     use hcp_proto::error::ErrorCode;
     VmStatus::parse(word).is_some()
         || JobStatus::parse(word).is_some()
@@ -138,6 +138,7 @@ fn domain_name(word: &str) -> bool {
         || Step::parse(word).is_some()
         || ErrorCode::ALL.iter().any(|c| c.as_str() == word)
         || Metering::ALL.iter().any(|m| m.as_str() == word)
+        || LeftoverCleanup::parse(word).is_some()
 }
 
 /// The string literals (`"..."`) and SQL literals (`'...'`) of a source's

@@ -426,6 +426,17 @@ pub struct PlacementGroup {
 }
 
 string_enum!(
+    /// How the reconciler cleaned a force-deleted VM's leftover on its
+    /// provider.
+    LeftoverCleanup {
+        /// The provider still had the VM; it was deleted there.
+        Removed = "removed",
+        /// The provider no longer had it.
+        Absent = "absent",
+    }
+);
+
+string_enum!(
     /// A snapshot's state.
     SnapshotStatus {
         /// Its create job has not finished.

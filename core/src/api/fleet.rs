@@ -338,7 +338,7 @@ pub async fn leftovers(
                 recorded_by: l.recorded_by.clone(),
                 reason: l.reason.clone(),
                 cleaned_at: l.cleaned_at.map(convert::ts),
-                cleaned_how: l.cleaned_how.clone().unwrap_or_default(),
+                cleaned_how: l.cleaned_how.map(|h| h.as_str().to_owned()).unwrap_or_default(),
             })
             .collect(),
     })

@@ -17,7 +17,7 @@ use super::vms::{VM_COLUMNS, vm_from_row};
 use super::webhooks::insert_webhook_events;
 use super::{Quoted, StoreError, StoreResult, col, on_pool, sql, to_u32};
 use hcp_domain::lifecycle::{JobParams, Metering};
-use hcp_domain::model::{AuditEvent, Job, JobKind, JobStatus, Vm, VmStatus, VolumeStatus};
+use hcp_domain::model::{AuditEvent, Job, JobKind, JobStatus, LeftoverCleanup, Vm, VmStatus, VolumeStatus};
 
 /// Filters and page position for [`super::Store::list_fleet`]; `None` (or
 /// empty) filters nothing. DELETED VMs are listed only when `status` asks
@@ -125,7 +125,7 @@ pub struct Leftover {
     /// When the reconciler cleaned it; `None` while open.
     pub cleaned_at: Option<DateTime<Utc>>,
     /// How: deleted on the provider, or found gone there.
-    pub cleaned_how: Option<String>,
+    pub cleaned_how: Option<LeftoverCleanup>,
 }
 
 const LEFTOVER_COLUMNS: &str = "vm_id, provider_id, host, tenant_id, project_id, recorded_at, recorded_by, \
@@ -146,7 +146,16 @@ macro_rules! leftover_from_row {
             recorded_by: col!(row, "recorded_by"),
             reason: col!(row, "reason"),
             cleaned_at: col!(row, "cleaned_at"),
-            cleaned_how: col!(row, "cleaned_how"),
+            cleaned_how: {
+                let how: Option<String> = col!(row, "cleaned_how");
+                match how {
+                    Some(h) => Some(
+                        LeftoverCleanup::parse(&h)
+                            .ok_or_else(|| StoreError::Corrupt(format!("leftover cleanup {h:?}")))?,
+                    ),
+                    None => None,
+                }
+            },
         }
     }};
 }
@@ -529,14 +538,19 @@ impl super::Store {
 
     /// Marks a leftover cleaned (`how`: what the reconciler did), with the
     /// audit event. False when it was cleaned already.
-    pub async fn mark_leftover_cleaned(&self, vm: VmId, how: &str, audit: &AuditEvent) -> StoreResult<bool> {
+    pub async fn mark_leftover_cleaned(
+        &self,
+        vm: VmId,
+        how: LeftoverCleanup,
+        audit: &AuditEvent,
+    ) -> StoreResult<bool> {
         on_pool!(transaction self, |tx| {
             let done = sqlx::query(
                 "UPDATE vm_leftovers SET cleaned_at = $1, cleaned_how = $2 WHERE vm_id = $3 \
                  AND cleaned_at IS NULL",
             )
             .bind(audit.at)
-            .bind(how)
+            .bind(how.as_str())
             .bind(vm.0)
             .execute(&mut *tx)
             .await

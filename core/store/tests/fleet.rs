@@ -456,11 +456,11 @@ async fn a_force_delete_releases_quota_keeps_volumes_and_records_a_leftover(back
     assert!(l.cleaned_at.is_none());
     assert!(store.list_leftovers(Some(ProviderId::new()), false).await.unwrap().is_empty());
     let cleaned = audit("reconcile.leftover", &vm.id.to_string());
-    assert!(store.mark_leftover_cleaned(vm.id, "removed", &cleaned).await.unwrap());
-    assert!(!store.mark_leftover_cleaned(vm.id, "removed", &cleaned).await.unwrap());
+    assert!(store.mark_leftover_cleaned(vm.id, LeftoverCleanup::Removed, &cleaned).await.unwrap());
+    assert!(!store.mark_leftover_cleaned(vm.id, LeftoverCleanup::Removed, &cleaned).await.unwrap());
     assert!(store.list_leftovers(Some(p.id), true).await.unwrap().is_empty());
     let all = store.list_leftovers(None, false).await.unwrap();
-    assert_eq!(all[0].cleaned_how.as_deref(), Some("removed"));
+    assert_eq!(all[0].cleaned_how, Some(LeftoverCleanup::Removed));
     assert!(all[0].cleaned_at.is_some());
 
     // Without a leftover (the operator knows it is gone), none is recorded.
