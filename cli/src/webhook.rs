@@ -1,5 +1,5 @@
 //! `hcp webhook`: a project's webhook endpoints. Core POSTs signed events
-//! (a job finished, a VM's status changed) to each; `create` prints the
+//! (a job finished, a VM's or a volume's status changed) to each; `create` prints the
 //! signing secret, which is never shown again.
 
 use clap::Subcommand;
@@ -14,6 +14,7 @@ const DELIVERY_COLUMNS: &[&str] = &[
     "event_id",
     "event_type",
     "vm_id",
+    "volume_id",
     "status",
     "attempts",
     "last_status_code",
@@ -29,7 +30,8 @@ pub enum Webhook {
     Create {
         /// https://host[:port]/path (plain http only in `hcp up`'s development mode).
         url: String,
-        /// Event types: job.finished, vm.status_changed (repeat or comma-separate).
+        /// Event types: job.finished, vm.status_changed, volume.status_changed (repeat or
+        /// comma-separate).
         #[arg(long = "event", value_delimiter = ',', default_values_t = ["job.finished".to_owned()])]
         events: Vec<String>,
         /// A note.

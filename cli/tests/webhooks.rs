@@ -9,10 +9,13 @@
 //! deliveries record the failed attempts (visible to the tenant) and
 //! everything arrives once it is back. The README's Python verification
 //! code accepts a real delivery and rejects an altered, a forged and an
-//! old one. A receiver answering every delivery with a redirect gets the
-//! endpoint disabled by the delivery worker after a few attempts (the
-//! reason shown to the tenant, the redirect never followed), and enabling
-//! it delivers what waited. In a stack without the allowance, URLs at 127.0.0.1,
+//! old one. A volume created, attached, detached and deleted is heard of
+//! too: each job's `job.finished` and each `volume.status_changed`, in
+//! order for the volume, signed. A receiver answering every delivery with
+//! a redirect gets the endpoint disabled by the delivery worker after a few
+//! attempts (the reason shown to the tenant, the redirect never followed),
+//! and enabling it delivers what waited. In a stack without the allowance,
+//! URLs at 127.0.0.1,
 //! 169.254.169.254, 10.0.0.0/8 and a name resolving to loopback are
 //! refused with 400 naming `url`, and the receiver sees no connection.
 
@@ -421,6 +424,127 @@ async fn every_job_is_delivered_signed_in_order_and_survives_a_receiver_outage()
 
     let gone = s.rest.delete(&format!("{T}/webhooks/{id}"), &t).await.unwrap();
     assert_eq!(gone.status, 200, "{}", gone.body);
+    serving.abort();
+}
+
+/// Sends an accepted operation and waits for its job to succeed; the
+/// answer's body.
+async fn accepted(s: &TestStack, t: &str, method: &str, path: &str, body: Value) -> Value {
+    let body = (!body.is_null()).then(|| body.to_string());
+    let r = s.rest.raw(method, path, Some(t), body.as_deref()).await.unwrap();
+    assert_eq!(r.status, 202, "{method} {path}: {}", r.body);
+    let job = s.rest.finished_job(t, &r.str("job_id"), WAIT).await.unwrap();
+    assert_eq!(job["status"], "SUCCEEDED", "{method} {path}: {job}");
+    r.body
+}
+
+#[tokio::test]
+async fn a_volumes_jobs_and_status_changes_are_delivered_in_order() {
+    let dir = hcp_testkit::TempDir::new().unwrap();
+    let (ca_file, acceptor) = pki(dir.path());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let receiver = Receiver::default();
+    let serving = receiver.serve(listener, Some(acceptor));
+    let s = TestStack::start(
+        Path::new(HCP),
+        StackOptions {
+            core_toml: format!(
+                "[egress]\nallow_networks = [\"127.0.0.0/8\"]\nca_file = \"{}\"\n\n\
+                 [webhooks]\npoll_interval_ms = 200\n",
+                ca_file.display()
+            ),
+            sim_capabilities: "cloud_init,volumes,hot_attach".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ops = s.ops_token();
+    let vt = json!({"name": "standard", "max_size_gib": 10, "description": "disks", "storage": {"sim-1": "default"}});
+    let r = s.rest.post("/api/hcp/ops/v1/volume-types", &ops, &vt).await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let t = s.tenant_token("acme", &["demo"]);
+    let events = json!(["job.finished", "volume.status_changed"]);
+    let url = format!("https://127.0.0.1:{port}/hook");
+    let r =
+        s.rest.post(&format!("{T}/webhooks"), &t, &json!({"url": url, "event_types": events})).await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["webhook"]["event_types"], events, "{}", r.body);
+    let (secret, id) = (r.str("secret"), r.body["webhook"]["id"].as_str().unwrap().to_owned());
+
+    let vm = create(&s, &t, "vol", 1).await.remove(0);
+    let body = json!({"name": "data", "size_gib": 1, "volume_type": "standard"});
+    let volume = accepted(&s, &t, "POST", &format!("{T}/volumes"), body).await["volume_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let attach = json!({"volume_id": volume});
+    accepted(&s, &t, "POST", &format!("{T}/vms/{vm}:attach"), attach.clone()).await;
+    accepted(&s, &t, "POST", &format!("{T}/vms/{vm}:detach"), attach).await;
+    accepted(&s, &t, "DELETE", &format!("{T}/volumes/{volume}"), Value::Null).await;
+
+    // The volume's events, signed, each once or more, in order.
+    let expected = [
+        "job.finished volume.create AVAILABLE",
+        "volume.status_changed volume.create AVAILABLE",
+        "job.finished volume.attach IN_USE",
+        "volume.status_changed volume.attach IN_USE",
+        "job.finished volume.detach AVAILABLE",
+        "volume.status_changed volume.detach AVAILABLE",
+        "job.finished volume.delete DELETED",
+        "volume.status_changed volume.delete DELETED",
+    ];
+    let heard = || {
+        let mut out: Vec<String> = Vec::new();
+        for r in receiver.received() {
+            let sig = r.headers.get("hcp-signature").cloned().unwrap_or_default();
+            assert!(signed(&secret, &r.body, &sig), "a delivery with a bad signature: {sig} {}", r.json());
+            let v = r.json();
+            assert_eq!(
+                r.headers.get("hcp-event-type").and_then(|t| v["type"].as_str().map(|v| v == t)),
+                Some(true)
+            );
+            if v["volume_id"] != volume.as_str() {
+                continue;
+            }
+            let line = format!(
+                "{} {} {}",
+                v["type"].as_str().unwrap(),
+                v["data"]["job"]["kind"].as_str().unwrap(),
+                v["data"]["volume_status"].as_str().unwrap()
+            );
+            if out.last() != Some(&line) {
+                out.push(line);
+            }
+        }
+        out
+    };
+    wait_until(WAIT, "the volume's events to arrive", || async { Ok((heard() == expected).then_some(())) })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}: {:?}", heard()));
+    let attached = receiver
+        .received()
+        .into_iter()
+        .map(|r| r.json())
+        .find(|v| v["type"] == "volume.status_changed" && v["data"]["job"]["kind"] == "volume.attach");
+    let attached = attached.unwrap();
+    assert_eq!(
+        (attached["vm_id"].as_str(), attached["data"]["previous_volume_status"].as_str()),
+        (Some(vm.as_str()), Some("AVAILABLE")),
+        "{attached}"
+    );
+    let d = s.rest.get(&format!("{T}/webhooks/{id}/deliveries?page_size=20"), &t).await.unwrap();
+    let listed = d.body["deliveries"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|d| d["volume_id"] == volume.as_str() && d["vm_id"].as_str().is_none_or(str::is_empty))
+            .count(),
+        8,
+        "the tenant sees each delivery under its volume: {}",
+        d.body
+    );
     serving.abort();
 }
 

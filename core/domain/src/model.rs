@@ -346,18 +346,23 @@ string_enum!(
         /// A VM's status changed: a job left it in a new state, or the
         /// reconciler corrected it.
         VmStatusChanged = "vm.status_changed",
+        /// A volume's status changed: a volume job (create, attach, detach,
+        /// extend, delete) left it in a new state.
+        VolumeStatusChanged = "volume.status_changed",
     }
 );
 
 impl WebhookEvent {
     /// Every event type, in the order of their bits.
-    pub const ALL: [WebhookEvent; 2] = [WebhookEvent::JobFinished, WebhookEvent::VmStatusChanged];
+    pub const ALL: [WebhookEvent; 3] =
+        [WebhookEvent::JobFinished, WebhookEvent::VmStatusChanged, WebhookEvent::VolumeStatusChanged];
 
     /// The bit this type has in an [`crate::webhook::EventTypes`] set.
     pub fn bit(self) -> i64 {
         match self {
             WebhookEvent::JobFinished => 1,
             WebhookEvent::VmStatusChanged => 2,
+            WebhookEvent::VolumeStatusChanged => 4,
         }
     }
 }

@@ -3,14 +3,28 @@
 //! the payload sent, and the rule that decides what a failed attempt does
 //! (when to try again, when to disable the endpoint). Pure: the delivery
 //! worker passes the clock and the jitter in.
+//!
+//! Every event has a [`Subject`], a VM or a volume: an endpoint hears of
+//! one subject's events in the order they happened. A volume job's events
+//! (attach and detach included, which also name the VM) are its volume's.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use hcp_proto::ids::{EventId, JobId, VmId, WebhookId};
+use hcp_proto::ids::{EventId, JobId, VmId, VolumeId, WebhookId};
 use serde::Serialize;
 
-use crate::model::{DeliveryStatus, Job, JobStatus, VmStatus, WebhookEvent};
+use crate::model::{DeliveryStatus, Job, JobStatus, VmStatus, VolumeStatus, WebhookEvent};
+
+/// What an event concerns, and so what its deliveries are ordered by: an
+/// endpoint hears of one subject's events in the order they happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// A VM: its jobs and its status.
+    Vm(VmId),
+    /// A volume: its jobs (attach and detach included) and its status.
+    Volume(VolumeId),
+}
 
 /// A set of [`WebhookEvent`]s, stored as a bit mask so that the
 /// transaction finishing a job selects the endpoints that take an event
@@ -83,14 +97,14 @@ pub struct WebhookEndpoint {
 /// One event on its way to one endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookDelivery {
-    /// Its row number: the order of deliveries of one endpoint and VM.
+    /// Its row number: the order of deliveries of one endpoint and subject.
     pub seq: i64,
     /// The event (the same for every endpoint it goes to).
     pub event_id: EventId,
     /// The endpoint.
     pub endpoint_id: WebhookId,
-    /// The VM the event concerns.
-    pub vm_id: VmId,
+    /// The VM or volume the event concerns.
+    pub subject: Subject,
     /// Its type.
     pub event: WebhookEvent,
     /// The JSON body sent.
@@ -186,8 +200,8 @@ pub fn disable_reason(
     }
 }
 
-/// The JSON body of a delivery, built from the tenant's view of the job
-/// and VM: never a provider, host or native id.
+/// The JSON body of a delivery, built from the tenant's view of the job,
+/// VM and volume: never a provider, host or native id.
 #[derive(Debug, Clone, Serialize)]
 pub struct Payload {
     /// The event id (`HCP-Event-Id`), the receiver's key for duplicates.
@@ -199,16 +213,23 @@ pub struct Payload {
     pub created_at: DateTime<Utc>,
     /// The project.
     pub project_id: String,
-    /// The VM.
-    pub vm_id: VmId,
+    /// The VM (absent for a volume job that held none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<VmId>,
+    /// The volume (volume jobs and `volume.status_changed` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_id: Option<VolumeId>,
+    /// What its deliveries are ordered by (not sent).
+    #[serde(skip)]
+    pub subject: Subject,
     /// What happened.
     pub data: PayloadData,
 }
 
 /// The event's particulars.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct PayloadData {
-    /// The job that ended (`job.finished`), or that moved the VM.
+    /// The job that ended (`job.finished`), or that moved the VM or volume.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job: Option<PayloadJob>,
     /// The VM's status after the event (when it has one).
@@ -217,6 +238,13 @@ pub struct PayloadData {
     /// The VM's status before it (`vm.status_changed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_vm_status: Option<&'static str>,
+    /// The volume's status after the event (volume jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_status: Option<&'static str>,
+    /// The volume's status before it (`volume.status_changed`; absent for
+    /// a create).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_volume_status: Option<&'static str>,
 }
 
 /// A job as a payload shows it.
@@ -224,7 +252,7 @@ pub struct PayloadData {
 pub struct PayloadJob {
     /// Its id.
     pub id: JobId,
-    /// Its kind (`vm.create`, ...).
+    /// Its kind (`vm.create`, `volume.attach`, ...).
     pub kind: &'static str,
     /// How it ended.
     pub status: &'static str,
@@ -233,48 +261,76 @@ pub struct PayloadJob {
     pub error_code: Option<&'static str>,
 }
 
-/// The events a job ending as `status` with the VM moving to `vm` (from
-/// `prior`) announces: always `job.finished`; `vm.status_changed` when the
-/// VM's status is set to one that differs from the one it held before the
-/// job was accepted. Empty for a job without a VM.
+/// The events a job ending as `status` announces, the VM moving to `vm`
+/// and the volume to `volume` (each `None` when the job leaves it as it
+/// is): always `job.finished`; `vm.status_changed` when the VM's status is
+/// set to one that differs from the one it held before the job was
+/// accepted; `volume.status_changed` likewise for the job's volume (a
+/// create's always). A volume job's `job.finished` is its volume's (see
+/// [`Subject`]) and names the VM it held beside it. Empty for a job with
+/// neither a VM nor a volume, and for a requeued attempt.
 pub fn job_events(
     job: &Job,
     status: JobStatus,
     error_code: Option<&'static str>,
     vm: Option<VmStatus>,
+    volume: Option<VolumeStatus>,
     at: DateTime<Utc>,
 ) -> Vec<Payload> {
-    let Some(vm_id) = job.vm_id else { return Vec::new() };
+    let subject = match (job.volume_id, job.vm_id) {
+        (Some(volume_id), _) => Subject::Volume(volume_id),
+        (None, Some(vm_id)) => Subject::Vm(vm_id),
+        (None, None) => return Vec::new(),
+    };
     if status == JobStatus::Queued {
         // A requeued attempt has not finished.
         return Vec::new();
     }
     let pj = PayloadJob { id: job.id, kind: job.kind.as_str(), status: status.as_str(), error_code };
-    let mut out = vec![Payload {
+    let vm = job.vm_id.and(vm);
+    let volume = job.volume_id.and(volume);
+    let event = |event: WebhookEvent, subject: Subject, data: PayloadData| Payload {
         id: EventId::new(),
-        event: WebhookEvent::JobFinished.as_str(),
+        event: event.as_str(),
         created_at: at,
         project_id: job.project_id.clone(),
-        vm_id,
-        data: PayloadData {
-            job: Some(pj.clone()),
+        vm_id: job.vm_id,
+        volume_id: job.volume_id,
+        subject,
+        data: PayloadData { job: Some(pj.clone()), ..data },
+    };
+    let mut out = vec![event(
+        WebhookEvent::JobFinished,
+        subject,
+        PayloadData {
             vm_status: vm.map(VmStatus::as_str),
-            previous_vm_status: None,
+            volume_status: volume.map(VolumeStatus::as_str),
+            ..PayloadData::default()
         },
-    }];
-    if let Some(new) = vm.filter(|new| Some(*new) != job.prior_status) {
-        out.push(Payload {
-            id: EventId::new(),
-            event: WebhookEvent::VmStatusChanged.as_str(),
-            created_at: at,
-            project_id: job.project_id.clone(),
-            vm_id,
-            data: PayloadData {
-                job: Some(pj),
+    )];
+    if let (Some(vm_id), Some(new)) = (job.vm_id, vm.filter(|new| Some(*new) != job.prior_status)) {
+        out.push(event(
+            WebhookEvent::VmStatusChanged,
+            Subject::Vm(vm_id),
+            PayloadData {
                 vm_status: Some(new.as_str()),
                 previous_vm_status: job.prior_status.map(VmStatus::as_str),
+                ..PayloadData::default()
             },
-        });
+        ));
+    }
+    if let (Some(volume_id), Some(new)) =
+        (job.volume_id, volume.filter(|new| Some(*new) != job.prior_volume_status))
+    {
+        out.push(event(
+            WebhookEvent::VolumeStatusChanged,
+            Subject::Volume(volume_id),
+            PayloadData {
+                volume_status: Some(new.as_str()),
+                previous_volume_status: job.prior_volume_status.map(VolumeStatus::as_str),
+                ..PayloadData::default()
+            },
+        ));
     }
     out
 }
@@ -292,11 +348,13 @@ pub fn correction_event(
         event: WebhookEvent::VmStatusChanged.as_str(),
         created_at: at,
         project_id: project_id.to_owned(),
-        vm_id,
+        vm_id: Some(vm_id),
+        volume_id: None,
+        subject: Subject::Vm(vm_id),
         data: PayloadData {
-            job: None,
             vm_status: Some(to.as_str()),
             previous_vm_status: Some(from.as_str()),
+            ..PayloadData::default()
         },
     }
 }
@@ -311,6 +369,7 @@ impl Payload {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{JobKind, Scope};
 
     const POLICY: RetryPolicy = RetryPolicy {
         backoff_base: Duration::from_secs(1),
@@ -328,6 +387,128 @@ mod tests {
         assert!(one.contains(WebhookEvent::VmStatusChanged) && !one.contains(WebhookEvent::JobFinished));
         assert_eq!(one.iter().collect::<Vec<_>>(), [WebhookEvent::VmStatusChanged]);
         assert!(EventTypes::default().is_empty());
+    }
+
+    /// One row: the job's kind, VM (with its status before) and volume
+    /// (with its status before), how it ended, the VM's and volume's new
+    /// status → each event's type and subject kind ("vm" or "volume").
+    type EventRow = (
+        JobKind,
+        Option<VmStatus>,
+        Option<Option<VolumeStatus>>,
+        JobStatus,
+        Option<VmStatus>,
+        Option<VolumeStatus>,
+        &'static [(WebhookEvent, &'static str)],
+    );
+
+    #[test]
+    fn a_job_announces_its_end_and_the_statuses_it_changed_under_its_subject() {
+        use VolumeStatus as V;
+        use WebhookEvent::{
+            JobFinished as Done, VmStatusChanged as VmMoved, VolumeStatusChanged as VolMoved,
+        };
+        let rows: &[EventRow] = &[
+            (
+                JobKind::StopVm,
+                Some(VmStatus::Active),
+                None,
+                JobStatus::Succeeded,
+                Some(VmStatus::Stopped),
+                None,
+                &[(Done, "vm"), (VmMoved, "vm")],
+            ),
+            (
+                JobKind::RebootVm,
+                Some(VmStatus::Active),
+                None,
+                JobStatus::Succeeded,
+                Some(VmStatus::Active),
+                None,
+                &[(Done, "vm")],
+            ),
+            (
+                JobKind::CreateVolume,
+                None,
+                Some(None),
+                JobStatus::Succeeded,
+                None,
+                Some(V::Available),
+                &[(Done, "volume"), (VolMoved, "volume")],
+            ),
+            (
+                JobKind::AttachVolume,
+                Some(VmStatus::Active),
+                Some(Some(V::Available)),
+                JobStatus::Succeeded,
+                Some(VmStatus::Active),
+                Some(V::InUse),
+                &[(Done, "volume"), (VolMoved, "volume")],
+            ),
+            (
+                JobKind::ExtendVolume,
+                None,
+                Some(Some(V::Available)),
+                JobStatus::Succeeded,
+                None,
+                Some(V::Available),
+                &[(Done, "volume")],
+            ),
+            (
+                JobKind::DeleteVolume,
+                None,
+                Some(Some(V::Available)),
+                JobStatus::Failed,
+                None,
+                Some(V::Error),
+                &[(Done, "volume"), (VolMoved, "volume")],
+            ),
+            (JobKind::DeleteVolume, None, Some(Some(V::Available)), JobStatus::Queued, None, None, &[]),
+            (JobKind::ImportImage, None, None, JobStatus::Succeeded, None, None, &[]),
+        ];
+        for (kind, vm_before, volume, status, vm_after, volume_after, want) in rows {
+            let mut job = Job::queued(*kind, &Scope::new("t", "p"), None, "a", 3, None, "r");
+            if let Some(before) = vm_before {
+                job.vm_id = Some(VmId::new());
+                job.prior_status = Some(*before);
+            }
+            if let Some(before) = volume {
+                job.volume_id = Some(VolumeId::new());
+                job.prior_volume_status = *before;
+            }
+            let got = job_events(&job, *status, None, *vm_after, *volume_after, Utc::now());
+            let kinds: Vec<(WebhookEvent, &str)> = got
+                .iter()
+                .map(|p| {
+                    let subject = match p.subject {
+                        Subject::Vm(id) if Some(id) == job.vm_id => "vm",
+                        Subject::Volume(id) if Some(id) == job.volume_id => "volume",
+                        _ => "another",
+                    };
+                    (p.event_type(), subject)
+                })
+                .collect();
+            assert_eq!(kinds, *want, "{kind} {status}");
+            for p in &got {
+                let json = serde_json::to_value(p).unwrap();
+                assert_eq!(
+                    json["vm_id"].as_str().map(str::to_owned),
+                    job.vm_id.map(|v| v.to_string()),
+                    "{json}"
+                );
+                assert_eq!(
+                    json["volume_id"].as_str().map(str::to_owned),
+                    job.volume_id.map(|v| v.to_string()),
+                    "{json}"
+                );
+                assert_eq!(json["data"]["job"]["kind"], kind.as_str(), "{json}");
+                if p.event_type() == VolMoved {
+                    assert_eq!(json["data"]["volume_status"], volume_after.unwrap().as_str(), "{json}");
+                    let before = volume.flatten().map(|v| v.as_str());
+                    assert_eq!(json["data"]["previous_volume_status"].as_str(), before, "{json}");
+                }
+            }
+        }
     }
 
     /// Each row: the attempt that failed, jitter → wait (ms).

@@ -10,7 +10,7 @@
 //! associated data; an Idempotency-Key replay of the create answers the
 //! secret again by opening it, so it is never stored in clear.
 
-use hcp_domain::webhook::{EventTypes, WebhookDelivery, WebhookEndpoint};
+use hcp_domain::webhook::{EventTypes, Subject, WebhookDelivery, WebhookEndpoint};
 use hcp_proto::error::{ApiError, ErrorCode};
 use hcp_proto::ids::WebhookId;
 use hcp_proto::tenant::webhook_service_server::WebhookService;
@@ -57,10 +57,8 @@ impl WebhookApi {
         for (i, name) in r.event_types.iter().enumerate() {
             let field = format!("event_types[{i}]");
             let event = WebhookEvent::parse(name).ok_or_else(|| {
-                ApiError::invalid_field(
-                    &field,
-                    format!("{field} must be one of job.finished, vm.status_changed"),
-                )
+                let known: Vec<&str> = WebhookEvent::ALL.iter().map(|e| e.as_str()).collect();
+                ApiError::invalid_field(&field, format!("{field} must be one of {}", known.join(", ")))
             })?;
             events.push(event);
         }
@@ -167,10 +165,15 @@ pub fn to_tenant(e: &WebhookEndpoint) -> Webhook {
 }
 
 fn delivery_to_tenant(d: &WebhookDelivery) -> hcp_proto::tenant::WebhookDelivery {
+    let (vm_id, volume_id) = match d.subject {
+        Subject::Vm(vm) => (vm.to_string(), String::new()),
+        Subject::Volume(volume) => (String::new(), volume.to_string()),
+    };
     hcp_proto::tenant::WebhookDelivery {
         event_id: d.event_id.to_string(),
         event_type: d.event.as_str().to_owned(),
-        vm_id: d.vm_id.to_string(),
+        vm_id,
+        volume_id,
         status: d.status.as_str().to_owned(),
         attempts: d.attempts,
         created_at: Some(ts(d.created_at)),

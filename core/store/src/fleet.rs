@@ -428,14 +428,15 @@ impl super::Store {
                         JobStatus::Failed,
                         Some(ErrorCode::Conflict.as_str()),
                         None,
+                        None,
                         at,
                     );
-                    insert_webhook_events!(tx, &vm.tenant_id, &vm.project_id, vm.id, &events, at);
+                    insert_webhook_events!(tx, &vm.tenant_id, &vm.project_id, &events, at);
                 }
             }
             // Tenants' webhooks hear that an operator removed the VM.
             let events = [hcp_domain::webhook::correction_event(&vm.project_id, vm.id, vm.status, VmStatus::Deleted, at)];
-            insert_webhook_events!(tx, &vm.tenant_id, &vm.project_id, vm.id, &events, at);
+            insert_webhook_events!(tx, &vm.tenant_id, &vm.project_id, &events, at);
             // The VM's usage is closed at its size now, before it is gone.
             insert_vm_usage!(tx, vm.id, Metering::Deleted.as_str(), at, None, outbox);
             sqlx::query(

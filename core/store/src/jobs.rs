@@ -293,24 +293,18 @@ macro_rules! apply_transition {
         if t.requeue && $outbox {
             insert_outbox!($tx, SUBJECT_JOBS, job.id.to_string(), now);
         }
-        // Tenants' webhooks hear of the job's end (and the VM's new
-        // status) through rows written here, with the change.
-        if let (Some(vm_id), false) = (job.vm_id, t.job == JobStatus::Queued) {
+        // Tenants' webhooks hear of the job's end (and the VM's or the
+        // volume's new status) through rows written here, with the change.
+        if (job.vm_id.is_some() || job.volume_id.is_some()) && t.job != JobStatus::Queued {
             let code: Option<String> = sqlx::query_scalar("SELECT error_code FROM jobs WHERE id = $1")
                 .bind(job.id.0)
                 .fetch_one(&mut *$tx)
                 .await
                 .map_err(|e| StoreError::from_sqlx(e, "job"))?;
             let code = code.map(|c| ErrorCode::from_name(&c).unwrap_or(ErrorCode::Internal).as_str());
-            let events = hcp_domain::webhook::job_events(job, t.job, code, t.vm, now);
-            super::webhooks::insert_webhook_events!(
-                $tx,
-                &job.tenant_id,
-                &job.project_id,
-                vm_id,
-                &events,
-                now
-            );
+            let volume = t.volume.as_ref().map(|c| c.status);
+            let events = hcp_domain::webhook::job_events(job, t.job, code, t.vm, volume, now);
+            super::webhooks::insert_webhook_events!($tx, &job.tenant_id, &job.project_id, &events, now);
         }
     }};
 }
@@ -817,10 +811,16 @@ async fn finish_in_one(
     // A create that holds volumes, and a resize that may grow a boot
     // volume, take the transaction.
     let holds_volumes = matches!(job.params, JobParams::CreateWithVolumes { .. }) || t.sync_boot_volume;
-    // A capture's image changes with its VM: the transaction too.
-    let Some(vm_id) =
-        job.vm_id.filter(|_| t.volume.is_none() && t.image.is_none() && !t.release_volumes && !holds_volumes)
-    else {
+    // A capture's image changes with its VM: the transaction too. So does
+    // any job with a volume, even a retry: its webhook events are the
+    // volume's, which this statement does not write.
+    let Some(vm_id) = job.vm_id.filter(|_| {
+        job.volume_id.is_none()
+            && t.volume.is_none()
+            && t.image.is_none()
+            && !t.release_volumes
+            && !holds_volumes
+    }) else {
         return Ok(None);
     };
     let usage = match (t.metering, &finish.size) {
@@ -856,8 +856,9 @@ async fn finish_in_one(
     // Tenants' webhooks: at most two events (the job's end, the VM's new
     // status), written by the statement's last part.
     let code_name = finish.error.as_ref().map(|(c, _)| c.as_str());
-    let events =
-        super::webhooks::event_columns(&hcp_domain::webhook::job_events(job, t.job, code_name, t.vm, now));
+    let events = super::webhooks::event_columns(&hcp_domain::webhook::job_events(
+        job, t.job, code_name, t.vm, None, now,
+    ));
     let (first, second) = (events.first(), events.get(1));
     let host = finish.host.as_deref().filter(|h| !h.is_empty());
     let touches_vm = t.vm.is_some() || host.is_some() || t.vm_host.is_some() || finish.networks.is_some();

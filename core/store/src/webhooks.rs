@@ -5,13 +5,16 @@
 //! one-statement finish on PostgreSQL) or corrects a VM's status, one row
 //! per enabled endpoint of the project that takes the event. The delivery
 //! worker asks for the due rows that are the oldest undelivered one of
-//! their endpoint and VM ([`super::Store::due_webhook_deliveries`]), so an
-//! endpoint hears of one VM's events in the order they happened.
+//! their endpoint and subject ([`super::Store::due_webhook_deliveries`]),
+//! so an endpoint hears of one VM's (or one volume's) events in the order
+//! they happened. The subject's key is the `vm_id` column, which holds a
+//! volume's id for a volume's events (migration 0024: `volume_id` says
+//! which, NULL for a VM's).
 
 use chrono::{DateTime, Utc};
 use hcp_domain::model::{AuditEvent, DeliveryStatus, Scope, WebhookEvent};
-use hcp_domain::webhook::{AttemptResult, EventTypes, WebhookDelivery, WebhookEndpoint};
-use hcp_proto::ids::{EventId, VmId, WebhookId};
+use hcp_domain::webhook::{AttemptResult, EventTypes, Subject, WebhookDelivery, WebhookEndpoint};
+use hcp_proto::ids::{EventId, VmId, VolumeId, WebhookId};
 
 use super::{StoreError, StoreResult, col, on_pool, to_i32, to_u32};
 
@@ -20,7 +23,7 @@ const ENDPOINT_COLUMNS: &str = "id, tenant_id, project_id, url, event_mask, desc
 
 const DELIVERY_COLUMNS: &str = "seq, event_id, endpoint_id, vm_id, event_type, payload, status, attempts, \
      next_attempt_at, last_attempt_at, last_status_code, last_error, last_duration_ms, created_at, \
-     delivered_at";
+     delivered_at, volume_id";
 
 /// What the worker writes after an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +63,8 @@ macro_rules! delivery_from_row {
         let row = $row;
         let event_id: uuid::Uuid = col!(row, "event_id");
         let endpoint_id: uuid::Uuid = col!(row, "endpoint_id");
-        let vm_id: uuid::Uuid = col!(row, "vm_id");
+        let key: uuid::Uuid = col!(row, "vm_id");
+        let volume_id: Option<uuid::Uuid> = col!(row, "volume_id");
         let event: String = col!(row, "event_type");
         let status: String = col!(row, "status");
         let attempts: i32 = col!(row, "attempts");
@@ -70,7 +74,10 @@ macro_rules! delivery_from_row {
             seq: col!(row, "seq"),
             event_id: EventId(event_id),
             endpoint_id: WebhookId(endpoint_id),
-            vm_id: VmId(vm_id),
+            subject: match volume_id {
+                Some(volume) => Subject::Volume(VolumeId(volume)),
+                None => Subject::Vm(VmId(key)),
+            },
             event: WebhookEvent::parse(&event)
                 .ok_or_else(|| StoreError::Corrupt(format!("webhook event type {event:?}")))?,
             payload: col!(row, "payload"),
@@ -88,28 +95,39 @@ macro_rules! delivery_from_row {
     }};
 }
 
+/// The ordering key of a subject's deliveries (the `vm_id` column) and
+/// the volume it names (the `volume_id` column).
+pub(crate) fn subject_columns(subject: Subject) -> (uuid::Uuid, Option<uuid::Uuid>) {
+    match subject {
+        Subject::Vm(vm) => (vm.0, None),
+        Subject::Volume(volume) => (volume.0, Some(volume.0)),
+    }
+}
+
 /// Writes one delivery per enabled endpoint of the project that takes the
-/// event, for each of `$payloads` in order, inside a transaction.
+/// event, for each of `$payloads` in order (each under its subject),
+/// inside a transaction.
 macro_rules! insert_webhook_events {
-    ($conn:expr, $tenant:expr, $project:expr, $vm:expr, $payloads:expr, $at:expr) => {{
+    ($conn:expr, $tenant:expr, $project:expr, $payloads:expr, $at:expr) => {{
         let payloads: &[hcp_domain::webhook::Payload] = $payloads;
-        let vm: hcp_proto::ids::VmId = $vm;
         for p in payloads {
+            let (key, volume) = $crate::webhooks::subject_columns(p.subject);
             sqlx::query($crate::sql!(
                 "INSERT INTO webhook_deliveries (event_id, endpoint_id, vm_id, event_type, payload, status, \
-                 attempts, next_attempt_at, last_error, last_duration_ms, created_at) \
-                 SELECT $1, id, $2, $3, $4, {pending}, 0, $5, '', 0, $5 FROM webhook_endpoints \
+                 attempts, next_attempt_at, last_error, last_duration_ms, created_at, volume_id) \
+                 SELECT $1, id, $2, $3, $4, {pending}, 0, $5, '', 0, $5, $9 FROM webhook_endpoints \
                  WHERE tenant_id = $6 AND project_id = $7 AND enabled AND (event_mask & $8) <> 0 ORDER BY id",
                 pending = hcp_domain::model::DeliveryStatus::Pending
             ))
             .bind(p.id.0)
-            .bind(vm.0)
+            .bind(key)
             .bind(p.event)
             .bind(serde_json::to_string(p).unwrap_or_default())
             .bind($at)
             .bind($tenant)
             .bind($project)
             .bind(p.event_type().bit())
+            .bind(volume)
             .execute(&mut *$conn)
             .await
             .map_err(|e| $crate::StoreError::from_sqlx(e, "webhook delivery"))?;
@@ -134,7 +152,7 @@ macro_rules! insert_status_change {
             let (tenant, project): (String, String) =
                 ($crate::col!(&owner, "tenant_id"), $crate::col!(&owner, "project_id"));
             let events = [hcp_domain::webhook::correction_event(&project, vm, from, to, $at)];
-            $crate::webhooks::insert_webhook_events!($conn, &tenant, &project, vm, &events, $at);
+            $crate::webhooks::insert_webhook_events!($conn, &tenant, &project, &events, $at);
         }
     }};
 }
@@ -325,14 +343,15 @@ impl super::Store {
     }
 
     /// Up to `limit` deliveries due at `now` to enabled endpoints, each the
-    /// oldest undelivered one of its endpoint and VM, oldest first, with
-    /// their endpoints.
+    /// oldest undelivered one of its endpoint and subject (VM or volume),
+    /// oldest first, with their endpoints.
     pub async fn due_webhook_deliveries(
         &self,
         now: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<(WebhookDelivery, WebhookEndpoint)>> {
         on_pool!(self, |pool| {
+            // vm_id is the subject's key: a VM's id, or a volume's.
             let rows = sqlx::query(
                 "SELECT d.seq FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id \
                  WHERE d.delivered_at IS NULL AND e.enabled AND d.next_attempt_at <= $1 \
@@ -470,7 +489,8 @@ impl super::Store {
 }
 
 /// The parts of [`insert_webhook_events!`] the one-statement finish binds
-/// itself: per event, its id, type, JSON and bit.
+/// itself: per event, its id, type, JSON and bit. That finish takes only
+/// jobs without a volume, whose events are all their VM's.
 pub(crate) fn event_columns(
     payloads: &[hcp_domain::webhook::Payload],
 ) -> Vec<(uuid::Uuid, &'static str, String, i64)> {

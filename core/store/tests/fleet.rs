@@ -30,6 +30,7 @@ store_tests!(
     a_state_reset_is_compare_and_set_and_audited,
     a_force_delete_releases_quota_keeps_volumes_and_records_a_leftover,
     a_force_delete_ends_a_job_in_flight_only_when_forced,
+    a_volumes_jobs_reach_webhooks_in_order_per_volume,
 );
 
 async fn fresh(backend: Backend) -> (TestDb, Store) {
@@ -564,4 +565,144 @@ async fn a_force_delete_ends_a_job_in_flight_only_when_forced(backend: Backend) 
     ));
     let got = store.get_vm_internal(vm.id).await.unwrap();
     assert_eq!((got.status, got.current_job_id), (VmStatus::Deleted, None));
+}
+
+fn hook(project: &str, events: &[WebhookEvent]) -> hcp_domain::webhook::WebhookEndpoint {
+    hcp_domain::webhook::WebhookEndpoint {
+        id: hcp_proto::ids::WebhookId::new(),
+        tenant_id: "acme".into(),
+        project_id: project.into(),
+        url: "https://hooks.example.com/in".into(),
+        events: hcp_domain::webhook::EventTypes::of(events.iter().copied()),
+        description: String::new(),
+        sealed_secret: vec![1],
+        enabled: true,
+        disabled_reason: String::new(),
+        consecutive_failures: 0,
+        failing_since: None,
+        created_at: now(),
+    }
+}
+
+/// A volume's jobs (create, attach, detach, delete: none of them held by a
+/// VM job) write `job.finished` and `volume.status_changed` with their
+/// change, under the volume: an endpoint hears of the volume's events in
+/// order, beside (not behind) the VM's.
+async fn a_volumes_jobs_reach_webhooks_in_order_per_volume(backend: Backend) {
+    use hcp_domain::webhook::{AttemptResult, Subject};
+    let (_db, store) = fresh(backend).await;
+    let p = seed(&store, "sim-1").await;
+    let vm = active(&store, &p, "acme", "web", "web-1", "h1").await;
+    let scope = Scope::new("acme", "web");
+    let all = hook("web", &WebhookEvent::ALL);
+    let volumes_only = hook("web", &[WebhookEvent::VolumeStatusChanged]);
+    let vms_only = hook("web", &[WebhookEvent::VmStatusChanged]);
+    for h in [&all, &volumes_only, &vms_only] {
+        store.create_webhook(h, 10, &audit("webhook.create", "")).await.unwrap();
+    }
+    let volume = attached_volume(&store, &p, &vm).await;
+    let op = |kind, vm_status| hcp_store::VolumeOperation {
+        scope: scope.clone(),
+        volume_id: volume,
+        kind,
+        attach: None,
+        extend_to: None,
+        require_vm_status: vm_status,
+    };
+    let mut detach = Job::queued(JobKind::DetachVolume, &scope, Some(vm.id), "t", 3, None, "r");
+    detach.volume_id = Some(volume);
+    let (_, detach) = store
+        .accept_volume_operation(&op(JobKind::DetachVolume, Some(vm.status)), &detach, &audit("a", ""), None)
+        .await
+        .unwrap();
+    succeed(&store, &detach, None).await;
+    let mut delete = Job::queued(JobKind::DeleteVolume, &scope, None, "t", 3, None, "r");
+    delete.volume_id = Some(volume);
+    let (_, delete) = store
+        .accept_volume_operation(&op(JobKind::DeleteVolume, None), &delete, &audit("a", ""), None)
+        .await
+        .unwrap();
+    succeed(&store, &delete, None).await;
+    // Then a VM job: its events are the VM's.
+    let stop = Job::queued(JobKind::StopVm, &scope, Some(vm.id), "t", 3, None, "r");
+    let stop_op = hcp_store::AcceptOperation {
+        scope: scope.clone(),
+        vm_id: vm.id,
+        kind: JobKind::StopVm,
+        require_status: None,
+        snapshot: None,
+        image: None,
+        resize: None,
+        host_change: None,
+        capacity: None,
+    };
+    store.accept_operation(&stop_op, &stop, &audit("vm.stop", ""), None).await.unwrap();
+    succeed(&store, &stop, None).await;
+
+    // Oldest first: each volume job's end and the volume's new status.
+    let mut heard = store.list_webhook_deliveries(&scope, all.id, 50).await.unwrap();
+    heard.reverse();
+    let seen: Vec<(WebhookEvent, Subject, String, String, String)> = heard
+        .iter()
+        .map(|d| {
+            let p: serde_json::Value = serde_json::from_str(&d.payload).unwrap();
+            assert_eq!(p["type"], d.event.as_str(), "{p}");
+            let id = |k: &str| p[k].as_str().unwrap_or("-").to_owned();
+            let change = format!(
+                "{}>{}",
+                p["data"]["previous_volume_status"].as_str().unwrap_or("-"),
+                p["data"]["volume_status"].as_str().unwrap_or("-")
+            );
+            (d.event, d.subject, p["data"]["job"]["kind"].as_str().unwrap().to_owned(), id("vm_id"), change)
+        })
+        .collect();
+    let (vol, v) = (Subject::Volume(volume), vm.id.to_string());
+    let none = || "-".to_owned();
+    use WebhookEvent::{JobFinished as Done, VmStatusChanged as VmMoved, VolumeStatusChanged as VolMoved};
+    let expected = vec![
+        (Done, vol, "volume.create".into(), none(), "->AVAILABLE".into()),
+        (VolMoved, vol, "volume.create".into(), none(), "->AVAILABLE".into()),
+        (Done, vol, "volume.attach".into(), v.clone(), "->IN_USE".into()),
+        (VolMoved, vol, "volume.attach".into(), v.clone(), "AVAILABLE>IN_USE".into()),
+        (Done, vol, "volume.detach".into(), v.clone(), "->AVAILABLE".into()),
+        (VolMoved, vol, "volume.detach".into(), v.clone(), "IN_USE>AVAILABLE".into()),
+        (Done, vol, "volume.delete".into(), none(), "->DELETED".into()),
+        (VolMoved, vol, "volume.delete".into(), none(), "AVAILABLE>DELETED".into()),
+        (Done, Subject::Vm(vm.id), "vm.stop".into(), v.clone(), "->-".into()),
+        (VmMoved, Subject::Vm(vm.id), "vm.stop".into(), v.clone(), "->-".into()),
+    ];
+    assert_eq!(seen, expected);
+    assert!(heard.iter().all(|d| {
+        serde_json::from_str::<serde_json::Value>(&d.payload).unwrap()["volume_id"]
+            .as_str()
+            .map(str::to_owned)
+            == match d.subject {
+                Subject::Volume(id) => Some(id.to_string()),
+                Subject::Vm(_) => None,
+            }
+    }));
+    for (id, want) in [(volumes_only.id, vec![VolMoved; 4]), (vms_only.id, vec![VmMoved])] {
+        let d = store.list_webhook_deliveries(&scope, id, 50).await.unwrap();
+        let types: Vec<WebhookEvent> = d.iter().map(|d| d.event).collect();
+        assert_eq!(types, want, "only what it takes; a volume's events are not a VM's");
+    }
+
+    // Due: the oldest of each endpoint and subject, the volume's beside
+    // the VM's; the volume's next one only once its first is delivered.
+    let heads = |due: Vec<(hcp_domain::webhook::WebhookDelivery, hcp_domain::webhook::WebhookEndpoint)>| {
+        due.into_iter().filter(|(_, e)| e.id == all.id).map(|(d, _)| d).collect::<Vec<_>>()
+    };
+    let due = heads(store.due_webhook_deliveries(now(), 100).await.unwrap());
+    let mut got: Vec<(Subject, WebhookEvent, i64)> =
+        due.iter().map(|d| (d.subject, d.event, d.seq)).collect();
+    got.sort_by_key(|(_, _, seq)| *seq);
+    assert_eq!(got, [(vol, Done, heard[0].seq), (Subject::Vm(vm.id), Done, heard[8].seq)]);
+    let ok = AttemptResult { at: now(), status_code: Some(204), error: String::new(), duration_ms: 1 };
+    store
+        .record_webhook_attempt(heard[0].seq, all.id, &ok, hcp_store::AttemptOutcome::Delivered)
+        .await
+        .unwrap();
+    let due = heads(store.due_webhook_deliveries(now(), 100).await.unwrap());
+    let got: Vec<i64> = due.iter().map(|d| d.seq).collect();
+    assert_eq!(got, [heard[1].seq, heard[8].seq], "the volume's next one, the VM's still first");
 }

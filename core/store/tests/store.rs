@@ -2193,7 +2193,7 @@ fn webhook(tenant: &str, project: &str, events: &[WebhookEvent]) -> hcp_domain::
 }
 
 async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: Backend) {
-    use hcp_domain::webhook::AttemptResult;
+    use hcp_domain::webhook::{AttemptResult, Subject};
     use hcp_store::AttemptOutcome;
     let (_db, store) = fresh(backend).await;
     let p = seed(&store).await;
@@ -2218,14 +2218,14 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
     complete(&store, &job_a, VmStatus::Active).await;
     complete(&store, &job_b, VmStatus::Active).await;
     let listed = store.list_webhook_deliveries(&scope, both.id, 10).await.unwrap();
-    let kinds: Vec<(VmId, WebhookEvent)> = listed.iter().rev().map(|d| (d.vm_id, d.event)).collect();
+    let kinds: Vec<(Subject, WebhookEvent)> = listed.iter().rev().map(|d| (d.subject, d.event)).collect();
     assert_eq!(
         kinds,
         [
-            (a.id, WebhookEvent::JobFinished),
-            (a.id, WebhookEvent::VmStatusChanged),
-            (b.id, WebhookEvent::JobFinished),
-            (b.id, WebhookEvent::VmStatusChanged)
+            (Subject::Vm(a.id), WebhookEvent::JobFinished),
+            (Subject::Vm(a.id), WebhookEvent::VmStatusChanged),
+            (Subject::Vm(b.id), WebhookEvent::JobFinished),
+            (Subject::Vm(b.id), WebhookEvent::VmStatusChanged)
         ],
         "oldest first in order, newest first as listed"
     );
@@ -2243,8 +2243,13 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
 
     // Due: the oldest undelivered one per endpoint and VM.
     let heads = |due: Vec<(hcp_domain::webhook::WebhookDelivery, hcp_domain::webhook::WebhookEndpoint)>| {
-        let mut v: Vec<(hcp_proto::ids::WebhookId, VmId, WebhookEvent)> =
-            due.into_iter().map(|(d, e)| (e.id, d.vm_id, d.event)).collect();
+        let mut v: Vec<(hcp_proto::ids::WebhookId, VmId, WebhookEvent)> = due
+            .into_iter()
+            .map(|(d, e)| match d.subject {
+                Subject::Vm(vm) => (e.id, vm, d.event),
+                Subject::Volume(_) => panic!("no volume here: {d:?}"),
+            })
+            .collect();
         v.sort_by_key(|(e, vm, _)| (e.0, vm.0));
         v
     };
@@ -2256,9 +2261,10 @@ async fn webhook_deliveries_commit_with_the_change_and_go_out_in_order(backend: 
     ];
     expected.sort_by_key(|(e, vm, _)| (e.0, vm.0));
     let due = store.due_webhook_deliveries(now(), 100).await.unwrap();
-    let first_of_both_a = due.iter().find(|(d, e)| e.id == both.id && d.vm_id == a.id).unwrap().0.clone();
+    let first_of_both_a =
+        due.iter().find(|(d, e)| e.id == both.id && d.subject == Subject::Vm(a.id)).unwrap().0.clone();
     let first_of_jobs_a =
-        due.iter().find(|(d, e)| e.id == jobs_only.id && d.vm_id == a.id).unwrap().0.clone();
+        due.iter().find(|(d, e)| e.id == jobs_only.id && d.subject == Subject::Vm(a.id)).unwrap().0.clone();
     assert_eq!(heads(due), expected);
     let ok = AttemptResult { at: now(), status_code: Some(204), error: String::new(), duration_ms: 7 };
     let state = store
