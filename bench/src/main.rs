@@ -152,6 +152,7 @@ fn on_rabbitmq_id(id: &'static str) -> &'static str {
         "CPU/create" => "CPU/create-rabbitmq",
         "P2" => "P2-rabbitmq",
         "P2-single" => "P2-single-rabbitmq",
+        "CPU/job" => "CPU/job-rabbitmq",
         other => other,
     }
 }
