@@ -524,7 +524,6 @@ async fn a_job_can_be_watched_to_its_end() {
 
 #[tokio::test]
 async fn a_queued_job_can_be_cancelled() {
-    use hcp_proto::sim::sim_control_client::SimControlClient;
     // A long backoff keeps a failed attempt's job QUEUED for its retry.
     let opts = StackOptions {
         jobs_toml: "backoff_base_ms = 60000\nbackoff_max_ms = 60000\n".into(),
@@ -536,16 +535,7 @@ async fn a_queued_job_can_be_cancelled() {
     let vm = r.str("vm_id");
     all_succeed(&s.rest, &token, &[r.str("job_id")], Duration::from_secs(20)).await;
 
-    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
-    sim.inject_fault(hcp_proto::sim::InjectFaultRequest {
-        fault: Some(hcp_proto::sim::Fault {
-            operation: "StopVm".into(),
-            code: "UNAVAILABLE".into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    inject_fault(&s, "StopVm", "UNAVAILABLE").await;
     let stop = s.rest.post(&format!("{}/{vm}:stop", vms("demo")), &token, &json!({})).await.unwrap();
     let job = stop.str("job_id");
     let waiting = wait_until(Duration::from_secs(20), "the stop to wait for its retry", || async {
@@ -827,6 +817,15 @@ async fn a_watcher_is_woken_when_another_process_finishes_its_job(queue: Queue) 
     assert_eq!(job_status(&s.rest, &token, &job).await, "SUCCEEDED");
 }
 
+/// Makes the simulator fail every call of `operation` with `code`.
+async fn inject_fault(s: &TestStack, operation: &str, code: &str) {
+    use hcp_proto::sim::sim_control_client::SimControlClient;
+    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
+    let fault =
+        hcp_proto::sim::Fault { operation: operation.into(), code: code.into(), ..Default::default() };
+    sim.inject_fault(hcp_proto::sim::InjectFaultRequest { fault: Some(fault) }).await.unwrap();
+}
+
 /// Sets the simulator's latency of one operation.
 async fn sim_latency(s: &TestStack, operation: &str, latency_ms: u32) {
     use hcp_proto::sim::sim_control_client::SimControlClient;
@@ -1063,7 +1062,6 @@ async fn a_retry_waits_its_backoff_on_the_broker(queue: Queue) {
     // Workers do not poll the store (1 h): each retry can only come back
     // through the broker, after its backoff (JetStream: a nak with a
     // delay; RabbitMQ: a delay queue that dead-letters it back).
-    use hcp_proto::sim::sim_control_client::SimControlClient;
     let opts = StackOptions {
         backend: Backend::Postgres,
         api_processes: 1,
@@ -1076,16 +1074,7 @@ async fn a_retry_waits_its_backoff_on_the_broker(queue: Queue) {
     .with_queue(queue);
     let s = TestStack::start(Path::new(HCP), opts).await.unwrap();
     let token = s.tenant_token("acme", &["demo"]);
-    let mut sim = SimControlClient::new(s.sim_channel().await.unwrap());
-    sim.inject_fault(hcp_proto::sim::InjectFaultRequest {
-        fault: Some(hcp_proto::sim::Fault {
-            operation: "StartVm".into(),
-            code: "UNAVAILABLE".into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    inject_fault(&s, "StartVm", "UNAVAILABLE").await;
     let started = std::time::Instant::now();
     let r = s.rest.post(&vms("demo"), &token, &body("flaky")).await.unwrap();
     let job = wait_until(Duration::from_secs(60), "the job to fail after its retries", || async {

@@ -29,7 +29,6 @@ use futures::StreamExt;
 use hcp_testkit::stack::{StackOptions, TestStack};
 use hcp_testkit::wait_until;
 use hmac::{Hmac, Mac};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -141,29 +140,6 @@ impl Receiver {
     fn received(&self) -> Vec<Received> {
         self.got.lock().unwrap().clone()
     }
-}
-
-/// A CA and a server certificate for 127.0.0.1, as files; the acceptor.
-fn pki(dir: &Path) -> (std::path::PathBuf, tokio_rustls::TlsAcceptor) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "webhook test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    (ca_file, tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Whether `header` (HCP-Signature) signs `body` with `secret`, checked
@@ -280,7 +256,7 @@ fn python_verdicts(dir: &Path, cases: &[(String, Vec<u8>, String)]) -> Vec<bool>
 #[tokio::test]
 async fn every_job_is_delivered_signed_in_order_and_survives_a_receiver_outage() {
     let dir = hcp_testkit::TempDir::new().unwrap();
-    let (ca_file, acceptor) = pki(dir.path());
+    let (ca_file, acceptor) = hcp_testkit::tls::loopback_server(dir.path(), "webhook test CA").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let receiver = Receiver::default();
@@ -441,7 +417,7 @@ async fn accepted(s: &TestStack, t: &str, method: &str, path: &str, body: Value)
 #[tokio::test]
 async fn a_volumes_jobs_and_status_changes_are_delivered_in_order() {
     let dir = hcp_testkit::TempDir::new().unwrap();
-    let (ca_file, acceptor) = pki(dir.path());
+    let (ca_file, acceptor) = hcp_testkit::tls::loopback_server(dir.path(), "webhook test CA").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let receiver = Receiver::default();
@@ -637,7 +613,7 @@ async fn hcp_json(s: &TestStack, token: &str, args: &[&str]) -> Value {
 async fn the_worker_disables_an_endpoint_that_keeps_failing_and_enable_brings_it_back() {
     const FAILURES: u64 = 3;
     let dir = hcp_testkit::TempDir::new().unwrap();
-    let (ca_file, acceptor) = pki(dir.path());
+    let (ca_file, acceptor) = hcp_testkit::tls::loopback_server(dir.path(), "webhook test CA").unwrap();
     let target_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let target_port = target_listener.local_addr().unwrap().port();
     let target = Receiver::default();

@@ -9,14 +9,13 @@
 //! connect or total bound; a body past the size bound is cut, the status
 //! kept, and the connection dropped instead of read to its end.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hcp_core::egress::{CheckedUrl, EgressClient, EgressError, EgressPolicy, EgressSettings, SystemResolver};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const CONNECT: Duration = Duration::from_millis(500);
@@ -165,30 +164,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// A CA (as a PEM file in `dir`) and a TLS acceptor for 127.0.0.1 signed
-/// by it.
-fn pki(dir: &Path) -> (PathBuf, tokio_rustls::TlsAcceptor) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "egress test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&key, &ca).unwrap();
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    (ca_file, tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
 /// A client whose policy allows loopback explicitly, trusts the test CA,
 /// and has short bounds.
 fn client(ca_file: &Path) -> EgressClient {
@@ -214,7 +189,7 @@ async fn post(c: &EgressClient, url: &str) -> (Result<hcp_core::egress::Answer, 
 #[tokio::test]
 async fn a_redirect_is_a_failed_attempt_and_its_target_sees_nothing() {
     let dir = hcp_testkit::TempDir::new().unwrap();
-    let (ca_file, tls) = pki(dir.path());
+    let (ca_file, tls) = hcp_testkit::tls::loopback_server(dir.path(), "egress test CA").unwrap();
     let c = client(&ca_file);
     // The target would accept anything.
     let target = Receiver::start(tls.clone(), Behaviour::Answer(200, String::new())).await;
@@ -244,7 +219,7 @@ async fn a_redirect_is_a_failed_attempt_and_its_target_sees_nothing() {
 #[tokio::test]
 async fn a_stalled_receiver_fails_the_request_within_its_bound() {
     let dir = hcp_testkit::TempDir::new().unwrap();
-    let (ca_file, tls) = pki(dir.path());
+    let (ca_file, tls) = hcp_testkit::tls::loopback_server(dir.path(), "egress test CA").unwrap();
     let c = client(&ca_file);
     let rows = [
         (Behaviour::NoHandshake, CONNECT, "the TLS handshake is bounded by the connect time"),
@@ -268,7 +243,7 @@ async fn a_stalled_receiver_fails_the_request_within_its_bound() {
 #[tokio::test]
 async fn a_body_past_the_size_bound_is_cut_and_the_connection_dropped() {
     let dir = hcp_testkit::TempDir::new().unwrap();
-    let (ca_file, tls) = pki(dir.path());
+    let (ca_file, tls) = hcp_testkit::tls::loopback_server(dir.path(), "egress test CA").unwrap();
     let c = client(&ca_file);
     for chunked in [true, false] {
         let r = Receiver::start(tls.clone(), Behaviour::Flood { chunked }).await;

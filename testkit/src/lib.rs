@@ -16,6 +16,7 @@
 //! - [`console`]: a tenant's console client (the websocket and the RFB
 //!   handshake the gateway's console proxy offers); [`rdp`]: a native RDP
 //!   client's first steps, for RDP consoles.
+//! - [`tls::loopback_server`]: an HTTPS receiver's CA and certificate.
 //! - [`wait_until`]: waiting for a condition with a deadline, never a sleep.
 //! - [`workspace_bin`]: another workspace binary (a provider process outside
 //!   `hcp`) for [`stack::TestStack::start_program`].
@@ -34,6 +35,7 @@ pub mod rabbitmq;
 pub mod rdp;
 pub mod rest;
 pub mod stack;
+pub mod tls;
 pub mod vcsim;
 
 use std::time::Duration;
