@@ -576,12 +576,7 @@ async fn retries_back_off_then_fail_with_the_providers_code() {
     // Retryable: three attempts, then FAILED and the VM ERROR with the code.
     sim.inject_fault(fault("StartVm", "UNAVAILABLE")).await.unwrap();
     let r = s.rest.post(&vms("demo"), &token, &body("flaky")).await.unwrap();
-    let job = wait_until(Duration::from_secs(30), "the job to fail", || async {
-        let j = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id")), &token).await?;
-        Ok((j.str("status") == "FAILED").then_some(j.body))
-    })
-    .await
-    .unwrap();
+    let job = failed(&s.rest, &token, &r.str("job_id"), Duration::from_secs(30)).await;
     assert_eq!(job["attempts"], 3);
     assert_eq!(job["error"]["code"], "PROVIDER_UNAVAILABLE");
     let vm = s.rest.get(&format!("{}/{}", vms("demo"), r.str("vm_id")), &token).await.unwrap();
@@ -596,12 +591,7 @@ async fn retries_back_off_then_fail_with_the_providers_code() {
     sim.clear(hcp_proto::sim::ClearRequest {}).await.unwrap();
     sim.inject_fault(fault("CreateVm", "INVALID_ARGUMENT")).await.unwrap();
     let r = s.rest.post(&vms("demo"), &token, &body("refused")).await.unwrap();
-    let job = wait_until(Duration::from_secs(30), "the job to fail", || async {
-        let j = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id")), &token).await?;
-        Ok((j.str("status") == "FAILED").then_some(j.body))
-    })
-    .await
-    .unwrap();
+    let job = failed(&s.rest, &token, &r.str("job_id"), Duration::from_secs(30)).await;
     assert_eq!(
         (job["attempts"].as_u64(), job["error"]["code"].as_str()),
         (Some(1), Some("INVALID_ARGUMENT"))
@@ -815,6 +805,16 @@ async fn a_watcher_is_woken_when_another_process_finishes_its_job(queue: Queue) 
         .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(job_status(&s.rest, &token, &job).await, "SUCCEEDED");
+}
+
+/// Waits until the job has FAILED; returns it.
+async fn failed(rest: &Rest, token: &str, job_id: &str, timeout: Duration) -> Value {
+    wait_until(timeout, "the job to fail", || async {
+        let j = rest.get(&format!("/api/hcp/tenant/v1/jobs/{job_id}"), token).await?;
+        Ok((j.str("status") == "FAILED").then_some(j.body))
+    })
+    .await
+    .unwrap()
 }
 
 /// Makes the simulator fail every call of `operation` with `code`.
@@ -1077,12 +1077,7 @@ async fn a_retry_waits_its_backoff_on_the_broker(queue: Queue) {
     inject_fault(&s, "StartVm", "UNAVAILABLE").await;
     let started = std::time::Instant::now();
     let r = s.rest.post(&vms("demo"), &token, &body("flaky")).await.unwrap();
-    let job = wait_until(Duration::from_secs(60), "the job to fail after its retries", || async {
-        let j = s.rest.get(&format!("/api/hcp/tenant/v1/jobs/{}", r.str("job_id")), &token).await?;
-        Ok((j.str("status") == "FAILED").then_some(j.body))
-    })
-    .await
-    .unwrap();
+    let job = failed(&s.rest, &token, &r.str("job_id"), Duration::from_secs(60)).await;
     assert_eq!(job["attempts"], 3);
     assert_eq!(job["error"]["code"], "PROVIDER_UNAVAILABLE");
     let stats = s.sim_stats().await.unwrap();

@@ -534,13 +534,13 @@ impl QueueConfig {
 
     /// The NATS servers `nats_url` names, in order; none when it is unset.
     pub fn nats_servers(&self) -> Option<Vec<String>> {
-        split_urls(self.nats_url.as_deref()?)
+        self.nats_url.as_deref().map(split_urls)
     }
 
     /// The RabbitMQ servers `amqp_url` names, in order; none when it is
     /// unset.
     pub fn amqp_servers(&self) -> Option<Vec<String>> {
-        split_urls(self.amqp_url.as_deref()?)
+        self.amqp_url.as_deref().map(split_urls)
     }
 
     /// Refuses a backend without its URL, a URL for another backend than
@@ -548,87 +548,85 @@ impl QueueConfig {
     /// URLs that are not the backend's.
     fn check_backend(&self) -> Result<(), Invalid> {
         let backend = self.backend();
-        let (field, unused) = match backend {
-            QueueBackend::Nats => ("queue.nats_url", [("queue.amqp_url", self.amqp_url.is_some())]),
-            QueueBackend::RabbitMq => ("queue.amqp_url", [("queue.nats_url", self.nats_url.is_some())]),
-            QueueBackend::Embedded => (
-                "",
-                [("queue.nats_url or queue.amqp_url", self.nats_url.is_some() || self.amqp_url.is_some())],
-            ),
+        let nats = ("queue.nats_url", self.nats_url.is_some());
+        let amqp = ("queue.amqp_url", self.amqp_url.is_some());
+        let (own, others) = match backend {
+            QueueBackend::Nats => (Some(nats), vec![amqp]),
+            QueueBackend::RabbitMq => (Some(amqp), vec![nats]),
+            QueueBackend::Embedded => (None, vec![nats, amqp]),
         };
-        if let [(other, true)] = unused {
+        if let Some((other, _)) = others.iter().find(|(_, set)| *set) {
             return Err(Invalid::new(
                 "queue.backend",
                 format!("a backend that uses the URLs given ({other} is set)"),
                 backend.to_string(),
             ));
         }
-        let missing = match backend {
-            QueueBackend::Nats => self.nats_url.is_none(),
-            QueueBackend::RabbitMq => self.amqp_url.is_none(),
-            QueueBackend::Embedded => false,
-        };
-        if missing {
+        if let Some((field, false)) = own {
             return Err(Invalid::new(field, format!("set for backend = \"{backend}\""), "unset".to_owned()));
         }
-        self.check_servers()?;
-        self.check_amqp_servers()
+        // The clients would retry a server they cannot parse forever
+        // instead of failing.
+        check_url_list(
+            "queue.nats_url",
+            self.nats_url.as_deref(),
+            "one or more NATS server URLs separated by commas (nats://host:4222)",
+            |u| u.parse::<async_nats::ServerAddr>().is_ok(),
+        )?;
+        check_url_list(
+            "queue.amqp_url",
+            self.amqp_url.as_deref(),
+            "one or more AMQP URLs separated by commas (amqp://user:password@host:5672/vhost)",
+            |u| {
+                (u.starts_with("amqp://") || u.starts_with("amqps://"))
+                    && <lapin::uri::AMQPUri as std::str::FromStr>::from_str(u).is_ok()
+            },
+        )
     }
+}
 
-    /// Refuses an `amqp_url` that names no server, or a server that is not
-    /// an AMQP URL.
-    fn check_amqp_servers(&self) -> Result<(), Invalid> {
-        let Some(servers) = self.amqp_servers() else { return Ok(()) };
-        let invalid = |got: &str| {
-            // No password in the message: show the URL up to its user part.
-            let shown = match got.rfind('@') {
-                Some(at) => format!("…{}", &got[at..]),
-                None => got.to_owned(),
-            };
-            let shown: String = shown.chars().take(120).collect();
-            Invalid::new(
-                "queue.amqp_url",
-                "one or more AMQP URLs separated by commas (amqp://user:password@host:5672/vhost)".to_owned(),
-                format!("{shown:?}"),
-            )
-        };
-        if servers.is_empty() {
-            return Err(invalid(self.amqp_url.as_deref().unwrap_or_default()));
-        }
-        match servers.iter().find(|s| {
-            !(s.starts_with("amqp://") || s.starts_with("amqps://"))
-                || <lapin::uri::AMQPUri as std::str::FromStr>::from_str(s).is_err()
-        }) {
-            Some(bad) => Err(invalid(bad)),
-            None => Ok(()),
-        }
+/// Refuses a comma-separated URL list (`field`, when set) that names no
+/// server or holds an entry `valid` refuses, showing the entry without its
+/// password.
+fn check_url_list(
+    field: &'static str,
+    list: Option<&str>,
+    allowed: &str,
+    valid: impl Fn(&str) -> bool,
+) -> Result<(), Invalid> {
+    let Some(list) = list else { return Ok(()) };
+    let invalid = |got: &str| {
+        let shown: String = redact_url(got).chars().take(120).collect();
+        Invalid::new(field, allowed.to_owned(), format!("{shown:?}"))
+    };
+    let servers = split_urls(list);
+    if servers.is_empty() {
+        return Err(invalid(list));
     }
+    match servers.iter().find(|s| !valid(s)) {
+        Some(bad) => Err(invalid(bad)),
+        None => Ok(()),
+    }
+}
 
-    /// Refuses a `nats_url` that names no server, or a server that is not a
-    /// NATS URL: the client would retry it forever instead of failing.
-    fn check_servers(&self) -> Result<(), Invalid> {
-        let Some(servers) = self.nats_servers() else { return Ok(()) };
-        let invalid = |got: &str| {
-            let got: String = got.chars().take(120).collect();
-            Invalid::new(
-                "queue.nats_url",
-                "one or more NATS server URLs separated by commas (nats://host:4222)".to_owned(),
-                format!("{got:?}"),
-            )
-        };
-        if servers.is_empty() {
-            return Err(invalid(self.nats_url.as_deref().unwrap_or_default()));
+/// `url` with the password of its user part replaced by `***`, for logs and
+/// messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
         }
-        match servers.iter().find(|s| s.parse::<async_nats::ServerAddr>().is_err()) {
-            Some(bad) => Err(invalid(bad)),
-            None => Ok(()),
-        }
+        _ => url.to_owned(),
     }
 }
 
 /// The URLs of a comma-separated list, trimmed.
-fn split_urls(list: &str) -> Option<Vec<String>> {
-    Some(list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect())
+fn split_urls(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_owned).collect()
 }
 
 /// Console sessions.
@@ -1213,6 +1211,14 @@ mod tests {
             assert!(!err.to_string().contains("hunter2"), "{toml}: {err}");
         }
         assert!(Config::from_toml("[queue]\nbackend = \"kafka\"").is_err());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_logs_and_messages() {
+        assert_eq!(redact_url("amqp://hcp:s3cret@mq-1:5672/%2f"), "amqp://hcp:***@mq-1:5672/%2f");
+        assert_eq!(redact_url("nats://u:p@w@n1:4222"), "nats://u:***@n1:4222");
+        assert_eq!(redact_url("amqp://hcp@mq-1"), "amqp://hcp@mq-1");
+        assert_eq!(redact_url("amqp://mq-1:5672"), "amqp://mq-1:5672");
     }
 
     #[test]
